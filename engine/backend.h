@@ -1,0 +1,132 @@
+// The Backend interface: every numerical op the models use, forward and backward, on raw
+// device pointers with explicit dimensions (llm.c style). Model code calls only this interface
+// and never branches on the device. The CPU backend (engine/cpu) is the numerical oracle; a
+// CUDA backend implements the same contract. Ops never allocate.
+//
+// Conventions: row-major; "n" is the number of token rows; gradients named d* are ACCUMULATED
+// (+=) into unless the comment says "written". All compute is fp32 on the CPU.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "engine/tensor/tensor.h"
+
+namespace eellm {
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual Device device() const = 0;
+  virtual std::string name() const = 0;
+
+  // ---- memory -------------------------------------------------------------------------------
+  virtual void* Alloc(size_t bytes) = 0;  // 64-byte aligned, uninitialised
+  virtual void Free(void* p) = 0;
+  virtual void CopyToHost(void* host_dst, const void* src, size_t bytes) = 0;
+  virtual void CopyFromHost(void* dst, const void* host_src, size_t bytes) = 0;
+  virtual void Copy(void* dst, const void* src, size_t bytes) = 0;
+  virtual void Synchronize() = 0;
+
+  // ---- elementwise and reductions -----------------------------------------------------------
+  virtual void Fill(float* x, size_t n, float value) = 0;
+  // y = a + b (written; y may alias a or b).
+  virtual void Add(float* y, const float* a, const float* b, size_t n) = 0;
+  // y += alpha * x.
+  virtual void Axpy(float* y, float alpha, const float* x, size_t n) = 0;
+  virtual void Scale(float* x, float alpha, size_t n) = 0;
+  // Sum of squares, accumulated in double.
+  virtual double SumSquares(const float* x, size_t n) = 0;
+
+  // ---- embedding ----------------------------------------------------------------------------
+  // out[t, :] = table[ids[t], :]   (written); ids: [n], table: [vocab, c].
+  virtual void EmbeddingForward(float* out, const int32_t* ids, const float* table, int n,
+                                int c) = 0;
+  // dtable[ids[t], :] += dout[t, :].
+  virtual void EmbeddingBackward(float* dtable, const int32_t* ids, const float* dout, int n,
+                                 int c) = 0;
+
+  // ---- linear -------------------------------------------------------------------------------
+  // out[n, o] = in[n, i] @ w[o, i]^T + bias[o]; bias may be null. Written, or added to out when
+  // `accumulate` is true.
+  virtual void Linear(float* out, const float* in, const float* w, const float* bias, int n,
+                      int in_dim, int out_dim, bool accumulate) = 0;
+  // din[n, i] = dout @ w (written; or added when accumulate_din; skipped when din is null);
+  // dw[o, i] += dout^T @ in (skipped when dw is null); dbias[o] += sum_n dout (if non-null).
+  virtual void LinearBackward(float* din, float* dw, float* dbias, const float* dout,
+                              const float* in, const float* w, int n, int in_dim, int out_dim,
+                              bool accumulate_din) = 0;
+
+  // ---- norms (over the last dimension c) ----------------------------------------------------
+  // out = (x - mean) * rstd * g + b (b may be null); saves mean[n], rstd[n]. out written.
+  virtual void LayerNormForward(float* out, float* mean, float* rstd, const float* x,
+                                const float* g, const float* b, int n, int c, float eps) = 0;
+  // dx += ...; dg += ...; db += ... (db may be null).
+  virtual void LayerNormBackward(float* dx, float* dg, float* db, const float* dout,
+                                 const float* x, const float* g, const float* mean,
+                                 const float* rstd, int n, int c) = 0;
+  // out = x * rstd * g, rstd = 1/sqrt(mean(x^2) + eps); saves rstd[n]. out written.
+  virtual void RmsNormForward(float* out, float* rstd, const float* x, const float* g, int n,
+                              int c, float eps) = 0;
+  // dx += ...; dg += ....
+  virtual void RmsNormBackward(float* dx, float* dg, const float* dout, const float* x,
+                               const float* g, const float* rstd, int n, int c) = 0;
+
+  // ---- activations --------------------------------------------------------------------------
+  // GELU, tanh approximation (GPT-2). out written; dx written (dx may alias dout).
+  virtual void GeluForward(float* out, const float* x, size_t n) = 0;
+  virtual void GeluBackward(float* dx, const float* dout, const float* x, size_t n) = 0;
+  // SwiGLU: out = silu(gate) * up. dgate, dup written.
+  virtual void SwiGluForward(float* out, const float* gate, const float* up, size_t n) = 0;
+  virtual void SwiGluBackward(float* dgate, float* dup, const float* dout, const float* gate,
+                              const float* up, size_t n) = 0;
+
+  // ---- rotary position embedding ------------------------------------------------------------
+  // In place on x[n, heads, head_dim]; token t sits at position pos[t]. Rotates the pairs
+  // (i, i + head_dim/2) by angle pos * theta^(-2i/head_dim) (the Llama / Hugging Face
+  // "rotate_half" convention).
+  virtual void RopeForward(float* x, const int32_t* pos, int n, int heads, int head_dim,
+                           float theta) = 0;
+  // In place on the gradient: applies the inverse rotation.
+  virtual void RopeBackward(float* dx, const int32_t* pos, int n, int heads, int head_dim,
+                            float theta) = 0;
+
+  // ---- causal self-attention with grouped-query heads ---------------------------------------
+  // q: [b, tq, hq, d]; k, v: [b, tk_cap, hkv, d] of which the first tk positions are valid.
+  // Query i sits at absolute position q_offset + i and attends keys 0 .. q_offset + i
+  // (training: q_offset = 0, tq = tk = tk_cap; KV-cache decode: q_offset = tokens cached
+  // before, tk = q_offset + tq). Query head h uses KV head h / (hq / hkv). Scale 1/sqrt(d).
+  // out: [b, tq, hq, d] written. probs: [b, hq, tq, tk] softmax probabilities written when
+  // non-null (the backward needs them).
+  virtual void AttentionForward(float* out, float* probs, const float* q, const float* k,
+                                const float* v, int b, int tq, int tk, int tk_cap, int hq,
+                                int hkv, int d, int q_offset) = 0;
+  // Training-path backward (q_offset 0, tq = tk = tk_cap = t). dq, dk, dv written.
+  virtual void AttentionBackward(float* dq, float* dk, float* dv, const float* dout,
+                                 const float* probs, const float* q, const float* k,
+                                 const float* v, int b, int t, int hq, int hkv, int d) = 0;
+
+  // ---- softmax cross-entropy ----------------------------------------------------------------
+  // For each row r of logits[n, v]: losses[r] = -log softmax(logits[r])[targets[r]] (written,
+  // unweighted; rows with weight 0 still get their loss). If max_prob is non-null it gets the
+  // max softmax probability of the row. If dlogits is non-null it is written with
+  // weights[r] * (softmax(logits[r]) - onehot(targets[r])); dlogits may alias logits.
+  virtual void CrossEntropy(float* losses, float* max_prob, float* dlogits, const float* logits,
+                            const int32_t* targets, const float* weights, int n, int v) = 0;
+
+  // ---- optimizer ----------------------------------------------------------------------------
+  // AdamW on one fp32 tensor: m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+  // p -= lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * p), with bias correction for
+  // `step` (1-based).
+  virtual void AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr,
+                     float beta1, float beta2, float eps, float weight_decay, int step) = 0;
+};
+
+// "cpu" (always) or "cuda" (when built with CUDA and a GPU is present).
+absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(absl::string_view name);
+
+}  // namespace eellm

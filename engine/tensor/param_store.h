@@ -1,0 +1,55 @@
+// ParamStore: named parameter tensors packed into one contiguous arena, with a gradient arena
+// of the same layout (llm.c). Names are global ("layers.3.attn.wq.weight"), shapes are global
+// for now (tensor-parallel shards will record their slice of the global shape). Contiguous
+// gradients make clipping, bucketed all-reduce and sharded optimizers offset arithmetic.
+#pragma once
+
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "engine/backend.h"
+
+namespace eellm {
+
+struct ParamInfo {
+  std::string name;
+  Shape shape;
+  size_t offset = 0;  // in elements, into the arenas
+  size_t numel = 0;
+  bool weight_decay = true;  // false for biases and norm gains
+  bool trainable = true;     // false for frozen parameters (EE-Tuning backbones)
+};
+
+class ParamStore {
+ public:
+  // Declare all parameters first, then Allocate() once.
+  // Returns the index of the new parameter.
+  int Add(const std::string& name, const Shape& shape, bool weight_decay);
+  void Allocate(Backend* backend);  // params zero-filled, grads zero-filled
+
+  bool allocated() const { return backend_ != nullptr; }
+  Backend* backend() const { return backend_; }
+  size_t size() const { return total_; }  // elements
+  const std::vector<ParamInfo>& params() const { return params_; }
+  std::vector<ParamInfo>& mutable_params() { return params_; }
+  int Find(const std::string& name) const;  // -1 when absent
+
+  float* param(int i) const { return params_buf_.f32() + params_[i].offset; }
+  float* grad(int i) const { return grads_buf_.f32() + params_[i].offset; }
+  float* params_data() const { return params_buf_.f32(); }
+  float* grads_data() const { return grads_buf_.f32(); }
+  void ZeroGrads();
+
+ private:
+  Backend* backend_ = nullptr;
+  std::vector<ParamInfo> params_;
+  absl::flat_hash_map<std::string, int> index_;
+  size_t total_ = 0;
+  Buffer params_buf_;
+  Buffer grads_buf_;
+};
+
+}  // namespace eellm
