@@ -1,0 +1,101 @@
+// CpuBackend: the reference implementation of the Backend contract (engine/backend.h) on host
+// memory. fp32 throughout; GEMMs go to OpenBLAS (cblas_sgemm), the other ops are plain loops
+// parallelised with OpenMP over independent rows, heads or columns, so every result is
+// deterministic (no reduction whose order depends on thread scheduling). This backend is the
+// numerical oracle other backends are tested against.
+//
+// The implementation is split by op family: cpu_memory.cc, cpu_linear.cc, cpu_norm.cc,
+// cpu_activation.cc, cpu_rope.cc, cpu_attention.cc, cpu_cross_entropy.cc, cpu_adamw.cc.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "engine/backend.h"
+
+namespace eellm {
+
+class CpuBackend final : public Backend {
+ public:
+  CpuBackend() = default;
+  ~CpuBackend() override = default;
+
+  Device device() const override { return Device::kCpu; }
+  std::string name() const override { return "cpu"; }
+
+  // ---- memory (cpu_memory.cc) ---------------------------------------------------------------
+  void* Alloc(size_t bytes) override;
+  void Free(void* p) override;
+  void CopyToHost(void* host_dst, const void* src, size_t bytes) override;
+  void CopyFromHost(void* dst, const void* host_src, size_t bytes) override;
+  void Copy(void* dst, const void* src, size_t bytes) override;
+  void Synchronize() override {}
+
+  // ---- elementwise and reductions (cpu_memory.cc) -------------------------------------------
+  void Fill(float* x, size_t n, float value) override;
+  void Add(float* y, const float* a, const float* b, size_t n) override;
+  void Axpy(float* y, float alpha, const float* x, size_t n) override;
+  void Scale(float* x, float alpha, size_t n) override;
+  double SumSquares(const float* x, size_t n) override;
+
+  // ---- embedding (cpu_memory.cc) ------------------------------------------------------------
+  // ids: [n], table/dtable: [vocab, c], out/dout: [n, c].
+  void EmbeddingForward(float* out, const int32_t* ids, const float* table, int n, int c) override;
+  void EmbeddingBackward(float* dtable, const int32_t* ids, const float* dout, int n,
+                         int c) override;
+
+  // ---- linear (cpu_linear.cc) ---------------------------------------------------------------
+  // in: [n, in_dim], w: [out_dim, in_dim], bias: [out_dim], out: [n, out_dim].
+  void Linear(float* out, const float* in, const float* w, const float* bias, int n, int in_dim,
+              int out_dim, bool accumulate) override;
+  void LinearBackward(float* din, float* dw, float* dbias, const float* dout, const float* in,
+                      const float* w, int n, int in_dim, int out_dim, bool accumulate_din) override;
+
+  // ---- norms (cpu_norm.cc) ------------------------------------------------------------------
+  // x/out/dout/dx: [n, c]; g, b, dg, db: [c]; mean, rstd: [n].
+  void LayerNormForward(float* out, float* mean, float* rstd, const float* x, const float* g,
+                        const float* b, int n, int c, float eps) override;
+  void LayerNormBackward(float* dx, float* dg, float* db, const float* dout, const float* x,
+                         const float* g, const float* mean, const float* rstd, int n,
+                         int c) override;
+  void RmsNormForward(float* out, float* rstd, const float* x, const float* g, int n, int c,
+                      float eps) override;
+  void RmsNormBackward(float* dx, float* dg, const float* dout, const float* x, const float* g,
+                       const float* rstd, int n, int c) override;
+
+  // ---- activations (cpu_activation.cc) ------------------------------------------------------
+  void GeluForward(float* out, const float* x, size_t n) override;
+  void GeluBackward(float* dx, const float* dout, const float* x, size_t n) override;
+  void SwiGluForward(float* out, const float* gate, const float* up, size_t n) override;
+  void SwiGluBackward(float* dgate, float* dup, const float* dout, const float* gate,
+                      const float* up, size_t n) override;
+
+  // ---- rotary position embedding (cpu_rope.cc) ----------------------------------------------
+  // x/dx: [n, heads, head_dim], pos: [n].
+  void RopeForward(float* x, const int32_t* pos, int n, int heads, int head_dim,
+                   float theta) override;
+  void RopeBackward(float* dx, const int32_t* pos, int n, int heads, int head_dim,
+                    float theta) override;
+
+  // ---- attention (cpu_attention.cc) ---------------------------------------------------------
+  // q/out: [b, tq, hq, d]; k/v: [b, tk_cap, hkv, d]; probs: [b, hq, tq, tk].
+  void AttentionForward(float* out, float* probs, const float* q, const float* k, const float* v,
+                        int b, int tq, int tk, int tk_cap, int hq, int hkv, int d,
+                        int q_offset) override;
+  // dq/dout: [b, t, hq, d]; dk/dv: [b, t, hkv, d]; probs: [b, hq, t, t].
+  void AttentionBackward(float* dq, float* dk, float* dv, const float* dout, const float* probs,
+                         const float* q, const float* k, const float* v, int b, int t, int hq,
+                         int hkv, int d) override;
+
+  // ---- softmax cross-entropy (cpu_cross_entropy.cc) -----------------------------------------
+  // logits/dlogits: [n, v]; losses, max_prob, targets, weights: [n].
+  void CrossEntropy(float* losses, float* max_prob, float* dlogits, const float* logits,
+                    const int32_t* targets, const float* weights, int n, int v) override;
+
+  // ---- optimizer (cpu_adamw.cc) -------------------------------------------------------------
+  void AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1,
+             float beta2, float eps, float weight_decay, int step) override;
+};
+
+}  // namespace eellm

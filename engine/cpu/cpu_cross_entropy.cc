@@ -1,0 +1,46 @@
+// CpuBackend softmax cross-entropy: per-row loss, max probability and weighted dlogits, with
+// max-subtraction for stability. dlogits may alias logits: row statistics are computed before
+// the row is overwritten.
+#include <algorithm>
+#include <cmath>
+
+#include "engine/core/status.h"
+#include "engine/cpu/cpu_backend.h"
+
+namespace eellm {
+
+void CpuBackend::CrossEntropy(float* losses, float* max_prob, float* dlogits, const float* logits,
+                              const int32_t* targets, const float* weights, int n, int v) {
+#pragma omp parallel for schedule(static) if (static_cast <long>(n) * v >= (1L << 14))
+  for (int r = 0; r < n; ++r) {
+    const float* lr = logits + static_cast<size_t>(r) * v;
+    const int target = targets[r];
+    EE_CHECK(target >= 0 && target < v, "CrossEntropy target ", target, " outside [0, ", v, ")");
+    const float target_logit = lr[target];  // read before dlogits (maybe aliased) is written
+    float mx = lr[0];
+    for (int j = 1; j < v; ++j) mx = std::max(mx, lr[j]);
+    float* dr = dlogits != nullptr ? dlogits + static_cast<size_t>(r) * v : nullptr;
+    double sum = 0.0;
+    if (dr != nullptr) {
+      // Store exp(l - mx) in place (each element is read before it is overwritten).
+      for (int j = 0; j < v; ++j) {
+        const float e = std::exp(lr[j] - mx);
+        dr[j] = e;
+        sum += e;
+      }
+    } else {
+      for (int j = 0; j < v; ++j) sum += std::exp(lr[j] - mx);
+    }
+    // -log p[target] = log(sum exp(l - mx)) - (l[target] - mx).
+    losses[r] = static_cast<float>(std::log(sum) - (static_cast<double>(target_logit) - mx));
+    if (max_prob != nullptr) max_prob[r] = static_cast<float>(1.0 / sum);
+    if (dr != nullptr) {
+      const float w = weights != nullptr ? weights[r] : 1.0f;
+      const float scale = static_cast<float>(w / sum);
+      for (int j = 0; j < v; ++j) dr[j] *= scale;
+      dr[target] -= w;
+    }
+  }
+}
+
+}  // namespace eellm

@@ -1,0 +1,49 @@
+// CpuBackend rotary position embedding, "rotate_half" convention (Llama / Hugging Face): for
+// i < head_dim / 2 the pair (x[i], x[i + head_dim/2]) is rotated by pos * theta^(-2i/head_dim).
+#include <cmath>
+
+#include "engine/core/status.h"
+#include "engine/cpu/cpu_backend.h"
+
+namespace eellm {
+namespace {
+
+// Rotates every head of x[n, heads, head_dim] by sign * angle (sign -1: inverse rotation).
+void Rotate(float* x, const int32_t* pos, int n, int heads, int head_dim, float theta,
+            double sign) {
+  EE_CHECK(head_dim % 2 == 0, "RoPE needs an even head_dim, got ", head_dim);
+  const int half = head_dim / 2;
+  const size_t row = static_cast<size_t>(heads) * head_dim;
+#pragma omp parallel for schedule(static) if (static_cast <long>(n) * heads * head_dim >= 8192)
+  for (int t = 0; t < n; ++t) {
+    float* xt = x + static_cast<size_t>(t) * row;
+    for (int i = 0; i < half; ++i) {
+      const double inv_freq = std::pow(static_cast<double>(theta), -2.0 * i / head_dim);
+      const double angle = sign * static_cast<double>(pos[t]) * inv_freq;
+      const float c = static_cast<float>(std::cos(angle));
+      const float s = static_cast<float>(std::sin(angle));
+      for (int h = 0; h < heads; ++h) {
+        float* xh = xt + static_cast<size_t>(h) * head_dim;
+        const float a = xh[i];
+        const float b = xh[i + half];
+        xh[i] = a * c - b * s;
+        xh[i + half] = b * c + a * s;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void CpuBackend::RopeForward(float* x, const int32_t* pos, int n, int heads, int head_dim,
+                             float theta) {
+  Rotate(x, pos, n, heads, head_dim, theta, 1.0);
+}
+
+void CpuBackend::RopeBackward(float* dx, const int32_t* pos, int n, int heads, int head_dim,
+                              float theta) {
+  // The forward is y = R x with R orthogonal, so dx = R^T dy: rotate by the negated angle.
+  Rotate(dx, pos, n, heads, head_dim, theta, -1.0);
+}
+
+}  // namespace eellm

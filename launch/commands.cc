@@ -1,0 +1,100 @@
+#include "launch/commands.h"
+
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "absl/flags/parse.h"
+#include "absl/flags/reflection.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+
+namespace eellm {
+namespace {
+
+struct Command {
+  const char* name;
+  const char* source;  // file defining its flags
+  const char* summary;
+  int (*run)();
+};
+
+const Command kCommands[] = {
+    {"data", "cmd_data.cc", "turn a text file into train/validation token files", RunDataCommand},
+    {"train", "cmd_train.cc", "train an early-exit model from a JSON run config", RunTrainCommand},
+    {"generate", "cmd_generate.cc", "generate text from a checkpoint, with early exit",
+     RunGenerateCommand},
+};
+
+void PrintTopUsage() {
+  std::printf(
+      "eellm: train and serve early-exit LLMs\n\n"
+      "usage: eellm <command> [--flag=value ...]\n\ncommands:\n");
+  for (const Command& c : kCommands) std::printf("  %-10s %s\n", c.name, c.summary);
+  std::printf("\n`eellm <command> --help` lists a command's flags. Flag names accept '-' or '_'.\n");
+}
+
+void PrintCommandUsage(const Command& cmd) {
+  std::printf("usage: eellm %s [--flag=value ...]\n%s\n\nflags:\n", cmd.name, cmd.summary);
+  std::vector<std::pair<std::string, std::string>> rows;
+  for (const auto& [name, flag] : absl::GetAllFlags()) {
+    if (!absl::EndsWith(flag->Filename(), cmd.source)) continue;
+    rows.emplace_back(std::string(name),
+                      absl::StrCat(flag->Help(), " (default: ", flag->DefaultValue(), ")"));
+  }
+  std::sort(rows.begin(), rows.end());
+  for (const auto& [name, help] : rows) std::printf("  --%-18s %s\n", name.c_str(), help.c_str());
+}
+
+// "--max-new-tokens=5" -> "--max_new_tokens=5".
+std::string NormalizeFlag(const char* arg) {
+  std::string s = arg;
+  if (s.size() < 3 || s.compare(0, 2, "--") != 0) return s;
+  size_t end = s.find('=');
+  if (end == std::string::npos) end = s.size();
+  for (size_t i = 2; i < end; ++i) {
+    if (s[i] == '-') s[i] = '_';
+  }
+  return s;
+}
+
+}  // namespace
+
+int RunCli(int argc, char** argv) {
+  if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h") ||
+      !std::strcmp(argv[1], "help")) {
+    PrintTopUsage();
+    return argc < 2 ? 2 : 0;
+  }
+  const Command* cmd = nullptr;
+  for (const Command& c : kCommands) {
+    if (!std::strcmp(argv[1], c.name)) cmd = &c;
+  }
+  if (!cmd) {
+    std::fprintf(stderr, "error: unknown command \"%s\"\n\n", argv[1]);
+    PrintTopUsage();
+    return 2;
+  }
+  std::vector<std::string> args = {std::string("eellm ") + cmd->name};
+  for (int i = 2; i < argc; ++i) {
+    std::string a = NormalizeFlag(argv[i]);
+    if (a == "--help" || a == "-h" || a == "--helpfull") {
+      PrintCommandUsage(*cmd);
+      return 0;
+    }
+    args.push_back(a);
+  }
+  std::vector<char*> cargv;
+  for (auto& a : args) cargv.push_back(a.data());
+  absl::SetProgramUsageMessage(absl::StrCat("eellm ", cmd->name, ": ", cmd->summary));
+  std::vector<char*> rest = absl::ParseCommandLine(static_cast<int>(cargv.size()), cargv.data());
+  if (rest.size() > 1) {
+    std::fprintf(stderr, "error: unexpected argument \"%s\" (flags are --name=value)\n", rest[1]);
+    return 2;
+  }
+  return cmd->run();
+}
+
+}  // namespace eellm

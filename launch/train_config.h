@@ -1,0 +1,45 @@
+// TrainConfig: the "train" section of a run config (data, batch, optimizer, schedule,
+// evaluation, checkpointing), parsed from JSON with every error naming the bad key or value.
+// A run config file is {"model": {...ModelConfig...}, "train": {...TrainConfig...}}.
+#pragma once
+
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "models/model_config.h"
+
+namespace eellm {
+
+struct TrainConfig {
+  std::string data = "data/kjv";  // token files <data>.train.bin and <data>.val.bin
+  std::string tokenizer = "byte";
+  std::string backend = "cpu";
+  std::string out = "runs/default";  // checkpoint directory (<out>/checkpoint.h5)
+  int batch_size = 8;
+  int seq_len = 128;
+  int steps = 1000;
+  float lr = 1e-3f;
+  float min_lr = 1e-4f;
+  int warmup_steps = 50;
+  float weight_decay = 0.1f;
+  float beta1 = 0.9f;
+  float beta2 = 0.95f;
+  float grad_clip = 1.0f;
+  int seed = 1234;
+  int log_interval = 10;
+  int eval_interval = 200;  // 0 = only at the end
+  int eval_batches = 8;
+  int save_interval = 0;  // 0 = only at the end
+};
+
+struct RunConfig {
+  ModelConfig model;
+  TrainConfig train;
+  std::string model_json;  // canonical model JSON (stored in checkpoints)
+};
+
+absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text);
+absl::StatusOr<RunConfig> LoadRunConfig(const std::string& path);
+std::string TrainConfigToJson(const TrainConfig& t);
+
+}  // namespace eellm

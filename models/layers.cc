@@ -1,0 +1,232 @@
+#include "models/layers.h"
+
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "engine/core/status.h"
+
+namespace eellm {
+
+float* Arena::Floats(size_t n) {
+  buffers_.emplace_back(be_, std::max<size_t>(n, 1) * sizeof(float));
+  return buffers_.back().f32();
+}
+
+int32_t* Arena::Ints(size_t n) {
+  buffers_.emplace_back(be_, std::max<size_t>(n, 1) * sizeof(int32_t));
+  return static_cast<int32_t*>(buffers_.back().data());
+}
+
+NormParams AddNormParams(ParamStore& ps, const ModelConfig& c, const std::string& name) {
+  NormParams p;
+  p.g = ps.Add(name + ".weight", {c.hidden_size}, false);
+  if (!c.use_rmsnorm()) p.b = ps.Add(name + ".bias", {c.hidden_size}, false);
+  return p;
+}
+
+namespace {
+void AddLinear(ParamStore& ps, const ModelConfig& c, const std::string& name, int out, int in,
+               int* w, int* b) {
+  *w = ps.Add(name + ".weight", {out, in}, true);
+  if (c.use_bias() && b) *b = ps.Add(name + ".bias", {out}, false);
+}
+}  // namespace
+
+MlpParams AddMlpParams(ParamStore& ps, const ModelConfig& c, const std::string& prefix) {
+  MlpParams p;
+  p.norm = AddNormParams(ps, c, prefix + "mlp_norm");
+  AddLinear(ps, c, prefix + "mlp.fc1", c.ffn_hidden_size, c.hidden_size, &p.w1, &p.b1);
+  if (c.use_swiglu()) AddLinear(ps, c, prefix + "mlp.up", c.ffn_hidden_size, c.hidden_size, &p.w3, nullptr);
+  AddLinear(ps, c, prefix + "mlp.fc2", c.hidden_size, c.ffn_hidden_size, &p.w2, &p.b2);
+  return p;
+}
+
+BlockParams AddBlockParams(ParamStore& ps, const ModelConfig& c, const std::string& prefix) {
+  BlockParams p;
+  const int d = c.head_dim(), q = c.num_heads * d, kv = c.num_kv_heads * d;
+  p.attn.norm = AddNormParams(ps, c, prefix + "attn_norm");
+  AddLinear(ps, c, prefix + "attn.wq", q, c.hidden_size, &p.attn.wq, &p.attn.bq);
+  AddLinear(ps, c, prefix + "attn.wk", kv, c.hidden_size, &p.attn.wk, &p.attn.bk);
+  AddLinear(ps, c, prefix + "attn.wv", kv, c.hidden_size, &p.attn.wv, &p.attn.bv);
+  AddLinear(ps, c, prefix + "attn.wo", c.hidden_size, q, &p.attn.wo, &p.attn.bo);
+  p.mlp = AddMlpParams(ps, c, prefix);
+  return p;
+}
+
+NormActs MakeNormActs(Arena& a, int n, int c) {
+  NormActs r;
+  r.out = a.Floats(static_cast<size_t>(n) * c);
+  r.mean = a.Floats(n);
+  r.rstd = a.Floats(n);
+  return r;
+}
+
+MlpActs MakeMlpActs(Arena& a, const ModelConfig& c, int n) {
+  MlpActs r;
+  const size_t nf = static_cast<size_t>(n) * c.ffn_hidden_size;
+  r.norm = MakeNormActs(a, n, c.hidden_size);
+  r.h1 = a.Floats(nf);
+  if (c.use_swiglu()) r.h3 = a.Floats(nf);
+  r.act = a.Floats(nf);
+  return r;
+}
+
+BlockActs MakeBlockActs(Arena& a, const ModelConfig& c, int n, int b, int t_for_probs) {
+  BlockActs r;
+  const int d = c.head_dim();
+  r.attn.norm = MakeNormActs(a, n, c.hidden_size);
+  r.attn.q = a.Floats(static_cast<size_t>(n) * c.num_heads * d);
+  r.attn.k = a.Floats(static_cast<size_t>(n) * c.num_kv_heads * d);
+  r.attn.v = a.Floats(static_cast<size_t>(n) * c.num_kv_heads * d);
+  if (t_for_probs > 0) {
+    r.attn.probs = a.Floats(static_cast<size_t>(b) * c.num_heads * t_for_probs * t_for_probs);
+  }
+  r.attn.att = a.Floats(static_cast<size_t>(n) * c.num_heads * d);
+  r.h_attn = a.Floats(static_cast<size_t>(n) * c.hidden_size);
+  r.mlp = MakeMlpActs(a, c, n);
+  r.out = a.Floats(static_cast<size_t>(n) * c.hidden_size);
+  return r;
+}
+
+GradScratch MakeGradScratch(Arena& a, const ModelConfig& c, int n) {
+  GradScratch s;
+  const size_t nc = static_cast<size_t>(n) * c.hidden_size;
+  const size_t nq = static_cast<size_t>(n) * c.num_heads * c.head_dim();
+  const size_t nkv = static_cast<size_t>(n) * c.num_kv_heads * c.head_dim();
+  const size_t nf = static_cast<size_t>(n) * c.ffn_hidden_size;
+  s.dnorm = a.Floats(nc);
+  s.dh = a.Floats(nc);
+  s.dq = a.Floats(nq);
+  s.dk = a.Floats(nkv);
+  s.dv = a.Floats(nkv);
+  s.datt = a.Floats(nq);
+  s.dact = a.Floats(nf);
+  s.dh1 = a.Floats(nf);
+  s.dh3 = a.Floats(nf);
+  return s;
+}
+
+void NormForward(const LayerContext& ctx, const NormParams& p, NormActs& a, const float* x,
+                 int n) {
+  const int c = ctx.cfg->hidden_size;
+  if (ctx.cfg->use_rmsnorm()) {
+    ctx.be->RmsNormForward(a.out, a.rstd, x, ctx.P(p.g), n, c, ctx.cfg->norm_eps);
+  } else {
+    ctx.be->LayerNormForward(a.out, a.mean, a.rstd, x, ctx.P(p.g), ctx.P(p.b), n, c,
+                             ctx.cfg->norm_eps);
+  }
+}
+
+void NormBackward(const LayerContext& ctx, const NormParams& p, const NormActs& a, float* dx,
+                  const float* dout, const float* x, int n) {
+  const int c = ctx.cfg->hidden_size;
+  if (ctx.cfg->use_rmsnorm()) {
+    ctx.be->RmsNormBackward(dx, ctx.G(p.g), dout, x, ctx.P(p.g), a.rstd, n, c);
+  } else {
+    ctx.be->LayerNormBackward(dx, ctx.G(p.g), ctx.G(p.b), dout, x, ctx.P(p.g), a.mean, a.rstd,
+                              n, c);
+  }
+}
+
+void MlpForward(const LayerContext& ctx, const MlpParams& p, MlpActs& a, float* out,
+                const float* x, int n) {
+  const ModelConfig& c = *ctx.cfg;
+  const int h = c.hidden_size, f = c.ffn_hidden_size;
+  Backend* be = ctx.be;
+  NormForward(ctx, p.norm, a.norm, x, n);
+  be->Linear(a.h1, a.norm.out, ctx.P(p.w1), ctx.P(p.b1), n, h, f, false);
+  if (c.use_swiglu()) {
+    be->Linear(a.h3, a.norm.out, ctx.P(p.w3), nullptr, n, h, f, false);
+    be->SwiGluForward(a.act, a.h1, a.h3, static_cast<size_t>(n) * f);
+  } else {
+    be->GeluForward(a.act, a.h1, static_cast<size_t>(n) * f);
+  }
+  be->Copy(out, x, static_cast<size_t>(n) * h * sizeof(float));
+  be->Linear(out, a.act, ctx.P(p.w2), ctx.P(p.b2), n, f, h, true);
+}
+
+void MlpBranchBackward(const LayerContext& ctx, const MlpParams& p, const MlpActs& a, float* dx,
+                       const float* dout, const float* x, int n, const GradScratch& s) {
+  const ModelConfig& c = *ctx.cfg;
+  const int h = c.hidden_size, f = c.ffn_hidden_size;
+  const size_t nf = static_cast<size_t>(n) * f;
+  Backend* be = ctx.be;
+  // dact = dout @ w2; dw2 += dout^T act.
+  be->LinearBackward(s.dact, ctx.G(p.w2), ctx.G(p.b2), dout, a.act, ctx.P(p.w2), n, f, h, false);
+  if (c.use_swiglu()) {
+    be->SwiGluBackward(s.dh1, s.dh3, s.dact, a.h1, a.h3, nf);
+    be->LinearBackward(s.dnorm, ctx.G(p.w1), ctx.G(p.b1), s.dh1, a.norm.out, ctx.P(p.w1), n, h,
+                       f, false);
+    be->LinearBackward(s.dnorm, ctx.G(p.w3), nullptr, s.dh3, a.norm.out, ctx.P(p.w3), n, h, f,
+                       true);
+  } else {
+    be->GeluBackward(s.dh1, s.dact, a.h1, nf);
+    be->LinearBackward(s.dnorm, ctx.G(p.w1), ctx.G(p.b1), s.dh1, a.norm.out, ctx.P(p.w1), n, h,
+                       f, false);
+  }
+  NormBackward(ctx, p.norm, a.norm, dx, s.dnorm, x, n);
+}
+
+void BlockForward(const LayerContext& ctx, const BlockParams& p, BlockActs& a, const float* x,
+                  const int32_t* pos, int b, int t, KvLayer* kv, int q_offset) {
+  const ModelConfig& c = *ctx.cfg;
+  const int h = c.hidden_size, d = c.head_dim(), hq = c.num_heads, hkv = c.num_kv_heads;
+  const int n = b * t;
+  Backend* be = ctx.be;
+  AttnActs& at = a.attn;
+  NormForward(ctx, p.attn.norm, at.norm, x, n);
+  be->Linear(at.q, at.norm.out, ctx.P(p.attn.wq), ctx.P(p.attn.bq), n, h, hq * d, false);
+  be->Linear(at.k, at.norm.out, ctx.P(p.attn.wk), ctx.P(p.attn.bk), n, h, hkv * d, false);
+  be->Linear(at.v, at.norm.out, ctx.P(p.attn.wv), ctx.P(p.attn.bv), n, h, hkv * d, false);
+  if (c.use_rope()) {
+    be->RopeForward(at.q, pos, n, hq, d, c.rope_theta);
+    be->RopeForward(at.k, pos, n, hkv, d, c.rope_theta);
+  }
+  if (kv == nullptr) {
+    be->AttentionForward(at.att, at.probs, at.q, at.k, at.v, b, t, t, t, hq, hkv, d, 0);
+  } else {
+    EE_CHECK(b == 1 && q_offset + n <= kv->capacity, "KV cache overflow: ", q_offset + n, " > ",
+             kv->capacity);
+    const size_t row = static_cast<size_t>(hkv) * d;
+    be->Copy(kv->k + q_offset * row, at.k, n * row * sizeof(float));
+    be->Copy(kv->v + q_offset * row, at.v, n * row * sizeof(float));
+    be->AttentionForward(at.att, at.probs, at.q, kv->k, kv->v, 1, n, q_offset + n, kv->capacity,
+                         hq, hkv, d, q_offset);
+  }
+  be->Copy(a.h_attn, x, static_cast<size_t>(n) * h * sizeof(float));
+  be->Linear(a.h_attn, at.att, ctx.P(p.attn.wo), ctx.P(p.attn.bo), n, hq * d, h, true);
+  MlpForward(ctx, p.mlp, a.mlp, a.out, a.h_attn, n);
+}
+
+void BlockBackward(const LayerContext& ctx, const BlockParams& p, const BlockActs& a, float* dx,
+                   const float* dout, const float* d_h_attn_extra, const float* x,
+                   const int32_t* pos, int b, int t, const GradScratch& s) {
+  const ModelConfig& c = *ctx.cfg;
+  const int h = c.hidden_size, d = c.head_dim(), hq = c.num_heads, hkv = c.num_kv_heads;
+  const int n = b * t;
+  const size_t nh = static_cast<size_t>(n) * h;
+  Backend* be = ctx.be;
+  // Gradient at h_attn: residual + MLP branch (+ exit reading h_attn).
+  be->Copy(s.dh, dout, nh * sizeof(float));
+  if (d_h_attn_extra) be->Axpy(s.dh, 1.0f, d_h_attn_extra, nh);
+  MlpBranchBackward(ctx, p.mlp, a.mlp, s.dh, dout, a.h_attn, n, s);
+  // Gradient at x: residual + attention branch.
+  be->Copy(dx, s.dh, nh * sizeof(float));
+  const AttnActs& at = a.attn;
+  be->LinearBackward(s.datt, ctx.G(p.attn.wo), ctx.G(p.attn.bo), s.dh, at.att, ctx.P(p.attn.wo),
+                     n, hq * d, h, false);
+  be->AttentionBackward(s.dq, s.dk, s.dv, s.datt, at.probs, at.q, at.k, at.v, b, t, hq, hkv, d);
+  if (c.use_rope()) {
+    be->RopeBackward(s.dq, pos, n, hq, d, c.rope_theta);
+    be->RopeBackward(s.dk, pos, n, hkv, d, c.rope_theta);
+  }
+  be->LinearBackward(s.dnorm, ctx.G(p.attn.wq), ctx.G(p.attn.bq), s.dq, at.norm.out,
+                     ctx.P(p.attn.wq), n, h, hq * d, false);
+  be->LinearBackward(s.dnorm, ctx.G(p.attn.wk), ctx.G(p.attn.bk), s.dk, at.norm.out,
+                     ctx.P(p.attn.wk), n, h, hkv * d, true);
+  be->LinearBackward(s.dnorm, ctx.G(p.attn.wv), ctx.G(p.attn.bv), s.dv, at.norm.out,
+                     ctx.P(p.attn.wv), n, h, hkv * d, true);
+  NormBackward(ctx, p.attn.norm, at.norm, dx, s.dnorm, x, n);
+}
+
+}  // namespace eellm

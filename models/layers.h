@@ -1,0 +1,125 @@
+// Transformer layer family with explicit forward/backward on the Backend: norms (LayerNorm or
+// RMSNorm), the attention branch (GQA, RoPE or not, optional KV cache), the MLP branch (GELU or
+// SwiGLU) and the pre-norm block x -> h = x + attn(norm1(x)) -> out = h + mlp(norm2(h)).
+// Shapes: n = rows (tokens), c = hidden, f = ffn hidden, hq/hkv heads of size d.
+// Backward functions ACCUMULATE into dx and parameter gradients.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "engine/backend.h"
+#include "engine/tensor/param_store.h"
+#include "models/model_config.h"
+
+namespace eellm {
+
+// Owns activation/scratch buffers; hands out fp32 arrays. Allocation happens at setup only.
+class Arena {
+ public:
+  explicit Arena(Backend* be) : be_(be) {}
+  float* Floats(size_t n);
+  int32_t* Ints(size_t n);
+
+ private:
+  Backend* be_;
+  std::vector<Buffer> buffers_;
+};
+
+struct NormParams {
+  int g = -1, b = -1;  // b = -1 for RMSNorm
+};
+struct AttnParams {
+  NormParams norm;
+  int wq = -1, bq = -1, wk = -1, bk = -1, wv = -1, bv = -1, wo = -1, bo = -1;
+};
+struct MlpParams {
+  NormParams norm;
+  int w1 = -1, b1 = -1;  // fc1 [f, c] (GPT) or gate [f, c] (Llama)
+  int w3 = -1;           // up [f, c] (Llama only)
+  int w2 = -1, b2 = -1;  // fc2 [c, f]
+};
+struct BlockParams {
+  AttnParams attn;
+  MlpParams mlp;
+};
+
+// Declares parameters under `prefix` (e.g. "layers.3.") and returns their indices.
+NormParams AddNormParams(ParamStore& ps, const ModelConfig& c, const std::string& name);
+MlpParams AddMlpParams(ParamStore& ps, const ModelConfig& c, const std::string& prefix);
+BlockParams AddBlockParams(ParamStore& ps, const ModelConfig& c, const std::string& prefix);
+
+struct NormActs {
+  float* out = nullptr;   // [n, c]
+  float* mean = nullptr;  // [n] (LayerNorm only)
+  float* rstd = nullptr;  // [n]
+};
+struct AttnActs {
+  NormActs norm;
+  float *q = nullptr, *k = nullptr, *v = nullptr;  // [n, hq*d], [n, hkv*d] (after RoPE)
+  float* probs = nullptr;                          // [b, hq, t, t] (training only)
+  float* att = nullptr;                            // [n, hq*d]
+};
+struct MlpActs {
+  NormActs norm;
+  float* h1 = nullptr;   // [n, f] fc1 / gate pre-activation
+  float* h3 = nullptr;   // [n, f] up (SwiGLU)
+  float* act = nullptr;  // [n, f]
+};
+struct BlockActs {
+  AttnActs attn;
+  float* h_attn = nullptr;  // [n, c] residual after attention
+  MlpActs mlp;
+  float* out = nullptr;  // [n, c]
+};
+
+// Gradient scratch shared by all layers' backward passes (sized for n rows).
+struct GradScratch {
+  float *dnorm, *dh, *dq, *dk, *dv, *datt, *dact, *dh1, *dh3;
+};
+
+NormActs MakeNormActs(Arena& a, int n, int c);
+MlpActs MakeMlpActs(Arena& a, const ModelConfig& c, int n);
+// probs are allocated only when `t_for_probs` > 0 (training: b*hq*t*t).
+BlockActs MakeBlockActs(Arena& a, const ModelConfig& c, int n, int b, int t_for_probs);
+GradScratch MakeGradScratch(Arena& a, const ModelConfig& c, int n);
+
+// Per-layer KV cache for one sequence: k, v [capacity, hkv, d].
+struct KvLayer {
+  float* k = nullptr;
+  float* v = nullptr;
+  int capacity = 0;
+};
+
+struct LayerContext {
+  Backend* be;
+  const ModelConfig* cfg;
+  ParamStore* ps;
+  const float* P(int i) const { return i < 0 ? nullptr : ps->param(i); }
+  float* G(int i) const { return i < 0 ? nullptr : ps->grad(i); }
+};
+
+void NormForward(const LayerContext& ctx, const NormParams& p, NormActs& a, const float* x, int n);
+void NormBackward(const LayerContext& ctx, const NormParams& p, const NormActs& a, float* dx,
+                  const float* dout, const float* x, int n);
+
+// out = x + mlp(norm(x)) (out written; may not alias x).
+void MlpForward(const LayerContext& ctx, const MlpParams& p, MlpActs& a, float* out,
+                const float* x, int n);
+// dx += d/dx of the branch mlp(norm(x)) given dout (the residual part is the caller's).
+void MlpBranchBackward(const LayerContext& ctx, const MlpParams& p, const MlpActs& a, float* dx,
+                       const float* dout, const float* x, int n, const GradScratch& s);
+
+// Block forward over n = b*t rows at positions pos[n].
+// Training (kv == nullptr): tokens are b sequences of t, attention causal within each.
+// Inference (kv != nullptr, b = 1): the n rows sit at positions q_offset .. q_offset+n-1; their
+// K/V are written into the cache and attention reads the cache (keys 0 .. q_offset+n-1).
+void BlockForward(const LayerContext& ctx, const BlockParams& p, BlockActs& a, const float* x,
+                  const int32_t* pos, int b, int t, KvLayer* kv, int q_offset);
+// dx written with d/dx; d_h_attn_extra (may be null) is added to the gradient at h_attn
+// (MLP-branch exits read h_attn). dx may not alias dout.
+void BlockBackward(const LayerContext& ctx, const BlockParams& p, const BlockActs& a, float* dx,
+                   const float* dout, const float* d_h_attn_extra, const float* x,
+                   const int32_t* pos, int b, int t, const GradScratch& s);
+
+}  // namespace eellm

@@ -1,0 +1,75 @@
+// ModelConfig: the decoder-only transformer and its early-exit heads, parsed from JSON and
+// validated (every error names the bad key or value). GPT-2 style: LayerNorm, GELU, learned
+// positions, biases, tied embeddings. Llama style: RMSNorm, RoPE, SwiGLU, no biases, GQA,
+// untied output.
+//
+// JSON (all keys optional except those marked *):
+//   { "style": "gpt"|"llama"*, "vocab_size"*, "hidden_size"*, "num_layers"*, "num_heads"*,
+//     "num_kv_heads" (= num_heads), "ffn_hidden_size" (4h gpt, 8h/3 rounded to 64 llama),
+//     "max_seq_len"*, "norm_eps" (1e-5), "rope_theta" (10000), "tie_embeddings" (gpt true,
+//     llama false), "confidence_weighted_exit_loss" (false),
+//     "exits": [ { "layer"* (1-based), "kind": "linear"|"norm"|"mlp"|"block" ("norm"),
+//                  "position": "post"|"pre" ("post"), "tied" (false), "temperature" (1.0),
+//                  "loss_weight" (1.0), "loss_weight_init" (= loss_weight),
+//                  "loss_weight_warmup_iters" (0), "loss_weight_warmup": "linear"|"cosine" } ] }
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace eellm {
+
+enum class ModelStyle { kGpt, kLlama };
+enum class ExitKind { kLinear, kNorm, kMlp, kBlock };
+enum class ExitPosition { kPost, kPre };
+enum class WarmupStyle { kLinear, kCosine };
+
+const char* ExitKindName(ExitKind k);
+
+struct ExitConfig {
+  int layer = 0;  // 1-based. Post: reads the output of `layer`; pre: reads its input.
+  ExitKind kind = ExitKind::kNorm;
+  ExitPosition position = ExitPosition::kPost;
+  bool tied = false;  // output projection shared with the word embedding
+  float temperature = 1.0f;  // divides the exit's logits when measuring confidence (inference)
+  float loss_weight = 1.0f;
+  float loss_weight_init = 1.0f;
+  int loss_weight_warmup_iters = 0;
+  WarmupStyle loss_weight_warmup = WarmupStyle::kLinear;
+
+  // Depth order: the number of backbone layers computed when this exit reads its input.
+  int depth() const { return position == ExitPosition::kPost ? layer : layer - 1; }
+};
+
+struct ModelConfig {
+  ModelStyle style = ModelStyle::kGpt;
+  int vocab_size = 0;
+  int hidden_size = 0;
+  int num_layers = 0;
+  int num_heads = 0;
+  int num_kv_heads = 0;
+  int ffn_hidden_size = 0;
+  int max_seq_len = 0;
+  float norm_eps = 1e-5f;
+  float rope_theta = 10000.0f;
+  bool tie_embeddings = true;
+  bool confidence_weighted_exit_loss = false;
+  std::vector<ExitConfig> exits;  // sorted by depth (pre before post at equal layer)
+
+  // Derived from the style.
+  bool use_rmsnorm() const { return style == ModelStyle::kLlama; }
+  bool use_rope() const { return style == ModelStyle::kLlama; }
+  bool use_swiglu() const { return style == ModelStyle::kLlama; }
+  bool use_bias() const { return style == ModelStyle::kGpt; }
+  bool learned_positions() const { return style == ModelStyle::kGpt; }
+  int head_dim() const { return hidden_size / num_heads; }
+
+  std::string ToJson() const;  // canonical JSON (round-trips through ParseModelConfig)
+};
+
+absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text);
+absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& path);
+
+}  // namespace eellm

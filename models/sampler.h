@@ -1,0 +1,25 @@
+// Next-token sampling on the host: greedy, temperature, top-k and top-p (nucleus) with a seeded
+// generator; and the softmax confidence used for early exits.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "engine/core/rng.h"
+
+namespace eellm {
+
+struct SamplingParams {
+  float temperature = 0.0f;  // 0 = greedy
+  int top_k = 0;             // 0 = no limit
+  float top_p = 1.0f;        // 1 = no limit
+  uint64_t seed = 1234;
+};
+
+// Picks a token from logits[vocab] (the vector is used as scratch).
+int32_t SampleToken(std::vector<float>& logits, const SamplingParams& p, Rng& rng);
+
+// Max softmax probability of logits / temperature.
+float MaxProbability(const float* logits, int vocab, float temperature);
+
+}  // namespace eellm

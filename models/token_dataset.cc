@@ -1,0 +1,87 @@
+// TokenDataset batch fetching (random and sequential windows).
+#include "models/token_dataset.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "engine/core/rng.h"
+#include "engine/core/status.h"
+#include "models/token_file.h"
+
+namespace eellm {
+namespace {
+
+// splitmix64 finaliser: a bijective mix, so distinct (seed, step) pairs give distinct streams
+// with overwhelming probability.
+uint64_t Mix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+}  // namespace
+
+absl::StatusOr<TokenDataset> TokenDataset::Load(const std::string& path) {
+  ASSIGN_OR_RETURN(std::vector<int32_t> tokens, ReadTokenFile(path));
+  return TokenDataset(std::move(tokens));
+}
+
+absl::Status TokenDataset::Validate(int seq) const {
+  if (seq <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("sequence length must be positive, got ", seq));
+  }
+  if (size() <= seq) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("dataset has ", size(), " tokens, too few for sequence length ", seq,
+                     " (need more than ", seq, ": ", seq, " inputs plus one target)"));
+  }
+  return absl::OkStatus();
+}
+
+void TokenDataset::FillRow(int64_t offset, int seq, int32_t* inputs, int32_t* targets) const {
+  const int32_t* src = tokens_.data() + offset;
+  std::copy(src, src + seq, inputs);
+  std::copy(src + 1, src + 1 + seq, targets);
+}
+
+void TokenDataset::RandomBatch(uint64_t seed, int64_t step, int batch, int seq, int32_t* inputs,
+                               int32_t* targets) const {
+  RandomRows(seed, step, 0, batch, seq, inputs, targets);
+}
+
+void TokenDataset::RandomRows(uint64_t seed, int64_t step, int64_t first_row, int rows, int seq,
+                              int32_t* inputs, int32_t* targets) const {
+  EE_CHECK(seq > 0 && size() > seq, "dataset of ", size(), " tokens, seq ", seq);
+  EE_CHECK(rows > 0 && first_row >= 0, "rows ", rows, ", first_row ", first_row);
+  Rng rng(Mix64(Mix64(seed) ^ static_cast<uint64_t>(step)));
+  // Each row takes exactly one draw, so skipping to first_row keeps rows aligned.
+  for (int64_t r = 0; r < first_row; ++r) rng.Next();
+  const uint64_t num_offsets = static_cast<uint64_t>(size() - seq);
+  for (int r = 0; r < rows; ++r) {
+    const int64_t offset = static_cast<int64_t>(rng.Below(num_offsets));
+    FillRow(offset, seq, inputs + static_cast<int64_t>(r) * seq,
+            targets + static_cast<int64_t>(r) * seq);
+  }
+}
+
+int64_t TokenDataset::NumSequentialBatches(int batch, int seq) const {
+  EE_CHECK(batch > 0 && seq > 0, "batch ", batch, ", seq ", seq);
+  if (size() <= seq) return 0;
+  const int64_t windows = (size() - 1) / seq;
+  return windows / batch;
+}
+
+void TokenDataset::SequentialBatch(int64_t index, int batch, int seq, int32_t* inputs,
+                                   int32_t* targets) const {
+  EE_CHECK(index >= 0 && index < NumSequentialBatches(batch, seq), "sequential batch ", index,
+           " of ", NumSequentialBatches(batch, seq));
+  for (int r = 0; r < batch; ++r) {
+    const int64_t window = index * batch + r;
+    FillRow(window * seq, seq, inputs + static_cast<int64_t>(r) * seq,
+            targets + static_cast<int64_t>(r) * seq);
+  }
+}
+
+}  // namespace eellm

@@ -1,0 +1,58 @@
+// TokenDataset: an in-memory token stream that serves [batch, seq] next-token-prediction
+// batches. Random batches are a pure function of (seed, step), so any step's batch can be
+// regenerated exactly on resume; sequential batches walk the data in order for validation.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace eellm {
+
+class TokenDataset {
+ public:
+  TokenDataset() = default;
+  explicit TokenDataset(std::vector<int32_t> tokens) : tokens_(std::move(tokens)) {}
+
+  // Reads a token file written by WriteTokenFile (models/token_file.h).
+  static absl::StatusOr<TokenDataset> Load(const std::string& path);
+
+  int64_t size() const { return static_cast<int64_t>(tokens_.size()); }
+  const std::vector<int32_t>& tokens() const { return tokens_; }
+
+  // OK when windows of `seq` inputs plus one target fit: seq > 0 and size() > seq.
+  absl::Status Validate(int seq) const;
+
+  // Fills row-major [batch, seq] `inputs` and `targets` (targets[i] = the token after
+  // inputs[i]) with windows at uniformly random offsets in [0, size() - seq). The offsets come
+  // from an Rng seeded from (seed, step) only, so the batch is reproducible. Row r uses the
+  // r-th draw, so a batch of B rows is the first B rows of any larger batch for the same
+  // (seed, step). Requires Validate(seq).ok() and batch > 0.
+  void RandomBatch(uint64_t seed, int64_t step, int batch, int seq, int32_t* inputs,
+                   int32_t* targets) const;
+
+  // Rows [first_row, first_row + rows) of the random batch for (seed, step): lets each
+  // data-parallel rank fetch its slice of a global batch. RandomBatch(...) is
+  // RandomRows(seed, step, 0, batch, ...).
+  void RandomRows(uint64_t seed, int64_t step, int64_t first_row, int rows, int seq,
+                  int32_t* inputs, int32_t* targets) const;
+
+  // Sequential batches: window w has inputs tokens[w*seq, (w+1)*seq) and targets shifted by one;
+  // batch i holds windows i*batch .. i*batch + batch - 1. Windows never overlap and leftover
+  // windows that do not fill a batch are dropped. Zero when size() <= seq.
+  int64_t NumSequentialBatches(int batch, int seq) const;
+  // Requires 0 <= index < NumSequentialBatches(batch, seq).
+  void SequentialBatch(int64_t index, int batch, int seq, int32_t* inputs, int32_t* targets) const;
+
+ private:
+  // Copies the seq + 1 tokens at `offset` into one row of inputs/targets.
+  void FillRow(int64_t offset, int seq, int32_t* inputs, int32_t* targets) const;
+
+  std::vector<int32_t> tokens_;
+};
+
+}  // namespace eellm

@@ -1,0 +1,62 @@
+// Tokenizers: the abstract Tokenizer interface used by data preparation and generation, the
+// built-in ByteTokenizer (raw UTF-8 bytes plus two special ids), and MakeTokenizer(), which
+// turns a command-line spec into a tokenizer. A Hugging Face tokenizer.json (byte-level BPE)
+// loader will implement the same interface and be selected by passing its path as the spec.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/types/span.h"
+
+namespace eellm {
+
+// Maps text to token ids and back. Implementations are immutable after construction, so one
+// instance may be shared across threads.
+class Tokenizer {
+ public:
+  virtual ~Tokenizer();
+
+  // Encodes `text` without adding BOS/EOS; callers add special ids where they want them.
+  virtual std::vector<int32_t> Encode(absl::string_view text) const = 0;
+  // Decodes a sequence of ids to text. Special ids (EOS, BOS, ...) and ids outside
+  // [0, vocab_size()) produce no text.
+  virtual std::string Decode(absl::Span<const int32_t> ids) const = 0;
+  // The text of one token, for streaming output and debugging. For byte-level tokenizers this
+  // may be a partial UTF-8 sequence. Special ids give their printable name (e.g.
+  // "<|endoftext|>"); ids outside [0, vocab_size()) give "".
+  virtual std::string DecodeToken(int32_t id) const = 0;
+
+  virtual int vocab_size() const = 0;
+  virtual int eos_id() const = 0;
+  virtual int bos_id() const = 0;
+  // Short description for logs and checkpoint metadata ("byte", a tokenizer.json path, ...).
+  virtual std::string name() const = 0;
+};
+
+// One token per byte: ids 0..255 are the bytes, 256 is end-of-text (EOS) and 257 is
+// begin-of-text (BOS). Round-trips any byte string exactly.
+class ByteTokenizer : public Tokenizer {
+ public:
+  static constexpr int kEosId = 256;
+  static constexpr int kBosId = 257;
+  static constexpr int kVocabSize = 258;
+
+  std::vector<int32_t> Encode(absl::string_view text) const override;
+  std::string Decode(absl::Span<const int32_t> ids) const override;
+  std::string DecodeToken(int32_t id) const override;
+  int vocab_size() const override { return kVocabSize; }
+  int eos_id() const override { return kEosId; }
+  int bos_id() const override { return kBosId; }
+  std::string name() const override { return "byte"; }
+};
+
+// Builds a tokenizer from a spec: "byte" gives a ByteTokenizer. Any other value is an
+// InvalidArgument error naming it (a path to a tokenizer.json will be accepted later).
+absl::StatusOr<std::unique_ptr<Tokenizer>> MakeTokenizer(absl::string_view spec);
+
+}  // namespace eellm

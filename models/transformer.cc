@@ -1,0 +1,318 @@
+#include "models/transformer.h"
+
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "engine/core/rng.h"
+#include "engine/core/status.h"
+
+namespace eellm {
+
+absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config, Backend* be) {
+  std::unique_ptr<Model> m(new Model(config, be));
+  m->DeclareParams();
+  m->params_.Allocate(be);
+  return m;
+}
+
+void Model::DeclareParams() {
+  const ModelConfig& c = config_;
+  word_emb_ = params_.Add("embedding.word.weight", {c.vocab_size, c.hidden_size}, true);
+  if (c.learned_positions()) {
+    pos_emb_ = params_.Add("embedding.position.weight", {c.max_seq_len, c.hidden_size}, true);
+  }
+  for (int l = 0; l < c.num_layers; ++l) {
+    layers_.push_back(AddBlockParams(params_, c, absl::StrCat("layers.", l, ".")));
+  }
+  final_norm_ = AddNormParams(params_, c, "final_norm");
+  if (!c.tie_embeddings) output_ = params_.Add("output.weight", {c.vocab_size, c.hidden_size}, true);
+  for (size_t i = 0; i < c.exits.size(); ++i) {
+    const ExitConfig& x = c.exits[i];
+    const std::string prefix = absl::StrCat("exits.", i, ".");
+    ExitHeadParams p;
+    if (x.kind == ExitKind::kMlp) p.mlp = AddMlpParams(params_, c, prefix);
+    if (x.kind == ExitKind::kBlock) p.block = AddBlockParams(params_, c, prefix + "block.");
+    if (x.kind != ExitKind::kLinear) p.norm = AddNormParams(params_, c, prefix + "norm");
+    if (!x.tied) p.head = params_.Add(prefix + "head.weight", {c.vocab_size, c.hidden_size}, true);
+    exits_.push_back(p);
+  }
+}
+
+void Model::InitRandom(uint64_t seed) {
+  Rng rng(seed);
+  const float resid_std = 0.02f / std::sqrt(2.0f * config_.num_layers);
+  std::vector<float> host;
+  for (int i = 0; i < static_cast<int>(params_.params().size()); ++i) {
+    const ParamInfo& p = params_.params()[i];
+    host.assign(p.numel, 0.0f);
+    const std::string& n = p.name;
+    auto ends_with = [&](const char* s) {
+      size_t k = std::char_traits<char>::length(s);
+      return n.size() >= k && n.compare(n.size() - k, k, s) == 0;
+    };
+    if (ends_with("norm.weight")) {
+      host.assign(p.numel, 1.0f);
+    } else if (ends_with(".bias")) {
+      // zeros
+    } else {
+      float std = (ends_with("attn.wo.weight") || ends_with("mlp.fc2.weight")) ? resid_std : 0.02f;
+      for (auto& v : host) v = static_cast<float>(rng.Normal()) * std;
+    }
+    be_->CopyFromHost(params_.param(i), host.data(), p.numel * sizeof(float));
+  }
+}
+
+int Model::OutputWeight(int exit_index) const {
+  if (exit_index >= 0 && !config_.exits[exit_index].tied) return exits_[exit_index].head;
+  if (exit_index < 0 && !config_.tie_embeddings) return output_;
+  return word_emb_;
+}
+
+ExitActs Model::MakeExitActs(Arena& a, int i, int n, int b, int t_for_probs) {
+  ExitActs r;
+  const ExitConfig& x = config_.exits[i];
+  if (x.kind == ExitKind::kMlp) {
+    r.mlp = MakeMlpActs(a, config_, n);
+    r.mlp_out = a.Floats(static_cast<size_t>(n) * config_.hidden_size);
+  }
+  if (x.kind == ExitKind::kBlock) r.block = MakeBlockActs(a, config_, n, b, t_for_probs);
+  if (x.kind != ExitKind::kLinear) r.norm = MakeNormActs(a, n, config_.hidden_size);
+  return r;
+}
+
+std::unique_ptr<Workspace> Model::MakeWorkspace(int b, int t) {
+  EE_CHECK(t <= config_.max_seq_len, "sequence length ", t, " exceeds max_seq_len ",
+           config_.max_seq_len);
+  auto ws = std::make_unique<Workspace>(be_);
+  const int n = b * t, c = config_.hidden_size;
+  const size_t nc = static_cast<size_t>(n) * c;
+  Arena& a = ws->arena;
+  ws->b = b;
+  ws->t = t;
+  ws->ids = a.Ints(n);
+  ws->targets = a.Ints(n);
+  ws->pos = a.Ints(n);
+  std::vector<int32_t> pos(n);
+  for (int r = 0; r < n; ++r) pos[r] = r % t;
+  be_->CopyFromHost(ws->pos, pos.data(), n * sizeof(int32_t));
+  ws->weights = a.Floats(n);
+  ws->x0 = a.Floats(nc);
+  for (int l = 0; l < config_.num_layers; ++l) ws->layers.push_back(MakeBlockActs(a, config_, n, b, t));
+  ws->final_norm = MakeNormActs(a, n, c);
+  for (size_t i = 0; i < config_.exits.size(); ++i) ws->exits.push_back(MakeExitActs(a, i, n, b, t));
+  ws->logits = a.Floats(static_cast<size_t>(n) * config_.vocab_size);
+  ws->losses = a.Floats(n);
+  ws->max_prob = a.Floats(n);
+  ws->gs = MakeGradScratch(a, config_, n);
+  ws->dx = a.Floats(nc);
+  ws->dx_prev = a.Floats(nc);
+  ws->d_h_extra = a.Floats(nc);
+  ws->dhidden = a.Floats(nc);
+  ws->dexit = a.Floats(nc);
+  ws->host_mask.resize(n);
+  ws->host_losses.resize(n);
+  ws->host_max_prob.resize(n);
+  ws->host_weights.resize(n);
+  return ws;
+}
+
+void Model::Embed(float* out, const int32_t* ids, const int32_t* pos, int n) {
+  const int c = config_.hidden_size;
+  be_->EmbeddingForward(out, ids, params_.param(word_emb_), n, c);
+  if (pos_emb_ >= 0) {
+    // Rows of the position table are added one token at a time (n is small or the table
+    // lookup is cheap next to the layers).
+    std::vector<int32_t> hp(n);
+    be_->CopyToHost(hp.data(), pos, n * sizeof(int32_t));
+    for (int r = 0; r < n; ++r) {
+      EE_CHECK(hp[r] >= 0 && hp[r] < config_.max_seq_len, "position ", hp[r], " out of range");
+      be_->Axpy(out + static_cast<size_t>(r) * c, 1.0f,
+                params_.param(pos_emb_) + static_cast<size_t>(hp[r]) * c, c);
+    }
+  }
+}
+
+const float* Model::ExitHidden(int i, ExitActs& a, const float* in, const int32_t* pos, int b,
+                               int t, KvLayer* kv, int q_offset) {
+  const ExitConfig& x = config_.exits[i];
+  const ExitHeadParams& p = exits_[i];
+  const int n = b * t;
+  LayerContext cx = ctx();
+  switch (x.kind) {
+    case ExitKind::kLinear:
+      return in;
+    case ExitKind::kNorm:
+      NormForward(cx, p.norm, a.norm, in, n);
+      return a.norm.out;
+    case ExitKind::kMlp:
+      MlpForward(cx, p.mlp, a.mlp, a.mlp_out, in, n);
+      NormForward(cx, p.norm, a.norm, a.mlp_out, n);
+      return a.norm.out;
+    case ExitKind::kBlock:
+      BlockForward(cx, p.block, a.block, in, pos, b, t, kv, q_offset);
+      NormForward(cx, p.norm, a.norm, a.block.out, n);
+      return a.norm.out;
+  }
+  return nullptr;
+}
+
+const float* Model::FinalHidden(NormActs& a, const float* x, int n) {
+  NormForward(ctx(), final_norm_, a, x, n);
+  return a.out;
+}
+
+void Model::Project(float* logits, const float* hidden, int exit_index, int n) {
+  be_->Linear(logits, hidden, params_.param(OutputWeight(exit_index)), nullptr, n,
+              config_.hidden_size, config_.vocab_size, false);
+}
+
+std::pair<double, double> Model::HeadLoss(Workspace& ws, const float* hidden, int exit_index,
+                                          float weight, bool confidence_weighted, bool backward) {
+  const int n = ws.b * ws.t, v = config_.vocab_size;
+  double count = 0;
+  for (float m : ws.host_mask) count += m;
+  if (count == 0) return {0.0, 0.0};
+  Project(ws.logits, hidden, exit_index, n);
+  if (confidence_weighted) {
+    be_->CrossEntropy(ws.losses, ws.max_prob, nullptr, ws.logits, ws.targets, ws.weights, n, v);
+    be_->CopyToHost(ws.host_max_prob.data(), ws.max_prob, n * sizeof(float));
+  }
+  for (int r = 0; r < n; ++r) {
+    ws.host_weights[r] = static_cast<float>(ws.host_mask[r] / count * weight *
+                                            (confidence_weighted ? ws.host_max_prob[r] : 1.0f));
+  }
+  be_->CopyFromHost(ws.weights, ws.host_weights.data(), n * sizeof(float));
+  be_->CrossEntropy(ws.losses, nullptr, backward ? ws.logits : nullptr, ws.logits, ws.targets,
+                    ws.weights, n, v);
+  be_->CopyToHost(ws.host_losses.data(), ws.losses, n * sizeof(float));
+  double mean = 0, term = 0;
+  for (int r = 0; r < n; ++r) {
+    mean += ws.host_mask[r] * ws.host_losses[r];
+    term += ws.host_weights[r] * ws.host_losses[r];
+  }
+  if (backward) {
+    const int w = OutputWeight(exit_index);
+    be_->LinearBackward(ws.dhidden, params_.grad(w), nullptr, ws.logits, hidden,
+                        params_.param(w), n, config_.hidden_size, v, false);
+  }
+  return {mean / count, term};
+}
+
+// din += d/d(in) of exit i's hidden given dhidden (= ws.dhidden).
+void Model::ExitBackward(int i, ExitActs& a, float* din, const float* dhidden, const float* in,
+                         const int32_t* pos, int b, int t, const GradScratch& s) {
+  const ExitConfig& x = config_.exits[i];
+  const ExitHeadParams& p = exits_[i];
+  const int n = b * t;
+  const size_t nc = static_cast<size_t>(n) * config_.hidden_size;
+  LayerContext cx = ctx();
+  switch (x.kind) {
+    case ExitKind::kLinear:
+      be_->Axpy(din, 1.0f, dhidden, nc);
+      return;
+    case ExitKind::kNorm:
+      NormBackward(cx, p.norm, a.norm, din, dhidden, in, n);
+      return;
+    case ExitKind::kMlp: {
+      float* dm = s.dh;  // free here: the MLP branch backward does not use dh
+      be_->Fill(dm, nc, 0.0f);
+      NormBackward(cx, p.norm, a.norm, dm, dhidden, a.mlp_out, n);
+      be_->Axpy(din, 1.0f, dm, nc);
+      MlpBranchBackward(cx, p.mlp, a.mlp, din, dm, in, n, s);
+      return;
+    }
+    case ExitKind::kBlock:
+      return;  // handled by the caller (needs two extra buffers)
+  }
+}
+
+void Model::ExitsAtDepth(Workspace& ws, int depth, absl::Span<const float> w, bool backward,
+                         LossReport& r) {
+  const int b = ws.b, t = ws.t, n = b * t;
+  const size_t nc = static_cast<size_t>(n) * config_.hidden_size;
+  for (size_t i = 0; i < config_.exits.size(); ++i) {
+    const ExitConfig& x = config_.exits[i];
+    if (x.depth() != depth) continue;
+    const bool reads_h_attn = x.kind == ExitKind::kMlp && x.position == ExitPosition::kPost;
+    const float* in = reads_h_attn ? ws.layers[x.layer - 1].h_attn
+                                   : (depth == 0 ? ws.x0 : ws.layers[depth - 1].out);
+    const float* hidden = ExitHidden(i, ws.exits[i], in, ws.pos, b, t, nullptr, 0);
+    const bool bw = backward && w[i] > 0;
+    auto [mean, term] = HeadLoss(ws, hidden, i, w[i], config_.confidence_weighted_exit_loss, bw);
+    r.exit_losses[i] = mean;
+    r.objective += term;
+    if (!bw) continue;
+    float* din = reads_h_attn ? ws.d_h_extra : ws.dx;
+    if (reads_h_attn) be_->Fill(din, nc, 0.0f);
+    if (x.kind == ExitKind::kBlock) {
+      // dexit = d(block out); dhidden is free after the norm backward and takes d(in).
+      const ExitHeadParams& p = exits_[i];
+      be_->Fill(ws.dexit, nc, 0.0f);
+      NormBackward(ctx(), p.norm, ws.exits[i].norm, ws.dexit, ws.dhidden, ws.exits[i].block.out, n);
+      BlockBackward(ctx(), p.block, ws.exits[i].block, ws.dhidden, ws.dexit, nullptr, in, ws.pos,
+                    b, t, ws.gs);
+      be_->Axpy(din, 1.0f, ws.dhidden, nc);
+    } else {
+      ExitBackward(i, ws.exits[i], din, ws.dhidden, in, ws.pos, b, t, ws.gs);
+    }
+  }
+}
+
+LossReport Model::ForwardBackward(Workspace& ws, const int32_t* ids, const int32_t* targets,
+                                  const float* mask, absl::Span<const float> exit_weights,
+                                  bool backward) {
+  const ModelConfig& c = config_;
+  EE_CHECK(exit_weights.size() == c.exits.size(), "need one weight per exit");
+  const int b = ws.b, t = ws.t, n = b * t;
+  const size_t nc = static_cast<size_t>(n) * c.hidden_size;
+  LossReport r;
+  r.exit_losses.assign(c.exits.size(), 0.0);
+  for (int i = 0; i < n; ++i) ws.host_mask[i] = mask ? mask[i] : 1.0f;
+  for (float m : ws.host_mask) r.tokens += m != 0;
+  be_->CopyFromHost(ws.ids, ids, n * sizeof(int32_t));
+  be_->CopyFromHost(ws.targets, targets, n * sizeof(int32_t));
+
+  // Backbone forward.
+  Embed(ws.x0, ws.ids, ws.pos, n);
+  const float* x = ws.x0;
+  for (int l = 0; l < c.num_layers; ++l) {
+    BlockForward(ctx(), layers_[l], ws.layers[l], x, ws.pos, b, t, nullptr, 0);
+    x = ws.layers[l].out;
+  }
+  // Final head.
+  const float* hidden = FinalHidden(ws.final_norm, x, n);
+  auto [final_mean, final_term] = HeadLoss(ws, hidden, -1, 1.0f, false, backward);
+  r.final_loss = final_mean;
+  r.objective = final_term;
+  if (backward) {
+    be_->Fill(ws.dx, nc, 0.0f);
+    NormBackward(ctx(), final_norm_, ws.final_norm, ws.dx, ws.dhidden, x, n);
+  }
+  // Walk down the layers: exits reading depth l run in the backward slot of layer l.
+  for (int l = c.num_layers; l >= 1; --l) {
+    bool has_mlp_post = false;
+    for (const auto& e : c.exits) {
+      has_mlp_post |= e.depth() == l && e.kind == ExitKind::kMlp && e.position == ExitPosition::kPost;
+    }
+    ExitsAtDepth(ws, l, exit_weights, backward, r);
+    if (!backward) continue;
+    const float* extra = nullptr;
+    for (size_t i = 0; i < c.exits.size(); ++i) {
+      if (has_mlp_post && c.exits[i].depth() == l && exit_weights[i] > 0) extra = ws.d_h_extra;
+    }
+    const float* in = l == 1 ? ws.x0 : ws.layers[l - 2].out;
+    BlockBackward(ctx(), layers_[l - 1], ws.layers[l - 1], ws.dx_prev, ws.dx, extra, in, ws.pos,
+                  b, t, ws.gs);
+    std::swap(ws.dx, ws.dx_prev);
+  }
+  ExitsAtDepth(ws, 0, exit_weights, backward, r);
+  if (backward) {
+    be_->EmbeddingBackward(params_.grad(word_emb_), ws.ids, ws.dx, n, c.hidden_size);
+    if (pos_emb_ >= 0) {
+      be_->EmbeddingBackward(params_.grad(pos_emb_), ws.pos, ws.dx, n, c.hidden_size);
+    }
+  }
+  return r;
+}
+
+}  // namespace eellm

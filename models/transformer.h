@@ -1,0 +1,116 @@
+// The early-exit decoder-only transformer: parameters (one arena), initialisation, and the
+// training/evaluation pass with the final head and every exit head. Exit heads run in the
+// backward slot of their layer (as EE-LLM does), so exit logits are never stored: the head's
+// forward, loss and backward happen together and their input gradient joins the backbone's.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "engine/backend.h"
+#include "engine/tensor/param_store.h"
+#include "models/layers.h"
+#include "models/model_config.h"
+
+namespace eellm {
+
+struct ExitHeadParams {
+  MlpParams mlp;      // kind mlp
+  BlockParams block;  // kind block
+  NormParams norm;    // kinds norm, mlp, block
+  int head = -1;      // untied output projection [vocab, hidden]; -1 when tied
+};
+
+struct ExitActs {
+  MlpActs mlp;
+  float* mlp_out = nullptr;  // [n, c]
+  BlockActs block;
+  NormActs norm;
+};
+
+// Per-batch buffers for one microbatch of b sequences of t tokens, allocated once.
+struct Workspace {
+  explicit Workspace(Backend* be) : arena(be) {}
+  int b = 0, t = 0;
+  Arena arena;
+  int32_t *ids, *targets, *pos;
+  float* weights;  // [n] per-token loss weights
+  float* x0;       // [n, c] embedding output
+  std::vector<BlockActs> layers;
+  NormActs final_norm;
+  std::vector<ExitActs> exits;
+  float *logits, *losses, *max_prob;  // [n, vocab], [n], [n]
+  GradScratch gs;
+  float *dx, *dx_prev, *d_h_extra, *dhidden, *dexit;  // [n, c] each
+  std::vector<float> host_mask, host_losses, host_max_prob, host_weights;
+};
+
+struct LossReport {
+  double final_loss = 0;            // mean cross-entropy of the final head
+  std::vector<double> exit_losses;  // mean cross-entropy per exit (config order)
+  double objective = 0;             // final + sum_i w_i * exit term_i (what is minimised)
+  int64_t tokens = 0;               // tokens with non-zero mask
+};
+
+class Model {
+ public:
+  static absl::StatusOr<std::unique_ptr<Model>> Create(const ModelConfig& config, Backend* be);
+
+  const ModelConfig& config() const { return config_; }
+  ParamStore& params() { return params_; }
+  Backend* backend() const { return be_; }
+  LayerContext ctx() { return LayerContext{be_, &config_, &params_}; }
+
+  // GPT-2 initialisation: N(0, 0.02) weights, residual output projections scaled by
+  // 1/sqrt(2 * num_layers), zero biases, unit norm gains. Deterministic in `seed`.
+  void InitRandom(uint64_t seed);
+
+  std::unique_ptr<Workspace> MakeWorkspace(int b, int t);
+
+  // One pass over a batch: ids, targets [b*t] and optional loss mask (host arrays). Always
+  // computes every loss; when `backward` is true, accumulates gradients of the objective
+  // (final loss + sum_i exit_weights[i] * exit loss_i) into params().grads.
+  LossReport ForwardBackward(Workspace& ws, const int32_t* ids, const int32_t* targets,
+                             const float* mask, absl::Span<const float> exit_weights,
+                             bool backward);
+
+  // ---- pieces shared with inference --------------------------------------------------------
+  const BlockParams& layer(int l) const { return layers_[l]; }
+  const ExitHeadParams& exit_head(int i) const { return exits_[i]; }
+  // out[n, c] = word embedding (+ learned positions).
+  void Embed(float* out, const int32_t* ids, const int32_t* pos, int n);
+  // Final hidden of an exit head over n rows (training: kv null; inference: kv for block exits).
+  const float* ExitHidden(int i, ExitActs& a, const float* in, const int32_t* pos, int b, int t,
+                          KvLayer* kv, int q_offset);
+  // Final hidden after the final norm.
+  const float* FinalHidden(NormActs& a, const float* x, int n);
+  // logits[n, vocab] = hidden @ W^T with W the output weight of exit i (or final when i < 0).
+  void Project(float* logits, const float* hidden, int exit_index, int n);
+  int OutputWeight(int exit_index) const;
+  ExitActs MakeExitActs(Arena& a, int exit_index, int n, int b, int t_for_probs);
+
+ private:
+  Model(const ModelConfig& c, Backend* be) : config_(c), be_(be) {}
+  void DeclareParams();
+  // Loss over `hidden` with output weight of exit i (-1 final); when backward, writes
+  // ws.dhidden and accumulates dW. Returns {mean loss, weighted objective term}.
+  std::pair<double, double> HeadLoss(Workspace& ws, const float* hidden, int exit_index,
+                                     float weight, bool confidence_weighted, bool backward);
+  void ExitBackward(int i, ExitActs& a, float* din, const float* dhidden, const float* in,
+                    const int32_t* pos, int b, int t, const GradScratch& s);
+  void ExitsAtDepth(Workspace& ws, int depth, absl::Span<const float> w, bool backward,
+                    LossReport& r);
+
+  ModelConfig config_;
+  Backend* be_;
+  ParamStore params_;
+  int word_emb_ = -1, pos_emb_ = -1, output_ = -1;
+  NormParams final_norm_;
+  std::vector<BlockParams> layers_;
+  std::vector<ExitHeadParams> exits_;
+};
+
+}  // namespace eellm

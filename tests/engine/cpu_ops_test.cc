@@ -1,0 +1,225 @@
+// Forward-value checks of the CpuBackend ops against naive double-precision references
+// written here: memory and elementwise ops, embedding, Linear, LayerNorm, RMSNorm, GELU,
+// SwiGLU, RoPE, cross-entropy and AdamW. Attention lives in cpu_attention_test.cc.
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "tests/engine/cpu_test_util.h"
+
+namespace eellm::cpu_test {
+namespace {
+
+using CpuOpsTest = CpuBackendTest;
+
+TEST_F(CpuOpsTest, AllocIsAlignedAndCopiesRoundTrip) {
+  for (size_t bytes : {size_t{1}, size_t{4}, size_t{100}, size_t{4096}}) {
+    void* p = be_.Alloc(bytes);
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(p) % 64, 0u);
+    be_.Free(p);
+  }
+  auto src = RandVec(rng_, 100);
+  std::vector<float> dst(100), back(100);
+  float* dev = static_cast<float*>(be_.Alloc(400));
+  be_.CopyFromHost(dev, src.data(), 400);
+  be_.Copy(dst.data(), dev, 400);
+  be_.CopyToHost(back.data(), dev, 400);
+  be_.Synchronize();
+  be_.Free(dev);
+  EXPECT_EQ(dst, src);
+  EXPECT_EQ(back, src);
+}
+
+TEST_F(CpuOpsTest, ElementwiseAndSumSquares) {
+  // Large enough to take the parallel paths.
+  const size_t n = 100003;
+  auto a = RandVec(rng_, n), b = RandVec(rng_, n);
+  std::vector<float> y(n);
+  be_.Add(y.data(), a.data(), b.data(), n);
+  for (size_t i = 0; i < n; i += 997) EXPECT_EQ(y[i], a[i] + b[i]);
+  be_.Add(a.data(), a.data(), b.data(), n);  // y aliases a
+  EXPECT_EQ(a, y);
+  be_.Axpy(y.data(), 0.5f, b.data(), n);
+  be_.Scale(y.data(), 2.0f, n);
+  for (size_t i = 0; i < n; i += 997) EXPECT_FLOAT_EQ(y[i], 2.0f * (a[i] + 0.5f * b[i]));
+  double ref = 0.0;
+  for (float x : b) ref += static_cast<double>(x) * x;
+  EXPECT_NEAR(be_.SumSquares(b.data(), n), ref, 1e-9 * ref);
+  EXPECT_EQ(be_.SumSquares(b.data(), 7), [&] {
+    double s = 0.0;
+    for (int i = 0; i < 7; ++i) s += static_cast<double>(b[i]) * b[i];
+    return s;
+  }());
+  be_.Fill(y.data(), n, -3.5f);
+  for (float x : y) ASSERT_EQ(x, -3.5f);
+}
+
+TEST_F(CpuOpsTest, EmbeddingForward) {
+  const int vocab = 5, c = 3;
+  auto table = RandVec(rng_, vocab * c);
+  const std::vector<int32_t> ids = {4, 0, 4, 2};
+  std::vector<float> out(ids.size() * c);
+  be_.EmbeddingForward(out.data(), ids.data(), table.data(), 4, c);
+  for (int t = 0; t < 4; ++t)
+    for (int j = 0; j < c; ++j) EXPECT_EQ(out[t * c + j], table[ids[t] * c + j]);
+}
+
+TEST_F(CpuOpsTest, LinearMatchesReference) {
+  const int n = 7, in = 33, out = 19;
+  auto x = RandVec(rng_, n * in), w = RandVec(rng_, out * in), bias = RandVec(rng_, out);
+  std::vector<double> ref(n * out);
+  for (int r = 0; r < n; ++r)
+    for (int o = 0; o < out; ++o) {
+      double s = 0.0;
+      for (int i = 0; i < in; ++i) s += static_cast<double>(x[r * in + i]) * w[o * in + i];
+      ref[r * out + o] = s;
+    }
+  std::vector<float> y(n * out, 123.0f);
+  be_.Linear(y.data(), x.data(), w.data(), nullptr, n, in, out, false);
+  EXPECT_LT(MaxAbsDiff(y, ref), 1e-4);
+  be_.Linear(y.data(), x.data(), w.data(), bias.data(), n, in, out, false);
+  for (int r = 0; r < n; ++r)
+    for (int o = 0; o < out; ++o) ref[r * out + o] += bias[o];
+  EXPECT_LT(MaxAbsDiff(y, ref), 1e-4);
+  // accumulate: out += in @ w^T + bias.
+  std::vector<float> acc(n * out, 1.0f);
+  be_.Linear(acc.data(), x.data(), w.data(), bias.data(), n, in, out, true);
+  for (double& v : ref) v += 1.0;
+  EXPECT_LT(MaxAbsDiff(acc, ref), 1e-4);
+}
+
+TEST_F(CpuOpsTest, LayerNormMatchesReference) {
+  const int n = 5, c = 37;
+  auto x = RandVec(rng_, n * c, 3.0), g = RandVec(rng_, c), b = RandVec(rng_, c);
+  for (float& v : x) v += 10.0f;  // a large mean must not hurt the variance
+  std::vector<float> y(n * c), mean(n), rstd(n), y_nob(n * c);
+  be_.LayerNormForward(y.data(), mean.data(), rstd.data(), x.data(), g.data(), b.data(), n, c,
+                       1e-5f);
+  be_.LayerNormForward(y_nob.data(), mean.data(), rstd.data(), x.data(), g.data(), nullptr, n, c,
+                       1e-5f);
+  for (int r = 0; r < n; ++r) {
+    double mu = 0.0, var = 0.0;
+    for (int j = 0; j < c; ++j) mu += x[r * c + j];
+    mu /= c;
+    for (int j = 0; j < c; ++j) var += (x[r * c + j] - mu) * (x[r * c + j] - mu);
+    var /= c;
+    const double rs = 1.0 / std::sqrt(var + 1e-5);
+    EXPECT_NEAR(mean[r], mu, 1e-5);
+    EXPECT_NEAR(rstd[r], rs, 1e-5 * rs);
+    for (int j = 0; j < c; ++j) {
+      const double nrm = (x[r * c + j] - mu) * rs;
+      EXPECT_NEAR(y[r * c + j], nrm * g[j] + b[j], 1e-4);
+      EXPECT_NEAR(y_nob[r * c + j], nrm * g[j], 1e-4);
+    }
+  }
+}
+
+TEST_F(CpuOpsTest, RmsNormMatchesReference) {
+  const int n = 5, c = 37;
+  auto x = RandVec(rng_, n * c, 3.0), g = RandVec(rng_, c);
+  std::vector<float> y(n * c), rstd(n);
+  be_.RmsNormForward(y.data(), rstd.data(), x.data(), g.data(), n, c, 1e-6f);
+  for (int r = 0; r < n; ++r) {
+    double ms = 0.0;
+    for (int j = 0; j < c; ++j) ms += static_cast<double>(x[r * c + j]) * x[r * c + j];
+    const double rs = 1.0 / std::sqrt(ms / c + 1e-6);
+    EXPECT_NEAR(rstd[r], rs, 1e-5 * rs);
+    for (int j = 0; j < c; ++j) EXPECT_NEAR(y[r * c + j], x[r * c + j] * rs * g[j], 1e-4);
+  }
+}
+
+TEST_F(CpuOpsTest, GeluAndSwiGluMatchFormulas) {
+  const size_t n = 64;
+  auto x = RandVec(rng_, n, 3.0), up = RandVec(rng_, n);
+  std::vector<float> y(n), s(n);
+  be_.GeluForward(y.data(), x.data(), n);
+  be_.SwiGluForward(s.data(), x.data(), up.data(), n);
+  for (size_t i = 0; i < n; ++i) {
+    const double xi = x[i];
+    const double gelu =
+        0.5 * xi * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (xi + 0.044715 * xi * xi * xi)));
+    EXPECT_NEAR(y[i], gelu, 1e-5 * (1.0 + std::fabs(gelu)));
+    const double silu = xi / (1.0 + std::exp(-xi));
+    EXPECT_NEAR(s[i], silu * up[i], 1e-5 * (1.0 + std::fabs(silu * up[i])));
+  }
+  // Known GELU values (tanh approximation): gelu(1) = 0.841192, gelu(-1) = -0.158808.
+  const float pts[2] = {1.0f, -1.0f};
+  float vals[2];
+  be_.GeluForward(vals, pts, 2);
+  EXPECT_NEAR(vals[0], 0.841192, 1e-5);
+  EXPECT_NEAR(vals[1], -0.158808, 1e-5);
+}
+
+TEST_F(CpuOpsTest, RopeMatchesRotateHalfReference) {
+  const int n = 4, heads = 3, hd = 16;
+  const float theta = 10000.0f;
+  const std::vector<int32_t> pos = {0, 1, 7, 1000};
+  auto x = RandVec(rng_, n * heads * hd);
+  std::vector<float> y = x;
+  be_.RopeForward(y.data(), pos.data(), n, heads, hd, theta);
+  for (int t = 0; t < n; ++t)
+    for (int h = 0; h < heads; ++h)
+      for (int i = 0; i < hd / 2; ++i) {
+        const size_t o = (static_cast<size_t>(t) * heads + h) * hd;
+        const double ang = pos[t] * std::pow(static_cast<double>(theta), -2.0 * i / hd);
+        const double a = x[o + i], b = x[o + i + hd / 2];
+        EXPECT_NEAR(y[o + i], a * std::cos(ang) - b * std::sin(ang), 1e-5);
+        EXPECT_NEAR(y[o + i + hd / 2], b * std::cos(ang) + a * std::sin(ang), 1e-5);
+        // Each pair keeps its norm; position 0 is the identity.
+        const double n0 = a * a + b * b;
+        const double n1 = static_cast<double>(y[o + i]) * y[o + i] +
+                          static_cast<double>(y[o + i + hd / 2]) * y[o + i + hd / 2];
+        EXPECT_NEAR(n1, n0, 1e-5 * (1.0 + n0));
+        if (pos[t] == 0) {
+          EXPECT_EQ(y[o + i], x[o + i]);
+          EXPECT_EQ(y[o + i + hd / 2], x[o + i + hd / 2]);
+        }
+      }
+  // The backward (inverse rotation) undoes the forward.
+  be_.RopeBackward(y.data(), pos.data(), n, heads, hd, theta);
+  EXPECT_LT(MaxAbsDiff(y, x), 1e-5);
+}
+
+TEST_F(CpuOpsTest, CrossEntropyLossAndMaxProb) {
+  const int n = 3, v = 11;
+  auto logits = RandVec(rng_, n * v, 2.0);
+  for (int j = 0; j < v; ++j) logits[2 * v + j] += 1000.0f;  // stability: huge logits
+  const std::vector<int32_t> targets = {3, 10, 0};
+  std::vector<float> losses(n), max_prob(n);
+  be_.CrossEntropy(losses.data(), max_prob.data(), nullptr, logits.data(), targets.data(), nullptr,
+                   n, v);
+  for (int r = 0; r < n; ++r) {
+    double mx = -1e300;
+    for (int j = 0; j < v; ++j) mx = std::max(mx, static_cast<double>(logits[r * v + j]));
+    double sum = 0.0;
+    for (int j = 0; j < v; ++j) sum += std::exp(logits[r * v + j] - mx);
+    const double loss = std::log(sum) + mx - logits[r * v + targets[r]];
+    EXPECT_TRUE(std::isfinite(losses[r]));
+    EXPECT_NEAR(losses[r], loss, 1e-5 * (1.0 + loss));
+    EXPECT_NEAR(max_prob[r], 1.0 / sum, 1e-6);
+  }
+}
+
+TEST_F(CpuOpsTest, AdamWOneStepMatchesFormula) {
+  const size_t n = 9;
+  auto p = RandVec(rng_, n), g = RandVec(rng_, n), m = RandVec(rng_, n, 0.1);
+  auto v = UniformVec(rng_, n, 0.0, 0.1);
+  const float lr = 1e-2f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, wd = 0.1f;
+  const int step = 3;
+  std::vector<float> p2 = p, m2 = m, v2 = v;
+  be_.AdamW(p2.data(), g.data(), m2.data(), v2.data(), n, lr, b1, b2, eps, wd, step);
+  for (size_t i = 0; i < n; ++i) {
+    const double mi = b1 * static_cast<double>(m[i]) + (1.0 - b1) * g[i];
+    const double vi = b2 * static_cast<double>(v[i]) + (1.0 - b2) * g[i] * g[i];
+    const double m_hat = mi / (1.0 - std::pow(static_cast<double>(b1), step));
+    const double v_hat = vi / (1.0 - std::pow(static_cast<double>(b2), step));
+    const double pi = p[i] - lr * (m_hat / (std::sqrt(v_hat) + eps) + wd * p[i]);
+    EXPECT_NEAR(m2[i], mi, 1e-6);
+    EXPECT_NEAR(v2[i], vi, 1e-6);
+    EXPECT_NEAR(p2[i], pi, 1e-6);
+  }
+}
+
+}  // namespace
+}  // namespace eellm::cpu_test

@@ -1,0 +1,423 @@
+// End-to-end tests of the `eellm` binary: every user error (bad run config, missing data,
+// corrupt or mismatched checkpoint, bad flags) exits non-zero with a message that names the bad
+// key, value, file or tensor; and data -> train -> generate works on a tiny model.
+//
+// Each test runs the binary (EELLM_BINARY_DIR "/eellm") through the shell with stdout and
+// stderr merged, in its own temporary directory. The models are tiny (~40k parameters, a few
+// steps), so the whole file runs in a few seconds.
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <regex>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "hdf5.h"
+
+namespace eellm {
+namespace {
+
+namespace fs = std::filesystem;
+
+const char kEellm[] = EELLM_BINARY_DIR "/eellm";
+
+struct CmdResult {
+  int exit_code = -1;  // the process's exit status; 128 + signal if it was killed
+  std::string output;  // stdout and stderr, interleaved
+};
+
+// Single-quotes `s` for /bin/sh.
+std::string Quote(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) {
+    if (c == '\'') q += "'\\''";
+    else q += c;
+  }
+  return q + "'";
+}
+
+// Runs `eellm <args>` (args already shell-quoted where needed).
+CmdResult RunEellm(const std::string& args) {
+  const std::string cmd = Quote(kEellm) + " " + args + " 2>&1";
+  CmdResult r;
+  FILE* p = popen(cmd.c_str(), "r");
+  if (p == nullptr) {
+    r.output = "popen failed for: " + cmd;
+    return r;
+  }
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) r.output.append(buf, n);
+  const int status = pclose(p);
+  if (status == -1) r.exit_code = -1;
+  else if (WIFEXITED(status)) r.exit_code = WEXITSTATUS(status);
+  else if (WIFSIGNALED(status)) r.exit_code = 128 + WTERMSIG(status);
+  return r;
+}
+
+std::string Describe(const std::string& args, const CmdResult& r) {
+  return "command: eellm " + args + "\nexit code: " + std::to_string(r.exit_code) +
+         "\noutput:\n" + r.output;
+}
+
+void WriteFile(const std::string& path, const std::string& content) {
+  std::ofstream f(path, std::ios::binary);
+  ASSERT_TRUE(f) << "cannot write " << path;
+  f << content;
+}
+
+// The tiny model used throughout: GPT style, hidden 32, 2 layers, 2 heads, one exit after
+// layer 1 (norm head, post).
+const char kTinyModel[] = R"({"style": "gpt", "vocab_size": 258, "hidden_size": 32,
+    "num_layers": 2, "num_heads": 2, "max_seq_len": 32,
+    "exits": [{"layer": 1, "kind": "norm", "position": "post"}]})";
+
+class CliTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    std::string tmpl = (fs::temp_directory_path() /
+                        (std::string("eellm_cli_") + info->name() + "_XXXXXX"))
+                           .string();
+    std::vector<char> buf(tmpl.begin(), tmpl.end());
+    buf.push_back('\0');
+    ASSERT_NE(mkdtemp(buf.data()), nullptr) << "mkdtemp failed for " << tmpl;
+    dir_ = buf.data();
+  }
+
+  void TearDown() override {
+    if (dir_.empty()) return;
+    if (HasFailure()) {
+      std::printf("keeping %s for inspection\n", dir_.c_str());
+    } else {
+      std::error_code ec;
+      fs::remove_all(dir_, ec);
+    }
+  }
+
+  std::string Path(const std::string& name) const { return dir_ + "/" + name; }
+
+  // A run config file with the given "model" body and the tiny "train" section (data under
+  // the test dir, `steps` steps), plus `extra_train` (",\"key\": value" pairs) appended.
+  std::string WriteConfig(const std::string& model, int steps = 5,
+                          const std::string& extra_train = "") {
+    const std::string path = Path("config.json");
+    std::ostringstream s;
+    s << "{\"model\": " << model << ",\n \"train\": {\"data\": \"" << Path("data/tiny")
+      << "\", \"out\": \"" << Path("run") << "\", \"batch_size\": 4, \"seq_len\": 32, "
+      << "\"steps\": " << steps << ", \"warmup_steps\": 2, \"log_interval\": 1, "
+      << "\"eval_interval\": 0, \"eval_batches\": 2" << extra_train << "}}\n";
+    WriteFile(path, s.str());
+    return path;
+  }
+
+  // A few KB of repetitive English text.
+  std::string WriteTinyText() {
+    static const char* kLines[] = {
+        "In the beginning the small model read the same short lines again and again.\n",
+        "The quick brown fox jumps over the lazy dog.\n",
+        "And the evening and the morning were the first day.\n",
+        "A tiny network learns which letter tends to follow which.\n",
+    };
+    std::string text;
+    for (int i = 0; i < 30; ++i) {
+      for (const char* l : kLines) text += l;
+    }
+    const std::string path = Path("text.txt");
+    WriteFile(path, text);
+    return path;
+  }
+
+  // Prepares the token files and trains the tiny model for `steps` steps; returns the
+  // checkpoint path ("" after a test failure).
+  std::string TrainTinyModel(int steps) {
+    const std::string text = WriteTinyText();
+    const std::string data_args =
+        "data --input=" + Quote(text) + " --output=" + Quote(Path("data/tiny")) +
+        " --val-fraction=0.1";
+    CmdResult d = RunEellm(data_args);
+    EXPECT_EQ(d.exit_code, 0) << Describe(data_args, d);
+    if (d.exit_code != 0) return "";
+    const std::string train_args = "train --config=" + Quote(WriteConfig(kTinyModel, steps));
+    CmdResult t = RunEellm(train_args);
+    EXPECT_EQ(t.exit_code, 0) << Describe(train_args, t);
+    if (t.exit_code != 0) return "";
+    const std::string ckpt = Path("run/checkpoint.h5");
+    EXPECT_TRUE(fs::exists(ckpt)) << Describe(train_args, t);
+    return fs::exists(ckpt) ? ckpt : "";
+  }
+
+  // Runs `eellm train` on a config with the given model body and expects a non-zero exit whose
+  // output contains every string in `needles`.
+  void ExpectTrainConfigError(const std::string& model, const std::vector<std::string>& needles,
+                              const std::string& extra_train = "") {
+    const std::string args = "train --config=" + Quote(WriteConfig(model, 5, extra_train));
+    CmdResult r = RunEellm(args);
+    EXPECT_NE(r.exit_code, 0) << Describe(args, r);
+    for (const std::string& n : needles) {
+      EXPECT_NE(r.output.find(n), std::string::npos)
+          << "expected \"" << n << "\" in the output\n" << Describe(args, r);
+    }
+  }
+
+  std::string dir_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Run config errors.
+
+TEST_F(CliTest, UnknownModelKeyIsNamed) {
+  ExpectTrainConfigError(R"({"style": "gpt", "vocab_size": 258, "hiden_size": 32,
+      "num_layers": 2, "num_heads": 2, "max_seq_len": 32})",
+                         {"hiden_size"});
+}
+
+TEST_F(CliTest, UnknownTrainKeyIsNamed) {
+  ExpectTrainConfigError(kTinyModel, {"eval_batchs"}, ", \"eval_batchs\": 3");
+}
+
+TEST_F(CliTest, UnknownTopLevelKeyIsNamed) {
+  const std::string path = Path("config.json");
+  WriteFile(path, std::string("{\"model\": ") + kTinyModel + ", \"trian\": {}}");
+  const std::string args = "train --config=" + Quote(path);
+  CmdResult r = RunEellm(args);
+  EXPECT_NE(r.exit_code, 0) << Describe(args, r);
+  EXPECT_NE(r.output.find("trian"), std::string::npos) << Describe(args, r);
+}
+
+TEST_F(CliTest, ExitLayerOutOfRangeIsNamed) {
+  ExpectTrainConfigError(R"({"style": "gpt", "vocab_size": 258, "hidden_size": 32,
+      "num_layers": 4, "num_heads": 2, "max_seq_len": 32,
+      "exits": [{"layer": 9, "kind": "norm"}]})",
+                         {"layer 9", "num_layers 4"});
+}
+
+TEST_F(CliTest, NumHeadsNotDividingHiddenSizeIsNamed) {
+  ExpectTrainConfigError(R"({"style": "gpt", "vocab_size": 258, "hidden_size": 100,
+      "num_layers": 2, "num_heads": 3, "max_seq_len": 32})",
+                         {"num_heads 3", "100"});
+}
+
+TEST_F(CliTest, NumKvHeadsNotDividingNumHeadsIsNamed) {
+  ExpectTrainConfigError(R"({"style": "llama", "vocab_size": 258, "hidden_size": 32,
+      "num_layers": 2, "num_heads": 4, "num_kv_heads": 3, "max_seq_len": 32})",
+                         {"num_kv_heads 3", "num_heads 4"});
+}
+
+TEST_F(CliTest, BadExitKindIsNamed) {
+  ExpectTrainConfigError(R"({"style": "gpt", "vocab_size": 258, "hidden_size": 32,
+      "num_layers": 2, "num_heads": 2, "max_seq_len": 32,
+      "exits": [{"layer": 1, "kind": "convolution"}]})",
+                         {"\"convolution\""});
+}
+
+TEST_F(CliTest, MissingConfigFileIsNamed) {
+  const std::string path = Path("no_such_config.json");
+  const std::string args = "train --config=" + Quote(path);
+  CmdResult r = RunEellm(args);
+  EXPECT_NE(r.exit_code, 0) << Describe(args, r);
+  EXPECT_NE(r.output.find(path), std::string::npos) << Describe(args, r);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Data errors.
+
+TEST_F(CliTest, MissingDataFileIsNamed) {
+  // A valid config whose data prefix has no token files.
+  const std::string args = "train --config=" + Quote(WriteConfig(kTinyModel));
+  CmdResult r = RunEellm(args);
+  EXPECT_NE(r.exit_code, 0) << Describe(args, r);
+  EXPECT_NE(r.output.find(Path("data/tiny") + ".train.bin"), std::string::npos)
+      << Describe(args, r);
+}
+
+TEST_F(CliTest, MissingTextFileIsNamed) {
+  const std::string input = Path("no_such_text.txt");
+  const std::string args =
+      "data --input=" + Quote(input) + " --output=" + Quote(Path("data/tiny"));
+  CmdResult r = RunEellm(args);
+  EXPECT_NE(r.exit_code, 0) << Describe(args, r);
+  EXPECT_NE(r.output.find(input), std::string::npos) << Describe(args, r);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checkpoint errors.
+
+TEST_F(CliTest, TruncatedCheckpointIsNamed) {
+  const std::string ckpt = TrainTinyModel(2);
+  ASSERT_FALSE(ckpt.empty());
+  const std::string truncated = Path("truncated.h5");
+  {
+    std::ifstream in(ckpt, std::ios::binary);
+    std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    ASSERT_GT(bytes.size(), 1000u);
+    WriteFile(truncated, bytes.substr(0, bytes.size() / 2));
+  }
+  const std::string args = "generate --checkpoint=" + Quote(truncated) + " --max_new_tokens=4";
+  CmdResult r = RunEellm(args);
+  EXPECT_NE(r.exit_code, 0) << Describe(args, r);
+  EXPECT_NE(r.output.find(truncated), std::string::npos) << Describe(args, r);
+}
+
+TEST_F(CliTest, MissingCheckpointIsNamed) {
+  const std::string ckpt = Path("no_such_checkpoint.h5");
+  const std::string args = "generate --checkpoint=" + Quote(ckpt);
+  CmdResult r = RunEellm(args);
+  EXPECT_NE(r.exit_code, 0) << Describe(args, r);
+  EXPECT_NE(r.output.find(ckpt), std::string::npos) << Describe(args, r);
+}
+
+// Returns the shape of dataset `name` in `file`, or {} if it cannot be read.
+std::vector<hsize_t> DatasetShape(hid_t file, const char* name) {
+  std::vector<hsize_t> dims;
+  hid_t ds = H5Dopen2(file, name, H5P_DEFAULT);
+  if (ds < 0) return dims;
+  hid_t space = H5Dget_space(ds);
+  const int rank = H5Sget_simple_extent_ndims(space);
+  if (rank > 0) {
+    dims.resize(rank);
+    H5Sget_simple_extent_dims(space, dims.data(), nullptr);
+  }
+  H5Sclose(space);
+  H5Dclose(ds);
+  return dims;
+}
+
+TEST_F(CliTest, WrongTensorShapeNamesTensorAndShapes) {
+  const std::string ckpt = TrainTinyModel(2);
+  ASSERT_FALSE(ckpt.empty());
+  const char kTensor[] = "/model/layers.0.attn.wq.weight";
+  const std::string bad = Path("wrong_shape.h5");
+  fs::copy_file(ckpt, bad);
+  {
+    hid_t file = H5Fopen(bad.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
+    ASSERT_GE(file, 0) << "cannot open " << bad << " with HDF5";
+    // The premise: the tiny model's wq is [hidden, hidden] = [32, 32].
+    EXPECT_EQ(DatasetShape(file, kTensor), (std::vector<hsize_t>{32, 32}));
+    ASSERT_GE(H5Ldelete(file, kTensor, H5P_DEFAULT), 0);
+    const hsize_t dims[2] = {16, 32};
+    std::vector<float> zeros(16 * 32, 0.0f);
+    hid_t space = H5Screate_simple(2, dims, nullptr);
+    hid_t ds = H5Dcreate2(file, kTensor, H5T_IEEE_F32LE, space, H5P_DEFAULT, H5P_DEFAULT,
+                          H5P_DEFAULT);
+    ASSERT_GE(ds, 0);
+    ASSERT_GE(H5Dwrite(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, zeros.data()), 0);
+    H5Dclose(ds);
+    H5Sclose(space);
+    ASSERT_GE(H5Fclose(file), 0);
+  }
+  // The unmodified checkpoint loads (so the failure below is the shape's doing).
+  const std::string ok_args = "generate --checkpoint=" + Quote(ckpt) + " --max_new_tokens=2";
+  CmdResult ok = RunEellm(ok_args);
+  EXPECT_EQ(ok.exit_code, 0) << Describe(ok_args, ok);
+
+  const std::string args = "generate --checkpoint=" + Quote(bad) + " --max_new_tokens=2";
+  CmdResult r = RunEellm(args);
+  EXPECT_NE(r.exit_code, 0) << Describe(args, r);
+  for (const std::string& n : {bad, std::string("layers.0.attn.wq.weight"),
+                               std::string("[16, 32]"), std::string("[32, 32]")}) {
+    EXPECT_NE(r.output.find(n), std::string::npos)
+        << "expected \"" << n << "\" in the output\n" << Describe(args, r);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Command line.
+
+TEST_F(CliTest, UnknownSubcommandFails) {
+  CmdResult r = RunEellm("frobnicate");
+  EXPECT_NE(r.exit_code, 0) << Describe("frobnicate", r);
+  EXPECT_NE(r.output.find("frobnicate"), std::string::npos) << Describe("frobnicate", r);
+}
+
+TEST_F(CliTest, NoSubcommandFailsWithUsage) {
+  CmdResult r = RunEellm("");
+  EXPECT_NE(r.exit_code, 0) << Describe("", r);
+  EXPECT_NE(r.output.find("usage"), std::string::npos) << Describe("", r);
+}
+
+TEST_F(CliTest, UnknownFlagFails) {
+  const std::string args = "train --bogus-flag=1";
+  CmdResult r = RunEellm(args);
+  EXPECT_NE(r.exit_code, 0) << Describe(args, r);
+  EXPECT_NE(r.output.find("bogus"), std::string::npos) << Describe(args, r);
+}
+
+TEST_F(CliTest, StrayPositionalArgumentFails) {
+  const std::string args = "train stray";
+  CmdResult r = RunEellm(args);
+  EXPECT_NE(r.exit_code, 0) << Describe(args, r);
+  EXPECT_NE(r.output.find("stray"), std::string::npos) << Describe(args, r);
+}
+
+TEST_F(CliTest, TrainHelpListsConfigFlag) {
+  CmdResult r = RunEellm("train --help");
+  EXPECT_EQ(r.exit_code, 0) << Describe("train --help", r);
+  EXPECT_NE(r.output.find("--config"), std::string::npos) << Describe("train --help", r);
+  // Only the train command's flags.
+  EXPECT_EQ(r.output.find("--max_new_tokens"), std::string::npos) << Describe("train --help", r);
+}
+
+TEST_F(CliTest, GenerateRejectsBadThreshold) {
+  const std::string args = "generate --checkpoint=" + Quote(Path("x.h5")) + " --threshold=1.5";
+  CmdResult r = RunEellm(args);
+  EXPECT_NE(r.exit_code, 0) << Describe(args, r);
+  EXPECT_NE(r.output.find("1.5"), std::string::npos) << Describe(args, r);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Happy path.
+
+// The number N in "[<label>] N tokens", or -1.
+int TokensGenerated(const std::string& output, const std::string& label) {
+  std::smatch m;
+  const std::regex re("\\[" + label + "\\] ([0-9]+) tokens");
+  if (!std::regex_search(output, m, re)) return -1;
+  return std::stoi(m[1]);
+}
+
+TEST_F(CliTest, DataTrainGenerate) {
+  const std::string ckpt = TrainTinyModel(5);
+  ASSERT_FALSE(ckpt.empty());
+  const std::string args = "generate --checkpoint=" + Quote(ckpt) +
+                           " --compare --max_new_tokens 20 --threshold 0.5";
+  CmdResult r = RunEellm(args);
+  ASSERT_EQ(r.exit_code, 0) << Describe(args, r);
+  EXPECT_NE(r.output.find("tokens/s"), std::string::npos) << Describe(args, r);
+  EXPECT_NE(r.output.find("exit histogram"), std::string::npos) << Describe(args, r);
+  EXPECT_NE(r.output.find("[full]"), std::string::npos) << Describe(args, r);
+  EXPECT_NE(r.output.find("[early-exit]"), std::string::npos) << Describe(args, r);
+  const int n = TokensGenerated(r.output, "early-exit");
+  EXPECT_GE(n, 1) << Describe(args, r);
+  EXPECT_LE(n, 20) << Describe(args, r);
+}
+
+TEST_F(CliTest, DashedFlagNamesWork) {
+  const std::string ckpt = TrainTinyModel(2);
+  ASSERT_FALSE(ckpt.empty());
+  // --max-new-tokens both as --name=value and as --name value; the default is 200, so at most
+  // 3 tokens means the dashed flag took effect.
+  for (const std::string form : {"--max-new-tokens=3", "--max-new-tokens 3"}) {
+    const std::string args =
+        "generate --checkpoint=" + Quote(ckpt) + " " + form + " --exit-layers=1";
+    CmdResult r = RunEellm(args);
+    ASSERT_EQ(r.exit_code, 0) << Describe(args, r);
+    const int n = TokensGenerated(r.output, "early-exit");
+    EXPECT_GE(n, 1) << Describe(args, r);
+    EXPECT_LE(n, 3) << Describe(args, r);
+  }
+  // A dashed flag naming a non-existent exit layer is rejected, naming the value.
+  const std::string args = "generate --checkpoint=" + Quote(ckpt) + " --exit-layers=2";
+  CmdResult r = RunEellm(args);
+  EXPECT_NE(r.exit_code, 0) << Describe(args, r);
+  EXPECT_NE(r.output.find("\"2\""), std::string::npos) << Describe(args, r);
+}
+
+}  // namespace
+}  // namespace eellm

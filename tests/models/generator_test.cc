@@ -1,0 +1,237 @@
+// KV-cache decoding and early-exit generation against full forward passes.
+#include <cmath>
+
+#include "models/generator.h"
+#include "tests/models/model_test_util.h"
+
+namespace eellm {
+namespace {
+
+using testing::Cpu;
+using testing::TinyConfig;
+
+struct FullPass {
+  std::vector<std::vector<float>> final_logits;              // [pos][vocab]
+  std::vector<std::vector<std::vector<float>>> exit_logits;  // [exit][pos][vocab]
+  std::vector<std::vector<float>> k, v;                      // per layer [pos * hkv * d]
+};
+
+// Training-path forward over one sequence: every head's logits at every position.
+FullPass RunFull(Model& m, const std::vector<int32_t>& ids) {
+  const ModelConfig& c = m.config();
+  const int t = static_cast<int>(ids.size()), ch = c.hidden_size, v = c.vocab_size;
+  Arena a(m.backend());
+  int32_t* dids = a.Ints(t);
+  int32_t* pos = a.Ints(t);
+  std::copy(ids.begin(), ids.end(), dids);
+  for (int i = 0; i < t; ++i) pos[i] = i;
+  std::vector<float*> depth_hidden(c.num_layers + 1);
+  depth_hidden[0] = a.Floats(t * ch);
+  m.Embed(depth_hidden[0], dids, pos, t);
+  std::vector<BlockActs> acts;
+  FullPass f;
+  for (int l = 0; l < c.num_layers; ++l) {
+    acts.push_back(MakeBlockActs(a, c, t, 1, t));
+    BlockForward(m.ctx(), m.layer(l), acts[l], depth_hidden[l], pos, 1, t, nullptr, 0);
+    depth_hidden[l + 1] = acts[l].out;
+    const int kvn = t * c.num_kv_heads * c.head_dim();
+    f.k.emplace_back(acts[l].attn.k, acts[l].attn.k + kvn);
+    f.v.emplace_back(acts[l].attn.v, acts[l].attn.v + kvn);
+  }
+  float* logits = a.Floats(t * v);
+  auto rows = [&](std::vector<std::vector<float>>& out) {
+    for (int p = 0; p < t; ++p) out.emplace_back(logits + p * v, logits + (p + 1) * v);
+  };
+  NormActs fn = MakeNormActs(a, t, ch);
+  m.Project(logits, m.FinalHidden(fn, depth_hidden[c.num_layers], t), -1, t);
+  rows(f.final_logits);
+  for (size_t i = 0; i < c.exits.size(); ++i) {
+    const ExitConfig& x = c.exits[i];
+    ExitActs ea = m.MakeExitActs(a, i, t, 1, t);
+    const float* in = (x.kind == ExitKind::kMlp && x.position == ExitPosition::kPost)
+                          ? acts[x.layer - 1].h_attn
+                          : depth_hidden[x.depth()];
+    m.Project(logits, m.ExitHidden(i, ea, in, pos, 1, t, nullptr, 0), i, t);
+    f.exit_logits.emplace_back();
+    rows(f.exit_logits.back());
+  }
+  return f;
+}
+
+double MaxAbsDiff(const float* a, const float* b, size_t n) {
+  double d = 0;
+  for (size_t i = 0; i < n; ++i) d = std::max(d, static_cast<double>(std::fabs(a[i] - b[i])));
+  return d;
+}
+
+ModelConfig ConfigWithExits(ModelStyle style) {
+  ModelConfig c = TinyConfig(style, 4);
+  c.vocab_size = 16;
+  ExitConfig a, b, d;
+  a.layer = 1;
+  a.kind = ExitKind::kBlock;
+  a.position = ExitPosition::kPre;  // depth 0: reads the embeddings
+  b.layer = 2;
+  b.kind = ExitKind::kMlp;  // post: shares layer 2's attention
+  b.tied = style == ModelStyle::kGpt;
+  d.layer = 3;
+  d.kind = ExitKind::kNorm;
+  d.temperature = 0.7f;
+  c.exits = {a, b, d};
+  return c;
+}
+
+class GeneratorTest : public ::testing::TestWithParam<ModelStyle> {};
+
+// Prefill + one-token decode steps give the logits of a full forward pass at every position.
+TEST_P(GeneratorTest, KvCacheDecodingMatchesFullForward) {
+  ModelConfig c = ConfigWithExits(GetParam());
+  auto be = Cpu();
+  auto m = *Model::Create(c, be.get());
+  testing::FillParams(*m, 11);
+  auto ids = testing::RandomTokens(20, c.vocab_size, 12);
+  FullPass full = RunFull(*m, ids);
+  Generator g(m.get(), c.max_seq_len);
+  EarlyExitParams off;
+  StepResult r = g.Step({ids.begin(), ids.begin() + 6}, off);
+  EXPECT_LT(MaxAbsDiff(r.logits.data(), full.final_logits[5].data(), c.vocab_size), 1e-4);
+  for (int p = 6; p < 20; ++p) {
+    r = g.Step({ids[p]}, off);
+    ASSERT_EQ(r.exit_index, -1);
+    EXPECT_EQ(r.depth, c.num_layers);
+    EXPECT_LT(MaxAbsDiff(r.logits.data(), full.final_logits[p].data(), c.vocab_size), 1e-4)
+        << "position " << p;
+  }
+  for (int l = 0; l < c.num_layers; ++l) {
+    EXPECT_LT(MaxAbsDiff(g.kv(l).k, full.k[l].data(), full.k[l].size()), 1e-5);
+    EXPECT_LT(MaxAbsDiff(g.kv(l).v, full.v[l].data(), full.v[l].size()), 1e-5);
+  }
+}
+
+// With threshold 1.0 generation reproduces, token for token, the same backbone without exits.
+TEST_P(GeneratorTest, ThresholdOneEqualsModelWithoutExits) {
+  ModelConfig c = ConfigWithExits(GetParam());
+  ModelConfig plain = c;
+  plain.exits.clear();
+  auto be = Cpu();
+  auto m = *Model::Create(c, be.get());
+  auto p = *Model::Create(plain, be.get());
+  testing::FillParams(*m, 21, 0.5f);
+  testing::CopyParamsByName(*m, *p);
+  auto prompt = testing::RandomTokens(5, c.vocab_size, 22);
+  for (float temperature : {0.0f, 0.9f}) {
+    SamplingParams sp;
+    sp.temperature = temperature;
+    sp.top_k = 8;
+    sp.top_p = 0.9f;
+    sp.seed = 7;
+    EarlyExitParams ee;
+    ee.threshold = 1.0f;
+    Generator gm(m.get(), 32), gp(p.get(), 32);
+    auto a = *gm.Generate(prompt, 25, -1, sp, ee);
+    auto b = *gp.Generate(prompt, 25, -1, sp, ee);
+    ASSERT_EQ(a.tokens.size(), 25u);
+    EXPECT_EQ(a.tokens, b.tokens);
+    for (int e : a.exit_index) EXPECT_EQ(e, -1);
+    EXPECT_DOUBLE_EQ(a.AverageLayers(), c.num_layers);
+  }
+}
+
+// With a low threshold tokens exit early; each fired exit's logits equal that exit's logits in
+// a full pass over the same tokens (so the recomputed K/V it attended to were right), and after
+// FinishPending every layer's K/V equals the full pass's.
+TEST_P(GeneratorTest, EarlyExitRecomputesKv) {
+  ModelConfig c = ConfigWithExits(GetParam());
+  auto be = Cpu();
+  auto m = *Model::Create(c, be.get());
+  testing::FillParams(*m, 31, 0.8f);
+  auto prompt = testing::RandomTokens(4, c.vocab_size, 32);
+  // Find a threshold at which some tokens exit early and some run the full depth.
+  bool found = false;
+  for (float th = 0.15f; th < 0.95f && !found; th += 0.05f) {
+    EarlyExitParams ee;
+    ee.threshold = th;
+    Generator g(m.get(), 32);
+    SamplingParams sp;
+    auto res = *g.Generate(prompt, 24, -1, sp, ee);
+    int early = 0, full_depth = 0;
+    for (int e : res.exit_index) (e >= 0 ? early : full_depth)++;
+    if (early == 0 || full_depth == 0) continue;
+    found = true;
+    // Replay the same tokens step by step, checking each step's head output.
+    std::vector<int32_t> all = prompt;
+    all.insert(all.end(), res.tokens.begin(), res.tokens.end());
+    FullPass full = RunFull(*m, all);
+    Generator g2(m.get(), 32);
+    StepResult r = g2.Step(prompt, ee);
+    std::vector<int> depths;
+    for (size_t i = 0; i < res.tokens.size(); ++i) {
+      const int p = static_cast<int>(prompt.size() + i) - 1;  // position that produced token i
+      const auto& ref = r.exit_index < 0 ? full.final_logits[p] : full.exit_logits[r.exit_index][p];
+      EXPECT_LT(MaxAbsDiff(r.logits.data(), ref.data(), c.vocab_size), 1e-4)
+          << "token " << i << " exit " << r.exit_index;
+      EXPECT_EQ(r.exit_index, res.exit_index[i]);
+      if (i + 1 < res.tokens.size()) r = g2.Step({res.tokens[i]}, ee);
+    }
+    // The last generated token was never fed back; feed it so every K/V row exists.
+    g2.Step({res.tokens.back()}, ee);
+    g2.FinishPending();
+    EXPECT_EQ(g2.pending_start(), g2.length());
+    for (int l = 0; l < c.num_layers; ++l) {
+      EXPECT_LT(MaxAbsDiff(g2.kv(l).k, full.k[l].data(), full.k[l].size()), 1e-5) << "layer " << l;
+      EXPECT_LT(MaxAbsDiff(g2.kv(l).v, full.v[l].data(), full.v[l].size()), 1e-5) << "layer " << l;
+    }
+    EXPECT_LT(res.AverageLayers(), c.num_layers);
+  }
+  EXPECT_TRUE(found) << "no threshold gave a mix of early and full-depth tokens";
+}
+
+TEST_P(GeneratorTest, ExitLayersRestrictWhichExitsFire) {
+  ModelConfig c = ConfigWithExits(GetParam());
+  auto be = Cpu();
+  auto m = *Model::Create(c, be.get());
+  testing::FillParams(*m, 41, 0.8f);
+  auto prompt = testing::RandomTokens(3, c.vocab_size, 42);
+  EarlyExitParams ee;
+  ee.threshold = 0.01f;  // every allowed exit fires
+  ee.exit_layers = {3};
+  Generator g(m.get(), 32);
+  auto res = *g.Generate(prompt, 10, -1, SamplingParams{}, ee);
+  for (size_t i = 0; i < res.tokens.size(); ++i) {
+    EXPECT_EQ(res.exit_index[i], 2);
+    EXPECT_EQ(res.depth[i], 3);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Styles, GeneratorTest,
+                         ::testing::Values(ModelStyle::kGpt, ModelStyle::kLlama));
+
+TEST(Generator, RejectsTooLongRequests) {
+  ModelConfig c = TinyConfig(ModelStyle::kGpt);
+  auto be = Cpu();
+  auto m = *Model::Create(c, be.get());
+  Generator g(m.get(), 16);
+  auto r = g.Generate(std::vector<int32_t>(10, 1), 10, -1, SamplingParams{}, EarlyExitParams{});
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("20"), std::string::npos) << r.status();
+  auto r2 = g.Generate({1, 99}, 2, -1, SamplingParams{}, EarlyExitParams{});
+  ASSERT_FALSE(r2.ok());
+  EXPECT_NE(r2.status().message().find("99"), std::string::npos) << r2.status();
+}
+
+TEST(Generator, StopsAtEos) {
+  ModelConfig c = TinyConfig(ModelStyle::kGpt);
+  auto be = Cpu();
+  auto m = *Model::Create(c, be.get());
+  testing::FillParams(*m, 51);
+  Generator g(m.get(), 32);
+  auto first = *g.Generate({1, 2, 3}, 10, -1, SamplingParams{}, EarlyExitParams{});
+  const int32_t eos = first.tokens[3];
+  auto r = *g.Generate({1, 2, 3}, 10, eos, SamplingParams{}, EarlyExitParams{});
+  EXPECT_TRUE(r.stopped_at_eos);
+  EXPECT_LE(r.tokens.size(), 4u);
+  EXPECT_EQ(r.tokens.back(), eos);
+}
+
+}  // namespace
+}  // namespace eellm

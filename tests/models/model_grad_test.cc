@@ -1,0 +1,223 @@
+// Finite-difference gradient checks of the whole model (final head + exits of every kind, pre
+// and post, tied and untied, GPT and Llama styles), and the zero-exit-weight equivalence.
+#include <cmath>
+#include <tuple>
+
+#include "models/exit_loss_weights.h"
+#include "tests/models/model_test_util.h"
+
+namespace eellm {
+namespace {
+
+using testing::Cpu;
+using testing::TinyConfig;
+
+// Checks d(objective)/d(param) along a random direction for every parameter tensor.
+// Tolerance: |fd - analytic| <= 2e-3 + 3e-2 |analytic| with eps 1e-2 in fp32 (the central
+// difference's rounding noise is ~1e-4 at losses ~2.5; truncation error is O(eps^2)).
+void CheckModelGradients(const ModelConfig& c, uint64_t seed) {
+  auto be = Cpu();
+  auto model = *Model::Create(c, be.get());
+  testing::FillParams(*model, seed);
+  const int b = 2, t = 5, n = b * t;
+  auto ws = model->MakeWorkspace(b, t);
+  auto ids = testing::RandomTokens(n, c.vocab_size, seed + 1);
+  auto tg = testing::RandomTokens(n, c.vocab_size, seed + 2);
+  std::vector<float> mask(n, 1.0f);
+  mask[3] = 0.0f;  // a masked position must not contribute
+  std::vector<float> w;
+  for (size_t i = 0; i < c.exits.size(); ++i) w.push_back(0.7f + 0.3f * i);
+  ParamStore& ps = model->params();
+  ps.ZeroGrads();
+  LossReport r = model->ForwardBackward(*ws, ids.data(), tg.data(), mask.data(), w, true);
+  ASSERT_TRUE(std::isfinite(r.objective));
+  for (size_t i = 0; i < c.exits.size(); ++i) EXPECT_GT(r.exit_losses[i], 0.1);
+  Rng rng(seed + 3);
+  int checked = 0;
+  for (int p = 0; p < static_cast<int>(ps.params().size()); ++p) {
+    const ParamInfo& info = ps.params()[p];
+    std::vector<float> u(info.numel);
+    double norm = 0;
+    for (auto& x : u) {
+      x = static_cast<float>(rng.Normal());
+      norm += x * x;
+    }
+    double analytic = 0;
+    for (size_t k = 0; k < info.numel; ++k) {
+      u[k] /= std::sqrt(norm);
+      analytic += u[k] * ps.grad(p)[k];
+    }
+    const float eps = 1e-2f;
+    std::vector<float> orig(ps.param(p), ps.param(p) + info.numel);
+    auto loss_at = [&](float s) {
+      for (size_t k = 0; k < info.numel; ++k) ps.param(p)[k] = orig[k] + s * u[k];
+      return model->ForwardBackward(*ws, ids.data(), tg.data(), mask.data(), w, false).objective;
+    };
+    const double fd = (loss_at(eps) - loss_at(-eps)) / (2 * eps);
+    std::copy(orig.begin(), orig.end(), ps.param(p));
+    EXPECT_NEAR(fd, analytic, 2e-3 + 3e-2 * std::fabs(analytic)) << info.name;
+    ++checked;
+  }
+  EXPECT_EQ(checked, static_cast<int>(ps.params().size()));
+}
+
+using ExitCase = std::tuple<ModelStyle, ExitKind, ExitPosition, bool>;
+
+class ModelGradTest : public ::testing::TestWithParam<ExitCase> {};
+
+TEST_P(ModelGradTest, FiniteDifferences) {
+  auto [style, kind, position, tied] = GetParam();
+  ModelConfig c = TinyConfig(style);
+  ExitConfig x;
+  x.layer = 2;
+  x.kind = kind;
+  x.position = position;
+  x.tied = tied;
+  c.exits.push_back(x);
+  // A second exit at a different depth exercises exits on several layers.
+  ExitConfig y;
+  y.layer = position == ExitPosition::kPost ? 1 : 3;
+  y.kind = ExitKind::kNorm;
+  y.position = position;
+  y.tied = !tied;
+  c.exits.push_back(y);
+  std::sort(c.exits.begin(), c.exits.end(),
+            [](const ExitConfig& a, const ExitConfig& b) { return a.depth() < b.depth(); });
+  CheckModelGradients(c, 42);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    AllExitKinds, ModelGradTest,
+    ::testing::Combine(::testing::Values(ModelStyle::kGpt, ModelStyle::kLlama),
+                       ::testing::Values(ExitKind::kLinear, ExitKind::kNorm, ExitKind::kMlp,
+                                         ExitKind::kBlock),
+                       ::testing::Values(ExitPosition::kPost, ExitPosition::kPre),
+                       ::testing::Bool()));
+
+TEST(ModelGrad, NoExitsBothStyles) {
+  CheckModelGradients(TinyConfig(ModelStyle::kGpt), 7);
+  CheckModelGradients(TinyConfig(ModelStyle::kLlama), 8);
+}
+
+TEST(ModelGrad, PreExitAtLayerOneReadsEmbeddings) {
+  ModelConfig c = TinyConfig(ModelStyle::kLlama);
+  ExitConfig x;
+  x.layer = 1;
+  x.position = ExitPosition::kPre;
+  x.kind = ExitKind::kMlp;
+  c.exits.push_back(x);
+  CheckModelGradients(c, 9);
+}
+
+// A model whose exits all have weight 0 gives exactly the gradients of the same backbone
+// without exits, and zero gradients for the exit parameters.
+TEST(ModelGrad, ZeroExitWeightsMatchModelWithoutExits) {
+  for (ModelStyle style : {ModelStyle::kGpt, ModelStyle::kLlama}) {
+    ModelConfig base = TinyConfig(style);
+    ModelConfig with = base;
+    for (auto [layer, kind, pos] :
+         {std::tuple{1, ExitKind::kMlp, ExitPosition::kPost},
+          std::tuple{3, ExitKind::kBlock, ExitPosition::kPre}}) {
+      ExitConfig x;
+      x.layer = layer;
+      x.kind = kind;
+      x.position = pos;
+      x.tied = true;
+      with.exits.push_back(x);
+    }
+    auto be = Cpu();
+    auto a = *Model::Create(base, be.get());
+    auto m = *Model::Create(with, be.get());
+    testing::FillParams(*m, 5);
+    testing::CopyParamsByName(*m, *a);
+    auto ws_a = a->MakeWorkspace(2, 6);
+    auto ws_m = m->MakeWorkspace(2, 6);
+    auto ids = testing::RandomTokens(12, base.vocab_size, 1);
+    auto tg = testing::RandomTokens(12, base.vocab_size, 2);
+    a->params().ZeroGrads();
+    m->params().ZeroGrads();
+    LossReport ra = a->ForwardBackward(*ws_a, ids.data(), tg.data(), nullptr, {}, true);
+    std::vector<float> zero(2, 0.0f);
+    LossReport rm = m->ForwardBackward(*ws_m, ids.data(), tg.data(), nullptr, zero, true);
+    EXPECT_EQ(ra.final_loss, rm.final_loss);
+    EXPECT_EQ(ra.objective, rm.objective);
+    EXPECT_GT(rm.exit_losses[0], 0.5);  // exit losses are still reported
+    for (const ParamInfo& p : m->params().params()) {
+      const float* g = m->params().grad(m->params().Find(p.name));
+      int j = a->params().Find(p.name);
+      double max_abs = 0;
+      for (size_t k = 0; k < p.numel; ++k) {
+        if (j >= 0) {
+          ASSERT_EQ(g[k], a->params().grad(j)[k]) << p.name << "[" << k << "]";
+        }
+        max_abs = std::max(max_abs, static_cast<double>(std::fabs(g[k])));
+      }
+      if (j < 0) EXPECT_EQ(max_abs, 0.0) << p.name;
+      else EXPECT_GT(max_abs, 0.0) << p.name;
+    }
+  }
+}
+
+TEST(ExitLossWeights, LinearAndCosineWarmup) {
+  ModelConfig c = TinyConfig(ModelStyle::kGpt, 4);
+  ExitConfig lin;
+  lin.layer = 1;
+  lin.loss_weight_init = 0.1f;
+  lin.loss_weight = 0.5f;
+  lin.loss_weight_warmup_iters = 100;
+  ExitConfig cos = lin;
+  cos.layer = 2;
+  cos.loss_weight_warmup = WarmupStyle::kCosine;
+  ExitConfig flat;
+  flat.layer = 3;
+  flat.loss_weight = flat.loss_weight_init = 0.25f;
+  c.exits = {lin, cos, flat};
+  auto w0 = ExitLossWeights(c, 0);
+  EXPECT_FLOAT_EQ(w0[0], 0.1f);
+  EXPECT_FLOAT_EQ(w0[1], 0.1f);
+  EXPECT_FLOAT_EQ(w0[2], 0.25f);
+  auto w25 = ExitLossWeights(c, 25);
+  EXPECT_FLOAT_EQ(w25[0], 0.2f);                                   // 0.1 + 0.4 * 0.25
+  EXPECT_NEAR(w25[1], 0.1 + 0.4 * 0.5 * (1 - std::cos(M_PI / 4)), 1e-6);  // ~0.1586
+  auto w50 = ExitLossWeights(c, 50);
+  EXPECT_FLOAT_EQ(w50[0], 0.3f);
+  EXPECT_FLOAT_EQ(w50[1], 0.3f);  // cosine ramp crosses the midpoint at half way
+  for (int s : {100, 1000}) {
+    auto w = ExitLossWeights(c, s);
+    EXPECT_FLOAT_EQ(w[0], 0.5f);
+    EXPECT_FLOAT_EQ(w[1], 0.5f);
+    EXPECT_FLOAT_EQ(w[2], 0.25f);
+  }
+}
+
+// Confidence weighting scales each token's exit loss by that exit's detached max probability:
+// the objective term equals w * mean(max_prob * CE), which is below w * mean(CE).
+TEST(ModelLoss, ConfidenceWeightedExitLoss) {
+  ModelConfig c = TinyConfig(ModelStyle::kGpt);
+  ExitConfig x;
+  x.layer = 1;
+  c.exits = {x};
+  ModelConfig cw = c;
+  cw.confidence_weighted_exit_loss = true;
+  auto be = Cpu();
+  auto a = *Model::Create(c, be.get());
+  auto b = *Model::Create(cw, be.get());
+  testing::FillParams(*a, 3);
+  testing::CopyParamsByName(*a, *b);
+  auto wa = a->MakeWorkspace(1, 8);
+  auto wb = b->MakeWorkspace(1, 8);
+  auto ids = testing::RandomTokens(8, c.vocab_size, 4);
+  auto tg = testing::RandomTokens(8, c.vocab_size, 5);
+  std::vector<float> w = {0.5f};
+  LossReport ra = a->ForwardBackward(*wa, ids.data(), tg.data(), nullptr, w, false);
+  LossReport rb = b->ForwardBackward(*wb, ids.data(), tg.data(), nullptr, w, false);
+  EXPECT_DOUBLE_EQ(ra.exit_losses[0], rb.exit_losses[0]);
+  EXPECT_DOUBLE_EQ(ra.final_loss, rb.final_loss);
+  const double term_a = ra.objective - ra.final_loss, term_b = rb.objective - rb.final_loss;
+  EXPECT_NEAR(term_a, 0.5 * ra.exit_losses[0], 1e-5);
+  EXPECT_GT(term_b, 0.0);
+  EXPECT_LT(term_b, term_a);
+}
+
+}  // namespace
+}  // namespace eellm

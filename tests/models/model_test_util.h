@@ -1,0 +1,65 @@
+// Helpers for model tests: tiny configs and deterministic parameter filling.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/backend.h"
+#include "engine/core/rng.h"
+#include "gtest/gtest.h"
+#include "models/model_config.h"
+#include "models/transformer.h"
+
+namespace eellm::testing {
+
+inline std::unique_ptr<Backend> Cpu() {
+  auto b = MakeBackend("cpu");
+  EXPECT_TRUE(b.ok());
+  return std::move(*b);
+}
+
+inline ModelConfig TinyConfig(ModelStyle style, int layers = 3) {
+  ModelConfig c;
+  c.style = style;
+  c.vocab_size = 11;
+  c.hidden_size = 8;
+  c.num_layers = layers;
+  c.num_heads = 2;
+  c.num_kv_heads = style == ModelStyle::kLlama ? 1 : 2;
+  c.ffn_hidden_size = 12;
+  c.max_seq_len = 32;
+  c.tie_embeddings = style == ModelStyle::kGpt;
+  return c;
+}
+
+// Fills every parameter with N(mean, std) values (norm gains around 1).
+inline void FillParams(Model& m, uint64_t seed, float std = 0.3f) {
+  Rng rng(seed);
+  ParamStore& ps = m.params();
+  for (int i = 0; i < static_cast<int>(ps.params().size()); ++i) {
+    const ParamInfo& p = ps.params()[i];
+    const bool gain = p.name.find("norm.weight") != std::string::npos;
+    std::vector<float> h(p.numel);
+    for (auto& v : h) v = (gain ? 1.0f : 0.0f) + static_cast<float>(rng.Normal()) * std;
+    m.backend()->CopyFromHost(ps.param(i), h.data(), h.size() * sizeof(float));
+  }
+}
+
+// Copies parameters with equal names from `src` into `dst`.
+inline void CopyParamsByName(Model& src, Model& dst) {
+  for (int i = 0; i < static_cast<int>(dst.params().params().size()); ++i) {
+    int j = src.params().Find(dst.params().params()[i].name);
+    if (j < 0) continue;
+    std::copy_n(src.params().param(j), dst.params().params()[i].numel, dst.params().param(i));
+  }
+}
+
+inline std::vector<int32_t> RandomTokens(int n, int vocab, uint64_t seed) {
+  Rng rng(seed);
+  std::vector<int32_t> t(n);
+  for (auto& x : t) x = static_cast<int32_t>(rng.Below(vocab));
+  return t;
+}
+
+}  // namespace eellm::testing
