@@ -128,13 +128,16 @@ absl::Status WriteStringAttr(hid_t loc, const std::string& name, const std::stri
     return absl::InvalidArgumentError(
         absl::StrCat("attribute '", name, "': string values may not contain NUL bytes"));
   }
+  // Fixed length (value plus its NUL) keeps the text inside checksummed metadata; a
+  // variable-length string would live in the unchecksummed global heap, where a flipped byte
+  // can make HDF5 1.10 loop forever.
   Handle type = TypeHandle(H5Tcopy(H5T_C_S1));
-  if (!type.valid() || H5Tset_size(type.get(), H5T_VARIABLE) < 0 ||
+  if (!type.valid() || H5Tset_size(type.get(), value.size() + 1) < 0 ||
+      H5Tset_strpad(type.get(), H5T_STR_NULLTERM) < 0 ||
       H5Tset_cset(type.get(), H5T_CSET_UTF8) < 0) {
     return Error(absl::StatusCode::kInternal, "cannot build the string type");
   }
-  const char* data = value.c_str();
-  return WriteScalarAttr(loc, name, type.get(), type.get(), &data);
+  return WriteScalarAttr(loc, name, type.get(), type.get(), value.c_str());
 }
 
 absl::Status WriteInt64Attr(hid_t loc, const std::string& name, int64_t value) {

@@ -60,6 +60,14 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   ASSIGN_OR_RETURN(TokenDataset val, TokenDataset::Load(tc.data + ".val.bin"));
   RETURN_IF_ERROR(train.Validate(tc.seq_len));
   RETURN_IF_ERROR(val.Validate(tc.seq_len));
+  if (val.NumSequentialBatches(tc.batch_size, tc.seq_len) < 1) {
+    // Evaluate() would average over zero batches and report a loss of 0.
+    return absl::InvalidArgumentError(absl::StrCat(
+        "validation data ", tc.data, ".val.bin has ", val.size(),
+        " tokens, too few for one evaluation batch of ", tc.batch_size, " x ", tc.seq_len,
+        " (needs at least ", int64_t{tc.batch_size} * tc.seq_len + 1,
+        "); raise --val_fraction in `eellm data` or lower batch_size or seq_len"));
+  }
   for (const TokenDataset* d : {&train, &val}) {
     for (int32_t t : d->tokens()) {
       if (t >= mc.vocab_size) {
@@ -87,6 +95,11 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     }
     RETURN_IF_ERROR(LoadCheckpoint(opts.resume, model->params(), opt.m(), opt.v()));
     start = static_cast<int>(meta.step);
+    if (start >= tc.steps) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "checkpoint ", opts.resume, " is already at step ", start, " of ", tc.steps,
+          "; set steps (--steps) above ", start, " to train further"));
+    }
     opt.set_step(start);
   }
 

@@ -3,6 +3,7 @@
 // probabilities are saved, so the KV-cache decode path reproduces the training path's rows.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -49,12 +50,13 @@ void CpuBackend::AttentionForward(float* out, float* probs, const float* q, cons
            " tk=", tk, " tk_cap=", tk_cap, " q_offset=", q_offset);
   const int group = hq / hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  const long rows = static_cast<long>(b) * hq * tq;
-#pragma omp parallel for schedule(dynamic, 4) if (rows * tk * d >= 16384)
-  for (long idx = 0; idx < rows; ++idx) {  // idx = (bi * hq + h) * tq + i
+  const int64_t rows = static_cast<int64_t>(b) * hq * tq;
+  const bool parallel = rows * tk * d >= 16384;
+#pragma omp parallel for schedule(dynamic, 4) if (parallel)
+  for (int64_t idx = 0; idx < rows; ++idx) {  // idx = (bi * hq + h) * tq + i
     const int i = static_cast<int>(idx % tq);
     const int h = static_cast<int>((idx / tq) % hq);
-    const int bi = static_cast<int>(idx / (static_cast<long>(tq) * hq));
+    const int bi = static_cast<int>(idx / (static_cast<int64_t>(tq) * hq));
     const int kvh = h / group;
     const size_t qo = ((static_cast<size_t>(bi) * tq + i) * hq + h) * d;
     const float* qr = q + qo;
@@ -94,16 +96,16 @@ void CpuBackend::AttentionBackward(float* dq, float* dk, float* dv, const float*
   //   dk_j = scale sum_i ds_ij q_i; dv_j = sum_i p_ij dout_i (summed over the group's heads).
   const int group = hq / hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  const long rows = static_cast<long>(b) * hq * t;
+  const int64_t rows = static_cast<int64_t>(b) * hq * t;
   std::vector<float> row_dot(static_cast<size_t>(rows));  // D_i per (bi, h, i)
   const bool parallel = rows * t * d >= 16384;
 
   // Phase 1: one task per query row writes dq_i and D_i.
 #pragma omp parallel for schedule(dynamic, 4) if (parallel)
-  for (long idx = 0; idx < rows; ++idx) {  // idx = (bi * hq + h) * t + i
+  for (int64_t idx = 0; idx < rows; ++idx) {  // idx = (bi * hq + h) * t + i
     const int i = static_cast<int>(idx % t);
     const int h = static_cast<int>((idx / t) % hq);
-    const int bi = static_cast<int>(idx / (static_cast<long>(t) * hq));
+    const int bi = static_cast<int>(idx / (static_cast<int64_t>(t) * hq));
     const int kvh = h / group;
     const size_t qo = ((static_cast<size_t>(bi) * t + i) * hq + h) * d;
     const float* dor = dout + qo;
@@ -127,12 +129,12 @@ void CpuBackend::AttentionBackward(float* dq, float* dk, float* dv, const float*
 
   // Phase 2: one task per key row (bi, j, kvh) writes dk_j and dv_j; no two tasks share an
   // output row, and each sums heads and queries in a fixed order.
-  const long kv_rows = static_cast<long>(b) * t * hkv;
+  const int64_t kv_rows = static_cast<int64_t>(b) * t * hkv;
 #pragma omp parallel for schedule(dynamic, 4) if (parallel)
-  for (long kidx = 0; kidx < kv_rows; ++kidx) {  // kidx = (bi * t + j) * hkv + kvh
+  for (int64_t kidx = 0; kidx < kv_rows; ++kidx) {  // kidx = (bi * t + j) * hkv + kvh
     const int kvh = static_cast<int>(kidx % hkv);
     const int j = static_cast<int>((kidx / hkv) % t);
-    const int bi = static_cast<int>(kidx / (static_cast<long>(hkv) * t));
+    const int bi = static_cast<int>(kidx / (static_cast<int64_t>(hkv) * t));
     const size_t ko = static_cast<size_t>(kidx) * d;
     const float* vr = v + ko;
     float* dkr = dk + ko;

@@ -3,6 +3,7 @@
 // the row is overwritten.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 
 #include "engine/core/status.h"
 #include "engine/cpu/cpu_backend.h"
@@ -11,7 +12,8 @@ namespace eellm {
 
 void CpuBackend::CrossEntropy(float* losses, float* max_prob, float* dlogits, const float* logits,
                               const int32_t* targets, const float* weights, int n, int v) {
-#pragma omp parallel for schedule(static) if (static_cast <long>(n) * v >= (1L << 14))
+  const bool parallel = static_cast<int64_t>(n) * v >= (int64_t{1} << 14);
+#pragma omp parallel for schedule(static) if (parallel)
   for (int r = 0; r < n; ++r) {
     const float* lr = logits + static_cast<size_t>(r) * v;
     const int target = targets[r];

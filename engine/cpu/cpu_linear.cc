@@ -2,6 +2,7 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <cstdint>
 
 #include "engine/cpu/cpu_backend.h"
 
@@ -12,7 +13,8 @@ constexpr int kColBlock = 128;
 
 // out[n, o] += bias[o].
 void AddBias(float* out, const float* bias, int n, int out_dim) {
-#pragma omp parallel for schedule(static) if (static_cast <long>(n) * out_dim >= (1L << 15))
+  const bool parallel = static_cast<int64_t>(n) * out_dim >= (int64_t{1} << 15);
+#pragma omp parallel for schedule(static) if (parallel)
   for (int r = 0; r < n; ++r) {
     float* row = out + static_cast<size_t>(r) * out_dim;
     for (int j = 0; j < out_dim; ++j) row[j] += bias[j];
@@ -23,7 +25,8 @@ void AddBias(float* out, const float* bias, int n, int out_dim) {
 // (deterministic).
 void BiasGrad(float* dbias, const float* dout, int n, int out_dim) {
   const int blocks = (out_dim + kColBlock - 1) / kColBlock;
-#pragma omp parallel for schedule(static) if (static_cast <long>(n) * out_dim >= (1L << 15))
+  const bool parallel = static_cast<int64_t>(n) * out_dim >= (int64_t{1} << 15);
+#pragma omp parallel for schedule(static) if (parallel)
   for (int cb = 0; cb < blocks; ++cb) {
     const int j0 = cb * kColBlock;
     const int j1 = std::min(out_dim, j0 + kColBlock);

@@ -1,5 +1,6 @@
 // CpuBackend memory, elementwise, reduction and embedding ops.
 #include <algorithm>
+#include <cstddef>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -89,7 +90,8 @@ double CpuBackend::SumSquares(const float* x, size_t n) {
 
 void CpuBackend::EmbeddingForward(float* out, const int32_t* ids, const float* table, int n,
                                   int c) {
-#pragma omp parallel for schedule(static) if (static_cast <size_t>(n) * c >= kParallelMin)
+  const bool parallel = static_cast<size_t>(n) * c >= kParallelMin;
+#pragma omp parallel for schedule(static) if (parallel)
   for (int t = 0; t < n; ++t) {
     std::memcpy(out + static_cast<size_t>(t) * c, table + static_cast<size_t>(ids[t]) * c,
                 sizeof(float) * static_cast<size_t>(c));
@@ -102,7 +104,8 @@ void CpuBackend::EmbeddingBackward(float* dtable, const int32_t* ids, const floa
   // hit by several tokens always accumulate in token order.
   constexpr int kColBlock = 64;
   const int col_blocks = (c + kColBlock - 1) / kColBlock;
-#pragma omp parallel for schedule(static) if (static_cast <size_t>(n) * c >= kParallelMin)
+  const bool parallel = static_cast<size_t>(n) * c >= kParallelMin;
+#pragma omp parallel for schedule(static) if (parallel)
   for (int cb = 0; cb < col_blocks; ++cb) {
     const int j0 = cb * kColBlock;
     const int j1 = std::min(c, j0 + kColBlock);

@@ -3,6 +3,7 @@
 // deterministic.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 
 #include "engine/cpu/cpu_backend.h"
 
@@ -11,7 +12,7 @@ namespace {
 
 constexpr int kColBlock = 128;
 
-bool Parallel(int n, int c) { return static_cast<long>(n) * c >= (1L << 14); }
+bool Parallel(int n, int c) { return static_cast<int64_t>(n) * c >= (int64_t{1} << 14); }
 
 }  // namespace
 

@@ -1,6 +1,7 @@
 // CpuBackend rotary position embedding, "rotate_half" convention (Llama / Hugging Face): for
 // i < head_dim / 2 the pair (x[i], x[i + head_dim/2]) is rotated by pos * theta^(-2i/head_dim).
 #include <cmath>
+#include <cstdint>
 
 #include "engine/core/status.h"
 #include "engine/cpu/cpu_backend.h"
@@ -14,7 +15,8 @@ void Rotate(float* x, const int32_t* pos, int n, int heads, int head_dim, float 
   EE_CHECK(head_dim % 2 == 0, "RoPE needs an even head_dim, got ", head_dim);
   const int half = head_dim / 2;
   const size_t row = static_cast<size_t>(heads) * head_dim;
-#pragma omp parallel for schedule(static) if (static_cast <long>(n) * heads * head_dim >= 8192)
+  const bool parallel = static_cast<int64_t>(n) * heads * head_dim >= 8192;
+#pragma omp parallel for schedule(static) if (parallel)
   for (int t = 0; t < n; ++t) {
     float* xt = x + static_cast<size_t>(t) * row;
     for (int i = 0; i < half; ++i) {

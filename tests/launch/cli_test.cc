@@ -134,16 +134,21 @@ class CliTest : public ::testing::Test {
     return path;
   }
 
+  // Writes the tiny text and runs `eellm data` on it (prefix data/tiny); false on failure.
+  bool PrepareTinyData(double val_fraction) {
+    const std::string text = WriteTinyText();
+    const std::string args = "data --input=" + Quote(text) + " --output=" +
+                             Quote(Path("data/tiny")) +
+                             " --val-fraction=" + std::to_string(val_fraction);
+    CmdResult d = RunEellm(args);
+    EXPECT_EQ(d.exit_code, 0) << Describe(args, d);
+    return d.exit_code == 0;
+  }
+
   // Prepares the token files and trains the tiny model for `steps` steps; returns the
   // checkpoint path ("" after a test failure).
   std::string TrainTinyModel(int steps) {
-    const std::string text = WriteTinyText();
-    const std::string data_args =
-        "data --input=" + Quote(text) + " --output=" + Quote(Path("data/tiny")) +
-        " --val-fraction=0.1";
-    CmdResult d = RunEellm(data_args);
-    EXPECT_EQ(d.exit_code, 0) << Describe(data_args, d);
-    if (d.exit_code != 0) return "";
+    if (!PrepareTinyData(0.1)) return "";
     const std::string train_args = "train --config=" + Quote(WriteConfig(kTinyModel, steps));
     CmdResult t = RunEellm(train_args);
     EXPECT_EQ(t.exit_code, 0) << Describe(train_args, t);
@@ -244,6 +249,47 @@ TEST_F(CliTest, MissingTextFileIsNamed) {
   CmdResult r = RunEellm(args);
   EXPECT_NE(r.exit_code, 0) << Describe(args, r);
   EXPECT_NE(r.output.find(input), std::string::npos) << Describe(args, r);
+}
+
+TEST_F(CliTest, ValidationSetTooSmallForOneBatchIsNamed) {
+  // 1% of ~8.5 KB is ~85 tokens, less than one 4 x 32 evaluation batch: training must refuse
+  // (it used to report a validation loss of 0.0000).
+  ASSERT_TRUE(PrepareTinyData(0.01));
+  const std::string args = "train --config=" + Quote(WriteConfig(kTinyModel));
+  CmdResult r = RunEellm(args);
+  EXPECT_NE(r.exit_code, 0) << Describe(args, r);
+  EXPECT_NE(r.output.find(Path("data/tiny") + ".val.bin"), std::string::npos)
+      << Describe(args, r);
+  EXPECT_EQ(r.output.find("val final 0.0000"), std::string::npos) << Describe(args, r);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Resuming.
+
+TEST_F(CliTest, ResumeContinuesFromTheCheckpointStep) {
+  const std::string ckpt = TrainTinyModel(2);
+  ASSERT_FALSE(ckpt.empty());
+  const std::string args = "train --config=" + Quote(Path("config.json")) + " --steps=4 --resume=" +
+                           Quote(ckpt);
+  CmdResult r = RunEellm(args);
+  ASSERT_EQ(r.exit_code, 0) << Describe(args, r);
+  EXPECT_NE(r.output.find("trained 2 steps"), std::string::npos) << Describe(args, r);
+  EXPECT_NE(r.output.find("(step 4)"), std::string::npos) << Describe(args, r);
+}
+
+TEST_F(CliTest, ResumeAtOrPastTheLastStepFails) {
+  // Resuming a step-3 checkpoint with steps 2 used to "train -1 steps" and overwrite it as
+  // step 2.
+  const std::string ckpt = TrainTinyModel(3);
+  ASSERT_FALSE(ckpt.empty());
+  for (const char* steps : {"3", "2"}) {
+    const std::string args = "train --config=" + Quote(Path("config.json")) + " --steps=" +
+                             steps + " --resume=" + Quote(ckpt);
+    CmdResult r = RunEellm(args);
+    EXPECT_NE(r.exit_code, 0) << Describe(args, r);
+    EXPECT_NE(r.output.find("step 3"), std::string::npos) << Describe(args, r);
+    EXPECT_NE(r.output.find(ckpt), std::string::npos) << Describe(args, r);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

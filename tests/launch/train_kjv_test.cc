@@ -25,14 +25,20 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// Margins, from measured runs (2 CPU cores, 300 steps, ~35 s; seed 1234):
-//   initial val loss of every head ~5.55 (= ln 258, uniform over the byte vocabulary);
-//   after training: final head ~2.2, exit@1 (norm, post) ~2.4, exit@3 (mlp, pre) ~2.3 nats
-//   on validation, similar on train; i.e. drops of ~3.1-3.3 nats.
-// The test requires a drop of at least 1.5 nats for every head on both splits, and that every
-// head ends below 3.5 nats: comfortably below what is reached, well above noise.
-constexpr double kMinDrop = 1.5;
-constexpr double kMaxFinalLoss = 3.5;
+// Margins, from measured runs (seed 1234; the results are deterministic across runs):
+//   before training every head is at ~5.55 nats (= ln 258, uniform over the byte vocabulary):
+//     val final 5.553, exit@1 5.547, exit@3pre 5.589; train 5.567, 5.553, 5.596.
+//   after 300 steps: val final 1.881, exit@1 (norm, post) 1.987, exit@3pre (mlp) 1.911;
+//     train (mean of the last 25 steps) 1.860, 1.954, 1.897. Drops of ~3.6-3.7 nats.
+//   (After only 60 steps the heads are at ~2.5 nats, so the bounds below also catch training
+//   that stalls early.)
+// The test requires every head, on both splits, to drop by at least 2.5 nats and to end below
+// 2.6 nats: about 1 nat and 0.6 nats of slack respectively.
+// Run time (300 steps x 512 tokens, 2 cores): 26 s measured with other jobs running (load
+// average ~3), 48 s at load ~5. Under heavy oversubscription the OpenMP/OpenBLAS throughput
+// collapses (one run at load ~7 took 320 s), so time it on a quiet machine.
+constexpr double kMinDrop = 2.5;
+constexpr double kMaxFinalLoss = 2.6;
 
 // Writes the first ~`max_bytes` bytes (whole verses) of the KJV text to `path`.
 void WriteKjvText(const std::string& path, size_t max_bytes) {
