@@ -63,9 +63,8 @@ absl::Status ValidateParam(const ParamInfo& p) {
   }
   for (int64_t d : p.shape) {
     if (d < 0) {
-      return absl::InvalidArgumentError(absl::StrCat("parameter '", p.name,
-                                                     "' has a negative dimension in shape ",
-                                                     ShapeToString(p.shape)));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "parameter '", p.name, "' has a negative dimension in shape ", ShapeToString(p.shape)));
     }
   }
   return absl::OkStatus();
@@ -128,9 +127,9 @@ absl::Status WriteTensors(hid_t file, const char* group_path, const ParamStore& 
   for (const ParamInfo& p : params.params()) {
     const std::string label = TensorLabel(p.name, group_path);
     std::vector<hsize_t> dims(p.shape.begin(), p.shape.end());
-    Handle space = h5::SpaceHandle(dims.empty() ? H5Screate(H5S_SCALAR)
-                                                : H5Screate_simple(static_cast<int>(dims.size()),
-                                                                   dims.data(), nullptr));
+    Handle space = h5::SpaceHandle(
+        dims.empty() ? H5Screate(H5S_SCALAR)
+                     : H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr));
     Handle ds = h5::DatasetHandle(H5Dcreate2(group.get(), p.name.c_str(), H5T_IEEE_F32LE,
                                              space.get(), lcpl.get(), dcpl.get(), H5P_DEFAULT));
     if (!space.valid() || !ds.valid()) {
@@ -142,8 +141,8 @@ absl::Status WriteTensors(hid_t file, const char* group_path, const ParamStore& 
         return h5::Error(absl::StatusCode::kInternal, absl::StrCat("cannot write ", label));
       }
     }
-    RETURN_IF_ERROR(h5::Annotate(h5::WriteUint32Attr(ds.get(), kCrcAttr, Crc32(host.data(), p.numel)),
-                                 label + ": "));
+    RETURN_IF_ERROR(h5::Annotate(
+        h5::WriteUint32Attr(ds.get(), kCrcAttr, Crc32(host.data(), p.numel)), label + ": "));
   }
   return absl::OkStatus();
 }
@@ -157,8 +156,8 @@ absl::Status WriteAll(hid_t file, const ParamStore& params, const CheckpointMeta
   RETURN_IF_ERROR(h5::WriteInt64Attr(file, "step", meta.step));
   {
     Handle lcpl = LinkPlist();
-    Handle attrs = h5::GroupHandle(H5Gcreate2(file, kAttrsGroup, lcpl.get(), H5P_DEFAULT,
-                                              H5P_DEFAULT));
+    Handle attrs =
+        h5::GroupHandle(H5Gcreate2(file, kAttrsGroup, lcpl.get(), H5P_DEFAULT, H5P_DEFAULT));
     if (!attrs.valid()) return h5::Error(absl::StatusCode::kInternal, "cannot create /attrs");
     for (const auto& [key, value] : meta.attrs) {
       RETURN_IF_ERROR(h5::Annotate(h5::WriteStringAttr(attrs.get(), key, value), "/attrs: "));
@@ -177,7 +176,9 @@ absl::Status WriteAll(hid_t file, const ParamStore& params, const CheckpointMeta
 // Flushes the closed file at `path` to stable storage.
 absl::Status SyncFile(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDONLY);
-  if (fd < 0) return absl::InternalError(absl::StrCat("cannot reopen ", path, ": ", strerror(errno)));
+  if (fd < 0) {
+    return absl::InternalError(absl::StrCat("cannot reopen ", path, ": ", strerror(errno)));
+  }
   const int r = ::fsync(fd);
   const int err = errno;
   ::close(fd);
@@ -191,6 +192,9 @@ absl::Status SyncFile(const std::string& path) {
 absl::StatusOr<Handle> OpenCheckpoint(const std::string& path) {
   std::error_code ec;
   const auto status = std::filesystem::status(path, ec);
+  if (ec && status.type() != std::filesystem::file_type::not_found) {
+    return absl::FailedPreconditionError(Where(path) + "cannot access the file: " + ec.message());
+  }
   if (!std::filesystem::exists(status)) {
     return absl::NotFoundError(Where(path) + "file not found");
   }
@@ -211,7 +215,11 @@ absl::StatusOr<Handle> OpenCheckpoint(const std::string& path) {
   }
   auto format = h5::ReadStringAttr(file.get(), "format");
   if (!format.ok()) {
-    return h5::Annotate(format.status(), Where(path) + "not an eellm checkpoint: ");
+    const std::string prefix = Where(path) + "not an eellm checkpoint: ";
+    if (format.status().code() != absl::StatusCode::kNotFound) {
+      return h5::Annotate(format.status(), prefix);
+    }
+    return absl::InvalidArgumentError(prefix + std::string(format.status().message()));
   }
   if (*format != kFormat) {
     return absl::InvalidArgumentError(absl::StrCat(Where(path), "not an eellm checkpoint (format '",
@@ -221,8 +229,8 @@ absl::StatusOr<Handle> OpenCheckpoint(const std::string& path) {
   if (!version.ok()) return h5::Annotate(version.status(), Where(path));
   if (*version != kFormatVersion) {
     return absl::InvalidArgumentError(absl::StrCat(Where(path), "unsupported format_version ",
-                                                   *version, " (this build reads ",
-                                                   kFormatVersion, ")"));
+                                                   *version, " (this build reads ", kFormatVersion,
+                                                   ")"));
   }
   return file;
 }
@@ -268,9 +276,9 @@ absl::Status ReadTensor(hid_t ds, const char* group_path, const ParamInfo& p, fl
   }
   const uint32_t actual = Crc32(host.data(), p.numel);
   if (*stored != static_cast<int64_t>(actual)) {
-    return absl::DataLossError(absl::StrFormat(
-        "%s: checksum mismatch (stored crc32 0x%08x, data has 0x%08x)", label,
-        static_cast<uint64_t>(*stored), actual));
+    return absl::DataLossError(
+        absl::StrFormat("%s: checksum mismatch (stored crc32 0x%08x, data has 0x%08x)", label,
+                        static_cast<uint64_t>(*stored), actual));
   }
   if (p.numel > 0) backend->CopyFromHost(arena + p.offset, host.data(), p.numel * sizeof(float));
   return absl::OkStatus();
@@ -279,8 +287,7 @@ absl::Status ReadTensor(hid_t ds, const char* group_path, const ParamInfo& p, fl
 }  // namespace
 
 absl::Status SaveCheckpoint(const std::string& path, const ParamStore& params,
-                            const CheckpointMeta& meta, const float* adam_m,
-                            const float* adam_v) {
+                            const CheckpointMeta& meta, const float* adam_m, const float* adam_v) {
   h5::ScopedErrorSilencer silence;
   if (!params.allocated()) {
     return absl::FailedPreconditionError(Where(path) + "ParamStore is not allocated");
@@ -372,10 +379,11 @@ absl::Status LoadCheckpoint(const std::string& path, ParamStore& params, float* 
   if (adam_v != nullptr) targets.push_back({kAdamVGroup, adam_v, Handle()});
   // Pass 1: every group and dataset exists with the right dtype and shape.
   for (Target& t : targets) {
-    if (!PathExists(file.get(), t.group_path + 1)) {
-      return absl::NotFoundError(absl::StrCat(
-          Where(path), "no ", t.group_path, " group",
-          t.arena == params.params_data() ? "" : " (the checkpoint has no optimizer state)"));
+    if (!PathExists(file.get(), t.group_path + 1)) {  // relative: skip the leading '/'
+      const bool optimizer = std::strcmp(t.group_path, kModelGroup) != 0;
+      return absl::NotFoundError(
+          absl::StrCat(Where(path), "no ", t.group_path, " group",
+                       optimizer ? " (the checkpoint has no optimizer state)" : ""));
     }
     t.group = h5::GroupHandle(H5Gopen2(file.get(), t.group_path, H5P_DEFAULT));
     if (!t.group.valid()) {
@@ -427,7 +435,7 @@ absl::StatusOr<std::vector<std::pair<std::string, Shape>>> ListCheckpointTensors
   for (hsize_t i = 0; i < info.nlinks; ++i) {
     const ssize_t len =
         H5Lget_name_by_idx(group.get(), ".", index, H5_ITER_INC, i, nullptr, 0, H5P_DEFAULT);
-    if (len < 0) {
+    if (len < 0 || len > (1 << 20)) {
       return h5::Error(absl::StatusCode::kDataLoss, Where(path) + "cannot list /model");
     }
     std::string name(static_cast<size_t>(len) + 1, '\0');

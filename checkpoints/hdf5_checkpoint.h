@@ -16,9 +16,13 @@
 //                           little-endian bytes in row-major order
 //   /optimizer/m/<name>     AdamW first moments, same layout as /model (present only when saved)
 //   /optimizer/v/<name>     AdamW second moments, likewise
-// Strings are variable-length UTF-8 (h5py reads them as str). Groups track link creation order,
-// so datasets list in parameter order. Files use the HDF5 1.8 object format (superblock v2,
-// checksummed metadata); any HDF5 >= 1.8 reader, h5py included, opens them.
+// String attributes are fixed-length, NUL-terminated UTF-8 (h5py returns bytes:
+// f.attrs["config"].decode()); fixed length keeps them (up to 64 KiB) in checksummed object
+// headers, unlike variable-length strings in the unchecksummed global heap. Reading also accepts
+// variable-length strings (what h5py writes). Groups track link creation order, so datasets list
+// in parameter order. Files use the HDF5 1.8 object format (superblock v2, checksummed
+// metadata), so a corrupted byte gives an error rather than garbage or a hang; any HDF5 >= 1.8
+// reader, h5py included, opens them, and f["model"][name][()] is the whole array.
 //
 // Parameter names must be non-empty, contain no '/' and not be ".". Saving is atomic: the file
 // is written to `path + ".tmp"`, closed, synced and renamed over `path`; missing parent
@@ -57,8 +61,8 @@ struct OptimizerArenas {
 };
 
 // Writes `params` (allocated; copied from device memory via its backend) and `meta` to `path`.
-// If adam_m and adam_v are non-null (device arenas of params.size() floats laid out like the
-// parameter arena) they are saved under /optimizer; pass both or neither.
+// Non-null adam_m / adam_v (device arenas of params.size() floats laid out like the parameter
+// arena, on the same backend) are saved under /optimizer/m and /optimizer/v.
 absl::Status SaveCheckpoint(const std::string& path, const ParamStore& params,
                             const CheckpointMeta& meta, const float* adam_m = nullptr,
                             const float* adam_v = nullptr);

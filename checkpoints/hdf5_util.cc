@@ -24,8 +24,8 @@ Handle Utf8NamePlist() {
   return acpl;
 }
 
-absl::Status WriteScalarAttr(hid_t loc, const std::string& name, hid_t file_type,
-                             hid_t mem_type, const void* value) {
+absl::Status WriteScalarAttr(hid_t loc, const std::string& name, hid_t file_type, hid_t mem_type,
+                             const void* value) {
   Handle acpl = Utf8NamePlist();
   Handle space = SpaceHandle(H5Screate(H5S_SCALAR));
   if (!acpl.valid() || !space.valid()) {
@@ -59,9 +59,8 @@ absl::StatusOr<Handle> OpenScalarAttr(hid_t loc, const std::string& name, H5T_cl
                  absl::StrCat("cannot read the type of attribute '", name, "'"));
   }
   if (H5Tget_class(type.get()) != cls) {
-    return absl::InvalidArgumentError(absl::StrCat("attribute '", name, "' has type ",
-                                                   DescribeType(type.get()), ", expected ",
-                                                   expected));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "attribute '", name, "' has type ", DescribeType(type.get()), ", expected ", expected));
   }
   if (H5Sget_simple_extent_npoints(space.get()) != 1) {
     return absl::InvalidArgumentError(
@@ -148,9 +147,7 @@ absl::Status WriteUint32Attr(hid_t loc, const std::string& name, uint32_t value)
   return WriteScalarAttr(loc, name, H5T_STD_U32LE, H5T_NATIVE_UINT32, &value);
 }
 
-bool HasAttr(hid_t loc, const std::string& name) {
-  return H5Aexists(loc, name.c_str()) > 0;
-}
+bool HasAttr(hid_t loc, const std::string& name) { return H5Aexists(loc, name.c_str()) > 0; }
 
 absl::StatusOr<std::string> ReadStringAttr(hid_t loc, const std::string& name) {
   auto attr_or = OpenScalarAttr(loc, name, H5T_STRING, "string");
@@ -172,8 +169,7 @@ absl::StatusOr<std::string> ReadStringAttr(hid_t loc, const std::string& name) {
     }
     char* data = nullptr;
     if (H5Aread(attr.get(), mem_type.get(), &data) < 0) {
-      return Error(absl::StatusCode::kDataLoss,
-                   absl::StrCat("cannot read attribute '", name, "'"));
+      return Error(absl::StatusCode::kDataLoss, absl::StrCat("cannot read attribute '", name, "'"));
     }
     std::string value = data != nullptr ? std::string(data) : std::string();
     if (data != nullptr) H5free_memory(data);

@@ -1,7 +1,7 @@
 // Small helpers over the HDF5 C API for the checkpoint formats: an RAII handle so every hid_t
 // is closed on every path, a scoped silencer for HDF5's automatic error-stack printing, capture
 // of the innermost HDF5 error message into absl statuses, and typed scalar attributes
-// (UTF-8 variable-length strings and integers) that h5py reads as str / int.
+// (UTF-8 strings and integers) that h5py reads.
 //
 // The HDF5 library (Debian's serial build) is not thread-safe: callers must not use these
 // helpers, or the checkpoint functions built on them, from several threads at once.
@@ -86,8 +86,9 @@ absl::Status Annotate(const absl::Status& s, const std::string& prefix);
 // A readable name for an HDF5 datatype: "f32", "f64", "i32", "u8", "string", ...
 std::string DescribeType(hid_t type);
 
-// Scalar attributes on a file, group or dataset. Strings are written as variable-length UTF-8;
-// reading also accepts fixed-length strings. Integers are written little-endian.
+// Scalar attributes on a file, group or dataset. Strings are written as fixed-length,
+// NUL-terminated UTF-8 (kept in the checksummed object header); reading also accepts
+// variable-length strings. Integers are written little-endian.
 absl::Status WriteStringAttr(hid_t loc, const std::string& name, const std::string& value);
 absl::Status WriteInt64Attr(hid_t loc, const std::string& name, int64_t value);
 absl::Status WriteUint32Attr(hid_t loc, const std::string& name, uint32_t value);
