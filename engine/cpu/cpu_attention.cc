@@ -1,6 +1,12 @@
 // CpuBackend causal self-attention with grouped-query heads (see engine/backend.h for the
-// contract). Every query row is computed independently and with the same code whether or not
-// probabilities are saved, so the KV-cache decode path reproduces the training path's rows.
+// contract). Each (sequence, head) pair is one task: scores S = scale * Q K^T and outputs
+// O = P V are OpenBLAS GEMMs on strided views of the [tokens, heads, d] layouts (no copies);
+// the causal softmax runs row by row. Tasks run in parallel with OpenMP; inside a parallel
+// region the OpenMP build of OpenBLAS runs single-threaded, so there is no oversubscription.
+// The backward runs one task per (sequence, KV head) so that the heads sharing a KV head add
+// their dK/dV contributions in a fixed order: results are deterministic.
+#include <cblas.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -14,30 +20,28 @@ namespace eellm {
 namespace {
 
 // Per-thread host scratch of at least n floats (grows, never shrinks).
-float* Scratch(size_t n) {
-  thread_local std::vector<float> buf;
-  if (buf.size() < n) buf.resize(n);
-  return buf.data();
+float* Scratch(size_t n, int slot) {
+  thread_local std::vector<float> buf[2];
+  if (buf[slot].size() < n) buf[slot].resize(n);
+  return buf[slot].data();
 }
 
-// Dot product with four fixed partial sums (vectorisable, deterministic).
-inline float Dot(const float* a, const float* b, int d) {
-  float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-  int j = 0;
-  for (; j + 4 <= d; j += 4) {
-    s0 += a[j] * b[j];
-    s1 += a[j + 1] * b[j + 1];
-    s2 += a[j + 2] * b[j + 2];
-    s3 += a[j + 3] * b[j + 3];
+// In place on s[tq, tk]: row i becomes softmax over keys 0 .. q_offset + i, zero after.
+void CausalSoftmaxRows(float* s, int tq, int tk, int q_offset) {
+  for (int i = 0; i < tq; ++i) {
+    float* row = s + static_cast<size_t>(i) * tk;
+    const int n_keys = q_offset + i + 1;
+    float mx = -INFINITY;
+    for (int j = 0; j < n_keys; ++j) mx = std::max(mx, row[j]);
+    float sum = 0.0f;
+    for (int j = 0; j < n_keys; ++j) {
+      row[j] = std::exp(row[j] - mx);
+      sum += row[j];
+    }
+    const float inv = 1.0f / sum;
+    for (int j = 0; j < n_keys; ++j) row[j] *= inv;
+    for (int j = n_keys; j < tk; ++j) row[j] = 0.0f;
   }
-  for (; j < d; ++j) s0 += a[j] * b[j];
-  return (s0 + s1) + (s2 + s3);
-}
-
-// y[0:d] += alpha * x[0:d].
-inline void AxpyRow(float* __restrict y, float alpha, const float* __restrict x, int d) {
-#pragma omp simd
-  for (int j = 0; j < d; ++j) y[j] += alpha * x[j];
 }
 
 }  // namespace
@@ -50,40 +54,22 @@ void CpuBackend::AttentionForward(float* out, float* probs, const float* q, cons
            " tk=", tk, " tk_cap=", tk_cap, " q_offset=", q_offset);
   const int group = hq / hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  const int64_t rows = static_cast<int64_t>(b) * hq * tq;
-  const bool parallel = rows * tk * d >= 16384;
-#pragma omp parallel for schedule(dynamic, 4) if (parallel)
-  for (int64_t idx = 0; idx < rows; ++idx) {  // idx = (bi * hq + h) * tq + i
-    const int i = static_cast<int>(idx % tq);
-    const int h = static_cast<int>((idx / tq) % hq);
-    const int bi = static_cast<int>(idx / (static_cast<int64_t>(tq) * hq));
-    const int kvh = h / group;
-    const size_t qo = ((static_cast<size_t>(bi) * tq + i) * hq + h) * d;
-    const float* qr = q + qo;
-    float* orow = out + qo;
-    const int n_keys = q_offset + i + 1;  // keys 0 .. q_offset + i
-    float* s = probs != nullptr ? probs + static_cast<size_t>(idx) * tk : Scratch(n_keys);
-    float mx = -INFINITY;
-    for (int j = 0; j < n_keys; ++j) {
-      const float* kr = k + ((static_cast<size_t>(bi) * tk_cap + j) * hkv + kvh) * d;
-      s[j] = Dot(qr, kr, d) * scale;
-      mx = std::max(mx, s[j]);
-    }
-    double sum = 0.0;
-    for (int j = 0; j < n_keys; ++j) {
-      s[j] = std::exp(s[j] - mx);
-      sum += s[j];
-    }
-    const float inv = static_cast<float>(1.0 / sum);
-    std::memset(orow, 0, sizeof(float) * d);
-    for (int j = 0; j < n_keys; ++j) {
-      s[j] *= inv;
-      const float* vr = v + ((static_cast<size_t>(bi) * tk_cap + j) * hkv + kvh) * d;
-      AxpyRow(orow, s[j], vr, d);
-    }
-    if (probs != nullptr) {
-      for (int j = n_keys; j < tk; ++j) s[j] = 0.0f;
-    }
+  const int tasks = b * hq;
+  const bool parallel = static_cast<int64_t>(tasks) * tq * tk * d >= 16384;
+#pragma omp parallel for schedule(dynamic, 1) if (parallel)
+  for (int task = 0; task < tasks; ++task) {
+    const int bi = task / hq, h = task % hq, kvh = h / group;
+    const float* qh = q + (static_cast<size_t>(bi) * tq * hq + h) * d;  // rows stride hq*d
+    const float* kh = k + (static_cast<size_t>(bi) * tk_cap * hkv + kvh) * d;
+    const float* vh = v + (static_cast<size_t>(bi) * tk_cap * hkv + kvh) * d;
+    float* oh = out + (static_cast<size_t>(bi) * tq * hq + h) * d;
+    const size_t slab = static_cast<size_t>(tq) * tk;
+    float* s = probs ? probs + static_cast<size_t>(task) * slab : Scratch(slab, 0);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, tq, tk, d, scale, qh, hq * d, kh,
+                hkv * d, 0.0f, s, tk);
+    CausalSoftmaxRows(s, tq, tk, q_offset);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, tq, d, tk, 1.0f, s, tk, vh, hkv * d,
+                0.0f, oh, hq * d);
   }
 }
 
@@ -91,67 +77,45 @@ void CpuBackend::AttentionBackward(float* dq, float* dk, float* dv, const float*
                                    const float* probs, const float* q, const float* k,
                                    const float* v, int b, int t, int hq, int hkv, int d) {
   EE_CHECK(hkv > 0 && hq % hkv == 0, "hq=", hq, " is not a multiple of hkv=", hkv);
-  // With p = softmax(s), dp_ij = dout_i . v_j and D_i = sum_j p_ij dp_ij:
-  //   ds_ij = p_ij (dp_ij - D_i); dq_i = scale sum_j ds_ij k_j;
-  //   dk_j = scale sum_i ds_ij q_i; dv_j = sum_i p_ij dout_i (summed over the group's heads).
+  // With P = softmax(S): dV = P^T dO; dP = dO V^T; dS = P * (dP - rowsum(P * dP));
+  // dQ = scale dS K; dK = scale dS^T Q (dK, dV summed over the heads sharing the KV head).
   const int group = hq / hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  const int64_t rows = static_cast<int64_t>(b) * hq * t;
-  std::vector<float> row_dot(static_cast<size_t>(rows));  // D_i per (bi, h, i)
-  const bool parallel = rows * t * d >= 16384;
-
-  // Phase 1: one task per query row writes dq_i and D_i.
-#pragma omp parallel for schedule(dynamic, 4) if (parallel)
-  for (int64_t idx = 0; idx < rows; ++idx) {  // idx = (bi * hq + h) * t + i
-    const int i = static_cast<int>(idx % t);
-    const int h = static_cast<int>((idx / t) % hq);
-    const int bi = static_cast<int>(idx / (static_cast<int64_t>(t) * hq));
-    const int kvh = h / group;
-    const size_t qo = ((static_cast<size_t>(bi) * t + i) * hq + h) * d;
-    const float* dor = dout + qo;
-    const float* p = probs + static_cast<size_t>(idx) * t;
-    float* dp = Scratch(static_cast<size_t>(i) + 1);
-    double dsum = 0.0;
-    for (int j = 0; j <= i; ++j) {
-      const float* vr = v + ((static_cast<size_t>(bi) * t + j) * hkv + kvh) * d;
-      dp[j] = Dot(dor, vr, d);
-      dsum += static_cast<double>(p[j]) * dp[j];
+  const int tasks = b * hkv;
+  const bool parallel = static_cast<int64_t>(tasks) * group * t * t * d >= 16384;
+#pragma omp parallel for schedule(dynamic, 1) if (parallel)
+  for (int task = 0; task < tasks; ++task) {
+    const int bi = task / hkv, kvh = task % hkv;
+    const size_t kv_off = (static_cast<size_t>(bi) * t * hkv + kvh) * d;
+    const float* kh = k + kv_off;
+    const float* vh = v + kv_off;
+    float* dkh = dk + kv_off;
+    float* dvh = dv + kv_off;
+    for (int j = 0; j < t; ++j) {
+      std::memset(dkh + static_cast<size_t>(j) * hkv * d, 0, sizeof(float) * d);
+      std::memset(dvh + static_cast<size_t>(j) * hkv * d, 0, sizeof(float) * d);
     }
-    const float drow = static_cast<float>(dsum);
-    row_dot[static_cast<size_t>(idx)] = drow;
-    float* dqr = dq + qo;
-    std::memset(dqr, 0, sizeof(float) * d);
-    for (int j = 0; j <= i; ++j) {
-      const float* kr = k + ((static_cast<size_t>(bi) * t + j) * hkv + kvh) * d;
-      AxpyRow(dqr, p[j] * (dp[j] - drow) * scale, kr, d);
-    }
-  }
-
-  // Phase 2: one task per key row (bi, j, kvh) writes dk_j and dv_j; no two tasks share an
-  // output row, and each sums heads and queries in a fixed order.
-  const int64_t kv_rows = static_cast<int64_t>(b) * t * hkv;
-#pragma omp parallel for schedule(dynamic, 4) if (parallel)
-  for (int64_t kidx = 0; kidx < kv_rows; ++kidx) {  // kidx = (bi * t + j) * hkv + kvh
-    const int kvh = static_cast<int>(kidx % hkv);
-    const int j = static_cast<int>((kidx / hkv) % t);
-    const int bi = static_cast<int>(kidx / (static_cast<int64_t>(hkv) * t));
-    const size_t ko = static_cast<size_t>(kidx) * d;
-    const float* vr = v + ko;
-    float* dkr = dk + ko;
-    float* dvr = dv + ko;
-    std::memset(dkr, 0, sizeof(float) * d);
-    std::memset(dvr, 0, sizeof(float) * d);
+    float* ds = Scratch(static_cast<size_t>(t) * t, 1);
     for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
-      const size_t prow0 = (static_cast<size_t>(bi) * hq + h) * t;
-      for (int i = j; i < t; ++i) {
-        const float pij = probs[(prow0 + i) * t + j];
-        if (pij == 0.0f) continue;
-        const size_t qo = ((static_cast<size_t>(bi) * t + i) * hq + h) * d;
-        const float* dor = dout + qo;
-        AxpyRow(dvr, pij, dor, d);
-        const float ds = pij * (Dot(dor, vr, d) - row_dot[prow0 + i]);
-        AxpyRow(dkr, ds * scale, q + qo, d);
+      const size_t q_off = (static_cast<size_t>(bi) * t * hq + h) * d;
+      const float* p = probs + (static_cast<size_t>(bi) * hq + h) * t * t;
+      const float* doh = dout + q_off;
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, t, d, t, 1.0f, p, t, doh, hq * d, 1.0f,
+                  dvh, hkv * d);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, t, t, d, 1.0f, doh, hq * d, vh,
+                  hkv * d, 0.0f, ds, t);
+      for (int i = 0; i < t; ++i) {
+        float* row = ds + static_cast<size_t>(i) * t;
+        const float* prow = p + static_cast<size_t>(i) * t;
+        float dot = 0.0f;
+        for (int j = 0; j <= i; ++j) dot += prow[j] * row[j];
+        for (int j = 0; j <= i; ++j) row[j] = prow[j] * (row[j] - dot);
+        for (int j = i + 1; j < t; ++j) row[j] = 0.0f;
       }
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, t, d, t, scale, ds, t, kh, hkv * d,
+                  0.0f, dq + q_off, hq * d);
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, t, d, t, scale, ds, t, q + q_off,
+                  hq * d, 1.0f, dkh, hkv * d);
     }
   }
 }
