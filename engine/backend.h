@@ -66,12 +66,12 @@ class Backend {
   virtual void LayerNormForward(float* out, float* mean, float* rstd, const float* x,
                                 const float* g, const float* b, int n, int c, float eps) = 0;
   // dx += ...; dg += ...; db += ... (db may be null).
-  virtual void LayerNormBackward(float* dx, float* dg, float* db, const float* dout,
-                                 const float* x, const float* g, const float* mean,
-                                 const float* rstd, int n, int c) = 0;
+  virtual void LayerNormBackward(float* dx, float* dg, float* db, const float* dout, const float* x,
+                                 const float* g, const float* mean, const float* rstd, int n,
+                                 int c) = 0;
   // out = x * rstd * g, rstd = 1/sqrt(mean(x^2) + eps); saves rstd[n]. out written.
-  virtual void RmsNormForward(float* out, float* rstd, const float* x, const float* g, int n,
-                              int c, float eps) = 0;
+  virtual void RmsNormForward(float* out, float* rstd, const float* x, const float* g, int n, int c,
+                              float eps) = 0;
   // dx += ...; dg += ....
   virtual void RmsNormBackward(float* dx, float* dg, const float* dout, const float* x,
                                const float* g, const float* rstd, int n, int c) = 0;
@@ -103,12 +103,12 @@ class Backend {
   // out: [b, tq, hq, d] written. probs: [b, hq, tq, tk] softmax probabilities written when
   // non-null (the backward needs them).
   virtual void AttentionForward(float* out, float* probs, const float* q, const float* k,
-                                const float* v, int b, int tq, int tk, int tk_cap, int hq,
-                                int hkv, int d, int q_offset) = 0;
+                                const float* v, int b, int tq, int tk, int tk_cap, int hq, int hkv,
+                                int d, int q_offset) = 0;
   // Training-path backward (q_offset 0, tq = tk = tk_cap = t). dq, dk, dv written.
   virtual void AttentionBackward(float* dq, float* dk, float* dv, const float* dout,
-                                 const float* probs, const float* q, const float* k,
-                                 const float* v, int b, int t, int hq, int hkv, int d) = 0;
+                                 const float* probs, const float* q, const float* k, const float* v,
+                                 int b, int t, int hq, int hkv, int d) = 0;
 
   // ---- softmax cross-entropy ----------------------------------------------------------------
   // For each row r of logits[n, v]: losses[r] = -log softmax(logits[r])[targets[r]] (written,
@@ -122,8 +122,8 @@ class Backend {
   // AdamW on one fp32 tensor: m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
   // p -= lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * p), with bias correction for
   // `step` (1-based).
-  virtual void AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr,
-                     float beta1, float beta2, float eps, float weight_decay, int step) = 0;
+  virtual void AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1,
+                     float beta2, float eps, float weight_decay, int step) = 0;
 };
 
 // "cpu" (always) or "cuda" (when built with CUDA and a GPU is present).

@@ -7,8 +7,10 @@
 #include "models/tokenizer.h"
 
 ABSL_FLAG(std::string, input, "", "text file to tokenize (required)");
-ABSL_FLAG(std::string, output, "data/corpus", "output prefix: writes <output>.train.bin and .val.bin");
-ABSL_FLAG(double, val_fraction, 0.01, "fraction of the tokens (the end of the text) kept for validation");
+ABSL_FLAG(std::string, output, "data/corpus",
+          "output prefix: writes <output>.train.bin and .val.bin");
+ABSL_FLAG(double, val_fraction, 0.01,
+          "fraction of the tokens (the end of the text) kept for validation");
 ABSL_FLAG(std::string, tokenizer, "byte", "tokenizer: byte");
 
 namespace eellm {
@@ -29,10 +31,11 @@ int RunDataCommand() {
     std::fprintf(stderr, "error: %s\n", std::string(r.status().message()).c_str());
     return 1;
   }
-  std::printf("wrote %s.train.bin (%lld tokens) and %s.val.bin (%lld tokens) with the %s tokenizer\n",
-              absl::GetFlag(FLAGS_output).c_str(), static_cast<long long>(r->train_tokens),
-              absl::GetFlag(FLAGS_output).c_str(), static_cast<long long>(r->val_tokens),
-              (*tok)->name().c_str());
+  std::printf(
+      "wrote %s.train.bin (%lld tokens) and %s.val.bin (%lld tokens) with the %s tokenizer\n",
+      absl::GetFlag(FLAGS_output).c_str(), static_cast<long long>(r->train_tokens),
+      absl::GetFlag(FLAGS_output).c_str(), static_cast<long long>(r->val_tokens),
+      (*tok)->name().c_str());
   return 0;
 }
 

@@ -18,7 +18,8 @@ ABSL_FLAG(int, max_new_tokens, 200, "tokens to generate at most (stops earlier a
 ABSL_FLAG(double, threshold, 0.8,
           "early-exit confidence threshold: an exit fires when its max probability reaches it; "
           "1.0 disables early exit");
-ABSL_FLAG(std::string, exit_layers, "", "comma-separated exit layer numbers allowed to fire (empty = all)");
+ABSL_FLAG(std::string, exit_layers, "",
+          "comma-separated exit layer numbers allowed to fire (empty = all)");
 ABSL_FLAG(double, temperature, 0.0, "sampling temperature (0 = greedy)");
 ABSL_FLAG(int, top_k, 0, "sample among the k most likely tokens (0 = all)");
 ABSL_FLAG(double, top_p, 1.0, "nucleus sampling probability mass (1 = off)");
@@ -43,10 +44,10 @@ void PrintStats(const char* label, const ModelConfig& c, const GenerationResult&
   std::printf("[%s] exit histogram:", label);
   for (size_t i = 0; i <= c.exits.size(); ++i) {
     const int idx = i < c.exits.size() ? static_cast<int>(i) : -1;
-    const std::string name =
-        idx < 0 ? "final@" + std::to_string(c.num_layers) : ExitName(c, idx);
+    const std::string name = idx < 0 ? "final@" + std::to_string(c.num_layers) : ExitName(c, idx);
     const int k = hist.count(idx) ? hist[idx] : 0;
-    std::printf(" %s %d (%.0f%%)", name.c_str(), k, g.tokens.empty() ? 0.0 : 100.0 * k / g.tokens.size());
+    std::printf(" %s %d (%.0f%%)", name.c_str(), k,
+                g.tokens.empty() ? 0.0 : 100.0 * k / g.tokens.size());
   }
   std::printf("\n");
 }
@@ -71,8 +72,8 @@ int RunGenerateCommand() {
   sp.top_p = static_cast<float>(absl::GetFlag(FLAGS_top_p));
   sp.seed = absl::GetFlag(FLAGS_seed);
   if (sp.temperature < 0 || sp.top_k < 0 || !(sp.top_p > 0 && sp.top_p <= 1)) {
-    return Fail(absl::InvalidArgumentError(
-        "need --temperature >= 0, --top_k >= 0 and 0 < --top_p <= 1"));
+    return Fail(
+        absl::InvalidArgumentError("need --temperature >= 0, --top_k >= 0 and 0 < --top_p <= 1"));
   }
   auto backend = MakeBackend(absl::GetFlag(FLAGS_backend));
   if (!backend.ok()) return Fail(backend.status());
@@ -80,15 +81,16 @@ int RunGenerateCommand() {
   if (!loaded.ok()) return Fail(loaded.status());
   Model& model = *loaded->model;
   const ModelConfig& c = model.config();
-  for (absl::string_view part : absl::StrSplit(absl::GetFlag(FLAGS_exit_layers), ',', absl::SkipEmpty())) {
+  for (absl::string_view part :
+       absl::StrSplit(absl::GetFlag(FLAGS_exit_layers), ',', absl::SkipEmpty())) {
     int layer;
     bool known = false;
     if (absl::SimpleAtoi(part, &layer)) {
       for (const auto& x : c.exits) known |= x.layer == layer;
     }
     if (!known) {
-      return Fail(absl::InvalidArgumentError(absl::StrCat(
-          "--exit_layers: \"", part, "\" is not the layer of an exit in this model")));
+      return Fail(absl::InvalidArgumentError(
+          absl::StrCat("--exit_layers: \"", part, "\" is not the layer of an exit in this model")));
     }
     ee.exit_layers.push_back(layer);
   }
@@ -119,10 +121,13 @@ int RunGenerateCommand() {
   PrintStats("early-exit", c, *r);
   if (absl::GetFlag(FLAGS_compare) && full.DecodeTokensPerSecond() > 0) {
     size_t same = 0;
-    while (same < r->tokens.size() && same < full.tokens.size() && r->tokens[same] == full.tokens[same]) ++same;
-    std::printf("speedup %.2fx (%.1f vs %.1f tokens/s); first %zu tokens identical to the full model\n",
-                r->DecodeTokensPerSecond() / full.DecodeTokensPerSecond(),
-                r->DecodeTokensPerSecond(), full.DecodeTokensPerSecond(), same);
+    while (same < r->tokens.size() && same < full.tokens.size() &&
+           r->tokens[same] == full.tokens[same])
+      ++same;
+    std::printf(
+        "speedup %.2fx (%.1f vs %.1f tokens/s); first %zu tokens identical to the full model\n",
+        r->DecodeTokensPerSecond() / full.DecodeTokensPerSecond(), r->DecodeTokensPerSecond(),
+        full.DecodeTokensPerSecond(), same);
   }
   return 0;
 }

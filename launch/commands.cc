@@ -33,7 +33,8 @@ void PrintTopUsage() {
       "eellm: train and serve early-exit LLMs\n\n"
       "usage: eellm <command> [--flag=value ...]\n\ncommands:\n");
   for (const Command& c : kCommands) std::printf("  %-10s %s\n", c.name, c.summary);
-  std::printf("\n`eellm <command> --help` lists a command's flags. Flag names accept '-' or '_'.\n");
+  std::printf(
+      "\n`eellm <command> --help` lists a command's flags. Flag names accept '-' or '_'.\n");
 }
 
 void PrintCommandUsage(const Command& cmd) {

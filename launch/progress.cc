@@ -11,7 +11,6 @@ std::string FormatDuration(double seconds) {
   return absl::StrFormat("%lds", s);
 }
 
-
 std::string Progress::Line(int done) const {
   const int width = 20;
   const double frac = total_ > 0 ? static_cast<double>(done) / total_ : 1.0;

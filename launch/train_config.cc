@@ -22,9 +22,12 @@ absl::Status Read(const json& j, const char* key, T* out) {
   auto it = j.find(key);
   if (it == j.end()) return absl::OkStatus();
   bool ok;
-  if constexpr (std::is_same_v<T, int>) ok = it->is_number_integer();
-  else if constexpr (std::is_same_v<T, float>) ok = it->is_number();
-  else ok = it->is_string();
+  if constexpr (std::is_same_v<T, int>)
+    ok = it->is_number_integer();
+  else if constexpr (std::is_same_v<T, float>)
+    ok = it->is_number();
+  else
+    ok = it->is_string();
   if (!ok) return Invalid(absl::StrCat("key \"", key, "\" has the wrong type: ", it->dump()));
   *out = it->get<T>();
   return absl::OkStatus();
@@ -54,9 +57,10 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
   if (j.contains("train")) {
     const json& tj = j["train"];
     if (!tj.is_object()) return Invalid("\"train\" must be a JSON object");
-    static const char* kKeys[] = {"data", "tokenizer", "backend", "out", "batch_size", "seq_len",
-                                  "steps", "lr", "min_lr", "warmup_steps", "weight_decay",
-                                  "beta1", "beta2", "grad_clip", "seed", "log_interval",
+    static const char* kKeys[] = {"data",          "tokenizer",    "backend",      "out",
+                                  "batch_size",    "seq_len",      "steps",        "lr",
+                                  "min_lr",        "warmup_steps", "weight_decay", "beta1",
+                                  "beta2",         "grad_clip",    "seed",         "log_interval",
                                   "eval_interval", "eval_batches", "save_interval"};
     for (auto it = tj.begin(); it != tj.end(); ++it) {
       bool known = false;
@@ -83,8 +87,10 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
     RETURN_IF_ERROR(Read(tj, "eval_batches", &t.eval_batches));
     RETURN_IF_ERROR(Read(tj, "save_interval", &t.save_interval));
   }
-  for (auto [v, k] : {std::pair{t.batch_size, "batch_size"}, {t.seq_len, "seq_len"},
-                      {t.steps, "steps"}, {t.log_interval, "log_interval"},
+  for (auto [v, k] : {std::pair{t.batch_size, "batch_size"},
+                      {t.seq_len, "seq_len"},
+                      {t.steps, "steps"},
+                      {t.log_interval, "log_interval"},
                       {t.eval_batches, "eval_batches"}}) {
     if (v <= 0) return Invalid(absl::StrCat(k, " must be positive, got ", v));
   }
@@ -96,8 +102,8 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
                                 rc.model.max_seq_len));
   }
   if (!(t.lr > 0) || t.min_lr < 0 || t.min_lr > t.lr) {
-    return Invalid(absl::StrCat("need 0 <= min_lr <= lr and lr > 0, got lr ", t.lr, ", min_lr ",
-                                t.min_lr));
+    return Invalid(
+        absl::StrCat("need 0 <= min_lr <= lr and lr > 0, got lr ", t.lr, ", min_lr ", t.min_lr));
   }
   if (!(t.beta1 >= 0 && t.beta1 < 1 && t.beta2 >= 0 && t.beta2 < 1)) {
     return Invalid(absl::StrCat("betas must be in [0, 1), got ", t.beta1, ", ", t.beta2));

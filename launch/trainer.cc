@@ -36,7 +36,8 @@ EvalResult Evaluate(Model& model, Workspace& ws, const TokenDataset& val, int ma
   return e;
 }
 
-std::string FormatLosses(const ModelConfig& c, double final_loss, const std::vector<double>& exits) {
+std::string FormatLosses(const ModelConfig& c, double final_loss,
+                         const std::vector<double>& exits) {
   std::string s = absl::StrFormat("final %.4f", final_loss);
   for (size_t i = 0; i < exits.size(); ++i) {
     absl::StrAppendFormat(&s, " %s %.4f", ExitName(c, i), exits[i]);
@@ -53,8 +54,8 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   ASSIGN_OR_RETURN(auto tokenizer, MakeTokenizer(tc.tokenizer));
   if (tokenizer->vocab_size() > mc.vocab_size) {
     return absl::InvalidArgumentError(
-        absl::StrCat("model vocab_size ", mc.vocab_size, " is smaller than the ",
-                     tokenizer->name(), " tokenizer's vocabulary ", tokenizer->vocab_size()));
+        absl::StrCat("model vocab_size ", mc.vocab_size, " is smaller than the ", tokenizer->name(),
+                     " tokenizer's vocabulary ", tokenizer->vocab_size()));
   }
   ASSIGN_OR_RETURN(TokenDataset train, TokenDataset::Load(tc.data + ".train.bin"));
   ASSIGN_OR_RETURN(TokenDataset val, TokenDataset::Load(tc.data + ".val.bin"));
@@ -62,18 +63,17 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   RETURN_IF_ERROR(val.Validate(tc.seq_len));
   if (val.NumSequentialBatches(tc.batch_size, tc.seq_len) < 1) {
     // Evaluate() would average over zero batches and report a loss of 0.
-    return absl::InvalidArgumentError(absl::StrCat(
-        "validation data ", tc.data, ".val.bin has ", val.size(),
-        " tokens, too few for one evaluation batch of ", tc.batch_size, " x ", tc.seq_len,
-        " (needs at least ", int64_t{tc.batch_size} * tc.seq_len + 1,
-        "); raise --val_fraction in `eellm data` or lower batch_size or seq_len"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("validation data ", tc.data, ".val.bin has ", val.size(),
+                     " tokens, too few for one evaluation batch of ", tc.batch_size, " x ",
+                     tc.seq_len, " (needs at least ", int64_t{tc.batch_size} * tc.seq_len + 1,
+                     "); raise --val_fraction in `eellm data` or lower batch_size or seq_len"));
   }
   for (const TokenDataset* d : {&train, &val}) {
     for (int32_t t : d->tokens()) {
       if (t >= mc.vocab_size) {
-        return absl::InvalidArgumentError(absl::StrCat("token id ", t, " in ", tc.data,
-                                                       " is outside the model vocab_size ",
-                                                       mc.vocab_size));
+        return absl::InvalidArgumentError(absl::StrCat(
+            "token id ", t, " in ", tc.data, " is outside the model vocab_size ", mc.vocab_size));
       }
     }
   }
@@ -96,9 +96,9 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     RETURN_IF_ERROR(LoadCheckpoint(opts.resume, model->params(), opt.m(), opt.v()));
     start = static_cast<int>(meta.step);
     if (start >= tc.steps) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "checkpoint ", opts.resume, " is already at step ", start, " of ", tc.steps,
-          "; set steps (--steps) above ", start, " to train further"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("checkpoint ", opts.resume, " is already at step ", start, " of ", tc.steps,
+                       "; set steps (--steps) above ", start, " to train further"));
     }
     opt.set_step(start);
   }
@@ -145,10 +145,11 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     std::vector<float> w = ExitLossWeights(mc, step);
     LossReport r = model->ForwardBackward(*ws, in.data(), tg.data(), nullptr, w, true);
     if (!std::isfinite(r.objective)) {
-      return absl::InternalError(absl::StrCat("loss is not finite at step ", step + 1,
-                                              "; lower the learning rate"));
+      return absl::InternalError(
+          absl::StrCat("loss is not finite at step ", step + 1, "; lower the learning rate"));
     }
-    const float lr = static_cast<float>(WarmupCosineLr(step, tc.warmup_steps, tc.steps, tc.lr, tc.min_lr));
+    const float lr =
+        static_cast<float>(WarmupCosineLr(step, tc.warmup_steps, tc.steps, tc.lr, tc.min_lr));
     const double gnorm = opt.Step(lr);
     interval_tokens += n;
     total_tokens += n;

@@ -8,8 +8,9 @@ namespace eellm {
 std::vector<float> ExitLossWeights(const ModelConfig& c, int step) {
   std::vector<float> w;
   for (const ExitConfig& x : c.exits) {
-    w.push_back(static_cast<float>(Ramp(step, x.loss_weight_warmup_iters, x.loss_weight_init,
-                                        x.loss_weight, x.loss_weight_warmup == WarmupStyle::kCosine)));
+    w.push_back(
+        static_cast<float>(Ramp(step, x.loss_weight_warmup_iters, x.loss_weight_init, x.loss_weight,
+                                x.loss_weight_warmup == WarmupStyle::kCosine)));
   }
   return w;
 }

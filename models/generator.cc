@@ -61,8 +61,8 @@ bool Generator::ExitAllowed(int i, const EarlyExitParams& ee) const {
 }
 
 StepResult Generator::Step(const std::vector<int32_t>& ids, const EarlyExitParams& ee) {
-  EE_CHECK(!ids.empty() && len_ + static_cast<int>(ids.size()) <= capacity_,
-           "generator capacity ", capacity_, " exceeded");
+  EE_CHECK(!ids.empty() && len_ + static_cast<int>(ids.size()) <= capacity_, "generator capacity ",
+           capacity_, " exceeded");
   be_->CopyFromHost(ids_ + len_, ids.data(), ids.size() * sizeof(int32_t));
   fill_exit_kv_ = ee.threshold < 1.0f;
   return Forward(static_cast<int>(ids.size()), &ee);
@@ -82,8 +82,8 @@ bool Generator::TryExit(int i, const float* in_rows, int m, int rows, const Earl
   if (x.kind == ExitKind::kBlock) {
     if (!fill_exit_kv_) return false;
     // The exit's own block needs K/V for every row that reaches its depth.
-    const float* h = model_->ExitHidden(i, exit_acts_[i], in_rows, pos_ + m, 1, rows,
-                                        &exit_kv_[i], m);
+    const float* h =
+        model_->ExitHidden(i, exit_acts_[i], in_rows, pos_ + m, 1, rows, &exit_kv_[i], m);
     last = h + (rows - 1) * ch;
   } else if (check) {
     const float* in_last =
@@ -129,8 +129,7 @@ StepResult Generator::Forward(int n_new, const EarlyExitParams* ee) {
     if (m == end) continue;
     const int rows = end - m;
     float* h = hidden_ + (m - s) * ch;
-    BlockForward(model_->ctx(), model_->layer(l - 1), acts_, h, pos_ + m, 1, rows, &kv_[l - 1],
-                 m);
+    BlockForward(model_->ctx(), model_->layer(l - 1), acts_, h, pos_ + m, 1, rows, &kv_[l - 1], m);
     be_->Copy(h, acts_.out, rows * ch * sizeof(float));
     for (int q = m; q < end; ++q) depth_[q] = l;
     exits_at(l, m, rows);
@@ -150,13 +149,15 @@ StepResult Generator::Forward(int n_new, const EarlyExitParams* ee) {
   return r;
 }
 
-absl::StatusOr<GenerationResult> Generator::Generate(
-    const std::vector<int32_t>& prompt, int max_new_tokens, int eos_id,
-    const SamplingParams& sampling, const EarlyExitParams& ee,
-    const std::function<void(int32_t)>& on_token) {
+absl::StatusOr<GenerationResult> Generator::Generate(const std::vector<int32_t>& prompt,
+                                                     int max_new_tokens, int eos_id,
+                                                     const SamplingParams& sampling,
+                                                     const EarlyExitParams& ee,
+                                                     const std::function<void(int32_t)>& on_token) {
   if (prompt.empty()) return absl::InvalidArgumentError("the prompt is empty");
   if (max_new_tokens < 1) {
-    return absl::InvalidArgumentError(absl::StrCat("max_new_tokens must be >= 1, got ", max_new_tokens));
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_new_tokens must be >= 1, got ", max_new_tokens));
   }
   const int need = static_cast<int>(prompt.size()) + max_new_tokens;
   if (need > capacity_) {
@@ -166,7 +167,9 @@ absl::StatusOr<GenerationResult> Generator::Generate(
   }
   const int vocab = model_->config().vocab_size;
   for (int32_t t : prompt) {
-    if (t < 0 || t >= vocab) return absl::InvalidArgumentError(absl::StrCat("prompt token ", t, " is outside the vocabulary [0, ", vocab, ")"));
+    if (t < 0 || t >= vocab)
+      return absl::InvalidArgumentError(
+          absl::StrCat("prompt token ", t, " is outside the vocabulary [0, ", vocab, ")"));
   }
   Reset();
   Rng rng(sampling.seed);

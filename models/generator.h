@@ -25,8 +25,8 @@ struct EarlyExitParams {
 };
 
 struct StepResult {
-  int exit_index = -1;  // exit that fired, -1 for the final head
-  int depth = 0;        // layers computed for the newest token
+  int exit_index = -1;        // exit that fired, -1 for the final head
+  int depth = 0;              // layers computed for the newest token
   std::vector<float> logits;  // [vocab] of the head that produced the token (before temperature)
   float temperature = 1.0f;   // that head's temperature
 };
@@ -46,10 +46,10 @@ class Generator {
   // `capacity`: most tokens (prompt + generated) one sequence may hold.
   Generator(Model* model, int capacity);
 
-  absl::StatusOr<GenerationResult> Generate(
-      const std::vector<int32_t>& prompt, int max_new_tokens, int eos_id,
-      const SamplingParams& sampling, const EarlyExitParams& ee,
-      const std::function<void(int32_t)>& on_token = nullptr);
+  absl::StatusOr<GenerationResult> Generate(const std::vector<int32_t>& prompt, int max_new_tokens,
+                                            int eos_id, const SamplingParams& sampling,
+                                            const EarlyExitParams& ee,
+                                            const std::function<void(int32_t)>& on_token = nullptr);
 
   // ---- lower level (tests) -----------------------------------------------------------------
   void Reset();

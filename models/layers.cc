@@ -36,7 +36,8 @@ MlpParams AddMlpParams(ParamStore& ps, const ModelConfig& c, const std::string& 
   MlpParams p;
   p.norm = AddNormParams(ps, c, prefix + "mlp_norm");
   AddLinear(ps, c, prefix + "mlp.fc1", c.ffn_hidden_size, c.hidden_size, &p.w1, &p.b1);
-  if (c.use_swiglu()) AddLinear(ps, c, prefix + "mlp.up", c.ffn_hidden_size, c.hidden_size, &p.w3, nullptr);
+  if (c.use_swiglu())
+    AddLinear(ps, c, prefix + "mlp.up", c.ffn_hidden_size, c.hidden_size, &p.w3, nullptr);
   AddLinear(ps, c, prefix + "mlp.fc2", c.hidden_size, c.ffn_hidden_size, &p.w2, &p.b2);
   return p;
 }
@@ -106,8 +107,7 @@ GradScratch MakeGradScratch(Arena& a, const ModelConfig& c, int n) {
   return s;
 }
 
-void NormForward(const LayerContext& ctx, const NormParams& p, NormActs& a, const float* x,
-                 int n) {
+void NormForward(const LayerContext& ctx, const NormParams& p, NormActs& a, const float* x, int n) {
   const int c = ctx.cfg->hidden_size;
   if (ctx.cfg->use_rmsnorm()) {
     ctx.be->RmsNormForward(a.out, a.rstd, x, ctx.P(p.g), n, c, ctx.cfg->norm_eps);
@@ -123,13 +123,13 @@ void NormBackward(const LayerContext& ctx, const NormParams& p, const NormActs& 
   if (ctx.cfg->use_rmsnorm()) {
     ctx.be->RmsNormBackward(dx, ctx.G(p.g), dout, x, ctx.P(p.g), a.rstd, n, c);
   } else {
-    ctx.be->LayerNormBackward(dx, ctx.G(p.g), ctx.G(p.b), dout, x, ctx.P(p.g), a.mean, a.rstd,
-                              n, c);
+    ctx.be->LayerNormBackward(dx, ctx.G(p.g), ctx.G(p.b), dout, x, ctx.P(p.g), a.mean, a.rstd, n,
+                              c);
   }
 }
 
-void MlpForward(const LayerContext& ctx, const MlpParams& p, MlpActs& a, float* out,
-                const float* x, int n) {
+void MlpForward(const LayerContext& ctx, const MlpParams& p, MlpActs& a, float* out, const float* x,
+                int n) {
   const ModelConfig& c = *ctx.cfg;
   const int h = c.hidden_size, f = c.ffn_hidden_size;
   Backend* be = ctx.be;
@@ -155,14 +155,14 @@ void MlpBranchBackward(const LayerContext& ctx, const MlpParams& p, const MlpAct
   be->LinearBackward(s.dact, ctx.G(p.w2), ctx.G(p.b2), dout, a.act, ctx.P(p.w2), n, f, h, false);
   if (c.use_swiglu()) {
     be->SwiGluBackward(s.dh1, s.dh3, s.dact, a.h1, a.h3, nf);
-    be->LinearBackward(s.dnorm, ctx.G(p.w1), ctx.G(p.b1), s.dh1, a.norm.out, ctx.P(p.w1), n, h,
-                       f, false);
+    be->LinearBackward(s.dnorm, ctx.G(p.w1), ctx.G(p.b1), s.dh1, a.norm.out, ctx.P(p.w1), n, h, f,
+                       false);
     be->LinearBackward(s.dnorm, ctx.G(p.w3), nullptr, s.dh3, a.norm.out, ctx.P(p.w3), n, h, f,
                        true);
   } else {
     be->GeluBackward(s.dh1, s.dact, a.h1, nf);
-    be->LinearBackward(s.dnorm, ctx.G(p.w1), ctx.G(p.b1), s.dh1, a.norm.out, ctx.P(p.w1), n, h,
-                       f, false);
+    be->LinearBackward(s.dnorm, ctx.G(p.w1), ctx.G(p.b1), s.dh1, a.norm.out, ctx.P(p.w1), n, h, f,
+                       false);
   }
   NormBackward(ctx, p.norm, a.norm, dx, s.dnorm, x, n);
 }
@@ -190,8 +190,8 @@ void BlockForward(const LayerContext& ctx, const BlockParams& p, BlockActs& a, c
     const size_t row = static_cast<size_t>(hkv) * d;
     be->Copy(kv->k + q_offset * row, at.k, n * row * sizeof(float));
     be->Copy(kv->v + q_offset * row, at.v, n * row * sizeof(float));
-    be->AttentionForward(at.att, at.probs, at.q, kv->k, kv->v, 1, n, q_offset + n, kv->capacity,
-                         hq, hkv, d, q_offset);
+    be->AttentionForward(at.att, at.probs, at.q, kv->k, kv->v, 1, n, q_offset + n, kv->capacity, hq,
+                         hkv, d, q_offset);
   }
   be->Copy(a.h_attn, x, static_cast<size_t>(n) * h * sizeof(float));
   be->Linear(a.h_attn, at.att, ctx.P(p.attn.wo), ctx.P(p.attn.bo), n, hq * d, h, true);
@@ -213,8 +213,8 @@ void BlockBackward(const LayerContext& ctx, const BlockParams& p, const BlockAct
   // Gradient at x: residual + attention branch.
   be->Copy(dx, s.dh, nh * sizeof(float));
   const AttnActs& at = a.attn;
-  be->LinearBackward(s.datt, ctx.G(p.attn.wo), ctx.G(p.attn.bo), s.dh, at.att, ctx.P(p.attn.wo),
-                     n, hq * d, h, false);
+  be->LinearBackward(s.datt, ctx.G(p.attn.wo), ctx.G(p.attn.bo), s.dh, at.att, ctx.P(p.attn.wo), n,
+                     hq * d, h, false);
   be->AttentionBackward(s.dq, s.dk, s.dv, s.datt, at.probs, at.q, at.k, at.v, b, t, hq, hkv, d);
   if (c.use_rope()) {
     be->RopeBackward(s.dq, pos, n, hq, d, c.rope_theta);

@@ -104,8 +104,8 @@ void NormBackward(const LayerContext& ctx, const NormParams& p, const NormActs& 
                   const float* dout, const float* x, int n);
 
 // out = x + mlp(norm(x)) (out written; may not alias x).
-void MlpForward(const LayerContext& ctx, const MlpParams& p, MlpActs& a, float* out,
-                const float* x, int n);
+void MlpForward(const LayerContext& ctx, const MlpParams& p, MlpActs& a, float* out, const float* x,
+                int n);
 // dx += d/dx of the branch mlp(norm(x)) given dout (the residual part is the caller's).
 void MlpBranchBackward(const LayerContext& ctx, const MlpParams& p, const MlpActs& a, float* dx,
                        const float* dout, const float* x, int n, const GradScratch& s);

@@ -51,8 +51,8 @@ absl::Status Get(const json& obj, const std::string& key, const std::string& whe
     }
     *out = it->get<T>();
   } catch (...) {
-    return Invalid(absl::StrCat("key \"", key, "\" in ", where, " has the wrong type: ",
-                                it->dump()));
+    return Invalid(
+        absl::StrCat("key \"", key, "\" in ", where, " has the wrong type: ", it->dump()));
   }
   return absl::OkStatus();
 }
@@ -66,8 +66,7 @@ absl::StatusOr<ExitConfig> ParseExit(const json& e, int index, const ModelConfig
   std::string where = absl::StrCat("exits[", index, "]");
   RETURN_IF_ERROR(CheckKeys(e,
                             {"layer", "kind", "position", "tied", "temperature", "loss_weight",
-                             "loss_weight_init", "loss_weight_warmup_iters",
-                             "loss_weight_warmup"},
+                             "loss_weight_init", "loss_weight_warmup_iters", "loss_weight_warmup"},
                             where));
   ExitConfig x;
   RETURN_IF_ERROR(Get(e, "layer", where, &x.layer, true));
@@ -81,24 +80,38 @@ absl::StatusOr<ExitConfig> ParseExit(const json& e, int index, const ModelConfig
   RETURN_IF_ERROR(Get(e, "loss_weight_init", where, &x.loss_weight_init, false));
   RETURN_IF_ERROR(Get(e, "loss_weight_warmup_iters", where, &x.loss_weight_warmup_iters, false));
   RETURN_IF_ERROR(Get(e, "loss_weight_warmup", where, &warmup, false));
-  if (kind == "linear") x.kind = ExitKind::kLinear;
-  else if (kind == "norm") x.kind = ExitKind::kNorm;
-  else if (kind == "mlp") x.kind = ExitKind::kMlp;
-  else if (kind == "block") x.kind = ExitKind::kBlock;
-  else return Invalid(absl::StrCat(where, ".kind \"", kind, "\" is not one of linear, norm, mlp, block"));
-  if (position == "post") x.position = ExitPosition::kPost;
-  else if (position == "pre") x.position = ExitPosition::kPre;
-  else return Invalid(absl::StrCat(where, ".position \"", position, "\" is not pre or post"));
-  if (warmup == "linear") x.loss_weight_warmup = WarmupStyle::kLinear;
-  else if (warmup == "cosine") x.loss_weight_warmup = WarmupStyle::kCosine;
-  else return Invalid(absl::StrCat(where, ".loss_weight_warmup \"", warmup, "\" is not linear or cosine"));
+  if (kind == "linear")
+    x.kind = ExitKind::kLinear;
+  else if (kind == "norm")
+    x.kind = ExitKind::kNorm;
+  else if (kind == "mlp")
+    x.kind = ExitKind::kMlp;
+  else if (kind == "block")
+    x.kind = ExitKind::kBlock;
+  else
+    return Invalid(
+        absl::StrCat(where, ".kind \"", kind, "\" is not one of linear, norm, mlp, block"));
+  if (position == "post")
+    x.position = ExitPosition::kPost;
+  else if (position == "pre")
+    x.position = ExitPosition::kPre;
+  else
+    return Invalid(absl::StrCat(where, ".position \"", position, "\" is not pre or post"));
+  if (warmup == "linear")
+    x.loss_weight_warmup = WarmupStyle::kLinear;
+  else if (warmup == "cosine")
+    x.loss_weight_warmup = WarmupStyle::kCosine;
+  else
+    return Invalid(
+        absl::StrCat(where, ".loss_weight_warmup \"", warmup, "\" is not linear or cosine"));
   int max_layer = x.position == ExitPosition::kPost ? c.num_layers - 1 : c.num_layers;
   if (x.layer < 1 || x.layer > max_layer) {
     return Invalid(absl::StrCat(where, ".layer ", x.layer, " is out of range: a ", position,
                                 "-layer exit needs 1 <= layer <= ", max_layer, " (num_layers ",
                                 c.num_layers, ")"));
   }
-  if (!(x.temperature > 0)) return Invalid(absl::StrCat(where, ".temperature must be > 0, got ", x.temperature));
+  if (!(x.temperature > 0))
+    return Invalid(absl::StrCat(where, ".temperature must be > 0, got ", x.temperature));
   if (x.loss_weight < 0 || x.loss_weight_init < 0)
     return Invalid(absl::StrCat(where, ": loss weights must be >= 0"));
   if (x.loss_weight_warmup_iters < 0)
@@ -110,10 +123,14 @@ absl::StatusOr<ExitConfig> ParseExit(const json& e, int index, const ModelConfig
 
 const char* ExitKindName(ExitKind k) {
   switch (k) {
-    case ExitKind::kLinear: return "linear";
-    case ExitKind::kNorm: return "norm";
-    case ExitKind::kMlp: return "mlp";
-    case ExitKind::kBlock: return "block";
+    case ExitKind::kLinear:
+      return "linear";
+    case ExitKind::kNorm:
+      return "norm";
+    case ExitKind::kMlp:
+      return "mlp";
+    case ExitKind::kBlock:
+      return "block";
   }
   return "?";
 }
@@ -126,18 +143,21 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text) {
     return Invalid(absl::StrCat("not valid JSON: ", e.what()));
   }
   const std::string where = "model";
-  RETURN_IF_ERROR(CheckKeys(j,
-                            {"style", "vocab_size", "hidden_size", "num_layers", "num_heads",
-                             "num_kv_heads", "ffn_hidden_size", "max_seq_len", "norm_eps",
-                             "rope_theta", "tie_embeddings", "confidence_weighted_exit_loss",
-                             "exits"},
-                            where));
+  RETURN_IF_ERROR(
+      CheckKeys(j,
+                {"style", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                 "ffn_hidden_size", "max_seq_len", "norm_eps", "rope_theta", "tie_embeddings",
+                 "confidence_weighted_exit_loss", "exits"},
+                where));
   ModelConfig c;
   std::string style;
   RETURN_IF_ERROR(Get(j, "style", where, &style, true));
-  if (style == "gpt") c.style = ModelStyle::kGpt;
-  else if (style == "llama") c.style = ModelStyle::kLlama;
-  else return Invalid(absl::StrCat("style \"", style, "\" is not gpt or llama"));
+  if (style == "gpt")
+    c.style = ModelStyle::kGpt;
+  else if (style == "llama")
+    c.style = ModelStyle::kLlama;
+  else
+    return Invalid(absl::StrCat("style \"", style, "\" is not gpt or llama"));
   c.tie_embeddings = c.style == ModelStyle::kGpt;
   RETURN_IF_ERROR(Get(j, "vocab_size", where, &c.vocab_size, true));
   RETURN_IF_ERROR(Get(j, "hidden_size", where, &c.hidden_size, true));
@@ -152,34 +172,38 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text) {
   RETURN_IF_ERROR(Get(j, "tie_embeddings", where, &c.tie_embeddings, false));
   RETURN_IF_ERROR(
       Get(j, "confidence_weighted_exit_loss", where, &c.confidence_weighted_exit_loss, false));
-  for (auto [v, k] : {std::pair{c.vocab_size, "vocab_size"}, {c.hidden_size, "hidden_size"},
-                      {c.num_layers, "num_layers"}, {c.num_heads, "num_heads"},
-                      {c.num_kv_heads, "num_kv_heads"}, {c.max_seq_len, "max_seq_len"}}) {
+  for (auto [v, k] : {std::pair{c.vocab_size, "vocab_size"},
+                      {c.hidden_size, "hidden_size"},
+                      {c.num_layers, "num_layers"},
+                      {c.num_heads, "num_heads"},
+                      {c.num_kv_heads, "num_kv_heads"},
+                      {c.max_seq_len, "max_seq_len"}}) {
     RETURN_IF_ERROR(Positive(v, k));
   }
   if (c.hidden_size % c.num_heads != 0) {
-    return Invalid(absl::StrCat("num_heads ", c.num_heads, " does not divide hidden_size ",
-                                c.hidden_size));
+    return Invalid(
+        absl::StrCat("num_heads ", c.num_heads, " does not divide hidden_size ", c.hidden_size));
   }
   if (c.num_heads % c.num_kv_heads != 0) {
-    return Invalid(absl::StrCat("num_kv_heads ", c.num_kv_heads, " does not divide num_heads ",
-                                c.num_heads));
+    return Invalid(
+        absl::StrCat("num_kv_heads ", c.num_kv_heads, " does not divide num_heads ", c.num_heads));
   }
   if (c.style == ModelStyle::kGpt && c.num_kv_heads != c.num_heads) {
-    return Invalid(absl::StrCat("num_kv_heads ", c.num_kv_heads,
-                                " differs from num_heads; grouped-query attention needs style llama"));
+    return Invalid(
+        absl::StrCat("num_kv_heads ", c.num_kv_heads,
+                     " differs from num_heads; grouped-query attention needs style llama"));
   }
   if (c.use_rope() && c.head_dim() % 2 != 0) {
     return Invalid(absl::StrCat("head dimension ", c.head_dim(), " must be even for RoPE"));
   }
   if (c.ffn_hidden_size == 0) {
-    c.ffn_hidden_size = c.style == ModelStyle::kGpt
-                            ? 4 * c.hidden_size
-                            : (8 * c.hidden_size / 3 + 63) / 64 * 64;
+    c.ffn_hidden_size =
+        c.style == ModelStyle::kGpt ? 4 * c.hidden_size : (8 * c.hidden_size / 3 + 63) / 64 * 64;
   }
   RETURN_IF_ERROR(Positive(c.ffn_hidden_size, "ffn_hidden_size"));
   if (!(c.norm_eps > 0)) return Invalid(absl::StrCat("norm_eps must be > 0, got ", c.norm_eps));
-  if (!(c.rope_theta > 0)) return Invalid(absl::StrCat("rope_theta must be > 0, got ", c.rope_theta));
+  if (!(c.rope_theta > 0))
+    return Invalid(absl::StrCat("rope_theta must be > 0, got ", c.rope_theta));
   if (j.contains("exits")) {
     if (!j["exits"].is_array()) return Invalid("exits must be a JSON array");
     int i = 0;
@@ -188,9 +212,8 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text) {
       c.exits.push_back(x);
     }
   }
-  std::stable_sort(c.exits.begin(), c.exits.end(), [](const ExitConfig& a, const ExitConfig& b) {
-    return a.depth() < b.depth();
-  });
+  std::stable_sort(c.exits.begin(), c.exits.end(),
+                   [](const ExitConfig& a, const ExitConfig& b) { return a.depth() < b.depth(); });
   for (size_t i = 1; i < c.exits.size(); ++i) {
     if (c.exits[i].depth() == c.exits[i - 1].depth()) {
       return Invalid(absl::StrCat("two exits read the same hidden state (layer ", c.exits[i].layer,

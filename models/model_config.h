@@ -32,7 +32,7 @@ struct ExitConfig {
   int layer = 0;  // 1-based. Post: reads the output of `layer`; pre: reads its input.
   ExitKind kind = ExitKind::kNorm;
   ExitPosition position = ExitPosition::kPost;
-  bool tied = false;  // output projection shared with the word embedding
+  bool tied = false;         // output projection shared with the word embedding
   float temperature = 1.0f;  // divides the exit's logits when measuring confidence (inference)
   float loss_weight = 1.0f;
   float loss_weight_init = 1.0f;

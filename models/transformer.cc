@@ -25,7 +25,8 @@ void Model::DeclareParams() {
     layers_.push_back(AddBlockParams(params_, c, absl::StrCat("layers.", l, ".")));
   }
   final_norm_ = AddNormParams(params_, c, "final_norm");
-  if (!c.tie_embeddings) output_ = params_.Add("output.weight", {c.vocab_size, c.hidden_size}, true);
+  if (!c.tie_embeddings)
+    output_ = params_.Add("output.weight", {c.vocab_size, c.hidden_size}, true);
   for (size_t i = 0; i < c.exits.size(); ++i) {
     const ExitConfig& x = c.exits[i];
     const std::string prefix = absl::StrCat("exits.", i, ".");
@@ -97,9 +98,11 @@ std::unique_ptr<Workspace> Model::MakeWorkspace(int b, int t) {
   be_->CopyFromHost(ws->pos, pos.data(), n * sizeof(int32_t));
   ws->weights = a.Floats(n);
   ws->x0 = a.Floats(nc);
-  for (int l = 0; l < config_.num_layers; ++l) ws->layers.push_back(MakeBlockActs(a, config_, n, b, t));
+  for (int l = 0; l < config_.num_layers; ++l)
+    ws->layers.push_back(MakeBlockActs(a, config_, n, b, t));
   ws->final_norm = MakeNormActs(a, n, c);
-  for (size_t i = 0; i < config_.exits.size(); ++i) ws->exits.push_back(MakeExitActs(a, i, n, b, t));
+  for (size_t i = 0; i < config_.exits.size(); ++i)
+    ws->exits.push_back(MakeExitActs(a, i, n, b, t));
   ws->logits = a.Floats(static_cast<size_t>(n) * config_.vocab_size);
   ws->losses = a.Floats(n);
   ws->max_prob = a.Floats(n);
@@ -192,8 +195,8 @@ std::pair<double, double> Model::HeadLoss(Workspace& ws, const float* hidden, in
   }
   if (backward) {
     const int w = OutputWeight(exit_index);
-    be_->LinearBackward(ws.dhidden, params_.grad(w), nullptr, ws.logits, hidden,
-                        params_.param(w), n, config_.hidden_size, v, false);
+    be_->LinearBackward(ws.dhidden, params_.grad(w), nullptr, ws.logits, hidden, params_.param(w),
+                        n, config_.hidden_size, v, false);
   }
   return {mean / count, term};
 }
@@ -249,8 +252,8 @@ void Model::ExitsAtDepth(Workspace& ws, int depth, absl::Span<const float> w, bo
       const ExitHeadParams& p = exits_[i];
       be_->Fill(ws.dexit, nc, 0.0f);
       NormBackward(ctx(), p.norm, ws.exits[i].norm, ws.dexit, ws.dhidden, ws.exits[i].block.out, n);
-      BlockBackward(ctx(), p.block, ws.exits[i].block, ws.dhidden, ws.dexit, nullptr, in, ws.pos,
-                    b, t, ws.gs);
+      BlockBackward(ctx(), p.block, ws.exits[i].block, ws.dhidden, ws.dexit, nullptr, in, ws.pos, b,
+                    t, ws.gs);
       be_->Axpy(din, 1.0f, ws.dhidden, nc);
     } else {
       ExitBackward(i, ws.exits[i], din, ws.dhidden, in, ws.pos, b, t, ws.gs);
@@ -292,7 +295,8 @@ LossReport Model::ForwardBackward(Workspace& ws, const int32_t* ids, const int32
   for (int l = c.num_layers; l >= 1; --l) {
     bool has_mlp_post = false;
     for (const auto& e : c.exits) {
-      has_mlp_post |= e.depth() == l && e.kind == ExitKind::kMlp && e.position == ExitPosition::kPost;
+      has_mlp_post |=
+          e.depth() == l && e.kind == ExitKind::kMlp && e.position == ExitPosition::kPost;
     }
     ExitsAtDepth(ws, l, exit_weights, backward, r);
     if (!backward) continue;
@@ -301,8 +305,8 @@ LossReport Model::ForwardBackward(Workspace& ws, const int32_t* ids, const int32
       if (has_mlp_post && c.exits[i].depth() == l && exit_weights[i] > 0) extra = ws.d_h_extra;
     }
     const float* in = l == 1 ? ws.x0 : ws.layers[l - 2].out;
-    BlockBackward(ctx(), layers_[l - 1], ws.layers[l - 1], ws.dx_prev, ws.dx, extra, in, ws.pos,
-                  b, t, ws.gs);
+    BlockBackward(ctx(), layers_[l - 1], ws.layers[l - 1], ws.dx_prev, ws.dx, extra, in, ws.pos, b,
+                  t, ws.gs);
     std::swap(ws.dx, ws.dx_prev);
   }
   ExitsAtDepth(ws, 0, exit_weights, backward, r);

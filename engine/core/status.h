@@ -38,16 +38,16 @@ namespace eellm::internal {
 }  // namespace eellm::internal
 
 // EE_CHECK(cond, message parts...): aborts on a broken invariant (never for user input).
-#define EE_CHECK(cond, ...)                                                    \
-  do {                                                                         \
-    if (!(cond))                                                               \
-      ::eellm::internal::CheckFailed(__FILE__, __LINE__, #cond,                \
+#define EE_CHECK(cond, ...)                                              \
+  do {                                                                   \
+    if (!(cond))                                                         \
+      ::eellm::internal::CheckFailed(__FILE__, __LINE__, #cond,          \
                                      ::absl::StrCat("", ##__VA_ARGS__)); \
   } while (0)
 
 // Aborts with the status message if it is not OK (for tests and top-level code).
-#define EE_CHECK_OK(expr)                                                   \
-  do {                                                                      \
-    ::absl::Status ee_s_ = (expr);                                          \
-    EE_CHECK(ee_s_.ok(), ee_s_.ToString());                                 \
+#define EE_CHECK_OK(expr)                   \
+  do {                                      \
+    ::absl::Status ee_s_ = (expr);          \
+    EE_CHECK(ee_s_.ok(), ee_s_.ToString()); \
   } while (0)

@@ -55,7 +55,7 @@ void CpuBackend::AttentionForward(float* out, float* probs, const float* q, cons
   const int group = hq / hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   const int tasks = b * hq;
-  const bool parallel = static_cast<int64_t>(tasks) * tq * tk * d >= 16384;
+  const bool parallel = static_cast<int64_t>(tasks) * tq * tk * d >= (int64_t{1} << 18);
 #pragma omp parallel for schedule(dynamic, 1) if (parallel)
   for (int task = 0; task < tasks; ++task) {
     const int bi = task / hq, h = task % hq, kvh = h / group;
@@ -65,8 +65,8 @@ void CpuBackend::AttentionForward(float* out, float* probs, const float* q, cons
     float* oh = out + (static_cast<size_t>(bi) * tq * hq + h) * d;
     const size_t slab = static_cast<size_t>(tq) * tk;
     float* s = probs ? probs + static_cast<size_t>(task) * slab : Scratch(slab, 0);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, tq, tk, d, scale, qh, hq * d, kh,
-                hkv * d, 0.0f, s, tk);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, tq, tk, d, scale, qh, hq * d, kh, hkv * d,
+                0.0f, s, tk);
     CausalSoftmaxRows(s, tq, tk, q_offset);
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, tq, d, tk, 1.0f, s, tk, vh, hkv * d,
                 0.0f, oh, hq * d);
@@ -82,7 +82,7 @@ void CpuBackend::AttentionBackward(float* dq, float* dk, float* dv, const float*
   const int group = hq / hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   const int tasks = b * hkv;
-  const bool parallel = static_cast<int64_t>(tasks) * group * t * t * d >= 16384;
+  const bool parallel = static_cast<int64_t>(tasks) * group * t * t * d >= (int64_t{1} << 18);
 #pragma omp parallel for schedule(dynamic, 1) if (parallel)
   for (int task = 0; task < tasks; ++task) {
     const int bi = task / hkv, kvh = task % hkv;
@@ -102,8 +102,8 @@ void CpuBackend::AttentionBackward(float* dq, float* dk, float* dv, const float*
       const float* doh = dout + q_off;
       cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, t, d, t, 1.0f, p, t, doh, hq * d, 1.0f,
                   dvh, hkv * d);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, t, t, d, 1.0f, doh, hq * d, vh,
-                  hkv * d, 0.0f, ds, t);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, t, t, d, 1.0f, doh, hq * d, vh, hkv * d,
+                  0.0f, ds, t);
       for (int i = 0; i < t; ++i) {
         float* row = ds + static_cast<size_t>(i) * t;
         const float* prow = p + static_cast<size_t>(i) * t;
@@ -114,8 +114,8 @@ void CpuBackend::AttentionBackward(float* dq, float* dk, float* dv, const float*
       }
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, t, d, t, scale, ds, t, kh, hkv * d,
                   0.0f, dq + q_off, hq * d);
-      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, t, d, t, scale, ds, t, q + q_off,
-                  hq * d, 1.0f, dkh, hkv * d);
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, t, d, t, scale, ds, t, q + q_off, hq * d,
+                  1.0f, dkh, hkv * d);
     }
   }
 }

@@ -37,8 +37,10 @@ struct CmdResult {
 std::string Quote(const std::string& s) {
   std::string q = "'";
   for (char c : s) {
-    if (c == '\'') q += "'\\''";
-    else q += c;
+    if (c == '\'')
+      q += "'\\''";
+    else
+      q += c;
   }
   return q + "'";
 }
@@ -56,15 +58,18 @@ CmdResult RunEellm(const std::string& args) {
   size_t n;
   while ((n = fread(buf, 1, sizeof(buf), p)) > 0) r.output.append(buf, n);
   const int status = pclose(p);
-  if (status == -1) r.exit_code = -1;
-  else if (WIFEXITED(status)) r.exit_code = WEXITSTATUS(status);
-  else if (WIFSIGNALED(status)) r.exit_code = 128 + WTERMSIG(status);
+  if (status == -1)
+    r.exit_code = -1;
+  else if (WIFEXITED(status))
+    r.exit_code = WEXITSTATUS(status);
+  else if (WIFSIGNALED(status))
+    r.exit_code = 128 + WTERMSIG(status);
   return r;
 }
 
 std::string Describe(const std::string& args, const CmdResult& r) {
-  return "command: eellm " + args + "\nexit code: " + std::to_string(r.exit_code) +
-         "\noutput:\n" + r.output;
+  return "command: eellm " + args + "\nexit code: " + std::to_string(r.exit_code) + "\noutput:\n" +
+         r.output;
 }
 
 void WriteFile(const std::string& path, const std::string& content) {
@@ -83,9 +88,9 @@ class CliTest : public ::testing::Test {
  protected:
   void SetUp() override {
     const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    std::string tmpl = (fs::temp_directory_path() /
-                        (std::string("eellm_cli_") + info->name() + "_XXXXXX"))
-                           .string();
+    std::string tmpl =
+        (fs::temp_directory_path() / (std::string("eellm_cli_") + info->name() + "_XXXXXX"))
+            .string();
     std::vector<char> buf(tmpl.begin(), tmpl.end());
     buf.push_back('\0');
     ASSERT_NE(mkdtemp(buf.data()), nullptr) << "mkdtemp failed for " << tmpl;
@@ -138,8 +143,8 @@ class CliTest : public ::testing::Test {
   // Writes the tiny text and runs `eellm data` on it (prefix data/tiny); false on failure.
   bool PrepareTinyData(double val_fraction) {
     const std::string text = WriteTinyText();
-    const std::string args = "data --input=" + Quote(text) + " --output=" +
-                             Quote(Path("data/tiny")) +
+    const std::string args = "data --input=" + Quote(text) +
+                             " --output=" + Quote(Path("data/tiny")) +
                              " --val-fraction=" + std::to_string(val_fraction);
     CmdResult d = RunEellm(args);
     EXPECT_EQ(d.exit_code, 0) << Describe(args, d);
@@ -167,8 +172,8 @@ class CliTest : public ::testing::Test {
     CmdResult r = RunEellm(args);
     EXPECT_NE(r.exit_code, 0) << Describe(args, r);
     for (const std::string& n : needles) {
-      EXPECT_NE(r.output.find(n), std::string::npos)
-          << "expected \"" << n << "\" in the output\n" << Describe(args, r);
+      EXPECT_NE(r.output.find(n), std::string::npos) << "expected \"" << n << "\" in the output\n"
+                                                     << Describe(args, r);
     }
   }
 
@@ -245,8 +250,7 @@ TEST_F(CliTest, MissingDataFileIsNamed) {
 
 TEST_F(CliTest, MissingTextFileIsNamed) {
   const std::string input = Path("no_such_text.txt");
-  const std::string args =
-      "data --input=" + Quote(input) + " --output=" + Quote(Path("data/tiny"));
+  const std::string args = "data --input=" + Quote(input) + " --output=" + Quote(Path("data/tiny"));
   CmdResult r = RunEellm(args);
   EXPECT_NE(r.exit_code, 0) << Describe(args, r);
   EXPECT_NE(r.output.find(input), std::string::npos) << Describe(args, r);
@@ -259,8 +263,7 @@ TEST_F(CliTest, ValidationSetTooSmallForOneBatchIsNamed) {
   const std::string args = "train --config=" + Quote(WriteConfig(kTinyModel));
   CmdResult r = RunEellm(args);
   EXPECT_NE(r.exit_code, 0) << Describe(args, r);
-  EXPECT_NE(r.output.find(Path("data/tiny") + ".val.bin"), std::string::npos)
-      << Describe(args, r);
+  EXPECT_NE(r.output.find(Path("data/tiny") + ".val.bin"), std::string::npos) << Describe(args, r);
   EXPECT_EQ(r.output.find("val final 0.0000"), std::string::npos) << Describe(args, r);
 }
 
@@ -270,8 +273,8 @@ TEST_F(CliTest, ValidationSetTooSmallForOneBatchIsNamed) {
 TEST_F(CliTest, ResumeContinuesFromTheCheckpointStep) {
   const std::string ckpt = TrainTinyModel(2);
   ASSERT_FALSE(ckpt.empty());
-  const std::string args = "train --config=" + Quote(Path("config.json")) + " --steps=4 --resume=" +
-                           Quote(ckpt);
+  const std::string args =
+      "train --config=" + Quote(Path("config.json")) + " --steps=4 --resume=" + Quote(ckpt);
   CmdResult r = RunEellm(args);
   ASSERT_EQ(r.exit_code, 0) << Describe(args, r);
   EXPECT_NE(r.output.find("trained 2 steps"), std::string::npos) << Describe(args, r);
@@ -284,8 +287,8 @@ TEST_F(CliTest, ResumeAtOrPastTheLastStepFails) {
   const std::string ckpt = TrainTinyModel(3);
   ASSERT_FALSE(ckpt.empty());
   for (const char* steps : {"3", "2"}) {
-    const std::string args = "train --config=" + Quote(Path("config.json")) + " --steps=" +
-                             steps + " --resume=" + Quote(ckpt);
+    const std::string args = "train --config=" + Quote(Path("config.json")) + " --steps=" + steps +
+                             " --resume=" + Quote(ckpt);
     CmdResult r = RunEellm(args);
     EXPECT_NE(r.exit_code, 0) << Describe(args, r);
     EXPECT_NE(r.output.find("step 3"), std::string::npos) << Describe(args, r);
@@ -351,8 +354,8 @@ TEST_F(CliTest, WrongTensorShapeNamesTensorAndShapes) {
     const hsize_t dims[2] = {16, 32};
     std::vector<float> zeros(16 * 32, 0.0f);
     hid_t space = H5Screate_simple(2, dims, nullptr);
-    hid_t ds = H5Dcreate2(file, kTensor, H5T_IEEE_F32LE, space, H5P_DEFAULT, H5P_DEFAULT,
-                          H5P_DEFAULT);
+    hid_t ds =
+        H5Dcreate2(file, kTensor, H5T_IEEE_F32LE, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
     ASSERT_GE(ds, 0);
     ASSERT_GE(H5Dwrite(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, zeros.data()), 0);
     H5Dclose(ds);
@@ -367,10 +370,10 @@ TEST_F(CliTest, WrongTensorShapeNamesTensorAndShapes) {
   const std::string args = "generate --checkpoint=" + Quote(bad) + " --max_new_tokens=2";
   CmdResult r = RunEellm(args);
   EXPECT_NE(r.exit_code, 0) << Describe(args, r);
-  for (const std::string& n : {bad, std::string("layers.0.attn.wq.weight"),
-                               std::string("[16, 32]"), std::string("[32, 32]")}) {
-    EXPECT_NE(r.output.find(n), std::string::npos)
-        << "expected \"" << n << "\" in the output\n" << Describe(args, r);
+  for (const std::string& n : {bad, std::string("layers.0.attn.wq.weight"), std::string("[16, 32]"),
+                               std::string("[32, 32]")}) {
+    EXPECT_NE(r.output.find(n), std::string::npos) << "expected \"" << n << "\" in the output\n"
+                                                   << Describe(args, r);
   }
 }
 
@@ -432,8 +435,8 @@ int TokensGenerated(const std::string& output, const std::string& label) {
 TEST_F(CliTest, DataTrainGenerate) {
   const std::string ckpt = TrainTinyModel(5);
   ASSERT_FALSE(ckpt.empty());
-  const std::string args = "generate --checkpoint=" + Quote(ckpt) +
-                           " --compare --max_new_tokens 20 --threshold 0.5";
+  const std::string args =
+      "generate --checkpoint=" + Quote(ckpt) + " --compare --max_new_tokens 20 --threshold 0.5";
   CmdResult r = RunEellm(args);
   ASSERT_EQ(r.exit_code, 0) << Describe(args, r);
   EXPECT_NE(r.output.find("tokens/s"), std::string::npos) << Describe(args, r);

@@ -46,8 +46,8 @@ void WriteKjvText(const std::string& path, size_t max_bytes) {
       << "the `bible` program is missing: install the Debian packages bible-kjv and "
          "bible-kjv-text (tests/run.sh does) to run this test";
   const std::string full = path + ".full";
-  const std::string cmd = "bible -l100000 \"Gen1:1-Rev22:21\" | sed -n 's/^ \\+[0-9]\\+ //p' > '" +
-                          full + "'";
+  const std::string cmd =
+      "bible -l100000 \"Gen1:1-Rev22:21\" | sed -n 's/^ \\+[0-9]\\+ //p' > '" + full + "'";
   ASSERT_EQ(std::system(cmd.c_str()), 0) << "failed: " << cmd;
   std::FILE* in = std::fopen(full.c_str(), "rb");
   ASSERT_NE(in, nullptr) << "cannot read " << full;
@@ -95,7 +95,8 @@ TEST(TrainKjvSlow, EveryHeadLearns) {
       ]
     },
     "train": {
-      "data": ")" + dir + R"(/kjv", "out": ")" + dir + R"(/run",
+      "data": ")" + dir + R"(/kjv", "out": ")" +
+                           dir + R"(/run",
       "batch_size": 8, "seq_len": 64, "steps": 300, "lr": 3e-3, "min_lr": 3e-4,
       "warmup_steps": 20, "log_interval": 25, "eval_interval": 0, "eval_batches": 8
     }

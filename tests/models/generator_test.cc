@@ -1,7 +1,8 @@
 // KV-cache decoding and early-exit generation against full forward passes.
+#include "models/generator.h"
+
 #include <cmath>
 
-#include "models/generator.h"
 #include "tests/models/model_test_util.h"
 
 namespace eellm {

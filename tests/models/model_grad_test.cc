@@ -86,13 +86,13 @@ TEST_P(ModelGradTest, FiniteDifferences) {
   CheckModelGradients(c, 42);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    AllExitKinds, ModelGradTest,
-    ::testing::Combine(::testing::Values(ModelStyle::kGpt, ModelStyle::kLlama),
-                       ::testing::Values(ExitKind::kLinear, ExitKind::kNorm, ExitKind::kMlp,
-                                         ExitKind::kBlock),
-                       ::testing::Values(ExitPosition::kPost, ExitPosition::kPre),
-                       ::testing::Bool()));
+INSTANTIATE_TEST_SUITE_P(AllExitKinds, ModelGradTest,
+                         ::testing::Combine(::testing::Values(ModelStyle::kGpt, ModelStyle::kLlama),
+                                            ::testing::Values(ExitKind::kLinear, ExitKind::kNorm,
+                                                              ExitKind::kMlp, ExitKind::kBlock),
+                                            ::testing::Values(ExitPosition::kPost,
+                                                              ExitPosition::kPre),
+                                            ::testing::Bool()));
 
 TEST(ModelGrad, NoExitsBothStyles) {
   CheckModelGradients(TinyConfig(ModelStyle::kGpt), 7);
@@ -115,9 +115,8 @@ TEST(ModelGrad, ZeroExitWeightsMatchModelWithoutExits) {
   for (ModelStyle style : {ModelStyle::kGpt, ModelStyle::kLlama}) {
     ModelConfig base = TinyConfig(style);
     ModelConfig with = base;
-    for (auto [layer, kind, pos] :
-         {std::tuple{1, ExitKind::kMlp, ExitPosition::kPost},
-          std::tuple{3, ExitKind::kBlock, ExitPosition::kPre}}) {
+    for (auto [layer, kind, pos] : {std::tuple{1, ExitKind::kMlp, ExitPosition::kPost},
+                                    std::tuple{3, ExitKind::kBlock, ExitPosition::kPre}}) {
       ExitConfig x;
       x.layer = layer;
       x.kind = kind;
@@ -152,8 +151,10 @@ TEST(ModelGrad, ZeroExitWeightsMatchModelWithoutExits) {
         }
         max_abs = std::max(max_abs, static_cast<double>(std::fabs(g[k])));
       }
-      if (j < 0) EXPECT_EQ(max_abs, 0.0) << p.name;
-      else EXPECT_GT(max_abs, 0.0) << p.name;
+      if (j < 0)
+        EXPECT_EQ(max_abs, 0.0) << p.name;
+      else
+        EXPECT_GT(max_abs, 0.0) << p.name;
     }
   }
 }
@@ -177,7 +178,7 @@ TEST(ExitLossWeights, LinearAndCosineWarmup) {
   EXPECT_FLOAT_EQ(w0[1], 0.1f);
   EXPECT_FLOAT_EQ(w0[2], 0.25f);
   auto w25 = ExitLossWeights(c, 25);
-  EXPECT_FLOAT_EQ(w25[0], 0.2f);                                   // 0.1 + 0.4 * 0.25
+  EXPECT_FLOAT_EQ(w25[0], 0.2f);                                          // 0.1 + 0.4 * 0.25
   EXPECT_NEAR(w25[1], 0.1 + 0.4 * 0.5 * (1 - std::cos(M_PI / 4)), 1e-6);  // ~0.1586
   auto w50 = ExitLossWeights(c, 50);
   EXPECT_FLOAT_EQ(w50[0], 0.3f);
