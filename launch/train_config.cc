@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/core/status.h"
+#include "models/json_fields.h"
 #include "nlohmann/json.hpp"
 
 namespace eellm {
@@ -14,23 +15,6 @@ using nlohmann::json;
 
 absl::Status Invalid(const std::string& msg) {
   return absl::InvalidArgumentError(absl::StrCat("train config: ", msg));
-}
-
-// Reads json[key] into *out when present, checking its type.
-template <typename T>
-absl::Status Read(const json& j, const char* key, T* out) {
-  auto it = j.find(key);
-  if (it == j.end()) return absl::OkStatus();
-  bool ok;
-  if constexpr (std::is_same_v<T, int>)
-    ok = it->is_number_integer();
-  else if constexpr (std::is_same_v<T, float>)
-    ok = it->is_number();
-  else
-    ok = it->is_string();
-  if (!ok) return Invalid(absl::StrCat("key \"", key, "\" has the wrong type: ", it->dump()));
-  *out = it->get<T>();
-  return absl::OkStatus();
 }
 
 }  // namespace
@@ -56,36 +40,31 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
   TrainConfig& t = rc.train;
   if (j.contains("train")) {
     const json& tj = j["train"];
-    if (!tj.is_object()) return Invalid("\"train\" must be a JSON object");
-    static const char* kKeys[] = {"data",          "tokenizer",    "backend",      "out",
-                                  "batch_size",    "seq_len",      "steps",        "lr",
-                                  "min_lr",        "warmup_steps", "weight_decay", "beta1",
-                                  "beta2",         "grad_clip",    "seed",         "log_interval",
-                                  "eval_interval", "eval_batches", "save_interval"};
-    for (auto it = tj.begin(); it != tj.end(); ++it) {
-      bool known = false;
-      for (const char* k : kKeys) known |= it.key() == k;
-      if (!known) return Invalid(absl::StrCat("unknown key \"", it.key(), "\""));
-    }
-    RETURN_IF_ERROR(Read(tj, "data", &t.data));
-    RETURN_IF_ERROR(Read(tj, "tokenizer", &t.tokenizer));
-    RETURN_IF_ERROR(Read(tj, "backend", &t.backend));
-    RETURN_IF_ERROR(Read(tj, "out", &t.out));
-    RETURN_IF_ERROR(Read(tj, "batch_size", &t.batch_size));
-    RETURN_IF_ERROR(Read(tj, "seq_len", &t.seq_len));
-    RETURN_IF_ERROR(Read(tj, "steps", &t.steps));
-    RETURN_IF_ERROR(Read(tj, "lr", &t.lr));
-    RETURN_IF_ERROR(Read(tj, "min_lr", &t.min_lr));
-    RETURN_IF_ERROR(Read(tj, "warmup_steps", &t.warmup_steps));
-    RETURN_IF_ERROR(Read(tj, "weight_decay", &t.weight_decay));
-    RETURN_IF_ERROR(Read(tj, "beta1", &t.beta1));
-    RETURN_IF_ERROR(Read(tj, "beta2", &t.beta2));
-    RETURN_IF_ERROR(Read(tj, "grad_clip", &t.grad_clip));
-    RETURN_IF_ERROR(Read(tj, "seed", &t.seed));
-    RETURN_IF_ERROR(Read(tj, "log_interval", &t.log_interval));
-    RETURN_IF_ERROR(Read(tj, "eval_interval", &t.eval_interval));
-    RETURN_IF_ERROR(Read(tj, "eval_batches", &t.eval_batches));
-    RETURN_IF_ERROR(Read(tj, "save_interval", &t.save_interval));
+    RETURN_IF_ERROR(CheckJsonKeys(
+        tj,
+        {"data", "tokenizer", "backend", "out", "batch_size", "seq_len", "steps", "lr", "min_lr",
+         "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "seed", "log_interval",
+         "eval_interval", "eval_batches", "save_interval"},
+        "train config"));
+    RETURN_IF_ERROR(ReadJsonField(tj, "data", "train config", &t.data));
+    RETURN_IF_ERROR(ReadJsonField(tj, "tokenizer", "train config", &t.tokenizer));
+    RETURN_IF_ERROR(ReadJsonField(tj, "backend", "train config", &t.backend));
+    RETURN_IF_ERROR(ReadJsonField(tj, "out", "train config", &t.out));
+    RETURN_IF_ERROR(ReadJsonField(tj, "batch_size", "train config", &t.batch_size));
+    RETURN_IF_ERROR(ReadJsonField(tj, "seq_len", "train config", &t.seq_len));
+    RETURN_IF_ERROR(ReadJsonField(tj, "steps", "train config", &t.steps));
+    RETURN_IF_ERROR(ReadJsonField(tj, "lr", "train config", &t.lr));
+    RETURN_IF_ERROR(ReadJsonField(tj, "min_lr", "train config", &t.min_lr));
+    RETURN_IF_ERROR(ReadJsonField(tj, "warmup_steps", "train config", &t.warmup_steps));
+    RETURN_IF_ERROR(ReadJsonField(tj, "weight_decay", "train config", &t.weight_decay));
+    RETURN_IF_ERROR(ReadJsonField(tj, "beta1", "train config", &t.beta1));
+    RETURN_IF_ERROR(ReadJsonField(tj, "beta2", "train config", &t.beta2));
+    RETURN_IF_ERROR(ReadJsonField(tj, "grad_clip", "train config", &t.grad_clip));
+    RETURN_IF_ERROR(ReadJsonField(tj, "seed", "train config", &t.seed));
+    RETURN_IF_ERROR(ReadJsonField(tj, "log_interval", "train config", &t.log_interval));
+    RETURN_IF_ERROR(ReadJsonField(tj, "eval_interval", "train config", &t.eval_interval));
+    RETURN_IF_ERROR(ReadJsonField(tj, "eval_batches", "train config", &t.eval_batches));
+    RETURN_IF_ERROR(ReadJsonField(tj, "save_interval", "train config", &t.save_interval));
   }
   for (auto [v, k] : {std::pair{t.batch_size, "batch_size"},
                       {t.seq_len, "seq_len"},

@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "engine/core/status.h"
+#include "models/json_fields.h"
 #include "nlohmann/json.hpp"
 
 namespace eellm {
@@ -19,67 +20,32 @@ absl::Status Invalid(const std::string& msg) {
   return absl::InvalidArgumentError(absl::StrCat("model config: ", msg));
 }
 
-absl::Status CheckKeys(const json& obj, const std::set<std::string>& allowed,
-                       const std::string& where) {
-  if (!obj.is_object()) return Invalid(absl::StrCat(where, " must be a JSON object"));
-  for (auto it = obj.begin(); it != obj.end(); ++it) {
-    if (!allowed.count(it.key())) {
-      return Invalid(absl::StrCat("unknown key \"", it.key(), "\" in ", where,
-                                  " (allowed: ", absl::StrJoin(allowed, ", "), ")"));
-    }
-  }
-  return absl::OkStatus();
-}
-
-template <typename T>
-absl::Status Get(const json& obj, const std::string& key, const std::string& where, T* out,
-                 bool required) {
-  auto it = obj.find(key);
-  if (it == obj.end()) {
-    if (required) return Invalid(absl::StrCat("missing required key \"", key, "\" in ", where));
-    return absl::OkStatus();
-  }
-  try {
-    if constexpr (std::is_same_v<T, int>) {
-      if (!it->is_number_integer()) throw std::runtime_error("");
-    } else if constexpr (std::is_same_v<T, float>) {
-      if (!it->is_number()) throw std::runtime_error("");
-    } else if constexpr (std::is_same_v<T, bool>) {
-      if (!it->is_boolean()) throw std::runtime_error("");
-    } else {
-      if (!it->is_string()) throw std::runtime_error("");
-    }
-    *out = it->get<T>();
-  } catch (...) {
-    return Invalid(
-        absl::StrCat("key \"", key, "\" in ", where, " has the wrong type: ", it->dump()));
-  }
-  return absl::OkStatus();
-}
-
 absl::Status Positive(int v, const std::string& key) {
   if (v <= 0) return Invalid(absl::StrCat(key, " must be positive, got ", v));
   return absl::OkStatus();
 }
 
 absl::StatusOr<ExitConfig> ParseExit(const json& e, int index, const ModelConfig& c) {
-  std::string where = absl::StrCat("exits[", index, "]");
-  RETURN_IF_ERROR(CheckKeys(e,
-                            {"layer", "kind", "position", "tied", "temperature", "loss_weight",
-                             "loss_weight_init", "loss_weight_warmup_iters", "loss_weight_warmup"},
-                            where));
+  const std::string where = absl::StrCat("exits[", index, "]");
+  const std::string field = "model config " + where;
+  RETURN_IF_ERROR(
+      CheckJsonKeys(e,
+                    {"layer", "kind", "position", "tied", "temperature", "loss_weight",
+                     "loss_weight_init", "loss_weight_warmup_iters", "loss_weight_warmup"},
+                    field));
   ExitConfig x;
-  RETURN_IF_ERROR(Get(e, "layer", where, &x.layer, true));
+  RETURN_IF_ERROR(ReadJsonField(e, "layer", field, &x.layer, true));
   std::string kind = "norm", position = "post", warmup = "linear";
-  RETURN_IF_ERROR(Get(e, "kind", where, &kind, false));
-  RETURN_IF_ERROR(Get(e, "position", where, &position, false));
-  RETURN_IF_ERROR(Get(e, "tied", where, &x.tied, false));
-  RETURN_IF_ERROR(Get(e, "temperature", where, &x.temperature, false));
-  RETURN_IF_ERROR(Get(e, "loss_weight", where, &x.loss_weight, false));
+  RETURN_IF_ERROR(ReadJsonField(e, "kind", field, &kind, false));
+  RETURN_IF_ERROR(ReadJsonField(e, "position", field, &position, false));
+  RETURN_IF_ERROR(ReadJsonField(e, "tied", field, &x.tied, false));
+  RETURN_IF_ERROR(ReadJsonField(e, "temperature", field, &x.temperature, false));
+  RETURN_IF_ERROR(ReadJsonField(e, "loss_weight", field, &x.loss_weight, false));
   x.loss_weight_init = x.loss_weight;
-  RETURN_IF_ERROR(Get(e, "loss_weight_init", where, &x.loss_weight_init, false));
-  RETURN_IF_ERROR(Get(e, "loss_weight_warmup_iters", where, &x.loss_weight_warmup_iters, false));
-  RETURN_IF_ERROR(Get(e, "loss_weight_warmup", where, &warmup, false));
+  RETURN_IF_ERROR(ReadJsonField(e, "loss_weight_init", field, &x.loss_weight_init, false));
+  RETURN_IF_ERROR(
+      ReadJsonField(e, "loss_weight_warmup_iters", field, &x.loss_weight_warmup_iters, false));
+  RETURN_IF_ERROR(ReadJsonField(e, "loss_weight_warmup", field, &warmup, false));
   if (kind == "linear")
     x.kind = ExitKind::kLinear;
   else if (kind == "norm")
@@ -142,16 +108,16 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text) {
   } catch (const std::exception& e) {
     return Invalid(absl::StrCat("not valid JSON: ", e.what()));
   }
-  const std::string where = "model";
+  const std::string where = "model config";
   RETURN_IF_ERROR(
-      CheckKeys(j,
-                {"style", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                 "ffn_hidden_size", "max_seq_len", "norm_eps", "rope_theta", "tie_embeddings",
-                 "confidence_weighted_exit_loss", "exits"},
-                where));
+      CheckJsonKeys(j,
+                    {"style", "vocab_size", "hidden_size", "num_layers", "num_heads",
+                     "num_kv_heads", "ffn_hidden_size", "max_seq_len", "norm_eps", "rope_theta",
+                     "tie_embeddings", "confidence_weighted_exit_loss", "exits"},
+                    where));
   ModelConfig c;
   std::string style;
-  RETURN_IF_ERROR(Get(j, "style", where, &style, true));
+  RETURN_IF_ERROR(ReadJsonField(j, "style", where, &style, true));
   if (style == "gpt")
     c.style = ModelStyle::kGpt;
   else if (style == "llama")
@@ -159,19 +125,19 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text) {
   else
     return Invalid(absl::StrCat("style \"", style, "\" is not gpt or llama"));
   c.tie_embeddings = c.style == ModelStyle::kGpt;
-  RETURN_IF_ERROR(Get(j, "vocab_size", where, &c.vocab_size, true));
-  RETURN_IF_ERROR(Get(j, "hidden_size", where, &c.hidden_size, true));
-  RETURN_IF_ERROR(Get(j, "num_layers", where, &c.num_layers, true));
-  RETURN_IF_ERROR(Get(j, "num_heads", where, &c.num_heads, true));
-  RETURN_IF_ERROR(Get(j, "max_seq_len", where, &c.max_seq_len, true));
+  RETURN_IF_ERROR(ReadJsonField(j, "vocab_size", where, &c.vocab_size, true));
+  RETURN_IF_ERROR(ReadJsonField(j, "hidden_size", where, &c.hidden_size, true));
+  RETURN_IF_ERROR(ReadJsonField(j, "num_layers", where, &c.num_layers, true));
+  RETURN_IF_ERROR(ReadJsonField(j, "num_heads", where, &c.num_heads, true));
+  RETURN_IF_ERROR(ReadJsonField(j, "max_seq_len", where, &c.max_seq_len, true));
   c.num_kv_heads = c.num_heads;
-  RETURN_IF_ERROR(Get(j, "num_kv_heads", where, &c.num_kv_heads, false));
-  RETURN_IF_ERROR(Get(j, "ffn_hidden_size", where, &c.ffn_hidden_size, false));
-  RETURN_IF_ERROR(Get(j, "norm_eps", where, &c.norm_eps, false));
-  RETURN_IF_ERROR(Get(j, "rope_theta", where, &c.rope_theta, false));
-  RETURN_IF_ERROR(Get(j, "tie_embeddings", where, &c.tie_embeddings, false));
-  RETURN_IF_ERROR(
-      Get(j, "confidence_weighted_exit_loss", where, &c.confidence_weighted_exit_loss, false));
+  RETURN_IF_ERROR(ReadJsonField(j, "num_kv_heads", where, &c.num_kv_heads, false));
+  RETURN_IF_ERROR(ReadJsonField(j, "ffn_hidden_size", where, &c.ffn_hidden_size, false));
+  RETURN_IF_ERROR(ReadJsonField(j, "norm_eps", where, &c.norm_eps, false));
+  RETURN_IF_ERROR(ReadJsonField(j, "rope_theta", where, &c.rope_theta, false));
+  RETURN_IF_ERROR(ReadJsonField(j, "tie_embeddings", where, &c.tie_embeddings, false));
+  RETURN_IF_ERROR(ReadJsonField(j, "confidence_weighted_exit_loss", where,
+                                &c.confidence_weighted_exit_loss, false));
   for (auto [v, k] : {std::pair{c.vocab_size, "vocab_size"},
                       {c.hidden_size, "hidden_size"},
                       {c.num_layers, "num_layers"},
