@@ -1,9 +1,17 @@
-// `eellm train`: trains a model from a JSON run config ({"model": ..., "train": ...}).
+// `eellm train`: trains a model from a JSON run config ({"model": ..., "train": ...}), on one
+// process or on every rank of an mpirun / srun job (--tp, --pp, --dp).
+#include <chrono>
 #include <cstdio>
+#include <thread>
+#include <memory>
 
 #include "absl/flags/flag.h"
+#include "engine/core/logging.h"
 #include "launch/commands.h"
 #include "launch/trainer.h"
+#include "parallel/comm/mpi_communicator.h"
+#include "parallel/comm/mpi_runtime.h"
+#include "parallel/topology.h"
 
 ABSL_FLAG(std::string, config, "",
           "JSON run config with \"model\" and \"train\" sections (required)");
@@ -12,30 +20,72 @@ ABSL_FLAG(std::string, out, "", "override train.out, the checkpoint directory");
 ABSL_FLAG(std::string, data, "", "override train.data, the token-file prefix");
 ABSL_FLAG(std::string, resume, "", "checkpoint to resume from (model, optimizer state, step)");
 ABSL_FLAG(bool, quiet, false, "print only errors");
+ABSL_FLAG(int, tp, 0, "tensor-parallel size (0 = train.tp)");
+ABSL_FLAG(int, pp, 0, "pipeline-parallel size (0 = train.pp)");
+ABSL_FLAG(int, dp, 0, "data-parallel size (0 = train.dp, or world / (tp * pp) under a launcher)");
+ABSL_FLAG(bool, zero1, false, "shard the optimizer state over data-parallel ranks (ZeRO-1)");
 
 namespace eellm {
+namespace {
+
+int Fail(const absl::Status& s, bool under_launcher, int rank = 0) {
+  if (under_launcher) {
+    // Most errors (config, layout, data) hit every rank alike: let rank 0 report and abort the
+    // job, so the message appears once; a rank whose error is its own still aborts 2 s later.
+    if (rank != 0) std::this_thread::sleep_for(std::chrono::seconds(2));
+    AbortAllRanks(std::string(s.message()));
+  }
+  std::fprintf(stderr, "error: %s\n", std::string(s.message()).c_str());
+  return 1;
+}
+
+}  // namespace
 
 int RunTrainCommand() {
+  auto launch = DetectLaunch();
+  if (!launch.ok()) return Fail(launch.status(), false);
+  const bool multi = launch->world > 1;
+  std::unique_ptr<MpiRuntime> mpi;
+  if (multi) {
+    mpi = std::make_unique<MpiRuntime>();
+    SetLogRank(launch->rank);
+  }
   if (absl::GetFlag(FLAGS_config).empty()) {
-    std::fprintf(stderr, "error: --config is required (see configs/ for examples)\n");
-    return 2;
+    return Fail(absl::InvalidArgumentError("--config is required (see configs/ for examples)"),
+                multi, launch->rank);
   }
   auto rc = LoadRunConfig(absl::GetFlag(FLAGS_config));
-  if (!rc.ok()) {
-    std::fprintf(stderr, "error: %s\n", std::string(rc.status().message()).c_str());
-    return 1;
+  if (!rc.ok()) return Fail(rc.status(), multi, launch->rank);
+  TrainConfig& t = rc->train;
+  if (absl::GetFlag(FLAGS_steps) > 0) t.steps = absl::GetFlag(FLAGS_steps);
+  if (!absl::GetFlag(FLAGS_out).empty()) t.out = absl::GetFlag(FLAGS_out);
+  if (!absl::GetFlag(FLAGS_data).empty()) t.data = absl::GetFlag(FLAGS_data);
+  if (absl::GetFlag(FLAGS_tp) > 0) t.tp = absl::GetFlag(FLAGS_tp);
+  if (absl::GetFlag(FLAGS_pp) > 0) t.pp = absl::GetFlag(FLAGS_pp);
+  if (absl::GetFlag(FLAGS_dp) > 0) {
+    t.dp = absl::GetFlag(FLAGS_dp);
+  } else if (multi && launch->world % (t.tp * t.pp) == 0) {
+    t.dp = launch->world / (t.tp * t.pp);
   }
-  if (absl::GetFlag(FLAGS_steps) > 0) rc->train.steps = absl::GetFlag(FLAGS_steps);
-  if (!absl::GetFlag(FLAGS_out).empty()) rc->train.out = absl::GetFlag(FLAGS_out);
-  if (!absl::GetFlag(FLAGS_data).empty()) rc->train.data = absl::GetFlag(FLAGS_data);
+  if (absl::GetFlag(FLAGS_zero1)) t.zero1 = true;
+
+  auto backend = MakeBackend(t.backend);
+  if (!backend.ok()) return Fail(backend.status(), multi, launch->rank);
   TrainOptions opts;
   opts.resume = absl::GetFlag(FLAGS_resume);
   opts.verbose = !absl::GetFlag(FLAGS_quiet);
-  auto s = RunTraining(*rc, opts);
-  if (!s.ok()) {
-    std::fprintf(stderr, "error: %s\n", std::string(s.status().message()).c_str());
-    return 1;
+  opts.backend = backend->get();
+  std::unique_ptr<ParallelContext> ctx;
+  if (multi) {
+    auto c = ParallelContext::Create(MpiCommunicator::World(backend->get()), t.tp, t.pp, t.dp);
+    if (!c.ok()) return Fail(c.status(), multi, launch->rank);
+    ctx = std::move(*c);
+  } else {
+    ctx = ParallelContext::Single();
   }
+  opts.ctx = ctx.get();
+  auto s = RunTraining(*rc, opts);
+  if (!s.ok()) return Fail(s.status(), multi, launch->rank);
   return 0;
 }
 

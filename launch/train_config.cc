@@ -44,7 +44,7 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
         tj,
         {"data", "tokenizer", "backend", "out", "batch_size", "seq_len", "steps", "lr", "min_lr",
          "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "seed", "log_interval",
-         "eval_interval", "eval_batches", "save_interval"},
+         "eval_interval", "eval_batches", "save_interval", "tp", "pp", "dp", "zero1"},
         "train config"));
     RETURN_IF_ERROR(ReadJsonField(tj, "data", "train config", &t.data));
     RETURN_IF_ERROR(ReadJsonField(tj, "tokenizer", "train config", &t.tokenizer));
@@ -65,6 +65,10 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
     RETURN_IF_ERROR(ReadJsonField(tj, "eval_interval", "train config", &t.eval_interval));
     RETURN_IF_ERROR(ReadJsonField(tj, "eval_batches", "train config", &t.eval_batches));
     RETURN_IF_ERROR(ReadJsonField(tj, "save_interval", "train config", &t.save_interval));
+    RETURN_IF_ERROR(ReadJsonField(tj, "tp", "train config", &t.tp));
+    RETURN_IF_ERROR(ReadJsonField(tj, "pp", "train config", &t.pp));
+    RETURN_IF_ERROR(ReadJsonField(tj, "dp", "train config", &t.dp));
+    RETURN_IF_ERROR(ReadJsonField(tj, "zero1", "train config", &t.zero1));
   }
   for (auto [v, k] : {std::pair{t.batch_size, "batch_size"},
                       {t.seq_len, "seq_len"},
@@ -119,7 +123,11 @@ std::string TrainConfigToJson(const TrainConfig& t) {
             {"log_interval", t.log_interval},
             {"eval_interval", t.eval_interval},
             {"eval_batches", t.eval_batches},
-            {"save_interval", t.save_interval}};
+            {"save_interval", t.save_interval},
+            {"tp", t.tp},
+            {"pp", t.pp},
+            {"dp", t.dp},
+            {"zero1", t.zero1}};
   return j.dump(2);
 }
 

@@ -30,6 +30,8 @@ struct TrainConfig {
   int eval_interval = 200;  // 0 = only at the end
   int eval_batches = 8;
   int save_interval = 0;  // 0 = only at the end
+  int tp = 1, pp = 1, dp = 1;  // parallel layout (world size = tp * pp * dp)
+  bool zero1 = false;          // shard optimizer state over data-parallel ranks
 };
 
 struct RunConfig {

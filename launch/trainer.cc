@@ -15,24 +15,44 @@
 #include "models/token_dataset.h"
 #include "models/tokenizer.h"
 #include "models/transformer.h"
+#include "parallel/distributed_optimizer.h"
 
 namespace eellm {
 namespace {
 
-EvalResult Evaluate(Model& model, Workspace& ws, const TokenDataset& val, int max_batches) {
+// Sums `values` over the group (fp32 on the wire, through one device buffer).
+void SumOverGroup(Communicator* comm, Backend* be, std::vector<double>& values) {
+  if (comm->size() == 1) return;
+  std::vector<float> host(values.begin(), values.end());
+  Buffer buf(be, host.size() * sizeof(float));
+  be->CopyFromHost(buf.data(), host.data(), host.size() * sizeof(float));
+  comm->AllReduce(buf.f32(), host.size(), ReduceOp::kSum);
+  be->CopyToHost(host.data(), buf.data(), host.size() * sizeof(float));
+  for (size_t i = 0; i < values.size(); ++i) values[i] = host[i];
+}
+
+// Validation over the first `max_batches` global batches of `global_batch` rows; each
+// data-parallel rank evaluates its rows and the means are averaged over ranks.
+EvalResult Evaluate(Model& model, Workspace& ws, const TokenDataset& val, int max_batches,
+                    int global_batch, ParallelContext& ctx) {
   const ModelConfig& c = model.config();
-  const int n = ws.b * ws.t;
-  std::vector<int32_t> in(n), tg(n);
+  const int rows = ws.b, t = ws.t, first = ctx.coord.dp * rows;
+  std::vector<int32_t> in(static_cast<size_t>(global_batch) * t), tg(in.size());
   std::vector<float> w(c.exits.size(), 0.0f);
-  EvalResult e;
-  e.exit_losses.assign(c.exits.size(), 0.0);
-  const int64_t batches = std::min<int64_t>(max_batches, val.NumSequentialBatches(ws.b, ws.t));
+  std::vector<double> sums(1 + c.exits.size(), 0.0);
+  const int64_t batches = std::min<int64_t>(max_batches, val.NumSequentialBatches(global_batch, t));
   for (int64_t i = 0; i < batches; ++i) {
-    val.SequentialBatch(i, ws.b, ws.t, in.data(), tg.data());
-    LossReport r = model.ForwardBackward(ws, in.data(), tg.data(), nullptr, w, false);
-    e.final_loss += r.final_loss / batches;
-    for (size_t k = 0; k < c.exits.size(); ++k) e.exit_losses[k] += r.exit_losses[k] / batches;
+    val.SequentialBatch(i, global_batch, t, in.data(), tg.data());
+    const size_t off = static_cast<size_t>(first) * t;
+    LossReport r = model.ForwardBackward(ws, in.data() + off, tg.data() + off, nullptr, w, false);
+    sums[0] += r.final_loss;
+    for (size_t k = 0; k < c.exits.size(); ++k) sums[1 + k] += r.exit_losses[k];
   }
+  SumOverGroup(ctx.dp.get(), model.backend(), sums);
+  EvalResult e;
+  const double denom = static_cast<double>(batches) * ctx.grid.dp();
+  e.final_loss = sums[0] / denom;
+  for (size_t k = 0; k < c.exits.size(); ++k) e.exit_losses.push_back(sums[1 + k] / denom);
   return e;
 }
 
@@ -47,10 +67,64 @@ std::string FormatLosses(const ModelConfig& c, double final_loss,
 
 }  // namespace
 
+absl::Status ValidateLayout(const RunConfig& rc) {
+  const ModelConfig& m = rc.model;
+  const TrainConfig& t = rc.train;
+  auto bad = [](auto... parts) { return absl::InvalidArgumentError(absl::StrCat(parts...)); };
+  if (t.tp < 1 || t.pp < 1 || t.dp < 1) {
+    return bad("parallel sizes must be >= 1, got tp ", t.tp, ", pp ", t.pp, ", dp ", t.dp);
+  }
+  if (m.num_layers % t.pp != 0) {
+    return bad("num_layers ", m.num_layers, " does not divide into pp ", t.pp, " pipeline stages");
+  }
+  if (m.num_heads % t.tp != 0) {
+    return bad("num_heads ", m.num_heads, " is not divisible by tp ", t.tp);
+  }
+  if (m.num_kv_heads % t.tp != 0 && t.tp % m.num_kv_heads != 0) {
+    return bad("num_kv_heads ", m.num_kv_heads, " neither divides nor is divisible by tp ", t.tp);
+  }
+  if (m.vocab_size % t.tp != 0) {
+    return bad("vocab_size ", m.vocab_size, " is not divisible by tp ", t.tp,
+               " (pad the vocabulary)");
+  }
+  if (m.ffn_hidden_size % t.tp != 0) {
+    return bad("ffn_hidden_size ", m.ffn_hidden_size, " is not divisible by tp ", t.tp);
+  }
+  if (t.batch_size % t.dp != 0) {
+    return bad("batch_size ", t.batch_size, " is not divisible by dp ", t.dp);
+  }
+  if (t.tp > 1 || t.pp > 1) {
+    return absl::UnimplementedError(absl::StrCat(
+        "tensor and pipeline parallelism (tp ", t.tp, ", pp ", t.pp,
+        ") are not implemented yet; data parallelism (dp) and ZeRO-1 are"));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions& opts) {
   const ModelConfig& mc = rc.model;
   const TrainConfig& tc = rc.train;
-  ASSIGN_OR_RETURN(auto backend, MakeBackend(tc.backend));
+  RETURN_IF_ERROR(ValidateLayout(rc));
+  std::unique_ptr<ParallelContext> single;
+  ParallelContext* ctx = opts.ctx;
+  if (ctx == nullptr) {
+    single = ParallelContext::Single();
+    ctx = single.get();
+  }
+  if (ctx->grid.tp() != tc.tp || ctx->grid.pp() != tc.pp || ctx->grid.dp() != tc.dp) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the run config asks for tp ", tc.tp, ", pp ", tc.pp, ", dp ", tc.dp, " but ",
+        ctx->grid.world(), " ranks were launched as tp ", ctx->grid.tp(), ", pp ",
+        ctx->grid.pp(), ", dp ", ctx->grid.dp()));
+  }
+  const bool rank0 = ctx->rank == 0;
+  const bool verbose = opts.verbose && rank0;
+  std::unique_ptr<Backend> own_backend;
+  Backend* backend = opts.backend;
+  if (backend == nullptr) {
+    ASSIGN_OR_RETURN(own_backend, MakeBackend(tc.backend));
+    backend = own_backend.get();
+  }
   ASSIGN_OR_RETURN(auto tokenizer, MakeTokenizer(tc.tokenizer));
   if (tokenizer->vocab_size() > mc.vocab_size) {
     return absl::InvalidArgumentError(
@@ -78,14 +152,25 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     }
   }
 
-  ASSIGN_OR_RETURN(auto model, Model::Create(mc, backend.get()));
+  ASSIGN_OR_RETURN(auto model, Model::Create(mc, backend));
   model->InitRandom(tc.seed);
   AdamWConfig ac;
   ac.beta1 = tc.beta1;
   ac.beta2 = tc.beta2;
   ac.weight_decay = tc.weight_decay;
   ac.grad_clip = tc.grad_clip;
-  AdamW opt(&model->params(), ac);
+  DistributedOptimizer dopt(&model->params(), ac, ctx, tc.zero1);
+  AdamW& opt = dopt.adamw();
+  ParamStore& ps = model->params();
+  // Full-size moment arenas for checkpoints (ZeRO-1 shards are gathered into them).
+  Buffer full_m, full_v;
+  if (dopt.zero1()) {
+    full_m = Buffer(backend, ps.padded_size() * sizeof(float));
+    full_v = Buffer(backend, ps.padded_size() * sizeof(float));
+  }
+  float* ckpt_m = dopt.zero1() ? full_m.f32() : opt.m();
+  float* ckpt_v = dopt.zero1() ? full_v.f32() : opt.v();
+  const size_t shard = opt.hi() - opt.lo();
   int start = 0;
   if (!opts.resume.empty()) {
     ASSIGN_OR_RETURN(CheckpointMeta meta, ReadCheckpointMeta(opts.resume));
@@ -93,7 +178,11 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
       return absl::InvalidArgumentError(absl::StrCat(
           "checkpoint ", opts.resume, " was trained with a different model config than this run"));
     }
-    RETURN_IF_ERROR(LoadCheckpoint(opts.resume, model->params(), opt.m(), opt.v()));
+    RETURN_IF_ERROR(LoadCheckpoint(opts.resume, ps, ckpt_m, ckpt_v));
+    if (dopt.zero1()) {
+      backend->Copy(opt.m(), ckpt_m + opt.lo(), shard * sizeof(float));
+      backend->Copy(opt.v(), ckpt_v + opt.lo(), shard * sizeof(float));
+    }
     start = static_cast<int>(meta.step);
     if (start >= tc.steps) {
       return absl::InvalidArgumentError(
@@ -105,31 +194,39 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
 
   TrainSummary sum;
   sum.num_params = static_cast<int64_t>(model->params().size());
-  auto ws = model->MakeWorkspace(tc.batch_size, tc.seq_len);
-  const int n = tc.batch_size * tc.seq_len;
+  const int rows = tc.batch_size / ctx->grid.dp();  // this rank's share of the global batch
+  auto ws = model->MakeWorkspace(rows, tc.seq_len);
+  const int n = rows * tc.seq_len;
   std::vector<int32_t> in(n), tg(n);
   const std::string ckpt = tc.out + "/checkpoint.h5";
   auto save = [&](int step) -> absl::Status {
+    if (dopt.zero1()) {  // collective: every rank takes part
+      ctx->dp->AllGather(opt.m(), ckpt_m, shard);
+      ctx->dp->AllGather(opt.v(), ckpt_v, shard);
+    }
+    if (!rank0) return absl::OkStatus();
     CheckpointMeta meta;
     meta.config_json = rc.model_json;
     meta.step = step;
     meta.attrs["train_config"] = TrainConfigToJson(tc);
     meta.attrs["tokenizer"] = tc.tokenizer;
-    RETURN_IF_ERROR(SaveCheckpoint(ckpt, model->params(), meta, opt.m(), opt.v()));
-    if (opts.verbose) std::printf("saved %s (step %d)\n", ckpt.c_str(), step);
+    RETURN_IF_ERROR(SaveCheckpoint(ckpt, ps, meta, ckpt_m, ckpt_v));
+    if (verbose) std::printf("saved %s (step %d)\n", ckpt.c_str(), step);
     return absl::OkStatus();
   };
-  if (opts.verbose) {
+  if (verbose) {
     std::printf("model: %s, %lld parameters (%.2f M), %d layers, hidden %d, %zu exits\n",
                 mc.style == ModelStyle::kGpt ? "gpt" : "llama",
                 static_cast<long long>(sum.num_params), sum.num_params / 1e6, mc.num_layers,
                 mc.hidden_size, mc.exits.size());
     std::printf("data: %lld train / %lld val tokens; batch %d x %d = %d tokens/step; %d steps\n",
                 static_cast<long long>(train.size()), static_cast<long long>(val.size()),
-                tc.batch_size, tc.seq_len, n, tc.steps);
+                tc.batch_size, tc.seq_len, tc.batch_size * tc.seq_len, tc.steps);
+    std::printf("layout: %d ranks = tp %d x pp %d x dp %d%s\n", ctx->grid.world(), tc.tp, tc.pp,
+                tc.dp, dopt.zero1() ? ", ZeRO-1 optimizer sharding" : "");
   }
-  sum.first_eval = Evaluate(*model, *ws, val, tc.eval_batches);
-  if (opts.verbose) {
+  sum.first_eval = Evaluate(*model, *ws, val, tc.eval_batches, tc.batch_size, *ctx);
+  if (verbose) {
     std::printf("eval step %d | val %s\n", start,
                 FormatLosses(mc, sum.first_eval.final_loss, sum.first_eval.exit_losses).c_str());
   }
@@ -140,7 +237,8 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   int acc_n = 0;
   Progress progress(tc.steps - start);
   for (int step = start; step < tc.steps; ++step) {
-    train.RandomBatch(tc.seed, step, tc.batch_size, tc.seq_len, in.data(), tg.data());
+    train.RandomRows(tc.seed, step, int64_t{ctx->coord.dp} * rows, rows, tc.seq_len, in.data(),
+                     tg.data());
     model->params().ZeroGrads();
     std::vector<float> w = ExitLossWeights(mc, step);
     LossReport r = model->ForwardBackward(*ws, in.data(), tg.data(), nullptr, w, true);
@@ -150,23 +248,25 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     }
     const float lr =
         static_cast<float>(WarmupCosineLr(step, tc.warmup_steps, tc.steps, tc.lr, tc.min_lr));
-    const double gnorm = opt.Step(lr);
-    interval_tokens += n;
-    total_tokens += n;
-    acc[0] += r.final_loss;
-    for (size_t i = 0; i < r.exit_losses.size(); ++i) acc[1 + i] += r.exit_losses[i];
+    const double gnorm = dopt.Step(lr);
+    interval_tokens += int64_t{n} * ctx->grid.dp();
+    total_tokens += int64_t{n} * ctx->grid.dp();
+    std::vector<double> losses = {r.final_loss};
+    losses.insert(losses.end(), r.exit_losses.begin(), r.exit_losses.end());
+    SumOverGroup(ctx->dp.get(), backend, losses);
+    for (double& l : losses) l /= ctx->grid.dp();
+    if (opts.step_losses) opts.step_losses->push_back(losses);
+    if (opts.step_grad_norms) opts.step_grad_norms->push_back(gnorm);
+    for (size_t i = 0; i < losses.size(); ++i) acc[i] += losses[i];
     ++acc_n;
-    if (step == start) {
-      sum.first_train_losses = {r.final_loss};
-      for (double e : r.exit_losses) sum.first_train_losses.push_back(e);
-    }
+    if (step == start) sum.first_train_losses = losses;
     const bool last = step + 1 == tc.steps;
     if ((step + 1) % tc.log_interval == 0 || last) {
       const double tps = interval_tokens / interval.Seconds();
       std::vector<double> avg(acc.size());
       for (size_t i = 0; i < acc.size(); ++i) avg[i] = acc[i] / acc_n;
       sum.last_train_losses = avg;
-      if (opts.verbose) {
+      if (verbose) {
         std::vector<double> ex(avg.begin() + 1, avg.end());
         std::printf("step %5d/%d | %s | lr %.2e | gnorm %.3f | %.0f tok/s | %s\n", step + 1,
                     tc.steps, FormatLosses(mc, avg[0], ex).c_str(), lr, gnorm, tps,
@@ -179,8 +279,8 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
       interval.Reset();
     }
     if (tc.eval_interval > 0 && (step + 1) % tc.eval_interval == 0 && !last) {
-      EvalResult e = Evaluate(*model, *ws, val, tc.eval_batches);
-      if (opts.verbose) {
+      EvalResult e = Evaluate(*model, *ws, val, tc.eval_batches, tc.batch_size, *ctx);
+      if (verbose) {
         std::printf("eval step %d | val %s\n", step + 1,
                     FormatLosses(mc, e.final_loss, e.exit_losses).c_str());
       }
@@ -192,14 +292,18 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   sum.seconds = total.Seconds();
   sum.steps_done = tc.steps - start;
   sum.tokens_per_second = sum.seconds > 0 ? total_tokens / sum.seconds : 0;
-  sum.last_eval = Evaluate(*model, *ws, val, tc.eval_batches);
-  if (opts.verbose) {
+  sum.last_eval = Evaluate(*model, *ws, val, tc.eval_batches, tc.batch_size, *ctx);
+  if (verbose) {
     std::printf("eval step %d | val %s\n", tc.steps,
                 FormatLosses(mc, sum.last_eval.final_loss, sum.last_eval.exit_losses).c_str());
     std::printf("trained %d steps in %.1f s: %.0f tokens/s\n", sum.steps_done, sum.seconds,
                 sum.tokens_per_second);
   }
   RETURN_IF_ERROR(save(tc.steps));
+  if (opts.final_params) {
+    opts.final_params->resize(ps.size());
+    backend->CopyToHost(opts.final_params->data(), ps.params_data(), ps.size() * sizeof(float));
+  }
   sum.checkpoint = ckpt;
   return sum;
 }

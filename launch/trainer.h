@@ -7,7 +7,9 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "engine/backend.h"
 #include "launch/train_config.h"
+#include "parallel/parallel_context.h"
 
 namespace eellm {
 
@@ -29,8 +31,22 @@ struct TrainSummary {
 
 struct TrainOptions {
   std::string resume;  // checkpoint to resume from ("" = fresh start)
-  bool verbose = true;
+  bool verbose = true;  // progress output (rank 0 only)
+  // Ranks and groups; null = one process. Its layout must match train.tp/pp/dp.
+  ParallelContext* ctx = nullptr;
+  // Compute backend; null = made from train.backend.
+  Backend* backend = nullptr;
+  // Per-step losses (final head then exits, averaged over data-parallel ranks) are appended
+  // here when non-null (tests compare layouts step by step).
+  std::vector<std::vector<double>>* step_losses = nullptr;
+  std::vector<double>* step_grad_norms = nullptr;
+  std::vector<float>* final_params = nullptr;  // the parameter arena after training
 };
+
+// Checks that the model can be split over the layout (layers over stages, heads, KV heads and
+// vocabulary over tensor-parallel ranks, batch over data-parallel ranks); errors name the
+// numbers.
+absl::Status ValidateLayout(const RunConfig& rc);
 
 absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions& opts);
 

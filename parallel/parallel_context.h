@@ -15,6 +15,8 @@ struct ParallelContext {
   RankGrid grid;
   int rank = 0;
   GridCoord coord;
+  // `embedding` joins the first and last pipeline stage of this rank's pipeline (tied input /
+  // output embeddings; the rank alone when pp == 1); it is null on the middle stages.
   std::unique_ptr<Communicator> world, tp, dp, pp, embedding;
 
   bool is_first_stage() const { return coord.pp == 0; }
@@ -24,7 +26,8 @@ struct ParallelContext {
   // naming the numbers, when tp * pp * dp != world size.
   static absl::StatusOr<std::unique_ptr<ParallelContext>> Create(
       std::unique_ptr<Communicator> world, int tp, int pp, int dp);
-  // One rank, no MPI: every group is the rank itself.
+  // One rank, no MPI: every group is the rank itself (SelfCommunicators on host memory; to
+  // copy device buffers, pass Create a SelfCommunicator built with the backend instead).
   static std::unique_ptr<ParallelContext> Single();
 };
 

@@ -1,6 +1,10 @@
-// AdamW over a ParamStore: fp32 first/second moments in arenas with the parameters' layout,
-// decoupled weight decay (skipped for biases and norm gains), global-norm gradient clipping.
+// AdamW over a ParamStore: fp32 first/second moments, decoupled weight decay (skipped for
+// biases and norm gains), global-norm gradient clipping. The optimizer may own only a shard
+// [lo, hi) of the parameter arena (ZeRO-1): its moments then cover just that range, and the
+// caller combines the shards' squared gradient norms and gathers the updated parameters.
 #pragma once
+
+#include <cstddef>
 
 #include "engine/tensor/param_store.h"
 
@@ -16,22 +20,35 @@ struct AdamWConfig {
 
 class AdamW {
  public:
-  AdamW(ParamStore* params, const AdamWConfig& config);
+  // Owns the arena range [lo, hi) (elements); the default is the whole arena.
+  AdamW(ParamStore* params, const AdamWConfig& config, size_t lo = 0, size_t hi = SIZE_MAX);
 
-  // Global L2 norm of the trainable gradients.
-  double GradNorm() const;
-  // Clips (when configured) and applies one update with learning rate `lr`. Returns the
-  // gradient norm before clipping.
+  // Sum of squared trainable gradients inside the owned range.
+  double LocalSquaredNorm() const;
+  // Applies one update to the owned range with gradients multiplied by `grad_scale`.
+  void Update(float lr, float grad_scale);
+  // Clipping factor for a global gradient norm (1 when no clipping is needed).
+  float ClipScale(double global_norm) const;
+
+  // Single process: norm, clip, update. Returns the gradient norm before clipping.
   double Step(float lr);
 
   int step() const { return step_; }
   void set_step(int step) { step_ = step; }
+  size_t lo() const { return lo_; }
+  size_t hi() const { return hi_; }
+  // Moments of the owned range: element i belongs to arena offset lo() + i.
   float* m() const { return m_.f32(); }
   float* v() const { return v_.f32(); }
 
  private:
+  // Calls fn(param index, first element, count) for each trainable tensor's part in [lo, hi).
+  template <typename Fn>
+  void ForEachOwned(Fn fn) const;
+
   ParamStore* params_;
   AdamWConfig config_;
+  size_t lo_, hi_;
   Buffer m_, v_;
   int step_ = 0;
 };

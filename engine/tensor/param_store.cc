@@ -23,10 +23,10 @@ int ParamStore::Add(const std::string& name, const Shape& shape, bool weight_dec
 void ParamStore::Allocate(Backend* backend) {
   EE_CHECK(!allocated(), "ParamStore allocated twice");
   backend_ = backend;
-  params_buf_ = Buffer(backend, total_ * sizeof(float));
-  grads_buf_ = Buffer(backend, total_ * sizeof(float));
-  backend->Fill(params_buf_.f32(), total_, 0.0f);
-  backend->Fill(grads_buf_.f32(), total_, 0.0f);
+  params_buf_ = Buffer(backend, padded_size() * sizeof(float));
+  grads_buf_ = Buffer(backend, padded_size() * sizeof(float));
+  backend->Fill(params_buf_.f32(), padded_size(), 0.0f);
+  backend->Fill(grads_buf_.f32(), padded_size(), 0.0f);
 }
 
 int ParamStore::Find(const std::string& name) const {
@@ -34,6 +34,6 @@ int ParamStore::Find(const std::string& name) const {
   return it == index_.end() ? -1 : it->second;
 }
 
-void ParamStore::ZeroGrads() { backend_->Fill(grads_buf_.f32(), total_, 0.0f); }
+void ParamStore::ZeroGrads() { backend_->Fill(grads_buf_.f32(), padded_size(), 0.0f); }
 
 }  // namespace eellm

@@ -1,0 +1,68 @@
+#include "parallel/distributed_optimizer.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "engine/core/status.h"
+
+namespace eellm {
+
+DistributedOptimizer::DistributedOptimizer(ParamStore* params, const AdamWConfig& config,
+                                           ParallelContext* ctx, bool zero1,
+                                           size_t bucket_elems)
+    : params_(params), ctx_(ctx), zero1_(zero1 && ctx->grid.dp() > 1), bucket_elems_(bucket_elems) {
+  const int dp = ctx->grid.dp();
+  if (zero1_) {
+    EE_CHECK(params->padded_size() % dp == 0, "arena of ", params->padded_size(),
+             " elements does not split into ", dp, " shards");
+    shard_ = params->padded_size() / dp;
+    const size_t lo = shard_ * ctx->coord.dp;
+    scratch_ = Buffer(params->backend(), shard_ * sizeof(float));
+    norm_ = Buffer(params->backend(), sizeof(float));
+    adamw_ = std::make_unique<AdamW>(params, config, lo, lo + shard_);
+  } else {
+    adamw_ = std::make_unique<AdamW>(params, config);
+  }
+}
+
+void DistributedOptimizer::AllReduceGradients() {
+  const size_t n = params_->padded_size();
+  std::vector<std::unique_ptr<Request>> pending;
+  for (size_t first = 0; first < n; first += bucket_elems_) {
+    pending.push_back(ctx_->dp->IAllReduce(params_->grads_data() + first,
+                                           std::min(bucket_elems_, n - first), ReduceOp::kSum));
+  }
+  for (auto& r : pending) r->Wait();
+}
+
+double DistributedOptimizer::Step(float lr) {
+  Backend* be = params_->backend();
+  const int dp = ctx_->grid.dp();
+  const float inv_dp = 1.0f / dp;
+  if (!zero1_) {
+    if (dp > 1) {
+      AllReduceGradients();
+      be->Scale(params_->grads_data(), inv_dp, params_->padded_size());
+    }
+    return adamw_->Step(lr);
+  }
+  // ZeRO-1: this rank's shard of the summed gradients, then the global norm from all shards.
+  ctx_->dp->ReduceScatter(params_->grads_data(), scratch_.f32(), shard_, ReduceOp::kSum);
+  float* own = params_->grads_data() + adamw_->lo();
+  be->Copy(own, scratch_.f32(), shard_ * sizeof(float));
+  be->Scale(own, inv_dp, shard_);
+  // The shards' squared norms are summed in fp32 on the wire (one device float); every rank
+  // gets the same sum and so the same clipping factor.
+  float sq = static_cast<float>(adamw_->LocalSquaredNorm());
+  be->CopyFromHost(norm_.f32(), &sq, sizeof(float));
+  ctx_->dp->AllReduce(norm_.f32(), 1, ReduceOp::kSum);
+  be->CopyToHost(&sq, norm_.f32(), sizeof(float));
+  const double norm = std::sqrt(static_cast<double>(sq));
+  adamw_->Update(lr, adamw_->ClipScale(norm));
+  be->Copy(scratch_.f32(), params_->params_data() + adamw_->lo(), shard_ * sizeof(float));
+  ctx_->dp->AllGather(scratch_.f32(), params_->params_data(), shard_);
+  return norm;
+}
+
+}  // namespace eellm

@@ -1,0 +1,42 @@
+// DistributedOptimizer: AdamW across the data-parallel group. Gradients are averaged over dp
+// (all-reduce of the contiguous gradient arena in buckets, non-blocking, so that buckets
+// overlap one another on the wire), clipped by the global norm and applied. With ZeRO-1 the
+// optimizer state is sharded: gradients are reduce-scattered, each rank updates its 1/dp of the
+// arena with its shard of the moments, and the updated parameters are all-gathered.
+#pragma once
+
+#include <memory>
+
+#include "engine/optim/adamw.h"
+#include "engine/tensor/param_store.h"
+#include "parallel/parallel_context.h"
+
+namespace eellm {
+
+class DistributedOptimizer {
+ public:
+  // `bucket_elems`: all-reduce granularity (elements) when not sharded.
+  DistributedOptimizer(ParamStore* params, const AdamWConfig& config, ParallelContext* ctx,
+                       bool zero1, size_t bucket_elems = size_t{1} << 20);
+
+  // Averages gradients over dp, clips, updates; returns the global gradient norm (before
+  // clipping), identical on every rank.
+  double Step(float lr);
+
+  AdamW& adamw() { return *adamw_; }
+  bool zero1() const { return zero1_; }
+
+ private:
+  void AllReduceGradients();
+
+  ParamStore* params_;
+  ParallelContext* ctx_;
+  bool zero1_;
+  size_t bucket_elems_;
+  size_t shard_ = 0;  // ZeRO-1 shard size (elements)
+  Buffer scratch_;    // ZeRO-1: reduce-scatter / all-gather staging, one shard
+  Buffer norm_;       // ZeRO-1: one float for the squared-norm all-reduce
+  std::unique_ptr<AdamW> adamw_;
+};
+
+}  // namespace eellm

@@ -1,0 +1,101 @@
+// FakeDeviceBackend: a test Backend that claims to be a GPU (Device::kCuda) but keeps its
+// buffers in host memory, stored XOR-ed with a per-instance key. Only the memory functions
+// work. A communicator that used such "device" pointers directly (instead of staging through
+// CopyToHost / CopyFromHost) would reduce encoded bytes, or hand one rank's encoding to another
+// rank with a different key, and produce wrong values: the tests give every rank its own key.
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "engine/backend.h"
+
+namespace eellm::testing {
+
+class FakeDeviceBackend final : public Backend {
+ public:
+  explicit FakeDeviceBackend(uint8_t key) : key_(key) {}
+
+  Device device() const override { return Device::kCuda; }
+  std::string name() const override { return "fake-device"; }
+
+  void* Alloc(size_t bytes) override { return std::aligned_alloc(64, (bytes + 63) / 64 * 64 + 64); }
+  void Free(void* p) override { std::free(p); }
+  void CopyToHost(void* host_dst, const void* src, size_t bytes) override {
+    ++to_host_calls;
+    Xor(static_cast<uint8_t*>(host_dst), static_cast<const uint8_t*>(src), bytes);
+  }
+  void CopyFromHost(void* dst, const void* host_src, size_t bytes) override {
+    ++from_host_calls;
+    Xor(static_cast<uint8_t*>(dst), static_cast<const uint8_t*>(host_src), bytes);
+  }
+  void Copy(void* dst, const void* src, size_t bytes) override { std::memmove(dst, src, bytes); }
+  void Synchronize() override {}
+
+  int to_host_calls = 0, from_host_calls = 0;
+
+  // Not used by communicators.
+  void Fill(float*, size_t, float) override { std::abort(); }
+  void Add(float*, const float*, const float*, size_t) override { std::abort(); }
+  void Axpy(float*, float, const float*, size_t) override { std::abort(); }
+  void Scale(float*, float, size_t) override { std::abort(); }
+  double SumSquares(const float*, size_t) override { std::abort(); }
+  void EmbeddingForward(float*, const int32_t*, const float*, int, int) override { std::abort(); }
+  void EmbeddingBackward(float*, const int32_t*, const float*, int, int) override { std::abort(); }
+  void Linear(float*, const float*, const float*, const float*, int, int, int, bool) override {
+    std::abort();
+  }
+  void LinearBackward(float*, float*, float*, const float*, const float*, const float*, int, int,
+                      int, bool) override {
+    std::abort();
+  }
+  void LayerNormForward(float*, float*, float*, const float*, const float*, const float*, int, int,
+                        float) override {
+    std::abort();
+  }
+  void LayerNormBackward(float*, float*, float*, const float*, const float*, const float*,
+                         const float*, const float*, int, int) override {
+    std::abort();
+  }
+  void RmsNormForward(float*, float*, const float*, const float*, int, int, float) override {
+    std::abort();
+  }
+  void RmsNormBackward(float*, float*, const float*, const float*, const float*, const float*, int,
+                       int) override {
+    std::abort();
+  }
+  void GeluForward(float*, const float*, size_t) override { std::abort(); }
+  void GeluBackward(float*, const float*, const float*, size_t) override { std::abort(); }
+  void SwiGluForward(float*, const float*, const float*, size_t) override { std::abort(); }
+  void SwiGluBackward(float*, float*, const float*, const float*, const float*, size_t) override {
+    std::abort();
+  }
+  void RopeForward(float*, const int32_t*, int, int, int, float) override { std::abort(); }
+  void RopeBackward(float*, const int32_t*, int, int, int, float) override { std::abort(); }
+  void AttentionForward(float*, float*, const float*, const float*, const float*, int, int, int,
+                        int, int, int, int, int) override {
+    std::abort();
+  }
+  void AttentionBackward(float*, float*, float*, const float*, const float*, const float*,
+                         const float*, const float*, int, int, int, int, int) override {
+    std::abort();
+  }
+  void CrossEntropy(float*, float*, float*, const float*, const int32_t*, const float*, int,
+                    int) override {
+    std::abort();
+  }
+  void AdamW(float*, const float*, float*, float*, size_t, float, float, float, float, float,
+             int) override {
+    std::abort();
+  }
+
+ private:
+  void Xor(uint8_t* dst, const uint8_t* src, size_t bytes) const {
+    for (size_t i = 0; i < bytes; ++i) dst[i] = src[i] ^ key_;
+  }
+  uint8_t key_;
+};
+
+}  // namespace eellm::testing
