@@ -2,8 +2,8 @@
 // process or on every rank of an mpirun / srun job (--tp, --pp, --dp).
 #include <chrono>
 #include <cstdio>
-#include <thread>
 #include <memory>
+#include <thread>
 
 #include "absl/flags/flag.h"
 #include "engine/core/logging.h"

@@ -29,7 +29,7 @@ struct TrainConfig {
   int log_interval = 10;
   int eval_interval = 200;  // 0 = only at the end
   int eval_batches = 8;
-  int save_interval = 0;  // 0 = only at the end
+  int save_interval = 0;       // 0 = only at the end
   int tp = 1, pp = 1, dp = 1;  // parallel layout (world size = tp * pp * dp)
   bool zero1 = false;          // shard optimizer state over data-parallel ranks
 };

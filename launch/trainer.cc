@@ -94,9 +94,9 @@ absl::Status ValidateLayout(const RunConfig& rc) {
     return bad("batch_size ", t.batch_size, " is not divisible by dp ", t.dp);
   }
   if (t.tp > 1 || t.pp > 1) {
-    return absl::UnimplementedError(absl::StrCat(
-        "tensor and pipeline parallelism (tp ", t.tp, ", pp ", t.pp,
-        ") are not implemented yet; data parallelism (dp) and ZeRO-1 are"));
+    return absl::UnimplementedError(
+        absl::StrCat("tensor and pipeline parallelism (tp ", t.tp, ", pp ", t.pp,
+                     ") are not implemented yet; data parallelism (dp) and ZeRO-1 are"));
   }
   return absl::OkStatus();
 }
@@ -112,10 +112,10 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     ctx = single.get();
   }
   if (ctx->grid.tp() != tc.tp || ctx->grid.pp() != tc.pp || ctx->grid.dp() != tc.dp) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "the run config asks for tp ", tc.tp, ", pp ", tc.pp, ", dp ", tc.dp, " but ",
-        ctx->grid.world(), " ranks were launched as tp ", ctx->grid.tp(), ", pp ",
-        ctx->grid.pp(), ", dp ", ctx->grid.dp()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("the run config asks for tp ", tc.tp, ", pp ", tc.pp, ", dp ", tc.dp, " but ",
+                     ctx->grid.world(), " ranks were launched as tp ", ctx->grid.tp(), ", pp ",
+                     ctx->grid.pp(), ", dp ", ctx->grid.dp()));
   }
   const bool rank0 = ctx->rank == 0;
   const bool verbose = opts.verbose && rank0;

@@ -30,7 +30,7 @@ struct TrainSummary {
 };
 
 struct TrainOptions {
-  std::string resume;  // checkpoint to resume from ("" = fresh start)
+  std::string resume;   // checkpoint to resume from ("" = fresh start)
   bool verbose = true;  // progress output (rank 0 only)
   // Ranks and groups; null = one process. Its layout must match train.tp/pp/dp.
   ParallelContext* ctx = nullptr;

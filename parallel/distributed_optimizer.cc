@@ -9,8 +9,7 @@
 namespace eellm {
 
 DistributedOptimizer::DistributedOptimizer(ParamStore* params, const AdamWConfig& config,
-                                           ParallelContext* ctx, bool zero1,
-                                           size_t bucket_elems)
+                                           ParallelContext* ctx, bool zero1, size_t bucket_elems)
     : params_(params), ctx_(ctx), zero1_(zero1 && ctx->grid.dp() > 1), bucket_elems_(bucket_elems) {
   const int dp = ctx->grid.dp();
   if (zero1_) {

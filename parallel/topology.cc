@@ -13,9 +13,9 @@ absl::StatusOr<RankGrid> RankGrid::Create(int tp, int pp, int dp, int world) {
         absl::StrCat("parallel sizes must be >= 1, got tp ", tp, ", pp ", pp, ", dp ", dp));
   }
   if (static_cast<long>(tp) * pp * dp != world) {
-    return absl::InvalidArgumentError(absl::StrCat("world size ", world, " is not tp * pp * dp = ",
-                                                   tp, " * ", pp, " * ", dp, " = ",
-                                                   static_cast<long>(tp) * pp * dp));
+    return absl::InvalidArgumentError(absl::StrCat("world size ", world,
+                                                   " is not tp * pp * dp = ", tp, " * ", pp, " * ",
+                                                   dp, " = ", static_cast<long>(tp) * pp * dp));
   }
   RankGrid g;
   g.tp_ = tp;
@@ -102,8 +102,8 @@ absl::StatusOr<LaunchInfo> DetectLaunch() {
     st = ReadEnvInt(s.local, &info.local_rank, &no_local);
     if (!st.ok()) return st;
     if (no_world || info.world < 1 || info.rank >= info.world) {
-      return absl::InvalidArgumentError(absl::StrCat(s.rank, "=", info.rank, " needs ", s.world,
-                                                     " set and larger"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(s.rank, "=", info.rank, " needs ", s.world, " set and larger"));
     }
     info.launcher = s.launcher;
     return info;

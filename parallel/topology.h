@@ -45,7 +45,7 @@ class RankGrid {
 struct LaunchInfo {
   int rank = 0;
   int world = 1;
-  int local_rank = 0;   // picks the GPU
+  int local_rank = 0;    // picks the GPU
   std::string launcher;  // "mpirun", "slurm" or "single"
 };
 

@@ -50,8 +50,8 @@ void AdamW::Update(float lr, float grad_scale) {
   ForEachOwned([&](int i, size_t first, size_t count) {
     float* g = params_->grads_data() + first;
     if (grad_scale != 1.0f) be->Scale(g, grad_scale, count);
-    be->AdamW(params_->params_data() + first, g, m_.f32() + (first - lo_),
-              v_.f32() + (first - lo_), count, lr, config_.beta1, config_.beta2, config_.eps,
+    be->AdamW(params_->params_data() + first, g, m_.f32() + (first - lo_), v_.f32() + (first - lo_),
+              count, lr, config_.beta1, config_.beta2, config_.eps,
               params_->params()[i].weight_decay ? config_.weight_decay : 0.0f, step_);
   });
 }

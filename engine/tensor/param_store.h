@@ -33,7 +33,9 @@ class ParamStore {
   // Arenas are padded to a multiple of kArenaMultiple elements (zeros past size()): the
   // data-parallel optimizer splits them into equal 64-byte-aligned shards for any dp <= 8.
   static constexpr size_t kArenaMultiple = 16 * 840;  // 840 = lcm(1..8)
-  size_t padded_size() const { return (total_ + kArenaMultiple - 1) / kArenaMultiple * kArenaMultiple; }
+  size_t padded_size() const {
+    return (total_ + kArenaMultiple - 1) / kArenaMultiple * kArenaMultiple;
+  }
   bool allocated() const { return backend_ != nullptr; }
   Backend* backend() const { return backend_; }
   size_t size() const { return total_; }  // elements

@@ -2,18 +2,20 @@
 // data under the single-rank layout and under every parallel layout that fits the world size;
 // per-step losses of every head, gradient norms and final parameters must match.
 //
-// Tolerance: relative 1e-5 on losses and gradient norms, and 1e-5 absolute on parameters
-// (whose magnitudes are ~0.02-1). Data parallelism changes only the order of fp32 additions
-// (per-rank means averaged, gradient sums reduced across ranks), i.e. rounding at ~1e-7
-// relative per operation; three Adam steps amplify that little.
+// Tolerance: relative 1e-5 on losses and gradient norms. Data parallelism changes only the order
+// of fp32 additions (per-rank means averaged, gradient sums reduced across ranks): rounding at
+// ~1e-7 relative per operation. Parameters: at least 99% of elements within 1e-6 and all within
+// 1e-4 (1% of lr = 0.01). Adam divides each gradient element by its own running RMS, so an
+// element whose gradient is near zero (a rarely seen token's embedding row) turns a rounding-level
+// difference into a visible fraction of lr; those few elements set the bound.
+#include <unistd.h>
+
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <string>
 #include <vector>
-
-#include <unistd.h>
 
 #include "gtest/gtest.h"
 #include "launch/trainer.h"
@@ -32,8 +34,8 @@ struct RunResult {
 
 std::string DataPrefix(int world_rank) {
   // Each rank writes the same deterministic text into its own directory.
-  const std::string dir = "/tmp/eellm_layouts_" + std::to_string(getpid()) + "_" +
-                          std::to_string(world_rank);
+  const std::string dir =
+      "/tmp/eellm_layouts_" + std::to_string(getpid()) + "_" + std::to_string(world_rank);
   const std::string text_path = dir + "/text.txt";
   std::filesystem::create_directories(dir);
   std::ofstream f(text_path);
@@ -51,11 +53,13 @@ std::string DataPrefix(int world_rank) {
 RunConfig TinyRun(const std::string& style, const std::string& data) {
   const std::string json = std::string(R"({"model": {"style": ")") + style + R"(",
       "vocab_size": 258, "hidden_size": 32, "num_layers": 4, "num_heads": 4,
-      "num_kv_heads": )" + (style == "llama" ? "2" : "4") + R"(, "max_seq_len": 32,
+      "num_kv_heads": )" + (style == "llama" ? "2" : "4") +
+                           R"(, "max_seq_len": 32,
       "exits": [{"layer": 1, "kind": "norm", "tied": true, "loss_weight": 0.5},
                 {"layer": 3, "kind": "mlp", "position": "pre", "loss_weight": 0.3}]},
     "train": {"batch_size": 4, "seq_len": 16, "steps": 3, "lr": 0.01, "warmup_steps": 1,
-      "eval_batches": 1, "log_interval": 1, "eval_interval": 0, "data": ")" + data + R"("}})";
+      "eval_batches": 1, "log_interval": 1, "eval_interval": 0, "data": ")" +
+                           data + R"("}})";
   auto rc = ParseRunConfig(json);
   EXPECT_TRUE(rc.ok()) << rc.status();
   return *rc;
@@ -106,10 +110,17 @@ TEST_P(TrainLayouts, DataParallelMatchesSingleRank) {
     }
     ASSERT_EQ(got.params.size(), ref.params.size());
     double max_diff = 0;
+    size_t close = 0;
     for (size_t i = 0; i < ref.params.size(); ++i) {
-      max_diff = std::max(max_diff, static_cast<double>(std::fabs(got.params[i] - ref.params[i])));
+      const double d = std::fabs(got.params[i] - ref.params[i]);
+      max_diff = std::max(max_diff, d);
+      close += d <= 1e-6;
     }
-    EXPECT_LT(max_diff, 1e-5) << "zero1 " << zero1;
+    const double close_fraction = static_cast<double>(close) / ref.params.size();
+    std::printf("dp %d zero1 %d: max |param diff| %.3g, %.4f%% of elements within 1e-6\n", n, zero1,
+                max_diff, 100 * close_fraction);
+    EXPECT_LT(max_diff, 1e-4) << "zero1 " << zero1;
+    EXPECT_GT(close_fraction, 0.99) << "zero1 " << zero1;
     EXPECT_GT(ref.losses[0][0], ref.losses[2][0]);  // it trains
   }
 }
