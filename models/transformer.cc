@@ -8,43 +8,75 @@
 
 namespace eellm {
 
-absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config, Backend* be) {
+absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config, Backend* be,
+                                                     StageSpec stage) {
+  if (stage.stages < 1 || stage.stage < 0 || stage.stage >= stage.stages ||
+      config.num_layers % stage.stages != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("cannot split ", config.num_layers,
+                                                   " layers into pipeline stage ", stage.stage,
+                                                   " of ", stage.stages));
+  }
   std::unique_ptr<Model> m(new Model(config, be));
+  const int per_stage = config.num_layers / stage.stages;
+  m->first_layer_ = stage.stage * per_stage;
+  m->end_layer_ = m->first_layer_ + per_stage;
   m->DeclareParams();
   m->params_.Allocate(be);
   return m;
 }
 
+bool Model::ExitIsLocal(int i) const {
+  const int layer_index = config_.exits[i].layer - 1;
+  return layer_index >= first_layer_ && layer_index < end_layer_;
+}
+
 void Model::DeclareParams() {
   const ModelConfig& c = config_;
-  word_emb_ = params_.Add("embedding.word.weight", {c.vocab_size, c.hidden_size}, true);
-  if (c.learned_positions()) {
+  bool needs_word = is_first_stage() || (is_last_stage() && c.tie_embeddings);
+  for (size_t i = 0; i < c.exits.size(); ++i) needs_word |= ExitIsLocal(i) && c.exits[i].tied;
+  if (needs_word) {
+    word_emb_ = params_.Add("embedding.word.weight", {c.vocab_size, c.hidden_size}, true);
+  }
+  if (is_first_stage() && c.learned_positions()) {
     pos_emb_ = params_.Add("embedding.position.weight", {c.max_seq_len, c.hidden_size}, true);
   }
-  for (int l = 0; l < c.num_layers; ++l) {
+  for (int l = first_layer_; l < end_layer_; ++l) {
     layers_.push_back(AddBlockParams(params_, c, absl::StrCat("layers.", l, ".")));
   }
-  final_norm_ = AddNormParams(params_, c, "final_norm");
-  if (!c.tie_embeddings)
-    output_ = params_.Add("output.weight", {c.vocab_size, c.hidden_size}, true);
+  if (is_last_stage()) {
+    final_norm_ = AddNormParams(params_, c, "final_norm");
+    if (!c.tie_embeddings) {
+      output_ = params_.Add("output.weight", {c.vocab_size, c.hidden_size}, true);
+    }
+  }
+  exits_.resize(c.exits.size());
   for (size_t i = 0; i < c.exits.size(); ++i) {
+    if (!ExitIsLocal(i)) continue;
     const ExitConfig& x = c.exits[i];
     const std::string prefix = absl::StrCat("exits.", i, ".");
-    ExitHeadParams p;
+    ExitHeadParams& p = exits_[i];
     if (x.kind == ExitKind::kMlp) p.mlp = AddMlpParams(params_, c, prefix);
     if (x.kind == ExitKind::kBlock) p.block = AddBlockParams(params_, c, prefix + "block.");
     if (x.kind != ExitKind::kLinear) p.norm = AddNormParams(params_, c, prefix + "norm");
     if (!x.tied) p.head = params_.Add(prefix + "head.weight", {c.vocab_size, c.hidden_size}, true);
-    exits_.push_back(p);
   }
 }
 
+namespace {
+// FNV-1a: a stable hash of a tensor name (seeds its initialisation).
+uint64_t NameHash(const std::string& s) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char ch : s) h = (h ^ ch) * 1099511628211ull;
+  return h;
+}
+}  // namespace
+
 void Model::InitRandom(uint64_t seed) {
-  Rng rng(seed);
   const float resid_std = 0.02f / std::sqrt(2.0f * config_.num_layers);
   std::vector<float> host;
   for (int i = 0; i < static_cast<int>(params_.params().size()); ++i) {
     const ParamInfo& p = params_.params()[i];
+    Rng rng(seed ^ NameHash(p.name));
     host.assign(p.numel, 0.0f);
     const std::string& n = p.name;
     auto ends_with = [&](const char* s) {
@@ -98,11 +130,13 @@ std::unique_ptr<Workspace> Model::MakeWorkspace(int b, int t) {
   be_->CopyFromHost(ws->pos, pos.data(), n * sizeof(int32_t));
   ws->weights = a.Floats(n);
   ws->x0 = a.Floats(nc);
-  for (int l = 0; l < config_.num_layers; ++l)
+  for (int l = first_layer_; l < end_layer_; ++l) {
     ws->layers.push_back(MakeBlockActs(a, config_, n, b, t));
-  ws->final_norm = MakeNormActs(a, n, c);
-  for (size_t i = 0; i < config_.exits.size(); ++i)
-    ws->exits.push_back(MakeExitActs(a, i, n, b, t));
+  }
+  if (is_last_stage()) ws->final_norm = MakeNormActs(a, n, c);
+  for (size_t i = 0; i < config_.exits.size(); ++i) {
+    ws->exits.push_back(ExitIsLocal(i) ? MakeExitActs(a, i, n, b, t) : ExitActs{});
+  }
   ws->logits = a.Floats(static_cast<size_t>(n) * config_.vocab_size);
   ws->losses = a.Floats(n);
   ws->max_prob = a.Floats(n);
@@ -229,19 +263,24 @@ void Model::ExitBackward(int i, ExitActs& a, float* din, const float* dhidden, c
   }
 }
 
+const float* Model::HiddenAt(const Workspace& ws, int depth) const {
+  return depth == first_layer_ ? ws.x0 : ws.layers[depth - 1 - first_layer_].out;
+}
+
 void Model::ExitsAtDepth(Workspace& ws, int depth, absl::Span<const float> w, bool backward,
-                         LossReport& r) {
+                         float loss_scale, LossReport& r) {
   const int b = ws.b, t = ws.t, n = b * t;
   const size_t nc = static_cast<size_t>(n) * config_.hidden_size;
   for (size_t i = 0; i < config_.exits.size(); ++i) {
     const ExitConfig& x = config_.exits[i];
-    if (x.depth() != depth) continue;
+    if (x.depth() != depth || !ExitIsLocal(i)) continue;
     const bool reads_h_attn = x.kind == ExitKind::kMlp && x.position == ExitPosition::kPost;
-    const float* in = reads_h_attn ? ws.layers[x.layer - 1].h_attn
-                                   : (depth == 0 ? ws.x0 : ws.layers[depth - 1].out);
+    const float* in =
+        reads_h_attn ? ws.layers[x.layer - 1 - first_layer_].h_attn : HiddenAt(ws, depth);
     const float* hidden = ExitHidden(i, ws.exits[i], in, ws.pos, b, t, nullptr, 0);
     const bool bw = backward && w[i] > 0;
-    auto [mean, term] = HeadLoss(ws, hidden, i, w[i], config_.confidence_weighted_exit_loss, bw);
+    auto [mean, term] =
+        HeadLoss(ws, hidden, i, w[i] * loss_scale, config_.confidence_weighted_exit_loss, bw);
     r.exit_losses[i] = mean;
     r.objective += term;
     if (!bw) continue;
@@ -251,9 +290,10 @@ void Model::ExitsAtDepth(Workspace& ws, int depth, absl::Span<const float> w, bo
       // dexit = d(block out); dhidden is free after the norm backward and takes d(in).
       const ExitHeadParams& p = exits_[i];
       be_->Fill(ws.dexit, nc, 0.0f);
-      NormBackward(ctx(), p.norm, ws.exits[i].norm, ws.dexit, ws.dhidden, ws.exits[i].block.out, n);
-      BlockBackward(ctx(), p.block, ws.exits[i].block, ws.dhidden, ws.dexit, nullptr, in, ws.pos, b,
-                    t, ws.gs);
+      NormBackward(ctx(), p.norm, ws.exits[i].norm, ws.dexit, ws.dhidden, ws.exits[i].block.out,
+                   n);
+      BlockBackward(ctx(), p.block, ws.exits[i].block, ws.dhidden, ws.dexit, nullptr, in, ws.pos,
+                    b, t, ws.gs);
       be_->Axpy(din, 1.0f, ws.dhidden, nc);
     } else {
       ExitBackward(i, ws.exits[i], din, ws.dhidden, in, ws.pos, b, t, ws.gs);
@@ -261,9 +301,27 @@ void Model::ExitsAtDepth(Workspace& ws, int depth, absl::Span<const float> w, bo
   }
 }
 
-LossReport Model::ForwardBackward(Workspace& ws, const int32_t* ids, const int32_t* targets,
-                                  const float* mask, absl::Span<const float> exit_weights,
-                                  bool backward) {
+void Model::StageForward(Workspace& ws, const int32_t* ids, const float* input) {
+  const int b = ws.b, t = ws.t, n = b * t;
+  if (is_first_stage()) {
+    be_->CopyFromHost(ws.ids, ids, n * sizeof(int32_t));
+    Embed(ws.x0, ws.ids, ws.pos, n);
+  } else {
+    be_->Copy(ws.x0, input, static_cast<size_t>(n) * config_.hidden_size * sizeof(float));
+  }
+  const float* x = ws.x0;
+  for (int l = first_layer_; l < end_layer_; ++l) {
+    BlockActs& acts = ws.layers[l - first_layer_];
+    BlockForward(ctx(), layers_[l - first_layer_], acts, x, ws.pos, b, t, nullptr, 0);
+    x = acts.out;
+  }
+}
+
+const float* Model::StageOutput(const Workspace& ws) const { return HiddenAt(ws, end_layer_); }
+
+LossReport Model::StageBackward(Workspace& ws, const int32_t* targets, const float* mask,
+                                absl::Span<const float> exit_weights, bool backward,
+                                const float* d_output, float loss_scale) {
   const ModelConfig& c = config_;
   EE_CHECK(exit_weights.size() == c.exits.size(), "need one weight per exit");
   const int b = ws.b, t = ws.t, n = b * t;
@@ -272,51 +330,53 @@ LossReport Model::ForwardBackward(Workspace& ws, const int32_t* ids, const int32
   r.exit_losses.assign(c.exits.size(), 0.0);
   for (int i = 0; i < n; ++i) ws.host_mask[i] = mask ? mask[i] : 1.0f;
   for (float m : ws.host_mask) r.tokens += m != 0;
-  be_->CopyFromHost(ws.ids, ids, n * sizeof(int32_t));
   be_->CopyFromHost(ws.targets, targets, n * sizeof(int32_t));
 
-  // Backbone forward.
-  Embed(ws.x0, ws.ids, ws.pos, n);
-  const float* x = ws.x0;
-  for (int l = 0; l < c.num_layers; ++l) {
-    BlockForward(ctx(), layers_[l], ws.layers[l], x, ws.pos, b, t, nullptr, 0);
-    x = ws.layers[l].out;
-  }
-  // Final head.
-  const float* hidden = FinalHidden(ws.final_norm, x, n);
-  auto [final_mean, final_term] = HeadLoss(ws, hidden, -1, 1.0f, false, backward);
-  r.final_loss = final_mean;
-  r.objective = final_term;
-  if (backward) {
-    be_->Fill(ws.dx, nc, 0.0f);
-    NormBackward(ctx(), final_norm_, ws.final_norm, ws.dx, ws.dhidden, x, n);
+  const float* x = StageOutput(ws);
+  if (is_last_stage()) {
+    const float* hidden = FinalHidden(ws.final_norm, x, n);
+    auto [final_mean, final_term] = HeadLoss(ws, hidden, -1, loss_scale, false, backward);
+    r.final_loss = final_mean;
+    r.objective = final_term;
+    if (backward) {
+      be_->Fill(ws.dx, nc, 0.0f);
+      NormBackward(ctx(), final_norm_, ws.final_norm, ws.dx, ws.dhidden, x, n);
+    }
+  } else if (backward) {
+    be_->Copy(ws.dx, d_output, nc * sizeof(float));
   }
   // Walk down the layers: exits reading depth l run in the backward slot of layer l.
-  for (int l = c.num_layers; l >= 1; --l) {
-    bool has_mlp_post = false;
-    for (const auto& e : c.exits) {
-      has_mlp_post |=
-          e.depth() == l && e.kind == ExitKind::kMlp && e.position == ExitPosition::kPost;
-    }
-    ExitsAtDepth(ws, l, exit_weights, backward, r);
+  for (int l = end_layer_; l > first_layer_; --l) {
+    ExitsAtDepth(ws, l, exit_weights, backward, loss_scale, r);
     if (!backward) continue;
     const float* extra = nullptr;
     for (size_t i = 0; i < c.exits.size(); ++i) {
-      if (has_mlp_post && c.exits[i].depth() == l && exit_weights[i] > 0) extra = ws.d_h_extra;
+      const ExitConfig& e = c.exits[i];
+      if (e.depth() == l && e.kind == ExitKind::kMlp && e.position == ExitPosition::kPost &&
+          exit_weights[i] > 0) {
+        extra = ws.d_h_extra;
+      }
     }
-    const float* in = l == 1 ? ws.x0 : ws.layers[l - 2].out;
-    BlockBackward(ctx(), layers_[l - 1], ws.layers[l - 1], ws.dx_prev, ws.dx, extra, in, ws.pos, b,
-                  t, ws.gs);
+    BlockBackward(ctx(), layers_[l - 1 - first_layer_], ws.layers[l - 1 - first_layer_],
+                  ws.dx_prev, ws.dx, extra, HiddenAt(ws, l - 1), ws.pos, b, t, ws.gs);
     std::swap(ws.dx, ws.dx_prev);
   }
-  ExitsAtDepth(ws, 0, exit_weights, backward, r);
-  if (backward) {
+  ExitsAtDepth(ws, first_layer_, exit_weights, backward, loss_scale, r);
+  if (backward && is_first_stage()) {
     be_->EmbeddingBackward(params_.grad(word_emb_), ws.ids, ws.dx, n, c.hidden_size);
     if (pos_emb_ >= 0) {
       be_->EmbeddingBackward(params_.grad(pos_emb_), ws.pos, ws.dx, n, c.hidden_size);
     }
   }
   return r;
+}
+
+LossReport Model::ForwardBackward(Workspace& ws, const int32_t* ids, const int32_t* targets,
+                                  const float* mask, absl::Span<const float> exit_weights,
+                                  bool backward, float loss_scale) {
+  EE_CHECK(is_first_stage() && is_last_stage(), "ForwardBackward needs the whole model");
+  StageForward(ws, ids, nullptr);
+  return StageBackward(ws, targets, mask, exit_weights, backward, nullptr, loss_scale);
 }
 
 }  // namespace eellm

@@ -55,9 +55,20 @@ struct LossReport {
   int64_t tokens = 0;               // tokens with non-zero mask
 };
 
+// Which part of the model a rank holds: pipeline stage `stage` of `stages` owns layers
+// [stage * L / stages, (stage + 1) * L / stages), the embedding (stage 0), the final norm and
+// output head (last stage) and the exits on its layers (an exit belongs to the stage of its
+// layer). Stages with tied heads (the last stage with tied embeddings, stages with tied exits)
+// hold a copy of the word embedding whose gradient the trainer sums across stages.
+struct StageSpec {
+  int stage = 0;
+  int stages = 1;
+};
+
 class Model {
  public:
-  static absl::StatusOr<std::unique_ptr<Model>> Create(const ModelConfig& config, Backend* be);
+  static absl::StatusOr<std::unique_ptr<Model>> Create(const ModelConfig& config, Backend* be,
+                                                       StageSpec stage = {});
 
   const ModelConfig& config() const { return config_; }
   ParamStore& params() { return params_; }
@@ -65,20 +76,41 @@ class Model {
   LayerContext ctx() { return LayerContext{be_, &config_, &params_}; }
 
   // GPT-2 initialisation: N(0, 0.02) weights, residual output projections scaled by
-  // 1/sqrt(2 * num_layers), zero biases, unit norm gains. Deterministic in `seed`.
+  // 1/sqrt(2 * num_layers), zero biases, unit norm gains. Each tensor's values depend only on
+  // `seed` and its global name, so every pipeline layout starts from the same weights.
   void InitRandom(uint64_t seed);
 
   std::unique_ptr<Workspace> MakeWorkspace(int b, int t);
 
-  // One pass over a batch: ids, targets [b*t] and optional loss mask (host arrays). Always
-  // computes every loss; when `backward` is true, accumulates gradients of the objective
-  // (final loss + sum_i exit_weights[i] * exit loss_i) into params().grads.
+  // One pass over a batch on a single-stage model: ids, targets [b*t] and optional loss mask
+  // (host arrays). Always computes every loss; when `backward` is true, accumulates gradients
+  // of loss_scale * (final loss + sum_i exit_weights[i] * exit loss_i) into params().grads.
   LossReport ForwardBackward(Workspace& ws, const int32_t* ids, const int32_t* targets,
                              const float* mask, absl::Span<const float> exit_weights,
-                             bool backward);
+                             bool backward, float loss_scale = 1.0f);
+
+  // ---- pipeline stages ----------------------------------------------------------------------
+  // Forward of this stage's layers: from `ids` (host, first stage) or from the previous stage's
+  // hidden states `input` [b*t, c] (device).
+  void StageForward(Workspace& ws, const int32_t* ids, const float* input);
+  // Hidden states to send to the next stage [b*t, c].
+  const float* StageOutput(const Workspace& ws) const;
+  // Heads of this stage (final head on the last stage, local exits) and, when `backward`, the
+  // backward of its layers given the next stage's gradient `d_output` (device; null on the last
+  // stage). Losses of heads on other stages are reported as 0.
+  LossReport StageBackward(Workspace& ws, const int32_t* targets, const float* mask,
+                           absl::Span<const float> exit_weights, bool backward,
+                           const float* d_output, float loss_scale);
+  // Gradient w.r.t. the stage's input, to send to the previous stage (after StageBackward).
+  const float* StageInputGrad(const Workspace& ws) const { return ws.dx; }
+  bool is_first_stage() const { return first_layer_ == 0; }
+  bool is_last_stage() const { return end_layer_ == config_.num_layers; }
+  bool ExitIsLocal(int i) const;
+  // Index of the word embedding in params(), or -1 when this stage holds none.
+  int word_embedding() const { return word_emb_; }
 
   // ---- pieces shared with inference --------------------------------------------------------
-  const BlockParams& layer(int l) const { return layers_[l]; }
+  const BlockParams& layer(int l) const { return layers_[l - first_layer_]; }
   const ExitHeadParams& exit_head(int i) const { return exits_[i]; }
   // out[n, c] = word embedding (+ learned positions).
   void Embed(float* out, const int32_t* ids, const int32_t* pos, int n);
@@ -94,15 +126,18 @@ class Model {
 
  private:
   Model(const ModelConfig& c, Backend* be) : config_(c), be_(be) {}
+  int first_layer_ = 0, end_layer_ = 0;
   void DeclareParams();
   // Loss over `hidden` with output weight of exit i (-1 final); when backward, writes
   // ws.dhidden and accumulates dW. Returns {mean loss, weighted objective term}.
   std::pair<double, double> HeadLoss(Workspace& ws, const float* hidden, int exit_index,
                                      float weight, bool confidence_weighted, bool backward);
+  // Hidden state at `depth` (layers computed) held by this stage.
+  const float* HiddenAt(const Workspace& ws, int depth) const;
   void ExitBackward(int i, ExitActs& a, float* din, const float* dhidden, const float* in,
                     const int32_t* pos, int b, int t, const GradScratch& s);
   void ExitsAtDepth(Workspace& ws, int depth, absl::Span<const float> w, bool backward,
-                    LossReport& r);
+                    float loss_scale, LossReport& r);
 
   ModelConfig config_;
   Backend* be_;
