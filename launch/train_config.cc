@@ -52,6 +52,7 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
     RETURN_IF_ERROR(ReadJsonField(tj, "backend", "train config", &t.backend));
     RETURN_IF_ERROR(ReadJsonField(tj, "out", "train config", &t.out));
     RETURN_IF_ERROR(ReadJsonField(tj, "batch_size", "train config", &t.batch_size));
+    RETURN_IF_ERROR(ReadJsonField(tj, "micro_batch_size", "train config", &t.micro_batch_size));
     RETURN_IF_ERROR(ReadJsonField(tj, "seq_len", "train config", &t.seq_len));
     RETURN_IF_ERROR(ReadJsonField(tj, "steps", "train config", &t.steps));
     RETURN_IF_ERROR(ReadJsonField(tj, "lr", "train config", &t.lr));
@@ -111,6 +112,7 @@ std::string TrainConfigToJson(const TrainConfig& t) {
             {"backend", t.backend},
             {"out", t.out},
             {"batch_size", t.batch_size},
+            {"micro_batch_size", t.micro_batch_size},
             {"seq_len", t.seq_len},
             {"steps", t.steps},
             {"lr", t.lr},

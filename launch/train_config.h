@@ -15,7 +15,8 @@ struct TrainConfig {
   std::string tokenizer = "byte";
   std::string backend = "cpu";
   std::string out = "runs/default";  // checkpoint directory (<out>/checkpoint.h5)
-  int batch_size = 8;
+  int batch_size = 8;                // global batch (sequences per optimizer step)
+  int micro_batch_size = 0;  // sequences per microbatch; 0 = batch_size / dp (one microbatch)
   int seq_len = 128;
   int steps = 1000;
   float lr = 1e-3f;

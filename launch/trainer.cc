@@ -10,8 +10,10 @@
 #include "engine/core/timer.h"
 #include "engine/optim/adamw.h"
 #include "engine/optim/schedules.h"
+#include "launch/pipeline_gather.h"
 #include "launch/progress.h"
 #include "models/exit_loss_weights.h"
+#include "models/pipeline_executor.h"
 #include "models/token_dataset.h"
 #include "models/tokenizer.h"
 #include "models/transformer.h"
@@ -32,23 +34,24 @@ void SumOverGroup(Communicator* comm, Backend* be, std::vector<double>& values) 
 }
 
 // Validation over the first `max_batches` global batches of `global_batch` rows; each
-// data-parallel rank evaluates its rows and the means are averaged over ranks.
-EvalResult Evaluate(Model& model, Workspace& ws, const TokenDataset& val, int max_batches,
-                    int global_batch, ParallelContext& ctx) {
-  const ModelConfig& c = model.config();
-  const int rows = ws.b, t = ws.t, first = ctx.coord.dp * rows;
+// data-parallel rank evaluates its rows (through the pipeline), and the means of every head are
+// summed over stages (each head lives on one) and averaged over data-parallel ranks.
+EvalResult Evaluate(PipelineExecutor& exec, const ModelConfig& c, Backend* be,
+                    const TokenDataset& val, int max_batches, int global_batch, int rows, int t,
+                    ParallelContext& ctx) {
+  const int first = ctx.coord.dp * rows;
   std::vector<int32_t> in(static_cast<size_t>(global_batch) * t), tg(in.size());
-  std::vector<float> w(c.exits.size(), 0.0f);
   std::vector<double> sums(1 + c.exits.size(), 0.0);
   const int64_t batches = std::min<int64_t>(max_batches, val.NumSequentialBatches(global_batch, t));
   for (int64_t i = 0; i < batches; ++i) {
     val.SequentialBatch(i, global_batch, t, in.data(), tg.data());
     const size_t off = static_cast<size_t>(first) * t;
-    LossReport r = model.ForwardBackward(ws, in.data() + off, tg.data() + off, nullptr, w, false);
+    LossReport r = exec.Evaluate(in.data() + off, tg.data() + off);
     sums[0] += r.final_loss;
     for (size_t k = 0; k < c.exits.size(); ++k) sums[1 + k] += r.exit_losses[k];
   }
-  SumOverGroup(ctx.dp.get(), model.backend(), sums);
+  SumOverGroup(ctx.pp.get(), be, sums);
+  SumOverGroup(ctx.dp.get(), be, sums);
   EvalResult e;
   const double denom = static_cast<double>(batches) * ctx.grid.dp();
   e.final_loss = sums[0] / denom;
@@ -93,10 +96,16 @@ absl::Status ValidateLayout(const RunConfig& rc) {
   if (t.batch_size % t.dp != 0) {
     return bad("batch_size ", t.batch_size, " is not divisible by dp ", t.dp);
   }
-  if (t.tp > 1 || t.pp > 1) {
-    return absl::UnimplementedError(
-        absl::StrCat("tensor and pipeline parallelism (tp ", t.tp, ", pp ", t.pp,
-                     ") are not implemented yet; data parallelism (dp) and ZeRO-1 are"));
+  const int rows = t.batch_size / t.dp;
+  if (t.micro_batch_size < 0 || (t.micro_batch_size > 0 && rows % t.micro_batch_size != 0)) {
+    return bad("micro_batch_size ", t.micro_batch_size, " does not divide the ", rows,
+               " sequences of each data-parallel rank (batch_size ", t.batch_size, " / dp ", t.dp,
+               ")");
+  }
+  if (t.tp > 1) {
+    return absl::UnimplementedError(absl::StrCat(
+        "tensor parallelism (tp ", t.tp,
+        ") is not implemented yet; pipeline (pp), data parallelism (dp) and ZeRO-1 are"));
   }
   return absl::OkStatus();
 }
@@ -152,8 +161,25 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     }
   }
 
-  ASSIGN_OR_RETURN(auto model, Model::Create(mc, backend));
+  ASSIGN_OR_RETURN(auto model, Model::Create(mc, backend, StageSpec{ctx->coord.pp, tc.pp}));
   model->InitRandom(tc.seed);
+  // Copies of the word embedding on later stages (tied heads): their gradients are summed over
+  // the stages that hold one, and only stage 0's copy counts in the gradient norm.
+  std::unique_ptr<Communicator> embedding_group;
+  {
+    std::vector<int> group;
+    for (int r : ctx->grid.PpGroup(ctx->rank)) {
+      if (Model::StageHasWordEmbedding(mc, StageSpec{ctx->grid.CoordOf(r).pp, tc.pp}) &&
+          model->word_embedding() >= 0) {
+        group.push_back(r);
+      }
+    }
+    if (group.empty()) group = {ctx->rank};
+    embedding_group = ctx->world->Subgroup(group);
+    if (model->word_embedding() >= 0 && ctx->coord.pp != 0) {
+      model->params().mutable_params()[model->word_embedding()].count_in_norm = false;
+    }
+  }
   AdamWConfig ac;
   ac.beta1 = tc.beta1;
   ac.beta2 = tc.beta2;
@@ -195,7 +221,8 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   TrainSummary sum;
   sum.num_params = static_cast<int64_t>(model->params().size());
   const int rows = tc.batch_size / ctx->grid.dp();  // this rank's share of the global batch
-  auto ws = model->MakeWorkspace(rows, tc.seq_len);
+  const int micro = tc.micro_batch_size > 0 ? tc.micro_batch_size : rows;
+  PipelineExecutor exec(model.get(), ctx, micro, tc.seq_len, rows / micro);
   const int n = rows * tc.seq_len;
   std::vector<int32_t> in(n), tg(n);
   const std::string ckpt = tc.out + "/checkpoint.h5";
@@ -204,13 +231,27 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
       ctx->dp->AllGather(opt.m(), ckpt_m, shard);
       ctx->dp->AllGather(opt.v(), ckpt_v, shard);
     }
+    GatheredModel whole;
+    if (tc.pp > 1) {
+      ASSIGN_OR_RETURN(whole, GatherPipeline(*model, ckpt_m, ckpt_v, *ctx));
+    }
     if (!rank0) return absl::OkStatus();
     CheckpointMeta meta;
     meta.config_json = rc.model_json;
     meta.step = step;
     meta.attrs["train_config"] = TrainConfigToJson(tc);
     meta.attrs["tokenizer"] = tc.tokenizer;
-    RETURN_IF_ERROR(SaveCheckpoint(ckpt, ps, meta, ckpt_m, ckpt_v));
+    if (tc.pp > 1) {
+      RETURN_IF_ERROR(
+          SaveCheckpoint(ckpt, whole.model->params(), meta, whole.m.f32(), whole.v.f32()));
+      if (opts.final_params && step == tc.steps) {
+        const ParamStore& wp = whole.model->params();
+        opts.final_params->resize(wp.size());
+        backend->CopyToHost(opts.final_params->data(), wp.params_data(), wp.size() * sizeof(float));
+      }
+    } else {
+      RETURN_IF_ERROR(SaveCheckpoint(ckpt, ps, meta, ckpt_m, ckpt_v));
+    }
     if (verbose) std::printf("saved %s (step %d)\n", ckpt.c_str(), step);
     return absl::OkStatus();
   };
@@ -225,7 +266,8 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     std::printf("layout: %d ranks = tp %d x pp %d x dp %d%s\n", ctx->grid.world(), tc.tp, tc.pp,
                 tc.dp, dopt.zero1() ? ", ZeRO-1 optimizer sharding" : "");
   }
-  sum.first_eval = Evaluate(*model, *ws, val, tc.eval_batches, tc.batch_size, *ctx);
+  sum.first_eval =
+      Evaluate(exec, mc, backend, val, tc.eval_batches, tc.batch_size, rows, tc.seq_len, *ctx);
   if (verbose) {
     std::printf("eval step %d | val %s\n", start,
                 FormatLosses(mc, sum.first_eval.final_loss, sum.first_eval.exit_losses).c_str());
@@ -241,7 +283,11 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
                      tg.data());
     model->params().ZeroGrads();
     std::vector<float> w = ExitLossWeights(mc, step);
-    LossReport r = model->ForwardBackward(*ws, in.data(), tg.data(), nullptr, w, true);
+    LossReport r = exec.TrainStep(in.data(), tg.data(), w);
+    if (model->word_embedding() >= 0 && embedding_group->size() > 1) {
+      const ParamInfo& e = ps.params()[model->word_embedding()];
+      embedding_group->AllReduce(ps.grad(model->word_embedding()), e.numel, ReduceOp::kSum);
+    }
     if (!std::isfinite(r.objective)) {
       return absl::InternalError(
           absl::StrCat("loss is not finite at step ", step + 1, "; lower the learning rate"));
@@ -253,6 +299,7 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     total_tokens += int64_t{n} * ctx->grid.dp();
     std::vector<double> losses = {r.final_loss};
     losses.insert(losses.end(), r.exit_losses.begin(), r.exit_losses.end());
+    SumOverGroup(ctx->pp.get(), backend, losses);  // each head's loss lives on one stage
     SumOverGroup(ctx->dp.get(), backend, losses);
     for (double& l : losses) l /= ctx->grid.dp();
     if (opts.step_losses) opts.step_losses->push_back(losses);
@@ -279,7 +326,8 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
       interval.Reset();
     }
     if (tc.eval_interval > 0 && (step + 1) % tc.eval_interval == 0 && !last) {
-      EvalResult e = Evaluate(*model, *ws, val, tc.eval_batches, tc.batch_size, *ctx);
+      EvalResult e =
+          Evaluate(exec, mc, backend, val, tc.eval_batches, tc.batch_size, rows, tc.seq_len, *ctx);
       if (verbose) {
         std::printf("eval step %d | val %s\n", step + 1,
                     FormatLosses(mc, e.final_loss, e.exit_losses).c_str());
@@ -292,7 +340,8 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   sum.seconds = total.Seconds();
   sum.steps_done = tc.steps - start;
   sum.tokens_per_second = sum.seconds > 0 ? total_tokens / sum.seconds : 0;
-  sum.last_eval = Evaluate(*model, *ws, val, tc.eval_batches, tc.batch_size, *ctx);
+  sum.last_eval =
+      Evaluate(exec, mc, backend, val, tc.eval_batches, tc.batch_size, rows, tc.seq_len, *ctx);
   if (verbose) {
     std::printf("eval step %d | val %s\n", tc.steps,
                 FormatLosses(mc, sum.last_eval.final_loss, sum.last_eval.exit_losses).c_str());
@@ -300,7 +349,7 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
                 sum.tokens_per_second);
   }
   RETURN_IF_ERROR(save(tc.steps));
-  if (opts.final_params) {
+  if (opts.final_params && tc.pp == 1) {
     opts.final_params->resize(ps.size());
     backend->CopyToHost(opts.final_params->data(), ps.params_data(), ps.size() * sizeof(float));
   }

@@ -30,11 +30,18 @@ bool Model::ExitIsLocal(int i) const {
   return layer_index >= first_layer_ && layer_index < end_layer_;
 }
 
+bool Model::StageHasWordEmbedding(const ModelConfig& c, StageSpec stage) {
+  const int per_stage = c.num_layers / stage.stages;
+  const int first = stage.stage * per_stage, end = first + per_stage;
+  bool needs = stage.stage == 0 || (stage.stage == stage.stages - 1 && c.tie_embeddings);
+  for (const ExitConfig& x : c.exits) needs |= x.tied && x.layer - 1 >= first && x.layer - 1 < end;
+  return needs;
+}
+
 void Model::DeclareParams() {
   const ModelConfig& c = config_;
-  bool needs_word = is_first_stage() || (is_last_stage() && c.tie_embeddings);
-  for (size_t i = 0; i < c.exits.size(); ++i) needs_word |= ExitIsLocal(i) && c.exits[i].tied;
-  if (needs_word) {
+  const int per_stage = end_layer_ - first_layer_;
+  if (StageHasWordEmbedding(c, StageSpec{first_layer_ / per_stage, c.num_layers / per_stage})) {
     word_emb_ = params_.Add("embedding.word.weight", {c.vocab_size, c.hidden_size}, true);
   }
   if (is_first_stage() && c.learned_positions()) {
@@ -290,10 +297,9 @@ void Model::ExitsAtDepth(Workspace& ws, int depth, absl::Span<const float> w, bo
       // dexit = d(block out); dhidden is free after the norm backward and takes d(in).
       const ExitHeadParams& p = exits_[i];
       be_->Fill(ws.dexit, nc, 0.0f);
-      NormBackward(ctx(), p.norm, ws.exits[i].norm, ws.dexit, ws.dhidden, ws.exits[i].block.out,
-                   n);
-      BlockBackward(ctx(), p.block, ws.exits[i].block, ws.dhidden, ws.dexit, nullptr, in, ws.pos,
-                    b, t, ws.gs);
+      NormBackward(ctx(), p.norm, ws.exits[i].norm, ws.dexit, ws.dhidden, ws.exits[i].block.out, n);
+      BlockBackward(ctx(), p.block, ws.exits[i].block, ws.dhidden, ws.dexit, nullptr, in, ws.pos, b,
+                    t, ws.gs);
       be_->Axpy(din, 1.0f, ws.dhidden, nc);
     } else {
       ExitBackward(i, ws.exits[i], din, ws.dhidden, in, ws.pos, b, t, ws.gs);
@@ -357,8 +363,8 @@ LossReport Model::StageBackward(Workspace& ws, const int32_t* targets, const flo
         extra = ws.d_h_extra;
       }
     }
-    BlockBackward(ctx(), layers_[l - 1 - first_layer_], ws.layers[l - 1 - first_layer_],
-                  ws.dx_prev, ws.dx, extra, HiddenAt(ws, l - 1), ws.pos, b, t, ws.gs);
+    BlockBackward(ctx(), layers_[l - 1 - first_layer_], ws.layers[l - 1 - first_layer_], ws.dx_prev,
+                  ws.dx, extra, HiddenAt(ws, l - 1), ws.pos, b, t, ws.gs);
     std::swap(ws.dx, ws.dx_prev);
   }
   ExitsAtDepth(ws, first_layer_, exit_weights, backward, loss_scale, r);

@@ -86,8 +86,8 @@ class Model {
   // (host arrays). Always computes every loss; when `backward` is true, accumulates gradients
   // of loss_scale * (final loss + sum_i exit_weights[i] * exit loss_i) into params().grads.
   LossReport ForwardBackward(Workspace& ws, const int32_t* ids, const int32_t* targets,
-                             const float* mask, absl::Span<const float> exit_weights,
-                             bool backward, float loss_scale = 1.0f);
+                             const float* mask, absl::Span<const float> exit_weights, bool backward,
+                             float loss_scale = 1.0f);
 
   // ---- pipeline stages ----------------------------------------------------------------------
   // Forward of this stage's layers: from `ids` (host, first stage) or from the previous stage's
@@ -106,6 +106,8 @@ class Model {
   bool is_first_stage() const { return first_layer_ == 0; }
   bool is_last_stage() const { return end_layer_ == config_.num_layers; }
   bool ExitIsLocal(int i) const;
+  // Whether pipeline stage `stage` holds a copy of the word embedding.
+  static bool StageHasWordEmbedding(const ModelConfig& c, StageSpec stage);
   // Index of the word embedding in params(), or -1 when this stage holds none.
   int word_embedding() const { return word_emb_; }
 

@@ -18,11 +18,11 @@ DistributedOptimizer::DistributedOptimizer(ParamStore* params, const AdamWConfig
     shard_ = params->padded_size() / dp;
     const size_t lo = shard_ * ctx->coord.dp;
     scratch_ = Buffer(params->backend(), shard_ * sizeof(float));
-    norm_ = Buffer(params->backend(), sizeof(float));
     adamw_ = std::make_unique<AdamW>(params, config, lo, lo + shard_);
   } else {
     adamw_ = std::make_unique<AdamW>(params, config);
   }
+  norm_ = Buffer(params->backend(), sizeof(float));
 }
 
 void DistributedOptimizer::AllReduceGradients() {
@@ -39,28 +39,34 @@ double DistributedOptimizer::Step(float lr) {
   Backend* be = params_->backend();
   const int dp = ctx_->grid.dp();
   const float inv_dp = 1.0f / dp;
-  if (!zero1_) {
-    if (dp > 1) {
-      AllReduceGradients();
-      be->Scale(params_->grads_data(), inv_dp, params_->padded_size());
-    }
-    return adamw_->Step(lr);
+  if (zero1_) {
+    // This rank's shard of the summed gradients.
+    ctx_->dp->ReduceScatter(params_->grads_data(), scratch_.f32(), shard_, ReduceOp::kSum);
+    float* own = params_->grads_data() + adamw_->lo();
+    be->Copy(own, scratch_.f32(), shard_ * sizeof(float));
+    be->Scale(own, inv_dp, shard_);
+  } else if (dp > 1) {
+    AllReduceGradients();
+    be->Scale(params_->grads_data(), inv_dp, params_->padded_size());
   }
-  // ZeRO-1: this rank's shard of the summed gradients, then the global norm from all shards.
-  ctx_->dp->ReduceScatter(params_->grads_data(), scratch_.f32(), shard_, ReduceOp::kSum);
-  float* own = params_->grads_data() + adamw_->lo();
-  be->Copy(own, scratch_.f32(), shard_ * sizeof(float));
-  be->Scale(own, inv_dp, shard_);
-  // The shards' squared norms are summed in fp32 on the wire (one device float); every rank
-  // gets the same sum and so the same clipping factor.
-  float sq = static_cast<float>(adamw_->LocalSquaredNorm());
-  be->CopyFromHost(norm_.f32(), &sq, sizeof(float));
-  ctx_->dp->AllReduce(norm_.f32(), 1, ReduceOp::kSum);
-  be->CopyToHost(&sq, norm_.f32(), sizeof(float));
-  const double norm = std::sqrt(static_cast<double>(sq));
+  // Global norm: shards (ZeRO-1) and pipeline stages hold disjoint parts of the gradient. The
+  // squared norms are summed in fp32 on the wire (one device float); every rank gets the same
+  // sum and so the same clipping factor.
+  double sq = adamw_->LocalSquaredNorm();
+  if (zero1_ || ctx_->grid.pp() > 1) {
+    float sq_f = static_cast<float>(sq);
+    be->CopyFromHost(norm_.f32(), &sq_f, sizeof(float));
+    if (zero1_) ctx_->dp->AllReduce(norm_.f32(), 1, ReduceOp::kSum);
+    if (ctx_->grid.pp() > 1) ctx_->pp->AllReduce(norm_.f32(), 1, ReduceOp::kSum);
+    be->CopyToHost(&sq_f, norm_.f32(), sizeof(float));
+    sq = sq_f;
+  }
+  const double norm = std::sqrt(sq);
   adamw_->Update(lr, adamw_->ClipScale(norm));
-  be->Copy(scratch_.f32(), params_->params_data() + adamw_->lo(), shard_ * sizeof(float));
-  ctx_->dp->AllGather(scratch_.f32(), params_->params_data(), shard_);
+  if (zero1_) {
+    be->Copy(scratch_.f32(), params_->params_data() + adamw_->lo(), shard_ * sizeof(float));
+    ctx_->dp->AllGather(scratch_.f32(), params_->params_data(), shard_);
+  }
   return norm;
 }
 

@@ -35,7 +35,7 @@ class DistributedOptimizer {
   size_t bucket_elems_;
   size_t shard_ = 0;  // ZeRO-1 shard size (elements)
   Buffer scratch_;    // ZeRO-1: reduce-scatter / all-gather staging, one shard
-  Buffer norm_;       // ZeRO-1: one float for the squared-norm all-reduce
+  Buffer norm_;       // one float for the squared-norm all-reduce
   std::unique_ptr<AdamW> adamw_;
 };
 

@@ -31,7 +31,8 @@ void AdamW::ForEachOwned(Fn fn) const {
 
 double AdamW::LocalSquaredNorm() const {
   double sum = 0;
-  ForEachOwned([&](int, size_t first, size_t count) {
+  ForEachOwned([&](int i, size_t first, size_t count) {
+    if (!params_->params()[i].count_in_norm) return;
     sum += params_->backend()->SumSquares(params_->grads_data() + first, count);
   });
   return sum;

@@ -21,6 +21,9 @@ struct ParamInfo {
   size_t numel = 0;
   bool weight_decay = true;  // false for biases and norm gains
   bool trainable = true;     // false for frozen parameters (EE-Tuning backbones)
+  // false for a replica whose gradient norm another rank already counts (tied embeddings held
+  // by several pipeline stages), so the global norm counts each parameter once.
+  bool count_in_norm = true;
 };
 
 class ParamStore {

@@ -1,0 +1,70 @@
+#include "launch/pipeline_gather.h"
+
+#include "engine/core/status.h"
+
+namespace eellm {
+namespace {
+
+// Copies every tensor of `src` (arena data `src_data`) into the same-named tensor of `dst`.
+void CopyByName(Backend* be, const ParamStore& src, const float* src_data, const ParamStore& dst,
+                float* dst_data) {
+  for (const ParamInfo& p : src.params()) {
+    const int j = dst.Find(p.name);
+    EE_CHECK(j >= 0, "tensor ", p.name, " missing from the whole model");
+    be->Copy(dst_data + dst.params()[j].offset, src_data + p.offset, p.numel * sizeof(float));
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<GatheredModel> GatherPipeline(Model& stage, const float* m, const float* v,
+                                             ParallelContext& ctx) {
+  GatheredModel g;
+  if (ctx.coord.dp != 0 || ctx.coord.tp != 0) return g;
+  Backend* be = stage.backend();
+  const ModelConfig& c = stage.config();
+  const int pp = ctx.grid.pp(), me = ctx.coord.pp;
+  ParamStore& ps = stage.params();
+  const size_t bytes = ps.padded_size() * sizeof(float);
+  if (me != 0) {
+    ctx.pp->Send(ps.params_data(), bytes, 0, 0);
+    if (m != nullptr) {
+      ctx.pp->Send(m, bytes, 0, 1);
+      ctx.pp->Send(v, bytes, 0, 2);
+    }
+    return g;
+  }
+  ASSIGN_OR_RETURN(g.model, Model::Create(c, be));
+  const ParamStore& full = g.model->params();
+  const size_t full_n = full.padded_size();
+  g.m = Buffer(be, full_n * sizeof(float));
+  g.v = Buffer(be, full_n * sizeof(float));
+  be->Fill(g.m.f32(), full_n, 0.0f);
+  be->Fill(g.v.f32(), full_n, 0.0f);
+  auto take = [&](const ParamStore& src, const float* p, const float* sm, const float* sv) {
+    CopyByName(be, src, p, full, full.params_data());
+    if (sm != nullptr) {
+      CopyByName(be, src, sm, full, g.m.f32());
+      CopyByName(be, src, sv, full, g.v.f32());
+    }
+  };
+  take(ps, ps.params_data(), m, v);
+  for (int s = 1; s < pp; ++s) {
+    // The sender's arena layout is that of a model built for stage s.
+    ASSIGN_OR_RETURN(auto other, Model::Create(c, be, StageSpec{s, pp}));
+    ParamStore& ops = other->params();
+    const size_t obytes = ops.padded_size() * sizeof(float);
+    Buffer om, ov;
+    ctx.pp->Recv(ops.params_data(), obytes, s, 0);
+    if (m != nullptr) {
+      om = Buffer(be, obytes);
+      ov = Buffer(be, obytes);
+      ctx.pp->Recv(om.data(), obytes, s, 1);
+      ctx.pp->Recv(ov.data(), obytes, s, 2);
+    }
+    take(ops, ops.params_data(), m ? om.f32() : nullptr, m ? ov.f32() : nullptr);
+  }
+  return g;
+}
+
+}  // namespace eellm

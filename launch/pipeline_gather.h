@@ -1,0 +1,24 @@
+// Gathers a pipeline-split model onto stage 0: every stage of the first data-parallel replica
+// sends its parameters and AdamW moments to stage 0, which assembles the whole model by tensor
+// name (for single-file checkpoints and for comparing layouts in tests).
+#pragma once
+
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "models/transformer.h"
+#include "parallel/parallel_context.h"
+
+namespace eellm {
+
+struct GatheredModel {
+  std::unique_ptr<Model> model;  // whole model; null on ranks that do not assemble it
+  Buffer m, v;                   // AdamW moments in the whole model's arena layout
+};
+
+// Collective over the pipeline group of data-parallel rank 0 (other ranks return at once).
+// `m` and `v` are this stage's full-layout moment arenas (may be null: then zeros).
+absl::StatusOr<GatheredModel> GatherPipeline(Model& stage, const float* m, const float* v,
+                                             ParallelContext& ctx);
+
+}  // namespace eellm
