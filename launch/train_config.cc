@@ -40,13 +40,31 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
   TrainConfig& t = rc.train;
   if (j.contains("train")) {
     const json& tj = j["train"];
-    RETURN_IF_ERROR(CheckJsonKeys(
-        tj,
-        {"data",          "tokenizer", "backend", "out",          "batch_size",    "seq_len",
-         "steps",         "lr",        "min_lr",  "warmup_steps", "weight_decay",  "beta1",
-         "beta2",         "grad_clip", "seed",    "log_interval", "eval_interval", "eval_batches",
-         "save_interval", "tp",        "pp",      "dp",           "zero1"},
-        "train config"));
+    RETURN_IF_ERROR(CheckJsonKeys(tj, {"data",
+                                       "tokenizer",
+                                       "backend",
+                                       "out",
+                                       "batch_size",
+                                       "seq_len",
+                                       "steps",
+                                       "lr",
+                                       "min_lr",
+                                       "warmup_steps",
+                                       "weight_decay",
+                                       "beta1",
+                                       "beta2",
+                                       "grad_clip",
+                                       "seed",
+                                       "log_interval",
+                                       "eval_interval",
+                                       "eval_batches",
+                                       "save_interval",
+                                       "tp",
+                                       "pp",
+                                       "dp",
+                                       "zero1",
+                                       "micro_batch_size"},
+                                  "train config"));
     RETURN_IF_ERROR(ReadJsonField(tj, "data", "train config", &t.data));
     RETURN_IF_ERROR(ReadJsonField(tj, "tokenizer", "train config", &t.tokenizer));
     RETURN_IF_ERROR(ReadJsonField(tj, "backend", "train config", &t.backend));

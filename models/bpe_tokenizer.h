@@ -61,7 +61,7 @@ class BpeTokenizer : public Tokenizer {
   static absl::StatusOr<std::unique_ptr<BpeTokenizer>> Load(const std::string& path);
   // As Load(), from the JSON text; `name` is used in error messages and as name().
   static absl::StatusOr<std::unique_ptr<BpeTokenizer>> FromJson(absl::string_view json_text,
-                                                               const std::string& name);
+                                                                const std::string& name);
 
   std::vector<int32_t> Encode(absl::string_view text) const override;
   std::string Decode(absl::Span<const int32_t> ids) const override;
@@ -83,6 +83,7 @@ class BpeTokenizer : public Tokenizer {
   struct AddedToken {
     std::string content;
     int32_t id;
+    bool special;
   };
   // A normalizer step: prepend `to` (when `prepend`) or replace every `from` with `to`.
   struct NormOp {
@@ -92,16 +93,20 @@ class BpeTokenizer : public Tokenizer {
 
   BpeTokenizer() = default;
 
-  absl::Status ParseModel(const nlohmann::json& model);
-  absl::Status ParseNormalizer(const nlohmann::json& n, int depth);
-  absl::Status ParsePreTokenizer(const nlohmann::json& p, int depth);
-  bool HasByteLevelDecoder(const nlohmann::json& d, int depth) const;
+  absl::Status Parse(const nlohmann::json& j);
+  absl::Status ParseStep(const nlohmann::json& c, const char* where, int depth);
   absl::Status Finish();
 
+  // Splits `text` at added tokens: calls on_added(token) for each and on_piece(piece) for each
+  // BPE piece of the text between them, in order.
+  template <typename PieceFn, typename AddedFn>
+  void Walk(absl::string_view text, PieceFn on_piece, AddedFn on_added) const;
   // Calls fn(piece) for each BPE piece of one added-token-free segment of the text.
   template <typename Fn>
   void ForEachPiece(absl::string_view segment, bool at_text_start, Fn fn) const;
-  void EncodePiece(absl::string_view piece, std::vector<int32_t>* out) const;
+  // Appends the ids of one piece to *out (*scratch: reused symbol buffer).
+  void EncodePiece(absl::string_view piece, std::vector<int32_t>* scratch,
+                   std::vector<int32_t>* out) const;
   void MergeSymbols(std::vector<int32_t>* symbols) const;
   const AddedToken* MatchAdded(absl::string_view text, size_t pos) const;
 
@@ -114,18 +119,19 @@ class BpeTokenizer : public Tokenizer {
   std::vector<char> special_;      // Whether each id decodes to no text in Decode().
   std::vector<AddedToken> added_;
   std::array<std::vector<int>, 256> added_by_byte_;  // Indices into added_, longest first.
-  std::array<int32_t, 256> byte_ids_{};  // Byte symbol ids (byte-level) or <0xAB> ids.
+  std::array<int32_t, 256> byte_ids_{};              // Byte symbol ids (byte-level) or <0xAB> ids.
   std::vector<NormOp> norm_;
   SplitStyle split_ = SplitStyle::kNone;
-  bool byte_level_regex_ = false;     // ByteLevel pre-tokenizer with use_regex.
-  bool byte_level_pretok_ = false;    // A ByteLevel pre-tokenizer is present.
-  bool add_prefix_space_ = false;     // ByteLevel add_prefix_space.
-  int max_digits_ = 3;                // cl100k: \p{N}{1,max_digits_}.
-  bool metaspace_ = false;            // Metaspace pre-tokenizer present.
+  bool byte_level_regex_ = false;           // ByteLevel pre-tokenizer with use_regex.
+  bool byte_level_pretok_ = false;          // A ByteLevel pre-tokenizer is present.
+  bool add_prefix_space_ = false;           // ByteLevel add_prefix_space.
+  int max_digits_ = 3;                      // cl100k: \p{N}{1,max_digits_}.
+  bool metaspace_ = false;                  // Metaspace pre-tokenizer present.
   std::string meta_repl_ = "\xE2\x96\x81";  // "▁"
-  int meta_prepend_ = 2;              // 0 never, 1 first, 2 always.
+  int meta_prepend_ = 2;                    // 0 never, 1 first, 2 always.
   bool meta_split_ = true;
   bool byte_fallback_ = false;
+  bool strip_leading_space_ = false;  // SentencePiece-style decoding drops one leading space.
   bool ignore_merges_ = false;
   int32_t unk_id_ = -1;
   int vocab_size_ = 0;

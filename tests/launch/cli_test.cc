@@ -8,6 +8,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -45,9 +46,10 @@ std::string Quote(const std::string& s) {
   return q + "'";
 }
 
-// Runs `eellm <args>` (args already shell-quoted where needed).
-CmdResult RunEellm(const std::string& args) {
-  const std::string cmd = Quote(kEellm) + " " + args + " 2>&1";
+// Runs `eellm <args>` (args already shell-quoted where needed), after `launcher` (e.g. an
+// mpirun command line) when given.
+CmdResult RunEellm(const std::string& args, const std::string& launcher = "") {
+  const std::string cmd = launcher + Quote(kEellm) + " " + args + " 2>&1";
   CmdResult r;
   FILE* p = popen(cmd.c_str(), "r");
   if (p == nullptr) {
@@ -467,6 +469,85 @@ TEST_F(CliTest, DashedFlagNamesWork) {
   CmdResult r = RunEellm(args);
   EXPECT_NE(r.exit_code, 0) << Describe(args, r);
   EXPECT_NE(r.output.find("\"2\""), std::string::npos) << Describe(args, r);
+}
+
+}  // namespace
+}  // namespace eellm
+
+namespace eellm {
+namespace {
+
+// Under mpirun (2-core machines: oversubscribed, yielding): a bad layout stops every rank with
+// one clear message and a non-zero exit, within seconds.
+std::string Mpirun(int np) {
+  return "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yield_when_idle=1 "
+         "OMP_NUM_THREADS=1 timeout 60 mpirun --oversubscribe -np " +
+         std::to_string(np) + " ";
+}
+
+class ParallelCliTest : public CliTest {
+ protected:
+  void ExpectLayoutError(int np, const std::string& model, const std::string& flags,
+                         const std::vector<std::string>& needles) {
+    ASSERT_TRUE(PrepareTinyData(0.2));
+    const std::string args = "train --config=" + Quote(WriteConfig(model, 2)) + " " + flags;
+    const auto start = std::chrono::steady_clock::now();
+    CmdResult r = RunEellm(args, Mpirun(np));
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    EXPECT_NE(r.exit_code, 0) << Describe(args, r);
+    EXPECT_NE(r.exit_code, 124) << "timed out (hang)\n" << Describe(args, r);
+    EXPECT_LT(seconds, 30.0) << Describe(args, r);
+    for (const std::string& n : needles) {
+      EXPECT_NE(r.output.find(n), std::string::npos) << "expected \"" << n << "\"\n"
+                                                     << Describe(args, r);
+    }
+  }
+};
+
+TEST_F(ParallelCliTest, WorldSizeNotTpPpDp) {
+  ExpectLayoutError(3, kTinyModel, "--pp=2 --dp=2", {"world size 3", "2 * 2"});
+}
+
+TEST_F(ParallelCliTest, LayersNotDivisibleAmongStages) {
+  ExpectLayoutError(2, R"({"style": "gpt", "vocab_size": 258, "hidden_size": 32,
+      "num_layers": 3, "num_heads": 2, "max_seq_len": 32})",
+                    "--pp=2", {"num_layers 3", "pp 2"});
+}
+
+TEST_F(ParallelCliTest, HeadsNotDivisibleByTp) {
+  ExpectLayoutError(2, R"({"style": "gpt", "vocab_size": 258, "hidden_size": 48,
+      "num_layers": 2, "num_heads": 3, "max_seq_len": 32})",
+                    "--tp=2", {"num_heads 3", "tp 2"});
+}
+
+TEST_F(ParallelCliTest, VocabNotDivisibleByTp) {
+  ExpectLayoutError(2, R"({"style": "gpt", "vocab_size": 259, "hidden_size": 32,
+      "num_layers": 2, "num_heads": 2, "max_seq_len": 32})",
+                    "--tp=2", {"vocab_size 259", "tp 2"});
+}
+
+TEST_F(ParallelCliTest, ExitOnMissingLayer) {
+  ExpectLayoutError(2, R"({"style": "gpt", "vocab_size": 258, "hidden_size": 32,
+      "num_layers": 2, "num_heads": 2, "max_seq_len": 32,
+      "exits": [{"layer": 7}]})",
+                    "--pp=2", {"layer 7"});
+}
+
+// A pipeline run through the CLI trains and writes one whole-model checkpoint.
+TEST_F(ParallelCliTest, PipelineTrainsAndSaves) {
+  ASSERT_TRUE(PrepareTinyData(0.2));
+  const std::string args =
+      "train --config=" + Quote(WriteConfig(kTinyModel, 2, ", \"micro_batch_size\": 1")) +
+      " --pp=2";
+  CmdResult r = RunEellm(args, Mpirun(2));
+  EXPECT_EQ(r.exit_code, 0) << Describe(args, r);
+  EXPECT_NE(r.output.find("tp 1 x pp 2 x dp 1"), std::string::npos) << Describe(args, r);
+  EXPECT_TRUE(fs::exists(Path("run/checkpoint.h5"))) << Describe(args, r);
+  // The checkpoint holds the whole model: generation works from it on one process.
+  CmdResult g = RunEellm("generate --checkpoint=" + Quote(Path("run/checkpoint.h5")) +
+                         " --max-new-tokens=5");
+  EXPECT_EQ(g.exit_code, 0) << g.output;
 }
 
 }  // namespace
