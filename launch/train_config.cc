@@ -63,7 +63,8 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
                                        "pp",
                                        "dp",
                                        "zero1",
-                                       "micro_batch_size"},
+                                       "micro_batch_size",
+                                       "exit_placement"},
                                   "train config"));
     RETURN_IF_ERROR(ReadJsonField(tj, "data", "train config", &t.data));
     RETURN_IF_ERROR(ReadJsonField(tj, "tokenizer", "train config", &t.tokenizer));
@@ -71,6 +72,7 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
     RETURN_IF_ERROR(ReadJsonField(tj, "out", "train config", &t.out));
     RETURN_IF_ERROR(ReadJsonField(tj, "batch_size", "train config", &t.batch_size));
     RETURN_IF_ERROR(ReadJsonField(tj, "micro_batch_size", "train config", &t.micro_batch_size));
+    RETURN_IF_ERROR(ReadJsonField(tj, "exit_placement", "train config", &t.exit_placement));
     RETURN_IF_ERROR(ReadJsonField(tj, "seq_len", "train config", &t.seq_len));
     RETURN_IF_ERROR(ReadJsonField(tj, "steps", "train config", &t.steps));
     RETURN_IF_ERROR(ReadJsonField(tj, "lr", "train config", &t.lr));
@@ -99,6 +101,10 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
   }
   if (t.warmup_steps < 0 || t.eval_interval < 0 || t.save_interval < 0) {
     return Invalid("warmup_steps, eval_interval and save_interval must be >= 0");
+  }
+  if (t.exit_placement != "bubbles" && t.exit_placement != "backward") {
+    return Invalid(
+        absl::StrCat("exit_placement \"", t.exit_placement, "\" is not bubbles or backward"));
   }
   if (t.seq_len > rc.model.max_seq_len) {
     return Invalid(absl::StrCat("seq_len ", t.seq_len, " exceeds the model's max_seq_len ",
@@ -131,6 +137,7 @@ std::string TrainConfigToJson(const TrainConfig& t) {
             {"out", t.out},
             {"batch_size", t.batch_size},
             {"micro_batch_size", t.micro_batch_size},
+            {"exit_placement", t.exit_placement},
             {"seq_len", t.seq_len},
             {"steps", t.steps},
             {"lr", t.lr},

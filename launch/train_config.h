@@ -33,6 +33,9 @@ struct TrainConfig {
   int save_interval = 0;       // 0 = only at the end
   int tp = 1, pp = 1, dp = 1;  // parallel layout (world size = tp * pp * dp)
   bool zero1 = false;          // shard optimizer state over data-parallel ranks
+  // Where exit-head work runs: "bubbles" (its own action in pipeline bubbles) or "backward"
+  // (fused into the backward slot of its layer, EE-LLM's default).
+  std::string exit_placement = "bubbles";
 };
 
 struct RunConfig {

@@ -222,7 +222,8 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   sum.num_params = static_cast<int64_t>(model->params().size());
   const int rows = tc.batch_size / ctx->grid.dp();  // this rank's share of the global batch
   const int micro = tc.micro_batch_size > 0 ? tc.micro_batch_size : rows;
-  PipelineExecutor exec(model.get(), ctx, micro, tc.seq_len, rows / micro);
+  PipelineExecutor exec(model.get(), ctx, micro, tc.seq_len, rows / micro,
+                        tc.exit_placement == "bubbles");
   const int n = rows * tc.seq_len;
   std::vector<int32_t> in(n), tg(n);
   const std::string ckpt = tc.out + "/checkpoint.h5";

@@ -29,23 +29,17 @@ constexpr int kMaxId = 1 << 21;  // Ids must be below this (bounds the id -> tex
 constexpr int kMaxDepth = 16;    // Nesting limit for Sequence components.
 constexpr char kMetaSpace[] = "\xE2\x96\x81";  // "▁" (U+2581)
 
-// Decodes the UTF-8 sequence starting at s[i] into *cp and returns its length; an invalid or
-// truncated sequence gives length 1 and U+FFFD.
+// Decodes the UTF-8 sequence at s[i] into *cp and returns its length; a stray or truncated
+// sequence gives length 1 and U+FFFD (overlong forms are not rejected).
 int DecodeUtf8(absl::string_view s, size_t i, uint32_t* cp) {
-  static constexpr uint32_t kMin[5] = {0, 0, 0x80, 0x800, 0x10000};
   const unsigned char c = s[i];
-  *cp = c < 0x80 ? c : 0xFFFD;
-  if (c < 0xC0 || c >= 0xF8) return 1;  // ASCII, or not a valid lead byte.
-  const int len = c < 0xE0 ? 2 : (c < 0xF0 ? 3 : 4);
-  if (i + len > s.size()) return 1;
-  uint32_t v = c & (0x7F >> len);
+  const int len = c < 0xC0 ? 1 : c < 0xE0 ? 2 : c < 0xF0 ? 3 : c < 0xF8 ? 4 : 1;
+  uint32_t v = len == 1 ? c : c & (0x7F >> len);
   for (int k = 1; k < len; ++k) {
-    const unsigned char d = s[i + k];
-    if ((d & 0xC0) != 0x80) return 1;
-    v = (v << 6) | (d & 0x3F);
+    if (i + k >= s.size() || (s[i + k] & 0xC0) != 0x80) return *cp = 0xFFFD, 1;
+    v = (v << 6) | (s[i + k] & 0x3F);
   }
-  if (v < kMin[len] || v > 0x10FFFF || (v >= 0xD800 && v <= 0xDFFF)) return 1;
-  *cp = v;
+  *cp = len == 1 && c >= 0x80 ? 0xFFFD : v;
   return len;
 }
 
@@ -121,85 +115,57 @@ void SplitPieces(absl::string_view s, bool cl100k, size_t max_digits,
   std::vector<uint32_t> cp;
   std::vector<CharClass> cls;
   std::vector<size_t> off;
-  for (size_t i = 0; i < s.size();) {
-    uint32_t c;
-    const int len = DecodeUtf8(s, i, &c);
-    cp.push_back(c);
-    cls.push_back(Classify(c));
+  for (size_t i = 0, len; i < s.size(); i += len) {
     off.push_back(i);
-    i += len;
+    cp.push_back(0);
+    len = DecodeUtf8(s, i, &cp.back());
+    cls.push_back(Classify(cp.back()));
   }
   const size_t n = cp.size();
   off.push_back(s.size());
   auto is = [&](size_t j, CharClass c) { return j < n && cls[j] == c; };
   auto is_nl = [&](size_t j) { return j < n && (cp[j] == '\r' || cp[j] == '\n'); };
-  auto run = [&](size_t j, CharClass c) {
-    while (is(j, c)) ++j;
+  auto run = [&](size_t j, CharClass c, size_t max = SIZE_MAX) {
+    for (const size_t start = j; is(j, c) && j - start < max;) ++j;
     return j;
   };
-  auto lower = [&](size_t j) -> uint32_t {
+  auto at = [&](size_t j) -> uint32_t {  // Lower-cased for cl100k's (?i:...) contractions.
     const uint32_t c = j < n ? cp[j] : 0;
     return cl100k && c >= 'A' && c <= 'Z' ? c + 32 : c;
   };
   auto match = [&](size_t i) -> size_t {
-    if (cp[i] == '\'') {
-      const uint32_t a = lower(i + 1), b = lower(i + 2);
-      if ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l')) return i + 3;
-      if (a == 's' || a == 't' || a == 'm' || a == 'd') return i + 2;
+    const uint32_t a = at(i + 1), b = at(i + 2);
+    if (cp[i] == '\'' && (((a == 'r' || a == 'v') && b == 'e') || (a == 'l' && b == 'l'))) {
+      return i + 3;
     }
+    if (cp[i] == '\'' && (a == 's' || a == 't' || a == 'm' || a == 'd')) return i + 2;
     const size_t j = cp[i] == ' ' ? i + 1 : i;
-    if (!cl100k) {
-      if (is(j, kLetter) || is(j, kNumber) || is(j, kOther)) return run(j, cls[j]);
-    } else {
+    if (!cl100k && (is(j, kLetter) || is(j, kNumber) || is(j, kOther))) return run(j, cls[j]);
+    if (cl100k) {
       if (cls[i] == kLetter) return run(i, kLetter);
       if (cls[i] != kNumber && !is_nl(i) && is(i + 1, kLetter)) return run(i + 1, kLetter);
-      if (cls[i] == kNumber) {
-        size_t e = i;
-        while (is(e, kNumber) && e - i < max_digits) ++e;
-        return e;
-      }
+      if (cls[i] == kNumber) return run(i, kNumber, max_digits);
       if (is(j, kOther)) {
         size_t e = run(j, kOther);
         while (is_nl(e)) ++e;
         return e;
       }
       size_t last_nl = n;
-      for (size_t k = i; is(k, kSpace); ++k) {
-        if (is_nl(k)) last_nl = k;
-      }
+      for (size_t k = i; is(k, kSpace); ++k) last_nl = is_nl(k) ? k : last_nl;
       if (last_nl < n) return last_nl + 1;
     }
     // \s+(?!\S)|\s+ : a whitespace run, less its last character when a non-space follows.
-    const size_t e = run(i, kSpace);
-    if (e == i) return i + 1;  // Unreachable: every character has a class.
+    const size_t e = std::max(run(i, kSpace), i + 1);
     return (e < n && e - i >= 2) ? e - 1 : e;
   };
-  for (size_t i = 0; i < n;) {
-    const size_t e = match(i);
+  for (size_t i = 0, e; i < n; i = e) {
+    e = match(i);
     out->push_back(s.substr(off[i], off[e] - off[i]));
-    i = e;
   }
 }
 
 uint64_t PairKey(int32_t a, int32_t b) {
   return (static_cast<uint64_t>(static_cast<uint32_t>(a)) << 32) | static_cast<uint32_t>(b);
-}
-
-// obj[key] when obj is an object holding key, else nullptr.
-const json* Field(const json& obj, const char* key) {
-  if (!obj.is_object()) return nullptr;
-  auto it = obj.find(key);
-  return it == obj.end() ? nullptr : &*it;
-}
-
-std::string StrField(const json& obj, const char* key, const std::string& dflt = "") {
-  const json* f = Field(obj, key);
-  return f != nullptr && f->is_string() ? f->get<std::string>() : dflt;
-}
-
-bool BoolField(const json& obj, const char* key, bool dflt) {
-  const json* f = Field(obj, key);
-  return f != nullptr && f->is_boolean() ? f->get<bool>() : dflt;
 }
 
 absl::Status Invalid(absl::string_view what) { return absl::InvalidArgumentError(what); }
@@ -223,7 +189,7 @@ absl::StatusOr<std::unique_ptr<BpeTokenizer>> BpeTokenizer::FromJson(absl::strin
     status = tok->Parse(json::parse(json_text.begin(), json_text.end()));
   } catch (const json::parse_error& e) {
     status = Invalid(absl::StrCat("malformed JSON: ", std::string(e.what()).substr(0, 200)));
-  } catch (const json::exception& e) {
+  } catch (const json::exception& e) {  // A field of the wrong type.
     status = Invalid(absl::StrCat("unexpected JSON content: ", e.what()));
   }
   if (!status.ok()) return absl::InvalidArgumentError(absl::StrCat(name, ": ", status.message()));
@@ -232,14 +198,14 @@ absl::StatusOr<std::unique_ptr<BpeTokenizer>> BpeTokenizer::FromJson(absl::strin
 
 absl::Status BpeTokenizer::Parse(const json& j) {
   if (!j.is_object()) return Invalid("the top level is not a JSON object");
-  const json* model = Field(j, "model");
-  if (model == nullptr || !model->is_object()) return Invalid("missing \"model\" object");
-  const std::string type = StrField(*model, "type", "BPE");
+  auto model = j.find("model");
+  if (model == j.end() || !model->is_object()) return Invalid("missing \"model\" object");
+  const std::string type = model->value("type", "BPE");
   if (type != "BPE") {
     return Invalid(absl::StrCat("model.type \"", type, "\" is not supported (only \"BPE\")"));
   }
-  const json* vocab = Field(*model, "vocab");
-  if (vocab == nullptr || !vocab->is_object() || vocab->empty()) {
+  auto vocab = model->find("vocab");
+  if (vocab == model->end() || !vocab->is_object() || vocab->empty()) {
     return Invalid("missing or empty model.vocab (expected an object of token -> id)");
   }
   for (auto it = vocab->begin(); it != vocab->end(); ++it) {
@@ -249,8 +215,8 @@ absl::Status BpeTokenizer::Parse(const json& j) {
     }
     vocab_[it.key()] = it->get<int32_t>();
   }
-  const json* merges = Field(*model, "merges");
-  if (merges == nullptr || !merges->is_array()) {
+  auto merges = model->find("merges");
+  if (merges == model->end() || !merges->is_array()) {
     return Invalid("missing model.merges (expected an array of \"a b\" or [a, b])");
   }
   for (size_t i = 0; i < merges->size(); ++i) {
@@ -258,39 +224,36 @@ absl::Status BpeTokenizer::Parse(const json& j) {
     std::vector<std::string> ab;
     if (m.is_string()) ab = absl::StrSplit(m.get<std::string>(), ' ');
     if (m.is_array() && m.size() == 2 && m[0].is_string() && m[1].is_string()) ab = {m[0], m[1]};
-    if (ab.size() != 2 || ab[0].empty() || ab[1].empty()) {
-      return Invalid(absl::StrCat("model.merges[", i, "] is not \"a b\" or [a, b]"));
+    auto a = vocab_.end(), b = a, merged = a;
+    if (ab.size() == 2) {
+      a = vocab_.find(ab[0]), b = vocab_.find(ab[1]), merged = vocab_.find(ab[0] + ab[1]);
     }
-    auto a = vocab_.find(ab[0]), b = vocab_.find(ab[1]), merged = vocab_.find(ab[0] + ab[1]);
     if (a == vocab_.end() || b == vocab_.end() || merged == vocab_.end()) {
-      return Invalid(absl::StrCat("model.merges[", i, "] (\"", ab[0], "\", \"", ab[1],
-                                  "\") uses a token that is not in model.vocab"));
+      return Invalid(absl::StrCat("model.merges[", i, "] = ", m.dump(),
+                                  " is not \"a b\" or [a, b] of tokens in model.vocab"));
     }
     merges_[PairKey(a->second, b->second)] = {static_cast<int32_t>(i), merged->second};
   }
   for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix"}) {
-    if (!StrField(*model, key).empty()) {
+    const json f = model->value(key, json());
+    if (!f.is_null() && f != "") {
       return Invalid(absl::StrCat("model.", key, " is not supported"));
     }
   }
-  byte_fallback_ = BoolField(*model, "byte_fallback", false);
-  ignore_merges_ = BoolField(*model, "ignore_merges", false);
-  auto unk = vocab_.find(StrField(*model, "unk_token"));
-  if (unk != vocab_.end()) unk_id_ = unk->second;
-
-  const json* added = Field(j, "added_tokens");
-  if (added != nullptr && !added->is_null() && !added->is_array()) {
-    return Invalid("\"added_tokens\" is not an array");
-  }
-  for (size_t i = 0; added != nullptr && added->is_array() && i < added->size(); ++i) {
-    const json& a = (*added)[i];
-    const json* id = Field(a, "id");
-    const std::string content = StrField(a, "content");
-    if (id == nullptr || !id->is_number_integer() || *id < 0 || *id >= kMaxId || content.empty()) {
+  byte_fallback_ = model->value("byte_fallback", false);
+  ignore_merges_ = model->value("ignore_merges", false);
+  const json unk = model->value("unk_token", json());
+  if (unk.is_string() && vocab_.contains(unk.get<std::string>())) unk_id_ = vocab_.at(unk);
+  const json added = j.value("added_tokens", json::array());
+  for (size_t i = 0; i < added.size(); ++i) {
+    const json& a = added[i];
+    const int64_t id = a.value("id", int64_t{-1});
+    const std::string content = a.value("content", "");
+    if (id < 0 || id >= kMaxId || content.empty()) {
       return Invalid(absl::StrCat("added_tokens[", i, "] needs an \"id\" in [0, ", kMaxId,
                                   ") and a non-empty \"content\""));
     }
-    added_.push_back({content, id->get<int32_t>(), BoolField(a, "special", false)});
+    added_.push_back({content, static_cast<int32_t>(id), a.value("special", false)});
   }
   RETURN_IF_ERROR(ParseStep(j.value("normalizer", json()), "normalizer", 0));
   RETURN_IF_ERROR(ParseStep(j.value("pre_tokenizer", json()), "pre_tokenizer", 0));
@@ -303,40 +266,35 @@ absl::Status BpeTokenizer::Parse(const json& j) {
 absl::Status BpeTokenizer::ParseStep(const json& c, const char* where, int depth) {
   if (c.is_null()) return absl::OkStatus();
   if (!c.is_object() || depth > kMaxDepth) return Invalid(absl::StrCat(where, " is not valid"));
-  const std::string type = StrField(c, "type");
-  const json* pattern = Field(c, "pattern");
-  const json* str = pattern != nullptr ? Field(*pattern, "String") : nullptr;
-  const json* regex = pattern != nullptr ? Field(*pattern, "Regex") : nullptr;
+  const std::string type = c.value("type", "");
+  const json pattern = c.value("pattern", json::object());
   if (type == "Sequence") {
-    const json* list =
-        Field(c, "normalizers") ? Field(c, "normalizers") : Field(c, "pretokenizers");
-    if (list == nullptr || !list->is_array()) {
-      return Invalid(absl::StrCat(where, " Sequence has no list"));
-    }
-    for (const json& item : *list) RETURN_IF_ERROR(ParseStep(item, where, depth + 1));
+    const json list = c.value(c.contains("normalizers") ? "normalizers" : "pretokenizers", json());
+    if (!list.is_array()) return Invalid(absl::StrCat(where, " Sequence has no list"));
+    for (const json& item : list) RETURN_IF_ERROR(ParseStep(item, where, depth + 1));
   } else if (type == "Prepend") {
-    norm_.push_back({true, "", StrField(c, "prepend")});
-  } else if (type == "Replace" && str != nullptr && str->is_string()) {
-    norm_.push_back({false, str->get<std::string>(), StrField(c, "content")});
+    norm_.push_back({true, "", c.value("prepend", "")});
+  } else if (type == "Replace" && pattern.contains("String")) {
+    norm_.push_back({false, pattern["String"].get<std::string>(), c.value("content", "")});
   } else if (type == "ByteLevel") {
     byte_level_pretok_ = true;
-    add_prefix_space_ = BoolField(c, "add_prefix_space", true);
-    byte_level_regex_ = BoolField(c, "use_regex", true);
-  } else if (type == "Split" && regex != nullptr && regex->is_string()) {
-    const std::string re = regex->get<std::string>();
-    split_ = absl::StrContains(re, "[^\\r\\n\\p{L}\\p{N}]?\\p{L}+") ? SplitStyle::kCl100k
-                                                                    : SplitStyle::kGpt2;
-    max_digits_ = absl::StrContains(re, "\\p{N}{1,3}") ? 3
-                  : absl::StrContains(re, "\\p{N}+")   ? INT_MAX
-                                                       : 1;
+    add_prefix_space_ = c.value("add_prefix_space", true);
+    if (c.value("use_regex", true) && split_ == SplitStyle::kNone) split_ = SplitStyle::kGpt2;
+  } else if (type == "Split" && pattern.contains("Regex")) {
+    const std::string re = pattern["Regex"].get<std::string>();
+    const bool cl100k = absl::StrContains(re, R"([^\r\n\p{L}\p{N}]?\p{L}+)");
+    split_ = cl100k ? SplitStyle::kCl100k : SplitStyle::kGpt2;
+    max_digits_ = absl::StrContains(re, R"(\p{N}{1,3})") ? 3
+                  : absl::StrContains(re, R"(\p{N}+)")   ? INT_MAX
+                                                         : 1;
   } else if (type == "Metaspace") {
     metaspace_ = true;
-    meta_repl_ = StrField(c, "replacement", kMetaSpace);
+    meta_repl_ = c.value("replacement", kMetaSpace);
     if (meta_repl_.empty()) return Invalid("Metaspace has an empty replacement");
-    const std::string scheme =
-        StrField(c, "prepend_scheme", BoolField(c, "add_prefix_space", true) ? "always" : "never");
+    const bool legacy_prepend = c.value("add_prefix_space", true);
+    const std::string scheme = c.value("prepend_scheme", legacy_prepend ? "always" : "never");
     meta_prepend_ = scheme == "never" ? 0 : (scheme == "first" ? 1 : 2);
-    meta_split_ = BoolField(c, "split", true);
+    meta_split_ = c.value("split", true);
   } else if (type != "NFC" && type != "NFD" && type != "NFKC" && type != "NFKD") {
     return Invalid(absl::StrCat(where, " type \"", type, "\" is not supported",
                                 type == "Replace" || type == "Split" ? " with this pattern" : ""));
@@ -346,10 +304,6 @@ absl::Status BpeTokenizer::ParseStep(const json& c, const char* where, int depth
 
 // Checks the flavour's requirements and builds the id tables.
 absl::Status BpeTokenizer::Finish() {
-  if (!byte_level_pretok_) split_ = SplitStyle::kNone;
-  if (byte_level_pretok_ && split_ == SplitStyle::kNone && byte_level_regex_) {
-    split_ = SplitStyle::kGpt2;
-  }
   std::string space = metaspace_ ? meta_repl_ : kMetaSpace;
   bool prepends = metaspace_ && meta_prepend_ > 0;
   for (const NormOp& op : norm_) {
@@ -394,22 +348,20 @@ absl::Status BpeTokenizer::Finish() {
   for (int b = 0; b < 256 && byte_fallback_ && !byte_level_; ++b) {
     text_[byte_ids_[b]] = std::string(1, static_cast<char>(b));
   }
+  std::stable_sort(added_.begin(), added_.end(), [](const AddedToken& a, const AddedToken& b) {
+    return a.content.size() > b.content.size();  // MatchAdded() prefers the longest.
+  });
   for (size_t i = 0; i < added_.size(); ++i) {
     text_[added_[i].id] = added_[i].content;
     special_[added_[i].id] = added_[i].special;
     added_by_byte_[static_cast<unsigned char>(added_[i].content[0])].push_back(i);
   }
-  for (auto& list : added_by_byte_) {
-    std::stable_sort(list.begin(), list.end(), [&](int a, int b) {
-      return added_[a].content.size() > added_[b].content.size();
-    });
-  }
   auto find = [&](std::initializer_list<const char*> names) {
     for (const char* name : names) {
-      for (const AddedToken& a : added_) {
-        if (a.content == name) return a.id;
-      }
-      if (auto it = vocab_.find(name); it != vocab_.end()) return it->second;
+      auto a = std::find_if(added_.begin(), added_.end(),
+                            [&](const AddedToken& t) { return t.content == name; });
+      if (a != added_.end()) return a->id;
+      if (vocab_.contains(name)) return vocab_.at(name);
     }
     return -1;
   };
@@ -433,72 +385,63 @@ const BpeTokenizer::AddedToken* BpeTokenizer::MatchAdded(absl::string_view text,
   return nullptr;
 }
 
-template <typename Fn>
-void BpeTokenizer::ForEachPiece(absl::string_view segment, bool at_text_start, Fn fn) const {
-  std::string s(segment);
-  for (const NormOp& op : norm_) {
-    if (op.prepend && !s.empty()) s.insert(0, op.to);
-    if (!op.prepend && !op.from.empty()) s = absl::StrReplaceAll(s, {{op.from, op.to}});
-  }
-  if (s.empty()) return;
-  std::vector<absl::string_view> pieces;
-  if (byte_level_) {
-    if (byte_level_pretok_ && add_prefix_space_ && s[0] != ' ') s.insert(0, " ");
-    if (split_ == SplitStyle::kNone)
-      pieces.push_back(s);
-    else
-      SplitPieces(s, split_ == SplitStyle::kCl100k, max_digits_, &pieces);
-  } else if (metaspace_) {
-    s = absl::StrReplaceAll(s, {{" ", meta_repl_}});
-    if ((meta_prepend_ == 2 || (meta_prepend_ == 1 && at_text_start)) &&
-        !absl::StartsWith(s, meta_repl_)) {
-      s.insert(0, meta_repl_);
+std::vector<int32_t> BpeTokenizer::Encode(absl::string_view text) const {
+  std::vector<int32_t> ids, symbols;
+  std::vector<absl::string_view> parts;
+  const AddedToken* added = nullptr;
+  for (size_t segment = 0, i; segment < text.size(); segment = i + added->content.size()) {
+    for (i = segment; i < text.size() && (added = MatchAdded(text, i)) == nullptr;) ++i;
+    // text[segment, i) holds no added token: normalize, pre-tokenize and encode it.
+    std::string s(text.substr(segment, i - segment));
+    for (const NormOp& op : norm_) {
+      if (op.prepend && !s.empty()) s.insert(0, op.to);
+      if (!op.prepend && !op.from.empty()) s = absl::StrReplaceAll(s, {{op.from, op.to}});
     }
-    absl::string_view rest = s;
-    while (meta_split_ && rest.size() > meta_repl_.size()) {
-      const size_t next = rest.find(meta_repl_, 1);
-      if (next == absl::string_view::npos) break;
-      pieces.push_back(rest.substr(0, next));
-      rest.remove_prefix(next);
+    if (byte_level_pretok_ && add_prefix_space_ && !s.empty() && s[0] != ' ') s.insert(0, " ");
+    if (metaspace_ && !s.empty()) {
+      s = absl::StrReplaceAll(s, {{" ", meta_repl_}});
+      const bool prepend = meta_prepend_ == 2 || (meta_prepend_ == 1 && segment == 0);
+      if (prepend && !absl::StartsWith(s, meta_repl_)) s.insert(0, meta_repl_);
     }
-    pieces.push_back(rest);
-  } else {
-    pieces.push_back(s);
+    parts.clear();
+    if (split_ != SplitStyle::kNone) {
+      SplitPieces(s, split_ == SplitStyle::kCl100k, max_digits_, &parts);
+    } else if (metaspace_ && meta_split_) {  // Split before each replacement character.
+      for (size_t start = 0, next; start < s.size(); start = next) {
+        next = std::min(s.find(meta_repl_, start + 1), s.size());
+        parts.push_back(absl::string_view(s).substr(start, next - start));
+      }
+    } else if (!s.empty()) {
+      parts.push_back(s);
+    }
+    for (absl::string_view p : parts) EncodePiece(p, &symbols, &ids);
+    if (added == nullptr) break;
+    ids.push_back(added->id);
   }
-  for (absl::string_view p : pieces) fn(p);
+  return ids;
 }
 
-void BpeTokenizer::EncodePiece(absl::string_view piece, std::vector<int32_t>* scratch,
+void BpeTokenizer::EncodePiece(absl::string_view piece, std::vector<int32_t>* symbols,
                                std::vector<int32_t>* out) const {
-  std::vector<int32_t>& symbols = *scratch;
-  symbols.clear();
-  if (byte_level_) {
-    if (ignore_merges_) {
-      std::string mapped;
-      for (unsigned char c : piece) mapped += GetByteMap().symbol[c];
-      auto it = vocab_.find(mapped);
-      if (it != vocab_.end()) return out->push_back(it->second);
-    }
-    for (unsigned char c : piece) symbols.push_back(byte_ids_[c]);
-  } else {
-    auto it = ignore_merges_ ? vocab_.find(piece) : vocab_.end();
-    if (it != vocab_.end()) return out->push_back(it->second);
-    for (size_t i = 0; i < piece.size();) {
-      uint32_t cp;
-      const int len = DecodeUtf8(piece, i, &cp);
-      auto ch = vocab_.find(piece.substr(i, len));
-      if (ch != vocab_.end()) {
-        symbols.push_back(ch->second);
-      } else if (byte_fallback_) {
-        for (int k = 0; k < len; ++k) symbols.push_back(byte_ids_[(unsigned char)piece[i + k]]);
-      } else {
-        symbols.push_back(unk_id_);
-      }
-      i += len;
-    }
+  symbols->clear();
+  if (ignore_merges_) {  // A piece that is itself a token is not merged.
+    std::string mapped;
+    for (unsigned char c : piece)
+      mapped += byte_level_ ? GetByteMap().symbol[c] : std::string(1, c);
+    if (auto it = vocab_.find(mapped); it != vocab_.end()) return out->push_back(it->second);
   }
-  MergeSymbols(&symbols);
-  out->insert(out->end(), symbols.begin(), symbols.end());
+  for (size_t i = 0, len; i < piece.size(); i += len) {
+    uint32_t cp;
+    len = byte_level_ ? 1 : DecodeUtf8(piece, i, &cp);
+    auto it = byte_level_ ? vocab_.end() : vocab_.find(piece.substr(i, len));
+    if (it != vocab_.end() || (!byte_level_ && !byte_fallback_)) {
+      symbols->push_back(it != vocab_.end() ? it->second : unk_id_);
+      continue;
+    }
+    for (size_t k = i; k < i + len; ++k) symbols->push_back(byte_ids_[(unsigned char)piece[k]]);
+  }
+  MergeSymbols(symbols);
+  out->insert(out->end(), symbols->begin(), symbols->end());
 }
 
 // Repeatedly merges the adjacent pair with the lowest merge rank (leftmost first among equal
@@ -537,43 +480,6 @@ void BpeTokenizer::MergeSymbols(std::vector<int32_t>* symbols) const {
   int w = 0;
   for (int i = 0; i >= 0; i = next[i]) id[w++] = id[i];
   id.resize(w);
-}
-
-template <typename PieceFn, typename AddedFn>
-void BpeTokenizer::Walk(absl::string_view text, PieceFn on_piece, AddedFn on_added) const {
-  size_t segment = 0;
-  auto flush = [&](size_t end) {
-    if (end > segment) ForEachPiece(text.substr(segment, end - segment), segment == 0, on_piece);
-  };
-  for (size_t i = 0; i < text.size();) {
-    const AddedToken* a = MatchAdded(text, i);
-    if (a == nullptr) {
-      ++i;
-      continue;
-    }
-    flush(i);
-    on_added(*a);
-    i += a->content.size();
-    segment = i;
-  }
-  flush(text.size());
-}
-
-std::vector<int32_t> BpeTokenizer::Encode(absl::string_view text) const {
-  std::vector<int32_t> ids;
-  std::vector<int32_t> scratch;
-  Walk(
-      text, [&](absl::string_view p) { EncodePiece(p, &scratch, &ids); },
-      [&](const AddedToken& a) { ids.push_back(a.id); });
-  return ids;
-}
-
-std::vector<std::string> BpeTokenizer::PreTokenize(absl::string_view text) const {
-  std::vector<std::string> pieces;
-  Walk(
-      text, [&](absl::string_view p) { pieces.emplace_back(p); },
-      [&](const AddedToken& a) { pieces.push_back(a.content); });
-  return pieces;
 }
 
 std::string BpeTokenizer::Decode(absl::Span<const int32_t> ids) const {

@@ -73,10 +73,6 @@ class BpeTokenizer : public Tokenizer {
 
   // True for the byte-level flavour, false for the SentencePiece-style one.
   bool byte_level() const { return byte_level_; }
-  // The pieces BPE runs on for `text` (after added-token matching, normalization and
-  // pre-tokenization; byte-level pieces are raw bytes, not bytes_to_unicode symbols). For
-  // tests and debugging.
-  std::vector<std::string> PreTokenize(absl::string_view text) const;
 
  private:
   enum class SplitStyle { kNone, kGpt2, kCl100k };
@@ -97,15 +93,8 @@ class BpeTokenizer : public Tokenizer {
   absl::Status ParseStep(const nlohmann::json& c, const char* where, int depth);
   absl::Status Finish();
 
-  // Splits `text` at added tokens: calls on_added(token) for each and on_piece(piece) for each
-  // BPE piece of the text between them, in order.
-  template <typename PieceFn, typename AddedFn>
-  void Walk(absl::string_view text, PieceFn on_piece, AddedFn on_added) const;
-  // Calls fn(piece) for each BPE piece of one added-token-free segment of the text.
-  template <typename Fn>
-  void ForEachPiece(absl::string_view segment, bool at_text_start, Fn fn) const;
-  // Appends the ids of one piece to *out (*scratch: reused symbol buffer).
-  void EncodePiece(absl::string_view piece, std::vector<int32_t>* scratch,
+  // Appends the ids of one piece to *out (*symbols: reused buffer).
+  void EncodePiece(absl::string_view piece, std::vector<int32_t>* symbols,
                    std::vector<int32_t>* out) const;
   void MergeSymbols(std::vector<int32_t>* symbols) const;
   const AddedToken* MatchAdded(absl::string_view text, size_t pos) const;
@@ -122,7 +111,6 @@ class BpeTokenizer : public Tokenizer {
   std::array<int32_t, 256> byte_ids_{};              // Byte symbol ids (byte-level) or <0xAB> ids.
   std::vector<NormOp> norm_;
   SplitStyle split_ = SplitStyle::kNone;
-  bool byte_level_regex_ = false;           // ByteLevel pre-tokenizer with use_regex.
   bool byte_level_pretok_ = false;          // A ByteLevel pre-tokenizer is present.
   bool add_prefix_space_ = false;           // ByteLevel add_prefix_space.
   int max_digits_ = 3;                      // cl100k: \p{N}{1,max_digits_}.

@@ -1,19 +1,34 @@
 #include "models/pipeline_executor.h"
 
 #include <algorithm>
+#include <chrono>
 
 #include "engine/core/status.h"
 
 namespace eellm {
 
+namespace {
+
+Schedule TrainingSchedule(const Model& model, int stages, int microbatches, bool place_exits) {
+  Schedule s = OneFOneB(stages, microbatches);
+  if (!place_exits) return s;
+  const ModelConfig& c = model.config();
+  const int per_stage = c.num_layers / stages;
+  std::vector<bool> has_exits(stages, false);
+  for (const ExitConfig& x : c.exits) has_exits[(x.layer - 1) / per_stage] = true;
+  return PlaceExitHeads(s, has_exits);
+}
+
+}  // namespace
+
 PipelineExecutor::PipelineExecutor(Model* model, ParallelContext* ctx, int micro_batch, int seq,
-                                   int microbatches)
+                                   int microbatches, bool place_exits)
     : model_(model),
       ctx_(ctx),
       micro_batch_(micro_batch),
       seq_(seq),
       microbatches_(microbatches),
-      schedule_(OneFOneB(ctx->grid.pp(), microbatches)) {
+      schedule_(TrainingSchedule(*model, ctx->grid.pp(), microbatches, place_exits)) {
   const int in_flight = std::max(1, MaxInFlight(schedule_, ctx->coord.pp));
   const size_t nc = static_cast<size_t>(micro_batch) * seq * model->config().hidden_size;
   for (int i = 0; i < in_flight; ++i) {
@@ -46,8 +61,14 @@ LossReport PipelineExecutor::Run(const Schedule& s, const int32_t* ids, const in
     total.objective += r.objective;
     total.tokens += r.tokens;
   };
+  intervals_.clear();
+  const auto t0 = std::chrono::steady_clock::now();
+  auto since = [&t0]() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  };
   for (const Action& a : s.per_stage[stage]) {
     const int m = a.microbatch, slot = m % n_slots;
+    const double start = since();
     Workspace& ws = *slots_[slot];
     const int32_t* mb_ids = ids + static_cast<size_t>(m) * rows;
     const int32_t* mb_targets = targets + static_cast<size_t>(m) * rows;
@@ -80,7 +101,12 @@ LossReport PipelineExecutor::Run(const Schedule& s, const int32_t* ids, const in
         pending_[slot].push_back(pp->ISend(model_->StageInputGrad(ws), bytes, stage - 1, m));
         break;
       case ActionType::kExitHeads:
-        break;  // exits are fused into kBackward
+        accumulate(model_->StageExitHeads(ws, mb_targets, nullptr, exit_weights, loss_scale));
+        break;
+    }
+    if (a.type == ActionType::kForward || a.type == ActionType::kBackward ||
+        a.type == ActionType::kExitHeads) {
+      intervals_.push_back(BusyInterval{start, since(), a});
     }
   }
   for (int i = 0; i < n_slots; ++i) WaitSlot(i);
@@ -89,6 +115,7 @@ LossReport PipelineExecutor::Run(const Schedule& s, const int32_t* ids, const in
 
 LossReport PipelineExecutor::TrainStep(const int32_t* ids, const int32_t* targets,
                                        absl::Span<const float> exit_weights) {
+  ctx_->pp->Barrier();  // a common time origin for the recorded intervals
   return Run(schedule_, ids, targets, exit_weights, true);
 }
 

@@ -1,8 +1,13 @@
-// Tokenizer base class, the ByteTokenizer and the MakeTokenizer() factory.
+// Tokenizer base class, the ByteTokenizer and the MakeTokenizer() factory (which also loads
+// tokenizer.json files through BpeTokenizer).
 #include "models/tokenizer.h"
 
+#include <utility>
+
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "models/bpe_tokenizer.h"
 
 namespace eellm {
 
@@ -33,9 +38,13 @@ std::string ByteTokenizer::DecodeToken(int32_t id) const {
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> MakeTokenizer(absl::string_view spec) {
   if (spec == "byte") return std::make_unique<ByteTokenizer>();
-  return absl::InvalidArgumentError(
-      absl::StrCat("unknown tokenizer \"", spec,
-                   "\": expected \"byte\" (tokenizer.json files are not supported yet)"));
+  if (absl::EndsWith(spec, ".json")) {
+    absl::StatusOr<std::unique_ptr<BpeTokenizer>> bpe = BpeTokenizer::Load(std::string(spec));
+    if (!bpe.ok()) return bpe.status();
+    return std::unique_ptr<Tokenizer>(std::move(*bpe));
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown tokenizer \"", spec, "\": expected \"byte\" or the path of a tokenizer.json"));
 }
 
 }  // namespace eellm

@@ -143,6 +143,7 @@ std::unique_ptr<Workspace> Model::MakeWorkspace(int b, int t) {
   if (is_last_stage()) ws->final_norm = MakeNormActs(a, n, c);
   for (size_t i = 0; i < config_.exits.size(); ++i) {
     ws->exits.push_back(ExitIsLocal(i) ? MakeExitActs(a, i, n, b, t) : ExitActs{});
+    ws->exit_grad.push_back(ExitIsLocal(i) ? a.Floats(nc) : nullptr);
   }
   ws->logits = a.Floats(static_cast<size_t>(n) * config_.vocab_size);
   ws->losses = a.Floats(n);
@@ -275,7 +276,7 @@ const float* Model::HiddenAt(const Workspace& ws, int depth) const {
 }
 
 void Model::ExitsAtDepth(Workspace& ws, int depth, absl::Span<const float> w, bool backward,
-                         float loss_scale, LossReport& r) {
+                         float loss_scale, LossReport& r, bool store) {
   const int b = ws.b, t = ws.t, n = b * t;
   const size_t nc = static_cast<size_t>(n) * config_.hidden_size;
   for (size_t i = 0; i < config_.exits.size(); ++i) {
@@ -291,8 +292,8 @@ void Model::ExitsAtDepth(Workspace& ws, int depth, absl::Span<const float> w, bo
     r.exit_losses[i] = mean;
     r.objective += term;
     if (!bw) continue;
-    float* din = reads_h_attn ? ws.d_h_extra : ws.dx;
-    if (reads_h_attn) be_->Fill(din, nc, 0.0f);
+    float* din = store ? ws.exit_grad[i] : (reads_h_attn ? ws.d_h_extra : ws.dx);
+    if (store || reads_h_attn) be_->Fill(din, nc, 0.0f);
     if (x.kind == ExitKind::kBlock) {
       // dexit = d(block out); dhidden is free after the norm backward and takes d(in).
       const ExitHeadParams& p = exits_[i];
@@ -333,10 +334,9 @@ LossReport Model::StageBackward(Workspace& ws, const int32_t* targets, const flo
   const int b = ws.b, t = ws.t, n = b * t;
   const size_t nc = static_cast<size_t>(n) * c.hidden_size;
   LossReport r;
-  r.exit_losses.assign(c.exits.size(), 0.0);
-  for (int i = 0; i < n; ++i) ws.host_mask[i] = mask ? mask[i] : 1.0f;
-  for (float m : ws.host_mask) r.tokens += m != 0;
-  be_->CopyFromHost(ws.targets, targets, n * sizeof(int32_t));
+  SetTargets(ws, targets, mask, r);
+  const bool stored = ws.exits_done && backward;
+  ws.exits_done = false;
 
   const float* x = StageOutput(ws);
   if (is_last_stage()) {
@@ -353,13 +353,17 @@ LossReport Model::StageBackward(Workspace& ws, const int32_t* targets, const flo
   }
   // Walk down the layers: exits reading depth l run in the backward slot of layer l.
   for (int l = end_layer_; l > first_layer_; --l) {
-    ExitsAtDepth(ws, l, exit_weights, backward, loss_scale, r);
-    if (!backward) continue;
     const float* extra = nullptr;
-    for (size_t i = 0; i < c.exits.size(); ++i) {
+    if (stored) {
+      extra = AddStoredExitGrads(ws, l, exit_weights);
+    } else {
+      ExitsAtDepth(ws, l, exit_weights, backward, loss_scale, r);
+    }
+    if (!backward) continue;
+    for (size_t i = 0; i < c.exits.size() && !stored; ++i) {
       const ExitConfig& e = c.exits[i];
       if (e.depth() == l && e.kind == ExitKind::kMlp && e.position == ExitPosition::kPost &&
-          exit_weights[i] > 0) {
+          exit_weights[i] > 0 && ExitIsLocal(i)) {
         extra = ws.d_h_extra;
       }
     }
@@ -367,7 +371,11 @@ LossReport Model::StageBackward(Workspace& ws, const int32_t* targets, const flo
                   ws.dx, extra, HiddenAt(ws, l - 1), ws.pos, b, t, ws.gs);
     std::swap(ws.dx, ws.dx_prev);
   }
-  ExitsAtDepth(ws, first_layer_, exit_weights, backward, loss_scale, r);
+  if (stored) {
+    AddStoredExitGrads(ws, first_layer_, exit_weights);
+  } else {
+    ExitsAtDepth(ws, first_layer_, exit_weights, backward, loss_scale, r);
+  }
   if (backward && is_first_stage()) {
     be_->EmbeddingBackward(params_.grad(word_emb_), ws.ids, ws.dx, n, c.hidden_size);
     if (pos_emb_ >= 0) {
@@ -375,6 +383,41 @@ LossReport Model::StageBackward(Workspace& ws, const int32_t* targets, const flo
     }
   }
   return r;
+}
+
+void Model::SetTargets(Workspace& ws, const int32_t* targets, const float* mask, LossReport& r) {
+  const int n = ws.b * ws.t;
+  r.exit_losses.assign(config_.exits.size(), 0.0);
+  for (int i = 0; i < n; ++i) ws.host_mask[i] = mask ? mask[i] : 1.0f;
+  for (float m : ws.host_mask) r.tokens += m != 0;
+  be_->CopyFromHost(ws.targets, targets, n * sizeof(int32_t));
+}
+
+LossReport Model::StageExitHeads(Workspace& ws, const int32_t* targets, const float* mask,
+                                 absl::Span<const float> exit_weights, float loss_scale) {
+  LossReport r;
+  SetTargets(ws, targets, mask, r);
+  for (int d = first_layer_; d <= end_layer_; ++d) {
+    ExitsAtDepth(ws, d, exit_weights, true, loss_scale, r, /*store=*/true);
+  }
+  ws.exits_done = true;
+  return r;
+}
+
+const float* Model::AddStoredExitGrads(Workspace& ws, int depth, absl::Span<const float> w) {
+  const size_t nc = static_cast<size_t>(ws.b) * ws.t * config_.hidden_size;
+  const float* extra = nullptr;
+  for (size_t i = 0; i < config_.exits.size(); ++i) {
+    const ExitConfig& x = config_.exits[i];
+    if (x.depth() != depth || !ExitIsLocal(i) || !(w[i] > 0)) continue;
+    if (x.kind == ExitKind::kMlp && x.position == ExitPosition::kPost) {
+      be_->Copy(ws.d_h_extra, ws.exit_grad[i], nc * sizeof(float));
+      extra = ws.d_h_extra;
+    } else {
+      be_->Axpy(ws.dx, 1.0f, ws.exit_grad[i], nc);
+    }
+  }
+  return extra;
 }
 
 LossReport Model::ForwardBackward(Workspace& ws, const int32_t* ids, const int32_t* targets,

@@ -45,6 +45,10 @@ struct Workspace {
   float *logits, *losses, *max_prob;  // [n, vocab], [n], [n]
   GradScratch gs;
   float *dx, *dx_prev, *d_h_extra, *dhidden, *dexit;  // [n, c] each
+  // Exit work run ahead of the backward (StageExitHeads): per local exit, the gradient of its
+  // loss w.r.t. the hidden state it reads [n, c], added when the backward reaches it.
+  std::vector<float*> exit_grad;
+  bool exits_done = false;
   std::vector<float> host_mask, host_losses, host_max_prob, host_weights;
 };
 
@@ -101,6 +105,12 @@ class Model {
   LossReport StageBackward(Workspace& ws, const int32_t* targets, const float* mask,
                            absl::Span<const float> exit_weights, bool backward,
                            const float* d_output, float loss_scale);
+  // The stage's exit heads for a microbatch whose forward has run: their forward, loss and
+  // backward now (exit parameter gradients accumulate), with the gradients w.r.t. the hidden
+  // states stored in the workspace; the following StageBackward adds them at the exits' layers
+  // instead of running the exits again. Lets a pipeline schedule put exit work into bubbles.
+  LossReport StageExitHeads(Workspace& ws, const int32_t* targets, const float* mask,
+                            absl::Span<const float> exit_weights, float loss_scale);
   // Gradient w.r.t. the stage's input, to send to the previous stage (after StageBackward).
   const float* StageInputGrad(const Workspace& ws) const { return ws.dx; }
   bool is_first_stage() const { return first_layer_ == 0; }
@@ -138,8 +148,14 @@ class Model {
   const float* HiddenAt(const Workspace& ws, int depth) const;
   void ExitBackward(int i, ExitActs& a, float* din, const float* dhidden, const float* in,
                     const int32_t* pos, int b, int t, const GradScratch& s);
+  // Runs the local exits reading `depth`; their input gradients go into ws.dx / d_h_extra, or
+  // into ws.exit_grad when `store` is set.
   void ExitsAtDepth(Workspace& ws, int depth, absl::Span<const float> w, bool backward,
-                    float loss_scale, LossReport& r);
+                    float loss_scale, LossReport& r, bool store = false);
+  // Adds the stored exit gradients of `depth` (after StageExitHeads); returns the d(h_attn)
+  // extra gradient for an MLP-branch post exit, or null.
+  const float* AddStoredExitGrads(Workspace& ws, int depth, absl::Span<const float> w);
+  void SetTargets(Workspace& ws, const int32_t* targets, const float* mask, LossReport& r);
 
   ModelConfig config_;
   Backend* be_;

@@ -84,7 +84,8 @@ RunResult Train(RunConfig rc, ParallelContext* ctx, const std::string& out) {
 struct Layout {
   int tp, pp, dp;
   bool zero1;
-  int micro_batch;  // 0 = one microbatch per step
+  int micro_batch;     // 0 = one microbatch per step
+  bool fused = false;  // exit work fused into the backward instead of placed in the bubbles
 };
 
 class TrainLayouts : public ::testing::TestWithParam<std::string> {};
@@ -98,9 +99,10 @@ TEST_P(TrainLayouts, EveryLayoutMatchesSingleRank) {
   ASSERT_EQ(ref.losses.size(), 3u);
   EXPECT_GT(ref.losses[0][0], ref.losses[2][0]);  // it trains
   const Layout layouts[] = {
-      {1, 1, 1, false, 1}, {1, 1, 2, false, 0}, {1, 1, 2, true, 0}, {1, 2, 1, false, 1},
-      {1, 2, 1, false, 2}, {1, 1, 4, false, 0}, {1, 1, 4, true, 0}, {1, 2, 2, false, 1},
-      {1, 4, 1, false, 1}, {1, 2, 2, true, 1},
+      {1, 1, 1, false, 1}, {1, 1, 2, false, 0},       {1, 1, 2, true, 0},
+      {1, 2, 1, false, 1}, {1, 2, 1, false, 2},       {1, 1, 4, false, 0},
+      {1, 1, 4, true, 0},  {1, 2, 2, false, 1},       {1, 4, 1, false, 1},
+      {1, 2, 2, true, 1},  {1, 2, 1, false, 1, true}, {1, 4, 1, false, 1, true},
   };
   int tested = 0;
   for (const Layout& l : layouts) {
@@ -112,9 +114,10 @@ TEST_P(TrainLayouts, EveryLayoutMatchesSingleRank) {
     par.train.dp = l.dp;
     par.train.zero1 = l.zero1;
     par.train.micro_batch_size = l.micro_batch;
+    par.train.exit_placement = l.fused ? "backward" : "bubbles";
     const std::string name = "tp" + std::to_string(l.tp) + " pp" + std::to_string(l.pp) + " dp" +
                              std::to_string(l.dp) + (l.zero1 ? " zero1" : "") + " micro" +
-                             std::to_string(l.micro_batch);
+                             std::to_string(l.micro_batch) + (l.fused ? " fused" : "");
     auto ctx = ParallelContext::Create(MpiCommunicator::World(nullptr), l.tp, l.pp, l.dp);
     ASSERT_TRUE(ctx.ok()) << ctx.status();
     RunResult got = Train(par, ctx->get(), data + "_" + std::to_string(tested));
