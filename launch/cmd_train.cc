@@ -23,6 +23,10 @@ ABSL_FLAG(bool, quiet, false, "print only errors");
 ABSL_FLAG(int, tp, 0, "tensor-parallel size (0 = train.tp)");
 ABSL_FLAG(int, pp, 0, "pipeline-parallel size (0 = train.pp)");
 ABSL_FLAG(int, dp, 0, "data-parallel size (0 = train.dp, or world / (tp * pp) under a launcher)");
+ABSL_FLAG(bool, timeline, false,
+          "print the pipeline timeline of the last step (measured and cost model)");
+ABSL_FLAG(std::string, exit_placement, "",
+          "override train.exit_placement: bubbles (exit work in pipeline bubbles) or backward");
 ABSL_FLAG(bool, zero1, false, "shard the optimizer state over data-parallel ranks (ZeRO-1)");
 
 namespace eellm {
@@ -68,6 +72,9 @@ int RunTrainCommand() {
     t.dp = launch->world / (t.tp * t.pp);
   }
   if (absl::GetFlag(FLAGS_zero1)) t.zero1 = true;
+  if (!absl::GetFlag(FLAGS_exit_placement).empty()) {
+    t.exit_placement = absl::GetFlag(FLAGS_exit_placement);
+  }
 
   auto backend = MakeBackend(t.backend);
   if (!backend.ok()) return Fail(backend.status(), multi, launch->rank);
@@ -75,6 +82,7 @@ int RunTrainCommand() {
   opts.resume = absl::GetFlag(FLAGS_resume);
   opts.verbose = !absl::GetFlag(FLAGS_quiet);
   opts.backend = backend->get();
+  opts.print_timeline = absl::GetFlag(FLAGS_timeline);
   std::unique_ptr<ParallelContext> ctx;
   if (multi) {
     auto c = ParallelContext::Create(MpiCommunicator::World(backend->get()), t.tp, t.pp, t.dp);

@@ -8,6 +8,7 @@
 #include "absl/status/statusor.h"
 #include "models/transformer.h"
 #include "parallel/parallel_context.h"
+#include "parallel/pipeline/simulator.h"
 
 namespace eellm {
 
@@ -20,5 +21,10 @@ struct GatheredModel {
 // `m` and `v` are this stage's full-layout moment arenas (may be null: then zeros).
 absl::StatusOr<GatheredModel> GatherPipeline(Model& stage, const float* m, const float* v,
                                              ParallelContext& ctx);
+
+// Collects every stage's recorded compute intervals of one step onto stage 0 of data-parallel
+// replica 0 (collective over that pipeline group) as a Timeline of the measured run; other
+// ranks get an empty Timeline.
+Timeline GatherTimeline(const std::vector<BusyInterval>& mine, ParallelContext& ctx, Backend* be);
 
 }  // namespace eellm

@@ -59,6 +59,37 @@ EvalResult Evaluate(PipelineExecutor& exec, const ModelConfig& c, Backend* be,
   return e;
 }
 
+// The measured timeline next to the cost model's, with per-stage costs taken from the
+// measurement (mean forward, backward and exit-head time per microbatch on each stage).
+void PrintTimeline(const Timeline& measured, const Schedule& schedule) {
+  PipelineCosts costs = UniformCosts(measured.stages, 0, 0, 0);
+  for (int s = 0; s < measured.stages; ++s) {
+    double f = 0, b = 0, e = 0;
+    int nf = 0, nb = 0, ne = 0;
+    for (const BusyInterval& i : measured.busy[s]) {
+      const double d = i.end - i.start;
+      if (i.action.type == ActionType::kForward) f += d, ++nf;
+      if (i.action.type == ActionType::kBackward) b += d, ++nb;
+      if (i.action.type == ActionType::kExitHeads) e += d, ++ne;
+    }
+    costs.forward[s] = nf ? f / nf : 0;
+    costs.backward[s] = nb ? b / nb : 0;
+    costs.exit[s] = ne ? e / ne : 0;
+  }
+  std::printf(
+      "pipeline timeline of the last step (%s, %d stages, %d microbatches; F forward, "
+      "B backward, E exit heads, . idle):\n",
+      schedule.name.c_str(), schedule.stages, schedule.microbatches);
+  std::printf("measured: %.1f ms, bubble fraction %.3f\n%s", measured.makespan * 1e3,
+              BubbleFraction(measured), RenderTimeline(measured, 72).c_str());
+  auto simulated = Simulate(schedule, costs);
+  if (simulated.ok()) {
+    std::printf("cost model with the measured per-stage costs: %.1f ms, bubble fraction %.3f\n%s",
+                simulated->makespan * 1e3, BubbleFraction(*simulated),
+                RenderTimeline(*simulated, 72).c_str());
+  }
+}
+
 std::string FormatLosses(const ModelConfig& c, double final_loss,
                          const std::vector<double>& exits) {
   std::string s = absl::StrFormat("final %.4f", final_loss);
@@ -101,6 +132,9 @@ absl::Status ValidateLayout(const RunConfig& rc) {
     return bad("micro_batch_size ", t.micro_batch_size, " does not divide the ", rows,
                " sequences of each data-parallel rank (batch_size ", t.batch_size, " / dp ", t.dp,
                ")");
+  }
+  if (t.exit_placement != "bubbles" && t.exit_placement != "backward") {
+    return bad("exit_placement \"", t.exit_placement, "\" is not bubbles or backward");
   }
   if (t.tp > 1) {
     return absl::UnimplementedError(absl::StrCat(
@@ -285,6 +319,10 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     model->params().ZeroGrads();
     std::vector<float> w = ExitLossWeights(mc, step);
     LossReport r = exec.TrainStep(in.data(), tg.data(), w);
+    if (opts.print_timeline && step + 1 == tc.steps) {
+      Timeline measured = GatherTimeline(exec.last_step_intervals(), *ctx, backend);
+      if (verbose) PrintTimeline(measured, exec.schedule());
+    }
     if (model->word_embedding() >= 0 && embedding_group->size() > 1) {
       const ParamInfo& e = ps.params()[model->word_embedding()];
       embedding_group->AllReduce(ps.grad(model->word_embedding()), e.numel, ReduceOp::kSum);

@@ -41,6 +41,9 @@ struct TrainOptions {
   std::vector<std::vector<double>>* step_losses = nullptr;
   std::vector<double>* step_grad_norms = nullptr;
   std::vector<float>* final_params = nullptr;  // the parameter arena after training
+  // Print the measured pipeline timeline of the last step (per-stage busy/idle, bubble
+  // fraction) beside the cost model's prediction for the same schedule.
+  bool print_timeline = false;
 };
 
 // Checks that the model can be split over the layout (layers over stages, heads, KV heads and

@@ -545,8 +545,8 @@ TEST_F(ParallelCliTest, PipelineTrainsAndSaves) {
   EXPECT_NE(r.output.find("tp 1 x pp 2 x dp 1"), std::string::npos) << Describe(args, r);
   EXPECT_TRUE(fs::exists(Path("run/checkpoint.h5"))) << Describe(args, r);
   // The checkpoint holds the whole model: generation works from it on one process.
-  CmdResult g = RunEellm("generate --checkpoint=" + Quote(Path("run/checkpoint.h5")) +
-                         " --max-new-tokens=5");
+  CmdResult g =
+      RunEellm("generate --checkpoint=" + Quote(Path("run/checkpoint.h5")) + " --max-new-tokens=5");
   EXPECT_EQ(g.exit_code, 0) << g.output;
 }
 
