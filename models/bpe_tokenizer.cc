@@ -3,12 +3,11 @@
 #include "models/bpe_tokenizer.h"
 
 #include <algorithm>
-#include <climits>
 #include <fstream>
 #include <functional>
 #include <initializer_list>
+#include <iterator>
 #include <queue>
-#include <sstream>
 #include <tuple>
 
 #include "absl/status/status.h"
@@ -62,6 +61,8 @@ constexpr ClassRange kClassRanges[] = {
     {0x3007, 0x3007, kNumber}, {0x3021, 0x3029, kNumber},  {0xFF10, 0xFF19, kNumber},
     {0xAA, 0xAA, kLetter},     {0xB5, 0xB5, kLetter},      {0xBA, 0xBA, kLetter},
     {0x3005, 0x3006, kLetter}, {0x80, 0xBF, kOther},       {0xD7, 0xD7, kOther},
+    {0xE50, 0xE59, kNumber},   {0xE31, 0xE31, kOther},     {0xE34, 0xE3F, kOther},
+    {0xE47, 0xE4F, kOther},    {0xE5A, 0xE5B, kOther},     {0x2100, 0x214F, kOther},
     {0xF7, 0xF7, kOther},      {0x300, 0x36F, kOther},     {0x2000, 0x206F, kOther},
     {0x20A0, 0x20FF, kOther},  {0x2190, 0x2BFF, kOther},   {0x2E00, 0x2E7F, kOther},
     {0x3001, 0x303F, kOther},  {0xD800, 0xF8FF, kOther},   {0xFE00, 0xFE6F, kOther},
@@ -75,6 +76,12 @@ CharClass Classify(uint32_t cp) {
     if (cp >= '0' && cp <= '9') return kNumber;
     if (cp == ' ' || (cp >= '\t' && cp <= '\r')) return kSpace;
     return kOther;
+  }
+  if (cp >= 0x900 && cp < 0xE00) {  // Indic scripts share a layout: signs, letters, digits.
+    const uint32_t o = cp & 0x7F;
+    if (o >= 0x66 && o <= 0x6F) return kNumber;
+    const bool sign = o <= 3 || (o >= 0x3A && o <= 0x57 && o != 0x3D && o != 0x50);
+    if (sign || o == 0x62 || o == 0x63) return kOther;
   }
   for (const ClassRange& r : kClassRanges) {
     if (cp >= r.lo && cp <= r.hi) return r.cls;
@@ -175,9 +182,7 @@ absl::Status Invalid(absl::string_view what) { return absl::InvalidArgumentError
 absl::StatusOr<std::unique_ptr<BpeTokenizer>> BpeTokenizer::Load(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   if (!f) return absl::NotFoundError(absl::StrCat("cannot open tokenizer file ", path));
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return FromJson(ss.str(), path);
+  return FromJson(std::string(std::istreambuf_iterator<char>(f), {}), path);
 }
 
 absl::StatusOr<std::unique_ptr<BpeTokenizer>> BpeTokenizer::FromJson(absl::string_view json_text,
@@ -224,11 +229,10 @@ absl::Status BpeTokenizer::Parse(const json& j) {
     std::vector<std::string> ab;
     if (m.is_string()) ab = absl::StrSplit(m.get<std::string>(), ' ');
     if (m.is_array() && m.size() == 2 && m[0].is_string() && m[1].is_string()) ab = {m[0], m[1]};
-    auto a = vocab_.end(), b = a, merged = a;
-    if (ab.size() == 2) {
-      a = vocab_.find(ab[0]), b = vocab_.find(ab[1]), merged = vocab_.find(ab[0] + ab[1]);
-    }
-    if (a == vocab_.end() || b == vocab_.end() || merged == vocab_.end()) {
+    if (ab.size() != 2) ab = {"", ""};  // Rejected below.
+    auto a = vocab_.find(ab[0]), b = vocab_.find(ab[1]), merged = vocab_.find(ab[0] + ab[1]);
+    if (ab[0].empty() || ab[1].empty() || a == vocab_.end() || b == vocab_.end() ||
+        merged == vocab_.end()) {
       return Invalid(absl::StrCat("model.merges[", i, "] = ", m.dump(),
                                   " is not \"a b\" or [a, b] of tokens in model.vocab"));
     }
@@ -236,14 +240,13 @@ absl::Status BpeTokenizer::Parse(const json& j) {
   }
   for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix"}) {
     const json f = model->value(key, json());
-    if (!f.is_null() && f != "") {
-      return Invalid(absl::StrCat("model.", key, " is not supported"));
-    }
+    if (!f.is_null() && f != "") return Invalid(absl::StrCat("model.", key, " is not supported"));
   }
   byte_fallback_ = model->value("byte_fallback", false);
   ignore_merges_ = model->value("ignore_merges", false);
   const json unk = model->value("unk_token", json());
-  if (unk.is_string() && vocab_.contains(unk.get<std::string>())) unk_id_ = vocab_.at(unk);
+  auto unk_it = vocab_.find(unk.is_string() ? unk.get<std::string>() : "");
+  if (unk.is_string() && unk_it != vocab_.end()) unk_id_ = unk_it->second;
   const json added = j.value("added_tokens", json::array());
   for (size_t i = 0; i < added.size(); ++i) {
     const json& a = added[i];
@@ -284,9 +287,7 @@ absl::Status BpeTokenizer::ParseStep(const json& c, const char* where, int depth
     const std::string re = pattern["Regex"].get<std::string>();
     const bool cl100k = absl::StrContains(re, R"([^\r\n\p{L}\p{N}]?\p{L}+)");
     split_ = cl100k ? SplitStyle::kCl100k : SplitStyle::kGpt2;
-    max_digits_ = absl::StrContains(re, R"(\p{N}{1,3})") ? 3
-                  : absl::StrContains(re, R"(\p{N}+)")   ? INT_MAX
-                                                         : 1;
+    max_digits_ = absl::StrContains(re, R"(\p{N}{1,3})") ? 3 : 1;
   } else if (type == "Metaspace") {
     metaspace_ = true;
     meta_repl_ = c.value("replacement", kMetaSpace);

@@ -3,7 +3,8 @@
 //  * byte-level BPE (GPT-2, Llama-3, Qwen2): a ByteLevel pre-tokenizer and/or decoder. Text is
 //    split into pieces by the GPT-2 pattern (or the cl100k/Llama-3 pattern when the file's
 //    Split regex is of that family), each piece's bytes are mapped with GPT-2's bytes_to_unicode
-//    table and merged by rank. Every byte string round-trips exactly.
+//    table and merged by rank. Any byte string round-trips exactly (unless it spells a special
+//    token, or the ByteLevel pre-tokenizer sets add_prefix_space, which adds a space).
 //  * SentencePiece-style BPE (Llama-2, Mistral): spaces become "▁" (U+2581) and "▁" is prepended
 //    (Prepend + Replace normalizers, or a Metaspace pre-tokenizer), characters missing from the
 //    vocab fall back to "<0xAB>" byte tokens (byte_fallback) or to unk_token, and decoding maps
@@ -16,23 +17,31 @@
 // vocab); when only one of the two is found it serves as both (GPT-2: "<|endoftext|>"). A file
 // with neither is rejected. BOS, EOS and added tokens flagged "special" decode to no text.
 //
+// The post_processor (which adds BOS/EOS in Hugging Face) is ignored: Encode() adds no special
+// ids, as the Tokenizer interface requires. model.ignore_merges (Llama-3) is honoured.
+//
 // Limitations (encodings may then differ from Hugging Face's, but still decode back exactly):
 //  * The pre-tokenization regexes are implemented by hand with an approximate Unicode
 //    classification: ASCII is exact; among code points >= 0x80, the White_Space set is space,
-//    common digit/number ranges (Arabic-Indic, Devanagari, super/subscripts, number forms,
-//    circled and fullwidth digits, ...) are numbers, Latin-1 punctuation, combining marks,
-//    general/CJK/fullwidth punctuation, symbols, arrows, box drawing, emoji, private use and
-//    tags are "other", and everything else is a letter (so e.g. Indic vowel signs count as
-//    letters where \p{L} would not match them). A Split regex that is neither the GPT-2 nor
-//    the cl100k family is treated as GPT-2's.
+//    common digit/number ranges (Latin-1 super/subscripts and fractions, Arabic-Indic, Indic
+//    and Thai digits, number forms, circled and fullwidth digits, ...) are numbers, Latin-1
+//    punctuation, combining marks, Indic and Thai vowel signs, general/CJK/fullwidth
+//    punctuation, letterlike symbols, currency, arrows, math, box drawing, emoji, private use
+//    and tags are "other", and everything else is a letter (so e.g. Tibetan or Myanmar vowel
+//    signs, Kangxi radicals and modifier symbols count as letters where \p{L} would not match
+//    them). On random strings of ASCII and samples of these classes the splits matched
+//    Python's `regex` module exactly. A Split regex is treated as the cl100k pattern when it
+//    contains its [^\r\n\p{L}\p{N}]?\p{L}+ branch (digit groups of 3 with \p{N}{1,3}, else 1,
+//    as in Qwen2), and as the GPT-2 pattern otherwise.
 //  * NFC/NFD/NFKC/NFKD normalizers are ignored (text is assumed normalized); other normalizers,
 //    regex Replace patterns and pre-tokenizers other than ByteLevel/Split/Metaspace/Sequence
 //    are rejected. Added-token flags lstrip/rstrip/single_word/normalized are ignored. BPE
 //    dropout is ignored (encoding is deterministic); continuing_subword_prefix and
-//    end_of_word_suffix are rejected.
-//  * SentencePiece-style: a literal "▁" in the text decodes as a space, unknown characters
-//    without byte_fallback decode as "" (the unk token is special), and with a Metaspace
-//    pre-tokenizer (like Hugging Face) a leading space of the text is lost.
+//    end_of_word_suffix are rejected. Ids must be below 2^21.
+//  * SentencePiece-style: a literal "▁" in the text decodes as a space; without byte_fallback
+//    each unknown character becomes one unk_token (fuse_unk is not applied) and decodes as its
+//    text, or as nothing when it is special; with a Metaspace pre-tokenizer (like Hugging
+//    Face) a leading space of the text is not kept.
 //  * DecodeToken() does not strip the leading space, so streaming a SentencePiece-style
 //    sequence token by token yields one more leading space than Decode().
 #pragma once

@@ -1,7 +1,7 @@
 // Tokenizers: the abstract Tokenizer interface used by data preparation and generation, the
 // built-in ByteTokenizer (raw UTF-8 bytes plus two special ids), and MakeTokenizer(), which
-// turns a command-line spec into a tokenizer. A Hugging Face tokenizer.json (byte-level BPE)
-// loader will implement the same interface and be selected by passing its path as the spec.
+// turns a command-line spec into a tokenizer: "byte", or the path of a Hugging Face
+// tokenizer.json (BpeTokenizer in models/bpe_tokenizer.h: byte-level or SentencePiece-style BPE).
 #pragma once
 
 #include <cstdint>
@@ -55,8 +55,8 @@ class ByteTokenizer : public Tokenizer {
   std::string name() const override { return "byte"; }
 };
 
-// Builds a tokenizer from a spec: "byte" gives a ByteTokenizer. Any other value is an
-// InvalidArgument error naming it (a path to a tokenizer.json will be accepted later).
+// Builds a tokenizer from a spec: "byte" gives a ByteTokenizer, a path ending in ".json" a
+// BpeTokenizer loaded from it. Any other value is an InvalidArgument error naming it.
 absl::StatusOr<std::unique_ptr<Tokenizer>> MakeTokenizer(absl::string_view spec);
 
 }  // namespace eellm

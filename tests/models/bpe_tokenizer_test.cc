@@ -74,10 +74,14 @@ json ByteLevelJson() {
   j["normalizer"] = nullptr;
   j["pre_tokenizer"] = {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", true}};
   j["decoder"] = {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"use_regex", true}};
-  j["model"] = {{"type", "BPE"},           {"dropout", nullptr},
-                {"unk_token", nullptr},    {"continuing_subword_prefix", ""},
-                {"end_of_word_suffix", ""}, {"fuse_unk", false},
-                {"byte_fallback", false},  {"vocab", vocab},
+  j["model"] = {{"type", "BPE"},
+                {"dropout", nullptr},
+                {"unk_token", nullptr},
+                {"continuing_subword_prefix", ""},
+                {"end_of_word_suffix", ""},
+                {"fuse_unk", false},
+                {"byte_fallback", false},
+                {"vocab", vocab},
                 {"merges", merge_list}};
   return j;
 }
@@ -100,11 +104,10 @@ json SentencePieceJson() {
   j["added_tokens"] = {{{"id", 0}, {"content", "<unk>"}, {"special", true}},
                        {{"id", 1}, {"content", "<s>"}, {"special", true}},
                        {{"id", 2}, {"content", "</s>"}, {"special", true}}};
-  j["normalizer"] = {
-      {"type", "Sequence"},
-      {"normalizers",
-       {{{"type", "Prepend"}, {"prepend", sp}},
-        {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", sp}}}}};
+  j["normalizer"] = {{"type", "Sequence"},
+                     {"normalizers",
+                      {{{"type", "Prepend"}, {"prepend", sp}},
+                       {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", sp}}}}};
   j["pre_tokenizer"] = nullptr;
   j["decoder"] = {{"type", "Sequence"},
                   {"decoders",
@@ -112,8 +115,8 @@ json SentencePieceJson() {
                     {{"type", "ByteFallback"}},
                     {{"type", "Fuse"}},
                     {{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}}}}};
-  j["model"] = {{"type", "BPE"},      {"unk_token", "<unk>"}, {"byte_fallback", true},
-                {"fuse_unk", true},   {"vocab", vocab},       {"merges", merges}};
+  j["model"] = {{"type", "BPE"},    {"unk_token", "<unk>"}, {"byte_fallback", true},
+                {"fuse_unk", true}, {"vocab", vocab},       {"merges", merges}};
   return j;
 }
 
@@ -135,7 +138,7 @@ TEST(BpeTokenizerTest, ByteLevelEncodesByRank) {
   EXPECT_EQ(tok->Encode("the the"), (Ids{'t', 257, 258}));
   EXPECT_EQ(tok->Encode("in the inn"), (Ids{259, 258, 260, 'n'}));
   EXPECT_EQ(tok->Encode("a  the"), (Ids{'a', ' ', 258}));  // "a", " ", " the".
-  EXPECT_EQ(tok->Encode("aaa"), (Ids{261, 'a'}));           // Leftmost pair first.
+  EXPECT_EQ(tok->Encode("aaa"), (Ids{261, 'a'}));          // Leftmost pair first.
   EXPECT_EQ(tok->Encode("aaaa"), (Ids{261, 261}));
   EXPECT_EQ(tok->Encode("\xFF\n"), (Ids{0xFF, '\n'}));
   EXPECT_TRUE(tok->Encode("").empty());
@@ -151,7 +154,7 @@ TEST(BpeTokenizerTest, ByteLevelSpecialTokensAreWholeUnits) {
   using Ids = std::vector<int32_t>;
   const Ids ids = tok->Encode("the<|endoftext|> the");
   EXPECT_EQ(ids, (Ids{'t', 257, 262, 258}));
-  EXPECT_EQ(tok->Decode(ids), "the the");  // Special ids produce no text...
+  EXPECT_EQ(tok->Decode(ids), "the the");             // Special ids produce no text...
   EXPECT_EQ(tok->DecodeToken(262), "<|endoftext|>");  // ...but have a printable name.
   EXPECT_EQ(tok->Encode("<|endoftext|><|endoftext|>"), (Ids{262, 262}));
   EXPECT_EQ(tok->Encode("x[NS]y"), (Ids{'x', 263, 'y'}));
@@ -200,14 +203,13 @@ TEST(BpeTokenizerTest, Gpt2PreTokenizationSplit) {
 }
 
 TEST(BpeTokenizerTest, Cl100kPreTokenizationSplit) {
-  const json seq = {
-      {"type", "Sequence"},
-      {"pretokenizers",
-       {{{"type", "Split"},
-         {"pattern", {{"Regex", kLlama3Regex}}},
-         {"behavior", "Isolated"},
-         {"invert", false}},
-        {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", false}}}}};
+  const json seq = {{"type", "Sequence"},
+                    {"pretokenizers",
+                     {{{"type", "Split"},
+                       {"pattern", {{"Regex", kLlama3Regex}}},
+                       {"behavior", "Isolated"},
+                       {"invert", false}},
+                      {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", false}}}}};
   using Strs = std::vector<std::string>;
   for (const auto& [text, expected] : std::vector<std::pair<std::string, Strs>>{
            {"I'm  here 2024!!\n\nok", {"I", "'m", " ", " here", " ", "202", "4", "!!\n\n", "ok"}},
@@ -237,7 +239,7 @@ std::vector<std::string> ReferenceBpe(const std::string& word,
 
 TEST(BpeTokenizerTest, MergeOrderMatchesReferenceBpe) {
   const std::vector<std::pair<std::string, std::string>> merges = {
-      {"a", "b"},  {"b", "c"},   {"ab", "c"}, {"c", "a"},  {"a", "a"},  {"bc", "a"},
+      {"a", "b"},  {"b", "c"},   {"ab", "c"}, {"c", "a"},     {"a", "a"},   {"bc", "a"},
       {"aa", "b"}, {"ca", "ab"}, {"b", "b"},  {"abc", "abc"}, {"bb", "bb"}, {"c", "c"}};
   json j = ByteLevelJson();
   j["model"]["merges"] = json::array();
@@ -270,7 +272,7 @@ TEST(BpeTokenizerTest, SentencePieceEncodesWithByteFallback) {
   EXPECT_EQ(tok->Encode("hello world"), (Ids{271, 272, 263, 265, 262, 266}));
   EXPECT_EQ(tok->Decode(tok->Encode("hello world")), "hello world");
   EXPECT_EQ(tok->Encode("\xC3\xA9"), (Ids{259, 3 + 0xC3, 3 + 0xA9}));  // ▁ <0xC3> <0xA9>
-  EXPECT_EQ(tok->Encode(" hello"), (Ids{259, 271}));  // Prepend always adds a ▁.
+  EXPECT_EQ(tok->Encode(" hello"), (Ids{259, 271}));                   // Prepend always adds a ▁.
   EXPECT_EQ(tok->Decode({259, 271}), " hello");
   EXPECT_EQ(tok->Encode("<s>hello</s>"), (Ids{1, 271, 2}));
   EXPECT_EQ(tok->Decode({1, 271, 2}), "hello");
@@ -291,8 +293,8 @@ TEST(BpeTokenizerTest, SentencePieceMetaspacePreTokenizer) {
     ASSERT_NE(tok, nullptr);
     using Ids = std::vector<int32_t>;
     EXPECT_EQ(tok->Encode("hello world"), (Ids{271, 272, 263, 265, 262, 266}));
-    EXPECT_EQ(tok->Encode(" hello"), (Ids{271}));  // Like HF: no second ▁.
-    EXPECT_EQ(tok->Encode("<s>hello"), (Ids{1, 260, 267, 268, 263}));  // "first": no ▁.
+    EXPECT_EQ(tok->Encode(" hello"), (Ids{271}));            // Like HF: no second ▁.
+    EXPECT_EQ(tok->Encode("<s>hello"), (Ids{1, 267, 270}));  // "first": no ▁ here.
     EXPECT_EQ(tok->Decode(tok->Encode("hello world")), "hello world");
   }
 }
