@@ -118,6 +118,28 @@ class Backend {
   virtual void CrossEntropy(float* losses, float* max_prob, float* dlogits, const float* logits,
                             const int32_t* targets, const float* weights, int n, int v) = 0;
 
+  // ---- vocabulary-parallel pieces (tensor parallelism splits the vocabulary) -----------------
+  // A rank holds vocabulary rows [start, start + rows) of a table or columns of logits.
+  // out[t, :] = table[ids[t] - start, :] for ids in range, zeros otherwise (written).
+  virtual void EmbeddingForwardRange(float* out, const int32_t* ids, const float* table, int n,
+                                     int c, int start, int rows) = 0;
+  // dtable[ids[t] - start, :] += dout[t, :] for ids in range.
+  virtual void EmbeddingBackwardRange(float* dtable, const int32_t* ids, const float* dout, int n,
+                                      int c, int start, int rows) = 0;
+  // row_max[r] = max_j logits[r, j] over this rank's v columns (written).
+  virtual void RowMax(float* row_max, const float* logits, int n, int v) = 0;
+  // With the global row maxima m: sum_exp[r] = sum_j exp(logits[r, j] - m[r]) over this rank's
+  // columns; target_logit[r] = logits[r, targets[r] - start] when the target is in this rank's
+  // range [start, start + v), else 0 (both written; summed over ranks by the caller).
+  virtual void SumExpAndTarget(float* sum_exp, float* target_logit, const float* logits,
+                               const float* row_max, const int32_t* targets, int n, int v,
+                               int start) = 0;
+  // With the global m and sum_exp: dlogits[r, j] = weights[r] * (exp(logits[r, j] - m[r]) /
+  // sum_exp[r] - [start + j == targets[r]]) (written; may alias logits).
+  virtual void CrossEntropyGradRange(float* dlogits, const float* logits, const float* row_max,
+                                     const float* sum_exp, const int32_t* targets,
+                                     const float* weights, int n, int v, int start) = 0;
+
   // ---- optimizer ----------------------------------------------------------------------------
   // AdamW on one fp32 tensor: m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
   // p -= lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * p), with bias correction for

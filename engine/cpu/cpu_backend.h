@@ -92,6 +92,17 @@ class CpuBackend final : public Backend {
   // logits/dlogits: [n, v]; losses, max_prob, targets, weights: [n].
   void CrossEntropy(float* losses, float* max_prob, float* dlogits, const float* logits,
                     const int32_t* targets, const float* weights, int n, int v) override;
+  void EmbeddingForwardRange(float* out, const int32_t* ids, const float* table, int n, int c,
+                             int start, int rows) override;
+  void EmbeddingBackwardRange(float* dtable, const int32_t* ids, const float* dout, int n, int c,
+                              int start, int rows) override;
+  void RowMax(float* row_max, const float* logits, int n, int v) override;
+  void SumExpAndTarget(float* sum_exp, float* target_logit, const float* logits,
+                       const float* row_max, const int32_t* targets, int n, int v,
+                       int start) override;
+  void CrossEntropyGradRange(float* dlogits, const float* logits, const float* row_max,
+                             const float* sum_exp, const int32_t* targets, const float* weights,
+                             int n, int v, int start) override;
 
   // ---- optimizer (cpu_adamw.cc) -------------------------------------------------------------
   void AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1,

@@ -45,4 +45,46 @@ void CpuBackend::CrossEntropy(float* losses, float* max_prob, float* dlogits, co
   }
 }
 
+void CpuBackend::RowMax(float* row_max, const float* logits, int n, int v) {
+  const bool parallel = static_cast<int64_t>(n) * v >= (int64_t{1} << 14);
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int r = 0; r < n; ++r) {
+    const float* lr = logits + static_cast<size_t>(r) * v;
+    float mx = lr[0];
+    for (int j = 1; j < v; ++j) mx = std::max(mx, lr[j]);
+    row_max[r] = mx;
+  }
+}
+
+void CpuBackend::SumExpAndTarget(float* sum_exp, float* target_logit, const float* logits,
+                                 const float* row_max, const int32_t* targets, int n, int v,
+                                 int start) {
+  const bool parallel = static_cast<int64_t>(n) * v >= (int64_t{1} << 14);
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int r = 0; r < n; ++r) {
+    const float* lr = logits + static_cast<size_t>(r) * v;
+    double sum = 0.0;
+    for (int j = 0; j < v; ++j) sum += std::exp(lr[j] - row_max[r]);
+    sum_exp[r] = static_cast<float>(sum);
+    const int64_t j = static_cast<int64_t>(targets[r]) - start;
+    target_logit[r] = j >= 0 && j < v ? lr[j] : 0.0f;
+  }
+}
+
+void CpuBackend::CrossEntropyGradRange(float* dlogits, const float* logits, const float* row_max,
+                                       const float* sum_exp, const int32_t* targets,
+                                       const float* weights, int n, int v, int start) {
+  const bool parallel = static_cast<int64_t>(n) * v >= (int64_t{1} << 14);
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int r = 0; r < n; ++r) {
+    const float* lr = logits + static_cast<size_t>(r) * v;
+    float* dr = dlogits + static_cast<size_t>(r) * v;
+    const float w = weights != nullptr ? weights[r] : 1.0f;
+    const float scale = w / sum_exp[r];
+    for (int j = 0; j < v; ++j) dr[j] = std::exp(lr[j] - row_max[r]) * scale;
+    const int64_t j = static_cast<int64_t>(targets[r]) - start;
+    if (j >= 0 && j < v) dr[j] -= w;
+  }
+}
+
 }  // namespace eellm

@@ -3,6 +3,7 @@
 #include <cstddef>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "engine/core/status.h"
@@ -90,16 +91,32 @@ double CpuBackend::SumSquares(const float* x, size_t n) {
 
 void CpuBackend::EmbeddingForward(float* out, const int32_t* ids, const float* table, int n,
                                   int c) {
-  const bool parallel = static_cast<size_t>(n) * c >= kParallelMin;
-#pragma omp parallel for schedule(static) if (parallel)
-  for (int t = 0; t < n; ++t) {
-    std::memcpy(out + static_cast<size_t>(t) * c, table + static_cast<size_t>(ids[t]) * c,
-                sizeof(float) * static_cast<size_t>(c));
-  }
+  EmbeddingForwardRange(out, ids, table, n, c, 0, std::numeric_limits<int>::max());
 }
 
 void CpuBackend::EmbeddingBackward(float* dtable, const int32_t* ids, const float* dout, int n,
                                    int c) {
+  EmbeddingBackwardRange(dtable, ids, dout, n, c, 0, std::numeric_limits<int>::max());
+}
+
+void CpuBackend::EmbeddingForwardRange(float* out, const int32_t* ids, const float* table, int n,
+                                       int c, int start, int rows) {
+  const bool parallel = static_cast<size_t>(n) * c >= kParallelMin;
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int t = 0; t < n; ++t) {
+    float* dst = out + static_cast<size_t>(t) * c;
+    const int64_t row = static_cast<int64_t>(ids[t]) - start;
+    if (row >= 0 && row < rows) {
+      std::memcpy(dst, table + static_cast<size_t>(row) * c,
+                  sizeof(float) * static_cast<size_t>(c));
+    } else {
+      std::memset(dst, 0, sizeof(float) * static_cast<size_t>(c));
+    }
+  }
+}
+
+void CpuBackend::EmbeddingBackwardRange(float* dtable, const int32_t* ids, const float* dout, int n,
+                                        int c, int start, int rows) {
   // Deterministic: each thread owns a slice of columns and walks the tokens in order, so rows
   // hit by several tokens always accumulate in token order.
   constexpr int kColBlock = 64;
@@ -110,7 +127,9 @@ void CpuBackend::EmbeddingBackward(float* dtable, const int32_t* ids, const floa
     const int j0 = cb * kColBlock;
     const int j1 = std::min(c, j0 + kColBlock);
     for (int t = 0; t < n; ++t) {
-      float* dst = dtable + static_cast<size_t>(ids[t]) * c;
+      const int64_t row = static_cast<int64_t>(ids[t]) - start;
+      if (row < 0 || row >= rows) continue;
+      float* dst = dtable + static_cast<size_t>(row) * c;
       const float* src = dout + static_cast<size_t>(t) * c;
       for (int j = j0; j < j1; ++j) dst[j] += src[j];
     }

@@ -86,6 +86,21 @@ class FakeDeviceBackend final : public Backend {
                     int) override {
     std::abort();
   }
+  void EmbeddingForwardRange(float*, const int32_t*, const float*, int, int, int, int) override {
+    std::abort();
+  }
+  void EmbeddingBackwardRange(float*, const int32_t*, const float*, int, int, int, int) override {
+    std::abort();
+  }
+  void RowMax(float*, const float*, int, int) override { std::abort(); }
+  void SumExpAndTarget(float*, float*, const float*, const float*, const int32_t*, int, int,
+                       int) override {
+    std::abort();
+  }
+  void CrossEntropyGradRange(float*, const float*, const float*, const float*, const int32_t*,
+                             const float*, int, int, int) override {
+    std::abort();
+  }
   void AdamW(float*, const float*, float*, float*, size_t, float, float, float, float, float,
              int) override {
     std::abort();
