@@ -550,5 +550,20 @@ TEST_F(ParallelCliTest, PipelineTrainsAndSaves) {
   EXPECT_EQ(g.exit_code, 0) << g.output;
 }
 
+// A checkpoint holds whole tensors under their global names, so a run saved under one layout
+// resumes under another: here pipeline-parallel (pp 2) -> data-parallel with ZeRO-1 (dp 2).
+TEST_F(ParallelCliTest, ResumesUnderAnotherLayout) {
+  ASSERT_TRUE(PrepareTinyData(0.2));
+  const std::string config = WriteConfig(kTinyModel, 2, ", \"micro_batch_size\": 2");
+  CmdResult a = RunEellm("train --config=" + Quote(config) + " --pp=2", Mpirun(2));
+  ASSERT_EQ(a.exit_code, 0) << a.output;
+  const std::string args = "train --config=" + Quote(config) + " --dp=2 --zero1 --steps=4 " +
+                           "--resume=" + Quote(Path("run/checkpoint.h5"));
+  CmdResult b = RunEellm(args, Mpirun(2));
+  EXPECT_EQ(b.exit_code, 0) << Describe(args, b);
+  EXPECT_NE(b.output.find("step     4/4"), std::string::npos) << Describe(args, b);
+  EXPECT_EQ(b.output.find("step     1/4"), std::string::npos) << Describe(args, b);
+}
+
 }  // namespace
 }  // namespace eellm
