@@ -22,6 +22,7 @@ double GenerationResult::DecodeTokensPerSecond() const {
 
 Generator::Generator(Model* model, int capacity)
     : model_(model), be_(model->backend()), capacity_(capacity), arena_(model->backend()) {
+  EE_CHECK(model->tp().size == 1, "generation with tensor parallelism is not supported yet");
   const ModelConfig& c = model->config();
   const size_t kv_elems = static_cast<size_t>(capacity) * c.num_kv_heads * c.head_dim();
   for (int l = 0; l < c.num_layers; ++l) {

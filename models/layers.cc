@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/core/status.h"
+#include "parallel/tensor_parallel.h"
 
 namespace eellm {
 
@@ -25,20 +26,37 @@ NormParams AddNormParams(ParamStore& ps, const ModelConfig& c, const std::string
 }
 
 namespace {
+// `split`: 0 = column-parallel (output rows split over tp; bias split too), 1 = row-parallel
+// (input columns split; bias whole). Only recorded when the config is a tensor-parallel one.
 void AddLinear(ParamStore& ps, const ModelConfig& c, const std::string& name, int out, int in,
-               int* w, int* b) {
+               int* w, int* b, int split) {
   *w = ps.Add(name + ".weight", {out, in}, true);
-  if (c.use_bias() && b) *b = ps.Add(name + ".bias", {out}, false);
+  if (c.tp_size > 1) ps.mutable_params()[*w].split_dim = split;
+  if (c.use_bias() && b) {
+    *b = ps.Add(name + ".bias", {out}, false);
+    if (c.tp_size > 1 && split == 0) ps.mutable_params()[*b].split_dim = 0;
+  }
+}
+
+// Row-parallel bias: added by tensor-parallel rank 0 only, before the all-reduce.
+const float* RowParallelBias(const LayerContext& ctx, int b) {
+  return ctx.tp.rank == 0 ? ctx.P(b) : nullptr;
+}
+
+// out = x + partial (all-reduced over tp) where out already holds the rank's partial output.
+void AddReducedResidual(const LayerContext& ctx, float* out, const float* x, size_t n) {
+  TpAllReduce(ctx.tp.comm, out, n);
+  ctx.be->Add(out, out, x, n);
 }
 }  // namespace
 
 MlpParams AddMlpParams(ParamStore& ps, const ModelConfig& c, const std::string& prefix) {
   MlpParams p;
   p.norm = AddNormParams(ps, c, prefix + "mlp_norm");
-  AddLinear(ps, c, prefix + "mlp.fc1", c.ffn_hidden_size, c.hidden_size, &p.w1, &p.b1);
+  AddLinear(ps, c, prefix + "mlp.fc1", c.ffn_hidden_size, c.hidden_size, &p.w1, &p.b1, 0);
   if (c.use_swiglu())
-    AddLinear(ps, c, prefix + "mlp.up", c.ffn_hidden_size, c.hidden_size, &p.w3, nullptr);
-  AddLinear(ps, c, prefix + "mlp.fc2", c.hidden_size, c.ffn_hidden_size, &p.w2, &p.b2);
+    AddLinear(ps, c, prefix + "mlp.up", c.ffn_hidden_size, c.hidden_size, &p.w3, nullptr, 0);
+  AddLinear(ps, c, prefix + "mlp.fc2", c.hidden_size, c.ffn_hidden_size, &p.w2, &p.b2, 1);
   return p;
 }
 
@@ -46,10 +64,10 @@ BlockParams AddBlockParams(ParamStore& ps, const ModelConfig& c, const std::stri
   BlockParams p;
   const int d = c.head_dim(), q = c.num_heads * d, kv = c.num_kv_heads * d;
   p.attn.norm = AddNormParams(ps, c, prefix + "attn_norm");
-  AddLinear(ps, c, prefix + "attn.wq", q, c.hidden_size, &p.attn.wq, &p.attn.bq);
-  AddLinear(ps, c, prefix + "attn.wk", kv, c.hidden_size, &p.attn.wk, &p.attn.bk);
-  AddLinear(ps, c, prefix + "attn.wv", kv, c.hidden_size, &p.attn.wv, &p.attn.bv);
-  AddLinear(ps, c, prefix + "attn.wo", c.hidden_size, q, &p.attn.wo, &p.attn.bo);
+  AddLinear(ps, c, prefix + "attn.wq", q, c.hidden_size, &p.attn.wq, &p.attn.bq, 0);
+  AddLinear(ps, c, prefix + "attn.wk", kv, c.hidden_size, &p.attn.wk, &p.attn.bk, 0);
+  AddLinear(ps, c, prefix + "attn.wv", kv, c.hidden_size, &p.attn.wv, &p.attn.bv, 0);
+  AddLinear(ps, c, prefix + "attn.wo", c.hidden_size, q, &p.attn.wo, &p.attn.bo, 1);
   p.mlp = AddMlpParams(ps, c, prefix);
   return p;
 }
@@ -141,6 +159,11 @@ void MlpForward(const LayerContext& ctx, const MlpParams& p, MlpActs& a, float* 
   } else {
     be->GeluForward(a.act, a.h1, static_cast<size_t>(n) * f);
   }
+  if (ctx.tp.size > 1) {  // row-parallel fc2: partial sums over tp
+    be->Linear(out, a.act, ctx.P(p.w2), RowParallelBias(ctx, p.b2), n, f, h, false);
+    AddReducedResidual(ctx, out, x, static_cast<size_t>(n) * h);
+    return;
+  }
   be->Copy(out, x, static_cast<size_t>(n) * h * sizeof(float));
   be->Linear(out, a.act, ctx.P(p.w2), ctx.P(p.b2), n, f, h, true);
 }
@@ -164,6 +187,8 @@ void MlpBranchBackward(const LayerContext& ctx, const MlpParams& p, const MlpAct
     be->LinearBackward(s.dnorm, ctx.G(p.w1), ctx.G(p.b1), s.dh1, a.norm.out, ctx.P(p.w1), n, h, f,
                        false);
   }
+  // Column-parallel input: each rank's dnorm covers its FFN columns only.
+  TpAllReduce(ctx.tp.comm, s.dnorm, static_cast<size_t>(n) * h);
   NormBackward(ctx, p.norm, a.norm, dx, s.dnorm, x, n);
 }
 
@@ -193,8 +218,14 @@ void BlockForward(const LayerContext& ctx, const BlockParams& p, BlockActs& a, c
     be->AttentionForward(at.att, at.probs, at.q, kv->k, kv->v, 1, n, q_offset + n, kv->capacity, hq,
                          hkv, d, q_offset);
   }
-  be->Copy(a.h_attn, x, static_cast<size_t>(n) * h * sizeof(float));
-  be->Linear(a.h_attn, at.att, ctx.P(p.attn.wo), ctx.P(p.attn.bo), n, hq * d, h, true);
+  if (ctx.tp.size > 1) {  // row-parallel output projection: partial sums over tp
+    be->Linear(a.h_attn, at.att, ctx.P(p.attn.wo), RowParallelBias(ctx, p.attn.bo), n, hq * d, h,
+               false);
+    AddReducedResidual(ctx, a.h_attn, x, static_cast<size_t>(n) * h);
+  } else {
+    be->Copy(a.h_attn, x, static_cast<size_t>(n) * h * sizeof(float));
+    be->Linear(a.h_attn, at.att, ctx.P(p.attn.wo), ctx.P(p.attn.bo), n, hq * d, h, true);
+  }
   MlpForward(ctx, p.mlp, a.mlp, a.out, a.h_attn, n);
 }
 
@@ -226,6 +257,7 @@ void BlockBackward(const LayerContext& ctx, const BlockParams& p, const BlockAct
                      ctx.P(p.attn.wk), n, h, hkv * d, true);
   be->LinearBackward(s.dnorm, ctx.G(p.attn.wv), ctx.G(p.attn.bv), s.dv, at.norm.out,
                      ctx.P(p.attn.wv), n, h, hkv * d, true);
+  TpAllReduce(ctx.tp.comm, s.dnorm, static_cast<size_t>(n) * h);  // heads are split over tp
   NormBackward(ctx, p.attn.norm, at.norm, dx, s.dnorm, x, n);
 }
 

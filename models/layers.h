@@ -11,6 +11,7 @@
 #include "engine/backend.h"
 #include "engine/tensor/param_store.h"
 #include "models/model_config.h"
+#include "parallel/comm/communicator.h"
 
 namespace eellm {
 
@@ -91,10 +92,20 @@ struct KvLayer {
   int capacity = 0;
 };
 
+// This rank's place in the tensor-parallel group (size 1: no tensor parallelism). Attention
+// heads and FFN columns are split column-parallel into the branch and row-parallel out of it:
+// partial outputs are all-reduced in the forward, partial input gradients in the backward.
+struct TpSpec {
+  int rank = 0;
+  int size = 1;
+  Communicator* comm = nullptr;
+};
+
 struct LayerContext {
   Backend* be;
-  const ModelConfig* cfg;
+  const ModelConfig* cfg;  // the local config (LocalConfig) under tensor parallelism
   ParamStore* ps;
+  TpSpec tp;
   const float* P(int i) const { return i < 0 ? nullptr : ps->param(i); }
   float* G(int i) const { return i < 0 ? nullptr : ps->grad(i); }
 };

@@ -189,6 +189,19 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text) {
   return c;
 }
 
+ModelConfig LocalConfig(const ModelConfig& c, int tp) {
+  EE_CHECK(c.tp_size == 1 && c.num_heads % tp == 0 && c.num_kv_heads % tp == 0 &&
+               c.ffn_hidden_size % tp == 0 && c.vocab_size % tp == 0,
+           "model does not split over tp ", tp);
+  ModelConfig l = c;
+  l.num_heads /= tp;
+  l.num_kv_heads /= tp;
+  l.ffn_hidden_size /= tp;
+  l.vocab_size /= tp;
+  l.tp_size = tp;
+  return l;
+}
+
 absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& path) {
   std::ifstream f(path);
   if (!f) return absl::NotFoundError(absl::StrCat("cannot open model config ", path));

@@ -64,12 +64,17 @@ struct ModelConfig {
   bool use_swiglu() const { return style == ModelStyle::kLlama; }
   bool use_bias() const { return style == ModelStyle::kGpt; }
   bool learned_positions() const { return style == ModelStyle::kGpt; }
-  int head_dim() const { return hidden_size / num_heads; }
+  // A tensor-parallel rank works with a local config: heads, KV heads, FFN size and vocabulary
+  // divided by tp_size (see LocalConfig); the head dimension stays that of the whole model.
+  int tp_size = 1;
+  int head_dim() const { return hidden_size / (num_heads * tp_size); }
 
   std::string ToJson() const;  // canonical JSON (round-trips through ParseModelConfig)
 };
 
 absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text);
+// This tensor-parallel rank's share of `c` (tp divides heads, KV heads, FFN size, vocabulary).
+ModelConfig LocalConfig(const ModelConfig& c, int tp);
 absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& path);
 
 }  // namespace eellm

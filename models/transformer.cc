@@ -9,14 +9,23 @@
 namespace eellm {
 
 absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config, Backend* be,
-                                                     StageSpec stage) {
+                                                     StageSpec stage, TpSpec tp) {
   if (stage.stages < 1 || stage.stage < 0 || stage.stage >= stage.stages ||
       config.num_layers % stage.stages != 0) {
     return absl::InvalidArgumentError(absl::StrCat("cannot split ", config.num_layers,
                                                    " layers into pipeline stage ", stage.stage,
                                                    " of ", stage.stages));
   }
+  if (tp.size > 1 && (config.num_heads % tp.size || config.num_kv_heads % tp.size ||
+                      config.ffn_hidden_size % tp.size || config.vocab_size % tp.size)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("heads ", config.num_heads, ", KV heads ", config.num_kv_heads,
+                     ", ffn_hidden_size ", config.ffn_hidden_size, " and vocab_size ",
+                     config.vocab_size, " must all be divisible by tp ", tp.size));
+  }
   std::unique_ptr<Model> m(new Model(config, be));
+  m->tp_ = tp;
+  if (tp.size > 1) m->local_ = LocalConfig(config, tp.size);
   const int per_stage = config.num_layers / stage.stages;
   m->first_layer_ = stage.stage * per_stage;
   m->end_layer_ = m->first_layer_ + per_stage;
@@ -40,20 +49,27 @@ bool Model::StageHasWordEmbedding(const ModelConfig& c, StageSpec stage) {
 
 void Model::DeclareParams() {
   const ModelConfig& c = config_;
+  const ModelConfig& l = local_;  // shapes: this tensor-parallel rank's share
+  const bool split = tp_.size > 1;
+  auto vocab_rows = [&](const std::string& name) {  // [vocab / tp, hidden], split along rows
+    const int i = params_.Add(name, {l.vocab_size, l.hidden_size}, true);
+    if (split) params_.mutable_params()[i].split_dim = 0;
+    return i;
+  };
   const int per_stage = end_layer_ - first_layer_;
   if (StageHasWordEmbedding(c, StageSpec{first_layer_ / per_stage, c.num_layers / per_stage})) {
-    word_emb_ = params_.Add("embedding.word.weight", {c.vocab_size, c.hidden_size}, true);
+    word_emb_ = vocab_rows("embedding.word.weight");
   }
   if (is_first_stage() && c.learned_positions()) {
     pos_emb_ = params_.Add("embedding.position.weight", {c.max_seq_len, c.hidden_size}, true);
   }
-  for (int l = first_layer_; l < end_layer_; ++l) {
-    layers_.push_back(AddBlockParams(params_, c, absl::StrCat("layers.", l, ".")));
+  for (int layer = first_layer_; layer < end_layer_; ++layer) {
+    layers_.push_back(AddBlockParams(params_, l, absl::StrCat("layers.", layer, ".")));
   }
   if (is_last_stage()) {
-    final_norm_ = AddNormParams(params_, c, "final_norm");
+    final_norm_ = AddNormParams(params_, l, "final_norm");
     if (!c.tie_embeddings) {
-      output_ = params_.Add("output.weight", {c.vocab_size, c.hidden_size}, true);
+      output_ = vocab_rows("output.weight");
     }
   }
   exits_.resize(c.exits.size());
@@ -62,10 +78,10 @@ void Model::DeclareParams() {
     const ExitConfig& x = c.exits[i];
     const std::string prefix = absl::StrCat("exits.", i, ".");
     ExitHeadParams& p = exits_[i];
-    if (x.kind == ExitKind::kMlp) p.mlp = AddMlpParams(params_, c, prefix);
-    if (x.kind == ExitKind::kBlock) p.block = AddBlockParams(params_, c, prefix + "block.");
-    if (x.kind != ExitKind::kLinear) p.norm = AddNormParams(params_, c, prefix + "norm");
-    if (!x.tied) p.head = params_.Add(prefix + "head.weight", {c.vocab_size, c.hidden_size}, true);
+    if (x.kind == ExitKind::kMlp) p.mlp = AddMlpParams(params_, l, prefix);
+    if (x.kind == ExitKind::kBlock) p.block = AddBlockParams(params_, l, prefix + "block.");
+    if (x.kind != ExitKind::kLinear) p.norm = AddNormParams(params_, l, prefix + "norm");
+    if (!x.tied) p.head = vocab_rows(prefix + "head.weight");
   }
 }
 
@@ -80,25 +96,40 @@ uint64_t NameHash(const std::string& s) {
 
 void Model::InitRandom(uint64_t seed) {
   const float resid_std = 0.02f / std::sqrt(2.0f * config_.num_layers);
-  std::vector<float> host;
+  std::vector<float> whole, local;
   for (int i = 0; i < static_cast<int>(params_.params().size()); ++i) {
     const ParamInfo& p = params_.params()[i];
+    // The values of the whole tensor, then this tensor-parallel rank's slice of them, so that
+    // every layout starts from the same weights.
+    Shape global = p.shape;
+    if (p.split_dim >= 0) global[p.split_dim] *= tp_.size;
+    const size_t n = static_cast<size_t>(NumElements(global));
     Rng rng(seed ^ NameHash(p.name));
-    host.assign(p.numel, 0.0f);
-    const std::string& n = p.name;
+    const std::string& name = p.name;
     auto ends_with = [&](const char* s) {
       size_t k = std::char_traits<char>::length(s);
-      return n.size() >= k && n.compare(n.size() - k, k, s) == 0;
+      return name.size() >= k && name.compare(name.size() - k, k, s) == 0;
     };
+    whole.assign(n, 0.0f);
     if (ends_with("norm.weight")) {
-      host.assign(p.numel, 1.0f);
-    } else if (ends_with(".bias")) {
-      // zeros
-    } else {
+      whole.assign(n, 1.0f);
+    } else if (!ends_with(".bias")) {
       float std = (ends_with("attn.wo.weight") || ends_with("mlp.fc2.weight")) ? resid_std : 0.02f;
-      for (auto& v : host) v = static_cast<float>(rng.Normal()) * std;
+      for (auto& v : whole) v = static_cast<float>(rng.Normal()) * std;
     }
-    be_->CopyFromHost(params_.param(i), host.data(), p.numel * sizeof(float));
+    local.resize(p.numel);
+    if (p.split_dim < 0) {
+      local = whole;
+    } else if (p.split_dim == 0) {  // rows [rank * r, (rank + 1) * r)
+      std::copy_n(whole.begin() + tp_.rank * p.numel, p.numel, local.begin());
+    } else {  // columns of each row
+      const int64_t rows = p.shape[0], cols = p.shape[1];
+      for (int64_t r = 0; r < rows; ++r) {
+        std::copy_n(whole.begin() + r * cols * tp_.size + tp_.rank * cols, cols,
+                    local.begin() + r * cols);
+      }
+    }
+    be_->CopyFromHost(params_.param(i), local.data(), p.numel * sizeof(float));
   }
 }
 
@@ -112,10 +143,10 @@ ExitActs Model::MakeExitActs(Arena& a, int i, int n, int b, int t_for_probs) {
   ExitActs r;
   const ExitConfig& x = config_.exits[i];
   if (x.kind == ExitKind::kMlp) {
-    r.mlp = MakeMlpActs(a, config_, n);
+    r.mlp = MakeMlpActs(a, local_, n);
     r.mlp_out = a.Floats(static_cast<size_t>(n) * config_.hidden_size);
   }
-  if (x.kind == ExitKind::kBlock) r.block = MakeBlockActs(a, config_, n, b, t_for_probs);
+  if (x.kind == ExitKind::kBlock) r.block = MakeBlockActs(a, local_, n, b, t_for_probs);
   if (x.kind != ExitKind::kLinear) r.norm = MakeNormActs(a, n, config_.hidden_size);
   return r;
 }
@@ -138,17 +169,18 @@ std::unique_ptr<Workspace> Model::MakeWorkspace(int b, int t) {
   ws->weights = a.Floats(n);
   ws->x0 = a.Floats(nc);
   for (int l = first_layer_; l < end_layer_; ++l) {
-    ws->layers.push_back(MakeBlockActs(a, config_, n, b, t));
+    ws->layers.push_back(MakeBlockActs(a, local_, n, b, t));
   }
   if (is_last_stage()) ws->final_norm = MakeNormActs(a, n, c);
   for (size_t i = 0; i < config_.exits.size(); ++i) {
     ws->exits.push_back(ExitIsLocal(i) ? MakeExitActs(a, i, n, b, t) : ExitActs{});
     ws->exit_grad.push_back(ExitIsLocal(i) ? a.Floats(nc) : nullptr);
   }
-  ws->logits = a.Floats(static_cast<size_t>(n) * config_.vocab_size);
+  ws->logits = a.Floats(static_cast<size_t>(n) * local_.vocab_size);
   ws->losses = a.Floats(n);
   ws->max_prob = a.Floats(n);
-  ws->gs = MakeGradScratch(a, config_, n);
+  ws->gs = MakeGradScratch(a, local_, n);
+  if (tp_.size > 1) ws->vocab_ce = std::make_unique<VocabParallelCrossEntropy>(be_, tp_.comm, n);
   ws->dx = a.Floats(nc);
   ws->dx_prev = a.Floats(nc);
   ws->d_h_extra = a.Floats(nc);
@@ -163,7 +195,11 @@ std::unique_ptr<Workspace> Model::MakeWorkspace(int b, int t) {
 
 void Model::Embed(float* out, const int32_t* ids, const int32_t* pos, int n) {
   const int c = config_.hidden_size;
-  be_->EmbeddingForward(out, ids, params_.param(word_emb_), n, c);
+  if (tp_.size > 1) {
+    VocabParallelEmbedding(be_, tp_.comm, out, ids, params_.param(word_emb_), n, c, vocab_shard());
+  } else {
+    be_->EmbeddingForward(out, ids, params_.param(word_emb_), n, c);
+  }
   if (pos_emb_ >= 0) {
     // Rows of the position table are added one token at a time (n is small or the table
     // lookup is cheap next to the layers).
@@ -208,18 +244,27 @@ const float* Model::FinalHidden(NormActs& a, const float* x, int n) {
 
 void Model::Project(float* logits, const float* hidden, int exit_index, int n) {
   be_->Linear(logits, hidden, params_.param(OutputWeight(exit_index)), nullptr, n,
-              config_.hidden_size, config_.vocab_size, false);
+              config_.hidden_size, local_.vocab_size, false);
 }
 
 std::pair<double, double> Model::HeadLoss(Workspace& ws, const float* hidden, int exit_index,
                                           float weight, bool confidence_weighted, bool backward) {
-  const int n = ws.b * ws.t, v = config_.vocab_size;
+  const int n = ws.b * ws.t, v = local_.vocab_size;
+  // Cross-entropy over this rank's vocabulary columns (combined over tp without gathering).
+  auto cross_entropy = [&](float* max_prob, float* dlogits) {
+    if (ws.vocab_ce) {
+      ws.vocab_ce->Run(ws.losses, max_prob, dlogits, ws.logits, ws.targets, ws.weights, n,
+                       vocab_shard());
+    } else {
+      be_->CrossEntropy(ws.losses, max_prob, dlogits, ws.logits, ws.targets, ws.weights, n, v);
+    }
+  };
   double count = 0;
   for (float m : ws.host_mask) count += m;
   if (count == 0) return {0.0, 0.0};
   Project(ws.logits, hidden, exit_index, n);
   if (confidence_weighted) {
-    be_->CrossEntropy(ws.losses, ws.max_prob, nullptr, ws.logits, ws.targets, ws.weights, n, v);
+    cross_entropy(ws.max_prob, nullptr);
     be_->CopyToHost(ws.host_max_prob.data(), ws.max_prob, n * sizeof(float));
   }
   for (int r = 0; r < n; ++r) {
@@ -227,8 +272,7 @@ std::pair<double, double> Model::HeadLoss(Workspace& ws, const float* hidden, in
                                             (confidence_weighted ? ws.host_max_prob[r] : 1.0f));
   }
   be_->CopyFromHost(ws.weights, ws.host_weights.data(), n * sizeof(float));
-  be_->CrossEntropy(ws.losses, nullptr, backward ? ws.logits : nullptr, ws.logits, ws.targets,
-                    ws.weights, n, v);
+  cross_entropy(nullptr, backward ? ws.logits : nullptr);
   be_->CopyToHost(ws.host_losses.data(), ws.losses, n * sizeof(float));
   double mean = 0, term = 0;
   for (int r = 0; r < n; ++r) {
@@ -239,6 +283,8 @@ std::pair<double, double> Model::HeadLoss(Workspace& ws, const float* hidden, in
     const int w = OutputWeight(exit_index);
     be_->LinearBackward(ws.dhidden, params_.grad(w), nullptr, ws.logits, hidden, params_.param(w),
                         n, config_.hidden_size, v, false);
+    // The hidden state feeds every rank's vocabulary columns: sum their gradients.
+    TpAllReduce(tp_.comm, ws.dhidden, static_cast<size_t>(n) * config_.hidden_size);
   }
   return {mean / count, term};
 }
@@ -377,7 +423,9 @@ LossReport Model::StageBackward(Workspace& ws, const int32_t* targets, const flo
     ExitsAtDepth(ws, first_layer_, exit_weights, backward, loss_scale, r);
   }
   if (backward && is_first_stage()) {
-    be_->EmbeddingBackward(params_.grad(word_emb_), ws.ids, ws.dx, n, c.hidden_size);
+    const VocabShard shard = vocab_shard();
+    be_->EmbeddingBackwardRange(params_.grad(word_emb_), ws.ids, ws.dx, n, c.hidden_size,
+                                shard.start, shard.rows);
     if (pos_emb_ >= 0) {
       be_->EmbeddingBackward(params_.grad(pos_emb_), ws.pos, ws.dx, n, c.hidden_size);
     }

@@ -14,6 +14,7 @@
 #include "engine/tensor/param_store.h"
 #include "models/layers.h"
 #include "models/model_config.h"
+#include "parallel/tensor_parallel.h"
 
 namespace eellm {
 
@@ -50,6 +51,7 @@ struct Workspace {
   std::vector<float*> exit_grad;
   bool exits_done = false;
   std::vector<float> host_mask, host_losses, host_max_prob, host_weights;
+  std::unique_ptr<VocabParallelCrossEntropy> vocab_ce;  // tensor parallelism only
 };
 
 struct LossReport {
@@ -71,13 +73,18 @@ struct StageSpec {
 
 class Model {
  public:
+  // `tp`: this rank's tensor-parallel share (heads, FFN columns and vocabulary split over the
+  // group; parameters are the local shards, ParamInfo::split_dim says along which dimension).
   static absl::StatusOr<std::unique_ptr<Model>> Create(const ModelConfig& config, Backend* be,
-                                                       StageSpec stage = {});
+                                                       StageSpec stage = {}, TpSpec tp = {});
 
   const ModelConfig& config() const { return config_; }
   ParamStore& params() { return params_; }
   Backend* backend() const { return be_; }
-  LayerContext ctx() { return LayerContext{be_, &config_, &params_}; }
+  LayerContext ctx() { return LayerContext{be_, &local_, &params_, tp_}; }
+  const TpSpec& tp() const { return tp_; }
+  // This rank's vocabulary rows (all of them without tensor parallelism).
+  VocabShard vocab_shard() const { return ShardOfVocab(config_.vocab_size, tp_.rank, tp_.size); }
 
   // GPT-2 initialisation: N(0, 0.02) weights, residual output projections scaled by
   // 1/sqrt(2 * num_layers), zero biases, unit norm gains. Each tensor's values depend only on
@@ -137,7 +144,7 @@ class Model {
   ExitActs MakeExitActs(Arena& a, int exit_index, int n, int b, int t_for_probs);
 
  private:
-  Model(const ModelConfig& c, Backend* be) : config_(c), be_(be) {}
+  Model(const ModelConfig& c, Backend* be) : config_(c), local_(c), be_(be) {}
   int first_layer_ = 0, end_layer_ = 0;
   void DeclareParams();
   // Loss over `hidden` with output weight of exit i (-1 final); when backward, writes
@@ -157,7 +164,9 @@ class Model {
   const float* AddStoredExitGrads(Workspace& ws, int depth, absl::Span<const float> w);
   void SetTargets(Workspace& ws, const int32_t* targets, const float* mask, LossReport& r);
 
-  ModelConfig config_;
+  ModelConfig config_;  // the whole model
+  ModelConfig local_;   // this tensor-parallel rank's share (== config_ without tp)
+  TpSpec tp_;
   Backend* be_;
   ParamStore params_;
   int word_emb_ = -1, pos_emb_ = -1, output_ = -1;

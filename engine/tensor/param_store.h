@@ -24,6 +24,9 @@ struct ParamInfo {
   // false for a replica whose gradient norm another rank already counts (tied embeddings held
   // by several pipeline stages), so the global norm counts each parameter once.
   bool count_in_norm = true;
+  // Tensor parallelism: the dimension split over the tp ranks (0 = rows, 1 = columns), -1 when
+  // every rank holds the whole tensor. `shape` is this rank's part.
+  int split_dim = -1;
 };
 
 class ParamStore {
