@@ -27,6 +27,8 @@ ABSL_FLAG(bool, timeline, false,
           "print the pipeline timeline of the last step (measured and cost model)");
 ABSL_FLAG(std::string, exit_placement, "",
           "override train.exit_placement: bubbles (exit work in pipeline bubbles) or backward");
+ABSL_FLAG(int, virtual_stages, 0,
+          "model chunks per pipeline rank for interleaved 1F1B (0 = train.virtual_stages)");
 ABSL_FLAG(bool, zero1, false, "shard the optimizer state over data-parallel ranks (ZeRO-1)");
 
 namespace eellm {
@@ -72,6 +74,9 @@ int RunTrainCommand() {
     t.dp = launch->world / (t.tp * t.pp);
   }
   if (absl::GetFlag(FLAGS_zero1)) t.zero1 = true;
+  if (absl::GetFlag(FLAGS_virtual_stages) > 0) {
+    t.virtual_stages = absl::GetFlag(FLAGS_virtual_stages);
+  }
   if (!absl::GetFlag(FLAGS_exit_placement).empty()) {
     t.exit_placement = absl::GetFlag(FLAGS_exit_placement);
   }

@@ -21,18 +21,33 @@ void CopyByName(Backend* be, const ParamStore& src, const float* src_data, const
 
 absl::StatusOr<GatheredModel> GatherPipeline(Model& stage, const float* m, const float* v,
                                              ParallelContext& ctx) {
+  return GatherPipeline(std::vector<Model*>{&stage}, {m}, {v}, ctx);
+}
+
+absl::StatusOr<GatheredModel> GatherPipeline(const std::vector<Model*>& chunks,
+                                             const std::vector<const float*>& m,
+                                             const std::vector<const float*>& v,
+                                             ParallelContext& ctx) {
   GatheredModel g;
   if (ctx.coord.dp != 0 || ctx.coord.tp != 0) return g;
-  Backend* be = stage.backend();
-  const ModelConfig& c = stage.config();
+  const int n_chunks = static_cast<int>(chunks.size());
+  Backend* be = chunks[0]->backend();
+  const ModelConfig& c = chunks[0]->config();
   const int pp = ctx.grid.pp(), me = ctx.coord.pp;
-  ParamStore& ps = stage.params();
-  const size_t bytes = ps.padded_size() * sizeof(float);
+  auto moment = [](const std::vector<const float*>& x, int i) -> const float* {
+    return i < static_cast<int>(x.size()) ? x[i] : nullptr;
+  };
+  // Whether moments travel is decided by chunk 0's (the same on every rank).
+  const bool with_moments = moment(m, 0) != nullptr;
   if (me != 0) {
-    ctx.pp->Send(ps.params_data(), bytes, 0, 0);
-    if (m != nullptr) {
-      ctx.pp->Send(m, bytes, 0, 1);
-      ctx.pp->Send(v, bytes, 0, 2);
+    for (int k = 0; k < n_chunks; ++k) {
+      ParamStore& ps = chunks[k]->params();
+      const size_t bytes = ps.padded_size() * sizeof(float);
+      ctx.pp->Send(ps.params_data(), bytes, 0, 3 * k);
+      if (with_moments) {
+        ctx.pp->Send(moment(m, k), bytes, 0, 3 * k + 1);
+        ctx.pp->Send(moment(v, k), bytes, 0, 3 * k + 2);
+      }
     }
     return g;
   }
@@ -50,21 +65,28 @@ absl::StatusOr<GatheredModel> GatherPipeline(Model& stage, const float* m, const
       CopyByName(be, src, sv, full, g.v.f32());
     }
   };
-  take(ps, ps.params_data(), m, v);
+  for (int k = 0; k < n_chunks; ++k) {
+    ParamStore& ps = chunks[k]->params();
+    take(ps, ps.params_data(), with_moments ? moment(m, k) : nullptr,
+         with_moments ? moment(v, k) : nullptr);
+  }
   for (int s = 1; s < pp; ++s) {
-    // The sender's arena layout is that of a model built for stage s.
-    ASSIGN_OR_RETURN(auto other, Model::Create(c, be, StageSpec{s, pp}));
-    ParamStore& ops = other->params();
-    const size_t obytes = ops.padded_size() * sizeof(float);
-    Buffer om, ov;
-    ctx.pp->Recv(ops.params_data(), obytes, s, 0);
-    if (m != nullptr) {
-      om = Buffer(be, obytes);
-      ov = Buffer(be, obytes);
-      ctx.pp->Recv(om.data(), obytes, s, 1);
-      ctx.pp->Recv(ov.data(), obytes, s, 2);
+    for (int k = 0; k < n_chunks; ++k) {
+      // The sender's arena layout is that of a model built for its virtual stage.
+      ASSIGN_OR_RETURN(auto other, Model::Create(c, be, StageSpec{k * pp + s, pp * n_chunks}));
+      ParamStore& ops = other->params();
+      const size_t obytes = ops.padded_size() * sizeof(float);
+      Buffer om, ov;
+      ctx.pp->Recv(ops.params_data(), obytes, s, 3 * k);
+      if (with_moments) {
+        om = Buffer(be, obytes);
+        ov = Buffer(be, obytes);
+        ctx.pp->Recv(om.data(), obytes, s, 3 * k + 1);
+        ctx.pp->Recv(ov.data(), obytes, s, 3 * k + 2);
+      }
+      take(ops, ops.params_data(), with_moments ? om.f32() : nullptr,
+           with_moments ? ov.f32() : nullptr);
     }
-    take(ops, ops.params_data(), m ? om.f32() : nullptr, m ? ov.f32() : nullptr);
   }
   return g;
 }

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <memory>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "models/transformer.h"
@@ -20,6 +21,13 @@ struct GatheredModel {
 // Collective over the pipeline group of data-parallel rank 0 (other ranks return at once).
 // `m` and `v` are this stage's full-layout moment arenas (may be null: then zeros).
 absl::StatusOr<GatheredModel> GatherPipeline(Model& stage, const float* m, const float* v,
+                                             ParallelContext& ctx);
+// Interleaved pipelines: this rank's model chunks (chunk c holds virtual stage c * pp + s of
+// pp * chunks.size()) with their moment arenas (`m`, `v` empty or one per chunk; entries may
+// be null). Every rank of the pipeline group must pass the same number of chunks.
+absl::StatusOr<GatheredModel> GatherPipeline(const std::vector<Model*>& chunks,
+                                             const std::vector<const float*>& m,
+                                             const std::vector<const float*>& v,
                                              ParallelContext& ctx);
 
 // Collects every stage's recorded compute intervals of one step onto stage 0 of data-parallel

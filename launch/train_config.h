@@ -36,6 +36,9 @@ struct TrainConfig {
   // Where exit-head work runs: "bubbles" (its own action in pipeline bubbles) or "backward"
   // (fused into the backward slot of its layer, EE-LLM's default).
   std::string exit_placement = "bubbles";
+  // Interleaved pipeline parallelism: model chunks per pipeline rank (virtual stages; chunk c of
+  // rank s holds virtual stage c * pp + s of pp * virtual_stages). 1 = plain 1F1B.
+  int virtual_stages = 1;
 };
 
 struct RunConfig {

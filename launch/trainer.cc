@@ -108,8 +108,15 @@ absl::Status ValidateLayout(const RunConfig& rc) {
   if (t.tp < 1 || t.pp < 1 || t.dp < 1) {
     return bad("parallel sizes must be >= 1, got tp ", t.tp, ", pp ", t.pp, ", dp ", t.dp);
   }
+  if (t.virtual_stages < 1) {
+    return bad("virtual_stages must be >= 1, got ", t.virtual_stages);
+  }
   if (m.num_layers % t.pp != 0) {
     return bad("num_layers ", m.num_layers, " does not divide into pp ", t.pp, " pipeline stages");
+  }
+  if (m.num_layers % (t.pp * t.virtual_stages) != 0) {
+    return bad("num_layers ", m.num_layers, " does not divide into pp ", t.pp, " x virtual_stages ",
+               t.virtual_stages, " = ", t.pp * t.virtual_stages, " model chunks");
   }
   if (m.num_heads % t.tp != 0) {
     return bad("num_heads ", m.num_heads, " is not divisible by tp ", t.tp);
@@ -132,6 +139,15 @@ absl::Status ValidateLayout(const RunConfig& rc) {
     return bad("micro_batch_size ", t.micro_batch_size, " does not divide the ", rows,
                " sequences of each data-parallel rank (batch_size ", t.batch_size, " / dp ", t.dp,
                ")");
+  }
+  if (t.virtual_stages > 1) {
+    const int micro = t.micro_batch_size > 0 ? t.micro_batch_size : rows;
+    const int microbatches = micro > 0 ? rows / micro : 0;
+    if (microbatches % t.pp != 0) {
+      return bad("interleaved pipeline (virtual_stages ", t.virtual_stages, ") needs the ",
+                 microbatches, " microbatches per step (", rows, " sequences / micro_batch_size ",
+                 micro, ") to be a multiple of pp ", t.pp);
+    }
   }
   if (t.exit_placement != "bubbles" && t.exit_placement != "backward") {
     return bad("exit_placement \"", t.exit_placement, "\" is not bubbles or backward");
@@ -195,23 +211,43 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     }
   }
 
-  ASSIGN_OR_RETURN(auto model, Model::Create(mc, backend, StageSpec{ctx->coord.pp, tc.pp}));
-  model->InitRandom(tc.seed);
-  // Copies of the word embedding on later stages (tied heads): their gradients are summed over
-  // the stages that hold one, and only stage 0's copy counts in the gradient norm.
+  // This rank's model chunks: chunk k holds virtual stage k * pp + stage of pp * v (one chunk,
+  // the pipeline stage itself, without interleaving).
+  const int pp = tc.pp, nv = tc.virtual_stages;
+  std::vector<std::unique_ptr<Model>> models;
+  std::vector<Model*> chunks;
+  for (int k = 0; k < nv; ++k) {
+    ASSIGN_OR_RETURN(auto chunk,
+                     Model::Create(mc, backend, StageSpec{k * pp + ctx->coord.pp, pp * nv}));
+    chunk->InitRandom(tc.seed);
+    chunks.push_back(chunk.get());
+    models.push_back(std::move(chunk));
+  }
+  Model* model = chunks[0];
+  // Copies of the word embedding on later virtual stages (tied heads): their gradients are
+  // summed over every copy (the chunks of this rank, then the ranks that hold one), and only
+  // virtual stage 0's copy counts in the gradient norm.
+  std::vector<int> emb_chunks;  // this rank's chunks holding a copy
+  for (int k = 0; k < nv; ++k) {
+    if (chunks[k]->word_embedding() >= 0) emb_chunks.push_back(k);
+  }
   std::unique_ptr<Communicator> embedding_group;
   {
     std::vector<int> group;
     for (int r : ctx->grid.PpGroup(ctx->rank)) {
-      if (Model::StageHasWordEmbedding(mc, StageSpec{ctx->grid.CoordOf(r).pp, tc.pp}) &&
-          model->word_embedding() >= 0) {
-        group.push_back(r);
+      bool holds = false;
+      for (int k = 0; k < nv; ++k) {
+        holds |=
+            Model::StageHasWordEmbedding(mc, StageSpec{k * pp + ctx->grid.CoordOf(r).pp, pp * nv});
       }
+      if (holds && !emb_chunks.empty()) group.push_back(r);
     }
     if (group.empty()) group = {ctx->rank};
     embedding_group = ctx->world->Subgroup(group);
-    if (model->word_embedding() >= 0 && ctx->coord.pp != 0) {
-      model->params().mutable_params()[model->word_embedding()].count_in_norm = false;
+    for (int k : emb_chunks) {
+      if (ctx->coord.pp != 0 || k != 0) {
+        chunks[k]->params().mutable_params()[chunks[k]->word_embedding()].count_in_norm = false;
+      }
     }
   }
   AdamWConfig ac;
@@ -219,18 +255,26 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   ac.beta2 = tc.beta2;
   ac.weight_decay = tc.weight_decay;
   ac.grad_clip = tc.grad_clip;
-  DistributedOptimizer dopt(&model->params(), ac, ctx, tc.zero1);
-  AdamW& opt = dopt.adamw();
-  ParamStore& ps = model->params();
-  // Full-size moment arenas for checkpoints (ZeRO-1 shards are gathered into them).
-  Buffer full_m, full_v;
-  if (dopt.zero1()) {
-    full_m = Buffer(backend, ps.padded_size() * sizeof(float));
-    full_v = Buffer(backend, ps.padded_size() * sizeof(float));
+  std::vector<std::unique_ptr<DistributedOptimizer>> dopts;
+  for (Model* chunk : chunks) {
+    dopts.push_back(std::make_unique<DistributedOptimizer>(&chunk->params(), ac, ctx, tc.zero1));
   }
-  float* ckpt_m = dopt.zero1() ? full_m.f32() : opt.m();
-  float* ckpt_v = dopt.zero1() ? full_v.f32() : opt.v();
-  const size_t shard = opt.hi() - opt.lo();
+  DistributedOptimizer& dopt = *dopts[0];
+  ParamStore& ps = model->params();
+  // Full-size moment arenas for checkpoints (ZeRO-1 shards are gathered into them), per chunk.
+  std::vector<Buffer> full_m(nv), full_v(nv);
+  std::vector<float*> ckpt_m(nv), ckpt_v(nv);
+  for (int k = 0; k < nv; ++k) {
+    AdamW& opt = dopts[k]->adamw();
+    if (dopt.zero1()) {
+      const size_t bytes = chunks[k]->params().padded_size() * sizeof(float);
+      full_m[k] = Buffer(backend, bytes);
+      full_v[k] = Buffer(backend, bytes);
+    }
+    ckpt_m[k] = dopt.zero1() ? full_m[k].f32() : opt.m();
+    ckpt_v[k] = dopt.zero1() ? full_v[k].f32() : opt.v();
+  }
+  auto shard = [&](int k) { return dopts[k]->adamw().hi() - dopts[k]->adamw().lo(); };
   int start = 0;
   if (!opts.resume.empty()) {
     ASSIGN_OR_RETURN(CheckpointMeta meta, ReadCheckpointMeta(opts.resume));
@@ -238,37 +282,45 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
       return absl::InvalidArgumentError(absl::StrCat(
           "checkpoint ", opts.resume, " was trained with a different model config than this run"));
     }
-    RETURN_IF_ERROR(LoadCheckpoint(opts.resume, ps, ckpt_m, ckpt_v));
-    if (dopt.zero1()) {
-      backend->Copy(opt.m(), ckpt_m + opt.lo(), shard * sizeof(float));
-      backend->Copy(opt.v(), ckpt_v + opt.lo(), shard * sizeof(float));
-    }
     start = static_cast<int>(meta.step);
     if (start >= tc.steps) {
       return absl::InvalidArgumentError(
           absl::StrCat("checkpoint ", opts.resume, " is already at step ", start, " of ", tc.steps,
                        "; set steps (--steps) above ", start, " to train further"));
     }
-    opt.set_step(start);
+    for (int k = 0; k < nv; ++k) {
+      AdamW& opt = dopts[k]->adamw();
+      RETURN_IF_ERROR(LoadCheckpoint(opts.resume, chunks[k]->params(), ckpt_m[k], ckpt_v[k]));
+      if (dopt.zero1()) {
+        backend->Copy(opt.m(), ckpt_m[k] + opt.lo(), shard(k) * sizeof(float));
+        backend->Copy(opt.v(), ckpt_v[k] + opt.lo(), shard(k) * sizeof(float));
+      }
+      opt.set_step(start);
+    }
   }
 
   TrainSummary sum;
-  sum.num_params = static_cast<int64_t>(model->params().size());
+  for (Model* chunk : chunks) sum.num_params += static_cast<int64_t>(chunk->params().size());
   const int rows = tc.batch_size / ctx->grid.dp();  // this rank's share of the global batch
   const int micro = tc.micro_batch_size > 0 ? tc.micro_batch_size : rows;
-  PipelineExecutor exec(model.get(), ctx, micro, tc.seq_len, rows / micro,
+  PipelineExecutor exec(chunks, ctx, micro, tc.seq_len, rows / micro,
                         tc.exit_placement == "bubbles");
   const int n = rows * tc.seq_len;
   std::vector<int32_t> in(n), tg(n);
   const std::string ckpt = tc.out + "/checkpoint.h5";
+  // Several stages or chunks: checkpoints hold the model assembled on rank 0.
+  const bool gathered = tc.pp > 1 || nv > 1;
   auto save = [&](int step) -> absl::Status {
     if (dopt.zero1()) {  // collective: every rank takes part
-      ctx->dp->AllGather(opt.m(), ckpt_m, shard);
-      ctx->dp->AllGather(opt.v(), ckpt_v, shard);
+      for (int k = 0; k < nv; ++k) {
+        ctx->dp->AllGather(dopts[k]->adamw().m(), ckpt_m[k], shard(k));
+        ctx->dp->AllGather(dopts[k]->adamw().v(), ckpt_v[k], shard(k));
+      }
     }
     GatheredModel whole;
-    if (tc.pp > 1) {
-      ASSIGN_OR_RETURN(whole, GatherPipeline(*model, ckpt_m, ckpt_v, *ctx));
+    if (gathered) {
+      ASSIGN_OR_RETURN(whole, GatherPipeline(chunks, {ckpt_m.begin(), ckpt_m.end()},
+                                             {ckpt_v.begin(), ckpt_v.end()}, *ctx));
     }
     if (!rank0) return absl::OkStatus();
     CheckpointMeta meta;
@@ -276,7 +328,7 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     meta.step = step;
     meta.attrs["train_config"] = TrainConfigToJson(tc);
     meta.attrs["tokenizer"] = tc.tokenizer;
-    if (tc.pp > 1) {
+    if (gathered) {
       RETURN_IF_ERROR(
           SaveCheckpoint(ckpt, whole.model->params(), meta, whole.m.f32(), whole.v.f32()));
       if (opts.final_params && step == tc.steps) {
@@ -285,7 +337,7 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
         backend->CopyToHost(opts.final_params->data(), wp.params_data(), wp.size() * sizeof(float));
       }
     } else {
-      RETURN_IF_ERROR(SaveCheckpoint(ckpt, ps, meta, ckpt_m, ckpt_v));
+      RETURN_IF_ERROR(SaveCheckpoint(ckpt, ps, meta, ckpt_m[0], ckpt_v[0]));
     }
     if (verbose) std::printf("saved %s (step %d)\n", ckpt.c_str(), step);
     return absl::OkStatus();
@@ -316,16 +368,28 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   for (int step = start; step < tc.steps; ++step) {
     train.RandomRows(tc.seed, step, int64_t{ctx->coord.dp} * rows, rows, tc.seq_len, in.data(),
                      tg.data());
-    model->params().ZeroGrads();
+    for (Model* chunk : chunks) chunk->params().ZeroGrads();
     std::vector<float> w = ExitLossWeights(mc, step);
     LossReport r = exec.TrainStep(in.data(), tg.data(), w);
     if (opts.print_timeline && step + 1 == tc.steps) {
       Timeline measured = GatherTimeline(exec.last_step_intervals(), *ctx, backend);
       if (verbose) PrintTimeline(measured, exec.schedule());
     }
-    if (model->word_embedding() >= 0 && embedding_group->size() > 1) {
-      const ParamInfo& e = ps.params()[model->word_embedding()];
-      embedding_group->AllReduce(ps.grad(model->word_embedding()), e.numel, ReduceOp::kSum);
+    if (!emb_chunks.empty() && (emb_chunks.size() > 1 || embedding_group->size() > 1)) {
+      // Sum the copies' gradients: this rank's chunks into the first holder, then over the
+      // ranks, then back into the other chunks.
+      auto grad = [&](int k) { return chunks[k]->params().grad(chunks[k]->word_embedding()); };
+      Model& first = *chunks[emb_chunks[0]];
+      const size_t numel = first.params().params()[first.word_embedding()].numel;
+      for (size_t i = 1; i < emb_chunks.size(); ++i) {
+        backend->Add(grad(emb_chunks[0]), grad(emb_chunks[0]), grad(emb_chunks[i]), numel);
+      }
+      if (embedding_group->size() > 1) {
+        embedding_group->AllReduce(grad(emb_chunks[0]), numel, ReduceOp::kSum);
+      }
+      for (size_t i = 1; i < emb_chunks.size(); ++i) {
+        backend->Copy(grad(emb_chunks[i]), grad(emb_chunks[0]), numel * sizeof(float));
+      }
     }
     if (!std::isfinite(r.objective)) {
       return absl::InternalError(
@@ -333,7 +397,16 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     }
     const float lr =
         static_cast<float>(WarmupCosineLr(step, tc.warmup_steps, tc.steps, tc.lr, tc.min_lr));
-    const double gnorm = dopt.Step(lr);
+    double gnorm = 0;
+    if (nv == 1) {
+      gnorm = dopt.Step(lr);
+    } else {
+      // One optimizer per chunk, clipped by the norm over every chunk of every stage.
+      double sq = 0;
+      for (auto& d : dopts) sq += d->ReduceGradients();
+      gnorm = std::sqrt(dopt.GlobalSquaredNorm(sq));
+      for (auto& d : dopts) d->Apply(lr, gnorm);
+    }
     interval_tokens += int64_t{n} * ctx->grid.dp();
     total_tokens += int64_t{n} * ctx->grid.dp();
     std::vector<double> losses = {r.final_loss};
@@ -388,7 +461,7 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
                 sum.tokens_per_second);
   }
   RETURN_IF_ERROR(save(tc.steps));
-  if (opts.final_params && tc.pp == 1) {
+  if (opts.final_params && !gathered) {
     opts.final_params->resize(ps.size());
     backend->CopyToHost(opts.final_params->data(), ps.params_data(), ps.size() * sizeof(float));
   }

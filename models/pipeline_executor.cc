@@ -2,6 +2,9 @@
 
 #include <algorithm>
 #include <chrono>
+#include <map>
+#include <set>
+#include <utility>
 
 #include "engine/core/status.h"
 
@@ -9,49 +12,122 @@ namespace eellm {
 
 namespace {
 
-Schedule TrainingSchedule(const Model& model, int stages, int microbatches, bool place_exits) {
-  Schedule s = OneFOneB(stages, microbatches);
+Schedule TrainingSchedule(const std::vector<Model*>& chunks, int stages, int microbatches,
+                          bool place_exits) {
+  const int v = static_cast<int>(chunks.size());
+  Schedule s;
+  if (v == 1) {
+    s = OneFOneB(stages, microbatches);
+  } else {
+    auto built = Interleaved1F1B(stages, microbatches, v);
+    EE_CHECK(built.ok(), built.status().message());
+    s = *std::move(built);
+  }
   if (!place_exits) return s;
-  const ModelConfig& c = model.config();
-  const int per_stage = c.num_layers / stages;
-  std::vector<bool> has_exits(stages, false);
-  for (const ExitConfig& x : c.exits) has_exits[(x.layer - 1) / per_stage] = true;
+  const ModelConfig& c = chunks[0]->config();
+  const int per_virtual = c.num_layers / (stages * v);
+  // Indexed by stage when v == 1 (the same thing), by virtual stage otherwise.
+  std::vector<bool> has_exits(stages * v, false);
+  for (const ExitConfig& x : c.exits) has_exits[(x.layer - 1) / per_virtual] = true;
   return PlaceExitHeads(s, has_exits);
+}
+
+// For each action of `actions`, whether it is the last one of its (microbatch, chunk) record.
+std::vector<bool> LastOfRecord(const std::vector<Action>& actions) {
+  std::vector<bool> last(actions.size(), false);
+  std::set<std::pair<int, int>> seen;
+  for (size_t i = actions.size(); i-- > 0;) {
+    last[i] = seen.insert({actions[i].microbatch, actions[i].chunk}).second;
+  }
+  return last;
+}
+
+// Peak number of records of each chunk held at once when a record lives from its first action
+// to its last.
+std::vector<int> PeakPerChunk(const std::vector<Action>& actions, int chunks) {
+  std::vector<int> held(chunks, 0), peak(chunks, 0);
+  const std::vector<bool> last = LastOfRecord(actions);
+  std::set<std::pair<int, int>> open;
+  for (size_t i = 0; i < actions.size(); ++i) {
+    const Action& a = actions[i];
+    if (open.insert({a.microbatch, a.chunk}).second) {
+      peak[a.chunk] = std::max(peak[a.chunk], ++held[a.chunk]);
+    }
+    if (last[i]) --held[a.chunk];
+  }
+  return peak;
 }
 
 }  // namespace
 
 PipelineExecutor::PipelineExecutor(Model* model, ParallelContext* ctx, int micro_batch, int seq,
                                    int microbatches, bool place_exits)
-    : model_(model),
+    : PipelineExecutor(std::vector<Model*>{model}, ctx, micro_batch, seq, microbatches,
+                       place_exits) {}
+
+PipelineExecutor::PipelineExecutor(std::vector<Model*> chunks, ParallelContext* ctx,
+                                   int micro_batch, int seq, int microbatches, bool place_exits)
+    : chunks_(std::move(chunks)),
       ctx_(ctx),
       micro_batch_(micro_batch),
       seq_(seq),
       microbatches_(microbatches),
-      schedule_(TrainingSchedule(*model, ctx->grid.pp(), microbatches, place_exits)) {
-  const int in_flight = std::max(1, MaxInFlight(schedule_, ctx->coord.pp));
-  const size_t nc = static_cast<size_t>(micro_batch) * seq * model->config().hidden_size;
-  for (int i = 0; i < in_flight; ++i) {
-    slots_.push_back(model->MakeWorkspace(micro_batch, seq));
-    grad_in_.emplace_back(model->backend(), nc * sizeof(float));
+      schedule_(TrainingSchedule(chunks_, ctx->grid.pp(), microbatches, place_exits)) {
+  const int v = static_cast<int>(chunks_.size());
+  const std::vector<int> peak = PeakPerChunk(schedule_.per_stage[ctx->coord.pp], v);
+  const size_t nc = static_cast<size_t>(micro_batch) * seq * chunks_[0]->config().hidden_size;
+  slots_.resize(v);
+  for (int c = 0; c < v; ++c) {
+    for (int i = 0; i < std::max(1, peak[c]); ++i) {
+      Slot slot;
+      slot.ws = chunks_[c]->MakeWorkspace(micro_batch, seq);
+      slot.grad_in = Buffer(chunks_[c]->backend(), nc * sizeof(float));
+      slots_[c].push_back(std::move(slot));
+    }
   }
-  pending_.resize(in_flight);
 }
 
-void PipelineExecutor::WaitSlot(int slot) {
-  for (auto& r : pending_[slot]) r->Wait();
-  pending_[slot].clear();
+void PipelineExecutor::WaitSlot(Slot& slot) {
+  for (auto& r : slot.pending) r->Wait();
+  slot.pending.clear();
 }
 
 LossReport PipelineExecutor::Run(const Schedule& s, const int32_t* ids, const int32_t* targets,
                                  absl::Span<const float> exit_weights, bool backward) {
-  const ModelConfig& c = model_->config();
+  const ModelConfig& c = chunks_[0]->config();
+  Backend* be = chunks_[0]->backend();
   const int stage = ctx_->coord.pp, stages = ctx_->grid.pp();
+  const int v = static_cast<int>(chunks_.size());
+  const int last_virtual = stages * v - 1;
   const int rows = micro_batch_ * seq_;
   const size_t bytes = static_cast<size_t>(rows) * c.hidden_size * sizeof(float);
   const float loss_scale = 1.0f / microbatches_;
-  const int n_slots = static_cast<int>(slots_.size());
+  const int next = (stage + 1) % stages, prev = (stage + stages - 1) % stages;
+  // Tags name the sender's (microbatch, chunk) and the direction.
+  auto fwd_tag = [&](int m, int sender_chunk) { return m * v + sender_chunk; };
+  auto bwd_tag = [&](int m, int sender_chunk) { return microbatches_ * v + m * v + sender_chunk; };
+  const int max_in_flight = MaxInFlight(s, stage);
   Communicator* pp = ctx_->pp.get();
+  std::map<int, Buffer> local;  // stages == 1: tensors "sent" to this rank, by tag
+  auto send = [&](Slot& slot, const float* data, int dst, int tag) {
+    if (dst == stage) {
+      Buffer b(be, bytes);
+      be->Copy(b.data(), data, bytes);
+      local[tag] = std::move(b);
+    } else {
+      slot.pending.push_back(pp->ISend(data, bytes, dst, tag));
+    }
+  };
+  auto recv = [&](Slot& slot, int src, int tag) {
+    if (src == stage) {
+      auto it = local.find(tag);
+      EE_CHECK(it != local.end(), "local pipeline message ", tag, " was never sent");
+      be->Copy(slot.grad_in.data(), it->second.data(), bytes);
+      local.erase(it);
+    } else {
+      pp->Recv(slot.grad_in.data(), bytes, src, tag);
+    }
+  };
   LossReport total;
   total.exit_losses.assign(c.exits.size(), 0.0);
   auto accumulate = [&](const LossReport& r) {
@@ -61,55 +137,91 @@ LossReport PipelineExecutor::Run(const Schedule& s, const int32_t* ids, const in
     total.objective += r.objective;
     total.tokens += r.tokens;
   };
+  const std::vector<Action>& actions = s.per_stage[stage];
+  const std::vector<bool> last_of_record = LastOfRecord(actions);
+  std::map<std::pair<int, int>, int> slot_of;  // (microbatch, chunk) -> slot in the chunk's pool
+  std::vector<int> next_slot(v, 0);            // round robin over free slots
+  int held = 0;
   intervals_.clear();
   const auto t0 = std::chrono::steady_clock::now();
   auto since = [&t0]() {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   };
-  for (const Action& a : s.per_stage[stage]) {
-    const int m = a.microbatch, slot = m % n_slots;
+  for (size_t ai = 0; ai < actions.size(); ++ai) {
+    const Action& a = actions[ai];
+    const int m = a.microbatch, ch = a.chunk;
+    const int virt = ch * stages + stage;
+    Model* model = chunks_[ch];
+    std::vector<Slot>& pool = slots_[ch];
+    auto found = slot_of.find({m, ch});
+    if (found == slot_of.end()) {
+      // The record's first action: take a free workspace; the sends that last read from it
+      // must finish before it is overwritten.
+      const int n = static_cast<int>(pool.size());
+      int pick = -1;
+      for (int k = 0; k < n && pick < 0; ++k) {
+        const int i = (next_slot[ch] + k) % n;
+        if (!pool[i].busy) pick = i;
+      }
+      EE_CHECK(pick >= 0, "no free workspace for microbatch ", m, " chunk ", ch);
+      next_slot[ch] = (pick + 1) % n;
+      pool[pick].busy = true;
+      WaitSlot(pool[pick]);
+      found = slot_of.emplace(std::make_pair(m, ch), pick).first;
+      ++held;
+      peak_in_flight_ = std::max(peak_in_flight_, held);
+      EE_CHECK(held <= std::max(1, max_in_flight), "stage ", stage, " holds ", held,
+               " microbatch records, more than the schedule's ", max_in_flight);
+    }
+    Slot& slot = pool[found->second];
+    Workspace& ws = *slot.ws;
     const double start = since();
-    Workspace& ws = *slots_[slot];
     const int32_t* mb_ids = ids + static_cast<size_t>(m) * rows;
     const int32_t* mb_targets = targets + static_cast<size_t>(m) * rows;
     switch (a.type) {
       case ActionType::kRecvForward:
-        WaitSlot(slot);  // the slot's previous sends must finish before it is overwritten
-        pp->Recv(grad_in_[slot].data(), bytes, stage - 1, m);
+        recv(slot, prev, fwd_tag(m, stage == 0 ? ch - 1 : ch));
         break;
       case ActionType::kForward:
-        if (stage == 0) WaitSlot(slot);
-        model_->StageForward(ws, mb_ids, grad_in_[slot].f32());
+        model->StageForward(ws, mb_ids, slot.grad_in.f32());
         if (!backward) {
-          // Validation: the heads of this stage right away (no backward pass follows).
-          accumulate(model_->StageBackward(ws, mb_targets, nullptr, exit_weights, false, nullptr,
-                                           loss_scale));
+          // Validation: the heads of this chunk right away (no backward pass follows).
+          accumulate(model->StageBackward(ws, mb_targets, nullptr, exit_weights, false, nullptr,
+                                          loss_scale));
         }
         break;
       case ActionType::kSendForward:
-        pending_[slot].push_back(pp->ISend(model_->StageOutput(ws), bytes, stage + 1, m));
+        send(slot, model->StageOutput(ws), next, fwd_tag(m, ch));
         break;
       case ActionType::kRecvBackward:
-        pp->Recv(grad_in_[slot].data(), bytes, stage + 1, m);
+        recv(slot, next, bwd_tag(m, stage == stages - 1 ? ch + 1 : ch));
         break;
       case ActionType::kBackward:
-        accumulate(model_->StageBackward(ws, mb_targets, nullptr, exit_weights, true,
-                                         stage == stages - 1 ? nullptr : grad_in_[slot].f32(),
-                                         loss_scale));
+        accumulate(model->StageBackward(ws, mb_targets, nullptr, exit_weights, true,
+                                        virt == last_virtual ? nullptr : slot.grad_in.f32(),
+                                        loss_scale));
         break;
       case ActionType::kSendBackward:
-        pending_[slot].push_back(pp->ISend(model_->StageInputGrad(ws), bytes, stage - 1, m));
+        send(slot, model->StageInputGrad(ws), prev, bwd_tag(m, ch));
         break;
       case ActionType::kExitHeads:
-        accumulate(model_->StageExitHeads(ws, mb_targets, nullptr, exit_weights, loss_scale));
+        accumulate(model->StageExitHeads(ws, mb_targets, nullptr, exit_weights, loss_scale));
         break;
     }
     if (a.type == ActionType::kForward || a.type == ActionType::kBackward ||
         a.type == ActionType::kExitHeads) {
       intervals_.push_back(BusyInterval{start, since(), a});
     }
+    if (last_of_record[ai]) {
+      slot.busy = false;
+      slot_of.erase(found);
+      --held;
+    }
   }
-  for (int i = 0; i < n_slots; ++i) WaitSlot(i);
+  for (auto& pool : slots_) {
+    for (Slot& slot : pool) WaitSlot(slot);
+  }
+  EE_CHECK(local.empty(), local.size(), " local pipeline messages were never received");
   return total;
 }
 
@@ -120,18 +232,21 @@ LossReport PipelineExecutor::TrainStep(const int32_t* ids, const int32_t* target
 }
 
 LossReport PipelineExecutor::Evaluate(const int32_t* ids, const int32_t* targets) {
-  // Forwards only, in microbatch order: the all-forward half of AFAB.
-  Schedule fwd = AllForwardAllBackward(ctx_->grid.pp(), microbatches_);
+  // Forwards only: the all-forward half of AFAB (in microbatch order), or with model chunks the
+  // forwards of the interleaved schedule in its order.
+  Schedule fwd =
+      chunks_.size() == 1 ? AllForwardAllBackward(ctx_->grid.pp(), microbatches_) : schedule_;
   for (auto& actions : fwd.per_stage) {
     actions.erase(std::remove_if(actions.begin(), actions.end(),
                                  [](const Action& a) {
                                    return a.type == ActionType::kRecvBackward ||
                                           a.type == ActionType::kBackward ||
-                                          a.type == ActionType::kSendBackward;
+                                          a.type == ActionType::kSendBackward ||
+                                          a.type == ActionType::kExitHeads;
                                  }),
                   actions.end());
   }
-  std::vector<float> zero(model_->config().exits.size(), 0.0f);
+  std::vector<float> zero(chunks_[0]->config().exits.size(), 0.0f);
   return Run(fwd, ids, targets, zero, false);
 }
 

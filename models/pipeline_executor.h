@@ -6,6 +6,15 @@
 // backward slot of its layer. The schedule decides the order, the executor only follows it.
 // Each step's compute intervals are recorded, so the real timeline can be compared with the
 // cost model's.
+//
+// Interleaved pipeline parallelism (virtual stages): with several model chunks per rank the
+// executor runs Interleaved1F1B. Chunk c of pipeline rank s holds virtual stage c * pp + s;
+// activations of (s, c) go to (s + 1, c), or to (0, c + 1) from the last rank (gradients the
+// reverse way). Messages carry the tag of the sending (microbatch, chunk, direction), so they
+// cannot mix; with pp == 1 the neighbour is this rank and the tensor is copied locally. Each
+// chunk has its own pool of workspaces; a (microbatch, chunk) record takes a workspace at its
+// first action and returns it after its last, and at most MaxInFlight(schedule, stage) records
+// are ever held (checked).
 #pragma once
 
 #include <memory>
@@ -24,6 +33,11 @@ class PipelineExecutor {
   // `micro_batch` rows of `seq` tokens per microbatch, `microbatches` per step.
   PipelineExecutor(Model* model, ParallelContext* ctx, int micro_batch, int seq, int microbatches,
                    bool place_exits);
+  // Interleaved: chunks[c] is this rank's model chunk c (StageSpec{c * pp + s, pp * chunks}).
+  // One chunk gives the plain 1F1B executor above. Requires microbatches % pp == 0 when
+  // chunks.size() > 1.
+  PipelineExecutor(std::vector<Model*> chunks, ParallelContext* ctx, int micro_batch, int seq,
+                   int microbatches, bool place_exits);
 
   // One step over microbatches of ids/targets (host, [microbatches * micro_batch * seq], this
   // data-parallel rank's rows). Accumulates gradients of the mean objective over microbatches.
@@ -36,20 +50,29 @@ class PipelineExecutor {
   const Schedule& schedule() const { return schedule_; }
   // This stage's compute intervals of the last TrainStep (seconds since the step began).
   const std::vector<BusyInterval>& last_step_intervals() const { return intervals_; }
+  // Most (microbatch, chunk) records this rank held at once in any run so far (never more than
+  // MaxInFlight(schedule(), stage)).
+  int peak_in_flight() const { return peak_in_flight_; }
 
  private:
   LossReport Run(const Schedule& s, const int32_t* ids, const int32_t* targets,
                  absl::Span<const float> exit_weights, bool backward);
-  void WaitSlot(int slot);
 
-  Model* model_;
+  struct Slot {
+    std::unique_ptr<Workspace> ws;
+    Buffer grad_in;                                 // received input activations / output gradients
+    std::vector<std::unique_ptr<Request>> pending;  // sends reading from this slot
+    bool busy = false;
+  };
+  void WaitSlot(Slot& slot);
+
+  std::vector<Model*> chunks_;
   ParallelContext* ctx_;
   int micro_batch_, seq_, microbatches_;
   Schedule schedule_;
-  std::vector<std::unique_ptr<Workspace>> slots_;  // one per microbatch in flight
-  std::vector<Buffer> grad_in_;                    // received output gradients, per slot
-  std::vector<std::vector<std::unique_ptr<Request>>> pending_;  // sends from each slot
+  std::vector<std::vector<Slot>> slots_;  // [chunk] -> workspaces for records in flight
   std::vector<BusyInterval> intervals_;
+  int peak_in_flight_ = 0;
 };
 
 }  // namespace eellm

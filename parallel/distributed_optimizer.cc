@@ -36,6 +36,12 @@ void DistributedOptimizer::AllReduceGradients() {
 }
 
 double DistributedOptimizer::Step(float lr) {
+  const double norm = std::sqrt(GlobalSquaredNorm(ReduceGradients()));
+  Apply(lr, norm);
+  return norm;
+}
+
+double DistributedOptimizer::ReduceGradients() {
   Backend* be = params_->backend();
   const int dp = ctx_->grid.dp();
   const float inv_dp = 1.0f / dp;
@@ -49,11 +55,15 @@ double DistributedOptimizer::Step(float lr) {
     AllReduceGradients();
     be->Scale(params_->grads_data(), inv_dp, params_->padded_size());
   }
+  return adamw_->LocalSquaredNorm();
+}
+
+double DistributedOptimizer::GlobalSquaredNorm(double sq) {
   // Global norm: shards (ZeRO-1) and pipeline stages hold disjoint parts of the gradient. The
   // squared norms are summed in fp32 on the wire (one device float); every rank gets the same
   // sum and so the same clipping factor.
-  double sq = adamw_->LocalSquaredNorm();
   if (zero1_ || ctx_->grid.pp() > 1) {
+    Backend* be = params_->backend();
     float sq_f = static_cast<float>(sq);
     be->CopyFromHost(norm_.f32(), &sq_f, sizeof(float));
     if (zero1_) ctx_->dp->AllReduce(norm_.f32(), 1, ReduceOp::kSum);
@@ -61,13 +71,16 @@ double DistributedOptimizer::Step(float lr) {
     be->CopyToHost(&sq_f, norm_.f32(), sizeof(float));
     sq = sq_f;
   }
-  const double norm = std::sqrt(sq);
-  adamw_->Update(lr, adamw_->ClipScale(norm));
+  return sq;
+}
+
+void DistributedOptimizer::Apply(float lr, double global_norm) {
+  adamw_->Update(lr, adamw_->ClipScale(global_norm));
   if (zero1_) {
+    Backend* be = params_->backend();
     be->Copy(scratch_.f32(), params_->params_data() + adamw_->lo(), shard_ * sizeof(float));
     ctx_->dp->AllGather(scratch_.f32(), params_->params_data(), shard_);
   }
-  return norm;
 }
 
 }  // namespace eellm

@@ -23,6 +23,16 @@ class DistributedOptimizer {
   // clipping), identical on every rank.
   double Step(float lr);
 
+  // Step in two halves, for several optimizers whose parameters together form the model (the
+  // model chunks of interleaved pipeline parallelism): ReduceGradients averages the gradients
+  // over dp (reduce-scatter under ZeRO-1) and returns the squared norm of the part this rank
+  // owns; GlobalSquaredNorm sums such a local value over the ZeRO-1 shards and pipeline stages
+  // (collective; identical on every rank); Apply clips by `global_norm` and updates.
+  // Step(lr) == Apply(lr, sqrt(GlobalSquaredNorm(ReduceGradients()))).
+  double ReduceGradients();
+  double GlobalSquaredNorm(double local_sq);
+  void Apply(float lr, double global_norm);
+
   AdamW& adamw() { return *adamw_; }
   bool zero1() const { return zero1_; }
 

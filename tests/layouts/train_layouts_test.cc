@@ -52,7 +52,7 @@ std::string DataPrefix(int world_rank) {
 
 RunConfig TinyRun(const std::string& style, const std::string& data) {
   const std::string json = std::string(R"({"model": {"style": ")") + style + R"(",
-      "vocab_size": 258, "hidden_size": 32, "num_layers": 4, "num_heads": 4,
+      "vocab_size": 258, "hidden_size": 32, "num_layers": 8, "num_heads": 4,
       "num_kv_heads": )" + (style == "llama" ? "2" : "4") +
                            R"(, "max_seq_len": 32,
       "exits": [{"layer": 1, "kind": "norm", "tied": true, "loss_weight": 0.5},
@@ -84,8 +84,9 @@ RunResult Train(RunConfig rc, ParallelContext* ctx, const std::string& out) {
 struct Layout {
   int tp, pp, dp;
   bool zero1;
-  int micro_batch;     // 0 = one microbatch per step
-  bool fused = false;  // exit work fused into the backward instead of placed in the bubbles
+  int micro_batch;         // 0 = one microbatch per step
+  bool fused = false;      // exit work fused into the backward instead of placed in the bubbles
+  int virtual_stages = 1;  // model chunks per pipeline rank (interleaved 1F1B when > 1)
 };
 
 class TrainLayouts : public ::testing::TestWithParam<std::string> {};
@@ -99,10 +100,26 @@ TEST_P(TrainLayouts, EveryLayoutMatchesSingleRank) {
   ASSERT_EQ(ref.losses.size(), 3u);
   EXPECT_GT(ref.losses[0][0], ref.losses[2][0]);  // it trains
   const Layout layouts[] = {
-      {1, 1, 1, false, 1}, {1, 1, 2, false, 0},       {1, 1, 2, true, 0},
-      {1, 2, 1, false, 1}, {1, 2, 1, false, 2},       {1, 1, 4, false, 0},
-      {1, 1, 4, true, 0},  {1, 2, 2, false, 1},       {1, 4, 1, false, 1},
-      {1, 2, 2, true, 1},  {1, 2, 1, false, 1, true}, {1, 4, 1, false, 1, true},
+      {1, 1, 1, false, 1},
+      {1, 1, 2, false, 0},
+      {1, 1, 2, true, 0},
+      {1, 2, 1, false, 1},
+      {1, 2, 1, false, 2},
+      {1, 1, 4, false, 0},
+      {1, 1, 4, true, 0},
+      {1, 2, 2, false, 1},
+      {1, 4, 1, false, 1},
+      {1, 2, 2, true, 1},
+      {1, 2, 1, false, 1, true},
+      {1, 4, 1, false, 1, true},
+      // Interleaved 1F1B (8 layers: 2 chunks per rank). pp 1 passes activations locally and
+      // holds the word embedding in both chunks (first stage, tied final head).
+      {1, 1, 1, false, 1, false, 2},
+      {1, 1, 1, false, 1, true, 4},
+      {1, 2, 1, false, 1, false, 2},
+      {1, 2, 1, false, 1, true, 2},
+      {1, 2, 2, true, 1, false, 2},
+      {1, 4, 1, false, 1, false, 2},
   };
   int tested = 0;
   for (const Layout& l : layouts) {
@@ -115,9 +132,11 @@ TEST_P(TrainLayouts, EveryLayoutMatchesSingleRank) {
     par.train.zero1 = l.zero1;
     par.train.micro_batch_size = l.micro_batch;
     par.train.exit_placement = l.fused ? "backward" : "bubbles";
+    par.train.virtual_stages = l.virtual_stages;
     const std::string name = "tp" + std::to_string(l.tp) + " pp" + std::to_string(l.pp) + " dp" +
                              std::to_string(l.dp) + (l.zero1 ? " zero1" : "") + " micro" +
-                             std::to_string(l.micro_batch) + (l.fused ? " fused" : "");
+                             std::to_string(l.micro_batch) + (l.fused ? " fused" : "") +
+                             (l.virtual_stages > 1 ? " v" + std::to_string(l.virtual_stages) : "");
     auto ctx = ParallelContext::Create(MpiCommunicator::World(nullptr), l.tp, l.pp, l.dp);
     ASSERT_TRUE(ctx.ok()) << ctx.status();
     RunResult got = Train(par, ctx->get(), data + "_" + std::to_string(tested));

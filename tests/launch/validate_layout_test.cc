@@ -1,0 +1,46 @@
+// ValidateLayout for interleaved pipelines (virtual_stages): the layer split over pp * v model
+// chunks and the microbatch count required by Interleaved1F1B, with errors naming the numbers.
+#include <string>
+
+#include "gtest/gtest.h"
+#include "launch/trainer.h"
+
+namespace eellm {
+namespace {
+
+RunConfig Layout(int layers, int pp, int v, int batch, int micro) {
+  RunConfig rc;
+  rc.model.num_layers = layers;
+  rc.model.num_heads = 4;
+  rc.model.num_kv_heads = 4;
+  rc.model.vocab_size = 256;
+  rc.model.ffn_hidden_size = 64;
+  rc.train.pp = pp;
+  rc.train.virtual_stages = v;
+  rc.train.batch_size = batch;
+  rc.train.micro_batch_size = micro;
+  return rc;
+}
+
+TEST(ValidateLayout, VirtualStages) {
+  EXPECT_TRUE(ValidateLayout(Layout(8, 4, 2, 4, 1)).ok());
+  EXPECT_TRUE(ValidateLayout(Layout(8, 1, 2, 4, 0)).ok());
+  EXPECT_TRUE(ValidateLayout(Layout(4, 2, 1, 4, 0)).ok());  // v = 1: any microbatch count
+
+  absl::Status s = ValidateLayout(Layout(4, 4, 2, 4, 1));
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(std::string(s.message()).find("num_layers 4"), std::string::npos) << s;
+  EXPECT_NE(std::string(s.message()).find("= 8"), std::string::npos) << s;
+
+  s = ValidateLayout(Layout(8, 2, 2, 4, 0));  // one microbatch, pp 2
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(std::string(s.message()).find("1 microbatches"), std::string::npos) << s;
+  EXPECT_NE(std::string(s.message()).find("pp 2"), std::string::npos) << s;
+
+  s = ValidateLayout(Layout(8, 2, 0, 4, 1));
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(std::string(s.message()).find("virtual_stages"), std::string::npos) << s;
+}
+
+}  // namespace
+}  // namespace eellm
