@@ -1,6 +1,7 @@
 #include "launch/pipeline_gather.h"
 
 #include <algorithm>
+#include <vector>
 
 #include "engine/core/status.h"
 
@@ -89,6 +90,60 @@ absl::StatusOr<GatheredModel> GatherPipeline(const std::vector<Model*>& chunks,
     }
   }
   return g;
+}
+
+absl::StatusOr<std::unique_ptr<Model>> UnshardTensorParallel(Model& shard, StageSpec stage,
+                                                             const float* m, const float* v,
+                                                             ParallelContext& ctx, Buffer* out_m,
+                                                             Buffer* out_v) {
+  Backend* be = shard.backend();
+  const int tp = ctx.grid.tp();
+  ASSIGN_OR_RETURN(auto whole, Model::Create(shard.config(), be, stage));
+  const ParamStore& src = shard.params();
+  const ParamStore& dst = whole->params();
+  const size_t n = dst.padded_size();
+  if (m != nullptr) {
+    *out_m = Buffer(be, n * sizeof(float));
+    *out_v = Buffer(be, n * sizeof(float));
+    be->Fill(out_m->f32(), n, 0.0f);
+    be->Fill(out_v->f32(), n, 0.0f);
+  }
+  std::vector<float> gathered, host;
+  Buffer recv;
+  // One arena (parameters or a moment) from this rank's layout into the whole model's.
+  auto unshard = [&](const float* from, float* to) {
+    for (const ParamInfo& p : src.params()) {
+      const ParamInfo& q = dst.params()[dst.Find(p.name)];
+      if (p.split_dim < 0) {
+        be->Copy(to + q.offset, from + p.offset, p.numel * sizeof(float));
+        continue;
+      }
+      if (recv.bytes() < q.numel * sizeof(float)) recv = Buffer(be, q.numel * sizeof(float));
+      ctx.tp->AllGather(from + p.offset, recv.f32(), p.numel);  // [tp][local shard]
+      if (p.split_dim == 0) {  // rows: the concatenation is the whole tensor
+        be->Copy(to + q.offset, recv.f32(), q.numel * sizeof(float));
+        continue;
+      }
+      // Columns: rank r's [rows, cols] block goes to columns [r * cols, (r + 1) * cols).
+      gathered.resize(q.numel);
+      host.resize(q.numel);
+      be->CopyToHost(host.data(), recv.f32(), q.numel * sizeof(float));
+      const int64_t rows = p.shape[0], cols = p.shape[1];
+      for (int r = 0; r < tp; ++r) {
+        for (int64_t i = 0; i < rows; ++i) {
+          std::copy_n(host.begin() + (r * rows + i) * cols, cols,
+                      gathered.begin() + i * cols * tp + r * cols);
+        }
+      }
+      be->CopyFromHost(to + q.offset, gathered.data(), q.numel * sizeof(float));
+    }
+  };
+  unshard(src.params_data(), whole->params().params_data());
+  if (m != nullptr) {
+    unshard(m, out_m->f32());
+    unshard(v, out_v->f32());
+  }
+  return whole;
 }
 
 Timeline GatherTimeline(const std::vector<BusyInterval>& mine, ParallelContext& ctx, Backend* be) {

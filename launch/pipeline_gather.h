@@ -30,6 +30,14 @@ absl::StatusOr<GatheredModel> GatherPipeline(const std::vector<Model*>& chunks,
                                              const std::vector<const float*>& v,
                                              ParallelContext& ctx);
 
+// Collective over the tensor-parallel group: the whole (tp = 1) model chunk assembled from this
+// group's shards of `shard` (and of its moment arenas m, v when non-null, into *out_m, *out_v).
+// Every rank of the group gets the result.
+absl::StatusOr<std::unique_ptr<Model>> UnshardTensorParallel(Model& shard, StageSpec stage,
+                                                             const float* m, const float* v,
+                                                             ParallelContext& ctx, Buffer* out_m,
+                                                             Buffer* out_v);
+
 // Collects every stage's recorded compute intervals of one step onto stage 0 of data-parallel
 // replica 0 (collective over that pipeline group) as a Timeline of the measured run; other
 // ranks get an empty Timeline.

@@ -152,10 +152,10 @@ absl::Status ValidateLayout(const RunConfig& rc) {
   if (t.exit_placement != "bubbles" && t.exit_placement != "backward") {
     return bad("exit_placement \"", t.exit_placement, "\" is not bubbles or backward");
   }
-  if (t.tp > 1) {
-    return absl::UnimplementedError(absl::StrCat(
-        "tensor parallelism (tp ", t.tp,
-        ") is not implemented yet; pipeline (pp), data parallelism (dp) and ZeRO-1 are"));
+  if (t.tp > 1 && m.num_kv_heads % t.tp != 0) {
+    return absl::UnimplementedError(
+        absl::StrCat("num_kv_heads ", m.num_kv_heads, " is smaller than tp ", t.tp,
+                     ": replicating KV heads over tensor-parallel ranks is not implemented yet"));
   }
   return absl::OkStatus();
 }
@@ -218,8 +218,15 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   std::vector<Model*> chunks;
   for (int k = 0; k < nv; ++k) {
     ASSIGN_OR_RETURN(auto chunk,
-                     Model::Create(mc, backend, StageSpec{k * pp + ctx->coord.pp, pp * nv}));
+                     Model::Create(mc, backend, StageSpec{k * pp + ctx->coord.pp, pp * nv},
+                                   TpSpec{ctx->coord.tp, tc.tp, ctx->tp.get()}));
     chunk->InitRandom(tc.seed);
+    // Tensors every tensor-parallel rank holds whole count once in the gradient norm.
+    if (ctx->coord.tp != 0) {
+      for (ParamInfo& p : chunk->params().mutable_params()) {
+        if (p.split_dim < 0) p.count_in_norm = false;
+      }
+    }
     chunks.push_back(chunk.get());
     models.push_back(std::move(chunk));
   }
@@ -277,6 +284,11 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   auto shard = [&](int k) { return dopts[k]->adamw().hi() - dopts[k]->adamw().lo(); };
   int start = 0;
   if (!opts.resume.empty()) {
+    if (tc.tp > 1) {
+      return absl::UnimplementedError(
+          "resuming under tensor parallelism (slicing whole checkpoint tensors into shards) is "
+          "not implemented yet; resume with tp 1 (any pp and dp)");
+    }
     ASSIGN_OR_RETURN(CheckpointMeta meta, ReadCheckpointMeta(opts.resume));
     if (meta.config_json != rc.model_json) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -309,7 +321,7 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   std::vector<int32_t> in(n), tg(n);
   const std::string ckpt = tc.out + "/checkpoint.h5";
   // Several stages or chunks: checkpoints hold the model assembled on rank 0.
-  const bool gathered = tc.pp > 1 || nv > 1;
+  const bool gathered = tc.pp > 1 || nv > 1 || tc.tp > 1;
   auto save = [&](int step) -> absl::Status {
     if (dopt.zero1()) {  // collective: every rank takes part
       for (int k = 0; k < nv; ++k) {
@@ -318,7 +330,23 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
       }
     }
     GatheredModel whole;
-    if (gathered) {
+    if (gathered && tc.tp > 1) {
+      // Whole (tp = 1) chunks from the tensor-parallel shards first, then the pipeline gather.
+      std::vector<std::unique_ptr<Model>> unsharded;
+      std::vector<Buffer> um(nv), uv(nv);
+      std::vector<Model*> uchunks;
+      std::vector<const float*> pm, pv;
+      for (int k = 0; k < nv; ++k) {
+        ASSIGN_OR_RETURN(
+            auto u, UnshardTensorParallel(*chunks[k], StageSpec{k * pp + ctx->coord.pp, pp * nv},
+                                          ckpt_m[k], ckpt_v[k], *ctx, &um[k], &uv[k]));
+        uchunks.push_back(u.get());
+        pm.push_back(um[k].f32());
+        pv.push_back(uv[k].f32());
+        unsharded.push_back(std::move(u));
+      }
+      ASSIGN_OR_RETURN(whole, GatherPipeline(uchunks, pm, pv, *ctx));
+    } else if (gathered) {
       ASSIGN_OR_RETURN(whole, GatherPipeline(chunks, {ckpt_m.begin(), ckpt_m.end()},
                                              {ckpt_v.begin(), ckpt_v.end()}, *ctx));
     }

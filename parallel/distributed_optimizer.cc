@@ -59,15 +59,17 @@ double DistributedOptimizer::ReduceGradients() {
 }
 
 double DistributedOptimizer::GlobalSquaredNorm(double sq) {
-  // Global norm: shards (ZeRO-1) and pipeline stages hold disjoint parts of the gradient. The
-  // squared norms are summed in fp32 on the wire (one device float); every rank gets the same
-  // sum and so the same clipping factor.
-  if (zero1_ || ctx_->grid.pp() > 1) {
+  // Global norm: shards (ZeRO-1), pipeline stages and tensor-parallel shards hold disjoint parts
+  // of the gradient (replicated tensors count on tensor-parallel rank 0 only: count_in_norm).
+  // The squared norms are summed in fp32 on the wire (one device float); every rank gets the
+  // same sum and so the same clipping factor.
+  if (zero1_ || ctx_->grid.pp() > 1 || ctx_->grid.tp() > 1) {
     Backend* be = params_->backend();
     float sq_f = static_cast<float>(sq);
     be->CopyFromHost(norm_.f32(), &sq_f, sizeof(float));
     if (zero1_) ctx_->dp->AllReduce(norm_.f32(), 1, ReduceOp::kSum);
     if (ctx_->grid.pp() > 1) ctx_->pp->AllReduce(norm_.f32(), 1, ReduceOp::kSum);
+    if (ctx_->grid.tp() > 1) ctx_->tp->AllReduce(norm_.f32(), 1, ReduceOp::kSum);
     be->CopyToHost(&sq_f, norm_.f32(), sizeof(float));
     sq = sq_f;
   }

@@ -7,7 +7,9 @@
 // ~1e-7 relative per operation. Parameters: at least 99% of elements within 1e-6 and all within
 // 1e-4 (1% of lr = 0.01). Adam divides each gradient element by its own running RMS, so an
 // element whose gradient is near zero (a rarely seen token's embedding row) turns a rounding-level
-// difference into a visible fraction of lr; those few elements set the bound.
+// difference into a visible fraction of lr; those few elements set the bound. Layouts with tensor
+// parallelism round differently inside every layer (split GEMM accumulations are all-reduced):
+// gradient norms to 5e-5 and parameters to 3e-4 (3% of lr) there, with the same 99% within 1e-6.
 #include <unistd.h>
 
 #include <cmath>
@@ -112,6 +114,13 @@ TEST_P(TrainLayouts, EveryLayoutMatchesSingleRank) {
       {1, 2, 2, true, 1},
       {1, 2, 1, false, 1, true},
       {1, 4, 1, false, 1, true},
+      // Tensor parallelism, alone and with the other two.
+      {2, 1, 1, false, 0},
+      {2, 1, 1, false, 1},
+      {2, 1, 2, true, 0},
+      {2, 2, 1, false, 1},
+      {2, 2, 2, false, 1},
+      {2, 2, 2, true, 1},
       // Interleaved 1F1B (8 layers: 2 chunks per rank). pp 1 passes activations locally and
       // holds the word embedding in both chunks (first stage, tied final head).
       {1, 1, 1, false, 1, false, 2},
@@ -146,7 +155,10 @@ TEST_P(TrainLayouts, EveryLayoutMatchesSingleRank) {
         EXPECT_NEAR(got.losses[s][h], ref.losses[s][h], 1e-5 * ref.losses[s][h])
             << name << " step " << s << " head " << h;
       }
-      EXPECT_NEAR(got.grad_norms[s], ref.grad_norms[s], 1e-5 * ref.grad_norms[s] + 1e-7)
+      // Tensor parallelism also splits every GEMM's accumulation (partial sums all-reduced), so
+      // its rounding differs in every layer, not only in the final sums: 5e-5 there.
+      const double norm_tol = l.tp > 1 ? 5e-5 : 1e-5;
+      EXPECT_NEAR(got.grad_norms[s], ref.grad_norms[s], norm_tol * ref.grad_norms[s] + 1e-7)
           << name << " step " << s;
     }
     if ((*ctx)->rank != 0) continue;  // rank 0 holds the (gathered) final parameters
@@ -161,7 +173,7 @@ TEST_P(TrainLayouts, EveryLayoutMatchesSingleRank) {
     const double close_fraction = static_cast<double>(close) / ref.params.size();
     std::printf("%s %s: max |param diff| %.3g, %.4f%% of elements within 1e-6\n",
                 GetParam().c_str(), name.c_str(), max_diff, 100 * close_fraction);
-    EXPECT_LT(max_diff, 1e-4) << name;
+    EXPECT_LT(max_diff, l.tp > 1 ? 3e-4 : 1e-4) << name;  // 3% / 1% of lr (Adam, see top)
     EXPECT_GT(close_fraction, 0.99) << name;
   }
   EXPECT_GT(tested, 0);
