@@ -1,0 +1,46 @@
+// NcclCommunicator: the Communicator on GPU buffers over NCCL (built only with CUDA). The NCCL
+// unique id is created on rank 0 and broadcast over a bootstrap communicator (MPI); sub-groups
+// come from ncclCommSplit. Each communicator owns a CUDA stream: blocking operations synchronise
+// it, non-blocking ones return a Request that waits on a CUDA event. A failure aborts every rank
+// with NCCL's error string. NCCL refuses two ranks on one GPU: tests with several ranks on one
+// GPU use the MPI communicator with device staging instead.
+#pragma once
+
+#include <memory>
+
+#include "parallel/comm/communicator.h"
+
+namespace eellm {
+
+class NcclCommunicator : public Communicator {
+ public:
+  // Collective over `bootstrap`: one NCCL communicator of the same ranks, on the current device.
+  static std::unique_ptr<Communicator> Create(Communicator* bootstrap);
+  ~NcclCommunicator() override;
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  std::string name() const override { return "nccl"; }
+  void AllReduce(float* data, size_t n, ReduceOp op) override;
+  void AllGather(const float* send, float* recv, size_t n) override;
+  void ReduceScatter(const float* send, float* recv, size_t n, ReduceOp op) override;
+  void Broadcast(void* data, size_t bytes, int root) override;
+  void Send(const void* data, size_t bytes, int peer, int tag) override;
+  void Recv(void* data, size_t bytes, int peer, int tag) override;
+  std::unique_ptr<Request> ISend(const void* data, size_t bytes, int peer, int tag) override;
+  std::unique_ptr<Request> IRecv(void* data, size_t bytes, int peer, int tag) override;
+  std::unique_ptr<Request> IAllReduce(float* data, size_t n, ReduceOp op) override;
+  void Barrier() override;
+  std::unique_ptr<Communicator> Subgroup(const std::vector<int>& ranks) override;
+
+ private:
+  struct State;  // NCCL and CUDA handles (kept out of this header)
+  explicit NcclCommunicator(std::unique_ptr<State> state, int rank, int size);
+  std::unique_ptr<Request> Pending();  // a Request for the work queued so far
+  void Sync();
+
+  std::unique_ptr<State> state_;
+  int rank_, size_;
+};
+
+}  // namespace eellm
