@@ -28,12 +28,14 @@ namespace {
 using h5::Handle;
 
 constexpr char kFormat[] = "eellm-hdf5";
-constexpr int64_t kFormatVersion = 1;
+constexpr int64_t kFormatVersion = 2;  // reads 1 and 2
 constexpr char kModelGroup[] = "/model";
 constexpr char kAdamMGroup[] = "/optimizer/m";
 constexpr char kAdamVGroup[] = "/optimizer/v";
 constexpr char kAttrsGroup[] = "/attrs";
 constexpr char kCrcAttr[] = "crc32";
+constexpr char kGlobalShapeAttr[] = "global_shape";
+constexpr char kGlobalStartAttr[] = "global_start";
 
 std::string Where(const std::string& path) { return absl::StrCat("checkpoint ", path, ": "); }
 
@@ -56,16 +58,16 @@ std::string TensorLabel(const std::string& name, const char* group) {
   return absl::StrCat("tensor '", name, "' in ", group);
 }
 
-absl::Status ValidateParam(const ParamInfo& p) {
-  if (p.name.empty() || p.name == "." || p.name.find('/') != std::string::npos) {
+absl::Status ValidateTensor(const FileTensor& t) {
+  if (t.name.empty() || t.name == "." || t.name.find('/') != std::string::npos) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "parameter name '", p.name, "' cannot be an HDF5 dataset name (empty, '.' or has '/')"));
+        "tensor name '", t.name, "' cannot be an HDF5 dataset name (empty, '.' or has '/')"));
   }
-  for (int64_t d : p.shape) {
-    if (d < 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "parameter '", p.name, "' has a negative dimension in shape ", ShapeToString(p.shape)));
-    }
+  if (!SliceInBounds(t.slice)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tensor '", t.name, "': block ", SliceToString(t.slice), " of shape ",
+                     ShapeToString(t.slice.shape), " does not fit its global shape ",
+                     ShapeToString(t.slice.global_shape)));
   }
   return absl::OkStatus();
 }
@@ -109,9 +111,11 @@ Handle LinkPlist() {
   return lcpl;
 }
 
-// Creates group `group_path` and one dataset per parameter from the device `arena`.
-absl::Status WriteTensors(hid_t file, const char* group_path, const ParamStore& params,
-                          const float* arena, std::vector<float>& host) {
+// Creates group `g` and one dataset per tensor. `written` counts tensors across groups (for
+// the fail_after_tensors test hook).
+absl::Status WriteGroup(hid_t file, TensorGroup g, const std::vector<FileTensor>& tensors,
+                        const TensorFileOptions& options, int& written) {
+  const char* group_path = TensorGroupPath(g);
   Handle lcpl = LinkPlist();
   Handle gcpl = h5::PlistHandle(H5Pcreate(H5P_GROUP_CREATE));
   Handle dcpl = h5::PlistHandle(H5Pcreate(H5P_DATASET_CREATE));
@@ -124,36 +128,103 @@ absl::Status WriteTensors(hid_t file, const char* group_path, const ParamStore& 
   if (!group.valid()) {
     return h5::Error(absl::StatusCode::kInternal, absl::StrCat("cannot create ", group_path));
   }
-  for (const ParamInfo& p : params.params()) {
-    const std::string label = TensorLabel(p.name, group_path);
-    std::vector<hsize_t> dims(p.shape.begin(), p.shape.end());
+  for (const FileTensor& t : tensors) {
+    if (options.fail_after_tensors >= 0 && written >= options.fail_after_tensors) {
+      return absl::AbortedError(absl::StrCat("simulated failure after writing ", written,
+                                             " tensors (fail_after_tensors)"));
+    }
+    const float* data = g == TensorGroup::kModel   ? t.model
+                        : g == TensorGroup::kAdamM ? t.adam_m
+                                                   : t.adam_v;
+    const std::string label = TensorLabel(t.name, group_path);
+    if (data == nullptr) return absl::InvalidArgumentError(label + ": no data given");
+    const Shape& shape = t.slice.shape;
+    std::vector<hsize_t> dims(shape.begin(), shape.end());
     Handle space = h5::SpaceHandle(
         dims.empty() ? H5Screate(H5S_SCALAR)
                      : H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr));
-    Handle ds = h5::DatasetHandle(H5Dcreate2(group.get(), p.name.c_str(), H5T_IEEE_F32LE,
+    Handle ds = h5::DatasetHandle(H5Dcreate2(group.get(), t.name.c_str(), H5T_IEEE_F32LE,
                                              space.get(), lcpl.get(), dcpl.get(), H5P_DEFAULT));
     if (!space.valid() || !ds.valid()) {
       return h5::Error(absl::StatusCode::kInternal, absl::StrCat("cannot create ", label));
     }
-    if (p.numel > 0) {
-      params.backend()->CopyToHost(host.data(), arena + p.offset, p.numel * sizeof(float));
-      if (H5Dwrite(ds.get(), H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, host.data()) < 0) {
-        return h5::Error(absl::StatusCode::kInternal, absl::StrCat("cannot write ", label));
-      }
+    const size_t numel = static_cast<size_t>(NumElements(shape));
+    if (numel > 0 &&
+        H5Dwrite(ds.get(), H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0) {
+      return h5::Error(absl::StatusCode::kInternal, absl::StrCat("cannot write ", label));
     }
-    RETURN_IF_ERROR(h5::Annotate(
-        h5::WriteUint32Attr(ds.get(), kCrcAttr, Crc32(host.data(), p.numel)), label + ": "));
+    RETURN_IF_ERROR(
+        h5::Annotate(h5::WriteUint32Attr(ds.get(), kCrcAttr, Crc32(data, numel)), label + ": "));
+    if (!t.slice.whole()) {
+      RETURN_IF_ERROR(h5::Annotate(
+          h5::WriteInt64ArrayAttr(ds.get(), kGlobalShapeAttr, t.slice.global_shape), label + ": "));
+      RETURN_IF_ERROR(h5::Annotate(
+          h5::WriteInt64ArrayAttr(ds.get(), kGlobalStartAttr, t.slice.start), label + ": "));
+    }
+    ++written;
   }
   return absl::OkStatus();
 }
 
+// Virtual datasets mapping each whole tensor onto the blocks in the shard files.
+absl::Status WriteVirtualTensors(hid_t file, const std::vector<VirtualTensor>& tensors) {
+  Handle lcpl = LinkPlist();
+  for (const VirtualTensor& t : tensors) {
+    const std::string label = TensorLabel(t.name, TensorGroupPath(t.group));
+    std::vector<hsize_t> dims(t.global_shape.begin(), t.global_shape.end());
+    if (dims.empty()) {
+      return absl::InvalidArgumentError(label + ": scalars cannot be virtual datasets");
+    }
+    Handle vspace =
+        h5::SpaceHandle(H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr));
+    Handle dcpl = h5::PlistHandle(H5Pcreate(H5P_DATASET_CREATE));
+    if (!vspace.valid() || !dcpl.valid()) {
+      return h5::Error(absl::StatusCode::kInternal, label + ": cannot set up a virtual dataset");
+    }
+    const std::string source_dataset = absl::StrCat(TensorGroupPath(t.group), "/", t.name);
+    for (const VirtualTensor::Source& s : t.sources) {
+      std::vector<hsize_t> start(s.slice.start.begin(), s.slice.start.end());
+      std::vector<hsize_t> count(s.slice.shape.begin(), s.slice.shape.end());
+      Handle sspace =
+          h5::SpaceHandle(H5Screate_simple(static_cast<int>(count.size()), count.data(), nullptr));
+      if (!sspace.valid() ||
+          H5Sselect_hyperslab(vspace.get(), H5S_SELECT_SET, start.data(), nullptr, count.data(),
+                              nullptr) < 0 ||
+          H5Pset_virtual(dcpl.get(), vspace.get(), s.file.c_str(), source_dataset.c_str(),
+                         sspace.get()) < 0) {
+        return h5::Error(
+            absl::StatusCode::kInternal,
+            absl::StrCat(label, ": cannot map block ", SliceToString(s.slice), " of ", s.file));
+      }
+    }
+    H5Sselect_all(vspace.get());
+    Handle ds = h5::DatasetHandle(H5Dcreate2(file, source_dataset.c_str(), H5T_IEEE_F32LE,
+                                             vspace.get(), lcpl.get(), dcpl.get(), H5P_DEFAULT));
+    if (!ds.valid()) {
+      return h5::Error(absl::StatusCode::kInternal, absl::StrCat("cannot create ", label));
+    }
+  }
+  return absl::OkStatus();
+}
+
+std::string JsonStringArray(const std::vector<std::string>& v) {
+  std::string out = "[";
+  for (size_t i = 0; i < v.size(); ++i) {
+    absl::StrAppend(&out, i ? ", " : "", "\"", v[i], "\"");  // file names: no quotes inside
+  }
+  return out + "]";
+}
+
 // Writes everything into the open `file`; every object handle is closed on return.
-absl::Status WriteAll(hid_t file, const ParamStore& params, const CheckpointMeta& meta,
-                      const float* adam_m, const float* adam_v) {
+absl::Status WriteAll(hid_t file, const CheckpointMeta& meta,
+                      const std::vector<FileTensor>& tensors, const TensorFileOptions& options) {
   RETURN_IF_ERROR(h5::WriteStringAttr(file, "format", kFormat));
   RETURN_IF_ERROR(h5::WriteInt64Attr(file, "format_version", kFormatVersion));
   RETURN_IF_ERROR(h5::WriteStringAttr(file, "config", meta.config_json));
   RETURN_IF_ERROR(h5::WriteInt64Attr(file, "step", meta.step));
+  if (!options.shards.empty()) {
+    RETURN_IF_ERROR(h5::WriteStringAttr(file, "shards", JsonStringArray(options.shards)));
+  }
   {
     Handle lcpl = LinkPlist();
     Handle attrs =
@@ -163,26 +234,13 @@ absl::Status WriteAll(hid_t file, const ParamStore& params, const CheckpointMeta
       RETURN_IF_ERROR(h5::Annotate(h5::WriteStringAttr(attrs.get(), key, value), "/attrs: "));
     }
   }
-  size_t max_numel = 1;
-  for (const ParamInfo& p : params.params()) max_numel = std::max(max_numel, p.numel);
-  std::vector<float> host(max_numel);
-  params.backend()->Synchronize();
-  RETURN_IF_ERROR(WriteTensors(file, kModelGroup, params, params.params_data(), host));
-  if (adam_m != nullptr) RETURN_IF_ERROR(WriteTensors(file, kAdamMGroup, params, adam_m, host));
-  if (adam_v != nullptr) RETURN_IF_ERROR(WriteTensors(file, kAdamVGroup, params, adam_v, host));
-  return absl::OkStatus();
-}
-
-// Flushes the closed file at `path` to stable storage.
-absl::Status SyncFile(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY);
-  if (fd < 0) {
-    return absl::InternalError(absl::StrCat("cannot reopen ", path, ": ", strerror(errno)));
+  if (!options.shards.empty()) return WriteVirtualTensors(file, options.virtual_tensors);
+  int written = 0;
+  RETURN_IF_ERROR(WriteGroup(file, TensorGroup::kModel, tensors, options, written));
+  if (!tensors.empty() && tensors[0].adam_m != nullptr) {
+    RETURN_IF_ERROR(WriteGroup(file, TensorGroup::kAdamM, tensors, options, written));
+    RETURN_IF_ERROR(WriteGroup(file, TensorGroup::kAdamV, tensors, options, written));
   }
-  const int r = ::fsync(fd);
-  const int err = errno;
-  ::close(fd);
-  if (r != 0) return absl::InternalError(absl::StrCat("fsync ", path, ": ", strerror(err)));
   return absl::OkStatus();
 }
 
@@ -227,120 +285,24 @@ absl::StatusOr<Handle> OpenCheckpoint(const std::string& path) {
   }
   auto version = h5::ReadIntAttr(file.get(), "format_version");
   if (!version.ok()) return h5::Annotate(version.status(), Where(path));
-  if (*version != kFormatVersion) {
+  if (*version < 1 || *version > kFormatVersion) {
     return absl::InvalidArgumentError(absl::StrCat(Where(path), "unsupported format_version ",
-                                                   *version, " (this build reads ", kFormatVersion,
-                                                   ")"));
+                                                   *version, " (this build reads 1 to ",
+                                                   kFormatVersion, ")"));
   }
   return file;
 }
 
-// Opens the dataset for `p` in `group` and checks its dtype and shape.
-absl::StatusOr<Handle> OpenTensor(hid_t group, const char* group_path, const ParamInfo& p) {
-  const std::string label = TensorLabel(p.name, group_path);
-  if (H5Lexists(group, p.name.c_str(), H5P_DEFAULT) <= 0) {
-    return absl::NotFoundError(
-        absl::StrCat(label, " not found (expected shape ", ShapeToString(p.shape), ")"));
-  }
-  Handle ds = h5::DatasetHandle(H5Dopen2(group, p.name.c_str(), H5P_DEFAULT));
-  if (!ds.valid()) {
-    return h5::Error(absl::StatusCode::kDataLoss, label + " cannot be opened as a dataset");
-  }
-  Handle type = h5::TypeHandle(H5Dget_type(ds.get()));
-  if (!type.valid()) return h5::Error(absl::StatusCode::kDataLoss, label + ": unreadable dtype");
-  if (H5Tget_class(type.get()) != H5T_FLOAT || H5Tget_size(type.get()) != 4) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(label, " has dtype ", h5::DescribeType(type.get()), ", expected f32"));
-  }
-  auto shape = ReadShape(ds.get());
-  if (!shape.ok()) return h5::Annotate(shape.status(), label + " ");
-  if (*shape != p.shape) {
-    return absl::InvalidArgumentError(absl::StrCat(label, " has shape ", ShapeToString(*shape),
-                                                   " in the file, expected ",
-                                                   ShapeToString(p.shape)));
-  }
-  return ds;
-}
-
-// Reads a checked dataset, verifies its crc32 and copies it into the device `arena`.
-absl::Status ReadTensor(hid_t ds, const char* group_path, const ParamInfo& p, float* arena,
-                        Backend* backend, std::vector<float>& host) {
-  const std::string label = TensorLabel(p.name, group_path);
-  if (p.numel > 0 &&
-      H5Dread(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, host.data()) < 0) {
-    return h5::Error(absl::StatusCode::kDataLoss, absl::StrCat("cannot read ", label));
-  }
-  auto stored = h5::ReadIntAttr(ds, kCrcAttr);
-  if (!stored.ok()) {
-    return absl::DataLossError(absl::StrCat(label, ": bad checksum: ", stored.status().message()));
-  }
-  const uint32_t actual = Crc32(host.data(), p.numel);
-  if (*stored != static_cast<int64_t>(actual)) {
-    return absl::DataLossError(
-        absl::StrFormat("%s: checksum mismatch (stored crc32 0x%08x, data has 0x%08x)", label,
-                        static_cast<uint64_t>(*stored), actual));
-  }
-  if (p.numel > 0) backend->CopyFromHost(arena + p.offset, host.data(), p.numel * sizeof(float));
-  return absl::OkStatus();
-}
-
-}  // namespace
-
-absl::Status SaveCheckpoint(const std::string& path, const ParamStore& params,
-                            const CheckpointMeta& meta, const float* adam_m, const float* adam_v) {
-  h5::ScopedErrorSilencer silence;
-  if (!params.allocated()) {
-    return absl::FailedPreconditionError(Where(path) + "ParamStore is not allocated");
-  }
-  for (const ParamInfo& p : params.params()) {
-    RETURN_IF_ERROR(h5::Annotate(ValidateParam(p), Where(path)));
-  }
-  const std::filesystem::path parent = std::filesystem::path(path).parent_path();
-  std::error_code ec;
-  if (!parent.empty()) std::filesystem::create_directories(parent, ec);
-  if (ec) {
-    return absl::InternalError(
-        absl::StrCat(Where(path), "cannot create directory ", parent.string(), ": ", ec.message()));
-  }
-  const std::string tmp = path + ".tmp";
-  Handle fapl = h5::PlistHandle(H5Pcreate(H5P_FILE_ACCESS));
-  // 1.8 object format: checksummed metadata, readable by every HDF5 >= 1.8. SEMI makes
-  // H5Fclose fail (rather than defer) if an object were still open.
-  if (!fapl.valid() || H5Pset_libver_bounds(fapl.get(), H5F_LIBVER_V18, H5F_LIBVER_V18) < 0 ||
-      H5Pset_fclose_degree(fapl.get(), H5F_CLOSE_SEMI) < 0) {
-    return h5::Error(absl::StatusCode::kInternal, Where(path) + "cannot set up file access");
-  }
-  Handle file = h5::FileHandle(H5Fcreate(tmp.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get()));
-  if (!file.valid()) {
-    return h5::Error(absl::StatusCode::kInternal, Where(path) + "cannot create " + tmp);
-  }
-  absl::Status status = WriteAll(file.get(), params, meta, adam_m, adam_v);
-  if (!file.Close() && status.ok()) {
-    status = h5::Error(absl::StatusCode::kInternal, "cannot close (flush) " + tmp);
-  }
-  if (status.ok()) status = SyncFile(tmp);
-  if (status.ok() && std::rename(tmp.c_str(), path.c_str()) != 0) {
-    status = absl::InternalError(absl::StrCat("cannot rename ", tmp, ": ", strerror(errno)));
-  }
-  if (!status.ok()) {
-    std::remove(tmp.c_str());
-    return h5::Annotate(status, Where(path));
-  }
-  return absl::OkStatus();
-}
-
-absl::StatusOr<CheckpointMeta> ReadCheckpointMeta(const std::string& path) {
-  h5::ScopedErrorSilencer silence;
-  ASSIGN_OR_RETURN(Handle file, OpenCheckpoint(path));
+absl::StatusOr<CheckpointMeta> ReadMeta(hid_t file, const std::string& path) {
   CheckpointMeta meta;
-  auto config = h5::ReadStringAttr(file.get(), "config");
+  auto config = h5::ReadStringAttr(file, "config");
   if (!config.ok()) return h5::Annotate(config.status(), Where(path));
   meta.config_json = *std::move(config);
-  auto step = h5::ReadIntAttr(file.get(), "step");
+  auto step = h5::ReadIntAttr(file, "step");
   if (!step.ok()) return h5::Annotate(step.status(), Where(path));
   meta.step = *step;
-  if (!PathExists(file.get(), "attrs")) return meta;
-  Handle attrs = h5::GroupHandle(H5Gopen2(file.get(), kAttrsGroup, H5P_DEFAULT));
+  if (!PathExists(file, "attrs")) return meta;
+  Handle attrs = h5::GroupHandle(H5Gopen2(file, kAttrsGroup, H5P_DEFAULT));
   if (!attrs.valid()) return h5::Error(absl::StatusCode::kDataLoss, Where(path) + "bad /attrs");
   std::vector<std::string> names;
   auto collect = [](hid_t, const char* name, const H5A_info_t*, void* data) -> herr_t {
@@ -358,66 +320,131 @@ absl::StatusOr<CheckpointMeta> ReadCheckpointMeta(const std::string& path) {
   return meta;
 }
 
-absl::Status LoadCheckpoint(const std::string& path, ParamStore& params, float* adam_m,
-                            float* adam_v) {
-  h5::ScopedErrorSilencer silence;
-  if (!params.allocated()) {
-    return absl::FailedPreconditionError(Where(path) + "ParamStore is not allocated");
+// Parses the "shards" attribute: a JSON array of plain file names (no directories).
+absl::StatusOr<std::vector<std::string>> ParseShards(const std::string& text,
+                                                     const std::string& path) {
+  std::vector<std::string> out;
+  size_t i = text.find('[');
+  if (i == std::string::npos || text.find(']') == std::string::npos) {
+    return absl::DataLossError(Where(path) + "attribute 'shards' is not a JSON array");
   }
-  for (const ParamInfo& p : params.params()) {
-    RETURN_IF_ERROR(h5::Annotate(ValidateParam(p), Where(path)));
+  while (true) {
+    const size_t a = text.find('"', i + 1);
+    if (a == std::string::npos) break;
+    const size_t b = text.find('"', a + 1);
+    if (b == std::string::npos) {
+      return absl::DataLossError(Where(path) + "attribute 'shards' has an unterminated string");
+    }
+    std::string name = text.substr(a + 1, b - a - 1);
+    if (name.empty() || name.find('/') != std::string::npos || name == "." || name == "..") {
+      return absl::DataLossError(
+          absl::StrCat(Where(path), "attribute 'shards' names a bad file '", name, "'"));
+    }
+    out.push_back(std::move(name));
+    i = b;
   }
-  ASSIGN_OR_RETURN(Handle file, OpenCheckpoint(path));
-  struct Target {
-    const char* group_path;
-    float* arena;
-    Handle group;
-  };
-  std::vector<Target> targets;
-  targets.push_back({kModelGroup, params.params_data(), Handle()});
-  if (adam_m != nullptr) targets.push_back({kAdamMGroup, adam_m, Handle()});
-  if (adam_v != nullptr) targets.push_back({kAdamVGroup, adam_v, Handle()});
-  // Pass 1: every group and dataset exists with the right dtype and shape.
-  for (Target& t : targets) {
-    if (!PathExists(file.get(), t.group_path + 1)) {  // relative: skip the leading '/'
-      const bool optimizer = std::strcmp(t.group_path, kModelGroup) != 0;
-      return absl::NotFoundError(
-          absl::StrCat(Where(path), "no ", t.group_path, " group",
-                       optimizer ? " (the checkpoint has no optimizer state)" : ""));
-    }
-    t.group = h5::GroupHandle(H5Gopen2(file.get(), t.group_path, H5P_DEFAULT));
-    if (!t.group.valid()) {
-      return h5::Error(absl::StatusCode::kDataLoss, Where(path) + "cannot open " + t.group_path);
-    }
-    for (const ParamInfo& p : params.params()) {
-      auto ds = OpenTensor(t.group.get(), t.group_path, p);
-      if (!ds.ok()) return h5::Annotate(ds.status(), Where(path));
-    }
+  if (out.empty()) return absl::DataLossError(Where(path) + "attribute 'shards' is empty");
+  return out;
+}
+
+}  // namespace
+
+const char* TensorGroupPath(TensorGroup g) {
+  switch (g) {
+    case TensorGroup::kModel:
+      return kModelGroup;
+    case TensorGroup::kAdamM:
+      return kAdamMGroup;
+    case TensorGroup::kAdamV:
+      return kAdamVGroup;
   }
-  // Pass 2: read, verify and copy to the device.
-  size_t max_numel = 1;
-  for (const ParamInfo& p : params.params()) max_numel = std::max(max_numel, p.numel);
-  std::vector<float> host(max_numel);
-  for (Target& t : targets) {
-    for (const ParamInfo& p : params.params()) {
-      auto ds = OpenTensor(t.group.get(), t.group_path, p);
-      if (!ds.ok()) return h5::Annotate(ds.status(), Where(path));
-      RETURN_IF_ERROR(h5::Annotate(
-          ReadTensor(ds->get(), t.group_path, p, t.arena, params.backend(), host), Where(path)));
-    }
+  return kModelGroup;
+}
+
+absl::Status SyncPath(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) {
+    return absl::InternalError(absl::StrCat("cannot reopen ", path, ": ", strerror(errno)));
   }
-  params.backend()->Synchronize();
+  const int r = ::fsync(fd);
+  const int err = errno;
+  ::close(fd);
+  if (r != 0) return absl::InternalError(absl::StrCat("fsync ", path, ": ", strerror(err)));
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<std::pair<std::string, Shape>>> ListCheckpointTensors(
-    const std::string& path) {
+absl::Status WriteTensorFile(const std::string& path, const CheckpointMeta& meta,
+                             const std::vector<FileTensor>& tensors,
+                             const TensorFileOptions& options) {
   h5::ScopedErrorSilencer silence;
-  ASSIGN_OR_RETURN(Handle file, OpenCheckpoint(path));
-  if (!PathExists(file.get(), "model")) {
-    return absl::DataLossError(Where(path) + "no /model group");
+  for (const FileTensor& t : tensors) {
+    RETURN_IF_ERROR(h5::Annotate(ValidateTensor(t), Where(path)));
+    if ((t.adam_m != nullptr) != (tensors[0].adam_m != nullptr) ||
+        (t.adam_v != nullptr) != (t.adam_m != nullptr)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(Where(path), "tensor '", t.name,
+                       "': optimizer state must be given for all tensors or none"));
+    }
   }
-  Handle group = h5::GroupHandle(H5Gopen2(file.get(), kModelGroup, H5P_DEFAULT));
+  const std::filesystem::path parent = std::filesystem::path(path).parent_path();
+  std::error_code ec;
+  if (!parent.empty()) std::filesystem::create_directories(parent, ec);
+  if (ec) {
+    return absl::InternalError(
+        absl::StrCat(Where(path), "cannot create directory ", parent.string(), ": ", ec.message()));
+  }
+  const std::string tmp = path + ".tmp";
+  Handle fapl = h5::PlistHandle(H5Pcreate(H5P_FILE_ACCESS));
+  // 1.8 object format: checksummed metadata, readable by every HDF5 >= 1.8 (1.10 for files
+  // with virtual datasets). SEMI makes H5Fclose fail (rather than defer) if an object were
+  // still open.
+  const H5F_libver_t version = options.shards.empty() ? H5F_LIBVER_V18 : H5F_LIBVER_V110;
+  if (!fapl.valid() || H5Pset_libver_bounds(fapl.get(), version, version) < 0 ||
+      H5Pset_fclose_degree(fapl.get(), H5F_CLOSE_SEMI) < 0) {
+    return h5::Error(absl::StatusCode::kInternal, Where(path) + "cannot set up file access");
+  }
+  Handle file = h5::FileHandle(H5Fcreate(tmp.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get()));
+  if (!file.valid()) {
+    return h5::Error(absl::StatusCode::kInternal, Where(path) + "cannot create " + tmp);
+  }
+  absl::Status status = WriteAll(file.get(), meta, tensors, options);
+  if (!file.Close() && status.ok()) {
+    status = h5::Error(absl::StatusCode::kInternal, "cannot close (flush) " + tmp);
+  }
+  if (status.ok()) status = SyncPath(tmp);
+  if (status.ok() && std::rename(tmp.c_str(), path.c_str()) != 0) {
+    status = absl::InternalError(absl::StrCat("cannot rename ", tmp, ": ", strerror(errno)));
+  }
+  if (!status.ok()) {
+    std::remove(tmp.c_str());
+    return h5::Annotate(status, Where(path));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<TensorFile> TensorFile::Open(const std::string& path) {
+  h5::ScopedErrorSilencer silence;
+  TensorFile f;
+  f.path_ = path;
+  ASSIGN_OR_RETURN(f.file_, OpenCheckpoint(path));
+  ASSIGN_OR_RETURN(f.meta_, ReadMeta(f.file_.get(), path));
+  if (h5::HasAttr(f.file_.get(), "shards")) {
+    auto text = h5::ReadStringAttr(f.file_.get(), "shards");
+    if (!text.ok()) return h5::Annotate(text.status(), Where(path));
+    ASSIGN_OR_RETURN(f.shards_, ParseShards(*text, path));
+  }
+  return f;
+}
+
+bool TensorFile::HasGroup(TensorGroup g) const {
+  return PathExists(file_.get(), TensorGroupPath(g) + 1);  // relative: skip the leading '/'
+}
+
+absl::StatusOr<std::vector<TensorFile::Entry>> TensorFile::Entries() {
+  h5::ScopedErrorSilencer silence;
+  const std::string& path = path_;
+  if (!HasGroup(TensorGroup::kModel)) return absl::DataLossError(Where(path) + "no /model group");
+  Handle group = h5::GroupHandle(H5Gopen2(file_.get(), kModelGroup, H5P_DEFAULT));
   if (!group.valid()) return h5::Error(absl::StatusCode::kDataLoss, Where(path) + "bad /model");
   H5G_info_t info;
   if (H5Gget_info(group.get(), &info) < 0) {
@@ -431,7 +458,7 @@ absl::StatusOr<std::vector<std::pair<std::string, Shape>>> ListCheckpointTensors
       (order_flags & H5P_CRT_ORDER_INDEXED)) {
     index = H5_INDEX_CRT_ORDER;
   }
-  std::vector<std::pair<std::string, Shape>> out;
+  std::vector<Entry> out;
   for (hsize_t i = 0; i < info.nlinks; ++i) {
     const ssize_t len =
         H5Lget_name_by_idx(group.get(), ".", index, H5_ITER_INC, i, nullptr, 0, H5P_DEFAULT);
@@ -444,18 +471,87 @@ absl::StatusOr<std::vector<std::pair<std::string, Shape>>> ListCheckpointTensors
       return h5::Error(absl::StatusCode::kDataLoss, Where(path) + "cannot list /model");
     }
     name.resize(static_cast<size_t>(len));
+    const std::string label = absl::StrCat(Where(path), "tensor '", name, "'");
     Handle ds = h5::DatasetHandle(H5Dopen2(group.get(), name.c_str(), H5P_DEFAULT));
     if (!ds.valid()) {
-      return h5::Error(absl::StatusCode::kDataLoss,
-                       absl::StrCat(Where(path), "/model/", name, " is not a readable dataset"));
+      return h5::Error(absl::StatusCode::kDataLoss, label + " is not a readable dataset");
     }
     auto shape = ReadShape(ds.get());
-    if (!shape.ok()) {
-      return h5::Annotate(shape.status(), absl::StrCat(Where(path), "tensor '", name, "' "));
+    if (!shape.ok()) return h5::Annotate(shape.status(), label + " ");
+    Entry e{name, WholeSlice(*shape)};
+    if (h5::HasAttr(ds.get(), kGlobalShapeAttr) || h5::HasAttr(ds.get(), kGlobalStartAttr)) {
+      auto global = h5::ReadInt64ArrayAttr(ds.get(), kGlobalShapeAttr);
+      if (!global.ok()) return h5::Annotate(global.status(), label + ": ");
+      auto start = h5::ReadInt64ArrayAttr(ds.get(), kGlobalStartAttr);
+      if (!start.ok()) return h5::Annotate(start.status(), label + ": ");
+      e.slice.global_shape = *std::move(global);
+      e.slice.start = *std::move(start);
+      if (!SliceInBounds(e.slice)) {
+        return absl::DataLossError(absl::StrCat(label, ": block ", SliceToString(e.slice),
+                                                " does not fit its global shape ",
+                                                ShapeToString(e.slice.global_shape)));
+      }
     }
-    out.emplace_back(std::move(name), *std::move(shape));
+    out.push_back(std::move(e));
   }
   return out;
+}
+
+absl::Status TensorFile::Read(TensorGroup g, const std::string& name, const Shape& expected,
+                              std::vector<float>& out) {
+  h5::ScopedErrorSilencer silence;
+  const char* group_path = TensorGroupPath(g);
+  const std::string label = Where(path_) + TensorLabel(name, group_path);
+  if (!HasGroup(g)) {
+    return absl::NotFoundError(
+        absl::StrCat(Where(path_), "no ", group_path, " group",
+                     g != TensorGroup::kModel ? " (the checkpoint has no optimizer state)" : ""));
+  }
+  const std::string link = absl::StrCat(group_path + 1, "/", name);
+  if (H5Lexists(file_.get(), link.c_str(), H5P_DEFAULT) <= 0) {
+    return absl::NotFoundError(
+        absl::StrCat(label, " not found (expected shape ", ShapeToString(expected), ")"));
+  }
+  Handle ds = h5::DatasetHandle(H5Dopen2(file_.get(), link.c_str(), H5P_DEFAULT));
+  if (!ds.valid()) {
+    return h5::Error(absl::StatusCode::kDataLoss, label + " cannot be opened as a dataset");
+  }
+  Handle type = h5::TypeHandle(H5Dget_type(ds.get()));
+  if (!type.valid()) return h5::Error(absl::StatusCode::kDataLoss, label + ": unreadable dtype");
+  if (H5Tget_class(type.get()) != H5T_FLOAT || H5Tget_size(type.get()) != 4) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(label, " has dtype ", h5::DescribeType(type.get()), ", expected f32"));
+  }
+  auto shape = ReadShape(ds.get());
+  if (!shape.ok()) return h5::Annotate(shape.status(), label + " ");
+  if (*shape != expected) {
+    return absl::InvalidArgumentError(absl::StrCat(label, " has shape ", ShapeToString(*shape),
+                                                   " in the file, expected ",
+                                                   ShapeToString(expected)));
+  }
+  const size_t numel = static_cast<size_t>(NumElements(expected));
+  out.resize(numel);
+  if (numel > 0 &&
+      H5Dread(ds.get(), H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, out.data()) < 0) {
+    return h5::Error(absl::StatusCode::kDataLoss, absl::StrCat("cannot read ", label));
+  }
+  auto stored = h5::ReadIntAttr(ds.get(), kCrcAttr);
+  if (!stored.ok()) {
+    return absl::DataLossError(absl::StrCat(label, ": bad checksum: ", stored.status().message()));
+  }
+  const uint32_t actual = Crc32(out.data(), numel);
+  if (*stored != static_cast<int64_t>(actual)) {
+    return absl::DataLossError(
+        absl::StrFormat("%s: checksum mismatch (stored crc32 0x%08x, data has 0x%08x)", label,
+                        static_cast<uint64_t>(*stored), actual));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<CheckpointMeta> ReadTensorFileMeta(const std::string& path) {
+  h5::ScopedErrorSilencer silence;
+  ASSIGN_OR_RETURN(Handle file, OpenCheckpoint(path));
+  return ReadMeta(file.get(), path);
 }
 
 }  // namespace eellm

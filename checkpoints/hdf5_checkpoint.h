@@ -1,33 +1,36 @@
-// Single-rank HDF5 checkpoints: saves and loads a ParamStore (and optionally the AdamW moment
-// arenas) together with the model config, step count and extra string attributes, in a plain
-// HDF5 file that h5py and other HDF5 tools can read.
+// One eellm HDF5 tensor file: writing blocks of tensors (whole tensors or tensor-parallel
+// shards) with their checksums and positions, and reading them back verified. A single-rank
+// checkpoint is one such file; a sharded checkpoint (sharded_checkpoint.h) is one per writing
+// rank plus a top-level file that indexes them.
 //
-// File format "eellm-hdf5", version 1:
+// File format "eellm-hdf5", version 2 (version 1 files, which are the same without the
+// position attributes, still load):
 //   /                       root attributes:
 //                             format          string "eellm-hdf5"
-//                             format_version  int64 1
+//                             format_version  int64 2
 //                             config          string, the model config as JSON text
 //                             step            int64, optimizer steps taken
+//                             shards          (top-level files of sharded checkpoints only)
+//                                             string, JSON array of the shard files' names;
+//                                             such a file's /model and /optimizer datasets are
+//                                             virtual datasets over the shard files' blocks
 //   /attrs                  group; one string attribute per CheckpointMeta::attrs entry
-//   /model/<name>           one float32 (little-endian) dataset per parameter, named by the
-//                           parameter's global name verbatim ("layers.0.attn.wq.weight"), with
-//                           its global shape (a scalar dataspace for shape []), contiguous
-//                           layout; attribute crc32 (uint32): zlib CRC-32 of the dataset's raw
-//                           little-endian bytes in row-major order
+//   /model/<name>           one float32 (little-endian) dataset per tensor, named by its global
+//                           name verbatim ("layers.0.attn.wq.weight"), contiguous; attributes:
+//                             crc32         uint32: zlib CRC-32 of the raw little-endian bytes
+//                             global_shape  int64[rank], only when the dataset is a block of a
+//                             global_start  int64[rank]  larger tensor (tensor-parallel shard)
 //   /optimizer/m/<name>     AdamW first moments, same layout as /model (present only when saved)
 //   /optimizer/v/<name>     AdamW second moments, likewise
 // String attributes are fixed-length, NUL-terminated UTF-8 (h5py returns bytes:
 // f.attrs["config"].decode()); fixed length keeps them (up to 64 KiB) in checksummed object
-// headers, unlike variable-length strings in the unchecksummed global heap. Reading also accepts
-// variable-length strings (what h5py writes). Groups track link creation order, so datasets list
-// in parameter order. Files use the HDF5 1.8 object format (superblock v2, checksummed
-// metadata), so a corrupted byte gives an error rather than garbage or a hang; any HDF5 >= 1.8
-// reader, h5py included, opens them, and f["model"][name][()] is the whole array.
+// headers. Reading also accepts variable-length strings (what h5py writes). Groups track link
+// creation order, so datasets list in the order written. Tensor files use the HDF5 1.8 object
+// format (superblock v2, checksummed metadata), so a corrupted byte gives an error rather than
+// garbage or a hang.
 //
-// Parameter names must be non-empty, contain no '/' and not be ".". Saving is atomic: the file
-// is written to `path + ".tmp"`, closed, synced and renamed over `path`; missing parent
-// directories are created. Loading matches datasets to parameters by name; datasets in the file
-// with no matching parameter are ignored.
+// Tensor names must be non-empty, contain no '/' and not be ".". Writing is atomic: the file
+// is written to `path + ".tmp"`, closed, synced and renamed over `path`.
 //
 // Errors are absl statuses naming the file (and the tensor, with expected and found shapes,
 // where relevant): NotFound for a missing file or tensor, InvalidArgument for a non-HDF5 file,
@@ -44,7 +47,8 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "engine/tensor/param_store.h"
+#include "checkpoints/hdf5_util.h"
+#include "checkpoints/tensor_slice.h"
 
 namespace eellm {
 
@@ -54,33 +58,82 @@ struct CheckpointMeta {
   std::map<std::string, std::string> attrs;  // extra string attributes (train state JSON etc.)
 };
 
-// Optional AdamW state: arenas with the same layout as ParamStore (offsets from ParamInfo).
-struct OptimizerArenas {
-  const float* m = nullptr;
-  const float* v = nullptr;
+// Which group of a tensor file: the model, or the AdamW moments.
+enum class TensorGroup { kModel, kAdamM, kAdamV };
+const char* TensorGroupPath(TensorGroup g);  // "/model", "/optimizer/m", "/optimizer/v"
+
+// One tensor (or block of one) to write, in host memory (NumElements(slice.shape) floats each).
+struct FileTensor {
+  std::string name;
+  TensorSlice slice;
+  const float* model = nullptr;
+  const float* adam_m = nullptr;  // with adam_v: optional, but all tensors or none
+  const float* adam_v = nullptr;
 };
 
-// Writes `params` (allocated; copied from device memory via its backend) and `meta` to `path`.
-// Non-null adam_m / adam_v (device arenas of params.size() floats laid out like the parameter
-// arena, on the same backend) are saved under /optimizer/m and /optimizer/v.
-absl::Status SaveCheckpoint(const std::string& path, const ParamStore& params,
-                            const CheckpointMeta& meta, const float* adam_m = nullptr,
-                            const float* adam_v = nullptr);
+// A whole tensor of a top-level file, stored as an HDF5 virtual dataset over blocks in the
+// shard files (so h5py reads f["model"][name][()] as one array).
+struct VirtualTensor {
+  TensorGroup group = TensorGroup::kModel;
+  std::string name;
+  Shape global_shape;
+  struct Source {
+    std::string file;  // shard file name, relative to the top-level file's directory
+    TensorSlice slice;
+  };
+  std::vector<Source> sources;
+};
 
-// Reads the config, step and extra attributes without touching the tensors.
-absl::StatusOr<CheckpointMeta> ReadCheckpointMeta(const std::string& path);
+struct TensorFileOptions {
+  // Top-level files of sharded checkpoints: the shard files' names (root attribute "shards")
+  // and the virtual datasets over them. Such a file holds no tensor data itself and uses the
+  // HDF5 1.10 format (virtual datasets need it).
+  std::vector<std::string> shards;
+  std::vector<VirtualTensor> virtual_tensors;
+  // Tests: fail (as if the process died) after writing this many tensors; < 0 = never.
+  int fail_after_tensors = -1;
+};
 
-// Loads every parameter of `params` (already declared and allocated) by name; each dataset must
-// exist with the same shape and dtype f32, and its checksum must match. If adam_m/adam_v are
-// non-null (device arenas laid out like the parameter arena), loads the optimizer state too
-// (error if absent). All shapes and dtypes are checked before anything is written; if a later
-// read or checksum fails, the destination contents are unspecified.
-absl::Status LoadCheckpoint(const std::string& path, ParamStore& params, float* adam_m = nullptr,
-                            float* adam_v = nullptr);
+// Writes `tensors` and `meta` to `path` atomically (parent directories are created).
+absl::Status WriteTensorFile(const std::string& path, const CheckpointMeta& meta,
+                             const std::vector<FileTensor>& tensors,
+                             const TensorFileOptions& options = {});
 
-// Names and shapes of all model tensors in a checkpoint (for inspection/tools), in the order
-// they were saved.
-absl::StatusOr<std::vector<std::pair<std::string, Shape>>> ListCheckpointTensors(
-    const std::string& path);
+// An open tensor file: its metadata, its table of contents, and verified reads.
+class TensorFile {
+ public:
+  struct Entry {
+    std::string name;
+    TensorSlice slice;  // whole tensor unless the dataset carries a position
+  };
+
+  // Opens `path` read-only and checks the format and version (errors as described above).
+  static absl::StatusOr<TensorFile> Open(const std::string& path);
+
+  const std::string& path() const { return path_; }
+  const CheckpointMeta& meta() const { return meta_; }
+  // Shard files named by a top-level file (empty for a self-contained file).
+  const std::vector<std::string>& shards() const { return shards_; }
+  // The /model datasets in the order written, with their positions (listed lazily on first
+  // call; only valid for self-contained and shard files).
+  absl::StatusOr<std::vector<Entry>> Entries();
+  bool HasGroup(TensorGroup g) const;
+  // Reads dataset `name` of `g` whole into `out`, after checking that it holds f32 values of
+  // `expected` shape, and verifies its checksum.
+  absl::Status Read(TensorGroup g, const std::string& name, const Shape& expected,
+                    std::vector<float>& out);
+
+ private:
+  std::string path_;
+  h5::Handle file_;
+  CheckpointMeta meta_;
+  std::vector<std::string> shards_;
+};
+
+// Reads the config, step and extra attributes of a tensor file without touching the tensors.
+absl::StatusOr<CheckpointMeta> ReadTensorFileMeta(const std::string& path);
+
+// Flushes the closed file or directory at `path` to stable storage.
+absl::Status SyncPath(const std::string& path);
 
 }  // namespace eellm

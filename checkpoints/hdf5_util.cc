@@ -202,4 +202,49 @@ absl::StatusOr<int64_t> ReadIntAttr(hid_t loc, const std::string& name) {
   return value;
 }
 
+absl::Status WriteInt64ArrayAttr(hid_t loc, const std::string& name,
+                                 const std::vector<int64_t>& values) {
+  const hsize_t n = values.size();
+  Handle space = SpaceHandle(n == 0 ? H5Screate(H5S_NULL) : H5Screate_simple(1, &n, nullptr));
+  if (!space.valid()) return Error(absl::StatusCode::kInternal, "cannot create a dataspace");
+  Handle attr = AttrHandle(
+      H5Acreate2(loc, name.c_str(), H5T_STD_I64LE, space.get(), H5P_DEFAULT, H5P_DEFAULT));
+  if (!attr.valid()) {
+    return Error(absl::StatusCode::kInternal, absl::StrCat("cannot create attribute '", name, "'"));
+  }
+  if (n > 0 && H5Awrite(attr.get(), H5T_NATIVE_INT64, values.data()) < 0) {
+    return Error(absl::StatusCode::kInternal, absl::StrCat("cannot write attribute '", name, "'"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<int64_t>> ReadInt64ArrayAttr(hid_t loc, const std::string& name) {
+  if (H5Aexists(loc, name.c_str()) <= 0) {
+    return absl::NotFoundError(absl::StrCat("attribute '", name, "' not found"));
+  }
+  Handle attr = AttrHandle(H5Aopen(loc, name.c_str(), H5P_DEFAULT));
+  Handle type = TypeHandle(attr.valid() ? H5Aget_type(attr.get()) : H5I_INVALID_HID);
+  Handle space = SpaceHandle(attr.valid() ? H5Aget_space(attr.get()) : H5I_INVALID_HID);
+  if (!attr.valid() || !type.valid() || !space.valid()) {
+    return Error(absl::StatusCode::kDataLoss, absl::StrCat("cannot open attribute '", name, "'"));
+  }
+  if (H5Tget_class(type.get()) != H5T_INTEGER) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "attribute '", name, "' has type ", DescribeType(type.get()), ", expected integers"));
+  }
+  const H5S_class_t cls = H5Sget_simple_extent_type(space.get());
+  if (cls == H5S_NULL) return std::vector<int64_t>();
+  const hssize_t n = H5Sget_simple_extent_npoints(space.get());
+  if (cls != H5S_SIMPLE || H5Sget_simple_extent_ndims(space.get()) != 1 || n < 0 ||
+      n > H5S_MAX_RANK) {
+    return absl::DataLossError(absl::StrCat("attribute '", name, "' is not a list of at most ",
+                                            H5S_MAX_RANK, " integers"));
+  }
+  std::vector<int64_t> values(static_cast<size_t>(n));
+  if (n > 0 && H5Aread(attr.get(), H5T_NATIVE_INT64, values.data()) < 0) {
+    return Error(absl::StatusCode::kDataLoss, absl::StrCat("cannot read attribute '", name, "'"));
+  }
+  return values;
+}
+
 }  // namespace eellm::h5

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -96,5 +97,10 @@ bool HasAttr(hid_t loc, const std::string& name);
 absl::StatusOr<std::string> ReadStringAttr(hid_t loc, const std::string& name);
 // Any integer attribute, converted to int64 (NotFound when absent).
 absl::StatusOr<int64_t> ReadIntAttr(hid_t loc, const std::string& name);
+// One-dimensional int64 array attributes (shapes, positions); reading accepts any integer type
+// and at most H5S_MAX_RANK elements.
+absl::Status WriteInt64ArrayAttr(hid_t loc, const std::string& name,
+                                 const std::vector<int64_t>& values);
+absl::StatusOr<std::vector<int64_t>> ReadInt64ArrayAttr(hid_t loc, const std::string& name);
 
 }  // namespace eellm::h5

@@ -12,7 +12,9 @@
 #include "models/generator.h"
 #include "models/tokenizer.h"
 
-ABSL_FLAG(std::string, checkpoint, "", "HDF5 checkpoint written by eellm train (required)");
+ABSL_FLAG(std::string, checkpoint, "",
+          "checkpoint: a run directory of eellm train (its latest step), a step directory or "
+          "a checkpoint file (required)");
 ABSL_FLAG(std::string, prompt, "And God said", "prompt text");
 ABSL_FLAG(int, max_new_tokens, 200, "tokens to generate at most (stops earlier at EOS)");
 ABSL_FLAG(double, threshold, 0.8,

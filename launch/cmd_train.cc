@@ -18,7 +18,9 @@ ABSL_FLAG(std::string, config, "",
 ABSL_FLAG(int, steps, 0, "override train.steps (0 = keep)");
 ABSL_FLAG(std::string, out, "", "override train.out, the checkpoint directory");
 ABSL_FLAG(std::string, data, "", "override train.data, the token-file prefix");
-ABSL_FLAG(std::string, resume, "", "checkpoint to resume from (model, optimizer state, step)");
+ABSL_FLAG(std::string, resume, "",
+          "checkpoint to resume from (model, optimizer state, step): a run directory (its "
+          "latest step), a step directory or a checkpoint file; any parallel layout");
 ABSL_FLAG(bool, quiet, false, "print only errors");
 ABSL_FLAG(int, tp, 0, "tensor-parallel size (0 = train.tp)");
 ABSL_FLAG(int, pp, 0, "pipeline-parallel size (0 = train.pp)");

@@ -5,7 +5,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
-#include "checkpoints/hdf5_checkpoint.h"
+#include "checkpoints/sharded_checkpoint.h"
 #include "models/transformer.h"
 
 namespace eellm {

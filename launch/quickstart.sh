@@ -14,6 +14,6 @@ if [ ! -f data/kjv.train.bin ]; then
   ./build/eellm data --input data/kjv.txt --output data/kjv --val-fraction 0.02
 fi
 ./build/eellm train --config configs/kjv_demo.json "$@"
-./build/eellm generate --checkpoint runs/kjv_demo/checkpoint.h5 --prompt "And God said" \
+./build/eellm generate --checkpoint runs/kjv_demo --prompt "And God said" \
   --max-new-tokens 200 --threshold 0.8 --compare
 echo "quickstart finished in $(( $(date +%s) - start )) s"

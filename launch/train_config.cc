@@ -60,6 +60,7 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
                                    "eval_interval",
                                    "eval_batches",
                                    "save_interval",
+                                   "keep_checkpoints",
                                    "tp",
                                    "pp",
                                    "dp",
@@ -89,6 +90,7 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
     RETURN_IF_ERROR(ReadJsonField(tj, "eval_interval", "train config", &t.eval_interval));
     RETURN_IF_ERROR(ReadJsonField(tj, "eval_batches", "train config", &t.eval_batches));
     RETURN_IF_ERROR(ReadJsonField(tj, "save_interval", "train config", &t.save_interval));
+    RETURN_IF_ERROR(ReadJsonField(tj, "keep_checkpoints", "train config", &t.keep_checkpoints));
     RETURN_IF_ERROR(ReadJsonField(tj, "tp", "train config", &t.tp));
     RETURN_IF_ERROR(ReadJsonField(tj, "pp", "train config", &t.pp));
     RETURN_IF_ERROR(ReadJsonField(tj, "dp", "train config", &t.dp));
@@ -102,8 +104,8 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
                       {t.eval_batches, "eval_batches"}}) {
     if (v <= 0) return Invalid(absl::StrCat(k, " must be positive, got ", v));
   }
-  if (t.warmup_steps < 0 || t.eval_interval < 0 || t.save_interval < 0) {
-    return Invalid("warmup_steps, eval_interval and save_interval must be >= 0");
+  if (t.warmup_steps < 0 || t.eval_interval < 0 || t.save_interval < 0 || t.keep_checkpoints < 0) {
+    return Invalid("warmup_steps, eval_interval, save_interval and keep_checkpoints must be >= 0");
   }
   if (t.exit_placement != "bubbles" && t.exit_placement != "backward") {
     return Invalid(
@@ -156,6 +158,7 @@ std::string TrainConfigToJson(const TrainConfig& t) {
             {"eval_interval", t.eval_interval},
             {"eval_batches", t.eval_batches},
             {"save_interval", t.save_interval},
+            {"keep_checkpoints", t.keep_checkpoints},
             {"tp", t.tp},
             {"pp", t.pp},
             {"dp", t.dp},

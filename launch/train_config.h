@@ -14,7 +14,7 @@ struct TrainConfig {
   std::string data = "data/kjv";  // token files <data>.train.bin and <data>.val.bin
   std::string tokenizer = "byte";
   std::string backend = "cpu";
-  std::string out = "runs/default";  // checkpoint directory (<out>/checkpoint.h5)
+  std::string out = "runs/default";  // checkpoint directory (<out>/latest, <out>/step_*/)
   int batch_size = 8;                // global batch (sequences per optimizer step)
   int micro_batch_size = 0;  // sequences per microbatch; 0 = batch_size / dp (one microbatch)
   int seq_len = 128;
@@ -31,6 +31,7 @@ struct TrainConfig {
   int eval_interval = 200;  // 0 = only at the end
   int eval_batches = 8;
   int save_interval = 0;       // 0 = only at the end
+  int keep_checkpoints = 3;    // step directories kept in `out` (0 = all)
   int tp = 1, pp = 1, dp = 1;  // parallel layout (world size = tp * pp * dp)
   bool zero1 = false;          // shard optimizer state over data-parallel ranks
   // Where exit-head work runs: "bubbles" (its own action in pipeline bubbles) or "backward"

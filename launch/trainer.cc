@@ -5,13 +5,13 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "checkpoints/hdf5_checkpoint.h"
+#include "checkpoints/sharded_checkpoint.h"
 #include "engine/core/status.h"
 #include "engine/core/timer.h"
 #include "engine/optim/adamw.h"
 #include "engine/optim/schedules.h"
-#include "launch/pipeline_gather.h"
 #include "launch/progress.h"
+#include "launch/timeline_gather.h"
 #include "models/exit_loss_weights.h"
 #include "models/pipeline_executor.h"
 #include "models/token_dataset.h"
@@ -88,6 +88,23 @@ void PrintTimeline(const Timeline& measured, const Schedule& schedule) {
                 simulated->makespan * 1e3, BubbleFraction(*simulated),
                 RenderTimeline(*simulated, 72).c_str());
   }
+}
+
+// What resuming at `step` needs besides the tensors, as JSON for the checkpoint's attributes.
+// Everything here is a function of the step (the data sampler draws batch `step` from the
+// seed; the LR and exit-loss weights follow their schedules; there is no dropout), so resuming
+// only needs the step, and the rest documents the state for people and tools.
+std::string TrainStateJson(const RunConfig& rc, int step) {
+  const TrainConfig& tc = rc.train;
+  std::string weights;
+  for (float w : ExitLossWeights(rc.model, step)) {
+    absl::StrAppend(&weights, weights.empty() ? "" : ", ", absl::StrFormat("%.9g", w));
+  }
+  return absl::StrFormat(
+      "{\"step\": %d, \"data\": {\"sampler\": \"random_rows\", \"seed\": %d, "
+      "\"next_batch\": %d}, \"lr\": %.9g, \"exit_loss_weights\": [%s]}",
+      step, tc.seed, step, WarmupCosineLr(step, tc.warmup_steps, tc.steps, tc.lr, tc.min_lr),
+      weights);
 }
 
 std::string FormatLosses(const ModelConfig& c, double final_loss,
@@ -267,7 +284,6 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     dopts.push_back(std::make_unique<DistributedOptimizer>(&chunk->params(), ac, ctx, tc.zero1));
   }
   DistributedOptimizer& dopt = *dopts[0];
-  ParamStore& ps = model->params();
   // Full-size moment arenas for checkpoints (ZeRO-1 shards are gathered into them), per chunk.
   std::vector<Buffer> full_m(nv), full_v(nv);
   std::vector<float*> ckpt_m(nv), ckpt_v(nv);
@@ -282,13 +298,27 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     ckpt_v[k] = dopt.zero1() ? full_v[k].f32() : opt.v();
   }
   auto shard = [&](int k) { return dopts[k]->adamw().hi() - dopts[k]->adamw().lo(); };
+  // What this rank saves and loads: its chunks, tensor-parallel blocks, moments. Tensors held
+  // whole by every tensor-parallel rank are written by rank 0 of the group, copies of the word
+  // embedding only by virtual stage 0, and data-parallel replicas write nothing.
+  std::vector<ChunkState> states(nv);
+  for (int k = 0; k < nv; ++k) {
+    ChunkState& st = states[k];
+    st.params = &chunks[k]->params();
+    st.adam_m = ckpt_m[k];
+    st.adam_v = ckpt_v[k];
+    st.tp_rank = ctx->coord.tp;
+    st.tp_size = tc.tp;
+    for (const ParamInfo& p : st.params->params()) {
+      const bool replica = p.split_dim < 0 && ctx->coord.tp != 0;
+      const bool embedding_copy = chunks[k]->word_embedding() >= 0 &&
+                                  p.name == st.params->params()[chunks[k]->word_embedding()].name &&
+                                  (ctx->coord.pp != 0 || k != 0);
+      if (replica || embedding_copy) st.skip.push_back(p.name);
+    }
+  }
   int start = 0;
   if (!opts.resume.empty()) {
-    if (tc.tp > 1) {
-      return absl::UnimplementedError(
-          "resuming under tensor parallelism (slicing whole checkpoint tensors into shards) is "
-          "not implemented yet; resume with tp 1 (any pp and dp)");
-    }
     ASSIGN_OR_RETURN(CheckpointMeta meta, ReadCheckpointMeta(opts.resume));
     if (meta.config_json != rc.model_json) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -300,9 +330,9 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
           absl::StrCat("checkpoint ", opts.resume, " is already at step ", start, " of ", tc.steps,
                        "; set steps (--steps) above ", start, " to train further"));
     }
+    RETURN_IF_ERROR(LoadCheckpoint(opts.resume, states));
     for (int k = 0; k < nv; ++k) {
       AdamW& opt = dopts[k]->adamw();
-      RETURN_IF_ERROR(LoadCheckpoint(opts.resume, chunks[k]->params(), ckpt_m[k], ckpt_v[k]));
       if (dopt.zero1()) {
         backend->Copy(opt.m(), ckpt_m[k] + opt.lo(), shard(k) * sizeof(float));
         backend->Copy(opt.v(), ckpt_v[k] + opt.lo(), shard(k) * sizeof(float));
@@ -319,9 +349,7 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
                         tc.exit_placement == "bubbles");
   const int n = rows * tc.seq_len;
   std::vector<int32_t> in(n), tg(n);
-  const std::string ckpt = tc.out + "/checkpoint.h5";
-  // Several stages or chunks: checkpoints hold the model assembled on rank 0.
-  const bool gathered = tc.pp > 1 || nv > 1 || tc.tp > 1;
+  std::string ckpt;  // the last step directory written
   auto save = [&](int step) -> absl::Status {
     if (dopt.zero1()) {  // collective: every rank takes part
       for (int k = 0; k < nv; ++k) {
@@ -329,44 +357,18 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
         ctx->dp->AllGather(dopts[k]->adamw().v(), ckpt_v[k], shard(k));
       }
     }
-    GatheredModel whole;
-    if (gathered && tc.tp > 1) {
-      // Whole (tp = 1) chunks from the tensor-parallel shards first, then the pipeline gather.
-      std::vector<std::unique_ptr<Model>> unsharded;
-      std::vector<Buffer> um(nv), uv(nv);
-      std::vector<Model*> uchunks;
-      std::vector<const float*> pm, pv;
-      for (int k = 0; k < nv; ++k) {
-        ASSIGN_OR_RETURN(
-            auto u, UnshardTensorParallel(*chunks[k], StageSpec{k * pp + ctx->coord.pp, pp * nv},
-                                          ckpt_m[k], ckpt_v[k], *ctx, &um[k], &uv[k]));
-        uchunks.push_back(u.get());
-        pm.push_back(um[k].f32());
-        pv.push_back(uv[k].f32());
-        unsharded.push_back(std::move(u));
-      }
-      ASSIGN_OR_RETURN(whole, GatherPipeline(uchunks, pm, pv, *ctx));
-    } else if (gathered) {
-      ASSIGN_OR_RETURN(whole, GatherPipeline(chunks, {ckpt_m.begin(), ckpt_m.end()},
-                                             {ckpt_v.begin(), ckpt_v.end()}, *ctx));
-    }
-    if (!rank0) return absl::OkStatus();
     CheckpointMeta meta;
     meta.config_json = rc.model_json;
     meta.step = step;
     meta.attrs["train_config"] = TrainConfigToJson(tc);
     meta.attrs["tokenizer"] = tc.tokenizer;
-    if (gathered) {
-      RETURN_IF_ERROR(
-          SaveCheckpoint(ckpt, whole.model->params(), meta, whole.m.f32(), whole.v.f32()));
-      if (opts.final_params && step == tc.steps) {
-        const ParamStore& wp = whole.model->params();
-        opts.final_params->resize(wp.size());
-        backend->CopyToHost(opts.final_params->data(), wp.params_data(), wp.size() * sizeof(float));
-      }
-    } else {
-      RETURN_IF_ERROR(SaveCheckpoint(ckpt, ps, meta, ckpt_m[0], ckpt_v[0]));
-    }
+    meta.attrs["train_state"] = TrainStateJson(rc, step);
+    const bool writes = ctx->coord.dp == 0;
+    ASSIGN_OR_RETURN(
+        ckpt, SaveShardedCheckpoint(
+                  tc.out, meta, writes ? states : std::vector<ChunkState>{},
+                  writes ? absl::StrCat("tp", ctx->coord.tp, "_pp", ctx->coord.pp) : "",
+                  *ctx->world, ShardedSaveOptions{tc.keep_checkpoints, opts.fail_save_after}));
     if (verbose) std::printf("saved %s (step %d)\n", ckpt.c_str(), step);
     return absl::OkStatus();
   };
@@ -489,9 +491,13 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
                 sum.tokens_per_second);
   }
   RETURN_IF_ERROR(save(tc.steps));
-  if (opts.final_params && !gathered) {
-    opts.final_params->resize(ps.size());
-    backend->CopyToHost(opts.final_params->data(), ps.params_data(), ps.size() * sizeof(float));
+  if (opts.final_params && rank0) {
+    // The whole model, as a single rank would hold it, read back from what was saved.
+    ASSIGN_OR_RETURN(auto whole, Model::Create(mc, backend, StageSpec{0, 1}, TpSpec{}));
+    RETURN_IF_ERROR(LoadCheckpoint(ckpt, whole->params()));
+    const ParamStore& wp = whole->params();
+    opts.final_params->resize(wp.size());
+    backend->CopyToHost(opts.final_params->data(), wp.params_data(), wp.size() * sizeof(float));
   }
   sum.checkpoint = ckpt;
   return sum;

@@ -26,7 +26,7 @@ struct TrainSummary {
   std::vector<double> last_train_losses;   // averaged over the last log interval
   EvalResult first_eval, last_eval;        // validation before training and at the end
   int64_t num_params = 0;
-  std::string checkpoint;  // path written
+  std::string checkpoint;  // step directory written last
 };
 
 struct TrainOptions {
@@ -44,6 +44,8 @@ struct TrainOptions {
   // Print the measured pipeline timeline of the last step (per-stage busy/idle, bubble
   // fraction) beside the cost model's prediction for the same schedule.
   bool print_timeline = false;
+  // Tests: every rank's checkpoint shard write fails after this many tensors (< 0 = never).
+  int fail_save_after = -1;
 };
 
 // Checks that the model can be split over the layout (layers over stages, heads, KV heads and

@@ -1,7 +1,7 @@
 // Tests for the single-rank HDF5 checkpoint format: bit-exact round trips of parameters and
 // AdamW state, metadata round trip, atomic save, and clear errors (never crashes) for missing,
 // foreign, truncated, corrupted and mismatching files.
-#include "checkpoints/hdf5_checkpoint.h"
+#include "checkpoints/sharded_checkpoint.h"
 
 #include <hdf5.h>
 #include <unistd.h>

@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_format.h"
 #include "gtest/gtest.h"
 #include "hdf5.h"
 
@@ -153,15 +154,17 @@ class CliTest : public ::testing::Test {
     return d.exit_code == 0;
   }
 
-  // Prepares the token files and trains the tiny model for `steps` steps; returns the
-  // checkpoint path ("" after a test failure).
+  // Prepares the token files and trains the tiny model for `steps` steps; returns the path of
+  // the checkpoint's one shard file, itself a complete single-file checkpoint ("" after a test
+  // failure).
   std::string TrainTinyModel(int steps) {
     if (!PrepareTinyData(0.1)) return "";
     const std::string train_args = "train --config=" + Quote(WriteConfig(kTinyModel, steps));
     CmdResult t = RunEellm(train_args);
     EXPECT_EQ(t.exit_code, 0) << Describe(train_args, t);
     if (t.exit_code != 0) return "";
-    const std::string ckpt = Path("run/checkpoint.h5");
+    EXPECT_TRUE(fs::exists(Path("run/latest"))) << Describe(train_args, t);
+    const std::string ckpt = Path(absl::StrFormat("run/step_%08d/shard_tp0_pp0.h5", steps));
     EXPECT_TRUE(fs::exists(ckpt)) << Describe(train_args, t);
     return fs::exists(ckpt) ? ckpt : "";
   }
@@ -543,14 +546,13 @@ TEST_F(ParallelCliTest, PipelineTrainsAndSaves) {
   CmdResult r = RunEellm(args, Mpirun(2));
   EXPECT_EQ(r.exit_code, 0) << Describe(args, r);
   EXPECT_NE(r.output.find("tp 1 x pp 2 x dp 1"), std::string::npos) << Describe(args, r);
-  EXPECT_TRUE(fs::exists(Path("run/checkpoint.h5"))) << Describe(args, r);
+  EXPECT_TRUE(fs::exists(Path("run/step_00000002/shard_tp0_pp1.h5"))) << Describe(args, r);
   // The checkpoint holds the whole model: generation works from it on one process.
-  CmdResult g =
-      RunEellm("generate --checkpoint=" + Quote(Path("run/checkpoint.h5")) + " --max-new-tokens=5");
+  CmdResult g = RunEellm("generate --checkpoint=" + Quote(Path("run")) + " --max-new-tokens=5");
   EXPECT_EQ(g.exit_code, 0) << g.output;
 }
 
-// A checkpoint holds whole tensors under their global names, so a run saved under one layout
+// A checkpoint holds tensors under their global names and shapes, so a run saved under one layout
 // resumes under another: here pipeline-parallel (pp 2) -> data-parallel with ZeRO-1 (dp 2).
 TEST_F(ParallelCliTest, ResumesUnderAnotherLayout) {
   ASSERT_TRUE(PrepareTinyData(0.2));
@@ -558,7 +560,7 @@ TEST_F(ParallelCliTest, ResumesUnderAnotherLayout) {
   CmdResult a = RunEellm("train --config=" + Quote(config) + " --pp=2", Mpirun(2));
   ASSERT_EQ(a.exit_code, 0) << a.output;
   const std::string args = "train --config=" + Quote(config) + " --dp=2 --zero1 --steps=4 " +
-                           "--resume=" + Quote(Path("run/checkpoint.h5"));
+                           "--resume=" + Quote(Path("run"));
   CmdResult b = RunEellm(args, Mpirun(2));
   EXPECT_EQ(b.exit_code, 0) << Describe(args, b);
   EXPECT_NE(b.output.find("step     4/4"), std::string::npos) << Describe(args, b);

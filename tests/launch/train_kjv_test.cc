@@ -120,7 +120,8 @@ TEST(TrainKjvSlow, EveryHeadLearns) {
               LossesToString(sum->last_train_losses).c_str());
 
   EXPECT_EQ(sum->steps_done, 300);
-  EXPECT_TRUE(fs::exists(dir + "/run/checkpoint.h5"));
+  EXPECT_TRUE(fs::exists(dir + "/run/latest"));
+  EXPECT_TRUE(fs::exists(dir + "/run/step_00000300/model.h5"));
 
   // Validation: final head, then each exit.
   std::vector<double> val_before = {sum->first_eval.final_loss};

@@ -99,6 +99,10 @@ TEST_P(TrainLayouts, EveryLayoutMatchesSingleRank) {
   const std::string data = DataPrefix(rank);
   RunConfig rc = TinyRun(GetParam(), data);
   RunResult ref = Train(rc, nullptr, data + "_ref");
+  // Checkpoints of parallel runs go to one directory all ranks share (rank 0's).
+  int pid0 = getpid();
+  world->Broadcast(&pid0, sizeof(pid0), 0);
+  const std::string shared_out = "/tmp/eellm_layouts_" + std::to_string(pid0) + "_run";
   ASSERT_EQ(ref.losses.size(), 3u);
   EXPECT_GT(ref.losses[0][0], ref.losses[2][0]);  // it trains
   const Layout layouts[] = {
@@ -148,7 +152,7 @@ TEST_P(TrainLayouts, EveryLayoutMatchesSingleRank) {
                              (l.virtual_stages > 1 ? " v" + std::to_string(l.virtual_stages) : "");
     auto ctx = ParallelContext::Create(MpiCommunicator::World(nullptr), l.tp, l.pp, l.dp);
     ASSERT_TRUE(ctx.ok()) << ctx.status();
-    RunResult got = Train(par, ctx->get(), data + "_" + std::to_string(tested));
+    RunResult got = Train(par, ctx->get(), shared_out + std::to_string(tested));
     ASSERT_EQ(got.losses.size(), ref.losses.size()) << name;
     for (size_t s = 0; s < ref.losses.size(); ++s) {
       for (size_t h = 0; h < ref.losses[s].size(); ++h) {
@@ -177,6 +181,14 @@ TEST_P(TrainLayouts, EveryLayoutMatchesSingleRank) {
     EXPECT_GT(close_fraction, 0.99) << name;
   }
   EXPECT_GT(tested, 0);
+  world->Barrier();
+  std::error_code ec;
+  std::filesystem::remove_all(std::filesystem::path(data).parent_path(), ec);
+  if (rank == 0) {
+    for (int i = 1; i <= tested; ++i) {
+      std::filesystem::remove_all(shared_out + std::to_string(i), ec);
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Styles, TrainLayouts, ::testing::Values("gpt", "llama"));

@@ -1,0 +1,416 @@
+#include "checkpoints/sharded_checkpoint.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <set>
+#include <system_error>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/strip.h"
+#include "engine/core/status.h"
+
+namespace eellm {
+namespace fs = std::filesystem;
+namespace {
+
+constexpr char kTopFile[] = "model.h5";
+constexpr char kLatest[] = "latest";
+
+std::string Where(const std::string& path) { return absl::StrCat("checkpoint ", path, ": "); }
+
+std::string StepDirName(int64_t step) { return absl::StrFormat("step_%08d", step); }
+
+bool IsStepDirName(const std::string& name) {
+  if (name.size() != 13 || name.rfind("step_", 0) != 0) return false;
+  return std::all_of(name.begin() + 5, name.end(), [](char c) { return c >= '0' && c <= '9'; });
+}
+
+// Where each tensor's stored blocks are: tensor name -> (file index, block).
+struct Block {
+  int file = 0;
+  TensorSlice slice;
+};
+using BlockIndex = std::map<std::string, std::vector<Block>>;
+
+// The open files of a checkpoint: the top-level one and its shards (or just one file).
+struct OpenCheckpoint {
+  std::string top_path;
+  CheckpointMeta meta;
+  std::vector<TensorFile> files;
+  BlockIndex index;
+  std::vector<std::string> order;  // tensor names in saved order
+};
+
+absl::StatusOr<OpenCheckpoint> Open(const std::string& path) {
+  OpenCheckpoint ck;
+  ASSIGN_OR_RETURN(ck.top_path, ResolveCheckpoint(path));
+  ASSIGN_OR_RETURN(TensorFile top, TensorFile::Open(ck.top_path));
+  ck.meta = top.meta();
+  std::vector<std::string> shards = top.shards();
+  if (shards.empty()) {
+    ck.files.push_back(std::move(top));
+  } else {
+    const fs::path dir = fs::path(ck.top_path).parent_path();
+    for (const std::string& s : shards) {
+      ASSIGN_OR_RETURN(TensorFile f, TensorFile::Open((dir / s).string()));
+      ck.files.push_back(std::move(f));
+    }
+  }
+  for (int i = 0; i < static_cast<int>(ck.files.size()); ++i) {
+    ASSIGN_OR_RETURN(std::vector<TensorFile::Entry> entries, ck.files[i].Entries());
+    for (TensorFile::Entry& e : entries) {
+      auto& blocks = ck.index[e.name];
+      if (blocks.empty()) ck.order.push_back(e.name);
+      blocks.push_back(Block{i, std::move(e.slice)});
+    }
+  }
+  return ck;
+}
+
+// Checks that `blocks` of tensor `name` share one global shape and tile it exactly.
+absl::Status CheckTiling(const std::string& name, const std::vector<Block>& blocks,
+                         const std::vector<std::string>& files, const std::string& where) {
+  const Shape& global = blocks[0].slice.global_shape;
+  int64_t covered = 0;
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    if (blocks[i].slice.global_shape != global) {
+      return absl::DataLossError(absl::StrCat(where, "tensor '", name, "' has global shape ",
+                                              ShapeToString(global), " in ", files[blocks[0].file],
+                                              " but ", ShapeToString(blocks[i].slice.global_shape),
+                                              " in ", files[blocks[i].file]));
+    }
+    for (size_t j = 0; j < i; ++j) {
+      if (OverlapElements(blocks[i].slice, blocks[j].slice) > 0) {
+        return absl::DataLossError(
+            absl::StrCat(where, "tensor '", name, "': blocks ", SliceToString(blocks[j].slice),
+                         " in ", files[blocks[j].file], " and ", SliceToString(blocks[i].slice),
+                         " in ", files[blocks[i].file], " overlap"));
+      }
+    }
+    covered += NumElements(blocks[i].slice.shape);
+  }
+  if (covered != NumElements(global)) {
+    return absl::DataLossError(absl::StrCat(where, "tensor '", name, "': the stored blocks cover ",
+                                            covered, " of its ", NumElements(global),
+                                            " elements (a shard is missing)"));
+  }
+  return absl::OkStatus();
+}
+
+// Writes `text` to `path` atomically (temporary file, sync, rename).
+absl::Status WriteTextAtomically(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << text;
+    out.close();
+    if (!out) return absl::InternalError(absl::StrCat("cannot write ", tmp));
+  }
+  RETURN_IF_ERROR(SyncPath(tmp));
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    return absl::InternalError(absl::StrCat("cannot rename ", tmp, " to ", path));
+  }
+  return absl::OkStatus();
+}
+
+// Rank 0's part of a save, once every shard is written into `tmp`: the top-level file, the
+// rename to the step directory, `latest`, and pruning.
+absl::StatusOr<std::string> FinishSave(const std::string& root, const std::string& tmp,
+                                       const CheckpointMeta& meta, int keep_last) {
+  std::vector<std::string> shards;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(tmp, ec)) {
+    const std::string name = e.path().filename().string();
+    if (name.rfind("shard_", 0) == 0 && e.path().extension() == ".h5") shards.push_back(name);
+  }
+  if (ec) return absl::InternalError(absl::StrCat("cannot list ", tmp, ": ", ec.message()));
+  if (shards.empty()) return absl::InternalError(absl::StrCat("no shard files in ", tmp));
+  std::sort(shards.begin(), shards.end());
+  // Index the shards and check that every tensor is tiled exactly.
+  BlockIndex index;
+  std::vector<std::string> order;
+  bool optimizer = true;
+  for (int i = 0; i < static_cast<int>(shards.size()); ++i) {
+    ASSIGN_OR_RETURN(TensorFile f, TensorFile::Open((fs::path(tmp) / shards[i]).string()));
+    optimizer &= f.HasGroup(TensorGroup::kAdamM) && f.HasGroup(TensorGroup::kAdamV);
+    ASSIGN_OR_RETURN(std::vector<TensorFile::Entry> entries, f.Entries());
+    for (TensorFile::Entry& e : entries) {
+      auto& blocks = index[e.name];
+      if (blocks.empty()) order.push_back(e.name);
+      blocks.push_back(Block{i, std::move(e.slice)});
+    }
+  }
+  std::vector<VirtualTensor> virt;
+  for (TensorGroup g : {TensorGroup::kModel, TensorGroup::kAdamM, TensorGroup::kAdamV}) {
+    if (g != TensorGroup::kModel && !optimizer) break;
+    for (const std::string& name : order) {
+      const std::vector<Block>& blocks = index[name];
+      RETURN_IF_ERROR(CheckTiling(name, blocks, shards, Where(tmp)));
+      VirtualTensor v{g, name, blocks[0].slice.global_shape, {}};
+      for (const Block& b : blocks) v.sources.push_back({shards[b.file], b.slice});
+      virt.push_back(std::move(v));
+    }
+  }
+  TensorFileOptions options;
+  options.shards = shards;
+  options.virtual_tensors = std::move(virt);
+  RETURN_IF_ERROR(WriteTensorFile((fs::path(tmp) / kTopFile).string(), meta, {}, options));
+  RETURN_IF_ERROR(SyncPath(tmp));
+  // Publish: rename the directory, then point `latest` at it.
+  const std::string step_name = StepDirName(meta.step);
+  const fs::path final_dir = fs::path(root) / step_name;
+  fs::remove_all(final_dir, ec);  // an earlier save of the same step
+  if (std::rename(tmp.c_str(), final_dir.c_str()) != 0) {
+    return absl::InternalError(absl::StrCat("cannot rename ", tmp, " to ", final_dir.string()));
+  }
+  RETURN_IF_ERROR(SyncPath(root));
+  RETURN_IF_ERROR(WriteTextAtomically((fs::path(root) / kLatest).string(), step_name + "\n"));
+  RETURN_IF_ERROR(SyncPath(root));
+  if (keep_last > 0) {
+    std::vector<std::string> steps;
+    for (const auto& e : fs::directory_iterator(root, ec)) {
+      const std::string name = e.path().filename().string();
+      if (e.is_directory() && IsStepDirName(name) && name != step_name) steps.push_back(name);
+    }
+    std::sort(steps.begin(), steps.end());
+    const int drop = static_cast<int>(steps.size()) - (keep_last - 1);
+    for (int i = 0; i < drop; ++i) fs::remove_all(fs::path(root) / steps[i], ec);
+  }
+  return final_dir.string();
+}
+
+// Host copy of `n` floats of a device arena.
+std::vector<float> ToHost(Backend* be, const float* data, size_t n) {
+  std::vector<float> host(n);
+  if (n > 0) be->CopyToHost(host.data(), data, n * sizeof(float));
+  return host;
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> ResolveCheckpoint(const std::string& path) {
+  std::error_code ec;
+  if (!fs::exists(path, ec)) return absl::NotFoundError(Where(path) + "not found");
+  if (!fs::is_directory(path, ec)) return path;
+  const fs::path dir(path);
+  if (fs::exists(dir / kLatest, ec)) {
+    std::ifstream in(dir / kLatest);
+    std::string name;
+    std::getline(in, name);
+    name = std::string(absl::StripAsciiWhitespace(name));
+    if (name.empty() || name.find('/') != std::string::npos || name == "." || name == "..") {
+      return absl::DataLossError(
+          absl::StrCat(Where(path), "file 'latest' does not name a step directory ('", name, "')"));
+    }
+    const fs::path top = dir / name / kTopFile;
+    if (!fs::exists(top, ec)) {
+      return absl::NotFoundError(absl::StrCat(Where(path), "'latest' names ", name, " but ",
+                                              top.string(), " does not exist"));
+    }
+    return top.string();
+  }
+  if (fs::exists(dir / kTopFile, ec)) return (dir / kTopFile).string();
+  return absl::NotFoundError(
+      absl::StrCat(Where(path), "directory holds neither a 'latest' file ", "nor ", kTopFile));
+}
+
+absl::StatusOr<CheckpointMeta> ReadCheckpointMeta(const std::string& path) {
+  ASSIGN_OR_RETURN(std::string top, ResolveCheckpoint(path));
+  return ReadTensorFileMeta(top);
+}
+
+absl::StatusOr<std::string> SaveShardedCheckpoint(
+    const std::string& root, const CheckpointMeta& meta, const std::vector<ChunkState>& chunks,
+    const std::string& shard_name, Communicator& world, const ShardedSaveOptions& options) {
+  const std::string tmp = (fs::path(root) / (StepDirName(meta.step) + ".tmp")).string();
+  // Collective agreement: every rank learns whether any rank failed.
+  auto any_failed = [&](const absl::Status& s) {
+    float flag = s.ok() ? 0.0f : 1.0f;
+    world.AllReduce(&flag, 1, ReduceOp::kMax);
+    return flag != 0.0f;
+  };
+  absl::Status status;
+  if (world.rank() == 0) {
+    std::error_code ec;
+    fs::remove_all(tmp, ec);
+    fs::create_directories(tmp, ec);
+    if (ec) {
+      status = absl::InternalError(absl::StrCat("cannot create ", tmp, ": ", ec.message()));
+    }
+  }
+  if (any_failed(status)) {
+    return status.ok() ? absl::InternalError(absl::StrCat("rank 0 cannot create ", tmp)) : status;
+  }
+  // Every writing rank: its blocks, staged in host memory.
+  if (!shard_name.empty()) {
+    std::vector<std::vector<float>> host;  // per chunk: params, m, v
+    std::vector<FileTensor> tensors;
+    host.reserve(chunks.size() * 3);
+    for (const ChunkState& c : chunks) {
+      Backend* be = c.params->backend();
+      be->Synchronize();
+      const size_t n = c.params->size();
+      host.push_back(ToHost(be, c.params->params_data(), n));
+      const float* p = host.back().data();
+      const float *m = nullptr, *v = nullptr;
+      if (c.adam_m != nullptr) {
+        host.push_back(ToHost(be, c.adam_m, n));
+        m = host.back().data();
+        host.push_back(ToHost(be, c.adam_v, n));
+        v = host.back().data();
+      }
+      const std::set<std::string> skip(c.skip.begin(), c.skip.end());
+      for (const ParamInfo& info : c.params->params()) {
+        if (skip.count(info.name)) continue;
+        FileTensor t;
+        t.name = info.name;
+        t.slice = TpSlice(info.shape, info.split_dim, c.tp_rank, c.tp_size);
+        t.model = p + info.offset;
+        if (m != nullptr) {
+          t.adam_m = m + info.offset;
+          t.adam_v = v + info.offset;
+        }
+        tensors.push_back(std::move(t));
+      }
+    }
+    TensorFileOptions fo;
+    fo.fail_after_tensors = options.fail_after_tensors;
+    status = WriteTensorFile((fs::path(tmp) / ("shard_" + shard_name + ".h5")).string(), meta,
+                             tensors, fo);
+  }
+  if (any_failed(status)) {
+    if (world.rank() == 0) {
+      std::error_code ec;
+      fs::remove_all(tmp, ec);
+    }
+    if (!status.ok()) return status;
+    return absl::AbortedError(absl::StrCat(
+        "checkpoint ", tmp, ": another rank failed to write its shard; the save was abandoned ",
+        "and the previous checkpoint is still 'latest'"));
+  }
+  absl::StatusOr<std::string> dir = std::string();
+  if (world.rank() == 0) {
+    dir = FinishSave(root, tmp, meta, options.keep_last);
+    if (!dir.ok()) {
+      std::error_code ec;
+      fs::remove_all(tmp, ec);
+    }
+  }
+  if (any_failed(dir.status())) {
+    if (!dir.ok()) return dir.status();
+    return absl::InternalError(
+        absl::StrCat("checkpoint ", tmp, ": rank 0 failed to complete the save"));
+  }
+  return (fs::path(root) / StepDirName(meta.step)).string();
+}
+
+absl::Status LoadCheckpoint(const std::string& path, const std::vector<ChunkState>& chunks) {
+  ASSIGN_OR_RETURN(OpenCheckpoint ck, Open(path));
+  std::vector<std::string> file_names;
+  for (const TensorFile& f : ck.files) file_names.push_back(f.path());
+  const std::string where = Where(ck.top_path);
+  // Pass 1: every tensor is present, tiled, and has the global shape this model expects.
+  for (const ChunkState& c : chunks) {
+    for (const ParamInfo& p : c.params->params()) {
+      const TensorSlice want = TpSlice(p.shape, p.split_dim, c.tp_rank, c.tp_size);
+      auto it = ck.index.find(p.name);
+      if (it == ck.index.end()) {
+        return absl::NotFoundError(absl::StrCat(where, "tensor '", p.name,
+                                                "' not found (expected shape ",
+                                                ShapeToString(want.global_shape), ")"));
+      }
+      RETURN_IF_ERROR(CheckTiling(p.name, it->second, file_names, where));
+      const Shape& stored = it->second[0].slice.global_shape;
+      if (stored != want.global_shape) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(where, "tensor '", p.name, "' has shape ", ShapeToString(stored),
+                         " in the checkpoint, expected ", ShapeToString(want.global_shape)));
+      }
+      if (c.adam_m != nullptr) {
+        for (const Block& b : it->second) {
+          TensorFile& f = ck.files[b.file];
+          if (!f.HasGroup(TensorGroup::kAdamM) || !f.HasGroup(TensorGroup::kAdamV)) {
+            return absl::NotFoundError(absl::StrCat(
+                Where(f.path()), "no /optimizer group (the checkpoint has no optimizer state)"));
+          }
+        }
+      }
+    }
+  }
+  // Pass 2: read the overlapping blocks (checksums verified) and assemble each rank's block.
+  std::vector<float> block, mine;
+  for (const ChunkState& c : chunks) {
+    Backend* be = c.params->backend();
+    for (TensorGroup g : {TensorGroup::kModel, TensorGroup::kAdamM, TensorGroup::kAdamV}) {
+      float* arena = g == TensorGroup::kModel   ? c.params->params_data()
+                     : g == TensorGroup::kAdamM ? c.adam_m
+                                                : c.adam_v;
+      if (arena == nullptr) continue;
+      for (const ParamInfo& p : c.params->params()) {
+        const TensorSlice want = TpSlice(p.shape, p.split_dim, c.tp_rank, c.tp_size);
+        mine.assign(p.numel, 0.0f);
+        for (const Block& b : ck.index[p.name]) {
+          if (OverlapElements(b.slice, want) == 0 && p.numel > 0) continue;
+          RETURN_IF_ERROR(ck.files[b.file].Read(g, p.name, b.slice.shape, block));
+          if (p.numel > 0) CopyOverlap(b.slice, block.data(), want, mine.data());
+        }
+        if (p.numel > 0) be->CopyFromHost(arena + p.offset, mine.data(), p.numel * sizeof(float));
+      }
+    }
+    be->Synchronize();
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SaveCheckpoint(const std::string& path, const ParamStore& params,
+                            const CheckpointMeta& meta, const float* adam_m, const float* adam_v) {
+  if (!params.allocated()) {
+    return absl::FailedPreconditionError(Where(path) + "ParamStore is not allocated");
+  }
+  Backend* be = params.backend();
+  be->Synchronize();
+  const size_t n = params.size();
+  const std::vector<float> p = ToHost(be, params.params_data(), n);
+  std::vector<float> m, v;
+  if (adam_m != nullptr) m = ToHost(be, adam_m, n);
+  if (adam_v != nullptr) v = ToHost(be, adam_v, n);
+  std::vector<FileTensor> tensors;
+  for (const ParamInfo& info : params.params()) {
+    FileTensor t{info.name, WholeSlice(info.shape), p.data() + info.offset};
+    if (adam_m != nullptr && adam_v != nullptr) {
+      t.adam_m = m.data() + info.offset;
+      t.adam_v = v.data() + info.offset;
+    }
+    tensors.push_back(std::move(t));
+  }
+  return WriteTensorFile(path, meta, tensors);
+}
+
+absl::Status LoadCheckpoint(const std::string& path, ParamStore& params, float* adam_m,
+                            float* adam_v) {
+  if (!params.allocated()) {
+    return absl::FailedPreconditionError(Where(path) + "ParamStore is not allocated");
+  }
+  ChunkState c;
+  c.params = &params;
+  c.adam_m = adam_m;
+  c.adam_v = adam_v;
+  return LoadCheckpoint(path, std::vector<ChunkState>{c});
+}
+
+absl::StatusOr<std::vector<std::pair<std::string, Shape>>> ListCheckpointTensors(
+    const std::string& path) {
+  ASSIGN_OR_RETURN(OpenCheckpoint ck, Open(path));
+  std::vector<std::pair<std::string, Shape>> out;
+  for (const std::string& name : ck.order) {
+    out.emplace_back(name, ck.index[name][0].slice.global_shape);
+  }
+  return out;
+}
+
+}  // namespace eellm

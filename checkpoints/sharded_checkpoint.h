@@ -1,0 +1,84 @@
+// Sharded checkpoints: every rank that holds a unique part of the model writes only that part
+// (its tensor-parallel blocks of its pipeline stages' tensors, with their AdamW moments) to its
+// own HDF5 file, and rank 0 adds a top-level file whose virtual datasets present whole tensors
+// (h5py: f["model"][name][()]). Loading under any (tp, pp, dp) layout assembles each rank's
+// blocks from whichever stored blocks overlap them, verifying every checksum.
+//
+// On disk (<root> is the run's checkpoint directory):
+//   <root>/latest                        text: the name of the newest complete step directory
+//   <root>/step_00000600/model.h5        top-level file: config, step, attributes, the list of
+//                                        shard files, virtual datasets over them
+//   <root>/step_00000600/shard_tp0_pp0.h5, shard_tp1_pp0.h5, ...  one per writing rank
+// A save writes into step_XXXXXXXX.tmp/, syncs, renames it to step_XXXXXXXX/ and only then
+// rewrites `latest` (via a temporary file and rename), so a save that dies midway leaves the
+// previous checkpoint as `latest`, intact. Older step directories beyond keep_last are removed
+// after the new one is complete.
+//
+// A single self-contained tensor file (one rank, or a converter's output) is a checkpoint too:
+// every loader accepts a root directory, a step directory, a top-level file or such a file.
+#pragma once
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "checkpoints/hdf5_checkpoint.h"
+#include "engine/tensor/param_store.h"
+#include "parallel/comm/communicator.h"
+
+namespace eellm {
+
+// One model chunk of this rank (a pipeline stage, or a virtual stage when interleaving).
+struct ChunkState {
+  ParamStore* params = nullptr;  // shapes are this rank's blocks (ParamInfo::split_dim)
+  // AdamW moment arenas laid out like the parameter arena (device memory), or null: then
+  // saving writes no optimizer state and loading reads none.
+  float* adam_m = nullptr;
+  float* adam_v = nullptr;
+  int tp_rank = 0, tp_size = 1;
+  // Saving: tensors this chunk does not write because another chunk or rank writes the same
+  // values (copies of tied embeddings, tensors replicated over tensor-parallel ranks).
+  std::vector<std::string> skip;
+};
+
+struct ShardedSaveOptions {
+  int keep_last = 0;  // step directories to keep, the new one included (0 = keep all)
+  // Tests: this rank's shard write fails after writing this many tensors (< 0 = never).
+  int fail_after_tensors = -1;
+};
+
+// Collective over `world`: every rank calls it. `shard_name` ("tp0_pp1") names this rank's
+// file; ranks with nothing to write (data-parallel replicas) pass "" and no chunks. Every rank
+// returns the same status: the step directory, or the first error (a rank whose own write
+// failed reports its own error). meta.step names the step directory.
+absl::StatusOr<std::string> SaveShardedCheckpoint(
+    const std::string& root, const CheckpointMeta& meta, const std::vector<ChunkState>& chunks,
+    const std::string& shard_name, Communicator& world, const ShardedSaveOptions& options = {});
+
+// The top-level (or self-contained) file of the checkpoint at `path`: a root directory (via
+// its `latest`), a step directory (its model.h5), or a file.
+absl::StatusOr<std::string> ResolveCheckpoint(const std::string& path);
+
+// Config, step and attributes of the checkpoint at `path` (any form ResolveCheckpoint takes).
+absl::StatusOr<CheckpointMeta> ReadCheckpointMeta(const std::string& path);
+
+// Fills every chunk's parameters (and moments, where the chunk has arenas) from the checkpoint
+// at `path`, whatever layout it was saved under. All tensors are located and their global
+// shapes checked before anything is read; errors name the file and the tensor.
+absl::Status LoadCheckpoint(const std::string& path, const std::vector<ChunkState>& chunks);
+
+// Single process, whole tensors: writes `params` (and the moments when given) to one
+// self-contained file at `path`, and loads one.
+absl::Status SaveCheckpoint(const std::string& path, const ParamStore& params,
+                            const CheckpointMeta& meta, const float* adam_m = nullptr,
+                            const float* adam_v = nullptr);
+absl::Status LoadCheckpoint(const std::string& path, ParamStore& params, float* adam_m = nullptr,
+                            float* adam_v = nullptr);
+
+// Names and global shapes of the model tensors of a checkpoint, in saved order.
+absl::StatusOr<std::vector<std::pair<std::string, Shape>>> ListCheckpointTensors(
+    const std::string& path);
+
+}  // namespace eellm
