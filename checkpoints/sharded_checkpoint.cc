@@ -118,10 +118,22 @@ absl::Status WriteTextAtomically(const std::string& path, const std::string& tex
   return absl::OkStatus();
 }
 
-// Rank 0's part of a save, once every shard is written into `tmp`: the top-level file, the
-// rename to the step directory, `latest`, and pruning.
-absl::StatusOr<std::string> FinishSave(const std::string& root, const std::string& tmp,
-                                       const CheckpointMeta& meta, int keep_last) {
+// Host copy of `n` floats of a device arena.
+std::vector<float> ToHost(Backend* be, const float* data, size_t n) {
+  std::vector<float> host(n);
+  if (n > 0) be->CopyToHost(host.data(), data, n * sizeof(float));
+  return host;
+}
+
+}  // namespace
+
+std::string StagingDir(const std::string& root, int64_t step) {
+  return (fs::path(root) / (StepDirName(step) + ".tmp")).string();
+}
+
+absl::StatusOr<std::string> PublishCheckpoint(const std::string& root, const CheckpointMeta& meta,
+                                              int keep_last) {
+  const std::string tmp = StagingDir(root, meta.step);
   std::vector<std::string> shards;
   std::error_code ec;
   for (const auto& e : fs::directory_iterator(tmp, ec)) {
@@ -184,14 +196,44 @@ absl::StatusOr<std::string> FinishSave(const std::string& root, const std::strin
   return final_dir.string();
 }
 
-// Host copy of `n` floats of a device arena.
-std::vector<float> ToHost(Backend* be, const float* data, size_t n) {
-  std::vector<float> host(n);
-  if (n > 0) be->CopyToHost(host.data(), data, n * sizeof(float));
-  return host;
+absl::Status WriteShard(const std::string& staging_dir, const std::string& shard_name,
+                        const CheckpointMeta& meta, const std::vector<ChunkState>& chunks,
+                        int fail_after_tensors) {
+  std::vector<std::vector<float>> host;  // per chunk: params, m, v
+  std::vector<FileTensor> tensors;
+  host.reserve(chunks.size() * 3);
+  for (const ChunkState& c : chunks) {
+    Backend* be = c.params->backend();
+    be->Synchronize();
+    const size_t n = c.params->size();
+    host.push_back(ToHost(be, c.params->params_data(), n));
+    const float* p = host.back().data();
+    const float *m = nullptr, *v = nullptr;
+    if (c.adam_m != nullptr) {
+      host.push_back(ToHost(be, c.adam_m, n));
+      m = host.back().data();
+      host.push_back(ToHost(be, c.adam_v, n));
+      v = host.back().data();
+    }
+    const std::set<std::string> skip(c.skip.begin(), c.skip.end());
+    for (const ParamInfo& info : c.params->params()) {
+      if (skip.count(info.name)) continue;
+      FileTensor t;
+      t.name = info.name;
+      t.slice = TpSlice(info.shape, info.split_dim, c.tp_rank, c.tp_size);
+      t.model = p + info.offset;
+      if (m != nullptr) {
+        t.adam_m = m + info.offset;
+        t.adam_v = v + info.offset;
+      }
+      tensors.push_back(std::move(t));
+    }
+  }
+  TensorFileOptions fo;
+  fo.fail_after_tensors = fail_after_tensors;
+  return WriteTensorFile((fs::path(staging_dir) / ("shard_" + shard_name + ".h5")).string(), meta,
+                         tensors, fo);
 }
-
-}  // namespace
 
 absl::StatusOr<std::string> ResolveCheckpoint(const std::string& path) {
   std::error_code ec;
@@ -227,7 +269,7 @@ absl::StatusOr<CheckpointMeta> ReadCheckpointMeta(const std::string& path) {
 absl::StatusOr<std::string> SaveShardedCheckpoint(
     const std::string& root, const CheckpointMeta& meta, const std::vector<ChunkState>& chunks,
     const std::string& shard_name, Communicator& world, const ShardedSaveOptions& options) {
-  const std::string tmp = (fs::path(root) / (StepDirName(meta.step) + ".tmp")).string();
+  const std::string tmp = StagingDir(root, meta.step);
   // Collective agreement: every rank learns whether any rank failed.
   auto any_failed = [&](const absl::Status& s) {
     float flag = s.ok() ? 0.0f : 1.0f;
@@ -246,42 +288,8 @@ absl::StatusOr<std::string> SaveShardedCheckpoint(
   if (any_failed(status)) {
     return status.ok() ? absl::InternalError(absl::StrCat("rank 0 cannot create ", tmp)) : status;
   }
-  // Every writing rank: its blocks, staged in host memory.
   if (!shard_name.empty()) {
-    std::vector<std::vector<float>> host;  // per chunk: params, m, v
-    std::vector<FileTensor> tensors;
-    host.reserve(chunks.size() * 3);
-    for (const ChunkState& c : chunks) {
-      Backend* be = c.params->backend();
-      be->Synchronize();
-      const size_t n = c.params->size();
-      host.push_back(ToHost(be, c.params->params_data(), n));
-      const float* p = host.back().data();
-      const float *m = nullptr, *v = nullptr;
-      if (c.adam_m != nullptr) {
-        host.push_back(ToHost(be, c.adam_m, n));
-        m = host.back().data();
-        host.push_back(ToHost(be, c.adam_v, n));
-        v = host.back().data();
-      }
-      const std::set<std::string> skip(c.skip.begin(), c.skip.end());
-      for (const ParamInfo& info : c.params->params()) {
-        if (skip.count(info.name)) continue;
-        FileTensor t;
-        t.name = info.name;
-        t.slice = TpSlice(info.shape, info.split_dim, c.tp_rank, c.tp_size);
-        t.model = p + info.offset;
-        if (m != nullptr) {
-          t.adam_m = m + info.offset;
-          t.adam_v = v + info.offset;
-        }
-        tensors.push_back(std::move(t));
-      }
-    }
-    TensorFileOptions fo;
-    fo.fail_after_tensors = options.fail_after_tensors;
-    status = WriteTensorFile((fs::path(tmp) / ("shard_" + shard_name + ".h5")).string(), meta,
-                             tensors, fo);
+    status = WriteShard(tmp, shard_name, meta, chunks, options.fail_after_tensors);
   }
   if (any_failed(status)) {
     if (world.rank() == 0) {
@@ -295,7 +303,7 @@ absl::StatusOr<std::string> SaveShardedCheckpoint(
   }
   absl::StatusOr<std::string> dir = std::string();
   if (world.rank() == 0) {
-    dir = FinishSave(root, tmp, meta, options.keep_last);
+    dir = PublishCheckpoint(root, meta, options.keep_last);
     if (!dir.ok()) {
       std::error_code ec;
       fs::remove_all(tmp, ec);

@@ -57,6 +57,18 @@ absl::StatusOr<std::string> SaveShardedCheckpoint(
     const std::string& root, const CheckpointMeta& meta, const std::vector<ChunkState>& chunks,
     const std::string& shard_name, Communicator& world, const ShardedSaveOptions& options = {});
 
+// The steps of a save, for callers that run the ranks' parts themselves (tests, converters
+// writing a checkpoint for a layout they do not run): create StagingDir(root, step), write
+// every rank's shard with WriteShard, then PublishCheckpoint once.
+std::string StagingDir(const std::string& root, int64_t step);
+absl::Status WriteShard(const std::string& staging_dir, const std::string& shard_name,
+                        const CheckpointMeta& meta, const std::vector<ChunkState>& chunks,
+                        int fail_after_tensors = -1);
+// Checks that the shards tile every tensor, writes the top-level file, renames the staging
+// directory to the step directory, points `latest` at it and prunes beyond keep_last.
+absl::StatusOr<std::string> PublishCheckpoint(const std::string& root, const CheckpointMeta& meta,
+                                              int keep_last);
+
 // The top-level (or self-contained) file of the checkpoint at `path`: a root directory (via
 // its `latest`), a step directory (its model.h5), or a file.
 absl::StatusOr<std::string> ResolveCheckpoint(const std::string& path);
