@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -67,10 +68,12 @@ RunConfig TinyRun(const std::string& style, const std::string& data) {
   return *rc;
 }
 
-RunResult Train(RunConfig rc, ParallelContext* ctx, const std::string& out) {
+RunResult Train(RunConfig rc, ParallelContext* ctx, const std::string& out,
+                const std::string& resume = "") {
   RunResult r;
   rc.train.out = out;
   TrainOptions opts;
+  opts.resume = resume;
   opts.verbose = false;
   opts.ctx = ctx;
   opts.step_losses = &r.losses;
@@ -188,6 +191,81 @@ TEST_P(TrainLayouts, EveryLayoutMatchesSingleRank) {
     for (int i = 1; i <= tested; ++i) {
       std::filesystem::remove_all(shared_out + std::to_string(i), ec);
     }
+  }
+}
+
+// Exact resume: 3 steps without a stop equal 2 steps, a save, and 1 resumed step, bit for bit
+// (losses, gradient norm, parameters), under one parallel layout per world size; resuming the
+// same checkpoint under another layout continues within the layout tolerance.
+TEST_P(TrainLayouts, ResumeIsExactAndReshardsAcrossLayouts) {
+  auto world = MpiCommunicator::World(nullptr);
+  const int n = world->size(), rank = world->rank();
+  const std::string data = DataPrefix(rank);
+  RunConfig rc = TinyRun(GetParam(), data);
+  rc.train.save_interval = 2;
+  rc.train.keep_checkpoints = 0;
+  int pid0 = getpid();
+  world->Broadcast(&pid0, sizeof(pid0), 0);
+  const std::string out = "/tmp/eellm_resume_" + std::to_string(pid0);
+  // (tp, pp, dp, zero1, micro) to save and resume under, and a different layout to resume under.
+  const Layout same[] = {
+      {1, 1, 1, false, 0}, {2, 1, 1, false, 1}, {0}, {1, 2, 2, true, 1}, {0}, {0}, {0},
+      {2, 2, 2, true, 1}};
+  const Layout other[] = {
+      {1, 1, 1, false, 2}, {1, 2, 1, false, 1}, {0}, {2, 2, 1, false, 1}, {0}, {0}, {0},
+      {1, 4, 2, false, 1}};
+  ASSERT_TRUE(n == 1 || n == 2 || n == 4 || n == 8);
+  auto with = [&](const Layout& l) {
+    RunConfig par = rc;
+    par.train.tp = l.tp;
+    par.train.pp = l.pp;
+    par.train.dp = l.dp;
+    par.train.zero1 = l.zero1;
+    par.train.micro_batch_size = l.micro_batch;
+    return par;
+  };
+  auto context = [&](const Layout& l) {
+    auto ctx = ParallelContext::Create(MpiCommunicator::World(nullptr), l.tp, l.pp, l.dp);
+    EXPECT_TRUE(ctx.ok()) << ctx.status();
+    return std::move(*ctx);
+  };
+  const Layout& a = same[n - 1];
+  auto ctx_a = context(a);
+  RunResult straight = Train(with(a), ctx_a.get(), out + "_a");
+  const std::string step2 = out + "_a/step_00000002";
+  RunResult resumed = Train(with(a), ctx_a.get(), out + "_b", step2);
+  ASSERT_EQ(straight.losses.size(), 3u);
+  ASSERT_EQ(resumed.losses.size(), 1u);
+  EXPECT_EQ(resumed.losses[0], straight.losses[2]) << "losses of step 3";
+  EXPECT_EQ(resumed.grad_norms[0], straight.grad_norms[2]) << "gradient norm of step 3";
+  if (rank == 0) {
+    ASSERT_EQ(resumed.params.size(), straight.params.size());
+    EXPECT_EQ(std::memcmp(resumed.params.data(), straight.params.data(),
+                          straight.params.size() * sizeof(float)),
+              0)
+        << "final parameters differ after resuming";
+  }
+  const Layout& b = other[n - 1];
+  auto ctx_b = context(b);
+  RunResult moved = Train(with(b), ctx_b.get(), out + "_c", step2);
+  ASSERT_EQ(moved.losses.size(), 1u);
+  for (size_t h = 0; h < moved.losses[0].size(); ++h) {
+    EXPECT_NEAR(moved.losses[0][h], straight.losses[2][h], 1e-5 * straight.losses[2][h]);
+  }
+  if (rank == 0) {
+    double max_diff = 0;
+    for (size_t i = 0; i < straight.params.size(); ++i) {
+      max_diff = std::max(max_diff, std::fabs(double{moved.params[i]} - straight.params[i]));
+    }
+    std::printf("%s resumed under another layout: max |param diff| %.3g\n", GetParam().c_str(),
+                max_diff);
+    EXPECT_LT(max_diff, 3e-4);
+  }
+  world->Barrier();
+  std::error_code ec;
+  std::filesystem::remove_all(std::filesystem::path(data).parent_path(), ec);
+  if (rank == 0) {
+    for (const char* suffix : {"_a", "_b", "_c"}) std::filesystem::remove_all(out + suffix, ec);
   }
 }
 
