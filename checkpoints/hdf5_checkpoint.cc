@@ -114,7 +114,8 @@ Handle LinkPlist() {
 // Creates group `g` and one dataset per tensor. `written` counts tensors across groups (for
 // the fail_after_tensors test hook).
 absl::Status WriteGroup(hid_t file, TensorGroup g, const std::vector<FileTensor>& tensors,
-                        const TensorFileOptions& options, int& written) {
+                        const TensorFileOptions& options, std::vector<float>& staging,
+                        int& written) {
   const char* group_path = TensorGroupPath(g);
   Handle lcpl = LinkPlist();
   Handle gcpl = h5::PlistHandle(H5Pcreate(H5P_GROUP_CREATE));
@@ -139,6 +140,12 @@ absl::Status WriteGroup(hid_t file, TensorGroup g, const std::vector<FileTensor>
     const std::string label = TensorLabel(t.name, group_path);
     if (data == nullptr) return absl::InvalidArgumentError(label + ": no data given");
     const Shape& shape = t.slice.shape;
+    const size_t numel = static_cast<size_t>(NumElements(shape));
+    if (options.backend != nullptr && numel > 0) {
+      if (staging.size() < numel) staging.resize(numel);
+      options.backend->CopyToHost(staging.data(), data, numel * sizeof(float));
+      data = staging.data();
+    }
     std::vector<hsize_t> dims(shape.begin(), shape.end());
     Handle space = h5::SpaceHandle(
         dims.empty() ? H5Screate(H5S_SCALAR)
@@ -148,7 +155,6 @@ absl::Status WriteGroup(hid_t file, TensorGroup g, const std::vector<FileTensor>
     if (!space.valid() || !ds.valid()) {
       return h5::Error(absl::StatusCode::kInternal, absl::StrCat("cannot create ", label));
     }
-    const size_t numel = static_cast<size_t>(NumElements(shape));
     if (numel > 0 &&
         H5Dwrite(ds.get(), H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0) {
       return h5::Error(absl::StatusCode::kInternal, absl::StrCat("cannot write ", label));
@@ -236,10 +242,12 @@ absl::Status WriteAll(hid_t file, const CheckpointMeta& meta,
   }
   if (!options.shards.empty()) return WriteVirtualTensors(file, options.virtual_tensors);
   int written = 0;
-  RETURN_IF_ERROR(WriteGroup(file, TensorGroup::kModel, tensors, options, written));
+  std::vector<float> staging;
+  if (options.backend != nullptr) options.backend->Synchronize();
+  RETURN_IF_ERROR(WriteGroup(file, TensorGroup::kModel, tensors, options, staging, written));
   if (!tensors.empty() && tensors[0].adam_m != nullptr) {
-    RETURN_IF_ERROR(WriteGroup(file, TensorGroup::kAdamM, tensors, options, written));
-    RETURN_IF_ERROR(WriteGroup(file, TensorGroup::kAdamV, tensors, options, written));
+    RETURN_IF_ERROR(WriteGroup(file, TensorGroup::kAdamM, tensors, options, staging, written));
+    RETURN_IF_ERROR(WriteGroup(file, TensorGroup::kAdamV, tensors, options, staging, written));
   }
   return absl::OkStatus();
 }

@@ -49,6 +49,7 @@
 #include "absl/status/statusor.h"
 #include "checkpoints/hdf5_util.h"
 #include "checkpoints/tensor_slice.h"
+#include "engine/backend.h"
 
 namespace eellm {
 
@@ -62,7 +63,8 @@ struct CheckpointMeta {
 enum class TensorGroup { kModel, kAdamM, kAdamV };
 const char* TensorGroupPath(TensorGroup g);  // "/model", "/optimizer/m", "/optimizer/v"
 
-// One tensor (or block of one) to write, in host memory (NumElements(slice.shape) floats each).
+// One tensor (or block of one) to write: NumElements(slice.shape) floats each, in host memory or
+// in the memory of TensorFileOptions::backend.
 struct FileTensor {
   std::string name;
   TensorSlice slice;
@@ -90,6 +92,9 @@ struct TensorFileOptions {
   // HDF5 1.10 format (virtual datasets need it).
   std::vector<std::string> shards;
   std::vector<VirtualTensor> virtual_tensors;
+  // When set, the tensors' pointers are this backend's device memory, copied to the host one
+  // tensor at a time through one staging buffer.
+  Backend* backend = nullptr;
   // Tests: fail (as if the process died) after writing this many tensors; < 0 = never.
   int fail_after_tensors = -1;
 };

@@ -118,13 +118,6 @@ absl::Status WriteTextAtomically(const std::string& path, const std::string& tex
   return absl::OkStatus();
 }
 
-// Host copy of `n` floats of a device arena.
-std::vector<float> ToHost(Backend* be, const float* data, size_t n) {
-  std::vector<float> host(n);
-  if (n > 0) be->CopyToHost(host.data(), data, n * sizeof(float));
-  return host;
-}
-
 }  // namespace
 
 std::string StagingDir(const std::string& root, int64_t step) {
@@ -199,37 +192,29 @@ absl::StatusOr<std::string> PublishCheckpoint(const std::string& root, const Che
 absl::Status WriteShard(const std::string& staging_dir, const std::string& shard_name,
                         const CheckpointMeta& meta, const std::vector<ChunkState>& chunks,
                         int fail_after_tensors) {
-  std::vector<std::vector<float>> host;  // per chunk: params, m, v
   std::vector<FileTensor> tensors;
-  host.reserve(chunks.size() * 3);
+  Backend* be = nullptr;
   for (const ChunkState& c : chunks) {
-    Backend* be = c.params->backend();
-    be->Synchronize();
-    const size_t n = c.params->size();
-    host.push_back(ToHost(be, c.params->params_data(), n));
-    const float* p = host.back().data();
-    const float *m = nullptr, *v = nullptr;
-    if (c.adam_m != nullptr) {
-      host.push_back(ToHost(be, c.adam_m, n));
-      m = host.back().data();
-      host.push_back(ToHost(be, c.adam_v, n));
-      v = host.back().data();
+    if (be != nullptr && c.params->backend() != be) {
+      return absl::InvalidArgumentError("the chunks of one shard must share a backend");
     }
+    be = c.params->backend();
     const std::set<std::string> skip(c.skip.begin(), c.skip.end());
     for (const ParamInfo& info : c.params->params()) {
       if (skip.count(info.name)) continue;
       FileTensor t;
       t.name = info.name;
       t.slice = TpSlice(info.shape, info.split_dim, c.tp_rank, c.tp_size);
-      t.model = p + info.offset;
-      if (m != nullptr) {
-        t.adam_m = m + info.offset;
-        t.adam_v = v + info.offset;
+      t.model = c.params->params_data() + info.offset;
+      if (c.adam_m != nullptr && c.adam_v != nullptr) {
+        t.adam_m = c.adam_m + info.offset;
+        t.adam_v = c.adam_v + info.offset;
       }
       tensors.push_back(std::move(t));
     }
   }
   TensorFileOptions fo;
+  fo.backend = be;
   fo.fail_after_tensors = fail_after_tensors;
   return WriteTensorFile((fs::path(staging_dir) / ("shard_" + shard_name + ".h5")).string(), meta,
                          tensors, fo);
@@ -380,23 +365,18 @@ absl::Status SaveCheckpoint(const std::string& path, const ParamStore& params,
   if (!params.allocated()) {
     return absl::FailedPreconditionError(Where(path) + "ParamStore is not allocated");
   }
-  Backend* be = params.backend();
-  be->Synchronize();
-  const size_t n = params.size();
-  const std::vector<float> p = ToHost(be, params.params_data(), n);
-  std::vector<float> m, v;
-  if (adam_m != nullptr) m = ToHost(be, adam_m, n);
-  if (adam_v != nullptr) v = ToHost(be, adam_v, n);
   std::vector<FileTensor> tensors;
   for (const ParamInfo& info : params.params()) {
-    FileTensor t{info.name, WholeSlice(info.shape), p.data() + info.offset};
+    FileTensor t{info.name, WholeSlice(info.shape), params.params_data() + info.offset};
     if (adam_m != nullptr && adam_v != nullptr) {
-      t.adam_m = m.data() + info.offset;
-      t.adam_v = v.data() + info.offset;
+      t.adam_m = adam_m + info.offset;
+      t.adam_v = adam_v + info.offset;
     }
     tensors.push_back(std::move(t));
   }
-  return WriteTensorFile(path, meta, tensors);
+  TensorFileOptions fo;
+  fo.backend = params.backend();
+  return WriteTensorFile(path, meta, tensors, fo);
 }
 
 absl::Status LoadCheckpoint(const std::string& path, ParamStore& params, float* adam_m,
@@ -419,6 +399,14 @@ absl::StatusOr<std::vector<std::pair<std::string, Shape>>> ListCheckpointTensors
     out.emplace_back(name, ck.index[name][0].slice.global_shape);
   }
   return out;
+}
+
+absl::StatusOr<bool> CheckpointHasOptimizerState(const std::string& path) {
+  ASSIGN_OR_RETURN(OpenCheckpoint ck, Open(path));
+  for (const TensorFile& f : ck.files) {
+    if (!f.HasGroup(TensorGroup::kAdamM) || !f.HasGroup(TensorGroup::kAdamV)) return false;
+  }
+  return true;
 }
 
 }  // namespace eellm

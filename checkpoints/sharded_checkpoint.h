@@ -89,6 +89,9 @@ absl::Status SaveCheckpoint(const std::string& path, const ParamStore& params,
 absl::Status LoadCheckpoint(const std::string& path, ParamStore& params, float* adam_m = nullptr,
                             float* adam_v = nullptr);
 
+// Whether the checkpoint at `path` holds AdamW state (every shard has it).
+absl::StatusOr<bool> CheckpointHasOptimizerState(const std::string& path);
+
 // Names and global shapes of the model tensors of a checkpoint, in saved order.
 absl::StatusOr<std::vector<std::pair<std::string, Shape>>> ListCheckpointTensors(
     const std::string& path);

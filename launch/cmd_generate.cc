@@ -8,13 +8,11 @@
 #include "absl/strings/str_split.h"
 #include "launch/commands.h"
 #include "launch/model_loader.h"
+#include "launch/shared_flags.h"
 #include "models/exit_loss_weights.h"
 #include "models/generator.h"
 #include "models/tokenizer.h"
 
-ABSL_FLAG(std::string, checkpoint, "",
-          "checkpoint: a run directory of eellm train (its latest step), a step directory or "
-          "a checkpoint file (required)");
 ABSL_FLAG(std::string, prompt, "And God said", "prompt text");
 ABSL_FLAG(int, max_new_tokens, 200, "tokens to generate at most (stops earlier at EOS)");
 ABSL_FLAG(double, threshold, 0.8,
@@ -25,8 +23,6 @@ ABSL_FLAG(std::string, exit_layers, "",
 ABSL_FLAG(double, temperature, 0.0, "sampling temperature (0 = greedy)");
 ABSL_FLAG(int, top_k, 0, "sample among the k most likely tokens (0 = all)");
 ABSL_FLAG(double, top_p, 1.0, "nucleus sampling probability mass (1 = off)");
-ABSL_FLAG(uint64_t, seed, 1234, "sampling seed");
-ABSL_FLAG(std::string, backend, "cpu", "compute backend: cpu or cuda");
 ABSL_FLAG(bool, compare, false, "also generate without early exit and print both speeds");
 
 namespace eellm {

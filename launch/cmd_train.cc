@@ -8,6 +8,7 @@
 #include "absl/flags/flag.h"
 #include "engine/core/logging.h"
 #include "launch/commands.h"
+#include "launch/shared_flags.h"
 #include "launch/trainer.h"
 #include "parallel/comm/mpi_communicator.h"
 #include "parallel/comm/mpi_runtime.h"
@@ -21,9 +22,10 @@ ABSL_FLAG(std::string, data, "", "override train.data, the token-file prefix");
 ABSL_FLAG(std::string, resume, "",
           "checkpoint to resume from (model, optimizer state, step): a run directory (its "
           "latest step), a step directory or a checkpoint file; any parallel layout");
+ABSL_FLAG(std::string, init_from, "",
+          "checkpoint whose weights start the run, with a fresh optimizer at step 0 (e.g. from "
+          "`eellm convert`); its model config must equal the run config's");
 ABSL_FLAG(bool, quiet, false, "print only errors");
-ABSL_FLAG(int, tp, 0, "tensor-parallel size (0 = train.tp)");
-ABSL_FLAG(int, pp, 0, "pipeline-parallel size (0 = train.pp)");
 ABSL_FLAG(int, dp, 0, "data-parallel size (0 = train.dp, or world / (tp * pp) under a launcher)");
 ABSL_FLAG(bool, timeline, false,
           "print the pipeline timeline of the last step (measured and cost model)");
@@ -87,6 +89,7 @@ int RunTrainCommand() {
   if (!backend.ok()) return Fail(backend.status(), multi, launch->rank);
   TrainOptions opts;
   opts.resume = absl::GetFlag(FLAGS_resume);
+  opts.init_from = absl::GetFlag(FLAGS_init_from);
   opts.verbose = !absl::GetFlag(FLAGS_quiet);
   opts.backend = backend->get();
   opts.print_timeline = absl::GetFlag(FLAGS_timeline);

@@ -1,5 +1,6 @@
 #include "launch/commands.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -16,16 +17,43 @@ namespace {
 
 struct Command {
   const char* name;
-  const char* source;  // file defining its flags
+  const char* source;               // file defining its flags
+  std::vector<const char*> shared;  // shared flags it uses (launch/shared_flags.cc)
   const char* summary;
   int (*run)();
 };
 
 const Command kCommands[] = {
-    {"data", "cmd_data.cc", "turn a text file into train/validation token files", RunDataCommand},
-    {"train", "cmd_train.cc", "train an early-exit model from a JSON run config", RunTrainCommand},
-    {"generate", "cmd_generate.cc", "generate text from a checkpoint, with early exit",
+    {"data",
+     "cmd_data.cc",
+     {"input", "output"},
+     "turn a text file into train/validation token files",
+     RunDataCommand},
+    {"train",
+     "cmd_train.cc",
+     {"tp", "pp"},
+     "train an early-exit model from a JSON run config",
+     RunTrainCommand},
+    {"generate",
+     "cmd_generate.cc",
+     {"checkpoint", "backend", "seed"},
+     "generate text from a checkpoint, with early exit",
      RunGenerateCommand},
+    {"convert",
+     "cmd_convert.cc",
+     {"input", "output", "tp", "pp", "seed", "exit"},
+     "convert checkpoints: Hugging Face <-> eellm, add exits, move exits, reshard",
+     RunConvertCommand},
+    {"logits",
+     "cmd_logits.cc",
+     {"checkpoint", "backend", "exit"},
+     "print one head's logits for token ids as JSON (model checks)",
+     RunLogitsCommand},
+    {"bench",
+     "cmd_bench.cc",
+     {},
+     "benchmarks: checkpoint (save/load MB/s against dd)",
+     RunBenchCommand},
 };
 
 void PrintTopUsage() {
@@ -41,7 +69,9 @@ void PrintCommandUsage(const Command& cmd) {
   std::printf("usage: eellm %s [--flag=value ...]\n%s\n\nflags:\n", cmd.name, cmd.summary);
   std::vector<std::pair<std::string, std::string>> rows;
   for (const auto& [name, flag] : absl::GetAllFlags()) {
-    if (!absl::EndsWith(flag->Filename(), cmd.source)) continue;
+    const bool shared = std::find_if(cmd.shared.begin(), cmd.shared.end(),
+                                     [&](const char* s) { return name == s; }) != cmd.shared.end();
+    if (!absl::EndsWith(flag->Filename(), cmd.source) && !shared) continue;
     rows.emplace_back(std::string(name),
                       absl::StrCat(flag->Help(), " (default: ", flag->DefaultValue(), ")"));
   }
@@ -79,7 +109,14 @@ int RunCli(int argc, char** argv) {
     return 2;
   }
   std::vector<std::string> args = {std::string("eellm ") + cmd->name};
-  for (int i = 2; i < argc; ++i) {
+  int first = 2;
+  if ((!std::strcmp(cmd->name, "convert") || !std::strcmp(cmd->name, "bench")) && argc > 2 &&
+      argv[2][0] != '-') {
+    // `eellm convert <mode> ...`, `eellm bench <what> ...`
+    args.push_back(std::string(cmd->name[0] == 'c' ? "--mode=" : "--what=") + argv[2]);
+    first = 3;
+  }
+  for (int i = first; i < argc; ++i) {
     std::string a = NormalizeFlag(argv[i]);
     if (a == "--help" || a == "-h" || a == "--helpfull") {
       PrintCommandUsage(*cmd);

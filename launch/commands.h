@@ -1,4 +1,5 @@
-// The `eellm` subcommands (data, train, generate) behind one dispatcher, with per-subcommand
+// The `eellm` subcommands (data, train, generate, convert, logits, bench) behind one dispatcher,
+// with per-subcommand
 // --help and flag names accepted with dashes or underscores (--max-new-tokens = --max_new_tokens).
 #pragma once
 
@@ -11,5 +12,8 @@ int RunCli(int argc, char** argv);
 int RunDataCommand();
 int RunTrainCommand();
 int RunGenerateCommand();
+int RunConvertCommand();
+int RunLogitsCommand();
+int RunBenchCommand();
 
 }  // namespace eellm

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs eellm's build and test dependencies from Debian packages when any is missing.
 # Uses apt-get directly as root, or through sudo otherwise. Safe to run repeatedly.
+# --tests: also what only the tests use.
 set -euo pipefail
 PACKAGES=(
   build-essential cmake ninja-build pkg-config
@@ -13,6 +14,9 @@ PACKAGES=(
   libgtest-dev libgmock-dev  # tests
   bible-kjv bible-kjv-text   # the embedded default corpus (King James Bible)
 )
+if [ "${1:-}" = "--tests" ]; then
+  PACKAGES+=(python3-h5py)   # tests: h5py reads sharded checkpoints as whole arrays
+fi
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

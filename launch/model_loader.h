@@ -1,4 +1,5 @@
-// Builds a Model from an HDF5 checkpoint: reads its config, creates the model, loads weights.
+// Builds a whole Model (one stage, no tensor parallelism) from a checkpoint of any layout: reads
+// its config, creates the model, loads the weights and, on request, the AdamW moments.
 #pragma once
 
 #include <memory>
@@ -13,8 +14,12 @@ namespace eellm {
 struct LoadedModel {
   std::unique_ptr<Model> model;
   CheckpointMeta meta;
+  ModelConfig config;
+  Buffer adam_m, adam_v;  // arenas laid out like the model's; empty unless requested and saved
 };
 
-absl::StatusOr<LoadedModel> LoadModelFromCheckpoint(const std::string& path, Backend* backend);
+// `with_optimizer`: also load the moments when the checkpoint has them.
+absl::StatusOr<LoadedModel> LoadModelFromCheckpoint(const std::string& path, Backend* backend,
+                                                    bool with_optimizer = false);
 
 }  // namespace eellm

@@ -10,6 +10,7 @@
 #include "engine/core/timer.h"
 #include "engine/optim/adamw.h"
 #include "engine/optim/schedules.h"
+#include "launch/checkpoint_layout.h"
 #include "launch/progress.h"
 #include "launch/timeline_gather.h"
 #include "models/exit_loss_weights.h"
@@ -301,21 +302,10 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   // What this rank saves and loads: its chunks, tensor-parallel blocks, moments. Tensors held
   // whole by every tensor-parallel rank are written by rank 0 of the group, copies of the word
   // embedding only by virtual stage 0, and data-parallel replicas write nothing.
-  std::vector<ChunkState> states(nv);
+  std::vector<ChunkState> states;
   for (int k = 0; k < nv; ++k) {
-    ChunkState& st = states[k];
-    st.params = &chunks[k]->params();
-    st.adam_m = ckpt_m[k];
-    st.adam_v = ckpt_v[k];
-    st.tp_rank = ctx->coord.tp;
-    st.tp_size = tc.tp;
-    for (const ParamInfo& p : st.params->params()) {
-      const bool replica = p.split_dim < 0 && ctx->coord.tp != 0;
-      const bool embedding_copy = chunks[k]->word_embedding() >= 0 &&
-                                  p.name == st.params->params()[chunks[k]->word_embedding()].name &&
-                                  (ctx->coord.pp != 0 || k != 0);
-      if (replica || embedding_copy) st.skip.push_back(p.name);
-    }
+    states.push_back(ChunkStateFor(*chunks[k], ctx->coord.tp, tc.tp, ctx->coord.pp == 0 && k == 0,
+                                   ckpt_m[k], ckpt_v[k]));
   }
   int start = 0;
   if (!opts.resume.empty()) {
@@ -339,6 +329,21 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
       }
       opt.set_step(start);
     }
+  }
+
+  if (!opts.init_from.empty()) {
+    if (!opts.resume.empty()) {
+      return absl::InvalidArgumentError("give either a checkpoint to resume or one to init from");
+    }
+    ASSIGN_OR_RETURN(CheckpointMeta meta, ReadCheckpointMeta(opts.init_from));
+    if (meta.config_json != rc.model_json) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "checkpoint ", opts.init_from, " holds a model with config ", meta.config_json,
+          ", not this run's ", rc.model_json, "; use the checkpoint's model config"));
+    }
+    std::vector<ChunkState> weights = states;  // the weights only: fresh optimizer, step 0
+    for (ChunkState& st : weights) st.adam_m = st.adam_v = nullptr;
+    RETURN_IF_ERROR(LoadCheckpoint(opts.init_from, weights));
   }
 
   TrainSummary sum;

@@ -30,7 +30,10 @@ struct TrainSummary {
 };
 
 struct TrainOptions {
-  std::string resume;   // checkpoint to resume from ("" = fresh start)
+  std::string resume;  // checkpoint to resume from ("" = fresh start)
+  // Checkpoint whose weights start the run (optimizer and step start afresh): a converted or
+  // exit-extended model (EE-Tuning). Its model config must equal the run's.
+  std::string init_from;
   bool verbose = true;  // progress output (rank 0 only)
   // Ranks and groups; null = one process. Its layout must match train.tp/pp/dp.
   ParallelContext* ctx = nullptr;

@@ -1,0 +1,26 @@
+#include "launch/shared_flags.h"
+
+#include "absl/flags/flag.h"
+
+ABSL_FLAG(std::string, input, "",
+          "data: the text file to tokenize; convert: the source (a Hugging Face directory or "
+          ".safetensors file for hf-to-eellm, else an eellm checkpoint)");
+ABSL_FLAG(std::string, output, "",
+          "data: the token-file prefix (writes <output>.train.bin and .val.bin; default "
+          "data/corpus); convert: the destination (a Hugging Face directory for eellm-to-hf, "
+          "else an eellm run directory)");
+ABSL_FLAG(int, tp, 0,
+          "tensor-parallel size (train: 0 = train.tp; convert: the layout the output is split "
+          "for, 0 = 1)");
+ABSL_FLAG(int, pp, 0,
+          "pipeline-parallel size (train: 0 = train.pp; convert: the layout the output is split "
+          "for, 0 = 1)");
+ABSL_FLAG(uint64_t, seed, 1234,
+          "random seed (generate: sampling; convert add-exits: randomly initialised weights)");
+ABSL_FLAG(std::string, checkpoint, "",
+          "checkpoint: a run directory of eellm train (its latest step), a step directory or a "
+          "checkpoint file (required)");
+ABSL_FLAG(std::string, backend, "cpu", "compute backend: cpu or cuda");
+ABSL_FLAG(int, exit, -1,
+          "exit index, 0-based in depth order (logits: -1 = the final head; convert "
+          "set-exit-position: the exit to move)");

@@ -1,0 +1,641 @@
+// Hugging Face <-> eellm conversion: config and tensor round trips, GPT-2's Conv1D layout, the
+// logits of converted models against a reference forward pass written from the HF tensors, and
+// the errors.
+#include "launch/hf_convert.h"
+
+#include <cmath>
+#include <set>
+
+#include "absl/strings/match.h"
+#include "launch/exit_surgery.h"
+#include "tests/models/model_test_util.h"
+
+namespace eellm {
+namespace {
+
+using nlohmann::json;
+using testing::Cpu;
+
+ExitConfig Exit(int layer, ExitKind kind, ExitPosition pos, bool tied = false) {
+  ExitConfig x;
+  x.layer = layer;
+  x.kind = kind;
+  x.position = pos;
+  x.tied = tied;
+  return x;
+}
+
+// Llama with GQA (4 heads, 2 KV heads) and one exit of every kind.
+ModelConfig LlamaConfig(bool with_exits = true) {
+  ModelConfig c;
+  c.style = ModelStyle::kLlama;
+  c.vocab_size = 23;
+  c.hidden_size = 16;
+  c.num_layers = 4;
+  c.num_heads = 4;
+  c.num_kv_heads = 2;
+  c.ffn_hidden_size = 24;
+  c.max_seq_len = 16;
+  c.norm_eps = 1e-5f;
+  c.rope_theta = 500.0f;
+  c.tie_embeddings = false;
+  if (with_exits) {
+    c.exits = {Exit(1, ExitKind::kLinear, ExitPosition::kPre),
+               Exit(1, ExitKind::kNorm, ExitPosition::kPost, /*tied=*/true),
+               Exit(2, ExitKind::kMlp, ExitPosition::kPost),
+               Exit(4, ExitKind::kBlock, ExitPosition::kPre)};
+    c.exits[1].temperature = 0.7f;
+    c.exits[2].loss_weight = 0.3f;
+    c.exits[2].loss_weight_init = 0.1f;
+    c.exits[2].loss_weight_warmup_iters = 50;
+    c.exits[2].loss_weight_warmup = WarmupStyle::kCosine;
+  }
+  return c;
+}
+
+ModelConfig GptConfig(bool with_exits = true, bool tied = true) {
+  ModelConfig c;
+  c.style = ModelStyle::kGpt;
+  c.vocab_size = 19;
+  c.hidden_size = 12;
+  c.num_layers = 3;
+  c.num_heads = 3;
+  c.num_kv_heads = 3;
+  c.ffn_hidden_size = 20;
+  c.max_seq_len = 16;
+  c.tie_embeddings = tied;
+  if (with_exits) {
+    c.exits = {Exit(1, ExitKind::kBlock, ExitPosition::kPre),
+               Exit(1, ExitKind::kMlp, ExitPosition::kPost, /*tied=*/true),
+               Exit(2, ExitKind::kNorm, ExitPosition::kPost)};
+  }
+  return c;
+}
+
+std::unique_ptr<Model> RandomModel(const ModelConfig& c, Backend* be, uint64_t seed) {
+  auto m = Model::Create(c, be);
+  EXPECT_TRUE(m.ok()) << m.status();
+  testing::FillParams(**m, seed, 0.3f);
+  return std::move(*m);
+}
+
+std::unique_ptr<Model> ModelFrom(const ModelConfig& c, const HostTensorMap& t, Backend* be) {
+  auto m = Model::Create(c, be);
+  EXPECT_TRUE(m.ok()) << m.status();
+  absl::Status s = HostToParams(t, (*m)->params());
+  EXPECT_TRUE(s.ok()) << s;
+  return std::move(*m);
+}
+
+void ExpectSameTensors(const HostTensorMap& a, const HostTensorMap& b) {
+  ASSERT_EQ(a.size(), b.size());
+  for (const auto& [name, t] : a) {
+    auto it = b.find(name);
+    ASSERT_NE(it, b.end()) << name;
+    EXPECT_EQ(t.shape, it->second.shape) << name;
+    EXPECT_EQ(t.data, it->second.data) << name;  // bit-exact
+  }
+}
+
+std::vector<ModelConfig> AllConfigs() {
+  ModelConfig llama_tied = LlamaConfig();
+  llama_tied.tie_embeddings = true;
+  return {LlamaConfig(),          llama_tied,      LlamaConfig(false), GptConfig(),
+          GptConfig(true, false), GptConfig(false)};
+}
+
+TEST(HfConvertTest, ParamShapesMatchTheModel) {
+  auto be = Cpu();
+  for (const ModelConfig& c : AllConfigs()) {
+    auto m = Model::Create(c, be.get());
+    ASSERT_TRUE(m.ok());
+    const auto shapes = EellmParamShapes(c);
+    const auto& params = (*m)->params().params();
+    ASSERT_EQ(shapes.size(), params.size()) << c.ToJson();
+    for (size_t i = 0; i < params.size(); ++i) {
+      EXPECT_EQ(shapes[i].first, params[i].name);
+      EXPECT_EQ(shapes[i].second, params[i].shape) << params[i].name;
+    }
+  }
+}
+
+TEST(HfConvertTest, TensorRoundTripIsBitExact) {
+  auto be = Cpu();
+  for (const ModelConfig& c : AllConfigs()) {
+    SCOPED_TRACE(c.ToJson());
+    auto a = RandomModel(c, be.get(), 5);
+    const HostTensorMap host = ParamsToHost(a->params());
+    auto hf = EellmToHf(c, host);
+    ASSERT_TRUE(hf.ok()) << hf.status();
+    // HF names only (and eellm.exits.* for the exits).
+    for (const auto& [name, t] : *hf) {
+      const bool ok =
+          absl::StartsWith(name, c.style == ModelStyle::kLlama ? "model." : "transformer.") ||
+          name == "lm_head.weight" || absl::StartsWith(name, "eellm.exits.");
+      EXPECT_TRUE(ok) << name;
+    }
+    EXPECT_EQ(hf->count("lm_head.weight"), c.tie_embeddings ? 0u : 1u);
+    auto back = HfToEellm(c, *hf);
+    ASSERT_TRUE(back.ok()) << back.status();
+    auto b = ModelFrom(c, *back, be.get());
+    ExpectSameTensors(host, ParamsToHost(b->params()));
+  }
+}
+
+TEST(HfConvertTest, ConfigRoundTrip) {
+  std::vector<ModelConfig> configs = AllConfigs();
+  ModelConfig odd = LlamaConfig();
+  odd.norm_eps = 1e-6f;
+  odd.rope_theta = 1e6f;
+  odd.max_seq_len = 4096;
+  odd.confidence_weighted_exit_loss = true;
+  configs.push_back(odd);
+  for (const ModelConfig& c : configs) {
+    const json hf = HfConfigFromModel(c);
+    auto back = ModelConfigFromHf(hf);
+    ASSERT_TRUE(back.ok()) << back.status() << "\n" << hf.dump(2);
+    EXPECT_EQ(back->ToJson(), c.ToJson());
+    EXPECT_EQ(hf.contains("eellm_exits"), !c.exits.empty());
+  }
+  const json l = HfConfigFromModel(LlamaConfig());
+  EXPECT_EQ(l["architectures"], json::array({"LlamaForCausalLM"}));
+  EXPECT_EQ(l["model_type"], "llama");
+  EXPECT_EQ(l["torch_dtype"], "float32");
+  EXPECT_EQ(l["num_key_value_heads"], 2);
+  EXPECT_EQ(l["intermediate_size"], 24);
+  EXPECT_EQ(l["head_dim"], 4);
+  EXPECT_EQ(l["rms_norm_eps"].get<double>(), 1e-5);  // shortest decimal, not 9.99999974e-06
+  EXPECT_EQ(l["rope_theta"].get<double>(), 500.0);
+  EXPECT_EQ(l["tie_word_embeddings"], false);
+  ASSERT_EQ(l["eellm_exits"].size(), 4u);
+  EXPECT_EQ(l["eellm_exits"][1]["temperature"].get<double>(), 0.7);
+  EXPECT_EQ(l["eellm_exits"][3]["kind"], "block");
+  const json g = HfConfigFromModel(GptConfig());
+  EXPECT_EQ(g["architectures"], json::array({"GPT2LMHeadModel"}));
+  EXPECT_EQ(g["n_embd"], 12);
+  EXPECT_EQ(g["n_inner"], 20);
+  EXPECT_EQ(g["n_positions"], 16);
+  EXPECT_EQ(g["activation_function"], "gelu_new");
+  EXPECT_EQ(g["tie_word_embeddings"], true);
+}
+
+// config.json files as transformers writes them.
+TEST(HfConvertTest, ReadsTransformersConfigs) {
+  const json llama = json::parse(R"({
+    "architectures": ["LlamaForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+    "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096,
+    "initializer_range": 0.02, "intermediate_size": 11008, "max_position_embeddings": 4096,
+    "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32,
+    "num_key_value_heads": 32, "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": null,
+    "rope_theta": 10000.0, "tie_word_embeddings": false, "torch_dtype": "float16",
+    "transformers_version": "4.31.0.dev0", "use_cache": true, "vocab_size": 32000})");
+  auto c = ModelConfigFromHf(llama);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->style, ModelStyle::kLlama);
+  EXPECT_EQ(c->hidden_size, 4096);
+  EXPECT_EQ(c->ffn_hidden_size, 11008);
+  EXPECT_EQ(c->num_layers, 32);
+  EXPECT_EQ(c->num_heads, 32);
+  EXPECT_EQ(c->num_kv_heads, 32);
+  EXPECT_EQ(c->vocab_size, 32000);
+  EXPECT_EQ(c->max_seq_len, 4096);
+  EXPECT_EQ(c->norm_eps, 1e-5f);
+  EXPECT_EQ(c->rope_theta, 10000.0f);
+  EXPECT_FALSE(c->tie_embeddings);
+  EXPECT_TRUE(c->exits.empty());
+
+  // transformers 5 style: rope_theta inside rope_parameters; GQA; defaults for missing keys.
+  json llama3 = json::parse(R"({"model_type": "llama", "hidden_size": 64,
+    "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 8,
+    "num_key_value_heads": 2, "vocab_size": 100, "max_position_embeddings": 256,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}})");
+  c = ModelConfigFromHf(llama3);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->num_kv_heads, 2);
+  EXPECT_EQ(c->rope_theta, 500000.0f);
+  EXPECT_EQ(c->norm_eps, 1e-6f);  // LlamaConfig's default
+
+  const json gpt2 = json::parse(R"({
+    "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1,
+    "bos_token_id": 50256, "embd_pdrop": 0.1, "eos_token_id": 50256, "initializer_range": 0.02,
+    "layer_norm_epsilon": 1e-05, "model_type": "gpt2", "n_ctx": 1024, "n_embd": 768,
+    "n_head": 12, "n_inner": null, "n_layer": 12, "n_positions": 1024, "resid_pdrop": 0.1,
+    "summary_activation": null, "summary_first_dropout": 0.1, "summary_proj_to_labels": true,
+    "summary_type": "cls_index", "summary_use_proj": true, "vocab_size": 50257})");
+  c = ModelConfigFromHf(gpt2);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->style, ModelStyle::kGpt);
+  EXPECT_EQ(c->hidden_size, 768);
+  EXPECT_EQ(c->ffn_hidden_size, 3072);
+  EXPECT_EQ(c->num_layers, 12);
+  EXPECT_EQ(c->num_heads, 12);
+  EXPECT_EQ(c->vocab_size, 50257);
+  EXPECT_EQ(c->max_seq_len, 1024);
+  EXPECT_TRUE(c->tie_embeddings);
+}
+
+TEST(HfConvertTest, ConfigErrorsNameTheKeyAndValue) {
+  const json llama = HfConfigFromModel(LlamaConfig(false));
+  const json gpt2 = HfConfigFromModel(GptConfig(false));
+  struct Case {
+    json base;
+    std::string key;
+    json value;  // null with erase = true: remove the key
+    bool erase;
+    std::vector<std::string> expect;  // substrings of the message
+  };
+  const std::vector<Case> cases = {
+      {llama,
+       "rope_scaling",
+       json::parse(R"({"type": "linear", "factor": 2.0})"),
+       false,
+       {"rope_scaling", "linear"}},
+      {llama,
+       "rope_scaling",
+       json::parse(R"({"rope_type": "llama3", "factor": 8.0})"),
+       false,
+       {"rope_scaling", "llama3"}},
+      {llama, "attention_bias", true, false, {"attention_bias", "true"}},
+      {llama, "mlp_bias", true, false, {"mlp_bias", "true"}},
+      {llama, "head_dim", 8, false, {"head_dim", "8"}},
+      {llama, "hidden_act", "gelu", false, {"hidden_act", "gelu"}},
+      {llama, "model_type", "mistral", false, {"model_type", "mistral"}},
+      {llama, "architectures", json::array({"LlamaModel"}), false, {"architectures", "LlamaModel"}},
+      {llama, "hidden_size", nullptr, true, {"hidden_size", "missing"}},
+      {llama, "intermediate_size", nullptr, true, {"intermediate_size", "missing"}},
+      {llama, "vocab_size", "many", false, {"vocab_size", "many"}},
+      {llama, "num_key_value_heads", 3, false, {"num_kv_heads 3"}},
+      {llama, "eellm_exits", json::parse(R"([{"layer": 9}])"), false, {"exits[0].layer 9"}},
+      {gpt2, "activation_function", "relu", false, {"activation_function", "relu"}},
+      {gpt2, "scale_attn_by_inverse_layer_idx", true, false, {"scale_attn_by_inverse_layer_idx"}},
+      {gpt2, "n_head", nullptr, true, {"n_head", "missing"}},
+      {gpt2, "n_layer", 2.5, false, {"n_layer", "2.5"}},
+      {gpt2, "model_type", nullptr, true, {"model_type"}},
+  };
+  for (const Case& k : cases) {
+    json j = k.base;
+    if (k.erase) {
+      j.erase(k.key);
+    } else {
+      j[k.key] = k.value;
+    }
+    auto c = ModelConfigFromHf(j);
+    ASSERT_FALSE(c.ok()) << k.key << " = " << k.value.dump();
+    for (const std::string& s : k.expect) {
+      EXPECT_NE(c.status().message().find(s), std::string::npos)
+          << "'" << s << "' not in: " << c.status().message();
+    }
+  }
+  EXPECT_FALSE(ModelConfigFromHf(json::array()).ok());
+}
+
+// GPT-2 keeps Conv1D weights as [in, out] and fuses q, k, v along the output: checked on
+// known values, in both directions.
+TEST(HfConvertTest, Gpt2Conv1DIsTransposedAndCAttnSplit) {
+  const ModelConfig c = GptConfig(false);
+  const int h = c.hidden_size, f = c.ffn_hidden_size;
+  auto be = Cpu();
+  auto m = RandomModel(c, be.get(), 3);
+  auto hf = EellmToHf(c, ParamsToHost(m->params()));
+  ASSERT_TRUE(hf.ok()) << hf.status();
+  HostTensor& attn_w = (*hf)["transformer.h.1.attn.c_attn.weight"];
+  HostTensor& attn_b = (*hf)["transformer.h.1.attn.c_attn.bias"];
+  HostTensor& proj_w = (*hf)["transformer.h.1.attn.c_proj.weight"];
+  HostTensor& fc_w = (*hf)["transformer.h.1.mlp.c_fc.weight"];
+  HostTensor& down_w = (*hf)["transformer.h.1.mlp.c_proj.weight"];
+  ASSERT_EQ(attn_w.shape, (Shape{h, 3 * h}));
+  ASSERT_EQ(attn_b.shape, (Shape{3 * h}));
+  ASSERT_EQ(fc_w.shape, (Shape{h, f}));
+  ASSERT_EQ(down_w.shape, (Shape{f, h}));
+  // Eellm -> HF: hf_fc[i][j] = fc1[j][i].
+  const HostTensorMap host = ParamsToHost(m->params());
+  const auto& fc1 = host.at("layers.1.mlp.fc1.weight").data;
+  for (int i = 0; i < h; ++i) {
+    for (int j = 0; j < f; ++j) EXPECT_EQ(fc_w.data[i * f + j], fc1[j * h + i]);
+  }
+  const auto& wk = host.at("layers.1.attn.wk.weight").data;
+  for (int i = 0; i < h; ++i) {
+    for (int o = 0; o < h; ++o) EXPECT_EQ(attn_w.data[i * 3 * h + h + o], wk[o * h + i]);
+  }
+  // HF -> eellm with known values: c_attn[i][j] = 1000 i + j, bias[j] = -j.
+  for (int i = 0; i < h; ++i) {
+    for (int j = 0; j < 3 * h; ++j) attn_w.data[i * 3 * h + j] = 1000.0f * i + j;
+  }
+  for (int j = 0; j < 3 * h; ++j) attn_b.data[j] = -static_cast<float>(j);
+  for (int i = 0; i < h; ++i) {
+    for (int o = 0; o < h; ++o) proj_w.data[i * h + o] = 100.0f * i + o;
+  }
+  for (int i = 0; i < f; ++i) {
+    for (int o = 0; o < h; ++o) down_w.data[i * h + o] = 100.0f * i + o;
+  }
+  auto e = HfToEellm(c, *hf);
+  ASSERT_TRUE(e.ok()) << e.status();
+  const char* qkv[] = {"layers.1.attn.wq", "layers.1.attn.wk", "layers.1.attn.wv"};
+  for (int part = 0; part < 3; ++part) {
+    const HostTensor& w = e->at(std::string(qkv[part]) + ".weight");
+    const HostTensor& b = e->at(std::string(qkv[part]) + ".bias");
+    ASSERT_EQ(w.shape, (Shape{h, h}));
+    for (int o = 0; o < h; ++o) {
+      for (int i = 0; i < h; ++i) {
+        EXPECT_EQ(w.data[o * h + i], 1000.0f * i + part * h + o)
+            << qkv[part] << " " << o << " " << i;
+      }
+      EXPECT_EQ(b.data[o], -static_cast<float>(part * h + o));
+    }
+  }
+  const HostTensor& wo = e->at("layers.1.attn.wo.weight");
+  const HostTensor& fc2 = e->at("layers.1.mlp.fc2.weight");
+  ASSERT_EQ(fc2.shape, (Shape{h, f}));
+  for (int o = 0; o < h; ++o) {
+    for (int i = 0; i < h; ++i) EXPECT_EQ(wo.data[o * h + i], 100.0f * i + o);
+    for (int i = 0; i < f; ++i) EXPECT_EQ(fc2.data[o * f + i], 100.0f * i + o);
+  }
+}
+
+// ---- a reference forward pass over HF tensors, written from the transformers models ----------
+
+using Rows = std::vector<std::vector<double>>;
+
+// Linear ([out, in], y = x W^T + b) or Conv1D ([in, out], y = x W + b).
+Rows Dense(const Rows& x, const HostTensor& w, const HostTensor* b, bool conv1d) {
+  const int64_t in = conv1d ? w.shape[0] : w.shape[1], out = conv1d ? w.shape[1] : w.shape[0];
+  Rows y(x.size(), std::vector<double>(out, 0.0));
+  for (size_t r = 0; r < x.size(); ++r) {
+    for (int64_t o = 0; o < out; ++o) {
+      double s = b ? b->data[o] : 0.0;
+      for (int64_t i = 0; i < in; ++i)
+        s += x[r][i] * (conv1d ? w.data[i * out + o] : w.data[o * in + i]);
+      y[r][o] = s;
+    }
+  }
+  return y;
+}
+
+Rows Norm(const Rows& x, const HostTensor& g, const HostTensor* b, double eps) {
+  Rows y = x;
+  for (auto& row : y) {
+    const double n = static_cast<double>(row.size());
+    double mean = 0, var = 0;
+    if (b) {
+      for (double v : row) mean += v / n;
+    }
+    for (double v : row) var += (v - mean) * (v - mean) / n;  // RMSNorm: mean 0
+    const double rs = 1.0 / std::sqrt(var + eps);
+    for (size_t i = 0; i < row.size(); ++i)
+      row[i] = (row[i] - mean) * rs * g.data[i] + (b ? b->data[i] : 0.0);
+  }
+  return y;
+}
+
+// transformers' apply_rotary_pos_emb: x * cos + rotate_half(x) * sin, per head of size d.
+void Rope(Rows& x, int heads, int d, double theta) {
+  for (size_t p = 0; p < x.size(); ++p) {
+    for (int h = 0; h < heads; ++h) {
+      double* v = x[p].data() + h * d;
+      std::vector<double> out(d);
+      for (int i = 0; i < d; ++i) {
+        const int j = i % (d / 2);
+        const double angle = static_cast<double>(p) / std::pow(theta, 2.0 * j / d);
+        const double rotated = i < d / 2 ? -v[i + d / 2] : v[i - d / 2];
+        out[i] = v[i] * std::cos(angle) + rotated * std::sin(angle);
+      }
+      std::copy(out.begin(), out.end(), v);
+    }
+  }
+}
+
+// Causal attention; query head h uses KV head h / (hq / hkv) (repeat_kv).
+Rows Attention(const Rows& q, const Rows& k, const Rows& v, int hq, int hkv, int d) {
+  const size_t t = q.size();
+  Rows out(t, std::vector<double>(hq * d, 0.0));
+  for (int h = 0; h < hq; ++h) {
+    const int kh = h / (hq / hkv);
+    for (size_t i = 0; i < t; ++i) {
+      std::vector<double> s(i + 1);
+      double mx = -1e300, sum = 0;
+      for (size_t j = 0; j <= i; ++j) {
+        double dot = 0;
+        for (int e = 0; e < d; ++e) dot += q[i][h * d + e] * k[j][kh * d + e];
+        s[j] = dot / std::sqrt(static_cast<double>(d));
+        mx = std::max(mx, s[j]);
+      }
+      for (double& x : s) sum += (x = std::exp(x - mx));
+      for (size_t j = 0; j <= i; ++j) {
+        for (int e = 0; e < d; ++e) out[i][h * d + e] += s[j] / sum * v[j][kh * d + e];
+      }
+    }
+  }
+  return out;
+}
+
+void AddTo(Rows& x, const Rows& y) {
+  for (size_t r = 0; r < x.size(); ++r) {
+    for (size_t i = 0; i < x[r].size(); ++i) x[r][i] += y[r][i];
+  }
+}
+
+// Logits [t][vocab] of a LlamaForCausalLM or GPT2LMHeadModel given its config.json and tensors.
+Rows ReferenceLogits(const json& cfg, const HostTensorMap& w, const std::vector<int32_t>& ids) {
+  auto W = [&](const std::string& n) -> const HostTensor& { return w.at(n); };
+  const bool llama = cfg["model_type"] == "llama";
+  const int layers = llama ? cfg["num_hidden_layers"].get<int>() : cfg["n_layer"].get<int>();
+  const int hidden = llama ? cfg["hidden_size"].get<int>() : cfg["n_embd"].get<int>();
+  const int hq = llama ? cfg["num_attention_heads"].get<int>() : cfg["n_head"].get<int>();
+  const int hkv = llama ? cfg["num_key_value_heads"].get<int>() : hq;
+  const int d = hidden / hq;
+  const double eps =
+      llama ? cfg["rms_norm_eps"].get<double>() : cfg["layer_norm_epsilon"].get<double>();
+  const std::string emb = llama ? "model.embed_tokens.weight" : "transformer.wte.weight";
+  Rows x(ids.size(), std::vector<double>(hidden));
+  for (size_t p = 0; p < ids.size(); ++p) {
+    for (int i = 0; i < hidden; ++i) {
+      x[p][i] = W(emb).data[ids[p] * hidden + i] +
+                (llama ? 0.0 : W("transformer.wpe.weight").data[p * hidden + i]);
+    }
+  }
+  for (int l = 0; l < layers; ++l) {
+    if (llama) {
+      const std::string p = "model.layers." + std::to_string(l) + ".";
+      Rows a = Norm(x, W(p + "input_layernorm.weight"), nullptr, eps);
+      Rows q = Dense(a, W(p + "self_attn.q_proj.weight"), nullptr, false);
+      Rows k = Dense(a, W(p + "self_attn.k_proj.weight"), nullptr, false);
+      Rows v = Dense(a, W(p + "self_attn.v_proj.weight"), nullptr, false);
+      Rope(q, hq, d, cfg["rope_theta"].get<double>());
+      Rope(k, hkv, d, cfg["rope_theta"].get<double>());
+      AddTo(x, Dense(Attention(q, k, v, hq, hkv, d), W(p + "self_attn.o_proj.weight"), nullptr,
+                     false));
+      Rows m = Norm(x, W(p + "post_attention_layernorm.weight"), nullptr, eps);
+      Rows g = Dense(m, W(p + "mlp.gate_proj.weight"), nullptr, false);
+      Rows u = Dense(m, W(p + "mlp.up_proj.weight"), nullptr, false);
+      for (size_t r = 0; r < g.size(); ++r) {
+        for (size_t i = 0; i < g[r].size(); ++i)
+          g[r][i] = g[r][i] / (1 + std::exp(-g[r][i])) * u[r][i];
+      }
+      AddTo(x, Dense(g, W(p + "mlp.down_proj.weight"), nullptr, false));
+    } else {
+      const std::string p = "transformer.h." + std::to_string(l) + ".";
+      Rows a = Norm(x, W(p + "ln_1.weight"), &W(p + "ln_1.bias"), eps);
+      Rows qkv = Dense(a, W(p + "attn.c_attn.weight"), &W(p + "attn.c_attn.bias"), true);
+      Rows q(x.size()), k(x.size()), v(x.size());
+      for (size_t r = 0; r < x.size(); ++r) {
+        q[r].assign(qkv[r].begin(), qkv[r].begin() + hidden);
+        k[r].assign(qkv[r].begin() + hidden, qkv[r].begin() + 2 * hidden);
+        v[r].assign(qkv[r].begin() + 2 * hidden, qkv[r].end());
+      }
+      AddTo(x, Dense(Attention(q, k, v, hq, hq, d), W(p + "attn.c_proj.weight"),
+                     &W(p + "attn.c_proj.bias"), true));
+      Rows m = Norm(x, W(p + "ln_2.weight"), &W(p + "ln_2.bias"), eps);
+      Rows f = Dense(m, W(p + "mlp.c_fc.weight"), &W(p + "mlp.c_fc.bias"), true);
+      for (auto& row : f) {
+        for (double& z : row) {
+          z = 0.5 * z * (1 + std::tanh(std::sqrt(2 / M_PI) * (z + 0.044715 * z * z * z)));
+        }
+      }
+      AddTo(x, Dense(f, W(p + "mlp.c_proj.weight"), &W(p + "mlp.c_proj.bias"), true));
+    }
+  }
+  x = llama ? Norm(x, W("model.norm.weight"), nullptr, eps)
+            : Norm(x, W("transformer.ln_f.weight"), &W("transformer.ln_f.bias"), eps);
+  const bool tied = cfg["tie_word_embeddings"].get<bool>();
+  return Dense(x, W(tied ? emb : "lm_head.weight"), nullptr, false);
+}
+
+// A model converted to HF computes, by the HF definition of its architecture, the logits the
+// eellm model computes; a model built back from the HF tensors gives them too.
+TEST(HfConvertTest, LogitsMatchHfReferenceForward) {
+  auto be = Cpu();
+  ModelConfig untied_gpt = GptConfig(true, false);
+  ModelConfig tied_llama = LlamaConfig();
+  tied_llama.tie_embeddings = true;
+  for (const ModelConfig& c : {LlamaConfig(), tied_llama, GptConfig(), untied_gpt}) {
+    SCOPED_TRACE(c.ToJson());
+    auto a = RandomModel(c, be.get(), 17);
+    const std::vector<int32_t> ids = testing::RandomTokens(9, c.vocab_size, 4);
+    auto logits = HeadLogits(*a, ids, -1);
+    ASSERT_TRUE(logits.ok()) << logits.status();
+    const json cfg = HfConfigFromModel(c);
+    auto hf = EellmToHf(c, ParamsToHost(a->params()));
+    ASSERT_TRUE(hf.ok());
+    const Rows ref = ReferenceLogits(cfg, *hf, ids);
+    double max_ref = 0, max_err = 0;
+    for (size_t p = 0; p < ids.size(); ++p) {
+      for (int v = 0; v < c.vocab_size; ++v) {
+        max_ref = std::max(max_ref, std::fabs(ref[p][v]));
+        max_err = std::max(max_err, std::fabs(ref[p][v] - (*logits)[p * c.vocab_size + v]));
+      }
+    }
+    EXPECT_GT(max_ref, 0.1);
+    EXPECT_LT(max_err / max_ref, 1e-5);
+    auto c2 = ModelConfigFromHf(cfg);
+    ASSERT_TRUE(c2.ok());
+    auto e = HfToEellm(*c2, *std::move(hf));
+    ASSERT_TRUE(e.ok()) << e.status();
+    auto b = ModelFrom(*c2, *e, be.get());
+    EXPECT_EQ(*HeadLogits(*b, ids, -1), *logits);
+    for (int i = 0; i < static_cast<int>(c.exits.size()); ++i) {
+      EXPECT_EQ(*HeadLogits(*b, ids, i), *HeadLogits(*a, ids, i)) << "exit " << i;
+    }
+  }
+}
+
+bool Contains(const absl::Status& s, const std::string& part) {
+  return s.message().find(part) != absl::string_view::npos;
+}
+
+TEST(HfConvertTest, TensorErrorsNameTheTensor) {
+  auto be = Cpu();
+  const ModelConfig c = LlamaConfig();
+  auto m = RandomModel(c, be.get(), 9);
+  const HostTensorMap host = ParamsToHost(m->params());
+  const HostTensorMap hf = *EellmToHf(c, host);
+
+  HostTensorMap missing = hf;
+  missing.erase("model.layers.2.mlp.up_proj.weight");
+  absl::Status s = HfToEellm(c, missing).status();
+  EXPECT_FALSE(s.ok());
+  EXPECT_TRUE(Contains(s, "model.layers.2.mlp.up_proj.weight")) << s;
+  EXPECT_TRUE(Contains(s, "missing")) << s;
+
+  HostTensorMap no_exit = hf;
+  no_exit.erase("eellm.exits.3.block.attn.wk.weight");
+  s = HfToEellm(c, no_exit).status();
+  EXPECT_TRUE(Contains(s, "eellm.exits.3.block.attn.wk.weight")) << s;
+
+  HostTensorMap wrong = hf;
+  wrong["model.layers.1.self_attn.k_proj.weight"].shape = {16, 8};  // [kv * d, hidden] is [8, 16]
+  s = HfToEellm(c, wrong).status();
+  EXPECT_TRUE(Contains(s, "model.layers.1.self_attn.k_proj.weight")) << s;
+  EXPECT_TRUE(Contains(s, "[16, 8]")) << s;
+  EXPECT_TRUE(Contains(s, "[8, 16]")) << s;
+
+  HostTensorMap extra = hf;
+  extra["model.layers.7.self_attn.q_proj.weight"] = {{1}, {0.0f}};
+  s = HfToEellm(c, extra).status();
+  EXPECT_TRUE(Contains(s, "unexpected")) << s;
+  EXPECT_TRUE(Contains(s, "model.layers.7.self_attn.q_proj.weight")) << s;
+
+  HostTensorMap short_data = hf;
+  short_data["model.norm.weight"].data.pop_back();
+  s = HfToEellm(c, short_data).status();
+  EXPECT_TRUE(Contains(s, "model.norm.weight")) << s;
+
+  // Buffers transformers files may hold are ignored: Llama's inv_freq, GPT-2's masks.
+  HostTensorMap buffers = hf;
+  buffers["model.layers.0.self_attn.rotary_emb.inv_freq"] = {{2}, {1.0f, 0.1f}};
+  EXPECT_TRUE(HfToEellm(c, buffers).ok());
+
+  // eellm -> HF checks its input the same way.
+  HostTensorMap e_missing = host;
+  e_missing.erase("layers.0.attn.wq.weight");
+  s = EellmToHf(c, e_missing).status();
+  EXPECT_TRUE(Contains(s, "layers.0.attn.wq.weight")) << s;
+  HostTensorMap e_extra = host;
+  e_extra["exits.9.head.weight"] = {{1}, {0.0f}};
+  s = EellmToHf(c, e_extra).status();
+  EXPECT_TRUE(Contains(s, "exits.9.head.weight")) << s;
+  HostTensorMap e_shape = host;
+  e_shape["output.weight"].shape = {16, 23};
+  s = EellmToHf(c, e_shape).status();
+  EXPECT_TRUE(Contains(s, "output.weight")) << s;
+}
+
+// GPT-2 files: with or without "transformer.", attention mask buffers and a tied lm_head copy.
+TEST(HfConvertTest, Gpt2AcceptsBareNamesBuffersAndTiedHead) {
+  auto be = Cpu();
+  const ModelConfig c = GptConfig();
+  auto m = RandomModel(c, be.get(), 13);
+  const HostTensorMap host = ParamsToHost(m->params());
+  const HostTensorMap hf = *EellmToHf(c, host);
+  HostTensorMap bare;
+  for (const auto& [name, t] : hf) {
+    bare[absl::StartsWith(name, "transformer.") ? name.substr(12) : name] = t;
+  }
+  for (int l = 0; l < c.num_layers; ++l) {
+    bare["h." + std::to_string(l) + ".attn.bias"] = {{1, 1, 4, 4}, std::vector<float>(16, 1.0f)};
+    bare["h." + std::to_string(l) + ".attn.masked_bias"] = {{}, {-1e4f}};
+  }
+  bare["lm_head.weight"] = hf.at("transformer.wte.weight");
+  auto e = HfToEellm(c, bare);
+  ASSERT_TRUE(e.ok()) << e.status();
+  ExpectSameTensors(*e, host);
+
+  HostTensorMap both = hf;
+  both["wte.weight"] = hf.at("transformer.wte.weight");
+  absl::Status s = HfToEellm(c, both).status();
+  EXPECT_TRUE(Contains(s, "wte.weight")) << s;
+  // A mask buffer of a layer the model does not have is unexpected.
+  HostTensorMap deep = hf;
+  deep["transformer.h.5.attn.bias"] = {{1}, {1.0f}};
+  s = HfToEellm(c, deep).status();
+  EXPECT_TRUE(Contains(s, "transformer.h.5.attn.bias")) << s;
+  // An untied GPT-2 needs its lm_head.
+  const ModelConfig untied = GptConfig(true, false);
+  HostTensorMap hf_untied =
+      *EellmToHf(untied, ParamsToHost(RandomModel(untied, be.get(), 1)->params()));
+  hf_untied.erase("lm_head.weight");
+  s = HfToEellm(untied, hf_untied).status();
+  EXPECT_TRUE(Contains(s, "lm_head.weight")) << s;
+}
+
+}  // namespace
+}  // namespace eellm
