@@ -148,7 +148,8 @@ class Backend {
                      float beta2, float eps, float weight_decay, int step) = 0;
 };
 
-// "cpu" (always) or "cuda" (when built with CUDA and a GPU is present).
+// "cpu" (always), or "cuda" / "cuda:<device>" (when built with CUDA and a GPU is present; the
+// device index is taken modulo the number of GPUs, so ranks may pass their local rank).
 absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(absl::string_view name);
 
 }  // namespace eellm

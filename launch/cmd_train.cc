@@ -6,6 +6,7 @@
 #include <thread>
 
 #include "absl/flags/flag.h"
+#include "absl/strings/str_cat.h"
 #include "engine/core/logging.h"
 #include "launch/commands.h"
 #include "launch/shared_flags.h"
@@ -85,7 +86,10 @@ int RunTrainCommand() {
     t.exit_placement = absl::GetFlag(FLAGS_exit_placement);
   }
 
-  auto backend = MakeBackend(t.backend);
+  // Each rank of a node takes GPU local_rank (modulo the GPUs present).
+  const std::string device =
+      t.backend == "cuda" ? absl::StrCat("cuda:", launch->local_rank) : t.backend;
+  auto backend = MakeBackend(device);
   if (!backend.ok()) return Fail(backend.status(), multi, launch->rank);
   TrainOptions opts;
   opts.resume = absl::GetFlag(FLAGS_resume);

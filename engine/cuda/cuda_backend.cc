@@ -1,0 +1,315 @@
+// CudaBackend: construction, memory, GEMM and the host side of every op (kernel launches in
+// cuda_kernels.h).
+#include "engine/cuda/cuda_backend.h"
+
+#include <cmath>
+#include <limits>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "engine/core/status.h"
+#include "engine/cuda/cuda_kernels.h"
+#include "engine/cuda/make_cuda_backend.h"
+
+#define CUDA_CHECK(call)                                                                   \
+  do {                                                                                     \
+    const cudaError_t eellm_err = (call);                                                  \
+    EE_CHECK(eellm_err == cudaSuccess, #call, " failed: ", cudaGetErrorString(eellm_err)); \
+  } while (0)
+
+#define CUBLAS_CHECK(call)                                                         \
+  do {                                                                             \
+    const cublasStatus_t eellm_err = (call);                                       \
+    EE_CHECK(eellm_err == CUBLAS_STATUS_SUCCESS, #call, " failed: cuBLAS status ", \
+             static_cast<int>(eellm_err));                                         \
+  } while (0)
+
+namespace eellm {
+
+absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(int device) {
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess || count == 0) {
+    return absl::UnavailableError(
+        absl::StrCat("no CUDA GPU available (",
+                     err != cudaSuccess ? cudaGetErrorString(err) : "0 devices", ")"));
+  }
+  if (device < 0) {
+    CUDA_CHECK(cudaGetDevice(&device));
+  } else {
+    device %= count;
+  }
+  return std::unique_ptr<Backend>(new CudaBackend(device));
+}
+
+CudaBackend::CudaBackend(int device) : device_(device) {
+  CUDA_CHECK(cudaSetDevice(device_));
+  CUBLAS_CHECK(cublasCreate(&cublas_));
+  CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
+  // Plain fp32 GEMMs (no TF32): this backend is checked element by element against the CPU.
+  CUBLAS_CHECK(cublasSetMathMode(cublas_, CUBLAS_PEDANTIC_MATH));
+}
+
+CudaBackend::~CudaBackend() {
+  cudaDeviceSynchronize();
+  for (Slot& s : scratch_) cudaFree(s.ptr);
+  if (cublas_ != nullptr) cublasDestroy(cublas_);
+}
+
+void* CudaBackend::Alloc(size_t bytes) {
+  void* p = nullptr;
+  CUDA_CHECK(cudaMalloc(&p, bytes > 0 ? bytes : 256));  // 256-byte aligned
+  return p;
+}
+
+void CudaBackend::Free(void* p) {
+  if (p != nullptr) CUDA_CHECK(cudaFree(p));
+}
+
+void CudaBackend::CopyToHost(void* host_dst, const void* src, size_t bytes) {
+  if (bytes) CUDA_CHECK(cudaMemcpy(host_dst, src, bytes, cudaMemcpyDeviceToHost));
+}
+
+void CudaBackend::CopyFromHost(void* dst, const void* host_src, size_t bytes) {
+  if (bytes) CUDA_CHECK(cudaMemcpy(dst, host_src, bytes, cudaMemcpyHostToDevice));
+}
+
+void CudaBackend::Copy(void* dst, const void* src, size_t bytes) {
+  if (bytes && dst != src) {
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_));
+  }
+}
+
+void CudaBackend::Synchronize() { CUDA_CHECK(cudaDeviceSynchronize()); }
+
+void* CudaBackend::Scratch(size_t bytes, int slot) {
+  Slot& s = scratch_[slot];
+  if (s.bytes < bytes) {
+    CUDA_CHECK(cudaDeviceSynchronize());  // the old buffer may still be in use
+    if (s.ptr != nullptr) CUDA_CHECK(cudaFree(s.ptr));
+    CUDA_CHECK(cudaMalloc(&s.ptr, bytes));
+    s.bytes = bytes;
+  }
+  return s.ptr;
+}
+
+void CudaBackend::Gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a,
+                       int lda, const float* b, int ldb, float beta, float* c, int ldc) {
+  // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
+  CUBLAS_CHECK(cublasSgemm(cublas_, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
+                           trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, &alpha, b, ldb, a, lda,
+                           &beta, c, ldc));
+}
+
+// ---- elementwise, reductions, embedding ---------------------------------------------------------
+
+void CudaBackend::Fill(float* x, size_t n, float value) {
+  CUDA_CHECK(cuda::Fill(x, n, value, stream_));
+}
+void CudaBackend::Add(float* y, const float* a, const float* b, size_t n) {
+  CUDA_CHECK(cuda::Add(y, a, b, n, stream_));
+}
+void CudaBackend::Axpy(float* y, float alpha, const float* x, size_t n) {
+  CUDA_CHECK(cuda::Axpy(y, alpha, x, n, stream_));
+}
+void CudaBackend::Scale(float* x, float alpha, size_t n) {
+  CUDA_CHECK(cuda::Scale(x, alpha, n, stream_));
+}
+
+double CudaBackend::SumSquares(const float* x, size_t n) {
+  if (n == 0) return 0.0;
+  const size_t max_blocks = cuda::SumSquaresMaxBlocks(n);
+  auto* partial = static_cast<double*>(Scratch(max_blocks * sizeof(double), 2));
+  int blocks = 0;
+  CUDA_CHECK(cuda::SumSquaresPartials(partial, &blocks, x, n, stream_));
+  host_partials_.resize(static_cast<size_t>(blocks));
+  CopyToHost(host_partials_.data(), partial, host_partials_.size() * sizeof(double));
+  double total = 0.0;
+  for (double s : host_partials_) total += s;  // in block order: deterministic
+  return total;
+}
+
+void CudaBackend::EmbeddingForward(float* out, const int32_t* ids, const float* table, int n,
+                                   int c) {
+  EmbeddingForwardRange(out, ids, table, n, c, 0, std::numeric_limits<int>::max());
+}
+void CudaBackend::EmbeddingBackward(float* dtable, const int32_t* ids, const float* dout, int n,
+                                    int c) {
+  EmbeddingBackwardRange(dtable, ids, dout, n, c, 0, std::numeric_limits<int>::max());
+}
+void CudaBackend::EmbeddingForwardRange(float* out, const int32_t* ids, const float* table, int n,
+                                        int c, int start, int rows) {
+  CUDA_CHECK(cuda::EmbeddingForwardRange(out, ids, table, n, c, start, rows, stream_));
+}
+void CudaBackend::EmbeddingBackwardRange(float* dtable, const int32_t* ids, const float* dout,
+                                         int n, int c, int start, int rows) {
+  CUDA_CHECK(cuda::EmbeddingBackwardRange(dtable, ids, dout, n, c, start, rows, stream_));
+}
+
+// ---- linear -------------------------------------------------------------------------------------
+
+void CudaBackend::Linear(float* out, const float* in, const float* w, const float* bias, int n,
+                         int in_dim, int out_dim, bool accumulate) {
+  if (n <= 0 || out_dim <= 0) return;
+  if (in_dim <= 0) {
+    if (!accumulate) Fill(out, static_cast<size_t>(n) * out_dim, 0.0f);
+  } else {
+    // out[n, o] = in[n, i] @ w[o, i]^T (+ out).
+    Gemm(false, true, n, out_dim, in_dim, 1.0f, in, in_dim, w, in_dim, accumulate ? 1.0f : 0.0f,
+         out, out_dim);
+  }
+  if (bias != nullptr) CUDA_CHECK(cuda::AddBias(out, bias, n, out_dim, stream_));
+}
+
+void CudaBackend::LinearBackward(float* din, float* dw, float* dbias, const float* dout,
+                                 const float* in, const float* w, int n, int in_dim, int out_dim,
+                                 bool accumulate_din) {
+  if (n <= 0) return;
+  if (din != nullptr && in_dim > 0) {
+    if (out_dim <= 0) {
+      if (!accumulate_din) Fill(din, static_cast<size_t>(n) * in_dim, 0.0f);
+    } else {
+      // din[n, i] = dout[n, o] @ w[o, i] (+ din).
+      Gemm(false, false, n, in_dim, out_dim, 1.0f, dout, out_dim, w, in_dim,
+           accumulate_din ? 1.0f : 0.0f, din, in_dim);
+    }
+  }
+  if (out_dim <= 0) return;
+  if (dw != nullptr && in_dim > 0) {
+    // dw[o, i] += dout[n, o]^T @ in[n, i].
+    Gemm(true, false, out_dim, in_dim, n, 1.0f, dout, out_dim, in, in_dim, 1.0f, dw, in_dim);
+  }
+  if (dbias != nullptr) CUDA_CHECK(cuda::ColumnSumAdd(dbias, dout, n, out_dim, stream_));
+}
+
+// ---- norms, activations, RoPE -------------------------------------------------------------------
+
+void CudaBackend::LayerNormForward(float* out, float* mean, float* rstd, const float* x,
+                                   const float* g, const float* b, int n, int c, float eps) {
+  CUDA_CHECK(cuda::LayerNormForward(out, mean, rstd, x, g, b, n, c, eps, stream_));
+}
+void CudaBackend::LayerNormBackward(float* dx, float* dg, float* db, const float* dout,
+                                    const float* x, const float* g, const float* mean,
+                                    const float* rstd, int n, int c) {
+  CUDA_CHECK(cuda::LayerNormBackward(dx, dg, db, dout, x, g, mean, rstd, n, c, stream_));
+}
+void CudaBackend::RmsNormForward(float* out, float* rstd, const float* x, const float* g, int n,
+                                 int c, float eps) {
+  CUDA_CHECK(cuda::RmsNormForward(out, rstd, x, g, n, c, eps, stream_));
+}
+void CudaBackend::RmsNormBackward(float* dx, float* dg, const float* dout, const float* x,
+                                  const float* g, const float* rstd, int n, int c) {
+  CUDA_CHECK(cuda::RmsNormBackward(dx, dg, dout, x, g, rstd, n, c, stream_));
+}
+void CudaBackend::GeluForward(float* out, const float* x, size_t n) {
+  CUDA_CHECK(cuda::GeluForward(out, x, n, stream_));
+}
+void CudaBackend::GeluBackward(float* dx, const float* dout, const float* x, size_t n) {
+  CUDA_CHECK(cuda::GeluBackward(dx, dout, x, n, stream_));
+}
+void CudaBackend::SwiGluForward(float* out, const float* gate, const float* up, size_t n) {
+  CUDA_CHECK(cuda::SwiGluForward(out, gate, up, n, stream_));
+}
+void CudaBackend::SwiGluBackward(float* dgate, float* dup, const float* dout, const float* gate,
+                                 const float* up, size_t n) {
+  CUDA_CHECK(cuda::SwiGluBackward(dgate, dup, dout, gate, up, n, stream_));
+}
+void CudaBackend::RopeForward(float* x, const int32_t* pos, int n, int heads, int head_dim,
+                              float theta) {
+  EE_CHECK(head_dim % 2 == 0, "RoPE needs an even head_dim, got ", head_dim);
+  CUDA_CHECK(cuda::Rope(x, pos, n, heads, head_dim, theta, 1.0, stream_));
+}
+void CudaBackend::RopeBackward(float* dx, const int32_t* pos, int n, int heads, int head_dim,
+                               float theta) {
+  EE_CHECK(head_dim % 2 == 0, "RoPE needs an even head_dim, got ", head_dim);
+  CUDA_CHECK(cuda::Rope(dx, pos, n, heads, head_dim, theta, -1.0, stream_));
+}
+
+// ---- attention ----------------------------------------------------------------------------------
+
+void CudaBackend::AttentionForward(float* out, float* probs, const float* q, const float* k,
+                                   const float* v, int b, int tq, int tk, int tk_cap, int hq,
+                                   int hkv, int d, int q_offset) {
+  EE_CHECK(hkv > 0 && hq % hkv == 0, "hq=", hq, " is not a multiple of hkv=", hkv);
+  EE_CHECK(tk <= tk_cap && q_offset >= 0 && q_offset + tq <= tk, "bad attention sizes tq=", tq,
+           " tk=", tk, " tk_cap=", tk_cap, " q_offset=", q_offset);
+  const int group = hq / hkv;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  const size_t slab = static_cast<size_t>(tq) * tk;
+  float* scratch = probs ? nullptr : static_cast<float*>(Scratch(slab * sizeof(float), 0));
+  for (int bi = 0; bi < b; ++bi) {
+    for (int h = 0; h < hq; ++h) {
+      const int kvh = h / group;
+      const float* qh = q + (static_cast<size_t>(bi) * tq * hq + h) * d;  // rows stride hq*d
+      const float* kh = k + (static_cast<size_t>(bi) * tk_cap * hkv + kvh) * d;
+      const float* vh = v + (static_cast<size_t>(bi) * tk_cap * hkv + kvh) * d;
+      float* oh = out + (static_cast<size_t>(bi) * tq * hq + h) * d;
+      float* s = probs ? probs + (static_cast<size_t>(bi) * hq + h) * slab : scratch;
+      Gemm(false, true, tq, tk, d, scale, qh, hq * d, kh, hkv * d, 0.0f, s, tk);
+      CUDA_CHECK(cuda::CausalSoftmaxRows(s, tq, tk, q_offset, stream_));
+      Gemm(false, false, tq, d, tk, 1.0f, s, tk, vh, hkv * d, 0.0f, oh, hq * d);
+    }
+  }
+}
+
+void CudaBackend::AttentionBackward(float* dq, float* dk, float* dv, const float* dout,
+                                    const float* probs, const float* q, const float* k,
+                                    const float* v, int b, int t, int hq, int hkv, int d) {
+  EE_CHECK(hkv > 0 && hq % hkv == 0, "hq=", hq, " is not a multiple of hkv=", hkv);
+  // As on the CPU: dV = P^T dO; dP = dO V^T; dS = P * (dP - rowsum(P * dP)); dQ = scale dS K;
+  // dK = scale dS^T Q, dK and dV summed over the heads sharing a KV head, in head order.
+  const int group = hq / hkv;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  float* ds = static_cast<float*>(Scratch(static_cast<size_t>(t) * t * sizeof(float), 1));
+  for (int bi = 0; bi < b; ++bi) {
+    for (int kvh = 0; kvh < hkv; ++kvh) {
+      const size_t kv_off = (static_cast<size_t>(bi) * t * hkv + kvh) * d;
+      const size_t pitch = static_cast<size_t>(hkv) * d * sizeof(float);
+      CUDA_CHECK(cudaMemset2DAsync(dk + kv_off, pitch, 0, d * sizeof(float), t, stream_));
+      CUDA_CHECK(cudaMemset2DAsync(dv + kv_off, pitch, 0, d * sizeof(float), t, stream_));
+      for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
+        const size_t q_off = (static_cast<size_t>(bi) * t * hq + h) * d;
+        const float* p = probs + (static_cast<size_t>(bi) * hq + h) * t * t;
+        const float* doh = dout + q_off;
+        Gemm(true, false, t, d, t, 1.0f, p, t, doh, hq * d, 1.0f, dv + kv_off, hkv * d);
+        Gemm(false, true, t, t, d, 1.0f, doh, hq * d, v + kv_off, hkv * d, 0.0f, ds, t);
+        CUDA_CHECK(cuda::SoftmaxBackwardRows(ds, p, t, stream_));
+        Gemm(false, false, t, d, t, scale, ds, t, k + kv_off, hkv * d, 0.0f, dq + q_off, hq * d);
+        Gemm(true, false, t, d, t, scale, ds, t, q + q_off, hq * d, 1.0f, dk + kv_off, hkv * d);
+      }
+    }
+  }
+}
+
+// ---- cross-entropy, optimizer -------------------------------------------------------------------
+
+void CudaBackend::CrossEntropy(float* losses, float* max_prob, float* dlogits, const float* logits,
+                               const int32_t* targets, const float* weights, int n, int v) {
+  CUDA_CHECK(
+      cuda::CrossEntropy(losses, max_prob, dlogits, logits, targets, weights, n, v, stream_));
+}
+void CudaBackend::RowMax(float* row_max, const float* logits, int n, int v) {
+  CUDA_CHECK(cuda::RowMax(row_max, logits, n, v, stream_));
+}
+void CudaBackend::SumExpAndTarget(float* sum_exp, float* target_logit, const float* logits,
+                                  const float* row_max, const int32_t* targets, int n, int v,
+                                  int start) {
+  CUDA_CHECK(
+      cuda::SumExpAndTarget(sum_exp, target_logit, logits, row_max, targets, n, v, start, stream_));
+}
+void CudaBackend::CrossEntropyGradRange(float* dlogits, const float* logits, const float* row_max,
+                                        const float* sum_exp, const int32_t* targets,
+                                        const float* weights, int n, int v, int start) {
+  CUDA_CHECK(cuda::CrossEntropyGradRange(dlogits, logits, row_max, sum_exp, targets, weights, n, v,
+                                         start, stream_));
+}
+
+void CudaBackend::AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr,
+                        float beta1, float beta2, float eps, float weight_decay, int step) {
+  const double bc1 = 1.0 - std::pow(static_cast<double>(beta1), step);
+  const double bc2 = 1.0 - std::pow(static_cast<double>(beta2), step);
+  CUDA_CHECK(cuda::AdamW(p, g, m, v, n, lr, beta1, beta2, eps, weight_decay,
+                         static_cast<float>(1.0 / bc1), static_cast<float>(1.0 / bc2), stream_));
+}
+
+}  // namespace eellm

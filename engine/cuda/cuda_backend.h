@@ -1,0 +1,119 @@
+// CudaBackend: the Backend contract (engine/backend.h) on an NVIDIA GPU, fp32 throughout.
+// This first version is the correctness baseline, checked op by op against the CPU backend
+// (tests/gpu): GEMMs are cuBLAS SGEMM (no TF32), attention runs per (sequence, head) as two
+// GEMMs around a row softmax (like the CPU backend), the other ops are simple kernels with
+// deterministic reductions. Everything runs in order on the legacy default stream, so host
+// copies are synchronous. bf16 compute, fused attention and fused cross-entropy come next.
+//
+// Host code here is compiled by the host compiler; kernels live in the *.cu files behind
+// cuda_kernels.h. Only engine/cuda includes CUDA headers.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "engine/backend.h"
+
+namespace eellm {
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int device);
+  ~CudaBackend() override;
+  CudaBackend(const CudaBackend&) = delete;
+  CudaBackend& operator=(const CudaBackend&) = delete;
+
+  Device device() const override { return Device::kCuda; }
+  std::string name() const override { return "cuda"; }
+
+  void* Alloc(size_t bytes) override;
+  void Free(void* p) override;
+  void CopyToHost(void* host_dst, const void* src, size_t bytes) override;
+  void CopyFromHost(void* dst, const void* host_src, size_t bytes) override;
+  void Copy(void* dst, const void* src, size_t bytes) override;
+  void Synchronize() override;
+
+  void Fill(float* x, size_t n, float value) override;
+  void Add(float* y, const float* a, const float* b, size_t n) override;
+  void Axpy(float* y, float alpha, const float* x, size_t n) override;
+  void Scale(float* x, float alpha, size_t n) override;
+  double SumSquares(const float* x, size_t n) override;
+
+  void EmbeddingForward(float* out, const int32_t* ids, const float* table, int n, int c) override;
+  void EmbeddingBackward(float* dtable, const int32_t* ids, const float* dout, int n,
+                         int c) override;
+
+  void Linear(float* out, const float* in, const float* w, const float* bias, int n, int in_dim,
+              int out_dim, bool accumulate) override;
+  void LinearBackward(float* din, float* dw, float* dbias, const float* dout, const float* in,
+                      const float* w, int n, int in_dim, int out_dim, bool accumulate_din) override;
+
+  void LayerNormForward(float* out, float* mean, float* rstd, const float* x, const float* g,
+                        const float* b, int n, int c, float eps) override;
+  void LayerNormBackward(float* dx, float* dg, float* db, const float* dout, const float* x,
+                         const float* g, const float* mean, const float* rstd, int n,
+                         int c) override;
+  void RmsNormForward(float* out, float* rstd, const float* x, const float* g, int n, int c,
+                      float eps) override;
+  void RmsNormBackward(float* dx, float* dg, const float* dout, const float* x, const float* g,
+                       const float* rstd, int n, int c) override;
+
+  void GeluForward(float* out, const float* x, size_t n) override;
+  void GeluBackward(float* dx, const float* dout, const float* x, size_t n) override;
+  void SwiGluForward(float* out, const float* gate, const float* up, size_t n) override;
+  void SwiGluBackward(float* dgate, float* dup, const float* dout, const float* gate,
+                      const float* up, size_t n) override;
+
+  void RopeForward(float* x, const int32_t* pos, int n, int heads, int head_dim,
+                   float theta) override;
+  void RopeBackward(float* dx, const int32_t* pos, int n, int heads, int head_dim,
+                    float theta) override;
+
+  void AttentionForward(float* out, float* probs, const float* q, const float* k, const float* v,
+                        int b, int tq, int tk, int tk_cap, int hq, int hkv, int d,
+                        int q_offset) override;
+  void AttentionBackward(float* dq, float* dk, float* dv, const float* dout, const float* probs,
+                         const float* q, const float* k, const float* v, int b, int t, int hq,
+                         int hkv, int d) override;
+
+  void CrossEntropy(float* losses, float* max_prob, float* dlogits, const float* logits,
+                    const int32_t* targets, const float* weights, int n, int v) override;
+  void EmbeddingForwardRange(float* out, const int32_t* ids, const float* table, int n, int c,
+                             int start, int rows) override;
+  void EmbeddingBackwardRange(float* dtable, const int32_t* ids, const float* dout, int n, int c,
+                              int start, int rows) override;
+  void RowMax(float* row_max, const float* logits, int n, int v) override;
+  void SumExpAndTarget(float* sum_exp, float* target_logit, const float* logits,
+                       const float* row_max, const int32_t* targets, int n, int v,
+                       int start) override;
+  void CrossEntropyGradRange(float* dlogits, const float* logits, const float* row_max,
+                             const float* sum_exp, const int32_t* targets, const float* weights,
+                             int n, int v, int start) override;
+
+  void AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1,
+             float beta2, float eps, float weight_decay, int step) override;
+
+ private:
+  // Row-major C[M, N] = alpha op(A) op(B) + beta C with leading dimensions in elements.
+  void Gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a, int lda,
+            const float* b, int ldb, float beta, float* c, int ldc);
+  // Device scratch of at least `bytes` in slot `slot` (grows on demand, outside steady state).
+  void* Scratch(size_t bytes, int slot);
+
+  int device_ = 0;
+  cudaStream_t stream_ = nullptr;  // the legacy default stream
+  cublasHandle_t cublas_ = nullptr;
+  struct Slot {
+    void* ptr = nullptr;
+    size_t bytes = 0;
+  };
+  Slot scratch_[3];
+  std::vector<double> host_partials_;
+};
+
+}  // namespace eellm

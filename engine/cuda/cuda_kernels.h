@@ -1,0 +1,71 @@
+// Launchers of the CUDA backend's kernels (defined in the *.cu files of this folder), with plain
+// C++ signatures so that the backend's host code (*.cc, compiled by the host compiler) calls
+// them without CUDA syntax. Shapes and semantics are those of engine/backend.h. Every launcher
+// enqueues on `stream` and returns cudaGetLastError() (launch errors only; execution errors
+// surface at the next synchronisation).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace eellm::cuda {
+
+// elementwise_kernels.cu
+cudaError_t Fill(float* x, size_t n, float value, cudaStream_t s);
+cudaError_t Add(float* y, const float* a, const float* b, size_t n, cudaStream_t s);
+cudaError_t Axpy(float* y, float alpha, const float* x, size_t n, cudaStream_t s);
+cudaError_t Scale(float* x, float alpha, size_t n, cudaStream_t s);
+// partial[blocks] (double) of sum x^2 over fixed 16384-element blocks; returns the block count
+// through *blocks (the caller adds the partials on the host in order: deterministic).
+cudaError_t SumSquaresPartials(double* partial, int* blocks, const float* x, size_t n,
+                               cudaStream_t s);
+size_t SumSquaresMaxBlocks(size_t n);
+cudaError_t EmbeddingForwardRange(float* out, const int32_t* ids, const float* table, int n, int c,
+                                  int start, int rows, cudaStream_t s);
+cudaError_t EmbeddingBackwardRange(float* dtable, const int32_t* ids, const float* dout, int n,
+                                   int c, int start, int rows, cudaStream_t s);
+cudaError_t AddBias(float* out, const float* bias, int n, int cols, cudaStream_t s);
+cudaError_t ColumnSumAdd(float* dst, const float* x, int n, int cols, cudaStream_t s);
+cudaError_t GeluForward(float* out, const float* x, size_t n, cudaStream_t s);
+cudaError_t GeluBackward(float* dx, const float* dout, const float* x, size_t n, cudaStream_t s);
+cudaError_t SwiGluForward(float* out, const float* gate, const float* up, size_t n, cudaStream_t s);
+cudaError_t SwiGluBackward(float* dgate, float* dup, const float* dout, const float* gate,
+                           const float* up, size_t n, cudaStream_t s);
+cudaError_t Rope(float* x, const int32_t* pos, int n, int heads, int head_dim, float theta,
+                 double sign, cudaStream_t s);
+cudaError_t AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1,
+                  float beta2, float eps, float weight_decay, float inv_bc1, float inv_bc2,
+                  cudaStream_t s);
+
+// norm_kernels.cu
+cudaError_t LayerNormForward(float* out, float* mean, float* rstd, const float* x, const float* g,
+                             const float* b, int n, int c, float eps, cudaStream_t s);
+cudaError_t LayerNormBackward(float* dx, float* dg, float* db, const float* dout, const float* x,
+                              const float* g, const float* mean, const float* rstd, int n, int c,
+                              cudaStream_t s);
+cudaError_t RmsNormForward(float* out, float* rstd, const float* x, const float* g, int n, int c,
+                           float eps, cudaStream_t s);
+cudaError_t RmsNormBackward(float* dx, float* dg, const float* dout, const float* x, const float* g,
+                            const float* rstd, int n, int c, cudaStream_t s);
+
+// softmax_kernels.cu
+// In place on s[tq, tk] (row stride tk): row i becomes the softmax over keys 0 .. q_offset + i,
+// zeros after.
+cudaError_t CausalSoftmaxRows(float* s, int tq, int tk, int q_offset, cudaStream_t st);
+// In place on ds[t, t] holding dP: row i becomes P * (dP - rowsum(P * dP)) over j <= i, zeros
+// after (the softmax backward of the causal attention).
+cudaError_t SoftmaxBackwardRows(float* ds, const float* p, int t, cudaStream_t st);
+cudaError_t CrossEntropy(float* losses, float* max_prob, float* dlogits, const float* logits,
+                         const int32_t* targets, const float* weights, int n, int v,
+                         cudaStream_t s);
+cudaError_t RowMax(float* row_max, const float* logits, int n, int v, cudaStream_t s);
+cudaError_t SumExpAndTarget(float* sum_exp, float* target_logit, const float* logits,
+                            const float* row_max, const int32_t* targets, int n, int v, int start,
+                            cudaStream_t s);
+cudaError_t CrossEntropyGradRange(float* dlogits, const float* logits, const float* row_max,
+                                  const float* sum_exp, const int32_t* targets,
+                                  const float* weights, int n, int v, int start, cudaStream_t s);
+
+}  // namespace eellm::cuda

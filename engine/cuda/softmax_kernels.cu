@@ -1,0 +1,182 @@
+// CUDA kernels of the row-wise softmax family: the causal attention softmax and its backward,
+// softmax cross-entropy (loss, max probability, weighted gradient; the gradient may overwrite
+// the logits) and the vocabulary-parallel pieces. One block per row; sums in double.
+#include <cmath>
+
+#include "engine/cuda/cuda_kernels.h"
+
+namespace eellm::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ double BlockSum(double v, double* scratch) {
+  scratch[threadIdx.x] = v;
+  __syncthreads();
+  for (int w = blockDim.x / 2; w > 0; w >>= 1) {
+    if (threadIdx.x < w) scratch[threadIdx.x] += scratch[threadIdx.x + w];
+    __syncthreads();
+  }
+  const double total = scratch[0];
+  __syncthreads();
+  return total;
+}
+
+__device__ float BlockMax(float v, float* scratch) {
+  scratch[threadIdx.x] = v;
+  __syncthreads();
+  for (int w = blockDim.x / 2; w > 0; w >>= 1) {
+    if (threadIdx.x < w)
+      scratch[threadIdx.x] = fmaxf(scratch[threadIdx.x], scratch[threadIdx.x + w]);
+    __syncthreads();
+  }
+  const float m = scratch[0];
+  __syncthreads();
+  return m;
+}
+
+__global__ void CausalSoftmaxKernel(float* s, int tk, int q_offset) {
+  __shared__ double dscratch[kThreads];
+  __shared__ float fscratch[kThreads];
+  const int i = blockIdx.x;
+  float* row = s + static_cast<size_t>(i) * tk;
+  const int n_keys = q_offset + i + 1;
+  float mx = -INFINITY;
+  for (int j = threadIdx.x; j < n_keys; j += blockDim.x) mx = fmaxf(mx, row[j]);
+  mx = BlockMax(mx, fscratch);
+  double sum = 0.0;
+  for (int j = threadIdx.x; j < n_keys; j += blockDim.x) {
+    const float e = expf(row[j] - mx);
+    row[j] = e;
+    sum += e;
+  }
+  const float inv = static_cast<float>(1.0 / BlockSum(sum, dscratch));
+  for (int j = threadIdx.x; j < tk; j += blockDim.x) row[j] = j < n_keys ? row[j] * inv : 0.0f;
+}
+
+__global__ void SoftmaxBackwardKernel(float* ds, const float* p, int t) {
+  __shared__ double scratch[kThreads];
+  const int i = blockIdx.x;
+  float* row = ds + static_cast<size_t>(i) * t;
+  const float* prow = p + static_cast<size_t>(i) * t;
+  double dot = 0.0;
+  for (int j = threadIdx.x; j <= i; j += blockDim.x) dot += static_cast<double>(prow[j]) * row[j];
+  const float d = static_cast<float>(BlockSum(dot, scratch));
+  for (int j = threadIdx.x; j < t; j += blockDim.x) {
+    row[j] = j <= i ? prow[j] * (row[j] - d) : 0.0f;
+  }
+}
+
+__global__ void CrossEntropyKernel(float* losses, float* max_prob, float* dlogits,
+                                   const float* logits, const int32_t* targets,
+                                   const float* weights, int v) {
+  __shared__ double dscratch[kThreads];
+  __shared__ float fscratch[kThreads];
+  const size_t r = blockIdx.x;
+  const float* lr = logits + r * v;
+  const int target = targets[r];
+  const bool valid = target >= 0 && target < v;
+  const float target_logit = valid ? lr[target] : NAN;  // read before dlogits may overwrite
+  float mx = -INFINITY;
+  for (int j = threadIdx.x; j < v; j += blockDim.x) mx = fmaxf(mx, lr[j]);
+  mx = BlockMax(mx, fscratch);
+  double sum = 0.0;
+  for (int j = threadIdx.x; j < v; j += blockDim.x) sum += expf(lr[j] - mx);
+  sum = BlockSum(sum, dscratch);  // also orders every read of the row before the writes below
+  if (threadIdx.x == 0) {
+    losses[r] = static_cast<float>(log(sum) - (static_cast<double>(target_logit) - mx));
+    if (max_prob != nullptr) max_prob[r] = static_cast<float>(1.0 / sum);
+  }
+  if (dlogits == nullptr) return;
+  float* dr = dlogits + r * v;
+  const float w = weights != nullptr ? weights[r] : 1.0f;
+  const float scale = static_cast<float>(w / sum);
+  for (int j = threadIdx.x; j < v; j += blockDim.x) dr[j] = expf(lr[j] - mx) * scale;
+  __syncthreads();
+  if (threadIdx.x == 0 && valid) dr[target] -= w;
+}
+
+__global__ void RowMaxKernel(float* row_max, const float* logits, int v) {
+  __shared__ float scratch[kThreads];
+  const float* lr = logits + static_cast<size_t>(blockIdx.x) * v;
+  float mx = -INFINITY;
+  for (int j = threadIdx.x; j < v; j += blockDim.x) mx = fmaxf(mx, lr[j]);
+  mx = BlockMax(mx, scratch);
+  if (threadIdx.x == 0) row_max[blockIdx.x] = mx;
+}
+
+__global__ void SumExpAndTargetKernel(float* sum_exp, float* target_logit, const float* logits,
+                                      const float* row_max, const int32_t* targets, int v,
+                                      int start) {
+  __shared__ double scratch[kThreads];
+  const size_t r = blockIdx.x;
+  const float* lr = logits + r * v;
+  double sum = 0.0;
+  for (int j = threadIdx.x; j < v; j += blockDim.x) sum += expf(lr[j] - row_max[r]);
+  sum = BlockSum(sum, scratch);
+  if (threadIdx.x == 0) {
+    sum_exp[r] = static_cast<float>(sum);
+    const int64_t j = static_cast<int64_t>(targets[r]) - start;
+    target_logit[r] = j >= 0 && j < v ? lr[j] : 0.0f;
+  }
+}
+
+__global__ void CrossEntropyGradRangeKernel(float* dlogits, const float* logits,
+                                            const float* row_max, const float* sum_exp,
+                                            const int32_t* targets, const float* weights, int v,
+                                            int start) {
+  const size_t r = blockIdx.x;
+  const float* lr = logits + r * v;
+  float* dr = dlogits + r * v;
+  const float w = weights != nullptr ? weights[r] : 1.0f;
+  const float scale = w / sum_exp[r];
+  const int64_t target = static_cast<int64_t>(targets[r]) - start;
+  for (int j = threadIdx.x; j < v; j += blockDim.x) {
+    const float g = expf(lr[j] - row_max[r]) * scale;
+    dr[j] = j == target ? g - w : g;
+  }
+}
+
+}  // namespace
+
+cudaError_t CausalSoftmaxRows(float* s, int tq, int tk, int q_offset, cudaStream_t st) {
+  if (tq > 0 && tk > 0) CausalSoftmaxKernel<<<tq, kThreads, 0, st>>>(s, tk, q_offset);
+  return cudaGetLastError();
+}
+cudaError_t SoftmaxBackwardRows(float* ds, const float* p, int t, cudaStream_t st) {
+  if (t > 0) SoftmaxBackwardKernel<<<t, kThreads, 0, st>>>(ds, p, t);
+  return cudaGetLastError();
+}
+cudaError_t CrossEntropy(float* losses, float* max_prob, float* dlogits, const float* logits,
+                         const int32_t* targets, const float* weights, int n, int v,
+                         cudaStream_t s) {
+  if (n > 0 && v > 0) {
+    CrossEntropyKernel<<<n, kThreads, 0, s>>>(losses, max_prob, dlogits, logits, targets, weights,
+                                              v);
+  }
+  return cudaGetLastError();
+}
+cudaError_t RowMax(float* row_max, const float* logits, int n, int v, cudaStream_t s) {
+  if (n > 0 && v > 0) RowMaxKernel<<<n, kThreads, 0, s>>>(row_max, logits, v);
+  return cudaGetLastError();
+}
+cudaError_t SumExpAndTarget(float* sum_exp, float* target_logit, const float* logits,
+                            const float* row_max, const int32_t* targets, int n, int v, int start,
+                            cudaStream_t s) {
+  if (n > 0 && v > 0) {
+    SumExpAndTargetKernel<<<n, kThreads, 0, s>>>(sum_exp, target_logit, logits, row_max, targets, v,
+                                                 start);
+  }
+  return cudaGetLastError();
+}
+cudaError_t CrossEntropyGradRange(float* dlogits, const float* logits, const float* row_max,
+                                  const float* sum_exp, const int32_t* targets,
+                                  const float* weights, int n, int v, int start, cudaStream_t s) {
+  if (n > 0 && v > 0) {
+    CrossEntropyGradRangeKernel<<<n, kThreads, 0, s>>>(dlogits, logits, row_max, sum_exp, targets,
+                                                       weights, v, start);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace eellm::cuda
