@@ -1,24 +1,40 @@
-// `eellm bench checkpoint`: checkpoint save and load throughput against the disk's raw
+// `eellm bench train` (launch/bench_train.h) and `eellm bench checkpoint`: checkpoint save and
+// load throughput against the disk's raw
 // sequential write speed (dd with fdatasync, run in the same command on the same directory).
 // Reports MB/s of tensor bytes (parameters plus AdamW moments) for a single-file save, a
 // sharded save of the 4 ranks of a tp 2 x pp 2 layout, and loads of both into a whole model.
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <string>
 
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
 #include "engine/core/rng.h"
 #include "engine/core/timer.h"
+#include "launch/bench_train.h"
 #include "launch/checkpoint_layout.h"
 #include "launch/commands.h"
+#include "launch/shared_flags.h"
 #include "models/transformer.h"
+#include "nlohmann/json.hpp"
 
-ABSL_FLAG(std::string, what, "checkpoint", "benchmark to run: checkpoint");
+ABSL_FLAG(std::string, what, "", "benchmark to run: train or checkpoint (or the first argument)");
+ABSL_FLAG(int, batch, 8, "train: sequences per step");
+ABSL_FLAG(int, seq, 256, "train: tokens per sequence");
+ABSL_FLAG(int, micro_batch, 0, "train: sequences per microbatch (0 = batch)");
+ABSL_FLAG(int, warmup, 2, "train: untimed steps first");
+ABSL_FLAG(bool, compare_without_exits, true,
+          "train: also time the model without its exits (their share of time vs of FLOPs)");
+ABSL_FLAG(std::string, torch_reference, "",
+          "train: PyTorch reference script run in the same command (tools/bench_torch.py)");
+ABSL_FLAG(std::string, python, "python3", "train: Python for the PyTorch reference");
 ABSL_FLAG(std::string, dir, "/tmp/eellm_bench", "scratch directory (removed afterwards)");
 ABSL_FLAG(std::string, model, "",
-          "model config JSON file (default: Llama style, hidden 512, 8 layers, vocab 32000: "
-          "58.5 M parameters, 234 MB in fp32)");
+          "model config JSON (a model config, or a run config's \"model\" section); train: "
+          "required; checkpoint: default Llama style, hidden 512, 8 layers, vocab 32000");
 
 namespace eellm {
 namespace {
@@ -121,11 +137,56 @@ int BenchCheckpoint() {
   return 0;
 }
 
+// A model config from a file holding either a model config or a run config.
+absl::StatusOr<ModelConfig> ReadModel(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot open --model ", path));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  nlohmann::json j = nlohmann::json::parse(ss.str(), nullptr, false);
+  if (j.is_discarded()) return absl::InvalidArgumentError(path + " is not valid JSON");
+  auto c = ParseModelConfig(j.contains("model") ? j["model"].dump() : ss.str());
+  if (!c.ok()) return absl::InvalidArgumentError(absl::StrCat(path, ": ", c.status().message()));
+  return *c;
+}
+
+int BenchTrain() {
+  auto fail = [](const absl::Status& s) {
+    std::fprintf(stderr, "error: %s\n", std::string(s.message()).c_str());
+    return 1;
+  };
+  if (absl::GetFlag(FLAGS_model).empty()) {
+    std::fprintf(stderr, "error: --model is required (e.g. configs/kjv_demo.json)\n");
+    return 2;
+  }
+  auto mc = ReadModel(absl::GetFlag(FLAGS_model));
+  if (!mc.ok()) return fail(mc.status());
+  auto be = MakeBackend(absl::GetFlag(FLAGS_backend));
+  if (!be.ok()) return fail(be.status());
+  TrainBenchOptions o;
+  o.batch = absl::GetFlag(FLAGS_batch);
+  o.seq = absl::GetFlag(FLAGS_seq);
+  o.micro_batch = absl::GetFlag(FLAGS_micro_batch);
+  o.steps = absl::GetFlag(FLAGS_steps) > 0 ? absl::GetFlag(FLAGS_steps) : 5;
+  o.warmup = std::max(0, absl::GetFlag(FLAGS_warmup));
+  o.compare_without_exits = absl::GetFlag(FLAGS_compare_without_exits);
+  o.model_path = absl::GetFlag(FLAGS_model);
+  o.torch_reference = absl::GetFlag(FLAGS_torch_reference);
+  o.python = absl::GetFlag(FLAGS_python);
+  if (o.seq > mc->max_seq_len) {
+    return fail(absl::InvalidArgumentError(
+        absl::StrCat("--seq ", o.seq, " exceeds the model's max_seq_len ", mc->max_seq_len)));
+  }
+  absl::Status s = RunTrainBenchmark(*mc, be->get(), o);
+  return s.ok() ? 0 : fail(s);
+}
+
 }  // namespace
 
 int RunBenchCommand() {
   if (absl::GetFlag(FLAGS_what) == "checkpoint") return BenchCheckpoint();
-  std::fprintf(stderr, "error: unknown benchmark '%s' (checkpoint)\n",
+  if (absl::GetFlag(FLAGS_what) == "train") return BenchTrain();
+  std::fprintf(stderr, "error: unknown benchmark '%s' (train or checkpoint)\n",
                absl::GetFlag(FLAGS_what).c_str());
   return 2;
 }

@@ -17,7 +17,6 @@
 
 ABSL_FLAG(std::string, config, "",
           "JSON run config with \"model\" and \"train\" sections (required)");
-ABSL_FLAG(int, steps, 0, "override train.steps (0 = keep)");
 ABSL_FLAG(std::string, out, "", "override train.out, the checkpoint directory");
 ABSL_FLAG(std::string, data, "", "override train.data, the token-file prefix");
 ABSL_FLAG(std::string, resume, "",

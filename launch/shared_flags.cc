@@ -24,3 +24,5 @@ ABSL_FLAG(std::string, backend, "cpu", "compute backend: cpu or cuda");
 ABSL_FLAG(int, exit, -1,
           "exit index, 0-based in depth order (logits: -1 = the final head; convert "
           "set-exit-position: the exit to move)");
+ABSL_FLAG(int, steps, 0,
+          "steps (train: override train.steps, 0 = keep; bench train: timed steps, 0 = 5)");

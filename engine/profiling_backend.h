@@ -1,0 +1,112 @@
+// ProfilingBackend: wraps another Backend and measures every op: wall time and call count per
+// op name (the inner backend is synchronised around each timed op while timing is on, so GPU
+// times are the ops' own), and the bytes allocated through it (current and peak). Used by
+// `eellm bench train` for the per-op breakdown; costs nothing but a map lookup when off.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <string>
+#include <unordered_map>
+
+#include "engine/backend.h"
+
+namespace eellm {
+
+class ProfilingBackend final : public Backend {
+ public:
+  explicit ProfilingBackend(Backend* inner) : inner_(inner) {}
+
+  struct OpStats {
+    double seconds = 0;
+    int64_t calls = 0;
+  };
+  void set_timing(bool on) { timing_ = on; }
+  void ResetStats() { stats_.clear(); }
+  const std::map<std::string, OpStats>& stats() const { return stats_; }
+  size_t allocated_bytes() const { return allocated_; }
+  size_t peak_bytes() const { return peak_; }
+
+  Device device() const override;
+  std::string name() const override;
+  void* Alloc(size_t bytes) override;
+  void Free(void* p) override;
+  void CopyToHost(void* host_dst, const void* src, size_t bytes) override;
+  void CopyFromHost(void* dst, const void* host_src, size_t bytes) override;
+  void Copy(void* dst, const void* src, size_t bytes) override;
+  void Synchronize() override;
+  void Fill(float* x, size_t n, float value) override;
+  void Add(float* y, const float* a, const float* b, size_t n) override;
+  void Axpy(float* y, float alpha, const float* x, size_t n) override;
+  void Scale(float* x, float alpha, size_t n) override;
+  double SumSquares(const float* x, size_t n) override;
+  void EmbeddingForward(float* out, const int32_t* ids, const float* table, int n, int c) override;
+  void EmbeddingBackward(float* dtable, const int32_t* ids, const float* dout, int n,
+                         int c) override;
+  void Linear(float* out, const float* in, const float* w, const float* bias, int n, int in_dim,
+              int out_dim, bool accumulate) override;
+  void LinearBackward(float* din, float* dw, float* dbias, const float* dout, const float* in,
+                      const float* w, int n, int in_dim, int out_dim, bool accumulate_din) override;
+  void LayerNormForward(float* out, float* mean, float* rstd, const float* x, const float* g,
+                        const float* b, int n, int c, float eps) override;
+  void LayerNormBackward(float* dx, float* dg, float* db, const float* dout, const float* x,
+                         const float* g, const float* mean, const float* rstd, int n,
+                         int c) override;
+  void RmsNormForward(float* out, float* rstd, const float* x, const float* g, int n, int c,
+                      float eps) override;
+  void RmsNormBackward(float* dx, float* dg, const float* dout, const float* x, const float* g,
+                       const float* rstd, int n, int c) override;
+  void GeluForward(float* out, const float* x, size_t n) override;
+  void GeluBackward(float* dx, const float* dout, const float* x, size_t n) override;
+  void SwiGluForward(float* out, const float* gate, const float* up, size_t n) override;
+  void SwiGluBackward(float* dgate, float* dup, const float* dout, const float* gate,
+                      const float* up, size_t n) override;
+  void RopeForward(float* x, const int32_t* pos, int n, int heads, int head_dim,
+                   float theta) override;
+  void RopeBackward(float* dx, const int32_t* pos, int n, int heads, int head_dim,
+                    float theta) override;
+  void AttentionForward(float* out, float* probs, const float* q, const float* k, const float* v,
+                        int b, int tq, int tk, int tk_cap, int hq, int hkv, int d,
+                        int q_offset) override;
+  void AttentionBackward(float* dq, float* dk, float* dv, const float* dout, const float* probs,
+                         const float* q, const float* k, const float* v, int b, int t, int hq,
+                         int hkv, int d) override;
+  void CrossEntropy(float* losses, float* max_prob, float* dlogits, const float* logits,
+                    const int32_t* targets, const float* weights, int n, int v) override;
+  void EmbeddingForwardRange(float* out, const int32_t* ids, const float* table, int n, int c,
+                             int start, int rows) override;
+  void EmbeddingBackwardRange(float* dtable, const int32_t* ids, const float* dout, int n, int c,
+                              int start, int rows) override;
+  void RowMax(float* row_max, const float* logits, int n, int v) override;
+  void SumExpAndTarget(float* sum_exp, float* target_logit, const float* logits,
+                       const float* row_max, const int32_t* targets, int n, int v,
+                       int start) override;
+  void CrossEntropyGradRange(float* dlogits, const float* logits, const float* row_max,
+                             const float* sum_exp, const int32_t* targets, const float* weights,
+                             int n, int v, int start) override;
+  void AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1,
+             float beta2, float eps, float weight_decay, int step) override;
+
+ private:
+  // Times one op when timing is on: synchronises before and after.
+  class Timed {
+   public:
+    Timed(ProfilingBackend* b, const char* op);
+    ~Timed();
+
+   private:
+    ProfilingBackend* b_;
+    const char* op_;
+    std::chrono::steady_clock::time_point start_;
+  };
+
+  Backend* inner_;
+  bool timing_ = false;
+  std::map<std::string, OpStats> stats_;
+  std::unordered_map<void*, size_t> live_;
+  size_t allocated_ = 0, peak_ = 0;
+};
+
+}  // namespace eellm

@@ -1,0 +1,202 @@
+// `eellm bench train`: training-step throughput of one model on one device, through the same
+// code path as `eellm train` (Model, PipelineExecutor, DistributedOptimizer on a Backend):
+// tokens/s, model TFLOP/s, MFU, peak memory, a per-op time breakdown, the exits' share of time
+// against their share of FLOPs, and optionally a PyTorch reference run in the same command.
+//
+// Model FLOPs per token (PaLM, appendix B; Megatron counts the same way):
+//   6 * N_matmul + 12 * L_attn * (heads * head_dim) * seq
+// N_matmul: every matrix multiplied per token (all 2-D weights except the embedding tables,
+// plus vocab * hidden for each head that projects with the tied embedding), exit heads
+// included; L_attn: attention layers, block exits included; the T x T attention is counted
+// whole, as Megatron does, although the causal half is skipped by fused kernels.
+#include "launch/bench_train.h"
+
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "engine/core/rng.h"
+#include "engine/core/status.h"
+#include "engine/core/timer.h"
+#include "engine/profiling_backend.h"
+#include "models/exit_loss_weights.h"
+#include "models/pipeline_executor.h"
+#include "models/transformer.h"
+#include "nlohmann/json.hpp"
+#include "parallel/distributed_optimizer.h"
+
+namespace eellm {
+namespace {
+
+double FlopsPerToken(Model& m, int seq) {
+  const ModelConfig& c = m.config();
+  double matmul = 0;
+  for (const ParamInfo& p : m.params().params()) {
+    if (p.shape.size() != 2 || p.name.rfind("embedding.", 0) == 0) continue;
+    matmul += static_cast<double>(p.numel);
+  }
+  int tied_heads = c.tie_embeddings ? 1 : 0;
+  int attn_layers = c.num_layers;
+  for (const ExitConfig& x : c.exits) {
+    tied_heads += x.tied ? 1 : 0;
+    attn_layers += x.kind == ExitKind::kBlock ? 1 : 0;
+  }
+  matmul += static_cast<double>(tied_heads) * c.vocab_size * c.hidden_size;
+  const double q_width = static_cast<double>(c.num_heads) * (c.hidden_size / c.num_heads);
+  return 6.0 * matmul + 12.0 * attn_layers * q_width * seq;
+}
+
+// fp32 GEMM ceiling of the backend: the best of a few square GEMMs (FLOP/s).
+double GemmCeiling(Backend* be) {
+  const int n = be->device() == Device::kCpu ? 1024 : 4096;
+  Buffer a(be, sizeof(float) * n * n), b(be, sizeof(float) * n * n), c(be, sizeof(float) * n * n);
+  be->Fill(a.f32(), size_t{static_cast<size_t>(n)} * n, 0.01f);
+  be->Fill(b.f32(), size_t{static_cast<size_t>(n)} * n, 0.02f);
+  double best = 0;
+  for (int i = 0; i < 4; ++i) {
+    be->Synchronize();
+    Timer t;
+    be->Linear(c.f32(), a.f32(), b.f32(), nullptr, n, n, n, false);
+    be->Synchronize();
+    best = std::max(best, 2.0 * n * n * n / t.Seconds());
+  }
+  return best;
+}
+
+}  // namespace
+
+absl::StatusOr<TrainBenchResult> BenchTrainStep(const ModelConfig& mc, Backend* backend,
+                                                const TrainBenchOptions& o) {
+  ProfilingBackend prof(backend);
+  ASSIGN_OR_RETURN(auto model, Model::Create(mc, &prof));
+  model->InitRandom(o.seed);
+  auto ctx = ParallelContext::Single();
+  AdamWConfig ac;
+  DistributedOptimizer opt(&model->params(), ac, ctx.get(), false);
+  const int micro = o.micro_batch > 0 ? o.micro_batch : o.batch;
+  if (o.batch % micro != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("batch ", o.batch, " is not a multiple of micro_batch ", micro));
+  }
+  PipelineExecutor exec(model.get(), ctx.get(), micro, o.seq, o.batch / micro, true);
+  const size_t n = static_cast<size_t>(o.batch) * o.seq;
+  std::vector<int32_t> ids(n), targets(n);
+  Rng rng(o.seed);
+  for (size_t i = 0; i < n; ++i) {
+    ids[i] = static_cast<int32_t>(rng.Below(mc.vocab_size));
+    targets[i] = static_cast<int32_t>(rng.Below(mc.vocab_size));
+  }
+  const std::vector<float> w = ExitLossWeights(mc, 1000000);
+  auto step = [&] {
+    model->params().ZeroGrads();
+    LossReport r = exec.TrainStep(ids.data(), targets.data(), w);
+    opt.Step(1e-4f);
+    return r;
+  };
+  for (int i = 0; i < o.warmup; ++i) step();
+  prof.Synchronize();
+  Timer t;
+  for (int i = 0; i < o.steps; ++i) step();
+  prof.Synchronize();
+  TrainBenchResult r;
+  r.step_seconds = t.Seconds() / o.steps;
+  r.tokens_per_second = static_cast<double>(n) / r.step_seconds;
+  r.flops_per_token = FlopsPerToken(*model, o.seq);
+  r.flops_per_second = r.flops_per_token * r.tokens_per_second;
+  r.params = static_cast<int64_t>(model->params().size());
+  // One more step with every op timed (synchronised around each op).
+  prof.ResetStats();
+  prof.set_timing(true);
+  Timer pt;
+  step();
+  r.profiled_step_seconds = pt.Seconds();
+  prof.set_timing(false);
+  for (const auto& [op, s] : prof.stats()) r.ops.push_back({op, s.seconds, s.calls});
+  std::sort(r.ops.begin(), r.ops.end(),
+            [](const TrainBenchResult::Op& a, const TrainBenchResult::Op& b) {
+              return a.seconds > b.seconds;
+            });
+  r.peak_bytes = prof.peak_bytes();
+  return r;
+}
+
+absl::Status RunTrainBenchmark(const ModelConfig& mc, Backend* backend,
+                               const TrainBenchOptions& o) {
+  std::printf(
+      "model: %s, %d layers, hidden %d, heads %d/%d, vocab %d, %zu exits; batch %d x %d "
+      "tokens; backend %s\n",
+      mc.style == ModelStyle::kGpt ? "gpt" : "llama", mc.num_layers, mc.hidden_size, mc.num_heads,
+      mc.num_kv_heads, mc.vocab_size, mc.exits.size(), o.batch, o.seq, backend->name().c_str());
+  std::fflush(stdout);
+  ASSIGN_OR_RETURN(TrainBenchResult r, BenchTrainStep(mc, backend, o));
+  const double ceiling = GemmCeiling(backend);
+  struct rusage ru;
+  getrusage(RUSAGE_SELF, &ru);
+  std::printf("parameters: %.1f M; model FLOPs per token: %.3g (6 N + attention, exits included)\n",
+              r.params / 1e6, r.flops_per_token);
+  std::printf("step: %.1f ms; %.0f tokens/s; %.3g TFLOP/s model\n", r.step_seconds * 1e3,
+              r.tokens_per_second, r.flops_per_second / 1e12);
+  std::printf("fp32 GEMM ceiling of this backend (measured now): %.3g TFLOP/s -> %.1f%% of it\n",
+              ceiling / 1e12, 100 * r.flops_per_second / ceiling);
+  if (backend->device() == Device::kCuda) {
+    std::printf("MFU against the 989 TFLOP/s bf16 dense peak of an H100/H200: %.1f%%\n",
+                100 * r.flops_per_second / 989e12);
+  }
+  std::printf("memory: %.1f MB allocated through the backend at peak; process max RSS %.1f MB\n",
+              r.peak_bytes / 1e6, ru.ru_maxrss / 1e3);
+  std::printf("per-op time of one step (each op synchronised: %.1f ms in all):\n",
+              r.profiled_step_seconds * 1e3);
+  double total = 0;
+  for (const auto& op : r.ops) total += op.seconds;
+  for (const auto& op : r.ops) {
+    std::printf("  %-24s %9.2f ms %6.1f%% %7lld calls\n", op.name.c_str(), op.seconds * 1e3,
+                100 * op.seconds / total, static_cast<long long>(op.calls));
+  }
+  if (o.compare_without_exits && !mc.exits.empty()) {
+    ModelConfig bare = mc;
+    bare.exits.clear();
+    ASSIGN_OR_RETURN(TrainBenchResult b, BenchTrainStep(bare, backend, o));
+    const double time_share = 1.0 - b.step_seconds / r.step_seconds;
+    const double flop_share = 1.0 - b.flops_per_token / r.flops_per_token;
+    std::printf(
+        "without exits: %.1f ms per step, %.0f tokens/s: the exits take %.1f%% of the "
+        "step time for %.1f%% of the FLOPs\n",
+        b.step_seconds * 1e3, b.tokens_per_second, 100 * time_share, 100 * flop_share);
+  }
+  if (!o.torch_reference.empty()) {
+    const std::string cmd = absl::StrCat(o.python, " ", o.torch_reference, " --model '",
+                                         o.model_path, "' --batch ", o.batch, " --seq ", o.seq,
+                                         " --steps ", o.steps, " --warmup ", o.warmup, " 2>&1");
+    std::printf("PyTorch reference: %s\n", cmd.c_str());
+    std::fflush(stdout);
+    FILE* p = popen(cmd.c_str(), "r");
+    if (p == nullptr) return absl::InternalError("cannot start " + cmd);
+    std::string out;
+    char buf[4096];
+    size_t k;
+    while ((k = fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, k);
+    const int rc = pclose(p);
+    std::printf("%s", out.c_str());
+    const size_t brace = out.rfind("{\"tokens_per_s\"");
+    if (rc != 0 || brace == std::string::npos) {
+      return absl::InternalError("the PyTorch reference failed (output above)");
+    }
+    nlohmann::json j = nlohmann::json::parse(out.substr(brace), nullptr, false);
+    if (j.is_discarded() || !j.contains("tokens_per_s")) {
+      return absl::InternalError("the PyTorch reference printed no result line");
+    }
+    const double ref = j["tokens_per_s"].get<double>();
+    std::printf("eellm / PyTorch tokens/s: %.0f / %.0f = %.2fx\n", r.tokens_per_second, ref,
+                r.tokens_per_second / ref);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace eellm

@@ -1,0 +1,771 @@
+// Backend parity suite (the idea of ggml's test-backend-ops): every op of engine/backend.h runs
+// on the backend under test and on the CPU backend (the numerical oracle) with the same random
+// inputs, and the results are compared element by element within the tolerances stated below.
+// The backend under test is named by EELLM_PARITY_BACKEND (default "cuda"); where it cannot be
+// made (no GPU, a build without CUDA) every test skips. EELLM_PARITY_BACKEND=cpu runs the CPU
+// against itself, which checks the harness. The whole-model training step is in
+// model_parity_test.cc.
+//
+// Outputs documented as written are poisoned with NaN on the device before the call (every
+// element must be written); accumulated outputs are pre-filled with random values (the result
+// must be initial + contribution). Every device buffer is followed by a guard zone that must
+// survive the call (no writes past the end, e.g. by vectorised tails of odd sizes).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <iomanip>
+#include <limits>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "engine/backend.h"
+#include "engine/core/rng.h"
+#include "engine/cpu/cpu_backend.h"
+#include "gtest/gtest.h"
+#include "tests/engine/cpu_test_util.h"
+
+namespace eellm {
+namespace {
+
+using cpu_test::RandVec;
+using cpu_test::UniformVec;
+
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+// ---- tolerances -----------------------------------------------------------------------------
+// A device element a matches the CPU's b when |a - b| <= atol * max|B| + rtol * |b|, with max|B|
+// the largest magnitude in the reference tensor: atol is relative to the magnitude of the
+// values, so that a near-zero result of a cancelling sum is judged against the size of what was
+// summed rather than against itself. fp32 rounds to 2^-24 = 6e-8 relative; TF32 (10-bit
+// mantissa inputs) to 2^-11 = 5e-4, so every tolerance below must stay under ~1e-4. Checked
+// on the CPU: other summation orders (naive fp32 loops in reverse order for the GEMMs,
+// attention, norms, softmax and embedding gradients; fp32 tree sums for SumSquares) stayed
+// within 0.13 of every bound, while TF32-rounded GEMM inputs exceeded kGemm by 2-30x.
+struct Tol {
+  double rtol, atol;
+};
+// Copies, gathers, maxima and single correctly rounded IEEE operations (Fill, Add, Scale,
+// EmbeddingForward(Range), RowMax, memory): there is no rounding freedom, so bit-exact.
+constexpr Tol kExact{0, 0};
+// Elementwise math (Axpy, GELU, SwiGLU, AdamW): a few roundings per element, FMA contraction on
+// the device, exp/tanh/sqrt within 2 ulp: at most ~10 ulp = 6e-7. 1e-5 leaves 16x headroom and
+// still catches any change of formula (the erf GELU differs from the tanh one by 1e-3). atol
+// covers outputs that cancel, e.g. 1 + tanh(u) for x << 0, whose result is near 0.
+constexpr Tol kElementwise{1e-5, 1e-6};
+// Reductions over at most a few hundred terms, or a 1000-entry vocabulary row (norms, softmax
+// cross-entropy, embedding and bias gradients): another summation order moves a k-term sum by
+// ~sqrt(k) 2^-24 of sum|terms| (2e-6 for k = 1000), a tree order by at most log2(k) 2^-24.
+constexpr Tol kReduction{1e-5, 1e-6};
+// GEMM-based ops (Linear, LinearBackward, attention): dot products of up to 1000 terms in any
+// order (tiles, split-K) differ by ~sqrt(K) 2^-24 of the typical output, K 2^-24 = 6e-5 of
+// sum|terms| in the worst case. rtol 1e-4 is above that worst case; TF32 (must be off) errs by
+// ~4e-4 on a typical element and fails.
+constexpr Tol kGemm{1e-4, 1e-5};
+// RoPE: elementwise, but the CPU computes the angle pos * theta^(-2i/d) and its cos/sin in
+// double, while the usual device code (and Hugging Face) does it in fp32: the angle then errs by
+// an ulp or two of itself (powf, the product), ~1e-4 rad near position 1000, and the rotated
+// values by that much of their magnitude (measured: 3e-5 of max|x| at positions 1020-1024,
+// head_dim 128). atol 1e-4 admits that up to positions of a few thousand; a wrong pairing,
+// sign or frequency errs by O(1). Use kElementwise instead if the device angle is made exact.
+constexpr Tol kRope{1e-5, 1e-4};
+
+// Passes when every element of `got` is within `tol` of `want` (see Tol); otherwise names the
+// number of bad elements and the worst one (index, both values, error against its bound).
+::testing::AssertionResult Close(const std::vector<float>& got, const std::vector<float>& want,
+                                 Tol tol) {
+  if (got.size() != want.size()) {
+    return ::testing::AssertionFailure() << "size " << got.size() << ", want " << want.size();
+  }
+  double scale = 0;
+  for (float b : want) {
+    if (!std::isfinite(b)) return ::testing::AssertionFailure() << "reference is not finite";
+    scale = std::max(scale, std::fabs(static_cast<double>(b)));
+  }
+  size_t bad = 0, worst_i = 0;
+  double worst = 0;  // error / bound of the worst element (inf for NaN or a zero bound)
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double err = std::fabs(static_cast<double>(got[i]) - want[i]);
+    const double bound = tol.atol * scale + tol.rtol * std::fabs(static_cast<double>(want[i]));
+    if (err <= bound) continue;
+    ++bad;
+    const double ratio = bound > 0 && !std::isnan(err) ? err / bound : INFINITY;
+    if (bad == 1 || ratio > worst) worst = ratio, worst_i = i;
+  }
+  if (bad == 0) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure()
+         << std::setprecision(9) << bad << " of " << got.size()
+         << " elements outside |a - b| <= " << tol.atol << " * " << scale << " + " << tol.rtol
+         << " |b|; worst [" << worst_i << "]: got " << got[worst_i] << ", want " << want[worst_i]
+         << " (" << worst << "x the bound)";
+}
+
+// The backend under test, made once per process and never destroyed (a CUDA backend must not
+// be torn down during static destruction). Null when it cannot be made, with *why set: the tests
+// then skip where the backend is unavailable (no GPU, a build without CUDA) and fail where the
+// name is wrong (a misspelt EELLM_PARITY_BACKEND must not pass silently), *misnamed set.
+Backend* DeviceUnderTest(std::string* why, bool* misnamed) {
+  static std::string* reason = new std::string;
+  static bool bad_name = false;
+  static Backend* device = [] {
+    const char* env = std::getenv("EELLM_PARITY_BACKEND");
+    const std::string name = env != nullptr && *env != '\0' ? env : "cuda";
+    auto be = MakeBackend(name);
+    if (be.ok()) return be->release();
+    bad_name = absl::IsInvalidArgument(be.status());
+    *reason = bad_name ? "EELLM_PARITY_BACKEND=" + name + ": " + be.status().ToString()
+                       : (name == "cuda" ? std::string("no CUDA GPU") : "no " + name + " device") +
+                             ": parity tests skipped (" + be.status().ToString() + ")";
+    return static_cast<Backend*>(nullptr);
+  }();
+  *why = *reason;
+  *misnamed = bad_name;
+  return device;
+}
+
+// The device buffers of one op call on one backend: inputs copied from the host, outputs
+// poisoned or pre-filled; each is followed by a guard zone of known bytes. Frees all at the end.
+class DeviceMem {
+ public:
+  static constexpr size_t kGuardBytes = 256;
+  static constexpr uint8_t kGuardByte = 0xA5;
+
+  explicit DeviceMem(Backend* be) : be_(be) {}
+  ~DeviceMem() {
+    for (const auto& b : bufs_) be_->Free(b.first);
+  }
+  DeviceMem(const DeviceMem&) = delete;
+  DeviceMem& operator=(const DeviceMem&) = delete;
+
+  template <typename T>
+  T* Put(const std::vector<T>& host) {
+    const size_t bytes = host.size() * sizeof(T);
+    std::vector<uint8_t> staging(bytes + kGuardBytes, kGuardByte);
+    if (bytes > 0) std::memcpy(staging.data(), host.data(), bytes);
+    void* p = be_->Alloc(staging.size());
+    be_->CopyFromHost(p, staging.data(), staging.size());
+    bufs_.emplace_back(p, bytes);
+    return static_cast<T*>(p);
+  }
+  float* Nan(size_t n) { return Put(std::vector<float>(n, kNaN)); }
+  template <typename T>
+  std::vector<T> Get(const T* p, size_t n) {
+    std::vector<T> host(n);
+    be_->Synchronize();
+    if (n > 0) be_->CopyToHost(host.data(), p, n * sizeof(T));
+    return host;
+  }
+  // Checks that no op wrote past the end of any buffer.
+  ::testing::AssertionResult GuardsIntact() {
+    be_->Synchronize();
+    std::vector<uint8_t> guard(kGuardBytes);
+    for (size_t i = 0; i < bufs_.size(); ++i) {
+      be_->CopyToHost(guard.data(), static_cast<uint8_t*>(bufs_[i].first) + bufs_[i].second,
+                      kGuardBytes);
+      for (size_t j = 0; j < kGuardBytes; ++j) {
+        if (guard[j] != kGuardByte) {
+          return ::testing::AssertionFailure()
+                 << "buffer " << i << " (" << bufs_[i].second << " bytes) overwritten " << j
+                 << " bytes past its end";
+        }
+      }
+    }
+    return ::testing::AssertionSuccess();
+  }
+
+ private:
+  Backend* be_;
+  std::vector<std::pair<void*, size_t>> bufs_;  // pointer, payload bytes
+};
+
+// Named host copies of an op call's outputs.
+using Outputs = std::vector<std::pair<std::string, std::vector<float>>>;
+// Uploads the inputs, runs one op on `be` and reads its outputs back.
+using OpRun = std::function<Outputs(Backend* be, DeviceMem& m)>;
+
+class BackendParity : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string why;
+    bool misnamed = false;
+    dev_ = DeviceUnderTest(&why, &misnamed);
+    if (misnamed) FAIL() << why;
+    if (dev_ == nullptr) GTEST_SKIP() << why;
+  }
+
+  // Runs `op` on the CPU and on the backend under test; every output must match within `tol`
+  // and no buffer may be written past its end.
+  void ExpectParity(const OpRun& op, Tol tol) {
+    Outputs want, got;
+    {
+      DeviceMem m(&ref_);
+      want = op(&ref_, m);
+      EXPECT_TRUE(m.GuardsIntact()) << "on the CPU";
+    }
+    {
+      DeviceMem m(dev_);
+      got = op(dev_, m);
+      EXPECT_TRUE(m.GuardsIntact()) << "on " << dev_->name();
+    }
+    ASSERT_EQ(got.size(), want.size());
+    for (size_t i = 0; i < got.size(); ++i) {
+      EXPECT_TRUE(Close(got[i].second, want[i].second, tol)) << want[i].first;
+    }
+  }
+
+  std::vector<int32_t> Ids(int n, int below) {
+    std::vector<int32_t> ids(n);
+    for (auto& x : ids) x = static_cast<int32_t>(rng_.Below(below));
+    return ids;
+  }
+
+  CpuBackend ref_;
+  Backend* dev_ = nullptr;
+  Rng rng_{20240607};
+};
+
+// Elementwise sizes: empty, tiny, odd, not a multiple of 32/128, and large with an odd tail.
+const size_t kSizes[] = {0, 1, 7, 33, 1000, 1000003};
+
+TEST_F(BackendParity, MemoryRoundTripsAreBitExact) {
+  for (size_t bytes : {size_t{0}, size_t{1}, size_t{1000003}}) {
+    for (size_t off : {size_t{0}, size_t{3}}) {  // offsets 3 and 5 are unaligned
+      SCOPED_TRACE(::testing::Message() << bytes << " bytes at offset " << off);
+      std::vector<uint8_t> payload(bytes);
+      for (auto& x : payload) x = static_cast<uint8_t>(rng_.Next());
+      const size_t total = bytes + 16;
+      const std::vector<uint8_t> pattern(total, 0x5C);
+      auto* a = static_cast<uint8_t*>(dev_->Alloc(total));
+      auto* b = static_cast<uint8_t*>(dev_->Alloc(total));
+      dev_->CopyFromHost(a, pattern.data(), total);
+      dev_->CopyFromHost(b, pattern.data(), total);
+      const size_t off_b = off == 0 ? 0 : off + 2;
+      dev_->CopyFromHost(a + off, payload.data(), bytes);
+      dev_->Copy(b + off_b, a + off, bytes);
+      std::vector<uint8_t> back(bytes + 2, 0x77);  // host side unaligned too
+      dev_->Synchronize();
+      dev_->CopyToHost(back.data() + 1, b + off_b, bytes);
+      EXPECT_EQ(back.front(), 0x77);
+      EXPECT_EQ(back.back(), 0x77);
+      EXPECT_TRUE(std::equal(payload.begin(), payload.end(), back.begin() + 1));
+      // Whole buffers: the payload where it was put, the pattern untouched around it.
+      for (auto [buf, at] : {std::pair{a, off}, std::pair{b, off_b}}) {
+        std::vector<uint8_t> all(total);
+        dev_->CopyToHost(all.data(), buf, total);
+        std::vector<uint8_t> expect = pattern;
+        std::copy(payload.begin(), payload.end(), expect.begin() + at);
+        EXPECT_TRUE(all == expect) << "device buffer differs around a copy at offset " << at;
+      }
+      dev_->Free(a);
+      dev_->Free(b);
+    }
+  }
+}
+
+TEST_F(BackendParity, FillAddAxpyScale) {
+  for (size_t n : kSizes) {
+    SCOPED_TRACE(::testing::Message() << "n=" << n);
+    const auto a = RandVec(rng_, n), b = RandVec(rng_, n);
+    for (float value : {0.0f, -1.75f, 3.1e-5f}) {
+      ExpectParity(
+          [&](Backend* be, DeviceMem& m) -> Outputs {
+            float* x = m.Nan(n);
+            be->Fill(x, n, value);
+            return {{"Fill", m.Get(x, n)}};
+          },
+          kExact);
+    }
+    // Add: separate y, y aliasing a, y aliasing b (each written).
+    ExpectParity(
+        [&](Backend* be, DeviceMem& m) -> Outputs {
+          float *pa = m.Put(a), *pb = m.Put(b), *y = m.Nan(n);
+          be->Add(y, pa, pb, n);
+          float *a2 = m.Put(a), *b2 = m.Put(b);
+          be->Add(a2, a2, b2, n);
+          float *a3 = m.Put(a), *b3 = m.Put(b);
+          be->Add(b3, a3, b3, n);
+          return {{"Add y", m.Get(y, n)}, {"Add y=a", m.Get(a2, n)}, {"Add y=b", m.Get(b3, n)}};
+        },
+        kExact);
+    ExpectParity(
+        [&](Backend* be, DeviceMem& m) -> Outputs {
+          float* y = m.Put(b);
+          be->Axpy(y, -0.75f, m.Put(a), n);
+          return {{"Axpy", m.Get(y, n)}};
+        },
+        kElementwise);
+    ExpectParity(
+        [&](Backend* be, DeviceMem& m) -> Outputs {
+          float* x = m.Put(a);
+          be->Scale(x, 0.3f, n);
+          return {{"Scale", m.Get(x, n)}};
+        },
+        kExact);
+  }
+}
+
+// SumSquares accumulates in double (the contract): fp32 squares of positive terms err by at
+// most 2^-24 each, block-wise fp32 trees by ~log2(block) 2^-24; a plain fp32 running sum over
+// 1e6 terms errs by ~1e-4 and fails rtol 1e-6.
+TEST_F(BackendParity, SumSquares) {
+  for (size_t n : kSizes) {
+    const auto x = RandVec(rng_, n, 2.0);
+    DeviceMem mr(&ref_), md(dev_);
+    const double want = ref_.SumSquares(mr.Put(x), n);
+    const double got = dev_->SumSquares(md.Put(x), n);
+    EXPECT_NEAR(got, want, 1e-6 * want) << "n=" << n;
+    if (n > 0) {
+      EXPECT_GT(want, 0.0);
+    }
+  }
+}
+
+TEST_F(BackendParity, Embedding) {
+  for (int vocab : {11, 1000}) {
+    for (int n : {1, 7, 64}) {
+      for (int c : {8, 33, 256}) {
+        SCOPED_TRACE(::testing::Message() << "vocab=" << vocab << " n=" << n << " c=" << c);
+        // Half the ids come from the first 3 rows, so rows repeat and the backward must add
+        // several tokens into one row; the last row is used (bounds).
+        std::vector<int32_t> ids = Ids(n, vocab);
+        for (int i = 1; i < n; i += 2) ids[i] = static_cast<int32_t>(rng_.Below(3));
+        ids[0] = vocab - 1;
+        const auto table = RandVec(rng_, static_cast<size_t>(vocab) * c);
+        const auto dout = RandVec(rng_, static_cast<size_t>(n) * c);
+        const auto dtable0 = RandVec(rng_, table.size());
+        ExpectParity(
+            [&](Backend* be, DeviceMem& m) -> Outputs {
+              float* out = m.Nan(static_cast<size_t>(n) * c);
+              be->EmbeddingForward(out, m.Put(ids), m.Put(table), n, c);
+              return {{"out", m.Get(out, static_cast<size_t>(n) * c)}};
+            },
+            kExact);
+        ExpectParity(
+            [&](Backend* be, DeviceMem& m) -> Outputs {
+              float* dtable = m.Put(dtable0);
+              be->EmbeddingBackward(dtable, m.Put(ids), m.Put(dout), n, c);
+              return {{"dtable", m.Get(dtable, dtable0.size())}};
+            },
+            kReduction);
+      }
+    }
+  }
+}
+
+TEST_F(BackendParity, EmbeddingRange) {
+  const int vocab = 11;
+  for (int n : {1, 7, 64}) {
+    for (int c : {8, 33, 256}) {
+      for (auto [start, rows] : {std::pair{0, 4}, std::pair{4, 5}, std::pair{9, 2}}) {
+        SCOPED_TRACE(::testing::Message() << "n=" << n << " c=" << c << " rows [" << start << ", "
+                                          << start + rows << ")");
+        std::vector<int32_t> ids = Ids(n, vocab);  // inside and outside the range, repeated
+        ids[0] = start + rows - 1;                 // last row of the range
+        if (n > 1) ids[1] = start + rows < vocab ? start + rows : 0;  // just outside
+        const auto table = RandVec(rng_, static_cast<size_t>(rows) * c);
+        const auto dout = RandVec(rng_, static_cast<size_t>(n) * c);
+        const auto dtable0 = RandVec(rng_, table.size());
+        ExpectParity(
+            [&](Backend* be, DeviceMem& m) -> Outputs {
+              float* out = m.Nan(static_cast<size_t>(n) * c);
+              be->EmbeddingForwardRange(out, m.Put(ids), m.Put(table), n, c, start, rows);
+              return {{"out", m.Get(out, static_cast<size_t>(n) * c)}};
+            },
+            kExact);
+        ExpectParity(
+            [&](Backend* be, DeviceMem& m) -> Outputs {
+              float* dtable = m.Put(dtable0);
+              be->EmbeddingBackwardRange(dtable, m.Put(ids), m.Put(dout), n, c, start, rows);
+              return {{"dtable", m.Get(dtable, dtable0.size())}};
+            },
+            kReduction);
+      }
+    }
+  }
+}
+
+// Linear shapes: n x in_dim -> out_dim, none a multiple of the usual 32/128 tiles but 256.
+struct LinearShape {
+  int in, out;
+};
+const LinearShape kLinearShapes[] = {{8, 11}, {33, 1000}, {256, 33}};
+
+TEST_F(BackendParity, Linear) {
+  for (int n : {1, 7, 64}) {
+    for (const LinearShape& s : kLinearShapes) {
+      const auto x = RandVec(rng_, static_cast<size_t>(n) * s.in);
+      const auto w = RandVec(rng_, static_cast<size_t>(s.out) * s.in, 0.2);
+      const auto bias = RandVec(rng_, s.out);
+      const auto out0 = RandVec(rng_, static_cast<size_t>(n) * s.out);
+      for (bool has_bias : {false, true}) {
+        for (bool acc : {false, true}) {
+          SCOPED_TRACE(::testing::Message() << "n=" << n << " in=" << s.in << " out=" << s.out
+                                            << " bias=" << has_bias << " accumulate=" << acc);
+          ExpectParity(
+              [&](Backend* be, DeviceMem& m) -> Outputs {
+                float* out = acc ? m.Put(out0) : m.Nan(out0.size());
+                be->Linear(out, m.Put(x), m.Put(w), has_bias ? m.Put(bias) : nullptr, n, s.in,
+                           s.out, acc);
+                return {{"out", m.Get(out, out0.size())}};
+              },
+              kGemm);
+        }
+      }
+    }
+  }
+}
+
+TEST_F(BackendParity, LinearBackward) {
+  for (int n : {1, 7, 64}) {
+    for (const LinearShape& s : kLinearShapes) {
+      const size_t nin = static_cast<size_t>(n) * s.in, nw = static_cast<size_t>(s.out) * s.in;
+      const auto x = RandVec(rng_, nin), w = RandVec(rng_, nw, 0.2);
+      const auto dout = RandVec(rng_, static_cast<size_t>(n) * s.out);
+      const auto din0 = RandVec(rng_, nin), dw0 = RandVec(rng_, nw), db0 = RandVec(rng_, s.out);
+      for (int present = 0; present < 8; ++present) {  // bits: din, dw, dbias non-null
+        for (bool acc : {false, true}) {
+          const bool has_din = present & 1, has_dw = present & 2, has_db = present & 4;
+          SCOPED_TRACE(::testing::Message()
+                       << "n=" << n << " in=" << s.in << " out=" << s.out << " din=" << has_din
+                       << " dw=" << has_dw << " dbias=" << has_db << " accumulate_din=" << acc);
+          ExpectParity(
+              [&](Backend* be, DeviceMem& m) -> Outputs {
+                float* din = has_din ? (acc ? m.Put(din0) : m.Nan(nin)) : nullptr;
+                float* dw = has_dw ? m.Put(dw0) : nullptr;
+                float* db = has_db ? m.Put(db0) : nullptr;
+                be->LinearBackward(din, dw, db, m.Put(dout), m.Put(x), m.Put(w), n, s.in, s.out,
+                                   acc);
+                Outputs o;
+                if (din) o.emplace_back("din", m.Get(din, nin));
+                if (dw) o.emplace_back("dw", m.Get(dw, nw));
+                if (db) o.emplace_back("dbias", m.Get(db, db0.size()));
+                return o;
+              },
+              kGemm);
+        }
+      }
+    }
+  }
+}
+
+TEST_F(BackendParity, LayerNormAndRmsNorm) {
+  const float eps = 1e-5f;
+  for (int n : {1, 7, 64}) {
+    for (int c : {8, 33, 256}) {
+      SCOPED_TRACE(::testing::Message() << "n=" << n << " c=" << c);
+      const size_t nc = static_cast<size_t>(n) * c;
+      auto x = RandVec(rng_, nc, 2.0);
+      for (float& v : x) v += 1.0f;  // a non-zero mean
+      auto g = RandVec(rng_, c, 0.2);
+      for (float& v : g) v += 1.0f;
+      const auto b = RandVec(rng_, c), dout = RandVec(rng_, nc);
+      const auto dx0 = RandVec(rng_, nc), dg0 = RandVec(rng_, c), db0 = RandVec(rng_, c);
+      for (bool has_b : {false, true}) {
+        ExpectParity(
+            [&](Backend* be, DeviceMem& m) -> Outputs {
+              float *out = m.Nan(nc), *mean = m.Nan(n), *rstd = m.Nan(n);
+              be->LayerNormForward(out, mean, rstd, m.Put(x), m.Put(g), has_b ? m.Put(b) : nullptr,
+                                   n, c, eps);
+              return {{"LayerNorm out", m.Get(out, nc)},
+                      {"mean", m.Get(mean, n)},
+                      {"rstd", m.Get(rstd, n)}};
+            },
+            kReduction);
+      }
+      // The backward gets the CPU's saved statistics on both backends.
+      std::vector<float> y(nc), mean(n), rstd(n);
+      ref_.LayerNormForward(y.data(), mean.data(), rstd.data(), x.data(), g.data(), b.data(), n, c,
+                            eps);
+      for (bool has_db : {false, true}) {
+        ExpectParity(
+            [&](Backend* be, DeviceMem& m) -> Outputs {
+              float *dx = m.Put(dx0), *dg = m.Put(dg0), *db = has_db ? m.Put(db0) : nullptr;
+              be->LayerNormBackward(dx, dg, db, m.Put(dout), m.Put(x), m.Put(g), m.Put(mean),
+                                    m.Put(rstd), n, c);
+              Outputs o = {{"LayerNorm dx", m.Get(dx, nc)}, {"dg", m.Get(dg, c)}};
+              if (db) o.emplace_back("db", m.Get(db, c));
+              return o;
+            },
+            kReduction);
+      }
+      ExpectParity(
+          [&](Backend* be, DeviceMem& m) -> Outputs {
+            float *out = m.Nan(nc), *rs = m.Nan(n);
+            be->RmsNormForward(out, rs, m.Put(x), m.Put(g), n, c, eps);
+            return {{"RmsNorm out", m.Get(out, nc)}, {"rstd", m.Get(rs, n)}};
+          },
+          kReduction);
+      ref_.RmsNormForward(y.data(), rstd.data(), x.data(), g.data(), n, c, eps);
+      ExpectParity(
+          [&](Backend* be, DeviceMem& m) -> Outputs {
+            float *dx = m.Put(dx0), *dg = m.Put(dg0);
+            be->RmsNormBackward(dx, dg, m.Put(dout), m.Put(x), m.Put(g), m.Put(rstd), n, c);
+            return {{"RmsNorm dx", m.Get(dx, nc)}, {"dg", m.Get(dg, c)}};
+          },
+          kReduction);
+    }
+  }
+}
+
+TEST_F(BackendParity, GeluAndSwiGlu) {
+  for (size_t n : kSizes) {
+    SCOPED_TRACE(::testing::Message() << "n=" << n);
+    // Scale 3: the tails (tanh and sigmoid saturated) as well as the middle.
+    const auto x = RandVec(rng_, n, 3.0), up = RandVec(rng_, n), dout = RandVec(rng_, n);
+    ExpectParity(
+        [&](Backend* be, DeviceMem& m) -> Outputs {
+          float *out = m.Nan(n), *dx = m.Nan(n), *px = m.Put(x), *dy = m.Put(dout);
+          be->GeluForward(out, px, n);
+          be->GeluBackward(dx, dy, px, n);
+          be->GeluBackward(dy, dy, px, n);  // dx aliasing dout
+          return {{"Gelu out", m.Get(out, n)}, {"dx", m.Get(dx, n)}, {"dx=dout", m.Get(dy, n)}};
+        },
+        kElementwise);
+    ExpectParity(
+        [&](Backend* be, DeviceMem& m) -> Outputs {
+          float *out = m.Nan(n), *dgate = m.Nan(n), *dup = m.Nan(n), *gate = m.Put(x);
+          float* pup = m.Put(up);
+          be->SwiGluForward(out, gate, pup, n);
+          be->SwiGluBackward(dgate, dup, m.Put(dout), gate, pup, n);
+          return {
+              {"SwiGlu out", m.Get(out, n)}, {"dgate", m.Get(dgate, n)}, {"dup", m.Get(dup, n)}};
+        },
+        kElementwise);
+  }
+}
+
+TEST_F(BackendParity, Rope) {
+  struct Case {
+    int n, heads, head_dim, first_pos;
+    float theta;
+  };
+  // first_pos < 0: random positions in [0, 1040), not in order.
+  for (const Case& k :
+       {Case{1, 1, 8, 37, 1e4f}, Case{7, 3, 64, 37, 1e4f}, Case{33, 2, 10, 1000, 1e4f},
+        Case{5, 4, 128, 1020, 5e5f}, Case{64, 2, 16, -1, 1e4f}}) {
+    SCOPED_TRACE(::testing::Message() << "n=" << k.n << " heads=" << k.heads
+                                      << " head_dim=" << k.head_dim << " pos0=" << k.first_pos);
+    std::vector<int32_t> pos(k.n);
+    for (int t = 0; t < k.n; ++t) {
+      pos[t] = k.first_pos >= 0 ? k.first_pos + t : static_cast<int32_t>(rng_.Below(1040));
+    }
+    const size_t size = static_cast<size_t>(k.n) * k.heads * k.head_dim;
+    const auto x = RandVec(rng_, size), dy = RandVec(rng_, size);
+    ExpectParity(
+        [&](Backend* be, DeviceMem& m) -> Outputs {
+          float *px = m.Put(x), *pd = m.Put(dy);
+          const int32_t* pp = m.Put(pos);
+          be->RopeForward(px, pp, k.n, k.heads, k.head_dim, k.theta);
+          be->RopeBackward(pd, pp, k.n, k.heads, k.head_dim, k.theta);
+          return {{"Rope x", m.Get(px, size)}, {"dx", m.Get(pd, size)}};
+        },
+        kRope);
+  }
+}
+
+// Attention shapes: q [b, tq, hq, d]; k, v [b, tk_cap, hkv, d], valid up to tk = q_offset + tq.
+struct AttnCase {
+  int b, hq, hkv, d, tq, q_offset, tk_cap;
+  int tk() const { return q_offset + tq; }
+  bool training() const { return q_offset == 0 && tk_cap == tq; }
+};
+const AttnCase kAttnCases[] = {
+    // Training form (q_offset 0, tq = tk = tk_cap): GQA 4/2, MQA 4/1, MHA.
+    {2, 4, 2, 16, 1, 0, 1},
+    {2, 4, 2, 16, 5, 0, 5},
+    {2, 4, 2, 16, 33, 0, 33},
+    {1, 4, 4, 64, 33, 0, 33},
+    {3, 4, 1, 20, 5, 0, 5},
+    {1, 2, 2, 8, 7, 0, 7},
+    // KV-cache forms: prefill into a larger cache, one-token and several-token decode.
+    {2, 4, 2, 16, 5, 0, 12},
+    {2, 4, 2, 16, 1, 7, 16},
+    {1, 4, 2, 64, 5, 28, 40},
+    {1, 4, 4, 20, 3, 11, 33},
+};
+
+TEST_F(BackendParity, AttentionForward) {
+  for (const AttnCase& a : kAttnCases) {
+    SCOPED_TRACE(::testing::Message()
+                 << "b=" << a.b << " hq=" << a.hq << " hkv=" << a.hkv << " d=" << a.d
+                 << " tq=" << a.tq << " q_offset=" << a.q_offset << " tk_cap=" << a.tk_cap);
+    const size_t nq = static_cast<size_t>(a.b) * a.tq * a.hq * a.d;
+    const size_t row = static_cast<size_t>(a.hkv) * a.d;  // one cached position
+    const auto q = RandVec(rng_, nq, 1.5);
+    auto k = RandVec(rng_, a.b * a.tk_cap * row), v = RandVec(rng_, k.size());
+    // Cache rows past tk are not valid: NaN there must not reach any output.
+    for (int bi = 0; bi < a.b; ++bi) {
+      for (size_t i = (bi * a.tk_cap + a.tk()) * row; i < (bi + 1) * a.tk_cap * row; ++i) {
+        k[i] = v[i] = kNaN;
+      }
+    }
+    const size_t np = static_cast<size_t>(a.b) * a.hq * a.tq * a.tk();
+    for (bool with_probs : {false, true}) {
+      ExpectParity(
+          [&](Backend* be, DeviceMem& m) -> Outputs {
+            float *out = m.Nan(nq), *probs = with_probs ? m.Nan(np) : nullptr;
+            be->AttentionForward(out, probs, m.Put(q), m.Put(k), m.Put(v), a.b, a.tq, a.tk(),
+                                 a.tk_cap, a.hq, a.hkv, a.d, a.q_offset);
+            Outputs o = {{"out", m.Get(out, nq)}};
+            if (probs) o.emplace_back("probs", m.Get(probs, np));
+            return o;
+          },
+          kGemm);
+    }
+  }
+}
+
+TEST_F(BackendParity, AttentionBackward) {
+  for (const AttnCase& a : kAttnCases) {
+    if (!a.training()) continue;  // the backward exists for the training form only
+    const int t = a.tq;
+    SCOPED_TRACE(::testing::Message() << "b=" << a.b << " hq=" << a.hq << " hkv=" << a.hkv
+                                      << " d=" << a.d << " t=" << t);
+    const size_t nq = static_cast<size_t>(a.b) * t * a.hq * a.d;
+    const size_t nkv = static_cast<size_t>(a.b) * t * a.hkv * a.d;
+    const auto q = RandVec(rng_, nq, 1.5), k = RandVec(rng_, nkv), v = RandVec(rng_, nkv);
+    const auto dout = RandVec(rng_, nq);
+    // Both backends get the CPU's probabilities.
+    std::vector<float> out(nq), probs(static_cast<size_t>(a.b) * a.hq * t * t);
+    ref_.AttentionForward(out.data(), probs.data(), q.data(), k.data(), v.data(), a.b, t, t, t,
+                          a.hq, a.hkv, a.d, 0);
+    ExpectParity(
+        [&](Backend* be, DeviceMem& m) -> Outputs {
+          float *dq = m.Nan(nq), *dk = m.Nan(nkv), *dv = m.Nan(nkv);
+          be->AttentionBackward(dq, dk, dv, m.Put(dout), m.Put(probs), m.Put(q), m.Put(k), m.Put(v),
+                                a.b, t, a.hq, a.hkv, a.d);
+          return {{"dq", m.Get(dq, nq)}, {"dk", m.Get(dk, nkv)}, {"dv", m.Get(dv, nkv)}};
+        },
+        kGemm);
+  }
+}
+
+// Logits N(0, 2^2), with row 0 shifted by +100: exp without max-subtraction overflows there.
+std::vector<float> Logits(Rng& rng, int n, int v) {
+  auto logits = RandVec(rng, static_cast<size_t>(n) * v, 2.0);
+  for (int j = 0; j < v; ++j) logits[j] += 100.0f;
+  return logits;
+}
+
+// Per-row loss weights in [0, 2), every third row (from row 1) exactly 0.
+std::vector<float> Weights(Rng& rng, int n) {
+  auto w = UniformVec(rng, n, 0.0, 2.0);
+  for (int r = 1; r < n; r += 3) w[r] = 0.0f;
+  return w;
+}
+
+TEST_F(BackendParity, CrossEntropy) {
+  for (int n : {1, 7, 64}) {
+    for (int v : {11, 1000}) {
+      const auto logits = Logits(rng_, n, v);
+      const auto targets = Ids(n, v);
+      const auto weights = Weights(rng_, n);
+      const size_t nv = static_cast<size_t>(n) * v;
+      for (bool with_max_prob : {false, true}) {
+        for (int dl = 0; dl < 3; ++dl) {  // dlogits: none, separate, aliasing logits
+          for (bool with_weights : {false, true}) {
+            SCOPED_TRACE(::testing::Message()
+                         << "n=" << n << " v=" << v << " max_prob=" << with_max_prob << " dlogits="
+                         << (dl == 0   ? "null"
+                             : dl == 1 ? "separate"
+                                       : "aliased")
+                         << " weights=" << with_weights);
+            ExpectParity(
+                [&](Backend* be, DeviceMem& m) -> Outputs {
+                  float *losses = m.Nan(n), *max_prob = with_max_prob ? m.Nan(n) : nullptr;
+                  float* pl = m.Put(logits);
+                  float* dlogits = dl == 0 ? nullptr : dl == 1 ? m.Nan(nv) : pl;
+                  be->CrossEntropy(losses, max_prob, dlogits, pl, m.Put(targets),
+                                   with_weights ? m.Put(weights) : nullptr, n, v);
+                  Outputs o = {{"losses", m.Get(losses, n)}};
+                  if (max_prob) o.emplace_back("max_prob", m.Get(max_prob, n));
+                  if (dlogits) o.emplace_back("dlogits", m.Get(dlogits, nv));
+                  return o;
+                },
+                kReduction);
+          }
+        }
+      }
+    }
+  }
+}
+
+// The vocabulary-parallel pieces on one rank's share of `v` columns starting at `start` of a
+// vocabulary of 3 v: targets fall inside and outside the share.
+TEST_F(BackendParity, VocabParallelCrossEntropyPieces) {
+  for (int n : {1, 7, 64}) {
+    for (int v : {11, 1000}) {
+      for (int start : {0, v}) {
+        SCOPED_TRACE(::testing::Message() << "n=" << n << " v=" << v << " start=" << start);
+        const auto logits = Logits(rng_, n, v);
+        auto targets = Ids(n, 3 * v);
+        targets[0] = start + v - 1;  // last column of the share
+        const auto weights = Weights(rng_, n);
+        const size_t nv = static_cast<size_t>(n) * v;
+        ExpectParity(
+            [&](Backend* be, DeviceMem& m) -> Outputs {
+              float* row_max = m.Nan(n);
+              be->RowMax(row_max, m.Put(logits), n, v);
+              return {{"row_max", m.Get(row_max, n)}};
+            },
+            kExact);
+        // The global maximum and sum come from all ranks: at least the local ones.
+        std::vector<float> row_max(n), sum_exp(n), target_logit(n);
+        ref_.RowMax(row_max.data(), logits.data(), n, v);
+        for (int r = 0; r < n; r += 2) row_max[r] += 0.7f;
+        ExpectParity(
+            [&](Backend* be, DeviceMem& m) -> Outputs {
+              float *se = m.Nan(n), *tl = m.Nan(n);
+              be->SumExpAndTarget(se, tl, m.Put(logits), m.Put(row_max), m.Put(targets), n, v,
+                                  start);
+              return {{"sum_exp", m.Get(se, n)}, {"target_logit", m.Get(tl, n)}};
+            },
+            kReduction);
+        ref_.SumExpAndTarget(sum_exp.data(), target_logit.data(), logits.data(), row_max.data(),
+                             targets.data(), n, v, start);
+        for (float& s : sum_exp) s *= 1.3f;
+        for (bool alias : {false, true}) {
+          for (bool with_weights : {false, true}) {
+            SCOPED_TRACE(::testing::Message() << "alias=" << alias << " weights=" << with_weights);
+            ExpectParity(
+                [&](Backend* be, DeviceMem& m) -> Outputs {
+                  float* pl = m.Put(logits);
+                  float* dl = alias ? pl : m.Nan(nv);
+                  be->CrossEntropyGradRange(dl, pl, m.Put(row_max), m.Put(sum_exp), m.Put(targets),
+                                            with_weights ? m.Put(weights) : nullptr, n, v, start);
+                  return {{"dlogits", m.Get(dl, nv)}};
+                },
+                kReduction);
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_F(BackendParity, AdamW) {
+  for (size_t n : {size_t{1}, size_t{7}, size_t{1000}, size_t{1000003}}) {
+    for (auto [step, wd] : {std::pair{1, 0.1f}, std::pair{10, 0.0f}, std::pair{1000, 0.1f}}) {
+      SCOPED_TRACE(::testing::Message() << "n=" << n << " step=" << step << " wd=" << wd);
+      const auto p0 = RandVec(rng_, n), g = RandVec(rng_, n, 0.1);
+      const auto m0 = RandVec(rng_, n, 0.05), v0 = UniformVec(rng_, n, 1e-4, 1e-2);
+      ExpectParity(
+          [&](Backend* be, DeviceMem& m) -> Outputs {
+            float *p = m.Put(p0), *pm = m.Put(m0), *pv = m.Put(v0);
+            // lr 0.1: the update is a sizeable part of p, so its error shows in p.
+            be->AdamW(p, m.Put(g), pm, pv, n, 0.1f, 0.9f, 0.95f, 1e-8f, wd, step);
+            std::vector<float> p1 = m.Get(p, n), update(n);
+            for (size_t i = 0; i < n; ++i) update[i] = p1[i] - p0[i];
+            return {{"p", p1}, {"p - p0", update}, {"m", m.Get(pm, n)}, {"v", m.Get(pv, n)}};
+          },
+          kElementwise);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace eellm

@@ -1,0 +1,265 @@
+// Backend parity of a whole training step (see backend_parity_test.cc for the op-by-op suite):
+// a tiny early-exit model (Llama style with GQA, GPT style) is built on the CPU and on the
+// backend under test (EELLM_PARITY_BACKEND, default "cuda"; every test skips where it cannot be
+// made) with the same parameters, copied by value through the host; one forward + backward +
+// AdamW step must give the same losses (final head and every exit), gradients, optimizer moments
+// and updated parameters, and a forward after the step the same losses again.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <iomanip>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "engine/backend.h"
+#include "engine/optim/adamw.h"
+#include "gtest/gtest.h"
+#include "models/transformer.h"
+#include "tests/models/model_test_util.h"
+
+namespace eellm {
+namespace {
+
+// Tolerance of the whole step: |a - b| <= kAtol * scale + kRtol * |b| element by element, b the
+// CPU's value and `scale` the largest |b| of the tensor (of a parameter's gradient, moment or
+// value). The step chains ~40 ops over 3 layers and 2 exits, each within ~1e-6 of the values'
+// magnitude when only the summation order differs (see backend_parity_test.cc); a CPU-side
+// emulation of another summation order (naive reversed fp32 loops for every GEMM, attention,
+// norm and softmax) moved gradients by at most 5e-6 of their tensor's magnitude. 1e-4 leaves 20x
+// headroom and still fails TF32 GEMMs or any wrong formula.
+constexpr double kRtol = 1e-4, kAtol = 1e-4;
+// A parameter whose CPU gradient stays below kZeroGrad times the largest gradient of the model
+// has a gradient that is zero in exact arithmetic and rounding noise in fp32: the key bias of
+// GPT attention (every row of the softmax gradient sums to 0, so sum_j dk_j = 0). Its noise
+// differs between summation orders by 100% and is only required to stay that small.
+constexpr double kZeroGrad = 1e-5;
+
+// AdamW with eps = 1e-8 makes the first update lr * g / (|g| + 1e-8) ~ lr * sign(g), a
+// discontinuous function of g that turns the noise of a zero gradient (above) into +-lr. eps =
+// 0.1, about the size of the gradients here, makes the update smooth in g (Lipschitz constant
+// lr / eps), so that parity of the gradients implies parity of the update. The AdamW op itself
+// is checked at eps = 1e-8 with identical inputs in backend_parity_test.cc.
+constexpr float kLr = 1e-2f, kAdamEps = 0.1f;
+
+// Passes when |got - want| <= kAtol * scale + kRtol * |want| for all n elements (scale: max|want|
+// unless given); otherwise names the worst element.
+::testing::AssertionResult Close(const float* got, const float* want, size_t n, double scale = -1) {
+  if (scale < 0) {
+    scale = 0;
+    for (size_t i = 0; i < n; ++i) scale = std::max(scale, std::fabs(static_cast<double>(want[i])));
+  }
+  size_t bad = 0, worst_i = 0;
+  double worst = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const double err = std::fabs(static_cast<double>(got[i]) - want[i]);
+    const double bound = kAtol * scale + kRtol * std::fabs(static_cast<double>(want[i]));
+    if (err <= bound) continue;
+    const double ratio = bound > 0 && !std::isnan(err) ? err / bound : INFINITY;
+    if (bad++ == 0 || ratio > worst) worst = ratio, worst_i = i;
+  }
+  if (bad == 0) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure()
+         << std::setprecision(9) << bad << " of " << n << " elements differ; worst [" << worst_i
+         << "]: got " << got[worst_i] << ", want " << want[worst_i] << " (" << worst
+         << "x the bound " << kAtol << " * " << scale << " + " << kRtol << " |want|)";
+}
+
+double MaxAbs(const float* x, size_t n) {
+  double m = 0;
+  for (size_t i = 0; i < n; ++i) m = std::max(m, std::fabs(static_cast<double>(x[i])));
+  return m;
+}
+
+::testing::AssertionResult CloseScalar(double got, double want) {
+  if (std::fabs(got - want) <= kRtol * std::fabs(want)) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure()
+         << std::setprecision(12) << "got " << got << ", want " << want;
+}
+
+// The backend under test, made once per process and never destroyed (a CUDA backend must not
+// be torn down during static destruction). Null when it cannot be made, with *why set: the tests
+// then skip where the backend is unavailable (no GPU, a build without CUDA) and fail where the
+// name is wrong (a misspelt EELLM_PARITY_BACKEND must not pass silently), *misnamed set.
+Backend* DeviceUnderTest(std::string* why, bool* misnamed) {
+  static std::string* reason = new std::string;
+  static bool bad_name = false;
+  static Backend* device = [] {
+    const char* env = std::getenv("EELLM_PARITY_BACKEND");
+    const std::string name = env != nullptr && *env != '\0' ? env : "cuda";
+    auto be = MakeBackend(name);
+    if (be.ok()) return be->release();
+    bad_name = absl::IsInvalidArgument(be.status());
+    *reason = bad_name ? "EELLM_PARITY_BACKEND=" + name + ": " + be.status().ToString()
+                       : (name == "cuda" ? std::string("no CUDA GPU") : "no " + name + " device") +
+                             ": parity tests skipped (" + be.status().ToString() + ")";
+    return static_cast<Backend*>(nullptr);
+  }();
+  *why = *reason;
+  *misnamed = bad_name;
+  return device;
+}
+
+std::vector<float> ToHost(Backend* be, const float* p, size_t n) {
+  std::vector<float> h(n);
+  be->Synchronize();
+  be->CopyToHost(h.data(), p, n * sizeof(float));
+  return h;
+}
+
+// Everything one training step produces, copied to the host (arenas in ParamStore layout).
+struct StepResult {
+  LossReport loss;        // forward + backward
+  LossReport loss_after;  // forward only, after the AdamW step
+  double grad_norm = 0;
+  std::vector<float> grads, params, m, v;
+};
+
+struct Batch {
+  int b = 2, t = 9;
+  std::vector<int32_t> ids, targets;
+  std::vector<float> mask, exit_weights;
+};
+
+// One step of `c` on `be` from the parameter arena `init`.
+StepResult TrainStep(Backend* be, const ModelConfig& c, const std::vector<float>& init,
+                     const Batch& batch) {
+  StepResult r;
+  auto model = Model::Create(c, be);
+  EXPECT_TRUE(model.ok()) << model.status();
+  if (!model.ok()) return r;
+  ParamStore& ps = (*model)->params();
+  be->CopyFromHost(ps.params_data(), init.data(), init.size() * sizeof(float));
+  auto ws = (*model)->MakeWorkspace(batch.b, batch.t);
+  ps.ZeroGrads();
+  r.loss = (*model)->ForwardBackward(*ws, batch.ids.data(), batch.targets.data(), batch.mask.data(),
+                                     batch.exit_weights, true);
+  r.grads = ToHost(be, ps.grads_data(), ps.padded_size());
+  AdamWConfig ac;
+  ac.eps = kAdamEps;
+  ac.grad_clip = 1.0f;
+  AdamW opt(&ps, ac);
+  r.grad_norm = opt.Step(kLr);
+  r.params = ToHost(be, ps.params_data(), ps.padded_size());
+  r.m = ToHost(be, opt.m(), ps.padded_size());
+  r.v = ToHost(be, opt.v(), ps.padded_size());
+  r.loss_after = (*model)->ForwardBackward(*ws, batch.ids.data(), batch.targets.data(),
+                                           batch.mask.data(), batch.exit_weights, false);
+  return r;
+}
+
+class ModelParity : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string why;
+    bool misnamed = false;
+    dev_ = DeviceUnderTest(&why, &misnamed);
+    if (misnamed) FAIL() << why;
+    if (dev_ == nullptr) GTEST_SKIP() << why;
+  }
+
+  // Runs one step on both backends from the same random parameters and compares everything.
+  void ExpectStepParity(const ModelConfig& c, uint64_t seed) {
+    auto cpu = MakeBackend("cpu");
+    ASSERT_TRUE(cpu.ok());
+    auto ref_model = Model::Create(c, cpu->get());
+    ASSERT_TRUE(ref_model.ok()) << ref_model.status();
+    testing::FillParams(**ref_model, seed);
+    const ParamStore& ps = (*ref_model)->params();
+    const std::vector<float> init(ps.params_data(), ps.params_data() + ps.padded_size());
+
+    Batch batch;
+    const int n = batch.b * batch.t;
+    batch.ids = testing::RandomTokens(n, c.vocab_size, seed + 1);
+    batch.targets = testing::RandomTokens(n, c.vocab_size, seed + 2);
+    batch.mask.assign(n, 1.0f);
+    batch.mask[4] = batch.mask[13] = 0.0f;  // masked positions
+    for (size_t i = 0; i < c.exits.size(); ++i) batch.exit_weights.push_back(0.5f - 0.2f * i);
+
+    const StepResult want = TrainStep(cpu->get(), c, init, batch);
+    const StepResult got = TrainStep(dev_, c, init, batch);
+    ASSERT_EQ(got.grads.size(), want.grads.size());
+
+    EXPECT_TRUE(CloseScalar(got.loss.final_loss, want.loss.final_loss)) << "final loss";
+    EXPECT_TRUE(CloseScalar(got.loss.objective, want.loss.objective)) << "objective";
+    ASSERT_EQ(got.loss.exit_losses.size(), c.exits.size());
+    for (size_t i = 0; i < c.exits.size(); ++i) {
+      EXPECT_TRUE(CloseScalar(got.loss.exit_losses[i], want.loss.exit_losses[i]))
+          << "exit " << i << " loss";
+      EXPECT_TRUE(CloseScalar(got.loss_after.exit_losses[i], want.loss_after.exit_losses[i]))
+          << "exit " << i << " loss after the step";
+    }
+    EXPECT_TRUE(CloseScalar(got.grad_norm, want.grad_norm)) << "gradient norm";
+    EXPECT_TRUE(CloseScalar(got.loss_after.final_loss, want.loss_after.final_loss))
+        << "final loss after the step";
+    // The step moved the model (the comparison after it is not vacuous).
+    EXPECT_LT(want.loss_after.objective, want.loss.objective - 1e-3);
+
+    const double gmax = MaxAbs(want.grads.data(), want.grads.size());
+    int compared = 0;
+    for (const ParamInfo& p : ps.params()) {
+      SCOPED_TRACE(p.name);
+      const size_t o = p.offset, numel = p.numel;
+      if (MaxAbs(&want.grads[o], numel) < kZeroGrad * gmax) {
+        EXPECT_LT(MaxAbs(&got.grads[o], numel), kZeroGrad * gmax) << "gradient, zero on the CPU";
+      } else {
+        EXPECT_TRUE(Close(&got.grads[o], &want.grads[o], numel)) << "gradient";
+        EXPECT_TRUE(Close(&got.m[o], &want.m[o], numel)) << "AdamW m";
+        EXPECT_TRUE(Close(&got.v[o], &want.v[o], numel)) << "AdamW v";
+        ++compared;
+      }
+      EXPECT_TRUE(Close(&got.params[o], &want.params[o], numel)) << "updated parameter";
+      // The update p - p0 on the scale of an AdamW update, lr.
+      std::vector<float> got_update(numel), want_update(numel);
+      for (size_t k = 0; k < numel; ++k) {
+        got_update[k] = got.params[o + k] - init[o + k];
+        want_update[k] = want.params[o + k] - init[o + k];
+      }
+      EXPECT_TRUE(Close(got_update.data(), want_update.data(), numel, kLr)) << "AdamW update";
+    }
+    EXPECT_GE(compared, static_cast<int>(ps.params().size()) - c.num_layers);
+  }
+
+  Backend* dev_ = nullptr;
+};
+
+ExitConfig Exit(int layer, ExitKind kind, ExitPosition position, bool tied) {
+  ExitConfig x;
+  x.layer = layer;
+  x.kind = kind;
+  x.position = position;
+  x.tied = tied;
+  return x;
+}
+
+// Hidden 32 with 4 query heads over 2 KV heads (head_dim 8), FFN 40, vocabulary 37: sizes that
+// are not multiples of 32 except the hidden size.
+ModelConfig SmallConfig(ModelStyle style) {
+  ModelConfig c = testing::TinyConfig(style);
+  c.vocab_size = 37;
+  c.hidden_size = 32;
+  c.num_heads = 4;
+  c.num_kv_heads = style == ModelStyle::kLlama ? 2 : 4;
+  c.ffn_hidden_size = 40;
+  return c;
+}
+
+TEST_F(ModelParity, LlamaGqaTrainingStepWithExits) {
+  ModelConfig c = SmallConfig(ModelStyle::kLlama);
+  c.exits = {Exit(1, ExitKind::kNorm, ExitPosition::kPost, false),
+             Exit(3, ExitKind::kBlock, ExitPosition::kPre, true)};
+  ExpectStepParity(c, 11);
+}
+
+TEST_F(ModelParity, GptTrainingStepWithExits) {
+  ModelConfig c = SmallConfig(ModelStyle::kGpt);
+  c.confidence_weighted_exit_loss = true;  // uses the max probabilities of CrossEntropy
+  c.exits = {Exit(1, ExitKind::kLinear, ExitPosition::kPost, true),
+             Exit(2, ExitKind::kMlp, ExitPosition::kPost, false)};
+  ExpectStepParity(c, 12);
+}
+
+}  // namespace
+}  // namespace eellm
