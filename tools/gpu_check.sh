@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU machine's checks in one command (a session has minutes of device time: run this
+# once, read $OUT/*.log). From the repository root on the GPU machine, after
+# ../shared/gpu/prepare.sh on the development machine and with .gpu carried:
+#   source .gpu/env.sh && tools/gpu_check.sh
+# Steps (each logs to $OUT/<step>.log; a failing step does not stop the later ones):
+#   build    configure + build (Release, sm_90a)
+#   gpu      ctest -L gpu: the backend parity suite against the CPU and NCCL at world size 1
+#   bench    eellm bench train on GPT-2 124M and Llama 1.3B (with exits) beside PyTorch
+#   hf       tools/hf_check.py: eellm's converter and logits against transformers, CPU and CUDA
+set -uo pipefail
+OUT=${OUT:-/tmp/eellm_gpu_out}
+mkdir -p "$OUT"
+B=${BUILD_DIR:-/tmp/eellm_gpu_build}
+run() {  # run <step> <command...>
+  local step=$1; shift
+  local start=$SECONDS
+  "$@" > "$OUT/$step.log" 2>&1
+  local rc=$?
+  echo "$step: exit $rc in $((SECONDS - start)) s" | tee -a "$OUT/summary.log"
+  tail -5 "$OUT/$step.log"
+  return $rc
+}
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
+run build bash -c "cmake -S . -B $B -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  -DCMAKE_CUDA_ARCHITECTURES='90a-real;90-virtual' && cmake --build $B -j16" || exit 1
+run gpu bash -c "cd $B && ctest -L gpu --output-on-failure --timeout 300"
+run bench_gpt2 "$B/eellm" bench train --model=configs/bench/gpt2_124m.json --backend=cuda \
+  --batch=8 --seq=1024 --steps=5 --warmup=2 --torch-reference=tools/bench_torch.py
+run bench_llama "$B/eellm" bench train --model=configs/bench/llama_1p3b.json --backend=cuda \
+  --batch=4 --seq=2048 --steps=3 --warmup=1 --torch-reference=tools/bench_torch.py
+run hf python3 tools/hf_check.py --eellm "$B/eellm" --backends cpu,cuda
+cat "$OUT/summary.log"
