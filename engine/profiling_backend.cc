@@ -24,6 +24,7 @@ std::string ProfilingBackend::name() const { return "profiled-" + inner_->name()
 
 void* ProfilingBackend::Alloc(size_t bytes) {
   void* p = inner_->Alloc(bytes);
+  ++alloc_calls_;
   live_[p] = bytes;
   allocated_ += bytes;
   peak_ = std::max(peak_, allocated_);

@@ -28,6 +28,7 @@ class ProfilingBackend final : public Backend {
   const std::map<std::string, OpStats>& stats() const { return stats_; }
   size_t allocated_bytes() const { return allocated_; }
   size_t peak_bytes() const { return peak_; }
+  int64_t alloc_calls() const { return alloc_calls_; }
 
   Device device() const override;
   std::string name() const override;
@@ -107,6 +108,7 @@ class ProfilingBackend final : public Backend {
   std::map<std::string, OpStats> stats_;
   std::unordered_map<void*, size_t> live_;
   size_t allocated_ = 0, peak_ = 0;
+  int64_t alloc_calls_ = 0;
 };
 
 }  // namespace eellm
