@@ -19,22 +19,34 @@ AdamW::AdamW(ParamStore* params, const AdamWConfig& config, size_t lo, size_t hi
   be->Fill(v_.f32(), n, 0.0f);
 }
 
-template <typename Fn>
-void AdamW::ForEachOwned(Fn fn) const {
-  for (int i = 0; i < static_cast<int>(params_->params().size()); ++i) {
-    const ParamInfo& p = params_->params()[i];
-    if (!p.trainable) continue;
+template <typename Key, typename Fn>
+void AdamW::ForEachRun(Key key, Fn fn) const {
+  size_t run_lo = 0, run_hi = 0;  // current run [run_lo, run_hi), empty when equal
+  bool run_key = false;
+  for (const ParamInfo& p : params_->params()) {
     const size_t a = std::max(lo_, p.offset), b = std::min(hi_, p.offset + p.numel);
-    if (a < b) fn(i, a, b - a);
+    const bool k = key(p);
+    if (!p.trainable || a >= b || (run_hi > run_lo && k != run_key)) {
+      if (run_hi > run_lo) fn(run_lo, run_hi - run_lo, run_key);
+      run_lo = run_hi = 0;
+      if (!p.trainable || a >= b) continue;
+    }
+    if (run_hi == run_lo) {
+      run_lo = a;
+      run_key = k;
+    }
+    run_hi = b;
   }
+  if (run_hi > run_lo) fn(run_lo, run_hi - run_lo, run_key);
 }
 
 double AdamW::LocalSquaredNorm() const {
   double sum = 0;
-  ForEachOwned([&](int i, size_t first, size_t count) {
-    if (!params_->params()[i].count_in_norm) return;
-    sum += params_->backend()->SumSquares(params_->grads_data() + first, count);
-  });
+  ForEachRun([](const ParamInfo& p) { return p.count_in_norm; },
+             [&](size_t first, size_t count, bool counted) {
+               if (counted)
+                 sum += params_->backend()->SumSquares(params_->grads_data() + first, count);
+             });
   return sum;
 }
 
@@ -48,13 +60,19 @@ float AdamW::ClipScale(double global_norm) const {
 void AdamW::Update(float lr, float grad_scale) {
   Backend* be = params_->backend();
   ++step_;
-  ForEachOwned([&](int i, size_t first, size_t count) {
-    float* g = params_->grads_data() + first;
-    if (grad_scale != 1.0f) be->Scale(g, grad_scale, count);
-    be->AdamW(params_->params_data() + first, g, m_.f32() + (first - lo_), v_.f32() + (first - lo_),
-              count, lr, config_.beta1, config_.beta2, config_.eps,
-              params_->params()[i].weight_decay ? config_.weight_decay : 0.0f, step_);
-  });
+  if (grad_scale != 1.0f) {
+    ForEachRun([](const ParamInfo&) { return true; },
+               [&](size_t first, size_t count, bool) {
+                 be->Scale(params_->grads_data() + first, grad_scale, count);
+               });
+  }
+  ForEachRun([](const ParamInfo& p) { return p.weight_decay; },
+             [&](size_t first, size_t count, bool decay) {
+               be->AdamW(params_->params_data() + first, params_->grads_data() + first,
+                         m_.f32() + (first - lo_), v_.f32() + (first - lo_), count, lr,
+                         config_.beta1, config_.beta2, config_.eps,
+                         decay ? config_.weight_decay : 0.0f, step_);
+             });
 }
 
 double AdamW::Step(float lr) {
