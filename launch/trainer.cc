@@ -282,7 +282,9 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   ac.grad_clip = tc.grad_clip;
   std::vector<std::unique_ptr<DistributedOptimizer>> dopts;
   for (Model* chunk : chunks) {
-    dopts.push_back(std::make_unique<DistributedOptimizer>(&chunk->params(), ac, ctx, tc.zero1));
+    dopts.push_back(std::make_unique<DistributedOptimizer>(
+        &chunk->params(), ac, ctx, tc.zero1,
+        opts.dp_bucket_elems > 0 ? opts.dp_bucket_elems : size_t{1} << 20));
   }
   DistributedOptimizer& dopt = *dopts[0];
   // Full-size moment arenas for checkpoints (ZeRO-1 shards are gathered into them), per chunk.
@@ -352,6 +354,11 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   const int micro = tc.micro_batch_size > 0 ? tc.micro_batch_size : rows;
   PipelineExecutor exec(chunks, ctx, micro, tc.seq_len, rows / micro,
                         tc.exit_placement == "bubbles");
+  if (opts.overlap_grad_reduce) {
+    // Data-parallel buckets start their all-reduce as the last backward finishes their layers.
+    exec.set_grads_ready(
+        [&dopts](int chunk, size_t lo, size_t hi) { dopts[chunk]->GradientsReady(lo, hi); });
+  }
   const int n = rows * tc.seq_len;
   std::vector<int32_t> in(n), tg(n);
   std::string ckpt;  // the last step directory written
@@ -505,6 +512,7 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     backend->CopyToHost(opts.final_params->data(), wp.params_data(), wp.size() * sizeof(float));
   }
   sum.checkpoint = ckpt;
+  for (auto& d : dopts) sum.early_buckets += d->early_buckets();
   return sum;
 }
 

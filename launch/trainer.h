@@ -27,6 +27,7 @@ struct TrainSummary {
   EvalResult first_eval, last_eval;        // validation before training and at the end
   int64_t num_params = 0;
   std::string checkpoint;  // step directory written last
+  int early_buckets = 0;   // data-parallel buckets started during the last step's backward
 };
 
 struct TrainOptions {
@@ -47,6 +48,10 @@ struct TrainOptions {
   // Print the measured pipeline timeline of the last step (per-stage busy/idle, bubble
   // fraction) beside the cost model's prediction for the same schedule.
   bool print_timeline = false;
+  // Start each data-parallel gradient bucket's all-reduce as soon as the last backward has
+  // finished its layers (off: all buckets after the backward; the results are identical).
+  bool overlap_grad_reduce = true;
+  size_t dp_bucket_elems = 0;  // all-reduce bucket size in elements (0 = 2^20)
   // Tests: every rank's checkpoint shard write fails after this many tensors (< 0 = never).
   int fail_save_after = -1;
 };

@@ -21,18 +21,12 @@
 // ids, as the Tokenizer interface requires. model.ignore_merges (Llama-3) is honoured.
 //
 // Limitations (encodings may then differ from Hugging Face's, but still decode back exactly):
-//  * The pre-tokenization regexes are implemented by hand with an approximate Unicode
-//    classification: ASCII is exact; among code points >= 0x80, the White_Space set is space,
-//    common digit/number ranges (Latin-1 super/subscripts and fractions, Arabic-Indic, Indic
-//    and Thai digits, number forms, circled and fullwidth digits, ...) are numbers, Latin-1
-//    punctuation, combining marks, Indic and Thai vowel signs, general/CJK/fullwidth
-//    punctuation, letterlike symbols, currency, arrows, math, box drawing, emoji, private use
-//    and tags are "other", and everything else is a letter (so e.g. Tibetan or Myanmar vowel
-//    signs, Kangxi radicals and modifier symbols count as letters where \p{L} would not match
-//    them). On random strings of ASCII and samples of these classes the splits matched
-//    Python's `regex` module exactly. A Split regex is treated as the cl100k pattern when it
-//    contains its [^\r\n\p{L}\p{N}]?\p{L}+ branch (digit groups of 3 with \p{N}{1,3}, else 1,
-//    as in Qwen2), and as the GPT-2 pattern otherwise.
+//  * The pre-tokenization regexes are implemented by hand, with the reference's Unicode classes
+//    (\p{L}, \p{N}, \s as Hugging Face's Oniguruma sees them, Unicode 15; code points still
+//    unassigned in Unicode 17 take the class of the code point before them). A Split regex is
+//    treated as the cl100k pattern when it contains its [^\r\n\p{L}\p{N}]?\p{L}+ branch (digit
+//    groups of 3 with \p{N}{1,3}, else 1, as in Qwen2), and as the GPT-2 pattern otherwise.
+//    tools/tokenizer_check.sh compares encodings of real text with the Hugging Face library.
 //  * NFC/NFD/NFKC/NFKD normalizers are ignored (text is assumed normalized); other normalizers,
 //    regex Replace patterns and pre-tokenizers other than ByteLevel/Split/Metaspace/Sequence
 //    are rejected. Added-token flags lstrip/rstrip/single_word/normalized are ignored. BPE

@@ -139,6 +139,11 @@ LossReport PipelineExecutor::Run(const Schedule& s, const int32_t* ids, const in
   };
   const std::vector<Action>& actions = s.per_stage[stage];
   const std::vector<bool> last_of_record = LastOfRecord(actions);
+  // Each chunk's last backward action: its layers' gradients are final as they finish.
+  std::vector<size_t> last_backward(chunks_.size(), actions.size());
+  for (size_t ai = 0; ai < actions.size(); ++ai) {
+    if (actions[ai].type == ActionType::kBackward) last_backward[actions[ai].chunk] = ai;
+  }
   std::map<std::pair<int, int>, int> slot_of;  // (microbatch, chunk) -> slot in the chunk's pool
   std::vector<int> next_slot(v, 0);            // round robin over free slots
   int held = 0;
@@ -197,9 +202,14 @@ LossReport PipelineExecutor::Run(const Schedule& s, const int32_t* ids, const in
         recv(slot, next, bwd_tag(m, stage == stages - 1 ? ch + 1 : ch));
         break;
       case ActionType::kBackward:
+        if (grads_ready_ && ai == last_backward[ch]) {
+          model->set_layer_grads_done(
+              [this, ch](size_t lo, size_t hi) { grads_ready_(ch, lo, hi); });
+        }
         accumulate(model->StageBackward(ws, mb_targets, nullptr, exit_weights, true,
                                         virt == last_virtual ? nullptr : slot.grad_in.f32(),
                                         loss_scale));
+        model->set_layer_grads_done(nullptr);
         break;
       case ActionType::kSendBackward:
         send(slot, model->StageInputGrad(ws), prev, bwd_tag(m, ch));

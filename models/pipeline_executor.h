@@ -17,6 +17,7 @@
 // are ever held (checked).
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -47,6 +48,13 @@ class PipelineExecutor {
   // Forward only (validation): same microbatching, no gradients.
   LossReport Evaluate(const int32_t* ids, const int32_t* targets);
 
+  // Called during each chunk's last backward of a step as each of its layers finishes, with the
+  // chunk index and the arena range of the layer's (now final) gradients; see
+  // DistributedOptimizer::GradientsReady.
+  void set_grads_ready(std::function<void(int chunk, size_t lo, size_t hi)> fn) {
+    grads_ready_ = std::move(fn);
+  }
+
   const Schedule& schedule() const { return schedule_; }
   // This stage's compute intervals of the last TrainStep (seconds since the step began).
   const std::vector<BusyInterval>& last_step_intervals() const { return intervals_; }
@@ -72,6 +80,7 @@ class PipelineExecutor {
   Schedule schedule_;
   std::vector<std::vector<Slot>> slots_;  // [chunk] -> workspaces for records in flight
   std::vector<BusyInterval> intervals_;
+  std::function<void(int, size_t, size_t)> grads_ready_;
   int peak_in_flight_ = 0;
 };
 

@@ -64,7 +64,11 @@ void Model::DeclareParams() {
     pos_emb_ = params_.Add("embedding.position.weight", {c.max_seq_len, c.hidden_size}, true);
   }
   for (int layer = first_layer_; layer < end_layer_; ++layer) {
+    const size_t first = params_.params().size();
     layers_.push_back(AddBlockParams(params_, l, absl::StrCat("layers.", layer, ".")));
+    const ParamInfo& a = params_.params()[first];
+    const ParamInfo& b = params_.params().back();
+    layer_ranges_.emplace_back(a.offset, b.offset + b.numel);
   }
   if (is_last_stage()) {
     final_norm_ = AddNormParams(params_, l, "final_norm");
@@ -416,6 +420,10 @@ LossReport Model::StageBackward(Workspace& ws, const int32_t* targets, const flo
     BlockBackward(ctx(), layers_[l - 1 - first_layer_], ws.layers[l - 1 - first_layer_], ws.dx_prev,
                   ws.dx, extra, HiddenAt(ws, l - 1), ws.pos, b, t, ws.gs);
     std::swap(ws.dx, ws.dx_prev);
+    if (layer_grads_done_) {
+      const auto& [lo, hi] = layer_ranges_[l - 1 - first_layer_];
+      layer_grads_done_(lo, hi);
+    }
   }
   if (stored) {
     AddStoredExitGrads(ws, first_layer_, exit_weights);

@@ -4,6 +4,7 @@
 // forward, loss and backward happen together and their input gradient joins the backbone's.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -118,6 +119,13 @@ class Model {
   // instead of running the exits again. Lets a pipeline schedule put exit work into bubbles.
   LossReport StageExitHeads(Workspace& ws, const int32_t* targets, const float* mask,
                             absl::Span<const float> exit_weights, float loss_scale);
+  // Called by StageBackward after each of this stage's layers has added its gradients, with the
+  // arena range [lo, hi) (elements) of that layer's parameters; null = no calls. A pipeline
+  // executor sets it for the last backward pass of a step, when those gradients are final, so
+  // that the data-parallel reduction of their buckets can start while lower layers still run.
+  void set_layer_grads_done(std::function<void(size_t lo, size_t hi)> fn) {
+    layer_grads_done_ = std::move(fn);
+  }
   // Gradient w.r.t. the stage's input, to send to the previous stage (after StageBackward).
   const float* StageInputGrad(const Workspace& ws) const { return ws.dx; }
   bool is_first_stage() const { return first_layer_ == 0; }
@@ -172,6 +180,8 @@ class Model {
   int word_emb_ = -1, pos_emb_ = -1, output_ = -1;
   NormParams final_norm_;
   std::vector<BlockParams> layers_;
+  std::vector<std::pair<size_t, size_t>> layer_ranges_;  // arena [lo, hi) of each local layer
+  std::function<void(size_t, size_t)> layer_grads_done_;
   std::vector<ExitHeadParams> exits_;
 };
 

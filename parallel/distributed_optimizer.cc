@@ -25,14 +25,58 @@ DistributedOptimizer::DistributedOptimizer(ParamStore* params, const AdamWConfig
   norm_ = Buffer(params->backend(), sizeof(float));
 }
 
+void DistributedOptimizer::StartBucket(size_t k) {
+  const size_t n = params_->padded_size();
+  const size_t first = k * bucket_elems_;
+  pending_[k] = ctx_->dp->IAllReduce(params_->grads_data() + first,
+                                     std::min(bucket_elems_, n - first), ReduceOp::kSum);
+  started_[k] = true;
+}
+
+void DistributedOptimizer::GradientsReady(size_t lo, size_t hi) {
+  if (zero1_ || ctx_->grid.dp() <= 1 || hi <= lo) return;
+  const size_t n = params_->padded_size();
+  const size_t buckets = (n + bucket_elems_ - 1) / bucket_elems_;
+  if (started_.size() != buckets) {
+    started_.assign(buckets, false);
+    pending_.resize(buckets);
+  }
+  // Extend the final range downwards (layers report from the top down; tensors are 16-element
+  // aligned, so neighbouring layers may be up to 15 padding elements apart).
+  if (ready_hi_ == ready_lo_ || hi > ready_lo_ || ready_lo_ - hi >= 16) {
+    ready_lo_ = lo;
+    ready_hi_ = hi;
+  } else {
+    ready_lo_ = lo;
+  }
+  for (size_t k = ready_lo_ / bucket_elems_; k < buckets; ++k) {
+    const size_t first = k * bucket_elems_, last = std::min(n, first + bucket_elems_);
+    if (last > ready_hi_) break;
+    if (first >= ready_lo_ && !started_[k]) {
+      StartBucket(k);
+      ++early_this_step_;
+    }
+  }
+}
+
 void DistributedOptimizer::AllReduceGradients() {
   const size_t n = params_->padded_size();
-  std::vector<std::unique_ptr<Request>> pending;
-  for (size_t first = 0; first < n; first += bucket_elems_) {
-    pending.push_back(ctx_->dp->IAllReduce(params_->grads_data() + first,
-                                           std::min(bucket_elems_, n - first), ReduceOp::kSum));
+  const size_t buckets = (n + bucket_elems_ - 1) / bucket_elems_;
+  if (started_.size() != buckets) {
+    started_.assign(buckets, false);
+    pending_.resize(buckets);
   }
-  for (auto& r : pending) r->Wait();
+  for (size_t k = 0; k < buckets; ++k) {
+    if (!started_[k]) StartBucket(k);
+  }
+  for (auto& r : pending_) {
+    if (r) r->Wait();
+    r.reset();
+  }
+  std::fill(started_.begin(), started_.end(), false);
+  ready_lo_ = ready_hi_ = 0;
+  early_buckets_ = early_this_step_;
+  early_this_step_ = 0;
 }
 
 double DistributedOptimizer::Step(float lr) {

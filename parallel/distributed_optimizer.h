@@ -1,11 +1,13 @@
 // DistributedOptimizer: AdamW across the data-parallel group. Gradients are averaged over dp
 // (all-reduce of the contiguous gradient arena in buckets, non-blocking, so that buckets
-// overlap one another on the wire), clipped by the global norm and applied. With ZeRO-1 the
-// optimizer state is sharded: gradients are reduce-scattered, each rank updates its 1/dp of the
-// arena with its shard of the moments, and the updated parameters are all-gathered.
+// overlap one another on the wire and, when the backward reports finished layers through
+// GradientsReady, with the rest of the backward), clipped by the global norm and applied. With
+// ZeRO-1 the optimizer state is sharded: gradients are reduce-scattered, each rank updates its 1/dp
+// of the arena with its shard of the moments, and the updated parameters are all-gathered.
 #pragma once
 
 #include <memory>
+#include <vector>
 
 #include "engine/optim/adamw.h"
 #include "engine/tensor/param_store.h"
@@ -30,6 +32,14 @@ class DistributedOptimizer {
   // (collective; identical on every rank); Apply clips by `global_norm` and updates.
   // Step(lr) == Apply(lr, sqrt(GlobalSquaredNorm(ReduceGradients()))).
   double ReduceGradients();
+
+  // During the last backward pass of a step: the gradients in arena range [lo, hi) are final.
+  // Buckets that lie wholly inside the final ranges reported so far start their all-reduce at
+  // once (not under ZeRO-1, whose reduce-scatter covers the whole arena, nor with dp 1);
+  // ReduceGradients starts the rest and waits for all. The result is the same either way.
+  void GradientsReady(size_t lo, size_t hi);
+  // Buckets started early by GradientsReady in the last step (for tests and reports).
+  int early_buckets() const { return early_buckets_; }
   double GlobalSquaredNorm(double local_sq);
   void Apply(float lr, double global_norm);
 
@@ -38,6 +48,7 @@ class DistributedOptimizer {
 
  private:
   void AllReduceGradients();
+  void StartBucket(size_t k);
 
   ParamStore* params_;
   ParallelContext* ctx_;
@@ -47,6 +58,12 @@ class DistributedOptimizer {
   Buffer scratch_;    // ZeRO-1: reduce-scatter / all-gather staging, one shard
   Buffer norm_;       // one float for the squared-norm all-reduce
   std::unique_ptr<AdamW> adamw_;
+  // Overlap state of the current step: per bucket, its request once started; the arena range
+  // [ready_lo_, ready_hi_) known to hold final gradients (layers report from the top down).
+  std::vector<std::unique_ptr<Request>> pending_;
+  std::vector<bool> started_;
+  size_t ready_lo_ = 0, ready_hi_ = 0;
+  int early_buckets_ = 0, early_this_step_ = 0;
 };
 
 }  // namespace eellm
