@@ -65,6 +65,8 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
                                    "pp",
                                    "dp",
                                    "zero1",
+                                   "grad_bucket_size",
+                                   "overlap_grad_reduce",
                                    "micro_batch_size",
                                    "exit_placement",
                                    "virtual_stages"},
@@ -95,6 +97,10 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
     RETURN_IF_ERROR(ReadJsonField(tj, "pp", "train config", &t.pp));
     RETURN_IF_ERROR(ReadJsonField(tj, "dp", "train config", &t.dp));
     RETURN_IF_ERROR(ReadJsonField(tj, "zero1", "train config", &t.zero1));
+    RETURN_IF_ERROR(
+        ReadJsonField(tj, "grad_bucket_size", "train config", &t.grad_bucket_size));
+    RETURN_IF_ERROR(
+        ReadJsonField(tj, "overlap_grad_reduce", "train config", &t.overlap_grad_reduce));
     RETURN_IF_ERROR(ReadJsonField(tj, "virtual_stages", "train config", &t.virtual_stages));
   }
   for (auto [v, k] : {std::pair{t.batch_size, "batch_size"},
@@ -103,6 +109,9 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
                       {t.log_interval, "log_interval"},
                       {t.eval_batches, "eval_batches"}}) {
     if (v <= 0) return Invalid(absl::StrCat(k, " must be positive, got ", v));
+  }
+  if (t.grad_bucket_size < 1) {
+    return Invalid(absl::StrCat("grad_bucket_size must be >= 1, got ", t.grad_bucket_size));
   }
   if (t.warmup_steps < 0 || t.eval_interval < 0 || t.save_interval < 0 || t.keep_checkpoints < 0) {
     return Invalid("warmup_steps, eval_interval, save_interval and keep_checkpoints must be >= 0");
@@ -162,7 +171,9 @@ std::string TrainConfigToJson(const TrainConfig& t) {
             {"tp", t.tp},
             {"pp", t.pp},
             {"dp", t.dp},
-            {"zero1", t.zero1}};
+            {"zero1", t.zero1},
+            {"grad_bucket_size", t.grad_bucket_size},
+            {"overlap_grad_reduce", t.overlap_grad_reduce}};
   return j.dump(2);
 }
 

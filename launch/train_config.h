@@ -34,6 +34,10 @@ struct TrainConfig {
   int keep_checkpoints = 3;    // step directories kept in `out` (0 = all)
   int tp = 1, pp = 1, dp = 1;  // parallel layout (world size = tp * pp * dp)
   bool zero1 = false;          // shard optimizer state over data-parallel ranks
+  // Data-parallel gradient all-reduce in buckets of this many elements, each started as soon
+  // as the last backward has finished its layers (overlap_grad_reduce) or after the backward.
+  int grad_bucket_size = 1 << 20;
+  bool overlap_grad_reduce = true;
   // Where exit-head work runs: "bubbles" (its own action in pipeline bubbles) or "backward"
   // (fused into the backward slot of its layer, EE-LLM's default).
   std::string exit_placement = "bubbles";

@@ -284,7 +284,7 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   for (Model* chunk : chunks) {
     dopts.push_back(std::make_unique<DistributedOptimizer>(
         &chunk->params(), ac, ctx, tc.zero1,
-        opts.dp_bucket_elems > 0 ? opts.dp_bucket_elems : size_t{1} << 20));
+        static_cast<size_t>(tc.grad_bucket_size)));
   }
   DistributedOptimizer& dopt = *dopts[0];
   // Full-size moment arenas for checkpoints (ZeRO-1 shards are gathered into them), per chunk.
@@ -354,7 +354,7 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   const int micro = tc.micro_batch_size > 0 ? tc.micro_batch_size : rows;
   PipelineExecutor exec(chunks, ctx, micro, tc.seq_len, rows / micro,
                         tc.exit_placement == "bubbles");
-  if (opts.overlap_grad_reduce) {
+  if (tc.overlap_grad_reduce) {
     // Data-parallel buckets start their all-reduce as the last backward finishes their layers.
     exec.set_grads_ready(
         [&dopts](int chunk, size_t lo, size_t hi) { dopts[chunk]->GradientsReady(lo, hi); });

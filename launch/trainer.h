@@ -48,10 +48,6 @@ struct TrainOptions {
   // Print the measured pipeline timeline of the last step (per-stage busy/idle, bubble
   // fraction) beside the cost model's prediction for the same schedule.
   bool print_timeline = false;
-  // Start each data-parallel gradient bucket's all-reduce as soon as the last backward has
-  // finished its layers (off: all buckets after the backward; the results are identical).
-  bool overlap_grad_reduce = true;
-  size_t dp_bucket_elems = 0;  // all-reduce bucket size in elements (0 = 2^20)
   // Tests: every rank's checkpoint shard write fails after this many tensors (< 0 = never).
   int fail_save_after = -1;
 };

@@ -70,9 +70,10 @@ RunConfig TinyRun(const std::string& style, const std::string& data) {
 }
 
 RunResult Train(RunConfig rc, ParallelContext* ctx, const std::string& out,
-                const std::string& resume = "", TrainOptions opts = {}) {
+                const std::string& resume = "") {
   RunResult r;
   rc.train.out = out;
+  TrainOptions opts;
   opts.resume = resume;
   opts.verbose = false;
   opts.ctx = ctx;
@@ -289,11 +290,10 @@ TEST_P(TrainLayouts, OverlappedGradientReductionIsIdentical) {
   auto ctx = ParallelContext::Create(MpiCommunicator::World(nullptr), rc.train.tp, rc.train.pp,
                                      rc.train.dp);
   ASSERT_TRUE(ctx.ok()) << ctx.status();
-  TrainOptions on, off;
-  on.dp_bucket_elems = off.dp_bucket_elems = 2048;
-  off.overlap_grad_reduce = false;
-  RunResult a = Train(rc, ctx->get(), out + "_on", "", on);
-  RunResult b = Train(rc, ctx->get(), out + "_off", "", off);
+  rc.train.grad_bucket_size = 2048;
+  RunResult a = Train(rc, ctx->get(), out + "_on");
+  rc.train.overlap_grad_reduce = false;
+  RunResult b = Train(rc, ctx->get(), out + "_off");
   EXPECT_GT(a.early_buckets, 0) << "no bucket started during the backward";
   EXPECT_EQ(b.early_buckets, 0);
   ASSERT_EQ(a.losses.size(), b.losses.size());
