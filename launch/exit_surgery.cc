@@ -304,9 +304,10 @@ absl::StatusOr<std::vector<float>> HeadLogits(Model& m, absl::Span<const int32_t
     }
     hidden = m.ExitHidden(exit_index, ws->exits[exit_index], in, ws->pos, 1, t, nullptr, 0);
   }
-  m.Project(ws->logits, hidden, exit_index, t);
   std::vector<float> logits(static_cast<size_t>(t) * c.vocab_size);
-  m.backend()->CopyToHost(logits.data(), ws->logits, logits.size() * sizeof(float));
+  Buffer device_logits(m.backend(), logits.size() * sizeof(float));  // all rows at once
+  m.Project(device_logits.f32(), hidden, exit_index, t);
+  m.backend()->CopyToHost(logits.data(), device_logits.f32(), logits.size() * sizeof(float));
   return logits;
 }
 

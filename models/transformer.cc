@@ -180,7 +180,7 @@ std::unique_ptr<Workspace> Model::MakeWorkspace(int b, int t) {
     ws->exits.push_back(ExitIsLocal(i) ? MakeExitActs(a, i, n, b, t) : ExitActs{});
     ws->exit_grad.push_back(ExitIsLocal(i) ? a.Floats(nc) : nullptr);
   }
-  ws->logits = a.Floats(static_cast<size_t>(n) * local_.vocab_size);
+  ws->logits = a.Floats(static_cast<size_t>(LogitsChunkRows(n)) * local_.vocab_size);
   ws->losses = a.Floats(n);
   ws->max_prob = a.Floats(n);
   ws->gs = MakeGradScratch(a, local_, n);
@@ -251,24 +251,47 @@ void Model::Project(float* logits, const float* hidden, int exit_index, int n) {
               config_.hidden_size, local_.vocab_size, false);
 }
 
+int Model::LogitsChunkRows(int n) const {
+  // At most 2^24 fp32 logits (64 MiB) at a time unless set otherwise.
+  const int rows =
+      logits_chunk_rows_ > 0
+          ? logits_chunk_rows_
+          : static_cast<int>(std::max<int64_t>(1, (int64_t{1} << 24) / local_.vocab_size));
+  return std::max(1, std::min(n, rows));
+}
+
 std::pair<double, double> Model::HeadLoss(Workspace& ws, const float* hidden, int exit_index,
                                           float weight, bool confidence_weighted, bool backward) {
   const int n = ws.b * ws.t, v = local_.vocab_size;
-  // Cross-entropy over this rank's vocabulary columns (combined over tp without gathering).
-  auto cross_entropy = [&](float* max_prob, float* dlogits) {
+  const size_t h = config_.hidden_size;
+  // The logits of `chunk` rows at a time (ws.logits holds one chunk), so the whole [n, vocab]
+  // matrix never exists: project, cross-entropy (gradient in place), then the projection's
+  // backward for those rows.
+  const int chunk = LogitsChunkRows(n);
+  // Cross-entropy of rows [r0, r0 + rows) over this rank's vocabulary columns (combined over tp
+  // without gathering).
+  auto cross_entropy = [&](int r0, int rows, float* max_prob, float* dlogits) {
+    float* mp = max_prob != nullptr ? max_prob + r0 : nullptr;
     if (ws.vocab_ce) {
-      ws.vocab_ce->Run(ws.losses, max_prob, dlogits, ws.logits, ws.targets, ws.weights, n,
-                       vocab_shard());
+      ws.vocab_ce->Run(ws.losses + r0, mp, dlogits, ws.logits, ws.targets + r0, ws.weights + r0,
+                       rows, vocab_shard());
     } else {
-      be_->CrossEntropy(ws.losses, max_prob, dlogits, ws.logits, ws.targets, ws.weights, n, v);
+      be_->CrossEntropy(ws.losses + r0, mp, dlogits, ws.logits, ws.targets + r0, ws.weights + r0,
+                        rows, v);
     }
   };
   double count = 0;
   for (float m : ws.host_mask) count += m;
   if (count == 0) return {0.0, 0.0};
-  Project(ws.logits, hidden, exit_index, n);
+  bool projected = false;  // ws.logits already holds the (single) chunk's logits
   if (confidence_weighted) {
-    cross_entropy(ws.max_prob, nullptr);
+    // The weights need every row's confidence first.
+    for (int r0 = 0; r0 < n; r0 += chunk) {
+      const int rows = std::min(chunk, n - r0);
+      Project(ws.logits, hidden + r0 * h, exit_index, rows);
+      cross_entropy(r0, rows, ws.max_prob, nullptr);
+    }
+    projected = chunk >= n;
     be_->CopyToHost(ws.host_max_prob.data(), ws.max_prob, n * sizeof(float));
   }
   for (int r = 0; r < n; ++r) {
@@ -276,7 +299,16 @@ std::pair<double, double> Model::HeadLoss(Workspace& ws, const float* hidden, in
                                             (confidence_weighted ? ws.host_max_prob[r] : 1.0f));
   }
   be_->CopyFromHost(ws.weights, ws.host_weights.data(), n * sizeof(float));
-  cross_entropy(nullptr, backward ? ws.logits : nullptr);
+  const int w = OutputWeight(exit_index);
+  for (int r0 = 0; r0 < n; r0 += chunk) {
+    const int rows = std::min(chunk, n - r0);
+    if (!projected) Project(ws.logits, hidden + r0 * h, exit_index, rows);
+    cross_entropy(r0, rows, nullptr, backward ? ws.logits : nullptr);
+    if (backward) {
+      be_->LinearBackward(ws.dhidden + r0 * h, params_.grad(w), nullptr, ws.logits, hidden + r0 * h,
+                          params_.param(w), rows, config_.hidden_size, v, false);
+    }
+  }
   be_->CopyToHost(ws.host_losses.data(), ws.losses, n * sizeof(float));
   double mean = 0, term = 0;
   for (int r = 0; r < n; ++r) {
@@ -284,9 +316,6 @@ std::pair<double, double> Model::HeadLoss(Workspace& ws, const float* hidden, in
     term += ws.host_weights[r] * ws.host_losses[r];
   }
   if (backward) {
-    const int w = OutputWeight(exit_index);
-    be_->LinearBackward(ws.dhidden, params_.grad(w), nullptr, ws.logits, hidden, params_.param(w),
-                        n, config_.hidden_size, v, false);
     // The hidden state feeds every rank's vocabulary columns: sum their gradients.
     TpAllReduce(tp_.comm, ws.dhidden, static_cast<size_t>(n) * config_.hidden_size);
   }

@@ -44,7 +44,7 @@ struct Workspace {
   std::vector<BlockActs> layers;
   NormActs final_norm;
   std::vector<ExitActs> exits;
-  float *logits, *losses, *max_prob;  // [n, vocab], [n], [n]
+  float *logits, *losses, *max_prob;  // [LogitsChunkRows(n), vocab], [n], [n]
   GradScratch gs;
   float *dx, *dx_prev, *d_h_extra, *dhidden, *dexit;  // [n, c] each
   // Exit work run ahead of the backward (StageExitHeads): per local exit, the gradient of its
@@ -148,6 +148,11 @@ class Model {
   const float* FinalHidden(NormActs& a, const float* x, int n);
   // logits[n, vocab] = hidden @ W^T with W the output weight of exit i (or final when i < 0).
   void Project(float* logits, const float* hidden, int exit_index, int n);
+  // Rows whose logits the heads compute at a time (Workspace::logits holds that many rows):
+  // `rows` > 0 sets it (tests), 0 = automatic (at most 2^24 logits, 64 MiB in fp32). Set it
+  // before making workspaces.
+  void set_logits_chunk_rows(int rows) { logits_chunk_rows_ = rows; }
+  int LogitsChunkRows(int n) const;
   int OutputWeight(int exit_index) const;
   ExitActs MakeExitActs(Arena& a, int exit_index, int n, int b, int t_for_probs);
 
@@ -182,6 +187,7 @@ class Model {
   std::vector<BlockParams> layers_;
   std::vector<std::pair<size_t, size_t>> layer_ranges_;  // arena [lo, hi) of each local layer
   std::function<void(size_t, size_t)> layer_grads_done_;
+  int logits_chunk_rows_ = 0;
   std::vector<ExitHeadParams> exits_;
 };
 
