@@ -5,6 +5,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "engine/cpu/cpu_backend.h"
 #ifdef EELLM_HAVE_CUDA
 #include "engine/cuda/make_cuda_backend.h"
@@ -14,21 +15,25 @@ namespace eellm {
 
 absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(absl::string_view name) {
   if (name == "cpu") return std::unique_ptr<Backend>(std::make_unique<CpuBackend>());
-  if (name == "cuda" || absl::StartsWith(name, "cuda:")) {
+  if (absl::StartsWith(name, "cuda")) {
 #ifdef EELLM_HAVE_CUDA
+    // cuda[-bf16][:<device>]
+    absl::string_view rest = name.substr(4);
+    const bool bf16 = absl::ConsumePrefix(&rest, "-bf16");
     int device = -1;
-    if (name.size() > 5 && !absl::SimpleAtoi(name.substr(5), &device)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("bad backend \"", name, "\": expected cuda or cuda:<device>"));
+    if (!(rest.empty() || (absl::ConsumePrefix(&rest, ":") && absl::SimpleAtoi(rest, &device)))) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "bad backend \"", name, "\": expected cuda or cuda-bf16, optionally with :<device>"));
     }
-    return MakeCudaBackend(device);
+    return MakeCudaBackend(device, bf16);
 #else
     return absl::UnimplementedError(
         "this eellm was built without CUDA (nvcc was not found at configure time)");
 #endif
   }
   return absl::InvalidArgumentError(
-      absl::StrCat("unknown backend \"", name, "\"; valid backends: cpu, cuda, cuda:<device>"));
+      absl::StrCat("unknown backend \"", name,
+                   "\"; valid backends: cpu, cuda, cuda-bf16 (optionally :<device>)"));
 }
 
 }  // namespace eellm

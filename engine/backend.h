@@ -148,8 +148,9 @@ class Backend {
                      float beta2, float eps, float weight_decay, int step) = 0;
 };
 
-// "cpu" (always), or "cuda" / "cuda:<device>" (when built with CUDA and a GPU is present; the
-// device index is taken modulo the number of GPUs, so ranks may pass their local rank).
+// "cpu" (always), or "cuda" (fp32) / "cuda-bf16" (bf16 tensor-core GEMMs), optionally with
+// ":<device>" (when built with CUDA and a GPU is present; the device index is taken modulo the
+// number of GPUs, so ranks may pass their local rank).
 absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(absl::string_view name);
 
 }  // namespace eellm

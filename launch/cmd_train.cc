@@ -86,8 +86,9 @@ int RunTrainCommand() {
   }
 
   // Each rank of a node takes GPU local_rank (modulo the GPUs present).
-  const std::string device =
-      t.backend == "cuda" ? absl::StrCat("cuda:", launch->local_rank) : t.backend;
+  const std::string device = t.backend == "cuda" || t.backend == "cuda-bf16"
+                                 ? absl::StrCat(t.backend, ":", launch->local_rank)
+                                 : t.backend;
   auto backend = MakeBackend(device);
   if (!backend.ok()) return Fail(backend.status(), multi, launch->rank);
   TrainOptions opts;

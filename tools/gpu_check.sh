@@ -6,7 +6,8 @@
 # Steps (each logs to $OUT/<step>.log; a failing step does not stop the later ones):
 #   build    configure + build (Release, sm_90a)
 #   gpu      ctest -L gpu: the backend parity suite against the CPU and NCCL at world size 1
-#   bench    eellm bench train on GPT-2 124M and Llama 1.3B (with exits) beside PyTorch
+#   bench    eellm bench train on GPT-2 124M and Llama 1.3B (with exits) beside PyTorch, with
+#            bf16 tensor-core GEMMs (cuda-bf16), and the 1.3B once more in plain fp32 (cuda)
 #   hf       tools/hf_check.py: eellm's converter and logits against transformers, CPU and CUDA
 set -uo pipefail
 OUT=${OUT:-/tmp/eellm_gpu_out}
@@ -25,9 +26,11 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.
 run build bash -c "cmake -S . -B $B -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_CUDA_ARCHITECTURES='90a-real;90-virtual' && cmake --build $B -j16" || exit 1
 run gpu bash -c "cd $B && ctest -L gpu --output-on-failure --timeout 300"
-run bench_gpt2 "$B/eellm" bench train --model=configs/bench/gpt2_124m.json --backend=cuda \
+run bench_gpt2 "$B/eellm" bench train --model=configs/bench/gpt2_124m.json --backend=cuda-bf16 \
   --batch=8 --seq=1024 --steps=5 --warmup=2 --torch-reference=tools/bench_torch.py
-run bench_llama "$B/eellm" bench train --model=configs/bench/llama_1p3b.json --backend=cuda \
+run bench_llama "$B/eellm" bench train --model=configs/bench/llama_1p3b.json --backend=cuda-bf16 \
   --batch=4 --seq=2048 --steps=3 --warmup=1 --torch-reference=tools/bench_torch.py
+run bench_llama_fp32 "$B/eellm" bench train --model=configs/bench/llama_1p3b.json --backend=cuda \
+  --batch=4 --seq=2048 --steps=2 --warmup=1 --compare-without-exits=false
 run hf python3 tools/hf_check.py --eellm "$B/eellm" --backends cpu,cuda
 cat "$OUT/summary.log"

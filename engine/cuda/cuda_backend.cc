@@ -26,7 +26,7 @@
 
 namespace eellm {
 
-absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(int device) {
+absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(int device, bool bf16_gemm) {
   int count = 0;
   const cudaError_t err = cudaGetDeviceCount(&count);
   if (err != cudaSuccess || count == 0) {
@@ -39,15 +39,19 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(int device) {
   } else {
     device %= count;
   }
-  return std::unique_ptr<Backend>(new CudaBackend(device));
+  return std::unique_ptr<Backend>(
+      new CudaBackend(device, bf16_gemm ? CudaBackend::GemmPrecision::kBf16Gemm
+                                        : CudaBackend::GemmPrecision::kFp32));
 }
 
-CudaBackend::CudaBackend(int device) : device_(device) {
+CudaBackend::CudaBackend(int device, GemmPrecision precision)
+    : device_(device), precision_(precision) {
   CUDA_CHECK(cudaSetDevice(device_));
   CUBLAS_CHECK(cublasCreate(&cublas_));
   CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
-  // Plain fp32 GEMMs (no TF32): this backend is checked element by element against the CPU.
-  CUBLAS_CHECK(cublasSetMathMode(cublas_, CUBLAS_PEDANTIC_MATH));
+  // fp32: plain fp32 GEMMs (no TF32), checked element by element against the CPU.
+  CUBLAS_CHECK(cublasSetMathMode(
+      cublas_, precision_ == GemmPrecision::kFp32 ? CUBLAS_PEDANTIC_MATH : CUBLAS_DEFAULT_MATH));
 }
 
 CudaBackend::~CudaBackend() {
@@ -96,9 +100,15 @@ void* CudaBackend::Scratch(size_t bytes, int slot) {
 void CudaBackend::Gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a,
                        int lda, const float* b, int ldb, float beta, float* c, int ldc) {
   // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
-  CUBLAS_CHECK(cublasSgemm(cublas_, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
-                           trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, &alpha, b, ldb, a, lda,
-                           &beta, c, ldc));
+  const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  if (precision_ == GemmPrecision::kFp32) {
+    CUBLAS_CHECK(cublasSgemm(cublas_, op_b, op_a, n, m, k, &alpha, b, ldb, a, lda, &beta, c, ldc));
+  } else {
+    CUBLAS_CHECK(cublasGemmEx(cublas_, op_b, op_a, n, m, k, &alpha, b, CUDA_R_32F, ldb, a,
+                              CUDA_R_32F, lda, &beta, c, CUDA_R_32F, ldc,
+                              CUBLAS_COMPUTE_32F_FAST_16BF, CUBLAS_GEMM_DEFAULT));
+  }
 }
 
 // ---- elementwise, reductions, embedding ---------------------------------------------------------

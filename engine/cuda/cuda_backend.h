@@ -23,13 +23,20 @@ namespace eellm {
 
 class CudaBackend final : public Backend {
  public:
-  explicit CudaBackend(int device);
+  // How GEMMs (Linear and attention) compute: kFp32, plain fp32 (the correctness baseline,
+  // checked element by element against the CPU); kBf16Gemm, operands rounded to bf16 inside
+  // cuBLAS (CUBLAS_COMPUTE_32F_FAST_16BF: tensor cores, fp32 accumulation and outputs), with
+  // fp32 storage everywhere else.
+  enum class GemmPrecision { kFp32, kBf16Gemm };
+  CudaBackend(int device, GemmPrecision precision);
   ~CudaBackend() override;
   CudaBackend(const CudaBackend&) = delete;
   CudaBackend& operator=(const CudaBackend&) = delete;
 
   Device device() const override { return Device::kCuda; }
-  std::string name() const override { return "cuda"; }
+  std::string name() const override {
+    return precision_ == GemmPrecision::kFp32 ? "cuda" : "cuda-bf16";
+  }
 
   void* Alloc(size_t bytes) override;
   void Free(void* p) override;
@@ -106,6 +113,7 @@ class CudaBackend final : public Backend {
   void* Scratch(size_t bytes, int slot);
 
   int device_ = 0;
+  GemmPrecision precision_ = GemmPrecision::kFp32;
   cudaStream_t stream_ = nullptr;  // the legacy default stream
   cublasHandle_t cublas_ = nullptr;
   struct Slot {
