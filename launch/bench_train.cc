@@ -53,7 +53,7 @@ double FlopsPerToken(Model& m, int seq) {
   return 6.0 * matmul + 12.0 * attn_layers * q_width * seq;
 }
 
-// fp32 GEMM ceiling of the backend: the best of a few square GEMMs (FLOP/s).
+// GEMM ceiling of the backend in its own precision: the best of a few square GEMMs (FLOP/s).
 double GemmCeiling(Backend* be) {
   const int n = be->device() == Device::kCpu ? 1024 : 4096;
   Buffer a(be, sizeof(float) * n * n), b(be, sizeof(float) * n * n), c(be, sizeof(float) * n * n);
@@ -143,8 +143,8 @@ absl::Status RunTrainBenchmark(const ModelConfig& mc, Backend* backend,
               r.params / 1e6, r.flops_per_token);
   std::printf("step: %.1f ms; %.0f tokens/s; %.3g TFLOP/s model\n", r.step_seconds * 1e3,
               r.tokens_per_second, r.flops_per_second / 1e12);
-  std::printf("fp32 GEMM ceiling of this backend (measured now): %.3g TFLOP/s -> %.1f%% of it\n",
-              ceiling / 1e12, 100 * r.flops_per_second / ceiling);
+  std::printf("GEMM ceiling of this backend (%s, measured now): %.3g TFLOP/s -> %.1f%% of it\n",
+              backend->name().c_str(), ceiling / 1e12, 100 * r.flops_per_second / ceiling);
   if (backend->device() == Device::kCuda) {
     std::printf("MFU against the 989 TFLOP/s bf16 dense peak of an H100/H200: %.1f%%\n",
                 100 * r.flops_per_second / 989e12);
