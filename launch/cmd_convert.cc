@@ -62,7 +62,8 @@ absl::Status WriteEellm(Model& whole, const CheckpointMeta& meta, const float* m
   std::printf("wrote %s (step %lld, %zu tensors, split for tp %d x pp %d)\n", dir.c_str(),
               static_cast<long long>(meta.step), whole.params().params().size(),
               std::max(1, absl::GetFlag(FLAGS_tp)), std::max(1, absl::GetFlag(FLAGS_pp)));
-  std::printf("model config: %s\n", whole.config().ToJson().c_str());
+  // One line, to paste as the "model" section of a run config (train --init-from needs it).
+  std::printf("model config: %s\n", nlohmann::json::parse(whole.config().ToJson()).dump().c_str());
   return absl::OkStatus();
 }
 

@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -232,6 +233,36 @@ TEST_F(CliTest, ValidationSetTooSmallForOneBatchIsNamed) {
 
 // ---------------------------------------------------------------------------------------------
 // Resuming.
+
+// EE-Tuning's path through the CLI: add an exit to a trained checkpoint, then train from its
+// weights (fresh optimizer, step 0) with the extended model config; a run whose model config
+// differs from the checkpoint's is refused, naming both.
+TEST_F(CliTest, AddExitsThenTrainFromTheWeights) {
+  ASSERT_FALSE(TrainTinyModel(2).empty());
+  const std::string add = "convert add-exits --input=" + Quote(Path("run")) +
+                          " --output=" + Quote(Path("tuned")) +
+                          " --exits='[{\"layer\": 1, \"kind\": \"norm\", \"position\": \"pre\"}]'"
+                          " --init=copy-final";
+  CmdResult a = RunEellm(add);
+  ASSERT_EQ(a.exit_code, 0) << Describe(add, a);
+  const size_t at = a.output.find("model config: ");
+  ASSERT_NE(at, std::string::npos) << a.output;
+  const size_t begin = at + std::strlen("model config: ");
+  const std::string model = a.output.substr(begin, a.output.find('\n', begin) - begin);
+  const std::string args = "train --config=" + Quote(WriteConfig(model, 3)) +
+                           " --init-from=" + Quote(Path("tuned")) + " --out=" + Quote(Path("run2"));
+  CmdResult t = RunEellm(args);
+  EXPECT_EQ(t.exit_code, 0) << Describe(args, t);
+  EXPECT_NE(t.output.find("step     1/3"), std::string::npos) << Describe(args, t);
+  EXPECT_NE(t.output.find("step     3/3"), std::string::npos) << Describe(args, t);
+  EXPECT_NE(t.output.find("2 exits"), std::string::npos) << Describe(args, t);
+  // The original model config does not match the extended checkpoint.
+  const std::string bad = "train --config=" + Quote(WriteConfig(kTinyModel, 3)) +
+                          " --init-from=" + Quote(Path("tuned")) + " --out=" + Quote(Path("run3"));
+  CmdResult b = RunEellm(bad);
+  EXPECT_NE(b.exit_code, 0) << Describe(bad, b);
+  EXPECT_NE(b.output.find("holds a model with config"), std::string::npos) << Describe(bad, b);
+}
 
 TEST_F(CliTest, ResumeContinuesFromTheCheckpointStep) {
   const std::string ckpt = TrainTinyModel(2);
