@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's checks in one command (a session has minutes of device time: run this
 # once, read $OUT/*.log). From the repository root on the GPU machine, after
-# ../shared/gpu/prepare.sh on the development machine and with .gpu carried:
+# tools/gpu_prepare.sh on the development machine and with .gpu carried:
 #   source .gpu/env.sh && tools/gpu_check.sh
 # Steps (each logs to $OUT/<step>.log; a failing step does not stop the later ones):
 #   build    configure + build (Release, sm_90a)

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Run on the development machine before a GPU session: ../shared/gpu/prepare.sh fills .gpu/
+# (git-ignored) with Debian packages the GPU machine lacks; this adds OpenBLAS (the CPU
+# backend's GEMMs, which the GPU machine lacks too) and its Fortran runtime. Carry ".gpu" with
+# every GPU run and begin the command with `source .gpu/env.sh &&` (it unpacks every .deb in
+# .gpu/debs into /opt/gpu-deps; CMake finds OpenBLAS there through CMAKE_PREFIX_PATH).
+set -euo pipefail
+cd "$(git rev-parse --show-toplevel)"
+bash ../shared/gpu/prepare.sh
+cd .gpu/debs
+if ! ls libopenblas0-openmp_*.deb >/dev/null 2>&1; then
+  apt-get download libopenblas-openmp-dev libopenblas0-openmp libgfortran5 >/dev/null 2>&1 ||
+    { apt-get update -qq && apt-get download libopenblas-openmp-dev libopenblas0-openmp libgfortran5; }
+fi
+echo "ready: $(ls | wc -l) packages in .gpu/debs (OpenBLAS included)"
