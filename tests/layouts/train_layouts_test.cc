@@ -224,6 +224,7 @@ TEST_P(TrainLayouts, ResumeIsExactAndReshardsAcrossLayouts) {
     par.train.dp = l.dp;
     par.train.zero1 = l.zero1;
     par.train.micro_batch_size = l.micro_batch;
+    par.train.virtual_stages = l.virtual_stages;
     return par;
   };
   auto context = [&](const Layout& l) {
@@ -231,21 +232,28 @@ TEST_P(TrainLayouts, ResumeIsExactAndReshardsAcrossLayouts) {
     EXPECT_TRUE(ctx.ok()) << ctx.status();
     return std::move(*ctx);
   };
-  const Layout& a = same[n - 1];
-  auto ctx_a = context(a);
-  RunResult straight = Train(with(a), ctx_a.get(), out + "_a");
+  // With 2 ranks, also an interleaved pipeline (2 chunks per rank).
+  std::vector<Layout> exact = {same[n - 1]};
+  if (n == 2) exact.push_back({1, 2, 1, false, 1, false, 2});
+  RunResult straight;
   const std::string step2 = out + "_a/step_00000002";
-  RunResult resumed = Train(with(a), ctx_a.get(), out + "_b", step2);
-  ASSERT_EQ(straight.losses.size(), 3u);
-  ASSERT_EQ(resumed.losses.size(), 1u);
-  EXPECT_EQ(resumed.losses[0], straight.losses[2]) << "losses of step 3";
-  EXPECT_EQ(resumed.grad_norms[0], straight.grad_norms[2]) << "gradient norm of step 3";
-  if (rank == 0) {
-    ASSERT_EQ(resumed.params.size(), straight.params.size());
-    EXPECT_EQ(std::memcmp(resumed.params.data(), straight.params.data(),
-                          straight.params.size() * sizeof(float)),
-              0)
-        << "final parameters differ after resuming";
+  for (const Layout& a : exact) {
+    const std::string name = "tp" + std::to_string(a.tp) + " pp" + std::to_string(a.pp) + " dp" +
+                             std::to_string(a.dp) + " v" + std::to_string(a.virtual_stages);
+    auto ctx_a = context(a);
+    straight = Train(with(a), ctx_a.get(), out + "_a");
+    RunResult resumed = Train(with(a), ctx_a.get(), out + "_b", step2);
+    ASSERT_EQ(straight.losses.size(), 3u) << name;
+    ASSERT_EQ(resumed.losses.size(), 1u) << name;
+    EXPECT_EQ(resumed.losses[0], straight.losses[2]) << name << ": losses of step 3";
+    EXPECT_EQ(resumed.grad_norms[0], straight.grad_norms[2]) << name << ": gradient norm";
+    if (rank == 0) {
+      ASSERT_EQ(resumed.params.size(), straight.params.size()) << name;
+      EXPECT_EQ(std::memcmp(resumed.params.data(), straight.params.data(),
+                            straight.params.size() * sizeof(float)),
+                0)
+          << name << ": final parameters differ after resuming";
+    }
   }
   const Layout& b = other[n - 1];
   auto ctx_b = context(b);
