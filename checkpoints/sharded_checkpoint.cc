@@ -204,7 +204,7 @@ absl::Status WriteShard(const std::string& staging_dir, const std::string& shard
       if (skip.count(info.name)) continue;
       FileTensor t;
       t.name = info.name;
-      t.slice = TpSlice(info.shape, info.split_dim, c.tp_rank, c.tp_size);
+      t.slice = TpSlice(info.shape, info.split_dim, c.tp_rank, c.tp_size, info.tp_replicas);
       t.model = c.params->params_data() + info.offset;
       if (c.adam_m != nullptr && c.adam_v != nullptr) {
         t.adam_m = c.adam_m + info.offset;
@@ -310,7 +310,7 @@ absl::Status LoadCheckpoint(const std::string& path, const std::vector<ChunkStat
   // Pass 1: every tensor is present, tiled, and has the global shape this model expects.
   for (const ChunkState& c : chunks) {
     for (const ParamInfo& p : c.params->params()) {
-      const TensorSlice want = TpSlice(p.shape, p.split_dim, c.tp_rank, c.tp_size);
+      const TensorSlice want = TpSlice(p.shape, p.split_dim, c.tp_rank, c.tp_size, p.tp_replicas);
       auto it = ck.index.find(p.name);
       if (it == ck.index.end()) {
         return absl::NotFoundError(absl::StrCat(where, "tensor '", p.name,
@@ -345,7 +345,7 @@ absl::Status LoadCheckpoint(const std::string& path, const std::vector<ChunkStat
                                                 : c.adam_v;
       if (arena == nullptr) continue;
       for (const ParamInfo& p : c.params->params()) {
-        const TensorSlice want = TpSlice(p.shape, p.split_dim, c.tp_rank, c.tp_size);
+        const TensorSlice want = TpSlice(p.shape, p.split_dim, c.tp_rank, c.tp_size, p.tp_replicas);
         mine.assign(p.numel, 0.0f);
         for (const Block& b : ck.index[p.name]) {
           if (OverlapElements(b.slice, want) == 0 && p.numel > 0) continue;

@@ -11,13 +11,13 @@ TensorSlice WholeSlice(const Shape& shape) {
   return TensorSlice{shape, std::vector<int64_t>(shape.size(), 0), shape};
 }
 
-TensorSlice TpSlice(const Shape& local, int split_dim, int tp_rank, int tp_size) {
+TensorSlice TpSlice(const Shape& local, int split_dim, int tp_rank, int tp_size, int replicas) {
   TensorSlice s = WholeSlice(local);
   if (split_dim < 0 || tp_size <= 1) return s;
-  EE_CHECK(split_dim < static_cast<int>(local.size()), "split_dim ", split_dim, " of shape ",
-           ShapeToString(local));
-  s.global_shape[split_dim] *= tp_size;
-  s.start[split_dim] = static_cast<int64_t>(tp_rank) * local[split_dim];
+  EE_CHECK(split_dim < static_cast<int>(local.size()) && replicas >= 1 && tp_size % replicas == 0,
+           "split_dim ", split_dim, " of shape ", ShapeToString(local), ", replicas ", replicas);
+  s.global_shape[split_dim] *= tp_size / replicas;
+  s.start[split_dim] = static_cast<int64_t>(tp_rank / replicas) * local[split_dim];
   return s;
 }
 

@@ -27,9 +27,10 @@ struct TensorSlice {
 TensorSlice WholeSlice(const Shape& shape);
 
 // The block held by tensor-parallel rank `tp_rank` of `tp_size` when the whole tensor is split
-// into equal contiguous blocks along `split_dim` (-1: every rank holds the whole tensor, whose
-// shape is `local`). `local` is the block's shape.
-TensorSlice TpSlice(const Shape& local, int split_dim, int tp_rank, int tp_size);
+// into tp_size / replicas equal contiguous blocks along `split_dim`, each held by `replicas`
+// consecutive ranks (-1: every rank holds the whole tensor, whose shape is `local`). `local` is
+// the block's shape.
+TensorSlice TpSlice(const Shape& local, int split_dim, int tp_rank, int tp_size, int replicas = 1);
 
 // True when `s` lies inside its global shape (same ranks, non-negative, in bounds).
 bool SliceInBounds(const TensorSlice& s);

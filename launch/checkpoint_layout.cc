@@ -18,7 +18,7 @@ ChunkState ChunkStateFor(Model& chunk, int tp_rank, int tp_size, bool first_virt
   st.tp_size = tp_size;
   const int emb = chunk.word_embedding();
   for (const ParamInfo& p : st.params->params()) {
-    const bool replica = p.split_dim < 0 && tp_rank != 0;
+    const bool replica = (p.split_dim < 0 && tp_rank != 0) || tp_rank % p.tp_replicas != 0;
     const bool embedding_copy =
         emb >= 0 && p.name == st.params->params()[emb].name && !first_virtual_stage;
     if (replica || embedding_copy) st.skip.push_back(p.name);
@@ -63,7 +63,7 @@ absl::StatusOr<std::vector<LayoutChunk>> SplitForLayout(Model& whole, const floa
         if (i < 0) return absl::InternalError(absl::StrCat("no tensor ", p.name));
         const ParamInfo& w = wp.params()[i];
         const TensorSlice from = WholeSlice(w.shape);
-        const TensorSlice to = TpSlice(p.shape, p.split_dim, t, tp);
+        const TensorSlice to = TpSlice(p.shape, p.split_dim, t, tp, p.tp_replicas);
         if (to.global_shape != w.shape) {
           return absl::InternalError(absl::StrCat("tensor ", p.name, ": block of ",
                                                   ShapeToString(to.global_shape), " vs ",

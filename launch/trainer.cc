@@ -170,11 +170,6 @@ absl::Status ValidateLayout(const RunConfig& rc) {
   if (t.exit_placement != "bubbles" && t.exit_placement != "backward") {
     return bad("exit_placement \"", t.exit_placement, "\" is not bubbles or backward");
   }
-  if (t.tp > 1 && m.num_kv_heads % t.tp != 0) {
-    return absl::UnimplementedError(
-        absl::StrCat("num_kv_heads ", m.num_kv_heads, " is smaller than tp ", t.tp,
-                     ": replicating KV heads over tensor-parallel ranks is not implemented yet"));
-  }
   return absl::OkStatus();
 }
 
@@ -242,7 +237,7 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     // Tensors every tensor-parallel rank holds whole count once in the gradient norm.
     if (ctx->coord.tp != 0) {
       for (ParamInfo& p : chunk->params().mutable_params()) {
-        if (p.split_dim < 0) p.count_in_norm = false;
+        if (p.split_dim < 0 || ctx->coord.tp % p.tp_replicas != 0) p.count_in_norm = false;
       }
     }
     chunks.push_back(chunk.get());
@@ -283,8 +278,7 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   std::vector<std::unique_ptr<DistributedOptimizer>> dopts;
   for (Model* chunk : chunks) {
     dopts.push_back(std::make_unique<DistributedOptimizer>(
-        &chunk->params(), ac, ctx, tc.zero1,
-        static_cast<size_t>(tc.grad_bucket_size)));
+        &chunk->params(), ac, ctx, tc.zero1, static_cast<size_t>(tc.grad_bucket_size)));
   }
   DistributedOptimizer& dopt = *dopts[0];
   // Full-size moment arenas for checkpoints (ZeRO-1 shards are gathered into them), per chunk.
@@ -354,10 +348,28 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   const int micro = tc.micro_batch_size > 0 ? tc.micro_batch_size : rows;
   PipelineExecutor exec(chunks, ctx, micro, tc.seq_len, rows / micro,
                         tc.exit_placement == "bubbles");
-  if (tc.overlap_grad_reduce) {
+  // KV heads replicated over tensor-parallel ranks (tp > num_kv_heads): each rank's K/V
+  // projection gradient covers only its own query heads, so the ranks sharing a KV head sum
+  // theirs, as each layer finishes its last backward (before any data-parallel reduction).
+  const int kv_replicas = tc.tp > 1 ? LocalConfig(mc, tc.tp).kv_replicas : 1;
+  std::unique_ptr<Communicator> kv_group;
+  if (kv_replicas > 1) {
+    std::vector<int> group;
+    const int first = ctx->coord.tp / kv_replicas * kv_replicas;
+    for (int i = 0; i < kv_replicas; ++i) group.push_back(first + i);
+    kv_group = ctx->tp->Subgroup(group);
+  }
+  if (tc.overlap_grad_reduce || kv_group) {
     // Data-parallel buckets start their all-reduce as the last backward finishes their layers.
-    exec.set_grads_ready(
-        [&dopts](int chunk, size_t lo, size_t hi) { dopts[chunk]->GradientsReady(lo, hi); });
+    exec.set_grads_ready([&](int chunk, size_t lo, size_t hi) {
+      ParamStore& ps = chunks[chunk]->params();
+      for (const ParamInfo& p : ps.params()) {
+        if (kv_group && p.tp_replicas > 1 && p.offset >= lo && p.offset + p.numel <= hi) {
+          kv_group->AllReduce(ps.grads_data() + p.offset, p.numel, ReduceOp::kSum);
+        }
+      }
+      if (tc.overlap_grad_reduce) dopts[chunk]->GradientsReady(lo, hi);
+    });
   }
   const int n = rows * tc.seq_len;
   std::vector<int32_t> in(n), tg(n);

@@ -67,6 +67,10 @@ BlockParams AddBlockParams(ParamStore& ps, const ModelConfig& c, const std::stri
   AddLinear(ps, c, prefix + "attn.wq", q, c.hidden_size, &p.attn.wq, &p.attn.bq, 0);
   AddLinear(ps, c, prefix + "attn.wk", kv, c.hidden_size, &p.attn.wk, &p.attn.bk, 0);
   AddLinear(ps, c, prefix + "attn.wv", kv, c.hidden_size, &p.attn.wv, &p.attn.bv, 0);
+  if (c.kv_replicas > 1) {  // llama only: no biases
+    ps.mutable_params()[p.attn.wk].tp_replicas = c.kv_replicas;
+    ps.mutable_params()[p.attn.wv].tp_replicas = c.kv_replicas;
+  }
   AddLinear(ps, c, prefix + "attn.wo", c.hidden_size, q, &p.attn.wo, &p.attn.bo, 1);
   p.mlp = AddMlpParams(ps, c, prefix);
   return p;

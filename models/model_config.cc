@@ -189,13 +189,18 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text) {
   return c;
 }
 
+bool SplitsOverTp(const ModelConfig& c, int tp) {
+  return tp >= 1 && c.num_heads % tp == 0 &&
+         (c.num_kv_heads % tp == 0 || tp % c.num_kv_heads == 0) && c.ffn_hidden_size % tp == 0 &&
+         c.vocab_size % tp == 0;
+}
+
 ModelConfig LocalConfig(const ModelConfig& c, int tp) {
-  EE_CHECK(c.tp_size == 1 && c.num_heads % tp == 0 && c.num_kv_heads % tp == 0 &&
-               c.ffn_hidden_size % tp == 0 && c.vocab_size % tp == 0,
-           "model does not split over tp ", tp);
+  EE_CHECK(c.tp_size == 1 && SplitsOverTp(c, tp), "model does not split over tp ", tp);
   ModelConfig l = c;
   l.num_heads /= tp;
-  l.num_kv_heads /= tp;
+  l.kv_replicas = c.num_kv_heads % tp == 0 ? 1 : tp / c.num_kv_heads;
+  l.num_kv_heads = c.num_kv_heads % tp == 0 ? c.num_kv_heads / tp : 1;
   l.ffn_hidden_size /= tp;
   l.vocab_size /= tp;
   l.tp_size = tp;

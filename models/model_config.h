@@ -67,6 +67,9 @@ struct ModelConfig {
   // A tensor-parallel rank works with a local config: heads, KV heads, FFN size and vocabulary
   // divided by tp_size (see LocalConfig); the head dimension stays that of the whole model.
   int tp_size = 1;
+  // When tp exceeds num_kv_heads (tp a multiple of it), each tensor-parallel rank holds one KV
+  // head, shared by kv_replicas = tp / num_kv_heads ranks (Megatron's KV-head replication).
+  int kv_replicas = 1;
   int head_dim() const { return hidden_size / (num_heads * tp_size); }
 
   std::string ToJson() const;  // canonical JSON (round-trips through ParseModelConfig)
@@ -75,6 +78,9 @@ struct ModelConfig {
 absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text);
 // This tensor-parallel rank's share of `c` (tp divides heads, KV heads, FFN size, vocabulary).
 ModelConfig LocalConfig(const ModelConfig& c, int tp);
+// Whether `c` splits over `tp` tensor-parallel ranks: heads, FFN and vocabulary divisible by tp,
+// and KV heads divisible by tp or (replicated) dividing tp.
+bool SplitsOverTp(const ModelConfig& c, int tp);
 absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& path);
 
 }  // namespace eellm

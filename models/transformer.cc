@@ -16,12 +16,11 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config, 
                                                    " layers into pipeline stage ", stage.stage,
                                                    " of ", stage.stages));
   }
-  if (tp.size > 1 && (config.num_heads % tp.size || config.num_kv_heads % tp.size ||
-                      config.ffn_hidden_size % tp.size || config.vocab_size % tp.size)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("heads ", config.num_heads, ", KV heads ", config.num_kv_heads,
-                     ", ffn_hidden_size ", config.ffn_hidden_size, " and vocab_size ",
-                     config.vocab_size, " must all be divisible by tp ", tp.size));
+  if (tp.size > 1 && !SplitsOverTp(config, tp.size)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "heads ", config.num_heads, ", ffn_hidden_size ", config.ffn_hidden_size,
+        " and vocab_size ", config.vocab_size, " must all be divisible by tp ", tp.size,
+        ", and KV heads ", config.num_kv_heads, " must divide or be divisible by it"));
   }
   std::unique_ptr<Model> m(new Model(config, be));
   m->tp_ = tp;
@@ -106,7 +105,7 @@ void Model::InitRandom(uint64_t seed) {
     // The values of the whole tensor, then this tensor-parallel rank's slice of them, so that
     // every layout starts from the same weights.
     Shape global = p.shape;
-    if (p.split_dim >= 0) global[p.split_dim] *= tp_.size;
+    if (p.split_dim >= 0) global[p.split_dim] *= tp_.size / p.tp_replicas;
     const size_t n = static_cast<size_t>(NumElements(global));
     Rng rng(seed ^ NameHash(p.name));
     const std::string& name = p.name;
@@ -124,8 +123,8 @@ void Model::InitRandom(uint64_t seed) {
     local.resize(p.numel);
     if (p.split_dim < 0) {
       local = whole;
-    } else if (p.split_dim == 0) {  // rows [rank * r, (rank + 1) * r)
-      std::copy_n(whole.begin() + tp_.rank * p.numel, p.numel, local.begin());
+    } else if (p.split_dim == 0) {  // rows [block * r, (block + 1) * r)
+      std::copy_n(whole.begin() + (tp_.rank / p.tp_replicas) * p.numel, p.numel, local.begin());
     } else {  // columns of each row
       const int64_t rows = p.shape[0], cols = p.shape[1];
       for (int64_t r = 0; r < rows; ++r) {

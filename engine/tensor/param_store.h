@@ -27,6 +27,9 @@ struct ParamInfo {
   // Tensor parallelism: the dimension split over the tp ranks (0 = rows, 1 = columns), -1 when
   // every rank holds the whole tensor. `shape` is this rank's part.
   int split_dim = -1;
+  // Tensor-parallel ranks holding the same block (KV projections when tp > KV heads): rank r
+  // holds block r / tp_replicas of tp / tp_replicas along split_dim.
+  int tp_replicas = 1;
 };
 
 class ParamStore {

@@ -55,9 +55,15 @@ std::string DataPrefix(int world_rank) {
 }
 
 RunConfig TinyRun(const std::string& style, const std::string& data) {
-  const std::string json = std::string(R"({"model": {"style": ")") + style + R"(",
+  // "llama-mqa": one KV head, replicated over tensor-parallel ranks when tp > 1.
+  const bool mqa = style == "llama-mqa";
+  const std::string json = std::string(R"({"model": {"style": ")") + (mqa ? "llama" : style) +
+                           R"(",
       "vocab_size": 258, "hidden_size": 32, "num_layers": 8, "num_heads": 4,
-      "num_kv_heads": )" + (style == "llama" ? "2" : "4") +
+      "num_kv_heads": )" +
+                           (mqa                ? "1"
+                            : style == "llama" ? "2"
+                                               : "4") +
                            R"(, "max_seq_len": 32,
       "exits": [{"layer": 1, "kind": "norm", "tied": true, "loss_weight": 0.5},
                 {"layer": 3, "kind": "mlp", "position": "pre", "loss_weight": 0.3}]},
@@ -322,7 +328,7 @@ TEST_P(TrainLayouts, OverlappedGradientReductionIsIdentical) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Styles, TrainLayouts, ::testing::Values("gpt", "llama"));
+INSTANTIATE_TEST_SUITE_P(Styles, TrainLayouts, ::testing::Values("gpt", "llama", "llama-mqa"));
 
 }  // namespace
 }  // namespace eellm
