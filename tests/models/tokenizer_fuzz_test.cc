@@ -18,6 +18,7 @@
 #include "gtest/gtest.h"
 #include "models/bpe_tokenizer.h"
 #include "nlohmann/json.hpp"
+#include "tests/models/tokenizer_json_fixtures.h"
 
 namespace eellm {
 namespace {
@@ -36,51 +37,15 @@ uint32_t FuzzSeed(uint32_t default_seed) {
 
 using nlohmann::json;
 
-const char kSpace[] = "\xE2\x96\x81";  // "▁"
+using testing::kSpace;
+using testing::SentencePieceJson;
 
-// GPT-2's bytes_to_unicode(): printable Latin-1 bytes map to themselves, the others to
-// U+0100 + their rank among the non-printable ones.
-std::string ByteSymbol(int b) {
-  const auto printable = [](int k) {
-    return (k >= 33 && k <= 126) || (k >= 161 && k <= 172) || k >= 174;
-  };
-  int cp = b;
-  if (!printable(b)) {
-    cp = 256;
-    for (int k = 0; k < b; ++k) cp += printable(k) ? 0 : 1;
-  }
-  if (cp < 0x80) return std::string(1, static_cast<char>(cp));
-  return {static_cast<char>(0xC0 | (cp >> 6)), static_cast<char>(0x80 | (cp & 0x3F))};
-}
-
-// GPT-2 style: bytes are ids 0..255, merges 256.., "<|endoftext|>" as BOS and EOS.
+// GPT-2 style: the shared byte-level fixture with a post-processor and null optional fields.
 json Gpt2Json() {
-  json vocab = json::object();
-  for (int b = 0; b < 256; ++b) vocab[ByteSymbol(b)] = b;
-  json merges = json::array();
-  int id = 256;
-  for (const auto& [a, b] : std::vector<std::pair<std::string, std::string>>{
-           {"Ġ", "t"}, {"h", "e"}, {"Ġt", "he"}, {"i", "n"}, {"Ġ", "in"}, {"a", "a"}, {"e", "r"}}) {
-    vocab[a + b] = id++;
-    merges.push_back(id % 2 == 0 ? json(a + " " + b) : json::array({a, b}));
-  }
-  json j;
-  j["version"] = "1.0";
-  j["added_tokens"] = {{{"id", id}, {"content", "<|endoftext|>"}, {"special", true}},
-                       {{"id", id + 1}, {"content", "[SEP]"}, {"special", false}}};
-  j["normalizer"] = nullptr;
-  j["pre_tokenizer"] = {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", true}};
+  json j = testing::ByteLevelJson();
   j["post_processor"] = {{"type", "ByteLevel"}, {"trim_offsets", true}};
-  j["decoder"] = {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"use_regex", true}};
-  j["model"] = {{"type", "BPE"},
-                {"dropout", nullptr},
-                {"unk_token", nullptr},
-                {"continuing_subword_prefix", nullptr},
-                {"end_of_word_suffix", nullptr},
-                {"fuse_unk", false},
-                {"byte_fallback", false},
-                {"vocab", vocab},
-                {"merges", merges}};
+  j["model"]["continuing_subword_prefix"] = nullptr;
+  j["model"]["end_of_word_suffix"] = nullptr;
   return j;
 }
 
@@ -103,42 +68,6 @@ json Llama3Json() {
   j["model"]["ignore_merges"] = true;
   j["added_tokens"] = {{{"id", 500}, {"content", "<|begin_of_text|>"}, {"special", true}},
                        {{"id", 501}, {"content", "<|end_of_text|>"}, {"special", true}}};
-  return j;
-}
-
-// SentencePiece style (Llama-2): <unk> <s> </s>, 256 byte tokens, characters and merges,
-// Prepend + Replace normalizers and a Replace/ByteFallback/Fuse/Strip decoder.
-json SentencePieceJson() {
-  json vocab = {{"<unk>", 0}, {"<s>", 1}, {"</s>", 2}};
-  for (int b = 0; b < 256; ++b) vocab[absl::StrFormat("<0x%02X>", b)] = 3 + b;
-  int id = 259;
-  for (const std::string c : {kSpace, "h", "e", "l", "o", "w", "r", "d", "a", "t"}) {
-    vocab[c] = id++;
-  }
-  const std::string sp = kSpace;
-  json merges = json::array();
-  for (const auto& [a, b] : std::vector<std::pair<std::string, std::string>>{
-           {"h", "e"}, {"l", "l"}, {sp, "he"}, {"ll", "o"}, {sp + "he", "llo"}, {sp, "t"}}) {
-    vocab[a + b] = id++;
-    merges.push_back(a + " " + b);
-  }
-  json j;
-  j["added_tokens"] = {{{"id", 0}, {"content", "<unk>"}, {"special", true}},
-                       {{"id", 1}, {"content", "<s>"}, {"special", true}},
-                       {{"id", 2}, {"content", "</s>"}, {"special", true}}};
-  j["normalizer"] = {{"type", "Sequence"},
-                     {"normalizers",
-                      {{{"type", "Prepend"}, {"prepend", sp}},
-                       {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", sp}}}}};
-  j["pre_tokenizer"] = nullptr;
-  j["decoder"] = {{"type", "Sequence"},
-                  {"decoders",
-                   {{{"type", "Replace"}, {"pattern", {{"String", sp}}}, {"content", " "}},
-                    {{"type", "ByteFallback"}},
-                    {{"type", "Fuse"}},
-                    {{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}}}}};
-  j["model"] = {{"type", "BPE"},    {"unk_token", "<unk>"}, {"byte_fallback", true},
-                {"fuse_unk", true}, {"vocab", vocab},       {"merges", merges}};
   return j;
 }
 
