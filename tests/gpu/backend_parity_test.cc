@@ -28,6 +28,7 @@
 #include "engine/cpu/cpu_backend.h"
 #include "gtest/gtest.h"
 #include "tests/engine/cpu_test_util.h"
+#include "tests/gpu/parity_backend.h"
 
 namespace eellm {
 namespace {
@@ -71,11 +72,7 @@ constexpr Tol kGemmFp32{1e-4, 1e-5};
 // sum|terms| / sqrt(K), about 1e-2 of the outputs' magnitude for K up to 1000. This only checks
 // that such a backend computes the right thing, not its accuracy.
 constexpr Tol kGemmBf16{2e-2, 2e-2};
-bool Bf16Backend() {
-  const char* env = std::getenv("EELLM_PARITY_BACKEND");
-  return env != nullptr && std::strstr(env, "bf16") != nullptr;
-}
-const Tol kGemm = Bf16Backend() ? kGemmBf16 : kGemmFp32;
+const Tol kGemm = testing::ParityBackendHasBf16Gemms() ? kGemmBf16 : kGemmFp32;
 // RoPE: elementwise, but the CPU computes the angle pos * theta^(-2i/d) and its cos/sin in
 // double, while the usual device code (and Hugging Face) does it in fp32: the angle then errs by
 // an ulp or two of itself (powf, the product), ~1e-4 rad near position 1000, and the rotated
@@ -112,29 +109,6 @@ constexpr Tol kRope{1e-5, 1e-4};
          << " elements outside |a - b| <= " << tol.atol << " * " << scale << " + " << tol.rtol
          << " |b|; worst [" << worst_i << "]: got " << got[worst_i] << ", want " << want[worst_i]
          << " (" << worst << "x the bound)";
-}
-
-// The backend under test, made once per process and never destroyed (a CUDA backend must not
-// be torn down during static destruction). Null when it cannot be made, with *why set: the tests
-// then skip where the backend is unavailable (no GPU, a build without CUDA) and fail where the
-// name is wrong (a misspelt EELLM_PARITY_BACKEND must not pass silently), *misnamed set.
-Backend* DeviceUnderTest(std::string* why, bool* misnamed) {
-  static std::string* reason = new std::string;
-  static bool bad_name = false;
-  static Backend* device = [] {
-    const char* env = std::getenv("EELLM_PARITY_BACKEND");
-    const std::string name = env != nullptr && *env != '\0' ? env : "cuda";
-    auto be = MakeBackend(name);
-    if (be.ok()) return be->release();
-    bad_name = absl::IsInvalidArgument(be.status());
-    *reason = bad_name ? "EELLM_PARITY_BACKEND=" + name + ": " + be.status().ToString()
-                       : (name == "cuda" ? std::string("no CUDA GPU") : "no " + name + " device") +
-                             ": parity tests skipped (" + be.status().ToString() + ")";
-    return static_cast<Backend*>(nullptr);
-  }();
-  *why = *reason;
-  *misnamed = bad_name;
-  return device;
 }
 
 // The device buffers of one op call on one backend: inputs copied from the host, outputs
@@ -202,7 +176,7 @@ class BackendParity : public ::testing::Test {
   void SetUp() override {
     std::string why;
     bool misnamed = false;
-    dev_ = DeviceUnderTest(&why, &misnamed);
+    dev_ = testing::DeviceUnderTest(&why, &misnamed);
     if (misnamed) FAIL() << why;
     if (dev_ == nullptr) GTEST_SKIP() << why;
   }

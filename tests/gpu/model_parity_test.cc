@@ -19,6 +19,7 @@
 #include "engine/optim/adamw.h"
 #include "gtest/gtest.h"
 #include "models/transformer.h"
+#include "tests/gpu/parity_backend.h"
 #include "tests/models/model_test_util.h"
 
 namespace eellm {
@@ -33,10 +34,7 @@ namespace {
 // headroom and still fails TF32 GEMMs or any wrong formula.
 // Backends with bf16 GEMMs (names containing "bf16") get 5e-2: a check that they compute the
 // right step, not of their accuracy (bf16 operands carry 8 significant bits).
-const bool kBf16 = [] {
-  const char* env = std::getenv("EELLM_PARITY_BACKEND");
-  return env != nullptr && std::strstr(env, "bf16") != nullptr;
-}();
+const bool kBf16 = testing::ParityBackendHasBf16Gemms();
 const double kRtol = kBf16 ? 5e-2 : 1e-4, kAtol = kBf16 ? 5e-2 : 1e-4;
 // A parameter whose CPU gradient stays below kZeroGrad times the largest gradient of the model
 // has a gradient that is zero in exact arithmetic and rounding noise in fp32: the key bias of
@@ -84,29 +82,6 @@ double MaxAbs(const float* x, size_t n) {
   if (std::fabs(got - want) <= kRtol * std::fabs(want)) return ::testing::AssertionSuccess();
   return ::testing::AssertionFailure()
          << std::setprecision(12) << "got " << got << ", want " << want;
-}
-
-// The backend under test, made once per process and never destroyed (a CUDA backend must not
-// be torn down during static destruction). Null when it cannot be made, with *why set: the tests
-// then skip where the backend is unavailable (no GPU, a build without CUDA) and fail where the
-// name is wrong (a misspelt EELLM_PARITY_BACKEND must not pass silently), *misnamed set.
-Backend* DeviceUnderTest(std::string* why, bool* misnamed) {
-  static std::string* reason = new std::string;
-  static bool bad_name = false;
-  static Backend* device = [] {
-    const char* env = std::getenv("EELLM_PARITY_BACKEND");
-    const std::string name = env != nullptr && *env != '\0' ? env : "cuda";
-    auto be = MakeBackend(name);
-    if (be.ok()) return be->release();
-    bad_name = absl::IsInvalidArgument(be.status());
-    *reason = bad_name ? "EELLM_PARITY_BACKEND=" + name + ": " + be.status().ToString()
-                       : (name == "cuda" ? std::string("no CUDA GPU") : "no " + name + " device") +
-                             ": parity tests skipped (" + be.status().ToString() + ")";
-    return static_cast<Backend*>(nullptr);
-  }();
-  *why = *reason;
-  *misnamed = bad_name;
-  return device;
 }
 
 std::vector<float> ToHost(Backend* be, const float* p, size_t n) {
@@ -162,7 +137,7 @@ class ModelParity : public ::testing::Test {
   void SetUp() override {
     std::string why;
     bool misnamed = false;
-    dev_ = DeviceUnderTest(&why, &misnamed);
+    dev_ = testing::DeviceUnderTest(&why, &misnamed);
     if (misnamed) FAIL() << why;
     if (dev_ == nullptr) GTEST_SKIP() << why;
   }

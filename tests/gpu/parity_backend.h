@@ -1,0 +1,48 @@
+// The backend the parity tests check against the CPU, shared by every parity test file of the
+// executable so that one process makes one device backend: named by EELLM_PARITY_BACKEND
+// (default "cuda").
+#pragma once
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "absl/status/status.h"
+#include "engine/backend.h"
+
+namespace eellm::testing {
+
+// The name in EELLM_PARITY_BACKEND, or "cuda".
+inline std::string ParityBackendName() {
+  const char* env = std::getenv("EELLM_PARITY_BACKEND");
+  return env != nullptr && *env != '\0' ? env : "cuda";
+}
+
+// Backends whose name has "bf16" round GEMM operands to bf16 and get looser GEMM tolerances.
+inline bool ParityBackendHasBf16Gemms() {
+  return ParityBackendName().find("bf16") != std::string::npos;
+}
+
+// The backend under test, made once per process and never destroyed (a CUDA backend must not
+// be torn down during static destruction). Null when it cannot be made, with *why set: the tests
+// then skip where the backend is unavailable (no GPU, a build without CUDA) and fail where the
+// name is wrong (a misspelt EELLM_PARITY_BACKEND must not pass silently), *misnamed set.
+inline Backend* DeviceUnderTest(std::string* why, bool* misnamed) {
+  static std::string* reason = new std::string;
+  static bool bad_name = false;
+  static Backend* device = [] {
+    const std::string name = ParityBackendName();
+    auto be = MakeBackend(name);
+    if (be.ok()) return be->release();
+    bad_name = absl::IsInvalidArgument(be.status());
+    *reason = bad_name ? "EELLM_PARITY_BACKEND=" + name + ": " + be.status().ToString()
+                       : (name == "cuda" ? std::string("no CUDA GPU") : "no " + name + " device") +
+                             ": parity tests skipped (" + be.status().ToString() + ")";
+    return static_cast<Backend*>(nullptr);
+  }();
+  *why = *reason;
+  *misnamed = bad_name;
+  return device;
+}
+
+}  // namespace eellm::testing
