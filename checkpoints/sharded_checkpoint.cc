@@ -37,6 +37,18 @@ struct Block {
 };
 using BlockIndex = std::map<std::string, std::vector<Block>>;
 
+// Adds the /model entries of `f` (file number `file`) to `index`, new names to `order`.
+absl::Status IndexFile(TensorFile& f, int file, BlockIndex& index,
+                       std::vector<std::string>& order) {
+  ASSIGN_OR_RETURN(std::vector<TensorFile::Entry> entries, f.Entries());
+  for (TensorFile::Entry& e : entries) {
+    auto& blocks = index[e.name];
+    if (blocks.empty()) order.push_back(e.name);
+    blocks.push_back(Block{file, std::move(e.slice)});
+  }
+  return absl::OkStatus();
+}
+
 // The open files of a checkpoint: the top-level one and its shards (or just one file).
 struct OpenCheckpoint {
   std::string top_path;
@@ -62,12 +74,7 @@ absl::StatusOr<OpenCheckpoint> Open(const std::string& path) {
     }
   }
   for (int i = 0; i < static_cast<int>(ck.files.size()); ++i) {
-    ASSIGN_OR_RETURN(std::vector<TensorFile::Entry> entries, ck.files[i].Entries());
-    for (TensorFile::Entry& e : entries) {
-      auto& blocks = ck.index[e.name];
-      if (blocks.empty()) ck.order.push_back(e.name);
-      blocks.push_back(Block{i, std::move(e.slice)});
-    }
+    RETURN_IF_ERROR(IndexFile(ck.files[i], i, ck.index, ck.order));
   }
   return ck;
 }
@@ -143,12 +150,7 @@ absl::StatusOr<std::string> PublishCheckpoint(const std::string& root, const Che
   for (int i = 0; i < static_cast<int>(shards.size()); ++i) {
     ASSIGN_OR_RETURN(TensorFile f, TensorFile::Open((fs::path(tmp) / shards[i]).string()));
     optimizer &= f.HasGroup(TensorGroup::kAdamM) && f.HasGroup(TensorGroup::kAdamV);
-    ASSIGN_OR_RETURN(std::vector<TensorFile::Entry> entries, f.Entries());
-    for (TensorFile::Entry& e : entries) {
-      auto& blocks = index[e.name];
-      if (blocks.empty()) order.push_back(e.name);
-      blocks.push_back(Block{i, std::move(e.slice)});
-    }
+    RETURN_IF_ERROR(IndexFile(f, i, index, order));
   }
   std::vector<VirtualTensor> virt;
   for (TensorGroup g : {TensorGroup::kModel, TensorGroup::kAdamM, TensorGroup::kAdamV}) {
