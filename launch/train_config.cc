@@ -97,8 +97,7 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
     RETURN_IF_ERROR(ReadJsonField(tj, "pp", "train config", &t.pp));
     RETURN_IF_ERROR(ReadJsonField(tj, "dp", "train config", &t.dp));
     RETURN_IF_ERROR(ReadJsonField(tj, "zero1", "train config", &t.zero1));
-    RETURN_IF_ERROR(
-        ReadJsonField(tj, "grad_bucket_size", "train config", &t.grad_bucket_size));
+    RETURN_IF_ERROR(ReadJsonField(tj, "grad_bucket_size", "train config", &t.grad_bucket_size));
     RETURN_IF_ERROR(
         ReadJsonField(tj, "overlap_grad_reduce", "train config", &t.overlap_grad_reduce));
     RETURN_IF_ERROR(ReadJsonField(tj, "virtual_stages", "train config", &t.virtual_stages));

@@ -1,8 +1,6 @@
 // Tests for the single-rank HDF5 checkpoint format: bit-exact round trips of parameters and
 // AdamW state, metadata round trip, atomic save, and clear errors (never crashes) for missing,
 // foreign, truncated, corrupted and mismatching files.
-#include "checkpoints/sharded_checkpoint.h"
-
 #include <hdf5.h>
 #include <unistd.h>
 
@@ -16,6 +14,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "checkpoints/sharded_checkpoint.h"
 #include "engine/backend.h"
 #include "engine/core/rng.h"
 #include "gtest/gtest.h"
