@@ -100,15 +100,16 @@ class Backend {
   // Query i sits at absolute position q_offset + i and attends keys 0 .. q_offset + i
   // (training: q_offset = 0, tq = tk = tk_cap; KV-cache decode: q_offset = tokens cached
   // before, tk = q_offset + tq). Query head h uses KV head h / (hq / hkv). Scale 1/sqrt(d).
-  // out: [b, tq, hq, d] written. probs: [b, hq, tq, tk] softmax probabilities written when
-  // non-null (the backward needs them).
-  virtual void AttentionForward(float* out, float* probs, const float* q, const float* k,
+  // out: [b, tq, hq, d] written. lse: [b, hq, tq], when non-null, written with each query
+  // row's log-sum-exp of its scaled scores (what the backward needs; nothing [t, t] is kept).
+  virtual void AttentionForward(float* out, float* lse, const float* q, const float* k,
                                 const float* v, int b, int tq, int tk, int tk_cap, int hq, int hkv,
                                 int d, int q_offset) = 0;
-  // Training-path backward (q_offset 0, tq = tk = tk_cap = t). dq, dk, dv written.
+  // Training-path backward (q_offset 0, tq = tk = tk_cap = t) from the forward's out and lse;
+  // recomputes the probabilities. dq, dk, dv written.
   virtual void AttentionBackward(float* dq, float* dk, float* dv, const float* dout,
-                                 const float* probs, const float* q, const float* k, const float* v,
-                                 int b, int t, int hq, int hkv, int d) = 0;
+                                 const float* out, const float* lse, const float* q, const float* k,
+                                 const float* v, int b, int t, int hq, int hkv, int d) = 0;
 
   // ---- softmax cross-entropy ----------------------------------------------------------------
   // For each row r of logits[n, v]: losses[r] = -log softmax(logits[r])[targets[r]] (written,

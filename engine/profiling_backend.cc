@@ -163,18 +163,19 @@ void ProfilingBackend::RopeBackward(float* dx, const int32_t* pos, int n, int he
   inner_->RopeBackward(dx, pos, n, heads, head_dim, theta);
 }
 
-void ProfilingBackend::AttentionForward(float* out, float* probs, const float* q, const float* k,
+void ProfilingBackend::AttentionForward(float* out, float* lse, const float* q, const float* k,
                                         const float* v, int b, int tq, int tk, int tk_cap, int hq,
                                         int hkv, int d, int q_offset) {
   Timed timed(this, "AttentionForward");
-  inner_->AttentionForward(out, probs, q, k, v, b, tq, tk, tk_cap, hq, hkv, d, q_offset);
+  inner_->AttentionForward(out, lse, q, k, v, b, tq, tk, tk_cap, hq, hkv, d, q_offset);
 }
 
 void ProfilingBackend::AttentionBackward(float* dq, float* dk, float* dv, const float* dout,
-                                         const float* probs, const float* q, const float* k,
-                                         const float* v, int b, int t, int hq, int hkv, int d) {
+                                         const float* out, const float* lse, const float* q,
+                                         const float* k, const float* v, int b, int t, int hq,
+                                         int hkv, int d) {
   Timed timed(this, "AttentionBackward");
-  inner_->AttentionBackward(dq, dk, dv, dout, probs, q, k, v, b, t, hq, hkv, d);
+  inner_->AttentionBackward(dq, dk, dv, dout, out, lse, q, k, v, b, t, hq, hkv, d);
 }
 
 void ProfilingBackend::CrossEntropy(float* losses, float* max_prob, float* dlogits,

@@ -68,12 +68,12 @@ class ProfilingBackend final : public Backend {
                    float theta) override;
   void RopeBackward(float* dx, const int32_t* pos, int n, int heads, int head_dim,
                     float theta) override;
-  void AttentionForward(float* out, float* probs, const float* q, const float* k, const float* v,
+  void AttentionForward(float* out, float* lse, const float* q, const float* k, const float* v,
                         int b, int tq, int tk, int tk_cap, int hq, int hkv, int d,
                         int q_offset) override;
-  void AttentionBackward(float* dq, float* dk, float* dv, const float* dout, const float* probs,
-                         const float* q, const float* k, const float* v, int b, int t, int hq,
-                         int hkv, int d) override;
+  void AttentionBackward(float* dq, float* dk, float* dv, const float* dout, const float* out,
+                         const float* lse, const float* q, const float* k, const float* v, int b,
+                         int t, int hq, int hkv, int d) override;
   void CrossEntropy(float* losses, float* max_prob, float* dlogits, const float* logits,
                     const int32_t* targets, const float* weights, int n, int v) override;
   void EmbeddingForwardRange(float* out, const int32_t* ids, const float* table, int n, int c,

@@ -34,9 +34,9 @@ Generator::Generator(Model* model, int capacity)
       kv = KvLayer{arena_.Floats(kv_elems), arena_.Floats(kv_elems), capacity};
     }
     exit_kv_.push_back(kv);
-    exit_acts_.push_back(model->MakeExitActs(arena_, i, capacity, 1, 0));
+    exit_acts_.push_back(model->MakeExitActs(arena_, i, capacity, /*training=*/false));
   }
-  acts_ = MakeBlockActs(arena_, c, capacity, 1, 0);
+  acts_ = MakeBlockActs(arena_, c, capacity, /*training=*/false);
   final_norm_ = MakeNormActs(arena_, 1, c.hidden_size);
   hidden_ = arena_.Floats(static_cast<size_t>(capacity) * c.hidden_size);
   frontier_ = arena_.Floats(static_cast<size_t>(capacity) * c.hidden_size);

@@ -94,16 +94,14 @@ MlpActs MakeMlpActs(Arena& a, const ModelConfig& c, int n) {
   return r;
 }
 
-BlockActs MakeBlockActs(Arena& a, const ModelConfig& c, int n, int b, int t_for_probs) {
+BlockActs MakeBlockActs(Arena& a, const ModelConfig& c, int n, bool training) {
   BlockActs r;
   const int d = c.head_dim();
   r.attn.norm = MakeNormActs(a, n, c.hidden_size);
   r.attn.q = a.Floats(static_cast<size_t>(n) * c.num_heads * d);
   r.attn.k = a.Floats(static_cast<size_t>(n) * c.num_kv_heads * d);
   r.attn.v = a.Floats(static_cast<size_t>(n) * c.num_kv_heads * d);
-  if (t_for_probs > 0) {
-    r.attn.probs = a.Floats(static_cast<size_t>(b) * c.num_heads * t_for_probs * t_for_probs);
-  }
+  if (training) r.attn.lse = a.Floats(static_cast<size_t>(n) * c.num_heads);
   r.attn.att = a.Floats(static_cast<size_t>(n) * c.num_heads * d);
   r.h_attn = a.Floats(static_cast<size_t>(n) * c.hidden_size);
   r.mlp = MakeMlpActs(a, c, n);
@@ -212,14 +210,14 @@ void BlockForward(const LayerContext& ctx, const BlockParams& p, BlockActs& a, c
     be->RopeForward(at.k, pos, n, hkv, d, c.rope_theta);
   }
   if (kv == nullptr) {
-    be->AttentionForward(at.att, at.probs, at.q, at.k, at.v, b, t, t, t, hq, hkv, d, 0);
+    be->AttentionForward(at.att, at.lse, at.q, at.k, at.v, b, t, t, t, hq, hkv, d, 0);
   } else {
     EE_CHECK(b == 1 && q_offset + n <= kv->capacity, "KV cache overflow: ", q_offset + n, " > ",
              kv->capacity);
     const size_t row = static_cast<size_t>(hkv) * d;
     be->Copy(kv->k + q_offset * row, at.k, n * row * sizeof(float));
     be->Copy(kv->v + q_offset * row, at.v, n * row * sizeof(float));
-    be->AttentionForward(at.att, at.probs, at.q, kv->k, kv->v, 1, n, q_offset + n, kv->capacity, hq,
+    be->AttentionForward(at.att, at.lse, at.q, kv->k, kv->v, 1, n, q_offset + n, kv->capacity, hq,
                          hkv, d, q_offset);
   }
   if (ctx.tp.size > 1) {  // row-parallel output projection: partial sums over tp
@@ -250,7 +248,8 @@ void BlockBackward(const LayerContext& ctx, const BlockParams& p, const BlockAct
   const AttnActs& at = a.attn;
   be->LinearBackward(s.datt, ctx.G(p.attn.wo), ctx.G(p.attn.bo), s.dh, at.att, ctx.P(p.attn.wo), n,
                      hq * d, h, false);
-  be->AttentionBackward(s.dq, s.dk, s.dv, s.datt, at.probs, at.q, at.k, at.v, b, t, hq, hkv, d);
+  be->AttentionBackward(s.dq, s.dk, s.dv, s.datt, at.att, at.lse, at.q, at.k, at.v, b, t, hq, hkv,
+                        d);
   if (c.use_rope()) {
     be->RopeBackward(s.dq, pos, n, hq, d, c.rope_theta);
     be->RopeBackward(s.dk, pos, n, hkv, d, c.rope_theta);

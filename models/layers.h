@@ -58,7 +58,7 @@ struct NormActs {
 struct AttnActs {
   NormActs norm;
   float *q = nullptr, *k = nullptr, *v = nullptr;  // [n, hq*d], [n, hkv*d] (after RoPE)
-  float* probs = nullptr;                          // [b, hq, t, t] (training only)
+  float* lse = nullptr;                            // [b, hq, t] (training only)
   float* att = nullptr;                            // [n, hq*d]
 };
 struct MlpActs {
@@ -81,8 +81,8 @@ struct GradScratch {
 
 NormActs MakeNormActs(Arena& a, int n, int c);
 MlpActs MakeMlpActs(Arena& a, const ModelConfig& c, int n);
-// probs are allocated only when `t_for_probs` > 0 (training: b*hq*t*t).
-BlockActs MakeBlockActs(Arena& a, const ModelConfig& c, int n, int b, int t_for_probs);
+// The attention log-sum-exps the backward needs are allocated only when `training`.
+BlockActs MakeBlockActs(Arena& a, const ModelConfig& c, int n, bool training);
 GradScratch MakeGradScratch(Arena& a, const ModelConfig& c, int n);
 
 // Per-layer KV cache for one sequence: k, v [capacity, hkv, d].

@@ -142,14 +142,14 @@ int Model::OutputWeight(int exit_index) const {
   return word_emb_;
 }
 
-ExitActs Model::MakeExitActs(Arena& a, int i, int n, int b, int t_for_probs) {
+ExitActs Model::MakeExitActs(Arena& a, int i, int n, bool training) {
   ExitActs r;
   const ExitConfig& x = config_.exits[i];
   if (x.kind == ExitKind::kMlp) {
     r.mlp = MakeMlpActs(a, local_, n);
     r.mlp_out = a.Floats(static_cast<size_t>(n) * config_.hidden_size);
   }
-  if (x.kind == ExitKind::kBlock) r.block = MakeBlockActs(a, local_, n, b, t_for_probs);
+  if (x.kind == ExitKind::kBlock) r.block = MakeBlockActs(a, local_, n, training);
   if (x.kind != ExitKind::kLinear) r.norm = MakeNormActs(a, n, config_.hidden_size);
   return r;
 }
@@ -172,11 +172,11 @@ std::unique_ptr<Workspace> Model::MakeWorkspace(int b, int t) {
   ws->weights = a.Floats(n);
   ws->x0 = a.Floats(nc);
   for (int l = first_layer_; l < end_layer_; ++l) {
-    ws->layers.push_back(MakeBlockActs(a, local_, n, b, t));
+    ws->layers.push_back(MakeBlockActs(a, local_, n, /*training=*/true));
   }
   if (is_last_stage()) ws->final_norm = MakeNormActs(a, n, c);
   for (size_t i = 0; i < config_.exits.size(); ++i) {
-    ws->exits.push_back(ExitIsLocal(i) ? MakeExitActs(a, i, n, b, t) : ExitActs{});
+    ws->exits.push_back(ExitIsLocal(i) ? MakeExitActs(a, i, n, /*training=*/true) : ExitActs{});
     ws->exit_grad.push_back(ExitIsLocal(i) ? a.Floats(nc) : nullptr);
   }
   ws->logits = a.Floats(static_cast<size_t>(LogitsChunkRows(n)) * local_.vocab_size);

@@ -154,7 +154,7 @@ class Model {
   void set_logits_chunk_rows(int rows) { logits_chunk_rows_ = rows; }
   int LogitsChunkRows(int n) const;
   int OutputWeight(int exit_index) const;
-  ExitActs MakeExitActs(Arena& a, int exit_index, int n, int b, int t_for_probs);
+  ExitActs MakeExitActs(Arena& a, int exit_index, int n, bool training);
 
  private:
   Model(const ModelConfig& c, Backend* be) : config_(c), local_(c), be_(be) {}

@@ -1,7 +1,9 @@
 // CpuBackend causal self-attention with grouped-query heads (see engine/backend.h for the
 // contract). Each (sequence, head) pair is one task: scores S = scale * Q K^T and outputs
 // O = P V are OpenBLAS GEMMs on strided views of the [tokens, heads, d] layouts (no copies);
-// the causal softmax runs row by row. Tasks run in parallel with OpenMP; inside a parallel
+// the causal softmax runs row by row. Only the log-sum-exp of each query row is kept for the
+// backward, which recomputes the probabilities (as FlashAttention does): no [t, t] tensor
+// outlives a call. Tasks run in parallel with OpenMP; inside a parallel
 // region the OpenMP build of OpenBLAS runs single-threaded, so there is no oversubscription.
 // The backward runs one task per (sequence, KV head) so that the heads sharing a KV head add
 // their dK/dV contributions in a fixed order: results are deterministic.
@@ -26,8 +28,9 @@ float* Scratch(size_t n, int slot) {
   return buf[slot].data();
 }
 
-// In place on s[tq, tk]: row i becomes softmax over keys 0 .. q_offset + i, zero after.
-void CausalSoftmaxRows(float* s, int tq, int tk, int q_offset) {
+// In place on s[tq, tk]: row i becomes softmax over keys 0 .. q_offset + i, zero after;
+// lse[i] (when non-null) gets the row's log-sum-exp of the scores.
+void CausalSoftmaxRows(float* s, float* lse, int tq, int tk, int q_offset) {
   for (int i = 0; i < tq; ++i) {
     float* row = s + static_cast<size_t>(i) * tk;
     const int n_keys = q_offset + i + 1;
@@ -41,12 +44,23 @@ void CausalSoftmaxRows(float* s, int tq, int tk, int q_offset) {
     const float inv = 1.0f / sum;
     for (int j = 0; j < n_keys; ++j) row[j] *= inv;
     for (int j = n_keys; j < tk; ++j) row[j] = 0.0f;
+    if (lse) lse[i] = mx + std::log(sum);
+  }
+}
+
+// In place on s[t, t] holding scale * Q K^T: row i becomes exp(s - lse[i]) over keys 0 .. i
+// (the probabilities of the forward pass), zero after.
+void ProbsFromLse(float* s, const float* lse, int t) {
+  for (int i = 0; i < t; ++i) {
+    float* row = s + static_cast<size_t>(i) * t;
+    for (int j = 0; j <= i; ++j) row[j] = std::exp(row[j] - lse[i]);
+    for (int j = i + 1; j < t; ++j) row[j] = 0.0f;
   }
 }
 
 }  // namespace
 
-void CpuBackend::AttentionForward(float* out, float* probs, const float* q, const float* k,
+void CpuBackend::AttentionForward(float* out, float* lse, const float* q, const float* k,
                                   const float* v, int b, int tq, int tk, int tk_cap, int hq,
                                   int hkv, int d, int q_offset) {
   EE_CHECK(hkv > 0 && hq % hkv == 0, "hq=", hq, " is not a multiple of hkv=", hkv);
@@ -63,21 +77,22 @@ void CpuBackend::AttentionForward(float* out, float* probs, const float* q, cons
     const float* kh = k + (static_cast<size_t>(bi) * tk_cap * hkv + kvh) * d;
     const float* vh = v + (static_cast<size_t>(bi) * tk_cap * hkv + kvh) * d;
     float* oh = out + (static_cast<size_t>(bi) * tq * hq + h) * d;
-    const size_t slab = static_cast<size_t>(tq) * tk;
-    float* s = probs ? probs + static_cast<size_t>(task) * slab : Scratch(slab, 0);
+    float* s = Scratch(static_cast<size_t>(tq) * tk, 0);
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, tq, tk, d, scale, qh, hq * d, kh, hkv * d,
                 0.0f, s, tk);
-    CausalSoftmaxRows(s, tq, tk, q_offset);
+    CausalSoftmaxRows(s, lse ? lse + static_cast<size_t>(task) * tq : nullptr, tq, tk, q_offset);
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, tq, d, tk, 1.0f, s, tk, vh, hkv * d,
                 0.0f, oh, hq * d);
   }
 }
 
 void CpuBackend::AttentionBackward(float* dq, float* dk, float* dv, const float* dout,
-                                   const float* probs, const float* q, const float* k,
-                                   const float* v, int b, int t, int hq, int hkv, int d) {
+                                   const float* out, const float* lse, const float* q,
+                                   const float* k, const float* v, int b, int t, int hq, int hkv,
+                                   int d) {
   EE_CHECK(hkv > 0 && hq % hkv == 0, "hq=", hq, " is not a multiple of hkv=", hkv);
-  // With P = softmax(S): dV = P^T dO; dP = dO V^T; dS = P * (dP - rowsum(P * dP));
+  // The probabilities are recomputed: P = exp(scale Q K^T - lse). Then dV = P^T dO;
+  // dP = dO V^T; dS = P * (dP - D) with D_i = dO_i . O_i (= rowsum(P * dP));
   // dQ = scale dS K; dK = scale dS^T Q (dK, dV summed over the heads sharing the KV head).
   const int group = hq / hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
@@ -95,11 +110,16 @@ void CpuBackend::AttentionBackward(float* dq, float* dk, float* dv, const float*
       std::memset(dkh + static_cast<size_t>(j) * hkv * d, 0, sizeof(float) * d);
       std::memset(dvh + static_cast<size_t>(j) * hkv * d, 0, sizeof(float) * d);
     }
+    float* p = Scratch(static_cast<size_t>(t) * t, 0);
     float* ds = Scratch(static_cast<size_t>(t) * t, 1);
     for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
       const size_t q_off = (static_cast<size_t>(bi) * t * hq + h) * d;
-      const float* p = probs + (static_cast<size_t>(bi) * hq + h) * t * t;
       const float* doh = dout + q_off;
+      const float* oh = out + q_off;
+      const float* lse_h = lse + (static_cast<size_t>(bi) * hq + h) * t;
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, t, t, d, scale, q + q_off, hq * d, kh,
+                  hkv * d, 0.0f, p, t);
+      ProbsFromLse(p, lse_h, t);
       cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, t, d, t, 1.0f, p, t, doh, hq * d, 1.0f,
                   dvh, hkv * d);
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, t, t, d, 1.0f, doh, hq * d, vh, hkv * d,
@@ -107,8 +127,10 @@ void CpuBackend::AttentionBackward(float* dq, float* dk, float* dv, const float*
       for (int i = 0; i < t; ++i) {
         float* row = ds + static_cast<size_t>(i) * t;
         const float* prow = p + static_cast<size_t>(i) * t;
+        const float* do_i = doh + static_cast<size_t>(i) * hq * d;
+        const float* o_i = oh + static_cast<size_t>(i) * hq * d;
         float dot = 0.0f;
-        for (int j = 0; j <= i; ++j) dot += prow[j] * row[j];
+        for (int e = 0; e < d; ++e) dot += do_i[e] * o_i[e];
         for (int j = 0; j <= i; ++j) row[j] = prow[j] * (row[j] - dot);
         for (int j = i + 1; j < t; ++j) row[j] = 0.0f;
       }

@@ -79,14 +79,14 @@ class CpuBackend final : public Backend {
                     float theta) override;
 
   // ---- attention (cpu_attention.cc) ---------------------------------------------------------
-  // q/out: [b, tq, hq, d]; k/v: [b, tk_cap, hkv, d]; probs: [b, hq, tq, tk].
-  void AttentionForward(float* out, float* probs, const float* q, const float* k, const float* v,
+  // q/out: [b, tq, hq, d]; k/v: [b, tk_cap, hkv, d]; lse: [b, hq, tq].
+  void AttentionForward(float* out, float* lse, const float* q, const float* k, const float* v,
                         int b, int tq, int tk, int tk_cap, int hq, int hkv, int d,
                         int q_offset) override;
-  // dq/dout: [b, t, hq, d]; dk/dv: [b, t, hkv, d]; probs: [b, hq, t, t].
-  void AttentionBackward(float* dq, float* dk, float* dv, const float* dout, const float* probs,
-                         const float* q, const float* k, const float* v, int b, int t, int hq,
-                         int hkv, int d) override;
+  // dq/dout/out: [b, t, hq, d]; dk/dv: [b, t, hkv, d]; lse: [b, hq, t].
+  void AttentionBackward(float* dq, float* dk, float* dv, const float* dout, const float* out,
+                         const float* lse, const float* q, const float* k, const float* v, int b,
+                         int t, int hq, int hkv, int d) override;
 
   // ---- softmax cross-entropy (cpu_cross_entropy.cc) -----------------------------------------
   // logits/dlogits: [n, v]; losses, max_prob, targets, weights: [n].

@@ -237,7 +237,7 @@ void CudaBackend::RopeBackward(float* dx, const int32_t* pos, int n, int heads, 
 
 // ---- attention ----------------------------------------------------------------------------------
 
-void CudaBackend::AttentionForward(float* out, float* probs, const float* q, const float* k,
+void CudaBackend::AttentionForward(float* out, float* lse, const float* q, const float* k,
                                    const float* v, int b, int tq, int tk, int tk_cap, int hq,
                                    int hkv, int d, int q_offset) {
   EE_CHECK(hkv > 0 && hq % hkv == 0, "hq=", hq, " is not a multiple of hkv=", hkv);
@@ -245,8 +245,7 @@ void CudaBackend::AttentionForward(float* out, float* probs, const float* q, con
            " tk=", tk, " tk_cap=", tk_cap, " q_offset=", q_offset);
   const int group = hq / hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  const size_t slab = static_cast<size_t>(tq) * tk;
-  float* scratch = probs ? nullptr : static_cast<float*>(Scratch(slab * sizeof(float), 0));
+  float* s = static_cast<float*>(Scratch(static_cast<size_t>(tq) * tk * sizeof(float), 0));
   for (int bi = 0; bi < b; ++bi) {
     for (int h = 0; h < hq; ++h) {
       const int kvh = h / group;
@@ -254,22 +253,27 @@ void CudaBackend::AttentionForward(float* out, float* probs, const float* q, con
       const float* kh = k + (static_cast<size_t>(bi) * tk_cap * hkv + kvh) * d;
       const float* vh = v + (static_cast<size_t>(bi) * tk_cap * hkv + kvh) * d;
       float* oh = out + (static_cast<size_t>(bi) * tq * hq + h) * d;
-      float* s = probs ? probs + (static_cast<size_t>(bi) * hq + h) * slab : scratch;
+      float* lse_h = lse ? lse + (static_cast<size_t>(bi) * hq + h) * tq : nullptr;
       Gemm(false, true, tq, tk, d, scale, qh, hq * d, kh, hkv * d, 0.0f, s, tk);
-      CUDA_CHECK(cuda::CausalSoftmaxRows(s, tq, tk, q_offset, stream_));
+      CUDA_CHECK(cuda::CausalSoftmaxRows(s, lse_h, tq, tk, q_offset, stream_));
       Gemm(false, false, tq, d, tk, 1.0f, s, tk, vh, hkv * d, 0.0f, oh, hq * d);
     }
   }
 }
 
 void CudaBackend::AttentionBackward(float* dq, float* dk, float* dv, const float* dout,
-                                    const float* probs, const float* q, const float* k,
-                                    const float* v, int b, int t, int hq, int hkv, int d) {
+                                    const float* out, const float* lse, const float* q,
+                                    const float* k, const float* v, int b, int t, int hq, int hkv,
+                                    int d) {
   EE_CHECK(hkv > 0 && hq % hkv == 0, "hq=", hq, " is not a multiple of hkv=", hkv);
-  // As on the CPU: dV = P^T dO; dP = dO V^T; dS = P * (dP - rowsum(P * dP)); dQ = scale dS K;
-  // dK = scale dS^T Q, dK and dV summed over the heads sharing a KV head, in head order.
+  // As on the CPU: P = exp(scale Q K^T - lse) recomputed; dV = P^T dO; dP = dO V^T;
+  // dS = P * (dP - rowsum(P * dP)); dQ = scale dS K; dK = scale dS^T Q, dK and dV summed over
+  // the heads sharing a KV head, in head order. (rowsum(P * dP) equals dO . O, which the CPU
+  // uses; `out` is part of the contract for fused kernels.)
+  (void)out;
   const int group = hq / hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  float* p = static_cast<float*>(Scratch(static_cast<size_t>(t) * t * sizeof(float), 0));
   float* ds = static_cast<float*>(Scratch(static_cast<size_t>(t) * t * sizeof(float), 1));
   for (int bi = 0; bi < b; ++bi) {
     for (int kvh = 0; kvh < hkv; ++kvh) {
@@ -279,8 +283,9 @@ void CudaBackend::AttentionBackward(float* dq, float* dk, float* dv, const float
       CUDA_CHECK(cudaMemset2DAsync(dv + kv_off, pitch, 0, d * sizeof(float), t, stream_));
       for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
         const size_t q_off = (static_cast<size_t>(bi) * t * hq + h) * d;
-        const float* p = probs + (static_cast<size_t>(bi) * hq + h) * t * t;
         const float* doh = dout + q_off;
+        Gemm(false, true, t, t, d, scale, q + q_off, hq * d, k + kv_off, hkv * d, 0.0f, p, t);
+        CUDA_CHECK(cuda::ProbsFromLse(p, lse + (static_cast<size_t>(bi) * hq + h) * t, t, stream_));
         Gemm(true, false, t, d, t, 1.0f, p, t, doh, hq * d, 1.0f, dv + kv_off, hkv * d);
         Gemm(false, true, t, t, d, 1.0f, doh, hq * d, v + kv_off, hkv * d, 0.0f, ds, t);
         CUDA_CHECK(cuda::SoftmaxBackwardRows(ds, p, t, stream_));

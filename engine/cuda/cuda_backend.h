@@ -81,12 +81,12 @@ class CudaBackend final : public Backend {
   void RopeBackward(float* dx, const int32_t* pos, int n, int heads, int head_dim,
                     float theta) override;
 
-  void AttentionForward(float* out, float* probs, const float* q, const float* k, const float* v,
+  void AttentionForward(float* out, float* lse, const float* q, const float* k, const float* v,
                         int b, int tq, int tk, int tk_cap, int hq, int hkv, int d,
                         int q_offset) override;
-  void AttentionBackward(float* dq, float* dk, float* dv, const float* dout, const float* probs,
-                         const float* q, const float* k, const float* v, int b, int t, int hq,
-                         int hkv, int d) override;
+  void AttentionBackward(float* dq, float* dk, float* dv, const float* dout, const float* out,
+                         const float* lse, const float* q, const float* k, const float* v, int b,
+                         int t, int hq, int hkv, int d) override;
 
   void CrossEntropy(float* losses, float* max_prob, float* dlogits, const float* logits,
                     const int32_t* targets, const float* weights, int n, int v) override;

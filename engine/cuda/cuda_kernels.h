@@ -52,8 +52,11 @@ cudaError_t RmsNormBackward(float* dx, float* dg, const float* dout, const float
 
 // softmax_kernels.cu
 // In place on s[tq, tk] (row stride tk): row i becomes the softmax over keys 0 .. q_offset + i,
-// zeros after.
-cudaError_t CausalSoftmaxRows(float* s, int tq, int tk, int q_offset, cudaStream_t st);
+// zeros after; lse[i] (when non-null) gets the row's log-sum-exp.
+cudaError_t CausalSoftmaxRows(float* s, float* lse, int tq, int tk, int q_offset, cudaStream_t st);
+// In place on s[t, t] holding the scaled scores: row i becomes exp(s - lse[i]) over j <= i
+// (the forward's probabilities, recomputed), zeros after.
+cudaError_t ProbsFromLse(float* s, const float* lse, int t, cudaStream_t st);
 // In place on ds[t, t] holding dP: row i becomes P * (dP - rowsum(P * dP)) over j <= i, zeros
 // after (the softmax backward of the causal attention).
 cudaError_t SoftmaxBackwardRows(float* ds, const float* p, int t, cudaStream_t st);

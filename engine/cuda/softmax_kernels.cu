@@ -35,7 +35,7 @@ __device__ float BlockMax(float v, float* scratch) {
   return m;
 }
 
-__global__ void CausalSoftmaxKernel(float* s, int tk, int q_offset) {
+__global__ void CausalSoftmaxKernel(float* s, float* lse, int tk, int q_offset) {
   __shared__ double dscratch[kThreads];
   __shared__ float fscratch[kThreads];
   const int i = blockIdx.x;
@@ -50,8 +50,17 @@ __global__ void CausalSoftmaxKernel(float* s, int tk, int q_offset) {
     row[j] = e;
     sum += e;
   }
-  const float inv = static_cast<float>(1.0 / BlockSum(sum, dscratch));
+  sum = BlockSum(sum, dscratch);
+  const float inv = static_cast<float>(1.0 / sum);
   for (int j = threadIdx.x; j < tk; j += blockDim.x) row[j] = j < n_keys ? row[j] * inv : 0.0f;
+  if (lse != nullptr && threadIdx.x == 0) lse[i] = mx + static_cast<float>(log(sum));
+}
+
+__global__ void ProbsFromLseKernel(float* s, const float* lse, int t) {
+  const int i = blockIdx.x;
+  float* row = s + static_cast<size_t>(i) * t;
+  const float l = lse[i];
+  for (int j = threadIdx.x; j < t; j += blockDim.x) row[j] = j <= i ? expf(row[j] - l) : 0.0f;
 }
 
 __global__ void SoftmaxBackwardKernel(float* ds, const float* p, int t) {
@@ -139,8 +148,12 @@ __global__ void CrossEntropyGradRangeKernel(float* dlogits, const float* logits,
 
 }  // namespace
 
-cudaError_t CausalSoftmaxRows(float* s, int tq, int tk, int q_offset, cudaStream_t st) {
-  if (tq > 0 && tk > 0) CausalSoftmaxKernel<<<tq, kThreads, 0, st>>>(s, tk, q_offset);
+cudaError_t CausalSoftmaxRows(float* s, float* lse, int tq, int tk, int q_offset, cudaStream_t st) {
+  if (tq > 0 && tk > 0) CausalSoftmaxKernel<<<tq, kThreads, 0, st>>>(s, lse, tk, q_offset);
+  return cudaGetLastError();
+}
+cudaError_t ProbsFromLse(float* s, const float* lse, int t, cudaStream_t st) {
+  if (t > 0) ProbsFromLseKernel<<<t, kThreads, 0, st>>>(s, lse, t);
   return cudaGetLastError();
 }
 cudaError_t SoftmaxBackwardRows(float* ds, const float* p, int t, cudaStream_t st) {

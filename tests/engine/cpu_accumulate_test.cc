@@ -101,15 +101,15 @@ TEST_F(CpuAccumulateTest, WrittenOutputsOverwrite) {
   const int bb = 1, t = 4, hq = 4, hkv = 2, d = 4;
   auto q = RandVec(rng_, bb * t * hq * d), k = RandVec(rng_, bb * t * hkv * d);
   auto v = RandVec(rng_, bb * t * hkv * d), dout = RandVec(rng_, q.size());
-  std::vector<float> out(q.size()), probs(bb * hq * t * t);
-  be_.AttentionForward(out.data(), probs.data(), q.data(), k.data(), v.data(), bb, t, t, t, hq, hkv,
+  std::vector<float> out(q.size()), lse(bb * hq * t);
+  be_.AttentionForward(out.data(), lse.data(), q.data(), k.data(), v.data(), bb, t, t, t, hq, hkv,
                        d, 0);
   std::vector<float> dq1(q.size(), 0.0f), dk1(k.size(), 0.0f), dv1(v.size(), 0.0f);
   std::vector<float> dq2(q.size(), 3.0f), dk2(k.size(), 3.0f), dv2(v.size(), 3.0f);
-  be_.AttentionBackward(dq1.data(), dk1.data(), dv1.data(), dout.data(), probs.data(), q.data(),
-                        k.data(), v.data(), bb, t, hq, hkv, d);
-  be_.AttentionBackward(dq2.data(), dk2.data(), dv2.data(), dout.data(), probs.data(), q.data(),
-                        k.data(), v.data(), bb, t, hq, hkv, d);
+  be_.AttentionBackward(dq1.data(), dk1.data(), dv1.data(), dout.data(), out.data(), lse.data(),
+                        q.data(), k.data(), v.data(), bb, t, hq, hkv, d);
+  be_.AttentionBackward(dq2.data(), dk2.data(), dv2.data(), dout.data(), out.data(), lse.data(),
+                        q.data(), k.data(), v.data(), bb, t, hq, hkv, d);
   EXPECT_EQ(dq1, dq2);
   EXPECT_EQ(dk1, dk2);
   EXPECT_EQ(dv1, dv2);
@@ -157,13 +157,13 @@ TEST_F(CpuAccumulateTest, ReductionsAreDeterministic) {
   auto q = RandVec(rng_, b * t * hq * d), k = RandVec(rng_, b * t * hkv * d);
   auto v = RandVec(rng_, b * t * hkv * d), dout = RandVec(rng_, q.size());
   ExpectThreadCountInvariant("Attention", [&] {
-    std::vector<float> out(q.size()), probs(b * hq * t * t);
-    be_.AttentionForward(out.data(), probs.data(), q.data(), k.data(), v.data(), b, t, t, t, hq,
-                         hkv, d, 0);
+    std::vector<float> out(q.size()), lse(b * hq * t);
+    be_.AttentionForward(out.data(), lse.data(), q.data(), k.data(), v.data(), b, t, t, t, hq, hkv,
+                         d, 0);
     std::vector<float> grads(q.size() + 2 * k.size());
     be_.AttentionBackward(grads.data(), grads.data() + q.size(), grads.data() + q.size() + k.size(),
-                          dout.data(), probs.data(), q.data(), k.data(), v.data(), b, t, hq, hkv,
-                          d);
+                          dout.data(), out.data(), lse.data(), q.data(), k.data(), v.data(), b, t,
+                          hq, hkv, d);
     grads.insert(grads.end(), out.begin(), out.end());
     return grads;
   });

@@ -1,5 +1,5 @@
 // Forward checks of CpuBackend causal GQA attention: against a naive double reference (with
-// q_offset and tk_cap > tk), the saved probabilities, GQA == MHA with repeated KV heads, and the
+// q_offset and tk_cap > tk), the saved log-sum-exps, GQA == MHA with repeated KV heads, and the
 // KV-cache decode path reproducing the training path row by row.
 #include <cmath>
 #include <vector>
@@ -13,12 +13,12 @@ namespace {
 using CpuAttentionTest = CpuBackendTest;
 
 // Naive attention in double. q: [b, tq, hq, d]; k, v: [b, tk_cap, hkv, d]; returns
-// out [b, tq, hq, d] and probs [b, hq, tq, tk].
+// out [b, tq, hq, d] and lse [b, hq, tq] (log-sum-exp of each query row's scaled scores).
 void RefAttention(const std::vector<float>& q, const std::vector<float>& k,
                   const std::vector<float>& v, int b, int tq, int tk, int tk_cap, int hq, int hkv,
-                  int d, int q_offset, std::vector<double>* out, std::vector<double>* probs) {
+                  int d, int q_offset, std::vector<double>* out, std::vector<double>* lse) {
   out->assign(static_cast<size_t>(b) * tq * hq * d, 0.0);
-  probs->assign(static_cast<size_t>(b) * hq * tq * tk, 0.0);
+  lse->assign(static_cast<size_t>(b) * hq * tq, 0.0);
   for (int bi = 0; bi < b; ++bi)
     for (int h = 0; h < hq; ++h)
       for (int i = 0; i < tq; ++i) {
@@ -36,9 +36,9 @@ void RefAttention(const std::vector<float>& q, const std::vector<float>& k,
         }
         double sum = 0.0;
         for (double& x : s) sum += (x = std::exp(x - mx));
+        (*lse)[(bi * hq + h) * tq + i] = mx + std::log(sum);
         for (int j = 0; j <= last; ++j) {
           const double p = s[j] / sum;
-          (*probs)[((bi * hq + h) * tq + i) * tk + j] = p;
           for (int e = 0; e < d; ++e)
             (*out)[((bi * tq + i) * hq + h) * d + e] +=
                 p * v[((bi * tk_cap + j) * hkv + kvh) * d + e];
@@ -50,25 +50,17 @@ TEST_F(CpuAttentionTest, TrainingPathMatchesReference) {
   const int b = 2, t = 6, hq = 4, hkv = 2, d = 8;
   auto q = RandVec(rng_, b * t * hq * d), k = RandVec(rng_, b * t * hkv * d);
   auto v = RandVec(rng_, b * t * hkv * d);
-  std::vector<float> out(q.size()), probs(b * hq * t * t, 42.0f);
-  be_.AttentionForward(out.data(), probs.data(), q.data(), k.data(), v.data(), b, t, t, t, hq, hkv,
-                       d, 0);
-  std::vector<double> ref_out, ref_probs;
-  RefAttention(q, k, v, b, t, t, t, hq, hkv, d, 0, &ref_out, &ref_probs);
+  std::vector<float> out(q.size()), lse(b * hq * t, 42.0f);
+  be_.AttentionForward(out.data(), lse.data(), q.data(), k.data(), v.data(), b, t, t, t, hq, hkv, d,
+                       0);
+  std::vector<double> ref_out, ref_lse;
+  RefAttention(q, k, v, b, t, t, t, hq, hkv, d, 0, &ref_out, &ref_lse);
   EXPECT_LT(MaxAbsDiff(out, ref_out), 1e-5);
-  EXPECT_LT(MaxAbsDiff(probs, ref_probs), 1e-6);
-  // Rows sum to one; the masked (future) entries are exactly zero.
-  for (int row = 0; row < b * hq * t; ++row) {
-    const int i = row % t;
-    double sum = 0.0;
-    for (int j = 0; j < t; ++j) {
-      sum += probs[row * t + j];
-      if (j > i) {
-        EXPECT_EQ(probs[row * t + j], 0.0f);
-      }
-    }
-    EXPECT_NEAR(sum, 1.0, 1e-6);
-  }
+  EXPECT_LT(MaxAbsDiff(lse, ref_lse), 1e-5);
+  // The first query sees only itself: its log-sum-exp is its own scaled score.
+  double s00 = 0.0;
+  for (int e = 0; e < d; ++e) s00 += static_cast<double>(q[e]) * k[e];
+  EXPECT_NEAR(lse[0], s00 / std::sqrt(static_cast<double>(d)), 1e-6);
 }
 
 TEST_F(CpuAttentionTest, OffsetAndCapacityMatchReference) {
@@ -83,13 +75,13 @@ TEST_F(CpuAttentionTest, OffsetAndCapacityMatchReference) {
         k[(bi * tk_cap + j) * hkv * d + e] = 1e4f;
         v[(bi * tk_cap + j) * hkv * d + e] = NAN;
       }
-  std::vector<float> out(q.size()), probs(b * hq * tq * tk);
-  be_.AttentionForward(out.data(), probs.data(), q.data(), k.data(), v.data(), b, tq, tk, tk_cap,
-                       hq, hkv, d, q_offset);
-  std::vector<double> ref_out, ref_probs;
-  RefAttention(q, k, v, b, tq, tk, tk_cap, hq, hkv, d, q_offset, &ref_out, &ref_probs);
+  std::vector<float> out(q.size()), lse(b * hq * tq);
+  be_.AttentionForward(out.data(), lse.data(), q.data(), k.data(), v.data(), b, tq, tk, tk_cap, hq,
+                       hkv, d, q_offset);
+  std::vector<double> ref_out, ref_lse;
+  RefAttention(q, k, v, b, tq, tk, tk_cap, hq, hkv, d, q_offset, &ref_out, &ref_lse);
   EXPECT_LT(MaxAbsDiff(out, ref_out), 1e-5);
-  EXPECT_LT(MaxAbsDiff(probs, ref_probs), 1e-6);
+  EXPECT_LT(MaxAbsDiff(lse, ref_lse), 1e-5);
 }
 
 TEST_F(CpuAttentionTest, GqaEqualsMhaWithRepeatedKvHeads) {
@@ -115,8 +107,8 @@ TEST_F(CpuAttentionTest, KvDecodeReproducesTrainingPath) {
   const int b = 2, t = 7, cap = 12, hq = 4, hkv = 2, d = 8;
   auto q = RandVec(rng_, b * t * hq * d), k = RandVec(rng_, b * t * hkv * d);
   auto v = RandVec(rng_, b * t * hkv * d);
-  std::vector<float> full(q.size()), probs(b * hq * t * t);
-  be_.AttentionForward(full.data(), probs.data(), q.data(), k.data(), v.data(), b, t, t, t, hq, hkv,
+  std::vector<float> full(q.size()), lse(b * hq * t);
+  be_.AttentionForward(full.data(), lse.data(), q.data(), k.data(), v.data(), b, t, t, t, hq, hkv,
                        d, 0);
 
   // KV cache [b, cap, hkv, d]: a prefill of 4 tokens, then one token at a time.
@@ -156,10 +148,11 @@ TEST_F(CpuAttentionTest, KvDecodeReproducesTrainingPath) {
   for (int pos = prefill; pos < t; ++pos) {
     append(pos, 1);
     auto q1 = queries(pos, 1);
-    std::vector<float> out1(q1.size()), p1(b * hq * (pos + 1));
-    be_.AttentionForward(out1.data(), p1.data(), q1.data(), kc.data(), vc.data(), b, 1, pos + 1,
+    std::vector<float> out1(q1.size()), lse1(b * hq);
+    be_.AttentionForward(out1.data(), lse1.data(), q1.data(), kc.data(), vc.data(), b, 1, pos + 1,
                          cap, hq, hkv, d, pos);
     expect_rows(out1, pos, 1);
+    for (int r = 0; r < b * hq; ++r) EXPECT_NEAR(lse1[r], lse[r * t + pos], 1e-6) << "row " << r;
   }
 }
 

@@ -139,16 +139,16 @@ TEST_P(CpuAttentionGradTest, QKV) {
   const int b = 2, t = 5, d = 8, hq = GetParam().hq, hkv = GetParam().hkv;
   auto q = RandVec(rng_, b * t * hq * d), k = RandVec(rng_, b * t * hkv * d);
   auto v = RandVec(rng_, b * t * hkv * d), r = RandVec(rng_, b * t * hq * d);
-  std::vector<float> out(b * t * hq * d), probs(b * hq * t * t);
+  std::vector<float> out(b * t * hq * d), lse(b * hq * t);
   auto loss = [&] {
-    be_.AttentionForward(out.data(), probs.data(), q.data(), k.data(), v.data(), b, t, t, t, hq,
-                         hkv, d, 0);
+    be_.AttentionForward(out.data(), lse.data(), q.data(), k.data(), v.data(), b, t, t, t, hq, hkv,
+                         d, 0);
     return Dot(out, r);
   };
   loss();
   std::vector<float> dq(q.size(), 9.0f), dk(k.size(), 9.0f), dv(v.size(), 9.0f);
-  be_.AttentionBackward(dq.data(), dk.data(), dv.data(), r.data(), probs.data(), q.data(), k.data(),
-                        v.data(), b, t, hq, hkv, d);
+  be_.AttentionBackward(dq.data(), dk.data(), dv.data(), r.data(), out.data(), lse.data(), q.data(),
+                        k.data(), v.data(), b, t, hq, hkv, d);
   ExpectGradMatches("Attention dq", &q, dq, loss);
   ExpectGradMatches("Attention dk", &k, dk, loss);
   ExpectGradMatches("Attention dv", &v, dv, loss);

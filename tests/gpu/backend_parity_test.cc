@@ -565,11 +565,15 @@ const AttnCase kAttnCases[] = {
     {1, 4, 4, 64, 33, 0, 33},
     {3, 4, 1, 20, 5, 0, 5},
     {1, 2, 2, 8, 7, 0, 7},
+    // Longer than one 64-key tile, head_dim 128 (the 1.3B benchmark's): partial last tiles.
+    {1, 4, 2, 128, 130, 0, 130},
+    {2, 2, 1, 32, 97, 0, 97},
     // KV-cache forms: prefill into a larger cache, one-token and several-token decode.
     {2, 4, 2, 16, 5, 0, 12},
     {2, 4, 2, 16, 1, 7, 16},
     {1, 4, 2, 64, 5, 28, 40},
     {1, 4, 4, 20, 3, 11, 33},
+    {1, 4, 2, 128, 2, 150, 200},
 };
 
 TEST_F(BackendParity, AttentionForward) {
@@ -587,15 +591,15 @@ TEST_F(BackendParity, AttentionForward) {
         k[i] = v[i] = kNaN;
       }
     }
-    const size_t np = static_cast<size_t>(a.b) * a.hq * a.tq * a.tk();
-    for (bool with_probs : {false, true}) {
+    const size_t nl = static_cast<size_t>(a.b) * a.hq * a.tq;
+    for (bool with_lse : {false, true}) {
       ExpectParity(
           [&](Backend* be, DeviceMem& m) -> Outputs {
-            float *out = m.Nan(nq), *probs = with_probs ? m.Nan(np) : nullptr;
-            be->AttentionForward(out, probs, m.Put(q), m.Put(k), m.Put(v), a.b, a.tq, a.tk(),
+            float *out = m.Nan(nq), *lse = with_lse ? m.Nan(nl) : nullptr;
+            be->AttentionForward(out, lse, m.Put(q), m.Put(k), m.Put(v), a.b, a.tq, a.tk(),
                                  a.tk_cap, a.hq, a.hkv, a.d, a.q_offset);
             Outputs o = {{"out", m.Get(out, nq)}};
-            if (probs) o.emplace_back("probs", m.Get(probs, np));
+            if (lse) o.emplace_back("lse", m.Get(lse, nl));
             return o;
           },
           kGemm);
@@ -613,15 +617,15 @@ TEST_F(BackendParity, AttentionBackward) {
     const size_t nkv = static_cast<size_t>(a.b) * t * a.hkv * a.d;
     const auto q = RandVec(rng_, nq, 1.5), k = RandVec(rng_, nkv), v = RandVec(rng_, nkv);
     const auto dout = RandVec(rng_, nq);
-    // Both backends get the CPU's probabilities.
-    std::vector<float> out(nq), probs(static_cast<size_t>(a.b) * a.hq * t * t);
-    ref_.AttentionForward(out.data(), probs.data(), q.data(), k.data(), v.data(), a.b, t, t, t,
-                          a.hq, a.hkv, a.d, 0);
+    // Both backends get the CPU's forward outputs and log-sum-exps.
+    std::vector<float> out(nq), lse(static_cast<size_t>(a.b) * a.hq * t);
+    ref_.AttentionForward(out.data(), lse.data(), q.data(), k.data(), v.data(), a.b, t, t, t, a.hq,
+                          a.hkv, a.d, 0);
     ExpectParity(
         [&](Backend* be, DeviceMem& m) -> Outputs {
           float *dq = m.Nan(nq), *dk = m.Nan(nkv), *dv = m.Nan(nkv);
-          be->AttentionBackward(dq, dk, dv, m.Put(dout), m.Put(probs), m.Put(q), m.Put(k), m.Put(v),
-                                a.b, t, a.hq, a.hkv, a.d);
+          be->AttentionBackward(dq, dk, dv, m.Put(dout), m.Put(out), m.Put(lse), m.Put(q), m.Put(k),
+                                m.Put(v), a.b, t, a.hq, a.hkv, a.d);
           return {{"dq", m.Get(dq, nq)}, {"dk", m.Get(dk, nkv)}, {"dv", m.Get(dv, nkv)}};
         },
         kGemm);

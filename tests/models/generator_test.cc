@@ -32,7 +32,7 @@ FullPass RunFull(Model& m, const std::vector<int32_t>& ids) {
   std::vector<BlockActs> acts;
   FullPass f;
   for (int l = 0; l < c.num_layers; ++l) {
-    acts.push_back(MakeBlockActs(a, c, t, 1, t));
+    acts.push_back(MakeBlockActs(a, c, t, /*training=*/true));
     BlockForward(m.ctx(), m.layer(l), acts[l], depth_hidden[l], pos, 1, t, nullptr, 0);
     depth_hidden[l + 1] = acts[l].out;
     const int kvn = t * c.num_kv_heads * c.head_dim();
@@ -48,7 +48,7 @@ FullPass RunFull(Model& m, const std::vector<int32_t>& ids) {
   rows(f.final_logits);
   for (size_t i = 0; i < c.exits.size(); ++i) {
     const ExitConfig& x = c.exits[i];
-    ExitActs ea = m.MakeExitActs(a, i, t, 1, t);
+    ExitActs ea = m.MakeExitActs(a, i, t, /*training=*/true);
     const float* in = (x.kind == ExitKind::kMlp && x.position == ExitPosition::kPost)
                           ? acts[x.layer - 1].h_attn
                           : depth_hidden[x.depth()];

@@ -79,7 +79,8 @@ class FakeDeviceBackend final : public Backend {
     std::abort();
   }
   void AttentionBackward(float*, float*, float*, const float*, const float*, const float*,
-                         const float*, const float*, int, int, int, int, int) override {
+                         const float*, const float*, const float*, int, int, int, int,
+                         int) override {
     std::abort();
   }
   void CrossEntropy(float*, float*, float*, const float*, const int32_t*, const float*, int,
