@@ -3,6 +3,7 @@
 #include "engine/cuda/cuda_backend.h"
 
 #include <cmath>
+#include <initializer_list>
 #include <limits>
 
 #include "absl/status/status.h"
@@ -237,12 +238,25 @@ void CudaBackend::RopeBackward(float* dx, const int32_t* pos, int n, int heads, 
 
 // ---- attention ----------------------------------------------------------------------------------
 
+bool CudaBackend::UseFlash(int d, std::initializer_list<const float*> tensors) const {
+  if (precision_ != GemmPrecision::kBf16Gemm || !cuda::FlashAttentionSupports(d)) return false;
+  for (const float* p : tensors) {
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  }
+  return true;
+}
+
 void CudaBackend::AttentionForward(float* out, float* lse, const float* q, const float* k,
                                    const float* v, int b, int tq, int tk, int tk_cap, int hq,
                                    int hkv, int d, int q_offset) {
   EE_CHECK(hkv > 0 && hq % hkv == 0, "hq=", hq, " is not a multiple of hkv=", hkv);
   EE_CHECK(tk <= tk_cap && q_offset >= 0 && q_offset + tq <= tk, "bad attention sizes tq=", tq,
            " tk=", tk, " tk_cap=", tk_cap, " q_offset=", q_offset);
+  if (UseFlash(d, {out, q, k, v})) {
+    CUDA_CHECK(cuda::FlashAttentionForward(out, lse, q, k, v, b, tq, tk, tk_cap, hq, hkv, d,
+                                           q_offset, stream_));
+    return;
+  }
   const int group = hq / hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   float* s = static_cast<float*>(Scratch(static_cast<size_t>(tq) * tk * sizeof(float), 0));
@@ -269,8 +283,13 @@ void CudaBackend::AttentionBackward(float* dq, float* dk, float* dv, const float
   // As on the CPU: P = exp(scale Q K^T - lse) recomputed; dV = P^T dO; dP = dO V^T;
   // dS = P * (dP - rowsum(P * dP)); dQ = scale dS K; dK = scale dS^T Q, dK and dV summed over
   // the heads sharing a KV head, in head order. (rowsum(P * dP) equals dO . O, which the CPU
-  // uses; `out` is part of the contract for fused kernels.)
-  (void)out;
+  // uses; the fused kernels use it.)
+  if (UseFlash(d, {dq, dk, dv, dout, out, q, k, v})) {
+    float* dsum = static_cast<float*>(Scratch(static_cast<size_t>(b) * hq * t * sizeof(float), 0));
+    CUDA_CHECK(cuda::FlashAttentionBackward(dq, dk, dv, dout, out, lse, dsum, q, k, v, b, t, hq,
+                                            hkv, d, stream_));
+    return;
+  }
   const int group = hq / hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   float* p = static_cast<float*>(Scratch(static_cast<size_t>(t) * t * sizeof(float), 0));

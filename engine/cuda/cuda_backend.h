@@ -3,7 +3,9 @@
 // (tests/gpu): GEMMs are cuBLAS SGEMM (no TF32), attention runs per (sequence, head) as two
 // GEMMs around a row softmax (like the CPU backend), the other ops are simple kernels with
 // deterministic reductions. Everything runs in order on the legacy default stream, so host
-// copies are synchronous. bf16 compute, fused attention and fused cross-entropy come next.
+// copies are synchronous. In bf16 mode ("cuda-bf16") GEMMs run on tensor cores with bf16
+// operands and attention runs fused (flash_attention.cu: FlashAttention-2 style, bf16 tensor
+// cores, deterministic backward); fp32 storage stays everywhere.
 //
 // Host code here is compiled by the host compiler; kernels live in the *.cu files behind
 // cuda_kernels.h. Only engine/cuda includes CUDA headers.
@@ -14,6 +16,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -109,6 +112,9 @@ class CudaBackend final : public Backend {
   // Row-major C[M, N] = alpha op(A) op(B) + beta C with leading dimensions in elements.
   void Gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a, int lda,
             const float* b, int ldb, float beta, float* c, int ldc);
+  // Whether attention with head_dim d on these tensors runs the fused kernels
+  // (flash_attention.cu): in bf16 mode, for the head dimensions they support, 16-byte aligned.
+  bool UseFlash(int d, std::initializer_list<const float*> tensors) const;
   // Device scratch of at least `bytes` in slot `slot` (grows on demand, outside steady state).
   void* Scratch(size_t bytes, int slot);
 

@@ -1,0 +1,200 @@
+// A CPU emulation of the small part of CUDA that engine/cuda's WMMA kernels use, so that their
+// logic (indexing, masking, tiling, barriers, online softmax) is checked against the CPU
+// backend on every machine, CI included, where no GPU exists. It is for tests only and says
+// nothing about speed, alignment faults or register and shared-memory limits (beyond refusing
+// more than 227 KiB of dynamic shared memory).
+//
+// A launch runs the blocks one after another; the threads of a block are fibers (ucontext) on
+// the calling thread, switched only at barriers: __syncthreads, __syncwarp, each half of a
+// shuffle, and the start of each warp-collective WMMA load or store (mma.h). Every thread runs to
+// its next barrier before any thread passes it, which is what both barriers promise (a stronger
+// order than __syncwarp needs). All threads that reach a barrier round must reach the same kind of
+// barrier, else the emulation aborts (a divergent barrier is undefined behaviour on the device).
+// Dynamic shared memory starts as 0xFF bytes (NaN as fp32 and bf16), so reading what no thread
+// wrote shows up in the results.
+//
+// Device pointers are host pointers here. Include this through the shim headers of this
+// folder (cuda_runtime.h, cuda_bf16.h, mma.h), with EELLM_CUDA_EMULATION defined.
+#pragma once
+
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+// ---- runtime types ------------------------------------------------------------------------------
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+using cudaStream_t = struct CUstream_st*;
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+
+using std::max;
+using std::min;
+inline float __expf(float x) { return std::exp(x); }
+
+namespace eellm_emu {
+
+constexpr size_t kMaxDynamicShared = 227 * 1024;
+constexpr size_t kFiberStack = 256 * 1024;
+
+enum class Barrier { kNone, kBlock, kWarp, kShuffle, kCollective };
+
+struct Fiber {
+  ucontext_t ctx;
+  std::vector<char> stack;
+  dim3 tid;
+  bool done = false;
+  Barrier waiting = Barrier::kNone;
+};
+
+struct Scheduler {
+  ucontext_t main;
+  std::vector<Fiber> fibers;
+  int current = 0;
+  std::function<void()> body;
+  std::vector<unsigned char> shared;  // dynamic shared memory of the running block
+  unsigned char* shared_base = nullptr;
+  std::vector<uint64_t> lanes;  // shuffle exchange, one slot per thread
+};
+
+inline Scheduler& Sched() {
+  static Scheduler s;
+  return s;
+}
+
+// The coordinates of the running fiber (set by the scheduler before every switch to it).
+inline dim3 g_thread_idx, g_block_idx, g_block_dim, g_grid_dim;
+
+inline void Yield(Barrier kind) {
+  Scheduler& s = Sched();
+  s.fibers[s.current].waiting = kind;
+  swapcontext(&s.fibers[s.current].ctx, &s.main);
+}
+
+inline void FiberEntry() {
+  Scheduler& s = Sched();
+  s.body();
+  s.fibers[s.current].done = true;
+  // returning switches to uc_link (the scheduler)
+}
+
+inline int LinearThread() {
+  return static_cast<int>(g_thread_idx.x +
+                          g_block_dim.x * (g_thread_idx.y + g_block_dim.y * g_thread_idx.z));
+}
+
+// Runs body() for every thread of every block of the grid.
+inline cudaError_t Run(dim3 grid, dim3 block, size_t shared_bytes, std::function<void()> body) {
+  if (shared_bytes > kMaxDynamicShared) return cudaErrorInvalidValue;
+  Scheduler& s = Sched();
+  const int threads = static_cast<int>(block.x * block.y * block.z);
+  if (threads <= 0 || threads > 1024) return cudaErrorInvalidValue;
+  s.body = std::move(body);
+  s.fibers.resize(threads);
+  s.lanes.assign(threads, 0);
+  s.shared.assign(shared_bytes + 128, 0xFF);
+  s.shared_base = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(s.shared.data()) + 127) / 128 * 128);
+  g_block_dim = block;
+  g_grid_dim = grid;
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        g_block_idx = dim3(bx, by, bz);
+        std::fill(s.shared.begin(), s.shared.end(), 0xFF);
+        for (int i = 0; i < threads; ++i) {
+          Fiber& f = s.fibers[i];
+          f.stack.resize(kFiberStack);
+          f.tid = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
+          f.done = false;
+          f.waiting = Barrier::kNone;
+          getcontext(&f.ctx);
+          f.ctx.uc_stack.ss_sp = f.stack.data();
+          f.ctx.uc_stack.ss_size = f.stack.size();
+          f.ctx.uc_link = &s.main;
+          makecontext(&f.ctx, FiberEntry, 0);
+        }
+        for (bool alive = true; alive;) {
+          alive = false;
+          Barrier round = Barrier::kNone;
+          for (int i = 0; i < threads; ++i) {
+            Fiber& f = s.fibers[i];
+            if (f.done) continue;
+            s.current = i;
+            g_thread_idx = f.tid;
+            swapcontext(&s.main, &f.ctx);
+            if (f.done) continue;
+            alive = true;
+            if (round == Barrier::kNone) round = f.waiting;
+            if (f.waiting != round) {
+              std::fprintf(stderr, "CUDA emulation: threads reached different barriers\n");
+              std::abort();
+            }
+          }
+        }
+      }
+  return cudaSuccess;
+}
+
+inline unsigned char* DynamicShared() { return Sched().shared_base; }
+
+}  // namespace eellm_emu
+
+#define threadIdx (::eellm_emu::g_thread_idx)
+#define blockIdx (::eellm_emu::g_block_idx)
+#define blockDim (::eellm_emu::g_block_dim)
+#define gridDim (::eellm_emu::g_grid_dim)
+
+inline void __syncthreads() { eellm_emu::Yield(eellm_emu::Barrier::kBlock); }
+inline void __syncwarp(unsigned = 0xffffffffu) { eellm_emu::Yield(eellm_emu::Barrier::kWarp); }
+
+template <typename T>
+T __shfl_xor_sync(unsigned, T value, int lane_mask, int = 32) {
+  static_assert(sizeof(T) <= sizeof(uint64_t), "shuffle of a large type");
+  eellm_emu::Scheduler& s = eellm_emu::Sched();
+  const int me = eellm_emu::LinearThread();
+  uint64_t slot = 0;
+  std::memcpy(&slot, &value, sizeof(T));
+  s.lanes[me] = slot;
+  eellm_emu::Yield(eellm_emu::Barrier::kShuffle);  // every lane has written
+  const int partner = (me & ~31) | ((me & 31) ^ lane_mask);
+  T out;
+  std::memcpy(&out, &s.lanes[partner], sizeof(T));
+  eellm_emu::Yield(eellm_emu::Barrier::kShuffle);  // every lane has read
+  return out;
+}
+
+template <typename Kernel>
+inline cudaError_t cudaFuncSetAttribute(Kernel, cudaFuncAttribute, size_t value) {
+  return value <= eellm_emu::kMaxDynamicShared ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+// The launch of engine/cuda/kernel_launch.h, emulated.
+template <typename... Params, typename... Args>
+inline cudaError_t LaunchKernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared,
+                                cudaStream_t, Args... args) {
+  return eellm_emu::Run(grid, block, shared, [=] { kernel(args...); });
+}
+#define EE_DYNAMIC_SHARED(name) unsigned char* name = ::eellm_emu::DynamicShared()
