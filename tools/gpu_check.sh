@@ -5,8 +5,8 @@
 #   source .gpu/env.sh && tools/gpu_check.sh
 # Steps (each logs to $OUT/<step>.log; a failing step does not stop the later ones):
 #   build    configure + build (Release, sm_90a)
-#   gpu      ctest -L gpu: the backend parity suite against the CPU and NCCL at world size 1;
-#            then the parity suite on cuda-bf16 (bf16 GEMM tolerances)
+#   gpu      ctest -L gpu: the backend parity suite against the CPU on cuda and on cuda-bf16
+#            (bf16 GEMM tolerances; fused flash attention), and NCCL at world size 1
 #   bench    eellm bench train on GPT-2 124M and Llama 1.3B (with exits) beside PyTorch, with
 #            bf16 tensor-core GEMMs (cuda-bf16), and the 1.3B once more in plain fp32 (cuda)
 #   hf       tools/hf_check.py: eellm's converter and logits against transformers, CPU and CUDA
@@ -28,7 +28,6 @@ run build bash -c "cmake -S . -B $B -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_CUDA_ARCHITECTURES='90a-real;90-virtual' -DEELLM_FUZZ_SANITIZED=OFF &&
   cmake --build $B -j16" || exit 1
 run gpu bash -c "cd $B && ctest -L gpu --output-on-failure --timeout 300"
-run gpu_bf16 env EELLM_PARITY_BACKEND=cuda-bf16 "$B/tests/backend_parity_tests"
 run bench_gpt2 "$B/eellm" bench train --model=configs/bench/gpt2_124m.json --backend=cuda-bf16 \
   --batch=8 --seq=1024 --steps=5 --warmup=2 --torch-reference=tools/bench_torch.py
 run bench_llama "$B/eellm" bench train --model=configs/bench/llama_1p3b.json --backend=cuda-bf16 \
