@@ -92,8 +92,10 @@ void CpuBackend::AttentionBackward(float* dq, float* dk, float* dv, const float*
                                    int d) {
   EE_CHECK(hkv > 0 && hq % hkv == 0, "hq=", hq, " is not a multiple of hkv=", hkv);
   // The probabilities are recomputed: P = exp(scale Q K^T - lse). Then dV = P^T dO;
-  // dP = dO V^T; dS = P * (dP - D) with D_i = dO_i . O_i (= rowsum(P * dP));
+  // dP = dO V^T; dS = P * (dP - rowsum(P * dP)) (rowsum(P * dP) equals dO_i . O_i, which fused
+  // kernels use; `out` is in the contract for them);
   // dQ = scale dS K; dK = scale dS^T Q (dK, dV summed over the heads sharing the KV head).
+  (void)out;
   const int group = hq / hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   const int tasks = b * hkv;
@@ -115,7 +117,6 @@ void CpuBackend::AttentionBackward(float* dq, float* dk, float* dv, const float*
     for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
       const size_t q_off = (static_cast<size_t>(bi) * t * hq + h) * d;
       const float* doh = dout + q_off;
-      const float* oh = out + q_off;
       const float* lse_h = lse + (static_cast<size_t>(bi) * hq + h) * t;
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, t, t, d, scale, q + q_off, hq * d, kh,
                   hkv * d, 0.0f, p, t);
@@ -127,10 +128,8 @@ void CpuBackend::AttentionBackward(float* dq, float* dk, float* dv, const float*
       for (int i = 0; i < t; ++i) {
         float* row = ds + static_cast<size_t>(i) * t;
         const float* prow = p + static_cast<size_t>(i) * t;
-        const float* do_i = doh + static_cast<size_t>(i) * hq * d;
-        const float* o_i = oh + static_cast<size_t>(i) * hq * d;
         float dot = 0.0f;
-        for (int e = 0; e < d; ++e) dot += do_i[e] * o_i[e];
+        for (int j = 0; j <= i; ++j) dot += prow[j] * row[j];
         for (int j = 0; j <= i; ++j) row[j] = prow[j] * (row[j] - dot);
         for (int j = i + 1; j < t; ++j) row[j] = 0.0f;
       }

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "engine/cuda/cuda_kernels.h"
+#include "engine/cuda/kernel_launch.h"
 
 namespace eellm::cuda {
 namespace {
@@ -157,81 +158,90 @@ __global__ void AdamWKernel(float* p, const float* g, float* m, float* v, size_t
 }  // namespace
 
 cudaError_t Fill(float* x, size_t n, float value, cudaStream_t s) {
-  if (n) FillKernel<<<Blocks(n), kThreads, 0, s>>>(x, n, value);
+  if (n) LaunchKernel(FillKernel, dim3(Blocks(n)), dim3(kThreads), 0, s, x, n, value);
   return cudaGetLastError();
 }
 cudaError_t Add(float* y, const float* a, const float* b, size_t n, cudaStream_t s) {
-  if (n) AddKernel<<<Blocks(n), kThreads, 0, s>>>(y, a, b, n);
+  if (n) LaunchKernel(AddKernel, dim3(Blocks(n)), dim3(kThreads), 0, s, y, a, b, n);
   return cudaGetLastError();
 }
 cudaError_t Axpy(float* y, float alpha, const float* x, size_t n, cudaStream_t s) {
-  if (n) AxpyKernel<<<Blocks(n), kThreads, 0, s>>>(y, alpha, x, n);
+  if (n) LaunchKernel(AxpyKernel, dim3(Blocks(n)), dim3(kThreads), 0, s, y, alpha, x, n);
   return cudaGetLastError();
 }
 cudaError_t Scale(float* x, float alpha, size_t n, cudaStream_t s) {
-  if (n) ScaleKernel<<<Blocks(n), kThreads, 0, s>>>(x, alpha, n);
+  if (n) LaunchKernel(ScaleKernel, dim3(Blocks(n)), dim3(kThreads), 0, s, x, alpha, n);
   return cudaGetLastError();
 }
 size_t SumSquaresMaxBlocks(size_t n) { return (n + kReduceBlock - 1) / kReduceBlock; }
 cudaError_t SumSquaresPartials(double* partial, int* blocks, const float* x, size_t n,
                                cudaStream_t s) {
   *blocks = static_cast<int>(SumSquaresMaxBlocks(n));
-  if (*blocks > 0) SumSquaresKernel<<<*blocks, kThreads, 0, s>>>(partial, x, n);
+  if (*blocks > 0)
+    LaunchKernel(SumSquaresKernel, dim3(*blocks), dim3(kThreads), 0, s, partial, x, n);
   return cudaGetLastError();
 }
 cudaError_t EmbeddingForwardRange(float* out, const int32_t* ids, const float* table, int n, int c,
                                   int start, int rows, cudaStream_t s) {
   const size_t total = static_cast<size_t>(n) * c;
   if (total)
-    EmbeddingForwardKernel<<<Blocks(total), kThreads, 0, s>>>(out, ids, table, n, c, start, rows);
+    LaunchKernel(EmbeddingForwardKernel, dim3(Blocks(total)), dim3(kThreads), 0, s, out, ids, table,
+                 n, c, start, rows);
   return cudaGetLastError();
 }
 cudaError_t EmbeddingBackwardRange(float* dtable, const int32_t* ids, const float* dout, int n,
                                    int c, int start, int rows, cudaStream_t s) {
   if (n > 0 && c > 0) {
-    EmbeddingBackwardKernel<<<Blocks(c), kThreads, 0, s>>>(dtable, ids, dout, n, c, start, rows);
+    LaunchKernel(EmbeddingBackwardKernel, dim3(Blocks(c)), dim3(kThreads), 0, s, dtable, ids, dout,
+                 n, c, start, rows);
   }
   return cudaGetLastError();
 }
 cudaError_t AddBias(float* out, const float* bias, int n, int cols, cudaStream_t s) {
   const size_t total = static_cast<size_t>(n) * cols;
-  if (total) AddBiasKernel<<<Blocks(total), kThreads, 0, s>>>(out, bias, n, cols);
+  if (total)
+    LaunchKernel(AddBiasKernel, dim3(Blocks(total)), dim3(kThreads), 0, s, out, bias, n, cols);
   return cudaGetLastError();
 }
 cudaError_t ColumnSumAdd(float* dst, const float* x, int n, int cols, cudaStream_t s) {
-  if (n > 0 && cols > 0) ColumnSumAddKernel<<<Blocks(cols), kThreads, 0, s>>>(dst, x, n, cols);
+  if (n > 0 && cols > 0)
+    LaunchKernel(ColumnSumAddKernel, dim3(Blocks(cols)), dim3(kThreads), 0, s, dst, x, n, cols);
   return cudaGetLastError();
 }
 cudaError_t GeluForward(float* out, const float* x, size_t n, cudaStream_t s) {
-  if (n) GeluForwardKernel<<<Blocks(n), kThreads, 0, s>>>(out, x, n);
+  if (n) LaunchKernel(GeluForwardKernel, dim3(Blocks(n)), dim3(kThreads), 0, s, out, x, n);
   return cudaGetLastError();
 }
 cudaError_t GeluBackward(float* dx, const float* dout, const float* x, size_t n, cudaStream_t s) {
-  if (n) GeluBackwardKernel<<<Blocks(n), kThreads, 0, s>>>(dx, dout, x, n);
+  if (n) LaunchKernel(GeluBackwardKernel, dim3(Blocks(n)), dim3(kThreads), 0, s, dx, dout, x, n);
   return cudaGetLastError();
 }
 cudaError_t SwiGluForward(float* out, const float* gate, const float* up, size_t n,
                           cudaStream_t s) {
-  if (n) SwiGluForwardKernel<<<Blocks(n), kThreads, 0, s>>>(out, gate, up, n);
+  if (n) LaunchKernel(SwiGluForwardKernel, dim3(Blocks(n)), dim3(kThreads), 0, s, out, gate, up, n);
   return cudaGetLastError();
 }
 cudaError_t SwiGluBackward(float* dgate, float* dup, const float* dout, const float* gate,
                            const float* up, size_t n, cudaStream_t s) {
-  if (n) SwiGluBackwardKernel<<<Blocks(n), kThreads, 0, s>>>(dgate, dup, dout, gate, up, n);
+  if (n)
+    LaunchKernel(SwiGluBackwardKernel, dim3(Blocks(n)), dim3(kThreads), 0, s, dgate, dup, dout,
+                 gate, up, n);
   return cudaGetLastError();
 }
 cudaError_t Rope(float* x, const int32_t* pos, int n, int heads, int head_dim, float theta,
                  double sign, cudaStream_t s) {
   const size_t total = static_cast<size_t>(n) * (head_dim / 2);
-  if (total) RopeKernel<<<Blocks(total), kThreads, 0, s>>>(x, pos, n, heads, head_dim, theta, sign);
+  if (total)
+    LaunchKernel(RopeKernel, dim3(Blocks(total)), dim3(kThreads), 0, s, x, pos, n, heads, head_dim,
+                 theta, sign);
   return cudaGetLastError();
 }
 cudaError_t AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1,
                   float beta2, float eps, float weight_decay, float inv_bc1, float inv_bc2,
                   cudaStream_t s) {
   if (n) {
-    AdamWKernel<<<Blocks(n), kThreads, 0, s>>>(p, g, m, v, n, lr, beta1, beta2, eps, weight_decay,
-                                               inv_bc1, inv_bc2);
+    LaunchKernel(AdamWKernel, dim3(Blocks(n)), dim3(kThreads), 0, s, p, g, m, v, n, lr, beta1,
+                 beta2, eps, weight_decay, inv_bc1, inv_bc2);
   }
   return cudaGetLastError();
 }

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "engine/cuda/cuda_kernels.h"
+#include "engine/cuda/kernel_launch.h"
 
 namespace eellm::cuda {
 namespace {
@@ -130,7 +131,8 @@ unsigned ColumnBlocks(int c) { return static_cast<unsigned>((c + kThreads - 1) /
 cudaError_t LayerNormForward(float* out, float* mean, float* rstd, const float* x, const float* g,
                              const float* b, int n, int c, float eps, cudaStream_t s) {
   if (n > 0 && c > 0)
-    LayerNormForwardKernel<<<n, kThreads, 0, s>>>(out, mean, rstd, x, g, b, c, eps);
+    LaunchKernel(LayerNormForwardKernel, dim3(n), dim3(kThreads), 0, s, out, mean, rstd, x, g, b, c,
+                 eps);
   return cudaGetLastError();
 }
 
@@ -138,23 +140,26 @@ cudaError_t LayerNormBackward(float* dx, float* dg, float* db, const float* dout
                               const float* g, const float* mean, const float* rstd, int n, int c,
                               cudaStream_t s) {
   if (n <= 0 || c <= 0) return cudaGetLastError();
-  LayerNormBackwardRowsKernel<<<n, kThreads, 0, s>>>(dx, dout, x, g, mean, rstd, c);
-  NormParamGradKernel<<<ColumnBlocks(c), kThreads, 0, s>>>(dg, db, dout, x, mean, rstd, n, c);
+  LaunchKernel(LayerNormBackwardRowsKernel, dim3(n), dim3(kThreads), 0, s, dx, dout, x, g, mean,
+               rstd, c);
+  LaunchKernel(NormParamGradKernel, dim3(ColumnBlocks(c)), dim3(kThreads), 0, s, dg, db, dout, x,
+               mean, rstd, n, c);
   return cudaGetLastError();
 }
 
 cudaError_t RmsNormForward(float* out, float* rstd, const float* x, const float* g, int n, int c,
                            float eps, cudaStream_t s) {
-  if (n > 0 && c > 0) RmsNormForwardKernel<<<n, kThreads, 0, s>>>(out, rstd, x, g, c, eps);
+  if (n > 0 && c > 0)
+    LaunchKernel(RmsNormForwardKernel, dim3(n), dim3(kThreads), 0, s, out, rstd, x, g, c, eps);
   return cudaGetLastError();
 }
 
 cudaError_t RmsNormBackward(float* dx, float* dg, const float* dout, const float* x, const float* g,
                             const float* rstd, int n, int c, cudaStream_t s) {
   if (n <= 0 || c <= 0) return cudaGetLastError();
-  RmsNormBackwardRowsKernel<<<n, kThreads, 0, s>>>(dx, dout, x, g, rstd, c);
-  NormParamGradKernel<<<ColumnBlocks(c), kThreads, 0, s>>>(dg, nullptr, dout, x, nullptr, rstd, n,
-                                                           c);
+  LaunchKernel(RmsNormBackwardRowsKernel, dim3(n), dim3(kThreads), 0, s, dx, dout, x, g, rstd, c);
+  LaunchKernel(NormParamGradKernel, dim3(ColumnBlocks(c)), dim3(kThreads), 0, s, dg, nullptr, dout,
+               x, nullptr, rstd, n, c);
   return cudaGetLastError();
 }
 

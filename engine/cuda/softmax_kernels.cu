@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "engine/cuda/cuda_kernels.h"
+#include "engine/cuda/kernel_launch.h"
 
 namespace eellm::cuda {
 namespace {
@@ -149,36 +150,37 @@ __global__ void CrossEntropyGradRangeKernel(float* dlogits, const float* logits,
 }  // namespace
 
 cudaError_t CausalSoftmaxRows(float* s, float* lse, int tq, int tk, int q_offset, cudaStream_t st) {
-  if (tq > 0 && tk > 0) CausalSoftmaxKernel<<<tq, kThreads, 0, st>>>(s, lse, tk, q_offset);
+  if (tq > 0 && tk > 0)
+    LaunchKernel(CausalSoftmaxKernel, dim3(tq), dim3(kThreads), 0, st, s, lse, tk, q_offset);
   return cudaGetLastError();
 }
 cudaError_t ProbsFromLse(float* s, const float* lse, int t, cudaStream_t st) {
-  if (t > 0) ProbsFromLseKernel<<<t, kThreads, 0, st>>>(s, lse, t);
+  if (t > 0) LaunchKernel(ProbsFromLseKernel, dim3(t), dim3(kThreads), 0, st, s, lse, t);
   return cudaGetLastError();
 }
 cudaError_t SoftmaxBackwardRows(float* ds, const float* p, int t, cudaStream_t st) {
-  if (t > 0) SoftmaxBackwardKernel<<<t, kThreads, 0, st>>>(ds, p, t);
+  if (t > 0) LaunchKernel(SoftmaxBackwardKernel, dim3(t), dim3(kThreads), 0, st, ds, p, t);
   return cudaGetLastError();
 }
 cudaError_t CrossEntropy(float* losses, float* max_prob, float* dlogits, const float* logits,
                          const int32_t* targets, const float* weights, int n, int v,
                          cudaStream_t s) {
   if (n > 0 && v > 0) {
-    CrossEntropyKernel<<<n, kThreads, 0, s>>>(losses, max_prob, dlogits, logits, targets, weights,
-                                              v);
+    LaunchKernel(CrossEntropyKernel, dim3(n), dim3(kThreads), 0, s, losses, max_prob, dlogits,
+                 logits, targets, weights, v);
   }
   return cudaGetLastError();
 }
 cudaError_t RowMax(float* row_max, const float* logits, int n, int v, cudaStream_t s) {
-  if (n > 0 && v > 0) RowMaxKernel<<<n, kThreads, 0, s>>>(row_max, logits, v);
+  if (n > 0 && v > 0) LaunchKernel(RowMaxKernel, dim3(n), dim3(kThreads), 0, s, row_max, logits, v);
   return cudaGetLastError();
 }
 cudaError_t SumExpAndTarget(float* sum_exp, float* target_logit, const float* logits,
                             const float* row_max, const int32_t* targets, int n, int v, int start,
                             cudaStream_t s) {
   if (n > 0 && v > 0) {
-    SumExpAndTargetKernel<<<n, kThreads, 0, s>>>(sum_exp, target_logit, logits, row_max, targets, v,
-                                                 start);
+    LaunchKernel(SumExpAndTargetKernel, dim3(n), dim3(kThreads), 0, s, sum_exp, target_logit,
+                 logits, row_max, targets, v, start);
   }
   return cudaGetLastError();
 }
@@ -186,8 +188,8 @@ cudaError_t CrossEntropyGradRange(float* dlogits, const float* logits, const flo
                                   const float* sum_exp, const int32_t* targets,
                                   const float* weights, int n, int v, int start, cudaStream_t s) {
   if (n > 0 && v > 0) {
-    CrossEntropyGradRangeKernel<<<n, kThreads, 0, s>>>(dlogits, logits, row_max, sum_exp, targets,
-                                                       weights, v, start);
+    LaunchKernel(CrossEntropyGradRangeKernel, dim3(n), dim3(kThreads), 0, s, dlogits, logits,
+                 row_max, sum_exp, targets, weights, v, start);
   }
   return cudaGetLastError();
 }

@@ -15,11 +15,14 @@
 #include "tests/engine/cpu_test_util.h"
 #include "tests/gpu/parity_tolerances.h"
 
-// The kernels' source, compiled here as C++ for the emulation. Its namespace eellm::cuda is
-// renamed so that it cannot clash with the real kernels of a CUDA build of eellm_engine.
-#define cuda cuda_emulated
-#include "engine/cuda/flash_attention.cu"
+// The kernels as built for the emulation (library eellm_cuda_emulated), in eellm::cuda_emulated.
+#include "tests/gpu/emu/emulated_names.h"
+// clang-format off
+#include "engine/cuda/cuda_kernels.h"
+// clang-format on
 #undef cuda
+#undef CudaBackend
+#undef MakeCudaBackend
 
 namespace eellm {
 namespace {

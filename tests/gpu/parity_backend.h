@@ -1,6 +1,7 @@
 // The backend the parity tests check against the CPU, shared by every parity test file of the
 // executable so that one process makes one device backend: named by EELLM_PARITY_BACKEND
-// (default "cuda").
+// (default "cuda"; "emulated-cuda" and "emulated-cuda-bf16" are the CUDA backend's sources
+// under the CPU emulation of tests/gpu/emu).
 #pragma once
 
 #include <cstdlib>
@@ -8,7 +9,9 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "engine/backend.h"
+#include "tests/gpu/emu/emulated_cuda_backend.h"
 
 namespace eellm::testing {
 
@@ -32,7 +35,9 @@ inline Backend* DeviceUnderTest(std::string* why, bool* misnamed) {
   static bool bad_name = false;
   static Backend* device = [] {
     const std::string name = ParityBackendName();
-    auto be = MakeBackend(name);
+    auto be = absl::StartsWith(name, "emulated-cuda")
+                  ? MakeEmulatedCudaBackend(0, absl::EndsWith(name, "-bf16"))
+                  : MakeBackend(name);
     if (be.ok()) return be->release();
     bad_name = absl::IsInvalidArgument(be.status());
     *reason = bad_name ? "EELLM_PARITY_BACKEND=" + name + ": " + be.status().ToString()

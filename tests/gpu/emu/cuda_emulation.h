@@ -4,20 +4,18 @@
 // nothing about speed, alignment faults or register and shared-memory limits (beyond refusing
 // more than 227 KiB of dynamic shared memory).
 //
-// A launch runs the blocks one after another; the threads of a block are fibers (ucontext) on
-// the calling thread, switched only at barriers: __syncthreads, __syncwarp, each half of a
-// shuffle, and the start of each warp-collective WMMA load or store (mma.h). Every thread runs to
-// its next barrier before any thread passes it, which is what both barriers promise (a stronger
-// order than __syncwarp needs). All threads that reach a barrier round must reach the same kind of
-// barrier, else the emulation aborts (a divergent barrier is undefined behaviour on the device).
-// Dynamic shared memory starts as 0xFF bytes (NaN as fp32 and bf16), so reading what no thread
-// wrote shows up in the results.
+// A launch runs the blocks one after another; the threads of a block are fibers
+// (fiber_switch.h) on the calling thread, switched only at barriers: __syncthreads, __syncwarp,
+// each half of a shuffle, and the start of each warp-collective WMMA load or store (mma.h). Every
+// thread runs to its next barrier before any thread passes it, which is what both barriers promise
+// (a stronger order than __syncwarp needs). All threads that reach a barrier round must reach the
+// same kind of barrier, else the emulation aborts (a divergent barrier is undefined behaviour on
+// the device). Dynamic shared memory starts as 0xFF bytes (NaN as fp32 and bf16), so reading what
+// no thread wrote shows up in the results.
 //
 // Device pointers are host pointers here. Include this through the shim headers of this
 // folder (cuda_runtime.h, cuda_bf16.h, mma.h), with EELLM_CUDA_EMULATION defined.
 #pragma once
-
-#include <ucontext.h>
 
 #include <algorithm>
 #include <cmath>
@@ -27,7 +25,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <vector>
+
+#include "tests/gpu/emu/fiber_switch.h"
 
 // ---- runtime types ------------------------------------------------------------------------------
 struct dim3 {
@@ -39,16 +40,78 @@ struct alignas(16) float4 {
 };
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 
-enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2 };
 using cudaStream_t = struct CUstream_st*;
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
-inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+enum cudaMemcpyKind {
+  cudaMemcpyHostToHost = 0,
+  cudaMemcpyHostToDevice = 1,
+  cudaMemcpyDeviceToHost = 2,
+  cudaMemcpyDeviceToDevice = 3
+};
+
+namespace eellm_emu {
+inline cudaError_t g_last_error = cudaSuccess;  // set by failed launches, as on the device
+}  // namespace eellm_emu
+
+inline cudaError_t cudaGetLastError() {
+  const cudaError_t e = eellm_emu::g_last_error;
+  eellm_emu::g_last_error = cudaSuccess;
+  return e;
+}
+inline const char* cudaGetErrorString(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess:
+      return "no error (emulated)";
+    case cudaErrorInvalidValue:
+      return "invalid argument (emulated)";
+    default:
+      return "out of memory (emulated)";
+  }
+}
+// One emulated device; memory is host memory, 256-byte aligned like cudaMalloc's.
+inline cudaError_t cudaGetDeviceCount(int* count) {
+  *count = 1;
+  return cudaSuccess;
+}
+inline cudaError_t cudaSetDevice(int device) {
+  return device == 0 ? cudaSuccess : cudaErrorInvalidValue;
+}
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+inline cudaError_t cudaMalloc(void** p, size_t bytes) {
+  *p = std::aligned_alloc(256, (bytes + 255) / 256 * 256);
+  return *p != nullptr ? cudaSuccess : cudaErrorMemoryAllocation;
+}
+inline cudaError_t cudaFree(void* p) {
+  std::free(p);
+  return cudaSuccess;
+}
+inline cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind) {
+  std::memmove(dst, src, bytes);
+  return cudaSuccess;
+}
+inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind,
+                                   cudaStream_t) {
+  return cudaMemcpy(dst, src, bytes, kind);
+}
+inline cudaError_t cudaMemset2DAsync(void* p, size_t pitch, int value, size_t width, size_t height,
+                                     cudaStream_t) {
+  for (size_t r = 0; r < height; ++r) std::memset(static_cast<char*>(p) + r * pitch, value, width);
+  return cudaSuccess;
+}
 
 #define __global__
 #define __device__
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+// Static shared memory: one array per kernel, shared by all threads (the blocks of a launch run
+// one after another, so one copy serves them all).
+#define __shared__ static
 
 using std::max;
 using std::min;
@@ -62,15 +125,16 @@ constexpr size_t kFiberStack = 256 * 1024;
 enum class Barrier { kNone, kBlock, kWarp, kShuffle, kCollective };
 
 struct Fiber {
-  ucontext_t ctx;
-  std::vector<char> stack;
+  void* sp = nullptr;             // saved stack pointer while switched out
+  std::unique_ptr<char[]> stack;  // uninitialised: only the pages used are touched
   dim3 tid;
   bool done = false;
   Barrier waiting = Barrier::kNone;
 };
 
 struct Scheduler {
-  ucontext_t main;
+  void* main_sp = nullptr;
+  bool in_fiber = false;  // false while threads run as plain calls (see Run)
   std::vector<Fiber> fibers;
   int current = 0;
   std::function<void()> body;
@@ -89,15 +153,21 @@ inline dim3 g_thread_idx, g_block_idx, g_block_dim, g_grid_dim;
 
 inline void Yield(Barrier kind) {
   Scheduler& s = Sched();
+  if (!s.in_fiber) {
+    std::fprintf(stderr,
+                 "CUDA emulation: a barrier in a kernel whose thread 0 finished without one\n");
+    std::abort();
+  }
   s.fibers[s.current].waiting = kind;
-  swapcontext(&s.fibers[s.current].ctx, &s.main);
+  eellm_emu_switch(&s.fibers[s.current].sp, s.main_sp);
 }
 
 inline void FiberEntry() {
   Scheduler& s = Sched();
   s.body();
   s.fibers[s.current].done = true;
-  // returning switches to uc_link (the scheduler)
+  void* unused;
+  eellm_emu_switch(&unused, s.main_sp);  // never resumed
 }
 
 inline int LinearThread() {
@@ -105,12 +175,17 @@ inline int LinearThread() {
                           g_block_dim.x * (g_thread_idx.y + g_block_dim.y * g_thread_idx.z));
 }
 
-// Runs body() for every thread of every block of the grid.
+// Runs body() for every thread of every block of the grid. When thread 0 of the first block
+// finishes without reaching a barrier, the kernel has none (barriers must be reached by all
+// threads), and every other thread runs as a plain call, without fibers.
 inline cudaError_t Run(dim3 grid, dim3 block, size_t shared_bytes, std::function<void()> body) {
-  if (shared_bytes > kMaxDynamicShared) return cudaErrorInvalidValue;
-  Scheduler& s = Sched();
   const int threads = static_cast<int>(block.x * block.y * block.z);
-  if (threads <= 0 || threads > 1024) return cudaErrorInvalidValue;
+  if (shared_bytes > kMaxDynamicShared || threads <= 0 || threads > 1024 || grid.x == 0 ||
+      grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535) {
+    g_last_error = cudaErrorInvalidValue;
+    return cudaErrorInvalidValue;
+  }
+  Scheduler& s = Sched();
   s.body = std::move(body);
   s.fibers.resize(threads);
   s.lanes.assign(threads, 0);
@@ -119,24 +194,29 @@ inline cudaError_t Run(dim3 grid, dim3 block, size_t shared_bytes, std::function
       (reinterpret_cast<uintptr_t>(s.shared.data()) + 127) / 128 * 128);
   g_block_dim = block;
   g_grid_dim = grid;
+  bool barriers = true;
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         g_block_idx = dim3(bx, by, bz);
         std::fill(s.shared.begin(), s.shared.end(), 0xFF);
+        if (!barriers) {
+          for (int i = 0; i < threads; ++i) {
+            g_thread_idx = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
+            s.body();
+          }
+          continue;
+        }
         for (int i = 0; i < threads; ++i) {
           Fiber& f = s.fibers[i];
-          f.stack.resize(kFiberStack);
+          if (!f.stack) f.stack.reset(new char[kFiberStack]);
           f.tid = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
           f.done = false;
           f.waiting = Barrier::kNone;
-          getcontext(&f.ctx);
-          f.ctx.uc_stack.ss_sp = f.stack.data();
-          f.ctx.uc_stack.ss_size = f.stack.size();
-          f.ctx.uc_link = &s.main;
-          makecontext(&f.ctx, FiberEntry, 0);
+          f.sp = PrepareFiberStack(f.stack.get(), kFiberStack, FiberEntry);
         }
-        for (bool alive = true; alive;) {
+        s.in_fiber = true;
+        for (bool alive = true, first = true; alive; first = false) {
           alive = false;
           Barrier round = Barrier::kNone;
           for (int i = 0; i < threads; ++i) {
@@ -144,8 +224,11 @@ inline cudaError_t Run(dim3 grid, dim3 block, size_t shared_bytes, std::function
             if (f.done) continue;
             s.current = i;
             g_thread_idx = f.tid;
-            swapcontext(&s.main, &f.ctx);
-            if (f.done) continue;
+            eellm_emu_switch(&s.main_sp, f.sp);
+            if (f.done) {
+              if (first && i == 0 && bx + by + bz == 0) barriers = false;
+              continue;
+            }
             alive = true;
             if (round == Barrier::kNone) round = f.waiting;
             if (f.waiting != round) {
@@ -154,6 +237,7 @@ inline cudaError_t Run(dim3 grid, dim3 block, size_t shared_bytes, std::function
             }
           }
         }
+        s.in_fiber = false;
       }
   return cudaSuccess;
 }

@@ -1,0 +1,16 @@
+// The CUDA backend (engine/cuda, host code and kernels) built for the CPU emulation of CUDA in
+// this folder: the same sources, so the backend parity suite can check their logic against the
+// CPU backend on machines without a GPU ("emulated-cuda", "emulated-cuda-bf16").
+#pragma once
+
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "engine/backend.h"
+
+namespace eellm {
+
+// As MakeCudaBackend (engine/cuda/make_cuda_backend.h), on the one emulated device.
+absl::StatusOr<std::unique_ptr<Backend>> MakeEmulatedCudaBackend(int device, bool bf16_gemm);
+
+}  // namespace eellm

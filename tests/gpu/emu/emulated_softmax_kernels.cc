@@ -1,0 +1,6 @@
+// engine/cuda/softmax_kernels.cu built for the CPU emulation of CUDA (see cuda_emulation.h,
+// emulated_names.h).
+#include "tests/gpu/emu/emulated_names.h"
+// clang-format off
+#include "engine/cuda/softmax_kernels.cu"
+// clang-format on
