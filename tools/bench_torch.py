@@ -9,7 +9,11 @@ Model FLOPs per token are counted exactly as eellm counts them (launch/bench_tra
 6 * N_matmul + 12 * L_attn * (heads * head_dim) * seq.
 
 usage: bench_torch.py --model configs/bench/llama_1p3b.json [--batch 8] [--seq 2048]
-                      [--steps 5] [--warmup 2] [--no-compile] [--no-exits]
+                      [--steps 5] [--warmup 2] [--no-compile] [--no-exits] [--device cuda]
+
+--device cpu (what `eellm bench train` passes for its CPU backend) computes in fp32, as eellm's CPU
+backend does, and works with any PyTorch >= 1.13 (without SDPA or torch.compile it falls back to
+plain attention and eager mode and says so).
 """
 import argparse
 import json
@@ -72,6 +76,25 @@ def apply_rope(x, cos, sin):  # x: [b, h, t, d]; rotate_half convention
     return (x * cos + rot * sin).type_as(x)
 
 
+def attention(q, k, v, group):
+    """Causal attention, q: [b, hq, t, d], k/v: [b, hkv, t, d] with hq = group * hkv."""
+    sdpa = getattr(F, "scaled_dot_product_attention", None)
+    if sdpa is not None and group > 1:
+        try:  # PyTorch >= 2.5: grouped heads without copying K/V
+            return sdpa(q, k, v, is_causal=True, enable_gqa=True)
+        except TypeError:
+            pass
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    if sdpa is not None:
+        return sdpa(q, k, v, is_causal=True)
+    t = q.shape[-2]  # PyTorch < 2.0 (CPU smoke tests only)
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    mask = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
+    return s.masked_fill(mask, float("-inf")).softmax(-1).type_as(v) @ v
+
+
 class Mlp(nn.Module):
     def __init__(self, c):
         super().__init__()
@@ -111,11 +134,7 @@ class Block(nn.Module):
         v = self.wv(a).view(b, t, self.hkv, self.d).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if self.hkv != self.hq:
-            rep = self.hq // self.hkv
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        o = attention(q, k, v, self.hq // self.hkv)
         x = x + self.wo(o.transpose(1, 2).reshape(b, t, self.hq * self.d))
         return x + self.mlp(self.mlp_norm(x))
 
@@ -204,22 +223,28 @@ def main():
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-exits", action="store_true")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = ap.parse_args()
     c = load_config(args.model)
     seq = args.seq or c["max_seq_len"]
-    dev = "cuda"
+    dev = args.device
+    cuda = dev == "cuda"
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = True
     model = Model(c, with_exits=not args.no_exits).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                            fused=True)
-    fwd = model if args.no_compile else torch.compile(model)
+                            **({"fused": True} if cuda else {}))
+    compiled = not args.no_compile and hasattr(torch, "compile")
+    if not args.no_compile and not compiled:
+        print("note: this PyTorch has no torch.compile; running eagerly", file=sys.stderr)
+    fwd = torch.compile(model) if compiled else model
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     ids = torch.randint(0, c["vocab_size"], (args.batch, seq), device=dev)
     tgt = torch.randint(0, c["vocab_size"], (args.batch, seq), device=dev)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=cuda):
             loss = fwd(ids, tgt)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -228,24 +253,26 @@ def main():
 
     for _ in range(max(args.warmup, 1)):
         step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
-    torch.cuda.synchronize()
+    sync()
     dt = (time.perf_counter() - start) / args.steps
     tokens = args.batch * seq / dt
     fpt = flops_per_token(model, c, seq)
     tflops = fpt * tokens / 1e12
     result = {"tokens_per_s": tokens, "step_ms": dt * 1e3, "tflops": tflops,
               "mfu": tflops / args.peak_tflops,
-              "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
+              "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else 0.0,
               "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-              "flops_per_token": fpt, "compiled": not args.no_compile,
+              "flops_per_token": fpt, "compiled": compiled, "device": dev,
               "exits": len(model.exits), "torch": torch.__version__}
-    print("PyTorch %s: %.1f M params, step %.1f ms, %.0f tokens/s, %.1f TFLOP/s, MFU %.1f%%, "
-          "peak %.1f GB" % (torch.__version__, result["params_m"], result["step_ms"], tokens,
+    print("PyTorch %s on %s (%s): %.1f M params, step %.1f ms, %.0f tokens/s, %.1f TFLOP/s, MFU %.1f%%, "
+          "peak %.1f GB" % (torch.__version__, dev, "bf16 autocast" if cuda else "fp32",
+                            result["params_m"], result["step_ms"], tokens,
                             tflops, 100 * result["mfu"], result["peak_mem_gb"]))
     print(json.dumps(result))
 
