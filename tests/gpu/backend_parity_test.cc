@@ -503,7 +503,10 @@ const AttnCase kAttnCases[] = {
     {1, 4, 4, 64, 33, 0, 33},
     {3, 4, 1, 20, 5, 0, 5},
     {1, 2, 2, 8, 7, 0, 7},
-    // Longer than one 64-key tile, head_dim 128 (the 1.3B benchmark's): partial last tiles.
+    // Head dims of the fused kernels of cuda-bf16 (32, 64, 128): one 64-row tile exactly, partial
+    // last tiles, head_dim 128 as in the 1.3B benchmark.
+    {2, 2, 2, 32, 64, 0, 64},
+    {1, 4, 1, 64, 70, 0, 70},
     {1, 4, 2, 128, 130, 0, 130},
     {2, 2, 1, 32, 97, 0, 97},
     // KV-cache forms: prefill into a larger cache, one-token and several-token decode.
@@ -512,6 +515,8 @@ const AttnCase kAttnCases[] = {
     {1, 4, 2, 64, 5, 28, 40},
     {1, 4, 4, 20, 3, 11, 33},
     {1, 4, 2, 128, 2, 150, 200},
+    {2, 4, 2, 32, 5, 0, 12},
+    {2, 4, 2, 32, 1, 7, 16},
 };
 
 TEST_F(BackendParity, AttentionForward) {

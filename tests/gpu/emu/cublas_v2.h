@@ -57,6 +57,10 @@ inline cublasStatus_t cublasSgemm(cublasHandle_t, cublasOperation_t ta, cublasOp
                                   int n, int k, const float* alpha, const float* a, int lda,
                                   const float* b, int ldb, const float* beta, float* c, int ldc) {
   if (m <= 0 || n <= 0) return CUBLAS_STATUS_SUCCESS;
+  if (!eellm_emu::IsDevice(a, 1) || !eellm_emu::IsDevice(b, 1) || !eellm_emu::IsDevice(c, 1)) {
+    eellm_emu::Misuse("a cuBLAS operand is not device memory");
+    return CUBLAS_STATUS_INVALID_VALUE;
+  }
   cblas_sgemm(CblasColMajor, eellm_emu::Trans(ta), eellm_emu::Trans(tb), m, n, k, *alpha, a, lda, b,
               ldb, *beta, c, ldc);
   return CUBLAS_STATUS_SUCCESS;
@@ -74,11 +78,18 @@ inline cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cubla
                        static_cast<const float*>(beta), static_cast<float*>(c), ldc);
   }
   if (m <= 0 || n <= 0) return CUBLAS_STATUS_SUCCESS;
+  if (!eellm_emu::IsDevice(a, 1) || !eellm_emu::IsDevice(b, 1) || !eellm_emu::IsDevice(c, 1)) {
+    eellm_emu::Misuse("a cuBLAS operand is not device memory");
+    return CUBLAS_STATUS_INVALID_VALUE;
+  }
   // Stored shapes: A is m x k (k x m when transposed), B is k x n (n x k when transposed).
   const auto ra =
       eellm_emu::RoundedToBf16(fa, ta == CUBLAS_OP_N ? m : k, ta == CUBLAS_OP_N ? k : m, lda);
   const auto rb =
       eellm_emu::RoundedToBf16(fb, tb == CUBLAS_OP_N ? k : n, tb == CUBLAS_OP_N ? n : k, ldb);
-  return cublasSgemm(h, ta, tb, m, n, k, static_cast<const float*>(alpha), ra.data(), lda,
-                     rb.data(), ldb, static_cast<const float*>(beta), static_cast<float*>(c), ldc);
+  (void)h;
+  cblas_sgemm(CblasColMajor, eellm_emu::Trans(ta), eellm_emu::Trans(tb), m, n, k,
+              *static_cast<const float*>(alpha), ra.data(), lda, rb.data(), ldb,
+              *static_cast<const float*>(beta), static_cast<float*>(c), ldc);
+  return CUBLAS_STATUS_SUCCESS;
 }

@@ -25,7 +25,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "tests/gpu/emu/fiber_switch.h"
@@ -52,6 +54,35 @@ enum cudaMemcpyKind {
 
 namespace eellm_emu {
 inline cudaError_t g_last_error = cudaSuccess;  // set by failed launches, as on the device
+
+// Device memory is host memory here, but every cudaMalloc'd range is recorded, so that a host
+// pointer where the device needs device memory (a kernel argument, a cuBLAS operand, the device
+// side of a copy) is reported, as it would fault or fail on a GPU.
+inline std::map<uintptr_t, size_t>& Allocations() {
+  static std::map<uintptr_t, size_t> m;
+  return m;
+}
+// Whether [p, p + bytes) lies inside one cudaMalloc'd range.
+inline bool IsDevice(const void* p, size_t bytes) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  auto& m = Allocations();
+  auto it = m.upper_bound(a);
+  if (it == m.begin()) return false;
+  --it;
+  return a + bytes <= it->first + it->second;
+}
+inline bool IsHost(const void* p, size_t bytes) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  auto& m = Allocations();
+  auto it = m.upper_bound(a + (bytes > 0 ? bytes - 1 : 0));
+  if (it == m.begin()) return true;
+  --it;
+  return it->first + it->second <= a;
+}
+inline cudaError_t Misuse(const char* what) {
+  std::fprintf(stderr, "CUDA emulation: %s\n", what);
+  return cudaErrorInvalidValue;
+}
 }  // namespace eellm_emu
 
 inline cudaError_t cudaGetLastError() {
@@ -83,14 +114,28 @@ inline cudaError_t cudaGetDevice(int* device) {
 }
 inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
 inline cudaError_t cudaMalloc(void** p, size_t bytes) {
-  *p = std::aligned_alloc(256, (bytes + 255) / 256 * 256);
-  return *p != nullptr ? cudaSuccess : cudaErrorMemoryAllocation;
+  const size_t rounded = (std::max<size_t>(bytes, 1) + 255) / 256 * 256;
+  *p = std::aligned_alloc(256, rounded);
+  if (*p == nullptr) return cudaErrorMemoryAllocation;
+  eellm_emu::Allocations()[reinterpret_cast<uintptr_t>(*p)] = bytes;
+  return cudaSuccess;
 }
 inline cudaError_t cudaFree(void* p) {
+  if (p == nullptr) return cudaSuccess;
+  if (eellm_emu::Allocations().erase(reinterpret_cast<uintptr_t>(p)) == 0) {
+    return eellm_emu::Misuse("cudaFree of a pointer cudaMalloc did not return");
+  }
   std::free(p);
   return cudaSuccess;
 }
-inline cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind) {
+inline cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
+  using eellm_emu::IsDevice;
+  using eellm_emu::IsHost;
+  const bool ok = kind == cudaMemcpyHostToDevice     ? IsDevice(dst, bytes) && IsHost(src, bytes)
+                  : kind == cudaMemcpyDeviceToHost   ? IsHost(dst, bytes) && IsDevice(src, bytes)
+                  : kind == cudaMemcpyDeviceToDevice ? IsDevice(dst, bytes) && IsDevice(src, bytes)
+                                                     : IsHost(dst, bytes) && IsHost(src, bytes);
+  if (!ok) return eellm_emu::Misuse("cudaMemcpy between memory of the wrong kinds");
   std::memmove(dst, src, bytes);
   return cudaSuccess;
 }
@@ -100,6 +145,9 @@ inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cud
 }
 inline cudaError_t cudaMemset2DAsync(void* p, size_t pitch, int value, size_t width, size_t height,
                                      cudaStream_t) {
+  if (height > 0 && !eellm_emu::IsDevice(p, pitch * (height - 1) + width)) {
+    return eellm_emu::Misuse("cudaMemset2DAsync on memory that is not device memory");
+  }
   for (size_t r = 0; r < height; ++r) std::memset(static_cast<char*>(p) + r * pitch, value, width);
   return cudaSuccess;
 }
@@ -275,10 +323,26 @@ inline cudaError_t cudaFuncSetAttribute(Kernel, cudaFuncAttribute, size_t value)
   return value <= eellm_emu::kMaxDynamicShared ? cudaSuccess : cudaErrorInvalidValue;
 }
 
+namespace eellm_emu {
+// Whether a kernel argument may be passed: pointers must be null or point into device memory.
+template <typename T>
+bool DeviceArgument(const T& arg) {
+  if constexpr (std::is_pointer_v<T>) {
+    return arg == nullptr || IsDevice(arg, 1);
+  } else {
+    return true;
+  }
+}
+}  // namespace eellm_emu
+
 // The launch of engine/cuda/kernel_launch.h, emulated.
 template <typename... Params, typename... Args>
 inline cudaError_t LaunchKernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared,
                                 cudaStream_t, Args... args) {
+  if (!(eellm_emu::DeviceArgument(args) && ...)) {
+    eellm_emu::g_last_error = eellm_emu::Misuse("a kernel argument points to host memory");
+    return eellm_emu::g_last_error;
+  }
   return eellm_emu::Run(grid, block, shared, [=] { kernel(args...); });
 }
 #define EE_DYNAMIC_SHARED(name) unsigned char* name = ::eellm_emu::DynamicShared()

@@ -1,0 +1,62 @@
+// The CPU emulation of CUDA (tests/gpu/emu) reports what would fault or fail on a GPU: host
+// memory where the CUDA backend needs device memory (kernel arguments, cuBLAS operands, the
+// device side of a copy). The backend's results under it are checked by the parity suite
+// (EELLM_PARITY_BACKEND=emulated-cuda[-bf16]).
+#include <memory>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "tests/gpu/emu/emulated_cuda_backend.h"
+
+namespace eellm {
+namespace {
+
+class CudaEmulation : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto be = MakeEmulatedCudaBackend(0, false);
+    ASSERT_TRUE(be.ok()) << be.status();
+    be_ = std::move(*be);
+    dev_ = static_cast<float *>(be_->Alloc(64 * sizeof(float)));
+    dev2_ = static_cast<float *>(be_->Alloc(64 * sizeof(float)));
+  }
+  void TearDown() override {
+    if (be_) {
+      be_->Free(dev_);
+      be_->Free(dev2_);
+    }
+  }
+  std::unique_ptr<Backend> be_;
+  float *dev_ = nullptr, *dev2_ = nullptr;
+  std::vector<float> host_ = std::vector<float>(64, 1.0f);
+};
+
+TEST_F(CudaEmulation, DeviceMemoryWorks) {
+  be_->CopyFromHost(dev_, host_.data(), 64 * sizeof(float));
+  be_->Scale(dev_, 3.0f, 64);
+  be_->Copy(dev2_, dev_, 64 * sizeof(float));
+  std::vector<float> back(64);
+  be_->CopyToHost(back.data(), dev2_, 64 * sizeof(float));
+  EXPECT_EQ(back, std::vector<float>(64, 3.0f));
+}
+
+TEST_F(CudaEmulation, HostPointerAsKernelArgumentFails) {
+  EXPECT_DEATH(be_->Scale(host_.data(), 2.0f, 64), "kernel argument points to host memory");
+}
+
+TEST_F(CudaEmulation, HostPointerAsGemmOperandFails) {
+  EXPECT_DEATH(be_->Linear(dev_, host_.data(), dev2_, nullptr, 8, 8, 8, false),
+               "cuBLAS operand is not device memory");
+}
+
+TEST_F(CudaEmulation, CopiesCheckWhichSideIsTheDevice) {
+  std::vector<float> other(64);
+  EXPECT_DEATH(be_->CopyToHost(other.data(), host_.data(), 64 * sizeof(float)), "wrong kinds");
+  EXPECT_DEATH(be_->CopyFromHost(host_.data(), other.data(), 64 * sizeof(float)), "wrong kinds");
+  EXPECT_DEATH(be_->Copy(dev_, host_.data(), 64 * sizeof(float)), "wrong kinds");
+  // A copy running past the end of an allocation is not device memory either.
+  EXPECT_DEATH(be_->Copy(dev_, dev2_, 65 * sizeof(float)), "wrong kinds");
+}
+
+}  // namespace
+}  // namespace eellm
