@@ -13,6 +13,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/strip.h"
 #include "engine/core/status.h"
+#include "engine/tensor/tensor.h"
 
 namespace eellm {
 namespace fs = std::filesystem;
@@ -258,9 +259,17 @@ absl::StatusOr<std::string> SaveShardedCheckpoint(
     const std::string& shard_name, Communicator& world, const ShardedSaveOptions& options) {
   const std::string tmp = StagingDir(root, meta.step);
   // Collective agreement: every rank learns whether any rank failed.
+  Backend* be = options.backend;
   auto any_failed = [&](const absl::Status& s) {
     float flag = s.ok() ? 0.0f : 1.0f;
-    world.AllReduce(&flag, 1, ReduceOp::kMax);
+    if (be == nullptr) {
+      world.AllReduce(&flag, 1, ReduceOp::kMax);
+    } else {  // a device communicator needs device memory
+      Buffer buf(be, sizeof(float));
+      be->CopyFromHost(buf.data(), &flag, sizeof(float));
+      world.AllReduce(buf.f32(), 1, ReduceOp::kMax);
+      be->CopyToHost(&flag, buf.data(), sizeof(float));
+    }
     return flag != 0.0f;
   };
   absl::Status status;

@@ -47,6 +47,9 @@ struct ShardedSaveOptions {
   int keep_last = 0;  // step directories to keep, the new one included (0 = keep all)
   // Tests: this rank's shard write fails after writing this many tensors (< 0 = never).
   int fail_after_tensors = -1;
+  // The backend whose memory `world` communicates (the one the communicator was made with):
+  // the ranks' agreement flags go through its buffers. Null: host memory.
+  Backend* backend = nullptr;
 };
 
 // Collective over `world`: every rank calls it. `shard_name` ("tp0_pp1") names this rank's

@@ -389,10 +389,11 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     meta.attrs["train_state"] = TrainStateJson(rc, step);
     const bool writes = ctx->coord.dp == 0;
     ASSIGN_OR_RETURN(
-        ckpt, SaveShardedCheckpoint(
-                  tc.out, meta, writes ? states : std::vector<ChunkState>{},
-                  writes ? absl::StrCat("tp", ctx->coord.tp, "_pp", ctx->coord.pp) : "",
-                  *ctx->world, ShardedSaveOptions{tc.keep_checkpoints, opts.fail_save_after}));
+        ckpt,
+        SaveShardedCheckpoint(
+            tc.out, meta, writes ? states : std::vector<ChunkState>{},
+            writes ? absl::StrCat("tp", ctx->coord.tp, "_pp", ctx->coord.pp) : "", *ctx->world,
+            ShardedSaveOptions{tc.keep_checkpoints, opts.fail_save_after, backend}));
     if (verbose) std::printf("saved %s (step %d)\n", ckpt.c_str(), step);
     return absl::OkStatus();
   };

@@ -10,6 +10,10 @@
 // difference into a visible fraction of lr; those few elements set the bound. Layouts with tensor
 // parallelism round differently inside every layer (split GEMM accumulations are all-reduced):
 // gradient norms to 5e-5 and parameters to 3e-4 (3% of lr) there, with the same 99% within 1e-6.
+//
+// EELLM_LAYOUT_BACKEND=emulated-cuda runs every rank on the CUDA backend's code under the CPU
+// emulation of CUDA (tests/gpu/emu): device buffers, staged through host memory by the MPI
+// communicator, against the single-rank run on the same backend.
 #include <unistd.h>
 
 #include <cmath>
@@ -20,14 +24,38 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
+#include "engine/core/status.h"
 #include "gtest/gtest.h"
 #include "launch/trainer.h"
 #include "models/token_file.h"
 #include "models/tokenizer.h"
 #include "parallel/comm/mpi_communicator.h"
+#include "tests/gpu/emu/emulated_cuda_backend.h"
 
 namespace eellm {
 namespace {
+
+// The backend of every run in this process: EELLM_LAYOUT_BACKEND ("cpu" by default, or
+// "emulated-cuda[-bf16]"), made once.
+Backend* LayoutBackend() {
+  static Backend* backend = [] {
+    const char* env = std::getenv("EELLM_LAYOUT_BACKEND");
+    const std::string name = env != nullptr && *env != '\0' ? env : "cpu";
+    auto be = absl::StartsWith(name, "emulated-cuda")
+                  ? MakeEmulatedCudaBackend(0, absl::EndsWith(name, "-bf16"))
+                  : MakeBackend(name);
+    EE_CHECK(be.ok(), "EELLM_LAYOUT_BACKEND=", name, ": ", be.status().ToString());
+    return be->release();
+  }();
+  return backend;
+}
+
+// What the MPI communicator stages through host memory: the backend's buffers when they are
+// device memory, none for the CPU backend.
+Backend* StagingBackend() {
+  return LayoutBackend()->device() == Device::kCpu ? nullptr : LayoutBackend();
+}
 
 struct RunResult {
   std::vector<std::vector<double>> losses;
@@ -86,8 +114,7 @@ RunResult Train(RunConfig rc, ParallelContext* ctx, const std::string& out,
   opts.step_losses = &r.losses;
   opts.step_grad_norms = &r.grad_norms;
   opts.final_params = &r.params;
-  auto backend = MakeBackend("cpu");
-  opts.backend = backend->get();
+  opts.backend = LayoutBackend();
   auto s = RunTraining(rc, opts);
   EXPECT_TRUE(s.ok()) << s.status();
   if (s.ok()) r.early_buckets = s->early_buckets;
@@ -161,7 +188,7 @@ TEST_P(TrainLayouts, EveryLayoutMatchesSingleRank) {
                              std::to_string(l.dp) + (l.zero1 ? " zero1" : "") + " micro" +
                              std::to_string(l.micro_batch) + (l.fused ? " fused" : "") +
                              (l.virtual_stages > 1 ? " v" + std::to_string(l.virtual_stages) : "");
-    auto ctx = ParallelContext::Create(MpiCommunicator::World(nullptr), l.tp, l.pp, l.dp);
+    auto ctx = ParallelContext::Create(MpiCommunicator::World(StagingBackend()), l.tp, l.pp, l.dp);
     ASSERT_TRUE(ctx.ok()) << ctx.status();
     RunResult got = Train(par, ctx->get(), shared_out + std::to_string(tested));
     ASSERT_EQ(got.losses.size(), ref.losses.size()) << name;
@@ -234,7 +261,7 @@ TEST_P(TrainLayouts, ResumeIsExactAndReshardsAcrossLayouts) {
     return par;
   };
   auto context = [&](const Layout& l) {
-    auto ctx = ParallelContext::Create(MpiCommunicator::World(nullptr), l.tp, l.pp, l.dp);
+    auto ctx = ParallelContext::Create(MpiCommunicator::World(StagingBackend()), l.tp, l.pp, l.dp);
     EXPECT_TRUE(ctx.ok()) << ctx.status();
     return std::move(*ctx);
   };
