@@ -328,8 +328,8 @@ TEST_P(TrainLayouts, OverlappedGradientReductionIsIdentical) {
   rc.train.pp = n >= 4 ? 2 : 1;
   rc.train.dp = 2;
   rc.train.micro_batch_size = 1;
-  auto ctx = ParallelContext::Create(MpiCommunicator::World(nullptr), rc.train.tp, rc.train.pp,
-                                     rc.train.dp);
+  auto ctx = ParallelContext::Create(MpiCommunicator::World(StagingBackend()), rc.train.tp,
+                                     rc.train.pp, rc.train.dp);
   ASSERT_TRUE(ctx.ok()) << ctx.status();
   rc.train.grad_bucket_size = 2048;
   RunResult a = Train(rc, ctx->get(), out + "_on");
