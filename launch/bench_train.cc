@@ -20,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "engine/core/rng.h"
@@ -31,6 +32,10 @@
 #include "models/transformer.h"
 #include "nlohmann/json.hpp"
 #include "parallel/distributed_optimizer.h"
+
+#ifdef EELLM_HAVE_CUDA
+#include "engine/cuda/make_cuda_backend.h"
+#endif
 
 namespace eellm {
 namespace {
@@ -127,6 +132,38 @@ absl::StatusOr<TrainBenchResult> BenchTrainStep(const ModelConfig& mc, Backend* 
   return r;
 }
 
+// The model's forward GEMM shapes (the backward's are the same products transposed), timed in
+// each precision the CUDA backend could use: whether bf16 operands converted beforehand would
+// beat cuBLAS's FAST_16BF on fp32 data, which the cuda-bf16 backend uses today.
+void PrintCudaGemmPrecisions(const ModelConfig& mc, const TrainBenchOptions& o) {
+#ifdef EELLM_HAVE_CUDA
+  const int n = o.batch * o.seq, h = mc.hidden_size, d = mc.head_dim();
+  const int head_rows = std::min(n, std::max(1, (1 << 24) / mc.vocab_size));
+  std::vector<GemmShape> shapes = {{"q", n, mc.num_heads * d, h},
+                                   {"k, v", n, mc.num_kv_heads * d, h},
+                                   {"attention out", n, h, mc.num_heads * d},
+                                   {"mlp in", n, mc.ffn_hidden_size, h},
+                                   {"mlp out", n, h, mc.ffn_hidden_size},
+                                   {"head (one chunk)", head_rows, mc.vocab_size, h}};
+  auto t = MeasureCudaGemms(shapes);
+  if (!t.ok()) {
+    std::printf("GEMM precisions: not measured (%s)\n", t.status().ToString().c_str());
+    return;
+  }
+  std::printf(
+      "GEMM TFLOP/s by precision (fp32 SGEMM | FAST_16BF on fp32 data, as cuda-bf16 | "
+      "bf16 operands, fp32 out | bf16 throughout; max |diff| / max |C| vs fp32):\n");
+  for (const GemmTiming& g : *t) {
+    std::printf("  %-17s %6d x %6d x %6d  %7.1f %7.1f %7.1f %7.1f   %.1e\n", g.shape.what.c_str(),
+                g.shape.m, g.shape.n, g.shape.k, g.fp32, g.fast_bf16, g.bf16_in, g.bf16_all,
+                g.max_rel_diff);
+  }
+#else
+  (void)mc;
+  (void)o;
+#endif
+}
+
 absl::Status RunTrainBenchmark(const ModelConfig& mc, Backend* backend,
                                const TrainBenchOptions& o) {
   std::printf(
@@ -148,6 +185,7 @@ absl::Status RunTrainBenchmark(const ModelConfig& mc, Backend* backend,
   if (backend->device() == Device::kCuda) {
     std::printf("MFU against the 989 TFLOP/s bf16 dense peak of an H100/H200: %.1f%%\n",
                 100 * r.flops_per_second / 989e12);
+    PrintCudaGemmPrecisions(mc, o);
   }
   std::printf("memory: %.1f MB allocated through the backend at peak; process max RSS %.1f MB\n",
               r.peak_bytes / 1e6, ru.ru_maxrss / 1e3);
@@ -171,11 +209,10 @@ absl::Status RunTrainBenchmark(const ModelConfig& mc, Backend* backend,
         b.step_seconds * 1e3, b.tokens_per_second, 100 * time_share, 100 * flop_share);
   }
   if (!o.torch_reference.empty()) {
-    const std::string cmd = absl::StrCat(o.python, " ", o.torch_reference, " --model '",
-                                         o.model_path, "' --batch ", o.batch, " --seq ", o.seq,
-                                         " --steps ", o.steps, " --warmup ", o.warmup,
-                                         backend->device() == Device::kCpu ? " --device cpu" : "",
-                                         " 2>&1");
+    const std::string cmd =
+        absl::StrCat(o.python, " ", o.torch_reference, " --model '", o.model_path, "' --batch ",
+                     o.batch, " --seq ", o.seq, " --steps ", o.steps, " --warmup ", o.warmup,
+                     backend->device() == Device::kCpu ? " --device cpu" : "", " 2>&1");
     std::printf("PyTorch reference: %s\n", cmd.c_str());
     std::fflush(stdout);
     FILE* p = popen(cmd.c_str(), "r");

@@ -15,6 +15,10 @@ namespace eellm::cuda {
 // elementwise_kernels.cu
 cudaError_t Fill(float* x, size_t n, float value, cudaStream_t s);
 cudaError_t Add(float* y, const float* a, const float* b, size_t n, cudaStream_t s);
+// x[i] uniform in [-scale, scale) from a hash of (seed, i); for benchmarks.
+cudaError_t FillUniform(float* x, size_t n, uint32_t seed, float scale, cudaStream_t s);
+// out[i] = the bf16 bits of x[i] (round to nearest even).
+cudaError_t ToBf16(uint16_t* out, const float* x, size_t n, cudaStream_t s);
 cudaError_t Axpy(float* y, float alpha, const float* x, size_t n, cudaStream_t s);
 cudaError_t Scale(float* x, float alpha, size_t n, cudaStream_t s);
 // partial[blocks] (double) of sum x^2 over fixed 16384-element blocks; returns the block count

@@ -22,6 +22,27 @@ unsigned Blocks(size_t n) {
        i += size_t{gridDim.x} * blockDim.x)
 
 __global__ void FillKernel(float* x, size_t n, float v) { GRID_STRIDE(i, n) x[i] = v; }
+// x[i] uniform in [-scale, scale) from a hash of (seed, i) (benchmark data: not all equal).
+__global__ void FillUniformKernel(float* x, size_t n, uint32_t seed, float scale) {
+  GRID_STRIDE(i, n) {
+    uint32_t h = static_cast<uint32_t>(i) * 0x9E3779B1u ^ seed;
+    h ^= h >> 15;
+    h *= 0x85EBCA77u;
+    h ^= h >> 13;
+    h *= 0xC2B2AE3Du;
+    h ^= h >> 16;
+    x[i] = scale * (static_cast<float>(h >> 8) * (2.0f / 16777216.0f) - 1.0f);
+  }
+}
+// bf16 bits of x (round to nearest even; NaN stays NaN).
+__global__ void ToBf16Kernel(uint16_t* out, const float* x, size_t n) {
+  GRID_STRIDE(i, n) {
+    const uint32_t u = __float_as_uint(x[i]);
+    out[i] = (u & 0x7fffffffu) > 0x7f800000u
+                 ? static_cast<uint16_t>((u >> 16) | 0x40)
+                 : static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+}
 __global__ void AddKernel(float* y, const float* a, const float* b, size_t n) {
   GRID_STRIDE(i, n) y[i] = a[i] + b[i];
 }
@@ -159,6 +180,14 @@ __global__ void AdamWKernel(float* p, const float* g, float* m, float* v, size_t
 
 cudaError_t Fill(float* x, size_t n, float value, cudaStream_t s) {
   if (n) LaunchKernel(FillKernel, dim3(Blocks(n)), dim3(kThreads), 0, s, x, n, value);
+  return cudaGetLastError();
+}
+cudaError_t FillUniform(float* x, size_t n, uint32_t seed, float scale, cudaStream_t s) {
+  if (n) LaunchKernel(FillUniformKernel, dim3(Blocks(n)), dim3(kThreads), 0, s, x, n, seed, scale);
+  return cudaGetLastError();
+}
+cudaError_t ToBf16(uint16_t* out, const float* x, size_t n, cudaStream_t s) {
+  if (n) LaunchKernel(ToBf16Kernel, dim3(Blocks(n)), dim3(kThreads), 0, s, out, x, n);
   return cudaGetLastError();
 }
 cudaError_t Add(float* y, const float* a, const float* b, size_t n, cudaStream_t s) {

@@ -58,5 +58,22 @@ TEST_F(CudaEmulation, CopiesCheckWhichSideIsTheDevice) {
   EXPECT_DEATH(be_->Copy(dev_, dev2_, 65 * sizeof(float)), "wrong kinds");
 }
 
+// The GEMM precision benchmark of `eellm bench train` runs all four variants of a shape with odd
+// sizes and finds the reduced-precision products within bf16 rounding of the fp32 one.
+TEST(CudaEmulationGemms, EveryPrecisionComputesTheSameProduct) {
+  auto t = MeasureEmulatedCudaGemms({{"odd", 33, 20, 48}, {"wide", 8, 96, 16}}, 2);
+  ASSERT_TRUE(t.ok()) << t.status();
+  ASSERT_EQ(t->size(), 2u);
+  for (const GemmTiming &g : *t) {
+    EXPECT_GT(g.fp32, 0);
+    EXPECT_GT(g.fast_bf16, 0);
+    EXPECT_GT(g.bf16_in, 0);
+    EXPECT_GT(g.bf16_all, 0);
+    EXPECT_GT(g.max_rel_diff, 0) << "bf16 rounding changed nothing: were the operands rounded?";
+    EXPECT_LT(g.max_rel_diff, 2e-2);
+  }
+  EXPECT_FALSE(MeasureEmulatedCudaGemms({{"empty", 0, 4, 4}}, 1).ok());
+}
+
 }  // namespace
 }  // namespace eellm

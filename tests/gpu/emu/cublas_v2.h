@@ -19,7 +19,7 @@ enum cublasOperation_t { CUBLAS_OP_N = 0, CUBLAS_OP_T = 1 };
 enum cublasMath_t { CUBLAS_DEFAULT_MATH = 0, CUBLAS_PEDANTIC_MATH = 2 };
 enum cublasComputeType_t { CUBLAS_COMPUTE_32F = 68, CUBLAS_COMPUTE_32F_FAST_16BF = 75 };
 enum cublasGemmAlgo_t { CUBLAS_GEMM_DEFAULT = -1 };
-enum cudaDataType { CUDA_R_32F = 0 };
+enum cudaDataType { CUDA_R_32F = 0, CUDA_R_16BF = 14 };
 
 inline cublasStatus_t cublasCreate(cublasHandle_t* h) {
   *h = new cublasContext;
@@ -68,28 +68,53 @@ inline cublasStatus_t cublasSgemm(cublasHandle_t, cublasOperation_t ta, cublasOp
 
 inline cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb,
                                    int m, int n, int k, const void* alpha, const void* a,
-                                   cudaDataType, int lda, const void* b, cudaDataType, int ldb,
-                                   const void* beta, void* c, cudaDataType, int ldc,
+                                   cudaDataType atype, int lda, const void* b, cudaDataType btype,
+                                   int ldb, const void* beta, void* c, cudaDataType ctype, int ldc,
                                    cublasComputeType_t compute, cublasGemmAlgo_t) {
-  const auto* fa = static_cast<const float*>(a);
-  const auto* fb = static_cast<const float*>(b);
-  if (compute != CUBLAS_COMPUTE_32F_FAST_16BF) {
-    return cublasSgemm(h, ta, tb, m, n, k, static_cast<const float*>(alpha), fa, lda, fb, ldb,
-                       static_cast<const float*>(beta), static_cast<float*>(c), ldc);
-  }
+  (void)h;
   if (m <= 0 || n <= 0) return CUBLAS_STATUS_SUCCESS;
   if (!eellm_emu::IsDevice(a, 1) || !eellm_emu::IsDevice(b, 1) || !eellm_emu::IsDevice(c, 1)) {
     eellm_emu::Misuse("a cuBLAS operand is not device memory");
     return CUBLAS_STATUS_INVALID_VALUE;
   }
-  // Stored shapes: A is m x k (k x m when transposed), B is k x n (n x k when transposed).
-  const auto ra =
-      eellm_emu::RoundedToBf16(fa, ta == CUBLAS_OP_N ? m : k, ta == CUBLAS_OP_N ? k : m, lda);
-  const auto rb =
-      eellm_emu::RoundedToBf16(fb, tb == CUBLAS_OP_N ? k : n, tb == CUBLAS_OP_N ? n : k, ldb);
-  (void)h;
-  cblas_sgemm(CblasColMajor, eellm_emu::Trans(ta), eellm_emu::Trans(tb), m, n, k,
-              *static_cast<const float*>(alpha), ra.data(), lda, rb.data(), ldb,
-              *static_cast<const float*>(beta), static_cast<float*>(c), ldc);
+  if (atype != btype) return CUBLAS_STATUS_INVALID_VALUE;  // as cuBLAS: no mixed operand types
+  // The operands as fp32 values (stored shapes: A m x k, or k x m transposed; B k x n or n x k),
+  // rounded to bf16 where the data or the compute type says so.
+  const bool round = compute == CUBLAS_COMPUTE_32F_FAST_16BF;
+  auto operand = [&](const void* x, cudaDataType type, int rows, int cols, int ld) {
+    std::vector<float> r(static_cast<size_t>(ld) * cols);
+    for (int col = 0; col < cols; ++col)
+      for (int i = 0; i < rows; ++i) {
+        const size_t at = static_cast<size_t>(col) * ld + i;
+        const float v = type == CUDA_R_16BF
+                            ? __bfloat162float(static_cast<const __nv_bfloat16*>(x)[at])
+                            : static_cast<const float*>(x)[at];
+        r[at] = round ? __bfloat162float(__float2bfloat16(v)) : v;
+      }
+    return r;
+  };
+  const auto ra = operand(a, atype, ta == CUBLAS_OP_N ? m : k, ta == CUBLAS_OP_N ? k : m, lda);
+  const auto rb = operand(b, btype, tb == CUBLAS_OP_N ? k : n, tb == CUBLAS_OP_N ? n : k, ldb);
+  const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
+  if (ctype == CUDA_R_32F) {
+    cblas_sgemm(CblasColMajor, eellm_emu::Trans(ta), eellm_emu::Trans(tb), m, n, k, al, ra.data(),
+                lda, rb.data(), ldb, be, static_cast<float*>(c), ldc);
+    return CUBLAS_STATUS_SUCCESS;
+  }
+  // bf16 output: compute in fp32, round once.
+  auto* cb = static_cast<__nv_bfloat16*>(c);
+  std::vector<float> rc(static_cast<size_t>(ldc) * n);
+  for (int col = 0; col < n; ++col)
+    for (int i = 0; i < m; ++i) {
+      rc[static_cast<size_t>(col) * ldc + i] =
+          __bfloat162float(cb[static_cast<size_t>(col) * ldc + i]);
+    }
+  cblas_sgemm(CblasColMajor, eellm_emu::Trans(ta), eellm_emu::Trans(tb), m, n, k, al, ra.data(),
+              lda, rb.data(), ldb, be, rc.data(), ldc);
+  for (int col = 0; col < n; ++col)
+    for (int i = 0; i < m; ++i) {
+      cb[static_cast<size_t>(col) * ldc + i] =
+          __float2bfloat16(rc[static_cast<size_t>(col) * ldc + i]);
+    }
   return CUBLAS_STATUS_SUCCESS;
 }

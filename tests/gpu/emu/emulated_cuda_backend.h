@@ -7,10 +7,14 @@
 
 #include "absl/status/statusor.h"
 #include "engine/backend.h"
+#include "engine/cuda/make_cuda_backend.h"
 
 namespace eellm {
 
 // As MakeCudaBackend (engine/cuda/make_cuda_backend.h), on the one emulated device.
 absl::StatusOr<std::unique_ptr<Backend>> MakeEmulatedCudaBackend(int device, bool bf16_gemm);
+// As MeasureCudaGemms (the timings mean nothing here; the results are checked).
+absl::StatusOr<std::vector<GemmTiming>> MeasureEmulatedCudaGemms(
+    const std::vector<GemmShape>& shapes, int reps);
 
 }  // namespace eellm
