@@ -136,7 +136,11 @@ inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b)
   *ms = std::chrono::duration<float, std::milli>(b->at - a->at).count();
   return cudaSuccess;
 }
+namespace eellm_emu {
+inline int64_t g_malloc_calls = 0;  // cudaMalloc calls so far (tests: no allocation in a step)
+}  // namespace eellm_emu
 inline cudaError_t cudaMalloc(void** p, size_t bytes) {
+  ++eellm_emu::g_malloc_calls;
   const size_t rounded = (std::max<size_t>(bytes, 1) + 255) / 256 * 256;
   *p = std::aligned_alloc(256, rounded);
   if (*p == nullptr) return cudaErrorMemoryAllocation;

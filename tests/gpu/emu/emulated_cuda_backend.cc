@@ -4,3 +4,7 @@
 // clang-format off
 #include "engine/cuda/cuda_backend.cc"
 // clang-format on
+
+namespace eellm {
+int64_t EmulatedCudaMallocCalls() { return eellm_emu::g_malloc_calls; }
+}  // namespace eellm

@@ -3,6 +3,7 @@
 // CPU backend on machines without a GPU ("emulated-cuda", "emulated-cuda-bf16").
 #pragma once
 
+#include <cstdint>
 #include <memory>
 
 #include "absl/status/statusor.h"
@@ -13,6 +14,9 @@ namespace eellm {
 
 // As MakeCudaBackend (engine/cuda/make_cuda_backend.h), on the one emulated device.
 absl::StatusOr<std::unique_ptr<Backend>> MakeEmulatedCudaBackend(int device, bool bf16_gemm);
+// cudaMalloc calls made so far in this process under the emulation (the backend's buffers and
+// its internal scratch alike).
+int64_t EmulatedCudaMallocCalls();
 // As MeasureCudaGemms (the timings mean nothing here; the results are checked).
 absl::StatusOr<std::vector<GemmTiming>> MeasureEmulatedCudaGemms(
     const std::vector<GemmShape>& shapes, int reps);

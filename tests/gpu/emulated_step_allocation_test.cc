@@ -1,0 +1,58 @@
+// The CUDA backend allocates no device memory inside a training step once the first step has
+// run (its internal scratch included, which the ProfilingBackend-based step_allocation_test
+// cannot see): cudaMalloc calls counted under the CPU emulation of CUDA, in fp32 and bf16 modes
+// (the latter with head_dim 32, so attention runs the fused kernels and their scratch).
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "models/exit_loss_weights.h"
+#include "models/pipeline_executor.h"
+#include "parallel/distributed_optimizer.h"
+#include "tests/gpu/emu/emulated_cuda_backend.h"
+#include "tests/models/model_test_util.h"
+
+namespace eellm {
+namespace {
+
+TEST(EmulatedCudaStep, NoDeviceAllocationAfterTheFirstStep) {
+  for (bool bf16 : {false, true}) {
+    for (ModelStyle style : {ModelStyle::kLlama, ModelStyle::kGpt}) {
+      SCOPED_TRACE(::testing::Message() << (bf16 ? "cuda-bf16 " : "cuda ")
+                                        << (style == ModelStyle::kGpt ? "gpt" : "llama"));
+      auto be = MakeEmulatedCudaBackend(0, bf16);
+      ASSERT_TRUE(be.ok()) << be.status();
+      ModelConfig c = testing::TinyConfig(style, 4);
+      c.hidden_size = 64;  // head_dim 32
+      c.ffn_hidden_size = 96;
+      c.vocab_size = 40;
+      c.exits = {ExitConfig{}, ExitConfig{}};
+      c.exits[0].layer = 1;
+      c.exits[1].layer = 3;
+      c.exits[1].kind = ExitKind::kMlp;
+      auto model = Model::Create(c, be->get());
+      ASSERT_TRUE(model.ok()) << model.status();
+      (*model)->InitRandom(3);
+      auto ctx = ParallelContext::Single();
+      DistributedOptimizer opt(&(*model)->params(), AdamWConfig{}, ctx.get(), false);
+      const int micro = 2, seq = 16, microbatches = 2;
+      PipelineExecutor exec(model->get(), ctx.get(), micro, seq, microbatches, true);
+      const auto ids = testing::RandomTokens(micro * seq * microbatches, c.vocab_size, 1);
+      const auto targets = testing::RandomTokens(micro * seq * microbatches, c.vocab_size, 2);
+      const std::vector<float> w = ExitLossWeights(c, 0);
+      std::vector<double> losses;
+      auto step = [&] {
+        (*model)->params().ZeroGrads();
+        losses.push_back(exec.TrainStep(ids.data(), targets.data(), w).final_loss);
+        return opt.Step(1e-3f);
+      };
+      step();
+      const int64_t after_first = EmulatedCudaMallocCalls();
+      for (int i = 0; i < 3; ++i) step();
+      EXPECT_EQ(EmulatedCudaMallocCalls(), after_first) << "steps 2-4 called cudaMalloc";
+      EXPECT_LT(losses.back(), losses.front());  // and it trains
+    }
+  }
+}
+
+}  // namespace
+}  // namespace eellm
