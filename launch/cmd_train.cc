@@ -12,6 +12,9 @@
 #include "launch/shared_flags.h"
 #include "launch/trainer.h"
 #include "parallel/comm/mpi_communicator.h"
+#ifdef EELLM_HAVE_NCCL
+#include "parallel/comm/nccl_communicator.h"
+#endif
 #include "parallel/comm/mpi_runtime.h"
 #include "parallel/topology.h"
 
@@ -102,6 +105,24 @@ int RunTrainCommand() {
     auto c = ParallelContext::Create(MpiCommunicator::World(backend->get()), t.tp, t.pp, t.dp);
     if (!c.ok()) return Fail(c.status(), multi, launch->rank);
     ctx = std::move(*c);
+    const bool gpu = (*backend)->device() != Device::kCpu;
+#ifdef EELLM_HAVE_NCCL
+    if (t.communicator == "nccl" || (t.communicator == "auto" && gpu)) {
+      if (!gpu) {
+        return Fail(absl::InvalidArgumentError("communicator \"nccl\" needs a GPU backend, not " +
+                                               t.backend),
+                    multi, launch->rank);
+      }
+      UseNcclForTensorAndDataParallel(ctx.get(), MpiCommunicator::World(nullptr).get());
+    }
+#else
+    if (t.communicator == "nccl") {
+      return Fail(
+          absl::UnimplementedError("communicator \"nccl\": this eellm was built without NCCL"),
+          multi, launch->rank);
+    }
+    (void)gpu;
+#endif
   } else {
     ctx = ParallelContext::Single();
   }

@@ -69,6 +69,7 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
                                    "overlap_grad_reduce",
                                    "micro_batch_size",
                                    "exit_placement",
+                                   "communicator",
                                    "virtual_stages"},
                                   "train config"));
     RETURN_IF_ERROR(ReadJsonField(tj, "data", "train config", &t.data));
@@ -78,6 +79,7 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
     RETURN_IF_ERROR(ReadJsonField(tj, "batch_size", "train config", &t.batch_size));
     RETURN_IF_ERROR(ReadJsonField(tj, "micro_batch_size", "train config", &t.micro_batch_size));
     RETURN_IF_ERROR(ReadJsonField(tj, "exit_placement", "train config", &t.exit_placement));
+    RETURN_IF_ERROR(ReadJsonField(tj, "communicator", "train config", &t.communicator));
     RETURN_IF_ERROR(ReadJsonField(tj, "seq_len", "train config", &t.seq_len));
     RETURN_IF_ERROR(ReadJsonField(tj, "steps", "train config", &t.steps));
     RETURN_IF_ERROR(ReadJsonField(tj, "lr", "train config", &t.lr));
@@ -115,6 +117,9 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
   if (t.warmup_steps < 0 || t.eval_interval < 0 || t.save_interval < 0 || t.keep_checkpoints < 0) {
     return Invalid("warmup_steps, eval_interval, save_interval and keep_checkpoints must be >= 0");
   }
+  if (t.communicator != "auto" && t.communicator != "nccl" && t.communicator != "mpi") {
+    return Invalid(absl::StrCat("communicator \"", t.communicator, "\" is not auto, nccl or mpi"));
+  }
   if (t.exit_placement != "bubbles" && t.exit_placement != "backward") {
     return Invalid(
         absl::StrCat("exit_placement \"", t.exit_placement, "\" is not bubbles or backward"));
@@ -151,6 +156,7 @@ std::string TrainConfigToJson(const TrainConfig& t) {
             {"batch_size", t.batch_size},
             {"micro_batch_size", t.micro_batch_size},
             {"exit_placement", t.exit_placement},
+            {"communicator", t.communicator},
             {"virtual_stages", t.virtual_stages},
             {"seq_len", t.seq_len},
             {"steps", t.steps},

@@ -41,6 +41,10 @@ struct TrainConfig {
   // Where exit-head work runs: "bubbles" (its own action in pipeline bubbles) or "backward"
   // (fused into the backward slot of its layer, EE-LLM's default).
   std::string exit_placement = "bubbles";
+  // Communicators of multi-process runs: "auto" (NCCL for the tensor- and data-parallel groups
+  // when the backend is a GPU and eellm was built with NCCL, else MPI), "nccl" (that, or an
+  // error), "mpi" (MPI for every group; device buffers staged through host memory).
+  std::string communicator = "auto";
   // Interleaved pipeline parallelism: model chunks per pipeline rank (virtual stages; chunk c of
   // rank s holds virtual stage c * pp + s of pp * virtual_stages). 1 = plain 1F1B.
   int virtual_stages = 1;

@@ -52,7 +52,18 @@ class EventRequest : public Request {
 struct NcclCommunicator::State {
   ncclComm_t comm = nullptr;
   cudaStream_t stream = nullptr;
+  cudaEvent_t compute_done = nullptr;  // recorded on the backends' stream before each operation
 };
+
+namespace {
+std::unique_ptr<NcclCommunicator::State> NewState() {
+  auto state = std::make_unique<NcclCommunicator::State>();
+  CheckCuda(cudaStreamCreateWithFlags(&state->stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  CheckCuda(cudaEventCreateWithFlags(&state->compute_done, cudaEventDisableTiming),
+            "cudaEventCreate");
+  return state;
+}
+}  // namespace
 
 NcclCommunicator::NcclCommunicator(std::unique_ptr<State> state, int rank, int size)
     : state_(std::move(state)), rank_(rank), size_(size) {}
@@ -60,6 +71,16 @@ NcclCommunicator::NcclCommunicator(std::unique_ptr<State> state, int rank, int s
 NcclCommunicator::~NcclCommunicator() {
   if (state_->comm != nullptr) ncclCommDestroy(state_->comm);
   if (state_->stream != nullptr) cudaStreamDestroy(state_->stream);
+  if (state_->compute_done != nullptr) cudaEventDestroy(state_->compute_done);
+}
+
+// The backends compute on the legacy default stream, with which this communicator's
+// non-blocking stream does not synchronise implicitly: without this wait an operation could read
+// a buffer before the kernel that writes it has run. (Results are handed back through host
+// waits: blocking operations synchronise the stream, the others return a Request to Wait on.)
+void NcclCommunicator::AfterCompute() {
+  CheckCuda(cudaEventRecord(state_->compute_done, nullptr), "cudaEventRecord");
+  CheckCuda(cudaStreamWaitEvent(state_->stream, state_->compute_done, 0), "cudaStreamWaitEvent");
 }
 
 std::unique_ptr<Communicator> NcclCommunicator::Create(Communicator* bootstrap) {
@@ -67,8 +88,7 @@ std::unique_ptr<Communicator> NcclCommunicator::Create(Communicator* bootstrap) 
   ncclUniqueId id;
   if (bootstrap->rank() == 0) CheckNccl(ncclGetUniqueId(&id), "ncclGetUniqueId");
   bootstrap->Broadcast(&id, sizeof(id), 0);
-  auto state = std::make_unique<State>();
-  CheckCuda(cudaStreamCreateWithFlags(&state->stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  auto state = NewState();
   CheckNccl(ncclCommInitRank(&state->comm, bootstrap->size(), id, bootstrap->rank()),
             "ncclCommInitRank");
   return std::unique_ptr<Communicator>(
@@ -88,24 +108,28 @@ void NcclCommunicator::AllReduce(float* data, size_t n, ReduceOp op) {
 }
 
 std::unique_ptr<Request> NcclCommunicator::IAllReduce(float* data, size_t n, ReduceOp op) {
+  AfterCompute();
   CheckNccl(ncclAllReduce(data, data, n, ncclFloat32, ToNccl(op), state_->comm, state_->stream),
             "ncclAllReduce");
   return Pending();
 }
 
 void NcclCommunicator::AllGather(const float* send, float* recv, size_t n) {
+  AfterCompute();
   CheckNccl(ncclAllGather(send, recv, n, ncclFloat32, state_->comm, state_->stream),
             "ncclAllGather");
   Sync();
 }
 
 void NcclCommunicator::ReduceScatter(const float* send, float* recv, size_t n, ReduceOp op) {
+  AfterCompute();
   CheckNccl(ncclReduceScatter(send, recv, n, ncclFloat32, ToNccl(op), state_->comm, state_->stream),
             "ncclReduceScatter");
   Sync();
 }
 
 void NcclCommunicator::Broadcast(void* data, size_t bytes, int root) {
+  AfterCompute();
   CheckNccl(ncclBroadcast(data, data, bytes, ncclUint8, root, state_->comm, state_->stream),
             "ncclBroadcast");
   Sync();
@@ -123,16 +147,19 @@ void NcclCommunicator::Recv(void* data, size_t bytes, int peer, int tag) {
 
 std::unique_ptr<Request> NcclCommunicator::ISend(const void* data, size_t bytes, int peer,
                                                  int /*tag*/) {
+  AfterCompute();
   CheckNccl(ncclSend(data, bytes, ncclUint8, peer, state_->comm, state_->stream), "ncclSend");
   return Pending();
 }
 
 std::unique_ptr<Request> NcclCommunicator::IRecv(void* data, size_t bytes, int peer, int /*tag*/) {
+  AfterCompute();
   CheckNccl(ncclRecv(data, bytes, ncclUint8, peer, state_->comm, state_->stream), "ncclRecv");
   return Pending();
 }
 
 void NcclCommunicator::Barrier() {
+  AfterCompute();
   float* one = nullptr;
   CheckCuda(cudaMallocAsync(reinterpret_cast<void**>(&one), sizeof(float), state_->stream),
             "cudaMallocAsync");
@@ -149,11 +176,20 @@ std::unique_ptr<Communicator> NcclCommunicator::Subgroup(const std::vector<int>&
     if (color < 0 || ranks[i] < color) color = ranks[i];
   }
   if (key < 0) AbortAllRanks(absl::StrCat("rank ", rank_, " is not in its own subgroup"));
-  auto state = std::make_unique<State>();
-  CheckCuda(cudaStreamCreateWithFlags(&state->stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  auto state = NewState();
   CheckNccl(ncclCommSplit(state_->comm, color, key, &state->comm, nullptr), "ncclCommSplit");
   return std::unique_ptr<Communicator>(
       new NcclCommunicator(std::move(state), key, static_cast<int>(ranks.size())));
+}
+
+void UseNcclForTensorAndDataParallel(ParallelContext* ctx, Communicator* host_world) {
+  auto nccl_group = [&](const std::vector<int>& ranks) {
+    std::unique_ptr<Communicator> bootstrap = host_world->Subgroup(ranks);
+    return NcclCommunicator::Create(bootstrap.get());
+  };
+  // Every rank creates its tensor-parallel group, then its data-parallel group (collective).
+  ctx->tp = nccl_group(ctx->grid.TpGroup(ctx->rank));
+  ctx->dp = nccl_group(ctx->grid.DpGroup(ctx->rank));
 }
 
 }  // namespace eellm

@@ -1,5 +1,5 @@
-// NcclCommunicator: the Communicator on GPU buffers over NCCL (built only with CUDA). The NCCL
-// unique id is created on rank 0 and broadcast over a bootstrap communicator (MPI); sub-groups
+// NcclCommunicator: the Communicator on GPU buffers over NCCL (built only with CUDA and NCCL). The
+// NCCL unique id is created on rank 0 and broadcast over a bootstrap communicator (MPI); sub-groups
 // come from ncclCommSplit. Each communicator owns a CUDA stream: blocking operations synchronise
 // it, non-blocking ones return a Request that waits on a CUDA event. A failure aborts every rank
 // with NCCL's error string. NCCL refuses two ranks on one GPU: tests with several ranks on one
@@ -9,6 +9,7 @@
 #include <memory>
 
 #include "parallel/comm/communicator.h"
+#include "parallel/parallel_context.h"
 
 namespace eellm {
 
@@ -33,14 +34,25 @@ class NcclCommunicator : public Communicator {
   void Barrier() override;
   std::unique_ptr<Communicator> Subgroup(const std::vector<int>& ranks) override;
 
- private:
   struct State;  // NCCL and CUDA handles (kept out of this header)
+
+ private:
   explicit NcclCommunicator(std::unique_ptr<State> state, int rank, int size);
   std::unique_ptr<Request> Pending();  // a Request for the work queued so far
   void Sync();
+  void AfterCompute();  // orders the next operation after the work queued on the compute stream
 
   std::unique_ptr<State> state_;
   int rank_, size_;
 };
+
+// Replaces the tensor- and data-parallel groups of `ctx` (made over MPI by
+// ParallelContext::Create) by NCCL communicators of the same ranks, the collectives that carry
+// the most data (activations every layer, gradients every step). Pipeline messages, the
+// embedding group and the world stay on MPI: the pipeline schedules post a send before the
+// matching receive on both sides, which NCCL would need grouped to avoid a deadlock.
+// `host_world`: an MPI world communicator on host memory (NCCL's id travels through it).
+// Collective over the world.
+void UseNcclForTensorAndDataParallel(ParallelContext* ctx, Communicator* host_world);
 
 }  // namespace eellm

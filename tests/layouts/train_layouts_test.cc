@@ -13,7 +13,9 @@
 //
 // EELLM_LAYOUT_BACKEND=emulated-cuda runs every rank on the CUDA backend's code under the CPU
 // emulation of CUDA (tests/gpu/emu): device buffers, staged through host memory by the MPI
-// communicator, against the single-rank run on the same backend.
+// communicator, against the single-rank run on the same backend. EELLM_LAYOUT_COMM=nccl also
+// puts the tensor- and data-parallel groups on the NCCL communicator (NCCL emulated over MPI),
+// as `eellm train` does on GPUs.
 #include <unistd.h>
 
 #include <cmath>
@@ -32,6 +34,7 @@
 #include "models/tokenizer.h"
 #include "parallel/comm/mpi_communicator.h"
 #include "tests/gpu/emu/emulated_cuda_backend.h"
+#include "tests/gpu/emu/emulated_nccl.h"
 
 namespace eellm {
 namespace {
@@ -55,6 +58,21 @@ Backend* LayoutBackend() {
 // device memory, none for the CPU backend.
 Backend* StagingBackend() {
   return LayoutBackend()->device() == Device::kCpu ? nullptr : LayoutBackend();
+}
+
+// The layout's communicators over MPI (staging the backend's device buffers), with the tensor-
+// and data-parallel groups on NCCL when EELLM_LAYOUT_COMM=nccl.
+std::unique_ptr<ParallelContext> MakeContext(int tp, int pp, int dp) {
+  auto ctx = ParallelContext::Create(MpiCommunicator::World(StagingBackend()), tp, pp, dp);
+  EXPECT_TRUE(ctx.ok()) << ctx.status();
+  if (!ctx.ok()) return nullptr;
+  const char* comm = std::getenv("EELLM_LAYOUT_COMM");
+  if (comm != nullptr && std::string(comm) == "nccl") {
+    UseEmulatedNcclForTensorAndDataParallel(ctx->get(), MpiCommunicator::World(nullptr).get());
+    EXPECT_EQ((*ctx)->tp->name(), "nccl");
+    EXPECT_EQ((*ctx)->dp->name(), "nccl");
+  }
+  return std::move(*ctx);
 }
 
 struct RunResult {
@@ -188,9 +206,9 @@ TEST_P(TrainLayouts, EveryLayoutMatchesSingleRank) {
                              std::to_string(l.dp) + (l.zero1 ? " zero1" : "") + " micro" +
                              std::to_string(l.micro_batch) + (l.fused ? " fused" : "") +
                              (l.virtual_stages > 1 ? " v" + std::to_string(l.virtual_stages) : "");
-    auto ctx = ParallelContext::Create(MpiCommunicator::World(StagingBackend()), l.tp, l.pp, l.dp);
-    ASSERT_TRUE(ctx.ok()) << ctx.status();
-    RunResult got = Train(par, ctx->get(), shared_out + std::to_string(tested));
+    auto ctx = MakeContext(l.tp, l.pp, l.dp);
+    ASSERT_NE(ctx, nullptr);
+    RunResult got = Train(par, ctx.get(), shared_out + std::to_string(tested));
     ASSERT_EQ(got.losses.size(), ref.losses.size()) << name;
     for (size_t s = 0; s < ref.losses.size(); ++s) {
       for (size_t h = 0; h < ref.losses[s].size(); ++h) {
@@ -203,7 +221,7 @@ TEST_P(TrainLayouts, EveryLayoutMatchesSingleRank) {
       EXPECT_NEAR(got.grad_norms[s], ref.grad_norms[s], norm_tol * ref.grad_norms[s] + 1e-7)
           << name << " step " << s;
     }
-    if ((*ctx)->rank != 0) continue;  // rank 0 holds the (gathered) final parameters
+    if (ctx->rank != 0) continue;  // rank 0 holds the (gathered) final parameters
     ASSERT_EQ(got.params.size(), ref.params.size()) << name;
     double max_diff = 0;
     size_t close = 0;
@@ -260,11 +278,7 @@ TEST_P(TrainLayouts, ResumeIsExactAndReshardsAcrossLayouts) {
     par.train.virtual_stages = l.virtual_stages;
     return par;
   };
-  auto context = [&](const Layout& l) {
-    auto ctx = ParallelContext::Create(MpiCommunicator::World(StagingBackend()), l.tp, l.pp, l.dp);
-    EXPECT_TRUE(ctx.ok()) << ctx.status();
-    return std::move(*ctx);
-  };
+  auto context = [&](const Layout& l) { return MakeContext(l.tp, l.pp, l.dp); };
   // With 2 ranks, also an interleaved pipeline (2 chunks per rank).
   std::vector<Layout> exact = {same[n - 1]};
   if (n == 2) exact.push_back({1, 2, 1, false, 1, false, 2});
@@ -328,13 +342,12 @@ TEST_P(TrainLayouts, OverlappedGradientReductionIsIdentical) {
   rc.train.pp = n >= 4 ? 2 : 1;
   rc.train.dp = 2;
   rc.train.micro_batch_size = 1;
-  auto ctx = ParallelContext::Create(MpiCommunicator::World(StagingBackend()), rc.train.tp,
-                                     rc.train.pp, rc.train.dp);
-  ASSERT_TRUE(ctx.ok()) << ctx.status();
+  auto ctx = MakeContext(rc.train.tp, rc.train.pp, rc.train.dp);
+  ASSERT_NE(ctx, nullptr);
   rc.train.grad_bucket_size = 2048;
-  RunResult a = Train(rc, ctx->get(), out + "_on");
+  RunResult a = Train(rc, ctx.get(), out + "_on");
   rc.train.overlap_grad_reduce = false;
-  RunResult b = Train(rc, ctx->get(), out + "_off");
+  RunResult b = Train(rc, ctx.get(), out + "_off");
   EXPECT_GT(a.early_buckets, 0) << "no bucket started during the backward";
   EXPECT_EQ(b.early_buckets, 0);
   ASSERT_EQ(a.losses.size(), b.losses.size());

@@ -9,3 +9,5 @@
 #define CudaBackend EmulatedCudaBackend
 #define MakeCudaBackend MakeEmulatedCudaBackend
 #define MeasureCudaGemms MeasureEmulatedCudaGemms
+#define NcclCommunicator EmulatedNcclCommunicator
+#define UseNcclForTensorAndDataParallel UseEmulatedNcclForTensorAndDataParallel

@@ -1,0 +1,130 @@
+// Shim for the CUDA emulation in tests: the NCCL calls of parallel/comm/nccl_communicator.cc
+// over MPI on the emulated (host) device memory. Faithful where it costs little: point-to-point
+// messages match in order per peer pair whatever the caller meant by tags (NCCL has none), and a
+// send does not complete before its receive is posted (MPI_Ssend), so a schedule that would
+// deadlock NCCL deadlocks here too. ncclCommInitRank splits MPI_COMM_WORLD by the unique id: all
+// world ranks must create their communicators together (as eellm does: every rank its own tp,
+// then its own dp group). Streams do not exist here: every call completes before it returns.
+#pragma once
+
+#include <mpi.h>
+
+#include <cstdint>
+#include <cstring>
+#include <random>
+
+#include "cuda_emulation.h"
+
+enum ncclResult_t { ncclSuccess = 0, ncclInvalidArgument = 4, ncclSystemError = 2 };
+enum ncclDataType_t { ncclUint8 = 1, ncclFloat32 = 7 };
+enum ncclRedOp_t { ncclSum = 0, ncclMax = 2 };
+struct ncclUniqueId {
+  char internal[128];
+};
+struct ncclComm {
+  MPI_Comm mpi = MPI_COMM_NULL;
+};
+using ncclComm_t = ncclComm*;
+struct ncclConfig_t;
+
+inline const char* ncclGetErrorString(ncclResult_t r) {
+  return r == ncclSuccess ? "no error (emulated)" : "error (emulated NCCL)";
+}
+
+namespace eellm_emu {
+inline MPI_Datatype Mpi(ncclDataType_t t) { return t == ncclFloat32 ? MPI_FLOAT : MPI_BYTE; }
+inline MPI_Op Mpi(ncclRedOp_t op) { return op == ncclSum ? MPI_SUM : MPI_MAX; }
+inline size_t Bytes(ncclDataType_t t) { return t == ncclFloat32 ? 4 : 1; }
+inline ncclResult_t Check(int mpi_result) {
+  return mpi_result == MPI_SUCCESS ? ncclSuccess : ncclSystemError;
+}
+inline bool DeviceBuffer(const void* p, size_t count, ncclDataType_t t) {
+  if (count == 0 || IsDevice(p, count * Bytes(t))) return true;
+  Misuse("an NCCL buffer is not device memory");
+  return false;
+}
+}  // namespace eellm_emu
+
+inline ncclResult_t ncclGetUniqueId(ncclUniqueId* id) {
+  std::random_device rd;
+  for (char& c : id->internal) c = static_cast<char>(rd());
+  return ncclSuccess;
+}
+inline ncclResult_t ncclCommInitRank(ncclComm_t* comm, int nranks, ncclUniqueId id, int rank) {
+  uint32_t color = 2166136261u;
+  for (char c : id.internal) color = (color ^ static_cast<unsigned char>(c)) * 16777619u;
+  auto* c = new ncclComm;
+  if (MPI_Comm_split(MPI_COMM_WORLD, static_cast<int>(color & 0x7fffffff), rank, &c->mpi) !=
+      MPI_SUCCESS) {
+    return ncclSystemError;
+  }
+  int size = 0;
+  MPI_Comm_size(c->mpi, &size);
+  if (size != nranks) return ncclInvalidArgument;
+  *comm = c;
+  return ncclSuccess;
+}
+inline ncclResult_t ncclCommSplit(ncclComm_t comm, int color, int key, ncclComm_t* out,
+                                  ncclConfig_t*) {
+  auto* c = new ncclComm;
+  if (MPI_Comm_split(comm->mpi, color, key, &c->mpi) != MPI_SUCCESS) return ncclSystemError;
+  *out = c;
+  return ncclSuccess;
+}
+inline ncclResult_t ncclCommDestroy(ncclComm_t comm) {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (!finalized) MPI_Comm_free(&comm->mpi);
+  delete comm;
+  return ncclSuccess;
+}
+inline ncclResult_t ncclAllReduce(const void* send, void* recv, size_t count, ncclDataType_t t,
+                                  ncclRedOp_t op, ncclComm_t comm, cudaStream_t) {
+  if (!eellm_emu::DeviceBuffer(send, count, t) || !eellm_emu::DeviceBuffer(recv, count, t)) {
+    return ncclInvalidArgument;
+  }
+  return eellm_emu::Check(MPI_Allreduce(send == recv ? MPI_IN_PLACE : send, recv,
+                                        static_cast<int>(count), eellm_emu::Mpi(t),
+                                        eellm_emu::Mpi(op), comm->mpi));
+}
+inline ncclResult_t ncclAllGather(const void* send, void* recv, size_t count, ncclDataType_t t,
+                                  ncclComm_t comm, cudaStream_t) {
+  int size = 0;
+  MPI_Comm_size(comm->mpi, &size);
+  if (!eellm_emu::DeviceBuffer(send, count, t) || !eellm_emu::DeviceBuffer(recv, count * size, t)) {
+    return ncclInvalidArgument;
+  }
+  return eellm_emu::Check(MPI_Allgather(send, static_cast<int>(count), eellm_emu::Mpi(t), recv,
+                                        static_cast<int>(count), eellm_emu::Mpi(t), comm->mpi));
+}
+inline ncclResult_t ncclReduceScatter(const void* send, void* recv, size_t count, ncclDataType_t t,
+                                      ncclRedOp_t op, ncclComm_t comm, cudaStream_t) {
+  int size = 0;
+  MPI_Comm_size(comm->mpi, &size);
+  if (!eellm_emu::DeviceBuffer(send, count * size, t) || !eellm_emu::DeviceBuffer(recv, count, t)) {
+    return ncclInvalidArgument;
+  }
+  return eellm_emu::Check(MPI_Reduce_scatter_block(
+      send, recv, static_cast<int>(count), eellm_emu::Mpi(t), eellm_emu::Mpi(op), comm->mpi));
+}
+inline ncclResult_t ncclBroadcast(const void* send, void* recv, size_t count, ncclDataType_t t,
+                                  int root, ncclComm_t comm, cudaStream_t) {
+  if (!eellm_emu::DeviceBuffer(recv, count, t)) return ncclInvalidArgument;
+  int rank = 0;
+  MPI_Comm_rank(comm->mpi, &rank);
+  if (rank == root && send != recv) std::memmove(recv, send, count * eellm_emu::Bytes(t));
+  return eellm_emu::Check(
+      MPI_Bcast(recv, static_cast<int>(count), eellm_emu::Mpi(t), root, comm->mpi));
+}
+inline ncclResult_t ncclSend(const void* data, size_t count, ncclDataType_t t, int peer,
+                             ncclComm_t comm, cudaStream_t) {
+  if (!eellm_emu::DeviceBuffer(data, count, t)) return ncclInvalidArgument;
+  return eellm_emu::Check(
+      MPI_Ssend(data, static_cast<int>(count), eellm_emu::Mpi(t), peer, 0, comm->mpi));
+}
+inline ncclResult_t ncclRecv(void* data, size_t count, ncclDataType_t t, int peer, ncclComm_t comm,
+                             cudaStream_t) {
+  if (!eellm_emu::DeviceBuffer(data, count, t)) return ncclInvalidArgument;
+  return eellm_emu::Check(MPI_Recv(data, static_cast<int>(count), eellm_emu::Mpi(t), peer, 0,
+                                   comm->mpi, MPI_STATUS_IGNORE));
+}
