@@ -113,7 +113,7 @@ int RunTrainCommand() {
                                                t.backend),
                     multi, launch->rank);
       }
-      UseNcclForTensorAndDataParallel(ctx.get(), MpiCommunicator::World(nullptr).get());
+      UseNcclForModelParallel(ctx.get(), MpiCommunicator::World(nullptr).get());
     }
 #else
     if (t.communicator == "nccl") {

@@ -3,7 +3,9 @@
 #include <cuda_runtime.h>
 #include <nccl.h>
 
+#include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "parallel/comm/mpi_runtime.h"
@@ -49,10 +51,39 @@ class EventRequest : public Request {
 
 }  // namespace
 
+// A deferred send: queued by the next FlushSends, then done when `event` has completed.
+struct SendState {
+  const void* data = nullptr;
+  size_t bytes = 0;
+  int peer = -1;
+  cudaEvent_t event = nullptr;  // recorded after the group that carried the send
+  bool queued = false, done = false;
+};
+
 struct NcclCommunicator::State {
   ncclComm_t comm = nullptr;
   cudaStream_t stream = nullptr;
   cudaEvent_t compute_done = nullptr;  // recorded on the backends' stream before each operation
+  std::vector<std::shared_ptr<SendState>> deferred;  // sends not yet queued, in posting order
+};
+
+// The Request of a deferred send: waiting queues it first if no receive has.
+class DeferredSendRequest : public Request {
+ public:
+  DeferredSendRequest(NcclCommunicator* comm, std::shared_ptr<SendState> send)
+      : comm_(comm), send_(std::move(send)) {}
+  ~DeferredSendRequest() override { Wait(); }
+  void Wait() override {
+    if (send_->done) return;
+    if (!send_->queued) comm_->FlushSends();
+    CheckCuda(cudaEventSynchronize(send_->event), "cudaEventSynchronize");
+    cudaEventDestroy(send_->event);
+    send_->done = true;
+  }
+
+ private:
+  NcclCommunicator* comm_;
+  std::shared_ptr<SendState> send_;
 };
 
 namespace {
@@ -69,6 +100,7 @@ NcclCommunicator::NcclCommunicator(std::unique_ptr<State> state, int rank, int s
     : state_(std::move(state)), rank_(rank), size_(size) {}
 
 NcclCommunicator::~NcclCommunicator() {
+  FlushSends();
   if (state_->comm != nullptr) ncclCommDestroy(state_->comm);
   if (state_->stream != nullptr) cudaStreamDestroy(state_->stream);
   if (state_->compute_done != nullptr) cudaEventDestroy(state_->compute_done);
@@ -108,6 +140,7 @@ void NcclCommunicator::AllReduce(float* data, size_t n, ReduceOp op) {
 }
 
 std::unique_ptr<Request> NcclCommunicator::IAllReduce(float* data, size_t n, ReduceOp op) {
+  FlushSends();
   AfterCompute();
   CheckNccl(ncclAllReduce(data, data, n, ncclFloat32, ToNccl(op), state_->comm, state_->stream),
             "ncclAllReduce");
@@ -115,6 +148,7 @@ std::unique_ptr<Request> NcclCommunicator::IAllReduce(float* data, size_t n, Red
 }
 
 void NcclCommunicator::AllGather(const float* send, float* recv, size_t n) {
+  FlushSends();
   AfterCompute();
   CheckNccl(ncclAllGather(send, recv, n, ncclFloat32, state_->comm, state_->stream),
             "ncclAllGather");
@@ -122,6 +156,7 @@ void NcclCommunicator::AllGather(const float* send, float* recv, size_t n) {
 }
 
 void NcclCommunicator::ReduceScatter(const float* send, float* recv, size_t n, ReduceOp op) {
+  FlushSends();
   AfterCompute();
   CheckNccl(ncclReduceScatter(send, recv, n, ncclFloat32, ToNccl(op), state_->comm, state_->stream),
             "ncclReduceScatter");
@@ -129,6 +164,7 @@ void NcclCommunicator::ReduceScatter(const float* send, float* recv, size_t n, R
 }
 
 void NcclCommunicator::Broadcast(void* data, size_t bytes, int root) {
+  FlushSends();
   AfterCompute();
   CheckNccl(ncclBroadcast(data, data, bytes, ncclUint8, root, state_->comm, state_->stream),
             "ncclBroadcast");
@@ -136,7 +172,8 @@ void NcclCommunicator::Broadcast(void* data, size_t bytes, int root) {
 }
 
 // NCCL matches point-to-point messages in order per peer; tags are not needed (the schedules
-// keep the per-channel order, see parallel/pipeline).
+// keep the per-channel order, see parallel/pipeline). Sends are deferred and queued in one NCCL
+// group with the next receive (FlushSends).
 void NcclCommunicator::Send(const void* data, size_t bytes, int peer, int tag) {
   ISend(data, bytes, peer, tag)->Wait();
 }
@@ -147,18 +184,43 @@ void NcclCommunicator::Recv(void* data, size_t bytes, int peer, int tag) {
 
 std::unique_ptr<Request> NcclCommunicator::ISend(const void* data, size_t bytes, int peer,
                                                  int /*tag*/) {
-  AfterCompute();
-  CheckNccl(ncclSend(data, bytes, ncclUint8, peer, state_->comm, state_->stream), "ncclSend");
-  return Pending();
+  auto send = std::make_shared<SendState>();
+  send->data = data;
+  send->bytes = bytes;
+  send->peer = peer;
+  state_->deferred.push_back(send);
+  return std::make_unique<DeferredSendRequest>(this, std::move(send));
 }
 
 std::unique_ptr<Request> NcclCommunicator::IRecv(void* data, size_t bytes, int peer, int /*tag*/) {
-  AfterCompute();
-  CheckNccl(ncclRecv(data, bytes, ncclUint8, peer, state_->comm, state_->stream), "ncclRecv");
+  FlushSends(data, bytes, peer);
   return Pending();
 }
 
+void NcclCommunicator::FlushSends(void* recv_data, size_t recv_bytes, int recv_peer) {
+  if (state_->deferred.empty() && recv_peer < 0) return;
+  AfterCompute();
+  CheckNccl(ncclGroupStart(), "ncclGroupStart");
+  for (const auto& send : state_->deferred) {
+    CheckNccl(
+        ncclSend(send->data, send->bytes, ncclUint8, send->peer, state_->comm, state_->stream),
+        "ncclSend");
+  }
+  if (recv_peer >= 0) {
+    CheckNccl(ncclRecv(recv_data, recv_bytes, ncclUint8, recv_peer, state_->comm, state_->stream),
+              "ncclRecv");
+  }
+  CheckNccl(ncclGroupEnd(), "ncclGroupEnd");
+  for (const auto& send : state_->deferred) {
+    CheckCuda(cudaEventCreateWithFlags(&send->event, cudaEventDisableTiming), "cudaEventCreate");
+    CheckCuda(cudaEventRecord(send->event, state_->stream), "cudaEventRecord");
+    send->queued = true;
+  }
+  state_->deferred.clear();
+}
+
 void NcclCommunicator::Barrier() {
+  FlushSends();
   AfterCompute();
   float* one = nullptr;
   CheckCuda(cudaMallocAsync(reinterpret_cast<void**>(&one), sizeof(float), state_->stream),
@@ -182,14 +244,16 @@ std::unique_ptr<Communicator> NcclCommunicator::Subgroup(const std::vector<int>&
       new NcclCommunicator(std::move(state), key, static_cast<int>(ranks.size())));
 }
 
-void UseNcclForTensorAndDataParallel(ParallelContext* ctx, Communicator* host_world) {
+void UseNcclForModelParallel(ParallelContext* ctx, Communicator* host_world) {
   auto nccl_group = [&](const std::vector<int>& ranks) {
     std::unique_ptr<Communicator> bootstrap = host_world->Subgroup(ranks);
     return NcclCommunicator::Create(bootstrap.get());
   };
-  // Every rank creates its tensor-parallel group, then its data-parallel group (collective).
+  // Every rank creates its tensor-, data- and pipeline-parallel groups, in that order
+  // (collective).
   ctx->tp = nccl_group(ctx->grid.TpGroup(ctx->rank));
   ctx->dp = nccl_group(ctx->grid.DpGroup(ctx->rank));
+  ctx->pp = nccl_group(ctx->grid.PpGroup(ctx->rank));
 }
 
 }  // namespace eellm

@@ -1,4 +1,5 @@
-// NcclCommunicator: the Communicator on GPU buffers over NCCL (built only with CUDA and NCCL). The
+// NcclCommunicator: the Communicator on GPU buffers over NCCL (built only with CUDA and NCCL).
+// Point-to-point sends are deferred and grouped with the next receive (see FlushSends). The
 // NCCL unique id is created on rank 0 and broadcast over a bootstrap communicator (MPI); sub-groups
 // come from ncclCommSplit. Each communicator owns a CUDA stream: blocking operations synchronise
 // it, non-blocking ones return a Request that waits on a CUDA event. A failure aborts every rank
@@ -39,6 +40,12 @@ class NcclCommunicator : public Communicator {
  private:
   explicit NcclCommunicator(std::unique_ptr<State> state, int rank, int size);
   std::unique_ptr<Request> Pending();  // a Request for the work queued so far
+  // Sends wait (State::deferred) until the next receive, which is queued with them in one NCCL
+  // group, or until any other operation or a Wait on one of them: the pipeline schedules post a
+  // send and then the receive from the same neighbour on both sides, which would deadlock
+  // ungrouped. `then_recv` (may be null) is queued inside the same group.
+  void FlushSends(void* recv_data = nullptr, size_t recv_bytes = 0, int recv_peer = -1);
+  friend class DeferredSendRequest;
   void Sync();
   void AfterCompute();  // orders the next operation after the work queued on the compute stream
 
@@ -46,13 +53,11 @@ class NcclCommunicator : public Communicator {
   int rank_, size_;
 };
 
-// Replaces the tensor- and data-parallel groups of `ctx` (made over MPI by
-// ParallelContext::Create) by NCCL communicators of the same ranks, the collectives that carry
-// the most data (activations every layer, gradients every step). Pipeline messages, the
-// embedding group and the world stay on MPI: the pipeline schedules post a send before the
-// matching receive on both sides, which NCCL would need grouped to avoid a deadlock.
-// `host_world`: an MPI world communicator on host memory (NCCL's id travels through it).
-// Collective over the world.
-void UseNcclForTensorAndDataParallel(ParallelContext* ctx, Communicator* host_world);
+// Replaces the tensor-, data- and pipeline-parallel groups of `ctx` (made over MPI by
+// ParallelContext::Create) by NCCL communicators of the same ranks: activations every layer,
+// gradients every step, ZeRO-1 gathers and pipeline messages. The embedding group and the world
+// stay on MPI. `host_world`: an MPI world communicator on host memory (NCCL's id travels
+// through it). Collective over the world.
+void UseNcclForModelParallel(ParallelContext* ctx, Communicator* host_world);
 
 }  // namespace eellm

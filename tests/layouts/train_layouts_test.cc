@@ -14,8 +14,8 @@
 // EELLM_LAYOUT_BACKEND=emulated-cuda runs every rank on the CUDA backend's code under the CPU
 // emulation of CUDA (tests/gpu/emu): device buffers, staged through host memory by the MPI
 // communicator, against the single-rank run on the same backend. EELLM_LAYOUT_COMM=nccl also
-// puts the tensor- and data-parallel groups on the NCCL communicator (NCCL emulated over MPI),
-// as `eellm train` does on GPUs.
+// puts the tensor-, data- and pipeline-parallel groups on the NCCL communicator (NCCL emulated
+// over MPI), as `eellm train` does on GPUs.
 #include <unistd.h>
 
 #include <cmath>
@@ -60,17 +60,18 @@ Backend* StagingBackend() {
   return LayoutBackend()->device() == Device::kCpu ? nullptr : LayoutBackend();
 }
 
-// The layout's communicators over MPI (staging the backend's device buffers), with the tensor-
-// and data-parallel groups on NCCL when EELLM_LAYOUT_COMM=nccl.
+// The layout's communicators over MPI (staging the backend's device buffers), with the tensor-,
+// data- and pipeline-parallel groups on NCCL when EELLM_LAYOUT_COMM=nccl.
 std::unique_ptr<ParallelContext> MakeContext(int tp, int pp, int dp) {
   auto ctx = ParallelContext::Create(MpiCommunicator::World(StagingBackend()), tp, pp, dp);
   EXPECT_TRUE(ctx.ok()) << ctx.status();
   if (!ctx.ok()) return nullptr;
   const char* comm = std::getenv("EELLM_LAYOUT_COMM");
   if (comm != nullptr && std::string(comm) == "nccl") {
-    UseEmulatedNcclForTensorAndDataParallel(ctx->get(), MpiCommunicator::World(nullptr).get());
+    UseEmulatedNcclForModelParallel(ctx->get(), MpiCommunicator::World(nullptr).get());
     EXPECT_EQ((*ctx)->tp->name(), "nccl");
     EXPECT_EQ((*ctx)->dp->name(), "nccl");
+    EXPECT_EQ((*ctx)->pp->name(), "nccl");
   }
   return std::move(*ctx);
 }

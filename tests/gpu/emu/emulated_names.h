@@ -10,4 +10,4 @@
 #define MakeCudaBackend MakeEmulatedCudaBackend
 #define MeasureCudaGemms MeasureEmulatedCudaGemms
 #define NcclCommunicator EmulatedNcclCommunicator
-#define UseNcclForTensorAndDataParallel UseEmulatedNcclForTensorAndDataParallel
+#define UseNcclForModelParallel UseEmulatedNcclForModelParallel

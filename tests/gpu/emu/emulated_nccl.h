@@ -8,7 +8,7 @@
 
 namespace eellm {
 
-// As UseNcclForTensorAndDataParallel (parallel/comm/nccl_communicator.h).
-void UseEmulatedNcclForTensorAndDataParallel(ParallelContext* ctx, Communicator* host_world);
+// As UseNcclForModelParallel (parallel/comm/nccl_communicator.h).
+void UseEmulatedNcclForModelParallel(ParallelContext* ctx, Communicator* host_world);
 
 }  // namespace eellm

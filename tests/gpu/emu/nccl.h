@@ -4,7 +4,10 @@
 // send does not complete before its receive is posted (MPI_Ssend), so a schedule that would
 // deadlock NCCL deadlocks here too. ncclCommInitRank splits MPI_COMM_WORLD by the unique id: all
 // world ranks must create their communicators together (as eellm does: every rank its own tp,
-// then its own dp group). Streams do not exist here: every call completes before it returns.
+// then its own dp group). Streams do not exist here: every call completes before it returns,
+// except inside ncclGroupStart/End, where sends and receives are collected and then run together
+// (receives posted first, sends synchronous, all awaited), as NCCL progresses a group's
+// operations concurrently.
 #pragma once
 
 #include <mpi.h>
@@ -12,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 #include <random>
+#include <vector>
 
 #include "cuda_emulation.h"
 
@@ -116,15 +120,60 @@ inline ncclResult_t ncclBroadcast(const void* send, void* recv, size_t count, nc
   return eellm_emu::Check(
       MPI_Bcast(recv, static_cast<int>(count), eellm_emu::Mpi(t), root, comm->mpi));
 }
+namespace eellm_emu {
+struct P2p {
+  bool send;
+  void* data;
+  int count;
+  MPI_Datatype type;
+  int peer;
+  MPI_Comm comm;
+};
+inline int g_group_depth = 0;
+inline std::vector<P2p> g_group;
+}  // namespace eellm_emu
+
+inline ncclResult_t ncclGroupStart() {
+  ++eellm_emu::g_group_depth;
+  return ncclSuccess;
+}
+inline ncclResult_t ncclGroupEnd() {
+  if (eellm_emu::g_group_depth <= 0) return ncclInvalidArgument;
+  if (--eellm_emu::g_group_depth > 0) return ncclSuccess;
+  std::vector<MPI_Request> reqs;
+  for (bool sends : {false, true}) {
+    for (const eellm_emu::P2p& op : eellm_emu::g_group) {
+      if (op.send != sends) continue;
+      reqs.emplace_back();
+      const int r = op.send
+                        ? MPI_Issend(op.data, op.count, op.type, op.peer, 0, op.comm, &reqs.back())
+                        : MPI_Irecv(op.data, op.count, op.type, op.peer, 0, op.comm, &reqs.back());
+      if (r != MPI_SUCCESS) return ncclSystemError;
+    }
+  }
+  eellm_emu::g_group.clear();
+  return eellm_emu::Check(
+      MPI_Waitall(static_cast<int>(reqs.size()), reqs.data(), MPI_STATUSES_IGNORE));
+}
 inline ncclResult_t ncclSend(const void* data, size_t count, ncclDataType_t t, int peer,
                              ncclComm_t comm, cudaStream_t) {
   if (!eellm_emu::DeviceBuffer(data, count, t)) return ncclInvalidArgument;
+  if (eellm_emu::g_group_depth > 0) {
+    eellm_emu::g_group.push_back({true, const_cast<void*>(data), static_cast<int>(count),
+                                  eellm_emu::Mpi(t), peer, comm->mpi});
+    return ncclSuccess;
+  }
   return eellm_emu::Check(
       MPI_Ssend(data, static_cast<int>(count), eellm_emu::Mpi(t), peer, 0, comm->mpi));
 }
 inline ncclResult_t ncclRecv(void* data, size_t count, ncclDataType_t t, int peer, ncclComm_t comm,
                              cudaStream_t) {
   if (!eellm_emu::DeviceBuffer(data, count, t)) return ncclInvalidArgument;
+  if (eellm_emu::g_group_depth > 0) {
+    eellm_emu::g_group.push_back(
+        {false, data, static_cast<int>(count), eellm_emu::Mpi(t), peer, comm->mpi});
+    return ncclSuccess;
+  }
   return eellm_emu::Check(MPI_Recv(data, static_cast<int>(count), eellm_emu::Mpi(t), peer, 0,
                                    comm->mpi, MPI_STATUS_IGNORE));
 }
