@@ -9,6 +9,8 @@
 #            (bf16 GEMM tolerances; fused flash attention), and NCCL at world size 1
 #   bench    eellm bench train on GPT-2 124M and Llama 1.3B (with exits) beside PyTorch, with
 #            bf16 tensor-core GEMMs (cuda-bf16), and the 1.3B once more in plain fp32 (cuda)
+#   demo     the quickstart on the GPU (cuda-bf16): data, training the demo model (final and exit
+#            validation losses to compare with the CPU's), generation with and without early exit
 #   hf       tools/hf_check.py: eellm's converter and logits against transformers, CPU and CUDA
 set -uo pipefail
 OUT=${OUT:-/tmp/eellm_gpu_out}
@@ -34,5 +36,11 @@ run bench_llama "$B/eellm" bench train --model=configs/bench/llama_1p3b.json --b
   --batch=4 --seq=2048 --steps=3 --warmup=1 --torch-reference=tools/bench_torch.py
 run bench_llama_fp32 "$B/eellm" bench train --model=configs/bench/llama_1p3b.json --backend=cuda \
   --batch=4 --seq=2048 --steps=2 --warmup=1 --compare-without-exits=false
+if [ -f .gpu/kjv.txt ]; then
+  run demo bash -c "$B/eellm data --input .gpu/kjv.txt --output /tmp/eellm_kjv --val-fraction 0.02 &&
+    $B/eellm train --config configs/kjv_demo.json --backend=cuda-bf16 --data=/tmp/eellm_kjv \
+      --out=/tmp/eellm_kjv_run &&
+    $B/eellm generate --checkpoint /tmp/eellm_kjv_run --backend=cuda-bf16 --compare"
+fi
 run hf python3 tools/hf_check.py --eellm "$B/eellm" --backends cpu,cuda
 cat "$OUT/summary.log"

@@ -3,7 +3,8 @@
 # (git-ignored) with Debian packages the GPU machine lacks; this adds OpenBLAS (the CPU
 # backend's GEMMs, which the GPU machine lacks too) and its Fortran runtime. Carry ".gpu" with
 # every GPU run and begin the command with `source .gpu/env.sh &&` (it unpacks every .deb in
-# .gpu/debs into /opt/gpu-deps; CMake finds OpenBLAS there through CMAKE_PREFIX_PATH).
+# .gpu/debs into /opt/gpu-deps; CMake finds OpenBLAS there through CMAKE_PREFIX_PATH). Also
+# copies the KJV text of the quickstart into .gpu/kjv.txt for the end-to-end demo run.
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 bash ../shared/gpu/prepare.sh
@@ -12,4 +13,14 @@ if ! ls libopenblas0-openmp_*.deb >/dev/null 2>&1; then
   apt-get download libopenblas-openmp-dev libopenblas0-openmp libgfortran5 >/dev/null 2>&1 ||
     { apt-get update -qq && apt-get download libopenblas-openmp-dev libopenblas0-openmp libgfortran5; }
 fi
-echo "ready: $(ls | wc -l) packages in .gpu/debs (OpenBLAS included)"
+cd ../..
+# The demo's corpus for gpu_check.sh's end-to-end run (the GPU machine has no bible-kjv).
+if [ ! -f .gpu/kjv.txt ]; then
+  if [ -f data/kjv.txt ]; then
+    cp data/kjv.txt .gpu/kjv.txt
+  elif command -v bible >/dev/null; then
+    bible -l100000 "Gen1:1-Rev22:21" | sed -n 's/^ \+[0-9]\+ //p' > .gpu/kjv.txt
+  fi
+fi
+echo "ready: $(ls .gpu/debs | wc -l) packages in .gpu/debs (OpenBLAS included)" \
+  "$([ -f .gpu/kjv.txt ] && echo "and the KJV text")"
