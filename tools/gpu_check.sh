@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# The GPU machine's checks in one command (a session has minutes of device time: run this
-# once, read $OUT/*.log). From the repository root on the GPU machine, after
-# tools/gpu_prepare.sh on the development machine and with .gpu carried:
-#   source .gpu/env.sh && tools/gpu_check.sh
+# The GPU machine's checks (a session has minutes of device time: read $OUT/*.log). From the
+# repository root on the GPU machine, after tools/gpu_prepare.sh on the development machine and
+# with .gpu carried:
+#   source .gpu/env.sh && tools/gpu_check.sh [step ...]
+# with no steps = all of them. One call may run at most 10 minutes: split the steps over two
+# calls on the warm machine (the build in $BUILD_DIR stays), e.g. "build gpu sanitize" then
+# "bench demo hf"; a step other than build builds first when the build directory is missing.
 # Steps (each logs to $OUT/<step>.log; a failing step does not stop the later ones):
 #   build    configure + build (Release, sm_90a)
 #   gpu      ctest -L gpu: the backend parity suite against the CPU on cuda and on cuda-bf16
 #            (bf16 GEMM tolerances; fused flash attention), and NCCL at world size 1
+#   sanitize compute-sanitizer memcheck and racecheck on the attention parity tests of
+#            cuda-bf16 (the fused kernels: out-of-bounds accesses and shared-memory races, which the
+#            CPU emulation cannot see)
 #   bench    eellm bench train on GPT-2 124M and Llama 1.3B (with exits) beside PyTorch, with
 #            bf16 tensor-core GEMMs (cuda-bf16), and the 1.3B once more in plain fp32 (cuda)
 #   demo     the quickstart on the GPU (cuda-bf16): data, training the demo model (final and exit
@@ -25,22 +31,35 @@ run() {  # run <step> <command...>
   tail -5 "$OUT/$step.log"
   return $rc
 }
+STEPS=" ${*:-build gpu sanitize bench demo hf} "
+want() { [[ "$STEPS" == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
-run build bash -c "cmake -S . -B $B -G Ninja -DCMAKE_BUILD_TYPE=Release \
-  -DCMAKE_CUDA_ARCHITECTURES='90a-real;90-virtual' -DEELLM_FUZZ_SANITIZED=OFF &&
-  cmake --build $B -j16" || exit 1
-run gpu bash -c "cd $B && ctest -L gpu --output-on-failure --timeout 300"
+if want build || [ ! -x "$B/eellm" ]; then
+  run build bash -c "cmake -S . -B $B -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_CUDA_ARCHITECTURES='90a-real;90-virtual' -DEELLM_FUZZ_SANITIZED=OFF &&
+    cmake --build $B -j16" || exit 1
+fi
+want gpu && run gpu bash -c "cd $B && ctest -L gpu --output-on-failure --timeout 300"
+SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+if want sanitize && [ -x "$SAN" ]; then
+  for tool in memcheck racecheck; do
+    run "sanitize_$tool" env EELLM_PARITY_BACKEND=cuda-bf16 "$SAN" --tool "$tool" --error-exitcode 3 \
+      "$B/tests/backend_parity_tests" --gtest_filter='BackendParity.Attention*'
+  done
+fi
+if want bench; then
 run bench_gpt2 "$B/eellm" bench train --model=configs/bench/gpt2_124m.json --backend=cuda-bf16 \
   --batch=8 --seq=1024 --steps=5 --warmup=2 --torch-reference=tools/bench_torch.py
 run bench_llama "$B/eellm" bench train --model=configs/bench/llama_1p3b.json --backend=cuda-bf16 \
   --batch=4 --seq=2048 --steps=3 --warmup=1 --torch-reference=tools/bench_torch.py
 run bench_llama_fp32 "$B/eellm" bench train --model=configs/bench/llama_1p3b.json --backend=cuda \
   --batch=4 --seq=2048 --steps=2 --warmup=1 --compare-without-exits=false
-if [ -f .gpu/kjv.txt ]; then
+fi
+if want demo && [ -f .gpu/kjv.txt ]; then
   run demo bash -c "$B/eellm data --input .gpu/kjv.txt --output /tmp/eellm_kjv --val-fraction 0.02 &&
     $B/eellm train --config configs/kjv_demo.json --backend=cuda-bf16 --data=/tmp/eellm_kjv \
       --out=/tmp/eellm_kjv_run &&
     $B/eellm generate --checkpoint /tmp/eellm_kjv_run --backend=cuda-bf16 --compare"
 fi
-run hf python3 tools/hf_check.py --eellm "$B/eellm" --backends cpu,cuda
+want hf && run hf python3 tools/hf_check.py --eellm "$B/eellm" --backends cpu,cuda
 cat "$OUT/summary.log"
