@@ -20,12 +20,14 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(absl::string_view name) {
     // cuda[-bf16][:<device>]
     absl::string_view rest = name.substr(4);
     const bool bf16 = absl::ConsumePrefix(&rest, "-bf16");
+    const bool bf16_weights = bf16 && absl::ConsumePrefix(&rest, "w");
     int device = -1;
     if (!(rest.empty() || (absl::ConsumePrefix(&rest, ":") && absl::SimpleAtoi(rest, &device)))) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "bad backend \"", name, "\": expected cuda or cuda-bf16, optionally with :<device>"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("bad backend \"", name,
+                       "\": expected cuda, cuda-bf16 or cuda-bf16w, optionally with :<device>"));
     }
-    return MakeCudaBackend(device, bf16);
+    return MakeCudaBackend(device, bf16, bf16_weights);
 #else
     return absl::UnimplementedError(
         "this eellm was built without CUDA (nvcc was not found at configure time)");
@@ -33,7 +35,7 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(absl::string_view name) {
   }
   return absl::InvalidArgumentError(
       absl::StrCat("unknown backend \"", name,
-                   "\"; valid backends: cpu, cuda, cuda-bf16 (optionally :<device>)"));
+                   "\"; valid backends: cpu, cuda, cuda-bf16, cuda-bf16w (optionally :<device>)"));
 }
 
 }  // namespace eellm

@@ -141,6 +141,18 @@ class Backend {
                                      const float* sum_exp, const int32_t* targets,
                                      const float* weights, int n, int v, int start) = 0;
 
+  // ---- parameters ---------------------------------------------------------------------------
+  // [p, p + n) holds fp32 parameters (master weights) until UnregisterWeights(p): a backend may
+  // keep a lower-precision copy of them for its GEMMs. It sees writes made through its own ops;
+  // writes it cannot see (a communicator filling device memory directly) are announced with
+  // WeightsChanged(p). Defaults: nothing kept.
+  virtual void RegisterWeights(const float* p, size_t n) {
+    (void)p;
+    (void)n;
+  }
+  virtual void UnregisterWeights(const float* p) { (void)p; }
+  virtual void WeightsChanged(const float* p) { (void)p; }
+
   // ---- optimizer ----------------------------------------------------------------------------
   // AdamW on one fp32 tensor: m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
   // p -= lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * p), with bias correction for
@@ -149,7 +161,9 @@ class Backend {
                      float beta2, float eps, float weight_decay, int step) = 0;
 };
 
-// "cpu" (always), or "cuda" (fp32) / "cuda-bf16" (bf16 tensor-core GEMMs), optionally with
+// "cpu" (always), or "cuda" (fp32) / "cuda-bf16" (bf16 tensor-core GEMMs) / "cuda-bf16w" (the
+// same with bf16 copies of the weights and bf16-converted activations as GEMM operands), optionally
+// with
 // ":<device>" (when built with CUDA and a GPU is present; the device index is taken modulo the
 // number of GPUs, so ranks may pass their local rank).
 absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(absl::string_view name);

@@ -6,6 +6,7 @@
 #include <thread>
 
 #include "absl/flags/flag.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "engine/core/logging.h"
 #include "launch/commands.h"
@@ -89,9 +90,10 @@ int RunTrainCommand() {
   }
 
   // Each rank of a node takes GPU local_rank (modulo the GPUs present).
-  const std::string device = t.backend == "cuda" || t.backend == "cuda-bf16"
-                                 ? absl::StrCat(t.backend, ":", launch->local_rank)
-                                 : t.backend;
+  const bool cuda_without_device =
+      absl::StartsWith(t.backend, "cuda") && !absl::StrContains(t.backend, ":");
+  const std::string device =
+      cuda_without_device ? absl::StrCat(t.backend, ":", launch->local_rank) : t.backend;
   auto backend = MakeBackend(device);
   if (!backend.ok()) return Fail(backend.status(), multi, launch->rank);
   TrainOptions opts;

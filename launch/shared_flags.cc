@@ -20,7 +20,9 @@ ABSL_FLAG(uint64_t, seed, 1234,
 ABSL_FLAG(std::string, checkpoint, "",
           "checkpoint: a run directory of eellm train (its latest step), a step directory or a "
           "checkpoint file (required)");
-ABSL_FLAG(std::string, backend, "cpu", "compute backend: cpu or cuda");
+ABSL_FLAG(std::string, backend, "cpu",
+          "compute backend: cpu, cuda (fp32), cuda-bf16 (bf16 tensor-core GEMMs, fused attention) "
+          "or cuda-bf16w (also bf16 weight copies), optionally with :<device>");
 ABSL_FLAG(int, exit, -1,
           "exit index, 0-based in depth order (logits: -1 = the final head; convert "
           "set-exit-position: the exit to move)");

@@ -126,6 +126,7 @@ void DistributedOptimizer::Apply(float lr, double global_norm) {
     Backend* be = params_->backend();
     be->Copy(scratch_.f32(), params_->params_data() + adamw_->lo(), shard_ * sizeof(float));
     ctx_->dp->AllGather(scratch_.f32(), params_->params_data(), shard_);
+    be->WeightsChanged(params_->params_data());  // the communicator wrote past the backend
   }
 }
 

@@ -14,7 +14,8 @@
 #            cuda-bf16 (the fused kernels: out-of-bounds accesses and shared-memory races, which the
 #            CPU emulation cannot see)
 #   bench    eellm bench train on GPT-2 124M and Llama 1.3B (with exits) beside PyTorch, with
-#            bf16 tensor-core GEMMs (cuda-bf16), and the 1.3B once more in plain fp32 (cuda)
+#            bf16 tensor-core GEMMs (cuda-bf16), then the 1.3B with bf16 weight copies
+#            (cuda-bf16w) and in plain fp32 (cuda)
 #   demo     the quickstart on the GPU (cuda-bf16): data, training the demo model (final and exit
 #            validation losses to compare with the CPU's), generation with and without early exit
 #   hf       tools/hf_check.py: eellm's converter and logits against transformers, CPU and CUDA
@@ -52,6 +53,8 @@ run bench_gpt2 "$B/eellm" bench train --model=configs/bench/gpt2_124m.json --bac
   --batch=8 --seq=1024 --steps=5 --warmup=2 --torch-reference=tools/bench_torch.py
 run bench_llama "$B/eellm" bench train --model=configs/bench/llama_1p3b.json --backend=cuda-bf16 \
   --batch=4 --seq=2048 --steps=3 --warmup=1 --torch-reference=tools/bench_torch.py
+run bench_llama_bf16w "$B/eellm" bench train --model=configs/bench/llama_1p3b.json \
+  --backend=cuda-bf16w --batch=4 --seq=2048 --steps=3 --warmup=1 --compare-without-exits=false
 run bench_llama_fp32 "$B/eellm" bench train --model=configs/bench/llama_1p3b.json --backend=cuda \
   --batch=4 --seq=2048 --steps=2 --warmup=1 --compare-without-exits=false
 fi

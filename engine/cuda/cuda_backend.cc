@@ -27,7 +27,8 @@
 
 namespace eellm {
 
-absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(int device, bool bf16_gemm) {
+absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(int device, bool bf16_gemm,
+                                                         bool bf16_weights) {
   int count = 0;
   const cudaError_t err = cudaGetDeviceCount(&count);
   if (err != cudaSuccess || count == 0) {
@@ -41,8 +42,9 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(int device, bool bf16_g
     device %= count;
   }
   return std::unique_ptr<Backend>(
-      new CudaBackend(device, bf16_gemm ? CudaBackend::GemmPrecision::kBf16Gemm
-                                        : CudaBackend::GemmPrecision::kFp32));
+      new CudaBackend(device, !bf16_gemm     ? CudaBackend::GemmPrecision::kFp32
+                              : bf16_weights ? CudaBackend::GemmPrecision::kBf16Weights
+                                             : CudaBackend::GemmPrecision::kBf16Gemm));
 }
 
 CudaBackend::CudaBackend(int device, GemmPrecision precision)
@@ -58,6 +60,7 @@ CudaBackend::CudaBackend(int device, GemmPrecision precision)
 CudaBackend::~CudaBackend() {
   cudaDeviceSynchronize();
   for (Slot& s : scratch_) cudaFree(s.ptr);
+  for (WeightCopy& w : weights_) cudaFree(w.bf16);
   if (cublas_ != nullptr) cublasDestroy(cublas_);
 }
 
@@ -76,10 +79,12 @@ void CudaBackend::CopyToHost(void* host_dst, const void* src, size_t bytes) {
 }
 
 void CudaBackend::CopyFromHost(void* dst, const void* host_src, size_t bytes) {
+  MarkWritten(dst, bytes);
   if (bytes) CUDA_CHECK(cudaMemcpy(dst, host_src, bytes, cudaMemcpyHostToDevice));
 }
 
 void CudaBackend::Copy(void* dst, const void* src, size_t bytes) {
+  MarkWritten(dst, bytes);
   if (bytes && dst != src) {
     CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_));
   }
@@ -103,8 +108,26 @@ void CudaBackend::Gemm(bool trans_a, bool trans_b, int m, int n, int k, float al
   // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
   const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
   const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const uint16_t* a_w = Bf16Weights(a);
+  const uint16_t* b_w = Bf16Weights(b);
   if (precision_ == GemmPrecision::kFp32) {
     CUBLAS_CHECK(cublasSgemm(cublas_, op_b, op_a, n, m, k, &alpha, b, ldb, a, lda, &beta, c, ldc));
+  } else if (a_w != nullptr || b_w != nullptr) {
+    // One operand is a weight with a bf16 copy: the other (an activation) is converted to bf16
+    // first (its whole strided extent; one scratch serves it, as at most one side converts).
+    const size_t a_n = static_cast<size_t>(trans_a ? k : m) * lda;
+    const size_t b_n = static_cast<size_t>(trans_b ? n : k) * ldb;
+    auto converted = [&](const float* x, size_t count) {
+      auto* out = static_cast<uint16_t*>(Scratch(count * sizeof(uint16_t), 3));
+      CUDA_CHECK(cuda::ToBf16(out, x, count, stream_));
+      return static_cast<const uint16_t*>(out);
+    };
+    EE_CHECK(a_w == nullptr || b_w == nullptr, "a GEMM of two weights");
+    const uint16_t* a16 = a_w != nullptr ? a_w : converted(a, a_n);
+    const uint16_t* b16 = b_w != nullptr ? b_w : converted(b, b_n);
+    CUBLAS_CHECK(cublasGemmEx(cublas_, op_b, op_a, n, m, k, &alpha, b16, CUDA_R_16BF, ldb, a16,
+                              CUDA_R_16BF, lda, &beta, c, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F,
+                              CUBLAS_GEMM_DEFAULT));
   } else {
     CUBLAS_CHECK(cublasGemmEx(cublas_, op_b, op_a, n, m, k, &alpha, b, CUDA_R_32F, ldb, a,
                               CUDA_R_32F, lda, &beta, c, CUDA_R_32F, ldc,
@@ -112,18 +135,70 @@ void CudaBackend::Gemm(bool trans_a, bool trans_b, int m, int n, int k, float al
   }
 }
 
+// ---- bf16 weight copies (kBf16Weights)
+// ------------------------------------------------------------
+
+void CudaBackend::RegisterWeights(const float* p, size_t n) {
+  if (precision_ != GemmPrecision::kBf16Weights || p == nullptr || n == 0) return;
+  WeightCopy w;
+  w.base = p;
+  w.n = n;
+  CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&w.bf16), n * sizeof(uint16_t)));
+  weights_.push_back(w);
+}
+
+void CudaBackend::UnregisterWeights(const float* p) {
+  for (size_t i = 0; i < weights_.size(); ++i) {
+    if (weights_[i].base != p) continue;
+    CUDA_CHECK(cudaDeviceSynchronize());  // GEMMs may still read the copy
+    CUDA_CHECK(cudaFree(weights_[i].bf16));
+    weights_.erase(weights_.begin() + static_cast<std::ptrdiff_t>(i));
+    return;
+  }
+}
+
+void CudaBackend::WeightsChanged(const float* p) {
+  for (WeightCopy& w : weights_) {
+    if (p >= w.base && p < w.base + w.n) w.stale = true;
+  }
+}
+
+void CudaBackend::MarkWritten(const void* dst, size_t bytes) {
+  const auto* lo = static_cast<const char*>(dst);
+  for (WeightCopy& w : weights_) {
+    const auto* base = reinterpret_cast<const char*>(w.base);
+    if (lo < base + w.n * sizeof(float) && base < lo + bytes) w.stale = true;
+  }
+}
+
+const uint16_t* CudaBackend::Bf16Weights(const float* p) {
+  for (WeightCopy& w : weights_) {
+    if (p < w.base || p >= w.base + w.n) continue;
+    if (w.stale) {
+      CUDA_CHECK(cuda::ToBf16(w.bf16, w.base, w.n, stream_));
+      w.stale = false;
+    }
+    return w.bf16 + (p - w.base);
+  }
+  return nullptr;
+}
+
 // ---- elementwise, reductions, embedding ---------------------------------------------------------
 
 void CudaBackend::Fill(float* x, size_t n, float value) {
+  MarkWritten(x, n * sizeof(float));
   CUDA_CHECK(cuda::Fill(x, n, value, stream_));
 }
 void CudaBackend::Add(float* y, const float* a, const float* b, size_t n) {
+  MarkWritten(y, n * sizeof(float));
   CUDA_CHECK(cuda::Add(y, a, b, n, stream_));
 }
 void CudaBackend::Axpy(float* y, float alpha, const float* x, size_t n) {
+  MarkWritten(y, n * sizeof(float));
   CUDA_CHECK(cuda::Axpy(y, alpha, x, n, stream_));
 }
 void CudaBackend::Scale(float* x, float alpha, size_t n) {
+  MarkWritten(x, n * sizeof(float));
   CUDA_CHECK(cuda::Scale(x, alpha, n, stream_));
 }
 
@@ -239,7 +314,7 @@ void CudaBackend::RopeBackward(float* dx, const int32_t* pos, int n, int heads, 
 // ---- attention ----------------------------------------------------------------------------------
 
 bool CudaBackend::UseFlash(int d, std::initializer_list<const float*> tensors) const {
-  if (precision_ != GemmPrecision::kBf16Gemm || !cuda::FlashAttentionSupports(d)) return false;
+  if (precision_ == GemmPrecision::kFp32 || !cuda::FlashAttentionSupports(d)) return false;
   for (const float* p : tensors) {
     if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
   }
@@ -340,6 +415,7 @@ void CudaBackend::CrossEntropyGradRange(float* dlogits, const float* logits, con
 
 void CudaBackend::AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr,
                         float beta1, float beta2, float eps, float weight_decay, int step) {
+  MarkWritten(p, n * sizeof(float));
   const double bc1 = 1.0 - std::pow(static_cast<double>(beta1), step);
   const double bc2 = 1.0 - std::pow(static_cast<double>(beta2), step);
   CUDA_CHECK(cuda::AdamW(p, g, m, v, n, lr, beta1, beta2, eps, weight_decay,

@@ -30,7 +30,11 @@ class CudaBackend final : public Backend {
   // checked element by element against the CPU); kBf16Gemm, operands rounded to bf16 inside
   // cuBLAS (CUBLAS_COMPUTE_32F_FAST_16BF: tensor cores, fp32 accumulation and outputs), with
   // fp32 storage everywhere else.
-  enum class GemmPrecision { kFp32, kBf16Gemm };
+  // kBf16Weights: bf16 operands in memory: registered weights (RegisterWeights) have a bf16
+  // copy, refreshed at the first GEMM after anything wrote them; the other operand is converted
+  // to bf16 before the GEMM (tensor cores, fp32 accumulation and output). GEMMs without a weight
+  // operand (weight gradients) run as in kBf16Gemm.
+  enum class GemmPrecision { kFp32, kBf16Gemm, kBf16Weights };
   CudaBackend(int device, GemmPrecision precision);
   ~CudaBackend() override;
   CudaBackend(const CudaBackend&) = delete;
@@ -38,7 +42,9 @@ class CudaBackend final : public Backend {
 
   Device device() const override { return Device::kCuda; }
   std::string name() const override {
-    return precision_ == GemmPrecision::kFp32 ? "cuda" : "cuda-bf16";
+    return precision_ == GemmPrecision::kFp32       ? "cuda"
+           : precision_ == GemmPrecision::kBf16Gemm ? "cuda-bf16"
+                                                    : "cuda-bf16w";
   }
 
   void* Alloc(size_t bytes) override;
@@ -108,10 +114,19 @@ class CudaBackend final : public Backend {
   void AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1,
              float beta2, float eps, float weight_decay, int step) override;
 
+  void RegisterWeights(const float* p, size_t n) override;
+  void UnregisterWeights(const float* p) override;
+  void WeightsChanged(const float* p) override;
+
  private:
   // Row-major C[M, N] = alpha op(A) op(B) + beta C with leading dimensions in elements.
   void Gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a, int lda,
             const float* b, int ldb, float beta, float* c, int ldc);
+  // The bf16 copy of weights at `p` (refreshed if stale), or null when p is no registered weight
+  // or the precision keeps none.
+  const uint16_t* Bf16Weights(const float* p);
+  // Marks the bf16 copies overlapping [dst, dst + bytes) stale.
+  void MarkWritten(const void* dst, size_t bytes);
   // Whether attention with head_dim d on these tensors runs the fused kernels
   // (flash_attention.cu): in bf16 mode, for the head dimensions they support, 16-byte aligned.
   bool UseFlash(int d, std::initializer_list<const float*> tensors) const;
@@ -126,7 +141,14 @@ class CudaBackend final : public Backend {
     void* ptr = nullptr;
     size_t bytes = 0;
   };
-  Slot scratch_[3];
+  Slot scratch_[4];  // 0-1 attention, 2 SumSquares partials, 3 bf16 GEMM operands
+  struct WeightCopy {
+    const float* base = nullptr;
+    size_t n = 0;
+    uint16_t* bf16 = nullptr;
+    bool stale = true;
+  };
+  std::vector<WeightCopy> weights_;
   std::vector<double> host_partials_;
 };
 

@@ -14,8 +14,10 @@ namespace eellm {
 // A CudaBackend on GPU `device` modulo the number of GPUs (so ranks may share GPUs; pass the
 // local rank), or on the current device when `device` < 0; `bf16_gemm`: GEMMs on tensor cores
 // with bf16-rounded operands (see CudaBackend::GemmPrecision). Unavailable when no GPU is
-// present or the driver cannot be initialised.
-absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(int device = -1, bool bf16_gemm = false);
+// present or the driver cannot be initialised. `bf16_weights` (with bf16_gemm): GEMMs take bf16
+// copies of the registered weights and bf16-converted activations (CudaBackend::GemmPrecision).
+absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(int device = -1, bool bf16_gemm = false,
+                                                         bool bf16_weights = false);
 
 }  // namespace eellm
 

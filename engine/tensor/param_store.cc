@@ -27,6 +27,13 @@ void ParamStore::Allocate(Backend* backend) {
   grads_buf_ = Buffer(backend, padded_size() * sizeof(float));
   backend->Fill(params_buf_.f32(), padded_size(), 0.0f);
   backend->Fill(grads_buf_.f32(), padded_size(), 0.0f);
+  backend->RegisterWeights(params_buf_.f32(), padded_size());
+}
+
+ParamStore::~ParamStore() {
+  if (backend_ != nullptr && params_buf_.f32() != nullptr) {
+    backend_->UnregisterWeights(params_buf_.f32());
+  }
 }
 
 int ParamStore::Find(const std::string& name) const {

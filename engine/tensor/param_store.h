@@ -38,6 +38,10 @@ class ParamStore {
   // Returns the index of the new parameter.
   int Add(const std::string& name, const Shape& shape, bool weight_decay);
   void Allocate(Backend* backend);  // params zero-filled, grads zero-filled
+  ParamStore() = default;
+  ParamStore(const ParamStore&) = delete;
+  ParamStore& operator=(const ParamStore&) = delete;
+  ~ParamStore();  // unregisters the parameter arena from the backend
 
   // Arenas are padded to a multiple of kArenaMultiple elements (zeros past size()): the
   // data-parallel optimizer splits them into equal 64-byte-aligned shards for any dp <= 8.

@@ -1,7 +1,7 @@
 // The CUDA backend allocates no device memory inside a training step once the first step has
 // run (its internal scratch included, which the ProfilingBackend-based step_allocation_test
-// cannot see): cudaMalloc calls counted under the CPU emulation of CUDA, in fp32 and bf16 modes
-// (the latter with head_dim 32, so attention runs the fused kernels and their scratch).
+// cannot see): cudaMalloc calls counted under the CPU emulation of CUDA, in fp32, bf16 and bf16
+// with weight copies (head_dim 32, so attention runs the fused kernels and their scratch).
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -15,11 +15,13 @@ namespace eellm {
 namespace {
 
 TEST(EmulatedCudaStep, NoDeviceAllocationAfterTheFirstStep) {
-  for (bool bf16 : {false, true}) {
+  for (int mode = 0; mode < 3; ++mode) {
     for (ModelStyle style : {ModelStyle::kLlama, ModelStyle::kGpt}) {
-      SCOPED_TRACE(::testing::Message() << (bf16 ? "cuda-bf16 " : "cuda ")
+      SCOPED_TRACE(::testing::Message() << (mode == 0   ? "cuda "
+                                            : mode == 1 ? "cuda-bf16 "
+                                                        : "cuda-bf16w ")
                                         << (style == ModelStyle::kGpt ? "gpt" : "llama"));
-      auto be = MakeEmulatedCudaBackend(0, bf16);
+      auto be = MakeEmulatedCudaBackend(0, mode > 0, mode == 2);
       ASSERT_TRUE(be.ok()) << be.status();
       ModelConfig c = testing::TinyConfig(style, 4);
       c.hidden_size = 64;  // head_dim 32

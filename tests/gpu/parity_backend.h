@@ -36,7 +36,8 @@ inline Backend* DeviceUnderTest(std::string* why, bool* misnamed) {
   static Backend* device = [] {
     const std::string name = ParityBackendName();
     auto be = absl::StartsWith(name, "emulated-cuda")
-                  ? MakeEmulatedCudaBackend(0, absl::EndsWith(name, "-bf16"))
+                  ? MakeEmulatedCudaBackend(0, absl::StrContains(name, "-bf16"),
+                                            absl::EndsWith(name, "-bf16w"))
                   : MakeBackend(name);
     if (be.ok()) return be->release();
     bad_name = absl::IsInvalidArgument(be.status());

@@ -46,7 +46,8 @@ Backend* LayoutBackend() {
     const char* env = std::getenv("EELLM_LAYOUT_BACKEND");
     const std::string name = env != nullptr && *env != '\0' ? env : "cpu";
     auto be = absl::StartsWith(name, "emulated-cuda")
-                  ? MakeEmulatedCudaBackend(0, absl::EndsWith(name, "-bf16"))
+                  ? MakeEmulatedCudaBackend(0, absl::StrContains(name, "-bf16"),
+                                            absl::EndsWith(name, "-bf16w"))
                   : MakeBackend(name);
     EE_CHECK(be.ok(), "EELLM_LAYOUT_BACKEND=", name, ": ", be.status().ToString());
     return be->release();

@@ -1,6 +1,7 @@
 // The CUDA backend (engine/cuda, host code and kernels) built for the CPU emulation of CUDA in
 // this folder: the same sources, so the backend parity suite can check their logic against the
-// CPU backend on machines without a GPU ("emulated-cuda", "emulated-cuda-bf16").
+// CPU backend on machines without a GPU ("emulated-cuda", "emulated-cuda-bf16",
+// "emulated-cuda-bf16w").
 #pragma once
 
 #include <cstdint>
@@ -8,12 +9,13 @@
 
 #include "absl/status/statusor.h"
 #include "engine/backend.h"
-#include "engine/cuda/make_cuda_backend.h"
+#include "engine/cuda/make_cuda_backend.h"  // IWYU pragma: keep (GemmShape, GemmTiming)
 
 namespace eellm {
 
 // As MakeCudaBackend (engine/cuda/make_cuda_backend.h), on the one emulated device.
-absl::StatusOr<std::unique_ptr<Backend>> MakeEmulatedCudaBackend(int device, bool bf16_gemm);
+absl::StatusOr<std::unique_ptr<Backend>> MakeEmulatedCudaBackend(int device, bool bf16_gemm,
+                                                                 bool bf16_weights = false);
 // cudaMalloc calls made so far in this process under the emulation (the backend's buffers and
 // its internal scratch alike).
 int64_t EmulatedCudaMallocCalls();
