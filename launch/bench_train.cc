@@ -197,6 +197,19 @@ absl::Status RunTrainBenchmark(const ModelConfig& mc, Backend* backend,
     std::printf("  %-24s %9.2f ms %6.1f%% %7lld calls\n", op.name.c_str(), op.seconds * 1e3,
                 100 * op.seconds / total, static_cast<long long>(op.calls));
   }
+  // Attention's own rate: the causal half of its products, 4 b hq t^2 d / 2 FLOPs per forward
+  // call (Q K^T and P V), 2.5 times that per backward call (the FlashAttention convention: dV,
+  // dP, dQ, dK and the recomputed S; our dQ kernel recomputes S and dP once more, uncounted).
+  const int micro = o.micro_batch > 0 ? o.micro_batch : o.batch;
+  const double attn_fwd_flops =
+      2.0 * micro * mc.num_heads * static_cast<double>(o.seq) * o.seq * mc.head_dim();
+  for (const auto& op : r.ops) {
+    const bool fwd = op.name == "AttentionForward", bwd = op.name == "AttentionBackward";
+    if ((!fwd && !bwd) || op.seconds <= 0) continue;
+    const double flops = attn_fwd_flops * (bwd ? 2.5 : 1.0) * static_cast<double>(op.calls);
+    std::printf("  %s: %.3g TFLOP/s of causal attention FLOPs\n", op.name.c_str(),
+                flops / op.seconds / 1e12);
+  }
   if (o.compare_without_exits && !mc.exits.empty()) {
     ModelConfig bare = mc;
     bare.exits.clear();
