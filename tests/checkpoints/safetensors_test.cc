@@ -4,6 +4,8 @@
 // (EELLM_FUZZ_ITERATIONS and EELLM_FUZZ_SEED in the environment override its defaults).
 #include "checkpoints/safetensors.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -51,9 +53,11 @@ float FromBits(uint32_t u) {
   return f;
 }
 
-// A fresh, empty directory under the test temp dir.
+// A fresh, empty path under the test temp dir, of this process (the same tests also run in the
+// sanitized binary, in parallel).
 std::string TempPath(const std::string& name) {
-  const std::string path = ::testing::TempDir() + "/safetensors_test_" + name;
+  const std::string path =
+      ::testing::TempDir() + "/safetensors_test_" + std::to_string(getpid()) + "_" + name;
   fs::remove_all(path);
   return path;
 }

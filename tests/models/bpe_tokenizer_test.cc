@@ -4,6 +4,8 @@
 // round trips on UTF-8 text, load errors, MakeTokenizer() and a fuzz loop over broken files.
 #include "models/bpe_tokenizer.h"
 
+#include <unistd.h>
+
 #include <fstream>
 #include <random>
 #include <string>
@@ -32,8 +34,12 @@ std::string MapBytes(const std::string& s) {
   return out;
 }
 
+// A file of this process and test (ctest runs tests in parallel processes, and the same name in
+// two tests would race).
 std::string WriteTemp(const std::string& name, const std::string& content) {
-  const std::string path = ::testing::TempDir() + "/" + name;
+  const std::string path = ::testing::TempDir() + "/bpe_" + std::to_string(getpid()) + "_" +
+                           ::testing::UnitTest::GetInstance()->current_test_info()->name() + "_" +
+                           name;
   std::ofstream(path, std::ios::binary) << content;
   return path;
 }
