@@ -6,7 +6,6 @@
 #include <thread>
 
 #include "absl/flags/flag.h"
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "engine/core/logging.h"
 #include "launch/commands.h"
@@ -91,7 +90,7 @@ int RunTrainCommand() {
 
   // Each rank of a node takes GPU local_rank (modulo the GPUs present).
   const bool cuda_without_device =
-      absl::StartsWith(t.backend, "cuda") && !absl::StrContains(t.backend, ":");
+      t.backend == "cuda" || t.backend == "cuda-bf16" || t.backend == "cuda-bf16w";
   const std::string device =
       cuda_without_device ? absl::StrCat(t.backend, ":", launch->local_rank) : t.backend;
   auto backend = MakeBackend(device);

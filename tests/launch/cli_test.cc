@@ -157,6 +157,15 @@ TEST_F(CliTest, UnknownTrainKeyIsNamed) {
   ExpectTrainConfigError(kTinyModel, {"eval_batchs"}, ", \"eval_batchs\": 3");
 }
 
+TEST_F(CliTest, BadCommunicatorIsNamed) {
+  ExpectTrainConfigError(kTinyModel, {"communicator \"gloo\"", "auto, nccl or mpi"},
+                         ", \"communicator\": \"gloo\"");
+}
+
+TEST_F(CliTest, BadBackendIsNamed) {
+  ExpectTrainConfigError(kTinyModel, {"\"cuda-fp8\""}, ", \"backend\": \"cuda-fp8\"");
+}
+
 TEST_F(CliTest, UnknownTopLevelKeyIsNamed) {
   const std::string path = Path("config.json");
   WriteFile(path, std::string("{\"model\": ") + kTinyModel + ", \"trian\": {}}");
