@@ -56,6 +56,40 @@ __device__ void LoadTile(__nv_bfloat16* dst, const float* src, size_t stride, in
   }
 }
 
+// acc_w [16, 64] = X_w Y^T for the warp's 16 rows of x (bf16 [.][D + kSkew]) against the 64
+// rows of y, stored to fp32 work rows (ld kTile + kFSkew).
+template <int D>
+__device__ void WarpProductT(float* work, const __nv_bfloat16* x_rows, const __nv_bfloat16* y) {
+  constexpr int kLd = D + kSkew;
+  for (int j = 0; j < kTile / 16; ++j) {
+    FragC acc;
+    wmma::fill_fragment(acc, 0.0f);
+    for (int kk = 0; kk < D / 16; ++kk) {
+      FragA a;
+      FragBCol bt;
+      wmma::load_matrix_sync(a, x_rows + kk * 16, kLd);
+      wmma::load_matrix_sync(bt, y + j * 16 * kLd + kk * 16, kLd);
+      wmma::mma_sync(acc, a, bt, acc);
+    }
+    wmma::store_matrix_sync(work + j * 16, acc, kTile + kFSkew, wmma::mem_row_major);
+  }
+}
+
+// acc[j] += P_w [16, 64] (bf16, ld kTile + kSkew) times y [64, D] (bf16 rows).
+template <int D>
+__device__ void WarpAccumulate(FragC* acc, const __nv_bfloat16* p_rows, const __nv_bfloat16* y) {
+  constexpr int kLd = D + kSkew;
+  for (int j = 0; j < D / 16; ++j) {
+    for (int kk = 0; kk < kTile / 16; ++kk) {
+      FragA a;
+      FragBRow b;
+      wmma::load_matrix_sync(a, p_rows + kk * 16, kTile + kSkew);
+      wmma::load_matrix_sync(b, y + kk * 16 * kLd + j * 16, kLd);
+      wmma::mma_sync(acc[j], a, b, acc[j]);
+    }
+  }
+}
+
 // ---- forward ------------------------------------------------------------------------------------
 
 template <int D>
@@ -107,19 +141,7 @@ __global__ void __launch_bounds__(kThreads)
     LoadTile<D>(ks, kb, kv_stride, k0, tk);
     LoadTile<D>(vs, vb, kv_stride, k0, tk);
     __syncthreads();
-    // S_w [16, 64] = Q_w K^T.
-    for (int j = 0; j < kTile / 16; ++j) {
-      FragC acc;
-      wmma::fill_fragment(acc, 0.0f);
-      for (int kk = 0; kk < D / 16; ++kk) {
-        FragA a;
-        FragBCol bt;
-        wmma::load_matrix_sync(a, qs + warp * 16 * kLd + kk * 16, kLd);
-        wmma::load_matrix_sync(bt, ks + j * 16 * kLd + kk * 16, kLd);
-        wmma::mma_sync(acc, a, bt, acc);
-      }
-      wmma::store_matrix_sync(ss + warp * 16 * kLdS + j * 16, acc, kLdS, wmma::mem_row_major);
-    }
+    WarpProductT<D>(ss + warp * 16 * kLdS, qs + warp * 16 * kLd, ks);  // S_w = Q_w K^T
     __syncwarp();
     // Online softmax on this lane's 32 columns of its row.
     float* srow = ss + row * kLdS + half * 32;
@@ -148,18 +170,14 @@ __global__ void __launch_bounds__(kThreads)
     float* orow = os + row * kLdO + half * (D / 2);
     for (int c = 0; c < D / 2; ++c) orow[c] *= alpha;
     __syncwarp();
-    // O_w += P_w V.
+    // O_w += P_w V (O kept in shared memory, where the rows were rescaled above).
+    FragC o[D / 16];
     for (int j = 0; j < D / 16; ++j) {
-      FragC acc;
-      wmma::load_matrix_sync(acc, os + warp * 16 * kLdO + j * 16, kLdO, wmma::mem_row_major);
-      for (int kk = 0; kk < kTile / 16; ++kk) {
-        FragA a;
-        FragBRow b;
-        wmma::load_matrix_sync(a, ps + warp * 16 * kLdP + kk * 16, kLdP);
-        wmma::load_matrix_sync(b, vs + kk * 16 * kLd + j * 16, kLd);
-        wmma::mma_sync(acc, a, b, acc);
-      }
-      wmma::store_matrix_sync(os + warp * 16 * kLdO + j * 16, acc, kLdO, wmma::mem_row_major);
+      wmma::load_matrix_sync(o[j], os + warp * 16 * kLdO + j * 16, kLdO, wmma::mem_row_major);
+    }
+    WarpAccumulate<D>(o, ps + warp * 16 * kLdP, vs);
+    for (int j = 0; j < D / 16; ++j) {
+      wmma::store_matrix_sync(os + warp * 16 * kLdO + j * 16, o[j], kLdO, wmma::mem_row_major);
     }
     __syncwarp();
   }
@@ -211,40 +229,6 @@ struct BwdSmem {
   static_assert(sizeof(float) * kTile * (D + kFSkew) <= sizeof(float) * 2 * kTile * kLdW,
                 "the result staging must fit in the two workspaces");
 };
-
-// acc_w [16, 64] = X_w Y^T for the warp's 16 rows of x (bf16 [.][D + kSkew]) against the 64
-// rows of y, stored to fp32 work rows (ld kLdW).
-template <int D>
-__device__ void WarpProductT(float* work, const __nv_bfloat16* x_rows, const __nv_bfloat16* y) {
-  constexpr int kLd = D + kSkew;
-  for (int j = 0; j < kTile / 16; ++j) {
-    FragC acc;
-    wmma::fill_fragment(acc, 0.0f);
-    for (int kk = 0; kk < D / 16; ++kk) {
-      FragA a;
-      FragBCol bt;
-      wmma::load_matrix_sync(a, x_rows + kk * 16, kLd);
-      wmma::load_matrix_sync(bt, y + j * 16 * kLd + kk * 16, kLd);
-      wmma::mma_sync(acc, a, bt, acc);
-    }
-    wmma::store_matrix_sync(work + j * 16, acc, kTile + kFSkew, wmma::mem_row_major);
-  }
-}
-
-// acc[j] += P_w [16, 64] (bf16, ld kTile + kSkew) times y [64, D] (bf16 rows).
-template <int D>
-__device__ void WarpAccumulate(FragC* acc, const __nv_bfloat16* p_rows, const __nv_bfloat16* y) {
-  constexpr int kLd = D + kSkew;
-  for (int j = 0; j < D / 16; ++j) {
-    for (int kk = 0; kk < kTile / 16; ++kk) {
-      FragA a;
-      FragBRow b;
-      wmma::load_matrix_sync(a, p_rows + kk * 16, kTile + kSkew);
-      wmma::load_matrix_sync(b, y + kk * 16 * kLd + j * 16, kLd);
-      wmma::mma_sync(acc[j], a, b, acc[j]);
-    }
-  }
-}
 
 // Writes the block's accumulators (each warp 16 rows x D, times `scale`) to global rows
 // [row0, row0 + 64) below `rows` (row stride `stride`), staged through fp32 smem `stage`
