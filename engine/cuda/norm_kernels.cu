@@ -3,6 +3,7 @@
 // column sums over rows in order (one thread per column), so results are deterministic.
 #include <cmath>
 
+#include "engine/cuda/block_reduce.cuh"
 #include "engine/cuda/cuda_kernels.h"
 #include "engine/cuda/kernel_launch.h"
 
@@ -10,19 +11,6 @@ namespace eellm::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-// Sum of `v` over the block (every thread gets the result). `scratch`: kThreads doubles.
-__device__ double BlockSum(double v, double* scratch) {
-  scratch[threadIdx.x] = v;
-  __syncthreads();
-  for (int w = blockDim.x / 2; w > 0; w >>= 1) {
-    if (threadIdx.x < w) scratch[threadIdx.x] += scratch[threadIdx.x + w];
-    __syncthreads();
-  }
-  const double total = scratch[0];
-  __syncthreads();  // scratch is reused by the next call
-  return total;
-}
 
 __global__ void LayerNormForwardKernel(float* out, float* mean, float* rstd, const float* x,
                                        const float* g, const float* b, int c, float eps) {

@@ -3,6 +3,7 @@
 // the logits) and the vocabulary-parallel pieces. One block per row; sums in double.
 #include <cmath>
 
+#include "engine/cuda/block_reduce.cuh"
 #include "engine/cuda/cuda_kernels.h"
 #include "engine/cuda/kernel_launch.h"
 
@@ -10,31 +11,6 @@ namespace eellm::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-__device__ double BlockSum(double v, double* scratch) {
-  scratch[threadIdx.x] = v;
-  __syncthreads();
-  for (int w = blockDim.x / 2; w > 0; w >>= 1) {
-    if (threadIdx.x < w) scratch[threadIdx.x] += scratch[threadIdx.x + w];
-    __syncthreads();
-  }
-  const double total = scratch[0];
-  __syncthreads();
-  return total;
-}
-
-__device__ float BlockMax(float v, float* scratch) {
-  scratch[threadIdx.x] = v;
-  __syncthreads();
-  for (int w = blockDim.x / 2; w > 0; w >>= 1) {
-    if (threadIdx.x < w)
-      scratch[threadIdx.x] = fmaxf(scratch[threadIdx.x], scratch[threadIdx.x + w]);
-    __syncthreads();
-  }
-  const float m = scratch[0];
-  __syncthreads();
-  return m;
-}
 
 __global__ void CausalSoftmaxKernel(float* s, float* lse, int tk, int q_offset) {
   __shared__ double dscratch[kThreads];
