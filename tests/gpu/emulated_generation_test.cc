@@ -13,27 +13,10 @@
 namespace eellm {
 namespace {
 
-ModelConfig ConfigWithExits(ModelStyle style) {
-  ModelConfig c = testing::TinyConfig(style, 4);
-  c.vocab_size = 16;
-  ExitConfig a, b, d;
-  a.layer = 1;
-  a.kind = ExitKind::kBlock;
-  a.position = ExitPosition::kPre;
-  b.layer = 2;
-  b.kind = ExitKind::kMlp;
-  b.tied = style == ModelStyle::kGpt;
-  d.layer = 3;
-  d.kind = ExitKind::kNorm;
-  d.temperature = 0.7f;
-  c.exits = {a, b, d};
-  return c;
-}
-
 class EmulatedGeneration : public ::testing::TestWithParam<ModelStyle> {};
 
 TEST_P(EmulatedGeneration, MatchesCpuTokenForToken) {
-  const ModelConfig c = ConfigWithExits(GetParam());
+  const ModelConfig c = testing::ConfigWithExits(GetParam());
   auto cpu = testing::Cpu();
   auto emu = MakeEmulatedCudaBackend(0, false);
   ASSERT_TRUE(emu.ok()) << emu.status();

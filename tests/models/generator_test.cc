@@ -8,6 +8,7 @@
 namespace eellm {
 namespace {
 
+using testing::ConfigWithExits;
 using testing::Cpu;
 using testing::TinyConfig;
 
@@ -63,23 +64,6 @@ double MaxAbsDiff(const float* a, const float* b, size_t n) {
   double d = 0;
   for (size_t i = 0; i < n; ++i) d = std::max(d, static_cast<double>(std::fabs(a[i] - b[i])));
   return d;
-}
-
-ModelConfig ConfigWithExits(ModelStyle style) {
-  ModelConfig c = TinyConfig(style, 4);
-  c.vocab_size = 16;
-  ExitConfig a, b, d;
-  a.layer = 1;
-  a.kind = ExitKind::kBlock;
-  a.position = ExitPosition::kPre;  // depth 0: reads the embeddings
-  b.layer = 2;
-  b.kind = ExitKind::kMlp;  // post: shares layer 2's attention
-  b.tied = style == ModelStyle::kGpt;
-  d.layer = 3;
-  d.kind = ExitKind::kNorm;
-  d.temperature = 0.7f;
-  c.exits = {a, b, d};
-  return c;
 }
 
 class GeneratorTest : public ::testing::TestWithParam<ModelStyle> {};

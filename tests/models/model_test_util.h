@@ -33,6 +33,26 @@ inline ModelConfig TinyConfig(ModelStyle style, int layers = 3) {
   return c;
 }
 
+// A 4-layer tiny model (vocab 16) with one exit of each kind: a block exit before layer 1 (it
+// reads the embeddings), an MLP exit after layer 2 (tied for GPT) and a norm exit after layer 3
+// with temperature 0.7. For the generation tests.
+inline ModelConfig ConfigWithExits(ModelStyle style) {
+  ModelConfig c = TinyConfig(style, 4);
+  c.vocab_size = 16;
+  ExitConfig a, b, d;
+  a.layer = 1;
+  a.kind = ExitKind::kBlock;
+  a.position = ExitPosition::kPre;  // depth 0: reads the embeddings
+  b.layer = 2;
+  b.kind = ExitKind::kMlp;  // post: shares layer 2's attention
+  b.tied = style == ModelStyle::kGpt;
+  d.layer = 3;
+  d.kind = ExitKind::kNorm;
+  d.temperature = 0.7f;
+  c.exits = {a, b, d};
+  return c;
+}
+
 // Fills every parameter with N(mean, std) values (norm gains around 1).
 inline void FillParams(Model& m, uint64_t seed, float std = 0.3f) {
   Rng rng(seed);
