@@ -9,7 +9,6 @@
 #include <string>
 
 #include "absl/status/status.h"
-#include "absl/strings/match.h"
 #include "engine/backend.h"
 #include "tests/gpu/emu/emulated_cuda_backend.h"
 
@@ -35,10 +34,7 @@ inline Backend* DeviceUnderTest(std::string* why, bool* misnamed) {
   static bool bad_name = false;
   static Backend* device = [] {
     const std::string name = ParityBackendName();
-    auto be = absl::StartsWith(name, "emulated-cuda")
-                  ? MakeEmulatedCudaBackend(0, absl::StrContains(name, "-bf16"),
-                                            absl::EndsWith(name, "-bf16w"))
-                  : MakeBackend(name);
+    auto be = MakeBackendOrEmulated(name);
     if (be.ok()) return be->release();
     bad_name = absl::IsInvalidArgument(be.status());
     *reason = bad_name ? "EELLM_PARITY_BACKEND=" + name + ": " + be.status().ToString()

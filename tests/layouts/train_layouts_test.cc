@@ -26,7 +26,6 @@
 #include <string>
 #include <vector>
 
-#include "absl/strings/match.h"
 #include "engine/core/status.h"
 #include "gtest/gtest.h"
 #include "launch/trainer.h"
@@ -40,15 +39,12 @@ namespace eellm {
 namespace {
 
 // The backend of every run in this process: EELLM_LAYOUT_BACKEND ("cpu" by default, or
-// "emulated-cuda[-bf16]"), made once.
+// "emulated-cuda[-bf16[w]]"), made once.
 Backend* LayoutBackend() {
   static Backend* backend = [] {
     const char* env = std::getenv("EELLM_LAYOUT_BACKEND");
     const std::string name = env != nullptr && *env != '\0' ? env : "cpu";
-    auto be = absl::StartsWith(name, "emulated-cuda")
-                  ? MakeEmulatedCudaBackend(0, absl::StrContains(name, "-bf16"),
-                                            absl::EndsWith(name, "-bf16w"))
-                  : MakeBackend(name);
+    auto be = MakeBackendOrEmulated(name);
     EE_CHECK(be.ok(), "EELLM_LAYOUT_BACKEND=", name, ": ", be.status().ToString());
     return be->release();
   }();

@@ -8,6 +8,7 @@
 #include <memory>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "engine/backend.h"
 #include "engine/cuda/make_cuda_backend.h"  // IWYU pragma: keep (GemmShape, GemmTiming)
 
@@ -16,6 +17,9 @@ namespace eellm {
 // As MakeCudaBackend (engine/cuda/make_cuda_backend.h), on the one emulated device.
 absl::StatusOr<std::unique_ptr<Backend>> MakeEmulatedCudaBackend(int device, bool bf16_gemm,
                                                                  bool bf16_weights = false);
+// MakeBackend(name) (engine/backend.h), which also makes "emulated-cuda", "emulated-cuda-bf16"
+// and "emulated-cuda-bf16w": the tests' way to name a backend.
+absl::StatusOr<std::unique_ptr<Backend>> MakeBackendOrEmulated(absl::string_view name);
 // cudaMalloc calls made so far in this process under the emulation (the backend's buffers and
 // its internal scratch alike).
 int64_t EmulatedCudaMallocCalls();
