@@ -38,18 +38,14 @@ inline cublasStatus_t cublasSetMathMode(cublasHandle_t, cublasMath_t) {
 }
 
 namespace eellm_emu {
+// Whether A, B and C are device memory (reported when not, as cuBLAS would fault).
+inline bool DeviceOperands(const void* a, const void* b, const void* c) {
+  if (IsDevice(a, 1) && IsDevice(b, 1) && IsDevice(c, 1)) return true;
+  Misuse("a cuBLAS operand is not device memory");
+  return false;
+}
 inline CBLAS_TRANSPOSE Trans(cublasOperation_t op) {
   return op == CUBLAS_OP_T ? CblasTrans : CblasNoTrans;
-}
-// The bf16 values of a column-major operand (rows x cols as stored, leading dimension ld).
-inline std::vector<float> RoundedToBf16(const float* x, int rows, int cols, int ld) {
-  std::vector<float> r(static_cast<size_t>(ld) * cols);
-  for (int c = 0; c < cols; ++c)
-    for (int i = 0; i < rows; ++i) {
-      const size_t at = static_cast<size_t>(c) * ld + i;
-      r[at] = __bfloat162float(__float2bfloat16(x[at]));
-    }
-  return r;
 }
 }  // namespace eellm_emu
 
@@ -57,10 +53,7 @@ inline cublasStatus_t cublasSgemm(cublasHandle_t, cublasOperation_t ta, cublasOp
                                   int n, int k, const float* alpha, const float* a, int lda,
                                   const float* b, int ldb, const float* beta, float* c, int ldc) {
   if (m <= 0 || n <= 0) return CUBLAS_STATUS_SUCCESS;
-  if (!eellm_emu::IsDevice(a, 1) || !eellm_emu::IsDevice(b, 1) || !eellm_emu::IsDevice(c, 1)) {
-    eellm_emu::Misuse("a cuBLAS operand is not device memory");
-    return CUBLAS_STATUS_INVALID_VALUE;
-  }
+  if (!eellm_emu::DeviceOperands(a, b, c)) return CUBLAS_STATUS_INVALID_VALUE;
   cblas_sgemm(CblasColMajor, eellm_emu::Trans(ta), eellm_emu::Trans(tb), m, n, k, *alpha, a, lda, b,
               ldb, *beta, c, ldc);
   return CUBLAS_STATUS_SUCCESS;
@@ -73,10 +66,7 @@ inline cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cubla
                                    cublasComputeType_t compute, cublasGemmAlgo_t) {
   (void)h;
   if (m <= 0 || n <= 0) return CUBLAS_STATUS_SUCCESS;
-  if (!eellm_emu::IsDevice(a, 1) || !eellm_emu::IsDevice(b, 1) || !eellm_emu::IsDevice(c, 1)) {
-    eellm_emu::Misuse("a cuBLAS operand is not device memory");
-    return CUBLAS_STATUS_INVALID_VALUE;
-  }
+  if (!eellm_emu::DeviceOperands(a, b, c)) return CUBLAS_STATUS_INVALID_VALUE;
   if (atype != btype) return CUBLAS_STATUS_INVALID_VALUE;  // as cuBLAS: no mixed operand types
   // The operands as fp32 values (stored shapes: A m x k, or k x m transposed; B k x n or n x k),
   // rounded to bf16 where the data or the compute type says so.
