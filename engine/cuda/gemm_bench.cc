@@ -10,6 +10,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "engine/core/dtype.h"
 #include "engine/core/status.h"
 #include "engine/cuda/cuda_kernels.h"
 #include "engine/cuda/make_cuda_backend.h"
@@ -45,13 +46,6 @@ struct DeviceBuffers {
     return static_cast<T*>(p);
   }
 };
-
-float Bf16ToFloat(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::copy_n(reinterpret_cast<const char*>(&u), 4, reinterpret_cast<char*>(&f));
-  return f;
-}
 
 }  // namespace
 
@@ -119,7 +113,7 @@ absl::StatusOr<std::vector<GemmTiming>> MeasureCudaGemms(const std::vector<GemmS
       RETURN_IF_CUDA(cudaDeviceSynchronize());
       if (v == kBf16All) {
         RETURN_IF_CUDA(cudaMemcpy(got16.data(), cb, nc * 2, cudaMemcpyDeviceToHost));
-        for (size_t i = 0; i < nc; ++i) got[i] = Bf16ToFloat(got16[i]);
+        for (size_t i = 0; i < nc; ++i) got[i] = Bf16ToFloat(bf16{got16[i]});
       } else {
         RETURN_IF_CUDA(
             cudaMemcpy(v == kFp32 ? ref.data() : got.data(), c, nc * 4, cudaMemcpyDeviceToHost));
