@@ -109,16 +109,8 @@ using Outputs = std::vector<std::pair<std::string, std::vector<float>>>;
 // Uploads the inputs, runs one op on `be` and reads its outputs back.
 using OpRun = std::function<Outputs(Backend* be, DeviceMem& m)>;
 
-class BackendParity : public ::testing::Test {
+class BackendParity : public testing::DeviceParityTest {
  protected:
-  void SetUp() override {
-    std::string why;
-    bool misnamed = false;
-    dev_ = testing::DeviceUnderTest(&why, &misnamed);
-    if (misnamed) FAIL() << why;
-    if (dev_ == nullptr) GTEST_SKIP() << why;
-  }
-
   // Runs `op` on the CPU and on the backend under test; every output must match within `tol`
   // and no buffer may be written past its end.
   void ExpectParity(const OpRun& op, Tol tol) {
@@ -146,7 +138,6 @@ class BackendParity : public ::testing::Test {
   }
 
   CpuBackend ref_;
-  Backend* dev_ = nullptr;
   Rng rng_{20240607};
 };
 

@@ -137,16 +137,8 @@ StepResult TrainStep(Backend* be, const ModelConfig& c, const std::vector<float>
   return r;
 }
 
-class ModelParity : public ::testing::Test {
+class ModelParity : public testing::DeviceParityTest {
  protected:
-  void SetUp() override {
-    std::string why;
-    bool misnamed = false;
-    dev_ = testing::DeviceUnderTest(&why, &misnamed);
-    if (misnamed) FAIL() << why;
-    if (dev_ == nullptr) GTEST_SKIP() << why;
-  }
-
   // Runs one step on both backends from the same random parameters and compares everything.
   void ExpectStepParity(const ModelConfig& c, uint64_t seed) {
     auto cpu = MakeBackend("cpu");
@@ -209,8 +201,6 @@ class ModelParity : public ::testing::Test {
     }
     EXPECT_GE(compared, static_cast<int>(ps.params().size()) - c.num_layers);
   }
-
-  Backend* dev_ = nullptr;
 };
 
 ExitConfig Exit(int layer, ExitKind kind, ExitPosition position, bool tied) {

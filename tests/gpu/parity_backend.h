@@ -10,6 +10,7 @@
 
 #include "absl/status/status.h"
 #include "engine/backend.h"
+#include "gtest/gtest.h"
 #include "tests/gpu/emu/emulated_cuda_backend.h"
 
 namespace eellm::testing {
@@ -46,5 +47,19 @@ inline Backend* DeviceUnderTest(std::string* why, bool* misnamed) {
   *misnamed = bad_name;
   return device;
 }
+
+// Base of the parity fixtures: dev_ is the backend under test; a test skips where it cannot be
+// made and fails where its name is wrong (see DeviceUnderTest).
+class DeviceParityTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string why;
+    bool misnamed = false;
+    dev_ = DeviceUnderTest(&why, &misnamed);
+    if (misnamed) FAIL() << why;
+    if (dev_ == nullptr) GTEST_SKIP() << why;
+  }
+  Backend* dev_ = nullptr;
+};
 
 }  // namespace eellm::testing
