@@ -6,12 +6,19 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "engine/core/status.h"
 #include "engine/cpu/cpu_backend.h"
 #ifdef EELLM_HAVE_CUDA
 #include "engine/cuda/make_cuda_backend.h"
 #endif
 
 namespace eellm {
+
+void CheckAttentionSizes(int tq, int tk, int tk_cap, int hq, int hkv, int q_offset) {
+  EE_CHECK(hkv > 0 && hq % hkv == 0, "hq=", hq, " is not a multiple of hkv=", hkv);
+  EE_CHECK(tk <= tk_cap && q_offset >= 0 && q_offset + tq <= tk, "bad attention sizes tq=", tq,
+           " tk=", tk, " tk_cap=", tk_cap, " q_offset=", q_offset);
+}
 
 absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(absl::string_view name) {
   if (name == "cpu") return std::unique_ptr<Backend>(std::make_unique<CpuBackend>());

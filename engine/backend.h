@@ -161,6 +161,10 @@ class Backend {
                      float beta2, float eps, float weight_decay, int step) = 0;
 };
 
+// The attention sizes every backend accepts (see AttentionForward); aborts naming them otherwise.
+// The backward's training form is tq = tk = tk_cap = t, q_offset = 0.
+void CheckAttentionSizes(int tq, int tk, int tk_cap, int hq, int hkv, int q_offset);
+
 // "cpu" (always), or "cuda" (fp32) / "cuda-bf16" (bf16 tensor-core GEMMs) / "cuda-bf16w" (the
 // same with bf16 copies of the weights and bf16-converted activations as GEMM operands), optionally
 // with

@@ -63,9 +63,7 @@ void ProbsFromLse(float* s, const float* lse, int t) {
 void CpuBackend::AttentionForward(float* out, float* lse, const float* q, const float* k,
                                   const float* v, int b, int tq, int tk, int tk_cap, int hq,
                                   int hkv, int d, int q_offset) {
-  EE_CHECK(hkv > 0 && hq % hkv == 0, "hq=", hq, " is not a multiple of hkv=", hkv);
-  EE_CHECK(tk <= tk_cap && q_offset >= 0 && q_offset + tq <= tk, "bad attention sizes tq=", tq,
-           " tk=", tk, " tk_cap=", tk_cap, " q_offset=", q_offset);
+  CheckAttentionSizes(tq, tk, tk_cap, hq, hkv, q_offset);
   const int group = hq / hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   const int tasks = b * hq;
@@ -90,7 +88,7 @@ void CpuBackend::AttentionBackward(float* dq, float* dk, float* dv, const float*
                                    const float* out, const float* lse, const float* q,
                                    const float* k, const float* v, int b, int t, int hq, int hkv,
                                    int d) {
-  EE_CHECK(hkv > 0 && hq % hkv == 0, "hq=", hq, " is not a multiple of hkv=", hkv);
+  CheckAttentionSizes(t, t, t, hq, hkv, 0);
   // The probabilities are recomputed: P = exp(scale Q K^T - lse). Then dV = P^T dO;
   // dP = dO V^T; dS = P * (dP - rowsum(P * dP)) (rowsum(P * dP) equals dO_i . O_i, which fused
   // kernels use; `out` is in the contract for them);

@@ -324,9 +324,7 @@ bool CudaBackend::UseFlash(int d, std::initializer_list<const float*> tensors) c
 void CudaBackend::AttentionForward(float* out, float* lse, const float* q, const float* k,
                                    const float* v, int b, int tq, int tk, int tk_cap, int hq,
                                    int hkv, int d, int q_offset) {
-  EE_CHECK(hkv > 0 && hq % hkv == 0, "hq=", hq, " is not a multiple of hkv=", hkv);
-  EE_CHECK(tk <= tk_cap && q_offset >= 0 && q_offset + tq <= tk, "bad attention sizes tq=", tq,
-           " tk=", tk, " tk_cap=", tk_cap, " q_offset=", q_offset);
+  CheckAttentionSizes(tq, tk, tk_cap, hq, hkv, q_offset);
   if (UseFlash(d, {out, q, k, v})) {
     CUDA_CHECK(cuda::FlashAttentionForward(out, lse, q, k, v, b, tq, tk, tk_cap, hq, hkv, d,
                                            q_offset, stream_));
@@ -354,7 +352,7 @@ void CudaBackend::AttentionBackward(float* dq, float* dk, float* dv, const float
                                     const float* out, const float* lse, const float* q,
                                     const float* k, const float* v, int b, int t, int hq, int hkv,
                                     int d) {
-  EE_CHECK(hkv > 0 && hq % hkv == 0, "hq=", hq, " is not a multiple of hkv=", hkv);
+  CheckAttentionSizes(t, t, t, hq, hkv, 0);
   // As on the CPU: P = exp(scale Q K^T - lse) recomputed; dV = P^T dO; dP = dO V^T;
   // dS = P * (dP - rowsum(P * dP)); dQ = scale dS K; dK = scale dS^T Q, dK and dV summed over
   // the heads sharing a KV head, in head order. (rowsum(P * dP) equals dO . O, which the CPU
