@@ -23,21 +23,13 @@
 #include "engine/core/dtype.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "tests/fuzz_env.h"
 
 namespace eellm {
 namespace {
 
-// Iterations and seed of a fuzz loop: the defaults, or EELLM_FUZZ_ITERATIONS and EELLM_FUZZ_SEED
-// from the environment (for longer runs by hand).
-int FuzzIterations(int default_iterations) {
-  const char* env = std::getenv("EELLM_FUZZ_ITERATIONS");
-  return env != nullptr ? std::atoi(env) : default_iterations;
-}
-
-uint32_t FuzzSeed(uint32_t default_seed) {
-  const char* env = std::getenv("EELLM_FUZZ_SEED");
-  return env != nullptr ? static_cast<uint32_t>(std::strtoul(env, nullptr, 10)) : default_seed;
-}
+using testing::FuzzIterations;
+using testing::FuzzSeed;
 
 namespace fs = std::filesystem;
 
