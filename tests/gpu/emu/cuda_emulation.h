@@ -1,8 +1,10 @@
 // A CPU emulation of the small part of CUDA that engine/cuda's WMMA kernels use, so that their
 // logic (indexing, masking, tiling, barriers, online softmax) is checked against the CPU
 // backend on every machine, CI included, where no GPU exists. It is for tests only and says
-// nothing about speed, alignment faults or register and shared-memory limits (beyond refusing
-// more than 227 KiB of dynamic shared memory).
+// nothing about speed or register limits. Like the device, it refuses launches with more than
+// 48 KiB of dynamic shared memory unless cudaFuncSetAttribute raised that kernel's limit (to at
+// most 227 KiB), and WMMA loads and stores from pointers not 32-byte aligned or with a leading
+// dimension that is not a multiple of 16 bytes (mma.h).
 //
 // A launch runs the blocks one after another; the threads of a block are fibers
 // (fiber_switch.h) on the calling thread, switched only at barriers: __syncthreads, __syncwarp,
@@ -218,6 +220,16 @@ inline unsigned __float_as_uint(float f) {
 namespace eellm_emu {
 
 constexpr size_t kMaxDynamicShared = 227 * 1024;
+constexpr size_t kDefaultDynamicShared = 48 * 1024;  // without the opt-in attribute
+// The dynamic shared-memory limit each kernel was raised to with cudaFuncSetAttribute.
+inline std::map<const void*, size_t>& SharedOptIn() {
+  static std::map<const void*, size_t> m;
+  return m;
+}
+inline size_t SharedLimit(const void* kernel) {
+  auto it = SharedOptIn().find(kernel);
+  return it == SharedOptIn().end() ? kDefaultDynamicShared : it->second;
+}
 constexpr size_t kFiberStack = 256 * 1024;
 
 enum class Barrier { kNone, kBlock, kWarp, kShuffle, kCollective };
@@ -368,9 +380,15 @@ T __shfl_xor_sync(unsigned, T value, int lane_mask, int = 32) {
   return out;
 }
 
-template <typename Kernel>
-inline cudaError_t cudaFuncSetAttribute(Kernel, cudaFuncAttribute, size_t value) {
-  return value <= eellm_emu::kMaxDynamicShared ? cudaSuccess : cudaErrorInvalidValue;
+template <typename... Params>
+inline cudaError_t cudaFuncSetAttribute(void (*kernel)(Params...), cudaFuncAttribute attribute,
+                                        size_t value) {
+  if (attribute != cudaFuncAttributeMaxDynamicSharedMemorySize ||
+      value > eellm_emu::kMaxDynamicShared) {
+    return cudaErrorInvalidValue;
+  }
+  eellm_emu::SharedOptIn()[reinterpret_cast<const void*>(kernel)] = value;
+  return cudaSuccess;
 }
 
 namespace eellm_emu {
@@ -391,6 +409,12 @@ inline cudaError_t LaunchKernel(void (*kernel)(Params...), dim3 grid, dim3 block
                                 cudaStream_t, Args... args) {
   if (!(eellm_emu::DeviceArgument(args) && ...)) {
     eellm_emu::g_last_error = eellm_emu::Misuse("a kernel argument points to host memory");
+    return eellm_emu::g_last_error;
+  }
+  if (shared > eellm_emu::SharedLimit(reinterpret_cast<const void*>(kernel))) {
+    eellm_emu::g_last_error = eellm_emu::Misuse(
+        "more dynamic shared memory than the kernel's limit (48 KiB unless raised with "
+        "cudaFuncSetAttribute)");
     return eellm_emu::g_last_error;
   }
   return eellm_emu::Run(grid, block, shared, [=] { kernel(args...); });

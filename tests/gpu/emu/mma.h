@@ -6,6 +6,9 @@
 // multiplies the bf16 operands exactly and accumulates in fp32, as the tensor cores do.
 #pragma once
 
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -28,6 +31,18 @@ struct fragment {
   Element x[256];  // row-major 16x16 (bf16 operands held as their exact float values)
 };
 
+// The device requires 256-bit aligned tile pointers and leading dimensions that are multiples of
+// 16 bytes; a violation is undefined behaviour there, so it aborts here.
+inline void CheckTile(const void* p, unsigned ld, size_t element_bytes) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0 || (ld * element_bytes) % 16 != 0) {
+    std::fprintf(stderr,
+                 "CUDA emulation: WMMA tile at %p with leading dimension %u (%zu-byte "
+                 "elements): needs 32-byte alignment and a multiple of 16 bytes\n",
+                 p, ld, element_bytes);
+    std::abort();
+  }
+}
+
 template <typename T>
 void fill_fragment(fragment<accumulator, 16, 16, 16, T>& f, T v) {
   for (float& e : f.x) e = v;
@@ -36,6 +51,7 @@ void fill_fragment(fragment<accumulator, 16, 16, 16, T>& f, T v) {
 template <typename Use, typename Layout>
 void load_matrix_sync(fragment<Use, 16, 16, 16, __nv_bfloat16, Layout>& f, const __nv_bfloat16* p,
                       unsigned ld) {
+  CheckTile(p, ld, sizeof(*p));
   eellm_emu::Yield(eellm_emu::Barrier::kCollective);
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c) {
@@ -46,6 +62,7 @@ void load_matrix_sync(fragment<Use, 16, 16, 16, __nv_bfloat16, Layout>& f, const
 
 inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p,
                              unsigned ld, layout_t layout) {
+  CheckTile(p, ld, sizeof(*p));
   eellm_emu::Yield(eellm_emu::Barrier::kCollective);
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c) {
@@ -55,6 +72,7 @@ inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const 
 
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f,
                               unsigned ld, layout_t layout) {
+  CheckTile(p, ld, sizeof(*p));
   eellm_emu::Yield(eellm_emu::Barrier::kCollective);
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c) {
