@@ -1,6 +1,8 @@
 // MakeBackend: the factory that turns a device name ("cpu", "cuda") into a Backend.
 #include "engine/backend.h"
 
+#include <vector>
+
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -18,6 +20,26 @@ void CheckAttentionSizes(int tq, int tk, int tk_cap, int hq, int hkv, int q_offs
   EE_CHECK(hkv > 0 && hq % hkv == 0, "hq=", hq, " is not a multiple of hkv=", hkv);
   EE_CHECK(tk <= tk_cap && q_offset >= 0 && q_offset + tq <= tk, "bad attention sizes tq=", tq,
            " tk=", tk, " tk_cap=", tk_cap, " q_offset=", q_offset);
+}
+
+void OperandToHost(Backend* be, float* host, ConstOperand src, size_t n) {
+  if (!src.is_bf16()) {
+    be->CopyToHost(host, src.data, n * sizeof(float));
+    return;
+  }
+  std::vector<bf16> bits(n);
+  be->CopyToHost(bits.data(), src.data, n * sizeof(bf16));
+  for (size_t i = 0; i < n; ++i) host[i] = Bf16ToFloat(bits[i]);
+}
+
+void OperandFromHost(Backend* be, Operand dst, const float* host, size_t n) {
+  if (!dst.is_bf16()) {
+    be->CopyFromHost(dst.data, host, n * sizeof(float));
+    return;
+  }
+  std::vector<bf16> bits(n);
+  for (size_t i = 0; i < n; ++i) bits[i] = FloatToBf16(host[i]);
+  be->CopyFromHost(dst.data, bits.data(), n * sizeof(bf16));
 }
 
 absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(absl::string_view name) {

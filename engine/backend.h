@@ -4,7 +4,9 @@
 // CUDA backend implements the same contract. Ops never allocate.
 //
 // Conventions: row-major; "n" is the number of token rows; gradients named d* are ACCUMULATED
-// (+=) into unless the comment says "written". All compute is fp32 on the CPU.
+// (+=) into unless the comment says "written". All compute is fp32 on the CPU. GEMM activation
+// operands (Operand: norm, attention and activation-function outputs, Linear's input) are fp32 or
+// bf16 (operand_dtype()); every other tensor is fp32.
 #pragma once
 
 #include <cstddef>
@@ -14,6 +16,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "engine/tensor/operand.h"
 #include "engine/tensor/tensor.h"
 
 namespace eellm {
@@ -23,6 +26,9 @@ class Backend {
   virtual ~Backend() = default;
   virtual Device device() const = 0;
   virtual std::string name() const = 0;
+  // The dtype this backend wants GEMM operands stored in (model code allocates them so); ops
+  // also accept fp32 operands. The CPU backend accepts fp32 only.
+  virtual DType operand_dtype() const { return DType::kF32; }
 
   // ---- memory -------------------------------------------------------------------------------
   virtual void* Alloc(size_t bytes) = 0;  // 64-byte aligned, uninitialised
@@ -53,35 +59,35 @@ class Backend {
   // ---- linear -------------------------------------------------------------------------------
   // out[n, o] = in[n, i] @ w[o, i]^T + bias[o]; bias may be null. Written, or added to out when
   // `accumulate` is true.
-  virtual void Linear(float* out, const float* in, const float* w, const float* bias, int n,
+  virtual void Linear(float* out, ConstOperand in, const float* w, const float* bias, int n,
                       int in_dim, int out_dim, bool accumulate) = 0;
   // din[n, i] = dout @ w (written; or added when accumulate_din; skipped when din is null);
   // dw[o, i] += dout^T @ in (skipped when dw is null); dbias[o] += sum_n dout (if non-null).
   virtual void LinearBackward(float* din, float* dw, float* dbias, const float* dout,
-                              const float* in, const float* w, int n, int in_dim, int out_dim,
+                              ConstOperand in, const float* w, int n, int in_dim, int out_dim,
                               bool accumulate_din) = 0;
 
   // ---- norms (over the last dimension c) ----------------------------------------------------
   // out = (x - mean) * rstd * g + b (b may be null); saves mean[n], rstd[n]. out written.
-  virtual void LayerNormForward(float* out, float* mean, float* rstd, const float* x,
+  virtual void LayerNormForward(Operand out, float* mean, float* rstd, const float* x,
                                 const float* g, const float* b, int n, int c, float eps) = 0;
   // dx += ...; dg += ...; db += ... (db may be null).
   virtual void LayerNormBackward(float* dx, float* dg, float* db, const float* dout, const float* x,
                                  const float* g, const float* mean, const float* rstd, int n,
                                  int c) = 0;
   // out = x * rstd * g, rstd = 1/sqrt(mean(x^2) + eps); saves rstd[n]. out written.
-  virtual void RmsNormForward(float* out, float* rstd, const float* x, const float* g, int n, int c,
-                              float eps) = 0;
+  virtual void RmsNormForward(Operand out, float* rstd, const float* x, const float* g, int n,
+                              int c, float eps) = 0;
   // dx += ...; dg += ....
   virtual void RmsNormBackward(float* dx, float* dg, const float* dout, const float* x,
                                const float* g, const float* rstd, int n, int c) = 0;
 
   // ---- activations --------------------------------------------------------------------------
   // GELU, tanh approximation (GPT-2). out written; dx written (dx may alias dout).
-  virtual void GeluForward(float* out, const float* x, size_t n) = 0;
+  virtual void GeluForward(Operand out, const float* x, size_t n) = 0;
   virtual void GeluBackward(float* dx, const float* dout, const float* x, size_t n) = 0;
   // SwiGLU: out = silu(gate) * up. dgate, dup written.
-  virtual void SwiGluForward(float* out, const float* gate, const float* up, size_t n) = 0;
+  virtual void SwiGluForward(Operand out, const float* gate, const float* up, size_t n) = 0;
   virtual void SwiGluBackward(float* dgate, float* dup, const float* dout, const float* gate,
                               const float* up, size_t n) = 0;
 
@@ -102,13 +108,13 @@ class Backend {
   // before, tk = q_offset + tq). Query head h uses KV head h / (hq / hkv). Scale 1/sqrt(d).
   // out: [b, tq, hq, d] written. lse: [b, hq, tq], when non-null, written with each query
   // row's log-sum-exp of its scaled scores (what the backward needs; nothing [t, t] is kept).
-  virtual void AttentionForward(float* out, float* lse, const float* q, const float* k,
+  virtual void AttentionForward(Operand out, float* lse, const float* q, const float* k,
                                 const float* v, int b, int tq, int tk, int tk_cap, int hq, int hkv,
                                 int d, int q_offset) = 0;
   // Training-path backward (q_offset 0, tq = tk = tk_cap = t) from the forward's out and lse;
   // recomputes the probabilities. dq, dk, dv written.
   virtual void AttentionBackward(float* dq, float* dk, float* dv, const float* dout,
-                                 const float* out, const float* lse, const float* q, const float* k,
+                                 ConstOperand out, const float* lse, const float* q, const float* k,
                                  const float* v, int b, int t, int hq, int hkv, int d) = 0;
 
   // ---- softmax cross-entropy ----------------------------------------------------------------
@@ -160,6 +166,10 @@ class Backend {
   virtual void AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1,
                      float beta2, float eps, float weight_decay, int step) = 0;
 };
+
+// Host fp32 copies of operands (bf16 ones converted): for tests and host-side reads.
+void OperandToHost(Backend* be, float* host, ConstOperand src, size_t n);
+void OperandFromHost(Backend* be, Operand dst, const float* host, size_t n);
 
 // The attention sizes every backend accepts (see AttentionForward); aborts naming them otherwise.
 // The backward's training form is tq = tk = tk_cap = t, q_offset = 0.

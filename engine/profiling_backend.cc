@@ -92,20 +92,20 @@ void ProfilingBackend::EmbeddingBackward(float* dtable, const int32_t* ids, cons
   inner_->EmbeddingBackward(dtable, ids, dout, n, c);
 }
 
-void ProfilingBackend::Linear(float* out, const float* in, const float* w, const float* bias, int n,
+void ProfilingBackend::Linear(float* out, ConstOperand in, const float* w, const float* bias, int n,
                               int in_dim, int out_dim, bool accumulate) {
   Timed timed(this, "Linear");
   inner_->Linear(out, in, w, bias, n, in_dim, out_dim, accumulate);
 }
 
 void ProfilingBackend::LinearBackward(float* din, float* dw, float* dbias, const float* dout,
-                                      const float* in, const float* w, int n, int in_dim,
+                                      ConstOperand in, const float* w, int n, int in_dim,
                                       int out_dim, bool accumulate_din) {
   Timed timed(this, "LinearBackward");
   inner_->LinearBackward(din, dw, dbias, dout, in, w, n, in_dim, out_dim, accumulate_din);
 }
 
-void ProfilingBackend::LayerNormForward(float* out, float* mean, float* rstd, const float* x,
+void ProfilingBackend::LayerNormForward(Operand out, float* mean, float* rstd, const float* x,
                                         const float* g, const float* b, int n, int c, float eps) {
   Timed timed(this, "LayerNormForward");
   inner_->LayerNormForward(out, mean, rstd, x, g, b, n, c, eps);
@@ -118,7 +118,7 @@ void ProfilingBackend::LayerNormBackward(float* dx, float* dg, float* db, const 
   inner_->LayerNormBackward(dx, dg, db, dout, x, g, mean, rstd, n, c);
 }
 
-void ProfilingBackend::RmsNormForward(float* out, float* rstd, const float* x, const float* g,
+void ProfilingBackend::RmsNormForward(Operand out, float* rstd, const float* x, const float* g,
                                       int n, int c, float eps) {
   Timed timed(this, "RmsNormForward");
   inner_->RmsNormForward(out, rstd, x, g, n, c, eps);
@@ -130,7 +130,7 @@ void ProfilingBackend::RmsNormBackward(float* dx, float* dg, const float* dout, 
   inner_->RmsNormBackward(dx, dg, dout, x, g, rstd, n, c);
 }
 
-void ProfilingBackend::GeluForward(float* out, const float* x, size_t n) {
+void ProfilingBackend::GeluForward(Operand out, const float* x, size_t n) {
   Timed timed(this, "GeluForward");
   inner_->GeluForward(out, x, n);
 }
@@ -140,7 +140,7 @@ void ProfilingBackend::GeluBackward(float* dx, const float* dout, const float* x
   inner_->GeluBackward(dx, dout, x, n);
 }
 
-void ProfilingBackend::SwiGluForward(float* out, const float* gate, const float* up, size_t n) {
+void ProfilingBackend::SwiGluForward(Operand out, const float* gate, const float* up, size_t n) {
   Timed timed(this, "SwiGluForward");
   inner_->SwiGluForward(out, gate, up, n);
 }
@@ -163,7 +163,7 @@ void ProfilingBackend::RopeBackward(float* dx, const int32_t* pos, int n, int he
   inner_->RopeBackward(dx, pos, n, heads, head_dim, theta);
 }
 
-void ProfilingBackend::AttentionForward(float* out, float* lse, const float* q, const float* k,
+void ProfilingBackend::AttentionForward(Operand out, float* lse, const float* q, const float* k,
                                         const float* v, int b, int tq, int tk, int tk_cap, int hq,
                                         int hkv, int d, int q_offset) {
   Timed timed(this, "AttentionForward");
@@ -171,7 +171,7 @@ void ProfilingBackend::AttentionForward(float* out, float* lse, const float* q, 
 }
 
 void ProfilingBackend::AttentionBackward(float* dq, float* dk, float* dv, const float* dout,
-                                         const float* out, const float* lse, const float* q,
+                                         ConstOperand out, const float* lse, const float* q,
                                          const float* k, const float* v, int b, int t, int hq,
                                          int hkv, int d) {
   Timed timed(this, "AttentionBackward");

@@ -291,7 +291,7 @@ absl::StatusOr<std::vector<float>> HeadLogits(Model& m, absl::Span<const int32_t
   }
   auto ws = m.MakeWorkspace(1, t);
   m.StageForward(*ws, ids.data(), nullptr);
-  const float* hidden;
+  ConstOperand hidden;
   if (exit_index < 0) {
     hidden = m.FinalHidden(ws->final_norm, m.StageOutput(*ws), t);
   } else {

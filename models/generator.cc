@@ -79,13 +79,13 @@ bool Generator::TryExit(int i, const float* in_rows, int m, int rows, const Earl
   const ExitConfig& x = c.exits[i];
   const size_t ch = c.hidden_size;
   const bool check = ee != nullptr && ExitAllowed(i, *ee);
-  const float* last = nullptr;
+  ConstOperand last;
   if (x.kind == ExitKind::kBlock) {
     if (!fill_exit_kv_) return false;
     // The exit's own block needs K/V for every row that reaches its depth.
-    const float* h =
+    const ConstOperand h =
         model_->ExitHidden(i, exit_acts_[i], in_rows, pos_ + m, 1, rows, &exit_kv_[i], m);
-    last = h + (rows - 1) * ch;
+    last = h.At((rows - 1) * ch);
   } else if (check) {
     const float* in_last =
         (x.kind == ExitKind::kMlp && x.position == ExitPosition::kPost ? acts_.h_attn : in_rows) +
@@ -136,7 +136,7 @@ StepResult Generator::Forward(int n_new, const EarlyExitParams* ee) {
     exits_at(l, m, rows);
   }
   if (!fired && n_new > 0) {
-    const float* last = model_->FinalHidden(final_norm_, hidden_ + (end - 1 - s) * ch, 1);
+    const ConstOperand last = model_->FinalHidden(final_norm_, hidden_ + (end - 1 - s) * ch, 1);
     model_->Project(logits_, last, -1, 1);
     r.logits.resize(c.vocab_size);
     be_->CopyToHost(r.logits.data(), logits_, c.vocab_size * sizeof(float));

@@ -13,6 +13,12 @@ float* Arena::Floats(size_t n) {
   return buffers_.back().f32();
 }
 
+Operand Arena::Operands(size_t n) {
+  const DType t = be_->operand_dtype();
+  buffers_.emplace_back(be_, std::max<size_t>(n, 1) * DTypeSize(t));
+  return Operand(buffers_.back().data(), t);
+}
+
 int32_t* Arena::Ints(size_t n) {
   buffers_.emplace_back(be_, std::max<size_t>(n, 1) * sizeof(int32_t));
   return static_cast<int32_t*>(buffers_.back().data());
@@ -78,7 +84,7 @@ BlockParams AddBlockParams(ParamStore& ps, const ModelConfig& c, const std::stri
 
 NormActs MakeNormActs(Arena& a, int n, int c) {
   NormActs r;
-  r.out = a.Floats(static_cast<size_t>(n) * c);
+  r.out = a.Operands(static_cast<size_t>(n) * c);
   r.mean = a.Floats(n);
   r.rstd = a.Floats(n);
   return r;
@@ -90,7 +96,7 @@ MlpActs MakeMlpActs(Arena& a, const ModelConfig& c, int n) {
   r.norm = MakeNormActs(a, n, c.hidden_size);
   r.h1 = a.Floats(nf);
   if (c.use_swiglu()) r.h3 = a.Floats(nf);
-  r.act = a.Floats(nf);
+  r.act = a.Operands(nf);
   return r;
 }
 
@@ -102,7 +108,7 @@ BlockActs MakeBlockActs(Arena& a, const ModelConfig& c, int n, bool training) {
   r.attn.k = a.Floats(static_cast<size_t>(n) * c.num_kv_heads * d);
   r.attn.v = a.Floats(static_cast<size_t>(n) * c.num_kv_heads * d);
   if (training) r.attn.lse = a.Floats(static_cast<size_t>(n) * c.num_heads);
-  r.attn.att = a.Floats(static_cast<size_t>(n) * c.num_heads * d);
+  r.attn.att = a.Operands(static_cast<size_t>(n) * c.num_heads * d);
   r.h_attn = a.Floats(static_cast<size_t>(n) * c.hidden_size);
   r.mlp = MakeMlpActs(a, c, n);
   r.out = a.Floats(static_cast<size_t>(n) * c.hidden_size);

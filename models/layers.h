@@ -15,11 +15,13 @@
 
 namespace eellm {
 
-// Owns activation/scratch buffers; hands out fp32 arrays. Allocation happens at setup only.
+// Owns activation/scratch buffers; hands out fp32 arrays, and GEMM operands in the backend's
+// operand dtype. Allocation happens at setup only.
 class Arena {
  public:
   explicit Arena(Backend* be) : be_(be) {}
   float* Floats(size_t n);
+  Operand Operands(size_t n);
   int32_t* Ints(size_t n);
 
  private:
@@ -51,7 +53,7 @@ MlpParams AddMlpParams(ParamStore& ps, const ModelConfig& c, const std::string& 
 BlockParams AddBlockParams(ParamStore& ps, const ModelConfig& c, const std::string& prefix);
 
 struct NormActs {
-  float* out = nullptr;   // [n, c]
+  Operand out;            // [n, c] (the next GEMM's input)
   float* mean = nullptr;  // [n] (LayerNorm only)
   float* rstd = nullptr;  // [n]
 };
@@ -59,13 +61,13 @@ struct AttnActs {
   NormActs norm;
   float *q = nullptr, *k = nullptr, *v = nullptr;  // [n, hq*d], [n, hkv*d] (after RoPE)
   float* lse = nullptr;                            // [b, hq, t] (training only)
-  float* att = nullptr;                            // [n, hq*d]
+  Operand att;                                     // [n, hq*d]
 };
 struct MlpActs {
   NormActs norm;
-  float* h1 = nullptr;   // [n, f] fc1 / gate pre-activation
-  float* h3 = nullptr;   // [n, f] up (SwiGLU)
-  float* act = nullptr;  // [n, f]
+  float* h1 = nullptr;  // [n, f] fc1 / gate pre-activation
+  float* h3 = nullptr;  // [n, f] up (SwiGLU)
+  Operand act;          // [n, f]
 };
 struct BlockActs {
   AttnActs attn;

@@ -216,7 +216,7 @@ void Model::Embed(float* out, const int32_t* ids, const int32_t* pos, int n) {
   }
 }
 
-const float* Model::ExitHidden(int i, ExitActs& a, const float* in, const int32_t* pos, int b,
+ConstOperand Model::ExitHidden(int i, ExitActs& a, const float* in, const int32_t* pos, int b,
                                int t, KvLayer* kv, int q_offset) {
   const ExitConfig& x = config_.exits[i];
   const ExitHeadParams& p = exits_[i];
@@ -240,12 +240,12 @@ const float* Model::ExitHidden(int i, ExitActs& a, const float* in, const int32_
   return nullptr;
 }
 
-const float* Model::FinalHidden(NormActs& a, const float* x, int n) {
+ConstOperand Model::FinalHidden(NormActs& a, const float* x, int n) {
   NormForward(ctx(), final_norm_, a, x, n);
   return a.out;
 }
 
-void Model::Project(float* logits, const float* hidden, int exit_index, int n) {
+void Model::Project(float* logits, ConstOperand hidden, int exit_index, int n) {
   be_->Linear(logits, hidden, params_.param(OutputWeight(exit_index)), nullptr, n,
               config_.hidden_size, local_.vocab_size, false);
 }
@@ -259,7 +259,7 @@ int Model::LogitsChunkRows(int n) const {
   return std::max(1, std::min(n, rows));
 }
 
-std::pair<double, double> Model::HeadLoss(Workspace& ws, const float* hidden, int exit_index,
+std::pair<double, double> Model::HeadLoss(Workspace& ws, ConstOperand hidden, int exit_index,
                                           float weight, bool confidence_weighted, bool backward) {
   const int n = ws.b * ws.t, v = local_.vocab_size;
   const size_t h = config_.hidden_size;
@@ -287,7 +287,7 @@ std::pair<double, double> Model::HeadLoss(Workspace& ws, const float* hidden, in
     // The weights need every row's confidence first.
     for (int r0 = 0; r0 < n; r0 += chunk) {
       const int rows = std::min(chunk, n - r0);
-      Project(ws.logits, hidden + r0 * h, exit_index, rows);
+      Project(ws.logits, hidden.At(r0 * h), exit_index, rows);
       cross_entropy(r0, rows, ws.max_prob, nullptr);
     }
     projected = chunk >= n;
@@ -301,11 +301,11 @@ std::pair<double, double> Model::HeadLoss(Workspace& ws, const float* hidden, in
   const int w = OutputWeight(exit_index);
   for (int r0 = 0; r0 < n; r0 += chunk) {
     const int rows = std::min(chunk, n - r0);
-    if (!projected) Project(ws.logits, hidden + r0 * h, exit_index, rows);
+    if (!projected) Project(ws.logits, hidden.At(r0 * h), exit_index, rows);
     cross_entropy(r0, rows, nullptr, backward ? ws.logits : nullptr);
     if (backward) {
-      be_->LinearBackward(ws.dhidden + r0 * h, params_.grad(w), nullptr, ws.logits, hidden + r0 * h,
-                          params_.param(w), rows, config_.hidden_size, v, false);
+      be_->LinearBackward(ws.dhidden + r0 * h, params_.grad(w), nullptr, ws.logits,
+                          hidden.At(r0 * h), params_.param(w), rows, config_.hidden_size, v, false);
     }
   }
   be_->CopyToHost(ws.host_losses.data(), ws.losses, n * sizeof(float));
@@ -363,7 +363,7 @@ void Model::ExitsAtDepth(Workspace& ws, int depth, absl::Span<const float> w, bo
     const bool reads_h_attn = x.kind == ExitKind::kMlp && x.position == ExitPosition::kPost;
     const float* in =
         reads_h_attn ? ws.layers[x.layer - 1 - first_layer_].h_attn : HiddenAt(ws, depth);
-    const float* hidden = ExitHidden(i, ws.exits[i], in, ws.pos, b, t, nullptr, 0);
+    const ConstOperand hidden = ExitHidden(i, ws.exits[i], in, ws.pos, b, t, nullptr, 0);
     const bool bw = backward && w[i] > 0;
     auto [mean, term] =
         HeadLoss(ws, hidden, i, w[i] * loss_scale, config_.confidence_weighted_exit_loss, bw);
@@ -418,7 +418,7 @@ LossReport Model::StageBackward(Workspace& ws, const int32_t* targets, const flo
 
   const float* x = StageOutput(ws);
   if (is_last_stage()) {
-    const float* hidden = FinalHidden(ws.final_norm, x, n);
+    const ConstOperand hidden = FinalHidden(ws.final_norm, x, n);
     auto [final_mean, final_term] = HeadLoss(ws, hidden, -1, loss_scale, false, backward);
     r.final_loss = final_mean;
     r.objective = final_term;

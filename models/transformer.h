@@ -142,12 +142,12 @@ class Model {
   // out[n, c] = word embedding (+ learned positions).
   void Embed(float* out, const int32_t* ids, const int32_t* pos, int n);
   // Final hidden of an exit head over n rows (training: kv null; inference: kv for block exits).
-  const float* ExitHidden(int i, ExitActs& a, const float* in, const int32_t* pos, int b, int t,
+  ConstOperand ExitHidden(int i, ExitActs& a, const float* in, const int32_t* pos, int b, int t,
                           KvLayer* kv, int q_offset);
   // Final hidden after the final norm.
-  const float* FinalHidden(NormActs& a, const float* x, int n);
+  ConstOperand FinalHidden(NormActs& a, const float* x, int n);
   // logits[n, vocab] = hidden @ W^T with W the output weight of exit i (or final when i < 0).
-  void Project(float* logits, const float* hidden, int exit_index, int n);
+  void Project(float* logits, ConstOperand hidden, int exit_index, int n);
   // Rows whose logits the heads compute at a time (Workspace::logits holds that many rows):
   // `rows` > 0 sets it (tests), 0 = automatic (at most 2^24 logits, 64 MiB in fp32). Set it
   // before making workspaces.
@@ -162,7 +162,7 @@ class Model {
   void DeclareParams();
   // Loss over `hidden` with output weight of exit i (-1 final); when backward, writes
   // ws.dhidden and accumulates dW. Returns {mean loss, weighted objective term}.
-  std::pair<double, double> HeadLoss(Workspace& ws, const float* hidden, int exit_index,
+  std::pair<double, double> HeadLoss(Workspace& ws, ConstOperand hidden, int exit_index,
                                      float weight, bool confidence_weighted, bool backward);
   // Hidden state at `depth` (layers computed) held by this stage.
   const float* HiddenAt(const Workspace& ws, int depth) const;

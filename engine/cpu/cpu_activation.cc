@@ -15,7 +15,8 @@ inline float Sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
 }  // namespace
 
-void CpuBackend::GeluForward(float* out, const float* x, size_t n) {
+void CpuBackend::GeluForward(Operand out_op, const float* x, size_t n) {
+  float* out = out_op.f32();
   const ptrdiff_t nn = static_cast<ptrdiff_t>(n);
 #pragma omp parallel for schedule(static) if (n >= kParallelMin)
   for (ptrdiff_t i = 0; i < nn; ++i) {
@@ -39,7 +40,8 @@ void CpuBackend::GeluBackward(float* dx, const float* dout, const float* x, size
   }
 }
 
-void CpuBackend::SwiGluForward(float* out, const float* gate, const float* up, size_t n) {
+void CpuBackend::SwiGluForward(Operand out_op, const float* gate, const float* up, size_t n) {
+  float* out = out_op.f32();
   const ptrdiff_t nn = static_cast<ptrdiff_t>(n);
 #pragma omp parallel for schedule(static) if (n >= kParallelMin)
   for (ptrdiff_t i = 0; i < nn; ++i) {

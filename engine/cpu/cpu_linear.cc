@@ -41,8 +41,9 @@ void BiasGrad(float* dbias, const float* dout, int n, int out_dim) {
 
 }  // namespace
 
-void CpuBackend::Linear(float* out, const float* in, const float* w, const float* bias, int n,
+void CpuBackend::Linear(float* out, ConstOperand in_op, const float* w, const float* bias, int n,
                         int in_dim, int out_dim, bool accumulate) {
+  const float* in = in_op.f32();
   if (n <= 0 || out_dim <= 0) return;
   if (in_dim <= 0) {
     if (!accumulate) Fill(out, static_cast<size_t>(n) * out_dim, 0.0f);
@@ -55,8 +56,9 @@ void CpuBackend::Linear(float* out, const float* in, const float* w, const float
 }
 
 void CpuBackend::LinearBackward(float* din, float* dw, float* dbias, const float* dout,
-                                const float* in, const float* w, int n, int in_dim, int out_dim,
+                                ConstOperand in_op, const float* w, int n, int in_dim, int out_dim,
                                 bool accumulate_din) {
+  const float* in = in_op.f32();
   if (n <= 0) return;
   if (din != nullptr && in_dim > 0) {
     if (out_dim <= 0) {

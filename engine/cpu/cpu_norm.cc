@@ -16,8 +16,9 @@ bool Parallel(int n, int c) { return static_cast<int64_t>(n) * c >= (int64_t{1} 
 
 }  // namespace
 
-void CpuBackend::LayerNormForward(float* out, float* mean, float* rstd, const float* x,
+void CpuBackend::LayerNormForward(Operand out_op, float* mean, float* rstd, const float* x,
                                   const float* g, const float* b, int n, int c, float eps) {
+  float* out = out_op.f32();
 #pragma omp parallel for schedule(static) if (Parallel(n, c))
   for (int r = 0; r < n; ++r) {
     const float* xr = x + static_cast<size_t>(r) * c;
@@ -94,8 +95,9 @@ void CpuBackend::LayerNormBackward(float* dx, float* dg, float* db, const float*
   }
 }
 
-void CpuBackend::RmsNormForward(float* out, float* rstd, const float* x, const float* g, int n,
+void CpuBackend::RmsNormForward(Operand out_op, float* rstd, const float* x, const float* g, int n,
                                 int c, float eps) {
+  float* out = out_op.f32();
 #pragma omp parallel for schedule(static) if (Parallel(n, c))
   for (int r = 0; r < n; ++r) {
     const float* xr = x + static_cast<size_t>(r) * c;

@@ -234,8 +234,9 @@ void CudaBackend::EmbeddingBackwardRange(float* dtable, const int32_t* ids, cons
 
 // ---- linear -------------------------------------------------------------------------------------
 
-void CudaBackend::Linear(float* out, const float* in, const float* w, const float* bias, int n,
+void CudaBackend::Linear(float* out, ConstOperand in_op, const float* w, const float* bias, int n,
                          int in_dim, int out_dim, bool accumulate) {
+  const float* in = in_op.f32();
   if (n <= 0 || out_dim <= 0) return;
   if (in_dim <= 0) {
     if (!accumulate) Fill(out, static_cast<size_t>(n) * out_dim, 0.0f);
@@ -248,8 +249,9 @@ void CudaBackend::Linear(float* out, const float* in, const float* w, const floa
 }
 
 void CudaBackend::LinearBackward(float* din, float* dw, float* dbias, const float* dout,
-                                 const float* in, const float* w, int n, int in_dim, int out_dim,
+                                 ConstOperand in_op, const float* w, int n, int in_dim, int out_dim,
                                  bool accumulate_din) {
+  const float* in = in_op.f32();
   if (n <= 0) return;
   if (din != nullptr && in_dim > 0) {
     if (out_dim <= 0) {
@@ -270,31 +272,31 @@ void CudaBackend::LinearBackward(float* din, float* dw, float* dbias, const floa
 
 // ---- norms, activations, RoPE -------------------------------------------------------------------
 
-void CudaBackend::LayerNormForward(float* out, float* mean, float* rstd, const float* x,
+void CudaBackend::LayerNormForward(Operand out, float* mean, float* rstd, const float* x,
                                    const float* g, const float* b, int n, int c, float eps) {
-  CUDA_CHECK(cuda::LayerNormForward(out, mean, rstd, x, g, b, n, c, eps, stream_));
+  CUDA_CHECK(cuda::LayerNormForward(out.f32(), mean, rstd, x, g, b, n, c, eps, stream_));
 }
 void CudaBackend::LayerNormBackward(float* dx, float* dg, float* db, const float* dout,
                                     const float* x, const float* g, const float* mean,
                                     const float* rstd, int n, int c) {
   CUDA_CHECK(cuda::LayerNormBackward(dx, dg, db, dout, x, g, mean, rstd, n, c, stream_));
 }
-void CudaBackend::RmsNormForward(float* out, float* rstd, const float* x, const float* g, int n,
+void CudaBackend::RmsNormForward(Operand out, float* rstd, const float* x, const float* g, int n,
                                  int c, float eps) {
-  CUDA_CHECK(cuda::RmsNormForward(out, rstd, x, g, n, c, eps, stream_));
+  CUDA_CHECK(cuda::RmsNormForward(out.f32(), rstd, x, g, n, c, eps, stream_));
 }
 void CudaBackend::RmsNormBackward(float* dx, float* dg, const float* dout, const float* x,
                                   const float* g, const float* rstd, int n, int c) {
   CUDA_CHECK(cuda::RmsNormBackward(dx, dg, dout, x, g, rstd, n, c, stream_));
 }
-void CudaBackend::GeluForward(float* out, const float* x, size_t n) {
-  CUDA_CHECK(cuda::GeluForward(out, x, n, stream_));
+void CudaBackend::GeluForward(Operand out, const float* x, size_t n) {
+  CUDA_CHECK(cuda::GeluForward(out.f32(), x, n, stream_));
 }
 void CudaBackend::GeluBackward(float* dx, const float* dout, const float* x, size_t n) {
   CUDA_CHECK(cuda::GeluBackward(dx, dout, x, n, stream_));
 }
-void CudaBackend::SwiGluForward(float* out, const float* gate, const float* up, size_t n) {
-  CUDA_CHECK(cuda::SwiGluForward(out, gate, up, n, stream_));
+void CudaBackend::SwiGluForward(Operand out, const float* gate, const float* up, size_t n) {
+  CUDA_CHECK(cuda::SwiGluForward(out.f32(), gate, up, n, stream_));
 }
 void CudaBackend::SwiGluBackward(float* dgate, float* dup, const float* dout, const float* gate,
                                  const float* up, size_t n) {
@@ -321,9 +323,10 @@ bool CudaBackend::UseFlash(int d, std::initializer_list<const float*> tensors) c
   return true;
 }
 
-void CudaBackend::AttentionForward(float* out, float* lse, const float* q, const float* k,
+void CudaBackend::AttentionForward(Operand out_op, float* lse, const float* q, const float* k,
                                    const float* v, int b, int tq, int tk, int tk_cap, int hq,
                                    int hkv, int d, int q_offset) {
+  float* out = out_op.f32();
   CheckAttentionSizes(tq, tk, tk_cap, hq, hkv, q_offset);
   if (UseFlash(d, {out, q, k, v})) {
     CUDA_CHECK(cuda::FlashAttentionForward(out, lse, q, k, v, b, tq, tk, tk_cap, hq, hkv, d,
@@ -349,9 +352,10 @@ void CudaBackend::AttentionForward(float* out, float* lse, const float* q, const
 }
 
 void CudaBackend::AttentionBackward(float* dq, float* dk, float* dv, const float* dout,
-                                    const float* out, const float* lse, const float* q,
+                                    ConstOperand out_op, const float* lse, const float* q,
                                     const float* k, const float* v, int b, int t, int hq, int hkv,
                                     int d) {
+  const float* out = out_op.f32();
   CheckAttentionSizes(t, t, t, hq, hkv, 0);
   // As on the CPU: P = exp(scale Q K^T - lse) recomputed; dV = P^T dO; dP = dO V^T;
   // dS = P * (dP - rowsum(P * dP)); dQ = scale dS K; dK = scale dS^T Q, dK and dV summed over

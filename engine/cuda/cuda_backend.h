@@ -64,24 +64,24 @@ class CudaBackend final : public Backend {
   void EmbeddingBackward(float* dtable, const int32_t* ids, const float* dout, int n,
                          int c) override;
 
-  void Linear(float* out, const float* in, const float* w, const float* bias, int n, int in_dim,
+  void Linear(float* out, ConstOperand in, const float* w, const float* bias, int n, int in_dim,
               int out_dim, bool accumulate) override;
-  void LinearBackward(float* din, float* dw, float* dbias, const float* dout, const float* in,
+  void LinearBackward(float* din, float* dw, float* dbias, const float* dout, ConstOperand in,
                       const float* w, int n, int in_dim, int out_dim, bool accumulate_din) override;
 
-  void LayerNormForward(float* out, float* mean, float* rstd, const float* x, const float* g,
+  void LayerNormForward(Operand out, float* mean, float* rstd, const float* x, const float* g,
                         const float* b, int n, int c, float eps) override;
   void LayerNormBackward(float* dx, float* dg, float* db, const float* dout, const float* x,
                          const float* g, const float* mean, const float* rstd, int n,
                          int c) override;
-  void RmsNormForward(float* out, float* rstd, const float* x, const float* g, int n, int c,
+  void RmsNormForward(Operand out, float* rstd, const float* x, const float* g, int n, int c,
                       float eps) override;
   void RmsNormBackward(float* dx, float* dg, const float* dout, const float* x, const float* g,
                        const float* rstd, int n, int c) override;
 
-  void GeluForward(float* out, const float* x, size_t n) override;
+  void GeluForward(Operand out, const float* x, size_t n) override;
   void GeluBackward(float* dx, const float* dout, const float* x, size_t n) override;
-  void SwiGluForward(float* out, const float* gate, const float* up, size_t n) override;
+  void SwiGluForward(Operand out, const float* gate, const float* up, size_t n) override;
   void SwiGluBackward(float* dgate, float* dup, const float* dout, const float* gate,
                       const float* up, size_t n) override;
 
@@ -90,10 +90,10 @@ class CudaBackend final : public Backend {
   void RopeBackward(float* dx, const int32_t* pos, int n, int heads, int head_dim,
                     float theta) override;
 
-  void AttentionForward(float* out, float* lse, const float* q, const float* k, const float* v,
+  void AttentionForward(Operand out, float* lse, const float* q, const float* k, const float* v,
                         int b, int tq, int tk, int tk_cap, int hq, int hkv, int d,
                         int q_offset) override;
-  void AttentionBackward(float* dq, float* dk, float* dv, const float* dout, const float* out,
+  void AttentionBackward(float* dq, float* dk, float* dv, const float* dout, ConstOperand out,
                          const float* lse, const float* q, const float* k, const float* v, int b,
                          int t, int hq, int hkv, int d) override;
 

@@ -44,14 +44,14 @@ class FakeDeviceBackend final : public Backend {
   double SumSquares(const float*, size_t) override { std::abort(); }
   void EmbeddingForward(float*, const int32_t*, const float*, int, int) override { std::abort(); }
   void EmbeddingBackward(float*, const int32_t*, const float*, int, int) override { std::abort(); }
-  void Linear(float*, const float*, const float*, const float*, int, int, int, bool) override {
+  void Linear(float*, ConstOperand, const float*, const float*, int, int, int, bool) override {
     std::abort();
   }
-  void LinearBackward(float*, float*, float*, const float*, const float*, const float*, int, int,
+  void LinearBackward(float*, float*, float*, const float*, ConstOperand, const float*, int, int,
                       int, bool) override {
     std::abort();
   }
-  void LayerNormForward(float*, float*, float*, const float*, const float*, const float*, int, int,
+  void LayerNormForward(Operand, float*, float*, const float*, const float*, const float*, int, int,
                         float) override {
     std::abort();
   }
@@ -59,26 +59,26 @@ class FakeDeviceBackend final : public Backend {
                          const float*, const float*, int, int) override {
     std::abort();
   }
-  void RmsNormForward(float*, float*, const float*, const float*, int, int, float) override {
+  void RmsNormForward(Operand, float*, const float*, const float*, int, int, float) override {
     std::abort();
   }
   void RmsNormBackward(float*, float*, const float*, const float*, const float*, const float*, int,
                        int) override {
     std::abort();
   }
-  void GeluForward(float*, const float*, size_t) override { std::abort(); }
+  void GeluForward(Operand, const float*, size_t) override { std::abort(); }
   void GeluBackward(float*, const float*, const float*, size_t) override { std::abort(); }
-  void SwiGluForward(float*, const float*, const float*, size_t) override { std::abort(); }
+  void SwiGluForward(Operand, const float*, const float*, size_t) override { std::abort(); }
   void SwiGluBackward(float*, float*, const float*, const float*, const float*, size_t) override {
     std::abort();
   }
   void RopeForward(float*, const int32_t*, int, int, int, float) override { std::abort(); }
   void RopeBackward(float*, const int32_t*, int, int, int, float) override { std::abort(); }
-  void AttentionForward(float*, float*, const float*, const float*, const float*, int, int, int,
+  void AttentionForward(Operand, float*, const float*, const float*, const float*, int, int, int,
                         int, int, int, int, int) override {
     std::abort();
   }
-  void AttentionBackward(float*, float*, float*, const float*, const float*, const float*,
+  void AttentionBackward(float*, float*, float*, const float*, ConstOperand, const float*,
                          const float*, const float*, const float*, int, int, int, int,
                          int) override {
     std::abort();
