@@ -14,6 +14,9 @@
 #include "parallel/comm/mpi_communicator.h"
 #ifdef EELLM_HAVE_NCCL
 #include "parallel/comm/nccl_communicator.h"
+#ifdef EELLM_HAVE_CUDA
+#include "engine/cuda/make_cuda_backend.h"
+#endif
 #endif
 #include "parallel/comm/mpi_runtime.h"
 #include "parallel/topology.h"
@@ -108,7 +111,19 @@ int RunTrainCommand() {
     ctx = std::move(*c);
     const bool gpu = (*backend)->device() != Device::kCpu;
 #ifdef EELLM_HAVE_NCCL
-    if (t.communicator == "nccl" || (t.communicator == "auto" && gpu)) {
+    // NCCL refuses two ranks of one communicator on the same GPU: with more ranks on a node than
+    // GPUs (each rank takes GPU local_rank modulo the count), "auto" stays on MPI.
+    float shared_gpu = gpu && launch->local_rank >= CudaDeviceCount() ? 1.0f : 0.0f;
+    MpiCommunicator::World(nullptr)->AllReduce(&shared_gpu, 1, ReduceOp::kMax);
+    if (t.communicator == "nccl" && shared_gpu > 0) {
+      return Fail(absl::InvalidArgumentError(
+                      absl::StrCat("communicator \"nccl\": ranks share a GPU (local rank ",
+                                   launch->local_rank, ", ", CudaDeviceCount(),
+                                   " GPUs on this node); NCCL needs one GPU per rank; "
+                                   "use \"communicator\": \"mpi\" or fewer ranks per node")),
+                  multi, launch->rank);
+    }
+    if (t.communicator == "nccl" || (t.communicator == "auto" && gpu && shared_gpu == 0)) {
       if (!gpu) {
         return Fail(absl::InvalidArgumentError("communicator \"nccl\" needs a GPU backend, not " +
                                                t.backend),

@@ -40,7 +40,10 @@ if want build || [ ! -x "$B/eellm" ]; then
     -DCMAKE_CUDA_ARCHITECTURES='90a-real;90-virtual' -DEELLM_FUZZ_SANITIZED=OFF &&
     cmake --build $B -j16" || exit 1
 fi
-want gpu && run gpu bash -c "cd $B && ctest -L gpu --output-on-failure --timeout 300"
+# EELLM_REQUIRE_GPU=1: a gpu test that cannot reach the GPU fails instead of skipping; kernel
+# faults are reported at the op that caused them (CUDA_LAUNCH_BLOCKING).
+want gpu && run gpu bash -c "cd $B && EELLM_REQUIRE_GPU=1 CUDA_LAUNCH_BLOCKING=1 \
+  ctest -L gpu --output-on-failure --timeout 300"
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 if want sanitize && [ -x "$SAN" ]; then
   for tool in memcheck racecheck; do

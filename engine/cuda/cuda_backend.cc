@@ -27,6 +27,11 @@
 
 namespace eellm {
 
+int CudaDeviceCount() {
+  int count = 0;
+  return cudaGetDeviceCount(&count) == cudaSuccess ? count : 0;
+}
+
 absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(int device, bool bf16_gemm,
                                                          bool bf16_weights) {
   int count = 0;
@@ -95,9 +100,10 @@ void CudaBackend::Synchronize() { CUDA_CHECK(cudaDeviceSynchronize()); }
 void* CudaBackend::Scratch(size_t bytes, int slot) {
   Slot& s = scratch_[slot];
   if (s.bytes < bytes) {
-    CUDA_CHECK(cudaDeviceSynchronize());  // the old buffer may still be in use
-    if (s.ptr != nullptr) CUDA_CHECK(cudaFree(s.ptr));
-    CUDA_CHECK(cudaMalloc(&s.ptr, bytes));
+    // Stream-ordered: the old buffer is released after the queued work that uses it, without
+    // waiting for the whole device (a cudaFree would also wait for NCCL kernels in flight).
+    if (s.ptr != nullptr) CUDA_CHECK(cudaFreeAsync(s.ptr, stream_));
+    CUDA_CHECK(cudaMallocAsync(&s.ptr, bytes, stream_));
     s.bytes = bytes;
   }
   return s.ptr;
@@ -114,9 +120,14 @@ void CudaBackend::Gemm(bool trans_a, bool trans_b, int m, int n, int k, float al
     CUBLAS_CHECK(cublasSgemm(cublas_, op_b, op_a, n, m, k, &alpha, b, ldb, a, lda, &beta, c, ldc));
   } else if (a_w != nullptr || b_w != nullptr) {
     // One operand is a weight with a bf16 copy: the other (an activation) is converted to bf16
-    // first (its whole strided extent; one scratch serves it, as at most one side converts).
-    const size_t a_n = static_cast<size_t>(trans_a ? k : m) * lda;
-    const size_t b_n = static_cast<size_t>(trans_b ? n : k) * ldb;
+    // first (its strided extent, last row only up to its width; one scratch serves it, as at
+    // most one side converts).
+    auto extent = [](int rows, int cols, int ld) {
+      return rows > 0 && cols > 0 ? static_cast<size_t>(rows - 1) * ld + static_cast<size_t>(cols)
+                                  : size_t{0};
+    };
+    const size_t a_n = trans_a ? extent(k, m, lda) : extent(m, k, lda);
+    const size_t b_n = trans_b ? extent(n, k, ldb) : extent(k, n, ldb);
     auto converted = [&](const float* x, size_t count) {
       auto* out = static_cast<uint16_t*>(Scratch(count * sizeof(uint16_t), 3));
       CUDA_CHECK(cuda::ToBf16(out, x, count, stream_));
@@ -335,7 +346,8 @@ void CudaBackend::AttentionForward(Operand out_op, float* lse, const float* q, c
   }
   const int group = hq / hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  float* s = static_cast<float*>(Scratch(static_cast<size_t>(tq) * tk * sizeof(float), 0));
+  // Sized for the cache's capacity, so that decoding does not regrow it token by token.
+  float* s = static_cast<float*>(Scratch(static_cast<size_t>(tq) * tk_cap * sizeof(float), 0));
   for (int bi = 0; bi < b; ++bi) {
     for (int h = 0; h < hq; ++h) {
       const int kvh = h / group;

@@ -13,7 +13,9 @@ template <typename... Params, typename... Args>
 inline cudaError_t LaunchKernel(void (*kernel)(Params...), dim3 grid, dim3 block,
                                 size_t shared_bytes, cudaStream_t stream, Args... args) {
   kernel<<<grid, block, shared_bytes, stream>>>(args...);
-  return cudaGetLastError();
+  // Peek, not Get: a launcher that enqueues several kernels returns cudaGetLastError() once at
+  // its end, which must still see the error of any of them.
+  return cudaPeekAtLastError();
 }
 #define EE_DYNAMIC_SHARED(name) extern __shared__ __align__(128) unsigned char name[]
 

@@ -19,6 +19,9 @@ namespace eellm {
 absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(int device = -1, bool bf16_gemm = false,
                                                          bool bf16_weights = false);
 
+// The number of CUDA GPUs this process sees (0 when none or the driver cannot be initialised).
+int CudaDeviceCount();
+
 }  // namespace eellm
 
 namespace eellm {

@@ -64,6 +64,7 @@ struct NcclCommunicator::State {
   ncclComm_t comm = nullptr;
   cudaStream_t stream = nullptr;
   cudaEvent_t compute_done = nullptr;  // recorded on the backends' stream before each operation
+  float* barrier_word = nullptr;       // one zeroed float that Barrier all-reduces
   std::vector<std::shared_ptr<SendState>> deferred;  // sends not yet queued, in posting order
 };
 
@@ -92,6 +93,9 @@ std::unique_ptr<NcclCommunicator::State> NewState() {
   CheckCuda(cudaStreamCreateWithFlags(&state->stream, cudaStreamNonBlocking), "cudaStreamCreate");
   CheckCuda(cudaEventCreateWithFlags(&state->compute_done, cudaEventDisableTiming),
             "cudaEventCreate");
+  CheckCuda(cudaMalloc(reinterpret_cast<void**>(&state->barrier_word), sizeof(float)),
+            "cudaMalloc");
+  CheckCuda(cudaMemset(state->barrier_word, 0, sizeof(float)), "cudaMemset");
   return state;
 }
 }  // namespace
@@ -104,6 +108,7 @@ NcclCommunicator::~NcclCommunicator() {
   if (state_->comm != nullptr) ncclCommDestroy(state_->comm);
   if (state_->stream != nullptr) cudaStreamDestroy(state_->stream);
   if (state_->compute_done != nullptr) cudaEventDestroy(state_->compute_done);
+  if (state_->barrier_word != nullptr) cudaFree(state_->barrier_word);
 }
 
 // The backends compute on the legacy default stream, with which this communicator's
@@ -222,12 +227,9 @@ void NcclCommunicator::FlushSends(void* recv_data, size_t recv_bytes, int recv_p
 void NcclCommunicator::Barrier() {
   FlushSends();
   AfterCompute();
-  float* one = nullptr;
-  CheckCuda(cudaMallocAsync(reinterpret_cast<void**>(&one), sizeof(float), state_->stream),
-            "cudaMallocAsync");
-  CheckNccl(ncclAllReduce(one, one, 1, ncclFloat32, ncclSum, state_->comm, state_->stream),
+  CheckNccl(ncclAllReduce(state_->barrier_word, state_->barrier_word, 1, ncclFloat32, ncclSum,
+                          state_->comm, state_->stream),
             "ncclAllReduce (barrier)");
-  CheckCuda(cudaFreeAsync(one, state_->stream), "cudaFreeAsync");
   Sync();
 }
 

@@ -7,6 +7,7 @@
 #include "gtest/gtest.h"
 #include "parallel/comm/nccl_communicator.h"
 #include "parallel/comm/self_communicator.h"
+#include "tests/gpu/require_gpu.h"
 
 namespace eellm {
 namespace {
@@ -19,6 +20,7 @@ bool HaveGpu() {
 class NcclGpu : public ::testing::Test {
  protected:
   void SetUp() override {
+    if (!HaveGpu() && testing::GpuRequired()) FAIL() << "no CUDA GPU, but EELLM_REQUIRE_GPU is set";
     if (!HaveGpu()) GTEST_SKIP() << "no CUDA GPU on this machine: NCCL tests skipped";
   }
   float* Device(const std::vector<float>& host) {

@@ -12,6 +12,7 @@
 #include "engine/backend.h"
 #include "gtest/gtest.h"
 #include "tests/gpu/emu/emulated_cuda_backend.h"
+#include "tests/gpu/require_gpu.h"
 
 namespace eellm::testing {
 
@@ -57,6 +58,7 @@ class DeviceParityTest : public ::testing::Test {
     bool misnamed = false;
     dev_ = DeviceUnderTest(&why, &misnamed);
     if (misnamed) FAIL() << why;
+    if (dev_ == nullptr && GpuRequired()) FAIL() << why << " (EELLM_REQUIRE_GPU is set)";
     if (dev_ == nullptr) GTEST_SKIP() << why;
   }
   Backend* dev_ = nullptr;

@@ -190,6 +190,13 @@ inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cud
                                    cudaStream_t) {
   return cudaMemcpy(dst, src, bytes, kind);
 }
+inline cudaError_t cudaMemset(void* p, int value, size_t bytes) {
+  if (!eellm_emu::IsDevice(p, bytes)) {
+    return eellm_emu::Misuse("cudaMemset on memory that is not device memory");
+  }
+  std::memset(p, value, bytes);
+  return cudaSuccess;
+}
 inline cudaError_t cudaMemset2DAsync(void* p, size_t pitch, int value, size_t width, size_t height,
                                      cudaStream_t) {
   if (height > 0 && !eellm_emu::IsDevice(p, pitch * (height - 1) + width)) {

@@ -8,6 +8,7 @@
 #define cuda cuda_emulated
 #define CudaBackend EmulatedCudaBackend
 #define MakeCudaBackend MakeEmulatedCudaBackend
+#define CudaDeviceCount EmulatedCudaDeviceCount
 #define MeasureCudaGemms MeasureEmulatedCudaGemms
 #define NcclCommunicator EmulatedNcclCommunicator
 #define UseNcclForModelParallel UseEmulatedNcclForModelParallel
