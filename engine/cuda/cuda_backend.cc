@@ -109,41 +109,48 @@ void* CudaBackend::Scratch(size_t bytes, int slot) {
   return s.ptr;
 }
 
-void CudaBackend::Gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a,
-                       int lda, const float* b, int ldb, float beta, float* c, int ldc) {
+void CudaBackend::Gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, ConstOperand a,
+                       int lda, ConstOperand b, int ldb, float beta, float* c, int ldc) {
   // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
   const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
   const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
-  const uint16_t* a_w = Bf16Weights(a);
-  const uint16_t* b_w = Bf16Weights(b);
-  if (precision_ == GemmPrecision::kFp32) {
-    CUBLAS_CHECK(cublasSgemm(cublas_, op_b, op_a, n, m, k, &alpha, b, ldb, a, lda, &beta, c, ldc));
-  } else if (a_w != nullptr || b_w != nullptr) {
-    // One operand is a weight with a bf16 copy: the other (an activation) is converted to bf16
-    // first (its strided extent, last row only up to its width; one scratch serves it, as at
-    // most one side converts).
-    auto extent = [](int rows, int cols, int ld) {
-      return rows > 0 && cols > 0 ? static_cast<size_t>(rows - 1) * ld + static_cast<size_t>(cols)
-                                  : size_t{0};
-    };
-    const size_t a_n = trans_a ? extent(k, m, lda) : extent(m, k, lda);
-    const size_t b_n = trans_b ? extent(n, k, ldb) : extent(k, n, ldb);
-    auto converted = [&](const float* x, size_t count) {
-      auto* out = static_cast<uint16_t*>(Scratch(count * sizeof(uint16_t), 3));
-      CUDA_CHECK(cuda::ToBf16(out, x, count, stream_));
-      return static_cast<const uint16_t*>(out);
-    };
+  if (!a.is_bf16() && !b.is_bf16()) {
+    const uint16_t* a_w = Bf16Weights(a.f32());
+    const uint16_t* b_w = Bf16Weights(b.f32());
+    if (precision_ == GemmPrecision::kFp32) {
+      CUBLAS_CHECK(cublasSgemm(cublas_, op_b, op_a, n, m, k, &alpha, b.f32(), ldb, a.f32(), lda,
+                               &beta, c, ldc));
+      return;
+    }
+    if (a_w == nullptr && b_w == nullptr) {
+      CUBLAS_CHECK(cublasGemmEx(cublas_, op_b, op_a, n, m, k, &alpha, b.data, CUDA_R_32F, ldb,
+                                a.data, CUDA_R_32F, lda, &beta, c, CUDA_R_32F, ldc,
+                                CUBLAS_COMPUTE_32F_FAST_16BF, CUBLAS_GEMM_DEFAULT));
+      return;
+    }
     EE_CHECK(a_w == nullptr || b_w == nullptr, "a GEMM of two weights");
-    const uint16_t* a16 = a_w != nullptr ? a_w : converted(a, a_n);
-    const uint16_t* b16 = b_w != nullptr ? b_w : converted(b, b_n);
-    CUBLAS_CHECK(cublasGemmEx(cublas_, op_b, op_a, n, m, k, &alpha, b16, CUDA_R_16BF, ldb, a16,
-                              CUDA_R_16BF, lda, &beta, c, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F,
-                              CUBLAS_GEMM_DEFAULT));
-  } else {
-    CUBLAS_CHECK(cublasGemmEx(cublas_, op_b, op_a, n, m, k, &alpha, b, CUDA_R_32F, ldb, a,
-                              CUDA_R_32F, lda, &beta, c, CUDA_R_32F, ldc,
-                              CUBLAS_COMPUTE_32F_FAST_16BF, CUBLAS_GEMM_DEFAULT));
+    if (a_w != nullptr) a = ConstOperand(a_w, DType::kBF16);
+    if (b_w != nullptr) b = ConstOperand(b_w, DType::kBF16);
   }
+  // bf16 by bf16 with fp32 accumulation and output. The fp32 side (if any) becomes bf16: a
+  // registered weight's copy, or converted into scratch (its strided extent, the last row only up
+  // to its width; one scratch serves, as at most one side converts).
+  auto extent = [](int rows, int cols, int ld) {
+    return rows > 0 && cols > 0 ? static_cast<size_t>(rows - 1) * ld + static_cast<size_t>(cols)
+                                : size_t{0};
+  };
+  auto as_bf16 = [&](ConstOperand x, size_t count) -> const uint16_t* {
+    if (x.is_bf16()) return x.bf16_bits();
+    if (const uint16_t* w = Bf16Weights(x.f32())) return w;
+    auto* out = static_cast<uint16_t*>(Scratch(count * sizeof(uint16_t), 3));
+    CUDA_CHECK(cuda::ToBf16(out, x.f32(), count, stream_));
+    return out;
+  };
+  const uint16_t* a16 = as_bf16(a, trans_a ? extent(k, m, lda) : extent(m, k, lda));
+  const uint16_t* b16 = as_bf16(b, trans_b ? extent(n, k, ldb) : extent(k, n, ldb));
+  CUBLAS_CHECK(cublasGemmEx(cublas_, op_b, op_a, n, m, k, &alpha, b16, CUDA_R_16BF, ldb, a16,
+                            CUDA_R_16BF, lda, &beta, c, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F,
+                            CUBLAS_GEMM_DEFAULT));
 }
 
 // ---- bf16 weight copies (kBf16Weights)
@@ -245,9 +252,8 @@ void CudaBackend::EmbeddingBackwardRange(float* dtable, const int32_t* ids, cons
 
 // ---- linear -------------------------------------------------------------------------------------
 
-void CudaBackend::Linear(float* out, ConstOperand in_op, const float* w, const float* bias, int n,
+void CudaBackend::Linear(float* out, ConstOperand in, const float* w, const float* bias, int n,
                          int in_dim, int out_dim, bool accumulate) {
-  const float* in = in_op.f32();
   if (n <= 0 || out_dim <= 0) return;
   if (in_dim <= 0) {
     if (!accumulate) Fill(out, static_cast<size_t>(n) * out_dim, 0.0f);
@@ -260,23 +266,30 @@ void CudaBackend::Linear(float* out, ConstOperand in_op, const float* w, const f
 }
 
 void CudaBackend::LinearBackward(float* din, float* dw, float* dbias, const float* dout,
-                                 ConstOperand in_op, const float* w, int n, int in_dim, int out_dim,
+                                 ConstOperand in, const float* w, int n, int in_dim, int out_dim,
                                  bool accumulate_din) {
-  const float* in = in_op.f32();
   if (n <= 0) return;
+  // With a bf16 input, dout is converted to bf16 once and both GEMMs multiply bf16 by bf16.
+  ConstOperand dout_op = dout;
+  if (in.is_bf16() && out_dim > 0) {
+    const size_t count = static_cast<size_t>(n) * out_dim;
+    auto* d16 = static_cast<uint16_t*>(Scratch(count * sizeof(uint16_t), 4));
+    CUDA_CHECK(cuda::ToBf16(d16, dout, count, stream_));
+    dout_op = ConstOperand(d16, DType::kBF16);
+  }
   if (din != nullptr && in_dim > 0) {
     if (out_dim <= 0) {
       if (!accumulate_din) Fill(din, static_cast<size_t>(n) * in_dim, 0.0f);
     } else {
       // din[n, i] = dout[n, o] @ w[o, i] (+ din).
-      Gemm(false, false, n, in_dim, out_dim, 1.0f, dout, out_dim, w, in_dim,
+      Gemm(false, false, n, in_dim, out_dim, 1.0f, dout_op, out_dim, w, in_dim,
            accumulate_din ? 1.0f : 0.0f, din, in_dim);
     }
   }
   if (out_dim <= 0) return;
   if (dw != nullptr && in_dim > 0) {
     // dw[o, i] += dout[n, o]^T @ in[n, i].
-    Gemm(true, false, out_dim, in_dim, n, 1.0f, dout, out_dim, in, in_dim, 1.0f, dw, in_dim);
+    Gemm(true, false, out_dim, in_dim, n, 1.0f, dout_op, out_dim, in, in_dim, 1.0f, dw, in_dim);
   }
   if (dbias != nullptr) CUDA_CHECK(cuda::ColumnSumAdd(dbias, dout, n, out_dim, stream_));
 }
@@ -326,9 +339,9 @@ void CudaBackend::RopeBackward(float* dx, const int32_t* pos, int n, int heads, 
 
 // ---- attention ----------------------------------------------------------------------------------
 
-bool CudaBackend::UseFlash(int d, std::initializer_list<const float*> tensors) const {
+bool CudaBackend::UseFlash(int d, std::initializer_list<const void*> tensors) const {
   if (precision_ == GemmPrecision::kFp32 || !cuda::FlashAttentionSupports(d)) return false;
-  for (const float* p : tensors) {
+  for (const void* p : tensors) {
     if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
   }
   return true;
@@ -337,13 +350,21 @@ bool CudaBackend::UseFlash(int d, std::initializer_list<const float*> tensors) c
 void CudaBackend::AttentionForward(Operand out_op, float* lse, const float* q, const float* k,
                                    const float* v, int b, int tq, int tk, int tk_cap, int hq,
                                    int hkv, int d, int q_offset) {
-  float* out = out_op.f32();
   CheckAttentionSizes(tq, tk, tk_cap, hq, hkv, q_offset);
-  if (UseFlash(d, {out, q, k, v})) {
-    CUDA_CHECK(cuda::FlashAttentionForward(out, lse, q, k, v, b, tq, tk, tk_cap, hq, hkv, d,
-                                           q_offset, stream_));
+  if (UseFlash(d, {out_op.data, q, k, v})) {
+    if (out_op.is_bf16()) {
+      CUDA_CHECK(cuda::FlashAttentionForward(out_op.bf16_bits(), lse, q, k, v, b, tq, tk, tk_cap,
+                                             hq, hkv, d, q_offset, stream_));
+    } else {
+      CUDA_CHECK(cuda::FlashAttentionForward(out_op.f32(), lse, q, k, v, b, tq, tk, tk_cap, hq, hkv,
+                                             d, q_offset, stream_));
+    }
     return;
   }
+  // Per head through GEMMs, into fp32 (a scratch copy converted at the end for a bf16 output).
+  const size_t out_count = static_cast<size_t>(b) * tq * hq * d;
+  float* out =
+      out_op.is_bf16() ? static_cast<float*>(Scratch(out_count * sizeof(float), 5)) : out_op.f32();
   const int group = hq / hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   // Sized for the cache's capacity, so that decoding does not regrow it token by token.
@@ -361,24 +382,30 @@ void CudaBackend::AttentionForward(Operand out_op, float* lse, const float* q, c
       Gemm(false, false, tq, d, tk, 1.0f, s, tk, vh, hkv * d, 0.0f, oh, hq * d);
     }
   }
+  if (out_op.is_bf16()) CUDA_CHECK(cuda::ToBf16(out_op.bf16_bits(), out, out_count, stream_));
 }
 
 void CudaBackend::AttentionBackward(float* dq, float* dk, float* dv, const float* dout,
-                                    ConstOperand out_op, const float* lse, const float* q,
+                                    ConstOperand out, const float* lse, const float* q,
                                     const float* k, const float* v, int b, int t, int hq, int hkv,
                                     int d) {
-  const float* out = out_op.f32();
   CheckAttentionSizes(t, t, t, hq, hkv, 0);
   // As on the CPU: P = exp(scale Q K^T - lse) recomputed; dV = P^T dO; dP = dO V^T;
   // dS = P * (dP - rowsum(P * dP)); dQ = scale dS K; dK = scale dS^T Q, dK and dV summed over
   // the heads sharing a KV head, in head order. (rowsum(P * dP) equals dO . O, which the CPU
   // uses; the fused kernels use it.)
-  if (UseFlash(d, {dq, dk, dv, dout, out, q, k, v})) {
+  if (UseFlash(d, {dq, dk, dv, dout, out.data, q, k, v})) {
     float* dsum = static_cast<float*>(Scratch(static_cast<size_t>(b) * hq * t * sizeof(float), 0));
-    CUDA_CHECK(cuda::FlashAttentionBackward(dq, dk, dv, dout, out, lse, dsum, q, k, v, b, t, hq,
-                                            hkv, d, stream_));
+    if (out.is_bf16()) {
+      CUDA_CHECK(cuda::FlashAttentionBackward(dq, dk, dv, dout, out.bf16_bits(), lse, dsum, q, k, v,
+                                              b, t, hq, hkv, d, stream_));
+    } else {
+      CUDA_CHECK(cuda::FlashAttentionBackward(dq, dk, dv, dout, out.f32(), lse, dsum, q, k, v, b, t,
+                                              hq, hkv, d, stream_));
+    }
     return;
   }
+  // The unfused path recomputes everything from Q, K, V and the lse; it does not read `out`.
   const int group = hq / hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   float* p = static_cast<float*>(Scratch(static_cast<size_t>(t) * t * sizeof(float), 0));

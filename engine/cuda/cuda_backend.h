@@ -120,8 +120,10 @@ class CudaBackend final : public Backend {
 
  private:
   // Row-major C[M, N] = alpha op(A) op(B) + beta C with leading dimensions in elements.
-  void Gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a, int lda,
-            const float* b, int ldb, float beta, float* c, int ldc);
+  // With a bf16 operand (or a registered weight in kBf16Weights), both operands are multiplied as
+  // bf16: the fp32 one becomes bf16 (its weight copy, or converted into scratch).
+  void Gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, ConstOperand a, int lda,
+            ConstOperand b, int ldb, float beta, float* c, int ldc);
   // The bf16 copy of weights at `p` (refreshed if stale), or null when p is no registered weight
   // or the precision keeps none.
   const uint16_t* Bf16Weights(const float* p);
@@ -129,7 +131,7 @@ class CudaBackend final : public Backend {
   void MarkWritten(const void* dst, size_t bytes);
   // Whether attention with head_dim d on these tensors runs the fused kernels
   // (flash_attention.cu): in bf16 mode, for the head dimensions they support, 16-byte aligned.
-  bool UseFlash(int d, std::initializer_list<const float*> tensors) const;
+  bool UseFlash(int d, std::initializer_list<const void*> tensors) const;
   // Device scratch of at least `bytes` in slot `slot` (grows on demand, outside steady state).
   void* Scratch(size_t bytes, int slot);
 
@@ -141,7 +143,9 @@ class CudaBackend final : public Backend {
     void* ptr = nullptr;
     size_t bytes = 0;
   };
-  Slot scratch_[4];  // 0-1 attention, 2 SumSquares partials, 3 bf16 GEMM operands
+  // 0-1 attention, 2 SumSquares partials, 3 bf16 GEMM operands, 4 bf16 dout of LinearBackward,
+  // 5 fp32 attention output before its conversion to a bf16 operand (unfused path).
+  Slot scratch_[6];
   struct WeightCopy {
     const float* base = nullptr;
     size_t n = 0;

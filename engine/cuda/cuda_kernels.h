@@ -76,9 +76,9 @@ cudaError_t CrossEntropyGradRange(float* dlogits, const float* logits, const flo
                                   const float* weights, int n, int v, int start, cudaStream_t s);
 
 // flash_attention.cu: fused causal GQA attention on tensor cores (bf16 operands, fp32
-// accumulation; fp32 tensors in and out), for head dimensions FlashAttentionSupports accepts.
-// q, k, v, out, dout and the gradients must be 16-byte aligned. The backward writes dq, dk, dv
-// and uses dsum[b * hq * t] as scratch.
+// accumulation; fp32 tensors in, fp32 or bf16 out), for head dimensions FlashAttentionSupports
+// accepts. q, k, v, out, dout and the gradients must be 16-byte aligned. The backward writes dq,
+// dk, dv and uses dsum[b * hq * t] as scratch.
 bool FlashAttentionSupports(int d);
 cudaError_t FlashAttentionForward(float* out, float* lse, const float* q, const float* k,
                                   const float* v, int b, int tq, int tk, int tk_cap, int hq,
@@ -87,5 +87,13 @@ cudaError_t FlashAttentionBackward(float* dq, float* dk, float* dv, const float*
                                    const float* out, const float* lse, float* dsum, const float* q,
                                    const float* k, const float* v, int b, int t, int hq, int hkv,
                                    int d, cudaStream_t s);
+// The same with the output O in bf16 (uint16_t bits; a bf16 GEMM operand).
+cudaError_t FlashAttentionForward(uint16_t* out, float* lse, const float* q, const float* k,
+                                  const float* v, int b, int tq, int tk, int tk_cap, int hq,
+                                  int hkv, int d, int q_offset, cudaStream_t s);
+cudaError_t FlashAttentionBackward(float* dq, float* dk, float* dv, const float* dout,
+                                   const uint16_t* out, const float* lse, float* dsum,
+                                   const float* q, const float* k, const float* v, int b, int t,
+                                   int hq, int hkv, int d, cudaStream_t s);
 
 }  // namespace eellm::cuda

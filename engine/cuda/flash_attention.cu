@@ -9,13 +9,15 @@
 // Backward (deterministic, no atomics): one kernel for dK and dV per (64 keys, KV head,
 // sequence) that loops over the heads of its group and the query tiles in a fixed order, and
 // one kernel for dQ per (64 queries, head, sequence). Each recomputes P from the saved
-// log-sum-exps; D_i = dO_i . O_i comes from a small kernel before them.
+// log-sum-exps; D_i = dO_i . O_i comes from a small kernel before them. The output O is fp32 or
+// bf16 (a GEMM operand, engine/tensor/operand.h).
 #include <cuda_bf16.h>
 #include <mma.h>
 
 #include <cmath>
 
 #include "engine/cuda/cuda_kernels.h"
+#include "engine/cuda/element_io.cuh"
 #include "engine/cuda/kernel_launch.h"
 
 namespace eellm::cuda {
@@ -103,10 +105,11 @@ struct FwdSmem {
   static constexpr size_t kBytes = Align128(kO + sizeof(float) * kTile * (D + kFSkew));
 };
 
-// q, out: [b, tq, hq, D]; k, v: [b, tk_cap, hkv, D]; lse: [b, hq, tq] or null.
-template <int D>
+// q, out: [b, tq, hq, D]; k, v: [b, tk_cap, hkv, D]; lse: [b, hq, tq] or null. OutT: float or
+// __nv_bfloat16.
+template <int D, typename OutT>
 __global__ void __launch_bounds__(kThreads)
-    FlashForwardKernel(float* out, float* lse, const float* q, const float* k, const float* v,
+    FlashForwardKernel(OutT* out, float* lse, const float* q, const float* k, const float* v,
                        int tq, int tk, int tk_cap, int hq, int hkv, int q_offset, float scale) {
   EE_DYNAMIC_SHARED(smem);
   using L = FwdSmem<D>;
@@ -183,10 +186,10 @@ __global__ void __launch_bounds__(kThreads)
   }
   if (q0 + row < tq) {
     const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-    float* orow = out + (static_cast<size_t>(bi) * tq + q0 + row) * q_stride +
-                  static_cast<size_t>(h) * D + half * (D / 2);
+    OutT* orow = out + (static_cast<size_t>(bi) * tq + q0 + row) * q_stride +
+                 static_cast<size_t>(h) * D + half * (D / 2);
     const float* src = os + row * kLdO + half * (D / 2);
-    for (int c = 0; c < D / 2; ++c) orow[c] = src[c] * inv;
+    for (int c = 0; c < D / 2; ++c) StoreFloat(orow + c, src[c] * inv);
     if (lse != nullptr && half == 0) {
       lse[(static_cast<size_t>(bi) * hq + h) * tq + q0 + row] = m + logf(l);
     }
@@ -196,7 +199,8 @@ __global__ void __launch_bounds__(kThreads)
 // ---- backward -----------------------------------------------------------------------------------
 
 // dsum[b, hq, t] = dO_i . O_i (fp32; one warp per row).
-__global__ void RowDotKernel(float* dsum, const float* dout, const float* out, int t, int hq, int d,
+template <typename OutT>
+__global__ void RowDotKernel(float* dsum, const float* dout, const OutT* out, int t, int hq, int d,
                              int rows) {
   const int warp_row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -205,7 +209,7 @@ __global__ void RowDotKernel(float* dsum, const float* dout, const float* out, i
   const int i = warp_row % t, h = (warp_row / t) % hq, bi = warp_row / (t * hq);
   const size_t off = ((static_cast<size_t>(bi) * t + i) * hq + h) * d;
   float acc = 0.0f;
-  for (int e = lane; e < d; e += 32) acc += dout[off + e] * out[off + e];
+  for (int e = lane; e < d; e += 32) acc += dout[off + e] * LoadAsFloat(out + off + e);
   for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
   if (lane == 0) dsum[warp_row] = acc;
 }
@@ -389,28 +393,28 @@ __global__ void __launch_bounds__(kThreads)
   StoreBlockRows<D>(dq + q_base, q_stride, q0, t, dq_acc, scale, work);
 }
 
-template <int D>
-cudaError_t LaunchForward(float* out, float* lse, const float* q, const float* k, const float* v,
+template <int D, typename OutT>
+cudaError_t LaunchForward(OutT* out, float* lse, const float* q, const float* k, const float* v,
                           int b, int tq, int tk, int tk_cap, int hq, int hkv, int q_offset,
                           cudaStream_t s) {
   constexpr size_t kBytes = FwdSmem<D>::kBytes;
-  cudaError_t e = cudaFuncSetAttribute(FlashForwardKernel<D>,
+  cudaError_t e = cudaFuncSetAttribute(FlashForwardKernel<D, OutT>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
   if (e != cudaSuccess) return e;
   const dim3 grid((tq + kTile - 1) / kTile, hq, b);
-  return LaunchKernel(FlashForwardKernel<D>, grid, dim3(kThreads), kBytes, s, out, lse, q, k, v, tq,
-                      tk, tk_cap, hq, hkv, q_offset, 1.0f / sqrtf(D));
+  return LaunchKernel(FlashForwardKernel<D, OutT>, grid, dim3(kThreads), kBytes, s, out, lse, q, k,
+                      v, tq, tk, tk_cap, hq, hkv, q_offset, 1.0f / sqrtf(D));
 }
 
-template <int D>
-cudaError_t LaunchBackward(float* dq, float* dk, float* dv, const float* dout, const float* out,
+template <int D, typename OutT>
+cudaError_t LaunchBackward(float* dq, float* dk, float* dv, const float* dout, const OutT* out,
                            const float* lse, float* dsum, const float* q, const float* k,
                            const float* v, int b, int t, int hq, int hkv, cudaStream_t s) {
   constexpr size_t kBytes = BwdSmem<D>::kBytes;
   const float scale = 1.0f / sqrtf(D);
   const int rows = b * hq * t;
-  cudaError_t e = LaunchKernel(RowDotKernel, dim3((rows + 7) / 8), dim3(256), 0, s, dsum, dout, out,
-                               t, hq, D, rows);
+  cudaError_t e = LaunchKernel(RowDotKernel<OutT>, dim3((rows + 7) / 8), dim3(256), 0, s, dsum,
+                               dout, out, t, hq, D, rows);
   if (e != cudaSuccess) return e;
   e = cudaFuncSetAttribute(FlashBackwardKvKernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            kBytes);
@@ -430,9 +434,11 @@ cudaError_t LaunchBackward(float* dq, float* dk, float* dv, const float* dout, c
 
 bool FlashAttentionSupports(int d) { return d == 32 || d == 64 || d == 128; }
 
-cudaError_t FlashAttentionForward(float* out, float* lse, const float* q, const float* k,
-                                  const float* v, int b, int tq, int tk, int tk_cap, int hq,
-                                  int hkv, int d, int q_offset, cudaStream_t s) {
+namespace {
+template <typename OutT>
+cudaError_t Forward(OutT* out, float* lse, const float* q, const float* k, const float* v, int b,
+                    int tq, int tk, int tk_cap, int hq, int hkv, int d, int q_offset,
+                    cudaStream_t s) {
   if (b == 0 || tq == 0) return cudaSuccess;
   switch (d) {
     case 32:
@@ -446,10 +452,10 @@ cudaError_t FlashAttentionForward(float* out, float* lse, const float* q, const 
   }
 }
 
-cudaError_t FlashAttentionBackward(float* dq, float* dk, float* dv, const float* dout,
-                                   const float* out, const float* lse, float* dsum, const float* q,
-                                   const float* k, const float* v, int b, int t, int hq, int hkv,
-                                   int d, cudaStream_t s) {
+template <typename OutT>
+cudaError_t Backward(float* dq, float* dk, float* dv, const float* dout, const OutT* out,
+                     const float* lse, float* dsum, const float* q, const float* k, const float* v,
+                     int b, int t, int hq, int hkv, int d, cudaStream_t s) {
   if (b == 0 || t == 0) return cudaSuccess;
   switch (d) {
     case 32:
@@ -461,6 +467,31 @@ cudaError_t FlashAttentionBackward(float* dq, float* dk, float* dv, const float*
     default:
       return cudaErrorInvalidValue;
   }
+}
+}  // namespace
+
+cudaError_t FlashAttentionForward(float* out, float* lse, const float* q, const float* k,
+                                  const float* v, int b, int tq, int tk, int tk_cap, int hq,
+                                  int hkv, int d, int q_offset, cudaStream_t s) {
+  return Forward(out, lse, q, k, v, b, tq, tk, tk_cap, hq, hkv, d, q_offset, s);
+}
+cudaError_t FlashAttentionForward(uint16_t* out, float* lse, const float* q, const float* k,
+                                  const float* v, int b, int tq, int tk, int tk_cap, int hq,
+                                  int hkv, int d, int q_offset, cudaStream_t s) {
+  return Forward(Bf16Ptr(out), lse, q, k, v, b, tq, tk, tk_cap, hq, hkv, d, q_offset, s);
+}
+
+cudaError_t FlashAttentionBackward(float* dq, float* dk, float* dv, const float* dout,
+                                   const float* out, const float* lse, float* dsum, const float* q,
+                                   const float* k, const float* v, int b, int t, int hq, int hkv,
+                                   int d, cudaStream_t s) {
+  return Backward(dq, dk, dv, dout, out, lse, dsum, q, k, v, b, t, hq, hkv, d, s);
+}
+cudaError_t FlashAttentionBackward(float* dq, float* dk, float* dv, const float* dout,
+                                   const uint16_t* out, const float* lse, float* dsum,
+                                   const float* q, const float* k, const float* v, int b, int t,
+                                   int hq, int hkv, int d, cudaStream_t s) {
+  return Backward(dq, dk, dv, dout, Bf16Ptr(out), lse, dsum, q, k, v, b, t, hq, hkv, d, s);
 }
 
 }  // namespace eellm::cuda
