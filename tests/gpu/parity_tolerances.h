@@ -56,8 +56,8 @@ constexpr Tol kRope{1e-5, 1e-4};
 
 // Passes when every element of `got` is within `tol` of `want` (see Tol); otherwise names the
 // number of bad elements and the worst one (index, both values, error against its bound).
-::testing::AssertionResult Close(const std::vector<float>& got, const std::vector<float>& want,
-                                 Tol tol) {
+inline ::testing::AssertionResult Close(const std::vector<float>& got,
+                                        const std::vector<float>& want, Tol tol) {
   if (got.size() != want.size()) {
     return ::testing::AssertionFailure() << "size " << got.size() << ", want " << want.size();
   }
