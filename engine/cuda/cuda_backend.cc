@@ -298,7 +298,11 @@ void CudaBackend::LinearBackward(float* din, float* dw, float* dbias, const floa
 
 void CudaBackend::LayerNormForward(Operand out, float* mean, float* rstd, const float* x,
                                    const float* g, const float* b, int n, int c, float eps) {
-  CUDA_CHECK(cuda::LayerNormForward(out.f32(), mean, rstd, x, g, b, n, c, eps, stream_));
+  if (out.is_bf16()) {
+    CUDA_CHECK(cuda::LayerNormForward(out.bf16_bits(), mean, rstd, x, g, b, n, c, eps, stream_));
+  } else {
+    CUDA_CHECK(cuda::LayerNormForward(out.f32(), mean, rstd, x, g, b, n, c, eps, stream_));
+  }
 }
 void CudaBackend::LayerNormBackward(float* dx, float* dg, float* db, const float* dout,
                                     const float* x, const float* g, const float* mean,
@@ -307,20 +311,32 @@ void CudaBackend::LayerNormBackward(float* dx, float* dg, float* db, const float
 }
 void CudaBackend::RmsNormForward(Operand out, float* rstd, const float* x, const float* g, int n,
                                  int c, float eps) {
-  CUDA_CHECK(cuda::RmsNormForward(out.f32(), rstd, x, g, n, c, eps, stream_));
+  if (out.is_bf16()) {
+    CUDA_CHECK(cuda::RmsNormForward(out.bf16_bits(), rstd, x, g, n, c, eps, stream_));
+  } else {
+    CUDA_CHECK(cuda::RmsNormForward(out.f32(), rstd, x, g, n, c, eps, stream_));
+  }
 }
 void CudaBackend::RmsNormBackward(float* dx, float* dg, const float* dout, const float* x,
                                   const float* g, const float* rstd, int n, int c) {
   CUDA_CHECK(cuda::RmsNormBackward(dx, dg, dout, x, g, rstd, n, c, stream_));
 }
 void CudaBackend::GeluForward(Operand out, const float* x, size_t n) {
-  CUDA_CHECK(cuda::GeluForward(out.f32(), x, n, stream_));
+  if (out.is_bf16()) {
+    CUDA_CHECK(cuda::GeluForward(out.bf16_bits(), x, n, stream_));
+  } else {
+    CUDA_CHECK(cuda::GeluForward(out.f32(), x, n, stream_));
+  }
 }
 void CudaBackend::GeluBackward(float* dx, const float* dout, const float* x, size_t n) {
   CUDA_CHECK(cuda::GeluBackward(dx, dout, x, n, stream_));
 }
 void CudaBackend::SwiGluForward(Operand out, const float* gate, const float* up, size_t n) {
-  CUDA_CHECK(cuda::SwiGluForward(out.f32(), gate, up, n, stream_));
+  if (out.is_bf16()) {
+    CUDA_CHECK(cuda::SwiGluForward(out.bf16_bits(), gate, up, n, stream_));
+  } else {
+    CUDA_CHECK(cuda::SwiGluForward(out.f32(), gate, up, n, stream_));
+  }
 }
 void CudaBackend::SwiGluBackward(float* dgate, float* dup, const float* dout, const float* gate,
                                  const float* up, size_t n) {

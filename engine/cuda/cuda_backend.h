@@ -41,6 +41,10 @@ class CudaBackend final : public Backend {
   CudaBackend& operator=(const CudaBackend&) = delete;
 
   Device device() const override { return Device::kCuda; }
+  // cuda-bf16w keeps GEMM operands (norm, attention and activation outputs) in bf16.
+  DType operand_dtype() const override {
+    return precision_ == GemmPrecision::kBf16Weights ? DType::kBF16 : DType::kF32;
+  }
   std::string name() const override {
     return precision_ == GemmPrecision::kFp32       ? "cuda"
            : precision_ == GemmPrecision::kBf16Gemm ? "cuda-bf16"

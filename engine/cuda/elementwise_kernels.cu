@@ -1,9 +1,12 @@
 // CUDA kernels of the elementwise, reduction, embedding, bias, activation, RoPE and AdamW ops.
-// Reductions are deterministic: fixed blocks summed in a fixed order (no atomics), matching the
-// CPU backend's order where it matters (embedding and bias gradients accumulate rows in order).
+// Reductions are deterministic: fixed blocks summed in a fixed order (no atomics). The embedding
+// gradient adds the tokens of each row in token order, in fp32, as the CPU backend does (the same
+// bits); bias gradients are column sums in double: row group y of a block sums rows y, y + G, ...
+// in order, and the G groups' partials are added in a fixed pairwise tree.
 #include <cmath>
 
 #include "engine/cuda/cuda_kernels.h"
+#include "engine/cuda/element_io.cuh"
 #include "engine/cuda/kernel_launch.h"
 
 namespace eellm::cuda {
@@ -78,39 +81,119 @@ __global__ void EmbeddingForwardKernel(float* out, const int32_t* ids, const flo
   }
 }
 
-// One thread per column walks the tokens in order (deterministic accumulation).
-__global__ void EmbeddingBackwardKernel(float* dtable, const int32_t* ids, const float* dout, int n,
-                                        int c, int start, int rows) {
-  GRID_STRIDE(j, static_cast<size_t>(c)) {
-    for (int t = 0; t < n; ++t) {
-      const int64_t row = static_cast<int64_t>(ids[t]) - start;
-      if (row < 0 || row >= rows) continue;
-      dtable[static_cast<size_t>(row) * c + j] += dout[static_cast<size_t>(t) * c + j];
+// Embedding backward: block (t, tile) owns columns tile * blockDim.x + threadIdx.x of token t's
+// table row, but acts only when t is the first token with its id (the group's leader): it then
+// adds the dout rows of every token with that id, in token order, to its columns. Each dout row
+// is read by one group, each table row written by one block per tile (no atomics). blockDim.x is
+// a multiple of 32, at most kEmbThreads (c rounded up to whole warps).
+constexpr int kEmbThreads = 1024;
+constexpr int kEmbMaxWarps = kEmbThreads / 32;
+
+// OR of v over the 32 lanes of the calling warp (every lane of the warp must call it).
+__device__ unsigned WarpOr(unsigned v) {
+  for (int o = 16; o > 0; o >>= 1) v |= __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__global__ void __launch_bounds__(kEmbThreads, 2)
+    EmbeddingBackwardKernel(float* dtable, const int32_t* ids, const float* dout, int n, int c,
+                            int start, int rows) {
+  __shared__ unsigned earlier[kEmbMaxWarps];     // per warp: a token before t has t's id
+  __shared__ unsigned matches[2][kEmbMaxWarps];  // per warp: bit l: token base + 32 w + l matches
+  const int t = blockIdx.x, threads = blockDim.x, warps = threads / 32;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int j = blockIdx.y * threads + threadIdx.x;
+  const int32_t id = ids[t];
+  const int64_t row = static_cast<int64_t>(id) - start;
+  const bool in_range = row >= 0 && row < rows;
+  // Leader test: no token before t has the same id. Every thread reaches every barrier and
+  // shuffle below; the branches that contain them depend only on values all threads share.
+  unsigned found = 0;  // no early exit: the loads are independent
+  if (in_range) {
+    for (int u = threadIdx.x; u < t; u += threads) found |= ids[u] == id;
+  }
+  const unsigned any = WarpOr(found);
+  if (lane == 0) earlier[warp] = any;
+  __syncthreads();
+  bool leader = in_range;
+  for (int w = 0; w < warps; ++w) leader = leader && earlier[w] == 0;
+  if (!leader) return;  // the same for every thread of the block
+  const size_t at = static_cast<size_t>(row) * c + j;
+  float acc = j < c ? dtable[at] : 0.0f;
+  // Tokens t .. n-1 in chunks of blockDim.x: each thread tests one, the warps pack the results
+  // into bit masks (double-buffered, so one barrier per chunk), and every thread then adds the
+  // matching tokens' dout in token order. Loads are batched by 4 for memory parallelism; a
+  // token that does not match adds -0.0f, which leaves every value unchanged (even -0.0f).
+  for (int base = t, p = 0; base < n; base += threads, p ^= 1) {
+    const int u = base + threadIdx.x;
+    const unsigned hit = WarpOr(u < n && ids[u] == id ? 1u << lane : 0u);
+    if (lane == 0) matches[p][warp] = hit;
+    __syncthreads();
+    if (j >= c) continue;
+    for (int w = 0; w < warps; ++w) {
+      const unsigned bits = matches[p][w];
+      for (int q = 0; q < 32 && (bits >> q) != 0; q += 4) {
+        const unsigned nibble = (bits >> q) & 0xfu;
+        if (nibble == 0) continue;
+        const size_t first = static_cast<size_t>(base) + 32 * w + q;
+        float v[4];
+        for (int b = 0; b < 4; ++b) v[b] = (nibble >> b) & 1u ? dout[(first + b) * c + j] : -0.0f;
+        for (int b = 0; b < 4; ++b) acc += v[b];
+      }
     }
   }
+  if (j < c) dtable[at] = acc;
 }
 
 __global__ void AddBiasKernel(float* out, const float* bias, int n, int cols) {
   GRID_STRIDE(i, static_cast<size_t>(n) * cols) out[i] += bias[i % cols];
 }
 
-// dst[j] += sum over rows of x[r, j], rows in order, accumulated in double.
-__global__ void ColumnSumAddKernel(float* dst, const float* x, int n, int cols) {
-  GRID_STRIDE(j, static_cast<size_t>(cols)) {
-    double acc = 0.0;
-    for (int r = 0; r < n; ++r) acc += x[static_cast<size_t>(r) * cols + j];
-    dst[j] += static_cast<float>(acc);
+// Column sums: blockDim = (kColTile, RowGroups(n)), one block per kColTile columns; a warp reads
+// 16 consecutive columns (64 bytes) of two rows at a time.
+constexpr int kColTile = 16;
+constexpr int kMaxRowGroups = 64;
+constexpr int kColMaxThreads = kColTile * kMaxRowGroups;  // 1024
+
+// The number of row groups G: a power of two, the largest up to kMaxRowGroups that leaves each
+// group at least 8 rows (1 when n < 16), so that short sums do not launch idle threads.
+unsigned RowGroups(int n) {
+  unsigned g = 1;
+  while (g < kMaxRowGroups && 16 * static_cast<int64_t>(g) <= n) g *= 2;
+  return g;
+}
+
+// dst[j] += sum over rows of x[r, j] (double): thread (x, y) sums rows y, y + G, ... in order
+// (G = blockDim.y); the row groups' partials are then added by a fixed pairwise tree in shared
+// memory.
+__global__ void __launch_bounds__(kColMaxThreads, 2)
+    ColumnSumAddKernel(float* dst, const float* x, int n, int cols) {
+  __shared__ double part[kMaxRowGroups][kColTile];
+  const int tx = threadIdx.x, ty = threadIdx.y, groups = blockDim.y;
+  const int j = blockIdx.x * kColTile + tx;
+  double acc = 0.0;
+  if (j < cols) {
+    for (int r = ty; r < n; r += groups) acc += x[static_cast<size_t>(r) * cols + j];
   }
+  part[ty][tx] = acc;
+  __syncthreads();
+  for (int w = groups / 2; w > 0; w >>= 1) {
+    if (ty < w) part[ty][tx] += part[ty + w][tx];
+    __syncthreads();
+  }
+  if (ty == 0 && j < cols) dst[j] += static_cast<float>(part[0][tx]);
 }
 
 constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2 / pi)
 constexpr float kGeluCubic = 0.044715f;
 
-__global__ void GeluForwardKernel(float* out, const float* x, size_t n) {
+// The forward outputs are GEMM operands: OutT float or __nv_bfloat16.
+template <typename OutT>
+__global__ void GeluForwardKernel(OutT* out, const float* x, size_t n) {
   GRID_STRIDE(i, n) {
     const float xi = x[i];
     const float u = kGeluScale * (xi + kGeluCubic * xi * xi * xi);
-    out[i] = 0.5f * xi * (1.0f + tanhf(u));
+    StoreFloat(out + i, 0.5f * xi * (1.0f + tanhf(u)));
   }
 }
 __global__ void GeluBackwardKernel(float* dx, const float* dout, const float* x, size_t n) {
@@ -124,10 +207,11 @@ __global__ void GeluBackwardKernel(float* dx, const float* dout, const float* x,
   }
 }
 __device__ float Sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
-__global__ void SwiGluForwardKernel(float* out, const float* gate, const float* up, size_t n) {
+template <typename OutT>
+__global__ void SwiGluForwardKernel(OutT* out, const float* gate, const float* up, size_t n) {
   GRID_STRIDE(i, n) {
     const float gi = gate[i];
-    out[i] = gi * Sigmoid(gi) * up[i];
+    StoreFloat(out + i, gi * Sigmoid(gi) * up[i]);
   }
 }
 __global__ void SwiGluBackwardKernel(float* dgate, float* dup, const float* dout, const float* gate,
@@ -221,8 +305,11 @@ cudaError_t EmbeddingForwardRange(float* out, const int32_t* ids, const float* t
 cudaError_t EmbeddingBackwardRange(float* dtable, const int32_t* ids, const float* dout, int n,
                                    int c, int start, int rows, cudaStream_t s) {
   if (n > 0 && c > 0) {
-    LaunchKernel(EmbeddingBackwardKernel, dim3(Blocks(c)), dim3(kThreads), 0, s, dtable, ids, dout,
-                 n, c, start, rows);
+    // One block per (token, up to kEmbThreads columns): grid.y <= 65535 for c up to 67 million.
+    const int threads = c < kEmbThreads ? (c + 31) / 32 * 32 : kEmbThreads;
+    const unsigned tiles = static_cast<unsigned>((c + threads - 1) / threads);
+    LaunchKernel(EmbeddingBackwardKernel, dim3(n, tiles), dim3(threads), 0, s, dtable, ids, dout, n,
+                 c, start, rows);
   }
   return cudaGetLastError();
 }
@@ -234,11 +321,18 @@ cudaError_t AddBias(float* out, const float* bias, int n, int cols, cudaStream_t
 }
 cudaError_t ColumnSumAdd(float* dst, const float* x, int n, int cols, cudaStream_t s) {
   if (n > 0 && cols > 0)
-    LaunchKernel(ColumnSumAddKernel, dim3(Blocks(cols)), dim3(kThreads), 0, s, dst, x, n, cols);
+    LaunchKernel(ColumnSumAddKernel, dim3((cols + kColTile - 1) / kColTile),
+                 dim3(kColTile, RowGroups(n)), 0, s, dst, x, n, cols);
   return cudaGetLastError();
 }
 cudaError_t GeluForward(float* out, const float* x, size_t n, cudaStream_t s) {
-  if (n) LaunchKernel(GeluForwardKernel, dim3(Blocks(n)), dim3(kThreads), 0, s, out, x, n);
+  if (n) LaunchKernel(GeluForwardKernel<float>, dim3(Blocks(n)), dim3(kThreads), 0, s, out, x, n);
+  return cudaGetLastError();
+}
+cudaError_t GeluForward(uint16_t* out, const float* x, size_t n, cudaStream_t s) {
+  if (n)
+    LaunchKernel(GeluForwardKernel<__nv_bfloat16>, dim3(Blocks(n)), dim3(kThreads), 0, s,
+                 Bf16Ptr(out), x, n);
   return cudaGetLastError();
 }
 cudaError_t GeluBackward(float* dx, const float* dout, const float* x, size_t n, cudaStream_t s) {
@@ -247,7 +341,16 @@ cudaError_t GeluBackward(float* dx, const float* dout, const float* x, size_t n,
 }
 cudaError_t SwiGluForward(float* out, const float* gate, const float* up, size_t n,
                           cudaStream_t s) {
-  if (n) LaunchKernel(SwiGluForwardKernel, dim3(Blocks(n)), dim3(kThreads), 0, s, out, gate, up, n);
+  if (n)
+    LaunchKernel(SwiGluForwardKernel<float>, dim3(Blocks(n)), dim3(kThreads), 0, s, out, gate, up,
+                 n);
+  return cudaGetLastError();
+}
+cudaError_t SwiGluForward(uint16_t* out, const float* gate, const float* up, size_t n,
+                          cudaStream_t s) {
+  if (n)
+    LaunchKernel(SwiGluForwardKernel<__nv_bfloat16>, dim3(Blocks(n)), dim3(kThreads), 0, s,
+                 Bf16Ptr(out), gate, up, n);
   return cudaGetLastError();
 }
 cudaError_t SwiGluBackward(float* dgate, float* dup, const float* dout, const float* gate,

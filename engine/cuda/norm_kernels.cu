@@ -1,10 +1,13 @@
 // CUDA kernels of LayerNorm and RMSNorm, forward and backward: one block per row, row
-// statistics accumulated in double (as the CPU backend does); gain and bias gradients are
-// column sums over rows in order (one thread per column), so results are deterministic.
+// statistics accumulated in double (as the CPU backend does). Gain and bias gradients are column
+// sums over rows: a block of kColTile columns x G row groups (G from n alone), where row group y
+// sums rows y, y + G, ... in order (double) and the groups' partials are then added in a fixed
+// pairwise tree; no atomics, so results are deterministic (same bits every run).
 #include <cmath>
 
 #include "engine/cuda/block_reduce.cuh"
 #include "engine/cuda/cuda_kernels.h"
+#include "engine/cuda/element_io.cuh"
 #include "engine/cuda/kernel_launch.h"
 
 namespace eellm::cuda {
@@ -12,12 +15,14 @@ namespace {
 
 constexpr int kThreads = 256;
 
-__global__ void LayerNormForwardKernel(float* out, float* mean, float* rstd, const float* x,
+// The forward outputs are GEMM operands: OutT float or __nv_bfloat16.
+template <typename OutT>
+__global__ void LayerNormForwardKernel(OutT* out, float* mean, float* rstd, const float* x,
                                        const float* g, const float* b, int c, float eps) {
   __shared__ double scratch[kThreads];
   const size_t r = blockIdx.x;
   const float* xr = x + r * c;
-  float* yr = out + r * c;
+  OutT* yr = out + r * c;
   double s = 0.0;
   for (int j = threadIdx.x; j < c; j += blockDim.x) s += xr[j];
   const double mu = BlockSum(s, scratch) / c;
@@ -30,7 +35,7 @@ __global__ void LayerNormForwardKernel(float* out, float* mean, float* rstd, con
   const float muf = static_cast<float>(mu), rsf = static_cast<float>(rs);
   for (int j = threadIdx.x; j < c; j += blockDim.x) {
     const float nrm = (xr[j] - muf) * rsf;
-    yr[j] = nrm * g[j] + (b != nullptr ? b[j] : 0.0f);
+    StoreFloat(yr + j, nrm * g[j] + (b != nullptr ? b[j] : 0.0f));
   }
   if (threadIdx.x == 0) {
     mean[r] = muf;
@@ -63,33 +68,67 @@ __global__ void LayerNormBackwardRowsKernel(float* dx, const float* dout, const 
   }
 }
 
-// dg[j] += sum_r dout * norm; db[j] += sum_r dout (db may be null). mean null: RMSNorm.
-__global__ void NormParamGradKernel(float* dg, float* db, const float* dout, const float* x,
-                                    const float* mean, const float* rstd, int n, int c) {
-  const int j = blockIdx.x * blockDim.x + threadIdx.x;
-  if (j >= c) return;
-  double acc_g = 0.0, acc_b = 0.0;
-  for (int r = 0; r < n; ++r) {
-    const size_t i = static_cast<size_t>(r) * c + j;
-    const float nrm = mean != nullptr ? (x[i] - mean[r]) * rstd[r] : x[i] * rstd[r];
-    acc_g += dout[i] * nrm;
-    acc_b += dout[i];
-  }
-  dg[j] += static_cast<float>(acc_g);
-  if (db != nullptr) db[j] += static_cast<float>(acc_b);
+// Column sums of the parameter gradients: blockDim = (kColTile, RowGroups(n)), one block per
+// kColTile columns. A warp reads 16 consecutive columns (64 bytes) of two rows at a time.
+constexpr int kColTile = 16;
+constexpr int kMaxRowGroups = 64;
+constexpr int kColMaxThreads = kColTile * kMaxRowGroups;  // 1024
+
+// The number of row groups G: a power of two, the largest up to kMaxRowGroups that leaves each
+// group at least 8 rows (1 when n < 16), so that short sums do not launch idle threads.
+unsigned RowGroups(int n) {
+  unsigned g = 1;
+  while (g < kMaxRowGroups && 16 * static_cast<int64_t>(g) <= n) g *= 2;
+  return g;
 }
 
-__global__ void RmsNormForwardKernel(float* out, float* rstd, const float* x, const float* g, int c,
+// dg[j] += sum_r dout * norm; db[j] += sum_r dout (db may be null). mean null: RMSNorm.
+// Thread (x, y) sums rows y, y + G, ... of column j in order (double; G = blockDim.y); the row
+// groups' partials are then combined by a fixed pairwise tree in shared memory.
+__global__ void __launch_bounds__(kColMaxThreads, 2)
+    NormParamGradKernel(float* dg, float* db, const float* dout, const float* x, const float* mean,
+                        const float* rstd, int n, int c) {
+  __shared__ double part_g[kMaxRowGroups][kColTile];
+  __shared__ double part_b[kMaxRowGroups][kColTile];
+  const int tx = threadIdx.x, ty = threadIdx.y, groups = blockDim.y;
+  const int j = blockIdx.x * kColTile + tx;
+  double acc_g = 0.0, acc_b = 0.0;
+  if (j < c) {
+    for (int r = ty; r < n; r += groups) {
+      const size_t i = static_cast<size_t>(r) * c + j;
+      const float nrm = mean != nullptr ? (x[i] - mean[r]) * rstd[r] : x[i] * rstd[r];
+      acc_g += dout[i] * nrm;
+      acc_b += dout[i];
+    }
+  }
+  part_g[ty][tx] = acc_g;
+  part_b[ty][tx] = acc_b;
+  __syncthreads();
+  for (int w = groups / 2; w > 0; w >>= 1) {
+    if (ty < w) {
+      part_g[ty][tx] += part_g[ty + w][tx];
+      part_b[ty][tx] += part_b[ty + w][tx];
+    }
+    __syncthreads();
+  }
+  if (ty == 0 && j < c) {
+    dg[j] += static_cast<float>(part_g[0][tx]);
+    if (db != nullptr) db[j] += static_cast<float>(part_b[0][tx]);
+  }
+}
+
+template <typename OutT>
+__global__ void RmsNormForwardKernel(OutT* out, float* rstd, const float* x, const float* g, int c,
                                      float eps) {
   __shared__ double scratch[kThreads];
   const size_t r = blockIdx.x;
   const float* xr = x + r * c;
-  float* yr = out + r * c;
+  OutT* yr = out + r * c;
   double ss = 0.0;
   for (int j = threadIdx.x; j < c; j += blockDim.x) ss += static_cast<double>(xr[j]) * xr[j];
   const float rs =
       static_cast<float>(1.0 / sqrt(BlockSum(ss, scratch) / c + static_cast<double>(eps)));
-  for (int j = threadIdx.x; j < c; j += blockDim.x) yr[j] = (xr[j] * rs) * g[j];
+  for (int j = threadIdx.x; j < c; j += blockDim.x) StoreFloat(yr + j, (xr[j] * rs) * g[j]);
   if (threadIdx.x == 0) rstd[r] = rs;
 }
 
@@ -112,16 +151,37 @@ __global__ void RmsNormBackwardRowsKernel(float* dx, const float* dout, const fl
   }
 }
 
-unsigned ColumnBlocks(int c) { return static_cast<unsigned>((c + kThreads - 1) / kThreads); }
+unsigned ColumnBlocks(int c) { return static_cast<unsigned>((c + kColTile - 1) / kColTile); }
 
+}  // namespace
+
+namespace {
+template <typename OutT>
+cudaError_t LayerNormForwardAs(OutT* out, float* mean, float* rstd, const float* x, const float* g,
+                               const float* b, int n, int c, float eps, cudaStream_t s) {
+  if (n > 0 && c > 0)
+    LaunchKernel(LayerNormForwardKernel<OutT>, dim3(n), dim3(kThreads), 0, s, out, mean, rstd, x, g,
+                 b, c, eps);
+  return cudaGetLastError();
+}
+template <typename OutT>
+cudaError_t RmsNormForwardAs(OutT* out, float* rstd, const float* x, const float* g, int n, int c,
+                             float eps, cudaStream_t s) {
+  if (n > 0 && c > 0)
+    LaunchKernel(RmsNormForwardKernel<OutT>, dim3(n), dim3(kThreads), 0, s, out, rstd, x, g, c,
+                 eps);
+  return cudaGetLastError();
+}
 }  // namespace
 
 cudaError_t LayerNormForward(float* out, float* mean, float* rstd, const float* x, const float* g,
                              const float* b, int n, int c, float eps, cudaStream_t s) {
-  if (n > 0 && c > 0)
-    LaunchKernel(LayerNormForwardKernel, dim3(n), dim3(kThreads), 0, s, out, mean, rstd, x, g, b, c,
-                 eps);
-  return cudaGetLastError();
+  return LayerNormForwardAs(out, mean, rstd, x, g, b, n, c, eps, s);
+}
+cudaError_t LayerNormForward(uint16_t* out, float* mean, float* rstd, const float* x,
+                             const float* g, const float* b, int n, int c, float eps,
+                             cudaStream_t s) {
+  return LayerNormForwardAs(Bf16Ptr(out), mean, rstd, x, g, b, n, c, eps, s);
 }
 
 cudaError_t LayerNormBackward(float* dx, float* dg, float* db, const float* dout, const float* x,
@@ -130,24 +190,26 @@ cudaError_t LayerNormBackward(float* dx, float* dg, float* db, const float* dout
   if (n <= 0 || c <= 0) return cudaGetLastError();
   LaunchKernel(LayerNormBackwardRowsKernel, dim3(n), dim3(kThreads), 0, s, dx, dout, x, g, mean,
                rstd, c);
-  LaunchKernel(NormParamGradKernel, dim3(ColumnBlocks(c)), dim3(kThreads), 0, s, dg, db, dout, x,
-               mean, rstd, n, c);
+  LaunchKernel(NormParamGradKernel, dim3(ColumnBlocks(c)), dim3(kColTile, RowGroups(n)), 0, s, dg,
+               db, dout, x, mean, rstd, n, c);
   return cudaGetLastError();
 }
 
 cudaError_t RmsNormForward(float* out, float* rstd, const float* x, const float* g, int n, int c,
                            float eps, cudaStream_t s) {
-  if (n > 0 && c > 0)
-    LaunchKernel(RmsNormForwardKernel, dim3(n), dim3(kThreads), 0, s, out, rstd, x, g, c, eps);
-  return cudaGetLastError();
+  return RmsNormForwardAs(out, rstd, x, g, n, c, eps, s);
+}
+cudaError_t RmsNormForward(uint16_t* out, float* rstd, const float* x, const float* g, int n, int c,
+                           float eps, cudaStream_t s) {
+  return RmsNormForwardAs(Bf16Ptr(out), rstd, x, g, n, c, eps, s);
 }
 
 cudaError_t RmsNormBackward(float* dx, float* dg, const float* dout, const float* x, const float* g,
                             const float* rstd, int n, int c, cudaStream_t s) {
   if (n <= 0 || c <= 0) return cudaGetLastError();
   LaunchKernel(RmsNormBackwardRowsKernel, dim3(n), dim3(kThreads), 0, s, dx, dout, x, g, rstd, c);
-  LaunchKernel(NormParamGradKernel, dim3(ColumnBlocks(c)), dim3(kThreads), 0, s, dg, nullptr, dout,
-               x, nullptr, rstd, n, c);
+  LaunchKernel(NormParamGradKernel, dim3(ColumnBlocks(c)), dim3(kColTile, RowGroups(n)), 0, s, dg,
+               nullptr, dout, x, nullptr, rstd, n, c);
   return cudaGetLastError();
 }
 

@@ -301,6 +301,36 @@ TEST_F(BackendParity, EmbeddingRange) {
   }
 }
 
+// The embedding gradient over many tokens (the CUDA kernel tests as many per step as its block
+// has threads: c rounded up to a warp) and over more columns than one CUDA block covers (1024):
+// rows repeat hundreds of times across those steps, one id first appears late (past the first
+// 1024 tokens), and for the range versions most ids, token 0's included, are out of range.
+TEST_F(BackendParity, EmbeddingBackwardManyTokens) {
+  const int vocab = 8;
+  for (auto [n, c] : {std::pair{1100, 24}, std::pair{40, 1030}}) {
+    std::vector<int32_t> ids = Ids(n, 5);                // ids 0 .. 4 throughout
+    ids[0] = 5;                                          // id 5 once, at token 0
+    for (int t = n - n / 16; t < n; t += 3) ids[t] = 7;  // id 7 only at the end; 6 never
+    const auto dout = RandVec(rng_, static_cast<size_t>(n) * c);
+    for (auto [start, rows] : {std::pair{0, vocab}, std::pair{1, 3}, std::pair{6, 2}}) {
+      SCOPED_TRACE(::testing::Message()
+                   << "n=" << n << " c=" << c << " rows [" << start << ", " << start + rows << ")");
+      const auto dtable0 = RandVec(rng_, static_cast<size_t>(rows) * c);
+      ExpectParity(
+          [&](Backend* be, DeviceMem& m) -> Outputs {
+            float* dtable = m.Put(dtable0);
+            if (rows == vocab) {
+              be->EmbeddingBackward(dtable, m.Put(ids), m.Put(dout), n, c);
+            } else {
+              be->EmbeddingBackwardRange(dtable, m.Put(ids), m.Put(dout), n, c, start, rows);
+            }
+            return {{"dtable", m.Get(dtable, dtable0.size())}};
+          },
+          kReduction);
+    }
+  }
+}
+
 // Linear shapes: n x in_dim -> out_dim, none a multiple of the usual 32/128 tiles but 256.
 struct LinearShape {
   int in, out;
@@ -333,7 +363,7 @@ TEST_F(BackendParity, Linear) {
 }
 
 TEST_F(BackendParity, LinearBackward) {
-  for (int n : {1, 7, 64}) {
+  for (int n : {1, 7, 64, 150, 600}) {
     for (const LinearShape& s : kLinearShapes) {
       const size_t nin = static_cast<size_t>(n) * s.in, nw = static_cast<size_t>(s.out) * s.in;
       const auto x = RandVec(rng_, nin), w = RandVec(rng_, nw, 0.2);
@@ -367,7 +397,7 @@ TEST_F(BackendParity, LinearBackward) {
 
 TEST_F(BackendParity, LayerNormAndRmsNorm) {
   const float eps = 1e-5f;
-  for (int n : {1, 7, 64}) {
+  for (int n : {1, 7, 64, 150, 600}) {
     for (int c : {8, 33, 256}) {
       SCOPED_TRACE(::testing::Message() << "n=" << n << " c=" << c);
       const size_t nc = static_cast<size_t>(n) * c;
