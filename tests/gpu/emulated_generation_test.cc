@@ -2,12 +2,14 @@
 // tokens, sampling) on the CUDA backend's code under the CPU emulation of CUDA, token for token
 // against the CPU backend. Together with the parity suite and the emulated layout tests this
 // covers the device paths of inference as well as training.
+#include <algorithm>
 #include <memory>
 #include <vector>
 
 #include "gtest/gtest.h"
 #include "models/generator.h"
 #include "tests/gpu/emu/emulated_cuda_backend.h"
+#include "tests/gpu/parity_tolerances.h"
 #include "tests/models/model_test_util.h"
 
 namespace eellm {
@@ -47,6 +49,36 @@ TEST_P(EmulatedGeneration, MatchesCpuTokenForToken) {
     }
   }
   EXPECT_GT(mixed, 0) << "no threshold made some tokens exit early and others not";
+}
+
+// cuda-bf16w keeps GEMM operands in bf16, in prefill and KV-cache decoding alike. Its forward
+// rounds exactly where cuda-bf16's GEMMs round their fp32 operands (every GEMM input, once), so
+// under the emulation (whose cuBLAS rounds FAST_16BF operands the same way) the two decode to
+// bit-identical logits; both stay within the bf16 model tolerance of the CPU. Fed the same
+// tokens (the CPU's greedy choices) at every step.
+TEST_P(EmulatedGeneration, Bf16OperandsDecodeAsBf16Gemms) {
+  const ModelConfig c = testing::ConfigWithExits(GetParam());
+  auto cpu = testing::Cpu();
+  auto bf16w = MakeEmulatedCudaBackend(0, true, true);
+  auto bf16 = MakeEmulatedCudaBackend(0, true, false);
+  ASSERT_TRUE(bf16w.ok() && bf16.ok());
+  ASSERT_EQ((*bf16w)->operand_dtype(), DType::kBF16);
+  auto mc = *Model::Create(c, cpu.get());
+  auto mw = *Model::Create(c, bf16w->get());
+  auto mb = *Model::Create(c, bf16->get());
+  for (Model* m : {mc.get(), mw.get(), mb.get()}) testing::FillParams(*m, 31, 0.8f);
+  Generator gc(mc.get(), 32), gw(mw.get(), 32), gb(mb.get(), 32);
+  const EarlyExitParams full;  // threshold 1: every token from the final head
+  std::vector<int32_t> next = testing::RandomTokens(4, c.vocab_size, 32);
+  for (int step = 0; step < 12; ++step) {
+    const StepResult want = gc.Step(next, full), got = gw.Step(next, full);
+    EXPECT_EQ(got.logits, gb.Step(next, full).logits) << "step " << step;
+    // As the bf16 model-step parity (model_parity_test.cc): 8-bit operands through 2 layers.
+    EXPECT_TRUE(testing::Close(got.logits, want.logits, testing::Tol{1e-1, 1e-1}))
+        << "step " << step;
+    next = {static_cast<int32_t>(std::max_element(want.logits.begin(), want.logits.end()) -
+                                 want.logits.begin())};
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Styles, EmulatedGeneration,

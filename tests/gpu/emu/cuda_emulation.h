@@ -304,7 +304,8 @@ inline cudaError_t Run(dim3 grid, dim3 block, size_t shared_bytes, std::function
   }
   Scheduler& s = Sched();
   s.body = std::move(body);
-  s.fibers.resize(threads);
+  // Grow only: shrinking would free fiber stacks that the next larger launch allocates again.
+  if (s.fibers.size() < static_cast<size_t>(threads)) s.fibers.resize(threads);
   s.lanes.assign(threads, 0);
   s.shared.assign(shared_bytes + 128, 0xFF);
   s.shared_base = reinterpret_cast<unsigned char*>(
