@@ -5,6 +5,7 @@
 // in order, and the G groups' partials are added in a fixed pairwise tree.
 #include <cmath>
 
+#include "engine/cuda/block_reduce.cuh"
 #include "engine/cuda/cuda_kernels.h"
 #include "engine/cuda/element_io.cuh"
 #include "engine/cuda/kernel_launch.h"
@@ -149,39 +150,18 @@ __global__ void AddBiasKernel(float* out, const float* bias, int n, int cols) {
   GRID_STRIDE(i, static_cast<size_t>(n) * cols) out[i] += bias[i % cols];
 }
 
-// Column sums: blockDim = (kColTile, RowGroups(n)), one block per kColTile columns; a warp reads
-// 16 consecutive columns (64 bytes) of two rows at a time.
-constexpr int kColTile = 16;
-constexpr int kMaxRowGroups = 64;
-constexpr int kColMaxThreads = kColTile * kMaxRowGroups;  // 1024
-
-// The number of row groups G: a power of two, the largest up to kMaxRowGroups that leaves each
-// group at least 8 rows (1 when n < 16), so that short sums do not launch idle threads.
-unsigned RowGroups(int n) {
-  unsigned g = 1;
-  while (g < kMaxRowGroups && 16 * static_cast<int64_t>(g) <= n) g *= 2;
-  return g;
-}
-
-// dst[j] += sum over rows of x[r, j] (double): thread (x, y) sums rows y, y + G, ... in order
-// (G = blockDim.y); the row groups' partials are then added by a fixed pairwise tree in shared
-// memory.
+// dst[j] += sum over rows of x[r, j] (double), in the fixed order of block_reduce.cuh's column
+// sums.
 __global__ void __launch_bounds__(kColMaxThreads, 2)
     ColumnSumAddKernel(float* dst, const float* x, int n, int cols) {
   __shared__ double part[kMaxRowGroups][kColTile];
-  const int tx = threadIdx.x, ty = threadIdx.y, groups = blockDim.y;
-  const int j = blockIdx.x * kColTile + tx;
+  const int j = blockIdx.x * kColTile + threadIdx.x;
   double acc = 0.0;
   if (j < cols) {
-    for (int r = ty; r < n; r += groups) acc += x[static_cast<size_t>(r) * cols + j];
+    for (int r = threadIdx.y; r < n; r += blockDim.y) acc += x[static_cast<size_t>(r) * cols + j];
   }
-  part[ty][tx] = acc;
-  __syncthreads();
-  for (int w = groups / 2; w > 0; w >>= 1) {
-    if (ty < w) part[ty][tx] += part[ty + w][tx];
-    __syncthreads();
-  }
-  if (ty == 0 && j < cols) dst[j] += static_cast<float>(part[0][tx]);
+  const double total = ColumnGroupSum(acc, part);
+  if (threadIdx.y == 0 && j < cols) dst[j] += static_cast<float>(total);
 }
 
 constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2 / pi)
@@ -322,7 +302,7 @@ cudaError_t AddBias(float* out, const float* bias, int n, int cols, cudaStream_t
 cudaError_t ColumnSumAdd(float* dst, const float* x, int n, int cols, cudaStream_t s) {
   if (n > 0 && cols > 0)
     LaunchKernel(ColumnSumAddKernel, dim3((cols + kColTile - 1) / kColTile),
-                 dim3(kColTile, RowGroups(n)), 0, s, dst, x, n, cols);
+                 dim3(kColTile, ColumnRowGroups(n)), 0, s, dst, x, n, cols);
   return cudaGetLastError();
 }
 cudaError_t GeluForward(float* out, const float* x, size_t n, cudaStream_t s) {

@@ -68,52 +68,27 @@ __global__ void LayerNormBackwardRowsKernel(float* dx, const float* dout, const 
   }
 }
 
-// Column sums of the parameter gradients: blockDim = (kColTile, RowGroups(n)), one block per
-// kColTile columns. A warp reads 16 consecutive columns (64 bytes) of two rows at a time.
-constexpr int kColTile = 16;
-constexpr int kMaxRowGroups = 64;
-constexpr int kColMaxThreads = kColTile * kMaxRowGroups;  // 1024
-
-// The number of row groups G: a power of two, the largest up to kMaxRowGroups that leaves each
-// group at least 8 rows (1 when n < 16), so that short sums do not launch idle threads.
-unsigned RowGroups(int n) {
-  unsigned g = 1;
-  while (g < kMaxRowGroups && 16 * static_cast<int64_t>(g) <= n) g *= 2;
-  return g;
-}
-
-// dg[j] += sum_r dout * norm; db[j] += sum_r dout (db may be null). mean null: RMSNorm.
-// Thread (x, y) sums rows y, y + G, ... of column j in order (double; G = blockDim.y); the row
-// groups' partials are then combined by a fixed pairwise tree in shared memory.
+// dg[j] += sum_r dout * norm; db[j] += sum_r dout (db may be null). mean null: RMSNorm. Rows in
+// the fixed order of block_reduce.cuh's column sums.
 __global__ void __launch_bounds__(kColMaxThreads, 2)
     NormParamGradKernel(float* dg, float* db, const float* dout, const float* x, const float* mean,
                         const float* rstd, int n, int c) {
-  __shared__ double part_g[kMaxRowGroups][kColTile];
-  __shared__ double part_b[kMaxRowGroups][kColTile];
-  const int tx = threadIdx.x, ty = threadIdx.y, groups = blockDim.y;
-  const int j = blockIdx.x * kColTile + tx;
+  __shared__ double part[kMaxRowGroups][kColTile];
+  const int j = blockIdx.x * kColTile + threadIdx.x;
   double acc_g = 0.0, acc_b = 0.0;
   if (j < c) {
-    for (int r = ty; r < n; r += groups) {
+    for (int r = threadIdx.y; r < n; r += blockDim.y) {
       const size_t i = static_cast<size_t>(r) * c + j;
       const float nrm = mean != nullptr ? (x[i] - mean[r]) * rstd[r] : x[i] * rstd[r];
       acc_g += dout[i] * nrm;
       acc_b += dout[i];
     }
   }
-  part_g[ty][tx] = acc_g;
-  part_b[ty][tx] = acc_b;
-  __syncthreads();
-  for (int w = groups / 2; w > 0; w >>= 1) {
-    if (ty < w) {
-      part_g[ty][tx] += part_g[ty + w][tx];
-      part_b[ty][tx] += part_b[ty + w][tx];
-    }
-    __syncthreads();
-  }
-  if (ty == 0 && j < c) {
-    dg[j] += static_cast<float>(part_g[0][tx]);
-    if (db != nullptr) db[j] += static_cast<float>(part_b[0][tx]);
+  const double total_g = ColumnGroupSum(acc_g, part);
+  const double total_b = ColumnGroupSum(acc_b, part);
+  if (threadIdx.y == 0 && j < c) {
+    dg[j] += static_cast<float>(total_g);
+    if (db != nullptr) db[j] += static_cast<float>(total_b);
   }
 }
 
@@ -190,8 +165,8 @@ cudaError_t LayerNormBackward(float* dx, float* dg, float* db, const float* dout
   if (n <= 0 || c <= 0) return cudaGetLastError();
   LaunchKernel(LayerNormBackwardRowsKernel, dim3(n), dim3(kThreads), 0, s, dx, dout, x, g, mean,
                rstd, c);
-  LaunchKernel(NormParamGradKernel, dim3(ColumnBlocks(c)), dim3(kColTile, RowGroups(n)), 0, s, dg,
-               db, dout, x, mean, rstd, n, c);
+  LaunchKernel(NormParamGradKernel, dim3(ColumnBlocks(c)), dim3(kColTile, ColumnRowGroups(n)), 0, s,
+               dg, db, dout, x, mean, rstd, n, c);
   return cudaGetLastError();
 }
 
@@ -208,8 +183,8 @@ cudaError_t RmsNormBackward(float* dx, float* dg, const float* dout, const float
                             const float* rstd, int n, int c, cudaStream_t s) {
   if (n <= 0 || c <= 0) return cudaGetLastError();
   LaunchKernel(RmsNormBackwardRowsKernel, dim3(n), dim3(kThreads), 0, s, dx, dout, x, g, rstd, c);
-  LaunchKernel(NormParamGradKernel, dim3(ColumnBlocks(c)), dim3(kColTile, RowGroups(n)), 0, s, dg,
-               nullptr, dout, x, nullptr, rstd, n, c);
+  LaunchKernel(NormParamGradKernel, dim3(ColumnBlocks(c)), dim3(kColTile, ColumnRowGroups(n)), 0, s,
+               dg, nullptr, dout, x, nullptr, rstd, n, c);
   return cudaGetLastError();
 }
 
