@@ -4,9 +4,10 @@
 // CUDA backend implements the same contract. Ops never allocate.
 //
 // Conventions: row-major; "n" is the number of token rows; gradients named d* are ACCUMULATED
-// (+=) into unless the comment says "written". All compute is fp32 on the CPU. GEMM activation
-// operands (Operand: norm, attention and activation-function outputs, Linear's input) are fp32 or
-// bf16 (operand_dtype()); every other tensor is fp32.
+// (+=) into unless the comment says "written". All compute is fp32 on the CPU. Activations that
+// tensor cores multiply (Operand: Linear's input and output, RoPE's q and k, attention's q, k, v
+// and out; engine/tensor/operand.h) are fp32 or bf16 (operand_dtype()); every other tensor
+// (parameters, gradients, the residual stream, statistics) is fp32.
 #pragma once
 
 #include <cstddef>
@@ -59,7 +60,7 @@ class Backend {
   // ---- linear -------------------------------------------------------------------------------
   // out[n, o] = in[n, i] @ w[o, i]^T + bias[o]; bias may be null. Written, or added to out when
   // `accumulate` is true.
-  virtual void Linear(float* out, ConstOperand in, const float* w, const float* bias, int n,
+  virtual void Linear(Operand out, ConstOperand in, const float* w, const float* bias, int n,
                       int in_dim, int out_dim, bool accumulate) = 0;
   // din[n, i] = dout @ w (written; or added when accumulate_din; skipped when din is null);
   // dw[o, i] += dout^T @ in (skipped when dw is null); dbias[o] += sum_n dout (if non-null).
@@ -95,7 +96,7 @@ class Backend {
   // In place on x[n, heads, head_dim]; token t sits at position pos[t]. Rotates the pairs
   // (i, i + head_dim/2) by angle pos * theta^(-2i/head_dim) (the Llama / Hugging Face
   // "rotate_half" convention).
-  virtual void RopeForward(float* x, const int32_t* pos, int n, int heads, int head_dim,
+  virtual void RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim,
                            float theta) = 0;
   // In place on the gradient: applies the inverse rotation.
   virtual void RopeBackward(float* dx, const int32_t* pos, int n, int heads, int head_dim,
@@ -108,14 +109,14 @@ class Backend {
   // before, tk = q_offset + tq). Query head h uses KV head h / (hq / hkv). Scale 1/sqrt(d).
   // out: [b, tq, hq, d] written. lse: [b, hq, tq], when non-null, written with each query
   // row's log-sum-exp of its scaled scores (what the backward needs; nothing [t, t] is kept).
-  virtual void AttentionForward(Operand out, float* lse, const float* q, const float* k,
-                                const float* v, int b, int tq, int tk, int tk_cap, int hq, int hkv,
+  virtual void AttentionForward(Operand out, float* lse, ConstOperand q, ConstOperand k,
+                                ConstOperand v, int b, int tq, int tk, int tk_cap, int hq, int hkv,
                                 int d, int q_offset) = 0;
   // Training-path backward (q_offset 0, tq = tk = tk_cap = t) from the forward's out and lse;
   // recomputes the probabilities. dq, dk, dv written.
   virtual void AttentionBackward(float* dq, float* dk, float* dv, const float* dout,
-                                 ConstOperand out, const float* lse, const float* q, const float* k,
-                                 const float* v, int b, int t, int hq, int hkv, int d) = 0;
+                                 ConstOperand out, const float* lse, ConstOperand q, ConstOperand k,
+                                 ConstOperand v, int b, int t, int hq, int hkv, int d) = 0;
 
   // ---- softmax cross-entropy ----------------------------------------------------------------
   // For each row r of logits[n, v]: losses[r] = -log softmax(logits[r])[targets[r]] (written,

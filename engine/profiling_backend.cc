@@ -92,8 +92,8 @@ void ProfilingBackend::EmbeddingBackward(float* dtable, const int32_t* ids, cons
   inner_->EmbeddingBackward(dtable, ids, dout, n, c);
 }
 
-void ProfilingBackend::Linear(float* out, ConstOperand in, const float* w, const float* bias, int n,
-                              int in_dim, int out_dim, bool accumulate) {
+void ProfilingBackend::Linear(Operand out, ConstOperand in, const float* w, const float* bias,
+                              int n, int in_dim, int out_dim, bool accumulate) {
   Timed timed(this, "Linear");
   inner_->Linear(out, in, w, bias, n, in_dim, out_dim, accumulate);
 }
@@ -151,7 +151,7 @@ void ProfilingBackend::SwiGluBackward(float* dgate, float* dup, const float* dou
   inner_->SwiGluBackward(dgate, dup, dout, gate, up, n);
 }
 
-void ProfilingBackend::RopeForward(float* x, const int32_t* pos, int n, int heads, int head_dim,
+void ProfilingBackend::RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim,
                                    float theta) {
   Timed timed(this, "RopeForward");
   inner_->RopeForward(x, pos, n, heads, head_dim, theta);
@@ -163,16 +163,16 @@ void ProfilingBackend::RopeBackward(float* dx, const int32_t* pos, int n, int he
   inner_->RopeBackward(dx, pos, n, heads, head_dim, theta);
 }
 
-void ProfilingBackend::AttentionForward(Operand out, float* lse, const float* q, const float* k,
-                                        const float* v, int b, int tq, int tk, int tk_cap, int hq,
+void ProfilingBackend::AttentionForward(Operand out, float* lse, ConstOperand q, ConstOperand k,
+                                        ConstOperand v, int b, int tq, int tk, int tk_cap, int hq,
                                         int hkv, int d, int q_offset) {
   Timed timed(this, "AttentionForward");
   inner_->AttentionForward(out, lse, q, k, v, b, tq, tk, tk_cap, hq, hkv, d, q_offset);
 }
 
 void ProfilingBackend::AttentionBackward(float* dq, float* dk, float* dv, const float* dout,
-                                         ConstOperand out, const float* lse, const float* q,
-                                         const float* k, const float* v, int b, int t, int hq,
+                                         ConstOperand out, const float* lse, ConstOperand q,
+                                         ConstOperand k, ConstOperand v, int b, int t, int hq,
                                          int hkv, int d) {
   Timed timed(this, "AttentionBackward");
   inner_->AttentionBackward(dq, dk, dv, dout, out, lse, q, k, v, b, t, hq, hkv, d);

@@ -47,7 +47,7 @@ class ProfilingBackend final : public Backend {
   void EmbeddingForward(float* out, const int32_t* ids, const float* table, int n, int c) override;
   void EmbeddingBackward(float* dtable, const int32_t* ids, const float* dout, int n,
                          int c) override;
-  void Linear(float* out, ConstOperand in, const float* w, const float* bias, int n, int in_dim,
+  void Linear(Operand out, ConstOperand in, const float* w, const float* bias, int n, int in_dim,
               int out_dim, bool accumulate) override;
   void LinearBackward(float* din, float* dw, float* dbias, const float* dout, ConstOperand in,
                       const float* w, int n, int in_dim, int out_dim, bool accumulate_din) override;
@@ -65,15 +65,15 @@ class ProfilingBackend final : public Backend {
   void SwiGluForward(Operand out, const float* gate, const float* up, size_t n) override;
   void SwiGluBackward(float* dgate, float* dup, const float* dout, const float* gate,
                       const float* up, size_t n) override;
-  void RopeForward(float* x, const int32_t* pos, int n, int heads, int head_dim,
+  void RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim,
                    float theta) override;
   void RopeBackward(float* dx, const int32_t* pos, int n, int heads, int head_dim,
                     float theta) override;
-  void AttentionForward(Operand out, float* lse, const float* q, const float* k, const float* v,
+  void AttentionForward(Operand out, float* lse, ConstOperand q, ConstOperand k, ConstOperand v,
                         int b, int tq, int tk, int tk_cap, int hq, int hkv, int d,
                         int q_offset) override;
   void AttentionBackward(float* dq, float* dk, float* dv, const float* dout, ConstOperand out,
-                         const float* lse, const float* q, const float* k, const float* v, int b,
+                         const float* lse, ConstOperand q, ConstOperand k, ConstOperand v, int b,
                          int t, int hq, int hkv, int d) override;
   void CrossEntropy(float* losses, float* max_prob, float* dlogits, const float* logits,
                     const int32_t* targets, const float* weights, int n, int v) override;

@@ -1,9 +1,16 @@
 // `eellm train`: trains a model from a JSON run config ({"model": ..., "train": ...}), on one
 // process or on every rank of an mpirun / srun job (--tp, --pp, --dp).
+#include <unistd.h>
+
 #include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <memory>
+#include <set>
+#include <string>
 #include <thread>
+#include <utility>
+#include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
@@ -54,6 +61,29 @@ int Fail(const absl::Status& s, bool under_launcher, int rank = 0) {
   std::fprintf(stderr, "error: %s\n", std::string(s.message()).c_str());
   return 1;
 }
+
+#ifdef EELLM_HAVE_NCCL
+// Whether two ranks of `world` run on the same GPU: each names its GPU by host name and PCI bus
+// id (`bus_id`, which CUDA_VISIBLE_DEVICES cannot renumber), hashed (FNV-1a, 32 bits) into two
+// exactly representable floats; every rank gathers all and gets the same answer. A hash
+// collision errs towards "shared" (MPI instead of NCCL), never the other way.
+bool RanksShareAGpu(Communicator* world, const std::string& bus_id) {
+  char host[256] = {};
+  gethostname(host, sizeof(host) - 1);
+  uint32_t h = 2166136261u;
+  for (char ch : std::string(host) + "/" + bus_id) {
+    h = (h ^ static_cast<unsigned char>(ch)) * 16777619u;
+  }
+  const float mine[2] = {static_cast<float>(h & 0xffffu), static_cast<float>(h >> 16)};
+  std::vector<float> all(2 * static_cast<size_t>(world->size()));
+  world->AllGather(mine, all.data(), 2);
+  std::set<std::pair<float, float>> seen;
+  for (size_t r = 0; r < all.size(); r += 2) {
+    if (!seen.insert({all[r], all[r + 1]}).second) return true;
+  }
+  return false;
+}
+#endif
 
 }  // namespace
 
@@ -111,19 +141,21 @@ int RunTrainCommand() {
     ctx = std::move(*c);
     const bool gpu = (*backend)->device() != Device::kCpu;
 #ifdef EELLM_HAVE_NCCL
-    // NCCL refuses two ranks of one communicator on the same GPU: with more ranks on a node than
-    // GPUs (each rank takes GPU local_rank modulo the count), "auto" stays on MPI.
-    float shared_gpu = gpu && launch->local_rank >= CudaDeviceCount() ? 1.0f : 0.0f;
-    MpiCommunicator::World(nullptr)->AllReduce(&shared_gpu, 1, ReduceOp::kMax);
-    if (t.communicator == "nccl" && shared_gpu > 0) {
-      return Fail(absl::InvalidArgumentError(
-                      absl::StrCat("communicator \"nccl\": ranks share a GPU (local rank ",
-                                   launch->local_rank, ", ", CudaDeviceCount(),
-                                   " GPUs on this node); NCCL needs one GPU per rank; "
-                                   "use \"communicator\": \"mpi\" or fewer ranks per node")),
+    // NCCL refuses two ranks of one communicator on the same GPU (more ranks on a node than
+    // GPUs: each rank takes GPU local_rank modulo the count); "auto" then stays on MPI.
+    const bool shared_gpu = gpu && RanksShareAGpu(MpiCommunicator::World(nullptr).get(),
+                                                  CudaDeviceBusId(launch->local_rank));
+    if (t.communicator == "nccl" && shared_gpu) {
+      return Fail(absl::InvalidArgumentError(absl::StrCat(
+                      "communicator \"nccl\": two ranks on one node share a GPU (this rank: local "
+                      "rank ",
+                      launch->local_rank, ", ", CudaDeviceCount(),
+                      " GPUs visible); NCCL "
+                      "needs one GPU per rank; use \"communicator\": \"mpi\" or fewer ranks per "
+                      "node")),
                   multi, launch->rank);
     }
-    if (t.communicator == "nccl" || (t.communicator == "auto" && gpu && shared_gpu == 0)) {
+    if (t.communicator == "nccl" || (t.communicator == "auto" && gpu && !shared_gpu)) {
       if (!gpu) {
         return Fail(absl::InvalidArgumentError("communicator \"nccl\" needs a GPU backend, not " +
                                                t.backend),

@@ -26,12 +26,12 @@ Generator::Generator(Model* model, int capacity)
   const ModelConfig& c = model->config();
   const size_t kv_elems = static_cast<size_t>(capacity) * c.num_kv_heads * c.head_dim();
   for (int l = 0; l < c.num_layers; ++l) {
-    kv_.push_back(KvLayer{arena_.Floats(kv_elems), arena_.Floats(kv_elems), capacity});
+    kv_.push_back(KvLayer{arena_.Operands(kv_elems), arena_.Operands(kv_elems), capacity});
   }
   for (size_t i = 0; i < c.exits.size(); ++i) {
     KvLayer kv;
     if (c.exits[i].kind == ExitKind::kBlock) {
-      kv = KvLayer{arena_.Floats(kv_elems), arena_.Floats(kv_elems), capacity};
+      kv = KvLayer{arena_.Operands(kv_elems), arena_.Operands(kv_elems), capacity};
     }
     exit_kv_.push_back(kv);
     exit_acts_.push_back(model->MakeExitActs(arena_, i, capacity, /*training=*/false));

@@ -104,9 +104,9 @@ BlockActs MakeBlockActs(Arena& a, const ModelConfig& c, int n, bool training) {
   BlockActs r;
   const int d = c.head_dim();
   r.attn.norm = MakeNormActs(a, n, c.hidden_size);
-  r.attn.q = a.Floats(static_cast<size_t>(n) * c.num_heads * d);
-  r.attn.k = a.Floats(static_cast<size_t>(n) * c.num_kv_heads * d);
-  r.attn.v = a.Floats(static_cast<size_t>(n) * c.num_kv_heads * d);
+  r.attn.q = a.Operands(static_cast<size_t>(n) * c.num_heads * d);
+  r.attn.k = a.Operands(static_cast<size_t>(n) * c.num_kv_heads * d);
+  r.attn.v = a.Operands(static_cast<size_t>(n) * c.num_kv_heads * d);
   if (training) r.attn.lse = a.Floats(static_cast<size_t>(n) * c.num_heads);
   r.attn.att = a.Operands(static_cast<size_t>(n) * c.num_heads * d);
   r.h_attn = a.Floats(static_cast<size_t>(n) * c.hidden_size);
@@ -221,8 +221,11 @@ void BlockForward(const LayerContext& ctx, const BlockParams& p, BlockActs& a, c
     EE_CHECK(b == 1 && q_offset + n <= kv->capacity, "KV cache overflow: ", q_offset + n, " > ",
              kv->capacity);
     const size_t row = static_cast<size_t>(hkv) * d;
-    be->Copy(kv->k + q_offset * row, at.k, n * row * sizeof(float));
-    be->Copy(kv->v + q_offset * row, at.v, n * row * sizeof(float));
+    EE_CHECK(kv->k.dtype == at.k.dtype, "KV cache dtype ", DTypeName(kv->k.dtype),
+             " != ", DTypeName(at.k.dtype));
+    const size_t bytes = n * row * DTypeSize(at.k.dtype);
+    be->Copy(kv->k.At(q_offset * row).data, at.k.data, bytes);
+    be->Copy(kv->v.At(q_offset * row).data, at.v.data, bytes);
     be->AttentionForward(at.att, at.lse, at.q, kv->k, kv->v, 1, n, q_offset + n, kv->capacity, hq,
                          hkv, d, q_offset);
   }

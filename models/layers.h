@@ -59,9 +59,9 @@ struct NormActs {
 };
 struct AttnActs {
   NormActs norm;
-  float *q = nullptr, *k = nullptr, *v = nullptr;  // [n, hq*d], [n, hkv*d] (after RoPE)
-  float* lse = nullptr;                            // [b, hq, t] (training only)
-  Operand att;                                     // [n, hq*d]
+  Operand q, k, v;       // [n, hq*d], [n, hkv*d] (after RoPE)
+  float* lse = nullptr;  // [b, hq, t] (training only)
+  Operand att;           // [n, hq*d]
 };
 struct MlpActs {
   NormActs norm;
@@ -87,10 +87,10 @@ MlpActs MakeMlpActs(Arena& a, const ModelConfig& c, int n);
 BlockActs MakeBlockActs(Arena& a, const ModelConfig& c, int n, bool training);
 GradScratch MakeGradScratch(Arena& a, const ModelConfig& c, int n);
 
-// Per-layer KV cache for one sequence: k, v [capacity, hkv, d].
+// Per-layer KV cache for one sequence: k, v [capacity, hkv, d], in the operand dtype.
 struct KvLayer {
-  float* k = nullptr;
-  float* v = nullptr;
+  Operand k;
+  Operand v;
   int capacity = 0;
 };
 

@@ -60,10 +60,11 @@ void ProbsFromLse(float* s, const float* lse, int t) {
 
 }  // namespace
 
-void CpuBackend::AttentionForward(Operand out_op, float* lse, const float* q, const float* k,
-                                  const float* v, int b, int tq, int tk, int tk_cap, int hq,
+void CpuBackend::AttentionForward(Operand out_op, float* lse, ConstOperand q_op, ConstOperand k_op,
+                                  ConstOperand v_op, int b, int tq, int tk, int tk_cap, int hq,
                                   int hkv, int d, int q_offset) {
   float* out = out_op.f32();
+  const float *q = q_op.f32(), *k = k_op.f32(), *v = v_op.f32();
   CheckAttentionSizes(tq, tk, tk_cap, hq, hkv, q_offset);
   const int group = hq / hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
@@ -86,10 +87,11 @@ void CpuBackend::AttentionForward(Operand out_op, float* lse, const float* q, co
 }
 
 void CpuBackend::AttentionBackward(float* dq, float* dk, float* dv, const float* dout,
-                                   ConstOperand out_op, const float* lse, const float* q,
-                                   const float* k, const float* v, int b, int t, int hq, int hkv,
-                                   int d) {
+                                   ConstOperand out_op, const float* lse, ConstOperand q_op,
+                                   ConstOperand k_op, ConstOperand v_op, int b, int t, int hq,
+                                   int hkv, int d) {
   const float* out = out_op.f32();
+  const float *q = q_op.f32(), *k = k_op.f32(), *v = v_op.f32();
   CheckAttentionSizes(t, t, t, hq, hkv, 0);
   // The probabilities are recomputed: P = exp(scale Q K^T - lse). Then dV = P^T dO;
   // dP = dO V^T; dS = P * (dP - rowsum(P * dP)) (rowsum(P * dP) equals dO_i . O_i, which fused

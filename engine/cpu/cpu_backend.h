@@ -47,7 +47,7 @@ class CpuBackend final : public Backend {
 
   // ---- linear (cpu_linear.cc) ---------------------------------------------------------------
   // in: [n, in_dim], w: [out_dim, in_dim], bias: [out_dim], out: [n, out_dim].
-  void Linear(float* out, ConstOperand in, const float* w, const float* bias, int n, int in_dim,
+  void Linear(Operand out, ConstOperand in, const float* w, const float* bias, int n, int in_dim,
               int out_dim, bool accumulate) override;
   void LinearBackward(float* din, float* dw, float* dbias, const float* dout, ConstOperand in,
                       const float* w, int n, int in_dim, int out_dim, bool accumulate_din) override;
@@ -73,19 +73,19 @@ class CpuBackend final : public Backend {
 
   // ---- rotary position embedding (cpu_rope.cc) ----------------------------------------------
   // x/dx: [n, heads, head_dim], pos: [n].
-  void RopeForward(float* x, const int32_t* pos, int n, int heads, int head_dim,
+  void RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim,
                    float theta) override;
   void RopeBackward(float* dx, const int32_t* pos, int n, int heads, int head_dim,
                     float theta) override;
 
   // ---- attention (cpu_attention.cc) ---------------------------------------------------------
   // q/out: [b, tq, hq, d]; k/v: [b, tk_cap, hkv, d]; lse: [b, hq, tq].
-  void AttentionForward(Operand out, float* lse, const float* q, const float* k, const float* v,
+  void AttentionForward(Operand out, float* lse, ConstOperand q, ConstOperand k, ConstOperand v,
                         int b, int tq, int tk, int tk_cap, int hq, int hkv, int d,
                         int q_offset) override;
   // dq/dout/out: [b, t, hq, d]; dk/dv: [b, t, hkv, d]; lse: [b, hq, t].
   void AttentionBackward(float* dq, float* dk, float* dv, const float* dout, ConstOperand out,
-                         const float* lse, const float* q, const float* k, const float* v, int b,
+                         const float* lse, ConstOperand q, ConstOperand k, ConstOperand v, int b,
                          int t, int hq, int hkv, int d) override;
 
   // ---- softmax cross-entropy (cpu_cross_entropy.cc) -----------------------------------------

@@ -41,8 +41,9 @@ void BiasGrad(float* dbias, const float* dout, int n, int out_dim) {
 
 }  // namespace
 
-void CpuBackend::Linear(float* out, ConstOperand in_op, const float* w, const float* bias, int n,
-                        int in_dim, int out_dim, bool accumulate) {
+void CpuBackend::Linear(Operand out_op, ConstOperand in_op, const float* w, const float* bias,
+                        int n, int in_dim, int out_dim, bool accumulate) {
+  float* out = out_op.f32();
   const float* in = in_op.f32();
   if (n <= 0 || out_dim <= 0) return;
   if (in_dim <= 0) {

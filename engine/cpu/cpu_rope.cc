@@ -37,9 +37,9 @@ void Rotate(float* x, const int32_t* pos, int n, int heads, int head_dim, float 
 
 }  // namespace
 
-void CpuBackend::RopeForward(float* x, const int32_t* pos, int n, int heads, int head_dim,
+void CpuBackend::RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim,
                              float theta) {
-  Rotate(x, pos, n, heads, head_dim, theta, 1.0);
+  Rotate(x.f32(), pos, n, heads, head_dim, theta, 1.0);
 }
 
 void CpuBackend::RopeBackward(float* dx, const int32_t* pos, int n, int heads, int head_dim,

@@ -26,10 +26,22 @@
   } while (0)
 
 namespace eellm {
+namespace {
+// An operand as the kernels' launchers take it.
+cuda::Elems ToElems(ConstOperand x) { return {const_cast<void*>(x.data), x.is_bf16()}; }
+}  // namespace
 
 int CudaDeviceCount() {
   int count = 0;
   return cudaGetDeviceCount(&count) == cudaSuccess ? count : 0;
+}
+
+std::string CudaDeviceBusId(int device) {
+  const int count = CudaDeviceCount();
+  if (count == 0) return "";
+  char id[32] = {};
+  if (cudaDeviceGetPCIBusId(id, sizeof(id), device % count) != cudaSuccess) return "";
+  return id;
 }
 
 absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(int device, bool bf16_gemm,
@@ -110,21 +122,21 @@ void* CudaBackend::Scratch(size_t bytes, int slot) {
 }
 
 void CudaBackend::Gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, ConstOperand a,
-                       int lda, ConstOperand b, int ldb, float beta, float* c, int ldc) {
+                       int lda, ConstOperand b, int ldb, float beta, Operand c, int ldc) {
   // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
   const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
   const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
-  if (!a.is_bf16() && !b.is_bf16()) {
+  if (!a.is_bf16() && !b.is_bf16() && !c.is_bf16()) {
     const uint16_t* a_w = Bf16Weights(a.f32());
     const uint16_t* b_w = Bf16Weights(b.f32());
     if (precision_ == GemmPrecision::kFp32) {
       CUBLAS_CHECK(cublasSgemm(cublas_, op_b, op_a, n, m, k, &alpha, b.f32(), ldb, a.f32(), lda,
-                               &beta, c, ldc));
+                               &beta, c.f32(), ldc));
       return;
     }
     if (a_w == nullptr && b_w == nullptr) {
       CUBLAS_CHECK(cublasGemmEx(cublas_, op_b, op_a, n, m, k, &alpha, b.data, CUDA_R_32F, ldb,
-                                a.data, CUDA_R_32F, lda, &beta, c, CUDA_R_32F, ldc,
+                                a.data, CUDA_R_32F, lda, &beta, c.data, CUDA_R_32F, ldc,
                                 CUBLAS_COMPUTE_32F_FAST_16BF, CUBLAS_GEMM_DEFAULT));
       return;
     }
@@ -132,25 +144,25 @@ void CudaBackend::Gemm(bool trans_a, bool trans_b, int m, int n, int k, float al
     if (a_w != nullptr) a = ConstOperand(a_w, DType::kBF16);
     if (b_w != nullptr) b = ConstOperand(b_w, DType::kBF16);
   }
-  // bf16 by bf16 with fp32 accumulation and output. The fp32 side (if any) becomes bf16: a
-  // registered weight's copy, or converted into scratch (its strided extent, the last row only up
-  // to its width; one scratch serves, as at most one side converts).
+  // bf16 by bf16 with fp32 accumulation; C fp32 or bf16. An fp32 side becomes bf16: a registered
+  // weight's copy, or converted into its side's scratch (its strided extent, the last row only up
+  // to its width).
   auto extent = [](int rows, int cols, int ld) {
     return rows > 0 && cols > 0 ? static_cast<size_t>(rows - 1) * ld + static_cast<size_t>(cols)
                                 : size_t{0};
   };
-  auto as_bf16 = [&](ConstOperand x, size_t count) -> const uint16_t* {
+  auto as_bf16 = [&](ConstOperand x, size_t count, int slot) -> const uint16_t* {
     if (x.is_bf16()) return x.bf16_bits();
     if (const uint16_t* w = Bf16Weights(x.f32())) return w;
-    auto* out = static_cast<uint16_t*>(Scratch(count * sizeof(uint16_t), 3));
+    auto* out = static_cast<uint16_t*>(Scratch(count * sizeof(uint16_t), slot));
     CUDA_CHECK(cuda::ToBf16(out, x.f32(), count, stream_));
     return out;
   };
-  const uint16_t* a16 = as_bf16(a, trans_a ? extent(k, m, lda) : extent(m, k, lda));
-  const uint16_t* b16 = as_bf16(b, trans_b ? extent(n, k, ldb) : extent(k, n, ldb));
+  const uint16_t* a16 = as_bf16(a, trans_a ? extent(k, m, lda) : extent(m, k, lda), 3);
+  const uint16_t* b16 = as_bf16(b, trans_b ? extent(n, k, ldb) : extent(k, n, ldb), 6);
   CUBLAS_CHECK(cublasGemmEx(cublas_, op_b, op_a, n, m, k, &alpha, b16, CUDA_R_16BF, ldb, a16,
-                            CUDA_R_16BF, lda, &beta, c, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F,
-                            CUBLAS_GEMM_DEFAULT));
+                            CUDA_R_16BF, lda, &beta, c.data, c.is_bf16() ? CUDA_R_16BF : CUDA_R_32F,
+                            ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
 // ---- bf16 weight copies (kBf16Weights)
@@ -252,17 +264,22 @@ void CudaBackend::EmbeddingBackwardRange(float* dtable, const int32_t* ids, cons
 
 // ---- linear -------------------------------------------------------------------------------------
 
-void CudaBackend::Linear(float* out, ConstOperand in, const float* w, const float* bias, int n,
+void CudaBackend::Linear(Operand out, ConstOperand in, const float* w, const float* bias, int n,
                          int in_dim, int out_dim, bool accumulate) {
   if (n <= 0 || out_dim <= 0) return;
   if (in_dim <= 0) {
-    if (!accumulate) Fill(out, static_cast<size_t>(n) * out_dim, 0.0f);
+    if (!accumulate) {
+      const size_t bytes = static_cast<size_t>(n) * out_dim * DTypeSize(out.dtype);
+      CUDA_CHECK(cudaMemsetAsync(out.data, 0, bytes, stream_));  // 0 in fp32 and bf16
+    }
   } else {
     // out[n, o] = in[n, i] @ w[o, i]^T (+ out).
     Gemm(false, true, n, out_dim, in_dim, 1.0f, in, in_dim, w, in_dim, accumulate ? 1.0f : 0.0f,
          out, out_dim);
   }
-  if (bias != nullptr) CUDA_CHECK(cuda::AddBias(out, bias, n, out_dim, stream_));
+  if (bias != nullptr) {
+    CUDA_CHECK(cuda::AddBias({out.data, out.is_bf16()}, bias, n, out_dim, stream_));
+  }
 }
 
 void CudaBackend::LinearBackward(float* din, float* dw, float* dbias, const float* dout,
@@ -342,15 +359,15 @@ void CudaBackend::SwiGluBackward(float* dgate, float* dup, const float* dout, co
                                  const float* up, size_t n) {
   CUDA_CHECK(cuda::SwiGluBackward(dgate, dup, dout, gate, up, n, stream_));
 }
-void CudaBackend::RopeForward(float* x, const int32_t* pos, int n, int heads, int head_dim,
+void CudaBackend::RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim,
                               float theta) {
   EE_CHECK(head_dim % 2 == 0, "RoPE needs an even head_dim, got ", head_dim);
-  CUDA_CHECK(cuda::Rope(x, pos, n, heads, head_dim, theta, 1.0, stream_));
+  CUDA_CHECK(cuda::Rope({x.data, x.is_bf16()}, pos, n, heads, head_dim, theta, 1.0, stream_));
 }
 void CudaBackend::RopeBackward(float* dx, const int32_t* pos, int n, int heads, int head_dim,
                                float theta) {
   EE_CHECK(head_dim % 2 == 0, "RoPE needs an even head_dim, got ", head_dim);
-  CUDA_CHECK(cuda::Rope(dx, pos, n, heads, head_dim, theta, -1.0, stream_));
+  CUDA_CHECK(cuda::Rope({dx, false}, pos, n, heads, head_dim, theta, -1.0, stream_));
 }
 
 // ---- attention ----------------------------------------------------------------------------------
@@ -363,18 +380,14 @@ bool CudaBackend::UseFlash(int d, std::initializer_list<const void*> tensors) co
   return true;
 }
 
-void CudaBackend::AttentionForward(Operand out_op, float* lse, const float* q, const float* k,
-                                   const float* v, int b, int tq, int tk, int tk_cap, int hq,
+void CudaBackend::AttentionForward(Operand out_op, float* lse, ConstOperand q, ConstOperand k,
+                                   ConstOperand v, int b, int tq, int tk, int tk_cap, int hq,
                                    int hkv, int d, int q_offset) {
   CheckAttentionSizes(tq, tk, tk_cap, hq, hkv, q_offset);
-  if (UseFlash(d, {out_op.data, q, k, v})) {
-    if (out_op.is_bf16()) {
-      CUDA_CHECK(cuda::FlashAttentionForward(out_op.bf16_bits(), lse, q, k, v, b, tq, tk, tk_cap,
-                                             hq, hkv, d, q_offset, stream_));
-    } else {
-      CUDA_CHECK(cuda::FlashAttentionForward(out_op.f32(), lse, q, k, v, b, tq, tk, tk_cap, hq, hkv,
-                                             d, q_offset, stream_));
-    }
+  EE_CHECK(q.dtype == k.dtype && q.dtype == v.dtype, "attention q, k, v of different dtypes");
+  if (UseFlash(d, {out_op.data, q.data, k.data, v.data})) {
+    CUDA_CHECK(cuda::FlashAttentionForward(ToElems(out_op), lse, ToElems(q), ToElems(k), ToElems(v),
+                                           b, tq, tk, tk_cap, hq, hkv, d, q_offset, stream_));
     return;
   }
   // Per head through GEMMs, into fp32 (a scratch copy converted at the end for a bf16 output).
@@ -388,9 +401,9 @@ void CudaBackend::AttentionForward(Operand out_op, float* lse, const float* q, c
   for (int bi = 0; bi < b; ++bi) {
     for (int h = 0; h < hq; ++h) {
       const int kvh = h / group;
-      const float* qh = q + (static_cast<size_t>(bi) * tq * hq + h) * d;  // rows stride hq*d
-      const float* kh = k + (static_cast<size_t>(bi) * tk_cap * hkv + kvh) * d;
-      const float* vh = v + (static_cast<size_t>(bi) * tk_cap * hkv + kvh) * d;
+      const ConstOperand qh = q.At((static_cast<size_t>(bi) * tq * hq + h) * d);  // stride hq*d
+      const ConstOperand kh = k.At((static_cast<size_t>(bi) * tk_cap * hkv + kvh) * d);
+      const ConstOperand vh = v.At((static_cast<size_t>(bi) * tk_cap * hkv + kvh) * d);
       float* oh = out + (static_cast<size_t>(bi) * tq * hq + h) * d;
       float* lse_h = lse ? lse + (static_cast<size_t>(bi) * hq + h) * tq : nullptr;
       Gemm(false, true, tq, tk, d, scale, qh, hq * d, kh, hkv * d, 0.0f, s, tk);
@@ -402,23 +415,19 @@ void CudaBackend::AttentionForward(Operand out_op, float* lse, const float* q, c
 }
 
 void CudaBackend::AttentionBackward(float* dq, float* dk, float* dv, const float* dout,
-                                    ConstOperand out, const float* lse, const float* q,
-                                    const float* k, const float* v, int b, int t, int hq, int hkv,
+                                    ConstOperand out, const float* lse, ConstOperand q,
+                                    ConstOperand k, ConstOperand v, int b, int t, int hq, int hkv,
                                     int d) {
   CheckAttentionSizes(t, t, t, hq, hkv, 0);
   // As on the CPU: P = exp(scale Q K^T - lse) recomputed; dV = P^T dO; dP = dO V^T;
   // dS = P * (dP - rowsum(P * dP)); dQ = scale dS K; dK = scale dS^T Q, dK and dV summed over
   // the heads sharing a KV head, in head order. (rowsum(P * dP) equals dO . O, which the CPU
   // uses; the fused kernels use it.)
-  if (UseFlash(d, {dq, dk, dv, dout, out.data, q, k, v})) {
+  EE_CHECK(q.dtype == k.dtype && q.dtype == v.dtype, "attention q, k, v of different dtypes");
+  if (UseFlash(d, {dq, dk, dv, dout, out.data, q.data, k.data, v.data})) {
     float* dsum = static_cast<float*>(Scratch(static_cast<size_t>(b) * hq * t * sizeof(float), 0));
-    if (out.is_bf16()) {
-      CUDA_CHECK(cuda::FlashAttentionBackward(dq, dk, dv, dout, out.bf16_bits(), lse, dsum, q, k, v,
-                                              b, t, hq, hkv, d, stream_));
-    } else {
-      CUDA_CHECK(cuda::FlashAttentionBackward(dq, dk, dv, dout, out.f32(), lse, dsum, q, k, v, b, t,
-                                              hq, hkv, d, stream_));
-    }
+    CUDA_CHECK(cuda::FlashAttentionBackward(dq, dk, dv, dout, ToElems(out), lse, dsum, ToElems(q),
+                                            ToElems(k), ToElems(v), b, t, hq, hkv, d, stream_));
     return;
   }
   // The unfused path recomputes everything from Q, K, V and the lse; it does not read `out`.
@@ -435,13 +444,13 @@ void CudaBackend::AttentionBackward(float* dq, float* dk, float* dv, const float
       for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
         const size_t q_off = (static_cast<size_t>(bi) * t * hq + h) * d;
         const float* doh = dout + q_off;
-        Gemm(false, true, t, t, d, scale, q + q_off, hq * d, k + kv_off, hkv * d, 0.0f, p, t);
+        Gemm(false, true, t, t, d, scale, q.At(q_off), hq * d, k.At(kv_off), hkv * d, 0.0f, p, t);
         CUDA_CHECK(cuda::ProbsFromLse(p, lse + (static_cast<size_t>(bi) * hq + h) * t, t, stream_));
         Gemm(true, false, t, d, t, 1.0f, p, t, doh, hq * d, 1.0f, dv + kv_off, hkv * d);
-        Gemm(false, true, t, t, d, 1.0f, doh, hq * d, v + kv_off, hkv * d, 0.0f, ds, t);
+        Gemm(false, true, t, t, d, 1.0f, doh, hq * d, v.At(kv_off), hkv * d, 0.0f, ds, t);
         CUDA_CHECK(cuda::SoftmaxBackwardRows(ds, p, t, stream_));
-        Gemm(false, false, t, d, t, scale, ds, t, k + kv_off, hkv * d, 0.0f, dq + q_off, hq * d);
-        Gemm(true, false, t, d, t, scale, ds, t, q + q_off, hq * d, 1.0f, dk + kv_off, hkv * d);
+        Gemm(false, false, t, d, t, scale, ds, t, k.At(kv_off), hkv * d, 0.0f, dq + q_off, hq * d);
+        Gemm(true, false, t, d, t, scale, ds, t, q.At(q_off), hq * d, 1.0f, dk + kv_off, hkv * d);
       }
     }
   }

@@ -68,7 +68,7 @@ class CudaBackend final : public Backend {
   void EmbeddingBackward(float* dtable, const int32_t* ids, const float* dout, int n,
                          int c) override;
 
-  void Linear(float* out, ConstOperand in, const float* w, const float* bias, int n, int in_dim,
+  void Linear(Operand out, ConstOperand in, const float* w, const float* bias, int n, int in_dim,
               int out_dim, bool accumulate) override;
   void LinearBackward(float* din, float* dw, float* dbias, const float* dout, ConstOperand in,
                       const float* w, int n, int in_dim, int out_dim, bool accumulate_din) override;
@@ -89,16 +89,16 @@ class CudaBackend final : public Backend {
   void SwiGluBackward(float* dgate, float* dup, const float* dout, const float* gate,
                       const float* up, size_t n) override;
 
-  void RopeForward(float* x, const int32_t* pos, int n, int heads, int head_dim,
+  void RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim,
                    float theta) override;
   void RopeBackward(float* dx, const int32_t* pos, int n, int heads, int head_dim,
                     float theta) override;
 
-  void AttentionForward(Operand out, float* lse, const float* q, const float* k, const float* v,
+  void AttentionForward(Operand out, float* lse, ConstOperand q, ConstOperand k, ConstOperand v,
                         int b, int tq, int tk, int tk_cap, int hq, int hkv, int d,
                         int q_offset) override;
   void AttentionBackward(float* dq, float* dk, float* dv, const float* dout, ConstOperand out,
-                         const float* lse, const float* q, const float* k, const float* v, int b,
+                         const float* lse, ConstOperand q, ConstOperand k, ConstOperand v, int b,
                          int t, int hq, int hkv, int d) override;
 
   void CrossEntropy(float* losses, float* max_prob, float* dlogits, const float* logits,
@@ -126,8 +126,9 @@ class CudaBackend final : public Backend {
   // Row-major C[M, N] = alpha op(A) op(B) + beta C with leading dimensions in elements.
   // With a bf16 operand (or a registered weight in kBf16Weights), both operands are multiplied as
   // bf16: the fp32 one becomes bf16 (its weight copy, or converted into scratch).
+  // A bf16 C (written with fp32 accumulation) also makes both operands bf16.
   void Gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, ConstOperand a, int lda,
-            ConstOperand b, int ldb, float beta, float* c, int ldc);
+            ConstOperand b, int ldb, float beta, Operand c, int ldc);
   // The bf16 copy of weights at `p` (refreshed if stale), or null when p is no registered weight
   // or the precision keeps none.
   const uint16_t* Bf16Weights(const float* p);
@@ -147,9 +148,9 @@ class CudaBackend final : public Backend {
     void* ptr = nullptr;
     size_t bytes = 0;
   };
-  // 0-1 attention, 2 SumSquares partials, 3 bf16 GEMM operands, 4 bf16 dout of LinearBackward,
-  // 5 fp32 attention output before its conversion to a bf16 operand (unfused path).
-  Slot scratch_[6];
+  // 0-1 attention, 2 SumSquares partials, 3 and 6 bf16 GEMM operands (A and B side), 4 bf16
+  // dout of LinearBackward, 5 fp32 attention output before its conversion to bf16 (unfused path).
+  Slot scratch_[7];
   struct WeightCopy {
     const float* base = nullptr;
     size_t n = 0;

@@ -12,6 +12,12 @@
 
 namespace eellm::cuda {
 
+// A device tensor of fp32 or bf16 (uint16_t bits) elements, for launchers taking either.
+struct Elems {
+  void* data = nullptr;
+  bool bf16 = false;
+};
+
 // elementwise_kernels.cu
 cudaError_t Fill(float* x, size_t n, float value, cudaStream_t s);
 cudaError_t Add(float* y, const float* a, const float* b, size_t n, cudaStream_t s);
@@ -30,7 +36,7 @@ cudaError_t EmbeddingForwardRange(float* out, const int32_t* ids, const float* t
                                   int start, int rows, cudaStream_t s);
 cudaError_t EmbeddingBackwardRange(float* dtable, const int32_t* ids, const float* dout, int n,
                                    int c, int start, int rows, cudaStream_t s);
-cudaError_t AddBias(float* out, const float* bias, int n, int cols, cudaStream_t s);
+cudaError_t AddBias(Elems out, const float* bias, int n, int cols, cudaStream_t s);
 cudaError_t ColumnSumAdd(float* dst, const float* x, int n, int cols, cudaStream_t s);
 // The forward outputs of GELU, SwiGLU and the norms are GEMM operands: fp32, or bf16 given as
 // uint16_t bits (engine/tensor/operand.h).
@@ -42,7 +48,7 @@ cudaError_t SwiGluForward(uint16_t* out, const float* gate, const float* up, siz
                           cudaStream_t s);
 cudaError_t SwiGluBackward(float* dgate, float* dup, const float* dout, const float* gate,
                            const float* up, size_t n, cudaStream_t s);
-cudaError_t Rope(float* x, const int32_t* pos, int n, int heads, int head_dim, float theta,
+cudaError_t Rope(Elems x, const int32_t* pos, int n, int heads, int head_dim, float theta,
                  double sign, cudaStream_t s);
 cudaError_t AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1,
                   float beta2, float eps, float weight_decay, float inv_bc1, float inv_bc2,
@@ -86,24 +92,15 @@ cudaError_t CrossEntropyGradRange(float* dlogits, const float* logits, const flo
                                   const float* weights, int n, int v, int start, cudaStream_t s);
 
 // flash_attention.cu: fused causal GQA attention on tensor cores (bf16 operands, fp32
-// accumulation; fp32 tensors in, fp32 or bf16 out), for head dimensions FlashAttentionSupports
-// accepts. q, k, v, out, dout and the gradients must be 16-byte aligned. The backward writes dq,
-// dk, dv and uses dsum[b * hq * t] as scratch.
+// accumulation; q, k, v and out fp32 or bf16 (q, k, v of one dtype), lse and gradients fp32),
+// for head dimensions FlashAttentionSupports accepts. q, k, v, out, dout and the gradients must be
+// 16-byte aligned. The backward writes dq, dk, dv and uses dsum[b * hq * t] as scratch.
 bool FlashAttentionSupports(int d);
-cudaError_t FlashAttentionForward(float* out, float* lse, const float* q, const float* k,
-                                  const float* v, int b, int tq, int tk, int tk_cap, int hq,
-                                  int hkv, int d, int q_offset, cudaStream_t s);
-cudaError_t FlashAttentionBackward(float* dq, float* dk, float* dv, const float* dout,
-                                   const float* out, const float* lse, float* dsum, const float* q,
-                                   const float* k, const float* v, int b, int t, int hq, int hkv,
-                                   int d, cudaStream_t s);
-// The same with the output O in bf16 (uint16_t bits; a bf16 GEMM operand).
-cudaError_t FlashAttentionForward(uint16_t* out, float* lse, const float* q, const float* k,
-                                  const float* v, int b, int tq, int tk, int tk_cap, int hq,
-                                  int hkv, int d, int q_offset, cudaStream_t s);
-cudaError_t FlashAttentionBackward(float* dq, float* dk, float* dv, const float* dout,
-                                   const uint16_t* out, const float* lse, float* dsum,
-                                   const float* q, const float* k, const float* v, int b, int t,
-                                   int hq, int hkv, int d, cudaStream_t s);
+cudaError_t FlashAttentionForward(Elems out, float* lse, Elems q, Elems k, Elems v, int b, int tq,
+                                  int tk, int tk_cap, int hq, int hkv, int d, int q_offset,
+                                  cudaStream_t s);
+cudaError_t FlashAttentionBackward(float* dq, float* dk, float* dv, const float* dout, Elems out,
+                                   const float* lse, float* dsum, Elems q, Elems k, Elems v, int b,
+                                   int t, int hq, int hkv, int d, cudaStream_t s);
 
 }  // namespace eellm::cuda

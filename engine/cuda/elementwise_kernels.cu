@@ -146,8 +146,11 @@ __global__ void __launch_bounds__(kEmbThreads, 2)
   if (j < c) dtable[at] = acc;
 }
 
-__global__ void AddBiasKernel(float* out, const float* bias, int n, int cols) {
-  GRID_STRIDE(i, static_cast<size_t>(n) * cols) out[i] += bias[i % cols];
+template <typename T>
+__global__ void AddBiasKernel(T* out, const float* bias, int n, int cols) {
+  GRID_STRIDE(i, static_cast<size_t>(n) * cols) {
+    StoreFloat(out + i, LoadAsFloat(out + i) + bias[i % cols]);
+  }
 }
 
 // dst[j] += sum over rows of x[r, j] (double), in the fixed order of block_reduce.cuh's column
@@ -206,8 +209,10 @@ __global__ void SwiGluBackwardKernel(float* dgate, float* dup, const float* dout
 }
 
 // One thread per (token, pair index i < head_dim / 2), all heads.
-__global__ void RopeKernel(float* x, const int32_t* pos, int n, int heads, int head_dim,
-                           float theta, double sign) {
+// x: fp32, or bf16 (a GEMM output that attention multiplies: q and k of cuda-bf16w).
+template <typename T>
+__global__ void RopeKernel(T* x, const int32_t* pos, int n, int heads, int head_dim, float theta,
+                           double sign) {
   const int half = head_dim / 2;
   GRID_STRIDE(k, static_cast<size_t>(n) * half) {
     const int t = static_cast<int>(k / half), i = static_cast<int>(k % half);
@@ -215,12 +220,12 @@ __global__ void RopeKernel(float* x, const int32_t* pos, int n, int heads, int h
     const double angle = sign * static_cast<double>(pos[t]) * inv_freq;
     const float c = static_cast<float>(cos(angle));
     const float s = static_cast<float>(sin(angle));
-    float* xt = x + static_cast<size_t>(t) * heads * head_dim;
+    T* xt = x + static_cast<size_t>(t) * heads * head_dim;
     for (int h = 0; h < heads; ++h) {
-      float* xh = xt + static_cast<size_t>(h) * head_dim;
-      const float a = xh[i], b = xh[i + half];
-      xh[i] = a * c - b * s;
-      xh[i + half] = b * c + a * s;
+      T* xh = xt + static_cast<size_t>(h) * head_dim;
+      const float a = LoadAsFloat(xh + i), b = LoadAsFloat(xh + i + half);
+      StoreFloat(xh + i, a * c - b * s);
+      StoreFloat(xh + i + half, b * c + a * s);
     }
   }
 }
@@ -293,10 +298,16 @@ cudaError_t EmbeddingBackwardRange(float* dtable, const int32_t* ids, const floa
   }
   return cudaGetLastError();
 }
-cudaError_t AddBias(float* out, const float* bias, int n, int cols, cudaStream_t s) {
+cudaError_t AddBias(Elems out, const float* bias, int n, int cols, cudaStream_t s) {
   const size_t total = static_cast<size_t>(n) * cols;
-  if (total)
-    LaunchKernel(AddBiasKernel, dim3(Blocks(total)), dim3(kThreads), 0, s, out, bias, n, cols);
+  if (total == 0) return cudaGetLastError();
+  if (out.bf16) {
+    LaunchKernel(AddBiasKernel<__nv_bfloat16>, dim3(Blocks(total)), dim3(kThreads), 0, s,
+                 static_cast<__nv_bfloat16*>(out.data), bias, n, cols);
+  } else {
+    LaunchKernel(AddBiasKernel<float>, dim3(Blocks(total)), dim3(kThreads), 0, s,
+                 static_cast<float*>(out.data), bias, n, cols);
+  }
   return cudaGetLastError();
 }
 cudaError_t ColumnSumAdd(float* dst, const float* x, int n, int cols, cudaStream_t s) {
@@ -340,12 +351,17 @@ cudaError_t SwiGluBackward(float* dgate, float* dup, const float* dout, const fl
                  gate, up, n);
   return cudaGetLastError();
 }
-cudaError_t Rope(float* x, const int32_t* pos, int n, int heads, int head_dim, float theta,
+cudaError_t Rope(Elems x, const int32_t* pos, int n, int heads, int head_dim, float theta,
                  double sign, cudaStream_t s) {
   const size_t total = static_cast<size_t>(n) * (head_dim / 2);
-  if (total)
-    LaunchKernel(RopeKernel, dim3(Blocks(total)), dim3(kThreads), 0, s, x, pos, n, heads, head_dim,
-                 theta, sign);
+  if (total == 0) return cudaGetLastError();
+  if (x.bf16) {
+    LaunchKernel(RopeKernel<__nv_bfloat16>, dim3(Blocks(total)), dim3(kThreads), 0, s,
+                 static_cast<__nv_bfloat16*>(x.data), pos, n, heads, head_dim, theta, sign);
+  } else {
+    LaunchKernel(RopeKernel<float>, dim3(Blocks(total)), dim3(kThreads), 0, s,
+                 static_cast<float*>(x.data), pos, n, heads, head_dim, theta, sign);
+  }
   return cudaGetLastError();
 }
 cudaError_t AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1,

@@ -15,6 +15,7 @@
 #include <mma.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "engine/cuda/cuda_kernels.h"
 #include "engine/cuda/element_io.cuh"
@@ -38,23 +39,28 @@ using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 
 __host__ __device__ constexpr size_t Align128(size_t x) { return (x + 127) / 128 * 128; }
 
-// Copies rows [row0, row0 + kTile) of a strided fp32 matrix (row r at src + r * stride, D
-// values) into a bf16 tile [kTile][D + kSkew]; rows at or past `rows` become zeros (so NaN in
-// unused cache rows never reaches a product).
-template <int D>
-__device__ void LoadTile(__nv_bfloat16* dst, const float* src, size_t stride, int row0, int rows) {
-  constexpr int kVec = D / 4;  // float4 per row
+// Copies rows [row0, row0 + kTile) of a strided fp32 or bf16 matrix (row r at src + r * stride,
+// D values) into a bf16 tile [kTile][D + kSkew] (fp32 rounded, bf16 copied); rows at or past
+// `rows` become zeros (so NaN in unused cache rows never reaches a product).
+template <int D, typename InT>
+__device__ void LoadTile(__nv_bfloat16* dst, const InT* src, size_t stride, int row0, int rows) {
+  constexpr int kVec = D / 4;  // 4 values (a float4, or 8 bytes of bf16) at a time
   for (int i = threadIdx.x; i < kTile * kVec; i += kThreads) {
     const int r = i / kVec, c = (i % kVec) * 4;
-    float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (row0 + r < rows) {
-      x = *reinterpret_cast<const float4*>(src + static_cast<size_t>(row0 + r) * stride + c);
-    }
+    const InT* from = src + static_cast<size_t>(row0 + r) * stride + c;
     __nv_bfloat16* d = dst + r * (D + kSkew) + c;
-    d[0] = __float2bfloat16(x.x);
-    d[1] = __float2bfloat16(x.y);
-    d[2] = __float2bfloat16(x.z);
-    d[3] = __float2bfloat16(x.w);
+    if constexpr (std::is_same_v<InT, float>) {
+      float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (row0 + r < rows) x = *reinterpret_cast<const float4*>(from);
+      d[0] = __float2bfloat16(x.x);
+      d[1] = __float2bfloat16(x.y);
+      d[2] = __float2bfloat16(x.z);
+      d[3] = __float2bfloat16(x.w);
+    } else {
+      uint2 x = make_uint2(0u, 0u);  // bf16 zeros
+      if (row0 + r < rows) x = *reinterpret_cast<const uint2*>(from);
+      *reinterpret_cast<uint2*>(d) = x;
+    }
   }
 }
 
@@ -105,12 +111,12 @@ struct FwdSmem {
   static constexpr size_t kBytes = Align128(kO + sizeof(float) * kTile * (D + kFSkew));
 };
 
-// q, out: [b, tq, hq, D]; k, v: [b, tk_cap, hkv, D]; lse: [b, hq, tq] or null. OutT: float or
-// __nv_bfloat16.
-template <int D, typename OutT>
+// q, out: [b, tq, hq, D]; k, v: [b, tk_cap, hkv, D]; lse: [b, hq, tq] or null. InT (q, k, v)
+// and OutT: float or __nv_bfloat16.
+template <int D, typename InT, typename OutT>
 __global__ void __launch_bounds__(kThreads)
-    FlashForwardKernel(OutT* out, float* lse, const float* q, const float* k, const float* v,
-                       int tq, int tk, int tk_cap, int hq, int hkv, int q_offset, float scale) {
+    FlashForwardKernel(OutT* out, float* lse, const InT* q, const InT* k, const InT* v, int tq,
+                       int tk, int tk_cap, int hq, int hkv, int q_offset, float scale) {
   EE_DYNAMIC_SHARED(smem);
   using L = FwdSmem<D>;
   auto* qs = reinterpret_cast<__nv_bfloat16*>(smem + L::kQ);
@@ -125,9 +131,9 @@ __global__ void __launch_bounds__(kThreads)
   const int kvh = h / (hq / hkv);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const size_t q_stride = static_cast<size_t>(hq) * D, kv_stride = static_cast<size_t>(hkv) * D;
-  const float* qb = q + static_cast<size_t>(bi) * tq * q_stride + static_cast<size_t>(h) * D;
-  const float* kb = k + static_cast<size_t>(bi) * tk_cap * kv_stride + static_cast<size_t>(kvh) * D;
-  const float* vb = v + static_cast<size_t>(bi) * tk_cap * kv_stride + static_cast<size_t>(kvh) * D;
+  const InT* qb = q + static_cast<size_t>(bi) * tq * q_stride + static_cast<size_t>(h) * D;
+  const InT* kb = k + static_cast<size_t>(bi) * tk_cap * kv_stride + static_cast<size_t>(kvh) * D;
+  const InT* vb = v + static_cast<size_t>(bi) * tk_cap * kv_stride + static_cast<size_t>(kvh) * D;
 
   LoadTile<D>(qs, qb, q_stride, q0, tq);
   for (int i = threadIdx.x; i < kTile * kLdO; i += kThreads) os[i] = 0.0f;
@@ -198,7 +204,9 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- backward -----------------------------------------------------------------------------------
 
-// dsum[b, hq, t] = dO_i . O_i (fp32; one warp per row).
+// dsum[b, hq, t] = dO_i . O_i (fp32; one warp per row). With a bf16 O (cuda-bf16w) this is the
+// dot product with the rounded O, so a row of dS sums to zero only within bf16 rounding (the
+// model parity tolerances allow for it).
 template <typename OutT>
 __global__ void RowDotKernel(float* dsum, const float* dout, const OutT* out, int t, int hq, int d,
                              int rows) {
@@ -258,10 +266,10 @@ __device__ void StoreBlockRows(float* dst, size_t stride, int row0, int rows, Fr
 // k0 + 16w + 15. For each head of the group, then each query tile at or after the keys:
 //   S^T = K Q^T; P^T = exp(scale S^T - lse) (key <= query); dV += P^T dO; dP^T = V dO^T;
 //   dS^T = P^T (dP^T - D); dK += scale dS^T Q.
-template <int D>
+template <int D, typename InT>
 __global__ void __launch_bounds__(kThreads)
     FlashBackwardKvKernel(float* dk, float* dv, const float* dout, const float* lse,
-                          const float* dsum, const float* q, const float* k, const float* v, int t,
+                          const float* dsum, const InT* q, const InT* k, const InT* v, int t,
                           int hq, int hkv, float scale) {
   EE_DYNAMIC_SHARED(smem);
   using L = BwdSmem<D>;
@@ -334,10 +342,10 @@ __global__ void __launch_bounds__(kThreads)
 // dQ for queries [q0, q0 + 64) of head h in sequence bi: warp w owns 16 of them. For each key
 // tile up to the queries: S = Q K^T; P = exp(scale S - lse); dP = dO V^T; dS = P (dP - D);
 // dQ += scale dS K.
-template <int D>
+template <int D, typename InT>
 __global__ void __launch_bounds__(kThreads)
     FlashBackwardQKernel(float* dq, const float* dout, const float* lse, const float* dsum,
-                         const float* q, const float* k, const float* v, int t, int hq, int hkv,
+                         const InT* q, const InT* k, const InT* v, int t, int hq, int hkv,
                          float scale) {
   EE_DYNAMIC_SHARED(smem);
   using L = BwdSmem<D>;
@@ -393,52 +401,46 @@ __global__ void __launch_bounds__(kThreads)
   StoreBlockRows<D>(dq + q_base, q_stride, q0, t, dq_acc, scale, work);
 }
 
-template <int D, typename OutT>
-cudaError_t LaunchForward(OutT* out, float* lse, const float* q, const float* k, const float* v,
-                          int b, int tq, int tk, int tk_cap, int hq, int hkv, int q_offset,
+template <int D, typename InT, typename OutT>
+cudaError_t LaunchForward(OutT* out, float* lse, const InT* q, const InT* k, const InT* v, int b,
+                          int tq, int tk, int tk_cap, int hq, int hkv, int q_offset,
                           cudaStream_t s) {
   constexpr size_t kBytes = FwdSmem<D>::kBytes;
-  cudaError_t e = cudaFuncSetAttribute(FlashForwardKernel<D, OutT>,
+  cudaError_t e = cudaFuncSetAttribute(FlashForwardKernel<D, InT, OutT>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
   if (e != cudaSuccess) return e;
   const dim3 grid((tq + kTile - 1) / kTile, hq, b);
-  return LaunchKernel(FlashForwardKernel<D, OutT>, grid, dim3(kThreads), kBytes, s, out, lse, q, k,
-                      v, tq, tk, tk_cap, hq, hkv, q_offset, 1.0f / sqrtf(D));
+  return LaunchKernel(FlashForwardKernel<D, InT, OutT>, grid, dim3(kThreads), kBytes, s, out, lse,
+                      q, k, v, tq, tk, tk_cap, hq, hkv, q_offset, 1.0f / sqrtf(D));
 }
 
-template <int D, typename OutT>
+template <int D, typename InT, typename OutT>
 cudaError_t LaunchBackward(float* dq, float* dk, float* dv, const float* dout, const OutT* out,
-                           const float* lse, float* dsum, const float* q, const float* k,
-                           const float* v, int b, int t, int hq, int hkv, cudaStream_t s) {
+                           const float* lse, float* dsum, const InT* q, const InT* k, const InT* v,
+                           int b, int t, int hq, int hkv, cudaStream_t s) {
   constexpr size_t kBytes = BwdSmem<D>::kBytes;
   const float scale = 1.0f / sqrtf(D);
   const int rows = b * hq * t;
   cudaError_t e = LaunchKernel(RowDotKernel<OutT>, dim3((rows + 7) / 8), dim3(256), 0, s, dsum,
                                dout, out, t, hq, D, rows);
   if (e != cudaSuccess) return e;
-  e = cudaFuncSetAttribute(FlashBackwardKvKernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           kBytes);
+  e = cudaFuncSetAttribute(FlashBackwardKvKernel<D, InT>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
   if (e != cudaSuccess) return e;
-  e = cudaFuncSetAttribute(FlashBackwardQKernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           kBytes);
+  e = cudaFuncSetAttribute(FlashBackwardQKernel<D, InT>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
   if (e != cudaSuccess) return e;
   const int tiles = (t + kTile - 1) / kTile;
-  e = LaunchKernel(FlashBackwardKvKernel<D>, dim3(tiles, hkv, b), dim3(kThreads), kBytes, s, dk, dv,
-                   dout, lse, dsum, q, k, v, t, hq, hkv, scale);
+  e = LaunchKernel(FlashBackwardKvKernel<D, InT>, dim3(tiles, hkv, b), dim3(kThreads), kBytes, s,
+                   dk, dv, dout, lse, dsum, q, k, v, t, hq, hkv, scale);
   if (e != cudaSuccess) return e;
-  return LaunchKernel(FlashBackwardQKernel<D>, dim3(tiles, hq, b), dim3(kThreads), kBytes, s, dq,
-                      dout, lse, dsum, q, k, v, t, hq, hkv, scale);
+  return LaunchKernel(FlashBackwardQKernel<D, InT>, dim3(tiles, hq, b), dim3(kThreads), kBytes, s,
+                      dq, dout, lse, dsum, q, k, v, t, hq, hkv, scale);
 }
 
-}  // namespace
-
-bool FlashAttentionSupports(int d) { return d == 32 || d == 64 || d == 128; }
-
-namespace {
-template <typename OutT>
-cudaError_t Forward(OutT* out, float* lse, const float* q, const float* k, const float* v, int b,
-                    int tq, int tk, int tk_cap, int hq, int hkv, int d, int q_offset,
-                    cudaStream_t s) {
+template <typename InT, typename OutT>
+cudaError_t Forward(OutT* out, float* lse, const InT* q, const InT* k, const InT* v, int b, int tq,
+                    int tk, int tk_cap, int hq, int hkv, int d, int q_offset, cudaStream_t s) {
   if (b == 0 || tq == 0) return cudaSuccess;
   switch (d) {
     case 32:
@@ -452,10 +454,10 @@ cudaError_t Forward(OutT* out, float* lse, const float* q, const float* k, const
   }
 }
 
-template <typename OutT>
+template <typename InT, typename OutT>
 cudaError_t Backward(float* dq, float* dk, float* dv, const float* dout, const OutT* out,
-                     const float* lse, float* dsum, const float* q, const float* k, const float* v,
-                     int b, int t, int hq, int hkv, int d, cudaStream_t s) {
+                     const float* lse, float* dsum, const InT* q, const InT* k, const InT* v, int b,
+                     int t, int hq, int hkv, int d, cudaStream_t s) {
   if (b == 0 || t == 0) return cudaSuccess;
   switch (d) {
     case 32:
@@ -468,30 +470,43 @@ cudaError_t Backward(float* dq, float* dk, float* dv, const float* dout, const O
       return cudaErrorInvalidValue;
   }
 }
+
+// Calls fn with `e` as a float or __nv_bfloat16 pointer.
+template <typename Fn>
+cudaError_t WithType(Elems e, Fn&& fn) {
+  if (e.bf16) return fn(static_cast<const __nv_bfloat16*>(e.data));
+  return fn(static_cast<const float*>(e.data));
+}
+
 }  // namespace
 
-cudaError_t FlashAttentionForward(float* out, float* lse, const float* q, const float* k,
-                                  const float* v, int b, int tq, int tk, int tk_cap, int hq,
-                                  int hkv, int d, int q_offset, cudaStream_t s) {
-  return Forward(out, lse, q, k, v, b, tq, tk, tk_cap, hq, hkv, d, q_offset, s);
-}
-cudaError_t FlashAttentionForward(uint16_t* out, float* lse, const float* q, const float* k,
-                                  const float* v, int b, int tq, int tk, int tk_cap, int hq,
-                                  int hkv, int d, int q_offset, cudaStream_t s) {
-  return Forward(Bf16Ptr(out), lse, q, k, v, b, tq, tk, tk_cap, hq, hkv, d, q_offset, s);
+bool FlashAttentionSupports(int d) { return d == 32 || d == 64 || d == 128; }
+
+cudaError_t FlashAttentionForward(Elems out, float* lse, Elems q, Elems k, Elems v, int b, int tq,
+                                  int tk, int tk_cap, int hq, int hkv, int d, int q_offset,
+                                  cudaStream_t s) {
+  if (q.bf16 != k.bf16 || q.bf16 != v.bf16) return cudaErrorInvalidValue;
+  return WithType(out, [&](auto* o) {
+    using OutT = std::remove_const_t<std::remove_pointer_t<decltype(o)>>;
+    return WithType(q, [&](auto* qp) {
+      using InT = std::remove_pointer_t<decltype(qp)>;
+      return Forward(const_cast<OutT*>(o), lse, qp, static_cast<InT*>(k.data),
+                     static_cast<InT*>(v.data), b, tq, tk, tk_cap, hq, hkv, d, q_offset, s);
+    });
+  });
 }
 
-cudaError_t FlashAttentionBackward(float* dq, float* dk, float* dv, const float* dout,
-                                   const float* out, const float* lse, float* dsum, const float* q,
-                                   const float* k, const float* v, int b, int t, int hq, int hkv,
-                                   int d, cudaStream_t s) {
-  return Backward(dq, dk, dv, dout, out, lse, dsum, q, k, v, b, t, hq, hkv, d, s);
-}
-cudaError_t FlashAttentionBackward(float* dq, float* dk, float* dv, const float* dout,
-                                   const uint16_t* out, const float* lse, float* dsum,
-                                   const float* q, const float* k, const float* v, int b, int t,
-                                   int hq, int hkv, int d, cudaStream_t s) {
-  return Backward(dq, dk, dv, dout, Bf16Ptr(out), lse, dsum, q, k, v, b, t, hq, hkv, d, s);
+cudaError_t FlashAttentionBackward(float* dq, float* dk, float* dv, const float* dout, Elems out,
+                                   const float* lse, float* dsum, Elems q, Elems k, Elems v, int b,
+                                   int t, int hq, int hkv, int d, cudaStream_t s) {
+  if (q.bf16 != k.bf16 || q.bf16 != v.bf16) return cudaErrorInvalidValue;
+  return WithType(out, [&](auto* o) {
+    return WithType(q, [&](auto* qp) {
+      using InT = std::remove_pointer_t<decltype(qp)>;
+      return Backward(dq, dk, dv, dout, o, lse, dsum, qp, static_cast<InT*>(k.data),
+                      static_cast<InT*>(v.data), b, t, hq, hkv, d, s);
+    });
+  });
 }
 
 }  // namespace eellm::cuda

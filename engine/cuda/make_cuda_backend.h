@@ -21,6 +21,9 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(int device = -1, bool b
 
 // The number of CUDA GPUs this process sees (0 when none or the driver cannot be initialised).
 int CudaDeviceCount();
+// The PCI bus id of GPU `device` modulo the count (the GPU MakeCudaBackend(device) takes), or ""
+// when there is none: it names a physical GPU whatever CUDA_VISIBLE_DEVICES renumbers.
+std::string CudaDeviceBusId(int device);
 
 }  // namespace eellm
 

@@ -1,7 +1,8 @@
-// Operand: a GEMM's activation operand, what Linear reads as `in` (the output of a norm, of
-// attention or of an activation function, kept for the backward's weight gradient). It is stored
-// in fp32, or in bf16 on a backend whose operand_dtype() is bf16 (cuda-bf16w): its GEMMs then
-// read it as it is, without a conversion pass, and it takes half the memory and bandwidth.
+// Operand: an activation that tensor cores multiply: what Linear reads as `in` (the output of a
+// norm, of attention or of an activation function, kept for the backward's weight gradient) and
+// what attention reads (q, k, v as Linear writes them, the KV cache). It is stored in fp32, or in
+// bf16 on a backend whose operand_dtype() is bf16 (cuda-bf16w): its GEMMs and attention kernels
+// then read it as it is, without a conversion pass, and it takes half the memory and bandwidth.
 // Model code allocates operands in the backend's dtype and offsets them with At(); an fp32
 // pointer converts implicitly, so fp32 call sites (the CPU backend, tests) read as before.
 #pragma once

@@ -51,12 +51,12 @@ TEST_P(EmulatedGeneration, MatchesCpuTokenForToken) {
   EXPECT_GT(mixed, 0) << "no threshold made some tokens exit early and others not";
 }
 
-// cuda-bf16w keeps GEMM operands in bf16, in prefill and KV-cache decoding alike. Its forward
-// rounds exactly where cuda-bf16's GEMMs round their fp32 operands (every GEMM input, once), so
-// under the emulation (whose cuBLAS rounds FAST_16BF operands the same way) the two decode to
-// bit-identical logits; both stay within the bf16 model tolerance of the CPU. Fed the same
-// tokens (the CPU's greedy choices) at every step.
-TEST_P(EmulatedGeneration, Bf16OperandsDecodeAsBf16Gemms) {
+// cuda-bf16w keeps GEMM operands, q, k, v and the KV cache in bf16, in prefill and KV-cache
+// decoding alike. Its logits stay within the bf16 model tolerance of cuda-bf16's (whose GEMMs
+// round the same fp32 values once; bf16w rounds GEMM outputs too, and q, k again after RoPE) and
+// of the CPU's, at every step of a decode fed the same tokens (the CPU's
+// greedy choices). A wrong dtype anywhere in the decode path gives garbage.
+TEST_P(EmulatedGeneration, Bf16OperandsDecodeCloseToBf16Gemms) {
   const ModelConfig c = testing::ConfigWithExits(GetParam());
   auto cpu = testing::Cpu();
   auto bf16w = MakeEmulatedCudaBackend(0, true, true);
@@ -72,10 +72,12 @@ TEST_P(EmulatedGeneration, Bf16OperandsDecodeAsBf16Gemms) {
   std::vector<int32_t> next = testing::RandomTokens(4, c.vocab_size, 32);
   for (int step = 0; step < 12; ++step) {
     const StepResult want = gc.Step(next, full), got = gw.Step(next, full);
-    EXPECT_EQ(got.logits, gb.Step(next, full).logits) << "step " << step;
-    // As the bf16 model-step parity (model_parity_test.cc): 8-bit operands through 2 layers.
-    EXPECT_TRUE(testing::Close(got.logits, want.logits, testing::Tol{1e-1, 1e-1}))
+    // As the bf16 model-step parity (model_parity_test.cc): 8-bit operands through 2 layers of
+    // a random model (large activations) move logits by up to 5% of the largest.
+    const testing::Tol bf16_model{1e-1, 1e-1};
+    EXPECT_TRUE(testing::Close(got.logits, gb.Step(next, full).logits, bf16_model))
         << "step " << step;
+    EXPECT_TRUE(testing::Close(got.logits, want.logits, bf16_model)) << "step " << step;
     next = {static_cast<int32_t>(std::max_element(want.logits.begin(), want.logits.end()) -
                                  want.logits.begin())};
   }

@@ -1,4 +1,4 @@
-// Parity of the ops that take or produce bf16 GEMM operands (engine/tensor/operand.h), on a
+// Parity of the ops that take or produce bf16 operands (engine/tensor/operand.h), on a
 // backend whose operand_dtype() is bf16 (cuda-bf16w; the test skips on the others): the
 // backend under test gets bf16 operands, the CPU the same values in fp32 (inputs rounded to
 // bf16 on the host first), and the results must agree within the bf16 tolerances. Outputs start
@@ -103,6 +103,36 @@ TEST_F(OperandParity, LinearReadsBf16Input) {
   EXPECT_TRUE(Close(d.Get(db_d, out), c.Get(db_c, out), testing::kReduction)) << "dbias";
 }
 
+// GEMM outputs in bf16 (q, k, v): the product rounded once, the bias added after; RoPE in place
+// on bf16.
+TEST_F(OperandParity, LinearAndRopeWriteBf16) {
+  const int n = 21, in = 40, out = 48, heads = 3, hd = 16;
+  const auto x = RoundedToBf16(RandVec(rng_, n * in));
+  const auto w = RandVec(rng_, out * in, 0.2);
+  const auto bias = RandVec(rng_, out);
+  std::vector<int32_t> pos(n);
+  for (int i = 0; i < n; ++i) pos[i] = 3 * i + 1;
+  Buffers c(&cpu_), d(dev_);
+  float* y_c = c.F32(std::vector<float>(n * out, kNaN));
+  Operand y_d = d.Bf16(std::vector<float>(n * out, kNaN));
+  cpu_.Linear(y_c, c.F32(x), c.F32(w), c.F32(bias), n, in, out, false);
+  dev_->Linear(y_d, d.Bf16(x), d.F32(w), d.F32(bias), n, in, out, false);
+  EXPECT_TRUE(Close(d.Get(y_d, n * out), c.Get(y_c, n * out), kGemmBf16)) << "out";
+  // RoPE on the (rounded) result, heads x head_dim = out.
+  const auto y = RoundedToBf16(d.Get(y_d, n * out));
+  float* r_c = c.F32(y);
+  Operand r_d = d.Bf16(y);
+  auto* pos_c = static_cast<int32_t*>(cpu_.Alloc(n * sizeof(int32_t)));
+  auto* pos_d = static_cast<int32_t*>(dev_->Alloc(n * sizeof(int32_t)));
+  cpu_.CopyFromHost(pos_c, pos.data(), n * sizeof(int32_t));
+  dev_->CopyFromHost(pos_d, pos.data(), n * sizeof(int32_t));
+  cpu_.RopeForward(r_c, pos_c, n, heads, hd, 10000.0f);
+  dev_->RopeForward(r_d, pos_d, n, heads, hd, 10000.0f);
+  EXPECT_TRUE(Close(d.Get(r_d, n * out), c.Get(r_c, n * out), Tol{4e-3, 1e-4})) << "RoPE";
+  cpu_.Free(pos_c);
+  dev_->Free(pos_d);
+}
+
 TEST_F(OperandParity, NormsAndActivationsWriteBf16) {
   const int n = 19, ch = 72;
   const size_t nc = static_cast<size_t>(n) * ch;
@@ -144,8 +174,8 @@ TEST_F(OperandParity, NormsAndActivationsWriteBf16) {
   }
 }
 
-// Attention writes O as bf16 and its backward reads it (D = dO . O); head_dim 32 runs the fused
-// kernels, 24 the per-head GEMM path.
+// Attention reads q, k, v and writes O as bf16, and its backward reads them (D = dO . O);
+// head_dim 32 runs the fused kernels, 24 the per-head GEMM path.
 TEST_F(OperandParity, AttentionWritesAndReadsBf16Output) {
   for (int dh : {32, 24}) {
     SCOPED_TRACE(::testing::Message() << "head_dim " << dh);
@@ -153,14 +183,15 @@ TEST_F(OperandParity, AttentionWritesAndReadsBf16Output) {
     const size_t nq = static_cast<size_t>(b) * t * hq * dh,
                  nkv = static_cast<size_t>(b) * t * hkv * dh;
     const size_t nl = static_cast<size_t>(b) * hq * t;
-    const auto q = RandVec(rng_, nq), k = RandVec(rng_, nkv), v = RandVec(rng_, nkv);
+    const auto q = RoundedToBf16(RandVec(rng_, nq)), k = RoundedToBf16(RandVec(rng_, nkv)),
+               v = RoundedToBf16(RandVec(rng_, nkv));
     const auto dout = RandVec(rng_, nq);
     Buffers c(&cpu_), d(dev_);
     float *out_c = c.F32(std::vector<float>(nq, kNaN)), *lse_c = c.F32(std::vector<float>(nl));
     Operand out_d = d.Bf16(std::vector<float>(nq, kNaN));
     float* lse_d = d.F32(std::vector<float>(nl, kNaN));
     float *q_c = c.F32(q), *k_c = c.F32(k), *v_c = c.F32(v);
-    float *q_d = d.F32(q), *k_d = d.F32(k), *v_d = d.F32(v);
+    const Operand q_d = d.Bf16(q), k_d = d.Bf16(k), v_d = d.Bf16(v);
     cpu_.AttentionForward(out_c, lse_c, q_c, k_c, v_c, b, t, t, t, hq, hkv, dh, 0);
     dev_->AttentionForward(out_d, lse_d, q_d, k_d, v_d, b, t, t, t, hq, hkv, dh, 0);
     EXPECT_TRUE(Close(d.Get(out_d, nq), c.Get(out_c, nq), kGemmBf16)) << "out";

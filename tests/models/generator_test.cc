@@ -37,8 +37,8 @@ FullPass RunFull(Model& m, const std::vector<int32_t>& ids) {
     BlockForward(m.ctx(), m.layer(l), acts[l], depth_hidden[l], pos, 1, t, nullptr, 0);
     depth_hidden[l + 1] = acts[l].out;
     const int kvn = t * c.num_kv_heads * c.head_dim();
-    f.k.emplace_back(acts[l].attn.k, acts[l].attn.k + kvn);
-    f.v.emplace_back(acts[l].attn.v, acts[l].attn.v + kvn);
+    f.k.emplace_back(acts[l].attn.k.f32(), acts[l].attn.k.f32() + kvn);
+    f.v.emplace_back(acts[l].attn.v.f32(), acts[l].attn.v.f32() + kvn);
   }
   float* logits = a.Floats(t * v);
   auto rows = [&](std::vector<std::vector<float>>& out) {
@@ -88,8 +88,8 @@ TEST_P(GeneratorTest, KvCacheDecodingMatchesFullForward) {
         << "position " << p;
   }
   for (int l = 0; l < c.num_layers; ++l) {
-    EXPECT_LT(MaxAbsDiff(g.kv(l).k, full.k[l].data(), full.k[l].size()), 1e-5);
-    EXPECT_LT(MaxAbsDiff(g.kv(l).v, full.v[l].data(), full.v[l].size()), 1e-5);
+    EXPECT_LT(MaxAbsDiff(g.kv(l).k.f32(), full.k[l].data(), full.k[l].size()), 1e-5);
+    EXPECT_LT(MaxAbsDiff(g.kv(l).v.f32(), full.v[l].data(), full.v[l].size()), 1e-5);
   }
 }
 
@@ -163,8 +163,10 @@ TEST_P(GeneratorTest, EarlyExitRecomputesKv) {
     g2.FinishPending();
     EXPECT_EQ(g2.pending_start(), g2.length());
     for (int l = 0; l < c.num_layers; ++l) {
-      EXPECT_LT(MaxAbsDiff(g2.kv(l).k, full.k[l].data(), full.k[l].size()), 1e-5) << "layer " << l;
-      EXPECT_LT(MaxAbsDiff(g2.kv(l).v, full.v[l].data(), full.v[l].size()), 1e-5) << "layer " << l;
+      EXPECT_LT(MaxAbsDiff(g2.kv(l).k.f32(), full.k[l].data(), full.k[l].size()), 1e-5)
+          << "layer " << l;
+      EXPECT_LT(MaxAbsDiff(g2.kv(l).v.f32(), full.v[l].data(), full.v[l].size()), 1e-5)
+          << "layer " << l;
     }
     EXPECT_LT(res.AverageLayers(), c.num_layers);
   }

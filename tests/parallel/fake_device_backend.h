@@ -44,7 +44,7 @@ class FakeDeviceBackend final : public Backend {
   double SumSquares(const float*, size_t) override { std::abort(); }
   void EmbeddingForward(float*, const int32_t*, const float*, int, int) override { std::abort(); }
   void EmbeddingBackward(float*, const int32_t*, const float*, int, int) override { std::abort(); }
-  void Linear(float*, ConstOperand, const float*, const float*, int, int, int, bool) override {
+  void Linear(Operand, ConstOperand, const float*, const float*, int, int, int, bool) override {
     std::abort();
   }
   void LinearBackward(float*, float*, float*, const float*, ConstOperand, const float*, int, int,
@@ -72,14 +72,14 @@ class FakeDeviceBackend final : public Backend {
   void SwiGluBackward(float*, float*, const float*, const float*, const float*, size_t) override {
     std::abort();
   }
-  void RopeForward(float*, const int32_t*, int, int, int, float) override { std::abort(); }
+  void RopeForward(Operand, const int32_t*, int, int, int, float) override { std::abort(); }
   void RopeBackward(float*, const int32_t*, int, int, int, float) override { std::abort(); }
-  void AttentionForward(Operand, float*, const float*, const float*, const float*, int, int, int,
+  void AttentionForward(Operand, float*, ConstOperand, ConstOperand, ConstOperand, int, int, int,
                         int, int, int, int, int) override {
     std::abort();
   }
   void AttentionBackward(float*, float*, float*, const float*, ConstOperand, const float*,
-                         const float*, const float*, const float*, int, int, int, int,
+                         ConstOperand, ConstOperand, ConstOperand, int, int, int, int,
                          int) override {
     std::abort();
   }

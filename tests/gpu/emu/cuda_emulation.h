@@ -44,6 +44,10 @@ struct alignas(16) float4 {
   float x, y, z, w;
 };
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+struct alignas(8) uint2 {
+  unsigned x, y;
+};
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2 };
 using cudaStream_t = struct CUstream_st*;
@@ -106,6 +110,11 @@ inline const char* cudaGetErrorString(cudaError_t e) {
 // One emulated device; memory is host memory, 256-byte aligned like cudaMalloc's.
 inline cudaError_t cudaGetDeviceCount(int* count) {
   *count = 1;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetPCIBusId(char* id, int len, int device) {
+  if (device != 0 || len < 13) return cudaErrorInvalidValue;
+  std::snprintf(id, static_cast<size_t>(len), "0000:00:00.0");
   return cudaSuccess;
 }
 inline cudaError_t cudaSetDevice(int device) {
@@ -196,6 +205,9 @@ inline cudaError_t cudaMemset(void* p, int value, size_t bytes) {
   }
   std::memset(p, value, bytes);
   return cudaSuccess;
+}
+inline cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t) {
+  return cudaMemset(p, value, bytes);
 }
 inline cudaError_t cudaMemset2DAsync(void* p, size_t pitch, int value, size_t width, size_t height,
                                      cudaStream_t) {

@@ -9,6 +9,7 @@
 #define CudaBackend EmulatedCudaBackend
 #define MakeCudaBackend MakeEmulatedCudaBackend
 #define CudaDeviceCount EmulatedCudaDeviceCount
+#define CudaDeviceBusId EmulatedCudaDeviceBusId
 #define MeasureCudaGemms MeasureEmulatedCudaGemms
 #define NcclCommunicator EmulatedNcclCommunicator
 #define UseNcclForModelParallel UseEmulatedNcclForModelParallel
