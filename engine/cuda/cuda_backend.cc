@@ -288,7 +288,7 @@ void CudaBackend::LinearBackward(float* din, float* dw, float* dbias, const floa
   if (n <= 0) return;
   // With a bf16 input, dout is converted to bf16 once and both GEMMs multiply bf16 by bf16.
   ConstOperand dout_op = dout;
-  if (in.is_bf16() && out_dim > 0) {
+  if (in.is_bf16() && out_dim > 0 && in_dim > 0 && (din != nullptr || dw != nullptr)) {
     const size_t count = static_cast<size_t>(n) * out_dim;
     auto* d16 = static_cast<uint16_t*>(Scratch(count * sizeof(uint16_t), 4));
     CUDA_CHECK(cuda::ToBf16(d16, dout, count, stream_));
