@@ -8,15 +8,16 @@
 # "bench demo hf"; a step other than build builds first when the build directory is missing.
 # Steps (each logs to $OUT/<step>.log; a failing step does not stop the later ones):
 #   build    configure + build (Release, sm_90a)
-#   gpu      ctest -L gpu: the backend parity suite against the CPU on cuda and on cuda-bf16
-#            (bf16 GEMM tolerances; fused flash attention), and NCCL at world size 1
+#   gpu      ctest -L gpu: the backend parity suite against the CPU on cuda, cuda-bf16 and
+#            cuda-bf16w (bf16 GEMM tolerances; fused flash attention; bf16 operands), and NCCL at
+#            world size 1
 #   sanitize compute-sanitizer memcheck and racecheck on the attention parity tests of
-#            cuda-bf16 (the fused kernels: out-of-bounds accesses and shared-memory races, which the
-#            CPU emulation cannot see)
-#   bench    eellm bench train on GPT-2 124M and Llama 1.3B (with exits) beside PyTorch, with
-#            bf16 tensor-core GEMMs (cuda-bf16), then the 1.3B with bf16 weight copies
-#            (cuda-bf16w) and in plain fp32 (cuda)
-#   demo     the quickstart on the GPU (cuda-bf16): data, training the demo model (final and exit
+#            cuda-bf16w (the fused kernels with fp32 and with bf16 inputs: out-of-bounds accesses
+#            and shared-memory races, which the CPU emulation cannot see)
+#   bench    eellm bench train on GPT-2 124M and Llama 1.3B (with exits) beside PyTorch in mixed
+#            precision (cuda-bf16w), then the 1.3B with fp32 activations (cuda-bf16) and in plain
+#            fp32 (cuda)
+#   demo     the quickstart on the GPU (cuda-bf16w): data, training the demo model (final and exit
 #            validation losses to compare with the CPU's), generation with and without early exit
 #   hf       tools/hf_check.py: eellm's converter and logits against transformers, CPU and CUDA
 set -uo pipefail
@@ -47,25 +48,27 @@ want gpu && run gpu bash -c "cd $B && EELLM_REQUIRE_GPU=1 CUDA_LAUNCH_BLOCKING=1
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 if want sanitize && [ -x "$SAN" ]; then
   for tool in memcheck racecheck; do
-    run "sanitize_$tool" env EELLM_PARITY_BACKEND=cuda-bf16 "$SAN" --tool "$tool" --error-exitcode 3 \
-      "$B/tests/backend_parity_tests" --gtest_filter='BackendParity.Attention*'
+    run "sanitize_$tool" env EELLM_PARITY_BACKEND=cuda-bf16w "$SAN" --tool "$tool" --error-exitcode 3 \
+      "$B/tests/backend_parity_tests" --gtest_filter='BackendParity.Attention*:OperandParity.Attention*'
   done
 fi
 if want bench; then
-run bench_gpt2 "$B/eellm" bench train --model=configs/bench/gpt2_124m.json --backend=cuda-bf16 \
+# cuda-bf16w (bf16 operands, fp32 master weights) is the mixed-precision path: the headline runs
+# beside PyTorch; cuda-bf16 (fp32 activations, FAST_16BF GEMMs) shows what bf16 storage buys.
+run bench_gpt2 "$B/eellm" bench train --model=configs/bench/gpt2_124m.json --backend=cuda-bf16w \
   --batch=8 --seq=1024 --steps=5 --warmup=2 --torch-reference=tools/bench_torch.py
-run bench_llama "$B/eellm" bench train --model=configs/bench/llama_1p3b.json --backend=cuda-bf16 \
+run bench_llama "$B/eellm" bench train --model=configs/bench/llama_1p3b.json --backend=cuda-bf16w \
   --batch=4 --seq=2048 --steps=3 --warmup=1 --torch-reference=tools/bench_torch.py
-run bench_llama_bf16w "$B/eellm" bench train --model=configs/bench/llama_1p3b.json \
-  --backend=cuda-bf16w --batch=4 --seq=2048 --steps=3 --warmup=1 --compare-without-exits=false
+run bench_llama_bf16 "$B/eellm" bench train --model=configs/bench/llama_1p3b.json \
+  --backend=cuda-bf16 --batch=4 --seq=2048 --steps=3 --warmup=1 --compare-without-exits=false
 run bench_llama_fp32 "$B/eellm" bench train --model=configs/bench/llama_1p3b.json --backend=cuda \
   --batch=4 --seq=2048 --steps=2 --warmup=1 --compare-without-exits=false
 fi
 if want demo && [ -f .gpu/kjv.txt ]; then
   run demo bash -c "$B/eellm data --input .gpu/kjv.txt --output /tmp/eellm_kjv --val-fraction 0.02 &&
-    $B/eellm train --config configs/kjv_demo.json --backend=cuda-bf16 --data=/tmp/eellm_kjv \
+    $B/eellm train --config configs/kjv_demo.json --backend=cuda-bf16w --data=/tmp/eellm_kjv \
       --out=/tmp/eellm_kjv_run &&
-    $B/eellm generate --checkpoint /tmp/eellm_kjv_run --backend=cuda-bf16 --compare"
+    $B/eellm generate --checkpoint /tmp/eellm_kjv_run --backend=cuda-bf16w --compare"
 fi
 want hf && run hf python3 tools/hf_check.py --eellm "$B/eellm" --backends cpu,cuda
 cat "$OUT/summary.log"
