@@ -278,7 +278,7 @@ void CudaBackend::Linear(Operand out, ConstOperand in, const float* w, const flo
          out, out_dim);
   }
   if (bias != nullptr) {
-    CUDA_CHECK(cuda::AddBias({out.data, out.is_bf16()}, bias, n, out_dim, stream_));
+    CUDA_CHECK(cuda::AddBias(ToElems(out), bias, n, out_dim, stream_));
   }
 }
 
@@ -315,11 +315,7 @@ void CudaBackend::LinearBackward(float* din, float* dw, float* dbias, const floa
 
 void CudaBackend::LayerNormForward(Operand out, float* mean, float* rstd, const float* x,
                                    const float* g, const float* b, int n, int c, float eps) {
-  if (out.is_bf16()) {
-    CUDA_CHECK(cuda::LayerNormForward(out.bf16_bits(), mean, rstd, x, g, b, n, c, eps, stream_));
-  } else {
-    CUDA_CHECK(cuda::LayerNormForward(out.f32(), mean, rstd, x, g, b, n, c, eps, stream_));
-  }
+  CUDA_CHECK(cuda::LayerNormForward(ToElems(out), mean, rstd, x, g, b, n, c, eps, stream_));
 }
 void CudaBackend::LayerNormBackward(float* dx, float* dg, float* db, const float* dout,
                                     const float* x, const float* g, const float* mean,
@@ -328,32 +324,20 @@ void CudaBackend::LayerNormBackward(float* dx, float* dg, float* db, const float
 }
 void CudaBackend::RmsNormForward(Operand out, float* rstd, const float* x, const float* g, int n,
                                  int c, float eps) {
-  if (out.is_bf16()) {
-    CUDA_CHECK(cuda::RmsNormForward(out.bf16_bits(), rstd, x, g, n, c, eps, stream_));
-  } else {
-    CUDA_CHECK(cuda::RmsNormForward(out.f32(), rstd, x, g, n, c, eps, stream_));
-  }
+  CUDA_CHECK(cuda::RmsNormForward(ToElems(out), rstd, x, g, n, c, eps, stream_));
 }
 void CudaBackend::RmsNormBackward(float* dx, float* dg, const float* dout, const float* x,
                                   const float* g, const float* rstd, int n, int c) {
   CUDA_CHECK(cuda::RmsNormBackward(dx, dg, dout, x, g, rstd, n, c, stream_));
 }
 void CudaBackend::GeluForward(Operand out, const float* x, size_t n) {
-  if (out.is_bf16()) {
-    CUDA_CHECK(cuda::GeluForward(out.bf16_bits(), x, n, stream_));
-  } else {
-    CUDA_CHECK(cuda::GeluForward(out.f32(), x, n, stream_));
-  }
+  CUDA_CHECK(cuda::GeluForward(ToElems(out), x, n, stream_));
 }
 void CudaBackend::GeluBackward(float* dx, const float* dout, const float* x, size_t n) {
   CUDA_CHECK(cuda::GeluBackward(dx, dout, x, n, stream_));
 }
 void CudaBackend::SwiGluForward(Operand out, const float* gate, const float* up, size_t n) {
-  if (out.is_bf16()) {
-    CUDA_CHECK(cuda::SwiGluForward(out.bf16_bits(), gate, up, n, stream_));
-  } else {
-    CUDA_CHECK(cuda::SwiGluForward(out.f32(), gate, up, n, stream_));
-  }
+  CUDA_CHECK(cuda::SwiGluForward(ToElems(out), gate, up, n, stream_));
 }
 void CudaBackend::SwiGluBackward(float* dgate, float* dup, const float* dout, const float* gate,
                                  const float* up, size_t n) {
@@ -362,12 +346,12 @@ void CudaBackend::SwiGluBackward(float* dgate, float* dup, const float* dout, co
 void CudaBackend::RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim,
                               float theta) {
   EE_CHECK(head_dim % 2 == 0, "RoPE needs an even head_dim, got ", head_dim);
-  CUDA_CHECK(cuda::Rope({x.data, x.is_bf16()}, pos, n, heads, head_dim, theta, 1.0, stream_));
+  CUDA_CHECK(cuda::Rope(ToElems(x), pos, n, heads, head_dim, theta, 1.0, stream_));
 }
 void CudaBackend::RopeBackward(float* dx, const int32_t* pos, int n, int heads, int head_dim,
                                float theta) {
   EE_CHECK(head_dim % 2 == 0, "RoPE needs an even head_dim, got ", head_dim);
-  CUDA_CHECK(cuda::Rope({dx, false}, pos, n, heads, head_dim, theta, -1.0, stream_));
+  CUDA_CHECK(cuda::Rope(ToElems(dx), pos, n, heads, head_dim, theta, -1.0, stream_));
 }
 
 // ---- attention ----------------------------------------------------------------------------------

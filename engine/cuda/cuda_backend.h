@@ -30,10 +30,10 @@ class CudaBackend final : public Backend {
   // checked element by element against the CPU); kBf16Gemm, operands rounded to bf16 inside
   // cuBLAS (CUBLAS_COMPUTE_32F_FAST_16BF: tensor cores, fp32 accumulation and outputs), with
   // fp32 storage everywhere else.
-  // kBf16Weights: bf16 operands in memory: registered weights (RegisterWeights) have a bf16
-  // copy, refreshed at the first GEMM after anything wrote them; the other operand is converted
-  // to bf16 before the GEMM (tensor cores, fp32 accumulation and output). GEMMs without a weight
-  // operand (weight gradients) run as in kBf16Gemm.
+  // kBf16Weights ("cuda-bf16w", mixed precision): registered weights (RegisterWeights) have a
+  // bf16 copy, refreshed at the first GEMM after anything wrote them, and operands
+  // (operand_dtype()) are stored in bf16, so GEMMs multiply bf16 by bf16 (tensor cores, fp32
+  // accumulation); an fp32 side that is neither is converted first.
   enum class GemmPrecision { kFp32, kBf16Gemm, kBf16Weights };
   CudaBackend(int device, GemmPrecision precision);
   ~CudaBackend() override;
@@ -41,7 +41,8 @@ class CudaBackend final : public Backend {
   CudaBackend& operator=(const CudaBackend&) = delete;
 
   Device device() const override { return Device::kCuda; }
-  // cuda-bf16w keeps GEMM operands (norm, attention and activation outputs) in bf16.
+  // cuda-bf16w keeps operands (engine/tensor/operand.h: GEMM and attention inputs and outputs,
+  // the KV cache) in bf16.
   DType operand_dtype() const override {
     return precision_ == GemmPrecision::kBf16Weights ? DType::kBF16 : DType::kF32;
   }

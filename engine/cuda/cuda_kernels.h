@@ -12,7 +12,7 @@
 
 namespace eellm::cuda {
 
-// A device tensor of fp32 or bf16 (uint16_t bits) elements, for launchers taking either.
+// A device tensor of fp32 or bf16 elements, for launchers taking either.
 struct Elems {
   void* data = nullptr;
   bool bf16 = false;
@@ -38,14 +38,11 @@ cudaError_t EmbeddingBackwardRange(float* dtable, const int32_t* ids, const floa
                                    int c, int start, int rows, cudaStream_t s);
 cudaError_t AddBias(Elems out, const float* bias, int n, int cols, cudaStream_t s);
 cudaError_t ColumnSumAdd(float* dst, const float* x, int n, int cols, cudaStream_t s);
-// The forward outputs of GELU, SwiGLU and the norms are GEMM operands: fp32, or bf16 given as
-// uint16_t bits (engine/tensor/operand.h).
-cudaError_t GeluForward(float* out, const float* x, size_t n, cudaStream_t s);
-cudaError_t GeluForward(uint16_t* out, const float* x, size_t n, cudaStream_t s);
+// The forward outputs of GELU, SwiGLU and the norms are operands (engine/tensor/operand.h):
+// fp32 or bf16.
+cudaError_t GeluForward(Elems out, const float* x, size_t n, cudaStream_t s);
 cudaError_t GeluBackward(float* dx, const float* dout, const float* x, size_t n, cudaStream_t s);
-cudaError_t SwiGluForward(float* out, const float* gate, const float* up, size_t n, cudaStream_t s);
-cudaError_t SwiGluForward(uint16_t* out, const float* gate, const float* up, size_t n,
-                          cudaStream_t s);
+cudaError_t SwiGluForward(Elems out, const float* gate, const float* up, size_t n, cudaStream_t s);
 cudaError_t SwiGluBackward(float* dgate, float* dup, const float* dout, const float* gate,
                            const float* up, size_t n, cudaStream_t s);
 cudaError_t Rope(Elems x, const int32_t* pos, int n, int heads, int head_dim, float theta,
@@ -55,17 +52,12 @@ cudaError_t AdamW(float* p, const float* g, float* m, float* v, size_t n, float 
                   cudaStream_t s);
 
 // norm_kernels.cu
-cudaError_t LayerNormForward(float* out, float* mean, float* rstd, const float* x, const float* g,
+cudaError_t LayerNormForward(Elems out, float* mean, float* rstd, const float* x, const float* g,
                              const float* b, int n, int c, float eps, cudaStream_t s);
-cudaError_t LayerNormForward(uint16_t* out, float* mean, float* rstd, const float* x,
-                             const float* g, const float* b, int n, int c, float eps,
-                             cudaStream_t s);
 cudaError_t LayerNormBackward(float* dx, float* dg, float* db, const float* dout, const float* x,
                               const float* g, const float* mean, const float* rstd, int n, int c,
                               cudaStream_t s);
-cudaError_t RmsNormForward(float* out, float* rstd, const float* x, const float* g, int n, int c,
-                           float eps, cudaStream_t s);
-cudaError_t RmsNormForward(uint16_t* out, float* rstd, const float* x, const float* g, int n, int c,
+cudaError_t RmsNormForward(Elems out, float* rstd, const float* x, const float* g, int n, int c,
                            float eps, cudaStream_t s);
 cudaError_t RmsNormBackward(float* dx, float* dg, const float* dout, const float* x, const float* g,
                             const float* rstd, int n, int c, cudaStream_t s);

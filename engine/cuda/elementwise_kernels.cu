@@ -301,14 +301,10 @@ cudaError_t EmbeddingBackwardRange(float* dtable, const int32_t* ids, const floa
 cudaError_t AddBias(Elems out, const float* bias, int n, int cols, cudaStream_t s) {
   const size_t total = static_cast<size_t>(n) * cols;
   if (total == 0) return cudaGetLastError();
-  if (out.bf16) {
-    LaunchKernel(AddBiasKernel<__nv_bfloat16>, dim3(Blocks(total)), dim3(kThreads), 0, s,
-                 static_cast<__nv_bfloat16*>(out.data), bias, n, cols);
-  } else {
-    LaunchKernel(AddBiasKernel<float>, dim3(Blocks(total)), dim3(kThreads), 0, s,
-                 static_cast<float*>(out.data), bias, n, cols);
-  }
-  return cudaGetLastError();
+  return WithElementType(out, [&](auto* o) {
+    return LaunchKernel(AddBiasKernel<ElementOf<decltype(o)>>, dim3(Blocks(total)), dim3(kThreads),
+                        0, s, o, bias, n, cols);
+  });
 }
 cudaError_t ColumnSumAdd(float* dst, const float* x, int n, int cols, cudaStream_t s) {
   if (n > 0 && cols > 0)
@@ -316,33 +312,23 @@ cudaError_t ColumnSumAdd(float* dst, const float* x, int n, int cols, cudaStream
                  dim3(kColTile, ColumnRowGroups(n)), 0, s, dst, x, n, cols);
   return cudaGetLastError();
 }
-cudaError_t GeluForward(float* out, const float* x, size_t n, cudaStream_t s) {
-  if (n) LaunchKernel(GeluForwardKernel<float>, dim3(Blocks(n)), dim3(kThreads), 0, s, out, x, n);
-  return cudaGetLastError();
-}
-cudaError_t GeluForward(uint16_t* out, const float* x, size_t n, cudaStream_t s) {
-  if (n)
-    LaunchKernel(GeluForwardKernel<__nv_bfloat16>, dim3(Blocks(n)), dim3(kThreads), 0, s,
-                 Bf16Ptr(out), x, n);
-  return cudaGetLastError();
+cudaError_t GeluForward(Elems out, const float* x, size_t n, cudaStream_t s) {
+  if (n == 0) return cudaGetLastError();
+  return WithElementType(out, [&](auto* o) {
+    return LaunchKernel(GeluForwardKernel<ElementOf<decltype(o)>>, dim3(Blocks(n)), dim3(kThreads),
+                        0, s, o, x, n);
+  });
 }
 cudaError_t GeluBackward(float* dx, const float* dout, const float* x, size_t n, cudaStream_t s) {
   if (n) LaunchKernel(GeluBackwardKernel, dim3(Blocks(n)), dim3(kThreads), 0, s, dx, dout, x, n);
   return cudaGetLastError();
 }
-cudaError_t SwiGluForward(float* out, const float* gate, const float* up, size_t n,
-                          cudaStream_t s) {
-  if (n)
-    LaunchKernel(SwiGluForwardKernel<float>, dim3(Blocks(n)), dim3(kThreads), 0, s, out, gate, up,
-                 n);
-  return cudaGetLastError();
-}
-cudaError_t SwiGluForward(uint16_t* out, const float* gate, const float* up, size_t n,
-                          cudaStream_t s) {
-  if (n)
-    LaunchKernel(SwiGluForwardKernel<__nv_bfloat16>, dim3(Blocks(n)), dim3(kThreads), 0, s,
-                 Bf16Ptr(out), gate, up, n);
-  return cudaGetLastError();
+cudaError_t SwiGluForward(Elems out, const float* gate, const float* up, size_t n, cudaStream_t s) {
+  if (n == 0) return cudaGetLastError();
+  return WithElementType(out, [&](auto* o) {
+    return LaunchKernel(SwiGluForwardKernel<ElementOf<decltype(o)>>, dim3(Blocks(n)),
+                        dim3(kThreads), 0, s, o, gate, up, n);
+  });
 }
 cudaError_t SwiGluBackward(float* dgate, float* dup, const float* dout, const float* gate,
                            const float* up, size_t n, cudaStream_t s) {
@@ -355,14 +341,10 @@ cudaError_t Rope(Elems x, const int32_t* pos, int n, int heads, int head_dim, fl
                  double sign, cudaStream_t s) {
   const size_t total = static_cast<size_t>(n) * (head_dim / 2);
   if (total == 0) return cudaGetLastError();
-  if (x.bf16) {
-    LaunchKernel(RopeKernel<__nv_bfloat16>, dim3(Blocks(total)), dim3(kThreads), 0, s,
-                 static_cast<__nv_bfloat16*>(x.data), pos, n, heads, head_dim, theta, sign);
-  } else {
-    LaunchKernel(RopeKernel<float>, dim3(Blocks(total)), dim3(kThreads), 0, s,
-                 static_cast<float*>(x.data), pos, n, heads, head_dim, theta, sign);
-  }
-  return cudaGetLastError();
+  return WithElementType(x, [&](auto* p) {
+    return LaunchKernel(RopeKernel<ElementOf<decltype(p)>>, dim3(Blocks(total)), dim3(kThreads), 0,
+                        s, p, pos, n, heads, head_dim, theta, sign);
+  });
 }
 cudaError_t AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1,
                   float beta2, float eps, float weight_decay, float inv_bc1, float inv_bc2,

@@ -471,13 +471,6 @@ cudaError_t Backward(float* dq, float* dk, float* dv, const float* dout, const O
   }
 }
 
-// Calls fn with `e` as a float or __nv_bfloat16 pointer.
-template <typename Fn>
-cudaError_t WithType(Elems e, Fn&& fn) {
-  if (e.bf16) return fn(static_cast<const __nv_bfloat16*>(e.data));
-  return fn(static_cast<const float*>(e.data));
-}
-
 }  // namespace
 
 bool FlashAttentionSupports(int d) { return d == 32 || d == 64 || d == 128; }
@@ -486,12 +479,11 @@ cudaError_t FlashAttentionForward(Elems out, float* lse, Elems q, Elems k, Elems
                                   int tk, int tk_cap, int hq, int hkv, int d, int q_offset,
                                   cudaStream_t s) {
   if (q.bf16 != k.bf16 || q.bf16 != v.bf16) return cudaErrorInvalidValue;
-  return WithType(out, [&](auto* o) {
-    using OutT = std::remove_const_t<std::remove_pointer_t<decltype(o)>>;
-    return WithType(q, [&](auto* qp) {
-      using InT = std::remove_pointer_t<decltype(qp)>;
-      return Forward(const_cast<OutT*>(o), lse, qp, static_cast<InT*>(k.data),
-                     static_cast<InT*>(v.data), b, tq, tk, tk_cap, hq, hkv, d, q_offset, s);
+  return WithElementType(out, [&](auto* o) {
+    return WithElementType(q, [&](auto* qp) {
+      using InT = ElementOf<decltype(qp)>;
+      return Forward(o, lse, qp, static_cast<InT*>(k.data), static_cast<InT*>(v.data), b, tq, tk,
+                     tk_cap, hq, hkv, d, q_offset, s);
     });
   });
 }
@@ -500,9 +492,9 @@ cudaError_t FlashAttentionBackward(float* dq, float* dk, float* dv, const float*
                                    const float* lse, float* dsum, Elems q, Elems k, Elems v, int b,
                                    int t, int hq, int hkv, int d, cudaStream_t s) {
   if (q.bf16 != k.bf16 || q.bf16 != v.bf16) return cudaErrorInvalidValue;
-  return WithType(out, [&](auto* o) {
-    return WithType(q, [&](auto* qp) {
-      using InT = std::remove_pointer_t<decltype(qp)>;
+  return WithElementType(out, [&](auto* o) {
+    return WithElementType(q, [&](auto* qp) {
+      using InT = ElementOf<decltype(qp)>;
       return Backward(dq, dk, dv, dout, o, lse, dsum, qp, static_cast<InT*>(k.data),
                       static_cast<InT*>(v.data), b, t, hq, hkv, d, s);
     });

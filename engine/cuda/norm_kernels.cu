@@ -130,33 +130,13 @@ unsigned ColumnBlocks(int c) { return static_cast<unsigned>((c + kColTile - 1) /
 
 }  // namespace
 
-namespace {
-template <typename OutT>
-cudaError_t LayerNormForwardAs(OutT* out, float* mean, float* rstd, const float* x, const float* g,
-                               const float* b, int n, int c, float eps, cudaStream_t s) {
-  if (n > 0 && c > 0)
-    LaunchKernel(LayerNormForwardKernel<OutT>, dim3(n), dim3(kThreads), 0, s, out, mean, rstd, x, g,
-                 b, c, eps);
-  return cudaGetLastError();
-}
-template <typename OutT>
-cudaError_t RmsNormForwardAs(OutT* out, float* rstd, const float* x, const float* g, int n, int c,
-                             float eps, cudaStream_t s) {
-  if (n > 0 && c > 0)
-    LaunchKernel(RmsNormForwardKernel<OutT>, dim3(n), dim3(kThreads), 0, s, out, rstd, x, g, c,
-                 eps);
-  return cudaGetLastError();
-}
-}  // namespace
-
-cudaError_t LayerNormForward(float* out, float* mean, float* rstd, const float* x, const float* g,
+cudaError_t LayerNormForward(Elems out, float* mean, float* rstd, const float* x, const float* g,
                              const float* b, int n, int c, float eps, cudaStream_t s) {
-  return LayerNormForwardAs(out, mean, rstd, x, g, b, n, c, eps, s);
-}
-cudaError_t LayerNormForward(uint16_t* out, float* mean, float* rstd, const float* x,
-                             const float* g, const float* b, int n, int c, float eps,
-                             cudaStream_t s) {
-  return LayerNormForwardAs(Bf16Ptr(out), mean, rstd, x, g, b, n, c, eps, s);
+  if (n <= 0 || c <= 0) return cudaGetLastError();
+  return WithElementType(out, [&](auto* o) {
+    return LaunchKernel(LayerNormForwardKernel<ElementOf<decltype(o)>>, dim3(n), dim3(kThreads), 0,
+                        s, o, mean, rstd, x, g, b, c, eps);
+  });
 }
 
 cudaError_t LayerNormBackward(float* dx, float* dg, float* db, const float* dout, const float* x,
@@ -170,13 +150,13 @@ cudaError_t LayerNormBackward(float* dx, float* dg, float* db, const float* dout
   return cudaGetLastError();
 }
 
-cudaError_t RmsNormForward(float* out, float* rstd, const float* x, const float* g, int n, int c,
+cudaError_t RmsNormForward(Elems out, float* rstd, const float* x, const float* g, int n, int c,
                            float eps, cudaStream_t s) {
-  return RmsNormForwardAs(out, rstd, x, g, n, c, eps, s);
-}
-cudaError_t RmsNormForward(uint16_t* out, float* rstd, const float* x, const float* g, int n, int c,
-                           float eps, cudaStream_t s) {
-  return RmsNormForwardAs(Bf16Ptr(out), rstd, x, g, n, c, eps, s);
+  if (n <= 0 || c <= 0) return cudaGetLastError();
+  return WithElementType(out, [&](auto* o) {
+    return LaunchKernel(RmsNormForwardKernel<ElementOf<decltype(o)>>, dim3(n), dim3(kThreads), 0, s,
+                        o, rstd, x, g, c, eps);
+  });
 }
 
 cudaError_t RmsNormBackward(float* dx, float* dg, const float* dout, const float* x, const float* g,
