@@ -28,6 +28,7 @@
 #include "engine/cpu/cpu_backend.h"
 #include "gtest/gtest.h"
 #include "tests/engine/cpu_test_util.h"
+#include "tests/gpu/device_mem.h"
 #include "tests/gpu/parity_backend.h"
 #include "tests/gpu/parity_tolerances.h"
 
@@ -40,6 +41,7 @@ using cpu_test::UniformVec;
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 using testing::Close;
+using testing::DeviceMem;
 using testing::kElementwise;
 using testing::kExact;
 using testing::kGemmBf16;
@@ -48,61 +50,6 @@ using testing::kReduction;
 using testing::kRope;
 using testing::Tol;
 const Tol kGemm = testing::ParityBackendHasBf16Gemms() ? kGemmBf16 : kGemmFp32;
-
-// The device buffers of one op call on one backend: inputs copied from the host, outputs
-// poisoned or pre-filled; each is followed by a guard zone of known bytes. Frees all at the end.
-class DeviceMem {
- public:
-  static constexpr size_t kGuardBytes = 256;
-  static constexpr uint8_t kGuardByte = 0xA5;
-
-  explicit DeviceMem(Backend* be) : be_(be) {}
-  ~DeviceMem() {
-    for (const auto& b : bufs_) be_->Free(b.first);
-  }
-  DeviceMem(const DeviceMem&) = delete;
-  DeviceMem& operator=(const DeviceMem&) = delete;
-
-  template <typename T>
-  T* Put(const std::vector<T>& host) {
-    const size_t bytes = host.size() * sizeof(T);
-    std::vector<uint8_t> staging(bytes + kGuardBytes, kGuardByte);
-    if (bytes > 0) std::memcpy(staging.data(), host.data(), bytes);
-    void* p = be_->Alloc(staging.size());
-    be_->CopyFromHost(p, staging.data(), staging.size());
-    bufs_.emplace_back(p, bytes);
-    return static_cast<T*>(p);
-  }
-  float* Nan(size_t n) { return Put(std::vector<float>(n, kNaN)); }
-  template <typename T>
-  std::vector<T> Get(const T* p, size_t n) {
-    std::vector<T> host(n);
-    be_->Synchronize();
-    if (n > 0) be_->CopyToHost(host.data(), p, n * sizeof(T));
-    return host;
-  }
-  // Checks that no op wrote past the end of any buffer.
-  ::testing::AssertionResult GuardsIntact() {
-    be_->Synchronize();
-    std::vector<uint8_t> guard(kGuardBytes);
-    for (size_t i = 0; i < bufs_.size(); ++i) {
-      be_->CopyToHost(guard.data(), static_cast<uint8_t*>(bufs_[i].first) + bufs_[i].second,
-                      kGuardBytes);
-      for (size_t j = 0; j < kGuardBytes; ++j) {
-        if (guard[j] != kGuardByte) {
-          return ::testing::AssertionFailure()
-                 << "buffer " << i << " (" << bufs_[i].second << " bytes) overwritten " << j
-                 << " bytes past its end";
-        }
-      }
-    }
-    return ::testing::AssertionSuccess();
-  }
-
- private:
-  Backend* be_;
-  std::vector<std::pair<void*, size_t>> bufs_;  // pointer, payload bytes
-};
 
 // Named host copies of an op call's outputs.
 using Outputs = std::vector<std::pair<std::string, std::vector<float>>>;
