@@ -146,14 +146,11 @@ int RunTrainCommand() {
     const bool shared_gpu = gpu && RanksShareAGpu(MpiCommunicator::World(nullptr).get(),
                                                   CudaDeviceBusId(launch->local_rank));
     if (t.communicator == "nccl" && shared_gpu) {
-      return Fail(absl::InvalidArgumentError(absl::StrCat(
-                      "communicator \"nccl\": two ranks on one node share a GPU (this rank: local "
-                      "rank ",
-                      launch->local_rank, ", ", CudaDeviceCount(),
-                      " GPUs visible); NCCL "
-                      "needs one GPU per rank; use \"communicator\": \"mpi\" or fewer ranks per "
-                      "node")),
-                  multi, launch->rank);
+      const std::string why = absl::StrCat(
+          "communicator \"nccl\": two ranks on one node share a GPU (this rank: local rank ",
+          launch->local_rank, ", ", CudaDeviceCount(), " GPUs visible); NCCL needs one GPU per ",
+          "rank; use \"communicator\": \"mpi\" or fewer ranks per node");
+      return Fail(absl::InvalidArgumentError(why), multi, launch->rank);
     }
     if (t.communicator == "nccl" || (t.communicator == "auto" && gpu && !shared_gpu)) {
       if (!gpu) {
