@@ -309,8 +309,9 @@ inline int LinearThread() {
 // threads), and every other thread runs as a plain call, without fibers.
 inline cudaError_t Run(dim3 grid, dim3 block, size_t shared_bytes, std::function<void()> body) {
   const int threads = static_cast<int>(block.x * block.y * block.z);
-  if (shared_bytes > kMaxDynamicShared || threads <= 0 || threads > 1024 || grid.x == 0 ||
-      grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535) {
+  // (The dynamic shared memory was checked against the kernel's limit by LaunchKernel.)
+  if (threads <= 0 || threads > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
+      grid.y > 65535 || grid.z > 65535) {
     g_last_error = cudaErrorInvalidValue;
     return cudaErrorInvalidValue;
   }
