@@ -5,9 +5,11 @@
 //
 // Conventions: row-major; "n" is the number of token rows; gradients named d* are ACCUMULATED
 // (+=) into unless the comment says "written". All compute is fp32 on the CPU. Activations that
-// tensor cores multiply (Operand: Linear's input and output, RoPE's q and k, attention's q, k, v
-// and out; engine/tensor/operand.h) are fp32 or bf16 (operand_dtype()); every other tensor
-// (parameters, gradients, the residual stream, statistics) is fp32.
+// tensor cores multiply, and the gradients of those activations (Operand: Linear's input and
+// output, the FFN's gate/up outputs, RoPE's q and k, attention's q, k, v and out, and their
+// gradients written by a backward and read by the next GEMM; engine/tensor/operand.h) are fp32
+// or bf16 (operand_dtype()); every other tensor (parameters and their gradients, the residual
+// stream and its gradient, statistics) is fp32. Compute and reductions are fp32 either way.
 #pragma once
 
 #include <cstddef>
@@ -62,9 +64,9 @@ class Backend {
   // `accumulate` is true.
   virtual void Linear(Operand out, ConstOperand in, const float* w, const float* bias, int n,
                       int in_dim, int out_dim, bool accumulate) = 0;
-  // din[n, i] = dout @ w (written; or added when accumulate_din; skipped when din is null);
+  // din[n, i] = dout @ w (written; or added when accumulate_din; skipped when din.data is null);
   // dw[o, i] += dout^T @ in (skipped when dw is null); dbias[o] += sum_n dout (if non-null).
-  virtual void LinearBackward(float* din, float* dw, float* dbias, const float* dout,
+  virtual void LinearBackward(Operand din, float* dw, float* dbias, ConstOperand dout,
                               ConstOperand in, const float* w, int n, int in_dim, int out_dim,
                               bool accumulate_din) = 0;
 
@@ -84,13 +86,14 @@ class Backend {
                                const float* g, const float* rstd, int n, int c) = 0;
 
   // ---- activations --------------------------------------------------------------------------
-  // GELU, tanh approximation (GPT-2). out written; dx written (dx may alias dout).
-  virtual void GeluForward(Operand out, const float* x, size_t n) = 0;
-  virtual void GeluBackward(float* dx, const float* dout, const float* x, size_t n) = 0;
+  // GELU, tanh approximation (GPT-2). out written; dx written (dx may alias dout when both have
+  // one dtype).
+  virtual void GeluForward(Operand out, ConstOperand x, size_t n) = 0;
+  virtual void GeluBackward(Operand dx, ConstOperand dout, ConstOperand x, size_t n) = 0;
   // SwiGLU: out = silu(gate) * up. dgate, dup written.
-  virtual void SwiGluForward(Operand out, const float* gate, const float* up, size_t n) = 0;
-  virtual void SwiGluBackward(float* dgate, float* dup, const float* dout, const float* gate,
-                              const float* up, size_t n) = 0;
+  virtual void SwiGluForward(Operand out, ConstOperand gate, ConstOperand up, size_t n) = 0;
+  virtual void SwiGluBackward(Operand dgate, Operand dup, ConstOperand dout, ConstOperand gate,
+                              ConstOperand up, size_t n) = 0;
 
   // ---- rotary position embedding ------------------------------------------------------------
   // In place on x[n, heads, head_dim]; token t sits at position pos[t]. Rotates the pairs
@@ -99,7 +102,7 @@ class Backend {
   virtual void RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim,
                            float theta) = 0;
   // In place on the gradient: applies the inverse rotation.
-  virtual void RopeBackward(float* dx, const int32_t* pos, int n, int heads, int head_dim,
+  virtual void RopeBackward(Operand dx, const int32_t* pos, int n, int heads, int head_dim,
                             float theta) = 0;
 
   // ---- causal self-attention with grouped-query heads ---------------------------------------
@@ -113,8 +116,8 @@ class Backend {
                                 ConstOperand v, int b, int tq, int tk, int tk_cap, int hq, int hkv,
                                 int d, int q_offset) = 0;
   // Training-path backward (q_offset 0, tq = tk = tk_cap = t) from the forward's out and lse;
-  // recomputes the probabilities. dq, dk, dv written.
-  virtual void AttentionBackward(float* dq, float* dk, float* dv, const float* dout,
+  // recomputes the probabilities. dq, dk, dv written. dout has out's dtype; dq, dk, dv have q's.
+  virtual void AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout,
                                  ConstOperand out, const float* lse, ConstOperand q, ConstOperand k,
                                  ConstOperand v, int b, int t, int hq, int hkv, int d) = 0;
 

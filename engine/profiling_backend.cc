@@ -98,7 +98,7 @@ void ProfilingBackend::Linear(Operand out, ConstOperand in, const float* w, cons
   inner_->Linear(out, in, w, bias, n, in_dim, out_dim, accumulate);
 }
 
-void ProfilingBackend::LinearBackward(float* din, float* dw, float* dbias, const float* dout,
+void ProfilingBackend::LinearBackward(Operand din, float* dw, float* dbias, ConstOperand dout,
                                       ConstOperand in, const float* w, int n, int in_dim,
                                       int out_dim, bool accumulate_din) {
   Timed timed(this, "LinearBackward");
@@ -130,23 +130,23 @@ void ProfilingBackend::RmsNormBackward(float* dx, float* dg, const float* dout, 
   inner_->RmsNormBackward(dx, dg, dout, x, g, rstd, n, c);
 }
 
-void ProfilingBackend::GeluForward(Operand out, const float* x, size_t n) {
+void ProfilingBackend::GeluForward(Operand out, ConstOperand x, size_t n) {
   Timed timed(this, "GeluForward");
   inner_->GeluForward(out, x, n);
 }
 
-void ProfilingBackend::GeluBackward(float* dx, const float* dout, const float* x, size_t n) {
+void ProfilingBackend::GeluBackward(Operand dx, ConstOperand dout, ConstOperand x, size_t n) {
   Timed timed(this, "GeluBackward");
   inner_->GeluBackward(dx, dout, x, n);
 }
 
-void ProfilingBackend::SwiGluForward(Operand out, const float* gate, const float* up, size_t n) {
+void ProfilingBackend::SwiGluForward(Operand out, ConstOperand gate, ConstOperand up, size_t n) {
   Timed timed(this, "SwiGluForward");
   inner_->SwiGluForward(out, gate, up, n);
 }
 
-void ProfilingBackend::SwiGluBackward(float* dgate, float* dup, const float* dout,
-                                      const float* gate, const float* up, size_t n) {
+void ProfilingBackend::SwiGluBackward(Operand dgate, Operand dup, ConstOperand dout,
+                                      ConstOperand gate, ConstOperand up, size_t n) {
   Timed timed(this, "SwiGluBackward");
   inner_->SwiGluBackward(dgate, dup, dout, gate, up, n);
 }
@@ -157,7 +157,7 @@ void ProfilingBackend::RopeForward(Operand x, const int32_t* pos, int n, int hea
   inner_->RopeForward(x, pos, n, heads, head_dim, theta);
 }
 
-void ProfilingBackend::RopeBackward(float* dx, const int32_t* pos, int n, int heads, int head_dim,
+void ProfilingBackend::RopeBackward(Operand dx, const int32_t* pos, int n, int heads, int head_dim,
                                     float theta) {
   Timed timed(this, "RopeBackward");
   inner_->RopeBackward(dx, pos, n, heads, head_dim, theta);
@@ -170,7 +170,7 @@ void ProfilingBackend::AttentionForward(Operand out, float* lse, ConstOperand q,
   inner_->AttentionForward(out, lse, q, k, v, b, tq, tk, tk_cap, hq, hkv, d, q_offset);
 }
 
-void ProfilingBackend::AttentionBackward(float* dq, float* dk, float* dv, const float* dout,
+void ProfilingBackend::AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout,
                                          ConstOperand out, const float* lse, ConstOperand q,
                                          ConstOperand k, ConstOperand v, int b, int t, int hq,
                                          int hkv, int d) {

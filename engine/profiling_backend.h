@@ -49,7 +49,7 @@ class ProfilingBackend final : public Backend {
                          int c) override;
   void Linear(Operand out, ConstOperand in, const float* w, const float* bias, int n, int in_dim,
               int out_dim, bool accumulate) override;
-  void LinearBackward(float* din, float* dw, float* dbias, const float* dout, ConstOperand in,
+  void LinearBackward(Operand din, float* dw, float* dbias, ConstOperand dout, ConstOperand in,
                       const float* w, int n, int in_dim, int out_dim, bool accumulate_din) override;
   void LayerNormForward(Operand out, float* mean, float* rstd, const float* x, const float* g,
                         const float* b, int n, int c, float eps) override;
@@ -60,19 +60,19 @@ class ProfilingBackend final : public Backend {
                       float eps) override;
   void RmsNormBackward(float* dx, float* dg, const float* dout, const float* x, const float* g,
                        const float* rstd, int n, int c) override;
-  void GeluForward(Operand out, const float* x, size_t n) override;
-  void GeluBackward(float* dx, const float* dout, const float* x, size_t n) override;
-  void SwiGluForward(Operand out, const float* gate, const float* up, size_t n) override;
-  void SwiGluBackward(float* dgate, float* dup, const float* dout, const float* gate,
-                      const float* up, size_t n) override;
+  void GeluForward(Operand out, ConstOperand x, size_t n) override;
+  void GeluBackward(Operand dx, ConstOperand dout, ConstOperand x, size_t n) override;
+  void SwiGluForward(Operand out, ConstOperand gate, ConstOperand up, size_t n) override;
+  void SwiGluBackward(Operand dgate, Operand dup, ConstOperand dout, ConstOperand gate,
+                      ConstOperand up, size_t n) override;
   void RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim,
                    float theta) override;
-  void RopeBackward(float* dx, const int32_t* pos, int n, int heads, int head_dim,
+  void RopeBackward(Operand dx, const int32_t* pos, int n, int heads, int head_dim,
                     float theta) override;
   void AttentionForward(Operand out, float* lse, ConstOperand q, ConstOperand k, ConstOperand v,
                         int b, int tq, int tk, int tk_cap, int hq, int hkv, int d,
                         int q_offset) override;
-  void AttentionBackward(float* dq, float* dk, float* dv, const float* dout, ConstOperand out,
+  void AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout, ConstOperand out,
                          const float* lse, ConstOperand q, ConstOperand k, ConstOperand v, int b,
                          int t, int hq, int hkv, int d) override;
   void CrossEntropy(float* losses, float* max_prob, float* dlogits, const float* logits,

@@ -94,8 +94,8 @@ MlpActs MakeMlpActs(Arena& a, const ModelConfig& c, int n) {
   MlpActs r;
   const size_t nf = static_cast<size_t>(n) * c.ffn_hidden_size;
   r.norm = MakeNormActs(a, n, c.hidden_size);
-  r.h1 = a.Floats(nf);
-  if (c.use_swiglu()) r.h3 = a.Floats(nf);
+  r.h1 = a.Operands(nf);
+  if (c.use_swiglu()) r.h3 = a.Operands(nf);
   r.act = a.Operands(nf);
   return r;
 }
@@ -123,13 +123,13 @@ GradScratch MakeGradScratch(Arena& a, const ModelConfig& c, int n) {
   const size_t nf = static_cast<size_t>(n) * c.ffn_hidden_size;
   s.dnorm = a.Floats(nc);
   s.dh = a.Floats(nc);
-  s.dq = a.Floats(nq);
-  s.dk = a.Floats(nkv);
-  s.dv = a.Floats(nkv);
-  s.datt = a.Floats(nq);
-  s.dact = a.Floats(nf);
-  s.dh1 = a.Floats(nf);
-  s.dh3 = a.Floats(nf);
+  s.dq = a.Operands(nq);
+  s.dk = a.Operands(nkv);
+  s.dv = a.Operands(nkv);
+  s.datt = a.Operands(nq);
+  s.dact = a.Operands(nf);
+  s.dh1 = a.Operands(nf);
+  s.dh3 = a.Operands(nf);
   return s;
 }
 

@@ -15,8 +15,8 @@
 
 namespace eellm {
 
-// Owns activation/scratch buffers; hands out fp32 arrays, and GEMM operands in the backend's
-// operand dtype. Allocation happens at setup only.
+// Owns activation/scratch buffers; hands out fp32 arrays, and GEMM operands (and their
+// gradients) in the backend's operand dtype. Allocation happens at setup only.
 class Arena {
  public:
   explicit Arena(Backend* be) : be_(be) {}
@@ -65,9 +65,9 @@ struct AttnActs {
 };
 struct MlpActs {
   NormActs norm;
-  float* h1 = nullptr;  // [n, f] fc1 / gate pre-activation
-  float* h3 = nullptr;  // [n, f] up (SwiGLU)
-  Operand act;          // [n, f]
+  Operand h1;   // [n, f] fc1 / gate pre-activation
+  Operand h3;   // [n, f] up (SwiGLU)
+  Operand act;  // [n, f]
 };
 struct BlockActs {
   AttnActs attn;
@@ -76,9 +76,12 @@ struct BlockActs {
   float* out = nullptr;  // [n, c]
 };
 
-// Gradient scratch shared by all layers' backward passes (sized for n rows).
+// Gradient scratch shared by all layers' backward passes (sized for n rows). dnorm (summed over
+// several GEMMs) and dh (the residual stream's) are fp32; the others are operands: written by one
+// backward op and read by the next GEMM or attention backward.
 struct GradScratch {
-  float *dnorm, *dh, *dq, *dk, *dv, *datt, *dact, *dh1, *dh3;
+  float *dnorm, *dh;
+  Operand dq, dk, dv, datt, dact, dh1, dh3;
 };
 
 NormActs MakeNormActs(Arena& a, int n, int c);

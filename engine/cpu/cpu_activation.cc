@@ -15,8 +15,9 @@ inline float Sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
 }  // namespace
 
-void CpuBackend::GeluForward(Operand out_op, const float* x, size_t n) {
+void CpuBackend::GeluForward(Operand out_op, ConstOperand x_op, size_t n) {
   float* out = out_op.f32();
+  const float* x = x_op.f32();
   const ptrdiff_t nn = static_cast<ptrdiff_t>(n);
 #pragma omp parallel for schedule(static) if (n >= kParallelMin)
   for (ptrdiff_t i = 0; i < nn; ++i) {
@@ -26,7 +27,9 @@ void CpuBackend::GeluForward(Operand out_op, const float* x, size_t n) {
   }
 }
 
-void CpuBackend::GeluBackward(float* dx, const float* dout, const float* x, size_t n) {
+void CpuBackend::GeluBackward(Operand dx_op, ConstOperand dout_op, ConstOperand x_op, size_t n) {
+  float* dx = dx_op.f32();
+  const float *dout = dout_op.f32(), *x = x_op.f32();
   // d/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 x^2).
   const ptrdiff_t nn = static_cast<ptrdiff_t>(n);
 #pragma omp parallel for schedule(static) if (n >= kParallelMin)
@@ -40,8 +43,9 @@ void CpuBackend::GeluBackward(float* dx, const float* dout, const float* x, size
   }
 }
 
-void CpuBackend::SwiGluForward(Operand out_op, const float* gate, const float* up, size_t n) {
+void CpuBackend::SwiGluForward(Operand out_op, ConstOperand gate_op, ConstOperand up_op, size_t n) {
   float* out = out_op.f32();
+  const float *gate = gate_op.f32(), *up = up_op.f32();
   const ptrdiff_t nn = static_cast<ptrdiff_t>(n);
 #pragma omp parallel for schedule(static) if (n >= kParallelMin)
   for (ptrdiff_t i = 0; i < nn; ++i) {
@@ -50,8 +54,10 @@ void CpuBackend::SwiGluForward(Operand out_op, const float* gate, const float* u
   }
 }
 
-void CpuBackend::SwiGluBackward(float* dgate, float* dup, const float* dout, const float* gate,
-                                const float* up, size_t n) {
+void CpuBackend::SwiGluBackward(Operand dgate_op, Operand dup_op, ConstOperand dout_op,
+                                ConstOperand gate_op, ConstOperand up_op, size_t n) {
+  float *dgate = dgate_op.f32(), *dup = dup_op.f32();
+  const float *dout = dout_op.f32(), *gate = gate_op.f32(), *up = up_op.f32();
   // silu'(g) = s (1 + g (1 - s)), s = sigmoid(g).
   const ptrdiff_t nn = static_cast<ptrdiff_t>(n);
 #pragma omp parallel for schedule(static) if (n >= kParallelMin)

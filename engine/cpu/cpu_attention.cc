@@ -86,10 +86,12 @@ void CpuBackend::AttentionForward(Operand out_op, float* lse, ConstOperand q_op,
   }
 }
 
-void CpuBackend::AttentionBackward(float* dq, float* dk, float* dv, const float* dout,
-                                   ConstOperand out_op, const float* lse, ConstOperand q_op,
-                                   ConstOperand k_op, ConstOperand v_op, int b, int t, int hq,
-                                   int hkv, int d) {
+void CpuBackend::AttentionBackward(Operand dq_op, Operand dk_op, Operand dv_op,
+                                   ConstOperand dout_op, ConstOperand out_op, const float* lse,
+                                   ConstOperand q_op, ConstOperand k_op, ConstOperand v_op, int b,
+                                   int t, int hq, int hkv, int d) {
+  float *dq = dq_op.f32(), *dk = dk_op.f32(), *dv = dv_op.f32();
+  const float* dout = dout_op.f32();
   const float* out = out_op.f32();
   const float *q = q_op.f32(), *k = k_op.f32(), *v = v_op.f32();
   CheckAttentionSizes(t, t, t, hq, hkv, 0);

@@ -49,7 +49,7 @@ class CpuBackend final : public Backend {
   // in: [n, in_dim], w: [out_dim, in_dim], bias: [out_dim], out: [n, out_dim].
   void Linear(Operand out, ConstOperand in, const float* w, const float* bias, int n, int in_dim,
               int out_dim, bool accumulate) override;
-  void LinearBackward(float* din, float* dw, float* dbias, const float* dout, ConstOperand in,
+  void LinearBackward(Operand din, float* dw, float* dbias, ConstOperand dout, ConstOperand in,
                       const float* w, int n, int in_dim, int out_dim, bool accumulate_din) override;
 
   // ---- norms (cpu_norm.cc) ------------------------------------------------------------------
@@ -65,17 +65,17 @@ class CpuBackend final : public Backend {
                        const float* rstd, int n, int c) override;
 
   // ---- activations (cpu_activation.cc) ------------------------------------------------------
-  void GeluForward(Operand out, const float* x, size_t n) override;
-  void GeluBackward(float* dx, const float* dout, const float* x, size_t n) override;
-  void SwiGluForward(Operand out, const float* gate, const float* up, size_t n) override;
-  void SwiGluBackward(float* dgate, float* dup, const float* dout, const float* gate,
-                      const float* up, size_t n) override;
+  void GeluForward(Operand out, ConstOperand x, size_t n) override;
+  void GeluBackward(Operand dx, ConstOperand dout, ConstOperand x, size_t n) override;
+  void SwiGluForward(Operand out, ConstOperand gate, ConstOperand up, size_t n) override;
+  void SwiGluBackward(Operand dgate, Operand dup, ConstOperand dout, ConstOperand gate,
+                      ConstOperand up, size_t n) override;
 
   // ---- rotary position embedding (cpu_rope.cc) ----------------------------------------------
   // x/dx: [n, heads, head_dim], pos: [n].
   void RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim,
                    float theta) override;
-  void RopeBackward(float* dx, const int32_t* pos, int n, int heads, int head_dim,
+  void RopeBackward(Operand dx, const int32_t* pos, int n, int heads, int head_dim,
                     float theta) override;
 
   // ---- attention (cpu_attention.cc) ---------------------------------------------------------
@@ -84,7 +84,7 @@ class CpuBackend final : public Backend {
                         int b, int tq, int tk, int tk_cap, int hq, int hkv, int d,
                         int q_offset) override;
   // dq/dout/out: [b, t, hq, d]; dk/dv: [b, t, hkv, d]; lse: [b, hq, t].
-  void AttentionBackward(float* dq, float* dk, float* dv, const float* dout, ConstOperand out,
+  void AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout, ConstOperand out,
                          const float* lse, ConstOperand q, ConstOperand k, ConstOperand v, int b,
                          int t, int hq, int hkv, int d) override;
 

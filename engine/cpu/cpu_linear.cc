@@ -56,9 +56,11 @@ void CpuBackend::Linear(Operand out_op, ConstOperand in_op, const float* w, cons
   if (bias != nullptr) AddBias(out, bias, n, out_dim);
 }
 
-void CpuBackend::LinearBackward(float* din, float* dw, float* dbias, const float* dout,
+void CpuBackend::LinearBackward(Operand din_op, float* dw, float* dbias, ConstOperand dout_op,
                                 ConstOperand in_op, const float* w, int n, int in_dim, int out_dim,
                                 bool accumulate_din) {
+  float* din = din_op.f32();
+  const float* dout = dout_op.f32();
   const float* in = in_op.f32();
   if (n <= 0) return;
   if (din != nullptr && in_dim > 0) {

@@ -42,10 +42,10 @@ void CpuBackend::RopeForward(Operand x, const int32_t* pos, int n, int heads, in
   Rotate(x.f32(), pos, n, heads, head_dim, theta, 1.0);
 }
 
-void CpuBackend::RopeBackward(float* dx, const int32_t* pos, int n, int heads, int head_dim,
+void CpuBackend::RopeBackward(Operand dx, const int32_t* pos, int n, int heads, int head_dim,
                               float theta) {
   // The forward is y = R x with R orthogonal, so dx = R^T dy: rotate by the negated angle.
-  Rotate(dx, pos, n, heads, head_dim, theta, -1.0);
+  Rotate(dx.f32(), pos, n, heads, head_dim, theta, -1.0);
 }
 
 }  // namespace eellm

@@ -282,21 +282,26 @@ void CudaBackend::Linear(Operand out, ConstOperand in, const float* w, const flo
   }
 }
 
-void CudaBackend::LinearBackward(float* din, float* dw, float* dbias, const float* dout,
+void CudaBackend::LinearBackward(Operand din, float* dw, float* dbias, ConstOperand dout,
                                  ConstOperand in, const float* w, int n, int in_dim, int out_dim,
                                  bool accumulate_din) {
   if (n <= 0) return;
-  // With a bf16 input, dout is converted to bf16 once and both GEMMs multiply bf16 by bf16.
+  // With a bf16 input and an fp32 dout (the residual stream's gradient, the heads' dlogits), dout
+  // is converted to bf16 once and both GEMMs multiply bf16 by bf16.
   ConstOperand dout_op = dout;
-  if (in.is_bf16() && out_dim > 0 && in_dim > 0 && (din != nullptr || dw != nullptr)) {
+  if (in.is_bf16() && !dout.is_bf16() && out_dim > 0 && in_dim > 0 &&
+      (din.data != nullptr || dw != nullptr)) {
     const size_t count = static_cast<size_t>(n) * out_dim;
     auto* d16 = static_cast<uint16_t*>(Scratch(count * sizeof(uint16_t), 4));
-    CUDA_CHECK(cuda::ToBf16(d16, dout, count, stream_));
+    CUDA_CHECK(cuda::ToBf16(d16, dout.f32(), count, stream_));
     dout_op = ConstOperand(d16, DType::kBF16);
   }
-  if (din != nullptr && in_dim > 0) {
+  if (din.data != nullptr && in_dim > 0) {
     if (out_dim <= 0) {
-      if (!accumulate_din) Fill(din, static_cast<size_t>(n) * in_dim, 0.0f);
+      if (!accumulate_din) {
+        const size_t bytes = static_cast<size_t>(n) * in_dim * DTypeSize(din.dtype);
+        CUDA_CHECK(cudaMemsetAsync(din.data, 0, bytes, stream_));  // 0 in fp32 and bf16
+      }
     } else {
       // din[n, i] = dout[n, o] @ w[o, i] (+ din).
       Gemm(false, false, n, in_dim, out_dim, 1.0f, dout_op, out_dim, w, in_dim,
@@ -308,7 +313,7 @@ void CudaBackend::LinearBackward(float* din, float* dw, float* dbias, const floa
     // dw[o, i] += dout[n, o]^T @ in[n, i].
     Gemm(true, false, out_dim, in_dim, n, 1.0f, dout_op, out_dim, in, in_dim, 1.0f, dw, in_dim);
   }
-  if (dbias != nullptr) CUDA_CHECK(cuda::ColumnSumAdd(dbias, dout, n, out_dim, stream_));
+  if (dbias != nullptr) CUDA_CHECK(cuda::ColumnSumAdd(dbias, ToElems(dout), n, out_dim, stream_));
 }
 
 // ---- norms, activations, RoPE -------------------------------------------------------------------
@@ -330,25 +335,26 @@ void CudaBackend::RmsNormBackward(float* dx, float* dg, const float* dout, const
                                   const float* g, const float* rstd, int n, int c) {
   CUDA_CHECK(cuda::RmsNormBackward(dx, dg, dout, x, g, rstd, n, c, stream_));
 }
-void CudaBackend::GeluForward(Operand out, const float* x, size_t n) {
-  CUDA_CHECK(cuda::GeluForward(ToElems(out), x, n, stream_));
+void CudaBackend::GeluForward(Operand out, ConstOperand x, size_t n) {
+  CUDA_CHECK(cuda::GeluForward(ToElems(out), ToElems(x), n, stream_));
 }
-void CudaBackend::GeluBackward(float* dx, const float* dout, const float* x, size_t n) {
-  CUDA_CHECK(cuda::GeluBackward(dx, dout, x, n, stream_));
+void CudaBackend::GeluBackward(Operand dx, ConstOperand dout, ConstOperand x, size_t n) {
+  CUDA_CHECK(cuda::GeluBackward(ToElems(dx), ToElems(dout), ToElems(x), n, stream_));
 }
-void CudaBackend::SwiGluForward(Operand out, const float* gate, const float* up, size_t n) {
-  CUDA_CHECK(cuda::SwiGluForward(ToElems(out), gate, up, n, stream_));
+void CudaBackend::SwiGluForward(Operand out, ConstOperand gate, ConstOperand up, size_t n) {
+  CUDA_CHECK(cuda::SwiGluForward(ToElems(out), ToElems(gate), ToElems(up), n, stream_));
 }
-void CudaBackend::SwiGluBackward(float* dgate, float* dup, const float* dout, const float* gate,
-                                 const float* up, size_t n) {
-  CUDA_CHECK(cuda::SwiGluBackward(dgate, dup, dout, gate, up, n, stream_));
+void CudaBackend::SwiGluBackward(Operand dgate, Operand dup, ConstOperand dout, ConstOperand gate,
+                                 ConstOperand up, size_t n) {
+  CUDA_CHECK(cuda::SwiGluBackward(ToElems(dgate), ToElems(dup), ToElems(dout), ToElems(gate),
+                                  ToElems(up), n, stream_));
 }
 void CudaBackend::RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim,
                               float theta) {
   EE_CHECK(head_dim % 2 == 0, "RoPE needs an even head_dim, got ", head_dim);
   CUDA_CHECK(cuda::Rope(ToElems(x), pos, n, heads, head_dim, theta, 1.0, stream_));
 }
-void CudaBackend::RopeBackward(float* dx, const int32_t* pos, int n, int heads, int head_dim,
+void CudaBackend::RopeBackward(Operand dx, const int32_t* pos, int n, int heads, int head_dim,
                                float theta) {
   EE_CHECK(head_dim % 2 == 0, "RoPE needs an even head_dim, got ", head_dim);
   CUDA_CHECK(cuda::Rope(ToElems(dx), pos, n, heads, head_dim, theta, -1.0, stream_));
@@ -398,7 +404,7 @@ void CudaBackend::AttentionForward(Operand out_op, float* lse, ConstOperand q, C
   if (out_op.is_bf16()) CUDA_CHECK(cuda::ToBf16(out_op.bf16_bits(), out, out_count, stream_));
 }
 
-void CudaBackend::AttentionBackward(float* dq, float* dk, float* dv, const float* dout,
+void CudaBackend::AttentionBackward(Operand dq_op, Operand dk_op, Operand dv_op, ConstOperand dout,
                                     ConstOperand out, const float* lse, ConstOperand q,
                                     ConstOperand k, ConstOperand v, int b, int t, int hq, int hkv,
                                     int d) {
@@ -408,13 +414,25 @@ void CudaBackend::AttentionBackward(float* dq, float* dk, float* dv, const float
   // the heads sharing a KV head, in head order. (rowsum(P * dP) equals dO . O, which the CPU
   // uses; the fused kernels use it.)
   EE_CHECK(q.dtype == k.dtype && q.dtype == v.dtype, "attention q, k, v of different dtypes");
-  if (UseFlash(d, {dq, dk, dv, dout, out.data, q.data, k.data, v.data})) {
+  EE_CHECK(dq_op.dtype == q.dtype && dk_op.dtype == q.dtype && dv_op.dtype == q.dtype,
+           "attention gradients dq, dk, dv must have q's dtype ", DTypeName(q.dtype));
+  EE_CHECK(dout.dtype == out.dtype, "attention dout must have out's dtype ", DTypeName(out.dtype));
+  if (UseFlash(d,
+               {dq_op.data, dk_op.data, dv_op.data, dout.data, out.data, q.data, k.data, v.data})) {
     float* dsum = static_cast<float*>(Scratch(static_cast<size_t>(b) * hq * t * sizeof(float), 0));
-    CUDA_CHECK(cuda::FlashAttentionBackward(dq, dk, dv, dout, ToElems(out), lse, dsum, ToElems(q),
+    CUDA_CHECK(cuda::FlashAttentionBackward(ToElems(dq_op), ToElems(dk_op), ToElems(dv_op),
+                                            ToElems(dout), ToElems(out), lse, dsum, ToElems(q),
                                             ToElems(k), ToElems(v), b, t, hq, hkv, d, stream_));
     return;
   }
-  // The unfused path recomputes everything from Q, K, V and the lse; it does not read `out`.
+  // The unfused path recomputes everything from Q, K, V and the lse; it does not read `out`. It
+  // accumulates in fp32 (bf16 gradients go through scratch, converted at the end).
+  const size_t nq = static_cast<size_t>(b) * t * hq * d, nkv = static_cast<size_t>(b) * t * hkv * d;
+  const bool bf16 = dq_op.is_bf16();
+  float* grads = bf16 ? static_cast<float*>(Scratch((nq + 2 * nkv) * sizeof(float), 5)) : nullptr;
+  float* dq = bf16 ? grads : dq_op.f32();
+  float* dk = bf16 ? grads + nq : dk_op.f32();
+  float* dv = bf16 ? grads + nq + nkv : dv_op.f32();
   const int group = hq / hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   float* p = static_cast<float*>(Scratch(static_cast<size_t>(t) * t * sizeof(float), 0));
@@ -427,7 +445,7 @@ void CudaBackend::AttentionBackward(float* dq, float* dk, float* dv, const float
       CUDA_CHECK(cudaMemset2DAsync(dv + kv_off, pitch, 0, d * sizeof(float), t, stream_));
       for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
         const size_t q_off = (static_cast<size_t>(bi) * t * hq + h) * d;
-        const float* doh = dout + q_off;
+        const ConstOperand doh = dout.At(q_off);
         Gemm(false, true, t, t, d, scale, q.At(q_off), hq * d, k.At(kv_off), hkv * d, 0.0f, p, t);
         CUDA_CHECK(cuda::ProbsFromLse(p, lse + (static_cast<size_t>(bi) * hq + h) * t, t, stream_));
         Gemm(true, false, t, d, t, 1.0f, p, t, doh, hq * d, 1.0f, dv + kv_off, hkv * d);
@@ -437,6 +455,11 @@ void CudaBackend::AttentionBackward(float* dq, float* dk, float* dv, const float
         Gemm(true, false, t, d, t, scale, ds, t, q.At(q_off), hq * d, 1.0f, dk + kv_off, hkv * d);
       }
     }
+  }
+  if (bf16) {
+    CUDA_CHECK(cuda::ToBf16(dq_op.bf16_bits(), dq, nq, stream_));
+    CUDA_CHECK(cuda::ToBf16(dk_op.bf16_bits(), dk, nkv, stream_));
+    CUDA_CHECK(cuda::ToBf16(dv_op.bf16_bits(), dv, nkv, stream_));
   }
 }
 

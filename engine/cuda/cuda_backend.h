@@ -71,7 +71,7 @@ class CudaBackend final : public Backend {
 
   void Linear(Operand out, ConstOperand in, const float* w, const float* bias, int n, int in_dim,
               int out_dim, bool accumulate) override;
-  void LinearBackward(float* din, float* dw, float* dbias, const float* dout, ConstOperand in,
+  void LinearBackward(Operand din, float* dw, float* dbias, ConstOperand dout, ConstOperand in,
                       const float* w, int n, int in_dim, int out_dim, bool accumulate_din) override;
 
   void LayerNormForward(Operand out, float* mean, float* rstd, const float* x, const float* g,
@@ -84,21 +84,21 @@ class CudaBackend final : public Backend {
   void RmsNormBackward(float* dx, float* dg, const float* dout, const float* x, const float* g,
                        const float* rstd, int n, int c) override;
 
-  void GeluForward(Operand out, const float* x, size_t n) override;
-  void GeluBackward(float* dx, const float* dout, const float* x, size_t n) override;
-  void SwiGluForward(Operand out, const float* gate, const float* up, size_t n) override;
-  void SwiGluBackward(float* dgate, float* dup, const float* dout, const float* gate,
-                      const float* up, size_t n) override;
+  void GeluForward(Operand out, ConstOperand x, size_t n) override;
+  void GeluBackward(Operand dx, ConstOperand dout, ConstOperand x, size_t n) override;
+  void SwiGluForward(Operand out, ConstOperand gate, ConstOperand up, size_t n) override;
+  void SwiGluBackward(Operand dgate, Operand dup, ConstOperand dout, ConstOperand gate,
+                      ConstOperand up, size_t n) override;
 
   void RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim,
                    float theta) override;
-  void RopeBackward(float* dx, const int32_t* pos, int n, int heads, int head_dim,
+  void RopeBackward(Operand dx, const int32_t* pos, int n, int heads, int head_dim,
                     float theta) override;
 
   void AttentionForward(Operand out, float* lse, ConstOperand q, ConstOperand k, ConstOperand v,
                         int b, int tq, int tk, int tk_cap, int hq, int hkv, int d,
                         int q_offset) override;
-  void AttentionBackward(float* dq, float* dk, float* dv, const float* dout, ConstOperand out,
+  void AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout, ConstOperand out,
                          const float* lse, ConstOperand q, ConstOperand k, ConstOperand v, int b,
                          int t, int hq, int hkv, int d) override;
 
@@ -150,7 +150,8 @@ class CudaBackend final : public Backend {
     size_t bytes = 0;
   };
   // 0-1 attention, 2 SumSquares partials, 3 and 6 bf16 GEMM operands (A and B side), 4 bf16
-  // dout of LinearBackward, 5 fp32 attention output before its conversion to bf16 (unfused path).
+  // dout of LinearBackward, 5 fp32 attention output, or dq|dk|dv, before their conversion to
+  // bf16 (unfused path).
   Slot scratch_[7];
   struct WeightCopy {
     const float* base = nullptr;

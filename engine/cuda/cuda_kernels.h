@@ -37,14 +37,14 @@ cudaError_t EmbeddingForwardRange(float* out, const int32_t* ids, const float* t
 cudaError_t EmbeddingBackwardRange(float* dtable, const int32_t* ids, const float* dout, int n,
                                    int c, int start, int rows, cudaStream_t s);
 cudaError_t AddBias(Elems out, const float* bias, int n, int cols, cudaStream_t s);
-cudaError_t ColumnSumAdd(float* dst, const float* x, int n, int cols, cudaStream_t s);
-// The forward outputs of GELU, SwiGLU and the norms are operands (engine/tensor/operand.h):
-// fp32 or bf16.
-cudaError_t GeluForward(Elems out, const float* x, size_t n, cudaStream_t s);
-cudaError_t GeluBackward(float* dx, const float* dout, const float* x, size_t n, cudaStream_t s);
-cudaError_t SwiGluForward(Elems out, const float* gate, const float* up, size_t n, cudaStream_t s);
-cudaError_t SwiGluBackward(float* dgate, float* dup, const float* dout, const float* gate,
-                           const float* up, size_t n, cudaStream_t s);
+cudaError_t ColumnSumAdd(float* dst, Elems x, int n, int cols, cudaStream_t s);
+// The inputs and outputs of GELU and SwiGLU, forward and backward, and the forward outputs of the
+// norms are operands (engine/tensor/operand.h): fp32 or bf16.
+cudaError_t GeluForward(Elems out, Elems x, size_t n, cudaStream_t s);
+cudaError_t GeluBackward(Elems dx, Elems dout, Elems x, size_t n, cudaStream_t s);
+cudaError_t SwiGluForward(Elems out, Elems gate, Elems up, size_t n, cudaStream_t s);
+cudaError_t SwiGluBackward(Elems dgate, Elems dup, Elems dout, Elems gate, Elems up, size_t n,
+                           cudaStream_t s);
 cudaError_t Rope(Elems x, const int32_t* pos, int n, int heads, int head_dim, float theta,
                  double sign, cudaStream_t s);
 cudaError_t AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1,
@@ -86,12 +86,13 @@ cudaError_t CrossEntropyGradRange(float* dlogits, const float* logits, const flo
 // flash_attention.cu: fused causal GQA attention on tensor cores (bf16 operands, fp32
 // accumulation; q, k, v and out fp32 or bf16 (q, k, v of one dtype), lse and gradients fp32),
 // for head dimensions FlashAttentionSupports accepts. q, k, v, out, dout and the gradients must be
-// 16-byte aligned. The backward writes dq, dk, dv and uses dsum[b * hq * t] as scratch.
+// 16-byte aligned. The backward writes dq, dk, dv (of q's dtype) from dout (of out's dtype) and
+// uses dsum[b * hq * t] as scratch.
 bool FlashAttentionSupports(int d);
 cudaError_t FlashAttentionForward(Elems out, float* lse, Elems q, Elems k, Elems v, int b, int tq,
                                   int tk, int tk_cap, int hq, int hkv, int d, int q_offset,
                                   cudaStream_t s);
-cudaError_t FlashAttentionBackward(float* dq, float* dk, float* dv, const float* dout, Elems out,
+cudaError_t FlashAttentionBackward(Elems dq, Elems dk, Elems dv, Elems dout, Elems out,
                                    const float* lse, float* dsum, Elems q, Elems k, Elems v, int b,
                                    int t, int hq, int hkv, int d, cudaStream_t s);
 

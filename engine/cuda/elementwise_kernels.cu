@@ -146,22 +146,21 @@ __global__ void __launch_bounds__(kEmbThreads, 2)
   if (j < c) dtable[at] = acc;
 }
 
-template <typename T>
-__global__ void AddBiasKernel(T* out, const float* bias, int n, int cols) {
-  GRID_STRIDE(i, static_cast<size_t>(n) * cols) {
-    StoreFloat(out + i, LoadAsFloat(out + i) + bias[i % cols]);
-  }
+// The operands of the kernels below (activations, their gradients) are fp32 or bf16 Elems.
+__global__ void AddBiasKernel(Elems out, const float* bias, int n, int cols) {
+  GRID_STRIDE(i, static_cast<size_t>(n) * cols) StoreAt(out, i, LoadAt(out, i) + bias[i % cols]);
 }
 
 // dst[j] += sum over rows of x[r, j] (double), in the fixed order of block_reduce.cuh's column
 // sums.
 __global__ void __launch_bounds__(kColMaxThreads, 2)
-    ColumnSumAddKernel(float* dst, const float* x, int n, int cols) {
+    ColumnSumAddKernel(float* dst, Elems x, int n, int cols) {
   __shared__ double part[kMaxRowGroups][kColTile];
   const int j = blockIdx.x * kColTile + threadIdx.x;
   double acc = 0.0;
   if (j < cols) {
-    for (int r = threadIdx.y; r < n; r += blockDim.y) acc += x[static_cast<size_t>(r) * cols + j];
+    for (int r = threadIdx.y; r < n; r += blockDim.y)
+      acc += LoadAt(x, static_cast<size_t>(r) * cols + j);
   }
   const double total = ColumnGroupSum(acc, part);
   if (threadIdx.y == 0 && j < cols) dst[j] += static_cast<float>(total);
@@ -170,48 +169,43 @@ __global__ void __launch_bounds__(kColMaxThreads, 2)
 constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2 / pi)
 constexpr float kGeluCubic = 0.044715f;
 
-// The forward outputs are GEMM operands: OutT float or __nv_bfloat16.
-template <typename OutT>
-__global__ void GeluForwardKernel(OutT* out, const float* x, size_t n) {
+__global__ void GeluForwardKernel(Elems out, Elems x, size_t n) {
   GRID_STRIDE(i, n) {
-    const float xi = x[i];
+    const float xi = LoadAt(x, i);
     const float u = kGeluScale * (xi + kGeluCubic * xi * xi * xi);
-    StoreFloat(out + i, 0.5f * xi * (1.0f + tanhf(u)));
+    StoreAt(out, i, 0.5f * xi * (1.0f + tanhf(u)));
   }
 }
-__global__ void GeluBackwardKernel(float* dx, const float* dout, const float* x, size_t n) {
+__global__ void GeluBackwardKernel(Elems dx, Elems dout, Elems x, size_t n) {
   GRID_STRIDE(i, n) {
-    const float xi = x[i];
+    const float xi = LoadAt(x, i);
     const float u = kGeluScale * (xi + kGeluCubic * xi * xi * xi);
     const float th = tanhf(u);
     const float du = kGeluScale * (1.0f + 3.0f * kGeluCubic * xi * xi);
     const float grad = 0.5f * (1.0f + th) + 0.5f * xi * (1.0f - th * th) * du;
-    dx[i] = grad * dout[i];
+    StoreAt(dx, i, grad * LoadAt(dout, i));  // dx may alias dout: same index
   }
 }
 __device__ float Sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
-template <typename OutT>
-__global__ void SwiGluForwardKernel(OutT* out, const float* gate, const float* up, size_t n) {
+__global__ void SwiGluForwardKernel(Elems out, Elems gate, Elems up, size_t n) {
   GRID_STRIDE(i, n) {
-    const float gi = gate[i];
-    StoreFloat(out + i, gi * Sigmoid(gi) * up[i]);
+    const float gi = LoadAt(gate, i);
+    StoreAt(out, i, gi * Sigmoid(gi) * LoadAt(up, i));
   }
 }
-__global__ void SwiGluBackwardKernel(float* dgate, float* dup, const float* dout, const float* gate,
-                                     const float* up, size_t n) {
+__global__ void SwiGluBackwardKernel(Elems dgate, Elems dup, Elems dout, Elems gate, Elems up,
+                                     size_t n) {
   GRID_STRIDE(i, n) {
-    const float gi = gate[i], ui = up[i], dy = dout[i];
+    const float gi = LoadAt(gate, i), ui = LoadAt(up, i), dy = LoadAt(dout, i);
     const float s = Sigmoid(gi);
     const float dsilu = s * (1.0f + gi * (1.0f - s));
-    dgate[i] = dy * ui * dsilu;
-    dup[i] = dy * gi * s;
+    StoreAt(dgate, i, dy * ui * dsilu);
+    StoreAt(dup, i, dy * gi * s);
   }
 }
 
 // One thread per (token, pair index i < head_dim / 2), all heads.
-// x: fp32, or bf16 (a GEMM output that attention multiplies: q and k of cuda-bf16w).
-template <typename T>
-__global__ void RopeKernel(T* x, const int32_t* pos, int n, int heads, int head_dim, float theta,
+__global__ void RopeKernel(Elems x, const int32_t* pos, int n, int heads, int head_dim, float theta,
                            double sign) {
   const int half = head_dim / 2;
   GRID_STRIDE(k, static_cast<size_t>(n) * half) {
@@ -220,12 +214,11 @@ __global__ void RopeKernel(T* x, const int32_t* pos, int n, int heads, int head_
     const double angle = sign * static_cast<double>(pos[t]) * inv_freq;
     const float c = static_cast<float>(cos(angle));
     const float s = static_cast<float>(sin(angle));
-    T* xt = x + static_cast<size_t>(t) * heads * head_dim;
     for (int h = 0; h < heads; ++h) {
-      T* xh = xt + static_cast<size_t>(h) * head_dim;
-      const float a = LoadAsFloat(xh + i), b = LoadAsFloat(xh + i + half);
-      StoreFloat(xh + i, a * c - b * s);
-      StoreFloat(xh + i + half, b * c + a * s);
+      const size_t at = (static_cast<size_t>(t) * heads + h) * head_dim + i;
+      const float a = LoadAt(x, at), b = LoadAt(x, at + half);
+      StoreAt(x, at, a * c - b * s);
+      StoreAt(x, at + half, b * c + a * s);
     }
   }
 }
@@ -300,38 +293,30 @@ cudaError_t EmbeddingBackwardRange(float* dtable, const int32_t* ids, const floa
 }
 cudaError_t AddBias(Elems out, const float* bias, int n, int cols, cudaStream_t s) {
   const size_t total = static_cast<size_t>(n) * cols;
-  if (total == 0) return cudaGetLastError();
-  return WithElementType(out, [&](auto* o) {
-    return LaunchKernel(AddBiasKernel<ElementOf<decltype(o)>>, dim3(Blocks(total)), dim3(kThreads),
-                        0, s, o, bias, n, cols);
-  });
+  if (total)
+    LaunchKernel(AddBiasKernel, dim3(Blocks(total)), dim3(kThreads), 0, s, out, bias, n, cols);
+  return cudaGetLastError();
 }
-cudaError_t ColumnSumAdd(float* dst, const float* x, int n, int cols, cudaStream_t s) {
+cudaError_t ColumnSumAdd(float* dst, Elems x, int n, int cols, cudaStream_t s) {
   if (n > 0 && cols > 0)
     LaunchKernel(ColumnSumAddKernel, dim3((cols + kColTile - 1) / kColTile),
                  dim3(kColTile, ColumnRowGroups(n)), 0, s, dst, x, n, cols);
   return cudaGetLastError();
 }
-cudaError_t GeluForward(Elems out, const float* x, size_t n, cudaStream_t s) {
-  if (n == 0) return cudaGetLastError();
-  return WithElementType(out, [&](auto* o) {
-    return LaunchKernel(GeluForwardKernel<ElementOf<decltype(o)>>, dim3(Blocks(n)), dim3(kThreads),
-                        0, s, o, x, n);
-  });
+cudaError_t GeluForward(Elems out, Elems x, size_t n, cudaStream_t s) {
+  if (n) LaunchKernel(GeluForwardKernel, dim3(Blocks(n)), dim3(kThreads), 0, s, out, x, n);
+  return cudaGetLastError();
 }
-cudaError_t GeluBackward(float* dx, const float* dout, const float* x, size_t n, cudaStream_t s) {
+cudaError_t GeluBackward(Elems dx, Elems dout, Elems x, size_t n, cudaStream_t s) {
   if (n) LaunchKernel(GeluBackwardKernel, dim3(Blocks(n)), dim3(kThreads), 0, s, dx, dout, x, n);
   return cudaGetLastError();
 }
-cudaError_t SwiGluForward(Elems out, const float* gate, const float* up, size_t n, cudaStream_t s) {
-  if (n == 0) return cudaGetLastError();
-  return WithElementType(out, [&](auto* o) {
-    return LaunchKernel(SwiGluForwardKernel<ElementOf<decltype(o)>>, dim3(Blocks(n)),
-                        dim3(kThreads), 0, s, o, gate, up, n);
-  });
+cudaError_t SwiGluForward(Elems out, Elems gate, Elems up, size_t n, cudaStream_t s) {
+  if (n) LaunchKernel(SwiGluForwardKernel, dim3(Blocks(n)), dim3(kThreads), 0, s, out, gate, up, n);
+  return cudaGetLastError();
 }
-cudaError_t SwiGluBackward(float* dgate, float* dup, const float* dout, const float* gate,
-                           const float* up, size_t n, cudaStream_t s) {
+cudaError_t SwiGluBackward(Elems dgate, Elems dup, Elems dout, Elems gate, Elems up, size_t n,
+                           cudaStream_t s) {
   if (n)
     LaunchKernel(SwiGluBackwardKernel, dim3(Blocks(n)), dim3(kThreads), 0, s, dgate, dup, dout,
                  gate, up, n);
@@ -340,11 +325,10 @@ cudaError_t SwiGluBackward(float* dgate, float* dup, const float* dout, const fl
 cudaError_t Rope(Elems x, const int32_t* pos, int n, int heads, int head_dim, float theta,
                  double sign, cudaStream_t s) {
   const size_t total = static_cast<size_t>(n) * (head_dim / 2);
-  if (total == 0) return cudaGetLastError();
-  return WithElementType(x, [&](auto* p) {
-    return LaunchKernel(RopeKernel<ElementOf<decltype(p)>>, dim3(Blocks(total)), dim3(kThreads), 0,
-                        s, p, pos, n, heads, head_dim, theta, sign);
-  });
+  if (total)
+    LaunchKernel(RopeKernel, dim3(Blocks(total)), dim3(kThreads), 0, s, x, pos, n, heads, head_dim,
+                 theta, sign);
+  return cudaGetLastError();
 }
 cudaError_t AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1,
                   float beta2, float eps, float weight_decay, float inv_bc1, float inv_bc2,

@@ -9,8 +9,9 @@
 // Backward (deterministic, no atomics): one kernel for dK and dV per (64 keys, KV head,
 // sequence) that loops over the heads of its group and the query tiles in a fixed order, and
 // one kernel for dQ per (64 queries, head, sequence). Each recomputes P from the saved
-// log-sum-exps; D_i = dO_i . O_i comes from a small kernel before them. The output O is fp32 or
-// bf16 (a GEMM operand, engine/tensor/operand.h).
+// log-sum-exps; D_i = dO_i . O_i comes from a small kernel before them. Every operand is fp32 or
+// bf16 (engine/tensor/operand.h): q, k, v and dq, dk, dv of one type (InT), O and dO of one type
+// (OutT).
 #include <cuda_bf16.h>
 #include <mma.h>
 
@@ -208,7 +209,7 @@ __global__ void __launch_bounds__(kThreads)
 // dot product with the rounded O, so a row of dS sums to zero only within bf16 rounding (the
 // model parity tolerances allow for it).
 template <typename OutT>
-__global__ void RowDotKernel(float* dsum, const float* dout, const OutT* out, int t, int hq, int d,
+__global__ void RowDotKernel(float* dsum, const OutT* dout, const OutT* out, int t, int hq, int d,
                              int rows) {
   const int warp_row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -217,7 +218,8 @@ __global__ void RowDotKernel(float* dsum, const float* dout, const OutT* out, in
   const int i = warp_row % t, h = (warp_row / t) % hq, bi = warp_row / (t * hq);
   const size_t off = ((static_cast<size_t>(bi) * t + i) * hq + h) * d;
   float acc = 0.0f;
-  for (int e = lane; e < d; e += 32) acc += dout[off + e] * LoadAsFloat(out + off + e);
+  for (int e = lane; e < d; e += 32)
+    acc += LoadAsFloat(dout + off + e) * LoadAsFloat(out + off + e);
   for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
   if (lane == 0) dsum[warp_row] = acc;
 }
@@ -245,9 +247,9 @@ struct BwdSmem {
 // Writes the block's accumulators (each warp 16 rows x D, times `scale`) to global rows
 // [row0, row0 + 64) below `rows` (row stride `stride`), staged through fp32 smem `stage`
 // ([64][D + kFSkew]). Ends with the block synchronised.
-template <int D>
-__device__ void StoreBlockRows(float* dst, size_t stride, int row0, int rows, FragC* acc,
-                               float scale, float* stage) {
+template <int D, typename T>
+__device__ void StoreBlockRows(T* dst, size_t stride, int row0, int rows, FragC* acc, float scale,
+                               float* stage) {
   constexpr int kLd = D + kFSkew;
   const int warp = threadIdx.x / 32;
   __syncthreads();  // every warp is done with the workspaces the stage overlays
@@ -258,7 +260,8 @@ __device__ void StoreBlockRows(float* dst, size_t stride, int row0, int rows, Fr
   __syncthreads();
   for (int i = threadIdx.x; i < kTile * D; i += kThreads) {
     const int r = i / D, c = i % D;
-    if (row0 + r < rows) dst[static_cast<size_t>(row0 + r) * stride + c] = stage[r * kLd + c];
+    if (row0 + r < rows)
+      StoreFloat(dst + static_cast<size_t>(row0 + r) * stride + c, stage[r * kLd + c]);
   }
 }
 
@@ -266,11 +269,11 @@ __device__ void StoreBlockRows(float* dst, size_t stride, int row0, int rows, Fr
 // k0 + 16w + 15. For each head of the group, then each query tile at or after the keys:
 //   S^T = K Q^T; P^T = exp(scale S^T - lse) (key <= query); dV += P^T dO; dP^T = V dO^T;
 //   dS^T = P^T (dP^T - D); dK += scale dS^T Q.
-template <int D, typename InT>
+template <int D, typename InT, typename OutT>
 __global__ void __launch_bounds__(kThreads)
-    FlashBackwardKvKernel(float* dk, float* dv, const float* dout, const float* lse,
-                          const float* dsum, const InT* q, const InT* k, const InT* v, int t,
-                          int hq, int hkv, float scale) {
+    FlashBackwardKvKernel(InT* dk, InT* dv, const OutT* dout, const float* lse, const float* dsum,
+                          const InT* q, const InT* k, const InT* v, int t, int hq, int hkv,
+                          float scale) {
   EE_DYNAMIC_SHARED(smem);
   using L = BwdSmem<D>;
   auto* ks = reinterpret_cast<__nv_bfloat16*>(smem + L::kA);
@@ -342,9 +345,9 @@ __global__ void __launch_bounds__(kThreads)
 // dQ for queries [q0, q0 + 64) of head h in sequence bi: warp w owns 16 of them. For each key
 // tile up to the queries: S = Q K^T; P = exp(scale S - lse); dP = dO V^T; dS = P (dP - D);
 // dQ += scale dS K.
-template <int D, typename InT>
+template <int D, typename InT, typename OutT>
 __global__ void __launch_bounds__(kThreads)
-    FlashBackwardQKernel(float* dq, const float* dout, const float* lse, const float* dsum,
+    FlashBackwardQKernel(InT* dq, const OutT* dout, const float* lse, const float* dsum,
                          const InT* q, const InT* k, const InT* v, int t, int hq, int hkv,
                          float scale) {
   EE_DYNAMIC_SHARED(smem);
@@ -415,7 +418,7 @@ cudaError_t LaunchForward(OutT* out, float* lse, const InT* q, const InT* k, con
 }
 
 template <int D, typename InT, typename OutT>
-cudaError_t LaunchBackward(float* dq, float* dk, float* dv, const float* dout, const OutT* out,
+cudaError_t LaunchBackward(InT* dq, InT* dk, InT* dv, const OutT* dout, const OutT* out,
                            const float* lse, float* dsum, const InT* q, const InT* k, const InT* v,
                            int b, int t, int hq, int hkv, cudaStream_t s) {
   constexpr size_t kBytes = BwdSmem<D>::kBytes;
@@ -424,18 +427,18 @@ cudaError_t LaunchBackward(float* dq, float* dk, float* dv, const float* dout, c
   cudaError_t e = LaunchKernel(RowDotKernel<OutT>, dim3((rows + 7) / 8), dim3(256), 0, s, dsum,
                                dout, out, t, hq, D, rows);
   if (e != cudaSuccess) return e;
-  e = cudaFuncSetAttribute(FlashBackwardKvKernel<D, InT>,
+  e = cudaFuncSetAttribute(FlashBackwardKvKernel<D, InT, OutT>,
                            cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
   if (e != cudaSuccess) return e;
-  e = cudaFuncSetAttribute(FlashBackwardQKernel<D, InT>,
+  e = cudaFuncSetAttribute(FlashBackwardQKernel<D, InT, OutT>,
                            cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
   if (e != cudaSuccess) return e;
   const int tiles = (t + kTile - 1) / kTile;
-  e = LaunchKernel(FlashBackwardKvKernel<D, InT>, dim3(tiles, hkv, b), dim3(kThreads), kBytes, s,
-                   dk, dv, dout, lse, dsum, q, k, v, t, hq, hkv, scale);
+  e = LaunchKernel(FlashBackwardKvKernel<D, InT, OutT>, dim3(tiles, hkv, b), dim3(kThreads), kBytes,
+                   s, dk, dv, dout, lse, dsum, q, k, v, t, hq, hkv, scale);
   if (e != cudaSuccess) return e;
-  return LaunchKernel(FlashBackwardQKernel<D, InT>, dim3(tiles, hq, b), dim3(kThreads), kBytes, s,
-                      dq, dout, lse, dsum, q, k, v, t, hq, hkv, scale);
+  return LaunchKernel(FlashBackwardQKernel<D, InT, OutT>, dim3(tiles, hq, b), dim3(kThreads),
+                      kBytes, s, dq, dout, lse, dsum, q, k, v, t, hq, hkv, scale);
 }
 
 template <typename InT, typename OutT>
@@ -455,9 +458,9 @@ cudaError_t Forward(OutT* out, float* lse, const InT* q, const InT* k, const InT
 }
 
 template <typename InT, typename OutT>
-cudaError_t Backward(float* dq, float* dk, float* dv, const float* dout, const OutT* out,
-                     const float* lse, float* dsum, const InT* q, const InT* k, const InT* v, int b,
-                     int t, int hq, int hkv, int d, cudaStream_t s) {
+cudaError_t Backward(InT* dq, InT* dk, InT* dv, const OutT* dout, const OutT* out, const float* lse,
+                     float* dsum, const InT* q, const InT* k, const InT* v, int b, int t, int hq,
+                     int hkv, int d, cudaStream_t s) {
   if (b == 0 || t == 0) return cudaSuccess;
   switch (d) {
     case 32:
@@ -488,15 +491,21 @@ cudaError_t FlashAttentionForward(Elems out, float* lse, Elems q, Elems k, Elems
   });
 }
 
-cudaError_t FlashAttentionBackward(float* dq, float* dk, float* dv, const float* dout, Elems out,
+cudaError_t FlashAttentionBackward(Elems dq, Elems dk, Elems dv, Elems dout, Elems out,
                                    const float* lse, float* dsum, Elems q, Elems k, Elems v, int b,
                                    int t, int hq, int hkv, int d, cudaStream_t s) {
-  if (q.bf16 != k.bf16 || q.bf16 != v.bf16) return cudaErrorInvalidValue;
+  for (const Elems& e : {k, v, dq, dk, dv}) {
+    if (e.bf16 != q.bf16) return cudaErrorInvalidValue;
+  }
+  if (dout.bf16 != out.bf16) return cudaErrorInvalidValue;
   return WithElementType(out, [&](auto* o) {
+    using OutT = ElementOf<decltype(o)>;
     return WithElementType(q, [&](auto* qp) {
       using InT = ElementOf<decltype(qp)>;
-      return Backward(dq, dk, dv, dout, o, lse, dsum, qp, static_cast<InT*>(k.data),
-                      static_cast<InT*>(v.data), b, t, hq, hkv, d, s);
+      return Backward(static_cast<InT*>(dq.data), static_cast<InT*>(dk.data),
+                      static_cast<InT*>(dv.data), static_cast<const OutT*>(dout.data), o, lse, dsum,
+                      qp, static_cast<InT*>(k.data), static_cast<InT*>(v.data), b, t, hq, hkv, d,
+                      s);
     });
   });
 }

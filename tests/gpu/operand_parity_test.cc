@@ -140,8 +140,88 @@ TEST_F(OperandParity, NormsAndActivationsWriteBf16) {
   EXPECT_TRUE(d.GuardsIntact());
 }
 
-// Attention reads q, k, v and writes O as bf16, and its backward reads them (D = dO . O);
-// head_dim 32 runs the fused kernels, 24 the per-head GEMM path.
+// The backward of a GEMM whose output gradient is bf16 (written by an activation's or attention's
+// backward): din written as bf16 (or added to fp32), dw and dbias accumulated in fp32.
+TEST_F(OperandParity, LinearBackwardReadsAndWritesBf16Gradients) {
+  const int n = 33, in = 40, out = 56;
+  const auto x = RoundedToBf16(RandVec(rng_, n * in));
+  const auto w = RandVec(rng_, out * in, 0.2);
+  const auto dout = RoundedToBf16(RandVec(rng_, n * out));
+  const auto dw0 = RandVec(rng_, out * in), db0 = RandVec(rng_, out), din0 = RandVec(rng_, n * in);
+  DeviceMem c(&cpu_), d(dev_);
+  const ConstOperand x_d = d.PutBf16(x), dout_d = d.PutBf16(dout);
+  {  // bf16 din, written.
+    float* din_c = c.Put(std::vector<float>(n * in, kNaN));
+    Operand din_d = d.PutBf16(std::vector<float>(n * in, kNaN));
+    float *dw_c = c.Put(dw0), *dw_d = d.Put(dw0), *db_c = c.Put(db0), *db_d = d.Put(db0);
+    cpu_.LinearBackward(din_c, dw_c, db_c, c.Put(dout), c.Put(x), c.Put(w), n, in, out, false);
+    dev_->LinearBackward(din_d, dw_d, db_d, dout_d, x_d, d.Put(w), n, in, out, false);
+    EXPECT_TRUE(Close(d.Get(din_d, n * in), c.Get(din_c, n * in), kGemmBf16)) << "din";
+    EXPECT_TRUE(Close(d.Get(dw_d, out * in), c.Get(dw_c, out * in), kGemmBf16)) << "dw";
+    EXPECT_TRUE(Close(d.Get(db_d, out), c.Get(db_c, out), testing::kReduction)) << "dbias";
+  }
+  {  // fp32 din, accumulated (the norm input's gradient, summed over q, k, v).
+    float *din_c = c.Put(din0), *din_d = d.Put(din0);
+    cpu_.LinearBackward(din_c, nullptr, nullptr, c.Put(dout), c.Put(x), c.Put(w), n, in, out, true);
+    dev_->LinearBackward(din_d, nullptr, nullptr, dout_d, x_d, d.Put(w), n, in, out, true);
+    EXPECT_TRUE(Close(d.Get(din_d, n * in), c.Get(din_c, n * in), kGemmBf16)) << "din +=";
+  }
+  EXPECT_TRUE(d.GuardsIntact());
+}
+
+// GELU and SwiGLU reading bf16 pre-activations (GEMM outputs), and their backward reading a bf16
+// gradient and writing bf16 gradients (also in place, dx aliasing dout); RoPE's backward on bf16.
+TEST_F(OperandParity, ActivationsAndRopeBackwardOnBf16) {
+  const int n = 23, ch = 64, heads = 4, hd = 16;
+  const size_t nc = static_cast<size_t>(n) * ch;
+  const auto x = RoundedToBf16(RandVec(rng_, nc, 2.0));
+  const auto up = RoundedToBf16(RandVec(rng_, nc));
+  const auto dy = RoundedToBf16(RandVec(rng_, nc));
+  std::vector<int32_t> pos(n);
+  for (int i = 0; i < n; ++i) pos[i] = 5 * i + 2;
+  DeviceMem c(&cpu_), d(dev_);
+  const std::vector<float> nan(nc, kNaN);
+  const Operand x_d = d.PutBf16(x), up_d = d.PutBf16(up), dy_d = d.PutBf16(dy);
+  {
+    float* out_c = c.Put(nan);
+    Operand out_d = d.PutBf16(nan);
+    cpu_.GeluForward(out_c, c.Put(x), nc);
+    dev_->GeluForward(out_d, x_d, nc);
+    EXPECT_TRUE(Close(d.Get(out_d, nc), c.Get(out_c, nc), kBf16Store)) << "GELU out";
+    float* dx_c = c.Put(nan);
+    Operand dx_d = d.PutBf16(nan);
+    cpu_.GeluBackward(dx_c, c.Put(dy), c.Put(x), nc);
+    dev_->GeluBackward(dx_d, dy_d, x_d, nc);
+    EXPECT_TRUE(Close(d.Get(dx_d, nc), c.Get(dx_c, nc), kBf16Store)) << "GELU dx";
+    Operand inplace_d = d.PutBf16(dy);
+    dev_->GeluBackward(inplace_d, inplace_d, x_d, nc);
+    EXPECT_TRUE(Close(d.Get(inplace_d, nc), c.Get(dx_c, nc), kBf16Store)) << "GELU dx in place";
+  }
+  {
+    float* out_c = c.Put(nan);
+    Operand out_d = d.PutBf16(nan);
+    cpu_.SwiGluForward(out_c, c.Put(x), c.Put(up), nc);
+    dev_->SwiGluForward(out_d, x_d, up_d, nc);
+    EXPECT_TRUE(Close(d.Get(out_d, nc), c.Get(out_c, nc), kBf16Store)) << "SwiGLU out";
+    float *dg_c = c.Put(nan), *du_c = c.Put(nan);
+    Operand dg_d = d.PutBf16(nan), du_d = d.PutBf16(nan);
+    cpu_.SwiGluBackward(dg_c, du_c, c.Put(dy), c.Put(x), c.Put(up), nc);
+    dev_->SwiGluBackward(dg_d, du_d, dy_d, x_d, up_d, nc);
+    EXPECT_TRUE(Close(d.Get(dg_d, nc), c.Get(dg_c, nc), kBf16Store)) << "SwiGLU dgate";
+    EXPECT_TRUE(Close(d.Get(du_d, nc), c.Get(du_c, nc), kBf16Store)) << "SwiGLU dup";
+  }
+  {
+    float* r_c = c.Put(dy);
+    Operand r_d = d.PutBf16(dy);
+    cpu_.RopeBackward(r_c, c.Put(pos), n, heads, hd, 10000.0f);
+    dev_->RopeBackward(r_d, d.Put(pos), n, heads, hd, 10000.0f);
+    EXPECT_TRUE(Close(d.Get(r_d, nc), c.Get(r_c, nc), Tol{4e-3, 1e-4})) << "RoPE backward";
+  }
+  EXPECT_TRUE(d.GuardsIntact());
+}
+
+// Attention reads q, k, v and writes O as bf16; its backward reads them and a bf16 dO (D = dO . O)
+// and writes bf16 dq, dk, dv; head_dim 32 runs the fused kernels, 24 the per-head GEMM path.
 TEST_F(OperandParity, AttentionWritesAndReadsBf16Output) {
   for (int dh : {32, 24}) {
     SCOPED_TRACE(::testing::Message() << "head_dim " << dh);
@@ -151,7 +231,7 @@ TEST_F(OperandParity, AttentionWritesAndReadsBf16Output) {
     const size_t nl = static_cast<size_t>(b) * hq * t;
     const auto q = RoundedToBf16(RandVec(rng_, nq)), k = RoundedToBf16(RandVec(rng_, nkv)),
                v = RoundedToBf16(RandVec(rng_, nkv));
-    const auto dout = RandVec(rng_, nq);
+    const auto dout = RoundedToBf16(RandVec(rng_, nq));
     DeviceMem c(&cpu_), d(dev_);
     float *out_c = c.Put(std::vector<float>(nq, kNaN)), *lse_c = c.Put(std::vector<float>(nl));
     Operand out_d = d.PutBf16(std::vector<float>(nq, kNaN));
@@ -164,11 +244,11 @@ TEST_F(OperandParity, AttentionWritesAndReadsBf16Output) {
     EXPECT_TRUE(Close(d.Get(lse_d, nl), c.Get(lse_c, nl), kGemmBf16)) << "lse";
     const std::vector<float> nan_q(nq, kNaN), nan_kv(nkv, kNaN);
     float *dq_c = c.Put(nan_q), *dk_c = c.Put(nan_kv), *dv_c = c.Put(nan_kv);
-    float *dq_d = d.Put(nan_q), *dk_d = d.Put(nan_kv), *dv_d = d.Put(nan_kv);
+    const Operand dq_d = d.PutBf16(nan_q), dk_d = d.PutBf16(nan_kv), dv_d = d.PutBf16(nan_kv);
     cpu_.AttentionBackward(dq_c, dk_c, dv_c, c.Put(dout), out_c, lse_c, q_c, k_c, v_c, b, t, hq,
                            hkv, dh);
-    dev_->AttentionBackward(dq_d, dk_d, dv_d, d.Put(dout), out_d, lse_d, q_d, k_d, v_d, b, t, hq,
-                            hkv, dh);
+    dev_->AttentionBackward(dq_d, dk_d, dv_d, d.PutBf16(dout), out_d, lse_d, q_d, k_d, v_d, b, t,
+                            hq, hkv, dh);
     EXPECT_TRUE(Close(d.Get(dq_d, nq), c.Get(dq_c, nq), kGemmBf16)) << "dq";
     EXPECT_TRUE(Close(d.Get(dk_d, nkv), c.Get(dk_c, nkv), kGemmBf16)) << "dk";
     EXPECT_TRUE(Close(d.Get(dv_d, nkv), c.Get(dv_c, nkv), kGemmBf16)) << "dv";

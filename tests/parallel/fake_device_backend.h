@@ -47,7 +47,7 @@ class FakeDeviceBackend final : public Backend {
   void Linear(Operand, ConstOperand, const float*, const float*, int, int, int, bool) override {
     std::abort();
   }
-  void LinearBackward(float*, float*, float*, const float*, ConstOperand, const float*, int, int,
+  void LinearBackward(Operand, float*, float*, ConstOperand, ConstOperand, const float*, int, int,
                       int, bool) override {
     std::abort();
   }
@@ -66,19 +66,19 @@ class FakeDeviceBackend final : public Backend {
                        int) override {
     std::abort();
   }
-  void GeluForward(Operand, const float*, size_t) override { std::abort(); }
-  void GeluBackward(float*, const float*, const float*, size_t) override { std::abort(); }
-  void SwiGluForward(Operand, const float*, const float*, size_t) override { std::abort(); }
-  void SwiGluBackward(float*, float*, const float*, const float*, const float*, size_t) override {
+  void GeluForward(Operand, ConstOperand, size_t) override { std::abort(); }
+  void GeluBackward(Operand, ConstOperand, ConstOperand, size_t) override { std::abort(); }
+  void SwiGluForward(Operand, ConstOperand, ConstOperand, size_t) override { std::abort(); }
+  void SwiGluBackward(Operand, Operand, ConstOperand, ConstOperand, ConstOperand, size_t) override {
     std::abort();
   }
   void RopeForward(Operand, const int32_t*, int, int, int, float) override { std::abort(); }
-  void RopeBackward(float*, const int32_t*, int, int, int, float) override { std::abort(); }
+  void RopeBackward(Operand, const int32_t*, int, int, int, float) override { std::abort(); }
   void AttentionForward(Operand, float*, ConstOperand, ConstOperand, ConstOperand, int, int, int,
                         int, int, int, int, int) override {
     std::abort();
   }
-  void AttentionBackward(float*, float*, float*, const float*, ConstOperand, const float*,
+  void AttentionBackward(Operand, Operand, Operand, ConstOperand, ConstOperand, const float*,
                          ConstOperand, ConstOperand, ConstOperand, int, int, int, int,
                          int) override {
     std::abort();
