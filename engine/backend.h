@@ -124,9 +124,10 @@ class Backend {
   // ---- softmax cross-entropy ----------------------------------------------------------------
   // For each row r of logits[n, v]: losses[r] = -log softmax(logits[r])[targets[r]] (written,
   // unweighted; rows with weight 0 still get their loss). If max_prob is non-null it gets the
-  // max softmax probability of the row. If dlogits is non-null it is written with
-  // weights[r] * (softmax(logits[r]) - onehot(targets[r])); dlogits may alias logits.
-  virtual void CrossEntropy(float* losses, float* max_prob, float* dlogits, const float* logits,
+  // max softmax probability of the row. If dlogits.data is non-null it is written with
+  // weights[r] * (softmax(logits[r]) - onehot(targets[r])); an fp32 dlogits may alias logits
+  // (dlogits is an operand: the head's backward GEMMs read it).
+  virtual void CrossEntropy(float* losses, float* max_prob, Operand dlogits, const float* logits,
                             const int32_t* targets, const float* weights, int n, int v) = 0;
 
   // ---- vocabulary-parallel pieces (tensor parallelism splits the vocabulary) -----------------
@@ -146,8 +147,8 @@ class Backend {
                                const float* row_max, const int32_t* targets, int n, int v,
                                int start) = 0;
   // With the global m and sum_exp: dlogits[r, j] = weights[r] * (exp(logits[r, j] - m[r]) /
-  // sum_exp[r] - [start + j == targets[r]]) (written; may alias logits).
-  virtual void CrossEntropyGradRange(float* dlogits, const float* logits, const float* row_max,
+  // sum_exp[r] - [start + j == targets[r]]) (written; an fp32 dlogits may alias logits).
+  virtual void CrossEntropyGradRange(Operand dlogits, const float* logits, const float* row_max,
                                      const float* sum_exp, const int32_t* targets,
                                      const float* weights, int n, int v, int start) = 0;
 

@@ -178,7 +178,7 @@ void ProfilingBackend::AttentionBackward(Operand dq, Operand dk, Operand dv, Con
   inner_->AttentionBackward(dq, dk, dv, dout, out, lse, q, k, v, b, t, hq, hkv, d);
 }
 
-void ProfilingBackend::CrossEntropy(float* losses, float* max_prob, float* dlogits,
+void ProfilingBackend::CrossEntropy(float* losses, float* max_prob, Operand dlogits,
                                     const float* logits, const int32_t* targets,
                                     const float* weights, int n, int v) {
   Timed timed(this, "CrossEntropy");
@@ -209,7 +209,7 @@ void ProfilingBackend::SumExpAndTarget(float* sum_exp, float* target_logit, cons
   inner_->SumExpAndTarget(sum_exp, target_logit, logits, row_max, targets, n, v, start);
 }
 
-void ProfilingBackend::CrossEntropyGradRange(float* dlogits, const float* logits,
+void ProfilingBackend::CrossEntropyGradRange(Operand dlogits, const float* logits,
                                              const float* row_max, const float* sum_exp,
                                              const int32_t* targets, const float* weights, int n,
                                              int v, int start) {

@@ -179,7 +179,9 @@ std::unique_ptr<Workspace> Model::MakeWorkspace(int b, int t) {
     ws->exits.push_back(ExitIsLocal(i) ? MakeExitActs(a, i, n, /*training=*/true) : ExitActs{});
     ws->exit_grad.push_back(ExitIsLocal(i) ? a.Floats(nc) : nullptr);
   }
-  ws->logits = a.Floats(static_cast<size_t>(LogitsChunkRows(n)) * local_.vocab_size);
+  const size_t logits = static_cast<size_t>(LogitsChunkRows(n)) * local_.vocab_size;
+  ws->logits = a.Floats(logits);
+  ws->dlogits = be_->operand_dtype() == DType::kF32 ? Operand(ws->logits) : a.Operands(logits);
   ws->losses = a.Floats(n);
   ws->max_prob = a.Floats(n);
   ws->gs = MakeGradScratch(a, local_, n);
@@ -269,7 +271,7 @@ std::pair<double, double> Model::HeadLoss(Workspace& ws, ConstOperand hidden, in
   const int chunk = LogitsChunkRows(n);
   // Cross-entropy of rows [r0, r0 + rows) over this rank's vocabulary columns (combined over tp
   // without gathering).
-  auto cross_entropy = [&](int r0, int rows, float* max_prob, float* dlogits) {
+  auto cross_entropy = [&](int r0, int rows, float* max_prob, Operand dlogits) {
     float* mp = max_prob != nullptr ? max_prob + r0 : nullptr;
     if (ws.vocab_ce) {
       ws.vocab_ce->Run(ws.losses + r0, mp, dlogits, ws.logits, ws.targets + r0, ws.weights + r0,
@@ -288,7 +290,7 @@ std::pair<double, double> Model::HeadLoss(Workspace& ws, ConstOperand hidden, in
     for (int r0 = 0; r0 < n; r0 += chunk) {
       const int rows = std::min(chunk, n - r0);
       Project(ws.logits, hidden.At(r0 * h), exit_index, rows);
-      cross_entropy(r0, rows, ws.max_prob, nullptr);
+      cross_entropy(r0, rows, ws.max_prob, Operand());
     }
     projected = chunk >= n;
     be_->CopyToHost(ws.host_max_prob.data(), ws.max_prob, n * sizeof(float));
@@ -302,9 +304,9 @@ std::pair<double, double> Model::HeadLoss(Workspace& ws, ConstOperand hidden, in
   for (int r0 = 0; r0 < n; r0 += chunk) {
     const int rows = std::min(chunk, n - r0);
     if (!projected) Project(ws.logits, hidden.At(r0 * h), exit_index, rows);
-    cross_entropy(r0, rows, nullptr, backward ? ws.logits : nullptr);
+    cross_entropy(r0, rows, nullptr, backward ? ws.dlogits : Operand());
     if (backward) {
-      be_->LinearBackward(ws.dhidden + r0 * h, params_.grad(w), nullptr, ws.logits,
+      be_->LinearBackward(ws.dhidden + r0 * h, params_.grad(w), nullptr, ws.dlogits,
                           hidden.At(r0 * h), params_.param(w), rows, config_.hidden_size, v, false);
     }
   }

@@ -45,6 +45,9 @@ struct Workspace {
   NormActs final_norm;
   std::vector<ExitActs> exits;
   float *logits, *losses, *max_prob;  // [LogitsChunkRows(n), vocab], [n], [n]
+  // The heads' logit gradients [LogitsChunkRows(n), vocab], which their backward GEMMs read: the
+  // logits' own buffer (overwritten) with fp32 operands, a bf16 chunk with bf16 operands.
+  Operand dlogits;
   GradScratch gs;
   float *dx, *dx_prev, *d_h_extra, *dhidden, *dexit;  // [n, c] each
   // Exit work run ahead of the backward (StageExitHeads): per local exit, the gradient of its

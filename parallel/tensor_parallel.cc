@@ -30,7 +30,7 @@ VocabParallelCrossEntropy::VocabParallelCrossEntropy(Backend* be, Communicator* 
       sum_exp_(be, max_rows * sizeof(float)),
       target_(be, max_rows * sizeof(float)) {}
 
-void VocabParallelCrossEntropy::Run(float* losses, float* max_prob, float* dlogits,
+void VocabParallelCrossEntropy::Run(float* losses, float* max_prob, Operand dlogits,
                                     const float* logits, const int32_t* targets,
                                     const float* weights, int n, VocabShard shard) {
   EE_CHECK(static_cast<size_t>(n) * sizeof(float) <= row_max_.bytes(), "too many rows: ", n);
@@ -54,7 +54,7 @@ void VocabParallelCrossEntropy::Run(float* losses, float* max_prob, float* dlogi
     for (int r = 0; r < n; ++r) out[r] = 1.0f / s[r];
     be_->CopyFromHost(max_prob, out.data(), n * sizeof(float));
   }
-  if (dlogits != nullptr) {
+  if (dlogits.data != nullptr) {
     be_->CrossEntropyGradRange(dlogits, logits, row_max_.f32(), sum_exp_.f32(), targets, weights, n,
                                v, shard.start);
   }

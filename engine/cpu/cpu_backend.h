@@ -90,7 +90,7 @@ class CpuBackend final : public Backend {
 
   // ---- softmax cross-entropy (cpu_cross_entropy.cc) -----------------------------------------
   // logits/dlogits: [n, v]; losses, max_prob, targets, weights: [n].
-  void CrossEntropy(float* losses, float* max_prob, float* dlogits, const float* logits,
+  void CrossEntropy(float* losses, float* max_prob, Operand dlogits, const float* logits,
                     const int32_t* targets, const float* weights, int n, int v) override;
   void EmbeddingForwardRange(float* out, const int32_t* ids, const float* table, int n, int c,
                              int start, int rows) override;
@@ -100,7 +100,7 @@ class CpuBackend final : public Backend {
   void SumExpAndTarget(float* sum_exp, float* target_logit, const float* logits,
                        const float* row_max, const int32_t* targets, int n, int v,
                        int start) override;
-  void CrossEntropyGradRange(float* dlogits, const float* logits, const float* row_max,
+  void CrossEntropyGradRange(Operand dlogits, const float* logits, const float* row_max,
                              const float* sum_exp, const int32_t* targets, const float* weights,
                              int n, int v, int start) override;
 

@@ -10,8 +10,10 @@
 
 namespace eellm {
 
-void CpuBackend::CrossEntropy(float* losses, float* max_prob, float* dlogits, const float* logits,
-                              const int32_t* targets, const float* weights, int n, int v) {
+void CpuBackend::CrossEntropy(float* losses, float* max_prob, Operand dlogits_op,
+                              const float* logits, const int32_t* targets, const float* weights,
+                              int n, int v) {
+  float* dlogits = dlogits_op.f32();
   const bool parallel = static_cast<int64_t>(n) * v >= (int64_t{1} << 14);
 #pragma omp parallel for schedule(static) if (parallel)
   for (int r = 0; r < n; ++r) {
@@ -71,9 +73,11 @@ void CpuBackend::SumExpAndTarget(float* sum_exp, float* target_logit, const floa
   }
 }
 
-void CpuBackend::CrossEntropyGradRange(float* dlogits, const float* logits, const float* row_max,
-                                       const float* sum_exp, const int32_t* targets,
-                                       const float* weights, int n, int v, int start) {
+void CpuBackend::CrossEntropyGradRange(Operand dlogits_op, const float* logits,
+                                       const float* row_max, const float* sum_exp,
+                                       const int32_t* targets, const float* weights, int n, int v,
+                                       int start) {
+  float* dlogits = dlogits_op.f32();
   const bool parallel = static_cast<int64_t>(n) * v >= (int64_t{1} << 14);
 #pragma omp parallel for schedule(static) if (parallel)
   for (int r = 0; r < n; ++r) {

@@ -465,10 +465,10 @@ void CudaBackend::AttentionBackward(Operand dq_op, Operand dk_op, Operand dv_op,
 
 // ---- cross-entropy, optimizer -------------------------------------------------------------------
 
-void CudaBackend::CrossEntropy(float* losses, float* max_prob, float* dlogits, const float* logits,
+void CudaBackend::CrossEntropy(float* losses, float* max_prob, Operand dlogits, const float* logits,
                                const int32_t* targets, const float* weights, int n, int v) {
-  CUDA_CHECK(
-      cuda::CrossEntropy(losses, max_prob, dlogits, logits, targets, weights, n, v, stream_));
+  CUDA_CHECK(cuda::CrossEntropy(losses, max_prob, ToElems(dlogits), logits, targets, weights, n, v,
+                                stream_));
 }
 void CudaBackend::RowMax(float* row_max, const float* logits, int n, int v) {
   CUDA_CHECK(cuda::RowMax(row_max, logits, n, v, stream_));
@@ -479,11 +479,11 @@ void CudaBackend::SumExpAndTarget(float* sum_exp, float* target_logit, const flo
   CUDA_CHECK(
       cuda::SumExpAndTarget(sum_exp, target_logit, logits, row_max, targets, n, v, start, stream_));
 }
-void CudaBackend::CrossEntropyGradRange(float* dlogits, const float* logits, const float* row_max,
+void CudaBackend::CrossEntropyGradRange(Operand dlogits, const float* logits, const float* row_max,
                                         const float* sum_exp, const int32_t* targets,
                                         const float* weights, int n, int v, int start) {
-  CUDA_CHECK(cuda::CrossEntropyGradRange(dlogits, logits, row_max, sum_exp, targets, weights, n, v,
-                                         start, stream_));
+  CUDA_CHECK(cuda::CrossEntropyGradRange(ToElems(dlogits), logits, row_max, sum_exp, targets,
+                                         weights, n, v, start, stream_));
 }
 
 void CudaBackend::AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr,

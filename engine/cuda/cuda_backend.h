@@ -102,7 +102,7 @@ class CudaBackend final : public Backend {
                          const float* lse, ConstOperand q, ConstOperand k, ConstOperand v, int b,
                          int t, int hq, int hkv, int d) override;
 
-  void CrossEntropy(float* losses, float* max_prob, float* dlogits, const float* logits,
+  void CrossEntropy(float* losses, float* max_prob, Operand dlogits, const float* logits,
                     const int32_t* targets, const float* weights, int n, int v) override;
   void EmbeddingForwardRange(float* out, const int32_t* ids, const float* table, int n, int c,
                              int start, int rows) override;
@@ -112,7 +112,7 @@ class CudaBackend final : public Backend {
   void SumExpAndTarget(float* sum_exp, float* target_logit, const float* logits,
                        const float* row_max, const int32_t* targets, int n, int v,
                        int start) override;
-  void CrossEntropyGradRange(float* dlogits, const float* logits, const float* row_max,
+  void CrossEntropyGradRange(Operand dlogits, const float* logits, const float* row_max,
                              const float* sum_exp, const int32_t* targets, const float* weights,
                              int n, int v, int start) override;
 

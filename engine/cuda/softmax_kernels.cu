@@ -5,6 +5,7 @@
 
 #include "engine/cuda/block_reduce.cuh"
 #include "engine/cuda/cuda_kernels.h"
+#include "engine/cuda/element_io.cuh"
 #include "engine/cuda/kernel_launch.h"
 
 namespace eellm::cuda {
@@ -53,7 +54,7 @@ __global__ void SoftmaxBackwardKernel(float* ds, const float* p, int t) {
   }
 }
 
-__global__ void CrossEntropyKernel(float* losses, float* max_prob, float* dlogits,
+__global__ void CrossEntropyKernel(float* losses, float* max_prob, Elems dlogits,
                                    const float* logits, const int32_t* targets,
                                    const float* weights, int v) {
   __shared__ double dscratch[kThreads];
@@ -73,13 +74,14 @@ __global__ void CrossEntropyKernel(float* losses, float* max_prob, float* dlogit
     losses[r] = static_cast<float>(log(sum) - (static_cast<double>(target_logit) - mx));
     if (max_prob != nullptr) max_prob[r] = static_cast<float>(1.0 / sum);
   }
-  if (dlogits == nullptr) return;
-  float* dr = dlogits + r * v;
+  if (dlogits.data == nullptr) return;
+  // fp32 or bf16 (rounded once); each element is read (lr[j]) before the same thread writes it.
   const float w = weights != nullptr ? weights[r] : 1.0f;
   const float scale = static_cast<float>(w / sum);
-  for (int j = threadIdx.x; j < v; j += blockDim.x) dr[j] = expf(lr[j] - mx) * scale;
-  __syncthreads();
-  if (threadIdx.x == 0 && valid) dr[target] -= w;
+  for (int j = threadIdx.x; j < v; j += blockDim.x) {
+    const float g = expf(lr[j] - mx) * scale;
+    StoreAt(dlogits, r * v + j, j == target ? g - w : g);
+  }
 }
 
 __global__ void RowMaxKernel(float* row_max, const float* logits, int v) {
@@ -107,19 +109,18 @@ __global__ void SumExpAndTargetKernel(float* sum_exp, float* target_logit, const
   }
 }
 
-__global__ void CrossEntropyGradRangeKernel(float* dlogits, const float* logits,
+__global__ void CrossEntropyGradRangeKernel(Elems dlogits, const float* logits,
                                             const float* row_max, const float* sum_exp,
                                             const int32_t* targets, const float* weights, int v,
                                             int start) {
   const size_t r = blockIdx.x;
   const float* lr = logits + r * v;
-  float* dr = dlogits + r * v;
   const float w = weights != nullptr ? weights[r] : 1.0f;
   const float scale = w / sum_exp[r];
   const int64_t target = static_cast<int64_t>(targets[r]) - start;
   for (int j = threadIdx.x; j < v; j += blockDim.x) {
     const float g = expf(lr[j] - row_max[r]) * scale;
-    dr[j] = j == target ? g - w : g;
+    StoreAt(dlogits, r * v + j, j == target ? g - w : g);
   }
 }
 
@@ -138,7 +139,7 @@ cudaError_t SoftmaxBackwardRows(float* ds, const float* p, int t, cudaStream_t s
   if (t > 0) LaunchKernel(SoftmaxBackwardKernel, dim3(t), dim3(kThreads), 0, st, ds, p, t);
   return cudaGetLastError();
 }
-cudaError_t CrossEntropy(float* losses, float* max_prob, float* dlogits, const float* logits,
+cudaError_t CrossEntropy(float* losses, float* max_prob, Elems dlogits, const float* logits,
                          const int32_t* targets, const float* weights, int n, int v,
                          cudaStream_t s) {
   if (n > 0 && v > 0) {
@@ -160,7 +161,7 @@ cudaError_t SumExpAndTarget(float* sum_exp, float* target_logit, const float* lo
   }
   return cudaGetLastError();
 }
-cudaError_t CrossEntropyGradRange(float* dlogits, const float* logits, const float* row_max,
+cudaError_t CrossEntropyGradRange(Elems dlogits, const float* logits, const float* row_max,
                                   const float* sum_exp, const int32_t* targets,
                                   const float* weights, int n, int v, int start, cudaStream_t s) {
   if (n > 0 && v > 0) {

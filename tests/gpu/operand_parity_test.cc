@@ -220,6 +220,45 @@ TEST_F(OperandParity, ActivationsAndRopeBackwardOnBf16) {
   EXPECT_TRUE(d.GuardsIntact());
 }
 
+// The heads' logit gradients, which their backward GEMMs read, written as bf16 by the
+// cross-entropy and by its vocabulary-parallel form (the logits stay fp32).
+TEST_F(OperandParity, CrossEntropyWritesBf16LogitGradients) {
+  const int n = 9, v = 300, start = 150;
+  const size_t nv = static_cast<size_t>(n) * v;
+  const auto logits = RandVec(rng_, nv, 4.0);
+  std::vector<int32_t> targets(n);
+  for (int r = 0; r < n; ++r) targets[r] = (r * 97) % (2 * v);  // some outside [start, start+v)
+  std::vector<float> weights(n);
+  for (int r = 0; r < n; ++r) weights[r] = 0.1f * (r + 1);
+  DeviceMem c(&cpu_), d(dev_);
+  const std::vector<float> nan(nv, kNaN), nan_rows(n, kNaN);
+  {
+    std::vector<int32_t> in_range(targets);
+    for (int32_t& t : in_range) t %= v;
+    float *loss_c = c.Put(nan_rows), *dl_c = c.Put(nan), *loss_d = d.Put(nan_rows);
+    Operand dl_d = d.PutBf16(nan);
+    cpu_.CrossEntropy(loss_c, nullptr, dl_c, c.Put(logits), c.Put(in_range), c.Put(weights), n, v);
+    dev_->CrossEntropy(loss_d, nullptr, dl_d, d.Put(logits), d.Put(in_range), d.Put(weights), n, v);
+    EXPECT_TRUE(Close(d.Get(loss_d, n), c.Get(loss_c, n), testing::kReduction)) << "losses";
+    EXPECT_TRUE(Close(d.Get(dl_d, nv), c.Get(dl_c, nv), kBf16Store)) << "dlogits";
+  }
+  {  // This rank's share [start, start + v): the row statistics given, as the caller combines them.
+    std::vector<float> row_max(n), sum_exp(n);
+    for (int r = 0; r < n; ++r) {
+      row_max[r] = 1.0f + 0.01f * r;
+      sum_exp[r] = 50.0f + r;
+    }
+    float* dl_c = c.Put(nan);
+    Operand dl_d = d.PutBf16(nan);
+    cpu_.CrossEntropyGradRange(dl_c, c.Put(logits), c.Put(row_max), c.Put(sum_exp), c.Put(targets),
+                               c.Put(weights), n, v, start);
+    dev_->CrossEntropyGradRange(dl_d, d.Put(logits), d.Put(row_max), d.Put(sum_exp), d.Put(targets),
+                                d.Put(weights), n, v, start);
+    EXPECT_TRUE(Close(d.Get(dl_d, nv), c.Get(dl_c, nv), kBf16Store)) << "dlogits range";
+  }
+  EXPECT_TRUE(d.GuardsIntact());
+}
+
 // Attention reads q, k, v and writes O as bf16; its backward reads them and a bf16 dO (D = dO . O)
 // and writes bf16 dq, dk, dv; head_dim 32 runs the fused kernels, 24 the per-head GEMM path.
 TEST_F(OperandParity, AttentionWritesAndReadsBf16Output) {

@@ -83,7 +83,7 @@ class FakeDeviceBackend final : public Backend {
                          int) override {
     std::abort();
   }
-  void CrossEntropy(float*, float*, float*, const float*, const int32_t*, const float*, int,
+  void CrossEntropy(float*, float*, Operand, const float*, const int32_t*, const float*, int,
                     int) override {
     std::abort();
   }
@@ -98,7 +98,7 @@ class FakeDeviceBackend final : public Backend {
                        int) override {
     std::abort();
   }
-  void CrossEntropyGradRange(float*, const float*, const float*, const float*, const int32_t*,
+  void CrossEntropyGradRange(Operand, const float*, const float*, const float*, const int32_t*,
                              const float*, int, int, int) override {
     std::abort();
   }
