@@ -224,7 +224,8 @@ absl::Status RunTrainBenchmark(const ModelConfig& mc, Backend* backend,
   if (!o.torch_reference.empty()) {
     const std::string cmd =
         absl::StrCat(o.python, " ", o.torch_reference, " --model '", o.model_path, "' --batch ",
-                     o.batch, " --seq ", o.seq, " --steps ", o.steps, " --warmup ", o.warmup,
+                     o.batch, " --micro-batch ", micro, " --seq ", o.seq, " --steps ", o.steps,
+                     " --warmup ", o.warmup,
                      backend->device() == Device::kCpu ? " --device cpu" : "", " 2>&1");
     std::printf("PyTorch reference: %s\n", cmd.c_str());
     std::fflush(stdout);

@@ -217,6 +217,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--micro-batch", type=int, default=0,
+                    help="sequences per forward/backward; gradients accumulate over batch / "
+                         "micro-batch of them before the optimizer step (0 = batch)")
     ap.add_argument("--seq", type=int, default=0)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
@@ -227,6 +230,9 @@ def main():
     args = ap.parse_args()
     c = load_config(args.model)
     seq = args.seq or c["max_seq_len"]
+    micro = args.micro_batch or args.batch
+    if args.batch % micro != 0:
+        sys.exit("batch %d is not a multiple of micro-batch %d" % (args.batch, micro))
     dev = args.device
     cuda = dev == "cuda"
     torch.manual_seed(0)
@@ -244,9 +250,10 @@ def main():
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=cuda):
-            loss = fwd(ids, tgt)
-        loss.backward()
+        for m in range(0, args.batch, micro):
+            with torch.autocast(dev, dtype=torch.bfloat16, enabled=cuda):
+                loss = fwd(ids[m:m + micro], tgt[m:m + micro]) * (micro / args.batch)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         return loss
