@@ -16,6 +16,16 @@
 // communicator, against the single-rank run on the same backend. EELLM_LAYOUT_COMM=nccl also
 // puts the tensor-, data- and pipeline-parallel groups on the NCCL communicator (NCCL emulated
 // over MPI), as `eellm train` does on GPUs.
+//
+// EELLM_LAYOUT_BACKEND=emulated-cuda-bf16w (mixed precision: bf16 operands and activation
+// gradients) rounds every GEMM operand to 8 significant bits, so a different summation order
+// (split accumulations, all-reduces) flips the rounding of some elements, and those differences
+// grow through the layers and steps instead of staying at fp32's 1e-7. Its bounds (measured on
+// the tp2 x pp2 x dp2 layouts: losses within 1e-3, gradient norms within 1.4%, 2-35% of the
+// parameters within 1e-6 but 99.3-99.9% within 1e-3, the others up to 2 lr) check that every
+// layout computes the same training, not its rounding: losses within 5e-3 and gradient norms
+// within 5e-2 relative, 97% of the parameters within 1e-3 (a tenth of lr) and all within 3 lr
+// (Adam moves an element by up to about lr per step, 3 steps). Exact resume stays bit-exact.
 #include <unistd.h>
 
 #include <cmath>
@@ -38,6 +48,9 @@
 namespace eellm {
 namespace {
 
+// Whether the layout backend keeps bf16 operands (the tolerances of the top comment).
+bool Bf16Operands();
+
 // The backend of every run in this process: EELLM_LAYOUT_BACKEND ("cpu" by default, or
 // "emulated-cuda[-bf16[w]]"), made once.
 Backend* LayoutBackend() {
@@ -50,6 +63,8 @@ Backend* LayoutBackend() {
   }();
   return backend;
 }
+
+bool Bf16Operands() { return LayoutBackend()->operand_dtype() == DType::kBF16; }
 
 // What the MPI communicator stages through host memory: the backend's buffers when they are
 // device memory, none for the CPU backend.
@@ -210,12 +225,13 @@ TEST_P(TrainLayouts, EveryLayoutMatchesSingleRank) {
     ASSERT_EQ(got.losses.size(), ref.losses.size()) << name;
     for (size_t s = 0; s < ref.losses.size(); ++s) {
       for (size_t h = 0; h < ref.losses[s].size(); ++h) {
-        EXPECT_NEAR(got.losses[s][h], ref.losses[s][h], 1e-5 * ref.losses[s][h])
+        EXPECT_NEAR(got.losses[s][h], ref.losses[s][h],
+                    (Bf16Operands() ? 5e-3 : 1e-5) * ref.losses[s][h])
             << name << " step " << s << " head " << h;
       }
       // Tensor parallelism also splits every GEMM's accumulation (partial sums all-reduced), so
       // its rounding differs in every layer, not only in the final sums: 5e-5 there.
-      const double norm_tol = l.tp > 1 ? 5e-5 : 1e-5;
+      const double norm_tol = Bf16Operands() ? 5e-2 : l.tp > 1 ? 5e-5 : 1e-5;
       EXPECT_NEAR(got.grad_norms[s], ref.grad_norms[s], norm_tol * ref.grad_norms[s] + 1e-7)
           << name << " step " << s;
     }
@@ -223,16 +239,18 @@ TEST_P(TrainLayouts, EveryLayoutMatchesSingleRank) {
     ASSERT_EQ(got.params.size(), ref.params.size()) << name;
     double max_diff = 0;
     size_t close = 0;
+    const double close_bound = Bf16Operands() ? 1e-3 : 1e-6;
     for (size_t i = 0; i < ref.params.size(); ++i) {
       const double d = std::fabs(got.params[i] - ref.params[i]);
       max_diff = std::max(max_diff, d);
-      close += d <= 1e-6;
+      close += d <= close_bound;
     }
     const double close_fraction = static_cast<double>(close) / ref.params.size();
-    std::printf("%s %s: max |param diff| %.3g, %.4f%% of elements within 1e-6\n",
-                GetParam().c_str(), name.c_str(), max_diff, 100 * close_fraction);
-    EXPECT_LT(max_diff, l.tp > 1 ? 3e-4 : 1e-4) << name;  // 3% / 1% of lr (Adam, see top)
-    EXPECT_GT(close_fraction, 0.99) << name;
+    std::printf("%s %s: max |param diff| %.3g, %.4f%% of elements within %g\n", GetParam().c_str(),
+                name.c_str(), max_diff, 100 * close_fraction, close_bound);
+    // 3% / 1% of lr (Adam, see top); 3 lr with bf16 operands.
+    EXPECT_LT(max_diff, Bf16Operands() ? 3e-2 : l.tp > 1 ? 3e-4 : 1e-4) << name;
+    EXPECT_GT(close_fraction, Bf16Operands() ? 0.97 : 0.99) << name;
   }
   EXPECT_GT(tested, 0);
   world->Barrier();
@@ -305,7 +323,8 @@ TEST_P(TrainLayouts, ResumeIsExactAndReshardsAcrossLayouts) {
   RunResult moved = Train(with(b), ctx_b.get(), out + "_c", step2);
   ASSERT_EQ(moved.losses.size(), 1u);
   for (size_t h = 0; h < moved.losses[0].size(); ++h) {
-    EXPECT_NEAR(moved.losses[0][h], straight.losses[2][h], 1e-5 * straight.losses[2][h]);
+    EXPECT_NEAR(moved.losses[0][h], straight.losses[2][h],
+                (Bf16Operands() ? 5e-3 : 1e-5) * straight.losses[2][h]);
   }
   if (rank == 0) {
     double max_diff = 0;
@@ -314,7 +333,7 @@ TEST_P(TrainLayouts, ResumeIsExactAndReshardsAcrossLayouts) {
     }
     std::printf("%s resumed under another layout: max |param diff| %.3g\n", GetParam().c_str(),
                 max_diff);
-    EXPECT_LT(max_diff, 3e-4);
+    EXPECT_LT(max_diff, Bf16Operands() ? 3e-2 : 3e-4);
   }
   world->Barrier();
   std::error_code ec;
