@@ -3,8 +3,24 @@
 #include <algorithm>
 
 namespace eellm {
+namespace {
 
-ProfilingBackend::Timed::Timed(ProfilingBackend* b, const char* op) : b_(b), op_(op) {
+// Bytes of `n` elements of an operand, of an fp32 tensor.
+double B(ConstOperand x, double n) { return n * DTypeSize(x.dtype); }
+double F32(double n) { return 4 * n; }
+
+// Query-key pairs a causal attention computes: query i (at position q_offset + i) sees keys
+// 0 .. min(tk, q_offset + i + 1) - 1.
+double CausalPairs(int tq, int tk, int q_offset) {
+  double pairs = 0;
+  for (int i = 0; i < tq; ++i) pairs += std::min(tk, q_offset + i + 1);
+  return pairs;
+}
+
+}  // namespace
+
+ProfilingBackend::Timed::Timed(ProfilingBackend* b, const char* op, double flops, double bytes)
+    : b_(b), op_(op), flops_(flops), bytes_(bytes) {
   if (!b_->timing_) return;
   b_->inner_->Synchronize();
   start_ = std::chrono::steady_clock::now();
@@ -16,6 +32,8 @@ ProfilingBackend::Timed::~Timed() {
   OpStats& s = b_->stats_[op_];
   s.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
   ++s.calls;
+  s.flops += flops_;
+  s.bytes += bytes_;
 }
 
 Device ProfilingBackend::device() const { return inner_->device(); }
@@ -49,124 +67,142 @@ void ProfilingBackend::CopyFromHost(void* dst, const void* host_src, size_t byte
 }
 
 void ProfilingBackend::Copy(void* dst, const void* src, size_t bytes) {
-  Timed timed(this, "Copy");
+  Timed timed(this, "Copy", 0, 2.0 * bytes);
   inner_->Copy(dst, src, bytes);
 }
 
 void ProfilingBackend::Synchronize() { inner_->Synchronize(); }
 
 void ProfilingBackend::Fill(float* x, size_t n, float value) {
-  Timed timed(this, "Fill");
+  Timed timed(this, "Fill", 0, F32(n));
   inner_->Fill(x, n, value);
 }
 
 void ProfilingBackend::Add(float* y, const float* a, const float* b, size_t n) {
-  Timed timed(this, "Add");
+  Timed timed(this, "Add", 0, F32(3.0 * n));
   inner_->Add(y, a, b, n);
 }
 
 void ProfilingBackend::Axpy(float* y, float alpha, const float* x, size_t n) {
-  Timed timed(this, "Axpy");
+  Timed timed(this, "Axpy", 0, F32(3.0 * n));
   inner_->Axpy(y, alpha, x, n);
 }
 
 void ProfilingBackend::Scale(float* x, float alpha, size_t n) {
-  Timed timed(this, "Scale");
+  Timed timed(this, "Scale", 0, F32(2.0 * n));
   inner_->Scale(x, alpha, n);
 }
 
 double ProfilingBackend::SumSquares(const float* x, size_t n) {
-  Timed timed(this, "SumSquares");
+  Timed timed(this, "SumSquares", 0, F32(n));
   return inner_->SumSquares(x, n);
 }
 
 void ProfilingBackend::EmbeddingForward(float* out, const int32_t* ids, const float* table, int n,
                                         int c) {
-  Timed timed(this, "EmbeddingForward");
+  Timed timed(this, "EmbeddingForward", 0, F32(2.0 * n * c + n));
   inner_->EmbeddingForward(out, ids, table, n, c);
 }
 
 void ProfilingBackend::EmbeddingBackward(float* dtable, const int32_t* ids, const float* dout,
                                          int n, int c) {
-  Timed timed(this, "EmbeddingBackward");
+  Timed timed(this, "EmbeddingBackward", 0, F32(3.0 * n * c + n));
   inner_->EmbeddingBackward(dtable, ids, dout, n, c);
 }
 
 void ProfilingBackend::Linear(Operand out, ConstOperand in, const float* w, const float* bias,
                               int n, int in_dim, int out_dim, bool accumulate) {
-  Timed timed(this, "Linear");
+  // Weights are read in the operand dtype (a backend with bf16 operands keeps bf16 copies).
+  const double ws = DTypeSize(inner_->operand_dtype());
+  const double no = 1.0 * n * out_dim;
+  Timed timed(this, "Linear", 2.0 * n * in_dim * out_dim,
+              B(in, 1.0 * n * in_dim) + ws * out_dim * in_dim + B(out, no) * (accumulate ? 2 : 1) +
+                  (bias != nullptr ? F32(out_dim) : 0.0));
   inner_->Linear(out, in, w, bias, n, in_dim, out_dim, accumulate);
 }
 
 void ProfilingBackend::LinearBackward(Operand din, float* dw, float* dbias, ConstOperand dout,
                                       ConstOperand in, const float* w, int n, int in_dim,
                                       int out_dim, bool accumulate_din) {
-  Timed timed(this, "LinearBackward");
+  const double ws = DTypeSize(inner_->operand_dtype());
+  const bool gin = din.data != nullptr, gw = dw != nullptr;
+  const double ni = 1.0 * n * in_dim, wi = 1.0 * out_dim * in_dim;
+  Timed timed(
+      this, "LinearBackward", 2.0 * ni * out_dim * ((gin ? 1 : 0) + (gw ? 1 : 0)),
+      B(dout, 1.0 * n * out_dim) + (gin ? ws * wi + B(din, ni) * (accumulate_din ? 2 : 1) : 0.0) +
+          (gw ? B(in, ni) + F32(2.0 * wi) : 0.0) + (dbias != nullptr ? F32(2.0 * out_dim) : 0.0));
   inner_->LinearBackward(din, dw, dbias, dout, in, w, n, in_dim, out_dim, accumulate_din);
 }
 
 void ProfilingBackend::LayerNormForward(Operand out, float* mean, float* rstd, const float* x,
                                         const float* g, const float* b, int n, int c, float eps) {
-  Timed timed(this, "LayerNormForward");
+  Timed timed(this, "LayerNormForward", 0,
+              F32(1.0 * n * c + 2.0 * c + 2.0 * n) + B(out, 1.0 * n * c));
   inner_->LayerNormForward(out, mean, rstd, x, g, b, n, c, eps);
 }
 
 void ProfilingBackend::LayerNormBackward(float* dx, float* dg, float* db, const float* dout,
                                          const float* x, const float* g, const float* mean,
                                          const float* rstd, int n, int c) {
-  Timed timed(this, "LayerNormBackward");
+  Timed timed(this, "LayerNormBackward", 0, F32(4.0 * n * c + 5.0 * c + 2.0 * n));
   inner_->LayerNormBackward(dx, dg, db, dout, x, g, mean, rstd, n, c);
 }
 
 void ProfilingBackend::RmsNormForward(Operand out, float* rstd, const float* x, const float* g,
                                       int n, int c, float eps) {
-  Timed timed(this, "RmsNormForward");
+  Timed timed(this, "RmsNormForward", 0, F32(1.0 * n * c + c + n) + B(out, 1.0 * n * c));
   inner_->RmsNormForward(out, rstd, x, g, n, c, eps);
 }
 
 void ProfilingBackend::RmsNormBackward(float* dx, float* dg, const float* dout, const float* x,
                                        const float* g, const float* rstd, int n, int c) {
-  Timed timed(this, "RmsNormBackward");
+  Timed timed(this, "RmsNormBackward", 0, F32(4.0 * n * c + 3.0 * c + n));
   inner_->RmsNormBackward(dx, dg, dout, x, g, rstd, n, c);
 }
 
 void ProfilingBackend::GeluForward(Operand out, ConstOperand x, size_t n) {
-  Timed timed(this, "GeluForward");
+  Timed timed(this, "GeluForward", 0, B(x, n) + B(out, n));
   inner_->GeluForward(out, x, n);
 }
 
 void ProfilingBackend::GeluBackward(Operand dx, ConstOperand dout, ConstOperand x, size_t n) {
-  Timed timed(this, "GeluBackward");
+  Timed timed(this, "GeluBackward", 0, B(dout, n) + B(x, n) + B(dx, n));
   inner_->GeluBackward(dx, dout, x, n);
 }
 
 void ProfilingBackend::SwiGluForward(Operand out, ConstOperand gate, ConstOperand up, size_t n) {
-  Timed timed(this, "SwiGluForward");
+  Timed timed(this, "SwiGluForward", 0, B(gate, n) + B(up, n) + B(out, n));
   inner_->SwiGluForward(out, gate, up, n);
 }
 
 void ProfilingBackend::SwiGluBackward(Operand dgate, Operand dup, ConstOperand dout,
                                       ConstOperand gate, ConstOperand up, size_t n) {
-  Timed timed(this, "SwiGluBackward");
+  Timed timed(this, "SwiGluBackward", 0,
+              B(dout, n) + B(gate, n) + B(up, n) + B(dgate, n) + B(dup, n));
   inner_->SwiGluBackward(dgate, dup, dout, gate, up, n);
 }
 
 void ProfilingBackend::RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim,
                                    float theta) {
-  Timed timed(this, "RopeForward");
+  Timed timed(this, "RopeForward", 0, B(x, 2.0 * n * heads * head_dim));
   inner_->RopeForward(x, pos, n, heads, head_dim, theta);
 }
 
 void ProfilingBackend::RopeBackward(Operand dx, const int32_t* pos, int n, int heads, int head_dim,
                                     float theta) {
-  Timed timed(this, "RopeBackward");
+  Timed timed(this, "RopeBackward", 0, B(dx, 2.0 * n * heads * head_dim));
   inner_->RopeBackward(dx, pos, n, heads, head_dim, theta);
 }
 
 void ProfilingBackend::AttentionForward(Operand out, float* lse, ConstOperand q, ConstOperand k,
                                         ConstOperand v, int b, int tq, int tk, int tk_cap, int hq,
                                         int hkv, int d, int q_offset) {
-  Timed timed(this, "AttentionForward");
+  // 4 d FLOPs per (query, visible key) pair and head (S = Q K^T and P V).
+  const double flops = 4.0 * d * b * hq * CausalPairs(tq, tk, q_offset);
+  const double nq = 1.0 * b * tq * hq * d, nkv = 1.0 * b * tk * hkv * d;
+  Timed timed(this, "AttentionForward", flops,
+              B(q, nq) + B(k, nkv) + B(v, nkv) + B(out, nq) +
+                  (lse != nullptr ? F32(1.0 * b * hq * tq) : 0.0));
   inner_->AttentionForward(out, lse, q, k, v, b, tq, tk, tk_cap, hq, hkv, d, q_offset);
 }
 
@@ -174,38 +210,45 @@ void ProfilingBackend::AttentionBackward(Operand dq, Operand dk, Operand dv, Con
                                          ConstOperand out, const float* lse, ConstOperand q,
                                          ConstOperand k, ConstOperand v, int b, int t, int hq,
                                          int hkv, int d) {
-  Timed timed(this, "AttentionBackward");
+  // 2.5 times the forward's FLOPs (the FlashAttention convention: dV, dP, dQ, dK and the
+  // recomputed S).
+  const double flops = 2.5 * 4.0 * d * b * hq * CausalPairs(t, t, 0);
+  const double nq = 1.0 * b * t * hq * d, nkv = 1.0 * b * t * hkv * d;
+  Timed timed(this, "AttentionBackward", flops,
+              B(q, nq) + B(k, nkv) + B(v, nkv) + B(out, nq) + B(dout, nq) + B(dq, nq) + B(dk, nkv) +
+                  B(dv, nkv) + F32(1.0 * b * hq * t));
   inner_->AttentionBackward(dq, dk, dv, dout, out, lse, q, k, v, b, t, hq, hkv, d);
 }
 
 void ProfilingBackend::CrossEntropy(float* losses, float* max_prob, Operand dlogits,
                                     const float* logits, const int32_t* targets,
                                     const float* weights, int n, int v) {
-  Timed timed(this, "CrossEntropy");
+  Timed timed(this, "CrossEntropy", 0,
+              F32(1.0 * n * v) + (dlogits.data != nullptr ? B(dlogits, 1.0 * n * v) : 0.0));
   inner_->CrossEntropy(losses, max_prob, dlogits, logits, targets, weights, n, v);
 }
 
 void ProfilingBackend::EmbeddingForwardRange(float* out, const int32_t* ids, const float* table,
                                              int n, int c, int start, int rows) {
-  Timed timed(this, "EmbeddingForwardRange");
+  Timed timed(this, "EmbeddingForwardRange", 0, F32(2.0 * n * c + n));
   inner_->EmbeddingForwardRange(out, ids, table, n, c, start, rows);
 }
 
 void ProfilingBackend::EmbeddingBackwardRange(float* dtable, const int32_t* ids, const float* dout,
                                               int n, int c, int start, int rows) {
-  Timed timed(this, "EmbeddingBackwardRange");
+  Timed timed(this, "EmbeddingBackwardRange", 0, F32(3.0 * n * c + n));
   inner_->EmbeddingBackwardRange(dtable, ids, dout, n, c, start, rows);
 }
 
 void ProfilingBackend::RowMax(float* row_max, const float* logits, int n, int v) {
-  Timed timed(this, "RowMax");
+  Timed timed(this, "RowMax", 0, F32(1.0 * n * v));
   inner_->RowMax(row_max, logits, n, v);
 }
 
 void ProfilingBackend::SumExpAndTarget(float* sum_exp, float* target_logit, const float* logits,
                                        const float* row_max, const int32_t* targets, int n, int v,
                                        int start) {
-  Timed timed(this, "SumExpAndTarget");
+  Timed timed(this, "SumExpAndTarget", 0, F32(1.0 * n * v));
   inner_->SumExpAndTarget(sum_exp, target_logit, logits, row_max, targets, n, v, start);
 }
 
@@ -213,13 +256,13 @@ void ProfilingBackend::CrossEntropyGradRange(Operand dlogits, const float* logit
                                              const float* row_max, const float* sum_exp,
                                              const int32_t* targets, const float* weights, int n,
                                              int v, int start) {
-  Timed timed(this, "CrossEntropyGradRange");
+  Timed timed(this, "CrossEntropyGradRange", 0, F32(1.0 * n * v) + B(dlogits, 1.0 * n * v));
   inner_->CrossEntropyGradRange(dlogits, logits, row_max, sum_exp, targets, weights, n, v, start);
 }
 
 void ProfilingBackend::AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr,
                              float beta1, float beta2, float eps, float weight_decay, int step) {
-  Timed timed(this, "AdamW");
+  Timed timed(this, "AdamW", 0, F32(7.0 * n));
   inner_->AdamW(p, g, m, v, n, lr, beta1, beta2, eps, weight_decay, step);
 }
 }  // namespace eellm

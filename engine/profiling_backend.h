@@ -1,7 +1,9 @@
 // ProfilingBackend: wraps another Backend and measures every op: wall time and call count per
 // op name (the inner backend is synchronised around each timed op while timing is on, so GPU
-// times are the ops' own), and the bytes allocated through it (current and peak). Used by
-// `eellm bench train` for the per-op breakdown; costs nothing but a map lookup when off.
+// times are the ops' own), the op's work (FLOPs of its matrix products, and the bytes it must
+// move at least: every input read and every output written once, in its dtype), and the bytes
+// allocated through it (current and peak). Used by `eellm bench train` for the per-op breakdown
+// against the hardware's limits; costs nothing but a map lookup when off.
 #pragma once
 
 #include <chrono>
@@ -22,6 +24,8 @@ class ProfilingBackend final : public Backend {
   struct OpStats {
     double seconds = 0;
     int64_t calls = 0;
+    double flops = 0;  // of matrix products (GEMMs, attention)
+    double bytes = 0;  // the minimum memory traffic
   };
   void set_timing(bool on) { timing_ = on; }
   void ResetStats() { stats_.clear(); }
@@ -98,12 +102,13 @@ class ProfilingBackend final : public Backend {
   // Times one op when timing is on: synchronises before and after.
   class Timed {
    public:
-    Timed(ProfilingBackend* b, const char* op);
+    Timed(ProfilingBackend* b, const char* op, double flops = 0, double bytes = 0);
     ~Timed();
 
    private:
     ProfilingBackend* b_;
     const char* op_;
+    double flops_, bytes_;
     std::chrono::steady_clock::time_point start_;
   };
 

@@ -75,6 +75,24 @@ double GemmCeiling(Backend* be) {
   return best;
 }
 
+// The backend's memory bandwidth: bytes read plus written per second by a device-to-device copy
+// of 1 GiB (64 MiB on the CPU), the best of 4.
+double CopyBandwidth(Backend* be) {
+  const size_t bytes = size_t{1} << (be->device() == Device::kCpu ? 26 : 30);
+  Buffer a(be, bytes), b(be, bytes);
+  be->Fill(a.f32(), bytes / sizeof(float), 1.0f);
+  be->Fill(b.f32(), bytes / sizeof(float), 0.0f);
+  double best = 0;
+  for (int i = 0; i < 4; ++i) {
+    be->Synchronize();
+    Timer t;
+    be->Copy(b.data(), a.data(), bytes);
+    be->Synchronize();
+    best = std::max(best, 2.0 * bytes / t.Seconds());
+  }
+  return best;
+}
+
 }  // namespace
 
 absl::StatusOr<TrainBenchResult> BenchTrainStep(const ModelConfig& mc, Backend* backend,
@@ -123,7 +141,8 @@ absl::StatusOr<TrainBenchResult> BenchTrainStep(const ModelConfig& mc, Backend* 
   step();
   r.profiled_step_seconds = pt.Seconds();
   prof.set_timing(false);
-  for (const auto& [op, s] : prof.stats()) r.ops.push_back({op, s.seconds, s.calls});
+  for (const auto& [op, s] : prof.stats())
+    r.ops.push_back({op, s.seconds, s.calls, s.flops, s.bytes});
   std::sort(r.ops.begin(), r.ops.end(),
             [](const TrainBenchResult::Op& a, const TrainBenchResult::Op& b) {
               return a.seconds > b.seconds;
@@ -138,7 +157,7 @@ absl::StatusOr<TrainBenchResult> BenchTrainStep(const ModelConfig& mc, Backend* 
 void PrintCudaGemmPrecisions(const ModelConfig& mc, const TrainBenchOptions& o) {
 #ifdef EELLM_HAVE_CUDA
   const int n = o.batch * o.seq, h = mc.hidden_size, d = mc.head_dim();
-  const int head_rows = std::min(n, std::max(1, (1 << 24) / mc.vocab_size));
+  const int head_rows = std::min(n, std::max(1, (1 << 28) / mc.vocab_size));  // Model's GPU chunk
   std::vector<GemmShape> shapes = {{"q", n, mc.num_heads * d, h},
                                    {"k, v", n, mc.num_kv_heads * d, h},
                                    {"attention out", n, h, mc.num_heads * d},
@@ -174,6 +193,7 @@ absl::Status RunTrainBenchmark(const ModelConfig& mc, Backend* backend,
   std::fflush(stdout);
   ASSIGN_OR_RETURN(TrainBenchResult r, BenchTrainStep(mc, backend, o));
   const double ceiling = GemmCeiling(backend);
+  const double bandwidth = CopyBandwidth(backend);
   struct rusage ru;
   getrusage(RUSAGE_SELF, &ru);
   std::printf("parameters: %.1f M; model FLOPs per token: %.3g (6 N + attention, exits included)\n",
@@ -189,26 +209,29 @@ absl::Status RunTrainBenchmark(const ModelConfig& mc, Backend* backend,
   }
   std::printf("memory: %.1f MB allocated through the backend at peak; process max RSS %.1f MB\n",
               r.peak_bytes / 1e6, ru.ru_maxrss / 1e3);
-  std::printf("per-op time of one step (each op synchronised: %.1f ms in all):\n",
-              r.profiled_step_seconds * 1e3);
+  std::printf("memory bandwidth of this backend (device-to-device copy, measured now): %.0f GB/s\n",
+              bandwidth / 1e9);
+  // Per op: its time, its matrix products' rate (GEMMs; attention counts the causal half: 4 d
+  // FLOPs per visible query-key pair and head forward, 2.5 times that backward), and the rate
+  // of the least memory traffic it needs (each input read and each output written once) against
+  // the copy bandwidth above: an op far below both limits has room to gain.
+  std::printf(
+      "per-op time of one step (each op synchronised: %.1f ms in all); TFLOP/s of its products, "
+      "GB/s of its least traffic (%% of the copy bandwidth):\n",
+      r.profiled_step_seconds * 1e3);
   double total = 0;
   for (const auto& op : r.ops) total += op.seconds;
   for (const auto& op : r.ops) {
-    std::printf("  %-24s %9.2f ms %6.1f%% %7lld calls\n", op.name.c_str(), op.seconds * 1e3,
-                100 * op.seconds / total, static_cast<long long>(op.calls));
-  }
-  // Attention's own rate: the causal half of its products, 4 b hq t^2 d / 2 FLOPs per forward
-  // call (Q K^T and P V), 2.5 times that per backward call (the FlashAttention convention: dV,
-  // dP, dQ, dK and the recomputed S; our dQ kernel recomputes S and dP once more, uncounted).
-  const int micro = o.micro_batch > 0 ? o.micro_batch : o.batch;
-  const double attn_fwd_flops =
-      2.0 * micro * mc.num_heads * static_cast<double>(o.seq) * o.seq * mc.head_dim();
-  for (const auto& op : r.ops) {
-    const bool fwd = op.name == "AttentionForward", bwd = op.name == "AttentionBackward";
-    if ((!fwd && !bwd) || op.seconds <= 0) continue;
-    const double flops = attn_fwd_flops * (bwd ? 2.5 : 1.0) * static_cast<double>(op.calls);
-    std::printf("  %s: %.3g TFLOP/s of causal attention FLOPs\n", op.name.c_str(),
-                flops / op.seconds / 1e12);
+    std::string rates;
+    if (op.seconds > 0 && op.flops > 0) {
+      rates += absl::StrFormat("  %7.3g TFLOP/s", op.flops / op.seconds / 1e12);
+    }
+    if (op.seconds > 0 && op.bytes > 0) {
+      rates += absl::StrFormat("  %7.0f GB/s (%3.0f%%)", op.bytes / op.seconds / 1e9,
+                               100 * op.bytes / op.seconds / bandwidth);
+    }
+    std::printf("  %-24s %9.2f ms %6.1f%% %7lld calls%s\n", op.name.c_str(), op.seconds * 1e3,
+                100 * op.seconds / total, static_cast<long long>(op.calls), rates.c_str());
   }
   if (o.compare_without_exits && !mc.exits.empty()) {
     ModelConfig bare = mc;
@@ -222,11 +245,11 @@ absl::Status RunTrainBenchmark(const ModelConfig& mc, Backend* backend,
         b.step_seconds * 1e3, b.tokens_per_second, 100 * time_share, 100 * flop_share);
   }
   if (!o.torch_reference.empty()) {
-    const std::string cmd =
-        absl::StrCat(o.python, " ", o.torch_reference, " --model '", o.model_path, "' --batch ",
-                     o.batch, " --micro-batch ", micro, " --seq ", o.seq, " --steps ", o.steps,
-                     " --warmup ", o.warmup,
-                     backend->device() == Device::kCpu ? " --device cpu" : "", " 2>&1");
+    const int micro = o.micro_batch > 0 ? o.micro_batch : o.batch;
+    const std::string cmd = absl::StrCat(
+        o.python, " ", o.torch_reference, " --model '", o.model_path, "' --batch ", o.batch,
+        " --micro-batch ", micro, " --seq ", o.seq, " --steps ", o.steps, " --warmup ", o.warmup,
+        backend->device() == Device::kCpu ? " --device cpu" : "", " 2>&1");
     std::printf("PyTorch reference: %s\n", cmd.c_str());
     std::fflush(stdout);
     FILE* p = popen(cmd.c_str(), "r");

@@ -33,6 +33,8 @@ struct TrainBenchResult {
     std::string name;
     double seconds;
     int64_t calls;
+    double flops;  // of its matrix products (ProfilingBackend::OpStats)
+    double bytes;  // its least memory traffic
   };
   std::vector<Op> ops;  // slowest first
 };
