@@ -74,16 +74,18 @@ class Backend {
   // out = (x - mean) * rstd * g + b (b may be null); saves mean[n], rstd[n]. out written.
   virtual void LayerNormForward(Operand out, float* mean, float* rstd, const float* x,
                                 const float* g, const float* b, int n, int c, float eps) = 0;
-  // dx += ...; dg += ...; db += ... (db may be null).
-  virtual void LayerNormBackward(float* dx, float* dg, float* db, const float* dout, const float* x,
-                                 const float* g, const float* mean, const float* rstd, int n,
-                                 int c) = 0;
+  // dx = dres + d/dx (written; dres may alias dx, which then accumulates, or be null: dx =
+  // d/dx; the residual connection's gradient passes through here without a copy);
+  // dg += ...; db += ... (db may be null).
+  virtual void LayerNormBackward(float* dx, const float* dres, float* dg, float* db,
+                                 const float* dout, const float* x, const float* g,
+                                 const float* mean, const float* rstd, int n, int c) = 0;
   // out = x * rstd * g, rstd = 1/sqrt(mean(x^2) + eps); saves rstd[n]. out written.
   virtual void RmsNormForward(Operand out, float* rstd, const float* x, const float* g, int n,
                               int c, float eps) = 0;
-  // dx += ...; dg += ....
-  virtual void RmsNormBackward(float* dx, float* dg, const float* dout, const float* x,
-                               const float* g, const float* rstd, int n, int c) = 0;
+  // dx = dres + d/dx (as LayerNormBackward); dg += ....
+  virtual void RmsNormBackward(float* dx, const float* dres, float* dg, const float* dout,
+                               const float* x, const float* g, const float* rstd, int n, int c) = 0;
 
   // ---- activations --------------------------------------------------------------------------
   // GELU, tanh approximation (GPT-2). out written; dx written (dx may alias dout when both have

@@ -141,11 +141,14 @@ void ProfilingBackend::LayerNormForward(Operand out, float* mean, float* rstd, c
   inner_->LayerNormForward(out, mean, rstd, x, g, b, n, c, eps);
 }
 
-void ProfilingBackend::LayerNormBackward(float* dx, float* dg, float* db, const float* dout,
-                                         const float* x, const float* g, const float* mean,
-                                         const float* rstd, int n, int c) {
-  Timed timed(this, "LayerNormBackward", 0, F32(4.0 * n * c + 5.0 * c + 2.0 * n));
-  inner_->LayerNormBackward(dx, dg, db, dout, x, g, mean, rstd, n, c);
+void ProfilingBackend::LayerNormBackward(float* dx, const float* dres, float* dg, float* db,
+                                         const float* dout, const float* x, const float* g,
+                                         const float* mean, const float* rstd, int n, int c) {
+  // dout, x, dres (if any) read and dx written; g read; dg and db read and written; mean, rstd.
+  const double nc = 1.0 * n * c;
+  Timed timed(this, "LayerNormBackward", 0,
+              F32((dres != nullptr ? 4 : 3) * nc + 5.0 * c + 2.0 * n));
+  inner_->LayerNormBackward(dx, dres, dg, db, dout, x, g, mean, rstd, n, c);
 }
 
 void ProfilingBackend::RmsNormForward(Operand out, float* rstd, const float* x, const float* g,
@@ -154,10 +157,12 @@ void ProfilingBackend::RmsNormForward(Operand out, float* rstd, const float* x, 
   inner_->RmsNormForward(out, rstd, x, g, n, c, eps);
 }
 
-void ProfilingBackend::RmsNormBackward(float* dx, float* dg, const float* dout, const float* x,
-                                       const float* g, const float* rstd, int n, int c) {
-  Timed timed(this, "RmsNormBackward", 0, F32(4.0 * n * c + 3.0 * c + n));
-  inner_->RmsNormBackward(dx, dg, dout, x, g, rstd, n, c);
+void ProfilingBackend::RmsNormBackward(float* dx, const float* dres, float* dg, const float* dout,
+                                       const float* x, const float* g, const float* rstd, int n,
+                                       int c) {
+  const double nc = 1.0 * n * c;
+  Timed timed(this, "RmsNormBackward", 0, F32((dres != nullptr ? 4 : 3) * nc + 3.0 * c + n));
+  inner_->RmsNormBackward(dx, dres, dg, dout, x, g, rstd, n, c);
 }
 
 void ProfilingBackend::GeluForward(Operand out, ConstOperand x, size_t n) {

@@ -144,13 +144,13 @@ void NormForward(const LayerContext& ctx, const NormParams& p, NormActs& a, cons
 }
 
 void NormBackward(const LayerContext& ctx, const NormParams& p, const NormActs& a, float* dx,
-                  const float* dout, const float* x, int n) {
+                  const float* dres, const float* dout, const float* x, int n) {
   const int c = ctx.cfg->hidden_size;
   if (ctx.cfg->use_rmsnorm()) {
-    ctx.be->RmsNormBackward(dx, ctx.G(p.g), dout, x, ctx.P(p.g), a.rstd, n, c);
+    ctx.be->RmsNormBackward(dx, dres, ctx.G(p.g), dout, x, ctx.P(p.g), a.rstd, n, c);
   } else {
-    ctx.be->LayerNormBackward(dx, ctx.G(p.g), ctx.G(p.b), dout, x, ctx.P(p.g), a.mean, a.rstd, n,
-                              c);
+    ctx.be->LayerNormBackward(dx, dres, ctx.G(p.g), ctx.G(p.b), dout, x, ctx.P(p.g), a.mean, a.rstd,
+                              n, c);
   }
 }
 
@@ -177,7 +177,8 @@ void MlpForward(const LayerContext& ctx, const MlpParams& p, MlpActs& a, float* 
 }
 
 void MlpBranchBackward(const LayerContext& ctx, const MlpParams& p, const MlpActs& a, float* dx,
-                       const float* dout, const float* x, int n, const GradScratch& s) {
+                       const float* dres, const float* dout, const float* x, int n,
+                       const GradScratch& s) {
   const ModelConfig& c = *ctx.cfg;
   const int h = c.hidden_size, f = c.ffn_hidden_size;
   const size_t nf = static_cast<size_t>(n) * f;
@@ -197,7 +198,7 @@ void MlpBranchBackward(const LayerContext& ctx, const MlpParams& p, const MlpAct
   }
   // Column-parallel input: each rank's dnorm covers its FFN columns only.
   TpAllReduce(ctx.tp.comm, s.dnorm, static_cast<size_t>(n) * h);
-  NormBackward(ctx, p.norm, a.norm, dx, s.dnorm, x, n);
+  NormBackward(ctx, p.norm, a.norm, dx, dres, s.dnorm, x, n);
 }
 
 void BlockForward(const LayerContext& ctx, const BlockParams& p, BlockActs& a, const float* x,
@@ -248,12 +249,15 @@ void BlockBackward(const LayerContext& ctx, const BlockParams& p, const BlockAct
   const int n = b * t;
   const size_t nh = static_cast<size_t>(n) * h;
   Backend* be = ctx.be;
-  // Gradient at h_attn: residual + MLP branch (+ exit reading h_attn).
-  be->Copy(s.dh, dout, nh * sizeof(float));
-  if (d_h_attn_extra) be->Axpy(s.dh, 1.0f, d_h_attn_extra, nh);
-  MlpBranchBackward(ctx, p.mlp, a.mlp, s.dh, dout, a.h_attn, n, s);
-  // Gradient at x: residual + attention branch.
-  be->Copy(dx, s.dh, nh * sizeof(float));
+  // Gradient at h_attn: residual (+ exit reading h_attn) + MLP branch, the residual part passed
+  // through the norm's backward (no copy).
+  const float* dres = dout;
+  if (d_h_attn_extra) {
+    be->Add(s.dh, dout, d_h_attn_extra, nh);
+    dres = s.dh;
+  }
+  MlpBranchBackward(ctx, p.mlp, a.mlp, s.dh, dres, dout, a.h_attn, n, s);
+  // Gradient at x: residual + attention branch (dx written by the norm's backward at the end).
   const AttnActs& at = a.attn;
   be->LinearBackward(s.datt, ctx.G(p.attn.wo), ctx.G(p.attn.bo), s.dh, at.att, ctx.P(p.attn.wo), n,
                      hq * d, h, false);
@@ -270,7 +274,7 @@ void BlockBackward(const LayerContext& ctx, const BlockParams& p, const BlockAct
   be->LinearBackward(s.dnorm, ctx.G(p.attn.wv), ctx.G(p.attn.bv), s.dv, at.norm.out,
                      ctx.P(p.attn.wv), n, h, hkv * d, true);
   TpAllReduce(ctx.tp.comm, s.dnorm, static_cast<size_t>(n) * h);  // heads are split over tp
-  NormBackward(ctx, p.attn.norm, at.norm, dx, s.dnorm, x, n);
+  NormBackward(ctx, p.attn.norm, at.norm, dx, s.dh, s.dnorm, x, n);
 }
 
 }  // namespace eellm

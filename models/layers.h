@@ -116,15 +116,19 @@ struct LayerContext {
 };
 
 void NormForward(const LayerContext& ctx, const NormParams& p, NormActs& a, const float* x, int n);
+// dx = dres + d/dx of norm(x) given dout (dres may alias dx, or be null); parameter gradients
+// accumulate.
 void NormBackward(const LayerContext& ctx, const NormParams& p, const NormActs& a, float* dx,
-                  const float* dout, const float* x, int n);
+                  const float* dres, const float* dout, const float* x, int n);
 
 // out = x + mlp(norm(x)) (out written; may not alias x).
 void MlpForward(const LayerContext& ctx, const MlpParams& p, MlpActs& a, float* out, const float* x,
                 int n);
-// dx += d/dx of the branch mlp(norm(x)) given dout (the residual part is the caller's).
+// dx = dres + d/dx of the branch mlp(norm(x)) given dout (dres: the gradient reaching x by
+// other paths, e.g. the residual; it may alias dx, or be null).
 void MlpBranchBackward(const LayerContext& ctx, const MlpParams& p, const MlpActs& a, float* dx,
-                       const float* dout, const float* x, int n, const GradScratch& s);
+                       const float* dres, const float* dout, const float* x, int n,
+                       const GradScratch& s);
 
 // Block forward over n = b*t rows at positions pos[n].
 // Training (kv == nullptr): tokens are b sequences of t, attention causal within each.

@@ -346,14 +346,13 @@ void Model::ExitBackward(int i, ExitActs& a, float* din, const float* dhidden, c
       be_->Axpy(din, 1.0f, dhidden, nc);
       return;
     case ExitKind::kNorm:
-      NormBackward(cx, p.norm, a.norm, din, dhidden, in, n);
+      NormBackward(cx, p.norm, a.norm, din, din, dhidden, in, n);
       return;
     case ExitKind::kMlp: {
       float* dm = s.dh;  // free here: the MLP branch backward does not use dh
-      be_->Fill(dm, nc, 0.0f);
-      NormBackward(cx, p.norm, a.norm, dm, dhidden, a.mlp_out, n);
+      NormBackward(cx, p.norm, a.norm, dm, nullptr, dhidden, a.mlp_out, n);
       be_->Axpy(din, 1.0f, dm, nc);
-      MlpBranchBackward(cx, p.mlp, a.mlp, din, dm, in, n, s);
+      MlpBranchBackward(cx, p.mlp, a.mlp, din, din, dm, in, n, s);
       return;
     }
     case ExitKind::kBlock:
@@ -387,8 +386,8 @@ void Model::ExitsAtDepth(Workspace& ws, int depth, absl::Span<const float> w, bo
     if (x.kind == ExitKind::kBlock) {
       // dexit = d(block out); dhidden is free after the norm backward and takes d(in).
       const ExitHeadParams& p = exits_[i];
-      be_->Fill(ws.dexit, nc, 0.0f);
-      NormBackward(ctx(), p.norm, ws.exits[i].norm, ws.dexit, ws.dhidden, ws.exits[i].block.out, n);
+      NormBackward(ctx(), p.norm, ws.exits[i].norm, ws.dexit, nullptr, ws.dhidden,
+                   ws.exits[i].block.out, n);
       BlockBackward(ctx(), p.block, ws.exits[i].block, ws.dhidden, ws.dexit, nullptr, in, ws.pos, b,
                     t, ws.gs);
       be_->Axpy(din, 1.0f, ws.dhidden, nc);
@@ -435,8 +434,7 @@ LossReport Model::StageBackward(Workspace& ws, const int32_t* targets, const flo
     r.final_loss = final_mean;
     r.objective = final_term;
     if (backward) {
-      be_->Fill(ws.dx, nc, 0.0f);
-      NormBackward(ctx(), final_norm_, ws.final_norm, ws.dx, ws.dhidden, x, n);
+      NormBackward(ctx(), final_norm_, ws.final_norm, ws.dx, nullptr, ws.dhidden, x, n);
     }
   } else if (backward) {
     be_->Copy(ws.dx, d_output, nc * sizeof(float));

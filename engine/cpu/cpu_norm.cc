@@ -43,15 +43,16 @@ void CpuBackend::LayerNormForward(Operand out_op, float* mean, float* rstd, cons
   }
 }
 
-void CpuBackend::LayerNormBackward(float* dx, float* dg, float* db, const float* dout,
-                                   const float* x, const float* g, const float* mean,
-                                   const float* rstd, int n, int c) {
+void CpuBackend::LayerNormBackward(float* dx, const float* dres, float* dg, float* db,
+                                   const float* dout, const float* x, const float* g,
+                                   const float* mean, const float* rstd, int n, int c) {
   // dx = rstd * (dnorm - mean(dnorm) - norm * mean(dnorm * norm)), dnorm = dout * g.
 #pragma omp parallel for schedule(static) if (Parallel(n, c))
   for (int r = 0; r < n; ++r) {
     const float* xr = x + static_cast<size_t>(r) * c;
     const float* dyr = dout + static_cast<size_t>(r) * c;
     float* dxr = dx + static_cast<size_t>(r) * c;
+    const float* dresr = dres != nullptr ? dres + static_cast<size_t>(r) * c : nullptr;
     const float mu = mean[r];
     const float rs = rstd[r];
     double sum_dn = 0.0;
@@ -67,7 +68,7 @@ void CpuBackend::LayerNormBackward(float* dx, float* dg, float* db, const float*
     for (int j = 0; j < c; ++j) {
       const float nrm = (xr[j] - mu) * rs;
       const float dn = dyr[j] * g[j];
-      dxr[j] += rs * (dn - mean_dn - nrm * mean_dn_n);
+      dxr[j] = (dresr != nullptr ? dresr[j] : 0.0f) + rs * (dn - mean_dn - nrm * mean_dn_n);
     }
   }
   // dg += sum_r dout * norm; db += sum_r dout.
@@ -110,21 +111,22 @@ void CpuBackend::RmsNormForward(Operand out_op, float* rstd, const float* x, con
   }
 }
 
-void CpuBackend::RmsNormBackward(float* dx, float* dg, const float* dout, const float* x,
-                                 const float* g, const float* rstd, int n, int c) {
+void CpuBackend::RmsNormBackward(float* dx, const float* dres, float* dg, const float* dout,
+                                 const float* x, const float* g, const float* rstd, int n, int c) {
   // dx = rstd * (dnorm - norm * mean(dnorm * norm)), norm = x * rstd, dnorm = dout * g.
 #pragma omp parallel for schedule(static) if (Parallel(n, c))
   for (int r = 0; r < n; ++r) {
     const float* xr = x + static_cast<size_t>(r) * c;
     const float* dyr = dout + static_cast<size_t>(r) * c;
     float* dxr = dx + static_cast<size_t>(r) * c;
+    const float* dresr = dres != nullptr ? dres + static_cast<size_t>(r) * c : nullptr;
     const float rs = rstd[r];
     double sum_dn_n = 0.0;
     for (int j = 0; j < c; ++j) sum_dn_n += static_cast<double>(dyr[j] * g[j]) * (xr[j] * rs);
     const float mean_dn_n = static_cast<float>(sum_dn_n / c);
     for (int j = 0; j < c; ++j) {
       const float nrm = xr[j] * rs;
-      dxr[j] += rs * (dyr[j] * g[j] - nrm * mean_dn_n);
+      dxr[j] = (dresr != nullptr ? dresr[j] : 0.0f) + rs * (dyr[j] * g[j] - nrm * mean_dn_n);
     }
   }
   // dg += sum_r dout * norm.

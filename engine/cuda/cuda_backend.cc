@@ -322,18 +322,18 @@ void CudaBackend::LayerNormForward(Operand out, float* mean, float* rstd, const 
                                    const float* g, const float* b, int n, int c, float eps) {
   CUDA_CHECK(cuda::LayerNormForward(ToElems(out), mean, rstd, x, g, b, n, c, eps, stream_));
 }
-void CudaBackend::LayerNormBackward(float* dx, float* dg, float* db, const float* dout,
-                                    const float* x, const float* g, const float* mean,
-                                    const float* rstd, int n, int c) {
-  CUDA_CHECK(cuda::LayerNormBackward(dx, dg, db, dout, x, g, mean, rstd, n, c, stream_));
+void CudaBackend::LayerNormBackward(float* dx, const float* dres, float* dg, float* db,
+                                    const float* dout, const float* x, const float* g,
+                                    const float* mean, const float* rstd, int n, int c) {
+  CUDA_CHECK(cuda::LayerNormBackward(dx, dres, dg, db, dout, x, g, mean, rstd, n, c, stream_));
 }
 void CudaBackend::RmsNormForward(Operand out, float* rstd, const float* x, const float* g, int n,
                                  int c, float eps) {
   CUDA_CHECK(cuda::RmsNormForward(ToElems(out), rstd, x, g, n, c, eps, stream_));
 }
-void CudaBackend::RmsNormBackward(float* dx, float* dg, const float* dout, const float* x,
-                                  const float* g, const float* rstd, int n, int c) {
-  CUDA_CHECK(cuda::RmsNormBackward(dx, dg, dout, x, g, rstd, n, c, stream_));
+void CudaBackend::RmsNormBackward(float* dx, const float* dres, float* dg, const float* dout,
+                                  const float* x, const float* g, const float* rstd, int n, int c) {
+  CUDA_CHECK(cuda::RmsNormBackward(dx, dres, dg, dout, x, g, rstd, n, c, stream_));
 }
 void CudaBackend::GeluForward(Operand out, ConstOperand x, size_t n) {
   CUDA_CHECK(cuda::GeluForward(ToElems(out), ToElems(x), n, stream_));

@@ -76,13 +76,13 @@ class CudaBackend final : public Backend {
 
   void LayerNormForward(Operand out, float* mean, float* rstd, const float* x, const float* g,
                         const float* b, int n, int c, float eps) override;
-  void LayerNormBackward(float* dx, float* dg, float* db, const float* dout, const float* x,
-                         const float* g, const float* mean, const float* rstd, int n,
-                         int c) override;
+  void LayerNormBackward(float* dx, const float* dres, float* dg, float* db, const float* dout,
+                         const float* x, const float* g, const float* mean, const float* rstd,
+                         int n, int c) override;
   void RmsNormForward(Operand out, float* rstd, const float* x, const float* g, int n, int c,
                       float eps) override;
-  void RmsNormBackward(float* dx, float* dg, const float* dout, const float* x, const float* g,
-                       const float* rstd, int n, int c) override;
+  void RmsNormBackward(float* dx, const float* dres, float* dg, const float* dout, const float* x,
+                       const float* g, const float* rstd, int n, int c) override;
 
   void GeluForward(Operand out, ConstOperand x, size_t n) override;
   void GeluBackward(Operand dx, ConstOperand dout, ConstOperand x, size_t n) override;

@@ -54,13 +54,14 @@ cudaError_t AdamW(float* p, const float* g, float* m, float* v, size_t n, float 
 // norm_kernels.cu
 cudaError_t LayerNormForward(Elems out, float* mean, float* rstd, const float* x, const float* g,
                              const float* b, int n, int c, float eps, cudaStream_t s);
-cudaError_t LayerNormBackward(float* dx, float* dg, float* db, const float* dout, const float* x,
-                              const float* g, const float* mean, const float* rstd, int n, int c,
-                              cudaStream_t s);
+cudaError_t LayerNormBackward(float* dx, const float* dres, float* dg, float* db, const float* dout,
+                              const float* x, const float* g, const float* mean, const float* rstd,
+                              int n, int c, cudaStream_t s);
 cudaError_t RmsNormForward(Elems out, float* rstd, const float* x, const float* g, int n, int c,
                            float eps, cudaStream_t s);
-cudaError_t RmsNormBackward(float* dx, float* dg, const float* dout, const float* x, const float* g,
-                            const float* rstd, int n, int c, cudaStream_t s);
+cudaError_t RmsNormBackward(float* dx, const float* dres, float* dg, const float* dout,
+                            const float* x, const float* g, const float* rstd, int n, int c,
+                            cudaStream_t s);
 
 // softmax_kernels.cu
 // In place on s[tq, tk] (row stride tk): row i becomes the softmax over keys 0 .. q_offset + i,

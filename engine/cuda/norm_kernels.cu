@@ -43,14 +43,16 @@ __global__ void LayerNormForwardKernel(OutT* out, float* mean, float* rstd, cons
   }
 }
 
-__global__ void LayerNormBackwardRowsKernel(float* dx, const float* dout, const float* x,
-                                            const float* g, const float* mean, const float* rstd,
-                                            int c) {
+// dx = dres + d/dx (dres may alias dx or be null).
+__global__ void LayerNormBackwardRowsKernel(float* dx, const float* dres, const float* dout,
+                                            const float* x, const float* g, const float* mean,
+                                            const float* rstd, int c) {
   __shared__ double scratch[kThreads];
   const size_t r = blockIdx.x;
   const float* xr = x + r * c;
   const float* dyr = dout + r * c;
   float* dxr = dx + r * c;
+  const float* dresr = dres != nullptr ? dres + r * c : nullptr;
   const float mu = mean[r], rs = rstd[r];
   double sum_dn = 0.0, sum_dn_n = 0.0;
   for (int j = threadIdx.x; j < c; j += blockDim.x) {
@@ -64,7 +66,7 @@ __global__ void LayerNormBackwardRowsKernel(float* dx, const float* dout, const 
   for (int j = threadIdx.x; j < c; j += blockDim.x) {
     const float nrm = (xr[j] - mu) * rs;
     const float dn = dyr[j] * g[j];
-    dxr[j] += rs * (dn - mean_dn - nrm * mean_dn_n);
+    dxr[j] = (dresr != nullptr ? dresr[j] : 0.0f) + rs * (dn - mean_dn - nrm * mean_dn_n);
   }
 }
 
@@ -107,13 +109,15 @@ __global__ void RmsNormForwardKernel(OutT* out, float* rstd, const float* x, con
   if (threadIdx.x == 0) rstd[r] = rs;
 }
 
-__global__ void RmsNormBackwardRowsKernel(float* dx, const float* dout, const float* x,
-                                          const float* g, const float* rstd, int c) {
+__global__ void RmsNormBackwardRowsKernel(float* dx, const float* dres, const float* dout,
+                                          const float* x, const float* g, const float* rstd,
+                                          int c) {
   __shared__ double scratch[kThreads];
   const size_t r = blockIdx.x;
   const float* xr = x + r * c;
   const float* dyr = dout + r * c;
   float* dxr = dx + r * c;
+  const float* dresr = dres != nullptr ? dres + r * c : nullptr;
   const float rs = rstd[r];
   double sum_dn_n = 0.0;
   for (int j = threadIdx.x; j < c; j += blockDim.x) {
@@ -122,7 +126,7 @@ __global__ void RmsNormBackwardRowsKernel(float* dx, const float* dout, const fl
   const float mean_dn_n = static_cast<float>(BlockSum(sum_dn_n, scratch) / c);
   for (int j = threadIdx.x; j < c; j += blockDim.x) {
     const float nrm = xr[j] * rs;
-    dxr[j] += rs * (dyr[j] * g[j] - nrm * mean_dn_n);
+    dxr[j] = (dresr != nullptr ? dresr[j] : 0.0f) + rs * (dyr[j] * g[j] - nrm * mean_dn_n);
   }
 }
 
@@ -139,12 +143,12 @@ cudaError_t LayerNormForward(Elems out, float* mean, float* rstd, const float* x
   });
 }
 
-cudaError_t LayerNormBackward(float* dx, float* dg, float* db, const float* dout, const float* x,
-                              const float* g, const float* mean, const float* rstd, int n, int c,
-                              cudaStream_t s) {
+cudaError_t LayerNormBackward(float* dx, const float* dres, float* dg, float* db, const float* dout,
+                              const float* x, const float* g, const float* mean, const float* rstd,
+                              int n, int c, cudaStream_t s) {
   if (n <= 0 || c <= 0) return cudaGetLastError();
-  LaunchKernel(LayerNormBackwardRowsKernel, dim3(n), dim3(kThreads), 0, s, dx, dout, x, g, mean,
-               rstd, c);
+  LaunchKernel(LayerNormBackwardRowsKernel, dim3(n), dim3(kThreads), 0, s, dx, dres, dout, x, g,
+               mean, rstd, c);
   LaunchKernel(NormParamGradKernel, dim3(ColumnBlocks(c)), dim3(kColTile, ColumnRowGroups(n)), 0, s,
                dg, db, dout, x, mean, rstd, n, c);
   return cudaGetLastError();
@@ -159,10 +163,12 @@ cudaError_t RmsNormForward(Elems out, float* rstd, const float* x, const float* 
   });
 }
 
-cudaError_t RmsNormBackward(float* dx, float* dg, const float* dout, const float* x, const float* g,
-                            const float* rstd, int n, int c, cudaStream_t s) {
+cudaError_t RmsNormBackward(float* dx, const float* dres, float* dg, const float* dout,
+                            const float* x, const float* g, const float* rstd, int n, int c,
+                            cudaStream_t s) {
   if (n <= 0 || c <= 0) return cudaGetLastError();
-  LaunchKernel(RmsNormBackwardRowsKernel, dim3(n), dim3(kThreads), 0, s, dx, dout, x, g, rstd, c);
+  LaunchKernel(RmsNormBackwardRowsKernel, dim3(n), dim3(kThreads), 0, s, dx, dres, dout, x, g, rstd,
+               c);
   LaunchKernel(NormParamGradKernel, dim3(ColumnBlocks(c)), dim3(kColTile, ColumnRowGroups(n)), 0, s,
                dg, nullptr, dout, x, nullptr, rstd, n, c);
   return cudaGetLastError();

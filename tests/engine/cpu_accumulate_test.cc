@@ -51,24 +51,35 @@ TEST_F(CpuAccumulateTest, NormBackwards) {
   std::vector<float> y(n * c), mean(n), rstd(n);
   be_.LayerNormForward(y.data(), mean.data(), rstd.data(), x.data(), g.data(), b.data(), n, c,
                        1e-5f);
-  std::vector<float> dx1(n * c, 0.0f), dg1(c, 0.0f), db1(c, 0.0f);
-  be_.LayerNormBackward(dx1.data(), dg1.data(), db1.data(), dy.data(), x.data(), g.data(),
+  // dres = null writes dx (whatever it held); dres = dx accumulates; a separate dres is added.
+  std::vector<float> dx1(n * c, 99.0f), dg1(c, 0.0f), db1(c, 0.0f);
+  be_.LayerNormBackward(dx1.data(), nullptr, dg1.data(), db1.data(), dy.data(), x.data(), g.data(),
                         mean.data(), rstd.data(), n, c);
   std::vector<float> dx(n * c, 0.0f), dg(c, 0.0f), db(c, 0.0f);
   for (int rep = 0; rep < 2; ++rep)
-    be_.LayerNormBackward(dx.data(), dg.data(), db.data(), dy.data(), x.data(), g.data(),
+    be_.LayerNormBackward(dx.data(), dx.data(), dg.data(), db.data(), dy.data(), x.data(), g.data(),
                           mean.data(), rstd.data(), n, c);
   ExpectDoubled("LayerNorm dx", dx1, dx);
   ExpectDoubled("LayerNorm dg", dg1, dg);
   ExpectDoubled("LayerNorm db", db1, db);
+  std::vector<float> sum(n * c, 99.0f), unused(c, 0.0f);
+  be_.LayerNormBackward(sum.data(), dx1.data(), unused.data(), nullptr, dy.data(), x.data(),
+                        g.data(), mean.data(), rstd.data(), n, c);
+  EXPECT_EQ(sum, dx) << "LayerNorm dx = dres + d/dx";
 
   be_.RmsNormForward(y.data(), rstd.data(), x.data(), g.data(), n, c, 1e-5f);
-  std::vector<float> rdx1(n * c, 0.0f), rdg1(c, 0.0f), rdx(n * c, 0.0f), rdg(c, 0.0f);
-  be_.RmsNormBackward(rdx1.data(), rdg1.data(), dy.data(), x.data(), g.data(), rstd.data(), n, c);
+  std::vector<float> rdx1(n * c, 99.0f), rdg1(c, 0.0f), rdx(n * c, 0.0f), rdg(c, 0.0f);
+  be_.RmsNormBackward(rdx1.data(), nullptr, rdg1.data(), dy.data(), x.data(), g.data(), rstd.data(),
+                      n, c);
   for (int rep = 0; rep < 2; ++rep)
-    be_.RmsNormBackward(rdx.data(), rdg.data(), dy.data(), x.data(), g.data(), rstd.data(), n, c);
+    be_.RmsNormBackward(rdx.data(), rdx.data(), rdg.data(), dy.data(), x.data(), g.data(),
+                        rstd.data(), n, c);
   ExpectDoubled("RmsNorm dx", rdx1, rdx);
   ExpectDoubled("RmsNorm dg", rdg1, rdg);
+  std::vector<float> rsum(n * c, 99.0f);
+  be_.RmsNormBackward(rsum.data(), rdx1.data(), unused.data(), dy.data(), x.data(), g.data(),
+                      rstd.data(), n, c);
+  EXPECT_EQ(rsum, rdx) << "RmsNorm dx = dres + d/dx";
 }
 
 TEST_F(CpuAccumulateTest, EmbeddingBackward) {
@@ -141,8 +152,9 @@ TEST_F(CpuAccumulateTest, ReductionsAreDeterministic) {
     std::vector<float> y(n * c), mean(n), rstd(n), grads((n + 2) * c, 0.0f);
     be_.LayerNormForward(y.data(), mean.data(), rstd.data(), x.data(), g.data(), nullptr, n, c,
                          1e-5f);
-    be_.LayerNormBackward(grads.data(), grads.data() + n * c, grads.data() + (n + 1) * c, dy.data(),
-                          x.data(), g.data(), mean.data(), rstd.data(), n, c);
+    be_.LayerNormBackward(grads.data(), grads.data(), grads.data() + n * c,
+                          grads.data() + (n + 1) * c, dy.data(), x.data(), g.data(), mean.data(),
+                          rstd.data(), n, c);
     return grads;
   });
   ExpectThreadCountInvariant("Linear dbias", [&] {

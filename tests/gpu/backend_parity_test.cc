@@ -354,6 +354,7 @@ TEST_F(BackendParity, LayerNormAndRmsNorm) {
       for (float& v : g) v += 1.0f;
       const auto b = RandVec(rng_, c), dout = RandVec(rng_, nc);
       const auto dx0 = RandVec(rng_, nc), dg0 = RandVec(rng_, c), db0 = RandVec(rng_, c);
+      const auto dres0 = RandVec(rng_, nc);
       for (bool has_b : {false, true}) {
         ExpectParity(
             [&](Backend* be, DeviceMem& m) -> Outputs {
@@ -370,17 +371,29 @@ TEST_F(BackendParity, LayerNormAndRmsNorm) {
       std::vector<float> y(nc), mean(n), rstd(n);
       ref_.LayerNormForward(y.data(), mean.data(), rstd.data(), x.data(), g.data(), b.data(), n, c,
                             eps);
-      for (bool has_db : {false, true}) {
-        ExpectParity(
-            [&](Backend* be, DeviceMem& m) -> Outputs {
-              float *dx = m.Put(dx0), *dg = m.Put(dg0), *db = has_db ? m.Put(db0) : nullptr;
-              be->LayerNormBackward(dx, dg, db, m.Put(dout), m.Put(x), m.Put(g), m.Put(mean),
-                                    m.Put(rstd), n, c);
-              Outputs o = {{"LayerNorm dx", m.Get(dx, nc)}, {"dg", m.Get(dg, c)}};
-              if (db) o.emplace_back("db", m.Get(db, c));
-              return o;
-            },
-            kReduction);
+      // dres: 0 none (dx written; poisoned first), 1 aliasing dx (accumulates), 2 separate.
+      auto dx_and_dres = [&](DeviceMem& m, int dres_mode) -> std::pair<float*, const float*> {
+        if (dres_mode == 1) {
+          float* dx = m.Put(dx0);
+          return {dx, dx};
+        }
+        return {m.Nan(nc), dres_mode == 2 ? m.Put(dres0) : nullptr};
+      };
+      for (int dres_mode = 0; dres_mode < 3; ++dres_mode) {
+        for (bool has_db : {false, true}) {
+          SCOPED_TRACE(::testing::Message() << "dres mode " << dres_mode << " db " << has_db);
+          ExpectParity(
+              [&](Backend* be, DeviceMem& m) -> Outputs {
+                auto [dx, dres] = dx_and_dres(m, dres_mode);
+                float *dg = m.Put(dg0), *db = has_db ? m.Put(db0) : nullptr;
+                be->LayerNormBackward(dx, dres, dg, db, m.Put(dout), m.Put(x), m.Put(g),
+                                      m.Put(mean), m.Put(rstd), n, c);
+                Outputs o = {{"LayerNorm dx", m.Get(dx, nc)}, {"dg", m.Get(dg, c)}};
+                if (db) o.emplace_back("db", m.Get(db, c));
+                return o;
+              },
+              kReduction);
+        }
       }
       ExpectParity(
           [&](Backend* be, DeviceMem& m) -> Outputs {
@@ -390,13 +403,17 @@ TEST_F(BackendParity, LayerNormAndRmsNorm) {
           },
           kReduction);
       ref_.RmsNormForward(y.data(), rstd.data(), x.data(), g.data(), n, c, eps);
-      ExpectParity(
-          [&](Backend* be, DeviceMem& m) -> Outputs {
-            float *dx = m.Put(dx0), *dg = m.Put(dg0);
-            be->RmsNormBackward(dx, dg, m.Put(dout), m.Put(x), m.Put(g), m.Put(rstd), n, c);
-            return {{"RmsNorm dx", m.Get(dx, nc)}, {"dg", m.Get(dg, c)}};
-          },
-          kReduction);
+      for (int dres_mode = 0; dres_mode < 3; ++dres_mode) {
+        SCOPED_TRACE(::testing::Message() << "dres mode " << dres_mode);
+        ExpectParity(
+            [&](Backend* be, DeviceMem& m) -> Outputs {
+              auto [dx, dres] = dx_and_dres(m, dres_mode);
+              float* dg = m.Put(dg0);
+              be->RmsNormBackward(dx, dres, dg, m.Put(dout), m.Put(x), m.Put(g), m.Put(rstd), n, c);
+              return {{"RmsNorm dx", m.Get(dx, nc)}, {"dg", m.Get(dg, c)}};
+            },
+            kReduction);
+      }
     }
   }
 }

@@ -55,15 +55,15 @@ class FakeDeviceBackend final : public Backend {
                         float) override {
     std::abort();
   }
-  void LayerNormBackward(float*, float*, float*, const float*, const float*, const float*,
-                         const float*, const float*, int, int) override {
+  void LayerNormBackward(float*, const float*, float*, float*, const float*, const float*,
+                         const float*, const float*, const float*, int, int) override {
     std::abort();
   }
   void RmsNormForward(Operand, float*, const float*, const float*, int, int, float) override {
     std::abort();
   }
-  void RmsNormBackward(float*, float*, const float*, const float*, const float*, const float*, int,
-                       int) override {
+  void RmsNormBackward(float*, const float*, float*, const float*, const float*, const float*,
+                       const float*, int, int) override {
     std::abort();
   }
   void GeluForward(Operand, ConstOperand, size_t) override { std::abort(); }
