@@ -160,6 +160,8 @@ void MlpForward(const LayerContext& ctx, const MlpParams& p, MlpActs& a, float* 
   const int h = c.hidden_size, f = c.ffn_hidden_size;
   Backend* be = ctx.be;
   NormForward(ctx, p.norm, a.norm, x, n);
+  // With bf16 operands and a bias (GPT), h1 is rounded twice: the GEMM's output, then with the
+  // bias added (as a bf16 GEMM followed by a bias add is elsewhere).
   be->Linear(a.h1, a.norm.out, ctx.P(p.w1), ctx.P(p.b1), n, h, f, false);
   if (c.use_swiglu()) {
     be->Linear(a.h3, a.norm.out, ctx.P(p.w3), nullptr, n, h, f, false);
@@ -263,7 +265,7 @@ void BlockBackward(const LayerContext& ctx, const BlockParams& p, const BlockAct
                      hq * d, h, false);
   be->AttentionBackward(s.dq, s.dk, s.dv, s.datt, at.att, at.lse, at.q, at.k, at.v, b, t, hq, hkv,
                         d);
-  if (c.use_rope()) {
+  if (c.use_rope()) {  // with bf16 operands dq, dk round again after the rotation
     be->RopeBackward(s.dq, pos, n, hq, d, c.rope_theta);
     be->RopeBackward(s.dk, pos, n, hkv, d, c.rope_theta);
   }

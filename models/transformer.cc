@@ -181,9 +181,15 @@ std::unique_ptr<Workspace> Model::MakeWorkspace(int b, int t) {
     ws->exits.push_back(ExitIsLocal(i) ? MakeExitActs(a, i, n, /*training=*/true) : ExitActs{});
     ws->exit_grad.push_back(ExitIsLocal(i) ? a.Floats(nc) : nullptr);
   }
+  bool has_head = is_last_stage();
+  for (size_t i = 0; i < config_.exits.size(); ++i) has_head = has_head || ExitIsLocal(i);
   const size_t logits = static_cast<size_t>(LogitsChunkRows(n)) * local_.vocab_size;
-  ws->logits = a.Floats(logits);
-  ws->dlogits = be_->operand_dtype() == DType::kF32 ? Operand(ws->logits) : a.Operands(logits);
+  if (has_head && head_logits_.bytes() < logits * sizeof(float)) {
+    head_logits_ = Buffer(be_, logits * sizeof(float));
+    if (be_->operand_dtype() != DType::kF32) {
+      head_dlogits_ = Buffer(be_, logits * DTypeSize(be_->operand_dtype()));
+    }
+  }
   ws->losses = a.Floats(n);
   ws->max_prob = a.Floats(n);
   ws->gs = MakeGradScratch(a, local_, n);
@@ -275,31 +281,37 @@ std::pair<double, double> Model::HeadLoss(Workspace& ws, ConstOperand hidden, in
                                           float weight, bool confidence_weighted, bool backward) {
   const int n = ws.b * ws.t, v = local_.vocab_size;
   const size_t h = config_.hidden_size;
-  // The logits of `chunk` rows at a time (ws.logits holds one chunk), so the whole [n, vocab]
-  // matrix never exists: project, cross-entropy (gradient in place), then the projection's
-  // backward for those rows.
+  // The logits of `chunk` rows at a time (head_logits_ holds one chunk), so the whole
+  // [n, vocab] matrix never exists: project, cross-entropy (its gradient in place, or into the
+  // bf16 head_dlogits_), then the projection's backward for those rows.
   const int chunk = LogitsChunkRows(n);
+  float* logits = head_logits_.f32();
+  EE_CHECK(head_logits_.bytes() >= static_cast<size_t>(chunk) * v * sizeof(float),
+           "the head scratch holds fewer than ", chunk, " rows of logits");
+  const Operand dlogits_chunk = be_->operand_dtype() == DType::kF32
+                                    ? Operand(logits)
+                                    : Operand(head_dlogits_.data(), be_->operand_dtype());
   // Cross-entropy of rows [r0, r0 + rows) over this rank's vocabulary columns (combined over tp
   // without gathering).
   auto cross_entropy = [&](int r0, int rows, float* max_prob, Operand dlogits) {
     float* mp = max_prob != nullptr ? max_prob + r0 : nullptr;
     if (ws.vocab_ce) {
-      ws.vocab_ce->Run(ws.losses + r0, mp, dlogits, ws.logits, ws.targets + r0, ws.weights + r0,
-                       rows, vocab_shard());
+      ws.vocab_ce->Run(ws.losses + r0, mp, dlogits, logits, ws.targets + r0, ws.weights + r0, rows,
+                       vocab_shard());
     } else {
-      be_->CrossEntropy(ws.losses + r0, mp, dlogits, ws.logits, ws.targets + r0, ws.weights + r0,
-                        rows, v);
+      be_->CrossEntropy(ws.losses + r0, mp, dlogits, logits, ws.targets + r0, ws.weights + r0, rows,
+                        v);
     }
   };
   double count = 0;
   for (float m : ws.host_mask) count += m;
   if (count == 0) return {0.0, 0.0};
-  bool projected = false;  // ws.logits already holds the (single) chunk's logits
+  bool projected = false;  // logits already holds the (single) chunk's logits
   if (confidence_weighted) {
     // The weights need every row's confidence first.
     for (int r0 = 0; r0 < n; r0 += chunk) {
       const int rows = std::min(chunk, n - r0);
-      Project(ws.logits, hidden.At(r0 * h), exit_index, rows);
+      Project(logits, hidden.At(r0 * h), exit_index, rows);
       cross_entropy(r0, rows, ws.max_prob, Operand());
     }
     projected = chunk >= n;
@@ -313,10 +325,10 @@ std::pair<double, double> Model::HeadLoss(Workspace& ws, ConstOperand hidden, in
   const int w = OutputWeight(exit_index);
   for (int r0 = 0; r0 < n; r0 += chunk) {
     const int rows = std::min(chunk, n - r0);
-    if (!projected) Project(ws.logits, hidden.At(r0 * h), exit_index, rows);
-    cross_entropy(r0, rows, nullptr, backward ? ws.dlogits : Operand());
+    if (!projected) Project(logits, hidden.At(r0 * h), exit_index, rows);
+    cross_entropy(r0, rows, nullptr, backward ? dlogits_chunk : Operand());
     if (backward) {
-      be_->LinearBackward(ws.dhidden + r0 * h, params_.grad(w), nullptr, ws.dlogits,
+      be_->LinearBackward(ws.dhidden + r0 * h, params_.grad(w), nullptr, dlogits_chunk,
                           hidden.At(r0 * h), params_.param(w), rows, config_.hidden_size, v, false);
     }
   }

@@ -44,10 +44,7 @@ struct Workspace {
   std::vector<BlockActs> layers;
   NormActs final_norm;
   std::vector<ExitActs> exits;
-  float *logits, *losses, *max_prob;  // [LogitsChunkRows(n), vocab], [n], [n]
-  // The heads' logit gradients [LogitsChunkRows(n), vocab], which their backward GEMMs read: the
-  // logits' own buffer (overwritten) with fp32 operands, a bf16 chunk with bf16 operands.
-  Operand dlogits;
+  float *losses, *max_prob;  // [n], [n] (the logits themselves are the Model's, shared)
   GradScratch gs;
   float *dx, *dx_prev, *d_h_extra, *dhidden, *dexit;  // [n, c] each
   // Exit work run ahead of the backward (StageExitHeads): per local exit, the gradient of its
@@ -151,9 +148,9 @@ class Model {
   ConstOperand FinalHidden(NormActs& a, const float* x, int n);
   // logits[n, vocab] = hidden @ W^T with W the output weight of exit i (or final when i < 0).
   void Project(float* logits, ConstOperand hidden, int exit_index, int n);
-  // Rows whose logits the heads compute at a time (Workspace::logits holds that many rows):
-  // `rows` > 0 sets it (tests), 0 = automatic (at most 2^24 logits, 64 MiB in fp32). Set it
-  // before making workspaces.
+  // Rows whose logits the heads compute at a time (the head scratch holds that many rows):
+  // `rows` > 0 sets it (tests), 0 = automatic (at most 2^24 logits, 64 MiB in fp32, on the CPU;
+  // 2^28 on a GPU). Set it before making workspaces.
   void set_logits_chunk_rows(int rows) { logits_chunk_rows_ = rows; }
   int LogitsChunkRows(int n) const;
   int OutputWeight(int exit_index) const;
@@ -191,6 +188,11 @@ class Model {
   std::vector<std::pair<size_t, size_t>> layer_ranges_;  // arena [lo, hi) of each local layer
   std::function<void(size_t, size_t)> layer_grads_done_;
   int logits_chunk_rows_ = 0;
+  // The heads' scratch, one chunk of rows: logits [rows, vocab] (fp32) and their gradients,
+  // which the heads' backward GEMMs read (in the logits' own buffer, overwritten, with fp32
+  // operands; bf16 in head_dlogits_ with bf16 operands). Shared by all workspaces (HeadLoss
+  // runs one at a time), sized at MakeWorkspace, and only on stages that hold a head.
+  Buffer head_logits_, head_dlogits_;
   std::vector<ExitHeadParams> exits_;
 };
 

@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/ usr / bin / env python3
 """PyTorch reference for `eellm bench train`: the same architecture as an eellm model config
 (Llama or GPT-2 style, with early-exit heads), trained in bf16 autocast with fp32 master
 weights, SDPA (flash) attention, torch.compile and fused AdamW, on random tokens. Prints a
@@ -172,7 +172,7 @@ class Model(nn.Module):
         self.final_norm = make_norm(c)
         self.output = None if c["tie_embeddings"] else nn.Linear(h, v, bias=False)
         exits = c["exits"] if with_exits else []
-        # depth: the number of layers whose output the exit reads
+#depth : the number of layers whose output the exit reads
         self.exit_depths = [x["layer"] if x["position"] == "post" else x["layer"] - 1 for x in exits]
         self.exit_weights = [x["loss_weight"] for x in exits]
         self.exits = nn.ModuleList(Exit(c, x) for x in exits)
@@ -239,7 +239,8 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = True
     model = Model(c, with_exits=not args.no_exits).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                            **({"fused": True} if cuda else {}))
+                            **({
+  "fused" : True} if cuda else {}))
     compiled = not args.no_compile and hasattr(torch, "compile")
     if not args.no_compile and not compiled:
         print("note: this PyTorch has no torch.compile; running eagerly", file=sys.stderr)
@@ -248,15 +249,17 @@ def main():
     ids = torch.randint(0, c["vocab_size"], (args.batch, seq), device=dev)
     tgt = torch.randint(0, c["vocab_size"], (args.batch, seq), device=dev)
 
-    def step():
+    def step():  # returns the batch's loss
         opt.zero_grad(set_to_none=True)
+        total = 0.0
         for m in range(0, args.batch, micro):
             with torch.autocast(dev, dtype=torch.bfloat16, enabled=cuda):
                 loss = fwd(ids[m:m + micro], tgt[m:m + micro]) * (micro / args.batch)
             loss.backward()
+            total = total + loss.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        return loss
+        return total
 
     for _ in range(max(args.warmup, 1)):
         step()

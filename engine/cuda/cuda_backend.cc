@@ -286,8 +286,11 @@ void CudaBackend::LinearBackward(Operand din, float* dw, float* dbias, ConstOper
                                  ConstOperand in, const float* w, int n, int in_dim, int out_dim,
                                  bool accumulate_din) {
   if (n <= 0) return;
-  // With a bf16 input and an fp32 dout (the residual stream's gradient, the heads' dlogits), dout
-  // is converted to bf16 once and both GEMMs multiply bf16 by bf16.
+  EE_CHECK(!(accumulate_din && din.is_bf16()),
+           "LinearBackward would accumulate din in bf16; accumulate into an fp32 din");
+  // With a bf16 input and an fp32 dout (the residual stream's gradient; the heads' logit
+  // gradients on backends with fp32 operands), dout is converted to bf16 once and both GEMMs
+  // multiply bf16 by bf16.
   ConstOperand dout_op = dout;
   if (in.is_bf16() && !dout.is_bf16() && out_dim > 0 && in_dim > 0 &&
       (din.data != nullptr || dw != nullptr)) {
@@ -465,8 +468,21 @@ void CudaBackend::AttentionBackward(Operand dq_op, Operand dk_op, Operand dv_op,
 
 // ---- cross-entropy, optimizer -------------------------------------------------------------------
 
+namespace {
+// Logit gradients may overwrite the logits only element for element (same dtype, same address):
+// a bf16 gradient overlapping fp32 logits would be written while other threads read them.
+void CheckLogitGradientPlacement(ConstOperand dlogits, const float* logits, size_t count) {
+  if (dlogits.data == nullptr || !dlogits.is_bf16()) return;
+  const auto* d = static_cast<const char*>(dlogits.data);
+  const auto* l = reinterpret_cast<const char*>(logits);
+  EE_CHECK(d + count * sizeof(uint16_t) <= l || l + count * sizeof(float) <= d,
+           "bf16 logit gradients overlap the fp32 logits");
+}
+}  // namespace
+
 void CudaBackend::CrossEntropy(float* losses, float* max_prob, Operand dlogits, const float* logits,
                                const int32_t* targets, const float* weights, int n, int v) {
+  CheckLogitGradientPlacement(dlogits, logits, static_cast<size_t>(n) * v);
   CUDA_CHECK(cuda::CrossEntropy(losses, max_prob, ToElems(dlogits), logits, targets, weights, n, v,
                                 stream_));
 }
@@ -482,6 +498,7 @@ void CudaBackend::SumExpAndTarget(float* sum_exp, float* target_logit, const flo
 void CudaBackend::CrossEntropyGradRange(Operand dlogits, const float* logits, const float* row_max,
                                         const float* sum_exp, const int32_t* targets,
                                         const float* weights, int n, int v, int start) {
+  CheckLogitGradientPlacement(dlogits, logits, static_cast<size_t>(n) * v);
   CUDA_CHECK(cuda::CrossEntropyGradRange(ToElems(dlogits), logits, row_max, sum_exp, targets,
                                          weights, n, v, start, stream_));
 }

@@ -85,7 +85,8 @@ cudaError_t CrossEntropyGradRange(Elems dlogits, const float* logits, const floa
                                   const float* weights, int n, int v, int start, cudaStream_t s);
 
 // flash_attention.cu: fused causal GQA attention on tensor cores (bf16 operands, fp32
-// accumulation; q, k, v and out fp32 or bf16 (q, k, v of one dtype), lse and gradients fp32),
+// accumulation; q, k, v, out and the gradients fp32 or bf16 (q, k, v, dq, dk, dv of one dtype,
+// out and dout of one dtype), lse fp32),
 // for head dimensions FlashAttentionSupports accepts. q, k, v, out, dout and the gradients must be
 // 16-byte aligned. The backward writes dq, dk, dv (of q's dtype) from dout (of out's dtype) and
 // uses dsum[b * hq * t] as scratch.
