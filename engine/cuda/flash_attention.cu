@@ -5,7 +5,10 @@
 // elementwise softmax steps go through shared memory, where each lane knows its row (WMMA does
 // not expose the accumulator layout). Head dimensions 32, 64 and 128.
 //
-// Forward: one block per (64 queries, head, sequence); 4 warps of 16 query rows each.
+// Forward: one block per (64 queries, head, sequence); 4 warps of 16 query rows each. A warp's
+// output rows stay in its accumulator fragments across the key tiles; the online softmax raises a
+// row's reference maximum only when a tile passes it by more than kRescaleSlack, and only then
+// rescales O (through shared memory).
 // Backward (deterministic, no atomics): one kernel for dK and dV per (64 keys, KV head,
 // sequence) that loops over the heads of its group and the query tiles in a fixed order, and
 // one kernel for dQ per (64 queries, head, sequence). Each recomputes P from the saved
@@ -101,6 +104,24 @@ __device__ void WarpAccumulate(FragC* acc, const __nv_bfloat16* p_rows, const __
 
 // ---- forward ------------------------------------------------------------------------------------
 
+// A row's probabilities are taken against a reference maximum that is raised only when a key
+// tile's maximum exceeds it by more than this (natural log units): P then stays below e^8 ~ 3000,
+// far from overflow in bf16 and fp32 and with the same relative precision, and O (registers)
+// needs rescaling only when a row's reference moves.
+constexpr float kRescaleSlack = 8.0f;
+
+// Whether `v` holds on any thread of the block (every thread must call it; `votes` is shared
+// memory of kWarps entries, free until the block's next barrier after this call).
+__device__ bool BlockAny(bool v, unsigned* votes) {
+  unsigned x = v ? 1u : 0u;
+  for (int o = 16; o > 0; o >>= 1) x |= __shfl_xor_sync(0xffffffffu, x, o);
+  if (threadIdx.x % 32 == 0) votes[threadIdx.x / 32] = x;
+  __syncthreads();
+  x = 0;
+  for (int w = 0; w < kWarps; ++w) x |= votes[w];
+  return x != 0;
+}
+
 template <int D>
 struct FwdSmem {
   static constexpr size_t kQ = 0;
@@ -119,6 +140,7 @@ __global__ void __launch_bounds__(kThreads)
     FlashForwardKernel(OutT* out, float* lse, const InT* q, const InT* k, const InT* v, int tq,
                        int tk, int tk_cap, int hq, int hkv, int q_offset, float scale) {
   EE_DYNAMIC_SHARED(smem);
+  __shared__ unsigned votes[kWarps];
   using L = FwdSmem<D>;
   auto* qs = reinterpret_cast<__nv_bfloat16*>(smem + L::kQ);
   auto* ks = reinterpret_cast<__nv_bfloat16*>(smem + L::kK);
@@ -137,17 +159,20 @@ __global__ void __launch_bounds__(kThreads)
   const InT* vb = v + static_cast<size_t>(bi) * tk_cap * kv_stride + static_cast<size_t>(kvh) * D;
 
   LoadTile<D>(qs, qb, q_stride, q0, tq);
-  for (int i = threadIdx.x; i < kTile * kLdO; i += kThreads) os[i] = 0.0f;
+  // O_w: the warp's 16 output rows, in accumulator fragments for the whole key loop.
+  FragC o[D / 16];
+  for (int j = 0; j < D / 16; ++j) wmma::fill_fragment(o[j], 0.0f);
+  float* o_w = os + warp * 16 * kLdO;  // staging of O_w (rescaling, the final store)
   // Lane pair (2r, 2r + 1) owns row r of the warp's 16; each lane half of the columns.
   const int r = lane / 2, half = lane % 2;
   const int row = warp * 16 + r;         // row in the tile
   const int qpos = q_offset + q0 + row;  // absolute position of this query
-  float m = -INFINITY, l = 0.0f;
+  float m = -INFINITY, l = 0.0f;         // the row's reference maximum and sum of exp(s - m)
 
   const int last_q = min(q0 + kTile, tq) - 1;
   const int n_keys = min(tk, q_offset + last_q + 1);
   for (int k0 = 0; k0 < n_keys; k0 += kTile) {
-    __syncthreads();  // previous tile's K/V reads are done (and Q/O initialised)
+    __syncthreads();  // previous tile's K/V reads are done (and Q loaded)
     LoadTile<D>(ks, kb, kv_stride, k0, tk);
     LoadTile<D>(vs, vb, kv_stride, k0, tk);
     __syncthreads();
@@ -165,32 +190,46 @@ __global__ void __launch_bounds__(kThreads)
       tile_max = fmaxf(tile_max, s);
     }
     tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-    const float m_new = fmaxf(m, tile_max);
+    // Raise the reference when the tile's maximum passes it by more than the slack (always at
+    // the row's first valid key); O and l, taken against the old reference, shrink by alpha.
+    // Before the first valid key O and l are zero, so only later raises rescale O.
+    const bool raise = tile_max > m + kRescaleSlack;
+    const bool rescale = raise && m != -INFINITY;
+    const float alpha = rescale ? __expf(m - tile_max) : 1.0f;
+    if (raise) {
+      m = tile_max;
+      l *= alpha;
+    }
+    // Through shared memory (WMMA does not say which lane holds a row), by the whole block when
+    // any row needs it (the branch stays uniform).
+    if (BlockAny(rescale, votes)) {
+      for (int j = 0; j < D / 16; ++j) {
+        wmma::store_matrix_sync(o_w + j * 16, o[j], kLdO, wmma::mem_row_major);
+      }
+      __syncwarp();
+      float* orow = os + row * kLdO + half * (D / 2);
+      for (int c = 0; c < D / 2; ++c) orow[c] *= alpha;
+      __syncwarp();
+      for (int j = 0; j < D / 16; ++j) {
+        wmma::load_matrix_sync(o[j], o_w + j * 16, kLdO, wmma::mem_row_major);
+      }
+    }
     float sum = 0.0f;
     for (int c = 0; c < 32; ++c) {
-      const float p = srow[c] == -INFINITY ? 0.0f : __expf(srow[c] - m_new);
+      const float p = srow[c] == -INFINITY ? 0.0f : __expf(srow[c] - m);
       const __nv_bfloat16 pb = __float2bfloat16(p);
       prow[c] = pb;
       sum += __bfloat162float(pb);
     }
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    const float alpha = m == -INFINITY ? 0.0f : __expf(m - m_new);
-    l = l * alpha + sum;
-    m = m_new;
-    float* orow = os + row * kLdO + half * (D / 2);
-    for (int c = 0; c < D / 2; ++c) orow[c] *= alpha;
+    l += sum;
     __syncwarp();
-    // O_w += P_w V (O kept in shared memory, where the rows were rescaled above).
-    FragC o[D / 16];
-    for (int j = 0; j < D / 16; ++j) {
-      wmma::load_matrix_sync(o[j], os + warp * 16 * kLdO + j * 16, kLdO, wmma::mem_row_major);
-    }
-    WarpAccumulate<D>(o, ps + warp * 16 * kLdP, vs);
-    for (int j = 0; j < D / 16; ++j) {
-      wmma::store_matrix_sync(os + warp * 16 * kLdO + j * 16, o[j], kLdO, wmma::mem_row_major);
-    }
-    __syncwarp();
+    WarpAccumulate<D>(o, ps + warp * 16 * kLdP, vs);  // O_w += P_w V
   }
+  for (int j = 0; j < D / 16; ++j) {
+    wmma::store_matrix_sync(o_w + j * 16, o[j], kLdO, wmma::mem_row_major);
+  }
+  __syncwarp();
   if (q0 + row < tq) {
     const float inv = l > 0.0f ? 1.0f / l : 0.0f;
     OutT* orow = out + (static_cast<size_t>(bi) * tq + q0 + row) * q_stride +

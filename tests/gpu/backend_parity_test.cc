@@ -535,6 +535,33 @@ TEST_F(BackendParity, AttentionForward) {
   }
 }
 
+// Scores that rise along the keys by ~0.3 per key (over 50 across a 200-key row): every key tile
+// passes the running maximum by far more than a fused kernel's rescaling slack, so its output
+// rows are rescaled at every tile; the outputs and log-sum-exps must still match.
+TEST_F(BackendParity, AttentionForwardRisingScores) {
+  for (int d : {32, 64, 128}) {
+    SCOPED_TRACE(::testing::Message() << "d=" << d);
+    const int b = 1, hq = 2, hkv = 1, t = 200;
+    const size_t nq = static_cast<size_t>(b) * t * hq * d,
+                 nkv = static_cast<size_t>(b) * t * hkv * d;
+    auto q = RandVec(rng_, nq, 0.1), k = RandVec(rng_, nkv, 0.1);
+    const auto v = RandVec(rng_, nkv);
+    for (float& x : q) x += 1.0f;
+    const float ramp = 0.3f * std::sqrt(static_cast<float>(d)) / d;  // per key, after the scale
+    for (int j = 0; j < t; ++j) {
+      for (int e = 0; e < d; ++e) k[static_cast<size_t>(j) * hkv * d + e] += ramp * j;
+    }
+    const size_t nl = static_cast<size_t>(b) * hq * t;
+    ExpectParity(
+        [&](Backend* be, DeviceMem& m) -> Outputs {
+          float *out = m.Nan(nq), *lse = m.Nan(nl);
+          be->AttentionForward(out, lse, m.Put(q), m.Put(k), m.Put(v), b, t, t, t, hq, hkv, d, 0);
+          return {{"out", m.Get(out, nq)}, {"lse", m.Get(lse, nl)}};
+        },
+        kGemm);
+  }
+}
+
 TEST_F(BackendParity, AttentionBackward) {
   for (const AttnCase& a : kAttnCases) {
     if (!a.training()) continue;  // the backward exists for the training form only
