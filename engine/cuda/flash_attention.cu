@@ -46,11 +46,14 @@ __host__ __device__ constexpr size_t Align128(size_t x) { return (x + 127) / 128
 // Copies rows [row0, row0 + kTile) of a strided fp32 or bf16 matrix (row r at src + r * stride,
 // D values) into a bf16 tile [kTile][D + kSkew] (fp32 rounded, bf16 copied); rows at or past
 // `rows` become zeros (so NaN in unused cache rows never reaches a product).
+// 16 bytes per load: a float4 (rounded to 4 bf16) or 8 bf16 (copied); the rows and the tile's
+// rows of D + kSkew bf16 are multiples of 16 bytes for D in {32, 64, 128}.
 template <int D, typename InT>
 __device__ void LoadTile(__nv_bfloat16* dst, const InT* src, size_t stride, int row0, int rows) {
-  constexpr int kVec = D / 4;  // 4 values (a float4, or 8 bytes of bf16) at a time
+  constexpr int kPer = 16 / sizeof(InT);  // values per load
+  constexpr int kVec = D / kPer;
   for (int i = threadIdx.x; i < kTile * kVec; i += kThreads) {
-    const int r = i / kVec, c = (i % kVec) * 4;
+    const int r = i / kVec, c = (i % kVec) * kPer;
     const InT* from = src + static_cast<size_t>(row0 + r) * stride + c;
     __nv_bfloat16* d = dst + r * (D + kSkew) + c;
     if constexpr (std::is_same_v<InT, float>) {
@@ -61,9 +64,9 @@ __device__ void LoadTile(__nv_bfloat16* dst, const InT* src, size_t stride, int 
       d[2] = __float2bfloat16(x.z);
       d[3] = __float2bfloat16(x.w);
     } else {
-      uint2 x = make_uint2(0u, 0u);  // bf16 zeros
-      if (row0 + r < rows) x = *reinterpret_cast<const uint2*>(from);
-      *reinterpret_cast<uint2*>(d) = x;
+      uint4 x = make_uint4(0u, 0u, 0u, 0u);  // bf16 zeros
+      if (row0 + r < rows) x = *reinterpret_cast<const uint4*>(from);
+      *reinterpret_cast<uint4*>(d) = x;
     }
   }
 }
