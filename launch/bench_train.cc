@@ -59,19 +59,25 @@ double FlopsPerToken(Model& m, int seq) {
 }
 
 // GEMM ceiling of the backend in its own precision: the best of a few square GEMMs (FLOP/s).
+// A square GEMM as the model's Linear runs it: activations in the backend's operand dtype, a
+// registered weight (so a backend that keeps bf16 weight copies multiplies bf16 by bf16).
 double GemmCeiling(Backend* be) {
   const int n = be->device() == Device::kCpu ? 1024 : 4096;
-  Buffer a(be, sizeof(float) * n * n), b(be, sizeof(float) * n * n), c(be, sizeof(float) * n * n);
-  be->Fill(a.f32(), size_t{static_cast<size_t>(n)} * n, 0.01f);
-  be->Fill(b.f32(), size_t{static_cast<size_t>(n)} * n, 0.02f);
+  const size_t nn = static_cast<size_t>(n) * n;
+  const DType t = be->operand_dtype();
+  Buffer a(be, DTypeSize(t) * nn), w(be, sizeof(float) * nn), c(be, DTypeSize(t) * nn);
+  OperandFromHost(be, Operand(a.data(), t), std::vector<float>(nn, 0.01f).data(), nn);
+  be->Fill(w.f32(), nn, 0.02f);
+  be->RegisterWeights(w.f32(), nn);
   double best = 0;
   for (int i = 0; i < 4; ++i) {
     be->Synchronize();
-    Timer t;
-    be->Linear(c.f32(), a.f32(), b.f32(), nullptr, n, n, n, false);
+    Timer timer;
+    be->Linear(Operand(c.data(), t), ConstOperand(a.data(), t), w.f32(), nullptr, n, n, n, false);
     be->Synchronize();
-    best = std::max(best, 2.0 * n * n * n / t.Seconds());
+    best = std::max(best, 2.0 * n * n * n / timer.Seconds());
   }
+  be->UnregisterWeights(w.f32());
   return best;
 }
 
@@ -91,6 +97,40 @@ double CopyBandwidth(Backend* be) {
     best = std::max(best, 2.0 * bytes / t.Seconds());
   }
   return best;
+}
+
+// Where the profiled step's time goes against the two limits measured in the same run: matrix
+// products (GEMMs, attention) at the GEMM ceiling, every other op at the copy bandwidth.
+void PrintStepBudget(const TrainBenchResult& r, double ceiling, double bandwidth) {
+  struct Group {
+    const char* name;
+    double seconds = 0, at_limit = 0;
+  };
+  Group groups[] = {{"GEMMs (Linear and its backward)"},
+                    {"attention"},
+                    {"optimizer (AdamW, gradient norm and clip, zeroing)"},
+                    {"other ops (norms, activations, RoPE, losses, copies)"}};
+  for (const auto& op : r.ops) {
+    const bool optimizer =
+        op.name == "AdamW" || op.name == "SumSquares" || op.name == "Scale" || op.name == "Fill";
+    Group& g = absl::StartsWith(op.name, "Linear")      ? groups[0]
+               : absl::StartsWith(op.name, "Attention") ? groups[1]
+               : optimizer                              ? groups[2]
+                                                        : groups[3];
+    g.seconds += op.seconds;
+    g.at_limit += op.flops > 0 ? op.flops / ceiling : op.bytes / bandwidth;
+  }
+  double total = 0, at_limit = 0;
+  for (const Group& g : groups) total += g.seconds, at_limit += g.at_limit;
+  std::printf(
+      "step budget: %.1f ms measured (ops synchronised), %.1f ms if every op ran at its limit "
+      "(products at the GEMM ceiling, the rest at the copy bandwidth):\n",
+      total * 1e3, at_limit * 1e3);
+  for (const Group& g : groups) {
+    std::printf("  %-52s %9.2f ms (%4.1f%%)  at the limit %8.2f ms  above it %8.2f ms\n", g.name,
+                g.seconds * 1e3, total > 0 ? 100 * g.seconds / total : 0.0, g.at_limit * 1e3,
+                (g.seconds - g.at_limit) * 1e3);
+  }
 }
 
 }  // namespace
@@ -233,6 +273,7 @@ absl::Status RunTrainBenchmark(const ModelConfig& mc, Backend* backend,
     std::printf("  %-24s %9.2f ms %6.1f%% %7lld calls%s\n", op.name.c_str(), op.seconds * 1e3,
                 100 * op.seconds / total, static_cast<long long>(op.calls), rates.c_str());
   }
+  PrintStepBudget(r, ceiling, bandwidth);
   if (o.compare_without_exits && !mc.exits.empty()) {
     ModelConfig bare = mc;
     bare.exits.clear();
