@@ -2,6 +2,7 @@
 // i < head_dim / 2 the pair (x[i], x[i + head_dim/2]) is rotated by pos * theta^(-2i/head_dim).
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "engine/core/status.h"
 #include "engine/cpu/cpu_backend.h"
@@ -15,13 +16,16 @@ void Rotate(float* x, const int32_t* pos, int n, int heads, int head_dim, float 
   EE_CHECK(head_dim % 2 == 0, "RoPE needs an even head_dim, got ", head_dim);
   const int half = head_dim / 2;
   const size_t row = static_cast<size_t>(heads) * head_dim;
+  std::vector<double> inv_freq(half);  // the same for every token
+  for (int i = 0; i < half; ++i) {
+    inv_freq[i] = std::pow(static_cast<double>(theta), -2.0 * i / head_dim);
+  }
   const bool parallel = static_cast<int64_t>(n) * heads * head_dim >= 8192;
 #pragma omp parallel for schedule(static) if (parallel)
   for (int t = 0; t < n; ++t) {
     float* xt = x + static_cast<size_t>(t) * row;
     for (int i = 0; i < half; ++i) {
-      const double inv_freq = std::pow(static_cast<double>(theta), -2.0 * i / head_dim);
-      const double angle = sign * static_cast<double>(pos[t]) * inv_freq;
+      const double angle = sign * static_cast<double>(pos[t]) * inv_freq[i];
       const float c = static_cast<float>(std::cos(angle));
       const float s = static_cast<float>(std::sin(angle));
       for (int h = 0; h < heads; ++h) {
