@@ -1,7 +1,9 @@
 // CpuBackend causal self-attention with grouped-query heads (see engine/backend.h for the
 // contract). Each (sequence, head) pair is one task: scores S = scale * Q K^T and outputs
-// O = P V are OpenBLAS GEMMs on strided views of the [tokens, heads, d] layouts (no copies);
-// the causal softmax runs row by row. Only the log-sum-exp of each query row is kept for the
+// O = P V are OpenBLAS GEMMs on strided views of the [tokens, heads, d] layouts (no copies),
+// over blocks of kQueryBlock query rows, each block's products stopping at the keys its last row
+// sees (the masked upper triangle is mostly skipped: 62% of the full products at 4 blocks); the
+// causal softmax runs row by row. Only the log-sum-exp of each query row is kept for the
 // backward, which recomputes the probabilities (as FlashAttention does): no [t, t] tensor
 // outlives a call. Tasks run in parallel with OpenMP; inside a parallel
 // region the OpenMP build of OpenBLAS runs single-threaded, so there is no oversubscription.
@@ -20,6 +22,8 @@
 
 namespace eellm {
 namespace {
+
+constexpr int kQueryBlock = 64;
 
 // Per-thread host scratch of at least n floats (grows, never shrinks).
 float* Scratch(size_t n, int slot) {
@@ -48,13 +52,14 @@ void CausalSoftmaxRows(float* s, float* lse, int tq, int tk, int q_offset) {
   }
 }
 
-// In place on s[t, t] holding scale * Q K^T: row i becomes exp(s - lse[i]) over keys 0 .. i
-// (the probabilities of the forward pass), zero after.
-void ProbsFromLse(float* s, const float* lse, int t) {
-  for (int i = 0; i < t; ++i) {
-    float* row = s + static_cast<size_t>(i) * t;
-    for (int j = 0; j <= i; ++j) row[j] = std::exp(row[j] - lse[i]);
-    for (int j = i + 1; j < t; ++j) row[j] = 0.0f;
+// In place on s[rows, keys] holding scale * Q K^T for queries row0 .. row0 + rows - 1: row i
+// becomes exp(s - lse[i]) over keys 0 .. row0 + i (the probabilities of the forward pass), zero
+// after.
+void ProbsFromLse(float* s, const float* lse, int rows, int keys, int row0) {
+  for (int i = 0; i < rows; ++i) {
+    float* row = s + static_cast<size_t>(i) * keys;
+    for (int j = 0; j <= row0 + i; ++j) row[j] = std::exp(row[j] - lse[i]);
+    for (int j = row0 + i + 1; j < keys; ++j) row[j] = 0.0f;
   }
 }
 
@@ -77,12 +82,18 @@ void CpuBackend::AttentionForward(Operand out_op, float* lse, ConstOperand q_op,
     const float* kh = k + (static_cast<size_t>(bi) * tk_cap * hkv + kvh) * d;
     const float* vh = v + (static_cast<size_t>(bi) * tk_cap * hkv + kvh) * d;
     float* oh = out + (static_cast<size_t>(bi) * tq * hq + h) * d;
-    float* s = Scratch(static_cast<size_t>(tq) * tk, 0);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, tq, tk, d, scale, qh, hq * d, kh, hkv * d,
-                0.0f, s, tk);
-    CausalSoftmaxRows(s, lse ? lse + static_cast<size_t>(task) * tq : nullptr, tq, tk, q_offset);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, tq, d, tk, 1.0f, s, tk, vh, hkv * d,
-                0.0f, oh, hq * d);
+    float* s = Scratch(static_cast<size_t>(std::min(tq, kQueryBlock)) * tk, 0);
+    for (int i0 = 0; i0 < tq; i0 += kQueryBlock) {
+      const int rows = std::min(kQueryBlock, tq - i0);
+      const int keys = std::min(tk, q_offset + i0 + rows);  // what the block's last row sees
+      const size_t at = static_cast<size_t>(i0) * hq * d;
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, d, scale, qh + at, hq * d,
+                  kh, hkv * d, 0.0f, s, keys);
+      CausalSoftmaxRows(s, lse ? lse + static_cast<size_t>(task) * tq + i0 : nullptr, rows, keys,
+                        q_offset + i0);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, d, keys, 1.0f, s, keys, vh,
+                  hkv * d, 0.0f, oh + at, hq * d);
+    }
   }
 }
 
@@ -116,31 +127,38 @@ void CpuBackend::AttentionBackward(Operand dq_op, Operand dk_op, Operand dv_op,
       std::memset(dkh + static_cast<size_t>(j) * hkv * d, 0, sizeof(float) * d);
       std::memset(dvh + static_cast<size_t>(j) * hkv * d, 0, sizeof(float) * d);
     }
-    float* p = Scratch(static_cast<size_t>(t) * t, 0);
-    float* ds = Scratch(static_cast<size_t>(t) * t, 1);
+    const size_t block = static_cast<size_t>(std::min(t, kQueryBlock)) * t;
+    float* p = Scratch(block, 0);
+    float* ds = Scratch(block, 1);
+    // Heads in order, query blocks in order: dK and dV add up in a fixed order.
     for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
       const size_t q_off = (static_cast<size_t>(bi) * t * hq + h) * d;
-      const float* doh = dout + q_off;
       const float* lse_h = lse + (static_cast<size_t>(bi) * hq + h) * t;
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, t, t, d, scale, q + q_off, hq * d, kh,
-                  hkv * d, 0.0f, p, t);
-      ProbsFromLse(p, lse_h, t);
-      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, t, d, t, 1.0f, p, t, doh, hq * d, 1.0f,
-                  dvh, hkv * d);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, t, t, d, 1.0f, doh, hq * d, vh, hkv * d,
-                  0.0f, ds, t);
-      for (int i = 0; i < t; ++i) {
-        float* row = ds + static_cast<size_t>(i) * t;
-        const float* prow = p + static_cast<size_t>(i) * t;
-        float dot = 0.0f;
-        for (int j = 0; j <= i; ++j) dot += prow[j] * row[j];
-        for (int j = 0; j <= i; ++j) row[j] = prow[j] * (row[j] - dot);
-        for (int j = i + 1; j < t; ++j) row[j] = 0.0f;
+      for (int i0 = 0; i0 < t; i0 += kQueryBlock) {
+        const int rows = std::min(kQueryBlock, t - i0), keys = i0 + rows;
+        const size_t at = q_off + static_cast<size_t>(i0) * hq * d;
+        const float *qb = q + at, *dob = dout + at;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, d, scale, qb, hq * d, kh,
+                    hkv * d, 0.0f, p, keys);
+        ProbsFromLse(p, lse_h + i0, rows, keys, i0);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, keys, d, rows, 1.0f, p, keys, dob,
+                    hq * d, 1.0f, dvh, hkv * d);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, d, 1.0f, dob, hq * d, vh,
+                    hkv * d, 0.0f, ds, keys);
+        for (int i = 0; i < rows; ++i) {
+          float* row = ds + static_cast<size_t>(i) * keys;
+          const float* prow = p + static_cast<size_t>(i) * keys;
+          const int last = i0 + i;
+          float dot = 0.0f;
+          for (int j = 0; j <= last; ++j) dot += prow[j] * row[j];
+          for (int j = 0; j <= last; ++j) row[j] = prow[j] * (row[j] - dot);
+          for (int j = last + 1; j < keys; ++j) row[j] = 0.0f;
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, d, keys, scale, ds, keys, kh,
+                    hkv * d, 0.0f, dq + at, hq * d);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, keys, d, rows, scale, ds, keys, qb,
+                    hq * d, 1.0f, dkh, hkv * d);
       }
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, t, d, t, scale, ds, t, kh, hkv * d,
-                  0.0f, dq + q_off, hq * d);
-      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, t, d, t, scale, ds, t, q + q_off, hq * d,
-                  1.0f, dkh, hkv * d);
     }
   }
 }

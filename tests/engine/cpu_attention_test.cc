@@ -1,6 +1,7 @@
-// Forward checks of CpuBackend causal GQA attention: against a naive double reference (with
-// q_offset and tk_cap > tk), the saved log-sum-exps, GQA == MHA with repeated KV heads, and the
-// KV-cache decode path reproducing the training path row by row.
+// Checks of CpuBackend causal GQA attention: the forward against a naive double reference (with
+// q_offset and tk_cap > tk, and over several query blocks), the saved log-sum-exps, GQA == MHA
+// with repeated KV heads, the KV-cache decode path reproducing the training path row by row, and
+// the backward over several query blocks against a naive double reference.
 #include <cmath>
 #include <vector>
 
@@ -46,6 +47,48 @@ void RefAttention(const std::vector<float>& q, const std::vector<float>& k,
       }
 }
 
+// Naive attention backward in double (the same layouts): dq, dk, dv of sum(out * dout).
+void RefAttentionBackward(const std::vector<float>& q, const std::vector<float>& k,
+                          const std::vector<float>& v, const std::vector<float>& dout, int b, int t,
+                          int hq, int hkv, int d, std::vector<double>* dq, std::vector<double>* dk,
+                          std::vector<double>* dv) {
+  dq->assign(q.size(), 0.0);
+  dk->assign(k.size(), 0.0);
+  dv->assign(v.size(), 0.0);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  auto qi = [&](int bi, int i, int h, int e) { return ((bi * t + i) * hq + h) * d + e; };
+  auto kj = [&](int bi, int j, int h, int e) { return ((bi * t + j) * hkv + h) * d + e; };
+  for (int bi = 0; bi < b; ++bi)
+    for (int h = 0; h < hq; ++h)
+      for (int i = 0; i < t; ++i) {
+        const int kvh = h / (hq / hkv);
+        std::vector<double> p(i + 1), dp(i + 1);
+        double mx = -1e300, sum = 0.0, dsum = 0.0;
+        for (int j = 0; j <= i; ++j) {
+          double dot = 0.0;
+          for (int e = 0; e < d; ++e) dot += double{q[qi(bi, i, h, e)]} * k[kj(bi, j, kvh, e)];
+          p[j] = dot * scale;
+          mx = std::max(mx, p[j]);
+        }
+        for (double& x : p) sum += (x = std::exp(x - mx));
+        for (int j = 0; j <= i; ++j) {
+          p[j] /= sum;
+          double dot = 0.0;
+          for (int e = 0; e < d; ++e) dot += double{dout[qi(bi, i, h, e)]} * v[kj(bi, j, kvh, e)];
+          dp[j] = dot;
+          dsum += p[j] * dp[j];
+          for (int e = 0; e < d; ++e) (*dv)[kj(bi, j, kvh, e)] += p[j] * dout[qi(bi, i, h, e)];
+        }
+        for (int j = 0; j <= i; ++j) {
+          const double ds = p[j] * (dp[j] - dsum) * scale;
+          for (int e = 0; e < d; ++e) {
+            (*dq)[qi(bi, i, h, e)] += ds * k[kj(bi, j, kvh, e)];
+            (*dk)[kj(bi, j, kvh, e)] += ds * q[qi(bi, i, h, e)];
+          }
+        }
+      }
+}
+
 TEST_F(CpuAttentionTest, TrainingPathMatchesReference) {
   const int b = 2, t = 6, hq = 4, hkv = 2, d = 8;
   auto q = RandVec(rng_, b * t * hq * d), k = RandVec(rng_, b * t * hkv * d);
@@ -61,6 +104,44 @@ TEST_F(CpuAttentionTest, TrainingPathMatchesReference) {
   double s00 = 0.0;
   for (int e = 0; e < d; ++e) s00 += static_cast<double>(q[e]) * k[e];
   EXPECT_NEAR(lse[0], s00 / std::sqrt(static_cast<double>(d)), 1e-6);
+}
+
+// More queries than one block (64 rows): full blocks and a partial last one, also when the
+// queries start after cached keys.
+TEST_F(CpuAttentionTest, SeveralQueryBlocksMatchReference) {
+  struct Case {
+    int tq, q_offset, tk_cap;
+  };
+  for (const Case& c : {Case{150, 0, 150}, Case{100, 30, 140}, Case{64, 0, 64}}) {
+    SCOPED_TRACE(::testing::Message() << "tq " << c.tq << " q_offset " << c.q_offset);
+    const int b = 2, hq = 4, hkv = 2, d = 8, tk = c.q_offset + c.tq;
+    auto q = RandVec(rng_, b * c.tq * hq * d), k = RandVec(rng_, b * c.tk_cap * hkv * d);
+    auto v = RandVec(rng_, b * c.tk_cap * hkv * d);
+    std::vector<float> out(q.size()), lse(b * hq * c.tq);
+    be_.AttentionForward(out.data(), lse.data(), q.data(), k.data(), v.data(), b, c.tq, tk,
+                         c.tk_cap, hq, hkv, d, c.q_offset);
+    std::vector<double> ref_out, ref_lse;
+    RefAttention(q, k, v, b, c.tq, tk, c.tk_cap, hq, hkv, d, c.q_offset, &ref_out, &ref_lse);
+    EXPECT_LT(MaxAbsDiff(out, ref_out), 1e-5);
+    EXPECT_LT(MaxAbsDiff(lse, ref_lse), 1e-5);
+  }
+}
+
+TEST_F(CpuAttentionTest, BackwardOverSeveralQueryBlocksMatchesReference) {
+  const int b = 2, t = 150, hq = 4, hkv = 2, d = 8;
+  auto q = RandVec(rng_, b * t * hq * d), k = RandVec(rng_, b * t * hkv * d);
+  auto v = RandVec(rng_, b * t * hkv * d), dout = RandVec(rng_, b * t * hq * d);
+  std::vector<float> out(q.size()), lse(b * hq * t);
+  be_.AttentionForward(out.data(), lse.data(), q.data(), k.data(), v.data(), b, t, t, t, hq, hkv, d,
+                       0);
+  std::vector<float> dq(q.size(), 7.0f), dk(k.size(), 7.0f), dv(v.size(), 7.0f);  // written
+  be_.AttentionBackward(dq.data(), dk.data(), dv.data(), dout.data(), out.data(), lse.data(),
+                        q.data(), k.data(), v.data(), b, t, hq, hkv, d);
+  std::vector<double> ref_dq, ref_dk, ref_dv;
+  RefAttentionBackward(q, k, v, dout, b, t, hq, hkv, d, &ref_dq, &ref_dk, &ref_dv);
+  EXPECT_LT(MaxAbsDiff(dq, ref_dq), 1e-5);
+  EXPECT_LT(MaxAbsDiff(dk, ref_dk), 1e-5);
+  EXPECT_LT(MaxAbsDiff(dv, ref_dv), 1e-5);
 }
 
 TEST_F(CpuAttentionTest, OffsetAndCapacityMatchReference) {
