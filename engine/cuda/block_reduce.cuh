@@ -1,7 +1,8 @@
 // Block-wide reductions for the CUDA kernels: every thread passes its value and gets the
 // block's result. `scratch` holds blockDim.x values in shared memory; blockDim.x must be a power
-// of two. The tree order is fixed, so results are deterministic. Also the column sums over rows
-// (gradients of gains and biases): blocks of kColTile columns x G row groups.
+// of two. The tree order is fixed, so results are deterministic. Also warp and block votes, and
+// the column sums over rows (gradients of gains and biases): blocks of kColTile columns x G row
+// groups.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -33,6 +34,24 @@ inline __device__ float BlockMax(float v, float* scratch) {
   const float m = scratch[0];
   __syncthreads();
   return m;
+}
+
+// OR of v over the 32 lanes of the calling warp (every lane of the warp must call it).
+inline __device__ unsigned WarpOr(unsigned v) {
+  for (int o = 16; o > 0; o >>= 1) v |= __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Whether v holds on any thread of a one-dimensional block of whole warps (every thread must
+// call it; `votes`: shared memory of blockDim.x / 32 entries, free again after the block's next
+// barrier following this call).
+inline __device__ bool BlockAny(bool v, unsigned* votes) {
+  const unsigned any = WarpOr(v ? 1u : 0u);
+  if (threadIdx.x % 32 == 0) votes[threadIdx.x / 32] = any;
+  __syncthreads();
+  unsigned all = 0;
+  for (unsigned w = 0; w < blockDim.x / 32; ++w) all |= votes[w];
+  return all != 0;
 }
 
 // Column sums: blockDim = (kColTile, ColumnRowGroups(n)), one block per kColTile columns; a warp

@@ -90,12 +90,6 @@ __global__ void EmbeddingForwardKernel(float* out, const int32_t* ids, const flo
 constexpr int kEmbThreads = 1024;
 constexpr int kEmbMaxWarps = kEmbThreads / 32;
 
-// OR of v over the 32 lanes of the calling warp (every lane of the warp must call it).
-__device__ unsigned WarpOr(unsigned v) {
-  for (int o = 16; o > 0; o >>= 1) v |= __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
 __global__ void __launch_bounds__(kEmbThreads, 2)
     EmbeddingBackwardKernel(float* dtable, const int32_t* ids, const float* dout, int n, int c,
                             int start, int rows) {
@@ -109,15 +103,12 @@ __global__ void __launch_bounds__(kEmbThreads, 2)
   const bool in_range = row >= 0 && row < rows;
   // Leader test: no token before t has the same id. Every thread reaches every barrier and
   // shuffle below; the branches that contain them depend only on values all threads share.
-  unsigned found = 0;  // no early exit: the loads are independent
+  bool found = false;  // no early exit: the loads are independent
   if (in_range) {
     for (int u = threadIdx.x; u < t; u += threads) found |= ids[u] == id;
   }
-  const unsigned any = WarpOr(found);
-  if (lane == 0) earlier[warp] = any;
-  __syncthreads();
-  bool leader = in_range;
-  for (int w = 0; w < warps; ++w) leader = leader && earlier[w] == 0;
+  const bool earlier_token = BlockAny(found, earlier);  // every thread: it holds a barrier
+  const bool leader = in_range && !earlier_token;
   if (!leader) return;  // the same for every thread of the block
   const size_t at = static_cast<size_t>(row) * c + j;
   float acc = j < c ? dtable[at] : 0.0f;

@@ -21,6 +21,7 @@
 #include <cmath>
 #include <type_traits>
 
+#include "engine/cuda/block_reduce.cuh"
 #include "engine/cuda/cuda_kernels.h"
 #include "engine/cuda/element_io.cuh"
 #include "engine/cuda/kernel_launch.h"
@@ -112,18 +113,6 @@ __device__ void WarpAccumulate(FragC* acc, const __nv_bfloat16* p_rows, const __
 // far from overflow in bf16 and fp32 and with the same relative precision, and O (registers)
 // needs rescaling only when a row's reference moves.
 constexpr float kRescaleSlack = 8.0f;
-
-// Whether `v` holds on any thread of the block (every thread must call it; `votes` is shared
-// memory of kWarps entries, free until the block's next barrier after this call).
-__device__ bool BlockAny(bool v, unsigned* votes) {
-  unsigned x = v ? 1u : 0u;
-  for (int o = 16; o > 0; o >>= 1) x |= __shfl_xor_sync(0xffffffffu, x, o);
-  if (threadIdx.x % 32 == 0) votes[threadIdx.x / 32] = x;
-  __syncthreads();
-  x = 0;
-  for (int w = 0; w < kWarps; ++w) x |= votes[w];
-  return x != 0;
-}
 
 template <int D>
 struct FwdSmem {
