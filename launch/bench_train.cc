@@ -58,9 +58,26 @@ double FlopsPerToken(Model& m, int seq) {
   return 6.0 * matmul + 12.0 * attn_layers * q_width * seq;
 }
 
-// GEMM ceiling of the backend in its own precision: the best of a few square GEMMs (FLOP/s).
-// A square GEMM as the model's Linear runs it: activations in the backend's operand dtype, a
-// registered weight (so a backend that keeps bf16 weight copies multiplies bf16 by bf16).
+// Sequences per micro-batch (the whole batch when unset).
+int MicroBatch(const TrainBenchOptions& o) { return o.micro_batch > 0 ? o.micro_batch : o.batch; }
+
+// `work` per second of the best of 4 runs of `op`, each synchronised before and after.
+template <typename Op>
+double BestRate(Backend* be, double work, Op op) {
+  double best = 0;
+  for (int i = 0; i < 4; ++i) {
+    be->Synchronize();
+    Timer timer;
+    op();
+    be->Synchronize();
+    best = std::max(best, work / timer.Seconds());
+  }
+  return best;
+}
+
+// GEMM ceiling of the backend in its own precision (FLOP/s): a square GEMM as the model's Linear
+// runs it, activations in the backend's operand dtype and a registered weight (so a backend that
+// keeps bf16 weight copies multiplies bf16 by bf16).
 double GemmCeiling(Backend* be) {
   const int n = be->device() == Device::kCpu ? 1024 : 4096;
   const size_t nn = static_cast<size_t>(n) * n;
@@ -69,16 +86,11 @@ double GemmCeiling(Backend* be) {
   OperandFromHost(be, Operand(a.data(), t), std::vector<float>(nn, 0.01f).data(), nn);
   be->Fill(w.f32(), nn, 0.02f);
   be->RegisterWeights(w.f32(), nn);
-  double best = 0;
-  for (int i = 0; i < 4; ++i) {
-    be->Synchronize();
-    Timer timer;
+  const double rate = BestRate(be, 2.0 * n * n * n, [&] {
     be->Linear(Operand(c.data(), t), ConstOperand(a.data(), t), w.f32(), nullptr, n, n, n, false);
-    be->Synchronize();
-    best = std::max(best, 2.0 * n * n * n / timer.Seconds());
-  }
+  });
   be->UnregisterWeights(w.f32());
-  return best;
+  return rate;
 }
 
 // The backend's memory bandwidth: bytes read plus written per second by a device-to-device copy
@@ -88,15 +100,7 @@ double CopyBandwidth(Backend* be) {
   Buffer a(be, bytes), b(be, bytes);
   be->Fill(a.f32(), bytes / sizeof(float), 1.0f);
   be->Fill(b.f32(), bytes / sizeof(float), 0.0f);
-  double best = 0;
-  for (int i = 0; i < 4; ++i) {
-    be->Synchronize();
-    Timer t;
-    be->Copy(b.data(), a.data(), bytes);
-    be->Synchronize();
-    best = std::max(best, 2.0 * bytes / t.Seconds());
-  }
-  return best;
+  return BestRate(be, 2.0 * bytes, [&] { be->Copy(b.data(), a.data(), bytes); });
 }
 
 // Where the profiled step's time goes against the two limits measured in the same run: matrix
@@ -143,7 +147,7 @@ absl::StatusOr<TrainBenchResult> BenchTrainStep(const ModelConfig& mc, Backend* 
   auto ctx = ParallelContext::Single();
   AdamWConfig ac;
   DistributedOptimizer opt(&model->params(), ac, ctx.get(), false);
-  const int micro = o.micro_batch > 0 ? o.micro_batch : o.batch;
+  const int micro = MicroBatch(o);
   if (o.batch % micro != 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("batch ", o.batch, " is not a multiple of micro_batch ", micro));
@@ -286,11 +290,10 @@ absl::Status RunTrainBenchmark(const ModelConfig& mc, Backend* backend,
         b.step_seconds * 1e3, b.tokens_per_second, 100 * time_share, 100 * flop_share);
   }
   if (!o.torch_reference.empty()) {
-    const int micro = o.micro_batch > 0 ? o.micro_batch : o.batch;
     const std::string cmd = absl::StrCat(
         o.python, " ", o.torch_reference, " --model '", o.model_path, "' --batch ", o.batch,
-        " --micro-batch ", micro, " --seq ", o.seq, " --steps ", o.steps, " --warmup ", o.warmup,
-        backend->device() == Device::kCpu ? " --device cpu" : "", " 2>&1");
+        " --micro-batch ", MicroBatch(o), " --seq ", o.seq, " --steps ", o.steps, " --warmup ",
+        o.warmup, backend->device() == Device::kCpu ? " --device cpu" : "", " 2>&1");
     std::printf("PyTorch reference: %s\n", cmd.c_str());
     std::fflush(stdout);
     FILE* p = popen(cmd.c_str(), "r");
