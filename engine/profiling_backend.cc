@@ -10,11 +10,9 @@ double B(ConstOperand x, double n) { return n * DTypeSize(x.dtype); }
 double F32(double n) { return 4 * n; }
 
 // Query-key pairs a causal attention computes: query i (at position q_offset + i) sees keys
-// 0 .. min(tk, q_offset + i + 1) - 1.
-double CausalPairs(int tq, int tk, int q_offset) {
-  double pairs = 0;
-  for (int i = 0; i < tq; ++i) pairs += std::min(tk, q_offset + i + 1);
-  return pairs;
+// 0 .. q_offset + i (the contract keeps q_offset + tq <= tk).
+double CausalPairs(int tq, int q_offset) {
+  return static_cast<double>(tq) * q_offset + 0.5 * tq * (tq + 1.0);
 }
 
 }  // namespace
@@ -203,7 +201,7 @@ void ProfilingBackend::AttentionForward(Operand out, float* lse, ConstOperand q,
                                         ConstOperand v, int b, int tq, int tk, int tk_cap, int hq,
                                         int hkv, int d, int q_offset) {
   // 4 d FLOPs per (query, visible key) pair and head (S = Q K^T and P V).
-  const double flops = 4.0 * d * b * hq * CausalPairs(tq, tk, q_offset);
+  const double flops = 4.0 * d * b * hq * CausalPairs(tq, q_offset);
   const double nq = 1.0 * b * tq * hq * d, nkv = 1.0 * b * tk * hkv * d;
   Timed timed(this, "AttentionForward", flops,
               B(q, nq) + B(k, nkv) + B(v, nkv) + B(out, nq) +
@@ -217,7 +215,7 @@ void ProfilingBackend::AttentionBackward(Operand dq, Operand dk, Operand dv, Con
                                          int hkv, int d) {
   // 2.5 times the forward's FLOPs (the FlashAttention convention: dV, dP, dQ, dK and the
   // recomputed S).
-  const double flops = 2.5 * 4.0 * d * b * hq * CausalPairs(t, t, 0);
+  const double flops = 2.5 * 4.0 * d * b * hq * CausalPairs(t, 0);
   const double nq = 1.0 * b * t * hq * d, nkv = 1.0 * b * t * hkv * d;
   Timed timed(this, "AttentionBackward", flops,
               B(q, nq) + B(k, nkv) + B(v, nkv) + B(out, nq) + B(dout, nq) + B(dq, nq) + B(dk, nkv) +
