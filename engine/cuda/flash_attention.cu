@@ -1,7 +1,7 @@
 // Fused causal attention with grouped-query heads on tensor cores (FlashAttention-2 style):
 // bf16 operands, fp32 accumulation, online softmax; no [t, t] tensor is ever stored. Inputs and
-// outputs are the fp32 tensors of engine/backend.h; tiles are rounded to bf16 as they are loaded
-// into shared memory. The matrix products use the WMMA API (16x16x16 bf16 fragments), and the
+// outputs are fp32 or bf16 (see the end of this comment); fp32 tiles are rounded to bf16 as they
+// are loaded into shared memory, bf16 ones copied. The matrix products use the WMMA API (16x16x16 bf16 fragments), and the
 // elementwise softmax steps go through shared memory, where each lane knows its row (WMMA does
 // not expose the accumulator layout). Head dimensions 32, 64 and 128.
 //
