@@ -27,6 +27,12 @@ inline bool ParityBackendHasBf16Gemms() {
   return ParityBackendName().find("bf16") != std::string::npos;
 }
 
+// Backends whose name ends in "bf16w" also store operands in bf16 (operand_dtype()).
+inline bool ParityBackendHasBf16Operands() {
+  const std::string name = ParityBackendName();
+  return name.size() >= 5 && name.compare(name.size() - 5, 5, "bf16w") == 0;
+}
+
 // The backend under test, made once per process and never destroyed (a CUDA backend must not
 // be torn down during static destruction). Null when it cannot be made, with *why set: the tests
 // then skip where the backend is unavailable (no GPU, a build without CUDA) and fail where the

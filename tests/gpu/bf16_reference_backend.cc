@@ -1,0 +1,301 @@
+// Bf16ReferenceBackend: converts operands, runs the CPU op, rounds the outputs (see the header).
+#include "tests/gpu/bf16_reference_backend.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <utility>
+
+#include "engine/core/status.h"
+
+namespace eellm::testing {
+namespace {
+
+float RoundToBf16(float x) { return Bf16ToFloat(FloatToBf16(x)); }
+
+std::vector<float> Rounded(const float* x, size_t n) {
+  std::vector<float> r(x, x + n);
+  for (float& v : r) v = RoundToBf16(v);
+  return r;
+}
+
+// Writes src into dst in dst's dtype (bf16: rounded once).
+void Store(Operand dst, const std::vector<float>& src) {
+  if (!dst.is_bf16()) {
+    std::memcpy(dst.f32(), src.data(), src.size() * sizeof(float));
+    return;
+  }
+  uint16_t* bits = dst.bf16_bits();
+  for (size_t i = 0; i < src.size(); ++i) bits[i] = FloatToBf16(src[i]).bits;
+}
+
+}  // namespace
+
+std::vector<float> OperandValues(ConstOperand x, size_t n, bool round) {
+  if (x.data == nullptr) return {};
+  std::vector<float> r(n);
+  if (x.is_bf16()) {
+    const uint16_t* bits = x.bf16_bits();
+    for (size_t i = 0; i < n; ++i) r[i] = Bf16ToFloat(bf16{bits[i]});
+  } else {
+    std::memcpy(r.data(), x.f32(), n * sizeof(float));
+    if (round) {
+      for (float& v : r) v = RoundToBf16(v);
+    }
+  }
+  return r;
+}
+
+Bf16ReferenceBackend::Bf16ReferenceBackend(std::unique_ptr<Backend> cpu,
+                                           std::function<bool(int)> fused_attention)
+    : cpu_(std::move(cpu)), fused_attention_(std::move(fused_attention)) {
+  EE_CHECK(cpu_->device() == Device::kCpu, "Bf16ReferenceBackend wraps a CPU backend");
+}
+
+void Bf16ReferenceBackend::Linear(Operand out, ConstOperand in, const float* w, const float* bias,
+                                  int n, int in_dim, int out_dim, bool accumulate) {
+  if (n <= 0 || out_dim <= 0) return;
+  const size_t rows = static_cast<size_t>(n), count = rows * out_dim;
+  const std::vector<float> x = OperandValues(in, rows * in_dim, true);
+  const std::vector<float> wr = Rounded(w, static_cast<size_t>(out_dim) * in_dim);
+  std::vector<float> y = accumulate ? OperandValues(out, count) : std::vector<float>(count);
+  cpu_->Linear(y.data(), x.data(), wr.data(), nullptr, n, in_dim, out_dim, accumulate);
+  Store(out, y);
+  if (bias == nullptr) return;
+  // The device adds the bias to the stored GEMM output (rounded again when bf16).
+  y = OperandValues(out, count);
+  for (size_t i = 0; i < count; ++i) y[i] += bias[i % out_dim];
+  Store(out, y);
+}
+
+void Bf16ReferenceBackend::LinearBackward(Operand din, float* dw, float* dbias, ConstOperand dout,
+                                          ConstOperand in, const float* w, int n, int in_dim,
+                                          int out_dim, bool accumulate_din) {
+  if (n <= 0) return;
+  EE_CHECK(!(accumulate_din && din.is_bf16()), "LinearBackward would accumulate din in bf16");
+  const size_t rows = static_cast<size_t>(n);
+  const size_t ins = in_dim > 0 ? in_dim : 0, outs = out_dim > 0 ? out_dim : 0;
+  const size_t in_count = rows * ins, out_count = rows * outs;
+  // The GEMMs read dout, in and w as bf16; the bias gradient sums dout as stored.
+  const std::vector<float> g = OperandValues(dout, out_count, true);
+  const std::vector<float> x = OperandValues(in, in_count, true);
+  const std::vector<float> wr = w != nullptr ? Rounded(w, outs * ins) : std::vector<float>();
+  std::vector<float> dx;
+  if (din.data != nullptr) {
+    dx = accumulate_din ? OperandValues(din, in_count) : std::vector<float>(in_count);
+  }
+  cpu_->LinearBackward(din.data != nullptr ? dx.data() : nullptr, dw, nullptr, g.data(), x.data(),
+                       wr.data(), n, in_dim, out_dim, accumulate_din);
+  if (din.data != nullptr) Store(din, dx);
+  if (dbias != nullptr) {
+    const std::vector<float> stored = OperandValues(dout, out_count);
+    cpu_->LinearBackward(Operand(), nullptr, dbias, stored.data(), x.data(), wr.data(), n, in_dim,
+                         out_dim, false);
+  }
+}
+
+void Bf16ReferenceBackend::LayerNormForward(Operand out, float* mean, float* rstd, const float* x,
+                                            const float* g, const float* b, int n, int c,
+                                            float eps) {
+  std::vector<float> y(static_cast<size_t>(n) * c);
+  cpu_->LayerNormForward(y.data(), mean, rstd, x, g, b, n, c, eps);
+  Store(out, y);
+}
+
+void Bf16ReferenceBackend::RmsNormForward(Operand out, float* rstd, const float* x, const float* g,
+                                          int n, int c, float eps) {
+  std::vector<float> y(static_cast<size_t>(n) * c);
+  cpu_->RmsNormForward(y.data(), rstd, x, g, n, c, eps);
+  Store(out, y);
+}
+
+void Bf16ReferenceBackend::GeluForward(Operand out, ConstOperand x, size_t n) {
+  const std::vector<float> xv = OperandValues(x, n);
+  std::vector<float> y(n);
+  cpu_->GeluForward(y.data(), xv.data(), n);
+  Store(out, y);
+}
+
+void Bf16ReferenceBackend::GeluBackward(Operand dx, ConstOperand dout, ConstOperand x, size_t n) {
+  const std::vector<float> g = OperandValues(dout, n), xv = OperandValues(x, n);
+  std::vector<float> d(n);
+  cpu_->GeluBackward(d.data(), g.data(), xv.data(), n);
+  Store(dx, d);
+}
+
+void Bf16ReferenceBackend::SwiGluForward(Operand out, ConstOperand gate, ConstOperand up,
+                                         size_t n) {
+  const std::vector<float> a = OperandValues(gate, n), u = OperandValues(up, n);
+  std::vector<float> y(n);
+  cpu_->SwiGluForward(y.data(), a.data(), u.data(), n);
+  Store(out, y);
+}
+
+void Bf16ReferenceBackend::SwiGluBackward(Operand dgate, Operand dup, ConstOperand dout,
+                                          ConstOperand gate, ConstOperand up, size_t n) {
+  const std::vector<float> g = OperandValues(dout, n), a = OperandValues(gate, n),
+                           u = OperandValues(up, n);
+  std::vector<float> da(n), du(n);
+  cpu_->SwiGluBackward(da.data(), du.data(), g.data(), a.data(), u.data(), n);
+  Store(dgate, da);
+  Store(dup, du);
+}
+
+void Bf16ReferenceBackend::RopeForward(Operand x, const int32_t* pos, int n, int heads,
+                                       int head_dim, float theta) {
+  std::vector<float> xv = OperandValues(x, static_cast<size_t>(n) * heads * head_dim);
+  cpu_->RopeForward(xv.data(), pos, n, heads, head_dim, theta);
+  Store(x, xv);
+}
+
+void Bf16ReferenceBackend::RopeBackward(Operand dx, const int32_t* pos, int n, int heads,
+                                        int head_dim, float theta) {
+  std::vector<float> g = OperandValues(dx, static_cast<size_t>(n) * heads * head_dim);
+  cpu_->RopeBackward(g.data(), pos, n, heads, head_dim, theta);
+  Store(dx, g);
+}
+
+// Attention on the stored bf16 values, with the device's roundings inside: the probabilities
+// that multiply V and dS are rounded to bf16, everything else is fp32 (sums of the softmax in
+// double on the per-head path, as its kernels do). The fused kernels (flash_attention.cu) take
+// exp(s - row max), multiply it by V and normalise after the product by the rounded values' sum;
+// the per-head path normalises first. In the backward both recompute P = exp(s - lse); the fused
+// kernels take D_i = dO_i . O_i, the per-head path sum_j P_ij dP_ij.
+void Bf16ReferenceBackend::AttentionForward(Operand out, float* lse, ConstOperand q, ConstOperand k,
+                                            ConstOperand v, int b, int tq, int tk, int tk_cap,
+                                            int hq, int hkv, int d, int q_offset) {
+  CheckAttentionSizes(tq, tk, tk_cap, hq, hkv, q_offset);
+  const bool fused = fused_attention_(d);
+  const size_t nq = static_cast<size_t>(b) * tq * hq * d;
+  const size_t nkv = static_cast<size_t>(b) * tk_cap * hkv * d;
+  const std::vector<float> qv = OperandValues(q, nq), kv = OperandValues(k, nkv),
+                           vv = OperandValues(v, nkv);
+  std::vector<float> o(nq), p(tk), acc(d);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  for (int bi = 0; bi < b; ++bi) {
+    for (int h = 0; h < hq; ++h) {
+      const int kvh = h / (hq / hkv);
+      for (int i = 0; i < tq; ++i) {
+        const float* qi = &qv[((static_cast<size_t>(bi) * tq + i) * hq + h) * d];
+        const int keys = std::min(tk, q_offset + i + 1);
+        float m = -INFINITY;
+        for (int j = 0; j < keys; ++j) {
+          const float* kj = &kv[((static_cast<size_t>(bi) * tk_cap + j) * hkv + kvh) * d];
+          float dot = 0.0f;
+          for (int e = 0; e < d; ++e) dot += qi[e] * kj[e];
+          p[j] = dot * scale;
+          m = std::max(m, p[j]);
+        }
+        double sum = 0.0;  // of the rounded terms (fused) or of the fp32 exponentials
+        for (int j = 0; j < keys; ++j) {
+          p[j] = std::exp(p[j] - m);
+          if (fused) p[j] = RoundToBf16(p[j]);
+          sum += p[j];
+        }
+        const float inv = sum > 0 ? static_cast<float>(1.0 / sum) : 0.0f;
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int j = 0; j < keys; ++j) {
+          const float pj = fused ? p[j] : RoundToBf16(p[j] * inv);
+          const float* vj = &vv[((static_cast<size_t>(bi) * tk_cap + j) * hkv + kvh) * d];
+          for (int e = 0; e < d; ++e) acc[e] += pj * vj[e];
+        }
+        float* oi = &o[((static_cast<size_t>(bi) * tq + i) * hq + h) * d];
+        for (int e = 0; e < d; ++e) oi[e] = fused ? acc[e] * inv : acc[e];
+        if (lse != nullptr) {
+          lse[(static_cast<size_t>(bi) * hq + h) * tq + i] = m + static_cast<float>(std::log(sum));
+        }
+      }
+    }
+  }
+  Store(out, o);
+}
+
+void Bf16ReferenceBackend::AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout,
+                                             ConstOperand out, const float* lse, ConstOperand q,
+                                             ConstOperand k, ConstOperand v, int b, int t, int hq,
+                                             int hkv, int d) {
+  CheckAttentionSizes(t, t, t, hq, hkv, 0);
+  const bool fused = fused_attention_(d);
+  const size_t nq = static_cast<size_t>(b) * t * hq * d, nkv = static_cast<size_t>(b) * t * hkv * d;
+  const std::vector<float> g = OperandValues(dout, nq), o = OperandValues(out, nq),
+                           qv = OperandValues(q, nq), kv = OperandValues(k, nkv),
+                           vv = OperandValues(v, nkv);
+  std::vector<float> gq(nq), gk(nkv), gv(nkv), p(t), dp(t);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  auto qrow = [&](int bi, int i, int h) {
+    return ((static_cast<size_t>(bi) * t + i) * hq + h) * d;
+  };
+  auto kvrow = [&](int bi, int j, int h) {
+    return ((static_cast<size_t>(bi) * t + j) * hkv + h) * d;
+  };
+  for (int bi = 0; bi < b; ++bi) {
+    for (int h = 0; h < hq; ++h) {
+      const int kvh = h / (hq / hkv);
+      for (int i = 0; i < t; ++i) {
+        const float* qi = &qv[qrow(bi, i, h)];
+        const float* gi = &g[qrow(bi, i, h)];
+        const float* oi = &o[qrow(bi, i, h)];
+        float* dqi = &gq[qrow(bi, i, h)];
+        const float row_lse = lse[(static_cast<size_t>(bi) * hq + h) * t + i];
+        double dsum = 0.0;  // D_i
+        for (int j = 0; j <= i; ++j) {
+          const float* kj = &kv[kvrow(bi, j, kvh)];
+          const float* vj = &vv[kvrow(bi, j, kvh)];
+          float s = 0.0f, gv_dot = 0.0f;
+          for (int e = 0; e < d; ++e) {
+            s += qi[e] * kj[e];
+            gv_dot += gi[e] * vj[e];
+          }
+          p[j] = std::exp(s * scale - row_lse);
+          dp[j] = gv_dot;
+          if (!fused) dsum += static_cast<double>(p[j]) * dp[j];
+        }
+        if (fused) {
+          float dot = 0.0f;
+          for (int e = 0; e < d; ++e) dot += gi[e] * oi[e];
+          dsum = dot;
+        }
+        for (int j = 0; j <= i; ++j) {
+          const float pb = RoundToBf16(p[j]);
+          const float ds = RoundToBf16(p[j] * (dp[j] - static_cast<float>(dsum)));
+          const float* kj = &kv[kvrow(bi, j, kvh)];
+          float* dkj = &gk[kvrow(bi, j, kvh)];
+          float* dvj = &gv[kvrow(bi, j, kvh)];
+          for (int e = 0; e < d; ++e) {
+            dvj[e] += pb * gi[e];
+            dqi[e] += ds * kj[e];
+            dkj[e] += ds * qi[e];
+          }
+        }
+      }
+    }
+  }
+  for (float& x : gq) x *= scale;
+  for (float& x : gk) x *= scale;
+  Store(dq, gq);
+  Store(dk, gk);
+  Store(dv, gv);
+}
+
+void Bf16ReferenceBackend::CrossEntropy(float* losses, float* max_prob, Operand dlogits,
+                                        const float* logits, const int32_t* targets,
+                                        const float* weights, int n, int v) {
+  if (dlogits.data == nullptr) {
+    cpu_->CrossEntropy(losses, max_prob, Operand(), logits, targets, weights, n, v);
+    return;
+  }
+  std::vector<float> g(static_cast<size_t>(n) * v);  // apart: an fp32 dlogits may alias logits
+  cpu_->CrossEntropy(losses, max_prob, g.data(), logits, targets, weights, n, v);
+  Store(dlogits, g);
+}
+
+void Bf16ReferenceBackend::CrossEntropyGradRange(Operand dlogits, const float* logits,
+                                                 const float* row_max, const float* sum_exp,
+                                                 const int32_t* targets, const float* weights,
+                                                 int n, int v, int start) {
+  std::vector<float> g(static_cast<size_t>(n) * v);
+  cpu_->CrossEntropyGradRange(g.data(), logits, row_max, sum_exp, targets, weights, n, v, start);
+  Store(dlogits, g);
+}
+
+}  // namespace eellm::testing
