@@ -8,6 +8,7 @@
 
 #include "gtest/gtest.h"
 #include "models/generator.h"
+#include "tests/gpu/bf16_reference_backend.h"
 #include "tests/gpu/emu/emulated_cuda_backend.h"
 #include "tests/gpu/parity_tolerances.h"
 #include "tests/models/model_test_util.h"
@@ -80,6 +81,56 @@ TEST_P(EmulatedGeneration, Bf16OperandsDecodeCloseToBf16Gemms) {
     EXPECT_TRUE(testing::Close(got.logits, want.logits, bf16_model)) << "step " << step;
     next = {static_cast<int32_t>(std::max_element(want.logits.begin(), want.logits.end()) -
                                  want.logits.begin())};
+  }
+}
+
+// cuda-bf16w against the CPU rounded where it rounds (Bf16ReferenceBackend, as in the model
+// parity): early-exit generation token for token, exits and depths included, and every decode
+// step's logits within fp32 summation noise. At head_dim 4 (the per-head attention path) and
+// head_dim 32, where prefill and every decode step (one query against the bf16 KV cache, at
+// q_offset > 0) run the fused attention forward. (Under the emulation the GEMMs are the same
+// BLAS calls on the same bf16 values, so the logits differ by fp32 summation order only: an
+// unrounded sum of P in the fused forward fails them by 100x.)
+TEST_P(EmulatedGeneration, Bf16OperandsMatchRoundingReference) {
+  for (int head_dim : {4, 32}) {
+    SCOPED_TRACE(head_dim);
+    ModelConfig c = testing::ConfigWithExits(GetParam());
+    c.hidden_size = c.num_heads * head_dim;
+    c.ffn_hidden_size = 3 * c.hidden_size / 2;
+    auto ref = std::make_unique<testing::Bf16ReferenceBackend>(
+        testing::Cpu(), [](int d) { return d == 32 || d == 64 || d == 128; });
+    auto bf16w = MakeEmulatedCudaBackend(0, true, true);
+    ASSERT_TRUE(bf16w.ok());
+    auto mr = *Model::Create(c, ref.get());
+    auto mw = *Model::Create(c, bf16w->get());
+    for (Model* m : {mr.get(), mw.get()}) testing::FillParams(*m, 41, 0.8f);
+    const auto prompt = testing::RandomTokens(5, c.vocab_size, 42);
+    // Logits of a decode fed the same tokens: fp32 summation noise (kGemmFp32) and no more.
+    Generator gr(mr.get(), 32), gw(mw.get(), 32);
+    const EarlyExitParams full;
+    std::vector<int32_t> next = prompt;
+    for (int step = 0; step < 10; ++step) {
+      const StepResult want = gr.Step(next, full), got = gw.Step(next, full);
+      EXPECT_TRUE(testing::Close(got.logits, want.logits, testing::kGemmFp32)) << "step " << step;
+      next = {static_cast<int32_t>(std::max_element(want.logits.begin(), want.logits.end()) -
+                                   want.logits.begin())};
+    }
+    int mixed = 0;
+    for (float threshold : {0.45f, 0.75f, 0.9f, 0.97f, 0.995f}) {
+      EarlyExitParams ee;
+      ee.threshold = threshold;
+      Generator ge_r(mr.get(), 32), ge_w(mw.get(), 32);
+      auto want = ge_r.Generate(prompt, 20, -1, SamplingParams(), ee);
+      auto got = ge_w.Generate(prompt, 20, -1, SamplingParams(), ee);
+      ASSERT_TRUE(want.ok() && got.ok());
+      EXPECT_EQ(got->tokens, want->tokens) << "threshold " << threshold;
+      EXPECT_EQ(got->exit_index, want->exit_index) << "threshold " << threshold;
+      EXPECT_EQ(got->depth, want->depth) << "threshold " << threshold;
+      int early = 0;
+      for (int e : want->exit_index) early += e >= 0;
+      mixed += early > 0 && early < static_cast<int>(want->exit_index.size());
+    }
+    EXPECT_GT(mixed, 0) << "no threshold made some tokens exit early and others not";
   }
 }
 
