@@ -72,12 +72,14 @@ CudaBackend::CudaBackend(int device, GemmPrecision precision)
   // fp32: plain fp32 GEMMs (no TF32), checked element by element against the CPU.
   CUBLAS_CHECK(cublasSetMathMode(
       cublas_, precision_ == GemmPrecision::kFp32 ? CUBLAS_PEDANTIC_MATH : CUBLAS_DEFAULT_MATH));
+  if (precision_ == GemmPrecision::kBf16Weights) lt_ = std::make_unique<cuda::LtGemm>(stream_);
 }
 
 CudaBackend::~CudaBackend() {
   cudaDeviceSynchronize();
   for (Slot& s : scratch_) cudaFree(s.ptr);
   for (WeightCopy& w : weights_) cudaFree(w.bf16);
+  lt_.reset();
   if (cublas_ != nullptr) cublasDestroy(cublas_);
 }
 
@@ -122,22 +124,36 @@ void* CudaBackend::Scratch(size_t bytes, int slot) {
 }
 
 void CudaBackend::Gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, ConstOperand a,
-                       int lda, ConstOperand b, int ldb, float beta, Operand c, int ldc) {
+                       int lda, ConstOperand b, int ldb, float beta, Operand c, int ldc,
+                       const float* bias, float* a_row_sums) {
+  EE_CHECK(bias == nullptr || a_row_sums == nullptr, "a GEMM with both epilogues");
+  EE_CHECK(bias == nullptr || ldc == n, "a GEMM bias needs packed rows of C");
+  EE_CHECK(a_row_sums == nullptr || (trans_a && lda == m),
+           "row sums of op(A) need a transposed, packed A (the column sums of A as stored)");
   // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
   const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
   const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  // The epilogues as separate kernels: after the GEMM, with A as it was multiplied.
+  auto epilogues = [&](ConstOperand a_used) {
+    if (bias != nullptr) CUDA_CHECK(cuda::AddBias(ToElems(c), ToElems(c), bias, m, n, stream_));
+    if (a_row_sums != nullptr) {
+      CUDA_CHECK(cuda::ColumnSumAdd(a_row_sums, ToElems(a_used), k, m, stream_));
+    }
+  };
   if (!a.is_bf16() && !b.is_bf16() && !c.is_bf16()) {
     const uint16_t* a_w = Bf16Weights(a.f32());
     const uint16_t* b_w = Bf16Weights(b.f32());
     if (precision_ == GemmPrecision::kFp32) {
       CUBLAS_CHECK(cublasSgemm(cublas_, op_b, op_a, n, m, k, &alpha, b.f32(), ldb, a.f32(), lda,
                                &beta, c.f32(), ldc));
+      epilogues(a);
       return;
     }
     if (a_w == nullptr && b_w == nullptr) {
       CUBLAS_CHECK(cublasGemmEx(cublas_, op_b, op_a, n, m, k, &alpha, b.data, CUDA_R_32F, ldb,
                                 a.data, CUDA_R_32F, lda, &beta, c.data, CUDA_R_32F, ldc,
                                 CUBLAS_COMPUTE_32F_FAST_16BF, CUBLAS_GEMM_DEFAULT));
+      epilogues(a);
       return;
     }
     EE_CHECK(a_w == nullptr || b_w == nullptr, "a GEMM of two weights");
@@ -160,9 +176,58 @@ void CudaBackend::Gemm(bool trans_a, bool trans_b, int m, int n, int k, float al
   };
   const uint16_t* a16 = as_bf16(a, trans_a ? extent(k, m, lda) : extent(m, k, lda), 3);
   const uint16_t* b16 = as_bf16(b, trans_b ? extent(n, k, ldb) : extent(k, n, ldb), 6);
+  const ConstOperand a_used(a16, DType::kBF16);
+  // A bias has C's dtype in the epilogue: a bf16 C adds the bias as bf16.
+  const void* c_bias = bias;
+  if (bias != nullptr && c.is_bf16()) {
+    const uint16_t* b16_bias = Bf16Weights(bias);
+    if (b16_bias == nullptr) {
+      auto* conv = static_cast<uint16_t*>(Scratch(n * sizeof(uint16_t), 7));
+      CUDA_CHECK(cuda::ToBf16(conv, bias, n, stream_));
+      b16_bias = conv;
+    }
+    c_bias = b16_bias;
+  }
+  if (lt_ != nullptr && (a_row_sums == nullptr || !c.is_bf16())) {
+    // cuBLASLt, column-major with the operands swapped as above: the bias runs over D's rows
+    // (our columns), the row sums of op(A) are the column sums of op(B') over k (BGRADB).
+    cuda::LtGemm::Problem p;
+    p.op_a = op_b;
+    p.op_b = op_a;
+    p.m = n;
+    p.n = m;
+    p.k = k;
+    p.alpha = alpha;
+    p.beta = beta;
+    p.a = b16;
+    p.lda = ldb;
+    p.b = a16;
+    p.ldb = lda;
+    p.d = c.data;
+    p.ldd = ldc;
+    p.d_bf16 = c.is_bf16();
+    p.bias = c_bias;
+    if (a_row_sums != nullptr) p.bias_grad = static_cast<float*>(Scratch(m * sizeof(float), 7));
+    if (lt_->Run(p)) {
+      if (a_row_sums != nullptr) CUDA_CHECK(cuda::Axpy(a_row_sums, 1.0f, p.bias_grad, m, stream_));
+      return;
+    }
+  }
+  // cublasGemmEx and the epilogues as kernels. With a bias and a bf16 C the product goes to fp32
+  // scratch first, so that C is rounded once with the bias added, as in the epilogue.
+  if (bias != nullptr && c.is_bf16()) {
+    EE_CHECK(beta == 0.0f, "a GEMM bias with a bf16 C to accumulate into");
+    auto* acc = static_cast<float*>(Scratch(static_cast<size_t>(m) * n * sizeof(float), 5));
+    CUBLAS_CHECK(cublasGemmEx(cublas_, op_b, op_a, n, m, k, &alpha, b16, CUDA_R_16BF, ldb, a16,
+                              CUDA_R_16BF, lda, &beta, acc, CUDA_R_32F, n, CUBLAS_COMPUTE_32F,
+                              CUBLAS_GEMM_DEFAULT));
+    CUDA_CHECK(cuda::AddBias(ToElems(c), ToElems(ConstOperand(acc)), bias, m, n, stream_));
+    return;
+  }
   CUBLAS_CHECK(cublasGemmEx(cublas_, op_b, op_a, n, m, k, &alpha, b16, CUDA_R_16BF, ldb, a16,
                             CUDA_R_16BF, lda, &beta, c.data, c.is_bf16() ? CUDA_R_16BF : CUDA_R_32F,
                             ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  epilogues(a_used);
 }
 
 // ---- bf16 weight copies (kBf16Weights)
@@ -273,13 +338,13 @@ void CudaBackend::Linear(Operand out, ConstOperand in, const float* w, const flo
       CUDA_CHECK(cudaMemsetAsync(out.data, 0, bytes, stream_));  // 0 in fp32 and bf16
     }
   } else {
-    // out[n, o] = in[n, i] @ w[o, i]^T (+ out).
+    // out[n, o] = in[n, i] @ w[o, i]^T (+ out) + bias.
     Gemm(false, true, n, out_dim, in_dim, 1.0f, in, in_dim, w, in_dim, accumulate ? 1.0f : 0.0f,
-         out, out_dim);
+         out, out_dim, bias);
+    return;
   }
-  if (bias != nullptr) {
-    CUDA_CHECK(cuda::AddBias(ToElems(out), bias, n, out_dim, stream_));
-  }
+  if (bias != nullptr)
+    CUDA_CHECK(cuda::AddBias(ToElems(out), ToElems(out), bias, n, out_dim, stream_));
 }
 
 void CudaBackend::LinearBackward(Operand din, float* dw, float* dbias, ConstOperand dout,
@@ -313,10 +378,15 @@ void CudaBackend::LinearBackward(Operand din, float* dw, float* dbias, ConstOper
   }
   if (out_dim <= 0) return;
   if (dw != nullptr && in_dim > 0) {
-    // dw[o, i] += dout[n, o]^T @ in[n, i].
-    Gemm(true, false, out_dim, in_dim, n, 1.0f, dout_op, out_dim, in, in_dim, 1.0f, dw, in_dim);
+    // dw[o, i] += dout[n, o]^T @ in[n, i]; dbias += the column sums of dout as the GEMM reads it
+    // (bf16 where it converts it).
+    Gemm(true, false, out_dim, in_dim, n, 1.0f, dout_op, out_dim, in, in_dim, 1.0f, dw, in_dim,
+         nullptr, dbias);
+    return;
   }
-  if (dbias != nullptr) CUDA_CHECK(cuda::ColumnSumAdd(dbias, ToElems(dout), n, out_dim, stream_));
+  if (dbias != nullptr) {
+    CUDA_CHECK(cuda::ColumnSumAdd(dbias, ToElems(dout_op), n, out_dim, stream_));
+  }
 }
 
 // ---- norms, activations, RoPE -------------------------------------------------------------------

@@ -5,7 +5,9 @@
 // deterministic reductions. Everything runs in order on the legacy default stream, so host
 // copies are synchronous. In bf16 mode ("cuda-bf16") GEMMs run on tensor cores with bf16
 // operands and attention runs fused (flash_attention.cu: FlashAttention-2 style, bf16 tensor
-// cores, deterministic backward); fp32 storage stays everywhere.
+// cores, deterministic backward); fp32 storage stays everywhere. Mixed precision
+// ("cuda-bf16w") stores operands in bf16 and runs its GEMMs through cuBLASLt (lt_gemm.h), with
+// the Linear's bias and bias gradient in the GEMM epilogues.
 //
 // Host code here is compiled by the host compiler; kernels live in the *.cu files behind
 // cuda_kernels.h. Only engine/cuda includes CUDA headers.
@@ -17,10 +19,12 @@
 #include <cstddef>
 #include <cstdint>
 #include <initializer_list>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "engine/backend.h"
+#include "engine/cuda/lt_gemm.h"
 
 namespace eellm {
 
@@ -128,8 +132,14 @@ class CudaBackend final : public Backend {
   // With a bf16 operand (or a registered weight in kBf16Weights), both operands are multiplied as
   // bf16: the fp32 one becomes bf16 (its weight copy, or converted into scratch).
   // A bf16 C (written with fp32 accumulation) also makes both operands bf16.
+  // Epilogues: `bias` (fp32 [N], C's rows packed; added as bf16 to a bf16 C) is added to every
+  // row before C's one rounding; `a_row_sums` (fp32 [M], A transposed and packed) gets the sums
+  // over k of op(A) as multiplied (bf16 on the bf16 path), added to it. In kBf16Weights they run
+  // in cuBLASLt's epilogue (lt_gemm.h), elsewhere (or where cuBLASLt has no algorithm) as
+  // kernels after the GEMM.
   void Gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, ConstOperand a, int lda,
-            ConstOperand b, int ldb, float beta, Operand c, int ldc);
+            ConstOperand b, int ldb, float beta, Operand c, int ldc, const float* bias = nullptr,
+            float* a_row_sums = nullptr);
   // The bf16 copy of weights at `p` (refreshed if stale), or null when p is no registered weight
   // or the precision keeps none.
   const uint16_t* Bf16Weights(const float* p);
@@ -145,14 +155,15 @@ class CudaBackend final : public Backend {
   GemmPrecision precision_ = GemmPrecision::kFp32;
   cudaStream_t stream_ = nullptr;  // the legacy default stream
   cublasHandle_t cublas_ = nullptr;
+  std::unique_ptr<cuda::LtGemm> lt_;  // kBf16Weights: the bf16 GEMMs, with epilogues
   struct Slot {
     void* ptr = nullptr;
     size_t bytes = 0;
   };
   // 0-1 attention, 2 SumSquares partials, 3 and 6 bf16 GEMM operands (A and B side), 4 bf16
   // dout of LinearBackward, 5 fp32 attention output, or dq|dk|dv, before their conversion to
-  // bf16 (unfused path).
-  Slot scratch_[7];
+  // bf16 (unfused path), 7 a bias as bf16 or a bias gradient (GEMM epilogues).
+  Slot scratch_[8];
   struct WeightCopy {
     const float* base = nullptr;
     size_t n = 0;

@@ -36,7 +36,8 @@ cudaError_t EmbeddingForwardRange(float* out, const int32_t* ids, const float* t
                                   int start, int rows, cudaStream_t s);
 cudaError_t EmbeddingBackwardRange(float* dtable, const int32_t* ids, const float* dout, int n,
                                    int c, int start, int rows, cudaStream_t s);
-cudaError_t AddBias(Elems out, const float* bias, int n, int cols, cudaStream_t s);
+// out[r, j] = in[r, j] + bias[j], the bias rounded to bf16 for a bf16 out (out may alias in).
+cudaError_t AddBias(Elems out, Elems in, const float* bias, int n, int cols, cudaStream_t s);
 cudaError_t ColumnSumAdd(float* dst, Elems x, int n, int cols, cudaStream_t s);
 // The inputs and outputs of GELU and SwiGLU, forward and backward, and the forward outputs of the
 // norms are operands (engine/tensor/operand.h): fp32 or bf16.

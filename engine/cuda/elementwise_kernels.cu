@@ -138,8 +138,13 @@ __global__ void __launch_bounds__(kEmbThreads, 2)
 }
 
 // The operands of the kernels below (activations, their gradients) are fp32 or bf16 Elems.
-__global__ void AddBiasKernel(Elems out, const float* bias, int n, int cols) {
-  GRID_STRIDE(i, static_cast<size_t>(n) * cols) StoreAt(out, i, LoadAt(out, i) + bias[i % cols]);
+// out = in + bias, the bias in out's dtype (rounded to bf16 for a bf16 out, as cuBLASLt's bias
+// epilogue adds it); out may alias in.
+__global__ void AddBiasKernel(Elems out, Elems in, const float* bias, int n, int cols) {
+  GRID_STRIDE(i, static_cast<size_t>(n) * cols) {
+    const float b = bias[i % cols];
+    StoreAt(out, i, LoadAt(in, i) + (out.bf16 ? __bfloat162float(__float2bfloat16(b)) : b));
+  }
 }
 
 // dst[j] += sum over rows of x[r, j] (double), in the fixed order of block_reduce.cuh's column
@@ -282,10 +287,10 @@ cudaError_t EmbeddingBackwardRange(float* dtable, const int32_t* ids, const floa
   }
   return cudaGetLastError();
 }
-cudaError_t AddBias(Elems out, const float* bias, int n, int cols, cudaStream_t s) {
+cudaError_t AddBias(Elems out, Elems in, const float* bias, int n, int cols, cudaStream_t s) {
   const size_t total = static_cast<size_t>(n) * cols;
   if (total)
-    LaunchKernel(AddBiasKernel, dim3(Blocks(total)), dim3(kThreads), 0, s, out, bias, n, cols);
+    LaunchKernel(AddBiasKernel, dim3(Blocks(total)), dim3(kThreads), 0, s, out, in, bias, n, cols);
   return cudaGetLastError();
 }
 cudaError_t ColumnSumAdd(float* dst, Elems x, int n, int cols, cudaStream_t s) {

@@ -60,11 +60,12 @@ void Bf16ReferenceBackend::Linear(Operand out, ConstOperand in, const float* w, 
   const std::vector<float> wr = Rounded(w, static_cast<size_t>(out_dim) * in_dim);
   std::vector<float> y = accumulate ? OperandValues(out, count) : std::vector<float>(count);
   cpu_->Linear(y.data(), x.data(), wr.data(), nullptr, n, in_dim, out_dim, accumulate);
-  Store(out, y);
-  if (bias == nullptr) return;
-  // The device adds the bias to the stored GEMM output (rounded again when bf16).
-  y = OperandValues(out, count);
-  for (size_t i = 0; i < count; ++i) y[i] += bias[i % out_dim];
+  // The device's GEMM epilogue adds the bias, in the output's dtype, before the one rounding.
+  if (bias != nullptr) {
+    const std::vector<float> br =
+        out.is_bf16() ? Rounded(bias, out_dim) : std::vector<float>(bias, bias + out_dim);
+    for (size_t i = 0; i < count; ++i) y[i] += br[i % out_dim];
+  }
   Store(out, y);
 }
 
@@ -76,7 +77,7 @@ void Bf16ReferenceBackend::LinearBackward(Operand din, float* dw, float* dbias, 
   const size_t rows = static_cast<size_t>(n);
   const size_t ins = in_dim > 0 ? in_dim : 0, outs = out_dim > 0 ? out_dim : 0;
   const size_t in_count = rows * ins, out_count = rows * outs;
-  // The GEMMs read dout, in and w as bf16; the bias gradient sums dout as stored.
+  // The GEMMs read dout, in and w as bf16; the bias gradient sums dout as they read it.
   const std::vector<float> g = OperandValues(dout, out_count, true);
   const std::vector<float> x = OperandValues(in, in_count, true);
   const std::vector<float> wr = w != nullptr ? Rounded(w, outs * ins) : std::vector<float>();
@@ -88,8 +89,7 @@ void Bf16ReferenceBackend::LinearBackward(Operand din, float* dw, float* dbias, 
                        wr.data(), n, in_dim, out_dim, accumulate_din);
   if (din.data != nullptr) Store(din, dx);
   if (dbias != nullptr) {
-    const std::vector<float> stored = OperandValues(dout, out_count);
-    cpu_->LinearBackward(Operand(), nullptr, dbias, stored.data(), x.data(), wr.data(), n, in_dim,
+    cpu_->LinearBackward(Operand(), nullptr, dbias, g.data(), x.data(), wr.data(), n, in_dim,
                          out_dim, false);
   }
 }

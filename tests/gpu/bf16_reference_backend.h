@@ -2,12 +2,13 @@
 // cuda-bf16w, as the oracle of whole-step parity for that backend. Its operand_dtype() is bf16,
 // so a model built on it keeps the same tensors in bf16 as on cuda-bf16w; each op converts its
 // bf16 operands to fp32 exactly, runs the CPU op, and rounds each bf16 output once, where the
-// device rounds it. GEMM inputs are rounded to bf16 (a weight, an fp32 gradient) as the device's
-// tensor-core GEMMs read them; GPT's bias is added after the GEMM output's rounding and rounded
-// again, as the device does. What it does not mirror: rounding inside fused kernels (the fused
-// attention's bf16 probabilities) and summation orders. Against it a bf16w device differs by
-// that and by the rare bf16 rounding that fp32 noise tips the other way, not by the compounded
-// rounding of every operand that separates it from the fp32 CPU run.
+// device rounds it. GEMM inputs are rounded to bf16 (a weight, an fp32 gradient) as the
+// device's tensor-core GEMMs read them; a bias is added before the output's rounding (in the
+// output's dtype, as cuBLASLt's epilogue does) and its gradient sums dout as the GEMMs read it.
+// Inside attention, the probabilities and dS are rounded as the device's fused kernels or its
+// per-head path round them (see AttentionForward). What is left: summation orders, and the rare
+// bf16 rounding that their fp32 noise tips the other way, instead of the compounded rounding of
+// every operand that separates the device from the fp32 CPU run.
 #pragma once
 
 #include <cstddef>

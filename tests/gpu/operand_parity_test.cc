@@ -65,7 +65,11 @@ TEST_F(OperandParity, LinearReadsBf16Input) {
   float* din_c = c.Put(std::vector<float>(n * in, kNaN));
   float* din_d = d.Put(std::vector<float>(n * in, kNaN));
   float *dw_c = c.Put(dw0), *dw_d = d.Put(dw0), *db_c = c.Put(db0), *db_d = d.Put(db0);
-  cpu_.LinearBackward(din_c, dw_c, db_c, c.Put(dout), c.Put(x), c.Put(w), n, in, out, false);
+  cpu_.LinearBackward(din_c, dw_c, nullptr, c.Put(dout), c.Put(x), c.Put(w), n, in, out, false);
+  // The bias gradient sums dout as the GEMMs read it, converted to bf16 (on cuda-bf16w the
+  // weight-gradient GEMM's epilogue computes it from its operand).
+  cpu_.LinearBackward(nullptr, nullptr, db_c, c.Put(RoundedToBf16(dout)), c.Put(x), c.Put(w), n, in,
+                      out, false);
   dev_->LinearBackward(din_d, dw_d, db_d, d.Put(dout), d.PutBf16(x), d.Put(w), n, in, out, false);
   EXPECT_TRUE(Close(d.Get(din_d, n * in), c.Get(din_c, n * in), kGemmBf16)) << "din";
   EXPECT_TRUE(Close(d.Get(dw_d, out * in), c.Get(dw_c, out * in), kGemmBf16)) << "dw";
@@ -73,8 +77,8 @@ TEST_F(OperandParity, LinearReadsBf16Input) {
   EXPECT_TRUE(d.GuardsIntact());
 }
 
-// GEMM outputs in bf16 (q, k, v): the product rounded once, the bias added after; RoPE in place
-// on bf16.
+// GEMM outputs in bf16 (q, k, v): the product and the bias rounded once (the bias added in the
+// GEMM's epilogue); RoPE in place on bf16.
 TEST_F(OperandParity, LinearAndRopeWriteBf16) {
   const int n = 21, in = 40, out = 48, heads = 3, hd = 16;
   const auto x = RoundedToBf16(RandVec(rng_, n * in));

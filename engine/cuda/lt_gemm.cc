@@ -1,0 +1,142 @@
+// LtGemm: cached cuBLASLt plans and their launch (see lt_gemm.h).
+#include "engine/cuda/lt_gemm.h"
+
+#include <cstdio>
+
+#include "engine/core/status.h"
+
+#define LT_CHECK(call)                                                             \
+  do {                                                                             \
+    const cublasStatus_t eellm_err = (call);                                       \
+    EE_CHECK(eellm_err == CUBLAS_STATUS_SUCCESS, #call, " failed: cuBLAS status ", \
+             static_cast<int>(eellm_err));                                         \
+  } while (0)
+
+namespace eellm::cuda {
+namespace {
+
+// cuBLAS's recommended workspace on Hopper (32 MiB): enough for its split-K and stream-K
+// kernels.
+constexpr size_t kWorkspaceBytes = size_t{32} << 20;
+
+// The largest power of two (up to 256) that divides the address; 256 for null.
+int64_t Alignment(const void* p) {
+  const auto u = reinterpret_cast<uintptr_t>(p);
+  int64_t a = 1;
+  while (a < 256 && u % (2 * a) == 0) a *= 2;
+  return a;
+}
+
+}  // namespace
+
+LtGemm::LtGemm(cudaStream_t stream) : stream_(stream) {
+  LT_CHECK(cublasLtCreate(&handle_));
+  const cudaError_t err = cudaMalloc(&workspace_, kWorkspaceBytes);
+  EE_CHECK(err == cudaSuccess,
+           "cudaMalloc of the cuBLASLt workspace failed: ", cudaGetErrorString(err));
+  workspace_bytes_ = kWorkspaceBytes;
+}
+
+LtGemm::~LtGemm() {
+  for (auto& [key, plan] : plans_) {
+    if (plan.desc != nullptr) cublasLtMatmulDescDestroy(plan.desc);
+    for (cublasLtMatrixLayout_t l : {plan.a, plan.b, plan.d}) {
+      if (l != nullptr) cublasLtMatrixLayoutDestroy(l);
+    }
+  }
+  cudaFree(workspace_);
+  if (handle_ != nullptr) cublasLtDestroy(handle_);
+}
+
+LtGemm::Plan& LtGemm::PlanFor(const Problem& p, const Key& key) {
+  auto found = plans_.find(key);
+  if (found != plans_.end()) return found->second;
+  Plan& plan = plans_[key];
+  const int32_t op_a = p.op_a, op_b = p.op_b;
+  const uint32_t epilogue = p.bias != nullptr        ? CUBLASLT_EPILOGUE_BIAS
+                            : p.bias_grad != nullptr ? CUBLASLT_EPILOGUE_BGRADB
+                                                     : CUBLASLT_EPILOGUE_DEFAULT;
+  LT_CHECK(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  LT_CHECK(
+      cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)));
+  LT_CHECK(
+      cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)));
+  LT_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue,
+                                          sizeof(epilogue)));
+  const void* vector = p.bias != nullptr ? p.bias : p.bias_grad;
+  if (vector != nullptr) {
+    LT_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &vector,
+                                            sizeof(vector)));
+  }
+  const bool ta = p.op_a != CUBLAS_OP_N, tb = p.op_b != CUBLAS_OP_N;
+  LT_CHECK(cublasLtMatrixLayoutCreate(&plan.a, CUDA_R_16BF, ta ? p.k : p.m, ta ? p.m : p.k, p.lda));
+  LT_CHECK(cublasLtMatrixLayoutCreate(&plan.b, CUDA_R_16BF, tb ? p.n : p.k, tb ? p.k : p.n, p.ldb));
+  LT_CHECK(
+      cublasLtMatrixLayoutCreate(&plan.d, p.d_bf16 ? CUDA_R_16BF : CUDA_R_32F, p.m, p.n, p.ldd));
+  cublasLtMatmulPreference_t pref = nullptr;
+  LT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+  const uint64_t workspace = workspace_bytes_;
+  LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                &workspace, sizeof(workspace)));
+  const uint32_t align_a = static_cast<uint32_t>(Alignment(p.a));
+  const uint32_t align_b = static_cast<uint32_t>(Alignment(p.b));
+  const uint32_t align_d = static_cast<uint32_t>(Alignment(p.d));
+  LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                                                &align_a, sizeof(align_a)));
+  LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                                                &align_b, sizeof(align_b)));
+  LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                                                &align_d, sizeof(align_d)));
+  LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                                                &align_d, sizeof(align_d)));
+  cublasLtMatmulHeuristicResult_t result = {};
+  int returned = 0;
+  const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(
+      handle_, plan.desc, plan.a, plan.b, plan.d, plan.d, pref, 1, &result, &returned);
+  cublasLtMatmulPreferenceDestroy(pref);
+  plan.ok =
+      status == CUBLAS_STATUS_SUCCESS && returned > 0 && result.state == CUBLAS_STATUS_SUCCESS;
+  if (plan.ok) {
+    plan.algo = result.algo;
+  } else {
+    std::fprintf(stderr,
+                 "eellm: cuBLASLt has no algorithm for a %dx%dx%d GEMM (op %d/%d, epilogue %u, "
+                 "status %d): cublasGemmEx and separate bias kernels instead\n",
+                 p.m, p.n, p.k, op_a, op_b, epilogue, static_cast<int>(status));
+  }
+  return plan;
+}
+
+bool LtGemm::Run(const Problem& p) {
+  EE_CHECK(p.bias == nullptr || p.bias_grad == nullptr, "a GEMM with both bias epilogues");
+  EE_CHECK(p.bias_grad == nullptr || !p.d_bf16, "a bias gradient needs an fp32 D");
+  const int epilogue = p.bias != nullptr ? 1 : p.bias_grad != nullptr ? 2 : 0;
+  const Key key = {p.op_a,
+                   p.op_b,
+                   p.m,
+                   p.n,
+                   p.k,
+                   p.lda,
+                   p.ldb,
+                   p.ldd,
+                   p.d_bf16,
+                   epilogue,
+                   p.beta != 0,
+                   Alignment(p.a),
+                   Alignment(p.b),
+                   Alignment(p.d),
+                   Alignment(p.bias),
+                   Alignment(p.bias_grad)};
+  Plan& plan = PlanFor(p, key);
+  if (!plan.ok) return false;
+  const void* vector = p.bias != nullptr ? p.bias : p.bias_grad;
+  if (vector != nullptr) {
+    LT_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &vector,
+                                            sizeof(vector)));
+  }
+  LT_CHECK(cublasLtMatmul(handle_, plan.desc, &p.alpha, p.a, plan.a, p.b, plan.b, &p.beta, p.d,
+                          plan.d, p.d, plan.d, &plan.algo, workspace_, workspace_bytes_, stream_));
+  return true;
+}
+
+}  // namespace eellm::cuda

@@ -1,0 +1,67 @@
+// LtGemm: bf16 x bf16 GEMMs with fp32 accumulation through cuBLASLt, for what cublasGemmEx
+// cannot fuse: the bias add of a Linear forward (epilogue BIAS: added before D's one rounding,
+// so a bf16 output is rounded once) and the bias gradient of its backward (epilogue BGRADB:
+// op(B)'s column sums over k, computed by the weight-gradient GEMM from the operand it already
+// reads). Column-major like cuBLAS. Each distinct problem's descriptors and the algorithm the
+// heuristic picks are built once and cached (a training step repeats a few dozen shapes); a
+// problem cuBLASLt has no algorithm for is remembered as such and Run returns false, so that the
+// caller can take its cublasGemmEx path.
+#pragma once
+
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <map>
+
+namespace eellm::cuda {
+
+class LtGemm {
+ public:
+  // D = alpha op(A) op(B) + beta D, D m x n; A, B bf16 (m x k and k x n after their ops).
+  struct Problem {
+    cublasOperation_t op_a = CUBLAS_OP_N, op_b = CUBLAS_OP_N;
+    int m = 0, n = 0, k = 0;
+    float alpha = 1.0f, beta = 0.0f;
+    const void* a = nullptr;
+    int lda = 0;
+    const void* b = nullptr;
+    int ldb = 0;
+    void* d = nullptr;
+    int ldd = 0;
+    bool d_bf16 = false;
+    const void* bias = nullptr;  // [m] in D's dtype, added to every column (or null)
+    float* bias_grad = nullptr;  // [n], written: sum over k of op(B) (or null; needs fp32 D)
+  };
+
+  explicit LtGemm(cudaStream_t stream);
+  ~LtGemm();
+  LtGemm(const LtGemm&) = delete;
+  LtGemm& operator=(const LtGemm&) = delete;
+
+  // Runs p and returns true, or returns false (nothing run) when cuBLASLt has no algorithm for
+  // it. Aborts on a failed launch.
+  bool Run(const Problem& p);
+
+ private:
+  // The problem without its pointers, plus their alignments (the heuristic's choice depends on
+  // them).
+  using Key = std::array<int64_t, 16>;
+  struct Plan {
+    bool ok = false;
+    cublasLtMatmulDesc_t desc = nullptr;
+    cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+    cublasLtMatmulAlgo_t algo = {};
+  };
+  Plan& PlanFor(const Problem& p, const Key& key);
+
+  cudaStream_t stream_;
+  cublasLtHandle_t handle_ = nullptr;
+  void* workspace_ = nullptr;
+  size_t workspace_bytes_ = 0;
+  std::map<Key, Plan> plans_;
+};
+
+}  // namespace eellm::cuda
