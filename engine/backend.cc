@@ -22,6 +22,12 @@ void CheckAttentionSizes(int tq, int tk, int tk_cap, int hq, int hkv, int q_offs
            " tk=", tk, " tk_cap=", tk_cap, " q_offset=", q_offset);
 }
 
+void Backend::LinearResidual(float* out, const float* residual, ConstOperand in, const float* w,
+                             const float* bias, int n, int in_dim, int out_dim) {
+  Copy(out, residual, static_cast<size_t>(n) * out_dim * sizeof(float));
+  Linear(out, in, w, bias, n, in_dim, out_dim, true);
+}
+
 void OperandToHost(Backend* be, float* host, ConstOperand src, size_t n) {
   if (!src.is_bf16()) {
     be->CopyToHost(host, src.data, n * sizeof(float));

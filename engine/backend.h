@@ -64,6 +64,12 @@ class Backend {
   // `accumulate` is true.
   virtual void Linear(Operand out, ConstOperand in, const float* w, const float* bias, int n,
                       int in_dim, int out_dim, bool accumulate) = 0;
+  // out[n, o] = residual[n, o] + in[n, i] @ w[o, i]^T + bias[o] (written; bias may be null; out
+  // may alias residual): the output projection of a residual branch, fp32 like the residual
+  // stream. By default a Copy and an accumulating Linear; a backend may read the residual in
+  // the GEMM instead (one pass over the stream less).
+  virtual void LinearResidual(float* out, const float* residual, ConstOperand in, const float* w,
+                              const float* bias, int n, int in_dim, int out_dim);
   // din[n, i] = dout @ w (written; or added when accumulate_din; skipped when din.data is null);
   // dw[o, i] += dout^T @ in (skipped when dw is null); dbias[o] += sum_n dout (if non-null).
   virtual void LinearBackward(Operand din, float* dw, float* dbias, ConstOperand dout,

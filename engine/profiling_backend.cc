@@ -119,6 +119,18 @@ void ProfilingBackend::Linear(Operand out, ConstOperand in, const float* w, cons
   inner_->Linear(out, in, w, bias, n, in_dim, out_dim, accumulate);
 }
 
+void ProfilingBackend::LinearResidual(float* out, const float* residual, ConstOperand in,
+                                      const float* w, const float* bias, int n, int in_dim,
+                                      int out_dim) {
+  // Counted with Linear: the same GEMM, reading the residual where Linear reads out to add to.
+  const double ws = DTypeSize(inner_->operand_dtype());
+  const double no = 1.0 * n * out_dim;
+  Timed timed(this, "Linear", 2.0 * n * in_dim * out_dim,
+              B(in, 1.0 * n * in_dim) + ws * out_dim * in_dim + F32(no) * 2 +
+                  (bias != nullptr ? F32(out_dim) : 0.0));
+  inner_->LinearResidual(out, residual, in, w, bias, n, in_dim, out_dim);
+}
+
 void ProfilingBackend::LinearBackward(Operand din, float* dw, float* dbias, ConstOperand dout,
                                       ConstOperand in, const float* w, int n, int in_dim,
                                       int out_dim, bool accumulate_din) {

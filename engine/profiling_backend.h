@@ -53,6 +53,8 @@ class ProfilingBackend final : public Backend {
                          int c) override;
   void Linear(Operand out, ConstOperand in, const float* w, const float* bias, int n, int in_dim,
               int out_dim, bool accumulate) override;
+  void LinearResidual(float* out, const float* residual, ConstOperand in, const float* w,
+                      const float* bias, int n, int in_dim, int out_dim) override;
   void LinearBackward(Operand din, float* dw, float* dbias, ConstOperand dout, ConstOperand in,
                       const float* w, int n, int in_dim, int out_dim, bool accumulate_din) override;
   void LayerNormForward(Operand out, float* mean, float* rstd, const float* x, const float* g,

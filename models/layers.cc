@@ -174,8 +174,7 @@ void MlpForward(const LayerContext& ctx, const MlpParams& p, MlpActs& a, float* 
     AddReducedResidual(ctx, out, x, static_cast<size_t>(n) * h);
     return;
   }
-  be->Copy(out, x, static_cast<size_t>(n) * h * sizeof(float));
-  be->Linear(out, a.act, ctx.P(p.w2), ctx.P(p.b2), n, f, h, true);
+  be->LinearResidual(out, x, a.act, ctx.P(p.w2), ctx.P(p.b2), n, f, h);
 }
 
 void MlpBranchBackward(const LayerContext& ctx, const MlpParams& p, const MlpActs& a, float* dx,
@@ -237,8 +236,7 @@ void BlockForward(const LayerContext& ctx, const BlockParams& p, BlockActs& a, c
                false);
     AddReducedResidual(ctx, a.h_attn, x, static_cast<size_t>(n) * h);
   } else {
-    be->Copy(a.h_attn, x, static_cast<size_t>(n) * h * sizeof(float));
-    be->Linear(a.h_attn, at.att, ctx.P(p.attn.wo), ctx.P(p.attn.bo), n, hq * d, h, true);
+    be->LinearResidual(a.h_attn, x, at.att, ctx.P(p.attn.wo), ctx.P(p.attn.bo), n, hq * d, h);
   }
   MlpForward(ctx, p.mlp, a.mlp, a.out, a.h_attn, n);
 }

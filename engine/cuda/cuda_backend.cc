@@ -125,8 +125,14 @@ void* CudaBackend::Scratch(size_t bytes, int slot) {
 
 void CudaBackend::Gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, ConstOperand a,
                        int lda, ConstOperand b, int ldb, float beta, Operand c, int ldc,
-                       const float* bias, float* a_row_sums) {
+                       const float* bias, float* a_row_sums, const float* c_in) {
   EE_CHECK(bias == nullptr || a_row_sums == nullptr, "a GEMM with both epilogues");
+  EE_CHECK(c_in == nullptr || (!c.is_bf16() && ldc == n), "a separate C needs a packed fp32 C");
+  // Where the GEMM reads C from C itself: the separate input copied there first.
+  auto c_from_input = [&]() {
+    if (c_in != nullptr && c_in != c.data)
+      Copy(c.data, c_in, static_cast<size_t>(m) * n * sizeof(float));
+  };
   EE_CHECK(bias == nullptr || ldc == n, "a GEMM bias needs packed rows of C");
   EE_CHECK(a_row_sums == nullptr || (trans_a && lda == m),
            "row sums of op(A) need a transposed, packed A (the column sums of A as stored)");
@@ -144,12 +150,14 @@ void CudaBackend::Gemm(bool trans_a, bool trans_b, int m, int n, int k, float al
     const uint16_t* a_w = Bf16Weights(a.f32());
     const uint16_t* b_w = Bf16Weights(b.f32());
     if (precision_ == GemmPrecision::kFp32) {
+      c_from_input();
       CUBLAS_CHECK(cublasSgemm(cublas_, op_b, op_a, n, m, k, &alpha, b.f32(), ldb, a.f32(), lda,
                                &beta, c.f32(), ldc));
       epilogues(a);
       return;
     }
     if (a_w == nullptr && b_w == nullptr) {
+      c_from_input();
       CUBLAS_CHECK(cublasGemmEx(cublas_, op_b, op_a, n, m, k, &alpha, b.data, CUDA_R_32F, ldb,
                                 a.data, CUDA_R_32F, lda, &beta, c.data, CUDA_R_32F, ldc,
                                 CUBLAS_COMPUTE_32F_FAST_16BF, CUBLAS_GEMM_DEFAULT));
@@ -207,6 +215,7 @@ void CudaBackend::Gemm(bool trans_a, bool trans_b, int m, int n, int k, float al
     p.ldd = ldc;
     p.d_bf16 = c.is_bf16();
     p.bias = c_bias;
+    p.c = c_in;
     if (a_row_sums != nullptr) p.bias_grad = static_cast<float*>(Scratch(m * sizeof(float), 7));
     if (lt_->Run(p)) {
       if (a_row_sums != nullptr) CUDA_CHECK(cuda::Axpy(a_row_sums, 1.0f, p.bias_grad, m, stream_));
@@ -224,6 +233,7 @@ void CudaBackend::Gemm(bool trans_a, bool trans_b, int m, int n, int k, float al
     CUDA_CHECK(cuda::AddBias(ToElems(c), ToElems(ConstOperand(acc)), bias, m, n, stream_));
     return;
   }
+  c_from_input();
   CUBLAS_CHECK(cublasGemmEx(cublas_, op_b, op_a, n, m, k, &alpha, b16, CUDA_R_16BF, ldb, a16,
                             CUDA_R_16BF, lda, &beta, c.data, c.is_bf16() ? CUDA_R_16BF : CUDA_R_32F,
                             ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
@@ -345,6 +355,18 @@ void CudaBackend::Linear(Operand out, ConstOperand in, const float* w, const flo
   }
   if (bias != nullptr)
     CUDA_CHECK(cuda::AddBias(ToElems(out), ToElems(out), bias, n, out_dim, stream_));
+}
+
+void CudaBackend::LinearResidual(float* out, const float* residual, ConstOperand in, const float* w,
+                                 const float* bias, int n, int in_dim, int out_dim) {
+  if (n <= 0 || out_dim <= 0 || in_dim <= 0) {
+    Backend::LinearResidual(out, residual, in, w, bias, n, in_dim, out_dim);
+    return;
+  }
+  // out = residual + in @ w^T + bias: the GEMM reads the residual as C and writes out as D
+  // (cuBLASLt), or copies it into out first (cuBLAS).
+  Gemm(false, true, n, out_dim, in_dim, 1.0f, in, in_dim, w, in_dim, 1.0f, out, out_dim, bias,
+       nullptr, residual);
 }
 
 void CudaBackend::LinearBackward(Operand din, float* dw, float* dbias, ConstOperand dout,

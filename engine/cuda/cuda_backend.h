@@ -75,6 +75,8 @@ class CudaBackend final : public Backend {
 
   void Linear(Operand out, ConstOperand in, const float* w, const float* bias, int n, int in_dim,
               int out_dim, bool accumulate) override;
+  void LinearResidual(float* out, const float* residual, ConstOperand in, const float* w,
+                      const float* bias, int n, int in_dim, int out_dim) override;
   void LinearBackward(Operand din, float* dw, float* dbias, ConstOperand dout, ConstOperand in,
                       const float* w, int n, int in_dim, int out_dim, bool accumulate_din) override;
 
@@ -137,9 +139,10 @@ class CudaBackend final : public Backend {
   // over k of op(A) as multiplied (bf16 on the bf16 path), added to it. In kBf16Weights they run
   // in cuBLASLt's epilogue (lt_gemm.h), elsewhere (or where cuBLASLt has no algorithm) as
   // kernels after the GEMM.
+  // `c_in` (fp32, C's layout), when given, is what beta scales instead of C (C only written).
   void Gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, ConstOperand a, int lda,
             ConstOperand b, int ldb, float beta, Operand c, int ldc, const float* bias = nullptr,
-            float* a_row_sums = nullptr);
+            float* a_row_sums = nullptr, const float* c_in = nullptr);
   // The bf16 copy of weights at `p` (refreshed if stale), or null when p is no registered weight
   // or the precision keeps none.
   const uint16_t* Bf16Weights(const float* p);

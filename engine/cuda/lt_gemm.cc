@@ -81,12 +81,13 @@ LtGemm::Plan& LtGemm::PlanFor(const Problem& p, const Key& key) {
   const uint32_t align_a = static_cast<uint32_t>(Alignment(p.a));
   const uint32_t align_b = static_cast<uint32_t>(Alignment(p.b));
   const uint32_t align_d = static_cast<uint32_t>(Alignment(p.d));
+  const uint32_t align_c = static_cast<uint32_t>(Alignment(p.c != nullptr ? p.c : p.d));
   LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
                                                 &align_a, sizeof(align_a)));
   LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
                                                 &align_b, sizeof(align_b)));
   LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
-                                                &align_d, sizeof(align_d)));
+                                                &align_c, sizeof(align_c)));
   LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
                                                 &align_d, sizeof(align_d)));
   cublasLtMatmulHeuristicResult_t result = {};
@@ -126,7 +127,8 @@ bool LtGemm::Run(const Problem& p) {
                    Alignment(p.b),
                    Alignment(p.d),
                    Alignment(p.bias),
-                   Alignment(p.bias_grad)};
+                   Alignment(p.bias_grad),
+                   Alignment(p.c)};
   Plan& plan = PlanFor(p, key);
   if (!plan.ok) return false;
   const void* vector = p.bias != nullptr ? p.bias : p.bias_grad;
@@ -134,7 +136,8 @@ bool LtGemm::Run(const Problem& p) {
     LT_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &vector,
                                             sizeof(vector)));
   }
-  LT_CHECK(cublasLtMatmul(handle_, plan.desc, &p.alpha, p.a, plan.a, p.b, plan.b, &p.beta, p.d,
+  const void* c = p.c != nullptr ? p.c : p.d;
+  LT_CHECK(cublasLtMatmul(handle_, plan.desc, &p.alpha, p.a, plan.a, p.b, plan.b, &p.beta, c,
                           plan.d, p.d, plan.d, &plan.algo, workspace_, workspace_bytes_, stream_));
   return true;
 }

@@ -20,7 +20,7 @@ namespace eellm::cuda {
 
 class LtGemm {
  public:
-  // D = alpha op(A) op(B) + beta D, D m x n; A, B bf16 (m x k and k x n after their ops).
+  // D = alpha op(A) op(B) + beta C, D m x n; A, B bf16 (m x k and k x n after their ops).
   struct Problem {
     cublasOperation_t op_a = CUBLAS_OP_N, op_b = CUBLAS_OP_N;
     int m = 0, n = 0, k = 0;
@@ -32,6 +32,7 @@ class LtGemm {
     void* d = nullptr;
     int ldd = 0;
     bool d_bf16 = false;
+    const void* c = nullptr;     // what beta scales: D's layout and dtype; null: D itself
     const void* bias = nullptr;  // [m] in D's dtype, added to every column (or null)
     float* bias_grad = nullptr;  // [n], written: sum over k of op(B) (or null; needs fp32 D)
   };
@@ -48,7 +49,7 @@ class LtGemm {
  private:
   // The problem without its pointers, plus their alignments (the heuristic's choice depends on
   // them).
-  using Key = std::array<int64_t, 16>;
+  using Key = std::array<int64_t, 17>;
   struct Plan {
     bool ok = false;
     cublasLtMatmulDesc_t desc = nullptr;

@@ -309,6 +309,35 @@ TEST_F(BackendParity, Linear) {
   }
 }
 
+// out = residual + x w^T + bias, into a separate (poisoned) output or in place over the residual.
+TEST_F(BackendParity, LinearResidual) {
+  for (int n : {1, 7, 64}) {
+    for (const LinearShape& s : kLinearShapes) {
+      const auto x = RandVec(rng_, static_cast<size_t>(n) * s.in);
+      const auto w = RandVec(rng_, static_cast<size_t>(s.out) * s.in, 0.2);
+      const auto bias = RandVec(rng_, s.out);
+      const auto res = RandVec(rng_, static_cast<size_t>(n) * s.out);
+      for (bool has_bias : {false, true}) {
+        for (bool in_place : {false, true}) {
+          SCOPED_TRACE(::testing::Message() << "n=" << n << " in=" << s.in << " out=" << s.out
+                                            << " bias=" << has_bias << " in_place=" << in_place);
+          ExpectParity(
+              [&](Backend* be, DeviceMem& m) -> Outputs {
+                float* r = m.Put(res);
+                float* out = in_place ? r : m.Nan(res.size());
+                be->LinearResidual(out, r, m.Put(x), m.Put(w), has_bias ? m.Put(bias) : nullptr, n,
+                                   s.in, s.out);
+                Outputs o = {{"out", m.Get(out, res.size())}};
+                if (!in_place) o.emplace_back("residual (unchanged)", m.Get(r, res.size()));
+                return o;
+              },
+              kGemm);
+        }
+      }
+    }
+  }
+}
+
 TEST_F(BackendParity, LinearBackward) {
   for (int n : {1, 7, 64, 150, 600}) {
     for (const LinearShape& s : kLinearShapes) {

@@ -61,6 +61,19 @@ TEST_F(OperandParity, LinearReadsBf16Input) {
   cpu_.Linear(y_c, c.Put(x), c.Put(w), c.Put(bias), n, in, out, false);
   dev_->Linear(y_d, d.PutBf16(x), d.Put(w), d.Put(bias), n, in, out, false);
   EXPECT_TRUE(Close(d.Get(y_d, n * out), c.Get(y_c, n * out), kGemmBf16)) << "out";
+  // Into the residual stream: out = residual + x w^T + bias, out separate (poisoned) or in place.
+  const auto res = RandVec(rng_, n * out);
+  for (bool in_place : {false, true}) {
+    float* r_c = c.Put(res);
+    float* r_d = d.Put(res);
+    float* o_c = in_place ? r_c : c.Put(std::vector<float>(n * out, kNaN));
+    float* o_d = in_place ? r_d : d.Put(std::vector<float>(n * out, kNaN));
+    cpu_.LinearResidual(o_c, r_c, c.Put(x), c.Put(w), c.Put(bias), n, in, out);
+    dev_->LinearResidual(o_d, r_d, d.PutBf16(x), d.Put(w), d.Put(bias), n, in, out);
+    EXPECT_TRUE(Close(d.Get(o_d, n * out), c.Get(o_c, n * out), kGemmBf16))
+        << "residual out, in place " << in_place;
+    if (!in_place) EXPECT_EQ(d.Get(r_d, n * out), res) << "the residual is an input";
+  }
   // Backward: din written, dw and dbias accumulated.
   float* din_c = c.Put(std::vector<float>(n * in, kNaN));
   float* din_d = d.Put(std::vector<float>(n * in, kNaN));
