@@ -137,8 +137,21 @@ bool LtGemm::Run(const Problem& p) {
                                             sizeof(vector)));
   }
   const void* c = p.c != nullptr ? p.c : p.d;
-  LT_CHECK(cublasLtMatmul(handle_, plan.desc, &p.alpha, p.a, plan.a, p.b, plan.b, &p.beta, c,
-                          plan.d, p.d, plan.d, &plan.algo, workspace_, workspace_bytes_, stream_));
+  const cublasStatus_t status =
+      cublasLtMatmul(handle_, plan.desc, &p.alpha, p.a, plan.a, p.b, plan.b, &p.beta, c, plan.d,
+                     p.d, plan.d, &plan.algo, workspace_, workspace_bytes_, stream_);
+  if (status != CUBLAS_STATUS_SUCCESS && !plan.ran) {
+    // Refused at its first launch (nothing ran): as if the heuristic had found nothing.
+    std::fprintf(stderr,
+                 "eellm: cuBLASLt refused its algorithm for a %dx%dx%d GEMM (status %d): "
+                 "cublasGemmEx and separate bias kernels instead\n",
+                 p.m, p.n, p.k, static_cast<int>(status));
+    plan.ok = false;
+    return false;
+  }
+  EE_CHECK(status == CUBLAS_STATUS_SUCCESS, "cublasLtMatmul failed: cuBLAS status ",
+           static_cast<int>(status));
+  plan.ran = true;
   return true;
 }
 

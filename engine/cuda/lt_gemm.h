@@ -51,7 +51,8 @@ class LtGemm {
   // them).
   using Key = std::array<int64_t, 17>;
   struct Plan {
-    bool ok = false;
+    bool ok = false;   // the heuristic found an algorithm (and its first launch took it)
+    bool ran = false;  // launched successfully at least once
     cublasLtMatmulDesc_t desc = nullptr;
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
     cublasLtMatmulAlgo_t algo = {};
