@@ -1,8 +1,10 @@
 // CpuBackend activations: GELU (GPT-2 tanh approximation) and SwiGLU, forward and backward.
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 
 #include "engine/cpu/cpu_backend.h"
+#include "engine/cpu/cpu_exp.h"
 
 namespace eellm {
 namespace {
@@ -11,7 +13,15 @@ constexpr size_t kParallelMin = size_t{1} << 14;
 constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2 / pi)
 constexpr float kGeluCubic = 0.044715f;
 
-inline float Sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+// SwiGLU works in chunks: the sigmoids of a chunk's gates first (vectorised exp), then the
+// elementwise formulas.
+constexpr size_t kChunk = 1024;
+
+// s[j] = sigmoid(g[j]) = 1 / (1 + exp(-g[j])) for j < len.
+void Sigmoids(float* s, const float* g, size_t len) {
+  cpu::Exp(s, g, len, -1.0f, 0.0f);
+  for (size_t j = 0; j < len; ++j) s[j] = 1.0f / (1.0f + s[j]);
+}
 
 }  // namespace
 
@@ -46,11 +56,13 @@ void CpuBackend::GeluBackward(Operand dx_op, ConstOperand dout_op, ConstOperand 
 void CpuBackend::SwiGluForward(Operand out_op, ConstOperand gate_op, ConstOperand up_op, size_t n) {
   float* out = out_op.f32();
   const float *gate = gate_op.f32(), *up = up_op.f32();
-  const ptrdiff_t nn = static_cast<ptrdiff_t>(n);
+  const ptrdiff_t chunks = static_cast<ptrdiff_t>((n + kChunk - 1) / kChunk);
 #pragma omp parallel for schedule(static) if (n >= kParallelMin)
-  for (ptrdiff_t i = 0; i < nn; ++i) {
-    const float gi = gate[i];
-    out[i] = gi * Sigmoid(gi) * up[i];
+  for (ptrdiff_t c = 0; c < chunks; ++c) {
+    const size_t i0 = static_cast<size_t>(c) * kChunk, len = std::min(kChunk, n - i0);
+    float s[kChunk];
+    Sigmoids(s, gate + i0, len);
+    for (size_t j = 0; j < len; ++j) out[i0 + j] = gate[i0 + j] * s[j] * up[i0 + j];
   }
 }
 
@@ -59,16 +71,19 @@ void CpuBackend::SwiGluBackward(Operand dgate_op, Operand dup_op, ConstOperand d
   float *dgate = dgate_op.f32(), *dup = dup_op.f32();
   const float *dout = dout_op.f32(), *gate = gate_op.f32(), *up = up_op.f32();
   // silu'(g) = s (1 + g (1 - s)), s = sigmoid(g).
-  const ptrdiff_t nn = static_cast<ptrdiff_t>(n);
+  const ptrdiff_t chunks = static_cast<ptrdiff_t>((n + kChunk - 1) / kChunk);
 #pragma omp parallel for schedule(static) if (n >= kParallelMin)
-  for (ptrdiff_t i = 0; i < nn; ++i) {
-    const float gi = gate[i];
-    const float ui = up[i];
-    const float dy = dout[i];
-    const float s = Sigmoid(gi);
-    const float dsilu = s * (1.0f + gi * (1.0f - s));
-    dgate[i] = dy * ui * dsilu;
-    dup[i] = dy * gi * s;
+  for (ptrdiff_t c = 0; c < chunks; ++c) {
+    const size_t i0 = static_cast<size_t>(c) * kChunk, len = std::min(kChunk, n - i0);
+    float sig[kChunk];
+    Sigmoids(sig, gate + i0, len);
+    for (size_t j = 0; j < len; ++j) {
+      const size_t i = i0 + j;
+      const float gi = gate[i], ui = up[i], dy = dout[i], s = sig[j];
+      const float dsilu = s * (1.0f + gi * (1.0f - s));
+      dgate[i] = dy * ui * dsilu;  // may alias an input: read before write, same index
+      dup[i] = dy * gi * s;
+    }
   }
 }
 

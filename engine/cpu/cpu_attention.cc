@@ -19,6 +19,7 @@
 
 #include "engine/core/status.h"
 #include "engine/cpu/cpu_backend.h"
+#include "engine/cpu/cpu_exp.h"
 
 namespace eellm {
 namespace {
@@ -40,11 +41,9 @@ void CausalSoftmaxRows(float* s, float* lse, int tq, int tk, int q_offset) {
     const int n_keys = q_offset + i + 1;
     float mx = -INFINITY;
     for (int j = 0; j < n_keys; ++j) mx = std::max(mx, row[j]);
+    cpu::Exp(row, row, n_keys, 1.0f, mx);
     float sum = 0.0f;
-    for (int j = 0; j < n_keys; ++j) {
-      row[j] = std::exp(row[j] - mx);
-      sum += row[j];
-    }
+    for (int j = 0; j < n_keys; ++j) sum += row[j];
     const float inv = 1.0f / sum;
     for (int j = 0; j < n_keys; ++j) row[j] *= inv;
     for (int j = n_keys; j < tk; ++j) row[j] = 0.0f;
@@ -58,7 +57,7 @@ void CausalSoftmaxRows(float* s, float* lse, int tq, int tk, int q_offset) {
 void ProbsFromLse(float* s, const float* lse, int rows, int keys, int row0) {
   for (int i = 0; i < rows; ++i) {
     float* row = s + static_cast<size_t>(i) * keys;
-    for (int j = 0; j <= row0 + i; ++j) row[j] = std::exp(row[j] - lse[i]);
+    cpu::Exp(row, row, row0 + i + 1, 1.0f, lse[i]);
     for (int j = row0 + i + 1; j < keys; ++j) row[j] = 0.0f;
   }
 }

@@ -7,6 +7,7 @@
 
 #include "engine/core/status.h"
 #include "engine/cpu/cpu_backend.h"
+#include "engine/cpu/cpu_exp.h"
 
 namespace eellm {
 
@@ -26,14 +27,11 @@ void CpuBackend::CrossEntropy(float* losses, float* max_prob, Operand dlogits_op
     float* dr = dlogits != nullptr ? dlogits + static_cast<size_t>(r) * v : nullptr;
     double sum = 0.0;
     if (dr != nullptr) {
-      // Store exp(l - mx) in place (each element is read before it is overwritten).
-      for (int j = 0; j < v; ++j) {
-        const float e = std::exp(lr[j] - mx);
-        dr[j] = e;
-        sum += e;
-      }
+      // Store exp(l - mx) in place (dr may alias lr: element by element).
+      cpu::Exp(dr, lr, v, 1.0f, mx);
+      for (int j = 0; j < v; ++j) sum += dr[j];
     } else {
-      for (int j = 0; j < v; ++j) sum += std::exp(lr[j] - mx);
+      sum = cpu::SumExp(lr, v, mx);
     }
     // -log p[target] = log(sum exp(l - mx)) - (l[target] - mx).
     losses[r] = static_cast<float>(std::log(sum) - (static_cast<double>(target_logit) - mx));
@@ -65,9 +63,7 @@ void CpuBackend::SumExpAndTarget(float* sum_exp, float* target_logit, const floa
 #pragma omp parallel for schedule(static) if (parallel)
   for (int r = 0; r < n; ++r) {
     const float* lr = logits + static_cast<size_t>(r) * v;
-    double sum = 0.0;
-    for (int j = 0; j < v; ++j) sum += std::exp(lr[j] - row_max[r]);
-    sum_exp[r] = static_cast<float>(sum);
+    sum_exp[r] = static_cast<float>(cpu::SumExp(lr, v, row_max[r]));
     const int64_t j = static_cast<int64_t>(targets[r]) - start;
     target_logit[r] = j >= 0 && j < v ? lr[j] : 0.0f;
   }
@@ -85,7 +81,8 @@ void CpuBackend::CrossEntropyGradRange(Operand dlogits_op, const float* logits,
     float* dr = dlogits + static_cast<size_t>(r) * v;
     const float w = weights != nullptr ? weights[r] : 1.0f;
     const float scale = w / sum_exp[r];
-    for (int j = 0; j < v; ++j) dr[j] = std::exp(lr[j] - row_max[r]) * scale;
+    cpu::Exp(dr, lr, v, 1.0f, row_max[r]);
+    for (int j = 0; j < v; ++j) dr[j] *= scale;
     const int64_t j = static_cast<int64_t>(targets[r]) - start;
     if (j >= 0 && j < v) dr[j] -= w;
   }
