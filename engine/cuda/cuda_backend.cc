@@ -9,21 +9,9 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "engine/core/status.h"
+#include "engine/cuda/cuda_check.h"
 #include "engine/cuda/cuda_kernels.h"
 #include "engine/cuda/make_cuda_backend.h"
-
-#define CUDA_CHECK(call)                                                                   \
-  do {                                                                                     \
-    const cudaError_t eellm_err = (call);                                                  \
-    EE_CHECK(eellm_err == cudaSuccess, #call, " failed: ", cudaGetErrorString(eellm_err)); \
-  } while (0)
-
-#define CUBLAS_CHECK(call)                                                         \
-  do {                                                                             \
-    const cublasStatus_t eellm_err = (call);                                       \
-    EE_CHECK(eellm_err == CUBLAS_STATUS_SUCCESS, #call, " failed: cuBLAS status ", \
-             static_cast<int>(eellm_err));                                         \
-  } while (0)
 
 namespace eellm {
 namespace {

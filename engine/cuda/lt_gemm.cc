@@ -4,13 +4,7 @@
 #include <cstdio>
 
 #include "engine/core/status.h"
-
-#define LT_CHECK(call)                                                             \
-  do {                                                                             \
-    const cublasStatus_t eellm_err = (call);                                       \
-    EE_CHECK(eellm_err == CUBLAS_STATUS_SUCCESS, #call, " failed: cuBLAS status ", \
-             static_cast<int>(eellm_err));                                         \
-  } while (0)
+#include "engine/cuda/cuda_check.h"
 
 namespace eellm::cuda {
 namespace {
@@ -30,10 +24,8 @@ int64_t Alignment(const void* p) {
 }  // namespace
 
 LtGemm::LtGemm(cudaStream_t stream) : stream_(stream) {
-  LT_CHECK(cublasLtCreate(&handle_));
-  const cudaError_t err = cudaMalloc(&workspace_, kWorkspaceBytes);
-  EE_CHECK(err == cudaSuccess,
-           "cudaMalloc of the cuBLASLt workspace failed: ", cudaGetErrorString(err));
+  CUBLAS_CHECK(cublasLtCreate(&handle_));
+  CUDA_CHECK(cudaMalloc(&workspace_, kWorkspaceBytes));
   workspace_bytes_ = kWorkspaceBytes;
 }
 
@@ -56,40 +48,42 @@ LtGemm::Plan& LtGemm::PlanFor(const Problem& p, const Key& key) {
   const uint32_t epilogue = p.bias != nullptr        ? CUBLASLT_EPILOGUE_BIAS
                             : p.bias_grad != nullptr ? CUBLASLT_EPILOGUE_BGRADB
                                                      : CUBLASLT_EPILOGUE_DEFAULT;
-  LT_CHECK(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-  LT_CHECK(
+  CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  CUBLAS_CHECK(
       cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)));
-  LT_CHECK(
+  CUBLAS_CHECK(
       cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)));
-  LT_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue,
-                                          sizeof(epilogue)));
+  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue,
+                                              sizeof(epilogue)));
   const void* vector = p.bias != nullptr ? p.bias : p.bias_grad;
   if (vector != nullptr) {
-    LT_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &vector,
-                                            sizeof(vector)));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                                                &vector, sizeof(vector)));
   }
   const bool ta = p.op_a != CUBLAS_OP_N, tb = p.op_b != CUBLAS_OP_N;
-  LT_CHECK(cublasLtMatrixLayoutCreate(&plan.a, CUDA_R_16BF, ta ? p.k : p.m, ta ? p.m : p.k, p.lda));
-  LT_CHECK(cublasLtMatrixLayoutCreate(&plan.b, CUDA_R_16BF, tb ? p.n : p.k, tb ? p.k : p.n, p.ldb));
-  LT_CHECK(
+  CUBLAS_CHECK(
+      cublasLtMatrixLayoutCreate(&plan.a, CUDA_R_16BF, ta ? p.k : p.m, ta ? p.m : p.k, p.lda));
+  CUBLAS_CHECK(
+      cublasLtMatrixLayoutCreate(&plan.b, CUDA_R_16BF, tb ? p.n : p.k, tb ? p.k : p.n, p.ldb));
+  CUBLAS_CHECK(
       cublasLtMatrixLayoutCreate(&plan.d, p.d_bf16 ? CUDA_R_16BF : CUDA_R_32F, p.m, p.n, p.ldd));
   cublasLtMatmulPreference_t pref = nullptr;
-  LT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+  CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
   const uint64_t workspace = workspace_bytes_;
-  LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                &workspace, sizeof(workspace)));
+  CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                    &workspace, sizeof(workspace)));
   const uint32_t align_a = static_cast<uint32_t>(Alignment(p.a));
   const uint32_t align_b = static_cast<uint32_t>(Alignment(p.b));
   const uint32_t align_d = static_cast<uint32_t>(Alignment(p.d));
   const uint32_t align_c = static_cast<uint32_t>(Alignment(p.c != nullptr ? p.c : p.d));
-  LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
-                                                &align_a, sizeof(align_a)));
-  LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-                                                &align_b, sizeof(align_b)));
-  LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
-                                                &align_c, sizeof(align_c)));
-  LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
-                                                &align_d, sizeof(align_d)));
+  CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+      pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a, sizeof(align_a)));
+  CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+      pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b, sizeof(align_b)));
+  CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+      pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_c, sizeof(align_c)));
+  CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+      pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d, sizeof(align_d)));
   cublasLtMatmulHeuristicResult_t result = {};
   int returned = 0;
   const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(
@@ -133,8 +127,8 @@ bool LtGemm::Run(const Problem& p) {
   if (!plan.ok) return false;
   const void* vector = p.bias != nullptr ? p.bias : p.bias_grad;
   if (vector != nullptr) {
-    LT_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &vector,
-                                            sizeof(vector)));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                                                &vector, sizeof(vector)));
   }
   const void* c = p.c != nullptr ? p.c : p.d;
   const cublasStatus_t status =

@@ -18,6 +18,26 @@ namespace {
 
 class EmulatedGeneration : public ::testing::TestWithParam<ModelStyle> {};
 
+// Generates `count` tokens after `prompt` on both models (early exit at `threshold`, sampling
+// `sp`) and expects the same tokens, exits and depths. Returns whether the reference run mixed
+// tokens that exited early with tokens that ran the full depth.
+bool ExpectSameGeneration(Model* want_model, Model* got_model, const std::vector<int32_t>& prompt,
+                          int count, float threshold, const SamplingParams& sp) {
+  EarlyExitParams ee;
+  ee.threshold = threshold;
+  Generator gw(want_model, 32), gg(got_model, 32);
+  auto want = gw.Generate(prompt, count, -1, sp, ee);
+  auto got = gg.Generate(prompt, count, -1, sp, ee);
+  EXPECT_TRUE(want.ok() && got.ok());
+  if (!want.ok() || !got.ok()) return false;
+  EXPECT_EQ(got->tokens, want->tokens) << "threshold " << threshold;
+  EXPECT_EQ(got->exit_index, want->exit_index) << "threshold " << threshold;
+  EXPECT_EQ(got->depth, want->depth) << "threshold " << threshold;
+  int early = 0;
+  for (int e : want->exit_index) early += e >= 0;
+  return early > 0 && early < static_cast<int>(want->exit_index.size());
+}
+
 TEST_P(EmulatedGeneration, MatchesCpuTokenForToken) {
   const ModelConfig c = testing::ConfigWithExits(GetParam());
   auto cpu = testing::Cpu();
@@ -35,18 +55,7 @@ TEST_P(EmulatedGeneration, MatchesCpuTokenForToken) {
   int mixed = 0;  // runs where some tokens exited early and some ran the full depth
   for (float threshold : {1.0f, 0.3f, 0.45f, 0.6f, 0.75f}) {
     for (const SamplingParams& sp : {greedy, sampled}) {
-      EarlyExitParams ee;
-      ee.threshold = threshold;
-      Generator gc(mc.get(), 32), ge(me.get(), 32);
-      auto want = gc.Generate(prompt, 24, -1, sp, ee);
-      auto got = ge.Generate(prompt, 24, -1, sp, ee);
-      ASSERT_TRUE(want.ok() && got.ok());
-      EXPECT_EQ(got->tokens, want->tokens) << "threshold " << threshold;
-      EXPECT_EQ(got->exit_index, want->exit_index) << "threshold " << threshold;
-      EXPECT_EQ(got->depth, want->depth) << "threshold " << threshold;
-      int early = 0;
-      for (int e : want->exit_index) early += e >= 0;
-      mixed += early > 0 && early < static_cast<int>(want->exit_index.size());
+      mixed += ExpectSameGeneration(mc.get(), me.get(), prompt, 24, threshold, sp);
     }
   }
   EXPECT_GT(mixed, 0) << "no threshold made some tokens exit early and others not";
@@ -117,18 +126,7 @@ TEST_P(EmulatedGeneration, Bf16OperandsMatchRoundingReference) {
     }
     int mixed = 0;
     for (float threshold : {0.45f, 0.75f, 0.9f, 0.97f, 0.995f}) {
-      EarlyExitParams ee;
-      ee.threshold = threshold;
-      Generator ge_r(mr.get(), 32), ge_w(mw.get(), 32);
-      auto want = ge_r.Generate(prompt, 20, -1, SamplingParams(), ee);
-      auto got = ge_w.Generate(prompt, 20, -1, SamplingParams(), ee);
-      ASSERT_TRUE(want.ok() && got.ok());
-      EXPECT_EQ(got->tokens, want->tokens) << "threshold " << threshold;
-      EXPECT_EQ(got->exit_index, want->exit_index) << "threshold " << threshold;
-      EXPECT_EQ(got->depth, want->depth) << "threshold " << threshold;
-      int early = 0;
-      for (int e : want->exit_index) early += e >= 0;
-      mixed += early > 0 && early < static_cast<int>(want->exit_index.size());
+      mixed += ExpectSameGeneration(mr.get(), mw.get(), prompt, 20, threshold, SamplingParams());
     }
     EXPECT_GT(mixed, 0) << "no threshold made some tokens exit early and others not";
   }

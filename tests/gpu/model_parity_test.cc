@@ -232,17 +232,21 @@ ExitConfig Exit(int layer, ExitKind kind, ExitPosition position, bool tied) {
   return x;
 }
 
-// Hidden 32 with 4 query heads over 2 KV heads (head_dim 8), FFN 40, vocabulary 37: sizes that
-// are not multiples of 32 except the hidden size.
-ModelConfig SmallConfig(ModelStyle style) {
+// A 3-layer model with vocabulary 37 and `heads` query heads of head_dim hidden / heads; Llama
+// shares each KV head between two query heads. FFN 5/4 of the hidden size.
+ModelConfig ParityConfig(ModelStyle style, int hidden, int heads) {
   ModelConfig c = testing::TinyConfig(style);
   c.vocab_size = 37;
-  c.hidden_size = 32;
-  c.num_heads = 4;
-  c.num_kv_heads = style == ModelStyle::kLlama ? 2 : 4;
-  c.ffn_hidden_size = 40;
+  c.hidden_size = hidden;
+  c.num_heads = heads;
+  c.num_kv_heads = style == ModelStyle::kLlama ? heads / 2 : heads;
+  c.ffn_hidden_size = hidden * 5 / 4;
   return c;
 }
+
+// Hidden 32 with 4 query heads (head_dim 8), FFN 40: sizes that are not multiples of 32 except
+// the hidden size.
+ModelConfig SmallConfig(ModelStyle style) { return ParityConfig(style, 32, 4); }
 
 TEST_F(ModelParity, LlamaGqaTrainingStepWithExits) {
   ModelConfig c = SmallConfig(ModelStyle::kLlama);
@@ -259,18 +263,10 @@ TEST_F(ModelParity, GptTrainingStepWithExits) {
   ExpectStepParity(c, 12);
 }
 
-// Head dimension 32 (2 query heads over 1 KV head; GPT: 2 over 2): the size the fused attention
-// kernels take (on bf16 backends), so that their forward and backward run inside a whole step,
-// fed and read by the other ops in the model's layouts.
-ModelConfig FusedAttentionConfig(ModelStyle style) {
-  ModelConfig c = testing::TinyConfig(style);
-  c.vocab_size = 37;
-  c.hidden_size = 64;
-  c.num_heads = 2;
-  c.num_kv_heads = style == ModelStyle::kLlama ? 1 : 2;
-  c.ffn_hidden_size = 72;
-  return c;
-}
+// Head dimension 32 (2 query heads over 1 KV head; GPT: 2 over 2), FFN 80: the size the fused
+// attention kernels take (on bf16 backends), so that their forward and backward run inside a
+// whole step, fed and read by the other ops in the model's layouts.
+ModelConfig FusedAttentionConfig(ModelStyle style) { return ParityConfig(style, 64, 2); }
 
 // Backends with bf16 GEMMs on fp32 operands (cuda-bf16) skip them: nothing mirrors the
 // roundings of that mode, and against the fp32 CPU its noise at this size passes 1e-1.
