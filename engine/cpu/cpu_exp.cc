@@ -18,6 +18,7 @@ inline float ExpOne(float v) {
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   float c = v < -103.0f ? -103.0f : v;
   c = c > 88.75f ? 88.75f : c;
+  c = v != v ? 0.0f : c;  // NaN: a finite stand-in for the integer steps (the result is NaN)
   const float n = (c * kLog2e + kRound) - kRound;
   const float r = (c - n * kLn2Hi) - n * kLn2Lo;  // |r| <= ln 2 / 2
   float p = 1.0f / 5040;
@@ -31,7 +32,8 @@ inline float ExpOne(float v) {
   // 2^n in two factors, so that n down to -149 (subnormal results) and up to 128 both work.
   const int32_t ni = static_cast<int32_t>(n);
   const int32_t n1 = ni / 2, n2 = ni - n1;
-  const int32_t bits1 = (n1 + 127) << 23, bits2 = (n2 + 127) << 23;
+  const uint32_t bits1 = static_cast<uint32_t>(n1 + 127) << 23;  // n1, n2 in [-75, 64]
+  const uint32_t bits2 = static_cast<uint32_t>(n2 + 127) << 23;
   float s1, s2;
   std::memcpy(&s1, &bits1, sizeof(float));
   std::memcpy(&s2, &bits2, sizeof(float));
@@ -47,7 +49,13 @@ __attribute__((target("avx2,fma"))) void ExpAvx2(float* y, const float* x, size_
   for (size_t i = 0; i < n; ++i) y[i] = ExpOne(a * x[i] - b);
 }
 
-const bool kHaveAvx2Fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+bool HaveAvx2Fma() {
+  static const bool have = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return have;
+}
 
 }  // namespace
 
@@ -57,7 +65,7 @@ void ExpBaseline(float* y, const float* x, size_t n, float a, float b) {
 }
 
 void Exp(float* y, const float* x, size_t n, float a, float b) {
-  (kHaveAvx2Fma ? ExpAvx2 : ExpBaseline)(y, x, n, a, b);
+  (HaveAvx2Fma() ? ExpAvx2 : ExpBaseline)(y, x, n, a, b);
 }
 
 double SumExp(const float* x, size_t n, float b) {

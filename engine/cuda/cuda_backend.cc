@@ -116,6 +116,9 @@ void CudaBackend::Gemm(bool trans_a, bool trans_b, int m, int n, int k, float al
                        const float* bias, float* a_row_sums, const float* c_in) {
   EE_CHECK(bias == nullptr || a_row_sums == nullptr, "a GEMM with both epilogues");
   EE_CHECK(c_in == nullptr || (!c.is_bf16() && ldc == n), "a separate C needs a packed fp32 C");
+  EE_CHECK(bias == nullptr || !c.is_bf16() || beta == 0.0f,
+           "a GEMM bias with a bf16 C to accumulate into");
+  EE_CHECK(a_row_sums == nullptr || alpha == 1.0f, "row sums of op(A) with alpha != 1");
   // Where the GEMM reads C from C itself: the separate input copied there first.
   auto c_from_input = [&]() {
     if (c_in != nullptr && c_in != c.data)
@@ -173,18 +176,21 @@ void CudaBackend::Gemm(bool trans_a, bool trans_b, int m, int n, int k, float al
   const uint16_t* a16 = as_bf16(a, trans_a ? extent(k, m, lda) : extent(m, k, lda), 3);
   const uint16_t* b16 = as_bf16(b, trans_b ? extent(n, k, ldb) : extent(k, n, ldb), 6);
   const ConstOperand a_used(a16, DType::kBF16);
-  // A bias has C's dtype in the epilogue: a bf16 C adds the bias as bf16.
-  const void* c_bias = bias;
-  if (bias != nullptr && c.is_bf16()) {
-    const uint16_t* b16_bias = Bf16Weights(bias);
-    if (b16_bias == nullptr) {
-      auto* conv = static_cast<uint16_t*>(Scratch(n * sizeof(uint16_t), 7));
-      CUDA_CHECK(cuda::ToBf16(conv, bias, n, stream_));
-      b16_bias = conv;
+  // cuBLASLt for what cublasGemmEx cannot do (epilogues, C != D); cublasGemmEx otherwise, so that
+  // GEMMs whose sizes vary call by call (attention's per-head path in decoding) build no plans.
+  const bool lt_wanted = bias != nullptr || a_row_sums != nullptr || c_in != nullptr;
+  if (lt_ != nullptr && lt_wanted && (a_row_sums == nullptr || !c.is_bf16())) {
+    // A bias has C's dtype in the epilogue: a bf16 C adds the bias as bf16.
+    const void* c_bias = bias;
+    if (bias != nullptr && c.is_bf16()) {
+      const uint16_t* b16_bias = Bf16Weights(bias);
+      if (b16_bias == nullptr) {
+        auto* conv = static_cast<uint16_t*>(Scratch(n * sizeof(uint16_t), 7));
+        CUDA_CHECK(cuda::ToBf16(conv, bias, n, stream_));
+        b16_bias = conv;
+      }
+      c_bias = b16_bias;
     }
-    c_bias = b16_bias;
-  }
-  if (lt_ != nullptr && (a_row_sums == nullptr || !c.is_bf16())) {
     // cuBLASLt, column-major with the operands swapped as above: the bias runs over D's rows
     // (our columns), the row sums of op(A) are the column sums of op(B') over k (BGRADB).
     cuda::LtGemm::Problem p;
@@ -213,7 +219,6 @@ void CudaBackend::Gemm(bool trans_a, bool trans_b, int m, int n, int k, float al
   // cublasGemmEx and the epilogues as kernels. With a bias and a bf16 C the product goes to fp32
   // scratch first, so that C is rounded once with the bias added, as in the epilogue.
   if (bias != nullptr && c.is_bf16()) {
-    EE_CHECK(beta == 0.0f, "a GEMM bias with a bf16 C to accumulate into");
     auto* acc = static_cast<float*>(Scratch(static_cast<size_t>(m) * n * sizeof(float), 5));
     CUBLAS_CHECK(cublasGemmEx(cublas_, op_b, op_a, n, m, k, &alpha, b16, CUDA_R_16BF, ldb, a16,
                               CUDA_R_16BF, lda, &beta, acc, CUDA_R_32F, n, CUBLAS_COMPUTE_32F,

@@ -6,8 +6,8 @@
 // copies are synchronous. In bf16 mode ("cuda-bf16") GEMMs run on tensor cores with bf16
 // operands and attention runs fused (flash_attention.cu: FlashAttention-2 style, bf16 tensor
 // cores, deterministic backward); fp32 storage stays everywhere. Mixed precision
-// ("cuda-bf16w") stores operands in bf16 and runs its GEMMs through cuBLASLt (lt_gemm.h), with
-// the Linear's bias and bias gradient in the GEMM epilogues.
+// ("cuda-bf16w") stores operands in bf16 and runs the GEMMs with a bias, a bias gradient or a
+// separate residual input through cuBLASLt (lt_gemm.h), in the GEMM epilogues.
 //
 // Host code here is compiled by the host compiler; kernels live in the *.cu files behind
 // cuda_kernels.h. Only engine/cuda includes CUDA headers.
@@ -138,7 +138,7 @@ class CudaBackend final : public Backend {
   // row before C's one rounding; `a_row_sums` (fp32 [M], A transposed and packed) gets the sums
   // over k of op(A) as multiplied (bf16 on the bf16 path), added to it. In kBf16Weights they run
   // in cuBLASLt's epilogue (lt_gemm.h), elsewhere (or where cuBLASLt has no algorithm) as
-  // kernels after the GEMM.
+  // kernels after the GEMM. GEMMs without either, or c_in, run on cublasGemmEx.
   // `c_in` (fp32, C's layout), when given, is what beta scales instead of C (C only written).
   void Gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, ConstOperand a, int lda,
             ConstOperand b, int ldb, float beta, Operand c, int ldc, const float* bias = nullptr,

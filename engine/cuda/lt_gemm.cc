@@ -12,6 +12,8 @@ namespace {
 // cuBLAS's recommended workspace on Hopper (32 MiB): enough for its split-K and stream-K
 // kernels.
 constexpr size_t kWorkspaceBytes = size_t{32} << 20;
+// Plans kept at most; beyond it the cache starts again (a training step uses a few dozen).
+constexpr size_t kMaxPlans = 4096;
 
 // The largest power of two (up to 256) that divides the address; 256 for null.
 int64_t Alignment(const void* p) {
@@ -29,13 +31,18 @@ LtGemm::LtGemm(cudaStream_t stream) : stream_(stream) {
   workspace_bytes_ = kWorkspaceBytes;
 }
 
-LtGemm::~LtGemm() {
+void LtGemm::Clear() {
   for (auto& [key, plan] : plans_) {
     if (plan.desc != nullptr) cublasLtMatmulDescDestroy(plan.desc);
     for (cublasLtMatrixLayout_t l : {plan.a, plan.b, plan.d}) {
       if (l != nullptr) cublasLtMatrixLayoutDestroy(l);
     }
   }
+  plans_.clear();
+}
+
+LtGemm::~LtGemm() {
+  Clear();
   cudaFree(workspace_);
   if (handle_ != nullptr) cublasLtDestroy(handle_);
 }
@@ -43,6 +50,7 @@ LtGemm::~LtGemm() {
 LtGemm::Plan& LtGemm::PlanFor(const Problem& p, const Key& key) {
   auto found = plans_.find(key);
   if (found != plans_.end()) return found->second;
+  if (plans_.size() >= kMaxPlans) Clear();  // token counts that vary without end (serving)
   Plan& plan = plans_[key];
   const int32_t op_a = p.op_a, op_b = p.op_b;
   const uint32_t epilogue = p.bias != nullptr        ? CUBLASLT_EPILOGUE_BIAS

@@ -58,6 +58,7 @@ class LtGemm {
     cublasLtMatmulAlgo_t algo = {};
   };
   Plan& PlanFor(const Problem& p, const Key& key);
+  void Clear();  // destroys every plan
 
   cudaStream_t stream_;
   cublasLtHandle_t handle_ = nullptr;

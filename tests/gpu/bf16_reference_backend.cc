@@ -13,6 +13,11 @@ namespace {
 
 float RoundToBf16(float x) { return Bf16ToFloat(FloatToBf16(x)); }
 
+// The fused forward's key tile and the slack before its reference maximum rises
+// (engine/cuda/flash_attention.cu: kTile, kRescaleSlack).
+constexpr int kFusedTile = 64;
+constexpr float kFusedSlack = 8.0f;
+
 std::vector<float> Rounded(const float* x, size_t n) {
   std::vector<float> r(x, x + n);
   for (float& v : r) v = RoundToBf16(v);
@@ -178,32 +183,57 @@ void Bf16ReferenceBackend::AttentionForward(Operand out, float* lse, ConstOperan
       for (int i = 0; i < tq; ++i) {
         const float* qi = &qv[((static_cast<size_t>(bi) * tq + i) * hq + h) * d];
         const int keys = std::min(tk, q_offset + i + 1);
-        float m = -INFINITY;
+        float m_row = -INFINITY;
         for (int j = 0; j < keys; ++j) {
           const float* kj = &kv[((static_cast<size_t>(bi) * tk_cap + j) * hkv + kvh) * d];
           float dot = 0.0f;
           for (int e = 0; e < d; ++e) dot += qi[e] * kj[e];
           p[j] = dot * scale;
-          m = std::max(m, p[j]);
+          m_row = std::max(m_row, p[j]);
         }
-        double sum = 0.0;  // of the rounded terms (fused) or of the fp32 exponentials
+        float* oi = &o[((static_cast<size_t>(bi) * tq + i) * hq + h) * d];
+        float* lse_i = lse != nullptr ? &lse[(static_cast<size_t>(bi) * hq + h) * tq + i] : nullptr;
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        if (fused) {
+          // Online over 64-key tiles: the reference maximum m rises to a tile's maximum only when
+          // that passes it by more than 8 (acc and l then shrink by exp(m_old - m_new)); P =
+          // exp(s - m) is rounded against the current m and l sums the rounded values.
+          float m = -INFINITY, l = 0.0f;
+          for (int j0 = 0; j0 < keys; j0 += kFusedTile) {
+            const int j1 = std::min(keys, j0 + kFusedTile);
+            const float tile_max = *std::max_element(p.begin() + j0, p.begin() + j1);
+            if (tile_max > m + kFusedSlack) {
+              const float alpha = m == -INFINITY ? 1.0f : std::exp(m - tile_max);
+              l *= alpha;
+              for (float& a : acc) a *= alpha;
+              m = tile_max;
+            }
+            for (int j = j0; j < j1; ++j) {
+              const float pj = RoundToBf16(std::exp(p[j] - m));
+              const float* vj = &vv[((static_cast<size_t>(bi) * tk_cap + j) * hkv + kvh) * d];
+              l += pj;
+              for (int e = 0; e < d; ++e) acc[e] += pj * vj[e];
+            }
+          }
+          const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+          for (int e = 0; e < d; ++e) oi[e] = acc[e] * inv;
+          if (lse_i != nullptr) *lse_i = m + std::log(l);
+          continue;
+        }
+        // Per-head: the softmax over the row first (sum in double), P normalised, then rounded.
+        double sum = 0.0;
         for (int j = 0; j < keys; ++j) {
-          p[j] = std::exp(p[j] - m);
-          if (fused) p[j] = RoundToBf16(p[j]);
+          p[j] = std::exp(p[j] - m_row);
           sum += p[j];
         }
         const float inv = sum > 0 ? static_cast<float>(1.0 / sum) : 0.0f;
-        std::fill(acc.begin(), acc.end(), 0.0f);
         for (int j = 0; j < keys; ++j) {
-          const float pj = fused ? p[j] : RoundToBf16(p[j] * inv);
+          const float pj = RoundToBf16(p[j] * inv);
           const float* vj = &vv[((static_cast<size_t>(bi) * tk_cap + j) * hkv + kvh) * d];
           for (int e = 0; e < d; ++e) acc[e] += pj * vj[e];
         }
-        float* oi = &o[((static_cast<size_t>(bi) * tq + i) * hq + h) * d];
-        for (int e = 0; e < d; ++e) oi[e] = fused ? acc[e] * inv : acc[e];
-        if (lse != nullptr) {
-          lse[(static_cast<size_t>(bi) * hq + h) * tq + i] = m + static_cast<float>(std::log(sum));
-        }
+        for (int e = 0; e < d; ++e) oi[e] = acc[e];
+        if (lse_i != nullptr) *lse_i = m_row + static_cast<float>(std::log(sum));
       }
     }
   }

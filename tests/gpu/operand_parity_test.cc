@@ -5,6 +5,7 @@
 // as NaN, so every element must be written; no write may pass a buffer's end.
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "engine/backend.h"
@@ -12,6 +13,7 @@
 #include "engine/cpu/cpu_backend.h"
 #include "gtest/gtest.h"
 #include "tests/engine/cpu_test_util.h"
+#include "tests/gpu/bf16_reference_backend.h"
 #include "tests/gpu/device_mem.h"
 #include "tests/gpu/parity_backend.h"
 #include "tests/gpu/parity_tolerances.h"
@@ -310,6 +312,50 @@ TEST_F(OperandParity, AttentionWritesAndReadsBf16Output) {
     EXPECT_TRUE(Close(d.Get(dv_d, nkv), c.Get(dv_c, nkv), kGemmBf16)) << "dv";
     EXPECT_TRUE(d.GuardsIntact());
   }
+}
+
+// The fused attention over many key tiles, with scores rising along the keys (every tile raises
+// the row's reference maximum, so O and l are rescaled), against the rounding reference
+// (Bf16ReferenceBackend, which follows the fused kernels' tiles and roundings): forward and
+// backward agree to fp32 noise, far inside the bf16 tolerance the CPU comparisons use.
+TEST_F(OperandParity, FusedAttentionMatchesRoundingReferenceOverTiles) {
+  const int b = 1, hq = 2, hkv = 1, t = 200, dh = 32;
+  const size_t nq = static_cast<size_t>(b) * t * hq * dh,
+               nkv = static_cast<size_t>(b) * t * hkv * dh;
+  const size_t nl = static_cast<size_t>(b) * hq * t;
+  auto q = RandVec(rng_, nq, 0.1), k = RandVec(rng_, nkv, 0.1);
+  for (float& x : q) x += 1.0f;
+  const float ramp = 0.3f * std::sqrt(static_cast<float>(dh)) / dh;  // per key, after the scale
+  for (int j = 0; j < t; ++j) {
+    for (int e = 0; e < dh; ++e) k[static_cast<size_t>(j) * hkv * dh + e] += ramp * j;
+  }
+  q = RoundedToBf16(q);
+  k = RoundedToBf16(k);
+  const auto v = RoundedToBf16(RandVec(rng_, nkv)), dout = RoundedToBf16(RandVec(rng_, nq));
+  testing::Bf16ReferenceBackend ref(std::make_unique<CpuBackend>(),
+                                    [](int d) { return d == 32 || d == 64 || d == 128; });
+  DeviceMem r(&ref), d(dev_);
+  const std::vector<float> nan_q(nq, kNaN), nan_kv(nkv, kNaN);
+  const Operand out_r = r.PutBf16(nan_q), out_d = d.PutBf16(nan_q);
+  float *lse_r = r.Put(std::vector<float>(nl, kNaN)), *lse_d = d.Put(std::vector<float>(nl, kNaN));
+  const Operand q_r = r.PutBf16(q), k_r = r.PutBf16(k), v_r = r.PutBf16(v);
+  const Operand q_d = d.PutBf16(q), k_d = d.PutBf16(k), v_d = d.PutBf16(v);
+  ref.AttentionForward(out_r, lse_r, q_r, k_r, v_r, b, t, t, t, hq, hkv, dh, 0);
+  dev_->AttentionForward(out_d, lse_d, q_d, k_d, v_d, b, t, t, t, hq, hkv, dh, 0);
+  // fp32 noise, and the rare bf16 rounding it tips (one 2^-8 step of one element).
+  const Tol kSameRounding{4e-3, 1e-5};
+  EXPECT_TRUE(Close(d.Get(out_d, nq), r.Get(out_r, nq), kSameRounding)) << "out";
+  EXPECT_TRUE(Close(d.Get(lse_d, nl), r.Get(lse_r, nl), testing::kGemmFp32)) << "lse";
+  const Operand dq_r = r.PutBf16(nan_q), dk_r = r.PutBf16(nan_kv), dv_r = r.PutBf16(nan_kv);
+  const Operand dq_d = d.PutBf16(nan_q), dk_d = d.PutBf16(nan_kv), dv_d = d.PutBf16(nan_kv);
+  ref.AttentionBackward(dq_r, dk_r, dv_r, r.PutBf16(dout), out_r, lse_r, q_r, k_r, v_r, b, t, hq,
+                        hkv, dh);
+  dev_->AttentionBackward(dq_d, dk_d, dv_d, d.PutBf16(dout), out_d, lse_d, q_d, k_d, v_d, b, t, hq,
+                          hkv, dh);
+  EXPECT_TRUE(Close(d.Get(dq_d, nq), r.Get(dq_r, nq), kSameRounding)) << "dq";
+  EXPECT_TRUE(Close(d.Get(dk_d, nkv), r.Get(dk_r, nkv), kSameRounding)) << "dk";
+  EXPECT_TRUE(Close(d.Get(dv_d, nkv), r.Get(dv_r, nkv), kSameRounding)) << "dv";
+  EXPECT_TRUE(d.GuardsIntact());
 }
 
 }  // namespace
