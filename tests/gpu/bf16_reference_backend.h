@@ -26,7 +26,8 @@ class Bf16ReferenceBackend final : public Backend {
  public:
   // Wraps a CPU backend (host memory: operands are read and written directly). Attention rounds
   // as the device's fused kernels do for head dimensions where fused_attention(head_dim) is true,
-  // as its per-head GEMM path does otherwise.
+  // as its per-head GEMM path does otherwise. (The device also needs 16-byte aligned tensors for
+  // the fused kernels; the models' layouts always give them.)
   Bf16ReferenceBackend(std::unique_ptr<Backend> cpu, std::function<bool(int)> fused_attention);
 
   Device device() const override { return cpu_->device(); }
