@@ -81,4 +81,9 @@ if want sanitize && [ -x "$SAN" ]; then
       "$B/tests/backend_parity_tests" --gtest_filter='BackendParity.Attention*:OperandParity.Attention*'
   done
 fi
+# GEMMs cuBLASLt refused (the backend then runs cublasGemmEx with the same roundings): their
+# shapes, from every step's log, for the next session to look at.
+grep -h "eellm: cuBLASLt" "$OUT"/*.log 2>/dev/null | sort | uniq -c > "$OUT/cublaslt_refusals.txt"
+echo "cuBLASLt refusals: $(wc -l < "$OUT/cublaslt_refusals.txt") distinct (cublaslt_refusals.txt)" \
+  | tee -a "$OUT/summary.log"
 cat "$OUT/summary.log"
