@@ -1,9 +1,9 @@
 // Fused causal attention with grouped-query heads on tensor cores (FlashAttention-2 style):
 // bf16 operands, fp32 accumulation, online softmax; no [t, t] tensor is ever stored. Inputs and
 // outputs are fp32 or bf16 (see the end of this comment); fp32 tiles are rounded to bf16 as they
-// are loaded into shared memory, bf16 ones copied. The matrix products use the WMMA API (16x16x16 bf16 fragments), and the
-// elementwise softmax steps go through shared memory, where each lane knows its row (WMMA does
-// not expose the accumulator layout). Head dimensions 32, 64 and 128.
+// are loaded into shared memory, bf16 ones copied. The matrix products use the WMMA API (16x16x16
+// bf16 fragments), and the elementwise softmax steps go through shared memory, where each lane
+// knows its row (WMMA does not expose the accumulator layout). Head dimensions 32, 64 and 128.
 //
 // Forward: one block per (64 queries, head, sequence); 4 warps of 16 query rows each. A warp's
 // output rows stay in its accumulator fragments across the key tiles; the online softmax raises a
