@@ -160,8 +160,6 @@ void MlpForward(const LayerContext& ctx, const MlpParams& p, MlpActs& a, float* 
   const int h = c.hidden_size, f = c.ffn_hidden_size;
   Backend* be = ctx.be;
   NormForward(ctx, p.norm, a.norm, x, n);
-  // With bf16 operands and a bias (GPT), h1 is rounded twice: the GEMM's output, then with the
-  // bias added (as a bf16 GEMM followed by a bias add is elsewhere).
   be->Linear(a.h1, a.norm.out, ctx.P(p.w1), ctx.P(p.b1), n, h, f, false);
   if (c.use_swiglu()) {
     be->Linear(a.h3, a.norm.out, ctx.P(p.w3), nullptr, n, h, f, false);
