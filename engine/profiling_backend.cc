@@ -108,14 +108,18 @@ void ProfilingBackend::EmbeddingBackward(float* dtable, const int32_t* ids, cons
   inner_->EmbeddingBackward(dtable, ids, dout, n, c);
 }
 
-void ProfilingBackend::Linear(Operand out, ConstOperand in, const float* w, const float* bias,
-                              int n, int in_dim, int out_dim, bool accumulate) {
+double ProfilingBackend::LinearBytes(ConstOperand in, bool bias, int n, int in_dim, int out_dim,
+                                     double out_bytes) const {
   // Weights are read in the operand dtype (a backend with bf16 operands keeps bf16 copies).
   const double ws = DTypeSize(inner_->operand_dtype());
-  const double no = 1.0 * n * out_dim;
+  return B(in, 1.0 * n * in_dim) + ws * out_dim * in_dim + out_bytes + (bias ? F32(out_dim) : 0.0);
+}
+
+void ProfilingBackend::Linear(Operand out, ConstOperand in, const float* w, const float* bias,
+                              int n, int in_dim, int out_dim, bool accumulate) {
   Timed timed(this, "Linear", 2.0 * n * in_dim * out_dim,
-              B(in, 1.0 * n * in_dim) + ws * out_dim * in_dim + B(out, no) * (accumulate ? 2 : 1) +
-                  (bias != nullptr ? F32(out_dim) : 0.0));
+              LinearBytes(in, bias != nullptr, n, in_dim, out_dim,
+                          B(out, 1.0 * n * out_dim) * (accumulate ? 2 : 1)));
   inner_->Linear(out, in, w, bias, n, in_dim, out_dim, accumulate);
 }
 
@@ -123,11 +127,8 @@ void ProfilingBackend::LinearResidual(float* out, const float* residual, ConstOp
                                       const float* w, const float* bias, int n, int in_dim,
                                       int out_dim) {
   // Counted with Linear: the same GEMM, reading the residual where Linear reads out to add to.
-  const double ws = DTypeSize(inner_->operand_dtype());
-  const double no = 1.0 * n * out_dim;
   Timed timed(this, "Linear", 2.0 * n * in_dim * out_dim,
-              B(in, 1.0 * n * in_dim) + ws * out_dim * in_dim + F32(no) * 2 +
-                  (bias != nullptr ? F32(out_dim) : 0.0));
+              LinearBytes(in, bias != nullptr, n, in_dim, out_dim, F32(2.0 * n * out_dim)));
   inner_->LinearResidual(out, residual, in, w, bias, n, in_dim, out_dim);
 }
 

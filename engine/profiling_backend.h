@@ -114,6 +114,10 @@ class ProfilingBackend final : public Backend {
     std::chrono::steady_clock::time_point start_;
   };
 
+  // The least traffic of a Linear: in, the weights, `out_bytes` of output, the bias.
+  double LinearBytes(ConstOperand in, bool bias, int n, int in_dim, int out_dim,
+                     double out_bytes) const;
+
   Backend* inner_;
   bool timing_ = false;
   std::map<std::string, OpStats> stats_;

@@ -119,14 +119,14 @@ void CudaBackend::Gemm(bool trans_a, bool trans_b, int m, int n, int k, float al
   EE_CHECK(bias == nullptr || !c.is_bf16() || beta == 0.0f,
            "a GEMM bias with a bf16 C to accumulate into");
   EE_CHECK(a_row_sums == nullptr || alpha == 1.0f, "row sums of op(A) with alpha != 1");
+  EE_CHECK(bias == nullptr || ldc == n, "a GEMM bias needs packed rows of C");
+  EE_CHECK(a_row_sums == nullptr || (trans_a && lda == m),
+           "row sums of op(A) need a transposed, packed A (the column sums of A as stored)");
   // Where the GEMM reads C from C itself: the separate input copied there first.
   auto c_from_input = [&]() {
     if (c_in != nullptr && c_in != c.data)
       Copy(c.data, c_in, static_cast<size_t>(m) * n * sizeof(float));
   };
-  EE_CHECK(bias == nullptr || ldc == n, "a GEMM bias needs packed rows of C");
-  EE_CHECK(a_row_sums == nullptr || (trans_a && lda == m),
-           "row sums of op(A) need a transposed, packed A (the column sums of A as stored)");
   // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
   const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
   const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;

@@ -2,6 +2,7 @@
 #include "engine/cuda/lt_gemm.h"
 
 #include <cstdio>
+#include <utility>
 
 #include "engine/core/status.h"
 #include "engine/cuda/cuda_check.h"
@@ -23,12 +24,19 @@ int64_t Alignment(const void* p) {
   return a;
 }
 
+// The epilogue a problem asks for, and the vector it reads or writes.
+uint32_t EpilogueOf(const LtGemm::Problem& p) {
+  return p.bias != nullptr        ? CUBLASLT_EPILOGUE_BIAS
+         : p.bias_grad != nullptr ? CUBLASLT_EPILOGUE_BGRADB
+                                  : CUBLASLT_EPILOGUE_DEFAULT;
+}
+const void* VectorOf(const LtGemm::Problem& p) { return p.bias != nullptr ? p.bias : p.bias_grad; }
+
 }  // namespace
 
 LtGemm::LtGemm(cudaStream_t stream) : stream_(stream) {
   CUBLAS_CHECK(cublasLtCreate(&handle_));
   CUDA_CHECK(cudaMalloc(&workspace_, kWorkspaceBytes));
-  workspace_bytes_ = kWorkspaceBytes;
 }
 
 void LtGemm::Clear() {
@@ -53,9 +61,7 @@ LtGemm::Plan& LtGemm::PlanFor(const Problem& p, const Key& key) {
   if (plans_.size() >= kMaxPlans) Clear();  // token counts that vary without end (serving)
   Plan& plan = plans_[key];
   const int32_t op_a = p.op_a, op_b = p.op_b;
-  const uint32_t epilogue = p.bias != nullptr        ? CUBLASLT_EPILOGUE_BIAS
-                            : p.bias_grad != nullptr ? CUBLASLT_EPILOGUE_BGRADB
-                                                     : CUBLASLT_EPILOGUE_DEFAULT;
+  const uint32_t epilogue = EpilogueOf(p);
   CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
   CUBLAS_CHECK(
       cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)));
@@ -63,7 +69,8 @@ LtGemm::Plan& LtGemm::PlanFor(const Problem& p, const Key& key) {
       cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)));
   CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue,
                                               sizeof(epilogue)));
-  const void* vector = p.bias != nullptr ? p.bias : p.bias_grad;
+  // The heuristic reads the vector pointer's alignment (Run sets the pointer at every call).
+  const void* vector = VectorOf(p);
   if (vector != nullptr) {
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
                                                 &vector, sizeof(vector)));
@@ -77,21 +84,18 @@ LtGemm::Plan& LtGemm::PlanFor(const Problem& p, const Key& key) {
       cublasLtMatrixLayoutCreate(&plan.d, p.d_bf16 ? CUDA_R_16BF : CUDA_R_32F, p.m, p.n, p.ldd));
   cublasLtMatmulPreference_t pref = nullptr;
   CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
-  const uint64_t workspace = workspace_bytes_;
+  const uint64_t workspace = kWorkspaceBytes;
   CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                                     &workspace, sizeof(workspace)));
-  const uint32_t align_a = static_cast<uint32_t>(Alignment(p.a));
-  const uint32_t align_b = static_cast<uint32_t>(Alignment(p.b));
-  const uint32_t align_d = static_cast<uint32_t>(Alignment(p.d));
-  const uint32_t align_c = static_cast<uint32_t>(Alignment(p.c != nullptr ? p.c : p.d));
-  CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
-      pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a, sizeof(align_a)));
-  CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
-      pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b, sizeof(align_b)));
-  CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
-      pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_c, sizeof(align_c)));
-  CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
-      pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d, sizeof(align_d)));
+  const std::pair<cublasLtMatmulPreferenceAttributes_t, const void*> aligned[] = {
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, p.a},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, p.b},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, p.c != nullptr ? p.c : p.d},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, p.d}};
+  for (const auto& [attr, ptr] : aligned) {
+    const uint32_t bytes = static_cast<uint32_t>(Alignment(ptr));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, attr, &bytes, sizeof(bytes)));
+  }
   cublasLtMatmulHeuristicResult_t result = {};
   int returned = 0;
   const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(
@@ -113,7 +117,6 @@ LtGemm::Plan& LtGemm::PlanFor(const Problem& p, const Key& key) {
 bool LtGemm::Run(const Problem& p) {
   EE_CHECK(p.bias == nullptr || p.bias_grad == nullptr, "a GEMM with both bias epilogues");
   EE_CHECK(p.bias_grad == nullptr || !p.d_bf16, "a bias gradient needs an fp32 D");
-  const int epilogue = p.bias != nullptr ? 1 : p.bias_grad != nullptr ? 2 : 0;
   const Key key = {p.op_a,
                    p.op_b,
                    p.m,
@@ -123,7 +126,7 @@ bool LtGemm::Run(const Problem& p) {
                    p.ldb,
                    p.ldd,
                    p.d_bf16,
-                   epilogue,
+                   EpilogueOf(p),
                    p.beta != 0,
                    Alignment(p.a),
                    Alignment(p.b),
@@ -133,7 +136,7 @@ bool LtGemm::Run(const Problem& p) {
                    Alignment(p.c)};
   Plan& plan = PlanFor(p, key);
   if (!plan.ok) return false;
-  const void* vector = p.bias != nullptr ? p.bias : p.bias_grad;
+  const void* vector = VectorOf(p);
   if (vector != nullptr) {
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
                                                 &vector, sizeof(vector)));
@@ -141,7 +144,7 @@ bool LtGemm::Run(const Problem& p) {
   const void* c = p.c != nullptr ? p.c : p.d;
   const cublasStatus_t status =
       cublasLtMatmul(handle_, plan.desc, &p.alpha, p.a, plan.a, p.b, plan.b, &p.beta, c, plan.d,
-                     p.d, plan.d, &plan.algo, workspace_, workspace_bytes_, stream_);
+                     p.d, plan.d, &plan.algo, workspace_, kWorkspaceBytes, stream_);
   if (status != CUBLAS_STATUS_SUCCESS && !plan.ran) {
     // Refused at its first launch (nothing ran): as if the heuristic had found nothing.
     std::fprintf(stderr,

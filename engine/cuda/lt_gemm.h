@@ -62,8 +62,7 @@ class LtGemm {
 
   cudaStream_t stream_;
   cublasLtHandle_t handle_ = nullptr;
-  void* workspace_ = nullptr;
-  size_t workspace_bytes_ = 0;
+  void* workspace_ = nullptr;  // kWorkspaceBytes (lt_gemm.cc)
   std::map<Key, Plan> plans_;
 };
 

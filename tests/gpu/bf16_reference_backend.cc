@@ -18,12 +18,6 @@ float RoundToBf16(float x) { return Bf16ToFloat(FloatToBf16(x)); }
 constexpr int kFusedTile = 64;
 constexpr float kFusedSlack = 8.0f;
 
-std::vector<float> Rounded(const float* x, size_t n) {
-  std::vector<float> r(x, x + n);
-  for (float& v : r) v = RoundToBf16(v);
-  return r;
-}
-
 // Writes src into dst in dst's dtype (bf16: rounded once).
 void Store(Operand dst, const std::vector<float>& src) {
   if (!dst.is_bf16()) {
@@ -62,13 +56,12 @@ void Bf16ReferenceBackend::Linear(Operand out, ConstOperand in, const float* w, 
   if (n <= 0 || out_dim <= 0) return;
   const size_t rows = static_cast<size_t>(n), count = rows * out_dim;
   const std::vector<float> x = OperandValues(in, rows * in_dim, true);
-  const std::vector<float> wr = Rounded(w, static_cast<size_t>(out_dim) * in_dim);
+  const std::vector<float> wr = OperandValues(w, static_cast<size_t>(out_dim) * in_dim, true);
   std::vector<float> y = accumulate ? OperandValues(out, count) : std::vector<float>(count);
   cpu_->Linear(y.data(), x.data(), wr.data(), nullptr, n, in_dim, out_dim, accumulate);
   // The device's GEMM epilogue adds the bias, in the output's dtype, before the one rounding.
   if (bias != nullptr) {
-    const std::vector<float> br =
-        out.is_bf16() ? Rounded(bias, out_dim) : std::vector<float>(bias, bias + out_dim);
+    const std::vector<float> br = OperandValues(bias, out_dim, out.is_bf16());
     for (size_t i = 0; i < count; ++i) y[i] += br[i % out_dim];
   }
   Store(out, y);
@@ -85,7 +78,7 @@ void Bf16ReferenceBackend::LinearBackward(Operand din, float* dw, float* dbias, 
   // The GEMMs read dout, in and w as bf16; the bias gradient sums dout as they read it.
   const std::vector<float> g = OperandValues(dout, out_count, true);
   const std::vector<float> x = OperandValues(in, in_count, true);
-  const std::vector<float> wr = w != nullptr ? Rounded(w, outs * ins) : std::vector<float>();
+  const std::vector<float> wr = OperandValues(w, outs * ins, true);  // empty for a null w
   std::vector<float> dx;
   if (din.data != nullptr) {
     dx = accumulate_din ? OperandValues(din, in_count) : std::vector<float>(in_count);
