@@ -1,46 +1,46 @@
 // Fused causal attention with grouped-query heads on tensor cores (FlashAttention-2 style):
 // bf16 operands, fp32 accumulation, online softmax; no [t, t] tensor is ever stored. Inputs and
 // outputs are fp32 or bf16 (see the end of this comment); fp32 tiles are rounded to bf16 as they
-// are loaded into shared memory, bf16 ones copied. The matrix products use the WMMA API (16x16x16
-// bf16 fragments), and the elementwise softmax steps go through shared memory, where each lane
-// knows its row (WMMA does not expose the accumulator layout). Head dimensions 32, 64 and 128.
+// are loaded into shared memory, bf16 ones copied. The products are m16n8k16 MMAs on fragments
+// loaded with ldmatrix (warp_mma.cuh); the softmax runs on the accumulators in registers, where
+// each lane knows its rows and columns, and the probabilities become the next product's A
+// operand without leaving registers. Head dimensions 32, 64 and 128.
 //
-// Forward: one block per (64 queries, head, sequence); 4 warps of 16 query rows each. A warp's
-// output rows stay in its accumulator fragments across the key tiles; the online softmax raises a
-// row's reference maximum only when a tile passes it by more than kRescaleSlack, and only then
-// rescales O (through shared memory).
+// Forward: one block per (64 queries, head, sequence); 4 warps of 16 query rows each, Q in
+// registers for the whole key loop. A warp's output rows stay in accumulators across the key
+// tiles; the online softmax raises a row's reference maximum only when a tile passes it by more
+// than kRescaleSlack, and only then rescales that row of O.
 // Backward (deterministic, no atomics): one kernel for dK and dV per (64 keys, KV head,
 // sequence) that loops over the heads of its group and the query tiles in a fixed order, and
 // one kernel for dQ per (64 queries, head, sequence). Each recomputes P from the saved
 // log-sum-exps; D_i = dO_i . O_i comes from a small kernel before them. Every operand is fp32 or
 // bf16 (engine/tensor/operand.h): q, k, v and dq, dk, dv of one type (InT), O and dO of one type
 // (OutT).
+//
+// Rounding (what the test reference, tests/gpu/bf16_reference_backend.cc, follows): the forward
+// rounds P = exp(s - m) to bf16 for the product with V and sums the rounded values; the
+// backward rounds P for dV and dS = P (dP - D) for dK and dQ. Products accumulate over the
+// head dimension, or over keys (queries) in tile order, in fp32.
 #include <cuda_bf16.h>
-#include <mma.h>
 
 #include <cmath>
+#include <cstdint>
 #include <type_traits>
 
-#include "engine/cuda/block_reduce.cuh"
 #include "engine/cuda/cuda_kernels.h"
 #include "engine/cuda/element_io.cuh"
 #include "engine/cuda/kernel_launch.h"
+#include "engine/cuda/warp_mma.cuh"
 
 namespace eellm::cuda {
 namespace {
 
-using namespace nvcuda;  // NOLINT: wmma::
-
 constexpr int kTile = 64;  // queries and keys per tile
 constexpr int kWarps = 4;  // 16 rows each
 constexpr int kThreads = kWarps * 32;
-constexpr int kSkew = 8;   // bf16 row padding (keeps wmma's 16-byte ld rule, spreads banks)
-constexpr int kFSkew = 4;  // fp32 row padding
-
-using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major>;
-using FragBRow = wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major>;
-using FragBCol = wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major>;
-using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+// bf16 row padding: rows stay 16-byte aligned for ldmatrix, and the 8 rows one 8x8 load reads
+// fall in different banks.
+constexpr int kSkew = 8;
 
 __host__ __device__ constexpr size_t Align128(size_t x) { return (x + 127) / 128 * 128; }
 
@@ -72,36 +72,68 @@ __device__ void LoadTile(__nv_bfloat16* dst, const InT* src, size_t stride, int 
   }
 }
 
-// acc_w [16, 64] = X_w Y^T for the warp's 16 rows of x (bf16 [.][D + kSkew]) against the 64
-// rows of y, stored to fp32 work rows (ld kTile + kFSkew).
-template <int D>
-__device__ void WarpProductT(float* work, const __nv_bfloat16* x_rows, const __nv_bfloat16* y) {
+// Row addresses (this lane's, for LdMatrixX4) in a bf16 tile of row length ld:
+// - FragRowsA: the 16x16 block at (r0, c0) as an A operand; loaded transposed, the same
+//   addresses give B operands for the two 8-column blocks at c0 and c0 + 8 of a 16-row block
+//   of the k index (y in P y);
+// - FragRowsBt: the 16 rows r0 .. r0 + 15 (columns c0 .. c0 + 15) as the B operands of two
+//   8-column blocks of X Y^T (y's rows are the columns of the product).
+__device__ __forceinline__ const __nv_bfloat16* FragRowsA(const __nv_bfloat16* tile, int ld, int r0,
+                                                          int c0, int lane) {
+  return tile + (r0 + lane % 8 + ((lane / 8) % 2) * 8) * ld + c0 + (lane / 16) * 8;
+}
+__device__ __forceinline__ const __nv_bfloat16* FragRowsBt(const __nv_bfloat16* tile, int ld,
+                                                           int r0, int c0, int lane) {
+  return tile + (r0 + lane % 8 + (lane / 16) * 8) * ld + c0 + ((lane / 8) % 2) * 8;
+}
+
+// acc[n] (the 16 x N product's 8-column blocks) += X_w Y^T: rows x0 .. x0 + 15 of tile x times
+// rows y0 .. y0 + N - 1 of tile y, over the head dimension (both [.][D + kSkew]).
+template <int D, int N>
+__device__ void ProductXYt(float (&acc)[N / 8][4], const __nv_bfloat16* x, int x0,
+                           const __nv_bfloat16* y, int y0, int lane) {
   constexpr int kLd = D + kSkew;
-  for (int j = 0; j < kTile / 16; ++j) {
-    FragC acc;
-    wmma::fill_fragment(acc, 0.0f);
-    for (int kk = 0; kk < D / 16; ++kk) {
-      FragA a;
-      FragBCol bt;
-      wmma::load_matrix_sync(a, x_rows + kk * 16, kLd);
-      wmma::load_matrix_sync(bt, y + j * 16 * kLd + kk * 16, kLd);
-      wmma::mma_sync(acc, a, bt, acc);
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[4];
+    LdMatrixX4(a, FragRowsA(x, kLd, x0, kk * 16, lane));
+    for (int n2 = 0; n2 < N / 16; ++n2) {
+      uint32_t b[4];
+      LdMatrixX4(b, FragRowsBt(y, kLd, y0 + n2 * 16, kk * 16, lane));
+      MmaBf16(acc[2 * n2], a, b[0], b[1]);
+      MmaBf16(acc[2 * n2 + 1], a, b[2], b[3]);
     }
-    wmma::store_matrix_sync(work + j * 16, acc, kTile + kFSkew, wmma::mem_row_major);
   }
 }
 
-// acc[j] += P_w [16, 64] (bf16, ld kTile + kSkew) times y [64, D] (bf16 rows).
-template <int D>
-__device__ void WarpAccumulate(FragC* acc, const __nv_bfloat16* p_rows, const __nv_bfloat16* y) {
+// acc[n] (16 x D, 8-column blocks) += P Y: P the 16 x 16 KB A operands p[kb], Y rows
+// y0 .. y0 + 16 KB - 1 of tile y ([.][D + kSkew]).
+template <int D, int KB>
+__device__ void AccumulatePY(float (&acc)[D / 8][4], const uint32_t (&p)[KB][4],
+                             const __nv_bfloat16* y, int y0, int lane) {
   constexpr int kLd = D + kSkew;
-  for (int j = 0; j < D / 16; ++j) {
-    for (int kk = 0; kk < kTile / 16; ++kk) {
-      FragA a;
-      FragBRow b;
-      wmma::load_matrix_sync(a, p_rows + kk * 16, kTile + kSkew);
-      wmma::load_matrix_sync(b, y + kk * 16 * kLd + j * 16, kLd);
-      wmma::mma_sync(acc[j], a, b, acc[j]);
+  for (int kb = 0; kb < KB; ++kb) {
+    for (int n2 = 0; n2 < D / 16; ++n2) {
+      uint32_t b[4];
+      LdMatrixX4Trans(b, FragRowsA(y, kLd, y0 + kb * 16, n2 * 16, lane));
+      MmaBf16(acc[2 * n2], p[kb], b[0], b[1]);
+      MmaBf16(acc[2 * n2 + 1], p[kb], b[2], b[3]);
+    }
+  }
+}
+
+// Writes a warp's accumulators (16 rows x D, times `scale`) to global rows row0 .. row0 + 15
+// below `rows` (row stride `stride`).
+template <int D, typename T>
+__device__ void StoreWarpRows(T* dst, size_t stride, int row0, int rows,
+                              const float (&acc)[D / 8][4], float scale, int lane) {
+  const int g = lane / 4, t4 = lane % 4;
+  for (int half = 0; half < 2; ++half) {
+    const int r = row0 + g + 8 * half;
+    if (r >= rows) continue;
+    T* p = dst + static_cast<size_t>(r) * stride + 2 * t4;
+    for (int n = 0; n < D / 8; ++n) {
+      StoreFloat(p + n * 8, acc[n][2 * half] * scale);
+      StoreFloat(p + n * 8 + 1, acc[n][2 * half + 1] * scale);
     }
   }
 }
@@ -110,126 +142,123 @@ __device__ void WarpAccumulate(FragC* acc, const __nv_bfloat16* p_rows, const __
 
 // A row's probabilities are taken against a reference maximum that is raised only when a key
 // tile's maximum exceeds it by more than this (natural log units): P then stays below e^8 ~ 3000,
-// far from overflow in bf16 and fp32 and with the same relative precision, and O (registers)
-// needs rescaling only when a row's reference moves.
+// far from overflow in bf16 and fp32 and with the same relative precision, and O needs
+// rescaling only when a row's reference moves.
 constexpr float kRescaleSlack = 8.0f;
 
 template <int D>
 struct FwdSmem {
+  static constexpr size_t kTileBytes = sizeof(__nv_bfloat16) * kTile * (D + kSkew);
   static constexpr size_t kQ = 0;
-  static constexpr size_t kK = Align128(kQ + sizeof(__nv_bfloat16) * kTile * (D + kSkew));
-  static constexpr size_t kV = Align128(kK + sizeof(__nv_bfloat16) * kTile * (D + kSkew));
-  static constexpr size_t kS = Align128(kV + sizeof(__nv_bfloat16) * kTile * (D + kSkew));
-  static constexpr size_t kP = Align128(kS + sizeof(float) * kTile * (kTile + kFSkew));
-  static constexpr size_t kO = Align128(kP + sizeof(__nv_bfloat16) * kTile * (kTile + kSkew));
-  static constexpr size_t kBytes = Align128(kO + sizeof(float) * kTile * (D + kFSkew));
+  static constexpr size_t kK = Align128(kQ + kTileBytes);
+  static constexpr size_t kV = Align128(kK + kTileBytes);
+  static constexpr size_t kBytes = Align128(kV + kTileBytes);
 };
 
 // q, out: [b, tq, hq, D]; k, v: [b, tk_cap, hkv, D]; lse: [b, hq, tq] or null. InT (q, k, v)
-// and OutT: float or __nv_bfloat16.
+// and OutT: float or __nv_bfloat16. Lane (g, t4) = (lane / 4, lane % 4) holds rows g and g + 8
+// of its warp's 16 (`half` 0 and 1) and, of each 8-key block, keys 2 t4 and 2 t4 + 1.
 template <int D, typename InT, typename OutT>
 __global__ void __launch_bounds__(kThreads)
     FlashForwardKernel(OutT* out, float* lse, const InT* q, const InT* k, const InT* v, int tq,
                        int tk, int tk_cap, int hq, int hkv, int q_offset, float scale) {
   EE_DYNAMIC_SHARED(smem);
-  __shared__ unsigned votes[kWarps];
   using L = FwdSmem<D>;
   auto* qs = reinterpret_cast<__nv_bfloat16*>(smem + L::kQ);
   auto* ks = reinterpret_cast<__nv_bfloat16*>(smem + L::kK);
   auto* vs = reinterpret_cast<__nv_bfloat16*>(smem + L::kV);
-  auto* ss = reinterpret_cast<float*>(smem + L::kS);
-  auto* ps = reinterpret_cast<__nv_bfloat16*>(smem + L::kP);
-  auto* os = reinterpret_cast<float*>(smem + L::kO);
-  constexpr int kLd = D + kSkew, kLdS = kTile + kFSkew, kLdP = kTile + kSkew, kLdO = D + kFSkew;
+  constexpr int kLd = D + kSkew, kN = kTile / 8;
 
   const int q0 = blockIdx.x * kTile, h = blockIdx.y, bi = blockIdx.z;
   const int kvh = h / (hq / hkv);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
   const size_t q_stride = static_cast<size_t>(hq) * D, kv_stride = static_cast<size_t>(hkv) * D;
   const InT* qb = q + static_cast<size_t>(bi) * tq * q_stride + static_cast<size_t>(h) * D;
   const InT* kb = k + static_cast<size_t>(bi) * tk_cap * kv_stride + static_cast<size_t>(kvh) * D;
   const InT* vb = v + static_cast<size_t>(bi) * tk_cap * kv_stride + static_cast<size_t>(kvh) * D;
 
   LoadTile<D>(qs, qb, q_stride, q0, tq);
-  // O_w: the warp's 16 output rows, in accumulator fragments for the whole key loop.
-  FragC o[D / 16];
-  for (int j = 0; j < D / 16; ++j) wmma::fill_fragment(o[j], 0.0f);
-  float* o_w = os + warp * 16 * kLdO;  // staging of O_w (rescaling, the final store)
-  // Lane pair (2r, 2r + 1) owns row r of the warp's 16; each lane half of the columns.
-  const int r = lane / 2, half = lane % 2;
-  const int row = warp * 16 + r;         // row in the tile
-  const int qpos = q_offset + q0 + row;  // absolute position of this query
-  float m = -INFINITY, l = 0.0f;         // the row's reference maximum and sum of exp(s - m)
+  __syncthreads();
+  uint32_t qf[D / 16][4];  // the warp's 16 query rows as A operands
+  for (int kk = 0; kk < D / 16; ++kk)
+    LdMatrixX4(qf[kk], FragRowsA(qs, kLd, warp * 16, kk * 16, lane));
+  float o[D / 8][4] = {};
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // reference maxima, sums of exp(s - m)
+  const int qpos0 = q_offset + q0 + warp * 16 + g;           // absolute position of row g
 
   const int last_q = min(q0 + kTile, tq) - 1;
   const int n_keys = min(tk, q_offset + last_q + 1);
   for (int k0 = 0; k0 < n_keys; k0 += kTile) {
-    __syncthreads();  // previous tile's K/V reads are done (and Q loaded)
+    __syncthreads();  // the previous tile's K/V reads are done
     LoadTile<D>(ks, kb, kv_stride, k0, tk);
     LoadTile<D>(vs, vb, kv_stride, k0, tk);
     __syncthreads();
-    WarpProductT<D>(ss + warp * 16 * kLdS, qs + warp * 16 * kLd, ks);  // S_w = Q_w K^T
-    __syncwarp();
-    // Online softmax on this lane's 32 columns of its row.
-    float* srow = ss + row * kLdS + half * 32;
-    __nv_bfloat16* prow = ps + row * kLdP + half * 32;
-    float tile_max = -INFINITY;
-    for (int c = 0; c < 32; ++c) {
-      const int key = k0 + half * 32 + c;
-      const bool valid = key <= qpos && key < tk;
-      const float s = valid ? srow[c] * scale : -INFINITY;
-      srow[c] = s;
-      tile_max = fmaxf(tile_max, s);
-    }
-    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-    // Raise the reference when the tile's maximum passes it by more than the slack (always at
-    // the row's first valid key); O and l, taken against the old reference, shrink by alpha.
-    // Before the first valid key O and l are zero, so only later raises rescale O.
-    const bool raise = tile_max > m + kRescaleSlack;
-    const bool rescale = raise && m != -INFINITY;
-    const float alpha = rescale ? __expf(m - tile_max) : 1.0f;
-    if (raise) {
-      m = tile_max;
-      l *= alpha;
-    }
-    // Through shared memory (WMMA does not say which lane holds a row), by the whole block when
-    // any row needs it (the branch stays uniform).
-    if (BlockAny(rescale, votes)) {
-      for (int j = 0; j < D / 16; ++j) {
-        wmma::store_matrix_sync(o_w + j * 16, o[j], kLdO, wmma::mem_row_major);
-      }
-      __syncwarp();
-      float* orow = os + row * kLdO + half * (D / 2);
-      for (int c = 0; c < D / 2; ++c) orow[c] *= alpha;
-      __syncwarp();
-      for (int j = 0; j < D / 16; ++j) {
-        wmma::load_matrix_sync(o[j], o_w + j * 16, kLdO, wmma::mem_row_major);
+    float s[kN][4] = {};  // S_w = Q_w K^T, then P
+    for (int kk = 0; kk < D / 16; ++kk) {
+      for (int n2 = 0; n2 < kN / 2; ++n2) {
+        uint32_t b[4];
+        LdMatrixX4(b, FragRowsBt(ks, kLd, n2 * 16, kk * 16, lane));
+        MmaBf16(s[2 * n2], qf[kk], b[0], b[1]);
+        MmaBf16(s[2 * n2 + 1], qf[kk], b[2], b[3]);
       }
     }
-    float sum = 0.0f;
-    for (int c = 0; c < 32; ++c) {
-      const float p = srow[c] == -INFINITY ? 0.0f : __expf(srow[c] - m);
-      const __nv_bfloat16 pb = __float2bfloat16(p);
-      prow[c] = pb;
-      sum += __bfloat162float(pb);
+    for (int half = 0; half < 2; ++half) {
+      const int qpos = qpos0 + 8 * half;
+      float tile_max = -INFINITY;
+      for (int n = 0; n < kN; ++n) {
+        for (int e = 0; e < 2; ++e) {
+          const int key = k0 + n * 8 + 2 * t4 + e;
+          float& x = s[n][2 * half + e];
+          x = key <= qpos && key < tk ? x * scale : -INFINITY;
+          tile_max = fmaxf(tile_max, x);
+        }
+      }
+      // The row's 64 keys lie in the lanes of one quad.
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+      // Raise the reference when the tile's maximum passes it by more than the slack (always at
+      // the row's first valid key); O and l, taken against the old reference, shrink by alpha.
+      // Before the first valid key O and l are zero, so only later raises rescale O.
+      if (tile_max > m[half] + kRescaleSlack) {
+        if (m[half] != -INFINITY) {
+          const float alpha = __expf(m[half] - tile_max);
+          l[half] *= alpha;
+          for (int n = 0; n < D / 8; ++n) {
+            o[n][2 * half] *= alpha;
+            o[n][2 * half + 1] *= alpha;
+          }
+        }
+        m[half] = tile_max;
+      }
+      float sum = 0.0f;
+      for (int n = 0; n < kN; ++n) {
+        for (int e = 0; e < 2; ++e) {
+          float& x = s[n][2 * half + e];
+          const float p = x == -INFINITY ? 0.0f : __expf(x - m[half]);
+          x = __bfloat162float(__float2bfloat16(p));  // as the product with V will read it
+          sum += x;
+        }
+      }
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      l[half] += sum;
     }
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    l += sum;
-    __syncwarp();
-    WarpAccumulate<D>(o, ps + warp * 16 * kLdP, vs);  // O_w += P_w V
+    uint32_t p[kN / 2][4];
+    for (int kb2 = 0; kb2 < kN / 2; ++kb2) AccumulatorsAsA(p[kb2], s[2 * kb2], s[2 * kb2 + 1]);
+    AccumulatePY<D, kN / 2>(o, p, vs, 0, lane);  // O_w += P_w V
   }
-  for (int j = 0; j < D / 16; ++j) {
-    wmma::store_matrix_sync(o_w + j * 16, o[j], kLdO, wmma::mem_row_major);
-  }
-  __syncwarp();
-  if (q0 + row < tq) {
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-    OutT* orow = out + (static_cast<size_t>(bi) * tq + q0 + row) * q_stride +
-                 static_cast<size_t>(h) * D + half * (D / 2);
-    const float* src = os + row * kLdO + half * (D / 2);
-    for (int c = 0; c < D / 2; ++c) StoreFloat(orow + c, src[c] * inv);
-    if (lse != nullptr && half == 0) {
-      lse[(static_cast<size_t>(bi) * hq + h) * tq + q0 + row] = m + logf(l);
+  for (int half = 0; half < 2; ++half) {
+    const int row = q0 + warp * 16 + g + 8 * half;
+    if (row >= tq) continue;
+    const float inv = l[half] > 0.0f ? 1.0f / l[half] : 0.0f;
+    OutT* orow =
+        out + (static_cast<size_t>(bi) * tq + row) * q_stride + static_cast<size_t>(h) * D + 2 * t4;
+    for (int n = 0; n < D / 8; ++n) {
+      StoreFloat(orow + n * 8, o[n][2 * half] * inv);
+      StoreFloat(orow + n * 8 + 1, o[n][2 * half + 1] * inv);
+    }
+    if (lse != nullptr && t4 == 0) {
+      lse[(static_cast<size_t>(bi) * hq + h) * tq + row] = m[half] + logf(l[half]);
     }
   }
 }
@@ -256,45 +285,20 @@ __global__ void RowDotKernel(float* dsum, const OutT* dout, const OutT* out, int
 }
 
 // Shared memory of both backward kernels: four bf16 tiles (A and B fixed per block, C and D
-// streamed), two fp32 [64][68] workspaces (S or P, and dP; together they also stage a
-// [64][D + 4] fp32 result at the end), one bf16 [64][72] tile (P, then dS), and the lse and D
-// values of up to 64 queries.
+// streamed) and the lse and D values of up to 64 queries.
 template <int D>
 struct BwdSmem {
-  static constexpr int kLdW = kTile + kFSkew;
   static constexpr size_t kTileBytes = sizeof(__nv_bfloat16) * kTile * (D + kSkew);
   static constexpr size_t kA = 0;
   static constexpr size_t kB = Align128(kA + kTileBytes);
   static constexpr size_t kC = Align128(kB + kTileBytes);
   static constexpr size_t kD = Align128(kC + kTileBytes);
-  static constexpr size_t kW = Align128(kD + kTileBytes);  // fp32 [2][64][kLdW]
-  static constexpr size_t kP = Align128(kW + sizeof(float) * 2 * kTile * kLdW);
-  static constexpr size_t kStats = Align128(kP + sizeof(__nv_bfloat16) * kTile * (kTile + kSkew));
+  static constexpr size_t kStats = Align128(kD + kTileBytes);
   static constexpr size_t kBytes = Align128(kStats + sizeof(float) * 2 * kTile);
-  static_assert(sizeof(float) * kTile * (D + kFSkew) <= sizeof(float) * 2 * kTile * kLdW,
-                "the result staging must fit in the two workspaces");
 };
 
-// Writes the block's accumulators (each warp 16 rows x D, times `scale`) to global rows
-// [row0, row0 + 64) below `rows` (row stride `stride`), staged through fp32 smem `stage`
-// ([64][D + kFSkew]). Ends with the block synchronised.
-template <int D, typename T>
-__device__ void StoreBlockRows(T* dst, size_t stride, int row0, int rows, FragC* acc, float scale,
-                               float* stage) {
-  constexpr int kLd = D + kFSkew;
-  const int warp = threadIdx.x / 32;
-  __syncthreads();  // every warp is done with the workspaces the stage overlays
-  for (int j = 0; j < D / 16; ++j) {
-    for (int e = 0; e < acc[j].num_elements; ++e) acc[j].x[e] *= scale;
-    wmma::store_matrix_sync(stage + warp * 16 * kLd + j * 16, acc[j], kLd, wmma::mem_row_major);
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < kTile * D; i += kThreads) {
-    const int r = i / D, c = i % D;
-    if (row0 + r < rows)
-      StoreFloat(dst + static_cast<size_t>(row0 + r) * stride + c, stage[r * kLd + c]);
-  }
-}
+// The backward kernels take the 64-column tiles in two steps of this many columns (registers).
+constexpr int kBwdCols = 32;
 
 // dK, dV for keys [k0, k0 + 64) of KV head kvh in sequence bi: warp w owns keys k0 + 16w ..
 // k0 + 16w + 15. For each head of the group, then each query tile at or after the keys:
@@ -311,29 +315,19 @@ __global__ void __launch_bounds__(kThreads)
   auto* vs = reinterpret_cast<__nv_bfloat16*>(smem + L::kB);
   auto* qs = reinterpret_cast<__nv_bfloat16*>(smem + L::kC);
   auto* dos = reinterpret_cast<__nv_bfloat16*>(smem + L::kD);
-  auto* work = reinterpret_cast<float*>(smem + L::kW);
-  auto* pb = reinterpret_cast<__nv_bfloat16*>(smem + L::kP);
   auto* stats = reinterpret_cast<float*>(smem + L::kStats);  // lse[64], D[64] of the q tile
-  constexpr int kLd = D + kSkew, kLdP = kTile + kSkew, kLdW = L::kLdW;
+  constexpr int kN = kBwdCols / 8;
 
   const int k0 = blockIdx.x * kTile, kvh = blockIdx.y, bi = blockIdx.z;
   const int group = hq / hkv;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
   const size_t q_stride = static_cast<size_t>(hq) * D, kv_stride = static_cast<size_t>(hkv) * D;
   const size_t kv_base = static_cast<size_t>(bi) * t * kv_stride + static_cast<size_t>(kvh) * D;
   LoadTile<D>(ks, k + kv_base, kv_stride, k0, t);
   LoadTile<D>(vs, v + kv_base, kv_stride, k0, t);
 
-  FragC dk_acc[D / 16], dv_acc[D / 16];
-  for (int j = 0; j < D / 16; ++j) {
-    wmma::fill_fragment(dk_acc[j], 0.0f);
-    wmma::fill_fragment(dv_acc[j], 0.0f);
-  }
-  const int r = lane / 2, half = lane % 2;
-  const int key = k0 + warp * 16 + r;               // this lane pair's key
-  float* p_w = work + warp * 16 * kLdW;             // P^T rows of this warp (fp32)
-  float* dp_w = work + (kTile + warp * 16) * kLdW;  // dP^T rows of this warp (fp32)
-  __nv_bfloat16* pb_w = pb + warp * 16 * kLdP;      // P^T, then dS^T (bf16)
+  float dk_acc[D / 8][4] = {}, dv_acc[D / 8][4] = {};
+  const int key0 = k0 + warp * 16 + g;  // this lane's keys: key0 and key0 + 8
   for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
     const size_t q_base = static_cast<size_t>(bi) * t * q_stride + static_cast<size_t>(h) * D;
     const float* lse_h = lse + (static_cast<size_t>(bi) * hq + h) * t;
@@ -348,29 +342,34 @@ __global__ void __launch_bounds__(kThreads)
         stats[kTile + i] = in ? dsum_h[q0 + i] : 0.0f;
       }
       __syncthreads();
-      WarpProductT<D>(p_w, ks + warp * 16 * kLd, qs);    // S^T_w
-      WarpProductT<D>(dp_w, vs + warp * 16 * kLd, dos);  // dP^T_w
-      __syncwarp();
-      for (int c = half * 32; c < half * 32 + 32; ++c) {
-        const int query = q0 + c;
-        const bool valid = key <= query && query < t && key < t;
-        const float p = valid ? __expf(p_w[r * kLdW + c] * scale - stats[c]) : 0.0f;
-        p_w[r * kLdW + c] = p;
-        pb_w[r * kLdP + c] = __float2bfloat16(p);
+      for (int c0 = 0; c0 < kTile; c0 += kBwdCols) {
+        float pt[kN][4] = {}, dst[kN][4] = {};
+        ProductXYt<D, kBwdCols>(pt, ks, warp * 16, qs, c0, lane);    // S^T_w
+        ProductXYt<D, kBwdCols>(dst, vs, warp * 16, dos, c0, lane);  // dP^T_w
+        for (int n = 0; n < kN; ++n) {
+          for (int half = 0; half < 2; ++half) {
+            for (int e = 0; e < 2; ++e) {
+              const int col = c0 + n * 8 + 2 * t4 + e, query = q0 + col, key = key0 + 8 * half;
+              const bool valid = key <= query && query < t && key < t;
+              float& p = pt[n][2 * half + e];
+              p = valid ? __expf(p * scale - stats[col]) : 0.0f;
+              float& ds = dst[n][2 * half + e];
+              ds = p * (ds - stats[kTile + col]);
+            }
+          }
+        }
+        uint32_t pa[kN / 2][4], dsa[kN / 2][4];
+        for (int kb = 0; kb < kN / 2; ++kb) {
+          AccumulatorsAsA(pa[kb], pt[2 * kb], pt[2 * kb + 1]);
+          AccumulatorsAsA(dsa[kb], dst[2 * kb], dst[2 * kb + 1]);
+        }
+        AccumulatePY<D, kN / 2>(dv_acc, pa, dos, c0, lane);  // dV_w += P^T_w dO
+        AccumulatePY<D, kN / 2>(dk_acc, dsa, qs, c0, lane);  // dK_w += dS^T_w Q
       }
-      __syncwarp();
-      WarpAccumulate<D>(dv_acc, pb_w, dos);  // dV_w += P^T_w dO
-      __syncwarp();                          // every lane's P^T reads are done
-      for (int c = half * 32; c < half * 32 + 32; ++c) {
-        const float ds = p_w[r * kLdW + c] * (dp_w[r * kLdW + c] - stats[kTile + c]);
-        pb_w[r * kLdP + c] = __float2bfloat16(ds);
-      }
-      __syncwarp();
-      WarpAccumulate<D>(dk_acc, pb_w, qs);  // dK_w += dS^T_w Q
     }
   }
-  StoreBlockRows<D>(dv + kv_base, kv_stride, k0, t, dv_acc, 1.0f, work);
-  StoreBlockRows<D>(dk + kv_base, kv_stride, k0, t, dk_acc, scale, work);
+  StoreWarpRows<D>(dv + kv_base, kv_stride, k0 + warp * 16, t, dv_acc, 1.0f, lane);
+  StoreWarpRows<D>(dk + kv_base, kv_stride, k0 + warp * 16, t, dk_acc, scale, lane);
 }
 
 // dQ for queries [q0, q0 + 64) of head h in sequence bi: warp w owns 16 of them. For each key
@@ -387,14 +386,12 @@ __global__ void __launch_bounds__(kThreads)
   auto* dos = reinterpret_cast<__nv_bfloat16*>(smem + L::kB);
   auto* ks = reinterpret_cast<__nv_bfloat16*>(smem + L::kC);
   auto* vs = reinterpret_cast<__nv_bfloat16*>(smem + L::kD);
-  auto* work = reinterpret_cast<float*>(smem + L::kW);
-  auto* pb = reinterpret_cast<__nv_bfloat16*>(smem + L::kP);
   auto* stats = reinterpret_cast<float*>(smem + L::kStats);
-  constexpr int kLd = D + kSkew, kLdP = kTile + kSkew, kLdW = L::kLdW;
+  constexpr int kN = kBwdCols / 8;
 
   const int q0 = blockIdx.x * kTile, h = blockIdx.y, bi = blockIdx.z;
   const int kvh = h / (hq / hkv);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
   const size_t q_stride = static_cast<size_t>(hq) * D, kv_stride = static_cast<size_t>(hkv) * D;
   const size_t q_base = static_cast<size_t>(bi) * t * q_stride + static_cast<size_t>(h) * D;
   const size_t kv_base = static_cast<size_t>(bi) * t * kv_stride + static_cast<size_t>(kvh) * D;
@@ -406,33 +403,36 @@ __global__ void __launch_bounds__(kThreads)
     stats[i] = in ? lse[at] : 0.0f;
     stats[kTile + i] = in ? dsum[at] : 0.0f;
   }
-  FragC dq_acc[D / 16];
-  for (int j = 0; j < D / 16; ++j) wmma::fill_fragment(dq_acc[j], 0.0f);
-  const int r = lane / 2, half = lane % 2;
-  const int row = warp * 16 + r, query = q0 + row;
-  float* s_w = work + warp * 16 * kLdW;
-  float* dp_w = work + (kTile + warp * 16) * kLdW;
-  __nv_bfloat16* pb_w = pb + warp * 16 * kLdP;
+  float dq_acc[D / 8][4] = {};
+  const int row0 = warp * 16 + g;  // this lane's rows in the tile: row0 and row0 + 8
   const int n_keys = min(t, q0 + kTile);
   for (int k0 = 0; k0 < n_keys; k0 += kTile) {
     __syncthreads();  // the previous tile's K/V reads are done (and Q/dO/stats loaded)
     LoadTile<D>(ks, k + kv_base, kv_stride, k0, t);
     LoadTile<D>(vs, v + kv_base, kv_stride, k0, t);
     __syncthreads();
-    WarpProductT<D>(s_w, qs + warp * 16 * kLd, ks);    // S_w
-    WarpProductT<D>(dp_w, dos + warp * 16 * kLd, vs);  // dP_w
-    __syncwarp();
-    for (int c = half * 32; c < half * 32 + 32; ++c) {
-      const int key = k0 + c;
-      const bool valid = key <= query && query < t && key < t;
-      const float p = valid ? __expf(s_w[r * kLdW + c] * scale - stats[row]) : 0.0f;
-      const float ds = p * (dp_w[r * kLdW + c] - stats[kTile + row]);
-      pb_w[r * kLdP + c] = __float2bfloat16(ds);
+    for (int c0 = 0; c0 < kTile; c0 += kBwdCols) {
+      float s[kN][4] = {}, ds[kN][4] = {};
+      ProductXYt<D, kBwdCols>(s, qs, warp * 16, ks, c0, lane);    // S_w
+      ProductXYt<D, kBwdCols>(ds, dos, warp * 16, vs, c0, lane);  // dP_w
+      for (int n = 0; n < kN; ++n) {
+        for (int half = 0; half < 2; ++half) {
+          const int row = row0 + 8 * half, query = q0 + row;
+          for (int e = 0; e < 2; ++e) {
+            const int key = k0 + c0 + n * 8 + 2 * t4 + e;
+            const bool valid = key <= query && query < t && key < t;
+            const float p = valid ? __expf(s[n][2 * half + e] * scale - stats[row]) : 0.0f;
+            float& x = ds[n][2 * half + e];
+            x = p * (x - stats[kTile + row]);
+          }
+        }
+      }
+      uint32_t dsa[kN / 2][4];
+      for (int kb = 0; kb < kN / 2; ++kb) AccumulatorsAsA(dsa[kb], ds[2 * kb], ds[2 * kb + 1]);
+      AccumulatePY<D, kN / 2>(dq_acc, dsa, ks, c0, lane);  // dQ_w += dS_w K
     }
-    __syncwarp();
-    WarpAccumulate<D>(dq_acc, pb_w, ks);  // dQ_w += dS_w K
   }
-  StoreBlockRows<D>(dq + q_base, q_stride, q0, t, dq_acc, scale, work);
+  StoreWarpRows<D>(dq + q_base, q_stride, q0 + warp * 16, t, dq_acc, scale, lane);
 }
 
 template <int D, typename InT, typename OutT>

@@ -254,6 +254,7 @@ inline size_t SharedLimit(const void* kernel) {
   return it == SharedOptIn().end() ? kDefaultDynamicShared : it->second;
 }
 constexpr size_t kFiberStack = 256 * 1024;
+constexpr size_t kExchangeBytes = 64;  // per thread and WarpExchange
 
 enum class Barrier { kNone, kBlock, kWarp, kShuffle, kCollective };
 
@@ -274,6 +275,10 @@ struct Scheduler {
   std::vector<unsigned char> shared;  // dynamic shared memory of the running block
   unsigned char* shared_base = nullptr;
   std::vector<uint64_t> lanes;  // shuffle exchange, one slot per thread
+  // WarpExchange's slots: two sets of kExchangeBytes per thread, used alternately by each thread
+  // (its phase), so one barrier per exchange suffices.
+  std::vector<unsigned char> exchange[2];
+  std::vector<unsigned char> exchange_phase;
 };
 
 inline Scheduler& Sched() {
@@ -324,6 +329,8 @@ inline cudaError_t Run(dim3 grid, dim3 block, size_t shared_bytes, std::function
   // Grow only: shrinking would free fiber stacks that the next larger launch allocates again.
   if (s.fibers.size() < static_cast<size_t>(threads)) s.fibers.resize(threads);
   s.lanes.assign(threads, 0);
+  for (auto& slots : s.exchange) slots.assign(static_cast<size_t>(threads) * kExchangeBytes, 0);
+  s.exchange_phase.assign(threads, 0);
   s.shared.assign(shared_bytes + 128, 0xFF);
   s.shared_base = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(s.shared.data()) + 127) / 128 * 128);
@@ -378,6 +385,31 @@ inline cudaError_t Run(dim3 grid, dim3 block, size_t shared_bytes, std::function
 }
 
 inline unsigned char* DynamicShared() { return Sched().shared_base; }
+
+// A warp-collective exchange (the emulation of instructions that read other lanes' registers,
+// warp_mma.h): every lane of the warp publishes `mine`; on return all[l] is lane l's value. One
+// barrier: a lane's next exchange writes the other set of slots, which no lane still reads.
+template <typename T>
+void WarpExchange(const T& mine, T (&all)[32]) {
+  static_assert(sizeof(T) <= kExchangeBytes, "exchange of a large type");
+  Scheduler& s = Sched();
+  const int me = LinearThread();
+  std::vector<unsigned char>& slots = s.exchange[s.exchange_phase[me]];
+  std::memcpy(&slots[static_cast<size_t>(me) * kExchangeBytes], &mine, sizeof(T));
+  Yield(Barrier::kShuffle);  // every lane has written
+  const int base = me & ~31;
+  for (int l = 0; l < 32; ++l) {
+    std::memcpy(&all[l], &slots[static_cast<size_t>(base + l) * kExchangeBytes], sizeof(T));
+  }
+  s.exchange_phase[me] ^= 1;
+}
+
+// Whether [p, p + bytes) lies in the running block's dynamic shared memory.
+inline bool InDynamicShared(const void* p, size_t bytes) {
+  const Scheduler& s = Sched();
+  const auto* c = static_cast<const unsigned char*>(p);
+  return c >= s.shared_base && c + bytes <= s.shared.data() + s.shared.size();
+}
 
 }  // namespace eellm_emu
 
