@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "engine/cuda/async_copy.cuh"
 #include "engine/cuda/cuda_kernels.h"
 #include "engine/cuda/element_io.cuh"
 #include "engine/cuda/kernel_launch.h"
@@ -47,8 +48,10 @@ __host__ __device__ constexpr size_t Align128(size_t x) { return (x + 127) / 128
 // Copies rows [row0, row0 + kTile) of a strided fp32 or bf16 matrix (row r at src + r * stride,
 // D values) into a bf16 tile [kTile][D + kSkew] (fp32 rounded, bf16 copied); rows at or past
 // `rows` become zeros (so NaN in unused cache rows never reaches a product).
-// 16 bytes per load: a float4 (rounded to 4 bf16) or 8 bf16 (copied); the rows and the tile's
-// rows of D + kSkew bf16 are multiples of 16 bytes for D in {32, 64, 128}.
+// 16 bytes per load: a float4 (rounded to 4 bf16 through registers, at once) or 8 bf16 (copied
+// by cp.async: they land at the caller's CpAsyncWait for the group it commits); the rows and the
+// tile's rows of D + kSkew bf16 are multiples of 16 bytes for D in {32, 64, 128}. Either way
+// other threads see the tile after that wait and a __syncthreads.
 template <int D, typename InT>
 __device__ void LoadTile(__nv_bfloat16* dst, const InT* src, size_t stride, int row0, int rows) {
   constexpr int kPer = 16 / sizeof(InT);  // values per load
@@ -65,9 +68,8 @@ __device__ void LoadTile(__nv_bfloat16* dst, const InT* src, size_t stride, int 
       d[2] = __float2bfloat16(x.z);
       d[3] = __float2bfloat16(x.w);
     } else {
-      uint4 x = make_uint4(0u, 0u, 0u, 0u);  // bf16 zeros
-      if (row0 + r < rows) x = *reinterpret_cast<const uint4*>(from);
-      *reinterpret_cast<uint4*>(d) = x;
+      const bool in = row0 + r < rows;
+      CpAsync16(d, in ? from : src, in);  // zeros past `rows` (src: any valid address)
     }
   }
 }
@@ -150,9 +152,9 @@ template <int D>
 struct FwdSmem {
   static constexpr size_t kTileBytes = sizeof(__nv_bfloat16) * kTile * (D + kSkew);
   static constexpr size_t kQ = 0;
-  static constexpr size_t kK = Align128(kQ + kTileBytes);
-  static constexpr size_t kV = Align128(kK + kTileBytes);
-  static constexpr size_t kBytes = Align128(kV + kTileBytes);
+  static constexpr size_t kK = Align128(kQ + kTileBytes);  // two buffers: K[0], K[1]
+  static constexpr size_t kV = Align128(kK + 2 * kTileBytes);
+  static constexpr size_t kBytes = Align128(kV + 2 * kTileBytes);
 };
 
 // q, out: [b, tq, hq, D]; k, v: [b, tk_cap, hkv, D]; lse: [b, hq, tq] or null. InT (q, k, v)
@@ -165,11 +167,10 @@ __global__ void __launch_bounds__(kThreads)
   EE_DYNAMIC_SHARED(smem);
   using L = FwdSmem<D>;
   auto* qs = reinterpret_cast<__nv_bfloat16*>(smem + L::kQ);
-  auto* ks = reinterpret_cast<__nv_bfloat16*>(smem + L::kK);
-  auto* vs = reinterpret_cast<__nv_bfloat16*>(smem + L::kV);
-  constexpr int kLd = D + kSkew, kN = kTile / 8;
+  constexpr int kLd = D + kSkew, kN = kTile / 8, kTileElems = kTile * kLd;
 
-  const int q0 = blockIdx.x * kTile, h = blockIdx.y, bi = blockIdx.z;
+  // The last query tiles have the most keys: they start first.
+  const int q0 = (gridDim.x - 1 - blockIdx.x) * kTile, h = blockIdx.y, bi = blockIdx.z;
   const int kvh = h / (hq / hkv);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
   const size_t q_stride = static_cast<size_t>(hq) * D, kv_stride = static_cast<size_t>(hkv) * D;
@@ -177,7 +178,21 @@ __global__ void __launch_bounds__(kThreads)
   const InT* kb = k + static_cast<size_t>(bi) * tk_cap * kv_stride + static_cast<size_t>(kvh) * D;
   const InT* vb = v + static_cast<size_t>(bi) * tk_cap * kv_stride + static_cast<size_t>(kvh) * D;
 
+  const int last_q = min(q0 + kTile, tq) - 1;
+  const int n_keys = min(tk, q_offset + last_q + 1);
+  // K/V tiles in two buffers: tile i + 1 loads while tile i is used.
+  auto load_kv = [&](int k0, int buf) {
+    if (k0 >= n_keys) return;
+    LoadTile<D>(reinterpret_cast<__nv_bfloat16*>(smem + L::kK) + buf * kTileElems, kb, kv_stride,
+                k0, tk);
+    LoadTile<D>(reinterpret_cast<__nv_bfloat16*>(smem + L::kV) + buf * kTileElems, vb, kv_stride,
+                k0, tk);
+  };
   LoadTile<D>(qs, qb, q_stride, q0, tq);
+  CpAsyncCommit();
+  load_kv(0, 0);
+  CpAsyncCommit();
+  CpAsyncWait<1>();  // Q
   __syncthreads();
   uint32_t qf[D / 16][4];  // the warp's 16 query rows as A operands
   for (int kk = 0; kk < D / 16; ++kk)
@@ -186,13 +201,13 @@ __global__ void __launch_bounds__(kThreads)
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // reference maxima, sums of exp(s - m)
   const int qpos0 = q_offset + q0 + warp * 16 + g;           // absolute position of row g
 
-  const int last_q = min(q0 + kTile, tq) - 1;
-  const int n_keys = min(tk, q_offset + last_q + 1);
-  for (int k0 = 0; k0 < n_keys; k0 += kTile) {
-    __syncthreads();  // the previous tile's K/V reads are done
-    LoadTile<D>(ks, kb, kv_stride, k0, tk);
-    LoadTile<D>(vs, vb, kv_stride, k0, tk);
+  for (int k0 = 0, buf = 0; k0 < n_keys; k0 += kTile, buf ^= 1) {
+    load_kv(k0 + kTile, buf ^ 1);  // the other buffer, free since the last iteration's barrier
+    CpAsyncCommit();
+    CpAsyncWait<1>();  // this tile
     __syncthreads();
+    const __nv_bfloat16* ks = reinterpret_cast<__nv_bfloat16*>(smem + L::kK) + buf * kTileElems;
+    const __nv_bfloat16* vs = reinterpret_cast<__nv_bfloat16*>(smem + L::kV) + buf * kTileElems;
     float s[kN][4] = {};  // S_w = Q_w K^T, then P
     for (int kk = 0; kk < D / 16; ++kk) {
       for (int n2 = 0; n2 < kN / 2; ++n2) {
@@ -246,6 +261,7 @@ __global__ void __launch_bounds__(kThreads)
     uint32_t p[kN / 2][4];
     for (int kb2 = 0; kb2 < kN / 2; ++kb2) AccumulatorsAsA(p[kb2], s[2 * kb2], s[2 * kb2 + 1]);
     AccumulatePY<D, kN / 2>(o, p, vs, 0, lane);  // O_w += P_w V
+    __syncthreads();  // every warp is done with this buffer before it is loaded again
   }
   for (int half = 0; half < 2; ++half) {
     const int row = q0 + warp * 16 + g + 8 * half;
@@ -284,21 +300,39 @@ __global__ void RowDotKernel(float* dsum, const OutT* dout, const OutT* out, int
   if (lane == 0) dsum[warp_row] = acc;
 }
 
-// Shared memory of both backward kernels: four bf16 tiles (A and B fixed per block, C and D
-// streamed) and the lse and D values of up to 64 queries.
+// Shared memory of both backward kernels: two bf16 tiles fixed per block (A, B), two streamed
+// ones (C, D) in two buffers each, and the lse and D values of up to 64 queries, also in two
+// buffers: step i + 1 loads while step i computes.
 template <int D>
 struct BwdSmem {
-  static constexpr size_t kTileBytes = sizeof(__nv_bfloat16) * kTile * (D + kSkew);
+  static constexpr int kTileElems = kTile * (D + kSkew);
+  static constexpr size_t kTileBytes = sizeof(__nv_bfloat16) * kTileElems;
   static constexpr size_t kA = 0;
   static constexpr size_t kB = Align128(kA + kTileBytes);
   static constexpr size_t kC = Align128(kB + kTileBytes);
-  static constexpr size_t kD = Align128(kC + kTileBytes);
-  static constexpr size_t kStats = Align128(kD + kTileBytes);
-  static constexpr size_t kBytes = Align128(kStats + sizeof(float) * 2 * kTile);
+  static constexpr size_t kD = Align128(kC + 2 * kTileBytes);
+  static constexpr size_t kStats = Align128(kD + 2 * kTileBytes);  // [2][lse 64, D 64]
+  static constexpr size_t kBytes = Align128(kStats + sizeof(float) * 2 * 2 * kTile);
+  __device__ static __nv_bfloat16* Tile(unsigned char* smem, size_t at, int buf) {
+    return reinterpret_cast<__nv_bfloat16*>(smem + at) + buf * kTileElems;
+  }
+  __device__ static float* Stats(unsigned char* smem, int buf) {
+    return reinterpret_cast<float*>(smem + kStats) + buf * 2 * kTile;
+  }
 };
 
 // The backward kernels take the 64-column tiles in two steps of this many columns (registers).
 constexpr int kBwdCols = 32;
+
+// Loads lse and D of queries [q0, q0 + 64) (zeros past t) into stats[0, 64) and [64, 128).
+__device__ __forceinline__ void LoadStats(float* stats, const float* lse, const float* dsum, int q0,
+                                          int t) {
+  for (int i = threadIdx.x; i < kTile; i += kThreads) {
+    const bool in = q0 + i < t;
+    stats[i] = in ? lse[q0 + i] : 0.0f;
+    stats[kTile + i] = in ? dsum[q0 + i] : 0.0f;
+  }
+}
 
 // dK, dV for keys [k0, k0 + 64) of KV head kvh in sequence bi: warp w owns keys k0 + 16w ..
 // k0 + 16w + 15. For each head of the group, then each query tile at or after the keys:
@@ -311,11 +345,8 @@ __global__ void __launch_bounds__(kThreads)
                           float scale) {
   EE_DYNAMIC_SHARED(smem);
   using L = BwdSmem<D>;
-  auto* ks = reinterpret_cast<__nv_bfloat16*>(smem + L::kA);
-  auto* vs = reinterpret_cast<__nv_bfloat16*>(smem + L::kB);
-  auto* qs = reinterpret_cast<__nv_bfloat16*>(smem + L::kC);
-  auto* dos = reinterpret_cast<__nv_bfloat16*>(smem + L::kD);
-  auto* stats = reinterpret_cast<float*>(smem + L::kStats);  // lse[64], D[64] of the q tile
+  const __nv_bfloat16* ks = L::Tile(smem, L::kA, 0);
+  const __nv_bfloat16* vs = L::Tile(smem, L::kB, 0);
   constexpr int kN = kBwdCols / 8;
 
   const int k0 = blockIdx.x * kTile, kvh = blockIdx.y, bi = blockIdx.z;
@@ -323,50 +354,59 @@ __global__ void __launch_bounds__(kThreads)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
   const size_t q_stride = static_cast<size_t>(hq) * D, kv_stride = static_cast<size_t>(hkv) * D;
   const size_t kv_base = static_cast<size_t>(bi) * t * kv_stride + static_cast<size_t>(kvh) * D;
-  LoadTile<D>(ks, k + kv_base, kv_stride, k0, t);
-  LoadTile<D>(vs, v + kv_base, kv_stride, k0, t);
+  // Steps: (head of the group, query tile at or after the keys; earlier queries do not see
+  // them), heads outer.
+  const int q_tiles = (t - k0 + kTile - 1) / kTile, steps = group * q_tiles;
+  auto load_step = [&](int step, int buf) {
+    if (step >= steps) return;
+    const int h = kvh * group + step / q_tiles, q0 = k0 + (step % q_tiles) * kTile;
+    const size_t q_base = static_cast<size_t>(bi) * t * q_stride + static_cast<size_t>(h) * D;
+    LoadTile<D>(L::Tile(smem, L::kC, buf), q + q_base, q_stride, q0, t);
+    LoadTile<D>(L::Tile(smem, L::kD, buf), dout + q_base, q_stride, q0, t);
+    const size_t row = (static_cast<size_t>(bi) * hq + h) * t;
+    LoadStats(L::Stats(smem, buf), lse + row, dsum + row, q0, t);
+  };
+  LoadTile<D>(L::Tile(smem, L::kA, 0), k + kv_base, kv_stride, k0, t);
+  LoadTile<D>(L::Tile(smem, L::kB, 0), v + kv_base, kv_stride, k0, t);
+  load_step(0, 0);
+  CpAsyncCommit();
 
   float dk_acc[D / 8][4] = {}, dv_acc[D / 8][4] = {};
   const int key0 = k0 + warp * 16 + g;  // this lane's keys: key0 and key0 + 8
-  for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
-    const size_t q_base = static_cast<size_t>(bi) * t * q_stride + static_cast<size_t>(h) * D;
-    const float* lse_h = lse + (static_cast<size_t>(bi) * hq + h) * t;
-    const float* dsum_h = dsum + (static_cast<size_t>(bi) * hq + h) * t;
-    for (int q0 = k0; q0 < t; q0 += kTile) {  // earlier queries do not see these keys
-      __syncthreads();                        // the previous tile's Q/dO/stats reads are done
-      LoadTile<D>(qs, q + q_base, q_stride, q0, t);
-      LoadTile<D>(dos, dout + q_base, q_stride, q0, t);
-      for (int i = threadIdx.x; i < kTile; i += kThreads) {
-        const bool in = q0 + i < t;
-        stats[i] = in ? lse_h[q0 + i] : 0.0f;
-        stats[kTile + i] = in ? dsum_h[q0 + i] : 0.0f;
-      }
-      __syncthreads();
-      for (int c0 = 0; c0 < kTile; c0 += kBwdCols) {
-        float pt[kN][4] = {}, dst[kN][4] = {};
-        ProductXYt<D, kBwdCols>(pt, ks, warp * 16, qs, c0, lane);    // S^T_w
-        ProductXYt<D, kBwdCols>(dst, vs, warp * 16, dos, c0, lane);  // dP^T_w
-        for (int n = 0; n < kN; ++n) {
-          for (int half = 0; half < 2; ++half) {
-            for (int e = 0; e < 2; ++e) {
-              const int col = c0 + n * 8 + 2 * t4 + e, query = q0 + col, key = key0 + 8 * half;
-              const bool valid = key <= query && query < t && key < t;
-              float& p = pt[n][2 * half + e];
-              p = valid ? __expf(p * scale - stats[col]) : 0.0f;
-              float& ds = dst[n][2 * half + e];
-              ds = p * (ds - stats[kTile + col]);
-            }
+  for (int step = 0, buf = 0; step < steps; ++step, buf ^= 1) {
+    load_step(step + 1, buf ^ 1);  // the other buffers, free since the last step's barrier
+    CpAsyncCommit();
+    CpAsyncWait<1>();  // this step's tiles
+    __syncthreads();
+    const int q0 = k0 + (step % q_tiles) * kTile;
+    const __nv_bfloat16* qs = L::Tile(smem, L::kC, buf);
+    const __nv_bfloat16* dos = L::Tile(smem, L::kD, buf);
+    const float* stats = L::Stats(smem, buf);
+    for (int c0 = 0; c0 < kTile; c0 += kBwdCols) {
+      float pt[kN][4] = {}, dst[kN][4] = {};
+      ProductXYt<D, kBwdCols>(pt, ks, warp * 16, qs, c0, lane);    // S^T_w
+      ProductXYt<D, kBwdCols>(dst, vs, warp * 16, dos, c0, lane);  // dP^T_w
+      for (int n = 0; n < kN; ++n) {
+        for (int half = 0; half < 2; ++half) {
+          for (int e = 0; e < 2; ++e) {
+            const int col = c0 + n * 8 + 2 * t4 + e, query = q0 + col, key = key0 + 8 * half;
+            const bool valid = key <= query && query < t && key < t;
+            float& p = pt[n][2 * half + e];
+            p = valid ? __expf(p * scale - stats[col]) : 0.0f;
+            float& ds = dst[n][2 * half + e];
+            ds = p * (ds - stats[kTile + col]);
           }
         }
-        uint32_t pa[kN / 2][4], dsa[kN / 2][4];
-        for (int kb = 0; kb < kN / 2; ++kb) {
-          AccumulatorsAsA(pa[kb], pt[2 * kb], pt[2 * kb + 1]);
-          AccumulatorsAsA(dsa[kb], dst[2 * kb], dst[2 * kb + 1]);
-        }
-        AccumulatePY<D, kN / 2>(dv_acc, pa, dos, c0, lane);  // dV_w += P^T_w dO
-        AccumulatePY<D, kN / 2>(dk_acc, dsa, qs, c0, lane);  // dK_w += dS^T_w Q
       }
+      uint32_t pa[kN / 2][4], dsa[kN / 2][4];
+      for (int kb = 0; kb < kN / 2; ++kb) {
+        AccumulatorsAsA(pa[kb], pt[2 * kb], pt[2 * kb + 1]);
+        AccumulatorsAsA(dsa[kb], dst[2 * kb], dst[2 * kb + 1]);
+      }
+      AccumulatePY<D, kN / 2>(dv_acc, pa, dos, c0, lane);  // dV_w += P^T_w dO
+      AccumulatePY<D, kN / 2>(dk_acc, dsa, qs, c0, lane);  // dK_w += dS^T_w Q
     }
+    __syncthreads();  // every warp is done with these buffers before they are loaded again
   }
   StoreWarpRows<D>(dv + kv_base, kv_stride, k0 + warp * 16, t, dv_acc, 1.0f, lane);
   StoreWarpRows<D>(dk + kv_base, kv_stride, k0 + warp * 16, t, dk_acc, scale, lane);
@@ -382,48 +422,53 @@ __global__ void __launch_bounds__(kThreads)
                          float scale) {
   EE_DYNAMIC_SHARED(smem);
   using L = BwdSmem<D>;
-  auto* qs = reinterpret_cast<__nv_bfloat16*>(smem + L::kA);
-  auto* dos = reinterpret_cast<__nv_bfloat16*>(smem + L::kB);
-  auto* ks = reinterpret_cast<__nv_bfloat16*>(smem + L::kC);
-  auto* vs = reinterpret_cast<__nv_bfloat16*>(smem + L::kD);
-  auto* stats = reinterpret_cast<float*>(smem + L::kStats);
+  const __nv_bfloat16* qs = L::Tile(smem, L::kA, 0);
+  const __nv_bfloat16* dos = L::Tile(smem, L::kB, 0);
+  const float* stats = L::Stats(smem, 0);
   constexpr int kN = kBwdCols / 8;
 
-  const int q0 = blockIdx.x * kTile, h = blockIdx.y, bi = blockIdx.z;
+  // The last query tiles have the most keys: they start first.
+  const int q0 = (gridDim.x - 1 - blockIdx.x) * kTile, h = blockIdx.y, bi = blockIdx.z;
   const int kvh = h / (hq / hkv);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
   const size_t q_stride = static_cast<size_t>(hq) * D, kv_stride = static_cast<size_t>(hkv) * D;
   const size_t q_base = static_cast<size_t>(bi) * t * q_stride + static_cast<size_t>(h) * D;
   const size_t kv_base = static_cast<size_t>(bi) * t * kv_stride + static_cast<size_t>(kvh) * D;
-  LoadTile<D>(qs, q + q_base, q_stride, q0, t);
-  LoadTile<D>(dos, dout + q_base, q_stride, q0, t);
-  for (int i = threadIdx.x; i < kTile; i += kThreads) {
-    const bool in = q0 + i < t;
-    const size_t at = (static_cast<size_t>(bi) * hq + h) * t + q0 + i;
-    stats[i] = in ? lse[at] : 0.0f;
-    stats[kTile + i] = in ? dsum[at] : 0.0f;
-  }
+  const int n_keys = min(t, q0 + kTile);
+  auto load_kv = [&](int k0, int buf) {
+    if (k0 >= n_keys) return;
+    LoadTile<D>(L::Tile(smem, L::kC, buf), k + kv_base, kv_stride, k0, t);
+    LoadTile<D>(L::Tile(smem, L::kD, buf), v + kv_base, kv_stride, k0, t);
+  };
+  LoadTile<D>(L::Tile(smem, L::kA, 0), q + q_base, q_stride, q0, t);
+  LoadTile<D>(L::Tile(smem, L::kB, 0), dout + q_base, q_stride, q0, t);
+  const size_t row = (static_cast<size_t>(bi) * hq + h) * t;
+  LoadStats(L::Stats(smem, 0), lse + row, dsum + row, q0, t);
+  load_kv(0, 0);
+  CpAsyncCommit();
+
   float dq_acc[D / 8][4] = {};
   const int row0 = warp * 16 + g;  // this lane's rows in the tile: row0 and row0 + 8
-  const int n_keys = min(t, q0 + kTile);
-  for (int k0 = 0; k0 < n_keys; k0 += kTile) {
-    __syncthreads();  // the previous tile's K/V reads are done (and Q/dO/stats loaded)
-    LoadTile<D>(ks, k + kv_base, kv_stride, k0, t);
-    LoadTile<D>(vs, v + kv_base, kv_stride, k0, t);
+  for (int k0 = 0, buf = 0; k0 < n_keys; k0 += kTile, buf ^= 1) {
+    load_kv(k0 + kTile, buf ^ 1);  // the other buffers, free since the last tile's barrier
+    CpAsyncCommit();
+    CpAsyncWait<1>();  // this tile (and Q, dO)
     __syncthreads();
+    const __nv_bfloat16* ks = L::Tile(smem, L::kC, buf);
+    const __nv_bfloat16* vs = L::Tile(smem, L::kD, buf);
     for (int c0 = 0; c0 < kTile; c0 += kBwdCols) {
       float s[kN][4] = {}, ds[kN][4] = {};
       ProductXYt<D, kBwdCols>(s, qs, warp * 16, ks, c0, lane);    // S_w
       ProductXYt<D, kBwdCols>(ds, dos, warp * 16, vs, c0, lane);  // dP_w
       for (int n = 0; n < kN; ++n) {
         for (int half = 0; half < 2; ++half) {
-          const int row = row0 + 8 * half, query = q0 + row;
+          const int r = row0 + 8 * half, query = q0 + r;
           for (int e = 0; e < 2; ++e) {
             const int key = k0 + c0 + n * 8 + 2 * t4 + e;
             const bool valid = key <= query && query < t && key < t;
-            const float p = valid ? __expf(s[n][2 * half + e] * scale - stats[row]) : 0.0f;
+            const float p = valid ? __expf(s[n][2 * half + e] * scale - stats[r]) : 0.0f;
             float& x = ds[n][2 * half + e];
-            x = p * (x - stats[kTile + row]);
+            x = p * (x - stats[kTile + r]);
           }
         }
       }
@@ -431,6 +476,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int kb = 0; kb < kN / 2; ++kb) AccumulatorsAsA(dsa[kb], ds[2 * kb], ds[2 * kb + 1]);
       AccumulatePY<D, kN / 2>(dq_acc, dsa, ks, c0, lane);  // dQ_w += dS_w K
     }
+    __syncthreads();  // every warp is done with these buffers before they are loaded again
   }
   StoreWarpRows<D>(dq + q_base, q_stride, q0 + warp * 16, t, dq_acc, scale, lane);
 }

@@ -27,6 +27,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -266,6 +267,16 @@ struct Fiber {
   Barrier waiting = Barrier::kNone;
 };
 
+// cp.async copies of one thread (async_copy.h): started ones land at the wait that covers them.
+struct PendingCopy {
+  void* dst;
+  unsigned char bytes[16];
+};
+struct ThreadCopies {
+  std::vector<PendingCopy> open;                   // started since the last commit
+  std::deque<std::vector<PendingCopy>> committed;  // oldest first
+};
+
 struct Scheduler {
   void* main_sp = nullptr;
   bool in_fiber = false;  // false while threads run as plain calls (see Run)
@@ -279,6 +290,7 @@ struct Scheduler {
   // (its phase), so one barrier per exchange suffices.
   std::vector<unsigned char> exchange[2];
   std::vector<unsigned char> exchange_phase;
+  std::vector<ThreadCopies> async_copies;  // per thread, cleared when a block starts
 };
 
 inline Scheduler& Sched() {
@@ -342,6 +354,7 @@ inline cudaError_t Run(dim3 grid, dim3 block, size_t shared_bytes, std::function
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         g_block_idx = dim3(bx, by, bz);
         std::fill(s.shared.begin(), s.shared.end(), 0xFF);
+        s.async_copies.assign(threads, ThreadCopies{});
         if (!barriers) {
           for (int i = 0; i < threads; ++i) {
             g_thread_idx = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
