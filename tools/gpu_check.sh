@@ -9,7 +9,8 @@
 # build makes only what the steps run (eellm and the gpu-labelled test programs).
 # Steps (each logs to $OUT/<step>.log; a failing step does not stop the later ones):
 #   build    configure + build (Release, sm_90a)
-#   gpu      ctest -L gpu: the backend parity suite against the CPU on cuda, cuda-bf16 and
+#   gpu      ctest -L gpu: the warp MMA register layouts the attention kernels assume
+#            (gpu.WarpMma.*), the backend parity suite against the CPU on cuda, cuda-bf16 and
 #            cuda-bf16w (bf16 GEMM tolerances; fused flash attention; bf16 operands), and NCCL at
 #            world size 1
 #   bench    eellm bench train on Llama 1.3B and GPT-2 124M (with exits) beside PyTorch in mixed
@@ -20,8 +21,9 @@
 #   compare  the 1.3B at one micro-batch per step, with fp32 activations (cuda-bf16) and in plain
 #            fp32 (cuda)
 #   sanitize compute-sanitizer memcheck and racecheck on the attention parity tests of
-#            cuda-bf16w (the fused kernels with fp32 and with bf16 inputs: out-of-bounds accesses
-#            and shared-memory races, which the CPU emulation cannot see)
+#            cuda-bf16w (the fused kernels with fp32 and with bf16 inputs, over several key tiles:
+#            out-of-bounds accesses and shared-memory races, e.g. a cp.async into a buffer that
+#            another warp still reads, which the CPU emulation cannot see)
 set -uo pipefail
 OUT=${OUT:-/tmp/eellm_gpu_out}
 mkdir -p "$OUT"
@@ -41,7 +43,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.
 if want build || [ ! -x "$B/eellm" ]; then
   run build bash -c "cmake -S . -B $B -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DCMAKE_CUDA_ARCHITECTURES='90a-real;90-virtual' -DEELLM_FUZZ_SANITIZED=OFF &&
-    cmake --build $B -j16 --target eellm backend_parity_tests gpu_tests" || exit 1
+    cmake --build $B -j16 --target eellm backend_parity_tests gpu_tests warp_mma_gpu_tests" || exit 1
 fi
 # EELLM_REQUIRE_GPU=1: a gpu test that cannot reach the GPU fails instead of skipping; kernel
 # faults are reported at the op that caused them (CUDA_LAUNCH_BLOCKING).
@@ -78,7 +80,7 @@ SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer
 if want sanitize && [ -x "$SAN" ]; then
   for tool in memcheck racecheck; do
     run "sanitize_$tool" env EELLM_PARITY_BACKEND=cuda-bf16w "$SAN" --tool "$tool" --error-exitcode 3 \
-      "$B/tests/backend_parity_tests" --gtest_filter='BackendParity.Attention*:OperandParity.Attention*'
+      "$B/tests/backend_parity_tests" --gtest_filter='BackendParity.Attention*:OperandParity.Attention*:OperandParity.Fused*'
   done
 fi
 # GEMMs cuBLASLt refused (the backend then runs cublasGemmEx with the same roundings): their

@@ -74,21 +74,6 @@ __device__ void LoadTile(__nv_bfloat16* dst, const InT* src, size_t stride, int 
   }
 }
 
-// Row addresses (this lane's, for LdMatrixX4) in a bf16 tile of row length ld:
-// - FragRowsA: the 16x16 block at (r0, c0) as an A operand; loaded transposed, the same
-//   addresses give B operands for the two 8-column blocks at c0 and c0 + 8 of a 16-row block
-//   of the k index (y in P y);
-// - FragRowsBt: the 16 rows r0 .. r0 + 15 (columns c0 .. c0 + 15) as the B operands of two
-//   8-column blocks of X Y^T (y's rows are the columns of the product).
-__device__ __forceinline__ const __nv_bfloat16* FragRowsA(const __nv_bfloat16* tile, int ld, int r0,
-                                                          int c0, int lane) {
-  return tile + (r0 + lane % 8 + ((lane / 8) % 2) * 8) * ld + c0 + (lane / 16) * 8;
-}
-__device__ __forceinline__ const __nv_bfloat16* FragRowsBt(const __nv_bfloat16* tile, int ld,
-                                                           int r0, int c0, int lane) {
-  return tile + (r0 + lane % 8 + (lane / 16) * 8) * ld + c0 + ((lane / 8) % 2) * 8;
-}
-
 // acc[n] (the 16 x N product's 8-column blocks) += X_w Y^T: rows x0 .. x0 + 15 of tile x times
 // rows y0 .. y0 + N - 1 of tile y, over the head dimension (both [.][D + kSkew]).
 template <int D, int N>

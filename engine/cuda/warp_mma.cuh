@@ -62,6 +62,21 @@ __device__ __forceinline__ uint32_t PackBf16x2(float lo, float hi) {
          (static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16(hi))) << 16);
 }
 
+// Row addresses (this lane's, for LdMatrixX4) in a bf16 tile of row length ld:
+// - FragRowsA: the 16x16 block at (r0, c0) as an A operand; loaded transposed, the same
+//   addresses give B operands for the two 8-column blocks at c0 and c0 + 8 of a 16-row block
+//   of the k index (y in P y);
+// - FragRowsBt: the 16 rows r0 .. r0 + 15 (columns c0 .. c0 + 15) as the B operands of two
+//   8-column blocks of X Y^T (y's rows are the columns of the product).
+__device__ __forceinline__ const __nv_bfloat16* FragRowsA(const __nv_bfloat16* tile, int ld, int r0,
+                                                          int c0, int lane) {
+  return tile + (r0 + lane % 8 + ((lane / 8) % 2) * 8) * ld + c0 + (lane / 16) * 8;
+}
+__device__ __forceinline__ const __nv_bfloat16* FragRowsBt(const __nv_bfloat16* tile, int ld,
+                                                           int r0, int c0, int lane) {
+  return tile + (r0 + lane % 8 + (lane / 16) * 8) * ld + c0 + ((lane / 8) % 2) * 8;
+}
+
 // The A operand of an m16n8k16 product from two 16x8 fp32 accumulators side by side (columns
 // 0-7 in c0, 8-15 in c1): the register reuse that keeps P (or dS) out of shared memory.
 __device__ __forceinline__ void AccumulatorsAsA(uint32_t (&a)[4], const float (&c0)[4],

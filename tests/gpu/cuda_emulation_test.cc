@@ -7,10 +7,13 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include <cmath>
 #include <memory>
 #include <vector>
 
+#include "engine/cuda/async_copy.cuh"
 #include "engine/cuda/kernel_launch.h"
+#include "engine/cuda/warp_mma.cuh"
 #include "gtest/gtest.h"
 #include "tests/gpu/emu/emulated_cuda_backend.h"
 
@@ -113,6 +116,97 @@ TEST(CudaEmulationLimits, MisalignedWmmaTilesAbort) {
   EXPECT_DEATH(LaunchKernel(LoadTileKernel, dim3(1), dim3(32), 0, nullptr, tile, 20u),
                "multiple of 16 bytes");
   EXPECT_EQ(cudaFree(tile), cudaSuccess);
+}
+
+// Warp 0 shuffles (twice) where warp 1 skips ahead to __syncthreads; then every thread reads what
+// the other warp wrote.
+__global__ void WarpSkipsKernel(int* out) {
+  EE_DYNAMIC_SHARED(smem);
+  int* seen = reinterpret_cast<int*>(smem);
+  int v = static_cast<int>(threadIdx.x);
+  if (threadIdx.x < 32) v = __shfl_xor_sync(0xffffffffu, v, 1) + __shfl_xor_sync(0xffffffffu, v, 2);
+  seen[threadIdx.x] = v;
+  __syncthreads();
+  out[threadIdx.x] = seen[(threadIdx.x + 32) % 64];
+}
+
+// Lane 0 shuffles while the other lanes of its warp wait at __syncthreads.
+__global__ void LanesDivergeKernel(int* out) {
+  int v = static_cast<int>(threadIdx.x);
+  if (threadIdx.x == 0) v = __shfl_xor_sync(0xffffffffu, v, 1);
+  __syncthreads();
+  out[threadIdx.x] = v;
+}
+
+// Warps pass warp-level barriers on their own, as on the device: a warp may skip work (and the
+// barriers in it) that another does between two __syncthreads. Lanes of one warp at different
+// barriers abort.
+TEST(CudaEmulationBarriers, WarpsMaySkipWarpLevelBarriersLanesMayNot) {
+  int* out = nullptr;
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&out), 64 * sizeof(int)), cudaSuccess);
+  ASSERT_EQ(LaunchKernel(WarpSkipsKernel, dim3(1), dim3(64), 64 * sizeof(int), nullptr, out),
+            cudaSuccess);
+  std::vector<int> got(64);
+  ASSERT_EQ(cudaMemcpy(got.data(), out, 64 * sizeof(int), cudaMemcpyDeviceToHost), cudaSuccess);
+  for (int t = 0; t < 64; ++t) {
+    const int other = (t + 32) % 64;  // warp 0's values are (t ^ 1) + (t ^ 2)
+    EXPECT_EQ(got[t], other < 32 ? (other ^ 1) + (other ^ 2) : other) << "thread " << t;
+  }
+  EXPECT_DEATH(LaunchKernel(LanesDivergeKernel, dim3(1), dim3(32), 0, nullptr, out),
+               "lanes of a warp reached different barriers");
+  EXPECT_EQ(cudaFree(out), cudaSuccess);
+}
+
+// Copies 32 floats (8 x 16 bytes) of `in` into shared memory by cp.async and writes what thread
+// t reads there before (out[t]) and after (out[32 + t]) the wait.
+__global__ void AsyncCopyKernel(float* out, const float* in) {
+  EE_DYNAMIC_SHARED(smem);
+  float* tile = reinterpret_cast<float*>(smem);
+  if (threadIdx.x < 8) cuda::CpAsync16(tile + 4 * threadIdx.x, in + 4 * threadIdx.x, true);
+  cuda::CpAsyncCommit();
+  __syncthreads();
+  out[threadIdx.x] = tile[threadIdx.x];
+  __syncthreads();
+  cuda::CpAsyncWait<0>();
+  __syncthreads();
+  out[32 + threadIdx.x] = tile[threadIdx.x];
+}
+
+__global__ void MisalignedAsyncCopyKernel(const float* in) {
+  EE_DYNAMIC_SHARED(smem);
+  cuda::CpAsync16(smem + 8, in, true);
+  cuda::CpAsyncWait<0>();
+}
+
+__global__ void MisalignedLdMatrixKernel() {
+  EE_DYNAMIC_SHARED(smem);
+  uint32_t r[4];
+  cuda::LdMatrixX4(r, reinterpret_cast<const __nv_bfloat16*>(smem + 8));
+}
+
+// cp.async lands at the wait that covers it, the latest the device allows: a read before the wait
+// sees the old bytes (0xFF, NaN, in fresh shared memory). cp.async and ldmatrix check alignment.
+TEST(CudaEmulationLimits, AsyncCopiesLandAtTheWaitAndCheckAlignment) {
+  float *out = nullptr, *in = nullptr;
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&out), 64 * sizeof(float)), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&in), 32 * sizeof(float)), cudaSuccess);
+  std::vector<float> values(32);
+  for (int i = 0; i < 32; ++i) values[i] = 1.5f + i;
+  ASSERT_EQ(cudaMemcpy(in, values.data(), 32 * sizeof(float), cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(LaunchKernel(AsyncCopyKernel, dim3(1), dim3(32), 32 * sizeof(float), nullptr, out, in),
+            cudaSuccess);
+  std::vector<float> got(64);
+  ASSERT_EQ(cudaMemcpy(got.data(), out, 64 * sizeof(float), cudaMemcpyDeviceToHost), cudaSuccess);
+  for (int t = 0; t < 32; ++t) {
+    EXPECT_TRUE(std::isnan(got[t])) << "thread " << t << " read the copy before its wait";
+    EXPECT_EQ(got[32 + t], values[t]) << "thread " << t;
+  }
+  EXPECT_DEATH(LaunchKernel(MisalignedAsyncCopyKernel, dim3(1), dim3(32), 64, nullptr, in),
+               "cp.async");
+  EXPECT_DEATH(LaunchKernel(MisalignedLdMatrixKernel, dim3(1), dim3(32), 64, nullptr),
+               "ldmatrix row address");
+  EXPECT_EQ(cudaFree(out), cudaSuccess);
+  EXPECT_EQ(cudaFree(in), cudaSuccess);
 }
 
 // The GEMM precision benchmark of `eellm bench train` runs all four variants of a shape with odd

@@ -7,13 +7,15 @@
 // dimension that is not a multiple of 16 bytes (mma.h).
 //
 // A launch runs the blocks one after another; the threads of a block are fibers
-// (fiber_switch.h) on the calling thread, switched only at barriers: __syncthreads, __syncwarp,
-// each half of a shuffle, and the start of each warp-collective WMMA load or store (mma.h). Every
-// thread runs to its next barrier before any thread passes it, which is what both barriers promise
-// (a stronger order than __syncwarp needs). All threads that reach a barrier round must reach the
-// same kind of barrier, else the emulation aborts (a divergent barrier is undefined behaviour on
-// the device). Dynamic shared memory starts as 0xFF bytes (NaN as fp32 and bf16), so reading what
-// no thread wrote shows up in the results.
+// (fiber_switch.h) on the calling thread, switched only at barriers: __syncthreads, and the
+// warp-level ones: __syncwarp, each half of a shuffle, the start of each warp-collective WMMA
+// load or store (mma.h) and each ldmatrix or MMA (warp_mma.h). Threads run in index order, each
+// to its next barrier; a warp passes a warp-level barrier when all its live lanes wait there, the
+// block passes __syncthreads when all its live threads do. So warps may take different paths
+// between block barriers (a warp may skip work the others do), as on the device. The lanes of a
+// warp must wait at the same kind of barrier, else the emulation aborts (a divergent barrier is
+// undefined behaviour on the device). Dynamic shared memory starts as 0xFF bytes (NaN as fp32 and
+// bf16), so reading what no thread wrote shows up in the results.
 //
 // Device pointers are host pointers here. Include this through the shim headers of this
 // folder (cuda_runtime.h, cuda_bf16.h, mma.h), with EELLM_CUDA_EMULATION defined.
@@ -325,6 +327,41 @@ inline int LinearThread() {
                           g_block_dim.x * (g_thread_idx.y + g_block_dim.y * g_thread_idx.z));
 }
 
+// Called when no thread of the block can run: releases the warps whose live lanes all wait at a
+// warp-level barrier (a shuffle, __syncwarp, a warp-collective load or MMA), else (every live
+// thread then waits at __syncthreads) all of them. Returns false when every thread has finished;
+// aborts when the lanes of a warp wait at different barriers.
+inline bool ReleaseBarriers(int threads) {
+  Scheduler& s = Sched();
+  bool alive = false, released = false;
+  for (int w0 = 0; w0 < threads; w0 += 32) {
+    const int w1 = std::min(threads, w0 + 32);
+    Barrier kind = Barrier::kNone;  // where the warp's live lanes wait
+    bool mixed = false;
+    for (int i = w0; i < w1; ++i) {
+      const Fiber& f = s.fibers[i];
+      if (f.done) continue;
+      alive = true;
+      if (kind == Barrier::kNone) {
+        kind = f.waiting;
+      } else if (f.waiting != kind) {
+        mixed = true;
+      }
+    }
+    if (mixed) {
+      std::fprintf(stderr, "CUDA emulation: the lanes of a warp reached different barriers\n");
+      std::abort();
+    }
+    if (kind != Barrier::kNone && kind != Barrier::kBlock) {
+      for (int i = w0; i < w1; ++i) s.fibers[i].waiting = Barrier::kNone;
+      released = true;
+    }
+  }
+  if (released || !alive) return released;
+  for (int i = 0; i < threads; ++i) s.fibers[i].waiting = Barrier::kNone;  // all at __syncthreads
+  return true;
+}
+
 // Runs body() for every thread of every block of the grid. When thread 0 of the first block
 // finishes without reaching a barrier, the kernel has none (barriers must be reached by all
 // threads), and every other thread runs as a plain call, without fibers.
@@ -371,26 +408,16 @@ inline cudaError_t Run(dim3 grid, dim3 block, size_t shared_bytes, std::function
           f.sp = PrepareFiberStack(f.stack.get(), kFiberStack, FiberEntry);
         }
         s.in_fiber = true;
-        for (bool alive = true, first = true; alive; first = false) {
-          alive = false;
-          Barrier round = Barrier::kNone;
-          for (int i = 0; i < threads; ++i) {
+        for (bool first = true;; first = false) {
+          for (int i = 0; i < threads; ++i) {  // every thread that may run, to its next barrier
             Fiber& f = s.fibers[i];
-            if (f.done) continue;
+            if (f.done || f.waiting != Barrier::kNone) continue;
             s.current = i;
             g_thread_idx = f.tid;
             eellm_emu_switch(&s.main_sp, f.sp);
-            if (f.done) {
-              if (first && i == 0 && bx + by + bz == 0) barriers = false;
-              continue;
-            }
-            alive = true;
-            if (round == Barrier::kNone) round = f.waiting;
-            if (f.waiting != round) {
-              std::fprintf(stderr, "CUDA emulation: threads reached different barriers\n");
-              std::abort();
-            }
+            if (f.done && first && i == 0 && bx + by + bz == 0) barriers = false;
           }
+          if (!ReleaseBarriers(threads)) break;  // every thread has finished
         }
         s.in_fiber = false;
       }
