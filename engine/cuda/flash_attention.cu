@@ -6,10 +6,10 @@
 // each lane knows its rows and columns, and the probabilities become the next product's A
 // operand without leaving registers. Head dimensions 32, 64 and 128.
 //
-// Forward: one block per (64 queries, head, sequence); 4 warps of 16 query rows each, Q in
-// registers for the whole key loop. A warp's output rows stay in accumulators across the key
-// tiles; the online softmax raises a row's reference maximum only when a tile passes it by more
-// than kRescaleSlack, and only then rescales that row of O.
+// Forward: one block per (128 queries, head, sequence); 8 warps of 16 query rows each, Q in
+// registers for the whole key loop; keys in tiles of 64. A warp's output rows stay in
+// accumulators across the key tiles; the online softmax raises a row's reference maximum only
+// when a tile passes it by more than kRescaleSlack, and only then rescales that row of O.
 // Backward (deterministic, no atomics): one kernel for dK and dV per (64 keys, KV head,
 // sequence) that loops over the heads of its group and the query tiles in a fixed order, and
 // one kernel for dQ per (64 queries, head, sequence). Each recomputes P from the saved
@@ -36,27 +36,29 @@
 namespace eellm::cuda {
 namespace {
 
-constexpr int kTile = 64;  // queries and keys per tile
-constexpr int kWarps = 4;  // 16 rows each
+constexpr int kTile = 64;  // keys per tile (and queries per tile in the backward)
+constexpr int kWarps = 4;  // of the backward kernels: 16 rows each
 constexpr int kThreads = kWarps * 32;
+constexpr int kFwdWarps = 8;  // of the forward kernel: 16 query rows each
+constexpr int kFwdRows = kFwdWarps * 16, kFwdThreads = kFwdWarps * 32;
 // bf16 row padding: rows stay 16-byte aligned for ldmatrix, and the 8 rows one 8x8 load reads
 // fall in different banks.
 constexpr int kSkew = 8;
 
 __host__ __device__ constexpr size_t Align128(size_t x) { return (x + 127) / 128 * 128; }
 
-// Copies rows [row0, row0 + kTile) of a strided fp32 or bf16 matrix (row r at src + r * stride,
-// D values) into a bf16 tile [kTile][D + kSkew] (fp32 rounded, bf16 copied); rows at or past
-// `rows` become zeros (so NaN in unused cache rows never reaches a product).
-// 16 bytes per load: a float4 (rounded to 4 bf16 through registers, at once) or 8 bf16 (copied
-// by cp.async: they land at the caller's CpAsyncWait for the group it commits); the rows and the
-// tile's rows of D + kSkew bf16 are multiples of 16 bytes for D in {32, 64, 128}. Either way
-// other threads see the tile after that wait and a __syncthreads.
-template <int D, typename InT>
+// Copies rows [row0, row0 + Rows) of a strided fp32 or bf16 matrix (row r at src + r * stride,
+// D values) into a bf16 tile [Rows][D + kSkew], with the block's Threads threads (fp32 rounded,
+// bf16 copied); rows at or past `rows` become zeros (so NaN in unused cache rows never reaches a
+// product). 16 bytes per load: a float4 (rounded to 4 bf16 through registers, at once) or 8 bf16
+// (copied by cp.async: they land at the caller's CpAsyncWait for the group it commits); the rows
+// and the tile's rows of D + kSkew bf16 are multiples of 16 bytes for D in {32, 64, 128}. Either
+// way other threads see the tile after that wait and a __syncthreads.
+template <int D, typename InT, int Rows = kTile, int Threads = kThreads>
 __device__ void LoadTile(__nv_bfloat16* dst, const InT* src, size_t stride, int row0, int rows) {
   constexpr int kPer = 16 / sizeof(InT);  // values per load
   constexpr int kVec = D / kPer;
-  for (int i = threadIdx.x; i < kTile * kVec; i += kThreads) {
+  for (int i = threadIdx.x; i < Rows * kVec; i += Threads) {
     const int r = i / kVec, c = (i % kVec) * kPer;
     const InT* from = src + static_cast<size_t>(row0 + r) * stride + c;
     __nv_bfloat16* d = dst + r * (D + kSkew) + c;
@@ -136,17 +138,19 @@ constexpr float kRescaleSlack = 8.0f;
 template <int D>
 struct FwdSmem {
   static constexpr size_t kTileBytes = sizeof(__nv_bfloat16) * kTile * (D + kSkew);
-  static constexpr size_t kQ = 0;
-  static constexpr size_t kK = Align128(kQ + kTileBytes);  // two buffers: K[0], K[1]
+  static constexpr size_t kQ = 0;                                             // kFwdRows rows
+  static constexpr size_t kK = Align128(kQ + kTileBytes * kFwdRows / kTile);  // K[0], K[1]
   static constexpr size_t kV = Align128(kK + 2 * kTileBytes);
   static constexpr size_t kBytes = Align128(kV + 2 * kTileBytes);
 };
 
 // q, out: [b, tq, hq, D]; k, v: [b, tk_cap, hkv, D]; lse: [b, hq, tq] or null. InT (q, k, v)
-// and OutT: float or __nv_bfloat16. Lane (g, t4) = (lane / 4, lane % 4) holds rows g and g + 8
-// of its warp's 16 (`half` 0 and 1) and, of each 8-key block, keys 2 t4 and 2 t4 + 1.
+// and OutT: float or __nv_bfloat16. One block per (kFwdRows queries, head, sequence). Lane
+// (g, t4) = (lane / 4, lane % 4) holds rows g and g + 8 of its warp's 16 (`half` 0 and 1) and,
+// of each 8-key block, keys 2 t4 and 2 t4 + 1. A warp skips the key tiles past its last query
+// (all masked: they would add exact zeros) and, whole, rows past tq (decoding: tq = 1).
 template <int D, typename InT, typename OutT>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kFwdThreads)
     FlashForwardKernel(OutT* out, float* lse, const InT* q, const InT* k, const InT* v, int tq,
                        int tk, int tk_cap, int hq, int hkv, int q_offset, float scale) {
   EE_DYNAMIC_SHARED(smem);
@@ -155,7 +159,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kLd = D + kSkew, kN = kTile / 8, kTileElems = kTile * kLd;
 
   // The last query tiles have the most keys: they start first.
-  const int q0 = (gridDim.x - 1 - blockIdx.x) * kTile, h = blockIdx.y, bi = blockIdx.z;
+  const int q0 = (gridDim.x - 1 - blockIdx.x) * kFwdRows, h = blockIdx.y, bi = blockIdx.z;
   const int kvh = h / (hq / hkv);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
   const size_t q_stride = static_cast<size_t>(hq) * D, kv_stride = static_cast<size_t>(hkv) * D;
@@ -163,17 +167,19 @@ __global__ void __launch_bounds__(kThreads)
   const InT* kb = k + static_cast<size_t>(bi) * tk_cap * kv_stride + static_cast<size_t>(kvh) * D;
   const InT* vb = v + static_cast<size_t>(bi) * tk_cap * kv_stride + static_cast<size_t>(kvh) * D;
 
-  const int last_q = min(q0 + kTile, tq) - 1;
+  const int last_q = min(q0 + kFwdRows, tq) - 1;
   const int n_keys = min(tk, q_offset + last_q + 1);
+  const bool warp_rows = q0 + warp * 16 < tq;                // any of the warp's rows exist
+  const int warp_last_key = q_offset + q0 + warp * 16 + 15;  // the last key its rows see
   // K/V tiles in two buffers: tile i + 1 loads while tile i is used.
   auto load_kv = [&](int k0, int buf) {
     if (k0 >= n_keys) return;
-    LoadTile<D>(reinterpret_cast<__nv_bfloat16*>(smem + L::kK) + buf * kTileElems, kb, kv_stride,
-                k0, tk);
-    LoadTile<D>(reinterpret_cast<__nv_bfloat16*>(smem + L::kV) + buf * kTileElems, vb, kv_stride,
-                k0, tk);
+    LoadTile<D, InT, kTile, kFwdThreads>(
+        reinterpret_cast<__nv_bfloat16*>(smem + L::kK) + buf * kTileElems, kb, kv_stride, k0, tk);
+    LoadTile<D, InT, kTile, kFwdThreads>(
+        reinterpret_cast<__nv_bfloat16*>(smem + L::kV) + buf * kTileElems, vb, kv_stride, k0, tk);
   };
-  LoadTile<D>(qs, qb, q_stride, q0, tq);
+  LoadTile<D, InT, kFwdRows, kFwdThreads>(qs, qb, q_stride, q0, tq);
   CpAsyncCommit();
   load_kv(0, 0);
   CpAsyncCommit();
@@ -193,64 +199,66 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     const __nv_bfloat16* ks = reinterpret_cast<__nv_bfloat16*>(smem + L::kK) + buf * kTileElems;
     const __nv_bfloat16* vs = reinterpret_cast<__nv_bfloat16*>(smem + L::kV) + buf * kTileElems;
-    float s[kN][4] = {};  // S_w = Q_w K^T, then P
-    for (int kk = 0; kk < D / 16; ++kk) {
-      for (int n2 = 0; n2 < kN / 2; ++n2) {
-        uint32_t b[4];
-        LdMatrixX4(b, FragRowsBt(ks, kLd, n2 * 16, kk * 16, lane));
-        MmaBf16(s[2 * n2], qf[kk], b[0], b[1]);
-        MmaBf16(s[2 * n2 + 1], qf[kk], b[2], b[3]);
-      }
-    }
-    for (int half = 0; half < 2; ++half) {
-      const int qpos = qpos0 + 8 * half;
-      float tile_max = -INFINITY;
-      for (int n = 0; n < kN; ++n) {
-        for (int e = 0; e < 2; ++e) {
-          const int key = k0 + n * 8 + 2 * t4 + e;
-          float& x = s[n][2 * half + e];
-          x = key <= qpos && key < tk ? x * scale : -INFINITY;
-          tile_max = fmaxf(tile_max, x);
+    if (warp_rows && k0 <= warp_last_key) {  // (warp-uniform)
+      float s[kN][4] = {};                   // S_w = Q_w K^T, then P
+      for (int kk = 0; kk < D / 16; ++kk) {
+        for (int n2 = 0; n2 < kN / 2; ++n2) {
+          uint32_t b[4];
+          LdMatrixX4(b, FragRowsBt(ks, kLd, n2 * 16, kk * 16, lane));
+          MmaBf16(s[2 * n2], qf[kk], b[0], b[1]);
+          MmaBf16(s[2 * n2 + 1], qf[kk], b[2], b[3]);
         }
       }
-      // The row's 64 keys lie in the lanes of one quad.
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-      // Raise the reference when the tile's maximum passes it by more than the slack (always at
-      // the row's first valid key); O and l, taken against the old reference, shrink by alpha.
-      // Before the first valid key O and l are zero, so only later raises rescale O.
-      if (tile_max > m[half] + kRescaleSlack) {
-        if (m[half] != -INFINITY) {
-          const float alpha = __expf(m[half] - tile_max);
-          l[half] *= alpha;
-          for (int n = 0; n < D / 8; ++n) {
-            o[n][2 * half] *= alpha;
-            o[n][2 * half + 1] *= alpha;
+      for (int half = 0; half < 2; ++half) {
+        const int qpos = qpos0 + 8 * half;
+        float tile_max = -INFINITY;
+        for (int n = 0; n < kN; ++n) {
+          for (int e = 0; e < 2; ++e) {
+            const int key = k0 + n * 8 + 2 * t4 + e;
+            float& x = s[n][2 * half + e];
+            x = key <= qpos && key < tk ? x * scale : -INFINITY;
+            tile_max = fmaxf(tile_max, x);
           }
         }
-        m[half] = tile_max;
-      }
-      float sum = 0.0f;
-      for (int n = 0; n < kN; ++n) {
-        for (int e = 0; e < 2; ++e) {
-          float& x = s[n][2 * half + e];
-          const float p = x == -INFINITY ? 0.0f : __expf(x - m[half]);
-          x = __bfloat162float(__float2bfloat16(p));  // as the product with V will read it
-          sum += x;
+        // The row's 64 keys lie in the lanes of one quad.
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+        // Raise the reference when the tile's maximum passes it by more than the slack (always at
+        // the row's first valid key); O and l, taken against the old reference, shrink by alpha.
+        // Before the first valid key O and l are zero, so only later raises rescale O.
+        if (tile_max > m[half] + kRescaleSlack) {
+          if (m[half] != -INFINITY) {
+            const float alpha = __expf(m[half] - tile_max);
+            l[half] *= alpha;
+            for (int n = 0; n < D / 8; ++n) {
+              o[n][2 * half] *= alpha;
+              o[n][2 * half + 1] *= alpha;
+            }
+          }
+          m[half] = tile_max;
         }
+        float sum = 0.0f;
+        for (int n = 0; n < kN; ++n) {
+          for (int e = 0; e < 2; ++e) {
+            float& x = s[n][2 * half + e];
+            const float p = x == -INFINITY ? 0.0f : __expf(x - m[half]);
+            x = __bfloat162float(__float2bfloat16(p));  // as the product with V will read it
+            sum += x;
+          }
+        }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        l[half] += sum;
       }
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      l[half] += sum;
+      uint32_t p[kN / 2][4];
+      for (int kb2 = 0; kb2 < kN / 2; ++kb2) AccumulatorsAsA(p[kb2], s[2 * kb2], s[2 * kb2 + 1]);
+      AccumulatePY<D, kN / 2>(o, p, vs, 0, lane);  // O_w += P_w V
     }
-    uint32_t p[kN / 2][4];
-    for (int kb2 = 0; kb2 < kN / 2; ++kb2) AccumulatorsAsA(p[kb2], s[2 * kb2], s[2 * kb2 + 1]);
-    AccumulatePY<D, kN / 2>(o, p, vs, 0, lane);  // O_w += P_w V
     __syncthreads();  // every warp is done with this buffer before it is loaded again
   }
   for (int half = 0; half < 2; ++half) {
     const int row = q0 + warp * 16 + g + 8 * half;
-    if (row >= tq) continue;
+    if (row >= tq) continue;  // (also every row of a warp that skipped the loop)
     const float inv = l[half] > 0.0f ? 1.0f / l[half] : 0.0f;
     OutT* orow =
         out + (static_cast<size_t>(bi) * tq + row) * q_stride + static_cast<size_t>(h) * D + 2 * t4;
@@ -474,9 +482,9 @@ cudaError_t LaunchForward(OutT* out, float* lse, const InT* q, const InT* k, con
   cudaError_t e = cudaFuncSetAttribute(FlashForwardKernel<D, InT, OutT>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
   if (e != cudaSuccess) return e;
-  const dim3 grid((tq + kTile - 1) / kTile, hq, b);
-  return LaunchKernel(FlashForwardKernel<D, InT, OutT>, grid, dim3(kThreads), kBytes, s, out, lse,
-                      q, k, v, tq, tk, tk_cap, hq, hkv, q_offset, 1.0f / sqrtf(D));
+  const dim3 grid((tq + kFwdRows - 1) / kFwdRows, hq, b);
+  return LaunchKernel(FlashForwardKernel<D, InT, OutT>, grid, dim3(kFwdThreads), kBytes, s, out,
+                      lse, q, k, v, tq, tk, tk_cap, hq, hkv, q_offset, 1.0f / sqrtf(D));
 }
 
 template <int D, typename InT, typename OutT>
