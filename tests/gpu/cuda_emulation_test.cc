@@ -1,11 +1,10 @@
 // The CPU emulation of CUDA (tests/gpu/emu) reports what would fault or fail on a GPU: host
 // memory where the CUDA backend needs device memory (kernel arguments, cuBLAS operands, the
-// device side of a copy), launches over the shared-memory limit, misaligned WMMA tiles. The
-// backend's results under it are checked by the parity suite
+// device side of a copy), launches over the shared-memory limit, misaligned cp.async and ldmatrix.
+// The backend's results under it are checked by the parity suite
 // (EELLM_PARITY_BACKEND=emulated-cuda[-bf16]).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
-#include <mma.h>
 
 #include <cmath>
 #include <memory>
@@ -96,26 +95,6 @@ TEST(CudaEmulationLimits, LargeDynamicSharedMemoryNeedsTheOptIn) {
             cudaSuccess);
   (void)cudaGetLastError();
   EXPECT_EQ(cudaFree(out), cudaSuccess);
-}
-
-__global__ void LoadTileKernel(const __nv_bfloat16* tile, unsigned ld) {
-  nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __nv_bfloat16, nvcuda::wmma::row_major>
-      a;
-  nvcuda::wmma::load_matrix_sync(a, tile, ld);
-}
-
-// WMMA tiles need 32-byte aligned pointers and leading dimensions of a multiple of 16 bytes.
-TEST(CudaEmulationLimits, MisalignedWmmaTilesAbort) {
-  __nv_bfloat16* tile = nullptr;
-  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&tile), 64 * 64 * sizeof(__nv_bfloat16)),
-            cudaSuccess);
-  EXPECT_EQ(LaunchKernel(LoadTileKernel, dim3(1), dim3(32), 0, nullptr, tile + 16, 24u),
-            cudaSuccess);
-  EXPECT_DEATH(LaunchKernel(LoadTileKernel, dim3(1), dim3(32), 0, nullptr, tile + 8, 24u),
-               "needs 32-byte alignment");
-  EXPECT_DEATH(LaunchKernel(LoadTileKernel, dim3(1), dim3(32), 0, nullptr, tile, 20u),
-               "multiple of 16 bytes");
-  EXPECT_EQ(cudaFree(tile), cudaSuccess);
 }
 
 // Warp 0 shuffles (twice) where warp 1 skips ahead to __syncthreads; then every thread reads what

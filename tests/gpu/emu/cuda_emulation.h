@@ -1,24 +1,23 @@
-// A CPU emulation of the small part of CUDA that engine/cuda's WMMA kernels use, so that their
-// logic (indexing, masking, tiling, barriers, online softmax) is checked against the CPU
-// backend on every machine, CI included, where no GPU exists. It is for tests only and says
-// nothing about speed or register limits. Like the device, it refuses launches with more than
-// 48 KiB of dynamic shared memory unless cudaFuncSetAttribute raised that kernel's limit (to at
-// most 227 KiB), and WMMA loads and stores from pointers not 32-byte aligned or with a leading
-// dimension that is not a multiple of 16 bytes (mma.h).
+// A CPU emulation of the small part of CUDA that engine/cuda's kernels use, so that their logic
+// (indexing, masking, tiling, barriers, online softmax, register layouts of the tensor-core
+// instructions) is checked against the CPU backend on every machine, CI included, where no GPU
+// exists. It is for tests only and says nothing about speed or register limits. Like the device,
+// it refuses launches with more than 48 KiB of dynamic shared memory unless
+// cudaFuncSetAttribute raised that kernel's limit (to at most 227 KiB), and misaligned ldmatrix
+// and cp.async addresses (warp_mma.h, async_copy.h).
 //
 // A launch runs the blocks one after another; the threads of a block are fibers
 // (fiber_switch.h) on the calling thread, switched only at barriers: __syncthreads, and the
-// warp-level ones: __syncwarp, each half of a shuffle, the start of each warp-collective WMMA
-// load or store (mma.h) and each ldmatrix or MMA (warp_mma.h). Threads run in index order, each
-// to its next barrier; a warp passes a warp-level barrier when all its live lanes wait there, the
-// block passes __syncthreads when all its live threads do. So warps may take different paths
-// between block barriers (a warp may skip work the others do), as on the device. The lanes of a
-// warp must wait at the same kind of barrier, else the emulation aborts (a divergent barrier is
-// undefined behaviour on the device). Dynamic shared memory starts as 0xFF bytes (NaN as fp32 and
-// bf16), so reading what no thread wrote shows up in the results.
+// warp-level ones: __syncwarp, each half of a shuffle, and each ldmatrix or MMA (warp_mma.h).
+// Threads run in index order, each to its next barrier; a warp passes a warp-level barrier when all
+// its live lanes wait there, the block passes __syncthreads when all its live threads do. So warps
+// may take different paths between block barriers (a warp may skip work the others do), as on the
+// device. The lanes of a warp must wait at the same kind of barrier, else the emulation aborts (a
+// divergent barrier is undefined behaviour on the device). Dynamic shared memory starts as 0xFF
+// bytes (NaN as fp32 and bf16), so reading what no thread wrote shows up in the results.
 //
 // Device pointers are host pointers here. Include this through the shim headers of this
-// folder (cuda_runtime.h, cuda_bf16.h, mma.h), with EELLM_CUDA_EMULATION defined.
+// folder (cuda_runtime.h, cuda_bf16.h), with EELLM_CUDA_EMULATION defined.
 #pragma once
 
 #include <algorithm>
@@ -259,7 +258,7 @@ inline size_t SharedLimit(const void* kernel) {
 constexpr size_t kFiberStack = 256 * 1024;
 constexpr size_t kExchangeBytes = 64;  // per thread and WarpExchange
 
-enum class Barrier { kNone, kBlock, kWarp, kShuffle, kCollective };
+enum class Barrier { kNone, kBlock, kWarp, kShuffle };
 
 struct Fiber {
   void* sp = nullptr;             // saved stack pointer while switched out
