@@ -20,7 +20,7 @@
 #            validation losses to compare with the CPU's), generation with and without early exit
 #   compare  the 1.3B at one micro-batch per step, with fp32 activations (cuda-bf16) and in plain
 #            fp32 (cuda)
-#   sanitize compute-sanitizer memcheck and racecheck on the attention parity tests of
+#   sanitize compute-sanitizer memcheck, racecheck and synccheck on the attention parity tests of
 #            cuda-bf16w (the fused kernels with fp32 and with bf16 inputs, over several key tiles:
 #            out-of-bounds accesses and shared-memory races, e.g. a cp.async into a buffer that
 #            another warp still reads, which the CPU emulation cannot see)
@@ -78,7 +78,7 @@ run bench_llama_fp32 "$B/eellm" bench train --model=configs/bench/llama_1p3b.jso
 fi
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 if want sanitize && [ -x "$SAN" ]; then
-  for tool in memcheck racecheck; do
+  for tool in memcheck racecheck synccheck; do
     run "sanitize_$tool" env EELLM_PARITY_BACKEND=cuda-bf16w "$SAN" --tool "$tool" --error-exitcode 3 \
       "$B/tests/backend_parity_tests" --gtest_filter='BackendParity.Attention*:OperandParity.Attention*:OperandParity.Fused*'
   done

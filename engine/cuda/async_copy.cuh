@@ -21,7 +21,8 @@ namespace eellm::cuda {
 __device__ __forceinline__ void CpAsync16(void* dst, const void* src, bool fill) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
   const int src_bytes = fill ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(src_bytes)
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s),
+               "l"(__cvta_generic_to_global(src)), "r"(src_bytes)
                : "memory");
 }
 

@@ -286,6 +286,7 @@ struct Scheduler {
   std::function<void()> body;
   std::vector<unsigned char> shared;  // dynamic shared memory of the running block
   unsigned char* shared_base = nullptr;
+  size_t shared_size = 0;       // the launch's dynamic shared memory, from shared_base
   std::vector<uint64_t> lanes;  // shuffle exchange, one slot per thread
   // WarpExchange's slots: two sets of kExchangeBytes per thread, used alternately by each thread
   // (its phase), so one barrier per exchange suffices.
@@ -380,6 +381,7 @@ inline cudaError_t Run(dim3 grid, dim3 block, size_t shared_bytes, std::function
   for (auto& slots : s.exchange) slots.assign(static_cast<size_t>(threads) * kExchangeBytes, 0);
   s.exchange_phase.assign(threads, 0);
   s.shared.assign(shared_bytes + 128, 0xFF);
+  s.shared_size = shared_bytes;
   s.shared_base = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(s.shared.data()) + 127) / 128 * 128);
   g_block_dim = block;
@@ -447,7 +449,7 @@ void WarpExchange(const T& mine, T (&all)[32]) {
 inline bool InDynamicShared(const void* p, size_t bytes) {
   const Scheduler& s = Sched();
   const auto* c = static_cast<const unsigned char*>(p);
-  return c >= s.shared_base && c + bytes <= s.shared.data() + s.shared.size();
+  return c >= s.shared_base && c + bytes <= s.shared_base + s.shared_size;
 }
 
 }  // namespace eellm_emu
