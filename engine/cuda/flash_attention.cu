@@ -10,11 +10,11 @@
 // registers for the whole key loop; keys in tiles of 64. A warp's output rows stay in
 // accumulators across the key tiles; the online softmax raises a row's reference maximum only
 // when a tile passes it by more than kRescaleSlack, and only then rescales that row of O.
-// Backward (deterministic, no atomics): one kernel for dK and dV per (64 keys, KV head,
-// sequence) that loops over the heads of its group and the query tiles in a fixed order, and
-// one kernel for dQ per (64 queries, head, sequence). Each recomputes P from the saved
-// log-sum-exps; D_i = dO_i . O_i comes from a small kernel before them. Every operand is fp32 or
-// bf16 (engine/tensor/operand.h): q, k, v and dq, dk, dv of one type (InT), O and dO of one type
+// Backward (deterministic, no atomics): one kernel for dK and dV per (128 keys, KV head,
+// sequence; 8 warps of 16 keys) that loops over the heads of its group and the query tiles in a
+// fixed order, and one kernel for dQ per (64 queries, head, sequence). Each recomputes P from the
+// saved log-sum-exps; D_i = dO_i . O_i comes from a small kernel before them. Every operand is fp32
+// or bf16 (engine/tensor/operand.h): q, k, v and dq, dk, dv of one type (InT), O and dO of one type
 // (OutT).
 //
 // Rounding (what the test reference, tests/gpu/bf16_reference_backend.cc, follows): the forward
@@ -41,6 +41,8 @@ constexpr int kWarps = 4;  // of the backward kernels: 16 rows each
 constexpr int kThreads = kWarps * 32;
 constexpr int kFwdWarps = 8;  // of the forward kernel: 16 query rows each
 constexpr int kFwdRows = kFwdWarps * 16, kFwdThreads = kFwdWarps * 32;
+constexpr int kKvWarps = 8;  // of the dK/dV kernel: 16 keys each
+constexpr int kKvRows = kKvWarps * 16, kKvThreads = kKvWarps * 32;
 // bf16 row padding: rows stay 16-byte aligned for ldmatrix, and the 8 rows one 8x8 load reads
 // fall in different banks.
 constexpr int kSkew = 8;
@@ -293,16 +295,17 @@ __global__ void RowDotKernel(float* dsum, const OutT* dout, const OutT* out, int
   if (lane == 0) dsum[warp_row] = acc;
 }
 
-// Shared memory of both backward kernels: two bf16 tiles fixed per block (A, B), two streamed
-// ones (C, D) in two buffers each, and the lse and D values of up to 64 queries, also in two
-// buffers: step i + 1 loads while step i computes.
-template <int D>
+// Shared memory of both backward kernels: two bf16 tiles of FixedRows rows fixed per block (A,
+// B), two streamed ones of 64 rows (C, D) in two buffers each, and the lse and D values of up to
+// 64 queries, also in two buffers: step i + 1 loads while step i computes.
+template <int D, int FixedRows = kTile>
 struct BwdSmem {
   static constexpr int kTileElems = kTile * (D + kSkew);
   static constexpr size_t kTileBytes = sizeof(__nv_bfloat16) * kTileElems;
+  static constexpr size_t kFixedBytes = kTileBytes * FixedRows / kTile;
   static constexpr size_t kA = 0;
-  static constexpr size_t kB = Align128(kA + kTileBytes);
-  static constexpr size_t kC = Align128(kB + kTileBytes);
+  static constexpr size_t kB = Align128(kA + kFixedBytes);
+  static constexpr size_t kC = Align128(kB + kFixedBytes);
   static constexpr size_t kD = Align128(kC + 2 * kTileBytes);
   static constexpr size_t kStats = Align128(kD + 2 * kTileBytes);  // [2][lse 64, D 64]
   static constexpr size_t kBytes = Align128(kStats + sizeof(float) * 2 * 2 * kTile);
@@ -317,32 +320,36 @@ struct BwdSmem {
 // The backward kernels take the 64-column tiles in two steps of this many columns (registers).
 constexpr int kBwdCols = 32;
 
-// Loads lse and D of queries [q0, q0 + 64) (zeros past t) into stats[0, 64) and [64, 128).
+// Loads lse and D of queries [q0, q0 + 64) (zeros past t) into stats[0, 64) and [64, 128), with
+// the block's Threads threads.
+template <int Threads>
 __device__ __forceinline__ void LoadStats(float* stats, const float* lse, const float* dsum, int q0,
                                           int t) {
-  for (int i = threadIdx.x; i < kTile; i += kThreads) {
+  for (int i = threadIdx.x; i < kTile; i += Threads) {
     const bool in = q0 + i < t;
     stats[i] = in ? lse[q0 + i] : 0.0f;
     stats[kTile + i] = in ? dsum[q0 + i] : 0.0f;
   }
 }
 
-// dK, dV for keys [k0, k0 + 64) of KV head kvh in sequence bi: warp w owns keys k0 + 16w ..
+// dK, dV for keys [k0, k0 + kKvRows) of KV head kvh in sequence bi: warp w owns keys k0 + 16w ..
 // k0 + 16w + 15. For each head of the group, then each query tile at or after the keys:
 //   S^T = K Q^T; P^T = exp(scale S^T - lse) (key <= query); dV += P^T dO; dP^T = V dO^T;
 //   dS^T = P^T (dP^T - D); dK += scale dS^T Q.
+// A warp skips the query tiles that end before its first key (all masked: exact zeros), and
+// everything when its keys are past t.
 template <int D, typename InT, typename OutT>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kKvThreads)
     FlashBackwardKvKernel(InT* dk, InT* dv, const OutT* dout, const float* lse, const float* dsum,
                           const InT* q, const InT* k, const InT* v, int t, int hq, int hkv,
                           float scale) {
   EE_DYNAMIC_SHARED(smem);
-  using L = BwdSmem<D>;
+  using L = BwdSmem<D, kKvRows>;
   const __nv_bfloat16* ks = L::Tile(smem, L::kA, 0);
   const __nv_bfloat16* vs = L::Tile(smem, L::kB, 0);
   constexpr int kN = kBwdCols / 8;
 
-  const int k0 = blockIdx.x * kTile, kvh = blockIdx.y, bi = blockIdx.z;
+  const int k0 = blockIdx.x * kKvRows, kvh = blockIdx.y, bi = blockIdx.z;
   const int group = hq / hkv;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
   const size_t q_stride = static_cast<size_t>(hq) * D, kv_stride = static_cast<size_t>(hkv) * D;
@@ -354,18 +361,19 @@ __global__ void __launch_bounds__(kThreads)
     if (step >= steps) return;
     const int h = kvh * group + step / q_tiles, q0 = k0 + (step % q_tiles) * kTile;
     const size_t q_base = static_cast<size_t>(bi) * t * q_stride + static_cast<size_t>(h) * D;
-    LoadTile<D>(L::Tile(smem, L::kC, buf), q + q_base, q_stride, q0, t);
-    LoadTile<D>(L::Tile(smem, L::kD, buf), dout + q_base, q_stride, q0, t);
+    LoadTile<D, InT, kTile, kKvThreads>(L::Tile(smem, L::kC, buf), q + q_base, q_stride, q0, t);
+    LoadTile<D, OutT, kTile, kKvThreads>(L::Tile(smem, L::kD, buf), dout + q_base, q_stride, q0, t);
     const size_t row = (static_cast<size_t>(bi) * hq + h) * t;
-    LoadStats(L::Stats(smem, buf), lse + row, dsum + row, q0, t);
+    LoadStats<kKvThreads>(L::Stats(smem, buf), lse + row, dsum + row, q0, t);
   };
-  LoadTile<D>(L::Tile(smem, L::kA, 0), k + kv_base, kv_stride, k0, t);
-  LoadTile<D>(L::Tile(smem, L::kB, 0), v + kv_base, kv_stride, k0, t);
+  LoadTile<D, InT, kKvRows, kKvThreads>(L::Tile(smem, L::kA, 0), k + kv_base, kv_stride, k0, t);
+  LoadTile<D, InT, kKvRows, kKvThreads>(L::Tile(smem, L::kB, 0), v + kv_base, kv_stride, k0, t);
   load_step(0, 0);
   CpAsyncCommit();
 
   float dk_acc[D / 8][4] = {}, dv_acc[D / 8][4] = {};
   const int key0 = k0 + warp * 16 + g;  // this lane's keys: key0 and key0 + 8
+  const int warp_key = k0 + warp * 16;  // the warp's first key
   for (int step = 0, buf = 0; step < steps; ++step, buf ^= 1) {
     load_step(step + 1, buf ^ 1);  // the other buffers, free since the last step's barrier
     CpAsyncCommit();
@@ -375,7 +383,8 @@ __global__ void __launch_bounds__(kThreads)
     const __nv_bfloat16* qs = L::Tile(smem, L::kC, buf);
     const __nv_bfloat16* dos = L::Tile(smem, L::kD, buf);
     const float* stats = L::Stats(smem, buf);
-    for (int c0 = 0; c0 < kTile; c0 += kBwdCols) {
+    const bool work = warp_key < t && q0 + kTile - 1 >= warp_key;  // (warp-uniform)
+    for (int c0 = 0; work && c0 < kTile; c0 += kBwdCols) {
       float pt[kN][4] = {}, dst[kN][4] = {};
       ProductXYt<D, kBwdCols>(pt, ks, warp * 16, qs, c0, lane);    // S^T_w
       ProductXYt<D, kBwdCols>(dst, vs, warp * 16, dos, c0, lane);  // dP^T_w
@@ -401,8 +410,8 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();  // every warp is done with these buffers before they are loaded again
   }
-  StoreWarpRows<D>(dv + kv_base, kv_stride, k0 + warp * 16, t, dv_acc, 1.0f, lane);
-  StoreWarpRows<D>(dk + kv_base, kv_stride, k0 + warp * 16, t, dk_acc, scale, lane);
+  StoreWarpRows<D>(dv + kv_base, kv_stride, warp_key, t, dv_acc, 1.0f, lane);
+  StoreWarpRows<D>(dk + kv_base, kv_stride, warp_key, t, dk_acc, scale, lane);
 }
 
 // dQ for queries [q0, q0 + 64) of head h in sequence bi: warp w owns 16 of them. For each key
@@ -436,7 +445,7 @@ __global__ void __launch_bounds__(kThreads)
   LoadTile<D>(L::Tile(smem, L::kA, 0), q + q_base, q_stride, q0, t);
   LoadTile<D>(L::Tile(smem, L::kB, 0), dout + q_base, q_stride, q0, t);
   const size_t row = (static_cast<size_t>(bi) * hq + h) * t;
-  LoadStats(L::Stats(smem, 0), lse + row, dsum + row, q0, t);
+  LoadStats<kThreads>(L::Stats(smem, 0), lse + row, dsum + row, q0, t);
   load_kv(0, 0);
   CpAsyncCommit();
 
@@ -491,24 +500,24 @@ template <int D, typename InT, typename OutT>
 cudaError_t LaunchBackward(InT* dq, InT* dk, InT* dv, const OutT* dout, const OutT* out,
                            const float* lse, float* dsum, const InT* q, const InT* k, const InT* v,
                            int b, int t, int hq, int hkv, cudaStream_t s) {
-  constexpr size_t kBytes = BwdSmem<D>::kBytes;
+  constexpr size_t kKvBytes = BwdSmem<D, kKvRows>::kBytes, kQBytes = BwdSmem<D>::kBytes;
   const float scale = 1.0f / sqrtf(D);
   const int rows = b * hq * t;
   cudaError_t e = LaunchKernel(RowDotKernel<OutT>, dim3((rows + 7) / 8), dim3(256), 0, s, dsum,
                                dout, out, t, hq, D, rows);
   if (e != cudaSuccess) return e;
   e = cudaFuncSetAttribute(FlashBackwardKvKernel<D, InT, OutT>,
-                           cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, kKvBytes);
   if (e != cudaSuccess) return e;
   e = cudaFuncSetAttribute(FlashBackwardQKernel<D, InT, OutT>,
-                           cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, kQBytes);
   if (e != cudaSuccess) return e;
-  const int tiles = (t + kTile - 1) / kTile;
-  e = LaunchKernel(FlashBackwardKvKernel<D, InT, OutT>, dim3(tiles, hkv, b), dim3(kThreads), kBytes,
-                   s, dk, dv, dout, lse, dsum, q, k, v, t, hq, hkv, scale);
+  e = LaunchKernel(FlashBackwardKvKernel<D, InT, OutT>, dim3((t + kKvRows - 1) / kKvRows, hkv, b),
+                   dim3(kKvThreads), kKvBytes, s, dk, dv, dout, lse, dsum, q, k, v, t, hq, hkv,
+                   scale);
   if (e != cudaSuccess) return e;
-  return LaunchKernel(FlashBackwardQKernel<D, InT, OutT>, dim3(tiles, hq, b), dim3(kThreads),
-                      kBytes, s, dq, dout, lse, dsum, q, k, v, t, hq, hkv, scale);
+  return LaunchKernel(FlashBackwardQKernel<D, InT, OutT>, dim3((t + kTile - 1) / kTile, hq, b),
+                      dim3(kThreads), kQBytes, s, dq, dout, lse, dsum, q, k, v, t, hq, hkv, scale);
 }
 
 template <typename InT, typename OutT>
