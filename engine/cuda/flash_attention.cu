@@ -37,7 +37,7 @@ namespace eellm::cuda {
 namespace {
 
 constexpr int kTile = 64;  // keys per tile (and queries per tile in the backward)
-constexpr int kWarps = 4;  // of the backward kernels: 16 rows each
+constexpr int kWarps = 4;  // of the dQ kernel: 16 query rows each
 constexpr int kThreads = kWarps * 32;
 constexpr int kFwdWarps = 8;  // of the forward kernel: 16 query rows each
 constexpr int kFwdRows = kFwdWarps * 16, kFwdThreads = kFwdWarps * 32;
