@@ -3,6 +3,7 @@
 // the logits) and the vocabulary-parallel pieces. One block per row; sums in double.
 #include <cmath>
 
+#include "engine/cuda/async_copy.cuh"
 #include "engine/cuda/block_reduce.cuh"
 #include "engine/cuda/cuda_kernels.h"
 #include "engine/cuda/element_io.cuh"
@@ -54,6 +55,15 @@ __global__ void SoftmaxBackwardKernel(float* ds, const float* p, int t) {
   }
 }
 
+// Rows of at most this many logits (216 KiB, v a multiple of 4) are staged in shared memory by
+// cross-entropy: the max, sum and gradient passes then read the row once from DRAM instead of
+// three times (a chunk of [rows, 32000] fp32 logits is far larger than L2, so each pass missed it).
+constexpr int kStagedVocabMax = 54 * 1024;
+
+// kStaged: the row is first copied to dynamic shared memory (cp.async, 16 bytes per copy; v % 4
+// == 0, 16-byte aligned rows), and the passes read it there. Same threads, same order: the
+// results are the same bits either way.
+template <bool kStaged>
 __global__ void CrossEntropyKernel(float* losses, float* max_prob, Elems dlogits,
                                    const float* logits, const int32_t* targets,
                                    const float* weights, int v) {
@@ -61,6 +71,15 @@ __global__ void CrossEntropyKernel(float* losses, float* max_prob, Elems dlogits
   __shared__ float fscratch[kThreads];
   const size_t r = blockIdx.x;
   const float* lr = logits + r * v;
+  if constexpr (kStaged) {
+    EE_DYNAMIC_SHARED(smem);
+    float* row = reinterpret_cast<float*>(smem);
+    for (int j = 4 * threadIdx.x; j < v; j += 4 * blockDim.x) CpAsync16(row + j, lr + j, true);
+    CpAsyncCommit();
+    CpAsyncWait<0>();
+    __syncthreads();
+    lr = row;
+  }
   const int target = targets[r];
   const bool valid = target >= 0 && target < v;
   const float target_logit = valid ? lr[target] : NAN;  // read before dlogits may overwrite
@@ -143,8 +162,19 @@ cudaError_t CrossEntropy(float* losses, float* max_prob, Elems dlogits, const fl
                          const int32_t* targets, const float* weights, int n, int v,
                          cudaStream_t s) {
   if (n > 0 && v > 0) {
-    LaunchKernel(CrossEntropyKernel, dim3(n), dim3(kThreads), 0, s, losses, max_prob, dlogits,
-                 logits, targets, weights, v);
+    const bool staged =
+        v % 4 == 0 && v <= kStagedVocabMax && reinterpret_cast<uintptr_t>(logits) % 16 == 0;
+    if (staged) {
+      const size_t bytes = sizeof(float) * v;
+      const cudaError_t e = cudaFuncSetAttribute(
+          CrossEntropyKernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+      if (e != cudaSuccess) return e;
+      LaunchKernel(CrossEntropyKernel<true>, dim3(n), dim3(kThreads), bytes, s, losses, max_prob,
+                   dlogits, logits, targets, weights, v);
+    } else {
+      LaunchKernel(CrossEntropyKernel<false>, dim3(n), dim3(kThreads), 0, s, losses, max_prob,
+                   dlogits, logits, targets, weights, v);
+    }
   }
   return cudaGetLastError();
 }
