@@ -8,7 +8,7 @@
 //
 // A launch runs the blocks one after another; the threads of a block are fibers
 // (fiber_switch.h) on the calling thread, switched only at barriers: __syncthreads, and the
-// warp-level ones: __syncwarp, each half of a shuffle, and each ldmatrix or MMA (warp_mma.h).
+// warp-level ones: __syncwarp, and each shuffle, ldmatrix or MMA (warp_mma.h).
 // Threads run in index order, each to its next barrier; a warp passes a warp-level barrier when all
 // its live lanes wait there, the block passes __syncthreads when all its live threads do. So warps
 // may take different paths between block barriers (a warp may skip work the others do), as on the
@@ -286,8 +286,7 @@ struct Scheduler {
   std::function<void()> body;
   std::vector<unsigned char> shared;  // dynamic shared memory of the running block
   unsigned char* shared_base = nullptr;
-  size_t shared_size = 0;       // the launch's dynamic shared memory, from shared_base
-  std::vector<uint64_t> lanes;  // shuffle exchange, one slot per thread
+  size_t shared_size = 0;  // the launch's dynamic shared memory, from shared_base
   // WarpExchange's slots: two sets of kExchangeBytes per thread, used alternately by each thread
   // (its phase), so one barrier per exchange suffices.
   std::vector<unsigned char> exchange[2];
@@ -377,8 +376,9 @@ inline cudaError_t Run(dim3 grid, dim3 block, size_t shared_bytes, std::function
   s.body = std::move(body);
   // Grow only: shrinking would free fiber stacks that the next larger launch allocates again.
   if (s.fibers.size() < static_cast<size_t>(threads)) s.fibers.resize(threads);
-  s.lanes.assign(threads, 0);
-  for (auto& slots : s.exchange) slots.assign(static_cast<size_t>(threads) * kExchangeBytes, 0);
+  // (Whole warps: a partial last warp's exchanges read slots of lanes that do not exist.)
+  const size_t warp_threads = static_cast<size_t>(threads + 31) / 32 * 32;
+  for (auto& slots : s.exchange) slots.assign(warp_threads * kExchangeBytes, 0);
   s.exchange_phase.assign(threads, 0);
   s.shared.assign(shared_bytes + 128, 0xFF);
   s.shared_size = shared_bytes;
@@ -427,9 +427,10 @@ inline cudaError_t Run(dim3 grid, dim3 block, size_t shared_bytes, std::function
 
 inline unsigned char* DynamicShared() { return Sched().shared_base; }
 
-// A warp-collective exchange (the emulation of instructions that read other lanes' registers,
-// warp_mma.h): every lane of the warp publishes `mine`; on return all[l] is lane l's value. One
-// barrier: a lane's next exchange writes the other set of slots, which no lane still reads.
+// A warp-collective exchange (the emulation of the instructions that read other lanes'
+// registers: shuffles, and ldmatrix and MMA in warp_mma.h): every lane of the warp publishes
+// `mine`; on return all[l] is lane l's value. One barrier: a lane's next exchange writes the other
+// set of slots, which no lane still reads.
 template <typename T>
 void WarpExchange(const T& mine, T (&all)[32]) {
   static_assert(sizeof(T) <= kExchangeBytes, "exchange of a large type");
@@ -464,18 +465,9 @@ inline void __syncwarp(unsigned = 0xffffffffu) { eellm_emu::Yield(eellm_emu::Bar
 
 template <typename T>
 T __shfl_xor_sync(unsigned, T value, int lane_mask, int = 32) {
-  static_assert(sizeof(T) <= sizeof(uint64_t), "shuffle of a large type");
-  eellm_emu::Scheduler& s = eellm_emu::Sched();
-  const int me = eellm_emu::LinearThread();
-  uint64_t slot = 0;
-  std::memcpy(&slot, &value, sizeof(T));
-  s.lanes[me] = slot;
-  eellm_emu::Yield(eellm_emu::Barrier::kShuffle);  // every lane has written
-  const int partner = (me & ~31) | ((me & 31) ^ lane_mask);
-  T out;
-  std::memcpy(&out, &s.lanes[partner], sizeof(T));
-  eellm_emu::Yield(eellm_emu::Barrier::kShuffle);  // every lane has read
-  return out;
+  T all[32];
+  eellm_emu::WarpExchange(value, all);
+  return all[(eellm_emu::LinearThread() & 31) ^ lane_mask];
 }
 
 template <typename... Params>

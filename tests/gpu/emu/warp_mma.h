@@ -37,27 +37,26 @@ inline void ExchangeRows(const __nv_bfloat16* row, const __nv_bfloat16* (&rows)[
 
 inline int Lane() { return eellm_emu::LinearThread() % 32; }
 
+// ldmatrix .x4, plain or transposed (`trans`): r[j] = (row g, cols 2t, 2t + 1) of tile j, or
+// (rows 2t, 2t + 1, col g).
+inline void LdMatrix(uint32_t (&r)[4], const __nv_bfloat16* row, bool trans) {
+  const __nv_bfloat16* rows[32];
+  ExchangeRows(row, rows);
+  const int g = Lane() / 4, t = Lane() % 4;
+  for (int j = 0; j < 4; ++j) {
+    const __nv_bfloat16* const* tile = rows + j * 8;  // its 8 row addresses
+    r[j] = trans ? Bits(tile[2 * t][g]) | (Bits(tile[2 * t + 1][g]) << 16)
+                 : Bits(tile[g][2 * t]) | (Bits(tile[g][2 * t + 1]) << 16);
+  }
+}
 }  // namespace emulated_mma
 
 inline void LdMatrixX4(uint32_t (&r)[4], const __nv_bfloat16* row) {
-  using namespace emulated_mma;  // NOLINT
-  const __nv_bfloat16* rows[32];
-  ExchangeRows(row, rows);
-  const int g = Lane() / 4, t = Lane() % 4;
-  for (int j = 0; j < 4; ++j) {
-    const __nv_bfloat16* p = rows[j * 8 + g];
-    r[j] = Bits(p[2 * t]) | (Bits(p[2 * t + 1]) << 16);
-  }
+  emulated_mma::LdMatrix(r, row, false);
 }
 
 inline void LdMatrixX4Trans(uint32_t (&r)[4], const __nv_bfloat16* row) {
-  using namespace emulated_mma;  // NOLINT
-  const __nv_bfloat16* rows[32];
-  ExchangeRows(row, rows);
-  const int g = Lane() / 4, t = Lane() % 4;
-  for (int j = 0; j < 4; ++j) {
-    r[j] = Bits(rows[j * 8 + 2 * t][g]) | (Bits(rows[j * 8 + 2 * t + 1][g]) << 16);
-  }
+  emulated_mma::LdMatrix(r, row, true);
 }
 
 inline void MmaBf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
