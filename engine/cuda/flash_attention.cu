@@ -49,6 +49,13 @@ constexpr int kSkew = 8;
 
 __host__ __device__ constexpr size_t Align128(size_t x) { return (x + 127) / 128 * 128; }
 
+// The bf16 tile (rows of D + kSkew) at byte offset `at` of shared memory; buffer `buf` of a
+// double-buffered pair of 64-row tiles.
+template <int D>
+__device__ __forceinline__ __nv_bfloat16* SmemTile(unsigned char* smem, size_t at, int buf = 0) {
+  return reinterpret_cast<__nv_bfloat16*>(smem + at) + buf * kTile * (D + kSkew);
+}
+
 // Copies rows [row0, row0 + Rows) of a strided fp32 or bf16 matrix (row r at src + r * stride,
 // D values) into a bf16 tile [Rows][D + kSkew], with the block's Threads threads (fp32 rounded,
 // bf16 copied); rows at or past `rows` become zeros (so NaN in unused cache rows never reaches a
@@ -157,8 +164,8 @@ __global__ void __launch_bounds__(kFwdThreads)
                        int tk, int tk_cap, int hq, int hkv, int q_offset, float scale) {
   EE_DYNAMIC_SHARED(smem);
   using L = FwdSmem<D>;
-  auto* qs = reinterpret_cast<__nv_bfloat16*>(smem + L::kQ);
-  constexpr int kLd = D + kSkew, kN = kTile / 8, kTileElems = kTile * kLd;
+  __nv_bfloat16* qs = SmemTile<D>(smem, L::kQ);
+  constexpr int kLd = D + kSkew, kN = kTile / 8;
 
   // The last query tiles have the most keys: they start first.
   const int q0 = (gridDim.x - 1 - blockIdx.x) * kFwdRows, h = blockIdx.y, bi = blockIdx.z;
@@ -176,10 +183,8 @@ __global__ void __launch_bounds__(kFwdThreads)
   // K/V tiles in two buffers: tile i + 1 loads while tile i is used.
   auto load_kv = [&](int k0, int buf) {
     if (k0 >= n_keys) return;
-    LoadTile<D, InT, kTile, kFwdThreads>(
-        reinterpret_cast<__nv_bfloat16*>(smem + L::kK) + buf * kTileElems, kb, kv_stride, k0, tk);
-    LoadTile<D, InT, kTile, kFwdThreads>(
-        reinterpret_cast<__nv_bfloat16*>(smem + L::kV) + buf * kTileElems, vb, kv_stride, k0, tk);
+    LoadTile<D, InT, kTile, kFwdThreads>(SmemTile<D>(smem, L::kK, buf), kb, kv_stride, k0, tk);
+    LoadTile<D, InT, kTile, kFwdThreads>(SmemTile<D>(smem, L::kV, buf), vb, kv_stride, k0, tk);
   };
   LoadTile<D, InT, kFwdRows, kFwdThreads>(qs, qb, q_stride, q0, tq);
   CpAsyncCommit();
@@ -199,8 +204,8 @@ __global__ void __launch_bounds__(kFwdThreads)
     CpAsyncCommit();
     CpAsyncWait<1>();  // this tile
     __syncthreads();
-    const __nv_bfloat16* ks = reinterpret_cast<__nv_bfloat16*>(smem + L::kK) + buf * kTileElems;
-    const __nv_bfloat16* vs = reinterpret_cast<__nv_bfloat16*>(smem + L::kV) + buf * kTileElems;
+    const __nv_bfloat16* ks = SmemTile<D>(smem, L::kK, buf);
+    const __nv_bfloat16* vs = SmemTile<D>(smem, L::kV, buf);
     if (warp_rows && k0 <= warp_last_key) {  // (warp-uniform)
       float s[kN][4] = {};                   // S_w = Q_w K^T, then P
       for (int kk = 0; kk < D / 16; ++kk) {
@@ -300,8 +305,7 @@ __global__ void RowDotKernel(float* dsum, const OutT* dout, const OutT* out, int
 // 64 queries, also in two buffers: step i + 1 loads while step i computes.
 template <int D, int FixedRows = kTile>
 struct BwdSmem {
-  static constexpr int kTileElems = kTile * (D + kSkew);
-  static constexpr size_t kTileBytes = sizeof(__nv_bfloat16) * kTileElems;
+  static constexpr size_t kTileBytes = sizeof(__nv_bfloat16) * kTile * (D + kSkew);
   static constexpr size_t kFixedBytes = kTileBytes * FixedRows / kTile;
   static constexpr size_t kA = 0;
   static constexpr size_t kB = Align128(kA + kFixedBytes);
@@ -309,9 +313,6 @@ struct BwdSmem {
   static constexpr size_t kD = Align128(kC + 2 * kTileBytes);
   static constexpr size_t kStats = Align128(kD + 2 * kTileBytes);  // [2][lse 64, D 64]
   static constexpr size_t kBytes = Align128(kStats + sizeof(float) * 2 * 2 * kTile);
-  __device__ static __nv_bfloat16* Tile(unsigned char* smem, size_t at, int buf) {
-    return reinterpret_cast<__nv_bfloat16*>(smem + at) + buf * kTileElems;
-  }
   __device__ static float* Stats(unsigned char* smem, int buf) {
     return reinterpret_cast<float*>(smem + kStats) + buf * 2 * kTile;
   }
@@ -345,8 +346,8 @@ __global__ void __launch_bounds__(kKvThreads)
                           float scale) {
   EE_DYNAMIC_SHARED(smem);
   using L = BwdSmem<D, kKvRows>;
-  const __nv_bfloat16* ks = L::Tile(smem, L::kA, 0);
-  const __nv_bfloat16* vs = L::Tile(smem, L::kB, 0);
+  const __nv_bfloat16* ks = SmemTile<D>(smem, L::kA, 0);
+  const __nv_bfloat16* vs = SmemTile<D>(smem, L::kB, 0);
   constexpr int kN = kBwdCols / 8;
 
   const int k0 = blockIdx.x * kKvRows, kvh = blockIdx.y, bi = blockIdx.z;
@@ -361,13 +362,14 @@ __global__ void __launch_bounds__(kKvThreads)
     if (step >= steps) return;
     const int h = kvh * group + step / q_tiles, q0 = k0 + (step % q_tiles) * kTile;
     const size_t q_base = static_cast<size_t>(bi) * t * q_stride + static_cast<size_t>(h) * D;
-    LoadTile<D, InT, kTile, kKvThreads>(L::Tile(smem, L::kC, buf), q + q_base, q_stride, q0, t);
-    LoadTile<D, OutT, kTile, kKvThreads>(L::Tile(smem, L::kD, buf), dout + q_base, q_stride, q0, t);
+    LoadTile<D, InT, kTile, kKvThreads>(SmemTile<D>(smem, L::kC, buf), q + q_base, q_stride, q0, t);
+    LoadTile<D, OutT, kTile, kKvThreads>(SmemTile<D>(smem, L::kD, buf), dout + q_base, q_stride, q0,
+                                         t);
     const size_t row = (static_cast<size_t>(bi) * hq + h) * t;
     LoadStats<kKvThreads>(L::Stats(smem, buf), lse + row, dsum + row, q0, t);
   };
-  LoadTile<D, InT, kKvRows, kKvThreads>(L::Tile(smem, L::kA, 0), k + kv_base, kv_stride, k0, t);
-  LoadTile<D, InT, kKvRows, kKvThreads>(L::Tile(smem, L::kB, 0), v + kv_base, kv_stride, k0, t);
+  LoadTile<D, InT, kKvRows, kKvThreads>(SmemTile<D>(smem, L::kA, 0), k + kv_base, kv_stride, k0, t);
+  LoadTile<D, InT, kKvRows, kKvThreads>(SmemTile<D>(smem, L::kB, 0), v + kv_base, kv_stride, k0, t);
   load_step(0, 0);
   CpAsyncCommit();
 
@@ -380,8 +382,8 @@ __global__ void __launch_bounds__(kKvThreads)
     CpAsyncWait<1>();  // this step's tiles
     __syncthreads();
     const int q0 = k0 + (step % q_tiles) * kTile;
-    const __nv_bfloat16* qs = L::Tile(smem, L::kC, buf);
-    const __nv_bfloat16* dos = L::Tile(smem, L::kD, buf);
+    const __nv_bfloat16* qs = SmemTile<D>(smem, L::kC, buf);
+    const __nv_bfloat16* dos = SmemTile<D>(smem, L::kD, buf);
     const float* stats = L::Stats(smem, buf);
     const bool work = warp_key < t && q0 + kTile - 1 >= warp_key;  // (warp-uniform)
     for (int c0 = 0; work && c0 < kTile; c0 += kBwdCols) {
@@ -424,8 +426,8 @@ __global__ void __launch_bounds__(kThreads)
                          float scale) {
   EE_DYNAMIC_SHARED(smem);
   using L = BwdSmem<D>;
-  const __nv_bfloat16* qs = L::Tile(smem, L::kA, 0);
-  const __nv_bfloat16* dos = L::Tile(smem, L::kB, 0);
+  const __nv_bfloat16* qs = SmemTile<D>(smem, L::kA, 0);
+  const __nv_bfloat16* dos = SmemTile<D>(smem, L::kB, 0);
   const float* stats = L::Stats(smem, 0);
   constexpr int kN = kBwdCols / 8;
 
@@ -439,11 +441,11 @@ __global__ void __launch_bounds__(kThreads)
   const int n_keys = min(t, q0 + kTile);
   auto load_kv = [&](int k0, int buf) {
     if (k0 >= n_keys) return;
-    LoadTile<D>(L::Tile(smem, L::kC, buf), k + kv_base, kv_stride, k0, t);
-    LoadTile<D>(L::Tile(smem, L::kD, buf), v + kv_base, kv_stride, k0, t);
+    LoadTile<D>(SmemTile<D>(smem, L::kC, buf), k + kv_base, kv_stride, k0, t);
+    LoadTile<D>(SmemTile<D>(smem, L::kD, buf), v + kv_base, kv_stride, k0, t);
   };
-  LoadTile<D>(L::Tile(smem, L::kA, 0), q + q_base, q_stride, q0, t);
-  LoadTile<D>(L::Tile(smem, L::kB, 0), dout + q_base, q_stride, q0, t);
+  LoadTile<D>(SmemTile<D>(smem, L::kA, 0), q + q_base, q_stride, q0, t);
+  LoadTile<D>(SmemTile<D>(smem, L::kB, 0), dout + q_base, q_stride, q0, t);
   const size_t row = (static_cast<size_t>(bi) * hq + h) * t;
   LoadStats<kThreads>(L::Stats(smem, 0), lse + row, dsum + row, q0, t);
   load_kv(0, 0);
@@ -456,8 +458,8 @@ __global__ void __launch_bounds__(kThreads)
     CpAsyncCommit();
     CpAsyncWait<1>();  // this tile (and Q, dO)
     __syncthreads();
-    const __nv_bfloat16* ks = L::Tile(smem, L::kC, buf);
-    const __nv_bfloat16* vs = L::Tile(smem, L::kD, buf);
+    const __nv_bfloat16* ks = SmemTile<D>(smem, L::kC, buf);
+    const __nv_bfloat16* vs = SmemTile<D>(smem, L::kD, buf);
     for (int c0 = 0; c0 < kTile; c0 += kBwdCols) {
       float s[kN][4] = {}, ds[kN][4] = {};
       ProductXYt<D, kBwdCols>(s, qs, warp * 16, ks, c0, lane);    // S_w
