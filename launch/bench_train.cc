@@ -227,6 +227,42 @@ void PrintCudaGemmPrecisions(const ModelConfig& mc, const TrainBenchOptions& o) 
 #endif
 }
 
+namespace {
+
+// Runs the PyTorch reference script on the same model, batch and steps (its output shown line by
+// line as it comes, so that a log cut off by a time limit keeps what ran); returns its tokens/s.
+absl::StatusOr<double> RunTorchReference(const TrainBenchOptions& o, Backend* backend,
+                                         bool with_exits) {
+  const std::string cmd = absl::StrCat(
+      "PYTHONUNBUFFERED=1 ", o.python, " ", o.torch_reference, " --model '", o.model_path,
+      "' --batch ", o.batch, " --micro-batch ", MicroBatch(o), " --seq ", o.seq, " --steps ",
+      o.steps, " --warmup ", o.warmup, backend->device() == Device::kCpu ? " --device cpu" : "",
+      with_exits ? "" : " --no-exits", " 2>&1");
+  std::printf("PyTorch reference: %s\n", cmd.c_str());
+  std::fflush(stdout);
+  FILE* p = popen(cmd.c_str(), "r");
+  if (p == nullptr) return absl::InternalError("cannot start " + cmd);
+  std::string out;
+  char line[4096];
+  while (std::fgets(line, sizeof(line), p) != nullptr) {
+    out += line;
+    std::fputs(line, stdout);
+    std::fflush(stdout);
+  }
+  const int rc = pclose(p);
+  const size_t brace = out.rfind("{\"tokens_per_s\"");
+  if (rc != 0 || brace == std::string::npos) {
+    return absl::InternalError("the PyTorch reference failed (output above)");
+  }
+  nlohmann::json j = nlohmann::json::parse(out.substr(brace), nullptr, false);
+  if (j.is_discarded() || !j.contains("tokens_per_s")) {
+    return absl::InternalError("the PyTorch reference printed no result line");
+  }
+  return j["tokens_per_s"].get<double>();
+}
+
+}  // namespace
+
 absl::Status RunTrainBenchmark(const ModelConfig& mc, Backend* backend,
                                const TrainBenchOptions& o) {
   std::printf(
@@ -278,10 +314,12 @@ absl::Status RunTrainBenchmark(const ModelConfig& mc, Backend* backend,
                 100 * op.seconds / total, static_cast<long long>(op.calls), rates.c_str());
   }
   PrintStepBudget(r, ceiling, bandwidth);
+  double bare_tokens_per_second = 0;  // measured when compared without exits
   if (o.compare_without_exits && !mc.exits.empty()) {
     ModelConfig bare = mc;
     bare.exits.clear();
     ASSIGN_OR_RETURN(TrainBenchResult b, BenchTrainStep(bare, backend, o));
+    bare_tokens_per_second = b.tokens_per_second;
     const double time_share = 1.0 - b.step_seconds / r.step_seconds;
     const double flop_share = 1.0 - b.flops_per_token / r.flops_per_token;
     std::printf(
@@ -290,31 +328,14 @@ absl::Status RunTrainBenchmark(const ModelConfig& mc, Backend* backend,
         b.step_seconds * 1e3, b.tokens_per_second, 100 * time_share, 100 * flop_share);
   }
   if (!o.torch_reference.empty()) {
-    const std::string cmd = absl::StrCat(
-        o.python, " ", o.torch_reference, " --model '", o.model_path, "' --batch ", o.batch,
-        " --micro-batch ", MicroBatch(o), " --seq ", o.seq, " --steps ", o.steps, " --warmup ",
-        o.warmup, backend->device() == Device::kCpu ? " --device cpu" : "", " 2>&1");
-    std::printf("PyTorch reference: %s\n", cmd.c_str());
-    std::fflush(stdout);
-    FILE* p = popen(cmd.c_str(), "r");
-    if (p == nullptr) return absl::InternalError("cannot start " + cmd);
-    std::string out;
-    char buf[4096];
-    size_t k;
-    while ((k = fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, k);
-    const int rc = pclose(p);
-    std::printf("%s", out.c_str());
-    const size_t brace = out.rfind("{\"tokens_per_s\"");
-    if (rc != 0 || brace == std::string::npos) {
-      return absl::InternalError("the PyTorch reference failed (output above)");
-    }
-    nlohmann::json j = nlohmann::json::parse(out.substr(brace), nullptr, false);
-    if (j.is_discarded() || !j.contains("tokens_per_s")) {
-      return absl::InternalError("the PyTorch reference printed no result line");
-    }
-    const double ref = j["tokens_per_s"].get<double>();
+    ASSIGN_OR_RETURN(const double ref, RunTorchReference(o, backend, /*with_exits=*/true));
     std::printf("eellm / PyTorch tokens/s: %.0f / %.0f = %.2fx\n", r.tokens_per_second, ref,
                 r.tokens_per_second / ref);
+    if (bare_tokens_per_second > 0) {
+      ASSIGN_OR_RETURN(const double bare_ref, RunTorchReference(o, backend, /*with_exits=*/false));
+      std::printf("without exits: eellm / PyTorch tokens/s: %.0f / %.0f = %.2fx\n",
+                  bare_tokens_per_second, bare_ref, bare_tokens_per_second / bare_ref);
+    }
   }
   return absl::OkStatus();
 }

@@ -97,44 +97,73 @@ uint64_t NameHash(const std::string& s) {
   for (unsigned char ch : s) h = (h ^ ch) * 1099511628211ull;
   return h;
 }
+
+bool EndsWith(const std::string& s, const char* suffix) {
+  const size_t k = std::char_traits<char>::length(suffix);
+  return s.size() >= k && s.compare(s.size() - k, k, suffix) == 0;
+}
+
+// The initial values of the whole tensor (every tensor-parallel rank's slice of it): norms 1,
+// biases 0, other weights normal with std 0.02 (residual-branch outputs resid_std), from one
+// sequential stream seeded by the tensor's name and the seed, so that every layout and thread
+// count starts from the same weights.
+std::vector<float> WholeInitialValues(const ParamInfo& p, int64_t n, uint64_t seed,
+                                      float resid_std) {
+  if (EndsWith(p.name, "norm.weight")) return std::vector<float>(n, 1.0f);
+  std::vector<float> whole(n, 0.0f);
+  if (EndsWith(p.name, ".bias")) return whole;
+  const float std = (EndsWith(p.name, "attn.wo.weight") || EndsWith(p.name, "mlp.fc2.weight"))
+                        ? resid_std
+                        : 0.02f;
+  Rng rng(seed ^ NameHash(p.name));
+  for (auto& v : whole) v = static_cast<float>(rng.Normal()) * std;
+  return whole;
+}
 }  // namespace
 
 void Model::InitRandom(uint64_t seed) {
   const float resid_std = 0.02f / std::sqrt(2.0f * config_.num_layers);
-  std::vector<float> whole, local;
-  for (int i = 0; i < static_cast<int>(params_.params().size()); ++i) {
-    const ParamInfo& p = params_.params()[i];
-    // The values of the whole tensor, then this tensor-parallel rank's slice of them, so that
-    // every layout starts from the same weights.
+  const std::vector<ParamInfo>& params = params_.params();
+  const int count = static_cast<int>(params.size());
+  auto whole_numel = [&](const ParamInfo& p) {
     Shape global = p.shape;
     if (p.split_dim >= 0) global[p.split_dim] *= tp_.size / p.tp_replicas;
-    const size_t n = static_cast<size_t>(NumElements(global));
-    Rng rng(seed ^ NameHash(p.name));
-    const std::string& name = p.name;
-    auto ends_with = [&](const char* s) {
-      size_t k = std::char_traits<char>::length(s);
-      return name.size() >= k && name.compare(name.size() - k, k, s) == 0;
-    };
-    whole.assign(n, 0.0f);
-    if (ends_with("norm.weight")) {
-      whole.assign(n, 1.0f);
-    } else if (!ends_with(".bias")) {
-      float std = (ends_with("attn.wo.weight") || ends_with("mlp.fc2.weight")) ? resid_std : 0.02f;
-      for (auto& v : whole) v = static_cast<float>(rng.Normal()) * std;
+    return NumElements(global);
+  };
+  // Whole tensors are generated on host threads (one per tensor: ~20 ns per value, so a 1.3B
+  // model took ~25 s on one core), in batches of about kBatch values to bound host memory; then
+  // each rank's slice goes to the backend in order.
+  constexpr int64_t kBatch = int64_t{1} << 28;
+  std::vector<std::vector<float>> wholes;
+  std::vector<float> local;
+  for (int first = 0, last = 0; first < count; first = last) {
+    int64_t total = 0;
+    for (last = first;
+         last < count && (last == first || total + whole_numel(params[last]) <= kBatch); ++last) {
+      total += whole_numel(params[last]);
     }
-    local.resize(p.numel);
-    if (p.split_dim < 0) {
-      local = whole;
-    } else if (p.split_dim == 0) {  // rows [block * r, (block + 1) * r)
-      std::copy_n(whole.begin() + (tp_.rank / p.tp_replicas) * p.numel, p.numel, local.begin());
-    } else {  // columns of each row
-      const int64_t rows = p.shape[0], cols = p.shape[1];
-      for (int64_t r = 0; r < rows; ++r) {
-        std::copy_n(whole.begin() + r * cols * tp_.size + tp_.rank * cols, cols,
-                    local.begin() + r * cols);
+    wholes.assign(last - first, {});
+#pragma omp parallel for schedule(dynamic, 1) if (total >= (int64_t{1} << 22))
+    for (int i = first; i < last; ++i) {
+      wholes[i - first] = WholeInitialValues(params[i], whole_numel(params[i]), seed, resid_std);
+    }
+    for (int i = first; i < last; ++i) {
+      const ParamInfo& p = params[i];
+      const std::vector<float>& whole = wholes[i - first];
+      local.resize(p.numel);
+      if (p.split_dim < 0) {
+        local = whole;
+      } else if (p.split_dim == 0) {  // rows [block * r, (block + 1) * r)
+        std::copy_n(whole.begin() + (tp_.rank / p.tp_replicas) * p.numel, p.numel, local.begin());
+      } else {  // columns of each row
+        const int64_t rows = p.shape[0], cols = p.shape[1];
+        for (int64_t r = 0; r < rows; ++r) {
+          std::copy_n(whole.begin() + r * cols * tp_.size + tp_.rank * cols, cols,
+                      local.begin() + r * cols);
+        }
       }
+      be_->CopyFromHost(params_.param(i), local.data(), p.numel * sizeof(float));
     }
-    be_->CopyFromHost(params_.param(i), local.data(), p.numel * sizeof(float));
   }
 }
 

@@ -1,4 +1,4 @@
-#!/ usr / bin / env python3
+#!/usr/bin/env python3
 """PyTorch reference for `eellm bench train`: the same architecture as an eellm model config
 (Llama or GPT-2 style, with early-exit heads), trained in bf16 autocast with fp32 master
 weights, SDPA (flash) attention, torch.compile and fused AdamW, on random tokens. Prints a

@@ -1,91 +1,144 @@
 #!/usr/bin/env bash
-# The GPU machine's checks (a session has minutes of device time: read $OUT/*.log). From the
-# repository root on the GPU machine, after tools/gpu_prepare.sh on the development machine and
-# with .gpu carried:
-#   source .gpu/env.sh && tools/gpu_check.sh [step ...]
-# with no steps = all of them, most valuable first (a session may have less device time than
-# they all take: every step writes its log as it ends, so what ran comes back even when the call
-# is cut off). A step other than build builds first when the build directory is missing; the
-# build makes only what the steps run (eellm and the gpu-labelled test programs).
-# Steps (each logs to $OUT/<step>.log; a failing step does not stop the later ones):
-#   build    configure + build (Release, sm_90a)
+# The GPU machine's checks, in one command that ends inside a time budget. From the repository
+# root on the GPU machine, after tools/gpu_prepare.sh on the development machine and with .gpu
+# carried:
+#   source .gpu/env.sh && tools/gpu_check.sh [--budget=SECONDS] [step ...]
+# with no steps = all of them, most valuable first. A session has minutes of device time (15 in
+# all, the machine's start included, at most 10 per command), so every step runs under `timeout`
+# with what is left of the budget (default 540 s: a `run` with timeout_s 600 then always gets its
+# files back), and a step that cannot start in time is reported as skipped. Name the skipped
+# steps in a second call while the machine is still warm: the build directory (build-gpu/,
+# git-ignored, kept between calls on a warm machine) is then reused.
+#
+# What comes back ($OUT keeps at most 8 files): summary.log (GPU, per-step exit codes and
+# times, the last lines of each step, cuBLASLt refusals), the logs that matter most as they are
+# (gpu.log, bench_llama.log, bench_gpt2.log) and logs.tar.gz with every step's log, rewritten
+# after each step so that a call cut off still brings back what ran.
+#
+# Steps:
+#   build    configure + build (Release, sm_90a): eellm and the gpu-labelled test programs
 #   gpu      ctest -L gpu: the warp MMA register layouts the attention kernels assume
 #            (gpu.WarpMma.*), the backend parity suite against the CPU on cuda, cuda-bf16 and
 #            cuda-bf16w (bf16 GEMM tolerances; fused flash attention; bf16 operands), and NCCL at
 #            world size 1
 #   bench    eellm bench train on Llama 1.3B and GPT-2 124M (with exits) beside PyTorch in mixed
 #            precision (cuda-bf16w)
-#   hf       tools/hf_check.py: eellm's converter and logits against transformers, CPU and CUDA
-#   demo     the quickstart on the GPU (cuda-bf16w): data, training the demo model (final and exit
-#            validation losses to compare with the CPU's), generation with and without early exit
-#   compare  the 1.3B at one micro-batch per step, with fp32 activations (cuda-bf16) and in plain
-#            fp32 (cuda)
 #   sanitize compute-sanitizer memcheck, racecheck and synccheck on the attention parity tests of
 #            cuda-bf16w (the fused kernels with fp32 and with bf16 inputs, over several key tiles:
 #            out-of-bounds accesses and shared-memory races, e.g. a cp.async into a buffer that
 #            another warp still reads, which the CPU emulation cannot see)
+#   compare  the 1.3B at one micro-batch per step, with fp32 activations (cuda-bf16) and in plain
+#            fp32 (cuda)
+#   hf       tools/hf_check.py: eellm's converter and logits against transformers, CPU and CUDA
+#   demo     the quickstart on the GPU (cuda-bf16w): data, training the demo model (final and exit
+#            validation losses to compare with the CPU's), generation with and without early exit
 set -uo pipefail
+BUDGET=540
+STEPS=()
+for a in "$@"; do
+  case "$a" in
+    --budget=*) BUDGET=${a#--budget=} ;;
+    -h | --help) sed -n '2,34p' "$0"; exit 0 ;;
+    build | gpu | bench | sanitize | compare | hf | demo) STEPS+=("$a") ;;
+    *) echo "gpu_check.sh: unknown step or flag '$a' (see --help)" >&2; exit 2 ;;
+  esac
+done
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(build gpu bench sanitize compare hf demo)
+want() { [[ " ${STEPS[*]} " == *" $1 "* ]]; }
+
 OUT=${OUT:-/tmp/eellm_gpu_out}
+LOGS=$(mktemp -d /tmp/eellm_gpu_logs.XXXX)
+B=${BUILD_DIR:-$PWD/build-gpu}
 mkdir -p "$OUT"
-B=${BUILD_DIR:-/tmp/eellm_gpu_build}
-run() {  # run <step> <command...>
-  local step=$1; shift
+SUMMARY=$OUT/summary.log
+DEADLINE=$((SECONDS + BUDGET))
+
+pack() {  # every log into $OUT/logs.tar.gz (whole or not at all), the main ones beside it
+  tar czf "$OUT/logs.tar.gz.part" -C "$LOGS" . && mv "$OUT/logs.tar.gz.part" "$OUT/logs.tar.gz"
+  for f in gpu bench_llama bench_gpt2; do
+    [ -f "$LOGS/$f.log" ] && cp "$LOGS/$f.log" "$OUT/$f.log"
+  done
+}
+run() {  # run <step> <seconds needed to be worth starting> <most seconds it may take> <command...>
+  local step=$1 need=$2 cap=$3
+  shift 3
+  local left=$((DEADLINE - SECONDS))
+  if ((left < need)); then
+    echo "$step: skipped, ${left} s of the budget left (needs ~${need} s)" | tee -a "$SUMMARY"
+    return 1
+  fi
+  ((left > cap)) && left=$cap
   local start=$SECONDS
-  "$@" > "$OUT/$step.log" 2>&1
+  timeout --kill-after=10 "$left" "$@" > "$LOGS/$step.log" 2>&1
   local rc=$?
-  echo "$step: exit $rc in $((SECONDS - start)) s" | tee -a "$OUT/summary.log"
-  tail -5 "$OUT/$step.log"
+  local note=""
+  ((rc == 124 || rc == 137)) && note=" (cut off after ${left} s)"
+  echo "$step: exit $rc in $((SECONDS - start)) s$note" | tee -a "$SUMMARY"
+  tail -5 "$LOGS/$step.log" | sed 's/^/    /' | tee -a "$SUMMARY"
+  pack
   return $rc
 }
-STEPS=" ${*:-build gpu bench hf demo compare sanitize} "
-want() { [[ "$STEPS" == *" $1 "* ]]; }
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
+
+{
+  echo "gpu_check.sh $(git rev-parse --short HEAD 2>/dev/null) steps: ${STEPS[*]}, budget ${BUDGET} s"
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv 2>&1
+} | tee "$SUMMARY"
+
 if want build || [ ! -x "$B/eellm" ]; then
-  run build bash -c "cmake -S . -B $B -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  run build 60 400 bash -c "cmake -S . -B '$B' -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DCMAKE_CUDA_ARCHITECTURES='90a-real;90-virtual' -DEELLM_FUZZ_SANITIZED=OFF &&
-    cmake --build $B -j16 --target eellm backend_parity_tests gpu_tests warp_mma_gpu_tests" || exit 1
+    cmake --build '$B' -j16 --target eellm backend_parity_tests gpu_tests warp_mma_gpu_tests" ||
+    { pack; exit 1; }
 fi
 # EELLM_REQUIRE_GPU=1: a gpu test that cannot reach the GPU fails instead of skipping; kernel
-# faults are reported at the op that caused them (CUDA_LAUNCH_BLOCKING).
-want gpu && run gpu bash -c "cd $B && EELLM_REQUIRE_GPU=1 CUDA_LAUNCH_BLOCKING=1 \
-  ctest -L gpu --output-on-failure --timeout 300"
+# faults are reported at the op that caused them (CUDA_LAUNCH_BLOCKING). The layouts first.
+want gpu && run gpu 30 300 bash -c "cd '$B' && export EELLM_REQUIRE_GPU=1 CUDA_LAUNCH_BLOCKING=1 &&
+  { ctest -L gpu -R WarpMma --output-on-failure --timeout 120; a=\$?;
+    ctest -L gpu -E WarpMma --output-on-failure --timeout 300; exit \$((a | \$?)); }"
 if want bench; then
-# cuda-bf16w (bf16 operands, fp32 master weights) is the mixed-precision path: the headline runs
-# beside PyTorch (compare: cuda-bf16, fp32 activations and FAST_16BF GEMMs, shows what bf16
-# storage buys). The 1.3B headline accumulates gradients over 8 micro-batches of 4 x 2048 tokens per optimizer
-# step (PyTorch too), as the large global batches behind Megatron's MFU figures do: the optimizer
-# (AdamW, bf16 weight copies, gradient norm and zeroing: ~40 bytes of traffic per parameter) is
-# then 1/8 of what one micro-batch per step would pay (compare shows that step).
-run bench_llama "$B/eellm" bench train --model=configs/bench/llama_1p3b.json --backend=cuda-bf16w \
-  --batch=32 --micro-batch=4 --seq=2048 --steps=3 --warmup=1 --torch-reference=tools/bench_torch.py
-run bench_gpt2 "$B/eellm" bench train --model=configs/bench/gpt2_124m.json --backend=cuda-bf16w \
-  --batch=8 --seq=1024 --steps=5 --warmup=2 --torch-reference=tools/bench_torch.py
-fi
-want hf && run hf python3 tools/hf_check.py --eellm "$B/eellm" --backends cpu,cuda
-if want demo && [ -f .gpu/kjv.txt ]; then
-  run demo bash -c "$B/eellm data --input .gpu/kjv.txt --output /tmp/eellm_kjv --val-fraction 0.02 &&
-    $B/eellm train --config configs/kjv_demo.json --backend=cuda-bf16w --data=/tmp/eellm_kjv \
-      --out=/tmp/eellm_kjv_run &&
-    $B/eellm generate --checkpoint /tmp/eellm_kjv_run --backend=cuda-bf16w --compare"
-fi
-if want compare; then
-run bench_llama_b4 "$B/eellm" bench train --model=configs/bench/llama_1p3b.json \
-  --backend=cuda-bf16w --batch=4 --seq=2048 --steps=3 --warmup=1 --compare-without-exits=false
-run bench_llama_bf16 "$B/eellm" bench train --model=configs/bench/llama_1p3b.json \
-  --backend=cuda-bf16 --batch=4 --seq=2048 --steps=3 --warmup=1 --compare-without-exits=false
-run bench_llama_fp32 "$B/eellm" bench train --model=configs/bench/llama_1p3b.json --backend=cuda \
-  --batch=4 --seq=2048 --steps=2 --warmup=1 --compare-without-exits=false
+  # cuda-bf16w (bf16 operands, fp32 master weights) is the mixed-precision path: the headline
+  # runs beside PyTorch (compare: cuda-bf16, fp32 activations and FAST_16BF GEMMs, shows what
+  # bf16 storage buys). The 1.3B headline accumulates gradients over 8 micro-batches of 4 x 2048
+  # tokens per optimizer step (PyTorch too), as the large global batches behind Megatron's MFU
+  # figures do: the optimizer (AdamW, bf16 weight copies, gradient norm and zeroing: ~40 bytes of
+  # traffic per parameter) is then 1/8 of what one micro-batch per step would pay (compare shows
+  # that step).
+  run bench_llama 90 400 "$B/eellm" bench train --model=configs/bench/llama_1p3b.json \
+    --backend=cuda-bf16w --batch=32 --micro-batch=4 --seq=2048 --steps=3 --warmup=1 \
+    --torch-reference=tools/bench_torch.py
+  run bench_gpt2 60 300 "$B/eellm" bench train --model=configs/bench/gpt2_124m.json \
+    --backend=cuda-bf16w --batch=8 --seq=1024 --steps=5 --warmup=2 \
+    --torch-reference=tools/bench_torch.py
 fi
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 if want sanitize && [ -x "$SAN" ]; then
   for tool in memcheck racecheck synccheck; do
-    run "sanitize_$tool" env EELLM_PARITY_BACKEND=cuda-bf16w "$SAN" --tool "$tool" --error-exitcode 3 \
-      "$B/tests/backend_parity_tests" --gtest_filter='BackendParity.Attention*:OperandParity.Attention*:OperandParity.Fused*'
+    run "sanitize_$tool" 30 150 env EELLM_PARITY_BACKEND=cuda-bf16w "$SAN" --tool "$tool" \
+      --error-exitcode 3 "$B/tests/backend_parity_tests" \
+      --gtest_filter='BackendParity.Attention*:OperandParity.Attention*:OperandParity.Fused*'
   done
+fi
+if want compare; then
+  run bench_llama_b4 40 150 "$B/eellm" bench train --model=configs/bench/llama_1p3b.json \
+    --backend=cuda-bf16w --batch=4 --seq=2048 --steps=3 --warmup=1 --compare-without-exits=false
+  run bench_llama_bf16 40 150 "$B/eellm" bench train --model=configs/bench/llama_1p3b.json \
+    --backend=cuda-bf16 --batch=4 --seq=2048 --steps=3 --warmup=1 --compare-without-exits=false
+  run bench_llama_fp32 40 150 "$B/eellm" bench train --model=configs/bench/llama_1p3b.json \
+    --backend=cuda --batch=4 --seq=2048 --steps=2 --warmup=1 --compare-without-exits=false
+fi
+want hf && run hf 60 200 python3 tools/hf_check.py --eellm "$B/eellm" --backends cpu,cuda
+if want demo && [ -f .gpu/kjv.txt ]; then
+  run demo 90 300 bash -c "'$B/eellm' data --input .gpu/kjv.txt --output /tmp/eellm_kjv \
+      --val-fraction 0.02 &&
+    '$B/eellm' train --config configs/kjv_demo.json --backend=cuda-bf16w --data=/tmp/eellm_kjv \
+      --out=/tmp/eellm_kjv_run &&
+    '$B/eellm' generate --checkpoint /tmp/eellm_kjv_run --backend=cuda-bf16w --compare"
 fi
 # GEMMs cuBLASLt refused (the backend then runs cublasGemmEx with the same roundings): their
 # shapes, from every step's log, for the next session to look at.
-grep -h "eellm: cuBLASLt" "$OUT"/*.log 2>/dev/null | sort | uniq -c > "$OUT/cublaslt_refusals.txt"
-echo "cuBLASLt refusals: $(wc -l < "$OUT/cublaslt_refusals.txt") distinct (cublaslt_refusals.txt)" \
-  | tee -a "$OUT/summary.log"
-cat "$OUT/summary.log"
+{
+  echo "cuBLASLt refusals (count, message):"
+  grep -h "eellm: cuBLASLt" "$LOGS"/*.log 2>/dev/null | sort | uniq -c
+  echo "done in $SECONDS s"
+} | tee -a "$SUMMARY"
+pack

@@ -451,6 +451,41 @@ TEST_F(CliTest, DataTrainGenerate) {
   EXPECT_LE(n, 20) << Describe(args, r);
 }
 
+// `eellm bench train --torch-reference` runs the reference (here a shell script standing in for
+// tools/bench_torch.py) with and without exits on the same batch, shows its output and prints
+// both ratios from its result lines; a failing reference fails the command, naming it.
+TEST_F(CliTest, BenchRunsTheTorchReferenceWithAndWithoutExits) {
+  const std::string script = Path("reference.sh");
+  WriteFile(script,
+            "echo \"reference called with: $*\"\n"
+            "case \" $* \" in *\" --no-exits \"*) r=2000 ;; *) r=1000 ;; esac\n"
+            "[ -n \"$FAIL\" ] && { echo 'reference broke'; exit 1; }\n"
+            "echo \"{\\\"tokens_per_s\\\": $r}\"\n");
+  const std::string args = "bench train --model=" + Quote(WriteConfig(kTinyModel)) +
+                           " --backend=cpu --batch=2 --seq=16 --steps=1 --warmup=0 --python=sh"
+                           " --torch-reference=" +
+                           Quote(script);
+  CmdResult r = RunEellm(args);
+  ASSERT_EQ(r.exit_code, 0) << Describe(args, r);
+  EXPECT_NE(r.output.find("reference called with: --model"), std::string::npos)
+      << Describe(args, r);
+  EXPECT_NE(r.output.find("--batch 2 --micro-batch 2 --seq 16 --steps 1 --warmup 0 --device cpu"),
+            std::string::npos)
+      << Describe(args, r);
+  std::smatch m;
+  ASSERT_TRUE(
+      std::regex_search(r.output, m, std::regex(R"(\neellm / PyTorch tokens/s: (\d+) / 1000 = )")))
+      << Describe(args, r);
+  ASSERT_TRUE(std::regex_search(
+      r.output, m, std::regex(R"(without exits: eellm / PyTorch tokens/s: (\d+) / 2000 = )")))
+      << Describe(args, r);
+  CmdResult failed = RunEellm(args, "FAIL=1 ");
+  EXPECT_NE(failed.exit_code, 0) << Describe(args, failed);
+  EXPECT_NE(failed.output.find("reference broke"), std::string::npos) << Describe(args, failed);
+  EXPECT_NE(failed.output.find("the PyTorch reference failed"), std::string::npos)
+      << Describe(args, failed);
+}
+
 TEST_F(CliTest, DashedFlagNamesWork) {
   const std::string ckpt = TrainTinyModel(2);
   ASSERT_FALSE(ckpt.empty());
