@@ -28,6 +28,19 @@ void Backend::LinearResidual(float* out, const float* residual, ConstOperand in,
   Linear(out, in, w, bias, n, in_dim, out_dim, true);
 }
 
+void Backend::LinearGelu(Operand act, Operand pre, ConstOperand in, const float* w,
+                         const float* bias, int n, int in_dim, int out_dim) {
+  Linear(pre, in, w, bias, n, in_dim, out_dim, false);
+  GeluForward(act, pre, static_cast<size_t>(n) * out_dim);
+}
+
+void Backend::LinearBackwardGelu(Operand dpre, float* dw, float* dbias, ConstOperand dout,
+                                 ConstOperand act, ConstOperand pre, const float* w, int n,
+                                 int in_dim, int out_dim) {
+  LinearBackward(dpre, dw, dbias, dout, act, w, n, in_dim, out_dim, false);
+  GeluBackward(dpre, dpre, pre, static_cast<size_t>(n) * in_dim);
+}
+
 void OperandToHost(Backend* be, float* host, ConstOperand src, size_t n) {
   if (!src.is_bf16()) {
     be->CopyToHost(host, src.data, n * sizeof(float));

@@ -70,6 +70,19 @@ class Backend {
   // the GEMM instead (one pass over the stream less).
   virtual void LinearResidual(float* out, const float* residual, ConstOperand in, const float* w,
                               const float* bias, int n, int in_dim, int out_dim);
+  // The first projection of a GELU MLP: pre[n, o] = in @ w^T + bias and act = gelu(pre) (both
+  // written; bias may be null). By default a Linear and a GeluForward; a backend may apply the
+  // GELU in the GEMM's epilogue (one pass over [n, o] less; act then comes from pre before its
+  // rounding to pre's dtype).
+  virtual void LinearGelu(Operand act, Operand pre, ConstOperand in, const float* w,
+                          const float* bias, int n, int in_dim, int out_dim);
+  // LinearBackward of a projection whose input is act = gelu(pre), through the GELU:
+  // dpre[n, i] = gelu'(pre) * (dout @ w) (written); dw[o, i] += dout^T @ act; dbias[o] +=
+  // sum_n dout (if non-null). By default a LinearBackward into dpre and a GeluBackward in place;
+  // a backend may apply gelu' in the GEMM's epilogue (dout @ w then rounds once).
+  virtual void LinearBackwardGelu(Operand dpre, float* dw, float* dbias, ConstOperand dout,
+                                  ConstOperand act, ConstOperand pre, const float* w, int n,
+                                  int in_dim, int out_dim);
   // din[n, i] = dout @ w (written; or added when accumulate_din; skipped when din.data is null);
   // dw[o, i] += dout^T @ in (skipped when dw is null); dbias[o] += sum_n dout (if non-null).
   virtual void LinearBackward(Operand din, float* dw, float* dbias, ConstOperand dout,

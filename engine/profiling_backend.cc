@@ -145,6 +145,27 @@ void ProfilingBackend::LinearBackward(Operand din, float* dw, float* dbias, Cons
   inner_->LinearBackward(din, dw, dbias, dout, in, w, n, in_dim, out_dim, accumulate_din);
 }
 
+void ProfilingBackend::LinearGelu(Operand act, Operand pre, ConstOperand in, const float* w,
+                                  const float* bias, int n, int in_dim, int out_dim) {
+  // The GEMM (grouped with the GEMMs) with the GELU: pre and act written.
+  const double no = 1.0 * n * out_dim;
+  Timed timed(this, "LinearGelu", 2.0 * no * in_dim,
+              LinearBytes(in, bias != nullptr, n, in_dim, out_dim, B(pre, no) + B(act, no)));
+  inner_->LinearGelu(act, pre, in, w, bias, n, in_dim, out_dim);
+}
+
+void ProfilingBackend::LinearBackwardGelu(Operand dpre, float* dw, float* dbias, ConstOperand dout,
+                                          ConstOperand act, ConstOperand pre, const float* w, int n,
+                                          int in_dim, int out_dim) {
+  // Both GEMMs; pre read for gelu', dpre written, act read by the weight gradient.
+  const double ws = DTypeSize(inner_->operand_dtype());
+  const double ni = 1.0 * n * in_dim, wi = 1.0 * out_dim * in_dim;
+  Timed timed(this, "LinearBackwardGelu", 4.0 * ni * out_dim,
+              B(dout, 1.0 * n * out_dim) + ws * wi + B(pre, ni) + B(dpre, ni) + B(act, ni) +
+                  F32(2.0 * wi) + (dbias != nullptr ? F32(2.0 * out_dim) : 0.0));
+  inner_->LinearBackwardGelu(dpre, dw, dbias, dout, act, pre, w, n, in_dim, out_dim);
+}
+
 void ProfilingBackend::LayerNormForward(Operand out, float* mean, float* rstd, const float* x,
                                         const float* g, const float* b, int n, int c, float eps) {
   Timed timed(this, "LayerNormForward", 0,

@@ -57,6 +57,11 @@ class ProfilingBackend final : public Backend {
                       const float* bias, int n, int in_dim, int out_dim) override;
   void LinearBackward(Operand din, float* dw, float* dbias, ConstOperand dout, ConstOperand in,
                       const float* w, int n, int in_dim, int out_dim, bool accumulate_din) override;
+  void LinearGelu(Operand act, Operand pre, ConstOperand in, const float* w, const float* bias,
+                  int n, int in_dim, int out_dim) override;
+  void LinearBackwardGelu(Operand dpre, float* dw, float* dbias, ConstOperand dout,
+                          ConstOperand act, ConstOperand pre, const float* w, int n, int in_dim,
+                          int out_dim) override;
   void LayerNormForward(Operand out, float* mean, float* rstd, const float* x, const float* g,
                         const float* b, int n, int c, float eps) override;
   void LayerNormBackward(float* dx, const float* dres, float* dg, float* db, const float* dout,

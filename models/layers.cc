@@ -160,12 +160,12 @@ void MlpForward(const LayerContext& ctx, const MlpParams& p, MlpActs& a, float* 
   const int h = c.hidden_size, f = c.ffn_hidden_size;
   Backend* be = ctx.be;
   NormForward(ctx, p.norm, a.norm, x, n);
-  be->Linear(a.h1, a.norm.out, ctx.P(p.w1), ctx.P(p.b1), n, h, f, false);
   if (c.use_swiglu()) {
+    be->Linear(a.h1, a.norm.out, ctx.P(p.w1), ctx.P(p.b1), n, h, f, false);
     be->Linear(a.h3, a.norm.out, ctx.P(p.w3), nullptr, n, h, f, false);
     be->SwiGluForward(a.act, a.h1, a.h3, static_cast<size_t>(n) * f);
   } else {
-    be->GeluForward(a.act, a.h1, static_cast<size_t>(n) * f);
+    be->LinearGelu(a.act, a.h1, a.norm.out, ctx.P(p.w1), ctx.P(p.b1), n, h, f);
   }
   if (ctx.tp.size > 1) {  // row-parallel fc2: partial sums over tp
     be->Linear(out, a.act, ctx.P(p.w2), RowParallelBias(ctx, p.b2), n, f, h, false);
@@ -182,16 +182,18 @@ void MlpBranchBackward(const LayerContext& ctx, const MlpParams& p, const MlpAct
   const int h = c.hidden_size, f = c.ffn_hidden_size;
   const size_t nf = static_cast<size_t>(n) * f;
   Backend* be = ctx.be;
-  // dact = dout @ w2; dw2 += dout^T act.
-  be->LinearBackward(s.dact, ctx.G(p.w2), ctx.G(p.b2), dout, a.act, ctx.P(p.w2), n, f, h, false);
   if (c.use_swiglu()) {
+    // dact = dout @ w2; dw2 += dout^T act.
+    be->LinearBackward(s.dact, ctx.G(p.w2), ctx.G(p.b2), dout, a.act, ctx.P(p.w2), n, f, h, false);
     be->SwiGluBackward(s.dh1, s.dh3, s.dact, a.h1, a.h3, nf);
     be->LinearBackward(s.dnorm, ctx.G(p.w1), ctx.G(p.b1), s.dh1, a.norm.out, ctx.P(p.w1), n, h, f,
                        false);
     be->LinearBackward(s.dnorm, ctx.G(p.w3), nullptr, s.dh3, a.norm.out, ctx.P(p.w3), n, h, f,
                        true);
   } else {
-    be->GeluBackward(s.dh1, s.dact, a.h1, nf);
+    // dh1 = gelu'(h1) * (dout @ w2); dw2 += dout^T act.
+    be->LinearBackwardGelu(s.dh1, ctx.G(p.w2), ctx.G(p.b2), dout, a.act, a.h1, ctx.P(p.w2), n, f,
+                           h);
     be->LinearBackward(s.dnorm, ctx.G(p.w1), ctx.G(p.b1), s.dh1, a.norm.out, ctx.P(p.w1), n, h, f,
                        false);
   }

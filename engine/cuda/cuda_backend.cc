@@ -166,15 +166,8 @@ void CudaBackend::Gemm(bool trans_a, bool trans_b, int m, int n, int k, float al
     return rows > 0 && cols > 0 ? static_cast<size_t>(rows - 1) * ld + static_cast<size_t>(cols)
                                 : size_t{0};
   };
-  auto as_bf16 = [&](ConstOperand x, size_t count, int slot) -> const uint16_t* {
-    if (x.is_bf16()) return x.bf16_bits();
-    if (const uint16_t* w = Bf16Weights(x.f32())) return w;
-    auto* out = static_cast<uint16_t*>(Scratch(count * sizeof(uint16_t), slot));
-    CUDA_CHECK(cuda::ToBf16(out, x.f32(), count, stream_));
-    return out;
-  };
-  const uint16_t* a16 = as_bf16(a, trans_a ? extent(k, m, lda) : extent(m, k, lda), 3);
-  const uint16_t* b16 = as_bf16(b, trans_b ? extent(n, k, ldb) : extent(k, n, ldb), 6);
+  const uint16_t* a16 = AsBf16(a, trans_a ? extent(k, m, lda) : extent(m, k, lda), 3);
+  const uint16_t* b16 = AsBf16(b, trans_b ? extent(n, k, ldb) : extent(k, n, ldb), 6);
   const ConstOperand a_used(a16, DType::kBF16);
   // cuBLASLt for what cublasGemmEx cannot do (epilogues, C != D); cublasGemmEx otherwise, so that
   // GEMMs whose sizes vary call by call (attention's per-head path in decoding) build no plans.
@@ -231,6 +224,14 @@ void CudaBackend::Gemm(bool trans_a, bool trans_b, int m, int n, int k, float al
                             CUDA_R_16BF, lda, &beta, c.data, c.is_bf16() ? CUDA_R_16BF : CUDA_R_32F,
                             ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   epilogues(a_used);
+}
+
+const uint16_t* CudaBackend::AsBf16(ConstOperand x, size_t count, int slot) {
+  if (x.is_bf16()) return x.bf16_bits();
+  if (const uint16_t* w = Bf16Weights(x.f32())) return w;
+  auto* out = static_cast<uint16_t*>(Scratch(count * sizeof(uint16_t), slot));
+  CUDA_CHECK(cuda::ToBf16(out, x.f32(), count, stream_));
+  return out;
 }
 
 // ---- bf16 weight copies (kBf16Weights)
@@ -402,6 +403,82 @@ void CudaBackend::LinearBackward(Operand din, float* dw, float* dbias, ConstOper
   if (dbias != nullptr) {
     CUDA_CHECK(cuda::ColumnSumAdd(dbias, ToElems(dout_op), n, out_dim, stream_));
   }
+}
+
+// With bf16 pre and act (cuda-bf16w), the GELU runs on the fp32 product: in cuBLASLt's epilogue,
+// or (where it has no algorithm) from an fp32 scratch product by one kernel that rounds pre and
+// act once each, as the epilogue does. With fp32 ones, Linear and GeluForward compute the same.
+void CudaBackend::LinearGelu(Operand act, Operand pre, ConstOperand in, const float* w,
+                             const float* bias, int n, int in_dim, int out_dim) {
+  if (!pre.is_bf16() || act.dtype != pre.dtype || n <= 0 || in_dim <= 0 || out_dim <= 0) {
+    Backend::LinearGelu(act, pre, in, w, bias, n, in_dim, out_dim);
+    return;
+  }
+  const size_t count = static_cast<size_t>(n) * out_dim;
+  if (lt_ != nullptr && out_dim % 8 == 0) {
+    // act^T[o, n] = gelu(w[o, i] in^T[i, n] + bias), column-major (see Gemm), pre^T beside it.
+    cuda::LtGemm::Problem p;
+    p.op_a = CUBLAS_OP_T;
+    p.op_b = CUBLAS_OP_N;
+    p.m = out_dim;
+    p.n = n;
+    p.k = in_dim;
+    p.a = AsBf16(ConstOperand(w), static_cast<size_t>(out_dim) * in_dim, 6);
+    p.lda = in_dim;
+    p.b = AsBf16(in, static_cast<size_t>(n) * in_dim, 3);
+    p.ldb = in_dim;
+    p.d = act.data;
+    p.ldd = out_dim;
+    p.d_bf16 = true;
+    if (bias != nullptr) p.bias = AsBf16(ConstOperand(bias), out_dim, 7);
+    p.activation = cuda::LtGemm::Problem::Activation::kGelu;
+    p.aux = pre.data;
+    p.aux_ld = out_dim;
+    if (lt_->Run(p)) return;
+  }
+  auto* acc = static_cast<float*>(Scratch(count * sizeof(float), 5));
+  Gemm(false, true, n, out_dim, in_dim, 1.0f, in, in_dim, w, in_dim, 0.0f, Operand(acc), out_dim);
+  CUDA_CHECK(cuda::BiasGeluForward(ToElems(act), ToElems(pre), acc, bias, n, out_dim, stream_));
+}
+
+// With bf16 dpre and pre, gelu' multiplies the fp32 product dout @ w before dpre's one rounding:
+// in cuBLASLt's epilogue, or from an fp32 scratch product by GeluBackward.
+void CudaBackend::LinearBackwardGelu(Operand dpre, float* dw, float* dbias, ConstOperand dout,
+                                     ConstOperand act, ConstOperand pre, const float* w, int n,
+                                     int in_dim, int out_dim) {
+  if (!dpre.is_bf16() || !pre.is_bf16() || n <= 0 || in_dim <= 0 || out_dim <= 0) {
+    Backend::LinearBackwardGelu(dpre, dw, dbias, dout, act, pre, w, n, in_dim, out_dim);
+    return;
+  }
+  // dout as the GEMMs read it: bf16, converted once (as LinearBackward converts it).
+  const ConstOperand dout16(AsBf16(dout, static_cast<size_t>(n) * out_dim, 4), DType::kBF16);
+  LinearBackward(Operand(), dw, dbias, dout16, act, w, n, in_dim, out_dim, false);
+  const size_t count = static_cast<size_t>(n) * in_dim;
+  if (lt_ != nullptr && in_dim % 8 == 0) {
+    // dpre^T[i, n] = (w^T[i, o] dout^T[o, n]) * gelu'(pre^T), column-major (see Gemm).
+    cuda::LtGemm::Problem p;
+    p.op_a = CUBLAS_OP_N;
+    p.op_b = CUBLAS_OP_N;
+    p.m = in_dim;
+    p.n = n;
+    p.k = out_dim;
+    p.a = AsBf16(ConstOperand(w), static_cast<size_t>(out_dim) * in_dim, 6);
+    p.lda = in_dim;
+    p.b = dout16.data;
+    p.ldb = out_dim;
+    p.d = dpre.data;
+    p.ldd = in_dim;
+    p.d_bf16 = true;
+    p.activation = cuda::LtGemm::Problem::Activation::kGeluBackward;
+    p.aux = const_cast<void*>(pre.data);
+    p.aux_ld = in_dim;
+    if (lt_->Run(p)) return;
+  }
+  auto* acc = static_cast<float*>(Scratch(count * sizeof(float), 5));
+  Gemm(false, false, n, in_dim, out_dim, 1.0f, dout16, out_dim, w, in_dim, 0.0f, Operand(acc),
+       in_dim);
+  CUDA_CHECK(
+      cuda::GeluBackward(ToElems(dpre), ToElems(ConstOperand(acc)), ToElems(pre), count, stream_));
 }
 
 // ---- norms, activations, RoPE -------------------------------------------------------------------

@@ -79,6 +79,11 @@ class CudaBackend final : public Backend {
                       const float* bias, int n, int in_dim, int out_dim) override;
   void LinearBackward(Operand din, float* dw, float* dbias, ConstOperand dout, ConstOperand in,
                       const float* w, int n, int in_dim, int out_dim, bool accumulate_din) override;
+  void LinearGelu(Operand act, Operand pre, ConstOperand in, const float* w, const float* bias,
+                  int n, int in_dim, int out_dim) override;
+  void LinearBackwardGelu(Operand dpre, float* dw, float* dbias, ConstOperand dout,
+                          ConstOperand act, ConstOperand pre, const float* w, int n, int in_dim,
+                          int out_dim) override;
 
   void LayerNormForward(Operand out, float* mean, float* rstd, const float* x, const float* g,
                         const float* b, int n, int c, float eps) override;
@@ -143,6 +148,9 @@ class CudaBackend final : public Backend {
   void Gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, ConstOperand a, int lda,
             ConstOperand b, int ldb, float beta, Operand c, int ldc, const float* bias = nullptr,
             float* a_row_sums = nullptr, const float* c_in = nullptr);
+  // x as bf16 bits: itself, a registered weight's copy, or converted into scratch slot `slot`
+  // (its first `count` elements).
+  const uint16_t* AsBf16(ConstOperand x, size_t count, int slot);
   // The bf16 copy of weights at `p` (refreshed if stale), or null when p is no registered weight
   // or the precision keeps none.
   const uint16_t* Bf16Weights(const float* p);

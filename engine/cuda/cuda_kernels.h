@@ -43,6 +43,10 @@ cudaError_t ColumnSumAdd(float* dst, Elems x, int n, int cols, cudaStream_t s);
 // norms are operands (engine/tensor/operand.h): fp32 or bf16.
 cudaError_t GeluForward(Elems out, Elems x, size_t n, cudaStream_t s);
 cudaError_t GeluBackward(Elems dx, Elems dout, Elems x, size_t n, cudaStream_t s);
+// From an fp32 product acc[n, cols]: pre = acc + bias (bias in pre's dtype, may be null) and
+// act = gelu(acc + bias), each rounded once to its dtype (cuBLASLt's GELU_AUX_BIAS epilogue).
+cudaError_t BiasGeluForward(Elems act, Elems pre, const float* acc, const float* bias, int n,
+                            int cols, cudaStream_t s);
 cudaError_t SwiGluForward(Elems out, Elems gate, Elems up, size_t n, cudaStream_t s);
 cudaError_t SwiGluBackward(Elems dgate, Elems dup, Elems dout, Elems gate, Elems up, size_t n,
                            cudaStream_t s);

@@ -172,6 +172,21 @@ __global__ void GeluForwardKernel(Elems out, Elems x, size_t n) {
     StoreAt(out, i, 0.5f * xi * (1.0f + tanhf(u)));
   }
 }
+// pre = acc + bias (the bias in pre's dtype, as AddBias; bias may be null) and act = gelu of
+// it before pre's rounding: what cuBLASLt's GELU_AUX_BIAS epilogue writes.
+__global__ void BiasGeluForwardKernel(Elems act, Elems pre, const float* acc, const float* bias,
+                                      int n, int cols) {
+  GRID_STRIDE(i, static_cast<size_t>(n) * cols) {
+    float xi = acc[i];
+    if (bias != nullptr) {
+      const float b = bias[i % cols];
+      xi += pre.bf16 ? __bfloat162float(__float2bfloat16(b)) : b;
+    }
+    StoreAt(pre, i, xi);
+    const float u = kGeluScale * (xi + kGeluCubic * xi * xi * xi);
+    StoreAt(act, i, 0.5f * xi * (1.0f + tanhf(u)));
+  }
+}
 __global__ void GeluBackwardKernel(Elems dx, Elems dout, Elems x, size_t n) {
   GRID_STRIDE(i, n) {
     const float xi = LoadAt(x, i);
@@ -301,6 +316,14 @@ cudaError_t ColumnSumAdd(float* dst, Elems x, int n, int cols, cudaStream_t s) {
 }
 cudaError_t GeluForward(Elems out, Elems x, size_t n, cudaStream_t s) {
   if (n) LaunchKernel(GeluForwardKernel, dim3(Blocks(n)), dim3(kThreads), 0, s, out, x, n);
+  return cudaGetLastError();
+}
+cudaError_t BiasGeluForward(Elems act, Elems pre, const float* acc, const float* bias, int n,
+                            int cols, cudaStream_t s) {
+  const size_t total = static_cast<size_t>(n) * cols;
+  if (total)
+    LaunchKernel(BiasGeluForwardKernel, dim3(Blocks(total)), dim3(kThreads), 0, s, act, pre, acc,
+                 bias, n, cols);
   return cudaGetLastError();
 }
 cudaError_t GeluBackward(Elems dx, Elems dout, Elems x, size_t n, cudaStream_t s) {

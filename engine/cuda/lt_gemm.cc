@@ -26,9 +26,26 @@ int64_t Alignment(const void* p) {
 
 // The epilogue a problem asks for, and the vector it reads or writes.
 uint32_t EpilogueOf(const LtGemm::Problem& p) {
+  using Activation = LtGemm::Problem::Activation;
+  if (p.activation == Activation::kGelu) {
+    return p.bias != nullptr ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
+  }
+  if (p.activation == Activation::kGeluBackward) return CUBLASLT_EPILOGUE_DGELU;
   return p.bias != nullptr        ? CUBLASLT_EPILOGUE_BIAS
          : p.bias_grad != nullptr ? CUBLASLT_EPILOGUE_BGRADB
                                   : CUBLASLT_EPILOGUE_DEFAULT;
+}
+
+// Sets the pointers a launch reads: the bias vector and the GELU's input matrix.
+void SetPointers(cublasLtMatmulDesc_t desc, const LtGemm::Problem& p, const void* vector) {
+  if (vector != nullptr) {
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &vector,
+                                                sizeof(vector)));
+  }
+  if (p.aux != nullptr) {
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER,
+                                                &p.aux, sizeof(p.aux)));
+  }
 }
 const void* VectorOf(const LtGemm::Problem& p) { return p.bias != nullptr ? p.bias : p.bias_grad; }
 
@@ -69,11 +86,12 @@ LtGemm::Plan& LtGemm::PlanFor(const Problem& p, const Key& key) {
       cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)));
   CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue,
                                               sizeof(epilogue)));
-  // The heuristic reads the vector pointer's alignment (Run sets the pointer at every call).
-  const void* vector = VectorOf(p);
-  if (vector != nullptr) {
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                                                &vector, sizeof(vector)));
+  // The heuristic reads the pointers' alignments (Run sets the pointers at every call).
+  SetPointers(plan.desc, p, VectorOf(p));
+  if (p.aux != nullptr) {
+    const int64_t aux_ld = p.aux_ld;
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD,
+                                                &aux_ld, sizeof(aux_ld)));
   }
   const bool ta = p.op_a != CUBLAS_OP_N, tb = p.op_b != CUBLAS_OP_N;
   CUBLAS_CHECK(
@@ -108,7 +126,7 @@ LtGemm::Plan& LtGemm::PlanFor(const Problem& p, const Key& key) {
   } else {
     std::fprintf(stderr,
                  "eellm: cuBLASLt has no algorithm for a %dx%dx%d GEMM (op %d/%d, epilogue %u, "
-                 "status %d): cublasGemmEx and separate bias kernels instead\n",
+                 "status %d): cublasGemmEx and separate bias/GELU kernels instead\n",
                  p.m, p.n, p.k, op_a, op_b, epilogue, static_cast<int>(status));
   }
   return plan;
@@ -117,6 +135,14 @@ LtGemm::Plan& LtGemm::PlanFor(const Problem& p, const Key& key) {
 bool LtGemm::Run(const Problem& p) {
   EE_CHECK(p.bias == nullptr || p.bias_grad == nullptr, "a GEMM with both bias epilogues");
   EE_CHECK(p.bias_grad == nullptr || !p.d_bf16, "a bias gradient needs an fp32 D");
+  EE_CHECK((p.activation == Problem::Activation::kNone) == (p.aux == nullptr),
+           "a GELU epilogue needs its input matrix (aux), and only it");
+  EE_CHECK(p.aux == nullptr ||
+               (p.beta == 0.0f && p.bias_grad == nullptr && p.aux_ld % 8 == 0 && p.aux_ld >= p.m),
+           "a GELU epilogue with beta != 0, a bias gradient, or an aux leading dimension (",
+           p.aux_ld, ") that is not a multiple of 8 of at least ", p.m);
+  EE_CHECK(p.activation != Problem::Activation::kGeluBackward || p.bias == nullptr,
+           "a GELU backward epilogue with a bias");
   const Key key = {p.op_a,
                    p.op_b,
                    p.m,
@@ -133,14 +159,13 @@ bool LtGemm::Run(const Problem& p) {
                    Alignment(p.d),
                    Alignment(p.bias),
                    Alignment(p.bias_grad),
-                   Alignment(p.c)};
+                   Alignment(p.c),
+                   static_cast<int64_t>(p.activation),
+                   p.aux_ld,
+                   Alignment(p.aux)};
   Plan& plan = PlanFor(p, key);
   if (!plan.ok) return false;
-  const void* vector = VectorOf(p);
-  if (vector != nullptr) {
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                                                &vector, sizeof(vector)));
-  }
+  SetPointers(plan.desc, p, VectorOf(p));
   const void* c = p.c != nullptr ? p.c : p.d;
   const cublasStatus_t status =
       cublasLtMatmul(handle_, plan.desc, &p.alpha, p.a, plan.a, p.b, plan.b, &p.beta, c, plan.d,
@@ -148,9 +173,9 @@ bool LtGemm::Run(const Problem& p) {
   if (status != CUBLAS_STATUS_SUCCESS && !plan.ran) {
     // Refused at its first launch (nothing ran): as if the heuristic had found nothing.
     std::fprintf(stderr,
-                 "eellm: cuBLASLt refused its algorithm for a %dx%dx%d GEMM (status %d): "
-                 "cublasGemmEx and separate bias kernels instead\n",
-                 p.m, p.n, p.k, static_cast<int>(status));
+                 "eellm: cuBLASLt refused its algorithm for a %dx%dx%d GEMM (epilogue %u, status "
+                 "%d): cublasGemmEx and separate bias/GELU kernels instead\n",
+                 p.m, p.n, p.k, EpilogueOf(p), static_cast<int>(status));
     plan.ok = false;
     return false;
   }

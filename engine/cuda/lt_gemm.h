@@ -1,8 +1,10 @@
 // LtGemm: bf16 x bf16 GEMMs with fp32 accumulation through cuBLASLt, for what cublasGemmEx
 // cannot fuse: the bias add of a Linear forward (epilogue BIAS: added before D's one rounding,
-// so a bf16 output is rounded once) and the bias gradient of its backward (epilogue BGRADB:
+// so a bf16 output is rounded once), the bias gradient of its backward (epilogue BGRADB:
 // op(B)'s column sums over k, computed by the weight-gradient GEMM from the operand it already
-// reads). Column-major like cuBLAS. Each distinct problem's descriptors and the algorithm the
+// reads), and the GELU of a GELU MLP (GELU_AUX(_BIAS): D = gelu(product + bias) with the GELU's
+// input written beside it; DGELU: D = product * gelu'(input), the input read). Column-major like
+// cuBLAS. Each distinct problem's descriptors and the algorithm the
 // heuristic picks are built once and cached (a training step repeats a few dozen shapes); a
 // problem cuBLASLt has no algorithm for is remembered as such and Run returns false, so that the
 // caller can take its cublasGemmEx path.
@@ -35,6 +37,13 @@ class LtGemm {
     const void* c = nullptr;     // what beta scales: D's layout and dtype; null: D itself
     const void* bias = nullptr;  // [m] in D's dtype, added to every column (or null)
     float* bias_grad = nullptr;  // [n], written: sum over k of op(B) (or null; needs fp32 D)
+    // kGelu: D = gelu(alpha op(A) op(B) + bias), aux = its input (written); kGeluBackward:
+    // D = alpha op(A) op(B) * gelu'(aux) (aux read). aux has D's shape and dtype, leading
+    // dimension aux_ld (a multiple of 8); beta must be 0.
+    enum class Activation { kNone, kGelu, kGeluBackward };
+    Activation activation = Activation::kNone;
+    void* aux = nullptr;
+    int aux_ld = 0;
   };
 
   explicit LtGemm(cudaStream_t stream);
@@ -49,7 +58,7 @@ class LtGemm {
  private:
   // The problem without its pointers, plus their alignments (the heuristic's choice depends on
   // them).
-  using Key = std::array<int64_t, 17>;
+  using Key = std::array<int64_t, 20>;
   struct Plan {
     bool ok = false;   // the heuristic found an algorithm (and its first launch took it)
     bool ran = false;  // launched successfully at least once

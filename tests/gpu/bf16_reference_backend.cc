@@ -92,6 +92,32 @@ void Bf16ReferenceBackend::LinearBackward(Operand din, float* dw, float* dbias, 
   }
 }
 
+void Bf16ReferenceBackend::LinearGelu(Operand act, Operand pre, ConstOperand in, const float* w,
+                                      const float* bias, int n, int in_dim, int out_dim) {
+  if (n <= 0 || out_dim <= 0) return;
+  const size_t count = static_cast<size_t>(n) * out_dim;
+  std::vector<float> y(count);
+  Linear(Operand(y.data()), in, w, nullptr, n, in_dim, out_dim, false);  // fp32: not rounded
+  if (bias != nullptr) {  // in pre's dtype, as the device's epilogue adds it
+    const std::vector<float> br = OperandValues(bias, out_dim, pre.is_bf16());
+    for (size_t i = 0; i < count; ++i) y[i] += br[i % out_dim];
+  }
+  Store(pre, y);
+  std::vector<float> g(count);
+  cpu_->GeluForward(g.data(), y.data(), count);
+  Store(act, g);
+}
+
+void Bf16ReferenceBackend::LinearBackwardGelu(Operand dpre, float* dw, float* dbias,
+                                              ConstOperand dout, ConstOperand act, ConstOperand pre,
+                                              const float* w, int n, int in_dim, int out_dim) {
+  if (n <= 0) return;
+  const size_t count = static_cast<size_t>(n) * (in_dim > 0 ? in_dim : 0);
+  std::vector<float> dact(count);  // fp32: the product before gelu' and the one rounding
+  LinearBackward(Operand(dact.data()), dw, dbias, dout, act, w, n, in_dim, out_dim, false);
+  GeluBackward(dpre, ConstOperand(dact.data()), pre, count);
+}
+
 void Bf16ReferenceBackend::LayerNormForward(Operand out, float* mean, float* rstd, const float* x,
                                             const float* g, const float* b, int n, int c,
                                             float eps) {

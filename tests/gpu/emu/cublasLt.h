@@ -2,12 +2,17 @@
 // OpenBLAS. D = alpha op(A) op(B) + beta C, column-major as in cuBLASLt, with bf16 or fp32
 // operands (bf16 read exactly, fp32 accumulation as the tensor cores do), an fp32 or bf16 D
 // rounded once, and the epilogues lt_gemm.cc uses: BIAS (a vector of D's type over D's rows,
-// added before the rounding) and BGRADB (D's column sums of op(B) over k, fp32, written). Only
-// what lt_gemm.cc sets is modelled; the attribute sizes are checked as cuBLASLt checks them.
+// added before the rounding), BGRADB (D's column sums of op(B) over k, fp32, written),
+// GELU_AUX(_BIAS) (D = gelu(x) and the aux matrix = x, x the product plus the bias, each rounded
+// once to D's type) and DGELU (D = product * gelu'(aux)), with the GELU's tanh form of
+// engine/cuda's kernels (cuBLASLt does not document its form; the GPU parity tests compare it
+// against the CPU's). Only what lt_gemm.cc sets is modelled; the attribute sizes are checked as
+// cuBLASLt checks them.
 #pragma once
 
 #include <cblas.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -24,6 +29,8 @@ struct cublasLtMatmulDescOpaque_t {
   int32_t trans_a = CUBLAS_OP_N, trans_b = CUBLAS_OP_N;
   uint32_t epilogue = 1;  // CUBLASLT_EPILOGUE_DEFAULT
   const void* bias = nullptr;
+  void* aux = nullptr;
+  int64_t aux_ld = 0;
 };
 using cublasLtMatmulDesc_t = cublasLtMatmulDescOpaque_t*;
 struct cublasLtMatrixLayoutOpaque_t {
@@ -51,10 +58,15 @@ enum cublasLtMatmulDescAttributes_t {
   CUBLASLT_MATMUL_DESC_TRANSB = 4,
   CUBLASLT_MATMUL_DESC_EPILOGUE = 7,
   CUBLASLT_MATMUL_DESC_BIAS_POINTER = 8,
+  CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER = 11,
+  CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD = 12,
 };
 enum cublasLtEpilogue_t {
   CUBLASLT_EPILOGUE_DEFAULT = 1,
   CUBLASLT_EPILOGUE_BIAS = 4,
+  CUBLASLT_EPILOGUE_GELU_AUX = 160,
+  CUBLASLT_EPILOGUE_GELU_AUX_BIAS = 164,
+  CUBLASLT_EPILOGUE_DGELU = 192,
   CUBLASLT_EPILOGUE_BGRADB = 512,
 };
 enum cublasLtMatmulPreferenceAttributes_t {
@@ -101,6 +113,14 @@ inline cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t d,
       if (size != sizeof(void*)) return CUBLAS_STATUS_INVALID_VALUE;
       std::memcpy(&d->bias, buf, size);
       return CUBLAS_STATUS_SUCCESS;
+    case CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER:
+      if (size != sizeof(void*)) return CUBLAS_STATUS_INVALID_VALUE;
+      std::memcpy(&d->aux, buf, size);
+      return CUBLAS_STATUS_SUCCESS;
+    case CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD:
+      if (size != sizeof(int64_t)) return CUBLAS_STATUS_INVALID_VALUE;
+      std::memcpy(&d->aux_ld, buf, size);
+      return CUBLAS_STATUS_SUCCESS;
   }
   return CUBLAS_STATUS_INVALID_VALUE;
 }
@@ -134,6 +154,11 @@ inline cublasStatus_t cublasLtMatmulPreferenceSetAttribute(
 }
 
 namespace eellm_emu {
+// Whether the epilogue is one of the GELU ones (with an aux matrix).
+inline bool LtGelu(cublasLtMatmulDesc_t d) {
+  return d->epilogue == CUBLASLT_EPILOGUE_GELU_AUX ||
+         d->epilogue == CUBLASLT_EPILOGUE_GELU_AUX_BIAS || d->epilogue == CUBLASLT_EPILOGUE_DGELU;
+}
 // Whether the descriptor and layouts describe a problem this shim (and lt_gemm.cc's use of
 // cuBLASLt) supports: bf16 A and B, fp32 compute, D of fp32 or bf16 with C's layout, shapes
 // that agree, BGRADB only with an fp32 D.
@@ -153,8 +178,20 @@ inline bool LtProblemValid(cublasLtMatmulDesc_t d, cublasLtMatrixLayout_t a,
   const uint64_t bn = d->trans_b == CUBLAS_OP_N ? b->cols : b->rows;
   if (am != m || bn != n || ak != bk) return false;
   if (d->epilogue == CUBLASLT_EPILOGUE_BGRADB && dd->type != CUDA_R_32F) return false;
+  if (LtGelu(d) && (d->aux_ld % 8 != 0 || d->aux_ld < static_cast<int64_t>(m))) return false;
   return d->epilogue == CUBLASLT_EPILOGUE_DEFAULT || d->epilogue == CUBLASLT_EPILOGUE_BIAS ||
-         d->epilogue == CUBLASLT_EPILOGUE_BGRADB;
+         d->epilogue == CUBLASLT_EPILOGUE_BGRADB || LtGelu(d);
+}
+// GELU (tanh form, as engine/cuda's kernels) and its derivative.
+inline float LtGeluOf(float x) {
+  const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+  return 0.5f * x * (1.0f + std::tanh(u));
+}
+inline float LtGeluGrad(float x) {
+  const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+  const float th = std::tanh(u);
+  const float du = 0.7978845608028654f * (1.0f + 3.0f * 0.044715f * x * x);
+  return 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * du;
 }
 // A stored column-major matrix as fp32 values.
 inline std::vector<float> LtValues(const void* x, const cublasLtMatrixLayoutOpaque_t& l) {
@@ -198,10 +235,15 @@ inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t desc
   const int m = static_cast<int>(ld->rows), n = static_cast<int>(ld->cols);
   const int k = static_cast<int>(desc->trans_a == CUBLAS_OP_N ? la->cols : la->rows);
   if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
-  const bool epi_bias = desc->epilogue == CUBLASLT_EPILOGUE_BIAS;
+  const bool epi_bias =
+      desc->epilogue == CUBLASLT_EPILOGUE_BIAS || desc->epilogue == CUBLASLT_EPILOGUE_GELU_AUX_BIAS;
   const bool epi_bgrad = desc->epilogue == CUBLASLT_EPILOGUE_BGRADB;
+  const bool epi_gelu = desc->epilogue == CUBLASLT_EPILOGUE_GELU_AUX ||
+                        desc->epilogue == CUBLASLT_EPILOGUE_GELU_AUX_BIAS;
+  const bool epi_dgelu = desc->epilogue == CUBLASLT_EPILOGUE_DGELU;
   if (!eellm_emu::DeviceOperands(a, b, d) || !eellm_emu::IsDevice(c, 1) ||
-      ((epi_bias || epi_bgrad) && !eellm_emu::IsDevice(desc->bias, 1))) {
+      ((epi_bias || epi_bgrad) && !eellm_emu::IsDevice(desc->bias, 1)) ||
+      ((epi_gelu || epi_dgelu) && !eellm_emu::IsDevice(desc->aux, 1))) {
     return CUBLAS_STATUS_INVALID_VALUE;
   }
   const std::vector<float> ra = eellm_emu::LtValues(a, *la), rb = eellm_emu::LtValues(b, *lb);
@@ -217,19 +259,29 @@ inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t desc
     for (float& v : acc) v *= be;
   }
   const bool bf16_d = ld->type == CUDA_R_16BF;
+  // Stores v at element `at` of a matrix of D's type (rounded once); reads one back exactly.
+  auto store = [&](void* base, size_t at, float v) {
+    if (bf16_d) {
+      static_cast<__nv_bfloat16*>(base)[at] = __float2bfloat16(v);
+    } else {
+      static_cast<float*>(base)[at] = v;
+    }
+  };
+  auto load = [&](const void* base, size_t at) {
+    return bf16_d ? __bfloat162float(static_cast<const __nv_bfloat16*>(base)[at])
+                  : static_cast<const float*>(base)[at];
+  };
   for (int col = 0; col < n; ++col)
     for (int i = 0; i < m; ++i) {
       float v = acc[static_cast<size_t>(col) * ld->ld + i];
-      if (epi_bias) {
-        v += bf16_d ? __bfloat162float(static_cast<const __nv_bfloat16*>(desc->bias)[i])
-                    : static_cast<const float*>(desc->bias)[i];
+      if (epi_bias) v += load(desc->bias, i);
+      const size_t aux_at = static_cast<size_t>(col) * desc->aux_ld + i;
+      if (epi_gelu) {
+        store(desc->aux, aux_at, v);
+        v = eellm_emu::LtGeluOf(v);
       }
-      const size_t at = static_cast<size_t>(col) * ld->ld + i;
-      if (bf16_d) {
-        static_cast<__nv_bfloat16*>(d)[at] = __float2bfloat16(v);
-      } else {
-        static_cast<float*>(d)[at] = v;
-      }
+      if (epi_dgelu) v *= eellm_emu::LtGeluGrad(load(desc->aux, aux_at));
+      store(d, static_cast<size_t>(col) * ld->ld + i, v);
     }
   if (epi_bgrad) {  // sum over k of op(B)'s column j, for each of D's n columns
     auto* grad = static_cast<float*>(const_cast<void*>(desc->bias));
