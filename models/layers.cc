@@ -127,9 +127,11 @@ GradScratch MakeGradScratch(Arena& a, const ModelConfig& c, int n) {
   s.dk = a.Operands(nkv);
   s.dv = a.Operands(nkv);
   s.datt = a.Operands(nq);
-  s.dact = a.Operands(nf);
   s.dh1 = a.Operands(nf);
-  s.dh3 = a.Operands(nf);
+  if (c.use_swiglu()) {  // a GELU MLP's backward goes from dout to dh1 in one op
+    s.dact = a.Operands(nf);
+    s.dh3 = a.Operands(nf);
+  }
   return s;
 }
 

@@ -78,7 +78,7 @@ struct BlockActs {
 
 // Gradient scratch shared by all layers' backward passes (sized for n rows). dnorm (summed over
 // several GEMMs) and dh (the residual stream's) are fp32; the others are operands: written by one
-// backward op and read by the next GEMM or attention backward.
+// backward op and read by the next GEMM or attention backward (dact and dh3: SwiGLU only).
 struct GradScratch {
   float *dnorm, *dh;
   Operand dq, dk, dv, datt, dact, dh1, dh3;
