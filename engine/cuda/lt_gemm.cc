@@ -114,6 +114,13 @@ LtGemm::Plan& LtGemm::PlanFor(const Problem& p, const Key& key) {
     const uint32_t bytes = static_cast<uint32_t>(Alignment(ptr));
     CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, attr, &bytes, sizeof(bytes)));
   }
+  if (p.d_bf16) {
+    // A split-K reduction "in place" or in the output type would round a bf16 D more than once:
+    // only partial sums in fp32 (or none).
+    const uint32_t schemes = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+        pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &schemes, sizeof(schemes)));
+  }
   cublasLtMatmulHeuristicResult_t result = {};
   int returned = 0;
   const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(

@@ -4,10 +4,11 @@
 // op(B)'s column sums over k, computed by the weight-gradient GEMM from the operand it already
 // reads), and the GELU of a GELU MLP (GELU_AUX(_BIAS): D = gelu(product + bias) with the GELU's
 // input written beside it; DGELU: D = product * gelu'(input), the input read). Column-major like
-// cuBLAS. Each distinct problem's descriptors and the algorithm the
-// heuristic picks are built once and cached (a training step repeats a few dozen shapes); a
-// problem cuBLASLt has no algorithm for is remembered as such and Run returns false, so that the
-// caller can take its cublasGemmEx path.
+// cuBLAS. A bf16 D is rounded once: where cuBLASLt splits k, its partial sums stay fp32 (the
+// plans allow only that reduction scheme for a bf16 D). Each distinct problem's descriptors and the
+// algorithm the heuristic picks are built once and cached (a training step repeats a few dozen
+// shapes); a problem cuBLASLt has no algorithm for is remembered as such and Run returns false, so
+// that the caller can take its cublasGemmEx path.
 #pragma once
 
 #include <cublasLt.h>
