@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "engine/core/status.h"
+#include "parallel/pipeline/send_posting.h"
 
 namespace eellm {
 
@@ -109,13 +110,19 @@ LossReport PipelineExecutor::Run(const Schedule& s, const int32_t* ids, const in
   const int max_in_flight = MaxInFlight(s, stage);
   Communicator* pp = ctx_->pp.get();
   std::map<int, Buffer> local;  // stages == 1: tensors "sent" to this rank, by tag
-  auto send = [&](Slot& slot, const float* data, int dst, int tag) {
+  const std::vector<Action>& actions = s.per_stage[stage];
+  // A communicator that holds sends back until the next receive (NCCL) starts those whose next
+  // message is another send at once (the first stage's warm-up activations), where the whole
+  // schedule stays deadlock-free that way (parallel/pipeline/send_posting.h).
+  const bool start_sends_early = CheckRendezvous(s).ok();
+  auto send = [&](Slot& slot, const float* data, int dst, int tag, size_t ai) {
     if (dst == stage) {
       Buffer b(be, bytes);
       be->Copy(b.data(), data, bytes);
       local[tag] = std::move(b);
     } else {
       slot.pending.push_back(pp->ISend(data, bytes, dst, tag));
+      if (start_sends_early && StartSendAtOnce(actions, ai, stages)) pp->StartSends();
     }
   };
   auto recv = [&](Slot& slot, int src, int tag) {
@@ -137,7 +144,6 @@ LossReport PipelineExecutor::Run(const Schedule& s, const int32_t* ids, const in
     total.objective += r.objective;
     total.tokens += r.tokens;
   };
-  const std::vector<Action>& actions = s.per_stage[stage];
   const std::vector<bool> last_of_record = LastOfRecord(actions);
   // Each chunk's last backward action: its layers' gradients are final as they finish.
   std::vector<size_t> last_backward(chunks_.size(), actions.size());
@@ -196,7 +202,7 @@ LossReport PipelineExecutor::Run(const Schedule& s, const int32_t* ids, const in
         }
         break;
       case ActionType::kSendForward:
-        send(slot, model->StageOutput(ws), next, fwd_tag(m, ch));
+        send(slot, model->StageOutput(ws), next, fwd_tag(m, ch), ai);
         break;
       case ActionType::kRecvBackward:
         recv(slot, next, bwd_tag(m, stage == stages - 1 ? ch + 1 : ch));
@@ -212,7 +218,7 @@ LossReport PipelineExecutor::Run(const Schedule& s, const int32_t* ids, const in
         model->set_layer_grads_done(nullptr);
         break;
       case ActionType::kSendBackward:
-        send(slot, model->StageInputGrad(ws), prev, bwd_tag(m, ch));
+        send(slot, model->StageInputGrad(ws), prev, bwd_tag(m, ch), ai);
         break;
       case ActionType::kExitHeads:
         accumulate(model->StageExitHeads(ws, mb_targets, nullptr, exit_weights, loss_scale));

@@ -38,6 +38,9 @@ class Communicator {
   virtual void Recv(void* data, size_t bytes, int peer, int tag) = 0;
   virtual std::unique_ptr<Request> ISend(const void* data, size_t bytes, int peer, int tag) = 0;
   virtual std::unique_ptr<Request> IRecv(void* data, size_t bytes, int peer, int tag) = 0;
+  // Starts the sends ISend queued that this communicator holds back (NCCL posts held sends in
+  // one group with the next receive; see parallel/pipeline/send_posting.h). Default: none held.
+  virtual void StartSends() {}
   virtual std::unique_ptr<Request> IAllReduce(float* data, size_t n, ReduceOp op) = 0;
   virtual void Barrier() = 0;
 

@@ -246,7 +246,8 @@ std::unique_ptr<Communicator> NcclCommunicator::Subgroup(const std::vector<int>&
       new NcclCommunicator(std::move(state), key, static_cast<int>(ranks.size())));
 }
 
-void UseNcclForModelParallel(ParallelContext* ctx, Communicator* host_world) {
+void UseNcclForModelParallel(ParallelContext* ctx, Communicator* host_world,
+                             bool pipeline_on_nccl) {
   auto nccl_group = [&](const std::vector<int>& ranks) {
     std::unique_ptr<Communicator> bootstrap = host_world->Subgroup(ranks);
     return NcclCommunicator::Create(bootstrap.get());
@@ -255,7 +256,7 @@ void UseNcclForModelParallel(ParallelContext* ctx, Communicator* host_world) {
   // (collective).
   ctx->tp = nccl_group(ctx->grid.TpGroup(ctx->rank));
   ctx->dp = nccl_group(ctx->grid.DpGroup(ctx->rank));
-  ctx->pp = nccl_group(ctx->grid.PpGroup(ctx->rank));
+  if (pipeline_on_nccl) ctx->pp = nccl_group(ctx->grid.PpGroup(ctx->rank));
 }
 
 }  // namespace eellm

@@ -31,6 +31,7 @@ class NcclCommunicator : public Communicator {
   void Recv(void* data, size_t bytes, int peer, int tag) override;
   std::unique_ptr<Request> ISend(const void* data, size_t bytes, int peer, int tag) override;
   std::unique_ptr<Request> IRecv(void* data, size_t bytes, int peer, int tag) override;
+  void StartSends() override { FlushSends(); }
   std::unique_ptr<Request> IAllReduce(float* data, size_t n, ReduceOp op) override;
   void Barrier() override;
   std::unique_ptr<Communicator> Subgroup(const std::vector<int>& ranks) override;
@@ -58,6 +59,9 @@ class NcclCommunicator : public Communicator {
 // gradients every step, ZeRO-1 gathers and pipeline messages. The embedding group and the world
 // stay on MPI. `host_world`: an MPI world communicator on host memory (NCCL's id travels
 // through it). Collective over the world.
-void UseNcclForModelParallel(ParallelContext* ctx, Communicator* host_world);
+// With `pipeline_on_nccl` false the pipeline group stays on MPI (a schedule whose messages
+// would deadlock NCCL's rendezvous sends: PipelineFitsRendezvous).
+void UseNcclForModelParallel(ParallelContext* ctx, Communicator* host_world,
+                             bool pipeline_on_nccl = true);
 
 }  // namespace eellm

@@ -42,6 +42,7 @@
 #include "models/token_file.h"
 #include "models/tokenizer.h"
 #include "parallel/comm/mpi_communicator.h"
+#include "parallel/pipeline/send_posting.h"
 #include "tests/gpu/emu/emulated_cuda_backend.h"
 #include "tests/gpu/emu/emulated_nccl.h"
 
@@ -81,17 +82,22 @@ Backend* StagingBackend() {
 }
 
 // The layout's communicators over MPI (staging the backend's device buffers), with the tensor-,
-// data- and pipeline-parallel groups on NCCL when EELLM_LAYOUT_COMM=nccl.
-std::unique_ptr<ParallelContext> MakeContext(int tp, int pp, int dp) {
-  auto ctx = ParallelContext::Create(MpiCommunicator::World(StagingBackend()), tp, pp, dp);
+// data- and pipeline-parallel groups on NCCL when EELLM_LAYOUT_COMM=nccl (the pipeline group
+// only where its schedule fits NCCL's rendezvous sends, as `eellm train` decides).
+std::unique_ptr<ParallelContext> MakeContext(const TrainConfig& t) {
+  auto ctx = ParallelContext::Create(MpiCommunicator::World(StagingBackend()), t.tp, t.pp, t.dp);
   EXPECT_TRUE(ctx.ok()) << ctx.status();
   if (!ctx.ok()) return nullptr;
   const char* comm = std::getenv("EELLM_LAYOUT_COMM");
   if (comm != nullptr && std::string(comm) == "nccl") {
-    UseEmulatedNcclForModelParallel(ctx->get(), MpiCommunicator::World(nullptr).get());
+    const int rows = t.batch_size / t.dp;
+    const int micro = t.micro_batch_size > 0 ? t.micro_batch_size : rows;
+    const bool pipeline_on_nccl = PipelineFitsRendezvous(t.pp, rows / micro, t.virtual_stages);
+    UseEmulatedNcclForModelParallel(ctx->get(), MpiCommunicator::World(nullptr).get(),
+                                    pipeline_on_nccl);
     EXPECT_EQ((*ctx)->tp->name(), "nccl");
     EXPECT_EQ((*ctx)->dp->name(), "nccl");
-    EXPECT_EQ((*ctx)->pp->name(), "nccl");
+    EXPECT_EQ((*ctx)->pp->name(), pipeline_on_nccl ? "nccl" : "mpi");
   }
   return std::move(*ctx);
 }
@@ -227,7 +233,7 @@ TEST_P(TrainLayouts, EveryLayoutMatchesSingleRank) {
                              std::to_string(l.dp) + (l.zero1 ? " zero1" : "") + " micro" +
                              std::to_string(l.micro_batch) + (l.fused ? " fused" : "") +
                              (l.virtual_stages > 1 ? " v" + std::to_string(l.virtual_stages) : "");
-    auto ctx = MakeContext(l.tp, l.pp, l.dp);
+    auto ctx = MakeContext(par.train);
     ASSERT_NE(ctx, nullptr);
     RunResult got = Train(par, ctx.get(), shared_out + std::to_string(tested));
     ASSERT_EQ(got.losses.size(), ref.losses.size()) << name;
@@ -297,7 +303,7 @@ TEST_P(TrainLayouts, ResumeIsExactAndReshardsAcrossLayouts) {
     par.train.virtual_stages = l.virtual_stages;
     return par;
   };
-  auto context = [&](const Layout& l) { return MakeContext(l.tp, l.pp, l.dp); };
+  auto context = [&](const Layout& l) { return MakeContext(with(l).train); };
   // With 2 ranks, also an interleaved pipeline (2 chunks per rank).
   std::vector<Layout> exact = {same[n - 1]};
   if (n == 2) exact.push_back({1, 2, 1, false, 1, false, 2});
@@ -363,7 +369,7 @@ TEST_P(TrainLayouts, OverlappedGradientReductionIsIdentical) {
   rc.train.pp = n >= 4 ? 2 : 1;
   rc.train.dp = 2;
   rc.train.micro_batch_size = 1;
-  auto ctx = MakeContext(rc.train.tp, rc.train.pp, rc.train.dp);
+  auto ctx = MakeContext(rc.train);
   ASSERT_NE(ctx, nullptr);
   rc.train.grad_bucket_size = 2048;
   RunResult a = Train(rc, ctx.get(), out + "_on");

@@ -9,6 +9,7 @@
 namespace eellm {
 
 // As UseNcclForModelParallel (parallel/comm/nccl_communicator.h).
-void UseEmulatedNcclForModelParallel(ParallelContext* ctx, Communicator* host_world);
+void UseEmulatedNcclForModelParallel(ParallelContext* ctx, Communicator* host_world,
+                                     bool pipeline_on_nccl = true);
 
 }  // namespace eellm

@@ -1,0 +1,137 @@
+// When sends leave, and the rendezvous check (see send_posting.h).
+#include "parallel/pipeline/send_posting.h"
+
+#include <string>
+#include <tuple>
+
+#include "absl/strings/str_cat.h"
+
+namespace eellm {
+namespace {
+
+bool IsSend(ActionType t) {
+  return t == ActionType::kSendForward || t == ActionType::kSendBackward;
+}
+bool IsRecv(ActionType t) {
+  return t == ActionType::kRecvForward || t == ActionType::kRecvBackward;
+}
+
+// One message operation of a stage: which message (direction, microbatch, sender's virtual
+// stage), the peer stage, and whether this side sends it.
+struct Op {
+  bool send = false;
+  std::tuple<bool, int, int> message;  // (gradient, microbatch, sender virtual stage)
+  int peer = 0;
+  std::string name;  // the action, for errors
+  bool done = false;
+};
+
+Op MakeOp(const Action& a, int stage, int stages) {
+  const int v = a.chunk * stages + stage;
+  const int next = (stage + 1) % stages, prev = (stage + stages - 1) % stages;
+  const std::string name = ActionString(a);
+  switch (a.type) {
+    case ActionType::kSendForward:
+      return {true, {false, a.microbatch, v}, next, name};
+    case ActionType::kRecvForward:
+      return {false, {false, a.microbatch, v - 1}, prev, name};
+    case ActionType::kSendBackward:
+      return {true, {true, a.microbatch, v}, prev, name};
+    default:  // kRecvBackward
+      return {false, {true, a.microbatch, v + 1}, next, name};
+  }
+}
+
+struct StageState {
+  size_t pos = 0;
+  std::vector<Op> held;    // sends not posted yet
+  std::vector<Op> active;  // the group posted and waited for (empty: none)
+  bool finished = false;
+};
+
+}  // namespace
+
+bool StartSendAtOnce(const std::vector<Action>& actions, size_t i, int stages) {
+  if (stages <= 1) return false;
+  for (size_t j = i + 1; j < actions.size(); ++j) {
+    if (IsRecv(actions[j].type)) return false;
+    if (IsSend(actions[j].type)) return true;
+  }
+  return true;
+}
+
+bool PipelineFitsRendezvous(int stages, int microbatches, int chunks) {
+  if (stages <= 1) return true;
+  if (chunks <= 1) return CheckRendezvous(OneFOneB(stages, microbatches)).ok();
+  const absl::StatusOr<Schedule> s = Interleaved1F1B(stages, microbatches, chunks);
+  return s.ok() && CheckRendezvous(*s).ok();
+}
+
+absl::Status CheckRendezvous(const Schedule& s, const SendRule& rule) {
+  const int stages = s.stages;
+  if (stages <= 1) return absl::OkStatus();  // every message stays on the rank
+  std::vector<StageState> st(stages);
+  while (true) {
+    bool progress = false, all_finished = true;
+    // Each stage without a group in flight runs on to its next group.
+    for (int r = 0; r < stages; ++r) {
+      StageState& x = st[r];
+      const std::vector<Action>& actions = s.per_stage[r];
+      while (!x.finished && x.active.empty()) {
+        if (x.pos == actions.size()) {
+          if (x.held.empty()) {
+            x.finished = true;
+          } else {
+            x.active.swap(x.held);  // the sends still held leave at the end
+          }
+          progress = true;
+          break;
+        }
+        const size_t i = x.pos++;
+        progress = true;
+        const Action& a = actions[i];
+        if (!IsSend(a.type) && !IsRecv(a.type)) continue;
+        x.held.push_back(MakeOp(a, r, stages));
+        if (IsRecv(a.type) || rule(actions, i, stages)) x.active.swap(x.held);
+      }
+      all_finished = all_finished && x.finished;
+    }
+    if (all_finished) return absl::OkStatus();
+    // Operations whose counterparts are in the peers' groups complete.
+    for (int r = 0; r < stages; ++r) {
+      for (Op& op : st[r].active) {
+        if (op.done) continue;
+        for (Op& other : st[op.peer].active) {
+          if (!other.done && other.peer == r && other.send != op.send &&
+              other.message == op.message) {
+            op.done = other.done = true;
+            progress = true;
+            break;
+          }
+        }
+      }
+    }
+    for (StageState& x : st) {
+      bool complete = !x.active.empty();
+      for (const Op& op : x.active) complete = complete && op.done;
+      if (complete) {
+        x.active.clear();
+        progress = true;
+      }
+    }
+    if (!progress) {
+      std::string stuck;
+      for (int r = 0; r < stages; ++r) {
+        if (st[r].finished) continue;
+        absl::StrAppend(&stuck, "; stage ", r, " waits in {");
+        for (const Op& op : st[r].active) absl::StrAppend(&stuck, " ", op.name);
+        absl::StrAppend(&stuck, " }");
+      }
+      return absl::FailedPreconditionError(
+          absl::StrCat(s.name, " with ", stages, " stages and ", s.microbatches,
+                       " microbatches deadlocks under rendezvous sends", stuck));
+    }
+  }
+}
+
+}  // namespace eellm
