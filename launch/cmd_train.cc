@@ -160,17 +160,19 @@ int RunTrainCommand() {
                     multi, launch->rank);
       }
       // Interleaved 1F1B with more microbatches than stages would deadlock NCCL's rendezvous
-      // sends (parallel/pipeline/send_posting.h): its pipeline group stays on MPI.
-      const int rows = t.dp > 0 ? t.batch_size / t.dp : 0;
-      const int micro = t.micro_batch_size > 0 ? t.micro_batch_size : rows;
-      const bool pipeline_on_nccl =
-          PipelineFitsRendezvous(t.pp, micro > 0 ? rows / micro : 0, t.virtual_stages);
+      // sends (parallel/pipeline/send_posting.h): its pipeline group stays on MPI. (The layout
+      // is checked first, so that a bad one is named rather than misjudged here.)
+      if (absl::Status layout = ValidateLayout(*rc); !layout.ok()) {
+        return Fail(layout, multi, launch->rank);
+      }
+      const int microbatches = MicrobatchesPerStep(t);
+      const bool pipeline_on_nccl = PipelineFitsRendezvous(t.pp, microbatches, t.virtual_stages);
       if (!pipeline_on_nccl && launch->rank == 0) {
         std::fprintf(stderr,
                      "note: the pipeline group stays on MPI: interleaved 1F1B (virtual_stages "
                      "%d) with %d microbatches per step on %d stages would deadlock NCCL's "
                      "point-to-point sends; the tensor- and data-parallel groups use NCCL\n",
-                     t.virtual_stages, micro > 0 ? rows / micro : 0, t.pp);
+                     t.virtual_stages, microbatches, t.pp);
       }
       UseNcclForModelParallel(ctx.get(), MpiCommunicator::World(nullptr).get(), pipeline_on_nccl);
     }

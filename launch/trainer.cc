@@ -119,6 +119,12 @@ std::string FormatLosses(const ModelConfig& c, double final_loss,
 
 }  // namespace
 
+int MicrobatchesPerStep(const TrainConfig& t) {
+  const int rows = t.dp > 0 ? t.batch_size / t.dp : 0;
+  const int micro = t.micro_batch_size > 0 ? t.micro_batch_size : rows;
+  return micro > 0 ? rows / micro : 0;
+}
+
 absl::Status ValidateLayout(const RunConfig& rc) {
   const ModelConfig& m = rc.model;
   const TrainConfig& t = rc.train;
@@ -160,7 +166,7 @@ absl::Status ValidateLayout(const RunConfig& rc) {
   }
   if (t.virtual_stages > 1) {
     const int micro = t.micro_batch_size > 0 ? t.micro_batch_size : rows;
-    const int microbatches = micro > 0 ? rows / micro : 0;
+    const int microbatches = MicrobatchesPerStep(t);
     if (microbatches % t.pp != 0) {
       return bad("interleaved pipeline (virtual_stages ", t.virtual_stages, ") needs the ",
                  microbatches, " microbatches per step (", rows, " sequences / micro_batch_size ",
@@ -346,7 +352,7 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   for (Model* chunk : chunks) sum.num_params += static_cast<int64_t>(chunk->params().size());
   const int rows = tc.batch_size / ctx->grid.dp();  // this rank's share of the global batch
   const int micro = tc.micro_batch_size > 0 ? tc.micro_batch_size : rows;
-  PipelineExecutor exec(chunks, ctx, micro, tc.seq_len, rows / micro,
+  PipelineExecutor exec(chunks, ctx, micro, tc.seq_len, MicrobatchesPerStep(tc),
                         tc.exit_placement == "bubbles");
   // KV heads replicated over tensor-parallel ranks (tp > num_kv_heads): each rank's K/V
   // projection gradient covers only its own query heads, so the ranks sharing a KV head sum

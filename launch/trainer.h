@@ -57,6 +57,10 @@ struct TrainOptions {
 // numbers.
 absl::Status ValidateLayout(const RunConfig& rc);
 
+// Microbatches per optimizer step on each data-parallel rank: its batch_size / dp sequences in
+// microbatches of micro_batch_size (0: one microbatch). 0 where those do not divide.
+int MicrobatchesPerStep(const TrainConfig& t);
+
 absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions& opts);
 
 }  // namespace eellm

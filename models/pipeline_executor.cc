@@ -114,7 +114,12 @@ LossReport PipelineExecutor::Run(const Schedule& s, const int32_t* ids, const in
   // A communicator that holds sends back until the next receive (NCCL) starts those whose next
   // message is another send at once (the first stage's warm-up activations), where the whole
   // schedule stays deadlock-free that way (parallel/pipeline/send_posting.h).
-  const bool start_sends_early = CheckRendezvous(s).ok();
+  const absl::Status rendezvous = CheckRendezvous(s);
+  EE_CHECK(rendezvous.ok() || pp->name() != "nccl",
+           "a pipeline group on NCCL with a schedule that deadlocks it (eellm train keeps such "
+           "runs on MPI): ",
+           rendezvous.message());
+  const bool start_sends_early = rendezvous.ok();
   auto send = [&](Slot& slot, const float* data, int dst, int tag, size_t ai) {
     if (dst == stage) {
       Buffer b(be, bytes);
@@ -165,9 +170,12 @@ LossReport PipelineExecutor::Run(const Schedule& s, const int32_t* ids, const in
     Model* model = chunks_[ch];
     std::vector<Slot>& pool = slots_[ch];
     auto found = slot_of.find({m, ch});
+    bool wait_after_receive = false;
     if (found == slot_of.end()) {
       // The record's first action: take a free workspace; the sends that last read from it
-      // must finish before it is overwritten.
+      // must finish before it is overwritten. When the record starts with a receive (into
+      // grad_in, which no send reads), they are waited for after it, so that the held sends go
+      // out in one group with that receive, as send_posting.h's check assumes.
       const int n = static_cast<int>(pool.size());
       int pick = -1;
       for (int k = 0; k < n && pick < 0; ++k) {
@@ -177,7 +185,9 @@ LossReport PipelineExecutor::Run(const Schedule& s, const int32_t* ids, const in
       EE_CHECK(pick >= 0, "no free workspace for microbatch ", m, " chunk ", ch);
       next_slot[ch] = (pick + 1) % n;
       pool[pick].busy = true;
-      WaitSlot(pool[pick]);
+      wait_after_receive =
+          a.type == ActionType::kRecvForward || a.type == ActionType::kRecvBackward;
+      if (!wait_after_receive) WaitSlot(pool[pick]);
       found = slot_of.emplace(std::make_pair(m, ch), pick).first;
       ++held;
       peak_in_flight_ = std::max(peak_in_flight_, held);
@@ -224,6 +234,7 @@ LossReport PipelineExecutor::Run(const Schedule& s, const int32_t* ids, const in
         accumulate(model->StageExitHeads(ws, mb_targets, nullptr, exit_weights, loss_scale));
         break;
     }
+    if (wait_after_receive) WaitSlot(slot);
     if (a.type == ActionType::kForward || a.type == ActionType::kBackward ||
         a.type == ActionType::kExitHeads) {
       intervals_.push_back(BusyInterval{start, since(), a});

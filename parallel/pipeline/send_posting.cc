@@ -1,8 +1,10 @@
 // When sends leave, and the rendezvous check (see send_posting.h).
 #include "parallel/pipeline/send_posting.h"
 
+#include <map>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 
@@ -17,12 +19,14 @@ bool IsRecv(ActionType t) {
 }
 
 // One message operation of a stage: which message (direction, microbatch, sender's virtual
-// stage), the peer stage, and whether this side sends it.
+// stage), the peer stage, whether this side sends it, and its place among this stage's sends to
+// (or receives from) that peer: NCCL has no tags and pairs a pair of ranks' messages in order.
 struct Op {
   bool send = false;
   std::tuple<bool, int, int> message;  // (gradient, microbatch, sender virtual stage)
   int peer = 0;
   std::string name;  // the action, for errors
+  int seq = 0;
   bool done = false;
 };
 
@@ -44,8 +48,9 @@ Op MakeOp(const Action& a, int stage, int stages) {
 
 struct StageState {
   size_t pos = 0;
-  std::vector<Op> held;    // sends not posted yet
-  std::vector<Op> active;  // the group posted and waited for (empty: none)
+  std::map<std::pair<int, bool>, int> posted;  // (peer, send) -> operations so far
+  std::vector<Op> held;                        // sends not posted yet
+  std::vector<Op> active;                      // the group posted and waited for (empty: none)
   bool finished = false;
 };
 
@@ -91,23 +96,31 @@ absl::Status CheckRendezvous(const Schedule& s, const SendRule& rule) {
         progress = true;
         const Action& a = actions[i];
         if (!IsSend(a.type) && !IsRecv(a.type)) continue;
-        x.held.push_back(MakeOp(a, r, stages));
+        Op op = MakeOp(a, r, stages);
+        op.seq = x.posted[{op.peer, op.send}]++;
+        x.held.push_back(std::move(op));
         if (IsRecv(a.type) || rule(actions, i, stages)) x.active.swap(x.held);
       }
       all_finished = all_finished && x.finished;
     }
     if (all_finished) return absl::OkStatus();
-    // Operations whose counterparts are in the peers' groups complete.
+    // Operations whose counterparts (the same place in the other rank's order) are in the peers'
+    // groups complete; a pair that would carry different messages is an error.
     for (int r = 0; r < stages; ++r) {
       for (Op& op : st[r].active) {
         if (op.done) continue;
         for (Op& other : st[op.peer].active) {
-          if (!other.done && other.peer == r && other.send != op.send &&
-              other.message == op.message) {
-            op.done = other.done = true;
-            progress = true;
-            break;
+          if (other.done || other.peer != r || other.send == op.send || other.seq != op.seq) {
+            continue;
           }
+          if (other.message != op.message) {
+            return absl::FailedPreconditionError(absl::StrCat(
+                s.name, ": stage ", r, "'s ", op.name, " would pair with stage ", op.peer, "'s ",
+                other.name, " (messages between two ranks pair in order)"));
+          }
+          op.done = other.done = true;
+          progress = true;
+          break;
         }
       }
     }

@@ -90,9 +90,11 @@ std::unique_ptr<ParallelContext> MakeContext(const TrainConfig& t) {
   if (!ctx.ok()) return nullptr;
   const char* comm = std::getenv("EELLM_LAYOUT_COMM");
   if (comm != nullptr && std::string(comm) == "nccl") {
-    const int rows = t.batch_size / t.dp;
-    const int micro = t.micro_batch_size > 0 ? t.micro_batch_size : rows;
-    const bool pipeline_on_nccl = PipelineFitsRendezvous(t.pp, rows / micro, t.virtual_stages);
+    const int microbatches = MicrobatchesPerStep(t);
+    const bool pipeline_on_nccl = PipelineFitsRendezvous(t.pp, microbatches, t.virtual_stages);
+    // Only interleaved runs with more microbatches than stages stay on MPI.
+    EXPECT_EQ(pipeline_on_nccl, t.virtual_stages == 1 || microbatches <= t.pp)
+        << "pp " << t.pp << ", v " << t.virtual_stages << ", " << microbatches << " microbatches";
     UseEmulatedNcclForModelParallel(ctx->get(), MpiCommunicator::World(nullptr).get(),
                                     pipeline_on_nccl);
     EXPECT_EQ((*ctx)->tp->name(), "nccl");
@@ -213,6 +215,7 @@ TEST_P(TrainLayouts, EveryLayoutMatchesSingleRank) {
       {1, 1, 1, false, 1, false, 2},
       {1, 1, 1, false, 1, true, 4},
       {1, 2, 1, false, 1, false, 2},
+      {1, 2, 1, false, 2, false, 2},  // 2 microbatches: on NCCL too (4 stay on MPI there)
       {1, 2, 1, false, 1, true, 2},
       {1, 2, 2, true, 1, false, 2},
       {1, 4, 1, false, 1, false, 2},

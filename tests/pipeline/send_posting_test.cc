@@ -46,7 +46,23 @@ TEST(SendPosting, FirstStageWarmupSendsLeaveOneByOne) {
   }
 }
 
-// 1F1B and all-forward-all-backward never deadlock, with and without exit heads in the bubbles.
+// The forwards alone, as PipelineExecutor::Evaluate runs them.
+Schedule ForwardOnly(Schedule s) {
+  for (auto& actions : s.per_stage) {
+    std::vector<Action> kept;
+    for (const Action& a : actions) {
+      if (a.type == ActionType::kRecvForward || a.type == ActionType::kForward ||
+          a.type == ActionType::kSendForward) {
+        kept.push_back(a);
+      }
+    }
+    actions = kept;
+  }
+  return s;
+}
+
+// 1F1B and all-forward-all-backward never deadlock, with and without exit heads in the bubbles,
+// nor do the forward-only schedules of evaluation.
 TEST(SendPosting, OneFOneBAndAfabNeverDeadlock) {
   int checked = 0;
   for (int stages = 2; stages <= 8; ++stages) {
@@ -54,7 +70,7 @@ TEST(SendPosting, OneFOneBAndAfabNeverDeadlock) {
       for (const Schedule& s : {AllForwardAllBackward(stages, micro), OneFOneB(stages, micro)}) {
         std::vector<bool> exits(stages, false);
         exits[0] = exits[stages / 2] = true;
-        for (const Schedule& t : {s, PlaceExitHeads(s, exits)}) {
+        for (const Schedule& t : {s, PlaceExitHeads(s, exits), ForwardOnly(s)}) {
           const absl::Status st = CheckRendezvous(t);
           EXPECT_TRUE(st.ok()) << st.message();
           ++checked;
@@ -63,7 +79,7 @@ TEST(SendPosting, OneFOneBAndAfabNeverDeadlock) {
       EXPECT_TRUE(PipelineFitsRendezvous(stages, micro, 1));
     }
   }
-  EXPECT_EQ(checked, 7 * 16 * 4);
+  EXPECT_EQ(checked, 7 * 16 * 6);
 }
 
 // Interleaved 1F1B fits NCCL with as many microbatches as stages, and deadlocks with more
@@ -79,10 +95,13 @@ TEST(SendPosting, InterleavedFitsOnlyWithAsManyMicrobatchesAsStages) {
         std::vector<bool> exits(static_cast<size_t>(stages) * chunks, false);
         exits[1] = true;
         const bool fits = micro == stages;
+        ASSERT_TRUE(ValidateSchedule(*s).ok());
         for (const Schedule& t : {*s, PlaceExitHeads(*s, exits)}) {
           EXPECT_EQ(CheckRendezvous(t).ok(), fits) << stages << " stages, " << micro;
           EXPECT_EQ(CheckRendezvous(t, never).ok(), fits) << stages << " stages, " << micro;
         }
+        // Evaluation's forwards alone always fit.
+        EXPECT_TRUE(CheckRendezvous(ForwardOnly(*s)).ok()) << stages << " stages, " << micro;
         EXPECT_EQ(PipelineFitsRendezvous(stages, micro, chunks), fits);
       }
     }
@@ -101,15 +120,18 @@ TEST(SendPosting, UngroupedSendsDeadlockTheSteadyState) {
   EXPECT_NE(st.message().find("stage 1 waits in"), std::string::npos) << st.message();
   const SendRule never = [](const std::vector<Action>&, size_t, int) { return false; };
   EXPECT_TRUE(CheckRendezvous(s, never).ok());
-  // A two-stage schedule whose stages both send before receiving deadlocks even when grouped.
-  Schedule crossed;
-  crossed.stages = 2;
-  crossed.name = "crossed";
+  // Messages between two ranks pair in order (NCCL has no tags): receiving them in another
+  // order than they were sent is named.
+  Schedule swapped;
+  swapped.stages = 2;
+  swapped.name = "swapped";
   using T = ActionType;
-  crossed.per_stage = {{A(T::kForward, 0), A(T::kSendForward, 0), A(T::kForward, 1),
-                        A(T::kSendForward, 1), A(T::kRecvBackward, 0)},
-                       {A(T::kRecvForward, 1), A(T::kForward, 1)}};
-  EXPECT_FALSE(CheckRendezvous(crossed, never).ok());
+  swapped.per_stage = {
+      {A(T::kForward, 0), A(T::kSendForward, 0), A(T::kForward, 1), A(T::kSendForward, 1)},
+      {A(T::kRecvForward, 1), A(T::kForward, 1), A(T::kRecvForward, 0), A(T::kForward, 0)}};
+  const absl::Status order = CheckRendezvous(swapped, never);
+  EXPECT_FALSE(order.ok());
+  EXPECT_NE(order.message().find("pair in order"), std::string::npos) << order.message();
 }
 
 }  // namespace
