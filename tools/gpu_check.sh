@@ -91,10 +91,11 @@ if want build || [ ! -x "$B/eellm" ]; then
     { pack; exit 1; }
 fi
 # EELLM_REQUIRE_GPU=1: a gpu test that cannot reach the GPU fails instead of skipping; kernel
-# faults are reported at the op that caused them (CUDA_LAUNCH_BLOCKING). The layouts first.
+# faults are reported at the op that caused them (CUDA_LAUNCH_BLOCKING). The layouts first; the
+# rest 8 at a time (one process per test, each with its own CUDA context: ~95 of them).
 want gpu && run gpu 30 300 bash -c "cd '$B' && export EELLM_REQUIRE_GPU=1 CUDA_LAUNCH_BLOCKING=1 &&
   { ctest -L gpu -R WarpMma --output-on-failure --timeout 120; a=\$?;
-    ctest -L gpu -E WarpMma --output-on-failure --timeout 300; exit \$((a | \$?)); }"
+    ctest -L gpu -E WarpMma -j8 --output-on-failure --timeout 300; exit \$((a | \$?)); }"
 if want bench; then
   # cuda-bf16w (bf16 operands, fp32 master weights) is the mixed-precision path: the headline
   # runs beside PyTorch (compare: cuda-bf16, fp32 activations and FAST_16BF GEMMs, shows what
