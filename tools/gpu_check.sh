@@ -7,13 +7,15 @@
 # all, the machine's start included, at most 10 per command), so every step runs under `timeout`
 # with what is left of the budget (default 540 s: a `run` with timeout_s 600 then always gets its
 # files back), and a step that cannot start in time is reported as skipped. Name the skipped
-# steps in a second call while the machine is still warm: the build directory (build-gpu/,
-# git-ignored, kept between calls on a warm machine) is then reused.
+# steps in a second call at once (the machine stays warm 30 s after a call), with --budget about
+# status's budget_left_s minus 60: the build directory (build-gpu/, git-ignored, kept between
+# calls on a warm machine) is then reused. The exit code is 1 when a step failed or was skipped.
 #
-# What comes back ($OUT keeps at most 8 files): summary.log (GPU, per-step exit codes and
-# times, the last lines of each step, cuBLASLt refusals), the logs that matter most as they are
-# (gpu.log, bench_llama.log, bench_gpt2.log) and logs.tar.gz with every step's log, rewritten
-# after each step so that a call cut off still brings back what ran.
+# What comes back ($OUT keeps at most 8 files): summary.log (GPU, each step's start, exit code,
+# time and last lines, the gpu step's test counts and failures, cuBLASLt refusals), the logs
+# that matter most as they are (gpu.log, bench_llama.log, bench_gpt2.log; their last 8 MiB),
+# logs.tar.gz with every step's log, rewritten after each step, and running.log, the log of a
+# step that a cut-off call interrupted.
 #
 # Steps:
 #   build    configure + build (Release, sm_90a): eellm and the gpu-labelled test programs
@@ -37,8 +39,9 @@ BUDGET=540
 STEPS=()
 for a in "$@"; do
   case "$a" in
-    --budget=*) BUDGET=${a#--budget=} ;;
-    -h | --help) sed -n '2,34p' "$0"; exit 0 ;;
+    --budget=*) BUDGET=${a#--budget=}
+      [[ $BUDGET =~ ^[0-9]+$ ]] || { echo "gpu_check.sh: --budget needs whole seconds" >&2; exit 2; } ;;
+    -h | --help) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 0 ;;
     build | gpu | bench | sanitize | compare | hf | demo) STEPS+=("$a") ;;
     *) echo "gpu_check.sh: unknown step or flag '$a' (see --help)" >&2; exit 2 ;;
   esac
@@ -50,29 +53,38 @@ OUT=${OUT:-/tmp/eellm_gpu_out}
 LOGS=$(mktemp -d /tmp/eellm_gpu_logs.XXXX)
 B=${BUILD_DIR:-$PWD/build-gpu}
 mkdir -p "$OUT"
+rm -f "$OUT"/{summary,gpu,bench_llama,bench_gpt2,running}.log "$OUT"/logs.tar.gz{,.part}
+FAILED=0
 SUMMARY=$OUT/summary.log
 DEADLINE=$((SECONDS + BUDGET))
 
 pack() {  # every log into $OUT/logs.tar.gz (whole or not at all), the main ones beside it
-  tar czf "$OUT/logs.tar.gz.part" -C "$LOGS" . && mv "$OUT/logs.tar.gz.part" "$OUT/logs.tar.gz"
+  tar czf "$OUT/logs.tar.gz.part" -C "$LOGS" .
+  (($? <= 1)) && mv "$OUT/logs.tar.gz.part" "$OUT/logs.tar.gz"  # 1: a log grew while read
   for f in gpu bench_llama bench_gpt2; do
-    [ -f "$LOGS/$f.log" ] && cp "$LOGS/$f.log" "$OUT/$f.log"
+    if [ -f "$LOGS/$f.log" ]; then tail -c 8M "$LOGS/$f.log" > "$OUT/$f.log"; fi
   done
+  return 0
 }
+skip() { echo "$1: skipped, $2" | tee -a "$SUMMARY"; FAILED=1; }
 run() {  # run <step> <seconds needed to be worth starting> <most seconds it may take> <command...>
   local step=$1 need=$2 cap=$3
   shift 3
   local left=$((DEADLINE - SECONDS))
   if ((left < need)); then
-    echo "$step: skipped, ${left} s of the budget left (needs ~${need} s)" | tee -a "$SUMMARY"
+    skip "$step" "${left} s of the budget left (needs ~${need} s)"
     return 1
   fi
   ((left > cap)) && left=$cap
   local start=$SECONDS
-  timeout --kill-after=10 "$left" "$@" > "$LOGS/$step.log" 2>&1
+  echo "$step: started at ${start} s, at most ${left} s" >> "$SUMMARY"
+  # the running step's log lives in $OUT, so that a call killed now still brings it back
+  timeout --kill-after=10 "$left" "$@" < /dev/null > "$OUT/running.log" 2>&1
   local rc=$?
+  mv "$OUT/running.log" "$LOGS/$step.log"
   local note=""
-  ((rc == 124 || rc == 137)) && note=" (cut off after ${left} s)"
+  ((rc == 124 || (rc == 137 && SECONDS - start >= left))) && note=" (cut off after ${left} s)"
+  ((rc != 0)) && FAILED=1
   echo "$step: exit $rc in $((SECONDS - start)) s$note" | tee -a "$SUMMARY"
   tail -5 "$LOGS/$step.log" | sed 's/^/    /' | tee -a "$SUMMARY"
   pack
@@ -81,21 +93,31 @@ run() {  # run <step> <seconds needed to be worth starting> <most seconds it may
 
 {
   echo "gpu_check.sh $(git rev-parse --short HEAD 2>/dev/null) steps: ${STEPS[*]}, budget ${BUDGET} s"
-  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv 2>&1
+  timeout -k 5 20 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv 2>&1
 } | tee "$SUMMARY"
 
-if want build || [ ! -x "$B/eellm" ]; then
-  run build 60 400 bash -c "cmake -S . -B '$B' -G Ninja -DCMAKE_BUILD_TYPE=Release \
-    -DCMAKE_CUDA_ARCHITECTURES='90a-real;90-virtual' -DEELLM_FUZZ_SANITIZED=OFF &&
-    cmake --build '$B' -j16 --target eellm backend_parity_tests gpu_tests warp_mma_gpu_tests" ||
-    { pack; exit 1; }
+built() { for f in eellm tests/backend_parity_tests tests/warp_mma_gpu_tests; do [ -x "$B/$f" ] || return 1; done; }
+if want build || ! built; then
+  # gpu_tests exists only where CMake found NCCL: build it when it is a target, else say so
+  run build 60 400 bash -c 'cmake -S . -B "$1" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_CUDA_ARCHITECTURES="90a-real;90-virtual" -DEELLM_FUZZ_SANITIZED=OFF || exit
+    t="eellm backend_parity_tests warp_mma_gpu_tests"
+    if ninja -C "$1" -t targets all | grep -q "^gpu_tests:"; then t="$t gpu_tests"
+    else echo "gpu_check.sh: no gpu_tests target (NCCL not found): NCCL test not built"; fi
+    cmake --build "$1" -j16 --target $t' _ "$B" ||
+    { for s in "${STEPS[@]}"; do [ "$s" = build ] || skip "$s" "the build failed"; done; pack; exit 1; }
 fi
 # EELLM_REQUIRE_GPU=1: a gpu test that cannot reach the GPU fails instead of skipping; kernel
 # faults are reported at the op that caused them (CUDA_LAUNCH_BLOCKING). The layouts first; the
 # rest 8 at a time (one process per test, each with its own CUDA context: ~95 of them).
 want gpu && run gpu 30 300 bash -c "cd '$B' && export EELLM_REQUIRE_GPU=1 CUDA_LAUNCH_BLOCKING=1 &&
-  { ctest -L gpu -R WarpMma --output-on-failure --timeout 120; a=\$?;
-    ctest -L gpu -E WarpMma -j8 --output-on-failure --timeout 300; exit \$((a | \$?)); }"
+  { ctest -L gpu -R WarpMma --no-tests=error --output-on-failure --timeout 120; a=\$?;
+    ctest -L gpu -E WarpMma -j8 --no-tests=error --output-on-failure --timeout 300; exit \$((a | \$?)); }"
+# The gpu step's counts and failed tests (its last lines show only the second ctest's end).
+if want gpu && [ -f "$LOGS/gpu.log" ]; then
+  grep -E "tests passed|tests failed out of|\(Failed\)|\(Timeout\)|Not Run|No tests were found" \
+    "$LOGS/gpu.log" | head -40 | sed 's/^/    gpu: /' | tee -a "$SUMMARY"
+fi
 if want bench; then
   # cuda-bf16w (bf16 operands, fp32 master weights) is the mixed-precision path: the headline
   # runs beside PyTorch (compare: cuda-bf16, fp32 activations and FAST_16BF GEMMs, shows what
@@ -112,9 +134,11 @@ if want bench; then
     --torch-reference=tools/bench_torch.py
 fi
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-if want sanitize && [ -x "$SAN" ]; then
+if want sanitize && [ ! -x "$SAN" ]; then
+  skip sanitize "no compute-sanitizer"
+elif want sanitize; then
   for tool in memcheck racecheck synccheck; do
-    run "sanitize_$tool" 30 150 env EELLM_PARITY_BACKEND=cuda-bf16w "$SAN" --tool "$tool" \
+    run "sanitize_$tool" 30 150 env EELLM_PARITY_BACKEND=cuda-bf16w EELLM_REQUIRE_GPU=1 "$SAN" --tool "$tool" \
       --error-exitcode 3 "$B/tests/backend_parity_tests" \
       --gtest_filter='BackendParity.Attention*:OperandParity.Attention*:OperandParity.Fused*'
   done
@@ -128,7 +152,9 @@ if want compare; then
     --backend=cuda --batch=4 --seq=2048 --steps=2 --warmup=1 --compare-without-exits=false
 fi
 want hf && run hf 60 200 python3 tools/hf_check.py --eellm "$B/eellm" --backends cpu,cuda
-if want demo && [ -f .gpu/kjv.txt ]; then
+if want demo && [ ! -f .gpu/kjv.txt ]; then
+  skip demo "no .gpu/kjv.txt (run tools/gpu_prepare.sh)"
+elif want demo; then
   run demo 90 300 bash -c "'$B/eellm' data --input .gpu/kjv.txt --output /tmp/eellm_kjv \
       --val-fraction 0.02 &&
     '$B/eellm' train --config configs/kjv_demo.json --backend=cuda-bf16w --data=/tmp/eellm_kjv \
@@ -140,6 +166,7 @@ fi
 {
   echo "cuBLASLt refusals (count, message):"
   grep -h "eellm: cuBLASLt" "$LOGS"/*.log 2>/dev/null | sort | uniq -c
-  echo "done in $SECONDS s"
+  echo "done in $SECONDS s$( ((FAILED)) && echo ', some steps failed or were skipped')"
 } | tee -a "$SUMMARY"
 pack
+exit $FAILED
