@@ -17,6 +17,30 @@ namespace eellm {
 namespace {
 // An operand as the kernels' launchers take it.
 cuda::Elems ToElems(ConstOperand x) { return {const_cast<void*>(x.data), x.is_bf16()}; }
+
+// The cuBLASLt problem of row-major C[M, N] = alpha op(A) op(B) + beta C on bf16 A and B:
+// column-major C^T = op(B)^T op(A)^T, the operands swapped (see CudaBackend::Gemm).
+cuda::LtGemm::Problem RowMajorLtProblem(bool trans_a, bool trans_b, int m, int n, int k,
+                                        float alpha, const uint16_t* a16, int lda,
+                                        const uint16_t* b16, int ldb, float beta, Operand c,
+                                        int ldc) {
+  cuda::LtGemm::Problem p;
+  p.op_a = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  p.op_b = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  p.m = n;
+  p.n = m;
+  p.k = k;
+  p.alpha = alpha;
+  p.beta = beta;
+  p.a = b16;
+  p.lda = ldb;
+  p.b = a16;
+  p.ldb = lda;
+  p.d = c.data;
+  p.ldd = ldc;
+  p.d_bf16 = c.is_bf16();
+  return p;
+}
 }  // namespace
 
 int CudaDeviceCount() {
@@ -173,35 +197,14 @@ void CudaBackend::Gemm(bool trans_a, bool trans_b, int m, int n, int k, float al
   // GEMMs whose sizes vary call by call (attention's per-head path in decoding) build no plans.
   const bool lt_wanted = bias != nullptr || a_row_sums != nullptr || c_in != nullptr;
   if (lt_ != nullptr && lt_wanted && (a_row_sums == nullptr || !c.is_bf16())) {
-    // A bias has C's dtype in the epilogue: a bf16 C adds the bias as bf16.
-    const void* c_bias = bias;
-    if (bias != nullptr && c.is_bf16()) {
-      const uint16_t* b16_bias = Bf16Weights(bias);
-      if (b16_bias == nullptr) {
-        auto* conv = static_cast<uint16_t*>(Scratch(n * sizeof(uint16_t), 7));
-        CUDA_CHECK(cuda::ToBf16(conv, bias, n, stream_));
-        b16_bias = conv;
-      }
-      c_bias = b16_bias;
-    }
     // cuBLASLt, column-major with the operands swapped as above: the bias runs over D's rows
-    // (our columns), the row sums of op(A) are the column sums of op(B') over k (BGRADB).
-    cuda::LtGemm::Problem p;
-    p.op_a = op_b;
-    p.op_b = op_a;
-    p.m = n;
-    p.n = m;
-    p.k = k;
-    p.alpha = alpha;
-    p.beta = beta;
-    p.a = b16;
-    p.lda = ldb;
-    p.b = a16;
-    p.ldb = lda;
-    p.d = c.data;
-    p.ldd = ldc;
-    p.d_bf16 = c.is_bf16();
-    p.bias = c_bias;
+    // (our columns), the row sums of op(A) are the column sums of op(B') over k (BGRADB). A bias
+    // has C's dtype in the epilogue: a bf16 C adds the bias as bf16.
+    cuda::LtGemm::Problem p =
+        RowMajorLtProblem(trans_a, trans_b, m, n, k, alpha, a16, lda, b16, ldb, beta, c, ldc);
+    if (bias != nullptr) {
+      p.bias = c.is_bf16() ? static_cast<const void*>(AsBf16(ConstOperand(bias), n, 7)) : bias;
+    }
     p.c = c_in;
     if (a_row_sums != nullptr) p.bias_grad = static_cast<float*>(Scratch(m * sizeof(float), 7));
     if (lt_->Run(p)) {
@@ -416,20 +419,11 @@ void CudaBackend::LinearGelu(Operand act, Operand pre, ConstOperand in, const fl
   }
   const size_t count = static_cast<size_t>(n) * out_dim;
   if (lt_ != nullptr && out_dim % 8 == 0) {
-    // act^T[o, n] = gelu(w[o, i] in^T[i, n] + bias), column-major (see Gemm), pre^T beside it.
-    cuda::LtGemm::Problem p;
-    p.op_a = CUBLAS_OP_T;
-    p.op_b = CUBLAS_OP_N;
-    p.m = out_dim;
-    p.n = n;
-    p.k = in_dim;
-    p.a = AsBf16(ConstOperand(w), static_cast<size_t>(out_dim) * in_dim, 6);
-    p.lda = in_dim;
-    p.b = AsBf16(in, static_cast<size_t>(n) * in_dim, 3);
-    p.ldb = in_dim;
-    p.d = act.data;
-    p.ldd = out_dim;
-    p.d_bf16 = true;
+    // act[n, o] = gelu(in[n, i] @ w[o, i]^T + bias), as Linear's GEMM, with pre beside it.
+    cuda::LtGemm::Problem p = RowMajorLtProblem(
+        false, true, n, out_dim, in_dim, 1.0f, AsBf16(in, static_cast<size_t>(n) * in_dim, 3),
+        in_dim, AsBf16(ConstOperand(w), static_cast<size_t>(out_dim) * in_dim, 6), in_dim, 0.0f,
+        act, out_dim);
     if (bias != nullptr) p.bias = AsBf16(ConstOperand(bias), out_dim, 7);
     p.activation = cuda::LtGemm::Problem::Activation::kGelu;
     p.aux = pre.data;
@@ -455,20 +449,11 @@ void CudaBackend::LinearBackwardGelu(Operand dpre, float* dw, float* dbias, Cons
   LinearBackward(Operand(), dw, dbias, dout16, act, w, n, in_dim, out_dim, false);
   const size_t count = static_cast<size_t>(n) * in_dim;
   if (lt_ != nullptr && in_dim % 8 == 0) {
-    // dpre^T[i, n] = (w^T[i, o] dout^T[o, n]) * gelu'(pre^T), column-major (see Gemm).
-    cuda::LtGemm::Problem p;
-    p.op_a = CUBLAS_OP_N;
-    p.op_b = CUBLAS_OP_N;
-    p.m = in_dim;
-    p.n = n;
-    p.k = out_dim;
-    p.a = AsBf16(ConstOperand(w), static_cast<size_t>(out_dim) * in_dim, 6);
-    p.lda = in_dim;
-    p.b = dout16.data;
-    p.ldb = out_dim;
-    p.d = dpre.data;
-    p.ldd = in_dim;
-    p.d_bf16 = true;
+    // dpre[n, i] = (dout[n, o] @ w[o, i]) * gelu'(pre), as LinearBackward's din GEMM.
+    cuda::LtGemm::Problem p =
+        RowMajorLtProblem(false, false, n, in_dim, out_dim, 1.0f, dout16.bf16_bits(), out_dim,
+                          AsBf16(ConstOperand(w), static_cast<size_t>(out_dim) * in_dim, 6), in_dim,
+                          0.0f, dpre, in_dim);
     p.activation = cuda::LtGemm::Problem::Activation::kGeluBackward;
     p.aux = const_cast<void*>(pre.data);
     p.aux_ld = in_dim;

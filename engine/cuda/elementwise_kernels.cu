@@ -165,12 +165,14 @@ __global__ void __launch_bounds__(kColMaxThreads, 2)
 constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2 / pi)
 constexpr float kGeluCubic = 0.044715f;
 
+// GELU, tanh approximation (GPT-2).
+__device__ __forceinline__ float Gelu(float x) {
+  const float u = kGeluScale * (x + kGeluCubic * x * x * x);
+  return 0.5f * x * (1.0f + tanhf(u));
+}
+
 __global__ void GeluForwardKernel(Elems out, Elems x, size_t n) {
-  GRID_STRIDE(i, n) {
-    const float xi = LoadAt(x, i);
-    const float u = kGeluScale * (xi + kGeluCubic * xi * xi * xi);
-    StoreAt(out, i, 0.5f * xi * (1.0f + tanhf(u)));
-  }
+  GRID_STRIDE(i, n) StoreAt(out, i, Gelu(LoadAt(x, i)));
 }
 // pre = acc + bias (the bias in pre's dtype, as AddBias; bias may be null) and act = gelu of
 // it before pre's rounding: what cuBLASLt's GELU_AUX_BIAS epilogue writes.
@@ -183,8 +185,7 @@ __global__ void BiasGeluForwardKernel(Elems act, Elems pre, const float* acc, co
       xi += pre.bf16 ? __bfloat162float(__float2bfloat16(b)) : b;
     }
     StoreAt(pre, i, xi);
-    const float u = kGeluScale * (xi + kGeluCubic * xi * xi * xi);
-    StoreAt(act, i, 0.5f * xi * (1.0f + tanhf(u)));
+    StoreAt(act, i, Gelu(xi));
   }
 }
 __global__ void GeluBackwardKernel(Elems dx, Elems dout, Elems x, size_t n) {
