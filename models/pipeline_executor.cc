@@ -73,7 +73,8 @@ PipelineExecutor::PipelineExecutor(std::vector<Model*> chunks, ParallelContext* 
       micro_batch_(micro_batch),
       seq_(seq),
       microbatches_(microbatches),
-      schedule_(TrainingSchedule(chunks_, ctx->grid.pp(), microbatches, place_exits)) {
+      schedule_(TrainingSchedule(chunks_, ctx->grid.pp(), microbatches, place_exits)),
+      schedule_rendezvous_(CheckRendezvous(schedule_)) {
   const int v = static_cast<int>(chunks_.size());
   const std::vector<int> peak = PeakPerChunk(schedule_.per_stage[ctx->coord.pp], v);
   const size_t nc = static_cast<size_t>(micro_batch) * seq * chunks_[0]->config().hidden_size;
@@ -114,7 +115,7 @@ LossReport PipelineExecutor::Run(const Schedule& s, const int32_t* ids, const in
   // A communicator that holds sends back until the next receive (NCCL) starts those whose next
   // message is another send at once (the first stage's warm-up activations), where the whole
   // schedule stays deadlock-free that way (parallel/pipeline/send_posting.h).
-  const absl::Status rendezvous = CheckRendezvous(s);
+  const absl::Status rendezvous = &s == &schedule_ ? schedule_rendezvous_ : CheckRendezvous(s);
   EE_CHECK(rendezvous.ok() || pp->name() != "nccl",
            "a pipeline group on NCCL with a schedule that deadlocks it (eellm train keeps such "
            "runs on MPI): ",

@@ -21,6 +21,7 @@
 #include <memory>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/types/span.h"
 #include "models/transformer.h"
 #include "parallel/parallel_context.h"
@@ -78,6 +79,7 @@ class PipelineExecutor {
   ParallelContext* ctx_;
   int micro_batch_, seq_, microbatches_;
   Schedule schedule_;
+  absl::Status schedule_rendezvous_;      // CheckRendezvous(schedule_), checked once
   std::vector<std::vector<Slot>> slots_;  // [chunk] -> workspaces for records in flight
   std::vector<BusyInterval> intervals_;
   std::function<void(int, size_t, size_t)> grads_ready_;
