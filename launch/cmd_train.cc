@@ -26,7 +26,6 @@
 #endif
 #endif
 #include "parallel/comm/mpi_runtime.h"
-#include "parallel/pipeline/send_posting.h"
 #include "parallel/topology.h"
 
 ABSL_FLAG(std::string, config, "",
@@ -159,22 +158,7 @@ int RunTrainCommand() {
                                                t.backend),
                     multi, launch->rank);
       }
-      // Interleaved 1F1B with more microbatches than stages would deadlock NCCL's rendezvous
-      // sends (parallel/pipeline/send_posting.h): its pipeline group stays on MPI. (The layout
-      // is checked first, so that a bad one is named rather than misjudged here.)
-      if (absl::Status layout = ValidateLayout(*rc); !layout.ok()) {
-        return Fail(layout, multi, launch->rank);
-      }
-      const int microbatches = MicrobatchesPerStep(t);
-      const bool pipeline_on_nccl = PipelineFitsRendezvous(t.pp, microbatches, t.virtual_stages);
-      if (!pipeline_on_nccl && launch->rank == 0) {
-        std::fprintf(stderr,
-                     "note: the pipeline group stays on MPI: interleaved 1F1B (virtual_stages "
-                     "%d) with %d microbatches per step on %d stages would deadlock NCCL's "
-                     "point-to-point sends; the tensor- and data-parallel groups use NCCL\n",
-                     t.virtual_stages, microbatches, t.pp);
-      }
-      UseNcclForModelParallel(ctx.get(), MpiCommunicator::World(nullptr).get(), pipeline_on_nccl);
+      UseNcclForModelParallel(ctx.get(), MpiCommunicator::World(nullptr).get());
     }
 #else
     if (t.communicator == "nccl") {

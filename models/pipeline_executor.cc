@@ -24,13 +24,17 @@ Schedule TrainingSchedule(const std::vector<Model*>& chunks, int stages, int mic
     EE_CHECK(built.ok(), built.status().message());
     s = *std::move(built);
   }
-  if (!place_exits) return s;
-  const ModelConfig& c = chunks[0]->config();
-  const int per_virtual = c.num_layers / (stages * v);
-  // Indexed by stage when v == 1 (the same thing), by virtual stage otherwise.
-  std::vector<bool> has_exits(stages * v, false);
-  for (const ExitConfig& x : c.exits) has_exits[(x.layer - 1) / per_virtual] = true;
-  return PlaceExitHeads(s, has_exits);
+  if (place_exits) {
+    const ModelConfig& c = chunks[0]->config();
+    const int per_virtual = c.num_layers / (stages * v);
+    // Indexed by stage when v == 1 (the same thing), by virtual stage otherwise.
+    std::vector<bool> has_exits(stages * v, false);
+    for (const ExitConfig& x : c.exits) has_exits[(x.layer - 1) / per_virtual] = true;
+    s = PlaceExitHeads(s, has_exits);
+  }
+  // Interleaved: messages in batched exchanges, which NCCL's rendezvous sends need with more
+  // microbatches than stages (send_posting.h); the cost model times both orders the same.
+  return v == 1 ? s : BatchExchanges(s);
 }
 
 // For each action of `actions`, whether it is the last one of its (microbatch, chunk) record.
@@ -112,23 +116,22 @@ LossReport PipelineExecutor::Run(const Schedule& s, const int32_t* ids, const in
   Communicator* pp = ctx_->pp.get();
   std::map<int, Buffer> local;  // stages == 1: tensors "sent" to this rank, by tag
   const std::vector<Action>& actions = s.per_stage[stage];
-  // A communicator that holds sends back until the next receive (NCCL) starts those whose next
-  // message is another send at once (the first stage's warm-up activations), where the whole
-  // schedule stays deadlock-free that way (parallel/pipeline/send_posting.h).
+  // A communicator that holds messages back (NCCL) posts them in the groups PostAfter gives,
+  // under which the schedule cannot deadlock its rendezvous sends (checked;
+  // parallel/pipeline/send_posting.h). Receives are waited for when their run of messages has
+  // been posted, before the next compute.
   const absl::Status rendezvous = &s == &schedule_ ? schedule_rendezvous_ : CheckRendezvous(s);
   EE_CHECK(rendezvous.ok() || pp->name() != "nccl",
-           "a pipeline group on NCCL with a schedule that deadlocks it (eellm train keeps such "
-           "runs on MPI): ",
-           rendezvous.message());
-  const bool start_sends_early = rendezvous.ok();
-  auto send = [&](Slot& slot, const float* data, int dst, int tag, size_t ai) {
+           "a pipeline group on NCCL with a schedule that deadlocks it: ", rendezvous.message());
+  std::vector<std::unique_ptr<Request>> receiving;  // receives of the current run of messages
+  std::vector<Slot*> wait_after_run;  // slots taken by a receive: their old sends, see below
+  auto send = [&](Slot& slot, const float* data, int dst, int tag) {
     if (dst == stage) {
       Buffer b(be, bytes);
       be->Copy(b.data(), data, bytes);
       local[tag] = std::move(b);
     } else {
       slot.pending.push_back(pp->ISend(data, bytes, dst, tag));
-      if (start_sends_early && StartSendAtOnce(actions, ai, stages)) pp->StartSends();
     }
   };
   auto recv = [&](Slot& slot, int src, int tag) {
@@ -138,8 +141,12 @@ LossReport PipelineExecutor::Run(const Schedule& s, const int32_t* ids, const in
       be->Copy(slot.grad_in.data(), it->second.data(), bytes);
       local.erase(it);
     } else {
-      pp->Recv(slot.grad_in.data(), bytes, src, tag);
+      receiving.push_back(pp->IRecv(slot.grad_in.data(), bytes, src, tag));
     }
+  };
+  auto is_message = [](ActionType t) {
+    return t == ActionType::kRecvForward || t == ActionType::kSendForward ||
+           t == ActionType::kRecvBackward || t == ActionType::kSendBackward;
   };
   LossReport total;
   total.exit_losses.assign(c.exits.size(), 0.0);
@@ -175,8 +182,8 @@ LossReport PipelineExecutor::Run(const Schedule& s, const int32_t* ids, const in
     if (found == slot_of.end()) {
       // The record's first action: take a free workspace; the sends that last read from it
       // must finish before it is overwritten. When the record starts with a receive (into
-      // grad_in, which no send reads), they are waited for after it, so that the held sends go
-      // out in one group with that receive, as send_posting.h's check assumes.
+      // grad_in, which no send reads), they are waited for after its run of messages has been
+      // posted, so that held messages go out in the groups send_posting.h's check assumes.
       const int n = static_cast<int>(pool.size());
       int pick = -1;
       for (int k = 0; k < n && pick < 0; ++k) {
@@ -213,7 +220,7 @@ LossReport PipelineExecutor::Run(const Schedule& s, const int32_t* ids, const in
         }
         break;
       case ActionType::kSendForward:
-        send(slot, model->StageOutput(ws), next, fwd_tag(m, ch), ai);
+        send(slot, model->StageOutput(ws), next, fwd_tag(m, ch));
         break;
       case ActionType::kRecvBackward:
         recv(slot, next, bwd_tag(m, stage == stages - 1 ? ch + 1 : ch));
@@ -229,13 +236,20 @@ LossReport PipelineExecutor::Run(const Schedule& s, const int32_t* ids, const in
         model->set_layer_grads_done(nullptr);
         break;
       case ActionType::kSendBackward:
-        send(slot, model->StageInputGrad(ws), prev, bwd_tag(m, ch), ai);
+        send(slot, model->StageInputGrad(ws), prev, bwd_tag(m, ch));
         break;
       case ActionType::kExitHeads:
         accumulate(model->StageExitHeads(ws, mb_targets, nullptr, exit_weights, loss_scale));
         break;
     }
-    if (wait_after_receive) WaitSlot(slot);
+    if (wait_after_receive) wait_after_run.push_back(&slot);
+    if (PostAfter(actions, ai, stages)) pp->PostHeld();
+    if (ai + 1 == actions.size() || !is_message(actions[ai + 1].type)) {
+      for (auto& r : receiving) r->Wait();
+      receiving.clear();
+      for (Slot* waited : wait_after_run) WaitSlot(*waited);
+      wait_after_run.clear();
+    }
     if (a.type == ActionType::kForward || a.type == ActionType::kBackward ||
         a.type == ActionType::kExitHeads) {
       intervals_.push_back(BusyInterval{start, since(), a});

@@ -1,14 +1,16 @@
 // PipelineExecutor: runs one training step of a pipeline schedule (parallel/pipeline) for this
 // rank's stage of the model: microbatch forwards and backwards, activations and gradients sent
-// to the neighbouring stages over the pipeline communicator (non-blocking sends, blocking
-// receives, matched in order per channel). With `place_exits`, exit-head work becomes its own
-// action placed into the schedule's bubbles (PlaceExitHeads); otherwise it runs fused into the
-// backward slot of its layer. The schedule decides the order, the executor only follows it.
-// Each step's compute intervals are recorded, so the real timeline can be compared with the
-// cost model's.
+// to the neighbouring stages over the pipeline communicator (non-blocking sends and receives,
+// matched in order per channel; each run of messages is posted as send_posting.h's PostAfter
+// says and its receives are waited for before the next compute). With `place_exits`, exit-head work
+// becomes its own action placed into the schedule's bubbles (PlaceExitHeads; interleaved: right
+// before its backward, see BatchExchanges); otherwise it runs fused into the backward slot of its
+// layer. The schedule decides the order, the executor only follows it. Each step's compute
+// intervals are recorded, so the real timeline can be compared with the cost model's.
 //
 // Interleaved pipeline parallelism (virtual stages): with several model chunks per rank the
-// executor runs Interleaved1F1B. Chunk c of pipeline rank s holds virtual stage c * pp + s;
+// executor runs Interleaved1F1B with its messages in batched exchanges (BatchExchanges: what
+// NCCL's rendezvous sends need). Chunk c of pipeline rank s holds virtual stage c * pp + s;
 // activations of (s, c) go to (s + 1, c), or to (0, c + 1) from the last rank (gradients the
 // reverse way). Messages carry the tag of the sending (microbatch, chunk, direction), so they
 // cannot mix; with pp == 1 the neighbour is this rank and the tensor is copied locally. Each

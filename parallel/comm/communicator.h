@@ -38,9 +38,11 @@ class Communicator {
   virtual void Recv(void* data, size_t bytes, int peer, int tag) = 0;
   virtual std::unique_ptr<Request> ISend(const void* data, size_t bytes, int peer, int tag) = 0;
   virtual std::unique_ptr<Request> IRecv(void* data, size_t bytes, int peer, int tag) = 0;
-  // Starts the sends ISend queued that this communicator holds back (NCCL posts held sends in
-  // one group with the next receive; see parallel/pipeline/send_posting.h). Default: none held.
-  virtual void StartSends() {}
+  // Posts the point-to-point operations this communicator holds back, as one group. NCCL holds
+  // every ISend and IRecv until PostHeld, a Wait on one of them or any other operation, so that
+  // neighbours' crossing messages are posted together (parallel/pipeline/send_posting.h); MPI
+  // posts each at once. Default: none held.
+  virtual void PostHeld() {}
   virtual std::unique_ptr<Request> IAllReduce(float* data, size_t n, ReduceOp op) = 0;
   virtual void Barrier() = 0;
 

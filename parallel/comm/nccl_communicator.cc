@@ -51,12 +51,14 @@ class EventRequest : public Request {
 
 }  // namespace
 
-// A deferred send: queued by the next FlushSends, then done when `event` has completed.
-struct SendState {
-  const void* data = nullptr;
+// A held point-to-point operation: queued by the next PostHeld, then done when `event` has
+// completed.
+struct HeldOp {
+  bool send = false;
+  void* data = nullptr;
   size_t bytes = 0;
   int peer = -1;
-  cudaEvent_t event = nullptr;  // recorded after the group that carried the send
+  cudaEvent_t event = nullptr;  // recorded after the group that carried the operation
   bool queued = false, done = false;
 };
 
@@ -65,26 +67,26 @@ struct NcclCommunicator::State {
   cudaStream_t stream = nullptr;
   cudaEvent_t compute_done = nullptr;  // recorded on the backends' stream before each operation
   float* barrier_word = nullptr;       // one zeroed float that Barrier all-reduces
-  std::vector<std::shared_ptr<SendState>> deferred;  // sends not yet queued, in posting order
+  std::vector<std::shared_ptr<HeldOp>> held;  // operations not yet queued, in posting order
 };
 
-// The Request of a deferred send: waiting queues it first if no receive has.
-class DeferredSendRequest : public Request {
+// The Request of a held operation: waiting posts it first if nothing has.
+class HeldRequest : public Request {
  public:
-  DeferredSendRequest(NcclCommunicator* comm, std::shared_ptr<SendState> send)
-      : comm_(comm), send_(std::move(send)) {}
-  ~DeferredSendRequest() override { Wait(); }
+  HeldRequest(NcclCommunicator* comm, std::shared_ptr<HeldOp> op)
+      : comm_(comm), op_(std::move(op)) {}
+  ~HeldRequest() override { Wait(); }
   void Wait() override {
-    if (send_->done) return;
-    if (!send_->queued) comm_->FlushSends();
-    CheckCuda(cudaEventSynchronize(send_->event), "cudaEventSynchronize");
-    cudaEventDestroy(send_->event);
-    send_->done = true;
+    if (op_->done) return;
+    if (!op_->queued) comm_->PostHeld();
+    CheckCuda(cudaEventSynchronize(op_->event), "cudaEventSynchronize");
+    cudaEventDestroy(op_->event);
+    op_->done = true;
   }
 
  private:
   NcclCommunicator* comm_;
-  std::shared_ptr<SendState> send_;
+  std::shared_ptr<HeldOp> op_;
 };
 
 namespace {
@@ -104,7 +106,7 @@ NcclCommunicator::NcclCommunicator(std::unique_ptr<State> state, int rank, int s
     : state_(std::move(state)), rank_(rank), size_(size) {}
 
 NcclCommunicator::~NcclCommunicator() {
-  FlushSends();
+  PostHeld();
   if (state_->comm != nullptr) ncclCommDestroy(state_->comm);
   if (state_->stream != nullptr) cudaStreamDestroy(state_->stream);
   if (state_->compute_done != nullptr) cudaEventDestroy(state_->compute_done);
@@ -145,7 +147,7 @@ void NcclCommunicator::AllReduce(float* data, size_t n, ReduceOp op) {
 }
 
 std::unique_ptr<Request> NcclCommunicator::IAllReduce(float* data, size_t n, ReduceOp op) {
-  FlushSends();
+  PostHeld();
   AfterCompute();
   CheckNccl(ncclAllReduce(data, data, n, ncclFloat32, ToNccl(op), state_->comm, state_->stream),
             "ncclAllReduce");
@@ -153,7 +155,7 @@ std::unique_ptr<Request> NcclCommunicator::IAllReduce(float* data, size_t n, Red
 }
 
 void NcclCommunicator::AllGather(const float* send, float* recv, size_t n) {
-  FlushSends();
+  PostHeld();
   AfterCompute();
   CheckNccl(ncclAllGather(send, recv, n, ncclFloat32, state_->comm, state_->stream),
             "ncclAllGather");
@@ -161,7 +163,7 @@ void NcclCommunicator::AllGather(const float* send, float* recv, size_t n) {
 }
 
 void NcclCommunicator::ReduceScatter(const float* send, float* recv, size_t n, ReduceOp op) {
-  FlushSends();
+  PostHeld();
   AfterCompute();
   CheckNccl(ncclReduceScatter(send, recv, n, ncclFloat32, ToNccl(op), state_->comm, state_->stream),
             "ncclReduceScatter");
@@ -169,7 +171,7 @@ void NcclCommunicator::ReduceScatter(const float* send, float* recv, size_t n, R
 }
 
 void NcclCommunicator::Broadcast(void* data, size_t bytes, int root) {
-  FlushSends();
+  PostHeld();
   AfterCompute();
   CheckNccl(ncclBroadcast(data, data, bytes, ncclUint8, root, state_->comm, state_->stream),
             "ncclBroadcast");
@@ -177,8 +179,8 @@ void NcclCommunicator::Broadcast(void* data, size_t bytes, int root) {
 }
 
 // NCCL matches point-to-point messages in order per peer; tags are not needed (the schedules
-// keep the per-channel order, see parallel/pipeline). Sends are deferred and queued in one NCCL
-// group with the next receive (FlushSends).
+// keep the per-channel order, see parallel/pipeline). Sends and receives are held and queued in
+// one NCCL group by PostHeld.
 void NcclCommunicator::Send(const void* data, size_t bytes, int peer, int tag) {
   ISend(data, bytes, peer, tag)->Wait();
 }
@@ -189,43 +191,48 @@ void NcclCommunicator::Recv(void* data, size_t bytes, int peer, int tag) {
 
 std::unique_ptr<Request> NcclCommunicator::ISend(const void* data, size_t bytes, int peer,
                                                  int /*tag*/) {
-  auto send = std::make_shared<SendState>();
-  send->data = data;
-  send->bytes = bytes;
-  send->peer = peer;
-  state_->deferred.push_back(send);
-  return std::make_unique<DeferredSendRequest>(this, std::move(send));
+  auto op = std::make_shared<HeldOp>();
+  op->send = true;
+  op->data = const_cast<void*>(data);
+  op->bytes = bytes;
+  op->peer = peer;
+  state_->held.push_back(op);
+  return std::make_unique<HeldRequest>(this, std::move(op));
 }
 
 std::unique_ptr<Request> NcclCommunicator::IRecv(void* data, size_t bytes, int peer, int /*tag*/) {
-  FlushSends(data, bytes, peer);
-  return Pending();
+  auto op = std::make_shared<HeldOp>();
+  op->data = data;
+  op->bytes = bytes;
+  op->peer = peer;
+  state_->held.push_back(op);
+  return std::make_unique<HeldRequest>(this, std::move(op));
 }
 
-void NcclCommunicator::FlushSends(void* recv_data, size_t recv_bytes, int recv_peer) {
-  if (state_->deferred.empty() && recv_peer < 0) return;
+void NcclCommunicator::PostHeld() {
+  if (state_->held.empty()) return;
   AfterCompute();
   CheckNccl(ncclGroupStart(), "ncclGroupStart");
-  for (const auto& send : state_->deferred) {
-    CheckNccl(
-        ncclSend(send->data, send->bytes, ncclUint8, send->peer, state_->comm, state_->stream),
-        "ncclSend");
-  }
-  if (recv_peer >= 0) {
-    CheckNccl(ncclRecv(recv_data, recv_bytes, ncclUint8, recv_peer, state_->comm, state_->stream),
-              "ncclRecv");
+  for (const auto& op : state_->held) {
+    if (op->send) {
+      CheckNccl(ncclSend(op->data, op->bytes, ncclUint8, op->peer, state_->comm, state_->stream),
+                "ncclSend");
+    } else {
+      CheckNccl(ncclRecv(op->data, op->bytes, ncclUint8, op->peer, state_->comm, state_->stream),
+                "ncclRecv");
+    }
   }
   CheckNccl(ncclGroupEnd(), "ncclGroupEnd");
-  for (const auto& send : state_->deferred) {
-    CheckCuda(cudaEventCreateWithFlags(&send->event, cudaEventDisableTiming), "cudaEventCreate");
-    CheckCuda(cudaEventRecord(send->event, state_->stream), "cudaEventRecord");
-    send->queued = true;
+  for (const auto& op : state_->held) {
+    CheckCuda(cudaEventCreateWithFlags(&op->event, cudaEventDisableTiming), "cudaEventCreate");
+    CheckCuda(cudaEventRecord(op->event, state_->stream), "cudaEventRecord");
+    op->queued = true;
   }
-  state_->deferred.clear();
+  state_->held.clear();
 }
 
 void NcclCommunicator::Barrier() {
-  FlushSends();
+  PostHeld();
   AfterCompute();
   CheckNccl(ncclAllReduce(state_->barrier_word, state_->barrier_word, 1, ncclFloat32, ncclSum,
                           state_->comm, state_->stream),
@@ -246,8 +253,7 @@ std::unique_ptr<Communicator> NcclCommunicator::Subgroup(const std::vector<int>&
       new NcclCommunicator(std::move(state), key, static_cast<int>(ranks.size())));
 }
 
-void UseNcclForModelParallel(ParallelContext* ctx, Communicator* host_world,
-                             bool pipeline_on_nccl) {
+void UseNcclForModelParallel(ParallelContext* ctx, Communicator* host_world) {
   auto nccl_group = [&](const std::vector<int>& ranks) {
     std::unique_ptr<Communicator> bootstrap = host_world->Subgroup(ranks);
     return NcclCommunicator::Create(bootstrap.get());
@@ -256,7 +262,7 @@ void UseNcclForModelParallel(ParallelContext* ctx, Communicator* host_world,
   // (collective).
   ctx->tp = nccl_group(ctx->grid.TpGroup(ctx->rank));
   ctx->dp = nccl_group(ctx->grid.DpGroup(ctx->rank));
-  if (pipeline_on_nccl) ctx->pp = nccl_group(ctx->grid.PpGroup(ctx->rank));
+  ctx->pp = nccl_group(ctx->grid.PpGroup(ctx->rank));
 }
 
 }  // namespace eellm

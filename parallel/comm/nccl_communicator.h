@@ -1,5 +1,5 @@
 // NcclCommunicator: the Communicator on GPU buffers over NCCL (built only with CUDA and NCCL).
-// Point-to-point sends are deferred and grouped with the next receive (see FlushSends). The
+// Point-to-point operations are held and posted as one NCCL group (see PostHeld). The
 // NCCL unique id is created on rank 0 and broadcast over a bootstrap communicator (MPI); sub-groups
 // come from ncclCommSplit. Each communicator owns a CUDA stream: blocking operations synchronise
 // it, non-blocking ones return a Request that waits on a CUDA event. A failure aborts every rank
@@ -31,7 +31,11 @@ class NcclCommunicator : public Communicator {
   void Recv(void* data, size_t bytes, int peer, int tag) override;
   std::unique_ptr<Request> ISend(const void* data, size_t bytes, int peer, int tag) override;
   std::unique_ptr<Request> IRecv(void* data, size_t bytes, int peer, int tag) override;
-  void StartSends() override { FlushSends(); }
+  // Posts the held ISends and IRecvs in one NCCL group. Called by a Wait on any of them and
+  // before any other operation: the pipeline schedules post a send and then the receive from the
+  // same neighbour on both sides (or batched exchanges of both directions), which would
+  // deadlock ungrouped.
+  void PostHeld() override;
   std::unique_ptr<Request> IAllReduce(float* data, size_t n, ReduceOp op) override;
   void Barrier() override;
   std::unique_ptr<Communicator> Subgroup(const std::vector<int>& ranks) override;
@@ -41,12 +45,7 @@ class NcclCommunicator : public Communicator {
  private:
   explicit NcclCommunicator(std::unique_ptr<State> state, int rank, int size);
   std::unique_ptr<Request> Pending();  // a Request for the work queued so far
-  // Sends wait (State::deferred) until the next receive, which is queued with them in one NCCL
-  // group, or until any other operation or a Wait on one of them: the pipeline schedules post a
-  // send and then the receive from the same neighbour on both sides, which would deadlock
-  // ungrouped. `then_recv` (may be null) is queued inside the same group.
-  void FlushSends(void* recv_data = nullptr, size_t recv_bytes = 0, int recv_peer = -1);
-  friend class DeferredSendRequest;
+  friend class HeldRequest;
   void Sync();
   void AfterCompute();  // orders the next operation after the work queued on the compute stream
 
@@ -59,9 +58,6 @@ class NcclCommunicator : public Communicator {
 // gradients every step, ZeRO-1 gathers and pipeline messages. The embedding group and the world
 // stay on MPI. `host_world`: an MPI world communicator on host memory (NCCL's id travels
 // through it). Collective over the world.
-// With `pipeline_on_nccl` false the pipeline group stays on MPI (a schedule whose messages
-// would deadlock NCCL's rendezvous sends: PipelineFitsRendezvous).
-void UseNcclForModelParallel(ParallelContext* ctx, Communicator* host_world,
-                             bool pipeline_on_nccl = true);
+void UseNcclForModelParallel(ParallelContext* ctx, Communicator* host_world);
 
 }  // namespace eellm

@@ -155,6 +155,89 @@ absl::StatusOr<Schedule> Interleaved1F1B(int stages, int microbatches, int chunk
   return s;
 }
 
+Schedule BatchExchanges(const Schedule& s) {
+  Schedule out = s;
+  out.name = s.name + "-batched";
+  for (int st = 0; st < s.stages; ++st) {
+    // Exit-head work moves to right before its microbatch's backward.
+    std::vector<Action> list;
+    for (const Action& a : s.per_stage[st]) {
+      if (a.type == ActionType::kBackward) {
+        const Action exit{ActionType::kExitHeads, a.microbatch, a.chunk};
+        if (std::find(s.per_stage[st].begin(), s.per_stage[st].end(), exit) !=
+            s.per_stage[st].end()) {
+          list.push_back(exit);
+        }
+      }
+      if (a.type != ActionType::kExitHeads) list.push_back(a);
+    }
+    // Segments of computes: a segment ends after a Backward, and after a Forward whose next
+    // Forward or Backward is a Forward (warm-up) or when there is no steady state (no Forward
+    // after the first Backward: the last forward of an all-forwards-first list stays alone).
+    bool steady = false, seen_backward = false;
+    for (const Action& a : list) {
+      seen_backward = seen_backward || a.type == ActionType::kBackward;
+      steady = steady || (seen_backward && a.type == ActionType::kForward);
+    }
+    std::vector<std::vector<size_t>> segments(1);
+    for (size_t i = 0; i < list.size(); ++i) {
+      if (!IsCompute(list[i].type)) continue;
+      segments.back().push_back(i);
+      bool end = list[i].type == ActionType::kBackward;
+      if (list[i].type == ActionType::kForward) {
+        end = true;
+        for (size_t j = i + 1; j < list.size(); ++j) {
+          if (list[j].type == ActionType::kBackward) end = !steady;
+          if (list[j].type == ActionType::kForward || list[j].type == ActionType::kBackward) {
+            break;
+          }
+        }
+      }
+      if (end) segments.emplace_back();
+    }
+    // Each message belongs to its compute: a receive to the compute after it, a send to the one
+    // before it.
+    std::map<size_t, std::vector<Action>> recv_of, send_of;
+    size_t last_compute = 0;
+    std::vector<Action> pending_recv;
+    for (size_t i = 0; i < list.size(); ++i) {
+      const ActionType t = list[i].type;
+      if (IsCompute(t)) {
+        recv_of[i] = std::move(pending_recv);
+        pending_recv.clear();
+        last_compute = i;
+      } else if (t == ActionType::kRecvForward || t == ActionType::kRecvBackward) {
+        pending_recv.push_back(list[i]);
+      } else {
+        send_of[last_compute].push_back(list[i]);
+      }
+    }
+    std::vector<Action> result;
+    auto receives_of = [&](const std::vector<size_t>& seg) {
+      for (ActionType t : {ActionType::kRecvForward, ActionType::kRecvBackward}) {
+        for (size_t i : seg) {
+          for (const Action& a : recv_of[i])
+            if (a.type == t) result.push_back(a);
+        }
+      }
+    };
+    if (!segments.empty()) receives_of(segments[0]);
+    for (size_t k = 0; k < segments.size(); ++k) {
+      for (size_t i : segments[k]) result.push_back(list[i]);
+      for (ActionType t : {ActionType::kSendForward, ActionType::kSendBackward}) {
+        for (size_t i : segments[k]) {
+          for (const Action& a : send_of[i])
+            if (a.type == t) result.push_back(a);
+        }
+      }
+      if (k + 1 < segments.size()) receives_of(segments[k + 1]);
+    }
+    EE_CHECK(result.size() == list.size(), "BatchExchanges lost actions on stage ", st);
+    out.per_stage[st] = std::move(result);
+  }
+  return out;
+}
+
 Schedule PlaceExitHeads(const Schedule& s, const std::vector<bool>& has_exits) {
   const int virtual_stages = s.stages * s.chunks;
   EE_CHECK(static_cast<int>(has_exits.size()) == s.stages ||

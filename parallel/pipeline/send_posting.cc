@@ -1,4 +1,4 @@
-// When sends leave, and the rendezvous check (see send_posting.h).
+// When held messages are posted, and the rendezvous check (see send_posting.h).
 #include "parallel/pipeline/send_posting.h"
 
 #include <map>
@@ -17,6 +17,7 @@ bool IsSend(ActionType t) {
 bool IsRecv(ActionType t) {
   return t == ActionType::kRecvForward || t == ActionType::kRecvBackward;
 }
+bool IsMessage(ActionType t) { return IsSend(t) || IsRecv(t); }
 
 // One message operation of a stage: which message (direction, microbatch, sender's virtual
 // stage), the peer stage, whether this side sends it, and its place among this stage's sends to
@@ -49,15 +50,21 @@ Op MakeOp(const Action& a, int stage, int stages) {
 struct StageState {
   size_t pos = 0;
   std::map<std::pair<int, bool>, int> posted;  // (peer, send) -> operations so far
-  std::vector<Op> held;                        // sends not posted yet
+  std::vector<Op> held;                        // operations not posted yet
   std::vector<Op> active;                      // the group posted and waited for (empty: none)
   bool finished = false;
 };
 
 }  // namespace
 
-bool StartSendAtOnce(const std::vector<Action>& actions, size_t i, int stages) {
-  if (stages <= 1) return false;
+bool PostAfter(const std::vector<Action>& actions, size_t i, int stages) {
+  if (stages <= 1 || !IsMessage(actions[i].type)) return false;
+  if (i + 1 < actions.size() && IsMessage(actions[i + 1].type)) return false;  // same run
+  // The run ends at i: with a receive in it, it is posted now.
+  for (size_t j = i + 1; j-- > 0 && IsMessage(actions[j].type);) {
+    if (IsRecv(actions[j].type)) return true;
+  }
+  // Sends alone: they leave now unless the next message is a receive.
   for (size_t j = i + 1; j < actions.size(); ++j) {
     if (IsRecv(actions[j].type)) return false;
     if (IsSend(actions[j].type)) return true;
@@ -65,15 +72,7 @@ bool StartSendAtOnce(const std::vector<Action>& actions, size_t i, int stages) {
   return true;
 }
 
-bool PipelineFitsRendezvous(int stages, int microbatches, int chunks) {
-  // Nothing is sent, or the config is wrong (the run reports that where it starts).
-  if (stages <= 1 || microbatches < 1) return true;
-  if (chunks <= 1) return CheckRendezvous(OneFOneB(stages, microbatches)).ok();
-  const absl::StatusOr<Schedule> s = Interleaved1F1B(stages, microbatches, chunks);
-  return s.ok() && CheckRendezvous(*s).ok();
-}
-
-absl::Status CheckRendezvous(const Schedule& s, const SendRule& rule) {
+absl::Status CheckRendezvous(const Schedule& s, const PostRule& rule) {
   const int stages = s.stages;
   if (stages <= 1) return absl::OkStatus();  // every message stays on the rank
   std::vector<StageState> st(stages);
@@ -88,7 +87,7 @@ absl::Status CheckRendezvous(const Schedule& s, const SendRule& rule) {
           if (x.held.empty()) {
             x.finished = true;
           } else {
-            x.active.swap(x.held);  // the sends still held leave at the end
+            x.active.swap(x.held);  // what is still held is posted at the end
           }
           progress = true;
           break;
@@ -100,7 +99,7 @@ absl::Status CheckRendezvous(const Schedule& s, const SendRule& rule) {
         Op op = MakeOp(a, r, stages);
         op.seq = x.posted[{op.peer, op.send}]++;
         x.held.push_back(std::move(op));
-        if (IsRecv(a.type) || rule(actions, i, stages)) x.active.swap(x.held);
+        if (rule(actions, i, stages)) x.active.swap(x.held);
       }
       all_finished = all_finished && x.finished;
     }

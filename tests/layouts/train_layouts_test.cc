@@ -42,7 +42,6 @@
 #include "models/token_file.h"
 #include "models/tokenizer.h"
 #include "parallel/comm/mpi_communicator.h"
-#include "parallel/pipeline/send_posting.h"
 #include "tests/gpu/emu/emulated_cuda_backend.h"
 #include "tests/gpu/emu/emulated_nccl.h"
 
@@ -82,24 +81,17 @@ Backend* StagingBackend() {
 }
 
 // The layout's communicators over MPI (staging the backend's device buffers), with the tensor-,
-// data- and pipeline-parallel groups on NCCL when EELLM_LAYOUT_COMM=nccl (the pipeline group
-// only where its schedule fits NCCL's rendezvous sends, as `eellm train` decides).
+// data- and pipeline-parallel groups on NCCL when EELLM_LAYOUT_COMM=nccl, as `eellm train` uses.
 std::unique_ptr<ParallelContext> MakeContext(const TrainConfig& t) {
   auto ctx = ParallelContext::Create(MpiCommunicator::World(StagingBackend()), t.tp, t.pp, t.dp);
   EXPECT_TRUE(ctx.ok()) << ctx.status();
   if (!ctx.ok()) return nullptr;
   const char* comm = std::getenv("EELLM_LAYOUT_COMM");
   if (comm != nullptr && std::string(comm) == "nccl") {
-    const int microbatches = MicrobatchesPerStep(t);
-    const bool pipeline_on_nccl = PipelineFitsRendezvous(t.pp, microbatches, t.virtual_stages);
-    // Only interleaved runs with more microbatches than stages stay on MPI.
-    EXPECT_EQ(pipeline_on_nccl, t.virtual_stages == 1 || microbatches <= t.pp)
-        << "pp " << t.pp << ", v " << t.virtual_stages << ", " << microbatches << " microbatches";
-    UseEmulatedNcclForModelParallel(ctx->get(), MpiCommunicator::World(nullptr).get(),
-                                    pipeline_on_nccl);
+    UseEmulatedNcclForModelParallel(ctx->get(), MpiCommunicator::World(nullptr).get());
     EXPECT_EQ((*ctx)->tp->name(), "nccl");
     EXPECT_EQ((*ctx)->dp->name(), "nccl");
-    EXPECT_EQ((*ctx)->pp->name(), pipeline_on_nccl ? "nccl" : "mpi");
+    EXPECT_EQ((*ctx)->pp->name(), "nccl");
   }
   return std::move(*ctx);
 }
@@ -215,7 +207,7 @@ TEST_P(TrainLayouts, EveryLayoutMatchesSingleRank) {
       {1, 1, 1, false, 1, false, 2},
       {1, 1, 1, false, 1, true, 4},
       {1, 2, 1, false, 1, false, 2},
-      {1, 2, 1, false, 2, false, 2},  // 2 microbatches: on NCCL too (4 stay on MPI there)
+      {1, 2, 1, false, 2, false, 2},  // 2 microbatches, as many as stages
       {1, 2, 1, false, 1, true, 2},
       {1, 2, 2, true, 1, false, 2},
       {1, 4, 1, false, 1, false, 2},

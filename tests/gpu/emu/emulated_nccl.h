@@ -9,7 +9,6 @@
 namespace eellm {
 
 // As UseNcclForModelParallel (parallel/comm/nccl_communicator.h).
-void UseEmulatedNcclForModelParallel(ParallelContext* ctx, Communicator* host_world,
-                                     bool pipeline_on_nccl = true);
+void UseEmulatedNcclForModelParallel(ParallelContext* ctx, Communicator* host_world);
 
 }  // namespace eellm
