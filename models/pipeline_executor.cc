@@ -33,7 +33,9 @@ Schedule TrainingSchedule(const std::vector<Model*>& chunks, int stages, int mic
     s = PlaceExitHeads(s, has_exits);
   }
   // Interleaved: messages in batched exchanges, which NCCL's rendezvous sends need with more
-  // microbatches than stages (send_posting.h); the cost model times both orders the same.
+  // microbatches than stages (send_posting.h), on every communicator so that one order is
+  // tested; the cost model times both orders the same without exits (exit work moves to right
+  // before its backward: -3.5% to +2.3%, see BatchExchanges).
   return v == 1 ? s : BatchExchanges(s);
 }
 
@@ -94,7 +96,13 @@ PipelineExecutor::PipelineExecutor(std::vector<Model*> chunks, ParallelContext* 
 }
 
 void PipelineExecutor::WaitSlot(Slot& slot) {
-  for (auto& r : slot.pending) r->Wait();
+  for (auto& r : slot.pending) {
+    // Waiting on a send the communicator still holds would post it alone, outside the groups
+    // whose deadlock freedom send_posting.h checks.
+    EE_CHECK(r->posted(), "pipeline stage ", ctx_->coord.pp,
+             " would wait on a held send before its group is posted");
+    r->Wait();
+  }
   slot.pending.clear();
 }
 

@@ -18,6 +18,8 @@ class Request {
  public:
   virtual ~Request() = default;
   virtual void Wait() = 0;
+  // Whether the operation has been posted (false while a communicator holds it; see PostHeld).
+  virtual bool posted() const { return true; }
 };
 
 class Communicator {

@@ -51,15 +51,23 @@ class EventRequest : public Request {
 
 }  // namespace
 
-// A held point-to-point operation: queued by the next PostHeld, then done when `event` has
-// completed.
+// A CUDA event recorded after one NCCL group, shared by the group's operations.
+struct GroupEvent {
+  cudaEvent_t event = nullptr;
+  ~GroupEvent() {
+    if (event != nullptr) cudaEventDestroy(event);
+  }
+};
+
+// A held point-to-point operation: queued by the next PostHeld, then done when its group's
+// event has completed.
 struct HeldOp {
   bool send = false;
   void* data = nullptr;
   size_t bytes = 0;
   int peer = -1;
-  cudaEvent_t event = nullptr;  // recorded after the group that carried the operation
-  bool queued = false, done = false;
+  std::shared_ptr<GroupEvent> done_event;  // set when queued
+  bool done = false;
 };
 
 struct NcclCommunicator::State {
@@ -78,11 +86,12 @@ class HeldRequest : public Request {
   ~HeldRequest() override { Wait(); }
   void Wait() override {
     if (op_->done) return;
-    if (!op_->queued) comm_->PostHeld();
-    CheckCuda(cudaEventSynchronize(op_->event), "cudaEventSynchronize");
-    cudaEventDestroy(op_->event);
+    if (op_->done_event == nullptr) comm_->PostHeld();
+    CheckCuda(cudaEventSynchronize(op_->done_event->event), "cudaEventSynchronize");
+    op_->done_event.reset();
     op_->done = true;
   }
+  bool posted() const override { return op_->done || op_->done_event != nullptr; }
 
  private:
   NcclCommunicator* comm_;
@@ -106,7 +115,11 @@ NcclCommunicator::NcclCommunicator(std::unique_ptr<State> state, int rank, int s
     : state_(std::move(state)), rank_(rank), size_(size) {}
 
 NcclCommunicator::~NcclCommunicator() {
-  PostHeld();
+  // Held operations nobody waited for: posting them could hang (a receive without its send).
+  if (!state_->held.empty()) {
+    AbortAllRanks(absl::StrCat("NCCL communicator destroyed with ", state_->held.size(),
+                               " point-to-point operations never posted or waited for"));
+  }
   if (state_->comm != nullptr) ncclCommDestroy(state_->comm);
   if (state_->stream != nullptr) cudaStreamDestroy(state_->stream);
   if (state_->compute_done != nullptr) cudaEventDestroy(state_->compute_done);
@@ -223,11 +236,10 @@ void NcclCommunicator::PostHeld() {
     }
   }
   CheckNccl(ncclGroupEnd(), "ncclGroupEnd");
-  for (const auto& op : state_->held) {
-    CheckCuda(cudaEventCreateWithFlags(&op->event, cudaEventDisableTiming), "cudaEventCreate");
-    CheckCuda(cudaEventRecord(op->event, state_->stream), "cudaEventRecord");
-    op->queued = true;
-  }
+  auto group = std::make_shared<GroupEvent>();
+  CheckCuda(cudaEventCreateWithFlags(&group->event, cudaEventDisableTiming), "cudaEventCreate");
+  CheckCuda(cudaEventRecord(group->event, state_->stream), "cudaEventRecord");
+  for (const auto& op : state_->held) op->done_event = group;
   state_->held.clear();
 }
 
@@ -247,6 +259,7 @@ std::unique_ptr<Communicator> NcclCommunicator::Subgroup(const std::vector<int>&
     if (color < 0 || ranks[i] < color) color = ranks[i];
   }
   if (key < 0) AbortAllRanks(absl::StrCat("rank ", rank_, " is not in its own subgroup"));
+  PostHeld();
   auto state = NewState();
   CheckNccl(ncclCommSplit(state_->comm, color, key, &state->comm, nullptr), "ncclCommSplit");
   return std::unique_ptr<Communicator>(

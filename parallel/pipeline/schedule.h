@@ -19,7 +19,7 @@
 //   matched in order, so on every channel the receiver's receive order equals the sender's send
 //   order. The builders emit sends right after the compute that produces the tensor and
 //   receives right before the compute that needs it, so the timing depends only on compute
-//   dependencies.
+//   dependencies; BatchExchanges (below) delays sends and posts receives one segment early.
 #pragma once
 
 #include <string>
