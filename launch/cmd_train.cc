@@ -47,6 +47,8 @@ ABSL_FLAG(std::string, exit_placement, "",
 ABSL_FLAG(int, virtual_stages, 0,
           "model chunks per pipeline rank for interleaved 1F1B (0 = train.virtual_stages)");
 ABSL_FLAG(bool, zero1, false, "shard the optimizer state over data-parallel ranks (ZeRO-1)");
+ABSL_FLAG(bool, freeze_backbone, false,
+          "EE-Tuning: train only the exits' own parameters, the backbone frozen (forward only)");
 
 namespace eellm {
 namespace {
@@ -114,6 +116,7 @@ int RunTrainCommand() {
     t.dp = launch->world / (t.tp * t.pp);
   }
   if (absl::GetFlag(FLAGS_zero1)) t.zero1 = true;
+  if (absl::GetFlag(FLAGS_freeze_backbone)) t.freeze_backbone = true;
   if (absl::GetFlag(FLAGS_virtual_stages) > 0) {
     t.virtual_stages = absl::GetFlag(FLAGS_virtual_stages);
   }

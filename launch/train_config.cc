@@ -70,7 +70,8 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
                                    "micro_batch_size",
                                    "exit_placement",
                                    "communicator",
-                                   "virtual_stages"},
+                                   "virtual_stages",
+                                   "freeze_backbone"},
                                   "train config"));
     RETURN_IF_ERROR(ReadJsonField(tj, "data", "train config", &t.data));
     RETURN_IF_ERROR(ReadJsonField(tj, "tokenizer", "train config", &t.tokenizer));
@@ -103,6 +104,7 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
     RETURN_IF_ERROR(
         ReadJsonField(tj, "overlap_grad_reduce", "train config", &t.overlap_grad_reduce));
     RETURN_IF_ERROR(ReadJsonField(tj, "virtual_stages", "train config", &t.virtual_stages));
+    RETURN_IF_ERROR(ReadJsonField(tj, "freeze_backbone", "train config", &t.freeze_backbone));
   }
   for (auto [v, k] : {std::pair{t.batch_size, "batch_size"},
                       {t.seq_len, "seq_len"},
@@ -178,7 +180,8 @@ std::string TrainConfigToJson(const TrainConfig& t) {
             {"dp", t.dp},
             {"zero1", t.zero1},
             {"grad_bucket_size", t.grad_bucket_size},
-            {"overlap_grad_reduce", t.overlap_grad_reduce}};
+            {"overlap_grad_reduce", t.overlap_grad_reduce},
+            {"freeze_backbone", t.freeze_backbone}};
   return j.dump(2);
 }
 

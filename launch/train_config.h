@@ -48,6 +48,10 @@ struct TrainConfig {
   // Interleaved pipeline parallelism: model chunks per pipeline rank (virtual stages; chunk c of
   // rank s holds virtual stage c * pp + s of pp * virtual_stages). 1 = plain 1F1B.
   int virtual_stages = 1;
+  // EE-Tuning: train only the exits' own parameters (norms, MLPs, blocks and untied heads of
+  // "exits"); every other parameter is frozen, the backbone runs forward only and no gradient
+  // crosses pipeline stages. Usually with --init-from a converted model with added exits.
+  bool freeze_backbone = false;
 };
 
 struct RunConfig {

@@ -350,10 +350,31 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
 
   TrainSummary sum;
   for (Model* chunk : chunks) sum.num_params += static_cast<int64_t>(chunk->params().size());
+  // EE-Tuning: the exits' own tensors train, every other one is frozen (the optimizer skips it
+  // and leaves it out of the gradient norm).
+  int64_t trainable = sum.num_params;
+  if (tc.freeze_backbone) {
+    trainable = 0;
+    for (Model* chunk : chunks) {
+      for (ParamInfo& p : chunk->params().mutable_params()) {
+        p.trainable = p.name.rfind("exits.", 0) == 0;
+        if (p.trainable) trainable += static_cast<int64_t>(p.numel);
+      }
+    }
+    std::vector<double> total = {static_cast<double>(trainable)};
+    SumOverGroup(ctx->pp.get(), backend, total);
+    if (total[0] == 0) {
+      return absl::InvalidArgumentError(
+          "freeze_backbone: the model has no exit parameters to train (exits tied to the word "
+          "embedding with kind \"linear\" have none of their own)");
+    }
+    trainable = static_cast<int64_t>(total[0]);
+  }
   const int rows = tc.batch_size / ctx->grid.dp();  // this rank's share of the global batch
   const int micro = tc.micro_batch_size > 0 ? tc.micro_batch_size : rows;
   PipelineExecutor exec(chunks, ctx, micro, tc.seq_len, MicrobatchesPerStep(tc),
                         tc.exit_placement == "bubbles");
+  exec.set_frozen_backbone(tc.freeze_backbone);
   // KV heads replicated over tensor-parallel ranks (tp > num_kv_heads): each rank's K/V
   // projection gradient covers only its own query heads, so the ranks sharing a KV head sum
   // theirs, as each layer finishes its last backward (before any data-parallel reduction).
@@ -413,6 +434,12 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
                 tc.batch_size, tc.seq_len, tc.batch_size * tc.seq_len, tc.steps);
     std::printf("layout: %d ranks = tp %d x pp %d x dp %d%s\n", ctx->grid.world(), tc.tp, tc.pp,
                 tc.dp, dopt.zero1() ? ", ZeRO-1 optimizer sharding" : "");
+    if (tc.freeze_backbone) {
+      std::printf(
+          "frozen backbone (EE-Tuning): training the exits' %.3f M parameters%s, "
+          "forward only through the rest\n",
+          trainable / 1e6, tc.tp > 1 ? " (tensor-parallel rank 0's shards)" : "");
+    }
   }
   sum.first_eval =
       Evaluate(exec, mc, backend, val, tc.eval_batches, tc.batch_size, rows, tc.seq_len, *ctx);

@@ -39,6 +39,24 @@ Schedule TrainingSchedule(const std::vector<Model*>& chunks, int stages, int mic
   return v == 1 ? s : BatchExchanges(s);
 }
 
+// The forwards of the training schedule alone (validation, EE-Tuning): the all-forward half of
+// AFAB (in microbatch order), or with model chunks the forwards of the interleaved schedule in
+// its order.
+Schedule ForwardSchedule(const Schedule& training, int stages, int microbatches, int chunks) {
+  Schedule fwd = chunks == 1 ? AllForwardAllBackward(stages, microbatches) : training;
+  for (auto& actions : fwd.per_stage) {
+    actions.erase(std::remove_if(actions.begin(), actions.end(),
+                                 [](const Action& a) {
+                                   return a.type == ActionType::kRecvBackward ||
+                                          a.type == ActionType::kBackward ||
+                                          a.type == ActionType::kSendBackward ||
+                                          a.type == ActionType::kExitHeads;
+                                 }),
+                  actions.end());
+  }
+  return fwd;
+}
+
 // For each action of `actions`, whether it is the last one of its (microbatch, chunk) record.
 std::vector<bool> LastOfRecord(const std::vector<Action>& actions) {
   std::vector<bool> last(actions.size(), false);
@@ -80,7 +98,10 @@ PipelineExecutor::PipelineExecutor(std::vector<Model*> chunks, ParallelContext* 
       seq_(seq),
       microbatches_(microbatches),
       schedule_(TrainingSchedule(chunks_, ctx->grid.pp(), microbatches, place_exits)),
-      schedule_rendezvous_(CheckRendezvous(schedule_)) {
+      schedule_rendezvous_(CheckRendezvous(schedule_)),
+      forward_schedule_(ForwardSchedule(schedule_, ctx->grid.pp(), microbatches,
+                                        static_cast<int>(chunks_.size()))),
+      forward_rendezvous_(CheckRendezvous(forward_schedule_)) {
   const int v = static_cast<int>(chunks_.size());
   const std::vector<int> peak = PeakPerChunk(schedule_.per_stage[ctx->coord.pp], v);
   const size_t nc = static_cast<size_t>(micro_batch) * seq * chunks_[0]->config().hidden_size;
@@ -106,8 +127,9 @@ void PipelineExecutor::WaitSlot(Slot& slot) {
   slot.pending.clear();
 }
 
-LossReport PipelineExecutor::Run(const Schedule& s, const int32_t* ids, const int32_t* targets,
-                                 absl::Span<const float> exit_weights, bool backward) {
+LossReport PipelineExecutor::Run(const Schedule& s, const absl::Status& rendezvous,
+                                 const int32_t* ids, const int32_t* targets,
+                                 absl::Span<const float> exit_weights, Mode mode) {
   const ModelConfig& c = chunks_[0]->config();
   Backend* be = chunks_[0]->backend();
   const int stage = ctx_->coord.pp, stages = ctx_->grid.pp();
@@ -128,7 +150,6 @@ LossReport PipelineExecutor::Run(const Schedule& s, const int32_t* ids, const in
   // under which the schedule cannot deadlock its rendezvous sends (checked;
   // parallel/pipeline/send_posting.h). Receives are waited for when their run of messages has
   // been posted, before the next compute.
-  const absl::Status rendezvous = &s == &schedule_ ? schedule_rendezvous_ : CheckRendezvous(s);
   EE_CHECK(rendezvous.ok() || pp->name() != "nccl",
            "a pipeline group on NCCL with a schedule that deadlocks it: ", rendezvous.message());
   std::vector<std::unique_ptr<Request>> receiving;  // receives of the current run of messages
@@ -221,10 +242,12 @@ LossReport PipelineExecutor::Run(const Schedule& s, const int32_t* ids, const in
         break;
       case ActionType::kForward:
         model->StageForward(ws, mb_ids, slot.grad_in.f32());
-        if (!backward) {
+        if (mode == Mode::kEvaluate) {
           // Validation: the heads of this chunk right away (no backward pass follows).
           accumulate(model->StageBackward(ws, mb_targets, nullptr, exit_weights, false, nullptr,
                                           loss_scale));
+        } else if (mode == Mode::kTuneExits) {
+          accumulate(model->StageTuneExits(ws, mb_targets, nullptr, exit_weights, loss_scale));
         }
         break;
       case ActionType::kSendForward:
@@ -278,26 +301,16 @@ LossReport PipelineExecutor::Run(const Schedule& s, const int32_t* ids, const in
 LossReport PipelineExecutor::TrainStep(const int32_t* ids, const int32_t* targets,
                                        absl::Span<const float> exit_weights) {
   ctx_->pp->Barrier();  // a common time origin for the recorded intervals
-  return Run(schedule_, ids, targets, exit_weights, true);
+  if (frozen_backbone_) {
+    return Run(forward_schedule_, forward_rendezvous_, ids, targets, exit_weights,
+               Mode::kTuneExits);
+  }
+  return Run(schedule_, schedule_rendezvous_, ids, targets, exit_weights, Mode::kTrain);
 }
 
 LossReport PipelineExecutor::Evaluate(const int32_t* ids, const int32_t* targets) {
-  // Forwards only: the all-forward half of AFAB (in microbatch order), or with model chunks the
-  // forwards of the interleaved schedule in its order.
-  Schedule fwd =
-      chunks_.size() == 1 ? AllForwardAllBackward(ctx_->grid.pp(), microbatches_) : schedule_;
-  for (auto& actions : fwd.per_stage) {
-    actions.erase(std::remove_if(actions.begin(), actions.end(),
-                                 [](const Action& a) {
-                                   return a.type == ActionType::kRecvBackward ||
-                                          a.type == ActionType::kBackward ||
-                                          a.type == ActionType::kSendBackward ||
-                                          a.type == ActionType::kExitHeads;
-                                 }),
-                  actions.end());
-  }
   std::vector<float> zero(chunks_[0]->config().exits.size(), 0.0f);
-  return Run(fwd, ids, targets, zero, false);
+  return Run(forward_schedule_, forward_rendezvous_, ids, targets, zero, Mode::kEvaluate);
 }
 
 }  // namespace eellm

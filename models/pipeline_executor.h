@@ -51,6 +51,12 @@ class PipelineExecutor {
   // Forward only (validation): same microbatching, no gradients.
   LossReport Evaluate(const int32_t* ids, const int32_t* targets);
 
+  // EE-Tuning: TrainStep then runs the forwards alone (Evaluate's schedule) and each stage's
+  // exits with their backward after each forward (Model::StageTuneExits): only the exits'
+  // parameters get gradients, and no gradient crosses stages. Its losses: every exit's, and the
+  // final head's (no backward); its objective counts the exits alone.
+  void set_frozen_backbone(bool frozen) { frozen_backbone_ = frozen; }
+
   // Called during each chunk's last backward of a step as each of its layers finishes, with the
   // chunk index and the arena range of the layer's (now final) gradients; see
   // DistributedOptimizer::GradientsReady.
@@ -66,8 +72,9 @@ class PipelineExecutor {
   int peak_in_flight() const { return peak_in_flight_; }
 
  private:
-  LossReport Run(const Schedule& s, const int32_t* ids, const int32_t* targets,
-                 absl::Span<const float> exit_weights, bool backward);
+  enum class Mode { kTrain, kEvaluate, kTuneExits };
+  LossReport Run(const Schedule& s, const absl::Status& rendezvous, const int32_t* ids,
+                 const int32_t* targets, absl::Span<const float> exit_weights, Mode mode);
 
   struct Slot {
     std::unique_ptr<Workspace> ws;
@@ -81,7 +88,10 @@ class PipelineExecutor {
   ParallelContext* ctx_;
   int micro_batch_, seq_, microbatches_;
   Schedule schedule_;
-  absl::Status schedule_rendezvous_;      // CheckRendezvous(schedule_), checked once
+  absl::Status schedule_rendezvous_;  // CheckRendezvous(schedule_), checked once
+  Schedule forward_schedule_;         // its forwards alone (evaluation, EE-Tuning)
+  absl::Status forward_rendezvous_;
+  bool frozen_backbone_ = false;
   std::vector<std::vector<Slot>> slots_;  // [chunk] -> workspaces for records in flight
   std::vector<BusyInterval> intervals_;
   std::function<void(int, size_t, size_t)> grads_ready_;

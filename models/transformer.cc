@@ -539,6 +539,19 @@ LossReport Model::StageExitHeads(Workspace& ws, const int32_t* targets, const fl
   return r;
 }
 
+LossReport Model::StageTuneExits(Workspace& ws, const int32_t* targets, const float* mask,
+                                 absl::Span<const float> exit_weights, float loss_scale) {
+  // The exits' backward as for a schedule's bubbles (their input gradients are stored in the
+  // workspace and never used).
+  LossReport r = StageExitHeads(ws, targets, mask, exit_weights, loss_scale);
+  ws.exits_done = false;
+  if (is_last_stage()) {
+    const ConstOperand hidden = FinalHidden(ws.final_norm, StageOutput(ws), ws.b * ws.t);
+    r.final_loss = HeadLoss(ws, hidden, -1, loss_scale, false, /*backward=*/false).first;
+  }
+  return r;
+}
+
 const float* Model::AddStoredExitGrads(Workspace& ws, int depth, absl::Span<const float> w) {
   const size_t nc = static_cast<size_t>(ws.b) * ws.t * config_.hidden_size;
   const float* extra = nullptr;

@@ -119,6 +119,12 @@ class Model {
   // instead of running the exits again. Lets a pipeline schedule put exit work into bubbles.
   LossReport StageExitHeads(Workspace& ws, const int32_t* targets, const float* mask,
                             absl::Span<const float> exit_weights, float loss_scale);
+  // EE-Tuning (frozen backbone), after StageForward: the stage's exits' losses with their
+  // backward into the exits' parameters only (no gradient reaches the backbone or leaves the
+  // stage), and on the last stage the final head's loss without a backward. The objective
+  // counts the exits' weighted losses alone.
+  LossReport StageTuneExits(Workspace& ws, const int32_t* targets, const float* mask,
+                            absl::Span<const float> exit_weights, float loss_scale);
   // Called by StageBackward after each of this stage's layers has added its gradients, with the
   // arena range [lo, hi) (elements) of that layer's parameters; null = no calls. A pipeline
   // executor sets it for the last backward pass of a step, when those gradients are final, so

@@ -66,8 +66,17 @@ void DistributedOptimizer::AllReduceGradients() {
     started_.assign(buckets, false);
     pending_.resize(buckets);
   }
+  // Buckets holding only frozen tensors (EE-Tuning's backbone) are not reduced: the optimizer
+  // and the norm never read their gradients.
+  std::vector<bool> trainable(buckets, false);
+  for (const ParamInfo& p : params_->params()) {
+    if (!p.trainable || p.numel == 0) continue;
+    for (size_t k = p.offset / bucket_elems_; k <= (p.offset + p.numel - 1) / bucket_elems_; ++k) {
+      trainable[k] = true;
+    }
+  }
   for (size_t k = 0; k < buckets; ++k) {
-    if (!started_[k]) StartBucket(k);
+    if (!started_[k] && trainable[k]) StartBucket(k);
   }
   for (auto& r : pending_) {
     if (r) r->Wait();

@@ -27,7 +27,8 @@ class DistributedOptimizer {
 
   // Step in two halves, for several optimizers whose parameters together form the model (the
   // model chunks of interleaved pipeline parallelism): ReduceGradients averages the gradients
-  // over dp (reduce-scatter under ZeRO-1) and returns the squared norm of the part this rank
+  // over dp (reduce-scatter under ZeRO-1; without it, buckets of frozen tensors only are left
+  // alone) and returns the squared norm of the part this rank
   // owns; GlobalSquaredNorm sums such a local value over the ZeRO-1 shards and pipeline stages
   // (collective; identical on every rank); Apply clips by `global_norm` and updates.
   // Step(lr) == Apply(lr, sqrt(GlobalSquaredNorm(ReduceGradients()))).

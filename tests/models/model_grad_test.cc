@@ -159,6 +159,59 @@ TEST(ModelGrad, ZeroExitWeightsMatchModelWithoutExits) {
   }
 }
 
+// EE-Tuning (StageTuneExits): after the forward, the exits' own parameters get exactly the
+// gradients full training gives them (they come from their exit losses alone), the backbone's
+// get none (the word embedding only through exits tied to it), and every head's loss is as in
+// full training; the objective counts the exits alone.
+TEST(ModelGrad, TuneExitsGivesTheExitGradientsOfFullTraining) {
+  for (ModelStyle style : {ModelStyle::kGpt, ModelStyle::kLlama}) {
+    const ModelConfig c = testing::ConfigWithExits(style);  // block, MLP and norm exits
+    auto be = Cpu();
+    auto m = *Model::Create(c, be.get());
+    testing::FillParams(*m, 11);
+    auto ws = m->MakeWorkspace(2, 6);
+    auto ids = testing::RandomTokens(12, c.vocab_size, 3);
+    auto tg = testing::RandomTokens(12, c.vocab_size, 4);
+    const std::vector<float> w = {0.5f, 0.8f, 1.3f};
+    ParamStore& ps = m->params();
+    ps.ZeroGrads();
+    const LossReport full = m->ForwardBackward(*ws, ids.data(), tg.data(), nullptr, w, true);
+    std::vector<std::vector<float>> full_grads;
+    for (int i = 0; i < static_cast<int>(ps.params().size()); ++i) {
+      full_grads.emplace_back(ps.grad(i), ps.grad(i) + ps.params()[i].numel);
+    }
+    ps.ZeroGrads();
+    m->StageForward(*ws, ids.data(), nullptr);
+    const LossReport tuned = m->StageTuneExits(*ws, tg.data(), nullptr, w, 1.0f);
+    EXPECT_DOUBLE_EQ(tuned.final_loss, full.final_loss);
+    double exit_terms = 0;
+    for (size_t e = 0; e < c.exits.size(); ++e) {
+      EXPECT_DOUBLE_EQ(tuned.exit_losses[e], full.exit_losses[e]) << "exit " << e;
+      exit_terms += w[e] * full.exit_losses[e];
+    }
+    EXPECT_NEAR(tuned.objective, exit_terms, 1e-6 * exit_terms);
+    int exit_tensors = 0;
+    for (int i = 0; i < static_cast<int>(ps.params().size()); ++i) {
+      const ParamInfo& p = ps.params()[i];
+      const bool exit_param = p.name.rfind("exits.", 0) == 0;
+      double max_abs = 0, max_diff = 0;
+      for (size_t k = 0; k < p.numel; ++k) {
+        max_abs = std::max(max_abs, static_cast<double>(std::fabs(full_grads[i][k])));
+        max_diff =
+            std::max(max_diff, static_cast<double>(std::fabs(ps.grad(i)[k] - full_grads[i][k])));
+      }
+      if (exit_param) {
+        ++exit_tensors;
+        EXPECT_GT(max_abs, 0.0) << p.name;
+        EXPECT_LE(max_diff, 1e-5 * max_abs) << p.name;
+      } else if (i != m->word_embedding()) {
+        for (size_t k = 0; k < p.numel; ++k) ASSERT_EQ(ps.grad(i)[k], 0.0f) << p.name;
+      }
+    }
+    EXPECT_GE(exit_tensors, 8) << "block, MLP and norm exits with their own heads";
+  }
+}
+
 TEST(ExitLossWeights, LinearAndCosineWarmup) {
   ModelConfig c = TinyConfig(ModelStyle::kGpt, 4);
   ExitConfig lin;
