@@ -273,6 +273,48 @@ TEST_F(CliTest, AddExitsThenTrainFromTheWeights) {
   EXPECT_NE(b.output.find("holds a model with config"), std::string::npos) << Describe(bad, b);
 }
 
+// EE-Tuning step 2: the extended model trains with a frozen backbone. The final head's
+// validation loss is the same before and after (the backbone does not move) while the exits
+// train; a model whose exits own no tensor is refused, naming the reason.
+TEST_F(CliTest, FreezeBackboneTrainsTheExitsAlone) {
+  ASSERT_FALSE(TrainTinyModel(2).empty());
+  const std::string add = "convert add-exits --input=" + Quote(Path("run")) +
+                          " --output=" + Quote(Path("tuned")) +
+                          " --exits='[{\"layer\": 1, \"kind\": \"norm\", \"position\": \"pre\"}]'"
+                          " --init=copy-final";
+  CmdResult a = RunEellm(add);
+  ASSERT_EQ(a.exit_code, 0) << Describe(add, a);
+  const size_t at = a.output.find("model config: ");
+  ASSERT_NE(at, std::string::npos) << a.output;
+  const size_t begin = at + std::strlen("model config: ");
+  const std::string model = a.output.substr(begin, a.output.find('\n', begin) - begin);
+  const std::string args = "train --config=" + Quote(WriteConfig(model, 4)) +
+                           " --init-from=" + Quote(Path("tuned")) +
+                           " --out=" + Quote(Path("run2")) + " --freeze-backbone";
+  CmdResult t = RunEellm(args);
+  ASSERT_EQ(t.exit_code, 0) << Describe(args, t);
+  EXPECT_NE(t.output.find("frozen backbone (EE-Tuning)"), std::string::npos) << Describe(args, t);
+  auto val_line = [&](int step) {
+    const std::string key = absl::StrFormat("eval step %d | val ", step);
+    const size_t from = t.output.find(key);
+    return from == std::string::npos
+               ? std::string()
+               : t.output.substr(from + key.size(), t.output.find('\n', from) - from - key.size());
+  };
+  const std::string before = val_line(0), after = val_line(4);
+  ASSERT_FALSE(before.empty() || after.empty()) << Describe(args, t);
+  // "final X exit@1 Y exit@2 Z": the final head's loss is unchanged, the exits' are not.
+  const std::string final_before = before.substr(0, before.find(" exit@"));
+  EXPECT_EQ(final_before, after.substr(0, after.find(" exit@"))) << before << " vs " << after;
+  EXPECT_NE(before, after) << "the exits did not train";
+  // A linear exit tied to the embedding has no tensor of its own.
+  ExpectTrainConfigError(
+      R"({"style": "gpt", "vocab_size": 258, "hidden_size": 32, "num_layers": 2,
+          "num_heads": 2, "max_seq_len": 32,
+          "exits": [{"layer": 1, "kind": "linear", "tied": true}]})",
+      {"freeze_backbone", "no exit parameters"}, R"(, "freeze_backbone": true)");
+}
+
 TEST_F(CliTest, ResumeContinuesFromTheCheckpointStep) {
   const std::string ckpt = TrainTinyModel(2);
   ASSERT_FALSE(ckpt.empty());
