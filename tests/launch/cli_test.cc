@@ -128,6 +128,23 @@ class CliTest : public ::testing::Test {
     return fs::exists(ckpt) ? ckpt : "";
   }
 
+  // Adds a norm exit before layer 1 to the checkpoint in run/ (`convert add-exits`, heads copied
+  // from the final ones) and writes it to `out`; returns the extended model config the command
+  // prints ("" after a test failure).
+  std::string AddPreExitAtLayer1(const std::string& out) {
+    const std::string add = "convert add-exits --input=" + Quote(Path("run")) +
+                            " --output=" + Quote(Path(out)) +
+                            " --exits='[{\"layer\": 1, \"kind\": \"norm\", \"position\": \"pre\"}]'"
+                            " --init=copy-final";
+    CmdResult a = RunEellm(add);
+    EXPECT_EQ(a.exit_code, 0) << Describe(add, a);
+    const size_t at = a.output.find("model config: ");
+    EXPECT_NE(at, std::string::npos) << a.output;
+    if (a.exit_code != 0 || at == std::string::npos) return "";
+    const size_t begin = at + std::strlen("model config: ");
+    return a.output.substr(begin, a.output.find('\n', begin) - begin);
+  }
+
   // Runs `eellm train` on a config with the given model body and expects a non-zero exit whose
   // output contains every string in `needles`.
   void ExpectTrainConfigError(const std::string& model, const std::vector<std::string>& needles,
@@ -248,16 +265,8 @@ TEST_F(CliTest, ValidationSetTooSmallForOneBatchIsNamed) {
 // differs from the checkpoint's is refused, naming both.
 TEST_F(CliTest, AddExitsThenTrainFromTheWeights) {
   ASSERT_FALSE(TrainTinyModel(2).empty());
-  const std::string add = "convert add-exits --input=" + Quote(Path("run")) +
-                          " --output=" + Quote(Path("tuned")) +
-                          " --exits='[{\"layer\": 1, \"kind\": \"norm\", \"position\": \"pre\"}]'"
-                          " --init=copy-final";
-  CmdResult a = RunEellm(add);
-  ASSERT_EQ(a.exit_code, 0) << Describe(add, a);
-  const size_t at = a.output.find("model config: ");
-  ASSERT_NE(at, std::string::npos) << a.output;
-  const size_t begin = at + std::strlen("model config: ");
-  const std::string model = a.output.substr(begin, a.output.find('\n', begin) - begin);
+  const std::string model = AddPreExitAtLayer1("tuned");
+  ASSERT_FALSE(model.empty());
   const std::string args = "train --config=" + Quote(WriteConfig(model, 3)) +
                            " --init-from=" + Quote(Path("tuned")) + " --out=" + Quote(Path("run2"));
   CmdResult t = RunEellm(args);
@@ -278,16 +287,8 @@ TEST_F(CliTest, AddExitsThenTrainFromTheWeights) {
 // train; a model whose exits own no tensor is refused, naming the reason.
 TEST_F(CliTest, FreezeBackboneTrainsTheExitsAlone) {
   ASSERT_FALSE(TrainTinyModel(2).empty());
-  const std::string add = "convert add-exits --input=" + Quote(Path("run")) +
-                          " --output=" + Quote(Path("tuned")) +
-                          " --exits='[{\"layer\": 1, \"kind\": \"norm\", \"position\": \"pre\"}]'"
-                          " --init=copy-final";
-  CmdResult a = RunEellm(add);
-  ASSERT_EQ(a.exit_code, 0) << Describe(add, a);
-  const size_t at = a.output.find("model config: ");
-  ASSERT_NE(at, std::string::npos) << a.output;
-  const size_t begin = at + std::strlen("model config: ");
-  const std::string model = a.output.substr(begin, a.output.find('\n', begin) - begin);
+  const std::string model = AddPreExitAtLayer1("tuned");
+  ASSERT_FALSE(model.empty());
   const std::string args = "train --config=" + Quote(WriteConfig(model, 4)) +
                            " --init-from=" + Quote(Path("tuned")) +
                            " --out=" + Quote(Path("run2")) + " --freeze-backbone";
