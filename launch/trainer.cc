@@ -461,7 +461,7 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     LossReport r = exec.TrainStep(in.data(), tg.data(), w);
     if (opts.print_timeline && step + 1 == tc.steps) {
       Timeline measured = GatherTimeline(exec.last_step_intervals(), *ctx, backend);
-      if (verbose) PrintTimeline(measured, exec.schedule());
+      if (verbose) PrintTimeline(measured, exec.step_schedule());
     }
     if (!emb_chunks.empty() && (emb_chunks.size() > 1 || embedding_group->size() > 1)) {
       // Sum the copies' gradients: this rank's chunks into the first holder, then over the

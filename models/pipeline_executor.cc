@@ -44,6 +44,7 @@ Schedule TrainingSchedule(const std::vector<Model*>& chunks, int stages, int mic
 // its order.
 Schedule ForwardSchedule(const Schedule& training, int stages, int microbatches, int chunks) {
   Schedule fwd = chunks == 1 ? AllForwardAllBackward(stages, microbatches) : training;
+  fwd.name += " forwards";
   for (auto& actions : fwd.per_stage) {
     actions.erase(std::remove_if(actions.begin(), actions.end(),
                                  [](const Action& a) {

@@ -65,6 +65,9 @@ class PipelineExecutor {
   }
 
   const Schedule& schedule() const { return schedule_; }
+  // What TrainStep runs: schedule(), or with a frozen backbone the forwards alone (their
+  // intervals then include the exits' work).
+  const Schedule& step_schedule() const { return frozen_backbone_ ? forward_schedule_ : schedule_; }
   // This stage's compute intervals of the last TrainStep (seconds since the step began).
   const std::vector<BusyInterval>& last_step_intervals() const { return intervals_; }
   // Most (microbatch, chunk) records this rank held at once in any run so far (never more than
