@@ -18,6 +18,7 @@
 #include "models/token_dataset.h"
 #include "models/tokenizer.h"
 #include "models/transformer.h"
+#include "nlohmann/json.hpp"
 #include "parallel/distributed_optimizer.h"
 
 namespace eellm {
@@ -312,6 +313,15 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   int start = 0;
   if (!opts.resume.empty()) {
     ASSIGN_OR_RETURN(CheckpointMeta meta, ReadCheckpointMeta(opts.resume));
+    if (auto it = meta.attrs.find("train_config"); it != meta.attrs.end() && verbose) {
+      // Switching between EE-Tuning and full training on resume is allowed, but said.
+      const nlohmann::json saved = nlohmann::json::parse(it->second, nullptr, false);
+      if (saved.is_object() && saved.value("freeze_backbone", false) != tc.freeze_backbone) {
+        std::fprintf(stderr, "note: %s was trained %s a frozen backbone; this run trains %s\n",
+                     opts.resume.c_str(), tc.freeze_backbone ? "without" : "with",
+                     tc.freeze_backbone ? "the exits alone" : "every parameter");
+      }
+    }
     if (meta.config_json != rc.model_json) {
       return absl::InvalidArgumentError(absl::StrCat(
           "checkpoint ", opts.resume, " was trained with a different model config than this run"));
@@ -459,11 +469,25 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     for (Model* chunk : chunks) chunk->params().ZeroGrads();
     std::vector<float> w = ExitLossWeights(mc, step);
     LossReport r = exec.TrainStep(in.data(), tg.data(), w);
+    if (kv_group) {
+      // Block exits' K/V projections replicated over tensor-parallel ranks: summed here (the
+      // backbone's are summed as their layers finish). They sit above every layer in the
+      // arena, so no data-parallel bucket holding them has started yet.
+      for (Model* chunk : chunks) {
+        ParamStore& ps = chunk->params();
+        for (const ParamInfo& p : ps.params()) {
+          if (p.tp_replicas > 1 && p.trainable && p.name.rfind("exits.", 0) == 0) {
+            kv_group->AllReduce(ps.grads_data() + p.offset, p.numel, ReduceOp::kSum);
+          }
+        }
+      }
+    }
     if (opts.print_timeline && step + 1 == tc.steps) {
       Timeline measured = GatherTimeline(exec.last_step_intervals(), *ctx, backend);
       if (verbose) PrintTimeline(measured, exec.step_schedule());
     }
-    if (!emb_chunks.empty() && (emb_chunks.size() > 1 || embedding_group->size() > 1)) {
+    if (!tc.freeze_backbone && !emb_chunks.empty() &&
+        (emb_chunks.size() > 1 || embedding_group->size() > 1)) {
       // Sum the copies' gradients: this rank's chunks into the first holder, then over the
       // ranks, then back into the other chunks.
       auto grad = [&](int k) { return chunks[k]->params().grad(chunks[k]->word_embedding()); };

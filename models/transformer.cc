@@ -357,8 +357,10 @@ std::pair<double, double> Model::HeadLoss(Workspace& ws, ConstOperand hidden, in
     if (!projected) Project(logits, hidden.At(r0 * h), exit_index, rows);
     cross_entropy(r0, rows, nullptr, backward ? dlogits_chunk : Operand());
     if (backward) {
-      be_->LinearBackward(ws.dhidden + r0 * h, params_.grad(w), nullptr, dlogits_chunk,
-                          hidden.At(r0 * h), params_.param(w), rows, config_.hidden_size, v, false);
+      // A frozen head (EE-Tuning: tied to the word embedding) needs no weight gradient.
+      float* dw = params_.params()[w].trainable ? params_.grad(w) : nullptr;
+      be_->LinearBackward(ws.dhidden + r0 * h, dw, nullptr, dlogits_chunk, hidden.At(r0 * h),
+                          params_.param(w), rows, config_.hidden_size, v, false);
     }
   }
   be_->CopyToHost(ws.host_losses.data(), ws.losses, n * sizeof(float));

@@ -22,9 +22,10 @@
 // (split accumulations, all-reduces) flips the rounding of some elements, and those differences
 // grow through the layers and steps instead of staying at fp32's 1e-7. Its bounds (measured on
 // the tp2 x pp2 x dp2 layouts: losses within 1e-3, gradient norms within 1.4%, 2-35% of the
-// parameters within 1e-6 but 99.3-99.9% within 1e-3, the others up to 2 lr) check that every
+// parameters within 1e-6 but 99.3-99.9% within 1e-3, the others up to 2 lr; 96.5% within 1e-3
+// since the model has a block exit, spread evenly over the backbone's tensors) check that every
 // layout computes the same training, not its rounding: losses within 5e-3 and gradient norms
-// within 5e-2 relative, 97% of the parameters within 1e-3 (a tenth of lr) and all within 3 lr
+// within 5e-2 relative, 95% of the parameters within 1e-3 (a tenth of lr) and all within 3 lr
 // (Adam moves an element by up to about lr per step, 3 steps). Exact resume stays bit-exact.
 #include <unistd.h>
 
@@ -69,7 +70,7 @@ struct LayoutTolerance {
   double loss, grad_norm, param_max, close_bound, close_fraction;
 };
 LayoutTolerance Tolerance(bool tp) {
-  if (LayoutBackend()->operand_dtype() == DType::kBF16) return {5e-3, 5e-2, 3e-2, 1e-3, 0.97};
+  if (LayoutBackend()->operand_dtype() == DType::kBF16) return {5e-3, 5e-2, 3e-2, 1e-3, 0.95};
   // Tensor parallelism also splits every GEMM's accumulation (partial sums all-reduced), so its
   // rounding differs in every layer, not only in the final sums.
   return {1e-5, tp ? 5e-5 : 1e-5, tp ? 3e-4 : 1e-4, 1e-6, 0.99};
@@ -134,7 +135,8 @@ RunConfig TinyRun(const std::string& style, const std::string& data) {
                                                : "4") +
                            R"(, "max_seq_len": 32,
       "exits": [{"layer": 1, "kind": "norm", "tied": true, "loss_weight": 0.5},
-                {"layer": 3, "kind": "mlp", "position": "pre", "loss_weight": 0.3}]},
+                {"layer": 3, "kind": "mlp", "position": "pre", "loss_weight": 0.3},
+                {"layer": 4, "kind": "block", "loss_weight": 0.2}]},
     "train": {"batch_size": 4, "seq_len": 16, "steps": 3, "lr": 0.01, "warmup_steps": 1,
       "eval_batches": 1, "log_interval": 1, "eval_interval": 0, "data": ")" +
                            data + R"("}})";
@@ -290,6 +292,8 @@ TEST_P(TrainLayouts, FrozenBackboneTrainsOnlyTheExitsUnderEveryLayout) {
   const std::string data = DataPrefix(rank);
   RunConfig rc = TinyRun(GetParam(), data);
   rc.train.freeze_backbone = true;
+  // Buckets of 256 elements: many hold frozen tensors alone and are not reduced.
+  rc.train.grad_bucket_size = 256;
   RunResult ref = Train(rc, nullptr, data + "_frozen_ref");
   ASSERT_EQ(ref.losses.size(), 3u);
   if (rank == 0) {
@@ -308,7 +312,7 @@ TEST_P(TrainLayouts, FrozenBackboneTrainsOnlyTheExitsUnderEveryLayout) {
                                     p.numel * sizeof(float)) == 0;
       EXPECT_EQ(same, !own_exit) << p.name << (own_exit ? " did not train" : " is not frozen");
     }
-    EXPECT_GE(exit_tensors, 4);  // exit 0's norm; exit 1's norm, MLP and head
+    EXPECT_GE(exit_tensors, 8);  // exit 0's norm; exit 1's norm, MLP, head; exit 2's block...
   }
   int pid0 = getpid();
   world->Broadcast(&pid0, sizeof(pid0), 0);

@@ -212,6 +212,55 @@ TEST(ModelGrad, TuneExitsGivesTheExitGradientsOfFullTraining) {
   }
 }
 
+// Gradients add up over microbatches: one call on 4 sequences equals four calls on one
+// sequence each (loss scale 1/4) through the same workspace, for every exit kind and both
+// styles. (The pipeline's microbatching relies on it; a buffer that keeps state from the last
+// microbatch breaks it without changing any single call's gradient.)
+TEST(ModelGrad, MicrobatchesAddUp) {
+  for (auto [style, block_layer] : {std::pair{ModelStyle::kGpt, 1},
+                                    {ModelStyle::kLlama, 1},
+                                    {ModelStyle::kGpt, 3},
+                                    {ModelStyle::kLlama, 3}}) {
+    ModelConfig c = testing::ConfigWithExits(style);  // block, MLP and norm exits
+    // The block exit before layer 1 (reading the embeddings), or after layer 3 (with the norm
+    // exit moved before layer 3).
+    if (block_layer == 3) {
+      c.exits[0].layer = 3;
+      c.exits[0].position = ExitPosition::kPost;
+      c.exits[2].position = ExitPosition::kPre;
+      std::swap(c.exits[0], c.exits[2]);
+      std::swap(c.exits[0], c.exits[1]);
+    }
+    auto be = Cpu();
+    auto m = *Model::Create(c, be.get());
+    testing::FillParams(*m, 21);
+    const int b = 4, t = 6;
+    auto ids = testing::RandomTokens(b * t, c.vocab_size, 5);
+    auto tg = testing::RandomTokens(b * t, c.vocab_size, 6);
+    const std::vector<float> w = {0.5f, 0.8f, 1.3f};
+    ParamStore& ps = m->params();
+    auto whole = m->MakeWorkspace(b, t);
+    ps.ZeroGrads();
+    m->ForwardBackward(*whole, ids.data(), tg.data(), nullptr, w, true);
+    const std::vector<float> one(ps.grads_data(), ps.grads_data() + ps.size());
+    auto ws = m->MakeWorkspace(1, t);
+    ps.ZeroGrads();
+    for (int r = 0; r < b; ++r) {
+      m->ForwardBackward(*ws, ids.data() + r * t, tg.data() + r * t, nullptr, w, true, 1.0f / b);
+    }
+    for (const ParamInfo& p : ps.params()) {
+      double max_abs = 0, max_diff = 0;
+      for (size_t k = p.offset; k < p.offset + p.numel; ++k) {
+        max_abs = std::max(max_abs, static_cast<double>(std::fabs(one[k])));
+        max_diff = std::max(max_diff, static_cast<double>(std::fabs(ps.grads_data()[k] - one[k])));
+      }
+      EXPECT_LE(max_diff, 1e-5 * max_abs + 1e-7)
+          << (style == ModelStyle::kGpt ? "gpt " : "llama ") << "block exit at " << block_layer
+          << ": " << p.name;
+    }
+  }
+}
+
 TEST(ExitLossWeights, LinearAndCosineWarmup) {
   ModelConfig c = TinyConfig(ModelStyle::kGpt, 4);
   ExitConfig lin;
