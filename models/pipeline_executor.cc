@@ -58,6 +58,27 @@ Schedule ForwardSchedule(const Schedule& training, int stages, int microbatches,
   return fwd;
 }
 
+// EE-Tuning's schedule: the forwards, each followed by its exit work (ExitHeads) after the
+// activations have been sent, so that a stage's exits do not delay the next stage (on every
+// stage: the last one also takes the final head's loss there).
+Schedule TuneExitsSchedule(const Schedule& forwards) {
+  Schedule s = forwards;
+  s.name += " + exits";
+  for (auto& actions : s.per_stage) {
+    std::vector<Action> out;
+    for (size_t i = 0; i < actions.size(); ++i) {
+      out.push_back(actions[i]);
+      const bool sends = i + 1 < actions.size() && actions[i + 1].type == ActionType::kSendForward;
+      if (actions[i].type == ActionType::kSendForward ||
+          (actions[i].type == ActionType::kForward && !sends)) {
+        out.push_back({ActionType::kExitHeads, actions[i].microbatch, actions[i].chunk});
+      }
+    }
+    actions = std::move(out);
+  }
+  return s;
+}
+
 // For each action of `actions`, whether it is the last one of its (microbatch, chunk) record.
 std::vector<bool> LastOfRecord(const std::vector<Action>& actions) {
   std::vector<bool> last(actions.size(), false);
@@ -102,7 +123,9 @@ PipelineExecutor::PipelineExecutor(std::vector<Model*> chunks, ParallelContext* 
       schedule_rendezvous_(CheckRendezvous(schedule_)),
       forward_schedule_(ForwardSchedule(schedule_, ctx->grid.pp(), microbatches,
                                         static_cast<int>(chunks_.size()))),
-      forward_rendezvous_(CheckRendezvous(forward_schedule_)) {
+      forward_rendezvous_(CheckRendezvous(forward_schedule_)),
+      tune_schedule_(TuneExitsSchedule(forward_schedule_)),
+      tune_rendezvous_(CheckRendezvous(tune_schedule_)) {
   const int v = static_cast<int>(chunks_.size());
   const std::vector<int> peak = PeakPerChunk(schedule_.per_stage[ctx->coord.pp], v);
   const size_t nc = static_cast<size_t>(micro_batch) * seq * chunks_[0]->config().hidden_size;
@@ -247,8 +270,6 @@ LossReport PipelineExecutor::Run(const Schedule& s, const absl::Status& rendezvo
           // Validation: the heads of this chunk right away (no backward pass follows).
           accumulate(model->StageBackward(ws, mb_targets, nullptr, exit_weights, false, nullptr,
                                           loss_scale));
-        } else if (mode == Mode::kTuneExits) {
-          accumulate(model->StageTuneExits(ws, mb_targets, nullptr, exit_weights, loss_scale));
         }
         break;
       case ActionType::kSendForward:
@@ -271,7 +292,9 @@ LossReport PipelineExecutor::Run(const Schedule& s, const absl::Status& rendezvo
         send(slot, model->StageInputGrad(ws), prev, bwd_tag(m, ch));
         break;
       case ActionType::kExitHeads:
-        accumulate(model->StageExitHeads(ws, mb_targets, nullptr, exit_weights, loss_scale));
+        accumulate(mode == Mode::kTuneExits
+                       ? model->StageTuneExits(ws, mb_targets, nullptr, exit_weights, loss_scale)
+                       : model->StageExitHeads(ws, mb_targets, nullptr, exit_weights, loss_scale));
         break;
     }
     if (wait_after_receive) wait_after_run.push_back(&slot);
@@ -303,8 +326,7 @@ LossReport PipelineExecutor::TrainStep(const int32_t* ids, const int32_t* target
                                        absl::Span<const float> exit_weights) {
   ctx_->pp->Barrier();  // a common time origin for the recorded intervals
   if (frozen_backbone_) {
-    return Run(forward_schedule_, forward_rendezvous_, ids, targets, exit_weights,
-               Mode::kTuneExits);
+    return Run(tune_schedule_, tune_rendezvous_, ids, targets, exit_weights, Mode::kTuneExits);
   }
   return Run(schedule_, schedule_rendezvous_, ids, targets, exit_weights, Mode::kTrain);
 }

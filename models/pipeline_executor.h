@@ -51,10 +51,10 @@ class PipelineExecutor {
   // Forward only (validation): same microbatching, no gradients.
   LossReport Evaluate(const int32_t* ids, const int32_t* targets);
 
-  // EE-Tuning: TrainStep then runs the forwards alone (Evaluate's schedule) and each stage's
-  // exits with their backward after each forward (Model::StageTuneExits): only the exits'
-  // parameters get gradients, and no gradient crosses stages. Its losses: every exit's, and the
-  // final head's (no backward); its objective counts the exits alone.
+  // EE-Tuning: TrainStep then runs the forwards alone (Evaluate's schedule), each stage's exits
+  // with their backward after each forward's send (Model::StageTuneExits, as ExitHeads
+  // actions): only the exits' parameters get gradients, and no gradient crosses stages. Its losses:
+  // every exit's, and the final head's (no backward); its objective counts the exits alone.
   void set_frozen_backbone(bool frozen) { frozen_backbone_ = frozen; }
 
   // Called during each chunk's last backward of a step as each of its layers finishes, with the
@@ -65,9 +65,8 @@ class PipelineExecutor {
   }
 
   const Schedule& schedule() const { return schedule_; }
-  // What TrainStep runs: schedule(), or with a frozen backbone the forwards alone (their
-  // intervals then include the exits' work).
-  const Schedule& step_schedule() const { return frozen_backbone_ ? forward_schedule_ : schedule_; }
+  // What TrainStep runs: schedule(), or with a frozen backbone the forwards and exit work.
+  const Schedule& step_schedule() const { return frozen_backbone_ ? tune_schedule_ : schedule_; }
   // This stage's compute intervals of the last TrainStep (seconds since the step began).
   const std::vector<BusyInterval>& last_step_intervals() const { return intervals_; }
   // Most (microbatch, chunk) records this rank held at once in any run so far (never more than
@@ -92,8 +91,10 @@ class PipelineExecutor {
   int micro_batch_, seq_, microbatches_;
   Schedule schedule_;
   absl::Status schedule_rendezvous_;  // CheckRendezvous(schedule_), checked once
-  Schedule forward_schedule_;         // its forwards alone (evaluation, EE-Tuning)
+  Schedule forward_schedule_;         // its forwards alone (evaluation)
   absl::Status forward_rendezvous_;
+  Schedule tune_schedule_;  // EE-Tuning: the forwards, each with its exits after its send
+  absl::Status tune_rendezvous_;
   bool frozen_backbone_ = false;
   std::vector<std::vector<Slot>> slots_;  // [chunk] -> workspaces for records in flight
   std::vector<BusyInterval> intervals_;

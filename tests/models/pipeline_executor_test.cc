@@ -110,6 +110,80 @@ TEST_P(InterleavedExecutor, MatchesWholeModelAndStaysWithinMaxInFlight) {
   EXPECT_LE(exec.peak_in_flight(), MaxInFlight(exec.schedule(), 0));
 }
 
+// EE-Tuning (frozen backbone) through model chunks: each record's exit work comes right after
+// its activations are sent (or after its forward on the last virtual stage), and the losses and
+// the exits' gradients equal the whole model's frozen step; the backbone gets no gradient.
+TEST(InterleavedExecutor, FrozenBackboneSendsBeforeExitWorkAndMatchesWholeModel) {
+  const ModelConfig c = ConfigWithExits();
+  auto be = Cpu();
+  auto ctx = ParallelContext::Single();
+  const int micro = 1, seq = 8, microbatches = 4, chunks = 2;
+  const int n = micro * seq * microbatches;
+  const std::vector<int32_t> ids = RandomTokens(n, c.vocab_size, 3);
+  const std::vector<int32_t> targets = RandomTokens(n, c.vocab_size, 4);
+  const std::vector<float> w = {0.5f, 0.3f};
+  auto whole = Model::Create(c, be.get());
+  ASSERT_TRUE(whole.ok()) << whole.status();
+  (*whole)->InitRandom(9);
+  (*whole)->params().ZeroGrads();
+  PipelineExecutor ref(whole->get(), ctx.get(), micro, seq, microbatches, true);
+  ref.set_frozen_backbone(true);
+  const LossReport want = ref.TrainStep(ids.data(), targets.data(), w);
+
+  std::vector<std::unique_ptr<Model>> models;
+  std::vector<Model*> parts;
+  for (int k = 0; k < chunks; ++k) {
+    auto m = Model::Create(c, be.get(), StageSpec{k, chunks});
+    ASSERT_TRUE(m.ok()) << m.status();
+    (*m)->InitRandom(9);
+    (*m)->params().ZeroGrads();
+    parts.push_back(m->get());
+    models.push_back(std::move(*m));
+  }
+  PipelineExecutor exec(parts, ctx.get(), micro, seq, microbatches, true);
+  exec.set_frozen_backbone(true);
+  const std::vector<Action>& list = exec.step_schedule().per_stage[0];
+  int exit_actions = 0;
+  for (size_t i = 0; i < list.size(); ++i) {
+    EXPECT_NE(list[i].type, ActionType::kBackward);
+    if (list[i].type != ActionType::kExitHeads) continue;
+    ++exit_actions;
+    ASSERT_GT(i, 0u);
+    const ActionType before =
+        list[i].chunk == chunks - 1 ? ActionType::kForward : ActionType::kSendForward;
+    EXPECT_EQ(list[i - 1], (Action{before, list[i].microbatch, list[i].chunk}))
+        << ScheduleString(exec.step_schedule());
+  }
+  EXPECT_EQ(exit_actions, microbatches * chunks);
+  const LossReport got = exec.TrainStep(ids.data(), targets.data(), w);
+  EXPECT_NEAR(got.final_loss, want.final_loss, 1e-5 * want.final_loss);
+  for (size_t i = 0; i < want.exit_losses.size(); ++i) {
+    EXPECT_NEAR(got.exit_losses[i], want.exit_losses[i], 1e-5 * want.exit_losses[i]);
+  }
+  const ParamStore& wp = (*whole)->params();
+  for (Model* m : parts) {
+    for (int j = 0; j < static_cast<int>(m->params().params().size()); ++j) {
+      const ParamInfo& p = m->params().params()[j];
+      const float* g = m->params().grad(j);
+      const float* want_g = wp.grad(wp.Find(p.name));
+      const bool exit_param = p.name.rfind("exits.", 0) == 0;
+      double max_diff = 0, max_abs = 0, max_got = 0;
+      for (size_t e = 0; e < p.numel; ++e) {
+        max_diff = std::max(max_diff, std::fabs(static_cast<double>(g[e]) - want_g[e]));
+        max_abs = std::max(max_abs, std::fabs(static_cast<double>(want_g[e])));
+        max_got = std::max(max_got, std::fabs(static_cast<double>(g[e])));
+      }
+      if (exit_param) {
+        EXPECT_GT(max_abs, 0.0) << p.name;
+        EXPECT_LE(max_diff, 1e-5 * max_abs + 1e-7) << p.name;
+      } else if (j != m->word_embedding()) {
+        EXPECT_EQ(max_got, 0.0) << p.name << ": the backbone got a gradient";
+        EXPECT_EQ(max_abs, 0.0) << p.name << ": the backbone got a gradient (whole model)";
+      }
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Chunks, InterleavedExecutor,
                          ::testing::Combine(::testing::Values(2, 4), ::testing::Bool()));
 
