@@ -367,7 +367,7 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     trainable = 0;
     for (Model* chunk : chunks) {
       for (ParamInfo& p : chunk->params().mutable_params()) {
-        p.trainable = p.name.rfind("exits.", 0) == 0;
+        p.trainable = Model::IsExitTensor(p.name);
         if (p.trainable) trainable += static_cast<int64_t>(p.numel);
       }
     }
@@ -476,7 +476,7 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
       for (Model* chunk : chunks) {
         ParamStore& ps = chunk->params();
         for (const ParamInfo& p : ps.params()) {
-          if (p.tp_replicas > 1 && p.trainable && p.name.rfind("exits.", 0) == 0) {
+          if (p.tp_replicas > 1 && Model::IsExitTensor(p.name)) {
             kv_group->AllReduce(ps.grads_data() + p.offset, p.numel, ReduceOp::kSum);
           }
         }

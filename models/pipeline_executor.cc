@@ -123,9 +123,7 @@ PipelineExecutor::PipelineExecutor(std::vector<Model*> chunks, ParallelContext* 
       schedule_rendezvous_(CheckRendezvous(schedule_)),
       forward_schedule_(ForwardSchedule(schedule_, ctx->grid.pp(), microbatches,
                                         static_cast<int>(chunks_.size()))),
-      forward_rendezvous_(CheckRendezvous(forward_schedule_)),
-      tune_schedule_(TuneExitsSchedule(forward_schedule_)),
-      tune_rendezvous_(CheckRendezvous(tune_schedule_)) {
+      forward_rendezvous_(CheckRendezvous(forward_schedule_)) {
   const int v = static_cast<int>(chunks_.size());
   const std::vector<int> peak = PeakPerChunk(schedule_.per_stage[ctx->coord.pp], v);
   const size_t nc = static_cast<size_t>(micro_batch) * seq * chunks_[0]->config().hidden_size;
@@ -137,6 +135,14 @@ PipelineExecutor::PipelineExecutor(std::vector<Model*> chunks, ParallelContext* 
       slot.grad_in = Buffer(chunks_[c]->backend(), nc * sizeof(float));
       slots_[c].push_back(std::move(slot));
     }
+  }
+}
+
+void PipelineExecutor::set_frozen_backbone(bool frozen) {
+  frozen_backbone_ = frozen;
+  if (frozen && tune_schedule_.per_stage.empty()) {  // built only for runs that use it
+    tune_schedule_ = TuneExitsSchedule(forward_schedule_);
+    tune_rendezvous_ = CheckRendezvous(tune_schedule_);
   }
 }
 
@@ -197,10 +203,6 @@ LossReport PipelineExecutor::Run(const Schedule& s, const absl::Status& rendezvo
       receiving.push_back(pp->IRecv(slot.grad_in.data(), bytes, src, tag));
     }
   };
-  auto is_message = [](ActionType t) {
-    return t == ActionType::kRecvForward || t == ActionType::kSendForward ||
-           t == ActionType::kRecvBackward || t == ActionType::kSendBackward;
-  };
   LossReport total;
   total.exit_losses.assign(c.exits.size(), 0.0);
   auto accumulate = [&](const LossReport& r) {
@@ -246,8 +248,7 @@ LossReport PipelineExecutor::Run(const Schedule& s, const absl::Status& rendezvo
       EE_CHECK(pick >= 0, "no free workspace for microbatch ", m, " chunk ", ch);
       next_slot[ch] = (pick + 1) % n;
       pool[pick].busy = true;
-      wait_after_receive =
-          a.type == ActionType::kRecvForward || a.type == ActionType::kRecvBackward;
+      wait_after_receive = IsRecv(a.type);
       if (!wait_after_receive) WaitSlot(pool[pick]);
       found = slot_of.emplace(std::make_pair(m, ch), pick).first;
       ++held;
@@ -299,14 +300,13 @@ LossReport PipelineExecutor::Run(const Schedule& s, const absl::Status& rendezvo
     }
     if (wait_after_receive) wait_after_run.push_back(&slot);
     if (PostAfter(actions, ai, stages)) pp->PostHeld();
-    if (ai + 1 == actions.size() || !is_message(actions[ai + 1].type)) {
+    if (ai + 1 == actions.size() || !IsMessage(actions[ai + 1].type)) {
       for (auto& r : receiving) r->Wait();
       receiving.clear();
       for (Slot* waited : wait_after_run) WaitSlot(*waited);
       wait_after_run.clear();
     }
-    if (a.type == ActionType::kForward || a.type == ActionType::kBackward ||
-        a.type == ActionType::kExitHeads) {
+    if (IsCompute(a.type)) {
       intervals_.push_back(BusyInterval{start, since(), a});
     }
     if (last_of_record[ai]) {

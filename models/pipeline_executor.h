@@ -55,7 +55,7 @@ class PipelineExecutor {
   // with their backward after each forward's send (Model::StageTuneExits, as ExitHeads
   // actions): only the exits' parameters get gradients, and no gradient crosses stages. Its losses:
   // every exit's, and the final head's (no backward); its objective counts the exits alone.
-  void set_frozen_backbone(bool frozen) { frozen_backbone_ = frozen; }
+  void set_frozen_backbone(bool frozen);
 
   // Called during each chunk's last backward of a step as each of its layers finishes, with the
   // chunk index and the arena range of the layer's (now final) gradients; see
@@ -94,6 +94,7 @@ class PipelineExecutor {
   Schedule forward_schedule_;         // its forwards alone (evaluation)
   absl::Status forward_rendezvous_;
   Schedule tune_schedule_;  // EE-Tuning: the forwards, each with its exits after its send
+                            // (built by set_frozen_backbone)
   absl::Status tune_rendezvous_;
   bool frozen_backbone_ = false;
   std::vector<std::vector<Slot>> slots_;  // [chunk] -> workspaces for records in flight

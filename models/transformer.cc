@@ -10,6 +10,10 @@
 
 namespace eellm {
 
+namespace {
+constexpr char kExitPrefix[] = "exits.";  // exit heads' tensors: exits.<i>.*
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config, Backend* be,
                                                      StageSpec stage, TpSpec tp) {
   if (stage.stages < 1 || stage.stage < 0 || stage.stage >= stage.stages ||
@@ -81,7 +85,7 @@ void Model::DeclareParams() {
   for (size_t i = 0; i < c.exits.size(); ++i) {
     if (!ExitIsLocal(i)) continue;
     const ExitConfig& x = c.exits[i];
-    const std::string prefix = absl::StrCat("exits.", i, ".");
+    const std::string prefix = absl::StrCat(kExitPrefix, i, ".");
     ExitHeadParams& p = exits_[i];
     if (x.kind == ExitKind::kMlp) p.mlp = AddMlpParams(params_, l, prefix);
     if (x.kind == ExitKind::kBlock) p.block = AddBlockParams(params_, l, prefix + "block.");
@@ -540,6 +544,8 @@ LossReport Model::StageExitHeads(Workspace& ws, const int32_t* targets, const fl
   ws.exits_done = true;
   return r;
 }
+
+bool Model::IsExitTensor(const std::string& name) { return name.rfind(kExitPrefix, 0) == 0; }
 
 LossReport Model::StageTuneExits(Workspace& ws, const int32_t* targets, const float* mask,
                                  absl::Span<const float> exit_weights, float loss_scale) {

@@ -138,6 +138,9 @@ class Model {
   bool is_last_stage() const { return end_layer_ == config_.num_layers; }
   bool ExitIsLocal(int i) const;
   // Whether pipeline stage `stage` holds a copy of the word embedding.
+  // Whether a tensor name is one of an exit head's own tensors ("exits.<i>.*"; a head tied to
+  // the word embedding has none): what EE-Tuning trains.
+  static bool IsExitTensor(const std::string& name);
   static bool StageHasWordEmbedding(const ModelConfig& c, StageSpec stage);
   // Index of the word embedding in params(), or -1 when this stage holds none.
   int word_embedding() const { return word_emb_; }

@@ -20,10 +20,6 @@ struct Item {
   int chunk;
 };
 
-bool IsCompute(ActionType t) {
-  return t == ActionType::kForward || t == ActionType::kBackward || t == ActionType::kExitHeads;
-}
-
 // One stage's action list: `warmup` forwards, then one forward and one backward at a time, then
 // the remaining backwards; each compute wrapped in the receive before and the send after it.
 std::vector<Action> BuildStage(int stages, int chunks, int stage, const std::vector<Item>& fwd,
@@ -64,6 +60,17 @@ void CheckSizes(int stages, int microbatches) {
 }
 
 }  // namespace
+
+bool IsCompute(ActionType t) {
+  return t == ActionType::kForward || t == ActionType::kBackward || t == ActionType::kExitHeads;
+}
+bool IsSend(ActionType t) {
+  return t == ActionType::kSendForward || t == ActionType::kSendBackward;
+}
+bool IsRecv(ActionType t) {
+  return t == ActionType::kRecvForward || t == ActionType::kRecvBackward;
+}
+bool IsMessage(ActionType t) { return IsSend(t) || IsRecv(t); }
 
 const char* ActionTypeName(ActionType t) {
   switch (t) {
@@ -206,7 +213,7 @@ Schedule BatchExchanges(const Schedule& s) {
         recv_of[i] = std::move(pending_recv);
         pending_recv.clear();
         last_compute = i;
-      } else if (t == ActionType::kRecvForward || t == ActionType::kRecvBackward) {
+      } else if (IsRecv(t)) {
         pending_recv.push_back(list[i]);
       } else {
         send_of[last_compute].push_back(list[i]);

@@ -58,6 +58,12 @@ struct Schedule {
   std::string name;                            // "AFAB", "1F1B", "interleaved-1F1B"
 };
 
+// Kinds of action: compute (Forward, Backward, ExitHeads), send, receive; a message is either.
+bool IsCompute(ActionType t);
+bool IsSend(ActionType t);
+bool IsRecv(ActionType t);
+bool IsMessage(ActionType t);
+
 // "F", "B", "E", "RF", "SF", "RB", "SB".
 const char* ActionTypeName(ActionType t);
 // e.g. "F(3,c1)"; the chunk is omitted when it is 0.

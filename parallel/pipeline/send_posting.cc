@@ -11,14 +11,6 @@
 namespace eellm {
 namespace {
 
-bool IsSend(ActionType t) {
-  return t == ActionType::kSendForward || t == ActionType::kSendBackward;
-}
-bool IsRecv(ActionType t) {
-  return t == ActionType::kRecvForward || t == ActionType::kRecvBackward;
-}
-bool IsMessage(ActionType t) { return IsSend(t) || IsRecv(t); }
-
 // One message operation of a stage: which message (direction, microbatch, sender's virtual
 // stage), the peer stage, whether this side sends it, and its place among this stage's sends to
 // (or receives from) that peer: NCCL has no tags and pairs a pair of ranks' messages in order.
@@ -95,7 +87,7 @@ absl::Status CheckRendezvous(const Schedule& s, const PostRule& rule) {
         const size_t i = x.pos++;
         progress = true;
         const Action& a = actions[i];
-        if (!IsSend(a.type) && !IsRecv(a.type)) continue;
+        if (!IsMessage(a.type)) continue;
         Op op = MakeOp(a, r, stages);
         op.seq = x.posted[{op.peer, op.send}]++;
         x.held.push_back(std::move(op));

@@ -226,18 +226,34 @@ void ExpectLayoutsMatch(const RunConfig& rc, const RunResult& ref,
   }
 }
 
+// ExpectLayoutsMatch with the layouts' checkpoints in directories every rank shares (rank 0's
+// process id and `label` name them); at least one layout must fit the world, and the
+// directories are removed afterwards.
+void ExpectLayoutsMatchInSharedDirs(Communicator& world, const RunConfig& rc, const RunResult& ref,
+                                    const std::vector<Layout>& layouts, const std::string& label,
+                                    const std::string& style) {
+  int pid0 = getpid();
+  world.Broadcast(&pid0, sizeof(pid0), 0);
+  const std::string shared_out = "/tmp/eellm_" + label + "_" + std::to_string(pid0) + "_run";
+  int tested = 0;
+  ExpectLayoutsMatch(rc, ref, layouts, world.size(), shared_out, style, &tested);
+  EXPECT_GT(tested, 0);
+  world.Barrier();
+  if (world.rank() == 0) {
+    std::error_code ec;
+    for (int i = 1; i <= tested; ++i)
+      std::filesystem::remove_all(shared_out + std::to_string(i), ec);
+  }
+}
+
 class TrainLayouts : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(TrainLayouts, EveryLayoutMatchesSingleRank) {
   auto world = MpiCommunicator::World(nullptr);
-  const int n = world->size(), rank = world->rank();
+  const int rank = world->rank();
   const std::string data = DataPrefix(rank);
   RunConfig rc = TinyRun(GetParam(), data);
   RunResult ref = Train(rc, nullptr, data + "_ref");
-  // Checkpoints of parallel runs go to one directory all ranks share (rank 0's).
-  int pid0 = getpid();
-  world->Broadcast(&pid0, sizeof(pid0), 0);
-  const std::string shared_out = "/tmp/eellm_layouts_" + std::to_string(pid0) + "_run";
   ASSERT_EQ(ref.losses.size(), 3u);
   EXPECT_GT(ref.losses[0][0], ref.losses[2][0]);  // it trains
   const std::vector<Layout> layouts = {
@@ -270,17 +286,9 @@ TEST_P(TrainLayouts, EveryLayoutMatchesSingleRank) {
       {1, 2, 2, true, 1, false, 2},
       {1, 4, 1, false, 1, false, 2},
   };
-  int tested = 0;
-  ExpectLayoutsMatch(rc, ref, layouts, n, shared_out, GetParam(), &tested);
-  EXPECT_GT(tested, 0);
-  world->Barrier();
+  ExpectLayoutsMatchInSharedDirs(*world, rc, ref, layouts, "layouts", GetParam());
   std::error_code ec;
   std::filesystem::remove_all(std::filesystem::path(data).parent_path(), ec);
-  if (rank == 0) {
-    for (int i = 1; i <= tested; ++i) {
-      std::filesystem::remove_all(shared_out + std::to_string(i), ec);
-    }
-  }
 }
 
 // EE-Tuning (freeze_backbone): the single-rank run changes every exit tensor of its own and
@@ -288,7 +296,7 @@ TEST_P(TrainLayouts, EveryLayoutMatchesSingleRank) {
 // word embedding and stays frozen too); the parallel layouts, interleaved included, match it.
 TEST_P(TrainLayouts, FrozenBackboneTrainsOnlyTheExitsUnderEveryLayout) {
   auto world = MpiCommunicator::World(nullptr);
-  const int n = world->size(), rank = world->rank();
+  const int rank = world->rank();
   const std::string data = DataPrefix(rank);
   RunConfig rc = TinyRun(GetParam(), data);
   rc.train.freeze_backbone = true;
@@ -306,7 +314,7 @@ TEST_P(TrainLayouts, FrozenBackboneTrainsOnlyTheExitsUnderEveryLayout) {
     ASSERT_EQ(ref.params.size(), start.size());
     int exit_tensors = 0;
     for (const ParamInfo& p : ps.params()) {
-      const bool own_exit = p.name.rfind("exits.", 0) == 0;
+      const bool own_exit = Model::IsExitTensor(p.name);
       exit_tensors += own_exit;
       const bool same = std::memcmp(ref.params.data() + p.offset, start.data() + p.offset,
                                     p.numel * sizeof(float)) == 0;
@@ -314,24 +322,14 @@ TEST_P(TrainLayouts, FrozenBackboneTrainsOnlyTheExitsUnderEveryLayout) {
     }
     EXPECT_GE(exit_tensors, 8);  // exit 0's norm; exit 1's norm, MLP, head; exit 2's block...
   }
-  int pid0 = getpid();
-  world->Broadcast(&pid0, sizeof(pid0), 0);
-  const std::string shared_out = "/tmp/eellm_frozen_" + std::to_string(pid0) + "_run";
   const std::vector<Layout> layouts = {
       {1, 1, 1, false, 1}, {1, 2, 1, false, 1},           {1, 1, 2, false, 0},
       {2, 1, 1, false, 1}, {1, 2, 1, false, 1, false, 2}, {1, 2, 2, true, 1},
       {2, 2, 1, false, 1}, {1, 4, 1, false, 1},           {2, 2, 2, true, 1},
       {1, 4, 2, false, 1}};
-  int tested = 0;
-  ExpectLayoutsMatch(rc, ref, layouts, n, shared_out, GetParam() + " frozen", &tested);
-  EXPECT_GT(tested, 0);
-  world->Barrier();
+  ExpectLayoutsMatchInSharedDirs(*world, rc, ref, layouts, "frozen", GetParam() + " frozen");
   std::error_code ec;
   std::filesystem::remove_all(std::filesystem::path(data).parent_path(), ec);
-  if (rank == 0) {
-    for (int i = 1; i <= tested; ++i)
-      std::filesystem::remove_all(shared_out + std::to_string(i), ec);
-  }
 }
 
 // Exact resume: 3 steps without a stop equal 2 steps, a save, and 1 resumed step, bit for bit

@@ -193,7 +193,7 @@ TEST(ModelGrad, TuneExitsGivesTheExitGradientsOfFullTraining) {
     int exit_tensors = 0;
     for (int i = 0; i < static_cast<int>(ps.params().size()); ++i) {
       const ParamInfo& p = ps.params()[i];
-      const bool exit_param = p.name.rfind("exits.", 0) == 0;
+      const bool exit_param = Model::IsExitTensor(p.name);
       double max_abs = 0, max_diff = 0;
       for (size_t k = 0; k < p.numel; ++k) {
         max_abs = std::max(max_abs, static_cast<double>(std::fabs(full_grads[i][k])));

@@ -36,6 +36,25 @@ ModelConfig ConfigWithExits() {
   return c;
 }
 
+// The model as `chunks` chunks (chunk k: virtual stage k of a one-rank pipeline; 1: the whole
+// model), initialised from `seed`, gradients zeroed; `parts` gets their pointers (empty after a
+// failure).
+std::vector<std::unique_ptr<Model>> MakeChunks(const ModelConfig& c, Backend* be, int chunks,
+                                               uint64_t seed, std::vector<Model*>* parts) {
+  std::vector<std::unique_ptr<Model>> models;
+  parts->clear();
+  for (int k = 0; k < chunks; ++k) {
+    auto m = Model::Create(c, be, StageSpec{k, chunks});
+    EXPECT_TRUE(m.ok()) << m.status();
+    if (!m.ok()) return {};
+    (*m)->InitRandom(seed);
+    (*m)->params().ZeroGrads();
+    parts->push_back(m->get());
+    models.push_back(std::move(*m));
+  }
+  return models;
+}
+
 class InterleavedExecutor : public ::testing::TestWithParam<std::tuple<int, bool>> {};
 
 TEST_P(InterleavedExecutor, MatchesWholeModelAndStaysWithinMaxInFlight) {
@@ -49,24 +68,16 @@ TEST_P(InterleavedExecutor, MatchesWholeModelAndStaysWithinMaxInFlight) {
   const std::vector<int32_t> targets = RandomTokens(n, c.vocab_size, 2);
   const std::vector<float> w = {0.5f, 0.3f};
 
-  auto whole = Model::Create(c, be.get());
-  ASSERT_TRUE(whole.ok()) << whole.status();
-  (*whole)->InitRandom(7);
-  (*whole)->params().ZeroGrads();
-  PipelineExecutor ref(whole->get(), ctx.get(), micro, seq, microbatches, place_exits);
+  std::vector<Model*> one;
+  auto whole = MakeChunks(c, be.get(), 1, 7, &one);
+  ASSERT_EQ(one.size(), 1u);
+  PipelineExecutor ref(one[0], ctx.get(), micro, seq, microbatches, place_exits);
   const LossReport want = ref.TrainStep(ids.data(), targets.data(), w);
   const LossReport want_eval = ref.Evaluate(ids.data(), targets.data());
 
-  std::vector<std::unique_ptr<Model>> models;
   std::vector<Model*> parts;
-  for (int k = 0; k < chunks; ++k) {
-    auto m = Model::Create(c, be.get(), StageSpec{k, chunks});
-    ASSERT_TRUE(m.ok()) << m.status();
-    (*m)->InitRandom(7);
-    (*m)->params().ZeroGrads();
-    parts.push_back(m->get());
-    models.push_back(std::move(*m));
-  }
+  auto models = MakeChunks(c, be.get(), chunks, 7, &parts);
+  ASSERT_EQ(parts.size(), static_cast<size_t>(chunks));
   PipelineExecutor exec(parts, ctx.get(), micro, seq, microbatches, place_exits);
   EXPECT_EQ(exec.schedule().chunks, chunks);
   const LossReport got = exec.TrainStep(ids.data(), targets.data(), w);
@@ -80,7 +91,7 @@ TEST_P(InterleavedExecutor, MatchesWholeModelAndStaysWithinMaxInFlight) {
 
   // Gradients by tensor name; the word embedding's copies (first chunk, tied exit and tied final
   // head) are summed.
-  const ParamStore& wp = (*whole)->params();
+  const ParamStore& wp = one[0]->params();
   for (int i = 0; i < static_cast<int>(wp.params().size()); ++i) {
     const ParamInfo& p = wp.params()[i];
     std::vector<double> sum(p.numel, 0.0);
@@ -122,24 +133,16 @@ TEST(InterleavedExecutor, FrozenBackboneSendsBeforeExitWorkAndMatchesWholeModel)
   const std::vector<int32_t> ids = RandomTokens(n, c.vocab_size, 3);
   const std::vector<int32_t> targets = RandomTokens(n, c.vocab_size, 4);
   const std::vector<float> w = {0.5f, 0.3f};
-  auto whole = Model::Create(c, be.get());
-  ASSERT_TRUE(whole.ok()) << whole.status();
-  (*whole)->InitRandom(9);
-  (*whole)->params().ZeroGrads();
-  PipelineExecutor ref(whole->get(), ctx.get(), micro, seq, microbatches, true);
+  std::vector<Model*> one;
+  auto whole = MakeChunks(c, be.get(), 1, 9, &one);
+  ASSERT_EQ(one.size(), 1u);
+  PipelineExecutor ref(one[0], ctx.get(), micro, seq, microbatches, true);
   ref.set_frozen_backbone(true);
   const LossReport want = ref.TrainStep(ids.data(), targets.data(), w);
 
-  std::vector<std::unique_ptr<Model>> models;
   std::vector<Model*> parts;
-  for (int k = 0; k < chunks; ++k) {
-    auto m = Model::Create(c, be.get(), StageSpec{k, chunks});
-    ASSERT_TRUE(m.ok()) << m.status();
-    (*m)->InitRandom(9);
-    (*m)->params().ZeroGrads();
-    parts.push_back(m->get());
-    models.push_back(std::move(*m));
-  }
+  auto models = MakeChunks(c, be.get(), chunks, 9, &parts);
+  ASSERT_EQ(parts.size(), static_cast<size_t>(chunks));
   PipelineExecutor exec(parts, ctx.get(), micro, seq, microbatches, true);
   exec.set_frozen_backbone(true);
   const std::vector<Action>& list = exec.step_schedule().per_stage[0];
@@ -160,13 +163,13 @@ TEST(InterleavedExecutor, FrozenBackboneSendsBeforeExitWorkAndMatchesWholeModel)
   for (size_t i = 0; i < want.exit_losses.size(); ++i) {
     EXPECT_NEAR(got.exit_losses[i], want.exit_losses[i], 1e-5 * want.exit_losses[i]);
   }
-  const ParamStore& wp = (*whole)->params();
+  const ParamStore& wp = one[0]->params();
   for (Model* m : parts) {
     for (int j = 0; j < static_cast<int>(m->params().params().size()); ++j) {
       const ParamInfo& p = m->params().params()[j];
       const float* g = m->params().grad(j);
       const float* want_g = wp.grad(wp.Find(p.name));
-      const bool exit_param = p.name.rfind("exits.", 0) == 0;
+      const bool exit_param = Model::IsExitTensor(p.name);
       double max_diff = 0, max_abs = 0, max_got = 0;
       for (size_t e = 0; e < p.numel; ++e) {
         max_diff = std::max(max_diff, std::fabs(static_cast<double>(g[e]) - want_g[e]));

@@ -13,6 +13,9 @@ namespace {
 
 Action A(ActionType t, int m, int c = 0) { return {t, m, c}; }
 
+// The communicator's grouping alone: every send held to the stage's next receive.
+bool PostAtReceivesOnly(const std::vector<Action>& a, size_t i, int) { return IsRecv(a[i].type); }
+
 TEST(SendPosting, PostsRunsWithAReceiveAndSendsWhenTheNextMessageIsASendOrNone) {
   using T = ActionType;
   // Stage 0 of 1F1B with 3 stages: two warm-up forwards, then one forward and backward.
@@ -97,9 +100,6 @@ TEST(SendPosting, OneFOneBAndAfabNeverDeadlock) {
 // (BatchExchanges, the executor's order on NCCL) it always fits. Exit heads in the bubbles change
 // nothing (they send nothing).
 TEST(SendPosting, InterleavedFitsWithBatchedExchanges) {
-  const PostRule at_receives = [](const std::vector<Action>& a, size_t i, int) {
-    return a[i].type == ActionType::kRecvForward || a[i].type == ActionType::kRecvBackward;
-  };
   int batched_checked = 0;
   for (int stages = 2; stages <= 8; ++stages) {
     for (int chunks = 2; chunks <= 4; ++chunks) {
@@ -112,7 +112,8 @@ TEST(SendPosting, InterleavedFitsWithBatchedExchanges) {
         ASSERT_TRUE(ValidateSchedule(*s).ok());
         for (const Schedule& t : {*s, PlaceExitHeads(*s, exits)}) {
           EXPECT_EQ(CheckRendezvous(t).ok(), fits) << stages << " stages, " << micro;
-          EXPECT_EQ(CheckRendezvous(t, at_receives).ok(), fits) << stages << " stages, " << micro;
+          EXPECT_EQ(CheckRendezvous(t, PostAtReceivesOnly).ok(), fits)
+              << stages << " stages, " << micro;
           const Schedule b = BatchExchanges(t);
           const absl::Status valid = ValidateSchedule(b);
           EXPECT_TRUE(valid.ok()) << valid.message();
@@ -140,10 +141,7 @@ TEST(SendPosting, UngroupedSendsDeadlockTheSteadyState) {
   EXPECT_FALSE(st.ok());
   EXPECT_NE(st.message().find("deadlocks"), std::string::npos) << st.message();
   EXPECT_NE(st.message().find("stage 1 waits in"), std::string::npos) << st.message();
-  const PostRule at_receives = [](const std::vector<Action>& a, size_t i, int) {
-    return a[i].type == ActionType::kRecvForward || a[i].type == ActionType::kRecvBackward;
-  };
-  EXPECT_TRUE(CheckRendezvous(s, at_receives).ok());
+  EXPECT_TRUE(CheckRendezvous(s, PostAtReceivesOnly).ok());
   // Messages between two ranks pair in order (NCCL has no tags): receiving them in another
   // order than they were sent is named.
   Schedule swapped;
@@ -153,7 +151,7 @@ TEST(SendPosting, UngroupedSendsDeadlockTheSteadyState) {
   swapped.per_stage = {
       {A(T::kForward, 0), A(T::kSendForward, 0), A(T::kForward, 1), A(T::kSendForward, 1)},
       {A(T::kRecvForward, 1), A(T::kForward, 1), A(T::kRecvForward, 0), A(T::kForward, 0)}};
-  const absl::Status order = CheckRendezvous(swapped, at_receives);
+  const absl::Status order = CheckRendezvous(swapped, PostAtReceivesOnly);
   EXPECT_FALSE(order.ok());
   EXPECT_NE(order.message().find("pair in order"), std::string::npos) << order.message();
 }
