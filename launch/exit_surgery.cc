@@ -302,7 +302,7 @@ absl::StatusOr<std::vector<float>> HeadLogits(Model& m, absl::Span<const int32_t
     } else {
       in = x.depth() == 0 ? ws->x0 : ws->layers[x.depth() - 1].out;
     }
-    hidden = m.ExitHidden(exit_index, ws->exits[exit_index], in, ws->pos, 1, t, nullptr, 0);
+    hidden = m.ExitHidden(exit_index, ws->exits[exit_index], in, ws->pos, 1, t, nullptr);
   }
   std::vector<float> logits(static_cast<size_t>(t) * c.vocab_size);
   Buffer device_logits(m.backend(), logits.size() * sizeof(float));  // all rows at once

@@ -8,6 +8,18 @@
 
 namespace eellm {
 
+const char* FinishReasonName(FinishReason r) {
+  switch (r) {
+    case FinishReason::kLength:
+      return "length";
+    case FinishReason::kEos:
+      return "eos";
+    case FinishReason::kStop:
+      return "stop";
+  }
+  return "?";
+}
+
 double GenerationResult::AverageLayers() const {
   if (depth.empty()) return 0;
   double s = 0;
@@ -20,40 +32,61 @@ double GenerationResult::DecodeTokensPerSecond() const {
   return decode_seconds > 0 ? (tokens.size() > 1 ? tokens.size() - 1 : 0) / decode_seconds : 0;
 }
 
-Generator::Generator(Model* model, int capacity)
-    : model_(model), be_(model->backend()), capacity_(capacity), arena_(model->backend()) {
+Generator::Generator(Model* model, int capacity, int max_sequences)
+    : model_(model),
+      be_(model->backend()),
+      capacity_(capacity),
+      row_budget_(std::max(capacity, 4 * max_sequences)),
+      arena_(model->backend()) {
   EE_CHECK(model->tp().size == 1, "generation with tensor parallelism is not supported yet");
+  EE_CHECK(capacity > 0 && max_sequences > 0, "bad generator size: capacity ", capacity,
+           ", max_sequences ", max_sequences);
   const ModelConfig& c = model->config();
+  const size_t ch = c.hidden_size;
   const size_t kv_elems = static_cast<size_t>(capacity) * c.num_kv_heads * c.head_dim();
-  for (int l = 0; l < c.num_layers; ++l) {
-    kv_.push_back(KvLayer{arena_.Operands(kv_elems), arena_.Operands(kv_elems), capacity});
+  seqs_.resize(max_sequences);
+  for (Sequence& q : seqs_) {
+    for (int l = 0; l < c.num_layers; ++l) {
+      q.kv.push_back(KvLayer{arena_.Operands(kv_elems), arena_.Operands(kv_elems), capacity});
+    }
+    for (const ExitConfig& x : c.exits) {
+      KvLayer kv;
+      if (x.kind == ExitKind::kBlock) {
+        kv = KvLayer{arena_.Operands(kv_elems), arena_.Operands(kv_elems), capacity};
+      }
+      q.exit_kv.push_back(kv);
+    }
+    q.frontier = arena_.Floats(capacity * ch);
+    q.ids = arena_.Ints(capacity);
+    q.depth.assign(capacity, 0);
   }
   for (size_t i = 0; i < c.exits.size(); ++i) {
-    KvLayer kv;
-    if (c.exits[i].kind == ExitKind::kBlock) {
-      kv = KvLayer{arena_.Operands(kv_elems), arena_.Operands(kv_elems), capacity};
-    }
-    exit_kv_.push_back(kv);
-    exit_acts_.push_back(model->MakeExitActs(arena_, i, capacity, /*training=*/false));
+    exit_acts_.push_back(model->MakeExitActs(arena_, i, row_budget_, /*training=*/false));
   }
-  acts_ = MakeBlockActs(arena_, c, capacity, /*training=*/false);
-  final_norm_ = MakeNormActs(arena_, 1, c.hidden_size);
-  hidden_ = arena_.Floats(static_cast<size_t>(capacity) * c.hidden_size);
-  frontier_ = arena_.Floats(static_cast<size_t>(capacity) * c.hidden_size);
-  logits_ = arena_.Floats(c.vocab_size);
-  ids_ = arena_.Ints(capacity);
+  acts_ = MakeBlockActs(arena_, c, row_budget_, /*training=*/false);
+  final_norm_ = MakeNormActs(arena_, max_sequences, c.hidden_size);
+  work_ = arena_.Floats(row_budget_ * ch);
+  packed_ = arena_.Floats(row_budget_ * ch);
+  newest_ = arena_.Floats(max_sequences * ch);
+  newest_ops_ = arena_.Operands(max_sequences * ch);
+  logits_ = arena_.Floats(static_cast<size_t>(max_sequences) * c.vocab_size);
   pos_ = arena_.Ints(capacity);
+  packed_pos_ = arena_.Ints(row_budget_);
   std::vector<int32_t> pos(capacity);
   for (int i = 0; i < capacity; ++i) pos[i] = i;
   be_->CopyFromHost(pos_, pos.data(), capacity * sizeof(int32_t));
-  depth_.assign(capacity, 0);
 }
 
 void Generator::Reset() {
-  len_ = 0;
-  pending_start_ = 0;
-  std::fill(depth_.begin(), depth_.end(), 0);
+  for (Sequence& q : seqs_) {
+    q.len = q.pending_start = 0;
+    std::fill(q.depth.begin(), q.depth.end(), 0);
+  }
 }
+
+int Generator::length(int seq) const { return seqs_.at(seq).len; }
+int Generator::pending_start(int seq) const { return seqs_.at(seq).pending_start; }
+const KvLayer& Generator::kv(int layer, int seq) const { return seqs_.at(seq).kv.at(layer); }
 
 bool Generator::ExitAllowed(int i, const EarlyExitParams& ee) const {
   if (ee.exit_layers.empty()) return true;
@@ -61,93 +94,348 @@ bool Generator::ExitAllowed(int i, const EarlyExitParams& ee) const {
   return std::find(ee.exit_layers.begin(), ee.exit_layers.end(), layer) != ee.exit_layers.end();
 }
 
+std::vector<StepResult> Generator::StepBatch(const std::vector<std::vector<int32_t>>& ids,
+                                             const std::vector<EarlyExitParams>& ee) {
+  EE_CHECK(ids.size() <= seqs_.size() && ee.size() == ids.size(), "StepBatch: ", ids.size(),
+           " sequences, ", ee.size(), " exit settings, room for ", seqs_.size());
+  std::vector<StepResult> out(ids.size());
+  std::vector<Item> items;
+  for (size_t s = 0; s < ids.size(); ++s) {
+    if (ids[s].empty()) continue;
+    Sequence& q = seqs_[s];
+    const int n = static_cast<int>(ids[s].size());
+    EE_CHECK(q.len + n <= capacity_, "generator capacity ", capacity_, " exceeded");
+    be_->CopyFromHost(q.ids + q.len, ids[s].data(), n * sizeof(int32_t));
+    q.checks_exits = ee[s].threshold < 1.0f;
+    Item it;
+    it.seq = static_cast<int>(s);
+    it.n_new = n;
+    it.ee = q.checks_exits ? &ee[s] : nullptr;
+    it.out = &out[s];
+    items.push_back(it);
+  }
+  Forward(items);
+  return out;
+}
+
 StepResult Generator::Step(const std::vector<int32_t>& ids, const EarlyExitParams& ee) {
-  EE_CHECK(!ids.empty() && len_ + static_cast<int>(ids.size()) <= capacity_, "generator capacity ",
-           capacity_, " exceeded");
-  be_->CopyFromHost(ids_ + len_, ids.data(), ids.size() * sizeof(int32_t));
-  fill_exit_kv_ = ee.threshold < 1.0f;
-  return Forward(static_cast<int>(ids.size()), &ee);
+  return StepBatch({ids}, {ee})[0];
 }
 
 void Generator::FinishPending() {
-  if (pending_start_ < len_) Forward(0, nullptr);
-}
-
-bool Generator::TryExit(int i, const float* in_rows, int m, int rows, const EarlyExitParams* ee,
-                        StepResult* out) {
-  const ModelConfig& c = model_->config();
-  const ExitConfig& x = c.exits[i];
-  const size_t ch = c.hidden_size;
-  const bool check = ee != nullptr && ExitAllowed(i, *ee);
-  ConstOperand last;
-  if (x.kind == ExitKind::kBlock) {
-    if (!fill_exit_kv_) return false;
-    // The exit's own block needs K/V for every row that reaches its depth.
-    const ConstOperand h =
-        model_->ExitHidden(i, exit_acts_[i], in_rows, pos_ + m, 1, rows, &exit_kv_[i], m);
-    last = h.At((rows - 1) * ch);
-  } else if (check) {
-    const float* in_last =
-        (x.kind == ExitKind::kMlp && x.position == ExitPosition::kPost ? acts_.h_attn : in_rows) +
-        (rows - 1) * ch;
-    last = model_->ExitHidden(i, exit_acts_[i], in_last, pos_ + m + rows - 1, 1, 1, nullptr, 0);
+  std::vector<Item> items;
+  std::vector<StepResult> unused(seqs_.size());
+  for (size_t s = 0; s < seqs_.size(); ++s) {
+    if (seqs_[s].pending_start == seqs_[s].len) continue;
+    Item it;
+    it.seq = static_cast<int>(s);
+    it.out = &unused[s];
+    items.push_back(it);
   }
-  if (!check) return false;
-  model_->Project(logits_, last, i, 1);
-  out->logits.resize(c.vocab_size);
-  be_->CopyToHost(out->logits.data(), logits_, c.vocab_size * sizeof(float));
-  if (MaxProbability(out->logits.data(), c.vocab_size, x.temperature) < ee->threshold) return false;
-  out->exit_index = i;
-  out->temperature = x.temperature;
-  return true;
+  Forward(items);
 }
 
-StepResult Generator::Forward(int n_new, const EarlyExitParams* ee) {
-  const ModelConfig& c = model_->config();
-  const size_t ch = c.hidden_size;
-  const int s = pending_start_, old_len = len_, end = len_ + n_new;
-  const bool checks = ee != nullptr && ee->threshold < 1.0f && n_new > 0;
-  const EarlyExitParams* check_ee = checks ? ee : nullptr;
-  // Rows [s, old_len) resume from their stored hidden state; new rows start from embeddings.
-  be_->Copy(hidden_, frontier_ + s * ch, (old_len - s) * ch * sizeof(float));
-  if (n_new > 0) model_->Embed(hidden_ + (old_len - s) * ch, ids_ + old_len, pos_ + old_len, n_new);
-  for (int q = old_len; q < end; ++q) depth_[q] = 0;
-  len_ = end;
-
-  StepResult r;
-  bool fired = false;
-  auto exits_at = [&](int depth, int m, int rows) {
-    for (size_t i = 0; i < c.exits.size() && !fired; ++i) {
-      if (c.exits[i].depth() != depth) continue;
-      fired = TryExit(static_cast<int>(i), hidden_ + (m - s) * ch, m, rows, check_ee, &r);
-      if (fired) r.depth = depth;
+void Generator::Forward(std::vector<Item>& items) {
+  // Groups of consecutive items whose rows fit the work buffers (one item always fits).
+  size_t begin = 0;
+  int rows = 0;
+  for (size_t i = 0; i <= items.size(); ++i) {
+    const int r = i < items.size()
+                      ? seqs_[items[i].seq].len - seqs_[items[i].seq].pending_start + items[i].n_new
+                      : 0;
+    if (i == items.size() || (i > begin && rows + r > row_budget_)) {
+      if (i > begin) ForwardGroup(&items[begin], static_cast<int>(i - begin));
+      begin = i;
+      rows = 0;
     }
-  };
-  if (n_new > 0) exits_at(0, old_len, n_new);
-  for (int l = 1; l <= c.num_layers && !fired; ++l) {
-    int m = s;
-    while (m < end && depth_[m] >= l) ++m;
-    if (m == end) continue;
-    const int rows = end - m;
-    float* h = hidden_ + (m - s) * ch;
-    BlockForward(model_->ctx(), model_->layer(l - 1), acts_, h, pos_ + m, 1, rows, &kv_[l - 1], m);
-    be_->Copy(h, acts_.out, rows * ch * sizeof(float));
-    for (int q = m; q < end; ++q) depth_[q] = l;
-    exits_at(l, m, rows);
+    rows += r;
   }
-  if (!fired && n_new > 0) {
-    const ConstOperand last = model_->FinalHidden(final_norm_, hidden_ + (end - 1 - s) * ch, 1);
-    model_->Project(logits_, last, -1, 1);
-    r.logits.resize(c.vocab_size);
-    be_->CopyToHost(r.logits.data(), logits_, c.vocab_size * sizeof(float));
-    r.depth = c.num_layers;
+}
+
+const float* Generator::Pack(std::vector<Piece>& pieces, const int32_t** pos) {
+  const size_t ch = model_->config().hidden_size;
+  int row = 0;
+  for (Piece& p : pieces) {
+    p.packed = row;
+    row += p.rows;
   }
-  if (depth_[end - 1] == c.num_layers) {
-    pending_start_ = end;
-  } else {
-    be_->Copy(frontier_ + s * ch, hidden_, (end - s) * ch * sizeof(float));
+  auto work_row = [&](const Piece& p) { return p.item->work_row + p.first - p.item->start; };
+  if (pieces.size() == 1) {
+    *pos = pos_ + pieces[0].first;
+    return work_ + work_row(pieces[0]) * ch;
   }
-  return r;
+  std::vector<int32_t> host_pos(row);
+  for (const Piece& p : pieces) {
+    be_->Copy(packed_ + p.packed * ch, work_ + work_row(p) * ch, p.rows * ch * sizeof(float));
+    for (int r = 0; r < p.rows; ++r) host_pos[p.packed + r] = p.first + r;
+  }
+  be_->CopyFromHost(packed_pos_, host_pos.data(), row * sizeof(int32_t));
+  *pos = packed_pos_;
+  return packed_;
+}
+
+const std::vector<float>& Generator::ProjectToHost(ConstOperand rows, int exit_index, int k) {
+  const size_t vocab = model_->config().vocab_size;
+  model_->Project(logits_, rows, exit_index, k);
+  host_logits_.resize(k * vocab);
+  be_->CopyToHost(host_logits_.data(), logits_, k * vocab * sizeof(float));
+  return host_logits_;
+}
+
+void Generator::CheckExits(int depth, const std::vector<Piece>& pieces, const float* in,
+                           const int32_t* pos) {
+  const ModelConfig& c = model_->config();
+  const size_t ch = c.hidden_size;
+  const int vocab = c.vocab_size;
+  for (size_t i = 0; i < c.exits.size(); ++i) {
+    const ExitConfig& x = c.exits[i];
+    if (x.depth() != depth) continue;
+    const int ii = static_cast<int>(i);
+    // Pieces whose newest row checks this exit (every piece ends at its item's newest row).
+    std::vector<const Piece*> checked;
+    for (const Piece& p : pieces) {
+      const Item& it = *p.item;
+      if (!it.fired && it.ee != nullptr && ExitAllowed(ii, *it.ee)) checked.push_back(&p);
+    }
+    int k = 0;
+    ConstOperand last;
+    if (x.kind == ExitKind::kBlock) {
+      // The exit's own block needs K/V for every row that reaches its depth; they are kept
+      // for every sequence of a pass in which any sequence checks exits.
+      bool any = false;
+      for (const Piece& p : pieces) any |= seqs_[p.item->seq].checks_exits;
+      if (!any) continue;
+      std::vector<KvSegment> segs;
+      for (const Piece& p : pieces) {
+        segs.push_back({&seqs_[p.item->seq].exit_kv[i], p.packed, p.rows, p.first});
+      }
+      const int total = pieces.back().packed + pieces.back().rows;
+      const ConstOperand h = model_->ExitHidden(ii, exit_acts_[i], in, pos, 1, total, &segs);
+      const size_t row_bytes = ch * DTypeSize(h.dtype);
+      for (const Piece* p : checked) {
+        be_->Copy(newest_ops_.At(k++ * ch).data, h.At((p->packed + p->rows - 1) * ch).data,
+                  row_bytes);
+      }
+      last = newest_ops_;
+    } else {
+      const float* src =
+          x.kind == ExitKind::kMlp && x.position == ExitPosition::kPost ? acts_.h_attn : in;
+      for (const Piece* p : checked) {
+        be_->Copy(newest_ + k++ * ch, src + (p->packed + p->rows - 1) * ch, ch * sizeof(float));
+      }
+      if (k > 0) last = model_->ExitHidden(ii, exit_acts_[i], newest_, pos_, 1, k, nullptr);
+    }
+    if (k == 0) continue;
+    const std::vector<float>& logits = ProjectToHost(last, ii, k);
+    for (int j = 0; j < k; ++j) {
+      Item& it = *checked[j]->item;
+      const float* row = logits.data() + static_cast<size_t>(j) * vocab;
+      if (MaxProbability(row, vocab, x.temperature) < it.ee->threshold) continue;
+      it.fired = true;
+      it.out->exit_index = ii;
+      it.out->temperature = x.temperature;
+      it.out->depth = depth;
+      it.out->logits.assign(row, row + vocab);
+    }
+  }
+}
+
+void Generator::ForwardGroup(Item* items, int n) {
+  const ModelConfig& c = model_->config();
+  const size_t ch = c.hidden_size;
+  int row = 0;
+  std::vector<Piece> pieces;
+  for (int i = 0; i < n; ++i) {
+    Item& it = items[i];
+    Sequence& q = seqs_[it.seq];
+    const int old_len = q.len;
+    it.start = q.pending_start;
+    it.end = old_len + it.n_new;
+    it.work_row = row;
+    // Pending rows resume from their stored hidden state; new rows start from embeddings.
+    be_->Copy(work_ + row * ch, q.frontier + it.start * ch,
+              (old_len - it.start) * ch * sizeof(float));
+    if (it.n_new > 0) {
+      model_->Embed(work_ + (row + old_len - it.start) * ch, q.ids + old_len, pos_ + old_len,
+                    it.n_new);
+      pieces.push_back({&it, old_len, it.n_new});
+    }
+    for (int p = old_len; p < it.end; ++p) q.depth[p] = 0;
+    q.len = it.end;
+    row += it.end - it.start;
+  }
+  if (!pieces.empty()) {
+    const int32_t* pos;
+    const float* in = Pack(pieces, &pos);
+    CheckExits(0, pieces, in, pos);
+  }
+  for (int l = 1; l <= c.num_layers; ++l) {
+    pieces.clear();
+    for (int i = 0; i < n; ++i) {
+      Item& it = items[i];
+      if (it.fired) continue;
+      const Sequence& q = seqs_[it.seq];
+      int m = it.start;
+      while (m < it.end && q.depth[m] >= l) ++m;
+      if (m < it.end) pieces.push_back({&it, m, it.end - m});
+    }
+    if (pieces.empty()) continue;
+    const int32_t* pos;
+    const float* x = Pack(pieces, &pos);
+    std::vector<KvSegment> segs;
+    for (const Piece& p : pieces) {
+      segs.push_back({&seqs_[p.item->seq].kv[l - 1], p.packed, p.rows, p.first});
+    }
+    const int total = pieces.back().packed + pieces.back().rows;
+    BlockForward(model_->ctx(), model_->layer(l - 1), acts_, x, pos, 1, total, &segs);
+    for (const Piece& p : pieces) {
+      const Item& it = *p.item;
+      be_->Copy(work_ + (it.work_row + p.first - it.start) * ch, acts_.out + p.packed * ch,
+                p.rows * ch * sizeof(float));
+      Sequence& q = seqs_[it.seq];
+      for (int r = p.first; r < it.end; ++r) q.depth[r] = l;
+    }
+    CheckExits(l, pieces, acts_.out, pos);
+  }
+  // The final head, for the newest rows of sequences no exit took.
+  std::vector<Item*> finals;
+  for (int i = 0; i < n; ++i) {
+    Item& it = items[i];
+    if (it.fired || it.n_new == 0) continue;
+    be_->Copy(newest_ + finals.size() * ch, work_ + (it.work_row + it.end - 1 - it.start) * ch,
+              ch * sizeof(float));
+    finals.push_back(&it);
+  }
+  if (!finals.empty()) {
+    const int k = static_cast<int>(finals.size());
+    const std::vector<float>& logits =
+        ProjectToHost(model_->FinalHidden(final_norm_, newest_, k), -1, k);
+    for (int j = 0; j < k; ++j) {
+      const float* r = logits.data() + static_cast<size_t>(j) * c.vocab_size;
+      finals[j]->out->logits.assign(r, r + c.vocab_size);
+      finals[j]->out->depth = c.num_layers;
+    }
+  }
+  for (int i = 0; i < n; ++i) {
+    const Item& it = items[i];
+    Sequence& q = seqs_[it.seq];
+    if (q.depth[it.end - 1] == c.num_layers) {
+      q.pending_start = it.end;
+    } else {
+      be_->Copy(q.frontier + it.start * ch, work_ + it.work_row * ch,
+                (it.end - it.start) * ch * sizeof(float));
+    }
+  }
+}
+
+absl::Status Generator::Validate(const GenerationRequest& r) const {
+  const ModelConfig& c = model_->config();
+  if (r.prompt.empty()) return absl::InvalidArgumentError("the prompt is empty");
+  if (r.max_new_tokens < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_new_tokens must be >= 1, got ", r.max_new_tokens));
+  }
+  const int need = static_cast<int>(r.prompt.size()) + r.max_new_tokens;
+  if (need > capacity_) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("prompt (", r.prompt.size(), " tokens) + max_new_tokens (", r.max_new_tokens,
+                     ") = ", need, " exceeds the context length ", capacity_));
+  }
+  for (int32_t t : r.prompt) {
+    if (t < 0 || t >= c.vocab_size)
+      return absl::InvalidArgumentError(
+          absl::StrCat("prompt token ", t, " is outside the vocabulary [0, ", c.vocab_size, ")"));
+  }
+  const SamplingParams& sp = r.sampling;
+  if (!(sp.temperature >= 0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("temperature must be >= 0, got ", sp.temperature));
+  }
+  if (sp.top_k < 0)
+    return absl::InvalidArgumentError(absl::StrCat("top_k must be >= 0, got ", sp.top_k));
+  if (!(sp.top_p > 0 && sp.top_p <= 1)) {
+    return absl::InvalidArgumentError(absl::StrCat("top_p must be in (0, 1], got ", sp.top_p));
+  }
+  if (!(r.early_exit.threshold > 0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the early-exit threshold must be > 0, got ", r.early_exit.threshold));
+  }
+  for (int layer : r.early_exit.exit_layers) {
+    bool known = false;
+    for (const ExitConfig& x : c.exits) known |= x.layer == layer;
+    if (!known) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("exit layer ", layer, " is not the layer of an exit in this model"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<GenerationResult>> Generator::GenerateBatch(
+    const std::vector<GenerationRequest>& requests,
+    const std::function<void(int, int32_t)>& on_token) {
+  const int n = static_cast<int>(requests.size());
+  if (n == 0) return absl::InvalidArgumentError("no prompts");
+  if (n > max_sequences()) {
+    return absl::InvalidArgumentError(absl::StrCat(n, " prompts, but this generator holds at most ",
+                                                   max_sequences(), " sequences"));
+  }
+  for (int i = 0; i < n; ++i) {
+    absl::Status s = Validate(requests[i]);
+    if (!s.ok()) {
+      return n == 1 ? s : absl::InvalidArgumentError(absl::StrCat("prompt ", i, ": ", s.message()));
+    }
+  }
+  Reset();
+  std::vector<GenerationResult> res(n);
+  std::vector<Rng> rngs;
+  std::vector<std::vector<int32_t>> ids(n);
+  std::vector<EarlyExitParams> ee(n);
+  for (int i = 0; i < n; ++i) {
+    rngs.emplace_back(requests[i].sampling.seed);
+    ids[i] = requests[i].prompt;
+    ee[i] = requests[i].early_exit;
+  }
+  Timer timer;
+  std::vector<StepResult> r = StepBatch(ids, ee);
+  const double prefill = timer.Seconds();
+  timer.Reset();
+  std::vector<float> scratch;
+  for (bool any = true; any;) {
+    any = false;
+    for (int i = 0; i < n; ++i) {
+      ids[i].clear();
+      if (r[i].logits.empty()) continue;  // finished
+      const GenerationRequest& q = requests[i];
+      GenerationResult& g = res[i];
+      scratch = r[i].logits;
+      const int32_t tok = SampleToken(scratch, q.sampling, rngs[i]);
+      g.tokens.push_back(tok);
+      g.exit_index.push_back(r[i].exit_index);
+      g.depth.push_back(r[i].depth);
+      g.logprobs.push_back(LogProbability(r[i].logits.data(), model_->config().vocab_size, tok));
+      if (on_token) on_token(i, tok);
+      bool done = true;
+      if (tok == q.eos_id) {
+        g.finish = FinishReason::kEos;
+      } else if (q.stop && q.stop(g.tokens)) {
+        g.finish = FinishReason::kStop;
+      } else if (static_cast<int>(g.tokens.size()) == q.max_new_tokens) {
+        g.finish = FinishReason::kLength;
+      } else {
+        done = false;
+      }
+      if (done) {
+        g.prefill_seconds = prefill;
+        g.decode_seconds = timer.Seconds();
+      } else {
+        ids[i] = {tok};
+        any = true;
+      }
+    }
+    if (any) r = StepBatch(ids, ee);
+  }
+  return res;
 }
 
 absl::StatusOr<GenerationResult> Generator::Generate(const std::vector<int32_t>& prompt,
@@ -155,44 +443,17 @@ absl::StatusOr<GenerationResult> Generator::Generate(const std::vector<int32_t>&
                                                      const SamplingParams& sampling,
                                                      const EarlyExitParams& ee,
                                                      const std::function<void(int32_t)>& on_token) {
-  if (prompt.empty()) return absl::InvalidArgumentError("the prompt is empty");
-  if (max_new_tokens < 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("max_new_tokens must be >= 1, got ", max_new_tokens));
-  }
-  const int need = static_cast<int>(prompt.size()) + max_new_tokens;
-  if (need > capacity_) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("prompt (", prompt.size(), " tokens) + max_new_tokens (", max_new_tokens,
-                     ") = ", need, " exceeds the context length ", capacity_));
-  }
-  const int vocab = model_->config().vocab_size;
-  for (int32_t t : prompt) {
-    if (t < 0 || t >= vocab)
-      return absl::InvalidArgumentError(
-          absl::StrCat("prompt token ", t, " is outside the vocabulary [0, ", vocab, ")"));
-  }
-  Reset();
-  Rng rng(sampling.seed);
-  GenerationResult g;
-  Timer timer;
-  StepResult r = Step(prompt, ee);
-  g.prefill_seconds = timer.Seconds();
-  timer.Reset();
-  for (int i = 0; i < max_new_tokens; ++i) {
-    int32_t tok = SampleToken(r.logits, sampling, rng);
-    g.tokens.push_back(tok);
-    g.exit_index.push_back(r.exit_index);
-    g.depth.push_back(r.depth);
-    if (on_token) on_token(tok);
-    if (tok == eos_id) {
-      g.stopped_at_eos = true;
-      break;
-    }
-    if (i + 1 < max_new_tokens) r = Step({tok}, ee);
-  }
-  g.decode_seconds = timer.Seconds();
-  return g;
+  GenerationRequest q;
+  q.prompt = prompt;
+  q.max_new_tokens = max_new_tokens;
+  q.eos_id = eos_id;
+  q.sampling = sampling;
+  q.early_exit = ee;
+  std::function<void(int, int32_t)> each;
+  if (on_token) each = [&](int, int32_t t) { on_token(t); };
+  auto r = GenerateBatch({q}, each);
+  if (!r.ok()) return r.status();
+  return std::move((*r)[0]);
 }
 
 }  // namespace eellm

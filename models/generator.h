@@ -1,10 +1,17 @@
-// Early-exit generation for one sequence with a KV cache: prefill + decode, sampling, and
-// EE-LLM's KV recomputation. The exits are checked in depth order on the newest token; the
-// first whose max probability (after its temperature) reaches the threshold wins. A token that
-// exits at depth D leaves layers D+1.. without its K/V; those rows stay "pending" (their hidden
-// state at their depth is kept) and the next forward pass carries them through the missing
-// layers together with the new token. Pending depths never increase with position, so the rows
-// missing at each layer form a suffix and each layer runs one batched pass.
+// Early-exit generation for a batch of sequences, each with its own KV cache: prefill + decode,
+// sampling, and EE-LLM's KV recomputation. The exits are checked in depth order on each
+// sequence's newest token; the first whose max probability (after its temperature) reaches that
+// sequence's threshold wins. A token that exits at depth D leaves layers D+1.. without its K/V;
+// those rows stay "pending" (their hidden state at their depth is kept) and the sequence's next
+// forward pass carries them through the missing layers together with the new token. Pending
+// depths never increase with position, so the rows a sequence needs at each layer form a suffix.
+//
+// Batching: one forward pass serves every sequence with work. At each layer the rows all
+// sequences need are packed together; norms, GEMMs and MLPs run once over all of them, and
+// attention runs per sequence on its own cache (KvSegment). Each sequence exits on its own: one
+// that exits at depth D simply has no rows in the deeper layers of that pass. A sequence's
+// tokens are those it would get alone (same sampling seed), up to floating-point rounding of
+// the batched GEMMs.
 #pragma once
 
 #include <cstdint>
@@ -31,59 +38,117 @@ struct StepResult {
   float temperature = 1.0f;   // that head's temperature
 };
 
+enum class FinishReason { kLength, kEos, kStop };
+const char* FinishReasonName(FinishReason r);  // "length", "eos", "stop"
+
+// One sequence to generate.
+struct GenerationRequest {
+  std::vector<int32_t> prompt;
+  int max_new_tokens = 64;
+  int eos_id = -1;  // -1: none
+  SamplingParams sampling;
+  EarlyExitParams early_exit;
+  // Called with the tokens generated so far after each token; true ends the sequence there
+  // (e.g. a stop string was produced). May be null.
+  std::function<bool(const std::vector<int32_t>&)> stop;
+};
+
 struct GenerationResult {
   std::vector<int32_t> tokens;  // generated tokens (prompt excluded)
   std::vector<int> exit_index;  // per generated token: exit that produced it, -1 final
   std::vector<int> depth;       // per generated token: layers computed
+  std::vector<float> logprobs;  // per generated token: log softmax of its head's logits
+  // Prefill: the batch's first pass. Decode: from then until this sequence's last token.
   double prefill_seconds = 0, decode_seconds = 0;
-  bool stopped_at_eos = false;
+  FinishReason finish = FinishReason::kLength;
+  bool stopped_at_eos() const { return finish == FinishReason::kEos; }
   double AverageLayers() const;
   double DecodeTokensPerSecond() const;
 };
 
 class Generator {
  public:
-  // `capacity`: most tokens (prompt + generated) one sequence may hold.
-  Generator(Model* model, int capacity);
+  // `capacity`: most tokens (prompt + generated) one sequence may hold; `max_sequences`: most
+  // sequences generated together (each gets a KV cache of `capacity` tokens).
+  Generator(Model* model, int capacity, int max_sequences = 1);
+  int capacity() const { return capacity_; }
+  int max_sequences() const { return static_cast<int>(seqs_.size()); }
 
+  // Generates every request together (at most max_sequences()); on_token(i, token) is called as
+  // request i produces a token. Errors name the request and the bad value.
+  absl::StatusOr<std::vector<GenerationResult>> GenerateBatch(
+      const std::vector<GenerationRequest>& requests,
+      const std::function<void(int, int32_t)>& on_token = nullptr);
+  // One sequence.
   absl::StatusOr<GenerationResult> Generate(const std::vector<int32_t>& prompt, int max_new_tokens,
                                             int eos_id, const SamplingParams& sampling,
                                             const EarlyExitParams& ee,
                                             const std::function<void(int32_t)>& on_token = nullptr);
+  // Why `request` cannot run (naming the bad value), or OK.
+  absl::Status Validate(const GenerationRequest& request) const;
 
   // ---- lower level (tests) -----------------------------------------------------------------
   void Reset();
-  // Appends `ids` and runs the forward pass; returns the newest token's head output.
-  StepResult Step(const std::vector<int32_t>& ids, const EarlyExitParams& ee);
-  // Completes the deep K/V of pending tokens.
+  // Appends ids[s] to sequence s (sequences with no ids are left alone, pending rows included)
+  // and runs one forward pass over them; returns each sequence's newest-token head output.
+  std::vector<StepResult> StepBatch(const std::vector<std::vector<int32_t>>& ids,
+                                    const std::vector<EarlyExitParams>& ee);
+  StepResult Step(const std::vector<int32_t>& ids, const EarlyExitParams& ee);  // sequence 0
+  // Completes the deep K/V of every sequence's pending tokens.
   void FinishPending();
-  int length() const { return len_; }
-  int pending_start() const { return pending_start_; }
-  const KvLayer& kv(int layer) const { return kv_[layer]; }
+  int length(int seq = 0) const;
+  int pending_start(int seq = 0) const;
+  const KvLayer& kv(int layer, int seq = 0) const;
 
  private:
+  struct Sequence {
+    std::vector<KvLayer> kv, exit_kv;  // per layer; per exit (block exits only)
+    float* frontier = nullptr;         // [capacity, c]: pending rows' hidden states
+    int32_t* ids = nullptr;            // [capacity]
+    std::vector<int> depth;            // per position: layers computed
+    int len = 0, pending_start = 0;
+    bool checks_exits = false;  // its last step checked exits (block exits keep their K/V)
+  };
+  // A sequence's part in one forward pass.
+  struct Item {
+    int seq = 0, n_new = 0;
+    const EarlyExitParams* ee = nullptr;  // null: no exit checks
+    StepResult* out = nullptr;
+    int work_row = 0;        // its first row in work_
+    int start = 0, end = 0;  // positions [start, end) run in this pass
+    bool fired = false;
+  };
+  // Rows [first, first + rows) of an item that reach one depth; `packed`: where they sit.
+  struct Piece {
+    Item* item = nullptr;
+    int first = 0, rows = 0, packed = 0;
+  };
   bool ExitAllowed(int i, const EarlyExitParams& ee) const;
-  // Runs rows [pending_start_, len_ + n_new) forward; checks exits when `ee` is non-null.
-  StepResult Forward(int n_new, const EarlyExitParams* ee);
-  // Checks exit i on the newest row; fills `out` and returns true when it fires.
-  // Block exits also fill their own K/V here for every row reaching their depth.
-  bool TryExit(int i, const float* in_rows, int m, int rows, const EarlyExitParams* ee,
-               StepResult* out);
+  // Runs items' rows forward, in groups whose rows fit the work buffers.
+  void Forward(std::vector<Item>& items);
+  void ForwardGroup(Item* items, int n);
+  // Checks the exits at `depth` for the pieces (rows that just reached it, packed in `in` with
+  // positions `pos`); fills the block exits' K/V.
+  void CheckExits(int depth, const std::vector<Piece>& pieces, const float* in, const int32_t* pos);
+  // Packs each piece's rows of the sequence work buffer into `packed` (no copy for one piece):
+  // returns the packed rows and sets `pos` to their positions.
+  const float* Pack(std::vector<Piece>& pieces, const int32_t** pos);
+  // Projects rows[k] with head `exit_index` (-1 final) and copies the logits to the host.
+  const std::vector<float>& ProjectToHost(ConstOperand rows, int exit_index, int k);
 
   Model* model_;
   Backend* be_;
-  int capacity_;
+  int capacity_, row_budget_;
   Arena arena_;
-  std::vector<KvLayer> kv_;
-  std::vector<KvLayer> exit_kv_;  // block exits only
+  std::vector<Sequence> seqs_;
   BlockActs acts_;
   std::vector<ExitActs> exit_acts_;
   NormActs final_norm_;
-  float *hidden_, *frontier_, *logits_;  // [capacity, c], [capacity, c], [vocab]
-  int32_t *ids_, *pos_;                  // [capacity]
-  std::vector<int> depth_;               // per position
-  int len_ = 0, pending_start_ = 0;
-  bool fill_exit_kv_ = false;  // block exits keep their K/V (exits active)
+  float *work_, *packed_, *newest_;  // [row_budget, c] x2, [max_sequences, c]
+  Operand newest_ops_;               // [max_sequences, c]
+  float* logits_;                    // [max_sequences, vocab]
+  int32_t *pos_, *packed_pos_;       // [capacity] = 0, 1, ...; [row_budget]
+  std::vector<float> host_logits_;
 };
 
 }  // namespace eellm

@@ -205,7 +205,7 @@ void MlpBranchBackward(const LayerContext& ctx, const MlpParams& p, const MlpAct
 }
 
 void BlockForward(const LayerContext& ctx, const BlockParams& p, BlockActs& a, const float* x,
-                  const int32_t* pos, int b, int t, KvLayer* kv, int q_offset) {
+                  const int32_t* pos, int b, int t, const std::vector<KvSegment>* cache) {
   const ModelConfig& c = *ctx.cfg;
   const int h = c.hidden_size, d = c.head_dim(), hq = c.num_heads, hkv = c.num_kv_heads;
   const int n = b * t;
@@ -219,19 +219,28 @@ void BlockForward(const LayerContext& ctx, const BlockParams& p, BlockActs& a, c
     be->RopeForward(at.q, pos, n, hq, d, c.rope_theta);
     be->RopeForward(at.k, pos, n, hkv, d, c.rope_theta);
   }
-  if (kv == nullptr) {
+  if (cache == nullptr) {
     be->AttentionForward(at.att, at.lse, at.q, at.k, at.v, b, t, t, t, hq, hkv, d, 0);
   } else {
-    EE_CHECK(b == 1 && q_offset + n <= kv->capacity, "KV cache overflow: ", q_offset + n, " > ",
-             kv->capacity);
-    const size_t row = static_cast<size_t>(hkv) * d;
-    EE_CHECK(kv->k.dtype == at.k.dtype, "KV cache dtype ", DTypeName(kv->k.dtype),
-             " != ", DTypeName(at.k.dtype));
-    const size_t bytes = n * row * DTypeSize(at.k.dtype);
-    be->Copy(kv->k.At(q_offset * row).data, at.k.data, bytes);
-    be->Copy(kv->v.At(q_offset * row).data, at.v.data, bytes);
-    be->AttentionForward(at.att, at.lse, at.q, kv->k, kv->v, 1, n, q_offset + n, kv->capacity, hq,
-                         hkv, d, q_offset);
+    EE_CHECK(b == 1, "inference passes run b = 1, got ", b);
+    const size_t row = static_cast<size_t>(hkv) * d, qrow = static_cast<size_t>(hq) * d;
+    int covered = 0;
+    for (const KvSegment& sg : *cache) {
+      KvLayer* kv = sg.kv;
+      EE_CHECK(sg.row == covered && sg.rows > 0, "KV segments must cover the rows in order");
+      covered += sg.rows;
+      EE_CHECK(sg.q_offset + sg.rows <= kv->capacity, "KV cache overflow: ", sg.q_offset + sg.rows,
+               " > ", kv->capacity);
+      EE_CHECK(kv->k.dtype == at.k.dtype, "KV cache dtype ", DTypeName(kv->k.dtype),
+               " != ", DTypeName(at.k.dtype));
+      const size_t bytes = sg.rows * row * DTypeSize(at.k.dtype);
+      be->Copy(kv->k.At(sg.q_offset * row).data, at.k.At(sg.row * row).data, bytes);
+      be->Copy(kv->v.At(sg.q_offset * row).data, at.v.At(sg.row * row).data, bytes);
+      be->AttentionForward(at.att.At(sg.row * qrow), nullptr, at.q.At(sg.row * qrow), kv->k, kv->v,
+                           1, sg.rows, sg.q_offset + sg.rows, kv->capacity, hq, hkv, d,
+                           sg.q_offset);
+    }
+    EE_CHECK(covered == n, "KV segments cover ", covered, " of ", n, " rows");
   }
   if (ctx.tp.size > 1) {  // row-parallel output projection: partial sums over tp
     be->Linear(a.h_attn, at.att, ctx.P(p.attn.wo), RowParallelBias(ctx, p.attn.bo), n, hq * d, h,

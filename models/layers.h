@@ -97,6 +97,15 @@ struct KvLayer {
   int capacity = 0;
 };
 
+// One sequence's rows in an inference pass over several sequences: rows [row, row + rows) of
+// the pass sit at positions q_offset .. q_offset + rows - 1 of the sequence whose cache is `kv`.
+struct KvSegment {
+  KvLayer* kv = nullptr;
+  int row = 0;
+  int rows = 0;
+  int q_offset = 0;
+};
+
 // This rank's place in the tensor-parallel group (size 1: no tensor parallelism). Attention
 // heads and FFN columns are split column-parallel into the branch and row-parallel out of it:
 // partial outputs are all-reduced in the forward, partial input gradients in the backward.
@@ -131,11 +140,12 @@ void MlpBranchBackward(const LayerContext& ctx, const MlpParams& p, const MlpAct
                        const GradScratch& s);
 
 // Block forward over n = b*t rows at positions pos[n].
-// Training (kv == nullptr): tokens are b sequences of t, attention causal within each.
-// Inference (kv != nullptr, b = 1): the n rows sit at positions q_offset .. q_offset+n-1; their
-// K/V are written into the cache and attention reads the cache (keys 0 .. q_offset+n-1).
+// Training (cache == nullptr): tokens are b sequences of t, attention causal within each.
+// Inference (cache != nullptr, b = 1): the segments cover the n rows in order, one per sequence;
+// each segment's K/V are written into its sequence's cache, and its attention reads that cache
+// (keys 0 .. q_offset + rows - 1). The GEMMs and norms run over all n rows at once.
 void BlockForward(const LayerContext& ctx, const BlockParams& p, BlockActs& a, const float* x,
-                  const int32_t* pos, int b, int t, KvLayer* kv, int q_offset);
+                  const int32_t* pos, int b, int t, const std::vector<KvSegment>* cache);
 // dx written with d/dx; d_h_attn_extra (may be null) is added to the gradient at h_attn
 // (MLP-branch exits read h_attn). dx may not alias dout.
 void BlockBackward(const LayerContext& ctx, const BlockParams& p, const BlockActs& a, float* dx,

@@ -14,6 +14,14 @@ float MaxProbability(const float* logits, int vocab, float temperature) {
   return static_cast<float>(1.0 / sum);
 }
 
+float LogProbability(const float* logits, int vocab, int32_t token) {
+  float mx = logits[0];
+  for (int i = 1; i < vocab; ++i) mx = std::max(mx, logits[i]);
+  double sum = 0;
+  for (int i = 0; i < vocab; ++i) sum += std::exp(logits[i] - mx);
+  return static_cast<float>(logits[token] - mx - std::log(sum));
+}
+
 int32_t SampleToken(std::vector<float>& logits, const SamplingParams& p, Rng& rng) {
   const int v = static_cast<int>(logits.size());
   if (p.temperature <= 0.0f) {

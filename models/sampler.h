@@ -22,4 +22,7 @@ int32_t SampleToken(std::vector<float>& logits, const SamplingParams& p, Rng& rn
 // Max softmax probability of logits / temperature.
 float MaxProbability(const float* logits, int vocab, float temperature);
 
+// log softmax(logits)[token].
+float LogProbability(const float* logits, int vocab, int32_t token);
+
 }  // namespace eellm

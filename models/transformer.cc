@@ -260,7 +260,7 @@ void Model::Embed(float* out, const int32_t* ids, const int32_t* pos, int n) {
 }
 
 ConstOperand Model::ExitHidden(int i, ExitActs& a, const float* in, const int32_t* pos, int b,
-                               int t, KvLayer* kv, int q_offset) {
+                               int t, const std::vector<KvSegment>* cache) {
   const ExitConfig& x = config_.exits[i];
   const ExitHeadParams& p = exits_[i];
   const int n = b * t;
@@ -276,7 +276,7 @@ ConstOperand Model::ExitHidden(int i, ExitActs& a, const float* in, const int32_
       NormForward(cx, p.norm, a.norm, a.mlp_out, n);
       return a.norm.out;
     case ExitKind::kBlock:
-      BlockForward(cx, p.block, a.block, in, pos, b, t, kv, q_offset);
+      BlockForward(cx, p.block, a.block, in, pos, b, t, cache);
       NormForward(cx, p.norm, a.norm, a.block.out, n);
       return a.norm.out;
   }
@@ -421,7 +421,7 @@ void Model::ExitsAtDepth(Workspace& ws, int depth, absl::Span<const float> w, bo
     const bool reads_h_attn = x.kind == ExitKind::kMlp && x.position == ExitPosition::kPost;
     const float* in =
         reads_h_attn ? ws.layers[x.layer - 1 - first_layer_].h_attn : HiddenAt(ws, depth);
-    const ConstOperand hidden = ExitHidden(i, ws.exits[i], in, ws.pos, b, t, nullptr, 0);
+    const ConstOperand hidden = ExitHidden(i, ws.exits[i], in, ws.pos, b, t, nullptr);
     const bool bw = backward && w[i] > 0;
     auto [mean, term] =
         HeadLoss(ws, hidden, i, w[i] * loss_scale, config_.confidence_weighted_exit_loss, bw);
@@ -455,7 +455,7 @@ void Model::StageForward(Workspace& ws, const int32_t* ids, const float* input) 
   const float* x = ws.x0;
   for (int l = first_layer_; l < end_layer_; ++l) {
     BlockActs& acts = ws.layers[l - first_layer_];
-    BlockForward(ctx(), layers_[l - first_layer_], acts, x, ws.pos, b, t, nullptr, 0);
+    BlockForward(ctx(), layers_[l - first_layer_], acts, x, ws.pos, b, t, nullptr);
     x = acts.out;
   }
 }

@@ -150,9 +150,10 @@ class Model {
   const ExitHeadParams& exit_head(int i) const { return exits_[i]; }
   // out[n, c] = word embedding (+ learned positions).
   void Embed(float* out, const int32_t* ids, const int32_t* pos, int n);
-  // Final hidden of an exit head over n rows (training: kv null; inference: kv for block exits).
+  // Final hidden of an exit head over n rows (training: cache null; inference: the block exit's
+  // own KV segments, see BlockForward).
   ConstOperand ExitHidden(int i, ExitActs& a, const float* in, const int32_t* pos, int b, int t,
-                          KvLayer* kv, int q_offset);
+                          const std::vector<KvSegment>* cache);
   // Final hidden after the final norm.
   ConstOperand FinalHidden(NormActs& a, const float* x, int n);
   // logits[n, vocab] = hidden @ W^T with W the output weight of exit i (or final when i < 0).

@@ -132,6 +132,36 @@ TEST_P(EmulatedGeneration, Bf16OperandsMatchRoundingReference) {
   }
 }
 
+// Batched generation (four sequences of mixed lengths, thresholds and sampling, prefill in two
+// groups) on the CUDA code: fp32 matches the CPU's batch token for token; bf16w (bf16 operands,
+// KV caches and exit rows) matches each sequence generated alone on bf16w.
+TEST_P(EmulatedGeneration, BatchesMatchCpuAndSequencesAlone) {
+  const ModelConfig c = testing::ConfigWithExits(GetParam());
+  auto cpu = testing::Cpu();
+  auto emu = MakeEmulatedCudaBackend(0, false);
+  auto bf16w = MakeEmulatedCudaBackend(0, true, true);
+  ASSERT_TRUE(emu.ok() && bf16w.ok());
+  auto mc = *Model::Create(c, cpu.get());
+  auto me = *Model::Create(c, emu->get());
+  auto mw = *Model::Create(c, bf16w->get());
+  for (Model* m : {mc.get(), me.get(), mw.get()}) testing::FillParams(*m, 61, 0.8f);
+  const auto reqs = testing::MixedRequests(c);
+  Generator gc(mc.get(), 32, 4), ge(me.get(), 32, 4), gw(mw.get(), 32, 4), alone(mw.get(), 32);
+  auto want = *gc.GenerateBatch(reqs);
+  auto got = *ge.GenerateBatch(reqs);
+  auto w = *gw.GenerateBatch(reqs);
+  int early = 0;
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    EXPECT_EQ(got[i].tokens, want[i].tokens) << "sequence " << i;
+    EXPECT_EQ(got[i].exit_index, want[i].exit_index) << "sequence " << i;
+    auto one = *alone.GenerateBatch({reqs[i]});
+    EXPECT_EQ(w[i].tokens, one[0].tokens) << "bf16w sequence " << i;
+    EXPECT_EQ(w[i].exit_index, one[0].exit_index) << "bf16w sequence " << i;
+    for (int e : w[i].exit_index) early += e >= 0;
+  }
+  EXPECT_GT(early, 5) << "too few early exits to test the batched exit paths";
+}
+
 INSTANTIATE_TEST_SUITE_P(Styles, EmulatedGeneration,
                          ::testing::Values(ModelStyle::kGpt, ModelStyle::kLlama));
 

@@ -1,4 +1,5 @@
-// KV-cache decoding and early-exit generation against full forward passes.
+// KV-cache decoding and early-exit generation against full forward passes; batched generation
+// against each sequence generated alone.
 #include "models/generator.h"
 
 #include <cmath>
@@ -34,7 +35,7 @@ FullPass RunFull(Model& m, const std::vector<int32_t>& ids) {
   FullPass f;
   for (int l = 0; l < c.num_layers; ++l) {
     acts.push_back(MakeBlockActs(a, c, t, /*training=*/true));
-    BlockForward(m.ctx(), m.layer(l), acts[l], depth_hidden[l], pos, 1, t, nullptr, 0);
+    BlockForward(m.ctx(), m.layer(l), acts[l], depth_hidden[l], pos, 1, t, nullptr);
     depth_hidden[l + 1] = acts[l].out;
     const int kvn = t * c.num_kv_heads * c.head_dim();
     f.k.emplace_back(acts[l].attn.k.f32(), acts[l].attn.k.f32() + kvn);
@@ -53,7 +54,7 @@ FullPass RunFull(Model& m, const std::vector<int32_t>& ids) {
     const float* in = (x.kind == ExitKind::kMlp && x.position == ExitPosition::kPost)
                           ? acts[x.layer - 1].h_attn
                           : depth_hidden[x.depth()];
-    m.Project(logits, m.ExitHidden(i, ea, in, pos, 1, t, nullptr, 0), i, t);
+    m.Project(logits, m.ExitHidden(i, ea, in, pos, 1, t, nullptr), i, t);
     f.exit_logits.emplace_back();
     rows(f.exit_logits.back());
   }
@@ -190,6 +191,120 @@ TEST_P(GeneratorTest, ExitLayersRestrictWhichExitsFire) {
   }
 }
 
+// Each sequence of a batch gets what it gets alone: the same tokens, exits and depths, and
+// log-probabilities within rounding. Afterwards every sequence's K/V equal a full pass's.
+TEST_P(GeneratorTest, BatchMatchesEachSequenceAloneAndKeepsKvComplete) {
+  ModelConfig c = ConfigWithExits(GetParam());
+  auto be = Cpu();
+  auto m = *Model::Create(c, be.get());
+  testing::FillParams(*m, 61, 0.8f);
+  const std::vector<GenerationRequest> reqs = testing::MixedRequests(c);
+  Generator batch(m.get(), 32, 4), alone(m.get(), 32);
+  std::vector<int> streamed(4, 0);
+  auto res = *batch.GenerateBatch(reqs, [&](int i, int32_t) { streamed[i]++; });
+  ASSERT_EQ(res.size(), 4u);
+  int early = 0, full_depth = 0;
+  for (int i = 0; i < 4; ++i) {
+    SCOPED_TRACE(::testing::Message() << "sequence " << i);
+    auto one = *alone.GenerateBatch({reqs[i]});
+    ASSERT_EQ(res[i].tokens.size(), static_cast<size_t>(reqs[i].max_new_tokens));
+    EXPECT_EQ(streamed[i], reqs[i].max_new_tokens);
+    EXPECT_EQ(res[i].finish, FinishReason::kLength);
+    EXPECT_EQ(res[i].tokens, one[0].tokens);
+    EXPECT_EQ(res[i].exit_index, one[0].exit_index);
+    EXPECT_EQ(res[i].depth, one[0].depth);
+    ASSERT_EQ(res[i].logprobs.size(), one[0].logprobs.size());
+    for (size_t t = 0; t < res[i].logprobs.size(); ++t) {
+      EXPECT_NEAR(res[i].logprobs[t], one[0].logprobs[t], 1e-4) << "token " << t;
+      EXPECT_LE(res[i].logprobs[t], 0.0f);
+    }
+    for (int e : res[i].exit_index) (e >= 0 ? early : full_depth)++;
+    if (reqs[i].early_exit.threshold >= 1) {
+      for (int e : res[i].exit_index) EXPECT_EQ(e, -1);
+    }
+    if (i == 3) {  // exit 1 (layer 2) is not allowed
+      for (int e : res[i].exit_index) EXPECT_NE(e, 1);
+    }
+  }
+  EXPECT_GT(early, 5);
+  EXPECT_GT(full_depth, 5);
+  // Feed every sequence's last token, complete the pending rows, and compare the caches.
+  std::vector<std::vector<int32_t>> last(4);
+  std::vector<EarlyExitParams> ee(4);
+  for (int i = 0; i < 4; ++i) {
+    last[i] = {res[i].tokens.back()};
+    ee[i] = reqs[i].early_exit;
+  }
+  batch.StepBatch(last, ee);
+  batch.FinishPending();
+  for (int i = 0; i < 4; ++i) {
+    std::vector<int32_t> all = reqs[i].prompt;
+    all.insert(all.end(), res[i].tokens.begin(), res[i].tokens.end());
+    EXPECT_EQ(batch.length(i), static_cast<int>(all.size()));
+    EXPECT_EQ(batch.pending_start(i), batch.length(i));
+    FullPass full = RunFull(*m, all);
+    for (int l = 0; l < c.num_layers; ++l) {
+      EXPECT_LT(MaxAbsDiff(batch.kv(l, i).k.f32(), full.k[l].data(), full.k[l].size()), 1e-5)
+          << "sequence " << i << " layer " << l;
+      EXPECT_LT(MaxAbsDiff(batch.kv(l, i).v.f32(), full.v[l].data(), full.v[l].size()), 1e-5)
+          << "sequence " << i << " layer " << l;
+    }
+  }
+}
+
+// A sequence that stops (stop callback or EOS) leaves the batch; the others go on unchanged.
+TEST_P(GeneratorTest, SequencesFinishOnTheirOwn) {
+  ModelConfig c = ConfigWithExits(GetParam());
+  auto be = Cpu();
+  auto m = *Model::Create(c, be.get());
+  testing::FillParams(*m, 71, 0.8f);
+  std::vector<GenerationRequest> reqs = testing::MixedRequests(c);
+  Generator g(m.get(), 32, 4);
+  auto plain = *g.GenerateBatch(reqs);
+  reqs[0].stop = [](const std::vector<int32_t>& t) { return t.size() == 3; };
+  reqs[2].eos_id = plain[2].tokens[4];
+  auto res = *g.GenerateBatch(reqs);
+  EXPECT_EQ(res[0].finish, FinishReason::kStop);
+  EXPECT_EQ(res[0].tokens,
+            std::vector<int32_t>(plain[0].tokens.begin(), plain[0].tokens.begin() + 3));
+  EXPECT_EQ(res[2].finish, FinishReason::kEos);
+  EXPECT_TRUE(res[2].stopped_at_eos());
+  EXPECT_LE(res[2].tokens.size(), 5u);
+  EXPECT_EQ(res[2].tokens.back(), reqs[2].eos_id);
+  for (int i : {1, 3}) {
+    EXPECT_EQ(res[i].finish, FinishReason::kLength);
+    EXPECT_EQ(res[i].tokens, plain[i].tokens) << "sequence " << i;
+  }
+}
+
+TEST(Generator, BatchErrorsNameThePromptAndTheValue) {
+  ModelConfig c = ConfigWithExits(ModelStyle::kLlama);
+  auto be = Cpu();
+  auto m = *Model::Create(c, be.get());
+  Generator g(m.get(), 32, 2);
+  std::vector<GenerationRequest> reqs(2);
+  reqs[0].prompt = {1, 2};
+  reqs[0].max_new_tokens = 4;
+  reqs[1] = reqs[0];
+  reqs[1].prompt = {3, 16};
+  auto r = g.GenerateBatch(reqs);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("prompt 1: prompt token 16"), std::string::npos)
+      << r.status();
+  reqs[1] = reqs[0];
+  reqs[1].early_exit.exit_layers = {2, 4};
+  r = g.GenerateBatch(reqs);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("exit layer 4"), std::string::npos) << r.status();
+  reqs[1] = reqs[0];
+  reqs[1].sampling.top_p = 0;
+  EXPECT_NE(g.GenerateBatch(reqs).status().message().find("top_p"), std::string::npos);
+  reqs.resize(3, reqs[0]);
+  r = g.GenerateBatch(reqs);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("3 prompts"), std::string::npos) << r.status();
+}
+
 INSTANTIATE_TEST_SUITE_P(Styles, GeneratorTest,
                          ::testing::Values(ModelStyle::kGpt, ModelStyle::kLlama));
 
@@ -215,7 +330,7 @@ TEST(Generator, StopsAtEos) {
   auto first = *g.Generate({1, 2, 3}, 10, -1, SamplingParams{}, EarlyExitParams{});
   const int32_t eos = first.tokens[3];
   auto r = *g.Generate({1, 2, 3}, 10, eos, SamplingParams{}, EarlyExitParams{});
-  EXPECT_TRUE(r.stopped_at_eos);
+  EXPECT_TRUE(r.stopped_at_eos());
   EXPECT_LE(r.tokens.size(), 4u);
   EXPECT_EQ(r.tokens.back(), eos);
 }

@@ -1,4 +1,4 @@
-// Helpers for model tests: tiny configs and deterministic parameter filling.
+// Helpers for model tests: tiny configs, deterministic parameter filling, generation requests.
 #pragma once
 
 #include <memory>
@@ -8,6 +8,7 @@
 #include "engine/backend.h"
 #include "engine/core/rng.h"
 #include "gtest/gtest.h"
+#include "models/generator.h"
 #include "models/model_config.h"
 #include "models/transformer.h"
 
@@ -80,6 +81,28 @@ inline std::vector<int32_t> RandomTokens(int n, int vocab, uint64_t seed) {
   std::vector<int32_t> t(n);
   for (auto& x : t) x = static_cast<int32_t>(rng.Below(vocab));
   return t;
+}
+
+// Four sequences of different prompt lengths, thresholds, sampling and lengths (their prompts,
+// 37 tokens, overflow the 32-row work buffers of a capacity-32 generator, so the prefill runs in
+// two groups).
+inline std::vector<GenerationRequest> MixedRequests(const ModelConfig& c) {
+  const int lengths[] = {9, 14, 3, 11}, max_new[] = {20, 12, 17, 20};
+  const float thresholds[] = {1.0f, 0.4f, 0.25f, 0.55f};
+  std::vector<GenerationRequest> r(4);
+  for (int i = 0; i < 4; ++i) {
+    r[i].prompt = RandomTokens(lengths[i], c.vocab_size, 60 + i);
+    r[i].max_new_tokens = max_new[i];
+    r[i].early_exit.threshold = thresholds[i];
+  }
+  r[1].sampling.temperature = 0.9f;
+  r[1].sampling.top_k = 8;
+  r[1].sampling.seed = 5;
+  r[3].sampling.temperature = 0.7f;
+  r[3].sampling.top_p = 0.9f;
+  r[3].sampling.seed = 9;
+  r[3].early_exit.exit_layers = {1, 3};
+  return r;
 }
 
 }  // namespace eellm::testing
