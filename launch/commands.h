@@ -1,5 +1,5 @@
-// The `eellm` subcommands (data, train, generate, convert, logits, bench) behind one dispatcher,
-// with per-subcommand
+// The `eellm` subcommands (data, train, generate, serve, convert, logits, bench) behind one
+// dispatcher, with per-subcommand
 // --help and flag names accepted with dashes or underscores (--max-new-tokens = --max_new_tokens).
 #pragma once
 
@@ -12,6 +12,7 @@ int RunCli(int argc, char** argv);
 int RunDataCommand();
 int RunTrainCommand();
 int RunGenerateCommand();
+int RunServeCommand();
 int RunConvertCommand();
 int RunLogitsCommand();
 int RunBenchCommand();

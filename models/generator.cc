@@ -371,21 +371,28 @@ absl::Status Generator::Validate(const GenerationRequest& r) const {
   return absl::OkStatus();
 }
 
+absl::Status Generator::ValidateAll(const std::vector<GenerationRequest>& requests) const {
+  if (requests.empty()) return absl::InvalidArgumentError("no prompts");
+  for (size_t i = 0; i < requests.size(); ++i) {
+    absl::Status s = Validate(requests[i]);
+    if (!s.ok()) {
+      return requests.size() == 1
+                 ? s
+                 : absl::InvalidArgumentError(absl::StrCat("prompt ", i, ": ", s.message()));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::vector<GenerationResult>> Generator::GenerateBatch(
     const std::vector<GenerationRequest>& requests,
     const std::function<void(int, int32_t)>& on_token) {
   const int n = static_cast<int>(requests.size());
-  if (n == 0) return absl::InvalidArgumentError("no prompts");
   if (n > max_sequences()) {
     return absl::InvalidArgumentError(absl::StrCat(n, " prompts, but this generator holds at most ",
                                                    max_sequences(), " sequences"));
   }
-  for (int i = 0; i < n; ++i) {
-    absl::Status s = Validate(requests[i]);
-    if (!s.ok()) {
-      return n == 1 ? s : absl::InvalidArgumentError(absl::StrCat("prompt ", i, ": ", s.message()));
-    }
-  }
+  RETURN_IF_ERROR(ValidateAll(requests));
   Reset();
   std::vector<GenerationResult> res(n);
   std::vector<Rng> rngs;

@@ -86,6 +86,8 @@ class Generator {
                                             const std::function<void(int32_t)>& on_token = nullptr);
   // Why `request` cannot run (naming the bad value), or OK.
   absl::Status Validate(const GenerationRequest& request) const;
+  // The first bad request of a batch ("prompt <i>: ..." when there are several), or OK.
+  absl::Status ValidateAll(const std::vector<GenerationRequest>& requests) const;
 
   // ---- lower level (tests) -----------------------------------------------------------------
   void Reset();

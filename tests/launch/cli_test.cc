@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -18,11 +19,13 @@
 #include <regex>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_format.h"
 #include "gtest/gtest.h"
 #include "hdf5.h"
+#include "httplib.h"
 #include "tests/launch/run_eellm.h"
 
 namespace eellm {
@@ -548,6 +551,61 @@ TEST_F(CliTest, DashedFlagNamesWork) {
   CmdResult r = RunEellm(args);
   EXPECT_NE(r.exit_code, 0) << Describe(args, r);
   EXPECT_NE(r.output.find("\"2\""), std::string::npos) << Describe(args, r);
+}
+
+// `eellm serve` on a free port: it prints where it listens, answers a request, and on SIGTERM
+// stops cleanly with its counters; bad flags are refused naming the value.
+TEST_F(CliTest, ServeAnswersAndStopsOnSigterm) {
+  const std::string ckpt = TrainTinyModel(2);
+  ASSERT_FALSE(ckpt.empty());
+  CmdResult bad = RunEellm("serve --checkpoint=" + Quote(ckpt) + " --max-batch=0");
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.output.find("--max_batch must be in [1, 4096], got 0"), std::string::npos)
+      << bad.output;
+  const std::string out = Path("serve.out"), pid_file = Path("serve.pid");
+  const std::string cmd = Quote(testing::kEellm) + " serve --checkpoint=" + Quote(ckpt) +
+                          " --host=127.0.0.1 --port=0 --max-batch=2 > " + Quote(out) +
+                          " 2>&1 & echo $! > " + Quote(pid_file);
+  ASSERT_EQ(std::system(cmd.c_str()), 0);
+  std::ifstream pf(pid_file);
+  pid_t pid = 0;
+  pf >> pid;
+  ASSERT_GT(pid, 0);
+  auto read_out = [&] {
+    std::ifstream f(out);
+    return std::string(std::istreambuf_iterator<char>(f), {});
+  };
+  std::smatch m;
+  std::string text;
+  for (int i = 0; i < 300 && !std::regex_search(text, m, std::regex(R"(127\.0\.0\.1:(\d+))"));
+       ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    text = read_out();
+  }
+  const int port = m.empty() ? 0 : std::stoi(m[1]);
+  std::string reply;
+  if (port > 0) {
+    httplib::Client client("127.0.0.1", port);
+    auto res = client.Put("/api", R"({"prompts": ["ab"], "tokens_to_generate": 5,
+        "early_exit_thres": 0.5})",
+                          "application/json");
+    if (res) reply = res->body;
+  }
+  kill(pid, SIGTERM);
+  bool gone = false;
+  for (int i = 0; i < 100 && !gone; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    gone = kill(pid, 0) != 0;
+  }
+  if (!gone) kill(pid, SIGKILL);
+  text = read_out();
+  ASSERT_GT(port, 0) << text;
+  EXPECT_TRUE(gone) << "the server did not stop on SIGTERM\n" << text;
+  EXPECT_NE(reply.find("\"text\":[\"ab"), std::string::npos) << reply << "\n" << text;
+  EXPECT_NE(reply.find("\"layers\""), std::string::npos) << reply;
+  EXPECT_NE(text.find("1 prompts, 5 tokens"), std::string::npos) << text;
+  EXPECT_NE(text.find("served 1 requests, 1 sequences in 1 batches, 5 tokens"), std::string::npos)
+      << text;
 }
 
 }  // namespace

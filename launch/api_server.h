@@ -1,0 +1,85 @@
+// The HTTP inference API of `eellm serve`, compatible with EE-LLM's (Megatron's) text generation
+// server: PUT /api (POST also) with {"prompts": [...], "tokens_to_generate": 64, ...} answers
+// {"text": [...], "segments": [...], "logprobs": [...]}, plus each token's exit depth. GET /health
+// describes the model and the service's counters. Requests run on a GenerationService, so
+// concurrent requests are batched together, never interleaved on one KV cache. A bad request
+// answers 400 with {"error": "..."} naming the field and value.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "launch/generation_service.h"
+#include "models/model_config.h"
+#include "models/tokenizer.h"
+
+namespace httplib {
+class Server;
+}
+
+namespace eellm {
+
+struct ApiDefaults {
+  // early_exit_thres when a request sets use_early_exit without it.
+  float early_exit_threshold = 0.8f;
+  int max_prompts = 128;  // per request (EE-LLM's limit)
+  // random_seed when a request gives none: seed + 1000003 * request number.
+  uint64_t seed = 1234;
+};
+
+// A parsed request: one GenerationRequest per prompt, and what the response needs.
+struct ApiCall {
+  std::vector<std::string> prompts;
+  std::vector<GenerationRequest> requests;
+  std::vector<std::string> stop_sequences;
+  bool logprobs = false;
+};
+
+// Parses and checks a request body. Fields (EE-LLM's names; all optional but "prompts"):
+//   prompts            list of 1..max_prompts strings
+//   tokens_to_generate integer >= 1 (64)
+//   temperature        >= 0, 0 = greedy (1.0); top_k >= 0, 0 = all (0); top_p in [0, 1], 0 = off
+//   random_seed        integer >= 0; prompt i samples with random_seed + i
+//   add_BOS            prepend the tokenizer's BOS (false); an empty prompt always starts with it
+//   stop_sequences     list of strings: a prompt stops when its text contains one, and its text
+//                      is cut before it
+//   logprobs           return each generated token's log-probability (false)
+//   use_early_exit     (true when early_exit_thres is given, else false)
+//   early_exit_thres   confidence threshold in (0, 1]
+//   exit_layers        layers of the exits allowed to fire (all)
+//   print_max_prob     accepted only as false
+// Unknown fields and wrong types are errors.
+absl::StatusOr<ApiCall> ParseApiRequest(const std::string& body, const Tokenizer& tok,
+                                        const ApiDefaults& defaults, uint64_t request_number);
+
+// The JSON response: "text" (prompt + generated text, cut before a stop sequence), "segments"
+// (the text of each prompt and generated token), "logprobs" (when asked: the generated tokens'),
+// "layers" (layers each generated token ran), "finish_reason" ("length", "eos" or "stop").
+std::string ApiResponse(const ApiCall& call, const std::vector<GenerationResult>& results,
+                        const Tokenizer& tok);
+
+class ApiServer {
+ public:
+  ApiServer(GenerationService* service, const Tokenizer* tok, const ModelConfig& config,
+            const ApiDefaults& defaults);
+  ~ApiServer();
+  // Binds to host:port (port 0: any free port); returns the port.
+  absl::StatusOr<int> Bind(const std::string& host, int port);
+  // Answers requests until Stop() (from another thread).
+  void Serve();
+  void Stop();
+
+ private:
+  GenerationService* service_;
+  const Tokenizer* tok_;
+  ModelConfig config_;
+  ApiDefaults defaults_;
+  std::atomic<uint64_t> requests_{0};
+  std::unique_ptr<httplib::Server> http_;
+};
+
+}  // namespace eellm

@@ -1,0 +1,104 @@
+// `eellm serve`: loads a checkpoint and answers generation requests over HTTP (launch/api_server.h
+// describes the API) until SIGINT or SIGTERM; concurrent requests share batches.
+#include <atomic>
+#include <csignal>
+#include <cstdio>
+#include <thread>
+
+#include "absl/flags/flag.h"
+#include "absl/strings/str_cat.h"
+#include "launch/api_server.h"
+#include "launch/commands.h"
+#include "launch/generation_service.h"
+#include "launch/model_loader.h"
+#include "launch/shared_flags.h"
+#include "models/generator.h"
+
+ABSL_FLAG(std::string, host, "0.0.0.0", "address to listen on");
+ABSL_FLAG(int, port, 5000, "port to listen on (0: any free port, printed at start)");
+ABSL_FLAG(int, max_batch, 16,
+          "most sequences generated together (each holds a KV cache of the model's context)");
+ABSL_FLAG(double, default_threshold, 0.8,
+          "early-exit threshold of requests that set use_early_exit without early_exit_thres");
+
+namespace eellm {
+namespace {
+
+int Fail(const absl::Status& s) {
+  std::fprintf(stderr, "error: %s\n", std::string(s.message()).c_str());
+  return 1;
+}
+
+}  // namespace
+
+int RunServeCommand() {
+  const std::string path = absl::GetFlag(FLAGS_checkpoint);
+  if (path.empty()) return Fail(absl::InvalidArgumentError("--checkpoint is required"));
+  const int max_batch = absl::GetFlag(FLAGS_max_batch);
+  if (max_batch < 1 || max_batch > 4096) {
+    return Fail(absl::InvalidArgumentError(
+        absl::StrCat("--max_batch must be in [1, 4096], got ", max_batch)));
+  }
+  const double th = absl::GetFlag(FLAGS_default_threshold);
+  if (!(th > 0 && th <= 1)) {
+    return Fail(absl::InvalidArgumentError(
+        absl::StrCat("--default_threshold must be in (0, 1], got ", th)));
+  }
+  const int port = absl::GetFlag(FLAGS_port);
+  if (port < 0 || port > 65535) {
+    return Fail(
+        absl::InvalidArgumentError(absl::StrCat("--port must be in [0, 65535], got ", port)));
+  }
+  // SIGINT/SIGTERM are taken by a thread (sigwait) that stops the server; block them first, so
+  // that every thread started from here on inherits the mask.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  auto backend = MakeBackend(absl::GetFlag(FLAGS_backend));
+  if (!backend.ok()) return Fail(backend.status());
+  auto loaded = LoadModelFromCheckpoint(path, backend->get());
+  if (!loaded.ok()) return Fail(loaded.status());
+  Model& model = *loaded->model;
+  const ModelConfig& c = model.config();
+  const std::string tok_name =
+      loaded->meta.attrs.count("tokenizer") ? loaded->meta.attrs["tokenizer"] : "byte";
+  auto tok = MakeTokenizer(tok_name);
+  if (!tok.ok()) return Fail(tok.status());
+
+  Generator generator(&model, c.max_seq_len, max_batch);
+  GenerationService service(&generator);
+  ApiDefaults defaults;
+  defaults.early_exit_threshold = static_cast<float>(th);
+  defaults.seed = absl::GetFlag(FLAGS_seed);
+  ApiServer server(&service, tok->get(), c, defaults);
+  auto bound = server.Bind(absl::GetFlag(FLAGS_host), port);
+  if (!bound.ok()) return Fail(bound.status());
+  std::atomic<bool> served{false};
+  std::thread stopper([&] {
+    int sig = 0;
+    sigwait(&signals, &sig);
+    if (served) return;
+    std::fprintf(stderr, "signal %d (%s): stopping after the requests in flight\n", sig,
+                 sig == SIGINT ? "SIGINT" : "SIGTERM");
+    server.Stop();
+  });
+  std::printf("serving %s (%d layers, exits at layers", path.c_str(), c.num_layers);
+  for (const ExitConfig& x : c.exits) std::printf(" %d", x.layer);
+  std::printf(") on http://%s:%d: PUT /api, GET /health; batches of up to %d sequences\n",
+              absl::GetFlag(FLAGS_host).c_str(), *bound, max_batch);
+  std::fflush(stdout);
+  server.Serve();
+  served = true;
+  pthread_kill(stopper.native_handle(), SIGTERM);  // ends the sigwait if Serve ended otherwise
+  stopper.join();
+  const GenerationService::Stats st = service.stats();
+  std::printf("served %lld requests, %lld sequences in %lld batches, %lld tokens\n",
+              static_cast<long long>(st.requests), static_cast<long long>(st.sequences),
+              static_cast<long long>(st.batches), static_cast<long long>(st.tokens));
+  return 0;
+}
+
+}  // namespace eellm

@@ -1,0 +1,242 @@
+// The serving stack: request parsing (every bad field named), the generation service (concurrent
+// requests share batches and each gets what it would get alone), and the HTTP server end to end
+// on a local port.
+#include "launch/api_server.h"
+
+#include <httplib.h>
+
+#include <thread>
+
+#include "gtest/gtest.h"
+#include "launch/generation_service.h"
+#include "nlohmann/json.hpp"
+#include "tests/models/model_test_util.h"
+
+namespace eellm {
+namespace {
+
+using nlohmann::json;
+
+// A Llama-style model with exits over the byte tokenizer's 258 ids.
+std::unique_ptr<Model> ByteModel(Backend* be) {
+  ModelConfig c = testing::ConfigWithExits(ModelStyle::kLlama);
+  c.vocab_size = 258;
+  c.hidden_size = 16;
+  c.max_seq_len = 64;
+  auto m = *Model::Create(c, be);
+  testing::FillParams(*m, 81, 0.6f);
+  return m;
+}
+
+TEST(ApiRequest, MapsEveryFieldAndDefaults) {
+  ByteTokenizer tok;
+  ApiDefaults d;
+  d.early_exit_threshold = 0.6f;
+  auto call = ParseApiRequest(R"({"prompts": ["ab", ""]})", tok, d, 0);
+  ASSERT_TRUE(call.ok()) << call.status();
+  ASSERT_EQ(call->requests.size(), 2u);
+  const GenerationRequest& a = call->requests[0];
+  EXPECT_EQ(a.prompt, (std::vector<int32_t>{'a', 'b'}));
+  EXPECT_EQ(call->requests[1].prompt, std::vector<int32_t>{tok.bos_id()});  // empty: BOS
+  EXPECT_EQ(a.max_new_tokens, 64);
+  EXPECT_EQ(a.eos_id, tok.eos_id());
+  EXPECT_FLOAT_EQ(a.sampling.temperature, 1.0f);
+  EXPECT_FLOAT_EQ(a.sampling.top_p, 1.0f);
+  EXPECT_FLOAT_EQ(a.early_exit.threshold, 1.0f);  // early exit off unless asked
+  EXPECT_EQ(call->requests[1].sampling.seed, a.sampling.seed + 1);
+  EXPECT_FALSE(a.stop);
+  auto other = ParseApiRequest(R"({"prompts": ["ab"]})", tok, d, 1);
+  EXPECT_NE(other->requests[0].sampling.seed, a.sampling.seed) << "requests get distinct seeds";
+
+  call = ParseApiRequest(R"({"prompts": ["ab"], "tokens_to_generate": 5, "temperature": 0,
+      "top_k": 3, "top_p": 0.5, "random_seed": 42, "add_BOS": true, "logprobs": true,
+      "use_early_exit": true, "exit_layers": [3], "stop_sequences": ["\n\n"],
+      "print_max_prob": false})",
+                         tok, d, 0);
+  ASSERT_TRUE(call.ok()) << call.status();
+  const GenerationRequest& b = call->requests[0];
+  EXPECT_EQ(b.prompt, (std::vector<int32_t>{tok.bos_id(), 'a', 'b'}));
+  EXPECT_EQ(b.max_new_tokens, 5);
+  EXPECT_EQ(b.sampling.temperature, 0.0f);
+  EXPECT_EQ(b.sampling.top_k, 3);
+  EXPECT_FLOAT_EQ(b.sampling.top_p, 0.5f);
+  EXPECT_EQ(b.sampling.seed, 42u);
+  EXPECT_FLOAT_EQ(b.early_exit.threshold, 0.6f);  // the server's default threshold
+  EXPECT_EQ(b.early_exit.exit_layers, std::vector<int>{3});
+  EXPECT_TRUE(call->logprobs);
+  ASSERT_TRUE(b.stop);
+  EXPECT_FALSE(b.stop({'x', '\n'}));
+  EXPECT_TRUE(b.stop({'x', '\n', '\n', 'y'}));
+  // early_exit_thres alone turns early exit on.
+  call = ParseApiRequest(R"({"prompts": ["ab"], "early_exit_thres": 0.3})", tok, d, 0);
+  EXPECT_FLOAT_EQ(call->requests[0].early_exit.threshold, 0.3f);
+  call = ParseApiRequest(R"({"prompts": ["ab"], "early_exit_thres": 0.3, "use_early_exit": false})",
+                         tok, d, 0);
+  EXPECT_FLOAT_EQ(call->requests[0].early_exit.threshold, 1.0f);
+}
+
+TEST(ApiRequest, ErrorsNameTheFieldAndValue) {
+  ByteTokenizer tok;
+  ApiDefaults d;
+  d.max_prompts = 2;
+  const std::pair<const char*, const char*> cases[] = {
+      {"not json", "not JSON"},
+      {"[1]", "JSON object"},
+      {"{}", "\"prompts\" is required"},
+      {R"({"prompts": "ab"})", "\"prompts\" must be a list of strings, got \"ab\""},
+      {R"({"prompts": []})", "1 to 2 strings, got 0"},
+      {R"({"prompts": ["a", "b", "c"]})", "1 to 2 strings, got 3"},
+      {R"({"prompts": ["a"], "tokens_to_generate": 0})",
+       "\"tokens_to_generate\" must be an integer >= 1, got 0"},
+      {R"({"prompts": ["a"], "tokens_to_generate": 2.5})", "got 2.5"},
+      {R"({"prompts": ["a"], "tokens_to_generate": 1e12})", "got 1000000000000.0"},
+      {R"({"prompts": ["a"], "temperature": -1})", "\"temperature\" must be a number >= 0"},
+      {R"({"prompts": ["a"], "top_p": 1.5})",
+       "\"top_p\" must be a number in [0, 1] (0 = off), got 1.5"},
+      {R"({"prompts": ["a"], "top_k": "5"})", "\"top_k\" must be an integer >= 0, got \"5\""},
+      {R"({"prompts": ["a"], "random_seed": -3})",
+       "\"random_seed\" must be an integer >= 0, got -3"},
+      {R"({"prompts": ["a"], "add_BOS": 1})", "\"add_BOS\" must be true or false, got 1"},
+      {R"({"prompts": ["a"], "early_exit_thres": 0})",
+       "\"early_exit_thres\" must be a number in (0, 1], got 0"},
+      {R"({"prompts": ["a"], "exit_layers": [1.5]})", "\"exit_layers\" must be a list of integers"},
+      {R"({"prompts": ["a"], "stop_sequences": [""]})", "may not hold \"\""},
+      {R"({"prompts": ["a"], "print_max_prob": true})", "\"print_max_prob\" must be false"},
+      {R"({"prompts": ["a"], "max_tokens": 5})", "unknown field \"max_tokens\""},
+  };
+  for (const auto& [body, want] : cases) {
+    auto r = ParseApiRequest(body, tok, d, 0);
+    ASSERT_FALSE(r.ok()) << body;
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(r.status().message().find(want), std::string::npos)
+        << body << " -> " << r.status().message();
+  }
+}
+
+TEST(ApiResponse, CutsAtStopSequencesAndReportsPerToken) {
+  ByteTokenizer tok;
+  auto call = *ParseApiRequest(R"({"prompts": ["Q:"], "stop_sequences": ["\n", "zz"],
+      "logprobs": true})",
+                               tok, ApiDefaults(), 0);
+  GenerationResult g;
+  g.tokens = {' ', 'a', 'z', 'z', 'b'};
+  g.depth = {1, 4, 4, 2, 4};
+  g.logprobs = {-0.5f, -1, -2, -3, -4};
+  g.finish = FinishReason::kStop;
+  const json r = json::parse(ApiResponse(call, {g}, tok));
+  EXPECT_EQ(r["text"][0], "Q: a");
+  EXPECT_EQ(r["segments"][0].size(), 7u);  // 2 prompt + 5 generated tokens
+  EXPECT_EQ(r["segments"][0][2], " ");
+  EXPECT_EQ(r["layers"][0], json({1, 4, 4, 2, 4}));
+  EXPECT_EQ(r["logprobs"][0].size(), 5u);
+  EXPECT_EQ(r["finish_reason"][0], "stop");
+  call.logprobs = false;
+  EXPECT_FALSE(json::parse(ApiResponse(call, {g}, tok)).contains("logprobs"));
+}
+
+// Requests from several threads at once: each gets exactly what it gets alone, every sequence is
+// generated once, batches hold at most max_sequences, and a request larger than a batch spreads
+// over several. A bad request fails alone.
+TEST(GenerationService, ConcurrentRequestsShareBatchesAndGetWhatTheyGetAlone) {
+  auto be = testing::Cpu();
+  auto m = ByteModel(be.get());
+  Generator shared(m.get(), 64, 4), alone(m.get(), 64, 8);
+  GenerationService service(&shared);
+  ByteTokenizer tok;
+  std::vector<std::vector<GenerationRequest>> reqs;
+  const char* bodies[] = {
+      R"({"prompts": ["In the", "And God"], "tokens_to_generate": 12, "temperature": 0,
+          "early_exit_thres": 0.3})",
+      R"({"prompts": ["x"], "tokens_to_generate": 20, "random_seed": 3, "top_k": 20})",
+      R"({"prompts": ["a", "b", "c", "d", "e", "f"], "tokens_to_generate": 6,
+          "early_exit_thres": 0.2, "random_seed": 9})",
+      R"({"prompts": ["Lord"], "tokens_to_generate": 15, "temperature": 0.7,
+          "early_exit_thres": 0.25, "exit_layers": [1, 3]})",
+      R"({"prompts": ["long prompt of some length"], "tokens_to_generate": 9, "temperature": 0})",
+  };
+  for (int i = 0; i < 5; ++i) {
+    auto call = ParseApiRequest(bodies[i], tok, ApiDefaults(), i);
+    ASSERT_TRUE(call.ok()) << call.status();
+    reqs.push_back(call->requests);
+  }
+  std::vector<absl::StatusOr<std::vector<GenerationResult>>> got(6);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 5; ++i) {
+    threads.emplace_back([&, i] { got[i] = service.Generate(reqs[i]); });
+  }
+  std::vector<GenerationRequest> bad = reqs[0];
+  bad[1].prompt.push_back(999);
+  threads.emplace_back([&] { got[5] = service.Generate(bad); });
+  for (auto& t : threads) t.join();
+  ASSERT_FALSE(got[5].ok());
+  EXPECT_NE(got[5].status().message().find("prompt 1: prompt token 999"), std::string::npos)
+      << got[5].status();
+  int sequences = 0, early = 0;
+  for (int i = 0; i < 5; ++i) {
+    ASSERT_TRUE(got[i].ok()) << got[i].status();
+    auto want = *alone.GenerateBatch(reqs[i]);
+    ASSERT_EQ(got[i]->size(), want.size());
+    for (size_t s = 0; s < want.size(); ++s) {
+      EXPECT_EQ((*got[i])[s].tokens, want[s].tokens) << "request " << i << " prompt " << s;
+      EXPECT_EQ((*got[i])[s].exit_index, want[s].exit_index) << "request " << i << " prompt " << s;
+      for (int e : want[s].exit_index) early += e >= 0;
+    }
+    sequences += static_cast<int>(want.size());
+  }
+  EXPECT_GT(early, 5);
+  const GenerationService::Stats st = service.stats();
+  EXPECT_EQ(st.sequences, sequences);
+  EXPECT_EQ(st.requests, 5);  // the bad one was refused before it queued
+  EXPECT_LE(st.largest_batch, 4);
+  EXPECT_GE(st.batches, 3);  // 11 sequences, 4 per batch
+  EXPECT_LT(st.batches, sequences) << "no two sequences ever shared a batch";
+}
+
+// The HTTP server on a free local port: a generation, an error, /health and an unknown path.
+TEST(ApiServer, AnswersOverHttp) {
+  auto be = testing::Cpu();
+  auto m = ByteModel(be.get());
+  Generator gen(m.get(), 64, 4), alone(m.get(), 64, 2);
+  GenerationService service(&gen);
+  ByteTokenizer tok;
+  ApiServer server(&service, &tok, m->config(), ApiDefaults());
+  auto port = server.Bind("127.0.0.1", 0);
+  ASSERT_TRUE(port.ok()) << port.status();
+  std::thread serving([&] { server.Serve(); });
+  httplib::Client client("127.0.0.1", *port);
+  const std::string body =
+      R"({"prompts": ["In the", "Lord"], "tokens_to_generate": 10, "temperature": 0,
+          "early_exit_thres": 0.3, "logprobs": true})";
+  auto res = client.Put("/api", body, "application/json");
+  ASSERT_TRUE(res) << httplib::to_string(res.error());
+  EXPECT_EQ(res->status, 200) << res->body;
+  const json r = json::parse(res->body);
+  auto call = *ParseApiRequest(body, tok, ApiDefaults(), 0);
+  auto want = *alone.GenerateBatch(call.requests);
+  for (int i = 0; i < 2; ++i) {
+    // The random model's bytes are not always UTF-8; JSON carries them as U+FFFD.
+    const json text = call.prompts[i] + tok.Decode(want[i].tokens);
+    EXPECT_EQ(r["text"][i], json::parse(text.dump(-1, ' ', false, json::error_handler_t::replace)));
+    EXPECT_EQ(r["layers"][i], json(want[i].depth));
+    EXPECT_EQ(r["logprobs"][i].size(), want[i].tokens.size());
+  }
+  res = client.Post("/api", R"({"prompts": ["a"], "tokens_to_generate": 100})", "application/json");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 400);
+  EXPECT_NE(res->body.find("exceeds the context length 64"), std::string::npos) << res->body;
+  res = client.Get("/health");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 200);
+  const json h = json::parse(res->body);
+  EXPECT_EQ(h["served"]["sequences"], 2);
+  EXPECT_EQ(h["model"]["exit_layers"], json({1, 2, 3}));
+  res = client.Get("/v1/completions");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 404);
+  EXPECT_NE(res->body.find("no such endpoint"), std::string::npos) << res->body;
+  server.Stop();
+  serving.join();
+}
+
+}  // namespace
+}  // namespace eellm
