@@ -1,4 +1,5 @@
-// `eellm bench train` (launch/bench_train.h) and `eellm bench checkpoint`: checkpoint save and
+// `eellm bench train` (launch/bench_train.h), `eellm bench generate` (launch/bench_generate.h)
+// and `eellm bench checkpoint`: checkpoint save and
 // load throughput against the disk's raw
 // sequential write speed (dd with fdatasync, run in the same command on the same directory).
 // Reports MB/s of tensor bytes (parameters plus AdamW moments) for a single-file save, a
@@ -11,18 +12,23 @@
 #include <string>
 
 #include "absl/flags/flag.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "engine/core/rng.h"
 #include "engine/core/timer.h"
+#include "launch/bench_generate.h"
 #include "launch/bench_train.h"
 #include "launch/checkpoint_layout.h"
 #include "launch/commands.h"
+#include "launch/model_loader.h"
 #include "launch/shared_flags.h"
 #include "models/transformer.h"
 #include "nlohmann/json.hpp"
 
-ABSL_FLAG(std::string, what, "", "benchmark to run: train or checkpoint (or the first argument)");
-ABSL_FLAG(int, batch, 8, "train: sequences per step");
+ABSL_FLAG(std::string, what, "",
+          "benchmark to run: train, generate or checkpoint (or the first argument)");
+ABSL_FLAG(int, batch, 8, "train: sequences per step; generate: sequences generated together");
 ABSL_FLAG(int, seq, 256, "train: tokens per sequence");
 ABSL_FLAG(int, micro_batch, 0, "train: sequences per microbatch (0 = batch)");
 ABSL_FLAG(int, warmup, 2, "train: untimed steps first");
@@ -32,6 +38,8 @@ ABSL_FLAG(std::string, torch_reference, "",
           "train: PyTorch reference script run in the same command (tools/bench_torch.py)");
 ABSL_FLAG(std::string, python, "python3", "train: Python for the PyTorch reference");
 ABSL_FLAG(std::string, dir, "/tmp/eellm_bench", "scratch directory (removed afterwards)");
+ABSL_FLAG(int, new_tokens, 128, "generate: tokens generated per sequence");
+ABSL_FLAG(std::string, thresholds, "1.0,0.8", "generate: early-exit thresholds to run");
 ABSL_FLAG(std::string, model, "",
           "model config JSON (a model config, or a run config's \"model\" section); train: "
           "required; checkpoint: default Llama style, hidden 512, 8 layers, vocab 32000");
@@ -181,12 +189,52 @@ int BenchTrain() {
   return s.ok() ? 0 : fail(s);
 }
 
+int BenchGenerate() {
+  auto fail = [](const absl::Status& s) {
+    std::fprintf(stderr, "error: %s\n", std::string(s.message()).c_str());
+    return 1;
+  };
+  GenerateBenchOptions o;
+  o.batch = absl::GetFlag(FLAGS_batch);
+  o.new_tokens = absl::GetFlag(FLAGS_new_tokens);
+  o.temperature = static_cast<float>(absl::GetFlag(FLAGS_temperature));
+  o.seed = absl::GetFlag(FLAGS_seed);
+  o.thresholds.clear();
+  for (absl::string_view part : absl::StrSplit(absl::GetFlag(FLAGS_thresholds), ',')) {
+    double th;
+    if (!absl::SimpleAtod(part, &th) || !(th > 0 && th <= 1)) {
+      return fail(absl::InvalidArgumentError(
+          absl::StrCat("--thresholds: \"", part, "\" is not a threshold in (0, 1]")));
+    }
+    o.thresholds.push_back(static_cast<float>(th));
+  }
+  if (o.batch < 1 || o.new_tokens < 1 || !(o.temperature >= 0)) {
+    return fail(absl::InvalidArgumentError(
+        absl::StrCat("need --batch >= 1, --new_tokens >= 1 and --temperature >= 0, got ", o.batch,
+                     ", ", o.new_tokens, ", ", o.temperature)));
+  }
+  if (absl::GetFlag(FLAGS_checkpoint).empty()) {
+    return fail(absl::InvalidArgumentError("--checkpoint is required (e.g. runs/kjv_demo)"));
+  }
+  auto be = MakeBackend(absl::GetFlag(FLAGS_backend));
+  if (!be.ok()) return fail(be.status());
+  auto loaded = LoadModelFromCheckpoint(absl::GetFlag(FLAGS_checkpoint), be->get());
+  if (!loaded.ok()) return fail(loaded.status());
+  const std::string tok_name =
+      loaded->meta.attrs.count("tokenizer") ? loaded->meta.attrs["tokenizer"] : "byte";
+  auto tok = MakeTokenizer(tok_name);
+  if (!tok.ok()) return fail(tok.status());
+  absl::Status s = RunGenerateBenchmark(loaded->model.get(), **tok, o);
+  return s.ok() ? 0 : fail(s);
+}
+
 }  // namespace
 
 int RunBenchCommand() {
   if (absl::GetFlag(FLAGS_what) == "checkpoint") return BenchCheckpoint();
   if (absl::GetFlag(FLAGS_what) == "train") return BenchTrain();
-  std::fprintf(stderr, "error: unknown benchmark '%s' (train or checkpoint)\n",
+  if (absl::GetFlag(FLAGS_what) == "generate") return BenchGenerate();
+  std::fprintf(stderr, "error: unknown benchmark '%s' (train, generate or checkpoint)\n",
                absl::GetFlag(FLAGS_what).c_str());
   return 2;
 }

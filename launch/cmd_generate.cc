@@ -20,7 +20,6 @@ ABSL_FLAG(double, threshold, 0.8,
           "1.0 disables early exit");
 ABSL_FLAG(std::string, exit_layers, "",
           "comma-separated exit layer numbers allowed to fire (empty = all)");
-ABSL_FLAG(double, temperature, 0.0, "sampling temperature (0 = greedy)");
 ABSL_FLAG(int, top_k, 0, "sample among the k most likely tokens (0 = all)");
 ABSL_FLAG(double, top_p, 1.0, "nucleus sampling probability mass (1 = off)");
 ABSL_FLAG(bool, compare, false, "also generate without early exit and print both speeds");

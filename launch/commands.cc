@@ -36,7 +36,7 @@ const Command kCommands[] = {
      RunTrainCommand},
     {"generate",
      "cmd_generate.cc",
-     {"checkpoint", "backend", "seed"},
+     {"checkpoint", "backend", "seed", "temperature"},
      "generate text from a checkpoint, with early exit",
      RunGenerateCommand},
     {"serve",
@@ -56,8 +56,8 @@ const Command kCommands[] = {
      RunLogitsCommand},
     {"bench",
      "cmd_bench.cc",
-     {},
-     "benchmarks: checkpoint (save/load MB/s against dd)",
+     {"checkpoint", "backend", "seed", "steps", "temperature"},
+     "benchmarks: train (step speed, MFU), generate (batched vs one at a time), checkpoint",
      RunBenchCommand},
 };
 

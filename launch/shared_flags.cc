@@ -28,3 +28,4 @@ ABSL_FLAG(int, exit, -1,
           "set-exit-position: the exit to move)");
 ABSL_FLAG(int, steps, 0,
           "steps (train: override train.steps, 0 = keep; bench train: timed steps, 0 = 5)");
+ABSL_FLAG(double, temperature, 0.0, "sampling temperature (0 = greedy)");

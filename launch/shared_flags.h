@@ -16,3 +16,4 @@ ABSL_DECLARE_FLAG(std::string, checkpoint);
 ABSL_DECLARE_FLAG(std::string, backend);
 ABSL_DECLARE_FLAG(int, exit);
 ABSL_DECLARE_FLAG(int, steps);
+ABSL_DECLARE_FLAG(double, temperature);

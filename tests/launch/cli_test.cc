@@ -532,6 +532,28 @@ TEST_F(CliTest, BenchRunsTheTorchReferenceWithAndWithoutExits) {
       << Describe(args, failed);
 }
 
+// `eellm bench generate`: both runs per threshold, the same tokens batched and one at a time.
+TEST_F(CliTest, BenchGenerateComparesBatchedWithOneAtATime) {
+  const std::string ckpt = TrainTinyModel(2);
+  ASSERT_FALSE(ckpt.empty());
+  const std::string args = "bench generate --checkpoint=" + Quote(ckpt) +
+                           " --batch=3 --new-tokens=6 --thresholds=1.0,0.5";
+  CmdResult r = RunEellm(args);
+  ASSERT_EQ(r.exit_code, 0) << Describe(args, r);
+  std::smatch m;
+  for (const char* th : {"1.00", "0.50"}) {
+    EXPECT_TRUE(std::regex_search(
+        r.output, m,
+        std::regex(std::string("\n") + th +
+                   R"( +\| +[0-9.]+ \| +[0-9.]+ \| +[0-9.]+x \| .* \| 3 of 3\n)")))
+        << Describe(args, r);
+  }
+  CmdResult bad = RunEellm("bench generate --checkpoint=" + Quote(ckpt) + " --thresholds=0.8,2");
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.output.find("--thresholds: \"2\" is not a threshold in (0, 1]"), std::string::npos)
+      << bad.output;
+}
+
 TEST_F(CliTest, DashedFlagNamesWork) {
   const std::string ckpt = TrainTinyModel(2);
   ASSERT_FALSE(ckpt.empty());

@@ -1,0 +1,28 @@
+// The generation benchmark behind `eellm bench generate`: decode throughput of batched early-exit
+// generation (one forward pass for every sequence) against the same prompts generated one at a
+// time, in the same process, at several exit thresholds; with the average layers run, the share
+// of tokens that exited early, and whether batching changed any sequence's tokens.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "models/tokenizer.h"
+#include "models/transformer.h"
+
+namespace eellm {
+
+struct GenerateBenchOptions {
+  int batch = 8;         // sequences
+  int new_tokens = 128;  // generated per sequence (no EOS stop)
+  std::vector<float> thresholds = {1.0f, 0.8f};
+  float temperature = 0;  // 0 = greedy
+  uint64_t seed = 1234;
+};
+
+// Prints one table row per threshold. Prompts: a fixed set of short English phrases, cycled.
+absl::Status RunGenerateBenchmark(Model* model, const Tokenizer& tok,
+                                  const GenerateBenchOptions& o);
+
+}  // namespace eellm
