@@ -245,7 +245,7 @@ ApiServer::ApiServer(GenerationService* service, const Tokenizer* tok, const Mod
             {"served",
              {{"requests", st.requests},
               {"sequences", st.sequences},
-              {"batches", st.batches},
+              {"steps", st.steps},
               {"tokens", st.tokens},
               {"largest_batch", st.largest_batch}}}});
   });

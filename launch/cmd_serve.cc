@@ -87,7 +87,7 @@ int RunServeCommand() {
   });
   std::printf("serving %s (%d layers, exits at layers", path.c_str(), c.num_layers);
   for (const ExitConfig& x : c.exits) std::printf(" %d", x.layer);
-  std::printf(") on http://%s:%d: PUT /api, GET /health; batches of up to %d sequences\n",
+  std::printf(") on http://%s:%d: PUT /api, GET /health; up to %d sequences at a time\n",
               absl::GetFlag(FLAGS_host).c_str(), *bound, max_batch);
   std::fflush(stdout);
   server.Serve();
@@ -95,9 +95,11 @@ int RunServeCommand() {
   pthread_kill(stopper.native_handle(), SIGTERM);  // ends the sigwait if Serve ended otherwise
   stopper.join();
   const GenerationService::Stats st = service.stats();
-  std::printf("served %lld requests, %lld sequences in %lld batches, %lld tokens\n",
-              static_cast<long long>(st.requests), static_cast<long long>(st.sequences),
-              static_cast<long long>(st.batches), static_cast<long long>(st.tokens));
+  std::printf(
+      "served %lld requests, %lld sequences, %lld tokens in %lld forward passes (up to %d "
+      "sequences each)\n",
+      static_cast<long long>(st.requests), static_cast<long long>(st.sequences),
+      static_cast<long long>(st.tokens), static_cast<long long>(st.steps), st.largest_batch);
   return 0;
 }
 

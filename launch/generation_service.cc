@@ -37,48 +37,40 @@ absl::StatusOr<std::vector<GenerationResult>> GenerationService::Generate(
   queued_.notify_one();
   done_.wait(lock, [&] { return job.remaining == 0; });
   stats_.requests++;
-  if (!job.status.ok()) return job.status;
   return std::move(job.results);
 }
 
 void GenerationService::Work() {
-  const size_t room = static_cast<size_t>(gen_->max_sequences());
+  // The generator is used by this thread alone; the lock guards the queue, jobs and stats.
+  std::vector<std::pair<Job*, size_t>> owner(gen_->max_sequences());  // slot -> job, index
   for (;;) {
-    std::vector<GenerationRequest> batch;
-    std::vector<std::pair<Job*, size_t>> owners;  // per sequence of the batch: job, index
     {
       std::unique_lock<std::mutex> lock(mu_);
-      queued_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
-      if (queue_.empty()) return;  // stopping, and nothing left
-      while (!queue_.empty() && batch.size() < room) {
+      queued_.wait(lock, [&] { return stopping_ || !queue_.empty() || gen_->active() > 0; });
+      if (queue_.empty() && gen_->active() == 0) return;  // stopping, and nothing left
+      while (!queue_.empty() && gen_->free_slots() > 0) {
         Job* job = queue_.front();
-        const size_t take = std::min(room - batch.size(), job->requests->size() - job->next);
-        for (size_t k = 0; k < take; ++k) {
-          batch.push_back((*job->requests)[job->next + k]);
-          owners.emplace_back(job, job->next + k);
-        }
-        job->next += take;
-        if (job->next == job->requests->size()) queue_.pop_front();
+        auto slot = gen_->Admit((*job->requests)[job->next]);
+        EE_CHECK(slot.ok(), "admitting a validated request failed: ", slot.status().message());
+        owner[*slot] = {job, job->next};
+        if (++job->next == job->requests->size()) queue_.pop_front();
       }
     }
-    auto results = gen_->GenerateBatch(batch);
+    const int running = gen_->active();
+    std::vector<Generator::Finished> finished = gen_->Advance();
     {
       std::lock_guard<std::mutex> lock(mu_);
-      stats_.batches++;
-      stats_.largest_batch = std::max(stats_.largest_batch, static_cast<int>(batch.size()));
-      for (size_t i = 0; i < owners.size(); ++i) {
-        auto [job, index] = owners[i];
-        if (results.ok()) {
-          stats_.sequences++;
-          stats_.tokens += static_cast<int64_t>((*results)[i].tokens.size());
-          job->results[index] = std::move((*results)[i]);
-        } else {
-          job->status = results.status();
-        }
+      stats_.steps++;
+      stats_.largest_batch = std::max(stats_.largest_batch, running);
+      for (Generator::Finished& f : finished) {
+        auto [job, index] = owner[f.slot];
+        stats_.sequences++;
+        stats_.tokens += static_cast<int64_t>(f.result.tokens.size());
+        job->results[index] = std::move(f.result);
         job->remaining--;
       }
     }
-    done_.notify_all();
+    if (!finished.empty()) done_.notify_all();
   }
 }
 

@@ -1,8 +1,10 @@
-// Shares one Generator between many caller threads (the HTTP server's handlers). Requests queue
-// in arrival order; one worker thread runs their sequences in batches of up to the generator's
-// max_sequences, and the sequences of several requests share a batch. A request with more
-// prompts than a batch holds spreads over several batches. Callers block until their request is
-// done. Bad requests are refused before they queue, so they never fail another caller's batch.
+// Shares one Generator between many caller threads (the HTTP server's handlers) with continuous
+// batching: requests queue in arrival order, and one worker thread admits their sequences into
+// the generator's free slots between forward passes, so a new sequence's prefill joins the
+// running sequences' decode and a finished sequence's slot is taken at once. Sequences of
+// several requests share passes; a request with more prompts than there are slots spreads over
+// time. Callers block until their request is done. Bad requests are refused before they queue,
+// so they never fail another caller's sequences.
 #pragma once
 
 #include <condition_variable>
@@ -32,9 +34,9 @@ class GenerationService {
   struct Stats {
     int64_t requests = 0;   // Generate calls completed
     int64_t sequences = 0;  // sequences generated
-    int64_t batches = 0;    // batches run
+    int64_t steps = 0;      // forward passes run
     int64_t tokens = 0;     // tokens generated
-    int largest_batch = 0;  // most sequences in one batch
+    int largest_batch = 0;  // most sequences in one pass
   };
   Stats stats() const;
   const Generator& generator() const { return *gen_; }
@@ -43,17 +45,16 @@ class GenerationService {
   struct Job {
     const std::vector<GenerationRequest>* requests;
     std::vector<GenerationResult> results;
-    size_t next = 0;       // first sequence not yet given to a batch
+    size_t next = 0;       // first sequence not yet admitted
     size_t remaining = 0;  // sequences not yet generated
-    absl::Status status;
   };
   void Work();
 
   Generator* gen_;
   mutable std::mutex mu_;
   std::condition_variable queued_;  // a job was queued, or the service is stopping
-  std::condition_variable done_;    // a batch finished
-  std::deque<Job*> queue_;          // jobs with sequences not yet given to a batch
+  std::condition_variable done_;    // sequences finished
+  std::deque<Job*> queue_;          // jobs with sequences not yet admitted
   bool stopping_ = false;
   Stats stats_;
   std::thread worker_;

@@ -79,6 +79,7 @@ Generator::Generator(Model* model, int capacity, int max_sequences)
 
 void Generator::Reset() {
   for (Sequence& q : seqs_) {
+    q.busy = false;
     q.len = q.pending_start = 0;
     std::fill(q.depth.begin(), q.depth.end(), 0);
   }
@@ -384,6 +385,83 @@ absl::Status Generator::ValidateAll(const std::vector<GenerationRequest>& reques
   return absl::OkStatus();
 }
 
+absl::StatusOr<int> Generator::Admit(GenerationRequest request) {
+  RETURN_IF_ERROR(Validate(request));
+  for (size_t s = 0; s < seqs_.size(); ++s) {
+    Sequence& q = seqs_[s];
+    if (q.busy) continue;
+    q.len = q.pending_start = 0;
+    q.busy = true;
+    q.prefilled = false;
+    q.rng.Seed(request.sampling.seed);
+    q.result = GenerationResult();
+    q.next = request.prompt;
+    q.request = std::move(request);
+    q.timer.Reset();
+    return static_cast<int>(s);
+  }
+  return absl::ResourceExhaustedError(
+      absl::StrCat("all ", seqs_.size(), " sequence slots are taken"));
+}
+
+int Generator::active() const {
+  int n = 0;
+  for (const Sequence& q : seqs_) n += q.busy;
+  return n;
+}
+
+std::vector<Generator::Finished> Generator::Advance(
+    const std::function<void(int, int32_t)>& on_token) {
+  std::vector<Finished> finished;
+  std::vector<std::vector<int32_t>> ids(seqs_.size());
+  std::vector<EarlyExitParams> ee(seqs_.size());
+  bool any = false;
+  for (size_t s = 0; s < seqs_.size(); ++s) {
+    Sequence& q = seqs_[s];
+    if (!q.busy) continue;
+    ids[s] = std::move(q.next);
+    q.next.clear();
+    ee[s] = q.request.early_exit;
+    any = true;
+  }
+  if (!any) return finished;
+  const std::vector<StepResult> r = StepBatch(ids, ee);
+  std::vector<float> scratch;
+  for (size_t s = 0; s < seqs_.size(); ++s) {
+    Sequence& q = seqs_[s];
+    if (!q.busy) continue;
+    if (!q.prefilled) {
+      q.result.prefill_seconds = q.timer.Seconds();
+      q.timer.Reset();
+      q.prefilled = true;
+    }
+    const GenerationRequest& req = q.request;
+    GenerationResult& g = q.result;
+    scratch = r[s].logits;
+    const int32_t tok = SampleToken(scratch, req.sampling, q.rng);
+    g.tokens.push_back(tok);
+    g.exit_index.push_back(r[s].exit_index);
+    g.depth.push_back(r[s].depth);
+    g.logprobs.push_back(LogProbability(r[s].logits.data(), model_->config().vocab_size, tok));
+    if (on_token) on_token(static_cast<int>(s), tok);
+    if (tok == req.eos_id) {
+      g.finish = FinishReason::kEos;
+    } else if (req.stop && req.stop(g.tokens)) {
+      g.finish = FinishReason::kStop;
+    } else if (static_cast<int>(g.tokens.size()) == req.max_new_tokens) {
+      g.finish = FinishReason::kLength;
+    } else {
+      q.next = {tok};
+      continue;
+    }
+    g.decode_seconds = q.timer.Seconds();
+    q.busy = false;
+    q.request = GenerationRequest();
+    finished.push_back({static_cast<int>(s), std::move(g)});
+  }
+  return finished;
+}
+
 absl::StatusOr<std::vector<GenerationResult>> Generator::GenerateBatch(
     const std::vector<GenerationRequest>& requests,
     const std::function<void(int, int32_t)>& on_token) {
@@ -394,53 +472,13 @@ absl::StatusOr<std::vector<GenerationResult>> Generator::GenerateBatch(
   }
   RETURN_IF_ERROR(ValidateAll(requests));
   Reset();
-  std::vector<GenerationResult> res(n);
-  std::vector<Rng> rngs;
-  std::vector<std::vector<int32_t>> ids(n);
-  std::vector<EarlyExitParams> ee(n);
   for (int i = 0; i < n; ++i) {
-    rngs.emplace_back(requests[i].sampling.seed);
-    ids[i] = requests[i].prompt;
-    ee[i] = requests[i].early_exit;
+    auto slot = Admit(requests[i]);
+    EE_CHECK(slot.ok() && *slot == i, "slot ", i, " was not free after Reset");
   }
-  Timer timer;
-  std::vector<StepResult> r = StepBatch(ids, ee);
-  const double prefill = timer.Seconds();
-  timer.Reset();
-  std::vector<float> scratch;
-  for (bool any = true; any;) {
-    any = false;
-    for (int i = 0; i < n; ++i) {
-      ids[i].clear();
-      if (r[i].logits.empty()) continue;  // finished
-      const GenerationRequest& q = requests[i];
-      GenerationResult& g = res[i];
-      scratch = r[i].logits;
-      const int32_t tok = SampleToken(scratch, q.sampling, rngs[i]);
-      g.tokens.push_back(tok);
-      g.exit_index.push_back(r[i].exit_index);
-      g.depth.push_back(r[i].depth);
-      g.logprobs.push_back(LogProbability(r[i].logits.data(), model_->config().vocab_size, tok));
-      if (on_token) on_token(i, tok);
-      bool done = true;
-      if (tok == q.eos_id) {
-        g.finish = FinishReason::kEos;
-      } else if (q.stop && q.stop(g.tokens)) {
-        g.finish = FinishReason::kStop;
-      } else if (static_cast<int>(g.tokens.size()) == q.max_new_tokens) {
-        g.finish = FinishReason::kLength;
-      } else {
-        done = false;
-      }
-      if (done) {
-        g.prefill_seconds = prefill;
-        g.decode_seconds = timer.Seconds();
-      } else {
-        ids[i] = {tok};
-        any = true;
-      }
-    }
-    if (any) r = StepBatch(ids, ee);
+  std::vector<GenerationResult> res(n);
+  while (active() > 0) {
+    for (Finished& f : Advance(on_token)) res[f.slot] = std::move(f.result);
   }
   return res;
 }

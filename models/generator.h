@@ -20,6 +20,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "engine/core/rng.h"
+#include "engine/core/timer.h"
 #include "models/layers.h"
 #include "models/sampler.h"
 #include "models/transformer.h"
@@ -75,7 +77,7 @@ class Generator {
   int max_sequences() const { return static_cast<int>(seqs_.size()); }
 
   // Generates every request together (at most max_sequences()); on_token(i, token) is called as
-  // request i produces a token. Errors name the request and the bad value.
+  // request i produces a token. Errors name the request and the bad value. (Admit + Advance.)
   absl::StatusOr<std::vector<GenerationResult>> GenerateBatch(
       const std::vector<GenerationRequest>& requests,
       const std::function<void(int, int32_t)>& on_token = nullptr);
@@ -89,8 +91,23 @@ class Generator {
   // The first bad request of a batch ("prompt <i>: ..." when there are several), or OK.
   absl::Status ValidateAll(const std::vector<GenerationRequest>& requests) const;
 
+  // ---- continuous batching: sequences join and leave between passes --------------------------
+  // Starts `request` in a free slot (the lowest); the next Advance() prefills it. Returns the
+  // slot.
+  absl::StatusOr<int> Admit(GenerationRequest request);
+  struct Finished {
+    int slot;
+    GenerationResult result;
+  };
+  // One forward pass over every admitted sequence (the prompts of those admitted since the last
+  // pass, the newest token of the others), then each samples its next token; returns those that
+  // finished, whose slots are free again. on_token(slot, token) is called per token.
+  std::vector<Finished> Advance(const std::function<void(int, int32_t)>& on_token = nullptr);
+  int active() const;  // admitted sequences not finished
+  int free_slots() const { return max_sequences() - active(); }
+
   // ---- lower level (tests) -----------------------------------------------------------------
-  void Reset();
+  void Reset();  // also frees every slot
   // Appends ids[s] to sequence s (sequences with no ids are left alone, pending rows included)
   // and runs one forward pass over them; returns each sequence's newest-token head output.
   std::vector<StepResult> StepBatch(const std::vector<std::vector<int32_t>>& ids,
@@ -110,6 +127,13 @@ class Generator {
     std::vector<int> depth;            // per position: layers computed
     int len = 0, pending_start = 0;
     bool checks_exits = false;  // its last step checked exits (block exits keep their K/V)
+    // The request running in this slot (Admit / Advance).
+    bool busy = false, prefilled = false;
+    GenerationRequest request;
+    Rng rng;
+    GenerationResult result;
+    std::vector<int32_t> next;  // what the next pass appends: the prompt, then each new token
+    Timer timer;                // since admission, then since the prefill
   };
   // A sequence's part in one forward pass.
   struct Item {

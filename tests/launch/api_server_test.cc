@@ -135,8 +135,8 @@ TEST(ApiResponse, CutsAtStopSequencesAndReportsPerToken) {
 }
 
 // Requests from several threads at once: each gets exactly what it gets alone, every sequence is
-// generated once, batches hold at most max_sequences, and a request larger than a batch spreads
-// over several. A bad request fails alone.
+// generated once, passes hold at most max_sequences, and a request with more prompts than slots
+// spreads over time. A bad request fails alone.
 TEST(GenerationService, ConcurrentRequestsShareBatchesAndGetWhatTheyGetAlone) {
   auto be = testing::Cpu();
   auto m = ByteModel(be.get());
@@ -188,8 +188,9 @@ TEST(GenerationService, ConcurrentRequestsShareBatchesAndGetWhatTheyGetAlone) {
   EXPECT_EQ(st.sequences, sequences);
   EXPECT_EQ(st.requests, 5);  // the bad one was refused before it queued
   EXPECT_LE(st.largest_batch, 4);
-  EXPECT_GE(st.batches, 3);  // 11 sequences, 4 per batch
-  EXPECT_LT(st.batches, sequences) << "no two sequences ever shared a batch";
+  // The 6-prompt request runs 4 sequences at once, or joins others already running.
+  EXPECT_GE(st.largest_batch, 2);
+  EXPECT_GE(st.steps, 20);  // the longest request alone needs 20 passes
 }
 
 // The HTTP server on a free local port: a generation, an error, /health and an unknown path.

@@ -626,7 +626,8 @@ TEST_F(CliTest, ServeAnswersAndStopsOnSigterm) {
   EXPECT_NE(reply.find("\"text\":[\"ab"), std::string::npos) << reply << "\n" << text;
   EXPECT_NE(reply.find("\"layers\""), std::string::npos) << reply;
   EXPECT_NE(text.find("1 prompts, 5 tokens"), std::string::npos) << text;
-  EXPECT_NE(text.find("served 1 requests, 1 sequences in 1 batches, 5 tokens"), std::string::npos)
+  EXPECT_NE(text.find("served 1 requests, 1 sequences, 5 tokens in 5 forward passes"),
+            std::string::npos)
       << text;
 }
 

@@ -277,6 +277,56 @@ TEST_P(GeneratorTest, SequencesFinishOnTheirOwn) {
   }
 }
 
+// Continuous batching: a sequence admitted while others decode (its prefill shares their pass),
+// and one taking the slot another just left, get what they get alone, and so do the others.
+TEST_P(GeneratorTest, SequencesJoinAndLeaveARunningBatch) {
+  ModelConfig c = ConfigWithExits(GetParam());
+  auto be = Cpu();
+  auto m = *Model::Create(c, be.get());
+  testing::FillParams(*m, 91, 0.8f);
+  const std::vector<GenerationRequest> reqs = testing::MixedRequests(c);
+  Generator g(m.get(), 32, 3), alone(m.get(), 32);
+  std::vector<int> owner(3, -1);  // slot -> request
+  std::vector<GenerationResult> got(reqs.size());
+  int admitted = 0, reused_slot = -1;
+  auto admit = [&] {
+    auto slot = g.Admit(reqs[admitted]);
+    ASSERT_TRUE(slot.ok()) << slot.status();
+    owner[*slot] = admitted++;
+  };
+  auto advance = [&] {
+    std::vector<int> freed;
+    for (Generator::Finished& f : g.Advance()) {
+      got[owner[f.slot]] = std::move(f.result);
+      freed.push_back(f.slot);
+    }
+    return freed;
+  };
+  admit();
+  admit();
+  for (int i = 0; i < 3; ++i) EXPECT_TRUE(advance().empty());
+  admit();  // joins two sequences 3 tokens into their decode
+  EXPECT_EQ(g.free_slots(), 0);
+  auto full = g.Admit(reqs[3]);
+  EXPECT_EQ(full.status().code(), absl::StatusCode::kResourceExhausted) << full.status();
+  while (admitted < 4) {
+    std::vector<int> freed = advance();
+    if (!freed.empty()) {
+      reused_slot = freed[0];
+      admit();
+    }
+  }
+  while (g.active() > 0) advance();
+  EXPECT_GE(reused_slot, 0);
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    auto one = *alone.GenerateBatch({reqs[i]});
+    EXPECT_EQ(got[i].tokens, one[0].tokens) << "request " << i;
+    EXPECT_EQ(got[i].exit_index, one[0].exit_index) << "request " << i;
+    EXPECT_EQ(got[i].depth, one[0].depth) << "request " << i;
+    EXPECT_EQ(static_cast<int>(got[i].tokens.size()), reqs[i].max_new_tokens);
+  }
+}
+
 TEST(Generator, BatchErrorsNameThePromptAndTheValue) {
   ModelConfig c = ConfigWithExits(ModelStyle::kLlama);
   auto be = Cpu();
