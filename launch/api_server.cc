@@ -2,6 +2,7 @@
 
 #include <httplib.h>
 
+#include <cmath>
 #include <cstdio>
 #include <limits>
 #include <set>
@@ -25,10 +26,22 @@ const std::set<std::string>& KnownFields() {
   return known;
 }
 
+// A short rendering of a bad value: scalars as JSON, lists and objects of scalars likewise, and
+// nested ones by their type (dumping a value nested 100,000 deep would overflow the stack).
+std::string Show(const json& v) {
+  bool flat = true;
+  if (v.is_structured()) {
+    for (const json& e : v) flat &= !e.is_structured();
+  }
+  std::string s = flat ? v.dump(-1, ' ', false, json::error_handler_t::replace)
+                       : absl::StrCat("a nested ", v.type_name());
+  if (s.size() > 200) s = absl::StrCat(s.substr(0, 200), "...");
+  return s;
+}
+
 absl::Status Bad(const std::string& field, const std::string& want, const json& got) {
   return absl::InvalidArgumentError(
-      absl::StrCat("\"", field, "\" must be ", want, ", got ",
-                   got.dump(-1, ' ', false, json::error_handler_t::replace)));
+      absl::StrCat("\"", field, "\" must be ", want, ", got ", Show(got)));
 }
 
 // Reads body[field] into *out when present; `ok` checks the value.
@@ -41,19 +54,18 @@ absl::Status Read(const json& body, const char* field, const char* want, T* out,
   if constexpr (std::is_same_v<T, bool>) {
     type_ok = v.is_boolean();
   } else if constexpr (std::is_integral_v<T>) {
-    type_ok = v.is_number_integer() ||
-              (v.is_number_float() && v.get<double>() == static_cast<int64_t>(v.get<double>()));
+    // An integer, or a float with an integral value (64.0), within T's range.
+    const double d = v.is_number() ? v.get<double>() : 0.5;
+    type_ok = v.is_number() && std::trunc(d) == d &&
+              d >= static_cast<double>(std::numeric_limits<T>::min()) &&
+              d <= static_cast<double>(std::numeric_limits<T>::max()) && std::fabs(d) < 9e15;
   } else {
     type_ok = v.is_number();
   }
   if (!type_ok) return Bad(field, want, v);
   if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
-    const double d = v.get<double>();
-    if (d < static_cast<double>(std::numeric_limits<T>::min()) ||
-        d > static_cast<double>(std::numeric_limits<T>::max()) || d > 9e15) {
-      return Bad(field, want, v);
-    }
-    *out = static_cast<T>(v.get<int64_t>());
+    *out = static_cast<T>(v.is_number_integer() ? v.get<int64_t>()
+                                                : static_cast<int64_t>(v.get<double>()));
   } else {
     *out = v.get<T>();
   }
@@ -127,7 +139,9 @@ absl::StatusOr<ApiCall> ParseApiRequest(const std::string& body_text, const Toke
   if (auto it = body.find("exit_layers"); it != body.end()) {
     if (!it->is_array()) return Bad("exit_layers", "a list of integers", *it);
     for (const json& v : *it) {
-      if (!v.is_number_integer()) return Bad("exit_layers", "a list of integers", *it);
+      if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() > 1000000) {
+        return Bad("exit_layers", "a list of layer numbers", *it);
+      }
       exit_layers.push_back(v.get<int64_t>());
     }
   }
@@ -199,6 +213,10 @@ ApiServer::ApiServer(GenerationService* service, const Tokenizer* tok, const Mod
       defaults_(defaults),
       http_(std::make_unique<httplib::Server>()) {
   http_->set_payload_max_length(16u << 20);
+  // Each request waits in a handler thread while it generates: enough threads that waiting
+  // requests can fill every slot, and a few more for /health and errors.
+  const size_t threads = service_->generator().max_sequences() + 8;
+  http_->new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
   auto generate = [this](const httplib::Request& req, httplib::Response& res) {
     Timer timer;
     auto call = ParseApiRequest(req.body, *tok_, defaults_, requests_++);
@@ -251,9 +269,13 @@ ApiServer::ApiServer(GenerationService* service, const Tokenizer* tok, const Mod
   });
   http_->set_error_handler([](const httplib::Request& req, httplib::Response& res) {
     if (!res.body.empty()) return;
-    Answer(res, res.status,
-           {{"error", absl::StrCat("no such endpoint: ", req.method, " ", req.path,
-                                   " (the API is PUT or POST /api, and GET /health)")}});
+    const std::string what =
+        res.status == 404 || res.status == 405
+            ? absl::StrCat("no such endpoint: ", req.method, " ", req.path,
+                           " (the API is PUT or POST /api, and GET /health)")
+            : absl::StrCat("HTTP status ", res.status,
+                           res.status == 413 ? " (the body exceeds 16 MiB)" : "");
+    Answer(res, res.status, {{"error", what}});
   });
 }
 
@@ -272,8 +294,13 @@ absl::StatusOr<int> ApiServer::Bind(const std::string& host, int port) {
   return port;
 }
 
-void ApiServer::Serve() { http_->listen_after_bind(); }
+void ApiServer::Serve() {
+  if (!stop_requested_) http_->listen_after_bind();
+}
 
-void ApiServer::Stop() { http_->stop(); }
+void ApiServer::Stop() {
+  stop_requested_ = true;
+  http_->stop();
+}
 
 }  // namespace eellm

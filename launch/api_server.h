@@ -69,7 +69,9 @@ class ApiServer {
   ~ApiServer();
   // Binds to host:port (port 0: any free port); returns the port.
   absl::StatusOr<int> Bind(const std::string& host, int port);
-  // Answers requests until Stop() (from another thread).
+  // Answers requests until Stop() (from another thread); returns at once after an earlier
+  // Stop(). A Stop() racing with the start of Serve() may be missed: call it until Serve()
+  // returns.
   void Serve();
   void Stop();
 
@@ -79,6 +81,7 @@ class ApiServer {
   ModelConfig config_;
   ApiDefaults defaults_;
   std::atomic<uint64_t> requests_{0};
+  std::atomic<bool> stop_requested_{false};
   std::unique_ptr<httplib::Server> http_;
 };
 

@@ -3,6 +3,7 @@
 #include <atomic>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <thread>
 
 #include "absl/flags/flag.h"
@@ -76,14 +77,24 @@ int RunServeCommand() {
   ApiServer server(&service, tok->get(), c, defaults);
   auto bound = server.Bind(absl::GetFlag(FLAGS_host), port);
   if (!bound.ok()) return Fail(bound.status());
+  // The first signal stops the server (Stop() is repeated until Serve() returns: a Stop()
+  // before the server runs would be lost); a second one exits at once.
   std::atomic<bool> served{false};
   std::thread stopper([&] {
     int sig = 0;
     sigwait(&signals, &sig);
     if (served) return;
-    std::fprintf(stderr, "signal %d (%s): stopping after the requests in flight\n", sig,
+    std::fprintf(stderr,
+                 "signal %d (%s): stopping after the requests in flight (again to exit now)\n", sig,
                  sig == SIGINT ? "SIGINT" : "SIGTERM");
-    server.Stop();
+    while (!served) {
+      server.Stop();
+      const timespec wait = {0, 50 * 1000 * 1000};
+      if (sigtimedwait(&signals, nullptr, &wait) > 0 && !served) {
+        std::fprintf(stderr, "second signal: exiting without finishing the requests in flight\n");
+        std::_Exit(1);
+      }
+    }
   });
   std::printf("serving %s (%d layers, exits at layers", path.c_str(), c.num_layers);
   for (const ExitConfig& x : c.exits) std::printf(" %d", x.layer);

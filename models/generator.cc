@@ -336,7 +336,7 @@ absl::Status Generator::Validate(const GenerationRequest& r) const {
     return absl::InvalidArgumentError(
         absl::StrCat("max_new_tokens must be >= 1, got ", r.max_new_tokens));
   }
-  const int need = static_cast<int>(r.prompt.size()) + r.max_new_tokens;
+  const int64_t need = static_cast<int64_t>(r.prompt.size()) + r.max_new_tokens;
   if (need > capacity_) {
     return absl::InvalidArgumentError(
         absl::StrCat("prompt (", r.prompt.size(), " tokens) + max_new_tokens (", r.max_new_tokens,

@@ -99,11 +99,21 @@ TEST(ApiRequest, ErrorsNameTheFieldAndValue) {
       {R"({"prompts": ["a"], "add_BOS": 1})", "\"add_BOS\" must be true or false, got 1"},
       {R"({"prompts": ["a"], "early_exit_thres": 0})",
        "\"early_exit_thres\" must be a number in (0, 1], got 0"},
-      {R"({"prompts": ["a"], "exit_layers": [1.5]})", "\"exit_layers\" must be a list of integers"},
+      {R"({"prompts": ["a"], "exit_layers": [1.5]})",
+       "\"exit_layers\" must be a list of layer numbers, got [1.5]"},
+      {R"({"prompts": ["a"], "exit_layers": [4294967299]})", "got [4294967299]"},
+      {R"({"prompts": ["a"], "tokens_to_generate": 1e300})", "got 1e+300"},
+      {R"({"prompts": ["a"], "random_seed": 1e300})", "\"random_seed\" must be an integer"},
+      {R"({"prompts": ["a"], "top_k": 4294967301})", "got 4294967301"},
+      {R"({"prompts": [["a", ["b"]]]})", "must be a list of strings, got a nested array"},
       {R"({"prompts": ["a"], "stop_sequences": [""]})", "may not hold \"\""},
       {R"({"prompts": ["a"], "print_max_prob": true})", "\"print_max_prob\" must be false"},
       {R"({"prompts": ["a"], "max_tokens": 5})", "unknown field \"max_tokens\""},
   };
+  // A value nested 100,000 deep is named by its type, not dumped (that would overflow the stack).
+  const std::string deep = std::string(100000, '[') + std::string(100000, ']');
+  auto r = ParseApiRequest("{\"prompts\": " + deep + "}", tok, d, 0);
+  EXPECT_NE(r.status().message().find("got a nested array"), std::string::npos) << r.status();
   for (const auto& [body, want] : cases) {
     auto r = ParseApiRequest(body, tok, d, 0);
     ASSERT_FALSE(r.ok()) << body;
@@ -237,6 +247,19 @@ TEST(ApiServer, AnswersOverHttp) {
   EXPECT_NE(res->body.find("no such endpoint"), std::string::npos) << res->body;
   server.Stop();
   serving.join();
+}
+
+// A Stop() before Serve() is not lost: Serve() returns at once.
+TEST(ApiServer, StopBeforeServeIsKept) {
+  auto be = testing::Cpu();
+  auto m = ByteModel(be.get());
+  Generator gen(m.get(), 64, 2);
+  GenerationService service(&gen);
+  ByteTokenizer tok;
+  ApiServer server(&service, &tok, m->config(), ApiDefaults());
+  ASSERT_TRUE(server.Bind("127.0.0.1", 0).ok());
+  server.Stop();
+  server.Serve();  // hangs (and the test times out) if the Stop() was lost
 }
 
 }  // namespace

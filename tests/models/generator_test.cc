@@ -2,7 +2,9 @@
 // against each sequence generated alone.
 #include "models/generator.h"
 
+#include <algorithm>
 #include <cmath>
+#include <tuple>
 
 #include "tests/models/model_test_util.h"
 
@@ -327,6 +329,101 @@ TEST_P(GeneratorTest, SequencesJoinAndLeaveARunningBatch) {
   }
 }
 
+// Exits at depth 0 (norm, pre), 2 (block) and 3 (MLP or block): recomputed K/V must pass through
+// block exits below the top as well.
+ModelConfig DeepBlockExitsConfig(ModelStyle style, bool two_blocks) {
+  ModelConfig c = TinyConfig(style, 4);
+  c.vocab_size = 16;
+  ExitConfig a, b, d;
+  a.layer = 1;
+  a.kind = ExitKind::kNorm;
+  a.position = ExitPosition::kPre;
+  b.layer = 2;
+  b.kind = ExitKind::kBlock;
+  d.layer = 3;
+  d.kind = two_blocks ? ExitKind::kBlock : ExitKind::kMlp;
+  d.temperature = 0.8f;
+  c.exits = {a, b, d};
+  return c;
+}
+
+// Ground truth for a generated sequence: each token's log-probability is that of the head that
+// produced it in a full pass over prompt + generated tokens, and that head is the first allowed
+// exit whose full-pass max probability reaches the threshold (the final head if none does).
+void ExpectMatchesFullPass(Model& m, const GenerationRequest& q, const GenerationResult& g) {
+  const ModelConfig& c = m.config();
+  std::vector<int32_t> all = q.prompt;
+  all.insert(all.end(), g.tokens.begin(), g.tokens.end());
+  FullPass full = RunFull(m, all);
+  for (size_t t = 0; t < g.tokens.size(); ++t) {
+    const int p = static_cast<int>(q.prompt.size() + t) - 1;
+    const int e = g.exit_index[t];
+    const auto& ref = e < 0 ? full.final_logits[p] : full.exit_logits[e][p];
+    EXPECT_NEAR(g.logprobs[t], LogProbability(ref.data(), c.vocab_size, g.tokens[t]), 2e-4)
+        << "token " << t << " exit " << e;
+    int want = -1;
+    bool close_call = false;  // a max probability within rounding of the threshold
+    for (size_t x = 0; x < c.exits.size() && q.early_exit.threshold < 1; ++x) {
+      const auto& allowed = q.early_exit.exit_layers;
+      if (!allowed.empty() &&
+          std::find(allowed.begin(), allowed.end(), c.exits[x].layer) == allowed.end()) {
+        continue;
+      }
+      const float mp =
+          MaxProbability(full.exit_logits[x][p].data(), c.vocab_size, c.exits[x].temperature);
+      close_call |= std::fabs(mp - q.early_exit.threshold) < 1e-4;
+      if (mp >= q.early_exit.threshold) {
+        want = static_cast<int>(x);
+        break;
+      }
+    }
+    if (!close_call) EXPECT_EQ(e, want) << "token " << t;
+    if (e != want) return;  // the sequences differ from here on
+  }
+}
+
+class BatchAgainstFullPass
+    : public ::testing::TestWithParam<std::tuple<ModelStyle, bool, int, int>> {};
+
+// Batches of 3 or 5 sequences, capacity 12 or 24 (some sequences fill it exactly; the prefill
+// splits into groups), mixed thresholds, allowed exits and sampling: every token against a
+// full pass.
+TEST_P(BatchAgainstFullPass, EveryTokenAndExitMatches) {
+  const auto [style, two_blocks, capacity, n] = GetParam();
+  const ModelConfig c = DeepBlockExitsConfig(style, two_blocks);
+  auto be = Cpu();
+  auto m = *Model::Create(c, be.get());
+  testing::FillParams(*m, 91 + two_blocks, 0.8f);
+  Generator g(m.get(), capacity, n);
+  const float thresholds[] = {1.0f, 0.3f, 0.2f, 0.45f, 0.25f, 0.35f};
+  int early = 0;
+  for (int trial = 0; trial < 4; ++trial) {
+    std::vector<GenerationRequest> reqs(n);
+    for (int i = 0; i < n; ++i) {
+      const int len = 1 + (7 * i + 3 * trial) % 9;
+      reqs[i].prompt = testing::RandomTokens(len, c.vocab_size, 100 * trial + i);
+      reqs[i].max_new_tokens = capacity - len - i % 3;
+      reqs[i].early_exit.threshold = thresholds[(i + trial) % 6];
+      reqs[i].sampling.temperature = (i + trial) % 2 ? 0.9f : 0.0f;
+      reqs[i].sampling.seed = i + 7 * trial;
+      if ((i + trial) % 4 == 3) reqs[i].early_exit.exit_layers = {2, 3};
+      if ((i + trial) % 5 == 4) reqs[i].early_exit.exit_layers = {1};
+    }
+    auto res = *g.GenerateBatch(reqs);
+    for (int i = 0; i < n; ++i) {
+      SCOPED_TRACE(::testing::Message() << "trial " << trial << " sequence " << i);
+      ExpectMatchesFullPass(*m, reqs[i], res[i]);
+      for (int e : res[i].exit_index) early += e >= 0;
+    }
+  }
+  EXPECT_GT(early, 20);
+}
+
+INSTANTIATE_TEST_SUITE_P(Configs, BatchAgainstFullPass,
+                         ::testing::Combine(::testing::Values(ModelStyle::kGpt, ModelStyle::kLlama),
+                                            ::testing::Bool(), ::testing::Values(12, 24),
+                                            ::testing::Values(3, 5)));
+
 TEST(Generator, BatchErrorsNameThePromptAndTheValue) {
   ModelConfig c = ConfigWithExits(ModelStyle::kLlama);
   auto be = Cpu();
@@ -349,6 +446,12 @@ TEST(Generator, BatchErrorsNameThePromptAndTheValue) {
   reqs[1] = reqs[0];
   reqs[1].sampling.top_p = 0;
   EXPECT_NE(g.GenerateBatch(reqs).status().message().find("top_p"), std::string::npos);
+  reqs[1] = reqs[0];
+  reqs[1].max_new_tokens = 2147483647;  // prompt + this overflows an int
+  r = g.GenerateBatch(reqs);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("max_new_tokens (2147483647)"), std::string::npos)
+      << r.status();
   reqs.resize(3, reqs[0]);
   r = g.GenerateBatch(reqs);
   ASSERT_FALSE(r.ok());
