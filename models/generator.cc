@@ -57,7 +57,6 @@ Generator::Generator(Model* model, int capacity, int max_sequences)
       q.exit_kv.push_back(kv);
     }
     q.frontier = arena_.Floats(capacity * ch);
-    q.ids = arena_.Ints(capacity);
     q.depth.assign(capacity, 0);
   }
   for (size_t i = 0; i < c.exits.size(); ++i) {
@@ -72,6 +71,8 @@ Generator::Generator(Model* model, int capacity, int max_sequences)
   logits_ = arena_.Floats(static_cast<size_t>(max_sequences) * c.vocab_size);
   pos_ = arena_.Ints(capacity);
   packed_pos_ = arena_.Ints(row_budget_);
+  work_pos_ = arena_.Ints(row_budget_);
+  staged_ids_ = arena_.Ints(static_cast<size_t>(max_sequences) * capacity);
   std::vector<int32_t> pos(capacity);
   for (int i = 0; i < capacity; ++i) pos[i] = i;
   be_->CopyFromHost(pos_, pos.data(), capacity * sizeof(int32_t));
@@ -101,12 +102,15 @@ std::vector<StepResult> Generator::StepBatch(const std::vector<std::vector<int32
            " sequences, ", ee.size(), " exit settings, room for ", seqs_.size());
   std::vector<StepResult> out(ids.size());
   std::vector<Item> items;
+  std::vector<int32_t> staged;  // every new id, copied to the device at once
+  std::vector<size_t> offsets;
   for (size_t s = 0; s < ids.size(); ++s) {
     if (ids[s].empty()) continue;
     Sequence& q = seqs_[s];
     const int n = static_cast<int>(ids[s].size());
     EE_CHECK(q.len + n <= capacity_, "generator capacity ", capacity_, " exceeded");
-    be_->CopyFromHost(q.ids + q.len, ids[s].data(), n * sizeof(int32_t));
+    offsets.push_back(staged.size());
+    staged.insert(staged.end(), ids[s].begin(), ids[s].end());
     q.checks_exits = ee[s].threshold < 1.0f;
     Item it;
     it.seq = static_cast<int>(s);
@@ -115,6 +119,8 @@ std::vector<StepResult> Generator::StepBatch(const std::vector<std::vector<int32
     it.out = &out[s];
     items.push_back(it);
   }
+  be_->CopyFromHost(staged_ids_, staged.data(), staged.size() * sizeof(int32_t));
+  for (size_t i = 0; i < items.size(); ++i) items[i].new_ids = staged_ids_ + offsets[i];
   Forward(items);
   return out;
 }
@@ -153,26 +159,26 @@ void Generator::Forward(std::vector<Item>& items) {
   }
 }
 
-const float* Generator::Pack(std::vector<Piece>& pieces, const int32_t** pos) {
+Generator::Packed Generator::Pack(std::vector<Piece>& pieces) {
   const size_t ch = model_->config().hidden_size;
+  auto work_row = [&](const Piece& p) { return p.item->work_row + p.first - p.item->start; };
+  bool adjacent = true;
+  for (size_t k = 1; k < pieces.size(); ++k) {
+    adjacent &= work_row(pieces[k - 1]) + pieces[k - 1].rows == work_row(pieces[k]);
+  }
+  if (adjacent) {  // the rows already lie together in the work buffer: no copies
+    const int first = work_row(pieces[0]);
+    for (Piece& p : pieces) p.packed = work_row(p) - first;
+    return {work_ + first * ch, work_pos_ + first, first};
+  }
   int row = 0;
   for (Piece& p : pieces) {
     p.packed = row;
+    be_->Copy(packed_ + p.packed * ch, work_ + work_row(p) * ch, p.rows * ch * sizeof(float));
+    be_->Copy(packed_pos_ + p.packed, work_pos_ + work_row(p), p.rows * sizeof(int32_t));
     row += p.rows;
   }
-  auto work_row = [&](const Piece& p) { return p.item->work_row + p.first - p.item->start; };
-  if (pieces.size() == 1) {
-    *pos = pos_ + pieces[0].first;
-    return work_ + work_row(pieces[0]) * ch;
-  }
-  std::vector<int32_t> host_pos(row);
-  for (const Piece& p : pieces) {
-    be_->Copy(packed_ + p.packed * ch, work_ + work_row(p) * ch, p.rows * ch * sizeof(float));
-    for (int r = 0; r < p.rows; ++r) host_pos[p.packed + r] = p.first + r;
-  }
-  be_->CopyFromHost(packed_pos_, host_pos.data(), row * sizeof(int32_t));
-  *pos = packed_pos_;
-  return packed_;
+  return {packed_, packed_pos_, -1};
 }
 
 const std::vector<float>& Generator::ProjectToHost(ConstOperand rows, int exit_index, int k) {
@@ -246,6 +252,7 @@ void Generator::ForwardGroup(Item* items, int n) {
   const size_t ch = c.hidden_size;
   int row = 0;
   std::vector<Piece> pieces;
+  std::vector<int32_t> work_pos;  // positions of the work buffer's rows
   for (int i = 0; i < n; ++i) {
     Item& it = items[i];
     Sequence& q = seqs_[it.seq];
@@ -257,18 +264,18 @@ void Generator::ForwardGroup(Item* items, int n) {
     be_->Copy(work_ + row * ch, q.frontier + it.start * ch,
               (old_len - it.start) * ch * sizeof(float));
     if (it.n_new > 0) {
-      model_->Embed(work_ + (row + old_len - it.start) * ch, q.ids + old_len, pos_ + old_len,
-                    it.n_new);
+      model_->Embed(work_ + (row + old_len - it.start) * ch, it.new_ids, pos_ + old_len, it.n_new);
       pieces.push_back({&it, old_len, it.n_new});
     }
     for (int p = old_len; p < it.end; ++p) q.depth[p] = 0;
+    for (int p = it.start; p < it.end; ++p) work_pos.push_back(p);
     q.len = it.end;
     row += it.end - it.start;
   }
+  be_->CopyFromHost(work_pos_, work_pos.data(), row * sizeof(int32_t));
   if (!pieces.empty()) {
-    const int32_t* pos;
-    const float* in = Pack(pieces, &pos);
-    CheckExits(0, pieces, in, pos);
+    const Packed in = Pack(pieces);
+    CheckExits(0, pieces, in.rows, in.pos);
   }
   for (int l = 1; l <= c.num_layers; ++l) {
     pieces.clear();
@@ -281,22 +288,26 @@ void Generator::ForwardGroup(Item* items, int n) {
       if (m < it.end) pieces.push_back({&it, m, it.end - m});
     }
     if (pieces.empty()) continue;
-    const int32_t* pos;
-    const float* x = Pack(pieces, &pos);
+    const Packed x = Pack(pieces);
     std::vector<KvSegment> segs;
     for (const Piece& p : pieces) {
       segs.push_back({&seqs_[p.item->seq].kv[l - 1], p.packed, p.rows, p.first});
     }
     const int total = pieces.back().packed + pieces.back().rows;
-    BlockForward(model_->ctx(), model_->layer(l - 1), acts_, x, pos, 1, total, &segs);
+    BlockForward(model_->ctx(), model_->layer(l - 1), acts_, x.rows, x.pos, 1, total, &segs);
+    if (x.work_row >= 0) {
+      be_->Copy(work_ + x.work_row * ch, acts_.out, total * ch * sizeof(float));
+    }
     for (const Piece& p : pieces) {
       const Item& it = *p.item;
-      be_->Copy(work_ + (it.work_row + p.first - it.start) * ch, acts_.out + p.packed * ch,
-                p.rows * ch * sizeof(float));
+      if (x.work_row < 0) {
+        be_->Copy(work_ + (it.work_row + p.first - it.start) * ch, acts_.out + p.packed * ch,
+                  p.rows * ch * sizeof(float));
+      }
       Sequence& q = seqs_[it.seq];
       for (int r = p.first; r < it.end; ++r) q.depth[r] = l;
     }
-    CheckExits(l, pieces, acts_.out, pos);
+    CheckExits(l, pieces, acts_.out, x.pos);
   }
   // The final head, for the newest rows of sequences no exit took.
   std::vector<Item*> finals;

@@ -123,7 +123,6 @@ class Generator {
   struct Sequence {
     std::vector<KvLayer> kv, exit_kv;  // per layer; per exit (block exits only)
     float* frontier = nullptr;         // [capacity, c]: pending rows' hidden states
-    int32_t* ids = nullptr;            // [capacity]
     std::vector<int> depth;            // per position: layers computed
     int len = 0, pending_start = 0;
     bool checks_exits = false;  // its last step checked exits (block exits keep their K/V)
@@ -138,6 +137,7 @@ class Generator {
   // A sequence's part in one forward pass.
   struct Item {
     int seq = 0, n_new = 0;
+    const int32_t* new_ids = nullptr;     // [n_new] on the device
     const EarlyExitParams* ee = nullptr;  // null: no exit checks
     StepResult* out = nullptr;
     int work_row = 0;        // its first row in work_
@@ -156,9 +156,14 @@ class Generator {
   // Checks the exits at `depth` for the pieces (rows that just reached it, packed in `in` with
   // positions `pos`); fills the block exits' K/V.
   void CheckExits(int depth, const std::vector<Piece>& pieces, const float* in, const int32_t* pos);
-  // Packs each piece's rows of the sequence work buffer into `packed` (no copy for one piece):
-  // returns the packed rows and sets `pos` to their positions.
-  const float* Pack(std::vector<Piece>& pieces, const int32_t** pos);
+  // The pieces' rows packed together, with their positions: in place when they already lie
+  // together in the work buffer (work_row: where), else copied into packed_ (work_row -1).
+  struct Packed {
+    const float* rows;
+    const int32_t* pos;
+    int work_row;
+  };
+  Packed Pack(std::vector<Piece>& pieces);
   // Projects rows[k] with head `exit_index` (-1 final) and copies the logits to the host.
   const std::vector<float>& ProjectToHost(ConstOperand rows, int exit_index, int k);
 
@@ -173,7 +178,9 @@ class Generator {
   float *work_, *packed_, *newest_;  // [row_budget, c] x2, [max_sequences, c]
   Operand newest_ops_;               // [max_sequences, c]
   float* logits_;                    // [max_sequences, vocab]
-  int32_t *pos_, *packed_pos_;       // [capacity] = 0, 1, ...; [row_budget]
+  int32_t* pos_;                     // [capacity]: 0, 1, ...
+  int32_t *work_pos_, *packed_pos_;  // [row_budget]: positions of work_'s and packed_'s rows
+  int32_t* staged_ids_;              // [max_sequences * capacity]: a pass's new ids
   std::vector<float> host_logits_;
 };
 
