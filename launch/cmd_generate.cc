@@ -1,17 +1,24 @@
 // `eellm generate`: loads a checkpoint and generates text with early exit, printing the text,
 // decode speed, average layers used and the exit histogram (optionally beside a full-model run).
+// Under mpirun or Slurm the processes generate as one tensor-parallel group.
 #include <cstdio>
 #include <map>
 
 #include "absl/flags/flag.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "engine/core/logging.h"
 #include "launch/commands.h"
 #include "launch/model_loader.h"
 #include "launch/shared_flags.h"
 #include "models/exit_loss_weights.h"
 #include "models/generator.h"
 #include "models/tokenizer.h"
+#include "parallel/comm/mpi_communicator.h"
+#include "parallel/comm/mpi_runtime.h"
+#include "parallel/topology.h"
 
 ABSL_FLAG(std::string, prompt, "And God said", "prompt text");
 ABSL_FLAG(int, max_new_tokens, 200, "tokens to generate at most (stops earlier at EOS)");
@@ -26,11 +33,6 @@ ABSL_FLAG(bool, compare, false, "also generate without early exit and print both
 
 namespace eellm {
 namespace {
-
-int Fail(const absl::Status& s) {
-  std::fprintf(stderr, "error: %s\n", std::string(s.message()).c_str());
-  return 1;
-}
 
 void PrintStats(const char* label, const ModelConfig& c, const GenerationResult& g) {
   std::printf("[%s] %zu tokens, prefill %.3f s, decode %.1f tokens/s, average layers %.2f of %d\n",
@@ -52,11 +54,28 @@ void PrintStats(const char* label, const ModelConfig& c, const GenerationResult&
 }  // namespace
 
 int RunGenerateCommand() {
-  const std::string path = absl::GetFlag(FLAGS_checkpoint);
-  if (path.empty()) {
-    std::fprintf(stderr, "error: --checkpoint is required\n");
-    return 2;
+  // Under mpirun or Slurm the ranks form one tensor-parallel group: each loads its shard and
+  // runs the same generation; rank 0 prints.
+  auto launch = DetectLaunch();
+  if (!launch.ok()) return FailCommand(launch.status());
+  const bool multi = launch->world > 1;
+  std::unique_ptr<MpiRuntime> mpi;
+  if (multi) {
+    mpi = std::make_unique<MpiRuntime>();
+    SetLogRank(launch->rank);
+    if (launch->rank != 0 && std::freopen("/dev/null", "w", stdout) == nullptr) {
+      return FailCommand(absl::InternalError("cannot silence stdout"), multi, launch->rank);
+    }
   }
+  auto Fail = [&](const absl::Status& s) { return FailCommand(s, multi, launch->rank); };
+  const int tp = absl::GetFlag(FLAGS_tp) > 0 ? absl::GetFlag(FLAGS_tp) : launch->world;
+  if (tp != launch->world) {
+    return Fail(absl::InvalidArgumentError(
+        absl::StrCat("--tp ", tp, " must equal the number of processes (", launch->world,
+                     "): generation runs one tensor-parallel group")));
+  }
+  const std::string path = absl::GetFlag(FLAGS_checkpoint);
+  if (path.empty()) return Fail(absl::InvalidArgumentError("--checkpoint is required"));
   EarlyExitParams ee;
   ee.threshold = static_cast<float>(absl::GetFlag(FLAGS_threshold));
   if (!(ee.threshold > 0 && ee.threshold <= 1)) {
@@ -72,9 +91,20 @@ int RunGenerateCommand() {
     return Fail(
         absl::InvalidArgumentError("need --temperature >= 0, --top_k >= 0 and 0 < --top_p <= 1"));
   }
-  auto backend = MakeBackend(absl::GetFlag(FLAGS_backend));
+  // Each rank of a node takes GPU local_rank (modulo the GPUs present).
+  std::string device = absl::GetFlag(FLAGS_backend);
+  if (multi && absl::StartsWith(device, "cuda") && device.find(':') == std::string::npos) {
+    device = absl::StrCat(device, ":", launch->local_rank);
+  }
+  auto backend = MakeBackend(device);
   if (!backend.ok()) return Fail(backend.status());
-  auto loaded = LoadModelFromCheckpoint(path, backend->get());
+  std::unique_ptr<Communicator> world;
+  TpSpec tp_spec;
+  if (multi) {
+    world = MpiCommunicator::World(backend->get());
+    tp_spec = TpSpec{world->rank(), world->size(), world.get()};
+  }
+  auto loaded = LoadModelFromCheckpoint(path, backend->get(), false, tp_spec);
   if (!loaded.ok()) return Fail(loaded.status());
   Model& model = *loaded->model;
   const ModelConfig& c = model.config();

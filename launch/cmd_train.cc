@@ -53,17 +53,6 @@ ABSL_FLAG(bool, freeze_backbone, false,
 namespace eellm {
 namespace {
 
-int Fail(const absl::Status& s, bool under_launcher, int rank = 0) {
-  if (under_launcher) {
-    // Most errors (config, layout, data) hit every rank alike: let rank 0 report and abort the
-    // job, so the message appears once; a rank whose error is its own still aborts 2 s later.
-    if (rank != 0) std::this_thread::sleep_for(std::chrono::seconds(2));
-    AbortAllRanks(std::string(s.message()));
-  }
-  std::fprintf(stderr, "error: %s\n", std::string(s.message()).c_str());
-  return 1;
-}
-
 #ifdef EELLM_HAVE_NCCL
 // Whether two ranks of `world` run on the same GPU: each names its GPU by host name and PCI bus
 // id (`bus_id`, which CUDA_VISIBLE_DEVICES cannot renumber), hashed (FNV-1a, 32 bits) into two
@@ -91,7 +80,7 @@ bool RanksShareAGpu(Communicator* world, const std::string& bus_id) {
 
 int RunTrainCommand() {
   auto launch = DetectLaunch();
-  if (!launch.ok()) return Fail(launch.status(), false);
+  if (!launch.ok()) return FailCommand(launch.status(), false);
   const bool multi = launch->world > 1;
   std::unique_ptr<MpiRuntime> mpi;
   if (multi) {
@@ -99,11 +88,12 @@ int RunTrainCommand() {
     SetLogRank(launch->rank);
   }
   if (absl::GetFlag(FLAGS_config).empty()) {
-    return Fail(absl::InvalidArgumentError("--config is required (see configs/ for examples)"),
-                multi, launch->rank);
+    return FailCommand(
+        absl::InvalidArgumentError("--config is required (see configs/ for examples)"), multi,
+        launch->rank);
   }
   auto rc = LoadRunConfig(absl::GetFlag(FLAGS_config));
-  if (!rc.ok()) return Fail(rc.status(), multi, launch->rank);
+  if (!rc.ok()) return FailCommand(rc.status(), multi, launch->rank);
   TrainConfig& t = rc->train;
   if (absl::GetFlag(FLAGS_steps) > 0) t.steps = absl::GetFlag(FLAGS_steps);
   if (!absl::GetFlag(FLAGS_out).empty()) t.out = absl::GetFlag(FLAGS_out);
@@ -130,7 +120,7 @@ int RunTrainCommand() {
   const std::string device =
       cuda_without_device ? absl::StrCat(t.backend, ":", launch->local_rank) : t.backend;
   auto backend = MakeBackend(device);
-  if (!backend.ok()) return Fail(backend.status(), multi, launch->rank);
+  if (!backend.ok()) return FailCommand(backend.status(), multi, launch->rank);
   TrainOptions opts;
   opts.resume = absl::GetFlag(FLAGS_resume);
   opts.init_from = absl::GetFlag(FLAGS_init_from);
@@ -140,7 +130,7 @@ int RunTrainCommand() {
   std::unique_ptr<ParallelContext> ctx;
   if (multi) {
     auto c = ParallelContext::Create(MpiCommunicator::World(backend->get()), t.tp, t.pp, t.dp);
-    if (!c.ok()) return Fail(c.status(), multi, launch->rank);
+    if (!c.ok()) return FailCommand(c.status(), multi, launch->rank);
     ctx = std::move(*c);
     const bool gpu = (*backend)->device() != Device::kCpu;
 #ifdef EELLM_HAVE_NCCL
@@ -153,19 +143,19 @@ int RunTrainCommand() {
           "communicator \"nccl\": two ranks on one node share a GPU (this rank: local rank ",
           launch->local_rank, ", ", CudaDeviceCount(), " GPUs visible); NCCL needs one GPU per ",
           "rank; use \"communicator\": \"mpi\" or fewer ranks per node");
-      return Fail(absl::InvalidArgumentError(why), multi, launch->rank);
+      return FailCommand(absl::InvalidArgumentError(why), multi, launch->rank);
     }
     if (t.communicator == "nccl" || (t.communicator == "auto" && gpu && !shared_gpu)) {
       if (!gpu) {
-        return Fail(absl::InvalidArgumentError("communicator \"nccl\" needs a GPU backend, not " +
-                                               t.backend),
-                    multi, launch->rank);
+        return FailCommand(absl::InvalidArgumentError(
+                               "communicator \"nccl\" needs a GPU backend, not " + t.backend),
+                           multi, launch->rank);
       }
       UseNcclForModelParallel(ctx.get(), MpiCommunicator::World(nullptr).get());
     }
 #else
     if (t.communicator == "nccl") {
-      return Fail(
+      return FailCommand(
           absl::UnimplementedError("communicator \"nccl\": this eellm was built without NCCL"),
           multi, launch->rank);
     }
@@ -176,7 +166,7 @@ int RunTrainCommand() {
   }
   opts.ctx = ctx.get();
   auto s = RunTraining(*rc, opts);
-  if (!s.ok()) return Fail(s.status(), multi, launch->rank);
+  if (!s.ok()) return FailCommand(s.status(), multi, launch->rank);
   return 0;
 }
 

@@ -1,9 +1,11 @@
 #include "launch/commands.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/flags/parse.h"
@@ -11,6 +13,7 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "parallel/comm/mpi_runtime.h"
 
 namespace eellm {
 namespace {
@@ -36,8 +39,8 @@ const Command kCommands[] = {
      RunTrainCommand},
     {"generate",
      "cmd_generate.cc",
-     {"checkpoint", "backend", "seed", "temperature"},
-     "generate text from a checkpoint, with early exit",
+     {"checkpoint", "backend", "seed", "temperature", "tp"},
+     "generate text from a checkpoint, with early exit (tensor-parallel under mpirun)",
      RunGenerateCommand},
     {"serve",
      "cmd_serve.cc",
@@ -97,6 +100,15 @@ std::string NormalizeFlag(const char* arg) {
 }
 
 }  // namespace
+
+int FailCommand(const absl::Status& s, bool under_launcher, int rank) {
+  if (under_launcher) {
+    if (rank != 0) std::this_thread::sleep_for(std::chrono::seconds(2));
+    AbortAllRanks(std::string(s.message()));
+  }
+  std::fprintf(stderr, "error: %s\n", std::string(s.message()).c_str());
+  return 1;
+}
 
 int RunCli(int argc, char** argv) {
   if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h") ||

@@ -2,11 +2,12 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/core/status.h"
+#include "launch/checkpoint_layout.h"
 
 namespace eellm {
 
 absl::StatusOr<LoadedModel> LoadModelFromCheckpoint(const std::string& path, Backend* backend,
-                                                    bool with_optimizer) {
+                                                    bool with_optimizer, TpSpec tp) {
   LoadedModel r;
   ASSIGN_OR_RETURN(r.meta, ReadCheckpointMeta(path));
   auto config = ParseModelConfig(r.meta.config_json);
@@ -15,6 +16,20 @@ absl::StatusOr<LoadedModel> LoadModelFromCheckpoint(const std::string& path, Bac
         absl::StrCat(path, ": stored model config is invalid: ", config.status().message()));
   }
   r.config = *config;
+  if (tp.size > 1) {
+    if (with_optimizer) {
+      return absl::UnimplementedError("loading AdamW moments into a tensor-parallel shard");
+    }
+    if (!SplitsOverTp(*config, tp.size)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": the model (", config->num_heads, " heads, ", config->num_kv_heads,
+                       " KV heads, FFN ", config->ffn_hidden_size, ", vocabulary ",
+                       config->vocab_size, ") does not split over tensor parallelism ", tp.size));
+    }
+    ASSIGN_OR_RETURN(r.model, Model::Create(*config, backend, StageSpec{}, tp));
+    RETURN_IF_ERROR(LoadCheckpoint(path, {ChunkStateFor(*r.model, tp.rank, tp.size, true)}));
+    return r;
+  }
   ASSIGN_OR_RETURN(r.model, Model::Create(*config, backend));
   float *m = nullptr, *v = nullptr;
   if (with_optimizer) {

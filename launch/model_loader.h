@@ -1,5 +1,6 @@
-// Builds a whole Model (one stage, no tensor parallelism) from a checkpoint of any layout: reads
-// its config, creates the model, loads the weights and, on request, the AdamW moments.
+// Builds a whole Model (one stage; or one tensor-parallel rank's share) from a checkpoint of any
+// layout: reads its config, creates the model, loads the weights and, on request, the AdamW
+// moments.
 #pragma once
 
 #include <memory>
@@ -18,8 +19,10 @@ struct LoadedModel {
   Buffer adam_m, adam_v;  // arenas laid out like the model's; empty unless requested and saved
 };
 
-// `with_optimizer`: also load the moments when the checkpoint has them.
+// `with_optimizer`: also load the moments when the checkpoint has them. `tp`: build this rank's
+// tensor-parallel shard instead (every rank of the group calls it), whatever layout the
+// checkpoint was saved under; not with the moments.
 absl::StatusOr<LoadedModel> LoadModelFromCheckpoint(const std::string& path, Backend* backend,
-                                                    bool with_optimizer = false);
+                                                    bool with_optimizer = false, TpSpec tp = {});
 
 }  // namespace eellm

@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/core/status.h"
 #include "engine/core/timer.h"
+#include "parallel/tensor_parallel.h"
 
 namespace eellm {
 
@@ -38,12 +39,12 @@ Generator::Generator(Model* model, int capacity, int max_sequences)
       capacity_(capacity),
       row_budget_(std::max(capacity, 4 * max_sequences)),
       arena_(model->backend()) {
-  EE_CHECK(model->tp().size == 1, "generation with tensor parallelism is not supported yet");
   EE_CHECK(capacity > 0 && max_sequences > 0, "bad generator size: capacity ", capacity,
            ", max_sequences ", max_sequences);
   const ModelConfig& c = model->config();
+  const ModelConfig& local = *model->ctx().cfg;  // this tensor-parallel rank's heads
   const size_t ch = c.hidden_size;
-  const size_t kv_elems = static_cast<size_t>(capacity) * c.num_kv_heads * c.head_dim();
+  const size_t kv_elems = static_cast<size_t>(capacity) * local.num_kv_heads * local.head_dim();
   seqs_.resize(max_sequences);
   for (Sequence& q : seqs_) {
     for (int l = 0; l < c.num_layers; ++l) {
@@ -69,6 +70,9 @@ Generator::Generator(Model* model, int capacity, int max_sequences)
   newest_ = arena_.Floats(max_sequences * ch);
   newest_ops_ = arena_.Operands(max_sequences * ch);
   logits_ = arena_.Floats(static_cast<size_t>(max_sequences) * c.vocab_size);
+  if (model->tp().size > 1) {
+    gathered_logits_ = arena_.Floats(static_cast<size_t>(max_sequences) * c.vocab_size);
+  }
   pos_ = arena_.Ints(capacity);
   packed_pos_ = arena_.Ints(row_budget_);
   work_pos_ = arena_.Ints(row_budget_);
@@ -185,7 +189,26 @@ const std::vector<float>& Generator::ProjectToHost(ConstOperand rows, int exit_i
   const size_t vocab = model_->config().vocab_size;
   model_->Project(logits_, rows, exit_index, k);
   host_logits_.resize(k * vocab);
-  be_->CopyToHost(host_logits_.data(), logits_, k * vocab * sizeof(float));
+  const TpSpec& tp = model_->tp();
+  if (tp.size == 1) {
+    be_->CopyToHost(host_logits_.data(), logits_, k * vocab * sizeof(float));
+    return host_logits_;
+  }
+  // Each rank projected its vocabulary shard, [k, vocab / tp]; gather them ([tp, k, vocab / tp])
+  // and lay each row out whole. Every rank then holds the same bytes, so every rank makes the
+  // same exit and sampling decisions.
+  const size_t part = vocab / tp.size;
+  tp.comm->AllGather(logits_, gathered_logits_, k * part);
+  std::vector<float> g(k * vocab);
+  be_->CopyToHost(g.data(), gathered_logits_, k * vocab * sizeof(float));
+  for (int r = 0; r < tp.size; ++r) {
+    const VocabShard shard = ShardOfVocab(static_cast<int>(vocab), r, tp.size);
+    EE_CHECK(static_cast<size_t>(shard.rows) == part, "uneven vocabulary shards");
+    for (int j = 0; j < k; ++j) {
+      std::copy_n(g.data() + (static_cast<size_t>(r) * k + j) * part, part,
+                  host_logits_.data() + static_cast<size_t>(j) * vocab + shard.start);
+    }
+  }
   return host_logits_;
 }
 

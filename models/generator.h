@@ -6,6 +6,9 @@
 // forward pass carries them through the missing layers together with the new token. Pending
 // depths never increase with position, so the rows a sequence needs at each layer form a suffix.
 //
+// Tensor parallelism: every rank of the group runs the same calls on its shard of the model; the
+// heads' vocabulary shards are gathered, so all ranks take the same decisions.
+//
 // Batching: one forward pass serves every sequence with work. At each layer the rows all
 // sequences need are packed together; norms, GEMMs and MLPs run once over all of them, and
 // attention runs per sequence on its own cache (KvSegment). Each sequence exits on its own: one
@@ -175,12 +178,13 @@ class Generator {
   BlockActs acts_;
   std::vector<ExitActs> exit_acts_;
   NormActs final_norm_;
-  float *work_, *packed_, *newest_;  // [row_budget, c] x2, [max_sequences, c]
-  Operand newest_ops_;               // [max_sequences, c]
-  float* logits_;                    // [max_sequences, vocab]
-  int32_t* pos_;                     // [capacity]: 0, 1, ...
-  int32_t *work_pos_, *packed_pos_;  // [row_budget]: positions of work_'s and packed_'s rows
-  int32_t* staged_ids_;              // [max_sequences * capacity]: a pass's new ids
+  float *work_, *packed_, *newest_;   // [row_budget, c] x2, [max_sequences, c]
+  Operand newest_ops_;                // [max_sequences, c]
+  float* logits_;                     // [max_sequences, vocab] (this rank's shard under tp)
+  float* gathered_logits_ = nullptr;  // [tp, max_sequences, vocab / tp] (tensor parallelism)
+  int32_t* pos_;                      // [capacity]: 0, 1, ...
+  int32_t *work_pos_, *packed_pos_;   // [row_budget]: positions of work_'s and packed_'s rows
+  int32_t* staged_ids_;               // [max_sequences * capacity]: a pass's new ids
   std::vector<float> host_logits_;
 };
 

@@ -707,6 +707,52 @@ TEST_F(ParallelCliTest, ExitOnMissingLayer) {
                     "--pp=2", {"layer 7"});
 }
 
+// `eellm generate` under mpirun: two processes generate as one tensor-parallel group from a
+// tp 2 checkpoint. The text, exits and depths are the single process's (the tiny model's logits
+// are far from ties); only rank 0 prints; a --tp other than the process count is refused.
+TEST_F(ParallelCliTest, GenerateUnderTensorParallelism) {
+  ASSERT_TRUE(PrepareTinyData(0.2));
+  const std::string train =
+      "train --config=" + Quote(WriteConfig(kTinyModel, 4, ", \"micro_batch_size\": 2")) +
+      " --tp=2";
+  CmdResult t = RunEellm(train, Mpirun(2));
+  ASSERT_EQ(t.exit_code, 0) << Describe(train, t);
+  const std::string gen = "generate --checkpoint=" + Quote(Path("run")) +
+                          " --max-new-tokens=24 --threshold=0.3 --prompt=ab";
+  CmdResult one = RunEellm(gen);
+  CmdResult two = RunEellm(gen, Mpirun(2));
+  ASSERT_EQ(one.exit_code, 0) << Describe(gen, one);
+  ASSERT_EQ(two.exit_code, 0) << Describe(gen, two);
+  // The generated text, the exit histogram and the average layers (not the timings).
+  auto text_and_histogram = [](const std::string& out) {
+    std::string kept;
+    std::istringstream in(out);
+    for (std::string line; std::getline(in, line);) {
+      const size_t average = line.find("average layers");
+      if (line.rfind("ab", 0) == 0 || line.find("exit histogram") != std::string::npos) {
+        kept += line + "\n";
+      } else if (average != std::string::npos) {
+        kept += line.substr(average) + "\n";
+      }
+    }
+    return kept;
+  };
+  EXPECT_FALSE(text_and_histogram(one.output).empty()) << one.output;
+  EXPECT_EQ(text_and_histogram(two.output), text_and_histogram(one.output))
+      << "one process:\n"
+      << one.output << "\ntwo processes:\n"
+      << two.output;
+  size_t headers = 0;
+  for (size_t at = 0; (at = two.output.find("--- early exit", at)) != std::string::npos; ++at) {
+    ++headers;
+  }
+  EXPECT_EQ(headers, 1u) << "only rank 0 prints\n" << two.output;
+  CmdResult bad = RunEellm(gen + " --tp=4", Mpirun(2));
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.output.find("--tp 4 must equal the number of processes (2)"), std::string::npos)
+      << bad.output;
+}
+
 // A pipeline run through the CLI trains and writes one whole-model checkpoint.
 TEST_F(ParallelCliTest, PipelineTrainsAndSaves) {
   ASSERT_TRUE(PrepareTinyData(0.2));
