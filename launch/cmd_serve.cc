@@ -1,19 +1,29 @@
 // `eellm serve`: loads a checkpoint and answers generation requests over HTTP (launch/api_server.h
-// describes the API) until SIGINT or SIGTERM; concurrent requests share batches.
+// describes the API) until SIGINT or SIGTERM; concurrent requests share forward passes. Under
+// mpirun or Slurm the processes serve as one tensor-parallel group: rank 0 runs the HTTP server
+// and leads, the other ranks follow its passes on their shards.
+#include <unistd.h>
+
 #include <atomic>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <thread>
 
 #include "absl/flags/flag.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "engine/core/logging.h"
 #include "launch/api_server.h"
 #include "launch/commands.h"
 #include "launch/generation_service.h"
 #include "launch/model_loader.h"
 #include "launch/shared_flags.h"
 #include "models/generator.h"
+#include "parallel/comm/mpi_communicator.h"
+#include "parallel/comm/mpi_runtime.h"
+#include "parallel/topology.h"
 
 ABSL_FLAG(std::string, host, "0.0.0.0", "address to listen on");
 ABSL_FLAG(int, port, 5000, "port to listen on (0: any free port, printed at start)");
@@ -23,16 +33,32 @@ ABSL_FLAG(double, default_threshold, 0.8,
           "early-exit threshold of requests that set use_early_exit without early_exit_thres");
 
 namespace eellm {
-namespace {
-
-int Fail(const absl::Status& s) {
-  std::fprintf(stderr, "error: %s\n", std::string(s.message()).c_str());
-  return 1;
-}
-
-}  // namespace
 
 int RunServeCommand() {
+  // SIGINT/SIGTERM are taken by a thread (sigwait) that stops the server. Block them before
+  // anything starts a thread (MPI's progress threads included), so that every thread inherits
+  // the mask and none takes the default action. Followers block them too: they stop when the
+  // leader tells them.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  auto launch = DetectLaunch();
+  if (!launch.ok()) return FailCommand(launch.status());
+  const bool multi = launch->world > 1, leader = launch->rank == 0;
+  std::unique_ptr<MpiRuntime> mpi;
+  if (multi) {
+    mpi = std::make_unique<MpiRuntime>();
+    SetLogRank(launch->rank);
+  }
+  auto Fail = [&](const absl::Status& s) { return FailCommand(s, multi, launch->rank); };
+  const int tp = absl::GetFlag(FLAGS_tp) > 0 ? absl::GetFlag(FLAGS_tp) : launch->world;
+  if (tp != launch->world) {
+    return Fail(absl::InvalidArgumentError(
+        absl::StrCat("--tp ", tp, " must equal the number of processes (", launch->world,
+                     "): the server runs one tensor-parallel group")));
+  }
   const std::string path = absl::GetFlag(FLAGS_checkpoint);
   if (path.empty()) return Fail(absl::InvalidArgumentError("--checkpoint is required"));
   const int max_batch = absl::GetFlag(FLAGS_max_batch);
@@ -50,17 +76,19 @@ int RunServeCommand() {
     return Fail(
         absl::InvalidArgumentError(absl::StrCat("--port must be in [0, 65535], got ", port)));
   }
-  // SIGINT/SIGTERM are taken by a thread (sigwait) that stops the server; block them first, so
-  // that every thread started from here on inherits the mask.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGINT);
-  sigaddset(&signals, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
-
-  auto backend = MakeBackend(absl::GetFlag(FLAGS_backend));
+  std::string device = absl::GetFlag(FLAGS_backend);
+  if (multi && absl::StartsWith(device, "cuda") && device.find(':') == std::string::npos) {
+    device = absl::StrCat(device, ":", launch->local_rank);  // each rank of a node: its GPU
+  }
+  auto backend = MakeBackend(device);
   if (!backend.ok()) return Fail(backend.status());
-  auto loaded = LoadModelFromCheckpoint(path, backend->get());
+  std::unique_ptr<Communicator> world;
+  TpSpec tp_spec;
+  if (multi) {
+    world = MpiCommunicator::World(backend->get());
+    tp_spec = TpSpec{world->rank(), world->size(), world.get()};
+  }
+  auto loaded = LoadModelFromCheckpoint(path, backend->get(), false, tp_spec);
   if (!loaded.ok()) return Fail(loaded.status());
   Model& model = *loaded->model;
   const ModelConfig& c = model.config();
@@ -68,9 +96,15 @@ int RunServeCommand() {
       loaded->meta.attrs.count("tokenizer") ? loaded->meta.attrs["tokenizer"] : "byte";
   auto tok = MakeTokenizer(tok_name);
   if (!tok.ok()) return Fail(tok.status());
-
   Generator generator(&model, c.max_seq_len, max_batch);
-  GenerationService service(&generator);
+  if (!leader) {
+    GenerationService::Follow(&generator, world.get());
+    return 0;
+  }
+
+  // The generation worker makes the group's MPI calls, so it runs on this (the main) thread;
+  // the HTTP server answers on its own threads.
+  GenerationService service(&generator, world.get(), /*own_thread=*/false);
   ApiDefaults defaults;
   defaults.early_exit_threshold = static_cast<float>(th);
   defaults.seed = absl::GetFlag(FLAGS_seed);
@@ -98,13 +132,21 @@ int RunServeCommand() {
   });
   std::printf("serving %s (%d layers, exits at layers", path.c_str(), c.num_layers);
   for (const ExitConfig& x : c.exits) std::printf(" %d", x.layer);
-  std::printf(") on http://%s:%d: PUT /api, GET /health; up to %d sequences at a time\n",
+  std::printf(") on http://%s:%d: PUT /api, GET /health; up to %d sequences at a time",
               absl::GetFlag(FLAGS_host).c_str(), *bound, max_batch);
+  if (multi) std::printf("; tensor parallelism %d", tp);
+  // Under mpirun, signalling mpirun ends the job at once; SIGTERM to this pid stops gracefully.
+  std::printf("; pid %d\n", static_cast<int>(getpid()));
   std::fflush(stdout);
-  server.Serve();
+  std::thread http([&] {
+    server.Serve();
+    service.Shutdown();  // Run() finishes the requests in flight, then returns
+  });
+  service.Run();
   served = true;
-  pthread_kill(stopper.native_handle(), SIGTERM);  // ends the sigwait if Serve ended otherwise
+  pthread_kill(stopper.native_handle(), SIGTERM);  // ends the sigwait if no signal came
   stopper.join();
+  http.join();
   const GenerationService::Stats st = service.stats();
   std::printf(
       "served %lld requests, %lld sequences, %lld tokens in %lld forward passes (up to %d "

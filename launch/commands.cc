@@ -44,7 +44,7 @@ const Command kCommands[] = {
      RunGenerateCommand},
     {"serve",
      "cmd_serve.cc",
-     {"checkpoint", "backend", "seed"},
+     {"checkpoint", "backend", "seed", "tp"},
      "serve a checkpoint over HTTP (EE-LLM's PUT /api), batching concurrent requests",
      RunServeCommand},
     {"convert",

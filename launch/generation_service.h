@@ -1,10 +1,15 @@
 // Shares one Generator between many caller threads (the HTTP server's handlers) with continuous
-// batching: requests queue in arrival order, and one worker thread admits their sequences into
-// the generator's free slots between forward passes, so a new sequence's prefill joins the
-// running sequences' decode and a finished sequence's slot is taken at once. Sequences of
-// several requests share passes; a request with more prompts than there are slots spreads over
-// time. Callers block until their request is done. Bad requests are refused before they queue,
-// so they never fail another caller's sequences.
+// batching: requests queue in arrival order, and the worker admits their sequences into the
+// generator's free slots between forward passes, so a new sequence's prefill joins the running
+// sequences' decode and a finished sequence's slot is taken at once. Sequences of several
+// requests share passes; a request with more prompts than there are slots spreads over time.
+// Callers block until their request is done. Bad requests are refused before they queue, so they
+// never fail another caller's sequences.
+//
+// Tensor parallelism: the service runs on rank 0 of the group (the leader) and, before each
+// pass, broadcasts what changed (sequences admitted, sequences its stop rules ended) to the other
+// ranks, which mirror it in Follow(). The worker then makes MPI calls, so it must be the
+// process's main thread: construct with own_thread = false and call Run() there.
 #pragma once
 
 #include <condition_variable>
@@ -16,13 +21,17 @@
 
 #include "absl/status/statusor.h"
 #include "models/generator.h"
+#include "parallel/comm/communicator.h"
 
 namespace eellm {
 
 class GenerationService {
  public:
-  explicit GenerationService(Generator* generator);
-  // Finishes the queued requests, then stops the worker.
+  // `group`: the tensor-parallel group this rank leads (rank 0), or null. `own_thread`: start a
+  // worker thread running Run(); otherwise the caller runs it.
+  explicit GenerationService(Generator* generator, Communicator* group = nullptr,
+                             bool own_thread = true);
+  // Shutdown(), and joins the worker thread if it owns one.
   ~GenerationService();
   GenerationService(const GenerationService&) = delete;
   GenerationService& operator=(const GenerationService&) = delete;
@@ -30,6 +39,14 @@ class GenerationService {
   // Generates every request (a whole request fails if any prompt is bad; the error names it).
   absl::StatusOr<std::vector<GenerationResult>> Generate(
       const std::vector<GenerationRequest>& requests);
+
+  // The worker: admits and advances until Shutdown() and every queued request is done; then
+  // tells the followers to stop.
+  void Run();
+  void Shutdown();
+
+  // A follower rank of `group`: mirrors the leader's admissions and passes until it stops.
+  static void Follow(Generator* generator, Communicator* group);
 
   struct Stats {
     int64_t requests = 0;   // Generate calls completed
@@ -48,9 +65,9 @@ class GenerationService {
     size_t next = 0;       // first sequence not yet admitted
     size_t remaining = 0;  // sequences not yet generated
   };
-  void Work();
 
   Generator* gen_;
+  Communicator* group_;
   mutable std::mutex mu_;
   std::condition_variable queued_;  // a job was queued, or the service is stopping
   std::condition_variable done_;    // sequences finished

@@ -11,7 +11,7 @@ ABSL_FLAG(std::string, output, "",
           "else an eellm run directory)");
 ABSL_FLAG(int, tp, 0,
           "tensor-parallel size (train: 0 = train.tp; convert: the layout the output is split "
-          "for, 0 = 1; generate: the number of processes, 0 = all of them)");
+          "for, 0 = 1; generate, serve: the number of processes, 0 = all of them)");
 ABSL_FLAG(int, pp, 0,
           "pipeline-parallel size (train: 0 = train.pp; convert: the layout the output is split "
           "for, 0 = 1)");

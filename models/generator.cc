@@ -438,6 +438,13 @@ absl::StatusOr<int> Generator::Admit(GenerationRequest request) {
       absl::StrCat("all ", seqs_.size(), " sequence slots are taken"));
 }
 
+void Generator::Retire(int slot) {
+  Sequence& q = seqs_.at(slot);
+  q.busy = false;
+  q.next.clear();
+  q.request = GenerationRequest();
+}
+
 int Generator::active() const {
   int n = 0;
   for (const Sequence& q : seqs_) n += q.busy;

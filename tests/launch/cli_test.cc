@@ -8,6 +8,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -26,6 +27,7 @@
 #include "gtest/gtest.h"
 #include "hdf5.h"
 #include "httplib.h"
+#include "nlohmann/json.hpp"
 #include "tests/launch/run_eellm.h"
 
 namespace eellm {
@@ -114,6 +116,64 @@ class CliTest : public ::testing::Test {
     CmdResult d = RunEellm(args);
     EXPECT_EQ(d.exit_code, 0) << Describe(args, d);
     return d.exit_code == 0;
+  }
+
+  // `eellm serve <args> --host=127.0.0.1 --port=0` in the background (after `launcher`, e.g.
+  // mpirun), its output in <name>.out; returns the pid of what was started (0 on failure).
+  pid_t Launch(const std::string& args, const std::string& launcher, const std::string& name) {
+    const std::string cmd = launcher + Quote(testing::kEellm) + " serve " + args +
+                            " --host=127.0.0.1 --port=0 > " + Quote(Path(name + ".out")) +
+                            " 2>&1 & echo $! > " + Quote(Path(name + ".pid"));
+    if (std::system(cmd.c_str()) != 0) return 0;
+    std::ifstream pf(Path(name + ".pid"));
+    pid_t pid = 0;
+    pf >> pid;
+    return pid;
+  }
+  static std::string ReadText(const std::string& path) {
+    std::ifstream f(path);
+    return std::string(std::istreambuf_iterator<char>(f), {});
+  }
+  struct Server {
+    pid_t pid = 0;    // what was started (the server, or mpirun)
+    pid_t rank0 = 0;  // the server process that prints (rank 0 under mpirun)
+    int port = 0;     // 0: it did not start within 30 s
+    std::string output;
+  };
+  // Launch, then waits for the "serving ... on http://127.0.0.1:PORT ...; pid N" line.
+  Server StartServer(const std::string& args, const std::string& launcher,
+                     const std::string& name) {
+    Server s;
+    s.pid = Launch(args, launcher, name);
+    std::smatch m;
+    const std::regex serving(R"(127\.0\.0\.1:(\d+):.*; pid (\d+))");
+    for (int i = 0; i < 300 && s.pid > 0; ++i) {
+      s.output = ReadText(Path(name + ".out"));
+      if (std::regex_search(s.output, m, serving)) {
+        s.port = std::stoi(m[1]);
+        s.rank0 = std::stoi(m[2]);
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    return s;
+  }
+  // Sends SIGTERM to `signalled`; true when `waited` has ended within 10 s (else SIGKILL).
+  static bool StopProcess(pid_t signalled, pid_t waited) {
+    kill(signalled, SIGTERM);
+    for (int i = 0; i < 100; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      if (kill(waited, 0) != 0) return true;
+    }
+    kill(waited, SIGKILL);
+    return false;
+  }
+  // PUT /api on the local port; the answer's body ("" without one).
+  static std::string Put(int port, const std::string& body) {
+    httplib::Client client("127.0.0.1", port);
+    client.set_read_timeout(60, 0);
+    auto res = client.Put("/api", body, "application/json");
+    return res ? res->body : "";
   }
 
   // Prepares the token files and trains the tiny model for `steps` steps; returns the path of
@@ -584,57 +644,20 @@ TEST_F(CliTest, ServeAnswersAndStopsOnSigterm) {
   EXPECT_NE(bad.exit_code, 0);
   EXPECT_NE(bad.output.find("--max_batch must be in [1, 4096], got 0"), std::string::npos)
       << bad.output;
-  const std::string out = Path("serve.out"), pid_file = Path("serve.pid");
-  auto start = [&] {
-    const std::string cmd = Quote(testing::kEellm) + " serve --checkpoint=" + Quote(ckpt) +
-                            " --host=127.0.0.1 --port=0 --max-batch=2 > " + Quote(out) +
-                            " 2>&1 & echo $! > " + Quote(pid_file);
-    EXPECT_EQ(std::system(cmd.c_str()), 0);
-    std::ifstream pf(pid_file);
-    pid_t pid = 0;
-    pf >> pid;
-    return pid;
-  };
-  auto stop = [](pid_t pid) {  // SIGTERM; true when the process ends within 10 s
-    kill(pid, SIGTERM);
-    for (int i = 0; i < 100; ++i) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));
-      if (kill(pid, 0) != 0) return true;
-    }
-    kill(pid, SIGKILL);
-    return false;
-  };
-  auto read_out = [&] {
-    std::ifstream f(out);
-    return std::string(std::istreambuf_iterator<char>(f), {});
-  };
+  const std::string args = "--checkpoint=" + Quote(ckpt) + " --max-batch=2";
   // A signal during start-up ends the server too. (Whether it lands before the server runs is
   // up to timing; ApiServer.StopBeforeServeIsKept tests that case deterministically.)
-  pid_t pid = start();
+  pid_t pid = Launch(args, "", "early");
   ASSERT_GT(pid, 0);
   std::this_thread::sleep_for(std::chrono::milliseconds(30));
-  EXPECT_TRUE(stop(pid)) << "SIGTERM during start-up was lost\n" << read_out();
-  pid = start();
-  ASSERT_GT(pid, 0);
-  std::smatch m;
-  std::string text;
-  for (int i = 0; i < 300 && !std::regex_search(text, m, std::regex(R"(127\.0\.0\.1:(\d+))"));
-       ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    text = read_out();
-  }
-  const int port = m.empty() ? 0 : std::stoi(m[1]);
-  std::string reply;
-  if (port > 0) {
-    httplib::Client client("127.0.0.1", port);
-    auto res = client.Put("/api", R"({"prompts": ["ab"], "tokens_to_generate": 5,
-        "early_exit_thres": 0.5})",
-                          "application/json");
-    if (res) reply = res->body;
-  }
-  const bool gone = stop(pid);
-  text = read_out();
-  ASSERT_GT(port, 0) << text;
+  EXPECT_TRUE(StopProcess(pid, pid)) << "SIGTERM during start-up was lost\n"
+                                     << ReadText(Path("early.out"));
+  Server s = StartServer(args, "", "serve");
+  ASSERT_GT(s.port, 0) << s.output;
+  const std::string reply =
+      Put(s.port, R"({"prompts": ["ab"], "tokens_to_generate": 5, "early_exit_thres": 0.5})");
+  const bool gone = StopProcess(s.pid, s.pid);
+  const std::string text = ReadText(Path("serve.out"));
   EXPECT_TRUE(gone) << "the server did not stop on SIGTERM\n" << text;
   EXPECT_NE(reply.find("\"text\":[\"ab"), std::string::npos) << reply << "\n" << text;
   EXPECT_NE(reply.find("\"layers\""), std::string::npos) << reply;
@@ -751,6 +774,50 @@ TEST_F(ParallelCliTest, GenerateUnderTensorParallelism) {
   EXPECT_NE(bad.exit_code, 0);
   EXPECT_NE(bad.output.find("--tp 4 must equal the number of processes (2)"), std::string::npos)
       << bad.output;
+}
+
+// `eellm serve` under mpirun: two processes serve as one tensor-parallel group. Rank 0 answers
+// what a single-process server answers (text, exit depths, finish reasons; a stop string ends
+// one prompt on the leader, whose follower then retires it), and SIGTERM to rank 0 stops the
+// whole group after the request in flight.
+TEST_F(ParallelCliTest, ServeUnderTensorParallelism) {
+  ASSERT_TRUE(PrepareTinyData(0.2));
+  const std::string train =
+      "train --config=" + Quote(WriteConfig(kTinyModel, 4, ", \"micro_batch_size\": 2")) +
+      " --tp=2";
+  CmdResult t = RunEellm(train, Mpirun(2));
+  ASSERT_EQ(t.exit_code, 0) << Describe(train, t);
+  const std::string args = "--checkpoint=" + Quote(Path("run")) + " --max-batch=4";
+  Server one = StartServer(args, "", "one");
+  Server two = StartServer(args, Mpirun(2), "two");
+  ASSERT_GT(one.port, 0) << one.output;
+  ASSERT_GT(two.port, 0) << two.output;
+  EXPECT_NE(two.output.find("tensor parallelism 2"), std::string::npos) << two.output;
+  // The stop string: a printable character the second prompt generates (the tiny model's bytes
+  // are near random), so that one sequence stops on it and the others run on.
+  const std::string probe = R"({"prompts": ["ab", "the", "x"], "tokens_to_generate": 12,
+      "temperature": 0.7, "random_seed": 5})";
+  const std::string first = Put(one.port, probe);
+  ASSERT_FALSE(first.empty());
+  std::string stop;
+  const nlohmann::json probed = nlohmann::json::parse(first);
+  for (const auto& seg : probed["segments"][1]) {
+    const std::string t = seg.get<std::string>();
+    if (t.size() == 1 && std::isalnum(static_cast<unsigned char>(t[0]))) stop = t;
+  }
+  ASSERT_FALSE(stop.empty()) << "probe: " << first;
+  const std::string body = R"({"prompts": ["ab", "the", "x"], "tokens_to_generate": 12,
+      "temperature": 0.7, "random_seed": 5, "early_exit_thres": 0.3, "stop_sequences": [")" +
+                           stop + R"("]})";
+  const std::string a = Put(one.port, body), b = Put(two.port, body);
+  EXPECT_TRUE(StopProcess(one.pid, one.pid));
+  EXPECT_TRUE(StopProcess(two.rank0, two.pid)) << "the group did not stop\n"
+                                               << ReadText(Path("two.out"));
+  ASSERT_FALSE(a.empty());
+  EXPECT_EQ(b, a) << "one process:\n" << a << "\ntwo processes:\n" << b;
+  EXPECT_NE(a.find("\"stop\""), std::string::npos) << "no prompt met the stop string\n" << a;
+  EXPECT_NE(ReadText(Path("two.out")).find("served 1 requests, 3 sequences"), std::string::npos)
+      << ReadText(Path("two.out"));
 }
 
 // A pipeline run through the CLI trains and writes one whole-model checkpoint.
