@@ -1,0 +1,168 @@
+// End-to-end tests of batched generation and serving through the `eellm` binary: `bench
+// generate`, `serve` (answering, stopping on signals) and, under mpirun, tensor-parallel
+// `generate` and `serve` against a single process.
+#include <cctype>
+#include <sstream>
+#include <string>
+
+#include "nlohmann/json.hpp"
+#include "tests/launch/cli_fixture.h"
+
+namespace eellm {
+namespace {
+
+using cli::CliTest;
+using cli::kTinyModel;
+using cli::Mpirun;
+using cli::ParallelCliTest;
+using testing::CmdResult;
+using testing::Describe;
+using testing::Quote;
+using testing::RunEellm;
+
+// `eellm bench generate`: both runs per threshold, the same tokens batched and one at a time.
+TEST_F(CliTest, BenchGenerateComparesBatchedWithOneAtATime) {
+  const std::string ckpt = TrainTinyModel(2);
+  ASSERT_FALSE(ckpt.empty());
+  const std::string args = "bench generate --checkpoint=" + Quote(ckpt) +
+                           " --batch=3 --new-tokens=6 --thresholds=1.0,0.5";
+  CmdResult r = RunEellm(args);
+  ASSERT_EQ(r.exit_code, 0) << Describe(args, r);
+  std::smatch m;
+  for (const char* th : {"1.00", "0.50"}) {
+    EXPECT_TRUE(std::regex_search(
+        r.output, m,
+        std::regex(std::string("\n") + th +
+                   R"( +\| +[0-9.]+ \| +[0-9.]+ \| +[0-9.]+x \| .* \| 3 of 3\n)")))
+        << Describe(args, r);
+  }
+  CmdResult bad = RunEellm("bench generate --checkpoint=" + Quote(ckpt) + " --thresholds=0.8,2");
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.output.find("--thresholds: \"2\" is not a threshold in (0, 1]"), std::string::npos)
+      << bad.output;
+}
+
+// `eellm serve` on a free port: it prints where it listens, answers a request, and on SIGTERM
+// stops cleanly with its counters; bad flags are refused naming the value.
+TEST_F(CliTest, ServeAnswersAndStopsOnSigterm) {
+  const std::string ckpt = TrainTinyModel(2);
+  ASSERT_FALSE(ckpt.empty());
+  CmdResult bad = RunEellm("serve --checkpoint=" + Quote(ckpt) + " --max-batch=0");
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.output.find("--max_batch must be in [1, 4096], got 0"), std::string::npos)
+      << bad.output;
+  const std::string args = "--checkpoint=" + Quote(ckpt) + " --max-batch=2";
+  // A signal during start-up ends the server too. (Whether it lands before the server runs is
+  // up to timing; ApiServer.StopBeforeServeIsKept tests that case deterministically.)
+  pid_t pid = Launch(args, "", "early");
+  ASSERT_GT(pid, 0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(30));
+  EXPECT_TRUE(StopProcess(pid, pid)) << "SIGTERM during start-up was lost\n"
+                                     << ReadText(Path("early.out"));
+  Server s = StartServer(args, "", "serve");
+  ASSERT_GT(s.port, 0) << s.output;
+  const std::string reply =
+      Put(s.port, R"({"prompts": ["ab"], "tokens_to_generate": 5, "early_exit_thres": 0.5})");
+  const bool gone = StopProcess(s.pid, s.pid);
+  const std::string text = ReadText(Path("serve.out"));
+  EXPECT_TRUE(gone) << "the server did not stop on SIGTERM\n" << text;
+  EXPECT_NE(reply.find("\"text\":[\"ab"), std::string::npos) << reply << "\n" << text;
+  EXPECT_NE(reply.find("\"layers\""), std::string::npos) << reply;
+  EXPECT_NE(text.find("1 prompts, 5 tokens"), std::string::npos) << text;
+  EXPECT_NE(text.find("served 1 requests, 1 sequences, 5 tokens in 5 forward passes"),
+            std::string::npos)
+      << text;
+}
+
+// `eellm generate` under mpirun: two processes generate as one tensor-parallel group from a
+// tp 2 checkpoint. The text, exits and depths are the single process's (the tiny model's logits
+// are far from ties); only rank 0 prints; a --tp other than the process count is refused.
+TEST_F(ParallelCliTest, GenerateUnderTensorParallelism) {
+  ASSERT_TRUE(PrepareTinyData(0.2));
+  const std::string train =
+      "train --config=" + Quote(WriteConfig(kTinyModel, 4, ", \"micro_batch_size\": 2")) +
+      " --tp=2";
+  CmdResult t = RunEellm(train, Mpirun(2));
+  ASSERT_EQ(t.exit_code, 0) << Describe(train, t);
+  const std::string gen = "generate --checkpoint=" + Quote(Path("run")) +
+                          " --max-new-tokens=24 --threshold=0.3 --prompt=ab";
+  CmdResult one = RunEellm(gen);
+  CmdResult two = RunEellm(gen, Mpirun(2));
+  ASSERT_EQ(one.exit_code, 0) << Describe(gen, one);
+  ASSERT_EQ(two.exit_code, 0) << Describe(gen, two);
+  // The generated text, the exit histogram and the average layers (not the timings).
+  auto text_and_histogram = [](const std::string& out) {
+    std::string kept;
+    std::istringstream in(out);
+    for (std::string line; std::getline(in, line);) {
+      const size_t average = line.find("average layers");
+      if (line.rfind("ab", 0) == 0 || line.find("exit histogram") != std::string::npos) {
+        kept += line + "\n";
+      } else if (average != std::string::npos) {
+        kept += line.substr(average) + "\n";
+      }
+    }
+    return kept;
+  };
+  EXPECT_FALSE(text_and_histogram(one.output).empty()) << one.output;
+  EXPECT_EQ(text_and_histogram(two.output), text_and_histogram(one.output))
+      << "one process:\n"
+      << one.output << "\ntwo processes:\n"
+      << two.output;
+  size_t headers = 0;
+  for (size_t at = 0; (at = two.output.find("--- early exit", at)) != std::string::npos; ++at) {
+    ++headers;
+  }
+  EXPECT_EQ(headers, 1u) << "only rank 0 prints\n" << two.output;
+  CmdResult bad = RunEellm(gen + " --tp=4", Mpirun(2));
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.output.find("--tp 4 must equal the number of processes (2)"), std::string::npos)
+      << bad.output;
+}
+
+// `eellm serve` under mpirun: two processes serve as one tensor-parallel group. Rank 0 answers
+// what a single-process server answers (text, exit depths, finish reasons; a stop string ends
+// one prompt on the leader, whose follower then retires it), and SIGTERM to rank 0 stops the
+// whole group after the request in flight.
+TEST_F(ParallelCliTest, ServeUnderTensorParallelism) {
+  ASSERT_TRUE(PrepareTinyData(0.2));
+  const std::string train =
+      "train --config=" + Quote(WriteConfig(kTinyModel, 4, ", \"micro_batch_size\": 2")) +
+      " --tp=2";
+  CmdResult t = RunEellm(train, Mpirun(2));
+  ASSERT_EQ(t.exit_code, 0) << Describe(train, t);
+  const std::string args = "--checkpoint=" + Quote(Path("run")) + " --max-batch=4";
+  Server one = StartServer(args, "", "one");
+  Server two = StartServer(args, Mpirun(2), "two");
+  ASSERT_GT(one.port, 0) << one.output;
+  ASSERT_GT(two.port, 0) << two.output;
+  EXPECT_NE(two.output.find("tensor parallelism 2"), std::string::npos) << two.output;
+  // The stop string: a printable character the second prompt generates (the tiny model's bytes
+  // are near random), so that one sequence stops on it and the others run on.
+  const std::string probe = R"({"prompts": ["ab", "the", "x"], "tokens_to_generate": 12,
+      "temperature": 0.7, "random_seed": 5})";
+  const std::string first = Put(one.port, probe);
+  ASSERT_FALSE(first.empty());
+  std::string stop;
+  const nlohmann::json probed = nlohmann::json::parse(first);
+  for (const auto& seg : probed["segments"][1]) {
+    const std::string t = seg.get<std::string>();
+    if (t.size() == 1 && std::isalnum(static_cast<unsigned char>(t[0]))) stop = t;
+  }
+  ASSERT_FALSE(stop.empty()) << "probe: " << first;
+  const std::string body = R"({"prompts": ["ab", "the", "x"], "tokens_to_generate": 12,
+      "temperature": 0.7, "random_seed": 5, "early_exit_thres": 0.3, "stop_sequences": [")" +
+                           stop + R"("]})";
+  const std::string a = Put(one.port, body), b = Put(two.port, body);
+  EXPECT_TRUE(StopProcess(one.pid, one.pid));
+  EXPECT_TRUE(StopProcess(two.rank0, two.pid)) << "the group did not stop\n"
+                                               << ReadText(Path("two.out"));
+  ASSERT_FALSE(a.empty());
+  EXPECT_EQ(b, a) << "one process:\n" << a << "\ntwo processes:\n" << b;
+  EXPECT_NE(a.find("\"stop\""), std::string::npos) << "no prompt met the stop string\n" << a;
+  EXPECT_NE(ReadText(Path("two.out")).find("served 1 requests, 3 sequences"), std::string::npos)
+      << ReadText(Path("two.out"));
+}
+
+}  // namespace
+}  // namespace eellm
