@@ -114,8 +114,8 @@ absl::StatusOr<ApiCall> ParseApiRequest(const std::string& body_text, const Toke
   std::vector<int64_t> exit_layers;
   RETURN_IF_ERROR(
       Read(body, "tokens_to_generate", "an integer >= 1", &tokens, [](int v) { return v >= 1; }));
-  RETURN_IF_ERROR(Read(body, "temperature", "a number >= 0 (0 = greedy)", &temperature,
-                       [](double v) { return v >= 0; }));
+  RETURN_IF_ERROR(Read(body, "temperature", "a number in [0, 1e30] (0 = greedy)", &temperature,
+                       [](double v) { return v >= 0 && v <= 1e30; }));
   RETURN_IF_ERROR(Read(body, "top_k", "an integer >= 0", &top_k, [](int v) { return v >= 0; }));
   RETURN_IF_ERROR(Read(body, "top_p", "a number in [0, 1] (0 = off)", &top_p,
                        [](double v) { return v >= 0 && v <= 1; }));

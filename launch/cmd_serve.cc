@@ -82,10 +82,13 @@ int RunServeCommand() {
   }
   auto backend = MakeBackend(device);
   if (!backend.ok()) return Fail(backend.status());
-  std::unique_ptr<Communicator> world;
+  // Two communicators over the group: the model's, on the backend's memory, and the service's,
+  // for its host-memory messages.
+  std::unique_ptr<Communicator> world, messages;
   TpSpec tp_spec;
   if (multi) {
     world = MpiCommunicator::World(backend->get());
+    messages = MpiCommunicator::World(nullptr);
     tp_spec = TpSpec{world->rank(), world->size(), world.get()};
   }
   auto loaded = LoadModelFromCheckpoint(path, backend->get(), false, tp_spec);
@@ -98,13 +101,13 @@ int RunServeCommand() {
   if (!tok.ok()) return Fail(tok.status());
   Generator generator(&model, c.max_seq_len, max_batch);
   if (!leader) {
-    GenerationService::Follow(&generator, world.get());
+    GenerationService::Follow(&generator, messages.get());
     return 0;
   }
 
   // The generation worker makes the group's MPI calls, so it runs on this (the main) thread;
   // the HTTP server answers on its own threads.
-  GenerationService service(&generator, world.get(), /*own_thread=*/false);
+  GenerationService service(&generator, messages.get(), /*own_thread=*/false);
   ApiDefaults defaults;
   defaults.early_exit_threshold = static_cast<float>(th);
   defaults.seed = absl::GetFlag(FLAGS_seed);

@@ -1,11 +1,15 @@
 #include "launch/generation_service.h"
 
 #include <algorithm>
+#include <chrono>
+#include <cstring>
 #include <string>
+#include <thread>
 #include <utility>
 
 #include "engine/core/status.h"
 #include "nlohmann/json.hpp"
+#include "parallel/comm/mpi_runtime.h"
 
 namespace eellm {
 namespace {
@@ -21,6 +25,19 @@ struct StepMessage {
   std::vector<std::pair<int, GenerationRequest>> admit;
 };
 
+// Floats travel as their bits, so that every value (and the sampling that uses it) is
+// reproduced exactly.
+uint32_t Bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+float FromBits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
 std::string Encode(const StepMessage& m) {
   json admit = json::array();
   for (const auto& [slot, r] : m.admit) {
@@ -28,45 +45,65 @@ std::string Encode(const StepMessage& m) {
                      {"prompt", r.prompt},
                      {"max_new_tokens", r.max_new_tokens},
                      {"eos_id", r.eos_id},
-                     {"temperature", r.sampling.temperature},
+                     {"temperature", Bits(r.sampling.temperature)},
                      {"top_k", r.sampling.top_k},
-                     {"top_p", r.sampling.top_p},
+                     {"top_p", Bits(r.sampling.top_p)},
                      {"seed", r.sampling.seed},
-                     {"threshold", r.early_exit.threshold},
+                     {"threshold", Bits(r.early_exit.threshold)},
                      {"exit_layers", r.early_exit.exit_layers}});
   }
   return json{{"stop", m.stop}, {"retire", m.retire}, {"admit", admit}}.dump();
 }
 
 StepMessage Decode(const std::string& text) {
-  const json j = json::parse(text);
   StepMessage m;
-  m.stop = j["stop"].get<bool>();
-  m.retire = j["retire"].get<std::vector<int>>();
-  for (const json& a : j["admit"]) {
-    GenerationRequest r;
-    r.prompt = a["prompt"].get<std::vector<int32_t>>();
-    r.max_new_tokens = a["max_new_tokens"].get<int>();
-    r.eos_id = a["eos_id"].get<int>();
-    r.sampling.temperature = a["temperature"].get<float>();
-    r.sampling.top_k = a["top_k"].get<int>();
-    r.sampling.top_p = a["top_p"].get<float>();
-    r.sampling.seed = a["seed"].get<uint64_t>();
-    r.early_exit.threshold = a["threshold"].get<float>();
-    r.early_exit.exit_layers = a["exit_layers"].get<std::vector<int>>();
-    m.admit.emplace_back(a["slot"].get<int>(), std::move(r));
+  try {
+    const json j = json::parse(text);
+    m.stop = j.at("stop").get<bool>();
+    m.retire = j.at("retire").get<std::vector<int>>();
+    for (const json& a : j.at("admit")) {
+      GenerationRequest r;
+      r.prompt = a.at("prompt").get<std::vector<int32_t>>();
+      r.max_new_tokens = a.at("max_new_tokens").get<int>();
+      r.eos_id = a.at("eos_id").get<int>();
+      r.sampling.temperature = FromBits(a.at("temperature").get<uint32_t>());
+      r.sampling.top_k = a.at("top_k").get<int>();
+      r.sampling.top_p = FromBits(a.at("top_p").get<uint32_t>());
+      r.sampling.seed = a.at("seed").get<uint64_t>();
+      r.early_exit.threshold = FromBits(a.at("threshold").get<uint32_t>());
+      r.early_exit.exit_layers = a.at("exit_layers").get<std::vector<int>>();
+      m.admit.emplace_back(a.at("slot").get<int>(), std::move(r));
+    }
+  } catch (const json::exception& e) {
+    AbortAllRanks(std::string("a follower cannot read the leader's step message: ") + e.what());
   }
   return m;
 }
 
-// Broadcasts `m` from rank 0 of `group` (the size first), or receives it on the other ranks.
-StepMessage Exchange(Communicator* group, const StepMessage* m) {
-  std::string text = m != nullptr ? Encode(*m) : std::string();
-  int64_t size = static_cast<int64_t>(text.size());
-  group->Broadcast(&size, sizeof(size), 0);
-  text.resize(size);
-  group->Broadcast(text.data(), size, 0);
-  return m != nullptr ? *m : Decode(text);
+constexpr int kSizeTag = 9101, kTextTag = 9102;
+
+// The leader sends `m` to every other rank of `group`.
+void Send(Communicator* group, const StepMessage& m) {
+  const std::string text = Encode(m);
+  const int64_t size = static_cast<int64_t>(text.size());
+  for (int r = 1; r < group->size(); ++r) {
+    group->Send(&size, sizeof(size), r, kSizeTag);
+    group->Send(text.data(), text.size(), r, kTextTag);
+  }
+}
+
+// A follower receives the leader's next message. An idle follower waits without spinning: it
+// polls the receive, sleeping up to 1 ms between polls once a few thousand polls found nothing.
+StepMessage Receive(Communicator* group) {
+  int64_t size = 0;
+  std::unique_ptr<Request> pending = group->IRecv(&size, sizeof(size), 0, kSizeTag);
+  for (int polls = 0; !pending->Test(); ++polls) {
+    if (polls > 2000)
+      std::this_thread::sleep_for(std::chrono::microseconds(std::min(polls - 2000, 1000)));
+  }
+  std::string text(size, '\0');
+  group->Recv(text.data(), text.size(), 0, kTextTag);
+  return Decode(text);
 }
 
 }  // namespace
@@ -131,7 +168,7 @@ void GenerationService::Run() {
       }
     }
     if (group_ != nullptr) {
-      Exchange(group_, &step);
+      Send(group_, step);
       step = StepMessage();
     }
     const int running = gen_->active();
@@ -153,14 +190,14 @@ void GenerationService::Run() {
   }
   if (group_ != nullptr) {
     step.stop = true;
-    Exchange(group_, &step);
+    Send(group_, step);
   }
 }
 
 void GenerationService::Follow(Generator* generator, Communicator* group) {
   EE_CHECK(group->rank() != 0, "rank 0 leads; the others follow");
   for (;;) {
-    const StepMessage m = Exchange(group, nullptr);
+    const StepMessage m = Receive(group);
     // A stop rule (on the leader) ended these in the last pass; the follower's copies run on.
     for (int slot : m.retire) generator->Retire(slot);
     if (m.stop) return;

@@ -7,9 +7,11 @@
 // never fail another caller's sequences.
 //
 // Tensor parallelism: the service runs on rank 0 of the group (the leader) and, before each
-// pass, broadcasts what changed (sequences admitted, sequences its stop rules ended) to the other
-// ranks, which mirror it in Follow(). The worker then makes MPI calls, so it must be the
-// process's main thread: construct with own_thread = false and call Run() there.
+// pass, sends what changed (sequences admitted, sequences its stop rules ended) to the other
+// ranks, which mirror it in Follow(). `group` carries these host-memory messages (a communicator
+// made without a device backend); the model's own collectives use its TpSpec's. The worker then
+// makes MPI calls, so it must be the process's main thread: construct with own_thread = false
+// and call Run() there.
 #pragma once
 
 #include <condition_variable>

@@ -1,6 +1,7 @@
 #include "models/generator.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "absl/strings/str_cat.h"
 #include "engine/core/status.h"
@@ -382,16 +383,16 @@ absl::Status Generator::Validate(const GenerationRequest& r) const {
           absl::StrCat("prompt token ", t, " is outside the vocabulary [0, ", c.vocab_size, ")"));
   }
   const SamplingParams& sp = r.sampling;
-  if (!(sp.temperature >= 0)) {
+  if (!(sp.temperature >= 0 && std::isfinite(sp.temperature))) {
     return absl::InvalidArgumentError(
-        absl::StrCat("temperature must be >= 0, got ", sp.temperature));
+        absl::StrCat("temperature must be >= 0 and finite, got ", sp.temperature));
   }
   if (sp.top_k < 0)
     return absl::InvalidArgumentError(absl::StrCat("top_k must be >= 0, got ", sp.top_k));
   if (!(sp.top_p > 0 && sp.top_p <= 1)) {
     return absl::InvalidArgumentError(absl::StrCat("top_p must be in (0, 1], got ", sp.top_p));
   }
-  if (!(r.early_exit.threshold > 0)) {
+  if (!(r.early_exit.threshold > 0 && std::isfinite(r.early_exit.threshold))) {
     return absl::InvalidArgumentError(
         absl::StrCat("the early-exit threshold must be > 0, got ", r.early_exit.threshold));
   }

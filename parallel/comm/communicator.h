@@ -18,6 +18,12 @@ class Request {
  public:
   virtual ~Request() = default;
   virtual void Wait() = 0;
+  // Whether the operation has completed, without blocking where the communicator can tell (MPI);
+  // once true, Wait() returns at once. Default: Wait(), then true.
+  virtual bool Test() {
+    Wait();
+    return true;
+  }
   // Whether the operation has been posted (false while a communicator holds it; see PostHeld).
   virtual bool posted() const { return true; }
 };

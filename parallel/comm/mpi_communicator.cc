@@ -89,9 +89,29 @@ class MpiRequest final : public Request {
 
   void Wait() override {
     if (done_) return;
-    done_ = true;
     std::vector<MPI_Status> statuses(reqs_.size());
-    int rc = MPI_Waitall(static_cast<int>(reqs_.size()), reqs_.data(), statuses.data());
+    Finish(MPI_Waitall(static_cast<int>(reqs_.size()), reqs_.data(), statuses.data()), statuses);
+  }
+
+  bool Test() override {
+    if (done_) return true;
+    std::vector<MPI_Status> statuses(reqs_.size());
+    int flag = 0;
+    const int rc =
+        MPI_Testall(static_cast<int>(reqs_.size()), reqs_.data(), &flag, statuses.data());
+    if (rc != MPI_SUCCESS || flag) Finish(rc, statuses);
+    return done_;
+  }
+
+  std::vector<MPI_Request> reqs_;
+  std::vector<size_t> expected_bytes_;  // receives: the size each chunk must have
+  std::vector<char> host_;              // staged data
+  void* copy_back_dst_ = nullptr;       // device buffer to fill from host_ on completion
+
+ private:
+  // Completion: checks the statuses and message sizes, and copies staged receives back.
+  void Finish(int rc, std::vector<MPI_Status>& statuses) {
+    done_ = true;
     if (rc == MPI_ERR_IN_STATUS) {
       for (const MPI_Status& s : statuses) {
         if (s.MPI_ERROR != MPI_SUCCESS && s.MPI_ERROR != MPI_ERR_PENDING) rc = s.MPI_ERROR;
@@ -111,12 +131,6 @@ class MpiRequest final : public Request {
     }
   }
 
-  std::vector<MPI_Request> reqs_;
-  std::vector<size_t> expected_bytes_;  // receives: the size each chunk must have
-  std::vector<char> host_;              // staged data
-  void* copy_back_dst_ = nullptr;       // device buffer to fill from host_ on completion
-
- private:
   std::string what_;
   Backend* backend_;
   bool done_ = false;

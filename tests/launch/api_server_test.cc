@@ -90,7 +90,7 @@ TEST(ApiRequest, ErrorsNameTheFieldAndValue) {
        "\"tokens_to_generate\" must be an integer >= 1, got 0"},
       {R"({"prompts": ["a"], "tokens_to_generate": 2.5})", "got 2.5"},
       {R"({"prompts": ["a"], "tokens_to_generate": 1e12})", "got 1000000000000.0"},
-      {R"({"prompts": ["a"], "temperature": -1})", "\"temperature\" must be a number >= 0"},
+      {R"({"prompts": ["a"], "temperature": -1})", "\"temperature\" must be a number in [0, 1e30]"},
       {R"({"prompts": ["a"], "top_p": 1.5})",
        "\"top_p\" must be a number in [0, 1] (0 = off), got 1.5"},
       {R"({"prompts": ["a"], "top_k": "5"})", "\"top_k\" must be an integer >= 0, got \"5\""},

@@ -1,19 +1,27 @@
-// Generation under tensor parallelism, under mpirun: the world is one tensor-parallel group. Rank
-// 0 saves a single-rank model; every rank loads its shard of that checkpoint and generates a
-// batch of four sequences with early exit (mixed prompt lengths, thresholds, allowed exits and
-// sampling). Each rank gets the single-rank model's tokens, exits and depths: the heads'
-// vocabulary shards are gathered, so the ranks agree; tensor parallelism only reorders fp32
-// sums, so log-probabilities agree within 1e-4.
+// Generation and serving under tensor parallelism, under mpirun: the world is one
+// tensor-parallel group. Rank 0 saves a single-rank model; every rank loads its shard of that
+// checkpoint.
+// - TpGeneration: every rank generates a batch of four sequences with early exit (mixed prompt
+//   lengths, thresholds, allowed exits and sampling) and gets the single-rank model's tokens,
+//   exits and depths: the heads' vocabulary shards are gathered, so the ranks agree; tensor
+//   parallelism only reorders fp32 sums, so log-probabilities agree within 1e-4.
+// - TpServing: rank 0 leads a GenerationService, the others Follow; its answers equal a
+//   single-process service's, with stop rules, slot reuse and concurrent clients, on the CPU and
+//   on the CUDA backend's code (emulated; the model's communicator stages device memory, the
+//   service's messages use a host one).
 #include <unistd.h>
 
 #include <cstdio>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "launch/generation_service.h"
 #include "launch/model_loader.h"
 #include "models/generator.h"
 #include "parallel/comm/mpi_communicator.h"
+#include "tests/gpu/emu/emulated_cuda_backend.h"
 #include "tests/models/model_test_util.h"
 
 namespace eellm {
@@ -89,6 +97,97 @@ TEST_P(TpGeneration, EveryRankGeneratesWhatTheWholeModelGenerates) {
 
 INSTANTIATE_TEST_SUITE_P(Styles, TpGeneration,
                          ::testing::Values(ModelStyle::kGpt, ModelStyle::kLlama));
+
+// Saves the test model (filled with fixed values) from rank 0; returns the file every rank reads.
+std::string SaveTestModel(Communicator* world, const ModelConfig& c, const std::string& tag) {
+  int pid = getpid();
+  world->Broadcast(&pid, sizeof(pid), 0);
+  const std::string file = "/tmp/eellm_tp_serving_" + std::to_string(pid) + "_" + tag + ".h5";
+  if (world->rank() == 0) {
+    auto be = std::move(*MakeBackend("cpu"));
+    auto whole = *Model::Create(c, be.get());
+    testing::FillParams(*whole, 17, 0.5f);
+    CheckpointMeta meta;
+    meta.config_json = c.ToJson();
+    EE_CHECK(SaveCheckpoint(file, whole->params(), meta).ok(), "cannot save ", file);
+  }
+  world->Barrier();
+  return file;
+}
+
+// Stop rules only the leader evaluates: one on the token where the length also ends the
+// sequence, one after 3 tokens, one on the first token.
+std::vector<GenerationRequest> RequestsWithStops(const ModelConfig& c) {
+  std::vector<GenerationRequest> r = testing::MixedRequests(c);
+  r[0].stop = [n = r[0].max_new_tokens](const std::vector<int32_t>& t) {
+    return static_cast<int>(t.size()) == n;
+  };
+  r[1].stop = [](const std::vector<int32_t>& t) { return t.size() == 3; };
+  r[2].stop = [](const std::vector<int32_t>& t) { return t.size() == 1; };
+  return r;
+}
+
+void ExpectSameResults(const std::vector<GenerationResult>& got,
+                       const std::vector<GenerationResult>& want, const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  for (size_t i = 0; i < got.size(); ++i) {
+    EXPECT_EQ(got[i].tokens, want[i].tokens) << what << ", sequence " << i;
+    EXPECT_EQ(got[i].exit_index, want[i].exit_index) << what << ", sequence " << i;
+    EXPECT_EQ(got[i].finish, want[i].finish) << what << ", sequence " << i;
+  }
+}
+
+class TpServing : public ::testing::TestWithParam<std::string> {};
+
+// Two slots for four sequences per request: admissions and retirements of the same slot share
+// messages; two clients at once, then one more request.
+TEST_P(TpServing, FollowersMirrorTheLeader) {
+  auto messages = MpiCommunicator::World(nullptr);
+  const int tp = messages->size(), rank = messages->rank();
+  const ModelConfig c = TpGenerationConfig(ModelStyle::kLlama);
+  if (!SplitsOverTp(c, tp)) GTEST_SKIP() << "the test model does not split over " << tp;
+  auto be = std::move(*MakeBackendOrEmulated(GetParam()));
+  auto world = MpiCommunicator::World(be.get());
+  const std::string file = SaveTestModel(messages.get(), c, GetParam());
+  auto whole = LoadModelFromCheckpoint(file, be.get());
+  auto part = LoadModelFromCheckpoint(file, be.get(), false, TpSpec{rank, tp, world.get()});
+  messages->Barrier();
+  if (rank == 0) std::remove(file.c_str());
+  ASSERT_TRUE(whole.ok() && part.ok()) << part.status();
+  const std::vector<GenerationRequest> reqs = RequestsWithStops(c);
+  std::vector<GenerationResult> want;
+  {
+    Generator g(whole->model.get(), 32, 2);
+    GenerationService alone(&g);
+    want = *alone.Generate(reqs);
+  }
+  int stopped = 0;
+  for (const GenerationResult& g : want) stopped += g.finish == FinishReason::kStop;
+  EXPECT_EQ(stopped, 3);
+  Generator gp(part->model.get(), 32, 2);
+  if (rank != 0) {
+    GenerationService::Follow(&gp, messages.get());
+    return;
+  }
+  GenerationService leader(&gp, messages.get(), /*own_thread=*/false);
+  std::vector<std::vector<GenerationResult>> got(4);
+  std::thread clients([&] {
+    got[0] = *leader.Generate(reqs);
+    std::thread other([&] { got[1] = *leader.Generate(reqs); });
+    got[2] = *leader.Generate(reqs);
+    other.join();
+    got[3] = *leader.Generate({reqs[2], reqs[0]});
+    leader.Shutdown();
+  });
+  leader.Run();
+  clients.join();
+  ExpectSameResults(got[0], want, "first request");
+  ExpectSameResults(got[1], want, "concurrent request a");
+  ExpectSameResults(got[2], want, "concurrent request b");
+  ExpectSameResults(got[3], {want[2], want[0]}, "last request");
+}
+
+INSTANTIATE_TEST_SUITE_P(Backends, TpServing, ::testing::Values("cpu", "emulated-cuda"));
 
 }  // namespace
 }  // namespace eellm

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <tuple>
 
 #include "tests/models/model_test_util.h"
@@ -443,6 +444,10 @@ TEST(Generator, BatchErrorsNameThePromptAndTheValue) {
   r = g.GenerateBatch(reqs);
   ASSERT_FALSE(r.ok());
   EXPECT_NE(r.status().message().find("exit layer 4"), std::string::npos) << r.status();
+  reqs[1] = reqs[0];
+  reqs[1].sampling.temperature = std::numeric_limits<float>::infinity();
+  EXPECT_NE(g.GenerateBatch(reqs).status().message().find("temperature must be >= 0"),
+            std::string::npos);
   reqs[1] = reqs[0];
   reqs[1].sampling.top_p = 0;
   EXPECT_NE(g.GenerateBatch(reqs).status().message().find("top_p"), std::string::npos);
