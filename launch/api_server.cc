@@ -4,17 +4,23 @@
 
 #include <cmath>
 #include <cstdio>
+#include <ctime>
 #include <limits>
 #include <set>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "engine/core/timer.h"
+#include "launch/api_fields.h"
+#include "launch/openai_api.h"
 #include "nlohmann/json.hpp"
 
 namespace eellm {
 namespace {
 
+using api::Bad;
+using api::Read;
+using api::ReadStrings;
 using nlohmann::json;
 
 const std::set<std::string>& KnownFields() {
@@ -26,78 +32,11 @@ const std::set<std::string>& KnownFields() {
   return known;
 }
 
-// A short rendering of a bad value: scalars as JSON, lists and objects of scalars likewise, and
-// nested ones by their type (dumping a value nested 100,000 deep would overflow the stack).
-std::string Show(const json& v) {
-  bool flat = true;
-  if (v.is_structured()) {
-    for (const json& e : v) flat &= !e.is_structured();
-  }
-  std::string s = flat ? v.dump(-1, ' ', false, json::error_handler_t::replace)
-                       : absl::StrCat("a nested ", v.type_name());
-  if (s.size() > 200) s = absl::StrCat(s.substr(0, 200), "...");
-  return s;
-}
-
-absl::Status Bad(const std::string& field, const std::string& want, const json& got) {
-  return absl::InvalidArgumentError(
-      absl::StrCat("\"", field, "\" must be ", want, ", got ", Show(got)));
-}
-
-// Reads body[field] into *out when present; `ok` checks the value.
-template <typename T, typename Check>
-absl::Status Read(const json& body, const char* field, const char* want, T* out, Check ok) {
-  auto it = body.find(field);
-  if (it == body.end()) return absl::OkStatus();
-  const json& v = *it;
-  bool type_ok;
-  if constexpr (std::is_same_v<T, bool>) {
-    type_ok = v.is_boolean();
-  } else if constexpr (std::is_integral_v<T>) {
-    // An integer, or a float with an integral value (64.0), within T's range.
-    const double d = v.is_number() ? v.get<double>() : 0.5;
-    type_ok = v.is_number() && std::trunc(d) == d &&
-              d >= static_cast<double>(std::numeric_limits<T>::min()) &&
-              d <= static_cast<double>(std::numeric_limits<T>::max()) && std::fabs(d) < 9e15;
-  } else {
-    type_ok = v.is_number();
-  }
-  if (!type_ok) return Bad(field, want, v);
-  if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
-    *out = static_cast<T>(v.is_number_integer() ? v.get<int64_t>()
-                                                : static_cast<int64_t>(v.get<double>()));
-  } else {
-    *out = v.get<T>();
-  }
-  if (!ok(*out)) return Bad(field, want, v);
-  return absl::OkStatus();
-}
-
-absl::Status ReadStrings(const json& body, const char* field, std::vector<std::string>* out) {
-  auto it = body.find(field);
-  if (it == body.end()) return absl::OkStatus();
-  if (!it->is_array()) return Bad(field, "a list of strings", *it);
-  for (const json& s : *it) {
-    if (!s.is_string()) return Bad(field, "a list of strings", *it);
-    out->push_back(s.get<std::string>());
-  }
-  return absl::OkStatus();
-}
-
 }  // namespace
 
 absl::StatusOr<ApiCall> ParseApiRequest(const std::string& body_text, const Tokenizer& tok,
                                         const ApiDefaults& defaults, uint64_t request_number) {
-  json body = json::parse(body_text, nullptr, /*allow_exceptions=*/false);
-  if (body.is_discarded()) return absl::InvalidArgumentError("the request body is not JSON");
-  if (!body.is_object())
-    return absl::InvalidArgumentError("the request body must be a JSON object");
-  for (const auto& [key, value] : body.items()) {
-    if (!KnownFields().count(key)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "unknown field \"", key, "\" (known: ", absl::StrJoin(KnownFields(), ", "), ")"));
-    }
-  }
+  ASSIGN_OR_RETURN(const json body, api::ParseJsonBody(body_text, KnownFields()));
   ApiCall call;
   if (!body.contains("prompts")) return absl::InvalidArgumentError("\"prompts\" is required");
   RETURN_IF_ERROR(ReadStrings(body, "prompts", &call.prompts));
@@ -145,30 +84,16 @@ absl::StatusOr<ApiCall> ParseApiRequest(const std::string& body_text, const Toke
       exit_layers.push_back(v.get<int64_t>());
     }
   }
-  for (int i = 0; i < n; ++i) {
-    GenerationRequest r;
-    if (add_bos || call.prompts[i].empty()) r.prompt.push_back(tok.bos_id());
-    const std::vector<int32_t> ids = tok.Encode(call.prompts[i]);
-    r.prompt.insert(r.prompt.end(), ids.begin(), ids.end());
-    r.max_new_tokens = tokens;
-    r.eos_id = tok.eos_id();
-    r.sampling.temperature = static_cast<float>(temperature);
-    r.sampling.top_k = top_k;
-    r.sampling.top_p = top_p == 0 ? 1.0f : static_cast<float>(top_p);
-    r.sampling.seed = static_cast<uint64_t>(seed) + i;
-    r.early_exit.threshold = use_ee ? static_cast<float>(threshold) : 1.0f;
-    for (int64_t l : exit_layers) r.early_exit.exit_layers.push_back(static_cast<int>(l));
-    if (!call.stop_sequences.empty()) {
-      r.stop = [&tok, stops = call.stop_sequences](const std::vector<int32_t>& generated) {
-        const std::string text = tok.Decode(generated);
-        for (const std::string& s : stops) {
-          if (text.find(s) != std::string::npos) return true;
-        }
-        return false;
-      };
-    }
-    call.requests.push_back(std::move(r));
-  }
+  api::GenerationOptions o;
+  o.max_new_tokens = tokens;
+  o.temperature = temperature;
+  o.top_k = top_k;
+  o.top_p = top_p == 0 ? 1.0 : top_p;
+  o.seed = static_cast<uint64_t>(seed);
+  o.add_bos = add_bos;
+  o.threshold = use_ee ? threshold : 1.0;
+  for (int64_t l : exit_layers) o.exit_layers.push_back(static_cast<int>(l));
+  api::AddGenerationRequests(o, tok, &call);
   return call;
 }
 
@@ -178,10 +103,7 @@ std::string ApiResponse(const ApiCall& call, const std::vector<GenerationResult>
        layers = json::array(), finish = json::array();
   for (size_t i = 0; i < results.size(); ++i) {
     const GenerationResult& g = results[i];
-    std::string out = tok.Decode(g.tokens);
-    size_t cut = std::string::npos;
-    for (const std::string& s : call.stop_sequences) cut = std::min(cut, out.find(s));
-    if (cut != std::string::npos) out.resize(cut);
+    const std::string out = api::GeneratedText(g, call.stop_sequences, tok);
     text.push_back(call.prompts[i] + out);
     json seg = json::array();
     for (int32_t t : call.requests[i].prompt) seg.push_back(tok.DecodeToken(t));
@@ -217,36 +139,59 @@ ApiServer::ApiServer(GenerationService* service, const Tokenizer* tok, const Mod
   // requests can fill every slot, and a few more for /health and errors.
   const size_t threads = service_->generator().max_sequences() + 8;
   http_->new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
-  auto generate = [this](const httplib::Request& req, httplib::Response& res) {
-    Timer timer;
-    auto call = ParseApiRequest(req.body, *tok_, defaults_, requests_++);
-    absl::StatusOr<std::vector<GenerationResult>> results =
-        call.ok() ? service_->Generate(call->requests) : call.status();
-    if (!results.ok()) {
-      const bool bad = results.status().code() == absl::StatusCode::kInvalidArgument;
-      Answer(res, bad ? 400 : 500, {{"error", std::string(results.status().message())}});
-      std::fprintf(stderr, "%s %s from %s: %d %s\n", req.method.c_str(), req.path.c_str(),
-                   req.remote_addr.c_str(), res.status,
-                   std::string(results.status().message()).c_str());
-      return;
-    }
-    res.set_content(ApiResponse(*call, *results, *tok_), "application/json");
-    size_t tokens = 0;
-    double layers = 0;
-    for (const GenerationResult& g : *results) {
-      tokens += g.tokens.size();
-      for (int d : g.depth) layers += d;
-    }
-    const double s = timer.Seconds();
-    std::fprintf(stderr,
-                 "%s %s from %s: %zu prompts, %zu tokens in %.3f s (%.1f tokens/s), average "
-                 "layers %.2f of %d\n",
-                 req.method.c_str(), req.path.c_str(), req.remote_addr.c_str(), results->size(),
-                 tokens, s, s > 0 ? tokens / s : 0.0, tokens ? layers / tokens : 0.0,
-                 config_.num_layers);
+  // Both APIs: parse, generate, answer, and log one line per request.
+  enum class Api { kEeLlm, kOpenAi };
+  auto handler = [this](Api api) {
+    return [this, api](const httplib::Request& req, httplib::Response& res) {
+      Timer timer;
+      const uint64_t number = requests_++;
+      auto call = api == Api::kEeLlm ? ParseApiRequest(req.body, *tok_, defaults_, number)
+                                     : ParseCompletionRequest(req.body, *tok_, defaults_, number);
+      absl::StatusOr<std::vector<GenerationResult>> results =
+          call.ok() ? service_->Generate(call->requests) : call.status();
+      if (!results.ok()) {
+        const bool bad = results.status().code() == absl::StatusCode::kInvalidArgument;
+        const std::string message(results.status().message());
+        res.status = bad ? 400 : 500;
+        res.set_content(api == Api::kEeLlm ? json{{"error", message}}.dump(
+                                                 -1, ' ', false, json::error_handler_t::replace)
+                                           : CompletionError(message, bad),
+                        "application/json");
+        std::fprintf(stderr, "%s %s from %s: %d %s\n", req.method.c_str(), req.path.c_str(),
+                     req.remote_addr.c_str(), res.status, message.c_str());
+        return;
+      }
+      res.set_content(api == Api::kEeLlm
+                          ? ApiResponse(*call, *results, *tok_)
+                          : CompletionResponse(*call, *results, *tok_, defaults_.model_name, number,
+                                               static_cast<int64_t>(time(nullptr))),
+                      "application/json");
+      size_t tokens = 0;
+      double layers = 0;
+      for (const GenerationResult& g : *results) {
+        tokens += g.tokens.size();
+        for (int d : g.depth) layers += d;
+      }
+      const double s = timer.Seconds();
+      std::fprintf(stderr,
+                   "%s %s from %s: %zu prompts, %zu tokens in %.3f s (%.1f tokens/s), average "
+                   "layers %.2f of %d\n",
+                   req.method.c_str(), req.path.c_str(), req.remote_addr.c_str(), results->size(),
+                   tokens, s, s > 0 ? tokens / s : 0.0, tokens ? layers / tokens : 0.0,
+                   config_.num_layers);
+    };
   };
-  http_->Put("/api", generate);
-  http_->Post("/api", generate);
+  http_->Put("/api", handler(Api::kEeLlm));
+  http_->Post("/api", handler(Api::kEeLlm));
+  http_->Post("/v1/completions", handler(Api::kOpenAi));
+  http_->Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
+    Answer(res, 200,
+           {{"object", "list"},
+            {"data", json::array({{{"id", defaults_.model_name},
+                                   {"object", "model"},
+                                   {"owned_by", "eellm"},
+                                   {"max_model_len", service_->generator().capacity()}}})}});
+  });
   http_->Get("/health", [this](const httplib::Request&, httplib::Response& res) {
     const GenerationService::Stats st = service_->stats();
     json exits = json::array();
@@ -272,7 +217,8 @@ ApiServer::ApiServer(GenerationService* service, const Tokenizer* tok, const Mod
     const std::string what =
         res.status == 404 || res.status == 405
             ? absl::StrCat("no such endpoint: ", req.method, " ", req.path,
-                           " (the API is PUT or POST /api, and GET /health)")
+                           " (endpoints: PUT or POST /api, POST /v1/completions, GET /v1/models, "
+                           "GET /health)")
             : absl::StrCat("HTTP status ", res.status,
                            res.status == 413 ? " (the body exceeds 16 MiB)" : "");
     Answer(res, res.status, {{"error", what}});

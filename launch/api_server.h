@@ -1,6 +1,7 @@
 // The HTTP inference API of `eellm serve`, compatible with EE-LLM's (Megatron's) text generation
 // server: PUT /api (POST also) with {"prompts": [...], "tokens_to_generate": 64, ...} answers
-// {"text": [...], "segments": [...], "logprobs": [...]}, plus each token's exit depth. GET /health
+// {"text": [...], "segments": [...], "logprobs": [...]}, plus each token's exit depth. Also
+// POST /v1/completions and GET /v1/models, OpenAI-style (launch/openai_api.h). GET /health
 // describes the model and the service's counters. Requests run on a GenerationService, so
 // concurrent requests are batched together, never interleaved on one KV cache. A bad request
 // answers 400 with {"error": "..."} naming the field and value.
@@ -29,6 +30,7 @@ struct ApiDefaults {
   int max_prompts = 128;  // per request (EE-LLM's limit)
   // random_seed when a request gives none: seed + 1000003 * request number.
   uint64_t seed = 1234;
+  std::string model_name = "eellm";  // what /v1/models and /v1/completions call the model
 };
 
 // A parsed request: one GenerationRequest per prompt, and what the response needs.

@@ -111,6 +111,7 @@ int RunServeCommand() {
   ApiDefaults defaults;
   defaults.early_exit_threshold = static_cast<float>(th);
   defaults.seed = absl::GetFlag(FLAGS_seed);
+  defaults.model_name = path;
   ApiServer server(&service, tok->get(), c, defaults);
   auto bound = server.Bind(absl::GetFlag(FLAGS_host), port);
   if (!bound.ok()) return Fail(bound.status());
@@ -135,8 +136,10 @@ int RunServeCommand() {
   });
   std::printf("serving %s (%d layers, exits at layers", path.c_str(), c.num_layers);
   for (const ExitConfig& x : c.exits) std::printf(" %d", x.layer);
-  std::printf(") on http://%s:%d: PUT /api, GET /health; up to %d sequences at a time",
-              absl::GetFlag(FLAGS_host).c_str(), *bound, max_batch);
+  std::printf(
+      ") on http://%s:%d: PUT /api, POST /v1/completions, GET /health; up to %d sequences at a "
+      "time",
+      absl::GetFlag(FLAGS_host).c_str(), *bound, max_batch);
   if (multi) std::printf("; tensor parallelism %d", tp);
   // Under mpirun, signalling mpirun ends the job at once; SIGTERM to this pid stops gracefully.
   std::printf("; pid %d\n", static_cast<int>(getpid()));

@@ -1,0 +1,178 @@
+#include "launch/openai_api.h"
+
+#include "absl/strings/str_cat.h"
+#include "launch/api_fields.h"
+#include "nlohmann/json.hpp"
+
+namespace eellm {
+namespace {
+
+using api::Bad;
+using api::Read;
+using nlohmann::json;
+
+const std::set<std::string>& KnownFields() {
+  static const std::set<std::string> known = {"model",
+                                              "prompt",
+                                              "max_tokens",
+                                              "temperature",
+                                              "top_p",
+                                              "n",
+                                              "best_of",
+                                              "stream",
+                                              "logprobs",
+                                              "echo",
+                                              "stop",
+                                              "seed",
+                                              "user",
+                                              "presence_penalty",
+                                              "frequency_penalty",
+                                              "logit_bias",
+                                              "suffix",
+                                              "top_k",
+                                              "early_exit_threshold",
+                                              "exit_layers"};
+  return known;
+}
+
+// A string, or a list of strings, into *out.
+absl::Status ReadStringOrList(const json& body, const char* field, std::vector<std::string>* out) {
+  auto it = body.find(field);
+  if (it == body.end() || it->is_null()) return absl::OkStatus();
+  if (it->is_string()) {
+    out->push_back(it->get<std::string>());
+    return absl::OkStatus();
+  }
+  return api::ReadStrings(body, field, out);
+}
+
+// Fields accepted only at their neutral value.
+absl::Status RequireNeutral(const json& body) {
+  struct Neutral {
+    const char* field;
+    json value;
+    const char* what;
+  };
+  const Neutral neutral[] = {{"n", 1, "1 (one completion per prompt)"},
+                             {"best_of", 1, "1"},
+                             {"stream", false, "false (streaming is not supported yet)"},
+                             {"echo", false, "false"},
+                             {"presence_penalty", 0, "0"},
+                             {"frequency_penalty", 0, "0"}};
+  for (const Neutral& n : neutral) {
+    auto it = body.find(n.field);
+    if (it != body.end() && !it->is_null() && *it != n.value) return Bad(n.field, n.what, *it);
+  }
+  for (const char* field : {"suffix", "logit_bias"}) {
+    auto it = body.find(field);
+    if (it != body.end() && !it->is_null() && !(it->is_object() && it->empty())) {
+      return Bad(field, "null (not supported)", *it);
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<ApiCall> ParseCompletionRequest(const std::string& body_text, const Tokenizer& tok,
+                                               const ApiDefaults& defaults,
+                                               uint64_t request_number) {
+  ASSIGN_OR_RETURN(const json body, api::ParseJsonBody(body_text, KnownFields()));
+  RETURN_IF_ERROR(RequireNeutral(body));
+  ApiCall call;
+  if (!body.contains("prompt")) return absl::InvalidArgumentError("\"prompt\" is required");
+  RETURN_IF_ERROR(ReadStringOrList(body, "prompt", &call.prompts));
+  const int n = static_cast<int>(call.prompts.size());
+  if (n < 1 || n > defaults.max_prompts) {
+    return absl::InvalidArgumentError(absl::StrCat("\"prompt\" must be a string or a list of 1 to ",
+                                                   defaults.max_prompts, ", got ", n));
+  }
+  api::GenerationOptions o;
+  o.max_new_tokens = 16;  // OpenAI's default
+  int64_t seed =
+      static_cast<int64_t>((defaults.seed + 1000003ull * request_number) & 0x1fffffffffffffull);
+  int logprobs = 0;
+  RETURN_IF_ERROR(
+      Read(body, "max_tokens", "an integer >= 1", &o.max_new_tokens, [](int v) { return v >= 1; }));
+  RETURN_IF_ERROR(Read(body, "temperature", "a number in [0, 1e30] (0 = greedy)", &o.temperature,
+                       [](double v) { return v >= 0 && v <= 1e30; }));
+  RETURN_IF_ERROR(Read(body, "top_p", "a number in (0, 1]", &o.top_p,
+                       [](double v) { return v > 0 && v <= 1; }));
+  RETURN_IF_ERROR(Read(body, "top_k", "an integer >= -1 (-1 or 0 = all)", &o.top_k,
+                       [](int v) { return v >= -1; }));
+  o.top_k = std::max(o.top_k, 0);
+  RETURN_IF_ERROR(Read(body, "seed", "an integer >= 0", &seed, [](int64_t v) { return v >= 0; }));
+  o.seed = static_cast<uint64_t>(seed);
+  if (body.contains("logprobs") && !body["logprobs"].is_null()) {
+    RETURN_IF_ERROR(Read(body, "logprobs",
+                         "null, 0 or 1 (only the sampled token's log-probability is returned)",
+                         &logprobs, [](int v) { return v == 0 || v == 1; }));
+  }
+  call.logprobs = logprobs > 0;
+  o.threshold = 1.0;
+  RETURN_IF_ERROR(Read(body, "early_exit_threshold", "a number in (0, 1] (1 = off)", &o.threshold,
+                       [](double v) { return v > 0 && v <= 1; }));
+  if (auto it = body.find("exit_layers"); it != body.end()) {
+    if (!it->is_array()) return Bad("exit_layers", "a list of layer numbers", *it);
+    for (const json& v : *it) {
+      if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() > 1000000) {
+        return Bad("exit_layers", "a list of layer numbers", *it);
+      }
+      o.exit_layers.push_back(static_cast<int>(v.get<int64_t>()));
+    }
+  }
+  RETURN_IF_ERROR(ReadStringOrList(body, "stop", &call.stop_sequences));
+  for (const std::string& s : call.stop_sequences) {
+    if (s.empty()) return absl::InvalidArgumentError("\"stop\" may not hold \"\"");
+  }
+  if (call.stop_sequences.size() > 4) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("\"stop\" may hold at most 4 strings, got ", call.stop_sequences.size()));
+  }
+  api::AddGenerationRequests(o, tok, &call);
+  return call;
+}
+
+std::string CompletionResponse(const ApiCall& call, const std::vector<GenerationResult>& results,
+                               const Tokenizer& tok, const std::string& model,
+                               uint64_t request_number, int64_t created) {
+  json choices = json::array();
+  size_t prompt_tokens = 0, completion_tokens = 0;
+  for (size_t i = 0; i < results.size(); ++i) {
+    const GenerationResult& g = results[i];
+    json logprobs = nullptr;
+    if (call.logprobs) {
+      json tokens = json::array();
+      for (int32_t t : g.tokens) tokens.push_back(tok.DecodeToken(t));
+      logprobs = {{"tokens", tokens}, {"token_logprobs", g.logprobs}};
+    }
+    choices.push_back({{"text", api::GeneratedText(g, call.stop_sequences, tok)},
+                       {"index", i},
+                       {"logprobs", logprobs},
+                       {"finish_reason", g.finish == FinishReason::kLength ? "length" : "stop"},
+                       {"layers", g.depth}});
+    prompt_tokens += call.requests[i].prompt.size();
+    completion_tokens += g.tokens.size();
+  }
+  const json r = {{"id", absl::StrCat("cmpl-", request_number)},
+                  {"object", "text_completion"},
+                  {"created", created},
+                  {"model", model},
+                  {"choices", choices},
+                  {"usage",
+                   {{"prompt_tokens", prompt_tokens},
+                    {"completion_tokens", completion_tokens},
+                    {"total_tokens", prompt_tokens + completion_tokens}}}};
+  return r.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+std::string CompletionError(const std::string& message, bool bad_request) {
+  const json r = {{"error",
+                   {{"message", message},
+                    {"type", bad_request ? "invalid_request_error" : "server_error"},
+                    {"param", nullptr},
+                    {"code", nullptr}}}};
+  return r.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+}  // namespace eellm

@@ -1,0 +1,169 @@
+// The OpenAI-style completions API: request fields and their defaults, every refused field named
+// in an OpenAI-shaped error, the answer's shape, and the endpoints over HTTP.
+#include "launch/openai_api.h"
+
+#include <httplib.h>
+
+#include <thread>
+
+#include "gtest/gtest.h"
+#include "launch/generation_service.h"
+#include "nlohmann/json.hpp"
+#include "tests/models/model_test_util.h"
+
+namespace eellm {
+namespace {
+
+using nlohmann::json;
+
+TEST(CompletionRequest, MapsFieldsAndOpenAiDefaults) {
+  ByteTokenizer tok;
+  auto call = ParseCompletionRequest(R"({"model": "x", "prompt": "ab"})", tok, ApiDefaults(), 0);
+  ASSERT_TRUE(call.ok()) << call.status();
+  ASSERT_EQ(call->requests.size(), 1u);
+  const GenerationRequest& a = call->requests[0];
+  EXPECT_EQ(a.prompt, (std::vector<int32_t>{'a', 'b'}));
+  EXPECT_EQ(a.max_new_tokens, 16);
+  EXPECT_FLOAT_EQ(a.sampling.temperature, 1.0f);
+  EXPECT_FLOAT_EQ(a.sampling.top_p, 1.0f);
+  EXPECT_FLOAT_EQ(a.early_exit.threshold, 1.0f);  // early exit off unless asked
+  EXPECT_FALSE(call->logprobs);
+  EXPECT_FALSE(a.stop);
+
+  call = ParseCompletionRequest(R"({"prompt": ["ab", "c"], "max_tokens": 5, "temperature": 0,
+      "top_p": 0.5, "top_k": -1, "seed": 42, "stop": "\n", "logprobs": 1, "n": 1,
+      "stream": false, "echo": false, "presence_penalty": 0, "frequency_penalty": 0,
+      "logit_bias": {}, "suffix": null, "user": "u", "best_of": 1,
+      "early_exit_threshold": 0.7, "exit_layers": [2]})",
+                                tok, ApiDefaults(), 0);
+  ASSERT_TRUE(call.ok()) << call.status();
+  ASSERT_EQ(call->requests.size(), 2u);
+  const GenerationRequest& b = call->requests[1];
+  EXPECT_EQ(b.prompt, std::vector<int32_t>{'c'});
+  EXPECT_EQ(b.max_new_tokens, 5);
+  EXPECT_EQ(b.sampling.temperature, 0.0f);
+  EXPECT_FLOAT_EQ(b.sampling.top_p, 0.5f);
+  EXPECT_EQ(b.sampling.top_k, 0);
+  EXPECT_EQ(b.sampling.seed, 43u);
+  EXPECT_FLOAT_EQ(b.early_exit.threshold, 0.7f);
+  EXPECT_EQ(b.early_exit.exit_layers, std::vector<int>{2});
+  EXPECT_TRUE(call->logprobs);
+  ASSERT_TRUE(b.stop);
+  EXPECT_TRUE(b.stop({'x', '\n'}));
+  EXPECT_EQ(call->stop_sequences, std::vector<std::string>{"\n"});
+}
+
+TEST(CompletionRequest, RefusedFieldsAreNamed) {
+  ByteTokenizer tok;
+  const std::pair<const char*, const char*> cases[] = {
+      {R"({})", "\"prompt\" is required"},
+      {R"({"prompt": []})", "a list of 1 to 128, got 0"},
+      {R"({"prompt": "a", "n": 2})", "\"n\" must be 1 (one completion per prompt), got 2"},
+      {R"({"prompt": "a", "best_of": 3})", "\"best_of\" must be 1, got 3"},
+      {R"({"prompt": "a", "stream": true})", "\"stream\" must be false (streaming is not"},
+      {R"({"prompt": "a", "echo": true})", "\"echo\" must be false, got true"},
+      {R"({"prompt": "a", "presence_penalty": 0.5})", "\"presence_penalty\" must be 0, got 0.5"},
+      {R"({"prompt": "a", "logit_bias": {"1": 5}})", "\"logit_bias\" must be null"},
+      {R"({"prompt": "a", "suffix": "z"})", "\"suffix\" must be null (not supported), got \"z\""},
+      {R"({"prompt": "a", "logprobs": 5})", "\"logprobs\" must be null, 0 or 1"},
+      {R"({"prompt": "a", "max_tokens": 0})", "\"max_tokens\" must be an integer >= 1, got 0"},
+      {R"({"prompt": "a", "top_p": 0})", "\"top_p\" must be a number in (0, 1], got 0"},
+      {R"({"prompt": "a", "stop": ["1", "2", "3", "4", "5"]})", "at most 4 strings, got 5"},
+      {R"({"prompt": "a", "early_exit_threshold": 2})", "\"early_exit_threshold\" must be"},
+      {R"({"prompt": "a", "max_new_tokens": 3})", "unknown field \"max_new_tokens\""},
+  };
+  for (const auto& [body, want] : cases) {
+    auto r = ParseCompletionRequest(body, tok, ApiDefaults(), 0);
+    ASSERT_FALSE(r.ok()) << body;
+    EXPECT_NE(r.status().message().find(want), std::string::npos)
+        << body << " -> " << r.status().message();
+  }
+  const json e = json::parse(CompletionError("bad \"n\"", true));
+  EXPECT_EQ(e["error"]["message"], "bad \"n\"");
+  EXPECT_EQ(e["error"]["type"], "invalid_request_error");
+}
+
+TEST(CompletionResponse, HasOpenAiShapeAndEarlyExitLayers) {
+  ByteTokenizer tok;
+  auto call = *ParseCompletionRequest(R"({"prompt": ["Q:", "R"], "stop": "zz", "logprobs": 1})",
+                                      tok, ApiDefaults(), 0);
+  GenerationResult a, b;
+  a.tokens = {' ', 'a', 'z', 'z'};
+  a.depth = {1, 4, 4, 2};
+  a.logprobs = {-0.5f, -1, -2, -3};
+  a.finish = FinishReason::kStop;
+  b.tokens = {'x', ByteTokenizer::kEosId};
+  b.depth = {4, 4};
+  b.logprobs = {-1, -2};
+  b.finish = FinishReason::kEos;
+  const json r = json::parse(CompletionResponse(call, {a, b}, tok, "m", 7, 1700000000));
+  EXPECT_EQ(r["id"], "cmpl-7");
+  EXPECT_EQ(r["object"], "text_completion");
+  EXPECT_EQ(r["created"], 1700000000);
+  EXPECT_EQ(r["model"], "m");
+  ASSERT_EQ(r["choices"].size(), 2u);
+  EXPECT_EQ(r["choices"][0]["text"], " a");  // no prompt, cut before the stop string
+  EXPECT_EQ(r["choices"][0]["finish_reason"], "stop");
+  EXPECT_EQ(r["choices"][1]["text"], "x");
+  EXPECT_EQ(r["choices"][1]["finish_reason"], "stop");  // EOS
+  EXPECT_EQ(r["choices"][1]["index"], 1);
+  EXPECT_EQ(r["choices"][0]["layers"], json({1, 4, 4, 2}));
+  EXPECT_EQ(r["choices"][0]["logprobs"]["token_logprobs"].size(), 4u);
+  EXPECT_EQ(r["choices"][0]["logprobs"]["tokens"][1], "a");
+  EXPECT_EQ(r["usage"]["prompt_tokens"], 3);
+  EXPECT_EQ(r["usage"]["completion_tokens"], 6);
+  EXPECT_EQ(r["usage"]["total_tokens"], 9);
+  call.logprobs = false;
+  EXPECT_TRUE(
+      json::parse(CompletionResponse(call, {a, b}, tok, "m", 7, 0))["choices"][0]["logprobs"]
+          .is_null());
+}
+
+// POST /v1/completions and GET /v1/models on a local port; the completion is what the generator
+// gives alone.
+TEST(CompletionServer, AnswersOverHttp) {
+  auto be = testing::Cpu();
+  ModelConfig c = testing::ConfigWithExits(ModelStyle::kLlama);
+  c.vocab_size = 258;
+  c.hidden_size = 16;
+  c.max_seq_len = 64;
+  auto m = *Model::Create(c, be.get());
+  testing::FillParams(*m, 81, 0.6f);
+  Generator gen(m.get(), 64, 4), alone(m.get(), 64, 2);
+  GenerationService service(&gen);
+  ByteTokenizer tok;
+  ApiDefaults defaults;
+  defaults.model_name = "tiny";
+  ApiServer server(&service, &tok, m->config(), defaults);
+  auto port = server.Bind("127.0.0.1", 0);
+  ASSERT_TRUE(port.ok()) << port.status();
+  std::thread serving([&] { server.Serve(); });
+  httplib::Client client("127.0.0.1", *port);
+  const std::string body = R"({"model": "tiny", "prompt": ["In the", "Lord"], "max_tokens": 8,
+      "temperature": 0, "early_exit_threshold": 0.3})";
+  auto res = client.Post("/v1/completions", body, "application/json");
+  ASSERT_TRUE(res) << httplib::to_string(res.error());
+  EXPECT_EQ(res->status, 200) << res->body;
+  const json r = json::parse(res->body);
+  auto call = *ParseCompletionRequest(body, tok, defaults, 0);
+  auto want = *alone.GenerateBatch(call.requests);
+  for (int i = 0; i < 2; ++i) {
+    const json text = tok.Decode(want[i].tokens);
+    EXPECT_EQ(r["choices"][i]["text"],
+              json::parse(text.dump(-1, ' ', false, json::error_handler_t::replace)));
+    EXPECT_EQ(r["choices"][i]["layers"], json(want[i].depth));
+  }
+  EXPECT_EQ(r["model"], "tiny");
+  res = client.Post("/v1/completions", R"({"prompt": "a", "n": 3})", "application/json");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 400);
+  EXPECT_EQ(json::parse(res->body)["error"]["type"], "invalid_request_error") << res->body;
+  res = client.Get("/v1/models");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(json::parse(res->body)["data"][0]["id"], "tiny") << res->body;
+  server.Stop();
+  serving.join();
+}
+
+}  // namespace
+}  // namespace eellm
