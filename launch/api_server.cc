@@ -3,10 +3,14 @@
 #include <httplib.h>
 
 #include <cmath>
+#include <condition_variable>
 #include <cstdio>
 #include <ctime>
 #include <limits>
+#include <memory>
+#include <mutex>
 #include <set>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -147,6 +151,15 @@ ApiServer::ApiServer(GenerationService* service, const Tokenizer* tok, const Mod
       const uint64_t number = requests_++;
       auto call = api == Api::kEeLlm ? ParseApiRequest(req.body, *tok_, defaults_, number)
                                      : ParseCompletionRequest(req.body, *tok_, defaults_, number);
+      if (call.ok() && call->stream) {
+        // Validate now, so that a bad prompt still answers 400 rather than an event.
+        absl::Status valid = service_->generator().ValidateAll(call->requests);
+        if (valid.ok()) {
+          Stream(std::make_shared<ApiCall>(std::move(*call)), number, res);
+          return;
+        }
+        call = valid;
+      }
       absl::StatusOr<std::vector<GenerationResult>> results =
           call.ok() ? service_->Generate(call->requests) : call.status();
       if (!results.ok()) {
@@ -226,6 +239,76 @@ ApiServer::ApiServer(GenerationService* service, const Tokenizer* tok, const Mod
 }
 
 ApiServer::~ApiServer() = default;
+
+void ApiServer::Stream(std::shared_ptr<ApiCall> call, uint64_t number, httplib::Response& res) {
+  // The generation runs on a thread of its own, its tokens queued for this handler thread, which
+  // writes them as events. A client that goes away cancels the rest.
+  struct State {
+    std::mutex mu;
+    std::condition_variable changed;
+    std::vector<std::pair<int, int32_t>> tokens;
+    bool done = false;
+    absl::StatusOr<std::vector<GenerationResult>> results;
+    std::atomic<bool> cancelled{false};
+  };
+  res.set_chunked_content_provider("text/event-stream", [this, call, number](
+                                                            size_t, httplib::DataSink& sink) {
+    Timer timer;
+    auto state = std::make_shared<State>();
+    std::thread generation([this, call, state] {
+      auto results = service_->Generate(
+          call->requests,
+          [state](int i, int32_t t) {
+            std::lock_guard<std::mutex> lock(state->mu);
+            state->tokens.emplace_back(i, t);
+            state->changed.notify_one();
+          },
+          &state->cancelled);
+      std::lock_guard<std::mutex> lock(state->mu);
+      state->results = std::move(results);
+      state->done = true;
+      state->changed.notify_one();
+    });
+    CompletionStream stream(*call, *tok_, defaults_.model_name, number,
+                            static_cast<int64_t>(time(nullptr)));
+    bool writable = true;
+    for (bool done = false; !done;) {
+      std::vector<std::pair<int, int32_t>> tokens;
+      {
+        std::unique_lock<std::mutex> lock(state->mu);
+        state->changed.wait(lock, [&] { return state->done || !state->tokens.empty(); });
+        tokens.swap(state->tokens);
+        done = state->done;
+      }
+      for (const auto& [i, t] : tokens) {
+        const std::string event = stream.OnToken(i, t);
+        if (writable && !event.empty() && !sink.write(event.data(), event.size())) {
+          writable = false;
+          state->cancelled = true;
+        }
+      }
+    }
+    generation.join();
+    size_t count = 0;
+    if (state->results.ok()) {
+      for (const GenerationResult& g : *state->results) count += g.tokens.size();
+    }
+    if (writable) {
+      const std::string end =
+          state->results.ok()
+              ? stream.Finish(*state->results)
+              : absl::StrCat("data: ",
+                             CompletionError(std::string(state->results.status().message()), false),
+                             "\n\n");
+      sink.write(end.data(), end.size());
+      sink.done();
+    }
+    std::fprintf(stderr, "POST /v1/completions (stream): %zu prompts, %zu tokens in %.3f s%s\n",
+                 call->prompts.size(), count, timer.Seconds(),
+                 writable ? "" : "; the client went away, the rest was cancelled");
+    return writable;
+  });
+}
 
 absl::StatusOr<int> ApiServer::Bind(const std::string& host, int port) {
   if (port == 0) {

@@ -20,7 +20,8 @@
 
 namespace httplib {
 class Server;
-}
+struct Response;
+}  // namespace httplib
 
 namespace eellm {
 
@@ -39,6 +40,7 @@ struct ApiCall {
   std::vector<GenerationRequest> requests;
   std::vector<std::string> stop_sequences;
   bool logprobs = false;
+  bool stream = false;  // /v1/completions: answer as server-sent events
 };
 
 // Parses and checks a request body. Fields (EE-LLM's names; all optional but "prompts"):
@@ -78,6 +80,9 @@ class ApiServer {
   void Stop();
 
  private:
+  // Answers a /v1/completions request with "stream": true (validated) as server-sent events.
+  void Stream(std::shared_ptr<ApiCall> call, uint64_t number, httplib::Response& res);
+
   GenerationService* service_;
   const Tokenizer* tok_;
   ModelConfig config_;

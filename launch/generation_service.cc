@@ -133,10 +133,13 @@ GenerationService::Stats GenerationService::stats() const {
 }
 
 absl::StatusOr<std::vector<GenerationResult>> GenerationService::Generate(
-    const std::vector<GenerationRequest>& requests) {
+    const std::vector<GenerationRequest>& requests,
+    const std::function<void(int, int32_t)>& on_token, const std::atomic<bool>* cancelled) {
   RETURN_IF_ERROR(gen_->ValidateAll(requests));
   Job job;
   job.requests = &requests;
+  job.on_token = on_token ? &on_token : nullptr;
+  job.cancelled = cancelled;
   job.results.resize(requests.size());
   job.remaining = requests.size();
   std::unique_lock<std::mutex> lock(mu_);
@@ -152,11 +155,44 @@ void GenerationService::Run() {
   // The generator is used by this thread alone; the lock guards the queue, jobs and stats.
   std::vector<std::pair<Job*, size_t>> owner(gen_->max_sequences());  // slot -> job, index
   StepMessage step;  // for the followers: what changed since the last pass
+  auto on_token = [&](int slot, int32_t token) {
+    const auto& [job, index] = owner[slot];
+    if (job->on_token != nullptr) (*job->on_token)(static_cast<int>(index), token);
+  };
   for (;;) {
+    bool cancelled = false;
     {
       std::unique_lock<std::mutex> lock(mu_);
       queued_.wait(lock, [&] { return stopping_ || !queue_.empty() || gen_->active() > 0; });
-      if (queue_.empty() && gen_->active() == 0) break;  // stopping, and nothing left
+      // Cancelled requests: their running sequences end now (the followers' copies too), and
+      // the rest of them is not admitted.
+      for (int slot = 0; slot < gen_->max_sequences(); ++slot) {
+        Job* job = owner[slot].first;
+        if (job == nullptr || job->cancelled == nullptr || !*job->cancelled) continue;
+        job->results[owner[slot].second] = gen_->Retire(slot);
+        job->remaining--;
+        owner[slot] = {nullptr, 0};
+        step.retire.push_back(slot);
+        cancelled = true;
+      }
+      for (auto it = queue_.begin(); it != queue_.end();) {
+        Job* job = *it;
+        if (job->cancelled == nullptr || !*job->cancelled) {
+          ++it;
+          continue;
+        }
+        for (; job->next < job->requests->size(); ++job->next) {
+          job->results[job->next].finish = FinishReason::kCancelled;
+          job->remaining--;
+        }
+        it = queue_.erase(it);
+        cancelled = true;
+      }
+      if (queue_.empty() && gen_->active() == 0) {
+        if (cancelled) done_.notify_all();
+        if (stopping_) break;  // nothing left
+        continue;
+      }
       while (!queue_.empty() && gen_->free_slots() > 0) {
         Job* job = queue_.front();
         const GenerationRequest& r = (*job->requests)[job->next];
@@ -171,8 +207,9 @@ void GenerationService::Run() {
       Send(group_, step);
       step = StepMessage();
     }
+    if (cancelled) done_.notify_all();
     const int running = gen_->active();
-    std::vector<Generator::Finished> finished = gen_->Advance();
+    std::vector<Generator::Finished> finished = gen_->Advance(on_token);
     {
       std::lock_guard<std::mutex> lock(mu_);
       stats_.steps++;
@@ -184,6 +221,7 @@ void GenerationService::Run() {
         if (f.result.finish == FinishReason::kStop) step.retire.push_back(f.slot);
         job->results[index] = std::move(f.result);
         job->remaining--;
+        owner[f.slot] = {nullptr, 0};
       }
     }
     if (!finished.empty()) done_.notify_all();
@@ -199,7 +237,7 @@ void GenerationService::Follow(Generator* generator, Communicator* group) {
   for (;;) {
     const StepMessage m = Receive(group);
     // A stop rule (on the leader) ended these in the last pass; the follower's copies run on.
-    for (int slot : m.retire) generator->Retire(slot);
+    for (int slot : m.retire) generator->Retire(slot);  // a no-op on a slot already free
     if (m.stop) return;
     for (const auto& [slot, request] : m.admit) {
       auto mine = generator->Admit(request);

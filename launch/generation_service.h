@@ -14,9 +14,11 @@
 // and call Run() there.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -39,8 +41,13 @@ class GenerationService {
   GenerationService& operator=(const GenerationService&) = delete;
 
   // Generates every request (a whole request fails if any prompt is bad; the error names it).
+  // Streaming: on_token(i, token) is called on the worker thread as prompt i produces a token (it
+  // must not block). Setting *cancelled ends the request's sequences before the next pass (their
+  // results: the tokens so far, FinishReason::kCancelled).
   absl::StatusOr<std::vector<GenerationResult>> Generate(
-      const std::vector<GenerationRequest>& requests);
+      const std::vector<GenerationRequest>& requests,
+      const std::function<void(int, int32_t)>& on_token = nullptr,
+      const std::atomic<bool>* cancelled = nullptr);
 
   // The worker: admits and advances until Shutdown() and every queued request is done; then
   // tells the followers to stop.
@@ -63,6 +70,8 @@ class GenerationService {
  private:
   struct Job {
     const std::vector<GenerationRequest>* requests;
+    const std::function<void(int, int32_t)>* on_token;
+    const std::atomic<bool>* cancelled;
     std::vector<GenerationResult> results;
     size_t next = 0;       // first sequence not yet admitted
     size_t remaining = 0;  // sequences not yet generated

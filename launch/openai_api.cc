@@ -1,5 +1,8 @@
 #include "launch/openai_api.h"
 
+#include <algorithm>
+#include <utility>
+
 #include "absl/strings/str_cat.h"
 #include "launch/api_fields.h"
 #include "nlohmann/json.hpp"
@@ -55,7 +58,6 @@ absl::Status RequireNeutral(const json& body) {
   };
   const Neutral neutral[] = {{"n", 1, "1 (one completion per prompt)"},
                              {"best_of", 1, "1"},
-                             {"stream", false, "false (streaming is not supported yet)"},
                              {"echo", false, "false"},
                              {"presence_penalty", 0, "0"},
                              {"frequency_penalty", 0, "0"}};
@@ -109,6 +111,10 @@ absl::StatusOr<ApiCall> ParseCompletionRequest(const std::string& body_text, con
                          &logprobs, [](int v) { return v == 0 || v == 1; }));
   }
   call.logprobs = logprobs > 0;
+  RETURN_IF_ERROR(Read(body, "stream", "true or false", &call.stream, [](bool) { return true; }));
+  if (call.stream && call.logprobs) {
+    return absl::InvalidArgumentError("\"logprobs\" is not supported with \"stream\"");
+  }
   o.threshold = 1.0;
   RETURN_IF_ERROR(Read(body, "early_exit_threshold", "a number in (0, 1] (1 = off)", &o.threshold,
                        [](double v) { return v > 0 && v <= 1; }));
@@ -173,6 +179,84 @@ std::string CompletionError(const std::string& message, bool bad_request) {
                     {"param", nullptr},
                     {"code", nullptr}}}};
   return r.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+namespace {
+
+// Bytes at the end of `s` that start a UTF-8 character not yet complete.
+size_t IncompleteUtf8Tail(const std::string& s) {
+  for (size_t back = 1; back <= 3 && back <= s.size(); ++back) {
+    const unsigned char c = static_cast<unsigned char>(s[s.size() - back]);
+    if ((c & 0xC0) == 0x80) continue;  // a continuation byte: look further back
+    const size_t need = (c & 0xE0) == 0xC0   ? 2
+                        : (c & 0xF0) == 0xE0 ? 3
+                        : (c & 0xF8) == 0xF0 ? 4
+                                             : 1;
+    return need > back ? back : 0;
+  }
+  return 0;
+}
+
+}  // namespace
+
+CompletionStream::CompletionStream(const ApiCall& call, const Tokenizer& tok, std::string model,
+                                   uint64_t request_number, int64_t created)
+    : call_(call),
+      tok_(tok),
+      model_(std::move(model)),
+      id_(absl::StrCat("cmpl-", request_number)),
+      created_(created),
+      tokens_(call.prompts.size()),
+      sent_(call.prompts.size(), 0) {}
+
+std::string CompletionStream::Event(int index, const std::string& text, const char* finish) const {
+  const json choice = {{"text", text},
+                       {"index", index},
+                       {"logprobs", nullptr},
+                       {"finish_reason", finish == nullptr ? json(nullptr) : json(finish)}};
+  const json r = {{"id", id_},
+                  {"object", "text_completion"},
+                  {"created", created_},
+                  {"model", model_},
+                  {"choices", json::array({choice})}};
+  return absl::StrCat("data: ", r.dump(-1, ' ', false, json::error_handler_t::replace), "\n\n");
+}
+
+std::string CompletionStream::OnToken(int index, int32_t token) {
+  tokens_[index].push_back(token);
+  std::string text = tok_.Decode(tokens_[index]);
+  size_t end = text.size();
+  for (const std::string& stop : call_.stop_sequences) {
+    const size_t at = text.find(stop);
+    if (at != std::string::npos) {
+      end = std::min(end, at);
+      continue;
+    }
+    // Hold back the longest end of the text that begins this stop string.
+    for (size_t k = std::min(stop.size() - 1, text.size()); k > 0; --k) {
+      if (text.compare(text.size() - k, k, stop, 0, k) == 0) {
+        end = std::min(end, text.size() - k);
+        break;
+      }
+    }
+  }
+  text.resize(end);
+  end -= IncompleteUtf8Tail(text);
+  if (end <= sent_[index]) return "";
+  const std::string delta = text.substr(sent_[index], end - sent_[index]);
+  sent_[index] = end;
+  return Event(index, delta, nullptr);
+}
+
+std::string CompletionStream::Finish(const std::vector<GenerationResult>& results) {
+  std::string out;
+  for (size_t i = 0; i < results.size(); ++i) {
+    const std::string text = api::GeneratedText(results[i], call_.stop_sequences, tok_);
+    const std::string rest = sent_[i] < text.size() ? text.substr(sent_[i]) : "";
+    const char* finish = results[i].finish == FinishReason::kLength ? "length" : "stop";
+    out += Event(static_cast<int>(i), rest, finish);
+  }
+  return out + "data: [DONE]\n\n";
 }
 
 }  // namespace eellm

@@ -3,8 +3,9 @@
 // "logprobs", ...} answers {"id", "object": "text_completion", "created", "model", "choices":
 // [{"text", "index", "logprobs", "finish_reason"}], "usage"}. Early exit is an extension:
 // "early_exit_threshold" and "exit_layers" in the request, each choice's "layers" in the answer.
-// Not supported (refused by name): n > 1, best_of > 1, stream, echo, suffix, penalties,
-// logit_bias, top logprobs beyond the sampled token's.
+// "stream": true answers with server-sent events as tokens come (CompletionStream). Not
+// supported (refused by name): n > 1, best_of > 1, echo, suffix, penalties, logit_bias, top
+// logprobs beyond the sampled token's, logprobs when streaming.
 #pragma once
 
 #include <cstdint>
@@ -30,5 +31,27 @@ std::string CompletionResponse(const ApiCall& call, const std::vector<Generation
 
 // An OpenAI-style error body: {"error": {"message", "type": "invalid_request_error", ...}}.
 std::string CompletionError(const std::string& message, bool bad_request);
+
+// A streamed completion as server-sent events ("data: {...}\n\n", then "data: [DONE]\n\n").
+// Each event carries one choice's new text. A possible start of a stop string and an
+// incomplete UTF-8 character at the end are held back until the next tokens show what they are.
+class CompletionStream {
+ public:
+  CompletionStream(const ApiCall& call, const Tokenizer& tok, std::string model,
+                   uint64_t request_number, int64_t created);
+  // The event for choice `index` after `token` ("" when no new text can be sent yet).
+  std::string OnToken(int index, int32_t token);
+  // The choices' remaining text and finish reasons, then [DONE].
+  std::string Finish(const std::vector<GenerationResult>& results);
+
+ private:
+  std::string Event(int index, const std::string& text, const char* finish) const;
+  const ApiCall& call_;
+  const Tokenizer& tok_;
+  std::string model_, id_;
+  int64_t created_;
+  std::vector<std::vector<int32_t>> tokens_;  // per choice
+  std::vector<size_t> sent_;                  // per choice: bytes of its text sent
+};
 
 }  // namespace eellm

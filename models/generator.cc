@@ -18,6 +18,8 @@ const char* FinishReasonName(FinishReason r) {
       return "eos";
     case FinishReason::kStop:
       return "stop";
+    case FinishReason::kCancelled:
+      return "cancelled";
   }
   return "?";
 }
@@ -439,11 +441,13 @@ absl::StatusOr<int> Generator::Admit(GenerationRequest request) {
       absl::StrCat("all ", seqs_.size(), " sequence slots are taken"));
 }
 
-void Generator::Retire(int slot) {
+GenerationResult Generator::Retire(int slot) {
   Sequence& q = seqs_.at(slot);
   q.busy = false;
   q.next.clear();
   q.request = GenerationRequest();
+  q.result.finish = FinishReason::kCancelled;
+  return std::move(q.result);
 }
 
 int Generator::active() const {

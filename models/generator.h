@@ -43,8 +43,8 @@ struct StepResult {
   float temperature = 1.0f;   // that head's temperature
 };
 
-enum class FinishReason { kLength, kEos, kStop };
-const char* FinishReasonName(FinishReason r);  // "length", "eos", "stop"
+enum class FinishReason { kLength, kEos, kStop, kCancelled };
+const char* FinishReasonName(FinishReason r);  // "length", "eos", "stop", "cancelled"
 
 // One sequence to generate.
 struct GenerationRequest {
@@ -106,9 +106,9 @@ class Generator {
   // pass, the newest token of the others), then each samples its next token; returns those that
   // finished, whose slots are free again. on_token(slot, token) is called per token.
   std::vector<Finished> Advance(const std::function<void(int, int32_t)>& on_token = nullptr);
-  // Ends the sequence in `slot` now (a tensor-parallel follower mirrors a stop its leader's
-  // callback decided); its result is dropped.
-  void Retire(int slot);
+  // Ends the sequence in `slot` now (its request was cancelled, or a tensor-parallel follower
+  // mirrors a stop its leader's callback decided); returns what it generated so far.
+  GenerationResult Retire(int slot);
   int active() const;  // admitted sequences not finished
   int free_slots() const { return max_sequences() - active(); }
 

@@ -5,6 +5,7 @@
 
 #include <httplib.h>
 
+#include <atomic>
 #include <thread>
 
 #include "gtest/gtest.h"
@@ -201,6 +202,36 @@ TEST(GenerationService, ConcurrentRequestsShareBatchesAndGetWhatTheyGetAlone) {
   // The 6-prompt request runs 4 sequences at once, or joins others already running.
   EXPECT_GE(st.largest_batch, 2);
   EXPECT_GE(st.steps, 20);  // the longest request alone needs 20 passes
+}
+
+// A cancelled request ends before its tokens run out (the tokens so far, "cancelled"), and its
+// slots serve the next request.
+TEST(GenerationService, CancelledRequestsEndAndFreeTheirSlots) {
+  auto be = testing::Cpu();
+  auto m = ByteModel(be.get());
+  Generator gen(m.get(), 64, 2), alone(m.get(), 64, 2);
+  GenerationService service(&gen);
+  ByteTokenizer tok;
+  auto call = *ParseApiRequest(R"({"prompts": ["a", "b", "c"], "tokens_to_generate": 40,
+      "temperature": 0})",
+                               tok, ApiDefaults(), 0);
+  std::atomic<bool> cancelled{false};
+  std::atomic<int> seen{0};
+  auto r = service.Generate(
+      call.requests,
+      [&](int, int32_t) {
+        if (++seen == 5) cancelled = true;
+      },
+      &cancelled);
+  ASSERT_TRUE(r.ok()) << r.status();
+  for (const GenerationResult& g : *r) {
+    EXPECT_EQ(g.finish, FinishReason::kCancelled);
+    EXPECT_LT(g.tokens.size(), 40u);
+  }
+  EXPECT_EQ((*r)[2].tokens.size(), 0u);  // never admitted (two slots)
+  auto next = service.Generate({call.requests[0]});
+  ASSERT_TRUE(next.ok());
+  EXPECT_EQ((*next)[0].tokens, (*alone.GenerateBatch({call.requests[0]}))[0].tokens);
 }
 
 // The HTTP server on a free local port: a generation, an error, /health and an unknown path.

@@ -60,7 +60,6 @@ TEST(CompletionRequest, RefusedFieldsAreNamed) {
       {R"({"prompt": []})", "a list of 1 to 128, got 0"},
       {R"({"prompt": "a", "n": 2})", "\"n\" must be 1 (one completion per prompt), got 2"},
       {R"({"prompt": "a", "best_of": 3})", "\"best_of\" must be 1, got 3"},
-      {R"({"prompt": "a", "stream": true})", "\"stream\" must be false (streaming is not"},
       {R"({"prompt": "a", "echo": true})", "\"echo\" must be false, got true"},
       {R"({"prompt": "a", "presence_penalty": 0.5})", "\"presence_penalty\" must be 0, got 0.5"},
       {R"({"prompt": "a", "logit_bias": {"1": 5}})", "\"logit_bias\" must be null"},
@@ -119,6 +118,49 @@ TEST(CompletionResponse, HasOpenAiShapeAndEarlyExitLayers) {
           .is_null());
 }
 
+// Streamed text: the events' text adds up to the answer's, a possible start of a stop string and
+// a split UTF-8 character wait for the next token, and the last events carry finish reasons.
+TEST(CompletionStreamTest, DeltasAddUpAndHoldBackStopStartsAndSplitCharacters) {
+  ByteTokenizer tok;
+  auto call = *ParseCompletionRequest(R"({"prompt": ["a", "b"], "stop": ["xyz"], "stream": true})",
+                                      tok, ApiDefaults(), 3);
+  EXPECT_TRUE(call.stream);
+  CompletionStream stream(call, tok, "m", 3, 0);
+  auto text_of = [](const std::string& event) -> std::string {
+    if (event.empty()) return "";
+    EXPECT_EQ(event.rfind("data: ", 0), 0u) << event;
+    EXPECT_EQ(event.substr(event.size() - 2), "\n\n");
+    return json::parse(event.substr(6))["choices"][0]["text"];
+  };
+  EXPECT_EQ(text_of(stream.OnToken(0, 'h')), "h");
+  EXPECT_EQ(text_of(stream.OnToken(0, 'x')), "");  // could start "xyz"
+  EXPECT_EQ(text_of(stream.OnToken(0, 'y')), "");
+  EXPECT_EQ(text_of(stream.OnToken(0, 'q')), "xyq");  // it did not
+  EXPECT_EQ(text_of(stream.OnToken(1, 0xC3)), "");    // half of "é"
+  EXPECT_EQ(text_of(stream.OnToken(1, 0xA9)), "\xC3\xA9");
+  EXPECT_EQ(text_of(stream.OnToken(0, 'x')), "");
+  GenerationResult a, b;
+  a.tokens = {'h', 'x', 'y', 'q', 'x'};
+  a.finish = FinishReason::kLength;
+  b.tokens = {0xC3, 0xA9};
+  b.finish = FinishReason::kEos;
+  const std::string end = stream.Finish({a, b});
+  const size_t second = end.find("data: ", 1), done = end.find("data: [DONE]\n\n");
+  ASSERT_NE(second, std::string::npos);
+  ASSERT_NE(done, std::string::npos);
+  EXPECT_EQ(done + 14, end.size());
+  const json e0 = json::parse(end.substr(6, second - 8));
+  EXPECT_EQ(e0["choices"][0]["text"], "x");  // the held-back "x" was no stop after all
+  EXPECT_EQ(e0["choices"][0]["finish_reason"], "length");
+  EXPECT_EQ(e0["id"], "cmpl-3");
+  const json e1 = json::parse(end.substr(second + 6, done - second - 8));
+  EXPECT_EQ(e1["choices"][0]["text"], "");
+  EXPECT_EQ(e1["choices"][0]["finish_reason"], "stop");
+  EXPECT_FALSE(ParseCompletionRequest(R"({"prompt": "a", "stream": true, "logprobs": 1})", tok,
+                                      ApiDefaults(), 0)
+                   .ok());
+}
+
 // POST /v1/completions and GET /v1/models on a local port; the completion is what the generator
 // gives alone.
 TEST(CompletionServer, AnswersOverHttp) {
@@ -158,6 +200,31 @@ TEST(CompletionServer, AnswersOverHttp) {
   ASSERT_TRUE(res);
   EXPECT_EQ(res->status, 400);
   EXPECT_EQ(json::parse(res->body)["error"]["type"], "invalid_request_error") << res->body;
+  // Streamed: the events' text adds up to the same completions, each ends with a finish reason.
+  const std::string streamed = R"({"prompt": ["In the", "Lord"], "max_tokens": 8,
+      "temperature": 0, "early_exit_threshold": 0.3, "stream": true})";
+  res = client.Post("/v1/completions", streamed, "application/json");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 200);
+  EXPECT_EQ(res->get_header_value("Content-Type"), "text/event-stream");
+  std::vector<std::string> texts(2), finish(2);
+  size_t events = 0;
+  for (size_t at = 0; (at = res->body.find("data: ", at)) != std::string::npos; ++at) {
+    const size_t end = res->body.find("\n\n", at);
+    const std::string data = res->body.substr(at + 6, end - at - 6);
+    if (data == "[DONE]") break;
+    const json e = json::parse(data);
+    const int i = e["choices"][0]["index"];
+    texts[i] += e["choices"][0]["text"].get<std::string>();
+    if (!e["choices"][0]["finish_reason"].is_null()) finish[i] = e["choices"][0]["finish_reason"];
+    ++events;
+  }
+  EXPECT_NE(res->body.find("data: [DONE]\n\n"), std::string::npos);
+  EXPECT_GT(events, 4u);
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_EQ(json(texts[i]), r["choices"][i]["text"]) << "choice " << i;
+    EXPECT_EQ(finish[i], "length");
+  }
   res = client.Get("/v1/models");
   ASSERT_TRUE(res);
   EXPECT_EQ(json::parse(res->body)["data"][0]["id"], "tiny") << res->body;
