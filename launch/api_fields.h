@@ -39,11 +39,11 @@ inline absl::Status Bad(const std::string& field, const std::string& want, const
       absl::StrCat("\"", field, "\" must be ", want, ", got ", Show(got)));
 }
 
-// Reads body[field] into *out when present; `ok` checks the value.
+// Reads body[field] into *out when present and not null; `ok` checks the value.
 template <typename T, typename Check>
 absl::Status Read(const json& body, const char* field, const char* want, T* out, Check ok) {
   auto it = body.find(field);
-  if (it == body.end()) return absl::OkStatus();
+  if (it == body.end() || it->is_null()) return absl::OkStatus();  // null: the default
   const json& v = *it;
   bool type_ok;
   if constexpr (std::is_same_v<T, bool>) {

@@ -221,6 +221,7 @@ ApiServer::ApiServer(GenerationService* service, const Tokenizer* tok, const Mod
             {"served",
              {{"requests", st.requests},
               {"sequences", st.sequences},
+              {"cancelled", st.cancelled},
               {"steps", st.steps},
               {"tokens", st.tokens},
               {"largest_batch", st.largest_batch}}}});

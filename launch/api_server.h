@@ -40,7 +40,8 @@ struct ApiCall {
   std::vector<GenerationRequest> requests;
   std::vector<std::string> stop_sequences;
   bool logprobs = false;
-  bool stream = false;  // /v1/completions: answer as server-sent events
+  bool stream = false;        // /v1/completions: answer as server-sent events
+  bool stream_usage = false;  // ... ending with a usage event (stream_options.include_usage)
 };
 
 // Parses and checks a request body. Fields (EE-LLM's names; all optional but "prompts"):

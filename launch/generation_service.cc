@@ -170,6 +170,8 @@ void GenerationService::Run() {
         Job* job = owner[slot].first;
         if (job == nullptr || job->cancelled == nullptr || !*job->cancelled) continue;
         job->results[owner[slot].second] = gen_->Retire(slot);
+        stats_.cancelled++;
+        stats_.tokens += static_cast<int64_t>(job->results[owner[slot].second].tokens.size());
         job->remaining--;
         owner[slot] = {nullptr, 0};
         step.retire.push_back(slot);
@@ -183,6 +185,7 @@ void GenerationService::Run() {
         }
         for (; job->next < job->requests->size(); ++job->next) {
           job->results[job->next].finish = FinishReason::kCancelled;
+          stats_.cancelled++;
           job->remaining--;
         }
         it = queue_.erase(it);

@@ -59,9 +59,10 @@ class GenerationService {
 
   struct Stats {
     int64_t requests = 0;   // Generate calls completed
-    int64_t sequences = 0;  // sequences generated
+    int64_t sequences = 0;  // sequences generated to their end
+    int64_t cancelled = 0;  // sequences cancelled (running or queued)
     int64_t steps = 0;      // forward passes run
-    int64_t tokens = 0;     // tokens generated
+    int64_t tokens = 0;     // tokens generated (cancelled sequences' included)
     int largest_batch = 0;  // most sequences in one pass
   };
   Stats stats() const;

@@ -23,6 +23,7 @@ const std::set<std::string>& KnownFields() {
                                               "n",
                                               "best_of",
                                               "stream",
+                                              "stream_options",
                                               "logprobs",
                                               "echo",
                                               "stop",
@@ -112,6 +113,19 @@ absl::StatusOr<ApiCall> ParseCompletionRequest(const std::string& body_text, con
   }
   call.logprobs = logprobs > 0;
   RETURN_IF_ERROR(Read(body, "stream", "true or false", &call.stream, [](bool) { return true; }));
+  if (auto it = body.find("stream_options"); it != body.end() && !it->is_null()) {
+    if (!it->is_object() || !call.stream) {
+      return Bad("stream_options", "null, or an object with \"stream\": true", *it);
+    }
+    for (const auto& [key, value] : it->items()) {
+      if (key != "include_usage") {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "unknown field \"", key, "\" in \"stream_options\" (known: include_usage)"));
+      }
+    }
+    RETURN_IF_ERROR(
+        Read(*it, "include_usage", "true or false", &call.stream_usage, [](bool) { return true; }));
+  }
   if (call.stream && call.logprobs) {
     return absl::InvalidArgumentError("\"logprobs\" is not supported with \"stream\"");
   }
@@ -255,6 +269,23 @@ std::string CompletionStream::Finish(const std::vector<GenerationResult>& result
     const std::string rest = sent_[i] < text.size() ? text.substr(sent_[i]) : "";
     const char* finish = results[i].finish == FinishReason::kLength ? "length" : "stop";
     out += Event(static_cast<int>(i), rest, finish);
+  }
+  if (call_.stream_usage) {  // OpenAI's last chunk: no choices, the usage
+    size_t prompt = 0, completion = 0;
+    for (size_t i = 0; i < results.size(); ++i) {
+      prompt += call_.requests[i].prompt.size();
+      completion += results[i].tokens.size();
+    }
+    const json r = {{"id", id_},
+                    {"object", "text_completion"},
+                    {"created", created_},
+                    {"model", model_},
+                    {"choices", json::array()},
+                    {"usage",
+                     {{"prompt_tokens", prompt},
+                      {"completion_tokens", completion},
+                      {"total_tokens", prompt + completion}}}};
+    out += absl::StrCat("data: ", r.dump(), "\n\n");
   }
   return out + "data: [DONE]\n\n";
 }

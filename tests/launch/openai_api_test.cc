@@ -4,6 +4,7 @@
 
 #include <httplib.h>
 
+#include <chrono>
 #include <thread>
 
 #include "gtest/gtest.h"
@@ -29,6 +30,21 @@ TEST(CompletionRequest, MapsFieldsAndOpenAiDefaults) {
   EXPECT_FLOAT_EQ(a.early_exit.threshold, 1.0f);  // early exit off unless asked
   EXPECT_FALSE(call->logprobs);
   EXPECT_FALSE(a.stop);
+  // null means the default, as OpenAI clients send it.
+  auto nulls = ParseCompletionRequest(R"({"prompt": "ab", "stream": null, "seed": null,
+      "max_tokens": null, "temperature": null, "top_p": null, "stream_options": null})",
+                                      tok, ApiDefaults(), 0);
+  ASSERT_TRUE(nulls.ok()) << nulls.status();
+  EXPECT_EQ(nulls->requests[0].max_new_tokens, 16);
+  EXPECT_FALSE(nulls->stream);
+  auto usage = ParseCompletionRequest(
+      R"({"prompt": "ab", "stream": true, "stream_options": {"include_usage": true}})", tok,
+      ApiDefaults(), 0);
+  ASSERT_TRUE(usage.ok()) << usage.status();
+  EXPECT_TRUE(usage->stream_usage);
+  EXPECT_FALSE(
+      ParseCompletionRequest(R"({"prompt": "ab", "stream_options": {}})", tok, ApiDefaults(), 0)
+          .ok());
 
   call = ParseCompletionRequest(R"({"prompt": ["ab", "c"], "max_tokens": 5, "temperature": 0,
       "top_p": 0.5, "top_k": -1, "seed": 42, "stop": "\n", "logprobs": 1, "n": 1,
@@ -159,6 +175,73 @@ TEST(CompletionStreamTest, DeltasAddUpAndHoldBackStopStartsAndSplitCharacters) {
   EXPECT_FALSE(ParseCompletionRequest(R"({"prompt": "a", "stream": true, "logprobs": 1})", tok,
                                       ApiDefaults(), 0)
                    .ok());
+}
+
+// stream_options.include_usage: a last event without choices carries the usage.
+TEST(CompletionStreamTest, UsageEventWhenAsked) {
+  ByteTokenizer tok;
+  auto call = *ParseCompletionRequest(
+      R"({"prompt": "ab", "stream": true, "stream_options": {"include_usage": true}})", tok,
+      ApiDefaults(), 0);
+  CompletionStream stream(call, tok, "m", 0, 0);
+  GenerationResult g;
+  g.tokens = {'x', 'y', 'z'};
+  const std::string end = stream.Finish({g});
+  const size_t usage = end.find("\"usage\"");
+  ASSERT_NE(usage, std::string::npos) << end;
+  const size_t start = end.rfind("data: ", usage);
+  const json u = json::parse(end.substr(start + 6, end.find("\n\n", start) - start - 6));
+  EXPECT_TRUE(u["choices"].empty());
+  EXPECT_EQ(u["usage"]["prompt_tokens"], 2);
+  EXPECT_EQ(u["usage"]["completion_tokens"], 3);
+  EXPECT_EQ(end.substr(end.size() - 14), "data: [DONE]\n\n");
+}
+
+// A streaming client that goes away after its first event cancels the rest of its request:
+// the server counts it cancelled, long before its tokens would have run out.
+TEST(CompletionServer, ClientThatGoesAwayCancels) {
+  auto be = testing::Cpu();
+  ModelConfig c = testing::ConfigWithExits(ModelStyle::kLlama);
+  c.vocab_size = 258;
+  c.hidden_size = 16;
+  c.max_seq_len = 4096;
+  auto m = *Model::Create(c, be.get());
+  testing::FillParams(*m, 81, 0.6f);
+  Generator gen(m.get(), 4096, 2);
+  GenerationService service(&gen);
+  ByteTokenizer tok;
+  ApiServer server(&service, &tok, m->config(), ApiDefaults());
+  auto port = server.Bind("127.0.0.1", 0);
+  ASSERT_TRUE(port.ok()) << port.status();
+  std::thread serving([&] { server.Serve(); });
+  {
+    httplib::Client client("127.0.0.1", *port);
+    httplib::Request req;
+    req.method = "POST";
+    req.path = "/v1/completions";
+    req.body = R"({"prompt": "a", "max_tokens": 4000, "temperature": 1, "stream": true})";
+    req.set_header("Content-Type", "application/json");
+    int chunks = 0;
+    req.content_receiver = [&](const char*, size_t, uint64_t, uint64_t) { return ++chunks < 1; };
+    httplib::Response res;
+    httplib::Error error;
+    client.send(req, res, error);  // ends when the receiver declines the first chunk
+    EXPECT_EQ(chunks, 1);
+  }
+  json h;
+  for (int i = 0; i < 200; ++i) {  // up to 10 s
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    httplib::Client client("127.0.0.1", *port);
+    auto r = client.Get("/health");
+    ASSERT_TRUE(r);
+    h = json::parse(r->body);
+    if (h["served"]["cancelled"] == 1) break;
+  }
+  EXPECT_EQ(h["served"]["cancelled"], 1) << h.dump();
+  EXPECT_EQ(h["served"]["sequences"], 0) << h.dump();
+  EXPECT_LT(h["served"]["tokens"].get<int>(), 3000) << h.dump();
+  server.Stop();
+  serving.join();
 }
 
 // POST /v1/completions and GET /v1/models on a local port; the completion is what the generator

@@ -11,6 +11,7 @@
 //   service's messages use a host one).
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdio>
 #include <string>
 #include <thread>
@@ -140,7 +141,7 @@ void ExpectSameResults(const std::vector<GenerationResult>& got,
 class TpServing : public ::testing::TestWithParam<std::string> {};
 
 // Two slots for four sequences per request: admissions and retirements of the same slot share
-// messages; two clients at once, then one more request.
+// messages; two clients at once, one more request, a cancelled one, and one after it.
 TEST_P(TpServing, FollowersMirrorTheLeader) {
   auto messages = MpiCommunicator::World(nullptr);
   const int tp = messages->size(), rank = messages->rank();
@@ -170,13 +171,23 @@ TEST_P(TpServing, FollowersMirrorTheLeader) {
     return;
   }
   GenerationService leader(&gp, messages.get(), /*own_thread=*/false);
-  std::vector<std::vector<GenerationResult>> got(4);
+  std::vector<std::vector<GenerationResult>> got(5);
+  int cancelled_count = 0;
   std::thread clients([&] {
     got[0] = *leader.Generate(reqs);
     std::thread other([&] { got[1] = *leader.Generate(reqs); });
     got[2] = *leader.Generate(reqs);
     other.join();
     got[3] = *leader.Generate({reqs[2], reqs[0]});
+    // Cancelled after its third token: two sequences running (the followers retire them too),
+    // two still queued. The next request then runs as before.
+    std::atomic<bool> cancel{false};
+    std::atomic<int> tokens{0};
+    auto cancelled = *leader.Generate(
+        reqs, [&](int, int32_t) { cancel = ++tokens >= 3; }, &cancel);
+    for (const GenerationResult& g : cancelled)
+      cancelled_count += g.finish == FinishReason::kCancelled;
+    got[4] = *leader.Generate(reqs);
     leader.Shutdown();
   });
   leader.Run();
@@ -184,7 +195,9 @@ TEST_P(TpServing, FollowersMirrorTheLeader) {
   ExpectSameResults(got[0], want, "first request");
   ExpectSameResults(got[1], want, "concurrent request a");
   ExpectSameResults(got[2], want, "concurrent request b");
-  ExpectSameResults(got[3], {want[2], want[0]}, "last request");
+  ExpectSameResults(got[3], {want[2], want[0]}, "request after them");
+  EXPECT_GE(cancelled_count, 3);
+  ExpectSameResults(got[4], want, "request after the cancelled one");
 }
 
 INSTANTIATE_TEST_SUITE_P(Backends, TpServing, ::testing::Values("cpu", "emulated-cuda"));
