@@ -77,8 +77,9 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(absl::string_view name) {
     }
     return MakeCudaBackend(device, bf16, bf16_weights);
 #else
-    return absl::UnimplementedError(
-        "this eellm was built without CUDA (nvcc was not found at configure time)");
+    return absl::UnimplementedError(absl::StrCat(
+        "backend \"", name,
+        "\": this eellm was built without CUDA (nvcc was not found at configure time)"));
 #endif
   }
   return absl::InvalidArgumentError(
