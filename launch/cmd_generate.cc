@@ -5,20 +5,15 @@
 #include <map>
 
 #include "absl/flags/flag.h"
-#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "engine/core/logging.h"
 #include "launch/commands.h"
-#include "launch/model_loader.h"
+#include "launch/inference_group.h"
 #include "launch/shared_flags.h"
 #include "models/exit_loss_weights.h"
 #include "models/generator.h"
 #include "models/tokenizer.h"
-#include "parallel/comm/mpi_communicator.h"
-#include "parallel/comm/mpi_runtime.h"
-#include "parallel/topology.h"
 
 ABSL_FLAG(std::string, prompt, "And God said", "prompt text");
 ABSL_FLAG(int, max_new_tokens, 200, "tokens to generate at most (stops earlier at EOS)");
@@ -56,23 +51,14 @@ void PrintStats(const char* label, const ModelConfig& c, const GenerationResult&
 int RunGenerateCommand() {
   // Under mpirun or Slurm the ranks form one tensor-parallel group: each loads its shard and
   // runs the same generation; rank 0 prints.
-  auto launch = DetectLaunch();
-  if (!launch.ok()) return FailCommand(launch.status());
-  const bool multi = launch->world > 1;
-  std::unique_ptr<MpiRuntime> mpi;
-  if (multi) {
-    mpi = std::make_unique<MpiRuntime>();
-    SetLogRank(launch->rank);
-    if (launch->rank != 0 && std::freopen("/dev/null", "w", stdout) == nullptr) {
-      return FailCommand(absl::InternalError("cannot silence stdout"), multi, launch->rank);
-    }
+  InferenceGroup group;
+  auto Fail = [&](const absl::Status& s) { return group.Fail(s); };
+  if (absl::Status s = StartInferenceGroup(&group, absl::GetFlag(FLAGS_tp), "generation");
+      !s.ok()) {
+    return Fail(s);
   }
-  auto Fail = [&](const absl::Status& s) { return FailCommand(s, multi, launch->rank); };
-  const int tp = absl::GetFlag(FLAGS_tp) > 0 ? absl::GetFlag(FLAGS_tp) : launch->world;
-  if (tp != launch->world) {
-    return Fail(absl::InvalidArgumentError(
-        absl::StrCat("--tp ", tp, " must equal the number of processes (", launch->world,
-                     "): generation runs one tensor-parallel group")));
+  if (group.multi && group.launch.rank != 0 && std::freopen("/dev/null", "w", stdout) == nullptr) {
+    return Fail(absl::InternalError("cannot silence stdout"));
   }
   const std::string path = absl::GetFlag(FLAGS_checkpoint);
   if (path.empty()) return Fail(absl::InvalidArgumentError("--checkpoint is required"));
@@ -91,22 +77,11 @@ int RunGenerateCommand() {
     return Fail(
         absl::InvalidArgumentError("need --temperature >= 0, --top_k >= 0 and 0 < --top_p <= 1"));
   }
-  // Each rank of a node takes GPU local_rank (modulo the GPUs present).
-  std::string device = absl::GetFlag(FLAGS_backend);
-  if (multi && absl::StartsWith(device, "cuda") && device.find(':') == std::string::npos) {
-    device = absl::StrCat(device, ":", launch->local_rank);
+  if (absl::Status s = LoadInferenceModel(&group, path, absl::GetFlag(FLAGS_backend)); !s.ok()) {
+    return Fail(s);
   }
-  auto backend = MakeBackend(device);
-  if (!backend.ok()) return Fail(backend.status());
-  std::unique_ptr<Communicator> world;
-  TpSpec tp_spec;
-  if (multi) {
-    world = MpiCommunicator::World(backend->get());
-    tp_spec = TpSpec{world->rank(), world->size(), world.get()};
-  }
-  auto loaded = LoadModelFromCheckpoint(path, backend->get(), false, tp_spec);
-  if (!loaded.ok()) return Fail(loaded.status());
-  Model& model = *loaded->model;
+  Model& model = *group.loaded.model;
+  const Tokenizer& tok = *group.tokenizer;
   const ModelConfig& c = model.config();
   for (absl::string_view part :
        absl::StrSplit(absl::GetFlag(FLAGS_exit_layers), ',', absl::SkipEmpty())) {
@@ -121,12 +96,8 @@ int RunGenerateCommand() {
     }
     ee.exit_layers.push_back(layer);
   }
-  const std::string tok_name =
-      loaded->meta.attrs.count("tokenizer") ? loaded->meta.attrs["tokenizer"] : "byte";
-  auto tok = MakeTokenizer(tok_name);
-  if (!tok.ok()) return Fail(tok.status());
-  std::vector<int32_t> prompt = (*tok)->Encode(absl::GetFlag(FLAGS_prompt));
-  if (prompt.empty()) prompt.push_back((*tok)->bos_id());
+  std::vector<int32_t> prompt = tok.Encode(absl::GetFlag(FLAGS_prompt));
+  if (prompt.empty()) prompt.push_back(tok.bos_id());
   const int max_new = absl::GetFlag(FLAGS_max_new_tokens);
   Generator gen(&model, c.max_seq_len);
 
@@ -134,17 +105,17 @@ int RunGenerateCommand() {
   if (absl::GetFlag(FLAGS_compare)) {
     EarlyExitParams off = ee;
     off.threshold = 1.0f;
-    auto r = gen.Generate(prompt, max_new, (*tok)->eos_id(), sp, off);
+    auto r = gen.Generate(prompt, max_new, tok.eos_id(), sp, off);
     if (!r.ok()) return Fail(r.status());
     full = *r;
     std::printf("--- full model (threshold 1.0) ---\n%s%s\n", absl::GetFlag(FLAGS_prompt).c_str(),
-                (*tok)->Decode(full.tokens).c_str());
+                tok.Decode(full.tokens).c_str());
     PrintStats("full", c, full);
   }
-  auto r = gen.Generate(prompt, max_new, (*tok)->eos_id(), sp, ee);
+  auto r = gen.Generate(prompt, max_new, tok.eos_id(), sp, ee);
   if (!r.ok()) return Fail(r.status());
   std::printf("--- early exit (threshold %.2f) ---\n%s%s\n", ee.threshold,
-              absl::GetFlag(FLAGS_prompt).c_str(), (*tok)->Decode(r->tokens).c_str());
+              absl::GetFlag(FLAGS_prompt).c_str(), tok.Decode(r->tokens).c_str());
   PrintStats("early-exit", c, *r);
   if (absl::GetFlag(FLAGS_compare) && full.DecodeTokensPerSecond() > 0) {
     size_t same = 0;

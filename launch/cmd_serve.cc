@@ -12,18 +12,14 @@
 #include <thread>
 
 #include "absl/flags/flag.h"
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "engine/core/logging.h"
 #include "launch/api_server.h"
 #include "launch/commands.h"
 #include "launch/generation_service.h"
-#include "launch/model_loader.h"
+#include "launch/inference_group.h"
 #include "launch/shared_flags.h"
 #include "models/generator.h"
 #include "parallel/comm/mpi_communicator.h"
-#include "parallel/comm/mpi_runtime.h"
-#include "parallel/topology.h"
 
 ABSL_FLAG(std::string, host, "0.0.0.0", "address to listen on");
 ABSL_FLAG(int, port, 5000, "port to listen on (0: any free port, printed at start)");
@@ -44,21 +40,14 @@ int RunServeCommand() {
   sigaddset(&signals, SIGINT);
   sigaddset(&signals, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
-  auto launch = DetectLaunch();
-  if (!launch.ok()) return FailCommand(launch.status());
-  const bool multi = launch->world > 1, leader = launch->rank == 0;
-  std::unique_ptr<MpiRuntime> mpi;
-  if (multi) {
-    mpi = std::make_unique<MpiRuntime>();
-    SetLogRank(launch->rank);
+  InferenceGroup group;
+  auto Fail = [&](const absl::Status& s) { return group.Fail(s); };
+  if (absl::Status s = StartInferenceGroup(&group, absl::GetFlag(FLAGS_tp), "the server");
+      !s.ok()) {
+    return Fail(s);
   }
-  auto Fail = [&](const absl::Status& s) { return FailCommand(s, multi, launch->rank); };
-  const int tp = absl::GetFlag(FLAGS_tp) > 0 ? absl::GetFlag(FLAGS_tp) : launch->world;
-  if (tp != launch->world) {
-    return Fail(absl::InvalidArgumentError(
-        absl::StrCat("--tp ", tp, " must equal the number of processes (", launch->world,
-                     "): the server runs one tensor-parallel group")));
-  }
+  const bool multi = group.multi, leader = group.launch.rank == 0;
+  const int tp = group.launch.world;
   const std::string path = absl::GetFlag(FLAGS_checkpoint);
   if (path.empty()) return Fail(absl::InvalidArgumentError("--checkpoint is required"));
   const int max_batch = absl::GetFlag(FLAGS_max_batch);
@@ -76,29 +65,15 @@ int RunServeCommand() {
     return Fail(
         absl::InvalidArgumentError(absl::StrCat("--port must be in [0, 65535], got ", port)));
   }
-  std::string device = absl::GetFlag(FLAGS_backend);
-  if (multi && absl::StartsWith(device, "cuda") && device.find(':') == std::string::npos) {
-    device = absl::StrCat(device, ":", launch->local_rank);  // each rank of a node: its GPU
+  if (absl::Status s = LoadInferenceModel(&group, path, absl::GetFlag(FLAGS_backend)); !s.ok()) {
+    return Fail(s);
   }
-  auto backend = MakeBackend(device);
-  if (!backend.ok()) return Fail(backend.status());
-  // Two communicators over the group: the model's, on the backend's memory, and the service's,
-  // for its host-memory messages.
-  std::unique_ptr<Communicator> world, messages;
-  TpSpec tp_spec;
-  if (multi) {
-    world = MpiCommunicator::World(backend->get());
-    messages = MpiCommunicator::World(nullptr);
-    tp_spec = TpSpec{world->rank(), world->size(), world.get()};
-  }
-  auto loaded = LoadModelFromCheckpoint(path, backend->get(), false, tp_spec);
-  if (!loaded.ok()) return Fail(loaded.status());
-  Model& model = *loaded->model;
+  // The service's host-memory messages travel on a communicator of their own; the model's
+  // collectives use the group's (on the backend's memory).
+  std::unique_ptr<Communicator> messages;
+  if (multi) messages = MpiCommunicator::World(nullptr);
+  Model& model = *group.loaded.model;
   const ModelConfig& c = model.config();
-  const std::string tok_name =
-      loaded->meta.attrs.count("tokenizer") ? loaded->meta.attrs["tokenizer"] : "byte";
-  auto tok = MakeTokenizer(tok_name);
-  if (!tok.ok()) return Fail(tok.status());
   Generator generator(&model, c.max_seq_len, max_batch);
   if (!leader) {
     GenerationService::Follow(&generator, messages.get());
@@ -112,7 +87,7 @@ int RunServeCommand() {
   defaults.early_exit_threshold = static_cast<float>(th);
   defaults.seed = absl::GetFlag(FLAGS_seed);
   defaults.model_name = path;
-  ApiServer server(&service, tok->get(), c, defaults);
+  ApiServer server(&service, group.tokenizer.get(), c, defaults);
   auto bound = server.Bind(absl::GetFlag(FLAGS_host), port);
   if (!bound.ok()) return Fail(bound.status());
   // The first signal stops the server (Stop() is repeated until Serve() returns: a Stop()

@@ -18,17 +18,6 @@ namespace {
 
 using nlohmann::json;
 
-// A Llama-style model with exits over the byte tokenizer's 258 ids.
-std::unique_ptr<Model> ByteModel(Backend* be) {
-  ModelConfig c = testing::ConfigWithExits(ModelStyle::kLlama);
-  c.vocab_size = 258;
-  c.hidden_size = 16;
-  c.max_seq_len = 64;
-  auto m = *Model::Create(c, be);
-  testing::FillParams(*m, 81, 0.6f);
-  return m;
-}
-
 TEST(ApiRequest, MapsEveryFieldAndDefaults) {
   ByteTokenizer tok;
   ApiDefaults d;
@@ -150,7 +139,7 @@ TEST(ApiResponse, CutsAtStopSequencesAndReportsPerToken) {
 // spreads over time. A bad request fails alone.
 TEST(GenerationService, ConcurrentRequestsShareBatchesAndGetWhatTheyGetAlone) {
   auto be = testing::Cpu();
-  auto m = ByteModel(be.get());
+  auto m = testing::ByteLevelModel(be.get());
   Generator shared(m.get(), 64, 4), alone(m.get(), 64, 8);
   GenerationService service(&shared);
   ByteTokenizer tok;
@@ -208,7 +197,7 @@ TEST(GenerationService, ConcurrentRequestsShareBatchesAndGetWhatTheyGetAlone) {
 // slots serve the next request.
 TEST(GenerationService, CancelledRequestsEndAndFreeTheirSlots) {
   auto be = testing::Cpu();
-  auto m = ByteModel(be.get());
+  auto m = testing::ByteLevelModel(be.get());
   Generator gen(m.get(), 64, 2), alone(m.get(), 64, 2);
   GenerationService service(&gen);
   ByteTokenizer tok;
@@ -237,7 +226,7 @@ TEST(GenerationService, CancelledRequestsEndAndFreeTheirSlots) {
 // The HTTP server on a free local port: a generation, an error, /health and an unknown path.
 TEST(ApiServer, AnswersOverHttp) {
   auto be = testing::Cpu();
-  auto m = ByteModel(be.get());
+  auto m = testing::ByteLevelModel(be.get());
   Generator gen(m.get(), 64, 4), alone(m.get(), 64, 2);
   GenerationService service(&gen);
   ByteTokenizer tok;
@@ -283,7 +272,7 @@ TEST(ApiServer, AnswersOverHttp) {
 // A Stop() before Serve() is not lost: Serve() returns at once.
 TEST(ApiServer, StopBeforeServeIsKept) {
   auto be = testing::Cpu();
-  auto m = ByteModel(be.get());
+  auto m = testing::ByteLevelModel(be.get());
   Generator gen(m.get(), 64, 2);
   GenerationService service(&gen);
   ByteTokenizer tok;

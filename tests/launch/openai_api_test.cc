@@ -201,12 +201,7 @@ TEST(CompletionStreamTest, UsageEventWhenAsked) {
 // the server counts it cancelled, long before its tokens would have run out.
 TEST(CompletionServer, ClientThatGoesAwayCancels) {
   auto be = testing::Cpu();
-  ModelConfig c = testing::ConfigWithExits(ModelStyle::kLlama);
-  c.vocab_size = 258;
-  c.hidden_size = 16;
-  c.max_seq_len = 4096;
-  auto m = *Model::Create(c, be.get());
-  testing::FillParams(*m, 81, 0.6f);
+  auto m = testing::ByteLevelModel(be.get(), 4096);
   Generator gen(m.get(), 4096, 2);
   GenerationService service(&gen);
   ByteTokenizer tok;
@@ -248,12 +243,7 @@ TEST(CompletionServer, ClientThatGoesAwayCancels) {
 // gives alone.
 TEST(CompletionServer, AnswersOverHttp) {
   auto be = testing::Cpu();
-  ModelConfig c = testing::ConfigWithExits(ModelStyle::kLlama);
-  c.vocab_size = 258;
-  c.hidden_size = 16;
-  c.max_seq_len = 64;
-  auto m = *Model::Create(c, be.get());
-  testing::FillParams(*m, 81, 0.6f);
+  auto m = testing::ByteLevelModel(be.get());
   Generator gen(m.get(), 64, 4), alone(m.get(), 64, 2);
   GenerationService service(&gen);
   ByteTokenizer tok;

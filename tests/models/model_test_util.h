@@ -105,4 +105,16 @@ inline std::vector<GenerationRequest> MixedRequests(const ModelConfig& c) {
   return r;
 }
 
+// ConfigWithExits(kLlama) over the byte tokenizer's 258 ids (hidden 16, context `context`),
+// filled with fixed values: for the serving tests, which send text.
+inline std::unique_ptr<Model> ByteLevelModel(Backend* be, int context = 64) {
+  ModelConfig c = ConfigWithExits(ModelStyle::kLlama);
+  c.vocab_size = 258;
+  c.hidden_size = 16;
+  c.max_seq_len = context;
+  auto m = *Model::Create(c, be);
+  FillParams(*m, 81, 0.6f);
+  return m;
+}
+
 }  // namespace eellm::testing

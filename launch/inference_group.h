@@ -1,0 +1,40 @@
+// What `eellm generate` and `eellm serve` start with: one process, or the ranks of mpirun/Slurm
+// forming one tensor-parallel group; MPI; the backend on this rank's GPU; and this rank's shard
+// of a checkpoint (of any layout) with its tokenizer.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "launch/model_loader.h"
+#include "models/tokenizer.h"
+#include "parallel/comm/communicator.h"
+#include "parallel/comm/mpi_runtime.h"
+#include "parallel/topology.h"
+
+namespace eellm {
+
+struct InferenceGroup {
+  LaunchInfo launch;
+  bool multi = false;               // under a launcher, with more than one process
+  std::unique_ptr<MpiRuntime> mpi;  // multi only
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<Communicator> world;  // the model's tensor-parallel group (multi only)
+  LoadedModel loaded;
+  std::unique_ptr<Tokenizer> tokenizer;
+
+  // Reports an error so that no rank hangs (FailCommand); returns the exit code.
+  int Fail(const absl::Status& s) const;
+};
+
+// Reads the launcher and starts MPI under one. `tp_flag` (0: every process) must equal the
+// number of processes; `what` names the command in that error ("generation").
+absl::Status StartInferenceGroup(InferenceGroup* g, int tp_flag, const char* what);
+
+// Makes `backend` (cuda ones on GPU local_rank), the group's communicator, and loads this
+// rank's shard of `checkpoint` and the tokenizer it names.
+absl::Status LoadInferenceModel(InferenceGroup* g, const std::string& checkpoint,
+                                const std::string& backend);
+
+}  // namespace eellm
