@@ -21,7 +21,7 @@
 #include "launch/bench_train.h"
 #include "launch/checkpoint_layout.h"
 #include "launch/commands.h"
-#include "launch/model_loader.h"
+#include "launch/inference_group.h"
 #include "launch/shared_flags.h"
 #include "models/transformer.h"
 #include "nlohmann/json.hpp"
@@ -216,15 +216,13 @@ int BenchGenerate() {
   if (absl::GetFlag(FLAGS_checkpoint).empty()) {
     return fail(absl::InvalidArgumentError("--checkpoint is required (e.g. runs/kjv_demo)"));
   }
-  auto be = MakeBackend(absl::GetFlag(FLAGS_backend));
-  if (!be.ok()) return fail(be.status());
-  auto loaded = LoadModelFromCheckpoint(absl::GetFlag(FLAGS_checkpoint), be->get());
-  if (!loaded.ok()) return fail(loaded.status());
-  const std::string tok_name =
-      loaded->meta.attrs.count("tokenizer") ? loaded->meta.attrs["tokenizer"] : "byte";
-  auto tok = MakeTokenizer(tok_name);
-  if (!tok.ok()) return fail(tok.status());
-  absl::Status s = RunGenerateBenchmark(loaded->model.get(), **tok, o);
+  InferenceGroup one;  // a single process
+  if (absl::Status s =
+          LoadInferenceModel(&one, absl::GetFlag(FLAGS_checkpoint), absl::GetFlag(FLAGS_backend));
+      !s.ok()) {
+    return fail(s);
+  }
+  absl::Status s = RunGenerateBenchmark(one.loaded.model.get(), *one.tokenizer, o);
   return s.ok() ? 0 : fail(s);
 }
 

@@ -235,6 +235,17 @@ inline std::string Mpirun(int np) {
 // message and a non-zero exit, within seconds.
 class ParallelCliTest : public CliTest {
  protected:
+  // Trains the tiny model for 4 steps under mpirun with tp 2 into run/; false on failure.
+  bool TrainTinyModelTp2() {
+    if (!PrepareTinyData(0.2)) return false;
+    const std::string train =
+        "train --config=" + Quote(WriteConfig(kTinyModel, 4, ", \"micro_batch_size\": 2")) +
+        " --tp=2";
+    CmdResult t = RunEellm(train, Mpirun(2));
+    EXPECT_EQ(t.exit_code, 0) << Describe(train, t);
+    return t.exit_code == 0;
+  }
+
   void ExpectLayoutError(int np, const std::string& model, const std::string& flags,
                          const std::vector<std::string>& needles) {
     ASSERT_TRUE(PrepareTinyData(0.2));

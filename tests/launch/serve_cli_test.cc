@@ -78,12 +78,7 @@ TEST_F(CliTest, ServeAnswersAndStopsOnSigterm) {
 // tp 2 checkpoint. The text, exits and depths are the single process's (the tiny model's logits
 // are far from ties); only rank 0 prints; a --tp other than the process count is refused.
 TEST_F(ParallelCliTest, GenerateUnderTensorParallelism) {
-  ASSERT_TRUE(PrepareTinyData(0.2));
-  const std::string train =
-      "train --config=" + Quote(WriteConfig(kTinyModel, 4, ", \"micro_batch_size\": 2")) +
-      " --tp=2";
-  CmdResult t = RunEellm(train, Mpirun(2));
-  ASSERT_EQ(t.exit_code, 0) << Describe(train, t);
+  ASSERT_TRUE(TrainTinyModelTp2());
   const std::string gen = "generate --checkpoint=" + Quote(Path("run")) +
                           " --max-new-tokens=24 --threshold=0.3 --prompt=ab";
   CmdResult one = RunEellm(gen);
@@ -125,12 +120,7 @@ TEST_F(ParallelCliTest, GenerateUnderTensorParallelism) {
 // one prompt on the leader, whose follower then retires it), and SIGTERM to rank 0 stops the
 // whole group after the request in flight.
 TEST_F(ParallelCliTest, ServeUnderTensorParallelism) {
-  ASSERT_TRUE(PrepareTinyData(0.2));
-  const std::string train =
-      "train --config=" + Quote(WriteConfig(kTinyModel, 4, ", \"micro_batch_size\": 2")) +
-      " --tp=2";
-  CmdResult t = RunEellm(train, Mpirun(2));
-  ASSERT_EQ(t.exit_code, 0) << Describe(train, t);
+  ASSERT_TRUE(TrainTinyModelTp2());
   const std::string args = "--checkpoint=" + Quote(Path("run")) + " --max-batch=4";
   Server one = StartServer(args, "", "one");
   Server two = StartServer(args, Mpirun(2), "two");
