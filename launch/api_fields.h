@@ -80,6 +80,20 @@ inline absl::Status ReadStrings(const json& body, const char* field,
   return absl::OkStatus();
 }
 
+// body[field], when present, as a list of layer numbers (the exits allowed to fire).
+inline absl::Status ReadLayers(const json& body, const char* field, std::vector<int>* out) {
+  auto it = body.find(field);
+  if (it == body.end()) return absl::OkStatus();
+  if (!it->is_array()) return Bad(field, "a list of layer numbers", *it);
+  for (const json& v : *it) {
+    if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() > 1000000) {
+      return Bad(field, "a list of layer numbers", *it);
+    }
+    out->push_back(static_cast<int>(v.get<int64_t>()));
+  }
+  return absl::OkStatus();
+}
+
 // Parses a request body: a JSON object whose keys are all in `known`.
 inline absl::StatusOr<json> ParseJsonBody(const std::string& text,
                                           const std::set<std::string>& known) {

@@ -54,7 +54,7 @@ absl::StatusOr<ApiCall> ParseApiRequest(const std::string& body_text, const Toke
   int64_t seed =
       static_cast<int64_t>((defaults.seed + 1000003ull * request_number) & 0x1fffffffffffffull);
   bool add_bos = false, use_ee = body.contains("early_exit_thres"), print_max_prob = false;
-  std::vector<int64_t> exit_layers;
+  std::vector<int> exit_layers;
   RETURN_IF_ERROR(
       Read(body, "tokens_to_generate", "an integer >= 1", &tokens, [](int v) { return v >= 1; }));
   RETURN_IF_ERROR(Read(body, "temperature", "a number in [0, 1e30] (0 = greedy)", &temperature,
@@ -79,15 +79,7 @@ absl::StatusOr<ApiCall> ParseApiRequest(const std::string& body_text, const Toke
   for (const std::string& s : call.stop_sequences) {
     if (s.empty()) return absl::InvalidArgumentError("\"stop_sequences\" may not hold \"\"");
   }
-  if (auto it = body.find("exit_layers"); it != body.end()) {
-    if (!it->is_array()) return Bad("exit_layers", "a list of integers", *it);
-    for (const json& v : *it) {
-      if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() > 1000000) {
-        return Bad("exit_layers", "a list of layer numbers", *it);
-      }
-      exit_layers.push_back(v.get<int64_t>());
-    }
-  }
+  RETURN_IF_ERROR(api::ReadLayers(body, "exit_layers", &exit_layers));
   api::GenerationOptions o;
   o.max_new_tokens = tokens;
   o.temperature = temperature;
@@ -96,7 +88,7 @@ absl::StatusOr<ApiCall> ParseApiRequest(const std::string& body_text, const Toke
   o.seed = static_cast<uint64_t>(seed);
   o.add_bos = add_bos;
   o.threshold = use_ee ? threshold : 1.0;
-  for (int64_t l : exit_layers) o.exit_layers.push_back(static_cast<int>(l));
+  o.exit_layers = exit_layers;
   api::AddGenerationRequests(o, tok, &call);
   return call;
 }

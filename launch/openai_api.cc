@@ -132,15 +132,7 @@ absl::StatusOr<ApiCall> ParseCompletionRequest(const std::string& body_text, con
   o.threshold = 1.0;
   RETURN_IF_ERROR(Read(body, "early_exit_threshold", "a number in (0, 1] (1 = off)", &o.threshold,
                        [](double v) { return v > 0 && v <= 1; }));
-  if (auto it = body.find("exit_layers"); it != body.end()) {
-    if (!it->is_array()) return Bad("exit_layers", "a list of layer numbers", *it);
-    for (const json& v : *it) {
-      if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() > 1000000) {
-        return Bad("exit_layers", "a list of layer numbers", *it);
-      }
-      o.exit_layers.push_back(static_cast<int>(v.get<int64_t>()));
-    }
-  }
+  RETURN_IF_ERROR(api::ReadLayers(body, "exit_layers", &o.exit_layers));
   RETURN_IF_ERROR(ReadStringOrList(body, "stop", &call.stop_sequences));
   for (const std::string& s : call.stop_sequences) {
     if (s.empty()) return absl::InvalidArgumentError("\"stop\" may not hold \"\"");
