@@ -7,7 +7,8 @@
 namespace eellm {
 
 absl::StatusOr<LoadedModel> LoadModelFromCheckpoint(const std::string& path, Backend* backend,
-                                                    bool with_optimizer, TpSpec tp) {
+                                                    bool with_optimizer, TpSpec tp,
+                                                    StageSpec stage) {
   LoadedModel r;
   ASSIGN_OR_RETURN(r.meta, ReadCheckpointMeta(path));
   auto config = ParseModelConfig(r.meta.config_json);
@@ -16,9 +17,14 @@ absl::StatusOr<LoadedModel> LoadModelFromCheckpoint(const std::string& path, Bac
         absl::StrCat(path, ": stored model config is invalid: ", config.status().message()));
   }
   r.config = *config;
-  if (tp.size > 1) {
+  if (tp.size > 1 || stage.stages > 1) {
     if (with_optimizer) {
-      return absl::UnimplementedError("loading AdamW moments into a tensor-parallel shard");
+      return absl::UnimplementedError("loading AdamW moments into a shard of the model");
+    }
+    if (config->num_layers % stage.stages != 0) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": the model's ", config->num_layers,
+                                                     " layers do not split over ", stage.stages,
+                                                     " pipeline stages"));
     }
     if (!SplitsOverTp(*config, tp.size)) {
       return absl::InvalidArgumentError(
@@ -26,7 +32,7 @@ absl::StatusOr<LoadedModel> LoadModelFromCheckpoint(const std::string& path, Bac
                        " KV heads, FFN ", config->ffn_hidden_size, ", vocabulary ",
                        config->vocab_size, ") does not split over tensor parallelism ", tp.size));
     }
-    ASSIGN_OR_RETURN(r.model, Model::Create(*config, backend, StageSpec{}, tp));
+    ASSIGN_OR_RETURN(r.model, Model::Create(*config, backend, stage, tp));
     RETURN_IF_ERROR(LoadCheckpoint(path, {ChunkStateFor(*r.model, tp.rank, tp.size, true)}));
     return r;
   }

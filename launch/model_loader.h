@@ -19,10 +19,11 @@ struct LoadedModel {
   Buffer adam_m, adam_v;  // arenas laid out like the model's; empty unless requested and saved
 };
 
-// `with_optimizer`: also load the moments when the checkpoint has them. `tp`: build this rank's
-// tensor-parallel shard instead (every rank of the group calls it), whatever layout the
-// checkpoint was saved under; not with the moments.
+// `with_optimizer`: also load the moments when the checkpoint has them. `tp`, `stage`: build
+// this rank's tensor-parallel shard of that pipeline stage instead (every rank of the group
+// calls it), whatever layout the checkpoint was saved under; not with the moments.
 absl::StatusOr<LoadedModel> LoadModelFromCheckpoint(const std::string& path, Backend* backend,
-                                                    bool with_optimizer = false, TpSpec tp = {});
+                                                    bool with_optimizer = false, TpSpec tp = {},
+                                                    StageSpec stage = {});
 
 }  // namespace eellm

@@ -41,6 +41,8 @@ Generator::Generator(Model* model, int capacity, int max_sequences)
       be_(model->backend()),
       capacity_(capacity),
       row_budget_(std::max(capacity, 4 * max_sequences)),
+      first_(model->first_layer()),
+      end_(model->end_layer()),
       arena_(model->backend()) {
   EE_CHECK(capacity > 0 && max_sequences > 0, "bad generator size: capacity ", capacity,
            ", max_sequences ", max_sequences);
@@ -50,12 +52,12 @@ Generator::Generator(Model* model, int capacity, int max_sequences)
   const size_t kv_elems = static_cast<size_t>(capacity) * local.num_kv_heads * local.head_dim();
   seqs_.resize(max_sequences);
   for (Sequence& q : seqs_) {
-    for (int l = 0; l < c.num_layers; ++l) {
+    for (int l = first_; l < end_; ++l) {
       q.kv.push_back(KvLayer{arena_.Operands(kv_elems), arena_.Operands(kv_elems), capacity});
     }
-    for (const ExitConfig& x : c.exits) {
+    for (size_t i = 0; i < c.exits.size(); ++i) {
       KvLayer kv;
-      if (x.kind == ExitKind::kBlock) {
+      if (c.exits[i].kind == ExitKind::kBlock && model->ExitIsLocal(static_cast<int>(i))) {
         kv = KvLayer{arena_.Operands(kv_elems), arena_.Operands(kv_elems), capacity};
       }
       q.exit_kv.push_back(kv);
@@ -64,7 +66,9 @@ Generator::Generator(Model* model, int capacity, int max_sequences)
     q.depth.assign(capacity, 0);
   }
   for (size_t i = 0; i < c.exits.size(); ++i) {
-    exit_acts_.push_back(model->MakeExitActs(arena_, i, row_budget_, /*training=*/false));
+    exit_acts_.push_back(model->ExitIsLocal(static_cast<int>(i))
+                             ? model->MakeExitActs(arena_, i, row_budget_, /*training=*/false)
+                             : ExitActs{});
   }
   acts_ = MakeBlockActs(arena_, c, row_budget_, /*training=*/false);
   final_norm_ = MakeNormActs(arena_, max_sequences, c.hidden_size);
@@ -95,7 +99,9 @@ void Generator::Reset() {
 
 int Generator::length(int seq) const { return seqs_.at(seq).len; }
 int Generator::pending_start(int seq) const { return seqs_.at(seq).pending_start; }
-const KvLayer& Generator::kv(int layer, int seq) const { return seqs_.at(seq).kv.at(layer); }
+const KvLayer& Generator::kv(int layer, int seq) const {
+  return seqs_.at(seq).kv.at(layer - first_);
+}
 
 bool Generator::ExitAllowed(int i, const EarlyExitParams& ee) const {
   if (ee.exit_layers.empty()) return true;
@@ -134,6 +140,42 @@ std::vector<StepResult> Generator::StepBatch(const std::vector<std::vector<int32
 
 StepResult Generator::Step(const std::vector<int32_t>& ids, const EarlyExitParams& ee) {
   return StepBatch({ids}, {ee})[0];
+}
+
+std::vector<StepResult> Generator::StagePass(const std::vector<StageItem>& items,
+                                             const int32_t* ids, const float* hidden) {
+  EE_CHECK((ids != nullptr) == model_->is_first_stage() && (hidden != nullptr) != (ids != nullptr),
+           "StagePass: the first stage takes token ids, later stages hidden states");
+  const size_t ch = model_->config().hidden_size;
+  std::vector<StepResult> out(items.size());
+  std::vector<Item> its(items.size());
+  int rows = 0;
+  for (size_t k = 0; k < items.size(); ++k) {
+    const StageItem& si = items[k];
+    Sequence& q = seqs_.at(si.seq);
+    if (si.start == 0) q.len = q.pending_start = 0;  // a new sequence in this slot
+    EE_CHECK(si.n > 0 && q.len == si.start && q.pending_start == q.len && q.len + si.n <= capacity_,
+             "StagePass: sequence ", si.seq, " holds ", q.len, " tokens (", q.len - q.pending_start,
+             " pending), the pass appends ", si.n, " at ", si.start, ", capacity ", capacity_);
+    q.checks_exits = si.early_exit.threshold < 1.0f;
+    Item& it = its[k];
+    it.seq = si.seq;
+    it.n_new = si.n;
+    it.ee = si.live && q.checks_exits ? &si.early_exit : nullptr;
+    it.out = &out[k];
+    it.fired = !si.live;
+    it.keep_going = true;
+    if (ids != nullptr) {
+      it.new_ids = staged_ids_ + rows;
+    } else {
+      it.new_hidden = hidden + rows * ch;
+    }
+    rows += si.n;
+  }
+  EE_CHECK(rows <= row_budget_, "StagePass: ", rows, " rows, room for ", row_budget_);
+  if (ids != nullptr) be_->CopyFromHost(staged_ids_, ids, rows * sizeof(int32_t));
+  if (!its.empty()) ForwardGroup(its.data(), static_cast<int>(its.size()));
+  return out;
 }
 
 void Generator::FinishPending() {
@@ -222,8 +264,8 @@ void Generator::CheckExits(int depth, const std::vector<Piece>& pieces, const fl
   const int vocab = c.vocab_size;
   for (size_t i = 0; i < c.exits.size(); ++i) {
     const ExitConfig& x = c.exits[i];
-    if (x.depth() != depth) continue;
     const int ii = static_cast<int>(i);
+    if (x.depth() != depth || !model_->ExitIsLocal(ii)) continue;
     // Pieces whose newest row checks this exit (every piece ends at its item's newest row).
     std::vector<const Piece*> checked;
     for (const Piece& p : pieces) {
@@ -290,10 +332,15 @@ void Generator::ForwardGroup(Item* items, int n) {
     be_->Copy(work_ + row * ch, q.frontier + it.start * ch,
               (old_len - it.start) * ch * sizeof(float));
     if (it.n_new > 0) {
-      model_->Embed(work_ + (row + old_len - it.start) * ch, it.new_ids, pos_ + old_len, it.n_new);
+      float* dst = work_ + (row + old_len - it.start) * ch;
+      if (it.new_hidden != nullptr) {
+        be_->CopyFromHost(dst, it.new_hidden, it.n_new * ch * sizeof(float));
+      } else {
+        model_->Embed(dst, it.new_ids, pos_ + old_len, it.n_new);
+      }
       pieces.push_back({&it, old_len, it.n_new});
     }
-    for (int p = old_len; p < it.end; ++p) q.depth[p] = 0;
+    for (int p = old_len; p < it.end; ++p) q.depth[p] = first_;
     for (int p = it.start; p < it.end; ++p) work_pos.push_back(p);
     q.len = it.end;
     row += it.end - it.start;
@@ -301,13 +348,13 @@ void Generator::ForwardGroup(Item* items, int n) {
   be_->CopyFromHost(work_pos_, work_pos.data(), row * sizeof(int32_t));
   if (!pieces.empty()) {
     const Packed in = Pack(pieces);
-    CheckExits(0, pieces, in.rows, in.pos);
+    CheckExits(first_, pieces, in.rows, in.pos);
   }
-  for (int l = 1; l <= c.num_layers; ++l) {
+  for (int l = first_ + 1; l <= end_; ++l) {
     pieces.clear();
     for (int i = 0; i < n; ++i) {
       Item& it = items[i];
-      if (it.fired) continue;
+      if (it.fired && !it.keep_going) continue;
       const Sequence& q = seqs_[it.seq];
       int m = it.start;
       while (m < it.end && q.depth[m] >= l) ++m;
@@ -317,7 +364,7 @@ void Generator::ForwardGroup(Item* items, int n) {
     const Packed x = Pack(pieces);
     std::vector<KvSegment> segs;
     for (const Piece& p : pieces) {
-      segs.push_back({&seqs_[p.item->seq].kv[l - 1], p.packed, p.rows, p.first});
+      segs.push_back({&seqs_[p.item->seq].kv[l - 1 - first_], p.packed, p.rows, p.first});
     }
     const int total = pieces.back().packed + pieces.back().rows;
     BlockForward(model_->ctx(), model_->layer(l - 1), acts_, x.rows, x.pos, 1, total, &segs);
@@ -335,9 +382,9 @@ void Generator::ForwardGroup(Item* items, int n) {
     }
     CheckExits(l, pieces, acts_.out, x.pos);
   }
-  // The final head, for the newest rows of sequences no exit took.
+  // The final head (on the last stage), for the newest rows of sequences no exit took.
   std::vector<Item*> finals;
-  for (int i = 0; i < n; ++i) {
+  for (int i = 0; i < n && model_->is_last_stage(); ++i) {
     Item& it = items[i];
     if (it.fired || it.n_new == 0) continue;
     be_->Copy(newest_ + finals.size() * ch, work_ + (it.work_row + it.end - 1 - it.start) * ch,
@@ -357,7 +404,7 @@ void Generator::ForwardGroup(Item* items, int n) {
   for (int i = 0; i < n; ++i) {
     const Item& it = items[i];
     Sequence& q = seqs_[it.seq];
-    if (q.depth[it.end - 1] == c.num_layers) {
+    if (q.depth[it.end - 1] == end_) {
       q.pending_start = it.end;
     } else {
       be_->Copy(q.frontier + it.start * ch, work_ + it.work_row * ch,
@@ -472,40 +519,54 @@ std::vector<Generator::Finished> Generator::Advance(
   }
   if (!any) return finished;
   const std::vector<StepResult> r = StepBatch(ids, ee);
-  std::vector<float> scratch;
   for (size_t s = 0; s < seqs_.size(); ++s) {
-    Sequence& q = seqs_[s];
-    if (!q.busy) continue;
-    if (!q.prefilled) {
-      q.result.prefill_seconds = q.timer.Seconds();
-      q.timer.Reset();
-      q.prefilled = true;
+    Finished f;
+    if (seqs_[s].busy && Accept(static_cast<int>(s), r[s], on_token, &f)) {
+      finished.push_back(std::move(f));
     }
-    const GenerationRequest& req = q.request;
-    GenerationResult& g = q.result;
-    scratch = r[s].logits;
-    const int32_t tok = SampleToken(scratch, req.sampling, q.rng);
-    g.tokens.push_back(tok);
-    g.exit_index.push_back(r[s].exit_index);
-    g.depth.push_back(r[s].depth);
-    g.logprobs.push_back(LogProbability(r[s].logits.data(), model_->config().vocab_size, tok));
-    if (on_token) on_token(static_cast<int>(s), tok);
-    if (tok == req.eos_id) {
-      g.finish = FinishReason::kEos;
-    } else if (req.stop && req.stop(g.tokens)) {
-      g.finish = FinishReason::kStop;
-    } else if (static_cast<int>(g.tokens.size()) == req.max_new_tokens) {
-      g.finish = FinishReason::kLength;
-    } else {
-      q.next = {tok};
-      continue;
-    }
-    g.decode_seconds = q.timer.Seconds();
-    q.busy = false;
-    q.request = GenerationRequest();
-    finished.push_back({static_cast<int>(s), std::move(g)});
   }
   return finished;
+}
+
+std::vector<int32_t> Generator::TakeNext(int slot) {
+  std::vector<int32_t> ids = std::move(seqs_.at(slot).next);
+  seqs_[slot].next.clear();
+  return ids;
+}
+
+bool Generator::Accept(int slot, const StepResult& r,
+                       const std::function<void(int, int32_t)>& on_token, Finished* finished) {
+  Sequence& q = seqs_.at(slot);
+  EE_CHECK(q.busy && !r.logits.empty(), "Accept: slot ", slot, " has no running sequence");
+  if (!q.prefilled) {
+    q.result.prefill_seconds = q.timer.Seconds();
+    q.timer.Reset();
+    q.prefilled = true;
+  }
+  const GenerationRequest& req = q.request;
+  GenerationResult& g = q.result;
+  std::vector<float> scratch = r.logits;
+  const int32_t tok = SampleToken(scratch, req.sampling, q.rng);
+  g.tokens.push_back(tok);
+  g.exit_index.push_back(r.exit_index);
+  g.depth.push_back(r.depth);
+  g.logprobs.push_back(LogProbability(r.logits.data(), model_->config().vocab_size, tok));
+  if (on_token) on_token(slot, tok);
+  if (tok == req.eos_id) {
+    g.finish = FinishReason::kEos;
+  } else if (req.stop && req.stop(g.tokens)) {
+    g.finish = FinishReason::kStop;
+  } else if (static_cast<int>(g.tokens.size()) == req.max_new_tokens) {
+    g.finish = FinishReason::kLength;
+  } else {
+    q.next = {tok};
+    return false;
+  }
+  g.decode_seconds = q.timer.Seconds();
+  q.busy = false;
+  q.request = GenerationRequest();
+  *finished = {slot, std::move(g)};
+  return true;
 }
 
 absl::StatusOr<std::vector<GenerationResult>> Generator::GenerateBatch(

@@ -77,6 +77,7 @@ class Generator {
   // sequences generated together (each gets a KV cache of `capacity` tokens).
   Generator(Model* model, int capacity, int max_sequences = 1);
   int capacity() const { return capacity_; }
+  Model* model() const { return model_; }
   int max_sequences() const { return static_cast<int>(seqs_.size()); }
 
   // Generates every request together (at most max_sequences()); on_token(i, token) is called as
@@ -106,11 +107,44 @@ class Generator {
   // pass, the newest token of the others), then each samples its next token; returns those that
   // finished, whose slots are free again. on_token(slot, token) is called per token.
   std::vector<Finished> Advance(const std::function<void(int, int32_t)>& on_token = nullptr);
+  // Advance by parts, for a driver that runs the pass itself (PipelineGenerator): whether `slot`
+  // holds a running sequence; the ids its next pass appends (its prompt, then its newest
+  // token), and taking them; and taking the head output `r` for its newest token: samples the
+  // token, records it and calls on_token; when that ends the sequence, fills *finished, frees
+  // the slot and returns true, else queues the token for the next pass.
+  bool busy(int slot) const { return seqs_.at(slot).busy; }
+  int next_length(int slot) const { return static_cast<int>(seqs_.at(slot).next.size()); }
+  std::vector<int32_t> TakeNext(int slot);
+  const EarlyExitParams& early_exit(int slot) const { return seqs_.at(slot).request.early_exit; }
+  bool Accept(int slot, const StepResult& r, const std::function<void(int, int32_t)>& on_token,
+              Finished* finished);
   // Ends the sequence in `slot` now (its request was cancelled, or a tensor-parallel follower
   // mirrors a stop its leader's callback decided); returns what it generated so far.
   GenerationResult Retire(int slot);
   int active() const;  // admitted sequences not finished
   int free_slots() const { return max_sequences() - active(); }
+
+  // ---- one pipeline stage (models/pipeline_generator.h) --------------------------------------
+  // The model may be one stage of a pipeline: the generator then holds the KV caches of the
+  // stage's layers and exits, and a pass runs just those.
+  struct StageItem {
+    int seq = 0;
+    int start = 0;     // the sequence's length before this pass; 0 starts a new sequence
+    int n = 0;         // tokens this pass appends
+    bool live = true;  // no earlier stage has decided its newest token: check this stage's exits
+    EarlyExitParams early_exit;
+  };
+  // One pass of this stage over `items`, from token ids [sum n] (host; first stage) or from the
+  // previous stage's hidden states [sum n, hidden] (host; later stages), in item order. Every
+  // row runs through all the stage's layers, decided or not, so that their K/V are complete and
+  // nothing pends. Per item: the output of the head that decided its newest token here (an exit
+  // reaching the threshold, or on the last stage the final head), or empty logits. At most
+  // row_budget() rows.
+  std::vector<StepResult> StagePass(const std::vector<StageItem>& items, const int32_t* ids,
+                                    const float* hidden);
+  // The stage's output after StagePass: hidden states [sum n, hidden] (device), in item order.
+  const float* stage_output() const { return work_; }
+  int row_budget() const { return row_budget_; }
 
   // ---- lower level (tests) -----------------------------------------------------------------
   void Reset();  // also frees every slot
@@ -144,11 +178,13 @@ class Generator {
   struct Item {
     int seq = 0, n_new = 0;
     const int32_t* new_ids = nullptr;     // [n_new] on the device
+    const float* new_hidden = nullptr;    // or their input hidden states [n_new, c] (host)
     const EarlyExitParams* ee = nullptr;  // null: no exit checks
     StepResult* out = nullptr;
-    int work_row = 0;        // its first row in work_
-    int start = 0, end = 0;  // positions [start, end) run in this pass
-    bool fired = false;
+    int work_row = 0;         // its first row in work_
+    int start = 0, end = 0;   // positions [start, end) run in this pass
+    bool fired = false;       // a head has decided its newest token
+    bool keep_going = false;  // run its rows through every layer even once fired (stages)
   };
   // Rows [first, first + rows) of an item that reach one depth; `packed`: where they sit.
   struct Piece {
@@ -176,6 +212,7 @@ class Generator {
   Model* model_;
   Backend* be_;
   int capacity_, row_budget_;
+  int first_, end_;  // the model's layers [first_, end_) (a pipeline stage's, or all)
   Arena arena_;
   std::vector<Sequence> seqs_;
   BlockActs acts_;

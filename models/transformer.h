@@ -135,6 +135,9 @@ class Model {
   // Gradient w.r.t. the stage's input, to send to the previous stage (after StageBackward).
   const float* StageInputGrad(const Workspace& ws) const { return ws.dx; }
   bool is_first_stage() const { return first_layer_ == 0; }
+  // This stage's layers: [first_layer(), end_layer()) (0-based).
+  int first_layer() const { return first_layer_; }
+  int end_layer() const { return end_layer_; }
   bool is_last_stage() const { return end_layer_ == config_.num_layers; }
   bool ExitIsLocal(int i) const;
   // Whether pipeline stage `stage` holds a copy of the word embedding.

@@ -1,0 +1,344 @@
+#include "models/pipeline_generator.h"
+
+#include <chrono>
+#include <cstring>
+#include <deque>
+#include <memory>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "engine/core/status.h"
+
+namespace eellm {
+namespace {
+
+constexpr int kPassTag = 7101;      // a stage's output, to the next stage
+constexpr int kPlanTag = 7102;      // the leader's pass, to stage 0's tensor-parallel peers
+constexpr int kDecisionTag = 7103;  // heads' decisions, to the leader
+
+// A message's bytes, written in order: int32 and float fields, then arrays of them.
+class Writer {
+ public:
+  template <typename T>
+  void Put(T v) {
+    std::memcpy(Grow<T>(1), &v, sizeof(T));
+  }
+  // Room for n values at the end, to fill.
+  template <typename T>
+  T* Grow(size_t n) {
+    const size_t at = bytes_.size();
+    bytes_.resize(at + n * sizeof(T));
+    return reinterpret_cast<T*>(bytes_.data() + at);
+  }
+  std::vector<char> Take() { return std::move(bytes_); }
+
+ private:
+  std::vector<char> bytes_;
+};
+
+class Reader {
+ public:
+  explicit Reader(const std::vector<char>& bytes) : bytes_(bytes) {}
+  template <typename T>
+  T Get() {
+    T v;
+    std::memcpy(&v, Array<T>(1), sizeof(T));
+    return v;
+  }
+  template <typename T>
+  const T* Array(size_t n) {
+    EE_CHECK(pos_ + n * sizeof(T) <= bytes_.size(), "pipeline message of ", bytes_.size(),
+             " bytes is truncated");
+    const T* p = reinterpret_cast<const T*>(bytes_.data() + pos_);
+    pos_ += n * sizeof(T);
+    return p;
+  }
+
+ private:
+  const std::vector<char>& bytes_;
+  size_t pos_ = 0;
+};
+
+// Posts sends without blocking and keeps each message until it has gone. A message is its size
+// (int64; 0 means "stop") followed by its bytes.
+class Outbox {
+ public:
+  explicit Outbox(Communicator* comm) : comm_(comm) {}
+  ~Outbox() { Flush(); }
+  void Send(int peer, int tag, std::vector<char> bytes) {
+    auto m = std::make_unique<Message>();
+    m->size = static_cast<int64_t>(bytes.size());
+    m->bytes = std::move(bytes);
+    m->head = comm_->ISend(&m->size, sizeof(m->size), peer, tag);
+    if (m->size > 0) m->body = comm_->ISend(m->bytes.data(), m->bytes.size(), peer, tag);
+    sent_.push_back(std::move(m));
+    while (!sent_.empty() && sent_.front()->Gone()) sent_.pop_front();
+  }
+  void Flush() {
+    for (auto& m : sent_) {
+      m->head->Wait();
+      if (m->body) m->body->Wait();
+    }
+    sent_.clear();
+  }
+
+ private:
+  struct Message {
+    int64_t size = 0;
+    std::vector<char> bytes;
+    std::unique_ptr<Request> head, body;
+    bool Gone() { return head->Test() && (!body || body->Test()); }
+  };
+  Communicator* comm_;
+  std::deque<std::unique_ptr<Message>> sent_;
+};
+
+// The next message from `peer`; empty when the peer stops.
+std::vector<char> Receive(Communicator* comm, int peer, int tag) {
+  int64_t size = 0;
+  comm->Recv(&size, sizeof(size), peer, tag);
+  std::vector<char> bytes(size);
+  if (size > 0) comm->Recv(bytes.data(), bytes.size(), peer, tag);
+  return bytes;
+}
+
+using StageItem = Generator::StageItem;
+
+int Rows(const std::vector<StageItem>& items) {
+  int rows = 0;
+  for (const StageItem& it : items) rows += it.n;
+  return rows;
+}
+
+// A pass: its items, then `width` values of type T per row (token ids or hidden states), whose
+// room is returned to fill.
+template <typename T>
+std::pair<Writer, T*> EncodePass(const std::vector<StageItem>& items, size_t width) {
+  std::pair<Writer, T*> m;
+  Writer& w = m.first;
+  w.Put<int32_t>(static_cast<int32_t>(items.size()));
+  for (const StageItem& it : items) {
+    w.Put<int32_t>(it.seq);
+    w.Put<int32_t>(it.start);
+    w.Put<int32_t>(it.n);
+    w.Put<int32_t>(it.live);
+    w.Put<float>(it.early_exit.threshold);
+    w.Put<int32_t>(static_cast<int32_t>(it.early_exit.exit_layers.size()));
+    for (int layer : it.early_exit.exit_layers) w.Put<int32_t>(layer);
+  }
+  m.second = w.Grow<T>(Rows(items) * width);
+  return m;
+}
+
+std::vector<StageItem> DecodeItems(Reader& r) {
+  std::vector<StageItem> items(r.Get<int32_t>());
+  for (StageItem& it : items) {
+    it.seq = r.Get<int32_t>();
+    it.start = r.Get<int32_t>();
+    it.n = r.Get<int32_t>();
+    it.live = r.Get<int32_t>() != 0;
+    it.early_exit.threshold = r.Get<float>();
+    it.early_exit.exit_layers.resize(r.Get<int32_t>());
+    for (int& layer : it.early_exit.exit_layers) layer = r.Get<int32_t>();
+  }
+  return items;
+}
+
+}  // namespace
+
+PipelineGenerator::PipelineGenerator(Generator* stage_generator, Communicator* world, int stages,
+                                     int tp)
+    : gen_(stage_generator), world_(world), stages_(stages), tp_(tp) {
+  EE_CHECK(stages >= 1 && tp >= 1 && world->size() == stages * tp, "pipeline of ", stages,
+           " stages x tp ", tp, " over ", world->size(), " ranks");
+  stage_ = world->rank() / tp;
+  tp_rank_ = world->rank() % tp;
+}
+
+absl::StatusOr<std::vector<GenerationResult>> PipelineGenerator::GenerateBatch(
+    const std::vector<GenerationRequest>& requests,
+    const std::function<void(int, int32_t)>& on_token) {
+  const int n = static_cast<int>(requests.size());
+  if (n > gen_->max_sequences()) {
+    return absl::InvalidArgumentError(absl::StrCat(n, " prompts, but this generator holds at most ",
+                                                   gen_->max_sequences(), " sequences"));
+  }
+  RETURN_IF_ERROR(gen_->ValidateAll(requests));
+  if (leader()) return Lead(requests, on_token);
+  Work();
+  return std::vector<GenerationResult>();
+}
+
+std::vector<GenerationResult> PipelineGenerator::Lead(
+    const std::vector<GenerationRequest>& requests,
+    const std::function<void(int, int32_t)>& on_token) {
+  const int n = static_cast<int>(requests.size());
+  const size_t ch = gen_->model()->config().hidden_size, vocab = gen_->model()->config().vocab_size;
+  gen_->Reset();
+  for (int i = 0; i < n; ++i) {
+    auto slot = gen_->Admit(requests[i]);
+    EE_CHECK(slot.ok() && *slot == i, "slot ", i, " was not free after Reset");
+  }
+  std::vector<GenerationResult> results(n);
+  auto take = [&](int slot, const StepResult& r) {
+    Generator::Finished f;
+    if (gen_->Accept(slot, r, on_token, &f)) results[f.slot] = std::move(f.result);
+  };
+  std::vector<char> in_flight(gen_->max_sequences(), 0);  // a deeper stage decides its token
+  Outbox out(world_);
+  // Decisions from each deeper stage: a posted receive of the next message's size.
+  struct Inbox {
+    int64_t size = 0;
+    std::unique_ptr<Request> request;
+    bool stopped = false;
+  };
+  std::vector<Inbox> inbox(stages_);
+  for (int d = 1; d < stages_; ++d) {
+    inbox[d].request = world_->IRecv(&inbox[d].size, sizeof(int64_t), Rank(d, 0), kDecisionTag);
+  }
+  // Takes the decisions that have arrived; with `wait`, waits until one has.
+  auto poll = [&](bool wait) {
+    for (int spins = 0;; ++spins) {
+      bool any = false;
+      for (int d = 1; d < stages_; ++d) {
+        Inbox& box = inbox[d];
+        if (box.stopped || !box.request->Test()) continue;
+        any = true;
+        if (box.size == 0) {
+          box.stopped = true;
+          continue;
+        }
+        std::vector<char> bytes(box.size);
+        world_->Recv(bytes.data(), bytes.size(), Rank(d, 0), kDecisionTag);
+        box.request = world_->IRecv(&box.size, sizeof(int64_t), Rank(d, 0), kDecisionTag);
+        Reader r(bytes);
+        const int k = r.Get<int32_t>();
+        std::vector<std::pair<int, StepResult>> decided(k);
+        for (auto& [seq, s] : decided) {
+          seq = r.Get<int32_t>();
+          s.exit_index = r.Get<int32_t>();
+          s.depth = r.Get<int32_t>();
+          s.temperature = r.Get<float>();
+        }
+        for (auto& [seq, s] : decided) {
+          const float* logits = r.Array<float>(vocab);
+          s.logits.assign(logits, logits + vocab);
+          in_flight[seq] = 0;
+          take(seq, s);
+        }
+      }
+      if (any || !wait) return;
+      if (spins < 64) {
+        std::this_thread::yield();
+      } else {
+        std::this_thread::sleep_for(std::chrono::microseconds(20));
+      }
+    }
+  };
+  while (gen_->active() > 0) {
+    poll(/*wait=*/false);
+    // A pass of every sequence whose next tokens are known, within the row budget.
+    std::vector<StageItem> items;
+    std::vector<int32_t> ids;
+    for (int s = 0; s < gen_->max_sequences(); ++s) {
+      if (!gen_->busy(s) || in_flight[s]) continue;
+      if (static_cast<int>(ids.size()) + gen_->next_length(s) > gen_->row_budget()) continue;
+      StageItem it;
+      it.seq = s;
+      it.start = gen_->length(s);
+      it.early_exit = gen_->early_exit(s);
+      const std::vector<int32_t> next = gen_->TakeNext(s);
+      it.n = static_cast<int>(next.size());
+      ids.insert(ids.end(), next.begin(), next.end());
+      items.push_back(std::move(it));
+    }
+    if (items.empty()) {
+      EE_CHECK(stages_ > 1, "no sequence can run a pass");
+      poll(/*wait=*/true);
+      continue;
+    }
+    for (int peer = 1; peer < tp_; ++peer) {
+      auto [w, body] = EncodePass<int32_t>(items, 1);
+      std::copy(ids.begin(), ids.end(), body);
+      out.Send(Rank(0, peer), kPlanTag, w.Take());
+    }
+    const std::vector<StepResult> r = gen_->StagePass(items, ids.data(), nullptr);
+    ++stats_.passes;
+    stats_.rows += ids.size();
+    for (size_t k = 0; k < items.size(); ++k) items[k].live = r[k].logits.empty();
+    if (stages_ > 1) {
+      auto [w, body] = EncodePass<float>(items, ch);
+      gen_->model()->backend()->CopyToHost(body, gen_->stage_output(),
+                                           ids.size() * ch * sizeof(float));
+      out.Send(Rank(1, 0), kPassTag, w.Take());
+    }
+    for (size_t k = 0; k < items.size(); ++k) {
+      if (items[k].live) {
+        in_flight[items[k].seq] = 1;
+      } else {
+        ++stats_.decided_here;
+        take(items[k].seq, r[k]);
+      }
+    }
+  }
+  // Stop stage 0's peers and the next stage; each deeper stage answers with an empty message
+  // once every pass before it is done.
+  for (int peer = 1; peer < tp_; ++peer) out.Send(Rank(0, peer), kPlanTag, {});
+  if (stages_ > 1) out.Send(Rank(1, 0), kPassTag, {});
+  for (bool all = false; !all;) {
+    all = true;
+    for (int d = 1; d < stages_; ++d) all &= inbox[d].stopped;
+    if (!all) poll(/*wait=*/true);
+  }
+  out.Flush();
+  return results;
+}
+
+void PipelineGenerator::Work() {
+  const bool first = stage_ == 0, last = stage_ == stages_ - 1;
+  const bool decides = !first && tp_rank_ == 0;  // sends this stage's decisions to the leader
+  const int upstream = first ? Rank(0, 0) : Rank(stage_ - 1, tp_rank_);
+  const int downstream = last ? -1 : Rank(stage_ + 1, tp_rank_);
+  const size_t ch = gen_->model()->config().hidden_size, vocab = gen_->model()->config().vocab_size;
+  Outbox out(world_);
+  for (;;) {
+    const std::vector<char> bytes = Receive(world_, upstream, first ? kPlanTag : kPassTag);
+    if (bytes.empty()) break;
+    Reader reader(bytes);
+    std::vector<StageItem> items = DecodeItems(reader);
+    const int rows = Rows(items);
+    const std::vector<StepResult> r =
+        first ? gen_->StagePass(items, reader.Array<int32_t>(rows), nullptr)
+              : gen_->StagePass(items, nullptr, reader.Array<float>(rows * ch));
+    ++stats_.passes;
+    stats_.rows += rows;
+    std::vector<int> decided;
+    for (size_t k = 0; k < items.size(); ++k) {
+      if (!r[k].logits.empty()) decided.push_back(static_cast<int>(k));
+    }
+    stats_.decided_here += decided.size();
+    if (decides && !decided.empty()) {
+      Writer w;
+      w.Put<int32_t>(static_cast<int32_t>(decided.size()));
+      for (int k : decided) {
+        w.Put<int32_t>(items[k].seq);
+        w.Put<int32_t>(r[k].exit_index);
+        w.Put<int32_t>(r[k].depth);
+        w.Put<float>(r[k].temperature);
+      }
+      for (int k : decided) std::copy_n(r[k].logits.data(), vocab, w.Grow<float>(vocab));
+      out.Send(Rank(0, 0), kDecisionTag, w.Take());
+    }
+    if (!last) {
+      for (int k : decided) items[k].live = false;
+      auto [w, body] = EncodePass<float>(items, ch);
+      gen_->model()->backend()->CopyToHost(body, gen_->stage_output(), rows * ch * sizeof(float));
+      out.Send(downstream, kPassTag, w.Take());
+    }
+  }
+  if (!last) out.Send(downstream, kPassTag, {});
+  if (decides) out.Send(Rank(0, 0), kDecisionTag, {});
+  out.Flush();
+}
+
+}  // namespace eellm

@@ -1,0 +1,66 @@
+// Early-exit generation over pipeline stages: EE-LLM's "pipeline-based" inference on the training
+// partitions. Each rank holds one stage of the model (with tensor parallelism, one shard of it)
+// and a Generator over it. Every stage runs every token through all its layers, so each layer's
+// KV cache is always complete and nothing is recomputed; the first head whose confidence reaches
+// the sequence's threshold (an exit, or the final head) decides the token. The deciding stage
+// sends that head's logits to stage 0, which samples the token and starts the sequence's next
+// pass at once, while the deeper stages are still finishing the previous token: a token that
+// exits at stage s costs the latency of stages 0..s, and stages s+1.. overlap with the next one.
+// Passes of different sequences are in flight in different stages at the same time.
+//
+// Ranks: world rank = stage * tp + tensor-parallel rank. Stage 0's tensor-parallel rank 0 (the
+// leader) holds the requests, samples and schedules passes; its tensor-parallel peers run the
+// passes it sends them. Each rank sends its stage's output to the same tensor-parallel rank of
+// the next stage; rank 0 of a deeper stage sends the decisions. Messages go over a host
+// communicator and are posted without blocking, so no stage waits on a busy neighbour, and
+// between two stages they arrive in order, so each KV cache fills in position order.
+//
+// A sequence gets the tokens, exits and depths the whole model gives it in a Generator (KV
+// recomputation fills the same K/V later), up to the rounding of differently batched GEMMs.
+#pragma once
+
+#include <functional>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "models/generator.h"
+#include "parallel/comm/communicator.h"
+
+namespace eellm {
+
+class PipelineGenerator {
+ public:
+  // `stage_generator`: over this rank's stage; `world`: a host communicator over the
+  // stages * tp ranks of the pipeline, ranked as above.
+  PipelineGenerator(Generator* stage_generator, Communicator* world, int stages, int tp);
+
+  // Every rank calls it with the same requests. The leader returns the results (and calls
+  // on_token(i, token) as request i produces a token); the other ranks return an empty vector
+  // once the leader is done. Errors (naming the bad request) are returned on every rank.
+  absl::StatusOr<std::vector<GenerationResult>> GenerateBatch(
+      const std::vector<GenerationRequest>& requests,
+      const std::function<void(int, int32_t)>& on_token = nullptr);
+
+  bool leader() const { return stage_ == 0 && tp_rank_ == 0; }
+  int stage() const { return stage_; }
+
+  struct Stats {
+    int64_t passes = 0;        // passes this rank's stage ran
+    int64_t rows = 0;          // token rows they carried
+    int64_t decided_here = 0;  // tokens this stage's heads decided
+  };
+  const Stats& stats() const { return stats_; }
+
+ private:
+  int Rank(int stage, int tp_rank) const { return stage * tp_ + tp_rank; }
+  std::vector<GenerationResult> Lead(const std::vector<GenerationRequest>& requests,
+                                     const std::function<void(int, int32_t)>& on_token);
+  void Work();
+
+  Generator* gen_;
+  Communicator* world_;
+  int stages_, tp_, stage_, tp_rank_;
+  Stats stats_;
+};
+
+}  // namespace eellm

@@ -1,0 +1,157 @@
+// Pipeline-parallel generation (PipelineGenerator) under mpirun: every (pp, tp) layout of the
+// world whose stages split the model's 4 layers. Rank 0 saves a single-rank model; every rank
+// loads its stage's tensor-parallel shard and runs its part of a batch of four sequences with
+// early exit (mixed prompt lengths, thresholds, allowed exits and sampling; the prompts overflow
+// one pass). The leader gets the single-rank Generator's tokens, exits and depths, whose deep
+// K/V come from recomputation where the pipeline's come from the deeper stages finishing every
+// token: the same values, so log-probabilities agree within 1e-4 (tensor parallelism reorders
+// fp32 sums). Exits sit on different stages, at stage boundaries (pre-exits read a stage's
+// input), and include a block exit with its own KV cache.
+#include <unistd.h>
+
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "launch/model_loader.h"
+#include "models/generator.h"
+#include "models/pipeline_generator.h"
+#include "parallel/comm/mpi_communicator.h"
+#include "tests/gpu/emu/emulated_cuda_backend.h"
+#include "tests/models/model_test_util.h"
+
+namespace eellm {
+namespace {
+
+struct PpCase {
+  const char* name;
+  ModelStyle style;
+  bool pre_exits;  // exits before layers 2, 3 and 4 instead of after layers 1, 2 and 3
+  const char* backend;
+};
+
+ModelConfig PpGenerationConfig(const PpCase& p) {
+  ModelConfig c;
+  c.style = p.style;
+  c.vocab_size = 32;
+  c.hidden_size = 32;
+  c.num_layers = 4;
+  c.num_heads = 8;
+  c.num_kv_heads = p.style == ModelStyle::kLlama ? 2 : 8;
+  c.ffn_hidden_size = 48;
+  c.max_seq_len = 32;
+  c.tie_embeddings = p.style == ModelStyle::kGpt;
+  ExitConfig a, b, d;
+  a.kind = ExitKind::kNorm;
+  a.tied = true;  // on a later stage, a copy of the word embedding
+  b.kind = ExitKind::kBlock;
+  d.kind = ExitKind::kMlp;
+  a.layer = 1;
+  b.layer = 2;
+  d.layer = 3;
+  if (p.pre_exits) {
+    for (ExitConfig* x : {&a, &b, &d}) {
+      x->layer += 1;
+      x->position = ExitPosition::kPre;
+    }
+  }
+  c.exits = {a, b, d};
+  return c;
+}
+
+class PpGeneration : public ::testing::TestWithParam<PpCase> {};
+
+TEST_P(PpGeneration, EveryLayoutGeneratesWhatTheWholeModelGenerates) {
+  auto messages = MpiCommunicator::World(nullptr);
+  const int world = messages->size(), rank = messages->rank();
+  const ModelConfig c = PpGenerationConfig(GetParam());
+  ASSERT_TRUE(ParseModelConfig(c.ToJson()).ok()) << ParseModelConfig(c.ToJson()).status();
+  auto be = std::move(*MakeBackendOrEmulated(GetParam().backend));
+  auto device_world = MpiCommunicator::World(be.get());
+  int pid = getpid();
+  messages->Broadcast(&pid, sizeof(pid), 0);
+  const std::string file =
+      "/tmp/eellm_pp_generation_" + std::to_string(pid) + "_" + GetParam().name + ".h5";
+  if (rank == 0) {
+    auto whole = *Model::Create(c, be.get());
+    testing::FillParams(*whole, 17, 0.5f);
+    CheckpointMeta meta;
+    meta.config_json = c.ToJson();
+    ASSERT_TRUE(SaveCheckpoint(file, whole->params(), meta).ok());
+  }
+  messages->Barrier();
+  std::vector<GenerationRequest> reqs = testing::MixedRequests(c);
+  reqs[3].early_exit.exit_layers = {c.exits[0].layer, c.exits[2].layer};
+  std::vector<GenerationResult> want;
+  if (rank == 0) {
+    auto whole = LoadModelFromCheckpoint(file, be.get());
+    ASSERT_TRUE(whole.ok()) << whole.status();
+    Generator g(whole->model.get(), 32, 4);
+    want = *g.GenerateBatch(reqs);
+  }
+  int layouts = 0;
+  for (int pp = 1; pp <= world; ++pp) {
+    const int tp = world / pp;
+    if (world % pp != 0 || c.num_layers % pp != 0 || !SplitsOverTp(c, tp)) continue;
+    ++layouts;
+    const int stage = rank / tp;
+    // The stage's tensor-parallel group: ranks stage * tp .. stage * tp + tp - 1.
+    std::vector<int> group;
+    for (int t = 0; t < tp; ++t) group.push_back(stage * tp + t);
+    std::unique_ptr<Communicator> tp_comm = device_world->Subgroup(group);
+    auto part = LoadModelFromCheckpoint(
+        file, be.get(), false, TpSpec{tp_comm->rank(), tp, tp_comm.get()}, StageSpec{stage, pp});
+    ASSERT_TRUE(part.ok()) << part.status();
+    Generator stage_gen(part->model.get(), 32, 4);
+    PipelineGenerator pipeline(&stage_gen, messages.get(), pp, tp);
+    std::vector<int> streamed(reqs.size());
+    auto got = pipeline.GenerateBatch(reqs, [&](int i, int32_t) { ++streamed[i]; });
+    ASSERT_TRUE(got.ok()) << got.status();
+    // Every stage ran every token through its layers.
+    int64_t tokens = 0;
+    for (const GenerationRequest& r : reqs) tokens += r.prompt.size() + r.max_new_tokens - 1;
+    if (pipeline.leader()) {
+      ASSERT_EQ(got->size(), reqs.size());
+      int early = 0, later_stage = 0;
+      for (size_t i = 0; i < reqs.size(); ++i) {
+        SCOPED_TRACE(::testing::Message() << "pp " << pp << " x tp " << tp << ", sequence " << i);
+        const GenerationResult &g = (*got)[i], &w = want[i];
+        EXPECT_EQ(g.tokens, w.tokens);
+        EXPECT_EQ(g.exit_index, w.exit_index);
+        EXPECT_EQ(g.depth, w.depth);
+        EXPECT_EQ(g.finish, w.finish);
+        EXPECT_EQ(streamed[i], static_cast<int>(g.tokens.size()));
+        ASSERT_EQ(g.logprobs.size(), w.logprobs.size());
+        for (size_t t = 0; t < g.logprobs.size(); ++t) {
+          EXPECT_NEAR(g.logprobs[t], w.logprobs[t], 1e-4) << "token " << t;
+        }
+        for (size_t t = 0; t < w.exit_index.size(); ++t) {
+          early += w.exit_index[t] >= 0;
+          later_stage += w.depth[t] > c.num_layers / pp;
+        }
+      }
+      EXPECT_GT(early, 5) << "too few early exits to test the exit heads on the stages";
+      if (pp > 1) EXPECT_GT(later_stage, 5) << "too few tokens decided on later stages";
+    } else {
+      EXPECT_TRUE(got->empty());
+    }
+    // Each token ran once through each stage: the prompts and every token but the last.
+    EXPECT_EQ(pipeline.stats().rows, tokens) << "rank " << rank << ", stage " << stage;
+    messages->Barrier();
+  }
+  EXPECT_GE(layouts, 1);
+  messages->Barrier();
+  if (rank == 0) std::remove(file.c_str());
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Models, PpGeneration,
+    ::testing::Values(PpCase{"gpt", ModelStyle::kGpt, false, "cpu"},
+                      PpCase{"llama", ModelStyle::kLlama, false, "cpu"},
+                      PpCase{"llama_pre_exits", ModelStyle::kLlama, true, "cpu"},
+                      PpCase{"llama_emulated_cuda", ModelStyle::kLlama, false, "emulated-cuda"}),
+    [](const ::testing::TestParamInfo<PpCase>& p) { return std::string(p.param.name); });
+
+}  // namespace
+}  // namespace eellm
