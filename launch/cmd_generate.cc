@@ -1,8 +1,10 @@
 // `eellm generate`: loads a checkpoint and generates text with early exit, printing the text,
 // decode speed, average layers used and the exit histogram (optionally beside a full-model run).
-// Under mpirun or Slurm the processes generate as one tensor-parallel group.
+// Under mpirun or Slurm the processes generate together: one tensor-parallel group, or a pipeline
+// of them (--pp; models/pipeline_generator.h).
 #include <cstdio>
 #include <map>
+#include <memory>
 
 #include "absl/flags/flag.h"
 #include "absl/strings/numbers.h"
@@ -13,6 +15,7 @@
 #include "launch/shared_flags.h"
 #include "models/exit_loss_weights.h"
 #include "models/generator.h"
+#include "models/pipeline_generator.h"
 #include "models/tokenizer.h"
 
 ABSL_FLAG(std::string, prompt, "And God said", "prompt text");
@@ -49,11 +52,12 @@ void PrintStats(const char* label, const ModelConfig& c, const GenerationResult&
 }  // namespace
 
 int RunGenerateCommand() {
-  // Under mpirun or Slurm the ranks form one tensor-parallel group: each loads its shard and
-  // runs the same generation; rank 0 prints.
+  // Under mpirun or Slurm each rank loads its shard (stage and tensor-parallel share) and runs
+  // its part of the same generation; rank 0 prints.
   InferenceGroup group;
   auto Fail = [&](const absl::Status& s) { return group.Fail(s); };
-  if (absl::Status s = StartInferenceGroup(&group, absl::GetFlag(FLAGS_tp), "generation");
+  if (absl::Status s = StartInferenceGroup(&group, absl::GetFlag(FLAGS_tp), absl::GetFlag(FLAGS_pp),
+                                           "generation", 1 << 20);
       !s.ok()) {
     return Fail(s);
   }
@@ -100,19 +104,39 @@ int RunGenerateCommand() {
   if (prompt.empty()) prompt.push_back(tok.bos_id());
   const int max_new = absl::GetFlag(FLAGS_max_new_tokens);
   Generator gen(&model, c.max_seq_len);
+  std::unique_ptr<PipelineGenerator> pipeline;
+  if (group.pp > 1) {
+    pipeline = std::make_unique<PipelineGenerator>(&gen, group.messages.get(), group.pp, group.tp);
+  }
+  // Rank 0 gets the result; the pipeline's other ranks an empty one.
+  auto generate = [&](const EarlyExitParams& params) -> absl::StatusOr<GenerationResult> {
+    if (pipeline == nullptr) return gen.Generate(prompt, max_new, tok.eos_id(), sp, params);
+    GenerationRequest q;
+    q.prompt = prompt;
+    q.max_new_tokens = max_new;
+    q.eos_id = tok.eos_id();
+    q.sampling = sp;
+    q.early_exit = params;
+    ASSIGN_OR_RETURN(std::vector<GenerationResult> r, pipeline->GenerateBatch({q}));
+    return r.empty() ? GenerationResult() : std::move(r[0]);
+  };
+  if (group.pp > 1) {
+    std::printf("pipeline of %d stages x tensor parallelism %d (%d layers each)\n", group.pp,
+                group.tp, c.num_layers / group.pp);
+  }
 
   GenerationResult full;
   if (absl::GetFlag(FLAGS_compare)) {
     EarlyExitParams off = ee;
     off.threshold = 1.0f;
-    auto r = gen.Generate(prompt, max_new, tok.eos_id(), sp, off);
+    auto r = generate(off);
     if (!r.ok()) return Fail(r.status());
     full = *r;
     std::printf("--- full model (threshold 1.0) ---\n%s%s\n", absl::GetFlag(FLAGS_prompt).c_str(),
                 tok.Decode(full.tokens).c_str());
     PrintStats("full", c, full);
   }
-  auto r = gen.Generate(prompt, max_new, tok.eos_id(), sp, ee);
+  auto r = generate(ee);
   if (!r.ok()) return Fail(r.status());
   std::printf("--- early exit (threshold %.2f) ---\n%s%s\n", ee.threshold,
               absl::GetFlag(FLAGS_prompt).c_str(), tok.Decode(r->tokens).c_str());

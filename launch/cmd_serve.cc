@@ -1,7 +1,8 @@
 // `eellm serve`: loads a checkpoint and answers generation requests over HTTP (launch/api_server.h
 // describes the API) until SIGINT or SIGTERM; concurrent requests share forward passes. Under
-// mpirun or Slurm the processes serve as one tensor-parallel group: rank 0 runs the HTTP server
-// and leads, the other ranks follow its passes on their shards.
+// mpirun or Slurm the processes serve as one tensor-parallel group, or as a pipeline of them
+// (--pp): rank 0 runs the HTTP server and leads, the other ranks follow its passes on their
+// shards (or run their stage's).
 #include <unistd.h>
 
 #include <atomic>
@@ -19,7 +20,7 @@
 #include "launch/inference_group.h"
 #include "launch/shared_flags.h"
 #include "models/generator.h"
-#include "parallel/comm/mpi_communicator.h"
+#include "models/pipeline_generator.h"
 
 ABSL_FLAG(std::string, host, "0.0.0.0", "address to listen on");
 ABSL_FLAG(int, port, 5000, "port to listen on (0: any free port, printed at start)");
@@ -42,12 +43,13 @@ int RunServeCommand() {
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   InferenceGroup group;
   auto Fail = [&](const absl::Status& s) { return group.Fail(s); };
-  if (absl::Status s = StartInferenceGroup(&group, absl::GetFlag(FLAGS_tp), "the server");
+  if (absl::Status s = StartInferenceGroup(&group, absl::GetFlag(FLAGS_tp), absl::GetFlag(FLAGS_pp),
+                                           "the server", 1 << 20);
       !s.ok()) {
     return Fail(s);
   }
   const bool multi = group.multi, leader = group.launch.rank == 0;
-  const int tp = group.launch.world;
+  const int tp = group.tp;
   const std::string path = absl::GetFlag(FLAGS_checkpoint);
   if (path.empty()) return Fail(absl::InvalidArgumentError("--checkpoint is required"));
   const int max_batch = absl::GetFlag(FLAGS_max_batch);
@@ -70,19 +72,31 @@ int RunServeCommand() {
   }
   // The service's host-memory messages travel on a communicator of their own; the model's
   // collectives use the group's (on the backend's memory).
-  std::unique_ptr<Communicator> messages;
-  if (multi) messages = MpiCommunicator::World(nullptr);
+  Communicator* messages = group.messages.get();
   Model& model = *group.loaded.model;
   const ModelConfig& c = model.config();
   Generator generator(&model, c.max_seq_len, max_batch);
+  // A pipeline (--pp): rank 0 leads it and serves; the other ranks run their stage's passes. A
+  // single tensor-parallel group: the followers mirror rank 0's generator.
+  std::unique_ptr<PipelineGenerator> pipeline;
+  if (group.pp > 1) {
+    pipeline = std::make_unique<PipelineGenerator>(&generator, messages, group.pp, tp);
+  }
   if (!leader) {
-    GenerationService::Follow(&generator, messages.get());
+    if (pipeline != nullptr) {
+      pipeline->Work();
+    } else {
+      GenerationService::Follow(&generator, messages);
+    }
     return 0;
   }
 
   // The generation worker makes the group's MPI calls, so it runs on this (the main) thread;
   // the HTTP server answers on its own threads.
-  GenerationService service(&generator, messages.get(), /*own_thread=*/false);
+  SequenceBatcher* batcher = &generator;
+  if (pipeline != nullptr) batcher = pipeline.get();
+  GenerationService service(batcher, pipeline != nullptr ? nullptr : messages,
+                            /*own_thread=*/false);
   ApiDefaults defaults;
   defaults.early_exit_threshold = static_cast<float>(th);
   defaults.seed = absl::GetFlag(FLAGS_seed);
@@ -116,6 +130,7 @@ int RunServeCommand() {
       "time",
       absl::GetFlag(FLAGS_host).c_str(), *bound, max_batch);
   if (multi) std::printf("; tensor parallelism %d", tp);
+  if (group.pp > 1) std::printf(" x %d pipeline stages", group.pp);
   // Under mpirun, signalling mpirun ends the job at once; SIGTERM to this pid stops gracefully.
   std::printf("; pid %d\n", static_cast<int>(getpid()));
   std::fflush(stdout);
@@ -124,6 +139,7 @@ int RunServeCommand() {
     service.Shutdown();  // Run() finishes the requests in flight, then returns
   });
   service.Run();
+  if (pipeline != nullptr) pipeline->Stop();  // the other ranks return
   served = true;
   pthread_kill(stopper.native_handle(), SIGTERM);  // ends the sigwait if no signal came
   stopper.join();

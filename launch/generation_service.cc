@@ -108,7 +108,8 @@ StepMessage Receive(Communicator* group) {
 
 }  // namespace
 
-GenerationService::GenerationService(Generator* generator, Communicator* group, bool own_thread)
+GenerationService::GenerationService(SequenceBatcher* generator, Communicator* group,
+                                     bool own_thread)
     : gen_(generator), group_(group) {
   EE_CHECK(group == nullptr || group->rank() == 0, "the generation service runs on rank 0");
   if (own_thread) worker_ = std::thread([this] { Run(); });
@@ -212,12 +213,12 @@ void GenerationService::Run() {
     }
     if (cancelled) done_.notify_all();
     const int running = gen_->active();
-    std::vector<Generator::Finished> finished = gen_->Advance(on_token);
+    std::vector<FinishedSequence> finished = gen_->Advance(on_token);
     {
       std::lock_guard<std::mutex> lock(mu_);
       stats_.steps++;
       stats_.largest_batch = std::max(stats_.largest_batch, running);
-      for (Generator::Finished& f : finished) {
+      for (FinishedSequence& f : finished) {
         auto [job, index] = owner[f.slot];
         stats_.sequences++;
         stats_.tokens += static_cast<int64_t>(f.result.tokens.size());

@@ -6,6 +6,9 @@
 // Callers block until their request is done. Bad requests are refused before they queue, so they
 // never fail another caller's sequences.
 //
+// The generator: a Generator, or the leader of a pipeline (PipelineGenerator), whose other ranks
+// take their work from it.
+//
 // Tensor parallelism: the service runs on rank 0 of the group (the leader) and, before each
 // pass, sends what changed (sequences admitted, sequences its stop rules ended) to the other
 // ranks, which mirror it in Follow(). `group` carries these host-memory messages (a communicator
@@ -33,7 +36,7 @@ class GenerationService {
  public:
   // `group`: the tensor-parallel group this rank leads (rank 0), or null. `own_thread`: start a
   // worker thread running Run(); otherwise the caller runs it.
-  explicit GenerationService(Generator* generator, Communicator* group = nullptr,
+  explicit GenerationService(SequenceBatcher* generator, Communicator* group = nullptr,
                              bool own_thread = true);
   // Shutdown(), and joins the worker thread if it owns one.
   ~GenerationService();
@@ -66,7 +69,7 @@ class GenerationService {
     int largest_batch = 0;  // most sequences in one pass
   };
   Stats stats() const;
-  const Generator& generator() const { return *gen_; }
+  const SequenceBatcher& generator() const { return *gen_; }
 
  private:
   struct Job {
@@ -78,7 +81,7 @@ class GenerationService {
     size_t remaining = 0;  // sequences not yet generated
   };
 
-  Generator* gen_;
+  SequenceBatcher* gen_;
   Communicator* group_;
   mutable std::mutex mu_;
   std::condition_variable queued_;  // a job was queued, or the service is stopping

@@ -1,5 +1,8 @@
 #include "launch/inference_group.h"
 
+#include <algorithm>
+#include <vector>
+
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "engine/core/logging.h"
@@ -11,19 +14,30 @@ namespace eellm {
 
 int InferenceGroup::Fail(const absl::Status& s) const { return FailCommand(s, multi, launch.rank); }
 
-absl::Status StartInferenceGroup(InferenceGroup* g, int tp_flag, const char* what) {
+absl::Status StartInferenceGroup(InferenceGroup* g, int tp_flag, int pp_flag, const char* what,
+                                 int max_pp) {
   ASSIGN_OR_RETURN(g->launch, DetectLaunch());
   g->multi = g->launch.world > 1;
   if (g->multi) {
     g->mpi = std::make_unique<MpiRuntime>();
     SetLogRank(g->launch.rank);
   }
-  const int tp = tp_flag > 0 ? tp_flag : g->launch.world;
-  if (tp != g->launch.world) {
+  if (tp_flag < 0 || pp_flag < 0) {
     return absl::InvalidArgumentError(
-        absl::StrCat("--tp ", tp, " must equal the number of processes (", g->launch.world,
-                     "): ", what, " runs one tensor-parallel group"));
+        absl::StrCat("--tp and --pp must be >= 0, got ", tp_flag, " and ", pp_flag));
   }
+  g->pp = pp_flag > 0 ? pp_flag : 1;
+  if (g->pp > max_pp) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--pp ", g->pp, ": ", what, " runs at most ", max_pp, " pipeline stage(s)"));
+  }
+  g->tp = tp_flag > 0 ? tp_flag : std::max(1, g->launch.world / g->pp);
+  if (g->tp * g->pp != g->launch.world) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--tp ", g->tp, " x --pp ", g->pp, " must equal the number of processes (",
+                     g->launch.world, "): ", what, " runs one tensor-parallel group per stage"));
+  }
+  g->stage = g->launch.rank / g->tp;
   return absl::OkStatus();
 }
 
@@ -37,9 +51,18 @@ absl::Status LoadInferenceModel(InferenceGroup* g, const std::string& checkpoint
   TpSpec tp;
   if (g->multi) {
     g->world = MpiCommunicator::World(g->backend.get());
-    tp = TpSpec{g->world->rank(), g->world->size(), g->world.get()};
+    g->messages = MpiCommunicator::World(nullptr);
+    Communicator* group = g->world.get();
+    if (g->pp > 1) {
+      std::vector<int> ranks;
+      for (int t = 0; t < g->tp; ++t) ranks.push_back(g->stage * g->tp + t);
+      g->stage_group = g->world->Subgroup(ranks);
+      group = g->stage_group.get();
+    }
+    tp = TpSpec{group->rank(), group->size(), group};
   }
-  ASSIGN_OR_RETURN(g->loaded, LoadModelFromCheckpoint(checkpoint, g->backend.get(), false, tp));
+  ASSIGN_OR_RETURN(g->loaded, LoadModelFromCheckpoint(checkpoint, g->backend.get(), false, tp,
+                                                      StageSpec{g->stage, g->pp}));
   const auto& attrs = g->loaded.meta.attrs;
   ASSIGN_OR_RETURN(g->tokenizer,
                    MakeTokenizer(attrs.count("tokenizer") ? attrs.at("tokenizer") : "byte"));

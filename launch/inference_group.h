@@ -1,6 +1,7 @@
 // What `eellm generate` and `eellm serve` start with: one process, or the ranks of mpirun/Slurm
-// forming one tensor-parallel group; MPI; the backend on this rank's GPU; and this rank's shard
-// of a checkpoint (of any layout) with its tokenizer.
+// forming a pipeline of tensor-parallel groups (world rank = stage * tp + tensor-parallel rank);
+// MPI; the backend on this rank's GPU; and this rank's shard of a checkpoint (of any layout)
+// with its tokenizer.
 #pragma once
 
 #include <memory>
@@ -20,7 +21,10 @@ struct InferenceGroup {
   bool multi = false;               // under a launcher, with more than one process
   std::unique_ptr<MpiRuntime> mpi;  // multi only
   std::unique_ptr<Backend> backend;
-  std::unique_ptr<Communicator> world;  // the model's tensor-parallel group (multi only)
+  int tp = 1, pp = 1, stage = 0;
+  std::unique_ptr<Communicator> world;        // every rank, on the backend's memory (multi only)
+  std::unique_ptr<Communicator> stage_group;  // this stage's tensor-parallel group (pp > 1)
+  std::unique_ptr<Communicator> messages;     // every rank, host memory (multi only)
   LoadedModel loaded;
   std::unique_ptr<Tokenizer> tokenizer;
 
@@ -28,9 +32,11 @@ struct InferenceGroup {
   int Fail(const absl::Status& s) const;
 };
 
-// Reads the launcher and starts MPI under one. `tp_flag` (0: every process) must equal the
-// number of processes; `what` names the command in that error ("generation").
-absl::Status StartInferenceGroup(InferenceGroup* g, int tp_flag, const char* what);
+// Reads the launcher and starts MPI under one. `pp_flag` (0: 1) times `tp_flag` (0: the
+// processes over pp) must equal the number of processes; `what` names the command in that error
+// ("generation"); `max_pp`: the most stages it runs.
+absl::Status StartInferenceGroup(InferenceGroup* g, int tp_flag, int pp_flag, const char* what,
+                                 int max_pp);
 
 // Makes `backend` (cuda ones on GPU local_rank), the group's communicator, and loads this
 // rank's shard of `checkpoint` and the tokenizer it names.

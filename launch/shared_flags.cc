@@ -11,10 +11,11 @@ ABSL_FLAG(std::string, output, "",
           "else an eellm run directory)");
 ABSL_FLAG(int, tp, 0,
           "tensor-parallel size (train: 0 = train.tp; convert: the layout the output is split "
-          "for, 0 = 1; generate, serve: the number of processes, 0 = all of them)");
+          "for, 0 = 1; generate, serve: processes per pipeline stage, 0 = all of them)");
 ABSL_FLAG(int, pp, 0,
           "pipeline-parallel size (train: 0 = train.pp; convert: the layout the output is split "
-          "for, 0 = 1)");
+          "for, 0 = 1; generate, serve: pipeline stages under mpirun, each finishing every token "
+          "while stage 0 starts the next, 0 = 1)");
 ABSL_FLAG(uint64_t, seed, 1234,
           "random seed (generate: sampling; convert add-exits: randomly initialised weights)");
 ABSL_FLAG(std::string, checkpoint, "",

@@ -469,11 +469,12 @@ absl::Status Generator::ValidateAll(const std::vector<GenerationRequest>& reques
   return absl::OkStatus();
 }
 
-absl::StatusOr<int> Generator::Admit(GenerationRequest request) {
+absl::StatusOr<int> Generator::Admit(GenerationRequest request, int slot) {
   RETURN_IF_ERROR(Validate(request));
+  EE_CHECK(slot < max_sequences(), "slot ", slot, " of ", max_sequences());
   for (size_t s = 0; s < seqs_.size(); ++s) {
     Sequence& q = seqs_[s];
-    if (q.busy) continue;
+    if (q.busy || (slot >= 0 && static_cast<int>(s) != slot)) continue;
     q.len = q.pending_start = 0;
     q.busy = true;
     q.prefilled = false;
@@ -485,7 +486,8 @@ absl::StatusOr<int> Generator::Admit(GenerationRequest request) {
     return static_cast<int>(s);
   }
   return absl::ResourceExhaustedError(
-      absl::StrCat("all ", seqs_.size(), " sequence slots are taken"));
+      slot >= 0 ? absl::StrCat("sequence slot ", slot, " is taken")
+                : absl::StrCat("all ", seqs_.size(), " sequence slots are taken"));
 }
 
 GenerationResult Generator::Retire(int slot) {

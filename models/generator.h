@@ -71,14 +71,41 @@ struct GenerationResult {
   double DecodeTokensPerSecond() const;
 };
 
-class Generator {
+// A sequence that has ended, and the slot it held.
+struct FinishedSequence {
+  int slot;
+  GenerationResult result;
+};
+
+// Continuous batching over sequence slots: what a serving loop (launch/generation_service.h)
+// drives. Implemented by Generator and by the leader of a PipelineGenerator.
+class SequenceBatcher {
+ public:
+  virtual ~SequenceBatcher() = default;
+  virtual int capacity() const = 0;       // most tokens (prompt + generated) of one sequence
+  virtual int max_sequences() const = 0;  // slots
+  // Why a request cannot run (naming the bad value), or OK.
+  virtual absl::Status ValidateAll(const std::vector<GenerationRequest>& requests) const = 0;
+  // Starts `request` in a free slot; returns the slot.
+  virtual absl::StatusOr<int> Admit(GenerationRequest request) = 0;
+  // Makes progress on the admitted sequences (on_token(slot, token) per token); returns those
+  // that finished, whose slots are free again.
+  virtual std::vector<FinishedSequence> Advance(
+      const std::function<void(int, int32_t)>& on_token = nullptr) = 0;
+  // Ends the sequence in `slot` now; returns what it generated so far.
+  virtual GenerationResult Retire(int slot) = 0;
+  virtual int active() const = 0;      // admitted sequences not finished
+  virtual int free_slots() const = 0;  // slots Admit can take now
+};
+
+class Generator : public SequenceBatcher {
  public:
   // `capacity`: most tokens (prompt + generated) one sequence may hold; `max_sequences`: most
   // sequences generated together (each gets a KV cache of `capacity` tokens).
   Generator(Model* model, int capacity, int max_sequences = 1);
-  int capacity() const { return capacity_; }
+  int capacity() const override { return capacity_; }
   Model* model() const { return model_; }
-  int max_sequences() const { return static_cast<int>(seqs_.size()); }
+  int max_sequences() const override { return static_cast<int>(seqs_.size()); }
 
   // Generates every request together (at most max_sequences()); on_token(i, token) is called as
   // request i produces a token. Errors name the request and the bad value. (Admit + Advance.)
@@ -93,20 +120,19 @@ class Generator {
   // Why `request` cannot run (naming the bad value), or OK.
   absl::Status Validate(const GenerationRequest& request) const;
   // The first bad request of a batch ("prompt <i>: ..." when there are several), or OK.
-  absl::Status ValidateAll(const std::vector<GenerationRequest>& requests) const;
+  absl::Status ValidateAll(const std::vector<GenerationRequest>& requests) const override;
 
   // ---- continuous batching: sequences join and leave between passes --------------------------
-  // Starts `request` in a free slot (the lowest); the next Advance() prefills it. Returns the
-  // slot.
-  absl::StatusOr<int> Admit(GenerationRequest request);
-  struct Finished {
-    int slot;
-    GenerationResult result;
-  };
+  // Starts `request` in a free slot (the lowest, or `slot`); the next Advance() prefills it.
+  // Returns the slot.
+  absl::StatusOr<int> Admit(GenerationRequest request) override { return Admit(request, -1); }
+  absl::StatusOr<int> Admit(GenerationRequest request, int slot);
+  using Finished = FinishedSequence;
   // One forward pass over every admitted sequence (the prompts of those admitted since the last
   // pass, the newest token of the others), then each samples its next token; returns those that
   // finished, whose slots are free again. on_token(slot, token) is called per token.
-  std::vector<Finished> Advance(const std::function<void(int, int32_t)>& on_token = nullptr);
+  std::vector<Finished> Advance(
+      const std::function<void(int, int32_t)>& on_token = nullptr) override;
   // Advance by parts, for a driver that runs the pass itself (PipelineGenerator): whether `slot`
   // holds a running sequence; the ids its next pass appends (its prompt, then its newest
   // token), and taking them; and taking the head output `r` for its newest token: samples the
@@ -120,9 +146,9 @@ class Generator {
               Finished* finished);
   // Ends the sequence in `slot` now (its request was cancelled, or a tensor-parallel follower
   // mirrors a stop its leader's callback decided); returns what it generated so far.
-  GenerationResult Retire(int slot);
-  int active() const;  // admitted sequences not finished
-  int free_slots() const { return max_sequences() - active(); }
+  GenerationResult Retire(int slot) override;
+  int active() const override;  // admitted sequences not finished
+  int free_slots() const override { return max_sequences() - active(); }
 
   // ---- one pipeline stage (models/pipeline_generator.h) --------------------------------------
   // The model may be one stage of a pipeline: the generator then holds the KV caches of the

@@ -12,6 +12,8 @@
 namespace eellm {
 namespace {
 
+using StageItem = Generator::StageItem;
+
 constexpr int kPassTag = 7101;      // a stage's output, to the next stage
 constexpr int kPlanTag = 7102;      // the leader's pass, to stage 0's tensor-parallel peers
 constexpr int kDecisionTag = 7103;  // heads' decisions, to the leader
@@ -59,50 +61,25 @@ class Reader {
   size_t pos_ = 0;
 };
 
-// Posts sends without blocking and keeps each message until it has gone. A message is its size
-// (int64; 0 means "stop") followed by its bytes.
-class Outbox {
- public:
-  explicit Outbox(Communicator* comm) : comm_(comm) {}
-  ~Outbox() { Flush(); }
-  void Send(int peer, int tag, std::vector<char> bytes) {
-    auto m = std::make_unique<Message>();
-    m->size = static_cast<int64_t>(bytes.size());
-    m->bytes = std::move(bytes);
-    m->head = comm_->ISend(&m->size, sizeof(m->size), peer, tag);
-    if (m->size > 0) m->body = comm_->ISend(m->bytes.data(), m->bytes.size(), peer, tag);
-    sent_.push_back(std::move(m));
-    while (!sent_.empty() && sent_.front()->Gone()) sent_.pop_front();
+// Between two tests of a receive that has not completed: spins at first, then sleeps, longer
+// once idle for a while (a serving pipeline without requests does not keep its cores busy).
+void Backoff(int spins) {
+  if (spins < 64) {
+    std::this_thread::yield();
+  } else {
+    std::this_thread::sleep_for(std::chrono::microseconds(spins < 20000 ? 20 : 1000));
   }
-  void Flush() {
-    for (auto& m : sent_) {
-      m->head->Wait();
-      if (m->body) m->body->Wait();
-    }
-    sent_.clear();
-  }
-
- private:
-  struct Message {
-    int64_t size = 0;
-    std::vector<char> bytes;
-    std::unique_ptr<Request> head, body;
-    bool Gone() { return head->Test() && (!body || body->Test()); }
-  };
-  Communicator* comm_;
-  std::deque<std::unique_ptr<Message>> sent_;
-};
+}
 
 // The next message from `peer`; empty when the peer stops.
 std::vector<char> Receive(Communicator* comm, int peer, int tag) {
   int64_t size = 0;
-  comm->Recv(&size, sizeof(size), peer, tag);
+  std::unique_ptr<Request> head = comm->IRecv(&size, sizeof(size), peer, tag);
+  for (int spins = 0; !head->Test(); ++spins) Backoff(spins);
   std::vector<char> bytes(size);
   if (size > 0) comm->Recv(bytes.data(), bytes.size(), peer, tag);
   return bytes;
 }
-
-using StageItem = Generator::StageItem;
 
 int Rows(const std::vector<StageItem>& items) {
   int rows = 0;
@@ -146,6 +123,40 @@ std::vector<StageItem> DecodeItems(Reader& r) {
 
 }  // namespace
 
+// Posts sends without blocking and keeps each message until it has gone. A message is its size
+// (int64; 0 means "stop") followed by its bytes.
+class Outbox {
+ public:
+  explicit Outbox(Communicator* comm) : comm_(comm) {}
+  ~Outbox() { Flush(); }
+  void Send(int peer, int tag, std::vector<char> bytes) {
+    auto m = std::make_unique<Message>();
+    m->size = static_cast<int64_t>(bytes.size());
+    m->bytes = std::move(bytes);
+    m->head = comm_->ISend(&m->size, sizeof(m->size), peer, tag);
+    if (m->size > 0) m->body = comm_->ISend(m->bytes.data(), m->bytes.size(), peer, tag);
+    sent_.push_back(std::move(m));
+    while (!sent_.empty() && sent_.front()->Gone()) sent_.pop_front();
+  }
+  void Flush() {
+    for (auto& m : sent_) {
+      m->head->Wait();
+      if (m->body) m->body->Wait();
+    }
+    sent_.clear();
+  }
+
+ private:
+  struct Message {
+    int64_t size = 0;
+    std::vector<char> bytes;
+    std::unique_ptr<Request> head, body;
+    bool Gone() { return head->Test() && (!body || body->Test()); }
+  };
+  Communicator* comm_;
+  std::deque<std::unique_ptr<Message>> sent_;
+};
+
 PipelineGenerator::PipelineGenerator(Generator* stage_generator, Communicator* world, int stages,
                                      int tp)
     : gen_(stage_generator), world_(world), stages_(stages), tp_(tp) {
@@ -154,6 +165,8 @@ PipelineGenerator::PipelineGenerator(Generator* stage_generator, Communicator* w
   stage_ = world->rank() / tp;
   tp_rank_ = world->rank() % tp;
 }
+
+PipelineGenerator::~PipelineGenerator() = default;
 
 absl::StatusOr<std::vector<GenerationResult>> PipelineGenerator::GenerateBatch(
     const std::vector<GenerationRequest>& requests,
@@ -164,134 +177,182 @@ absl::StatusOr<std::vector<GenerationResult>> PipelineGenerator::GenerateBatch(
                                                    gen_->max_sequences(), " sequences"));
   }
   RETURN_IF_ERROR(gen_->ValidateAll(requests));
-  if (leader()) return Lead(requests, on_token);
-  Work();
-  return std::vector<GenerationResult>();
+  if (!leader()) {
+    Work();
+    return std::vector<GenerationResult>();
+  }
+  EE_CHECK(active() == 0, "GenerateBatch while sequences run");
+  std::vector<GenerationResult> results(n);
+  std::vector<int> index(gen_->max_sequences(), -1);  // slot -> request
+  for (int i = 0; i < n; ++i) {
+    auto slot = Admit(requests[i]);
+    EE_CHECK(slot.ok(), "admitting a validated request failed: ", slot.status().message());
+    index[*slot] = i;
+  }
+  auto each = [&](int slot, int32_t token) {
+    if (on_token) on_token(index[slot], token);
+  };
+  while (active() > 0) {
+    for (FinishedSequence& f : Advance(each)) results[index[f.slot]] = std::move(f.result);
+  }
+  Stop();
+  return results;
 }
 
-std::vector<GenerationResult> PipelineGenerator::Lead(
-    const std::vector<GenerationRequest>& requests,
-    const std::function<void(int, int32_t)>& on_token) {
-  const int n = static_cast<int>(requests.size());
-  const size_t ch = gen_->model()->config().hidden_size, vocab = gen_->model()->config().vocab_size;
-  gen_->Reset();
-  for (int i = 0; i < n; ++i) {
-    auto slot = gen_->Admit(requests[i]);
-    EE_CHECK(slot.ok() && *slot == i, "slot ", i, " was not free after Reset");
-  }
-  std::vector<GenerationResult> results(n);
-  auto take = [&](int slot, const StepResult& r) {
-    Generator::Finished f;
-    if (gen_->Accept(slot, r, on_token, &f)) results[f.slot] = std::move(f.result);
-  };
-  std::vector<char> in_flight(gen_->max_sequences(), 0);  // a deeper stage decides its token
-  Outbox out(world_);
-  // Decisions from each deeper stage: a posted receive of the next message's size.
-  struct Inbox {
-    int64_t size = 0;
-    std::unique_ptr<Request> request;
-    bool stopped = false;
-  };
-  std::vector<Inbox> inbox(stages_);
+void PipelineGenerator::Start() {
+  if (started_) return;
+  started_ = true;
+  if (outbox_ == nullptr) outbox_ = std::make_unique<Outbox>(world_);
+  in_flight_.assign(gen_->max_sequences(), 0);
+  abandoned_.assign(gen_->max_sequences(), 0);
+  inbox_.clear();
+  inbox_.resize(stages_);
   for (int d = 1; d < stages_; ++d) {
-    inbox[d].request = world_->IRecv(&inbox[d].size, sizeof(int64_t), Rank(d, 0), kDecisionTag);
+    inbox_[d].request = world_->IRecv(&inbox_[d].size, sizeof(int64_t), Rank(d, 0), kDecisionTag);
   }
-  // Takes the decisions that have arrived; with `wait`, waits until one has.
-  auto poll = [&](bool wait) {
-    for (int spins = 0;; ++spins) {
-      bool any = false;
-      for (int d = 1; d < stages_; ++d) {
-        Inbox& box = inbox[d];
-        if (box.stopped || !box.request->Test()) continue;
-        any = true;
-        if (box.size == 0) {
-          box.stopped = true;
-          continue;
-        }
-        std::vector<char> bytes(box.size);
-        world_->Recv(bytes.data(), bytes.size(), Rank(d, 0), kDecisionTag);
-        box.request = world_->IRecv(&box.size, sizeof(int64_t), Rank(d, 0), kDecisionTag);
-        Reader r(bytes);
-        const int k = r.Get<int32_t>();
-        std::vector<std::pair<int, StepResult>> decided(k);
-        for (auto& [seq, s] : decided) {
-          seq = r.Get<int32_t>();
-          s.exit_index = r.Get<int32_t>();
-          s.depth = r.Get<int32_t>();
-          s.temperature = r.Get<float>();
-        }
-        for (auto& [seq, s] : decided) {
-          const float* logits = r.Array<float>(vocab);
-          s.logits.assign(logits, logits + vocab);
-          in_flight[seq] = 0;
-          take(seq, s);
-        }
+}
+
+absl::StatusOr<int> PipelineGenerator::Admit(GenerationRequest request) {
+  EE_CHECK(leader(), "Admit on a rank that does not lead the pipeline");
+  Start();
+  for (int s = 0; s < gen_->max_sequences(); ++s) {
+    if (!gen_->busy(s) && !in_flight_[s]) return gen_->Admit(std::move(request), s);
+  }
+  return absl::ResourceExhaustedError(
+      absl::StrCat("all ", gen_->max_sequences(), " sequence slots are taken"));
+}
+
+int PipelineGenerator::free_slots() const {
+  int n = 0;
+  for (int s = 0; s < gen_->max_sequences(); ++s) {
+    n += !gen_->busy(s) && (!started_ || !in_flight_[s]);
+  }
+  return n;
+}
+
+GenerationResult PipelineGenerator::Retire(int slot) {
+  if (started_ && in_flight_[slot]) abandoned_[slot] = 1;
+  return gen_->Retire(slot);
+}
+
+void PipelineGenerator::Take(int slot, const StepResult& r,
+                             const std::function<void(int, int32_t)>& on_token,
+                             std::vector<FinishedSequence>* finished) {
+  in_flight_[slot] = 0;
+  if (abandoned_[slot]) {  // retired meanwhile
+    abandoned_[slot] = 0;
+    return;
+  }
+  FinishedSequence f;
+  if (gen_->Accept(slot, r, on_token, &f)) finished->push_back(std::move(f));
+}
+
+void PipelineGenerator::Poll(bool wait, const std::function<void(int, int32_t)>& on_token,
+                             std::vector<FinishedSequence>* finished) {
+  const size_t vocab = gen_->model()->config().vocab_size;
+  for (int spins = 0;; ++spins) {
+    bool any = false;
+    for (int d = 1; d < stages_; ++d) {
+      Inbox& box = inbox_[d];
+      if (box.stopped) continue;
+      if (!box.request->Test()) continue;
+      any = true;
+      if (box.size == 0) {
+        box.stopped = true;
+        continue;
       }
-      if (any || !wait) return;
-      if (spins < 64) {
-        std::this_thread::yield();
-      } else {
-        std::this_thread::sleep_for(std::chrono::microseconds(20));
+      std::vector<char> bytes(box.size);
+      world_->Recv(bytes.data(), bytes.size(), Rank(d, 0), kDecisionTag);
+      box.request = world_->IRecv(&box.size, sizeof(int64_t), Rank(d, 0), kDecisionTag);
+      Reader r(bytes);
+      const int k = r.Get<int32_t>();
+      std::vector<std::pair<int, StepResult>> decided(k);
+      for (auto& [seq, s] : decided) {
+        seq = r.Get<int32_t>();
+        s.exit_index = r.Get<int32_t>();
+        s.depth = r.Get<int32_t>();
+        s.temperature = r.Get<float>();
+      }
+      for (auto& [seq, s] : decided) {
+        const float* logits = r.Array<float>(vocab);
+        s.logits.assign(logits, logits + vocab);
+        Take(seq, s, on_token, finished);
       }
     }
-  };
-  while (gen_->active() > 0) {
-    poll(/*wait=*/false);
-    // A pass of every sequence whose next tokens are known, within the row budget.
-    std::vector<StageItem> items;
-    std::vector<int32_t> ids;
-    for (int s = 0; s < gen_->max_sequences(); ++s) {
-      if (!gen_->busy(s) || in_flight[s]) continue;
-      if (static_cast<int>(ids.size()) + gen_->next_length(s) > gen_->row_budget()) continue;
-      StageItem it;
-      it.seq = s;
-      it.start = gen_->length(s);
-      it.early_exit = gen_->early_exit(s);
-      const std::vector<int32_t> next = gen_->TakeNext(s);
-      it.n = static_cast<int>(next.size());
-      ids.insert(ids.end(), next.begin(), next.end());
-      items.push_back(std::move(it));
-    }
-    if (items.empty()) {
-      EE_CHECK(stages_ > 1, "no sequence can run a pass");
-      poll(/*wait=*/true);
-      continue;
-    }
-    for (int peer = 1; peer < tp_; ++peer) {
-      auto [w, body] = EncodePass<int32_t>(items, 1);
-      std::copy(ids.begin(), ids.end(), body);
-      out.Send(Rank(0, peer), kPlanTag, w.Take());
-    }
-    const std::vector<StepResult> r = gen_->StagePass(items, ids.data(), nullptr);
-    ++stats_.passes;
-    stats_.rows += ids.size();
-    for (size_t k = 0; k < items.size(); ++k) items[k].live = r[k].logits.empty();
-    if (stages_ > 1) {
-      auto [w, body] = EncodePass<float>(items, ch);
-      gen_->model()->backend()->CopyToHost(body, gen_->stage_output(),
-                                           ids.size() * ch * sizeof(float));
-      out.Send(Rank(1, 0), kPassTag, w.Take());
-    }
-    for (size_t k = 0; k < items.size(); ++k) {
-      if (items[k].live) {
-        in_flight[items[k].seq] = 1;
-      } else {
-        ++stats_.decided_here;
-        take(items[k].seq, r[k]);
-      }
+    if (any || !wait) return;
+    Backoff(spins);
+  }
+}
+
+std::vector<FinishedSequence> PipelineGenerator::Advance(
+    const std::function<void(int, int32_t)>& on_token) {
+  EE_CHECK(leader(), "Advance on a rank that does not lead the pipeline");
+  Start();
+  std::vector<FinishedSequence> finished;
+  Poll(/*wait=*/false, on_token, &finished);
+  const size_t ch = gen_->model()->config().hidden_size;
+  // A pass of every sequence whose next tokens are known, within the row budget.
+  std::vector<StageItem> items;
+  std::vector<int32_t> ids;
+  for (int s = 0; s < gen_->max_sequences(); ++s) {
+    if (!gen_->busy(s) || in_flight_[s]) continue;
+    if (static_cast<int>(ids.size()) + gen_->next_length(s) > gen_->row_budget()) continue;
+    StageItem it;
+    it.seq = s;
+    it.start = gen_->length(s);
+    it.early_exit = gen_->early_exit(s);
+    const std::vector<int32_t> next = gen_->TakeNext(s);
+    it.n = static_cast<int>(next.size());
+    ids.insert(ids.end(), next.begin(), next.end());
+    items.push_back(std::move(it));
+  }
+  if (items.empty()) {
+    bool waiting = false;
+    for (char f : in_flight_) waiting |= f != 0;
+    if (waiting) Poll(/*wait=*/true, on_token, &finished);
+    return finished;
+  }
+  for (int peer = 1; peer < tp_; ++peer) {
+    auto [w, body] = EncodePass<int32_t>(items, 1);
+    std::copy(ids.begin(), ids.end(), body);
+    outbox_->Send(Rank(0, peer), kPlanTag, w.Take());
+  }
+  const std::vector<StepResult> r = gen_->StagePass(items, ids.data(), nullptr);
+  ++stats_.passes;
+  stats_.rows += ids.size();
+  for (size_t k = 0; k < items.size(); ++k) items[k].live = r[k].logits.empty();
+  if (stages_ > 1) {
+    auto [w, body] = EncodePass<float>(items, ch);
+    gen_->model()->backend()->CopyToHost(body, gen_->stage_output(),
+                                         ids.size() * ch * sizeof(float));
+    outbox_->Send(Rank(1, 0), kPassTag, w.Take());
+  }
+  for (size_t k = 0; k < items.size(); ++k) {
+    in_flight_[items[k].seq] = 1;
+    if (!items[k].live) {
+      ++stats_.decided_here;
+      Take(items[k].seq, r[k], on_token, &finished);
     }
   }
+  return finished;
+}
+
+void PipelineGenerator::Stop() {
+  EE_CHECK(leader(), "Stop on a rank that does not lead the pipeline");
+  Start();
   // Stop stage 0's peers and the next stage; each deeper stage answers with an empty message
-  // once every pass before it is done.
-  for (int peer = 1; peer < tp_; ++peer) out.Send(Rank(0, peer), kPlanTag, {});
-  if (stages_ > 1) out.Send(Rank(1, 0), kPassTag, {});
+  // once every pass before it is done. Decisions still on their way are dropped (their
+  // sequences were retired).
+  for (int peer = 1; peer < tp_; ++peer) outbox_->Send(Rank(0, peer), kPlanTag, {});
+  if (stages_ > 1) outbox_->Send(Rank(1, 0), kPassTag, {});
+  std::vector<FinishedSequence> unused;
   for (bool all = false; !all;) {
     all = true;
-    for (int d = 1; d < stages_; ++d) all &= inbox[d].stopped;
-    if (!all) poll(/*wait=*/true);
+    for (int d = 1; d < stages_; ++d) all &= inbox_[d].stopped;
+    if (!all) Poll(/*wait=*/true, nullptr, &unused);
   }
-  out.Flush();
-  return results;
+  outbox_->Flush();
+  started_ = false;
 }
 
 void PipelineGenerator::Work() {

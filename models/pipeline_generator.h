@@ -20,6 +20,7 @@
 #pragma once
 
 #include <functional>
+#include <memory>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -28,11 +29,14 @@
 
 namespace eellm {
 
-class PipelineGenerator {
+class Outbox;  // pending non-blocking sends (pipeline_generator.cc)
+
+class PipelineGenerator : public SequenceBatcher {
  public:
   // `stage_generator`: over this rank's stage; `world`: a host communicator over the
   // stages * tp ranks of the pipeline, ranked as above.
   PipelineGenerator(Generator* stage_generator, Communicator* world, int stages, int tp);
+  ~PipelineGenerator() override;
 
   // Every rank calls it with the same requests. The leader returns the results (and calls
   // on_token(i, token) as request i produces a token); the other ranks return an empty vector
@@ -44,6 +48,29 @@ class PipelineGenerator {
   bool leader() const { return stage_ == 0 && tp_rank_ == 0; }
   int stage() const { return stage_; }
 
+  // ---- the leader: continuous batching (a GenerationService can drive it) -------------------
+  int capacity() const override { return gen_->capacity(); }
+  int max_sequences() const override { return gen_->max_sequences(); }
+  absl::Status ValidateAll(const std::vector<GenerationRequest>& requests) const override {
+    return gen_->ValidateAll(requests);
+  }
+  absl::StatusOr<int> Admit(GenerationRequest request) override;
+  // Takes the decisions that have arrived, then runs a pass of stage 0 over every sequence whose
+  // next tokens are known; when there is none, waits for a decision instead.
+  std::vector<FinishedSequence> Advance(
+      const std::function<void(int, int32_t)>& on_token = nullptr) override;
+  // A sequence whose token a deeper stage is still deciding keeps its slot until the decision
+  // arrives (and is dropped).
+  GenerationResult Retire(int slot) override;
+  int active() const override { return gen_->active(); }
+  int free_slots() const override;
+  // Ends the other ranks' Work() once every pass sent is done. Admit starts them again.
+  void Stop();
+
+  // ---- every other rank ----------------------------------------------------------------------
+  // Runs this stage's passes as they arrive until the leader stops.
+  void Work();
+
   struct Stats {
     int64_t passes = 0;        // passes this rank's stage ran
     int64_t rows = 0;          // token rows they carried
@@ -53,14 +80,28 @@ class PipelineGenerator {
 
  private:
   int Rank(int stage, int tp_rank) const { return stage * tp_ + tp_rank; }
-  std::vector<GenerationResult> Lead(const std::vector<GenerationRequest>& requests,
-                                     const std::function<void(int, int32_t)>& on_token);
-  void Work();
+  void Start();  // the leader: posts the receives of the deeper stages' decisions
+  // The leader: takes the decisions that have arrived; with `wait`, waits until one has.
+  void Poll(bool wait, const std::function<void(int, int32_t)>& on_token,
+            std::vector<FinishedSequence>* finished);
+  void Take(int slot, const StepResult& r, const std::function<void(int, int32_t)>& on_token,
+            std::vector<FinishedSequence>* finished);
 
   Generator* gen_;
   Communicator* world_;
   int stages_, tp_, stage_, tp_rank_;
   Stats stats_;
+  // The leader's state.
+  struct Inbox {  // decisions from a deeper stage: a posted receive of the next message's size
+    int64_t size = 0;
+    std::unique_ptr<Request> request;
+    bool stopped = false;
+  };
+  bool started_ = false;
+  std::vector<Inbox> inbox_;     // [stages]; 1.. used
+  std::vector<char> in_flight_;  // per slot: a deeper stage decides its newest token
+  std::vector<char> abandoned_;  // per slot: retired while in flight
+  std::unique_ptr<Outbox> outbox_;
 };
 
 }  // namespace eellm

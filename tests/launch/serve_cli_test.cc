@@ -75,16 +75,21 @@ TEST_F(CliTest, ServeAnswersAndStopsOnSigterm) {
 }
 
 // `eellm generate` under mpirun: two processes generate as one tensor-parallel group from a
-// tp 2 checkpoint. The text, exits and depths are the single process's (the tiny model's logits
-// are far from ties); only rank 0 prints; a --tp other than the process count is refused.
-TEST_F(ParallelCliTest, GenerateUnderTensorParallelism) {
+// tp 2 checkpoint, and as a pipeline of two stages (--pp 2: the exit on stage 0, the final head
+// on stage 1). The text, exits and depths are the single process's (the tiny model's logits are
+// far from ties); only rank 0 prints; a layout other than the process count is refused.
+TEST_F(ParallelCliTest, GenerateUnderTensorAndPipelineParallelism) {
   ASSERT_TRUE(TrainTinyModelTp2());
   const std::string gen = "generate --checkpoint=" + Quote(Path("run")) +
                           " --max-new-tokens=24 --threshold=0.3 --prompt=ab";
   CmdResult one = RunEellm(gen);
   CmdResult two = RunEellm(gen, Mpirun(2));
+  CmdResult pp2 = RunEellm(gen + " --pp=2", Mpirun(2));
   ASSERT_EQ(one.exit_code, 0) << Describe(gen, one);
   ASSERT_EQ(two.exit_code, 0) << Describe(gen, two);
+  ASSERT_EQ(pp2.exit_code, 0) << Describe(gen + " --pp=2", pp2);
+  EXPECT_NE(pp2.output.find("pipeline of 2 stages x tensor parallelism 1"), std::string::npos)
+      << pp2.output;
   // The generated text, the exit histogram and the average layers (not the timings).
   auto text_and_histogram = [](const std::string& out) {
     std::string kept;
@@ -104,29 +109,45 @@ TEST_F(ParallelCliTest, GenerateUnderTensorParallelism) {
       << "one process:\n"
       << one.output << "\ntwo processes:\n"
       << two.output;
-  size_t headers = 0;
-  for (size_t at = 0; (at = two.output.find("--- early exit", at)) != std::string::npos; ++at) {
-    ++headers;
+  EXPECT_EQ(text_and_histogram(pp2.output), text_and_histogram(one.output))
+      << "one process:\n"
+      << one.output << "\ntwo stages:\n"
+      << pp2.output;
+  for (const CmdResult* r : {&two, &pp2}) {
+    size_t headers = 0;
+    for (size_t at = 0; (at = r->output.find("--- early exit", at)) != std::string::npos; ++at) {
+      ++headers;
+    }
+    EXPECT_EQ(headers, 1u) << "only rank 0 prints\n" << r->output;
   }
-  EXPECT_EQ(headers, 1u) << "only rank 0 prints\n" << two.output;
   CmdResult bad = RunEellm(gen + " --tp=4", Mpirun(2));
   EXPECT_NE(bad.exit_code, 0);
-  EXPECT_NE(bad.output.find("--tp 4 must equal the number of processes (2)"), std::string::npos)
+  EXPECT_NE(bad.output.find("--tp 4 x --pp 1 must equal the number of processes (2)"),
+            std::string::npos)
+      << bad.output;
+  bad = RunEellm(gen + " --pp=4", Mpirun(2));
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.output.find("--tp 1 x --pp 4 must equal the number of processes (2)"),
+            std::string::npos)
       << bad.output;
 }
 
 // `eellm serve` under mpirun: two processes serve as one tensor-parallel group. Rank 0 answers
 // what a single-process server answers (text, exit depths, finish reasons; a stop string ends
 // one prompt on the leader, whose follower then retires it), and SIGTERM to rank 0 stops the
-// whole group after the request in flight.
-TEST_F(ParallelCliTest, ServeUnderTensorParallelism) {
+// whole group after the request in flight. The same from a pipeline of two stages (--pp 2).
+TEST_F(ParallelCliTest, ServeUnderTensorAndPipelineParallelism) {
   ASSERT_TRUE(TrainTinyModelTp2());
   const std::string args = "--checkpoint=" + Quote(Path("run")) + " --max-batch=4";
   Server one = StartServer(args, "", "one");
   Server two = StartServer(args, Mpirun(2), "two");
+  Server stages = StartServer(args + " --pp=2", Mpirun(2), "stages");
   ASSERT_GT(one.port, 0) << one.output;
   ASSERT_GT(two.port, 0) << two.output;
+  ASSERT_GT(stages.port, 0) << stages.output;
   EXPECT_NE(two.output.find("tensor parallelism 2"), std::string::npos) << two.output;
+  EXPECT_NE(stages.output.find("tensor parallelism 1 x 2 pipeline stages"), std::string::npos)
+      << stages.output;
   // The stop string: a printable character the second prompt generates (the tiny model's bytes
   // are near random), so that one sequence stops on it and the others run on.
   const std::string probe = R"({"prompts": ["ab", "the", "x"], "tokens_to_generate": 12,
@@ -144,11 +165,15 @@ TEST_F(ParallelCliTest, ServeUnderTensorParallelism) {
       "temperature": 0.7, "random_seed": 5, "early_exit_thres": 0.3, "stop_sequences": [")" +
                            stop + R"("]})";
   const std::string a = Put(one.port, body), b = Put(two.port, body);
+  const std::string c = Put(stages.port, body);
   EXPECT_TRUE(StopProcess(one.pid, one.pid));
   EXPECT_TRUE(StopProcess(two.rank0, two.pid)) << "the group did not stop\n"
                                                << ReadText(Path("two.out"));
+  EXPECT_TRUE(StopProcess(stages.rank0, stages.pid)) << "the pipeline did not stop\n"
+                                                     << ReadText(Path("stages.out"));
   ASSERT_FALSE(a.empty());
   EXPECT_EQ(b, a) << "one process:\n" << a << "\ntwo processes:\n" << b;
+  EXPECT_EQ(c, a) << "one process:\n" << a << "\ntwo stages:\n" << c;
   EXPECT_NE(a.find("\"stop\""), std::string::npos) << "no prompt met the stop string\n" << a;
   EXPECT_NE(ReadText(Path("two.out")).find("served 1 requests, 3 sequences"), std::string::npos)
       << ReadText(Path("two.out"));

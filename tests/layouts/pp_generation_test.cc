@@ -9,11 +9,14 @@
 // input), and include a block exit with its own KV cache.
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdio>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "launch/generation_service.h"
 #include "launch/model_loader.h"
 #include "models/generator.h"
 #include "models/pipeline_generator.h"
@@ -143,6 +146,99 @@ TEST_P(PpGeneration, EveryLayoutGeneratesWhatTheWholeModelGenerates) {
   EXPECT_GE(layouts, 1);
   messages->Barrier();
   if (rank == 0) std::remove(file.c_str());
+}
+
+// Serving on a pipeline: rank 0 runs a GenerationService over the PipelineGenerator's leader,
+// the other ranks Work(). Two slots for four sequences per request (slots are reused while the
+// previous sequence's last rows are still in deeper stages), stop rules the leader evaluates,
+// two clients at once, and a request cancelled after its third token (a sequence retired while
+// a deeper stage decides its token keeps its slot until the decision arrives); the answers equal
+// a single-process service's. The deepest pipeline the world allows (tp 2 where pp alone would
+// not divide the layers).
+TEST(PpServing, TheLeaderServesWhatOneProcessServes) {
+  auto messages = MpiCommunicator::World(nullptr);
+  const int world = messages->size(), rank = messages->rank();
+  const PpCase p{"serving", ModelStyle::kLlama, false, "cpu"};
+  const ModelConfig c = PpGenerationConfig(p);
+  int pp = world;
+  while (c.num_layers % pp != 0) pp /= 2;
+  const int tp = world / pp;
+  ASSERT_TRUE(SplitsOverTp(c, tp));
+  auto be = std::move(*MakeBackend("cpu"));
+  auto device_world = MpiCommunicator::World(be.get());
+  int pid = getpid();
+  messages->Broadcast(&pid, sizeof(pid), 0);
+  const std::string file = "/tmp/eellm_pp_serving_" + std::to_string(pid) + ".h5";
+  if (rank == 0) {
+    auto whole = *Model::Create(c, be.get());
+    testing::FillParams(*whole, 17, 0.5f);
+    CheckpointMeta meta;
+    meta.config_json = c.ToJson();
+    ASSERT_TRUE(SaveCheckpoint(file, whole->params(), meta).ok());
+  }
+  messages->Barrier();
+  const int stage = rank / tp;
+  std::vector<int> group;
+  for (int t = 0; t < tp; ++t) group.push_back(stage * tp + t);
+  std::unique_ptr<Communicator> tp_comm = device_world->Subgroup(group);
+  auto part = LoadModelFromCheckpoint(
+      file, be.get(), false, TpSpec{tp_comm->rank(), tp, tp_comm.get()}, StageSpec{stage, pp});
+  ASSERT_TRUE(part.ok()) << part.status();
+  Generator stage_gen(part->model.get(), 32, 2);
+  PipelineGenerator pipeline(&stage_gen, messages.get(), pp, tp);
+  if (!pipeline.leader()) {
+    pipeline.Work();
+    messages->Barrier();
+    return;
+  }
+  std::vector<GenerationRequest> reqs = testing::MixedRequests(c);
+  reqs[1].stop = [](const std::vector<int32_t>& t) { return t.size() == 3; };
+  reqs[2].stop = [](const std::vector<int32_t>& t) { return t.size() == 1; };
+  std::vector<GenerationResult> want;
+  {
+    auto whole = LoadModelFromCheckpoint(file, be.get());
+    ASSERT_TRUE(whole.ok()) << whole.status();
+    Generator g(whole->model.get(), 32, 2);
+    GenerationService alone(&g);
+    want = *alone.Generate(reqs);
+  }
+  std::remove(file.c_str());
+  GenerationService service(&pipeline, nullptr, /*own_thread=*/false);
+  std::vector<std::vector<GenerationResult>> got(4);
+  int cancelled_count = 0;
+  std::thread clients([&] {
+    got[0] = *service.Generate(reqs);
+    std::thread other([&] { got[1] = *service.Generate(reqs); });
+    got[2] = *service.Generate(reqs);
+    other.join();
+    std::atomic<bool> cancel{false};
+    std::atomic<int> tokens{0};
+    auto cancelled = *service.Generate(
+        reqs, [&](int, int32_t) { cancel = ++tokens >= 3; }, &cancel);
+    for (const GenerationResult& g : cancelled) {
+      cancelled_count += g.finish == FinishReason::kCancelled;
+    }
+    got[3] = *service.Generate(reqs);
+    service.Shutdown();
+  });
+  service.Run();
+  pipeline.Stop();
+  clients.join();
+  messages->Barrier();
+  const std::string names[] = {"first request", "concurrent request a", "concurrent request b",
+                               "request after the cancelled one"};
+  for (int k = 0; k < 4; ++k) {
+    ASSERT_EQ(got[k].size(), want.size()) << names[k];
+    for (size_t i = 0; i < want.size(); ++i) {
+      SCOPED_TRACE(::testing::Message()
+                   << names[k] << ", sequence " << i << ", pp " << pp << " x tp " << tp);
+      EXPECT_EQ(got[k][i].tokens, want[i].tokens);
+      EXPECT_EQ(got[k][i].exit_index, want[i].exit_index);
+      EXPECT_EQ(got[k][i].finish, want[i].finish);
+    }
+  }
+  EXPECT_GE(cancelled_count, 3);
+  EXPECT_EQ(service.generator().free_slots(), 2) << "a slot was lost";
 }
 
 INSTANTIATE_TEST_SUITE_P(
