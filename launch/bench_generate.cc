@@ -1,10 +1,14 @@
 #include "launch/bench_generate.h"
 
+#include <algorithm>
 #include <cstdio>
+#include <memory>
 
 #include "absl/strings/str_cat.h"
+#include "engine/core/status.h"
 #include "engine/core/timer.h"
 #include "models/generator.h"
+#include "models/pipeline_generator.h"
 
 namespace eellm {
 namespace {
@@ -31,11 +35,7 @@ void Add(Run& run, const GenerationResult& g) {
   run.outputs.push_back(g.tokens);
 }
 
-}  // namespace
-
-absl::Status RunGenerateBenchmark(Model* model, const Tokenizer& tok,
-                                  const GenerateBenchOptions& o) {
-  const ModelConfig& c = model->config();
+std::vector<GenerationRequest> MakeRequests(const Tokenizer& tok, const GenerateBenchOptions& o) {
   std::vector<GenerationRequest> reqs(o.batch);
   for (int i = 0; i < o.batch; ++i) {
     const char* text = kPrompts[i % (sizeof(kPrompts) / sizeof(kPrompts[0]))];
@@ -45,10 +45,11 @@ absl::Status RunGenerateBenchmark(Model* model, const Tokenizer& tok,
     reqs[i].sampling.temperature = o.temperature;
     reqs[i].sampling.seed = o.seed + i;
   }
-  Generator batched(model, c.max_seq_len, o.batch), single(model, c.max_seq_len, 1);
-  for (const GenerationRequest& r : reqs) {
-    RETURN_IF_ERROR(batched.Validate(r));
-  }
+  return reqs;
+}
+
+void PrintSetup(const ModelConfig& c, const std::vector<GenerationRequest>& reqs,
+                const GenerateBenchOptions& o) {
   std::printf(
       "generation: %d sequences x %d new tokens, prompts of %zu-%zu tokens, %s; model: %d layers, "
       "hidden %d, exits at layers",
@@ -56,12 +57,32 @@ absl::Status RunGenerateBenchmark(Model* model, const Tokenizer& tok,
       o.temperature > 0 ? absl::StrCat("temperature ", o.temperature).c_str() : "greedy",
       c.num_layers, c.hidden_size);
   for (const ExitConfig& x : c.exits) std::printf(" %d", x.layer);
-  std::printf("\n\n%-9s | %-24s | %-24s | %-7s | %-8s | %-6s | %s\n", "threshold",
+  std::printf("\n");
+}
+
+// Shortened requests, run first so that caches, thread pools and buffers are warm.
+std::vector<GenerationRequest> WarmUp(std::vector<GenerationRequest> reqs,
+                                      const GenerateBenchOptions& o) {
+  for (auto& r : reqs) r.max_new_tokens = std::min(4, o.new_tokens);
+  return reqs;
+}
+
+}  // namespace
+
+absl::Status RunGenerateBenchmark(Model* model, const Tokenizer& tok,
+                                  const GenerateBenchOptions& o) {
+  const ModelConfig& c = model->config();
+  std::vector<GenerationRequest> reqs = MakeRequests(tok, o);
+  Generator batched(model, c.max_seq_len, o.batch), single(model, c.max_seq_len, 1);
+  for (const GenerationRequest& r : reqs) {
+    RETURN_IF_ERROR(batched.Validate(r));
+  }
+  PrintSetup(c, reqs, o);
+  std::printf("\n%-9s | %-24s | %-24s | %-7s | %-8s | %-6s | %s\n", "threshold",
               "one at a time tokens/s", "batched tokens/s", "ratio", "avg layers", "early",
               "same tokens");
-  {  // warm-up: caches, thread pools, first-touch of the generators' buffers
-    std::vector<GenerationRequest> w = reqs;
-    for (auto& r : w) r.max_new_tokens = std::min(4, o.new_tokens);
+  {
+    const std::vector<GenerationRequest> w = WarmUp(reqs, o);
     auto unused = batched.GenerateBatch(w);
     RETURN_IF_ERROR(unused.status());
     RETURN_IF_ERROR(single.GenerateBatch({w[0]}).status());
@@ -92,6 +113,58 @@ absl::Status RunGenerateBenchmark(Model* model, const Tokenizer& tok,
       "\ntokens/s count every generated token over the wall time of prefill and decode; \"same "
       "tokens\": sequences whose batched tokens equal their one-at-a-time tokens (floating-point "
       "rounding of batched GEMMs may differ on some backends)\n");
+  return absl::OkStatus();
+}
+
+absl::Status RunPipelineGenerateBenchmark(Model* whole, PipelineGenerator* pipeline,
+                                          const Tokenizer& tok, const GenerateBenchOptions& o) {
+  const ModelConfig& c = pipeline->generator().model()->config();
+  std::vector<GenerationRequest> reqs = MakeRequests(tok, o);
+  const bool leader = pipeline->leader();
+  std::unique_ptr<Generator> one;
+  if (leader) {
+    EE_CHECK(whole != nullptr, "the pipeline's leader needs the whole model");
+    one = std::make_unique<Generator>(whole, c.max_seq_len, o.batch);
+    PrintSetup(c, reqs, o);
+    std::printf("pipeline: %d stages x tensor parallelism %d, one process per stage shard\n",
+                pipeline->stages(), pipeline->tp());
+    std::printf("\n%-9s | %-24s | %-24s | %-7s | %-8s | %-6s | %s\n", "threshold",
+                "one process tokens/s", "pipeline tokens/s", "ratio", "avg layers", "early",
+                "same tokens");
+  }
+  {
+    const std::vector<GenerationRequest> w = WarmUp(reqs, o);
+    if (leader) RETURN_IF_ERROR(one->GenerateBatch(w).status());
+    RETURN_IF_ERROR(pipeline->GenerateBatch(w).status());
+  }
+  for (float th : o.thresholds) {
+    for (auto& r : reqs) r.early_exit.threshold = th;
+    Run alone, piped;
+    Timer t;
+    if (leader) {  // the other ranks wait for the pipeline meanwhile
+      auto g = one->GenerateBatch(reqs);
+      RETURN_IF_ERROR(g.status());
+      alone.seconds = t.Seconds();
+      for (const GenerationResult& r : *g) Add(alone, r);
+    }
+    t.Reset();
+    auto g = pipeline->GenerateBatch(reqs);
+    RETURN_IF_ERROR(g.status());
+    piped.seconds = t.Seconds();
+    if (!leader) continue;
+    for (const GenerationResult& r : *g) Add(piped, r);
+    int same = 0;
+    for (int i = 0; i < o.batch; ++i) same += alone.outputs[i] == piped.outputs[i];
+    const double one_tps = alone.tokens / alone.seconds, pp_tps = piped.tokens / piped.seconds;
+    std::printf("%-9.2f | %24.1f | %24.1f | %6.2fx | %10.2f | %5.1f%% | %d of %d\n", th, one_tps,
+                pp_tps, pp_tps / one_tps, piped.layers / piped.tokens,
+                100.0 * piped.early / piped.tokens, same, o.batch);
+  }
+  if (leader) {
+    std::printf(
+        "\nboth generate the whole batch together (the one process with the whole model, on rank "
+        "0); tokens/s count every generated token over the wall time of prefill and decode\n");
+  }
   return absl::OkStatus();
 }
 

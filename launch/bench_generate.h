@@ -1,13 +1,15 @@
 // The generation benchmark behind `eellm bench generate`: decode throughput of batched early-exit
 // generation (one forward pass for every sequence) against the same prompts generated one at a
 // time, in the same process, at several exit thresholds; with the average layers run, the share
-// of tokens that exited early, and whether batching changed any sequence's tokens.
+// of tokens that exited early, and whether batching changed any sequence's tokens. Under mpirun,
+// a pipeline's batched generation against one process's.
 #pragma once
 
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "models/pipeline_generator.h"
 #include "models/tokenizer.h"
 #include "models/transformer.h"
 
@@ -24,5 +26,11 @@ struct GenerateBenchOptions {
 // Prints one table row per threshold. Prompts: a fixed set of short English phrases, cycled.
 absl::Status RunGenerateBenchmark(Model* model, const Tokenizer& tok,
                                   const GenerateBenchOptions& o);
+
+// Under mpirun (--pp, --tp): every rank calls it with its stage's pipeline; the leader (rank 0)
+// also holds the whole model `whole` (null elsewhere) and generates the same batch with it in
+// one process, then the pipeline does; it prints a row per threshold.
+absl::Status RunPipelineGenerateBenchmark(Model* whole, PipelineGenerator* pipeline,
+                                          const Tokenizer& tok, const GenerateBenchOptions& o);
 
 }  // namespace eellm

@@ -23,6 +23,8 @@
 #include "launch/commands.h"
 #include "launch/inference_group.h"
 #include "launch/shared_flags.h"
+#include "models/generator.h"
+#include "models/pipeline_generator.h"
 #include "models/transformer.h"
 #include "nlohmann/json.hpp"
 
@@ -216,14 +218,38 @@ int BenchGenerate() {
   if (absl::GetFlag(FLAGS_checkpoint).empty()) {
     return fail(absl::InvalidArgumentError("--checkpoint is required (e.g. runs/kjv_demo)"));
   }
-  InferenceGroup one;  // a single process
-  if (absl::Status s =
-          LoadInferenceModel(&one, absl::GetFlag(FLAGS_checkpoint), absl::GetFlag(FLAGS_backend));
+  // Under mpirun: a pipeline (of tensor-parallel groups) against one process; rank 0 prints.
+  InferenceGroup group;
+  if (absl::Status s = StartInferenceGroup(&group, absl::GetFlag(FLAGS_tp), absl::GetFlag(FLAGS_pp),
+                                           "the benchmark", 1 << 20);
       !s.ok()) {
-    return fail(s);
+    return group.Fail(s);
   }
-  absl::Status s = RunGenerateBenchmark(one.loaded.model.get(), *one.tokenizer, o);
-  return s.ok() ? 0 : fail(s);
+  if (absl::Status s =
+          LoadInferenceModel(&group, absl::GetFlag(FLAGS_checkpoint), absl::GetFlag(FLAGS_backend));
+      !s.ok()) {
+    return group.Fail(s);
+  }
+  if (!group.multi) {
+    absl::Status s = RunGenerateBenchmark(group.loaded.model.get(), *group.tokenizer, o);
+    return s.ok() ? 0 : fail(s);
+  }
+  InferenceGroup whole;  // rank 0: the whole model, in this process alone
+  if (group.launch.rank == 0) {
+    if (absl::Status s = LoadInferenceModel(&whole, absl::GetFlag(FLAGS_checkpoint),
+                                            absl::GetFlag(FLAGS_backend));
+        !s.ok()) {
+      return group.Fail(s);
+    }
+  } else if (std::freopen("/dev/null", "w", stdout) == nullptr) {
+    return group.Fail(absl::InternalError("cannot silence stdout"));
+  }
+  Model& stage = *group.loaded.model;
+  Generator stage_generator(&stage, stage.config().max_seq_len, o.batch);
+  PipelineGenerator pipeline(&stage_generator, group.messages.get(), group.pp, group.tp);
+  absl::Status s =
+      RunPipelineGenerateBenchmark(whole.loaded.model.get(), &pipeline, *group.tokenizer, o);
+  return s.ok() ? 0 : group.Fail(s);
 }
 
 }  // namespace

@@ -60,8 +60,9 @@ const Command kCommands[] = {
      RunLogitsCommand},
     {"bench",
      "cmd_bench.cc",
-     {"checkpoint", "backend", "seed", "steps", "temperature"},
-     "benchmarks: train (step speed, MFU), generate (batched vs one at a time), checkpoint",
+     {"checkpoint", "backend", "seed", "steps", "temperature", "tp", "pp"},
+     "benchmarks: train (step speed, MFU), generate (batched vs one at a time; under mpirun a "
+     "pipeline vs one process), checkpoint",
      RunBenchCommand},
 };
 

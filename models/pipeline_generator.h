@@ -47,6 +47,9 @@ class PipelineGenerator : public SequenceBatcher {
 
   bool leader() const { return stage_ == 0 && tp_rank_ == 0; }
   int stage() const { return stage_; }
+  int stages() const { return stages_; }
+  int tp() const { return tp_; }
+  const Generator& generator() const { return *gen_; }
 
   // ---- the leader: continuous batching (a GenerationService can drive it) -------------------
   int capacity() const override { return gen_->capacity(); }
@@ -101,6 +104,7 @@ class PipelineGenerator : public SequenceBatcher {
   std::vector<Inbox> inbox_;     // [stages]; 1.. used
   std::vector<char> in_flight_;  // per slot: a deeper stage decides its newest token
   std::vector<char> abandoned_;  // per slot: retired while in flight
+  int next_slot_ = 0;            // where the next pass starts looking for sequences
   std::unique_ptr<Outbox> outbox_;
 };
 
