@@ -20,8 +20,9 @@ using testing::Describe;
 using testing::Quote;
 using testing::RunEellm;
 
-// `eellm bench generate`: both runs per threshold, the same tokens batched and one at a time.
-TEST_F(CliTest, BenchGenerateComparesBatchedWithOneAtATime) {
+// `eellm bench generate`: both runs per threshold, the same tokens batched and one at a time
+// (and, under mpirun, from a pipeline and from one process).
+TEST_F(ParallelCliTest, BenchGenerateComparesBatchedWithOneAtATime) {
   const std::string ckpt = TrainTinyModel(2);
   ASSERT_FALSE(ckpt.empty());
   const std::string args = "bench generate --checkpoint=" + Quote(ckpt) +
@@ -35,6 +36,18 @@ TEST_F(CliTest, BenchGenerateComparesBatchedWithOneAtATime) {
         std::regex(std::string("\n") + th +
                    R"( +\| +[0-9.]+ \| +[0-9.]+ \| +[0-9.]+x \| .* \| 3 of 3\n)")))
         << Describe(args, r);
+  }
+  // Under mpirun, a pipeline of two stages against one process: the same tokens; rank 0 prints.
+  CmdResult piped = RunEellm(args + " --pp=2", Mpirun(2));
+  ASSERT_EQ(piped.exit_code, 0) << Describe(args + " --pp=2", piped);
+  EXPECT_NE(piped.output.find("pipeline: 2 stages x tensor parallelism 1"), std::string::npos)
+      << piped.output;
+  for (const char* th : {"1.00", "0.50"}) {
+    EXPECT_TRUE(std::regex_search(
+        piped.output, m,
+        std::regex(std::string("\n") + th +
+                   R"( +\| +[0-9.]+ \| +[0-9.]+ \| +[0-9.]+x \| .* \| 3 of 3\n)")))
+        << Describe(args + " --pp=2", piped);
   }
   CmdResult bad = RunEellm("bench generate --checkpoint=" + Quote(ckpt) + " --thresholds=0.8,2");
   EXPECT_NE(bad.exit_code, 0);
