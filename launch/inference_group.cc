@@ -1,7 +1,6 @@
 #include "launch/inference_group.h"
 
 #include <algorithm>
-#include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -54,9 +53,8 @@ absl::Status LoadInferenceModel(InferenceGroup* g, const std::string& checkpoint
     g->messages = MpiCommunicator::World(nullptr);
     Communicator* group = g->world.get();
     if (g->pp > 1) {
-      std::vector<int> ranks;
-      for (int t = 0; t < g->tp; ++t) ranks.push_back(g->stage * g->tp + t);
-      g->stage_group = g->world->Subgroup(ranks);
+      ASSIGN_OR_RETURN(RankGrid grid, RankGrid::Create(g->tp, g->pp, 1, g->launch.world));
+      g->stage_group = g->world->Subgroup(grid.TpGroup(g->launch.rank));
       group = g->stage_group.get();
     }
     tp = TpSpec{group->rank(), group->size(), group};

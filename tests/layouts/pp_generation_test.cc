@@ -22,6 +22,7 @@
 #include "models/pipeline_generator.h"
 #include "parallel/comm/mpi_communicator.h"
 #include "tests/gpu/emu/emulated_cuda_backend.h"
+#include "tests/layouts/generation_fixture.h"
 #include "tests/models/model_test_util.h"
 
 namespace eellm {
@@ -72,18 +73,8 @@ TEST_P(PpGeneration, EveryLayoutGeneratesWhatTheWholeModelGenerates) {
   ASSERT_TRUE(ParseModelConfig(c.ToJson()).ok()) << ParseModelConfig(c.ToJson()).status();
   auto be = std::move(*MakeBackendOrEmulated(GetParam().backend));
   auto device_world = MpiCommunicator::World(be.get());
-  int pid = getpid();
-  messages->Broadcast(&pid, sizeof(pid), 0);
   const std::string file =
-      "/tmp/eellm_pp_generation_" + std::to_string(pid) + "_" + GetParam().name + ".h5";
-  if (rank == 0) {
-    auto whole = *Model::Create(c, be.get());
-    testing::FillParams(*whole, 17, 0.5f);
-    CheckpointMeta meta;
-    meta.config_json = c.ToJson();
-    ASSERT_TRUE(SaveCheckpoint(file, whole->params(), meta).ok());
-  }
-  messages->Barrier();
+      testing::SaveFilledModel(messages.get(), c, std::string("pp_") + GetParam().name);
   std::vector<GenerationRequest> reqs = testing::MixedRequests(c);
   reqs[3].early_exit.exit_layers = {c.exits[0].layer, c.exits[2].layer};
   std::vector<GenerationResult> want;
@@ -98,15 +89,10 @@ TEST_P(PpGeneration, EveryLayoutGeneratesWhatTheWholeModelGenerates) {
     const int tp = world / pp;
     if (world % pp != 0 || c.num_layers % pp != 0 || !SplitsOverTp(c, tp)) continue;
     ++layouts;
-    const int stage = rank / tp;
-    // The stage's tensor-parallel group: ranks stage * tp .. stage * tp + tp - 1.
-    std::vector<int> group;
-    for (int t = 0; t < tp; ++t) group.push_back(stage * tp + t);
-    std::unique_ptr<Communicator> tp_comm = device_world->Subgroup(group);
-    auto part = LoadModelFromCheckpoint(
-        file, be.get(), false, TpSpec{tp_comm->rank(), tp, tp_comm.get()}, StageSpec{stage, pp});
+    auto part = testing::LoadStageShard(file, be.get(), device_world.get(), pp, tp);
     ASSERT_TRUE(part.ok()) << part.status();
-    Generator stage_gen(part->model.get(), 32, 4);
+    const int stage = part->stage;
+    Generator stage_gen(part->loaded.model.get(), 32, 4);
     PipelineGenerator pipeline(&stage_gen, messages.get(), pp, tp);
     std::vector<int> streamed(reqs.size());
     auto got = pipeline.GenerateBatch(reqs, [&](int i, int32_t) { ++streamed[i]; });
@@ -166,25 +152,11 @@ TEST(PpServing, TheLeaderServesWhatOneProcessServes) {
   ASSERT_TRUE(SplitsOverTp(c, tp));
   auto be = std::move(*MakeBackend("cpu"));
   auto device_world = MpiCommunicator::World(be.get());
-  int pid = getpid();
-  messages->Broadcast(&pid, sizeof(pid), 0);
-  const std::string file = "/tmp/eellm_pp_serving_" + std::to_string(pid) + ".h5";
-  if (rank == 0) {
-    auto whole = *Model::Create(c, be.get());
-    testing::FillParams(*whole, 17, 0.5f);
-    CheckpointMeta meta;
-    meta.config_json = c.ToJson();
-    ASSERT_TRUE(SaveCheckpoint(file, whole->params(), meta).ok());
-  }
-  messages->Barrier();
-  const int stage = rank / tp;
-  std::vector<int> group;
-  for (int t = 0; t < tp; ++t) group.push_back(stage * tp + t);
-  std::unique_ptr<Communicator> tp_comm = device_world->Subgroup(group);
-  auto part = LoadModelFromCheckpoint(
-      file, be.get(), false, TpSpec{tp_comm->rank(), tp, tp_comm.get()}, StageSpec{stage, pp});
+  const std::string file = testing::SaveFilledModel(messages.get(), c, "pp_serving");
+  auto part = testing::LoadStageShard(file, be.get(), device_world.get(), pp, tp);
+  messages->Barrier();  // every rank has read the file (the leader removes it)
   ASSERT_TRUE(part.ok()) << part.status();
-  Generator stage_gen(part->model.get(), 32, 2);
+  Generator stage_gen(part->loaded.model.get(), 32, 2);
   PipelineGenerator pipeline(&stage_gen, messages.get(), pp, tp);
   if (!pipeline.leader()) {
     pipeline.Work();

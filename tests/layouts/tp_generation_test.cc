@@ -23,6 +23,7 @@
 #include "models/generator.h"
 #include "parallel/comm/mpi_communicator.h"
 #include "tests/gpu/emu/emulated_cuda_backend.h"
+#include "tests/layouts/generation_fixture.h"
 #include "tests/models/model_test_util.h"
 
 namespace eellm {
@@ -62,17 +63,9 @@ TEST_P(TpGeneration, EveryRankGeneratesWhatTheWholeModelGenerates) {
   if (!SplitsOverTp(c, tp)) GTEST_SKIP() << "the test model does not split over " << tp;
   auto be = std::move(*MakeBackend("cpu"));
   auto whole = *Model::Create(c, be.get());
-  testing::FillParams(*whole, 17, 0.5f);
-  int pid = getpid();
-  world->Broadcast(&pid, sizeof(pid), 0);
-  const std::string file = "/tmp/eellm_tp_generation_" + std::to_string(pid) + "_" +
-                           std::to_string(GetParam() == ModelStyle::kGpt) + ".h5";
-  if (rank == 0) {
-    CheckpointMeta meta;
-    meta.config_json = c.ToJson();
-    ASSERT_TRUE(SaveCheckpoint(file, whole->params(), meta).ok());
-  }
-  world->Barrier();
+  testing::FillParams(*whole, 17, 0.5f);  // what the saved file holds
+  const std::string file = testing::SaveFilledModel(
+      world.get(), c, GetParam() == ModelStyle::kGpt ? "tp_gpt" : "tp_llama");
   auto part = LoadModelFromCheckpoint(file, be.get(), false, TpSpec{rank, tp, world.get()});
   world->Barrier();
   if (rank == 0) std::remove(file.c_str());
@@ -98,23 +91,6 @@ TEST_P(TpGeneration, EveryRankGeneratesWhatTheWholeModelGenerates) {
 
 INSTANTIATE_TEST_SUITE_P(Styles, TpGeneration,
                          ::testing::Values(ModelStyle::kGpt, ModelStyle::kLlama));
-
-// Saves the test model (filled with fixed values) from rank 0; returns the file every rank reads.
-std::string SaveTestModel(Communicator* world, const ModelConfig& c, const std::string& tag) {
-  int pid = getpid();
-  world->Broadcast(&pid, sizeof(pid), 0);
-  const std::string file = "/tmp/eellm_tp_serving_" + std::to_string(pid) + "_" + tag + ".h5";
-  if (world->rank() == 0) {
-    auto be = std::move(*MakeBackend("cpu"));
-    auto whole = *Model::Create(c, be.get());
-    testing::FillParams(*whole, 17, 0.5f);
-    CheckpointMeta meta;
-    meta.config_json = c.ToJson();
-    EE_CHECK(SaveCheckpoint(file, whole->params(), meta).ok(), "cannot save ", file);
-  }
-  world->Barrier();
-  return file;
-}
 
 // Stop rules only the leader evaluates: one on the token where the length also ends the
 // sequence, one after 3 tokens, one on the first token.
@@ -149,7 +125,7 @@ TEST_P(TpServing, FollowersMirrorTheLeader) {
   if (!SplitsOverTp(c, tp)) GTEST_SKIP() << "the test model does not split over " << tp;
   auto be = std::move(*MakeBackendOrEmulated(GetParam()));
   auto world = MpiCommunicator::World(be.get());
-  const std::string file = SaveTestModel(messages.get(), c, GetParam());
+  const std::string file = testing::SaveFilledModel(messages.get(), c, "tp_serving_" + GetParam());
   auto whole = LoadModelFromCheckpoint(file, be.get());
   auto part = LoadModelFromCheckpoint(file, be.get(), false, TpSpec{rank, tp, world.get()});
   messages->Barrier();
