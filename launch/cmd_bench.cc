@@ -221,7 +221,7 @@ int BenchGenerate() {
   // Under mpirun: a pipeline (of tensor-parallel groups) against one process; rank 0 prints.
   InferenceGroup group;
   if (absl::Status s = StartInferenceGroup(&group, absl::GetFlag(FLAGS_tp), absl::GetFlag(FLAGS_pp),
-                                           "the benchmark", 1 << 20);
+                                           "the benchmark");
       !s.ok()) {
     return group.Fail(s);
   }

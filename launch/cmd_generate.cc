@@ -57,7 +57,7 @@ int RunGenerateCommand() {
   InferenceGroup group;
   auto Fail = [&](const absl::Status& s) { return group.Fail(s); };
   if (absl::Status s = StartInferenceGroup(&group, absl::GetFlag(FLAGS_tp), absl::GetFlag(FLAGS_pp),
-                                           "generation", 1 << 20);
+                                           "generation");
       !s.ok()) {
     return Fail(s);
   }

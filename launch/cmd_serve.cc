@@ -44,7 +44,7 @@ int RunServeCommand() {
   InferenceGroup group;
   auto Fail = [&](const absl::Status& s) { return group.Fail(s); };
   if (absl::Status s = StartInferenceGroup(&group, absl::GetFlag(FLAGS_tp), absl::GetFlag(FLAGS_pp),
-                                           "the server", 1 << 20);
+                                           "the server");
       !s.ok()) {
     return Fail(s);
   }

@@ -13,8 +13,7 @@ namespace eellm {
 
 int InferenceGroup::Fail(const absl::Status& s) const { return FailCommand(s, multi, launch.rank); }
 
-absl::Status StartInferenceGroup(InferenceGroup* g, int tp_flag, int pp_flag, const char* what,
-                                 int max_pp) {
+absl::Status StartInferenceGroup(InferenceGroup* g, int tp_flag, int pp_flag, const char* what) {
   ASSIGN_OR_RETURN(g->launch, DetectLaunch());
   g->multi = g->launch.world > 1;
   if (g->multi) {
@@ -26,12 +25,8 @@ absl::Status StartInferenceGroup(InferenceGroup* g, int tp_flag, int pp_flag, co
         absl::StrCat("--tp and --pp must be >= 0, got ", tp_flag, " and ", pp_flag));
   }
   g->pp = pp_flag > 0 ? pp_flag : 1;
-  if (g->pp > max_pp) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--pp ", g->pp, ": ", what, " runs at most ", max_pp, " pipeline stage(s)"));
-  }
   g->tp = tp_flag > 0 ? tp_flag : std::max(1, g->launch.world / g->pp);
-  if (g->tp * g->pp != g->launch.world) {
+  if (static_cast<int64_t>(g->tp) * g->pp != g->launch.world) {
     return absl::InvalidArgumentError(
         absl::StrCat("--tp ", g->tp, " x --pp ", g->pp, " must equal the number of processes (",
                      g->launch.world, "): ", what, " runs one tensor-parallel group per stage"));

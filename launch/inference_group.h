@@ -34,9 +34,8 @@ struct InferenceGroup {
 
 // Reads the launcher and starts MPI under one. `pp_flag` (0: 1) times `tp_flag` (0: the
 // processes over pp) must equal the number of processes; `what` names the command in that error
-// ("generation"); `max_pp`: the most stages it runs.
-absl::Status StartInferenceGroup(InferenceGroup* g, int tp_flag, int pp_flag, const char* what,
-                                 int max_pp);
+// ("generation").
+absl::Status StartInferenceGroup(InferenceGroup* g, int tp_flag, int pp_flag, const char* what);
 
 // Makes `backend` (cuda ones on GPU local_rank), the group's communicator, and loads this
 // rank's shard of `checkpoint` and the tokenizer it names.

@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -125,7 +126,9 @@ class Generator : public SequenceBatcher {
   // ---- continuous batching: sequences join and leave between passes --------------------------
   // Starts `request` in a free slot (the lowest, or `slot`); the next Advance() prefills it.
   // Returns the slot.
-  absl::StatusOr<int> Admit(GenerationRequest request) override { return Admit(request, -1); }
+  absl::StatusOr<int> Admit(GenerationRequest request) override {
+    return Admit(std::move(request), -1);
+  }
   absl::StatusOr<int> Admit(GenerationRequest request, int slot);
   using Finished = FinishedSequence;
   // One forward pass over every admitted sequence (the prompts of those admitted since the last

@@ -65,19 +65,20 @@ class Reader {
 // follow each other closely, and a sleep costs ~80 us of wake-up latency each time), then
 // sleeps, longer once idle for a while (a serving pipeline without requests does not keep its
 // cores busy).
-void Backoff(int spins) {
+void Backoff(int& spins) {
   if (spins < 4096) {
     std::this_thread::yield();
   } else {
     std::this_thread::sleep_for(std::chrono::microseconds(spins < 20000 ? 20 : 1000));
   }
+  spins = std::min(spins + 1, 20000);
 }
 
 // The next message from `peer`; empty when the peer stops.
 std::vector<char> Receive(Communicator* comm, int peer, int tag) {
   int64_t size = 0;
   std::unique_ptr<Request> head = comm->IRecv(&size, sizeof(size), peer, tag);
-  for (int spins = 0; !head->Test(); ++spins) Backoff(spins);
+  for (int spins = 0; !head->Test();) Backoff(spins);
   std::vector<char> bytes(size);
   if (size > 0) comm->Recv(bytes.data(), bytes.size(), peer, tag);
   return bytes;
@@ -168,7 +169,9 @@ PipelineGenerator::PipelineGenerator(Generator* stage_generator, Communicator* w
   tp_rank_ = world->rank() % tp;
 }
 
-PipelineGenerator::~PipelineGenerator() = default;
+PipelineGenerator::~PipelineGenerator() {
+  if (started_) Stop();  // the other ranks return, and no receive is left posted
+}
 
 absl::StatusOr<std::vector<GenerationResult>> PipelineGenerator::GenerateBatch(
     const std::vector<GenerationRequest>& requests,
@@ -205,6 +208,7 @@ void PipelineGenerator::Start() {
   if (started_) return;
   started_ = true;
   if (outbox_ == nullptr) outbox_ = std::make_unique<Outbox>(world_);
+  passes_sent_ = passes_done_ = 0;
   in_flight_.assign(gen_->max_sequences(), 0);
   abandoned_.assign(gen_->max_sequences(), 0);
   inbox_.clear();
@@ -252,33 +256,35 @@ void PipelineGenerator::Take(int slot, const StepResult& r,
 void PipelineGenerator::Poll(bool wait, const std::function<void(int, int32_t)>& on_token,
                              std::vector<FinishedSequence>* finished) {
   const size_t vocab = gen_->model()->config().vocab_size;
-  for (int spins = 0;; ++spins) {
+  for (int spins = 0;;) {
     bool any = false;
     for (int d = 1; d < stages_; ++d) {
       Inbox& box = inbox_[d];
-      if (box.stopped) continue;
-      if (!box.request->Test()) continue;
-      any = true;
-      if (box.size == 0) {
-        box.stopped = true;
-        continue;
-      }
-      std::vector<char> bytes(box.size);
-      world_->Recv(bytes.data(), bytes.size(), Rank(d, 0), kDecisionTag);
-      box.request = world_->IRecv(&box.size, sizeof(int64_t), Rank(d, 0), kDecisionTag);
-      Reader r(bytes);
-      const int k = r.Get<int32_t>();
-      std::vector<std::pair<int, StepResult>> decided(k);
-      for (auto& [seq, s] : decided) {
-        seq = r.Get<int32_t>();
-        s.exit_index = r.Get<int32_t>();
-        s.depth = r.Get<int32_t>();
-        s.temperature = r.Get<float>();
-      }
-      for (auto& [seq, s] : decided) {
-        const float* logits = r.Array<float>(vocab);
-        s.logits.assign(logits, logits + vocab);
-        Take(seq, s, on_token, finished);
+      // Every message that has arrived from stage d.
+      while (!box.stopped && box.request->Test()) {
+        any = true;
+        if (box.size == 0) {
+          box.stopped = true;
+          break;
+        }
+        std::vector<char> bytes(box.size);
+        world_->Recv(bytes.data(), bytes.size(), Rank(d, 0), kDecisionTag);
+        box.request = world_->IRecv(&box.size, sizeof(int64_t), Rank(d, 0), kDecisionTag);
+        Reader r(bytes);
+        const int k = r.Get<int32_t>();
+        std::vector<std::pair<int, StepResult>> decided(k);
+        for (auto& [seq, s] : decided) {
+          seq = r.Get<int32_t>();
+          s.exit_index = r.Get<int32_t>();
+          s.depth = r.Get<int32_t>();
+          s.temperature = r.Get<float>();
+        }
+        for (auto& [seq, s] : decided) {
+          const float* logits = r.Array<float>(vocab);
+          s.logits.assign(logits, logits + vocab);
+          Take(seq, s, on_token, finished);
+        }
+        if (d == stages_ - 1) ++passes_done_;  // the last stage answers every pass
       }
     }
     if (any || !wait) return;
@@ -292,6 +298,12 @@ std::vector<FinishedSequence> PipelineGenerator::Advance(
   Start();
   std::vector<FinishedSequence> finished;
   Poll(/*wait=*/false, on_token, &finished);
+  // At most 2 passes per stage on their way: when stage 0 decides the tokens itself, it could
+  // otherwise run ahead of the deeper stages without bound (they still run every token).
+  if (passes_sent_ - passes_done_ >= 2 * stages_) {
+    Poll(/*wait=*/true, on_token, &finished);
+    return finished;
+  }
   const size_t ch = gen_->model()->config().hidden_size;
   // A pass of sequences whose next tokens are known, within the row budget, and at most
   // 1 / stages of the running ones: the batch circulates as (at least) one group per stage, so
@@ -321,10 +333,11 @@ std::vector<FinishedSequence> PipelineGenerator::Advance(
     if (waiting) Poll(/*wait=*/true, on_token, &finished);
     return finished;
   }
-  for (int peer = 1; peer < tp_; ++peer) {
+  if (tp_ > 1) {
     auto [w, body] = EncodePass<int32_t>(items, 1);
     std::copy(ids.begin(), ids.end(), body);
-    outbox_->Send(Rank(0, peer), kPlanTag, w.Take());
+    const std::vector<char> plan = w.Take();
+    for (int peer = 1; peer < tp_; ++peer) outbox_->Send(Rank(0, peer), kPlanTag, plan);
   }
   const std::vector<StepResult> r = gen_->StagePass(items, ids.data(), nullptr);
   ++stats_.passes;
@@ -335,6 +348,7 @@ std::vector<FinishedSequence> PipelineGenerator::Advance(
     gen_->model()->backend()->CopyToHost(body, gen_->stage_output(),
                                          ids.size() * ch * sizeof(float));
     outbox_->Send(Rank(1, 0), kPassTag, w.Take());
+    ++passes_sent_;
   }
   for (size_t k = 0; k < items.size(); ++k) {
     in_flight_[items[k].seq] = 1;
@@ -365,6 +379,7 @@ void PipelineGenerator::Stop() {
 }
 
 void PipelineGenerator::Work() {
+  EE_CHECK(!leader(), "the pipeline's leader cannot Work()");
   const bool first = stage_ == 0, last = stage_ == stages_ - 1;
   const bool decides = !first && tp_rank_ == 0;  // sends this stage's decisions to the leader
   const int upstream = first ? Rank(0, 0) : Rank(stage_ - 1, tp_rank_);
@@ -387,7 +402,7 @@ void PipelineGenerator::Work() {
       if (!r[k].logits.empty()) decided.push_back(static_cast<int>(k));
     }
     stats_.decided_here += decided.size();
-    if (decides && !decided.empty()) {
+    if (decides && (!decided.empty() || last)) {  // the last stage answers every pass
       Writer w;
       w.Put<int32_t>(static_cast<int32_t>(decided.size()));
       for (int k : decided) {

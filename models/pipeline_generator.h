@@ -67,7 +67,8 @@ class PipelineGenerator : public SequenceBatcher {
   GenerationResult Retire(int slot) override;
   int active() const override { return gen_->active(); }
   int free_slots() const override;
-  // Ends the other ranks' Work() once every pass sent is done. Admit starts them again.
+  // Ends the other ranks' Work() once every pass sent is done (the destructor does it when
+  // needed). To run again, every other rank must call Work() again (GenerateBatch does both).
   void Stop();
 
   // ---- every other rank ----------------------------------------------------------------------
@@ -101,10 +102,11 @@ class PipelineGenerator : public SequenceBatcher {
     bool stopped = false;
   };
   bool started_ = false;
-  std::vector<Inbox> inbox_;     // [stages]; 1.. used
-  std::vector<char> in_flight_;  // per slot: a deeper stage decides its newest token
-  std::vector<char> abandoned_;  // per slot: retired while in flight
-  int next_slot_ = 0;            // where the next pass starts looking for sequences
+  std::vector<Inbox> inbox_;                   // [stages]; 1.. used
+  std::vector<char> in_flight_;                // per slot: a deeper stage decides its newest token
+  std::vector<char> abandoned_;                // per slot: retired while in flight
+  int next_slot_ = 0;                          // where the next pass starts looking for sequences
+  int64_t passes_sent_ = 0, passes_done_ = 0;  // to stage 1; answered by the last stage
   std::unique_ptr<Outbox> outbox_;
 };
 
