@@ -109,9 +109,10 @@ std::string TrainStateJson(const RunConfig& rc, int step) {
       weights);
 }
 
-std::string FormatLosses(const ModelConfig& c, double final_loss,
-                         const std::vector<double>& exits) {
-  std::string s = absl::StrFormat("final %.4f", final_loss);
+// `final_computed`: false when EE-Tuning stops at its deepest exit (the final head does not run).
+std::string FormatLosses(const ModelConfig& c, double final_loss, const std::vector<double>& exits,
+                         bool final_computed = true) {
+  std::string s = final_computed ? absl::StrFormat("final %.4f", final_loss) : "final -";
   for (size_t i = 0; i < exits.size(); ++i) {
     absl::StrAppendFormat(&s, " %s %.4f", ExitName(c, i), exits[i]);
   }
@@ -447,8 +448,16 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     if (tc.freeze_backbone) {
       std::printf(
           "frozen backbone (EE-Tuning): training the exits' %.3f M parameters%s, "
-          "forward only through the rest\n",
+          "forward only through the rest",
           trainable / 1e6, tc.tp > 1 ? " (tensor-parallel rank 0's shards)" : "");
+      const int depth = Model::DeepestExitDepth(mc);
+      if (depth < mc.num_layers) {
+        std::printf(
+            ", up to layer %d of %d (the deepest exit): the final head's training loss "
+            "is not computed, validation runs every layer",
+            depth, mc.num_layers);
+      }
+      std::printf("\n");
     }
   }
   sum.first_eval =
@@ -539,9 +548,11 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
       sum.last_train_losses = avg;
       if (verbose) {
         std::vector<double> ex(avg.begin() + 1, avg.end());
-        std::printf("step %5d/%d | %s | lr %.2e | gnorm %.3f | %.0f tok/s | %s\n", step + 1,
-                    tc.steps, FormatLosses(mc, avg[0], ex).c_str(), lr, gnorm, tps,
-                    progress.Line(step + 1 - start).c_str());
+        std::printf(
+            "step %5d/%d | %s | lr %.2e | gnorm %.3f | %.0f tok/s | %s\n", step + 1, tc.steps,
+            FormatLosses(mc, avg[0], ex, !tc.freeze_backbone || exec.tune_computes_final_loss())
+                .c_str(),
+            lr, gnorm, tps, progress.Line(step + 1 - start).c_str());
         std::fflush(stdout);
       }
       std::fill(acc.begin(), acc.end(), 0.0);

@@ -60,11 +60,20 @@ Schedule ForwardSchedule(const Schedule& training, int stages, int microbatches,
 
 // EE-Tuning's schedule: the forwards, each followed by its exit work (ExitHeads) after the
 // activations have been sent, so that a stage's exits do not delay the next stage (on every
-// stage: the last one also takes the final head's loss there).
-Schedule TuneExitsSchedule(const Schedule& forwards) {
+// stage: the last one also takes the final head's loss there). Virtual stages after
+// `last_virtual` (the last holding an exit) have nothing to do: their actions are dropped, and
+// so are the sends to them.
+Schedule TuneExitsSchedule(const Schedule& forwards, int last_virtual) {
   Schedule s = forwards;
   s.name += " + exits";
-  for (auto& actions : s.per_stage) {
+  const int stages = static_cast<int>(s.per_stage.size());
+  for (int stage = 0; stage < stages; ++stage) {
+    auto& actions = s.per_stage[stage];
+    auto dropped = [&](const Action& a) {
+      const int virt = a.chunk * stages + stage;
+      return virt > last_virtual || (virt == last_virtual && a.type == ActionType::kSendForward);
+    };
+    actions.erase(std::remove_if(actions.begin(), actions.end(), dropped), actions.end());
     std::vector<Action> out;
     for (size_t i = 0; i < actions.size(); ++i) {
       out.push_back(actions[i]);
@@ -138,10 +147,21 @@ PipelineExecutor::PipelineExecutor(std::vector<Model*> chunks, ParallelContext* 
   }
 }
 
-void PipelineExecutor::set_frozen_backbone(bool frozen) {
+void PipelineExecutor::set_frozen_backbone(bool frozen, bool stop_at_deepest_exit) {
   frozen_backbone_ = frozen;
-  if (frozen && tune_schedule_.per_stage.empty()) {  // built only for runs that use it
-    tune_schedule_ = TuneExitsSchedule(forward_schedule_);
+  const ModelConfig& c = chunks_[0]->config();
+  const int virtual_stages = ctx_->grid.pp() * static_cast<int>(chunks_.size());
+  tune_depth_ = stop_at_deepest_exit ? Model::DeepestExitDepth(c) : c.num_layers;
+  // The last virtual stage holding an exit (an exit belongs to the stage of its layer).
+  const int per_virtual = c.num_layers / virtual_stages;
+  int last_virtual = virtual_stages - 1;
+  if (stop_at_deepest_exit) {
+    last_virtual = 0;
+    for (const ExitConfig& x : c.exits)
+      last_virtual = std::max(last_virtual, (x.layer - 1) / per_virtual);
+  }
+  if (frozen) {
+    tune_schedule_ = TuneExitsSchedule(forward_schedule_, last_virtual);
     tune_rendezvous_ = CheckRendezvous(tune_schedule_);
   }
 }
@@ -326,7 +346,12 @@ LossReport PipelineExecutor::TrainStep(const int32_t* ids, const int32_t* target
                                        absl::Span<const float> exit_weights) {
   ctx_->pp->Barrier();  // a common time origin for the recorded intervals
   if (frozen_backbone_) {
-    return Run(tune_schedule_, tune_rendezvous_, ids, targets, exit_weights, Mode::kTuneExits);
+    // No layer runs past the deepest exit (its stage computes no final head then).
+    for (Model* m : chunks_) m->set_forward_end(tune_depth_);
+    LossReport r =
+        Run(tune_schedule_, tune_rendezvous_, ids, targets, exit_weights, Mode::kTuneExits);
+    for (Model* m : chunks_) m->set_forward_end(-1);
+    return r;
   }
   return Run(schedule_, schedule_rendezvous_, ids, targets, exit_weights, Mode::kTrain);
 }

@@ -55,7 +55,11 @@ class PipelineExecutor {
   // with their backward after each forward's send (Model::StageTuneExits, as ExitHeads
   // actions): only the exits' parameters get gradients, and no gradient crosses stages. Its losses:
   // every exit's, and the final head's (no backward); its objective counts the exits alone.
-  void set_frozen_backbone(bool frozen);
+  // `stop_at_deepest_exit`: no layer past the deepest exit runs (stages after the last one
+  // holding an exit do nothing), and the final head's loss is not computed (reported as 0).
+  void set_frozen_backbone(bool frozen, bool stop_at_deepest_exit = true);
+  // Whether a frozen-backbone step computes the final head's loss.
+  bool tune_computes_final_loss() const { return tune_depth_ == chunks_[0]->config().num_layers; }
 
   // Called during each chunk's last backward of a step as each of its layers finishes, with the
   // chunk index and the arena range of the layer's (now final) gradients; see
@@ -97,6 +101,7 @@ class PipelineExecutor {
                             // (built by set_frozen_backbone)
   absl::Status tune_rendezvous_;
   bool frozen_backbone_ = false;
+  int tune_depth_ = 0;  // EE-Tuning: the layers a step runs (the deepest exit's depth, or all)
   std::vector<std::vector<Slot>> slots_;  // [chunk] -> workspaces for records in flight
   std::vector<BusyInterval> intervals_;
   std::function<void(int, size_t, size_t)> grads_ready_;

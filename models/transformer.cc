@@ -453,7 +453,7 @@ void Model::StageForward(Workspace& ws, const int32_t* ids, const float* input) 
     be_->Copy(ws.x0, input, static_cast<size_t>(n) * config_.hidden_size * sizeof(float));
   }
   const float* x = ws.x0;
-  for (int l = first_layer_; l < end_layer_; ++l) {
+  for (int l = first_layer_; l < ForwardEnd(); ++l) {
     BlockActs& acts = ws.layers[l - first_layer_];
     BlockForward(ctx(), layers_[l - first_layer_], acts, x, ws.pos, b, t, nullptr);
     x = acts.out;
@@ -462,11 +462,23 @@ void Model::StageForward(Workspace& ws, const int32_t* ids, const float* input) 
 
 const float* Model::StageOutput(const Workspace& ws) const { return HiddenAt(ws, end_layer_); }
 
+int Model::ForwardEnd() const {
+  return forward_end_ < 0 ? end_layer_ : std::clamp(forward_end_, first_layer_, end_layer_);
+}
+
+int Model::DeepestExitDepth(const ModelConfig& c) {
+  int depth = 0;
+  for (const ExitConfig& x : c.exits) depth = std::max(depth, x.depth());
+  return depth;
+}
+
 LossReport Model::StageBackward(Workspace& ws, const int32_t* targets, const float* mask,
                                 absl::Span<const float> exit_weights, bool backward,
                                 const float* d_output, float loss_scale) {
   const ModelConfig& c = config_;
   EE_CHECK(exit_weights.size() == c.exits.size(), "need one weight per exit");
+  EE_CHECK(ForwardEnd() == end_layer_, "StageBackward after a forward that stopped at layer ",
+           ForwardEnd());
   const int b = ws.b, t = ws.t, n = b * t;
   const size_t nc = static_cast<size_t>(n) * c.hidden_size;
   LossReport r;
@@ -553,7 +565,7 @@ LossReport Model::StageTuneExits(Workspace& ws, const int32_t* targets, const fl
   // workspace and never used).
   LossReport r = StageExitHeads(ws, targets, mask, exit_weights, loss_scale);
   ws.exits_done = false;
-  if (is_last_stage()) {
+  if (is_last_stage() && ForwardEnd() == end_layer_) {
     const ConstOperand hidden = FinalHidden(ws.final_norm, StageOutput(ws), ws.b * ws.t);
     r.final_loss = HeadLoss(ws, hidden, -1, loss_scale, false, /*backward=*/false).first;
   }

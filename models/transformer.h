@@ -107,6 +107,13 @@ class Model {
   void StageForward(Workspace& ws, const int32_t* ids, const float* input);
   // Hidden states to send to the next stage [b*t, c].
   const float* StageOutput(const Workspace& ws) const;
+  // StageForward stops after layer `depth` (a depth of the whole model; -1: the stage's last
+  // layer), as EE-Tuning needs no layer past its deepest exit; StageTuneExits then computes no
+  // final head. Not with StageBackward.
+  void set_forward_end(int depth) { forward_end_ = depth; }
+  int ForwardEnd() const;
+  // The deepest layer an exit reads (the depth of the deepest exit): what EE-Tuning computes.
+  static int DeepestExitDepth(const ModelConfig& c);
   // Heads of this stage (final head on the last stage, local exits) and, when `backward`, the
   // backward of its layers given the next stage's gradient `d_output` (device; null on the last
   // stage). Losses of heads on other stages are reported as 0.
@@ -201,6 +208,7 @@ class Model {
   std::vector<std::pair<size_t, size_t>> layer_ranges_;  // arena [lo, hi) of each local layer
   std::function<void(size_t, size_t)> layer_grads_done_;
   int logits_chunk_rows_ = 0;
+  int forward_end_ = -1;
   // The heads' scratch, one chunk of rows: logits [rows, vocab] (fp32) and their gradients,
   // which the heads' backward GEMMs read (in the logits' own buffer, overwritten, with fp32
   // operands; bf16 in head_dlogits_ with bf16 operands). Shared by all workspaces (HeadLoss

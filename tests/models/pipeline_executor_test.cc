@@ -5,6 +5,7 @@
 #include "models/pipeline_executor.h"
 
 #include <cmath>
+#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -137,14 +138,14 @@ TEST(InterleavedExecutor, FrozenBackboneSendsBeforeExitWorkAndMatchesWholeModel)
   auto whole = MakeChunks(c, be.get(), 1, 9, &one);
   ASSERT_EQ(one.size(), 1u);
   PipelineExecutor ref(one[0], ctx.get(), micro, seq, microbatches, true);
-  ref.set_frozen_backbone(true);
+  ref.set_frozen_backbone(true, /*stop_at_deepest_exit=*/false);  // the final head's loss too
   const LossReport want = ref.TrainStep(ids.data(), targets.data(), w);
 
   std::vector<Model*> parts;
   auto models = MakeChunks(c, be.get(), chunks, 9, &parts);
   ASSERT_EQ(parts.size(), static_cast<size_t>(chunks));
   PipelineExecutor exec(parts, ctx.get(), micro, seq, microbatches, true);
-  exec.set_frozen_backbone(true);
+  exec.set_frozen_backbone(true, /*stop_at_deepest_exit=*/false);
   const std::vector<Action>& list = exec.step_schedule().per_stage[0];
   int exit_actions = 0;
   for (size_t i = 0; i < list.size(); ++i) {
@@ -184,6 +185,56 @@ TEST(InterleavedExecutor, FrozenBackboneSendsBeforeExitWorkAndMatchesWholeModel)
         EXPECT_EQ(max_abs, 0.0) << p.name << ": the backbone got a gradient (whole model)";
       }
     }
+  }
+}
+
+// EE-Tuning stops at the deepest exit: with one exit after layer 1 of 4, the step runs layer 1
+// alone (the second of two chunks has no action, and the first sends nothing), computes no
+// final head, and gives the exits exactly the losses and gradients of the step that runs every
+// layer; the whole model (one chunk) likewise.
+TEST(Executor, EeTuningStopsAtTheDeepestExit) {
+  ModelConfig c = ConfigWithExits();
+  c.exits.resize(1);  // the norm exit after layer 1, tied to the word embedding
+  c.exits[0].tied = false;
+  auto be = Cpu();
+  auto ctx = ParallelContext::Single();
+  const int micro = 1, seq = 8, microbatches = 2;
+  const int n = micro * seq * microbatches;
+  const std::vector<int32_t> ids = RandomTokens(n, c.vocab_size, 5);
+  const std::vector<int32_t> targets = RandomTokens(n, c.vocab_size, 6);
+  const std::vector<float> w = {0.5f};
+  for (int chunks : {1, 2}) {
+    SCOPED_TRACE(::testing::Message() << chunks << " chunk(s)");
+    std::vector<Model*> full_parts, parts;
+    auto full_models = MakeChunks(c, be.get(), chunks, 11, &full_parts);
+    auto models = MakeChunks(c, be.get(), chunks, 11, &parts);
+    ASSERT_EQ(parts.size(), static_cast<size_t>(chunks));
+    PipelineExecutor full(full_parts, ctx.get(), micro, seq, microbatches, true);
+    full.set_frozen_backbone(true, /*stop_at_deepest_exit=*/false);
+    PipelineExecutor exec(parts, ctx.get(), micro, seq, microbatches, true);
+    exec.set_frozen_backbone(true);
+    EXPECT_TRUE(full.tune_computes_final_loss());
+    EXPECT_FALSE(exec.tune_computes_final_loss());
+    for (const Action& a : exec.step_schedule().per_stage[0]) {
+      EXPECT_EQ(a.chunk, 0) << ScheduleString(exec.step_schedule());
+      EXPECT_NE(a.type, ActionType::kSendForward) << ScheduleString(exec.step_schedule());
+    }
+    const LossReport want = full.TrainStep(ids.data(), targets.data(), w);
+    const LossReport got = exec.TrainStep(ids.data(), targets.data(), w);
+    EXPECT_GT(want.final_loss, 0.0);
+    EXPECT_EQ(got.final_loss, 0.0);
+    EXPECT_GT(want.exit_losses[0], 0.0);
+    EXPECT_EQ(got.exit_losses[0], want.exit_losses[0]);
+    EXPECT_EQ(got.objective, want.objective);
+    for (int k = 0; k < chunks; ++k) {
+      const ParamStore &a = parts[k]->params(), &b = full_parts[k]->params();
+      for (int j = 0; j < static_cast<int>(a.params().size()); ++j) {
+        const ParamInfo& p = a.params()[j];
+        EXPECT_EQ(std::memcmp(a.grad(j), b.grad(j), p.numel * sizeof(float)), 0) << p.name;
+      }
+    }
+    // Validation still runs every layer and the final head.
+    EXPECT_GT(exec.Evaluate(ids.data(), targets.data()).final_loss, 0.0);
   }
 }
 
