@@ -110,7 +110,7 @@ StepMessage Receive(Communicator* group) {
 
 GenerationService::GenerationService(SequenceBatcher* generator, Communicator* group,
                                      bool own_thread)
-    : gen_(generator), group_(group) {
+    : gen_(generator), group_(group), passes_at_start_(generator->passes()) {
   EE_CHECK(group == nullptr || group->rank() == 0, "the generation service runs on rank 0");
   if (own_thread) worker_ = std::thread([this] { Run(); });
 }
@@ -212,12 +212,12 @@ void GenerationService::Run() {
       step = StepMessage();
     }
     if (cancelled) done_.notify_all();
-    const int running = gen_->active();
     std::vector<FinishedSequence> finished = gen_->Advance(on_token);
     {
       std::lock_guard<std::mutex> lock(mu_);
-      stats_.steps++;
-      stats_.largest_batch = std::max(stats_.largest_batch, running);
+      // Passes the generator ran (a pipeline's Advance may only wait for its deeper stages).
+      stats_.steps = gen_->passes() - passes_at_start_;
+      stats_.largest_batch = gen_->largest_pass();
       for (FinishedSequence& f : finished) {
         auto [job, index] = owner[f.slot];
         stats_.sequences++;

@@ -89,6 +89,7 @@ class GenerationService {
   std::deque<Job*> queue_;          // jobs with sequences not yet admitted
   bool stopping_ = false;
   Stats stats_;
+  int64_t passes_at_start_;  // the generator's passes before this service
   std::thread worker_;
 };
 

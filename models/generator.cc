@@ -134,6 +134,7 @@ std::vector<StepResult> Generator::StepBatch(const std::vector<std::vector<int32
   }
   be_->CopyFromHost(staged_ids_, staged.data(), staged.size() * sizeof(int32_t));
   for (size_t i = 0; i < items.size(); ++i) items[i].new_ids = staged_ids_ + offsets[i];
+  CountPass(static_cast<int>(items.size()));
   Forward(items);
   return out;
 }
@@ -174,8 +175,15 @@ std::vector<StepResult> Generator::StagePass(const std::vector<StageItem>& items
   }
   EE_CHECK(rows <= row_budget_, "StagePass: ", rows, " rows, room for ", row_budget_);
   if (ids != nullptr) be_->CopyFromHost(staged_ids_, ids, rows * sizeof(int32_t));
+  CountPass(static_cast<int>(its.size()));
   if (!its.empty()) ForwardGroup(its.data(), static_cast<int>(its.size()));
   return out;
+}
+
+void Generator::CountPass(int sequences) {
+  if (sequences == 0) return;
+  ++passes_;
+  largest_pass_ = std::max(largest_pass_, sequences);
 }
 
 void Generator::FinishPending() {

@@ -97,6 +97,9 @@ class SequenceBatcher {
   virtual GenerationResult Retire(int slot) = 0;
   virtual int active() const = 0;      // admitted sequences not finished
   virtual int free_slots() const = 0;  // slots Admit can take now
+  // Forward passes run so far, and the most sequences one of them carried.
+  virtual int64_t passes() const = 0;
+  virtual int largest_pass() const = 0;
 };
 
 class Generator : public SequenceBatcher {
@@ -152,6 +155,8 @@ class Generator : public SequenceBatcher {
   GenerationResult Retire(int slot) override;
   int active() const override;  // admitted sequences not finished
   int free_slots() const override { return max_sequences() - active(); }
+  int64_t passes() const override { return passes_; }
+  int largest_pass() const override { return largest_pass_; }
 
   // ---- one pipeline stage (models/pipeline_generator.h) --------------------------------------
   // The model may be one stage of a pipeline: the generator then holds the KV caches of the
@@ -221,6 +226,7 @@ class Generator : public SequenceBatcher {
     int first = 0, rows = 0, packed = 0;
   };
   bool ExitAllowed(int i, const EarlyExitParams& ee) const;
+  void CountPass(int sequences);  // a pass of `sequences` (none: no pass) for passes()
   // Runs items' rows forward, in groups whose rows fit the work buffers.
   void Forward(std::vector<Item>& items);
   void ForwardGroup(Item* items, int n);
@@ -255,6 +261,8 @@ class Generator : public SequenceBatcher {
   int32_t *work_pos_, *packed_pos_;   // [row_budget]: positions of work_'s and packed_'s rows
   int32_t* staged_ids_;               // [max_sequences * capacity]: a pass's new ids
   std::vector<float> host_logits_;
+  int64_t passes_ = 0;  // StepBatch and StagePass calls with work
+  int largest_pass_ = 0;
 };
 
 }  // namespace eellm

@@ -66,6 +66,9 @@ class PipelineGenerator : public SequenceBatcher {
   // arrives (and is dropped).
   GenerationResult Retire(int slot) override;
   int active() const override { return gen_->active(); }
+  // Stage 0's passes.
+  int64_t passes() const override { return gen_->passes(); }
+  int largest_pass() const override { return gen_->largest_pass(); }
   int free_slots() const override;
   // Ends the other ranks' Work() once every pass sent is done (the destructor does it when
   // needed). To run again, every other rank must call Work() again (GenerateBatch does both).
