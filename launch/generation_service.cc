@@ -197,7 +197,9 @@ void GenerationService::Run() {
         if (stopping_) break;  // nothing left
         continue;
       }
-      while (!queue_.empty() && gen_->free_slots() > 0) {
+      // In arrival order, while the next one finds a slot and KV room (a request waits for the
+      // sequences before it rather than being overtaken).
+      while (!queue_.empty() && gen_->CanAdmit((*queue_.front()->requests)[queue_.front()->next])) {
         Job* job = queue_.front();
         const GenerationRequest& r = (*job->requests)[job->next];
         auto slot = gen_->Admit(r);

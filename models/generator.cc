@@ -36,7 +36,7 @@ double GenerationResult::DecodeTokensPerSecond() const {
   return decode_seconds > 0 ? (tokens.size() > 1 ? tokens.size() - 1 : 0) / decode_seconds : 0;
 }
 
-Generator::Generator(Model* model, int capacity, int max_sequences)
+Generator::Generator(Model* model, int capacity, int max_sequences, int kv_tokens)
     : model_(model),
       be_(model->backend()),
       capacity_(capacity),
@@ -44,26 +44,35 @@ Generator::Generator(Model* model, int capacity, int max_sequences)
       first_(model->first_layer()),
       end_(model->end_layer()),
       arena_(model->backend()) {
-  EE_CHECK(capacity > 0 && max_sequences > 0, "bad generator size: capacity ", capacity,
-           ", max_sequences ", max_sequences);
+  EE_CHECK(capacity > 0 && max_sequences > 0 && kv_tokens >= 0, "bad generator size: capacity ",
+           capacity, ", max_sequences ", max_sequences, ", kv_tokens ", kv_tokens);
   const ModelConfig& c = model->config();
   const ModelConfig& local = *model->ctx().cfg;  // this tensor-parallel rank's heads
   const size_t ch = c.hidden_size;
-  const size_t kv_elems = static_cast<size_t>(capacity) * local.num_kv_heads * local.head_dim();
+  kv_by_request_ = kv_tokens > 0;
+  const int64_t pool = kv_by_request_ ? kv_tokens : int64_t{capacity} * max_sequences;
+  EE_CHECK(pool <= (int64_t{1} << 31) - 1, "a KV cache of ", pool, " tokens");
+  kv_tokens_ = static_cast<int>(pool);
+  // The pools: per local layer (and local block exit) K and V of kv_tokens_ rows, and the
+  // pending rows' hidden states; each sequence's share is a range of rows (PlaceKv).
+  kv_row_ = static_cast<size_t>(local.num_kv_heads) * local.head_dim();
+  for (int l = first_; l < end_; ++l) {
+    pool_kv_.push_back(KvLayer{arena_.Operands(kv_tokens_ * kv_row_),
+                               arena_.Operands(kv_tokens_ * kv_row_), kv_tokens_});
+  }
+  for (size_t i = 0; i < c.exits.size(); ++i) {
+    KvLayer kv;
+    if (c.exits[i].kind == ExitKind::kBlock && model->ExitIsLocal(static_cast<int>(i))) {
+      kv = KvLayer{arena_.Operands(kv_tokens_ * kv_row_), arena_.Operands(kv_tokens_ * kv_row_),
+                   kv_tokens_};
+    }
+    pool_exit_kv_.push_back(kv);
+  }
+  pool_frontier_ = arena_.Floats(static_cast<size_t>(kv_tokens_) * ch);
   seqs_.resize(max_sequences);
-  for (Sequence& q : seqs_) {
-    for (int l = first_; l < end_; ++l) {
-      q.kv.push_back(KvLayer{arena_.Operands(kv_elems), arena_.Operands(kv_elems), capacity});
-    }
-    for (size_t i = 0; i < c.exits.size(); ++i) {
-      KvLayer kv;
-      if (c.exits[i].kind == ExitKind::kBlock && model->ExitIsLocal(static_cast<int>(i))) {
-        kv = KvLayer{arena_.Operands(kv_elems), arena_.Operands(kv_elems), capacity};
-      }
-      q.exit_kv.push_back(kv);
-    }
-    q.frontier = arena_.Floats(capacity * ch);
-    q.depth.assign(capacity, 0);
+  for (int s = 0; s < max_sequences; ++s) {
+    seqs_[s].depth.assign(capacity, 0);
+    if (!kv_by_request_) PlaceKv(s, s * capacity, capacity);  // a whole context each
   }
   for (size_t i = 0; i < c.exits.size(); ++i) {
     exit_acts_.push_back(model->ExitIsLocal(static_cast<int>(i))
@@ -89,9 +98,63 @@ Generator::Generator(Model* model, int capacity, int max_sequences)
   be_->CopyFromHost(pos_, pos.data(), capacity * sizeof(int32_t));
 }
 
+void Generator::PlaceKv(int slot, int start, int tokens) {
+  EE_CHECK(start >= 0 && tokens > 0 && int64_t{start} + tokens <= kv_tokens_, "KV range [", start,
+           ", ", int64_t{start} + tokens, ") outside the cache's ", kv_tokens_, " tokens");
+  Sequence& q = seqs_.at(slot);
+  auto view = [&](const KvLayer& pool) {
+    if (pool.capacity == 0) return KvLayer{};
+    return KvLayer{pool.k.At(start * kv_row_), pool.v.At(start * kv_row_), tokens};
+  };
+  q.kv.clear();
+  for (const KvLayer& pool : pool_kv_) q.kv.push_back(view(pool));
+  q.exit_kv.clear();
+  for (const KvLayer& pool : pool_exit_kv_) q.exit_kv.push_back(view(pool));
+  q.frontier = pool_frontier_ + static_cast<size_t>(start) * model_->config().hidden_size;
+  q.kv_start = start;
+  q.kv_capacity = tokens;
+}
+
+int Generator::RequestTokens(const GenerationRequest& r) {
+  return static_cast<int>(r.prompt.size()) + r.max_new_tokens;
+}
+
+int Generator::FindKvRoom(int tokens) const {
+  if (!kv_by_request_) return -1;
+  std::vector<std::pair<int, int>> taken;  // [start, end) of the reservations
+  for (const Sequence& q : seqs_) {
+    if (q.kv_capacity > 0) taken.push_back({q.kv_start, q.kv_start + q.kv_capacity});
+  }
+  std::sort(taken.begin(), taken.end());
+  int at = 0;  // first fit
+  for (const auto& [start, end] : taken) {
+    if (start - at >= tokens) return at;
+    at = std::max(at, end);
+  }
+  return kv_tokens_ - at >= tokens ? at : -1;
+}
+
+int Generator::kv_tokens_in_use() const {
+  int n = 0;
+  for (const Sequence& q : seqs_) n += q.busy ? q.kv_capacity : 0;
+  return n;
+}
+
+bool Generator::CanAdmit(const GenerationRequest& request) const {
+  if (free_slots() == 0) return false;
+  return !kv_by_request_ || FindKvRoom(RequestTokens(request)) >= 0;
+}
+
+void Generator::ReleaseKv(Sequence& q) {
+  if (!kv_by_request_) return;
+  q.kv_capacity = 0;
+  q.kv_start = -1;
+}
+
 void Generator::Reset() {
   for (Sequence& q : seqs_) {
     q.busy = false;
+    ReleaseKv(q);
     q.len = q.pending_start = 0;
     std::fill(q.depth.begin(), q.depth.end(), 0);
   }
@@ -121,7 +184,8 @@ std::vector<StepResult> Generator::StepBatch(const std::vector<std::vector<int32
     if (ids[s].empty()) continue;
     Sequence& q = seqs_[s];
     const int n = static_cast<int>(ids[s].size());
-    EE_CHECK(q.len + n <= capacity_, "generator capacity ", capacity_, " exceeded");
+    EE_CHECK(q.len + n <= q.kv_capacity, "sequence ", s, " would hold ", q.len + n,
+             " tokens, its KV room is ", q.kv_capacity);
     offsets.push_back(staged.size());
     staged.insert(staged.end(), ids[s].begin(), ids[s].end());
     q.checks_exits = ee[s].threshold < 1.0f;
@@ -154,10 +218,14 @@ std::vector<StepResult> Generator::StagePass(const std::vector<StageItem>& items
   for (size_t k = 0; k < items.size(); ++k) {
     const StageItem& si = items[k];
     Sequence& q = seqs_.at(si.seq);
-    if (si.start == 0) q.len = q.pending_start = 0;  // a new sequence in this slot
-    EE_CHECK(si.n > 0 && q.len == si.start && q.pending_start == q.len && q.len + si.n <= capacity_,
-             "StagePass: sequence ", si.seq, " holds ", q.len, " tokens (", q.len - q.pending_start,
-             " pending), the pass appends ", si.n, " at ", si.start, ", capacity ", capacity_);
+    if (si.start == 0) {  // a new sequence in this slot, in the KV room the leader gave it
+      q.len = q.pending_start = 0;
+      PlaceKv(si.seq, si.kv_start, si.kv_tokens);
+    }
+    EE_CHECK(
+        si.n > 0 && q.len == si.start && q.pending_start == q.len && q.len + si.n <= q.kv_capacity,
+        "StagePass: sequence ", si.seq, " holds ", q.len, " tokens (", q.len - q.pending_start,
+        " pending), the pass appends ", si.n, " at ", si.start, ", KV room ", q.kv_capacity);
     q.checks_exits = si.early_exit.threshold < 1.0f;
     Item& it = its[k];
     it.seq = si.seq;
@@ -434,6 +502,11 @@ absl::Status Generator::Validate(const GenerationRequest& r) const {
         absl::StrCat("prompt (", r.prompt.size(), " tokens) + max_new_tokens (", r.max_new_tokens,
                      ") = ", need, " exceeds the context length ", capacity_));
   }
+  if (kv_by_request_ && need > kv_tokens_) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("prompt (", r.prompt.size(), " tokens) + max_new_tokens (", r.max_new_tokens,
+                     ") = ", need, " exceeds the KV cache's ", kv_tokens_, " tokens"));
+  }
   for (int32_t t : r.prompt) {
     if (t < 0 || t >= c.vocab_size)
       return absl::InvalidArgumentError(
@@ -480,9 +553,19 @@ absl::Status Generator::ValidateAll(const std::vector<GenerationRequest>& reques
 absl::StatusOr<int> Generator::Admit(GenerationRequest request, int slot) {
   RETURN_IF_ERROR(Validate(request));
   EE_CHECK(slot < max_sequences(), "slot ", slot, " of ", max_sequences());
+  int kv_start = -1;
+  if (kv_by_request_) {
+    kv_start = FindKvRoom(RequestTokens(request));
+    if (kv_start < 0) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "the KV cache has no room for ", RequestTokens(request), " tokens (",
+          kv_tokens_ - kv_tokens_in_use(), " of ", kv_tokens_, " free, not in one range)"));
+    }
+  }
   for (size_t s = 0; s < seqs_.size(); ++s) {
     Sequence& q = seqs_[s];
     if (q.busy || (slot >= 0 && static_cast<int>(s) != slot)) continue;
+    if (kv_by_request_) PlaceKv(static_cast<int>(s), kv_start, RequestTokens(request));
     q.len = q.pending_start = 0;
     q.busy = true;
     q.prefilled = false;
@@ -500,6 +583,7 @@ absl::StatusOr<int> Generator::Admit(GenerationRequest request, int slot) {
 
 GenerationResult Generator::Retire(int slot) {
   Sequence& q = seqs_.at(slot);
+  if (q.busy) ReleaseKv(q);
   q.busy = false;
   q.next.clear();
   q.request = GenerationRequest();
@@ -574,6 +658,7 @@ bool Generator::Accept(int slot, const StepResult& r,
   }
   g.decode_seconds = q.timer.Seconds();
   q.busy = false;
+  ReleaseKv(q);
   q.request = GenerationRequest();
   *finished = {slot, std::move(g)};
   return true;

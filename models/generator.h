@@ -87,6 +87,8 @@ class SequenceBatcher {
   virtual int max_sequences() const = 0;  // slots
   // Why a request cannot run (naming the bad value), or OK.
   virtual absl::Status ValidateAll(const std::vector<GenerationRequest>& requests) const = 0;
+  // Whether Admit(request) (of a valid request) finds a slot and KV room now.
+  virtual bool CanAdmit(const GenerationRequest& request) const = 0;
   // Starts `request` in a free slot; returns the slot.
   virtual absl::StatusOr<int> Admit(GenerationRequest request) = 0;
   // Makes progress on the admitted sequences (on_token(slot, token) per token); returns those
@@ -105,10 +107,21 @@ class SequenceBatcher {
 class Generator : public SequenceBatcher {
  public:
   // `capacity`: most tokens (prompt + generated) one sequence may hold; `max_sequences`: most
-  // sequences generated together (each gets a KV cache of `capacity` tokens).
-  Generator(Model* model, int capacity, int max_sequences = 1);
+  // sequences generated together. `kv_tokens`: 0 gives each slot a KV cache of `capacity`
+  // tokens; > 0 makes one KV cache of that many tokens, in which each admitted sequence takes a
+  // range of prompt + max_new_tokens (first fit; Admit fails, CanAdmit is false, while there is
+  // no such range), so that more sequences fit when they are shorter than the context.
+  Generator(Model* model, int capacity, int max_sequences = 1, int kv_tokens = 0);
   int capacity() const override { return capacity_; }
   Model* model() const { return model_; }
+  int kv_tokens() const { return kv_tokens_; }  // the KV cache's size
+  int kv_tokens_in_use() const;                 // held by running sequences
+  bool CanAdmit(const GenerationRequest& request) const override;
+  // The KV range [start, start + tokens) of the sequence in `slot`, as {start, tokens}.
+  std::pair<int, int> kv_range(int slot) const {
+    return {seqs_.at(slot).kv_start, seqs_.at(slot).kv_capacity};
+  }
+  static int RequestTokens(const GenerationRequest& r);  // prompt + max_new_tokens
   int max_sequences() const override { return static_cast<int>(seqs_.size()); }
 
   // Generates every request together (at most max_sequences()); on_token(i, token) is called as
@@ -167,6 +180,7 @@ class Generator : public SequenceBatcher {
     int n = 0;         // tokens this pass appends
     bool live = true;  // no earlier stage has decided its newest token: check this stage's exits
     EarlyExitParams early_exit;
+    int kv_start = 0, kv_tokens = 0;  // its KV range (taken when start == 0; see kv_range)
   };
   // One pass of this stage over `items`, from token ids [sum n] (host; first stage) or from the
   // previous stage's hidden states [sum n, hidden] (host; later stages), in item order. Every
@@ -195,9 +209,12 @@ class Generator : public SequenceBatcher {
 
  private:
   struct Sequence {
-    std::vector<KvLayer> kv, exit_kv;  // per layer; per exit (block exits only)
-    float* frontier = nullptr;         // [capacity, c]: pending rows' hidden states
-    std::vector<int> depth;            // per position: layers computed
+    // Views of its KV range in the pools (PlaceKv): per local layer; per exit (local block
+    // exits only); the pending rows' hidden states [kv_capacity, c].
+    std::vector<KvLayer> kv, exit_kv;
+    float* frontier = nullptr;
+    int kv_start = -1, kv_capacity = 0;  // the range; 0 tokens: none
+    std::vector<int> depth;              // per position: layers computed
     int len = 0, pending_start = 0;
     bool checks_exits = false;  // its last step checked exits (block exits keep their K/V)
     // The request running in this slot (Admit / Advance).
@@ -226,7 +243,11 @@ class Generator : public SequenceBatcher {
     int first = 0, rows = 0, packed = 0;
   };
   bool ExitAllowed(int i, const EarlyExitParams& ee) const;
-  void CountPass(int sequences);  // a pass of `sequences` (none: no pass) for passes()
+  // Points the slot's KV views at rows [start, start + tokens) of the pools.
+  void PlaceKv(int slot, int start, int tokens);
+  void ReleaseKv(Sequence& q);       // frees its range (kv_tokens > 0)
+  int FindKvRoom(int tokens) const;  // the first free range's start, or -1
+  void CountPass(int sequences);     // a pass of `sequences` (none: no pass) for passes()
   // Runs items' rows forward, in groups whose rows fit the work buffers.
   void Forward(std::vector<Item>& items);
   void ForwardGroup(Item* items, int n);
@@ -247,6 +268,11 @@ class Generator : public SequenceBatcher {
   Model* model_;
   Backend* be_;
   int capacity_, row_budget_;
+  bool kv_by_request_ = false;  // kv_tokens > 0: ranges taken per request
+  int kv_tokens_ = 0;
+  size_t kv_row_ = 0;                            // elements of one token's K (or V) per layer
+  std::vector<KvLayer> pool_kv_, pool_exit_kv_;  // [kv_tokens_, kv_row_] each
+  float* pool_frontier_ = nullptr;               // [kv_tokens_, c]
   int first_, end_;  // the model's layers [first_, end_) (a pipeline stage's, or all)
   Arena arena_;
   std::vector<Sequence> seqs_;

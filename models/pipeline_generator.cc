@@ -5,6 +5,7 @@
 #include <deque>
 #include <memory>
 #include <thread>
+#include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "engine/core/status.h"
@@ -102,6 +103,8 @@ std::pair<Writer, T*> EncodePass(const std::vector<StageItem>& items, size_t wid
     w.Put<int32_t>(it.start);
     w.Put<int32_t>(it.n);
     w.Put<int32_t>(it.live);
+    w.Put<int32_t>(it.kv_start);
+    w.Put<int32_t>(it.kv_tokens);
     w.Put<float>(it.early_exit.threshold);
     w.Put<int32_t>(static_cast<int32_t>(it.early_exit.exit_layers.size()));
     for (int layer : it.early_exit.exit_layers) w.Put<int32_t>(layer);
@@ -117,6 +120,8 @@ std::vector<StageItem> DecodeItems(Reader& r) {
     it.start = r.Get<int32_t>();
     it.n = r.Get<int32_t>();
     it.live = r.Get<int32_t>() != 0;
+    it.kv_start = r.Get<int32_t>();
+    it.kv_tokens = r.Get<int32_t>();
     it.early_exit.threshold = r.Get<float>();
     it.early_exit.exit_layers.resize(r.Get<int32_t>());
     for (int& layer : it.early_exit.exit_layers) layer = r.Get<int32_t>();
@@ -322,6 +327,7 @@ std::vector<FinishedSequence> PipelineGenerator::Advance(
     it.seq = s;
     it.start = gen_->length(s);
     it.early_exit = gen_->early_exit(s);
+    std::tie(it.kv_start, it.kv_tokens) = gen_->kv_range(s);
     const std::vector<int32_t> next = gen_->TakeNext(s);
     it.n = static_cast<int>(next.size());
     ids.insert(ids.end(), next.begin(), next.end());

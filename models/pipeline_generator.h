@@ -58,6 +58,9 @@ class PipelineGenerator : public SequenceBatcher {
     return gen_->ValidateAll(requests);
   }
   absl::StatusOr<int> Admit(GenerationRequest request) override;
+  bool CanAdmit(const GenerationRequest& request) const override {
+    return free_slots() > 0 && gen_->CanAdmit(request);
+  }
   // Takes the decisions that have arrived, then runs a pass of stage 0 over every sequence whose
   // next tokens are known; when there is none, waits for a decision instead.
   std::vector<FinishedSequence> Advance(

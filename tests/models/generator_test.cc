@@ -383,6 +383,64 @@ void ExpectMatchesFullPass(Model& m, const GenerationRequest& q, const Generatio
   }
 }
 
+// One KV cache shared by the requests (kv_tokens > 0): each admitted sequence takes a range of
+// prompt + max_new_tokens tokens, first fit; a request waits (CanAdmit false, Admit refused
+// naming the room) until finished sequences free a long enough range. Every sequence gets what
+// it gets alone, in a cache of 60 tokens where one context per slot would take 128.
+TEST_P(GeneratorTest, SequencesShareOneKvCache) {
+  ModelConfig c = ConfigWithExits(GetParam());
+  auto be = Cpu();
+  auto m = *Model::Create(c, be.get());
+  testing::FillParams(*m, 93, 0.8f);
+  // Needs (prompt + max_new_tokens): 29, 26, 20, 31 tokens.
+  const std::vector<GenerationRequest> reqs = testing::MixedRequests(c);
+  Generator g(m.get(), 32, 4, /*kv_tokens=*/60), alone(m.get(), 32);
+  EXPECT_EQ(g.kv_tokens(), 60);
+  std::vector<int> owner(4, -1);
+  std::vector<GenerationResult> got(reqs.size());
+  auto admit = [&](int i) {
+    auto slot = g.Admit(reqs[i]);
+    ASSERT_TRUE(slot.ok()) << slot.status();
+    owner[*slot] = i;
+  };
+  admit(0);  // [0, 29)
+  admit(1);  // [29, 55)
+  EXPECT_EQ(g.kv_range(0), std::make_pair(0, 29));
+  EXPECT_EQ(g.kv_range(1), std::make_pair(29, 26));
+  EXPECT_EQ(g.kv_tokens_in_use(), 55);
+  EXPECT_GT(g.free_slots(), 0);
+  EXPECT_FALSE(g.CanAdmit(reqs[2]));  // 20 tokens, 5 free
+  auto refused = g.Admit(reqs[2]);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(refused.status().message().find("no room for 20 tokens (5 of 60 free"),
+            std::string::npos)
+      << refused.status();
+  // Request 2 (20) fits where request 1 (12 new tokens) ends first: [29, 49). Request 3 (31)
+  // then fits nowhere until both request 0's [0, 29) and request 2's range are free.
+  int next = 2, active_when_3_joined = -1;
+  while (g.active() > 0 || next < 4) {
+    while (next < 4 && g.CanAdmit(reqs[next])) {
+      if (next == 3) active_when_3_joined = g.active();
+      admit(next++);
+    }
+    for (Generator::Finished& f : g.Advance()) got[owner[f.slot]] = std::move(f.result);
+  }
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    auto one = *alone.GenerateBatch({reqs[i]});
+    EXPECT_EQ(got[i].tokens, one[0].tokens) << "request " << i;
+    EXPECT_EQ(got[i].exit_index, one[0].exit_index) << "request " << i;
+    EXPECT_EQ(got[i].depth, one[0].depth) << "request " << i;
+  }
+  EXPECT_EQ(active_when_3_joined, 0);
+  EXPECT_EQ(g.kv_tokens_in_use(), 0);
+  // A request longer than the whole cache is refused as invalid, not left waiting.
+  GenerationRequest big = reqs[0];
+  big.max_new_tokens = 23;  // 9 + 23 = 32 <= the context, > nothing in a 30-token cache
+  Generator small(m.get(), 32, 2, /*kv_tokens=*/30);
+  const absl::Status bad = small.Validate(big);
+  EXPECT_NE(bad.message().find("= 32 exceeds the KV cache's 30 tokens"), std::string::npos) << bad;
+}
+
 class BatchAgainstFullPass
     : public ::testing::TestWithParam<std::tuple<ModelStyle, bool, int, int>> {};
 
