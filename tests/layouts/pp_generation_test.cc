@@ -156,7 +156,9 @@ TEST(PpServing, TheLeaderServesWhatOneProcessServes) {
   auto part = testing::LoadStageShard(file, be.get(), device_world.get(), pp, tp);
   messages->Barrier();  // every rank has read the file (the leader removes it)
   ASSERT_TRUE(part.ok()) << part.status();
-  Generator stage_gen(part->loaded.model.get(), 32, 2);
+  // One KV cache of 60 tokens for both slots (needs of 20-31 tokens: a range may not fit until
+  // the other sequence ends).
+  Generator stage_gen(part->loaded.model.get(), 32, 2, /*kv_tokens=*/60);
   PipelineGenerator pipeline(&stage_gen, messages.get(), pp, tp);
   if (!pipeline.leader()) {
     pipeline.Work();

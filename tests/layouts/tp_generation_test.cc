@@ -141,7 +141,9 @@ TEST_P(TpServing, FollowersMirrorTheLeader) {
   int stopped = 0;
   for (const GenerationResult& g : want) stopped += g.finish == FinishReason::kStop;
   EXPECT_EQ(stopped, 3);
-  Generator gp(part->model.get(), 32, 2);
+  // One KV cache of 60 tokens for both slots (needs of 20-31 tokens: a range may not fit until
+  // the other sequence ends); the followers take the same ranges as the leader.
+  Generator gp(part->model.get(), 32, 2, /*kv_tokens=*/60);
   if (rank != 0) {
     GenerationService::Follow(&gp, messages.get());
     return;
