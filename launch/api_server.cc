@@ -210,6 +210,8 @@ ApiServer::ApiServer(GenerationService* service, const Tokenizer* tok, const Mod
               {"context_length", service_->generator().capacity()},
               {"exit_layers", exits}}},
             {"max_batch", service_->generator().max_sequences()},
+            {"kv_cache",
+             {{"tokens", service_->generator().kv_tokens()}, {"in_use", st.kv_tokens_in_use}}},
             {"served",
              {{"requests", st.requests},
               {"sequences", st.sequences},

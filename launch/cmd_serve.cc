@@ -24,8 +24,11 @@
 
 ABSL_FLAG(std::string, host, "0.0.0.0", "address to listen on");
 ABSL_FLAG(int, port, 5000, "port to listen on (0: any free port, printed at start)");
-ABSL_FLAG(int, max_batch, 16,
-          "most sequences generated together (each holds a KV cache of the model's context)");
+ABSL_FLAG(int, max_batch, 16, "most sequences generated together");
+ABSL_FLAG(int64_t, kv_cache_tokens, 0,
+          "tokens the KV cache holds for all sequences together; each admitted sequence takes "
+          "its prompt + max tokens from it, and requests wait for room (0: the model's context "
+          "per --max_batch slot)");
 ABSL_FLAG(double, default_threshold, 0.8,
           "early-exit threshold of requests that set use_early_exit without early_exit_thres");
 
@@ -57,6 +60,11 @@ int RunServeCommand() {
     return Fail(absl::InvalidArgumentError(
         absl::StrCat("--max_batch must be in [1, 4096], got ", max_batch)));
   }
+  const int64_t kv_tokens = absl::GetFlag(FLAGS_kv_cache_tokens);
+  if (kv_tokens < 0 || kv_tokens > (int64_t{1} << 31) - 1) {
+    return Fail(absl::InvalidArgumentError(
+        absl::StrCat("--kv_cache_tokens must be in [0, 2^31), got ", kv_tokens)));
+  }
   const double th = absl::GetFlag(FLAGS_default_threshold);
   if (!(th > 0 && th <= 1)) {
     return Fail(absl::InvalidArgumentError(
@@ -75,7 +83,7 @@ int RunServeCommand() {
   Communicator* messages = group.messages.get();
   Model& model = *group.loaded.model;
   const ModelConfig& c = model.config();
-  Generator generator(&model, c.max_seq_len, max_batch);
+  Generator generator(&model, c.max_seq_len, max_batch, static_cast<int>(kv_tokens));
   // A pipeline (--pp): rank 0 leads it and serves; the other ranks run their stage's passes. A
   // single tensor-parallel group: the followers mirror rank 0's generator.
   std::unique_ptr<PipelineGenerator> pipeline;
@@ -129,6 +137,7 @@ int RunServeCommand() {
       ") on http://%s:%d: PUT /api, POST /v1/completions, GET /health; up to %d sequences at a "
       "time",
       absl::GetFlag(FLAGS_host).c_str(), *bound, max_batch);
+  std::printf("; KV cache of %d tokens", generator.kv_tokens());
   if (multi) std::printf("; tensor parallelism %d", tp);
   if (group.pp > 1) std::printf(" x %d pipeline stages", group.pp);
   // Under mpirun, signalling mpirun ends the job at once; SIGTERM to this pid stops gracefully.

@@ -220,6 +220,7 @@ void GenerationService::Run() {
       // Passes the generator ran (a pipeline's Advance may only wait for its deeper stages).
       stats_.steps = gen_->passes() - passes_at_start_;
       stats_.largest_batch = gen_->largest_pass();
+      stats_.kv_tokens_in_use = gen_->kv_tokens_in_use();
       for (FinishedSequence& f : finished) {
         auto [job, index] = owner[f.slot];
         stats_.sequences++;

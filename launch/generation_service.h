@@ -61,12 +61,13 @@ class GenerationService {
   static void Follow(Generator* generator, Communicator* group);
 
   struct Stats {
-    int64_t requests = 0;   // Generate calls completed
-    int64_t sequences = 0;  // sequences generated to their end
-    int64_t cancelled = 0;  // sequences cancelled (running or queued)
-    int64_t steps = 0;      // forward passes run
-    int64_t tokens = 0;     // tokens generated (cancelled sequences' included)
-    int largest_batch = 0;  // most sequences in one pass
+    int64_t requests = 0;      // Generate calls completed
+    int64_t sequences = 0;     // sequences generated to their end
+    int64_t cancelled = 0;     // sequences cancelled (running or queued)
+    int64_t steps = 0;         // forward passes run
+    int64_t tokens = 0;        // tokens generated (cancelled sequences' included)
+    int largest_batch = 0;     // most sequences in one pass
+    int kv_tokens_in_use = 0;  // of the KV cache, after the last pass
   };
   Stats stats() const;
   const SequenceBatcher& generator() const { return *gen_; }

@@ -102,6 +102,9 @@ class SequenceBatcher {
   // Forward passes run so far, and the most sequences one of them carried.
   virtual int64_t passes() const = 0;
   virtual int largest_pass() const = 0;
+  // The KV cache's size in tokens, and the tokens running sequences hold.
+  virtual int kv_tokens() const = 0;
+  virtual int kv_tokens_in_use() const = 0;
 };
 
 class Generator : public SequenceBatcher {
@@ -114,8 +117,8 @@ class Generator : public SequenceBatcher {
   Generator(Model* model, int capacity, int max_sequences = 1, int kv_tokens = 0);
   int capacity() const override { return capacity_; }
   Model* model() const { return model_; }
-  int kv_tokens() const { return kv_tokens_; }  // the KV cache's size
-  int kv_tokens_in_use() const;                 // held by running sequences
+  int kv_tokens() const override { return kv_tokens_; }
+  int kv_tokens_in_use() const override;
   bool CanAdmit(const GenerationRequest& request) const override;
   // The KV range [start, start + tokens) of the sequence in `slot`, as {start, tokens}.
   std::pair<int, int> kv_range(int slot) const {

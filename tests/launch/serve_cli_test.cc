@@ -64,7 +64,12 @@ TEST_F(CliTest, ServeAnswersAndStopsOnSigterm) {
   EXPECT_NE(bad.exit_code, 0);
   EXPECT_NE(bad.output.find("--max_batch must be in [1, 4096], got 0"), std::string::npos)
       << bad.output;
-  const std::string args = "--checkpoint=" + Quote(ckpt) + " --max-batch=2";
+  bad = RunEellm("serve --checkpoint=" + Quote(ckpt) + " --kv-cache-tokens=-1");
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.output.find("--kv_cache_tokens must be in [0, 2^31), got -1"), std::string::npos)
+      << bad.output;
+  // One KV cache of 20 tokens for both slots.
+  const std::string args = "--checkpoint=" + Quote(ckpt) + " --max-batch=2 --kv-cache-tokens=20";
   // A signal during start-up ends the server too. (Whether it lands before the server runs is
   // up to timing; ApiServer.StopBeforeServeIsKept tests that case deterministically.)
   pid_t pid = Launch(args, "", "early");
@@ -76,12 +81,23 @@ TEST_F(CliTest, ServeAnswersAndStopsOnSigterm) {
   ASSERT_GT(s.port, 0) << s.output;
   const std::string reply =
       Put(s.port, R"({"prompts": ["ab"], "tokens_to_generate": 5, "early_exit_thres": 0.5})");
+  const std::string too_long = Put(s.port, R"({"prompts": ["ab"], "tokens_to_generate": 19})");
+  httplib::Client client("127.0.0.1", s.port);
+  auto health = client.Get("/health");
   const bool gone = StopProcess(s.pid, s.pid);
+  EXPECT_NE(too_long.find("prompt (2 tokens) + max_new_tokens (19) = 21 exceeds the KV cache's 20 "
+                          "tokens"),
+            std::string::npos)
+      << too_long;
+  ASSERT_TRUE(health);
+  EXPECT_NE(health->body.find("\"kv_cache\":{\"in_use\":0,\"tokens\":20}"), std::string::npos)
+      << health->body;
   const std::string text = ReadText(Path("serve.out"));
   EXPECT_TRUE(gone) << "the server did not stop on SIGTERM\n" << text;
   EXPECT_NE(reply.find("\"text\":[\"ab"), std::string::npos) << reply << "\n" << text;
   EXPECT_NE(reply.find("\"layers\""), std::string::npos) << reply;
   EXPECT_NE(text.find("1 prompts, 5 tokens"), std::string::npos) << text;
+  EXPECT_NE(text.find("; KV cache of 20 tokens"), std::string::npos) << text;
   EXPECT_NE(text.find("served 1 requests, 1 sequences, 5 tokens in 5 forward passes"),
             std::string::npos)
       << text;
