@@ -674,15 +674,30 @@ absl::StatusOr<std::vector<GenerationResult>> Generator::GenerateBatch(
   }
   RETURN_IF_ERROR(ValidateAll(requests));
   Reset();
-  for (int i = 0; i < n; ++i) {
-    auto slot = Admit(requests[i]);
-    EE_CHECK(slot.ok() && *slot == i, "slot ", i, " was not free after Reset");
+  return GenerateAll(*this, requests, on_token);
+}
+
+std::vector<GenerationResult> GenerateAll(SequenceBatcher& batcher,
+                                          const std::vector<GenerationRequest>& requests,
+                                          const std::function<void(int, int32_t)>& on_token) {
+  EE_CHECK(batcher.active() == 0, "GenerateAll while sequences run");
+  const int n = static_cast<int>(requests.size());
+  std::vector<GenerationResult> results(n);
+  std::vector<int> index(batcher.max_sequences(), -1);  // slot -> request
+  auto each = [&](int slot, int32_t token) {
+    if (on_token) on_token(index[slot], token);
+  };
+  for (int next = 0; next < n || batcher.active() > 0;) {
+    while (next < n && batcher.CanAdmit(requests[next])) {
+      auto slot = batcher.Admit(requests[next]);
+      EE_CHECK(slot.ok(), "admitting a valid request failed: ", slot.status().message());
+      index[*slot] = next++;
+    }
+    for (FinishedSequence& f : batcher.Advance(each)) {
+      results[index[f.slot]] = std::move(f.result);
+    }
   }
-  std::vector<GenerationResult> res(n);
-  while (active() > 0) {
-    for (Finished& f : Advance(on_token)) res[f.slot] = std::move(f.result);
-  }
-  return res;
+  return results;
 }
 
 absl::StatusOr<GenerationResult> Generator::Generate(const std::vector<int32_t>& prompt,

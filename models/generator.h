@@ -107,6 +107,12 @@ class SequenceBatcher {
   virtual int kv_tokens_in_use() const = 0;
 };
 
+// Generates valid `requests` on `batcher` (no sequence running), admitting them in order as
+// slots and KV room allow; on_token(i, token) as request i produces a token.
+std::vector<GenerationResult> GenerateAll(SequenceBatcher& batcher,
+                                          const std::vector<GenerationRequest>& requests,
+                                          const std::function<void(int, int32_t)>& on_token);
+
 class Generator : public SequenceBatcher {
  public:
   // `capacity`: most tokens (prompt + generated) one sequence may hold; `max_sequences`: most

@@ -191,20 +191,7 @@ absl::StatusOr<std::vector<GenerationResult>> PipelineGenerator::GenerateBatch(
     Work();
     return std::vector<GenerationResult>();
   }
-  EE_CHECK(active() == 0, "GenerateBatch while sequences run");
-  std::vector<GenerationResult> results(n);
-  std::vector<int> index(gen_->max_sequences(), -1);  // slot -> request
-  for (int i = 0; i < n; ++i) {
-    auto slot = Admit(requests[i]);
-    EE_CHECK(slot.ok(), "admitting a validated request failed: ", slot.status().message());
-    index[*slot] = i;
-  }
-  auto each = [&](int slot, int32_t token) {
-    if (on_token) on_token(index[slot], token);
-  };
-  while (active() > 0) {
-    for (FinishedSequence& f : Advance(each)) results[index[f.slot]] = std::move(f.result);
-  }
+  std::vector<GenerationResult> results = GenerateAll(*this, requests, on_token);
   Stop();
   return results;
 }

@@ -433,6 +433,12 @@ TEST_P(GeneratorTest, SequencesShareOneKvCache) {
   }
   EXPECT_EQ(active_when_3_joined, 0);
   EXPECT_EQ(g.kv_tokens_in_use(), 0);
+  // GenerateBatch admits the same way: all four (106 tokens) through the 60-token cache.
+  const std::vector<GenerationResult> batch = *g.GenerateBatch(reqs);
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    EXPECT_EQ(batch[i].tokens, got[i].tokens) << "request " << i;
+    EXPECT_EQ(batch[i].exit_index, got[i].exit_index) << "request " << i;
+  }
   // A request longer than the whole cache is refused as invalid, not left waiting.
   GenerationRequest big = reqs[0];
   big.max_new_tokens = 23;  // 9 + 23 = 32 <= the context, > nothing in a 30-token cache
