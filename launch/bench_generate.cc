@@ -3,8 +3,11 @@
 #include <algorithm>
 #include <cstdio>
 #include <memory>
+#include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "engine/core/status.h"
 #include "engine/core/timer.h"
 #include "models/generator.h"
@@ -137,6 +140,7 @@ absl::Status RunPipelineGenerateBenchmark(Model* whole, PipelineGenerator* pipel
     if (leader) RETURN_IF_ERROR(one->GenerateBatch(w).status());
     RETURN_IF_ERROR(pipeline->GenerateBatch(w).status());
   }
+  std::vector<std::string> busy_lines;  // the pipeline's ranks' time in their passes
   for (float th : o.thresholds) {
     for (auto& r : reqs) r.early_exit.threshold = th;
     Run alone, piped;
@@ -147,11 +151,20 @@ absl::Status RunPipelineGenerateBenchmark(Model* whole, PipelineGenerator* pipel
       alone.seconds = t.Seconds();
       for (const GenerationResult& r : *g) Add(alone, r);
     }
+    const std::vector<double> busy_before = pipeline->PassSecondsOfEveryRank();
     t.Reset();
     auto g = pipeline->GenerateBatch(reqs);
     RETURN_IF_ERROR(g.status());
     piped.seconds = t.Seconds();
+    const std::vector<double> busy = pipeline->PassSecondsOfEveryRank();
     if (!leader) continue;
+    std::string shares;
+    for (size_t r = 0; r < busy.size(); ++r) {
+      absl::StrAppendFormat(&shares, "%s%.0f%%", r == 0 ? "" : " ",
+                            100.0 * (busy[r] - busy_before[r]) / piped.seconds);
+    }
+    busy_lines.push_back(absl::StrCat("threshold ", absl::StrFormat("%.2f", th),
+                                      ": time in passes, per rank: ", shares));
     for (const GenerationResult& r : *g) Add(piped, r);
     int same = 0;
     for (int i = 0; i < o.batch; ++i) same += alone.outputs[i] == piped.outputs[i];
@@ -161,6 +174,8 @@ absl::Status RunPipelineGenerateBenchmark(Model* whole, PipelineGenerator* pipel
                 100.0 * piped.early / piped.tokens, same, o.batch);
   }
   if (leader) {
+    std::printf("\n");
+    for (const std::string& line : busy_lines) std::printf("%s\n", line.c_str());
     std::printf(
         "\nboth generate the whole batch together (the one process with the whole model, on rank "
         "0); tokens/s count every generated token over the wall time of prefill and decode\n");

@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/core/status.h"
+#include "engine/core/timer.h"
 
 namespace eellm {
 namespace {
@@ -332,7 +333,9 @@ std::vector<FinishedSequence> PipelineGenerator::Advance(
     const std::vector<char> plan = w.Take();
     for (int peer = 1; peer < tp_; ++peer) outbox_->Send(Rank(0, peer), kPlanTag, plan);
   }
+  Timer timer;
   const std::vector<StepResult> r = gen_->StagePass(items, ids.data(), nullptr);
+  stats_.pass_seconds += timer.Seconds();
   ++stats_.passes;
   stats_.rows += ids.size();
   for (size_t k = 0; k < items.size(); ++k) items[k].live = r[k].logits.empty();
@@ -371,6 +374,13 @@ void PipelineGenerator::Stop() {
   started_ = false;
 }
 
+std::vector<double> PipelineGenerator::PassSecondsOfEveryRank() {
+  const float mine = static_cast<float>(stats_.pass_seconds);
+  std::vector<float> all(world_->size());
+  world_->AllGather(&mine, all.data(), 1);
+  return std::vector<double>(all.begin(), all.end());
+}
+
 void PipelineGenerator::Work() {
   EE_CHECK(!leader(), "the pipeline's leader cannot Work()");
   const bool first = stage_ == 0, last = stage_ == stages_ - 1;
@@ -385,9 +395,11 @@ void PipelineGenerator::Work() {
     Reader reader(bytes);
     std::vector<StageItem> items = DecodeItems(reader);
     const int rows = Rows(items);
+    Timer timer;
     const std::vector<StepResult> r =
         first ? gen_->StagePass(items, reader.Array<int32_t>(rows), nullptr)
               : gen_->StagePass(items, nullptr, reader.Array<float>(rows * ch));
+    stats_.pass_seconds += timer.Seconds();
     ++stats_.passes;
     stats_.rows += rows;
     std::vector<int> decided;

@@ -87,8 +87,11 @@ class PipelineGenerator : public SequenceBatcher {
     int64_t passes = 0;        // passes this rank's stage ran
     int64_t rows = 0;          // token rows they carried
     int64_t decided_here = 0;  // tokens this stage's heads decided
+    double pass_seconds = 0;   // spent in the stage's passes (the rest: messages and waiting)
   };
   const Stats& stats() const { return stats_; }
+  // Every rank's stats().pass_seconds, in rank order; every rank calls it.
+  std::vector<double> PassSecondsOfEveryRank();
 
  private:
   int Rank(int stage, int tp_rank) const { return stage * tp_ + tp_rank; }

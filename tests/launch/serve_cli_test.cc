@@ -42,6 +42,9 @@ TEST_F(ParallelCliTest, BenchGenerateComparesBatchedWithOneAtATime) {
   ASSERT_EQ(piped.exit_code, 0) << Describe(args + " --pp=2", piped);
   EXPECT_NE(piped.output.find("pipeline: 2 stages x tensor parallelism 1"), std::string::npos)
       << piped.output;
+  EXPECT_TRUE(std::regex_search(
+      piped.output, m, std::regex(R"(threshold 0.50: time in passes, per rank: \d+% \d+%)")))
+      << piped.output;
   for (const char* th : {"1.00", "0.50"}) {
     EXPECT_TRUE(std::regex_search(
         piped.output, m,
