@@ -458,6 +458,18 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
             depth, mc.num_layers);
       }
       std::printf("\n");
+      // Stages holding no exit have no work in a tuning step (the layer of the deepest exit
+      // sits on stage `last`).
+      const int per_stage = mc.num_layers / tc.pp;
+      int last = 0;
+      for (const ExitConfig& x : mc.exits) last = std::max(last, (x.layer - 1) / per_stage);
+      if (tc.virtual_stages <= 1 && last + 1 < tc.pp) {
+        const std::string which = last + 2 == tc.pp
+                                      ? absl::StrCat("stage ", last + 1, " holds")
+                                      : absl::StrCat("stages ", last + 1, "-", tc.pp - 1, " hold");
+        std::printf("note: pipeline %s no exit: idle in tuning steps (used in validation)\n",
+                    which.c_str());
+      }
     }
   }
   sum.first_eval =
