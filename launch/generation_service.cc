@@ -110,7 +110,7 @@ StepMessage Receive(Communicator* group) {
 
 GenerationService::GenerationService(SequenceBatcher* generator, Communicator* group,
                                      bool own_thread)
-    : gen_(generator), group_(group), passes_at_start_(generator->passes()) {
+    : gen_(generator), group_(group) {
   EE_CHECK(group == nullptr || group->rank() == 0, "the generation service runs on rank 0");
   if (own_thread) worker_ = std::thread([this] { Run(); });
 }
@@ -218,7 +218,7 @@ void GenerationService::Run() {
     {
       std::lock_guard<std::mutex> lock(mu_);
       // Passes the generator ran (a pipeline's Advance may only wait for its deeper stages).
-      stats_.steps = gen_->passes() - passes_at_start_;
+      stats_.steps = gen_->passes();
       stats_.largest_batch = gen_->largest_pass();
       stats_.kv_tokens_in_use = gen_->kv_tokens_in_use();
       for (FinishedSequence& f : finished) {

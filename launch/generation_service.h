@@ -64,9 +64,9 @@ class GenerationService {
     int64_t requests = 0;      // Generate calls completed
     int64_t sequences = 0;     // sequences generated to their end
     int64_t cancelled = 0;     // sequences cancelled (running or queued)
-    int64_t steps = 0;         // forward passes run
+    int64_t steps = 0;         // forward passes the generator has run
     int64_t tokens = 0;        // tokens generated (cancelled sequences' included)
-    int largest_batch = 0;     // most sequences in one pass
+    int largest_batch = 0;     // most sequences in one of them
     int kv_tokens_in_use = 0;  // of the KV cache, after the last pass
   };
   Stats stats() const;
@@ -90,7 +90,6 @@ class GenerationService {
   std::deque<Job*> queue_;          // jobs with sequences not yet admitted
   bool stopping_ = false;
   Stats stats_;
-  int64_t passes_at_start_;  // the generator's passes before this service
   std::thread worker_;
 };
 

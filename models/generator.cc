@@ -149,6 +149,7 @@ void Generator::ReleaseKv(Sequence& q) {
   if (!kv_by_request_) return;
   q.kv_capacity = 0;
   q.kv_start = -1;
+  q.len = q.pending_start = 0;  // nothing left to complete (FinishPending) in rows not its own
 }
 
 void Generator::Reset() {
@@ -693,6 +694,8 @@ std::vector<GenerationResult> GenerateAll(SequenceBatcher& batcher,
       EE_CHECK(slot.ok(), "admitting a valid request failed: ", slot.status().message());
       index[*slot] = next++;
     }
+    EE_CHECK(next == n || batcher.active() > 0, "request ", next,
+             " cannot be admitted into an idle generator (invalid?)");
     for (FinishedSequence& f : batcher.Advance(each)) {
       results[index[f.slot]] = std::move(f.result);
     }

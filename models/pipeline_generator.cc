@@ -335,6 +335,7 @@ std::vector<FinishedSequence> PipelineGenerator::Advance(
   }
   Timer timer;
   const std::vector<StepResult> r = gen_->StagePass(items, ids.data(), nullptr);
+  gen_->model()->backend()->Synchronize();  // a GPU's kernels, queued, are part of the pass
   stats_.pass_seconds += timer.Seconds();
   ++stats_.passes;
   stats_.rows += ids.size();
@@ -399,6 +400,7 @@ void PipelineGenerator::Work() {
     const std::vector<StepResult> r =
         first ? gen_->StagePass(items, reader.Array<int32_t>(rows), nullptr)
               : gen_->StagePass(items, nullptr, reader.Array<float>(rows * ch));
+    gen_->model()->backend()->Synchronize();
     stats_.pass_seconds += timer.Seconds();
     ++stats_.passes;
     stats_.rows += rows;

@@ -447,6 +447,35 @@ TEST_P(GeneratorTest, SequencesShareOneKvCache) {
   EXPECT_NE(bad.message().find("= 32 exceeds the KV cache's 30 tokens"), std::string::npos) << bad;
 }
 
+// A finished sequence's range is free for the next one; completing pending rows afterwards
+// (FinishPending) must not write into it. Sequence A (slot 1) ends with early-exited rows
+// still pending; B (slot 0) takes A's range; B's tokens are those it gets alone.
+TEST_P(GeneratorTest, FinishPendingLeavesReleasedRangesAlone) {
+  ModelConfig c = ConfigWithExits(GetParam());
+  auto be = Cpu();
+  auto m = *Model::Create(c, be.get());
+  testing::FillParams(*m, 95, 0.8f);
+  const std::vector<GenerationRequest> reqs = testing::MixedRequests(c);
+  GenerationRequest a = reqs[2], b = reqs[0];
+  a.max_new_tokens = 6;
+  a.early_exit.threshold = 1e-6f;  // every token exits at the first exit: its rows pend
+  b.early_exit.threshold = 1.0f;
+  Generator g(m.get(), 32, 2, /*kv_tokens=*/32), alone(m.get(), 32);
+  ASSERT_TRUE(g.Admit(a, 1).ok());
+  EXPECT_EQ(g.kv_range(1), std::make_pair(0, 9));
+  while (g.active() > 0) g.Advance();
+  auto slot = g.Admit(b, 0);
+  ASSERT_TRUE(slot.ok()) << slot.status();
+  EXPECT_EQ(g.kv_range(0), std::make_pair(0, 29));
+  std::vector<GenerationResult> got;
+  for (bool first = true; g.active() > 0; first = false) {
+    for (Generator::Finished& f : g.Advance()) got.push_back(std::move(f.result));
+    if (first) g.FinishPending();
+  }
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(got[0].tokens, (*alone.GenerateBatch({b}))[0].tokens);
+}
+
 class BatchAgainstFullPass
     : public ::testing::TestWithParam<std::tuple<ModelStyle, bool, int, int>> {};
 
