@@ -1,6 +1,7 @@
 #include "launch/api_server.h"
 
 #include <httplib.h>
+#include <sys/socket.h>
 
 #include <cmath>
 #include <condition_variable>
@@ -131,6 +132,12 @@ ApiServer::ApiServer(GenerationService* service, const Tokenizer* tok, const Mod
       defaults_(defaults),
       http_(std::make_unique<httplib::Server>()) {
   http_->set_payload_max_length(16u << 20);
+  // SO_REUSEADDR alone: httplib's default, SO_REUSEPORT, lets a second server bind the same port
+  // and the kernel then splits the connections between the two, answering from either model.
+  http_->set_socket_options([](socket_t sock) {
+    int yes = 1;
+    setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+  });
   // Each request waits in a handler thread while it generates: enough threads that waiting
   // requests can fill every slot, and a few more for /health and errors.
   const size_t threads = service_->generator().max_sequences() + 8;

@@ -8,6 +8,7 @@
 #include <atomic>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "launch/generation_service.h"
 #include "nlohmann/json.hpp"
@@ -280,6 +281,27 @@ TEST(ApiServer, StopBeforeServeIsKept) {
   ASSERT_TRUE(server.Bind("127.0.0.1", 0).ok());
   server.Stop();
   server.Serve();  // hangs (and the test times out) if the Stop() was lost
+}
+
+// A second server cannot take a port a server listens on (with SO_REUSEPORT it could, and the
+// kernel would split the connections between the two).
+TEST(ApiServer, RefusesAPortInUse) {
+  auto be = testing::Cpu();
+  auto m = testing::ByteLevelModel(be.get());
+  Generator gen(m.get(), 64, 2);
+  GenerationService service(&gen);
+  ByteTokenizer tok;
+  ApiServer first(&service, &tok, m->config(), ApiDefaults());
+  auto port = first.Bind("127.0.0.1", 0);
+  ASSERT_TRUE(port.ok()) << port.status();
+  ApiServer second(&service, &tok, m->config(), ApiDefaults());
+  auto again = second.Bind("127.0.0.1", *port);
+  ASSERT_FALSE(again.ok());
+  EXPECT_NE(again.status().message().find(absl::StrCat("cannot bind to 127.0.0.1:", *port)),
+            std::string::npos)
+      << again.status();
+  first.Stop();
+  second.Stop();
 }
 
 }  // namespace
