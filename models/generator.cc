@@ -607,8 +607,7 @@ std::vector<Generator::Finished> Generator::Advance(
   for (size_t s = 0; s < seqs_.size(); ++s) {
     Sequence& q = seqs_[s];
     if (!q.busy) continue;
-    ids[s] = std::move(q.next);
-    q.next.clear();
+    ids[s] = TakeNext(static_cast<int>(s));
     ee[s] = q.request.early_exit;
     any = true;
   }
@@ -668,14 +667,19 @@ bool Generator::Accept(int slot, const StepResult& r,
 absl::StatusOr<std::vector<GenerationResult>> Generator::GenerateBatch(
     const std::vector<GenerationRequest>& requests,
     const std::function<void(int, int32_t)>& on_token) {
-  const int n = static_cast<int>(requests.size());
-  if (n > max_sequences()) {
-    return absl::InvalidArgumentError(absl::StrCat(n, " prompts, but this generator holds at most ",
-                                                   max_sequences(), " sequences"));
-  }
-  RETURN_IF_ERROR(ValidateAll(requests));
+  RETURN_IF_ERROR(ValidateBatch(*this, requests));
   Reset();
   return GenerateAll(*this, requests, on_token);
+}
+
+absl::Status ValidateBatch(const SequenceBatcher& batcher,
+                           const std::vector<GenerationRequest>& requests) {
+  if (requests.size() > static_cast<size_t>(batcher.max_sequences())) {
+    return absl::InvalidArgumentError(absl::StrCat(requests.size(),
+                                                   " prompts, but this generator holds at most ",
+                                                   batcher.max_sequences(), " sequences"));
+  }
+  return batcher.ValidateAll(requests);
 }
 
 std::vector<GenerationResult> GenerateAll(SequenceBatcher& batcher,

@@ -107,6 +107,10 @@ class SequenceBatcher {
   virtual int kv_tokens_in_use() const = 0;
 };
 
+// Why `requests` cannot run together on `batcher` (more than its slots, or a bad request), or OK.
+absl::Status ValidateBatch(const SequenceBatcher& batcher,
+                           const std::vector<GenerationRequest>& requests);
+
 // Generates valid `requests` on `batcher` (no sequence running), admitting them in order as
 // slots and KV room allow; on_token(i, token) as request i produces a token.
 std::vector<GenerationResult> GenerateAll(SequenceBatcher& batcher,

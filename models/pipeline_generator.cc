@@ -182,12 +182,7 @@ PipelineGenerator::~PipelineGenerator() {
 absl::StatusOr<std::vector<GenerationResult>> PipelineGenerator::GenerateBatch(
     const std::vector<GenerationRequest>& requests,
     const std::function<void(int, int32_t)>& on_token) {
-  const int n = static_cast<int>(requests.size());
-  if (n > gen_->max_sequences()) {
-    return absl::InvalidArgumentError(absl::StrCat(n, " prompts, but this generator holds at most ",
-                                                   gen_->max_sequences(), " sequences"));
-  }
-  RETURN_IF_ERROR(gen_->ValidateAll(requests));
+  RETURN_IF_ERROR(ValidateBatch(*this, requests));
   if (!leader()) {
     Work();
     return std::vector<GenerationResult>();
