@@ -63,6 +63,23 @@ void PrintSetup(const ModelConfig& c, const std::vector<GenerationRequest>& reqs
   std::printf("\n");
 }
 
+// The table's header: the reference run's and the measured run's tokens/s columns.
+void PrintHeader(const char* reference, const char* measured) {
+  std::printf("\n%-9s | %-24s | %-24s | %-7s | %-8s | %-6s | %s\n", "threshold", reference,
+              measured, "ratio", "avg layers", "early", "same tokens");
+}
+
+// A row: `run` against `reference` (same requests), and how many sequences' tokens agree.
+void PrintRow(float threshold, const Run& reference, const Run& run) {
+  const size_t n = run.outputs.size();
+  int same = 0;
+  for (size_t i = 0; i < n; ++i) same += reference.outputs[i] == run.outputs[i];
+  const double ref_tps = reference.tokens / reference.seconds, tps = run.tokens / run.seconds;
+  std::printf("%-9.2f | %24.1f | %24.1f | %6.2fx | %10.2f | %5.1f%% | %d of %zu\n", threshold,
+              ref_tps, tps, tps / ref_tps, run.layers / run.tokens, 100.0 * run.early / run.tokens,
+              same, n);
+}
+
 // Shortened requests, run first so that caches, thread pools and buffers are warm.
 std::vector<GenerationRequest> WarmUp(std::vector<GenerationRequest> reqs,
                                       const GenerateBenchOptions& o) {
@@ -81,9 +98,7 @@ absl::Status RunGenerateBenchmark(Model* model, const Tokenizer& tok,
     RETURN_IF_ERROR(batched.Validate(r));
   }
   PrintSetup(c, reqs, o);
-  std::printf("\n%-9s | %-24s | %-24s | %-7s | %-8s | %-6s | %s\n", "threshold",
-              "one at a time tokens/s", "batched tokens/s", "ratio", "avg layers", "early",
-              "same tokens");
+  PrintHeader("one at a time tokens/s", "batched tokens/s");
   {
     const std::vector<GenerationRequest> w = WarmUp(reqs, o);
     auto unused = batched.GenerateBatch(w);
@@ -105,12 +120,7 @@ absl::Status RunGenerateBenchmark(Model* model, const Tokenizer& tok,
     RETURN_IF_ERROR(g.status());
     all.seconds = t.Seconds();
     for (const GenerationResult& r : *g) Add(all, r);
-    int same = 0;
-    for (int i = 0; i < o.batch; ++i) same += one.outputs[i] == all.outputs[i];
-    const double one_tps = one.tokens / one.seconds, all_tps = all.tokens / all.seconds;
-    std::printf("%-9.2f | %24.1f | %24.1f | %6.2fx | %10.2f | %5.1f%% | %d of %d\n", th, one_tps,
-                all_tps, all_tps / one_tps, all.layers / all.tokens, 100.0 * all.early / all.tokens,
-                same, o.batch);
+    PrintRow(th, one, all);
   }
   std::printf(
       "\ntokens/s count every generated token over the wall time of prefill and decode; \"same "
@@ -131,9 +141,7 @@ absl::Status RunPipelineGenerateBenchmark(Model* whole, PipelineGenerator* pipel
     PrintSetup(c, reqs, o);
     std::printf("pipeline: %d stages x tensor parallelism %d, one process per stage shard\n",
                 pipeline->stages(), pipeline->tp());
-    std::printf("\n%-9s | %-24s | %-24s | %-7s | %-8s | %-6s | %s\n", "threshold",
-                "one process tokens/s", "pipeline tokens/s", "ratio", "avg layers", "early",
-                "same tokens");
+    PrintHeader("one process tokens/s", "pipeline tokens/s");
   }
   {
     const std::vector<GenerationRequest> w = WarmUp(reqs, o);
@@ -166,12 +174,7 @@ absl::Status RunPipelineGenerateBenchmark(Model* whole, PipelineGenerator* pipel
     busy_lines.push_back(absl::StrCat("threshold ", absl::StrFormat("%.2f", th),
                                       ": time in passes, per rank: ", shares));
     for (const GenerationResult& r : *g) Add(piped, r);
-    int same = 0;
-    for (int i = 0; i < o.batch; ++i) same += alone.outputs[i] == piped.outputs[i];
-    const double one_tps = alone.tokens / alone.seconds, pp_tps = piped.tokens / piped.seconds;
-    std::printf("%-9.2f | %24.1f | %24.1f | %6.2fx | %10.2f | %5.1f%% | %d of %d\n", th, one_tps,
-                pp_tps, pp_tps / one_tps, piped.layers / piped.tokens,
-                100.0 * piped.early / piped.tokens, same, o.batch);
+    PrintRow(th, alone, piped);
   }
   if (leader) {
     std::printf("\n");

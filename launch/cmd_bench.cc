@@ -241,8 +241,8 @@ int BenchGenerate() {
         !s.ok()) {
       return group.Fail(s);
     }
-  } else if (std::freopen("/dev/null", "w", stdout) == nullptr) {
-    return group.Fail(absl::InternalError("cannot silence stdout"));
+  } else if (absl::Status s = group.QuietOtherRanks(); !s.ok()) {
+    return group.Fail(s);
   }
   Model& stage = *group.loaded.model;
   Generator stage_generator(&stage, stage.config().max_seq_len, o.batch);

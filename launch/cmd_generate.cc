@@ -61,9 +61,7 @@ int RunGenerateCommand() {
       !s.ok()) {
     return Fail(s);
   }
-  if (group.multi && group.launch.rank != 0 && std::freopen("/dev/null", "w", stdout) == nullptr) {
-    return Fail(absl::InternalError("cannot silence stdout"));
-  }
+  if (absl::Status s = group.QuietOtherRanks(); !s.ok()) return Fail(s);
   const std::string path = absl::GetFlag(FLAGS_checkpoint);
   if (path.empty()) return Fail(absl::InvalidArgumentError("--checkpoint is required"));
   EarlyExitParams ee;

@@ -1,6 +1,7 @@
 #include "launch/inference_group.h"
 
 #include <algorithm>
+#include <cstdio>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -12,6 +13,13 @@
 namespace eellm {
 
 int InferenceGroup::Fail(const absl::Status& s) const { return FailCommand(s, multi, launch.rank); }
+
+absl::Status InferenceGroup::QuietOtherRanks() const {
+  if (multi && launch.rank != 0 && std::freopen("/dev/null", "w", stdout) == nullptr) {
+    return absl::InternalError("cannot silence stdout");
+  }
+  return absl::OkStatus();
+}
 
 absl::Status StartInferenceGroup(InferenceGroup* g, int tp_flag, int pp_flag, const char* what) {
   ASSIGN_OR_RETURN(g->launch, DetectLaunch());

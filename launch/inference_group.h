@@ -30,6 +30,8 @@ struct InferenceGroup {
 
   // Reports an error so that no rank hangs (FailCommand); returns the exit code.
   int Fail(const absl::Status& s) const;
+  // Under a launcher, sends the standard output of every rank but 0 to /dev/null (rank 0 prints).
+  absl::Status QuietOtherRanks() const;
 };
 
 // Reads the launcher and starts MPI under one. `pp_flag` (0: 1) times `tp_flag` (0: the
