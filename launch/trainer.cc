@@ -458,11 +458,8 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
             depth, mc.num_layers);
       }
       std::printf("\n");
-      // Stages holding no exit have no work in a tuning step (the layer of the deepest exit
-      // sits on stage `last`).
-      const int per_stage = mc.num_layers / tc.pp;
-      int last = 0;
-      for (const ExitConfig& x : mc.exits) last = std::max(last, (x.layer - 1) / per_stage);
+      // Stages after the last one holding an exit have no work in a tuning step.
+      const int last = Model::LastStageWithExit(mc, tc.pp);
       if (tc.virtual_stages <= 1 && last + 1 < tc.pp) {
         const std::string which = last + 2 == tc.pp
                                       ? absl::StrCat("stage ", last + 1, " holds")

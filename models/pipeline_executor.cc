@@ -152,14 +152,8 @@ void PipelineExecutor::set_frozen_backbone(bool frozen, bool stop_at_deepest_exi
   const ModelConfig& c = chunks_[0]->config();
   const int virtual_stages = ctx_->grid.pp() * static_cast<int>(chunks_.size());
   tune_depth_ = stop_at_deepest_exit ? Model::DeepestExitDepth(c) : c.num_layers;
-  // The last virtual stage holding an exit (an exit belongs to the stage of its layer).
-  const int per_virtual = c.num_layers / virtual_stages;
-  int last_virtual = virtual_stages - 1;
-  if (stop_at_deepest_exit) {
-    last_virtual = 0;
-    for (const ExitConfig& x : c.exits)
-      last_virtual = std::max(last_virtual, (x.layer - 1) / per_virtual);
-  }
+  const int last_virtual =
+      stop_at_deepest_exit ? Model::LastStageWithExit(c, virtual_stages) : virtual_stages - 1;
   if (frozen) {
     tune_schedule_ = TuneExitsSchedule(forward_schedule_, last_virtual);
     tune_rendezvous_ = CheckRendezvous(tune_schedule_);

@@ -466,6 +466,13 @@ int Model::ForwardEnd() const {
   return forward_end_ < 0 ? end_layer_ : std::clamp(forward_end_, first_layer_, end_layer_);
 }
 
+int Model::LastStageWithExit(const ModelConfig& c, int stages) {
+  const int per_stage = c.num_layers / stages;
+  int last = 0;
+  for (const ExitConfig& x : c.exits) last = std::max(last, (x.layer - 1) / per_stage);
+  return last;
+}
+
 int Model::DeepestExitDepth(const ModelConfig& c) {
   int depth = 0;
   for (const ExitConfig& x : c.exits) depth = std::max(depth, x.depth());

@@ -114,6 +114,9 @@ class Model {
   int ForwardEnd() const;
   // The deepest layer an exit reads (the depth of the deepest exit): what EE-Tuning computes.
   static int DeepestExitDepth(const ModelConfig& c);
+  // Of `stages` equal (virtual) pipeline stages, the last that holds an exit (an exit belongs to
+  // the stage of its layer); 0 without exits.
+  static int LastStageWithExit(const ModelConfig& c, int stages);
   // Heads of this stage (final head on the last stage, local exits) and, when `backward`, the
   // backward of its layers given the next stage's gradient `d_output` (device; null on the last
   // stage). Losses of heads on other stages are reported as 0.
