@@ -41,6 +41,7 @@ Generator::Generator(Model* model, int capacity, int max_sequences, int kv_token
       be_(model->backend()),
       capacity_(capacity),
       row_budget_(std::max(capacity, 4 * max_sequences)),
+      head_rows_(max_sequences + kMaxDraftTokens + 1),
       first_(model->first_layer()),
       end_(model->end_layer()),
       arena_(model->backend()) {
@@ -80,14 +81,14 @@ Generator::Generator(Model* model, int capacity, int max_sequences, int kv_token
                              : ExitActs{});
   }
   acts_ = MakeBlockActs(arena_, c, row_budget_, /*training=*/false);
-  final_norm_ = MakeNormActs(arena_, max_sequences, c.hidden_size);
+  final_norm_ = MakeNormActs(arena_, head_rows_, c.hidden_size);
   work_ = arena_.Floats(row_budget_ * ch);
   packed_ = arena_.Floats(row_budget_ * ch);
-  newest_ = arena_.Floats(max_sequences * ch);
+  newest_ = arena_.Floats(head_rows_ * ch);
   newest_ops_ = arena_.Operands(max_sequences * ch);
-  logits_ = arena_.Floats(static_cast<size_t>(max_sequences) * c.vocab_size);
+  logits_ = arena_.Floats(static_cast<size_t>(head_rows_) * c.vocab_size);
   if (model->tp().size > 1) {
-    gathered_logits_ = arena_.Floats(static_cast<size_t>(max_sequences) * c.vocab_size);
+    gathered_logits_ = arena_.Floats(static_cast<size_t>(head_rows_) * c.vocab_size);
   }
   pos_ = arena_.Ints(capacity);
   packed_pos_ = arena_.Ints(row_budget_);
@@ -155,6 +156,7 @@ void Generator::ReleaseKv(Sequence& q) {
 void Generator::Reset() {
   for (Sequence& q : seqs_) {
     q.busy = false;
+    q.draft_layer = 0;
     ReleaseKv(q);
     q.len = q.pending_start = 0;
     std::fill(q.depth.begin(), q.depth.end(), 0);
@@ -175,8 +177,16 @@ bool Generator::ExitAllowed(int i, const EarlyExitParams& ee) const {
 
 std::vector<StepResult> Generator::StepBatch(const std::vector<std::vector<int32_t>>& ids,
                                              const std::vector<EarlyExitParams>& ee) {
-  EE_CHECK(ids.size() <= seqs_.size() && ee.size() == ids.size(), "StepBatch: ", ids.size(),
-           " sequences, ", ee.size(), " exit settings, room for ", seqs_.size());
+  return Pass(ids, ee, {});
+}
+
+std::vector<StepResult> Generator::Pass(const std::vector<std::vector<int32_t>>& ids,
+                                        const std::vector<EarlyExitParams>& ee,
+                                        const std::vector<bool>& check) {
+  EE_CHECK(ids.size() <= seqs_.size() && ee.size() == ids.size() &&
+               (check.empty() || check.size() == ids.size()),
+           "StepBatch: ", ids.size(), " sequences, ", ee.size(), " exit settings, ", check.size(),
+           " checks, room for ", seqs_.size());
   std::vector<StepResult> out(ids.size());
   std::vector<Item> items;
   std::vector<int32_t> staged;  // every new id, copied to the device at once
@@ -189,12 +199,14 @@ std::vector<StepResult> Generator::StepBatch(const std::vector<std::vector<int32
              " tokens, its KV room is ", q.kv_capacity);
     offsets.push_back(staged.size());
     staged.insert(staged.end(), ids[s].begin(), ids[s].end());
-    q.checks_exits = ee[s].threshold < 1.0f;
+    // A speculative sequence keeps its block exits' K/V in every pass: its drafts attend to them.
+    q.checks_exits = ee[s].threshold < 1.0f || q.draft_layer > 0;
     Item it;
     it.seq = static_cast<int>(s);
     it.n_new = n;
-    it.ee = q.checks_exits ? &ee[s] : nullptr;
+    it.ee = ee[s].threshold < 1.0f ? &ee[s] : nullptr;
     it.out = &out[s];
+    it.all_rows = !check.empty() && check[s];
     items.push_back(it);
   }
   be_->CopyFromHost(staged_ids_, staged.data(), staged.size() * sizeof(int32_t));
@@ -459,23 +471,29 @@ void Generator::ForwardGroup(Item* items, int n) {
     }
     CheckExits(l, pieces, acts_.out, x.pos);
   }
-  // The final head (on the last stage), for the newest rows of sequences no exit took.
-  std::vector<Item*> finals;
+  // The final head (on the last stage), for the newest rows of sequences no exit took, and every
+  // row of those whose drafts it checks; in projections of at most head_rows_ rows.
+  std::vector<Piece> finals;  // first: the item's first scored row in work_
   for (int i = 0; i < n && model_->is_last_stage(); ++i) {
     Item& it = items[i];
-    if (it.fired || it.n_new == 0) continue;
-    be_->Copy(newest_ + finals.size() * ch, work_ + (it.work_row + it.end - 1 - it.start) * ch,
-              ch * sizeof(float));
-    finals.push_back(&it);
+    if (it.fired || (it.n_new == 0 && !it.all_rows)) continue;
+    const int rows = it.all_rows ? it.end - it.start : 1;
+    EE_CHECK(rows <= head_rows_, "the final head scores ", rows, " rows, room for ", head_rows_);
+    finals.push_back({&it, it.work_row + it.end - it.start - rows, rows});
   }
-  if (!finals.empty()) {
-    const int k = static_cast<int>(finals.size());
+  for (size_t f = 0; f < finals.size();) {
+    size_t g = f;
+    int k = 0;
+    for (; g < finals.size() && k + finals[g].rows <= head_rows_; k += finals[g++].rows) {
+      be_->Copy(newest_ + k * ch, work_ + finals[g].first * ch,
+                finals[g].rows * ch * sizeof(float));
+    }
     const std::vector<float>& logits =
         ProjectToHost(model_->FinalHidden(final_norm_, newest_, k), -1, k);
-    for (int j = 0; j < k; ++j) {
-      const float* r = logits.data() + static_cast<size_t>(j) * c.vocab_size;
-      finals[j]->out->logits.assign(r, r + c.vocab_size);
-      finals[j]->out->depth = c.num_layers;
+    for (const float* r = logits.data(); f < g; r += finals[f++].rows * c.vocab_size) {
+      finals[f].item->out->logits.assign(r, r + finals[f].rows * c.vocab_size);
+      finals[f].item->out->rows = finals[f].rows;
+      finals[f].item->out->depth = c.num_layers;
     }
   }
   for (int i = 0; i < n; ++i) {
@@ -535,7 +553,7 @@ absl::Status Generator::Validate(const GenerationRequest& r) const {
           absl::StrCat("exit layer ", layer, " is not the layer of an exit in this model"));
     }
   }
-  return absl::OkStatus();
+  return ValidateSpeculative(r);
 }
 
 absl::Status Generator::ValidateAll(const std::vector<GenerationRequest>& requests) const {
@@ -573,6 +591,11 @@ absl::StatusOr<int> Generator::Admit(GenerationRequest request, int slot) {
     q.rng.Seed(request.sampling.seed);
     q.result = GenerationResult();
     q.next = request.prompt;
+    q.draft_layer = request.speculative.exit_layer;
+    q.round_drafts = 0;
+    q.drafts.clear();
+    q.draft_dist.clear();
+    q.checking = true;  // the prefill: a full pass
     q.request = std::move(request);
     q.timer.Reset();
     return static_cast<int>(s);
@@ -586,6 +609,7 @@ GenerationResult Generator::Retire(int slot) {
   Sequence& q = seqs_.at(slot);
   if (q.busy) ReleaseKv(q);
   q.busy = false;
+  q.draft_layer = 0;
   q.next.clear();
   q.request = GenerationRequest();
   q.result.finish = FinishReason::kCancelled;
@@ -603,16 +627,18 @@ std::vector<Generator::Finished> Generator::Advance(
   std::vector<Finished> finished;
   std::vector<std::vector<int32_t>> ids(seqs_.size());
   std::vector<EarlyExitParams> ee(seqs_.size());
+  std::vector<bool> check(seqs_.size());
   bool any = false;
   for (size_t s = 0; s < seqs_.size(); ++s) {
     Sequence& q = seqs_[s];
     if (!q.busy) continue;
     ids[s] = TakeNext(static_cast<int>(s));
-    ee[s] = q.request.early_exit;
+    ee[s] = q.draft_layer > 0 ? SpeculativePassExits(q) : q.request.early_exit;
+    check[s] = q.draft_layer > 0 && q.checking && q.prefilled;
     any = true;
   }
   if (!any) return finished;
-  const std::vector<StepResult> r = StepBatch(ids, ee);
+  const std::vector<StepResult> r = Pass(ids, ee, check);
   for (size_t s = 0; s < seqs_.size(); ++s) {
     Finished f;
     if (seqs_[s].busy && Accept(static_cast<int>(s), r[s], on_token, &f)) {
@@ -637,14 +663,24 @@ bool Generator::Accept(int slot, const StepResult& r,
     q.timer.Reset();
     q.prefilled = true;
   }
+  if (q.draft_layer > 0) return AcceptSpeculative(slot, r, on_token, finished);
+  std::vector<float> scratch = r.logits;
+  const int32_t tok = SampleToken(scratch, q.request.sampling, q.rng);
+  const float logprob = LogProbability(r.logits.data(), model_->config().vocab_size, tok);
+  if (Emit(slot, tok, r.exit_index, r.depth, logprob, on_token, finished)) return true;
+  q.next = {tok};
+  return false;
+}
+
+bool Generator::Emit(int slot, int32_t tok, int exit_index, int depth, float logprob,
+                     const std::function<void(int, int32_t)>& on_token, Finished* finished) {
+  Sequence& q = seqs_[slot];
   const GenerationRequest& req = q.request;
   GenerationResult& g = q.result;
-  std::vector<float> scratch = r.logits;
-  const int32_t tok = SampleToken(scratch, req.sampling, q.rng);
   g.tokens.push_back(tok);
-  g.exit_index.push_back(r.exit_index);
-  g.depth.push_back(r.depth);
-  g.logprobs.push_back(LogProbability(r.logits.data(), model_->config().vocab_size, tok));
+  g.exit_index.push_back(exit_index);
+  g.depth.push_back(depth);
+  g.logprobs.push_back(logprob);
   if (on_token) on_token(slot, tok);
   if (tok == req.eos_id) {
     g.finish = FinishReason::kEos;
@@ -653,11 +689,11 @@ bool Generator::Accept(int slot, const StepResult& r,
   } else if (static_cast<int>(g.tokens.size()) == req.max_new_tokens) {
     g.finish = FinishReason::kLength;
   } else {
-    q.next = {tok};
     return false;
   }
   g.decode_seconds = q.timer.Seconds();
   q.busy = false;
+  q.draft_layer = 0;
   ReleaseKv(q);
   q.request = GenerationRequest();
   *finished = {slot, std::move(g)};

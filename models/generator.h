@@ -15,6 +15,12 @@
 // that exits at depth D simply has no rows in the deeper layers of that pass. A sequence's
 // tokens are those it would get alone (same sampling seed), up to floating-point rounding of
 // the batched GEMMs.
+//
+// Self-speculative decoding (a request's `speculative`; models/generator_speculative.cc): the
+// sequence's passes alternate between drafting (its newest token runs to the drafting exit,
+// which always fires) and checking (the drafted rows, left pending, run through the deeper
+// layers together with the last draft, and the final head scores every row of the round). The
+// tokens the check rejects are dropped from the cache by shortening the sequence.
 #pragma once
 
 #include <cstdint>
@@ -28,6 +34,7 @@
 #include "engine/core/timer.h"
 #include "models/layers.h"
 #include "models/sampler.h"
+#include "models/speculative.h"
 #include "models/transformer.h"
 
 namespace eellm {
@@ -40,8 +47,11 @@ struct EarlyExitParams {
 struct StepResult {
   int exit_index = -1;        // exit that fired, -1 for the final head
   int depth = 0;              // layers computed for the newest token
-  std::vector<float> logits;  // [vocab] of the head that produced the token (before temperature)
-  float temperature = 1.0f;   // that head's temperature
+  std::vector<float> logits;  // [rows, vocab] of the head that produced the token (before
+                              // temperature): the newest row's, or on a pass that checks a
+                              // sequence's drafts the final head's for each of its rows
+  int rows = 1;
+  float temperature = 1.0f;  // that head's temperature
 };
 
 enum class FinishReason { kLength, kEos, kStop, kCancelled };
@@ -54,16 +64,18 @@ struct GenerationRequest {
   int eos_id = -1;  // -1: none
   SamplingParams sampling;
   EarlyExitParams early_exit;
+  SpeculativeParams speculative;  // instead of early_exit: an exit drafts, the full model checks
   // Called with the tokens generated so far after each token; true ends the sequence there
   // (e.g. a stop string was produced). May be null.
   std::function<bool(const std::vector<int32_t>&)> stop;
 };
 
 struct GenerationResult {
-  std::vector<int32_t> tokens;  // generated tokens (prompt excluded)
-  std::vector<int> exit_index;  // per generated token: exit that produced it, -1 final
-  std::vector<int> depth;       // per generated token: layers computed
-  std::vector<float> logprobs;  // per generated token: log softmax of its head's logits
+  std::vector<int32_t> tokens;    // generated tokens (prompt excluded)
+  std::vector<int> exit_index;    // per generated token: exit that produced it, -1 final
+  std::vector<int> depth;         // per generated token: layers computed
+  std::vector<float> logprobs;    // per generated token: log softmax of its head's logits
+  int drafted = 0, accepted = 0;  // speculative decoding: drafts checked, and kept
   // Prefill: the batch's first pass. Decode: from then until this sequence's last token.
   double prefill_seconds = 0, decode_seconds = 0;
   FinishReason finish = FinishReason::kLength;
@@ -237,6 +249,13 @@ class Generator : public SequenceBatcher {
     GenerationResult result;
     std::vector<int32_t> next;  // what the next pass appends: the prompt, then each new token
     Timer timer;                // since admission, then since the prefill
+    // Self-speculative decoding: the drafting exit's layer (0: not speculative); the drafts of
+    // this round and their distributions; how many the round drafts; whether the next pass
+    // checks them (a full pass; so is the prefill).
+    int draft_layer = 0, round_drafts = 0;
+    std::vector<int32_t> drafts;
+    std::vector<std::vector<double>> draft_dist;
+    bool checking = false;
   };
   // A sequence's part in one forward pass.
   struct Item {
@@ -249,6 +268,7 @@ class Generator : public SequenceBatcher {
     int start = 0, end = 0;   // positions [start, end) run in this pass
     bool fired = false;       // a head has decided its newest token
     bool keep_going = false;  // run its rows through every layer even once fired (stages)
+    bool all_rows = false;    // the final head scores every row of the pass (drafts' check)
   };
   // Rows [first, first + rows) of an item that reach one depth; `packed`: where they sit.
   struct Piece {
@@ -256,6 +276,22 @@ class Generator : public SequenceBatcher {
     int first = 0, rows = 0, packed = 0;
   };
   bool ExitAllowed(int i, const EarlyExitParams& ee) const;
+  // StepBatch, with `check[s]`: the final head scores every row sequence s runs (empty: none).
+  std::vector<StepResult> Pass(const std::vector<std::vector<int32_t>>& ids,
+                               const std::vector<EarlyExitParams>& ee,
+                               const std::vector<bool>& check);
+  // Records token `tok` of the sequence in `slot` and calls on_token; when that ends the
+  // sequence, fills *finished, frees the slot and returns true.
+  bool Emit(int slot, int32_t tok, int exit_index, int depth, float logprob,
+            const std::function<void(int, int32_t)>& on_token, Finished* finished);
+  // ---- self-speculative decoding (generator_speculative.cc) ----
+  absl::Status ValidateSpeculative(const GenerationRequest& r) const;
+  // The exits the sequence's next pass checks: the drafting exit, always firing, or none.
+  EarlyExitParams SpeculativePassExits(const Sequence& q) const;
+  // Accept() for a speculative sequence: keeps a draft, or checks the round's drafts, emits
+  // what the full model keeps, drops the rest from the cache and plans the next round.
+  bool AcceptSpeculative(int slot, const StepResult& r,
+                         const std::function<void(int, int32_t)>& on_token, Finished* finished);
   // Points the slot's KV views at rows [start, start + tokens) of the pools.
   void PlaceKv(int slot, int start, int tokens);
   void ReleaseKv(Sequence& q);       // frees its range (kv_tokens > 0)
@@ -281,6 +317,7 @@ class Generator : public SequenceBatcher {
   Model* model_;
   Backend* be_;
   int capacity_, row_budget_;
+  int head_rows_;  // rows one final-head projection takes: a row per sequence + a round's check
   bool kv_by_request_ = false;  // kv_tokens > 0: ranges taken per request
   int kv_tokens_ = 0;
   size_t kv_row_ = 0;                            // elements of one token's K (or V) per layer
@@ -292,10 +329,10 @@ class Generator : public SequenceBatcher {
   BlockActs acts_;
   std::vector<ExitActs> exit_acts_;
   NormActs final_norm_;
-  float *work_, *packed_, *newest_;   // [row_budget, c] x2, [max_sequences, c]
+  float *work_, *packed_, *newest_;   // [row_budget, c] x2, [head_rows, c]
   Operand newest_ops_;                // [max_sequences, c]
-  float* logits_;                     // [max_sequences, vocab] (this rank's shard under tp)
-  float* gathered_logits_ = nullptr;  // [tp, max_sequences, vocab / tp] (tensor parallelism)
+  float* logits_;                     // [head_rows, vocab] (this rank's shard under tp)
+  float* gathered_logits_ = nullptr;  // [tp, head_rows, vocab / tp] (tensor parallelism)
   int32_t* pos_;                      // [capacity]: 0, 1, ...
   int32_t *work_pos_, *packed_pos_;   // [row_budget]: positions of work_'s and packed_'s rows
   int32_t* staged_ids_;               // [max_sequences * capacity]: a pass's new ids

@@ -7,6 +7,7 @@
 #include <limits>
 #include <tuple>
 
+#include "tests/models/full_pass.h"
 #include "tests/models/model_test_util.h"
 
 namespace eellm {
@@ -14,61 +15,11 @@ namespace {
 
 using testing::ConfigWithExits;
 using testing::Cpu;
+using testing::ExpectMatchesFullPass;
+using testing::FullPass;
+using testing::MaxAbsDiff;
+using testing::RunFull;
 using testing::TinyConfig;
-
-struct FullPass {
-  std::vector<std::vector<float>> final_logits;              // [pos][vocab]
-  std::vector<std::vector<std::vector<float>>> exit_logits;  // [exit][pos][vocab]
-  std::vector<std::vector<float>> k, v;                      // per layer [pos * hkv * d]
-};
-
-// Training-path forward over one sequence: every head's logits at every position.
-FullPass RunFull(Model& m, const std::vector<int32_t>& ids) {
-  const ModelConfig& c = m.config();
-  const int t = static_cast<int>(ids.size()), ch = c.hidden_size, v = c.vocab_size;
-  Arena a(m.backend());
-  int32_t* dids = a.Ints(t);
-  int32_t* pos = a.Ints(t);
-  std::copy(ids.begin(), ids.end(), dids);
-  for (int i = 0; i < t; ++i) pos[i] = i;
-  std::vector<float*> depth_hidden(c.num_layers + 1);
-  depth_hidden[0] = a.Floats(t * ch);
-  m.Embed(depth_hidden[0], dids, pos, t);
-  std::vector<BlockActs> acts;
-  FullPass f;
-  for (int l = 0; l < c.num_layers; ++l) {
-    acts.push_back(MakeBlockActs(a, c, t, /*training=*/true));
-    BlockForward(m.ctx(), m.layer(l), acts[l], depth_hidden[l], pos, 1, t, nullptr);
-    depth_hidden[l + 1] = acts[l].out;
-    const int kvn = t * c.num_kv_heads * c.head_dim();
-    f.k.emplace_back(acts[l].attn.k.f32(), acts[l].attn.k.f32() + kvn);
-    f.v.emplace_back(acts[l].attn.v.f32(), acts[l].attn.v.f32() + kvn);
-  }
-  float* logits = a.Floats(t * v);
-  auto rows = [&](std::vector<std::vector<float>>& out) {
-    for (int p = 0; p < t; ++p) out.emplace_back(logits + p * v, logits + (p + 1) * v);
-  };
-  NormActs fn = MakeNormActs(a, t, ch);
-  m.Project(logits, m.FinalHidden(fn, depth_hidden[c.num_layers], t), -1, t);
-  rows(f.final_logits);
-  for (size_t i = 0; i < c.exits.size(); ++i) {
-    const ExitConfig& x = c.exits[i];
-    ExitActs ea = m.MakeExitActs(a, i, t, /*training=*/true);
-    const float* in = (x.kind == ExitKind::kMlp && x.position == ExitPosition::kPost)
-                          ? acts[x.layer - 1].h_attn
-                          : depth_hidden[x.depth()];
-    m.Project(logits, m.ExitHidden(i, ea, in, pos, 1, t, nullptr), i, t);
-    f.exit_logits.emplace_back();
-    rows(f.exit_logits.back());
-  }
-  return f;
-}
-
-double MaxAbsDiff(const float* a, const float* b, size_t n) {
-  double d = 0;
-  for (size_t i = 0; i < n; ++i) d = std::max(d, static_cast<double>(std::fabs(a[i] - b[i])));
-  return d;
-}
 
 class GeneratorTest : public ::testing::TestWithParam<ModelStyle> {};
 
@@ -346,41 +297,6 @@ ModelConfig DeepBlockExitsConfig(ModelStyle style, bool two_blocks) {
   d.temperature = 0.8f;
   c.exits = {a, b, d};
   return c;
-}
-
-// Ground truth for a generated sequence: each token's log-probability is that of the head that
-// produced it in a full pass over prompt + generated tokens, and that head is the first allowed
-// exit whose full-pass max probability reaches the threshold (the final head if none does).
-void ExpectMatchesFullPass(Model& m, const GenerationRequest& q, const GenerationResult& g) {
-  const ModelConfig& c = m.config();
-  std::vector<int32_t> all = q.prompt;
-  all.insert(all.end(), g.tokens.begin(), g.tokens.end());
-  FullPass full = RunFull(m, all);
-  for (size_t t = 0; t < g.tokens.size(); ++t) {
-    const int p = static_cast<int>(q.prompt.size() + t) - 1;
-    const int e = g.exit_index[t];
-    const auto& ref = e < 0 ? full.final_logits[p] : full.exit_logits[e][p];
-    EXPECT_NEAR(g.logprobs[t], LogProbability(ref.data(), c.vocab_size, g.tokens[t]), 2e-4)
-        << "token " << t << " exit " << e;
-    int want = -1;
-    bool close_call = false;  // a max probability within rounding of the threshold
-    for (size_t x = 0; x < c.exits.size() && q.early_exit.threshold < 1; ++x) {
-      const auto& allowed = q.early_exit.exit_layers;
-      if (!allowed.empty() &&
-          std::find(allowed.begin(), allowed.end(), c.exits[x].layer) == allowed.end()) {
-        continue;
-      }
-      const float mp =
-          MaxProbability(full.exit_logits[x][p].data(), c.vocab_size, c.exits[x].temperature);
-      close_call |= std::fabs(mp - q.early_exit.threshold) < 1e-4;
-      if (mp >= q.early_exit.threshold) {
-        want = static_cast<int>(x);
-        break;
-      }
-    }
-    if (!close_call) EXPECT_EQ(e, want) << "token " << t;
-    if (e != want) return;  // the sequences differ from here on
-  }
 }
 
 // One KV cache shared by the requests (kv_tokens > 0): each admitted sequence takes a range of
