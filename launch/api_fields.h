@@ -14,7 +14,9 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "engine/core/status.h"
 #include "launch/api_server.h"
+#include "models/speculative.h"
 #include "nlohmann/json.hpp"
 
 namespace eellm::api {
@@ -121,7 +123,18 @@ struct GenerationOptions {
   bool add_bos = false;      // an empty prompt always starts with BOS
   double threshold = 1.0;    // early exit; 1 = off
   std::vector<int> exit_layers;
+  SpeculativeParams speculative;  // self-speculative decoding; exit_layer 0 = off
 };
+
+// The self-speculative decoding fields of either API: "draft_exit_layer" (the drafting exit's
+// layer, 0 = off) and "draft_tokens" (per round).
+inline absl::Status ReadSpeculative(const json& body, SpeculativeParams* out) {
+  RETURN_IF_ERROR(Read(body, "draft_exit_layer", "a layer number >= 0 (0 = off)", &out->exit_layer,
+                       [](int v) { return v >= 0; }));
+  return Read(body, "draft_tokens",
+              absl::StrCat("an integer in [1, ", kMaxDraftTokens, "]").c_str(), &out->draft_tokens,
+              [](int v) { return v >= 1 && v <= kMaxDraftTokens; });
+}
 
 // One GenerationRequest per call->prompts, stopping at call->stop_sequences (matched on the
 // generated text).
@@ -139,6 +152,7 @@ inline void AddGenerationRequests(const GenerationOptions& o, const Tokenizer& t
     r.sampling.seed = o.seed + i;
     r.early_exit.threshold = static_cast<float>(o.threshold);
     r.early_exit.exit_layers = o.exit_layers;
+    r.speculative = o.speculative;
     if (!call->stop_sequences.empty()) {
       r.stop = [&tok, stops = call->stop_sequences](const std::vector<int32_t>& generated) {
         const std::string text = tok.Decode(generated);

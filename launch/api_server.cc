@@ -30,10 +30,10 @@ using nlohmann::json;
 
 const std::set<std::string>& KnownFields() {
   static const std::set<std::string> known = {
-      "prompts",       "tokens_to_generate", "temperature",      "top_k",
-      "top_p",         "random_seed",        "add_BOS",          "stop_sequences",
-      "logprobs",      "use_early_exit",     "early_exit_thres", "exit_layers",
-      "print_max_prob"};
+      "prompts",        "tokens_to_generate", "temperature",      "top_k",
+      "top_p",          "random_seed",        "add_BOS",          "stop_sequences",
+      "logprobs",       "use_early_exit",     "early_exit_thres", "exit_layers",
+      "print_max_prob", "draft_exit_layer",   "draft_tokens"};
   return known;
 }
 
@@ -82,6 +82,7 @@ absl::StatusOr<ApiCall> ParseApiRequest(const std::string& body_text, const Toke
   }
   RETURN_IF_ERROR(api::ReadLayers(body, "exit_layers", &exit_layers));
   api::GenerationOptions o;
+  RETURN_IF_ERROR(api::ReadSpeculative(body, &o.speculative));
   o.max_new_tokens = tokens;
   o.temperature = temperature;
   o.top_k = top_k;

@@ -26,16 +26,27 @@ struct Run {
   double seconds = 0;
   long tokens = 0, early = 0;
   double layers = 0;
+  long drafted = 0, kept = 0, checks = 0;  // speculative decoding
   std::vector<std::vector<int32_t>> outputs;
+  double TokensPerSecond() const { return tokens / seconds; }
 };
 
 void Add(Run& run, const GenerationResult& g) {
   run.tokens += static_cast<long>(g.tokens.size());
+  run.drafted += g.drafted;
+  run.kept += g.accepted;
+  run.checks += g.checks;
   for (size_t i = 0; i < g.tokens.size(); ++i) {
     run.early += g.exit_index[i] >= 0;
     run.layers += g.depth[i];
   }
   run.outputs.push_back(g.tokens);
+}
+
+int SameOutputs(const Run& a, const Run& b) {
+  int same = 0;
+  for (size_t i = 0; i < a.outputs.size(); ++i) same += a.outputs[i] == b.outputs[i];
+  return same;
 }
 
 std::vector<GenerationRequest> MakeRequests(const Tokenizer& tok, const GenerateBenchOptions& o) {
@@ -72,12 +83,64 @@ void PrintHeader(const char* reference, const char* measured) {
 // A row: `run` against `reference` (same requests), and how many sequences' tokens agree.
 void PrintRow(float threshold, const Run& reference, const Run& run) {
   const size_t n = run.outputs.size();
-  int same = 0;
-  for (size_t i = 0; i < n; ++i) same += reference.outputs[i] == run.outputs[i];
+  const int same = SameOutputs(reference, run);
   const double ref_tps = reference.tokens / reference.seconds, tps = run.tokens / run.seconds;
   std::printf("%-9.2f | %24.1f | %24.1f | %6.2fx | %10.2f | %5.1f%% | %d of %zu\n", threshold,
               ref_tps, tps, tps / ref_tps, run.layers / run.tokens, 100.0 * run.early / run.tokens,
               same, n);
+}
+
+// `reqs` generated one at a time on `single`, and all together on `batched`.
+absl::StatusOr<Run> OneAtATime(Generator& single, const std::vector<GenerationRequest>& reqs) {
+  Run run;
+  Timer t;
+  for (const GenerationRequest& r : reqs) {
+    ASSIGN_OR_RETURN(std::vector<GenerationResult> g, single.GenerateBatch({r}));
+    Add(run, g[0]);
+  }
+  run.seconds = t.Seconds();
+  return run;
+}
+
+absl::StatusOr<Run> Together(Generator& batched, const std::vector<GenerationRequest>& reqs) {
+  Run run;
+  Timer t;
+  ASSIGN_OR_RETURN(std::vector<GenerationResult> g, batched.GenerateBatch(reqs));
+  run.seconds = t.Seconds();
+  for (const GenerationResult& r : g) Add(run, r);
+  return run;
+}
+
+// Self-speculative decoding (each exit of o.draft_exits drafting) against the full model, one at
+// a time and batched.
+absl::Status SpeculativeRows(Generator& single, Generator& batched,
+                             std::vector<GenerationRequest> reqs, const GenerateBenchOptions& o) {
+  for (auto& r : reqs) r.early_exit.threshold = 1.0f;
+  ASSIGN_OR_RETURN(const Run full_one, OneAtATime(single, reqs));
+  ASSIGN_OR_RETURN(const Run full_all, Together(batched, reqs));
+  std::printf("\nself-speculative decoding (%d drafts a round) against the full model:\n",
+              o.draft_tokens);
+  std::printf("%-10s | %-26s | %-26s | %-6s | %-13s | %s\n", "draft exit", "one at a time tokens/s",
+              "batched tokens/s", "kept", "tokens / pass", "same tokens");
+  std::printf("%-10s | %8s %8s %7s | %8s %8s %7s |\n", "", "full", "spec", "ratio", "full", "spec",
+              "ratio");
+  for (int layer : o.draft_exits) {
+    for (auto& r : reqs) r.speculative = {layer, o.draft_tokens};
+    ASSIGN_OR_RETURN(const Run one, OneAtATime(single, reqs));
+    ASSIGN_OR_RETURN(const Run all, Together(batched, reqs));
+    std::printf("%-10d | %8.1f %8.1f %6.2fx | %8.1f %8.1f %6.2fx | %5.1f%% | %13.2f | %d of %zu\n",
+                layer, full_one.TokensPerSecond(), one.TokensPerSecond(),
+                one.TokensPerSecond() / full_one.TokensPerSecond(), full_all.TokensPerSecond(),
+                all.TokensPerSecond(), all.TokensPerSecond() / full_all.TokensPerSecond(),
+                one.drafted > 0 ? 100.0 * one.kept / one.drafted : 0.0,
+                static_cast<double>(one.tokens) / one.checks, SameOutputs(full_one, one),
+                reqs.size());
+  }
+  std::printf(
+      "\n\"kept\": drafts the full model agreed with; \"tokens / pass\": tokens per "
+      "full-model pass (prefill included); \"same tokens\": sequences equal to the full "
+      "model's\n");
+  return absl::OkStatus();
 }
 
 // Shortened requests, run first so that caches, thread pools and buffers are warm.
@@ -107,26 +170,16 @@ absl::Status RunGenerateBenchmark(Model* model, const Tokenizer& tok,
   }
   for (float th : o.thresholds) {
     for (auto& r : reqs) r.early_exit.threshold = th;
-    Run one, all;
-    Timer t;
-    for (const GenerationRequest& r : reqs) {
-      auto g = single.GenerateBatch({r});
-      RETURN_IF_ERROR(g.status());
-      Add(one, (*g)[0]);
-    }
-    one.seconds = t.Seconds();
-    t.Reset();
-    auto g = batched.GenerateBatch(reqs);
-    RETURN_IF_ERROR(g.status());
-    all.seconds = t.Seconds();
-    for (const GenerationResult& r : *g) Add(all, r);
+    ASSIGN_OR_RETURN(const Run one, OneAtATime(single, reqs));
+    ASSIGN_OR_RETURN(const Run all, Together(batched, reqs));
     PrintRow(th, one, all);
   }
   std::printf(
       "\ntokens/s count every generated token over the wall time of prefill and decode; \"same "
       "tokens\": sequences whose batched tokens equal their one-at-a-time tokens (floating-point "
       "rounding of batched GEMMs may differ on some backends)\n");
-  return absl::OkStatus();
+  if (o.draft_exits.empty()) return absl::OkStatus();
+  return SpeculativeRows(single, batched, std::move(reqs), o);
 }
 
 absl::Status RunPipelineGenerateBenchmark(Model* whole, PipelineGenerator* pipeline,

@@ -1,7 +1,8 @@
 // The generation benchmark behind `eellm bench generate`: decode throughput of batched early-exit
 // generation (one forward pass for every sequence) against the same prompts generated one at a
 // time, in the same process, at several exit thresholds; with the average layers run, the share
-// of tokens that exited early, and whether batching changed any sequence's tokens. Under mpirun,
+// of tokens that exited early, and whether batching changed any sequence's tokens; then
+// self-speculative decoding against the full model, per drafting exit. Under mpirun,
 // a pipeline's batched generation against one process's.
 #pragma once
 
@@ -21,9 +22,14 @@ struct GenerateBenchOptions {
   std::vector<float> thresholds = {1.0f, 0.8f};
   float temperature = 0;  // 0 = greedy
   uint64_t seed = 1234;
+  // Self-speculative decoding: the exits' layers that draft (a row each; none: no such rows),
+  // and the drafts a round.
+  std::vector<int> draft_exits;
+  int draft_tokens = 4;
 };
 
-// Prints one table row per threshold. Prompts: a fixed set of short English phrases, cycled.
+// Prints one table row per threshold (and per drafting exit). Prompts: a fixed set of short English
+// phrases, cycled.
 absl::Status RunGenerateBenchmark(Model* model, const Tokenizer& tok,
                                   const GenerateBenchOptions& o);
 

@@ -42,6 +42,9 @@ ABSL_FLAG(std::string, python, "python3", "train: Python for the PyTorch referen
 ABSL_FLAG(std::string, dir, "/tmp/eellm_bench", "scratch directory (removed afterwards)");
 ABSL_FLAG(int, new_tokens, 128, "generate: tokens generated per sequence");
 ABSL_FLAG(std::string, thresholds, "1.0,0.8", "generate: early-exit thresholds to run");
+ABSL_FLAG(std::string, draft_exits, "",
+          "generate: layers of the exits that draft for self-speculative decoding, a row each "
+          "against the full model (empty = none)");
 ABSL_FLAG(std::string, model, "",
           "model config JSON (a model config, or a run config's \"model\" section); train: "
           "required; checkpoint: default Llama style, hidden 512, 8 layers, vocab 32000");
@@ -210,6 +213,16 @@ int BenchGenerate() {
     }
     o.thresholds.push_back(static_cast<float>(th));
   }
+  for (absl::string_view part :
+       absl::StrSplit(absl::GetFlag(FLAGS_draft_exits), ',', absl::SkipEmpty())) {
+    int layer;
+    if (!absl::SimpleAtoi(part, &layer) || layer < 1) {
+      return fail(absl::InvalidArgumentError(
+          absl::StrCat("--draft_exits: \"", part, "\" is not a layer number")));
+    }
+    o.draft_exits.push_back(layer);
+  }
+  o.draft_tokens = absl::GetFlag(FLAGS_draft_tokens);
   if (o.batch < 1 || o.new_tokens < 1 || !(o.temperature >= 0)) {
     return fail(absl::InvalidArgumentError(
         absl::StrCat("need --batch >= 1, --new_tokens >= 1 and --temperature >= 0, got ", o.batch,
@@ -233,6 +246,10 @@ int BenchGenerate() {
   if (!group.multi) {
     absl::Status s = RunGenerateBenchmark(group.loaded.model.get(), *group.tokenizer, o);
     return s.ok() ? 0 : fail(s);
+  }
+  if (!o.draft_exits.empty()) {
+    return group.Fail(absl::InvalidArgumentError(
+        "--draft_exits runs in one process (speculative decoding does not run in a pipeline)"));
   }
   InferenceGroup whole;  // rank 0: the whole model, in this process alone
   if (group.launch.rank == 0) {

@@ -1,5 +1,6 @@
 // `eellm generate`: loads a checkpoint and generates text with early exit, printing the text,
-// decode speed, average layers used and the exit histogram (optionally beside a full-model run).
+// decode speed, average layers used and the exit histogram (optionally beside a full-model run);
+// or with self-speculative decoding (--draft_exit), printing the share of drafts kept.
 // Under mpirun or Slurm the processes generate together: one tensor-parallel group, or a pipeline
 // of them (--pp; models/pipeline_generator.h).
 #include <cstdio>
@@ -9,6 +10,7 @@
 #include "absl/flags/flag.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "launch/commands.h"
 #include "launch/inference_group.h"
@@ -28,6 +30,10 @@ ABSL_FLAG(std::string, exit_layers, "",
 ABSL_FLAG(int, top_k, 0, "sample among the k most likely tokens (0 = all)");
 ABSL_FLAG(double, top_p, 1.0, "nucleus sampling probability mass (1 = off)");
 ABSL_FLAG(bool, compare, false, "also generate without early exit and print both speeds");
+ABSL_FLAG(int, draft_exit, 0,
+          "self-speculative decoding instead of early exit: the layer of the exit that drafts "
+          "--draft_tokens tokens a round for one full-model pass to check; the output is the full "
+          "model's (greedy: the same tokens); 0 = off");
 
 namespace eellm {
 namespace {
@@ -47,6 +53,11 @@ void PrintStats(const char* label, const ModelConfig& c, const GenerationResult&
                 g.tokens.empty() ? 0.0 : 100.0 * k / g.tokens.size());
   }
   std::printf("\n");
+  if (g.checks > 0) {
+    std::printf("[%s] drafts kept %d of %d (%.0f%%), %.2f tokens per full-model pass (%d passes)\n",
+                label, g.accepted, g.drafted, g.drafted > 0 ? 100.0 * g.accepted / g.drafted : 0.0,
+                static_cast<double>(g.tokens.size()) / g.checks, g.checks);
+  }
 }
 
 }  // namespace
@@ -66,6 +77,10 @@ int RunGenerateCommand() {
   if (path.empty()) return Fail(absl::InvalidArgumentError("--checkpoint is required"));
   EarlyExitParams ee;
   ee.threshold = static_cast<float>(absl::GetFlag(FLAGS_threshold));
+  SpeculativeParams spec;
+  spec.exit_layer = absl::GetFlag(FLAGS_draft_exit);
+  spec.draft_tokens = absl::GetFlag(FLAGS_draft_tokens);
+  if (spec.enabled()) ee.threshold = 1.0f;  // the full model decides every token
   if (!(ee.threshold > 0 && ee.threshold <= 1)) {
     return Fail(absl::InvalidArgumentError(
         absl::StrCat("--threshold must be in (0, 1], got ", absl::GetFlag(FLAGS_threshold))));
@@ -107,15 +122,17 @@ int RunGenerateCommand() {
     pipeline = std::make_unique<PipelineGenerator>(&gen, group.messages.get(), group.pp, group.tp);
   }
   // Rank 0 gets the result; the pipeline's other ranks an empty one.
-  auto generate = [&](const EarlyExitParams& params) -> absl::StatusOr<GenerationResult> {
-    if (pipeline == nullptr) return gen.Generate(prompt, max_new, tok.eos_id(), sp, params);
+  auto generate = [&](const EarlyExitParams& params,
+                      const SpeculativeParams& speculative) -> absl::StatusOr<GenerationResult> {
     GenerationRequest q;
     q.prompt = prompt;
     q.max_new_tokens = max_new;
     q.eos_id = tok.eos_id();
     q.sampling = sp;
     q.early_exit = params;
-    ASSIGN_OR_RETURN(std::vector<GenerationResult> r, pipeline->GenerateBatch({q}));
+    q.speculative = speculative;
+    ASSIGN_OR_RETURN(std::vector<GenerationResult> r,
+                     pipeline != nullptr ? pipeline->GenerateBatch({q}) : gen.GenerateBatch({q}));
     return r.empty() ? GenerationResult() : std::move(r[0]);
   };
   if (group.pp > 1) {
@@ -127,27 +144,35 @@ int RunGenerateCommand() {
   if (absl::GetFlag(FLAGS_compare)) {
     EarlyExitParams off = ee;
     off.threshold = 1.0f;
-    auto r = generate(off);
+    auto r = generate(off, SpeculativeParams());
     if (!r.ok()) return Fail(r.status());
     full = *r;
     std::printf("--- full model (threshold 1.0) ---\n%s%s\n", absl::GetFlag(FLAGS_prompt).c_str(),
                 tok.Decode(full.tokens).c_str());
     PrintStats("full", c, full);
   }
-  auto r = generate(ee);
+  auto r = generate(ee, spec);
   if (!r.ok()) return Fail(r.status());
-  std::printf("--- early exit (threshold %.2f) ---\n%s%s\n", ee.threshold,
-              absl::GetFlag(FLAGS_prompt).c_str(), tok.Decode(r->tokens).c_str());
-  PrintStats("early-exit", c, *r);
+  const std::string mode =
+      spec.enabled()
+          ? absl::StrCat("self-speculative (exit at layer ", spec.exit_layer, " drafts ",
+                         spec.draft_tokens, " tokens a round)")
+          : absl::StrCat("early exit (threshold ", absl::StrFormat("%.2f", ee.threshold), ")");
+  std::printf("--- %s ---\n%s%s\n", mode.c_str(), absl::GetFlag(FLAGS_prompt).c_str(),
+              tok.Decode(r->tokens).c_str());
+  PrintStats(spec.enabled() ? "speculative" : "early-exit", c, *r);
   if (absl::GetFlag(FLAGS_compare) && full.DecodeTokensPerSecond() > 0) {
     size_t same = 0;
     while (same < r->tokens.size() && same < full.tokens.size() &&
            r->tokens[same] == full.tokens[same])
       ++same;
     std::printf(
-        "speedup %.2fx (%.1f vs %.1f tokens/s); first %zu tokens identical to the full model\n",
+        "speedup %.2fx (%.1f vs %.1f tokens/s); first %zu tokens identical to the full model%s\n",
         r->DecodeTokensPerSecond() / full.DecodeTokensPerSecond(), r->DecodeTokensPerSecond(),
-        full.DecodeTokensPerSecond(), same);
+        full.DecodeTokensPerSecond(), same,
+        spec.enabled() && sp.temperature > 0
+            ? " (sampled: speculative decoding keeps the full model's distribution, not its draws)"
+            : "");
   }
   return 0;
 }

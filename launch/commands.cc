@@ -39,9 +39,9 @@ const Command kCommands[] = {
      RunTrainCommand},
     {"generate",
      "cmd_generate.cc",
-     {"checkpoint", "backend", "seed", "temperature", "tp", "pp"},
-     "generate text from a checkpoint, with early exit (tensor- and pipeline-parallel under "
-     "mpirun)",
+     {"checkpoint", "backend", "seed", "temperature", "draft_tokens", "tp", "pp"},
+     "generate text from a checkpoint, with early exit or self-speculative decoding (tensor- and "
+     "pipeline-parallel under mpirun)",
      RunGenerateCommand},
     {"serve",
      "cmd_serve.cc",
@@ -60,9 +60,9 @@ const Command kCommands[] = {
      RunLogitsCommand},
     {"bench",
      "cmd_bench.cc",
-     {"checkpoint", "backend", "seed", "steps", "temperature", "tp", "pp"},
-     "benchmarks: train (step speed, MFU), generate (batched vs one at a time; under mpirun a "
-     "pipeline vs one process), checkpoint",
+     {"checkpoint", "backend", "seed", "steps", "temperature", "draft_tokens", "tp", "pp"},
+     "benchmarks: train (step speed, MFU), generate (batched vs one at a time, speculative vs "
+     "full; under mpirun a pipeline vs one process), checkpoint",
      RunBenchCommand},
 };
 

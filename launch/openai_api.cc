@@ -35,7 +35,9 @@ const std::set<std::string>& KnownFields() {
                                               "suffix",
                                               "top_k",
                                               "early_exit_threshold",
-                                              "exit_layers"};
+                                              "exit_layers",
+                                              "draft_exit_layer",
+                                              "draft_tokens"};
   return known;
 }
 
@@ -133,6 +135,7 @@ absl::StatusOr<ApiCall> ParseCompletionRequest(const std::string& body_text, con
   RETURN_IF_ERROR(Read(body, "early_exit_threshold", "a number in (0, 1] (1 = off)", &o.threshold,
                        [](double v) { return v > 0 && v <= 1; }));
   RETURN_IF_ERROR(api::ReadLayers(body, "exit_layers", &o.exit_layers));
+  RETURN_IF_ERROR(api::ReadSpeculative(body, &o.speculative));
   RETURN_IF_ERROR(ReadStringOrList(body, "stop", &call.stop_sequences));
   for (const std::string& s : call.stop_sequences) {
     if (s.empty()) return absl::InvalidArgumentError("\"stop\" may not hold \"\"");

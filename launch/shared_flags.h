@@ -17,3 +17,4 @@ ABSL_DECLARE_FLAG(std::string, backend);
 ABSL_DECLARE_FLAG(int, exit);
 ABSL_DECLARE_FLAG(int, steps);
 ABSL_DECLARE_FLAG(double, temperature);
+ABSL_DECLARE_FLAG(int, draft_tokens);

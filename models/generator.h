@@ -71,11 +71,13 @@ struct GenerationRequest {
 };
 
 struct GenerationResult {
-  std::vector<int32_t> tokens;    // generated tokens (prompt excluded)
-  std::vector<int> exit_index;    // per generated token: exit that produced it, -1 final
-  std::vector<int> depth;         // per generated token: layers computed
-  std::vector<float> logprobs;    // per generated token: log softmax of its head's logits
-  int drafted = 0, accepted = 0;  // speculative decoding: drafts checked, and kept
+  std::vector<int32_t> tokens;  // generated tokens (prompt excluded)
+  std::vector<int> exit_index;  // per generated token: exit that produced it, -1 final
+  std::vector<int> depth;       // per generated token: layers computed
+  std::vector<float> logprobs;  // per generated token: log softmax of its head's logits
+  // Speculative decoding: drafts checked, drafts kept, and full-model passes (the prefill and
+  // each round's check).
+  int drafted = 0, accepted = 0, checks = 0;
   // Prefill: the batch's first pass. Decode: from then until this sequence's last token.
   double prefill_seconds = 0, decode_seconds = 0;
   FinishReason finish = FinishReason::kLength;

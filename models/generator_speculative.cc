@@ -72,6 +72,7 @@ bool Generator::AcceptSpeculative(int slot, const StepResult& r,
   EE_CHECK(r.exit_index < 0 && r.rows >= n + 1, "slot ", slot, ": ", r.rows,
            " rows of the final head check ", n, " drafts");
   q.result.drafted += n;
+  ++q.result.checks;
   int kept = 0;
   int32_t tok = 0;
   for (int i = 0; i <= n; ++i) {

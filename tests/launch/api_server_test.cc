@@ -34,6 +34,7 @@ TEST(ApiRequest, MapsEveryFieldAndDefaults) {
   EXPECT_FLOAT_EQ(a.sampling.temperature, 1.0f);
   EXPECT_FLOAT_EQ(a.sampling.top_p, 1.0f);
   EXPECT_FLOAT_EQ(a.early_exit.threshold, 1.0f);  // early exit off unless asked
+  EXPECT_FALSE(a.speculative.enabled());          // so is speculative decoding
   EXPECT_EQ(call->requests[1].sampling.seed, a.sampling.seed + 1);
   EXPECT_FALSE(a.stop);
   auto other = ParseApiRequest(R"({"prompts": ["ab"]})", tok, d, 1);
@@ -63,6 +64,12 @@ TEST(ApiRequest, MapsEveryFieldAndDefaults) {
   EXPECT_FLOAT_EQ(call->requests[0].early_exit.threshold, 0.3f);
   call = ParseApiRequest(R"({"prompts": ["ab"], "early_exit_thres": 0.3, "use_early_exit": false})",
                          tok, d, 0);
+  EXPECT_FLOAT_EQ(call->requests[0].early_exit.threshold, 1.0f);
+  call = ParseApiRequest(R"({"prompts": ["ab"], "draft_exit_layer": 2, "draft_tokens": 6})", tok, d,
+                         0);
+  ASSERT_TRUE(call.ok()) << call.status();
+  EXPECT_EQ(call->requests[0].speculative.exit_layer, 2);
+  EXPECT_EQ(call->requests[0].speculative.draft_tokens, 6);
   EXPECT_FLOAT_EQ(call->requests[0].early_exit.threshold, 1.0f);
 }
 
@@ -100,6 +107,10 @@ TEST(ApiRequest, ErrorsNameTheFieldAndValue) {
       {R"({"prompts": ["a"], "stop_sequences": [""]})", "may not hold \"\""},
       {R"({"prompts": ["a"], "print_max_prob": true})", "\"print_max_prob\" must be false"},
       {R"({"prompts": ["a"], "max_tokens": 5})", "unknown field \"max_tokens\""},
+      {R"({"prompts": ["a"], "draft_exit_layer": -2})",
+       "\"draft_exit_layer\" must be a layer number >= 0 (0 = off), got -2"},
+      {R"({"prompts": ["a"], "draft_tokens": 17})",
+       "\"draft_tokens\" must be an integer in [1, 16], got 17"},
   };
   // A value nested 100,000 deep is named by its type, not dumped (that would overflow the stack).
   const std::string deep = std::string(100000, '[') + std::string(100000, ']');

@@ -28,6 +28,7 @@ TEST(CompletionRequest, MapsFieldsAndOpenAiDefaults) {
   EXPECT_FLOAT_EQ(a.sampling.temperature, 1.0f);
   EXPECT_FLOAT_EQ(a.sampling.top_p, 1.0f);
   EXPECT_FLOAT_EQ(a.early_exit.threshold, 1.0f);  // early exit off unless asked
+  EXPECT_FALSE(a.speculative.enabled());          // so is speculative decoding
   EXPECT_FALSE(call->logprobs);
   EXPECT_FALSE(a.stop);
   // null means the default, as OpenAI clients send it.
@@ -50,7 +51,7 @@ TEST(CompletionRequest, MapsFieldsAndOpenAiDefaults) {
       "top_p": 0.5, "top_k": -1, "seed": 42, "stop": "\n", "logprobs": 1, "n": 1,
       "stream": false, "echo": false, "presence_penalty": 0, "frequency_penalty": 0,
       "logit_bias": {}, "suffix": null, "user": "u", "best_of": 1,
-      "early_exit_threshold": 0.7, "exit_layers": [2]})",
+      "early_exit_threshold": 0.7, "exit_layers": [2], "draft_exit_layer": 3, "draft_tokens": 2})",
                                 tok, ApiDefaults(), 0);
   ASSERT_TRUE(call.ok()) << call.status();
   ASSERT_EQ(call->requests.size(), 2u);
@@ -63,6 +64,8 @@ TEST(CompletionRequest, MapsFieldsAndOpenAiDefaults) {
   EXPECT_EQ(b.sampling.seed, 43u);
   EXPECT_FLOAT_EQ(b.early_exit.threshold, 0.7f);
   EXPECT_EQ(b.early_exit.exit_layers, std::vector<int>{2});
+  EXPECT_EQ(b.speculative.exit_layer, 3);
+  EXPECT_EQ(b.speculative.draft_tokens, 2);
   EXPECT_TRUE(call->logprobs);
   ASSERT_TRUE(b.stop);
   EXPECT_TRUE(b.stop({'x', '\n'}));
@@ -86,6 +89,7 @@ TEST(CompletionRequest, RefusedFieldsAreNamed) {
       {R"({"prompt": "a", "stop": ["1", "2", "3", "4", "5"]})", "at most 4 strings, got 5"},
       {R"({"prompt": "a", "early_exit_threshold": 2})", "\"early_exit_threshold\" must be"},
       {R"({"prompt": "a", "max_new_tokens": 3})", "unknown field \"max_new_tokens\""},
+      {R"({"prompt": "a", "draft_tokens": 0})", "\"draft_tokens\" must be an integer in [1, 16]"},
   };
   for (const auto& [body, want] : cases) {
     auto r = ParseCompletionRequest(body, tok, ApiDefaults(), 0);

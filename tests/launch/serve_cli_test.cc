@@ -27,7 +27,7 @@ TEST_F(ParallelCliTest, BenchGenerateComparesBatchedWithOneAtATime) {
   ASSERT_FALSE(ckpt.empty());
   const std::string args = "bench generate --checkpoint=" + Quote(ckpt) +
                            " --batch=3 --new-tokens=6 --thresholds=1.0,0.5";
-  CmdResult r = RunEellm(args);
+  CmdResult r = RunEellm(args + " --draft-exits=1 --draft-tokens=2");
   ASSERT_EQ(r.exit_code, 0) << Describe(args, r);
   std::smatch m;
   for (const char* th : {"1.00", "0.50"}) {
@@ -37,6 +37,15 @@ TEST_F(ParallelCliTest, BenchGenerateComparesBatchedWithOneAtATime) {
                    R"( +\| +[0-9.]+ \| +[0-9.]+ \| +[0-9.]+x \| .* \| 3 of 3\n)")))
         << Describe(args, r);
   }
+  // Self-speculative decoding from the exit at layer 1: the full model's tokens (greedy).
+  EXPECT_NE(r.output.find("self-speculative decoding (2 drafts a round) against the full model"),
+            std::string::npos)
+      << r.output;
+  EXPECT_TRUE(std::regex_search(
+      r.output, m,
+      std::regex(R"(\n1 +\|( +[0-9.]+){2} +[0-9.]+x \|( +[0-9.]+){2} +[0-9.]+x \| +[0-9.]+% \| )"
+                 R"( +[0-9.]+ \| 3 of 3\n)")))
+      << r.output;
   // Under mpirun, a pipeline of two stages against one process: the same tokens; rank 0 prints.
   CmdResult piped = RunEellm(args + " --pp=2", Mpirun(2));
   ASSERT_EQ(piped.exit_code, 0) << Describe(args + " --pp=2", piped);
@@ -56,6 +65,13 @@ TEST_F(ParallelCliTest, BenchGenerateComparesBatchedWithOneAtATime) {
   EXPECT_NE(bad.exit_code, 0);
   EXPECT_NE(bad.output.find("--thresholds: \"2\" is not a threshold in (0, 1]"), std::string::npos)
       << bad.output;
+  bad = RunEellm("bench generate --checkpoint=" + Quote(ckpt) + " --draft-exits=1,x");
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.output.find("--draft_exits: \"x\" is not a layer number"), std::string::npos)
+      << bad.output;
+  bad = RunEellm(args + " --pp=2 --draft-exits=1", Mpirun(2));
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.output.find("--draft_exits runs in one process"), std::string::npos) << bad.output;
 }
 
 // `eellm serve` on a free port: it prints where it listens, answers a request, and on SIGTERM
@@ -160,6 +176,34 @@ TEST_F(ParallelCliTest, GenerateUnderTensorAndPipelineParallelism) {
   bad = RunEellm(gen + " --pp=4", Mpirun(2));
   EXPECT_NE(bad.exit_code, 0);
   EXPECT_NE(bad.output.find("--tp 1 x --pp 4 must equal the number of processes (2)"),
+            std::string::npos)
+      << bad.output;
+
+  // Self-speculative decoding: the full model's tokens, from one process and from a tensor-parallel
+  // pair alike (same drafts kept); a pipeline refuses it, naming why.
+  const std::string spec = "generate --checkpoint=" + Quote(Path("run")) +
+                           " --max-new-tokens=24 --prompt=ab --draft-exit=1 --draft-tokens=3 "
+                           "--compare";
+  CmdResult s1 = RunEellm(spec), s2 = RunEellm(spec, Mpirun(2));
+  ASSERT_EQ(s1.exit_code, 0) << Describe(spec, s1);
+  ASSERT_EQ(s2.exit_code, 0) << Describe(spec, s2);
+  auto text_and_drafts = [&](const std::string& out) {
+    std::string kept = text_and_histogram(out);
+    const size_t at = out.find("drafts kept");
+    return at == std::string::npos ? kept : kept + out.substr(at, out.find('\n', at) - at);
+  };
+  for (const CmdResult* r : {&s1, &s2}) {
+    EXPECT_NE(r->output.find("first 24 tokens identical to the full model"), std::string::npos)
+        << r->output;
+    EXPECT_NE(r->output.find("--- self-speculative (exit at layer 1 drafts 3 tokens a round)"),
+              std::string::npos)
+        << r->output;
+  }
+  EXPECT_NE(text_and_drafts(s1.output).find("drafts kept"), std::string::npos) << s1.output;
+  EXPECT_EQ(text_and_drafts(s2.output), text_and_drafts(s1.output)) << s2.output;
+  bad = RunEellm(spec + " --pp=2", Mpirun(2));
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.output.find("speculative decoding needs the whole model in one pipeline stage"),
             std::string::npos)
       << bad.output;
 }

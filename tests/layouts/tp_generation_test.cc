@@ -87,6 +87,32 @@ TEST_P(TpGeneration, EveryRankGeneratesWhatTheWholeModelGenerates) {
     for (int e : want[i].exit_index) early += e >= 0;
   }
   EXPECT_GT(early, 5) << "too few early exits to test the exit heads under tensor parallelism";
+
+  // Self-speculative decoding, greedy and sampled, from each exit (the block exit's own K/V
+  // split over the ranks): every rank drafts, keeps and emits what the whole model does.
+  std::vector<GenerationRequest> spec = reqs;
+  const int drafts[] = {1, 3, 5, kMaxDraftTokens};
+  for (size_t i = 0; i < spec.size(); ++i) {
+    spec[i].early_exit = EarlyExitParams();
+    spec[i].speculative = {c.exits[i % c.exits.size()].layer, drafts[i]};
+  }
+  want = *gw.GenerateBatch(spec);
+  got = *gp.GenerateBatch(spec);
+  int drafted = 0, kept = 0;
+  for (size_t i = 0; i < spec.size(); ++i) {
+    SCOPED_TRACE(::testing::Message() << "rank " << rank << " of " << tp << ", speculative " << i);
+    EXPECT_EQ(got[i].tokens, want[i].tokens);
+    EXPECT_EQ(got[i].drafted, want[i].drafted);
+    EXPECT_EQ(got[i].accepted, want[i].accepted);
+    ASSERT_EQ(got[i].logprobs.size(), want[i].logprobs.size());
+    for (size_t t = 0; t < got[i].logprobs.size(); ++t) {
+      EXPECT_NEAR(got[i].logprobs[t], want[i].logprobs[t], 1e-4) << "token " << t;
+    }
+    drafted += want[i].drafted;
+    kept += want[i].accepted;
+  }
+  EXPECT_GT(kept, 0);
+  EXPECT_LT(kept, drafted);
 }
 
 INSTANTIATE_TEST_SUITE_P(Styles, TpGeneration,
