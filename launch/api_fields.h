@@ -127,13 +127,16 @@ struct GenerationOptions {
 };
 
 // The self-speculative decoding fields of either API: "draft_exit_layer" (the drafting exit's
-// layer, 0 = off) and "draft_tokens" (per round).
+// layer, 0 = off), "draft_tokens" (per round, at most) and "draft_confidence" (a round ends at a
+// draft less confident than this).
 inline absl::Status ReadSpeculative(const json& body, SpeculativeParams* out) {
   RETURN_IF_ERROR(Read(body, "draft_exit_layer", "a layer number >= 0 (0 = off)", &out->exit_layer,
                        [](int v) { return v >= 0; }));
-  return Read(body, "draft_tokens",
-              absl::StrCat("an integer in [1, ", kMaxDraftTokens, "]").c_str(), &out->draft_tokens,
-              [](int v) { return v >= 1 && v <= kMaxDraftTokens; });
+  RETURN_IF_ERROR(Read(body, "draft_tokens",
+                       absl::StrCat("an integer in [1, ", kMaxDraftTokens, "]").c_str(),
+                       &out->draft_tokens, [](int v) { return v >= 1 && v <= kMaxDraftTokens; }));
+  return Read(body, "draft_confidence", "a number in [0, 1]", &out->min_confidence,
+              [](float v) { return v >= 0 && v <= 1; });
 }
 
 // One GenerationRequest per call->prompts, stopping at call->stop_sequences (matched on the

@@ -33,7 +33,7 @@ const std::set<std::string>& KnownFields() {
       "prompts",        "tokens_to_generate", "temperature",      "top_k",
       "top_p",          "random_seed",        "add_BOS",          "stop_sequences",
       "logprobs",       "use_early_exit",     "early_exit_thres", "exit_layers",
-      "print_max_prob", "draft_exit_layer",   "draft_tokens"};
+      "print_max_prob", "draft_exit_layer",   "draft_tokens",     "draft_confidence"};
   return known;
 }
 

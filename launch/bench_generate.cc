@@ -118,14 +118,16 @@ absl::Status SpeculativeRows(Generator& single, Generator& batched,
   for (auto& r : reqs) r.early_exit.threshold = 1.0f;
   ASSIGN_OR_RETURN(const Run full_one, OneAtATime(single, reqs));
   ASSIGN_OR_RETURN(const Run full_all, Together(batched, reqs));
-  std::printf("\nself-speculative decoding (%d drafts a round) against the full model:\n",
-              o.draft_tokens);
+  std::printf(
+      "\nself-speculative decoding (at most %d drafts a round, ending at a draft less confident "
+      "than %.2f) against the full model:\n",
+      o.draft_tokens, o.draft_confidence);
   std::printf("%-10s | %-26s | %-26s | %-6s | %-13s | %s\n", "draft exit", "one at a time tokens/s",
               "batched tokens/s", "kept", "tokens / pass", "same tokens");
   std::printf("%-10s | %8s %8s %7s | %8s %8s %7s |\n", "", "full", "spec", "ratio", "full", "spec",
               "ratio");
   for (int layer : o.draft_exits) {
-    for (auto& r : reqs) r.speculative = {layer, o.draft_tokens};
+    for (auto& r : reqs) r.speculative = {layer, o.draft_tokens, o.draft_confidence};
     ASSIGN_OR_RETURN(const Run one, OneAtATime(single, reqs));
     ASSIGN_OR_RETURN(const Run all, Together(batched, reqs));
     std::printf("%-10d | %8.1f %8.1f %6.2fx | %8.1f %8.1f %6.2fx | %5.1f%% | %13.2f | %d of %zu\n",

@@ -26,6 +26,7 @@ struct GenerateBenchOptions {
   // and the drafts a round.
   std::vector<int> draft_exits;
   int draft_tokens = 4;
+  float draft_confidence = 0;  // a round ends at a draft less confident than this
 };
 
 // Prints one table row per threshold (and per drafting exit). Prompts: a fixed set of short English

@@ -223,6 +223,7 @@ int BenchGenerate() {
     o.draft_exits.push_back(layer);
   }
   o.draft_tokens = absl::GetFlag(FLAGS_draft_tokens);
+  o.draft_confidence = static_cast<float>(absl::GetFlag(FLAGS_draft_confidence));
   if (o.batch < 1 || o.new_tokens < 1 || !(o.temperature >= 0)) {
     return fail(absl::InvalidArgumentError(
         absl::StrCat("need --batch >= 1, --new_tokens >= 1 and --temperature >= 0, got ", o.batch,

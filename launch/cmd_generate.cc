@@ -80,6 +80,7 @@ int RunGenerateCommand() {
   SpeculativeParams spec;
   spec.exit_layer = absl::GetFlag(FLAGS_draft_exit);
   spec.draft_tokens = absl::GetFlag(FLAGS_draft_tokens);
+  spec.min_confidence = static_cast<float>(absl::GetFlag(FLAGS_draft_confidence));
   if (spec.enabled()) ee.threshold = 1.0f;  // the full model decides every token
   if (!(ee.threshold > 0 && ee.threshold <= 1)) {
     return Fail(absl::InvalidArgumentError(

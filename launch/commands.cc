@@ -39,7 +39,8 @@ const Command kCommands[] = {
      RunTrainCommand},
     {"generate",
      "cmd_generate.cc",
-     {"checkpoint", "backend", "seed", "temperature", "draft_tokens", "tp", "pp"},
+     {"checkpoint", "backend", "seed", "temperature", "draft_tokens", "draft_confidence", "tp",
+      "pp"},
      "generate text from a checkpoint, with early exit or self-speculative decoding (tensor- and "
      "pipeline-parallel under mpirun)",
      RunGenerateCommand},
@@ -60,7 +61,8 @@ const Command kCommands[] = {
      RunLogitsCommand},
     {"bench",
      "cmd_bench.cc",
-     {"checkpoint", "backend", "seed", "steps", "temperature", "draft_tokens", "tp", "pp"},
+     {"checkpoint", "backend", "seed", "steps", "temperature", "draft_tokens", "draft_confidence",
+      "tp", "pp"},
      "benchmarks: train (step speed, MFU), generate (batched vs one at a time, speculative vs "
      "full; under mpirun a pipeline vs one process), checkpoint",
      RunBenchCommand},

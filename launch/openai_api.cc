@@ -37,7 +37,8 @@ const std::set<std::string>& KnownFields() {
                                               "early_exit_threshold",
                                               "exit_layers",
                                               "draft_exit_layer",
-                                              "draft_tokens"};
+                                              "draft_tokens",
+                                              "draft_confidence"};
   return known;
 }
 

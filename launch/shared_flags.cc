@@ -33,3 +33,7 @@ ABSL_FLAG(double, temperature, 0.0, "sampling temperature (0 = greedy)");
 ABSL_FLAG(int, draft_tokens, 4,
           "self-speculative decoding: tokens the exit drafts per round before one full-model pass "
           "checks them (1-16)");
+ABSL_FLAG(double, draft_confidence, 0.0,
+          "self-speculative decoding: a draft whose exit confidence (max probability) is below "
+          "this ends the round early, so unlikely drafts are not extended (0 = always draft "
+          "--draft_tokens)");

@@ -18,3 +18,4 @@ ABSL_DECLARE_FLAG(int, exit);
 ABSL_DECLARE_FLAG(int, steps);
 ABSL_DECLARE_FLAG(double, temperature);
 ABSL_DECLARE_FLAG(int, draft_tokens);
+ABSL_DECLARE_FLAG(double, draft_confidence);

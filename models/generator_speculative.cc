@@ -33,6 +33,10 @@ absl::Status Generator::ValidateSpeculative(const GenerationRequest& r) const {
         "(threshold ",
         r.early_exit.threshold, "): set the threshold to 1"));
   }
+  if (!(sp.min_confidence >= 0 && sp.min_confidence <= 1)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the drafts' confidence floor must be in [0, 1], got ", sp.min_confidence));
+  }
   if (sp.draft_tokens < 1 || sp.draft_tokens > kMaxDraftTokens) {
     return absl::InvalidArgumentError(
         absl::StrCat("draft tokens must be in [1, ", kMaxDraftTokens, "], got ", sp.draft_tokens));
@@ -64,7 +68,9 @@ bool Generator::AcceptSpeculative(int slot, const StepResult& r,
     q.draft_dist.push_back(TokenDistribution(r.logits.data(), vocab, sampling));
     q.drafts.push_back(SampleFrom(q.draft_dist.back(), q.rng));
     q.next = {q.drafts.back()};
-    q.checking = static_cast<int>(q.drafts.size()) == q.round_drafts;
+    const float floor = q.request.speculative.min_confidence;
+    q.checking = static_cast<int>(q.drafts.size()) == q.round_drafts ||
+                 (floor > 0 && MaxProbability(r.logits.data(), vocab, r.temperature) < floor);
     return false;
   }
   // The check (or the prefill, which has no drafts): the last n + 1 rows score the round.

@@ -20,6 +20,9 @@ namespace eellm {
 struct SpeculativeParams {
   int exit_layer = 0;    // layer of the exit that drafts; 0: off
   int draft_tokens = 4;  // tokens drafted per round (fewer near max_new_tokens)
+  // A draft whose exit confidence (max probability at the exit's temperature, as early exit
+  // measures it) is below this ends the round there; 0: every round drafts draft_tokens.
+  float min_confidence = 0.0f;
   bool enabled() const { return exit_layer > 0; }
 };
 

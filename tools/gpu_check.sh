@@ -34,7 +34,8 @@
 #   hf       tools/hf_check.py: eellm's converter and logits against transformers, CPU and CUDA
 #   demo     the quickstart on the GPU (cuda-bf16w): data, training the demo model (final and exit
 #            validation losses to compare with the CPU's), generation with and without early exit,
-#            and `bench generate` (batched against one at a time) at batch 1 and 32
+#            and `bench generate` (batched against one at a time) at batch 1 (with self-speculative
+#            decoding from each exit against the full model) and 32
 set -uo pipefail
 BUDGET=540
 STEPS=()
@@ -161,7 +162,8 @@ elif want demo; then
     '$B/eellm' train --config configs/kjv_demo.json --backend=cuda-bf16w --data=/tmp/eellm_kjv \
       --out=/tmp/eellm_kjv_run &&
     '$B/eellm' generate --checkpoint /tmp/eellm_kjv_run --backend=cuda-bf16w --compare &&
-    '$B/eellm' bench generate --checkpoint /tmp/eellm_kjv_run --backend=cuda-bf16w --batch=1 &&
+    '$B/eellm' bench generate --checkpoint /tmp/eellm_kjv_run --backend=cuda-bf16w --batch=1 \
+      --draft-exits=2,4 &&
     '$B/eellm' bench generate --checkpoint /tmp/eellm_kjv_run --backend=cuda-bf16w --batch=32"
 fi
 # GEMMs cuBLASLt refused (the backend then runs cublasGemmEx with the same roundings): their

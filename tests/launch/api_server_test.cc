@@ -65,11 +65,13 @@ TEST(ApiRequest, MapsEveryFieldAndDefaults) {
   call = ParseApiRequest(R"({"prompts": ["ab"], "early_exit_thres": 0.3, "use_early_exit": false})",
                          tok, d, 0);
   EXPECT_FLOAT_EQ(call->requests[0].early_exit.threshold, 1.0f);
-  call = ParseApiRequest(R"({"prompts": ["ab"], "draft_exit_layer": 2, "draft_tokens": 6})", tok, d,
-                         0);
+  call = ParseApiRequest(
+      R"({"prompts": ["ab"], "draft_exit_layer": 2, "draft_tokens": 6, "draft_confidence": 0.4})",
+      tok, d, 0);
   ASSERT_TRUE(call.ok()) << call.status();
   EXPECT_EQ(call->requests[0].speculative.exit_layer, 2);
   EXPECT_EQ(call->requests[0].speculative.draft_tokens, 6);
+  EXPECT_FLOAT_EQ(call->requests[0].speculative.min_confidence, 0.4f);
   EXPECT_FLOAT_EQ(call->requests[0].early_exit.threshold, 1.0f);
 }
 
@@ -111,6 +113,8 @@ TEST(ApiRequest, ErrorsNameTheFieldAndValue) {
        "\"draft_exit_layer\" must be a layer number >= 0 (0 = off), got -2"},
       {R"({"prompts": ["a"], "draft_tokens": 17})",
        "\"draft_tokens\" must be an integer in [1, 16], got 17"},
+      {R"({"prompts": ["a"], "draft_confidence": 2})",
+       "\"draft_confidence\" must be a number in [0, 1], got 2"},
   };
   // A value nested 100,000 deep is named by its type, not dumped (that would overflow the stack).
   const std::string deep = std::string(100000, '[') + std::string(100000, ']');

@@ -91,28 +91,33 @@ TEST(Speculative, TokenDistributionIsWhatSampleTokenDraws) {
   }
 }
 
-// What greedy drafting by exit `x`, `drafts` a round, keeps of the full model's `tokens` for
-// `prompt`, replayed with full passes: each draft is the exit's top token after the sequence so
-// far and the drafts before it. {drafted, kept}.
+// What greedy drafting by exit `x`, at most `drafts` a round and ending a round at a draft less
+// confident than `floor`, keeps of the full model's `tokens` for `prompt`, replayed with full
+// passes: each draft is the exit's top token after the sequence so far and the drafts before it.
+// {drafted, kept}; {-1, -1} when a confidence lies within rounding of the floor.
 std::pair<int, int> ReplayGreedyDrafts(Model& m, const std::vector<int32_t>& prompt,
-                                       const std::vector<int32_t>& tokens, int x, int drafts) {
+                                       const std::vector<int32_t>& tokens, int x, int drafts,
+                                       float floor) {
   const int vocab = m.config().vocab_size;
   int drafted = 0, kept = 0;
   for (size_t emitted = 1; emitted < tokens.size();) {
     const int round = std::min<int>(drafts, static_cast<int>(tokens.size() - emitted) - 1);
     std::vector<int32_t> seq = prompt;
     seq.insert(seq.end(), tokens.begin(), tokens.begin() + emitted);
-    int j = 0;
+    int j = 0, k = 0;
     bool agree = true;
-    for (int k = 0; k < round; ++k) {
+    for (bool more = true; more && k < round; ++k) {
       const std::vector<float> e = testing::RunFull(m, seq).exit_logits[x].back();
       const int32_t d =
           static_cast<int32_t>(std::max_element(e.begin(), e.begin() + vocab) - e.begin());
       agree &= d == tokens[emitted + k];
       j += agree;
       seq.push_back(d);
+      const float confidence = MaxProbability(e.data(), vocab, m.config().exits[x].temperature);
+      if (std::fabs(confidence - floor) < 1e-4) return {-1, -1};
+      more = confidence >= floor;
     }
-    drafted += round;
+    drafted += k;
     kept += j;
     emitted += j + 1;
   }
@@ -145,23 +150,32 @@ TEST_P(SpeculativeGeneration, GreedyEmitsTheFullModelsTokens) {
   }
   Generator base(m.get(), c.max_seq_len, 3);
   const auto want = *base.GenerateBatch(plain);
-  int drafted = 0, kept = 0;
+  int drafted = 0, kept = 0, short_rounds = 0;
   for (const ExitConfig& x : c.exits) {
-    for (int drafts : {1, 3, kMaxDraftTokens}) {
+    for (auto [drafts, floor] : {std::pair{1, 0.0f}, std::pair{3, 0.0f},
+                                 std::pair{kMaxDraftTokens, 0.0f}, std::pair{5, 0.3f}}) {
       std::vector<GenerationRequest> spec = plain;
-      for (auto& q : spec) q.speculative = {x.layer, drafts};
+      for (auto& q : spec) q.speculative = {x.layer, drafts, floor};
       Generator g(m.get(), c.max_seq_len, 3);
       const auto got = *g.GenerateBatch(spec);
       for (size_t i = 0; i < spec.size(); ++i) {
-        SCOPED_TRACE(::testing::Message()
-                     << "exit layer " << x.layer << ", " << drafts << " drafts, sequence " << i);
+        SCOPED_TRACE(::testing::Message() << "exit layer " << x.layer << ", " << drafts
+                                          << " drafts, floor " << floor << ", sequence " << i);
         EXPECT_EQ(got[i].tokens, want[i].tokens);
         for (int e : got[i].exit_index) EXPECT_EQ(e, -1);
         ExpectMatchesFullPass(*m, spec[i], got[i]);
-        const auto [want_drafted, want_kept] = ReplayGreedyDrafts(
-            *m, spec[i].prompt, want[i].tokens, static_cast<int>(&x - c.exits.data()), drafts);
-        EXPECT_EQ(got[i].drafted, want_drafted);
-        EXPECT_EQ(got[i].accepted, want_kept);
+        const auto [want_drafted, want_kept] =
+            ReplayGreedyDrafts(*m, spec[i].prompt, want[i].tokens,
+                               static_cast<int>(&x - c.exits.data()), drafts, floor);
+        if (want_drafted >= 0) {
+          EXPECT_EQ(got[i].drafted, want_drafted);
+          EXPECT_EQ(got[i].accepted, want_kept);
+        }
+        if (floor > 0 && want_drafted >= 0) {  // the floor cut rounds short
+          short_rounds += ReplayGreedyDrafts(*m, spec[i].prompt, want[i].tokens,
+                                             static_cast<int>(&x - c.exits.data()), drafts, 0)
+                              .first > want_drafted;
+        }
         drafted += got[i].drafted;
         kept += got[i].accepted;
       }
@@ -169,6 +183,7 @@ TEST_P(SpeculativeGeneration, GreedyEmitsTheFullModelsTokens) {
   }
   EXPECT_GT(kept, 0);
   EXPECT_LT(kept, drafted);
+  EXPECT_GT(short_rounds, 0) << "the confidence floor never ended a round";
 }
 
 // Sampling, with a speculative, an early-exit and a plain sequence joining one batch, in a
@@ -228,6 +243,9 @@ TEST(SpeculativeGeneration, ErrorsNameTheBadValue) {
             "the drafting exit's layer 4 is not the layer of an exit in this model");
   EXPECT_EQ(error(Request(prompt, 4, 2, 0)), "draft tokens must be in [1, 16], got 0");
   EXPECT_EQ(error(Request(prompt, 4, 2, 17)), "draft tokens must be in [1, 16], got 17");
+  GenerationRequest unsure = Request(prompt, 4, 2, 4);
+  unsure.speculative.min_confidence = 1.5f;
+  EXPECT_EQ(error(unsure), "the drafts' confidence floor must be in [0, 1], got 1.5");
   EXPECT_EQ(error(Request(prompt, 4, -1, 4)),
             "the drafting exit's layer must be >= 0 (0: off), got -1");
   GenerationRequest q = Request(prompt, 4, 2, 4);
