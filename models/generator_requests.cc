@@ -1,0 +1,329 @@
+// Generator: requests on sequence slots (continuous batching). Admission into a slot and a KV
+// range, the checks that name a bad request, the passes of Advance and what they emit per
+// sequence (sampling, stop rules), and whole batches of requests. The passes themselves are in
+// generator.cc.
+#include <algorithm>
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "engine/core/status.h"
+#include "models/generator.h"
+
+namespace eellm {
+const char* FinishReasonName(FinishReason r) {
+  switch (r) {
+    case FinishReason::kLength:
+      return "length";
+    case FinishReason::kEos:
+      return "eos";
+    case FinishReason::kStop:
+      return "stop";
+    case FinishReason::kCancelled:
+      return "cancelled";
+  }
+  return "?";
+}
+
+double GenerationResult::AverageLayers() const {
+  if (depth.empty()) return 0;
+  double s = 0;
+  for (int d : depth) s += d;
+  return s / depth.size();
+}
+
+double GenerationResult::DecodeTokensPerSecond() const {
+  // The first token comes from the prefill; the rest from decode steps.
+  return decode_seconds > 0 ? (tokens.size() > 1 ? tokens.size() - 1 : 0) / decode_seconds : 0;
+}
+
+int Generator::RequestTokens(const GenerationRequest& r) {
+  return static_cast<int>(r.prompt.size()) + r.max_new_tokens;
+}
+
+int Generator::FindKvRoom(int tokens) const {
+  if (!kv_by_request_) return -1;
+  std::vector<std::pair<int, int>> taken;  // [start, end) of the reservations
+  for (const Sequence& q : seqs_) {
+    if (q.kv_capacity > 0) taken.push_back({q.kv_start, q.kv_start + q.kv_capacity});
+  }
+  std::sort(taken.begin(), taken.end());
+  int at = 0;  // first fit
+  for (const auto& [start, end] : taken) {
+    if (start - at >= tokens) return at;
+    at = std::max(at, end);
+  }
+  return kv_tokens_ - at >= tokens ? at : -1;
+}
+
+int Generator::kv_tokens_in_use() const {
+  int n = 0;
+  for (const Sequence& q : seqs_) n += q.busy ? q.kv_capacity : 0;
+  return n;
+}
+
+bool Generator::CanAdmit(const GenerationRequest& request) const {
+  if (free_slots() == 0) return false;
+  return !kv_by_request_ || FindKvRoom(RequestTokens(request)) >= 0;
+}
+
+void Generator::ReleaseKv(Sequence& q) {
+  if (!kv_by_request_) return;
+  q.kv_capacity = 0;
+  q.kv_start = -1;
+  q.len = q.pending_start = 0;  // nothing left to complete (FinishPending) in rows not its own
+}
+
+absl::Status Generator::Validate(const GenerationRequest& r) const {
+  const ModelConfig& c = model_->config();
+  if (r.prompt.empty()) return absl::InvalidArgumentError("the prompt is empty");
+  if (r.max_new_tokens < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_new_tokens must be >= 1, got ", r.max_new_tokens));
+  }
+  const int64_t need = static_cast<int64_t>(r.prompt.size()) + r.max_new_tokens;
+  if (need > capacity_) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("prompt (", r.prompt.size(), " tokens) + max_new_tokens (", r.max_new_tokens,
+                     ") = ", need, " exceeds the context length ", capacity_));
+  }
+  if (kv_by_request_ && need > kv_tokens_) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("prompt (", r.prompt.size(), " tokens) + max_new_tokens (", r.max_new_tokens,
+                     ") = ", need, " exceeds the KV cache's ", kv_tokens_, " tokens"));
+  }
+  for (int32_t t : r.prompt) {
+    if (t < 0 || t >= c.vocab_size)
+      return absl::InvalidArgumentError(
+          absl::StrCat("prompt token ", t, " is outside the vocabulary [0, ", c.vocab_size, ")"));
+  }
+  const SamplingParams& sp = r.sampling;
+  if (!(sp.temperature >= 0 && std::isfinite(sp.temperature))) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("temperature must be >= 0 and finite, got ", sp.temperature));
+  }
+  if (sp.top_k < 0)
+    return absl::InvalidArgumentError(absl::StrCat("top_k must be >= 0, got ", sp.top_k));
+  if (!(sp.top_p > 0 && sp.top_p <= 1)) {
+    return absl::InvalidArgumentError(absl::StrCat("top_p must be in (0, 1], got ", sp.top_p));
+  }
+  if (!(r.early_exit.threshold > 0 && std::isfinite(r.early_exit.threshold))) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the early-exit threshold must be > 0, got ", r.early_exit.threshold));
+  }
+  for (int layer : r.early_exit.exit_layers) {
+    bool known = false;
+    for (const ExitConfig& x : c.exits) known |= x.layer == layer;
+    if (!known) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("exit layer ", layer, " is not the layer of an exit in this model"));
+    }
+  }
+  return ValidateSpeculative(r);
+}
+
+absl::Status Generator::ValidateAll(const std::vector<GenerationRequest>& requests) const {
+  if (requests.empty()) return absl::InvalidArgumentError("no prompts");
+  for (size_t i = 0; i < requests.size(); ++i) {
+    absl::Status s = Validate(requests[i]);
+    if (!s.ok()) {
+      return requests.size() == 1
+                 ? s
+                 : absl::InvalidArgumentError(absl::StrCat("prompt ", i, ": ", s.message()));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int> Generator::Admit(GenerationRequest request, int slot) {
+  RETURN_IF_ERROR(Validate(request));
+  EE_CHECK(slot < max_sequences(), "slot ", slot, " of ", max_sequences());
+  int kv_start = -1;
+  if (kv_by_request_) {
+    kv_start = FindKvRoom(RequestTokens(request));
+    if (kv_start < 0) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "the KV cache has no room for ", RequestTokens(request), " tokens (",
+          kv_tokens_ - kv_tokens_in_use(), " of ", kv_tokens_, " free, not in one range)"));
+    }
+  }
+  for (size_t s = 0; s < seqs_.size(); ++s) {
+    Sequence& q = seqs_[s];
+    if (q.busy || (slot >= 0 && static_cast<int>(s) != slot)) continue;
+    if (kv_by_request_) PlaceKv(static_cast<int>(s), kv_start, RequestTokens(request));
+    q.len = q.pending_start = 0;
+    q.busy = true;
+    q.prefilled = false;
+    q.rng.Seed(request.sampling.seed);
+    q.result = GenerationResult();
+    q.next = request.prompt;
+    q.draft_layer = request.speculative.exit_layer;
+    q.round_drafts = 0;
+    q.drafts.clear();
+    q.draft_dist.clear();
+    q.checking = true;  // the prefill: a full pass
+    q.request = std::move(request);
+    q.timer.Reset();
+    return static_cast<int>(s);
+  }
+  return absl::ResourceExhaustedError(
+      slot >= 0 ? absl::StrCat("sequence slot ", slot, " is taken")
+                : absl::StrCat("all ", seqs_.size(), " sequence slots are taken"));
+}
+
+GenerationResult Generator::Retire(int slot) {
+  Sequence& q = seqs_.at(slot);
+  if (q.busy) ReleaseKv(q);
+  q.busy = false;
+  q.draft_layer = 0;
+  q.next.clear();
+  q.request = GenerationRequest();
+  q.result.finish = FinishReason::kCancelled;
+  return std::move(q.result);
+}
+
+int Generator::active() const {
+  int n = 0;
+  for (const Sequence& q : seqs_) n += q.busy;
+  return n;
+}
+
+std::vector<Generator::Finished> Generator::Advance(
+    const std::function<void(int, int32_t)>& on_token) {
+  std::vector<Finished> finished;
+  std::vector<std::vector<int32_t>> ids(seqs_.size());
+  std::vector<EarlyExitParams> ee(seqs_.size());
+  std::vector<bool> check(seqs_.size());
+  bool any = false;
+  for (size_t s = 0; s < seqs_.size(); ++s) {
+    Sequence& q = seqs_[s];
+    if (!q.busy) continue;
+    ids[s] = TakeNext(static_cast<int>(s));
+    ee[s] = q.draft_layer > 0 ? SpeculativePassExits(q) : q.request.early_exit;
+    check[s] = q.draft_layer > 0 && q.checking && q.prefilled;
+    any = true;
+  }
+  if (!any) return finished;
+  const std::vector<StepResult> r = Pass(ids, ee, check);
+  for (size_t s = 0; s < seqs_.size(); ++s) {
+    Finished f;
+    if (seqs_[s].busy && Accept(static_cast<int>(s), r[s], on_token, &f)) {
+      finished.push_back(std::move(f));
+    }
+  }
+  return finished;
+}
+
+std::vector<int32_t> Generator::TakeNext(int slot) {
+  std::vector<int32_t> ids = std::move(seqs_.at(slot).next);
+  seqs_[slot].next.clear();
+  return ids;
+}
+
+bool Generator::Accept(int slot, const StepResult& r,
+                       const std::function<void(int, int32_t)>& on_token, Finished* finished) {
+  Sequence& q = seqs_.at(slot);
+  EE_CHECK(q.busy && !r.logits.empty(), "Accept: slot ", slot, " has no running sequence");
+  if (!q.prefilled) {
+    q.result.prefill_seconds = q.timer.Seconds();
+    q.timer.Reset();
+    q.prefilled = true;
+  }
+  if (q.draft_layer > 0) return AcceptSpeculative(slot, r, on_token, finished);
+  std::vector<float> scratch = r.logits;
+  const int32_t tok = SampleToken(scratch, q.request.sampling, q.rng);
+  const float logprob = LogProbability(r.logits.data(), model_->config().vocab_size, tok);
+  if (Emit(slot, tok, r.exit_index, r.depth, logprob, on_token, finished)) return true;
+  q.next = {tok};
+  return false;
+}
+
+bool Generator::Emit(int slot, int32_t tok, int exit_index, int depth, float logprob,
+                     const std::function<void(int, int32_t)>& on_token, Finished* finished) {
+  Sequence& q = seqs_[slot];
+  const GenerationRequest& req = q.request;
+  GenerationResult& g = q.result;
+  g.tokens.push_back(tok);
+  g.exit_index.push_back(exit_index);
+  g.depth.push_back(depth);
+  g.logprobs.push_back(logprob);
+  if (on_token) on_token(slot, tok);
+  if (tok == req.eos_id) {
+    g.finish = FinishReason::kEos;
+  } else if (req.stop && req.stop(g.tokens)) {
+    g.finish = FinishReason::kStop;
+  } else if (static_cast<int>(g.tokens.size()) == req.max_new_tokens) {
+    g.finish = FinishReason::kLength;
+  } else {
+    return false;
+  }
+  g.decode_seconds = q.timer.Seconds();
+  q.busy = false;
+  q.draft_layer = 0;
+  ReleaseKv(q);
+  q.request = GenerationRequest();
+  *finished = {slot, std::move(g)};
+  return true;
+}
+
+absl::StatusOr<std::vector<GenerationResult>> Generator::GenerateBatch(
+    const std::vector<GenerationRequest>& requests,
+    const std::function<void(int, int32_t)>& on_token) {
+  RETURN_IF_ERROR(ValidateBatch(*this, requests));
+  Reset();
+  return GenerateAll(*this, requests, on_token);
+}
+
+absl::Status ValidateBatch(const SequenceBatcher& batcher,
+                           const std::vector<GenerationRequest>& requests) {
+  if (requests.size() > static_cast<size_t>(batcher.max_sequences())) {
+    return absl::InvalidArgumentError(absl::StrCat(requests.size(),
+                                                   " prompts, but this generator holds at most ",
+                                                   batcher.max_sequences(), " sequences"));
+  }
+  return batcher.ValidateAll(requests);
+}
+
+std::vector<GenerationResult> GenerateAll(SequenceBatcher& batcher,
+                                          const std::vector<GenerationRequest>& requests,
+                                          const std::function<void(int, int32_t)>& on_token) {
+  EE_CHECK(batcher.active() == 0, "GenerateAll while sequences run");
+  const int n = static_cast<int>(requests.size());
+  std::vector<GenerationResult> results(n);
+  std::vector<int> index(batcher.max_sequences(), -1);  // slot -> request
+  auto each = [&](int slot, int32_t token) {
+    if (on_token) on_token(index[slot], token);
+  };
+  for (int next = 0; next < n || batcher.active() > 0;) {
+    while (next < n && batcher.CanAdmit(requests[next])) {
+      auto slot = batcher.Admit(requests[next]);
+      EE_CHECK(slot.ok(), "admitting a valid request failed: ", slot.status().message());
+      index[*slot] = next++;
+    }
+    EE_CHECK(next == n || batcher.active() > 0, "request ", next,
+             " cannot be admitted into an idle generator (invalid?)");
+    for (FinishedSequence& f : batcher.Advance(each)) {
+      results[index[f.slot]] = std::move(f.result);
+    }
+  }
+  return results;
+}
+
+absl::StatusOr<GenerationResult> Generator::Generate(const std::vector<int32_t>& prompt,
+                                                     int max_new_tokens, int eos_id,
+                                                     const SamplingParams& sampling,
+                                                     const EarlyExitParams& ee,
+                                                     const std::function<void(int32_t)>& on_token) {
+  GenerationRequest q;
+  q.prompt = prompt;
+  q.max_new_tokens = max_new_tokens;
+  q.eos_id = eos_id;
+  q.sampling = sampling;
+  q.early_exit = ee;
+  std::function<void(int, int32_t)> each;
+  if (on_token) each = [&](int, int32_t t) { on_token(t); };
+  auto r = GenerateBatch({q}, each);
+  if (!r.ok()) return r.status();
+  return std::move((*r)[0]);
+}
+
+}  // namespace eellm
