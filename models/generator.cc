@@ -144,6 +144,11 @@ std::vector<StepResult> Generator::Pass(const std::vector<std::vector<int32_t>>&
     it.ee = ee[s].threshold < 1.0f ? &ee[s] : nullptr;
     it.out = &out[s];
     it.all_rows = !check.empty() && check[s];
+    if (q.busy && q.request.prompt_logprobs && q.len == 0) {  // a prefill that scores its prompt
+      it.score_ids = ids[s].data();
+      it.score_top = q.request.top_logprobs;
+      it.keep_going = true;  // every prompt row reaches the final head, whichever head decides
+    }
     items.push_back(it);
   }
   be_->CopyFromHost(staged_ids_, staged.data(), staged.size() * sizeof(int32_t));
@@ -408,6 +413,9 @@ void Generator::ForwardGroup(Item* items, int n) {
     }
     CheckExits(l, pieces, acts_.out, x.pos);
   }
+  for (int i = 0; i < n; ++i) {
+    if (items[i].score_ids != nullptr) ScorePrompt(items[i]);
+  }
   // The final head (on the last stage), for the newest rows of sequences no exit took, and every
   // row of those whose drafts it checks; in projections of at most head_rows_ rows.
   std::vector<Piece> finals;  // first: the item's first scored row in work_
@@ -441,6 +449,26 @@ void Generator::ForwardGroup(Item* items, int n) {
     } else {
       be_->Copy(q.frontier + it.start * ch, work_ + it.work_row * ch,
                 (it.end - it.start) * ch * sizeof(float));
+    }
+  }
+}
+
+void Generator::ScorePrompt(Item& it) {
+  const size_t ch = model_->config().hidden_size;
+  const int vocab = model_->config().vocab_size;
+  EE_CHECK(it.start == 0 && model_->is_last_stage(), "ScorePrompt: not a whole prefill");
+  const int rows = it.end - 1;  // row p predicts prompt token p + 1
+  for (int first = 0; first < rows; first += head_rows_) {
+    const int k = std::min(head_rows_, rows - first);
+    be_->Copy(newest_, work_ + (it.work_row + first) * ch, k * ch * sizeof(float));
+    const std::vector<float>& logits =
+        ProjectToHost(model_->FinalHidden(final_norm_, newest_, k), -1, k);
+    for (int j = 0; j < k; ++j) {
+      const float* row = logits.data() + static_cast<size_t>(j) * vocab;
+      it.out->prompt_logprobs.push_back(LogProbability(row, vocab, it.score_ids[first + j + 1]));
+      if (it.score_top > 0) {
+        it.out->prompt_top.push_back(TopLogProbabilities(row, vocab, it.score_top));
+      }
     }
   }
 }

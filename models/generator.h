@@ -52,10 +52,16 @@ struct StepResult {
                               // sequence's drafts the final head's for each of its rows
   int rows = 1;
   float temperature = 1.0f;  // that head's temperature
+  // On a prefill that scores the prompt: per prompt token after the first, its log-probability
+  // under the final head, and its position's most likely tokens.
+  std::vector<float> prompt_logprobs;
+  std::vector<TopTokens> prompt_top;
 };
 
 enum class FinishReason { kLength, kEos, kStop, kCancelled };
 const char* FinishReasonName(FinishReason r);  // "length", "eos", "stop", "cancelled"
+
+inline constexpr int kMaxTopLogprobs = 20;
 
 // One sequence to generate.
 struct GenerationRequest {
@@ -65,6 +71,10 @@ struct GenerationRequest {
   SamplingParams sampling;
   EarlyExitParams early_exit;
   SpeculativeParams speculative;  // instead of early_exit: an exit drafts, the full model checks
+  // Also score the prompt (GenerationResult::prompt_logprobs); max_new_tokens may then be 0, to
+  // score it only. Needs the whole model in one pipeline stage.
+  bool prompt_logprobs = false;
+  int top_logprobs = 0;  // per reported position, this many most likely tokens (0 to 20)
   // Called with the tokens generated so far after each token; true ends the sequence there
   // (e.g. a stop string was produced). May be null.
   std::function<bool(const std::vector<int32_t>&)> stop;
@@ -78,6 +88,11 @@ struct GenerationResult {
   // Speculative decoding: drafts checked, drafts kept, and full-model passes (the prefill and
   // each round's check).
   int drafted = 0, accepted = 0, checks = 0;
+  // With prompt_logprobs: per prompt token after the first, its log-probability under the final
+  // head given the tokens before it. With top_logprobs: the most likely tokens at each of those
+  // positions, and at each generated token's (from the head that produced it).
+  std::vector<float> prompt_logprobs;
+  std::vector<TopTokens> prompt_top, top;
   // Prefill: the batch's first pass. Decode: from then until this sequence's last token.
   double prefill_seconds = 0, decode_seconds = 0;
   FinishReason finish = FinishReason::kLength;
@@ -271,6 +286,8 @@ class Generator : public SequenceBatcher {
     bool fired = false;       // a head has decided its newest token
     bool keep_going = false;  // run its rows through every layer even once fired (stages)
     bool all_rows = false;    // the final head scores every row of the pass (drafts' check)
+    const int32_t* score_ids = nullptr;  // a prefill that scores its prompt: the ids (host)
+    int score_top = 0;                   // ... with this many most likely tokens per position
   };
   // Rows [first, first + rows) of an item that reach one depth; `packed`: where they sit.
   struct Piece {
@@ -282,10 +299,13 @@ class Generator : public SequenceBatcher {
   std::vector<StepResult> Pass(const std::vector<std::vector<int32_t>>& ids,
                                const std::vector<EarlyExitParams>& ee,
                                const std::vector<bool>& check);
-  // Records token `tok` of the sequence in `slot` and calls on_token; when that ends the
-  // sequence, fills *finished, frees the slot and returns true.
-  bool Emit(int slot, int32_t tok, int exit_index, int depth, float logprob,
+  // Records token `tok` of the sequence in `slot`, produced by a head with `logits` [vocab], and
+  // calls on_token; when that ends the sequence, fills *finished, frees the slot and returns true.
+  bool Emit(int slot, int32_t tok, int exit_index, int depth, const float* logits,
             const std::function<void(int, int32_t)>& on_token, Finished* finished);
+  void Finish(int slot, FinishReason why, Finished* finished);  // ends it; frees the slot
+  // The final head over a prefill's rows but the newest: each predicts the next prompt token.
+  void ScorePrompt(Item& it);
   // ---- self-speculative decoding (generator_speculative.cc) ----
   absl::Status ValidateSpeculative(const GenerationRequest& r) const;
   // The exits the sequence's next pass checks: the drafting exit, always firing, or none.

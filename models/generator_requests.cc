@@ -10,6 +10,7 @@
 #include "models/generator.h"
 
 namespace eellm {
+
 const char* FinishReasonName(FinishReason r) {
   switch (r) {
     case FinishReason::kLength:
@@ -76,9 +77,17 @@ void Generator::ReleaseKv(Sequence& q) {
 absl::Status Generator::Validate(const GenerationRequest& r) const {
   const ModelConfig& c = model_->config();
   if (r.prompt.empty()) return absl::InvalidArgumentError("the prompt is empty");
-  if (r.max_new_tokens < 1) {
+  if (r.max_new_tokens < (r.prompt_logprobs ? 0 : 1)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max_new_tokens must be >= 1 (0 only to score the prompt), got ", r.max_new_tokens));
+  }
+  if (r.top_logprobs < 0 || r.top_logprobs > kMaxTopLogprobs) {
     return absl::InvalidArgumentError(
-        absl::StrCat("max_new_tokens must be >= 1, got ", r.max_new_tokens));
+        absl::StrCat("top_logprobs must be in [0, ", kMaxTopLogprobs, "], got ", r.top_logprobs));
+  }
+  if (r.prompt_logprobs && !(model_->is_first_stage() && model_->is_last_stage())) {
+    return absl::InvalidArgumentError(
+        "prompt log-probabilities need the whole model in one pipeline stage (run with --pp=1)");
   }
   const int64_t need = static_cast<int64_t>(r.prompt.size()) + r.max_new_tokens;
   if (need > capacity_) {
@@ -227,42 +236,55 @@ bool Generator::Accept(int slot, const StepResult& r,
     q.result.prefill_seconds = q.timer.Seconds();
     q.timer.Reset();
     q.prefilled = true;
+    q.result.prompt_logprobs = r.prompt_logprobs;
+    q.result.prompt_top = r.prompt_top;
+    if (q.request.max_new_tokens == 0) {  // the prompt was to be scored only
+      Finish(slot, FinishReason::kLength, finished);
+      return true;
+    }
   }
   if (q.draft_layer > 0) return AcceptSpeculative(slot, r, on_token, finished);
   std::vector<float> scratch = r.logits;
   const int32_t tok = SampleToken(scratch, q.request.sampling, q.rng);
-  const float logprob = LogProbability(r.logits.data(), model_->config().vocab_size, tok);
-  if (Emit(slot, tok, r.exit_index, r.depth, logprob, on_token, finished)) return true;
+  if (Emit(slot, tok, r.exit_index, r.depth, r.logits.data(), on_token, finished)) return true;
   q.next = {tok};
   return false;
 }
 
-bool Generator::Emit(int slot, int32_t tok, int exit_index, int depth, float logprob,
+bool Generator::Emit(int slot, int32_t tok, int exit_index, int depth, const float* logits,
                      const std::function<void(int, int32_t)>& on_token, Finished* finished) {
   Sequence& q = seqs_[slot];
   const GenerationRequest& req = q.request;
   GenerationResult& g = q.result;
+  const int vocab = model_->config().vocab_size;
   g.tokens.push_back(tok);
   g.exit_index.push_back(exit_index);
   g.depth.push_back(depth);
-  g.logprobs.push_back(logprob);
+  g.logprobs.push_back(LogProbability(logits, vocab, tok));
+  if (req.top_logprobs > 0) g.top.push_back(TopLogProbabilities(logits, vocab, req.top_logprobs));
   if (on_token) on_token(slot, tok);
   if (tok == req.eos_id) {
-    g.finish = FinishReason::kEos;
+    Finish(slot, FinishReason::kEos, finished);
   } else if (req.stop && req.stop(g.tokens)) {
-    g.finish = FinishReason::kStop;
+    Finish(slot, FinishReason::kStop, finished);
   } else if (static_cast<int>(g.tokens.size()) == req.max_new_tokens) {
-    g.finish = FinishReason::kLength;
+    Finish(slot, FinishReason::kLength, finished);
   } else {
     return false;
   }
+  return true;
+}
+
+void Generator::Finish(int slot, FinishReason why, Finished* finished) {
+  Sequence& q = seqs_[slot];
+  GenerationResult& g = q.result;
+  g.finish = why;
   g.decode_seconds = q.timer.Seconds();
   q.busy = false;
   q.draft_layer = 0;
   ReleaseKv(q);
   q.request = GenerationRequest();
   *finished = {slot, std::move(g)};
-  return true;
 }
 
 absl::StatusOr<std::vector<GenerationResult>> Generator::GenerateBatch(

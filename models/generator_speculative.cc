@@ -94,8 +94,7 @@ bool Generator::AcceptSpeculative(int slot, const StepResult& r,
     } else {
       tok = SampleFrom(p, q.rng);
     }
-    const float logprob = LogProbability(row, vocab, tok);
-    if (Emit(slot, tok, -1, model_->config().num_layers, logprob, on_token, finished)) return true;
+    if (Emit(slot, tok, -1, model_->config().num_layers, row, on_token, finished)) return true;
     if (!more) break;
   }
   // Rows after the last kept draft hold rejected tokens: drop them. Every row left has run

@@ -22,6 +22,25 @@ float LogProbability(const float* logits, int vocab, int32_t token) {
   return static_cast<float>(logits[token] - mx - std::log(sum));
 }
 
+TopTokens TopLogProbabilities(const float* logits, int vocab, int k) {
+  k = std::min(k, vocab);
+  std::vector<int32_t> idx(vocab);
+  std::iota(idx.begin(), idx.end(), 0);
+  std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int32_t a, int32_t b) {
+    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+  });
+  float mx = logits[0];
+  for (int i = 1; i < vocab; ++i) mx = std::max(mx, logits[i]);
+  double sum = 0;
+  for (int i = 0; i < vocab; ++i) sum += std::exp(logits[i] - mx);
+  const double log_sum = std::log(sum);
+  TopTokens top(k);
+  for (int i = 0; i < k; ++i) {
+    top[i] = {idx[i], static_cast<float>(logits[idx[i]] - mx - log_sum)};
+  }
+  return top;
+}
+
 int32_t SampleToken(std::vector<float>& logits, const SamplingParams& p, Rng& rng) {
   const int v = static_cast<int>(logits.size());
   if (p.temperature <= 0.0f) {

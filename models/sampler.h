@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "engine/core/rng.h"
@@ -24,5 +25,9 @@ float MaxProbability(const float* logits, int vocab, float temperature);
 
 // log softmax(logits)[token].
 float LogProbability(const float* logits, int vocab, int32_t token);
+
+// The k most likely tokens with their log softmax(logits), most likely first (ties: lower id).
+using TopTokens = std::vector<std::pair<int32_t, float>>;
+TopTokens TopLogProbabilities(const float* logits, int vocab, int k);
 
 }  // namespace eellm

@@ -472,8 +472,79 @@ TEST(Generator, BatchErrorsNameThePromptAndTheValue) {
   EXPECT_NE(r.status().message().find("3 prompts"), std::string::npos) << r.status();
 }
 
+// Prompt scoring: each prompt token's log-probability and its position's most likely tokens are
+// the final head's in a full pass, whichever head decides the first generated token (early exit
+// on) and however many projections the prompt takes (25 rows, 19 a projection); max_new_tokens 0
+// scores only; a sequence beside them that does not score gets what it gets alone.
+TEST_P(GeneratorTest, ScoresThePromptWithTheFinalHead) {
+  ModelConfig c = ConfigWithExits(GetParam());
+  auto be = Cpu();
+  auto m = *Model::Create(c, be.get());
+  testing::FillParams(*m, 71, 0.5f);
+  std::vector<GenerationRequest> reqs(2);
+  reqs[0].prompt = testing::RandomTokens(25, c.vocab_size, 72);
+  reqs[0].max_new_tokens = 5;
+  reqs[0].prompt_logprobs = true;
+  reqs[0].top_logprobs = 3;
+  reqs[0].early_exit.threshold = 0.2f;
+  reqs[1].prompt = testing::RandomTokens(6, c.vocab_size, 73);
+  reqs[1].max_new_tokens = 8;
+  reqs[1].early_exit.threshold = 0.4f;
+  Generator g(m.get(), c.max_seq_len, 2);
+  for (int max_new : {5, 0}) {
+    reqs[0].max_new_tokens = max_new;
+    const auto got = *g.GenerateBatch(reqs);
+    const GenerationResult& s = got[0];
+    ASSERT_EQ(s.prompt_logprobs.size(), 24u);
+    ASSERT_EQ(s.prompt_top.size(), 24u);
+    ASSERT_EQ(s.tokens.size(), static_cast<size_t>(max_new));
+    ASSERT_EQ(s.top.size(), static_cast<size_t>(max_new));
+    const FullPass full = RunFull(*m, reqs[0].prompt);
+    for (int p = 0; p + 1 < 25; ++p) {
+      const float* ref = full.final_logits[p].data();
+      EXPECT_NEAR(s.prompt_logprobs[p], LogProbability(ref, c.vocab_size, reqs[0].prompt[p + 1]),
+                  2e-4)
+          << "position " << p;
+      const TopTokens want = TopLogProbabilities(ref, c.vocab_size, 3);
+      ASSERT_EQ(s.prompt_top[p].size(), 3u);
+      for (int j = 0; j < 3; ++j) {
+        EXPECT_EQ(s.prompt_top[p][j].first, want[j].first) << "position " << p;
+        EXPECT_NEAR(s.prompt_top[p][j].second, want[j].second, 2e-4) << "position " << p;
+      }
+    }
+    ExpectMatchesFullPass(*m, reqs[0], s);
+    for (size_t t = 0; t < s.tokens.size(); ++t) {  // the producing head's most likely tokens
+      EXPECT_GE(s.top[t][0].second, s.logprobs[t] - 1e-6f);
+      EXPECT_GE(s.top[t][0].second, s.top[t][1].second);
+    }
+    if (max_new > 0)
+      EXPECT_GT(
+          std::count_if(s.exit_index.begin(), s.exit_index.end(), [](int e) { return e >= 0; }), 0)
+          << "no early exit: the scoring prefill's newest row was not tested with an exit";
+    Generator alone(m.get(), c.max_seq_len, 1);
+    EXPECT_EQ(got[1].tokens, alone.GenerateBatch({reqs[1]})->at(0).tokens);
+    EXPECT_TRUE(got[1].prompt_logprobs.empty());
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Styles, GeneratorTest,
                          ::testing::Values(ModelStyle::kGpt, ModelStyle::kLlama));
+
+TEST(Generator, ScoringErrorsNameTheValue) {
+  ModelConfig c = ConfigWithExits(ModelStyle::kLlama);
+  auto be = Cpu();
+  auto m = *Model::Create(c, be.get());
+  Generator g(m.get(), 32);
+  GenerationRequest q;
+  q.prompt = {1, 2};
+  q.max_new_tokens = 0;
+  EXPECT_EQ(g.Validate(q).message(),
+            "max_new_tokens must be >= 1 (0 only to score the prompt), got 0");
+  q.prompt_logprobs = true;
+  EXPECT_TRUE(g.Validate(q).ok());
+  q.top_logprobs = 21;
+  EXPECT_EQ(g.Validate(q).message(), "top_logprobs must be in [0, 20], got 21");
+}
 
 TEST(Generator, RejectsTooLongRequests) {
   ModelConfig c = TinyConfig(ModelStyle::kGpt);
