@@ -124,6 +124,8 @@ struct GenerationOptions {
   double threshold = 1.0;    // early exit; 1 = off
   std::vector<int> exit_layers;
   SpeculativeParams speculative;  // self-speculative decoding; exit_layer 0 = off
+  bool prompt_logprobs = false;   // score the prompts too
+  int top_logprobs = 0;
 };
 
 // The self-speculative decoding fields of either API: "draft_exit_layer" (the drafting exit's
@@ -140,12 +142,17 @@ inline absl::Status ReadSpeculative(const json& body, SpeculativeParams* out) {
 }
 
 // One GenerationRequest per call->prompts, stopping at call->stop_sequences (matched on the
-// generated text).
-inline void AddGenerationRequests(const GenerationOptions& o, const Tokenizer& tok, ApiCall* call) {
+// generated text). `token_prompts`, when not empty, holds the prompts as token ids (and
+// call->prompts their text).
+inline void AddGenerationRequests(const GenerationOptions& o, const Tokenizer& tok, ApiCall* call,
+                                  const std::vector<std::vector<int32_t>>& token_prompts = {}) {
   for (size_t i = 0; i < call->prompts.size(); ++i) {
     GenerationRequest r;
-    if (o.add_bos || call->prompts[i].empty()) r.prompt.push_back(tok.bos_id());
-    const std::vector<int32_t> ids = tok.Encode(call->prompts[i]);
+    if (o.add_bos || (call->prompts[i].empty() && token_prompts.empty())) {
+      r.prompt.push_back(tok.bos_id());
+    }
+    const std::vector<int32_t> ids =
+        token_prompts.empty() ? tok.Encode(call->prompts[i]) : token_prompts[i];
     r.prompt.insert(r.prompt.end(), ids.begin(), ids.end());
     r.max_new_tokens = o.max_new_tokens;
     r.eos_id = tok.eos_id();
@@ -156,6 +163,8 @@ inline void AddGenerationRequests(const GenerationOptions& o, const Tokenizer& t
     r.early_exit.threshold = static_cast<float>(o.threshold);
     r.early_exit.exit_layers = o.exit_layers;
     r.speculative = o.speculative;
+    r.prompt_logprobs = o.prompt_logprobs;
+    r.top_logprobs = o.top_logprobs;
     if (!call->stop_sequences.empty()) {
       r.stop = [&tok, stops = call->stop_sequences](const std::vector<int32_t>& generated) {
         const std::string text = tok.Decode(generated);

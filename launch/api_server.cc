@@ -57,7 +57,7 @@ absl::StatusOr<ApiCall> ParseApiRequest(const std::string& body_text, const Toke
   bool add_bos = false, use_ee = body.contains("early_exit_thres"), print_max_prob = false;
   std::vector<int> exit_layers;
   RETURN_IF_ERROR(
-      Read(body, "tokens_to_generate", "an integer >= 1", &tokens, [](int v) { return v >= 1; }));
+      Read(body, "tokens_to_generate", "an integer >= 0", &tokens, [](int v) { return v >= 0; }));
   RETURN_IF_ERROR(Read(body, "temperature", "a number in [0, 1e30] (0 = greedy)", &temperature,
                        [](double v) { return v >= 0 && v <= 1e30; }));
   RETURN_IF_ERROR(Read(body, "top_k", "an integer >= 0", &top_k, [](int v) { return v >= 0; }));
@@ -81,8 +81,13 @@ absl::StatusOr<ApiCall> ParseApiRequest(const std::string& body_text, const Toke
     if (s.empty()) return absl::InvalidArgumentError("\"stop_sequences\" may not hold \"\"");
   }
   RETURN_IF_ERROR(api::ReadLayers(body, "exit_layers", &exit_layers));
+  if (tokens == 0 && !call.logprobs) {
+    return absl::InvalidArgumentError(
+        "\"tokens_to_generate\": 0 scores the prompts only, and needs \"logprobs\": true");
+  }
   api::GenerationOptions o;
   RETURN_IF_ERROR(api::ReadSpeculative(body, &o.speculative));
+  o.prompt_logprobs = call.logprobs;
   o.max_new_tokens = tokens;
   o.temperature = temperature;
   o.top_k = top_k;
@@ -107,7 +112,9 @@ std::string ApiResponse(const ApiCall& call, const std::vector<GenerationResult>
     for (int32_t t : call.requests[i].prompt) seg.push_back(tok.DecodeToken(t));
     for (int32_t t : g.tokens) seg.push_back(tok.DecodeToken(t));
     segments.push_back(std::move(seg));
-    logprobs.push_back(g.logprobs);
+    std::vector<float> all = g.prompt_logprobs;  // every token after the first
+    all.insert(all.end(), g.logprobs.begin(), g.logprobs.end());
+    logprobs.push_back(std::move(all));
     layers.push_back(g.depth);
     finish.push_back(FinishReasonName(g.finish));
   }

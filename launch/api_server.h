@@ -40,19 +40,22 @@ struct ApiCall {
   std::vector<GenerationRequest> requests;
   std::vector<std::string> stop_sequences;
   bool logprobs = false;
+  bool echo = false;          // /v1/completions: the answer's text and logprobs start at the prompt
+  int top_logprobs = 0;       // /v1/completions: most likely tokens per position in the answer
   bool stream = false;        // /v1/completions: answer as server-sent events
   bool stream_usage = false;  // ... ending with a usage event (stream_options.include_usage)
 };
 
 // Parses and checks a request body. Fields (EE-LLM's names; all optional but "prompts"):
 //   prompts            list of 1..max_prompts strings
-//   tokens_to_generate integer >= 1 (64)
+//   tokens_to_generate integer >= 0 (64); 0 scores the prompt only (with logprobs)
 //   temperature        >= 0, 0 = greedy (1.0); top_k >= 0, 0 = all (0); top_p in [0, 1], 0 = off
 //   random_seed        integer >= 0; prompt i samples with random_seed + i
 //   add_BOS            prepend the tokenizer's BOS (false); an empty prompt always starts with it
 //   stop_sequences     list of strings: a prompt stops when its text contains one, and its text
 //                      is cut before it
-//   logprobs           return each generated token's log-probability (false)
+//   logprobs           return the log-probability of every token after the first, prompt and
+//                      generated (false)
 //   use_early_exit     (true when early_exit_thres is given, else false)
 //   early_exit_thres   confidence threshold in (0, 1]
 //   exit_layers        layers of the exits allowed to fire (all)
@@ -62,7 +65,8 @@ absl::StatusOr<ApiCall> ParseApiRequest(const std::string& body, const Tokenizer
                                         const ApiDefaults& defaults, uint64_t request_number);
 
 // The JSON response: "text" (prompt + generated text, cut before a stop sequence), "segments"
-// (the text of each prompt and generated token), "logprobs" (when asked: the generated tokens'),
+// (the text of each prompt and generated token), "logprobs" (when asked: each token's after the
+// first, prompt tokens from the final head, generated tokens from the head that produced them),
 // "layers" (layers each generated token ran), "finish_reason" ("length", "eos" or "stop").
 std::string ApiResponse(const ApiCall& call, const std::vector<GenerationResult>& results,
                         const Tokenizer& tok);

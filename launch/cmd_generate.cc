@@ -81,7 +81,10 @@ int RunGenerateCommand() {
   spec.exit_layer = absl::GetFlag(FLAGS_draft_exit);
   spec.draft_tokens = absl::GetFlag(FLAGS_draft_tokens);
   spec.min_confidence = static_cast<float>(absl::GetFlag(FLAGS_draft_confidence));
-  if (spec.enabled()) ee.threshold = 1.0f;  // the full model decides every token
+  if (spec.enabled()) {
+    ee.threshold = 1.0f;  // the full model decides every token
+    std::printf("self-speculative decoding: --threshold and --exit_layers do not apply\n");
+  }
   if (!(ee.threshold > 0 && ee.threshold <= 1)) {
     return Fail(absl::InvalidArgumentError(
         absl::StrCat("--threshold must be in (0, 1], got ", absl::GetFlag(FLAGS_threshold))));

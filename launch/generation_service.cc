@@ -50,7 +50,12 @@ std::string Encode(const StepMessage& m) {
                      {"top_p", Bits(r.sampling.top_p)},
                      {"seed", r.sampling.seed},
                      {"threshold", Bits(r.early_exit.threshold)},
-                     {"exit_layers", r.early_exit.exit_layers}});
+                     {"exit_layers", r.early_exit.exit_layers},
+                     {"draft_layer", r.speculative.exit_layer},
+                     {"draft_tokens", r.speculative.draft_tokens},
+                     {"draft_confidence", Bits(r.speculative.min_confidence)},
+                     {"prompt_logprobs", r.prompt_logprobs},
+                     {"top_logprobs", r.top_logprobs}});
   }
   return json{{"stop", m.stop}, {"retire", m.retire}, {"admit", admit}}.dump();
 }
@@ -72,6 +77,11 @@ StepMessage Decode(const std::string& text) {
       r.sampling.seed = a.at("seed").get<uint64_t>();
       r.early_exit.threshold = FromBits(a.at("threshold").get<uint32_t>());
       r.early_exit.exit_layers = a.at("exit_layers").get<std::vector<int>>();
+      r.speculative.exit_layer = a.at("draft_layer").get<int>();
+      r.speculative.draft_tokens = a.at("draft_tokens").get<int>();
+      r.speculative.min_confidence = FromBits(a.at("draft_confidence").get<uint32_t>());
+      r.prompt_logprobs = a.at("prompt_logprobs").get<bool>();
+      r.top_logprobs = a.at("top_logprobs").get<int>();
       m.admit.emplace_back(a.at("slot").get<int>(), std::move(r));
     }
   } catch (const json::exception& e) {

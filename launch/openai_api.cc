@@ -53,6 +53,39 @@ absl::Status ReadStringOrList(const json& body, const char* field, std::vector<s
   return api::ReadStrings(body, field, out);
 }
 
+bool IsTokenList(const json& v) {
+  if (!v.is_array() || v.empty()) return false;
+  for (const json& t : v) {
+    if (!t.is_number_integer() || t.get<int64_t>() < 0 || t.get<int64_t>() > INT32_MAX) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// "prompt" as token ids, as OpenAI takes them: a list of ids, or a list of such lists. Their
+// text goes to *text. Not token ids: false.
+bool ReadTokenPrompts(const json& body, const Tokenizer& tok, std::vector<std::string>* text,
+                      std::vector<std::vector<int32_t>>* ids) {
+  const json& p = body["prompt"];
+  std::vector<const json*> lists;
+  if (IsTokenList(p)) {
+    lists.push_back(&p);
+  } else if (p.is_array() && !p.empty()) {
+    for (const json& e : p) {
+      if (!IsTokenList(e)) return false;
+      lists.push_back(&e);
+    }
+  } else {
+    return false;
+  }
+  for (const json* l : lists) {
+    ids->push_back(l->get<std::vector<int32_t>>());
+    text->push_back(tok.Decode(ids->back()));
+  }
+  return true;
+}
+
 // Fields accepted only at their neutral value.
 absl::Status RequireNeutral(const json& body) {
   struct Neutral {
@@ -62,7 +95,6 @@ absl::Status RequireNeutral(const json& body) {
   };
   const Neutral neutral[] = {{"n", 1, "1 (one completion per prompt)"},
                              {"best_of", 1, "1"},
-                             {"echo", false, "false"},
                              {"presence_penalty", 0, "0"},
                              {"frequency_penalty", 0, "0"}};
   for (const Neutral& n : neutral) {
@@ -87,7 +119,10 @@ absl::StatusOr<ApiCall> ParseCompletionRequest(const std::string& body_text, con
   RETURN_IF_ERROR(RequireNeutral(body));
   ApiCall call;
   if (!body.contains("prompt")) return absl::InvalidArgumentError("\"prompt\" is required");
-  RETURN_IF_ERROR(ReadStringOrList(body, "prompt", &call.prompts));
+  std::vector<std::vector<int32_t>> token_prompts;
+  if (!ReadTokenPrompts(body, tok, &call.prompts, &token_prompts)) {
+    RETURN_IF_ERROR(ReadStringOrList(body, "prompt", &call.prompts));
+  }
   const int n = static_cast<int>(call.prompts.size());
   if (n < 1 || n > defaults.max_prompts) {
     return absl::InvalidArgumentError(absl::StrCat("\"prompt\" must be a string or a list of 1 to ",
@@ -98,8 +133,9 @@ absl::StatusOr<ApiCall> ParseCompletionRequest(const std::string& body_text, con
   int64_t seed =
       static_cast<int64_t>((defaults.seed + 1000003ull * request_number) & 0x1fffffffffffffull);
   int logprobs = 0;
-  RETURN_IF_ERROR(
-      Read(body, "max_tokens", "an integer >= 1", &o.max_new_tokens, [](int v) { return v >= 1; }));
+  RETURN_IF_ERROR(Read(body, "echo", "true or false", &call.echo, [](bool) { return true; }));
+  RETURN_IF_ERROR(Read(body, "max_tokens", "an integer >= 1 (0 with echo: score the prompt)",
+                       &o.max_new_tokens, [&](int v) { return v >= (call.echo ? 0 : 1); }));
   RETURN_IF_ERROR(Read(body, "temperature", "a number in [0, 1e30] (0 = greedy)", &o.temperature,
                        [](double v) { return v >= 0 && v <= 1e30; }));
   RETURN_IF_ERROR(Read(body, "top_p", "a number in (0, 1]", &o.top_p,
@@ -110,11 +146,13 @@ absl::StatusOr<ApiCall> ParseCompletionRequest(const std::string& body_text, con
   RETURN_IF_ERROR(Read(body, "seed", "an integer >= 0", &seed, [](int64_t v) { return v >= 0; }));
   o.seed = static_cast<uint64_t>(seed);
   if (body.contains("logprobs") && !body["logprobs"].is_null()) {
-    RETURN_IF_ERROR(Read(body, "logprobs",
-                         "null, 0 or 1 (only the sampled token's log-probability is returned)",
-                         &logprobs, [](int v) { return v == 0 || v == 1; }));
+    RETURN_IF_ERROR(Read(body, "logprobs", "null or an integer in [0, 20]", &logprobs,
+                         [](int v) { return v >= 0 && v <= kMaxTopLogprobs; }));
   }
   call.logprobs = logprobs > 0;
+  call.top_logprobs = logprobs;
+  o.top_logprobs = logprobs;
+  o.prompt_logprobs = call.echo && call.logprobs;
   RETURN_IF_ERROR(Read(body, "stream", "true or false", &call.stream, [](bool) { return true; }));
   if (auto it = body.find("stream_options"); it != body.end() && !it->is_null()) {
     if (!it->is_object() || !call.stream) {
@@ -132,6 +170,9 @@ absl::StatusOr<ApiCall> ParseCompletionRequest(const std::string& body_text, con
   if (call.stream && call.logprobs) {
     return absl::InvalidArgumentError("\"logprobs\" is not supported with \"stream\"");
   }
+  if (call.stream && call.echo) {
+    return absl::InvalidArgumentError("\"echo\" is not supported with \"stream\"");
+  }
   o.threshold = 1.0;
   RETURN_IF_ERROR(Read(body, "early_exit_threshold", "a number in (0, 1] (1 = off)", &o.threshold,
                        [](double v) { return v > 0 && v <= 1; }));
@@ -145,9 +186,50 @@ absl::StatusOr<ApiCall> ParseCompletionRequest(const std::string& body_text, con
     return absl::InvalidArgumentError(
         absl::StrCat("\"stop\" may hold at most 4 strings, got ", call.stop_sequences.size()));
   }
-  api::AddGenerationRequests(o, tok, &call);
+  api::AddGenerationRequests(o, tok, &call, token_prompts);
   return call;
 }
+
+namespace {
+
+// OpenAI's "logprobs" object of one choice: per token its text, log-probability, most likely
+// tokens ({text: log-probability}) and character offset in the choice's text; with echo the
+// prompt's tokens first (the first has no log-probability: null).
+json ChoiceLogprobs(const ApiCall& call, size_t i, const GenerationResult& g,
+                    const Tokenizer& tok) {
+  json tokens = json::array(), values = json::array(), tops = json::array(),
+       offsets = json::array();
+  size_t offset = 0;
+  auto add = [&](int32_t t, json value, const TopTokens* top) {
+    const std::string text = tok.DecodeToken(t);
+    tokens.push_back(text);
+    values.push_back(std::move(value));
+    json entry = nullptr;
+    if (top != nullptr) {
+      entry = json::object();
+      for (const auto& [id, lp] : *top) entry[tok.DecodeToken(id)] = lp;
+    }
+    tops.push_back(std::move(entry));
+    offsets.push_back(offset);
+    offset += text.size();
+  };
+  if (call.echo) {
+    const std::vector<int32_t>& prompt = call.requests[i].prompt;
+    for (size_t p = 0; p < prompt.size(); ++p) {
+      const bool scored = p > 0 && p - 1 < g.prompt_logprobs.size();
+      add(prompt[p], scored ? json(g.prompt_logprobs[p - 1]) : json(nullptr),
+          scored && p - 1 < g.prompt_top.size() ? &g.prompt_top[p - 1] : nullptr);
+    }
+  }
+  for (size_t t = 0; t < g.tokens.size(); ++t) {
+    add(g.tokens[t], g.logprobs[t], t < g.top.size() ? &g.top[t] : nullptr);
+  }
+  json r = {{"tokens", tokens}, {"token_logprobs", values}, {"text_offset", offsets}};
+  if (call.top_logprobs > 0) r["top_logprobs"] = tops;
+  return r;
+}
+
+}  // namespace
 
 std::string CompletionResponse(const ApiCall& call, const std::vector<GenerationResult>& results,
                                const Tokenizer& tok, const std::string& model,
@@ -156,13 +238,9 @@ std::string CompletionResponse(const ApiCall& call, const std::vector<Generation
   size_t prompt_tokens = 0, completion_tokens = 0;
   for (size_t i = 0; i < results.size(); ++i) {
     const GenerationResult& g = results[i];
-    json logprobs = nullptr;
-    if (call.logprobs) {
-      json tokens = json::array();
-      for (int32_t t : g.tokens) tokens.push_back(tok.DecodeToken(t));
-      logprobs = {{"tokens", tokens}, {"token_logprobs", g.logprobs}};
-    }
-    choices.push_back({{"text", api::GeneratedText(g, call.stop_sequences, tok)},
+    const json logprobs = call.logprobs ? ChoiceLogprobs(call, i, g, tok) : json(nullptr);
+    const std::string text = api::GeneratedText(g, call.stop_sequences, tok);
+    choices.push_back({{"text", call.echo ? call.prompts[i] + text : text},
                        {"index", i},
                        {"logprobs", logprobs},
                        {"finish_reason", g.finish == FinishReason::kLength ? "length" : "stop"},

@@ -3,9 +3,10 @@
 // "logprobs", ...} answers {"id", "object": "text_completion", "created", "model", "choices":
 // [{"text", "index", "logprobs", "finish_reason"}], "usage"}. Early exit is an extension:
 // "early_exit_threshold" and "exit_layers" in the request, each choice's "layers" in the answer.
-// "stream": true answers with server-sent events as tokens come (CompletionStream). Not
-// supported (refused by name): n > 1, best_of > 1, echo, suffix, penalties, logit_bias, top
-// logprobs beyond the sampled token's, logprobs when streaming.
+// "stream": true answers with server-sent events as tokens come (CompletionStream). "prompt" may
+// be token ids. "echo" with "logprobs" scores the prompt too (max_tokens 0: only the prompt), as
+// lm-evaluation-harness's loglikelihood tasks ask. Not supported (refused by name): n > 1,
+// best_of > 1, suffix, penalties, logit_bias, logprobs or echo when streaming.
 #pragma once
 
 #include <cstdint>

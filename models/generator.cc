@@ -122,7 +122,7 @@ std::vector<StepResult> Generator::Pass(const std::vector<std::vector<int32_t>>&
                                         const std::vector<bool>& check) {
   EE_CHECK(ids.size() <= seqs_.size() && ee.size() == ids.size() &&
                (check.empty() || check.size() == ids.size()),
-           "StepBatch: ", ids.size(), " sequences, ", ee.size(), " exit settings, ", check.size(),
+           "a pass: ", ids.size(), " sequences, ", ee.size(), " exit settings, ", check.size(),
            " checks, room for ", seqs_.size());
   std::vector<StepResult> out(ids.size());
   std::vector<Item> items;

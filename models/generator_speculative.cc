@@ -75,14 +75,14 @@ bool Generator::AcceptSpeculative(int slot, const StepResult& r,
   }
   // The check (or the prefill, which has no drafts): the last n + 1 rows score the round.
   const int n = static_cast<int>(q.drafts.size());
-  EE_CHECK(r.exit_index < 0 && r.rows >= n + 1, "slot ", slot, ": ", r.rows,
+  EE_CHECK(r.exit_index < 0 && r.rows == n + 1, "slot ", slot, ": ", r.rows,
            " rows of the final head check ", n, " drafts");
   q.result.drafted += n;
   ++q.result.checks;
   int kept = 0;
   int32_t tok = 0;
   for (int i = 0; i <= n; ++i) {
-    const float* row = r.logits.data() + static_cast<size_t>(r.rows - 1 - n + i) * vocab;
+    const float* row = r.logits.data() + static_cast<size_t>(i) * vocab;
     const std::vector<double> p = TokenDistribution(row, vocab, sampling);
     bool more = false;
     if (i < n) {

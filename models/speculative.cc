@@ -14,13 +14,27 @@ std::vector<double> TokenDistribution(const float* logits, int vocab, const Samp
     dist[std::max_element(logits, logits + vocab) - logits] = 1.0;
     return dist;
   }
-  // As SampleToken: descending logits (ties by index), top_k, then the top_p nucleus.
+  const double mx = *std::max_element(logits, logits + vocab);
+  if (p.top_k <= 0 && p.top_p >= 1.0f) {  // no truncation: the whole softmax, no sorting
+    double sum = 0;
+    for (int i = 0; i < vocab; ++i) sum += dist[i] = std::exp((logits[i] - mx) / p.temperature);
+    for (double& d : dist) d /= sum;
+    return dist;
+  }
+  // As SampleToken: descending logits (ties by index), top_k, then the top_p nucleus; only the
+  // top_k need ordering when there is no nucleus.
   std::vector<int> idx(vocab);
   std::iota(idx.begin(), idx.end(), 0);
-  std::stable_sort(idx.begin(), idx.end(), [&](int a, int b) { return logits[a] > logits[b]; });
   int keep = p.top_k > 0 ? std::min(vocab, p.top_k) : vocab;
+  auto before = [&](int a, int b) {
+    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+  };
+  if (p.top_p < 1.0f) {
+    std::sort(idx.begin(), idx.end(), before);
+  } else {
+    std::partial_sort(idx.begin(), idx.begin() + keep, idx.end(), before);
+  }
   std::vector<double> w(keep);
-  const double mx = logits[idx[0]];
   double sum = 0;
   for (int i = 0; i < keep; ++i) sum += w[i] = std::exp((logits[idx[i]] - mx) / p.temperature);
   if (p.top_p < 1.0f) {

@@ -54,6 +54,7 @@ TEST(ApiRequest, MapsEveryFieldAndDefaults) {
   EXPECT_FLOAT_EQ(b.sampling.top_p, 0.5f);
   EXPECT_EQ(b.sampling.seed, 42u);
   EXPECT_FLOAT_EQ(b.early_exit.threshold, 0.6f);  // the server's default threshold
+  EXPECT_TRUE(b.prompt_logprobs);                 // logprobs: the prompt's too
   EXPECT_EQ(b.early_exit.exit_layers, std::vector<int>{3});
   EXPECT_TRUE(call->logprobs);
   ASSERT_TRUE(b.stop);
@@ -87,7 +88,9 @@ TEST(ApiRequest, ErrorsNameTheFieldAndValue) {
       {R"({"prompts": []})", "1 to 2 strings, got 0"},
       {R"({"prompts": ["a", "b", "c"]})", "1 to 2 strings, got 3"},
       {R"({"prompts": ["a"], "tokens_to_generate": 0})",
-       "\"tokens_to_generate\" must be an integer >= 1, got 0"},
+       "\"tokens_to_generate\": 0 scores the prompts only, and needs \"logprobs\": true"},
+      {R"({"prompts": ["a"], "tokens_to_generate": -1})",
+       "\"tokens_to_generate\" must be an integer >= 0, got -1"},
       {R"({"prompts": ["a"], "tokens_to_generate": 2.5})", "got 2.5"},
       {R"({"prompts": ["a"], "tokens_to_generate": 1e12})", "got 1000000000000.0"},
       {R"({"prompts": ["a"], "temperature": -1})", "\"temperature\" must be a number in [0, 1e30]"},
@@ -265,8 +268,22 @@ TEST(ApiServer, AnswersOverHttp) {
     const json text = call.prompts[i] + tok.Decode(want[i].tokens);
     EXPECT_EQ(r["text"][i], json::parse(text.dump(-1, ' ', false, json::error_handler_t::replace)));
     EXPECT_EQ(r["layers"][i], json(want[i].depth));
-    EXPECT_EQ(r["logprobs"][i].size(), want[i].tokens.size());
+    // Megatron's logprobs: every token after the first, the prompt's from the final head.
+    ASSERT_EQ(r["logprobs"][i].size(), call.requests[i].prompt.size() - 1 + want[i].tokens.size());
+    for (size_t p = 0; p + 1 < call.requests[i].prompt.size(); ++p) {
+      EXPECT_FLOAT_EQ(r["logprobs"][i][p].get<float>(), want[i].prompt_logprobs.at(p));
+    }
+    EXPECT_FLOAT_EQ(r["logprobs"][i].back().get<float>(), want[i].logprobs.back());
   }
+  // tokens_to_generate 0 scores the prompt only.
+  res = client.Put("/api", R"({"prompts": ["In the"], "tokens_to_generate": 0, "logprobs": true})",
+                   "application/json");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 200) << res->body;
+  const json scored = json::parse(res->body);
+  EXPECT_EQ(scored["text"][0], "In the");
+  ASSERT_EQ(scored["logprobs"][0].size(), 5u);
+  EXPECT_FLOAT_EQ(scored["logprobs"][0][4].get<float>(), want[0].prompt_logprobs.at(4));
   res = client.Post("/api", R"({"prompts": ["a"], "tokens_to_generate": 100})", "application/json");
   ASSERT_TRUE(res);
   EXPECT_EQ(res->status, 400);
@@ -275,7 +292,7 @@ TEST(ApiServer, AnswersOverHttp) {
   ASSERT_TRUE(res);
   EXPECT_EQ(res->status, 200);
   const json h = json::parse(res->body);
-  EXPECT_EQ(h["served"]["sequences"], 2);
+  EXPECT_EQ(h["served"]["sequences"], 3);
   EXPECT_EQ(h["model"]["exit_layers"], json({1, 2, 3}));
   res = client.Get("/v1/completions");
   ASSERT_TRUE(res);

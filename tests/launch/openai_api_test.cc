@@ -70,6 +70,24 @@ TEST(CompletionRequest, MapsFieldsAndOpenAiDefaults) {
   ASSERT_TRUE(b.stop);
   EXPECT_TRUE(b.stop({'x', '\n'}));
   EXPECT_EQ(call->stop_sequences, std::vector<std::string>{"\n"});
+  EXPECT_FALSE(b.prompt_logprobs);
+  EXPECT_EQ(b.top_logprobs, 1);
+
+  // Scoring as lm-evaluation-harness asks: token-id prompts, echo, max_tokens 0, top logprobs.
+  for (const char* prompt : {"[[104, 105], [33]]", "[104, 105]"}) {
+    call = ParseCompletionRequest(absl::StrCat(R"({"prompt": )", prompt,
+                                               R"(, "echo": true, "max_tokens": 0, "logprobs": 5,
+        "temperature": 0})"),
+                                  tok, ApiDefaults(), 0);
+    ASSERT_TRUE(call.ok()) << call.status();
+    EXPECT_EQ(call->prompts[0], "hi");
+    EXPECT_EQ(call->requests[0].prompt, (std::vector<int32_t>{104, 105}));
+    EXPECT_EQ(call->requests[0].max_new_tokens, 0);
+    EXPECT_TRUE(call->requests[0].prompt_logprobs);
+    EXPECT_EQ(call->requests[0].top_logprobs, 5);
+    EXPECT_TRUE(call->echo);
+  }
+  EXPECT_EQ(call->requests.size(), 1u);
 }
 
 TEST(CompletionRequest, RefusedFieldsAreNamed) {
@@ -79,12 +97,18 @@ TEST(CompletionRequest, RefusedFieldsAreNamed) {
       {R"({"prompt": []})", "a list of 1 to 128, got 0"},
       {R"({"prompt": "a", "n": 2})", "\"n\" must be 1 (one completion per prompt), got 2"},
       {R"({"prompt": "a", "best_of": 3})", "\"best_of\" must be 1, got 3"},
-      {R"({"prompt": "a", "echo": true})", "\"echo\" must be false, got true"},
       {R"({"prompt": "a", "presence_penalty": 0.5})", "\"presence_penalty\" must be 0, got 0.5"},
       {R"({"prompt": "a", "logit_bias": {"1": 5}})", "\"logit_bias\" must be null"},
       {R"({"prompt": "a", "suffix": "z"})", "\"suffix\" must be null (not supported), got \"z\""},
-      {R"({"prompt": "a", "logprobs": 5})", "\"logprobs\" must be null, 0 or 1"},
-      {R"({"prompt": "a", "max_tokens": 0})", "\"max_tokens\" must be an integer >= 1, got 0"},
+      {R"({"prompt": "a", "logprobs": 21})",
+       "\"logprobs\" must be null or an integer in [0, 20], got 21"},
+      {R"({"prompt": "a", "max_tokens": 0, "echo": false})",
+       "\"max_tokens\" must be an integer >= 1 (0 with echo: score the prompt), got 0"},
+      {R"({"prompt": "a", "echo": true, "stream": true})", "\"echo\" is not supported with"},
+      {R"({"prompt": [1, "a"]})", "\"prompt\" must be a list of strings, got [1,\"a\"]"},
+      {R"({"prompt": [[1, 2], [-3]]})", "\"prompt\" must be a list of strings"},
+      {R"({"prompt": "a", "max_tokens": 0})",
+       "\"max_tokens\" must be an integer >= 1 (0 with echo"},
       {R"({"prompt": "a", "top_p": 0})", "\"top_p\" must be a number in (0, 1], got 0"},
       {R"({"prompt": "a", "stop": ["1", "2", "3", "4", "5"]})", "at most 4 strings, got 5"},
       {R"({"prompt": "a", "early_exit_threshold": 2})", "\"early_exit_threshold\" must be"},
@@ -100,6 +124,33 @@ TEST(CompletionRequest, RefusedFieldsAreNamed) {
   const json e = json::parse(CompletionError("bad \"n\"", true));
   EXPECT_EQ(e["error"]["message"], "bad \"n\"");
   EXPECT_EQ(e["error"]["type"], "invalid_request_error");
+}
+
+// echo: the text and the logprobs start at the prompt (its first token unscored: null), with
+// each position's most likely tokens and each token's character offset.
+TEST(CompletionResponse, EchoScoresThePrompt) {
+  ByteTokenizer tok;
+  auto call = *ParseCompletionRequest(
+      R"({"prompt": "Q:", "echo": true, "logprobs": 2, "max_tokens": 2})", tok, ApiDefaults(), 0);
+  GenerationResult g;
+  g.tokens = {' ', 'a'};
+  g.depth = {4, 4};
+  g.logprobs = {-1, -2};
+  g.top = {{{' ', -1}, {'b', -1.5f}}, {{'c', -0.5f}, {'a', -2}}};
+  g.prompt_logprobs = {-3};
+  g.prompt_top = {{{'x', -0.5f}, {':', -3}}};
+  const json r = json::parse(CompletionResponse(call, {g}, tok, "m", 1, 0));
+  const json& c = r["choices"][0];
+  EXPECT_EQ(c["text"], "Q: a");
+  EXPECT_EQ(c["logprobs"]["tokens"], json({"Q", ":", " ", "a"}));
+  EXPECT_EQ(c["logprobs"]["token_logprobs"], json({nullptr, -3.0, -1.0, -2.0}));
+  EXPECT_EQ(c["logprobs"]["text_offset"], json({0, 1, 2, 3}));
+  const json& top = c["logprobs"]["top_logprobs"];
+  ASSERT_EQ(top.size(), 4u);
+  EXPECT_TRUE(top[0].is_null());
+  EXPECT_EQ(top[1], json({{"x", -0.5}, {":", -3.0}}));
+  EXPECT_EQ(top[3], json({{"c", -0.5}, {"a", -2.0}}));
+  EXPECT_EQ(r["usage"]["prompt_tokens"], 2);
 }
 
 TEST(CompletionResponse, HasOpenAiShapeAndEarlyExitLayers) {
@@ -273,6 +324,23 @@ TEST(CompletionServer, AnswersOverHttp) {
     EXPECT_EQ(r["choices"][i]["layers"], json(want[i].depth));
   }
   EXPECT_EQ(r["model"], "tiny");
+  // Scoring a prompt given as token ids: the final head's log-probabilities, as the generator's.
+  const std::string score =
+      R"({"prompt": [73, 110, 32, 116, 104, 101], "echo": true, "max_tokens": 0, "logprobs": 1})";
+  res = client.Post("/v1/completions", score, "application/json");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 200) << res->body;
+  const json scored = json::parse(res->body)["choices"][0];
+  EXPECT_EQ(scored["text"], "In the");
+  const auto scored_want =
+      *alone.GenerateBatch(ParseCompletionRequest(score, tok, defaults, 0)->requests);
+  ASSERT_EQ(scored["logprobs"]["token_logprobs"].size(), 6u);
+  EXPECT_TRUE(scored["logprobs"]["token_logprobs"][0].is_null());
+  for (int p = 1; p < 6; ++p) {
+    EXPECT_FLOAT_EQ(scored["logprobs"]["token_logprobs"][p].get<float>(),
+                    scored_want[0].prompt_logprobs.at(p - 1));
+    EXPECT_EQ(scored["logprobs"]["top_logprobs"][p].size(), 1u);
+  }
   res = client.Post("/v1/completions", R"({"prompt": "a", "n": 3})", "application/json");
   ASSERT_TRUE(res);
   EXPECT_EQ(res->status, 400);

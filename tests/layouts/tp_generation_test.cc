@@ -119,9 +119,13 @@ INSTANTIATE_TEST_SUITE_P(Styles, TpGeneration,
                          ::testing::Values(ModelStyle::kGpt, ModelStyle::kLlama));
 
 // Stop rules only the leader evaluates: one on the token where the length also ends the
-// sequence, one after 3 tokens, one on the first token.
+// sequence, one after 3 tokens, one on the first token. The first is decoded speculatively and
+// the last scores its prompt: the followers must mirror both (their passes differ).
 std::vector<GenerationRequest> RequestsWithStops(const ModelConfig& c) {
   std::vector<GenerationRequest> r = testing::MixedRequests(c);
+  r[0].speculative = {2, 3, 0.2f};
+  r[3].prompt_logprobs = true;
+  r[3].top_logprobs = 2;
   r[0].stop = [n = r[0].max_new_tokens](const std::vector<int32_t>& t) {
     return static_cast<int>(t.size()) == n;
   };
@@ -137,6 +141,12 @@ void ExpectSameResults(const std::vector<GenerationResult>& got,
     EXPECT_EQ(got[i].tokens, want[i].tokens) << what << ", sequence " << i;
     EXPECT_EQ(got[i].exit_index, want[i].exit_index) << what << ", sequence " << i;
     EXPECT_EQ(got[i].finish, want[i].finish) << what << ", sequence " << i;
+    EXPECT_EQ(got[i].drafted, want[i].drafted) << what << ", sequence " << i;
+    EXPECT_EQ(got[i].accepted, want[i].accepted) << what << ", sequence " << i;
+    ASSERT_EQ(got[i].prompt_logprobs.size(), want[i].prompt_logprobs.size()) << what;
+    for (size_t p = 0; p < got[i].prompt_logprobs.size(); ++p) {
+      EXPECT_NEAR(got[i].prompt_logprobs[p], want[i].prompt_logprobs[p], 1e-4) << what;
+    }
   }
 }
 
@@ -167,6 +177,8 @@ TEST_P(TpServing, FollowersMirrorTheLeader) {
   int stopped = 0;
   for (const GenerationResult& g : want) stopped += g.finish == FinishReason::kStop;
   EXPECT_EQ(stopped, 3);
+  EXPECT_GT(want[0].drafted, 0);
+  EXPECT_EQ(want[3].prompt_logprobs.size(), reqs[3].prompt.size() - 1);
   // One KV cache of 60 tokens for both slots (needs of 20-31 tokens: a range may not fit until
   // the other sequence ends); the followers take the same ranges as the leader.
   Generator gp(part->model.get(), 32, 2, /*kv_tokens=*/60);
