@@ -81,15 +81,13 @@ absl::StatusOr<ApiCall> ParseApiRequest(const std::string& body_text, const Toke
     if (s.empty()) return absl::InvalidArgumentError("\"stop_sequences\" may not hold \"\"");
   }
   RETURN_IF_ERROR(api::ReadLayers(body, "exit_layers", &exit_layers));
-  if (tokens == 0 && !(call.logprobs && defaults.score_prompts)) {
+  if (tokens == 0 && !call.logprobs) {
     return absl::InvalidArgumentError(
-        defaults.score_prompts
-            ? "\"tokens_to_generate\": 0 scores the prompts only, and needs \"logprobs\": true"
-            : "\"tokens_to_generate\" must be >= 1 (a pipeline does not score prompts)");
+        "\"tokens_to_generate\": 0 scores the prompts only, and needs \"logprobs\": true");
   }
   api::GenerationOptions o;
   RETURN_IF_ERROR(api::ReadSpeculative(body, &o.speculative));
-  o.prompt_logprobs = call.logprobs && defaults.score_prompts;
+  o.prompt_logprobs = call.logprobs;
   o.max_new_tokens = tokens;
   o.temperature = temperature;
   o.top_k = top_k;

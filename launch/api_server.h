@@ -32,9 +32,6 @@ struct ApiDefaults {
   // random_seed when a request gives none: seed + 1000003 * request number.
   uint64_t seed = 1234;
   std::string model_name = "eellm";  // what /v1/models and /v1/completions call the model
-  // Whether /api's logprobs include the prompt's (a pipeline cannot score prompts yet: its
-  // logprobs are the generated tokens' only).
-  bool score_prompts = true;
 };
 
 // A parsed request: one GenerationRequest per prompt, and what the response needs.

@@ -109,7 +109,6 @@ int RunServeCommand() {
   defaults.early_exit_threshold = static_cast<float>(th);
   defaults.seed = absl::GetFlag(FLAGS_seed);
   defaults.model_name = path;
-  defaults.score_prompts = group.pp == 1;
   ApiServer server(&service, group.tokenizer.get(), c, defaults);
   auto bound = server.Bind(absl::GetFlag(FLAGS_host), port);
   if (!bound.ok()) return Fail(bound.status());

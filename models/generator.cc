@@ -147,7 +147,7 @@ std::vector<StepResult> Generator::Pass(const std::vector<std::vector<int32_t>>&
     if (q.busy && q.request.prompt_logprobs && q.len == 0) {  // a prefill that scores its prompt
       it.score_ids = ids[s].data();
       it.score_top = q.request.top_logprobs;
-      it.keep_going = true;  // every prompt row reaches the final head, whichever head decides
+      it.ee = nullptr;  // every row reaches the final head, which decides the first token
     }
     items.push_back(it);
   }
@@ -185,8 +185,15 @@ std::vector<StepResult> Generator::StagePass(const std::vector<StageItem>& items
     Item& it = its[k];
     it.seq = si.seq;
     it.n_new = si.n;
-    it.ee = si.live && q.checks_exits ? &si.early_exit : nullptr;
+    it.ee = si.live && q.checks_exits && si.score_ids.empty() ? &si.early_exit : nullptr;
     it.out = &out[k];
+    if (!si.score_ids.empty() && model_->is_last_stage()) {
+      EE_CHECK(si.start == 0 && static_cast<int>(si.score_ids.size()) == si.n,
+               "StagePass: sequence ", si.seq, " scores a prompt of ", si.score_ids.size(),
+               " tokens in a pass of ", si.n, " at ", si.start);
+      it.score_ids = si.score_ids.data();
+      it.score_top = si.score_top;
+    }
     it.fired = !si.live;
     it.keep_going = true;
     if (ids != nullptr) {

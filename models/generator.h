@@ -72,7 +72,8 @@ struct GenerationRequest {
   EarlyExitParams early_exit;
   SpeculativeParams speculative;  // instead of early_exit: an exit drafts, the full model checks
   // Also score the prompt (GenerationResult::prompt_logprobs); max_new_tokens may then be 0, to
-  // score it only. Needs the whole model in one pipeline stage.
+  // score it only. The prefill then checks no exit (every prompt row runs every layer anyway):
+  // the final head decides the first token.
   bool prompt_logprobs = false;
   int top_logprobs = 0;  // per reported position, this many most likely tokens (0 to 20)
   // Called with the tokens generated so far after each token; true ends the sequence there
@@ -202,7 +203,8 @@ class Generator : public SequenceBatcher {
   bool busy(int slot) const { return seqs_.at(slot).busy; }
   int next_length(int slot) const { return static_cast<int>(seqs_.at(slot).next.size()); }
   std::vector<int32_t> TakeNext(int slot);
-  const EarlyExitParams& early_exit(int slot) const { return seqs_.at(slot).request.early_exit; }
+  const GenerationRequest& request(int slot) const { return seqs_.at(slot).request; }
+  const EarlyExitParams& early_exit(int slot) const { return request(slot).early_exit; }
   bool Accept(int slot, const StepResult& r, const std::function<void(int, int32_t)>& on_token,
               Finished* finished);
   // Ends the sequence in `slot` now (its request was cancelled, or a tensor-parallel follower
@@ -223,6 +225,10 @@ class Generator : public SequenceBatcher {
     bool live = true;  // no earlier stage has decided its newest token: check this stage's exits
     EarlyExitParams early_exit;
     int kv_start = 0, kv_tokens = 0;  // its KV range (taken when start == 0; see kv_range)
+    // A prefill that scores its prompt: the prompt (no stage checks exits; the last stage
+    // scores it and decides the first token with the final head), and the top tokens wanted.
+    std::vector<int32_t> score_ids;
+    int score_top = 0;
   };
   // One pass of this stage over `items`, from token ids [sum n] (host; first stage) or from the
   // previous stage's hidden states [sum n, hidden] (host; later stages), in item order. Every

@@ -85,10 +85,6 @@ absl::Status Generator::Validate(const GenerationRequest& r) const {
     return absl::InvalidArgumentError(
         absl::StrCat("top_logprobs must be in [0, ", kMaxTopLogprobs, "], got ", r.top_logprobs));
   }
-  if (r.prompt_logprobs && !(model_->is_first_stage() && model_->is_last_stage())) {
-    return absl::InvalidArgumentError(
-        "prompt log-probabilities need the whole model in one pipeline stage (run with --pp=1)");
-  }
   const int64_t need = static_cast<int64_t>(r.prompt.size()) + r.max_new_tokens;
   if (need > capacity_) {
     return absl::InvalidArgumentError(

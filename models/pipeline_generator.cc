@@ -109,6 +109,9 @@ std::pair<Writer, T*> EncodePass(const std::vector<StageItem>& items, size_t wid
     w.Put<float>(it.early_exit.threshold);
     w.Put<int32_t>(static_cast<int32_t>(it.early_exit.exit_layers.size()));
     for (int layer : it.early_exit.exit_layers) w.Put<int32_t>(layer);
+    w.Put<int32_t>(it.score_top);
+    w.Put<int32_t>(static_cast<int32_t>(it.score_ids.size()));
+    std::copy(it.score_ids.begin(), it.score_ids.end(), w.Grow<int32_t>(it.score_ids.size()));
   }
   m.second = w.Grow<T>(Rows(items) * width);
   return m;
@@ -126,8 +129,43 @@ std::vector<StageItem> DecodeItems(Reader& r) {
     it.early_exit.threshold = r.Get<float>();
     it.early_exit.exit_layers.resize(r.Get<int32_t>());
     for (int& layer : it.early_exit.exit_layers) layer = r.Get<int32_t>();
+    it.score_top = r.Get<int32_t>();
+    const int scored = r.Get<int32_t>();
+    const int32_t* ids = r.Array<int32_t>(scored);
+    it.score_ids.assign(ids, ids + scored);
   }
   return items;
+}
+
+// A decision's prompt scores (a scoring prefill's, from the last stage; else none): the count,
+// the most likely tokens per position, then the log-probabilities and the (id, log-probability)
+// pairs.
+void WritePromptScores(const StepResult& r, Writer* w) {
+  const int n = static_cast<int>(r.prompt_logprobs.size());
+  const int top = r.prompt_top.empty() ? 0 : static_cast<int>(r.prompt_top[0].size());
+  w->Put<int32_t>(n);
+  w->Put<int32_t>(top);
+  std::copy_n(r.prompt_logprobs.data(), n, w->Grow<float>(n));
+  for (int p = 0; p < n && top > 0; ++p) {
+    for (const auto& [id, lp] : r.prompt_top[p]) {
+      w->Put<int32_t>(id);
+      w->Put<float>(lp);
+    }
+  }
+}
+
+void ReadPromptScores(Reader& r, StepResult* s) {
+  const int n = r.Get<int32_t>(), top = r.Get<int32_t>();
+  const float* lp = r.Array<float>(n);
+  s->prompt_logprobs.assign(lp, lp + n);
+  for (int p = 0; p < n && top > 0; ++p) {
+    TopTokens t(top);
+    for (auto& [id, value] : t) {
+      id = r.Get<int32_t>();
+      value = r.Get<float>();
+    }
+    s->prompt_top.push_back(std::move(t));
+  }
 }
 
 }  // namespace
@@ -270,6 +308,7 @@ void PipelineGenerator::Poll(bool wait, const std::function<void(int, int32_t)>&
         for (auto& [seq, s] : decided) {
           const float* logits = r.Array<float>(vocab);
           s.logits.assign(logits, logits + vocab);
+          ReadPromptScores(r, &s);
           Take(seq, s, on_token, finished);
         }
         if (d == stages_ - 1) ++passes_done_;  // the last stage answers every pass
@@ -313,6 +352,10 @@ std::vector<FinishedSequence> PipelineGenerator::Advance(
     std::tie(it.kv_start, it.kv_tokens) = gen_->kv_range(s);
     const std::vector<int32_t> next = gen_->TakeNext(s);
     it.n = static_cast<int>(next.size());
+    if (it.start == 0 && gen_->request(s).prompt_logprobs) {  // the last stage scores the prompt
+      it.score_ids = next;
+      it.score_top = gen_->request(s).top_logprobs;
+    }
     ids.insert(ids.end(), next.begin(), next.end());
     items.push_back(std::move(it));
   }
@@ -413,7 +456,10 @@ void PipelineGenerator::Work() {
         w.Put<int32_t>(r[k].depth);
         w.Put<float>(r[k].temperature);
       }
-      for (int k : decided) std::copy_n(r[k].logits.data(), vocab, w.Grow<float>(vocab));
+      for (int k : decided) {
+        std::copy_n(r[k].logits.data(), vocab, w.Grow<float>(vocab));
+        WritePromptScores(r[k], &w);
+      }
       out.Send(Rank(0, 0), kDecisionTag, w.Take());
     }
     if (!last) {

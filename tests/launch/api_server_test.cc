@@ -55,13 +55,6 @@ TEST(ApiRequest, MapsEveryFieldAndDefaults) {
   EXPECT_EQ(b.sampling.seed, 42u);
   EXPECT_FLOAT_EQ(b.early_exit.threshold, 0.6f);  // the server's default threshold
   EXPECT_TRUE(b.prompt_logprobs);                 // logprobs: the prompt's too
-  ApiDefaults pipeline = d;
-  pipeline.score_prompts = false;
-  auto piped = ParseApiRequest(R"({"prompts": ["ab"], "logprobs": true})", tok, pipeline, 0);
-  EXPECT_FALSE(piped->requests[0].prompt_logprobs);
-  EXPECT_FALSE(ParseApiRequest(R"({"prompts": ["ab"], "logprobs": true, "tokens_to_generate": 0})",
-                               tok, pipeline, 0)
-                   .ok());
   EXPECT_EQ(b.early_exit.exit_layers, std::vector<int>{3});
   EXPECT_TRUE(call->logprobs);
   ASSERT_TRUE(b.stop);

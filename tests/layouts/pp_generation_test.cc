@@ -77,6 +77,8 @@ TEST_P(PpGeneration, EveryLayoutGeneratesWhatTheWholeModelGenerates) {
       testing::SaveFilledModel(messages.get(), c, std::string("pp_") + GetParam().name);
   std::vector<GenerationRequest> reqs = testing::MixedRequests(c);
   reqs[3].early_exit.exit_layers = {c.exits[0].layer, c.exits[2].layer};
+  reqs[1].prompt_logprobs = true;  // the last stage scores the prompt and decides its first token
+  reqs[1].top_logprobs = 3;
   std::vector<GenerationResult> want;
   if (rank == 0) {
     auto whole = LoadModelFromCheckpoint(file, be.get());
@@ -115,12 +117,23 @@ TEST_P(PpGeneration, EveryLayoutGeneratesWhatTheWholeModelGenerates) {
         for (size_t t = 0; t < g.logprobs.size(); ++t) {
           EXPECT_NEAR(g.logprobs[t], w.logprobs[t], 1e-4) << "token " << t;
         }
+        ASSERT_EQ(g.prompt_logprobs.size(), w.prompt_logprobs.size());
+        ASSERT_EQ(g.prompt_top.size(), w.prompt_top.size());
+        for (size_t p = 0; p < g.prompt_logprobs.size(); ++p) {
+          EXPECT_NEAR(g.prompt_logprobs[p], w.prompt_logprobs[p], 1e-4) << "prompt token " << p;
+          ASSERT_EQ(g.prompt_top[p].size(), 3u);
+          for (int j = 0; j < 3; ++j) {
+            EXPECT_EQ(g.prompt_top[p][j].first, w.prompt_top[p][j].first) << "position " << p;
+            EXPECT_NEAR(g.prompt_top[p][j].second, w.prompt_top[p][j].second, 1e-4);
+          }
+        }
         for (size_t t = 0; t < w.exit_index.size(); ++t) {
           early += w.exit_index[t] >= 0;
           later_stage += w.depth[t] > c.num_layers / pp;
         }
       }
       EXPECT_GT(early, 5) << "too few early exits to test the exit heads on the stages";
+      EXPECT_EQ(want[1].prompt_logprobs.size(), reqs[1].prompt.size() - 1);
       if (pp > 1) EXPECT_GT(later_stage, 5) << "too few tokens decided on later stages";
     } else {
       EXPECT_TRUE(got->empty());

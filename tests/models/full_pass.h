@@ -86,7 +86,9 @@ inline void ExpectMatchesFullPass(Model& m, const GenerationRequest& q, const Ge
         << "token " << t << " exit " << e;
     int want = -1;
     bool close_call = false;  // a max probability within rounding of the threshold
-    for (size_t x = 0; x < c.exits.size() && q.early_exit.threshold < 1; ++x) {
+    // A prefill that scores its prompt checks no exit: the final head decides the first token.
+    const bool exits_checked = q.early_exit.threshold < 1 && !(t == 0 && q.prompt_logprobs);
+    for (size_t x = 0; x < c.exits.size() && exits_checked; ++x) {
       const auto& allowed = q.early_exit.exit_layers;
       if (!allowed.empty() &&
           std::find(allowed.begin(), allowed.end(), c.exits[x].layer) == allowed.end()) {

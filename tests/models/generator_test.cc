@@ -473,9 +473,10 @@ TEST(Generator, BatchErrorsNameThePromptAndTheValue) {
 }
 
 // Prompt scoring: each prompt token's log-probability and its position's most likely tokens are
-// the final head's in a full pass, whichever head decides the first generated token (early exit
-// on) and however many projections the prompt takes (25 rows, 19 a projection); max_new_tokens 0
-// scores only; a sequence beside them that does not score gets what it gets alone.
+// the final head's in a full pass, however many projections the prompt takes (25 rows, 19 a
+// projection); the final head decides the first token, exits the later ones (early exit on);
+// max_new_tokens 0 scores only; a sequence beside them that does not score gets what it gets
+// alone.
 TEST_P(GeneratorTest, ScoresThePromptWithTheFinalHead) {
   ModelConfig c = ConfigWithExits(GetParam());
   auto be = Cpu();
@@ -517,10 +518,12 @@ TEST_P(GeneratorTest, ScoresThePromptWithTheFinalHead) {
       EXPECT_GE(s.top[t][0].second, s.logprobs[t] - 1e-6f);
       EXPECT_GE(s.top[t][0].second, s.top[t][1].second);
     }
-    if (max_new > 0)
+    if (max_new > 0) {
+      EXPECT_EQ(s.exit_index[0], -1);
       EXPECT_GT(
           std::count_if(s.exit_index.begin(), s.exit_index.end(), [](int e) { return e >= 0; }), 0)
-          << "no early exit: the scoring prefill's newest row was not tested with an exit";
+          << "no early exit after the scoring prefill";
+    }
     Generator alone(m.get(), c.max_seq_len, 1);
     EXPECT_EQ(got[1].tokens, alone.GenerateBatch({reqs[1]})->at(0).tokens);
     EXPECT_TRUE(got[1].prompt_logprobs.empty());
