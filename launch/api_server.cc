@@ -17,6 +17,7 @@
 #include "absl/strings/str_join.h"
 #include "engine/core/timer.h"
 #include "launch/api_fields.h"
+#include "launch/metrics.h"
 #include "launch/openai_api.h"
 #include "nlohmann/json.hpp"
 
@@ -235,13 +236,18 @@ ApiServer::ApiServer(GenerationService* service, const Tokenizer* tok, const Mod
               {"tokens", st.tokens},
               {"largest_batch", st.largest_batch}}}});
   });
+  http_->Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+    res.set_content(PrometheusMetrics(service_->stats(), config_, service_->generator().kv_tokens(),
+                                      service_->generator().max_sequences()),
+                    "text/plain; version=0.0.4");
+  });
   http_->set_error_handler([](const httplib::Request& req, httplib::Response& res) {
     if (!res.body.empty()) return;
     const std::string what =
         res.status == 404 || res.status == 405
             ? absl::StrCat("no such endpoint: ", req.method, " ", req.path,
                            " (endpoints: PUT or POST /api, POST /v1/completions, GET /v1/models, "
-                           "GET /health)")
+                           "GET /health, GET /metrics)")
             : absl::StrCat("HTTP status ", res.status,
                            res.status == 413 ? " (the body exceeds 16 MiB)" : "");
     Answer(res, res.status, {{"error", what}});

@@ -138,6 +138,21 @@ void GenerationService::Shutdown() {
   queued_.notify_all();
 }
 
+void GenerationService::Histogram::Observe(double seconds) {
+  size_t b = 0;
+  while (b < kBounds.size() && seconds > kBounds[b]) ++b;
+  ++counts[b];
+  sum += seconds;
+  ++count;
+}
+
+void GenerationService::Count(const GenerationResult& r) {
+  stats_.tokens += static_cast<int64_t>(r.tokens.size());
+  for (int e : r.exit_index) ++stats_.tokens_by_head[e];
+  stats_.drafted += r.drafted;
+  stats_.accepted += r.accepted;
+}
+
 GenerationService::Stats GenerationService::stats() const {
   std::lock_guard<std::mutex> lock(mu_);
   return stats_;
@@ -159,15 +174,25 @@ absl::StatusOr<std::vector<GenerationResult>> GenerationService::Generate(
   queued_.notify_one();
   done_.wait(lock, [&] { return job.remaining == 0; });
   stats_.requests++;
+  stats_.request_seconds.Observe(
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - job.start).count());
   return std::move(job.results);
 }
 
 void GenerationService::Run() {
   // The generator is used by this thread alone; the lock guards the queue, jobs and stats.
   std::vector<std::pair<Job*, size_t>> owner(gen_->max_sequences());  // slot -> job, index
+  std::vector<char> awaits_first(gen_->max_sequences());              // slot: no token yet
   StepMessage step;  // for the followers: what changed since the last pass
   auto on_token = [&](int slot, int32_t token) {
     const auto& [job, index] = owner[slot];
+    if (awaits_first[slot]) {
+      awaits_first[slot] = 0;
+      const double s =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - job->start).count();
+      std::lock_guard<std::mutex> lock(mu_);
+      stats_.first_token_seconds.Observe(s);
+    }
     if (job->on_token != nullptr) (*job->on_token)(static_cast<int>(index), token);
   };
   for (;;) {
@@ -182,7 +207,7 @@ void GenerationService::Run() {
         if (job == nullptr || job->cancelled == nullptr || !*job->cancelled) continue;
         job->results[owner[slot].second] = gen_->Retire(slot);
         stats_.cancelled++;
-        stats_.tokens += static_cast<int64_t>(job->results[owner[slot].second].tokens.size());
+        Count(job->results[owner[slot].second]);
         job->remaining--;
         owner[slot] = {nullptr, 0};
         step.retire.push_back(slot);
@@ -215,6 +240,8 @@ void GenerationService::Run() {
         auto slot = gen_->Admit(r);
         EE_CHECK(slot.ok(), "admitting a validated request failed: ", slot.status().message());
         owner[*slot] = {job, job->next};
+        awaits_first[*slot] = 1;
+        stats_.prompt_tokens += static_cast<int64_t>(r.prompt.size());
         if (group_ != nullptr) step.admit.emplace_back(*slot, r);
         if (++job->next == job->requests->size()) queue_.pop_front();
       }
@@ -231,10 +258,15 @@ void GenerationService::Run() {
       stats_.steps = gen_->passes();
       stats_.largest_batch = gen_->largest_pass();
       stats_.kv_tokens_in_use = gen_->kv_tokens_in_use();
+      stats_.running = gen_->active();
+      stats_.waiting = 0;
+      for (const Job* job : queue_) {
+        stats_.waiting += static_cast<int>(job->requests->size() - job->next);
+      }
       for (FinishedSequence& f : finished) {
         auto [job, index] = owner[f.slot];
         stats_.sequences++;
-        stats_.tokens += static_cast<int64_t>(f.result.tokens.size());
+        Count(f.result);
         if (f.result.finish == FinishReason::kStop) step.retire.push_back(f.slot);
         job->results[index] = std::move(f.result);
         job->remaining--;

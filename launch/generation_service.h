@@ -17,11 +17,14 @@
 // and call Run() there.
 #pragma once
 
+#include <array>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <map>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -60,14 +63,29 @@ class GenerationService {
   // A follower rank of `group`: mirrors the leader's admissions and passes until it stops.
   static void Follow(Generator* generator, Communicator* group);
 
+  // Observations in seconds, counted in the buckets of Prometheus's default histogram.
+  struct Histogram {
+    static constexpr std::array<double, 11> kBounds = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                                       0.5,   1,    2.5,   5,    10};
+    std::array<int64_t, kBounds.size() + 1> counts{};  // per bucket; the last: above them all
+    double sum = 0;
+    int64_t count = 0;
+    void Observe(double seconds);
+  };
   struct Stats {
-    int64_t requests = 0;      // Generate calls completed
-    int64_t sequences = 0;     // sequences generated to their end
-    int64_t cancelled = 0;     // sequences cancelled (running or queued)
-    int64_t steps = 0;         // forward passes the generator has run
-    int64_t tokens = 0;        // tokens generated (cancelled sequences' included)
-    int largest_batch = 0;     // most sequences in one of them
-    int kv_tokens_in_use = 0;  // of the KV cache, after the last pass
+    int64_t requests = 0;                   // Generate calls completed
+    int64_t sequences = 0;                  // sequences generated to their end
+    int64_t cancelled = 0;                  // sequences cancelled (running or queued)
+    int64_t steps = 0;                      // forward passes the generator has run
+    int64_t tokens = 0;                     // tokens generated (cancelled sequences' included)
+    int64_t prompt_tokens = 0;              // of the sequences admitted
+    std::map<int, int64_t> tokens_by_head;  // of the sequences ended: exit index (-1: final)
+    int64_t drafted = 0, accepted = 0;      // speculative decoding, of the sequences ended
+    int largest_batch = 0;                  // most sequences in one of them
+    int kv_tokens_in_use = 0;               // of the KV cache, after the last pass
+    int running = 0, waiting = 0;           // sequences admitted, and queued, after the last pass
+    Histogram request_seconds;              // from Generate to its return
+    Histogram first_token_seconds;          // per sequence, from its Generate to its first token
   };
   Stats stats() const;
   const SequenceBatcher& generator() const { return *gen_; }
@@ -80,7 +98,10 @@ class GenerationService {
     std::vector<GenerationResult> results;
     size_t next = 0;       // first sequence not yet admitted
     size_t remaining = 0;  // sequences not yet generated
+    std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
   };
+  // A sequence's end in the stats (under mu_).
+  void Count(const GenerationResult& r);
 
   SequenceBatcher* gen_;
   Communicator* group_;

@@ -6,6 +6,8 @@
 #include <httplib.h>
 
 #include <atomic>
+#include <map>
+#include <sstream>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -294,6 +296,43 @@ TEST(ApiServer, AnswersOverHttp) {
   const json h = json::parse(res->body);
   EXPECT_EQ(h["served"]["sequences"], 3);
   EXPECT_EQ(h["model"]["exit_layers"], json({1, 2, 3}));
+  // Prometheus metrics: the same counts; tokens by head add up; two requests timed, and the two
+  // sequences that generated (the third only scored its prompt) their first token.
+  res = client.Get("/metrics");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 200);
+  EXPECT_EQ(res->get_header_value("Content-Type"), "text/plain; version=0.0.4");
+  std::map<std::string, double> metric;
+  std::istringstream lines(res->body);
+  for (std::string line; std::getline(lines, line);) {
+    if (line.empty() || line[0] == '#') continue;
+    const size_t space = line.rfind(' ');
+    metric[line.substr(0, space)] = std::stod(line.substr(space + 1));
+  }
+  EXPECT_EQ(metric["eellm_requests_total"], 2) << res->body;
+  EXPECT_EQ(metric["eellm_sequences_finished_total"], 3);
+  size_t prompt_tokens = 6;  // "In the", scored
+  int64_t generated = 0;
+  for (int i = 0; i < 2; ++i) {
+    prompt_tokens += call.requests[i].prompt.size();
+    generated += static_cast<int64_t>(want[i].tokens.size());
+  }
+  EXPECT_EQ(metric["eellm_prompt_tokens_total"], prompt_tokens);
+  EXPECT_EQ(metric["eellm_generation_tokens_total"], generated);
+  double by_head = 0;
+  for (const char* head : {"final@4", "exit@1pre", "exit@2", "exit@3"}) {
+    const std::string key =
+        absl::StrCat("eellm_generation_tokens_by_head_total{head=\"", head, "\"}");
+    ASSERT_TRUE(metric.count(key)) << key << "\n" << res->body;
+    by_head += metric[key];
+  }
+  EXPECT_EQ(by_head, generated);
+  EXPECT_EQ(metric["eellm_request_latency_seconds_count"], 2);
+  EXPECT_EQ(metric["eellm_request_latency_seconds_bucket{le=\"+Inf\"}"], 2);
+  EXPECT_LE(metric["eellm_request_latency_seconds_bucket{le=\"0.005\"}"], 2);
+  EXPECT_EQ(metric["eellm_time_to_first_token_seconds_count"], 2);
+  EXPECT_EQ(metric["eellm_sequences_running"], 0);
+  EXPECT_EQ(metric["eellm_max_batch"], 4);
   res = client.Get("/v1/completions");
   ASSERT_TRUE(res);
   EXPECT_EQ(res->status, 404);
