@@ -41,38 +41,49 @@ TopTokens TopLogProbabilities(const float* logits, int vocab, int k) {
   return top;
 }
 
+Candidates SamplingCandidates(const float* logits, int vocab, const SamplingParams& p) {
+  Candidates c;
+  c.ids.resize(vocab);
+  std::iota(c.ids.begin(), c.ids.end(), 0);
+  int keep = p.top_k > 0 ? std::min(vocab, p.top_k) : vocab;
+  // Only the top_k need ordering when there is no nucleus to measure.
+  std::partial_sort(c.ids.begin(), c.ids.begin() + (p.top_p < 1.0f ? vocab : keep), c.ids.end(),
+                    [&](int32_t a, int32_t b) {
+                      return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+                    });
+  c.weights.resize(keep);
+  const double mx = logits[c.ids[0]];
+  for (int i = 0; i < keep; ++i) {
+    c.sum += c.weights[i] = std::exp((logits[c.ids[i]] - mx) / p.temperature);
+  }
+  if (p.top_p < 1.0f) {
+    double cum = 0;
+    int k = 0;
+    while (k < keep) {
+      cum += c.weights[k++] / c.sum;
+      if (cum >= p.top_p) break;
+    }
+    keep = k;
+    c.sum = 0;
+    for (int i = 0; i < keep; ++i) c.sum += c.weights[i];
+  }
+  c.ids.resize(keep);
+  c.weights.resize(keep);
+  return c;
+}
+
 int32_t SampleToken(std::vector<float>& logits, const SamplingParams& p, Rng& rng) {
   const int v = static_cast<int>(logits.size());
   if (p.temperature <= 0.0f) {
     return static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
   }
-  std::vector<int> idx(v);
-  std::iota(idx.begin(), idx.end(), 0);
-  // Stable order by descending logit (ties by index) keeps sampling reproducible.
-  std::stable_sort(idx.begin(), idx.end(), [&](int a, int b) { return logits[a] > logits[b]; });
-  int keep = v;
-  if (p.top_k > 0) keep = std::min(keep, p.top_k);
-  std::vector<double> prob(keep);
-  const double mx = logits[idx[0]];
-  double sum = 0;
-  for (int i = 0; i < keep; ++i) sum += prob[i] = std::exp((logits[idx[i]] - mx) / p.temperature);
-  if (p.top_p < 1.0f) {
-    double cum = 0;
-    int k = 0;
-    while (k < keep) {
-      cum += prob[k++] / sum;
-      if (cum >= p.top_p) break;
-    }
-    keep = k;
-    sum = 0;
-    for (int i = 0; i < keep; ++i) sum += prob[i];
+  const Candidates c = SamplingCandidates(logits.data(), v, p);
+  double u = rng.Uniform() * c.sum;
+  for (size_t i = 0; i < c.ids.size(); ++i) {
+    u -= c.weights[i];
+    if (u <= 0) return c.ids[i];
   }
-  double u = rng.Uniform() * sum;
-  for (int i = 0; i < keep; ++i) {
-    u -= prob[i];
-    if (u <= 0) return idx[i];
-  }
-  return idx[keep - 1];
+  return c.ids.back();
 }
 
 }  // namespace eellm

@@ -20,6 +20,16 @@ struct SamplingParams {
 // Picks a token from logits[vocab] (the vector is used as scratch).
 int32_t SampleToken(std::vector<float>& logits, const SamplingParams& p, Rng& rng);
 
+// The tokens SampleToken draws among (temperature > 0), most likely first (ties: lower id): the
+// top_k, then the top_p nucleus; with their weights exp((logit - max) / temperature) and the
+// weights' sum.
+struct Candidates {
+  std::vector<int32_t> ids;
+  std::vector<double> weights;
+  double sum = 0;
+};
+Candidates SamplingCandidates(const float* logits, int vocab, const SamplingParams& p);
+
 // Max softmax probability of logits / temperature.
 float MaxProbability(const float* logits, int vocab, float temperature);
 

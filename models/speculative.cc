@@ -21,34 +21,8 @@ std::vector<double> TokenDistribution(const float* logits, int vocab, const Samp
     for (double& d : dist) d /= sum;
     return dist;
   }
-  // As SampleToken: descending logits (ties by index), top_k, then the top_p nucleus; only the
-  // top_k need ordering when there is no nucleus.
-  std::vector<int> idx(vocab);
-  std::iota(idx.begin(), idx.end(), 0);
-  int keep = p.top_k > 0 ? std::min(vocab, p.top_k) : vocab;
-  auto before = [&](int a, int b) {
-    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
-  };
-  if (p.top_p < 1.0f) {
-    std::sort(idx.begin(), idx.end(), before);
-  } else {
-    std::partial_sort(idx.begin(), idx.begin() + keep, idx.end(), before);
-  }
-  std::vector<double> w(keep);
-  double sum = 0;
-  for (int i = 0; i < keep; ++i) sum += w[i] = std::exp((logits[idx[i]] - mx) / p.temperature);
-  if (p.top_p < 1.0f) {
-    double cum = 0;
-    int k = 0;
-    while (k < keep) {
-      cum += w[k++] / sum;
-      if (cum >= p.top_p) break;
-    }
-    keep = k;
-    sum = 0;
-    for (int i = 0; i < keep; ++i) sum += w[i];
-  }
-  for (int i = 0; i < keep; ++i) dist[idx[i]] = w[i] / sum;
+  const Candidates c = SamplingCandidates(logits, vocab, p);  // as SampleToken draws
+  for (size_t i = 0; i < c.ids.size(); ++i) dist[c.ids[i]] = c.weights[i] / c.sum;
   return dist;
 }
 
