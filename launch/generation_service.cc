@@ -153,6 +153,15 @@ void GenerationService::Count(const GenerationResult& r) {
   stats_.accepted += r.accepted;
 }
 
+void GenerationService::UpdateGauges() {
+  stats_.kv_tokens_in_use = gen_->kv_tokens_in_use();
+  stats_.running = gen_->active();
+  stats_.waiting = 0;
+  for (const Job* job : queue_) {
+    stats_.waiting += static_cast<int>(job->requests->size() - job->next);
+  }
+}
+
 GenerationService::Stats GenerationService::stats() const {
   std::lock_guard<std::mutex> lock(mu_);
   return stats_;
@@ -228,6 +237,7 @@ void GenerationService::Run() {
         cancelled = true;
       }
       if (queue_.empty() && gen_->active() == 0) {
+        UpdateGauges();  // cancellations may have emptied the generator
         if (cancelled) done_.notify_all();
         if (stopping_) break;  // nothing left
         continue;
@@ -257,12 +267,6 @@ void GenerationService::Run() {
       // Passes the generator ran (a pipeline's Advance may only wait for its deeper stages).
       stats_.steps = gen_->passes();
       stats_.largest_batch = gen_->largest_pass();
-      stats_.kv_tokens_in_use = gen_->kv_tokens_in_use();
-      stats_.running = gen_->active();
-      stats_.waiting = 0;
-      for (const Job* job : queue_) {
-        stats_.waiting += static_cast<int>(job->requests->size() - job->next);
-      }
       for (FinishedSequence& f : finished) {
         auto [job, index] = owner[f.slot];
         stats_.sequences++;
@@ -272,6 +276,7 @@ void GenerationService::Run() {
         job->remaining--;
         owner[f.slot] = {nullptr, 0};
       }
+      UpdateGauges();
     }
     if (!finished.empty()) done_.notify_all();
   }

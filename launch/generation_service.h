@@ -100,8 +100,9 @@ class GenerationService {
     size_t remaining = 0;  // sequences not yet generated
     std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
   };
-  // A sequence's end in the stats (under mu_).
+  // A sequence's end in the stats, and the gauges from the generator and queue now (under mu_).
   void Count(const GenerationResult& r);
+  void UpdateGauges();
 
   SequenceBatcher* gen_;
   Communicator* group_;

@@ -1,5 +1,6 @@
 #include "launch/metrics.h"
 
+#include <cmath>
 #include <cstdint>
 
 #include "absl/strings/str_cat.h"
@@ -38,7 +39,11 @@ class Exposition {
     absl::StrAppend(&text_, "# HELP eellm_", name, " ", help, "\n# TYPE eellm_", name, " ", type,
                     "\n");
   }
-  static std::string Number(double v) { return absl::StrFormat("%.12g", v); }
+  // Counts in full; other values to 12 significant digits.
+  static std::string Number(double v) {
+    if (v == std::trunc(v) && std::fabs(v) < 9e15) return absl::StrCat(static_cast<int64_t>(v));
+    return absl::StrFormat("%.12g", v);
+  }
   std::string text_, last_;
 };
 

@@ -149,10 +149,11 @@ absl::StatusOr<ApiCall> ParseCompletionRequest(const std::string& body_text, con
     RETURN_IF_ERROR(Read(body, "logprobs", "null or an integer in [0, 20]", &logprobs,
                          [](int v) { return v >= 0 && v <= kMaxTopLogprobs; }));
   }
-  call.logprobs = logprobs > 0;
+  call.logprobs = body.contains("logprobs") && !body["logprobs"].is_null();
   call.top_logprobs = logprobs;
   o.top_logprobs = logprobs;
-  o.prompt_logprobs = call.echo && call.logprobs;
+  // max_tokens 0 with echo answers the prompt alone: it is scored even when not asked.
+  o.prompt_logprobs = call.echo && (call.logprobs || o.max_new_tokens == 0);
   RETURN_IF_ERROR(Read(body, "stream", "true or false", &call.stream, [](bool) { return true; }));
   if (auto it = body.find("stream_options"); it != body.end() && !it->is_null()) {
     if (!it->is_object() || !call.stream) {
@@ -167,9 +168,10 @@ absl::StatusOr<ApiCall> ParseCompletionRequest(const std::string& body_text, con
     RETURN_IF_ERROR(
         Read(*it, "include_usage", "true or false", &call.stream_usage, [](bool) { return true; }));
   }
-  if (call.stream && call.logprobs) {
+  if (call.stream && logprobs > 0) {
     return absl::InvalidArgumentError("\"logprobs\" is not supported with \"stream\"");
   }
+  if (call.stream) call.logprobs = false;  // logprobs 0 while streaming: none
   if (call.stream && call.echo) {
     return absl::InvalidArgumentError("\"echo\" is not supported with \"stream\"");
   }
@@ -192,41 +194,78 @@ absl::StatusOr<ApiCall> ParseCompletionRequest(const std::string& body_text, con
 
 namespace {
 
-// OpenAI's "logprobs" object of one choice: per token its text, log-probability, most likely
-// tokens ({text: log-probability}) and character offset in the choice's text; with echo the
-// prompt's tokens first (the first has no log-probability: null).
+// `s` with invalid UTF-8 replaced by U+FFFD, as the JSON answer carries it.
+std::string Utf8Safe(const std::string& s) {
+  return json::parse(json(s).dump(-1, ' ', false, json::error_handler_t::replace))
+      .get<std::string>();
+}
+
+// Characters (code points) of valid UTF-8, as OpenAI counts text offsets.
+size_t Characters(const std::string& s) {
+  size_t n = 0;
+  for (unsigned char c : s) n += (c & 0xC0) != 0x80;
+  return n;
+}
+
+// The echoed prompt's ids (when echo), then the generated ones.
+std::vector<int32_t> ChoiceIds(const ApiCall& call, size_t i, const GenerationResult& g) {
+  std::vector<int32_t> ids;
+  if (call.echo) ids = call.requests[i].prompt;
+  ids.insert(ids.end(), g.tokens.begin(), g.tokens.end());
+  return ids;
+}
+
+// A choice's text: with echo the prompt's and the generated tokens decoded together (a tokenizer
+// may join them otherwise than their two texts), cut before a stop string in the generated part.
+std::string ChoiceText(const ApiCall& call, size_t i, const GenerationResult& g,
+                       const Tokenizer& tok) {
+  const std::string generated = api::GeneratedText(g, call.stop_sequences, tok);
+  if (!call.echo) return generated;
+  const std::string prompt = tok.Decode(call.requests[i].prompt);
+  std::string all = tok.Decode(ChoiceIds(call, i, g));
+  if (all.compare(0, prompt.size(), prompt) != 0) return prompt + generated;
+  size_t cut = std::string::npos;
+  for (const std::string& s : call.stop_sequences) cut = std::min(cut, all.find(s, prompt.size()));
+  if (cut != std::string::npos) all.resize(cut);
+  return all;
+}
+
+// OpenAI's "logprobs" object of one choice, per token (with echo the prompt's first, the first
+// of them without a log-probability: null): its text, log-probability, the most likely tokens
+// and itself ({text: log-probability}, the likelier kept where texts coincide), and where its
+// text starts in the choice's text, in characters.
 json ChoiceLogprobs(const ApiCall& call, size_t i, const GenerationResult& g,
                     const Tokenizer& tok) {
   json tokens = json::array(), values = json::array(), tops = json::array(),
        offsets = json::array();
-  size_t offset = 0;
-  auto add = [&](int32_t t, json value, const TopTokens* top) {
-    const std::string text = tok.DecodeToken(t);
-    tokens.push_back(text);
-    values.push_back(std::move(value));
+  const std::vector<int32_t> ids = ChoiceIds(call, i, g);
+  auto add = [&](size_t k, json value, const TopTokens* top) {
+    tokens.push_back(Utf8Safe(tok.DecodeToken(ids[k])));
+    offsets.push_back(Characters(Utf8Safe(tok.Decode(absl::MakeConstSpan(ids).first(k)))));
     json entry = nullptr;
     if (top != nullptr) {
       entry = json::object();
-      for (const auto& [id, lp] : *top) entry[tok.DecodeToken(id)] = lp;
+      for (const auto& [id, lp] : *top) entry.emplace(Utf8Safe(tok.DecodeToken(id)), lp);
+      entry.emplace(tokens.back().get<std::string>(), value);
     }
     tops.push_back(std::move(entry));
-    offsets.push_back(offset);
-    offset += text.size();
+    values.push_back(std::move(value));
   };
+  size_t k = 0;
   if (call.echo) {
-    const std::vector<int32_t>& prompt = call.requests[i].prompt;
-    for (size_t p = 0; p < prompt.size(); ++p) {
+    for (size_t p = 0; p < call.requests[i].prompt.size(); ++p, ++k) {
       const bool scored = p > 0 && p - 1 < g.prompt_logprobs.size();
-      add(prompt[p], scored ? json(g.prompt_logprobs[p - 1]) : json(nullptr),
+      add(k, scored ? json(g.prompt_logprobs[p - 1]) : json(nullptr),
           scored && p - 1 < g.prompt_top.size() ? &g.prompt_top[p - 1] : nullptr);
     }
   }
-  for (size_t t = 0; t < g.tokens.size(); ++t) {
-    add(g.tokens[t], g.logprobs[t], t < g.top.size() ? &g.top[t] : nullptr);
+  for (size_t t = 0; t < g.tokens.size(); ++t, ++k) {
+    add(k, g.logprobs[t], t < g.top.size() ? &g.top[t] : nullptr);
   }
-  json r = {{"tokens", tokens}, {"token_logprobs", values}, {"text_offset", offsets}};
-  if (call.top_logprobs > 0) r["top_logprobs"] = tops;
-  return r;
+  return {{"tokens", tokens},
+          {"token_logprobs", values},
+          {"top_logprobs", tops},
+          {"text_offset", offsets}};
 }
 
 }  // namespace
@@ -239,8 +278,7 @@ std::string CompletionResponse(const ApiCall& call, const std::vector<Generation
   for (size_t i = 0; i < results.size(); ++i) {
     const GenerationResult& g = results[i];
     const json logprobs = call.logprobs ? ChoiceLogprobs(call, i, g, tok) : json(nullptr);
-    const std::string text = api::GeneratedText(g, call.stop_sequences, tok);
-    choices.push_back({{"text", call.echo ? call.prompts[i] + text : text},
+    choices.push_back({{"text", ChoiceText(call, i, g, tok)},
                        {"index", i},
                        {"logprobs", logprobs},
                        {"finish_reason", g.finish == FinishReason::kLength ? "length" : "stop"},

@@ -15,7 +15,8 @@ Generator::Generator(Model* model, int capacity, int max_sequences, int kv_token
       be_(model->backend()),
       capacity_(capacity),
       row_budget_(std::max(capacity, 4 * max_sequences)),
-      head_rows_(max_sequences + kMaxDraftTokens + 1),
+      // A row per sequence and a round's check in one projection; prompts score 64 rows at once.
+      head_rows_(std::max(max_sequences + kMaxDraftTokens + 1, 64)),
       first_(model->first_layer()),
       end_(model->end_layer()),
       arena_(model->backend()) {

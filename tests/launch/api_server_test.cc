@@ -238,7 +238,12 @@ TEST(GenerationService, CancelledRequestsEndAndFreeTheirSlots) {
     EXPECT_EQ(g.finish, FinishReason::kCancelled);
     EXPECT_LT(g.tokens.size(), 40u);
   }
-  EXPECT_EQ((*r)[2].tokens.size(), 0u);  // never admitted (two slots)
+  EXPECT_EQ((*r)[2].tokens.size(), 0u);                 // never admitted (two slots)
+  const GenerationService::Stats st = service.stats();  // the gauges after the cancellation
+  EXPECT_EQ(st.running, 0);
+  EXPECT_EQ(st.waiting, 0);
+  EXPECT_EQ(st.kv_tokens_in_use, 0);
+  EXPECT_EQ(st.cancelled, 3);
   auto next = service.Generate({call.requests[0]});
   ASSERT_TRUE(next.ok());
   EXPECT_EQ((*next)[0].tokens, (*alone.GenerateBatch({call.requests[0]}))[0].tokens);
@@ -303,8 +308,10 @@ TEST(ApiServer, AnswersOverHttp) {
   EXPECT_EQ(res->status, 200);
   EXPECT_EQ(res->get_header_value("Content-Type"), "text/plain; version=0.0.4");
   std::map<std::string, double> metric;
+  std::map<std::string, int> described;  // "# TYPE name": once per metric
   std::istringstream lines(res->body);
   for (std::string line; std::getline(lines, line);) {
+    if (line.rfind("# TYPE ", 0) == 0) ++described[line.substr(7, line.find(' ', 7) - 7)];
     if (line.empty() || line[0] == '#') continue;
     const size_t space = line.rfind(' ');
     metric[line.substr(0, space)] = std::stod(line.substr(space + 1));
@@ -327,9 +334,17 @@ TEST(ApiServer, AnswersOverHttp) {
     by_head += metric[key];
   }
   EXPECT_EQ(by_head, generated);
+  for (const auto& [name, n] : described) EXPECT_EQ(n, 1) << name;
+  EXPECT_EQ(described.size(), 17u) << res->body;
   EXPECT_EQ(metric["eellm_request_latency_seconds_count"], 2);
   EXPECT_EQ(metric["eellm_request_latency_seconds_bucket{le=\"+Inf\"}"], 2);
-  EXPECT_LE(metric["eellm_request_latency_seconds_bucket{le=\"0.005\"}"], 2);
+  double below = 0;  // buckets count every observation at or below their bound
+  for (const double bound : GenerationService::Histogram::kBounds) {
+    const double n =
+        metric.at(absl::StrCat("eellm_request_latency_seconds_bucket{le=\"", bound, "\"}"));
+    EXPECT_GE(n, below) << bound;
+    below = n;
+  }
   EXPECT_EQ(metric["eellm_time_to_first_token_seconds_count"], 2);
   EXPECT_EQ(metric["eellm_sequences_running"], 0);
   EXPECT_EQ(metric["eellm_max_batch"], 4);

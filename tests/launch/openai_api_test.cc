@@ -9,8 +9,10 @@
 
 #include "gtest/gtest.h"
 #include "launch/generation_service.h"
+#include "models/bpe_tokenizer.h"
 #include "nlohmann/json.hpp"
 #include "tests/models/model_test_util.h"
+#include "tests/models/tokenizer_json_fixtures.h"
 
 namespace eellm {
 namespace {
@@ -151,6 +153,30 @@ TEST(CompletionResponse, EchoScoresThePrompt) {
   EXPECT_EQ(top[1], json({{"x", -0.5}, {":", -3.0}}));
   EXPECT_EQ(top[3], json({{"c", -0.5}, {"a", -2.0}}));
   EXPECT_EQ(r["usage"]["prompt_tokens"], 2);
+}
+
+// A SentencePiece tokenizer joins the echoed prompt and the generated text as one decoding does
+// ("hello" + "▁w..." is "hello world", not "helloworld"); offsets index that text in characters;
+// top tokens whose texts coincide (bytes that are not UTF-8 alone) keep the likelier.
+TEST(CompletionResponse, EchoDecodesPromptAndCompletionTogether) {
+  auto tok = BpeTokenizer::FromJson(testing::SentencePieceJson().dump(), "sp");
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  auto call = *ParseCompletionRequest(
+      R"({"prompt": [271], "echo": true, "logprobs": 2, "max_tokens": 5, "stop": "ld"})", **tok,
+      ApiDefaults(), 0);
+  GenerationResult g;
+  g.tokens = {272, 263, 265, 262, 266};  // ▁w o r l d
+  g.depth = {4, 4, 4, 4, 4};
+  g.logprobs = {-1, -1, -1, -1, -1};
+  g.top = std::vector<TopTokens>(5, TopTokens{{131, -0.1f}, {132, -0.2f}});  // <0x80>, <0x81>
+  g.prompt_logprobs = {};
+  const json c = json::parse(CompletionResponse(call, {g}, **tok, "m", 1, 0))["choices"][0];
+  EXPECT_EQ(c["text"], "hello wor");  // cut before the stop string, in the generated part
+  EXPECT_EQ(c["logprobs"]["text_offset"], json({0, 5, 7, 8, 9, 10}));
+  const json& top = c["logprobs"]["top_logprobs"][1];
+  EXPECT_EQ(top.size(), 2u) << top.dump();
+  EXPECT_FLOAT_EQ(top.at("\xEF\xBF\xBD").get<float>(), -0.1f);
+  EXPECT_FLOAT_EQ(top.at(" w").get<float>(), -1);
 }
 
 TEST(CompletionResponse, HasOpenAiShapeAndEarlyExitLayers) {
@@ -339,7 +365,11 @@ TEST(CompletionServer, AnswersOverHttp) {
   for (int p = 1; p < 6; ++p) {
     EXPECT_FLOAT_EQ(scored["logprobs"]["token_logprobs"][p].get<float>(),
                     scored_want[0].prompt_logprobs.at(p - 1));
-    EXPECT_EQ(scored["logprobs"]["top_logprobs"][p].size(), 1u);
+    // The most likely token, and the prompt's own (OpenAI lists both).
+    const json& top = scored["logprobs"]["top_logprobs"][p];
+    const std::string own = scored["logprobs"]["tokens"][p];
+    EXPECT_EQ(top.size(), top.contains(own) && top.size() == 1 ? 1u : 2u) << top.dump();
+    EXPECT_FLOAT_EQ(top.at(own).get<float>(), scored_want[0].prompt_logprobs.at(p - 1));
   }
   res = client.Post("/v1/completions", R"({"prompt": "a", "n": 3})", "application/json");
   ASSERT_TRUE(res);

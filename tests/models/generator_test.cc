@@ -473,17 +473,18 @@ TEST(Generator, BatchErrorsNameThePromptAndTheValue) {
 }
 
 // Prompt scoring: each prompt token's log-probability and its position's most likely tokens are
-// the final head's in a full pass, however many projections the prompt takes (25 rows, 19 a
+// the final head's in a full pass, however many projections the prompt takes (99 rows, 64 a
 // projection); the final head decides the first token, exits the later ones (early exit on);
-// max_new_tokens 0 scores only; a sequence beside them that does not score gets what it gets
-// alone.
+// max_new_tokens 0 scores only, up to a prompt as long as the context; a sequence beside them
+// that does not score gets what it gets alone.
 TEST_P(GeneratorTest, ScoresThePromptWithTheFinalHead) {
   ModelConfig c = ConfigWithExits(GetParam());
+  c.max_seq_len = 128;
   auto be = Cpu();
   auto m = *Model::Create(c, be.get());
   testing::FillParams(*m, 71, 0.5f);
   std::vector<GenerationRequest> reqs(2);
-  reqs[0].prompt = testing::RandomTokens(25, c.vocab_size, 72);
+  reqs[0].prompt = testing::RandomTokens(100, c.vocab_size, 72);
   reqs[0].max_new_tokens = 5;
   reqs[0].prompt_logprobs = true;
   reqs[0].top_logprobs = 3;
@@ -492,16 +493,19 @@ TEST_P(GeneratorTest, ScoresThePromptWithTheFinalHead) {
   reqs[1].max_new_tokens = 8;
   reqs[1].early_exit.threshold = 0.4f;
   Generator g(m.get(), c.max_seq_len, 2);
-  for (int max_new : {5, 0}) {
-    reqs[0].max_new_tokens = max_new;
+  for (int max_new : {5, 0, -1}) {  // -1: max_new_tokens 0 and a prompt of the whole context
+    if (max_new < 0) reqs[0].prompt = testing::RandomTokens(c.max_seq_len, c.vocab_size, 74);
+    reqs[0].max_new_tokens = std::max(max_new, 0);
+    max_new = reqs[0].max_new_tokens;
+    const int n = static_cast<int>(reqs[0].prompt.size());
     const auto got = *g.GenerateBatch(reqs);
     const GenerationResult& s = got[0];
-    ASSERT_EQ(s.prompt_logprobs.size(), 24u);
-    ASSERT_EQ(s.prompt_top.size(), 24u);
+    ASSERT_EQ(s.prompt_logprobs.size(), n - 1u);
+    ASSERT_EQ(s.prompt_top.size(), n - 1u);
     ASSERT_EQ(s.tokens.size(), static_cast<size_t>(max_new));
     ASSERT_EQ(s.top.size(), static_cast<size_t>(max_new));
     const FullPass full = RunFull(*m, reqs[0].prompt);
-    for (int p = 0; p + 1 < 25; ++p) {
+    for (int p = 0; p + 1 < n; ++p) {
       const float* ref = full.final_logits[p].data();
       EXPECT_NEAR(s.prompt_logprobs[p], LogProbability(ref, c.vocab_size, reqs[0].prompt[p + 1]),
                   2e-4)
