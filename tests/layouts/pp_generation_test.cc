@@ -79,12 +79,16 @@ TEST_P(PpGeneration, EveryLayoutGeneratesWhatTheWholeModelGenerates) {
   reqs[3].early_exit.exit_layers = {c.exits[0].layer, c.exits[2].layer};
   reqs[1].prompt_logprobs = true;  // the last stage scores the prompt and decides its first token
   reqs[1].top_logprobs = 3;
-  std::vector<GenerationResult> want;
+  GenerationRequest score_only = reqs[0];  // max_new_tokens 0: the last stage scores, no token
+  score_only.prompt_logprobs = true;
+  score_only.max_new_tokens = 0;
+  std::vector<GenerationResult> want, want_score;
   if (rank == 0) {
     auto whole = LoadModelFromCheckpoint(file, be.get());
     ASSERT_TRUE(whole.ok()) << whole.status();
     Generator g(whole->model.get(), 32, 4);
     want = *g.GenerateBatch(reqs);
+    want_score = *g.GenerateBatch({score_only});
   }
   int layouts = 0;
   for (int pp = 1; pp <= world; ++pp) {
@@ -140,6 +144,16 @@ TEST_P(PpGeneration, EveryLayoutGeneratesWhatTheWholeModelGenerates) {
     }
     // Each token ran once through each stage: the prompts and every token but the last.
     EXPECT_EQ(pipeline.stats().rows, tokens) << "rank " << rank << ", stage " << stage;
+    auto scored = pipeline.GenerateBatch({score_only});
+    ASSERT_TRUE(scored.ok()) << scored.status();
+    if (pipeline.leader()) {
+      const GenerationResult& s = scored->at(0);
+      EXPECT_TRUE(s.tokens.empty());
+      ASSERT_EQ(s.prompt_logprobs.size(), score_only.prompt.size() - 1) << "pp " << pp;
+      for (size_t p = 0; p < s.prompt_logprobs.size(); ++p) {
+        EXPECT_NEAR(s.prompt_logprobs[p], want_score[0].prompt_logprobs[p], 1e-4) << "pp " << pp;
+      }
+    }
     messages->Barrier();
   }
   EXPECT_GE(layouts, 1);
