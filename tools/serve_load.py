@@ -60,12 +60,22 @@ def main():
     p.add_argument("--tokens", type=int, default=64, help="tokens_to_generate per request")
     p.add_argument("--threshold", type=float, default=0.8,
                    help="early_exit_thres (1.0: early exit off)")
+    p.add_argument("--draft-exit", type=int, default=0,
+                   help="draft_exit_layer: self-speculative decoding instead of early exit")
+    p.add_argument("--draft-tokens", type=int, default=4, help="draft_tokens")
     a = p.parse_args()
     bodies = [{"prompts": [PROMPTS[i % len(PROMPTS)]], "tokens_to_generate": a.tokens,
-               "temperature": 0, "early_exit_thres": a.threshold} for i in range(a.requests)]
+               "temperature": 0} for i in range(a.requests)]
+    for b in bodies:
+        if a.draft_exit > 0:
+            b.update(draft_exit_layer=a.draft_exit, draft_tokens=a.draft_tokens)
+        else:
+            b["early_exit_thres"] = a.threshold
     one_request(a.url, bodies[0])  # warm-up
     rows = [run(a.url, bodies, 1), run(a.url, bodies, a.concurrency)]
-    print(f"{a.requests} requests x {a.tokens} tokens, greedy, early_exit_thres {a.threshold}")
+    mode = (f"self-speculative from the exit at layer {a.draft_exit}, {a.draft_tokens} drafts"
+            if a.draft_exit > 0 else f"early_exit_thres {a.threshold}")
+    print(f"{a.requests} requests x {a.tokens} tokens, greedy, {mode}")
     print("clients | requests/s | tokens/s | p50 latency s | p90 latency s | avg layers")
     for r in rows:
         print(f"{r['concurrency']:7d} | {r['requests_per_s']:10.2f} | {r['tokens_per_s']:8.1f} | "
