@@ -63,10 +63,20 @@ bool Generator::AcceptSpeculative(int slot, const StepResult& r,
   Sequence& q = seqs_[slot];
   const int vocab = model_->config().vocab_size;
   const SamplingParams sampling = q.request.sampling;
+  // Greedy: each head's top token (the first largest logit, as SampleToken takes), without
+  // distributions; VerifyDraft would keep a draft iff it is the full model's top token too.
+  const bool greedy = sampling.temperature <= 0.0f;
+  auto top = [vocab](const float* logits) {
+    return static_cast<int32_t>(std::max_element(logits, logits + vocab) - logits);
+  };
   if (!q.checking) {  // a draft
     EE_CHECK(r.exit_index >= 0 && r.rows == 1, "slot ", slot, ": the drafting exit did not fire");
-    q.draft_dist.push_back(TokenDistribution(r.logits.data(), vocab, sampling));
-    q.drafts.push_back(SampleFrom(q.draft_dist.back(), q.rng));
+    if (greedy) {
+      q.drafts.push_back(top(r.logits.data()));
+    } else {
+      q.draft_dist.push_back(TokenDistribution(r.logits.data(), vocab, sampling));
+      q.drafts.push_back(SampleFrom(q.draft_dist.back(), q.rng));
+    }
     q.next = {q.drafts.back()};
     const float floor = q.request.speculative.min_confidence;
     q.checking = static_cast<int>(q.drafts.size()) == q.round_drafts ||
@@ -83,16 +93,23 @@ bool Generator::AcceptSpeculative(int slot, const StepResult& r,
   int32_t tok = 0;
   for (int i = 0; i <= n; ++i) {
     const float* row = r.logits.data() + static_cast<size_t>(i) * vocab;
-    const std::vector<double> p = TokenDistribution(row, vocab, sampling);
     bool more = false;
-    if (i < n) {
-      const DraftVerdict v = VerifyDraft(p, q.draft_dist[i], q.drafts[i], q.rng);
-      tok = v.token;
-      more = v.accepted;
-      kept += v.accepted;
-      q.result.accepted += v.accepted;
+    if (greedy) {
+      tok = top(row);
+      more = i < n && tok == q.drafts[i];
+      kept += more;
+      q.result.accepted += more;
     } else {
-      tok = SampleFrom(p, q.rng);
+      const std::vector<double> p = TokenDistribution(row, vocab, sampling);
+      if (i < n) {
+        const DraftVerdict v = VerifyDraft(p, q.draft_dist[i], q.drafts[i], q.rng);
+        tok = v.token;
+        more = v.accepted;
+        kept += v.accepted;
+        q.result.accepted += v.accepted;
+      } else {
+        tok = SampleFrom(p, q.rng);
+      }
     }
     if (Emit(slot, tok, -1, model_->config().num_layers, row, on_token, finished)) return true;
     if (!more) break;
