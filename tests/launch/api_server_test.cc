@@ -10,7 +10,9 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <map>
+#include <memory>
 #include <sstream>
 #include <thread>
 
@@ -392,6 +394,39 @@ TEST(ApiServer, RefusesAPortInUse) {
       << again.status();
   first.Stop();
   second.Stop();
+}
+
+// Idle keep-alive connections (each holds a handler thread until its timeout, 5 s) do not keep a
+// new client waiting: 30 of them against a generator of 2 slots.
+TEST(ApiServer, IdleKeepAliveConnectionsDoNotStarveNewClients) {
+  auto be = testing::Cpu();
+  auto m = testing::ByteLevelModel(be.get());
+  Generator gen(m.get(), 64, 2);
+  GenerationService service(&gen);
+  ByteTokenizer tok;
+  ApiServer server(&service, &tok, m->config(), ApiDefaults());
+  auto port = server.Bind("127.0.0.1", 0);
+  ASSERT_TRUE(port.ok()) << port.status();
+  std::thread serving([&] { server.Serve(); });
+  std::vector<std::unique_ptr<httplib::Client>> idle;
+  for (int i = 0; i < 30; ++i) {
+    idle.push_back(std::make_unique<httplib::Client>("127.0.0.1", *port));
+    idle.back()->set_keep_alive(true);
+    auto res = idle.back()->Get("/health");
+    ASSERT_TRUE(res && res->status == 200);
+  }
+  httplib::Client fresh("127.0.0.1", *port);
+  const auto start = std::chrono::steady_clock::now();
+  auto res =
+      fresh.Put("/api", R"({"prompts": ["a"], "tokens_to_generate": 2})", "application/json");
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 200);
+  EXPECT_LT(seconds, 1.0);
+  idle.clear();  // their connections close, so the threads need not wait out the timeout
+  server.Stop();
+  serving.join();
 }
 
 // A burst of connections before the server accepts any: the kernel completes every handshake
