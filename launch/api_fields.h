@@ -178,13 +178,18 @@ inline void AddGenerationRequests(const GenerationOptions& o, const Tokenizer& t
   }
 }
 
+// Cuts `text` before the first stop sequence found at or after `from`.
+inline void CutAtStop(const std::vector<std::string>& stops, size_t from, std::string* text) {
+  size_t cut = std::string::npos;
+  for (const std::string& s : stops) cut = std::min(cut, text->find(s, from));
+  if (cut != std::string::npos) text->resize(cut);
+}
+
 // The generated text of `g`, cut before the first stop sequence it holds.
 inline std::string GeneratedText(const GenerationResult& g, const std::vector<std::string>& stops,
                                  const Tokenizer& tok) {
   std::string out = tok.Decode(g.tokens);
-  size_t cut = std::string::npos;
-  for (const std::string& s : stops) cut = std::min(cut, out.find(s));
-  if (cut != std::string::npos) out.resize(cut);
+  CutAtStop(stops, 0, &out);
   return out;
 }
 

@@ -84,7 +84,7 @@ void PrintHeader(const char* reference, const char* measured) {
 void PrintRow(float threshold, const Run& reference, const Run& run) {
   const size_t n = run.outputs.size();
   const int same = SameOutputs(reference, run);
-  const double ref_tps = reference.tokens / reference.seconds, tps = run.tokens / run.seconds;
+  const double ref_tps = reference.TokensPerSecond(), tps = run.TokensPerSecond();
   std::printf("%-9.2f | %24.1f | %24.1f | %6.2fx | %10.2f | %5.1f%% | %d of %zu\n", threshold,
               ref_tps, tps, tps / ref_tps, run.layers / run.tokens, 100.0 * run.early / run.tokens,
               same, n);

@@ -47,7 +47,7 @@ void PrintStats(const char* label, const ModelConfig& c, const GenerationResult&
   std::printf("[%s] exit histogram:", label);
   for (size_t i = 0; i <= c.exits.size(); ++i) {
     const int idx = i < c.exits.size() ? static_cast<int>(i) : -1;
-    const std::string name = idx < 0 ? "final@" + std::to_string(c.num_layers) : ExitName(c, idx);
+    const std::string name = ExitName(c, idx);
     const int k = hist.count(idx) ? hist[idx] : 0;
     std::printf(" %s %d (%.0f%%)", name.c_str(), k,
                 g.tokens.empty() ? 0.0 : 100.0 * k / g.tokens.size());

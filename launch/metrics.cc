@@ -63,10 +63,10 @@ std::string PrometheusMetrics(const GenerationService::Stats& st, const ModelCon
   // Every head, so that an exit that never fires shows 0.
   for (int i = -1; i < static_cast<int>(c.exits.size()); ++i) {
     const auto it = st.tokens_by_head.find(i);
-    const std::string head = i < 0 ? absl::StrCat("final@", c.num_layers) : ExitName(c, i);
     e.Metric("generation_tokens_by_head_total", "counter",
              "Tokens of ended sequences, by the head that decided them.",
-             it == st.tokens_by_head.end() ? 0 : it->second, absl::StrCat("head=\"", head, "\""));
+             it == st.tokens_by_head.end() ? 0 : it->second,
+             absl::StrCat("head=\"", ExitName(c, i), "\""));
   }
   e.Metric("speculative_drafted_tokens_total", "counter",
            "Self-speculative decoding: drafts the full model checked.", st.drafted);

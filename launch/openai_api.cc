@@ -219,14 +219,13 @@ std::vector<int32_t> ChoiceIds(const ApiCall& call, size_t i, const GenerationRe
 // may join them otherwise than their two texts), cut before a stop string in the generated part.
 std::string ChoiceText(const ApiCall& call, size_t i, const GenerationResult& g,
                        const Tokenizer& tok) {
-  const std::string generated = api::GeneratedText(g, call.stop_sequences, tok);
-  if (!call.echo) return generated;
+  if (!call.echo) return api::GeneratedText(g, call.stop_sequences, tok);
   const std::string prompt = tok.Decode(call.requests[i].prompt);
   std::string all = tok.Decode(ChoiceIds(call, i, g));
-  if (all.compare(0, prompt.size(), prompt) != 0) return prompt + generated;
-  size_t cut = std::string::npos;
-  for (const std::string& s : call.stop_sequences) cut = std::min(cut, all.find(s, prompt.size()));
-  if (cut != std::string::npos) all.resize(cut);
+  if (all.compare(0, prompt.size(), prompt) != 0) {
+    return prompt + api::GeneratedText(g, call.stop_sequences, tok);
+  }
+  api::CutAtStop(call.stop_sequences, prompt.size(), &all);
   return all;
 }
 

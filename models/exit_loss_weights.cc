@@ -16,6 +16,7 @@ std::vector<float> ExitLossWeights(const ModelConfig& c, int step) {
 }
 
 std::string ExitName(const ModelConfig& c, int i) {
+  if (i < 0) return absl::StrCat("final@", c.num_layers);
   const ExitConfig& x = c.exits[i];
   return absl::StrCat("exit@", x.layer, x.position == ExitPosition::kPre ? "pre" : "");
 }

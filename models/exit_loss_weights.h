@@ -12,7 +12,8 @@ namespace eellm {
 
 std::vector<float> ExitLossWeights(const ModelConfig& c, int step);
 
-// Short display name of exit i: "exit@6" (post) or "exit@7pre".
+// Short display name of exit i: "exit@6" (post) or "exit@7pre"; of the final head (i = -1):
+// "final@<layers>".
 std::string ExitName(const ModelConfig& c, int i);
 
 }  // namespace eellm

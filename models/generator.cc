@@ -94,7 +94,7 @@ void Generator::PlaceKv(int slot, int start, int tokens) {
 void Generator::Reset() {
   for (Sequence& q : seqs_) {
     q.busy = false;
-    q.draft_layer = 0;
+    q.request = GenerationRequest();
     ReleaseKv(q);
     q.len = q.pending_start = 0;
     std::fill(q.depth.begin(), q.depth.end(), 0);
@@ -138,7 +138,7 @@ std::vector<StepResult> Generator::Pass(const std::vector<std::vector<int32_t>>&
     offsets.push_back(staged.size());
     staged.insert(staged.end(), ids[s].begin(), ids[s].end());
     // A speculative sequence keeps its block exits' K/V in every pass: its drafts attend to them.
-    q.checks_exits = ee[s].threshold < 1.0f || q.draft_layer > 0;
+    q.checks_exits = ee[s].threshold < 1.0f || q.speculative();
     Item it;
     it.seq = static_cast<int>(s);
     it.n_new = n;

@@ -272,10 +272,11 @@ class Generator : public SequenceBatcher {
     GenerationResult result;
     std::vector<int32_t> next;  // what the next pass appends: the prompt, then each new token
     Timer timer;                // since admission, then since the prefill
-    // Self-speculative decoding: the drafting exit's layer (0: not speculative); the drafts of
-    // this round and their distributions; how many the round drafts; whether the next pass
-    // checks them (a full pass; so is the prefill).
-    int draft_layer = 0, round_drafts = 0;
+    // Self-speculative decoding (the request's `speculative`): the drafts of this round and
+    // their distributions; how many the round drafts; whether the next pass checks them (a full
+    // pass; so is the prefill).
+    bool speculative() const { return request.speculative.enabled(); }
+    int round_drafts = 0;
     std::vector<int32_t> drafts;
     std::vector<std::vector<double>> draft_dist;
     bool checking = false;

@@ -161,7 +161,6 @@ absl::StatusOr<int> Generator::Admit(GenerationRequest request, int slot) {
     q.rng.Seed(request.sampling.seed);
     q.result = GenerationResult();
     q.next = request.prompt;
-    q.draft_layer = request.speculative.exit_layer;
     q.round_drafts = 0;
     q.drafts.clear();
     q.draft_dist.clear();
@@ -179,7 +178,6 @@ GenerationResult Generator::Retire(int slot) {
   Sequence& q = seqs_.at(slot);
   if (q.busy) ReleaseKv(q);
   q.busy = false;
-  q.draft_layer = 0;
   q.next.clear();
   q.request = GenerationRequest();
   q.result.finish = FinishReason::kCancelled;
@@ -203,8 +201,8 @@ std::vector<Generator::Finished> Generator::Advance(
     Sequence& q = seqs_[s];
     if (!q.busy) continue;
     ids[s] = TakeNext(static_cast<int>(s));
-    ee[s] = q.draft_layer > 0 ? SpeculativePassExits(q) : q.request.early_exit;
-    check[s] = q.draft_layer > 0 && q.checking && q.prefilled;
+    ee[s] = q.speculative() ? SpeculativePassExits(q) : q.request.early_exit;
+    check[s] = q.speculative() && q.checking && q.prefilled;
     any = true;
   }
   if (!any) return finished;
@@ -239,7 +237,7 @@ bool Generator::Accept(int slot, const StepResult& r,
       return true;
     }
   }
-  if (q.draft_layer > 0) return AcceptSpeculative(slot, r, on_token, finished);
+  if (q.speculative()) return AcceptSpeculative(slot, r, on_token, finished);
   std::vector<float> scratch = r.logits;
   const int32_t tok = SampleToken(scratch, q.request.sampling, q.rng);
   if (Emit(slot, tok, r.exit_index, r.depth, r.logits.data(), on_token, finished)) return true;
@@ -277,7 +275,6 @@ void Generator::Finish(int slot, FinishReason why, Finished* finished) {
   g.finish = why;
   g.decode_seconds = q.timer.Seconds();
   q.busy = false;
-  q.draft_layer = 0;
   ReleaseKv(q);
   q.request = GenerationRequest();
   *finished = {slot, std::move(g)};

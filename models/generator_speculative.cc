@@ -52,7 +52,7 @@ EarlyExitParams Generator::SpeculativePassExits(const Sequence& q) const {
   EarlyExitParams ee;  // threshold 1: no exit
   if (!q.checking) {
     ee.threshold = 0.0f;  // every max probability reaches it
-    ee.exit_layers = {q.draft_layer};
+    ee.exit_layers = {q.request.speculative.exit_layer};
   }
   return ee;
 }
