@@ -20,6 +20,7 @@
 #include "gtest/gtest.h"
 #include "launch/generation_service.h"
 #include "nlohmann/json.hpp"
+#include "tests/launch/served_model.h"
 #include "tests/models/model_test_util.h"
 
 namespace eellm {
@@ -165,11 +166,8 @@ TEST(ApiResponse, CutsAtStopSequencesAndReportsPerToken) {
 // generated once, passes hold at most max_sequences, and a request with more prompts than slots
 // spreads over time. A bad request fails alone.
 TEST(GenerationService, ConcurrentRequestsShareBatchesAndGetWhatTheyGetAlone) {
-  auto be = testing::Cpu();
-  auto m = testing::ByteLevelModel(be.get());
-  Generator shared(m.get(), 64, 4), alone(m.get(), 64, 8);
-  GenerationService service(&shared);
-  ByteTokenizer tok;
+  testing::ServedModel served(4);
+  Generator alone(served.model.get(), 64, 8);
   std::vector<std::vector<GenerationRequest>> reqs;
   const char* bodies[] = {
       R"({"prompts": ["In the", "And God"], "tokens_to_generate": 12, "temperature": 0,
@@ -182,18 +180,18 @@ TEST(GenerationService, ConcurrentRequestsShareBatchesAndGetWhatTheyGetAlone) {
       R"({"prompts": ["long prompt of some length"], "tokens_to_generate": 9, "temperature": 0})",
   };
   for (int i = 0; i < 5; ++i) {
-    auto call = ParseApiRequest(bodies[i], tok, ApiDefaults(), i);
+    auto call = ParseApiRequest(bodies[i], served.tok, ApiDefaults(), i);
     ASSERT_TRUE(call.ok()) << call.status();
     reqs.push_back(call->requests);
   }
   std::vector<absl::StatusOr<std::vector<GenerationResult>>> got(6);
   std::vector<std::thread> threads;
   for (int i = 0; i < 5; ++i) {
-    threads.emplace_back([&, i] { got[i] = service.Generate(reqs[i]); });
+    threads.emplace_back([&, i] { got[i] = served.service.Generate(reqs[i]); });
   }
   std::vector<GenerationRequest> bad = reqs[0];
   bad[1].prompt.push_back(999);
-  threads.emplace_back([&] { got[5] = service.Generate(bad); });
+  threads.emplace_back([&] { got[5] = served.service.Generate(bad); });
   for (auto& t : threads) t.join();
   ASSERT_FALSE(got[5].ok());
   EXPECT_NE(got[5].status().message().find("prompt 1: prompt token 999"), std::string::npos)
@@ -211,7 +209,7 @@ TEST(GenerationService, ConcurrentRequestsShareBatchesAndGetWhatTheyGetAlone) {
     sequences += static_cast<int>(want.size());
   }
   EXPECT_GT(early, 5);
-  const GenerationService::Stats st = service.stats();
+  const GenerationService::Stats st = served.service.stats();
   EXPECT_EQ(st.sequences, sequences);
   EXPECT_EQ(st.requests, 5);  // the bad one was refused before it queued
   EXPECT_LE(st.largest_batch, 4);
@@ -223,17 +221,14 @@ TEST(GenerationService, ConcurrentRequestsShareBatchesAndGetWhatTheyGetAlone) {
 // A cancelled request ends before its tokens run out (the tokens so far, "cancelled"), and its
 // slots serve the next request.
 TEST(GenerationService, CancelledRequestsEndAndFreeTheirSlots) {
-  auto be = testing::Cpu();
-  auto m = testing::ByteLevelModel(be.get());
-  Generator gen(m.get(), 64, 2), alone(m.get(), 64, 2);
-  GenerationService service(&gen);
-  ByteTokenizer tok;
+  testing::ServedModel served(2);
+  Generator alone(served.model.get(), 64, 2);
   auto call = *ParseApiRequest(R"({"prompts": ["a", "b", "c"], "tokens_to_generate": 40,
       "temperature": 0})",
-                               tok, ApiDefaults(), 0);
+                               served.tok, ApiDefaults(), 0);
   std::atomic<bool> cancelled{false};
   std::atomic<int> seen{0};
-  auto r = service.Generate(
+  auto r = served.service.Generate(
       call.requests,
       [&](int, int32_t) {
         if (++seen == 5) cancelled = true;
@@ -244,29 +239,24 @@ TEST(GenerationService, CancelledRequestsEndAndFreeTheirSlots) {
     EXPECT_EQ(g.finish, FinishReason::kCancelled);
     EXPECT_LT(g.tokens.size(), 40u);
   }
-  EXPECT_EQ((*r)[2].tokens.size(), 0u);                 // never admitted (two slots)
-  const GenerationService::Stats st = service.stats();  // the gauges after the cancellation
+  EXPECT_EQ((*r)[2].tokens.size(), 0u);                        // never admitted (two slots)
+  const GenerationService::Stats st = served.service.stats();  // the gauges after the cancellation
   EXPECT_EQ(st.running, 0);
   EXPECT_EQ(st.waiting, 0);
   EXPECT_EQ(st.kv_tokens_in_use, 0);
   EXPECT_EQ(st.cancelled, 3);
-  auto next = service.Generate({call.requests[0]});
+  auto next = served.service.Generate({call.requests[0]});
   ASSERT_TRUE(next.ok());
   EXPECT_EQ((*next)[0].tokens, (*alone.GenerateBatch({call.requests[0]}))[0].tokens);
 }
 
 // The HTTP server on a free local port: a generation, an error, /health and an unknown path.
 TEST(ApiServer, AnswersOverHttp) {
-  auto be = testing::Cpu();
-  auto m = testing::ByteLevelModel(be.get());
-  Generator gen(m.get(), 64, 4), alone(m.get(), 64, 2);
-  GenerationService service(&gen);
-  ByteTokenizer tok;
-  ApiServer server(&service, &tok, m->config(), ApiDefaults());
-  auto port = server.Bind("127.0.0.1", 0);
-  ASSERT_TRUE(port.ok()) << port.status();
-  std::thread serving([&] { server.Serve(); });
-  httplib::Client client("127.0.0.1", *port);
+  testing::ServedModel served(4);
+  Generator alone(served.model.get(), 64, 2);
+  testing::LocalServer server(served);
+  ASSERT_NE(server.port, 0);
+  httplib::Client client("127.0.0.1", server.port);
   const std::string body =
       R"({"prompts": ["In the", "Lord"], "tokens_to_generate": 10, "temperature": 0,
           "early_exit_thres": 0.3, "logprobs": true})";
@@ -274,11 +264,11 @@ TEST(ApiServer, AnswersOverHttp) {
   ASSERT_TRUE(res) << httplib::to_string(res.error());
   EXPECT_EQ(res->status, 200) << res->body;
   const json r = json::parse(res->body);
-  auto call = *ParseApiRequest(body, tok, ApiDefaults(), 0);
+  auto call = *ParseApiRequest(body, served.tok, ApiDefaults(), 0);
   auto want = *alone.GenerateBatch(call.requests);
   for (int i = 0; i < 2; ++i) {
     // The random model's bytes are not always UTF-8; JSON carries them as U+FFFD.
-    const json text = call.prompts[i] + tok.Decode(want[i].tokens);
+    const json text = call.prompts[i] + served.tok.Decode(want[i].tokens);
     EXPECT_EQ(r["text"][i], json::parse(text.dump(-1, ' ', false, json::error_handler_t::replace)));
     EXPECT_EQ(r["layers"][i], json(want[i].depth));
     // Megatron's logprobs: every token after the first, the prompt's from the final head.
@@ -358,18 +348,12 @@ TEST(ApiServer, AnswersOverHttp) {
   ASSERT_TRUE(res);
   EXPECT_EQ(res->status, 404);
   EXPECT_NE(res->body.find("no such endpoint"), std::string::npos) << res->body;
-  server.Stop();
-  serving.join();
 }
 
 // A Stop() before Serve() is not lost: Serve() returns at once.
 TEST(ApiServer, StopBeforeServeIsKept) {
-  auto be = testing::Cpu();
-  auto m = testing::ByteLevelModel(be.get());
-  Generator gen(m.get(), 64, 2);
-  GenerationService service(&gen);
-  ByteTokenizer tok;
-  ApiServer server(&service, &tok, m->config(), ApiDefaults());
+  testing::ServedModel served(2);
+  ApiServer server(&served.service, &served.tok, served.model->config(), ApiDefaults());
   ASSERT_TRUE(server.Bind("127.0.0.1", 0).ok());
   server.Stop();
   server.Serve();  // hangs (and the test times out) if the Stop() was lost
@@ -378,15 +362,11 @@ TEST(ApiServer, StopBeforeServeIsKept) {
 // A second server cannot take a port a server listens on (with SO_REUSEPORT it could, and the
 // kernel would split the connections between the two).
 TEST(ApiServer, RefusesAPortInUse) {
-  auto be = testing::Cpu();
-  auto m = testing::ByteLevelModel(be.get());
-  Generator gen(m.get(), 64, 2);
-  GenerationService service(&gen);
-  ByteTokenizer tok;
-  ApiServer first(&service, &tok, m->config(), ApiDefaults());
+  testing::ServedModel served(2);
+  ApiServer first(&served.service, &served.tok, served.model->config(), ApiDefaults());
   auto port = first.Bind("127.0.0.1", 0);
   ASSERT_TRUE(port.ok()) << port.status();
-  ApiServer second(&service, &tok, m->config(), ApiDefaults());
+  ApiServer second(&served.service, &served.tok, served.model->config(), ApiDefaults());
   auto again = second.Bind("127.0.0.1", *port);
   ASSERT_FALSE(again.ok());
   EXPECT_NE(again.status().message().find(absl::StrCat("cannot bind to 127.0.0.1:", *port)),
@@ -399,23 +379,17 @@ TEST(ApiServer, RefusesAPortInUse) {
 // Idle keep-alive connections (each holds a handler thread until its timeout, 5 s) do not keep a
 // new client waiting: 30 of them against a generator of 2 slots.
 TEST(ApiServer, IdleKeepAliveConnectionsDoNotStarveNewClients) {
-  auto be = testing::Cpu();
-  auto m = testing::ByteLevelModel(be.get());
-  Generator gen(m.get(), 64, 2);
-  GenerationService service(&gen);
-  ByteTokenizer tok;
-  ApiServer server(&service, &tok, m->config(), ApiDefaults());
-  auto port = server.Bind("127.0.0.1", 0);
-  ASSERT_TRUE(port.ok()) << port.status();
-  std::thread serving([&] { server.Serve(); });
+  testing::ServedModel served(2);
+  testing::LocalServer server(served);
+  ASSERT_NE(server.port, 0);
   std::vector<std::unique_ptr<httplib::Client>> idle;
   for (int i = 0; i < 30; ++i) {
-    idle.push_back(std::make_unique<httplib::Client>("127.0.0.1", *port));
+    idle.push_back(std::make_unique<httplib::Client>("127.0.0.1", server.port));
     idle.back()->set_keep_alive(true);
     auto res = idle.back()->Get("/health");
     ASSERT_TRUE(res && res->status == 200);
   }
-  httplib::Client fresh("127.0.0.1", *port);
+  httplib::Client fresh("127.0.0.1", server.port);
   const auto start = std::chrono::steady_clock::now();
   auto res =
       fresh.Put("/api", R"({"prompts": ["a"], "tokens_to_generate": 2})", "application/json");
@@ -424,20 +398,14 @@ TEST(ApiServer, IdleKeepAliveConnectionsDoNotStarveNewClients) {
   ASSERT_TRUE(res);
   EXPECT_EQ(res->status, 200);
   EXPECT_LT(seconds, 1.0);
-  idle.clear();  // their connections close, so the threads need not wait out the timeout
-  server.Stop();
-  serving.join();
+  idle.clear();  // their connections close, so the server's threads need not wait them out
 }
 
 // A burst of connections before the server accepts any: the kernel completes every handshake
 // (cpp-httplib's own backlog of 5 would leave the rest to retry a second later).
 TEST(ApiServer, QueuesABurstOfConnections) {
-  auto be = testing::Cpu();
-  auto m = testing::ByteLevelModel(be.get());
-  Generator gen(m.get(), 64, 2);
-  GenerationService service(&gen);
-  ByteTokenizer tok;
-  ApiServer server(&service, &tok, m->config(), ApiDefaults());
+  testing::ServedModel served(2);
+  ApiServer server(&served.service, &served.tok, served.model->config(), ApiDefaults());
   auto port = server.Bind("127.0.0.1", 0);
   ASSERT_TRUE(port.ok()) << port.status();
   sockaddr_in to{};

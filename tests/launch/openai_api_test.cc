@@ -11,6 +11,7 @@
 #include "launch/generation_service.h"
 #include "models/bpe_tokenizer.h"
 #include "nlohmann/json.hpp"
+#include "tests/launch/served_model.h"
 #include "tests/models/model_test_util.h"
 #include "tests/models/tokenizer_json_fixtures.h"
 
@@ -281,17 +282,11 @@ TEST(CompletionStreamTest, UsageEventWhenAsked) {
 // A streaming client that goes away after its first event cancels the rest of its request:
 // the server counts it cancelled, long before its tokens would have run out.
 TEST(CompletionServer, ClientThatGoesAwayCancels) {
-  auto be = testing::Cpu();
-  auto m = testing::ByteLevelModel(be.get(), 4096);
-  Generator gen(m.get(), 4096, 2);
-  GenerationService service(&gen);
-  ByteTokenizer tok;
-  ApiServer server(&service, &tok, m->config(), ApiDefaults());
-  auto port = server.Bind("127.0.0.1", 0);
-  ASSERT_TRUE(port.ok()) << port.status();
-  std::thread serving([&] { server.Serve(); });
+  testing::ServedModel served(2, 4096);
+  testing::LocalServer server(served);
+  ASSERT_NE(server.port, 0);
   {
-    httplib::Client client("127.0.0.1", *port);
+    httplib::Client client("127.0.0.1", server.port);
     httplib::Request req;
     req.method = "POST";
     req.path = "/v1/completions";
@@ -307,7 +302,7 @@ TEST(CompletionServer, ClientThatGoesAwayCancels) {
   json h;
   for (int i = 0; i < 200; ++i) {  // up to 10 s
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    httplib::Client client("127.0.0.1", *port);
+    httplib::Client client("127.0.0.1", server.port);
     auto r = client.Get("/health");
     ASSERT_TRUE(r);
     h = json::parse(r->body);
@@ -316,35 +311,28 @@ TEST(CompletionServer, ClientThatGoesAwayCancels) {
   EXPECT_EQ(h["served"]["cancelled"], 1) << h.dump();
   EXPECT_EQ(h["served"]["sequences"], 0) << h.dump();
   EXPECT_LT(h["served"]["tokens"].get<int>(), 3000) << h.dump();
-  server.Stop();
-  serving.join();
 }
 
 // POST /v1/completions and GET /v1/models on a local port; the completion is what the generator
 // gives alone.
 TEST(CompletionServer, AnswersOverHttp) {
-  auto be = testing::Cpu();
-  auto m = testing::ByteLevelModel(be.get());
-  Generator gen(m.get(), 64, 4), alone(m.get(), 64, 2);
-  GenerationService service(&gen);
-  ByteTokenizer tok;
+  testing::ServedModel served(4);
+  Generator alone(served.model.get(), 64, 2);
   ApiDefaults defaults;
   defaults.model_name = "tiny";
-  ApiServer server(&service, &tok, m->config(), defaults);
-  auto port = server.Bind("127.0.0.1", 0);
-  ASSERT_TRUE(port.ok()) << port.status();
-  std::thread serving([&] { server.Serve(); });
-  httplib::Client client("127.0.0.1", *port);
+  testing::LocalServer server(served, defaults);
+  ASSERT_NE(server.port, 0);
+  httplib::Client client("127.0.0.1", server.port);
   const std::string body = R"({"model": "tiny", "prompt": ["In the", "Lord"], "max_tokens": 8,
       "temperature": 0, "early_exit_threshold": 0.3})";
   auto res = client.Post("/v1/completions", body, "application/json");
   ASSERT_TRUE(res) << httplib::to_string(res.error());
   EXPECT_EQ(res->status, 200) << res->body;
   const json r = json::parse(res->body);
-  auto call = *ParseCompletionRequest(body, tok, defaults, 0);
+  auto call = *ParseCompletionRequest(body, served.tok, defaults, 0);
   auto want = *alone.GenerateBatch(call.requests);
   for (int i = 0; i < 2; ++i) {
-    const json text = tok.Decode(want[i].tokens);
+    const json text = served.tok.Decode(want[i].tokens);
     EXPECT_EQ(r["choices"][i]["text"],
               json::parse(text.dump(-1, ' ', false, json::error_handler_t::replace)));
     EXPECT_EQ(r["choices"][i]["layers"], json(want[i].depth));
@@ -359,7 +347,7 @@ TEST(CompletionServer, AnswersOverHttp) {
   const json scored = json::parse(res->body)["choices"][0];
   EXPECT_EQ(scored["text"], "In the");
   const auto scored_want =
-      *alone.GenerateBatch(ParseCompletionRequest(score, tok, defaults, 0)->requests);
+      *alone.GenerateBatch(ParseCompletionRequest(score, served.tok, defaults, 0)->requests);
   ASSERT_EQ(scored["logprobs"]["token_logprobs"].size(), 6u);
   EXPECT_TRUE(scored["logprobs"]["token_logprobs"][0].is_null());
   for (int p = 1; p < 6; ++p) {
@@ -403,8 +391,6 @@ TEST(CompletionServer, AnswersOverHttp) {
   res = client.Get("/v1/models");
   ASSERT_TRUE(res);
   EXPECT_EQ(json::parse(res->body)["data"][0]["id"], "tiny") << res->body;
-  server.Stop();
-  serving.join();
 }
 
 }  // namespace
