@@ -22,6 +22,23 @@ void CheckAttentionSizes(int tq, int tk, int tk_cap, int hq, int hkv, int q_offs
            " tk=", tk, " tk_cap=", tk_cap, " q_offset=", q_offset);
 }
 
+void CopyToPages(Backend* be, void* pool, const KvPageTable& pages, int first, int count,
+                 const void* src, size_t row_bytes) {
+  for (const PageRun& r : PageRuns(pages, first, count)) {
+    be->Copy(static_cast<char*>(pool) + r.row * row_bytes,
+             static_cast<const char*>(src) + static_cast<size_t>(r.pos - first) * row_bytes,
+             r.count * row_bytes);
+  }
+}
+
+void CopyFromPages(Backend* be, void* dst, const void* pool, const KvPageTable& pages, int first,
+                   int count, size_t row_bytes) {
+  for (const PageRun& r : PageRuns(pages, first, count)) {
+    be->Copy(static_cast<char*>(dst) + static_cast<size_t>(r.pos - first) * row_bytes,
+             static_cast<const char*>(pool) + r.row * row_bytes, r.count * row_bytes);
+  }
+}
+
 void Backend::LinearResidual(float* out, const float* residual, ConstOperand in, const float* w,
                              const float* bias, int n, int in_dim, int out_dim) {
   Copy(out, residual, static_cast<size_t>(n) * out_dim * sizeof(float));

@@ -19,6 +19,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "engine/kv_pages.h"
 #include "engine/tensor/operand.h"
 #include "engine/tensor/tensor.h"
 
@@ -136,6 +137,13 @@ class Backend {
   virtual void AttentionForward(Operand out, float* lse, ConstOperand q, ConstOperand k,
                                 ConstOperand v, int b, int tq, int tk, int tk_cap, int hq, int hkv,
                                 int d, int q_offset) = 0;
+  // Inference attention of one sequence over its paged KV cache (engine/kv_pages.h): q, out
+  // [tq, hq, d] at positions q_offset .. q_offset + tq - 1, attending keys 0 .. q_offset + i,
+  // which lie in the pools k, v ([rows, hkv, d]) at the rows `pages` maps them to. Otherwise as
+  // AttentionForward (no lse).
+  virtual void PagedAttentionForward(Operand out, ConstOperand q, ConstOperand k, ConstOperand v,
+                                     const KvPageTable& pages, int tq, int hq, int hkv, int d,
+                                     int q_offset) = 0;
   // Training-path backward (q_offset 0, tq = tk = tk_cap = t) from the forward's out and lse;
   // recomputes the probabilities. dq, dk, dv written. dout has out's dtype; dq, dk, dv have q's.
   virtual void AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout,
@@ -196,6 +204,14 @@ class Backend {
 // Host fp32 copies of operands (bf16 ones converted): for tests and host-side reads.
 void OperandToHost(Backend* be, float* host, ConstOperand src, size_t n);
 void OperandFromHost(Backend* be, Operand dst, const float* host, size_t n);
+
+// Rows of `row_bytes` between a paged pool and contiguous memory (both on the backend), one Copy
+// per run of adjacent pool rows: positions [first, first + count) of `pages` from `src` rows
+// into the pool, or out of it into `dst`.
+void CopyToPages(Backend* be, void* pool, const KvPageTable& pages, int first, int count,
+                 const void* src, size_t row_bytes);
+void CopyFromPages(Backend* be, void* dst, const void* pool, const KvPageTable& pages, int first,
+                   int count, size_t row_bytes);
 
 // The attention sizes every backend accepts (see AttentionForward); aborts naming them otherwise.
 // The backward's training form is tq = tk = tk_cap = t, q_offset = 0.

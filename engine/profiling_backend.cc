@@ -243,6 +243,15 @@ void ProfilingBackend::AttentionForward(Operand out, float* lse, ConstOperand q,
   inner_->AttentionForward(out, lse, q, k, v, b, tq, tk, tk_cap, hq, hkv, d, q_offset);
 }
 
+void ProfilingBackend::PagedAttentionForward(Operand out, ConstOperand q, ConstOperand k,
+                                             ConstOperand v, const KvPageTable& pages, int tq,
+                                             int hq, int hkv, int d, int q_offset) {
+  const double flops = 4.0 * d * hq * CausalPairs(tq, q_offset);
+  const double nq = 1.0 * tq * hq * d, nkv = 1.0 * (q_offset + tq) * hkv * d;
+  Timed timed(this, "AttentionForward", flops, B(q, nq) + B(k, nkv) + B(v, nkv) + B(out, nq));
+  inner_->PagedAttentionForward(out, q, k, v, pages, tq, hq, hkv, d, q_offset);
+}
+
 void ProfilingBackend::AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout,
                                          ConstOperand out, const float* lse, ConstOperand q,
                                          ConstOperand k, ConstOperand v, int b, int t, int hq,

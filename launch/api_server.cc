@@ -241,7 +241,8 @@ ApiServer::ApiServer(GenerationService* service, const Tokenizer* tok, const Mod
               {"cancelled", st.cancelled},
               {"steps", st.steps},
               {"tokens", st.tokens},
-              {"largest_batch", st.largest_batch}}}});
+              {"largest_batch", st.largest_batch},
+              {"preemptions", st.preemptions}}}});
   });
   http_->Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
     res.set_content(PrometheusMetrics(service_->stats(), config_, service_->generator().kv_tokens(),

@@ -26,9 +26,14 @@ ABSL_FLAG(std::string, host, "0.0.0.0", "address to listen on");
 ABSL_FLAG(int, port, 5000, "port to listen on (0: any free port, printed at start)");
 ABSL_FLAG(int, max_batch, 16, "most sequences generated together");
 ABSL_FLAG(int64_t, kv_cache_tokens, 0,
-          "tokens the KV cache holds for all sequences together; each admitted sequence takes "
-          "its prompt + max tokens from it, and requests wait for room (0: the model's context "
-          "per --max_batch slot)");
+          "tokens the KV cache holds for all sequences together, in pages of 16: a request is "
+          "admitted when its prompt's pages are free and takes pages as it grows; when they run "
+          "out, the latest admitted sequences are preempted and resume later (with --pp > 1 a "
+          "request takes its prompt + max tokens at admission). 0: the model's context per "
+          "--max_batch slot");
+ABSL_FLAG(bool, kv_reserve, false,
+          "with --kv_cache_tokens: take each request's prompt + max tokens at admission, so that "
+          "nothing is preempted (fewer sequences run together when they stop early)");
 ABSL_FLAG(double, default_threshold, 0.8,
           "early-exit threshold of requests that set use_early_exit without early_exit_thres");
 
@@ -84,6 +89,7 @@ int RunServeCommand() {
   Model& model = *group.loaded.model;
   const ModelConfig& c = model.config();
   Generator generator(&model, c.max_seq_len, max_batch, static_cast<int>(kv_tokens));
+  if (absl::GetFlag(FLAGS_kv_reserve)) generator.ReserveKvPerRequest();
   // A pipeline (--pp): rank 0 leads it and serves; the other ranks run their stage's passes. A
   // single tensor-parallel group: the followers mirror rank 0's generator.
   std::unique_ptr<PipelineGenerator> pipeline;
@@ -138,6 +144,11 @@ int RunServeCommand() {
       "time",
       absl::GetFlag(FLAGS_host).c_str(), *bound, max_batch);
   std::printf("; KV cache of %d tokens", generator.kv_tokens());
+  if (kv_tokens > 0) {
+    std::printf(absl::GetFlag(FLAGS_kv_reserve) || group.pp > 1
+                    ? " (reserved per request)"
+                    : " (pages on demand, preempting the latest sequences when they run out)");
+  }
   if (multi) std::printf("; tensor parallelism %d", tp);
   if (group.pp > 1) std::printf(" x %d pipeline stages", group.pp);
   // Under mpirun, signalling mpirun ends the job at once; SIGTERM to this pid stops gracefully.
@@ -156,9 +167,10 @@ int RunServeCommand() {
   const GenerationService::Stats st = service.stats();
   std::printf(
       "served %lld requests, %lld sequences, %lld tokens in %lld forward passes (up to %d "
-      "sequences each)\n",
+      "sequences each; %lld preemptions)\n",
       static_cast<long long>(st.requests), static_cast<long long>(st.sequences),
-      static_cast<long long>(st.tokens), static_cast<long long>(st.steps), st.largest_batch);
+      static_cast<long long>(st.tokens), static_cast<long long>(st.steps), st.largest_batch,
+      static_cast<long long>(st.preemptions));
   return 0;
 }
 

@@ -267,6 +267,7 @@ void GenerationService::Run() {
       // Passes the generator ran (a pipeline's Advance may only wait for its deeper stages).
       stats_.steps = gen_->passes();
       stats_.largest_batch = gen_->largest_pass();
+      stats_.preemptions = gen_->preemptions();
       for (FinishedSequence& f : finished) {
         auto [job, index] = owner[f.slot];
         stats_.sequences++;

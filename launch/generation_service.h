@@ -82,6 +82,7 @@ class GenerationService {
     std::map<int, int64_t> tokens_by_head;  // of the sequences ended: exit index (-1: final)
     int64_t drafted = 0, accepted = 0;      // speculative decoding, of the sequences ended
     int largest_batch = 0;                  // most sequences in one of them
+    int64_t preemptions = 0;                // sequences preempted for KV pages (resumed later)
     int kv_tokens_in_use = 0;               // of the KV cache, after the last pass
     int running = 0, waiting = 0;           // sequences admitted, and queued, after the last pass
     Histogram request_seconds;              // from Generate to its return

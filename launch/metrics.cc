@@ -74,6 +74,9 @@ std::string PrometheusMetrics(const GenerationService::Stats& st, const ModelCon
            "Self-speculative decoding: drafts the full model kept.", st.accepted);
   e.Metric("forward_passes_total", "counter", "Forward passes the generator ran.", st.steps);
   e.Metric("largest_batch", "gauge", "Most sequences one pass carried.", st.largest_batch);
+  e.Metric("preemptions_total", "counter",
+           "Sequences preempted for KV cache pages (they resume by recomputing their K/V).",
+           st.preemptions);
   e.Metric("sequences_running", "gauge", "Sequences admitted and not ended.", st.running);
   e.Metric("sequences_waiting", "gauge", "Sequences queued for a slot or KV room.", st.waiting);
   e.Metric("max_batch", "gauge", "Sequence slots.", max_batch);

@@ -26,30 +26,41 @@ Generator::Generator(Model* model, int capacity, int max_sequences, int kv_token
   const ModelConfig& local = *model->ctx().cfg;  // this tensor-parallel rank's heads
   const size_t ch = c.hidden_size;
   kv_by_request_ = kv_tokens > 0;
-  const int64_t pool = kv_by_request_ ? kv_tokens : int64_t{capacity} * max_sequences;
-  EE_CHECK(pool <= (int64_t{1} << 31) - 1, "a KV cache of ", pool, " tokens");
-  kv_tokens_ = static_cast<int>(pool);
-  // The pools: per local layer (and local block exit) K and V of kv_tokens_ rows, and the
-  // pending rows' hidden states; each sequence's share is a range of rows (PlaceKv).
+  const int seq_pages = PagesFor(capacity);
+  const int64_t pages = kv_by_request_ ? PagesFor(kv_tokens) : int64_t{seq_pages} * max_sequences;
+  EE_CHECK(pages * kKvPageTokens <= (int64_t{1} << 31) - 1, "a KV cache of ", pages * kKvPageTokens,
+           " tokens");
+  kv_pages_ = static_cast<int>(pages);
+  const size_t rows = static_cast<size_t>(pages) * kKvPageTokens;
+  // The pools: per local layer (and local block exit) K and V, and the pending rows' hidden
+  // states; each sequence holds pages of them.
   kv_row_ = static_cast<size_t>(local.num_kv_heads) * local.head_dim();
   for (int l = first_; l < end_; ++l) {
-    pool_kv_.push_back(KvLayer{arena_.Operands(kv_tokens_ * kv_row_),
-                               arena_.Operands(kv_tokens_ * kv_row_), kv_tokens_});
+    pool_kv_.push_back(KvLayer{arena_.Operands(rows * kv_row_), arena_.Operands(rows * kv_row_)});
   }
   for (size_t i = 0; i < c.exits.size(); ++i) {
     KvLayer kv;
     if (c.exits[i].kind == ExitKind::kBlock && model->ExitIsLocal(static_cast<int>(i))) {
-      kv = KvLayer{arena_.Operands(kv_tokens_ * kv_row_), arena_.Operands(kv_tokens_ * kv_row_),
-                   kv_tokens_};
+      kv = KvLayer{arena_.Operands(rows * kv_row_), arena_.Operands(rows * kv_row_)};
     }
     pool_exit_kv_.push_back(kv);
   }
-  pool_frontier_ = arena_.Floats(static_cast<size_t>(kv_tokens_) * ch);
+  pool_frontier_ = arena_.Floats(rows * ch);
+  device_pages_ = arena_.Ints(static_cast<size_t>(max_sequences) * seq_pages);
   seqs_.resize(max_sequences);
   for (int s = 0; s < max_sequences; ++s) {
-    seqs_[s].depth.assign(capacity, 0);
-    if (!kv_by_request_) PlaceKv(s, s * capacity, capacity);  // a whole context each
+    Sequence& q = seqs_[s];
+    q.depth.assign(capacity, 0);
+    q.pages.reserve(seq_pages);  // never reallocated: the table points at it
+    q.table = {q.pages.data(), device_pages_ + static_cast<size_t>(s) * seq_pages, kKvPageTokens};
+    for (const KvLayer& pool : pool_kv_) q.kv.push_back({pool.k, pool.v, &q.table});
+    for (const KvLayer& pool : pool_exit_kv_) q.exit_kv.push_back({pool.k, pool.v, &q.table});
+    if (kv_by_request_) continue;
+    std::vector<int32_t> own(seq_pages);  // a whole context each, for good
+    for (int p = 0; p < seq_pages; ++p) own[p] = s * seq_pages + p;
+    SetPages(q, own);
   }
+  for (int p = 0; kv_by_request_ && p < kv_pages_; ++p) free_pages_.insert(free_pages_.end(), p);
   for (size_t i = 0; i < c.exits.size(); ++i) {
     exit_acts_.push_back(model->ExitIsLocal(static_cast<int>(i))
                              ? model->MakeExitActs(arena_, i, row_budget_, /*training=*/false)
@@ -74,21 +85,43 @@ Generator::Generator(Model* model, int capacity, int max_sequences, int kv_token
   be_->CopyFromHost(pos_, pos.data(), capacity * sizeof(int32_t));
 }
 
-void Generator::PlaceKv(int slot, int start, int tokens) {
-  EE_CHECK(start >= 0 && tokens > 0 && int64_t{start} + tokens <= kv_tokens_, "KV range [", start,
-           ", ", int64_t{start} + tokens, ") outside the cache's ", kv_tokens_, " tokens");
-  Sequence& q = seqs_.at(slot);
-  auto view = [&](const KvLayer& pool) {
-    if (pool.capacity == 0) return KvLayer{};
-    return KvLayer{pool.k.At(start * kv_row_), pool.v.At(start * kv_row_), tokens};
-  };
-  q.kv.clear();
-  for (const KvLayer& pool : pool_kv_) q.kv.push_back(view(pool));
-  q.exit_kv.clear();
-  for (const KvLayer& pool : pool_exit_kv_) q.exit_kv.push_back(view(pool));
-  q.frontier = pool_frontier_ + static_cast<size_t>(start) * model_->config().hidden_size;
-  q.kv_start = start;
-  q.kv_capacity = tokens;
+void Generator::SetPages(Sequence& q, const std::vector<int32_t>& pages) {
+  EE_CHECK(pages.size() <= q.pages.capacity(), pages.size(), " KV pages for a sequence of at most ",
+           q.pages.capacity());
+  for (int32_t p : pages) EE_CHECK(p >= 0 && p < kv_pages_, "KV page ", p, " of ", kv_pages_);
+  if (&pages != &q.pages) q.pages.assign(pages.begin(), pages.end());
+  q.table.count = static_cast<int>(q.pages.size());
+  be_->CopyFromHost(const_cast<int32_t*>(q.table.device), q.pages.data(),
+                    q.pages.size() * sizeof(int32_t));
+}
+
+bool Generator::GrowKv(Sequence& q, int tokens) {
+  const int need = PagesFor(tokens) - static_cast<int>(q.pages.size());
+  if (need <= 0) return true;
+  if (need > static_cast<int>(free_pages_.size())) return false;
+  const size_t first = q.pages.size();
+  for (int k = 0; k < need; ++k) {
+    // The page after its last keeps its rows adjacent (one product per run of pages).
+    auto it = q.pages.empty() ? free_pages_.end() : free_pages_.find(q.pages.back() + 1);
+    if (it == free_pages_.end()) it = free_pages_.begin();
+    q.pages.push_back(*it);
+    free_pages_.erase(it);
+  }
+  q.table.count = static_cast<int>(q.pages.size());
+  be_->CopyFromHost(const_cast<int32_t*>(q.table.device) + first, q.pages.data() + first,
+                    need * sizeof(int32_t));
+  return true;
+}
+
+std::vector<float> Generator::KvToHost(int layer, int seq, bool values) const {
+  const Sequence& q = seqs_.at(seq);
+  const KvLayer& kv = q.kv.at(layer - first_);
+  std::vector<float> out(q.len * kv_row_);
+  for (const PageRun& r : PageRuns(q.table, 0, q.len)) {
+    OperandToHost(be_, out.data() + r.pos * kv_row_, (values ? kv.v : kv.k).At(r.row * kv_row_),
+                  r.count * kv_row_);
+  }
+  return out;
 }
 
 void Generator::Reset() {
@@ -103,9 +136,6 @@ void Generator::Reset() {
 
 int Generator::length(int seq) const { return seqs_.at(seq).len; }
 int Generator::pending_start(int seq) const { return seqs_.at(seq).pending_start; }
-const KvLayer& Generator::kv(int layer, int seq) const {
-  return seqs_.at(seq).kv.at(layer - first_);
-}
 
 bool Generator::ExitAllowed(int i, const EarlyExitParams& ee) const {
   if (ee.exit_layers.empty()) return true;
@@ -133,8 +163,8 @@ std::vector<StepResult> Generator::Pass(const std::vector<std::vector<int32_t>>&
     if (ids[s].empty()) continue;
     Sequence& q = seqs_[s];
     const int n = static_cast<int>(ids[s].size());
-    EE_CHECK(q.len + n <= q.kv_capacity, "sequence ", s, " would hold ", q.len + n,
-             " tokens, its KV room is ", q.kv_capacity);
+    EE_CHECK(q.len + n <= q.table.tokens(), "sequence ", s, " would hold ", q.len + n,
+             " tokens, its KV pages hold ", q.table.tokens());
     offsets.push_back(staged.size());
     staged.insert(staged.end(), ids[s].begin(), ids[s].end());
     // A speculative sequence keeps its block exits' K/V in every pass: its drafts attend to them.
@@ -145,7 +175,7 @@ std::vector<StepResult> Generator::Pass(const std::vector<std::vector<int32_t>>&
     it.ee = ee[s].threshold < 1.0f ? &ee[s] : nullptr;
     it.out = &out[s];
     it.all_rows = !check.empty() && check[s];
-    if (q.busy && q.request.prompt_logprobs && q.len == 0) {  // a prefill that scores its prompt
+    if (q.busy && q.request.prompt_logprobs && !q.prefilled) {  // a prefill that scores its prompt
       it.score_ids = ids[s].data();
       it.score_top = q.request.top_logprobs;
       it.ee = nullptr;  // every row reaches the final head, which decides the first token
@@ -174,14 +204,15 @@ std::vector<StepResult> Generator::StagePass(const std::vector<StageItem>& items
   for (size_t k = 0; k < items.size(); ++k) {
     const StageItem& si = items[k];
     Sequence& q = seqs_.at(si.seq);
-    if (si.start == 0) {  // a new sequence in this slot, in the KV room the leader gave it
+    if (si.start == 0) {  // a new sequence in this slot, in the KV pages the leader gave it
       q.len = q.pending_start = 0;
-      PlaceKv(si.seq, si.kv_start, si.kv_tokens);
+      SetPages(q, si.kv_pages);
     }
-    EE_CHECK(
-        si.n > 0 && q.len == si.start && q.pending_start == q.len && q.len + si.n <= q.kv_capacity,
-        "StagePass: sequence ", si.seq, " holds ", q.len, " tokens (", q.len - q.pending_start,
-        " pending), the pass appends ", si.n, " at ", si.start, ", KV room ", q.kv_capacity);
+    EE_CHECK(si.n > 0 && q.len == si.start && q.pending_start == q.len &&
+                 q.len + si.n <= q.table.tokens(),
+             "StagePass: sequence ", si.seq, " holds ", q.len, " tokens (", q.len - q.pending_start,
+             " pending), the pass appends ", si.n, " at ", si.start, ", KV room ",
+             q.table.tokens());
     q.checks_exits = si.early_exit.threshold < 1.0f;
     Item& it = its[k];
     it.seq = si.seq;
@@ -368,8 +399,8 @@ void Generator::ForwardGroup(Item* items, int n) {
     it.end = old_len + it.n_new;
     it.work_row = row;
     // Pending rows resume from their stored hidden state; new rows start from embeddings.
-    be_->Copy(work_ + row * ch, q.frontier + it.start * ch,
-              (old_len - it.start) * ch * sizeof(float));
+    CopyFromPages(be_, work_ + row * ch, pool_frontier_, q.table, it.start, old_len - it.start,
+                  ch * sizeof(float));
     if (it.n_new > 0) {
       float* dst = work_ + (row + old_len - it.start) * ch;
       if (it.new_hidden != nullptr) {
@@ -455,8 +486,8 @@ void Generator::ForwardGroup(Item* items, int n) {
     if (q.depth[it.end - 1] == end_) {
       q.pending_start = it.end;
     } else {
-      be_->Copy(q.frontier + it.start * ch, work_ + it.work_row * ch,
-                (it.end - it.start) * ch * sizeof(float));
+      CopyToPages(be_, pool_frontier_, q.table, it.start, it.end - it.start,
+                  work_ + it.work_row * ch, ch * sizeof(float));
     }
   }
 }

@@ -25,6 +25,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -132,6 +133,9 @@ class SequenceBatcher {
   // Forward passes run so far, and the most sequences one of them carried.
   virtual int64_t passes() const = 0;
   virtual int largest_pass() const = 0;
+  // Sequences whose KV pages were taken back so that others could go on (they resume later by
+  // recomputing their K/V; Generator::ReserveKvPerRequest).
+  virtual int64_t preemptions() const { return 0; }
   // The KV cache's size in tokens, and the tokens running sequences hold.
   virtual int kv_tokens() const = 0;
   virtual int kv_tokens_in_use() const = 0;
@@ -150,20 +154,30 @@ std::vector<GenerationResult> GenerateAll(SequenceBatcher& batcher,
 class Generator : public SequenceBatcher {
  public:
   // `capacity`: most tokens (prompt + generated) one sequence may hold; `max_sequences`: most
-  // sequences generated together. `kv_tokens`: 0 gives each slot a KV cache of `capacity`
-  // tokens; > 0 makes one KV cache of that many tokens, in which each admitted sequence takes a
-  // range of prompt + max_new_tokens (first fit; Admit fails, CanAdmit is false, while there is
-  // no such range), so that more sequences fit when they are shorter than the context.
+  // sequences generated together. The KV cache is paged (engine/kv_pages.h): pools of
+  // kKvPageTokens-token pages. `kv_tokens`: 0 gives each slot the pages of a whole context for
+  // good; > 0 makes a pool of that many tokens (rounded up to whole pages), shared as vLLM shares
+  // its blocks: a sequence is admitted when its prompt's pages are free (CanAdmit; beyond a
+  // watermark of 1% of the pool while others run), and gains pages as it grows, wherever they
+  // are free. When a pass's sequences need more pages than are free, the latest admitted are
+  // preempted: their pages are freed, and they resume (before new admissions, oldest first) with
+  // a prefill of their prompt and the tokens they had generated, which recomputes their K/V.
+  // Their tokens do not change: the same K/V, the same sampling state.
   Generator(Model* model, int capacity, int max_sequences = 1, int kv_tokens = 0);
+  // Instead, with kv_tokens > 0: admission takes the pages of prompt + max_new_tokens at once,
+  // and nothing is preempted (pipelines: their stages run passes the leader sent earlier).
+  void ReserveKvPerRequest() { kv_on_demand_ = false; }
+  static constexpr int kKvPageTokens = 16;
   int capacity() const override { return capacity_; }
   Model* model() const { return model_; }
-  int kv_tokens() const override { return kv_tokens_; }
+  int kv_tokens() const override { return kv_pages_ * kKvPageTokens; }
   int kv_tokens_in_use() const override;
   bool CanAdmit(const GenerationRequest& request) const override;
-  // The KV range [start, start + tokens) of the sequence in `slot`, as {start, tokens}.
-  std::pair<int, int> kv_range(int slot) const {
-    return {seqs_.at(slot).kv_start, seqs_.at(slot).kv_capacity};
-  }
+  // The KV pages of the sequence in `slot`, in position order.
+  const std::vector<int32_t>& kv_pages(int slot) const { return seqs_.at(slot).pages; }
+  // The K (or, with `values`, V) of positions [0, length(seq)) of the sequence in `seq` at
+  // `layer`, in position order [length, hkv, d] (fp32, host).
+  std::vector<float> KvToHost(int layer, int seq, bool values) const;
   static int RequestTokens(const GenerationRequest& r);  // prompt + max_new_tokens
   int max_sequences() const override { return static_cast<int>(seqs_.size()); }
 
@@ -214,6 +228,7 @@ class Generator : public SequenceBatcher {
   int free_slots() const override { return max_sequences() - active(); }
   int64_t passes() const override { return passes_; }
   int largest_pass() const override { return largest_pass_; }
+  int64_t preemptions() const override { return preemptions_; }
 
   // ---- one pipeline stage (models/pipeline_generator.h) --------------------------------------
   // The model may be one stage of a pipeline: the generator then holds the KV caches of the
@@ -224,7 +239,7 @@ class Generator : public SequenceBatcher {
     int n = 0;         // tokens this pass appends
     bool live = true;  // no earlier stage has decided its newest token: check this stage's exits
     EarlyExitParams early_exit;
-    int kv_start = 0, kv_tokens = 0;  // its KV range (taken when start == 0; see kv_range)
+    std::vector<int32_t> kv_pages;  // when start == 0: the KV pages the leader gave it
     // A prefill that scores its prompt: the prompt (no stage checks exits; the last stage
     // scores it and decides the first token with the final head), and the top tokens wanted.
     std::vector<int32_t> score_ids;
@@ -253,16 +268,15 @@ class Generator : public SequenceBatcher {
   void FinishPending();
   int length(int seq = 0) const;
   int pending_start(int seq = 0) const;
-  const KvLayer& kv(int layer, int seq = 0) const;
 
  private:
   struct Sequence {
-    // Views of its KV range in the pools (PlaceKv): per local layer; per exit (local block
-    // exits only); the pending rows' hidden states [kv_capacity, c].
+    // Its KV pages (in the pools of every local layer and local block exit, and of the pending
+    // rows' hidden states), in position order; the table over them; the caches through it.
+    std::vector<int32_t> pages;
+    KvPageTable table;
     std::vector<KvLayer> kv, exit_kv;
-    float* frontier = nullptr;
-    int kv_start = -1, kv_capacity = 0;  // the range; 0 tokens: none
-    std::vector<int> depth;              // per position: layers computed
+    std::vector<int> depth;  // per position: layers computed
     int len = 0, pending_start = 0;
     bool checks_exits = false;  // its last step checked exits (block exits keep their K/V)
     // The request running in this slot (Admit / Advance).
@@ -280,6 +294,10 @@ class Generator : public SequenceBatcher {
     std::vector<int32_t> drafts;
     std::vector<std::vector<double>> draft_dist;
     bool checking = false;
+    // KV pages on demand: when it was admitted (the latest are preempted first); whether it is
+    // preempted, waiting to resume.
+    int64_t admitted_at = 0;
+    bool preempted = false;
   };
   // A sequence's part in one forward pass.
   struct Item {
@@ -321,11 +339,21 @@ class Generator : public SequenceBatcher {
   // what the full model keeps, drops the rest from the cache and plans the next round.
   bool AcceptSpeculative(int slot, const StepResult& r,
                          const std::function<void(int, int32_t)>& on_token, Finished* finished);
-  // Points the slot's KV views at rows [start, start + tokens) of the pools.
-  void PlaceKv(int slot, int start, int tokens);
-  void ReleaseKv(Sequence& q);       // frees its range (kv_tokens > 0)
-  int FindKvRoom(int tokens) const;  // the first free range's start, or -1
-  void CountPass(int sequences);     // a pass of `sequences` (none: no pass) for passes()
+  // ---- the paged KV cache ----
+  int PagesFor(int tokens) const { return (tokens + kKvPageTokens - 1) / kKvPageTokens; }
+  // Gives the sequence free pages until they hold `tokens` (the page after its last when free,
+  // else the lowest); false, taking none, when too few are free.
+  bool GrowKv(Sequence& q, int tokens);
+  void SetPages(Sequence& q, const std::vector<int32_t>& pages);  // also on the device
+  void ReleaseKv(Sequence& q);                                    // frees its pages (kv_tokens > 0)
+  bool KvOnDemand() const { return kv_by_request_ && kv_on_demand_; }
+  int WatermarkPages() const;  // free pages admission leaves while sequences run
+  // KV pages on demand, before a pass: gives each running sequence the pages its next pass
+  // needs, preempting the latest admitted while too few are free; then resumes the preempted,
+  // oldest first, while their pages are free.
+  void PlanKv();
+  void Preempt(Sequence& q);
+  void CountPass(int sequences);  // a pass of `sequences` (none: no pass) for passes()
   // Runs items' rows forward, in groups whose rows fit the work buffers.
   void Forward(std::vector<Item>& items);
   void ForwardGroup(Item* items, int n);
@@ -347,11 +375,15 @@ class Generator : public SequenceBatcher {
   Backend* be_;
   int capacity_, row_budget_;
   int head_rows_;  // rows one final-head projection takes: a row per sequence + a round's check
-  bool kv_by_request_ = false;  // kv_tokens > 0: ranges taken per request
-  int kv_tokens_ = 0;
+  bool kv_by_request_ = false;  // kv_tokens > 0: pages taken per request
+  bool kv_on_demand_ = true;    // ... as sequences grow (else all at admission)
+  int64_t admissions_ = 0, preemptions_ = 0;
+  int kv_pages_ = 0;                             // in the pools
   size_t kv_row_ = 0;                            // elements of one token's K (or V) per layer
-  std::vector<KvLayer> pool_kv_, pool_exit_kv_;  // [kv_tokens_, kv_row_] each
-  float* pool_frontier_ = nullptr;               // [kv_tokens_, c]
+  std::vector<KvLayer> pool_kv_, pool_exit_kv_;  // [kv_pages_ * kKvPageTokens, kv_row_] each
+  float* pool_frontier_ = nullptr;               // [kv_pages_ * kKvPageTokens, c]
+  std::set<int32_t> free_pages_;
+  int32_t* device_pages_ = nullptr;  // the sequences' page tables: [max_sequences, seq_pages]
   int first_, end_;  // the model's layers [first_, end_) (a pipeline stage's, or all)
   Arena arena_;
   std::vector<Sequence> seqs_;

@@ -1,5 +1,5 @@
-// Generator: requests on sequence slots (continuous batching). Admission into a slot and a KV
-// range, the checks that name a bad request, the passes of Advance and what they emit per
+// Generator: requests on sequence slots (continuous batching). Admission into a slot and KV
+// pages, the checks that name a bad request, the passes of Advance and what they emit per
 // sequence (sampling, stop rules), and whole batches of requests. The passes themselves are in
 // generator.cc.
 #include <algorithm>
@@ -41,37 +41,78 @@ int Generator::RequestTokens(const GenerationRequest& r) {
   return static_cast<int>(r.prompt.size()) + r.max_new_tokens;
 }
 
-int Generator::FindKvRoom(int tokens) const {
-  if (!kv_by_request_) return -1;
-  std::vector<std::pair<int, int>> taken;  // [start, end) of the reservations
-  for (const Sequence& q : seqs_) {
-    if (q.kv_capacity > 0) taken.push_back({q.kv_start, q.kv_start + q.kv_capacity});
-  }
-  std::sort(taken.begin(), taken.end());
-  int at = 0;  // first fit
-  for (const auto& [start, end] : taken) {
-    if (start - at >= tokens) return at;
-    at = std::max(at, end);
-  }
-  return kv_tokens_ - at >= tokens ? at : -1;
-}
-
 int Generator::kv_tokens_in_use() const {
   int n = 0;
-  for (const Sequence& q : seqs_) n += q.busy ? q.kv_capacity : 0;
+  for (const Sequence& q : seqs_) n += q.busy ? q.table.tokens() : 0;
   return n;
 }
 
+int Generator::WatermarkPages() const { return active() > 0 ? kv_pages_ / 100 : 0; }
+
 bool Generator::CanAdmit(const GenerationRequest& request) const {
   if (free_slots() == 0) return false;
-  return !kv_by_request_ || FindKvRoom(RequestTokens(request)) >= 0;
+  if (!kv_by_request_) return true;
+  const int free = static_cast<int>(free_pages_.size());
+  if (!KvOnDemand()) return PagesFor(RequestTokens(request)) <= free;
+  for (const Sequence& q : seqs_) {
+    if (q.busy && q.preempted) return false;  // they resume first
+  }
+  return PagesFor(static_cast<int>(request.prompt.size())) + WatermarkPages() <= free;
+}
+
+void Generator::Preempt(Sequence& q) {
+  // It resumes with a prefill of everything it holds: its prompt and the tokens it generated
+  // (the newest, not yet in the cache, included). A speculative round's drafts are dropped.
+  q.next = q.request.prompt;
+  q.next.insert(q.next.end(), q.result.tokens.begin(), q.result.tokens.end());
+  ReleaseKv(q);
+  q.preempted = true;
+  q.drafts.clear();
+  q.draft_dist.clear();
+  q.checking = true;
+  ++preemptions_;
+}
+
+void Generator::PlanKv() {
+  if (!KvOnDemand()) return;
+  auto need = [&](const Sequence& q) {
+    const int len = q.len + static_cast<int>(q.next.size());
+    return std::max(0, PagesFor(len) - static_cast<int>(q.pages.size()));
+  };
+  for (;;) {
+    int total = 0;
+    Sequence* latest = nullptr;
+    for (Sequence& q : seqs_) {
+      if (!q.busy || q.preempted) continue;
+      total += need(q);
+      if (latest == nullptr || q.admitted_at > latest->admitted_at) latest = &q;
+    }
+    if (total <= static_cast<int>(free_pages_.size()) || latest == nullptr) break;
+    Preempt(*latest);
+  }
+  for (Sequence& q : seqs_) {
+    if (q.busy && !q.preempted) {
+      EE_CHECK(GrowKv(q, q.len + static_cast<int>(q.next.size())), "no KV pages");
+    }
+  }
+  for (;;) {  // the preempted, oldest first, while their pages are free
+    Sequence* oldest = nullptr;
+    for (Sequence& q : seqs_) {
+      if (q.busy && q.preempted && (oldest == nullptr || q.admitted_at < oldest->admitted_at)) {
+        oldest = &q;
+      }
+    }
+    if (oldest == nullptr || !GrowKv(*oldest, static_cast<int>(oldest->next.size()))) break;
+    oldest->preempted = false;
+  }
 }
 
 void Generator::ReleaseKv(Sequence& q) {
   if (!kv_by_request_) return;
-  q.kv_capacity = 0;
-  q.kv_start = -1;
-  q.len = q.pending_start = 0;  // nothing left to complete (FinishPending) in rows not its own
+  free_pages_.insert(q.pages.begin(), q.pages.end());
+  q.pages.clear();
+  q.table.count = 0;
+  q.len = q.pending_start = 0;  // nothing left to complete (FinishPending) in pages not its own
 }
 
 absl::Status Generator::Validate(const GenerationRequest& r) const {
@@ -91,10 +132,10 @@ absl::Status Generator::Validate(const GenerationRequest& r) const {
         absl::StrCat("prompt (", r.prompt.size(), " tokens) + max_new_tokens (", r.max_new_tokens,
                      ") = ", need, " exceeds the context length ", capacity_));
   }
-  if (kv_by_request_ && need > kv_tokens_) {
+  if (kv_by_request_ && need > kv_tokens()) {
     return absl::InvalidArgumentError(
         absl::StrCat("prompt (", r.prompt.size(), " tokens) + max_new_tokens (", r.max_new_tokens,
-                     ") = ", need, " exceeds the KV cache's ", kv_tokens_, " tokens"));
+                     ") = ", need, " exceeds the KV cache's ", kv_tokens(), " tokens"));
   }
   for (int32_t t : r.prompt) {
     if (t < 0 || t >= c.vocab_size)
@@ -142,19 +183,21 @@ absl::Status Generator::ValidateAll(const std::vector<GenerationRequest>& reques
 absl::StatusOr<int> Generator::Admit(GenerationRequest request, int slot) {
   RETURN_IF_ERROR(Validate(request));
   EE_CHECK(slot < max_sequences(), "slot ", slot, " of ", max_sequences());
-  int kv_start = -1;
-  if (kv_by_request_) {
-    kv_start = FindKvRoom(RequestTokens(request));
-    if (kv_start < 0) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "the KV cache has no room for ", RequestTokens(request), " tokens (",
-          kv_tokens_ - kv_tokens_in_use(), " of ", kv_tokens_, " free, not in one range)"));
-    }
+  // The tokens whose pages admission takes: the prompt's (more come as the sequence grows), or
+  // with pages reserved per request, prompt + max_new_tokens.
+  const int tokens =
+      KvOnDemand() ? static_cast<int>(request.prompt.size()) : RequestTokens(request);
+  if (kv_by_request_ && PagesFor(tokens) > static_cast<int>(free_pages_.size())) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("the KV cache has no room for ", tokens, " tokens (",
+                     free_pages_.size() * kKvPageTokens, " of ", kv_tokens(), " free)"));
   }
   for (size_t s = 0; s < seqs_.size(); ++s) {
     Sequence& q = seqs_[s];
     if (q.busy || (slot >= 0 && static_cast<int>(s) != slot)) continue;
-    if (kv_by_request_) PlaceKv(static_cast<int>(s), kv_start, RequestTokens(request));
+    if (kv_by_request_) EE_CHECK(GrowKv(q, tokens), "no KV pages");
+    q.admitted_at = admissions_++;
+    q.preempted = false;
     q.len = q.pending_start = 0;
     q.busy = true;
     q.prefilled = false;
@@ -196,20 +239,22 @@ std::vector<Generator::Finished> Generator::Advance(
   std::vector<std::vector<int32_t>> ids(seqs_.size());
   std::vector<EarlyExitParams> ee(seqs_.size());
   std::vector<bool> check(seqs_.size());
+  PlanKv();
   bool any = false;
   for (size_t s = 0; s < seqs_.size(); ++s) {
     Sequence& q = seqs_[s];
-    if (!q.busy) continue;
+    if (!q.busy || q.preempted) continue;
     ids[s] = TakeNext(static_cast<int>(s));
     ee[s] = q.speculative() ? SpeculativePassExits(q) : q.request.early_exit;
-    check[s] = q.speculative() && q.checking && q.prefilled;
+    // A check scores the round's rows; a prefill (also a preempted sequence's) its newest.
+    check[s] = q.speculative() && q.checking && q.len > 0;
     any = true;
   }
   if (!any) return finished;
   const std::vector<StepResult> r = Pass(ids, ee, check);
   for (size_t s = 0; s < seqs_.size(); ++s) {
     Finished f;
-    if (seqs_[s].busy && Accept(static_cast<int>(s), r[s], on_token, &f)) {
+    if (!ids[s].empty() && Accept(static_cast<int>(s), r[s], on_token, &f)) {
       finished.push_back(std::move(f));
     }
   }

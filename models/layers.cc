@@ -229,16 +229,18 @@ void BlockForward(const LayerContext& ctx, const BlockParams& p, BlockActs& a, c
       KvLayer* kv = sg.kv;
       EE_CHECK(sg.row == covered && sg.rows > 0, "KV segments must cover the rows in order");
       covered += sg.rows;
-      EE_CHECK(sg.q_offset + sg.rows <= kv->capacity, "KV cache overflow: ", sg.q_offset + sg.rows,
-               " > ", kv->capacity);
+      const KvPageTable& pages = *kv->pages;
+      EE_CHECK(sg.q_offset + sg.rows <= pages.tokens(),
+               "KV cache overflow: ", sg.q_offset + sg.rows, " > ", pages.tokens());
       EE_CHECK(kv->k.dtype == at.k.dtype, "KV cache dtype ", DTypeName(kv->k.dtype),
                " != ", DTypeName(at.k.dtype));
-      const size_t bytes = sg.rows * row * DTypeSize(at.k.dtype);
-      be->Copy(kv->k.At(sg.q_offset * row).data, at.k.At(sg.row * row).data, bytes);
-      be->Copy(kv->v.At(sg.q_offset * row).data, at.v.At(sg.row * row).data, bytes);
-      be->AttentionForward(at.att.At(sg.row * qrow), nullptr, at.q.At(sg.row * qrow), kv->k, kv->v,
-                           1, sg.rows, sg.q_offset + sg.rows, kv->capacity, hq, hkv, d,
-                           sg.q_offset);
+      const size_t row_bytes = row * DTypeSize(at.k.dtype);
+      CopyToPages(be, kv->k.data, pages, sg.q_offset, sg.rows, at.k.At(sg.row * row).data,
+                  row_bytes);
+      CopyToPages(be, kv->v.data, pages, sg.q_offset, sg.rows, at.v.At(sg.row * row).data,
+                  row_bytes);
+      be->PagedAttentionForward(at.att.At(sg.row * qrow), at.q.At(sg.row * qrow), kv->k, kv->v,
+                                pages, sg.rows, hq, hkv, d, sg.q_offset);
     }
     EE_CHECK(covered == n, "KV segments cover ", covered, " of ", n, " rows");
   }

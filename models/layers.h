@@ -90,11 +90,13 @@ MlpActs MakeMlpActs(Arena& a, const ModelConfig& c, int n);
 BlockActs MakeBlockActs(Arena& a, const ModelConfig& c, int n, bool training);
 GradScratch MakeGradScratch(Arena& a, const ModelConfig& c, int n);
 
-// Per-layer KV cache for one sequence: k, v [capacity, hkv, d], in the operand dtype.
+// One sequence's KV cache of one layer: k, v are the layer's pools [rows, hkv, d] (in the
+// operand dtype), shared by the sequences, and `pages` maps the sequence's positions to their
+// rows (engine/kv_pages.h).
 struct KvLayer {
   Operand k;
   Operand v;
-  int capacity = 0;
+  const KvPageTable* pages = nullptr;
 };
 
 // One sequence's rows in an inference pass over several sequences: rows [row, row + rows) of

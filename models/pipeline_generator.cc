@@ -104,8 +104,8 @@ std::pair<Writer, T*> EncodePass(const std::vector<StageItem>& items, size_t wid
     w.Put<int32_t>(it.start);
     w.Put<int32_t>(it.n);
     w.Put<int32_t>(it.live);
-    w.Put<int32_t>(it.kv_start);
-    w.Put<int32_t>(it.kv_tokens);
+    w.Put<int32_t>(static_cast<int32_t>(it.kv_pages.size()));
+    std::copy(it.kv_pages.begin(), it.kv_pages.end(), w.Grow<int32_t>(it.kv_pages.size()));
     w.Put<float>(it.early_exit.threshold);
     w.Put<int32_t>(static_cast<int32_t>(it.early_exit.exit_layers.size()));
     for (int layer : it.early_exit.exit_layers) w.Put<int32_t>(layer);
@@ -124,8 +124,9 @@ std::vector<StageItem> DecodeItems(Reader& r) {
     it.start = r.Get<int32_t>();
     it.n = r.Get<int32_t>();
     it.live = r.Get<int32_t>() != 0;
-    it.kv_start = r.Get<int32_t>();
-    it.kv_tokens = r.Get<int32_t>();
+    const int pages = r.Get<int32_t>();
+    const int32_t* page = r.Array<int32_t>(pages);
+    it.kv_pages.assign(page, page + pages);
     it.early_exit.threshold = r.Get<float>();
     it.early_exit.exit_layers.resize(r.Get<int32_t>());
     for (int& layer : it.early_exit.exit_layers) layer = r.Get<int32_t>();
@@ -211,6 +212,8 @@ PipelineGenerator::PipelineGenerator(Generator* stage_generator, Communicator* w
            " stages x tp ", tp, " over ", world->size(), " ranks");
   stage_ = world->rank() / tp;
   tp_rank_ = world->rank() % tp;
+  // A sequence's pages are given at its admission: its first pass carries them to every stage.
+  gen_->ReserveKvPerRequest();
 }
 
 PipelineGenerator::~PipelineGenerator() {
@@ -349,7 +352,7 @@ std::vector<FinishedSequence> PipelineGenerator::Advance(
     it.seq = s;
     it.start = gen_->length(s);
     it.early_exit = gen_->early_exit(s);
-    std::tie(it.kv_start, it.kv_tokens) = gen_->kv_range(s);
+    if (it.start == 0) it.kv_pages = gen_->kv_pages(s);
     const std::vector<int32_t> next = gen_->TakeNext(s);
     it.n = static_cast<int>(next.size());
     if (it.start == 0 && gen_->request(s).prompt_logprobs) {  // the last stage scores the prompt

@@ -17,10 +17,10 @@
 //
 // Scheduling: a pass carries at most 1/stages of the running sequences (taken round-robin), so
 // the batch circulates as one group per stage and every stage has work; at most 2 passes per
-// stage are on their way. KV: the leader gives each sequence its KV range (Generator's
-// kv_tokens) and the passes carry it. A range freed when a sequence ends may go to the next one
-// while deeper stages still run the old one's last rows; that is safe because every stage runs
-// the passes in the order the leader sent them.
+// stage are on their way. KV: the leader gives each sequence its KV pages (Generator's
+// kv_tokens) and its first pass carries them. Pages freed when a sequence ends may go to the next
+// one while deeper stages still run the old one's last rows; that is safe because every stage
+// runs the passes in the order the leader sent them.
 //
 // A sequence gets the tokens, exits and depths the whole model gives it in a Generator (KV
 // recomputation fills the same K/V later), up to the rounding of differently batched GEMMs.

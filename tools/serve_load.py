@@ -63,9 +63,14 @@ def main():
     p.add_argument("--draft-exit", type=int, default=0,
                    help="draft_exit_layer: self-speculative decoding instead of early exit")
     p.add_argument("--draft-tokens", type=int, default=4, help="draft_tokens")
+    p.add_argument("--stop", action="append", default=[],
+                   help="a stop_sequences string (repeatable): answers may end before --tokens")
     a = p.parse_args()
     bodies = [{"prompts": [PROMPTS[i % len(PROMPTS)]], "tokens_to_generate": a.tokens,
                "temperature": 0} for i in range(a.requests)]
+    if a.stop:
+        for b in bodies:
+            b["stop_sequences"] = a.stop
     for b in bodies:
         if a.draft_exit > 0:
             b.update(draft_exit_layer=a.draft_exit, draft_tokens=a.draft_tokens)
@@ -75,7 +80,8 @@ def main():
     rows = [run(a.url, bodies, 1), run(a.url, bodies, a.concurrency)]
     mode = (f"self-speculative from the exit at layer {a.draft_exit}, {a.draft_tokens} drafts"
             if a.draft_exit > 0 else f"early_exit_thres {a.threshold}")
-    print(f"{a.requests} requests x {a.tokens} tokens, greedy, {mode}")
+    stops = f", stop at {a.stop}" if a.stop else ""
+    print(f"{a.requests} requests x {a.tokens} tokens, greedy, {mode}{stops}")
     print("clients | requests/s | tokens/s | p50 latency s | p90 latency s | avg layers")
     for r in rows:
         print(f"{r['concurrency']:7d} | {r['requests_per_s']:10.2f} | {r['tokens_per_s']:8.1f} | "

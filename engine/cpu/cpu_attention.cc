@@ -96,6 +96,47 @@ void CpuBackend::AttentionForward(Operand out_op, float* lse, ConstOperand q_op,
   }
 }
 
+void CpuBackend::PagedAttentionForward(Operand out_op, ConstOperand q_op, ConstOperand k_op,
+                                       ConstOperand v_op, const KvPageTable& pages, int tq, int hq,
+                                       int hkv, int d, int q_offset) {
+  float* out = out_op.f32();
+  const float *q = q_op.f32(), *k = k_op.f32(), *v = v_op.f32();
+  const int tk = q_offset + tq;
+  CheckAttentionSizes(tq, tk, tk, hq, hkv, q_offset);
+  // The keys as runs of adjacent pool rows: each product runs per run (most sequences' pages
+  // are handed out in order, so a run is usually many pages long).
+  const std::vector<PageRun> runs = PageRuns(pages, 0, tk);
+  const int group = hq / hkv;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  const size_t ldk = static_cast<size_t>(hkv) * d;
+  const bool parallel = static_cast<int64_t>(hq) * tq * tk * d >= (int64_t{1} << 18);
+#pragma omp parallel for schedule(dynamic, 1) if (parallel)
+  for (int h = 0; h < hq; ++h) {
+    const size_t kv_head = static_cast<size_t>(h / group) * d;
+    const float* qh = q + static_cast<size_t>(h) * d;  // rows stride hq*d
+    float* oh = out + static_cast<size_t>(h) * d;
+    float* s = Scratch(static_cast<size_t>(std::min(tq, kQueryBlock)) * tk, 0);
+    for (int i0 = 0; i0 < tq; i0 += kQueryBlock) {
+      const int rows = std::min(kQueryBlock, tq - i0);
+      const int keys = q_offset + i0 + rows;  // what the block's last row sees
+      const size_t at = static_cast<size_t>(i0) * hq * d;
+      for (const PageRun& r : runs) {
+        if (r.pos >= keys) break;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, std::min(r.count, keys - r.pos),
+                    d, scale, qh + at, hq * d, k + r.row * ldk + kv_head, hkv * d, 0.0f, s + r.pos,
+                    keys);
+      }
+      CausalSoftmaxRows(s, nullptr, rows, keys, q_offset + i0);
+      for (const PageRun& r : runs) {
+        if (r.pos >= keys) break;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, d,
+                    std::min(r.count, keys - r.pos), 1.0f, s + r.pos, keys,
+                    v + r.row * ldk + kv_head, hkv * d, r.pos == 0 ? 0.0f : 1.0f, oh + at, hq * d);
+      }
+    }
+  }
+}
+
 void CpuBackend::AttentionBackward(Operand dq_op, Operand dk_op, Operand dv_op,
                                    ConstOperand dout_op, ConstOperand out_op, const float* lse,
                                    ConstOperand q_op, ConstOperand k_op, ConstOperand v_op, int b,

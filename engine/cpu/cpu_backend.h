@@ -83,6 +83,10 @@ class CpuBackend final : public Backend {
   void AttentionForward(Operand out, float* lse, ConstOperand q, ConstOperand k, ConstOperand v,
                         int b, int tq, int tk, int tk_cap, int hq, int hkv, int d,
                         int q_offset) override;
+  // q/out: [tq, hq, d]; k/v: pools [rows, hkv, d] (engine/kv_pages.h).
+  void PagedAttentionForward(Operand out, ConstOperand q, ConstOperand k, ConstOperand v,
+                             const KvPageTable& pages, int tq, int hq, int hkv, int d,
+                             int q_offset) override;
   // dq/dout/out: [b, t, hq, d]; dk/dv: [b, t, hkv, d]; lse: [b, hq, t].
   void AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout, ConstOperand out,
                          const float* lse, ConstOperand q, ConstOperand k, ConstOperand v, int b,

@@ -554,6 +554,29 @@ void CudaBackend::AttentionForward(Operand out_op, float* lse, ConstOperand q, C
   if (out_op.is_bf16()) CUDA_CHECK(cuda::ToBf16(out_op.bf16_bits(), out, out_count, stream_));
 }
 
+void CudaBackend::PagedAttentionForward(Operand out, ConstOperand q, ConstOperand k, ConstOperand v,
+                                        const KvPageTable& pages, int tq, int hq, int hkv, int d,
+                                        int q_offset) {
+  const int tk = q_offset + tq;
+  CheckAttentionSizes(tq, tk, tk, hq, hkv, q_offset);
+  EE_CHECK(q.dtype == k.dtype && q.dtype == v.dtype, "attention q, k, v of different dtypes");
+  if (UseFlash(d, {out.data, q.data, k.data, v.data})) {
+    CUDA_CHECK(cuda::FlashAttentionForwardPaged(ToElems(out), ToElems(q), ToElems(k), ToElems(v),
+                                                pages.device, pages.page_tokens, tq, hq, hkv, d,
+                                                q_offset, stream_));
+    return;
+  }
+  // Sized in steps of 1024 keys, so that decoding does not regrow the buffers token by token.
+  const int cap = (tk + 1023) / 1024 * 1024;
+  const size_t row_bytes = static_cast<size_t>(hkv) * d * DTypeSize(k.dtype);
+  void* kc = Scratch(cap * row_bytes, 8);
+  void* vc = Scratch(cap * row_bytes, 9);
+  CopyFromPages(this, kc, k.data, pages, 0, tk, row_bytes);
+  CopyFromPages(this, vc, v.data, pages, 0, tk, row_bytes);
+  AttentionForward(out, nullptr, q, ConstOperand(kc, k.dtype), ConstOperand(vc, v.dtype), 1, tq, tk,
+                   cap, hq, hkv, d, q_offset);
+}
+
 void CudaBackend::AttentionBackward(Operand dq_op, Operand dk_op, Operand dv_op, ConstOperand dout,
                                     ConstOperand out, const float* lse, ConstOperand q,
                                     ConstOperand k, ConstOperand v, int b, int t, int hq, int hkv,

@@ -109,6 +109,10 @@ class CudaBackend final : public Backend {
   void AttentionForward(Operand out, float* lse, ConstOperand q, ConstOperand k, ConstOperand v,
                         int b, int tq, int tk, int tk_cap, int hq, int hkv, int d,
                         int q_offset) override;
+  // The fused kernel reads the keys through the page table; the per-head path gathers them.
+  void PagedAttentionForward(Operand out, ConstOperand q, ConstOperand k, ConstOperand v,
+                             const KvPageTable& pages, int tq, int hq, int hkv, int d,
+                             int q_offset) override;
   void AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout, ConstOperand out,
                          const float* lse, ConstOperand q, ConstOperand k, ConstOperand v, int b,
                          int t, int hq, int hkv, int d) override;
@@ -173,8 +177,9 @@ class CudaBackend final : public Backend {
   };
   // 0-1 attention, 2 SumSquares partials, 3 and 6 bf16 GEMM operands (A and B side), 4 bf16
   // dout of LinearBackward, 5 fp32 attention output, or dq|dk|dv, before their conversion to
-  // bf16 (unfused path), 7 a bias as bf16 or a bias gradient (GEMM epilogues).
-  Slot scratch_[8];
+  // bf16 (unfused path), 7 a bias as bf16 or a bias gradient (GEMM epilogues), 8-9 a paged
+  // cache's keys and values gathered in order (unfused path).
+  Slot scratch_[10];
   struct WeightCopy {
     const float* base = nullptr;
     size_t n = 0;

@@ -99,6 +99,12 @@ bool FlashAttentionSupports(int d);
 cudaError_t FlashAttentionForward(Elems out, float* lse, Elems q, Elems k, Elems v, int b, int tq,
                                   int tk, int tk_cap, int hq, int hkv, int d, int q_offset,
                                   cudaStream_t s);
+// The forward of one sequence (b = 1, no lse) whose keys lie in pages of k, v (key j at row
+// pages[j / page_tokens] * page_tokens + j % page_tokens; engine/kv_pages.h); `pages` in device
+// memory, page_tokens a power of two; tk = q_offset + tq.
+cudaError_t FlashAttentionForwardPaged(Elems out, Elems q, Elems k, Elems v, const int32_t* pages,
+                                       int page_tokens, int tq, int hq, int hkv, int d,
+                                       int q_offset, cudaStream_t s);
 cudaError_t FlashAttentionBackward(Elems dq, Elems dk, Elems dv, Elems dout, Elems out,
                                    const float* lse, float* dsum, Elems q, Elems k, Elems v, int b,
                                    int t, int hq, int hkv, int d, cudaStream_t s);

@@ -62,24 +62,33 @@ __device__ __forceinline__ __nv_bfloat16* SmemTile(unsigned char* smem, size_t a
 // product). 16 bytes per load: a float4 (rounded to 4 bf16 through registers, at once) or 8 bf16
 // (copied by cp.async: they land at the caller's CpAsyncWait for the group it commits); the rows
 // and the tile's rows of D + kSkew bf16 are multiples of 16 bytes for D in {32, 64, 128}. Either
-// way other threads see the tile after that wait and a __syncthreads.
+// way other threads see the tile after that wait and a __syncthreads. With `pages` (a paged KV
+// cache, engine/kv_pages.h), row j is read from row pages[j >> page_shift] << page_shift |
+// j % (1 << page_shift) of src.
 template <int D, typename InT, int Rows = kTile, int Threads = kThreads>
-__device__ void LoadTile(__nv_bfloat16* dst, const InT* src, size_t stride, int row0, int rows) {
+__device__ void LoadTile(__nv_bfloat16* dst, const InT* src, size_t stride, int row0, int rows,
+                         const int32_t* pages = nullptr, int page_shift = 0) {
   constexpr int kPer = 16 / sizeof(InT);  // values per load
   constexpr int kVec = D / kPer;
   for (int i = threadIdx.x; i < Rows * kVec; i += Threads) {
     const int r = i / kVec, c = (i % kVec) * kPer;
-    const InT* from = src + static_cast<size_t>(row0 + r) * stride + c;
+    const int row = row0 + r;
+    size_t at = row;
+    if (pages != nullptr && row < rows) {
+      at = static_cast<size_t>(pages[row >> page_shift]) << page_shift |
+           (row & ((1 << page_shift) - 1));
+    }
+    const InT* from = src + at * stride + c;
     __nv_bfloat16* d = dst + r * (D + kSkew) + c;
     if constexpr (std::is_same_v<InT, float>) {
       float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (row0 + r < rows) x = *reinterpret_cast<const float4*>(from);
+      if (row < rows) x = *reinterpret_cast<const float4*>(from);
       d[0] = __float2bfloat16(x.x);
       d[1] = __float2bfloat16(x.y);
       d[2] = __float2bfloat16(x.z);
       d[3] = __float2bfloat16(x.w);
     } else {
-      const bool in = row0 + r < rows;
+      const bool in = row < rows;
       CpAsync16(d, in ? from : src, in);  // zeros past `rows` (src: any valid address)
     }
   }
@@ -153,7 +162,8 @@ struct FwdSmem {
   static constexpr size_t kBytes = Align128(kV + 2 * kTileBytes);
 };
 
-// q, out: [b, tq, hq, D]; k, v: [b, tk_cap, hkv, D]; lse: [b, hq, tq] or null. InT (q, k, v)
+// q, out: [b, tq, hq, D]; k, v: [b, tk_cap, hkv, D], or with `pages` (b = 1) the pools of a
+// paged KV cache, read through the page table (LoadTile); lse: [b, hq, tq] or null. InT (q, k, v)
 // and OutT: float or __nv_bfloat16. One block per (kFwdRows queries, head, sequence). Lane
 // (g, t4) = (lane / 4, lane % 4) holds rows g and g + 8 of its warp's 16 (`half` 0 and 1) and,
 // of each 8-key block, keys 2 t4 and 2 t4 + 1. A warp skips the key tiles past its last query
@@ -161,7 +171,8 @@ struct FwdSmem {
 template <int D, typename InT, typename OutT>
 __global__ void __launch_bounds__(kFwdThreads)
     FlashForwardKernel(OutT* out, float* lse, const InT* q, const InT* k, const InT* v, int tq,
-                       int tk, int tk_cap, int hq, int hkv, int q_offset, float scale) {
+                       int tk, int tk_cap, int hq, int hkv, int q_offset, float scale,
+                       const int32_t* pages, int page_shift) {
   EE_DYNAMIC_SHARED(smem);
   using L = FwdSmem<D>;
   __nv_bfloat16* qs = SmemTile<D>(smem, L::kQ);
@@ -183,8 +194,10 @@ __global__ void __launch_bounds__(kFwdThreads)
   // K/V tiles in two buffers: tile i + 1 loads while tile i is used.
   auto load_kv = [&](int k0, int buf) {
     if (k0 >= n_keys) return;
-    LoadTile<D, InT, kTile, kFwdThreads>(SmemTile<D>(smem, L::kK, buf), kb, kv_stride, k0, tk);
-    LoadTile<D, InT, kTile, kFwdThreads>(SmemTile<D>(smem, L::kV, buf), vb, kv_stride, k0, tk);
+    LoadTile<D, InT, kTile, kFwdThreads>(SmemTile<D>(smem, L::kK, buf), kb, kv_stride, k0, tk,
+                                         pages, page_shift);
+    LoadTile<D, InT, kTile, kFwdThreads>(SmemTile<D>(smem, L::kV, buf), vb, kv_stride, k0, tk,
+                                         pages, page_shift);
   };
   LoadTile<D, InT, kFwdRows, kFwdThreads>(qs, qb, q_stride, q0, tq);
   CpAsyncCommit();
@@ -487,15 +500,16 @@ __global__ void __launch_bounds__(kThreads)
 
 template <int D, typename InT, typename OutT>
 cudaError_t LaunchForward(OutT* out, float* lse, const InT* q, const InT* k, const InT* v, int b,
-                          int tq, int tk, int tk_cap, int hq, int hkv, int q_offset,
-                          cudaStream_t s) {
+                          int tq, int tk, int tk_cap, int hq, int hkv, int q_offset, cudaStream_t s,
+                          const int32_t* pages = nullptr, int page_shift = 0) {
   constexpr size_t kBytes = FwdSmem<D>::kBytes;
   cudaError_t e = cudaFuncSetAttribute(FlashForwardKernel<D, InT, OutT>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
   if (e != cudaSuccess) return e;
   const dim3 grid((tq + kFwdRows - 1) / kFwdRows, hq, b);
   return LaunchKernel(FlashForwardKernel<D, InT, OutT>, grid, dim3(kFwdThreads), kBytes, s, out,
-                      lse, q, k, v, tq, tk, tk_cap, hq, hkv, q_offset, 1.0f / sqrtf(D));
+                      lse, q, k, v, tq, tk, tk_cap, hq, hkv, q_offset, 1.0f / sqrtf(D), pages,
+                      page_shift);
 }
 
 template <int D, typename InT, typename OutT>
@@ -524,15 +538,19 @@ cudaError_t LaunchBackward(InT* dq, InT* dk, InT* dv, const OutT* dout, const Ou
 
 template <typename InT, typename OutT>
 cudaError_t Forward(OutT* out, float* lse, const InT* q, const InT* k, const InT* v, int b, int tq,
-                    int tk, int tk_cap, int hq, int hkv, int d, int q_offset, cudaStream_t s) {
+                    int tk, int tk_cap, int hq, int hkv, int d, int q_offset, cudaStream_t s,
+                    const int32_t* pages = nullptr, int page_shift = 0) {
   if (b == 0 || tq == 0) return cudaSuccess;
   switch (d) {
     case 32:
-      return LaunchForward<32>(out, lse, q, k, v, b, tq, tk, tk_cap, hq, hkv, q_offset, s);
+      return LaunchForward<32>(out, lse, q, k, v, b, tq, tk, tk_cap, hq, hkv, q_offset, s, pages,
+                               page_shift);
     case 64:
-      return LaunchForward<64>(out, lse, q, k, v, b, tq, tk, tk_cap, hq, hkv, q_offset, s);
+      return LaunchForward<64>(out, lse, q, k, v, b, tq, tk, tk_cap, hq, hkv, q_offset, s, pages,
+                               page_shift);
     case 128:
-      return LaunchForward<128>(out, lse, q, k, v, b, tq, tk, tk_cap, hq, hkv, q_offset, s);
+      return LaunchForward<128>(out, lse, q, k, v, b, tq, tk, tk_cap, hq, hkv, q_offset, s, pages,
+                                page_shift);
     default:
       return cudaErrorInvalidValue;
   }
@@ -568,6 +586,23 @@ cudaError_t FlashAttentionForward(Elems out, float* lse, Elems q, Elems k, Elems
       using InT = ElementOf<decltype(qp)>;
       return Forward(o, lse, qp, static_cast<InT*>(k.data), static_cast<InT*>(v.data), b, tq, tk,
                      tk_cap, hq, hkv, d, q_offset, s);
+    });
+  });
+}
+
+cudaError_t FlashAttentionForwardPaged(Elems out, Elems q, Elems k, Elems v, const int32_t* pages,
+                                       int page_tokens, int tq, int hq, int hkv, int d,
+                                       int q_offset, cudaStream_t s) {
+  if (q.bf16 != k.bf16 || q.bf16 != v.bf16) return cudaErrorInvalidValue;
+  if (page_tokens <= 0 || (page_tokens & (page_tokens - 1)) != 0) return cudaErrorInvalidValue;
+  int shift = 0;
+  while ((1 << shift) < page_tokens) ++shift;
+  const int tk = q_offset + tq;
+  return WithElementType(out, [&](auto* o) {
+    return WithElementType(q, [&](auto* qp) {
+      using InT = ElementOf<decltype(qp)>;
+      return Forward(o, nullptr, qp, static_cast<InT*>(k.data), static_cast<InT*>(v.data), 1, tq,
+                     tk, tk, hq, hkv, d, q_offset, s, pages, shift);
     });
   });
 }

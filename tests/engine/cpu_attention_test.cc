@@ -1,7 +1,8 @@
 // Checks of CpuBackend causal GQA attention: the forward against a naive double reference (with
 // q_offset and tk_cap > tk, and over several query blocks), the saved log-sum-exps, GQA == MHA
-// with repeated KV heads, the KV-cache decode path reproducing the training path row by row, and
-// the backward over several query blocks against a naive double reference.
+// with repeated KV heads, the KV-cache decode path reproducing the training path row by row,
+// paged KV caches, and the backward over several query blocks against a naive double reference.
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -163,6 +164,44 @@ TEST_F(CpuAttentionTest, OffsetAndCapacityMatchReference) {
   RefAttention(q, k, v, b, tq, tk, tk_cap, hq, hkv, d, q_offset, &ref_out, &ref_lse);
   EXPECT_LT(MaxAbsDiff(out, ref_out), 1e-5);
   EXPECT_LT(MaxAbsDiff(lse, ref_lse), 1e-5);
+}
+
+// A paged KV cache: the sequence's keys lie in pages scattered over a pool (some adjacent, so
+// that runs merge), whose other rows hold garbage. Decode, a chunk after cached keys, and a
+// prefill over two query blocks match the reference on the keys gathered in order.
+TEST_F(CpuAttentionTest, PagedKeysMatchReference) {
+  const int hq = 4, hkv = 2, d = 8, page = 16, pool_pages = 12;
+  const std::vector<int32_t> table = {7, 2, 3, 9, 0, 5, 6, 11};  // 128 positions
+  const int row = hkv * d;
+  auto k_pool = RandVec(rng_, pool_pages * page * row), v_pool = RandVec(rng_, k_pool.size());
+  std::vector<bool> used(pool_pages);
+  for (int32_t p : table) used[p] = true;
+  for (int p = 0; p < pool_pages; ++p) {
+    for (int e = 0; !used[p] && e < page * row; ++e) {
+      k_pool[p * page * row + e] = 1e4f;
+      v_pool[p * page * row + e] = NAN;
+    }
+  }
+  const KvPageTable pages{table.data(), table.data(), page, static_cast<int>(table.size())};
+  struct Case {
+    int tq, q_offset;
+  };
+  for (const Case& c : {Case{1, 0}, Case{1, 37}, Case{5, 44}, Case{70, 0}, Case{21, 107}}) {
+    const int tk = c.q_offset + c.tq;
+    std::vector<float> k(tk * row), v(tk * row);  // the keys in position order
+    for (int j = 0; j < tk; ++j) {
+      const int64_t r = pages.Row(j);
+      std::copy_n(&k_pool[r * row], row, &k[j * row]);
+      std::copy_n(&v_pool[r * row], row, &v[j * row]);
+    }
+    auto q = RandVec(rng_, c.tq * hq * d);
+    std::vector<float> out(q.size(), NAN);
+    be_.PagedAttentionForward(out.data(), q.data(), k_pool.data(), v_pool.data(), pages, c.tq, hq,
+                              hkv, d, c.q_offset);
+    std::vector<double> ref_out, ref_lse;
+    RefAttention(q, k, v, 1, c.tq, tk, tk, hq, hkv, d, c.q_offset, &ref_out, &ref_lse);
+    EXPECT_LT(MaxAbsDiff(out, ref_out), 1e-5) << "tq " << c.tq << " q_offset " << c.q_offset;
+  }
 }
 
 TEST_F(CpuAttentionTest, GqaEqualsMhaWithRepeatedKvHeads) {

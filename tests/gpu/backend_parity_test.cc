@@ -564,6 +564,41 @@ TEST_F(BackendParity, AttentionForward) {
   }
 }
 
+// A paged KV cache: the keys in 16-token pages scattered over a pool (two adjacent, the rest
+// apart) whose other rows are NaN. Prefill, one-token and several-token decode, on the per-head
+// path (head_dim 16, 20) and the fused kernels' (32, 64, 128), which read through the table.
+TEST_F(BackendParity, PagedAttentionForward) {
+  const int page = 16, pool_pages = 16;
+  const std::vector<int32_t> table = {9, 3, 4, 14, 0, 7, 11, 1, 12, 5};  // 160 positions
+  struct Case {
+    int hq, hkv, d, tq, q_offset;
+  };
+  for (const Case& a : {Case{4, 2, 16, 21, 0}, Case{4, 2, 16, 1, 40}, Case{4, 1, 20, 3, 17},
+                        Case{2, 2, 32, 64, 0}, Case{4, 2, 64, 1, 77}, Case{4, 2, 64, 5, 130},
+                        Case{4, 2, 128, 2, 150}, Case{4, 4, 64, 100, 30}}) {
+    SCOPED_TRACE(::testing::Message() << "hq=" << a.hq << " hkv=" << a.hkv << " d=" << a.d
+                                      << " tq=" << a.tq << " q_offset=" << a.q_offset);
+    const size_t nq = static_cast<size_t>(a.tq) * a.hq * a.d;
+    const size_t row = static_cast<size_t>(a.hkv) * a.d;
+    const auto q = RandVec(rng_, nq, 1.5);
+    auto k = RandVec(rng_, pool_pages * page * row), v = RandVec(rng_, k.size());
+    std::vector<bool> used(pool_pages);
+    for (int32_t p : table) used[p] = true;
+    for (size_t i = 0; i < k.size(); ++i) {
+      if (!used[i / (page * row)]) k[i] = v[i] = kNaN;
+    }
+    ExpectParity(
+        [&](Backend* be, DeviceMem& m) -> Outputs {
+          float* out = m.Nan(nq);
+          const KvPageTable pages{table.data(), m.Put(table), page, static_cast<int>(table.size())};
+          be->PagedAttentionForward(out, m.Put(q), m.Put(k), m.Put(v), pages, a.tq, a.hq, a.hkv,
+                                    a.d, a.q_offset);
+          return {{"out", m.Get(out, nq)}};
+        },
+        kGemm);
+  }
+}
+
 // Scores that rise along the keys by ~0.3 per key (over 50 across a 200-key row): every key tile
 // passes the running maximum by far more than a fused kernel's rescaling slack, so its output
 // rows are rescaled at every tile; the outputs and log-sum-exps must still match.

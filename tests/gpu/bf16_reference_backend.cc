@@ -259,6 +259,18 @@ void Bf16ReferenceBackend::AttentionForward(Operand out, float* lse, ConstOperan
   Store(out, o);
 }
 
+void Bf16ReferenceBackend::PagedAttentionForward(Operand out, ConstOperand q, ConstOperand k,
+                                                 ConstOperand v, const KvPageTable& pages, int tq,
+                                                 int hq, int hkv, int d, int q_offset) {
+  const int tk = q_offset + tq;
+  const size_t row_bytes = static_cast<size_t>(hkv) * d * DTypeSize(k.dtype);
+  std::vector<char> kc(tk * row_bytes), vc(tk * row_bytes);
+  CopyFromPages(this, kc.data(), k.data, pages, 0, tk, row_bytes);
+  CopyFromPages(this, vc.data(), v.data, pages, 0, tk, row_bytes);
+  AttentionForward(out, nullptr, q, ConstOperand(kc.data(), k.dtype),
+                   ConstOperand(vc.data(), v.dtype), 1, tq, tk, tk, hq, hkv, d, q_offset);
+}
+
 void Bf16ReferenceBackend::AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout,
                                              ConstOperand out, const float* lse, ConstOperand q,
                                              ConstOperand k, ConstOperand v, int b, int t, int hq,

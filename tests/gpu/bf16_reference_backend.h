@@ -115,6 +115,10 @@ class Bf16ReferenceBackend final : public Backend {
   void AttentionForward(Operand out, float* lse, ConstOperand q, ConstOperand k, ConstOperand v,
                         int b, int tq, int tk, int tk_cap, int hq, int hkv, int d,
                         int q_offset) override;
+  // The keys gathered in position order, then AttentionForward.
+  void PagedAttentionForward(Operand out, ConstOperand q, ConstOperand k, ConstOperand v,
+                             const KvPageTable& pages, int tq, int hq, int hkv, int d,
+                             int q_offset) override;
   void AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout, ConstOperand out,
                          const float* lse, ConstOperand q, ConstOperand k, ConstOperand v, int b,
                          int t, int hq, int hkv, int d) override;

@@ -86,8 +86,8 @@ TEST_F(CliTest, ServeAnswersAndStopsOnSigterm) {
   EXPECT_NE(bad.exit_code, 0);
   EXPECT_NE(bad.output.find("--kv_cache_tokens must be in [0, 2^31), got -1"), std::string::npos)
       << bad.output;
-  // One KV cache of 20 tokens for both slots.
-  const std::string args = "--checkpoint=" + Quote(ckpt) + " --max-batch=2 --kv-cache-tokens=20";
+  // One KV cache of 16 tokens (a page) for both slots.
+  const std::string args = "--checkpoint=" + Quote(ckpt) + " --max-batch=2 --kv-cache-tokens=16";
   // A signal during start-up ends the server too. (Whether it lands before the server runs is
   // up to timing; ApiServer.StopBeforeServeIsKept tests that case deterministically.)
   pid_t pid = Launch(args, "", "early");
@@ -103,19 +103,19 @@ TEST_F(CliTest, ServeAnswersAndStopsOnSigterm) {
   httplib::Client client("127.0.0.1", s.port);
   auto health = client.Get("/health");
   const bool gone = StopProcess(s.pid, s.pid);
-  EXPECT_NE(too_long.find("prompt (2 tokens) + max_new_tokens (19) = 21 exceeds the KV cache's 20 "
+  EXPECT_NE(too_long.find("prompt (2 tokens) + max_new_tokens (19) = 21 exceeds the KV cache's 16 "
                           "tokens"),
             std::string::npos)
       << too_long;
   ASSERT_TRUE(health);
-  EXPECT_NE(health->body.find("\"kv_cache\":{\"in_use\":0,\"tokens\":20}"), std::string::npos)
+  EXPECT_NE(health->body.find("\"kv_cache\":{\"in_use\":0,\"tokens\":16}"), std::string::npos)
       << health->body;
   const std::string text = ReadText(Path("serve.out"));
   EXPECT_TRUE(gone) << "the server did not stop on SIGTERM\n" << text;
   EXPECT_NE(reply.find("\"text\":[\"ab"), std::string::npos) << reply << "\n" << text;
   EXPECT_NE(reply.find("\"layers\""), std::string::npos) << reply;
   EXPECT_NE(text.find("1 prompts, 5 tokens"), std::string::npos) << text;
-  EXPECT_NE(text.find("; KV cache of 20 tokens"), std::string::npos) << text;
+  EXPECT_NE(text.find("; KV cache of 16 tokens"), std::string::npos) << text;
   EXPECT_NE(text.find("served 1 requests, 1 sequences, 5 tokens in 5 forward passes"),
             std::string::npos)
       << text;

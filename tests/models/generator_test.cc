@@ -23,6 +23,19 @@ using testing::TinyConfig;
 
 class GeneratorTest : public ::testing::TestWithParam<ModelStyle> {};
 
+// Sequence `seq`'s cached K and V (read through its KV pages) equal a full pass's, every layer.
+void ExpectCacheMatches(const Generator& g, int seq, const FullPass& full) {
+  for (size_t l = 0; l < full.k.size(); ++l) {
+    const std::vector<float> k = g.KvToHost(static_cast<int>(l), seq, false);
+    const std::vector<float> v = g.KvToHost(static_cast<int>(l), seq, true);
+    ASSERT_EQ(k.size(), full.k[l].size()) << "layer " << l;
+    EXPECT_LT(MaxAbsDiff(k.data(), full.k[l].data(), k.size()), 1e-5)
+        << "seq " << seq << " layer " << l;
+    EXPECT_LT(MaxAbsDiff(v.data(), full.v[l].data(), v.size()), 1e-5)
+        << "seq " << seq << " layer " << l;
+  }
+}
+
 // Prefill + one-token decode steps give the logits of a full forward pass at every position.
 TEST_P(GeneratorTest, KvCacheDecodingMatchesFullForward) {
   ModelConfig c = ConfigWithExits(GetParam());
@@ -42,10 +55,7 @@ TEST_P(GeneratorTest, KvCacheDecodingMatchesFullForward) {
     EXPECT_LT(MaxAbsDiff(r.logits.data(), full.final_logits[p].data(), c.vocab_size), 1e-4)
         << "position " << p;
   }
-  for (int l = 0; l < c.num_layers; ++l) {
-    EXPECT_LT(MaxAbsDiff(g.kv(l).k.f32(), full.k[l].data(), full.k[l].size()), 1e-5);
-    EXPECT_LT(MaxAbsDiff(g.kv(l).v.f32(), full.v[l].data(), full.v[l].size()), 1e-5);
-  }
+  ExpectCacheMatches(g, 0, full);
 }
 
 // With threshold 1.0 generation reproduces, token for token, the same backbone without exits.
@@ -117,12 +127,7 @@ TEST_P(GeneratorTest, EarlyExitRecomputesKv) {
     g2.Step({res.tokens.back()}, ee);
     g2.FinishPending();
     EXPECT_EQ(g2.pending_start(), g2.length());
-    for (int l = 0; l < c.num_layers; ++l) {
-      EXPECT_LT(MaxAbsDiff(g2.kv(l).k.f32(), full.k[l].data(), full.k[l].size()), 1e-5)
-          << "layer " << l;
-      EXPECT_LT(MaxAbsDiff(g2.kv(l).v.f32(), full.v[l].data(), full.v[l].size()), 1e-5)
-          << "layer " << l;
-    }
+    ExpectCacheMatches(g2, 0, full);
     EXPECT_LT(res.AverageLayers(), c.num_layers);
   }
   EXPECT_TRUE(found) << "no threshold gave a mix of early and full-depth tokens";
@@ -197,12 +202,7 @@ TEST_P(GeneratorTest, BatchMatchesEachSequenceAloneAndKeepsKvComplete) {
     EXPECT_EQ(batch.length(i), static_cast<int>(all.size()));
     EXPECT_EQ(batch.pending_start(i), batch.length(i));
     FullPass full = RunFull(*m, all);
-    for (int l = 0; l < c.num_layers; ++l) {
-      EXPECT_LT(MaxAbsDiff(batch.kv(l, i).k.f32(), full.k[l].data(), full.k[l].size()), 1e-5)
-          << "sequence " << i << " layer " << l;
-      EXPECT_LT(MaxAbsDiff(batch.kv(l, i).v.f32(), full.v[l].data(), full.v[l].size()), 1e-5)
-          << "sequence " << i << " layer " << l;
-    }
+    ExpectCacheMatches(batch, i, full);
   }
 }
 
@@ -299,19 +299,26 @@ ModelConfig DeepBlockExitsConfig(ModelStyle style, bool two_blocks) {
   return c;
 }
 
-// One KV cache shared by the requests (kv_tokens > 0): each admitted sequence takes a range of
-// prompt + max_new_tokens tokens, first fit; a request waits (CanAdmit false, Admit refused
-// naming the room) until finished sequences free a long enough range. Every sequence gets what
-// it gets alone, in a cache of 60 tokens where one context per slot would take 128.
-TEST_P(GeneratorTest, SequencesShareOneKvCache) {
+// One paged KV cache shared by the requests, pages reserved per request (as pipelines take
+// them): each admitted sequence takes the pages of prompt + max_new_tokens wherever they are
+// free; a request waits (CanAdmit false, Admit refused naming the room) until finished sequences
+// free enough pages. Two pages freed apart
+// from each other serve one sequence (ranges of the cache could not). Every sequence gets what
+// it gets alone.
+TEST_P(GeneratorTest, SequencesShareOnePagedKvCache) {
   ModelConfig c = ConfigWithExits(GetParam());
   auto be = Cpu();
   auto m = *Model::Create(c, be.get());
   testing::FillParams(*m, 93, 0.8f);
-  // Needs (prompt + max_new_tokens): 29, 26, 20, 31 tokens.
-  const std::vector<GenerationRequest> reqs = testing::MixedRequests(c);
+  std::vector<GenerationRequest> reqs = testing::MixedRequests(c);
+  // prompt + max_new_tokens: 16 (1 page), 32 (2), 16 (1), 31 (2) tokens; sequences 0 and 2
+  // end first, sequence 1 last.
+  reqs[0].max_new_tokens = 7;
+  reqs[1].max_new_tokens = 18;
+  reqs[2].max_new_tokens = 13;
   Generator g(m.get(), 32, 4, /*kv_tokens=*/60), alone(m.get(), 32);
-  EXPECT_EQ(g.kv_tokens(), 60);
+  g.ReserveKvPerRequest();
+  EXPECT_EQ(g.kv_tokens(), 64);  // whole pages of 16
   std::vector<int> owner(4, -1);
   std::vector<GenerationResult> got(reqs.size());
   auto admit = [&](int i) {
@@ -319,37 +326,40 @@ TEST_P(GeneratorTest, SequencesShareOneKvCache) {
     ASSERT_TRUE(slot.ok()) << slot.status();
     owner[*slot] = i;
   };
-  admit(0);  // [0, 29)
-  admit(1);  // [29, 55)
-  EXPECT_EQ(g.kv_range(0), std::make_pair(0, 29));
-  EXPECT_EQ(g.kv_range(1), std::make_pair(29, 26));
-  EXPECT_EQ(g.kv_tokens_in_use(), 55);
+  for (int i = 0; i < 3; ++i) admit(i);
+  EXPECT_EQ(g.kv_pages(0), std::vector<int32_t>({0}));
+  EXPECT_EQ(g.kv_pages(1), std::vector<int32_t>({1, 2}));
+  EXPECT_EQ(g.kv_pages(2), std::vector<int32_t>({3}));
+  EXPECT_EQ(g.kv_tokens_in_use(), 64);
   EXPECT_GT(g.free_slots(), 0);
-  EXPECT_FALSE(g.CanAdmit(reqs[2]));  // 20 tokens, 5 free
-  auto refused = g.Admit(reqs[2]);
+  EXPECT_FALSE(g.CanAdmit(reqs[3]));
+  auto refused = g.Admit(reqs[3]);
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
-  EXPECT_NE(refused.status().message().find("no room for 20 tokens (5 of 60 free"),
+  EXPECT_NE(refused.status().message().find("no room for 31 tokens (0 of 64 free)"),
             std::string::npos)
       << refused.status();
-  // Request 2 (20) fits where request 1 (12 new tokens) ends first: [29, 49). Request 3 (31)
-  // then fits nowhere until both request 0's [0, 29) and request 2's range are free.
-  int next = 2, active_when_3_joined = -1;
+  int next = 3, active_when_3_joined = -1;
+  std::vector<int32_t> pages_of_3;
   while (g.active() > 0 || next < 4) {
-    while (next < 4 && g.CanAdmit(reqs[next])) {
-      if (next == 3) active_when_3_joined = g.active();
+    if (next == 3 && g.CanAdmit(reqs[3])) {
+      active_when_3_joined = g.active();
       admit(next++);
+      for (int s = 0; s < 4; ++s) {
+        if (owner[s] == 3) pages_of_3 = g.kv_pages(s);
+      }
     }
     for (Generator::Finished& f : g.Advance()) got[owner[f.slot]] = std::move(f.result);
   }
+  EXPECT_EQ(active_when_3_joined, 1);  // sequence 1 still runs, between its pages
+  EXPECT_EQ(pages_of_3, std::vector<int32_t>({0, 3}));
   for (size_t i = 0; i < reqs.size(); ++i) {
     auto one = *alone.GenerateBatch({reqs[i]});
     EXPECT_EQ(got[i].tokens, one[0].tokens) << "request " << i;
     EXPECT_EQ(got[i].exit_index, one[0].exit_index) << "request " << i;
     EXPECT_EQ(got[i].depth, one[0].depth) << "request " << i;
   }
-  EXPECT_EQ(active_when_3_joined, 0);
   EXPECT_EQ(g.kv_tokens_in_use(), 0);
-  // GenerateBatch admits the same way: all four (106 tokens) through the 60-token cache.
+  // GenerateBatch admits the same way: all four (95 tokens) through the 64-token cache.
   const std::vector<GenerationResult> batch = *g.GenerateBatch(reqs);
   for (size_t i = 0; i < reqs.size(); ++i) {
     EXPECT_EQ(batch[i].tokens, got[i].tokens) << "request " << i;
@@ -357,15 +367,52 @@ TEST_P(GeneratorTest, SequencesShareOneKvCache) {
   }
   // A request longer than the whole cache is refused as invalid, not left waiting.
   GenerationRequest big = reqs[0];
-  big.max_new_tokens = 23;  // 9 + 23 = 32 <= the context, > nothing in a 30-token cache
-  Generator small(m.get(), 32, 2, /*kv_tokens=*/30);
+  big.max_new_tokens = 23;  // 9 + 23 = 32 <= the context, > a 16-token cache
+  Generator small(m.get(), 32, 2, /*kv_tokens=*/16);
   const absl::Status bad = small.Validate(big);
-  EXPECT_NE(bad.message().find("= 32 exceeds the KV cache's 30 tokens"), std::string::npos) << bad;
+  EXPECT_NE(bad.message().find("= 32 exceeds the KV cache's 16 tokens"), std::string::npos) << bad;
 }
 
-// A finished sequence's range is free for the next one; completing pending rows afterwards
-// (FinishPending) must not write into it. Sequence A (slot 1) ends with early-exited rows
-// still pending; B (slot 0) takes A's range; B's tokens are those it gets alone.
+// A pool too small for the running sequences' growth (3 pages; each sequence reaches 2): the
+// latest admitted are preempted and resume later, recomputing their K/V. Every sequence's tokens,
+// exits and depths are those it gets alone: greedy, sampled, early exit and speculative.
+TEST_P(GeneratorTest, PreemptedSequencesResumeWithTheSameTokens) {
+  ModelConfig c = ConfigWithExits(GetParam());
+  auto be = Cpu();
+  auto m = *Model::Create(c, be.get());
+  testing::FillParams(*m, 97, 0.8f);
+  std::vector<GenerationRequest> reqs = testing::MixedRequests(c);
+  GenerationRequest spec = reqs[0];  // greedy: its drafts dropped on preemption do not matter
+  spec.prompt = testing::RandomTokens(6, c.vocab_size, 71);
+  spec.speculative.exit_layer = c.exits[1].layer;
+  spec.speculative.draft_tokens = 3;
+  reqs.push_back(spec);
+  Generator g(m.get(), 32, 5, /*kv_tokens=*/48), alone(m.get(), 32);
+  auto got = g.GenerateBatch(reqs);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_GE(g.preemptions(), 2);
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    auto one = *alone.GenerateBatch({reqs[i]});
+    EXPECT_EQ((*got)[i].tokens, one[0].tokens) << "request " << i;
+    EXPECT_EQ((*got)[i].exit_index, one[0].exit_index) << "request " << i;
+    EXPECT_EQ((*got)[i].depth, one[0].depth) << "request " << i;
+    ASSERT_EQ((*got)[i].logprobs.size(), one[0].logprobs.size());
+    for (size_t t = 0; t < one[0].logprobs.size(); ++t) {
+      EXPECT_NEAR((*got)[i].logprobs[t], one[0].logprobs[t], 1e-4) << "request " << i;
+    }
+  }
+  EXPECT_EQ(g.kv_tokens_in_use(), 0);
+  // While a preempted sequence waits, nothing new is admitted ahead of it.
+  Generator h(m.get(), 32, 3, /*kv_tokens=*/32);
+  ASSERT_TRUE(h.Admit(reqs[0]).ok());  // 9 tokens, to 29
+  ASSERT_TRUE(h.Admit(reqs[2]).ok());  // 3 tokens, to 20
+  while (h.preemptions() == 0) h.Advance();
+  EXPECT_FALSE(h.CanAdmit(reqs[2]));
+}
+
+// A finished sequence's pages are free for the next one; completing pending rows afterwards
+// (FinishPending) must not write into them. Sequence A (slot 1) ends with early-exited rows
+// still pending; B (slot 0) takes A's page; B's tokens are those it gets alone.
 TEST_P(GeneratorTest, FinishPendingLeavesReleasedRangesAlone) {
   ModelConfig c = ConfigWithExits(GetParam());
   auto be = Cpu();
@@ -378,11 +425,11 @@ TEST_P(GeneratorTest, FinishPendingLeavesReleasedRangesAlone) {
   b.early_exit.threshold = 1.0f;
   Generator g(m.get(), 32, 2, /*kv_tokens=*/32), alone(m.get(), 32);
   ASSERT_TRUE(g.Admit(a, 1).ok());
-  EXPECT_EQ(g.kv_range(1), std::make_pair(0, 9));
+  EXPECT_EQ(g.kv_pages(1), std::vector<int32_t>({0}));
   while (g.active() > 0) g.Advance();
   auto slot = g.Admit(b, 0);
   ASSERT_TRUE(slot.ok()) << slot.status();
-  EXPECT_EQ(g.kv_range(0), std::make_pair(0, 29));
+  EXPECT_EQ(g.kv_pages(0), std::vector<int32_t>({0}));
   std::vector<GenerationResult> got;
   for (bool first = true; g.active() > 0; first = false) {
     for (Generator::Finished& f : g.Advance()) got.push_back(std::move(f.result));

@@ -78,6 +78,10 @@ class FakeDeviceBackend final : public Backend {
                         int, int, int, int, int) override {
     std::abort();
   }
+  void PagedAttentionForward(Operand, ConstOperand, ConstOperand, ConstOperand, const KvPageTable&,
+                             int, int, int, int, int) override {
+    std::abort();
+  }
   void AttentionBackward(Operand, Operand, Operand, ConstOperand, ConstOperand, const float*,
                          ConstOperand, ConstOperand, ConstOperand, int, int, int, int,
                          int) override {
