@@ -86,8 +86,8 @@ Generator::Generator(Model* model, int capacity, int max_sequences, int kv_token
 }
 
 void Generator::SetPages(Sequence& q, const std::vector<int32_t>& pages) {
-  EE_CHECK(pages.size() <= q.pages.capacity(), pages.size(), " KV pages for a sequence of at most ",
-           q.pages.capacity());
+  EE_CHECK(static_cast<int>(pages.size()) <= PagesFor(capacity_), pages.size(),
+           " KV pages for a sequence of at most ", PagesFor(capacity_));
   for (int32_t p : pages) EE_CHECK(p >= 0 && p < kv_pages_, "KV page ", p, " of ", kv_pages_);
   if (&pages != &q.pages) q.pages.assign(pages.begin(), pages.end());
   q.table.count = static_cast<int>(q.pages.size());
@@ -96,6 +96,7 @@ void Generator::SetPages(Sequence& q, const std::vector<int32_t>& pages) {
 }
 
 bool Generator::GrowKv(Sequence& q, int tokens) {
+  EE_CHECK(tokens <= capacity_, "KV pages for ", tokens, " tokens, the context is ", capacity_);
   const int need = PagesFor(tokens) - static_cast<int>(q.pages.size());
   if (need <= 0) return true;
   if (need > static_cast<int>(free_pages_.size())) return false;
