@@ -39,6 +39,18 @@ void CopyFromPages(Backend* be, void* dst, const void* pool, const KvPageTable& 
   }
 }
 
+void GatheredPagedAttention(Backend* be, Operand out, ConstOperand q, ConstOperand k,
+                            ConstOperand v, const KvPageTable& pages, int tq, int hq, int hkv,
+                            int d, int q_offset, void* k_buf, void* v_buf, int buf_tokens) {
+  const int tk = q_offset + tq;
+  EE_CHECK(tk <= buf_tokens, "gathering ", tk, " keys into room for ", buf_tokens);
+  const size_t row_bytes = static_cast<size_t>(hkv) * d * DTypeSize(k.dtype);
+  CopyFromPages(be, k_buf, k.data, pages, 0, tk, row_bytes);
+  CopyFromPages(be, v_buf, v.data, pages, 0, tk, row_bytes);
+  be->AttentionForward(out, nullptr, q, ConstOperand(k_buf, k.dtype), ConstOperand(v_buf, v.dtype),
+                       1, tq, tk, buf_tokens, hq, hkv, d, q_offset);
+}
+
 void Backend::LinearResidual(float* out, const float* residual, ConstOperand in, const float* w,
                              const float* bias, int n, int in_dim, int out_dim) {
   Copy(out, residual, static_cast<size_t>(n) * out_dim * sizeof(float));

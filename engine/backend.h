@@ -212,6 +212,12 @@ void CopyToPages(Backend* be, void* pool, const KvPageTable& pages, int first, i
                  const void* src, size_t row_bytes);
 void CopyFromPages(Backend* be, void* dst, const void* pool, const KvPageTable& pages, int first,
                    int count, size_t row_bytes);
+// PagedAttentionForward by gathering the keys and values in position order into k_buf, v_buf
+// (backend memory of buf_tokens >= q_offset + tq rows each), then AttentionForward: for backends
+// without a kernel that reads through the page table.
+void GatheredPagedAttention(Backend* be, Operand out, ConstOperand q, ConstOperand k,
+                            ConstOperand v, const KvPageTable& pages, int tq, int hq, int hkv,
+                            int d, int q_offset, void* k_buf, void* v_buf, int buf_tokens);
 
 // The attention sizes every backend accepts (see AttentionForward); aborts naming them otherwise.
 // The backward's training form is tq = tk = tk_cap = t, q_offset = 0.

@@ -145,9 +145,9 @@ int RunServeCommand() {
       absl::GetFlag(FLAGS_host).c_str(), *bound, max_batch);
   std::printf("; KV cache of %d tokens", generator.kv_tokens());
   if (kv_tokens > 0) {
-    std::printf(absl::GetFlag(FLAGS_kv_reserve) || group.pp > 1
-                    ? " (reserved per request)"
-                    : " (pages on demand, preempting the latest sequences when they run out)");
+    std::printf(generator.kv_on_demand()
+                    ? " (pages on demand, preempting the latest sequences when they run out)"
+                    : " (reserved per request)");
   }
   if (multi) std::printf("; tensor parallelism %d", tp);
   if (group.pp > 1) std::printf(" x %d pipeline stages", group.pp);

@@ -89,10 +89,15 @@ void Generator::SetPages(Sequence& q, const std::vector<int32_t>& pages) {
   EE_CHECK(static_cast<int>(pages.size()) <= PagesFor(capacity_), pages.size(),
            " KV pages for a sequence of at most ", PagesFor(capacity_));
   for (int32_t p : pages) EE_CHECK(p >= 0 && p < kv_pages_, "KV page ", p, " of ", kv_pages_);
-  if (&pages != &q.pages) q.pages.assign(pages.begin(), pages.end());
+  q.pages.assign(pages.begin(), pages.end());
+  SyncPageTable(q, 0);
+}
+
+void Generator::SyncPageTable(Sequence& q, size_t first) {
   q.table.count = static_cast<int>(q.pages.size());
-  be_->CopyFromHost(const_cast<int32_t*>(q.table.device), q.pages.data(),
-                    q.pages.size() * sizeof(int32_t));
+  int32_t* device = device_pages_ + (&q - seqs_.data()) * PagesFor(capacity_);
+  be_->CopyFromHost(device + first, q.pages.data() + first,
+                    (q.pages.size() - first) * sizeof(int32_t));
 }
 
 bool Generator::GrowKv(Sequence& q, int tokens) {
@@ -108,9 +113,7 @@ bool Generator::GrowKv(Sequence& q, int tokens) {
     q.pages.push_back(*it);
     free_pages_.erase(it);
   }
-  q.table.count = static_cast<int>(q.pages.size());
-  be_->CopyFromHost(const_cast<int32_t*>(q.table.device) + first, q.pages.data() + first,
-                    need * sizeof(int32_t));
+  SyncPageTable(q, first);
   return true;
 }
 

@@ -167,6 +167,7 @@ class Generator : public SequenceBatcher {
   // Instead, with kv_tokens > 0: admission takes the pages of prompt + max_new_tokens at once,
   // and nothing is preempted (pipelines: their stages run passes the leader sent earlier).
   void ReserveKvPerRequest() { kv_on_demand_ = false; }
+  bool kv_on_demand() const { return kv_by_request_ && kv_on_demand_; }
   static constexpr int kKvPageTokens = 16;
   int capacity() const override { return capacity_; }
   Model* model() const { return model_; }
@@ -344,10 +345,11 @@ class Generator : public SequenceBatcher {
   // Gives the sequence free pages until they hold `tokens` (the page after its last when free,
   // else the lowest); false, taking none, when too few are free.
   bool GrowKv(Sequence& q, int tokens);
-  void SetPages(Sequence& q, const std::vector<int32_t>& pages);  // also on the device
-  void ReleaseKv(Sequence& q);                                    // frees its pages (kv_tokens > 0)
-  bool KvOnDemand() const { return kv_by_request_ && kv_on_demand_; }
-  int WatermarkPages() const;  // free pages admission leaves while sequences run
+  void SetPages(Sequence& q, const std::vector<int32_t>& pages);
+  // The table after its pages changed from index `first` on: its count, and the device copy.
+  void SyncPageTable(Sequence& q, size_t first);
+  void ReleaseKv(Sequence& q);  // frees its pages (kv_tokens > 0)
+  int WatermarkPages() const;   // free pages admission leaves while sequences run
   // KV pages on demand, before a pass: gives each running sequence the pages its next pass
   // needs, preempting the latest admitted while too few are free; then resumes the preempted,
   // oldest first, while their pages are free.

@@ -53,7 +53,7 @@ bool Generator::CanAdmit(const GenerationRequest& request) const {
   if (free_slots() == 0) return false;
   if (!kv_by_request_) return true;
   const int free = static_cast<int>(free_pages_.size());
-  if (!KvOnDemand()) return PagesFor(RequestTokens(request)) <= free;
+  if (!kv_on_demand()) return PagesFor(RequestTokens(request)) <= free;
   for (const Sequence& q : seqs_) {
     if (q.busy && q.preempted) return false;  // they resume first
   }
@@ -74,7 +74,7 @@ void Generator::Preempt(Sequence& q) {
 }
 
 void Generator::PlanKv() {
-  if (!KvOnDemand()) return;
+  if (!kv_on_demand()) return;
   auto need = [&](const Sequence& q) {
     const int len = q.len + static_cast<int>(q.next.size());
     return std::max(0, PagesFor(len) - static_cast<int>(q.pages.size()));
@@ -111,7 +111,7 @@ void Generator::ReleaseKv(Sequence& q) {
   if (!kv_by_request_) return;
   free_pages_.insert(q.pages.begin(), q.pages.end());
   q.pages.clear();
-  q.table.count = 0;
+  SyncPageTable(q, 0);
   q.len = q.pending_start = 0;  // nothing left to complete (FinishPending) in pages not its own
 }
 
@@ -186,7 +186,7 @@ absl::StatusOr<int> Generator::Admit(GenerationRequest request, int slot) {
   // The tokens whose pages admission takes: the prompt's (more come as the sequence grows), or
   // with pages reserved per request, prompt + max_new_tokens.
   const int tokens =
-      KvOnDemand() ? static_cast<int>(request.prompt.size()) : RequestTokens(request);
+      kv_on_demand() ? static_cast<int>(request.prompt.size()) : RequestTokens(request);
   if (kv_by_request_ && PagesFor(tokens) > static_cast<int>(free_pages_.size())) {
     return absl::ResourceExhaustedError(
         absl::StrCat("the KV cache has no room for ", tokens, " tokens (",

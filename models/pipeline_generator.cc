@@ -1,5 +1,6 @@
 #include "models/pipeline_generator.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <deque>
@@ -34,6 +35,11 @@ class Writer {
     bytes_.resize(at + n * sizeof(T));
     return reinterpret_cast<T*>(bytes_.data() + at);
   }
+  // An int32 array: its length, then its values.
+  void PutInts(const std::vector<int32_t>& v) {
+    Put<int32_t>(static_cast<int32_t>(v.size()));
+    std::copy(v.begin(), v.end(), Grow<int32_t>(v.size()));
+  }
   std::vector<char> Take() { return std::move(bytes_); }
 
  private:
@@ -56,6 +62,11 @@ class Reader {
     const T* p = reinterpret_cast<const T*>(bytes_.data() + pos_);
     pos_ += n * sizeof(T);
     return p;
+  }
+  std::vector<int32_t> Ints() {  // what Writer::PutInts wrote
+    const int n = Get<int32_t>();
+    const int32_t* p = Array<int32_t>(n);
+    return {p, p + n};
   }
 
  private:
@@ -104,14 +115,11 @@ std::pair<Writer, T*> EncodePass(const std::vector<StageItem>& items, size_t wid
     w.Put<int32_t>(it.start);
     w.Put<int32_t>(it.n);
     w.Put<int32_t>(it.live);
-    w.Put<int32_t>(static_cast<int32_t>(it.kv_pages.size()));
-    std::copy(it.kv_pages.begin(), it.kv_pages.end(), w.Grow<int32_t>(it.kv_pages.size()));
+    w.PutInts(it.kv_pages);
     w.Put<float>(it.early_exit.threshold);
-    w.Put<int32_t>(static_cast<int32_t>(it.early_exit.exit_layers.size()));
-    for (int layer : it.early_exit.exit_layers) w.Put<int32_t>(layer);
+    w.PutInts(it.early_exit.exit_layers);
     w.Put<int32_t>(it.score_top);
-    w.Put<int32_t>(static_cast<int32_t>(it.score_ids.size()));
-    std::copy(it.score_ids.begin(), it.score_ids.end(), w.Grow<int32_t>(it.score_ids.size()));
+    w.PutInts(it.score_ids);
   }
   m.second = w.Grow<T>(Rows(items) * width);
   return m;
@@ -124,16 +132,11 @@ std::vector<StageItem> DecodeItems(Reader& r) {
     it.start = r.Get<int32_t>();
     it.n = r.Get<int32_t>();
     it.live = r.Get<int32_t>() != 0;
-    const int pages = r.Get<int32_t>();
-    const int32_t* page = r.Array<int32_t>(pages);
-    it.kv_pages.assign(page, page + pages);
+    it.kv_pages = r.Ints();
     it.early_exit.threshold = r.Get<float>();
-    it.early_exit.exit_layers.resize(r.Get<int32_t>());
-    for (int& layer : it.early_exit.exit_layers) layer = r.Get<int32_t>();
+    it.early_exit.exit_layers = r.Ints();
     it.score_top = r.Get<int32_t>();
-    const int scored = r.Get<int32_t>();
-    const int32_t* ids = r.Array<int32_t>(scored);
-    it.score_ids.assign(ids, ids + scored);
+    it.score_ids = r.Ints();
   }
   return items;
 }

@@ -569,12 +569,8 @@ void CudaBackend::PagedAttentionForward(Operand out, ConstOperand q, ConstOperan
   // Sized in steps of 1024 keys, so that decoding does not regrow the buffers token by token.
   const int cap = (tk + 1023) / 1024 * 1024;
   const size_t row_bytes = static_cast<size_t>(hkv) * d * DTypeSize(k.dtype);
-  void* kc = Scratch(cap * row_bytes, 8);
-  void* vc = Scratch(cap * row_bytes, 9);
-  CopyFromPages(this, kc, k.data, pages, 0, tk, row_bytes);
-  CopyFromPages(this, vc, v.data, pages, 0, tk, row_bytes);
-  AttentionForward(out, nullptr, q, ConstOperand(kc, k.dtype), ConstOperand(vc, v.dtype), 1, tq, tk,
-                   cap, hq, hkv, d, q_offset);
+  GatheredPagedAttention(this, out, q, k, v, pages, tq, hq, hkv, d, q_offset,
+                         Scratch(cap * row_bytes, 8), Scratch(cap * row_bytes, 9), cap);
 }
 
 void CudaBackend::AttentionBackward(Operand dq_op, Operand dk_op, Operand dv_op, ConstOperand dout,

@@ -265,10 +265,8 @@ void Bf16ReferenceBackend::PagedAttentionForward(Operand out, ConstOperand q, Co
   const int tk = q_offset + tq;
   const size_t row_bytes = static_cast<size_t>(hkv) * d * DTypeSize(k.dtype);
   std::vector<char> kc(tk * row_bytes), vc(tk * row_bytes);
-  CopyFromPages(this, kc.data(), k.data, pages, 0, tk, row_bytes);
-  CopyFromPages(this, vc.data(), v.data, pages, 0, tk, row_bytes);
-  AttentionForward(out, nullptr, q, ConstOperand(kc.data(), k.dtype),
-                   ConstOperand(vc.data(), v.dtype), 1, tq, tk, tk, hq, hkv, d, q_offset);
+  GatheredPagedAttention(this, out, q, k, v, pages, tq, hq, hkv, d, q_offset, kc.data(), vc.data(),
+                         tk);
 }
 
 void Bf16ReferenceBackend::AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout,
