@@ -43,6 +43,7 @@ Generator::Generator(Model* model, int capacity, int max_sequences, int kv_token
     if (c.exits[i].kind == ExitKind::kBlock && model->ExitIsLocal(static_cast<int>(i))) {
       kv = KvLayer{arena_.Operands(rows * kv_row_), arena_.Operands(rows * kv_row_)};
     }
+    block_exits_ |= kv.k.data != nullptr;
     pool_exit_kv_.push_back(kv);
   }
   pool_frontier_ = arena_.Floats(rows * ch);
@@ -60,7 +61,7 @@ Generator::Generator(Model* model, int capacity, int max_sequences, int kv_token
     for (int p = 0; p < seq_pages; ++p) own[p] = s * seq_pages + p;
     SetPages(q, own);
   }
-  for (int p = 0; kv_by_request_ && p < kv_pages_; ++p) free_pages_.insert(free_pages_.end(), p);
+  if (kv_by_request_) page_pool_ = KvPagePool(kv_pages_);
   for (size_t i = 0; i < c.exits.size(); ++i) {
     exit_acts_.push_back(model->ExitIsLocal(static_cast<int>(i))
                              ? model->MakeExitActs(arena_, i, row_budget_, /*training=*/false)
@@ -104,17 +105,85 @@ bool Generator::GrowKv(Sequence& q, int tokens) {
   EE_CHECK(tokens <= capacity_, "KV pages for ", tokens, " tokens, the context is ", capacity_);
   const int need = PagesFor(tokens) - static_cast<int>(q.pages.size());
   if (need <= 0) return true;
-  if (need > static_cast<int>(free_pages_.size())) return false;
+  if (need > page_pool_.free()) return false;
   const size_t first = q.pages.size();
   for (int k = 0; k < need; ++k) {
     // The page after its last keeps its rows adjacent (one product per run of pages).
-    auto it = q.pages.empty() ? free_pages_.end() : free_pages_.find(q.pages.back() + 1);
-    if (it == free_pages_.end()) it = free_pages_.begin();
-    q.pages.push_back(*it);
-    free_pages_.erase(it);
+    q.pages.push_back(page_pool_.Take(q.pages.empty() ? -1 : q.pages.back() + 1));
   }
   SyncPageTable(q, first);
   return true;
+}
+
+void Generator::EnablePrefixCaching() {
+  EE_CHECK(kv_by_request_, "prefix caching needs a shared KV cache (kv_tokens > 0)");
+  prefix_caching_ = true;
+}
+
+std::vector<int32_t> Generator::CachedPrefix(const std::vector<int32_t>& tokens,
+                                             bool exit_kv) const {
+  std::vector<int32_t> pages;
+  int32_t parent = -1;
+  // Whole pages of all but the last token: the prefill computes at least one row (its newest).
+  for (size_t i = 0; (i + 1) * kKvPageTokens < tokens.size(); ++i) {
+    parent = page_pool_.Find(parent, tokens.data() + i * kKvPageTokens, exit_kv);
+    if (parent < 0) break;
+    pages.push_back(parent);
+  }
+  return pages;
+}
+
+int Generator::PagesToStart(const GenerationRequest& r, const std::vector<int32_t>& tokens,
+                            int reserve, bool scoring) const {
+  int held = 0;
+  if (prefix_caching_ && !scoring) {
+    for (int32_t p : CachedPrefix(tokens, block_exits_ && KeepsExitKv(r))) {
+      held += page_pool_.holders(p) > 0;
+    }
+  }
+  return PagesFor(reserve) - held;
+}
+
+int Generator::UseCachedPrefix(Sequence& q) {
+  EE_CHECK(q.pages.empty() && q.len == 0, "a cached prefix for a sequence that holds pages");
+  q.registered_pages = 0;
+  if (!prefix_caching_ || (q.request.prompt_logprobs && !q.prefilled)) return 0;
+  const std::vector<int32_t> pages = CachedPrefix(q.next, block_exits_ && KeepsExitKv(q.request));
+  if (pages.empty()) return 0;
+  for (int32_t p : pages) page_pool_.Hold(p);
+  q.pages.assign(pages.begin(), pages.end());
+  SyncPageTable(q, 0);
+  const int n = static_cast<int>(pages.size()) * kKvPageTokens;
+  q.len = q.pending_start = n;
+  std::fill(q.depth.begin(), q.depth.begin() + n, end_);
+  q.next.erase(q.next.begin(), q.next.begin() + n);
+  q.registered_pages = static_cast<int>(pages.size());
+  prefix_cached_tokens_ += n;
+  return n;
+}
+
+void Generator::RegisterPages(Sequence& q) {
+  const std::vector<int32_t>& prompt = q.request.prompt;
+  const int np = static_cast<int>(prompt.size());
+  // Complete rows whose tokens are kept: the prompt's and the emitted tokens' (not drafts).
+  const int complete =
+      std::min({q.pending_start, q.len, np + static_cast<int>(q.result.tokens.size())});
+  int32_t ids[kKvPageTokens];
+  for (int i = q.registered_pages; i < complete / kKvPageTokens; ++i) {
+    for (int k = 0; k < kKvPageTokens; ++k) {
+      const int p = i * kKvPageTokens + k;
+      ids[k] = p < np ? prompt[p] : q.result.tokens[p - np];
+    }
+    const int32_t parent = i > 0 ? q.pages[i - 1] : -1;
+    if (!page_pool_.registered(q.pages[i]) &&
+        !page_pool_.Register(q.pages[i], parent, ids, KeepsExitKv(q.request))) {
+      // Another page holds these tokens already: this sequence's later pages follow one that
+      // cannot be found, so they are not registered either.
+      q.registered_pages = PagesFor(capacity_);
+      return;
+    }
+    q.registered_pages = i + 1;
+  }
 }
 
 std::vector<float> Generator::KvToHost(int layer, int seq, bool values) const {

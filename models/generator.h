@@ -25,7 +25,6 @@
 
 #include <cstdint>
 #include <functional>
-#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -33,6 +32,7 @@
 #include "absl/status/statusor.h"
 #include "engine/core/rng.h"
 #include "engine/core/timer.h"
+#include "models/kv_page_pool.h"
 #include "models/layers.h"
 #include "models/sampler.h"
 #include "models/speculative.h"
@@ -95,6 +95,9 @@ struct GenerationResult {
   // positions, and at each generated token's (from the head that produced it).
   std::vector<float> prompt_logprobs;
   std::vector<TopTokens> prompt_top, top;
+  // Prompt tokens whose K/V came from the prefix cache instead of the prefill
+  // (Generator::EnablePrefixCaching).
+  int cached_prompt_tokens = 0;
   // Prefill: the batch's first pass. Decode: from then until this sequence's last token.
   double prefill_seconds = 0, decode_seconds = 0;
   FinishReason finish = FinishReason::kLength;
@@ -136,6 +139,8 @@ class SequenceBatcher {
   // Sequences whose KV pages were taken back so that others could go on (they resume later by
   // recomputing their K/V; Generator::ReserveKvPerRequest).
   virtual int64_t preemptions() const { return 0; }
+  // Tokens whose K/V prefills took from the prefix cache instead of computing them.
+  virtual int64_t prefix_cached_tokens() const { return 0; }
   // The KV cache's size in tokens, and the tokens running sequences hold.
   virtual int kv_tokens() const = 0;
   virtual int kv_tokens_in_use() const = 0;
@@ -168,7 +173,18 @@ class Generator : public SequenceBatcher {
   // and nothing is preempted (pipelines: their stages run passes the leader sent earlier).
   void ReserveKvPerRequest() { kv_on_demand_ = false; }
   bool kv_on_demand() const { return kv_by_request_ && kv_on_demand_; }
-  static constexpr int kKvPageTokens = 16;
+  // Prefix caching (with kv_tokens > 0; not in pipelines): the pages of sequences' whole pages
+  // of tokens, once their K/V are complete, are registered by their tokens (KvPagePool). A
+  // prefill whose tokens begin with registered pages (all but its last token; a prompt to be
+  // scored excepted) holds those pages and computes only the rest: a common prompt prefix, the
+  // previous turn of a conversation, a preempted sequence resuming. Pages no sequence holds stay
+  // cached until the pool needs them (least recently released first). Tokens do not change, up
+  // to the rounding of the smaller prefill.
+  void EnablePrefixCaching();
+  bool prefix_caching() const { return prefix_caching_; }
+  int64_t prefix_cached_tokens() const override { return prefix_cached_tokens_; }
+  int kv_cached_pages() const { return page_pool_.cached(); }  // registered, held by none
+  static constexpr int kKvPageTokens = KvPagePool::kPageTokens;
   int capacity() const override { return capacity_; }
   Model* model() const { return model_; }
   int kv_tokens() const override { return kv_pages_ * kKvPageTokens; }
@@ -282,6 +298,7 @@ class Generator : public SequenceBatcher {
     bool checks_exits = false;  // its last step checked exits (block exits keep their K/V)
     // The request running in this slot (Admit / Advance).
     bool busy = false, prefilled = false;
+    bool prefill = false;  // its next pass is a prefill (after admission or preemption)
     GenerationRequest request;
     Rng rng;
     GenerationResult result;
@@ -299,6 +316,7 @@ class Generator : public SequenceBatcher {
     // preempted, waiting to resume.
     int64_t admitted_at = 0;
     bool preempted = false;
+    int registered_pages = 0;  // prefix caching: its leading pages registered (or found)
   };
   // A sequence's part in one forward pass.
   struct Item {
@@ -349,6 +367,23 @@ class Generator : public SequenceBatcher {
   // The table after its pages changed from index `first` on: its count, and the device copy.
   void SyncPageTable(Sequence& q, size_t first);
   void ReleaseKv(Sequence& q);  // frees its pages (kv_tokens > 0)
+  // Prefix caching: the registered pages holding the first whole pages of `tokens` but its last
+  // token, complete with block exits' K/V when `exit_kv`.
+  std::vector<int32_t> CachedPrefix(const std::vector<int32_t>& tokens, bool exit_kv) const;
+  // A sequence about to prefill q.next (no pages yet) holds its cached prefix's pages and leaves
+  // the rest to compute; returns the tokens found.
+  int UseCachedPrefix(Sequence& q);
+  // Registers the sequence's whole pages whose K/V are complete (kept tokens only).
+  void RegisterPages(Sequence& q);
+  // Whether a sequence's pages hold its block exits' K/V: those are written in every pass where
+  // some sequence checks exits, so a sequence that checks exits always has them.
+  bool KeepsExitKv(const GenerationRequest& r) const {
+    return !block_exits_ || r.early_exit.threshold < 1.0f || r.speculative.enabled();
+  }
+  // The free pages starting a prefill of `tokens` takes (with pages for `reserve` tokens in
+  // all): those its cached prefix does not already hold for other sequences.
+  int PagesToStart(const GenerationRequest& r, const std::vector<int32_t>& tokens, int reserve,
+                   bool scoring) const;
   int WatermarkPages() const;   // free pages admission leaves while sequences run
   // KV pages on demand, before a pass: gives each running sequence the pages its next pass
   // needs, preempting the latest admitted while too few are free; then resumes the preempted,
@@ -379,12 +414,14 @@ class Generator : public SequenceBatcher {
   int head_rows_;  // rows one final-head projection takes: a row per sequence + a round's check
   bool kv_by_request_ = false;  // kv_tokens > 0: pages taken per request
   bool kv_on_demand_ = true;    // ... as sequences grow (else all at admission)
-  int64_t admissions_ = 0, preemptions_ = 0;
+  int64_t admissions_ = 0, preemptions_ = 0, prefix_cached_tokens_ = 0;
+  bool prefix_caching_ = false;
+  bool block_exits_ = false;  // the model has local block exits (their K/V are in the pages)
   int kv_pages_ = 0;                             // in the pools
   size_t kv_row_ = 0;                            // elements of one token's K (or V) per layer
   std::vector<KvLayer> pool_kv_, pool_exit_kv_;  // [kv_pages_ * kKvPageTokens, kv_row_] each
   float* pool_frontier_ = nullptr;               // [kv_pages_ * kKvPageTokens, c]
-  std::set<int32_t> free_pages_;
+  KvPagePool page_pool_;  // kv_tokens > 0
   int32_t* device_pages_ = nullptr;  // the sequences' page tables: [max_sequences, seq_pages]
   int first_, end_;  // the model's layers [first_, end_) (a pipeline stage's, or all)
   Arena arena_;

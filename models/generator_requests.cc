@@ -42,6 +42,7 @@ int Generator::RequestTokens(const GenerationRequest& r) {
 }
 
 int Generator::kv_tokens_in_use() const {
+  if (kv_by_request_) return (kv_pages_ - page_pool_.free()) * kKvPageTokens;  // shared pages once
   int n = 0;
   for (const Sequence& q : seqs_) n += q.busy ? q.table.tokens() : 0;
   return n;
@@ -52,12 +53,16 @@ int Generator::WatermarkPages() const { return active() > 0 ? kv_pages_ / 100 : 
 bool Generator::CanAdmit(const GenerationRequest& request) const {
   if (free_slots() == 0) return false;
   if (!kv_by_request_) return true;
-  const int free = static_cast<int>(free_pages_.size());
-  if (!kv_on_demand()) return PagesFor(RequestTokens(request)) <= free;
+  const int free = page_pool_.free();
+  const bool scoring = request.prompt_logprobs;
+  if (!kv_on_demand()) {
+    return PagesToStart(request, request.prompt, RequestTokens(request), scoring) <= free;
+  }
   for (const Sequence& q : seqs_) {
     if (q.busy && q.preempted) return false;  // they resume first
   }
-  return PagesFor(static_cast<int>(request.prompt.size())) + WatermarkPages() <= free;
+  const int prompt = static_cast<int>(request.prompt.size());
+  return PagesToStart(request, request.prompt, prompt, scoring) + WatermarkPages() <= free;
 }
 
 void Generator::Preempt(Sequence& q) {
@@ -70,6 +75,7 @@ void Generator::Preempt(Sequence& q) {
   q.drafts.clear();
   q.draft_dist.clear();
   q.checking = true;
+  q.prefill = true;
   ++preemptions_;
 }
 
@@ -87,7 +93,7 @@ void Generator::PlanKv() {
       total += need(q);
       if (latest == nullptr || q.admitted_at > latest->admitted_at) latest = &q;
     }
-    if (total <= static_cast<int>(free_pages_.size()) || latest == nullptr) break;
+    if (total <= page_pool_.free() || latest == nullptr) break;
     Preempt(*latest);
   }
   for (Sequence& q : seqs_) {
@@ -102,15 +108,22 @@ void Generator::PlanKv() {
         oldest = &q;
       }
     }
-    if (oldest == nullptr || !GrowKv(*oldest, static_cast<int>(oldest->next.size()))) break;
+    if (oldest == nullptr) break;
+    const int n = static_cast<int>(oldest->next.size());
+    const bool scoring = oldest->request.prompt_logprobs && !oldest->prefilled;
+    if (PagesToStart(oldest->request, oldest->next, n, scoring) > page_pool_.free()) break;
+    UseCachedPrefix(*oldest);
+    EE_CHECK(GrowKv(*oldest, n), "no KV pages");
     oldest->preempted = false;
   }
 }
 
 void Generator::ReleaseKv(Sequence& q) {
   if (!kv_by_request_) return;
-  free_pages_.insert(q.pages.begin(), q.pages.end());
+  // The last pages first: cached, they are forgotten first (a prefix is worth more than a tail).
+  for (auto p = q.pages.rbegin(); p != q.pages.rend(); ++p) page_pool_.Release(*p);
   q.pages.clear();
+  q.registered_pages = 0;
   SyncPageTable(q, 0);
   q.len = q.pending_start = 0;  // nothing left to complete (FinishPending) in pages not its own
 }
@@ -187,15 +200,15 @@ absl::StatusOr<int> Generator::Admit(GenerationRequest request, int slot) {
   // with pages reserved per request, prompt + max_new_tokens.
   const int tokens =
       kv_on_demand() ? static_cast<int>(request.prompt.size()) : RequestTokens(request);
-  if (kv_by_request_ && PagesFor(tokens) > static_cast<int>(free_pages_.size())) {
+  if (kv_by_request_ &&
+      PagesToStart(request, request.prompt, tokens, request.prompt_logprobs) > page_pool_.free()) {
     return absl::ResourceExhaustedError(
         absl::StrCat("the KV cache has no room for ", tokens, " tokens (",
-                     free_pages_.size() * kKvPageTokens, " of ", kv_tokens(), " free)"));
+                     page_pool_.free() * kKvPageTokens, " of ", kv_tokens(), " free)"));
   }
   for (size_t s = 0; s < seqs_.size(); ++s) {
     Sequence& q = seqs_[s];
     if (q.busy || (slot >= 0 && static_cast<int>(s) != slot)) continue;
-    if (kv_by_request_) EE_CHECK(GrowKv(q, tokens), "no KV pages");
     q.admitted_at = admissions_++;
     q.preempted = false;
     q.len = q.pending_start = 0;
@@ -208,7 +221,12 @@ absl::StatusOr<int> Generator::Admit(GenerationRequest request, int slot) {
     q.drafts.clear();
     q.draft_dist.clear();
     q.checking = true;  // the prefill: a full pass
+    q.prefill = true;
     q.request = std::move(request);
+    if (kv_by_request_) {
+      q.result.cached_prompt_tokens = UseCachedPrefix(q);
+      EE_CHECK(GrowKv(q, tokens), "no KV pages");
+    }
     q.timer.Reset();
     return static_cast<int>(s);
   }
@@ -247,16 +265,18 @@ std::vector<Generator::Finished> Generator::Advance(
     ids[s] = TakeNext(static_cast<int>(s));
     ee[s] = q.speculative() ? SpeculativePassExits(q) : q.request.early_exit;
     // A check scores the round's rows; a prefill (also a preempted sequence's) its newest.
-    check[s] = q.speculative() && q.checking && q.len > 0;
+    check[s] = q.speculative() && q.checking && !q.prefill;
+    q.prefill = false;
     any = true;
   }
   if (!any) return finished;
   const std::vector<StepResult> r = Pass(ids, ee, check);
   for (size_t s = 0; s < seqs_.size(); ++s) {
     Finished f;
-    if (!ids[s].empty() && Accept(static_cast<int>(s), r[s], on_token, &f)) {
-      finished.push_back(std::move(f));
-    }
+    if (ids[s].empty()) continue;
+    // Its whole pages are registered before a finished sequence releases them.
+    if (prefix_caching_) RegisterPages(seqs_[s]);
+    if (Accept(static_cast<int>(s), r[s], on_token, &f)) finished.push_back(std::move(f));
   }
   return finished;
 }

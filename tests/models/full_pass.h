@@ -70,6 +70,20 @@ inline double MaxAbsDiff(const float* a, const float* b, size_t n) {
   return d;
 }
 
+// Sequence `seq`'s cached K and V (read through its KV pages) equal a full pass's, every layer.
+inline void ExpectCacheMatches(const Generator& g, int seq, const FullPass& full,
+                               double tolerance = 1e-5) {
+  for (size_t l = 0; l < full.k.size(); ++l) {
+    const std::vector<float> k = g.KvToHost(static_cast<int>(l), seq, false);
+    const std::vector<float> v = g.KvToHost(static_cast<int>(l), seq, true);
+    ASSERT_EQ(k.size(), full.k[l].size()) << "layer " << l;
+    EXPECT_LT(MaxAbsDiff(k.data(), full.k[l].data(), k.size()), tolerance)
+        << "seq " << seq << " layer " << l;
+    EXPECT_LT(MaxAbsDiff(v.data(), full.v[l].data(), v.size()), tolerance)
+        << "seq " << seq << " layer " << l;
+  }
+}
+
 // Ground truth for a generated sequence: each token's log-probability is that of the head that
 // produced it in a full pass over prompt + generated tokens, and that head is the first allowed
 // exit whose full-pass max probability reaches the threshold (the final head if none does).

@@ -15,6 +15,7 @@ namespace {
 
 using testing::ConfigWithExits;
 using testing::Cpu;
+using testing::ExpectCacheMatches;
 using testing::ExpectMatchesFullPass;
 using testing::FullPass;
 using testing::MaxAbsDiff;
@@ -22,19 +23,6 @@ using testing::RunFull;
 using testing::TinyConfig;
 
 class GeneratorTest : public ::testing::TestWithParam<ModelStyle> {};
-
-// Sequence `seq`'s cached K and V (read through its KV pages) equal a full pass's, every layer.
-void ExpectCacheMatches(const Generator& g, int seq, const FullPass& full) {
-  for (size_t l = 0; l < full.k.size(); ++l) {
-    const std::vector<float> k = g.KvToHost(static_cast<int>(l), seq, false);
-    const std::vector<float> v = g.KvToHost(static_cast<int>(l), seq, true);
-    ASSERT_EQ(k.size(), full.k[l].size()) << "layer " << l;
-    EXPECT_LT(MaxAbsDiff(k.data(), full.k[l].data(), k.size()), 1e-5)
-        << "seq " << seq << " layer " << l;
-    EXPECT_LT(MaxAbsDiff(v.data(), full.v[l].data(), v.size()), 1e-5)
-        << "seq " << seq << " layer " << l;
-  }
-}
 
 // Prefill + one-token decode steps give the logits of a full forward pass at every position.
 TEST_P(GeneratorTest, KvCacheDecodingMatchesFullForward) {

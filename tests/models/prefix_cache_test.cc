@@ -1,0 +1,280 @@
+// Prefix caching: the page pool's bookkeeping (KvPagePool), and generation whose prefills hold
+// cached pages (a common prompt prefix, a conversation's previous turn, a preempted sequence)
+// against each sequence generated alone and against full passes.
+#include <algorithm>
+#include <numeric>
+
+#include "models/generator.h"
+#include "models/kv_page_pool.h"
+#include "tests/models/full_pass.h"
+#include "tests/models/model_test_util.h"
+
+namespace eellm {
+namespace {
+
+using testing::ConfigWithExits;
+using testing::Cpu;
+using testing::RandomTokens;
+
+std::vector<int32_t> PageOf(int32_t first) {
+  std::vector<int32_t> t(KvPagePool::kPageTokens);
+  std::iota(t.begin(), t.end(), first);
+  return t;
+}
+
+TEST(KvPagePool, TakesUnusedPagesFirstThenTheLeastRecentlyReleased) {
+  KvPagePool pool(4);
+  EXPECT_EQ(pool.free(), 4);
+  const int32_t a = pool.Take(), b = pool.Take(a + 1), c = pool.Take(7);
+  EXPECT_EQ(std::vector<int32_t>({a, b, c}), std::vector<int32_t>({0, 1, 2}));
+  const std::vector<int32_t> t0 = PageOf(0), t1 = PageOf(16), t2 = PageOf(100);
+  ASSERT_TRUE(pool.Register(a, -1, t0.data(), true));
+  ASSERT_TRUE(pool.Register(b, a, t1.data(), true));
+  ASSERT_TRUE(pool.Register(c, -1, t2.data(), true));
+  EXPECT_FALSE(pool.Register(pool.Take(), -1, t0.data(), true));  // page 3: a holds them
+  EXPECT_EQ(pool.Find(-1, t0.data(), true), a);
+  EXPECT_EQ(pool.Find(a, t1.data(), true), b);
+  EXPECT_EQ(pool.Find(b, t1.data(), true), -1);
+  pool.Release(3);  // unregistered: unused again
+  pool.Release(b);  // registered: cached, released first
+  pool.Release(a);
+  pool.Hold(c);  // a second holder
+  pool.Release(c);
+  EXPECT_EQ(pool.free(), 3);
+  EXPECT_EQ(pool.cached(), 2);
+  EXPECT_EQ(pool.holders(c), 1);
+  EXPECT_EQ(pool.Take(), 3);  // unused before cached
+  EXPECT_EQ(pool.Take(), b);  // then the least recently released, forgotten
+  EXPECT_EQ(pool.Find(a, t1.data(), true), -1);
+  EXPECT_EQ(pool.Find(-1, t0.data(), true), a);
+  EXPECT_EQ(pool.Take(), a);
+  EXPECT_EQ(pool.Take(), -1);
+  // Page a now holds other tokens; b's old entry (after a's old tokens) must not come back.
+  const std::vector<int32_t> other = PageOf(50);
+  ASSERT_TRUE(pool.Register(a, -1, other.data(), true));
+  ASSERT_TRUE(pool.Register(b, a, t1.data(), false));
+  EXPECT_EQ(pool.Find(-1, t0.data(), true), -1);
+  EXPECT_EQ(pool.Find(a, t1.data(), false), b);
+  EXPECT_EQ(pool.Find(a, t1.data(), true), -1);  // without its block exits' K/V
+}
+
+TEST(KvPagePool, APageWithBlockExitsKvReplacesOneWithout) {
+  KvPagePool pool(3);
+  const std::vector<int32_t> t = PageOf(3);
+  const int32_t a = pool.Take(), b = pool.Take();
+  ASSERT_TRUE(pool.Register(a, -1, t.data(), false));
+  EXPECT_EQ(pool.Find(-1, t.data(), true), -1);
+  ASSERT_TRUE(pool.Register(b, -1, t.data(), true));
+  EXPECT_EQ(pool.Find(-1, t.data(), false), b);
+  EXPECT_FALSE(pool.registered(a));
+  pool.Release(a);  // forgotten: unused, not cached
+  EXPECT_EQ(pool.cached(), 0);
+  EXPECT_EQ(pool.free(), 2);
+}
+
+class PrefixCacheTest : public ::testing::TestWithParam<ModelStyle> {
+ protected:
+  void SetUp() override {
+    c_ = ConfigWithExits(GetParam());  // a block exit at layer 1: its K/V are in the pages too
+    c_.max_seq_len = 96;
+    be_ = Cpu();
+    m_ = *Model::Create(c_, be_.get());
+    testing::FillParams(*m_, 101, 0.8f);
+    system_ = RandomTokens(40, c_.vocab_size, 7);
+  }
+  // The common 40-token prefix and `n` tokens of its own.
+  GenerationRequest Ask(int n, uint64_t seed, float threshold = 1.0f) const {
+    GenerationRequest r;
+    r.prompt = system_;
+    const std::vector<int32_t> own = RandomTokens(n, c_.vocab_size, seed);
+    r.prompt.insert(r.prompt.end(), own.begin(), own.end());
+    r.max_new_tokens = 20;
+    r.early_exit.threshold = threshold;
+    return r;
+  }
+  // Runs `r` alone on `g`; *pages: the pages it held at admission.
+  GenerationResult Run(Generator& g, const GenerationRequest& r, std::vector<int32_t>* pages) {
+    auto slot = g.Admit(r);
+    EXPECT_TRUE(slot.ok()) << slot.status();
+    if (!slot.ok()) return {};
+    if (pages != nullptr) *pages = g.kv_pages(*slot);
+    GenerationResult out;
+    for (bool first = true; g.active() > 0; first = false) {
+      for (Generator::Finished& f : g.Advance()) out = std::move(f.result);
+      // After the prefill, a full-model sequence's K/V, shared pages included, are a full pass's
+      // (up to the rounding of a prefill of other rows).
+      if (first && g.active() > 0 && r.early_exit.threshold >= 1 && !r.speculative.enabled()) {
+        testing::ExpectCacheMatches(g, *slot, testing::RunFull(*m_, r.prompt), 5e-5);
+      }
+    }
+    return out;
+  }
+  // `got` is what `r` gets alone, and what full passes give.
+  void ExpectAsAlone(const GenerationRequest& r, const GenerationResult& got) {
+    Generator alone(m_.get(), c_.max_seq_len);
+    const GenerationResult one = (*alone.GenerateBatch({r}))[0];
+    EXPECT_EQ(got.tokens, one.tokens);
+    EXPECT_EQ(got.exit_index, one.exit_index);
+    EXPECT_EQ(got.depth, one.depth);
+    ASSERT_EQ(got.logprobs.size(), one.logprobs.size());
+    for (size_t t = 0; t < one.logprobs.size(); ++t) {
+      EXPECT_NEAR(got.logprobs[t], one.logprobs[t], 1e-4) << "token " << t;
+    }
+    if (!r.speculative.enabled()) testing::ExpectMatchesFullPass(*m_, r, got);
+  }
+  std::vector<int32_t> First(const std::vector<int32_t>& pages, int n) const {
+    return {pages.begin(), pages.begin() + std::min<size_t>(n, pages.size())};
+  }
+
+  ModelConfig c_;
+  std::unique_ptr<Backend> be_;
+  std::unique_ptr<Model> m_;
+  std::vector<int32_t> system_;
+};
+
+// Requests after the first hold the pages of the 40 tokens they share (2 whole pages), a
+// conversation's next turn the pages of the previous turn's prompt and answer; a sequence that
+// checks exits only holds pages written with its block exits' K/V. Every sequence gets what it
+// gets alone.
+TEST_P(PrefixCacheTest, LaterPromptsHoldCachedPagesAndKeepTheirTokens) {
+  Generator g(m_.get(), c_.max_seq_len, 4, /*kv_tokens=*/512);
+  g.EnablePrefixCaching();
+  std::vector<int32_t> first, pages;
+  const GenerationRequest greedy = Ask(5, 1);  // 45 tokens
+  const GenerationResult a = Run(g, greedy, &first);
+  EXPECT_EQ(a.cached_prompt_tokens, 0);
+  ExpectAsAlone(greedy, a);
+  // Its 4 pages of prompt + answer (64 of the 65 tokens are in the cache) stay cached.
+  EXPECT_EQ(g.kv_cached_pages(), 4);
+  EXPECT_EQ(g.kv_tokens_in_use(), 0);
+
+  GenerationRequest sampled = Ask(3, 2);
+  sampled.sampling.temperature = 0.9f;
+  sampled.sampling.seed = 5;
+  const GenerationResult b = Run(g, sampled, &pages);
+  EXPECT_EQ(b.cached_prompt_tokens, 32);
+  EXPECT_EQ(First(pages, 2), First(first, 2));
+  ExpectAsAlone(sampled, b);
+
+  // The next turn: the first prompt, its answer and 3 more tokens (68): all 4 pages.
+  GenerationRequest turn = greedy;
+  turn.prompt.insert(turn.prompt.end(), a.tokens.begin(), a.tokens.end());
+  const std::vector<int32_t> more = RandomTokens(3, c_.vocab_size, 3);
+  turn.prompt.insert(turn.prompt.end(), more.begin(), more.end());
+  turn.max_new_tokens = 12;
+  const GenerationResult t = Run(g, turn, &pages);
+  EXPECT_EQ(t.cached_prompt_tokens, 64);
+  EXPECT_EQ(First(pages, 4), std::vector<int32_t>({0, 1, 2, 3}));  // the first's, as it grew
+  ExpectAsAlone(turn, t);
+
+  // Early exit needs the block exit's K/V, which full-model passes did not write. (Its pages are
+  // registered once a token that runs every layer completes the rows before it.)
+  const GenerationRequest early = Ask(7, 4, 0.8f);
+  std::vector<int32_t> early_pages;
+  const GenerationResult e = Run(g, early, &early_pages);
+  EXPECT_EQ(e.cached_prompt_tokens, 0);
+  ExpectAsAlone(early, e);
+  const GenerationRequest early2 = Ask(2, 5, 0.9f);
+  const GenerationResult e2 = Run(g, early2, &pages);
+  EXPECT_EQ(e2.cached_prompt_tokens, 32);
+  EXPECT_EQ(First(pages, 2), First(early_pages, 2));
+  ExpectAsAlone(early2, e2);
+  GenerationRequest spec = Ask(9, 6);
+  spec.speculative.exit_layer = c_.exits[1].layer;
+  spec.speculative.draft_tokens = 3;
+  const GenerationResult s = Run(g, spec, &pages);
+  EXPECT_EQ(s.cached_prompt_tokens, 32);
+  EXPECT_EQ(First(pages, 2), First(early_pages, 2));
+  ExpectAsAlone(spec, s);
+  // Pages with the block exit's K/V replaced those without: full-model requests hold them too.
+  const GenerationResult a2 = Run(g, greedy, &pages);
+  EXPECT_EQ(a2.cached_prompt_tokens, 32);
+  EXPECT_EQ(First(pages, 2), First(early_pages, 2));
+  ExpectAsAlone(greedy, a2);
+  EXPECT_EQ(g.prefix_cached_tokens(), 32 + 64 + 32 + 32 + 32);
+
+  // A prompt to be scored is computed whole: every row's final-head output is wanted.
+  GenerationRequest scored = Ask(4, 8);
+  scored.prompt_logprobs = true;
+  const GenerationResult sc = Run(g, scored, nullptr);
+  EXPECT_EQ(sc.cached_prompt_tokens, 0);
+  Generator alone(m_.get(), c_.max_seq_len);
+  const GenerationResult one = (*alone.GenerateBatch({scored}))[0];
+  ASSERT_EQ(sc.prompt_logprobs.size(), one.prompt_logprobs.size());
+  for (size_t i = 0; i < one.prompt_logprobs.size(); ++i) {
+    EXPECT_NEAR(sc.prompt_logprobs[i], one.prompt_logprobs[i], 1e-4) << "prompt token " << i + 1;
+  }
+}
+
+// A sequence admitted while another runs holds the pages that one registered once their rows
+// ran every layer (not before: the first token exits early, and the prompt's rows wait below
+// the deeper layers); shared pages count once in the cache's use. All get what they get alone.
+TEST_P(PrefixCacheTest, RunningSequencesSharePages) {
+  Generator g(m_.get(), c_.max_seq_len, 3, /*kv_tokens=*/256);
+  g.EnablePrefixCaching();
+  const GenerationRequest a = Ask(5, 11, 0.6f), b = Ask(6, 12, 0.7f), early = Ask(3, 13, 0.7f);
+  ASSERT_TRUE(g.Admit(a, 0).ok());
+  g.Advance();
+  ASSERT_LT(g.pending_start(0), 32);
+  ASSERT_TRUE(g.Admit(early, 2).ok());
+  EXPECT_EQ(g.kv_pages(2).size(), 3u);
+  EXPECT_EQ(std::min(g.kv_pages(2)[0], g.kv_pages(2)[1]), 3);  // none of a's pages
+  while (g.pending_start(0) < 32) g.Advance();
+  ASSERT_TRUE(g.Admit(b, 1).ok());
+  // The first of a and early whose rows completed registered the pages.
+  const std::vector<int32_t> shared = First(g.kv_pages(1), 2);
+  EXPECT_TRUE(shared == First(g.kv_pages(0), 2) || shared == First(g.kv_pages(2), 2));
+  // b's 3 pages, 2 of them shared, count once.
+  EXPECT_EQ(g.kv_tokens_in_use(),
+            static_cast<int>(g.kv_pages(0).size() + g.kv_pages(2).size() + 1) * 16);
+  std::vector<GenerationResult> got(3);
+  while (g.active() > 0) {
+    for (Generator::Finished& f : g.Advance()) got[f.slot] = std::move(f.result);
+  }
+  EXPECT_EQ(got[1].cached_prompt_tokens, 32);
+  EXPECT_EQ(got[2].cached_prompt_tokens, 0);
+  ExpectAsAlone(a, got[0]);
+  ExpectAsAlone(b, got[1]);
+  ExpectAsAlone(early, got[2]);
+  EXPECT_EQ(g.kv_tokens_in_use(), 0);
+}
+
+// A pool of 4 pages: a new prompt takes unused pages first, then the least recently released
+// cached ones (the tail of the previous sequence); the cached prefix left is still found.
+// Preempted sequences resume holding their cached pages; tokens as alone.
+TEST_P(PrefixCacheTest, CachedPagesGiveWayAndPreemptedSequencesResumeFromThem) {
+  Generator g(m_.get(), c_.max_seq_len, 2, /*kv_tokens=*/64);
+  g.EnablePrefixCaching();
+  GenerationRequest a = Ask(2, 21);  // 42 + 10 tokens: 4 pages, 3 of them complete
+  a.max_new_tokens = 10;
+  std::vector<int32_t> pa, pb, pc;
+  ExpectAsAlone(a, Run(g, a, &pa));
+  EXPECT_EQ(g.kv_cached_pages(), 3);
+  GenerationRequest b;  // 20 + 10 other tokens: the unused page, then a's last cached one
+  b.prompt = RandomTokens(20, c_.vocab_size, 22);
+  b.max_new_tokens = 10;
+  ExpectAsAlone(b, Run(g, b, &pb));
+  const GenerationResult again = Run(g, a, &pc);
+  EXPECT_EQ(again.cached_prompt_tokens, 32);
+  EXPECT_EQ(First(pc, 2), First(pa, 2));
+  ExpectAsAlone(a, again);
+
+  // Two sequences of 42 + 20 tokens in 4 pages: the latest admitted is preempted as the first
+  // grows, and resumes from the pages both share and those it registered.
+  Generator h(m_.get(), c_.max_seq_len, 2, /*kv_tokens=*/64);
+  h.EnablePrefixCaching();
+  std::vector<GenerationRequest> reqs = {Ask(2, 31), Ask(2, 32)};
+  reqs[1].sampling.temperature = 0.8f;
+  reqs[1].sampling.seed = 3;
+  for (GenerationRequest& r : reqs) r.max_new_tokens = 20;
+  const std::vector<GenerationResult> got = *h.GenerateBatch(reqs);
+  EXPECT_GE(h.preemptions(), 1);
+  EXPECT_GT(h.prefix_cached_tokens(), 0);
+  for (size_t i = 0; i < reqs.size(); ++i) ExpectAsAlone(reqs[i], got[i]);
+}
+
+INSTANTIATE_TEST_SUITE_P(Styles, PrefixCacheTest,
+                         ::testing::Values(ModelStyle::kGpt, ModelStyle::kLlama));
+
+}  // namespace
+}  // namespace eellm
