@@ -242,7 +242,8 @@ ApiServer::ApiServer(GenerationService* service, const Tokenizer* tok, const Mod
               {"steps", st.steps},
               {"tokens", st.tokens},
               {"largest_batch", st.largest_batch},
-              {"preemptions", st.preemptions}}}});
+              {"preemptions", st.preemptions},
+              {"prefix_cached_tokens", st.prefix_cached_tokens}}}});
   });
   http_->Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
     res.set_content(PrometheusMetrics(service_->stats(), config_, service_->generator().kv_tokens(),

@@ -34,6 +34,12 @@ ABSL_FLAG(int64_t, kv_cache_tokens, 0,
 ABSL_FLAG(bool, kv_reserve, false,
           "with --kv_cache_tokens: take each request's prompt + max tokens at admission, so that "
           "nothing is preempted (fewer sequences run together when they stop early)");
+ABSL_FLAG(bool, prefix_caching, true,
+          "with --kv_cache_tokens (and --pp 1): keep the K/V pages of prompts and answers after "
+          "their sequences end, found by their tokens, so that a prompt starting with the same "
+          "whole pages of 16 tokens (a shared system prompt, a conversation's earlier turns) "
+          "reuses them instead of computing them; they give way, least recently used first, when "
+          "pages run out");
 ABSL_FLAG(double, default_threshold, 0.8,
           "early-exit threshold of requests that set use_early_exit without early_exit_thres");
 
@@ -90,6 +96,9 @@ int RunServeCommand() {
   const ModelConfig& c = model.config();
   Generator generator(&model, c.max_seq_len, max_batch, static_cast<int>(kv_tokens));
   if (absl::GetFlag(FLAGS_kv_reserve)) generator.ReserveKvPerRequest();
+  if (absl::GetFlag(FLAGS_prefix_caching) && kv_tokens > 0 && group.pp == 1) {
+    generator.EnablePrefixCaching();
+  }
   // A pipeline (--pp): rank 0 leads it and serves; the other ranks run their stage's passes. A
   // single tensor-parallel group: the followers mirror rank 0's generator.
   std::unique_ptr<PipelineGenerator> pipeline;
@@ -148,6 +157,7 @@ int RunServeCommand() {
     std::printf(generator.kv_on_demand()
                     ? " (pages on demand, preempting the latest sequences when they run out)"
                     : " (reserved per request)");
+    if (generator.prefix_caching()) std::printf(", prefix caching");
   }
   if (multi) std::printf("; tensor parallelism %d", tp);
   if (group.pp > 1) std::printf(" x %d pipeline stages", group.pp);
@@ -167,10 +177,10 @@ int RunServeCommand() {
   const GenerationService::Stats st = service.stats();
   std::printf(
       "served %lld requests, %lld sequences, %lld tokens in %lld forward passes (up to %d "
-      "sequences each; %lld preemptions)\n",
+      "sequences each; %lld preemptions; %lld prompt tokens from the prefix cache)\n",
       static_cast<long long>(st.requests), static_cast<long long>(st.sequences),
       static_cast<long long>(st.tokens), static_cast<long long>(st.steps), st.largest_batch,
-      static_cast<long long>(st.preemptions));
+      static_cast<long long>(st.preemptions), static_cast<long long>(st.prefix_cached_tokens));
   return 0;
 }
 

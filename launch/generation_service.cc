@@ -268,6 +268,7 @@ void GenerationService::Run() {
       stats_.steps = gen_->passes();
       stats_.largest_batch = gen_->largest_pass();
       stats_.preemptions = gen_->preemptions();
+      stats_.prefix_cached_tokens = gen_->prefix_cached_tokens();
       for (FinishedSequence& f : finished) {
         auto [job, index] = owner[f.slot];
         stats_.sequences++;

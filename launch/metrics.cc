@@ -77,6 +77,9 @@ std::string PrometheusMetrics(const GenerationService::Stats& st, const ModelCon
   e.Metric("preemptions_total", "counter",
            "Sequences preempted for KV cache pages (they resume by recomputing their K/V).",
            st.preemptions);
+  e.Metric("prefix_cache_hit_tokens_total", "counter",
+           "Tokens whose K/V prefills took from the prefix cache instead of computing them.",
+           st.prefix_cached_tokens);
   e.Metric("sequences_running", "gauge", "Sequences admitted and not ended.", st.running);
   e.Metric("sequences_waiting", "gauge", "Sequences queued for a slot or KV room.", st.waiting);
   e.Metric("max_batch", "gauge", "Sequence slots.", max_batch);

@@ -267,13 +267,27 @@ json ChoiceLogprobs(const ApiCall& call, size_t i, const GenerationResult& g,
           {"text_offset", offsets}};
 }
 
+// OpenAI's usage object; prompt_tokens_details.cached_tokens: prompt tokens whose K/V came from
+// the prefix cache.
+json Usage(const ApiCall& call, const std::vector<GenerationResult>& results) {
+  size_t prompt = 0, completion = 0, cached = 0;
+  for (size_t i = 0; i < results.size(); ++i) {
+    prompt += call.requests[i].prompt.size();
+    completion += results[i].tokens.size();
+    cached += results[i].cached_prompt_tokens;
+  }
+  return {{"prompt_tokens", prompt},
+          {"completion_tokens", completion},
+          {"total_tokens", prompt + completion},
+          {"prompt_tokens_details", {{"cached_tokens", cached}}}};
+}
+
 }  // namespace
 
 std::string CompletionResponse(const ApiCall& call, const std::vector<GenerationResult>& results,
                                const Tokenizer& tok, const std::string& model,
                                uint64_t request_number, int64_t created) {
   json choices = json::array();
-  size_t prompt_tokens = 0, completion_tokens = 0;
   for (size_t i = 0; i < results.size(); ++i) {
     const GenerationResult& g = results[i];
     const json logprobs = call.logprobs ? ChoiceLogprobs(call, i, g, tok) : json(nullptr);
@@ -282,18 +296,13 @@ std::string CompletionResponse(const ApiCall& call, const std::vector<Generation
                        {"logprobs", logprobs},
                        {"finish_reason", g.finish == FinishReason::kLength ? "length" : "stop"},
                        {"layers", g.depth}});
-    prompt_tokens += call.requests[i].prompt.size();
-    completion_tokens += g.tokens.size();
   }
   const json r = {{"id", absl::StrCat("cmpl-", request_number)},
                   {"object", "text_completion"},
                   {"created", created},
                   {"model", model},
                   {"choices", choices},
-                  {"usage",
-                   {{"prompt_tokens", prompt_tokens},
-                    {"completion_tokens", completion_tokens},
-                    {"total_tokens", prompt_tokens + completion_tokens}}}};
+                  {"usage", Usage(call, results)}};
   return r.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
@@ -382,20 +391,12 @@ std::string CompletionStream::Finish(const std::vector<GenerationResult>& result
     out += Event(static_cast<int>(i), rest, finish);
   }
   if (call_.stream_usage) {  // OpenAI's last chunk: no choices, the usage
-    size_t prompt = 0, completion = 0;
-    for (size_t i = 0; i < results.size(); ++i) {
-      prompt += call_.requests[i].prompt.size();
-      completion += results[i].tokens.size();
-    }
     const json r = {{"id", id_},
                     {"object", "text_completion"},
                     {"created", created_},
                     {"model", model_},
                     {"choices", json::array()},
-                    {"usage",
-                     {{"prompt_tokens", prompt},
-                      {"completion_tokens", completion},
-                      {"total_tokens", prompt + completion}}}};
+                    {"usage", Usage(call_, results)}};
     out += absl::StrCat("data: ", r.dump(), "\n\n");
   }
   return out + "data: [DONE]\n\n";

@@ -331,7 +331,7 @@ TEST(ApiServer, AnswersOverHttp) {
   }
   EXPECT_EQ(by_head, generated);
   for (const auto& [name, n] : described) EXPECT_EQ(n, 1) << name;
-  EXPECT_EQ(described.size(), 18u) << res->body;
+  EXPECT_EQ(described.size(), 19u) << res->body;
   EXPECT_EQ(metric["eellm_preemptions_total"], 0);
   EXPECT_EQ(metric["eellm_request_latency_seconds_count"], 2);
   EXPECT_EQ(metric["eellm_request_latency_seconds_bucket{le=\"+Inf\"}"], 2);

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "launch/generation_service.h"
 #include "models/bpe_tokenizer.h"
@@ -391,6 +392,55 @@ TEST(CompletionServer, AnswersOverHttp) {
   res = client.Get("/v1/models");
   ASSERT_TRUE(res);
   EXPECT_EQ(json::parse(res->body)["data"][0]["id"], "tiny") << res->body;
+}
+
+// A prompt sent again holds the K/V pages its first time computed: usage reports its whole pages
+// (2 of 16 tokens of its 45) as cached_tokens, /metrics and /health count them, and the answer is
+// the same.
+TEST(CompletionServer, UsageCountsPromptTokensFromThePrefixCache) {
+  testing::ServedModel served(2, 64, /*kv_tokens=*/256);
+  testing::LocalServer server(served);
+  ASSERT_NE(server.port, 0);
+  httplib::Client client("127.0.0.1", server.port);
+  const std::string prompt = "In the beginning God created the heaven and ";
+  const std::string body = absl::StrCat(R"({"prompt": ")", prompt, R"(.", "max_tokens": 8,
+      "temperature": 0, "stream": true, "stream_options": {"include_usage": true}})");
+  ASSERT_EQ(prompt.size() + 1, 45u);
+  std::vector<json> usage;
+  std::vector<std::string> texts;
+  for (int i = 0; i < 2; ++i) {
+    auto res = client.Post("/v1/completions", body, "application/json");
+    ASSERT_TRUE(res);
+    ASSERT_EQ(res->status, 200) << res->body;
+    std::string text;
+    for (size_t at = 0; (at = res->body.find("data: ", at)) != std::string::npos; ++at) {
+      const size_t end = res->body.find("\n\n", at);
+      const std::string data = res->body.substr(at + 6, end - at - 6);
+      if (data == "[DONE]") break;
+      const json e = json::parse(data);
+      if (e.contains("usage")) usage.push_back(e["usage"]);
+      if (!e["choices"].empty()) text += e["choices"][0]["text"].get<std::string>();
+    }
+    texts.push_back(text);
+  }
+  ASSERT_EQ(usage.size(), 2u);
+  EXPECT_EQ(usage[0]["prompt_tokens"], 45);
+  EXPECT_EQ(usage[0]["prompt_tokens_details"]["cached_tokens"], 0);
+  EXPECT_EQ(usage[1]["prompt_tokens_details"]["cached_tokens"], 32);
+  EXPECT_EQ(texts[0], texts[1]);
+  EXPECT_FALSE(texts[0].empty());
+  auto res = client.Get("/metrics");
+  ASSERT_TRUE(res);
+  EXPECT_NE(res->body.find("\neellm_prefix_cache_hit_tokens_total 32\n"), std::string::npos)
+      << res->body;
+  res = client.Get("/health");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(json::parse(res->body)["served"]["prefix_cached_tokens"], 32) << res->body;
+  // Without streaming, the same usage.
+  const std::string plain = absl::StrCat(R"({"prompt": ")", prompt, R"(.", "max_tokens": 8})");
+  res = client.Post("/v1/completions", plain, "application/json");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(json::parse(res->body)["usage"]["prompt_tokens_details"]["cached_tokens"], 32);
 }
 
 }  // namespace

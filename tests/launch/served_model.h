@@ -14,9 +14,14 @@
 namespace eellm::testing {
 
 struct ServedModel {
-  // `slots` sequences at once, each of at most `context` tokens.
-  explicit ServedModel(int slots, int context = 64)
-      : model(ByteLevelModel(be.get(), context)), gen(model.get(), context, slots), service(&gen) {}
+  // `slots` sequences at once, each of at most `context` tokens; `kv_tokens` > 0: a KV cache of
+  // that many tokens shared by them, with prefix caching.
+  explicit ServedModel(int slots, int context = 64, int kv_tokens = 0)
+      : model(ByteLevelModel(be.get(), context)),
+        gen(model.get(), context, slots, kv_tokens),
+        service(&gen) {
+    if (kv_tokens > 0) gen.EnablePrefixCaching();  // before any request reaches the service
+  }
   std::unique_ptr<Backend> be = Cpu();
   std::unique_ptr<Model> model;
   Generator gen;
