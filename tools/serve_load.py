@@ -17,6 +17,13 @@ import urllib.request
 PROMPTS = ["And God said", "In the beginning", "The LORD is my shepherd", "Blessed are the",
            "And it came to pass", "Then said Jesus unto", "For God so loved",
            "And the king answered"]
+# A preamble every prompt may share (--prefix-chars), as a system prompt or a few-shot header is
+# shared: the server's prefix cache keeps its K/V.
+PREAMBLE = ("Here follow verses in the manner of the old translation, one per line, each of them "
+            "complete, plain in its words and even in its measure; the reader continues the "
+            "last line in the same voice until the verse is done, and then stops there. The "
+            "lines speak of the land and of its kings, of the seasons and the harvest, of the "
+            "rivers and the cities by them, and of the people who went out and came in. ")
 
 
 def one_request(url, body):
@@ -65,8 +72,14 @@ def main():
     p.add_argument("--draft-tokens", type=int, default=4, help="draft_tokens")
     p.add_argument("--stop", action="append", default=[],
                    help="a stop_sequences string (repeatable): answers may end before --tokens")
+    p.add_argument("--prefix-chars", type=int, default=0,
+                   help=f"every prompt starts with this many characters of a common preamble "
+                        f"(at most {len(PREAMBLE)})")
     a = p.parse_args()
-    bodies = [{"prompts": [PROMPTS[i % len(PROMPTS)]], "tokens_to_generate": a.tokens,
+    if not 0 <= a.prefix_chars <= len(PREAMBLE):
+        p.error(f"--prefix-chars must be in [0, {len(PREAMBLE)}], got {a.prefix_chars}")
+    preamble = PREAMBLE[:a.prefix_chars]
+    bodies = [{"prompts": [preamble + PROMPTS[i % len(PROMPTS)]], "tokens_to_generate": a.tokens,
                "temperature": 0} for i in range(a.requests)]
     if a.stop:
         for b in bodies:
@@ -81,7 +94,8 @@ def main():
     mode = (f"self-speculative from the exit at layer {a.draft_exit}, {a.draft_tokens} drafts"
             if a.draft_exit > 0 else f"early_exit_thres {a.threshold}")
     stops = f", stop at {a.stop}" if a.stop else ""
-    print(f"{a.requests} requests x {a.tokens} tokens, greedy, {mode}{stops}")
+    shared = f", prompts share a {a.prefix_chars}-character preamble" if a.prefix_chars else ""
+    print(f"{a.requests} requests x {a.tokens} tokens, greedy, {mode}{stops}{shared}")
     print("clients | requests/s | tokens/s | p50 latency s | p90 latency s | avg layers")
     for r in rows:
         print(f"{r['concurrency']:7d} | {r['requests_per_s']:10.2f} | {r['tokens_per_s']:8.1f} | "
@@ -89,6 +103,10 @@ def main():
     same = sum(x == y for x, y in zip(rows[0]["texts"], rows[1]["texts"]))
     print(f"throughput ratio {rows[1]['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}x; "
           f"{same} of {a.requests} answers identical in both runs")
+    with urllib.request.urlopen(a.url + "/health", timeout=60) as r:
+        served = json.loads(r.read()).get("served", {})
+    print(f"server totals: {served.get('preemptions', 0)} preemptions, "
+          f"{served.get('prefix_cached_tokens', 0)} prompt tokens from the prefix cache")
 
 
 if __name__ == "__main__":
