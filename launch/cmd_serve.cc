@@ -29,17 +29,16 @@ ABSL_FLAG(int64_t, kv_cache_tokens, 0,
           "tokens the KV cache holds for all sequences together, in pages of 16: a request is "
           "admitted when its prompt's pages are free and takes pages as it grows; when they run "
           "out, the latest admitted sequences are preempted and resume later (with --pp > 1 a "
-          "request takes its prompt + max tokens at admission). 0: the model's context per "
-          "--max_batch slot");
+          "request takes its prompt + max tokens at admission). 0: the model's context times "
+          "--max_batch");
 ABSL_FLAG(bool, kv_reserve, false,
-          "with --kv_cache_tokens: take each request's prompt + max tokens at admission, so that "
+          "take each request's prompt + max tokens at admission, so that "
           "nothing is preempted (fewer sequences run together when they stop early)");
 ABSL_FLAG(bool, prefix_caching, true,
-          "with --kv_cache_tokens (and --pp 1): keep the K/V pages of prompts and answers after "
-          "their sequences end, found by their tokens, so that a prompt starting with the same "
-          "whole pages of 16 tokens (a shared system prompt, a conversation's earlier turns) "
-          "reuses them instead of computing them; they give way, least recently used first, when "
-          "pages run out");
+          "keep the K/V pages of prompts and answers after their sequences end, found by their "
+          "tokens, so that a prompt starting with the same whole pages of 16 tokens (a shared "
+          "system prompt, a conversation's earlier turns) reuses them instead of computing them; "
+          "they give way, least recently used first, when pages run out (not with --pp > 1)");
 ABSL_FLAG(double, default_threshold, 0.8,
           "early-exit threshold of requests that set use_early_exit without early_exit_thres");
 
@@ -94,9 +93,17 @@ int RunServeCommand() {
   Communicator* messages = group.messages.get();
   Model& model = *group.loaded.model;
   const ModelConfig& c = model.config();
-  Generator generator(&model, c.max_seq_len, max_batch, static_cast<int>(kv_tokens));
+  // By default one pool of a context per slot: every sequence fits (nothing is preempted), and
+  // pages are shared and cached (prefix caching).
+  const int64_t pool = kv_tokens > 0 ? kv_tokens : int64_t{max_batch} * c.max_seq_len;
+  if (pool > (int64_t{1} << 31) - 1) {
+    return Fail(absl::InvalidArgumentError(absl::StrCat(
+        "--max_batch ", max_batch, " x the context ", c.max_seq_len,
+        " tokens exceeds a KV cache of 2^31 tokens: set --kv_cache_tokens")));
+  }
+  Generator generator(&model, c.max_seq_len, max_batch, static_cast<int>(pool));
   if (absl::GetFlag(FLAGS_kv_reserve)) generator.ReserveKvPerRequest();
-  if (absl::GetFlag(FLAGS_prefix_caching) && kv_tokens > 0 && group.pp == 1) {
+  if (absl::GetFlag(FLAGS_prefix_caching) && group.pp == 1) {
     generator.EnablePrefixCaching();
   }
   // A pipeline (--pp): rank 0 leads it and serves; the other ranks run their stage's passes. A
@@ -153,12 +160,14 @@ int RunServeCommand() {
       "time",
       absl::GetFlag(FLAGS_host).c_str(), *bound, max_batch);
   std::printf("; KV cache of %d tokens", generator.kv_tokens());
-  if (kv_tokens > 0) {
-    std::printf(generator.kv_on_demand()
-                    ? " (pages on demand, preempting the latest sequences when they run out)"
-                    : " (reserved per request)");
-    if (generator.prefix_caching()) std::printf(", prefix caching");
+  if (!generator.kv_on_demand()) {
+    std::printf(" (reserved per request)");
+  } else if (kv_tokens == 0) {
+    std::printf(" (pages on demand, a context per slot)");
+  } else {
+    std::printf(" (pages on demand, preempting the latest sequences when they run out)");
   }
+  if (generator.prefix_caching()) std::printf(", prefix caching");
   if (multi) std::printf("; tensor parallelism %d", tp);
   if (group.pp > 1) std::printf(" x %d pipeline stages", group.pp);
   // Under mpirun, signalling mpirun ends the job at once; SIGTERM to this pid stops gracefully.
