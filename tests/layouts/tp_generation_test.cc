@@ -179,15 +179,36 @@ TEST_P(TpServing, FollowersMirrorTheLeader) {
   EXPECT_EQ(stopped, 3);
   EXPECT_GT(want[0].drafted, 0);
   EXPECT_EQ(want[3].prompt_logprobs.size(), reqs[3].prompt.size() - 1);
+  // A conversation: the second turn's prompt is the first's, its answer and 2 more tokens; it
+  // holds the first turn's cached page (16 of its 30 tokens).
+  std::vector<GenerationRequest> turns(2);
+  turns[0].prompt = testing::RandomTokens(20, c.vocab_size, 17);
+  turns[0].max_new_tokens = 8;
+  std::vector<GenerationResult> want_turn;
+  {
+    Generator g(whole->model.get(), 32, 2);
+    want_turn.push_back(g.GenerateBatch({turns[0]})->at(0));
+    turns[1].prompt = turns[0].prompt;
+    turns[1].prompt.insert(turns[1].prompt.end(), want_turn[0].tokens.begin(),
+                           want_turn[0].tokens.end());
+    turns[1].prompt.insert(turns[1].prompt.end(), {3, 5});
+    turns[1].max_new_tokens = 2;
+    turns[1].sampling.temperature = 0.9f;
+    turns[1].sampling.seed = 4;
+    want_turn.push_back(g.GenerateBatch({turns[1]})->at(0));
+  }
   // One KV cache of 60 tokens for both slots (needs of 20-31 tokens: a range may not fit until
-  // the other sequence ends); the followers take the same ranges as the leader.
+  // the other sequence ends), with prefix caching; the followers take the same pages as the
+  // leader.
   Generator gp(part->model.get(), 32, 2, /*kv_tokens=*/60);
+  gp.EnablePrefixCaching();
   if (rank != 0) {
     GenerationService::Follow(&gp, messages.get());
+    EXPECT_EQ(gp.prefix_cached_tokens(), 16);
     return;
   }
   GenerationService leader(&gp, messages.get(), /*own_thread=*/false);
-  std::vector<std::vector<GenerationResult>> got(5);
+  std::vector<std::vector<GenerationResult>> got(7);
   int cancelled_count = 0;
   std::thread clients([&] {
     got[0] = *leader.Generate(reqs);
@@ -204,6 +225,8 @@ TEST_P(TpServing, FollowersMirrorTheLeader) {
     for (const GenerationResult& g : cancelled)
       cancelled_count += g.finish == FinishReason::kCancelled;
     got[4] = *leader.Generate(reqs);
+    got[5] = *leader.Generate({turns[0]});
+    got[6] = *leader.Generate({turns[1]});
     leader.Shutdown();
   });
   leader.Run();
@@ -213,6 +236,10 @@ TEST_P(TpServing, FollowersMirrorTheLeader) {
   ExpectSameResults(got[2], want, "concurrent request b");
   ExpectSameResults(got[3], {want[2], want[0]}, "request after them");
   EXPECT_GE(cancelled_count, 3);
+  ExpectSameResults(got[5], {want_turn[0]}, "a conversation's first turn");
+  ExpectSameResults(got[6], {want_turn[1]}, "its second turn");
+  EXPECT_EQ(got[6][0].cached_prompt_tokens, 16);
+  EXPECT_EQ(gp.prefix_cached_tokens(), 16);
   ExpectSameResults(got[4], want, "request after the cancelled one");
 }
 
