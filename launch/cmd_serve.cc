@@ -97,9 +97,9 @@ int RunServeCommand() {
   // pages are shared and cached (prefix caching).
   const int64_t pool = kv_tokens > 0 ? kv_tokens : int64_t{max_batch} * c.max_seq_len;
   if (pool > (int64_t{1} << 31) - 1) {
-    return Fail(absl::InvalidArgumentError(absl::StrCat(
-        "--max_batch ", max_batch, " x the context ", c.max_seq_len,
-        " tokens exceeds a KV cache of 2^31 tokens: set --kv_cache_tokens")));
+    return Fail(absl::InvalidArgumentError(
+        absl::StrCat("--max_batch ", max_batch, " x the context ", c.max_seq_len,
+                     " tokens exceeds a KV cache of 2^31 tokens: set --kv_cache_tokens")));
   }
   Generator generator(&model, c.max_seq_len, max_batch, static_cast<int>(pool));
   if (absl::GetFlag(FLAGS_kv_reserve)) generator.ReserveKvPerRequest();

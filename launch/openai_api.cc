@@ -391,12 +391,9 @@ std::string CompletionStream::Finish(const std::vector<GenerationResult>& result
     out += Event(static_cast<int>(i), rest, finish);
   }
   if (call_.stream_usage) {  // OpenAI's last chunk: no choices, the usage
-    const json r = {{"id", id_},
-                    {"object", "text_completion"},
-                    {"created", created_},
-                    {"model", model_},
-                    {"choices", json::array()},
-                    {"usage", Usage(call_, results)}};
+    const json r = {
+        {"id", id_},       {"object", "text_completion"}, {"created", created_},
+        {"model", model_}, {"choices", json::array()},    {"usage", Usage(call_, results)}};
     out += absl::StrCat("data: ", r.dump(), "\n\n");
   }
   return out + "data: [DONE]\n\n";

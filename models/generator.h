@@ -384,7 +384,7 @@ class Generator : public SequenceBatcher {
   // all): those its cached prefix does not already hold for other sequences.
   int PagesToStart(const GenerationRequest& r, const std::vector<int32_t>& tokens, int reserve,
                    bool scoring) const;
-  int WatermarkPages() const;   // free pages admission leaves while sequences run
+  int WatermarkPages() const;  // free pages admission leaves while sequences run
   // KV pages on demand, before a pass: gives each running sequence the pages its next pass
   // needs, preempting the latest admitted while too few are free; then resumes the preempted,
   // oldest first, while their pages are free.
@@ -417,11 +417,11 @@ class Generator : public SequenceBatcher {
   int64_t admissions_ = 0, preemptions_ = 0, prefix_cached_tokens_ = 0;
   bool prefix_caching_ = false;
   bool block_exits_ = false;  // the model has local block exits (their K/V are in the pages)
-  int kv_pages_ = 0;                             // in the pools
-  size_t kv_row_ = 0;                            // elements of one token's K (or V) per layer
+  int kv_pages_ = 0;          // in the pools
+  size_t kv_row_ = 0;         // elements of one token's K (or V) per layer
   std::vector<KvLayer> pool_kv_, pool_exit_kv_;  // [kv_pages_ * kKvPageTokens, kv_row_] each
   float* pool_frontier_ = nullptr;               // [kv_pages_ * kKvPageTokens, c]
-  KvPagePool page_pool_;  // kv_tokens > 0
+  KvPagePool page_pool_;                         // kv_tokens > 0
   int32_t* device_pages_ = nullptr;  // the sequences' page tables: [max_sequences, seq_pages]
   int first_, end_;  // the model's layers [first_, end_) (a pipeline stage's, or all)
   Arena arena_;

@@ -202,9 +202,9 @@ absl::StatusOr<int> Generator::Admit(GenerationRequest request, int slot) {
       kv_on_demand() ? static_cast<int>(request.prompt.size()) : RequestTokens(request);
   if (kv_by_request_ &&
       PagesToStart(request, request.prompt, tokens, request.prompt_logprobs) > page_pool_.free()) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("the KV cache has no room for ", tokens, " tokens (",
-                     page_pool_.free() * kKvPageTokens, " of ", kv_tokens(), " free)"));
+    return absl::ResourceExhaustedError(absl::StrCat("the KV cache has no room for ", tokens,
+                                                     " tokens (", page_pool_.free() * kKvPageTokens,
+                                                     " of ", kv_tokens(), " free)"));
   }
   for (size_t s = 0; s < seqs_.size(); ++s) {
     Sequence& q = seqs_[s];

@@ -63,8 +63,8 @@ int32_t KvPagePool::Find(int32_t parent, const int32_t* tokens, bool need_exit_k
 }
 
 bool KvPagePool::Register(int32_t page, int32_t parent, const int32_t* tokens, bool exit_kv) {
-  EE_CHECK(page >= 0 && page < pages() && holders_[page] > 0 && !registered(page), "KV page ",
-           page, " registered while not held, or again");
+  EE_CHECK(page >= 0 && page < pages() && holders_[page] > 0 && !registered(page), "KV page ", page,
+           " registered while not held, or again");
   if (parent >= 0 && !registered(parent)) return false;
   const Key key = MakeKey(parent, tokens);
   auto it = entries_.find(key);
