@@ -95,8 +95,11 @@ int RunServeCommand() {
   const ModelConfig& c = model.config();
   // By default one pool of a context per slot: every sequence fits (nothing is preempted), and
   // pages are shared and cached (prefix caching).
-  const int64_t pool = kv_tokens > 0 ? kv_tokens : int64_t{max_batch} * c.max_seq_len;
-  if (pool > (int64_t{1} << 31) - 1) {
+  const int64_t context_pages =
+      (c.max_seq_len + Generator::kKvPageTokens - 1) / Generator::kKvPageTokens;
+  const int64_t pool =
+      kv_tokens > 0 ? kv_tokens : max_batch * context_pages * Generator::kKvPageTokens;
+  if (kv_tokens == 0 && pool > (int64_t{1} << 31) - Generator::kKvPageTokens) {
     return Fail(absl::InvalidArgumentError(
         absl::StrCat("--max_batch ", max_batch, " x the context ", c.max_seq_len,
                      " tokens exceeds a KV cache of 2^31 tokens: set --kv_cache_tokens")));
@@ -186,7 +189,7 @@ int RunServeCommand() {
   const GenerationService::Stats st = service.stats();
   std::printf(
       "served %lld requests, %lld sequences, %lld tokens in %lld forward passes (up to %d "
-      "sequences each; %lld preemptions; %lld prompt tokens from the prefix cache)\n",
+      "sequences each; %lld preemptions; %lld prefill tokens from the prefix cache)\n",
       static_cast<long long>(st.requests), static_cast<long long>(st.sequences),
       static_cast<long long>(st.tokens), static_cast<long long>(st.steps), st.largest_batch,
       static_cast<long long>(st.preemptions), static_cast<long long>(st.prefix_cached_tokens));

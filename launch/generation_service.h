@@ -83,7 +83,7 @@ class GenerationService {
     int64_t drafted = 0, accepted = 0;      // speculative decoding, of the sequences ended
     int largest_batch = 0;                  // most sequences in one of them
     int64_t preemptions = 0;                // sequences preempted for KV pages (resumed later)
-    int64_t prefix_cached_tokens = 0;       // prompt tokens whose K/V came from the prefix cache
+    int64_t prefix_cached_tokens = 0;       // prefill tokens whose K/V came from the prefix cache
     int kv_tokens_in_use = 0;               // of the KV cache, after the last pass
     int running = 0, waiting = 0;           // sequences admitted, and queued, after the last pass
     Histogram request_seconds;              // from Generate to its return

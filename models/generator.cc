@@ -159,6 +159,7 @@ int Generator::UseCachedPrefix(Sequence& q) {
   q.next.erase(q.next.begin(), q.next.begin() + n);
   q.registered_pages = static_cast<int>(pages.size());
   prefix_cached_tokens_ += n;
+  if (!q.prefilled) q.result.cached_prompt_tokens = n;  // resumed before its first pass: again
   return n;
 }
 

@@ -120,8 +120,11 @@ void Generator::PlanKv() {
 
 void Generator::ReleaseKv(Sequence& q) {
   if (!kv_by_request_) return;
-  // The last pages first: cached, they are forgotten first (a prefix is worth more than a tail).
-  for (auto p = q.pages.rbegin(); p != q.pages.rend(); ++p) page_pool_.Release(*p);
+  // Stamped with the passes run, which tensor-parallel ranks agree on; deeper pages are
+  // forgotten first (a prefix is worth more than a tail).
+  for (size_t i = 0; i < q.pages.size(); ++i) {
+    page_pool_.Release(q.pages[i], passes_, static_cast<int>(i));
+  }
   q.pages.clear();
   q.registered_pages = 0;
   SyncPageTable(q, 0);
@@ -224,7 +227,7 @@ absl::StatusOr<int> Generator::Admit(GenerationRequest request, int slot) {
     q.prefill = true;
     q.request = std::move(request);
     if (kv_by_request_) {
-      q.result.cached_prompt_tokens = UseCachedPrefix(q);
+      UseCachedPrefix(q);
       EE_CHECK(GrowKv(q, tokens), "no KV pages");
     }
     q.timer.Reset();

@@ -6,8 +6,7 @@
 
 namespace eellm {
 
-KvPagePool::KvPagePool(int pages)
-    : holders_(pages, 0), generation_(pages, 0), released_at_(pages, 0) {
+KvPagePool::KvPagePool(int pages) : holders_(pages, 0), generation_(pages, 0), released_(pages) {
   for (int p = 0; p < pages; ++p) unused_.insert(unused_.end(), p);
 }
 
@@ -20,7 +19,7 @@ int32_t KvPagePool::Take(int32_t preferred) {
     page = *unused_.begin();
     unused_.erase(unused_.begin());
   } else if (!cached_.empty()) {
-    page = cached_.begin()->second;
+    page = std::get<2>(*cached_.begin());
     cached_.erase(cached_.begin());
     Forget(page);
   } else {
@@ -32,16 +31,16 @@ int32_t KvPagePool::Take(int32_t preferred) {
 
 void KvPagePool::Hold(int32_t page) {
   EE_CHECK(registered(page), "KV page ", page, " is not registered: only cached pages are shared");
-  if (holders_[page]++ == 0) cached_.erase({released_at_[page], page});
+  if (holders_[page]++ == 0) cached_.erase(released_[page]);
 }
 
-void KvPagePool::Release(int32_t page) {
+void KvPagePool::Release(int32_t page, int64_t epoch, int position) {
   EE_CHECK(page >= 0 && page < pages() && holders_[page] > 0, "KV page ", page,
            " released, but no sequence holds it");
   if (--holders_[page] > 0) return;
   if (registered(page)) {
-    released_at_[page] = clock_++;
-    cached_.insert({released_at_[page], page});
+    released_[page] = {epoch, -position, page};
+    cached_.insert(released_[page]);
   } else {
     unused_.insert(page);
   }
@@ -74,7 +73,7 @@ bool KvPagePool::Register(int32_t page, int32_t parent, const int32_t* tokens, b
     const int32_t old = it->second.page;
     Forget(old);
     if (holders_[old] == 0) {
-      cached_.erase({released_at_[old], old});
+      cached_.erase(released_[old]);
       unused_.insert(old);
     }
   }

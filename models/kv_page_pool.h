@@ -6,6 +6,12 @@
 // tokens can hold it again instead of recomputing them. Cached pages count as free: when no page
 // is unused, Take gives the least recently released cached page and forgets its tokens.
 //
+// "Recently" is the caller's clock (Release's `epoch`, e.g. forward passes run), not the order of
+// the calls: tensor-parallel ranks release the same pages in the same epochs, though not always in
+// the same order (a stop rule ends a sequence on the leader in a pass, on the followers before the
+// next one), and must still give the same pages. Within an epoch, pages deeper in their sequences
+// go first (a prefix outlives its tails), then lower page numbers.
+//
 // A registered page is found by its parent (the page before it in its sequence, -1 for the
 // first) and its page_tokens token ids. The parent is named by page and generation: a page's
 // generation changes whenever it is forgotten, so an entry whose parent page now holds other
@@ -39,9 +45,9 @@ class KvPagePool {
   int32_t Take(int32_t preferred = -1);
   // One more sequence holds a registered page (found by Find).
   void Hold(int32_t page);
-  // A sequence no longer holds `page`. With no holder left it is unused again, or cached when it
-  // is registered.
-  void Release(int32_t page);
+  // A sequence no longer holds `page`, the `position`-th of its pages, at `epoch`. With no holder
+  // left it is unused again, or cached when it is registered.
+  void Release(int32_t page, int64_t epoch = 0, int position = 0);
 
   // The registered page that follows `parent` (-1: a sequence's first page) with `tokens`
   // [kPageTokens], or -1. With `need_exit_kv`, only a page whose block exits' K/V are complete.
@@ -70,10 +76,11 @@ class KvPagePool {
 
   std::vector<int> holders_;
   std::vector<uint32_t> generation_;
-  std::vector<int64_t> released_at_;
-  int64_t clock_ = 0;
+  // When a cached page was released: (epoch, -position, page); the set holds them oldest first.
+  using Released = std::tuple<int64_t, int, int32_t>;
+  std::vector<Released> released_;
   std::set<int32_t> unused_;
-  std::set<std::pair<int64_t, int32_t>> cached_;  // (released at, page), oldest first
+  std::set<Released> cached_;
   std::map<Key, Entry> entries_;
   std::map<int32_t, Key> keys_;  // registered page -> its key
 };

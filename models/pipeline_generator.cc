@@ -215,7 +215,9 @@ PipelineGenerator::PipelineGenerator(Generator* stage_generator, Communicator* w
            " stages x tp ", tp, " over ", world->size(), " ranks");
   stage_ = world->rank() / tp;
   tp_rank_ = world->rank() % tp;
-  // A sequence's pages are given at its admission: its first pass carries them to every stage.
+  // A sequence's pages are given at its admission: its first pass carries them to every stage,
+  // which starts it at position 0.
+  EE_CHECK(!gen_->prefix_caching(), "prefix caching is not supported in pipelines");
   gen_->ReserveKvPerRequest();
 }
 

@@ -106,7 +106,7 @@ def main():
     with urllib.request.urlopen(a.url + "/health", timeout=60) as r:
         served = json.loads(r.read()).get("served", {})
     print(f"server totals: {served.get('preemptions', 0)} preemptions, "
-          f"{served.get('prefix_cached_tokens', 0)} prompt tokens from the prefix cache")
+          f"{served.get('prefix_cached_tokens', 0)} prefill tokens from the prefix cache")
 
 
 if __name__ == "__main__":

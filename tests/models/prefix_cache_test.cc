@@ -36,15 +36,16 @@ TEST(KvPagePool, TakesUnusedPagesFirstThenTheLeastRecentlyReleased) {
   EXPECT_EQ(pool.Find(a, t1.data(), true), b);
   EXPECT_EQ(pool.Find(b, t1.data(), true), -1);
   pool.Release(3);  // unregistered: unused again
-  pool.Release(b);  // registered: cached, released first
-  pool.Release(a);
+  // Registered: cached. In one epoch the deeper page goes first, whatever the calls' order.
+  pool.Release(a, /*epoch=*/5, /*position=*/0);
+  pool.Release(b, 5, 1);
   pool.Hold(c);  // a second holder
   pool.Release(c);
   EXPECT_EQ(pool.free(), 3);
   EXPECT_EQ(pool.cached(), 2);
   EXPECT_EQ(pool.holders(c), 1);
   EXPECT_EQ(pool.Take(), 3);  // unused before cached
-  EXPECT_EQ(pool.Take(), b);  // then the least recently released, forgotten
+  EXPECT_EQ(pool.Take(), b);  // then the least recently released (deepest), forgotten
   EXPECT_EQ(pool.Find(a, t1.data(), true), -1);
   EXPECT_EQ(pool.Find(-1, t0.data(), true), a);
   EXPECT_EQ(pool.Take(), a);
@@ -56,6 +57,29 @@ TEST(KvPagePool, TakesUnusedPagesFirstThenTheLeastRecentlyReleased) {
   EXPECT_EQ(pool.Find(-1, t0.data(), true), -1);
   EXPECT_EQ(pool.Find(a, t1.data(), false), b);
   EXPECT_EQ(pool.Find(a, t1.data(), true), -1);  // without its block exits' K/V
+}
+
+// Tensor-parallel ranks may release the same pages in another order within a pass: the pages
+// given back do not depend on it. Earlier epochs go first.
+TEST(KvPagePool, EvictionFollowsEpochsAndPositionsNotCallOrder) {
+  std::vector<std::vector<int32_t>> taken;
+  for (bool reversed : {false, true}) {
+    KvPagePool pool(4);
+    for (int p = 0; p < 4; ++p) {
+      ASSERT_EQ(pool.Take(), p);
+      ASSERT_TRUE(pool.Register(p, -1, PageOf(100 * p).data(), true));
+    }
+    const int64_t epoch[] = {7, 3, 7, 3};
+    const int position[] = {0, 2, 4, 1};
+    for (int k = 0; k < 4; ++k) {
+      const int p = reversed ? 3 - k : k;
+      pool.Release(p, epoch[p], position[p]);
+    }
+    taken.emplace_back();
+    for (int k = 0; k < 4; ++k) taken.back().push_back(pool.Take());
+  }
+  EXPECT_EQ(taken[0], std::vector<int32_t>({1, 3, 2, 0}));
+  EXPECT_EQ(taken[1], taken[0]);
 }
 
 TEST(KvPagePool, APageWithBlockExitsKvReplacesOneWithout) {
