@@ -178,10 +178,15 @@ void Generator::RegisterPages(Sequence& q) {
     const int32_t parent = i > 0 ? q.pages[i - 1] : -1;
     if (!page_pool_.registered(q.pages[i]) &&
         !page_pool_.Register(q.pages[i], parent, ids, KeepsExitKv(q.request))) {
-      // Another page holds these tokens already: this sequence's later pages follow one that
-      // cannot be found, so they are not registered either.
-      q.registered_pages = PagesFor(capacity_);
-      return;
+      // Another page holds the same K/V already (e.g. identical prompts prefilled in one pass),
+      // with the block exits' when this sequence needs them: the sequence holds that one
+      // instead and frees its own, and its later pages are registered after it.
+      const int32_t same = page_pool_.Find(parent, ids, /*need_exit_kv=*/false);
+      EE_CHECK(same >= 0, "KV page registration refused, but no page holds its tokens");
+      page_pool_.Hold(same);
+      page_pool_.Release(q.pages[i], passes_, i);
+      q.pages[i] = same;
+      SyncPageTable(q, i);
     }
     q.registered_pages = i + 1;
   }
