@@ -39,6 +39,10 @@ ABSL_FLAG(bool, prefix_caching, true,
           "tokens, so that a prompt starting with the same whole pages of 16 tokens (a shared "
           "system prompt, a conversation's earlier turns) reuses them instead of computing them; "
           "they give way, least recently used first, when pages run out (not with --pp > 1)");
+ABSL_FLAG(int, prefill_chunk, 512,
+          "chunked prefill: prompt tokens one forward pass takes from the prefilling requests "
+          "together; longer prompts go on in the next passes, so that running requests keep "
+          "getting tokens (0: whole prompts; not with --pp > 1)");
 ABSL_FLAG(double, default_threshold, 0.8,
           "early-exit threshold of requests that set use_early_exit without early_exit_thres");
 
@@ -75,6 +79,11 @@ int RunServeCommand() {
     return Fail(absl::InvalidArgumentError(
         absl::StrCat("--kv_cache_tokens must be in [0, 2^31), got ", kv_tokens)));
   }
+  const int prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
+  if (prefill_chunk < 0) {
+    return Fail(absl::InvalidArgumentError(
+        absl::StrCat("--prefill_chunk must be >= 0, got ", prefill_chunk)));
+  }
   const double th = absl::GetFlag(FLAGS_default_threshold);
   if (!(th > 0 && th <= 1)) {
     return Fail(absl::InvalidArgumentError(
@@ -109,6 +118,7 @@ int RunServeCommand() {
   if (absl::GetFlag(FLAGS_prefix_caching) && group.pp == 1) {
     generator.EnablePrefixCaching();
   }
+  if (group.pp == 1) generator.SetPrefillChunk(prefill_chunk);
   // A pipeline (--pp): rank 0 leads it and serves; the other ranks run their stage's passes. A
   // single tensor-parallel group: the followers mirror rank 0's generator.
   std::unique_ptr<PipelineGenerator> pipeline;
@@ -171,6 +181,9 @@ int RunServeCommand() {
     std::printf(" (pages on demand, preempting the latest sequences when they run out)");
   }
   if (generator.prefix_caching()) std::printf(", prefix caching");
+  if (generator.prefill_chunk() > 0) {
+    std::printf("; prefill chunks of %d tokens", generator.prefill_chunk());
+  }
   if (multi) std::printf("; tensor parallelism %d", tp);
   if (group.pp > 1) std::printf(" x %d pipeline stages", group.pp);
   // Under mpirun, signalling mpirun ends the job at once; SIGTERM to this pid stops gracefully.

@@ -115,6 +115,11 @@ bool Generator::GrowKv(Sequence& q, int tokens) {
   return true;
 }
 
+void Generator::SetPrefillChunk(int tokens) {
+  EE_CHECK(tokens >= 0, "a prefill chunk of ", tokens, " tokens");
+  prefill_chunk_ = tokens;
+}
+
 void Generator::EnablePrefixCaching() {
   EE_CHECK(kv_by_request_, "prefix caching needs a shared KV cache (kv_tokens > 0)");
   prefix_caching_ = true;
@@ -229,7 +234,8 @@ std::vector<StepResult> Generator::StepBatch(const std::vector<std::vector<int32
 
 std::vector<StepResult> Generator::Pass(const std::vector<std::vector<int32_t>>& ids,
                                         const std::vector<EarlyExitParams>& ee,
-                                        const std::vector<bool>& check) {
+                                        const std::vector<bool>& check,
+                                        const std::vector<bool>& partial) {
   EE_CHECK(ids.size() <= seqs_.size() && ee.size() == ids.size() &&
                (check.empty() || check.size() == ids.size()),
            "a pass: ", ids.size(), " sequences, ", ee.size(), " exit settings, ", check.size(),
@@ -254,6 +260,10 @@ std::vector<StepResult> Generator::Pass(const std::vector<std::vector<int32_t>>&
     it.ee = ee[s].threshold < 1.0f ? &ee[s] : nullptr;
     it.out = &out[s];
     it.all_rows = !check.empty() && check[s];
+    if (!partial.empty() && partial[s]) {
+      it.ee = nullptr;
+      it.no_head = true;
+    }
     if (q.busy && q.request.prompt_logprobs && !q.prefilled) {  // a prefill that scores its prompt
       it.score_ids = ids[s].data();
       it.score_top = q.request.top_logprobs;
@@ -539,7 +549,7 @@ void Generator::ForwardGroup(Item* items, int n) {
   std::vector<Piece> finals;  // first: the item's first scored row in work_
   for (int i = 0; i < n && model_->is_last_stage(); ++i) {
     Item& it = items[i];
-    if (it.fired || (it.n_new == 0 && !it.all_rows)) continue;
+    if (it.fired || it.no_head || (it.n_new == 0 && !it.all_rows)) continue;
     const int rows = it.all_rows ? it.end - it.start : 1;
     EE_CHECK(rows <= head_rows_, "the final head scores ", rows, " rows, room for ", head_rows_);
     finals.push_back({&it, it.work_row + it.end - it.start - rows, rows});

@@ -181,6 +181,12 @@ class Generator : public SequenceBatcher {
   // cached until the pool needs them (least recently released first). Tokens do not change, up
   // to the rounding of the smaller prefill.
   void EnablePrefixCaching();
+  // Chunked prefill (0: off): a pass takes at most `tokens` prompt rows of the prefilling
+  // sequences together (those admitted first first; a prompt to be scored whole), so that a long
+  // prompt does not stall the running sequences' next tokens. The rest of a prompt waits for the
+  // following passes; its last chunk decides the first token as a whole prefill would.
+  void SetPrefillChunk(int tokens);
+  int prefill_chunk() const { return prefill_chunk_; }
   bool prefix_caching() const { return prefix_caching_; }
   int64_t prefix_cached_tokens() const override { return prefix_cached_tokens_; }
   int kv_cached_pages() const { return page_pool_.cached(); }  // registered, held by none
@@ -330,6 +336,7 @@ class Generator : public SequenceBatcher {
     bool fired = false;       // a head has decided its newest token
     bool keep_going = false;  // run its rows through every layer even once fired (stages)
     bool all_rows = false;    // the final head scores every row of the pass (drafts' check)
+    bool no_head = false;     // a prefill chunk before the last: no head decides a token
     const int32_t* score_ids = nullptr;  // a prefill that scores its prompt: the ids (host)
     int score_top = 0;                   // ... with this many most likely tokens per position
   };
@@ -339,10 +346,12 @@ class Generator : public SequenceBatcher {
     int first = 0, rows = 0, packed = 0;
   };
   bool ExitAllowed(int i, const EarlyExitParams& ee) const;
-  // StepBatch, with `check[s]`: the final head scores every row sequence s runs (empty: none).
+  // StepBatch, with `check[s]`: the final head scores every row sequence s runs (empty: none);
+  // `partial[s]`: its rows are a prefill chunk before the last (no exit checks, no head).
   std::vector<StepResult> Pass(const std::vector<std::vector<int32_t>>& ids,
                                const std::vector<EarlyExitParams>& ee,
-                               const std::vector<bool>& check);
+                               const std::vector<bool>& check,
+                               const std::vector<bool>& partial = {});
   // Records token `tok` of the sequence in `slot`, produced by a head with `logits` [vocab], and
   // calls on_token; when that ends the sequence, fills *finished, frees the slot and returns true.
   bool Emit(int slot, int32_t tok, int exit_index, int depth, const float* logits,
@@ -416,6 +425,7 @@ class Generator : public SequenceBatcher {
   bool kv_on_demand_ = true;    // ... as sequences grow (else all at admission)
   int64_t admissions_ = 0, preemptions_ = 0, prefix_cached_tokens_ = 0;
   bool prefix_caching_ = false;
+  int prefill_chunk_ = 0;
   bool block_exits_ = false;  // the model has local block exits (their K/V are in the pages)
   int kv_pages_ = 0;          // in the pools
   size_t kv_row_ = 0;         // elements of one token's K (or V) per layer

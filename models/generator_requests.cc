@@ -4,6 +4,7 @@
 // generator.cc.
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
 #include "engine/core/status.h"
@@ -259,26 +260,44 @@ std::vector<Generator::Finished> Generator::Advance(
   std::vector<Finished> finished;
   std::vector<std::vector<int32_t>> ids(seqs_.size());
   std::vector<EarlyExitParams> ee(seqs_.size());
-  std::vector<bool> check(seqs_.size());
+  std::vector<bool> check(seqs_.size()), partial(seqs_.size());
   PlanKv();
+  // Chunked prefill: the prompt rows this pass may take, to the prefilling sequences in
+  // admission order.
+  std::vector<int> order;
+  for (size_t s = 0; s < seqs_.size(); ++s) order.push_back(static_cast<int>(s));
+  std::sort(order.begin(), order.end(),
+            [&](int a, int b) { return seqs_[a].admitted_at < seqs_[b].admitted_at; });
+  int budget = prefill_chunk_ > 0 ? prefill_chunk_ : std::numeric_limits<int>::max();
   bool any = false;
-  for (size_t s = 0; s < seqs_.size(); ++s) {
+  for (int s : order) {
     Sequence& q = seqs_[s];
     if (!q.busy || q.preempted) continue;
-    ids[s] = TakeNext(static_cast<int>(s));
+    if (q.prefill && !(q.request.prompt_logprobs && !q.prefilled)) {
+      if (budget == 0) continue;  // its prompt waits for the next pass
+      const int n = static_cast<int>(q.next.size());
+      if (n > budget) {
+        ids[s].assign(q.next.begin(), q.next.begin() + budget);
+        q.next.erase(q.next.begin(), q.next.begin() + budget);
+        partial[s] = true;
+      }
+      budget -= std::min(n, budget);
+    }
+    if (!partial[s]) ids[s] = TakeNext(s);
     ee[s] = q.speculative() ? SpeculativePassExits(q) : q.request.early_exit;
     // A check scores the round's rows; a prefill (also a preempted sequence's) its newest.
     check[s] = q.speculative() && q.checking && !q.prefill;
-    q.prefill = false;
+    if (!partial[s]) q.prefill = false;
     any = true;
   }
   if (!any) return finished;
-  const std::vector<StepResult> r = Pass(ids, ee, check);
+  const std::vector<StepResult> r = Pass(ids, ee, check, partial);
   for (size_t s = 0; s < seqs_.size(); ++s) {
     Finished f;
     if (ids[s].empty()) continue;
     // Its whole pages are registered before a finished sequence releases them.
     if (prefix_caching_) RegisterPages(seqs_[s]);
+    if (partial[s]) continue;  // no token yet
     if (Accept(static_cast<int>(s), r[s], on_token, &f)) finished.push_back(std::move(f));
   }
   return finished;

@@ -86,6 +86,10 @@ TEST_F(CliTest, ServeAnswersAndStopsOnSigterm) {
   EXPECT_NE(bad.exit_code, 0);
   EXPECT_NE(bad.output.find("--kv_cache_tokens must be in [0, 2^31), got -1"), std::string::npos)
       << bad.output;
+  bad = RunEellm("serve --checkpoint=" + Quote(ckpt) + " --prefill-chunk=-2");
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.output.find("--prefill_chunk must be >= 0, got -2"), std::string::npos)
+      << bad.output;
   // One KV cache of 16 tokens (a page) for both slots.
   const std::string args = "--checkpoint=" + Quote(ckpt) + " --max-batch=2 --kv-cache-tokens=16";
   // A signal during start-up ends the server too. (Whether it lands before the server runs is

@@ -198,10 +198,11 @@ TEST_P(TpServing, FollowersMirrorTheLeader) {
     want_turn.push_back(g.GenerateBatch({turns[1]})->at(0));
   }
   // One KV cache of 60 tokens for both slots (needs of 20-31 tokens: a range may not fit until
-  // the other sequence ends), with prefix caching; the followers take the same pages as the
-  // leader.
+  // the other sequence ends), with prefix caching and prefill chunks of 8 tokens; the followers
+  // take the same pages and chunks as the leader.
   Generator gp(part->model.get(), 32, 2, /*kv_tokens=*/60);
   gp.EnablePrefixCaching();
+  gp.SetPrefillChunk(8);
   if (rank != 0) {
     GenerationService::Follow(&gp, messages.get());
     EXPECT_EQ(gp.prefix_cached_tokens(), 16);

@@ -1,6 +1,7 @@
 // Prefix caching: the page pool's bookkeeping (KvPagePool), and generation whose prefills hold
 // cached pages (a common prompt prefix, a conversation's previous turn, a preempted sequence)
-// against each sequence generated alone and against full passes.
+// against each sequence generated alone and against full passes. Also chunked prefill, whose
+// chunks register their pages as they complete.
 #include <algorithm>
 #include <numeric>
 #include <set>
@@ -320,6 +321,52 @@ TEST_P(PrefixCacheTest, CachedPagesGiveWayAndPreemptedSequencesResumeFromThem) {
   EXPECT_GE(h.preemptions(), 1);
   EXPECT_GT(h.prefix_cached_tokens(), 0);
   for (size_t i = 0; i < reqs.size(); ++i) ExpectAsAlone(reqs[i], got[i]);
+}
+
+// Chunked prefill, 10 prompt rows per pass for all prefilling sequences together, in admission
+// order: the first sequence's 45-token prompt takes passes 1-5, then it decodes a token every
+// pass while the others' prompts (47, 49 and 43 tokens) go on in chunks. Each sequence gets what
+// it gets alone: greedy, early exit, speculative and sampled.
+TEST_P(PrefixCacheTest, ChunkedPrefillInterleavesPromptsWithDecoding) {
+  Generator g(m_.get(), c_.max_seq_len, 4, /*kv_tokens=*/512);
+  g.SetPrefillChunk(10);
+  std::vector<GenerationRequest> reqs = {Ask(5, 51), Ask(7, 52, 0.8f), Ask(9, 53), Ask(3, 54)};
+  reqs[2].speculative.exit_layer = c_.exits[1].layer;
+  reqs[2].speculative.draft_tokens = 3;
+  reqs[3].sampling.temperature = 0.9f;
+  reqs[3].sampling.seed = 2;
+  for (const GenerationRequest& r : reqs) ASSERT_TRUE(g.Admit(r).ok());
+  std::vector<int> first_token_pass(4, -1), tokens_by_pass_10(4, 0);
+  std::vector<GenerationResult> got(4);
+  for (int pass = 1; g.active() > 0; ++pass) {
+    auto each = [&](int slot, int32_t) {
+      if (first_token_pass[slot] < 0) first_token_pass[slot] = pass;
+      if (pass <= 10) ++tokens_by_pass_10[slot];
+    };
+    for (Generator::Finished& f : g.Advance(each)) got[f.slot] = std::move(f.result);
+  }
+  EXPECT_EQ(first_token_pass, std::vector<int>({5, 10, 15, 19}));
+  EXPECT_EQ(tokens_by_pass_10[0], 6);  // passes 5-10
+  for (int i = 0; i < 4; ++i) ExpectAsAlone(reqs[i], got[i]);
+
+  // With prefix caching, each chunk's whole pages are registered as it completes: a prompt
+  // admitted while the first is still prefilling holds the page its first chunk wrote.
+  Generator h(m_.get(), c_.max_seq_len, 2, /*kv_tokens=*/512);
+  h.SetPrefillChunk(16);
+  h.EnablePrefixCaching();
+  ASSERT_TRUE(h.Admit(reqs[0], 0).ok());
+  h.Advance();
+  EXPECT_EQ(h.length(0), 16);
+  ASSERT_TRUE(h.Admit(reqs[3], 1).ok());
+  EXPECT_EQ(h.kv_pages(1)[0], h.kv_pages(0)[0]);
+  EXPECT_EQ(h.length(1), 16);
+  std::vector<GenerationResult> both(2);
+  while (h.active() > 0) {
+    for (Generator::Finished& f : h.Advance()) both[f.slot] = std::move(f.result);
+  }
+  EXPECT_EQ(both[1].cached_prompt_tokens, 16);
+  ExpectAsAlone(reqs[0], both[0]);
+  ExpectAsAlone(reqs[3], both[1]);
 }
 
 INSTANTIATE_TEST_SUITE_P(Styles, PrefixCacheTest,
