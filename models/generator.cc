@@ -265,7 +265,7 @@ std::vector<StepResult> Generator::Pass(const std::vector<std::vector<int32_t>>&
       it.no_head = true;
     }
     if (q.busy && q.request.prompt_logprobs && !q.prefilled) {  // a prefill that scores its prompt
-      it.score_ids = ids[s].data();
+      it.score_ids = q.request.prompt.data();  // by position: chunks score their own rows
       it.score_top = q.request.top_logprobs;
       it.ee = nullptr;  // every row reaches the final head, which decides the first token
     }
@@ -584,11 +584,13 @@ void Generator::ForwardGroup(Item* items, int n) {
 void Generator::ScorePrompt(Item& it) {
   const size_t ch = model_->config().hidden_size;
   const int vocab = model_->config().vocab_size;
-  EE_CHECK(it.start == 0 && model_->is_last_stage(), "ScorePrompt: not a whole prefill");
-  const int rows = it.end - 1;  // row p predicts prompt token p + 1
-  for (int first = 0; first < rows; first += head_rows_) {
-    const int k = std::min(head_rows_, rows - first);
-    be_->Copy(newest_, work_ + (it.work_row + first) * ch, k * ch * sizeof(float));
+  EE_CHECK(model_->is_last_stage(), "ScorePrompt: not the last stage");
+  // The row at position p predicts prompt token p + 1: every row of a chunk before the last,
+  // all but the newest of the last (which predicts the first generated token).
+  const int end = it.no_head ? it.end : it.end - 1;
+  for (int first = it.start; first < end; first += head_rows_) {
+    const int k = std::min(head_rows_, end - first);
+    be_->Copy(newest_, work_ + (it.work_row + first - it.start) * ch, k * ch * sizeof(float));
     const std::vector<float>& logits =
         ProjectToHost(model_->FinalHidden(final_norm_, newest_, k), -1, k);
     for (int j = 0; j < k; ++j) {

@@ -182,7 +182,7 @@ class Generator : public SequenceBatcher {
   // to the rounding of the smaller prefill.
   void EnablePrefixCaching();
   // Chunked prefill (0: off): a pass takes at most `tokens` prompt rows of the prefilling
-  // sequences together (those admitted first first; a prompt to be scored whole), so that a long
+  // sequences together (those admitted first first; prompts being scored too), so that a long
   // prompt does not stall the running sequences' next tokens. The rest of a prompt waits for the
   // following passes; its last chunk decides the first token as a whole prefill would.
   void SetPrefillChunk(int tokens);

@@ -71,6 +71,10 @@ void Generator::Preempt(Sequence& q) {
   // (the newest, not yet in the cache, included). A speculative round's drafts are dropped.
   q.next = q.request.prompt;
   q.next.insert(q.next.end(), q.result.tokens.begin(), q.result.tokens.end());
+  if (!q.prefilled) {  // a prompt being scored in chunks is scored again from its start
+    q.result.prompt_logprobs.clear();
+    q.result.prompt_top.clear();
+  }
   ReleaseKv(q);
   q.preempted = true;
   q.drafts.clear();
@@ -273,7 +277,7 @@ std::vector<Generator::Finished> Generator::Advance(
   for (int s : order) {
     Sequence& q = seqs_[s];
     if (!q.busy || q.preempted) continue;
-    if (q.prefill && !(q.request.prompt_logprobs && !q.prefilled)) {
+    if (q.prefill) {
       if (budget == 0) continue;  // its prompt waits for the next pass
       const int n = static_cast<int>(q.next.size());
       if (n > budget) {
@@ -297,7 +301,13 @@ std::vector<Generator::Finished> Generator::Advance(
     if (ids[s].empty()) continue;
     // Its whole pages are registered before a finished sequence releases them.
     if (prefix_caching_) RegisterPages(seqs_[s]);
-    if (partial[s]) continue;  // no token yet
+    if (partial[s]) {  // no token yet; a prompt being scored keeps its chunk's scores
+      GenerationResult& g = seqs_[s].result;
+      g.prompt_logprobs.insert(g.prompt_logprobs.end(), r[s].prompt_logprobs.begin(),
+                               r[s].prompt_logprobs.end());
+      g.prompt_top.insert(g.prompt_top.end(), r[s].prompt_top.begin(), r[s].prompt_top.end());
+      continue;
+    }
     if (Accept(static_cast<int>(s), r[s], on_token, &f)) finished.push_back(std::move(f));
   }
   return finished;
@@ -317,8 +327,10 @@ bool Generator::Accept(int slot, const StepResult& r,
     q.result.prefill_seconds = q.timer.Seconds();
     q.timer.Reset();
     q.prefilled = true;
-    q.result.prompt_logprobs = r.prompt_logprobs;
-    q.result.prompt_top = r.prompt_top;
+    // The last chunk's scores (earlier chunks' came in Advance).
+    q.result.prompt_logprobs.insert(q.result.prompt_logprobs.end(), r.prompt_logprobs.begin(),
+                                    r.prompt_logprobs.end());
+    q.result.prompt_top.insert(q.result.prompt_top.end(), r.prompt_top.begin(), r.prompt_top.end());
     if (q.request.max_new_tokens == 0) {  // the prompt was to be scored only
       Finish(slot, FinishReason::kLength, finished);
       return true;

@@ -369,6 +369,40 @@ TEST_P(PrefixCacheTest, ChunkedPrefillInterleavesPromptsWithDecoding) {
   ExpectAsAlone(reqs[3], both[1]);
 }
 
+// Prompts to be scored go in chunks too: each chunk scores its own rows. The log-probabilities
+// and top tokens of every prompt token, and the tokens generated after, are those of a whole
+// prefill, for a prompt scored only and one that then generates beside a decoding sequence.
+TEST_P(PrefixCacheTest, ChunkedPrefillScoresPromptsChunkByChunk) {
+  Generator g(m_.get(), c_.max_seq_len, 3, /*kv_tokens=*/512);
+  g.SetPrefillChunk(7);
+  std::vector<GenerationRequest> reqs = {Ask(5, 61), Ask(8, 62, 0.8f), Ask(2, 63)};
+  reqs[0].prompt_logprobs = true;
+  reqs[0].top_logprobs = 2;
+  reqs[1].prompt_logprobs = true;
+  reqs[2].max_new_tokens = 0;
+  reqs[2].prompt_logprobs = true;
+  const std::vector<GenerationResult> got = *g.GenerateBatch(reqs);
+  Generator alone(m_.get(), c_.max_seq_len);
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    const GenerationResult one = (*alone.GenerateBatch({reqs[i]}))[0];
+    ASSERT_EQ(got[i].prompt_logprobs.size(), reqs[i].prompt.size() - 1) << "request " << i;
+    for (size_t p = 0; p < one.prompt_logprobs.size(); ++p) {
+      EXPECT_NEAR(got[i].prompt_logprobs[p], one.prompt_logprobs[p], 1e-4) << i << " token " << p;
+    }
+    ASSERT_EQ(got[i].prompt_top.size(), one.prompt_top.size()) << "request " << i;
+    for (size_t p = 0; p < one.prompt_top.size(); ++p) {
+      ASSERT_EQ(got[i].prompt_top[p].size(), one.prompt_top[p].size());
+      for (size_t k = 0; k < one.prompt_top[p].size(); ++k) {
+        EXPECT_EQ(got[i].prompt_top[p][k].first, one.prompt_top[p][k].first) << i << " " << p;
+        EXPECT_NEAR(got[i].prompt_top[p][k].second, one.prompt_top[p][k].second, 1e-4);
+      }
+    }
+    EXPECT_EQ(got[i].tokens, one.tokens) << "request " << i;
+    EXPECT_EQ(got[i].exit_index, one.exit_index) << "request " << i;
+  }
+  EXPECT_GE(g.passes(), 45 / 7);
+}
+
 INSTANTIATE_TEST_SUITE_P(Styles, PrefixCacheTest,
                          ::testing::Values(ModelStyle::kGpt, ModelStyle::kLlama));
 
