@@ -192,16 +192,22 @@ void GenerationService::Run() {
   // The generator is used by this thread alone; the lock guards the queue, jobs and stats.
   std::vector<std::pair<Job*, size_t>> owner(gen_->max_sequences());  // slot -> job, index
   std::vector<char> awaits_first(gen_->max_sequences());              // slot: no token yet
+  std::vector<std::chrono::steady_clock::time_point> last_token(gen_->max_sequences());
   StepMessage step;  // for the followers: what changed since the last pass
   auto on_token = [&](int slot, int32_t token) {
     const auto& [job, index] = owner[slot];
-    if (awaits_first[slot]) {
-      awaits_first[slot] = 0;
-      const double s =
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - job->start).count();
+    const auto now = std::chrono::steady_clock::now();
+    {
       std::lock_guard<std::mutex> lock(mu_);
-      stats_.first_token_seconds.Observe(s);
+      if (awaits_first[slot]) {
+        awaits_first[slot] = 0;
+        stats_.first_token_seconds.Observe(std::chrono::duration<double>(now - job->start).count());
+      } else {
+        stats_.inter_token_seconds.Observe(
+            std::chrono::duration<double>(now - last_token[slot]).count());
+      }
     }
+    last_token[slot] = now;
     if (job->on_token != nullptr) (*job->on_token)(static_cast<int>(index), token);
   };
   for (;;) {

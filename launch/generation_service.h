@@ -88,6 +88,7 @@ class GenerationService {
     int running = 0, waiting = 0;           // sequences admitted, and queued, after the last pass
     Histogram request_seconds;              // from Generate to its return
     Histogram first_token_seconds;          // per sequence, from its Generate to its first token
+    Histogram inter_token_seconds;          // between a sequence's consecutive tokens
   };
   Stats stats() const;
   const SequenceBatcher& generator() const { return *gen_; }

@@ -91,6 +91,10 @@ std::string PrometheusMetrics(const GenerationService::Stats& st, const ModelCon
   e.Histogram("time_to_first_token_seconds",
               "Time from a request's arrival to each of its sequences' first token.",
               st.first_token_seconds);
+  e.Histogram("inter_token_latency_seconds",
+              "Time between consecutive tokens of a sequence (a speculative round's kept drafts "
+              "come together).",
+              st.inter_token_seconds);
   return e.Take();
 }
 

@@ -331,7 +331,9 @@ TEST(ApiServer, AnswersOverHttp) {
   }
   EXPECT_EQ(by_head, generated);
   for (const auto& [name, n] : described) EXPECT_EQ(n, 1) << name;
-  EXPECT_EQ(described.size(), 19u) << res->body;
+  EXPECT_EQ(described.size(), 20u) << res->body;
+  // Every generated token but each sequence's first follows another.
+  EXPECT_EQ(metric["eellm_inter_token_latency_seconds_count"], generated - 2);
   EXPECT_EQ(metric["eellm_preemptions_total"], 0);
   EXPECT_EQ(metric["eellm_request_latency_seconds_count"], 2);
   EXPECT_EQ(metric["eellm_request_latency_seconds_bucket{le=\"+Inf\"}"], 2);
