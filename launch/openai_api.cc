@@ -207,6 +207,40 @@ size_t Characters(const std::string& s) {
   return n;
 }
 
+}  // namespace
+
+std::vector<size_t> TextOffsets(const Tokenizer& tok, const std::vector<int32_t>& ids) {
+  const size_t n = ids.size();
+  std::vector<size_t> offsets(n);
+  std::vector<std::string> pieces(n);
+  std::string joined;
+  for (size_t k = 0; k < n; ++k) {
+    pieces[k] = tok.Decode(absl::MakeConstSpan(&ids[k], 1));
+    joined += pieces[k];
+  }
+  if (joined != tok.Decode(ids)) {  // decoding joins tokens otherwise (e.g. SentencePiece)
+    for (size_t k = 0; k < n; ++k) {
+      offsets[k] = Characters(Utf8Safe(tok.Decode(absl::MakeConstSpan(ids).first(k))));
+    }
+    return offsets;
+  }
+  // The characters of the text up to the last point where it is valid UTF-8, and the bytes after
+  // it: replacing invalid UTF-8 restarts there, so the prefix counts stay exact.
+  size_t chars = 0;
+  std::string tail;
+  for (size_t k = 0; k < n; ++k) {
+    offsets[k] = chars + (tail.empty() ? 0 : Characters(Utf8Safe(tail)));
+    tail += pieces[k];
+    if (Utf8Safe(tail) == tail) {
+      chars += Characters(tail);
+      tail.clear();
+    }
+  }
+  return offsets;
+}
+
+namespace {
+
 // The echoed prompt's ids (when echo), then the generated ones.
 std::vector<int32_t> ChoiceIds(const ApiCall& call, size_t i, const GenerationResult& g) {
   std::vector<int32_t> ids;
@@ -238,9 +272,10 @@ json ChoiceLogprobs(const ApiCall& call, size_t i, const GenerationResult& g,
   json tokens = json::array(), values = json::array(), tops = json::array(),
        offsets = json::array();
   const std::vector<int32_t> ids = ChoiceIds(call, i, g);
+  const std::vector<size_t> text_offsets = TextOffsets(tok, ids);
   auto add = [&](size_t k, json value, const TopTokens* top) {
     tokens.push_back(Utf8Safe(tok.DecodeToken(ids[k])));
-    offsets.push_back(Characters(Utf8Safe(tok.Decode(absl::MakeConstSpan(ids).first(k)))));
+    offsets.push_back(text_offsets[k]);
     json entry = nullptr;
     if (top != nullptr) {
       entry = json::object();

@@ -30,6 +30,12 @@ std::string CompletionResponse(const ApiCall& call, const std::vector<Generation
                                const Tokenizer& tok, const std::string& model,
                                uint64_t request_number, int64_t created);
 
+// Where each token's text starts in the text of `ids` decoded together, in characters (code
+// points, invalid UTF-8 counted as U+FFFD): the "text_offset" of logprobs. Linear in the ids when
+// decoding them together joins their own texts (byte-level tokenizers); otherwise each prefix is
+// decoded (quadratic).
+std::vector<size_t> TextOffsets(const Tokenizer& tok, const std::vector<int32_t>& ids);
+
 // An OpenAI-style error body: {"error": {"message", "type": "invalid_request_error", ...}}.
 std::string CompletionError(const std::string& message, bool bad_request);
 

@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "engine/core/rng.h"
 #include "gtest/gtest.h"
 #include "launch/generation_service.h"
 #include "models/bpe_tokenizer.h"
@@ -155,6 +156,39 @@ TEST(CompletionResponse, EchoScoresThePrompt) {
   EXPECT_EQ(top[1], json({{"x", -0.5}, {":", -3.0}}));
   EXPECT_EQ(top[3], json({{"c", -0.5}, {"a", -2.0}}));
   EXPECT_EQ(r["usage"]["prompt_tokens"], 2);
+}
+
+// Text offsets in linear time (byte tokens: decoding joins their texts) equal each prefix's
+// characters after invalid UTF-8 is replaced, for text mixing ASCII, 2-4 byte characters, bytes
+// that are not UTF-8 alone, characters cut short, and special ids (no text).
+TEST(CompletionResponse, TextOffsetsCountEachPrefixsCharacters) {
+  ByteTokenizer tok;
+  const std::vector<std::string> parts = {
+      "a", "\xC3\xA9", "\xE2\x82\xAC", "\xF0\x9F\x98\x80", "\x80", "\xFF", "\xE2\x82", "\xC3", " "};
+  Rng rng(7);
+  for (int trial = 0; trial < 20; ++trial) {
+    std::vector<int32_t> ids;
+    for (int k = 0; k < 40; ++k) {
+      if (rng.Uniform() < 0.05) {
+        ids.push_back(tok.eos_id());
+        continue;
+      }
+      for (unsigned char ch : parts[static_cast<size_t>(rng.Uniform() * parts.size())]) {
+        ids.push_back(ch);
+      }
+    }
+    const std::vector<size_t> got = TextOffsets(tok, ids);
+    ASSERT_EQ(got.size(), ids.size());
+    for (size_t k = 0; k < ids.size(); ++k) {
+      const std::string prefix = tok.Decode(absl::MakeConstSpan(ids).first(k));
+      const std::string safe =
+          json::parse(json(prefix).dump(-1, ' ', false, json::error_handler_t::replace))
+              .get<std::string>();
+      size_t chars = 0;
+      for (unsigned char ch : safe) chars += (ch & 0xC0) != 0x80;
+      ASSERT_EQ(got[k], chars) << "trial " << trial << " token " << k;
+    }
+  }
 }
 
 // A SentencePiece tokenizer joins the echoed prompt and the generated text as one decoding does
