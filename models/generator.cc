@@ -185,9 +185,14 @@ void Generator::RegisterPages(Sequence& q) {
         !page_pool_.Register(q.pages[i], parent, ids, KeepsExitKv(q.request))) {
       // Another page holds the same K/V already (e.g. identical prompts prefilled in one pass),
       // with the block exits' when this sequence needs them: the sequence holds that one
-      // instead and frees its own, and its later pages are registered after it.
+      // instead and frees its own, and its later pages are registered after it. Or its parent
+      // is no longer registered (a page with the block exits' K/V replaced it): its later pages
+      // follow one that cannot be found, so they are not registered.
       const int32_t same = page_pool_.Find(parent, ids, /*need_exit_kv=*/false);
-      EE_CHECK(same >= 0, "KV page registration refused, but no page holds its tokens");
+      if (same < 0) {
+        q.registered_pages = PagesFor(capacity_);
+        return;
+      }
       page_pool_.Hold(same);
       page_pool_.Release(q.pages[i], passes_, i);
       q.pages[i] = same;

@@ -98,7 +98,8 @@ struct GenerationResult {
   // Prompt tokens whose K/V came from the prefix cache instead of the prefill
   // (Generator::EnablePrefixCaching).
   int cached_prompt_tokens = 0;
-  // Prefill: the batch's first pass. Decode: from then until this sequence's last token.
+  // Prefill: from admission to the pass that gave the first token (every chunk of a chunked
+  // prefill). Decode: from then until this sequence's last token.
   double prefill_seconds = 0, decode_seconds = 0;
   FinishReason finish = FinishReason::kLength;
   bool stopped_at_eos() const { return finish == FinishReason::kEos; }

@@ -289,6 +289,38 @@ TEST_P(PrefixCacheTest, IdenticalPromptsInOnePassEndUpSharingPages) {
   ExpectAsAlone(b, got[1]);
 }
 
+// A full-model sequence X registers its first page without the block exit's K/V; an early-exit
+// sequence Y with the same first 16 tokens computes its own, whose registration replaces X's
+// while X still holds it. X's next whole page then follows a page no longer registered: it is
+// not registered (nor does anything fail), and both get what they get alone.
+TEST_P(PrefixCacheTest, APageReplacedWhileHeldEndsItsHoldersRegistration) {
+  Generator g(m_.get(), c_.max_seq_len, 2, /*kv_tokens=*/256);
+  g.EnablePrefixCaching();
+  GenerationRequest x, y;
+  x.prompt.assign(system_.begin(), system_.begin() + 20);
+  x.max_new_tokens = 20;
+  y.prompt = system_;
+  y.max_new_tokens = 20;
+  y.early_exit.threshold = 0.9f;
+  ASSERT_TRUE(g.Admit(x, 0).ok());
+  std::vector<GenerationResult> got(2);
+  for (Generator::Finished& f : g.Advance()) got[f.slot] = std::move(f.result);
+  ASSERT_TRUE(g.Admit(y, 1).ok());
+  EXPECT_NE(g.kv_pages(1)[0], g.kv_pages(0)[0]);  // X's page lacks the block exit's K/V
+  while (g.pending_start(1) < 16) g.Advance();
+  ASSERT_LT(g.length(0), 32);  // Y's page replaced X's before X filled its second page
+  while (g.active() > 0) {
+    for (Generator::Finished& f : g.Advance()) got[f.slot] = std::move(f.result);
+  }
+  ExpectAsAlone(x, got[0]);
+  ExpectAsAlone(y, got[1]);
+  // Y's pages are the ones found now, by either kind of request.
+  GenerationRequest again = y;
+  again.early_exit.threshold = 1.0f;
+  std::vector<int32_t> pages;
+  EXPECT_EQ(Run(g, again, &pages).cached_prompt_tokens, 32);
+}
+
 // A pool of 4 pages: a new prompt takes unused pages first, then the least recently released
 // cached ones (the tail of the previous sequence); the cached prefix left is still found.
 // Preempted sequences resume holding their cached pages; tokens as alone.
