@@ -38,7 +38,7 @@ ABSL_FLAG(bool, prefix_caching, true,
           "keep the K/V pages of prompts and answers after their sequences end, found by their "
           "tokens, so that a prompt starting with the same whole pages of 16 tokens (a shared "
           "system prompt, a conversation's earlier turns) reuses them instead of computing them; "
-          "they give way, least recently used first, when pages run out (not with --pp > 1)");
+          "they give way, least recently used first, when pages run out");
 ABSL_FLAG(int, prefill_chunk, 512,
           "chunked prefill: prompt tokens one forward pass takes from the prefilling requests "
           "together; longer prompts go on in the next passes, so that running requests keep "
@@ -115,9 +115,7 @@ int RunServeCommand() {
   }
   Generator generator(&model, c.max_seq_len, max_batch, static_cast<int>(pool));
   if (absl::GetFlag(FLAGS_kv_reserve)) generator.ReserveKvPerRequest();
-  if (absl::GetFlag(FLAGS_prefix_caching) && group.pp == 1) {
-    generator.EnablePrefixCaching();
-  }
+  if (absl::GetFlag(FLAGS_prefix_caching)) generator.EnablePrefixCaching();
   if (group.pp == 1) generator.SetPrefillChunk(prefill_chunk);
   // A pipeline (--pp): rank 0 leads it and serves; the other ranks run their stage's passes. A
   // single tensor-parallel group: the followers mirror rank 0's generator.

@@ -120,6 +120,10 @@ void Generator::SetPrefillChunk(int tokens) {
   prefill_chunk_ = tokens;
 }
 
+void Generator::RegisterCompletePages(int slot) {
+  if (prefix_caching_) RegisterPages(seqs_.at(slot));
+}
+
 void Generator::EnablePrefixCaching() {
   EE_CHECK(kv_by_request_, "prefix caching needs a shared KV cache (kv_tokens > 0)");
   prefix_caching_ = true;
@@ -188,7 +192,7 @@ void Generator::RegisterPages(Sequence& q) {
       // instead and frees its own, and its later pages are registered after it. Or its parent
       // is no longer registered (a page with the block exits' K/V replaced it): its later pages
       // follow one that cannot be found, so they are not registered.
-      const int32_t same = page_pool_.Find(parent, ids, /*need_exit_kv=*/false);
+      const int32_t same = keep_pages_ ? -1 : page_pool_.Find(parent, ids, /*need_exit_kv=*/false);
       if (same < 0) {
         q.registered_pages = PagesFor(capacity_);
         return;
@@ -298,9 +302,9 @@ std::vector<StepResult> Generator::StagePass(const std::vector<StageItem>& items
   for (size_t k = 0; k < items.size(); ++k) {
     const StageItem& si = items[k];
     Sequence& q = seqs_.at(si.seq);
-    if (si.start == 0) {  // a new sequence in this slot, in the KV pages the leader gave it
-      q.len = q.pending_start = 0;
-      SetPages(q, si.kv_pages);
+    if (!si.kv_pages.empty()) {  // a new sequence in this slot, in the KV pages the leader gave
+      SetPages(q, si.kv_pages);  // it; the first `start` positions hold a cached prefix's K/V
+      q.len = q.pending_start = si.start;
     }
     EE_CHECK(si.n > 0 && q.len == si.start && q.pending_start == q.len &&
                  q.len + si.n <= q.table.tokens(),

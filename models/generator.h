@@ -239,12 +239,20 @@ class Generator : public SequenceBatcher {
   // token, records it and calls on_token; when that ends the sequence, fills *finished, frees
   // the slot and returns true, else queues the token for the next pass.
   bool busy(int slot) const { return seqs_.at(slot).busy; }
+  // Whether the sequence's next pass is its first (after admission or preemption).
+  bool starts(int slot) const { return seqs_.at(slot).prefill; }
   int next_length(int slot) const { return static_cast<int>(seqs_.at(slot).next.size()); }
   std::vector<int32_t> TakeNext(int slot);
   const GenerationRequest& request(int slot) const { return seqs_.at(slot).request; }
   const EarlyExitParams& early_exit(int slot) const { return request(slot).early_exit; }
   bool Accept(int slot, const StepResult& r, const std::function<void(int, int32_t)>& on_token,
               Finished* finished);
+  // Prefix caching in a pipeline: registers the sequence's whole pages once its pass came back
+  // (every stage has run its rows; later passes reach each stage after it). A sequence's pages
+  // never change while it runs there (its stages hold copies of its page table), so a page
+  // another one already registered is not swapped for it.
+  void RegisterCompletePages(int slot);
+  void KeepPagesWhileRunning() { keep_pages_ = true; }
   // Ends the sequence in `slot` now (its request was cancelled, or a tensor-parallel follower
   // mirrors a stop its leader's callback decided); returns what it generated so far.
   GenerationResult Retire(int slot) override;
@@ -259,11 +267,11 @@ class Generator : public SequenceBatcher {
   // stage's layers and exits, and a pass runs just those.
   struct StageItem {
     int seq = 0;
-    int start = 0;     // the sequence's length before this pass; 0 starts a new sequence
+    int start = 0;     // the sequence's length before this pass (its cached prefix when it starts)
     int n = 0;         // tokens this pass appends
     bool live = true;  // no earlier stage has decided its newest token: check this stage's exits
     EarlyExitParams early_exit;
-    std::vector<int32_t> kv_pages;  // when start == 0: the KV pages the leader gave it
+    std::vector<int32_t> kv_pages;  // a new sequence in the slot: the KV pages the leader gave it
     // A prefill that scores its prompt: the prompt (no stage checks exits; the last stage
     // scores it and decides the first token with the final head), and the top tokens wanted.
     std::vector<int32_t> score_ids;
@@ -426,6 +434,7 @@ class Generator : public SequenceBatcher {
   bool kv_on_demand_ = true;    // ... as sequences grow (else all at admission)
   int64_t admissions_ = 0, preemptions_ = 0, prefix_cached_tokens_ = 0;
   bool prefix_caching_ = false;
+  bool keep_pages_ = false;  // KeepPagesWhileRunning
   int prefill_chunk_ = 0;
   bool block_exits_ = false;  // the model has local block exits (their K/V are in the pages)
   int kv_pages_ = 0;          // in the pools

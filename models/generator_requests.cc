@@ -287,11 +287,11 @@ std::vector<Generator::Finished> Generator::Advance(
       }
       budget -= std::min(n, budget);
     }
-    if (!partial[s]) ids[s] = TakeNext(s);
+    const bool prefill = q.prefill;
+    if (!partial[s]) ids[s] = TakeNext(s);  // the last chunk: no longer a prefill after this pass
     ee[s] = q.speculative() ? SpeculativePassExits(q) : q.request.early_exit;
     // A check scores the round's rows; a prefill (also a preempted sequence's) its newest.
-    check[s] = q.speculative() && q.checking && !q.prefill;
-    if (!partial[s]) q.prefill = false;
+    check[s] = q.speculative() && q.checking && !prefill;
     any = true;
   }
   if (!any) return finished;
@@ -316,6 +316,7 @@ std::vector<Generator::Finished> Generator::Advance(
 std::vector<int32_t> Generator::TakeNext(int slot) {
   std::vector<int32_t> ids = std::move(seqs_.at(slot).next);
   seqs_[slot].next.clear();
+  seqs_[slot].prefill = false;
   return ids;
 }
 

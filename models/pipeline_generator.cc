@@ -216,9 +216,9 @@ PipelineGenerator::PipelineGenerator(Generator* stage_generator, Communicator* w
   stage_ = world->rank() / tp;
   tp_rank_ = world->rank() % tp;
   // A sequence's pages are given at its admission: its first pass carries them to every stage,
-  // which starts it at position 0.
-  EE_CHECK(!gen_->prefix_caching(), "prefix caching is not supported in pipelines");
+  // which then hold copies of its page table.
   gen_->ReserveKvPerRequest();
+  gen_->KeepPagesWhileRunning();
 }
 
 PipelineGenerator::~PipelineGenerator() {
@@ -284,6 +284,7 @@ void PipelineGenerator::Take(int slot, const StepResult& r,
     return;
   }
   FinishedSequence f;
+  gen_->RegisterCompletePages(slot);
   if (gen_->Accept(slot, r, on_token, &f)) finished->push_back(std::move(f));
 }
 
@@ -355,12 +356,13 @@ std::vector<FinishedSequence> PipelineGenerator::Advance(
     next_slot_ = s + 1;
     StageItem it;
     it.seq = s;
-    it.start = gen_->length(s);
+    const bool starts = gen_->starts(s);
+    it.start = gen_->length(s);  // when it starts: its cached prefix (prefix caching), or 0
     it.early_exit = gen_->early_exit(s);
-    if (it.start == 0) it.kv_pages = gen_->kv_pages(s);
+    if (starts) it.kv_pages = gen_->kv_pages(s);
     const std::vector<int32_t> next = gen_->TakeNext(s);
     it.n = static_cast<int>(next.size());
-    if (it.start == 0 && gen_->request(s).prompt_logprobs) {  // the last stage scores the prompt
+    if (starts && gen_->request(s).prompt_logprobs) {  // the last stage scores the prompt
       it.score_ids = next;
       it.score_top = gen_->request(s).top_logprobs;
     }

@@ -184,8 +184,10 @@ TEST(PpServing, TheLeaderServesWhatOneProcessServes) {
   messages->Barrier();  // every rank has read the file (the leader removes it)
   ASSERT_TRUE(part.ok()) << part.status();
   // One KV cache of 60 tokens for both slots (needs of 20-31 tokens: a range may not fit until
-  // the other sequence ends).
+  // the other sequence ends), with prefix caching: the leader decides, and a sequence's first
+  // pass tells every stage its pages and cached length.
   Generator stage_gen(part->loaded.model.get(), 32, 2, /*kv_tokens=*/60);
+  stage_gen.EnablePrefixCaching();
   PipelineGenerator pipeline(&stage_gen, messages.get(), pp, tp);
   if (!pipeline.leader()) {
     pipeline.Work();
@@ -196,16 +198,30 @@ TEST(PpServing, TheLeaderServesWhatOneProcessServes) {
   reqs[1].stop = [](const std::vector<int32_t>& t) { return t.size() == 3; };
   reqs[2].stop = [](const std::vector<int32_t>& t) { return t.size() == 1; };
   std::vector<GenerationResult> want;
+  // A conversation: the second turn's prompt is the first's, its answer and 2 more tokens (30);
+  // it holds the first turn's cached page.
+  std::vector<GenerationRequest> turns(2);
+  turns[0].prompt = testing::RandomTokens(20, c.vocab_size, 17);
+  turns[0].max_new_tokens = 8;
+  turns[0].early_exit.threshold = 0.4f;
+  std::vector<GenerationResult> want_turn;
   {
     auto whole = LoadModelFromCheckpoint(file, be.get());
     ASSERT_TRUE(whole.ok()) << whole.status();
     Generator g(whole->model.get(), 32, 2);
     GenerationService alone(&g);
     want = *alone.Generate(reqs);
+    want_turn.push_back(g.GenerateBatch({turns[0]})->at(0));
+    turns[1] = turns[0];
+    turns[1].prompt.insert(turns[1].prompt.end(), want_turn[0].tokens.begin(),
+                           want_turn[0].tokens.end());
+    turns[1].prompt.insert(turns[1].prompt.end(), {3, 5});
+    turns[1].max_new_tokens = 2;
+    want_turn.push_back(g.GenerateBatch({turns[1]})->at(0));
   }
   std::remove(file.c_str());
   GenerationService service(&pipeline, nullptr, /*own_thread=*/false);
-  std::vector<std::vector<GenerationResult>> got(4);
+  std::vector<std::vector<GenerationResult>> got(6);
   int cancelled_count = 0;
   std::thread clients([&] {
     got[0] = *service.Generate(reqs);
@@ -220,6 +236,8 @@ TEST(PpServing, TheLeaderServesWhatOneProcessServes) {
       cancelled_count += g.finish == FinishReason::kCancelled;
     }
     got[3] = *service.Generate(reqs);
+    got[4] = *service.Generate({turns[0]});
+    got[5] = *service.Generate({turns[1]});
     service.Shutdown();
   });
   service.Run();
@@ -240,6 +258,12 @@ TEST(PpServing, TheLeaderServesWhatOneProcessServes) {
   }
   EXPECT_GE(cancelled_count, 3);
   EXPECT_EQ(service.generator().free_slots(), 2) << "a slot was lost";
+  for (int k = 0; k < 2; ++k) {
+    ASSERT_EQ(got[4 + k].size(), 1u);
+    EXPECT_EQ(got[4 + k][0].tokens, want_turn[k].tokens) << "turn " << k;
+    EXPECT_EQ(got[4 + k][0].exit_index, want_turn[k].exit_index) << "turn " << k;
+  }
+  EXPECT_EQ(got[5][0].cached_prompt_tokens, 16);
 }
 
 INSTANTIATE_TEST_SUITE_P(
