@@ -42,7 +42,7 @@ ABSL_FLAG(bool, prefix_caching, true,
 ABSL_FLAG(int, prefill_chunk, 512,
           "chunked prefill: prompt tokens one forward pass takes from the prefilling requests "
           "together; longer prompts go on in the next passes, so that running requests keep "
-          "getting tokens (0: whole prompts; not with --pp > 1)");
+          "getting tokens (0: whole prompts)");
 ABSL_FLAG(double, default_threshold, 0.8,
           "early-exit threshold of requests that set use_early_exit without early_exit_thres");
 
@@ -116,7 +116,7 @@ int RunServeCommand() {
   Generator generator(&model, c.max_seq_len, max_batch, static_cast<int>(pool));
   if (absl::GetFlag(FLAGS_kv_reserve)) generator.ReserveKvPerRequest();
   if (absl::GetFlag(FLAGS_prefix_caching)) generator.EnablePrefixCaching();
-  if (group.pp == 1) generator.SetPrefillChunk(prefill_chunk);
+  generator.SetPrefillChunk(prefill_chunk);
   // A pipeline (--pp): rank 0 leads it and serves; the other ranks run their stage's passes. A
   // single tensor-parallel group: the followers mirror rank 0's generator.
   std::unique_ptr<PipelineGenerator> pipeline;

@@ -326,6 +326,10 @@ std::vector<StepResult> Generator::StagePass(const std::vector<StageItem>& items
     }
     it.fired = !si.live;
     it.keep_going = true;
+    if (si.partial) {
+      it.ee = nullptr;
+      it.no_head = true;
+    }
     if (ids != nullptr) {
       it.new_ids = staged_ids_ + rows;
     } else {

@@ -25,6 +25,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <string>
 #include <utility>
 #include <vector>
@@ -239,10 +240,11 @@ class Generator : public SequenceBatcher {
   // token, records it and calls on_token; when that ends the sequence, fills *finished, frees
   // the slot and returns true, else queues the token for the next pass.
   bool busy(int slot) const { return seqs_.at(slot).busy; }
-  // Whether the sequence's next pass is its first (after admission or preemption).
+  // Whether the sequence's next pass is (a chunk of) its prefill, after admission or preemption.
   bool starts(int slot) const { return seqs_.at(slot).prefill; }
   int next_length(int slot) const { return static_cast<int>(seqs_.at(slot).next.size()); }
-  std::vector<int32_t> TakeNext(int slot);
+  // At most `most` of them (a prefill chunk); the rest stays for the next pass.
+  std::vector<int32_t> TakeNext(int slot, int most = std::numeric_limits<int>::max());
   const GenerationRequest& request(int slot) const { return seqs_.at(slot).request; }
   const EarlyExitParams& early_exit(int slot) const { return request(slot).early_exit; }
   bool Accept(int slot, const StepResult& r, const std::function<void(int, int32_t)>& on_token,
@@ -270,6 +272,7 @@ class Generator : public SequenceBatcher {
     int start = 0;     // the sequence's length before this pass (its cached prefix when it starts)
     int n = 0;         // tokens this pass appends
     bool live = true;  // no earlier stage has decided its newest token: check this stage's exits
+    bool partial = false;  // a prefill chunk before the last: no exit checks, no head
     EarlyExitParams early_exit;
     std::vector<int32_t> kv_pages;  // a new sequence in the slot: the KV pages the leader gave it
     // A prefill that scores its prompt: the prompt (no stage checks exits; the last stage

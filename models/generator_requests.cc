@@ -277,18 +277,16 @@ std::vector<Generator::Finished> Generator::Advance(
   for (int s : order) {
     Sequence& q = seqs_[s];
     if (!q.busy || q.preempted) continue;
-    if (q.prefill) {
+    const bool prefill = q.prefill;
+    if (prefill) {  // its prompt (or a chunk of it); after the last chunk no longer a prefill
       if (budget == 0) continue;  // its prompt waits for the next pass
       const int n = static_cast<int>(q.next.size());
-      if (n > budget) {
-        ids[s].assign(q.next.begin(), q.next.begin() + budget);
-        q.next.erase(q.next.begin(), q.next.begin() + budget);
-        partial[s] = true;
-      }
+      partial[s] = n > budget;
+      ids[s] = TakeNext(s, budget);
       budget -= std::min(n, budget);
+    } else {
+      ids[s] = TakeNext(s);
     }
-    const bool prefill = q.prefill;
-    if (!partial[s]) ids[s] = TakeNext(s);  // the last chunk: no longer a prefill after this pass
     ee[s] = q.speculative() ? SpeculativePassExits(q) : q.request.early_exit;
     // A check scores the round's rows; a prefill (also a preempted sequence's) its newest.
     check[s] = q.speculative() && q.checking && !prefill;
@@ -313,10 +311,16 @@ std::vector<Generator::Finished> Generator::Advance(
   return finished;
 }
 
-std::vector<int32_t> Generator::TakeNext(int slot) {
-  std::vector<int32_t> ids = std::move(seqs_.at(slot).next);
-  seqs_[slot].next.clear();
-  seqs_[slot].prefill = false;
+std::vector<int32_t> Generator::TakeNext(int slot, int most) {
+  Sequence& q = seqs_.at(slot);
+  if (static_cast<int>(q.next.size()) > most) {  // a chunk: still a prefill after it
+    std::vector<int32_t> ids(q.next.begin(), q.next.begin() + most);
+    q.next.erase(q.next.begin(), q.next.begin() + most);
+    return ids;
+  }
+  std::vector<int32_t> ids = std::move(q.next);
+  q.next.clear();
+  q.prefill = false;
   return ids;
 }
 

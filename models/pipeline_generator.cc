@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstring>
 #include <deque>
+#include <limits>
 #include <memory>
 #include <thread>
 #include <tuple>
@@ -115,6 +116,7 @@ std::pair<Writer, T*> EncodePass(const std::vector<StageItem>& items, size_t wid
     w.Put<int32_t>(it.start);
     w.Put<int32_t>(it.n);
     w.Put<int32_t>(it.live);
+    w.Put<int32_t>(it.partial);
     w.PutInts(it.kv_pages);
     w.Put<float>(it.early_exit.threshold);
     w.PutInts(it.early_exit.exit_layers);
@@ -132,6 +134,7 @@ std::vector<StageItem> DecodeItems(Reader& r) {
     it.start = r.Get<int32_t>();
     it.n = r.Get<int32_t>();
     it.live = r.Get<int32_t>() != 0;
+    it.partial = r.Get<int32_t>() != 0;
     it.kv_pages = r.Ints();
     it.early_exit.threshold = r.Get<float>();
     it.early_exit.exit_layers = r.Ints();
@@ -285,6 +288,7 @@ void PipelineGenerator::Take(int slot, const StepResult& r,
   }
   FinishedSequence f;
   gen_->RegisterCompletePages(slot);
+  if (r.logits.empty()) return;  // a prefill chunk before the last: its pass is done
   if (gen_->Accept(slot, r, on_token, &f)) finished->push_back(std::move(f));
 }
 
@@ -315,9 +319,11 @@ void PipelineGenerator::Poll(bool wait, const std::function<void(int, int32_t)>&
           s.temperature = r.Get<float>();
         }
         for (auto& [seq, s] : decided) {
-          const float* logits = r.Array<float>(vocab);
-          s.logits.assign(logits, logits + vocab);
-          ReadPromptScores(r, &s);
+          if (r.Get<int32_t>() != 0) {  // else a prefill chunk's pass, done
+            const float* logits = r.Array<float>(vocab);
+            s.logits.assign(logits, logits + vocab);
+            ReadPromptScores(r, &s);
+          }
           Take(seq, s, on_token, finished);
         }
         if (d == stages_ - 1) ++passes_done_;  // the last stage answers every pass
@@ -348,6 +354,8 @@ std::vector<FinishedSequence> PipelineGenerator::Advance(
   const int most = (active() + stages_ - 1) / stages_;
   std::vector<StageItem> items;
   std::vector<int32_t> ids;
+  // Chunked prefill: the prompt rows this pass may take (prompts being scored go whole).
+  int chunk = gen_->prefill_chunk() > 0 ? gen_->prefill_chunk() : std::numeric_limits<int>::max();
   const int first = next_slot_;
   for (int k = 0; k < gen_->max_sequences() && static_cast<int>(items.size()) < most; ++k) {
     const int s = (first + k) % gen_->max_sequences();
@@ -357,10 +365,15 @@ std::vector<FinishedSequence> PipelineGenerator::Advance(
     StageItem it;
     it.seq = s;
     const bool starts = gen_->starts(s);
+    const bool scoring = starts && gen_->request(s).prompt_logprobs;
+    if (starts && !scoring && chunk == 0) continue;  // this pass's prompt rows are taken
     it.start = gen_->length(s);  // when it starts: its cached prefix (prefix caching), or 0
     it.early_exit = gen_->early_exit(s);
-    if (starts) it.kv_pages = gen_->kv_pages(s);
-    const std::vector<int32_t> next = gen_->TakeNext(s);
+    if (starts) it.kv_pages = gen_->kv_pages(s);  // (again with each chunk: the same)
+    const int take = starts && !scoring ? chunk : std::numeric_limits<int>::max();
+    it.partial = take < gen_->next_length(s);
+    const std::vector<int32_t> next = gen_->TakeNext(s, take);
+    if (starts && !scoring) chunk -= static_cast<int>(next.size());
     it.n = static_cast<int>(next.size());
     if (starts && gen_->request(s).prompt_logprobs) {  // the last stage scores the prompt
       it.score_ids = next;
@@ -397,8 +410,8 @@ std::vector<FinishedSequence> PipelineGenerator::Advance(
   }
   for (size_t k = 0; k < items.size(); ++k) {
     in_flight_[items[k].seq] = 1;
-    if (!items[k].live) {
-      ++stats_.decided_here;
+    if (!items[k].live || (items[k].partial && stages_ == 1)) {
+      stats_.decided_here += !items[k].live;
       Take(items[k].seq, r[k], on_token, &finished);
     }
   }
@@ -452,11 +465,14 @@ void PipelineGenerator::Work() {
     stats_.pass_seconds += timer.Seconds();
     ++stats_.passes;
     stats_.rows += rows;
+    // Decided here; on the last stage also the prefill chunks before their last (no head runs
+    // for them), whose passes the leader waits for.
     std::vector<int> decided;
     for (size_t k = 0; k < items.size(); ++k) {
-      if (!r[k].logits.empty()) decided.push_back(static_cast<int>(k));
+      if (!r[k].logits.empty() || (last && items[k].partial))
+        decided.push_back(static_cast<int>(k));
+      stats_.decided_here += !r[k].logits.empty();
     }
-    stats_.decided_here += decided.size();
     if (decides && (!decided.empty() || last)) {  // the last stage answers every pass
       Writer w;
       w.Put<int32_t>(static_cast<int32_t>(decided.size()));
@@ -467,13 +483,15 @@ void PipelineGenerator::Work() {
         w.Put<float>(r[k].temperature);
       }
       for (int k : decided) {
+        w.Put<int32_t>(!r[k].logits.empty());
+        if (r[k].logits.empty()) continue;
         std::copy_n(r[k].logits.data(), vocab, w.Grow<float>(vocab));
         WritePromptScores(r[k], &w);
       }
       out.Send(Rank(0, 0), kDecisionTag, w.Take());
     }
     if (!last) {
-      for (int k : decided) items[k].live = false;
+      for (int k : decided) items[k].live = false;  // (never a chunk: no head runs for those)
       auto [w, body] = EncodePass<float>(items, ch);
       gen_->model()->backend()->CopyToHost(body, gen_->stage_output(), rows * ch * sizeof(float));
       out.Send(downstream, kPassTag, w.Take());

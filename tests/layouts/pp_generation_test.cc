@@ -188,6 +188,7 @@ TEST(PpServing, TheLeaderServesWhatOneProcessServes) {
   // pass tells every stage its pages and cached length.
   Generator stage_gen(part->loaded.model.get(), 32, 2, /*kv_tokens=*/60);
   stage_gen.EnablePrefixCaching();
+  stage_gen.SetPrefillChunk(8);  // prompts of 9-30 tokens go in chunks
   PipelineGenerator pipeline(&stage_gen, messages.get(), pp, tp);
   if (!pipeline.leader()) {
     pipeline.Work();
