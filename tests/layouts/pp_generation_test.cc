@@ -265,6 +265,7 @@ TEST(PpServing, TheLeaderServesWhatOneProcessServes) {
     EXPECT_EQ(got[4 + k][0].exit_index, want_turn[k].exit_index) << "turn " << k;
   }
   EXPECT_EQ(got[5][0].cached_prompt_tokens, 16);
+  EXPECT_EQ(service.stats().prefix_cached_tokens, 16);
 }
 
 INSTANTIATE_TEST_SUITE_P(
