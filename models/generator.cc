@@ -26,6 +26,9 @@ Generator::Generator(Model* model, int capacity, int max_sequences, int kv_token
   const ModelConfig& local = *model->ctx().cfg;  // this tensor-parallel rank's heads
   const size_t ch = c.hidden_size;
   kv_by_request_ = kv_tokens > 0;
+  // Whether a page's block-exit K/V matter is the leader's decision for every stage of a
+  // pipeline, so it looks at every exit, not only this stage's.
+  for (const ExitConfig& x : c.exits) block_exits_ |= x.kind == ExitKind::kBlock;
   const int seq_pages = PagesFor(capacity);
   const int64_t pages = kv_by_request_ ? PagesFor(kv_tokens) : int64_t{seq_pages} * max_sequences;
   EE_CHECK(pages * kKvPageTokens <= (int64_t{1} << 31) - 1, "a KV cache of ", pages * kKvPageTokens,
@@ -43,7 +46,6 @@ Generator::Generator(Model* model, int capacity, int max_sequences, int kv_token
     if (c.exits[i].kind == ExitKind::kBlock && model->ExitIsLocal(static_cast<int>(i))) {
       kv = KvLayer{arena_.Operands(rows * kv_row_), arena_.Operands(rows * kv_row_)};
     }
-    block_exits_ |= kv.k.data != nullptr;
     pool_exit_kv_.push_back(kv);
   }
   pool_frontier_ = arena_.Floats(rows * ch);

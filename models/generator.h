@@ -439,9 +439,10 @@ class Generator : public SequenceBatcher {
   bool prefix_caching_ = false;
   bool keep_pages_ = false;  // KeepPagesWhileRunning
   int prefill_chunk_ = 0;
-  bool block_exits_ = false;  // the model has local block exits (their K/V are in the pages)
-  int kv_pages_ = 0;          // in the pools
-  size_t kv_row_ = 0;         // elements of one token's K (or V) per layer
+  // The model has block exits, on any stage: their K/V are in the pages (each stage's of its own).
+  bool block_exits_ = false;
+  int kv_pages_ = 0;                             // in the pools
+  size_t kv_row_ = 0;                            // elements of one token's K (or V) per layer
   std::vector<KvLayer> pool_kv_, pool_exit_kv_;  // [kv_pages_ * kKvPageTokens, kv_row_] each
   float* pool_frontier_ = nullptr;               // [kv_pages_ * kKvPageTokens, c]
   KvPagePool page_pool_;                         // kv_tokens > 0

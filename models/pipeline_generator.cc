@@ -360,17 +360,18 @@ std::vector<FinishedSequence> PipelineGenerator::Advance(
   for (int k = 0; k < gen_->max_sequences() && static_cast<int>(items.size()) < most; ++k) {
     const int s = (first + k) % gen_->max_sequences();
     if (!gen_->busy(s) || in_flight_[s]) continue;
-    if (static_cast<int>(ids.size()) + gen_->next_length(s) > gen_->row_budget()) continue;
+    const bool starts = gen_->starts(s);
+    const bool scoring = starts && gen_->request(s).prompt_logprobs;
+    const int take = starts && !scoring ? chunk : std::numeric_limits<int>::max();
+    const int rows = std::min(take, gen_->next_length(s));
+    if (rows == 0) continue;  // this pass's prompt rows are taken
+    if (static_cast<int>(ids.size()) + rows > gen_->row_budget()) continue;
     next_slot_ = s + 1;
     StageItem it;
     it.seq = s;
-    const bool starts = gen_->starts(s);
-    const bool scoring = starts && gen_->request(s).prompt_logprobs;
-    if (starts && !scoring && chunk == 0) continue;  // this pass's prompt rows are taken
     it.start = gen_->length(s);  // when it starts: its cached prefix (prefix caching), or 0
     it.early_exit = gen_->early_exit(s);
     if (starts) it.kv_pages = gen_->kv_pages(s);  // (again with each chunk: the same)
-    const int take = starts && !scoring ? chunk : std::numeric_limits<int>::max();
     it.partial = take < gen_->next_length(s);
     const std::vector<int32_t> next = gen_->TakeNext(s, take);
     if (starts && !scoring) chunk -= static_cast<int>(next.size());

@@ -199,12 +199,12 @@ TEST(PpServing, TheLeaderServesWhatOneProcessServes) {
   reqs[1].stop = [](const std::vector<int32_t>& t) { return t.size() == 3; };
   reqs[2].stop = [](const std::vector<int32_t>& t) { return t.size() == 1; };
   std::vector<GenerationResult> want;
-  // A conversation: the second turn's prompt is the first's, its answer and 2 more tokens (30);
-  // it holds the first turn's cached page.
-  std::vector<GenerationRequest> turns(2);
+  // A conversation: the second turn's prompt is the first's, its answer and 2 more tokens (30).
+  // The first turn runs the full model, so the block exit on a deeper stage wrote no K/V for its
+  // pages: the second (early exit) computes its own, which a third turn like it then holds.
+  std::vector<GenerationRequest> turns(3);
   turns[0].prompt = testing::RandomTokens(20, c.vocab_size, 17);
   turns[0].max_new_tokens = 8;
-  turns[0].early_exit.threshold = 0.4f;
   std::vector<GenerationResult> want_turn;
   {
     auto whole = LoadModelFromCheckpoint(file, be.get());
@@ -218,11 +218,14 @@ TEST(PpServing, TheLeaderServesWhatOneProcessServes) {
                            want_turn[0].tokens.end());
     turns[1].prompt.insert(turns[1].prompt.end(), {3, 5});
     turns[1].max_new_tokens = 2;
+    turns[1].early_exit.threshold = 0.4f;
     want_turn.push_back(g.GenerateBatch({turns[1]})->at(0));
+    turns[2] = turns[1];
+    want_turn.push_back(want_turn[1]);
   }
   std::remove(file.c_str());
   GenerationService service(&pipeline, nullptr, /*own_thread=*/false);
-  std::vector<std::vector<GenerationResult>> got(6);
+  std::vector<std::vector<GenerationResult>> got(7);
   int cancelled_count = 0;
   std::thread clients([&] {
     got[0] = *service.Generate(reqs);
@@ -239,6 +242,7 @@ TEST(PpServing, TheLeaderServesWhatOneProcessServes) {
     got[3] = *service.Generate(reqs);
     got[4] = *service.Generate({turns[0]});
     got[5] = *service.Generate({turns[1]});
+    got[6] = *service.Generate({turns[2]});
     service.Shutdown();
   });
   service.Run();
@@ -259,12 +263,13 @@ TEST(PpServing, TheLeaderServesWhatOneProcessServes) {
   }
   EXPECT_GE(cancelled_count, 3);
   EXPECT_EQ(service.generator().free_slots(), 2) << "a slot was lost";
-  for (int k = 0; k < 2; ++k) {
+  for (int k = 0; k < 3; ++k) {
     ASSERT_EQ(got[4 + k].size(), 1u);
     EXPECT_EQ(got[4 + k][0].tokens, want_turn[k].tokens) << "turn " << k;
     EXPECT_EQ(got[4 + k][0].exit_index, want_turn[k].exit_index) << "turn " << k;
   }
-  EXPECT_EQ(got[5][0].cached_prompt_tokens, 16);
+  EXPECT_EQ(got[5][0].cached_prompt_tokens, 0);
+  EXPECT_EQ(got[6][0].cached_prompt_tokens, 16);
   EXPECT_EQ(service.stats().prefix_cached_tokens, 16);
 }
 
