@@ -320,9 +320,9 @@ std::vector<StepResult> Generator::StagePass(const std::vector<StageItem>& items
     it.ee = si.live && q.checks_exits && si.score_ids.empty() ? &si.early_exit : nullptr;
     it.out = &out[k];
     if (!si.score_ids.empty() && model_->is_last_stage()) {
-      EE_CHECK(si.start == 0 && static_cast<int>(si.score_ids.size()) == si.n,
-               "StagePass: sequence ", si.seq, " scores a prompt of ", si.score_ids.size(),
-               " tokens in a pass of ", si.n, " at ", si.start);
+      EE_CHECK(si.start + si.n <= static_cast<int>(si.score_ids.size()), "StagePass: sequence ",
+               si.seq, " scores a prompt of ", si.score_ids.size(), " tokens in a pass of ", si.n,
+               " at ", si.start);
       it.score_ids = si.score_ids.data();
       it.score_top = si.score_top;
     }

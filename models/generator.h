@@ -254,6 +254,8 @@ class Generator : public SequenceBatcher {
   // never change while it runs there (its stages hold copies of its page table), so a page
   // another one already registered is not swapped for it.
   void RegisterCompletePages(int slot);
+  // A prefill chunk's pass (no token yet): keeps the prompt scores it brought, if any.
+  void KeepPromptScores(int slot, const StepResult& r);
   void KeepPagesWhileRunning() { keep_pages_ = true; }
   // Ends the sequence in `slot` now (its request was cancelled, or a tensor-parallel follower
   // mirrors a stop its leader's callback decided); returns what it generated so far.

@@ -299,16 +299,20 @@ std::vector<Generator::Finished> Generator::Advance(
     if (ids[s].empty()) continue;
     // Its whole pages are registered before a finished sequence releases them.
     if (prefix_caching_) RegisterPages(seqs_[s]);
-    if (partial[s]) {  // no token yet; a prompt being scored keeps its chunk's scores
-      GenerationResult& g = seqs_[s].result;
-      g.prompt_logprobs.insert(g.prompt_logprobs.end(), r[s].prompt_logprobs.begin(),
-                               r[s].prompt_logprobs.end());
-      g.prompt_top.insert(g.prompt_top.end(), r[s].prompt_top.begin(), r[s].prompt_top.end());
+    if (partial[s]) {  // no token yet
+      KeepPromptScores(static_cast<int>(s), r[s]);
       continue;
     }
     if (Accept(static_cast<int>(s), r[s], on_token, &f)) finished.push_back(std::move(f));
   }
   return finished;
+}
+
+void Generator::KeepPromptScores(int slot, const StepResult& r) {
+  GenerationResult& g = seqs_.at(slot).result;
+  g.prompt_logprobs.insert(g.prompt_logprobs.end(), r.prompt_logprobs.begin(),
+                           r.prompt_logprobs.end());
+  g.prompt_top.insert(g.prompt_top.end(), r.prompt_top.begin(), r.prompt_top.end());
 }
 
 std::vector<int32_t> Generator::TakeNext(int slot, int most) {
@@ -332,10 +336,7 @@ bool Generator::Accept(int slot, const StepResult& r,
     q.result.prefill_seconds = q.timer.Seconds();
     q.timer.Reset();
     q.prefilled = true;
-    // The last chunk's scores (earlier chunks' came in Advance).
-    q.result.prompt_logprobs.insert(q.result.prompt_logprobs.end(), r.prompt_logprobs.begin(),
-                                    r.prompt_logprobs.end());
-    q.result.prompt_top.insert(q.result.prompt_top.end(), r.prompt_top.begin(), r.prompt_top.end());
+    KeepPromptScores(slot, r);  // the last chunk's (earlier chunks' were kept as they came)
     if (q.request.max_new_tokens == 0) {  // the prompt was to be scored only
       Finish(slot, FinishReason::kLength, finished);
       return true;

@@ -288,7 +288,10 @@ void PipelineGenerator::Take(int slot, const StepResult& r,
   }
   FinishedSequence f;
   gen_->RegisterCompletePages(slot);
-  if (r.logits.empty()) return;  // a prefill chunk before the last: its pass is done
+  if (r.logits.empty()) {  // a prefill chunk before the last: its pass is done
+    gen_->KeepPromptScores(slot, r);
+    return;
+  }
   if (gen_->Accept(slot, r, on_token, &f)) finished->push_back(std::move(f));
 }
 
@@ -322,8 +325,8 @@ void PipelineGenerator::Poll(bool wait, const std::function<void(int, int32_t)>&
           if (r.Get<int32_t>() != 0) {  // else a prefill chunk's pass, done
             const float* logits = r.Array<float>(vocab);
             s.logits.assign(logits, logits + vocab);
-            ReadPromptScores(r, &s);
           }
+          ReadPromptScores(r, &s);
           Take(seq, s, on_token, finished);
         }
         if (d == stages_ - 1) ++passes_done_;  // the last stage answers every pass
@@ -354,7 +357,7 @@ std::vector<FinishedSequence> PipelineGenerator::Advance(
   const int most = (active() + stages_ - 1) / stages_;
   std::vector<StageItem> items;
   std::vector<int32_t> ids;
-  // Chunked prefill: the prompt rows this pass may take (prompts being scored go whole).
+  // Chunked prefill: the prompt rows this pass may take.
   int chunk = gen_->prefill_chunk() > 0 ? gen_->prefill_chunk() : std::numeric_limits<int>::max();
   const int first = next_slot_;
   for (int k = 0; k < gen_->max_sequences() && static_cast<int>(items.size()) < most; ++k) {
@@ -362,7 +365,7 @@ std::vector<FinishedSequence> PipelineGenerator::Advance(
     if (!gen_->busy(s) || in_flight_[s]) continue;
     const bool starts = gen_->starts(s);
     const bool scoring = starts && gen_->request(s).prompt_logprobs;
-    const int take = starts && !scoring ? chunk : std::numeric_limits<int>::max();
+    const int take = starts ? chunk : std::numeric_limits<int>::max();
     const int rows = std::min(take, gen_->next_length(s));
     if (rows == 0) continue;  // this pass's prompt rows are taken
     if (static_cast<int>(ids.size()) + rows > gen_->row_budget()) continue;
@@ -374,10 +377,10 @@ std::vector<FinishedSequence> PipelineGenerator::Advance(
     if (starts) it.kv_pages = gen_->kv_pages(s);  // (again with each chunk: the same)
     it.partial = take < gen_->next_length(s);
     const std::vector<int32_t> next = gen_->TakeNext(s, take);
-    if (starts && !scoring) chunk -= static_cast<int>(next.size());
+    if (starts) chunk -= static_cast<int>(next.size());
     it.n = static_cast<int>(next.size());
-    if (starts && gen_->request(s).prompt_logprobs) {  // the last stage scores the prompt
-      it.score_ids = next;
+    if (scoring) {  // the last stage scores the prompt's rows of this pass, by position
+      it.score_ids = gen_->request(s).prompt;
       it.score_top = gen_->request(s).top_logprobs;
     }
     ids.insert(ids.end(), next.begin(), next.end());
@@ -485,8 +488,7 @@ void PipelineGenerator::Work() {
       }
       for (int k : decided) {
         w.Put<int32_t>(!r[k].logits.empty());
-        if (r[k].logits.empty()) continue;
-        std::copy_n(r[k].logits.data(), vocab, w.Grow<float>(vocab));
+        if (!r[k].logits.empty()) std::copy_n(r[k].logits.data(), vocab, w.Grow<float>(vocab));
         WritePromptScores(r[k], &w);
       }
       out.Send(Rank(0, 0), kDecisionTag, w.Take());

@@ -99,6 +99,7 @@ TEST_P(PpGeneration, EveryLayoutGeneratesWhatTheWholeModelGenerates) {
     ASSERT_TRUE(part.ok()) << part.status();
     const int stage = part->stage;
     Generator stage_gen(part->loaded.model.get(), 32, 4);
+    stage_gen.SetPrefillChunk(5);  // prompts of 3-14 tokens, scored ones too, in chunks
     PipelineGenerator pipeline(&stage_gen, messages.get(), pp, tp);
     std::vector<int> streamed(reqs.size());
     auto got = pipeline.GenerateBatch(reqs, [&](int i, int32_t) { ++streamed[i]; });
