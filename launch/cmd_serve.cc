@@ -104,10 +104,9 @@ int RunServeCommand() {
   const ModelConfig& c = model.config();
   // By default one pool of a context per slot: every sequence fits (nothing is preempted), and
   // pages are shared and cached (prefix caching).
-  const int64_t context_pages =
-      (c.max_seq_len + Generator::kKvPageTokens - 1) / Generator::kKvPageTokens;
-  const int64_t pool =
-      kv_tokens > 0 ? kv_tokens : max_batch * context_pages * Generator::kKvPageTokens;
+  const int64_t pool = kv_tokens > 0 ? kv_tokens
+                                     : int64_t{max_batch} * Generator::PagesFor(c.max_seq_len) *
+                                           Generator::kKvPageTokens;
   if (kv_tokens == 0 && pool > (int64_t{1} << 31) - Generator::kKvPageTokens) {
     return Fail(absl::InvalidArgumentError(
         absl::StrCat("--max_batch ", max_batch, " x the context ", c.max_seq_len,

@@ -225,15 +225,18 @@ std::vector<size_t> TextOffsets(const Tokenizer& tok, const std::vector<int32_t>
     return offsets;
   }
   // The characters of the text up to the last point where it is valid UTF-8, and the bytes after
-  // it: replacing invalid UTF-8 restarts there, so the prefix counts stay exact.
+  // it (and their replaced form): replacing invalid UTF-8 restarts there, so the prefix counts
+  // stay exact.
   size_t chars = 0;
-  std::string tail;
+  std::string tail, safe_tail;
   for (size_t k = 0; k < n; ++k) {
-    offsets[k] = chars + (tail.empty() ? 0 : Characters(Utf8Safe(tail)));
+    offsets[k] = chars + Characters(safe_tail);
     tail += pieces[k];
-    if (Utf8Safe(tail) == tail) {
+    safe_tail = Utf8Safe(tail);
+    if (safe_tail == tail) {
       chars += Characters(tail);
       tail.clear();
+      safe_tail.clear();
     }
   }
   return offsets;

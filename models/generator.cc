@@ -131,9 +131,12 @@ void Generator::EnablePrefixCaching() {
   prefix_caching_ = true;
 }
 
-std::vector<int32_t> Generator::CachedPrefix(const std::vector<int32_t>& tokens,
-                                             bool exit_kv) const {
+std::vector<int32_t> Generator::CachedPrefix(const GenerationRequest& r,
+                                             const std::vector<int32_t>& tokens,
+                                             bool scoring) const {
   std::vector<int32_t> pages;
+  if (!prefix_caching_ || scoring) return pages;
+  const bool exit_kv = block_exits_ && KeepsExitKv(r);
   int32_t parent = -1;
   // Whole pages of all but the last token: the prefill computes at least one row (its newest).
   for (size_t i = 0; (i + 1) * kKvPageTokens < tokens.size(); ++i) {
@@ -147,19 +150,15 @@ std::vector<int32_t> Generator::CachedPrefix(const std::vector<int32_t>& tokens,
 int Generator::PagesToStart(const GenerationRequest& r, const std::vector<int32_t>& tokens,
                             int reserve, bool scoring) const {
   int held = 0;
-  if (prefix_caching_ && !scoring) {
-    for (int32_t p : CachedPrefix(tokens, block_exits_ && KeepsExitKv(r))) {
-      held += page_pool_.holders(p) > 0;
-    }
-  }
+  for (int32_t p : CachedPrefix(r, tokens, scoring)) held += page_pool_.holders(p) > 0;
   return PagesFor(reserve) - held;
 }
 
 int Generator::UseCachedPrefix(Sequence& q) {
   EE_CHECK(q.pages.empty() && q.len == 0, "a cached prefix for a sequence that holds pages");
   q.registered_pages = 0;
-  if (!prefix_caching_ || (q.request.prompt_logprobs && !q.prefilled)) return 0;
-  const std::vector<int32_t> pages = CachedPrefix(q.next, block_exits_ && KeepsExitKv(q.request));
+  const std::vector<int32_t> pages =
+      CachedPrefix(q.request, q.next, q.request.prompt_logprobs && !q.prefilled);
   if (pages.empty()) return 0;
   for (int32_t p : pages) page_pool_.Hold(p);
   q.pages.assign(pages.begin(), pages.end());

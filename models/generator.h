@@ -193,6 +193,7 @@ class Generator : public SequenceBatcher {
   int64_t prefix_cached_tokens() const override { return prefix_cached_tokens_; }
   int kv_cached_pages() const { return page_pool_.cached(); }  // registered, held by none
   static constexpr int kKvPageTokens = KvPagePool::kPageTokens;
+  static int PagesFor(int tokens) { return (tokens + kKvPageTokens - 1) / kKvPageTokens; }
   int capacity() const override { return capacity_; }
   Model* model() const { return model_; }
   int kv_tokens() const override { return kv_pages_ * kKvPageTokens; }
@@ -382,7 +383,6 @@ class Generator : public SequenceBatcher {
   bool AcceptSpeculative(int slot, const StepResult& r,
                          const std::function<void(int, int32_t)>& on_token, Finished* finished);
   // ---- the paged KV cache ----
-  int PagesFor(int tokens) const { return (tokens + kKvPageTokens - 1) / kKvPageTokens; }
   // Gives the sequence free pages until they hold `tokens` (the page after its last when free,
   // else the lowest); false, taking none, when too few are free.
   bool GrowKv(Sequence& q, int tokens);
@@ -391,8 +391,10 @@ class Generator : public SequenceBatcher {
   void SyncPageTable(Sequence& q, size_t first);
   void ReleaseKv(Sequence& q);  // frees its pages (kv_tokens > 0)
   // Prefix caching: the registered pages holding the first whole pages of `tokens` but its last
-  // token, complete with block exits' K/V when `exit_kv`.
-  std::vector<int32_t> CachedPrefix(const std::vector<int32_t>& tokens, bool exit_kv) const;
+  // token, which a prefill of them for `r` would hold: with block exits' K/V when `r` checks
+  // exits; none without prefix caching or for a prompt being scored (`scoring`).
+  std::vector<int32_t> CachedPrefix(const GenerationRequest& r, const std::vector<int32_t>& tokens,
+                                    bool scoring) const;
   // A sequence about to prefill q.next (no pages yet) holds its cached prefix's pages and leaves
   // the rest to compute; returns the tokens found.
   int UseCachedPrefix(Sequence& q);
