@@ -287,6 +287,7 @@ absl::StatusOr<std::string> SaveShardedCheckpoint(
   if (!shard_name.empty()) {
     status = WriteShard(tmp, shard_name, meta, chunks, options.fail_after_tensors);
   }
+  if (status.ok() && options.write_more) status = options.write_more(tmp);
   if (any_failed(status)) {
     if (world.rank() == 0) {
       std::error_code ec;

@@ -18,6 +18,7 @@
 // every loader accepts a root directory, a step directory, a top-level file or such a file.
 #pragma once
 
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -50,6 +51,9 @@ struct ShardedSaveOptions {
   // The backend whose memory `world` communicates (the one the communicator was made with):
   // the ranks' agreement flags go through its buffers. Null: host memory.
   Backend* backend = nullptr;
+  // Called on every rank after its own shard, with the staging directory: writes more shards
+  // (WriteShard) before the ranks agree that the checkpoint is complete. Null: none.
+  std::function<absl::Status(const std::string& staging_dir)> write_more;
 };
 
 // Collective over `world`: every rank calls it. `shard_name` ("tp0_pp1") names this rank's

@@ -26,6 +26,40 @@ ChunkState ChunkStateFor(Model& chunk, int tp_rank, int tp_size, bool first_virt
   return st;
 }
 
+absl::Status WriteLayersPastDepth(const std::string& staging_dir, const CheckpointMeta& meta,
+                                  const ModelConfig& c, int depth, const std::string& source,
+                                  bool moments, bool source_moments, int writer, int writers) {
+  std::unique_ptr<Backend> cpu;
+  for (int layer = depth; layer < c.num_layers; ++layer) {
+    if ((layer - depth) % writers != writer) continue;
+    if (cpu == nullptr) {
+      ASSIGN_OR_RETURN(cpu, MakeBackend("cpu"));
+    }
+    // The layer as the one-layer stage of an uncut model, less its exits (the cut model holds
+    // an exit reading depth `depth`) and its copy of a tied word embedding.
+    ASSIGN_OR_RETURN(auto part, Model::Create(c, cpu.get(), StageSpec{layer, c.num_layers}));
+    ChunkState st = ChunkStateFor(*part, 0, 1, /*first_virtual_stage=*/false);
+    for (const ParamInfo& p : part->params().params()) {
+      if (Model::IsExitTensor(p.name)) st.skip.push_back(p.name);
+    }
+    Buffer m, v;
+    if (moments) {
+      const size_t n = part->params().padded_size();
+      m = Buffer(cpu.get(), n * sizeof(float));
+      v = Buffer(cpu.get(), n * sizeof(float));
+      cpu->Fill(m.f32(), n, 0.0f);
+      cpu->Fill(v.f32(), n, 0.0f);
+      st.adam_m = m.f32();
+      st.adam_v = v.f32();
+    }
+    ChunkState load = st;
+    if (!source_moments) load.adam_m = load.adam_v = nullptr;
+    RETURN_IF_ERROR(LoadCheckpoint(source, {load}));
+    RETURN_IF_ERROR(WriteShard(staging_dir, absl::StrCat("rest_l", layer), meta, {st}));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::vector<LayoutChunk>> SplitForLayout(Model& whole, const float* m,
                                                         const float* v, int tp, int pp) {
   const ModelConfig& c = whole.config();

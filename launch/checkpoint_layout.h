@@ -46,4 +46,15 @@ absl::StatusOr<std::string> WriteCheckpointForLayout(const std::string& root,
                                                      const float* m, const float* v, int tp, int pp,
                                                      int keep_last = 0);
 
+// A run of a model cut after layer `depth` (StageSpec::depth, EE-Tuning) keeps its checkpoints
+// whole by copying what it does not hold, layers [depth, num_layers) and the final norm and
+// head, from `source` (the whole checkpoint it started from or saved last) into
+// `staging_dir`: one shard per layer (shard_rest_l<layer>.h5, the final head with the last
+// layer), those with (layer - depth) % writers == writer, one layer in host memory at a time.
+// With `moments`, the shards hold AdamW moments too: `source`'s when `source_moments`, else
+// zeros (a fresh optimizer's, which a frozen tensor keeps).
+absl::Status WriteLayersPastDepth(const std::string& staging_dir, const CheckpointMeta& meta,
+                                  const ModelConfig& c, int depth, const std::string& source,
+                                  bool moments, bool source_moments, int writer, int writers);
+
 }  // namespace eellm

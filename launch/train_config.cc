@@ -71,7 +71,8 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
                                    "exit_placement",
                                    "communicator",
                                    "virtual_stages",
-                                   "freeze_backbone"},
+                                   "freeze_backbone",
+                                   "skip_layers_past_exits"},
                                   "train config"));
     RETURN_IF_ERROR(ReadJsonField(tj, "data", "train config", &t.data));
     RETURN_IF_ERROR(ReadJsonField(tj, "tokenizer", "train config", &t.tokenizer));
@@ -105,6 +106,8 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
         ReadJsonField(tj, "overlap_grad_reduce", "train config", &t.overlap_grad_reduce));
     RETURN_IF_ERROR(ReadJsonField(tj, "virtual_stages", "train config", &t.virtual_stages));
     RETURN_IF_ERROR(ReadJsonField(tj, "freeze_backbone", "train config", &t.freeze_backbone));
+    RETURN_IF_ERROR(
+        ReadJsonField(tj, "skip_layers_past_exits", "train config", &t.skip_layers_past_exits));
   }
   for (auto [v, k] : {std::pair{t.batch_size, "batch_size"},
                       {t.seq_len, "seq_len"},
@@ -181,7 +184,8 @@ std::string TrainConfigToJson(const TrainConfig& t) {
             {"zero1", t.zero1},
             {"grad_bucket_size", t.grad_bucket_size},
             {"overlap_grad_reduce", t.overlap_grad_reduce},
-            {"freeze_backbone", t.freeze_backbone}};
+            {"freeze_backbone", t.freeze_backbone},
+            {"skip_layers_past_exits", t.skip_layers_past_exits}};
   return j.dump(2);
 }
 

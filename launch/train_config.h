@@ -52,6 +52,12 @@ struct TrainConfig {
   // "exits"); every other parameter is frozen, the backbone runs forward only and no gradient
   // crosses pipeline stages. Usually with --init-from a converted model with added exits.
   bool freeze_backbone = false;
+  // EE-Tuning at scale (with freeze_backbone): build and load only the layers up to the deepest
+  // exit, without the final norm and head; the pipeline stages split those layers. Needs a
+  // checkpoint to start from (--init-from or --resume): saves copy the layers past the deepest
+  // exit and the final head from it (then from the run's own last save), so checkpoints stay
+  // whole. Validation then reports the exits alone.
+  bool skip_layers_past_exits = false;
 };
 
 struct RunConfig {

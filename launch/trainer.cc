@@ -121,6 +121,10 @@ std::string FormatLosses(const ModelConfig& c, double final_loss, const std::vec
 
 }  // namespace
 
+int SplitDepth(const RunConfig& rc) {
+  return rc.train.skip_layers_past_exits ? Model::DeepestExitDepth(rc.model) : rc.model.num_layers;
+}
+
 int MicrobatchesPerStep(const TrainConfig& t) {
   const int rows = t.dp > 0 ? t.batch_size / t.dp : 0;
   const int micro = t.micro_batch_size > 0 ? t.micro_batch_size : rows;
@@ -137,12 +141,25 @@ absl::Status ValidateLayout(const RunConfig& rc) {
   if (t.virtual_stages < 1) {
     return bad("virtual_stages must be >= 1, got ", t.virtual_stages);
   }
-  if (m.num_layers % t.pp != 0) {
-    return bad("num_layers ", m.num_layers, " does not divide into pp ", t.pp, " pipeline stages");
+  if (t.skip_layers_past_exits) {
+    if (!t.freeze_backbone) {
+      return bad("skip_layers_past_exits is for EE-Tuning: it needs freeze_backbone");
+    }
+    if (Model::DeepestExitDepth(m) < 1) {
+      return bad("skip_layers_past_exits: the model has no exit after a layer");
+    }
   }
-  if (m.num_layers % (t.pp * t.virtual_stages) != 0) {
-    return bad("num_layers ", m.num_layers, " does not divide into pp ", t.pp, " x virtual_stages ",
-               t.virtual_stages, " = ", t.pp * t.virtual_stages, " model chunks");
+  // The layers the pipeline stages split.
+  const int split = SplitDepth(rc);
+  const std::string layers =
+      split == m.num_layers ? absl::StrCat("num_layers ", split)
+                            : absl::StrCat("the ", split, " layers up to the deepest exit");
+  if (split % t.pp != 0) {
+    return bad(layers, " does not divide into pp ", t.pp, " pipeline stages");
+  }
+  if (split % (t.pp * t.virtual_stages) != 0) {
+    return bad(layers, " does not divide into pp ", t.pp, " x virtual_stages ", t.virtual_stages,
+               " = ", t.pp * t.virtual_stages, " model chunks");
   }
   if (m.num_heads % t.tp != 0) {
     return bad("num_heads ", m.num_heads, " is not divisible by tp ", t.tp);
@@ -235,11 +252,19 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   // This rank's model chunks: chunk k holds virtual stage k * pp + stage of pp * v (one chunk,
   // the pipeline stage itself, without interleaving).
   const int pp = tc.pp, nv = tc.virtual_stages;
+  // EE-Tuning without the layers past the deepest exit: the model is cut there.
+  const int cut = SplitDepth(rc) == mc.num_layers ? 0 : SplitDepth(rc);
+  if (cut > 0 && opts.init_from.empty() && opts.resume.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "skip_layers_past_exits needs a checkpoint to start from (--init-from or --resume): "
+        "saves copy layers ",
+        cut + 1, "-", mc.num_layers, " and the final head from it"));
+  }
   std::vector<std::unique_ptr<Model>> models;
   std::vector<Model*> chunks;
   for (int k = 0; k < nv; ++k) {
     ASSIGN_OR_RETURN(auto chunk,
-                     Model::Create(mc, backend, StageSpec{k * pp + ctx->coord.pp, pp * nv},
+                     Model::Create(mc, backend, StageSpec{k * pp + ctx->coord.pp, pp * nv, cut},
                                    TpSpec{ctx->coord.tp, tc.tp, ctx->tp.get()}));
     chunk->InitRandom(tc.seed);
     // Tensors every tensor-parallel rank holds whole count once in the gradient norm.
@@ -266,7 +291,7 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
       bool holds = false;
       for (int k = 0; k < nv; ++k) {
         holds |=
-            Model::StageHasWordEmbedding(mc, StageSpec{k * pp + ctx->grid.CoordOf(r).pp, pp * nv});
+            Model::StageHasWordEmbedding(mc, StageSpec{k * pp + ctx->grid.CoordOf(r).pp, pp * nv, cut});
       }
       if (holds && !emb_chunks.empty()) group.push_back(r);
     }
@@ -412,6 +437,14 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   const int n = rows * tc.seq_len;
   std::vector<int32_t> in(n), tg(n);
   std::string ckpt;  // the last step directory written
+  // A cut model's saves copy the layers past the cut from the checkpoint the run started from,
+  // then from its own last save (with the moments a fresh optimizer would keep after --init-from).
+  std::string rest_source;
+  bool rest_moments = opts.init_from.empty();
+  if (cut > 0) {
+    ASSIGN_OR_RETURN(rest_source,
+                     ResolveCheckpoint(opts.init_from.empty() ? opts.resume : opts.init_from));
+  }
   auto save = [&](int step) -> absl::Status {
     if (dopt.zero1()) {  // collective: every rank takes part
       for (int k = 0; k < nv; ++k) {
@@ -426,19 +459,32 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     meta.attrs["tokenizer"] = tc.tokenizer;
     meta.attrs["train_state"] = TrainStateJson(rc, step);
     const bool writes = ctx->coord.dp == 0;
-    ASSIGN_OR_RETURN(
-        ckpt,
-        SaveShardedCheckpoint(
-            tc.out, meta, writes ? states : std::vector<ChunkState>{},
-            writes ? absl::StrCat("tp", ctx->coord.tp, "_pp", ctx->coord.pp) : "", *ctx->world,
-            ShardedSaveOptions{tc.keep_checkpoints, opts.fail_save_after, backend}));
+    ShardedSaveOptions so{tc.keep_checkpoints, opts.fail_save_after, backend};
+    if (cut > 0 && writes) {  // the writing ranks share the layers past the cut
+      so.write_more = [&](const std::string& staging) {
+        return WriteLayersPastDepth(staging, meta, mc, cut, rest_source, true, rest_moments,
+                                    ctx->coord.pp * tc.tp + ctx->coord.tp, tc.pp * tc.tp);
+      };
+    }
+    ASSIGN_OR_RETURN(ckpt, SaveShardedCheckpoint(
+                               tc.out, meta, writes ? states : std::vector<ChunkState>{},
+                               writes ? absl::StrCat("tp", ctx->coord.tp, "_pp", ctx->coord.pp)
+                                      : "",
+                               *ctx->world, so));
+    if (cut > 0) {
+      ASSIGN_OR_RETURN(rest_source, ResolveCheckpoint(ckpt));
+      rest_moments = true;
+    }
     if (verbose) std::printf("saved %s (step %d)\n", ckpt.c_str(), step);
     return absl::OkStatus();
   };
   if (verbose) {
-    std::printf("model: %s, %lld parameters (%.2f M), %d layers, hidden %d, %zu exits\n",
+    const std::string layers =
+        cut > 0 ? absl::StrFormat("built: layers 1-%d of %d, no final head", cut, mc.num_layers)
+                : absl::StrFormat("%d layers", mc.num_layers);
+    std::printf("model: %s, %lld parameters (%.2f M), %s, hidden %d, %zu exits\n",
                 mc.style == ModelStyle::kGpt ? "gpt" : "llama",
-                static_cast<long long>(sum.num_params), sum.num_params / 1e6, mc.num_layers,
+                static_cast<long long>(sum.num_params), sum.num_params / 1e6, layers.c_str(),
                 mc.hidden_size, mc.exits.size());
     std::printf("data: %lld train / %lld val tokens; batch %d x %d = %d tokens/step; %d steps\n",
                 static_cast<long long>(train.size()), static_cast<long long>(val.size()),
@@ -451,15 +497,21 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
           "forward only through the rest",
           trainable / 1e6, tc.tp > 1 ? " (tensor-parallel rank 0's shards)" : "");
       const int depth = Model::DeepestExitDepth(mc);
-      if (depth < mc.num_layers) {
+      if (cut > 0) {
+        std::printf(
+            ", up to layer %d of %d (the deepest exit): layers %d-%d and the final head are "
+            "neither built nor loaded (saves copy them from %s), validation reports the exits",
+            depth, mc.num_layers, depth + 1, mc.num_layers, rest_source.c_str());
+      } else if (depth < mc.num_layers) {
         std::printf(
             ", up to layer %d of %d (the deepest exit): the final head's training loss "
-            "is not computed, validation runs every layer",
+            "is not computed, validation runs every layer (--skip-layers-past-exits: "
+            "neither build nor load the rest)",
             depth, mc.num_layers);
       }
       std::printf("\n");
       // Stages after the last one holding an exit have no work in a tuning step.
-      const int last = Model::LastStageWithExit(mc, tc.pp);
+      const int last = Model::LastStageWithExit(mc, tc.pp, cut);
       if (tc.virtual_stages <= 1 && last + 1 < tc.pp) {
         const std::string which = last + 2 == tc.pp
                                       ? absl::StrCat("stage ", last + 1, " holds")
@@ -473,7 +525,8 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
       Evaluate(exec, mc, backend, val, tc.eval_batches, tc.batch_size, rows, tc.seq_len, *ctx);
   if (verbose) {
     std::printf("eval step %d | val %s\n", start,
-                FormatLosses(mc, sum.first_eval.final_loss, sum.first_eval.exit_losses).c_str());
+                FormatLosses(mc, sum.first_eval.final_loss, sum.first_eval.exit_losses, cut == 0)
+                    .c_str());
   }
 
   Timer total, interval;
@@ -574,7 +627,7 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
           Evaluate(exec, mc, backend, val, tc.eval_batches, tc.batch_size, rows, tc.seq_len, *ctx);
       if (verbose) {
         std::printf("eval step %d | val %s\n", step + 1,
-                    FormatLosses(mc, e.final_loss, e.exit_losses).c_str());
+                    FormatLosses(mc, e.final_loss, e.exit_losses, cut == 0).c_str());
       }
     }
     if (tc.save_interval > 0 && (step + 1) % tc.save_interval == 0 && !last) {
@@ -588,7 +641,8 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
       Evaluate(exec, mc, backend, val, tc.eval_batches, tc.batch_size, rows, tc.seq_len, *ctx);
   if (verbose) {
     std::printf("eval step %d | val %s\n", tc.steps,
-                FormatLosses(mc, sum.last_eval.final_loss, sum.last_eval.exit_losses).c_str());
+                FormatLosses(mc, sum.last_eval.final_loss, sum.last_eval.exit_losses, cut == 0)
+                    .c_str());
     std::printf("trained %d steps in %.1f s: %.0f tokens/s\n", sum.steps_done, sum.seconds,
                 sum.tokens_per_second);
   }

@@ -61,6 +61,10 @@ absl::Status ValidateLayout(const RunConfig& rc);
 // microbatches of micro_batch_size (0: one microbatch). 0 where those do not divide.
 int MicrobatchesPerStep(const TrainConfig& t);
 
+// The layers the pipeline stages split: num_layers, or with skip_layers_past_exits the deepest
+// exit's depth.
+int SplitDepth(const RunConfig& rc);
+
 absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions& opts);
 
 }  // namespace eellm

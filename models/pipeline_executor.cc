@@ -26,10 +26,11 @@ Schedule TrainingSchedule(const std::vector<Model*>& chunks, int stages, int mic
   }
   if (place_exits) {
     const ModelConfig& c = chunks[0]->config();
-    const int per_virtual = c.num_layers / (stages * v);
     // Indexed by stage when v == 1 (the same thing), by virtual stage otherwise.
     std::vector<bool> has_exits(stages * v, false);
-    for (const ExitConfig& x : c.exits) has_exits[(x.layer - 1) / per_virtual] = true;
+    for (size_t i = 0; i < c.exits.size(); ++i) {
+      has_exits[Model::ExitStage(c, static_cast<int>(i), stages * v, chunks[0]->depth())] = true;
+    }
     s = PlaceExitHeads(s, has_exits);
   }
   // Interleaved: messages in batched exchanges, which NCCL's rendezvous sends need with more
@@ -152,8 +153,9 @@ void PipelineExecutor::set_frozen_backbone(bool frozen, bool stop_at_deepest_exi
   const ModelConfig& c = chunks_[0]->config();
   const int virtual_stages = ctx_->grid.pp() * static_cast<int>(chunks_.size());
   tune_depth_ = stop_at_deepest_exit ? Model::DeepestExitDepth(c) : c.num_layers;
-  const int last_virtual =
-      stop_at_deepest_exit ? Model::LastStageWithExit(c, virtual_stages) : virtual_stages - 1;
+  const int last_virtual = stop_at_deepest_exit ? Model::LastStageWithExit(
+                                                     c, virtual_stages, chunks_[0]->depth())
+                                               : virtual_stages - 1;
   if (frozen) {
     tune_schedule_ = TuneExitsSchedule(forward_schedule_, last_virtual);
     tune_rendezvous_ = CheckRendezvous(tune_schedule_);

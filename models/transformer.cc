@@ -16,9 +16,15 @@ constexpr char kExitPrefix[] = "exits.";  // exit heads' tensors: exits.<i>.*
 
 absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config, Backend* be,
                                                      StageSpec stage, TpSpec tp) {
+  const int depth = stage.depth == 0 ? config.num_layers : stage.depth;
+  if (depth < 1 || depth > config.num_layers || depth < DeepestExitDepth(config)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cannot cut the model after layer ", depth, ": it has ", config.num_layers,
+        " layers and its deepest exit reads layer ", DeepestExitDepth(config)));
+  }
   if (stage.stages < 1 || stage.stage < 0 || stage.stage >= stage.stages ||
-      config.num_layers % stage.stages != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("cannot split ", config.num_layers,
+      depth % stage.stages != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("cannot split ", depth,
                                                    " layers into pipeline stage ", stage.stage,
                                                    " of ", stage.stages));
   }
@@ -31,7 +37,9 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config, 
   std::unique_ptr<Model> m(new Model(config, be));
   m->tp_ = tp;
   if (tp.size > 1) m->local_ = LocalConfig(config, tp.size);
-  const int per_stage = config.num_layers / stage.stages;
+  const int per_stage = depth / stage.stages;
+  m->depth_ = depth;
+  m->stage_ = stage;
   m->first_layer_ = stage.stage * per_stage;
   m->end_layer_ = m->first_layer_ + per_stage;
   m->DeclareParams();
@@ -40,15 +48,23 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config, 
 }
 
 bool Model::ExitIsLocal(int i) const {
-  const int layer_index = config_.exits[i].layer - 1;
-  return layer_index >= first_layer_ && layer_index < end_layer_;
+  return ExitStage(config_, i, stage_.stages, depth_) == stage_.stage;
+}
+
+int Model::ExitStage(const ModelConfig& c, int i, int stages, int depth) {
+  const int per_stage = (depth == 0 ? c.num_layers : depth) / stages;
+  // A "pre" exit of the layer after a cut reads the cut's depth: the last stage's.
+  return std::min((c.exits[i].layer - 1) / per_stage, stages - 1);
 }
 
 bool Model::StageHasWordEmbedding(const ModelConfig& c, StageSpec stage) {
-  const int per_stage = c.num_layers / stage.stages;
-  const int first = stage.stage * per_stage, end = first + per_stage;
-  bool needs = stage.stage == 0 || (stage.stage == stage.stages - 1 && c.tie_embeddings);
-  for (const ExitConfig& x : c.exits) needs |= x.tied && x.layer - 1 >= first && x.layer - 1 < end;
+  const bool final_head = stage.depth == 0 || stage.depth == c.num_layers;
+  bool needs =
+      stage.stage == 0 || (stage.stage == stage.stages - 1 && final_head && c.tie_embeddings);
+  for (size_t i = 0; i < c.exits.size(); ++i) {
+    needs |= c.exits[i].tied &&
+             ExitStage(c, static_cast<int>(i), stage.stages, stage.depth) == stage.stage;
+  }
   return needs;
 }
 
@@ -61,8 +77,7 @@ void Model::DeclareParams() {
     if (split) params_.mutable_params()[i].split_dim = 0;
     return i;
   };
-  const int per_stage = end_layer_ - first_layer_;
-  if (StageHasWordEmbedding(c, StageSpec{first_layer_ / per_stage, c.num_layers / per_stage})) {
+  if (StageHasWordEmbedding(c, stage_)) {
     word_emb_ = vocab_rows("embedding.word.weight");
   }
   if (is_first_stage() && c.learned_positions()) {
@@ -75,7 +90,7 @@ void Model::DeclareParams() {
     const ParamInfo& b = params_.params().back();
     layer_ranges_.emplace_back(a.offset, b.offset + b.numel);
   }
-  if (is_last_stage()) {
+  if (has_final_head()) {
     final_norm_ = AddNormParams(params_, l, "final_norm");
     if (!c.tie_embeddings) {
       output_ = vocab_rows("output.weight");
@@ -209,12 +224,12 @@ std::unique_ptr<Workspace> Model::MakeWorkspace(int b, int t) {
   for (int l = first_layer_; l < end_layer_; ++l) {
     ws->layers.push_back(MakeBlockActs(a, local_, n, /*training=*/true));
   }
-  if (is_last_stage()) ws->final_norm = MakeNormActs(a, n, c);
+  if (has_final_head()) ws->final_norm = MakeNormActs(a, n, c);
   for (size_t i = 0; i < config_.exits.size(); ++i) {
     ws->exits.push_back(ExitIsLocal(i) ? MakeExitActs(a, i, n, /*training=*/true) : ExitActs{});
     ws->exit_grad.push_back(ExitIsLocal(i) ? a.Floats(nc) : nullptr);
   }
-  bool has_head = is_last_stage();
+  bool has_head = has_final_head();
   for (size_t i = 0; i < config_.exits.size(); ++i) has_head = has_head || ExitIsLocal(i);
   const size_t logits = static_cast<size_t>(LogitsChunkRows(n)) * local_.vocab_size;
   if (has_head && head_logits_.bytes() < logits * sizeof(float)) {
@@ -466,10 +481,11 @@ int Model::ForwardEnd() const {
   return forward_end_ < 0 ? end_layer_ : std::clamp(forward_end_, first_layer_, end_layer_);
 }
 
-int Model::LastStageWithExit(const ModelConfig& c, int stages) {
-  const int per_stage = c.num_layers / stages;
+int Model::LastStageWithExit(const ModelConfig& c, int stages, int depth) {
   int last = 0;
-  for (const ExitConfig& x : c.exits) last = std::max(last, (x.layer - 1) / per_stage);
+  for (size_t i = 0; i < c.exits.size(); ++i) {
+    last = std::max(last, ExitStage(c, static_cast<int>(i), stages, depth));
+  }
   return last;
 }
 
@@ -494,7 +510,7 @@ LossReport Model::StageBackward(Workspace& ws, const int32_t* targets, const flo
   ws.exits_done = false;
 
   const float* x = StageOutput(ws);
-  if (is_last_stage()) {
+  if (has_final_head()) {
     const ConstOperand hidden = FinalHidden(ws.final_norm, x, n);
     auto [final_mean, final_term] = HeadLoss(ws, hidden, -1, loss_scale, false, backward);
     r.final_loss = final_mean;
@@ -502,6 +518,8 @@ LossReport Model::StageBackward(Workspace& ws, const int32_t* targets, const flo
     if (backward) {
       NormBackward(ctx(), final_norm_, ws.final_norm, ws.dx, nullptr, ws.dhidden, x, n);
     }
+  } else if (backward && d_output == nullptr) {  // the last stage of a cut model
+    be_->Fill(ws.dx, nc, 0.0f);
   } else if (backward) {
     be_->Copy(ws.dx, d_output, nc * sizeof(float));
   }
@@ -572,7 +590,7 @@ LossReport Model::StageTuneExits(Workspace& ws, const int32_t* targets, const fl
   // workspace and never used).
   LossReport r = StageExitHeads(ws, targets, mask, exit_weights, loss_scale);
   ws.exits_done = false;
-  if (is_last_stage() && ForwardEnd() == end_layer_) {
+  if (has_final_head() && ForwardEnd() == end_layer_) {
     const ConstOperand hidden = FinalHidden(ws.final_norm, StageOutput(ws), ws.b * ws.t);
     r.final_loss = HeadLoss(ws, hidden, -1, loss_scale, false, /*backward=*/false).first;
   }

@@ -63,13 +63,18 @@ struct LossReport {
 };
 
 // Which part of the model a rank holds: pipeline stage `stage` of `stages` owns layers
-// [stage * L / stages, (stage + 1) * L / stages), the embedding (stage 0), the final norm and
-// output head (last stage) and the exits on its layers (an exit belongs to the stage of its
-// layer). Stages with tied heads (the last stage with tied embeddings, stages with tied exits)
-// hold a copy of the word embedding whose gradient the trainer sums across stages.
+// [stage * D / stages, (stage + 1) * D / stages) of the D = `depth` layers the stages split, the
+// embedding (stage 0), the final norm and output head (last stage, when D is every layer) and
+// the exits on its layers (an exit belongs to the stage of its layer; with D short of every
+// layer, an exit reading depth D belongs to the last stage). Stages with tied heads (the last
+// stage with tied embeddings, stages with tied exits) hold a copy of the word embedding whose
+// gradient the trainer sums across stages.
 struct StageSpec {
   int stage = 0;
   int stages = 1;
+  // 0: every layer. Else the model stops after layer `depth` (at least the deepest exit's):
+  // EE-Tuning without building or loading the layers it never runs, nor the final head.
+  int depth = 0;
 };
 
 class Model {
@@ -114,9 +119,10 @@ class Model {
   int ForwardEnd() const;
   // The deepest layer an exit reads (the depth of the deepest exit): what EE-Tuning computes.
   static int DeepestExitDepth(const ModelConfig& c);
-  // Of `stages` equal (virtual) pipeline stages, the last that holds an exit (an exit belongs to
-  // the stage of its layer); 0 without exits.
-  static int LastStageWithExit(const ModelConfig& c, int stages);
+  // Of `stages` equal (virtual) pipeline stages over `depth` layers (0: all), the stage that holds
+  // exit `i`, and the last that holds an exit (0 without exits).
+  static int ExitStage(const ModelConfig& c, int i, int stages, int depth = 0);
+  static int LastStageWithExit(const ModelConfig& c, int stages, int depth = 0);
   // Heads of this stage (final head on the last stage, local exits) and, when `backward`, the
   // backward of its layers given the next stage's gradient `d_output` (device; null on the last
   // stage). Losses of heads on other stages are reported as 0.
@@ -148,7 +154,11 @@ class Model {
   // This stage's layers: [first_layer(), end_layer()) (0-based).
   int first_layer() const { return first_layer_; }
   int end_layer() const { return end_layer_; }
-  bool is_last_stage() const { return end_layer_ == config_.num_layers; }
+  bool is_last_stage() const { return end_layer_ == depth_; }
+  // The layers the stages split (num_layers unless StageSpec::depth cut the model short).
+  int depth() const { return depth_; }
+  // Whether this stage holds the final norm and head (the last stage of an uncut model).
+  bool has_final_head() const { return end_layer_ == config_.num_layers; }
   bool ExitIsLocal(int i) const;
   // Whether pipeline stage `stage` holds a copy of the word embedding.
   // Whether a tensor name is one of an exit head's own tensors ("exits.<i>.*"; a head tied to
@@ -181,7 +191,8 @@ class Model {
 
  private:
   Model(const ModelConfig& c, Backend* be) : config_(c), local_(c), be_(be) {}
-  int first_layer_ = 0, end_layer_ = 0;
+  int first_layer_ = 0, end_layer_ = 0, depth_ = 0;
+  StageSpec stage_;
   void DeclareParams();
   // Loss over `hidden` with output weight of exit i (-1 final); when backward, writes
   // ws.dhidden and accumulates dW. Returns {mean loss, weighted objective term}.

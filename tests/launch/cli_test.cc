@@ -192,6 +192,27 @@ TEST_F(CliTest, FreezeBackboneTrainsTheExitsAlone) {
   const std::string final_before = before.substr(0, before.find(" exit@"));
   EXPECT_EQ(final_before, after.substr(0, after.find(" exit@"))) << before << " vs " << after;
   EXPECT_NE(before, after) << "the exits did not train";
+  // Without layer 2, past the deepest exit: the checkpoint is still whole (generation loads it),
+  // and without a checkpoint to copy that layer from the run is refused.
+  const std::string cut = "train --config=" + Quote(WriteConfig(model, 4)) +
+                          " --init-from=" + Quote(Path("tuned")) + " --out=" + Quote(Path("run3")) +
+                          " --freeze-backbone --skip-layers-past-exits";
+  CmdResult c = RunEellm(cut);
+  ASSERT_EQ(c.exit_code, 0) << Describe(cut, c);
+  EXPECT_NE(c.output.find("layers 2-2 and the final head are neither built nor loaded"),
+            std::string::npos)
+      << Describe(cut, c);
+  EXPECT_NE(c.output.find("eval step 4 | val final - exit@"), std::string::npos) << Describe(cut, c);
+  const std::string gen = "generate --checkpoint=" + Quote(Path("run3")) + " --max_new_tokens=2";
+  CmdResult g = RunEellm(gen);
+  EXPECT_EQ(g.exit_code, 0) << Describe(gen, g);
+  const std::string alone = "train --config=" + Quote(WriteConfig(model, 4)) +
+                            " --out=" + Quote(Path("run4")) +
+                            " --freeze-backbone --skip-layers-past-exits";
+  CmdResult a = RunEellm(alone);
+  EXPECT_NE(a.exit_code, 0) << Describe(alone, a);
+  EXPECT_NE(a.output.find("needs a checkpoint to start from"), std::string::npos)
+      << Describe(alone, a);
   // A linear exit tied to the embedding has no tensor of its own.
   ExpectTrainConfigError(
       R"({"style": "gpt", "vocab_size": 258, "hidden_size": 32, "num_layers": 2,

@@ -42,5 +42,33 @@ TEST(ValidateLayout, VirtualStages) {
   EXPECT_NE(std::string(s.message()).find("virtual_stages"), std::string::npos) << s;
 }
 
+// EE-Tuning without the layers past the deepest exit: the stages split the layers up to it.
+TEST(ValidateLayout, SkippingLayersPastExits) {
+  RunConfig rc = Layout(8, 4, 1, 4, 1);
+  ExitConfig x;
+  x.layer = 3;  // post: depth 3
+  rc.model.exits = {x};
+  rc.train.skip_layers_past_exits = true;
+  absl::Status s = ValidateLayout(rc);
+  EXPECT_NE(std::string(s.message()).find("needs freeze_backbone"), std::string::npos) << s;
+
+  rc.train.freeze_backbone = true;
+  s = ValidateLayout(rc);  // 8 layers split over 4 stages, but 3 do not
+  EXPECT_NE(std::string(s.message()).find("the 3 layers up to the deepest exit"),
+            std::string::npos)
+      << s;
+  EXPECT_NE(std::string(s.message()).find("pp 4"), std::string::npos) << s;
+  rc.train.pp = 3;  // 8 layers would not split over 3 stages; the 3 up to the exit do
+  EXPECT_TRUE(ValidateLayout(rc).ok()) << ValidateLayout(rc);
+  EXPECT_EQ(SplitDepth(rc), 3);
+
+  rc.model.exits[0].layer = 4;
+  rc.model.exits[0].position = ExitPosition::kPre;  // reads depth 3 too
+  EXPECT_TRUE(ValidateLayout(rc).ok()) << ValidateLayout(rc);
+  rc.model.exits[0].layer = 1;  // reads the embedding
+  s = ValidateLayout(rc);
+  EXPECT_NE(std::string(s.message()).find("no exit after a layer"), std::string::npos) << s;
+}
+
 }  // namespace
 }  // namespace eellm

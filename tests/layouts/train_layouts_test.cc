@@ -37,6 +37,7 @@
 #include <string>
 #include <vector>
 
+#include "checkpoints/sharded_checkpoint.h"
 #include "engine/core/status.h"
 #include "gtest/gtest.h"
 #include "launch/trainer.h"
@@ -103,6 +104,8 @@ struct RunResult {
   std::vector<double> grad_norms;
   std::vector<float> params;
   int early_buckets = 0;
+  int64_t num_params = 0;  // this rank's (built) parameters
+  std::string checkpoint;  // the last step directory saved
 };
 
 std::string DataPrefix(int world_rank) {
@@ -146,11 +149,12 @@ RunConfig TinyRun(const std::string& style, const std::string& data) {
 }
 
 RunResult Train(RunConfig rc, ParallelContext* ctx, const std::string& out,
-                const std::string& resume = "") {
+                const std::string& resume = "", const std::string& init_from = "") {
   RunResult r;
   rc.train.out = out;
   TrainOptions opts;
   opts.resume = resume;
+  opts.init_from = init_from;
   opts.verbose = false;
   opts.ctx = ctx;
   opts.step_losses = &r.losses;
@@ -159,7 +163,11 @@ RunResult Train(RunConfig rc, ParallelContext* ctx, const std::string& out,
   opts.backend = LayoutBackend();
   auto s = RunTraining(rc, opts);
   EXPECT_TRUE(s.ok()) << s.status();
-  if (s.ok()) r.early_buckets = s->early_buckets;
+  if (s.ok()) {
+    r.early_buckets = s->early_buckets;
+    r.num_params = s->num_params;
+    r.checkpoint = s->checkpoint;
+  }
   return r;
 }
 
@@ -176,7 +184,8 @@ struct Layout {
 // against the single-rank run `ref`, within the layout tolerance. Counts the layouts run.
 void ExpectLayoutsMatch(const RunConfig& rc, const RunResult& ref,
                         const std::vector<Layout>& layouts, int n, const std::string& shared_out,
-                        const std::string& style, int* tested_out) {
+                        const std::string& style, int* tested_out,
+                        const std::string& init_from = "") {
   int& tested = *tested_out;
   for (const Layout& l : layouts) {
     if (l.tp * l.pp * l.dp != n) continue;
@@ -195,7 +204,7 @@ void ExpectLayoutsMatch(const RunConfig& rc, const RunResult& ref,
                              (l.virtual_stages > 1 ? " v" + std::to_string(l.virtual_stages) : "");
     auto ctx = MakeContext(par.train);
     ASSERT_NE(ctx, nullptr);
-    RunResult got = Train(par, ctx.get(), shared_out + std::to_string(tested));
+    RunResult got = Train(par, ctx.get(), shared_out + std::to_string(tested), "", init_from);
     ASSERT_EQ(got.losses.size(), ref.losses.size()) << name;
     // Frozen-backbone runs train the exits alone: Adam's rarely-seen-token rows (see the top
     // comment) weigh more among fewer tensors, so their parameters get the tensor-parallel bound
@@ -231,12 +240,12 @@ void ExpectLayoutsMatch(const RunConfig& rc, const RunResult& ref,
 // directories are removed afterwards.
 void ExpectLayoutsMatchInSharedDirs(Communicator& world, const RunConfig& rc, const RunResult& ref,
                                     const std::vector<Layout>& layouts, const std::string& label,
-                                    const std::string& style) {
+                                    const std::string& style, const std::string& init_from = "") {
   int pid0 = getpid();
   world.Broadcast(&pid0, sizeof(pid0), 0);
   const std::string shared_out = "/tmp/eellm_" + label + "_" + std::to_string(pid0) + "_run";
   int tested = 0;
-  ExpectLayoutsMatch(rc, ref, layouts, world.size(), shared_out, style, &tested);
+  ExpectLayoutsMatch(rc, ref, layouts, world.size(), shared_out, style, &tested, init_from);
   EXPECT_GT(tested, 0);
   world.Barrier();
   if (world.rank() == 0) {
@@ -328,6 +337,92 @@ TEST_P(TrainLayouts, FrozenBackboneTrainsOnlyTheExitsUnderEveryLayout) {
       {2, 2, 1, false, 1}, {1, 4, 1, false, 1},           {2, 2, 2, true, 1},
       {1, 4, 2, false, 1}};
   ExpectLayoutsMatchInSharedDirs(*world, rc, ref, layouts, "frozen", GetParam() + " frozen");
+  std::error_code ec;
+  std::filesystem::remove_all(std::filesystem::path(data).parent_path(), ec);
+}
+
+// The parameters and AdamW moments of the whole model saved at `path`, one after the other.
+std::vector<float> SavedState(const RunConfig& rc, const std::string& path) {
+  auto m = Model::Create(rc.model, LayoutBackend());
+  EXPECT_TRUE(m.ok()) << m.status();
+  if (!m.ok()) return {};
+  ParamStore& ps = (*m)->params();
+  Buffer adam_m(LayoutBackend(), ps.padded_size() * sizeof(float));
+  Buffer adam_v(LayoutBackend(), ps.padded_size() * sizeof(float));
+  const absl::Status s = LoadCheckpoint(path, ps, adam_m.f32(), adam_v.f32());
+  EXPECT_TRUE(s.ok()) << s;
+  std::vector<float> out(3 * ps.size());
+  LayoutBackend()->CopyToHost(out.data(), ps.params_data(), ps.size() * sizeof(float));
+  LayoutBackend()->CopyToHost(out.data() + ps.size(), adam_m.f32(), ps.size() * sizeof(float));
+  LayoutBackend()->CopyToHost(out.data() + 2 * ps.size(), adam_v.f32(), ps.size() * sizeof(float));
+  return out;
+}
+
+// EE-Tuning without the layers past the deepest exit (skip_layers_past_exits; TinyRun's deepest
+// exit reads layer 4 of 8). From the same checkpoint, the cut model builds fewer parameters and
+// trains as the whole model does: on one rank its losses, gradient norms and every saved
+// parameter and moment are equal bit for bit. Its checkpoints are whole (the layers past the
+// cut are copied from the source, then from the run's previous save), and they resume with or
+// without the cut, bit for bit. Every layout of the cut model matches the whole model's run.
+TEST_P(TrainLayouts, SkippingLayersPastExitsTrainsAsTheWholeModel) {
+  auto world = MpiCommunicator::World(nullptr);
+  const std::string data = DataPrefix(world->rank());
+  RunConfig rc = TinyRun(GetParam(), data);
+  rc.train.freeze_backbone = true;
+  rc.train.grad_bucket_size = 256;
+  // The source: a whole model from another seed, without optimizer state, one file per rank.
+  const std::string source = data + "_source.h5";
+  {
+    auto m = Model::Create(rc.model, LayoutBackend());
+    ASSERT_TRUE(m.ok()) << m.status();
+    (*m)->InitRandom(rc.train.seed + 1);
+    CheckpointMeta meta;
+    meta.config_json = rc.model_json;
+    const absl::Status s = SaveCheckpoint(source, (*m)->params(), meta);
+    ASSERT_TRUE(s.ok()) << s;
+  }
+  RunResult whole = Train(rc, nullptr, data + "_whole", "", source);
+  RunConfig cut = rc;
+  cut.train.skip_layers_past_exits = true;
+  cut.train.save_interval = 1;  // step 2 copies the layers past the cut from step 1, and so on
+  cut.train.keep_checkpoints = 2;
+  RunResult got = Train(cut, nullptr, data + "_cut", "", source);
+  ASSERT_EQ(got.losses.size(), 3u);
+  EXPECT_LT(got.num_params, whole.num_params * 3 / 4);
+  EXPECT_EQ(got.losses, whole.losses);
+  EXPECT_EQ(got.grad_norms, whole.grad_norms);
+  EXPECT_EQ(got.params, whole.params);
+  EXPECT_FALSE(std::filesystem::exists(data + "_cut/step_00000001"));
+  const std::vector<float> state = SavedState(rc, got.checkpoint);
+  ASSERT_FALSE(state.empty());
+  EXPECT_TRUE(state == SavedState(rc, whole.checkpoint)) << "parameters or moments differ";
+  // Step 3 from step 2, with and without the cut.
+  const std::string step2 = data + "_cut/step_00000002";
+  for (const RunConfig& resumed_rc : {cut, rc}) {
+    const std::string how = resumed_rc.train.skip_layers_past_exits ? "cut" : "whole";
+    RunResult resumed = Train(resumed_rc, nullptr, data + "_resumed_" + how, step2);
+    ASSERT_EQ(resumed.losses.size(), 1u) << how;
+    EXPECT_EQ(resumed.losses[0], got.losses[2]) << how;
+    EXPECT_EQ(resumed.grad_norms[0], got.grad_norms[2]) << how;
+    EXPECT_TRUE(SavedState(rc, resumed.checkpoint) == state) << how;
+  }
+  // Resuming full training's checkpoint (moments in every tensor): the cut run keeps the moments
+  // of the layers it does not hold, as the whole model's frozen run does.
+  RunConfig full = rc;
+  full.train.freeze_backbone = false;
+  full.train.save_interval = 2;
+  Train(full, nullptr, data + "_full", "", source);
+  RunResult from_full_cut = Train(cut, nullptr, data + "_full_cut", data + "_full/step_00000002");
+  RunResult from_full = Train(rc, nullptr, data + "_full_whole", data + "_full/step_00000002");
+  EXPECT_EQ(from_full_cut.losses, from_full.losses);
+  EXPECT_TRUE(SavedState(rc, from_full_cut.checkpoint) == SavedState(rc, from_full.checkpoint))
+      << "parameters or moments differ after resuming full training";
+  cut.train.save_interval = 0;
+  const std::vector<Layout> layouts = {
+      {1, 1, 1, false, 1}, {1, 2, 1, false, 1},           {2, 1, 1, false, 1},
+      {1, 4, 1, false, 1}, {1, 2, 1, false, 1, false, 2}, {2, 2, 1, false, 1},
+      {1, 2, 2, true, 1},  {2, 2, 2, true, 1},            {1, 4, 2, false, 1}};
+  ExpectLayoutsMatchInSharedDirs(*world, cut, whole, layouts, "cut", GetParam() + " cut", source);
   std::error_code ec;
   std::filesystem::remove_all(std::filesystem::path(data).parent_path(), ec);
 }

@@ -238,6 +238,77 @@ TEST(Executor, EeTuningStopsAtTheDeepestExit) {
   }
 }
 
+// A model cut after its deepest exit (StageSpec::depth; a "pre" exit of layer 3 reads depth 2)
+// holds layers 1-2 alone, no final head, and that exit on its last chunk; its exits get the
+// losses and gradients of the whole model's tuning step, and their validation losses.
+TEST(Executor, ModelCutAtTheDeepestExitTunesAsTheWholeModel) {
+  const ModelConfig c = ConfigWithExits();
+  auto be = Cpu();
+  auto ctx = ParallelContext::Single();
+  const int micro = 1, seq = 8, microbatches = 2;
+  const int n = micro * seq * microbatches;
+  const std::vector<int32_t> ids = RandomTokens(n, c.vocab_size, 5);
+  const std::vector<int32_t> targets = RandomTokens(n, c.vocab_size, 6);
+  const std::vector<float> w = {0.5f, 0.3f};
+  std::vector<Model*> whole_parts;
+  auto whole_models = MakeChunks(c, be.get(), 1, 11, &whole_parts);
+  ASSERT_EQ(whole_parts.size(), 1u);
+  PipelineExecutor whole(whole_parts, ctx.get(), micro, seq, microbatches, true);
+  whole.set_frozen_backbone(true);
+  const LossReport want = whole.TrainStep(ids.data(), targets.data(), w);
+  const LossReport want_eval = whole.Evaluate(ids.data(), targets.data());
+  EXPECT_EQ(Model::Create(c, be.get(), StageSpec{0, 1, 1}).status().code(),
+            absl::StatusCode::kInvalidArgument);  // above the deepest exit
+  for (int chunks : {1, 2}) {
+    SCOPED_TRACE(::testing::Message() << chunks << " chunk(s)");
+    std::vector<std::unique_ptr<Model>> models;
+    std::vector<Model*> parts;
+    for (int k = 0; k < chunks; ++k) {
+      auto m = Model::Create(c, be.get(), StageSpec{k, chunks, 2});
+      ASSERT_TRUE(m.ok()) << m.status();
+      (*m)->InitRandom(11);
+      (*m)->params().ZeroGrads();
+      parts.push_back(m->get());
+      models.push_back(std::move(*m));
+    }
+    const Model& last = *parts.back();
+    EXPECT_TRUE(last.is_last_stage());
+    EXPECT_FALSE(last.has_final_head());
+    EXPECT_EQ(last.end_layer(), 2);
+    EXPECT_TRUE(last.ExitIsLocal(1));
+    EXPECT_EQ(parts[0]->ExitIsLocal(1), chunks == 1);
+    for (Model* m : parts) {
+      for (const ParamInfo& p : m->params().params()) {
+        EXPECT_TRUE(p.name.rfind("layers.2.", 0) != 0 && p.name.rfind("layers.3.", 0) != 0 &&
+                    p.name.rfind("final_norm", 0) != 0)
+            << p.name << " is past the cut";
+      }
+    }
+    PipelineExecutor exec(parts, ctx.get(), micro, seq, microbatches, true);
+    exec.set_frozen_backbone(true);
+    const LossReport got = exec.TrainStep(ids.data(), targets.data(), w);
+    EXPECT_EQ(got.exit_losses, want.exit_losses);
+    EXPECT_EQ(got.objective, want.objective);
+    int compared = 0;
+    for (Model* m : parts) {
+      const ParamStore& a = m->params();
+      const ParamStore& b = whole_parts[0]->params();
+      for (int j = 0; j < static_cast<int>(a.params().size()); ++j) {
+        const ParamInfo& p = a.params()[j];
+        if (!Model::IsExitTensor(p.name)) continue;
+        const int k = b.Find(p.name);
+        ASSERT_GE(k, 0) << p.name;
+        EXPECT_EQ(std::memcmp(a.grad(j), b.grad(k), p.numel * sizeof(float)), 0) << p.name;
+        ++compared;
+      }
+    }
+    EXPECT_GE(compared, 6);  // exit 0's norm; exit 1's norm, MLP and head
+    const LossReport eval = exec.Evaluate(ids.data(), targets.data());
+    EXPECT_EQ(eval.final_loss, 0.0);
+    EXPECT_EQ(eval.exit_losses, want_eval.exit_losses);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Chunks, InterleavedExecutor,
                          ::testing::Combine(::testing::Values(2, 4), ::testing::Bool()));
 
