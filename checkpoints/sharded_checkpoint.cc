@@ -19,7 +19,6 @@ namespace eellm {
 namespace fs = std::filesystem;
 namespace {
 
-constexpr char kTopFile[] = "model.h5";
 constexpr char kLatest[] = "latest";
 
 std::string Where(const std::string& path) { return absl::StrCat("checkpoint ", path, ": "); }
@@ -167,7 +166,8 @@ absl::StatusOr<std::string> PublishCheckpoint(const std::string& root, const Che
   TensorFileOptions options;
   options.shards = shards;
   options.virtual_tensors = std::move(virt);
-  RETURN_IF_ERROR(WriteTensorFile((fs::path(tmp) / kTopFile).string(), meta, {}, options));
+  RETURN_IF_ERROR(
+      WriteTensorFile((fs::path(tmp) / kCheckpointTopFile).string(), meta, {}, options));
   RETURN_IF_ERROR(SyncPath(tmp));
   // Publish: rename the directory, then point `latest` at it.
   const std::string step_name = StepDirName(meta.step);
@@ -237,16 +237,16 @@ absl::StatusOr<std::string> ResolveCheckpoint(const std::string& path) {
       return absl::DataLossError(
           absl::StrCat(Where(path), "file 'latest' does not name a step directory ('", name, "')"));
     }
-    const fs::path top = dir / name / kTopFile;
+    const fs::path top = dir / name / kCheckpointTopFile;
     if (!fs::exists(top, ec)) {
       return absl::NotFoundError(absl::StrCat(Where(path), "'latest' names ", name, " but ",
                                               top.string(), " does not exist"));
     }
     return top.string();
   }
-  if (fs::exists(dir / kTopFile, ec)) return (dir / kTopFile).string();
-  return absl::NotFoundError(
-      absl::StrCat(Where(path), "directory holds neither a 'latest' file ", "nor ", kTopFile));
+  if (fs::exists(dir / kCheckpointTopFile, ec)) return (dir / kCheckpointTopFile).string();
+  return absl::NotFoundError(absl::StrCat(Where(path), "directory holds neither a 'latest' file ",
+                                          "nor ", kCheckpointTopFile));
 }
 
 absl::StatusOr<CheckpointMeta> ReadCheckpointMeta(const std::string& path) {

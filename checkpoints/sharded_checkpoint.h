@@ -31,6 +31,9 @@
 
 namespace eellm {
 
+// The top-level file of a step directory.
+inline constexpr char kCheckpointTopFile[] = "model.h5";
+
 // One model chunk of this rank (a pipeline stage, or a virtual stage when interleaving).
 struct ChunkState {
   ParamStore* params = nullptr;  // shapes are this rank's blocks (ParamInfo::split_dim)

@@ -8,6 +8,8 @@
 
 namespace eellm {
 
+namespace fs = std::filesystem;
+
 ChunkState ChunkStateFor(Model& chunk, int tp_rank, int tp_size, bool first_virtual_stage, float* m,
                          float* v) {
   ChunkState st;
@@ -32,6 +34,17 @@ absl::Status WriteLayersPastDepth(const std::string& staging_dir, const Checkpoi
   std::unique_ptr<Backend> cpu;
   for (int layer = depth; layer < c.num_layers; ++layer) {
     if ((layer - depth) % writers != writer) continue;
+    const std::string name = absl::StrCat("rest_l", layer);
+    if (moments && source_moments) {
+      // A source saved by such a run holds this very shard (frozen tensors, their moments):
+      // linked, not rewritten, where the file system allows.
+      const fs::path from = fs::path(source).parent_path() / ("shard_" + name + ".h5");
+      std::error_code ec;
+      if (fs::exists(from, ec)) {
+        fs::create_hard_link(from, fs::path(staging_dir) / from.filename(), ec);
+        if (!ec) continue;
+      }
+    }
     if (cpu == nullptr) {
       ASSIGN_OR_RETURN(cpu, MakeBackend("cpu"));
     }
@@ -55,7 +68,7 @@ absl::Status WriteLayersPastDepth(const std::string& staging_dir, const Checkpoi
     ChunkState load = st;
     if (!source_moments) load.adam_m = load.adam_v = nullptr;
     RETURN_IF_ERROR(LoadCheckpoint(source, {load}));
-    RETURN_IF_ERROR(WriteShard(staging_dir, absl::StrCat("rest_l", layer), meta, {st}));
+    RETURN_IF_ERROR(WriteShard(staging_dir, name, meta, {st}));
   }
   return absl::OkStatus();
 }

@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -151,9 +152,9 @@ absl::Status ValidateLayout(const RunConfig& rc) {
   }
   // The layers the pipeline stages split.
   const int split = SplitDepth(rc);
-  const std::string layers =
-      split == m.num_layers ? absl::StrCat("num_layers ", split)
-                            : absl::StrCat("the ", split, " layers up to the deepest exit");
+  const std::string layers = split == m.num_layers
+                                 ? absl::StrCat("num_layers ", split)
+                                 : absl::StrCat("the ", split, " layers up to the deepest exit");
   if (split % t.pp != 0) {
     return bad(layers, " does not divide into pp ", t.pp, " pipeline stages");
   }
@@ -290,8 +291,8 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     for (int r : ctx->grid.PpGroup(ctx->rank)) {
       bool holds = false;
       for (int k = 0; k < nv; ++k) {
-        holds |=
-            Model::StageHasWordEmbedding(mc, StageSpec{k * pp + ctx->grid.CoordOf(r).pp, pp * nv, cut});
+        holds |= Model::StageHasWordEmbedding(
+            mc, StageSpec{k * pp + ctx->grid.CoordOf(r).pp, pp * nv, cut});
       }
       if (holds && !emb_chunks.empty()) group.push_back(r);
     }
@@ -466,13 +467,13 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
                                     ctx->coord.pp * tc.tp + ctx->coord.tp, tc.pp * tc.tp);
       };
     }
-    ASSIGN_OR_RETURN(ckpt, SaveShardedCheckpoint(
-                               tc.out, meta, writes ? states : std::vector<ChunkState>{},
-                               writes ? absl::StrCat("tp", ctx->coord.tp, "_pp", ctx->coord.pp)
-                                      : "",
-                               *ctx->world, so));
-    if (cut > 0) {
-      ASSIGN_OR_RETURN(rest_source, ResolveCheckpoint(ckpt));
+    ASSIGN_OR_RETURN(
+        ckpt,
+        SaveShardedCheckpoint(tc.out, meta, writes ? states : std::vector<ChunkState>{},
+                              writes ? absl::StrCat("tp", ctx->coord.tp, "_pp", ctx->coord.pp) : "",
+                              *ctx->world, so));
+    if (cut > 0) {  // its top-level file, named without asking the file system
+      rest_source = (std::filesystem::path(ckpt) / kCheckpointTopFile).string();
       rest_moments = true;
     }
     if (verbose) std::printf("saved %s (step %d)\n", ckpt.c_str(), step);
@@ -524,9 +525,9 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   sum.first_eval =
       Evaluate(exec, mc, backend, val, tc.eval_batches, tc.batch_size, rows, tc.seq_len, *ctx);
   if (verbose) {
-    std::printf("eval step %d | val %s\n", start,
-                FormatLosses(mc, sum.first_eval.final_loss, sum.first_eval.exit_losses, cut == 0)
-                    .c_str());
+    std::printf(
+        "eval step %d | val %s\n", start,
+        FormatLosses(mc, sum.first_eval.final_loss, sum.first_eval.exit_losses, cut == 0).c_str());
   }
 
   Timer total, interval;
@@ -640,9 +641,9 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   sum.last_eval =
       Evaluate(exec, mc, backend, val, tc.eval_batches, tc.batch_size, rows, tc.seq_len, *ctx);
   if (verbose) {
-    std::printf("eval step %d | val %s\n", tc.steps,
-                FormatLosses(mc, sum.last_eval.final_loss, sum.last_eval.exit_losses, cut == 0)
-                    .c_str());
+    std::printf(
+        "eval step %d | val %s\n", tc.steps,
+        FormatLosses(mc, sum.last_eval.final_loss, sum.last_eval.exit_losses, cut == 0).c_str());
     std::printf("trained %d steps in %.1f s: %.0f tokens/s\n", sum.steps_done, sum.seconds,
                 sum.tokens_per_second);
   }

@@ -59,7 +59,10 @@ class PipelineExecutor {
   // holding an exit do nothing), and the final head's loss is not computed (reported as 0).
   void set_frozen_backbone(bool frozen, bool stop_at_deepest_exit = true);
   // Whether a frozen-backbone step computes the final head's loss.
-  bool tune_computes_final_loss() const { return tune_depth_ == chunks_[0]->config().num_layers; }
+  bool tune_computes_final_loss() const {
+    return tune_depth_ == chunks_[0]->config().num_layers &&
+           chunks_[0]->depth() == chunks_[0]->config().num_layers;
+  }
 
   // Called during each chunk's last backward of a step as each of its layers finishes, with the
   // chunk index and the arena range of the layer's (now final) gradients; see

@@ -18,15 +18,14 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config, 
                                                      StageSpec stage, TpSpec tp) {
   const int depth = stage.depth == 0 ? config.num_layers : stage.depth;
   if (depth < 1 || depth > config.num_layers || depth < DeepestExitDepth(config)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "cannot cut the model after layer ", depth, ": it has ", config.num_layers,
-        " layers and its deepest exit reads layer ", DeepestExitDepth(config)));
+    return absl::InvalidArgumentError(
+        absl::StrCat("cannot cut the model after layer ", depth, ": it has ", config.num_layers,
+                     " layers and its deepest exit reads layer ", DeepestExitDepth(config)));
   }
   if (stage.stages < 1 || stage.stage < 0 || stage.stage >= stage.stages ||
       depth % stage.stages != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("cannot split ", depth,
-                                                   " layers into pipeline stage ", stage.stage,
-                                                   " of ", stage.stages));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cannot split ", depth, " layers into pipeline stage ", stage.stage, " of ", stage.stages));
   }
   if (tp.size > 1 && !SplitsOverTp(config, tp.size)) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -518,9 +517,9 @@ LossReport Model::StageBackward(Workspace& ws, const int32_t* targets, const flo
     if (backward) {
       NormBackward(ctx(), final_norm_, ws.final_norm, ws.dx, nullptr, ws.dhidden, x, n);
     }
-  } else if (backward && d_output == nullptr) {  // the last stage of a cut model
-    be_->Fill(ws.dx, nc, 0.0f);
   } else if (backward) {
+    EE_CHECK(d_output != nullptr, "a backward through a model cut after layer ", depth_,
+             ": only its exits train, on a frozen backbone (StageTuneExits)");
     be_->Copy(ws.dx, d_output, nc * sizeof(float));
   }
   // Walk down the layers: exits reading depth l run in the backward slot of layer l.
