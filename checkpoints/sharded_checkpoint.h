@@ -9,6 +9,7 @@
 //   <root>/step_00000600/model.h5        top-level file: config, step, attributes, the list of
 //                                        shard files, virtual datasets over them
 //   <root>/step_00000600/shard_tp0_pp0.h5, shard_tp1_pp0.h5, ...  one per writing rank
+//                                        (and any a save's write_more adds: shard_rest_l<N>.h5)
 // A save writes into step_XXXXXXXX.tmp/, syncs, renames it to step_XXXXXXXX/ and only then
 // rewrites `latest` (via a temporary file and rename), so a save that dies midway leaves the
 // previous checkpoint as `latest`, intact. Older step directories beyond keep_last are removed
