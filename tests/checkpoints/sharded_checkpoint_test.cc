@@ -244,6 +244,17 @@ TEST_F(ShardedFaultTest, FailedSaveKeepsThePreviousCheckpoint) {
   EXPECT_EQ(ReadBytes(dir_ + "/latest"), "step_00000001\n");
   EXPECT_FALSE(fs::exists(dir_ + "/step_00000002"));
   EXPECT_FALSE(fs::exists(dir_ + "/step_00000002.tmp"));
+  // Likewise when the shards a save adds (write_more) fail after one was written.
+  ShardedSaveOptions more;
+  more.write_more = [&](const std::string& staging) {
+    RETURN_IF_ERROR(WriteShard(staging, "extra", Meta(2), {ranks[0].State(true)}));
+    return absl::DataLossError("extra shard 2 failed");
+  };
+  second = SaveShardedCheckpoint(dir_, Meta(2), {ranks[0].State(true)}, "tp0_pp0", world, more);
+  EXPECT_EQ(second.status().message(), "extra shard 2 failed");
+  EXPECT_EQ(ReadBytes(dir_ + "/latest"), "step_00000001\n");
+  EXPECT_FALSE(fs::exists(dir_ + "/step_00000002"));
+  EXPECT_FALSE(fs::exists(dir_ + "/step_00000002.tmp"));
   std::vector<Rank> got = MakeLayout(c, be_.get(), 1, 1, false);
   ASSERT_TRUE(LoadCheckpoint(dir_, {got[0].State(false)}).ok());
   EXPECT_EQ(
