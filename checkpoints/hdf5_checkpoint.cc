@@ -138,10 +138,14 @@ absl::Status WriteGroup(hid_t file, TensorGroup g, const std::vector<FileTensor>
                         : g == TensorGroup::kAdamM ? t.adam_m
                                                    : t.adam_v;
     const std::string label = TensorLabel(t.name, group_path);
-    if (data == nullptr) return absl::InvalidArgumentError(label + ": no data given");
     const Shape& shape = t.slice.shape;
     const size_t numel = static_cast<size_t>(NumElements(shape));
-    if (options.backend != nullptr && numel > 0) {
+    if (data == nullptr && g != TensorGroup::kModel && t.zero_moments) {
+      staging.assign(std::max<size_t>(numel, 1), 0.0f);
+      data = staging.data();
+    }
+    if (data == nullptr) return absl::InvalidArgumentError(label + ": no data given");
+    if (options.backend != nullptr && numel > 0 && data != staging.data()) {
       if (staging.size() < numel) staging.resize(numel);
       options.backend->CopyToHost(staging.data(), data, numel * sizeof(float));
       data = staging.data();
@@ -245,7 +249,7 @@ absl::Status WriteAll(hid_t file, const CheckpointMeta& meta,
   std::vector<float> staging;
   if (options.backend != nullptr) options.backend->Synchronize();
   RETURN_IF_ERROR(WriteGroup(file, TensorGroup::kModel, tensors, options, staging, written));
-  if (!tensors.empty() && tensors[0].adam_m != nullptr) {
+  if (!tensors.empty() && tensors[0].has_moments()) {
     RETURN_IF_ERROR(WriteGroup(file, TensorGroup::kAdamM, tensors, options, staging, written));
     RETURN_IF_ERROR(WriteGroup(file, TensorGroup::kAdamV, tensors, options, staging, written));
   }
@@ -387,8 +391,8 @@ absl::Status WriteTensorFile(const std::string& path, const CheckpointMeta& meta
   h5::ScopedErrorSilencer silence;
   for (const FileTensor& t : tensors) {
     RETURN_IF_ERROR(h5::Annotate(ValidateTensor(t), Where(path)));
-    if ((t.adam_m != nullptr) != (tensors[0].adam_m != nullptr) ||
-        (t.adam_v != nullptr) != (t.adam_m != nullptr)) {
+    if (t.has_moments() != tensors[0].has_moments() ||
+        (!t.zero_moments && (t.adam_v != nullptr) != (t.adam_m != nullptr))) {
       return absl::InvalidArgumentError(
           absl::StrCat(Where(path), "tensor '", t.name,
                        "': optimizer state must be given for all tensors or none"));

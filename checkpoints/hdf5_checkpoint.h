@@ -71,6 +71,9 @@ struct FileTensor {
   const float* model = nullptr;
   const float* adam_m = nullptr;  // with adam_v: optional, but all tensors or none
   const float* adam_v = nullptr;
+  // Instead of adam_m/v: moments of zeros (a frozen tensor's, which no optimizer holds).
+  bool zero_moments = false;
+  bool has_moments() const { return (adam_m != nullptr && adam_v != nullptr) || zero_moments; }
 };
 
 // A whole tensor of a top-level file, stored as an HDF5 virtual dataset over blocks in the

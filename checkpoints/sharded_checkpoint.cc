@@ -209,9 +209,13 @@ absl::Status WriteShard(const std::string& staging_dir, const std::string& shard
       t.name = info.name;
       t.slice = TpSlice(info.shape, info.split_dim, c.tp_rank, c.tp_size, info.tp_replicas);
       t.model = c.params->params_data() + info.offset;
-      if (c.adam_m != nullptr && c.adam_v != nullptr) {
-        t.adam_m = c.adam_m + info.offset;
-        t.adam_v = c.adam_v + info.offset;
+      if ((c.adam_m != nullptr && c.adam_v != nullptr) || c.zero_moments) {
+        if (c.adam_m != nullptr && info.trainable && info.offset >= c.moments_lo) {
+          t.adam_m = c.adam_m + (info.offset - c.moments_lo);
+          t.adam_v = c.adam_v + (info.offset - c.moments_lo);
+        } else {
+          t.zero_moments = true;
+        }
       }
       tensors.push_back(std::move(t));
     }
@@ -356,7 +360,9 @@ absl::Status LoadCheckpoint(const std::string& path, const std::vector<ChunkStat
                      : g == TensorGroup::kAdamM ? c.adam_m
                                                 : c.adam_v;
       if (arena == nullptr) continue;
+      const size_t arena_lo = g == TensorGroup::kModel ? 0 : c.moments_lo;
       for (const ParamInfo& p : c.params->params()) {
+        if (g != TensorGroup::kModel && (!p.trainable || p.offset < c.moments_lo)) continue;
         const TensorSlice want = TpSlice(p.shape, p.split_dim, c.tp_rank, c.tp_size, p.tp_replicas);
         mine.assign(p.numel, 0.0f);
         for (const Block& b : ck.index[p.name]) {
@@ -364,7 +370,9 @@ absl::Status LoadCheckpoint(const std::string& path, const std::vector<ChunkStat
           RETURN_IF_ERROR(ck.files[b.file].Read(g, p.name, b.slice.shape, block));
           if (p.numel > 0) CopyOverlap(b.slice, block.data(), want, mine.data());
         }
-        if (p.numel > 0) be->CopyFromHost(arena + p.offset, mine.data(), p.numel * sizeof(float));
+        if (p.numel > 0) {
+          be->CopyFromHost(arena + (p.offset - arena_lo), mine.data(), p.numel * sizeof(float));
+        }
       }
     }
     be->Synchronize();
@@ -381,8 +389,12 @@ absl::Status SaveCheckpoint(const std::string& path, const ParamStore& params,
   for (const ParamInfo& info : params.params()) {
     FileTensor t{info.name, WholeSlice(info.shape), params.params_data() + info.offset};
     if (adam_m != nullptr && adam_v != nullptr) {
-      t.adam_m = adam_m + info.offset;
-      t.adam_v = adam_v + info.offset;
+      if (info.trainable && info.offset >= params.grad_lo()) {
+        t.adam_m = adam_m + (info.offset - params.grad_lo());
+        t.adam_v = adam_v + (info.offset - params.grad_lo());
+      } else {
+        t.zero_moments = true;
+      }
     }
     tensors.push_back(std::move(t));
   }
@@ -400,6 +412,7 @@ absl::Status LoadCheckpoint(const std::string& path, ParamStore& params, float* 
   c.params = &params;
   c.adam_m = adam_m;
   c.adam_v = adam_v;
+  c.moments_lo = params.grad_lo();
   return LoadCheckpoint(path, std::vector<ChunkState>{c});
 }
 

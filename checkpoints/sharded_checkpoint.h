@@ -42,6 +42,12 @@ struct ChunkState {
   // saving writes no optimizer state and loading reads none.
   float* adam_m = nullptr;
   float* adam_v = nullptr;
+  // The arena offset adam_m/v start at (ParamStore::grad_lo(): the optimizer of a frozen model
+  // holds moments for its trainable tail only). Tensors below it, and every tensor that is not
+  // trainable, are saved with moments of zeros and their stored moments are not loaded.
+  size_t moments_lo = 0;
+  // Without moment arenas: save every tensor's moments as zeros all the same.
+  bool zero_moments = false;
   int tp_rank = 0, tp_size = 1;
   // Saving: tensors this chunk does not write because another chunk or rank writes the same
   // values (copies of tied embeddings, tensors replicated over tensor-parallel ranks).
@@ -92,8 +98,9 @@ absl::StatusOr<CheckpointMeta> ReadCheckpointMeta(const std::string& path);
 // shapes checked before anything is read; errors name the file and the tensor.
 absl::Status LoadCheckpoint(const std::string& path, const std::vector<ChunkState>& chunks);
 
-// Single process, whole tensors: writes `params` (and the moments when given) to one
-// self-contained file at `path`, and loads one.
+// Single process, whole tensors: writes `params` (and the moments when given, laid out from
+// params.grad_lo() as ChunkState::moments_lo says) to one self-contained file at `path`, and
+// loads one.
 absl::Status SaveCheckpoint(const std::string& path, const ParamStore& params,
                             const CheckpointMeta& meta, const float* adam_m = nullptr,
                             const float* adam_v = nullptr);

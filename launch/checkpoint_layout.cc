@@ -16,6 +16,7 @@ ChunkState ChunkStateFor(Model& chunk, int tp_rank, int tp_size, bool first_virt
   st.params = &chunk.params();
   st.adam_m = m;
   st.adam_v = v;
+  st.moments_lo = chunk.params().grad_lo();
   st.tp_rank = tp_rank;
   st.tp_size = tp_size;
   const int emb = chunk.word_embedding();
@@ -30,13 +31,13 @@ ChunkState ChunkStateFor(Model& chunk, int tp_rank, int tp_size, bool first_virt
 
 absl::Status WriteLayersPastDepth(const std::string& staging_dir, const CheckpointMeta& meta,
                                   const ModelConfig& c, int depth, const std::string& source,
-                                  bool moments, bool source_moments, int writer, int writers) {
+                                  bool moments, int writer, int writers) {
   std::unique_ptr<Backend> cpu;
   for (int layer = depth; layer < c.num_layers; ++layer) {
     if ((layer - depth) % writers != writer) continue;
     const std::string name = absl::StrCat("rest_l", layer);
-    if (moments && source_moments) {
-      // A source saved by such a run holds this very shard (frozen tensors, their moments):
+    if (moments) {
+      // A source saved by such a run holds this very shard (frozen tensors, zero moments):
       // linked, not rewritten, where the file system allows.
       const fs::path from = fs::path(source).parent_path() / ("shard_" + name + ".h5");
       std::error_code ec;
@@ -55,19 +56,8 @@ absl::Status WriteLayersPastDepth(const std::string& staging_dir, const Checkpoi
     for (const ParamInfo& p : part->params().params()) {
       if (Model::IsExitTensor(p.name)) st.skip.push_back(p.name);
     }
-    Buffer m, v;
-    if (moments) {
-      const size_t n = part->params().padded_size();
-      m = Buffer(cpu.get(), n * sizeof(float));
-      v = Buffer(cpu.get(), n * sizeof(float));
-      cpu->Fill(m.f32(), n, 0.0f);
-      cpu->Fill(v.f32(), n, 0.0f);
-      st.adam_m = m.f32();
-      st.adam_v = v.f32();
-    }
-    ChunkState load = st;
-    if (!source_moments) load.adam_m = load.adam_v = nullptr;
-    RETURN_IF_ERROR(LoadCheckpoint(source, {load}));
+    RETURN_IF_ERROR(LoadCheckpoint(source, {st}));
+    st.zero_moments = moments;  // frozen tensors, as the run's own shards save them
     RETURN_IF_ERROR(WriteShard(staging_dir, name, meta, {st}));
   }
   return absl::OkStatus();

@@ -51,12 +51,12 @@ absl::StatusOr<std::string> WriteCheckpointForLayout(const std::string& root,
 // head, from `source` (the whole checkpoint it started from or saved last) into
 // `staging_dir`: one shard per layer (shard_rest_l<layer>.h5, the final head with the last
 // layer), those with (layer - depth) % writers == writer, one layer in host memory at a time.
-// With `moments`, the shards hold AdamW moments too: `source`'s when `source_moments`, else
-// zeros (a fresh optimizer's, which a frozen tensor keeps). With both, a shard the source
-// directory already holds (a save of such a run) is hard-linked instead (it then keeps that
-// save's step in its own attributes; loaders read the top-level file's).
+// With `moments`, the shards hold AdamW moments too: zeros, as for every frozen tensor (see
+// ChunkState::moments_lo). A shard the source directory already holds (a save of such a run)
+// is then hard-linked instead (it keeps that save's step in its own attributes; loaders read
+// the top-level file's).
 absl::Status WriteLayersPastDepth(const std::string& staging_dir, const CheckpointMeta& meta,
                                   const ModelConfig& c, int depth, const std::string& source,
-                                  bool moments, bool source_moments, int writer, int writers);
+                                  bool moments, int writer, int writers);
 
 }  // namespace eellm

@@ -264,9 +264,9 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   std::vector<std::unique_ptr<Model>> models;
   std::vector<Model*> chunks;
   for (int k = 0; k < nv; ++k) {
-    ASSIGN_OR_RETURN(auto chunk,
-                     Model::Create(mc, backend, StageSpec{k * pp + ctx->coord.pp, pp * nv, cut},
-                                   TpSpec{ctx->coord.tp, tc.tp, ctx->tp.get()}));
+    ASSIGN_OR_RETURN(
+        auto chunk, Model::Create(mc, backend, StageSpec{k * pp + ctx->coord.pp, pp * nv, cut},
+                                  TpSpec{ctx->coord.tp, tc.tp, ctx->tp.get()}, tc.freeze_backbone));
     chunk->InitRandom(tc.seed);
     // Tensors every tensor-parallel rank holds whole count once in the gradient norm.
     if (ctx->coord.tp != 0) {
@@ -304,6 +304,32 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
       }
     }
   }
+  TrainSummary sum;
+  for (Model* chunk : chunks) sum.num_params += static_cast<int64_t>(chunk->params().size());
+  // EE-Tuning: the exits' own tensors train, every other one is frozen (the optimizer skips it
+  // and leaves it out of the gradient norm). The exits are declared last, so the gradients (made
+  // with the chunks) and the optimizer's moments cover only the arena's tail from the first exit
+  // tensor on.
+  int64_t trainable = sum.num_params;
+  if (tc.freeze_backbone) {
+    trainable = 0;
+    for (Model* chunk : chunks) {
+      for (const ParamInfo& p : chunk->params().params()) {
+        if (p.trainable) trainable += static_cast<int64_t>(p.numel);
+      }
+    }
+    std::vector<double> total = {static_cast<double>(trainable)};
+    SumOverGroup(ctx->pp.get(), backend, total);
+    if (total[0] == 0) {
+      return absl::InvalidArgumentError(
+          "freeze_backbone: the model has no exit parameters to train (exits tied to the word "
+          "embedding with kind \"linear\" have none of their own)");
+    }
+    trainable = static_cast<int64_t>(total[0]);
+  }
+  for (Model* chunk : chunks) {
+    sum.gradient_elements += static_cast<int64_t>(chunk->params().grad_size());
+  }
   AdamWConfig ac;
   ac.beta1 = tc.beta1;
   ac.beta2 = tc.beta2;
@@ -315,13 +341,14 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
         &chunk->params(), ac, ctx, tc.zero1, static_cast<size_t>(tc.grad_bucket_size)));
   }
   DistributedOptimizer& dopt = *dopts[0];
-  // Full-size moment arenas for checkpoints (ZeRO-1 shards are gathered into them), per chunk.
+  // Moment arenas for checkpoints, laid out as the gradient arena (ZeRO-1 shards are gathered
+  // into them), per chunk.
   std::vector<Buffer> full_m(nv), full_v(nv);
   std::vector<float*> ckpt_m(nv), ckpt_v(nv);
   for (int k = 0; k < nv; ++k) {
     AdamW& opt = dopts[k]->adamw();
     if (dopt.zero1()) {
-      const size_t bytes = chunks[k]->params().padded_size() * sizeof(float);
+      const size_t bytes = chunks[k]->params().grad_size() * sizeof(float);
       full_m[k] = Buffer(backend, bytes);
       full_v[k] = Buffer(backend, bytes);
     }
@@ -329,6 +356,8 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     ckpt_v[k] = dopt.zero1() ? full_v[k].f32() : opt.v();
   }
   auto shard = [&](int k) { return dopts[k]->adamw().hi() - dopts[k]->adamw().lo(); };
+  // Where chunk k's optimizer shard starts in its checkpoint moment arena.
+  auto shard_at = [&](int k) { return dopts[k]->adamw().lo() - chunks[k]->params().grad_lo(); };
   // What this rank saves and loads: its chunks, tensor-parallel blocks, moments. Tensors held
   // whole by every tensor-parallel rank are written by rank 0 of the group, copies of the word
   // embedding only by virtual stage 0, and data-parallel replicas write nothing.
@@ -346,7 +375,9 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
       if (saved.is_object() && saved.value("freeze_backbone", false) != tc.freeze_backbone) {
         std::fprintf(stderr, "note: %s was trained %s a frozen backbone; this run trains %s\n",
                      opts.resume.c_str(), tc.freeze_backbone ? "without" : "with",
-                     tc.freeze_backbone ? "the exits alone" : "every parameter");
+                     tc.freeze_backbone
+                         ? "the exits alone (and saves the other tensors' moments as zeros)"
+                         : "every parameter (the backbone's Adam moments start from zero)");
       }
     }
     if (meta.config_json != rc.model_json) {
@@ -363,8 +394,8 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     for (int k = 0; k < nv; ++k) {
       AdamW& opt = dopts[k]->adamw();
       if (dopt.zero1()) {
-        backend->Copy(opt.m(), ckpt_m[k] + opt.lo(), shard(k) * sizeof(float));
-        backend->Copy(opt.v(), ckpt_v[k] + opt.lo(), shard(k) * sizeof(float));
+        backend->Copy(opt.m(), ckpt_m[k] + shard_at(k), shard(k) * sizeof(float));
+        backend->Copy(opt.v(), ckpt_v[k] + shard_at(k), shard(k) * sizeof(float));
       }
       opt.set_step(start);
     }
@@ -385,28 +416,6 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     RETURN_IF_ERROR(LoadCheckpoint(opts.init_from, weights));
   }
 
-  TrainSummary sum;
-  for (Model* chunk : chunks) sum.num_params += static_cast<int64_t>(chunk->params().size());
-  // EE-Tuning: the exits' own tensors train, every other one is frozen (the optimizer skips it
-  // and leaves it out of the gradient norm).
-  int64_t trainable = sum.num_params;
-  if (tc.freeze_backbone) {
-    trainable = 0;
-    for (Model* chunk : chunks) {
-      for (ParamInfo& p : chunk->params().mutable_params()) {
-        p.trainable = Model::IsExitTensor(p.name);
-        if (p.trainable) trainable += static_cast<int64_t>(p.numel);
-      }
-    }
-    std::vector<double> total = {static_cast<double>(trainable)};
-    SumOverGroup(ctx->pp.get(), backend, total);
-    if (total[0] == 0) {
-      return absl::InvalidArgumentError(
-          "freeze_backbone: the model has no exit parameters to train (exits tied to the word "
-          "embedding with kind \"linear\" have none of their own)");
-    }
-    trainable = static_cast<int64_t>(total[0]);
-  }
   const int rows = tc.batch_size / ctx->grid.dp();  // this rank's share of the global batch
   const int micro = tc.micro_batch_size > 0 ? tc.micro_batch_size : rows;
   PipelineExecutor exec(chunks, ctx, micro, tc.seq_len, MicrobatchesPerStep(tc),
@@ -429,7 +438,7 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
       ParamStore& ps = chunks[chunk]->params();
       for (const ParamInfo& p : ps.params()) {
         if (kv_group && p.tp_replicas > 1 && p.offset >= lo && p.offset + p.numel <= hi) {
-          kv_group->AllReduce(ps.grads_data() + p.offset, p.numel, ReduceOp::kSum);
+          kv_group->AllReduce(ps.grad_at(p.offset), p.numel, ReduceOp::kSum);
         }
       }
       if (tc.overlap_grad_reduce) dopts[chunk]->GradientsReady(lo, hi);
@@ -439,9 +448,8 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   std::vector<int32_t> in(n), tg(n);
   std::string ckpt;  // the last step directory written
   // A cut model's saves copy the layers past the cut from the checkpoint the run started from,
-  // then from its own last save (with the moments a fresh optimizer would keep after --init-from).
+  // then from its own last save.
   std::string rest_source;
-  bool rest_moments = opts.init_from.empty();
   if (cut > 0) {
     ASSIGN_OR_RETURN(rest_source,
                      ResolveCheckpoint(opts.init_from.empty() ? opts.resume : opts.init_from));
@@ -463,7 +471,7 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     ShardedSaveOptions so{tc.keep_checkpoints, opts.fail_save_after, backend};
     if (cut > 0 && writes) {  // the writing ranks share the layers past the cut
       so.write_more = [&](const std::string& staging) {
-        return WriteLayersPastDepth(staging, meta, mc, cut, rest_source, true, rest_moments,
+        return WriteLayersPastDepth(staging, meta, mc, cut, rest_source, true,
                                     ctx->coord.pp * tc.tp + ctx->coord.tp, tc.pp * tc.tp);
       };
     }
@@ -474,12 +482,13 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
                               *ctx->world, so));
     if (cut > 0) {  // its top-level file, named without asking the file system
       rest_source = (std::filesystem::path(ckpt) / kCheckpointTopFile).string();
-      rest_moments = true;
     }
     if (verbose) std::printf("saved %s (step %d)\n", ckpt.c_str(), step);
     return absl::OkStatus();
   };
   if (verbose) {
+    double padded = 0;
+    for (Model* chunk : chunks) padded += static_cast<double>(chunk->params().padded_size());
     const std::string layers =
         cut > 0 ? absl::StrFormat("built: layers 1-%d of %d, no final head", cut, mc.num_layers)
                 : absl::StrFormat("%d layers", mc.num_layers);
@@ -495,8 +504,10 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     if (tc.freeze_backbone) {
       std::printf(
           "frozen backbone (EE-Tuning): training the exits' %.3f M parameters%s, "
-          "forward only through the rest",
-          trainable / 1e6, tc.tp > 1 ? " (tensor-parallel rank 0's shards)" : "");
+          "forward only through the rest; gradients and moments for %.3f M of this rank's "
+          "%.3f M arena elements",
+          trainable / 1e6, tc.tp > 1 ? " (tensor-parallel rank 0's shards)" : "",
+          sum.gradient_elements / 1e6, padded / 1e6);
       const int depth = Model::DeepestExitDepth(mc);
       if (cut > 0) {
         std::printf(
@@ -549,7 +560,7 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
         ParamStore& ps = chunk->params();
         for (const ParamInfo& p : ps.params()) {
           if (p.tp_replicas > 1 && Model::IsExitTensor(p.name)) {
-            kv_group->AllReduce(ps.grads_data() + p.offset, p.numel, ReduceOp::kSum);
+            kv_group->AllReduce(ps.grad_at(p.offset), p.numel, ReduceOp::kSum);
           }
         }
       }

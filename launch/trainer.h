@@ -26,6 +26,9 @@ struct TrainSummary {
   std::vector<double> last_train_losses;   // averaged over the last log interval
   EvalResult first_eval, last_eval;        // validation before training and at the end
   int64_t num_params = 0;
+  // Elements of this rank's gradient arenas, which the optimizer's two moments mirror: every
+  // parameter's, or with a frozen backbone the trainable tail's.
+  int64_t gradient_elements = 0;
   std::string checkpoint;  // step directory written last
   int early_buckets = 0;   // data-parallel buckets started during the last step's backward
 };

@@ -81,8 +81,11 @@ class Model {
  public:
   // `tp`: this rank's tensor-parallel share (heads, FFN columns and vocabulary split over the
   // group; parameters are the local shards, ParamInfo::split_dim says along which dimension).
+  // `frozen_backbone` (EE-Tuning): only the exits' own tensors are trainable, and gradients are
+  // allocated for the arena's tail from the first of them on (ParamStore::KeepGradientsFrom).
   static absl::StatusOr<std::unique_ptr<Model>> Create(const ModelConfig& config, Backend* be,
-                                                       StageSpec stage = {}, TpSpec tp = {});
+                                                       StageSpec stage = {}, TpSpec tp = {},
+                                                       bool frozen_backbone = false);
 
   const ModelConfig& config() const { return config_; }
   ParamStore& params() { return params_; }

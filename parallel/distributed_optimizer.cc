@@ -13,10 +13,10 @@ DistributedOptimizer::DistributedOptimizer(ParamStore* params, const AdamWConfig
     : params_(params), ctx_(ctx), zero1_(zero1 && ctx->grid.dp() > 1), bucket_elems_(bucket_elems) {
   const int dp = ctx->grid.dp();
   if (zero1_) {
-    EE_CHECK(params->padded_size() % dp == 0, "arena of ", params->padded_size(),
+    EE_CHECK(params->grad_size() % dp == 0, "gradient arena of ", params->grad_size(),
              " elements does not split into ", dp, " shards");
-    shard_ = params->padded_size() / dp;
-    const size_t lo = shard_ * ctx->coord.dp;
+    shard_ = params->grad_size() / dp;
+    const size_t lo = params->grad_lo() + shard_ * ctx->coord.dp;
     scratch_ = Buffer(params->backend(), shard_ * sizeof(float));
     adamw_ = std::make_unique<AdamW>(params, config, lo, lo + shard_);
   } else {
@@ -25,8 +25,10 @@ DistributedOptimizer::DistributedOptimizer(ParamStore* params, const AdamWConfig
   norm_ = Buffer(params->backend(), sizeof(float));
 }
 
+// Buckets split the gradient arena: bucket k holds arena offsets grad_lo() + k * bucket_elems_
+// onwards.
 void DistributedOptimizer::StartBucket(size_t k) {
-  const size_t n = params_->padded_size();
+  const size_t n = params_->grad_size();
   const size_t first = k * bucket_elems_;
   pending_[k] = ctx_->dp->IAllReduce(params_->grads_data() + first,
                                      std::min(bucket_elems_, n - first), ReduceOp::kSum);
@@ -35,7 +37,12 @@ void DistributedOptimizer::StartBucket(size_t k) {
 
 void DistributedOptimizer::GradientsReady(size_t lo, size_t hi) {
   if (zero1_ || ctx_->grid.dp() <= 1 || hi <= lo) return;
-  const size_t n = params_->padded_size();
+  // In gradient-arena coordinates (a frozen range below it never reports).
+  const size_t base = params_->grad_lo();
+  if (lo < base) return;
+  lo -= base;
+  hi -= base;
+  const size_t n = params_->grad_size();
   const size_t buckets = (n + bucket_elems_ - 1) / bucket_elems_;
   if (started_.size() != buckets) {
     started_.assign(buckets, false);
@@ -60,7 +67,7 @@ void DistributedOptimizer::GradientsReady(size_t lo, size_t hi) {
 }
 
 void DistributedOptimizer::AllReduceGradients() {
-  const size_t n = params_->padded_size();
+  const size_t n = params_->grad_size(), base = params_->grad_lo();
   const size_t buckets = (n + bucket_elems_ - 1) / bucket_elems_;
   if (started_.size() != buckets) {
     started_.assign(buckets, false);
@@ -71,7 +78,8 @@ void DistributedOptimizer::AllReduceGradients() {
   std::vector<bool> trainable(buckets, false);
   for (const ParamInfo& p : params_->params()) {
     if (!p.trainable || p.numel == 0) continue;
-    for (size_t k = p.offset / bucket_elems_; k <= (p.offset + p.numel - 1) / bucket_elems_; ++k) {
+    const size_t at = p.offset - base;  // trainable tensors lie in the gradient arena
+    for (size_t k = at / bucket_elems_; k <= (at + p.numel - 1) / bucket_elems_; ++k) {
       trainable[k] = true;
     }
   }
@@ -101,12 +109,12 @@ double DistributedOptimizer::ReduceGradients() {
   if (zero1_) {
     // This rank's shard of the summed gradients.
     ctx_->dp->ReduceScatter(params_->grads_data(), scratch_.f32(), shard_, ReduceOp::kSum);
-    float* own = params_->grads_data() + adamw_->lo();
+    float* own = params_->grad_at(adamw_->lo());
     be->Copy(own, scratch_.f32(), shard_ * sizeof(float));
     be->Scale(own, inv_dp, shard_);
   } else if (dp > 1) {
     AllReduceGradients();
-    be->Scale(params_->grads_data(), inv_dp, params_->padded_size());
+    be->Scale(params_->grads_data(), inv_dp, params_->grad_size());
   }
   return adamw_->LocalSquaredNorm();
 }
@@ -134,7 +142,7 @@ void DistributedOptimizer::Apply(float lr, double global_norm) {
   if (zero1_) {
     Backend* be = params_->backend();
     be->Copy(scratch_.f32(), params_->params_data() + adamw_->lo(), shard_ * sizeof(float));
-    ctx_->dp->AllGather(scratch_.f32(), params_->params_data(), shard_);
+    ctx_->dp->AllGather(scratch_.f32(), params_->params_data() + params_->grad_lo(), shard_);
     be->WeightsChanged(params_->params_data());  // the communicator wrote past the backend
   }
 }

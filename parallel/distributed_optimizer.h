@@ -3,7 +3,9 @@
 // overlap one another on the wire and, when the backward reports finished layers through
 // GradientsReady, with the rest of the backward), clipped by the global norm and applied. With
 // ZeRO-1 the optimizer state is sharded: gradients are reduce-scattered, each rank updates its 1/dp
-// of the arena with its shard of the moments, and the updated parameters are all-gathered.
+// of the arena with its shard of the moments, and the updated parameters are all-gathered. All of
+// it covers the gradient arena, [ParamStore::grad_lo(), padded_size()): the whole arena, or the
+// trainable tail of a frozen model.
 #pragma once
 
 #include <memory>

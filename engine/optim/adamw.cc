@@ -8,9 +8,12 @@
 namespace eellm {
 
 AdamW::AdamW(ParamStore* params, const AdamWConfig& config, size_t lo, size_t hi)
-    : params_(params), config_(config), lo_(lo), hi_(std::min(hi, params->padded_size())) {
+    : params_(params),
+      config_(config),
+      lo_(std::max(lo, params->grad_lo())),
+      hi_(std::min(hi, params->padded_size())) {
   EE_CHECK(params->allocated(), "AdamW needs an allocated ParamStore");
-  EE_CHECK(lo_ <= hi_, "bad optimizer shard [", lo, ", ", hi, ")");
+  EE_CHECK(lo_ <= hi_, "bad optimizer shard [", lo_, ", ", hi_, ")");
   Backend* be = params->backend();
   const size_t n = hi_ - lo_;
   m_ = Buffer(be, n * sizeof(float));
@@ -44,8 +47,7 @@ double AdamW::LocalSquaredNorm() const {
   double sum = 0;
   ForEachRun([](const ParamInfo& p) { return p.count_in_norm; },
              [&](size_t first, size_t count, bool counted) {
-               if (counted)
-                 sum += params_->backend()->SumSquares(params_->grads_data() + first, count);
+               if (counted) sum += params_->backend()->SumSquares(params_->grad_at(first), count);
              });
   return sum;
 }
@@ -63,12 +65,12 @@ void AdamW::Update(float lr, float grad_scale) {
   if (grad_scale != 1.0f) {
     ForEachRun([](const ParamInfo&) { return true; },
                [&](size_t first, size_t count, bool) {
-                 be->Scale(params_->grads_data() + first, grad_scale, count);
+                 be->Scale(params_->grad_at(first), grad_scale, count);
                });
   }
   ForEachRun([](const ParamInfo& p) { return p.weight_decay; },
              [&](size_t first, size_t count, bool decay) {
-               be->AdamW(params_->params_data() + first, params_->grads_data() + first,
+               be->AdamW(params_->params_data() + first, params_->grad_at(first),
                          m_.f32() + (first - lo_), v_.f32() + (first - lo_), count, lr,
                          config_.beta1, config_.beta2, config_.eps,
                          decay ? config_.weight_decay : 0.0f, step_);

@@ -20,7 +20,8 @@ struct AdamWConfig {
 
 class AdamW {
  public:
-  // Owns the arena range [lo, hi) (elements); the default is the whole arena.
+  // Owns the arena range [lo, hi) (elements), at most the gradient arena's (a `lo` below
+  // ParamStore::grad_lo() is raised to it); the default is the whole gradient arena.
   AdamW(ParamStore* params, const AdamWConfig& config, size_t lo = 0, size_t hi = SIZE_MAX);
 
   // Sum of squared trainable gradients inside the owned range.

@@ -1,7 +1,9 @@
 // ParamStore: named parameter tensors packed into one contiguous arena, with a gradient arena
-// of the same layout (llm.c). Names are global ("layers.3.attn.wq.weight"), shapes are global
-// for now (tensor-parallel shards will record their slice of the global shape). Contiguous
-// gradients make clipping, bucketed all-reduce and sharded optimizers offset arithmetic.
+// of the same layout (llm.c). Names are global ("layers.3.attn.wq.weight"); with tensor
+// parallelism shapes are this rank's block (ParamInfo::split_dim). Contiguous gradients make
+// clipping, bucketed all-reduce and sharded optimizers offset arithmetic. When only the tensors
+// from some offset on train (EE-Tuning's exits, declared last), the gradient arena (and the
+// optimizer's moments, which follow it) covers just that tail: KeepGradientsFrom.
 #pragma once
 
 #include <cstddef>
@@ -37,7 +39,9 @@ class ParamStore {
   // Declare all parameters first, then Allocate() once.
   // Returns the index of the new parameter.
   int Add(const std::string& name, const Shape& shape, bool weight_decay);
-  void Allocate(Backend* backend);  // params zero-filled, grads zero-filled
+  // Params zero-filled; grads zero-filled, or with `gradients` false none until
+  // KeepGradientsFrom.
+  void Allocate(Backend* backend, bool gradients = true);
   ParamStore() = default;
   ParamStore(const ParamStore&) = delete;
   ParamStore& operator=(const ParamStore&) = delete;
@@ -57,9 +61,25 @@ class ParamStore {
   int Find(const std::string& name) const;  // -1 when absent
 
   float* param(int i) const { return params_buf_.f32() + params_[i].offset; }
-  float* grad(int i) const { return grads_buf_.f32() + params_[i].offset; }
+  // Tensor i's gradient, or null for a tensor below grad_lo() (it has none).
+  float* grad(int i) const {
+    return params_[i].offset < grad_lo_ ? nullptr
+                                        : grads_buf_.f32() + (params_[i].offset - grad_lo_);
+  }
   float* params_data() const { return params_buf_.f32(); }
+  // The gradient of arena offset `offset` (>= grad_lo()).
+  float* grad_at(size_t offset) const;
+  // The gradient arena: arena offsets [grad_lo(), padded_size()), grads_data() holding grad_lo().
   float* grads_data() const { return grads_buf_.f32(); }
+  size_t grad_lo() const { return grad_lo_; }
+  size_t grad_size() const { return padded_size() - grad_lo_; }
+  // Frozen training: keeps gradients only for arena offsets [lo, padded_size()) (lo a multiple of
+  // kArenaMultiple, no trainable tensor below it), freeing any others; zero-filled. Call before
+  // making optimizers, whose moments cover the same range.
+  void KeepGradientsFrom(size_t lo);
+  // The offset KeepGradientsFrom would take: the first trainable tensor's, rounded down to a
+  // multiple of kArenaMultiple, and at most padded_size() - kArenaMultiple (never empty).
+  size_t TrainableFrom() const;
   void ZeroGrads();
 
  private:
@@ -67,6 +87,7 @@ class ParamStore {
   std::vector<ParamInfo> params_;
   absl::flat_hash_map<std::string, int> index_;
   size_t total_ = 0;
+  size_t grad_lo_ = 0;
   Buffer params_buf_;
   Buffer grads_buf_;
 };

@@ -225,6 +225,55 @@ TEST_P(ShardedCheckpointTest, TopLevelVirtualDatasetsReadAsWholeTensors) {
 INSTANTIATE_TEST_SUITE_P(Styles, ShardedCheckpointTest,
                          ::testing::Values(ModelStyle::kGpt, ModelStyle::kLlama));
 
+// A frozen model's optimizer holds moments for the trainable tail of the arena alone
+// (ParamStore::KeepGradientsFrom): its checkpoints save the frozen tensors' moments as zeros,
+// and loading one fills the tail's moments and leaves the frozen tensors' stored moments out.
+TEST(FrozenCheckpointTest, FrozenTensorsSaveZeroMomentsAndLoadNone) {
+  const std::string dir = fs::temp_directory_path() / absl::StrCat("eellm_frozen_", getpid());
+  ModelConfig c = Config(ModelStyle::kGpt);
+  c.vocab_size = 2000;  // an embedding past the first kArenaMultiple elements
+  auto be = Cpu();
+  auto model = Model::Create(c, be.get());
+  ASSERT_TRUE(model.ok()) << model.status();
+  ParamStore& ps = (*model)->params();
+  (*model)->InitRandom(3);
+  for (ParamInfo& p : ps.mutable_params()) p.trainable = Model::IsExitTensor(p.name);
+  ps.KeepGradientsFrom(ps.TrainableFrom());
+  ASSERT_GT(ps.grad_lo(), 0u);
+  std::vector<float> m(ps.grad_size()), v(ps.grad_size());
+  for (size_t i = 0; i < m.size(); ++i) m[i] = 1.0f + i, v[i] = 2.0f + i;
+  CheckpointMeta meta;
+  meta.config_json = "{}";
+  ASSERT_TRUE(SaveCheckpoint(dir + "/f.h5", ps, meta, m.data(), v.data()).ok());
+  // Read back into whole arenas (every tensor trainable): zeros exactly for the frozen tensors.
+  auto whole = Model::Create(c, be.get());
+  ASSERT_TRUE(whole.ok());
+  ParamStore& ws = (*whole)->params();
+  std::vector<float> wm(ws.padded_size(), -1.0f), wv(ws.padded_size(), -1.0f);
+  ASSERT_TRUE(LoadCheckpoint(dir + "/f.h5", ws, wm.data(), wv.data()).ok());
+  int frozen = 0;
+  for (const ParamInfo& p : ws.params()) {
+    const bool exit = Model::IsExitTensor(p.name);
+    frozen += !exit;
+    for (size_t i = 0; i < p.numel; ++i) {
+      const float want = exit ? m[p.offset - ps.grad_lo() + i] : 0.0f;
+      ASSERT_EQ(wm[p.offset + i], want) << p.name << " element " << i;
+    }
+  }
+  EXPECT_GT(frozen, 5);
+  // Loaded back into the frozen layout: the tail's moments return, nothing below grad_lo().
+  std::vector<float> bm(ps.grad_size(), -1.0f), bv(ps.grad_size(), -1.0f);
+  ASSERT_TRUE(LoadCheckpoint(dir + "/f.h5", ps, bm.data(), bv.data()).ok());
+  for (const ParamInfo& p : ps.params()) {
+    if (!p.trainable) continue;
+    for (size_t i = 0; i < p.numel; ++i) {
+      ASSERT_EQ(bv[p.offset - ps.grad_lo() + i], v[p.offset - ps.grad_lo() + i]) << p.name;
+    }
+  }
+  std::error_code ec;
+  fs::remove_all(dir, ec);
+}
+
 class ShardedFaultTest : public ShardedCheckpointTest {};
 
 // A save that dies after some shards leaves the previous checkpoint as `latest`, loadable.

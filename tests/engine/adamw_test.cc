@@ -4,6 +4,7 @@
 #include "engine/optim/adamw.h"
 
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "engine/backend.h"
@@ -97,6 +98,55 @@ TEST(AdamWTest, ShardsTogetherEqualTheWholeUpdate) {
   }
   for (size_t k = 0; k < cut; ++k) EXPECT_EQ(lo.v()[k], full.v()[k]);
   for (size_t k = cut; k < whole->size(); ++k) EXPECT_EQ(hi.v()[k - cut], full.v()[k]);
+}
+
+// A frozen backbone followed by trainable tensors: with the gradients (and so the moments) kept
+// only from TrainableFrom() on, frozen tensors have none, and a step updates the trainable
+// tensors exactly as with whole arenas.
+TEST(AdamWTest, GradientsKeptForTheTrainableTailUpdateTheSame) {
+  auto be = MakeBackend("cpu");
+  ASSERT_TRUE(be.ok());
+  auto make = [&](bool keep_tail) {
+    auto ps = std::make_unique<ParamStore>();
+    ps->Add("backbone", {20000}, true);  // past the first kArenaMultiple (13,440) elements
+    ps->Add("exit.w", {30, 11}, true);
+    ps->Add("exit.g", {11}, false);
+    ps->mutable_params()[0].trainable = false;
+    ps->Allocate(be->get());
+    Rng rng(9);
+    for (size_t i = 0; i < ps->size(); ++i) ps->params_data()[i] = static_cast<float>(rng.Normal());
+    if (keep_tail) ps->KeepGradientsFrom(ps->TrainableFrom());
+    for (int j = 1; j < 3; ++j) {
+      for (size_t i = 0; i < ps->params()[j].numel; ++i) {
+        ps->grad(j)[i] = static_cast<float>(std::sin(1.0 + i + 100 * j));
+      }
+    }
+    return ps;
+  };
+  auto whole = make(false), tail = make(true);
+  EXPECT_EQ(whole->grad_lo(), 0u);
+  EXPECT_EQ(tail->grad_lo(), ParamStore::kArenaMultiple);
+  EXPECT_EQ(tail->grad_size(), whole->padded_size() - ParamStore::kArenaMultiple);
+  EXPECT_EQ(tail->grad(0), nullptr);
+  EXPECT_EQ(tail->grad(1), tail->grad_at(tail->params()[1].offset));
+  EXPECT_DEATH(tail->grad_at(100), "has no gradient");
+  AdamW a(whole.get(), AdamWConfig{}), b(tail.get(), AdamWConfig{});
+  EXPECT_EQ(b.lo(), tail->grad_lo());
+  for (int step = 0; step < 2; ++step) {
+    EXPECT_EQ(a.Step(0.01f), b.Step(0.01f));
+  }
+  EXPECT_EQ(std::memcmp(whole->params_data(), tail->params_data(), whole->size() * sizeof(float)),
+            0);
+  const size_t lo = tail->grad_lo();
+  EXPECT_EQ(std::memcmp(a.m() + lo, b.m(), tail->grad_size() * sizeof(float)), 0);
+  EXPECT_EQ(std::memcmp(a.v() + lo, b.v(), tail->grad_size() * sizeof(float)), 0);
+  // Every tensor trainable: nothing to drop (never an empty arena).
+  auto all = std::make_unique<ParamStore>();
+  all->Add("w", {20000}, true);
+  all->Allocate(be->get());
+  EXPECT_EQ(all->TrainableFrom(), 0u);
+  for (ParamInfo& p : all->mutable_params()) p.trainable = false;
+  EXPECT_EQ(all->TrainableFrom(), all->padded_size() - ParamStore::kArenaMultiple);
 }
 
 }  // namespace

@@ -105,6 +105,7 @@ struct RunResult {
   std::vector<float> params;
   int early_buckets = 0;
   int64_t num_params = 0;  // this rank's (built) parameters
+  int64_t gradient_elements = 0;
   std::string checkpoint;  // the last step directory saved
 };
 
@@ -169,6 +170,7 @@ RunResult Train(RunConfig rc, ParallelContext* ctx, const std::string& out,
   if (s.ok()) {
     r.early_buckets = s->early_buckets;
     r.num_params = s->num_params;
+    r.gradient_elements = s->gradient_elements;
     r.checkpoint = s->checkpoint;
   }
   return r;
@@ -420,22 +422,40 @@ TEST_P(TrainLayouts, SkippingLayersPastExitsTrainsAsTheWholeModel) {
     EXPECT_EQ(resumed.grad_norms[0], got.grad_norms[2]) << how;
     EXPECT_TRUE(SavedState(rc, resumed.checkpoint) == state) << how;
   }
-  // Resuming full training's checkpoint (moments in every tensor): the cut run keeps the moments
-  // of the layers it does not hold, as the whole model's frozen run does.
+  // Resuming full training's checkpoint (moments in every tensor): the frozen tensors' moments
+  // are neither held nor kept (saved as zeros), with or without the cut; the exits' carry on.
   RunConfig full = rc;
   full.train.freeze_backbone = false;
   full.train.save_interval = 2;
-  Train(full, nullptr, data + "_full", "", source);
+  RunResult trained = Train(full, nullptr, data + "_full", "", source);
   RunResult from_full_cut = Train(cut, nullptr, data + "_full_cut", data + "_full/step_00000002");
   RunResult from_full = Train(rc, nullptr, data + "_full_whole", data + "_full/step_00000002");
   EXPECT_EQ(from_full_cut.losses, from_full.losses);
-  EXPECT_TRUE(SavedState(rc, from_full_cut.checkpoint) == SavedState(rc, from_full.checkpoint))
+  const std::vector<float> tuned = SavedState(rc, from_full.checkpoint);
+  EXPECT_TRUE(SavedState(rc, from_full_cut.checkpoint) == tuned)
       << "parameters or moments differ after resuming full training";
+  auto shape = Model::Create(rc.model, LayoutBackend());
+  ASSERT_TRUE(shape.ok());
+  const ParamStore& ps = (*shape)->params();
+  ASSERT_EQ(tuned.size(), 3 * ps.size());
+  for (const ParamInfo& p : ps.params()) {
+    float max_m = 0;
+    for (size_t i = 0; i < p.numel; ++i)
+      max_m = std::max(max_m, std::fabs(tuned[ps.size() + p.offset + i]));
+    EXPECT_EQ(max_m > 0, Model::IsExitTensor(p.name)) << p.name;
+  }
+  // The gradient arena (and each moment) of a frozen run: its trainable tail alone.
+  EXPECT_LT(whole.gradient_elements * 2, trained.gradient_elements);
   // The 6 layers up to the cut: 1, 2 or 3 per stage.
-  const std::vector<Layout> layouts = {
-      {1, 1, 1, false, 1}, {1, 1, 1, false, 1, false, 2}, {1, 2, 1, false, 1},
-      {2, 1, 1, false, 1}, {1, 2, 1, false, 2, false, 3}, {2, 2, 1, false, 1},
-      {1, 2, 2, true, 1},  {2, 2, 2, true, 1},            {1, 2, 4, false, 1}};
+  const std::vector<Layout> layouts = {{1, 1, 1, false, 1},
+                                       {1, 1, 1, false, 1, false, 2},
+                                       {1, 2, 1, false, 1},
+                                       {2, 1, 1, false, 1},
+                                       {1, 2, 1, false, 2, false, 3},
+                                       {2, 2, 1, false, 1},
+                                       {1, 2, 2, true, 1},
+                                       {2, 2, 2, true, 1},
+                                       {1, 2, 4, false, 1}};
   ExpectLayoutsMatchInSharedDirs(*world, cut, whole, layouts, "cut", GetParam() + " cut", source);
   std::error_code ec;
   std::filesystem::remove_all(std::filesystem::path(data).parent_path(), ec);
