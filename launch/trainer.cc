@@ -351,6 +351,9 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
       const size_t bytes = chunks[k]->params().grad_size() * sizeof(float);
       full_m[k] = Buffer(backend, bytes);
       full_v[k] = Buffer(backend, bytes);
+      // Zeros where a resume loads nothing (padding, frozen tensors), which the shards copy.
+      backend->Fill(full_m[k].f32(), bytes / sizeof(float), 0.0f);
+      backend->Fill(full_v[k].f32(), bytes / sizeof(float), 0.0f);
     }
     ckpt_m[k] = dopt.zero1() ? full_m[k].f32() : opt.m();
     ckpt_v[k] = dopt.zero1() ? full_v[k].f32() : opt.v();

@@ -37,10 +37,10 @@ void DistributedOptimizer::StartBucket(size_t k) {
 
 void DistributedOptimizer::GradientsReady(size_t lo, size_t hi) {
   if (zero1_ || ctx_->grid.dp() <= 1 || hi <= lo) return;
-  // In gradient-arena coordinates (a frozen range below it never reports).
+  // In gradient-arena coordinates (what lies below it has no gradient).
   const size_t base = params_->grad_lo();
-  if (lo < base) return;
-  lo -= base;
+  if (hi <= base) return;
+  lo = std::max(lo, base) - base;
   hi -= base;
   const size_t n = params_->grad_size();
   const size_t buckets = (n + bucket_elems_ - 1) / bucket_elems_;
