@@ -247,6 +247,7 @@ void PipelineGenerator::Start() {
   if (outbox_ == nullptr) outbox_ = std::make_unique<Outbox>(world_);
   passes_sent_ = passes_done_ = 0;
   in_flight_.assign(gen_->max_sequences(), 0);
+  deciding_.assign(gen_->max_sequences(), 0);
   abandoned_.assign(gen_->max_sequences(), 0);
   inbox_.clear();
   inbox_.resize(stages_);
@@ -274,16 +275,17 @@ int PipelineGenerator::free_slots() const {
 }
 
 GenerationResult PipelineGenerator::Retire(int slot) {
-  if (started_ && in_flight_[slot]) abandoned_[slot] = 1;
+  if (started_ && in_flight_[slot] > 0) abandoned_[slot] = 1;
   return gen_->Retire(slot);
 }
 
 void PipelineGenerator::Take(int slot, const StepResult& r,
                              const std::function<void(int, int32_t)>& on_token,
                              std::vector<FinishedSequence>* finished) {
-  in_flight_[slot] = 0;
+  --in_flight_[slot];
+  if (!r.logits.empty()) deciding_[slot] = 0;
   if (abandoned_[slot]) {  // retired meanwhile
-    abandoned_[slot] = 0;
+    if (in_flight_[slot] == 0) abandoned_[slot] = 0;
     return;
   }
   FinishedSequence f;
@@ -362,7 +364,7 @@ std::vector<FinishedSequence> PipelineGenerator::Advance(
   const int first = next_slot_;
   for (int k = 0; k < gen_->max_sequences() && static_cast<int>(items.size()) < most; ++k) {
     const int s = (first + k) % gen_->max_sequences();
-    if (!gen_->busy(s) || in_flight_[s]) continue;
+    if (!gen_->busy(s) || deciding_[s]) continue;
     const bool starts = gen_->starts(s);
     const bool scoring = starts && gen_->request(s).prompt_logprobs;
     const int take = starts ? chunk : std::numeric_limits<int>::max();
@@ -388,7 +390,7 @@ std::vector<FinishedSequence> PipelineGenerator::Advance(
   }
   if (items.empty()) {
     bool waiting = false;
-    for (char f : in_flight_) waiting |= f != 0;
+    for (int f : in_flight_) waiting |= f != 0;
     if (waiting) Poll(/*wait=*/true, on_token, &finished);
     return finished;
   }
@@ -413,7 +415,9 @@ std::vector<FinishedSequence> PipelineGenerator::Advance(
     ++passes_sent_;
   }
   for (size_t k = 0; k < items.size(); ++k) {
-    in_flight_[items[k].seq] = 1;
+    ++in_flight_[items[k].seq];
+    stats_.most_in_flight_of_one = std::max(stats_.most_in_flight_of_one, in_flight_[items[k].seq]);
+    if (!items[k].partial) deciding_[items[k].seq] = 1;
     if (!items[k].live || (items[k].partial && stages_ == 1)) {
       stats_.decided_here += !items[k].live;
       Take(items[k].seq, r[k], on_token, &finished);

@@ -17,10 +17,11 @@
 //
 // Scheduling: a pass carries at most 1/stages of the running sequences (taken round-robin), so
 // the batch circulates as one group per stage and every stage has work; at most 2 passes per
-// stage are on their way. KV: the leader gives each sequence its KV pages (Generator's
-// kv_tokens) and its first pass carries them. Pages freed when a sequence ends may go to the next
-// one while deeper stages still run the old one's last rows; that is safe because every stage
-// runs the passes in the order the leader sent them.
+// stage are on their way. A long prompt's prefill chunks follow one another into the pipeline
+// without waiting for the previous chunk's answer (every stage runs them in order). KV: the leader
+// gives each sequence its KV pages (Generator's kv_tokens) and its first pass carries them. Pages
+// freed when a sequence ends may go to the next one while deeper stages still run the old one's
+// last rows; that is safe because every stage runs the passes in the order the leader sent them.
 //
 // A sequence gets the tokens, exits and depths the whole model gives it in a Generator (KV
 // recomputation fills the same K/V later), up to the rounding of differently batched GEMMs.
@@ -96,6 +97,8 @@ class PipelineGenerator : public SequenceBatcher {
     int64_t rows = 0;          // token rows they carried
     int64_t decided_here = 0;  // tokens this stage's heads decided
     double pass_seconds = 0;   // spent in the stage's passes (the rest: messages and waiting)
+    // The leader: the most passes of one sequence on their way at once (prefill chunks).
+    int most_in_flight_of_one = 0;
   };
   const Stats& stats() const { return stats_; }
   // Every rank's stats().pass_seconds, in rank order; every rank calls it.
@@ -121,9 +124,14 @@ class PipelineGenerator : public SequenceBatcher {
     bool stopped = false;
   };
   bool started_ = false;
-  std::vector<Inbox> inbox_;                   // [stages]; 1.. used
-  std::vector<char> in_flight_;                // per slot: a deeper stage decides its newest token
-  std::vector<char> abandoned_;                // per slot: retired while in flight
+  std::vector<Inbox> inbox_;  // [stages]; 1.. used
+  // Per slot: its passes whose answer has not come back (a deeper stage decides a token, or the
+  // last stage reports a prefill chunk done); whether one of them decides its next token (until
+  // then it takes no pass; while only chunks are on their way, its next chunk can follow them);
+  // retired while passes were in flight.
+  std::vector<int> in_flight_;
+  std::vector<char> deciding_;
+  std::vector<char> abandoned_;
   int next_slot_ = 0;                          // where the next pass starts looking for sequences
   int64_t passes_sent_ = 0, passes_done_ = 0;  // to stage 1; answered by the last stage
   std::unique_ptr<Outbox> outbox_;

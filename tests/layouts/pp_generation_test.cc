@@ -82,13 +82,20 @@ TEST_P(PpGeneration, EveryLayoutGeneratesWhatTheWholeModelGenerates) {
   GenerationRequest score_only = reqs[0];  // max_new_tokens 0: the last stage scores, no token
   score_only.prompt_logprobs = true;
   score_only.max_new_tokens = 0;
-  std::vector<GenerationResult> want, want_score;
+  GenerationRequest alone = reqs[2];  // one 27-token prompt: 6 chunks of at most 5
+  alone.max_new_tokens = 3;
+  alone.prompt.resize(27);
+  for (size_t i = 0; i < alone.prompt.size(); ++i) {
+    alone.prompt[i] = static_cast<int32_t>((7 * i + 3) % c.vocab_size);
+  }
+  std::vector<GenerationResult> want, want_score, want_alone;
   if (rank == 0) {
     auto whole = LoadModelFromCheckpoint(file, be.get());
     ASSERT_TRUE(whole.ok()) << whole.status();
     Generator g(whole->model.get(), 32, 4);
     want = *g.GenerateBatch(reqs);
     want_score = *g.GenerateBatch({score_only});
+    want_alone = *g.GenerateBatch({alone});
   }
   int layouts = 0;
   for (int pp = 1; pp <= world; ++pp) {
@@ -154,6 +161,15 @@ TEST_P(PpGeneration, EveryLayoutGeneratesWhatTheWholeModelGenerates) {
       for (size_t p = 0; p < s.prompt_logprobs.size(); ++p) {
         EXPECT_NEAR(s.prompt_logprobs[p], want_score[0].prompt_logprobs[p], 1e-4) << "pp " << pp;
       }
+    }
+    // A long prompt alone: its chunks follow one another into the pipeline without waiting for
+    // the previous chunk's answer.
+    auto long_prompt = pipeline.GenerateBatch({alone});
+    ASSERT_TRUE(long_prompt.ok()) << long_prompt.status();
+    if (pipeline.leader()) {
+      EXPECT_EQ(long_prompt->at(0).tokens, want_alone[0].tokens) << "pp " << pp;
+      EXPECT_EQ(long_prompt->at(0).depth, want_alone[0].depth) << "pp " << pp;
+      if (pp > 1) EXPECT_GE(pipeline.stats().most_in_flight_of_one, 2) << "pp " << pp;
     }
     messages->Barrier();
   }
