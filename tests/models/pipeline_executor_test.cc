@@ -38,14 +38,15 @@ ModelConfig ConfigWithExits() {
 }
 
 // The model as `chunks` chunks (chunk k: virtual stage k of a one-rank pipeline; 1: the whole
-// model), initialised from `seed`, gradients zeroed; `parts` gets their pointers (empty after a
-// failure).
+// model; `depth` > 0: of the model cut after that layer), initialised from `seed`, gradients
+// zeroed; `parts` gets their pointers (empty after a failure).
 std::vector<std::unique_ptr<Model>> MakeChunks(const ModelConfig& c, Backend* be, int chunks,
-                                               uint64_t seed, std::vector<Model*>* parts) {
+                                               uint64_t seed, std::vector<Model*>* parts,
+                                               int depth = 0) {
   std::vector<std::unique_ptr<Model>> models;
   parts->clear();
   for (int k = 0; k < chunks; ++k) {
-    auto m = Model::Create(c, be, StageSpec{k, chunks});
+    auto m = Model::Create(c, be, StageSpec{k, chunks, depth});
     EXPECT_TRUE(m.ok()) << m.status();
     if (!m.ok()) return {};
     (*m)->InitRandom(seed);
@@ -56,6 +57,23 @@ std::vector<std::unique_ptr<Model>> MakeChunks(const ModelConfig& c, Backend* be
   return models;
 }
 
+// A step's host inputs: `microbatches` microbatches of one row of 8 tokens, ids and targets
+// drawn from `seed` and `seed + 1`.
+struct StepInputs {
+  static constexpr int kMicro = 1, kSeq = 8;
+  int microbatches = 0;
+  std::vector<int32_t> ids, targets;
+  // An executor of `parts` over these microbatches.
+  PipelineExecutor Executor(std::vector<Model*> parts, ParallelContext* ctx, bool place) const {
+    return PipelineExecutor(std::move(parts), ctx, kMicro, kSeq, microbatches, place);
+  }
+};
+StepInputs Inputs(const ModelConfig& c, int microbatches, uint64_t seed) {
+  const int n = StepInputs::kMicro * StepInputs::kSeq * microbatches;
+  return {microbatches, RandomTokens(n, c.vocab_size, seed),
+          RandomTokens(n, c.vocab_size, seed + 1)};
+}
+
 class InterleavedExecutor : public ::testing::TestWithParam<std::tuple<int, bool>> {};
 
 TEST_P(InterleavedExecutor, MatchesWholeModelAndStaysWithinMaxInFlight) {
@@ -63,25 +81,22 @@ TEST_P(InterleavedExecutor, MatchesWholeModelAndStaysWithinMaxInFlight) {
   const ModelConfig c = ConfigWithExits();
   auto be = Cpu();
   auto ctx = ParallelContext::Single();
-  const int micro = 1, seq = 8, microbatches = 4;
-  const int n = micro * seq * microbatches;
-  const std::vector<int32_t> ids = RandomTokens(n, c.vocab_size, 1);
-  const std::vector<int32_t> targets = RandomTokens(n, c.vocab_size, 2);
+  const StepInputs in = Inputs(c, 4, 1);
   const std::vector<float> w = {0.5f, 0.3f};
 
   std::vector<Model*> one;
   auto whole = MakeChunks(c, be.get(), 1, 7, &one);
   ASSERT_EQ(one.size(), 1u);
-  PipelineExecutor ref(one[0], ctx.get(), micro, seq, microbatches, place_exits);
-  const LossReport want = ref.TrainStep(ids.data(), targets.data(), w);
-  const LossReport want_eval = ref.Evaluate(ids.data(), targets.data());
+  PipelineExecutor ref = in.Executor({one[0]}, ctx.get(), place_exits);
+  const LossReport want = ref.TrainStep(in.ids.data(), in.targets.data(), w);
+  const LossReport want_eval = ref.Evaluate(in.ids.data(), in.targets.data());
 
   std::vector<Model*> parts;
   auto models = MakeChunks(c, be.get(), chunks, 7, &parts);
   ASSERT_EQ(parts.size(), static_cast<size_t>(chunks));
-  PipelineExecutor exec(parts, ctx.get(), micro, seq, microbatches, place_exits);
+  PipelineExecutor exec = in.Executor(parts, ctx.get(), place_exits);
   EXPECT_EQ(exec.schedule().chunks, chunks);
-  const LossReport got = exec.TrainStep(ids.data(), targets.data(), w);
+  const LossReport got = exec.TrainStep(in.ids.data(), in.targets.data(), w);
   EXPECT_NEAR(got.final_loss, want.final_loss, 1e-5 * want.final_loss);
   ASSERT_EQ(got.exit_losses.size(), want.exit_losses.size());
   for (size_t i = 0; i < want.exit_losses.size(); ++i) {
@@ -114,7 +129,7 @@ TEST_P(InterleavedExecutor, MatchesWholeModelAndStaysWithinMaxInFlight) {
     EXPECT_LE(max_diff, 1e-5 * max_abs + 1e-7) << p.name;
   }
 
-  const LossReport got_eval = exec.Evaluate(ids.data(), targets.data());
+  const LossReport got_eval = exec.Evaluate(in.ids.data(), in.targets.data());
   EXPECT_NEAR(got_eval.final_loss, want_eval.final_loss, 1e-5 * want_eval.final_loss);
   for (size_t i = 0; i < want_eval.exit_losses.size(); ++i) {
     EXPECT_NEAR(got_eval.exit_losses[i], want_eval.exit_losses[i], 1e-5 * want_eval.exit_losses[i]);
@@ -129,22 +144,20 @@ TEST(InterleavedExecutor, FrozenBackboneSendsBeforeExitWorkAndMatchesWholeModel)
   const ModelConfig c = ConfigWithExits();
   auto be = Cpu();
   auto ctx = ParallelContext::Single();
-  const int micro = 1, seq = 8, microbatches = 4, chunks = 2;
-  const int n = micro * seq * microbatches;
-  const std::vector<int32_t> ids = RandomTokens(n, c.vocab_size, 3);
-  const std::vector<int32_t> targets = RandomTokens(n, c.vocab_size, 4);
+  const int chunks = 2;
+  const StepInputs in = Inputs(c, 4, 3);
   const std::vector<float> w = {0.5f, 0.3f};
   std::vector<Model*> one;
   auto whole = MakeChunks(c, be.get(), 1, 9, &one);
   ASSERT_EQ(one.size(), 1u);
-  PipelineExecutor ref(one[0], ctx.get(), micro, seq, microbatches, true);
+  PipelineExecutor ref = in.Executor({one[0]}, ctx.get(), true);
   ref.set_frozen_backbone(true, /*stop_at_deepest_exit=*/false);  // the final head's loss too
-  const LossReport want = ref.TrainStep(ids.data(), targets.data(), w);
+  const LossReport want = ref.TrainStep(in.ids.data(), in.targets.data(), w);
 
   std::vector<Model*> parts;
   auto models = MakeChunks(c, be.get(), chunks, 9, &parts);
   ASSERT_EQ(parts.size(), static_cast<size_t>(chunks));
-  PipelineExecutor exec(parts, ctx.get(), micro, seq, microbatches, true);
+  PipelineExecutor exec = in.Executor(parts, ctx.get(), true);
   exec.set_frozen_backbone(true, /*stop_at_deepest_exit=*/false);
   const std::vector<Action>& list = exec.step_schedule().per_stage[0];
   int exit_actions = 0;
@@ -158,8 +171,8 @@ TEST(InterleavedExecutor, FrozenBackboneSendsBeforeExitWorkAndMatchesWholeModel)
     EXPECT_EQ(list[i - 1], (Action{before, list[i].microbatch, list[i].chunk}))
         << ScheduleString(exec.step_schedule());
   }
-  EXPECT_EQ(exit_actions, microbatches * chunks);
-  const LossReport got = exec.TrainStep(ids.data(), targets.data(), w);
+  EXPECT_EQ(exit_actions, in.microbatches * chunks);
+  const LossReport got = exec.TrainStep(in.ids.data(), in.targets.data(), w);
   EXPECT_NEAR(got.final_loss, want.final_loss, 1e-5 * want.final_loss);
   for (size_t i = 0; i < want.exit_losses.size(); ++i) {
     EXPECT_NEAR(got.exit_losses[i], want.exit_losses[i], 1e-5 * want.exit_losses[i]);
@@ -198,10 +211,7 @@ TEST(Executor, EeTuningStopsAtTheDeepestExit) {
   c.exits[0].tied = false;
   auto be = Cpu();
   auto ctx = ParallelContext::Single();
-  const int micro = 1, seq = 8, microbatches = 2;
-  const int n = micro * seq * microbatches;
-  const std::vector<int32_t> ids = RandomTokens(n, c.vocab_size, 5);
-  const std::vector<int32_t> targets = RandomTokens(n, c.vocab_size, 6);
+  const StepInputs in = Inputs(c, 2, 5);
   const std::vector<float> w = {0.5f};
   for (int chunks : {1, 2}) {
     SCOPED_TRACE(::testing::Message() << chunks << " chunk(s)");
@@ -209,9 +219,9 @@ TEST(Executor, EeTuningStopsAtTheDeepestExit) {
     auto full_models = MakeChunks(c, be.get(), chunks, 11, &full_parts);
     auto models = MakeChunks(c, be.get(), chunks, 11, &parts);
     ASSERT_EQ(parts.size(), static_cast<size_t>(chunks));
-    PipelineExecutor full(full_parts, ctx.get(), micro, seq, microbatches, true);
+    PipelineExecutor full = in.Executor(full_parts, ctx.get(), true);
     full.set_frozen_backbone(true, /*stop_at_deepest_exit=*/false);
-    PipelineExecutor exec(parts, ctx.get(), micro, seq, microbatches, true);
+    PipelineExecutor exec = in.Executor(parts, ctx.get(), true);
     exec.set_frozen_backbone(true);
     EXPECT_TRUE(full.tune_computes_final_loss());
     EXPECT_FALSE(exec.tune_computes_final_loss());
@@ -219,8 +229,8 @@ TEST(Executor, EeTuningStopsAtTheDeepestExit) {
       EXPECT_EQ(a.chunk, 0) << ScheduleString(exec.step_schedule());
       EXPECT_NE(a.type, ActionType::kSendForward) << ScheduleString(exec.step_schedule());
     }
-    const LossReport want = full.TrainStep(ids.data(), targets.data(), w);
-    const LossReport got = exec.TrainStep(ids.data(), targets.data(), w);
+    const LossReport want = full.TrainStep(in.ids.data(), in.targets.data(), w);
+    const LossReport got = exec.TrainStep(in.ids.data(), in.targets.data(), w);
     EXPECT_GT(want.final_loss, 0.0);
     EXPECT_EQ(got.final_loss, 0.0);
     EXPECT_GT(want.exit_losses[0], 0.0);
@@ -234,7 +244,7 @@ TEST(Executor, EeTuningStopsAtTheDeepestExit) {
       }
     }
     // Validation still runs every layer and the final head.
-    EXPECT_GT(exec.Evaluate(ids.data(), targets.data()).final_loss, 0.0);
+    EXPECT_GT(exec.Evaluate(in.ids.data(), in.targets.data()).final_loss, 0.0);
   }
 }
 
@@ -245,32 +255,22 @@ TEST(Executor, ModelCutAtTheDeepestExitTunesAsTheWholeModel) {
   const ModelConfig c = ConfigWithExits();
   auto be = Cpu();
   auto ctx = ParallelContext::Single();
-  const int micro = 1, seq = 8, microbatches = 2;
-  const int n = micro * seq * microbatches;
-  const std::vector<int32_t> ids = RandomTokens(n, c.vocab_size, 5);
-  const std::vector<int32_t> targets = RandomTokens(n, c.vocab_size, 6);
+  const StepInputs in = Inputs(c, 2, 5);
   const std::vector<float> w = {0.5f, 0.3f};
   std::vector<Model*> whole_parts;
   auto whole_models = MakeChunks(c, be.get(), 1, 11, &whole_parts);
   ASSERT_EQ(whole_parts.size(), 1u);
-  PipelineExecutor whole(whole_parts, ctx.get(), micro, seq, microbatches, true);
+  PipelineExecutor whole = in.Executor(whole_parts, ctx.get(), true);
   whole.set_frozen_backbone(true);
-  const LossReport want = whole.TrainStep(ids.data(), targets.data(), w);
-  const LossReport want_eval = whole.Evaluate(ids.data(), targets.data());
+  const LossReport want = whole.TrainStep(in.ids.data(), in.targets.data(), w);
+  const LossReport want_eval = whole.Evaluate(in.ids.data(), in.targets.data());
   EXPECT_EQ(Model::Create(c, be.get(), StageSpec{0, 1, 1}).status().code(),
             absl::StatusCode::kInvalidArgument);  // above the deepest exit
   for (int chunks : {1, 2}) {
     SCOPED_TRACE(::testing::Message() << chunks << " chunk(s)");
-    std::vector<std::unique_ptr<Model>> models;
     std::vector<Model*> parts;
-    for (int k = 0; k < chunks; ++k) {
-      auto m = Model::Create(c, be.get(), StageSpec{k, chunks, 2});
-      ASSERT_TRUE(m.ok()) << m.status();
-      (*m)->InitRandom(11);
-      (*m)->params().ZeroGrads();
-      parts.push_back(m->get());
-      models.push_back(std::move(*m));
-    }
+    auto models = MakeChunks(c, be.get(), chunks, 11, &parts, /*depth=*/2);
+    ASSERT_EQ(parts.size(), static_cast<size_t>(chunks));
     const Model& last = *parts.back();
     EXPECT_TRUE(last.is_last_stage());
     EXPECT_FALSE(last.has_final_head());
@@ -284,9 +284,9 @@ TEST(Executor, ModelCutAtTheDeepestExitTunesAsTheWholeModel) {
             << p.name << " is past the cut";
       }
     }
-    PipelineExecutor exec(parts, ctx.get(), micro, seq, microbatches, true);
+    PipelineExecutor exec = in.Executor(parts, ctx.get(), true);
     exec.set_frozen_backbone(true);
-    const LossReport got = exec.TrainStep(ids.data(), targets.data(), w);
+    const LossReport got = exec.TrainStep(in.ids.data(), in.targets.data(), w);
     EXPECT_EQ(got.exit_losses, want.exit_losses);
     EXPECT_EQ(got.objective, want.objective);
     int compared = 0;
@@ -303,7 +303,7 @@ TEST(Executor, ModelCutAtTheDeepestExitTunesAsTheWholeModel) {
       }
     }
     EXPECT_GE(compared, 6);  // exit 0's norm; exit 1's norm, MLP and head
-    const LossReport eval = exec.Evaluate(ids.data(), targets.data());
+    const LossReport eval = exec.Evaluate(in.ids.data(), in.targets.data());
     EXPECT_EQ(eval.final_loss, 0.0);
     EXPECT_EQ(eval.exit_losses, want_eval.exit_losses);
   }
