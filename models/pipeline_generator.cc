@@ -246,6 +246,7 @@ void PipelineGenerator::Start() {
   started_ = true;
   if (outbox_ == nullptr) outbox_ = std::make_unique<Outbox>(world_);
   passes_sent_ = passes_done_ = 0;
+  stats_.most_in_flight_of_one = 0;
   in_flight_.assign(gen_->max_sequences(), 0);
   deciding_.assign(gen_->max_sequences(), 0);
   abandoned_.assign(gen_->max_sequences(), 0);
@@ -288,6 +289,8 @@ void PipelineGenerator::Take(int slot, const StepResult& r,
     if (in_flight_[slot] == 0) abandoned_[slot] = 0;
     return;
   }
+  // A chunk's answer after the sequence's token was decided on an earlier stage (and it finished).
+  if (!gen_->busy(slot)) return;
   FinishedSequence f;
   gen_->RegisterCompletePages(slot);
   if (r.logits.empty()) {  // a prefill chunk before the last: its pass is done

@@ -73,8 +73,8 @@ class PipelineGenerator : public SequenceBatcher {
   // next tokens are known; when there is none, waits for a decision instead.
   std::vector<FinishedSequence> Advance(
       const std::function<void(int, int32_t)>& on_token = nullptr) override;
-  // A sequence whose token a deeper stage is still deciding keeps its slot until the decision
-  // arrives (and is dropped).
+  // A sequence whose token a deeper stage is still deciding, or whose prefill chunks a deeper
+  // stage has still to answer, keeps its slot until those answers arrive (and are dropped).
   GenerationResult Retire(int slot) override;
   int active() const override { return gen_->active(); }
   // Stage 0's passes.
@@ -97,7 +97,8 @@ class PipelineGenerator : public SequenceBatcher {
     int64_t rows = 0;          // token rows they carried
     int64_t decided_here = 0;  // tokens this stage's heads decided
     double pass_seconds = 0;   // spent in the stage's passes (the rest: messages and waiting)
-    // The leader: the most passes of one sequence on their way at once (prefill chunks).
+    // The leader: the most passes of one sequence on their way at once (prefill chunks), since
+    // the run began (GenerateBatch, or the first Admit after Stop).
     int most_in_flight_of_one = 0;
   };
   const Stats& stats() const { return stats_; }
