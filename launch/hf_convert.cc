@@ -1,5 +1,6 @@
 #include "launch/hf_convert.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -20,6 +21,7 @@ namespace {
 using nlohmann::json;
 
 constexpr char kLlamaArch[] = "LlamaForCausalLM";
+constexpr char kMistralArch[] = "MistralForCausalLM";
 constexpr char kGpt2Arch[] = "GPT2LMHeadModel";
 
 // ---- config ------------------------------------------------------------------------------------
@@ -120,9 +122,11 @@ absl::Status CheckRope(const json& j, const char* key, float* theta) {
   return absl::OkStatus();
 }
 
-absl::Status LlamaToEellm(const json& hf, json& e) {
-  const char* mt = "llama";
-  RETURN_IF_ERROR(CheckArchitectures(hf, kLlamaArch));
+// Llama, and Mistral (Llama's architecture with sliding-window attention: the context is cut to
+// the window, within which attention is the same).
+absl::Status LlamaToEellm(const json& hf, bool mistral, json& e) {
+  const char* mt = mistral ? "mistral" : "llama";
+  RETURN_IF_ERROR(CheckArchitectures(hf, mistral ? kMistralArch : kLlamaArch));
   int hidden = 0, ffn = 0, layers = 0, heads = 0, vocab = 0, max_pos = 0;
   RETURN_IF_ERROR(GetInt(hf, "hidden_size", &hidden, mt));
   RETURN_IF_ERROR(GetInt(hf, "intermediate_size", &ffn, mt));
@@ -130,6 +134,14 @@ absl::Status LlamaToEellm(const json& hf, json& e) {
   RETURN_IF_ERROR(GetInt(hf, "num_attention_heads", &heads, mt));
   RETURN_IF_ERROR(GetInt(hf, "vocab_size", &vocab, mt));
   RETURN_IF_ERROR(GetInt(hf, "max_position_embeddings", &max_pos, mt));
+  if (mistral && Has(hf, "sliding_window")) {
+    int window = 0;
+    RETURN_IF_ERROR(GetInt(hf, "sliding_window", &window));
+    if (window < 1) {
+      return ConfigError(absl::StrCat("sliding_window ", window, " must be positive or null"));
+    }
+    max_pos = std::min(max_pos, window);
+  }
   int kv_heads = heads;
   RETURN_IF_ERROR(GetInt(hf, "num_key_value_heads", &kv_heads));
   float eps = 1e-6f, theta = 10000.0f;
@@ -418,15 +430,17 @@ absl::StatusOr<ModelConfig> ModelConfigFromHf(const json& hf) {
   if (!hf.is_object()) return ConfigError("config.json must be a JSON object");
   std::string model_type;
   RETURN_IF_ERROR(GetString(hf, "model_type", &model_type));
-  if (model_type.empty()) return ConfigError("missing key \"model_type\" (llama or gpt2)");
+  if (model_type.empty()) {
+    return ConfigError("missing key \"model_type\" (llama, mistral or gpt2)");
+  }
   json e = json::object();
-  if (model_type == "llama") {
-    RETURN_IF_ERROR(LlamaToEellm(hf, e));
+  if (model_type == "llama" || model_type == "mistral") {
+    RETURN_IF_ERROR(LlamaToEellm(hf, model_type == "mistral", e));
   } else if (model_type == "gpt2") {
     RETURN_IF_ERROR(Gpt2ToEellm(hf, e));
   } else {
-    return ConfigError(
-        absl::StrCat("model_type \"", model_type, "\" is not supported (llama or gpt2)"));
+    return ConfigError(absl::StrCat("model_type \"", model_type,
+                                    "\" is not supported (llama, mistral or gpt2)"));
   }
   if (Has(hf, kHfExitsKey)) {
     if (!hf[kHfExitsKey].is_array()) {

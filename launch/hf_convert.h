@@ -1,6 +1,7 @@
 // Hugging Face <-> eellm model conversion in memory (no file I/O): the model config
-// (config.json of LlamaForCausalLM or GPT2LMHeadModel <-> ModelConfig) and the tensors (HF names
-// and layouts <-> eellm parameter names, see models/transformer.cc and models/layers.cc).
+// (config.json of LlamaForCausalLM or GPT2LMHeadModel <-> ModelConfig; MistralForCausalLM reads
+// as Llama with the context cut to its sliding window) and the tensors (HF names and layouts <->
+// eellm parameter names, see models/transformer.cc and models/layers.cc).
 //
 // Naming, per layer i (eellm "layers.{i}." on the right):
 //   Llama  model.embed_tokens.weight                 embedding.word.weight

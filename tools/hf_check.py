@@ -2,8 +2,8 @@
 """Checks eellm against Hugging Face transformers and tokenizers.
 
 Needs torch, transformers, safetensors and numpy (tokenizers optional) and a built `eellm`.
-For each small random model defined below (Llama with grouped-query attention, Llama with tied
-embeddings, GPT-2), in fp32:
+For each small random model defined below (Mistral with a sliding window, Llama with
+grouped-query attention, Llama with tied embeddings, GPT-2), in fp32:
 
   1. builds it with transformers, perturbs every parameter (so norm gains and biases are not
      their trivial initial values) and save_pretrained()s it (safetensors) to a temporary dir;
@@ -40,6 +40,24 @@ import numpy as np
 
 # Small models: (transformers class family, config kwargs).
 MODELS = {
+    # Mistral: Llama with a sliding window (here longer than the tokens checked; eellm cuts its
+    # context to the window). Exported back as Llama.
+    "mistral-window": (
+        "mistral",
+        dict(
+            vocab_size=300,
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            sliding_window=32,
+            rms_norm_eps=1e-5,
+            rope_theta=1000000.0,
+            tie_word_embeddings=False,
+        ),
+    ),
     "llama-gqa": (
         "llama",
         dict(
@@ -143,6 +161,9 @@ def build_hf_model(family, kwargs, seed):
     if family == "llama":
         config = transformers.LlamaConfig(**kwargs)
         model = transformers.LlamaForCausalLM(config)
+    elif family == "mistral":
+        config = transformers.MistralConfig(**kwargs)
+        model = transformers.MistralForCausalLM(config)
     else:
         config = transformers.GPT2Config(**kwargs)
         model = transformers.GPT2LMHeadModel(config)
@@ -204,7 +225,7 @@ def check_model(name, family, kwargs, args, tmp, results):
         [args.eellm, "convert", "eellm-to-hf", "--input=" + ckpt, "--output=" + hf_dir2],
         "convert eellm-to-hf",
     )
-    cls = transformers.LlamaForCausalLM if family == "llama" else transformers.GPT2LMHeadModel
+    cls = transformers.GPT2LMHeadModel if family == "gpt2" else transformers.LlamaForCausalLM
     # The files are fp32 (config torch_dtype float32); .to() guards against other defaults.
     model2 = cls.from_pretrained(hf_dir2).to(torch.float32)
     model2.eval()

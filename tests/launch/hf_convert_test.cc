@@ -215,6 +215,32 @@ TEST(HfConvertTest, ReadsTransformersConfigs) {
   EXPECT_EQ(c->rope_theta, 500000.0f);
   EXPECT_EQ(c->norm_eps, 1e-6f);  // LlamaConfig's default
 
+  // Mistral 7B v0.1: Llama with GQA and a 4,096-token sliding window, within which attention is
+  // Llama's: the context is cut to it. v0.3: no window.
+  json mistral = json::parse(R"({
+    "architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2,
+    "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+    "intermediate_size": 14336, "max_position_embeddings": 32768, "model_type": "mistral",
+    "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096,
+    "tie_word_embeddings": false, "torch_dtype": "bfloat16", "use_cache": true,
+    "vocab_size": 32000})");
+  c = ModelConfigFromHf(mistral);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->style, ModelStyle::kLlama);
+  EXPECT_EQ(c->ffn_hidden_size, 14336);
+  EXPECT_EQ(c->num_kv_heads, 8);
+  EXPECT_EQ(c->max_seq_len, 4096);
+  mistral["sliding_window"] = nullptr;
+  mistral["rope_theta"] = 1000000.0;
+  mistral["vocab_size"] = 32768;
+  c = ModelConfigFromHf(mistral);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->max_seq_len, 32768);
+  EXPECT_EQ(c->rope_theta, 1000000.0f);
+  mistral["sliding_window"] = 0;
+  EXPECT_FALSE(ModelConfigFromHf(mistral).ok());
+
   const json gpt2 = json::parse(R"({
     "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1,
     "bos_token_id": 50256, "embd_pdrop": 0.1, "eos_token_id": 50256, "initializer_range": 0.02,
@@ -259,7 +285,8 @@ TEST(HfConvertTest, ConfigErrorsNameTheKeyAndValue) {
       {llama, "mlp_bias", true, false, {"mlp_bias", "true"}},
       {llama, "head_dim", 8, false, {"head_dim", "8"}},
       {llama, "hidden_act", "gelu", false, {"hidden_act", "gelu"}},
-      {llama, "model_type", "mistral", false, {"model_type", "mistral"}},
+      {llama, "model_type", "qwen2", false, {"model_type", "qwen2"}},
+      {llama, "architectures", json::array({"MistralForCausalLM"}), false, {"MistralForCausalLM"}},
       {llama, "architectures", json::array({"LlamaModel"}), false, {"architectures", "LlamaModel"}},
       {llama, "hidden_size", nullptr, true, {"hidden_size", "missing"}},
       {llama, "intermediate_size", nullptr, true, {"intermediate_size", "missing"}},
@@ -437,7 +464,7 @@ void AddTo(Rows& x, const Rows& y) {
 // Logits [t][vocab] of a LlamaForCausalLM or GPT2LMHeadModel given its config.json and tensors.
 Rows ReferenceLogits(const json& cfg, const HostTensorMap& w, const std::vector<int32_t>& ids) {
   auto W = [&](const std::string& n) -> const HostTensor& { return w.at(n); };
-  const bool llama = cfg["model_type"] == "llama";
+  const bool llama = cfg["model_type"] != "gpt2";  // llama, mistral
   const int layers = llama ? cfg["num_hidden_layers"].get<int>() : cfg["n_layer"].get<int>();
   const int hidden = llama ? cfg["hidden_size"].get<int>() : cfg["n_embd"].get<int>();
   const int hq = llama ? cfg["num_attention_heads"].get<int>() : cfg["n_head"].get<int>();
@@ -528,6 +555,19 @@ TEST(HfConvertTest, LogitsMatchHfReferenceForward) {
     EXPECT_LT(max_err / max_ref, 1e-5);
     auto c2 = ModelConfigFromHf(cfg);
     ASSERT_TRUE(c2.ok());
+    if (c.style == ModelStyle::kLlama) {  // the same model as Mistral, its window the sequence
+      json m = cfg;
+      m["model_type"] = "mistral";
+      m["architectures"] = json::array({"MistralForCausalLM"});
+      m["sliding_window"] = static_cast<int>(ids.size());
+      EXPECT_LT(ids.size(), cfg["max_position_embeddings"].get<size_t>());
+      auto cm = ModelConfigFromHf(m);
+      ASSERT_TRUE(cm.ok()) << cm.status();
+      EXPECT_EQ(cm->max_seq_len, static_cast<int>(ids.size()));
+      auto em = HfToEellm(*cm, *hf);
+      ASSERT_TRUE(em.ok()) << em.status();
+      EXPECT_EQ(*HeadLogits(*ModelFrom(*cm, *em, be.get()), ids, -1), *logits);
+    }
     auto e = HfToEellm(*c2, *std::move(hf));
     ASSERT_TRUE(e.ok()) << e.status();
     auto b = ModelFrom(*c2, *e, be.get());
