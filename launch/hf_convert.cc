@@ -22,6 +22,7 @@ using nlohmann::json;
 
 constexpr char kLlamaArch[] = "LlamaForCausalLM";
 constexpr char kMistralArch[] = "MistralForCausalLM";
+constexpr char kQwen2Arch[] = "Qwen2ForCausalLM";
 constexpr char kGpt2Arch[] = "GPT2LMHeadModel";
 
 // ---- config ------------------------------------------------------------------------------------
@@ -122,11 +123,14 @@ absl::Status CheckRope(const json& j, const char* key, float* theta) {
   return absl::OkStatus();
 }
 
-// Llama, and Mistral (Llama's architecture with sliding-window attention: the context is cut to
-// the window, within which attention is the same).
-absl::Status LlamaToEellm(const json& hf, bool mistral, json& e) {
-  const char* mt = mistral ? "mistral" : "llama";
-  RETURN_IF_ERROR(CheckArchitectures(hf, mistral ? kMistralArch : kLlamaArch));
+// Llama; Mistral (Llama's architecture with sliding-window attention: the context is cut to the
+// window, within which attention is the same); Qwen2 (Llama's with biases on q, k and v, and a
+// sliding window only when use_sliding_window).
+absl::Status LlamaToEellm(const json& hf, const std::string& model_type, json& e) {
+  const char* mt = model_type.c_str();
+  const bool mistral = model_type == "mistral", qwen2 = model_type == "qwen2";
+  RETURN_IF_ERROR(
+      CheckArchitectures(hf, mistral ? kMistralArch : (qwen2 ? kQwen2Arch : kLlamaArch)));
   int hidden = 0, ffn = 0, layers = 0, heads = 0, vocab = 0, max_pos = 0;
   RETURN_IF_ERROR(GetInt(hf, "hidden_size", &hidden, mt));
   RETURN_IF_ERROR(GetInt(hf, "intermediate_size", &ffn, mt));
@@ -134,7 +138,9 @@ absl::Status LlamaToEellm(const json& hf, bool mistral, json& e) {
   RETURN_IF_ERROR(GetInt(hf, "num_attention_heads", &heads, mt));
   RETURN_IF_ERROR(GetInt(hf, "vocab_size", &vocab, mt));
   RETURN_IF_ERROR(GetInt(hf, "max_position_embeddings", &max_pos, mt));
-  if (mistral && Has(hf, "sliding_window")) {
+  bool windowed = mistral;
+  if (qwen2) RETURN_IF_ERROR(GetBool(hf, "use_sliding_window", &windowed));
+  if (windowed && Has(hf, "sliding_window")) {
     int window = 0;
     RETURN_IF_ERROR(GetInt(hf, "sliding_window", &window));
     if (window < 1) {
@@ -169,6 +175,7 @@ absl::Status LlamaToEellm(const json& hf, bool mistral, json& e) {
     }
   }
   e["style"] = "llama";
+  if (qwen2) e["qkv_bias"] = true;
   e["hidden_size"] = hidden;
   e["ffn_hidden_size"] = ffn;
   e["num_layers"] = layers;
@@ -298,6 +305,11 @@ absl::StatusOr<std::vector<HfTensorSpec>> HfLayout(const ModelConfig& c, const S
       same(h + "self_attn.q_proj.weight", e + "attn.wq.weight");
       same(h + "self_attn.k_proj.weight", e + "attn.wk.weight");
       same(h + "self_attn.v_proj.weight", e + "attn.wv.weight");
+      if (c.qkv_bias) {
+        same(h + "self_attn.q_proj.bias", e + "attn.wq.bias");
+        same(h + "self_attn.k_proj.bias", e + "attn.wk.bias");
+        same(h + "self_attn.v_proj.bias", e + "attn.wv.bias");
+      }
       same(h + "self_attn.o_proj.weight", e + "attn.wo.weight");
       same(h + "post_attention_layernorm.weight", e + "mlp_norm.weight");
       same(h + "mlp.gate_proj.weight", e + "mlp.fc1.weight");
@@ -431,16 +443,16 @@ absl::StatusOr<ModelConfig> ModelConfigFromHf(const json& hf) {
   std::string model_type;
   RETURN_IF_ERROR(GetString(hf, "model_type", &model_type));
   if (model_type.empty()) {
-    return ConfigError("missing key \"model_type\" (llama, mistral or gpt2)");
+    return ConfigError("missing key \"model_type\" (llama, mistral, qwen2 or gpt2)");
   }
   json e = json::object();
-  if (model_type == "llama" || model_type == "mistral") {
-    RETURN_IF_ERROR(LlamaToEellm(hf, model_type == "mistral", e));
+  if (model_type == "llama" || model_type == "mistral" || model_type == "qwen2") {
+    RETURN_IF_ERROR(LlamaToEellm(hf, model_type, e));
   } else if (model_type == "gpt2") {
     RETURN_IF_ERROR(Gpt2ToEellm(hf, e));
   } else {
     return ConfigError(absl::StrCat("model_type \"", model_type,
-                                    "\" is not supported (llama, mistral or gpt2)"));
+                                    "\" is not supported (llama, mistral, qwen2 or gpt2)"));
   }
   if (Has(hf, kHfExitsKey)) {
     if (!hf[kHfExitsKey].is_array()) {
@@ -459,9 +471,9 @@ absl::StatusOr<ModelConfig> ModelConfigFromHf(const json& hf) {
 
 json HfConfigFromModel(const ModelConfig& c) {
   json j = json::object();
-  const bool llama = c.style == ModelStyle::kLlama;
-  j["architectures"] = json::array({llama ? kLlamaArch : kGpt2Arch});
-  j["model_type"] = llama ? "llama" : "gpt2";
+  const bool llama = c.style == ModelStyle::kLlama, qwen2 = llama && c.qkv_bias;
+  j["architectures"] = json::array({qwen2 ? kQwen2Arch : (llama ? kLlamaArch : kGpt2Arch)});
+  j["model_type"] = qwen2 ? "qwen2" : (llama ? "llama" : "gpt2");
   j["torch_dtype"] = "float32";
   j["vocab_size"] = c.vocab_size;
   j["tie_word_embeddings"] = c.tie_embeddings;
@@ -479,10 +491,14 @@ json HfConfigFromModel(const ModelConfig& c) {
     j["rms_norm_eps"] = ShortestDecimal(c.norm_eps);
     j["rope_theta"] = ShortestDecimal(c.rope_theta);
     j["rope_scaling"] = nullptr;
-    j["attention_bias"] = false;
     j["attention_dropout"] = 0.0;
-    j["mlp_bias"] = false;
-    j["pretraining_tp"] = 1;
+    if (qwen2) {  // biases on q, k, v by construction
+      j["use_sliding_window"] = false;
+    } else {
+      j["attention_bias"] = false;
+      j["mlp_bias"] = false;
+      j["pretraining_tp"] = 1;
+    }
   } else {
     j["n_embd"] = c.hidden_size;
     j["n_inner"] = c.ffn_hidden_size;

@@ -35,10 +35,10 @@ namespace {
 // `split`: 0 = column-parallel (output rows split over tp; bias split too), 1 = row-parallel
 // (input columns split; bias whole). Only recorded when the config is a tensor-parallel one.
 void AddLinear(ParamStore& ps, const ModelConfig& c, const std::string& name, int out, int in,
-               int* w, int* b, int split) {
+               int* w, int* b, int split, bool bias) {
   *w = ps.Add(name + ".weight", {out, in}, true);
   if (c.tp_size > 1) ps.mutable_params()[*w].split_dim = split;
-  if (c.use_bias() && b) {
+  if (bias && b) {
     *b = ps.Add(name + ".bias", {out}, false);
     if (c.tp_size > 1 && split == 0) ps.mutable_params()[*b].split_dim = 0;
   }
@@ -59,10 +59,11 @@ void AddReducedResidual(const LayerContext& ctx, float* out, const float* x, siz
 MlpParams AddMlpParams(ParamStore& ps, const ModelConfig& c, const std::string& prefix) {
   MlpParams p;
   p.norm = AddNormParams(ps, c, prefix + "mlp_norm");
-  AddLinear(ps, c, prefix + "mlp.fc1", c.ffn_hidden_size, c.hidden_size, &p.w1, &p.b1, 0);
+  const bool b = c.use_bias();
+  AddLinear(ps, c, prefix + "mlp.fc1", c.ffn_hidden_size, c.hidden_size, &p.w1, &p.b1, 0, b);
   if (c.use_swiglu())
-    AddLinear(ps, c, prefix + "mlp.up", c.ffn_hidden_size, c.hidden_size, &p.w3, nullptr, 0);
-  AddLinear(ps, c, prefix + "mlp.fc2", c.hidden_size, c.ffn_hidden_size, &p.w2, &p.b2, 1);
+    AddLinear(ps, c, prefix + "mlp.up", c.ffn_hidden_size, c.hidden_size, &p.w3, nullptr, 0, b);
+  AddLinear(ps, c, prefix + "mlp.fc2", c.hidden_size, c.ffn_hidden_size, &p.w2, &p.b2, 1, b);
   return p;
 }
 
@@ -70,14 +71,16 @@ BlockParams AddBlockParams(ParamStore& ps, const ModelConfig& c, const std::stri
   BlockParams p;
   const int d = c.head_dim(), q = c.num_heads * d, kv = c.num_kv_heads * d;
   p.attn.norm = AddNormParams(ps, c, prefix + "attn_norm");
-  AddLinear(ps, c, prefix + "attn.wq", q, c.hidden_size, &p.attn.wq, &p.attn.bq, 0);
-  AddLinear(ps, c, prefix + "attn.wk", kv, c.hidden_size, &p.attn.wk, &p.attn.bk, 0);
-  AddLinear(ps, c, prefix + "attn.wv", kv, c.hidden_size, &p.attn.wv, &p.attn.bv, 0);
-  if (c.kv_replicas > 1) {  // llama only: no biases
-    ps.mutable_params()[p.attn.wk].tp_replicas = c.kv_replicas;
-    ps.mutable_params()[p.attn.wv].tp_replicas = c.kv_replicas;
+  const bool qkv_bias = c.use_qkv_bias();
+  AddLinear(ps, c, prefix + "attn.wq", q, c.hidden_size, &p.attn.wq, &p.attn.bq, 0, qkv_bias);
+  AddLinear(ps, c, prefix + "attn.wk", kv, c.hidden_size, &p.attn.wk, &p.attn.bk, 0, qkv_bias);
+  AddLinear(ps, c, prefix + "attn.wv", kv, c.hidden_size, &p.attn.wv, &p.attn.bv, 0, qkv_bias);
+  if (c.kv_replicas > 1) {  // llama only (with qkv_bias, K and V biases replicated alike)
+    for (int i : {p.attn.wk, p.attn.wv, p.attn.bk, p.attn.bv}) {
+      if (i >= 0) ps.mutable_params()[i].tp_replicas = c.kv_replicas;
+    }
   }
-  AddLinear(ps, c, prefix + "attn.wo", c.hidden_size, q, &p.attn.wo, &p.attn.bo, 1);
+  AddLinear(ps, c, prefix + "attn.wo", c.hidden_size, q, &p.attn.wo, &p.attn.bo, 1, c.use_bias());
   p.mlp = AddMlpParams(ps, c, prefix);
   return p;
 }

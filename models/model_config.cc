@@ -113,7 +113,7 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text) {
       CheckJsonKeys(j,
                     {"style", "vocab_size", "hidden_size", "num_layers", "num_heads",
                      "num_kv_heads", "ffn_hidden_size", "max_seq_len", "norm_eps", "rope_theta",
-                     "tie_embeddings", "confidence_weighted_exit_loss", "exits"},
+                     "tie_embeddings", "qkv_bias", "confidence_weighted_exit_loss", "exits"},
                     where));
   ModelConfig c;
   std::string style;
@@ -136,6 +136,10 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text) {
   RETURN_IF_ERROR(ReadJsonField(j, "norm_eps", where, &c.norm_eps, false));
   RETURN_IF_ERROR(ReadJsonField(j, "rope_theta", where, &c.rope_theta, false));
   RETURN_IF_ERROR(ReadJsonField(j, "tie_embeddings", where, &c.tie_embeddings, false));
+  RETURN_IF_ERROR(ReadJsonField(j, "qkv_bias", where, &c.qkv_bias, false));
+  if (c.qkv_bias && c.style == ModelStyle::kGpt) {
+    return Invalid("qkv_bias is for style llama (gpt has every bias)");
+  }
   RETURN_IF_ERROR(ReadJsonField(j, "confidence_weighted_exit_loss", where,
                                 &c.confidence_weighted_exit_loss, false));
   for (auto [v, k] : {std::pair{c.vocab_size, "vocab_size"},
@@ -230,6 +234,7 @@ std::string ModelConfig::ToJson() const {
   j["norm_eps"] = norm_eps;
   j["rope_theta"] = rope_theta;
   j["tie_embeddings"] = tie_embeddings;
+  if (qkv_bias) j["qkv_bias"] = true;  // (absent when false: older checkpoints' configs match)
   j["confidence_weighted_exit_loss"] = confidence_weighted_exit_loss;
   j["exits"] = json::array();
   for (const auto& x : exits) {

@@ -7,7 +7,8 @@
 //   { "style": "gpt"|"llama"*, "vocab_size"*, "hidden_size"*, "num_layers"*, "num_heads"*,
 //     "num_kv_heads" (= num_heads), "ffn_hidden_size" (4h gpt, 8h/3 rounded to 64 llama),
 //     "max_seq_len"*, "norm_eps" (1e-5), "rope_theta" (10000), "tie_embeddings" (gpt true,
-//     llama false), "confidence_weighted_exit_loss" (false),
+//     llama false), "qkv_bias" (false; llama only: biases on the q, k, v projections, as
+//     Qwen2 has), "confidence_weighted_exit_loss" (false),
 //     "exits": [ { "layer"* (1-based), "kind": "linear"|"norm"|"mlp"|"block" ("norm"),
 //                  "position": "post"|"pre" ("post"), "tied" (false), "temperature" (1.0),
 //                  "loss_weight" (1.0), "loss_weight_init" (= loss_weight),
@@ -55,6 +56,7 @@ struct ModelConfig {
   float norm_eps = 1e-5f;
   float rope_theta = 10000.0f;
   bool tie_embeddings = true;
+  bool qkv_bias = false;  // llama style: biases on the q, k and v projections (Qwen2)
   bool confidence_weighted_exit_loss = false;
   std::vector<ExitConfig> exits;  // sorted by depth (pre before post at equal layer)
 
@@ -63,6 +65,7 @@ struct ModelConfig {
   bool use_rope() const { return style == ModelStyle::kLlama; }
   bool use_swiglu() const { return style == ModelStyle::kLlama; }
   bool use_bias() const { return style == ModelStyle::kGpt; }
+  bool use_qkv_bias() const { return use_bias() || qkv_bias; }
   bool learned_positions() const { return style == ModelStyle::kGpt; }
   // A tensor-parallel rank works with a local config: heads, KV heads, FFN size and vocabulary
   // divided by tp_size (see LocalConfig); the head dimension stays that of the whole model.

@@ -2,8 +2,8 @@
 """Checks eellm against Hugging Face transformers and tokenizers.
 
 Needs torch, transformers, safetensors and numpy (tokenizers optional) and a built `eellm`.
-For each small random model defined below (Mistral with a sliding window, Llama with
-grouped-query attention, Llama with tied embeddings, GPT-2), in fp32:
+For each small random model defined below (Mistral with a sliding window, Qwen2 with tied
+embeddings, Llama with grouped-query attention, Llama with tied embeddings, GPT-2), in fp32:
 
   1. builds it with transformers, perturbs every parameter (so norm gains and biases are not
      their trivial initial values) and save_pretrained()s it (safetensors) to a temporary dir;
@@ -56,6 +56,23 @@ MODELS = {
             rms_norm_eps=1e-5,
             rope_theta=1000000.0,
             tie_word_embeddings=False,
+        ),
+    ),
+    # Qwen2: Llama with biases on q, k and v; tied embeddings as its small models have.
+    "qwen2-tied": (
+        "qwen2",
+        dict(
+            vocab_size=300,
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            rms_norm_eps=1e-6,
+            rope_theta=1000000.0,
+            tie_word_embeddings=True,
+            use_sliding_window=False,
         ),
     ),
     "llama-gqa": (
@@ -164,6 +181,9 @@ def build_hf_model(family, kwargs, seed):
     elif family == "mistral":
         config = transformers.MistralConfig(**kwargs)
         model = transformers.MistralForCausalLM(config)
+    elif family == "qwen2":
+        config = transformers.Qwen2Config(**kwargs)
+        model = transformers.Qwen2ForCausalLM(config)
     else:
         config = transformers.GPT2Config(**kwargs)
         model = transformers.GPT2LMHeadModel(config)
@@ -225,7 +245,10 @@ def check_model(name, family, kwargs, args, tmp, results):
         [args.eellm, "convert", "eellm-to-hf", "--input=" + ckpt, "--output=" + hf_dir2],
         "convert eellm-to-hf",
     )
-    cls = transformers.GPT2LMHeadModel if family == "gpt2" else transformers.LlamaForCausalLM
+    # Mistral comes back as Llama, Qwen2 as Qwen2.
+    cls = {"gpt2": transformers.GPT2LMHeadModel, "qwen2": transformers.Qwen2ForCausalLM}.get(
+        family, transformers.LlamaForCausalLM
+    )
     # The files are fp32 (config torch_dtype float32); .to() guards against other defaults.
     model2 = cls.from_pretrained(hf_dir2).to(torch.float32)
     model2.eval()

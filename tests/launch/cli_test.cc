@@ -95,6 +95,12 @@ TEST_F(CliTest, NumKvHeadsNotDividingNumHeadsIsNamed) {
                          {"num_kv_heads 3", "num_heads 4"});
 }
 
+TEST_F(CliTest, QkvBiasOnGptIsNamed) {
+  ExpectTrainConfigError(R"({"style": "gpt", "vocab_size": 258, "hidden_size": 32,
+      "num_layers": 2, "num_heads": 2, "max_seq_len": 32, "qkv_bias": true})",
+                         {"qkv_bias", "style llama"});
+}
+
 TEST_F(CliTest, BadExitKindIsNamed) {
   ExpectTrainConfigError(R"({"style": "gpt", "vocab_size": 258, "hidden_size": 32,
       "num_layers": 2, "num_heads": 2, "max_seq_len": 32,
@@ -202,7 +208,8 @@ TEST_F(CliTest, FreezeBackboneTrainsTheExitsAlone) {
   EXPECT_NE(c.output.find("layers 2-2 and the final head are neither built nor loaded"),
             std::string::npos)
       << Describe(cut, c);
-  EXPECT_NE(c.output.find("eval step 4 | val final - exit@"), std::string::npos) << Describe(cut, c);
+  EXPECT_NE(c.output.find("eval step 4 | val final - exit@"), std::string::npos)
+      << Describe(cut, c);
   const std::string gen = "generate --checkpoint=" + Quote(Path("run3")) + " --max_new_tokens=2";
   CmdResult g = RunEellm(gen);
   EXPECT_EQ(g.exit_code, 0) << Describe(gen, g);

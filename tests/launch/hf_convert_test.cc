@@ -97,10 +97,19 @@ void ExpectSameTensors(const HostTensorMap& a, const HostTensorMap& b) {
   }
 }
 
+// Qwen2: Llama with biases on q, k and v, tied embeddings (as its small models).
+ModelConfig Qwen2Config() {
+  ModelConfig c = LlamaConfig();
+  c.qkv_bias = true;
+  c.tie_embeddings = true;
+  c.rope_theta = 1e6f;
+  return c;
+}
+
 std::vector<ModelConfig> AllConfigs() {
   ModelConfig llama_tied = LlamaConfig();
   llama_tied.tie_embeddings = true;
-  return {LlamaConfig(),          llama_tied,      LlamaConfig(false), GptConfig(),
+  return {LlamaConfig(),          llama_tied,      LlamaConfig(false), Qwen2Config(), GptConfig(),
           GptConfig(true, false), GptConfig(false)};
 }
 
@@ -170,6 +179,14 @@ TEST(HfConvertTest, ConfigRoundTrip) {
   ASSERT_EQ(l["eellm_exits"].size(), 4u);
   EXPECT_EQ(l["eellm_exits"][1]["temperature"].get<double>(), 0.7);
   EXPECT_EQ(l["eellm_exits"][3]["kind"], "block");
+  // The canonical JSON names qkv_bias only when set, so older checkpoints' configs still match.
+  EXPECT_EQ(LlamaConfig().ToJson().find("qkv_bias"), std::string::npos);
+  EXPECT_NE(Qwen2Config().ToJson().find("\"qkv_bias\": true"), std::string::npos);
+  const json q = HfConfigFromModel(Qwen2Config());
+  EXPECT_EQ(q["architectures"], json::array({"Qwen2ForCausalLM"}));
+  EXPECT_EQ(q["model_type"], "qwen2");
+  EXPECT_EQ(q["use_sliding_window"], false);
+  EXPECT_FALSE(q.contains("attention_bias"));  // LlamaConfig's: it would bias o_proj too
   const json g = HfConfigFromModel(GptConfig());
   EXPECT_EQ(g["architectures"], json::array({"GPT2LMHeadModel"}));
   EXPECT_EQ(g["n_embd"], 12);
@@ -241,6 +258,31 @@ TEST(HfConvertTest, ReadsTransformersConfigs) {
   mistral["sliding_window"] = 0;
   EXPECT_FALSE(ModelConfigFromHf(mistral).ok());
 
+  // Qwen2.5 0.5B: biases on q, k, v; its sliding window is off (use_sliding_window false).
+  json qwen = json::parse(R"({
+    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02,
+    "intermediate_size": 4864, "max_position_embeddings": 32768, "max_window_layers": 24,
+    "model_type": "qwen2", "num_attention_heads": 14, "num_hidden_layers": 24,
+    "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+    "sliding_window": 32768, "tie_word_embeddings": true, "torch_dtype": "bfloat16",
+    "transformers_version": "4.43.1", "use_cache": true, "use_sliding_window": false,
+    "vocab_size": 151936})");
+  c = ModelConfigFromHf(qwen);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->style, ModelStyle::kLlama);
+  EXPECT_TRUE(c->qkv_bias);
+  EXPECT_TRUE(c->tie_embeddings);
+  EXPECT_EQ(c->num_kv_heads, 2);
+  EXPECT_EQ(c->head_dim(), 64);
+  EXPECT_EQ(c->max_seq_len, 32768);
+  EXPECT_EQ(c->norm_eps, 1e-6f);
+  qwen["use_sliding_window"] = true;
+  qwen["sliding_window"] = 4096;
+  c = ModelConfigFromHf(qwen);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->max_seq_len, 4096);
+
   const json gpt2 = json::parse(R"({
     "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1,
     "bos_token_id": 50256, "embd_pdrop": 0.1, "eos_token_id": 50256, "initializer_range": 0.02,
@@ -285,7 +327,7 @@ TEST(HfConvertTest, ConfigErrorsNameTheKeyAndValue) {
       {llama, "mlp_bias", true, false, {"mlp_bias", "true"}},
       {llama, "head_dim", 8, false, {"head_dim", "8"}},
       {llama, "hidden_act", "gelu", false, {"hidden_act", "gelu"}},
-      {llama, "model_type", "qwen2", false, {"model_type", "qwen2"}},
+      {llama, "model_type", "qwen3", false, {"model_type", "qwen3"}},
       {llama, "architectures", json::array({"MistralForCausalLM"}), false, {"MistralForCausalLM"}},
       {llama, "architectures", json::array({"LlamaModel"}), false, {"architectures", "LlamaModel"}},
       {llama, "hidden_size", nullptr, true, {"hidden_size", "missing"}},
@@ -484,9 +526,10 @@ Rows ReferenceLogits(const json& cfg, const HostTensorMap& w, const std::vector<
     if (llama) {
       const std::string p = "model.layers." + std::to_string(l) + ".";
       Rows a = Norm(x, W(p + "input_layernorm.weight"), nullptr, eps);
-      Rows q = Dense(a, W(p + "self_attn.q_proj.weight"), nullptr, false);
-      Rows k = Dense(a, W(p + "self_attn.k_proj.weight"), nullptr, false);
-      Rows v = Dense(a, W(p + "self_attn.v_proj.weight"), nullptr, false);
+      auto bias = [&](const std::string& n) { return w.count(n) ? &W(n) : nullptr; };  // Qwen2
+      Rows q = Dense(a, W(p + "self_attn.q_proj.weight"), bias(p + "self_attn.q_proj.bias"), false);
+      Rows k = Dense(a, W(p + "self_attn.k_proj.weight"), bias(p + "self_attn.k_proj.bias"), false);
+      Rows v = Dense(a, W(p + "self_attn.v_proj.weight"), bias(p + "self_attn.v_proj.bias"), false);
       Rope(q, hq, d, cfg["rope_theta"].get<double>());
       Rope(k, hkv, d, cfg["rope_theta"].get<double>());
       AddTo(x, Dense(Attention(q, k, v, hq, hkv, d), W(p + "self_attn.o_proj.weight"), nullptr,
@@ -534,7 +577,7 @@ TEST(HfConvertTest, LogitsMatchHfReferenceForward) {
   ModelConfig untied_gpt = GptConfig(true, false);
   ModelConfig tied_llama = LlamaConfig();
   tied_llama.tie_embeddings = true;
-  for (const ModelConfig& c : {LlamaConfig(), tied_llama, GptConfig(), untied_gpt}) {
+  for (const ModelConfig& c : {LlamaConfig(), tied_llama, Qwen2Config(), GptConfig(), untied_gpt}) {
     SCOPED_TRACE(c.ToJson());
     auto a = RandomModel(c, be.get(), 17);
     const std::vector<int32_t> ids = testing::RandomTokens(9, c.vocab_size, 4);
@@ -555,7 +598,7 @@ TEST(HfConvertTest, LogitsMatchHfReferenceForward) {
     EXPECT_LT(max_err / max_ref, 1e-5);
     auto c2 = ModelConfigFromHf(cfg);
     ASSERT_TRUE(c2.ok());
-    if (c.style == ModelStyle::kLlama) {  // the same model as Mistral, its window the sequence
+    if (c.style == ModelStyle::kLlama && !c.qkv_bias) {  // as Mistral, its window the sequence
       json m = cfg;
       m["model_type"] = "mistral";
       m["architectures"] = json::array({"MistralForCausalLM"});

@@ -14,9 +14,12 @@
 namespace eellm {
 namespace {
 
-ModelConfig TpConfig(ModelStyle style) {
+// `qkv_bias`: Llama with biases on q, k, v (Qwen2). (Biases replicated with their KV heads:
+// train_layouts_test.cc's llama-mqa.)
+ModelConfig TpConfig(ModelStyle style, bool qkv_bias) {
   ModelConfig c;
   c.style = style;
+  c.qkv_bias = qkv_bias;
   c.vocab_size = 32;
   c.hidden_size = 32;
   c.num_layers = 3;
@@ -38,12 +41,12 @@ ModelConfig TpConfig(ModelStyle style) {
   return c;
 }
 
-class TpModel : public ::testing::TestWithParam<ModelStyle> {};
+class TpModel : public ::testing::TestWithParam<std::pair<ModelStyle, bool>> {};
 
 TEST_P(TpModel, ShardsMatchTheWholeModel) {
   auto world = MpiCommunicator::World(nullptr);
   const int tp = world->size(), rank = world->rank();
-  ModelConfig c = TpConfig(GetParam());
+  ModelConfig c = TpConfig(GetParam().first, GetParam().second);
   if (c.num_kv_heads % tp != 0 || c.ffn_hidden_size % tp != 0) {
     GTEST_SKIP() << "the test model does not split over " << tp << " ranks";
   }
@@ -93,7 +96,10 @@ TEST_P(TpModel, ShardsMatchTheWholeModel) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Styles, TpModel, ::testing::Values(ModelStyle::kGpt, ModelStyle::kLlama));
+INSTANTIATE_TEST_SUITE_P(Styles, TpModel,
+                         ::testing::Values(std::pair{ModelStyle::kGpt, false},
+                                           std::pair{ModelStyle::kLlama, false},
+                                           std::pair{ModelStyle::kLlama, true}));
 
 }  // namespace
 }  // namespace eellm

@@ -130,23 +130,25 @@ std::string DataPrefix(int world_rank) {
 // `extra_exits`: JSON of more exits, each preceded by a comma.
 RunConfig TinyRun(const std::string& style, const std::string& data,
                   const std::string& extra_exits = "") {
-  // "llama-mqa": one KV head, replicated over tensor-parallel ranks when tp > 1.
+  // "llama-mqa": one KV head, replicated over tensor-parallel ranks when tp > 1, and biases on
+  // q, k and v (Qwen2), the K and V ones replicated alike.
   const bool mqa = style == "llama-mqa";
-  const std::string json = std::string(R"({"model": {"style": ")") + (mqa ? "llama" : style) +
-                           R"(",
+  const std::string json =
+      std::string(R"({"model": {"style": ")") + (mqa ? "llama" : style) +
+      R"(",
       "vocab_size": 258, "hidden_size": 32, "num_layers": 8, "num_heads": 4,
       "num_kv_heads": )" +
-                           (mqa                ? "1"
-                            : style == "llama" ? "2"
-                                               : "4") +
-                           R"(, "max_seq_len": 32,
-      "exits": [{"layer": 1, "kind": "norm", "tied": true, "loss_weight": 0.5},
+      (mqa                ? "1"
+       : style == "llama" ? "2"
+                          : "4") +
+      R"(, "max_seq_len": 32, )" + (mqa ? R"("qkv_bias": true, )" : "") +
+      R"("exits": [{"layer": 1, "kind": "norm", "tied": true, "loss_weight": 0.5},
                 {"layer": 3, "kind": "mlp", "position": "pre", "loss_weight": 0.3},
                 {"layer": 4, "kind": "block", "loss_weight": 0.2})" +
-                           extra_exits + R"(]},
+      extra_exits + R"(]},
     "train": {"batch_size": 4, "seq_len": 16, "steps": 3, "lr": 0.01, "warmup_steps": 1,
       "eval_batches": 1, "log_interval": 1, "eval_interval": 0, "data": ")" +
-                           data + R"("}})";
+      data + R"("}})";
   auto rc = ParseRunConfig(json);
   EXPECT_TRUE(rc.ok()) << rc.status();
   return *rc;
@@ -354,6 +356,8 @@ std::vector<float> SavedState(const RunConfig& rc, const std::string& path) {
   ParamStore& ps = (*m)->params();
   Buffer adam_m(LayoutBackend(), ps.padded_size() * sizeof(float));
   Buffer adam_v(LayoutBackend(), ps.padded_size() * sizeof(float));
+  LayoutBackend()->Fill(adam_m.f32(), ps.padded_size(), 0.0f);  // padding: loaded by nothing
+  LayoutBackend()->Fill(adam_v.f32(), ps.padded_size(), 0.0f);
   const absl::Status s = LoadCheckpoint(path, ps, adam_m.f32(), adam_v.f32());
   EXPECT_TRUE(s.ok()) << s;
   std::vector<float> out(3 * ps.size());

@@ -99,6 +99,29 @@ TEST(ModelGrad, NoExitsBothStyles) {
   CheckModelGradients(TinyConfig(ModelStyle::kLlama), 8);
 }
 
+// Llama with biases on q, k and v (Qwen2), in the backbone and in a block exit.
+TEST(ModelGrad, LlamaWithQkvBiases) {
+  ModelConfig c = TinyConfig(ModelStyle::kLlama);
+  c.qkv_bias = true;
+  ExitConfig x;
+  x.layer = 1;
+  x.kind = ExitKind::kBlock;
+  c.exits.push_back(x);
+  auto be = Cpu();
+  auto m = Model::Create(c, be.get());
+  ASSERT_TRUE(m.ok());
+  int biases = 0;
+  for (const ParamInfo& p : (*m)->params().params()) {
+    const bool qkv = p.name.find("attn.wq.bias") != std::string::npos ||
+                     p.name.find("attn.wk.bias") != std::string::npos ||
+                     p.name.find("attn.wv.bias") != std::string::npos;
+    biases += qkv;
+    EXPECT_TRUE(qkv || p.name.find("bias") == std::string::npos) << p.name;
+  }
+  EXPECT_EQ(biases, 3 * (c.num_layers + 1));
+  CheckModelGradients(c, 9);
+}
+
 TEST(ModelGrad, PreExitAtLayerOneReadsEmbeddings) {
   ModelConfig c = TinyConfig(ModelStyle::kLlama);
   ExitConfig x;
