@@ -138,10 +138,17 @@ absl::Status LlamaToEellm(const json& hf, const std::string& model_type, json& e
   RETURN_IF_ERROR(GetInt(hf, "num_attention_heads", &heads, mt));
   RETURN_IF_ERROR(GetInt(hf, "vocab_size", &vocab, mt));
   RETURN_IF_ERROR(GetInt(hf, "max_position_embeddings", &max_pos, mt));
+  // Mistral windows every layer; Qwen2 the layers from max_window_layers on, when
+  // use_sliding_window. An absent sliding_window is transformers' default, 4096; null is none.
   bool windowed = mistral;
-  if (qwen2) RETURN_IF_ERROR(GetBool(hf, "use_sliding_window", &windowed));
-  if (windowed && Has(hf, "sliding_window")) {
-    int window = 0;
+  if (qwen2) {
+    RETURN_IF_ERROR(GetBool(hf, "use_sliding_window", &windowed));
+    int first_windowed = 28;  // Qwen2Config's max_window_layers default
+    RETURN_IF_ERROR(GetInt(hf, "max_window_layers", &first_windowed));
+    windowed = windowed && first_windowed < layers;
+  }
+  if (windowed && (!hf.contains("sliding_window") || Has(hf, "sliding_window"))) {
+    int window = 4096;
     RETURN_IF_ERROR(GetInt(hf, "sliding_window", &window));
     if (window < 1) {
       return ConfigError(absl::StrCat("sliding_window ", window, " must be positive or null"));
@@ -494,6 +501,9 @@ json HfConfigFromModel(const ModelConfig& c) {
     j["attention_dropout"] = 0.0;
     if (qwen2) {  // biases on q, k, v by construction
       j["use_sliding_window"] = false;
+      // Some transformers versions window by sliding_window (default 4096) even so.
+      j["sliding_window"] = nullptr;
+      j["max_window_layers"] = c.num_layers;
     } else {
       j["attention_bias"] = false;
       j["mlp_bias"] = false;

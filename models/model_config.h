@@ -1,7 +1,7 @@
 // ModelConfig: the decoder-only transformer and its early-exit heads, parsed from JSON and
 // validated (every error names the bad key or value). GPT-2 style: LayerNorm, GELU, learned
-// positions, biases, tied embeddings. Llama style: RMSNorm, RoPE, SwiGLU, no biases, GQA,
-// untied output.
+// positions, biases, tied embeddings. Llama style: RMSNorm, RoPE, SwiGLU, no biases (or q, k, v
+// biases with qkv_bias, as Qwen2), GQA, untied output.
 //
 // JSON (all keys optional except those marked *):
 //   { "style": "gpt"|"llama"*, "vocab_size"*, "hidden_size"*, "num_layers"*, "num_heads"*,

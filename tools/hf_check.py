@@ -40,7 +40,7 @@ import numpy as np
 
 # Small models: (transformers class family, config kwargs).
 MODELS = {
-    # Mistral: Llama with a sliding window (here longer than the tokens checked; eellm cuts its
+    # Mistral: Llama with a sliding window (here exactly the tokens checked; eellm cuts its
     # context to the window). Exported back as Llama.
     "mistral-window": (
         "mistral",
@@ -52,7 +52,7 @@ MODELS = {
             num_attention_heads=8,
             num_key_value_heads=2,
             max_position_embeddings=128,
-            sliding_window=32,
+            sliding_window=23,  # NUM_TOKENS
             rms_norm_eps=1e-5,
             rope_theta=1000000.0,
             tie_word_embeddings=False,

@@ -186,6 +186,8 @@ TEST(HfConvertTest, ConfigRoundTrip) {
   EXPECT_EQ(q["architectures"], json::array({"Qwen2ForCausalLM"}));
   EXPECT_EQ(q["model_type"], "qwen2");
   EXPECT_EQ(q["use_sliding_window"], false);
+  EXPECT_TRUE(q["sliding_window"].is_null());
+  EXPECT_EQ(q["max_window_layers"], 4);
   EXPECT_FALSE(q.contains("attention_bias"));  // LlamaConfig's: it would bias o_proj too
   const json g = HfConfigFromModel(GptConfig());
   EXPECT_EQ(g["architectures"], json::array({"GPT2LMHeadModel"}));
@@ -257,6 +259,10 @@ TEST(HfConvertTest, ReadsTransformersConfigs) {
   EXPECT_EQ(c->rope_theta, 1000000.0f);
   mistral["sliding_window"] = 0;
   EXPECT_FALSE(ModelConfigFromHf(mistral).ok());
+  mistral.erase("sliding_window");  // transformers' default window, 4096
+  c = ModelConfigFromHf(mistral);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->max_seq_len, 4096);
 
   // Qwen2.5 0.5B: biases on q, k, v; its sliding window is off (use_sliding_window false).
   json qwen = json::parse(R"({
@@ -277,8 +283,12 @@ TEST(HfConvertTest, ReadsTransformersConfigs) {
   EXPECT_EQ(c->head_dim(), 64);
   EXPECT_EQ(c->max_seq_len, 32768);
   EXPECT_EQ(c->norm_eps, 1e-6f);
-  qwen["use_sliding_window"] = true;
+  qwen["use_sliding_window"] = true;  // but from layer max_window_layers = 24 of 24: none
   qwen["sliding_window"] = 4096;
+  c = ModelConfigFromHf(qwen);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->max_seq_len, 32768);
+  qwen["max_window_layers"] = 20;
   c = ModelConfigFromHf(qwen);
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_EQ(c->max_seq_len, 4096);

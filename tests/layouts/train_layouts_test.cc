@@ -25,8 +25,10 @@
 // parameters within 1e-6 but 99.3-99.9% within 1e-3, the others up to 2 lr; 96.5% within 1e-3
 // since the model has a block exit, spread evenly over the backbone's tensors) check that every
 // layout computes the same training, not its rounding: losses within 5e-3 and gradient norms
-// within 5e-2 relative, 95% of the parameters within 1e-3 (a tenth of lr) and all within 3 lr
-// (Adam moves an element by up to about lr per step, 3 steps). Exact resume stays bit-exact.
+// within 5e-2 relative, 95% of the parameters within 1e-3 (a tenth of lr) and all within 5 lr
+// (Adam moves an element by up to about lr per step, 3 steps, so two runs differ by up to twice
+// that where rounding flips the sign of a near-zero gradient: measured 3.3 lr on the one-KV-head
+// model's q, k, v biases). Exact resume stays bit-exact.
 #include <unistd.h>
 
 #include <cmath>
@@ -71,7 +73,7 @@ struct LayoutTolerance {
   double loss, grad_norm, param_max, close_bound, close_fraction;
 };
 LayoutTolerance Tolerance(bool tp) {
-  if (LayoutBackend()->operand_dtype() == DType::kBF16) return {5e-3, 5e-2, 3e-2, 1e-3, 0.95};
+  if (LayoutBackend()->operand_dtype() == DType::kBF16) return {5e-3, 5e-2, 5e-2, 1e-3, 0.95};
   // Tensor parallelism also splits every GEMM's accumulation (partial sums all-reduced), so its
   // rounding differs in every layer, not only in the final sums.
   return {1e-5, tp ? 5e-5 : 1e-5, tp ? 3e-4 : 1e-4, 1e-6, 0.99};
