@@ -380,7 +380,9 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
                      opts.resume.c_str(), tc.freeze_backbone ? "without" : "with",
                      tc.freeze_backbone
                          ? "the exits alone (and saves the other tensors' moments as zeros)"
-                         : "every parameter (the backbone's Adam moments start from zero)");
+                         : "every parameter; the backbone's Adam moments are zeros while the "
+                           "step count goes on, so its first updates are several times lr "
+                           "(--init-from restarts the optimizer instead)");
       }
     }
     if (meta.config_json != rc.model_json) {

@@ -38,7 +38,8 @@ class DistributedOptimizer {
 
   // During the last backward pass of a step: the gradients in arena range [lo, hi) are final.
   // Buckets that lie wholly inside the final ranges reported so far start their all-reduce at
-  // once (not under ZeRO-1, whose reduce-scatter covers the whole arena, nor with dp 1);
+  // once (not under ZeRO-1, whose reduce-scatter covers the whole gradient arena, nor with
+  // dp 1);
   // ReduceGradients starts the rest and waits for all. The result is the same either way.
   void GradientsReady(size_t lo, size_t hi);
   // Buckets started early by GradientsReady in the last step (for tests and reports).
