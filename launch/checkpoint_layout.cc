@@ -50,10 +50,9 @@ absl::Status WriteLayersPastDepth(const std::string& staging_dir, const Checkpoi
       ASSIGN_OR_RETURN(cpu, MakeBackend("cpu"));
     }
     // The layer as the one-layer stage of an uncut model, less its exits (the cut model holds
-    // an exit reading depth `depth`) and its copy of a tied word embedding; frozen, so no
-    // gradients are allocated for it.
+    // an exit reading depth `depth`) and its copy of a tied word embedding, without gradients.
     ASSIGN_OR_RETURN(auto part, Model::Create(c, cpu.get(), StageSpec{layer, c.num_layers},
-                                              TpSpec{}, /*frozen_backbone=*/true));
+                                              TpSpec{}, ModelGradients::kNone));
     ChunkState st = ChunkStateFor(*part, 0, 1, /*first_virtual_stage=*/false);
     for (const ParamInfo& p : part->params().params()) {
       if (Model::IsExitTensor(p.name)) st.skip.push_back(p.name);

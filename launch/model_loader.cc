@@ -32,11 +32,15 @@ absl::StatusOr<LoadedModel> LoadModelFromCheckpoint(const std::string& path, Bac
                        " KV heads, FFN ", config->ffn_hidden_size, ", vocabulary ",
                        config->vocab_size, ") does not split over tensor parallelism ", tp.size));
     }
-    ASSIGN_OR_RETURN(r.model, Model::Create(*config, backend, stage, tp));
+    ASSIGN_OR_RETURN(r.model, Model::Create(*config, backend, stage, tp, ModelGradients::kNone));
     RETURN_IF_ERROR(LoadCheckpoint(path, {ChunkStateFor(*r.model, tp.rank, tp.size, true)}));
     return r;
   }
-  ASSIGN_OR_RETURN(r.model, Model::Create(*config, backend));
+  // Without the optimizer state: no gradients either (inference, conversions). With it, the
+  // moments are laid out over the whole arena, as the gradients are.
+  ASSIGN_OR_RETURN(r.model,
+                   Model::Create(*config, backend, {}, {},
+                                 with_optimizer ? ModelGradients::kAll : ModelGradients::kNone));
   float *m = nullptr, *v = nullptr;
   if (with_optimizer) {
     ASSIGN_OR_RETURN(bool has, CheckpointHasOptimizerState(path));

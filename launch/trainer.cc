@@ -265,8 +265,10 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   std::vector<Model*> chunks;
   for (int k = 0; k < nv; ++k) {
     ASSIGN_OR_RETURN(
-        auto chunk, Model::Create(mc, backend, StageSpec{k * pp + ctx->coord.pp, pp * nv, cut},
-                                  TpSpec{ctx->coord.tp, tc.tp, ctx->tp.get()}, tc.freeze_backbone));
+        auto chunk,
+        Model::Create(mc, backend, StageSpec{k * pp + ctx->coord.pp, pp * nv, cut},
+                      TpSpec{ctx->coord.tp, tc.tp, ctx->tp.get()},
+                      tc.freeze_backbone ? ModelGradients::kExits : ModelGradients::kAll));
     chunk->InitRandom(tc.seed);
     // Tensors every tensor-parallel rank holds whole count once in the gradient norm.
     if (ctx->coord.tp != 0) {

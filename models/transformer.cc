@@ -16,7 +16,7 @@ constexpr char kExitPrefix[] = "exits.";  // exit heads' tensors: exits.<i>.*
 
 absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config, Backend* be,
                                                      StageSpec stage, TpSpec tp,
-                                                     bool frozen_backbone) {
+                                                     ModelGradients grads) {
   const int depth = stage.depth == 0 ? config.num_layers : stage.depth;
   if (depth < 1 || depth > config.num_layers || depth < DeepestExitDepth(config)) {
     return absl::InvalidArgumentError(
@@ -43,11 +43,11 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config, 
   m->first_layer_ = stage.stage * per_stage;
   m->end_layer_ = m->first_layer_ + per_stage;
   m->DeclareParams();
-  if (frozen_backbone) {
+  if (grads == ModelGradients::kExits) {
     for (ParamInfo& p : m->params_.mutable_params()) p.trainable = IsExitTensor(p.name);
   }
-  m->params_.Allocate(be, /*gradients=*/!frozen_backbone);
-  if (frozen_backbone) m->params_.KeepGradientsFrom(m->params_.TrainableFrom());
+  m->params_.Allocate(be, /*gradients=*/grads == ModelGradients::kAll);
+  if (grads == ModelGradients::kExits) m->params_.KeepGradientsFrom(m->params_.TrainableFrom());
   return m;
 }
 

@@ -77,15 +77,20 @@ struct StageSpec {
   int depth = 0;
 };
 
+// The gradients a Model holds: every parameter's (training); the exits' (EE-Tuning's frozen
+// backbone: only the exits' own tensors are trainable, and gradients exist for the arena's tail
+// from the first of them on, ParamStore::KeepGradientsFrom); none (inference, and copying
+// checkpoints).
+enum class ModelGradients { kAll, kExits, kNone };
+
 class Model {
  public:
   // `tp`: this rank's tensor-parallel share (heads, FFN columns and vocabulary split over the
   // group; parameters are the local shards, ParamInfo::split_dim says along which dimension).
-  // `frozen_backbone` (EE-Tuning): only the exits' own tensors are trainable, and gradients are
-  // allocated for the arena's tail from the first of them on (ParamStore::KeepGradientsFrom).
+  // `grads`: which gradients the model holds (see ModelGradients).
   static absl::StatusOr<std::unique_ptr<Model>> Create(const ModelConfig& config, Backend* be,
                                                        StageSpec stage = {}, TpSpec tp = {},
-                                                       bool frozen_backbone = false);
+                                                       ModelGradients grads = ModelGradients::kAll);
 
   const ModelConfig& config() const { return config_; }
   ParamStore& params() { return params_; }
