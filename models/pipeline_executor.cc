@@ -153,9 +153,9 @@ void PipelineExecutor::set_frozen_backbone(bool frozen, bool stop_at_deepest_exi
   const ModelConfig& c = chunks_[0]->config();
   const int virtual_stages = ctx_->grid.pp() * static_cast<int>(chunks_.size());
   tune_depth_ = stop_at_deepest_exit ? Model::DeepestExitDepth(c) : c.num_layers;
-  const int last_virtual = stop_at_deepest_exit ? Model::LastStageWithExit(
-                                                     c, virtual_stages, chunks_[0]->depth())
-                                               : virtual_stages - 1;
+  const int last_virtual = stop_at_deepest_exit
+                               ? Model::LastStageWithExit(c, virtual_stages, chunks_[0]->depth())
+                               : virtual_stages - 1;
   if (frozen) {
     tune_schedule_ = TuneExitsSchedule(forward_schedule_, last_virtual);
     tune_rendezvous_ = CheckRendezvous(tune_schedule_);

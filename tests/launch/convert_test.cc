@@ -105,8 +105,7 @@ TEST_F(ConvertTest, HfToEellmToHfIsBitExactAndLogitsMatch) {
   EXPECT_EQ(loaded->model->params().grad_size(), 0u);  // loaded for inference: no gradients
   auto with_moments = LoadModelFromCheckpoint(Path("run"), be_.get(), /*with_optimizer=*/true);
   ASSERT_TRUE(with_moments.ok()) << with_moments.status();
-  EXPECT_EQ(with_moments->model->params().grad_size(),
-            with_moments->model->params().padded_size());
+  EXPECT_EQ(with_moments->model->params().grad_size(), with_moments->model->params().padded_size());
   // And back to safetensors.
   Run("convert eellm-to-hf --input=" + Quote(Path("run")) + " --output=" + Quote(Path("hf2")));
   auto back = ReadSafetensorsModel(Path("hf2"));

@@ -54,8 +54,7 @@ TEST(ValidateLayout, SkippingLayersPastExits) {
 
   rc.train.freeze_backbone = true;
   s = ValidateLayout(rc);  // 8 layers split over 4 stages, but 3 do not
-  EXPECT_NE(std::string(s.message()).find("the 3 layers up to the deepest exit"),
-            std::string::npos)
+  EXPECT_NE(std::string(s.message()).find("the 3 layers up to the deepest exit"), std::string::npos)
       << s;
   EXPECT_NE(std::string(s.message()).find("pp 4"), std::string::npos) << s;
   rc.train.pp = 3;  // 8 layers would not split over 3 stages; the 3 up to the exit do
