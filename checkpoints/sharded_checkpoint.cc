@@ -23,6 +23,24 @@ constexpr char kLatest[] = "latest";
 
 std::string Where(const std::string& path) { return absl::StrCat("checkpoint ", path, ": "); }
 
+// Whether moment arenas laid out from arena offset `moments_lo` hold tensor `p`'s moments (a
+// frozen tensor has none: saved as zeros, not loaded).
+bool HoldsMoments(const ParamInfo& p, size_t moments_lo) {
+  return p.trainable && p.offset >= moments_lo;
+}
+
+// Points `t`'s moments into the arenas `m`, `v` (laid out from `moments_lo`), or at zeros when
+// they do not hold them.
+void AttachMoments(FileTensor& t, const ParamInfo& p, const float* m, const float* v,
+                   size_t moments_lo) {
+  if (m != nullptr && v != nullptr && HoldsMoments(p, moments_lo)) {
+    t.adam_m = m + (p.offset - moments_lo);
+    t.adam_v = v + (p.offset - moments_lo);
+  } else {
+    t.zero_moments = true;
+  }
+}
+
 std::string StepDirName(int64_t step) { return absl::StrFormat("step_%08d", step); }
 
 bool IsStepDirName(const std::string& name) {
@@ -210,12 +228,7 @@ absl::Status WriteShard(const std::string& staging_dir, const std::string& shard
       t.slice = TpSlice(info.shape, info.split_dim, c.tp_rank, c.tp_size, info.tp_replicas);
       t.model = c.params->params_data() + info.offset;
       if ((c.adam_m != nullptr && c.adam_v != nullptr) || c.zero_moments) {
-        if (c.adam_m != nullptr && info.trainable && info.offset >= c.moments_lo) {
-          t.adam_m = c.adam_m + (info.offset - c.moments_lo);
-          t.adam_v = c.adam_v + (info.offset - c.moments_lo);
-        } else {
-          t.zero_moments = true;
-        }
+        AttachMoments(t, info, c.adam_m, c.adam_v, c.moments_lo);
       }
       tensors.push_back(std::move(t));
     }
@@ -362,7 +375,7 @@ absl::Status LoadCheckpoint(const std::string& path, const std::vector<ChunkStat
       if (arena == nullptr) continue;
       const size_t arena_lo = g == TensorGroup::kModel ? 0 : c.moments_lo;
       for (const ParamInfo& p : c.params->params()) {
-        if (g != TensorGroup::kModel && (!p.trainable || p.offset < c.moments_lo)) continue;
+        if (g != TensorGroup::kModel && !HoldsMoments(p, c.moments_lo)) continue;
         const TensorSlice want = TpSlice(p.shape, p.split_dim, c.tp_rank, c.tp_size, p.tp_replicas);
         mine.assign(p.numel, 0.0f);
         for (const Block& b : ck.index[p.name]) {
@@ -389,12 +402,7 @@ absl::Status SaveCheckpoint(const std::string& path, const ParamStore& params,
   for (const ParamInfo& info : params.params()) {
     FileTensor t{info.name, WholeSlice(info.shape), params.params_data() + info.offset};
     if (adam_m != nullptr && adam_v != nullptr) {
-      if (info.trainable && info.offset >= params.grad_lo()) {
-        t.adam_m = adam_m + (info.offset - params.grad_lo());
-        t.adam_v = adam_v + (info.offset - params.grad_lo());
-      } else {
-        t.zero_moments = true;
-      }
+      AttachMoments(t, info, adam_m, adam_v, params.grad_lo());
     }
     tensors.push_back(std::move(t));
   }
