@@ -19,6 +19,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "engine/core/rope.h"
 #include "engine/kv_pages.h"
 #include "engine/tensor/operand.h"
 #include "engine/tensor/tensor.h"
@@ -119,13 +120,13 @@ class Backend {
 
   // ---- rotary position embedding ------------------------------------------------------------
   // In place on x[n, heads, head_dim]; token t sits at position pos[t]. Rotates the pairs
-  // (i, i + head_dim/2) by angle pos * theta^(-2i/head_dim) (the Llama / Hugging Face
-  // "rotate_half" convention).
+  // (i, i + head_dim/2) by angle pos * RopeInvFreq(rope, i, head_dim) (engine/core/rope.h;
+  // unscaled: theta^(-2i/head_dim)), the Llama / Hugging Face "rotate_half" convention.
   virtual void RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim,
-                           float theta) = 0;
+                           const RopeParams& rope) = 0;
   // In place on the gradient: applies the inverse rotation.
   virtual void RopeBackward(Operand dx, const int32_t* pos, int n, int heads, int head_dim,
-                            float theta) = 0;
+                            const RopeParams& rope) = 0;
 
   // ---- causal self-attention with grouped-query heads ---------------------------------------
   // q: [b, tq, hq, d]; k, v: [b, tk_cap, hkv, d] of which the first tk positions are valid.

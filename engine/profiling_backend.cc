@@ -220,15 +220,15 @@ void ProfilingBackend::SwiGluBackward(Operand dgate, Operand dup, ConstOperand d
 }
 
 void ProfilingBackend::RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim,
-                                   float theta) {
+                                   const RopeParams& rope) {
   Timed timed(this, "RopeForward", 0, B(x, 2.0 * n * heads * head_dim));
-  inner_->RopeForward(x, pos, n, heads, head_dim, theta);
+  inner_->RopeForward(x, pos, n, heads, head_dim, rope);
 }
 
 void ProfilingBackend::RopeBackward(Operand dx, const int32_t* pos, int n, int heads, int head_dim,
-                                    float theta) {
+                                    const RopeParams& rope) {
   Timed timed(this, "RopeBackward", 0, B(dx, 2.0 * n * heads * head_dim));
-  inner_->RopeBackward(dx, pos, n, heads, head_dim, theta);
+  inner_->RopeBackward(dx, pos, n, heads, head_dim, rope);
 }
 
 void ProfilingBackend::AttentionForward(Operand out, float* lse, ConstOperand q, ConstOperand k,

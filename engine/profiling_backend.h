@@ -77,9 +77,9 @@ class ProfilingBackend final : public Backend {
   void SwiGluBackward(Operand dgate, Operand dup, ConstOperand dout, ConstOperand gate,
                       ConstOperand up, size_t n) override;
   void RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim,
-                   float theta) override;
+                   const RopeParams& rope) override;
   void RopeBackward(Operand dx, const int32_t* pos, int n, int heads, int head_dim,
-                    float theta) override;
+                    const RopeParams& rope) override;
   void AttentionForward(Operand out, float* lse, ConstOperand q, ConstOperand k, ConstOperand v,
                         int b, int tq, int tk, int tk_cap, int hq, int hkv, int d,
                         int q_offset) override;

@@ -104,22 +104,42 @@ absl::Status CheckArchitectures(const json& j, const char* expected) {
   return absl::OkStatus();
 }
 
-// rope_scaling / rope_parameters: only the plain RoPE (absent, null, or rope_type "default").
-// Reads rope_theta from it when there (transformers 5 keeps it in rope_parameters).
-absl::Status CheckRope(const json& j, const char* key, float* theta) {
+// rope_scaling / rope_parameters: the plain RoPE (absent, null, or rope_type "default"), or
+// the "linear" or "llama3" (Llama 3.1 and later) scaling, written to *scaling as eellm's
+// "rope_scaling". Reads rope_theta from it when there (transformers 5 keeps it in
+// rope_parameters).
+absl::Status ReadRope(const json& j, const char* key, float* theta, json* scaling) {
   if (!Has(j, key)) return absl::OkStatus();
   const json& r = j[key];
   std::string type;
   if (r.is_object()) {
-    for (const char* k : {"rope_type", "type"}) {
+    for (const char* k : {"type", "rope_type"}) {  // rope_type wins: "type" is the older name
       if (r.contains(k) && r[k].is_string()) type = r[k].get<std::string>();
     }
   }
-  if (type != "default") {
+  if (type != "default" && type != "linear" && type != "llama3") {
     return ConfigError(absl::StrCat("\"", key, "\": ", r.dump(),
-                                    " is not supported (only the default RoPE, no scaling)"));
+                                    " is not supported (the default RoPE, or linear or llama3 "
+                                    "scaling)"));
   }
   if (r.contains("rope_theta")) RETURN_IF_ERROR(GetFloat(r, "rope_theta", theta));
+  if (type == "default") return absl::OkStatus();
+  json s = {{"type", type}};
+  if (!Has(r, "factor"))
+    return ConfigError(absl::StrCat("\"", key, "\" needs a factor: ", r.dump()));
+  std::vector<const char*> keys = {"factor"};
+  if (type == "llama3") {
+    keys.insert(keys.end(),
+                {"low_freq_factor", "high_freq_factor", "original_max_position_embeddings"});
+  }
+  for (const char* k : keys) {
+    if (!Has(r, k)) return ConfigError(absl::StrCat("\"", key, "\" needs ", k, ": ", r.dump()));
+    if (!r[k].is_number()) {
+      return ConfigError(absl::StrCat("\"", key, "\" ", k, " must be a number: ", r.dump()));
+    }
+    s[k] = r[k];
+  }
+  *scaling = s;
   return absl::OkStatus();
 }
 
@@ -159,8 +179,9 @@ absl::Status LlamaToEellm(const json& hf, const std::string& model_type, json& e
   RETURN_IF_ERROR(GetInt(hf, "num_key_value_heads", &kv_heads));
   float eps = 1e-6f, theta = 10000.0f;
   RETURN_IF_ERROR(GetFloat(hf, "rms_norm_eps", &eps));
-  RETURN_IF_ERROR(CheckRope(hf, "rope_parameters", &theta));
-  RETURN_IF_ERROR(CheckRope(hf, "rope_scaling", &theta));
+  json scaling;  // null: none
+  RETURN_IF_ERROR(ReadRope(hf, "rope_parameters", &theta, &scaling));
+  RETURN_IF_ERROR(ReadRope(hf, "rope_scaling", &theta, &scaling));
   RETURN_IF_ERROR(GetFloat(hf, "rope_theta", &theta));
   bool tied = false;
   RETURN_IF_ERROR(GetBool(hf, "tie_word_embeddings", &tied));
@@ -192,6 +213,7 @@ absl::Status LlamaToEellm(const json& hf, const std::string& model_type, json& e
   e["max_seq_len"] = max_pos;
   e["norm_eps"] = eps;
   e["rope_theta"] = theta;
+  if (!scaling.is_null()) e["rope_scaling"] = scaling;
   e["tie_embeddings"] = tied;
   return absl::OkStatus();
 }
@@ -443,6 +465,19 @@ const char* StyleName(const ModelConfig& c) {
   return c.style == ModelStyle::kLlama ? "Llama" : "GPT-2";
 }
 
+// eellm's rope_scaling as transformers writes it (null when plain).
+json HfRopeScaling(const RopeScaling& s) {
+  if (s.kind == RopeScalingKind::kNone) return nullptr;
+  json r = {{"rope_type", s.kind == RopeScalingKind::kLinear ? "linear" : "llama3"},
+            {"factor", ShortestDecimal(s.factor)}};
+  if (s.kind == RopeScalingKind::kLlama3) {
+    r["low_freq_factor"] = ShortestDecimal(s.low_freq_factor);
+    r["high_freq_factor"] = ShortestDecimal(s.high_freq_factor);
+    r["original_max_position_embeddings"] = s.original_max_positions;
+  }
+  return r;
+}
+
 }  // namespace
 
 absl::StatusOr<ModelConfig> ModelConfigFromHf(const json& hf) {
@@ -497,7 +532,7 @@ json HfConfigFromModel(const ModelConfig& c) {
     j["max_position_embeddings"] = c.max_seq_len;
     j["rms_norm_eps"] = ShortestDecimal(c.norm_eps);
     j["rope_theta"] = ShortestDecimal(c.rope_theta);
-    j["rope_scaling"] = nullptr;
+    j["rope_scaling"] = HfRopeScaling(c.rope_scaling);
     j["attention_dropout"] = 0.0;
     if (qwen2) {  // biases on q, k, v by construction
       j["use_sliding_window"] = false;

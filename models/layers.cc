@@ -219,8 +219,8 @@ void BlockForward(const LayerContext& ctx, const BlockParams& p, BlockActs& a, c
   be->Linear(at.k, at.norm.out, ctx.P(p.attn.wk), ctx.P(p.attn.bk), n, h, hkv * d, false);
   be->Linear(at.v, at.norm.out, ctx.P(p.attn.wv), ctx.P(p.attn.bv), n, h, hkv * d, false);
   if (c.use_rope()) {
-    be->RopeForward(at.q, pos, n, hq, d, c.rope_theta);
-    be->RopeForward(at.k, pos, n, hkv, d, c.rope_theta);
+    be->RopeForward(at.q, pos, n, hq, d, c.rope());
+    be->RopeForward(at.k, pos, n, hkv, d, c.rope());
   }
   if (cache == nullptr) {
     be->AttentionForward(at.att, at.lse, at.q, at.k, at.v, b, t, t, t, hq, hkv, d, 0);
@@ -280,8 +280,8 @@ void BlockBackward(const LayerContext& ctx, const BlockParams& p, const BlockAct
   be->AttentionBackward(s.dq, s.dk, s.dv, s.datt, at.att, at.lse, at.q, at.k, at.v, b, t, hq, hkv,
                         d);
   if (c.use_rope()) {  // with bf16 operands dq, dk round again after the rotation
-    be->RopeBackward(s.dq, pos, n, hq, d, c.rope_theta);
-    be->RopeBackward(s.dk, pos, n, hkv, d, c.rope_theta);
+    be->RopeBackward(s.dq, pos, n, hq, d, c.rope());
+    be->RopeBackward(s.dk, pos, n, hkv, d, c.rope());
   }
   be->LinearBackward(s.dnorm, ctx.G(p.attn.wq), ctx.G(p.attn.bq), s.dq, at.norm.out,
                      ctx.P(p.attn.wq), n, h, hq * d, false);

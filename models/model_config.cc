@@ -85,6 +85,42 @@ absl::StatusOr<ExitConfig> ParseExit(const json& e, int index, const ModelConfig
   return x;
 }
 
+// "rope_scaling": {"type": "linear"|"llama3", ...}; see model_config.h.
+absl::StatusOr<RopeScaling> ParseRopeScaling(const json& r) {
+  const std::string field = "model config rope_scaling";
+  if (!r.is_object())
+    return Invalid(absl::StrCat("rope_scaling must be an object, got ", r.dump()));
+  RopeScaling s;
+  std::string type;
+  RETURN_IF_ERROR(ReadJsonField(r, "type", field, &type, true));
+  RETURN_IF_ERROR(ReadJsonField(r, "factor", field, &s.factor, true));
+  if (type == "linear") {
+    s.kind = RopeScalingKind::kLinear;
+    RETURN_IF_ERROR(CheckJsonKeys(r, {"type", "factor"}, field));
+  } else if (type == "llama3") {
+    s.kind = RopeScalingKind::kLlama3;
+    RETURN_IF_ERROR(CheckJsonKeys(r,
+                                  {"type", "factor", "low_freq_factor", "high_freq_factor",
+                                   "original_max_position_embeddings"},
+                                  field));
+    RETURN_IF_ERROR(ReadJsonField(r, "low_freq_factor", field, &s.low_freq_factor, false));
+    RETURN_IF_ERROR(ReadJsonField(r, "high_freq_factor", field, &s.high_freq_factor, false));
+    RETURN_IF_ERROR(ReadJsonField(r, "original_max_position_embeddings", field,
+                                  &s.original_max_positions, false));
+    if (!(s.low_freq_factor > 0 && s.high_freq_factor > s.low_freq_factor)) {
+      return Invalid(absl::StrCat("rope_scaling needs 0 < low_freq_factor < high_freq_factor, got ",
+                                  s.low_freq_factor, " and ", s.high_freq_factor));
+    }
+    RETURN_IF_ERROR(
+        Positive(s.original_max_positions, "rope_scaling original_max_position_embeddings"));
+  } else {
+    return Invalid(absl::StrCat("rope_scaling type \"", type, "\" is not linear or llama3"));
+  }
+  if (!(s.factor > 0))
+    return Invalid(absl::StrCat("rope_scaling factor must be > 0, got ", s.factor));
+  return s;
+}
+
 }  // namespace
 
 const char* ExitKindName(ExitKind k) {
@@ -109,12 +145,12 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text) {
     return Invalid(absl::StrCat("not valid JSON: ", e.what()));
   }
   const std::string where = "model config";
-  RETURN_IF_ERROR(
-      CheckJsonKeys(j,
-                    {"style", "vocab_size", "hidden_size", "num_layers", "num_heads",
-                     "num_kv_heads", "ffn_hidden_size", "max_seq_len", "norm_eps", "rope_theta",
-                     "tie_embeddings", "qkv_bias", "confidence_weighted_exit_loss", "exits"},
-                    where));
+  RETURN_IF_ERROR(CheckJsonKeys(
+      j,
+      {"style", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+       "ffn_hidden_size", "max_seq_len", "norm_eps", "rope_theta", "rope_scaling", "tie_embeddings",
+       "qkv_bias", "confidence_weighted_exit_loss", "exits"},
+      where));
   ModelConfig c;
   std::string style;
   RETURN_IF_ERROR(ReadJsonField(j, "style", where, &style, true));
@@ -174,6 +210,10 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text) {
   if (!(c.norm_eps > 0)) return Invalid(absl::StrCat("norm_eps must be > 0, got ", c.norm_eps));
   if (!(c.rope_theta > 0))
     return Invalid(absl::StrCat("rope_theta must be > 0, got ", c.rope_theta));
+  if (j.contains("rope_scaling") && !j["rope_scaling"].is_null()) {
+    if (!c.use_rope()) return Invalid("rope_scaling is for style llama (gpt has no RoPE)");
+    ASSIGN_OR_RETURN(c.rope_scaling, ParseRopeScaling(j["rope_scaling"]));
+  }
   if (j.contains("exits")) {
     if (!j["exits"].is_array()) return Invalid("exits must be a JSON array");
     int i = 0;
@@ -233,6 +273,17 @@ std::string ModelConfig::ToJson() const {
   j["max_seq_len"] = max_seq_len;
   j["norm_eps"] = norm_eps;
   j["rope_theta"] = rope_theta;
+  // (absent when plain: older checkpoints' configs match)
+  const RopeScaling& s = rope_scaling;
+  if (s.kind == RopeScalingKind::kLinear) {
+    j["rope_scaling"] = {{"type", "linear"}, {"factor", s.factor}};
+  } else if (s.kind == RopeScalingKind::kLlama3) {
+    j["rope_scaling"] = {{"type", "llama3"},
+                         {"factor", s.factor},
+                         {"low_freq_factor", s.low_freq_factor},
+                         {"high_freq_factor", s.high_freq_factor},
+                         {"original_max_position_embeddings", s.original_max_positions}};
+  }
   j["tie_embeddings"] = tie_embeddings;
   if (qkv_bias) j["qkv_bias"] = true;  // (absent when false: older checkpoints' configs match)
   j["confidence_weighted_exit_loss"] = confidence_weighted_exit_loss;

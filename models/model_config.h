@@ -6,7 +6,11 @@
 // JSON (all keys optional except those marked *):
 //   { "style": "gpt"|"llama"*, "vocab_size"*, "hidden_size"*, "num_layers"*, "num_heads"*,
 //     "num_kv_heads" (= num_heads), "ffn_hidden_size" (4h gpt, 8h/3 rounded to 64 llama),
-//     "max_seq_len"*, "norm_eps" (1e-5), "rope_theta" (10000), "tie_embeddings" (gpt true,
+//     "max_seq_len"*, "norm_eps" (1e-5), "rope_theta" (10000),
+//     "rope_scaling" (none; llama only): {"type": "linear", "factor"*} or {"type": "llama3",
+//       "factor"*, "low_freq_factor" (1), "high_freq_factor" (4),
+//       "original_max_position_embeddings" (8192)} (Hugging Face's names; engine/core/rope.h),
+//     "tie_embeddings" (gpt true,
 //     llama false), "qkv_bias" (false; llama only: biases on the q, k, v projections, as
 //     Qwen2 has), "confidence_weighted_exit_loss" (false),
 //     "exits": [ { "layer"* (1-based), "kind": "linear"|"norm"|"mlp"|"block" ("norm"),
@@ -19,6 +23,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "engine/core/rope.h"
 
 namespace eellm {
 
@@ -55,6 +60,7 @@ struct ModelConfig {
   int max_seq_len = 0;
   float norm_eps = 1e-5f;
   float rope_theta = 10000.0f;
+  RopeScaling rope_scaling;  // kind kNone: plain RoPE
   bool tie_embeddings = true;
   bool qkv_bias = false;  // llama style: biases on the q, k and v projections (Qwen2)
   bool confidence_weighted_exit_loss = false;
@@ -67,6 +73,7 @@ struct ModelConfig {
   bool use_bias() const { return style == ModelStyle::kGpt; }
   bool use_qkv_bias() const { return use_bias() || qkv_bias; }
   bool learned_positions() const { return style == ModelStyle::kGpt; }
+  RopeParams rope() const { return {rope_theta, rope_scaling}; }
   // A tensor-parallel rank works with a local config: heads, KV heads, FFN size and vocabulary
   // divided by tp_size (see LocalConfig); the head dimension stays that of the whole model.
   int tp_size = 1;

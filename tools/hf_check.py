@@ -3,7 +3,8 @@
 
 Needs torch, transformers, safetensors and numpy (tokenizers optional) and a built `eellm`.
 For each small random model defined below (Mistral with a sliding window, Qwen2 with tied
-embeddings, Llama with grouped-query attention, Llama with tied embeddings, GPT-2), in fp32:
+embeddings, Llama with grouped-query attention, Llama with tied embeddings, Llama 3 RoPE
+scaling, GPT-2), in fp32:
 
   1. builds it with transformers, perturbs every parameter (so norm gains and biases are not
      their trivial initial values) and save_pretrained()s it (safetensors) to a temporary dir;
@@ -102,6 +103,30 @@ MODELS = {
             max_position_embeddings=64,
             rms_norm_eps=1e-6,
             rope_theta=500000.0,
+            tie_word_embeddings=True,
+        ),
+    ),
+    # Llama 3.1 / 3.2: "llama3" RoPE scaling, here for a 64-token original context so that the
+    # 8 pairs of a head fall in every band (kept, blended, divided) within NUM_TOKENS.
+    "llama3-scaled": (
+        "llama",
+        dict(
+            vocab_size=300,
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=64,
+            ),
             tie_word_embeddings=True,
         ),
     ),

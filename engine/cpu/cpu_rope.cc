@@ -1,5 +1,6 @@
 // CpuBackend rotary position embedding, "rotate_half" convention (Llama / Hugging Face): for
-// i < head_dim / 2 the pair (x[i], x[i + head_dim/2]) is rotated by pos * theta^(-2i/head_dim).
+// i < head_dim / 2 the pair (x[i], x[i + head_dim/2]) is rotated by pos * RopeInvFreq(i)
+// (engine/core/rope.h: theta^(-2i/head_dim), scaled for long contexts when asked).
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -11,14 +12,14 @@ namespace eellm {
 namespace {
 
 // Rotates every head of x[n, heads, head_dim] by sign * angle (sign -1: inverse rotation).
-void Rotate(float* x, const int32_t* pos, int n, int heads, int head_dim, float theta,
+void Rotate(float* x, const int32_t* pos, int n, int heads, int head_dim, const RopeParams& rope,
             double sign) {
   EE_CHECK(head_dim % 2 == 0, "RoPE needs an even head_dim, got ", head_dim);
   const int half = head_dim / 2;
   const size_t row = static_cast<size_t>(heads) * head_dim;
   std::vector<double> inv_freq(half);  // the same for every token
   for (int i = 0; i < half; ++i) {
-    inv_freq[i] = std::pow(static_cast<double>(theta), -2.0 * i / head_dim);
+    inv_freq[i] = RopeInvFreq(rope, i, head_dim);
   }
   const bool parallel = static_cast<int64_t>(n) * heads * head_dim >= 8192;
 #pragma omp parallel for schedule(static) if (parallel)
@@ -42,14 +43,14 @@ void Rotate(float* x, const int32_t* pos, int n, int heads, int head_dim, float 
 }  // namespace
 
 void CpuBackend::RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim,
-                             float theta) {
-  Rotate(x.f32(), pos, n, heads, head_dim, theta, 1.0);
+                             const RopeParams& rope) {
+  Rotate(x.f32(), pos, n, heads, head_dim, rope, 1.0);
 }
 
 void CpuBackend::RopeBackward(Operand dx, const int32_t* pos, int n, int heads, int head_dim,
-                              float theta) {
+                              const RopeParams& rope) {
   // The forward is y = R x with R orthogonal, so dx = R^T dy: rotate by the negated angle.
-  Rotate(dx.f32(), pos, n, heads, head_dim, theta, -1.0);
+  Rotate(dx.f32(), pos, n, heads, head_dim, rope, -1.0);
 }
 
 }  // namespace eellm

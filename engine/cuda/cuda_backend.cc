@@ -500,14 +500,14 @@ void CudaBackend::SwiGluBackward(Operand dgate, Operand dup, ConstOperand dout, 
                                   ToElems(up), n, stream_));
 }
 void CudaBackend::RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim,
-                              float theta) {
+                              const RopeParams& rope) {
   EE_CHECK(head_dim % 2 == 0, "RoPE needs an even head_dim, got ", head_dim);
-  CUDA_CHECK(cuda::Rope(ToElems(x), pos, n, heads, head_dim, theta, 1.0, stream_));
+  CUDA_CHECK(cuda::Rope(ToElems(x), pos, n, heads, head_dim, rope, 1.0, stream_));
 }
 void CudaBackend::RopeBackward(Operand dx, const int32_t* pos, int n, int heads, int head_dim,
-                               float theta) {
+                               const RopeParams& rope) {
   EE_CHECK(head_dim % 2 == 0, "RoPE needs an even head_dim, got ", head_dim);
-  CUDA_CHECK(cuda::Rope(ToElems(dx), pos, n, heads, head_dim, theta, -1.0, stream_));
+  CUDA_CHECK(cuda::Rope(ToElems(dx), pos, n, heads, head_dim, rope, -1.0, stream_));
 }
 
 // ---- attention ----------------------------------------------------------------------------------

@@ -10,6 +10,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "engine/core/rope.h"
+
 namespace eellm::cuda {
 
 // A device tensor of fp32 or bf16 elements, for launchers taking either.
@@ -50,8 +52,8 @@ cudaError_t BiasGeluForward(Elems act, Elems pre, const float* acc, const float*
 cudaError_t SwiGluForward(Elems out, Elems gate, Elems up, size_t n, cudaStream_t s);
 cudaError_t SwiGluBackward(Elems dgate, Elems dup, Elems dout, Elems gate, Elems up, size_t n,
                            cudaStream_t s);
-cudaError_t Rope(Elems x, const int32_t* pos, int n, int heads, int head_dim, float theta,
-                 double sign, cudaStream_t s);
+cudaError_t Rope(Elems x, const int32_t* pos, int n, int heads, int head_dim,
+                 const RopeParams& rope, double sign, cudaStream_t s);
 cudaError_t AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1,
                   float beta2, float eps, float weight_decay, float inv_bc1, float inv_bc2,
                   cudaStream_t s);

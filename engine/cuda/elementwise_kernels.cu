@@ -217,13 +217,12 @@ __global__ void SwiGluBackwardKernel(Elems dgate, Elems dup, Elems dout, Elems g
 }
 
 // One thread per (token, pair index i < head_dim / 2), all heads.
-__global__ void RopeKernel(Elems x, const int32_t* pos, int n, int heads, int head_dim, float theta,
-                           double sign) {
+__global__ void RopeKernel(Elems x, const int32_t* pos, int n, int heads, int head_dim,
+                           RopeParams rope, double sign) {
   const int half = head_dim / 2;
   GRID_STRIDE(k, static_cast<size_t>(n) * half) {
     const int t = static_cast<int>(k / half), i = static_cast<int>(k % half);
-    const double inv_freq = pow(static_cast<double>(theta), -2.0 * i / head_dim);
-    const double angle = sign * static_cast<double>(pos[t]) * inv_freq;
+    const double angle = sign * static_cast<double>(pos[t]) * RopeInvFreq(rope, i, head_dim);
     const float c = static_cast<float>(cos(angle));
     const float s = static_cast<float>(sin(angle));
     for (int h = 0; h < heads; ++h) {
@@ -342,12 +341,12 @@ cudaError_t SwiGluBackward(Elems dgate, Elems dup, Elems dout, Elems gate, Elems
                  gate, up, n);
   return cudaGetLastError();
 }
-cudaError_t Rope(Elems x, const int32_t* pos, int n, int heads, int head_dim, float theta,
-                 double sign, cudaStream_t s) {
+cudaError_t Rope(Elems x, const int32_t* pos, int n, int heads, int head_dim,
+                 const RopeParams& rope, double sign, cudaStream_t s) {
   const size_t total = static_cast<size_t>(n) * (head_dim / 2);
   if (total)
     LaunchKernel(RopeKernel, dim3(Blocks(total)), dim3(kThreads), 0, s, x, pos, n, heads, head_dim,
-                 theta, sign);
+                 rope, sign);
   return cudaGetLastError();
 }
 cudaError_t AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1,

@@ -151,34 +151,104 @@ TEST_F(CpuOpsTest, GeluAndSwiGluMatchFormulas) {
   EXPECT_NEAR(vals[1], -0.158808, 1e-5);
 }
 
+// Llama 3.1 8B's RoPE: theta 500,000, head 128, scaled by 8 below 1/8,192 of a turn per token.
+RopeParams Llama31Rope() {
+  RopeParams r;
+  r.theta = 500000.0f;
+  r.scaling = {RopeScalingKind::kLlama3, 8.0f, 1.0f, 4.0f, 8192};
+  return r;
+}
+
 TEST_F(CpuOpsTest, RopeMatchesRotateHalfReference) {
   const int n = 4, heads = 3, hd = 16;
   const float theta = 10000.0f;
   const std::vector<int32_t> pos = {0, 1, 7, 1000};
-  auto x = RandVec(rng_, n * heads * hd);
-  std::vector<float> y = x;
-  be_.RopeForward(y.data(), pos.data(), n, heads, hd, theta);
-  for (int t = 0; t < n; ++t)
-    for (int h = 0; h < heads; ++h)
-      for (int i = 0; i < hd / 2; ++i) {
-        const size_t o = (static_cast<size_t>(t) * heads + h) * hd;
-        const double ang = pos[t] * std::pow(static_cast<double>(theta), -2.0 * i / hd);
-        const double a = x[o + i], b = x[o + i + hd / 2];
-        EXPECT_NEAR(y[o + i], a * std::cos(ang) - b * std::sin(ang), 1e-5);
-        EXPECT_NEAR(y[o + i + hd / 2], b * std::cos(ang) + a * std::sin(ang), 1e-5);
-        // Each pair keeps its norm; position 0 is the identity.
-        const double n0 = a * a + b * b;
-        const double n1 = static_cast<double>(y[o + i]) * y[o + i] +
-                          static_cast<double>(y[o + i + hd / 2]) * y[o + i + hd / 2];
-        EXPECT_NEAR(n1, n0, 1e-5 * (1.0 + n0));
-        if (pos[t] == 0) {
-          EXPECT_EQ(y[o + i], x[o + i]);
-          EXPECT_EQ(y[o + i + hd / 2], x[o + i + hd / 2]);
+  for (const bool scaled : {false, true}) {
+    RopeParams rope{theta};
+    if (scaled) rope.scaling = {RopeScalingKind::kLlama3, 4.0f, 1.0f, 2.0f, 64};
+    auto x = RandVec(rng_, n * heads * hd);
+    std::vector<float> y = x;
+    be_.RopeForward(y.data(), pos.data(), n, heads, hd, rope);
+    for (int t = 0; t < n; ++t)
+      for (int h = 0; h < heads; ++h)
+        for (int i = 0; i < hd / 2; ++i) {
+          const size_t o = (static_cast<size_t>(t) * heads + h) * hd;
+          const double plain = std::pow(static_cast<double>(theta), -2.0 * i / hd);
+          // Scaled: pairs 0-1 turn more than 2 pi / 32 per token (kept), pair 2 in between
+          // (blended), the rest less than 2 pi / 64 (divided by 4).
+          const double scale = !scaled || i < 2 ? 1.0 : (i < 3 ? 0.0 : 0.25);
+          if (scale == 0.0) {
+            EXPECT_LT(RopeInvFreq(rope, i, hd), plain);
+            EXPECT_GT(RopeInvFreq(rope, i, hd), plain / 4);
+          }
+          const double ang = pos[t] * (scale == 0.0 ? RopeInvFreq(rope, i, hd) : plain * scale);
+          const double a = x[o + i], b = x[o + i + hd / 2];
+          EXPECT_NEAR(y[o + i], a * std::cos(ang) - b * std::sin(ang), 1e-5);
+          EXPECT_NEAR(y[o + i + hd / 2], b * std::cos(ang) + a * std::sin(ang), 1e-5);
+          // Each pair keeps its norm; position 0 is the identity.
+          const double n0 = a * a + b * b;
+          const double n1 = static_cast<double>(y[o + i]) * y[o + i] +
+                            static_cast<double>(y[o + i + hd / 2]) * y[o + i + hd / 2];
+          EXPECT_NEAR(n1, n0, 1e-5 * (1.0 + n0));
+          if (pos[t] == 0) {
+            EXPECT_EQ(y[o + i], x[o + i]);
+            EXPECT_EQ(y[o + i + hd / 2], x[o + i + hd / 2]);
+          }
         }
-      }
-  // The backward (inverse rotation) undoes the forward.
-  be_.RopeBackward(y.data(), pos.data(), n, heads, hd, theta);
-  EXPECT_LT(MaxAbsDiff(y, x), 1e-5);
+    // The backward (inverse rotation) undoes the forward.
+    be_.RopeBackward(y.data(), pos.data(), n, heads, hd, rope);
+    EXPECT_LT(MaxAbsDiff(y, x), 1e-5);
+  }
+}
+
+// The "llama3" scaling as transformers computes it (_compute_llama3_parameters): per wavelength
+// band, kept, divided by the factor, or blended; continuous across the band edges, and the
+// frequencies still fall with the pair index.
+TEST_F(CpuOpsTest, Llama3RopeScalingKeepsHighAndDividesLowFrequencies) {
+  const RopeParams rope = Llama31Rope();
+  const RopeParams plain{rope.theta};
+  int kept = 0, divided = 0, blended = 0;
+  double last = 2.0;
+  for (int i = 0; i < 64; ++i) {
+    const double f0 = RopeInvFreq(plain, i, 128), f = RopeInvFreq(rope, i, 128);
+    EXPECT_DOUBLE_EQ(f0, std::pow(500000.0, -i / 64.0));
+    const double wavelength = 2 * M_PI / f0;
+    if (wavelength < 8192 / 4.0) {
+      EXPECT_EQ(f, f0) << i;
+      ++kept;
+    } else if (wavelength > 8192 / 1.0) {
+      EXPECT_NEAR(f, f0 / 8, 1e-15 * f0) << i;
+      ++divided;
+    } else {
+      // Blend weight s = (8192 / wavelength - 1) / (4 - 1) of f0 against f0 / 8.
+      const double s = (8192 / wavelength - 1) / 3;
+      EXPECT_NEAR(f, f0 / 8 + s * (f0 - f0 / 8), 1e-15 * f0) << i;
+      EXPECT_GT(s, 0);
+      EXPECT_LT(s, 1);
+      ++blended;
+    }
+    EXPECT_LT(f, last) << i;
+    last = f;
+  }
+  // Llama 3.1's 64 pairs: 29 kept (wavelength under 2,048), 29 divided (over 8,192), 6 blended.
+  EXPECT_EQ(kept, 29);
+  EXPECT_EQ(divided, 29);
+  EXPECT_EQ(blended, 6);
+  // Continuity at the band edges: a head size putting a wavelength just inside each edge.
+  for (const double edge : {2048.0, 8192.0}) {
+    for (const double side : {1 - 1e-9, 1 + 1e-9}) {
+      RopeParams r = rope;
+      r.theta = static_cast<float>(edge * side / (2 * M_PI));  // pair 1 of head 2: 1 / theta
+      const double f0 = 1.0 / r.theta, f = RopeInvFreq(r, 1, 2);
+      EXPECT_NEAR(f, edge == 2048.0 ? f0 : f0 / 8, 1e-6 * f0) << edge << " " << side;
+    }
+  }
+  // Linear scaling divides every frequency.
+  RopeParams linear{rope.theta};
+  linear.scaling = {RopeScalingKind::kLinear, 4.0f};
+  for (int i = 0; i < 64; ++i) {
+    EXPECT_DOUBLE_EQ(RopeInvFreq(linear, i, 128), RopeInvFreq(plain, i, 128) / 4) << i;
+  }
 }
 
 TEST_F(CpuOpsTest, CrossEntropyLossAndMaxProb) {

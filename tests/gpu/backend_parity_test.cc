@@ -477,12 +477,16 @@ TEST_F(BackendParity, GeluAndSwiGlu) {
 TEST_F(BackendParity, Rope) {
   struct Case {
     int n, heads, head_dim, first_pos;
-    float theta;
+    RopeParams rope;
   };
+  // Llama 3.1's scaling (every band of its 64 pairs), and linear.
+  const RopeParams llama3{5e5f, {RopeScalingKind::kLlama3, 8.0f, 1.0f, 4.0f, 8192}};
+  const RopeParams linear{1e4f, {RopeScalingKind::kLinear, 4.0f}};
   // first_pos < 0: random positions in [0, 1040), not in order.
   for (const Case& k :
-       {Case{1, 1, 8, 37, 1e4f}, Case{7, 3, 64, 37, 1e4f}, Case{33, 2, 10, 1000, 1e4f},
-        Case{5, 4, 128, 1020, 5e5f}, Case{64, 2, 16, -1, 1e4f}}) {
+       {Case{1, 1, 8, 37, {1e4f}}, Case{7, 3, 64, 37, {1e4f}}, Case{33, 2, 10, 1000, {1e4f}},
+        Case{5, 4, 128, 1020, {5e5f}}, Case{64, 2, 16, -1, {1e4f}}, Case{9, 2, 128, 5000, llama3},
+        Case{64, 2, 128, -1, llama3}, Case{6, 3, 16, 700, linear}}) {
     SCOPED_TRACE(::testing::Message() << "n=" << k.n << " heads=" << k.heads
                                       << " head_dim=" << k.head_dim << " pos0=" << k.first_pos);
     std::vector<int32_t> pos(k.n);
@@ -495,8 +499,8 @@ TEST_F(BackendParity, Rope) {
         [&](Backend* be, DeviceMem& m) -> Outputs {
           float *px = m.Put(x), *pd = m.Put(dy);
           const int32_t* pp = m.Put(pos);
-          be->RopeForward(px, pp, k.n, k.heads, k.head_dim, k.theta);
-          be->RopeBackward(pd, pp, k.n, k.heads, k.head_dim, k.theta);
+          be->RopeForward(px, pp, k.n, k.heads, k.head_dim, k.rope);
+          be->RopeBackward(pd, pp, k.n, k.heads, k.head_dim, k.rope);
           return {{"Rope x", m.Get(px, size)}, {"dx", m.Get(pd, size)}};
         },
         kRope);

@@ -166,16 +166,16 @@ void Bf16ReferenceBackend::SwiGluBackward(Operand dgate, Operand dup, ConstOpera
 }
 
 void Bf16ReferenceBackend::RopeForward(Operand x, const int32_t* pos, int n, int heads,
-                                       int head_dim, float theta) {
+                                       int head_dim, const RopeParams& rope) {
   std::vector<float> xv = OperandValues(x, static_cast<size_t>(n) * heads * head_dim);
-  cpu_->RopeForward(xv.data(), pos, n, heads, head_dim, theta);
+  cpu_->RopeForward(xv.data(), pos, n, heads, head_dim, rope);
   Store(x, xv);
 }
 
 void Bf16ReferenceBackend::RopeBackward(Operand dx, const int32_t* pos, int n, int heads,
-                                        int head_dim, float theta) {
+                                        int head_dim, const RopeParams& rope) {
   std::vector<float> g = OperandValues(dx, static_cast<size_t>(n) * heads * head_dim);
-  cpu_->RopeBackward(g.data(), pos, n, heads, head_dim, theta);
+  cpu_->RopeBackward(g.data(), pos, n, heads, head_dim, rope);
   Store(dx, g);
 }
 

@@ -216,7 +216,7 @@ TEST_F(ConvertTest, MalformedInputsNameTheFile) {
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_NE(r.output.find("sideways"), std::string::npos) << r.output;
   nlohmann::json config = HfConfigFromModel(config_);
-  config["rope_scaling"] = {{"type", "linear"}, {"factor", 2.0}};
+  config["rope_scaling"] = {{"type", "dynamic"}, {"factor", 2.0}};
   std::ofstream(Path("hf/config.json")) << config.dump();
   args = "convert hf-to-eellm --input=" + Quote(Path("hf")) + " --output=" + Quote(Path("o3"));
   r = RunEellm(args);

@@ -106,11 +106,22 @@ ModelConfig Qwen2Config() {
   return c;
 }
 
+// Llama 3.1 / 3.2 style: "llama3" RoPE scaling, tied embeddings (as 3.2 1B and 3B). Head
+// size 8: its 4 pairs' wavelengths are 6.3, 30, 140 and 660 tokens, so pair 0 is kept (under
+// 64 / 4), pair 1 blended and pairs 2-3 divided by 8 (over 64 / 0.5).
+ModelConfig Llama3Config() {
+  ModelConfig c = LlamaConfig();
+  c.hidden_size = 32;
+  c.tie_embeddings = true;
+  c.rope_scaling = {RopeScalingKind::kLlama3, 8.0f, 0.5f, 4.0f, 64};
+  return c;
+}
+
 std::vector<ModelConfig> AllConfigs() {
   ModelConfig llama_tied = LlamaConfig();
   llama_tied.tie_embeddings = true;
-  return {LlamaConfig(),          llama_tied,      LlamaConfig(false), Qwen2Config(), GptConfig(),
-          GptConfig(true, false), GptConfig(false)};
+  return {LlamaConfig(),  llama_tied,  LlamaConfig(false),     Qwen2Config(),
+          Llama3Config(), GptConfig(), GptConfig(true, false), GptConfig(false)};
 }
 
 TEST(HfConvertTest, ParamShapesMatchTheModel) {
@@ -159,6 +170,9 @@ TEST(HfConvertTest, ConfigRoundTrip) {
   odd.max_seq_len = 4096;
   odd.confidence_weighted_exit_loss = true;
   configs.push_back(odd);
+  ModelConfig linear = LlamaConfig();
+  linear.rope_scaling = {RopeScalingKind::kLinear, 2.5f};
+  configs.push_back(linear);
   for (const ModelConfig& c : configs) {
     const json hf = HfConfigFromModel(c);
     auto back = ModelConfigFromHf(hf);
@@ -189,6 +203,14 @@ TEST(HfConvertTest, ConfigRoundTrip) {
   EXPECT_TRUE(q["sliding_window"].is_null());
   EXPECT_EQ(q["max_window_layers"], 4);
   EXPECT_FALSE(q.contains("attention_bias"));  // LlamaConfig's: it would bias o_proj too
+  // RoPE scaling as transformers names it; the canonical JSON names it only when set.
+  EXPECT_TRUE(l["rope_scaling"].is_null());
+  EXPECT_EQ(LlamaConfig().ToJson().find("rope_scaling"), std::string::npos);
+  EXPECT_EQ(HfConfigFromModel(Llama3Config())["rope_scaling"],
+            json::parse(R"({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 0.5,
+                            "high_freq_factor": 4.0, "original_max_position_embeddings": 64})"));
+  EXPECT_EQ(HfConfigFromModel(linear)["rope_scaling"],
+            json::parse(R"({"rope_type": "linear", "factor": 2.5})"));
   const json g = HfConfigFromModel(GptConfig());
   EXPECT_EQ(g["architectures"], json::array({"GPT2LMHeadModel"}));
   EXPECT_EQ(g["n_embd"], 12);
@@ -233,6 +255,48 @@ TEST(HfConvertTest, ReadsTransformersConfigs) {
   EXPECT_EQ(c->num_kv_heads, 2);
   EXPECT_EQ(c->rope_theta, 500000.0f);
   EXPECT_EQ(c->norm_eps, 1e-6f);  // LlamaConfig's default
+  EXPECT_EQ(c->rope_scaling.kind, RopeScalingKind::kNone);
+
+  // Llama 3.1 8B: RoPE scaled for a 131,072-token context ("llama3").
+  json llama31 = json::parse(R"({
+    "architectures": ["LlamaForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+    "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 4096,
+    "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 131072,
+    "mlp_bias": false, "model_type": "llama", "num_attention_heads": 32,
+    "num_hidden_layers": 32, "num_key_value_heads": 8, "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05, "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
+    "transformers_version": "4.43.0.dev0", "use_cache": true, "vocab_size": 128256})");
+  c = ModelConfigFromHf(llama31);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->max_seq_len, 131072);
+  EXPECT_EQ(c->num_kv_heads, 8);
+  EXPECT_EQ(c->rope_theta, 500000.0f);
+  EXPECT_EQ(c->rope_scaling.kind, RopeScalingKind::kLlama3);
+  EXPECT_EQ(c->rope_scaling.factor, 8.0f);
+  EXPECT_EQ(c->rope_scaling.low_freq_factor, 1.0f);
+  EXPECT_EQ(c->rope_scaling.high_freq_factor, 4.0f);
+  EXPECT_EQ(c->rope_scaling.original_max_positions, 8192);
+  EXPECT_EQ(HfConfigFromModel(*c)["rope_scaling"], llama31["rope_scaling"]);
+  // transformers 5 keeps it in rope_parameters with the theta; the older "type" also reads.
+  json t5 = llama31;
+  t5.erase("rope_scaling");
+  t5.erase("rope_theta");
+  t5["rope_parameters"] = json::parse(R"({"rope_type": "llama3", "rope_theta": 500000.0,
+    "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192})");
+  c = ModelConfigFromHf(t5);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->rope_theta, 500000.0f);
+  EXPECT_EQ(c->rope_scaling.kind, RopeScalingKind::kLlama3);
+  EXPECT_EQ(c->rope_scaling.factor, 32.0f);
+  json old = llama31;
+  old["rope_scaling"] = json::parse(R"({"type": "linear", "factor": 4.0})");
+  c = ModelConfigFromHf(old);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->rope_scaling.kind, RopeScalingKind::kLinear);
+  EXPECT_EQ(c->rope_scaling.factor, 4.0f);
 
   // Mistral 7B v0.1: Llama with GQA and a 4,096-token sliding window, within which attention is
   // Llama's: the context is cut to it. v0.3: no window.
@@ -325,14 +389,30 @@ TEST(HfConvertTest, ConfigErrorsNameTheKeyAndValue) {
   const std::vector<Case> cases = {
       {llama,
        "rope_scaling",
-       json::parse(R"({"type": "linear", "factor": 2.0})"),
+       json::parse(R"({"type": "dynamic", "factor": 2.0})"),
        false,
-       {"rope_scaling", "linear"}},
+       {"rope_scaling", "dynamic"}},
+      {llama,
+       "rope_parameters",
+       json::parse(R"({"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6})"),
+       false,
+       {"rope_parameters", "yarn"}},
       {llama,
        "rope_scaling",
        json::parse(R"({"rope_type": "llama3", "factor": 8.0})"),
        false,
-       {"rope_scaling", "llama3"}},
+       {"rope_scaling", "needs low_freq_factor"}},
+      {llama,
+       "rope_scaling",
+       json::parse(R"({"rope_type": "linear", "factor": "2"})"),
+       false,
+       {"rope_scaling", "factor must be a number"}},
+      {llama,
+       "rope_scaling",
+       json::parse(R"({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
+                       "high_freq_factor": 1.0, "original_max_position_embeddings": 8192})"),
+       false,
+       {"low_freq_factor < high_freq_factor", "4 and 1"}},
       {llama, "attention_bias", true, false, {"attention_bias", "true"}},
       {llama, "mlp_bias", true, false, {"mlp_bias", "true"}},
       {llama, "head_dim", 8, false, {"head_dim", "8"}},
@@ -466,15 +546,45 @@ Rows Norm(const Rows& x, const HostTensor& g, const HostTensor* b, double eps) {
   return y;
 }
 
+// transformers' rotary inv_freq for a head of size d: default, "linear" (divided by the factor)
+// or "llama3" (_compute_llama3_parameters, written as it is there: masks over the wavelengths).
+std::vector<double> InvFreq(const json& cfg, int d) {
+  std::vector<double> inv(d / 2);
+  for (int j = 0; j < d / 2; ++j)
+    inv[j] = 1.0 / std::pow(cfg["rope_theta"].get<double>(), 2.0 * j / d);
+  const json& rs = cfg["rope_scaling"];
+  if (rs.is_null()) return inv;
+  const double factor = rs["factor"].get<double>();
+  if (rs["rope_type"] == "linear") {
+    for (double& f : inv) f /= factor;
+    return inv;
+  }
+  EXPECT_EQ(rs["rope_type"], "llama3");
+  const double low = rs["low_freq_factor"].get<double>(),
+               high = rs["high_freq_factor"].get<double>();
+  const double old_context = rs["original_max_position_embeddings"].get<double>();
+  const double low_freq_wavelen = old_context / low, high_freq_wavelen = old_context / high;
+  for (double& f : inv) {
+    const double wavelen = 2 * M_PI / f;
+    const double llama = wavelen > low_freq_wavelen ? f / factor : f;
+    const double smooth = (old_context / wavelen - low) / (high - low);
+    const double smoothed = (1 - smooth) * llama / factor + smooth * llama;
+    const bool medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+    f = medium ? smoothed : llama;
+  }
+  return inv;
+}
+
 // transformers' apply_rotary_pos_emb: x * cos + rotate_half(x) * sin, per head of size d.
-void Rope(Rows& x, int heads, int d, double theta) {
+void Rope(Rows& x, int heads, int d, const json& cfg) {
+  const std::vector<double> inv_freq = InvFreq(cfg, d);
   for (size_t p = 0; p < x.size(); ++p) {
     for (int h = 0; h < heads; ++h) {
       double* v = x[p].data() + h * d;
       std::vector<double> out(d);
       for (int i = 0; i < d; ++i) {
         const int j = i % (d / 2);
-        const double angle = static_cast<double>(p) / std::pow(theta, 2.0 * j / d);
+        const double angle = static_cast<double>(p) * inv_freq[j];
         const double rotated = i < d / 2 ? -v[i + d / 2] : v[i - d / 2];
         out[i] = v[i] * std::cos(angle) + rotated * std::sin(angle);
       }
@@ -540,8 +650,8 @@ Rows ReferenceLogits(const json& cfg, const HostTensorMap& w, const std::vector<
       Rows q = Dense(a, W(p + "self_attn.q_proj.weight"), bias(p + "self_attn.q_proj.bias"), false);
       Rows k = Dense(a, W(p + "self_attn.k_proj.weight"), bias(p + "self_attn.k_proj.bias"), false);
       Rows v = Dense(a, W(p + "self_attn.v_proj.weight"), bias(p + "self_attn.v_proj.bias"), false);
-      Rope(q, hq, d, cfg["rope_theta"].get<double>());
-      Rope(k, hkv, d, cfg["rope_theta"].get<double>());
+      Rope(q, hq, d, cfg);
+      Rope(k, hkv, d, cfg);
       AddTo(x, Dense(Attention(q, k, v, hq, hkv, d), W(p + "self_attn.o_proj.weight"), nullptr,
                      false));
       Rows m = Norm(x, W(p + "post_attention_layernorm.weight"), nullptr, eps);
@@ -587,7 +697,8 @@ TEST(HfConvertTest, LogitsMatchHfReferenceForward) {
   ModelConfig untied_gpt = GptConfig(true, false);
   ModelConfig tied_llama = LlamaConfig();
   tied_llama.tie_embeddings = true;
-  for (const ModelConfig& c : {LlamaConfig(), tied_llama, Qwen2Config(), GptConfig(), untied_gpt}) {
+  for (const ModelConfig& c :
+       {LlamaConfig(), tied_llama, Qwen2Config(), Llama3Config(), GptConfig(), untied_gpt}) {
     SCOPED_TRACE(c.ToJson());
     auto a = RandomModel(c, be.get(), 17);
     const std::vector<int32_t> ids = testing::RandomTokens(9, c.vocab_size, 4);

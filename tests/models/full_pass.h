@@ -70,17 +70,28 @@ inline double MaxAbsDiff(const float* a, const float* b, size_t n) {
   return d;
 }
 
-// Sequence `seq`'s cached K and V (read through its KV pages) equal a full pass's, every layer.
+inline double MaxAbs(const std::vector<float>& a) {
+  double m = 0;
+  for (float x : a) m = std::max(m, static_cast<double>(std::fabs(x)));
+  return m;
+}
+
+// Sequence `seq`'s cached K and V (read through its KV pages) equal a full pass's, every layer,
+// within `tolerance` relative to the layer's largest |K| or |V| (at least 1). Decode steps and
+// the full pass multiply matrices of different shapes, which BLAS blocks differently: fp32
+// rounding then differs by about 1e-6 of the values per layer, more on deeper layers.
 inline void ExpectCacheMatches(const Generator& g, int seq, const FullPass& full,
                                double tolerance = 1e-5) {
   for (size_t l = 0; l < full.k.size(); ++l) {
     const std::vector<float> k = g.KvToHost(static_cast<int>(l), seq, false);
     const std::vector<float> v = g.KvToHost(static_cast<int>(l), seq, true);
     ASSERT_EQ(k.size(), full.k[l].size()) << "layer " << l;
-    EXPECT_LT(MaxAbsDiff(k.data(), full.k[l].data(), k.size()), tolerance)
-        << "seq " << seq << " layer " << l;
-    EXPECT_LT(MaxAbsDiff(v.data(), full.v[l].data(), v.size()), tolerance)
-        << "seq " << seq << " layer " << l;
+    const double k_scale = std::max(1.0, MaxAbs(full.k[l]));
+    const double v_scale = std::max(1.0, MaxAbs(full.v[l]));
+    EXPECT_LT(MaxAbsDiff(k.data(), full.k[l].data(), k.size()), tolerance * k_scale)
+        << "seq " << seq << " layer " << l << " max |K| " << k_scale;
+    EXPECT_LT(MaxAbsDiff(v.data(), full.v[l].data(), v.size()), tolerance * v_scale)
+        << "seq " << seq << " layer " << l << " max |V| " << v_scale;
   }
 }
 

@@ -72,8 +72,12 @@ class FakeDeviceBackend final : public Backend {
   void SwiGluBackward(Operand, Operand, ConstOperand, ConstOperand, ConstOperand, size_t) override {
     std::abort();
   }
-  void RopeForward(Operand, const int32_t*, int, int, int, float) override { std::abort(); }
-  void RopeBackward(Operand, const int32_t*, int, int, int, float) override { std::abort(); }
+  void RopeForward(Operand, const int32_t*, int, int, int, const RopeParams&) override {
+    std::abort();
+  }
+  void RopeBackward(Operand, const int32_t*, int, int, int, const RopeParams&) override {
+    std::abort();
+  }
   void AttentionForward(Operand, float*, ConstOperand, ConstOperand, ConstOperand, int, int, int,
                         int, int, int, int, int) override {
     std::abort();
