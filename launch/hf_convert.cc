@@ -104,6 +104,18 @@ absl::Status CheckArchitectures(const json& j, const char* expected) {
   return absl::OkStatus();
 }
 
+// eellm rotates every dimension of a head: partial_rotary_factor (top level, or in
+// rope_parameters) must be absent or 1.
+absl::Status RequireWholeHeadRotated(const json& j) {
+  float partial = 1.0f;
+  RETURN_IF_ERROR(GetFloat(j, "partial_rotary_factor", &partial));
+  if (partial != 1.0f) {
+    return ConfigError(absl::StrCat("partial_rotary_factor ", partial,
+                                    " is not supported (eellm rotates the whole head)"));
+  }
+  return absl::OkStatus();
+}
+
 // rope_scaling / rope_parameters: the plain RoPE (absent, null, or rope_type "default"), or
 // the "linear" or "llama3" (Llama 3.1 and later) scaling, written to *scaling as eellm's
 // "rope_scaling". Reads rope_theta from it when there (transformers 5 keeps it in
@@ -123,6 +135,7 @@ absl::Status ReadRope(const json& j, const char* key, float* theta, json* scalin
                                     "scaling)"));
   }
   if (r.contains("rope_theta")) RETURN_IF_ERROR(GetFloat(r, "rope_theta", theta));
+  RETURN_IF_ERROR(RequireWholeHeadRotated(r));
   if (type == "default") return absl::OkStatus();
   json s = {{"type", type}};
   if (!Has(r, "factor"))
@@ -138,6 +151,11 @@ absl::Status ReadRope(const json& j, const char* key, float* theta, json* scalin
       return ConfigError(absl::StrCat("\"", key, "\" ", k, " must be a number: ", r.dump()));
     }
     s[k] = r[k];
+  }
+  // transformers 5 keeps the scaling in rope_parameters; rope_scaling beside it must agree.
+  if (!scaling->is_null() && *scaling != s) {
+    return ConfigError(absl::StrCat("rope_parameters and rope_scaling scale RoPE differently: ",
+                                    scaling->dump(), " and ", s.dump()));
   }
   *scaling = s;
   return absl::OkStatus();
@@ -180,6 +198,7 @@ absl::Status LlamaToEellm(const json& hf, const std::string& model_type, json& e
   float eps = 1e-6f, theta = 10000.0f;
   RETURN_IF_ERROR(GetFloat(hf, "rms_norm_eps", &eps));
   json scaling;  // null: none
+  RETURN_IF_ERROR(RequireWholeHeadRotated(hf));
   RETURN_IF_ERROR(ReadRope(hf, "rope_parameters", &theta, &scaling));
   RETURN_IF_ERROR(ReadRope(hf, "rope_scaling", &theta, &scaling));
   RETURN_IF_ERROR(GetFloat(hf, "rope_theta", &theta));

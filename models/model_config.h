@@ -9,7 +9,8 @@
 //     "max_seq_len"*, "norm_eps" (1e-5), "rope_theta" (10000),
 //     "rope_scaling" (none; llama only): {"type": "linear", "factor"*} or {"type": "llama3",
 //       "factor"*, "low_freq_factor" (1), "high_freq_factor" (4),
-//       "original_max_position_embeddings" (8192)} (Hugging Face's names; engine/core/rope.h),
+//       "original_max_position_embeddings" (8192)} (Hugging Face's names, but "type" for its
+//       "rope_type"; engine/core/rope.h),
 //     "tie_embeddings" (gpt true,
 //     llama false), "qkv_bias" (false; llama only: biases on the q, k, v projections, as
 //     Qwen2 has), "confidence_weighted_exit_loss" (false),

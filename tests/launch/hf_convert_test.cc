@@ -178,6 +178,12 @@ TEST(HfConvertTest, ConfigRoundTrip) {
     auto back = ModelConfigFromHf(hf);
     ASSERT_TRUE(back.ok()) << back.status() << "\n" << hf.dump(2);
     EXPECT_EQ(back->ToJson(), c.ToJson());
+    const RopeScaling &a = back->rope_scaling, &b = c.rope_scaling;  // (ToJson drops nothing)
+    EXPECT_EQ(a.kind, b.kind);
+    EXPECT_EQ(a.factor, b.factor);
+    EXPECT_EQ(a.low_freq_factor, b.low_freq_factor);
+    EXPECT_EQ(a.high_freq_factor, b.high_freq_factor);
+    EXPECT_EQ(a.original_max_positions, b.original_max_positions);
     EXPECT_EQ(hf.contains("eellm_exits"), !c.exits.empty());
   }
   const json l = HfConfigFromModel(LlamaConfig());
@@ -297,6 +303,17 @@ TEST(HfConvertTest, ReadsTransformersConfigs) {
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_EQ(c->rope_scaling.kind, RopeScalingKind::kLinear);
   EXPECT_EQ(c->rope_scaling.factor, 4.0f);
+  // Both keys: they must agree.
+  json both = t5;
+  both["rope_scaling"] = llama31["rope_scaling"];
+  both["rope_scaling"]["factor"] = 32.0;
+  c = ModelConfigFromHf(both);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->rope_scaling.factor, 32.0f);
+  both["rope_scaling"]["factor"] = 8.0;
+  c = ModelConfigFromHf(both);
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.status().message().find("scale RoPE differently"), std::string::npos) << c.status();
 
   // Mistral 7B v0.1: Llama with GQA and a 4,096-token sliding window, within which attention is
   // Llama's: the context is cut to it. v0.3: no window.
@@ -407,6 +424,12 @@ TEST(HfConvertTest, ConfigErrorsNameTheKeyAndValue) {
        json::parse(R"({"rope_type": "linear", "factor": "2"})"),
        false,
        {"rope_scaling", "factor must be a number"}},
+      {llama, "partial_rotary_factor", 0.5, false, {"partial_rotary_factor 0.5"}},
+      {llama,
+       "rope_parameters",
+       json::parse(R"({"rope_type": "default", "partial_rotary_factor": 0.25})"),
+       false,
+       {"partial_rotary_factor 0.25"}},
       {llama,
        "rope_scaling",
        json::parse(R"({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,

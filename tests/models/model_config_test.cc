@@ -31,6 +31,10 @@ TEST(ModelConfigTest, RopeScalingParsesAndRoundTrips) {
   auto back = ParseModelConfig(c->ToJson());
   ASSERT_TRUE(back.ok()) << back.status();
   EXPECT_EQ(back->ToJson(), c->ToJson());
+  EXPECT_EQ(back->rope_scaling.kind, RopeScalingKind::kLlama3);
+  EXPECT_EQ(back->rope_scaling.factor, 32.0f);
+  EXPECT_EQ(back->rope_scaling.low_freq_factor, 2.0f);
+  EXPECT_EQ(back->rope_scaling.high_freq_factor, 8.0f);
   EXPECT_EQ(back->rope_scaling.original_max_positions, 4096);
 
   // llama3's defaults are Llama 3.1's; linear needs only the factor.
