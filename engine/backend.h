@@ -37,6 +37,9 @@ class Backend {
 
   // ---- memory -------------------------------------------------------------------------------
   virtual void* Alloc(size_t bytes) = 0;  // 64-byte aligned, uninitialised
+  // Bytes free for new allocations on the backend's memory now (the CPU: the system's available
+  // memory; CUDA: the device's free memory); -1 when unknown.
+  virtual int64_t AvailableMemoryBytes() const { return -1; }
   virtual void Free(void* p) = 0;
   virtual void CopyToHost(void* host_dst, const void* src, size_t bytes) = 0;
   virtual void CopyFromHost(void* dst, const void* host_src, size_t bytes) = 0;

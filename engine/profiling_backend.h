@@ -38,6 +38,7 @@ class ProfilingBackend final : public Backend {
   std::string name() const override;
   DType operand_dtype() const override { return inner_->operand_dtype(); }
   void* Alloc(size_t bytes) override;
+  int64_t AvailableMemoryBytes() const override { return inner_->AvailableMemoryBytes(); }
   void Free(void* p) override;
   void CopyToHost(void* host_dst, const void* src, size_t bytes) override;
   void CopyFromHost(void* dst, const void* host_src, size_t bytes) override;

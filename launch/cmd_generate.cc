@@ -3,6 +3,7 @@
 // or with self-speculative decoding (--draft_exit), printing the share of drafts kept.
 // Under mpirun or Slurm the processes generate together: one tensor-parallel group, or a pipeline
 // of them (--pp; models/pipeline_generator.h).
+#include <algorithm>
 #include <cstdio>
 #include <map>
 #include <memory>
@@ -13,6 +14,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "launch/commands.h"
+#include "launch/context_length.h"
 #include "launch/inference_group.h"
 #include "launch/shared_flags.h"
 #include "models/exit_loss_weights.h"
@@ -120,7 +122,11 @@ int RunGenerateCommand() {
   std::vector<int32_t> prompt = tok.Encode(absl::GetFlag(FLAGS_prompt));
   if (prompt.empty()) prompt.push_back(tok.bos_id());
   const int max_new = absl::GetFlag(FLAGS_max_new_tokens);
-  Generator gen(&model, c.max_seq_len);
+  // The context: what this prompt and completion need (not a long-context model's whole one).
+  auto context = ContextLength(c, absl::GetFlag(FLAGS_max_model_len),
+                               static_cast<int64_t>(prompt.size()) + std::max(max_new, 0));
+  if (!context.ok()) return Fail(context.status());
+  Generator gen(&model, *context);
   std::unique_ptr<PipelineGenerator> pipeline;
   if (group.pp > 1) {
     pipeline = std::make_unique<PipelineGenerator>(&gen, group.messages.get(), group.pp, group.tp);

@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "launch/api_server.h"
 #include "launch/commands.h"
+#include "launch/context_length.h"
 #include "launch/generation_service.h"
 #include "launch/inference_group.h"
 #include "launch/shared_flags.h"
@@ -104,15 +105,25 @@ int RunServeCommand() {
   const ModelConfig& c = model.config();
   // By default one pool of a context per slot: every sequence fits (nothing is preempted), and
   // pages are shared and cached (prefix caching).
-  const int64_t pool = kv_tokens > 0 ? kv_tokens
-                                     : int64_t{max_batch} * Generator::PagesFor(c.max_seq_len) *
-                                           Generator::kKvPageTokens;
+  auto context = ContextLength(c, absl::GetFlag(FLAGS_max_model_len), 0);
+  if (!context.ok()) return Fail(context.status());
+  const int64_t pool =
+      kv_tokens > 0 ? kv_tokens
+                    : int64_t{max_batch} * Generator::PagesFor(*context) * Generator::kKvPageTokens;
   if (kv_tokens == 0 && pool > (int64_t{1} << 31) - Generator::kKvPageTokens) {
     return Fail(absl::InvalidArgumentError(
-        absl::StrCat("--max_batch ", max_batch, " x the context ", c.max_seq_len,
+        absl::StrCat("--max_batch ", max_batch, " x the context ", *context,
                      " tokens exceeds a KV cache of 2^31 tokens: set --kv_cache_tokens")));
   }
-  Generator generator(&model, c.max_seq_len, max_batch, static_cast<int>(pool));
+  const std::string sized_by =
+      kv_tokens > 0 ? "--kv_cache_tokens"
+                    : absl::StrCat("--max_batch ", max_batch, " x the context ", *context);
+  if (absl::Status s = CheckKvCacheFits(pool, Generator::KvBytesPerToken(model),
+                                        model.backend()->AvailableMemoryBytes(), sized_by);
+      !s.ok()) {
+    return Fail(s);
+  }
+  Generator generator(&model, *context, max_batch, static_cast<int>(pool));
   if (absl::GetFlag(FLAGS_kv_reserve)) generator.ReserveKvPerRequest();
   if (absl::GetFlag(FLAGS_prefix_caching)) generator.EnablePrefixCaching();
   generator.SetPrefillChunk(prefill_chunk);
@@ -169,7 +180,9 @@ int RunServeCommand() {
       ") on http://%s:%d: PUT /api, POST /v1/completions, GET /health; up to %d sequences at a "
       "time",
       absl::GetFlag(FLAGS_host).c_str(), *bound, max_batch);
-  std::printf("; KV cache of %d tokens", generator.kv_tokens());
+  std::printf("; context %d tokens; KV cache of %d tokens, %s per process", generator.capacity(),
+              generator.kv_tokens(),
+              ByteSize(int64_t{generator.kv_tokens()} * Generator::KvBytesPerToken(model)).c_str());
   if (!generator.kv_on_demand()) {
     std::printf(" (reserved per request)");
   } else if (kv_tokens == 0) {

@@ -30,6 +30,10 @@ ABSL_FLAG(int, exit, -1,
 ABSL_FLAG(int, steps, 0,
           "steps (train: override train.steps, 0 = keep; bench train: timed steps, 0 = 5)");
 ABSL_FLAG(double, temperature, 0.0, "sampling temperature (0 = greedy)");
+ABSL_FLAG(int, max_model_len, 0,
+          "most tokens (prompt + completion) of one sequence, at most the model's max_seq_len; "
+          "the KV cache and buffers are sized by it (0: generate, the prompt + "
+          "--max_new_tokens; serve, the model's max_seq_len)");
 ABSL_FLAG(int, draft_tokens, 4,
           "self-speculative decoding: tokens the exit drafts per round before one full-model pass "
           "checks them (1-16)");

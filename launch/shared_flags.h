@@ -17,5 +17,6 @@ ABSL_DECLARE_FLAG(std::string, backend);
 ABSL_DECLARE_FLAG(int, exit);
 ABSL_DECLARE_FLAG(int, steps);
 ABSL_DECLARE_FLAG(double, temperature);
+ABSL_DECLARE_FLAG(int, max_model_len);
 ABSL_DECLARE_FLAG(int, draft_tokens);
 ABSL_DECLARE_FLAG(double, draft_confidence);

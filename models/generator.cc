@@ -10,6 +10,18 @@
 
 namespace eellm {
 
+int64_t Generator::KvBytesPerToken(const Model& model) {
+  const ModelConfig& c = model.config();
+  const ModelConfig& local = model.local_config();
+  int64_t pools = model.end_layer() - model.first_layer();
+  for (size_t i = 0; i < c.exits.size(); ++i) {
+    pools += c.exits[i].kind == ExitKind::kBlock && model.ExitIsLocal(static_cast<int>(i));
+  }
+  return pools * 2 * local.num_kv_heads * local.head_dim() *
+             static_cast<int64_t>(DTypeSize(model.backend()->operand_dtype())) +
+         int64_t{c.hidden_size} * static_cast<int64_t>(sizeof(float));
+}
+
 Generator::Generator(Model* model, int capacity, int max_sequences, int kv_tokens)
     : model_(model),
       be_(model->backend()),

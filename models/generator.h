@@ -194,6 +194,9 @@ class Generator : public SequenceBatcher {
   int kv_cached_pages() const { return page_pool_.cached(); }  // registered, held by none
   static constexpr int kKvPageTokens = KvPagePool::kPageTokens;
   static int PagesFor(int tokens) { return (tokens + kKvPageTokens - 1) / kKvPageTokens; }
+  // Bytes one token of the KV cache takes in `model`'s process: K and V of its layers and block
+  // exits in the backend's operand dtype, and the fp32 hidden state a row keeps while pending.
+  static int64_t KvBytesPerToken(const Model& model);
   int capacity() const override { return capacity_; }
   Model* model() const { return model_; }
   int kv_tokens() const override { return kv_pages_ * kKvPageTokens; }

@@ -96,6 +96,7 @@ class Model {
   ParamStore& params() { return params_; }
   Backend* backend() const { return be_; }
   LayerContext ctx() { return LayerContext{be_, &local_, &params_, tp_}; }
+  const ModelConfig& local_config() const { return local_; }  // this tensor-parallel rank's
   const TpSpec& tp() const { return tp_; }
   // This rank's vocabulary rows (all of them without tensor parallelism).
   VocabShard vocab_shard() const { return ShardOfVocab(config_.vocab_size, tp_.rank, tp_.size); }

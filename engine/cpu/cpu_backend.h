@@ -26,6 +26,7 @@ class CpuBackend final : public Backend {
 
   // ---- memory (cpu_memory.cc) ---------------------------------------------------------------
   void* Alloc(size_t bytes) override;
+  int64_t AvailableMemoryBytes() const override;  // /proc/meminfo's MemAvailable
   void Free(void* p) override;
   void CopyToHost(void* host_dst, const void* src, size_t bytes) override;
   void CopyFromHost(void* dst, const void* host_src, size_t bytes) override;

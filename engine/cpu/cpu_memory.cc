@@ -3,7 +3,9 @@
 #include <cstddef>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "engine/core/status.h"
@@ -30,6 +32,17 @@ void* CpuBackend::Alloc(size_t bytes) {
 }
 
 void CpuBackend::Free(void* p) { std::free(p); }
+
+int64_t CpuBackend::AvailableMemoryBytes() const {
+  std::ifstream meminfo("/proc/meminfo");
+  std::string key;
+  int64_t kb = 0;
+  std::string unit;
+  while (meminfo >> key >> kb >> unit) {
+    if (key == "MemAvailable:") return kb * 1024;
+  }
+  return -1;
+}
 
 void CpuBackend::CopyToHost(void* host_dst, const void* src, size_t bytes) {
   if (bytes) std::memmove(host_dst, src, bytes);

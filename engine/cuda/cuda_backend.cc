@@ -101,6 +101,12 @@ void* CudaBackend::Alloc(size_t bytes) {
   return p;
 }
 
+int64_t CudaBackend::AvailableMemoryBytes() const {
+  size_t free_bytes = 0, total_bytes = 0;
+  if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) return -1;
+  return static_cast<int64_t>(free_bytes);
+}
+
 void CudaBackend::Free(void* p) {
   if (p != nullptr) CUDA_CHECK(cudaFree(p));
 }

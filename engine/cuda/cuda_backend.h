@@ -57,6 +57,7 @@ class CudaBackend final : public Backend {
   }
 
   void* Alloc(size_t bytes) override;
+  int64_t AvailableMemoryBytes() const override;  // cudaMemGetInfo's free bytes
   void Free(void* p) override;
   void CopyToHost(void* host_dst, const void* src, size_t bytes) override;
   void CopyFromHost(void* dst, const void* host_src, size_t bytes) override;

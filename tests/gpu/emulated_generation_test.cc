@@ -162,6 +162,30 @@ TEST_P(EmulatedGeneration, BatchesMatchCpuAndSequencesAlone) {
   EXPECT_GT(early, 5) << "too few early exits to test the batched exit paths";
 }
 
+// KvBytesPerToken is what a KV cache token costs on the device: a generator with 1,024 more
+// tokens of KV cache takes 1,024 x it more of the (emulated) device's free memory, in fp32 and
+// bf16 operands, with the block exit's K and V counted.
+TEST_P(EmulatedGeneration, KvBytesPerTokenIsWhatTheCacheAllocates) {
+  const ModelConfig c = testing::ConfigWithExits(GetParam());
+  for (const bool bf16 : {false, true}) {
+    auto emu = MakeEmulatedCudaBackend(0, bf16, bf16);
+    ASSERT_TRUE(emu.ok()) << emu.status();
+    Backend* be = emu->get();
+    auto m = *Model::Create(c, be, StageSpec{}, TpSpec{}, ModelGradients::kNone);
+    auto taken = [&](int kv_tokens) {
+      const int64_t before = be->AvailableMemoryBytes();
+      Generator g(m.get(), 32, 4, kv_tokens);
+      return before - be->AvailableMemoryBytes();
+    };
+    const int64_t per_token = Generator::KvBytesPerToken(*m);
+    // The 4 layers' and the block exit's K and V in the operand dtype, and the fp32 pending
+    // hidden state.
+    const int64_t kv_row = int64_t{c.num_kv_heads} * c.head_dim() * (bf16 ? 2 : 4);
+    EXPECT_EQ(per_token, (c.num_layers + 1) * 2 * kv_row + c.hidden_size * 4) << bf16;
+    EXPECT_EQ(taken(2048) - taken(1024), 1024 * per_token) << bf16;
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Styles, EmulatedGeneration,
                          ::testing::Values(ModelStyle::kGpt, ModelStyle::kLlama));
 

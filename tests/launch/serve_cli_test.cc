@@ -86,12 +86,24 @@ TEST_F(CliTest, ServeAnswersAndStopsOnSigterm) {
   EXPECT_NE(bad.exit_code, 0);
   EXPECT_NE(bad.output.find("--kv_cache_tokens must be in [0, 2^31), got -1"), std::string::npos)
       << bad.output;
+  // A KV cache beyond the memory free (2e9 tokens: over a TB) is refused before allocating.
+  bad = RunEellm("serve --checkpoint=" + Quote(ckpt) + " --kv-cache-tokens=2000000000");
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.output.find("a KV cache of 2000000000 tokens (--kv_cache_tokens) needs"),
+            std::string::npos)
+      << bad.output;
+  bad = RunEellm("serve --checkpoint=" + Quote(ckpt) + " --max-model-len=100000");
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.output.find("--max_model_len 100000 must be in [1, the model's max_seq_len"),
+            std::string::npos)
+      << bad.output;
   bad = RunEellm("serve --checkpoint=" + Quote(ckpt) + " --prefill-chunk=-2");
   EXPECT_NE(bad.exit_code, 0);
   EXPECT_NE(bad.output.find("--prefill_chunk must be >= 0, got -2"), std::string::npos)
       << bad.output;
-  // One KV cache of 16 tokens (a page) for both slots.
-  const std::string args = "--checkpoint=" + Quote(ckpt) + " --max-batch=2 --kv-cache-tokens=16";
+  // One KV cache of 16 tokens (a page) for both slots, each of at most 24 tokens.
+  const std::string args =
+      "--checkpoint=" + Quote(ckpt) + " --max-batch=2 --kv-cache-tokens=16 --max-model-len=24";
   // A signal during start-up ends the server too. (Whether it lands before the server runs is
   // up to timing; ApiServer.StopBeforeServeIsKept tests that case deterministically.)
   pid_t pid = Launch(args, "", "early");
@@ -119,7 +131,7 @@ TEST_F(CliTest, ServeAnswersAndStopsOnSigterm) {
   EXPECT_NE(reply.find("\"text\":[\"ab"), std::string::npos) << reply << "\n" << text;
   EXPECT_NE(reply.find("\"layers\""), std::string::npos) << reply;
   EXPECT_NE(text.find("1 prompts, 5 tokens"), std::string::npos) << text;
-  EXPECT_NE(text.find("; KV cache of 16 tokens"), std::string::npos) << text;
+  EXPECT_NE(text.find("; context 24 tokens; KV cache of 16 tokens, "), std::string::npos) << text;
   EXPECT_NE(text.find("served 1 requests, 1 sequences, 5 tokens in 5 forward passes"),
             std::string::npos)
       << text;
