@@ -53,6 +53,8 @@ class Backend {
   // y += alpha * x.
   virtual void Axpy(float* y, float alpha, const float* x, size_t n) = 0;
   virtual void Scale(float* x, float alpha, size_t n) = 0;
+  // out[i] = in[i] as fp32 (a bf16 operand widened; an fp32 one copied).
+  virtual void ToFloat(float* out, ConstOperand in, size_t n) = 0;
   // Sum of squares, accumulated in double.
   virtual double SumSquares(const float* x, size_t n) = 0;
 

@@ -91,6 +91,11 @@ void ProfilingBackend::Scale(float* x, float alpha, size_t n) {
   inner_->Scale(x, alpha, n);
 }
 
+void ProfilingBackend::ToFloat(float* out, ConstOperand in, size_t n) {
+  Timed timed(this, "ToFloat", 0, B(in, n) + F32(n));
+  inner_->ToFloat(out, in, n);
+}
+
 double ProfilingBackend::SumSquares(const float* x, size_t n) {
   Timed timed(this, "SumSquares", 0, F32(n));
   return inner_->SumSquares(x, n);

@@ -48,6 +48,7 @@ class ProfilingBackend final : public Backend {
   void Add(float* y, const float* a, const float* b, size_t n) override;
   void Axpy(float* y, float alpha, const float* x, size_t n) override;
   void Scale(float* x, float alpha, size_t n) override;
+  void ToFloat(float* out, ConstOperand in, size_t n) override;
   double SumSquares(const float* x, size_t n) override;
   void EmbeddingForward(float* out, const int32_t* ids, const float* table, int n, int c) override;
   void EmbeddingBackward(float* dtable, const int32_t* ids, const float* dout, int n,

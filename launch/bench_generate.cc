@@ -10,6 +10,7 @@
 #include "absl/strings/str_format.h"
 #include "engine/core/status.h"
 #include "engine/core/timer.h"
+#include "launch/context_length.h"
 #include "models/generator.h"
 #include "models/pipeline_generator.h"
 
@@ -154,11 +155,21 @@ std::vector<GenerationRequest> WarmUp(std::vector<GenerationRequest> reqs,
 
 }  // namespace
 
+absl::StatusOr<int> GenerateBenchContext(const ModelConfig& c, const Tokenizer& tok,
+                                         const GenerateBenchOptions& o) {
+  int64_t needed = 0;
+  for (const GenerationRequest& r : MakeRequests(tok, o)) {
+    needed = std::max<int64_t>(needed, static_cast<int64_t>(r.prompt.size()) + r.max_new_tokens);
+  }
+  return ContextLength(c, o.max_model_len, needed);
+}
+
 absl::Status RunGenerateBenchmark(Model* model, const Tokenizer& tok,
                                   const GenerateBenchOptions& o) {
   const ModelConfig& c = model->config();
   std::vector<GenerationRequest> reqs = MakeRequests(tok, o);
-  Generator batched(model, c.max_seq_len, o.batch), single(model, c.max_seq_len, 1);
+  ASSIGN_OR_RETURN(const int context, GenerateBenchContext(c, tok, o));
+  Generator batched(model, context, o.batch), single(model, context, 1);
   for (const GenerationRequest& r : reqs) {
     RETURN_IF_ERROR(batched.Validate(r));
   }
@@ -192,7 +203,8 @@ absl::Status RunPipelineGenerateBenchmark(Model* whole, PipelineGenerator* pipel
   std::unique_ptr<Generator> one;
   if (leader) {
     EE_CHECK(whole != nullptr, "the pipeline's leader needs the whole model");
-    one = std::make_unique<Generator>(whole, c.max_seq_len, o.batch);
+    ASSIGN_OR_RETURN(const int context, GenerateBenchContext(c, tok, o));
+    one = std::make_unique<Generator>(whole, context, o.batch);
     PrintSetup(c, reqs, o);
     std::printf("pipeline: %d stages x tensor parallelism %d, one process per stage shard\n",
                 pipeline->stages(), pipeline->tp());

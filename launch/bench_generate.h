@@ -27,7 +27,13 @@ struct GenerateBenchOptions {
   std::vector<int> draft_exits;
   int draft_tokens = 4;
   float draft_confidence = 0;  // a round ends at a draft less confident than this
+  int max_model_len = 0;       // the generators' context (0: the longest prompt + new_tokens)
 };
+
+// The generators' context: --max_model_len, else what the benchmark's requests need (the same
+// on every rank of a pipeline).
+absl::StatusOr<int> GenerateBenchContext(const ModelConfig& c, const Tokenizer& tok,
+                                         const GenerateBenchOptions& o);
 
 // Prints one table row per threshold (and per drafting exit). Prompts: a fixed set of short English
 // phrases, cycled.

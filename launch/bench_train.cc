@@ -54,7 +54,7 @@ double FlopsPerToken(Model& m, int seq) {
     attn_layers += x.kind == ExitKind::kBlock ? 1 : 0;
   }
   matmul += static_cast<double>(tied_heads) * c.vocab_size * c.hidden_size;
-  const double q_width = static_cast<double>(c.num_heads) * (c.hidden_size / c.num_heads);
+  const double q_width = static_cast<double>(c.num_heads) * c.head_dim();
   return 6.0 * matmul + 12.0 * attn_layers * q_width * seq;
 }
 

@@ -202,6 +202,7 @@ int BenchGenerate() {
   GenerateBenchOptions o;
   o.batch = absl::GetFlag(FLAGS_batch);
   o.new_tokens = absl::GetFlag(FLAGS_new_tokens);
+  o.max_model_len = absl::GetFlag(FLAGS_max_model_len);
   o.temperature = static_cast<float>(absl::GetFlag(FLAGS_temperature));
   o.seed = absl::GetFlag(FLAGS_seed);
   o.thresholds.clear();
@@ -263,7 +264,9 @@ int BenchGenerate() {
     return group.Fail(s);
   }
   Model& stage = *group.loaded.model;
-  Generator stage_generator(&stage, stage.config().max_seq_len, o.batch);
+  auto context = GenerateBenchContext(stage.config(), *group.tokenizer, o);
+  if (!context.ok()) return group.Fail(context.status());
+  Generator stage_generator(&stage, *context, o.batch);
   PipelineGenerator pipeline(&stage_generator, group.messages.get(), group.pp, group.tp);
   absl::Status s =
       RunPipelineGenerateBenchmark(whole.loaded.model.get(), &pipeline, *group.tokenizer, o);

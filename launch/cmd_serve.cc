@@ -118,8 +118,12 @@ int RunServeCommand() {
   const std::string sized_by =
       kv_tokens > 0 ? "--kv_cache_tokens"
                     : absl::StrCat("--max_batch ", max_batch, " x the context ", *context);
-  if (absl::Status s = CheckKvCacheFits(pool, Generator::KvBytesPerToken(model),
-                                        model.backend()->AvailableMemoryBytes(), sized_by);
+  const int64_t available =
+      AvailablePerProcess(model.backend()->AvailableMemoryBytes(),
+                          model.backend()->device() == Device::kCpu, group.launch.local_size);
+  if (absl::Status s = CheckGeneratorFits(
+          Generator::PlannedBytes(model, *context, max_batch, static_cast<int>(pool)), pool,
+          available, sized_by);
       !s.ok()) {
     return Fail(s);
   }

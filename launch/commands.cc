@@ -62,7 +62,7 @@ const Command kCommands[] = {
     {"bench",
      "cmd_bench.cc",
      {"checkpoint", "backend", "seed", "steps", "temperature", "draft_tokens", "draft_confidence",
-      "tp", "pp"},
+      "max_model_len", "tp", "pp"},
      "benchmarks: train (step speed, MFU), generate (batched vs one at a time, speculative vs "
      "full; under mpirun a pipeline vs one process), checkpoint",
      RunBenchCommand},

@@ -18,16 +18,21 @@ absl::StatusOr<int> ContextLength(const ModelConfig& c, int max_model_len, int64
   return c.max_seq_len;
 }
 
-absl::Status CheckKvCacheFits(int64_t tokens, int64_t bytes_per_token, int64_t available,
-                              absl::string_view sized_by) {
-  const double need = static_cast<double>(tokens) * static_cast<double>(bytes_per_token);
-  if (available < 0 || need <= 0.9 * static_cast<double>(available)) return absl::OkStatus();
+absl::Status CheckGeneratorFits(int64_t bytes, int64_t kv_tokens, int64_t available,
+                                absl::string_view sized_by) {
+  if (available < 0 || static_cast<double>(bytes) <= 0.9 * static_cast<double>(available)) {
+    return absl::OkStatus();
+  }
   return absl::ResourceExhaustedError(absl::StrCat(
-      "a KV cache of ", tokens, " tokens (", sized_by, ") needs ",
-      ByteSize(static_cast<int64_t>(need)), " in this process, more than 90% of the ",
-      ByteSize(available),
+      "a KV cache of ", kv_tokens, " tokens (", sized_by, ") and the buffers of a context need ",
+      ByteSize(bytes), " in this process, more than 90% of the ", ByteSize(available),
       " free: lower --max_model_len (the longest prompt + completion to serve) or --max_batch, "
       "or set --kv_cache_tokens"));
+}
+
+int64_t AvailablePerProcess(int64_t available, bool host_memory, int local_ranks) {
+  if (available < 0 || !host_memory || local_ranks <= 1) return available;
+  return available / local_ranks;
 }
 
 std::string ByteSize(int64_t bytes) {

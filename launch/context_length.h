@@ -19,11 +19,16 @@ namespace eellm {
 // refused later, by name); otherwise the model's max_seq_len.
 absl::StatusOr<int> ContextLength(const ModelConfig& c, int max_model_len, int64_t needed);
 
-// OK when `tokens` of `bytes_per_token` fit in `available` bytes (< 0: unknown, assumed to fit)
-// with a tenth left for everything else; otherwise an error naming the sizes, `sized_by` (what
-// set the token count) and the flags that shrink it.
-absl::Status CheckKvCacheFits(int64_t tokens, int64_t bytes_per_token, int64_t available,
-                              absl::string_view sized_by);
+// OK when `bytes` (a generator's, Generator::PlannedBytes: a KV cache of `kv_tokens`, its size
+// set by `sized_by`, and buffers for passes of a context) fit in `available` bytes (< 0:
+// unknown, assumed to fit) with a tenth left for everything else; otherwise an error naming the
+// sizes and the flags that shrink them.
+absl::Status CheckGeneratorFits(int64_t bytes, int64_t kv_tokens, int64_t available,
+                                absl::string_view sized_by);
+
+// Memory free to each of the `local_ranks` processes on this machine sharing `available` bytes
+// of host memory (a CPU backend's); a device's is its own.
+int64_t AvailablePerProcess(int64_t available, bool host_memory, int local_ranks);
 
 // "1.5 GB" (10^9 bytes), "12 MB".
 std::string ByteSize(int64_t bytes);

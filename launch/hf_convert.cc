@@ -23,6 +23,7 @@ using nlohmann::json;
 constexpr char kLlamaArch[] = "LlamaForCausalLM";
 constexpr char kMistralArch[] = "MistralForCausalLM";
 constexpr char kQwen2Arch[] = "Qwen2ForCausalLM";
+constexpr char kQwen3Arch[] = "Qwen3ForCausalLM";
 constexpr char kGpt2Arch[] = "GPT2LMHeadModel";
 
 // ---- config ------------------------------------------------------------------------------------
@@ -166,9 +167,10 @@ absl::Status ReadRope(const json& j, const char* key, float* theta, json* scalin
 // sliding window only when use_sliding_window).
 absl::Status LlamaToEellm(const json& hf, const std::string& model_type, json& e) {
   const char* mt = model_type.c_str();
-  const bool mistral = model_type == "mistral", qwen2 = model_type == "qwen2";
-  RETURN_IF_ERROR(
-      CheckArchitectures(hf, mistral ? kMistralArch : (qwen2 ? kQwen2Arch : kLlamaArch)));
+  const bool mistral = model_type == "mistral", qwen3 = model_type == "qwen3";
+  const bool qwen2 = model_type == "qwen2" || qwen3;  // Qwen3: Qwen2's window keys, no biases
+  RETURN_IF_ERROR(CheckArchitectures(
+      hf, mistral ? kMistralArch : (qwen3 ? kQwen3Arch : (qwen2 ? kQwen2Arch : kLlamaArch))));
   int hidden = 0, ffn = 0, layers = 0, heads = 0, vocab = 0, max_pos = 0;
   RETURN_IF_ERROR(GetInt(hf, "hidden_size", &hidden, mt));
   RETURN_IF_ERROR(GetInt(hf, "intermediate_size", &ffn, mt));
@@ -211,23 +213,18 @@ absl::Status LlamaToEellm(const json& hf, const std::string& model_type, json& e
   }
   RETURN_IF_ERROR(RequireBool(hf, "attention_bias", false, "eellm's Llama has no biases"));
   RETURN_IF_ERROR(RequireBool(hf, "mlp_bias", false, "eellm's Llama has no biases"));
-  if (Has(hf, "head_dim")) {
-    int head_dim = 0;
-    RETURN_IF_ERROR(GetInt(hf, "head_dim", &head_dim));
-    if (heads <= 0 || head_dim * heads != hidden) {
-      return ConfigError(absl::StrCat("head_dim ", head_dim,
-                                      " is not supported: eellm needs head_dim * "
-                                      "num_attention_heads = hidden_size (",
-                                      hidden, " / ", heads, ")"));
-    }
-  }
+  // 0: hidden_size / num_attention_heads; transformers' Qwen3Config defaults to 128.
+  int head_dim = qwen3 ? 128 : 0;
+  RETURN_IF_ERROR(GetInt(hf, "head_dim", &head_dim));
   e["style"] = "llama";
-  if (qwen2) e["qkv_bias"] = true;
+  if (qwen2 && !qwen3) e["qkv_bias"] = true;
+  if (qwen3) e["qk_norm"] = true;
   e["hidden_size"] = hidden;
   e["ffn_hidden_size"] = ffn;
   e["num_layers"] = layers;
   e["num_heads"] = heads;
   e["num_kv_heads"] = kv_heads;
+  if (head_dim != 0) e["head_dim"] = head_dim;
   e["vocab_size"] = vocab;
   e["max_seq_len"] = max_pos;
   e["norm_eps"] = eps;
@@ -357,6 +354,10 @@ absl::StatusOr<std::vector<HfTensorSpec>> HfLayout(const ModelConfig& c, const S
         same(h + "self_attn.q_proj.bias", e + "attn.wq.bias");
         same(h + "self_attn.k_proj.bias", e + "attn.wk.bias");
         same(h + "self_attn.v_proj.bias", e + "attn.wv.bias");
+      }
+      if (c.qk_norm) {
+        same(h + "self_attn.q_norm.weight", e + "attn.q_norm.weight");
+        same(h + "self_attn.k_norm.weight", e + "attn.k_norm.weight");
       }
       same(h + "self_attn.o_proj.weight", e + "attn.wo.weight");
       same(h + "post_attention_layernorm.weight", e + "mlp_norm.weight");
@@ -504,16 +505,17 @@ absl::StatusOr<ModelConfig> ModelConfigFromHf(const json& hf) {
   std::string model_type;
   RETURN_IF_ERROR(GetString(hf, "model_type", &model_type));
   if (model_type.empty()) {
-    return ConfigError("missing key \"model_type\" (llama, mistral, qwen2 or gpt2)");
+    return ConfigError("missing key \"model_type\" (llama, mistral, qwen2, qwen3 or gpt2)");
   }
   json e = json::object();
-  if (model_type == "llama" || model_type == "mistral" || model_type == "qwen2") {
+  if (model_type == "llama" || model_type == "mistral" || model_type == "qwen2" ||
+      model_type == "qwen3") {
     RETURN_IF_ERROR(LlamaToEellm(hf, model_type, e));
   } else if (model_type == "gpt2") {
     RETURN_IF_ERROR(Gpt2ToEellm(hf, e));
   } else {
     return ConfigError(absl::StrCat("model_type \"", model_type,
-                                    "\" is not supported (llama, mistral, qwen2 or gpt2)"));
+                                    "\" is not supported (llama, mistral, qwen2, qwen3 or gpt2)"));
   }
   if (Has(hf, kHfExitsKey)) {
     if (!hf[kHfExitsKey].is_array()) {
@@ -532,9 +534,11 @@ absl::StatusOr<ModelConfig> ModelConfigFromHf(const json& hf) {
 
 json HfConfigFromModel(const ModelConfig& c) {
   json j = json::object();
-  const bool llama = c.style == ModelStyle::kLlama, qwen2 = llama && c.qkv_bias;
-  j["architectures"] = json::array({qwen2 ? kQwen2Arch : (llama ? kLlamaArch : kGpt2Arch)});
-  j["model_type"] = qwen2 ? "qwen2" : (llama ? "llama" : "gpt2");
+  const bool llama = c.style == ModelStyle::kLlama, qwen3 = llama && c.qk_norm;
+  const bool qwen2 = llama && c.qkv_bias && !qwen3;
+  j["architectures"] =
+      json::array({qwen3 ? kQwen3Arch : (qwen2 ? kQwen2Arch : (llama ? kLlamaArch : kGpt2Arch))});
+  j["model_type"] = qwen3 ? "qwen3" : (qwen2 ? "qwen2" : (llama ? "llama" : "gpt2"));
   j["torch_dtype"] = "float32";
   j["vocab_size"] = c.vocab_size;
   j["tie_word_embeddings"] = c.tie_embeddings;
@@ -546,18 +550,19 @@ json HfConfigFromModel(const ModelConfig& c) {
     j["num_hidden_layers"] = c.num_layers;
     j["num_attention_heads"] = c.num_heads;
     j["num_key_value_heads"] = c.num_kv_heads;
-    j["head_dim"] = c.hidden_size / c.num_heads;
+    j["head_dim"] = c.head_dim();
     j["hidden_act"] = "silu";
     j["max_position_embeddings"] = c.max_seq_len;
     j["rms_norm_eps"] = ShortestDecimal(c.norm_eps);
     j["rope_theta"] = ShortestDecimal(c.rope_theta);
     j["rope_scaling"] = HfRopeScaling(c.rope_scaling);
     j["attention_dropout"] = 0.0;
-    if (qwen2) {  // biases on q, k, v by construction
+    if (qwen2 || qwen3) {  // Qwen2: biases on q, k, v by construction; Qwen3: none
       j["use_sliding_window"] = false;
       // Some transformers versions window by sliding_window (default 4096) even so.
       j["sliding_window"] = nullptr;
       j["max_window_layers"] = c.num_layers;
+      if (qwen3) j["attention_bias"] = false;
     } else {
       j["attention_bias"] = false;
       j["mlp_bias"] = false;
@@ -684,6 +689,11 @@ absl::StatusOr<HostTensorMap> HfToEellm(const ModelConfig& c, HostTensorMap hf) 
 }
 
 absl::StatusOr<HostTensorMap> EellmToHf(const ModelConfig& c, HostTensorMap eellm) {
+  if (c.qk_norm && c.qkv_bias) {
+    return absl::InvalidArgumentError(
+        "qk_norm with qkv_bias has no Hugging Face architecture (Qwen3's attention_bias also "
+        "biases o_proj)");
+  }
   const ShapeMap shapes = EellmShapeMap(c);
   ASSIGN_OR_RETURN(std::vector<HfTensorSpec> specs, HfLayout(c, shapes));
   for (const auto& [name, shape] : shapes) {

@@ -44,14 +44,15 @@ inline constexpr char kHfExitsKey[] = "eellm_exits";
 inline constexpr char kHfConfidenceWeightedKey[] = "eellm_confidence_weighted_exit_loss";
 
 // ModelConfig from a Hugging Face config.json (parsed). Supported: model_type "llama"
-// (LlamaForCausalLM; "mistral" and "qwen2" read as Llama) and "gpt2" (GPT2LMHeadModel).
+// (LlamaForCausalLM; "mistral", "qwen2" (qkv_bias) and "qwen3" (qk_norm; head_dim default 128)
+// read as Llama) and "gpt2" (GPT2LMHeadModel).
 //   llama: hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, vocab_size,
 //          max_position_embeddings are required; num_key_value_heads (= heads), rms_norm_eps
 //          (1e-6), rope_theta (10000, or rope_parameters.rope_theta), rope_scaling or
 //          rope_parameters (the default RoPE, or "linear" or "llama3" scaling), tie_word_embeddings
 //          (false). Rejected: other RoPE scalings, rope_scaling and rope_parameters scaling
 //          differently, partial_rotary_factor other than 1, attention_bias or mlp_bias true,
-//          head_dim != hidden_size / heads, hidden_act other than silu.
+//          hidden_act other than silu. head_dim (hidden_size / heads) may differ.
 //   gpt2:  n_embd, n_layer, n_head, n_positions, vocab_size are required; n_inner (null: 4 *
 //          n_embd), layer_norm_epsilon (1e-5), tie_word_embeddings (true), activation_function
 //          ("gelu_new"; gelu_new or gelu_pytorch_tanh, both the tanh approximation). Rejected:

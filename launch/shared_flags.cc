@@ -33,7 +33,8 @@ ABSL_FLAG(double, temperature, 0.0, "sampling temperature (0 = greedy)");
 ABSL_FLAG(int, max_model_len, 0,
           "most tokens (prompt + completion) of one sequence, at most the model's max_seq_len; "
           "the KV cache and buffers are sized by it (0: generate, the prompt + "
-          "--max_new_tokens; serve, the model's max_seq_len)");
+          "--max_new_tokens; bench generate, its longest prompt + --new_tokens; serve, the "
+          "model's max_seq_len)");
 ABSL_FLAG(int, draft_tokens, 4,
           "self-speculative decoding: tokens the exit drafts per round before one full-model pass "
           "checks them (1-16)");

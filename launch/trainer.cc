@@ -440,14 +440,23 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     for (int i = 0; i < kv_replicas; ++i) group.push_back(first + i);
     kv_group = ctx->tp->Subgroup(group);
   }
-  if (tc.overlap_grad_reduce || kv_group) {
+  // The q and k norms' gains (qk_norm) are whole on every tensor-parallel rank, but each rank's
+  // gradient covers its own heads: the ranks sum theirs, at the same points.
+  const bool tp_partial = tc.tp > 1 && mc.qk_norm;
+  auto sum_over_tp = [&](ParamStore& ps, const ParamInfo& p) {
+    if (kv_group && p.tp_replicas > 1) {
+      kv_group->AllReduce(ps.grad_at(p.offset), p.numel, ReduceOp::kSum);
+    }
+    if (tp_partial && p.sum_grad_over_tp) {
+      ctx->tp->AllReduce(ps.grad_at(p.offset), p.numel, ReduceOp::kSum);
+    }
+  };
+  if (tc.overlap_grad_reduce || kv_group || tp_partial) {
     // Data-parallel buckets start their all-reduce as the last backward finishes their layers.
     exec.set_grads_ready([&](int chunk, size_t lo, size_t hi) {
       ParamStore& ps = chunks[chunk]->params();
       for (const ParamInfo& p : ps.params()) {
-        if (kv_group && p.tp_replicas > 1 && p.offset >= lo && p.offset + p.numel <= hi) {
-          kv_group->AllReduce(ps.grad_at(p.offset), p.numel, ReduceOp::kSum);
-        }
+        if (p.offset >= lo && p.offset + p.numel <= hi) sum_over_tp(ps, p);
       }
       if (tc.overlap_grad_reduce) dopts[chunk]->GradientsReady(lo, hi);
     });
@@ -560,16 +569,14 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     for (Model* chunk : chunks) chunk->params().ZeroGrads();
     std::vector<float> w = ExitLossWeights(mc, step);
     LossReport r = exec.TrainStep(in.data(), tg.data(), w);
-    if (kv_group) {
-      // Block exits' K/V projections replicated over tensor-parallel ranks: summed here (the
-      // backbone's are summed as their layers finish). They sit above every layer in the
-      // arena, so no data-parallel bucket holding them has started yet.
+    if (kv_group || tp_partial) {
+      // Block exits' K/V projections replicated over tensor-parallel ranks (and their q and k
+      // norms): summed here (the backbone's are summed as their layers finish). They sit above
+      // every layer in the arena, so no data-parallel bucket holding them has started yet.
       for (Model* chunk : chunks) {
         ParamStore& ps = chunk->params();
         for (const ParamInfo& p : ps.params()) {
-          if (p.tp_replicas > 1 && Model::IsExitTensor(p.name)) {
-            kv_group->AllReduce(ps.grad_at(p.offset), p.numel, ReduceOp::kSum);
-          }
+          if (Model::IsExitTensor(p.name)) sum_over_tp(ps, p);
         }
       }
     }

@@ -22,13 +22,41 @@ int64_t Generator::KvBytesPerToken(const Model& model) {
          int64_t{c.hidden_size} * static_cast<int64_t>(sizeof(float));
 }
 
+int64_t Generator::PlannedBytes(Model& model, int capacity, int max_sequences, int kv_tokens) {
+  const ModelConfig& c = model.config();
+  // The activations of n rows, measured on the functions the constructor calls: their growth
+  // from 1 to 2 rows is the cost of a row.
+  auto activations = [&](int n) {
+    Arena a(model.backend());
+    for (size_t i = 0; i < c.exits.size(); ++i) {
+      if (model.ExitIsLocal(static_cast<int>(i))) model.MakeExitActs(a, i, n, false);
+    }
+    MakeBlockActs(a, c, n, false);
+    return static_cast<int64_t>(a.bytes());
+  };
+  const int64_t per_row = activations(2) - activations(1) +
+                          2 * int64_t{c.hidden_size} * sizeof(float) +  // work_, packed_
+                          2 * int64_t{sizeof(int32_t)};                 // their positions
+  const int64_t seq_pages = PagesFor(capacity);
+  const int64_t pages = kv_tokens > 0 ? PagesFor(kv_tokens) : seq_pages * max_sequences;
+  const int64_t operand = DTypeSize(model.backend()->operand_dtype());
+  // The head's rows: the final norm's output, mean and rstd, the newest hidden states, logits.
+  const int64_t head_row = int64_t{c.hidden_size} * (operand + sizeof(float)) + 2 * sizeof(float) +
+                           int64_t{c.vocab_size} * sizeof(float) * (model.tp().size > 1 ? 2 : 1);
+  return pages * kKvPageTokens * KvBytesPerToken(model) +
+         RowBudget(capacity, max_sequences) * per_row + HeadRows(max_sequences) * head_row +
+         int64_t{max_sequences} * c.hidden_size * operand +           // newest_ops_
+         int64_t{capacity} * (1 + max_sequences) * sizeof(int32_t) +  // pos_, staged_ids_
+         seq_pages * max_sequences * sizeof(int32_t);                 // device_pages_
+}
+
 Generator::Generator(Model* model, int capacity, int max_sequences, int kv_tokens)
     : model_(model),
       be_(model->backend()),
       capacity_(capacity),
-      row_budget_(std::max(capacity, 4 * max_sequences)),
+      row_budget_(RowBudget(capacity, max_sequences)),
       // A row per sequence and a round's check in one projection; prompts score 64 rows at once.
-      head_rows_(std::max(max_sequences + kMaxDraftTokens + 1, 64)),
+      head_rows_(HeadRows(max_sequences)),
       first_(model->first_layer()),
       end_(model->end_layer()),
       arena_(model->backend()) {

@@ -23,6 +23,7 @@
 // tokens the check rejects are dropped from the cache by shortening the sequence.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <limits>
@@ -197,6 +198,19 @@ class Generator : public SequenceBatcher {
   // Bytes one token of the KV cache takes in `model`'s process: K and V of its layers and block
   // exits in the backend's operand dtype, and the fp32 hidden state a row keeps while pending.
   static int64_t KvBytesPerToken(const Model& model);
+  // Rows one pass may carry: a whole context (a prompt at once), and at least 4 per sequence.
+  static int RowBudget(int capacity, int max_sequences) {
+    return std::max(capacity, 4 * max_sequences);
+  }
+  // Rows the heads project at once: a row per sequence and a round's check in one projection;
+  // prompts score 64 rows at once.
+  static int HeadRows(int max_sequences) {
+    return std::max(max_sequences + kMaxDraftTokens + 1, 64);
+  }
+  // What a Generator(model, capacity, max_sequences, kv_tokens) allocates, but for buffers of a
+  // size fixed by the model (the head's logits rows, norms): its KV cache, and the activations
+  // and tables that grow with the context and the number of sequences.
+  static int64_t PlannedBytes(Model& model, int capacity, int max_sequences, int kv_tokens);
   int capacity() const override { return capacity_; }
   Model* model() const { return model_; }
   int kv_tokens() const override { return kv_pages_ * kKvPageTokens; }

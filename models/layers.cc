@@ -19,6 +19,12 @@ Operand Arena::Operands(size_t n) {
   return Operand(buffers_.back().data(), t);
 }
 
+size_t Arena::bytes() const {
+  size_t total = 0;
+  for (const Buffer& b : buffers_) total += b.bytes();
+  return total;
+}
+
 int32_t* Arena::Ints(size_t n) {
   buffers_.emplace_back(be_, std::max<size_t>(n, 1) * sizeof(int32_t));
   return static_cast<int32_t*>(buffers_.back().data());
@@ -81,6 +87,11 @@ BlockParams AddBlockParams(ParamStore& ps, const ModelConfig& c, const std::stri
     }
   }
   AddLinear(ps, c, prefix + "attn.wo", c.hidden_size, q, &p.attn.wo, &p.attn.bo, 1, c.use_bias());
+  if (c.qk_norm) {
+    p.attn.q_norm = ps.Add(prefix + "attn.q_norm.weight", {d}, false);
+    p.attn.k_norm = ps.Add(prefix + "attn.k_norm.weight", {d}, false);
+    for (int i : {p.attn.q_norm, p.attn.k_norm}) ps.mutable_params()[i].sum_grad_over_tp = true;
+  }
   p.mlp = AddMlpParams(ps, c, prefix);
   return p;
 }
@@ -112,6 +123,12 @@ BlockActs MakeBlockActs(Arena& a, const ModelConfig& c, int n, bool training) {
   r.attn.v = a.Operands(static_cast<size_t>(n) * c.num_kv_heads * d);
   if (training) r.attn.lse = a.Floats(static_cast<size_t>(n) * c.num_heads);
   r.attn.att = a.Operands(static_cast<size_t>(n) * c.num_heads * d);
+  if (c.qk_norm) {
+    r.attn.q_raw = a.Floats(static_cast<size_t>(n) * c.num_heads * d);
+    r.attn.k_raw = a.Floats(static_cast<size_t>(n) * c.num_kv_heads * d);
+    r.attn.q_rstd = a.Floats(static_cast<size_t>(n) * c.num_heads);
+    r.attn.k_rstd = a.Floats(static_cast<size_t>(n) * c.num_kv_heads);
+  }
   r.h_attn = a.Floats(static_cast<size_t>(n) * c.hidden_size);
   r.mlp = MakeMlpActs(a, c, n);
   r.out = a.Floats(static_cast<size_t>(n) * c.hidden_size);
@@ -126,6 +143,12 @@ GradScratch MakeGradScratch(Arena& a, const ModelConfig& c, int n) {
   const size_t nf = static_cast<size_t>(n) * c.ffn_hidden_size;
   s.dnorm = a.Floats(nc);
   s.dh = a.Floats(nc);
+  if (c.qk_norm) {
+    s.dq_raw = a.Floats(nq);
+    s.dk_raw = a.Floats(nkv);
+    s.dq_f32 = a.Floats(nq);
+    s.dk_f32 = a.Floats(nkv);
+  }
   s.dq = a.Operands(nq);
   s.dk = a.Operands(nkv);
   s.dv = a.Operands(nkv);
@@ -215,9 +238,16 @@ void BlockForward(const LayerContext& ctx, const BlockParams& p, BlockActs& a, c
   Backend* be = ctx.be;
   AttnActs& at = a.attn;
   NormForward(ctx, p.attn.norm, at.norm, x, n);
-  be->Linear(at.q, at.norm.out, ctx.P(p.attn.wq), ctx.P(p.attn.bq), n, h, hq * d, false);
-  be->Linear(at.k, at.norm.out, ctx.P(p.attn.wk), ctx.P(p.attn.bk), n, h, hkv * d, false);
+  // qk_norm: q and k projected in fp32, then each head normalized into the operands.
+  const Operand q_out = c.qk_norm ? Operand(at.q_raw) : at.q;
+  const Operand k_out = c.qk_norm ? Operand(at.k_raw) : at.k;
+  be->Linear(q_out, at.norm.out, ctx.P(p.attn.wq), ctx.P(p.attn.bq), n, h, hq * d, false);
+  be->Linear(k_out, at.norm.out, ctx.P(p.attn.wk), ctx.P(p.attn.bk), n, h, hkv * d, false);
   be->Linear(at.v, at.norm.out, ctx.P(p.attn.wv), ctx.P(p.attn.bv), n, h, hkv * d, false);
+  if (c.qk_norm) {
+    be->RmsNormForward(at.q, at.q_rstd, at.q_raw, ctx.P(p.attn.q_norm), n * hq, d, c.norm_eps);
+    be->RmsNormForward(at.k, at.k_rstd, at.k_raw, ctx.P(p.attn.k_norm), n * hkv, d, c.norm_eps);
+  }
   if (c.use_rope()) {
     be->RopeForward(at.q, pos, n, hq, d, c.rope());
     be->RopeForward(at.k, pos, n, hkv, d, c.rope());
@@ -283,10 +313,22 @@ void BlockBackward(const LayerContext& ctx, const BlockParams& p, const BlockAct
     be->RopeBackward(s.dq, pos, n, hq, d, c.rope());
     be->RopeBackward(s.dk, pos, n, hkv, d, c.rope());
   }
-  be->LinearBackward(s.dnorm, ctx.G(p.attn.wq), ctx.G(p.attn.bq), s.dq, at.norm.out,
-                     ctx.P(p.attn.wq), n, h, hq * d, false);
-  be->LinearBackward(s.dnorm, ctx.G(p.attn.wk), ctx.G(p.attn.bk), s.dk, at.norm.out,
-                     ctx.P(p.attn.wk), n, h, hkv * d, true);
+  ConstOperand dq = s.dq, dk = s.dk;  // at the projections' outputs
+  if (c.qk_norm) {
+    const size_t nq = static_cast<size_t>(n) * hq * d, nkv = static_cast<size_t>(n) * hkv * d;
+    const float* dq32 = s.dq.is_bf16() ? (be->ToFloat(s.dq_f32, s.dq, nq), s.dq_f32) : s.dq.f32();
+    const float* dk32 = s.dk.is_bf16() ? (be->ToFloat(s.dk_f32, s.dk, nkv), s.dk_f32) : s.dk.f32();
+    be->RmsNormBackward(s.dq_raw, nullptr, ctx.G(p.attn.q_norm), dq32, at.q_raw,
+                        ctx.P(p.attn.q_norm), at.q_rstd, n * hq, d);
+    be->RmsNormBackward(s.dk_raw, nullptr, ctx.G(p.attn.k_norm), dk32, at.k_raw,
+                        ctx.P(p.attn.k_norm), at.k_rstd, n * hkv, d);
+    dq = s.dq_raw;
+    dk = s.dk_raw;
+  }
+  be->LinearBackward(s.dnorm, ctx.G(p.attn.wq), ctx.G(p.attn.bq), dq, at.norm.out, ctx.P(p.attn.wq),
+                     n, h, hq * d, false);
+  be->LinearBackward(s.dnorm, ctx.G(p.attn.wk), ctx.G(p.attn.bk), dk, at.norm.out, ctx.P(p.attn.wk),
+                     n, h, hkv * d, true);
   be->LinearBackward(s.dnorm, ctx.G(p.attn.wv), ctx.G(p.attn.bv), s.dv, at.norm.out,
                      ctx.P(p.attn.wv), n, h, hkv * d, true);
   TpAllReduce(ctx.tp.comm, s.dnorm, static_cast<size_t>(n) * h);  // heads are split over tp

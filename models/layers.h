@@ -23,6 +23,7 @@ class Arena {
   float* Floats(size_t n);
   Operand Operands(size_t n);
   int32_t* Ints(size_t n);
+  size_t bytes() const;  // of every buffer so far
 
  private:
   Backend* be_;
@@ -35,6 +36,7 @@ struct NormParams {
 struct AttnParams {
   NormParams norm;
   int wq = -1, bq = -1, wk = -1, bk = -1, wv = -1, bv = -1, wo = -1, bo = -1;
+  int q_norm = -1, k_norm = -1;  // [d] RMSNorm gains of every q and k head (qk_norm)
 };
 struct MlpParams {
   NormParams norm;
@@ -61,7 +63,9 @@ struct AttnActs {
   NormActs norm;
   Operand q, k, v;       // [n, hq*d], [n, hkv*d] (after RoPE)
   float* lse = nullptr;  // [b, hq, t] (training only)
-  Operand att;           // [n, hq*d]
+  // qk_norm: q and k as projected (fp32), and each head's 1/rms.
+  float *q_raw = nullptr, *k_raw = nullptr, *q_rstd = nullptr, *k_rstd = nullptr;
+  Operand att;  // [n, hq*d]
 };
 struct MlpActs {
   NormActs norm;
@@ -82,6 +86,8 @@ struct BlockActs {
 struct GradScratch {
   float *dnorm, *dh;
   Operand dq, dk, dv, datt, dact, dh1, dh3;
+  // qk_norm: the gradients at the projections' outputs, and dq, dk widened to fp32.
+  float *dq_raw = nullptr, *dk_raw = nullptr, *dq_f32 = nullptr, *dk_f32 = nullptr;
 };
 
 NormActs MakeNormActs(Arena& a, int n, int c);

@@ -147,9 +147,9 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text) {
   const std::string where = "model config";
   RETURN_IF_ERROR(CheckJsonKeys(
       j,
-      {"style", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+      {"style", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
        "ffn_hidden_size", "max_seq_len", "norm_eps", "rope_theta", "rope_scaling", "tie_embeddings",
-       "qkv_bias", "confidence_weighted_exit_loss", "exits"},
+       "qkv_bias", "qk_norm", "confidence_weighted_exit_loss", "exits"},
       where));
   ModelConfig c;
   std::string style;
@@ -176,6 +176,8 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text) {
   if (c.qkv_bias && c.style == ModelStyle::kGpt) {
     return Invalid("qkv_bias is for style llama (gpt has every bias)");
   }
+  RETURN_IF_ERROR(ReadJsonField(j, "qk_norm", where, &c.qk_norm, false));
+  if (c.qk_norm && c.style == ModelStyle::kGpt) return Invalid("qk_norm is for style llama");
   RETURN_IF_ERROR(ReadJsonField(j, "confidence_weighted_exit_loss", where,
                                 &c.confidence_weighted_exit_loss, false));
   for (auto [v, k] : {std::pair{c.vocab_size, "vocab_size"},
@@ -186,7 +188,17 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text) {
                       {c.max_seq_len, "max_seq_len"}}) {
     RETURN_IF_ERROR(Positive(v, k));
   }
-  if (c.hidden_size % c.num_heads != 0) {
+  RETURN_IF_ERROR(ReadJsonField(j, "head_dim", where, &c.explicit_head_dim, false));
+  if (j.contains("head_dim")) {
+    RETURN_IF_ERROR(Positive(c.explicit_head_dim, "head_dim"));
+    if (c.style == ModelStyle::kGpt && c.explicit_head_dim * c.num_heads != c.hidden_size) {
+      return Invalid(absl::StrCat("head_dim ", c.explicit_head_dim, " x num_heads ", c.num_heads,
+                                  " != hidden_size ", c.hidden_size,
+                                  " (only style llama may differ)"));
+    }
+    // The same as the derived one: not kept, so that the canonical JSON stays as before.
+    if (c.explicit_head_dim * c.num_heads == c.hidden_size) c.explicit_head_dim = 0;
+  } else if (c.hidden_size % c.num_heads != 0) {
     return Invalid(
         absl::StrCat("num_heads ", c.num_heads, " does not divide hidden_size ", c.hidden_size));
   }
@@ -269,6 +281,7 @@ std::string ModelConfig::ToJson() const {
   j["num_layers"] = num_layers;
   j["num_heads"] = num_heads;
   j["num_kv_heads"] = num_kv_heads;
+  if (explicit_head_dim > 0) j["head_dim"] = explicit_head_dim;  // (absent when derived)
   j["ffn_hidden_size"] = ffn_hidden_size;
   j["max_seq_len"] = max_seq_len;
   j["norm_eps"] = norm_eps;
@@ -286,6 +299,7 @@ std::string ModelConfig::ToJson() const {
   }
   j["tie_embeddings"] = tie_embeddings;
   if (qkv_bias) j["qkv_bias"] = true;  // (absent when false: older checkpoints' configs match)
+  if (qk_norm) j["qk_norm"] = true;
   j["confidence_weighted_exit_loss"] = confidence_weighted_exit_loss;
   j["exits"] = json::array();
   for (const auto& x : exits) {

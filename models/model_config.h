@@ -5,7 +5,9 @@
 //
 // JSON (all keys optional except those marked *):
 //   { "style": "gpt"|"llama"*, "vocab_size"*, "hidden_size"*, "num_layers"*, "num_heads"*,
-//     "num_kv_heads" (= num_heads), "ffn_hidden_size" (4h gpt, 8h/3 rounded to 64 llama),
+//     "num_kv_heads" (= num_heads), "head_dim" (hidden_size / num_heads; llama may set another,
+//     as Qwen3 and Mistral Nemo do: q is num_heads x head_dim wide, the output projection maps
+//     it back to hidden_size), "ffn_hidden_size" (4h gpt, 8h/3 rounded to 64 llama),
 //     "max_seq_len"*, "norm_eps" (1e-5), "rope_theta" (10000),
 //     "rope_scaling" (none; llama only): {"type": "linear", "factor"*} or {"type": "llama3",
 //       "factor"*, "low_freq_factor" (1), "high_freq_factor" (4),
@@ -13,7 +15,8 @@
 //       "rope_type"; engine/core/rope.h),
 //     "tie_embeddings" (gpt true,
 //     llama false), "qkv_bias" (false; llama only: biases on the q, k, v projections, as
-//     Qwen2 has), "confidence_weighted_exit_loss" (false),
+//     Qwen2 has), "qk_norm" (false; llama only: RMSNorm over each head of q and k before RoPE,
+//     as Qwen3 has), "confidence_weighted_exit_loss" (false),
 //     "exits": [ { "layer"* (1-based), "kind": "linear"|"norm"|"mlp"|"block" ("norm"),
 //                  "position": "post"|"pre" ("post"), "tied" (false), "temperature" (1.0),
 //                  "loss_weight" (1.0), "loss_weight_init" (= loss_weight),
@@ -64,6 +67,7 @@ struct ModelConfig {
   RopeScaling rope_scaling;  // kind kNone: plain RoPE
   bool tie_embeddings = true;
   bool qkv_bias = false;  // llama style: biases on the q, k and v projections (Qwen2)
+  bool qk_norm = false;   // llama style: RMSNorm of each q and k head before RoPE (Qwen3)
   bool confidence_weighted_exit_loss = false;
   std::vector<ExitConfig> exits;  // sorted by depth (pre before post at equal layer)
 
@@ -81,7 +85,10 @@ struct ModelConfig {
   // When tp exceeds num_kv_heads (tp a multiple of it), each tensor-parallel rank holds one KV
   // head, shared by kv_replicas = tp / num_kv_heads ranks (Megatron's KV-head replication).
   int kv_replicas = 1;
-  int head_dim() const { return hidden_size / (num_heads * tp_size); }
+  int explicit_head_dim = 0;  // "head_dim" when set (0: hidden_size / num_heads)
+  int head_dim() const {
+    return explicit_head_dim > 0 ? explicit_head_dim : hidden_size / (num_heads * tp_size);
+  }
 
   std::string ToJson() const;  // canonical JSON (round-trips through ParseModelConfig)
 };

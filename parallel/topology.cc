@@ -85,11 +85,12 @@ absl::Status ReadEnvInt(const char* name, int* out, bool* missing) {
 absl::StatusOr<LaunchInfo> DetectLaunch() {
   struct Source {
     const char* launcher;
-    const char *rank, *world, *local;
+    const char *rank, *world, *local, *local_size;
   };
   const Source sources[] = {
-      {"mpirun", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"},
-      {"slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"},
+      {"mpirun", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+       "OMPI_COMM_WORLD_LOCAL_SIZE"},
+      {"slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"},
   };
   for (const Source& s : sources) {
     LaunchInfo info;
@@ -101,6 +102,15 @@ absl::StatusOr<LaunchInfo> DetectLaunch() {
     if (!st.ok()) return st;
     st = ReadEnvInt(s.local, &info.local_rank, &no_local);
     if (!st.ok()) return st;
+    bool no_local_size;
+    st = ReadEnvInt(s.local_size, &info.local_size, &no_local_size);
+    if (!st.ok()) return st;
+    if (no_local_size && std::string(s.launcher) == "slurm") {
+      // Without --ntasks-per-node: SLURM_TASKS_PER_NODE ("2(x3),1"): the first nodes' count.
+      const char* per_node = std::getenv("SLURM_TASKS_PER_NODE");
+      if (per_node != nullptr) info.local_size = std::atoi(per_node);
+    }
+    if (info.local_size < 1) info.local_size = 1;
     if (no_world || info.world < 1 || info.rank >= info.world) {
       return absl::InvalidArgumentError(
           absl::StrCat(s.rank, "=", info.rank, " needs ", s.world, " set and larger"));

@@ -46,6 +46,7 @@ struct LaunchInfo {
   int rank = 0;
   int world = 1;
   int local_rank = 0;    // picks the GPU
+  int local_size = 1;    // processes on this machine (1 when the launcher does not say)
   std::string launcher;  // "mpirun", "slurm" or "single"
 };
 

@@ -34,6 +34,12 @@ def load_config(path):
     c.setdefault("norm_eps", 1e-5)
     c.setdefault("rope_theta", 10000.0)
     c.setdefault("tie_embeddings", c["style"] == "gpt")
+    # The reference models the speed of plain GPT and Llama blocks only.
+    unsupported = [k for k in ("qkv_bias", "qk_norm", "rope_scaling") if c.get(k)]
+    if c.get("head_dim") and c["head_dim"] * c["num_heads"] != c["hidden_size"]:
+        unsupported.append("head_dim")
+    if unsupported:
+        raise SystemExit(f"bench_torch.py: {', '.join(unsupported)} not modelled here")
     if not c.get("ffn_hidden_size"):
         h = c["hidden_size"]
         c["ffn_hidden_size"] = 4 * h if c["style"] == "gpt" else (8 * h // 3 + 63) // 64 * 64

@@ -3,8 +3,8 @@
 
 Needs torch, transformers, safetensors and numpy (tokenizers optional) and a built `eellm`.
 For each small random model defined below (Mistral with a sliding window, Qwen2 with tied
-embeddings, Llama with grouped-query attention, Llama with tied embeddings, Llama 3 RoPE
-scaling, GPT-2), in fp32:
+embeddings, Qwen3, Llama with grouped-query attention, Llama with tied embeddings, Llama 3
+RoPE scaling, GPT-2), in fp32:
 
   1. builds it with transformers, perturbs every parameter (so norm gains and biases are not
      their trivial initial values) and save_pretrained()s it (safetensors) to a temporary dir;
@@ -69,6 +69,24 @@ MODELS = {
             num_hidden_layers=2,
             num_attention_heads=8,
             num_key_value_heads=2,
+            max_position_embeddings=128,
+            rms_norm_eps=1e-6,
+            rope_theta=1000000.0,
+            tie_word_embeddings=True,
+            use_sliding_window=False,
+        ),
+    ),
+    # Qwen3: q and k RMSNorms per head, heads wider than hidden / heads; tied embeddings.
+    "qwen3-tied": (
+        "qwen3",
+        dict(
+            vocab_size=300,
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
             max_position_embeddings=128,
             rms_norm_eps=1e-6,
             rope_theta=1000000.0,
@@ -209,6 +227,9 @@ def build_hf_model(family, kwargs, seed):
     elif family == "qwen2":
         config = transformers.Qwen2Config(**kwargs)
         model = transformers.Qwen2ForCausalLM(config)
+    elif family == "qwen3":
+        config = transformers.Qwen3Config(**kwargs)
+        model = transformers.Qwen3ForCausalLM(config)
     else:
         config = transformers.GPT2Config(**kwargs)
         model = transformers.GPT2LMHeadModel(config)
@@ -270,10 +291,12 @@ def check_model(name, family, kwargs, args, tmp, results):
         [args.eellm, "convert", "eellm-to-hf", "--input=" + ckpt, "--output=" + hf_dir2],
         "convert eellm-to-hf",
     )
-    # Mistral comes back as Llama, Qwen2 as Qwen2.
-    cls = {"gpt2": transformers.GPT2LMHeadModel, "qwen2": transformers.Qwen2ForCausalLM}.get(
-        family, transformers.LlamaForCausalLM
-    )
+    # Mistral comes back as Llama, Qwen2 and Qwen3 as themselves.
+    cls = {
+        "gpt2": transformers.GPT2LMHeadModel,
+        "qwen2": transformers.Qwen2ForCausalLM,
+        "qwen3": transformers.Qwen3ForCausalLM,
+    }.get(family, transformers.LlamaForCausalLM)
     # The files are fp32 (config torch_dtype float32); .to() guards against other defaults.
     model2 = cls.from_pretrained(hf_dir2).to(torch.float32)
     model2.eval()

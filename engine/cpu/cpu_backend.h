@@ -26,7 +26,7 @@ class CpuBackend final : public Backend {
 
   // ---- memory (cpu_memory.cc) ---------------------------------------------------------------
   void* Alloc(size_t bytes) override;
-  int64_t AvailableMemoryBytes() const override;  // /proc/meminfo's MemAvailable
+  int64_t AvailableMemoryBytes() const override;  // cpu_available_memory.cc
   void Free(void* p) override;
   void CopyToHost(void* host_dst, const void* src, size_t bytes) override;
   void CopyFromHost(void* dst, const void* host_src, size_t bytes) override;
@@ -38,6 +38,7 @@ class CpuBackend final : public Backend {
   void Add(float* y, const float* a, const float* b, size_t n) override;
   void Axpy(float* y, float alpha, const float* x, size_t n) override;
   void Scale(float* x, float alpha, size_t n) override;
+  void ToFloat(float* out, ConstOperand in, size_t n) override;
   double SumSquares(const float* x, size_t n) override;
 
   // ---- embedding (cpu_memory.cc) ------------------------------------------------------------

@@ -3,9 +3,7 @@
 #include <cstddef>
 #include <cstdlib>
 #include <cstring>
-#include <fstream>
 #include <limits>
-#include <string>
 #include <vector>
 
 #include "engine/core/status.h"
@@ -32,17 +30,6 @@ void* CpuBackend::Alloc(size_t bytes) {
 }
 
 void CpuBackend::Free(void* p) { std::free(p); }
-
-int64_t CpuBackend::AvailableMemoryBytes() const {
-  std::ifstream meminfo("/proc/meminfo");
-  std::string key;
-  int64_t kb = 0;
-  std::string unit;
-  while (meminfo >> key >> kb >> unit) {
-    if (key == "MemAvailable:") return kb * 1024;
-  }
-  return -1;
-}
 
 void CpuBackend::CopyToHost(void* host_dst, const void* src, size_t bytes) {
   if (bytes) std::memmove(host_dst, src, bytes);
@@ -78,6 +65,11 @@ void CpuBackend::Scale(float* x, float alpha, size_t n) {
   const ptrdiff_t nn = static_cast<ptrdiff_t>(n);
 #pragma omp parallel for simd if (n >= kParallelMin)
   for (ptrdiff_t i = 0; i < nn; ++i) x[i] *= alpha;
+}
+
+void CpuBackend::ToFloat(float* out, ConstOperand in, size_t n) {
+  EE_CHECK(in.dtype == DType::kF32, "the CPU backend holds fp32 operands only");
+  if (n && out != in.f32()) std::memmove(out, in.f32(), n * sizeof(float));
 }
 
 double CpuBackend::SumSquares(const float* x, size_t n) {

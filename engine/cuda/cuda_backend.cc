@@ -305,6 +305,10 @@ void CudaBackend::Axpy(float* y, float alpha, const float* x, size_t n) {
   MarkWritten(y, n * sizeof(float));
   CUDA_CHECK(cuda::Axpy(y, alpha, x, n, stream_));
 }
+void CudaBackend::ToFloat(float* out, ConstOperand in, size_t n) {
+  MarkWritten(out, n * sizeof(float));
+  CUDA_CHECK(cuda::ToFloat(out, ToElems(in), n, stream_));
+}
 void CudaBackend::Scale(float* x, float alpha, size_t n) {
   MarkWritten(x, n * sizeof(float));
   CUDA_CHECK(cuda::Scale(x, alpha, n, stream_));

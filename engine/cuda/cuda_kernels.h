@@ -29,6 +29,7 @@ cudaError_t FillUniform(float* x, size_t n, uint32_t seed, float scale, cudaStre
 cudaError_t ToBf16(uint16_t* out, const float* x, size_t n, cudaStream_t s);
 cudaError_t Axpy(float* y, float alpha, const float* x, size_t n, cudaStream_t s);
 cudaError_t Scale(float* x, float alpha, size_t n, cudaStream_t s);
+cudaError_t ToFloat(float* out, Elems in, size_t n, cudaStream_t s);
 // partial[blocks] (double) of sum x^2 over fixed 16384-element blocks; returns the block count
 // through *blocks (the caller adds the partials on the host in order: deterministic).
 cudaError_t SumSquaresPartials(double* partial, int* blocks, const float* x, size_t n,

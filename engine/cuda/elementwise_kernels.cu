@@ -54,6 +54,9 @@ __global__ void AxpyKernel(float* y, float alpha, const float* x, size_t n) {
   GRID_STRIDE(i, n) y[i] += alpha * x[i];
 }
 __global__ void ScaleKernel(float* x, float alpha, size_t n) { GRID_STRIDE(i, n) x[i] *= alpha; }
+__global__ void ToFloatKernel(float* out, Elems in, size_t n) {
+  GRID_STRIDE(i, n) out[i] = LoadAt(in, i);
+}
 
 // One CUDA block per kReduceBlock elements: partial[blockIdx.x] = sum of squares (double).
 __global__ void SumSquaresKernel(double* partial, const float* x, size_t n) {
@@ -269,6 +272,10 @@ cudaError_t Add(float* y, const float* a, const float* b, size_t n, cudaStream_t
 }
 cudaError_t Axpy(float* y, float alpha, const float* x, size_t n, cudaStream_t s) {
   if (n) LaunchKernel(AxpyKernel, dim3(Blocks(n)), dim3(kThreads), 0, s, y, alpha, x, n);
+  return cudaGetLastError();
+}
+cudaError_t ToFloat(float* out, Elems in, size_t n, cudaStream_t s) {
+  if (n) LaunchKernel(ToFloatKernel, dim3(Blocks(n)), dim3(kThreads), 0, s, out, in, n);
   return cudaGetLastError();
 }
 cudaError_t Scale(float* x, float alpha, size_t n, cudaStream_t s) {

@@ -32,6 +32,9 @@ struct ParamInfo {
   // Tensor-parallel ranks holding the same block (KV projections when tp > KV heads): rank r
   // holds block r / tp_replicas of tp / tp_replicas along split_dim.
   int tp_replicas = 1;
+  // Held whole by every tensor-parallel rank, whose gradient covers only the rank's heads (the
+  // q and k norms' gains): the ranks sum theirs.
+  bool sum_grad_over_tp = false;
 };
 
 class ParamStore {

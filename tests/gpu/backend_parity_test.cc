@@ -165,6 +165,13 @@ TEST_F(BackendParity, FillAddAxpyScale) {
           return {{"Scale", m.Get(x, n)}};
         },
         kExact);
+    ExpectParity(
+        [&](Backend* be, DeviceMem& m) -> Outputs {
+          float* y = m.Nan(n);
+          be->ToFloat(y, m.Put(a), n);
+          return {{"ToFloat", m.Get(y, n)}};
+        },
+        kExact);
   }
 }
 

@@ -165,6 +165,11 @@ void Bf16ReferenceBackend::SwiGluBackward(Operand dgate, Operand dup, ConstOpera
   Store(dup, du);
 }
 
+void Bf16ReferenceBackend::ToFloat(float* out, ConstOperand in, size_t n) {
+  const std::vector<float> v = OperandValues(in, n, false);
+  std::copy(v.begin(), v.end(), out);
+}
+
 void Bf16ReferenceBackend::RopeForward(Operand x, const int32_t* pos, int n, int heads,
                                        int head_dim, const RopeParams& rope) {
   std::vector<float> xv = OperandValues(x, static_cast<size_t>(n) * heads * head_dim);

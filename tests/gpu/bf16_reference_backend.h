@@ -49,6 +49,7 @@ class Bf16ReferenceBackend final : public Backend {
     cpu_->Axpy(y, alpha, x, n);
   }
   void Scale(float* x, float alpha, size_t n) override { cpu_->Scale(x, alpha, n); }
+  void ToFloat(float* out, ConstOperand in, size_t n) override;
   double SumSquares(const float* x, size_t n) override { return cpu_->SumSquares(x, n); }
   void EmbeddingForward(float* out, const int32_t* ids, const float* table, int n, int c) override {
     cpu_->EmbeddingForward(out, ids, table, n, c);

@@ -186,6 +186,42 @@ TEST_P(EmulatedGeneration, KvBytesPerTokenIsWhatTheCacheAllocates) {
   }
 }
 
+// PlannedBytes grows as the generator's allocations do with the context, the sequences and the
+// KV cache, on the whole model and on a pipeline's second stage (layers 3-4 and the exits it
+// holds); what it leaves out (fixed by the model) is a small part of the total.
+TEST_P(EmulatedGeneration, PlannedBytesFollowTheAllocations) {
+  const ModelConfig c = testing::ConfigWithExits(GetParam());
+  auto emu = MakeEmulatedCudaBackend(0, true, true);
+  ASSERT_TRUE(emu.ok()) << emu.status();
+  Backend* be = emu->get();
+  for (const StageSpec stage : {StageSpec{}, StageSpec{1, 2}}) {
+    auto m = *Model::Create(c, be, stage, TpSpec{}, ModelGradients::kNone);
+    struct Size {
+      int capacity, sequences, kv_tokens;
+    };
+    auto taken = [&](const Size& s) {
+      const int64_t before = be->AvailableMemoryBytes();
+      Generator g(m.get(), s.capacity, s.sequences, s.kv_tokens);
+      return before - be->AvailableMemoryBytes();
+    };
+    auto planned = [&](const Size& s) {
+      return Generator::PlannedBytes(*m, s.capacity, s.sequences, s.kv_tokens);
+    };
+    // Pairs of the same KV cache kind: a whole context per slot, or pages on demand.
+    const std::pair<Size, Size> pairs[] = {
+        {{64, 2, 0}, {512, 2, 0}},      {{64, 2, 0}, {64, 9, 0}},
+        {{64, 2, 0}, {512, 9, 0}},      {{64, 2, 0}, {8, 80, 0}},
+        {{64, 2, 1024}, {64, 2, 4096}}, {{64, 2, 1024}, {256, 70, 1024}}};
+    for (const auto& [a, b] : pairs) {
+      EXPECT_EQ(taken(b) - taken(a), planned(b) - planned(a))
+          << stage.stage << ": " << b.capacity << " " << b.sequences << " " << b.kv_tokens;
+    }
+    const Size big{4096, 8, 0};
+    EXPECT_LE(planned(big), taken(big));
+    EXPECT_GT(planned(big), 0.9 * taken(big)) << stage.stage;
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Styles, EmulatedGeneration,
                          ::testing::Values(ModelStyle::kGpt, ModelStyle::kLlama));
 

@@ -122,6 +122,17 @@ TEST_F(OperandParity, LinearAndRopeWriteBf16) {
   EXPECT_TRUE(d.GuardsIntact());
 }
 
+// ToFloat widens a bf16 operand exactly, every element written.
+TEST_F(OperandParity, ToFloatWidensBf16) {
+  DeviceMem d(dev_);
+  const size_t n = 1000;
+  const auto x = RoundedToBf16(RandVec(rng_, n, 3.0));
+  float* y = d.Nan(n);
+  dev_->ToFloat(y, d.PutBf16(x), n);
+  EXPECT_EQ(d.Get(y, n), x);
+  EXPECT_TRUE(d.GuardsIntact());
+}
+
 TEST_F(OperandParity, NormsAndActivationsWriteBf16) {
   const int n = 19, ch = 72;
   const size_t nc = static_cast<size_t>(n) * ch;

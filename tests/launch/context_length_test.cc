@@ -27,13 +27,14 @@ TEST(ContextLengthTest, FlagThenNeedThenTheModels) {
   }
 }
 
-TEST(ContextLengthTest, KvCacheMustFitInNinetyPercentOfTheFreeMemory) {
+TEST(ContextLengthTest, GeneratorMustFitInNinetyPercentOfTheFreeMemory) {
   // Llama 3.1 8B in fp32: 32 layers x K and V x 8 KV heads x 128 + the 4,096-wide hidden state.
   const int64_t per_token = 32 * 2 * 8 * 128 * 4 + 4096 * 4;  // 278,528 bytes
-  EXPECT_TRUE(CheckKvCacheFits(16 * 8192, per_token, int64_t{40} << 30, "x").ok());
-  EXPECT_TRUE(CheckKvCacheFits(1 << 21, per_token, -1, "x").ok());  // unknown: no check
-  const absl::Status s = CheckKvCacheFits(int64_t{16} * 131072, per_token, int64_t{64} << 30,
-                                          "--max_batch 16 x the context 131072");
+  const int64_t tokens = int64_t{16} * 131072;
+  EXPECT_TRUE(CheckGeneratorFits(16 * 8192 * per_token, 16 * 8192, int64_t{40} << 30, "x").ok());
+  EXPECT_TRUE(CheckGeneratorFits(tokens * per_token, tokens, -1, "x").ok());  // unknown
+  const absl::Status s = CheckGeneratorFits(tokens * per_token, tokens, int64_t{64} << 30,
+                                            "--max_batch 16 x the context 131072");
   ASSERT_FALSE(s.ok());
   for (const std::string part :
        {"2097152 tokens", "--max_batch 16 x the context 131072", "584.1 GB", "68.7 GB free",
@@ -41,8 +42,13 @@ TEST(ContextLengthTest, KvCacheMustFitInNinetyPercentOfTheFreeMemory) {
     EXPECT_NE(s.message().find(part), std::string::npos) << part << " not in: " << s.message();
   }
   // The boundary: 90% of the free memory.
-  EXPECT_TRUE(CheckKvCacheFits(900, 1, 1000, "x").ok());
-  EXPECT_FALSE(CheckKvCacheFits(901, 1, 1000, "x").ok());
+  EXPECT_TRUE(CheckGeneratorFits(900, 1, 1000, "x").ok());
+  EXPECT_FALSE(CheckGeneratorFits(901, 1, 1000, "x").ok());
+  // Processes on one machine share its memory; each GPU's is its own.
+  EXPECT_EQ(AvailablePerProcess(1000, true, 4), 250);
+  EXPECT_EQ(AvailablePerProcess(1000, false, 4), 1000);
+  EXPECT_EQ(AvailablePerProcess(1000, true, 1), 1000);
+  EXPECT_EQ(AvailablePerProcess(-1, true, 4), -1);
 }
 
 TEST(ContextLengthTest, ByteSizes) {

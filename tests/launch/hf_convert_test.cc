@@ -117,11 +117,29 @@ ModelConfig Llama3Config() {
   return c;
 }
 
+// Heads wider than hidden_size / num_heads (as Qwen3's and Mistral Nemo's): q is 4 x 8 = 32
+// wide over a hidden size of 16.
+ModelConfig WideHeadConfig() {
+  ModelConfig c = LlamaConfig();
+  c.explicit_head_dim = 8;
+  return c;
+}
+
+// Qwen3: q and k norms per head, heads of 8 over a hidden size of 16, tied embeddings.
+ModelConfig Qwen3Config() {
+  ModelConfig c = WideHeadConfig();
+  c.qk_norm = true;
+  c.tie_embeddings = true;
+  c.rope_theta = 1e6f;
+  return c;
+}
+
 std::vector<ModelConfig> AllConfigs() {
   ModelConfig llama_tied = LlamaConfig();
   llama_tied.tie_embeddings = true;
-  return {LlamaConfig(),  llama_tied,  LlamaConfig(false),     Qwen2Config(),
-          Llama3Config(), GptConfig(), GptConfig(true, false), GptConfig(false)};
+  return {LlamaConfig(),          llama_tied,       LlamaConfig(false), Qwen2Config(),
+          Llama3Config(),         WideHeadConfig(), Qwen3Config(),      GptConfig(),
+          GptConfig(true, false), GptConfig(false)};
 }
 
 TEST(HfConvertTest, ParamShapesMatchTheModel) {
@@ -193,6 +211,21 @@ TEST(HfConvertTest, ConfigRoundTrip) {
   EXPECT_EQ(l["num_key_value_heads"], 2);
   EXPECT_EQ(l["intermediate_size"], 24);
   EXPECT_EQ(l["head_dim"], 4);
+  EXPECT_EQ(HfConfigFromModel(WideHeadConfig())["head_dim"], 8);
+  EXPECT_EQ(LlamaConfig().ToJson().find("head_dim"), std::string::npos);  // derived: not named
+  const json q3 = HfConfigFromModel(Qwen3Config());
+  EXPECT_EQ(q3["architectures"], json::array({"Qwen3ForCausalLM"}));
+  EXPECT_EQ(q3["model_type"], "qwen3");
+  EXPECT_EQ(q3["attention_bias"], false);
+  EXPECT_EQ(q3["head_dim"], 8);
+  EXPECT_EQ(LlamaConfig().ToJson().find("qk_norm"), std::string::npos);
+  // No Hugging Face architecture has both q and k norms and q, k, v biases.
+  ModelConfig both = Qwen3Config();
+  both.qkv_bias = true;
+  auto be = Cpu();
+  auto hf_both = EellmToHf(both, ParamsToHost(RandomModel(both, be.get(), 3)->params()));
+  ASSERT_FALSE(hf_both.ok());
+  EXPECT_NE(hf_both.status().message().find("qk_norm with qkv_bias"), std::string::npos);
   EXPECT_EQ(l["rms_norm_eps"].get<double>(), 1e-5);  // shortest decimal, not 9.99999974e-06
   EXPECT_EQ(l["rope_theta"].get<double>(), 500.0);
   EXPECT_EQ(l["tie_word_embeddings"], false);
@@ -224,173 +257,6 @@ TEST(HfConvertTest, ConfigRoundTrip) {
   EXPECT_EQ(g["n_positions"], 16);
   EXPECT_EQ(g["activation_function"], "gelu_new");
   EXPECT_EQ(g["tie_word_embeddings"], true);
-}
-
-// config.json files as transformers writes them.
-TEST(HfConvertTest, ReadsTransformersConfigs) {
-  const json llama = json::parse(R"({
-    "architectures": ["LlamaForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
-    "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096,
-    "initializer_range": 0.02, "intermediate_size": 11008, "max_position_embeddings": 4096,
-    "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32,
-    "num_key_value_heads": 32, "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": null,
-    "rope_theta": 10000.0, "tie_word_embeddings": false, "torch_dtype": "float16",
-    "transformers_version": "4.31.0.dev0", "use_cache": true, "vocab_size": 32000})");
-  auto c = ModelConfigFromHf(llama);
-  ASSERT_TRUE(c.ok()) << c.status();
-  EXPECT_EQ(c->style, ModelStyle::kLlama);
-  EXPECT_EQ(c->hidden_size, 4096);
-  EXPECT_EQ(c->ffn_hidden_size, 11008);
-  EXPECT_EQ(c->num_layers, 32);
-  EXPECT_EQ(c->num_heads, 32);
-  EXPECT_EQ(c->num_kv_heads, 32);
-  EXPECT_EQ(c->vocab_size, 32000);
-  EXPECT_EQ(c->max_seq_len, 4096);
-  EXPECT_EQ(c->norm_eps, 1e-5f);
-  EXPECT_EQ(c->rope_theta, 10000.0f);
-  EXPECT_FALSE(c->tie_embeddings);
-  EXPECT_TRUE(c->exits.empty());
-
-  // transformers 5 style: rope_theta inside rope_parameters; GQA; defaults for missing keys.
-  json llama3 = json::parse(R"({"model_type": "llama", "hidden_size": 64,
-    "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 8,
-    "num_key_value_heads": 2, "vocab_size": 100, "max_position_embeddings": 256,
-    "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}})");
-  c = ModelConfigFromHf(llama3);
-  ASSERT_TRUE(c.ok()) << c.status();
-  EXPECT_EQ(c->num_kv_heads, 2);
-  EXPECT_EQ(c->rope_theta, 500000.0f);
-  EXPECT_EQ(c->norm_eps, 1e-6f);  // LlamaConfig's default
-  EXPECT_EQ(c->rope_scaling.kind, RopeScalingKind::kNone);
-
-  // Llama 3.1 8B: RoPE scaled for a 131,072-token context ("llama3").
-  json llama31 = json::parse(R"({
-    "architectures": ["LlamaForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
-    "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 4096,
-    "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 131072,
-    "mlp_bias": false, "model_type": "llama", "num_attention_heads": 32,
-    "num_hidden_layers": 32, "num_key_value_heads": 8, "pretraining_tp": 1,
-    "rms_norm_eps": 1e-05, "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-    "rope_theta": 500000.0, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
-    "transformers_version": "4.43.0.dev0", "use_cache": true, "vocab_size": 128256})");
-  c = ModelConfigFromHf(llama31);
-  ASSERT_TRUE(c.ok()) << c.status();
-  EXPECT_EQ(c->max_seq_len, 131072);
-  EXPECT_EQ(c->num_kv_heads, 8);
-  EXPECT_EQ(c->rope_theta, 500000.0f);
-  EXPECT_EQ(c->rope_scaling.kind, RopeScalingKind::kLlama3);
-  EXPECT_EQ(c->rope_scaling.factor, 8.0f);
-  EXPECT_EQ(c->rope_scaling.low_freq_factor, 1.0f);
-  EXPECT_EQ(c->rope_scaling.high_freq_factor, 4.0f);
-  EXPECT_EQ(c->rope_scaling.original_max_positions, 8192);
-  EXPECT_EQ(HfConfigFromModel(*c)["rope_scaling"], llama31["rope_scaling"]);
-  // transformers 5 keeps it in rope_parameters with the theta; the older "type" also reads.
-  json t5 = llama31;
-  t5.erase("rope_scaling");
-  t5.erase("rope_theta");
-  t5["rope_parameters"] = json::parse(R"({"rope_type": "llama3", "rope_theta": 500000.0,
-    "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192})");
-  c = ModelConfigFromHf(t5);
-  ASSERT_TRUE(c.ok()) << c.status();
-  EXPECT_EQ(c->rope_theta, 500000.0f);
-  EXPECT_EQ(c->rope_scaling.kind, RopeScalingKind::kLlama3);
-  EXPECT_EQ(c->rope_scaling.factor, 32.0f);
-  json old = llama31;
-  old["rope_scaling"] = json::parse(R"({"type": "linear", "factor": 4.0})");
-  c = ModelConfigFromHf(old);
-  ASSERT_TRUE(c.ok()) << c.status();
-  EXPECT_EQ(c->rope_scaling.kind, RopeScalingKind::kLinear);
-  EXPECT_EQ(c->rope_scaling.factor, 4.0f);
-  // Both keys: they must agree.
-  json both = t5;
-  both["rope_scaling"] = llama31["rope_scaling"];
-  both["rope_scaling"]["factor"] = 32.0;
-  c = ModelConfigFromHf(both);
-  ASSERT_TRUE(c.ok()) << c.status();
-  EXPECT_EQ(c->rope_scaling.factor, 32.0f);
-  both["rope_scaling"]["factor"] = 8.0;
-  c = ModelConfigFromHf(both);
-  ASSERT_FALSE(c.ok());
-  EXPECT_NE(c.status().message().find("scale RoPE differently"), std::string::npos) << c.status();
-
-  // Mistral 7B v0.1: Llama with GQA and a 4,096-token sliding window, within which attention is
-  // Llama's: the context is cut to it. v0.3: no window.
-  json mistral = json::parse(R"({
-    "architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2,
-    "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
-    "intermediate_size": 14336, "max_position_embeddings": 32768, "model_type": "mistral",
-    "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
-    "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096,
-    "tie_word_embeddings": false, "torch_dtype": "bfloat16", "use_cache": true,
-    "vocab_size": 32000})");
-  c = ModelConfigFromHf(mistral);
-  ASSERT_TRUE(c.ok()) << c.status();
-  EXPECT_EQ(c->style, ModelStyle::kLlama);
-  EXPECT_EQ(c->ffn_hidden_size, 14336);
-  EXPECT_EQ(c->num_kv_heads, 8);
-  EXPECT_EQ(c->max_seq_len, 4096);
-  mistral["sliding_window"] = nullptr;
-  mistral["rope_theta"] = 1000000.0;
-  mistral["vocab_size"] = 32768;
-  c = ModelConfigFromHf(mistral);
-  ASSERT_TRUE(c.ok()) << c.status();
-  EXPECT_EQ(c->max_seq_len, 32768);
-  EXPECT_EQ(c->rope_theta, 1000000.0f);
-  mistral["sliding_window"] = 0;
-  EXPECT_FALSE(ModelConfigFromHf(mistral).ok());
-  mistral.erase("sliding_window");  // transformers' default window, 4096
-  c = ModelConfigFromHf(mistral);
-  ASSERT_TRUE(c.ok()) << c.status();
-  EXPECT_EQ(c->max_seq_len, 4096);
-
-  // Qwen2.5 0.5B: biases on q, k, v; its sliding window is off (use_sliding_window false).
-  json qwen = json::parse(R"({
-    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
-    "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02,
-    "intermediate_size": 4864, "max_position_embeddings": 32768, "max_window_layers": 24,
-    "model_type": "qwen2", "num_attention_heads": 14, "num_hidden_layers": 24,
-    "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
-    "sliding_window": 32768, "tie_word_embeddings": true, "torch_dtype": "bfloat16",
-    "transformers_version": "4.43.1", "use_cache": true, "use_sliding_window": false,
-    "vocab_size": 151936})");
-  c = ModelConfigFromHf(qwen);
-  ASSERT_TRUE(c.ok()) << c.status();
-  EXPECT_EQ(c->style, ModelStyle::kLlama);
-  EXPECT_TRUE(c->qkv_bias);
-  EXPECT_TRUE(c->tie_embeddings);
-  EXPECT_EQ(c->num_kv_heads, 2);
-  EXPECT_EQ(c->head_dim(), 64);
-  EXPECT_EQ(c->max_seq_len, 32768);
-  EXPECT_EQ(c->norm_eps, 1e-6f);
-  qwen["use_sliding_window"] = true;  // but from layer max_window_layers = 24 of 24: none
-  qwen["sliding_window"] = 4096;
-  c = ModelConfigFromHf(qwen);
-  ASSERT_TRUE(c.ok()) << c.status();
-  EXPECT_EQ(c->max_seq_len, 32768);
-  qwen["max_window_layers"] = 20;
-  c = ModelConfigFromHf(qwen);
-  ASSERT_TRUE(c.ok()) << c.status();
-  EXPECT_EQ(c->max_seq_len, 4096);
-
-  const json gpt2 = json::parse(R"({
-    "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1,
-    "bos_token_id": 50256, "embd_pdrop": 0.1, "eos_token_id": 50256, "initializer_range": 0.02,
-    "layer_norm_epsilon": 1e-05, "model_type": "gpt2", "n_ctx": 1024, "n_embd": 768,
-    "n_head": 12, "n_inner": null, "n_layer": 12, "n_positions": 1024, "resid_pdrop": 0.1,
-    "summary_activation": null, "summary_first_dropout": 0.1, "summary_proj_to_labels": true,
-    "summary_type": "cls_index", "summary_use_proj": true, "vocab_size": 50257})");
-  c = ModelConfigFromHf(gpt2);
-  ASSERT_TRUE(c.ok()) << c.status();
-  EXPECT_EQ(c->style, ModelStyle::kGpt);
-  EXPECT_EQ(c->hidden_size, 768);
-  EXPECT_EQ(c->ffn_hidden_size, 3072);
-  EXPECT_EQ(c->num_layers, 12);
-  EXPECT_EQ(c->num_heads, 12);
-  EXPECT_EQ(c->vocab_size, 50257);
-  EXPECT_EQ(c->max_seq_len, 1024);
-  EXPECT_TRUE(c->tie_embeddings);
 }
 
 TEST(HfConvertTest, ConfigErrorsNameTheKeyAndValue) {
@@ -438,9 +304,9 @@ TEST(HfConvertTest, ConfigErrorsNameTheKeyAndValue) {
        {"low_freq_factor < high_freq_factor", "4 and 1"}},
       {llama, "attention_bias", true, false, {"attention_bias", "true"}},
       {llama, "mlp_bias", true, false, {"mlp_bias", "true"}},
-      {llama, "head_dim", 8, false, {"head_dim", "8"}},
+      {llama, "head_dim", -2, false, {"head_dim", "-2"}},
       {llama, "hidden_act", "gelu", false, {"hidden_act", "gelu"}},
-      {llama, "model_type", "qwen3", false, {"model_type", "qwen3"}},
+      {llama, "model_type", "qwen3_moe", false, {"model_type", "qwen3_moe"}},
       {llama, "architectures", json::array({"MistralForCausalLM"}), false, {"MistralForCausalLM"}},
       {llama, "architectures", json::array({"LlamaModel"}), false, {"architectures", "LlamaModel"}},
       {llama, "hidden_size", nullptr, true, {"hidden_size", "missing"}},
@@ -569,6 +435,21 @@ Rows Norm(const Rows& x, const HostTensor& g, const HostTensor* b, double eps) {
   return y;
 }
 
+// Qwen3's q_norm / k_norm: RMSNorm over each head of size d (the view [t, heads, d]).
+Rows HeadNorm(const Rows& x, int d, const HostTensor& g, double eps) {
+  Rows y;
+  for (const auto& row : x) {
+    Rows heads;
+    for (size_t h = 0; h * d < row.size(); ++h) {
+      heads.emplace_back(row.begin() + h * d, row.begin() + (h + 1) * d);
+    }
+    y.emplace_back();
+    for (const auto& v : Norm(heads, g, nullptr, eps))
+      y.back().insert(y.back().end(), v.begin(), v.end());
+  }
+  return y;
+}
+
 // transformers' rotary inv_freq for a head of size d: default, "linear" (divided by the factor)
 // or "llama3" (_compute_llama3_parameters, written as it is there: masks over the wavelengths).
 std::vector<double> InvFreq(const json& cfg, int d) {
@@ -654,7 +535,7 @@ Rows ReferenceLogits(const json& cfg, const HostTensorMap& w, const std::vector<
   const int hidden = llama ? cfg["hidden_size"].get<int>() : cfg["n_embd"].get<int>();
   const int hq = llama ? cfg["num_attention_heads"].get<int>() : cfg["n_head"].get<int>();
   const int hkv = llama ? cfg["num_key_value_heads"].get<int>() : hq;
-  const int d = hidden / hq;
+  const int d = llama && cfg.contains("head_dim") ? cfg["head_dim"].get<int>() : hidden / hq;
   const double eps =
       llama ? cfg["rms_norm_eps"].get<double>() : cfg["layer_norm_epsilon"].get<double>();
   const std::string emb = llama ? "model.embed_tokens.weight" : "transformer.wte.weight";
@@ -673,6 +554,10 @@ Rows ReferenceLogits(const json& cfg, const HostTensorMap& w, const std::vector<
       Rows q = Dense(a, W(p + "self_attn.q_proj.weight"), bias(p + "self_attn.q_proj.bias"), false);
       Rows k = Dense(a, W(p + "self_attn.k_proj.weight"), bias(p + "self_attn.k_proj.bias"), false);
       Rows v = Dense(a, W(p + "self_attn.v_proj.weight"), bias(p + "self_attn.v_proj.bias"), false);
+      if (w.count(p + "self_attn.q_norm.weight")) {  // Qwen3: RMSNorm of every head
+        q = HeadNorm(q, d, W(p + "self_attn.q_norm.weight"), eps);
+        k = HeadNorm(k, d, W(p + "self_attn.k_norm.weight"), eps);
+      }
       Rope(q, hq, d, cfg);
       Rope(k, hkv, d, cfg);
       AddTo(x, Dense(Attention(q, k, v, hq, hkv, d), W(p + "self_attn.o_proj.weight"), nullptr,
@@ -720,8 +605,8 @@ TEST(HfConvertTest, LogitsMatchHfReferenceForward) {
   ModelConfig untied_gpt = GptConfig(true, false);
   ModelConfig tied_llama = LlamaConfig();
   tied_llama.tie_embeddings = true;
-  for (const ModelConfig& c :
-       {LlamaConfig(), tied_llama, Qwen2Config(), Llama3Config(), GptConfig(), untied_gpt}) {
+  for (const ModelConfig& c : {LlamaConfig(), tied_llama, Qwen2Config(), Llama3Config(),
+                               WideHeadConfig(), Qwen3Config(), GptConfig(), untied_gpt}) {
     SCOPED_TRACE(c.ToJson());
     auto a = RandomModel(c, be.get(), 17);
     const std::vector<int32_t> ids = testing::RandomTokens(9, c.vocab_size, 4);
@@ -742,7 +627,7 @@ TEST(HfConvertTest, LogitsMatchHfReferenceForward) {
     EXPECT_LT(max_err / max_ref, 1e-5);
     auto c2 = ModelConfigFromHf(cfg);
     ASSERT_TRUE(c2.ok());
-    if (c.style == ModelStyle::kLlama && !c.qkv_bias) {  // as Mistral, its window the sequence
+    if (c.style == ModelStyle::kLlama && !c.qkv_bias && !c.qk_norm) {  // as Mistral, windowed
       json m = cfg;
       m["model_type"] = "mistral";
       m["architectures"] = json::array({"MistralForCausalLM"});

@@ -89,7 +89,7 @@ TEST_F(CliTest, ServeAnswersAndStopsOnSigterm) {
   // A KV cache beyond the memory free (2e9 tokens: over a TB) is refused before allocating.
   bad = RunEellm("serve --checkpoint=" + Quote(ckpt) + " --kv-cache-tokens=2000000000");
   EXPECT_NE(bad.exit_code, 0);
-  EXPECT_NE(bad.output.find("a KV cache of 2000000000 tokens (--kv_cache_tokens) needs"),
+  EXPECT_NE(bad.output.find("a KV cache of 2000000000 tokens (--kv_cache_tokens) and the "),
             std::string::npos)
       << bad.output;
   bad = RunEellm("serve --checkpoint=" + Quote(ckpt) + " --max-model-len=100000");
@@ -116,6 +116,7 @@ TEST_F(CliTest, ServeAnswersAndStopsOnSigterm) {
   const std::string reply =
       Put(s.port, R"({"prompts": ["ab"], "tokens_to_generate": 5, "early_exit_thres": 0.5})");
   const std::string too_long = Put(s.port, R"({"prompts": ["ab"], "tokens_to_generate": 19})");
+  const std::string past_context = Put(s.port, R"({"prompts": ["ab"], "tokens_to_generate": 23})");
   httplib::Client client("127.0.0.1", s.port);
   auto health = client.Get("/health");
   const bool gone = StopProcess(s.pid, s.pid);
@@ -123,6 +124,8 @@ TEST_F(CliTest, ServeAnswersAndStopsOnSigterm) {
                           "tokens"),
             std::string::npos)
       << too_long;
+  EXPECT_NE(past_context.find("= 25 exceeds the context length 24"), std::string::npos)
+      << past_context;
   ASSERT_TRUE(health);
   EXPECT_NE(health->body.find("\"kv_cache\":{\"in_use\":0,\"tokens\":16}"), std::string::npos)
       << health->body;

@@ -77,11 +77,17 @@ Backend* LayoutBackend() {
 struct LayoutTolerance {
   double loss, grad_norm, param_max, close_bound, close_fraction;
 };
-LayoutTolerance Tolerance(bool tp) {
+LayoutTolerance Tolerance(bool tp, bool qk_norm) {
   if (LayoutBackend()->operand_dtype() == DType::kBF16) return {5e-3, 5e-2, 5e-2, 1e-3, 0.85};
   // Tensor parallelism also splits every GEMM's accumulation (partial sums all-reduced), so its
   // rounding differs in every layer, not only in the final sums.
-  return {1e-5, tp ? 5e-5 : 1e-5, tp ? 3e-4 : 1e-4, 1e-6, 0.99};
+  // With q and k norms (llama-mqa) parameters within 3e-4 and 97% within 1e-6: one element of a
+  // K projection (of 200,000) then moves by 1.4-1.9e-4 more under every layout, data
+  // parallelism included, whose only difference is the order of additions (the norm's backward
+  // leaves it a near-zero gradient, which Adam scales up); and on emulated CUDA, tuning the cut
+  // model's block exit alone leaves 98.0% within 1e-6 (the rest up to 1.3e-4, spread over the
+  // exit's tensors) while its losses and gradient norms match within 1e-5.
+  return {1e-5, tp ? 5e-5 : 1e-5, tp || qk_norm ? 3e-4 : 1e-4, 1e-6, qk_norm ? 0.97 : 0.99};
 }
 
 // What the MPI communicator stages through host memory: the backend's buffers when they are
@@ -137,8 +143,10 @@ std::string DataPrefix(int world_rank) {
 // `extra_exits`: JSON of more exits, each preceded by a comma.
 RunConfig TinyRun(const std::string& style, const std::string& data,
                   const std::string& extra_exits = "") {
-  // "llama-mqa": one KV head, replicated over tensor-parallel ranks when tp > 1, and biases on
-  // q, k and v (Qwen2), the K and V ones replicated alike.
+  // "llama-mqa": one KV head, replicated over tensor-parallel ranks when tp > 1, biases on q, k
+  // and v (Qwen2), the K and V ones replicated alike, RMSNorms of each q and k head (Qwen3; their
+  // gains' gradients summed over tensor-parallel ranks), and heads of 16 where hidden / heads is
+  // 8 (Qwen3, Mistral Nemo).
   const bool mqa = style == "llama-mqa";
   const std::string json =
       std::string(R"({"model": {"style": ")") + (mqa ? "llama" : style) +
@@ -148,7 +156,8 @@ RunConfig TinyRun(const std::string& style, const std::string& data,
       (mqa                ? "1"
        : style == "llama" ? "2"
                           : "4") +
-      R"(, "max_seq_len": 32, )" + (mqa ? R"("qkv_bias": true, )" : "") +
+      R"(, "max_seq_len": 32, )" +
+      (mqa ? R"("qkv_bias": true, "qk_norm": true, "head_dim": 16, )" : "") +
       R"("exits": [{"layer": 1, "kind": "norm", "tied": true, "loss_weight": 0.5},
                 {"layer": 3, "kind": "mlp", "position": "pre", "loss_weight": 0.3},
                 {"layer": 4, "kind": "block", "loss_weight": 0.2})" +
@@ -223,7 +232,7 @@ void ExpectLayoutsMatch(const RunConfig& rc, const RunResult& ref,
     // Frozen-backbone runs train the exits alone: Adam's rarely-seen-token rows (see the top
     // comment) weigh more among fewer tensors, so their parameters get the tensor-parallel bound
     // (measured: 1.1e-4 for GPT without tensor parallelism).
-    const LayoutTolerance tol = Tolerance(l.tp > 1 || rc.train.freeze_backbone);
+    const LayoutTolerance tol = Tolerance(l.tp > 1 || rc.train.freeze_backbone, rc.model.qk_norm);
     for (size_t s = 0; s < ref.losses.size(); ++s) {
       for (size_t h = 0; h < ref.losses[s].size(); ++h) {
         EXPECT_NEAR(got.losses[s][h], ref.losses[s][h], tol.loss * ref.losses[s][h])
@@ -534,7 +543,7 @@ TEST_P(TrainLayouts, ResumeIsExactAndReshardsAcrossLayouts) {
   ASSERT_EQ(moved.losses.size(), 1u);
   for (size_t h = 0; h < moved.losses[0].size(); ++h) {
     EXPECT_NEAR(moved.losses[0][h], straight.losses[2][h],
-                Tolerance(/*tp=*/true).loss * straight.losses[2][h]);
+                Tolerance(/*tp=*/true, /*qk_norm=*/false).loss * straight.losses[2][h]);
   }
   if (rank == 0) {
     double max_diff = 0;
@@ -543,7 +552,7 @@ TEST_P(TrainLayouts, ResumeIsExactAndReshardsAcrossLayouts) {
     }
     std::printf("%s resumed under another layout: max |param diff| %.3g\n", GetParam().c_str(),
                 max_diff);
-    EXPECT_LT(max_diff, Tolerance(/*tp=*/true).param_max);
+    EXPECT_LT(max_diff, Tolerance(/*tp=*/true, /*qk_norm=*/false).param_max);
   }
   world->Barrier();
   std::error_code ec;

@@ -58,6 +58,51 @@ TEST(ModelConfigTest, RopeScalingParsesAndRoundTrips) {
   }
 }
 
+std::string Llama5Heads(const std::string& extra) {
+  return R"({"style": "llama", "vocab_size": 32, "hidden_size": 32, "num_layers": 2,
+             "num_heads": 5, "num_kv_heads": 1, "max_seq_len": 64)" +
+         extra + "}";
+}
+
+TEST(ModelConfigTest, HeadDimMayDifferFromHiddenOverHeads) {
+  auto c = ParseModelConfig(Llama(R"(, "head_dim": 16)"));  // 4 heads of 16 over hidden 32
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->head_dim(), 16);
+  EXPECT_EQ(LocalConfig(*c, 2).head_dim(), 16);  // tensor parallelism splits heads, not their size
+  EXPECT_NE(c->ToJson().find("\"head_dim\": 16"), std::string::npos);
+  EXPECT_EQ(ParseModelConfig(c->ToJson())->head_dim(), 16);
+  // Equal to hidden / heads: the same model, and the canonical JSON stays as before.
+  c = ParseModelConfig(Llama(R"(, "head_dim": 8)"));
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->head_dim(), 8);
+  EXPECT_EQ(c->ToJson(), ParseModelConfig(Llama(""))->ToJson());
+  // Without head_dim, num_heads must divide hidden_size; with it, not.
+  EXPECT_FALSE(ParseModelConfig(Llama5Heads("")).ok());
+  c = ParseModelConfig(Llama5Heads(R"(, "head_dim": 8)"));
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->head_dim(), 8);
+  for (const std::string& bad :
+       {Llama(R"(, "head_dim": 0)"), Llama(R"(, "head_dim": -4)"),
+        std::string(R"({"style": "gpt", "vocab_size": 32, "hidden_size": 32, "num_layers": 2,
+                        "num_heads": 4, "max_seq_len": 64, "head_dim": 16})")}) {
+    auto r = ParseModelConfig(bad);
+    ASSERT_FALSE(r.ok()) << bad;
+    EXPECT_NE(r.status().message().find("head_dim"), std::string::npos) << r.status();
+  }
+}
+
+TEST(ModelConfigTest, QkNormIsForLlama) {
+  auto c = ParseModelConfig(Llama(R"(, "qk_norm": true)"));
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(c->qk_norm);
+  EXPECT_TRUE(ParseModelConfig(c->ToJson())->qk_norm);
+  EXPECT_EQ(ParseModelConfig(Llama(""))->ToJson().find("qk_norm"), std::string::npos);
+  auto g = ParseModelConfig(R"({"style": "gpt", "vocab_size": 32, "hidden_size": 32,
+      "num_layers": 2, "num_heads": 4, "max_seq_len": 64, "qk_norm": true})");
+  ASSERT_FALSE(g.ok());
+  EXPECT_NE(g.status().message().find("qk_norm is for style llama"), std::string::npos);
+}
+
 TEST(ModelConfigTest, BadRopeScalingIsNamed) {
   struct Case {
     std::string json;

@@ -99,14 +99,21 @@ TEST(ModelGrad, NoExitsBothStyles) {
   CheckModelGradients(TinyConfig(ModelStyle::kLlama), 8);
 }
 
-// Llama with biases on q, k and v (Qwen2), in the backbone and in a block exit.
-TEST(ModelGrad, LlamaWithQkvBiases) {
+// A tiny Llama with a block exit after layer 1, for checking attention variants in the backbone
+// and in an exit alike.
+ModelConfig LlamaWithBlockExit() {
   ModelConfig c = TinyConfig(ModelStyle::kLlama);
-  c.qkv_bias = true;
   ExitConfig x;
   x.layer = 1;
   x.kind = ExitKind::kBlock;
   c.exits.push_back(x);
+  return c;
+}
+
+// Llama with biases on q, k and v (Qwen2), in the backbone and in a block exit.
+TEST(ModelGrad, LlamaWithQkvBiases) {
+  ModelConfig c = LlamaWithBlockExit();
+  c.qkv_bias = true;
   auto be = Cpu();
   auto m = Model::Create(c, be.get());
   ASSERT_TRUE(m.ok());
@@ -120,6 +127,31 @@ TEST(ModelGrad, LlamaWithQkvBiases) {
   }
   EXPECT_EQ(biases, 3 * (c.num_layers + 1));
   CheckModelGradients(c, 9);
+}
+
+// Qwen3: RMSNorm over each q and k head before RoPE, with heads wider than hidden / heads (2
+// heads of 6 over a hidden size of 8), in the backbone and in a block exit.
+TEST(ModelGrad, LlamaWithQkNormAndWideHeads) {
+  ModelConfig c = LlamaWithBlockExit();
+  c.qk_norm = true;
+  c.explicit_head_dim = 6;
+  auto be = Cpu();
+  auto m = Model::Create(c, be.get());
+  ASSERT_TRUE(m.ok());
+  int norms = 0;
+  for (const ParamInfo& p : (*m)->params().params()) {
+    if (p.name.find("attn.q_norm.weight") != std::string::npos ||
+        p.name.find("attn.k_norm.weight") != std::string::npos) {
+      ++norms;
+      EXPECT_EQ(p.shape, Shape({6})) << p.name;
+      EXPECT_TRUE(p.sum_grad_over_tp) << p.name;
+    }
+    if (p.name.find("attn.wq.weight") != std::string::npos) {
+      EXPECT_EQ(p.shape, Shape({12, 8})) << p.name;
+    }
+  }
+  EXPECT_EQ(norms, 2 * (c.num_layers + 1));
+  CheckModelGradients(c, 11);
 }
 
 TEST(ModelGrad, PreExitAtLayerOneReadsEmbeddings) {

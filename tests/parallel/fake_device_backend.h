@@ -41,6 +41,7 @@ class FakeDeviceBackend final : public Backend {
   void Add(float*, const float*, const float*, size_t) override { std::abort(); }
   void Axpy(float*, float, const float*, size_t) override { std::abort(); }
   void Scale(float*, float, size_t) override { std::abort(); }
+  void ToFloat(float*, ConstOperand, size_t) override { std::abort(); }
   double SumSquares(const float*, size_t) override { std::abort(); }
   void EmbeddingForward(float*, const int32_t*, const float*, int, int) override { std::abort(); }
   void EmbeddingBackward(float*, const int32_t*, const float*, int, int) override { std::abort(); }
