@@ -76,9 +76,10 @@ int RunServeCommand() {
         absl::StrCat("--max_batch must be in [1, 4096], got ", max_batch)));
   }
   const int64_t kv_tokens = absl::GetFlag(FLAGS_kv_cache_tokens);
-  if (kv_tokens < 0 || kv_tokens > (int64_t{1} << 31) - 1) {
+  // (2^31 less a page: the pages' count stays an int)
+  if (kv_tokens < 0 || kv_tokens > (int64_t{1} << 31) - Generator::kKvPageTokens) {
     return Fail(absl::InvalidArgumentError(
-        absl::StrCat("--kv_cache_tokens must be in [0, 2^31), got ", kv_tokens)));
+        absl::StrCat("--kv_cache_tokens must be in [0, 2^31 - 16], got ", kv_tokens)));
   }
   const int prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
   if (prefill_chunk < 0) {

@@ -1,8 +1,10 @@
 // Hugging Face <-> eellm model conversion in memory (no file I/O): the model config
 // (config.json of LlamaForCausalLM or GPT2LMHeadModel <-> ModelConfig; MistralForCausalLM reads
-// as Llama with the context cut to its sliding window, Qwen2ForCausalLM as Llama with qkv_bias
-// and is written back as such) and the tensors (HF names and layouts <-> eellm parameter names,
-// see models/transformer.cc and models/layers.cc; Qwen2 adds self_attn.{q,k,v}_proj.bias).
+// as Llama with the context cut to its sliding window, Qwen2ForCausalLM as Llama with qkv_bias,
+// Qwen3ForCausalLM as Llama with qk_norm and head_dim, both written back as such) and the tensors
+// (HF names and layouts <-> eellm parameter names, see models/transformer.cc and
+// models/layers.cc; Qwen2 adds self_attn.{q,k,v}_proj.bias, Qwen3 self_attn.{q,k}_norm.weight
+// -> attn.{q,k}_norm.weight).
 //
 // Naming, per layer i (eellm "layers.{i}." on the right):
 //   Llama  model.embed_tokens.weight                 embedding.word.weight

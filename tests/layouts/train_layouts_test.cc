@@ -25,14 +25,16 @@
 // parameters within 1e-6 but 99.3-99.9% within 1e-3, the others up to 2 lr; 96.5% within 1e-3
 // since the model has a block exit, spread evenly over the backbone's tensors) check that every
 // layout computes the same training, not its rounding: losses within 5e-3 and gradient norms
-// within 5e-2 relative, 85% of the parameters within 1e-3 (a tenth of lr) and all within 5 lr
+// within 5e-2 relative, 95% of the parameters within 1e-3 (a tenth of lr; 85% for llama-mqa,
+// below) and all within 5 lr
 // (Adam moves an element by up to about lr per step, 3 steps, so two runs differ by up to twice
 // that where rounding flips the sign of a near-zero gradient: measured 3.3 lr on the one-KV-head
 // model's q, k, v biases). The fraction within 1e-3 is the fraction of gradient elements above
 // bf16's rounding noise (Adam's first step moves every element by lr, whatever its size), so it
 // depends on the model and on the CPU's BLAS kernels: on an AMD EPYC, gpt 99.7%, llama 99.998%
-// and the one-KV-head llama-mqa 92.1% (5-10% of every tensor outside the bound, none far off:
-// fp32 runs of the same layouts match within 1e-6); 96.5-97.9% on the machines before.
+// and the one-KV-head llama-mqa 92.1% before it had q and k norms (5-10% of every tensor
+// outside the bound, none far off; its fp32 runs match within the fp32 bounds below); 96.5-97.9%
+// on the machines before.
 // Exact resume stays bit-exact.
 #include <unistd.h>
 
@@ -78,7 +80,9 @@ struct LayoutTolerance {
   double loss, grad_norm, param_max, close_bound, close_fraction;
 };
 LayoutTolerance Tolerance(bool tp, bool qk_norm) {
-  if (LayoutBackend()->operand_dtype() == DType::kBF16) return {5e-3, 5e-2, 5e-2, 1e-3, 0.85};
+  if (LayoutBackend()->operand_dtype() == DType::kBF16) {
+    return {5e-3, 5e-2, 5e-2, 1e-3, qk_norm ? 0.85 : 0.95};
+  }
   // Tensor parallelism also splits every GEMM's accumulation (partial sums all-reduced), so its
   // rounding differs in every layer, not only in the final sums.
   // With q and k norms (llama-mqa) parameters within 3e-4 and 97% within 1e-6: one element of a

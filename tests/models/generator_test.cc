@@ -469,6 +469,46 @@ INSTANTIATE_TEST_SUITE_P(Configs, BatchAgainstFullPass,
                                             ::testing::Bool(), ::testing::Values(12, 24),
                                             ::testing::Values(3, 5)));
 
+// Qwen3 and Llama 3.1 attention together: q and k norms, heads of 6 over a hidden size of 8,
+// and llama3-scaled RoPE (of the 3 pairs, one kept, one blended, one divided). Decoding with
+// the KV cache gives a full pass's logits and cache, and batched early exit a full pass's tokens.
+TEST(Generator, Qwen3StyleAttentionMatchesFullPass) {
+  ModelConfig c = ConfigWithExits(ModelStyle::kLlama);
+  c.qk_norm = true;
+  c.explicit_head_dim = 6;
+  c.rope_scaling = {RopeScalingKind::kLlama3, 4.0f, 1.0f, 2.0f, 256};
+  auto be = Cpu();
+  auto m = *Model::Create(c, be.get());
+  testing::FillParams(*m, 13, 0.8f);
+  const auto ids = testing::RandomTokens(20, c.vocab_size, 14);
+  const FullPass full = RunFull(*m, ids);
+  Generator g(m.get(), c.max_seq_len);
+  EarlyExitParams off;
+  StepResult r = g.Step({ids.begin(), ids.begin() + 6}, off);
+  EXPECT_LT(MaxAbsDiff(r.logits.data(), full.final_logits[5].data(), c.vocab_size), 1e-4);
+  for (int p = 6; p < 20; ++p) {
+    r = g.Step({ids[p]}, off);
+    EXPECT_LT(MaxAbsDiff(r.logits.data(), full.final_logits[p].data(), c.vocab_size), 1e-4)
+        << "position " << p;
+  }
+  ExpectCacheMatches(g, 0, full);
+  Generator batch(m.get(), 24, 3);
+  std::vector<GenerationRequest> reqs(3);
+  int early = 0;
+  for (int i = 0; i < 3; ++i) {
+    reqs[i].prompt = testing::RandomTokens(3 + 2 * i, c.vocab_size, 20 + i);
+    reqs[i].max_new_tokens = 14;
+    reqs[i].early_exit.threshold = 0.25f + 0.1f * i;
+  }
+  auto res = *batch.GenerateBatch(reqs);
+  for (int i = 0; i < 3; ++i) {
+    SCOPED_TRACE(::testing::Message() << "sequence " << i);
+    ExpectMatchesFullPass(*m, reqs[i], res[i]);
+    for (int e : res[i].exit_index) early += e >= 0;
+  }
+  EXPECT_GT(early, 0);
+}
+
 TEST(Generator, BatchErrorsNameThePromptAndTheValue) {
   ModelConfig c = ConfigWithExits(ModelStyle::kLlama);
   auto be = Cpu();
