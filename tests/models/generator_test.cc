@@ -24,19 +24,16 @@ using testing::TinyConfig;
 
 class GeneratorTest : public ::testing::TestWithParam<ModelStyle> {};
 
-// Prefill + one-token decode steps give the logits of a full forward pass at every position.
-TEST_P(GeneratorTest, KvCacheDecodingMatchesFullForward) {
-  ModelConfig c = ConfigWithExits(GetParam());
-  auto be = Cpu();
-  auto m = *Model::Create(c, be.get());
-  testing::FillParams(*m, 11);
-  auto ids = testing::RandomTokens(20, c.vocab_size, 12);
-  FullPass full = RunFull(*m, ids);
-  Generator g(m.get(), c.max_seq_len);
+// A prefill of 6 of `ids` and one-token decode steps without early exit give the logits of a
+// full forward pass at every position, and its K and V.
+void ExpectDecodingMatchesFullPass(Model& m, const std::vector<int32_t>& ids) {
+  const ModelConfig& c = m.config();
+  const FullPass full = RunFull(m, ids);
+  Generator g(&m, c.max_seq_len);
   EarlyExitParams off;
   StepResult r = g.Step({ids.begin(), ids.begin() + 6}, off);
   EXPECT_LT(MaxAbsDiff(r.logits.data(), full.final_logits[5].data(), c.vocab_size), 1e-4);
-  for (int p = 6; p < 20; ++p) {
+  for (size_t p = 6; p < ids.size(); ++p) {
     r = g.Step({ids[p]}, off);
     ASSERT_EQ(r.exit_index, -1);
     EXPECT_EQ(r.depth, c.num_layers);
@@ -44,6 +41,14 @@ TEST_P(GeneratorTest, KvCacheDecodingMatchesFullForward) {
         << "position " << p;
   }
   ExpectCacheMatches(g, 0, full);
+}
+
+TEST_P(GeneratorTest, KvCacheDecodingMatchesFullForward) {
+  ModelConfig c = ConfigWithExits(GetParam());
+  auto be = Cpu();
+  auto m = *Model::Create(c, be.get());
+  testing::FillParams(*m, 11);
+  ExpectDecodingMatchesFullPass(*m, testing::RandomTokens(20, c.vocab_size, 12));
 }
 
 // With threshold 1.0 generation reproduces, token for token, the same backbone without exits.
@@ -480,18 +485,7 @@ TEST(Generator, Qwen3StyleAttentionMatchesFullPass) {
   auto be = Cpu();
   auto m = *Model::Create(c, be.get());
   testing::FillParams(*m, 13, 0.8f);
-  const auto ids = testing::RandomTokens(20, c.vocab_size, 14);
-  const FullPass full = RunFull(*m, ids);
-  Generator g(m.get(), c.max_seq_len);
-  EarlyExitParams off;
-  StepResult r = g.Step({ids.begin(), ids.begin() + 6}, off);
-  EXPECT_LT(MaxAbsDiff(r.logits.data(), full.final_logits[5].data(), c.vocab_size), 1e-4);
-  for (int p = 6; p < 20; ++p) {
-    r = g.Step({ids[p]}, off);
-    EXPECT_LT(MaxAbsDiff(r.logits.data(), full.final_logits[p].data(), c.vocab_size), 1e-4)
-        << "position " << p;
-  }
-  ExpectCacheMatches(g, 0, full);
+  ExpectDecodingMatchesFullPass(*m, testing::RandomTokens(20, c.vocab_size, 14));
   Generator batch(m.get(), 24, 3);
   std::vector<GenerationRequest> reqs(3);
   int early = 0;
