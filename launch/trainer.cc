@@ -440,9 +440,13 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     for (int i = 0; i < kv_replicas; ++i) group.push_back(first + i);
     kv_group = ctx->tp->Subgroup(group);
   }
-  // The q and k norms' gains (qk_norm) are whole on every tensor-parallel rank, but each rank's
-  // gradient covers its own heads: the ranks sum theirs, at the same points.
-  const bool tp_partial = tc.tp > 1 && mc.qk_norm;
+  // Tensors whole on every tensor-parallel rank whose gradient covers the rank's own heads (the q
+  // and k norms' gains): the ranks sum theirs, at the same points.
+  bool tp_partial = false;
+  for (Model* chunk : chunks) {
+    for (const ParamInfo& p : chunk->params().params()) tp_partial |= p.sum_grad_over_tp;
+  }
+  tp_partial = tp_partial && tc.tp > 1;
   auto sum_over_tp = [&](ParamStore& ps, const ParamInfo& p) {
     if (kv_group && p.tp_replicas > 1) {
       kv_group->AllReduce(ps.grad_at(p.offset), p.numel, ReduceOp::kSum);

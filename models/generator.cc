@@ -55,7 +55,6 @@ Generator::Generator(Model* model, int capacity, int max_sequences, int kv_token
       be_(model->backend()),
       capacity_(capacity),
       row_budget_(RowBudget(capacity, max_sequences)),
-      // A row per sequence and a round's check in one projection; prompts score 64 rows at once.
       head_rows_(HeadRows(max_sequences)),
       first_(model->first_layer()),
       end_(model->end_layer()),

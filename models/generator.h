@@ -207,9 +207,9 @@ class Generator : public SequenceBatcher {
   static int HeadRows(int max_sequences) {
     return std::max(max_sequences + kMaxDraftTokens + 1, 64);
   }
-  // What a Generator(model, capacity, max_sequences, kv_tokens) allocates, but for buffers of a
-  // size fixed by the model (the head's logits rows, norms): its KV cache, and the activations
-  // and tables that grow with the context and the number of sequences.
+  // What a Generator(model, capacity, max_sequences, kv_tokens) allocates but for a few small
+  // buffers whose size is fixed by the model: its KV cache, the activation rows, the heads' rows
+  // and the tables that grow with the context and the number of sequences.
   static int64_t PlannedBytes(Model& model, int capacity, int max_sequences, int kv_tokens);
   int capacity() const override { return capacity_; }
   Model* model() const { return model_; }

@@ -60,6 +60,18 @@ void AddReducedResidual(const LayerContext& ctx, float* out, const float* x, siz
   TpAllReduce(ctx.tp.comm, out, n);
   ctx.be->Add(out, out, x, n);
 }
+
+// qk_norm's backward over `rows` heads: dx (fp32) from dout (in the operand dtype, widened into
+// `widened` when bf16, since the norm's backward reads fp32) through the RMSNorm of x with gain
+// `gain`, whose gradient accumulates.
+void HeadNormBackward(const LayerContext& ctx, int gain, const float* x, const float* rstd,
+                      ConstOperand dout, float* widened, float* dx, int rows) {
+  const int d = ctx.cfg->head_dim();
+  if (dout.is_bf16()) ctx.be->ToFloat(widened, dout, static_cast<size_t>(rows) * d);
+  const float* dout32 = dout.is_bf16() ? widened : dout.f32();
+  ctx.be->RmsNormBackward(dx, nullptr, ctx.G(gain), dout32, x, ctx.P(gain), rstd, rows, d);
+}
+
 }  // namespace
 
 MlpParams AddMlpParams(ParamStore& ps, const ModelConfig& c, const std::string& prefix) {
@@ -315,13 +327,8 @@ void BlockBackward(const LayerContext& ctx, const BlockParams& p, const BlockAct
   }
   ConstOperand dq = s.dq, dk = s.dk;  // at the projections' outputs
   if (c.qk_norm) {
-    const size_t nq = static_cast<size_t>(n) * hq * d, nkv = static_cast<size_t>(n) * hkv * d;
-    const float* dq32 = s.dq.is_bf16() ? (be->ToFloat(s.dq_f32, s.dq, nq), s.dq_f32) : s.dq.f32();
-    const float* dk32 = s.dk.is_bf16() ? (be->ToFloat(s.dk_f32, s.dk, nkv), s.dk_f32) : s.dk.f32();
-    be->RmsNormBackward(s.dq_raw, nullptr, ctx.G(p.attn.q_norm), dq32, at.q_raw,
-                        ctx.P(p.attn.q_norm), at.q_rstd, n * hq, d);
-    be->RmsNormBackward(s.dk_raw, nullptr, ctx.G(p.attn.k_norm), dk32, at.k_raw,
-                        ctx.P(p.attn.k_norm), at.k_rstd, n * hkv, d);
+    HeadNormBackward(ctx, p.attn.q_norm, at.q_raw, at.q_rstd, s.dq, s.dq_f32, s.dq_raw, n * hq);
+    HeadNormBackward(ctx, p.attn.k_norm, at.k_raw, at.k_rstd, s.dk, s.dk_f32, s.dk_raw, n * hkv);
     dq = s.dq_raw;
     dk = s.dk_raw;
   }
