@@ -139,8 +139,6 @@ absl::Status ReadRope(const json& j, const char* key, float* theta, json* scalin
   RETURN_IF_ERROR(RequireWholeHeadRotated(r));
   if (type == "default") return absl::OkStatus();
   json s = {{"type", type}};
-  if (!Has(r, "factor"))
-    return ConfigError(absl::StrCat("\"", key, "\" needs a factor: ", r.dump()));
   std::vector<const char*> keys = {"factor"};
   if (type == "llama3") {
     keys.insert(keys.end(),
@@ -167,8 +165,8 @@ absl::Status ReadRope(const json& j, const char* key, float* theta, json* scalin
 // sliding window only when use_sliding_window).
 absl::Status LlamaToEellm(const json& hf, const std::string& model_type, json& e) {
   const char* mt = model_type.c_str();
-  const bool mistral = model_type == "mistral", qwen3 = model_type == "qwen3";
-  const bool qwen2 = model_type == "qwen2" || qwen3;  // Qwen3: Qwen2's window keys, no biases
+  const bool mistral = model_type == "mistral", qwen2 = model_type == "qwen2",
+             qwen3 = model_type == "qwen3";
   RETURN_IF_ERROR(CheckArchitectures(
       hf, mistral ? kMistralArch : (qwen3 ? kQwen3Arch : (qwen2 ? kQwen2Arch : kLlamaArch))));
   int hidden = 0, ffn = 0, layers = 0, heads = 0, vocab = 0, max_pos = 0;
@@ -178,10 +176,10 @@ absl::Status LlamaToEellm(const json& hf, const std::string& model_type, json& e
   RETURN_IF_ERROR(GetInt(hf, "num_attention_heads", &heads, mt));
   RETURN_IF_ERROR(GetInt(hf, "vocab_size", &vocab, mt));
   RETURN_IF_ERROR(GetInt(hf, "max_position_embeddings", &max_pos, mt));
-  // Mistral windows every layer; Qwen2 the layers from max_window_layers on, when
+  // Mistral windows every layer; Qwen2 and Qwen3 the layers from max_window_layers on, when
   // use_sliding_window. An absent sliding_window is transformers' default, 4096; null is none.
   bool windowed = mistral;
-  if (qwen2) {
+  if (qwen2 || qwen3) {
     RETURN_IF_ERROR(GetBool(hf, "use_sliding_window", &windowed));
     int first_windowed = 28;  // Qwen2Config's max_window_layers default
     RETURN_IF_ERROR(GetInt(hf, "max_window_layers", &first_windowed));
@@ -217,7 +215,7 @@ absl::Status LlamaToEellm(const json& hf, const std::string& model_type, json& e
   int head_dim = qwen3 ? 128 : 0;
   RETURN_IF_ERROR(GetInt(hf, "head_dim", &head_dim));
   e["style"] = "llama";
-  if (qwen2 && !qwen3) e["qkv_bias"] = true;
+  if (qwen2) e["qkv_bias"] = true;
   if (qwen3) e["qk_norm"] = true;
   e["hidden_size"] = hidden;
   e["ffn_hidden_size"] = ffn;
