@@ -31,7 +31,7 @@ int64_t Generator::PlannedBytes(Model& model, int capacity, int max_sequences, i
     for (size_t i = 0; i < c.exits.size(); ++i) {
       if (model.ExitIsLocal(static_cast<int>(i))) model.MakeExitActs(a, i, n, false);
     }
-    MakeBlockActs(a, c, n, false);
+    MakeBlockActs(a, model.local_config(), n, false);
     return static_cast<int64_t>(a.bytes());
   };
   const int64_t per_row = activations(2) - activations(1) +
@@ -40,9 +40,11 @@ int64_t Generator::PlannedBytes(Model& model, int capacity, int max_sequences, i
   const int64_t seq_pages = PagesFor(capacity);
   const int64_t pages = kv_tokens > 0 ? PagesFor(kv_tokens) : seq_pages * max_sequences;
   const int64_t operand = DTypeSize(model.backend()->operand_dtype());
-  // The head's rows: the final norm's output, mean and rstd, the newest hidden states, logits.
+  // The head's rows: the final norm's output, mean and rstd, the newest hidden states, this
+  // rank's logits and (under tensor parallelism) every rank's gathered.
+  const int64_t gathered = model.tp().size > 1 ? c.vocab_size : 0;
   const int64_t head_row = int64_t{c.hidden_size} * (operand + sizeof(float)) + 2 * sizeof(float) +
-                           int64_t{c.vocab_size} * sizeof(float) * (model.tp().size > 1 ? 2 : 1);
+                           (model.local_config().vocab_size + gathered) * sizeof(float);
   return pages * kKvPageTokens * KvBytesPerToken(model) +
          RowBudget(capacity, max_sequences) * per_row + HeadRows(max_sequences) * head_row +
          int64_t{max_sequences} * c.hidden_size * operand +           // newest_ops_
@@ -108,13 +110,13 @@ Generator::Generator(Model* model, int capacity, int max_sequences, int kv_token
                              ? model->MakeExitActs(arena_, i, row_budget_, /*training=*/false)
                              : ExitActs{});
   }
-  acts_ = MakeBlockActs(arena_, c, row_budget_, /*training=*/false);
+  acts_ = MakeBlockActs(arena_, local, row_budget_, /*training=*/false);
   final_norm_ = MakeNormActs(arena_, head_rows_, c.hidden_size);
   work_ = arena_.Floats(row_budget_ * ch);
   packed_ = arena_.Floats(row_budget_ * ch);
   newest_ = arena_.Floats(head_rows_ * ch);
   newest_ops_ = arena_.Operands(max_sequences * ch);
-  logits_ = arena_.Floats(static_cast<size_t>(head_rows_) * c.vocab_size);
+  logits_ = arena_.Floats(static_cast<size_t>(head_rows_) * local.vocab_size);  // this rank's
   if (model->tp().size > 1) {
     gathered_logits_ = arena_.Floats(static_cast<size_t>(head_rows_) * c.vocab_size);
   }

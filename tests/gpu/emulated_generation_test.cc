@@ -186,23 +186,34 @@ TEST_P(EmulatedGeneration, KvBytesPerTokenIsWhatTheCacheAllocates) {
   }
 }
 
+// The device bytes a Generator(m, capacity, sequences, kv_tokens) takes.
+int64_t GeneratorBytes(Model* m, int capacity, int sequences, int kv_tokens) {
+  Backend* be = m->backend();
+  const int64_t before = be->AvailableMemoryBytes();
+  Generator g(m, capacity, sequences, kv_tokens);
+  return before - be->AvailableMemoryBytes();
+}
+
 // PlannedBytes grows as the generator's allocations do with the context, the sequences and the
-// KV cache, on the whole model and on a pipeline's second stage (layers 3-4 and the exits it
-// holds); what it leaves out (fixed by the model) is a small part of the total.
+// KV cache, on the whole model, on a pipeline's second stage (layers 3-4 and the exits it holds)
+// and on a tensor-parallel rank; what it leaves out (fixed by the model) is a small part of the
+// total.
 TEST_P(EmulatedGeneration, PlannedBytesFollowTheAllocations) {
   const ModelConfig c = testing::ConfigWithExits(GetParam());
   auto emu = MakeEmulatedCudaBackend(0, true, true);
   ASSERT_TRUE(emu.ok()) << emu.status();
   Backend* be = emu->get();
-  for (const StageSpec stage : {StageSpec{}, StageSpec{1, 2}}) {
-    auto m = *Model::Create(c, be, stage, TpSpec{}, ModelGradients::kNone);
+  // The tensor-parallel rank is only constructed (no communicator): a generator allocates
+  // without communicating.
+  const std::pair<StageSpec, TpSpec> parts[] = {
+      {StageSpec{}, TpSpec{}}, {StageSpec{1, 2}, TpSpec{}}, {StageSpec{}, TpSpec{1, 2, nullptr}}};
+  for (const auto& [stage, tp] : parts) {
+    auto m = *Model::Create(c, be, stage, tp, ModelGradients::kNone);
     struct Size {
       int capacity, sequences, kv_tokens;
     };
     auto taken = [&](const Size& s) {
-      const int64_t before = be->AvailableMemoryBytes();
-      Generator g(m.get(), s.capacity, s.sequences, s.kv_tokens);
-      return before - be->AvailableMemoryBytes();
+      return GeneratorBytes(m.get(), s.capacity, s.sequences, s.kv_tokens);
     };
     auto planned = [&](const Size& s) {
       return Generator::PlannedBytes(*m, s.capacity, s.sequences, s.kv_tokens);
@@ -214,12 +225,44 @@ TEST_P(EmulatedGeneration, PlannedBytesFollowTheAllocations) {
         {{64, 2, 1024}, {64, 2, 4096}}, {{64, 2, 1024}, {256, 70, 1024}}};
     for (const auto& [a, b] : pairs) {
       EXPECT_EQ(taken(b) - taken(a), planned(b) - planned(a))
-          << stage.stage << ": " << b.capacity << " " << b.sequences << " " << b.kv_tokens;
+          << stage.stage << " " << tp.size << ": " << b.capacity << " " << b.sequences << " "
+          << b.kv_tokens;
     }
     const Size big{4096, 8, 0};
     EXPECT_LE(planned(big), taken(big));
-    EXPECT_GT(planned(big), 0.9 * taken(big)) << stage.stage;
+    EXPECT_GT(planned(big), 0.9 * taken(big)) << stage.stage << " " << tp.size;
   }
+}
+
+// A tensor-parallel rank's generator holds activations of its share of the heads and FFN
+// columns, and logits of its share of the vocabulary (beside every rank's, gathered). Against
+// the whole model, each activation row saves half of q, the attention output and the FFN
+// activations, in the 4 layers' block and the block exit, and the MLP exit's FFN activations;
+// k and v halve where there are 2 KV heads (GPT), and a single one is replicated (Llama).
+TEST_P(EmulatedGeneration, TensorParallelRankHoldsItsShare) {
+  const ModelConfig c = testing::ConfigWithExits(GetParam());
+  auto emu = MakeEmulatedCudaBackend(0, true, true);
+  ASSERT_TRUE(emu.ok()) << emu.status();
+  Backend* be = emu->get();
+  auto whole = *Model::Create(c, be, StageSpec{}, TpSpec{}, ModelGradients::kNone);
+  auto rank = *Model::Create(c, be, StageSpec{}, TpSpec{1, 2, nullptr}, ModelGradients::kNone);
+  // What the whole model's generator takes beyond the rank's, for one size.
+  auto saved = [&](int capacity, int sequences) {
+    return GeneratorBytes(whole.get(), capacity, sequences, 1024) -
+           GeneratorBytes(rank.get(), capacity, sequences, 1024);
+  };
+  const int64_t d = c.head_dim(), kv_saved = c.num_kv_heads == 1 ? 0 : c.num_kv_heads / 2;
+  const int64_t blocks = 2, mlps = 3;  // 2 blocks' MLPs and the MLP exit's
+  const int64_t ffn_tensors = GetParam() == ModelStyle::kLlama ? 3 : 2;  // h1, (h3,) act
+  const int64_t row_saved =
+      2 * (blocks * (c.num_heads / 2 * d * 2 + kv_saved * d * 2) +
+           mlps * ffn_tensors * (c.ffn_hidden_size / 2));  // bf16 operands: 2 bytes each
+  // The same KV cache (1,024 tokens by request) and sequences, 64 or 512 rows a pass.
+  EXPECT_EQ(saved(512, 2) - saved(64, 2), (512 - 64) * row_saved);
+  // 2 or 70 sequences: 64 or 280 rows a pass, and 64 or 70 + kMaxDraftTokens + 1 head rows, each
+  // with the rank's 8 logits and the 16 gathered where the whole model has 16.
+  const int64_t head_rows = 70 + kMaxDraftTokens + 1 - 64;
+  EXPECT_EQ(saved(64, 70) - saved(64, 2), (280 - 64) * row_saved - head_rows * 8 * 4);
 }
 
 INSTANTIATE_TEST_SUITE_P(Styles, EmulatedGeneration,
