@@ -54,12 +54,22 @@ inline __device__ bool BlockAny(bool v, unsigned* votes) {
   return all != 0;
 }
 
-// Column sums: blockDim = (kColTile, ColumnRowGroups(n)), one block per kColTile columns; a warp
-// reads 16 consecutive columns (64 bytes) of two rows at a time. Thread (x, y) sums rows y,
-// y + G, ... of its column in order, then ColumnGroupSum adds the G partials.
+// Column sums: blockDim = (kColTile, ColumnRowGroups(rows of a slice)), gridDim = (one block per
+// kColTile columns, ColumnSlices); a warp reads 16 consecutive columns (64 bytes) of two rows at
+// a time. Block (x, s) takes the s-th slice of rows (ColumnSliceRows each); its thread (x, y)
+// sums the slice's rows y, y + G, ... of its column in order, then ColumnGroupSum adds the G
+// partials. With one slice the block adds its sums to the output; with several it writes them,
+// [slices, cols] in double, and AddColumnPartials (cuda_kernels.h) adds them to the output in slice
+// order.
 constexpr int kColTile = 16;
 constexpr int kMaxRowGroups = 64;
 constexpr int kColMaxThreads = kColTile * kMaxRowGroups;  // 1024
+// Blocks a column sum aims for: 2 per SM on an H100/H200 (132 SMs) at 1,024 threads each. A
+// norm's gains over a hidden size of 2,048 are 128 column blocks, a q/k norm's over a head of
+// 128 only 8: their rows are split into slices until the blocks reach this.
+constexpr int kColTargetBlocks = 256;
+// Rows a slice keeps at least (16 row groups of 16 rows).
+constexpr int kColMinSliceRows = 256;
 
 // The number of row groups G for n rows: a power of two, the largest up to kMaxRowGroups that
 // leaves each group at least 8 rows (1 when n < 16), so that short sums launch no idle threads.
@@ -67,6 +77,26 @@ inline unsigned ColumnRowGroups(int n) {
   unsigned g = 1;
   while (g < kMaxRowGroups && 16 * static_cast<int64_t>(g) <= n) g *= 2;
   return g;
+}
+
+// The number of row slices of a sum over n rows of `cols` columns.
+inline int ColumnSlices(int n, int cols) {
+  const int64_t col_blocks = (cols + kColTile - 1) / kColTile;
+  const int64_t want = (kColTargetBlocks + col_blocks - 1) / col_blocks;
+  const int64_t most = n / kColMinSliceRows;
+  return static_cast<int>(want < most ? want : (most > 1 ? most : 1));
+}
+// Rows per slice (the last slice may hold fewer).
+inline int ColumnSliceRows(int n, int slices) { return (n + slices - 1) / slices; }
+
+// The block's result for its column (thread (x, 0) of a block, j < cols): added to dst[j], or
+// with several slices written to this slice's partials.
+inline __device__ void StoreColumnSum(float* dst, double* partials, double total, int j, int cols) {
+  if (gridDim.y == 1) {
+    dst[j] += static_cast<float>(total);
+  } else {
+    partials[static_cast<size_t>(blockIdx.y) * cols + j] = total;
+  }
 }
 
 // The sum over the block's row groups of each thread's `v`, for its column, by a fixed pairwise

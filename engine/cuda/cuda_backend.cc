@@ -141,6 +141,10 @@ void* CudaBackend::Scratch(size_t bytes, int slot) {
   return s.ptr;
 }
 
+double* CudaBackend::ColumnSumScratch(int n, int cols, int sums) {
+  return static_cast<double*>(Scratch(cuda::ColumnSumScratchBytes(n, cols, sums), 10));
+}
+
 void CudaBackend::Gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, ConstOperand a,
                        int lda, ConstOperand b, int ldb, float beta, Operand c, int ldc,
                        const float* bias, float* a_row_sums, const float* c_in) {
@@ -164,7 +168,8 @@ void CudaBackend::Gemm(bool trans_a, bool trans_b, int m, int n, int k, float al
   auto epilogues = [&](ConstOperand a_used) {
     if (bias != nullptr) CUDA_CHECK(cuda::AddBias(ToElems(c), ToElems(c), bias, m, n, stream_));
     if (a_row_sums != nullptr) {
-      CUDA_CHECK(cuda::ColumnSumAdd(a_row_sums, ToElems(a_used), k, m, stream_));
+      CUDA_CHECK(cuda::ColumnSumAdd(a_row_sums, ToElems(a_used), k, m, ColumnSumScratch(k, m, 1),
+                                    stream_));
     }
   };
   if (!a.is_bf16() && !b.is_bf16() && !c.is_bf16()) {
@@ -414,7 +419,8 @@ void CudaBackend::LinearBackward(Operand din, float* dw, float* dbias, ConstOper
     return;
   }
   if (dbias != nullptr) {
-    CUDA_CHECK(cuda::ColumnSumAdd(dbias, ToElems(dout_op), n, out_dim, stream_));
+    CUDA_CHECK(cuda::ColumnSumAdd(dbias, ToElems(dout_op), n, out_dim,
+                                  ColumnSumScratch(n, out_dim, 1), stream_));
   }
 }
 
@@ -485,7 +491,8 @@ void CudaBackend::LayerNormForward(Operand out, float* mean, float* rstd, const 
 void CudaBackend::LayerNormBackward(float* dx, const float* dres, float* dg, float* db,
                                     const float* dout, const float* x, const float* g,
                                     const float* mean, const float* rstd, int n, int c) {
-  CUDA_CHECK(cuda::LayerNormBackward(dx, dres, dg, db, dout, x, g, mean, rstd, n, c, stream_));
+  CUDA_CHECK(cuda::LayerNormBackward(dx, dres, dg, db, dout, x, g, mean, rstd, n, c,
+                                     ColumnSumScratch(n, c, 2), stream_));
 }
 void CudaBackend::RmsNormForward(Operand out, float* rstd, const float* x, const float* g, int n,
                                  int c, float eps) {
@@ -493,7 +500,8 @@ void CudaBackend::RmsNormForward(Operand out, float* rstd, const float* x, const
 }
 void CudaBackend::RmsNormBackward(float* dx, const float* dres, float* dg, const float* dout,
                                   const float* x, const float* g, const float* rstd, int n, int c) {
-  CUDA_CHECK(cuda::RmsNormBackward(dx, dres, dg, dout, x, g, rstd, n, c, stream_));
+  CUDA_CHECK(cuda::RmsNormBackward(dx, dres, dg, dout, x, g, rstd, n, c, ColumnSumScratch(n, c, 1),
+                                   stream_));
 }
 void CudaBackend::GeluForward(Operand out, ConstOperand x, size_t n) {
   CUDA_CHECK(cuda::GeluForward(ToElems(out), ToElems(x), n, stream_));

@@ -167,6 +167,9 @@ class CudaBackend final : public Backend {
   bool UseFlash(int d, std::initializer_list<const void*> tensors) const;
   // Device scratch of at least `bytes` in slot `slot` (grows on demand, outside steady state).
   void* Scratch(size_t bytes, int slot);
+  // Slot 10: the partial sums of a column sum (bias or norm gain gradients) over n rows of `cols`
+  // columns, for `sums` sums; null where the rows are not split.
+  double* ColumnSumScratch(int n, int cols, int sums);
 
   int device_ = 0;
   GemmPrecision precision_ = GemmPrecision::kFp32;
@@ -180,8 +183,8 @@ class CudaBackend final : public Backend {
   // 0-1 attention, 2 SumSquares partials, 3 and 6 bf16 GEMM operands (A and B side), 4 bf16
   // dout of LinearBackward, 5 fp32 attention output, or dq|dk|dv, before their conversion to
   // bf16 (unfused path), 7 a bias as bf16 or a bias gradient (GEMM epilogues), 8-9 a paged
-  // cache's keys and values gathered in order (unfused path).
-  Slot scratch_[10];
+  // cache's keys and values gathered in order (unfused path), 10 column sums' partials.
+  Slot scratch_[11];
   struct WeightCopy {
     const float* base = nullptr;
     size_t n = 0;

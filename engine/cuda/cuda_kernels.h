@@ -41,7 +41,14 @@ cudaError_t EmbeddingBackwardRange(float* dtable, const int32_t* ids, const floa
                                    int c, int start, int rows, cudaStream_t s);
 // out[r, j] = in[r, j] + bias[j], the bias rounded to bf16 for a bf16 out (out may alias in).
 cudaError_t AddBias(Elems out, Elems in, const float* bias, int n, int cols, cudaStream_t s);
-cudaError_t ColumnSumAdd(float* dst, Elems x, int n, int cols, cudaStream_t s);
+// Column sums over many rows and few columns split the rows into slices (block_reduce.cuh) whose
+// sums wait in `scratch` (double) for AddColumnPartials: ColumnSumScratchBytes(n, cols, sums)
+// bytes for `sums` column sums over n rows (0: not split, scratch may be null).
+size_t ColumnSumScratchBytes(int n, int cols, int sums);
+cudaError_t AddColumnPartials(float* dst, const double* partials, int slices, int cols,
+                              cudaStream_t s);
+// dst[j] += sum over rows of x[r, j].
+cudaError_t ColumnSumAdd(float* dst, Elems x, int n, int cols, double* scratch, cudaStream_t s);
 // The inputs and outputs of GELU and SwiGLU, forward and backward, and the forward outputs of the
 // norms are operands (engine/tensor/operand.h): fp32 or bf16.
 cudaError_t GeluForward(Elems out, Elems x, size_t n, cudaStream_t s);
@@ -59,17 +66,17 @@ cudaError_t AdamW(float* p, const float* g, float* m, float* v, size_t n, float 
                   float beta2, float eps, float weight_decay, float inv_bc1, float inv_bc2,
                   cudaStream_t s);
 
-// norm_kernels.cu
+// norm_kernels.cu (the backwards' scratch: ColumnSumScratchBytes(n, c, 2 or 1 for RMSNorm))
 cudaError_t LayerNormForward(Elems out, float* mean, float* rstd, const float* x, const float* g,
                              const float* b, int n, int c, float eps, cudaStream_t s);
 cudaError_t LayerNormBackward(float* dx, const float* dres, float* dg, float* db, const float* dout,
                               const float* x, const float* g, const float* mean, const float* rstd,
-                              int n, int c, cudaStream_t s);
+                              int n, int c, double* scratch, cudaStream_t s);
 cudaError_t RmsNormForward(Elems out, float* rstd, const float* x, const float* g, int n, int c,
                            float eps, cudaStream_t s);
 cudaError_t RmsNormBackward(float* dx, const float* dres, float* dg, const float* dout,
                             const float* x, const float* g, const float* rstd, int n, int c,
-                            cudaStream_t s);
+                            double* scratch, cudaStream_t s);
 
 // softmax_kernels.cu
 // In place on s[tq, tk] (row stride tk): row i becomes the softmax over keys 0 .. q_offset + i,

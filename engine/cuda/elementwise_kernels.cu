@@ -151,18 +151,27 @@ __global__ void AddBiasKernel(Elems out, Elems in, const float* bias, int n, int
 }
 
 // dst[j] += sum over rows of x[r, j] (double), in the fixed order of block_reduce.cuh's column
-// sums.
+// sums (`partials` when sliced).
 __global__ void __launch_bounds__(kColMaxThreads, 2)
-    ColumnSumAddKernel(float* dst, Elems x, int n, int cols) {
+    ColumnSumAddKernel(float* dst, double* partials, Elems x, int n, int slice_rows, int cols) {
   __shared__ double part[kMaxRowGroups][kColTile];
   const int j = blockIdx.x * kColTile + threadIdx.x;
+  const int begin = blockIdx.y * slice_rows, end = min(n, begin + slice_rows);
   double acc = 0.0;
   if (j < cols) {
-    for (int r = threadIdx.y; r < n; r += blockDim.y)
+    for (int r = begin + threadIdx.y; r < end; r += blockDim.y)
       acc += LoadAt(x, static_cast<size_t>(r) * cols + j);
   }
   const double total = ColumnGroupSum(acc, part);
-  if (threadIdx.y == 0 && j < cols) dst[j] += static_cast<float>(total);
+  if (threadIdx.y == 0 && j < cols) StoreColumnSum(dst, partials, total, j, cols);
+}
+
+__global__ void AddColumnPartialsKernel(float* dst, const double* partials, int slices, int cols) {
+  const int j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= cols) return;
+  double total = 0.0;
+  for (int s = 0; s < slices; ++s) total += partials[static_cast<size_t>(s) * cols + j];
+  dst[j] += static_cast<float>(total);
 }
 
 constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2 / pi)
@@ -315,10 +324,24 @@ cudaError_t AddBias(Elems out, Elems in, const float* bias, int n, int cols, cud
     LaunchKernel(AddBiasKernel, dim3(Blocks(total)), dim3(kThreads), 0, s, out, in, bias, n, cols);
   return cudaGetLastError();
 }
-cudaError_t ColumnSumAdd(float* dst, Elems x, int n, int cols, cudaStream_t s) {
-  if (n > 0 && cols > 0)
-    LaunchKernel(ColumnSumAddKernel, dim3((cols + kColTile - 1) / kColTile),
-                 dim3(kColTile, ColumnRowGroups(n)), 0, s, dst, x, n, cols);
+size_t ColumnSumScratchBytes(int n, int cols, int sums) {
+  const int slices = ColumnSlices(n, cols);
+  return slices > 1 ? static_cast<size_t>(slices) * cols * sums * sizeof(double) : 0;
+}
+cudaError_t AddColumnPartials(float* dst, const double* partials, int slices, int cols,
+                              cudaStream_t s) {
+  if (cols > 0) {
+    LaunchKernel(AddColumnPartialsKernel, dim3((cols + kThreads - 1) / kThreads), dim3(kThreads), 0,
+                 s, dst, partials, slices, cols);
+  }
+  return cudaGetLastError();
+}
+cudaError_t ColumnSumAdd(float* dst, Elems x, int n, int cols, double* scratch, cudaStream_t s) {
+  if (n <= 0 || cols <= 0) return cudaGetLastError();
+  const int slices = ColumnSlices(n, cols), rows = ColumnSliceRows(n, slices);
+  LaunchKernel(ColumnSumAddKernel, dim3((cols + kColTile - 1) / kColTile, slices),
+               dim3(kColTile, ColumnRowGroups(rows)), 0, s, dst, scratch, x, n, rows, cols);
+  if (slices > 1) AddColumnPartials(dst, scratch, slices, cols, s);
   return cudaGetLastError();
 }
 cudaError_t GeluForward(Elems out, Elems x, size_t n, cudaStream_t s) {

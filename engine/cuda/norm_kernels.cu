@@ -1,8 +1,9 @@
 // CUDA kernels of LayerNorm and RMSNorm, forward and backward: one block per row, row
 // statistics accumulated in double (as the CPU backend does). Gain and bias gradients are column
-// sums over rows: a block of kColTile columns x G row groups (G from n alone), where row group y
-// sums rows y, y + G, ... in order (double) and the groups' partials are then added in a fixed
-// pairwise tree; no atomics, so results are deterministic (same bits every run).
+// sums over rows (block_reduce.cuh): a block of kColTile columns x G row groups for each slice
+// of rows, where row group y sums the slice's rows y, y + G, ... in order (double), the groups'
+// partials are added in a fixed pairwise tree and the slices' in order; no atomics, so results
+// are deterministic (same bits every run).
 #include <cmath>
 
 #include "engine/cuda/block_reduce.cuh"
@@ -71,15 +72,16 @@ __global__ void LayerNormBackwardRowsKernel(float* dx, const float* dres, const 
 }
 
 // dg[j] += sum_r dout * norm; db[j] += sum_r dout (db may be null). mean null: RMSNorm. Rows in
-// the fixed order of block_reduce.cuh's column sums.
+// the fixed order of block_reduce.cuh's column sums; sliced, the partials of dg, then of db.
 __global__ void __launch_bounds__(kColMaxThreads, 2)
-    NormParamGradKernel(float* dg, float* db, const float* dout, const float* x, const float* mean,
-                        const float* rstd, int n, int c) {
+    NormParamGradKernel(float* dg, float* db, double* partials, const float* dout, const float* x,
+                        const float* mean, const float* rstd, int n, int slice_rows, int c) {
   __shared__ double part[kMaxRowGroups][kColTile];
   const int j = blockIdx.x * kColTile + threadIdx.x;
+  const int begin = blockIdx.y * slice_rows, end = min(n, begin + slice_rows);
   double acc_g = 0.0, acc_b = 0.0;
   if (j < c) {
-    for (int r = threadIdx.y; r < n; r += blockDim.y) {
+    for (int r = begin + threadIdx.y; r < end; r += blockDim.y) {
       const size_t i = static_cast<size_t>(r) * c + j;
       const float nrm = mean != nullptr ? (x[i] - mean[r]) * rstd[r] : x[i] * rstd[r];
       acc_g += dout[i] * nrm;
@@ -89,8 +91,10 @@ __global__ void __launch_bounds__(kColMaxThreads, 2)
   const double total_g = ColumnGroupSum(acc_g, part);
   const double total_b = ColumnGroupSum(acc_b, part);
   if (threadIdx.y == 0 && j < c) {
-    dg[j] += static_cast<float>(total_g);
-    if (db != nullptr) db[j] += static_cast<float>(total_b);
+    StoreColumnSum(dg, partials, total_g, j, c);
+    if (db != nullptr) {
+      StoreColumnSum(db, partials + static_cast<size_t>(gridDim.y) * c, total_b, j, c);
+    }
   }
 }
 
@@ -130,7 +134,17 @@ __global__ void RmsNormBackwardRowsKernel(float* dx, const float* dres, const fl
   }
 }
 
-unsigned ColumnBlocks(int c) { return static_cast<unsigned>((c + kColTile - 1) / kColTile); }
+// The gain (and bias) gradients' column sums, sliced over rows where they are few columns.
+void LaunchNormParamGrad(float* dg, float* db, double* scratch, const float* dout, const float* x,
+                         const float* mean, const float* rstd, int n, int c, cudaStream_t s) {
+  const int slices = ColumnSlices(n, c), rows = ColumnSliceRows(n, slices);
+  LaunchKernel(NormParamGradKernel, dim3((c + kColTile - 1) / kColTile, slices),
+               dim3(kColTile, ColumnRowGroups(rows)), 0, s, dg, db, scratch, dout, x, mean, rstd, n,
+               rows, c);
+  if (slices == 1) return;
+  AddColumnPartials(dg, scratch, slices, c, s);
+  if (db != nullptr) AddColumnPartials(db, scratch + static_cast<size_t>(slices) * c, slices, c, s);
+}
 
 }  // namespace
 
@@ -145,12 +159,11 @@ cudaError_t LayerNormForward(Elems out, float* mean, float* rstd, const float* x
 
 cudaError_t LayerNormBackward(float* dx, const float* dres, float* dg, float* db, const float* dout,
                               const float* x, const float* g, const float* mean, const float* rstd,
-                              int n, int c, cudaStream_t s) {
+                              int n, int c, double* scratch, cudaStream_t s) {
   if (n <= 0 || c <= 0) return cudaGetLastError();
   LaunchKernel(LayerNormBackwardRowsKernel, dim3(n), dim3(kThreads), 0, s, dx, dres, dout, x, g,
                mean, rstd, c);
-  LaunchKernel(NormParamGradKernel, dim3(ColumnBlocks(c)), dim3(kColTile, ColumnRowGroups(n)), 0, s,
-               dg, db, dout, x, mean, rstd, n, c);
+  LaunchNormParamGrad(dg, db, scratch, dout, x, mean, rstd, n, c, s);
   return cudaGetLastError();
 }
 
@@ -165,12 +178,11 @@ cudaError_t RmsNormForward(Elems out, float* rstd, const float* x, const float* 
 
 cudaError_t RmsNormBackward(float* dx, const float* dres, float* dg, const float* dout,
                             const float* x, const float* g, const float* rstd, int n, int c,
-                            cudaStream_t s) {
+                            double* scratch, cudaStream_t s) {
   if (n <= 0 || c <= 0) return cudaGetLastError();
   LaunchKernel(RmsNormBackwardRowsKernel, dim3(n), dim3(kThreads), 0, s, dx, dres, dout, x, g, rstd,
                c);
-  LaunchKernel(NormParamGradKernel, dim3(ColumnBlocks(c)), dim3(kColTile, ColumnRowGroups(n)), 0, s,
-               dg, nullptr, dout, x, nullptr, rstd, n, c);
+  LaunchNormParamGrad(dg, nullptr, scratch, dout, x, nullptr, rstd, n, c, s);
   return cudaGetLastError();
 }
 

@@ -346,7 +346,9 @@ TEST_F(BackendParity, LinearResidual) {
 }
 
 TEST_F(BackendParity, LinearBackward) {
-  for (int n : {1, 7, 64, 150, 600}) {
+  // 601 rows: the bias gradient's column sums split the rows into 2 slices, the second one
+  // shorter (block_reduce.cuh).
+  for (int n : {1, 7, 64, 150, 601}) {
     for (const LinearShape& s : kLinearShapes) {
       const size_t nin = static_cast<size_t>(n) * s.in, nw = static_cast<size_t>(s.out) * s.in;
       const auto x = RandVec(rng_, nin), w = RandVec(rng_, nw, 0.2);
@@ -380,7 +382,9 @@ TEST_F(BackendParity, LinearBackward) {
 
 TEST_F(BackendParity, LayerNormAndRmsNorm) {
   const float eps = 1e-5f;
-  for (int n : {1, 7, 64, 150, 600}) {
+  // 601 rows: the gain and bias gradients' column sums split the rows into 2 slices, the second
+  // one shorter (block_reduce.cuh).
+  for (int n : {1, 7, 64, 150, 601}) {
     for (int c : {8, 33, 256}) {
       SCOPED_TRACE(::testing::Message() << "n=" << n << " c=" << c);
       const size_t nc = static_cast<size_t>(n) * c;
