@@ -51,6 +51,21 @@ void GatheredPagedAttention(Backend* be, Operand out, ConstOperand q, ConstOpera
                        1, tq, tk, buf_tokens, hq, hkv, d, q_offset);
 }
 
+void Backend::PagedAttentionPass(Operand out, ConstOperand q, ConstOperand k, ConstOperand v,
+                                 Operand k_pool, Operand v_pool,
+                                 const std::vector<PagedRows>& segments, int hq, int hkv, int d) {
+  const size_t row = static_cast<size_t>(hkv) * d, qrow = static_cast<size_t>(hq) * d;
+  const size_t row_bytes = row * DTypeSize(k.dtype);
+  for (const PagedRows& sg : segments) {
+    CopyToPages(this, k_pool.data, *sg.pages, sg.q_offset, sg.rows, k.At(sg.row * row).data,
+                row_bytes);
+    CopyToPages(this, v_pool.data, *sg.pages, sg.q_offset, sg.rows, v.At(sg.row * row).data,
+                row_bytes);
+    PagedAttentionForward(out.At(sg.row * qrow), q.At(sg.row * qrow), k_pool, v_pool, *sg.pages,
+                          sg.rows, hq, hkv, d, sg.q_offset);
+  }
+}
+
 void Backend::LinearResidual(float* out, const float* residual, ConstOperand in, const float* w,
                              const float* bias, int n, int in_dim, int out_dim) {
   Copy(out, residual, static_cast<size_t>(n) * out_dim * sizeof(float));

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -150,6 +151,14 @@ class Backend {
   virtual void PagedAttentionForward(Operand out, ConstOperand q, ConstOperand k, ConstOperand v,
                                      const KvPageTable& pages, int tq, int hq, int hkv, int d,
                                      int q_offset) = 0;
+  // One inference pass's attention over several sequences' paged caches: each segment's rows
+  // of k and v ([n, hkv, d], n the rows of all segments) are written into the pools k_pool,
+  // v_pool at their positions, then each segment's rows of q attend its cache as in
+  // PagedAttentionForward, into its rows of out ([n, hq, d]). The default runs a copy per run of
+  // pages and PagedAttentionForward per segment; a device backend may do all segments at once.
+  virtual void PagedAttentionPass(Operand out, ConstOperand q, ConstOperand k, ConstOperand v,
+                                  Operand k_pool, Operand v_pool,
+                                  const std::vector<PagedRows>& segments, int hq, int hkv, int d);
   // Training-path backward (q_offset 0, tq = tk = tk_cap = t) from the forward's out and lse;
   // recomputes the probabilities. dq, dk, dv written. dout has out's dtype; dq, dk, dv have q's.
   virtual void AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout,

@@ -23,6 +23,16 @@ struct KvPageTable {
   }
 };
 
+// One sequence's rows in an inference pass over several sequences (Backend::PagedAttentionPass):
+// rows [row, row + rows) of the pass are its positions q_offset .. q_offset + rows - 1, cached in
+// `pages`.
+struct PagedRows {
+  const KvPageTable* pages = nullptr;
+  int row = 0;
+  int rows = 0;
+  int q_offset = 0;
+};
+
 // Positions [pos, pos + count) that lie in consecutive pool rows [row, row + count).
 struct PageRun {
   int pos = 0;

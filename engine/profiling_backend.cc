@@ -257,6 +257,23 @@ void ProfilingBackend::PagedAttentionForward(Operand out, ConstOperand q, ConstO
   inner_->PagedAttentionForward(out, q, k, v, pages, tq, hq, hkv, d, q_offset);
 }
 
+void ProfilingBackend::PagedAttentionPass(Operand out, ConstOperand q, ConstOperand k,
+                                          ConstOperand v, Operand k_pool, Operand v_pool,
+                                          const std::vector<PagedRows>& segments, int hq, int hkv,
+                                          int d) {
+  // As PagedAttentionForward per segment, and the new keys and values read and written once.
+  double flops = 0.0, bytes = 0.0;
+  for (const PagedRows& sg : segments) {
+    const double nq = 1.0 * sg.rows * hq * d, nkv = 1.0 * (sg.q_offset + sg.rows) * hkv * d;
+    const double n_new = 1.0 * sg.rows * hkv * d;
+    flops += 4.0 * d * hq * CausalPairs(sg.rows, sg.q_offset);
+    bytes +=
+        B(q, nq) + B(out, nq) + B(k_pool, nkv) + B(v_pool, nkv) + 2 * (B(k, n_new) + B(v, n_new));
+  }
+  Timed timed(this, "AttentionForward", flops, bytes);
+  inner_->PagedAttentionPass(out, q, k, v, k_pool, v_pool, segments, hq, hkv, d);
+}
+
 void ProfilingBackend::AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout,
                                          ConstOperand out, const float* lse, ConstOperand q,
                                          ConstOperand k, ConstOperand v, int b, int t, int hq,

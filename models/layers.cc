@@ -268,26 +268,25 @@ void BlockForward(const LayerContext& ctx, const BlockParams& p, BlockActs& a, c
     be->AttentionForward(at.att, at.lse, at.q, at.k, at.v, b, t, t, t, hq, hkv, d, 0);
   } else {
     EE_CHECK(b == 1, "inference passes run b = 1, got ", b);
-    const size_t row = static_cast<size_t>(hkv) * d, qrow = static_cast<size_t>(hq) * d;
+    EE_CHECK(!cache->empty(), "an inference pass without KV segments");
+    // Every segment's cache lies in the same pools (the layer's), each in its own pages.
+    const KvLayer* first = (*cache)[0].kv;
+    std::vector<PagedRows> segments;
     int covered = 0;
     for (const KvSegment& sg : *cache) {
-      KvLayer* kv = sg.kv;
+      const KvLayer* kv = sg.kv;
       EE_CHECK(sg.row == covered && sg.rows > 0, "KV segments must cover the rows in order");
       covered += sg.rows;
-      const KvPageTable& pages = *kv->pages;
-      EE_CHECK(sg.q_offset + sg.rows <= pages.tokens(),
-               "KV cache overflow: ", sg.q_offset + sg.rows, " > ", pages.tokens());
-      EE_CHECK(kv->k.dtype == at.k.dtype, "KV cache dtype ", DTypeName(kv->k.dtype),
-               " != ", DTypeName(at.k.dtype));
-      const size_t row_bytes = row * DTypeSize(at.k.dtype);
-      CopyToPages(be, kv->k.data, pages, sg.q_offset, sg.rows, at.k.At(sg.row * row).data,
-                  row_bytes);
-      CopyToPages(be, kv->v.data, pages, sg.q_offset, sg.rows, at.v.At(sg.row * row).data,
-                  row_bytes);
-      be->PagedAttentionForward(at.att.At(sg.row * qrow), at.q.At(sg.row * qrow), kv->k, kv->v,
-                                pages, sg.rows, hq, hkv, d, sg.q_offset);
+      EE_CHECK(sg.q_offset + sg.rows <= kv->pages->tokens(),
+               "KV cache overflow: ", sg.q_offset + sg.rows, " > ", kv->pages->tokens());
+      EE_CHECK(kv->k.data == first->k.data && kv->v.data == first->v.data,
+               "KV segments of one pass in different pools");
+      segments.push_back({kv->pages, sg.row, sg.rows, sg.q_offset});
     }
     EE_CHECK(covered == n, "KV segments cover ", covered, " of ", n, " rows");
+    EE_CHECK(first->k.dtype == at.k.dtype, "KV cache dtype ", DTypeName(first->k.dtype),
+             " != ", DTypeName(at.k.dtype));
+    be->PagedAttentionPass(at.att, at.q, at.k, at.v, first->k, first->v, segments, hq, hkv, d);
   }
   if (ctx.tp.size > 1) {  // row-parallel output projection: partial sums over tp
     be->Linear(a.h_attn, at.att, ctx.P(p.attn.wo), RowParallelBias(ctx, p.attn.bo), n, hq * d, h,
