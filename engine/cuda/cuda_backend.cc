@@ -2,9 +2,12 @@
 // cuda_kernels.h).
 #include "engine/cuda/cuda_backend.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <initializer_list>
 #include <limits>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -589,6 +592,61 @@ void CudaBackend::PagedAttentionForward(Operand out, ConstOperand q, ConstOperan
   const size_t row_bytes = static_cast<size_t>(hkv) * d * DTypeSize(k.dtype);
   GatheredPagedAttention(this, out, q, k, v, pages, tq, hq, hkv, d, q_offset,
                          Scratch(cap * row_bytes, 8), Scratch(cap * row_bytes, 9), cap);
+}
+
+void CudaBackend::PagedAttentionPass(Operand out, ConstOperand q, ConstOperand k, ConstOperand v,
+                                     Operand k_pool, Operand v_pool,
+                                     const std::vector<PagedRows>& segments, int hq, int hkv,
+                                     int d) {
+  const size_t row_bytes = static_cast<size_t>(hkv) * d * DTypeSize(k.dtype);
+  if (segments.empty() ||
+      !UseFlash(d, {out.data, q.data, k.data, v.data, k_pool.data, v_pool.data}) ||
+      row_bytes % 16 != 0) {
+    Backend::PagedAttentionPass(out, q, k, v, k_pool, v_pool, segments, hq, hkv, d);
+    return;
+  }
+  EE_CHECK(q.dtype == k.dtype && q.dtype == v.dtype && k_pool.dtype == k.dtype &&
+               v_pool.dtype == k.dtype,
+           "paged attention pass: q, k, v and the pools of different dtypes");
+  const int page_tokens = segments[0].pages->page_tokens;
+  // The descriptors: the segments, then each row's pool row (-1 for rows of no segment).
+  std::vector<cuda::PagedSegment> segs;
+  std::vector<int32_t> pool_rows;
+  int max_rows = 0;
+  for (const PagedRows& sg : segments) {
+    CheckAttentionSizes(sg.rows, sg.q_offset + sg.rows, sg.q_offset + sg.rows, hq, hkv,
+                        sg.q_offset);
+    EE_CHECK(sg.pages->page_tokens == page_tokens, "a pass's page tables of ", page_tokens, " and ",
+             sg.pages->page_tokens, " tokens a page");
+    EE_CHECK(sg.q_offset + sg.rows <= sg.pages->tokens(),
+             "KV cache overflow: ", sg.q_offset + sg.rows, " > ", sg.pages->tokens());
+    segs.push_back({sg.pages->device, sg.row, sg.rows, sg.q_offset, 0});
+    max_rows = std::max(max_rows, sg.rows);
+    if (pool_rows.size() < static_cast<size_t>(sg.row + sg.rows))
+      pool_rows.resize(sg.row + sg.rows, -1);
+    for (int j = 0; j < sg.rows; ++j) {
+      pool_rows[sg.row + j] = static_cast<int32_t>(sg.pages->Row(sg.q_offset + j));
+    }
+  }
+  const size_t seg_bytes = segs.size() * sizeof(cuda::PagedSegment);
+  std::vector<unsigned char> desc(seg_bytes + pool_rows.size() * sizeof(int32_t));
+  std::memcpy(desc.data(), segs.data(), seg_bytes);
+  std::memcpy(desc.data() + seg_bytes, pool_rows.data(), pool_rows.size() * sizeof(int32_t));
+  void* dev = Scratch(desc.size(), 11);
+  if (dev != pass_descriptors_at_ || desc != pass_descriptors_) {
+    // Stream-ordered (the kernels of earlier passes read the old descriptors first); from
+    // pageable memory the call returns once the bytes are staged.
+    CUDA_CHECK(cudaMemcpyAsync(dev, desc.data(), desc.size(), cudaMemcpyHostToDevice, stream_));
+    pass_descriptors_ = std::move(desc);
+    pass_descriptors_at_ = dev;
+  }
+  auto* dev_segs = static_cast<const cuda::PagedSegment*>(dev);
+  auto* dev_rows = reinterpret_cast<const int32_t*>(static_cast<unsigned char*>(dev) + seg_bytes);
+  CUDA_CHECK(cuda::CopyRowsToPools(k_pool.data, v_pool.data, k.data, v.data, dev_rows,
+                                   static_cast<int>(pool_rows.size()), row_bytes, stream_));
+  CUDA_CHECK(cuda::FlashAttentionForwardSegments(
+      ToElems(out), ToElems(q), ToElems(k_pool), ToElems(v_pool), dev_segs,
+      static_cast<int>(segs.size()), max_rows, page_tokens, hq, hkv, d, stream_));
 }
 
 void CudaBackend::AttentionBackward(Operand dq_op, Operand dk_op, Operand dv_op, ConstOperand dout,

@@ -115,6 +115,11 @@ class CudaBackend final : public Backend {
   void PagedAttentionForward(Operand out, ConstOperand q, ConstOperand k, ConstOperand v,
                              const KvPageTable& pages, int tq, int hq, int hkv, int d,
                              int q_offset) override;
+  // With the fused kernels: the new keys and values in one launch and every segment's attention
+  // in another, their descriptors uploaded once while they stay the same (a pass's layers).
+  void PagedAttentionPass(Operand out, ConstOperand q, ConstOperand k, ConstOperand v,
+                          Operand k_pool, Operand v_pool, const std::vector<PagedRows>& segments,
+                          int hq, int hkv, int d) override;
   void AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout, ConstOperand out,
                          const float* lse, ConstOperand q, ConstOperand k, ConstOperand v, int b,
                          int t, int hq, int hkv, int d) override;
@@ -183,8 +188,12 @@ class CudaBackend final : public Backend {
   // 0-1 attention, 2 SumSquares partials, 3 and 6 bf16 GEMM operands (A and B side), 4 bf16
   // dout of LinearBackward, 5 fp32 attention output, or dq|dk|dv, before their conversion to
   // bf16 (unfused path), 7 a bias as bf16 or a bias gradient (GEMM epilogues), 8-9 a paged
-  // cache's keys and values gathered in order (unfused path), 10 column sums' partials.
-  Slot scratch_[11];
+  // cache's keys and values gathered in order (unfused path), 10 column sums' partials, 11 a
+  // paged attention pass's descriptors.
+  Slot scratch_[12];
+  // What slot 11 holds: the last pass descriptors uploaded (bytes), and where.
+  std::vector<unsigned char> pass_descriptors_;
+  const void* pass_descriptors_at_ = nullptr;
   struct WeightCopy {
     const float* base = nullptr;
     size_t n = 0;

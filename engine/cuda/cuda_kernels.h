@@ -47,6 +47,10 @@ cudaError_t AddBias(Elems out, Elems in, const float* bias, int n, int cols, cud
 size_t ColumnSumScratchBytes(int n, int cols, int sums);
 cudaError_t AddColumnPartials(float* dst, const double* partials, int slices, int cols,
                               cudaStream_t s);
+// Row r of k and v (rows of `row_bytes`, a multiple of 16, 16-byte aligned like the pools) into
+// row pool_rows[r] of k_pool and v_pool, for r < n (pool_rows in device memory; -1: skipped).
+cudaError_t CopyRowsToPools(void* k_pool, void* v_pool, const void* k, const void* v,
+                            const int32_t* pool_rows, int n, size_t row_bytes, cudaStream_t s);
 // dst[j] += sum over rows of x[r, j].
 cudaError_t ColumnSumAdd(float* dst, Elems x, int n, int cols, double* scratch, cudaStream_t s);
 // The inputs and outputs of GELU and SwiGLU, forward and backward, and the forward outputs of the
@@ -115,6 +119,19 @@ cudaError_t FlashAttentionForward(Elems out, float* lse, Elems q, Elems k, Elems
 cudaError_t FlashAttentionForwardPaged(Elems out, Elems q, Elems k, Elems v, const int32_t* pages,
                                        int page_tokens, int tq, int hq, int hkv, int d,
                                        int q_offset, cudaStream_t s);
+// One sequence of an inference pass over several sequences' paged caches (device memory).
+struct PagedSegment {
+  const int32_t* pages = nullptr;  // its page table (device)
+  int row = 0;                     // its first row of the pass's q and out
+  int rows = 0;                    // its queries, at positions q_offset .. q_offset + rows - 1
+  int q_offset = 0;
+  int unused = 0;
+};
+// FlashAttentionForwardPaged for `count` segments (device memory) in one launch, every segment's
+// keys in the same pools k, v; max_rows: the most rows of a segment.
+cudaError_t FlashAttentionForwardSegments(Elems out, Elems q, Elems k, Elems v,
+                                          const PagedSegment* segments, int count, int max_rows,
+                                          int page_tokens, int hq, int hkv, int d, cudaStream_t s);
 cudaError_t FlashAttentionBackward(Elems dq, Elems dk, Elems dv, Elems dout, Elems out,
                                    const float* lse, float* dsum, Elems q, Elems k, Elems v, int b,
                                    int t, int hq, int hkv, int d, cudaStream_t s);

@@ -166,6 +166,18 @@ __global__ void __launch_bounds__(kColMaxThreads, 2)
   if (threadIdx.y == 0 && j < cols) StoreColumnSum(dst, partials, total, j, cols);
 }
 
+__global__ void CopyRowsToPoolsKernel(uint4* k_pool, uint4* v_pool, const uint4* k, const uint4* v,
+                                      const int32_t* pool_rows, size_t n_words, int row_words) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n_words;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    const int32_t to = pool_rows[i / row_words];
+    if (to < 0) continue;
+    const size_t at = static_cast<size_t>(to) * row_words + i % row_words;
+    k_pool[at] = k[i];
+    v_pool[at] = v[i];
+  }
+}
+
 __global__ void AddColumnPartialsKernel(float* dst, const double* partials, int slices, int cols) {
   const int j = blockIdx.x * blockDim.x + threadIdx.x;
   if (j >= cols) return;
@@ -322,6 +334,18 @@ cudaError_t AddBias(Elems out, Elems in, const float* bias, int n, int cols, cud
   const size_t total = static_cast<size_t>(n) * cols;
   if (total)
     LaunchKernel(AddBiasKernel, dim3(Blocks(total)), dim3(kThreads), 0, s, out, in, bias, n, cols);
+  return cudaGetLastError();
+}
+cudaError_t CopyRowsToPools(void* k_pool, void* v_pool, const void* k, const void* v,
+                            const int32_t* pool_rows, int n, size_t row_bytes, cudaStream_t s) {
+  if (row_bytes % sizeof(uint4) != 0) return cudaErrorInvalidValue;
+  const size_t words = n * row_bytes / sizeof(uint4);
+  if (words) {
+    LaunchKernel(CopyRowsToPoolsKernel, dim3(Blocks(words)), dim3(kThreads), 0, s,
+                 static_cast<uint4*>(k_pool), static_cast<uint4*>(v_pool),
+                 static_cast<const uint4*>(k), static_cast<const uint4*>(v), pool_rows, words,
+                 static_cast<int>(row_bytes / sizeof(uint4)));
+  }
   return cudaGetLastError();
 }
 size_t ColumnSumScratchBytes(int n, int cols, int sums) {

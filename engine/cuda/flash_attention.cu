@@ -164,7 +164,10 @@ struct FwdSmem {
 
 // q, out: [b, tq, hq, D]; k, v: [b, tk_cap, hkv, D], or with `pages` (b = 1) the pools of a
 // paged KV cache, read through the page table (LoadTile); lse: [b, hq, tq] or null. InT (q, k, v)
-// and OutT: float or __nv_bfloat16. One block per (kFwdRows queries, head, sequence). Lane
+// and OutT: float or __nv_bfloat16. One block per (kFwdRows queries, head, sequence). With
+// `segments` (an inference pass over several sequences' paged caches, no lse) sequence z is
+// segments[z]: its rows of q and out, its positions and its page table replace tq, q_offset, tk
+// and pages, and blocks past its query tiles return at once. Lane
 // (g, t4) = (lane / 4, lane % 4) holds rows g and g + 8 of its warp's 16 (`half` 0 and 1) and,
 // of each 8-key block, keys 2 t4 and 2 t4 + 1. A warp skips the key tiles past its last query
 // (all masked: they would add exact zeros) and, whole, rows past tq (decoding: tq = 1).
@@ -172,18 +175,31 @@ template <int D, typename InT, typename OutT>
 __global__ void __launch_bounds__(kFwdThreads)
     FlashForwardKernel(OutT* out, float* lse, const InT* q, const InT* k, const InT* v, int tq,
                        int tk, int tk_cap, int hq, int hkv, int q_offset, float scale,
-                       const int32_t* pages, int page_shift) {
+                       const int32_t* pages, int page_shift, const PagedSegment* segments) {
   EE_DYNAMIC_SHARED(smem);
   using L = FwdSmem<D>;
   __nv_bfloat16* qs = SmemTile<D>(smem, L::kQ);
   constexpr int kLd = D + kSkew, kN = kTile / 8;
 
+  int bi = blockIdx.z, tiles = gridDim.x;
+  size_t row0 = static_cast<size_t>(bi) * tq;  // the sequence's first row of q and out
+  if (segments != nullptr) {
+    const PagedSegment sg = segments[blockIdx.z];
+    tiles = (sg.rows + kFwdRows - 1) / kFwdRows;
+    if (static_cast<int>(blockIdx.x) >= tiles) return;  // (block-uniform, before any barrier)
+    tq = sg.rows;
+    q_offset = sg.q_offset;
+    tk = tk_cap = sg.q_offset + sg.rows;
+    pages = sg.pages;
+    row0 = sg.row;
+    bi = 0;
+  }
   // The last query tiles have the most keys: they start first.
-  const int q0 = (gridDim.x - 1 - blockIdx.x) * kFwdRows, h = blockIdx.y, bi = blockIdx.z;
+  const int q0 = (tiles - 1 - blockIdx.x) * kFwdRows, h = blockIdx.y;
   const int kvh = h / (hq / hkv);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
   const size_t q_stride = static_cast<size_t>(hq) * D, kv_stride = static_cast<size_t>(hkv) * D;
-  const InT* qb = q + static_cast<size_t>(bi) * tq * q_stride + static_cast<size_t>(h) * D;
+  const InT* qb = q + row0 * q_stride + static_cast<size_t>(h) * D;
   const InT* kb = k + static_cast<size_t>(bi) * tk_cap * kv_stride + static_cast<size_t>(kvh) * D;
   const InT* vb = v + static_cast<size_t>(bi) * tk_cap * kv_stride + static_cast<size_t>(kvh) * D;
 
@@ -280,8 +296,7 @@ __global__ void __launch_bounds__(kFwdThreads)
     const int row = q0 + warp * 16 + g + 8 * half;
     if (row >= tq) continue;  // (also every row of a warp that skipped the loop)
     const float inv = l[half] > 0.0f ? 1.0f / l[half] : 0.0f;
-    OutT* orow =
-        out + (static_cast<size_t>(bi) * tq + row) * q_stride + static_cast<size_t>(h) * D + 2 * t4;
+    OutT* orow = out + (row0 + row) * q_stride + static_cast<size_t>(h) * D + 2 * t4;
     for (int n = 0; n < D / 8; ++n) {
       StoreFloat(orow + n * 8, o[n][2 * half] * inv);
       StoreFloat(orow + n * 8 + 1, o[n][2 * half + 1] * inv);
@@ -501,7 +516,7 @@ __global__ void __launch_bounds__(kThreads)
 template <int D, typename InT, typename OutT>
 cudaError_t LaunchForward(OutT* out, float* lse, const InT* q, const InT* k, const InT* v, int b,
                           int tq, int tk, int tk_cap, int hq, int hkv, int q_offset, cudaStream_t s,
-                          const int32_t* pages = nullptr, int page_shift = 0) {
+                          const int32_t* pages, int page_shift, const PagedSegment* segments) {
   constexpr size_t kBytes = FwdSmem<D>::kBytes;
   cudaError_t e = cudaFuncSetAttribute(FlashForwardKernel<D, InT, OutT>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
@@ -509,7 +524,7 @@ cudaError_t LaunchForward(OutT* out, float* lse, const InT* q, const InT* k, con
   const dim3 grid((tq + kFwdRows - 1) / kFwdRows, hq, b);
   return LaunchKernel(FlashForwardKernel<D, InT, OutT>, grid, dim3(kFwdThreads), kBytes, s, out,
                       lse, q, k, v, tq, tk, tk_cap, hq, hkv, q_offset, 1.0f / sqrtf(D), pages,
-                      page_shift);
+                      page_shift, segments);
 }
 
 template <int D, typename InT, typename OutT>
@@ -539,18 +554,19 @@ cudaError_t LaunchBackward(InT* dq, InT* dk, InT* dv, const OutT* dout, const Ou
 template <typename InT, typename OutT>
 cudaError_t Forward(OutT* out, float* lse, const InT* q, const InT* k, const InT* v, int b, int tq,
                     int tk, int tk_cap, int hq, int hkv, int d, int q_offset, cudaStream_t s,
-                    const int32_t* pages = nullptr, int page_shift = 0) {
+                    const int32_t* pages = nullptr, int page_shift = 0,
+                    const PagedSegment* segments = nullptr) {
   if (b == 0 || tq == 0) return cudaSuccess;
   switch (d) {
     case 32:
       return LaunchForward<32>(out, lse, q, k, v, b, tq, tk, tk_cap, hq, hkv, q_offset, s, pages,
-                               page_shift);
+                               page_shift, segments);
     case 64:
       return LaunchForward<64>(out, lse, q, k, v, b, tq, tk, tk_cap, hq, hkv, q_offset, s, pages,
-                               page_shift);
+                               page_shift, segments);
     case 128:
       return LaunchForward<128>(out, lse, q, k, v, b, tq, tk, tk_cap, hq, hkv, q_offset, s, pages,
-                                page_shift);
+                                page_shift, segments);
     default:
       return cudaErrorInvalidValue;
   }
@@ -590,13 +606,36 @@ cudaError_t FlashAttentionForward(Elems out, float* lse, Elems q, Elems k, Elems
   });
 }
 
+namespace {
+// log2 of a power of two; -1 otherwise.
+int PageShift(int page_tokens) {
+  if (page_tokens <= 0 || (page_tokens & (page_tokens - 1)) != 0) return -1;
+  int shift = 0;
+  while ((1 << shift) < page_tokens) ++shift;
+  return shift;
+}
+}  // namespace
+
+cudaError_t FlashAttentionForwardSegments(Elems out, Elems q, Elems k, Elems v,
+                                          const PagedSegment* segments, int count, int max_rows,
+                                          int page_tokens, int hq, int hkv, int d, cudaStream_t s) {
+  const int shift = PageShift(page_tokens);
+  if (q.bf16 != k.bf16 || q.bf16 != v.bf16 || shift < 0) return cudaErrorInvalidValue;
+  return WithElementType(out, [&](auto* o) {
+    return WithElementType(q, [&](auto* qp) {
+      using InT = ElementOf<decltype(qp)>;
+      // b = count and tq = max_rows size the grid; each block reads its segment's sizes.
+      return Forward(o, nullptr, qp, static_cast<InT*>(k.data), static_cast<InT*>(v.data), count,
+                     max_rows, 0, 0, hq, hkv, d, 0, s, nullptr, shift, segments);
+    });
+  });
+}
+
 cudaError_t FlashAttentionForwardPaged(Elems out, Elems q, Elems k, Elems v, const int32_t* pages,
                                        int page_tokens, int tq, int hq, int hkv, int d,
                                        int q_offset, cudaStream_t s) {
-  if (q.bf16 != k.bf16 || q.bf16 != v.bf16) return cudaErrorInvalidValue;
-  if (page_tokens <= 0 || (page_tokens & (page_tokens - 1)) != 0) return cudaErrorInvalidValue;
-  int shift = 0;
-  while ((1 << shift) < page_tokens) ++shift;
+  const int shift = PageShift(page_tokens);
+  if (q.bf16 != k.bf16 || q.bf16 != v.bf16 || shift < 0) return cudaErrorInvalidValue;
   const int tk = q_offset + tq;
   return WithElementType(out, [&](auto* o) {
     return WithElementType(q, [&](auto* qp) {

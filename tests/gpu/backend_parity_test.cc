@@ -614,6 +614,74 @@ TEST_F(BackendParity, PagedAttentionForward) {
   }
 }
 
+// A pass over 4 sequences' paged caches in one pool (a decoding step, a prompt, a short chunk
+// and a prompt of 2 query tiles of the fused kernel): the new keys and values land in each
+// sequence's pages and each sequence's queries attend its own cache. Then the next layer (other
+// pools, the same segments: the device reuses its descriptors) and the next step, whose
+// descriptors are as large but differ (the sequences in reverse order, the decoding ones a token
+// further).
+TEST_F(BackendParity, PagedAttentionPass) {
+  const int page = 16, pool_pages = 24;
+  struct Seq {
+    std::vector<int32_t> table;
+    int q_offset, rows;
+  };
+  const std::vector<Seq> seqs = {{{9, 3, 4, 14}, 40, 1},
+                                 {{0, 7, 11, 1, 12}, 0, 70},
+                                 {{20, 17}, 17, 3},
+                                 {{5, 2, 23, 6, 8, 10, 13, 15, 19}, 5, 130}};
+  struct Case {
+    int hq, hkv, d;
+  };
+  for (const Case& a : {Case{4, 2, 16}, Case{4, 2, 32}, Case{2, 1, 64}, Case{4, 2, 128}}) {
+    SCOPED_TRACE(::testing::Message() << "hq=" << a.hq << " hkv=" << a.hkv << " d=" << a.d);
+    const size_t row = static_cast<size_t>(a.hkv) * a.d, qrow = static_cast<size_t>(a.hq) * a.d;
+    const size_t pool = static_cast<size_t>(pool_pages) * page * row;
+    std::vector<Seq> next(seqs.rbegin(), seqs.rend());
+    next[1].q_offset += 3;  // the short chunk's
+    next[3].q_offset += 1;  // the decoding step's
+    const int n = 204, n_next = n;
+    auto pool_a = RandVec(rng_, pool), pool_b = RandVec(rng_, pool);
+    const auto q = RandVec(rng_, n * qrow, 1.5), k = RandVec(rng_, n * row),
+               v = RandVec(rng_, n * row), q2 = RandVec(rng_, n * qrow, 1.5),
+               k2 = RandVec(rng_, n * row), v2 = RandVec(rng_, n * row),
+               q3 = RandVec(rng_, n_next * qrow, 1.5), k3 = RandVec(rng_, n_next * row),
+               v3 = RandVec(rng_, n_next * row);
+    ExpectParity(
+        [&](Backend* be, DeviceMem& m) -> Outputs {
+          std::vector<KvPageTable> tables(2 * seqs.size());  // seqs', then next's
+          auto segments = [&](const std::vector<Seq>& ss, int first_table) {
+            std::vector<PagedRows> r;
+            int at = 0;
+            for (size_t i = 0; i < ss.size(); ++i) {
+              KvPageTable& t = tables[first_table + i];
+              t = {ss[i].table.data(), m.Put(ss[i].table), page,
+                   static_cast<int>(ss[i].table.size())};
+              r.push_back({&t, at, ss[i].rows, ss[i].q_offset});
+              at += ss[i].rows;
+            }
+            EXPECT_EQ(at, n);
+            return r;
+          };
+          const std::vector<PagedRows> first = segments(seqs, 0);
+          float *ka = m.Put(pool_a), *va = m.Put(pool_b), *kb = m.Put(pool_b), *vb = m.Put(pool_a);
+          float *out1 = m.Nan(n * qrow), *out2 = m.Nan(n * qrow), *out3 = m.Nan(n_next * qrow);
+          be->PagedAttentionPass(out1, m.Put(q), m.Put(k), m.Put(v), ka, va, first, a.hq, a.hkv,
+                                 a.d);
+          be->PagedAttentionPass(out2, m.Put(q2), m.Put(k2), m.Put(v2), kb, vb, first, a.hq, a.hkv,
+                                 a.d);
+          be->PagedAttentionPass(out3, m.Put(q3), m.Put(k3), m.Put(v3), ka, va, segments(next, 4),
+                                 a.hq, a.hkv, a.d);
+          Outputs o = {{"out", m.Get(out1, n * qrow)},
+                       {"next layer's out", m.Get(out2, n * qrow)},
+                       {"next step's out", m.Get(out3, n_next * qrow)}};
+          for (float* p : {ka, va, kb, vb}) o.emplace_back("pool", m.Get(p, pool));
+          return o;
+        },
+        kGemm);
+  }
+}
+
 // Scores that rise along the keys by ~0.3 per key (over 50 across a 200-key row): every key tile
 // passes the running maximum by far more than a fused kernel's rescaling slack, so its output
 // rows are rescaled at every tile; the outputs and log-sum-exps must still match.

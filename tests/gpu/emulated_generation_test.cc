@@ -162,6 +162,37 @@ TEST_P(EmulatedGeneration, BatchesMatchCpuAndSequencesAlone) {
   EXPECT_GT(early, 5) << "too few early exits to test the batched exit paths";
 }
 
+// The same batches at head_dim 32, where every pass of the batch runs its sequences' attention
+// in one launch of the fused kernel (CudaBackend::PagedAttentionPass) over their paged caches:
+// bf16w matches the CPU rounded where it rounds token for token, and each sequence generated
+// alone.
+TEST_P(EmulatedGeneration, FusedBatchesMatchRoundingReferenceAndSequencesAlone) {
+  ModelConfig c = testing::ConfigWithExits(GetParam());
+  c.hidden_size = c.num_heads * 32;
+  c.ffn_hidden_size = 3 * c.hidden_size / 2;
+  auto ref = std::make_unique<testing::Bf16ReferenceBackend>(
+      testing::Cpu(), [](int d) { return d == 32 || d == 64 || d == 128; });
+  auto bf16w = MakeEmulatedCudaBackend(0, true, true);
+  ASSERT_TRUE(bf16w.ok());
+  auto mr = *Model::Create(c, ref.get());
+  auto mw = *Model::Create(c, bf16w->get());
+  for (Model* m : {mr.get(), mw.get()}) testing::FillParams(*m, 61, 0.8f);
+  const auto reqs = testing::MixedRequests(c);
+  Generator gr(mr.get(), 32, 4), gw(mw.get(), 32, 4), alone(mw.get(), 32);
+  auto want = *gr.GenerateBatch(reqs);
+  auto got = *gw.GenerateBatch(reqs);
+  int early = 0;
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    EXPECT_EQ(got[i].tokens, want[i].tokens) << "sequence " << i;
+    EXPECT_EQ(got[i].exit_index, want[i].exit_index) << "sequence " << i;
+    auto one = *alone.GenerateBatch({reqs[i]});
+    EXPECT_EQ(got[i].tokens, one[0].tokens) << "alone, sequence " << i;
+    EXPECT_EQ(got[i].exit_index, one[0].exit_index) << "alone, sequence " << i;
+    for (int e : got[i].exit_index) early += e >= 0;
+  }
+  EXPECT_GT(early, 5) << "too few early exits to test the batched exit paths";
+}
+
 // KvBytesPerToken is what a KV cache token costs on the device: a generator with 1,024 more
 // tokens of KV cache takes 1,024 x it more of the (emulated) device's free memory, in fp32 and
 // bf16 operands, with the block exit's K and V counted.
