@@ -1,0 +1,234 @@
+// Backend parity of attention (backend_parity.h): the training and KV-cache forms of
+// AttentionForward, paged attention of one sequence and of a pass over several, scores that force
+// the fused kernels' rescaling, and the backward, on the backend under test against the CPU.
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "tests/gpu/backend_parity.h"
+
+namespace eellm::parity {
+namespace {
+
+// Attention shapes: q [b, tq, hq, d]; k, v [b, tk_cap, hkv, d], valid up to tk = q_offset + tq.
+struct AttnCase {
+  int b, hq, hkv, d, tq, q_offset, tk_cap;
+  int tk() const { return q_offset + tq; }
+  bool training() const { return q_offset == 0 && tk_cap == tq; }
+};
+const AttnCase kAttnCases[] = {
+    // Training form (q_offset 0, tq = tk = tk_cap): GQA 4/2, MQA 4/1, MHA.
+    {2, 4, 2, 16, 1, 0, 1},
+    {2, 4, 2, 16, 5, 0, 5},
+    {2, 4, 2, 16, 33, 0, 33},
+    {1, 4, 4, 64, 33, 0, 33},
+    {3, 4, 1, 20, 5, 0, 5},
+    {1, 2, 2, 8, 7, 0, 7},
+    // Head dims of the fused kernels of cuda-bf16 (32, 64, 128): one 64-row tile exactly, partial
+    // last tiles, head_dim 128 as in the 1.3B benchmark.
+    {2, 2, 2, 32, 64, 0, 64},
+    {1, 4, 1, 64, 70, 0, 70},
+    {1, 4, 2, 128, 130, 0, 130},
+    {2, 2, 1, 32, 97, 0, 97},
+    // KV-cache forms: prefill into a larger cache, one-token and several-token decode.
+    {2, 4, 2, 16, 5, 0, 12},
+    {2, 4, 2, 16, 1, 7, 16},
+    {1, 4, 2, 64, 5, 28, 40},
+    {1, 4, 4, 20, 3, 11, 33},
+    {1, 4, 2, 128, 2, 150, 200},
+    {2, 4, 2, 32, 5, 0, 12},
+    {2, 4, 2, 32, 1, 7, 16},
+};
+
+TEST_F(BackendParity, AttentionForward) {
+  for (const AttnCase& a : kAttnCases) {
+    SCOPED_TRACE(::testing::Message()
+                 << "b=" << a.b << " hq=" << a.hq << " hkv=" << a.hkv << " d=" << a.d
+                 << " tq=" << a.tq << " q_offset=" << a.q_offset << " tk_cap=" << a.tk_cap);
+    const size_t nq = static_cast<size_t>(a.b) * a.tq * a.hq * a.d;
+    const size_t row = static_cast<size_t>(a.hkv) * a.d;  // one cached position
+    const auto q = RandVec(rng_, nq, 1.5);
+    auto k = RandVec(rng_, a.b * a.tk_cap * row), v = RandVec(rng_, k.size());
+    // Cache rows past tk are not valid: NaN there must not reach any output.
+    for (int bi = 0; bi < a.b; ++bi) {
+      for (size_t i = (bi * a.tk_cap + a.tk()) * row; i < (bi + 1) * a.tk_cap * row; ++i) {
+        k[i] = v[i] = kNaN;
+      }
+    }
+    const size_t nl = static_cast<size_t>(a.b) * a.hq * a.tq;
+    for (bool with_lse : {false, true}) {
+      ExpectParity(
+          [&](Backend* be, DeviceMem& m) -> Outputs {
+            float *out = m.Nan(nq), *lse = with_lse ? m.Nan(nl) : nullptr;
+            be->AttentionForward(out, lse, m.Put(q), m.Put(k), m.Put(v), a.b, a.tq, a.tk(),
+                                 a.tk_cap, a.hq, a.hkv, a.d, a.q_offset);
+            Outputs o = {{"out", m.Get(out, nq)}};
+            if (lse) o.emplace_back("lse", m.Get(lse, nl));
+            return o;
+          },
+          kGemm);
+    }
+  }
+}
+
+// A paged KV cache: the keys in 16-token pages scattered over a pool (two adjacent, the rest
+// apart) whose other rows are NaN. Prefill, one-token and several-token decode, on the per-head
+// path (head_dim 16, 20) and the fused kernels' (32, 64, 128), which read through the table.
+TEST_F(BackendParity, PagedAttentionForward) {
+  const int page = 16, pool_pages = 16;
+  const std::vector<int32_t> table = {9, 3, 4, 14, 0, 7, 11, 1, 12, 5};  // 160 positions
+  struct Case {
+    int hq, hkv, d, tq, q_offset;
+  };
+  for (const Case& a : {Case{4, 2, 16, 21, 0}, Case{4, 2, 16, 1, 40}, Case{4, 1, 20, 3, 17},
+                        Case{2, 2, 32, 64, 0}, Case{4, 2, 64, 1, 77}, Case{4, 2, 64, 5, 130},
+                        Case{4, 2, 128, 2, 150}, Case{4, 4, 64, 100, 30}}) {
+    SCOPED_TRACE(::testing::Message() << "hq=" << a.hq << " hkv=" << a.hkv << " d=" << a.d
+                                      << " tq=" << a.tq << " q_offset=" << a.q_offset);
+    const size_t nq = static_cast<size_t>(a.tq) * a.hq * a.d;
+    const size_t row = static_cast<size_t>(a.hkv) * a.d;
+    const auto q = RandVec(rng_, nq, 1.5);
+    auto k = RandVec(rng_, pool_pages * page * row), v = RandVec(rng_, k.size());
+    std::vector<bool> used(pool_pages);
+    for (int32_t p : table) used[p] = true;
+    for (size_t i = 0; i < k.size(); ++i) {
+      if (!used[i / (page * row)]) k[i] = v[i] = kNaN;
+    }
+    ExpectParity(
+        [&](Backend* be, DeviceMem& m) -> Outputs {
+          float* out = m.Nan(nq);
+          const KvPageTable pages{table.data(), m.Put(table), page, static_cast<int>(table.size())};
+          be->PagedAttentionForward(out, m.Put(q), m.Put(k), m.Put(v), pages, a.tq, a.hq, a.hkv,
+                                    a.d, a.q_offset);
+          return {{"out", m.Get(out, nq)}};
+        },
+        kGemm);
+  }
+}
+
+// A pass over 4 sequences' paged caches in one pool (a decoding step, a prompt, a short chunk
+// and a prompt of 2 query tiles of the fused kernel): the new keys and values land in each
+// sequence's pages and each sequence's queries attend its own cache. Then the next layer (other
+// pools, the same segments: the device reuses its descriptors) and the next step, whose
+// descriptors are as large but differ (the sequences in reverse order, the decoding ones a token
+// further).
+TEST_F(BackendParity, PagedAttentionPass) {
+  const int page = 16, pool_pages = 24;
+  struct Seq {
+    std::vector<int32_t> table;
+    int q_offset, rows;
+  };
+  const std::vector<Seq> seqs = {{{9, 3, 4, 14}, 40, 1},
+                                 {{0, 7, 11, 1, 12}, 0, 70},
+                                 {{20, 17}, 17, 3},
+                                 {{5, 2, 23, 6, 8, 10, 13, 15, 19}, 5, 130}};
+  struct Case {
+    int hq, hkv, d;
+  };
+  for (const Case& a : {Case{4, 2, 16}, Case{4, 2, 32}, Case{2, 1, 64}, Case{4, 2, 128}}) {
+    SCOPED_TRACE(::testing::Message() << "hq=" << a.hq << " hkv=" << a.hkv << " d=" << a.d);
+    const size_t row = static_cast<size_t>(a.hkv) * a.d, qrow = static_cast<size_t>(a.hq) * a.d;
+    const size_t pool = static_cast<size_t>(pool_pages) * page * row;
+    std::vector<Seq> next(seqs.rbegin(), seqs.rend());
+    next[1].q_offset += 3;  // the short chunk's
+    next[3].q_offset += 1;  // the decoding step's
+    const int n = 204, n_next = n;
+    auto pool_a = RandVec(rng_, pool), pool_b = RandVec(rng_, pool);
+    const auto q = RandVec(rng_, n * qrow, 1.5), k = RandVec(rng_, n * row),
+               v = RandVec(rng_, n * row), q2 = RandVec(rng_, n * qrow, 1.5),
+               k2 = RandVec(rng_, n * row), v2 = RandVec(rng_, n * row),
+               q3 = RandVec(rng_, n_next * qrow, 1.5), k3 = RandVec(rng_, n_next * row),
+               v3 = RandVec(rng_, n_next * row);
+    ExpectParity(
+        [&](Backend* be, DeviceMem& m) -> Outputs {
+          std::vector<KvPageTable> tables(2 * seqs.size());  // seqs', then next's
+          auto segments = [&](const std::vector<Seq>& ss, int first_table) {
+            std::vector<PagedRows> r;
+            int at = 0;
+            for (size_t i = 0; i < ss.size(); ++i) {
+              KvPageTable& t = tables[first_table + i];
+              t = {ss[i].table.data(), m.Put(ss[i].table), page,
+                   static_cast<int>(ss[i].table.size())};
+              r.push_back({&t, at, ss[i].rows, ss[i].q_offset});
+              at += ss[i].rows;
+            }
+            EXPECT_EQ(at, n);
+            return r;
+          };
+          const std::vector<PagedRows> first = segments(seqs, 0);
+          float *ka = m.Put(pool_a), *va = m.Put(pool_b), *kb = m.Put(pool_b), *vb = m.Put(pool_a);
+          float *out1 = m.Nan(n * qrow), *out2 = m.Nan(n * qrow), *out3 = m.Nan(n_next * qrow);
+          be->PagedAttentionPass(out1, m.Put(q), m.Put(k), m.Put(v), ka, va, first, a.hq, a.hkv,
+                                 a.d);
+          be->PagedAttentionPass(out2, m.Put(q2), m.Put(k2), m.Put(v2), kb, vb, first, a.hq, a.hkv,
+                                 a.d);
+          be->PagedAttentionPass(out3, m.Put(q3), m.Put(k3), m.Put(v3), ka, va, segments(next, 4),
+                                 a.hq, a.hkv, a.d);
+          Outputs o = {{"out", m.Get(out1, n * qrow)},
+                       {"next layer's out", m.Get(out2, n * qrow)},
+                       {"next step's out", m.Get(out3, n_next * qrow)}};
+          for (float* p : {ka, va, kb, vb}) o.emplace_back("pool", m.Get(p, pool));
+          return o;
+        },
+        kGemm);
+  }
+}
+
+// Scores that rise along the keys by ~0.3 per key (over 50 across a 200-key row): every key tile
+// passes the running maximum by far more than a fused kernel's rescaling slack, so its output
+// rows are rescaled at every tile; the outputs and log-sum-exps must still match.
+TEST_F(BackendParity, AttentionForwardRisingScores) {
+  for (int d : {32, 64, 128}) {
+    SCOPED_TRACE(::testing::Message() << "d=" << d);
+    const int b = 1, hq = 2, hkv = 1, t = 200;
+    const size_t nq = static_cast<size_t>(b) * t * hq * d,
+                 nkv = static_cast<size_t>(b) * t * hkv * d;
+    auto q = RandVec(rng_, nq, 0.1), k = RandVec(rng_, nkv, 0.1);
+    const auto v = RandVec(rng_, nkv);
+    for (float& x : q) x += 1.0f;
+    const float ramp = 0.3f * std::sqrt(static_cast<float>(d)) / d;  // per key, after the scale
+    for (int j = 0; j < t; ++j) {
+      for (int e = 0; e < d; ++e) k[static_cast<size_t>(j) * hkv * d + e] += ramp * j;
+    }
+    const size_t nl = static_cast<size_t>(b) * hq * t;
+    ExpectParity(
+        [&](Backend* be, DeviceMem& m) -> Outputs {
+          float *out = m.Nan(nq), *lse = m.Nan(nl);
+          be->AttentionForward(out, lse, m.Put(q), m.Put(k), m.Put(v), b, t, t, t, hq, hkv, d, 0);
+          return {{"out", m.Get(out, nq)}, {"lse", m.Get(lse, nl)}};
+        },
+        kGemm);
+  }
+}
+
+TEST_F(BackendParity, AttentionBackward) {
+  for (const AttnCase& a : kAttnCases) {
+    if (!a.training()) continue;  // the backward exists for the training form only
+    const int t = a.tq;
+    // With one key, dq and dk are exactly zero (dS = P (dP - rowsum(P dP)) = dP - dP): the CPU
+    // and fp32 backends return 0, a bf16 fused kernel its rounding noise (dP from bf16
+    // operands against D = dO . O in fp32), which a magnitude-relative tolerance cannot judge.
+    if (t == 1 && testing::ParityBackendHasBf16Gemms()) continue;
+    SCOPED_TRACE(::testing::Message() << "b=" << a.b << " hq=" << a.hq << " hkv=" << a.hkv
+                                      << " d=" << a.d << " t=" << t);
+    const size_t nq = static_cast<size_t>(a.b) * t * a.hq * a.d;
+    const size_t nkv = static_cast<size_t>(a.b) * t * a.hkv * a.d;
+    const auto q = RandVec(rng_, nq, 1.5), k = RandVec(rng_, nkv), v = RandVec(rng_, nkv);
+    const auto dout = RandVec(rng_, nq);
+    // Both backends get the CPU's forward outputs and log-sum-exps.
+    std::vector<float> out(nq), lse(static_cast<size_t>(a.b) * a.hq * t);
+    ref_.AttentionForward(out.data(), lse.data(), q.data(), k.data(), v.data(), a.b, t, t, t, a.hq,
+                          a.hkv, a.d, 0);
+    ExpectParity(
+        [&](Backend* be, DeviceMem& m) -> Outputs {
+          float *dq = m.Nan(nq), *dk = m.Nan(nkv), *dv = m.Nan(nkv);
+          be->AttentionBackward(dq, dk, dv, m.Put(dout), m.Put(out), m.Put(lse), m.Put(q), m.Put(k),
+                                m.Put(v), a.b, t, a.hq, a.hkv, a.d);
+          return {{"dq", m.Get(dq, nq)}, {"dk", m.Get(dk, nkv)}, {"dv", m.Get(dv, nkv)}};
+        },
+        kGemm);
+  }
+}
+
+}  // namespace
+}  // namespace eellm::parity
