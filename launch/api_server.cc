@@ -159,13 +159,14 @@ ApiServer::ApiServer(GenerationService* service, const Tokenizer* tok, const Mod
   const size_t threads = std::min(std::max(64, 2 * slots), slots + 1024) + 8;
   http_->new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
   // Both APIs: parse, generate, answer, and log one line per request.
-  enum class Api { kEeLlm, kOpenAi };
+  enum class Api { kEeLlm, kOpenAi, kOpenAiChat };
   auto handler = [this](Api api) {
     return [this, api](const httplib::Request& req, httplib::Response& res) {
       Timer timer;
       const uint64_t number = requests_++;
-      auto call = api == Api::kEeLlm ? ParseApiRequest(req.body, *tok_, defaults_, number)
-                                     : ParseCompletionRequest(req.body, *tok_, defaults_, number);
+      auto call = api == Api::kEeLlm    ? ParseApiRequest(req.body, *tok_, defaults_, number)
+                  : api == Api::kOpenAi ? ParseCompletionRequest(req.body, *tok_, defaults_, number)
+                                        : ParseChatRequest(req.body, *tok_, defaults_, number);
       if (call.ok() && call->stream) {
         // Validate now, so that a bad prompt still answers 400 rather than an event.
         absl::Status valid = service_->generator().ValidateAll(call->requests);
@@ -212,6 +213,7 @@ ApiServer::ApiServer(GenerationService* service, const Tokenizer* tok, const Mod
   http_->Put("/api", handler(Api::kEeLlm));
   http_->Post("/api", handler(Api::kEeLlm));
   http_->Post("/v1/completions", handler(Api::kOpenAi));
+  http_->Post("/v1/chat/completions", handler(Api::kOpenAiChat));
   http_->Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
     Answer(res, 200,
            {{"object", "list"},
@@ -254,9 +256,11 @@ ApiServer::ApiServer(GenerationService* service, const Tokenizer* tok, const Mod
     if (!res.body.empty()) return;
     const std::string what =
         res.status == 404 || res.status == 405
-            ? absl::StrCat("no such endpoint: ", req.method, " ", req.path,
-                           " (endpoints: PUT or POST /api, POST /v1/completions, GET /v1/models, "
-                           "GET /health, GET /metrics)")
+            ? absl::StrCat(
+                  "no such endpoint: ", req.method, " ", req.path,
+                  " (endpoints: PUT or POST /api, POST /v1/completions, POST /v1/chat/completions, "
+                  "GET /v1/models, "
+                  "GET /health, GET /metrics)")
             : absl::StrCat("HTTP status ", res.status,
                            res.status == 413 ? " (the body exceeds 16 MiB)" : "");
     Answer(res, res.status, {{"error", what}});
@@ -328,8 +332,8 @@ void ApiServer::Stream(std::shared_ptr<ApiCall> call, uint64_t number, httplib::
       sink.write(end.data(), end.size());
       sink.done();
     }
-    std::fprintf(stderr, "POST /v1/completions (stream): %zu prompts, %zu tokens in %.3f s%s\n",
-                 call->prompts.size(), count, timer.Seconds(),
+    std::fprintf(stderr, "POST /v1/%scompletions (stream): %zu prompts, %zu tokens in %.3f s%s\n",
+                 call->chat ? "chat/" : "", call->prompts.size(), count, timer.Seconds(),
                  writable ? "" : "; the client went away, the rest was cancelled");
     return writable;
   });

@@ -32,6 +32,8 @@ struct ApiDefaults {
   // random_seed when a request gives none: seed + 1000003 * request number.
   uint64_t seed = 1234;
   std::string model_name = "eellm";  // what /v1/models and /v1/completions call the model
+  // /v1/chat/completions' prompt format (launch/chat_template.h): auto, chatml, llama3 or plain.
+  std::string chat_template = "auto";
 };
 
 // A parsed request: one GenerationRequest per prompt, and what the response needs.
@@ -44,6 +46,7 @@ struct ApiCall {
   int top_logprobs = 0;       // /v1/completions: most likely tokens per position in the answer
   bool stream = false;        // /v1/completions: answer as server-sent events
   bool stream_usage = false;  // ... ending with a usage event (stream_options.include_usage)
+  bool chat = false;          // /v1/chat/completions: answer as chat completions
 };
 
 // Parses and checks a request body. Fields (EE-LLM's names; all optional but "prompts"):

@@ -15,6 +15,7 @@
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
 #include "launch/api_server.h"
+#include "launch/chat_template.h"
 #include "launch/commands.h"
 #include "launch/context_length.h"
 #include "launch/generation_service.h"
@@ -44,6 +45,10 @@ ABSL_FLAG(int, prefill_chunk, 512,
           "chunked prefill: prompt tokens one forward pass takes from the prefilling requests "
           "together; longer prompts go on in the next passes, so that running requests keep "
           "getting tokens (0: whole prompts)");
+ABSL_FLAG(std::string, chat_template, "auto",
+          "the prompt format of POST /v1/chat/completions: chatml (Qwen and other ChatML "
+          "models), llama3, plain (\"role: content\" lines), or auto: chatml or llama3 when the "
+          "tokenizer has their markers as tokens");
 ABSL_FLAG(double, default_threshold, 0.8,
           "early-exit threshold of requests that set use_early_exit without early_exit_thres");
 
@@ -157,6 +162,15 @@ int RunServeCommand() {
   defaults.early_exit_threshold = static_cast<float>(th);
   defaults.seed = absl::GetFlag(FLAGS_seed);
   defaults.model_name = path;
+  defaults.chat_template = absl::GetFlag(FLAGS_chat_template);
+  if (auto chat = ResolveChatFormat(defaults.chat_template, *group.tokenizer); chat.ok()) {
+    std::fprintf(stderr, "chat template: %s\n", ChatFormatName(*chat));
+  } else if (defaults.chat_template == "auto") {
+    std::fprintf(stderr, "chat template: none (%s); POST /v1/chat/completions answers 400\n",
+                 std::string(chat.status().message()).c_str());
+  } else {
+    return Fail(chat.status());
+  }
   ApiServer server(&service, group.tokenizer.get(), c, defaults);
   auto bound = server.Bind(absl::GetFlag(FLAGS_host), port);
   if (!bound.ok()) return Fail(bound.status());

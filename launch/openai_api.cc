@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "launch/api_fields.h"
+#include "launch/chat_template.h"
 #include "nlohmann/json.hpp"
 
 namespace eellm {
@@ -110,6 +111,51 @@ absl::Status RequireNeutral(const json& body) {
   return absl::OkStatus();
 }
 
+// The fields both APIs read alike: sampling, seed, streaming, early exit, speculative decoding
+// and stop strings.
+absl::Status ReadSharedFields(const json& body, const ApiDefaults& defaults,
+                              uint64_t request_number, ApiCall* call, api::GenerationOptions* o) {
+  int64_t seed =
+      static_cast<int64_t>((defaults.seed + 1000003ull * request_number) & 0x1fffffffffffffull);
+  RETURN_IF_ERROR(Read(body, "temperature", "a number in [0, 1e30] (0 = greedy)", &o->temperature,
+                       [](double v) { return v >= 0 && v <= 1e30; }));
+  RETURN_IF_ERROR(Read(body, "top_p", "a number in (0, 1]", &o->top_p,
+                       [](double v) { return v > 0 && v <= 1; }));
+  RETURN_IF_ERROR(Read(body, "top_k", "an integer >= -1 (-1 or 0 = all)", &o->top_k,
+                       [](int v) { return v >= -1; }));
+  o->top_k = std::max(o->top_k, 0);
+  RETURN_IF_ERROR(Read(body, "seed", "an integer >= 0", &seed, [](int64_t v) { return v >= 0; }));
+  o->seed = static_cast<uint64_t>(seed);
+  RETURN_IF_ERROR(Read(body, "stream", "true or false", &call->stream, [](bool) { return true; }));
+  if (auto it = body.find("stream_options"); it != body.end() && !it->is_null()) {
+    if (!it->is_object() || !call->stream) {
+      return Bad("stream_options", "null, or an object with \"stream\": true", *it);
+    }
+    for (const auto& [key, value] : it->items()) {
+      if (key != "include_usage") {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "unknown field \"", key, "\" in \"stream_options\" (known: include_usage)"));
+      }
+    }
+    RETURN_IF_ERROR(Read(*it, "include_usage", "true or false", &call->stream_usage,
+                         [](bool) { return true; }));
+  }
+  o->threshold = 1.0;
+  RETURN_IF_ERROR(Read(body, "early_exit_threshold", "a number in (0, 1] (1 = off)", &o->threshold,
+                       [](double v) { return v > 0 && v <= 1; }));
+  RETURN_IF_ERROR(api::ReadLayers(body, "exit_layers", &o->exit_layers));
+  RETURN_IF_ERROR(api::ReadSpeculative(body, &o->speculative));
+  RETURN_IF_ERROR(ReadStringOrList(body, "stop", &call->stop_sequences));
+  for (const std::string& s : call->stop_sequences) {
+    if (s.empty()) return absl::InvalidArgumentError("\"stop\" may not hold \"\"");
+  }
+  if (call->stop_sequences.size() > 4) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("\"stop\" may hold at most 4 strings, got ", call->stop_sequences.size()));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<ApiCall> ParseCompletionRequest(const std::string& body_text, const Tokenizer& tok,
@@ -130,21 +176,11 @@ absl::StatusOr<ApiCall> ParseCompletionRequest(const std::string& body_text, con
   }
   api::GenerationOptions o;
   o.max_new_tokens = 16;  // OpenAI's default
-  int64_t seed =
-      static_cast<int64_t>((defaults.seed + 1000003ull * request_number) & 0x1fffffffffffffull);
   int logprobs = 0;
   RETURN_IF_ERROR(Read(body, "echo", "true or false", &call.echo, [](bool) { return true; }));
   RETURN_IF_ERROR(Read(body, "max_tokens", "an integer >= 1 (0 with echo: score the prompt)",
                        &o.max_new_tokens, [&](int v) { return v >= (call.echo ? 0 : 1); }));
-  RETURN_IF_ERROR(Read(body, "temperature", "a number in [0, 1e30] (0 = greedy)", &o.temperature,
-                       [](double v) { return v >= 0 && v <= 1e30; }));
-  RETURN_IF_ERROR(Read(body, "top_p", "a number in (0, 1]", &o.top_p,
-                       [](double v) { return v > 0 && v <= 1; }));
-  RETURN_IF_ERROR(Read(body, "top_k", "an integer >= -1 (-1 or 0 = all)", &o.top_k,
-                       [](int v) { return v >= -1; }));
-  o.top_k = std::max(o.top_k, 0);
-  RETURN_IF_ERROR(Read(body, "seed", "an integer >= 0", &seed, [](int64_t v) { return v >= 0; }));
-  o.seed = static_cast<uint64_t>(seed);
+  RETURN_IF_ERROR(ReadSharedFields(body, defaults, request_number, &call, &o));
   if (body.contains("logprobs") && !body["logprobs"].is_null()) {
     RETURN_IF_ERROR(Read(body, "logprobs", "null or an integer in [0, 20]", &logprobs,
                          [](int v) { return v >= 0 && v <= kMaxTopLogprobs; }));
@@ -154,20 +190,6 @@ absl::StatusOr<ApiCall> ParseCompletionRequest(const std::string& body_text, con
   o.top_logprobs = logprobs;
   // max_tokens 0 with echo answers the prompt alone: it is scored even when not asked.
   o.prompt_logprobs = call.echo && (call.logprobs || o.max_new_tokens == 0);
-  RETURN_IF_ERROR(Read(body, "stream", "true or false", &call.stream, [](bool) { return true; }));
-  if (auto it = body.find("stream_options"); it != body.end() && !it->is_null()) {
-    if (!it->is_object() || !call.stream) {
-      return Bad("stream_options", "null, or an object with \"stream\": true", *it);
-    }
-    for (const auto& [key, value] : it->items()) {
-      if (key != "include_usage") {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "unknown field \"", key, "\" in \"stream_options\" (known: include_usage)"));
-      }
-    }
-    RETURN_IF_ERROR(
-        Read(*it, "include_usage", "true or false", &call.stream_usage, [](bool) { return true; }));
-  }
   if (call.stream && logprobs > 0) {
     return absl::InvalidArgumentError("\"logprobs\" is not supported with \"stream\"");
   }
@@ -175,20 +197,134 @@ absl::StatusOr<ApiCall> ParseCompletionRequest(const std::string& body_text, con
   if (call.stream && call.echo) {
     return absl::InvalidArgumentError("\"echo\" is not supported with \"stream\"");
   }
-  o.threshold = 1.0;
-  RETURN_IF_ERROR(Read(body, "early_exit_threshold", "a number in (0, 1] (1 = off)", &o.threshold,
-                       [](double v) { return v > 0 && v <= 1; }));
-  RETURN_IF_ERROR(api::ReadLayers(body, "exit_layers", &o.exit_layers));
-  RETURN_IF_ERROR(api::ReadSpeculative(body, &o.speculative));
-  RETURN_IF_ERROR(ReadStringOrList(body, "stop", &call.stop_sequences));
-  for (const std::string& s : call.stop_sequences) {
-    if (s.empty()) return absl::InvalidArgumentError("\"stop\" may not hold \"\"");
-  }
-  if (call.stop_sequences.size() > 4) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("\"stop\" may hold at most 4 strings, got ", call.stop_sequences.size()));
-  }
   api::AddGenerationRequests(o, tok, &call, token_prompts);
+  return call;
+}
+
+namespace {
+
+const std::set<std::string>& KnownChatFields() {
+  static const std::set<std::string> known = {"model",
+                                              "messages",
+                                              "max_tokens",
+                                              "max_completion_tokens",
+                                              "temperature",
+                                              "top_p",
+                                              "top_k",
+                                              "n",
+                                              "stream",
+                                              "stream_options",
+                                              "stop",
+                                              "seed",
+                                              "user",
+                                              "presence_penalty",
+                                              "frequency_penalty",
+                                              "logit_bias",
+                                              "logprobs",
+                                              "top_logprobs",
+                                              "tools",
+                                              "tool_choice",
+                                              "response_format",
+                                              "parallel_tool_calls",
+                                              "early_exit_threshold",
+                                              "exit_layers",
+                                              "draft_exit_layer",
+                                              "draft_tokens",
+                                              "draft_confidence"};
+  return known;
+}
+
+// "messages": [{"role", "content": a string or a list of {"type": "text", "text"} parts}, ...].
+absl::StatusOr<std::vector<ChatMessage>> ReadMessages(const json& body) {
+  auto it = body.find("messages");
+  if (it == body.end() || !it->is_array() || it->empty()) {
+    return Bad("messages", "a list of 1 or more messages", it == body.end() ? json(nullptr) : *it);
+  }
+  std::vector<ChatMessage> messages;
+  for (size_t i = 0; i < it->size(); ++i) {
+    const json& m = (*it)[i];
+    const std::string at = absl::StrCat("messages[", i, "]");
+    if (!m.is_object()) return Bad(at, "an object with \"role\" and \"content\"", m);
+    for (const auto& [key, value] : m.items()) {
+      if (key != "role" && key != "content" && key != "name") {
+        return absl::InvalidArgumentError(
+            absl::StrCat("unknown field \"", key, "\" in ", at, " (known: role, content, name)"));
+      }
+    }
+    ChatMessage msg;
+    if (!m.contains("role") || !m["role"].is_string()) {
+      return Bad(at + ".role", "system, user or assistant", m.value("role", json(nullptr)));
+    }
+    msg.role = m["role"].get<std::string>();
+    const json content = m.value("content", json(nullptr));
+    if (content.is_string()) {
+      msg.content = content.get<std::string>();
+    } else if (content.is_array()) {
+      for (const json& part : content) {
+        if (!part.is_object() || part.value("type", "") != "text" || !part.contains("text") ||
+            !part["text"].is_string()) {
+          return Bad(at + ".content", "a string or a list of {\"type\": \"text\", \"text\"} parts",
+                     content);
+        }
+        msg.content += part["text"].get<std::string>();
+      }
+    } else {
+      return Bad(at + ".content", "a string or a list of text parts", content);
+    }
+    messages.push_back(std::move(msg));
+  }
+  return messages;
+}
+
+// Chat fields accepted only at their neutral value.
+absl::Status RequireNeutralChat(const json& body) {
+  auto neutral = [&](const char* field, const json& ok, const char* what) -> absl::Status {
+    auto it = body.find(field);
+    if (it != body.end() && !it->is_null() && *it != ok) return Bad(field, what, *it);
+    return absl::OkStatus();
+  };
+  RETURN_IF_ERROR(neutral("logprobs", false, "false (not supported in chat)"));
+  RETURN_IF_ERROR(neutral("top_logprobs", 0, "0 (not supported in chat)"));
+  RETURN_IF_ERROR(neutral("tools", json::array(), "[] (tool calls are not supported)"));
+  RETURN_IF_ERROR(neutral("tool_choice", "none", "\"none\" (tool calls are not supported)"));
+  RETURN_IF_ERROR(neutral("parallel_tool_calls", false, "false"));
+  return neutral("response_format", json{{"type", "text"}}, "{\"type\": \"text\"}");
+}
+
+}  // namespace
+
+absl::StatusOr<ApiCall> ParseChatRequest(const std::string& body_text, const Tokenizer& tok,
+                                         const ApiDefaults& defaults, uint64_t request_number) {
+  ASSIGN_OR_RETURN(const json body, api::ParseJsonBody(body_text, KnownChatFields()));
+  RETURN_IF_ERROR(RequireNeutral(body));
+  RETURN_IF_ERROR(RequireNeutralChat(body));
+  ASSIGN_OR_RETURN(const std::vector<ChatMessage> messages, ReadMessages(body));
+  ASSIGN_OR_RETURN(const ChatFormat format, ResolveChatFormat(defaults.chat_template, tok));
+  ASSIGN_OR_RETURN(std::string prompt, RenderChat(format, messages));
+  ApiCall call;
+  call.chat = true;
+  call.prompts = {std::move(prompt)};
+  api::GenerationOptions o;
+  o.max_new_tokens = 256;
+  for (const char* field : {"max_tokens", "max_completion_tokens"}) {
+    RETURN_IF_ERROR(
+        Read(body, field, "an integer >= 1", &o.max_new_tokens, [](int v) { return v >= 1; }));
+  }
+  RETURN_IF_ERROR(ReadSharedFields(body, defaults, request_number, &call, &o));
+  for (const std::string& s : EndOfTurnStrings(format)) call.stop_sequences.push_back(s);
+  api::AddGenerationRequests(o, tok, &call);
+  // The reply ends at the format's end-of-turn token as at EOS.
+  const std::vector<int32_t> ends = EndOfTurnIds(format, tok);
+  for (GenerationRequest& r : call.requests) {
+    if (ends.empty()) continue;
+    r.stop = [ends, text_stop = std::move(r.stop)](const std::vector<int32_t>& generated) {
+      if (!generated.empty() &&
+          std::find(ends.begin(), ends.end(), generated.back()) != ends.end()) {
+        return true;
+      }
+      return text_stop && text_stop(generated);
+    };
+  }
   return call;
 }
 
@@ -329,14 +465,19 @@ std::string CompletionResponse(const ApiCall& call, const std::vector<Generation
   for (size_t i = 0; i < results.size(); ++i) {
     const GenerationResult& g = results[i];
     const json logprobs = call.logprobs ? ChoiceLogprobs(call, i, g, tok) : json(nullptr);
-    choices.push_back({{"text", ChoiceText(call, i, g, tok)},
-                       {"index", i},
-                       {"logprobs", logprobs},
-                       {"finish_reason", g.finish == FinishReason::kLength ? "length" : "stop"},
-                       {"layers", g.depth}});
+    json choice = {{"index", i},
+                   {"logprobs", logprobs},
+                   {"finish_reason", g.finish == FinishReason::kLength ? "length" : "stop"},
+                   {"layers", g.depth}};
+    if (call.chat) {
+      choice["message"] = {{"role", "assistant"}, {"content", ChoiceText(call, i, g, tok)}};
+    } else {
+      choice["text"] = ChoiceText(call, i, g, tok);
+    }
+    choices.push_back(std::move(choice));
   }
-  const json r = {{"id", absl::StrCat("cmpl-", request_number)},
-                  {"object", "text_completion"},
+  const json r = {{"id", absl::StrCat(call.chat ? "chatcmpl-" : "cmpl-", request_number)},
+                  {"object", call.chat ? "chat.completion" : "text_completion"},
                   {"created", created},
                   {"model", model},
                   {"choices", choices},
@@ -376,18 +517,26 @@ CompletionStream::CompletionStream(const ApiCall& call, const Tokenizer& tok, st
     : call_(call),
       tok_(tok),
       model_(std::move(model)),
-      id_(absl::StrCat("cmpl-", request_number)),
+      id_(absl::StrCat(call.chat ? "chatcmpl-" : "cmpl-", request_number)),
       created_(created),
       tokens_(call.prompts.size()),
-      sent_(call.prompts.size(), 0) {}
+      sent_(call.prompts.size(), 0),
+      role_sent_(call.prompts.size(), false) {}
 
-std::string CompletionStream::Event(int index, const std::string& text, const char* finish) const {
-  const json choice = {{"text", text},
-                       {"index", index},
-                       {"logprobs", nullptr},
-                       {"finish_reason", finish == nullptr ? json(nullptr) : json(finish)}};
+std::string CompletionStream::Event(int index, const std::string& text, const char* finish) {
+  json choice = {{"index", index},
+                 {"logprobs", nullptr},
+                 {"finish_reason", finish == nullptr ? json(nullptr) : json(finish)}};
+  if (call_.chat) {  // a delta of the assistant's message; the first names the role
+    choice["delta"] = json::object();
+    if (!role_sent_[index]) choice["delta"]["role"] = "assistant";
+    if (!text.empty() || !role_sent_[index]) choice["delta"]["content"] = text;
+    role_sent_[index] = true;
+  } else {
+    choice["text"] = text;
+  }
   const json r = {{"id", id_},
-                  {"object", "text_completion"},
+                  {"object", call_.chat ? "chat.completion.chunk" : "text_completion"},
                   {"created", created_},
                   {"model", model_},
                   {"choices", json::array({choice})}};
@@ -429,9 +578,12 @@ std::string CompletionStream::Finish(const std::vector<GenerationResult>& result
     out += Event(static_cast<int>(i), rest, finish);
   }
   if (call_.stream_usage) {  // OpenAI's last chunk: no choices, the usage
-    const json r = {
-        {"id", id_},       {"object", "text_completion"}, {"created", created_},
-        {"model", model_}, {"choices", json::array()},    {"usage", Usage(call_, results)}};
+    const json r = {{"id", id_},
+                    {"object", call_.chat ? "chat.completion.chunk" : "text_completion"},
+                    {"created", created_},
+                    {"model", model_},
+                    {"choices", json::array()},
+                    {"usage", Usage(call_, results)}};
     out += absl::StrCat("data: ", r.dump(), "\n\n");
   }
   return out + "data: [DONE]\n\n";

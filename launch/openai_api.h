@@ -36,11 +36,21 @@ std::string CompletionResponse(const ApiCall& call, const std::vector<Generation
 // decoded (quadratic).
 std::vector<size_t> TextOffsets(const Tokenizer& tok, const std::vector<int32_t>& ids);
 
+// Parses a /v1/chat/completions body: "messages" (system, user and assistant turns, content as a
+// string or text parts) rendered in defaults.chat_template's format (launch/chat_template.h) into
+// one prompt, "max_tokens" or "max_completion_tokens" (256 by default), and the sampling,
+// streaming, stop and early-exit fields of /v1/completions. The reply ends at the format's
+// end-of-turn token. Refused by name: n > 1, logprobs, tools, response formats other than text,
+// penalties and logit_bias.
+absl::StatusOr<ApiCall> ParseChatRequest(const std::string& body, const Tokenizer& tok,
+                                         const ApiDefaults& defaults, uint64_t request_number);
+
 // An OpenAI-style error body: {"error": {"message", "type": "invalid_request_error", ...}}.
 std::string CompletionError(const std::string& message, bool bad_request);
 
 // A streamed completion as server-sent events ("data: {...}\n\n", then "data: [DONE]\n\n").
-// Each event carries one choice's new text. A possible start of a stop string and an
+// Each event carries one choice's new text (chat: "chat.completion.chunk" events whose "delta"
+// holds the new "content", the first also the "role"). A possible start of a stop string and an
 // incomplete UTF-8 character at the end are held back until the next tokens show what they are.
 class CompletionStream {
  public:
@@ -52,13 +62,14 @@ class CompletionStream {
   std::string Finish(const std::vector<GenerationResult>& results);
 
  private:
-  std::string Event(int index, const std::string& text, const char* finish) const;
+  std::string Event(int index, const std::string& text, const char* finish);
   const ApiCall& call_;
   const Tokenizer& tok_;
   std::string model_, id_;
   int64_t created_;
   std::vector<std::vector<int32_t>> tokens_;  // per choice
   std::vector<size_t> sent_;                  // per choice: bytes of its text sent
+  std::vector<bool> role_sent_;               // per choice (chat): the role went out
 };
 
 }  // namespace eellm
