@@ -155,7 +155,8 @@ class Backend {
   // of k and v ([n, hkv, d], n the rows of all segments) are written into the pools k_pool,
   // v_pool at their positions, then each segment's rows of q attend its cache as in
   // PagedAttentionForward, into its rows of out ([n, hq, d]). The default runs a copy per run of
-  // pages and PagedAttentionForward per segment; a device backend may do all segments at once.
+  // pages and PagedAttentionForward per segment; a device backend may do all segments at once, so
+  // the segments' new rows must go to pool rows no other segment of the pass reads or writes.
   virtual void PagedAttentionPass(Operand out, ConstOperand q, ConstOperand k, ConstOperand v,
                                   Operand k_pool, Operand v_pool,
                                   const std::vector<PagedRows>& segments, int hq, int hkv, int d);

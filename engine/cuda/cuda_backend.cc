@@ -598,16 +598,16 @@ void CudaBackend::PagedAttentionPass(Operand out, ConstOperand q, ConstOperand k
                                      Operand k_pool, Operand v_pool,
                                      const std::vector<PagedRows>& segments, int hq, int hkv,
                                      int d) {
+  EE_CHECK(q.dtype == k.dtype && q.dtype == v.dtype && k_pool.dtype == k.dtype &&
+               v_pool.dtype == k.dtype,
+           "paged attention pass: q, k, v and the pools of different dtypes");
   const size_t row_bytes = static_cast<size_t>(hkv) * d * DTypeSize(k.dtype);
-  if (segments.empty() ||
+  if (segments.empty() || segments.size() > 65535 ||  // (the grid's z limit)
       !UseFlash(d, {out.data, q.data, k.data, v.data, k_pool.data, v_pool.data}) ||
       row_bytes % 16 != 0) {
     Backend::PagedAttentionPass(out, q, k, v, k_pool, v_pool, segments, hq, hkv, d);
     return;
   }
-  EE_CHECK(q.dtype == k.dtype && q.dtype == v.dtype && k_pool.dtype == k.dtype &&
-               v_pool.dtype == k.dtype,
-           "paged attention pass: q, k, v and the pools of different dtypes");
   const int page_tokens = segments[0].pages->page_tokens;
   // The descriptors: the segments, then each row's pool row (-1 for rows of no segment).
   std::vector<cuda::PagedSegment> segs;

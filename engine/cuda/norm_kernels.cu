@@ -92,8 +92,9 @@ __global__ void __launch_bounds__(kColMaxThreads, 2)
   const double total_b = ColumnGroupSum(acc_b, part);
   if (threadIdx.y == 0 && j < c) {
     StoreColumnSum(dg, partials, total_g, j, c);
-    if (db != nullptr) {
-      StoreColumnSum(db, partials + static_cast<size_t>(gridDim.y) * c, total_b, j, c);
+    if (db != nullptr) {  // (db's partials follow dg's; no partials without slices)
+      StoreColumnSum(db, gridDim.y > 1 ? partials + static_cast<size_t>(gridDim.y) * c : nullptr,
+                     total_b, j, c);
     }
   }
 }
