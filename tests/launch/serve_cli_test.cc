@@ -98,6 +98,9 @@ TEST_F(CliTest, ServeAnswersAndStopsOnSigterm) {
   EXPECT_NE(bad.output.find("--max_model_len 100000 must be in [1, the model's max_seq_len"),
             std::string::npos)
       << bad.output;
+  bad = RunEellm("serve --checkpoint=" + Quote(ckpt) + " --chat-template=vicuna");
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.output.find("unknown chat template \"vicuna\""), std::string::npos) << bad.output;
   bad = RunEellm("serve --checkpoint=" + Quote(ckpt) + " --prefill-chunk=-2");
   EXPECT_NE(bad.exit_code, 0);
   EXPECT_NE(bad.output.find("--prefill_chunk must be >= 0, got -2"), std::string::npos)
@@ -136,6 +139,8 @@ TEST_F(CliTest, ServeAnswersAndStopsOnSigterm) {
   EXPECT_NE(reply.find("\"layers\""), std::string::npos) << reply;
   EXPECT_NE(text.find("1 prompts, 5 tokens"), std::string::npos) << text;
   EXPECT_NE(text.find("; context 24 tokens; KV cache of 16 tokens, "), std::string::npos) << text;
+  // The byte-level tokenizer has no chat markers: chat needs --chat-template.
+  EXPECT_NE(text.find("chat template: none ("), std::string::npos) << text;
   EXPECT_NE(text.find("served 1 requests, 1 sequences, 5 tokens in 5 forward passes"),
             std::string::npos)
       << text;
