@@ -142,6 +142,7 @@ ApiServer::ApiServer(GenerationService* service, const Tokenizer* tok, const Mod
       config_(config),
       defaults_(defaults),
       http_(std::make_unique<httplib::Server>()) {
+  if (defaults_.context == 0) defaults_.context = service_->generator().capacity();
   http_->set_payload_max_length(16u << 20);
   // SO_REUSEADDR alone: httplib's default, SO_REUSEPORT, lets a second server bind the same port
   // and the kernel then splits the connections between the two, answering from either model.

@@ -34,6 +34,9 @@ struct ApiDefaults {
   std::string model_name = "eellm";  // what /v1/models and /v1/completions call the model
   // /v1/chat/completions' prompt format (launch/chat_template.h): auto, chatml, llama3 or plain.
   std::string chat_template = "auto";
+  // Tokens of a sequence's context (prompt + generated; 0: unknown): a chat request without
+  // max_tokens generates at most what is left of it. ApiServer sets it from its generator.
+  int context = 0;
 };
 
 // A parsed request: one GenerationRequest per prompt, and what the response needs.

@@ -99,7 +99,15 @@ std::vector<int32_t> EndOfTurnIds(ChatFormat f, const Tokenizer& tok) {
 }
 
 std::vector<std::string> EndOfTurnStrings(ChatFormat f) {
-  if (f == ChatFormat::kPlain) return {"\nuser:"};
+  // The markers as text too: a tokenizer may hold them as ordinary text (or not as tokens).
+  switch (f) {
+    case ChatFormat::kChatMl:
+      return {"<|im_end|>"};
+    case ChatFormat::kLlama3:
+      return {"<|eot_id|>", "<|eom_id|>"};
+    case ChatFormat::kPlain:
+      return {"\nuser:"};
+  }
   return {};
 }
 

@@ -3,7 +3,8 @@
 // assistant's reply starts, and the token that ends the reply. Built-in formats instead of the
 // Jinja templates of tokenizer_config.json:
 //   chatml  <|im_start|>{role}\n{content}<|im_end|>\n ... <|im_start|>assistant\n
-//           (Qwen2, Qwen2.5, Qwen3 without thinking, and other ChatML models); ends at <|im_end|>
+//           (Qwen2, Qwen2.5 and other ChatML models; Qwen3's empty thinking block, which its
+//           template adds to turn thinking off, is not); ends at <|im_end|>
 //   llama3  <|begin_of_text|><|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>
 //           ... <|start_header_id|>assistant<|end_header_id|>\n\n (Llama 3, 3.1, 3.2, 3.3);
 //           ends at <|eot_id|> (or <|eom_id|>)
@@ -40,7 +41,7 @@ const char* ChatFormatName(ChatFormat f);
 absl::StatusOr<std::string> RenderChat(ChatFormat f, const std::vector<ChatMessage>& messages);
 
 // The token ids that end an assistant's reply in format `f` (besides the tokenizer's EOS), and
-// text stop strings (plain's next turn).
+// the text that does (the markers, for tokenizers that hold them as text; plain's next turn).
 std::vector<int32_t> EndOfTurnIds(ChatFormat f, const Tokenizer& tok);
 std::vector<std::string> EndOfTurnStrings(ChatFormat f);
 

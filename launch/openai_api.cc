@@ -256,16 +256,22 @@ absl::StatusOr<std::vector<ChatMessage>> ReadMessages(const json& body) {
       return Bad(at + ".role", "system, user or assistant", m.value("role", json(nullptr)));
     }
     msg.role = m["role"].get<std::string>();
+    if (msg.role == "developer") msg.role = "system";  // OpenAI's newer name for it
     const json content = m.value("content", json(nullptr));
     if (content.is_string()) {
       msg.content = content.get<std::string>();
+    } else if (content.is_null() && msg.role == "assistant") {
+      // an earlier assistant turn without text (OpenAI allows it)
     } else if (content.is_array()) {
-      for (const json& part : content) {
-        if (!part.is_object() || part.value("type", "") != "text" || !part.contains("text") ||
+      for (size_t k = 0; k < content.size(); ++k) {
+        const json& part = content[k];
+        auto type = part.is_object() ? part.find("type") : part.end();
+        if (!part.is_object() || type == part.end() || *type != "text" || !part.contains("text") ||
             !part["text"].is_string()) {
           return Bad(at + ".content", "a string or a list of {\"type\": \"text\", \"text\"} parts",
                      content);
         }
+        if (k > 0) msg.content += "\n";  // as vLLM joins text parts
         msg.content += part["text"].get<std::string>();
       }
     } else {
@@ -286,7 +292,10 @@ absl::Status RequireNeutralChat(const json& body) {
   RETURN_IF_ERROR(neutral("logprobs", false, "false (not supported in chat)"));
   RETURN_IF_ERROR(neutral("top_logprobs", 0, "0 (not supported in chat)"));
   RETURN_IF_ERROR(neutral("tools", json::array(), "[] (tool calls are not supported)"));
-  RETURN_IF_ERROR(neutral("tool_choice", "none", "\"none\" (tool calls are not supported)"));
+  if (auto it = body.find("tool_choice");
+      it != body.end() && !it->is_null() && *it != "none" && *it != "auto") {
+    return Bad("tool_choice", "\"none\" or \"auto\" (tool calls are not supported)", *it);
+  }
   RETURN_IF_ERROR(neutral("parallel_tool_calls", false, "false"));
   return neutral("response_format", json{{"type", "text"}}, "{\"type\": \"text\"}");
 }
@@ -305,7 +314,12 @@ absl::StatusOr<ApiCall> ParseChatRequest(const std::string& body_text, const Tok
   call.chat = true;
   call.prompts = {std::move(prompt)};
   api::GenerationOptions o;
+  // Unless asked: 256 tokens, or what the context leaves after the prompt when that is less.
   o.max_new_tokens = 256;
+  if (defaults.context > 0) {
+    const int left = defaults.context - static_cast<int>(tok.Encode(call.prompts[0]).size());
+    if (left >= 1) o.max_new_tokens = std::min(o.max_new_tokens, left);
+  }
   for (const char* field : {"max_tokens", "max_completion_tokens"}) {
     RETURN_IF_ERROR(
         Read(body, field, "an integer >= 1", &o.max_new_tokens, [](int v) { return v >= 1; }));

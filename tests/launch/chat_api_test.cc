@@ -75,15 +75,17 @@ TEST(ChatRequest, RendersTheMessagesAndStopsAtTheEndOfTurn) {
   auto tok = ChatMlTokenizer();
   auto call = ParseChatRequest(R"({"model": "m", "messages": [
       {"role": "system", "content": "S"},
-      {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
-      "temperature": 0, "seed": 3, "stop": ["x"], "tools": [], "tool_choice": "none",
+      {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+      {"role": "assistant", "content": null}, {"role": "developer", "content": "D"}],
+      "temperature": 0, "seed": 3, "stop": ["x"], "tools": [], "tool_choice": "auto",
       "logprobs": false, "response_format": {"type": "text"}, "n": 1})",
                                *tok, ApiDefaults(), 0);
   ASSERT_TRUE(call.ok()) << call.status();
   EXPECT_TRUE(call->chat);
   ASSERT_EQ(call->prompts.size(), 1u);
   EXPECT_EQ(call->prompts[0],
-            "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nab<|im_end|>\n"
+            "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\na\nb<|im_end|>\n"
+            "<|im_start|>assistant\n<|im_end|>\n<|im_start|>system\nD<|im_end|>\n"
             "<|im_start|>assistant\n");
   const GenerationRequest& r = call->requests[0];
   EXPECT_EQ(r.prompt, tok->Encode(call->prompts[0]));
@@ -94,6 +96,25 @@ TEST(ChatRequest, RendersTheMessagesAndStopsAtTheEndOfTurn) {
   EXPECT_TRUE(r.stop({'o', 'k', 265}));   // <|im_end|>
   EXPECT_FALSE(r.stop({'o', 265, 'k'}));  // only as the last token
   EXPECT_TRUE(r.stop({'a', 'x'}));        // and at the request's stop strings
+  // A tokenizer without the markers as tokens ends the reply at their text.
+  ByteTokenizer bytes;
+  ApiDefaults chatml;
+  chatml.chat_template = "chatml";
+  auto as_text =
+      ParseChatRequest(R"({"messages": [{"role": "user", "content": "q"}]})", bytes, chatml, 0);
+  ASSERT_TRUE(as_text.ok()) << as_text.status();
+  const std::vector<int32_t> marker = bytes.Encode("ok<|im_end|>");
+  EXPECT_TRUE(as_text->requests[0].stop(marker));
+  GenerationResult g;
+  g.tokens = marker;
+  EXPECT_EQ(api::GeneratedText(g, as_text->stop_sequences, bytes), "ok");
+  // Without max_tokens the reply fits what the context leaves after the prompt.
+  chatml.context = 100;
+  auto fitted =
+      ParseChatRequest(R"({"messages": [{"role": "user", "content": "q"}]})", bytes, chatml, 0);
+  ASSERT_TRUE(fitted.ok()) << fitted.status();
+  EXPECT_EQ(fitted->requests[0].max_new_tokens,
+            100 - static_cast<int>(fitted->requests[0].prompt.size()));
   auto limited = ParseChatRequest(
       R"({"messages": [{"role": "user", "content": "q"}], "max_completion_tokens": 7})", *tok,
       ApiDefaults(), 0);
@@ -110,6 +131,9 @@ TEST(ChatRequest, RefusedFieldsAreNamed) {
       {R"({"messages": [{"role": "user"}]})", "messages[0].content"},
       {R"({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]})",
        "messages[0].content"},
+      {R"({"messages": [{"role": "user", "content": [{"type": 3, "text": "a"}]}]})",
+       "messages[0].content"},
+      {R"({"messages": [{"role": "user", "content": null}]})", "messages[0].content"},
       {R"({"messages": [{"role": "user", "content": "a", "tool_calls": []}]})", "tool_calls"},
       {R"({"messages": [{"role": "user", "content": "a"}], "n": 2})", "\"n\""},
       {R"({"messages": [{"role": "user", "content": "a"}], "logprobs": true})", "\"logprobs\""},
