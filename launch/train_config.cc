@@ -72,9 +72,11 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
                                    "communicator",
                                    "virtual_stages",
                                    "freeze_backbone",
-                                   "skip_layers_past_exits"},
+                                   "skip_layers_past_exits",
+                                   "val_fraction"},
                                   "train config"));
     RETURN_IF_ERROR(ReadJsonField(tj, "data", "train config", &t.data));
+    RETURN_IF_ERROR(ReadJsonField(tj, "val_fraction", "train config", &t.val_fraction));
     RETURN_IF_ERROR(ReadJsonField(tj, "tokenizer", "train config", &t.tokenizer));
     RETURN_IF_ERROR(ReadJsonField(tj, "backend", "train config", &t.backend));
     RETURN_IF_ERROR(ReadJsonField(tj, "out", "train config", &t.out));
@@ -116,6 +118,9 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
                       {t.eval_batches, "eval_batches"}}) {
     if (v <= 0) return Invalid(absl::StrCat(k, " must be positive, got ", v));
   }
+  if (!(t.val_fraction > 0 && t.val_fraction <= 0.5)) {
+    return Invalid(absl::StrCat("val_fraction must be in (0, 0.5], got ", t.val_fraction));
+  }
   if (t.grad_bucket_size < 1) {
     return Invalid(absl::StrCat("grad_bucket_size must be >= 1, got ", t.grad_bucket_size));
   }
@@ -155,6 +160,7 @@ absl::StatusOr<RunConfig> LoadRunConfig(const std::string& path) {
 
 std::string TrainConfigToJson(const TrainConfig& t) {
   json j = {{"data", t.data},
+            {"val_fraction", t.val_fraction},
             {"tokenizer", t.tokenizer},
             {"backend", t.backend},
             {"out", t.out},

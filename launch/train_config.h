@@ -11,7 +11,11 @@
 namespace eellm {
 
 struct TrainConfig {
-  std::string data = "data/kjv";  // token files <data>.train.bin and <data>.val.bin
+  // Token files <data>.train.bin and <data>.val.bin (`eellm data`), or a Megatron dataset
+  // prefix (<data>.bin and <data>.idx, models/megatron_data.h) whose last val_fraction of tokens
+  // (from a document's start) validates.
+  std::string data = "data/kjv";
+  float val_fraction = 0.01f;
   std::string tokenizer = "byte";
   std::string backend = "cpu";
   std::string out = "runs/default";  // checkpoint directory (<out>/latest, <out>/step_*/)

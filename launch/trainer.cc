@@ -15,6 +15,7 @@
 #include "launch/progress.h"
 #include "launch/timeline_gather.h"
 #include "models/exit_loss_weights.h"
+#include "models/megatron_data.h"
 #include "models/pipeline_executor.h"
 #include "models/token_dataset.h"
 #include "models/tokenizer.h"
@@ -229,24 +230,48 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
         absl::StrCat("model vocab_size ", mc.vocab_size, " is smaller than the ", tokenizer->name(),
                      " tokenizer's vocabulary ", tokenizer->vocab_size()));
   }
-  ASSIGN_OR_RETURN(TokenDataset train, TokenDataset::Load(tc.data + ".train.bin"));
-  ASSIGN_OR_RETURN(TokenDataset val, TokenDataset::Load(tc.data + ".val.bin"));
+  // `eellm data`'s token files, or a Megatron dataset (<data>.bin and <data>.idx) split here.
+  TokenDataset train, val;
+  const bool megatron = IsMegatronPrefix(tc.data);
+  for (const char* ext : {".bin", ".idx"}) {  // one of a Megatron pair: name the other
+    const std::string other = tc.data + (ext[1] == 'b' ? ".idx" : ".bin");
+    if (!megatron && std::filesystem::exists(tc.data + ext)) {
+      return absl::NotFoundError(absl::StrCat("Megatron dataset ", tc.data, ": ", tc.data, ext,
+                                              " exists but ", other, " does not"));
+    }
+  }
+  if (megatron) {
+    ASSIGN_OR_RETURN(const MegatronData md, LoadMegatronData(tc.data));
+    ASSIGN_OR_RETURN(auto split, SplitMegatronData(md, tc.val_fraction));
+    train = std::move(split.first);
+    val = std::move(split.second);
+    if (verbose) {
+      std::printf(
+          "data: Megatron dataset %s: %lld documents, %lld tokens; the last %lld tokens "
+          "(val_fraction %g) validate\n",
+          tc.data.c_str(), static_cast<long long>(md.document_starts.size()),
+          static_cast<long long>(md.tokens.size()), static_cast<long long>(val.size()),
+          tc.val_fraction);
+    }
+  } else {
+    ASSIGN_OR_RETURN(train, TokenDataset::Load(tc.data + ".train.bin"));
+    ASSIGN_OR_RETURN(val, TokenDataset::Load(tc.data + ".val.bin"));
+  }
   RETURN_IF_ERROR(train.Validate(tc.seq_len));
   RETURN_IF_ERROR(val.Validate(tc.seq_len));
   if (val.NumSequentialBatches(tc.batch_size, tc.seq_len) < 1) {
     // Evaluate() would average over zero batches and report a loss of 0.
-    return absl::InvalidArgumentError(
-        absl::StrCat("validation data ", tc.data, ".val.bin has ", val.size(),
-                     " tokens, too few for one evaluation batch of ", tc.batch_size, " x ",
-                     tc.seq_len, " (needs at least ", int64_t{tc.batch_size} * tc.seq_len + 1,
-                     "); raise --val_fraction in `eellm data` or lower batch_size or seq_len"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "validation data ", tc.data, megatron ? "" : ".val.bin", " has ", val.size(),
+        " tokens, too few for one evaluation batch of ", tc.batch_size, " x ", tc.seq_len,
+        " (needs at least ", int64_t{tc.batch_size} * tc.seq_len + 1, "); raise ",
+        megatron ? "the train config's val_fraction" : "--val_fraction in `eellm data`",
+        " or lower batch_size or seq_len"));
   }
   for (const TokenDataset* d : {&train, &val}) {
-    for (int32_t t : d->tokens()) {
-      if (t >= mc.vocab_size) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "token id ", t, " in ", tc.data, " is outside the model vocab_size ", mc.vocab_size));
-      }
+    if (const int64_t t = d->MaxToken(); t >= mc.vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "token id ", t, " in ", tc.data, " is outside the model vocab_size ", mc.vocab_size));
     }
   }
 

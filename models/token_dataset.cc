@@ -2,6 +2,7 @@
 #include "models/token_dataset.h"
 
 #include <algorithm>
+#include <cstring>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -23,6 +24,46 @@ uint64_t Mix64(uint64_t x) {
 
 }  // namespace
 
+TokenDataset::TokenDataset(std::vector<int32_t> tokens) {
+  auto owned = std::make_shared<const std::vector<int32_t>>(std::move(tokens));
+  data_ = reinterpret_cast<const uint8_t*>(owned->data());
+  size_ = static_cast<int64_t>(owned->size());
+  owner_ = std::move(owned);
+}
+
+TokenDataset::TokenDataset(std::shared_ptr<const void> owner, const uint8_t* data, int width,
+                           int64_t size)
+    : owner_(std::move(owner)), data_(data), width_(width), size_(size) {
+  EE_CHECK((width == 2 || width == 4) && size >= 0, "token view of width ", width, ", size ", size);
+}
+
+int32_t TokenDataset::at(int64_t i) const {
+  if (width_ == 2) {
+    uint16_t v;
+    std::memcpy(&v, data_ + 2 * i, 2);
+    return v;
+  }
+  int32_t v;
+  std::memcpy(&v, data_ + 4 * i, 4);
+  return v;
+}
+
+TokenDataset TokenDataset::Slice(int64_t begin, int64_t end) const {
+  EE_CHECK(0 <= begin && begin <= end && end <= size_, "slice [", begin, ", ", end, ") of ", size_,
+           " tokens");
+  return TokenDataset(owner_, data_ + begin * width_, width_, end - begin);
+}
+
+int64_t TokenDataset::MaxToken() const {
+  int64_t m = -1;
+  if (width_ == 2) {
+    for (int64_t i = 0; i < size_; ++i) m = std::max<int64_t>(m, at(i));
+  } else {
+    for (int64_t i = 0; i < size_; ++i) m = std::max<int64_t>(m, static_cast<uint32_t>(at(i)));
+  }
+  return m;
+}
+
 absl::StatusOr<TokenDataset> TokenDataset::Load(const std::string& path) {
   ASSIGN_OR_RETURN(std::vector<int32_t> tokens, ReadTokenFile(path));
   return TokenDataset(std::move(tokens));
@@ -41,9 +82,10 @@ absl::Status TokenDataset::Validate(int seq) const {
 }
 
 void TokenDataset::FillRow(int64_t offset, int seq, int32_t* inputs, int32_t* targets) const {
-  const int32_t* src = tokens_.data() + offset;
-  std::copy(src, src + seq, inputs);
-  std::copy(src + 1, src + 1 + seq, targets);
+  for (int i = 0; i < seq; ++i) {
+    inputs[i] = at(offset + i);
+    targets[i] = at(offset + i + 1);
+  }
 }
 
 void TokenDataset::RandomBatch(uint64_t seed, int64_t step, int batch, int seq, int32_t* inputs,

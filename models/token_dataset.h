@@ -1,9 +1,11 @@
-// TokenDataset: an in-memory token stream that serves [batch, seq] next-token-prediction
-// batches. Random batches are a pure function of (seed, step), so any step's batch can be
-// regenerated exactly on resume; sequential batches walk the data in order for validation.
+// TokenDataset: a token stream (in memory, or a view of a mapped file) that serves
+// [batch, seq] next-token-prediction batches. Random batches are a pure function of (seed, step),
+// so any step's batch can be regenerated exactly on resume; sequential batches walk the data in
+// order for validation.
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -16,13 +18,21 @@ namespace eellm {
 class TokenDataset {
  public:
   TokenDataset() = default;
-  explicit TokenDataset(std::vector<int32_t> tokens) : tokens_(std::move(tokens)) {}
+  explicit TokenDataset(std::vector<int32_t> tokens);
+  // A view of `size` tokens stored `width` bytes each (2: uint16, 4: int32; little-endian) at
+  // `data`, which `owner` keeps alive (e.g. a MappedFile): nothing is copied.
+  TokenDataset(std::shared_ptr<const void> owner, const uint8_t* data, int width, int64_t size);
 
   // Reads a token file written by WriteTokenFile (models/token_file.h).
   static absl::StatusOr<TokenDataset> Load(const std::string& path);
 
-  int64_t size() const { return static_cast<int64_t>(tokens_.size()); }
-  const std::vector<int32_t>& tokens() const { return tokens_; }
+  int64_t size() const { return size_; }
+  int32_t at(int64_t i) const;
+  // Tokens [begin, end), sharing the storage.
+  TokenDataset Slice(int64_t begin, int64_t end) const;
+  // The largest token id, ids read as unsigned 32-bit (a negative int32 id is then over 2^31;
+  // -1 when empty): one pass over the data.
+  int64_t MaxToken() const;
 
   // OK when windows of `seq` inputs plus one target fit: seq > 0 and size() > seq.
   absl::Status Validate(int seq) const;
@@ -52,7 +62,10 @@ class TokenDataset {
   // Copies the seq + 1 tokens at `offset` into one row of inputs/targets.
   void FillRow(int64_t offset, int seq, int32_t* inputs, int32_t* targets) const;
 
-  std::vector<int32_t> tokens_;
+  std::shared_ptr<const void> owner_;  // keeps data_ alive
+  const uint8_t* data_ = nullptr;
+  int width_ = 4;
+  int64_t size_ = 0;
 };
 
 }  // namespace eellm

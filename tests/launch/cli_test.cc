@@ -27,8 +27,10 @@
 #include "gtest/gtest.h"
 #include "hdf5.h"
 #include "httplib.h"
+#include "models/token_file.h"
 #include "nlohmann/json.hpp"
 #include "tests/launch/cli_fixture.h"
+#include "tests/models/megatron_fixture.h"
 
 namespace eellm {
 namespace {
@@ -226,6 +228,57 @@ TEST_F(CliTest, FreezeBackboneTrainsTheExitsAlone) {
           "num_heads": 2, "max_seq_len": 32,
           "exits": [{"layer": 1, "kind": "linear", "tied": true}]})",
       {"freeze_backbone", "no exit parameters"}, R"(, "freeze_backbone": true)");
+}
+
+// The training and validation lines of a run's output, without their speeds.
+std::vector<std::string> LossLines(const std::string& output) {
+  std::vector<std::string> lines;
+  std::istringstream in(output);
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind("step ", 0) == 0) {
+      const size_t tps = line.find(" tok/s");
+      lines.push_back(line.substr(0, line.rfind(" | ", tps)));
+    } else if (line.rfind("eval step ", 0) == 0) {
+      lines.push_back(line);
+    }
+  }
+  return lines;
+}
+
+// A Megatron dataset (<prefix>.bin and .idx, as Megatron's preprocess_data.py writes them) of
+// the tokens of `eellm data`'s files, the validation tokens as its last document: training on it,
+// split by val_fraction at that document, logs the losses that training on the token files does.
+TEST_F(CliTest, TrainsOnAMegatronDatasetAsOnTokenFiles) {
+  ASSERT_TRUE(PrepareTinyData(0.1));
+  auto train = ReadTokenFile(Path("data/tiny.train.bin"));
+  auto val = ReadTokenFile(Path("data/tiny.val.bin"));
+  ASSERT_TRUE(train.ok() && val.ok());
+  const size_t third = train->size() / 3;
+  std::vector<std::vector<int32_t>> docs = {{train->begin(), train->begin() + third},
+                                            {train->begin() + third, train->begin() + 2 * third},
+                                            {train->begin() + 2 * third, train->end()},
+                                            *val};
+  fs::create_directories(Path("mega"));
+  testing::WriteMegatronDataset(Path("mega/corpus_text_document"), docs);
+  const double fraction = static_cast<double>(val->size()) / (train->size() + val->size());
+  const std::string base =
+      "train --config=" +
+      Quote(WriteConfig(
+          kTinyModel, 6,
+          absl::StrFormat(", \"val_fraction\": %.17g, \"eval_interval\": 3", fraction)));
+  CmdResult a = RunEellm(base + " --out=" + Quote(Path("run_a")));
+  ASSERT_EQ(a.exit_code, 0) << a.output;
+  CmdResult b = RunEellm(base + " --out=" + Quote(Path("run_b")) +
+                         " --data=" + Quote(Path("mega/corpus_text_document")));
+  ASSERT_EQ(b.exit_code, 0) << b.output;
+  EXPECT_NE(b.output.find("data: Megatron dataset "), std::string::npos) << b.output;
+  EXPECT_NE(b.output.find(absl::StrFormat("4 documents, %d tokens; the last %d tokens",
+                                          train->size() + val->size(), val->size())),
+            std::string::npos)
+      << b.output;
+  const std::vector<std::string> want = LossLines(a.output);
+  EXPECT_EQ(want.size(), 9u) << a.output;  // 6 steps; evaluations at steps 0, 3 and 6
+  EXPECT_EQ(LossLines(b.output), want) << b.output;
 }
 
 TEST_F(CliTest, ResumeContinuesFromTheCheckpointStep) {
