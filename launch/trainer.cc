@@ -14,6 +14,7 @@
 #include "launch/checkpoint_layout.h"
 #include "launch/progress.h"
 #include "launch/timeline_gather.h"
+#include "models/data_blend.h"
 #include "models/exit_loss_weights.h"
 #include "models/megatron_data.h"
 #include "models/pipeline_executor.h"
@@ -109,6 +110,38 @@ std::string TrainStateJson(const RunConfig& rc, int step) {
       "\"next_batch\": %d}, \"lr\": %.9g, \"exit_loss_weights\": [%s]}",
       step, tc.seed, step, WarmupCosineLr(step, tc.warmup_steps, tc.steps, tc.lr, tc.min_lr),
       weights);
+}
+
+// The training and validation streams of one data prefix: `eellm data`'s token files
+// (<prefix>.train.bin, .val.bin), or a Megatron dataset (<prefix>.bin, .idx) split at
+// `val_fraction`.
+absl::StatusOr<std::pair<TokenDataset, TokenDataset>> LoadTrainingData(const std::string& prefix,
+                                                                       float val_fraction,
+                                                                       bool verbose) {
+  const bool megatron = IsMegatronPrefix(prefix);
+  for (const char* ext : {".bin", ".idx"}) {  // one of a Megatron pair: name the other
+    if (!megatron && std::filesystem::exists(prefix + ext)) {
+      return absl::NotFoundError(absl::StrCat("Megatron dataset ", prefix, ": ", prefix, ext,
+                                              " exists but ", prefix,
+                                              ext[1] == 'b' ? ".idx" : ".bin", " does not"));
+    }
+  }
+  if (!megatron) {
+    ASSIGN_OR_RETURN(TokenDataset train, TokenDataset::Load(prefix + ".train.bin"));
+    ASSIGN_OR_RETURN(TokenDataset val, TokenDataset::Load(prefix + ".val.bin"));
+    return std::make_pair(std::move(train), std::move(val));
+  }
+  ASSIGN_OR_RETURN(const MegatronData md, LoadMegatronData(prefix));
+  ASSIGN_OR_RETURN(auto split, SplitMegatronData(md, val_fraction));
+  if (verbose) {
+    std::printf(
+        "data: Megatron dataset %s: %lld documents, %lld tokens; the last %lld tokens "
+        "(val_fraction %g) validate\n",
+        prefix.c_str(), static_cast<long long>(md.document_starts.size()),
+        static_cast<long long>(md.tokens.size()), static_cast<long long>(split.second.size()),
+        val_fraction);
+  }
+  return split;
 }
 
 // `final_computed`: false when EE-Tuning stops at its deepest exit (the final head does not run).
@@ -230,49 +263,47 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
         absl::StrCat("model vocab_size ", mc.vocab_size, " is smaller than the ", tokenizer->name(),
                      " tokenizer's vocabulary ", tokenizer->vocab_size()));
   }
-  // `eellm data`'s token files, or a Megatron dataset (<data>.bin and <data>.idx) split here.
-  TokenDataset train, val;
-  const bool megatron = IsMegatronPrefix(tc.data);
-  for (const char* ext : {".bin", ".idx"}) {  // one of a Megatron pair: name the other
-    const std::string other = tc.data + (ext[1] == 'b' ? ".idx" : ".bin");
-    if (!megatron && std::filesystem::exists(tc.data + ext)) {
-      return absl::NotFoundError(absl::StrCat("Megatron dataset ", tc.data, ": ", tc.data, ext,
-                                              " exists but ", other, " does not"));
+  // One prefix or a weighted blend of them (models/data_blend.h), each `eellm data`'s token files
+  // or a Megatron dataset split here.
+  ASSIGN_OR_RETURN(const std::vector<BlendPart> blend, ParseDataBlend(tc.data));
+  std::vector<TokenDataset> train_parts, val_parts;
+  std::vector<double> weights;
+  bool megatron = false;
+  for (const BlendPart& part : blend) {
+    ASSIGN_OR_RETURN(auto split, LoadTrainingData(part.prefix, tc.val_fraction, verbose));
+    megatron |= IsMegatronPrefix(part.prefix);
+    RETURN_IF_ERROR(split.first.Validate(tc.seq_len));
+    for (const TokenDataset* d : {&split.first, &split.second}) {
+      if (const int64_t t = d->MaxToken(); t >= mc.vocab_size) {
+        return absl::InvalidArgumentError(absl::StrCat("token id ", t, " in ", part.prefix,
+                                                       " is outside the model vocab_size ",
+                                                       mc.vocab_size));
+      }
     }
+    train_parts.push_back(std::move(split.first));
+    val_parts.push_back(std::move(split.second));
+    weights.push_back(part.weight);
   }
-  if (megatron) {
-    ASSIGN_OR_RETURN(const MegatronData md, LoadMegatronData(tc.data));
-    ASSIGN_OR_RETURN(auto split, SplitMegatronData(md, tc.val_fraction));
-    train = std::move(split.first);
-    val = std::move(split.second);
-    if (verbose) {
-      std::printf(
-          "data: Megatron dataset %s: %lld documents, %lld tokens; the last %lld tokens "
-          "(val_fraction %g) validate\n",
-          tc.data.c_str(), static_cast<long long>(md.document_starts.size()),
-          static_cast<long long>(md.tokens.size()), static_cast<long long>(val.size()),
-          tc.val_fraction);
+  const BlendedDataset train(train_parts, weights);
+  const TokenDataset val = BlendedDataset::BlendValidation(
+      val_parts, weights, int64_t{tc.eval_batches} * tc.batch_size * tc.seq_len + 1, tc.seq_len);
+  if (verbose && blend.size() > 1) {
+    std::string parts;
+    for (size_t i = 0; i < blend.size(); ++i) {
+      absl::StrAppendFormat(&parts, "%s%.3f x %s (%lld tokens)", i ? ", " : "", blend[i].weight,
+                            blend[i].prefix, static_cast<long long>(train_parts[i].size()));
     }
-  } else {
-    ASSIGN_OR_RETURN(train, TokenDataset::Load(tc.data + ".train.bin"));
-    ASSIGN_OR_RETURN(val, TokenDataset::Load(tc.data + ".val.bin"));
+    std::printf("data: a blend of %zu: %s\n", blend.size(), parts.c_str());
   }
-  RETURN_IF_ERROR(train.Validate(tc.seq_len));
   RETURN_IF_ERROR(val.Validate(tc.seq_len));
   if (val.NumSequentialBatches(tc.batch_size, tc.seq_len) < 1) {
     // Evaluate() would average over zero batches and report a loss of 0.
     return absl::InvalidArgumentError(absl::StrCat(
-        "validation data ", tc.data, megatron ? "" : ".val.bin", " has ", val.size(),
-        " tokens, too few for one evaluation batch of ", tc.batch_size, " x ", tc.seq_len,
-        " (needs at least ", int64_t{tc.batch_size} * tc.seq_len + 1, "); raise ",
+        "validation data ", tc.data, megatron || blend.size() > 1 ? "" : ".val.bin", " has ",
+        val.size(), " tokens, too few for one evaluation batch of ", tc.batch_size, " x ",
+        tc.seq_len, " (needs at least ", int64_t{tc.batch_size} * tc.seq_len + 1, "); raise ",
         megatron ? "the train config's val_fraction" : "--val_fraction in `eellm data`",
         " or lower batch_size or seq_len"));
-  }
-  for (const TokenDataset* d : {&train, &val}) {
-    if (const int64_t t = d->MaxToken(); t >= mc.vocab_size) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "token id ", t, " in ", tc.data, " is outside the model vocab_size ", mc.vocab_size));
-    }
   }
 
   // This rank's model chunks: chunk k holds virtual stage k * pp + stage of pp * v (one chunk,

@@ -279,6 +279,18 @@ TEST_F(CliTest, TrainsOnAMegatronDatasetAsOnTokenFiles) {
   const std::vector<std::string> want = LossLines(a.output);
   EXPECT_EQ(want.size(), 9u) << a.output;  // 6 steps; evaluations at steps 0, 3 and 6
   EXPECT_EQ(LossLines(b.output), want) << b.output;
+  // A blend of one part (Megatron's "--data-path 1 prefix") is that part.
+  const std::string mega = Path("mega/corpus_text_document");
+  CmdResult c = RunEellm(base + " --out=" + Quote(Path("run_c")) + " --data=" + Quote("1 " + mega));
+  ASSERT_EQ(c.exit_code, 0) << c.output;
+  EXPECT_EQ(LossLines(c.output), want) << c.output;
+  // A blend of the token files and the Megatron copy trains on both.
+  CmdResult d = RunEellm(base + " --out=" + Quote(Path("run_d")) +
+                         " --data=" + Quote("0.25 " + Path("data/tiny") + " 0.75 " + mega));
+  ASSERT_EQ(d.exit_code, 0) << d.output;
+  EXPECT_NE(d.output.find("data: a blend of 2: 0.250 x " + Path("data/tiny")), std::string::npos)
+      << d.output;
+  EXPECT_EQ(LossLines(d.output).size(), 9u) << d.output;
 }
 
 TEST_F(CliTest, ResumeContinuesFromTheCheckpointStep) {

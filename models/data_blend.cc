@@ -1,0 +1,127 @@
+#include "models/data_blend.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <utility>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "engine/core/rng.h"
+#include "engine/core/status.h"
+
+namespace eellm {
+
+absl::StatusOr<std::vector<BlendPart>> ParseDataBlend(const std::string& spec) {
+  const std::vector<std::string> items = absl::StrSplit(spec, ' ', absl::SkipWhitespace());
+  if (items.size() == 1) return std::vector<BlendPart>{{1.0, items[0]}};
+  if (items.empty() || items.size() % 2 != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("train data \"", spec,
+                     "\": expected a prefix, or pairs of a weight and a prefix (\"0.3 a 0.7 b\")"));
+  }
+  std::vector<BlendPart> parts;
+  double sum = 0;
+  for (size_t i = 0; i < items.size(); i += 2) {
+    double w = 0;
+    if (!absl::SimpleAtod(items[i], &w) || !(w > 0) || !std::isfinite(w)) {
+      return absl::InvalidArgumentError(absl::StrCat("train data \"", spec, "\": weight \"",
+                                                     items[i], "\" of ", items[i + 1],
+                                                     " is not a positive number"));
+    }
+    parts.push_back({w, items[i + 1]});
+    sum += w;
+  }
+  for (BlendPart& p : parts) p.weight /= sum;
+  return parts;
+}
+
+BlendedDataset::BlendedDataset(std::vector<TokenDataset> parts, std::vector<double> weights)
+    : parts_(std::move(parts)) {
+  EE_CHECK(!parts_.empty() && weights.size() == parts_.size(), "a blend of ", parts_.size(),
+           " parts and ", weights.size(), " weights");
+  double sum = 0;
+  for (double w : weights) {
+    EE_CHECK(w > 0, "blend weight ", w);
+    sum += w;
+  }
+  double acc = 0;
+  for (double w : weights) cumulative_.push_back((acc += w) / sum);
+  cumulative_.back() = 1.0;
+}
+
+int64_t BlendedDataset::size() const {
+  int64_t n = 0;
+  for (const TokenDataset& p : parts_) n += p.size();
+  return n;
+}
+
+absl::Status BlendedDataset::Validate(int seq) const {
+  for (size_t i = 0; i < parts_.size(); ++i) {
+    absl::Status s = parts_[i].Validate(seq);
+    if (!s.ok() && parts_.size() > 1) {
+      return absl::Status(s.code(), absl::StrCat("blend part ", i + 1, ": ", s.message()));
+    }
+    if (!s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+// As TokenDataset's: a bijective mix of (seed, step) into the generator's seed.
+uint64_t Mix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+}  // namespace
+
+void BlendedDataset::RandomRows(uint64_t seed, int64_t step, int64_t first_row, int rows, int seq,
+                                int32_t* inputs, int32_t* targets) const {
+  if (parts_.size() == 1) {
+    parts_[0].RandomRows(seed, step, first_row, rows, seq, inputs, targets);
+    return;
+  }
+  EE_CHECK(rows > 0 && first_row >= 0, "rows ", rows, ", first_row ", first_row);
+  // A generator of its own (the seed mixed once more): not the one-part rows' stream.
+  Rng rng(Mix64(Mix64(Mix64(seed) ^ static_cast<uint64_t>(step))));
+  for (int64_t r = 0; r < 2 * first_row; ++r) rng.Next();
+  for (int r = 0; r < rows; ++r) {
+    const double u = static_cast<double>(rng.Next() >> 11) * 0x1.0p-53;  // [0, 1)
+    const size_t part =
+        std::upper_bound(cumulative_.begin(), cumulative_.end(), u) - cumulative_.begin();
+    const TokenDataset& d = parts_[std::min(part, parts_.size() - 1)];
+    const int64_t offset = static_cast<int64_t>(rng.Below(static_cast<uint64_t>(d.size() - seq)));
+    int32_t* in = inputs + static_cast<int64_t>(r) * seq;
+    int32_t* tg = targets + static_cast<int64_t>(r) * seq;
+    for (int i = 0; i < seq; ++i) {
+      in[i] = d.at(offset + i);
+      tg[i] = d.at(offset + i + 1);
+    }
+  }
+}
+
+TokenDataset BlendedDataset::BlendValidation(const std::vector<TokenDataset>& vals,
+                                             const std::vector<double>& weights, int64_t tokens,
+                                             int seq) {
+  EE_CHECK(!vals.empty() && vals.size() == weights.size() && seq > 0, "validation blend of ",
+           vals.size(), " parts");
+  if (vals.size() == 1) return vals[0];
+  double sum = 0;
+  for (double w : weights) sum += w;
+  std::vector<int32_t> blend;
+  int64_t take = 0;
+  for (size_t i = 0; i < vals.size(); ++i) {
+    const int64_t windows =
+        static_cast<int64_t>(std::ceil(weights[i] / sum * static_cast<double>(tokens) / seq));
+    take = std::min(vals[i].size(), windows * seq);
+    for (int64_t k = 0; k < take; ++k) blend.push_back(vals[i].at(k));
+  }
+  // The last window's target: the last part's next token, when it has one.
+  if (take < vals.back().size()) blend.push_back(vals.back().at(take));
+  return TokenDataset(std::move(blend));
+}
+
+}  // namespace eellm

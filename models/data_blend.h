@@ -1,0 +1,52 @@
+// Training data blended from several token streams by weight, as Megatron-LM blends datasets
+// (--data-path 0.3 /data/a 0.7 /data/b): train.data may be one prefix or "weight prefix" pairs.
+// Each row of a training batch draws its stream by weight, then its window in that stream; the
+// validation stream takes from each part's validation split a share by weight.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "models/token_dataset.h"
+
+namespace eellm {
+
+struct BlendPart {
+  double weight = 1.0;  // normalized: the parts' weights sum to 1
+  std::string prefix;
+};
+
+// "prefix" (one part), or "w1 prefix1 w2 prefix2 ..." with positive weights (normalized).
+// Errors name the spec and the bad item.
+absl::StatusOr<std::vector<BlendPart>> ParseDataBlend(const std::string& spec);
+
+class BlendedDataset {
+ public:
+  // `parts` and `weights` (positive, normalized here) of the same length, at least one.
+  BlendedDataset(std::vector<TokenDataset> parts, std::vector<double> weights);
+
+  int64_t size() const;  // tokens of every part
+  int parts() const { return static_cast<int>(parts_.size()); }
+  // Every part fits windows of seq + 1 tokens; errors name the part.
+  absl::Status Validate(int seq) const;
+
+  // As TokenDataset::RandomRows, a pure function of (seed, step): with one part, exactly that
+  // part's rows; with several, row r takes two draws of the step's generator (r-th pair), the
+  // first picking the part by weight, the second its window's offset in it.
+  void RandomRows(uint64_t seed, int64_t step, int64_t first_row, int rows, int seq,
+                  int32_t* inputs, int32_t* targets) const;
+
+  // A validation stream of about `tokens` tokens: from each part's stream in `vals` its first
+  // weight x tokens, rounded up to whole windows of `seq` (as much as it has), one part after
+  // the other. One part: that part's stream itself.
+  static TokenDataset BlendValidation(const std::vector<TokenDataset>& vals,
+                                      const std::vector<double>& weights, int64_t tokens, int seq);
+
+ private:
+  std::vector<TokenDataset> parts_;
+  std::vector<double> cumulative_;  // cumulative weights, the last one 1
+};
+
+}  // namespace eellm
