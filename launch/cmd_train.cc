@@ -31,7 +31,9 @@
 ABSL_FLAG(std::string, config, "",
           "JSON run config with \"model\" and \"train\" sections (required)");
 ABSL_FLAG(std::string, out, "", "override train.out, the checkpoint directory");
-ABSL_FLAG(std::string, data, "", "override train.data, the token-file prefix");
+ABSL_FLAG(std::string, data, "",
+          "override train.data: the prefix of eellm data's token files or of a Megatron dataset "
+          "(.bin/.idx), or a blend of them (\"0.3 /data/a 0.7 /data/b\")");
 ABSL_FLAG(std::string, resume, "",
           "checkpoint to resume from (model, optimizer state, step): a run directory (its "
           "latest step), a step directory or a checkpoint file; any parallel layout");
