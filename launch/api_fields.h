@@ -141,12 +141,13 @@ inline absl::Status ReadSpeculative(const json& body, SpeculativeParams* out) {
               [](float v) { return v >= 0 && v <= 1; });
 }
 
-// One GenerationRequest per call->prompts, stopping at call->stop_sequences (matched on the
-// generated text). `token_prompts`, when not empty, holds the prompts as token ids (and
-// call->prompts their text).
+// call->n GenerationRequests per call->prompts (choice k = prompt k / n, sampling with seed + k),
+// stopping at call->stop_sequences (matched on the generated text). `token_prompts`, when not
+// empty, holds the prompts as token ids (and call->prompts their text).
 inline void AddGenerationRequests(const GenerationOptions& o, const Tokenizer& tok, ApiCall* call,
                                   const std::vector<std::vector<int32_t>>& token_prompts = {}) {
-  for (size_t i = 0; i < call->prompts.size(); ++i) {
+  for (size_t k = 0; k < call->prompts.size() * call->n; ++k) {
+    const size_t i = k / call->n;
     GenerationRequest r;
     if (o.add_bos || (call->prompts[i].empty() && token_prompts.empty())) {
       r.prompt.push_back(tok.bos_id());
@@ -159,7 +160,7 @@ inline void AddGenerationRequests(const GenerationOptions& o, const Tokenizer& t
     r.sampling.temperature = static_cast<float>(o.temperature);
     r.sampling.top_k = o.top_k;
     r.sampling.top_p = static_cast<float>(o.top_p);
-    r.sampling.seed = o.seed + i;
+    r.sampling.seed = o.seed + k;
     r.early_exit.threshold = static_cast<float>(o.threshold);
     r.early_exit.exit_layers = o.exit_layers;
     r.speculative = o.speculative;

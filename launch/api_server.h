@@ -50,6 +50,7 @@ struct ApiCall {
   bool stream = false;        // /v1/completions: answer as server-sent events
   bool stream_usage = false;  // ... ending with a usage event (stream_options.include_usage)
   bool chat = false;          // /v1/chat/completions: answer as chat completions
+  int n = 1;                  // OpenAI's n: choices (requests) per prompt
 };
 
 // Parses and checks a request body. Fields (EE-LLM's names; all optional but "prompts"):

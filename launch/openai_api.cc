@@ -94,13 +94,15 @@ absl::Status RequireNeutral(const json& body) {
     json value;
     const char* what;
   };
-  const Neutral neutral[] = {{"n", 1, "1 (one completion per prompt)"},
-                             {"best_of", 1, "1"},
-                             {"presence_penalty", 0, "0"},
-                             {"frequency_penalty", 0, "0"}};
+  const Neutral neutral[] = {{"presence_penalty", 0, "0"}, {"frequency_penalty", 0, "0"}};
   for (const Neutral& n : neutral) {
     auto it = body.find(n.field);
     if (it != body.end() && !it->is_null() && *it != n.value) return Bad(n.field, n.what, *it);
+  }
+  // best_of as n (the completions are n samples, none is dropped).
+  if (auto it = body.find("best_of");
+      it != body.end() && !it->is_null() && *it != 1 && *it != body.value("n", json(1))) {
+    return Bad("best_of", "null, 1 or n (no completion is chosen among more)", *it);
   }
   for (const char* field : {"suffix", "logit_bias"}) {
     auto it = body.find(field);
@@ -126,6 +128,8 @@ absl::Status ReadSharedFields(const json& body, const ApiDefaults& defaults,
   o->top_k = std::max(o->top_k, 0);
   RETURN_IF_ERROR(Read(body, "seed", "an integer >= 0", &seed, [](int64_t v) { return v >= 0; }));
   o->seed = static_cast<uint64_t>(seed);
+  RETURN_IF_ERROR(Read(body, "n", "an integer in [1, 128]", &call->n,
+                       [](int v) { return v >= 1 && v <= 128; }));
   RETURN_IF_ERROR(Read(body, "stream", "true or false", &call->stream, [](bool) { return true; }));
   if (auto it = body.find("stream_options"); it != body.end() && !it->is_null()) {
     if (!it->is_object() || !call->stream) {
@@ -181,6 +185,11 @@ absl::StatusOr<ApiCall> ParseCompletionRequest(const std::string& body_text, con
   RETURN_IF_ERROR(Read(body, "max_tokens", "an integer >= 1 (0 with echo: score the prompt)",
                        &o.max_new_tokens, [&](int v) { return v >= (call.echo ? 0 : 1); }));
   RETURN_IF_ERROR(ReadSharedFields(body, defaults, request_number, &call, &o));
+  if (n * call.n > defaults.max_prompts) {
+    return absl::InvalidArgumentError(absl::StrCat(n, " prompts x \"n\" ", call.n, " = ",
+                                                   n * call.n, " completions, more than ",
+                                                   defaults.max_prompts, " per request"));
+  }
   if (body.contains("logprobs") && !body["logprobs"].is_null()) {
     RETURN_IF_ERROR(Read(body, "logprobs", "null or an integer in [0, 20]", &logprobs,
                          [](int v) { return v >= 0 && v <= kMaxTopLogprobs; }));
@@ -325,6 +334,9 @@ absl::StatusOr<ApiCall> ParseChatRequest(const std::string& body_text, const Tok
         Read(body, field, "an integer >= 1", &o.max_new_tokens, [](int v) { return v >= 1; }));
   }
   RETURN_IF_ERROR(ReadSharedFields(body, defaults, request_number, &call, &o));
+  if (call.n > defaults.max_prompts) {
+    return Bad("n", absl::StrCat("at most ", defaults.max_prompts), body["n"]);
+  }
   for (const std::string& s : EndOfTurnStrings(format)) call.stop_sequences.push_back(s);
   api::AddGenerationRequests(o, tok, &call);
   // The reply ends at the format's end-of-turn token as at EOS.
@@ -455,14 +467,17 @@ json ChoiceLogprobs(const ApiCall& call, size_t i, const GenerationResult& g,
           {"text_offset", offsets}};
 }
 
-// OpenAI's usage object; prompt_tokens_details.cached_tokens: prompt tokens whose K/V came from
-// the prefix cache.
+// OpenAI's usage object (a prompt counted once however many choices it has);
+// prompt_tokens_details.cached_tokens: prompt tokens whose K/V came from the prefix cache (for
+// each prompt's first choice).
 json Usage(const ApiCall& call, const std::vector<GenerationResult>& results) {
   size_t prompt = 0, completion = 0, cached = 0;
   for (size_t i = 0; i < results.size(); ++i) {
-    prompt += call.requests[i].prompt.size();
+    if (i % call.n == 0) {
+      prompt += call.requests[i].prompt.size();
+      cached += results[i].cached_prompt_tokens;
+    }
     completion += results[i].tokens.size();
-    cached += results[i].cached_prompt_tokens;
   }
   return {{"prompt_tokens", prompt},
           {"completion_tokens", completion},
@@ -533,9 +548,9 @@ CompletionStream::CompletionStream(const ApiCall& call, const Tokenizer& tok, st
       model_(std::move(model)),
       id_(absl::StrCat(call.chat ? "chatcmpl-" : "cmpl-", request_number)),
       created_(created),
-      tokens_(call.prompts.size()),
-      sent_(call.prompts.size(), 0),
-      role_sent_(call.prompts.size(), false) {}
+      tokens_(call.requests.size()),
+      sent_(call.requests.size(), 0),
+      role_sent_(call.requests.size(), false) {}
 
 std::string CompletionStream::Event(int index, const std::string& text, const char* finish) {
   json choice = {{"index", index},

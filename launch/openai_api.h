@@ -5,8 +5,9 @@
 // "early_exit_threshold" and "exit_layers" in the request, each choice's "layers" in the answer.
 // "stream": true answers with server-sent events as tokens come (CompletionStream). "prompt" may
 // be token ids. "echo" with "logprobs" scores the prompt too (max_tokens 0: only the prompt), as
-// lm-evaluation-harness's loglikelihood tasks ask. Not supported (refused by name): n > 1,
-// best_of > 1, suffix, penalties, logit_bias, logprobs or echo when streaming.
+// lm-evaluation-harness's loglikelihood tasks ask. "n" samples n completions of each prompt
+// (choice index = prompt x n + sample, sampling seeds seed + index). Not supported (refused by
+// name): best_of other than n, suffix, penalties, logit_bias, logprobs or echo when streaming.
 #pragma once
 
 #include <cstdint>
@@ -40,7 +41,7 @@ std::vector<size_t> TextOffsets(const Tokenizer& tok, const std::vector<int32_t>
 // string or text parts) rendered in defaults.chat_template's format (launch/chat_template.h) into
 // one prompt, "max_tokens" or "max_completion_tokens" (256 by default), and the sampling,
 // streaming, stop and early-exit fields of /v1/completions. The reply ends at the format's
-// end-of-turn token. Refused by name: n > 1, logprobs, tools, response formats other than text,
+// end-of-turn token. Refused by name: logprobs, tools, response formats other than text,
 // penalties and logit_bias.
 absl::StatusOr<ApiCall> ParseChatRequest(const std::string& body, const Tokenizer& tok,
                                          const ApiDefaults& defaults, uint64_t request_number);

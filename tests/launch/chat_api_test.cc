@@ -135,7 +135,7 @@ TEST(ChatRequest, RefusedFieldsAreNamed) {
        "messages[0].content"},
       {R"({"messages": [{"role": "user", "content": null}]})", "messages[0].content"},
       {R"({"messages": [{"role": "user", "content": "a", "tool_calls": []}]})", "tool_calls"},
-      {R"({"messages": [{"role": "user", "content": "a"}], "n": 2})", "\"n\""},
+      {R"({"messages": [{"role": "user", "content": "a"}], "n": 0})", "\"n\""},
       {R"({"messages": [{"role": "user", "content": "a"}], "logprobs": true})", "\"logprobs\""},
       {R"({"messages": [{"role": "user", "content": "a"}], "tools": [{"type": "function"}]})",
        "\"tools\""},
@@ -226,20 +226,23 @@ TEST(ChatServer, AnswersTheRenderedConversation) {
   EXPECT_EQ(r["choices"][0]["message"]["content"],
             json::parse(json(text).dump(-1, ' ', false, json::error_handler_t::replace)));
   EXPECT_EQ(r["object"], "chat.completion");
+  // Streamed with n = 2 (greedy: the same reply twice), each choice's deltas add up.
   const std::string streamed = R"({"messages": [{"role": "user", "content": "In the"}],
-      "max_tokens": 8, "temperature": 0, "stream": true})";
+      "max_tokens": 8, "temperature": 0, "stream": true, "n": 2})";
   res = client.Post("/v1/chat/completions", streamed, "application/json");
   ASSERT_TRUE(res);
   EXPECT_EQ(res->status, 200);
-  std::string content;
+  std::vector<std::string> content(2);
   for (size_t at = 0; (at = res->body.find("data: ", at)) != std::string::npos; ++at) {
     const std::string data = res->body.substr(at + 6, res->body.find("\n\n", at) - at - 6);
     if (data == "[DONE]") break;
     const json e = json::parse(data);
     const json& delta = e["choices"][0]["delta"];
-    if (delta.contains("content")) content += delta["content"].get<std::string>();
+    const int index = e["choices"][0]["index"];
+    ASSERT_LT(index, 2);
+    if (delta.contains("content")) content[index] += delta["content"].get<std::string>();
   }
-  EXPECT_EQ(json(content), r["choices"][0]["message"]["content"]);
+  for (int i = 0; i < 2; ++i) EXPECT_EQ(json(content[i]), r["choices"][0]["message"]["content"]);
   res = client.Post("/v1/chat/completions", R"({"messages": []})", "application/json");
   ASSERT_TRUE(res);
   EXPECT_EQ(res->status, 400);

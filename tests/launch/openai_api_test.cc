@@ -100,8 +100,10 @@ TEST(CompletionRequest, RefusedFieldsAreNamed) {
   const std::pair<const char*, const char*> cases[] = {
       {R"({})", "\"prompt\" is required"},
       {R"({"prompt": []})", "a list of 1 to 128, got 0"},
-      {R"({"prompt": "a", "n": 2})", "\"n\" must be 1 (one completion per prompt), got 2"},
-      {R"({"prompt": "a", "best_of": 3})", "\"best_of\" must be 1, got 3"},
+      {R"({"prompt": "a", "n": 129})", "\"n\" must be an integer in [1, 128], got 129"},
+      {R"({"prompt": ["a", "b"], "n": 65})", "2 prompts x \"n\" 65 = 130 completions"},
+      {R"({"prompt": "a", "best_of": 3})", "\"best_of\" must be null, 1 or n"},
+      {R"({"prompt": "a", "n": 2, "best_of": 3})", "\"best_of\" must be null, 1 or n"},
       {R"({"prompt": "a", "presence_penalty": 0.5})", "\"presence_penalty\" must be 0, got 0.5"},
       {R"({"prompt": "a", "logit_bias": {"1": 5}})", "\"logit_bias\" must be null"},
       {R"({"prompt": "a", "suffix": "z"})", "\"suffix\" must be null (not supported), got \"z\""},
@@ -129,6 +131,35 @@ TEST(CompletionRequest, RefusedFieldsAreNamed) {
   const json e = json::parse(CompletionError("bad \"n\"", true));
   EXPECT_EQ(e["error"]["message"], "bad \"n\"");
   EXPECT_EQ(e["error"]["type"], "invalid_request_error");
+}
+
+// n: each prompt n times in a row, sampling with successive seeds; the answer's choices in that
+// order, and the usage counting each prompt once.
+TEST(CompletionRequest, NSamplesEachPromptNTimes) {
+  ByteTokenizer tok;
+  auto call = ParseCompletionRequest(R"({"prompt": ["ab", "c"], "n": 2, "best_of": 2, "seed": 5,
+      "temperature": 0.7})",
+                                     tok, ApiDefaults(), 0);
+  ASSERT_TRUE(call.ok()) << call.status();
+  ASSERT_EQ(call->requests.size(), 4u);
+  const std::vector<std::vector<int32_t>> prompts = {{'a', 'b'}, {'a', 'b'}, {'c'}, {'c'}};
+  for (int k = 0; k < 4; ++k) {
+    EXPECT_EQ(call->requests[k].prompt, prompts[k]) << k;
+    EXPECT_EQ(call->requests[k].sampling.seed, 5u + k) << k;
+  }
+  std::vector<GenerationResult> results(4);
+  for (int k = 0; k < 4; ++k) {
+    results[k].tokens = {static_cast<int32_t>('w' + k)};
+    results[k].depth = {4};
+  }
+  const json r = json::parse(CompletionResponse(*call, results, tok, "m", 1, 0));
+  ASSERT_EQ(r["choices"].size(), 4u);
+  for (int k = 0; k < 4; ++k) {
+    EXPECT_EQ(r["choices"][k]["index"], k);
+    EXPECT_EQ(r["choices"][k]["text"], std::string(1, static_cast<char>('w' + k)));
+  }
+  EXPECT_EQ(r["usage"]["prompt_tokens"], 3);  // "ab" and "c", once each
+  EXPECT_EQ(r["usage"]["completion_tokens"], 4);
 }
 
 // echo: the text and the logprobs start at the prompt (its first token unscored: null), with
@@ -394,7 +425,7 @@ TEST(CompletionServer, AnswersOverHttp) {
     EXPECT_EQ(top.size(), top.contains(own) && top.size() == 1 ? 1u : 2u) << top.dump();
     EXPECT_FLOAT_EQ(top.at(own).get<float>(), scored_want[0].prompt_logprobs.at(p - 1));
   }
-  res = client.Post("/v1/completions", R"({"prompt": "a", "n": 3})", "application/json");
+  res = client.Post("/v1/completions", R"({"prompt": "a", "n": 300})", "application/json");
   ASSERT_TRUE(res);
   EXPECT_EQ(res->status, 400);
   EXPECT_EQ(json::parse(res->body)["error"]["type"], "invalid_request_error") << res->body;
