@@ -119,8 +119,9 @@ absl::StatusOr<std::pair<TokenDataset, TokenDataset>> LoadTrainingData(const std
                                                                        float val_fraction,
                                                                        bool verbose) {
   const bool megatron = IsMegatronPrefix(prefix);
-  for (const char* ext : {".bin", ".idx"}) {  // one of a Megatron pair: name the other
-    if (!megatron && std::filesystem::exists(prefix + ext)) {
+  for (const char* ext : {".bin", ".idx"}) {  // one of a Megatron pair alone: name the other
+    if (!megatron && std::filesystem::exists(prefix + ext) &&
+        !std::filesystem::exists(prefix + ".train.bin")) {
       return absl::NotFoundError(absl::StrCat("Megatron dataset ", prefix, ": ", prefix, ext,
                                               " exists but ", prefix,
                                               ext[1] == 'b' ? ".idx" : ".bin", " does not"));
@@ -132,16 +133,20 @@ absl::StatusOr<std::pair<TokenDataset, TokenDataset>> LoadTrainingData(const std
     return std::make_pair(std::move(train), std::move(val));
   }
   ASSIGN_OR_RETURN(const MegatronData md, LoadMegatronData(prefix));
-  ASSIGN_OR_RETURN(auto split, SplitMegatronData(md, val_fraction));
+  auto split = SplitMegatronData(md, val_fraction);
+  if (!split.ok()) {
+    return absl::Status(split.status().code(),
+                        absl::StrCat("Megatron dataset ", prefix, ": ", split.status().message()));
+  }
   if (verbose) {
     std::printf(
         "data: Megatron dataset %s: %lld documents, %lld tokens; the last %lld tokens "
         "(val_fraction %g) validate\n",
         prefix.c_str(), static_cast<long long>(md.document_starts.size()),
-        static_cast<long long>(md.tokens.size()), static_cast<long long>(split.second.size()),
+        static_cast<long long>(md.tokens.size()), static_cast<long long>(split->second.size()),
         val_fraction);
   }
-  return split;
+  return std::move(*split);
 }
 
 // `final_computed`: false when EE-Tuning stops at its deepest exit (the final head does not run).
@@ -272,8 +277,12 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   for (const BlendPart& part : blend) {
     ASSIGN_OR_RETURN(auto split, LoadTrainingData(part.prefix, tc.val_fraction, verbose));
     megatron |= IsMegatronPrefix(part.prefix);
-    RETURN_IF_ERROR(split.first.Validate(tc.seq_len));
+    if (absl::Status s = split.first.Validate(tc.seq_len); !s.ok()) {
+      return absl::Status(s.code(), absl::StrCat("training data ", part.prefix, ": ", s.message()));
+    }
     for (const TokenDataset* d : {&split.first, &split.second}) {
+      // (uint16 ids are all below a vocabulary of 65,536: no pass over the data needed)
+      if (d->width() == 2 && mc.vocab_size >= 65536) continue;
       if (const int64_t t = d->MaxToken(); t >= mc.vocab_size) {
         return absl::InvalidArgumentError(absl::StrCat("token id ", t, " in ", part.prefix,
                                                        " is outside the model vocab_size ",
@@ -286,7 +295,7 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   }
   const BlendedDataset train(train_parts, weights);
   const TokenDataset val = BlendedDataset::BlendValidation(
-      val_parts, weights, int64_t{tc.eval_batches} * tc.batch_size * tc.seq_len + 1, tc.seq_len);
+      val_parts, weights, int64_t{tc.eval_batches} * tc.batch_size, tc.seq_len);
   if (verbose && blend.size() > 1) {
     std::string parts;
     for (size_t i = 0; i < blend.size(); ++i) {

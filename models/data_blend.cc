@@ -14,8 +14,13 @@
 namespace eellm {
 
 absl::StatusOr<std::vector<BlendPart>> ParseDataBlend(const std::string& spec) {
-  const std::vector<std::string> items = absl::StrSplit(spec, ' ', absl::SkipWhitespace());
-  if (items.size() == 1) return std::vector<BlendPart>{{1.0, items[0]}};
+  const std::vector<std::string> items =
+      absl::StrSplit(spec, absl::ByAnyChar(" \t\n"), absl::SkipWhitespace());
+  double first = 0;
+  // One prefix: one item, or a path with spaces (not starting with a weight).
+  if (items.size() == 1 || (items.size() > 1 && !absl::SimpleAtod(items[0], &first))) {
+    return std::vector<BlendPart>{{1.0, items.size() == 1 ? items[0] : spec}};
+  }
   if (items.empty() || items.size() % 2 != 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("train data \"", spec,
@@ -93,6 +98,7 @@ void BlendedDataset::RandomRows(uint64_t seed, int64_t step, int64_t first_row, 
     const size_t part =
         std::upper_bound(cumulative_.begin(), cumulative_.end(), u) - cumulative_.begin();
     const TokenDataset& d = parts_[std::min(part, parts_.size() - 1)];
+    EE_CHECK(d.size() > seq, "blend part of ", d.size(), " tokens, seq ", seq);
     const int64_t offset = static_cast<int64_t>(rng.Below(static_cast<uint64_t>(d.size() - seq)));
     int32_t* in = inputs + static_cast<int64_t>(r) * seq;
     int32_t* tg = targets + static_cast<int64_t>(r) * seq;
@@ -104,23 +110,36 @@ void BlendedDataset::RandomRows(uint64_t seed, int64_t step, int64_t first_row, 
 }
 
 TokenDataset BlendedDataset::BlendValidation(const std::vector<TokenDataset>& vals,
-                                             const std::vector<double>& weights, int64_t tokens,
+                                             const std::vector<double>& weights, int64_t windows,
                                              int seq) {
-  EE_CHECK(!vals.empty() && vals.size() == weights.size() && seq > 0, "validation blend of ",
-           vals.size(), " parts");
+  EE_CHECK(!vals.empty() && vals.size() == weights.size() && seq > 0 && windows >= 0,
+           "validation blend of ", vals.size(), " parts");
   if (vals.size() == 1) return vals[0];
   double sum = 0;
   for (double w : weights) sum += w;
-  std::vector<int32_t> blend;
-  int64_t take = 0;
+  // The windows shared by weight, largest remainders first, so that they add up exactly.
+  std::vector<int64_t> share(vals.size());
+  std::vector<std::pair<double, size_t>> remainders;
+  int64_t given = 0;
   for (size_t i = 0; i < vals.size(); ++i) {
-    const int64_t windows =
-        static_cast<int64_t>(std::ceil(weights[i] / sum * static_cast<double>(tokens) / seq));
-    take = std::min(vals[i].size(), windows * seq);
-    for (int64_t k = 0; k < take; ++k) blend.push_back(vals[i].at(k));
+    const double exact = weights[i] / sum * static_cast<double>(windows);
+    share[i] = static_cast<int64_t>(std::floor(exact));
+    given += share[i];
+    remainders.push_back({share[i] - exact, i});  // most negative: largest remainder
   }
-  // The last window's target: the last part's next token, when it has one.
-  if (take < vals.back().size()) blend.push_back(vals.back().at(take));
+  std::sort(remainders.begin(), remainders.end());
+  for (size_t k = 0; given < windows; ++k, ++given) ++share[remainders[k % vals.size()].second];
+  std::vector<int32_t> blend;
+  for (size_t i = 0; i < vals.size(); ++i) {
+    // Whole windows of the part (as many as it has): none straddles two parts.
+    const int64_t take = std::min(share[i], vals[i].size() / seq) * seq;
+    for (int64_t k = 0; k < take; ++k) blend.push_back(vals[i].at(k));
+    // The last window's target: the part's next token (the next part's first otherwise).
+    if (i + 1 == vals.size() && take > 0 && take < vals[i].size()) {
+      blend.push_back(vals[i].at(take));
+    }
+  }
+  // (Without a token to spare in the last part its last window has no target and is not used.)
   return TokenDataset(std::move(blend));
 }
 

@@ -18,8 +18,9 @@ struct BlendPart {
   std::string prefix;
 };
 
-// "prefix" (one part), or "w1 prefix1 w2 prefix2 ..." with positive weights (normalized).
-// Errors name the spec and the bad item.
+// "prefix" (one part; also a path with spaces that does not start with a number), or
+// "w1 prefix1 w2 prefix2 ..." with positive weights (normalized). Errors name the spec and the
+// bad item.
 absl::StatusOr<std::vector<BlendPart>> ParseDataBlend(const std::string& spec);
 
 class BlendedDataset {
@@ -38,11 +39,12 @@ class BlendedDataset {
   void RandomRows(uint64_t seed, int64_t step, int64_t first_row, int rows, int seq,
                   int32_t* inputs, int32_t* targets) const;
 
-  // A validation stream of about `tokens` tokens: from each part's stream in `vals` its first
-  // weight x tokens, rounded up to whole windows of `seq` (as much as it has), one part after
-  // the other. One part: that part's stream itself.
+  // A validation stream of `windows` windows of `seq` tokens (and the last one's target): the
+  // windows shared among the parts by weight (largest remainders), each part's first whole
+  // windows of its stream in `vals` (fewer when it has fewer), one part after the other. One
+  // part: that part's stream itself.
   static TokenDataset BlendValidation(const std::vector<TokenDataset>& vals,
-                                      const std::vector<double>& weights, int64_t tokens, int seq);
+                                      const std::vector<double>& weights, int64_t windows, int seq);
 
  private:
   std::vector<TokenDataset> parts_;

@@ -68,6 +68,10 @@ absl::StatusOr<MegatronData> LoadMegatronData(const std::string& prefix) {
                               " (expected byte ", tokens * width, ")"));
     }
     tokens += n;
+    if (static_cast<uint64_t>(tokens) * width > bin->size()) {
+      return bad(absl::StrCat("sequence ", s, " ends at byte ", tokens * width,
+                              ", past the end of ", bin_path, " (", bin->size(), " bytes)"));
+    }
   }
   if (static_cast<uint64_t>(tokens) * width != bin->size()) {
     return bad(absl::StrCat("the sequences hold ", tokens, " tokens (", tokens * width,

@@ -27,6 +27,7 @@ class TokenDataset {
   static absl::StatusOr<TokenDataset> Load(const std::string& path);
 
   int64_t size() const { return size_; }
+  int width() const { return width_; }  // bytes a token takes in storage: 2 or 4
   int32_t at(int64_t i) const;
   // Tokens [begin, end), sharing the storage.
   TokenDataset Slice(int64_t begin, int64_t end) const;

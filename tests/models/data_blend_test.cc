@@ -22,7 +22,11 @@ TEST(DataBlendTest, ParsesPrefixesAndWeightedPairs) {
   ASSERT_EQ(one->size(), 1u);
   EXPECT_EQ((*one)[0].prefix, "data/kjv");
   EXPECT_DOUBLE_EQ((*one)[0].weight, 1.0);
-  auto two = ParseDataBlend("  2 /d/a   6 /d/b ");
+  auto spaced = ParseDataBlend("/my data/kjv");  // a path with a space, no weight
+  ASSERT_TRUE(spaced.ok()) << spaced.status();
+  ASSERT_EQ(spaced->size(), 1u);
+  EXPECT_EQ((*spaced)[0].prefix, "/my data/kjv");
+  auto two = ParseDataBlend("  2 /d/a \t  6 /d/b ");
   ASSERT_TRUE(two.ok()) << two.status();
   ASSERT_EQ(two->size(), 2u);
   EXPECT_EQ((*two)[1].prefix, "/d/b");
@@ -30,7 +34,7 @@ TEST(DataBlendTest, ParsesPrefixesAndWeightedPairs) {
   EXPECT_DOUBLE_EQ((*two)[1].weight, 0.75);
   for (const auto& [spec, want] :
        {std::pair<const char*, const char*>{"0.3 a 0.7", "pairs of a weight and a prefix"},
-        {"x a 1 b", "weight \"x\" of a"},
+        {"1 a x b", "weight \"x\" of b"},
         {"-1 a 1 b", "weight \"-1\""},
         {"0 a 1 b", "weight \"0\""},
         {"", "expected a prefix"}}) {
@@ -84,18 +88,30 @@ TEST(DataBlendTest, RowsAreWindowsOfOnePartDrawnByWeight) {
 }
 
 TEST(DataBlendTest, ValidationTakesEachPartsShare) {
-  const TokenDataset a = Iota(1000, 0), b = Iota(1000, 10000);
-  const TokenDataset v = BlendedDataset::BlendValidation({a, b}, {1.0, 1.0}, 100, 10);
+  const TokenDataset a = Iota(1000, 0), b = Iota(1000, 10000), c = Iota(1000, 20000);
+  const TokenDataset v = BlendedDataset::BlendValidation({a, b}, {1.0, 1.0}, 10, 10);
   ASSERT_EQ(v.size(), 101);  // 5 windows of each, and the last window's target
   for (int i = 0; i < 50; ++i) {
     EXPECT_EQ(v.at(i), i);
     EXPECT_EQ(v.at(50 + i), 10000 + i);
   }
   EXPECT_EQ(v.at(100), 10050);
-  // A part shorter than its share gives what it has.
-  const TokenDataset shorter = BlendedDataset::BlendValidation({Iota(12, 0), b}, {3, 1}, 100, 10);
-  EXPECT_EQ(shorter.size(), 12 + 30 + 1);
-  EXPECT_EQ(BlendedDataset::BlendValidation({a}, {1.0}, 100, 10).size(), 1000);
+  EXPECT_EQ(v.NumSequentialBatches(10, 10), 1);
+  // Exact shares by largest remainder: 2 and 6 of 8; 4, 3, 3 of 10 in thirds.
+  const TokenDataset q = BlendedDataset::BlendValidation({a, b}, {1, 3}, 8, 10);
+  ASSERT_EQ(q.size(), 81);
+  EXPECT_EQ(q.at(19), 19);
+  EXPECT_EQ(q.at(20), 10000);
+  const TokenDataset t = BlendedDataset::BlendValidation({a, b, c}, {1, 1, 1}, 10, 10);
+  ASSERT_EQ(t.size(), 101);
+  EXPECT_EQ(t.at(40), 10000);
+  EXPECT_EQ(t.at(70), 20000);
+  // A part shorter than its share gives its whole windows only: none straddles two parts.
+  const TokenDataset shorter = BlendedDataset::BlendValidation({Iota(12, 0), b}, {3, 1}, 10, 10);
+  ASSERT_EQ(shorter.size(), 10 + 20 + 1);
+  EXPECT_EQ(shorter.at(9), 9);
+  EXPECT_EQ(shorter.at(10), 10000);
+  EXPECT_EQ(BlendedDataset::BlendValidation({a}, {1.0}, 10, 10).size(), 1000);
 }
 
 }  // namespace
