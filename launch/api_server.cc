@@ -215,6 +215,22 @@ ApiServer::ApiServer(GenerationService* service, const Tokenizer* tok, const Mod
   http_->Post("/api", handler(Api::kEeLlm));
   http_->Post("/v1/completions", handler(Api::kOpenAi));
   http_->Post("/v1/chat/completions", handler(Api::kOpenAiChat));
+  // vLLM's tokenizer endpoints.
+  auto tokenizer_endpoint = [this](bool tokenize) {
+    return [this, tokenize](const httplib::Request& req, httplib::Response& res) {
+      auto answer =
+          tokenize ? TokenizeAnswer(req.body, *tok_, defaults_) : DetokenizeAnswer(req.body, *tok_);
+      if (answer.ok()) {
+        res.set_content(*answer, "application/json");
+      } else {
+        res.status = 400;
+        res.set_content(CompletionError(std::string(answer.status().message()), true),
+                        "application/json");
+      }
+    };
+  };
+  http_->Post("/tokenize", tokenizer_endpoint(true));
+  http_->Post("/detokenize", tokenizer_endpoint(false));
   http_->Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
     Answer(res, 200,
            {{"object", "list"},
@@ -260,8 +276,7 @@ ApiServer::ApiServer(GenerationService* service, const Tokenizer* tok, const Mod
             ? absl::StrCat(
                   "no such endpoint: ", req.method, " ", req.path,
                   " (endpoints: PUT or POST /api, POST /v1/completions, POST /v1/chat/completions, "
-                  "GET /v1/models, "
-                  "GET /health, GET /metrics)")
+                  "POST /tokenize, POST /detokenize, GET /v1/models, GET /health, GET /metrics)")
             : absl::StrCat("HTTP status ", res.status,
                            res.status == 413 ? " (the body exceeds 16 MiB)" : "");
     Answer(res, res.status, {{"error", what}});

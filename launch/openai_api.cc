@@ -514,6 +514,44 @@ std::string CompletionResponse(const ApiCall& call, const std::vector<Generation
   return r.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
+absl::StatusOr<std::string> TokenizeAnswer(const std::string& body_text, const Tokenizer& tok,
+                                           const ApiDefaults& defaults) {
+  ASSIGN_OR_RETURN(const json body,
+                   api::ParseJsonBody(body_text, {"model", "prompt", "messages",
+                                                  "add_special_tokens", "add_generation_prompt"}));
+  std::string text;
+  if (body.contains("messages") == body.contains("prompt")) {
+    return absl::InvalidArgumentError("give either \"prompt\" (a string) or \"messages\"");
+  }
+  if (body.contains("prompt")) {
+    if (!body["prompt"].is_string()) return Bad("prompt", "a string", body["prompt"]);
+    text = body["prompt"].get<std::string>();
+  } else {
+    ASSIGN_OR_RETURN(const std::vector<ChatMessage> messages, ReadMessages(body));
+    ASSIGN_OR_RETURN(const ChatFormat format, ResolveChatFormat(defaults.chat_template, tok));
+    ASSIGN_OR_RETURN(text, RenderChat(format, messages));
+  }
+  const std::vector<int32_t> ids = tok.Encode(text);
+  const json r = {{"count", ids.size()}, {"max_model_len", defaults.context}, {"tokens", ids}};
+  return r.dump();
+}
+
+absl::StatusOr<std::string> DetokenizeAnswer(const std::string& body_text, const Tokenizer& tok) {
+  ASSIGN_OR_RETURN(const json body, api::ParseJsonBody(body_text, {"model", "tokens"}));
+  auto it = body.find("tokens");
+  const bool ids =
+      it != body.end() && it->is_array() && std::all_of(it->begin(), it->end(), [&](const json& t) {
+        return t.is_number_integer() && t.get<int64_t>() >= 0 &&
+               t.get<int64_t>() < tok.vocab_size();
+      });
+  if (!ids) {
+    return Bad("tokens", absl::StrCat("a list of token ids in [0, ", tok.vocab_size(), ")"),
+               it == body.end() ? json(nullptr) : *it);
+  }
+  const json r = {{"prompt", tok.Decode(it->get<std::vector<int32_t>>())}};
+  return r.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
 std::string CompletionError(const std::string& message, bool bad_request) {
   const json r = {{"error",
                    {{"message", message},

@@ -46,6 +46,12 @@ std::vector<size_t> TextOffsets(const Tokenizer& tok, const std::vector<int32_t>
 absl::StatusOr<ApiCall> ParseChatRequest(const std::string& body, const Tokenizer& tok,
                                          const ApiDefaults& defaults, uint64_t request_number);
 
+// vLLM's POST /tokenize ({"prompt": text} or {"messages": [...]}, rendered as chat requests are:
+// {"count", "max_model_len", "tokens"}) and POST /detokenize ({"tokens": [...]}: {"prompt"}).
+absl::StatusOr<std::string> TokenizeAnswer(const std::string& body, const Tokenizer& tok,
+                                           const ApiDefaults& defaults);
+absl::StatusOr<std::string> DetokenizeAnswer(const std::string& body, const Tokenizer& tok);
+
 // An OpenAI-style error body: {"error": {"message", "type": "invalid_request_error", ...}}.
 std::string CompletionError(const std::string& message, bool bad_request);
 

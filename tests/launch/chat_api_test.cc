@@ -243,6 +243,32 @@ TEST(ChatServer, AnswersTheRenderedConversation) {
     if (delta.contains("content")) content[index] += delta["content"].get<std::string>();
   }
   for (int i = 0; i < 2; ++i) EXPECT_EQ(json(content[i]), r["choices"][0]["message"]["content"]);
+  // vLLM's tokenizer endpoints: text, or messages rendered as chat requests are.
+  res = client.Post("/tokenize", R"({"prompt": "ab"})", "application/json");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(json::parse(res->body),
+            json({{"count", 2}, {"max_model_len", 64}, {"tokens", {97, 98}}}))
+      << res->body;
+  res = client.Post("/tokenize", R"({"messages": [{"role": "user", "content": "In the"}]})",
+                    "application/json");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(json::parse(res->body)["tokens"], json(served.tok.Encode("user: In the\nassistant:")))
+      << res->body;
+  res = client.Post("/detokenize", R"({"tokens": [73, 110]})", "application/json");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(json::parse(res->body), json({{"prompt", "In"}})) << res->body;
+  for (const char* bad : {R"({"tokens": [73, 999]})", R"({"tokens": "In"})"}) {
+    res = client.Post("/detokenize", bad, "application/json");
+    ASSERT_TRUE(res);
+    EXPECT_EQ(res->status, 400) << bad;
+    EXPECT_NE(json::parse(res->body)["error"]["message"].get<std::string>().find(
+                  "\"tokens\" must be a list of token ids in [0, 258)"),
+              std::string::npos)
+        << res->body;
+  }
+  res = client.Post("/tokenize", R"({"prompt": "a", "messages": []})", "application/json");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 400);
   res = client.Post("/v1/chat/completions", R"({"messages": []})", "application/json");
   ASSERT_TRUE(res);
   EXPECT_EQ(res->status, 400);
