@@ -32,11 +32,29 @@ using api::ReadStrings;
 using nlohmann::json;
 
 const std::set<std::string>& KnownFields() {
-  static const std::set<std::string> known = {
-      "prompts",        "tokens_to_generate", "temperature",      "top_k",
-      "top_p",          "random_seed",        "add_BOS",          "stop_sequences",
-      "logprobs",       "use_early_exit",     "early_exit_thres", "exit_layers",
-      "print_max_prob", "draft_exit_layer",   "draft_tokens",     "draft_confidence"};
+  static const std::set<std::string> known = {"prompts",
+                                              "tokens_to_generate",
+                                              "temperature",
+                                              "top_k",
+                                              "top_p",
+                                              "random_seed",
+                                              "add_BOS",
+                                              "stop_sequences",
+                                              "logprobs",
+                                              "use_early_exit",
+                                              "early_exit_thres",
+                                              "exit_layers",
+                                              "print_max_prob",
+                                              "echo_prompts",
+                                              "no_log",
+                                              "top_p_decay",
+                                              "top_p_bound",
+                                              "prevent_newline_after_colon",
+                                              "beam_width",
+                                              "length_penalty",
+                                              "draft_exit_layer",
+                                              "draft_tokens",
+                                              "draft_confidence"};
   return known;
 }
 
@@ -47,17 +65,21 @@ absl::StatusOr<ApiCall> ParseApiRequest(const std::string& body_text, const Toke
   ASSIGN_OR_RETURN(const json body, api::ParseJsonBody(body_text, KnownFields()));
   ApiCall call;
   if (!body.contains("prompts")) return absl::InvalidArgumentError("\"prompts\" is required");
-  RETURN_IF_ERROR(ReadStrings(body, "prompts", &call.prompts));
+  if (body["prompts"].is_string()) {  // one prompt, as EE-LLM's server takes it
+    call.prompts.push_back(body["prompts"].get<std::string>());
+  } else {
+    RETURN_IF_ERROR(ReadStrings(body, "prompts", &call.prompts));
+  }
   const int n = static_cast<int>(call.prompts.size());
   if (n < 1 || n > defaults.max_prompts) {
     return absl::InvalidArgumentError(
         absl::StrCat("\"prompts\" must hold 1 to ", defaults.max_prompts, " strings, got ", n));
   }
   int tokens = 64, top_k = 0;
-  double temperature = 1.0, top_p = 0.0, threshold = defaults.early_exit_threshold;
+  double temperature = 0.0, top_p = 0.0, threshold = defaults.early_exit_threshold;
   int64_t seed =
       static_cast<int64_t>((defaults.seed + 1000003ull * request_number) & 0x1fffffffffffffull);
-  bool add_bos = false, use_ee = body.contains("early_exit_thres"), print_max_prob = false;
+  bool add_bos = false, use_ee = false, print_max_prob = false;
   std::vector<int> exit_layers;
   RETURN_IF_ERROR(
       Read(body, "tokens_to_generate", "an integer >= 0", &tokens, [](int v) { return v >= 0; }));
@@ -75,6 +97,23 @@ absl::StatusOr<ApiCall> ParseApiRequest(const std::string& body_text, const Toke
       Read(body, "use_early_exit", "true or false", &use_ee, [](bool) { return true; }));
   RETURN_IF_ERROR(Read(body, "early_exit_thres", "a number in (0, 1]", &threshold,
                        [](double v) { return v > 0 && v <= 1; }));
+  RETURN_IF_ERROR(
+      Read(body, "echo_prompts", "true or false", &call.echo, [](bool) { return true; }));
+  RETURN_IF_ERROR(Read(body, "no_log", "true or false", &call.no_log, [](bool) { return true; }));
+  // Megatron's sampling and beam-search fields, at their neutral values only.
+  double decay = 0, bound = 0, length_penalty = 1;
+  bool newline_after_colon = false;
+  int beam_width = 1;
+  RETURN_IF_ERROR(
+      Read(body, "top_p_decay", "0 (not supported)", &decay, [](double v) { return v == 0; }));
+  RETURN_IF_ERROR(
+      Read(body, "top_p_bound", "0 (not supported)", &bound, [](double v) { return v == 0; }));
+  RETURN_IF_ERROR(Read(body, "prevent_newline_after_colon", "false (not supported)",
+                       &newline_after_colon, [](bool v) { return !v; }));
+  RETURN_IF_ERROR(Read(body, "beam_width", "1 (beam search is not supported)", &beam_width,
+                       [](int v) { return v == 1; }));
+  RETURN_IF_ERROR(Read(body, "length_penalty", "a number (beam search only)", &length_penalty,
+                       [](double) { return true; }));
   RETURN_IF_ERROR(Read(body, "print_max_prob",
                        "false (not supported; \"layers\" gives each "
                        "token's exit depth)",
@@ -90,7 +129,7 @@ absl::StatusOr<ApiCall> ParseApiRequest(const std::string& body_text, const Toke
   }
   api::GenerationOptions o;
   RETURN_IF_ERROR(api::ReadSpeculative(body, &o.speculative));
-  o.prompt_logprobs = call.logprobs;
+  o.prompt_logprobs = call.logprobs && (call.echo || tokens == 0);
   o.max_new_tokens = tokens;
   o.temperature = temperature;
   o.top_k = top_k;
@@ -109,13 +148,18 @@ std::string ApiResponse(const ApiCall& call, const std::vector<GenerationResult>
        layers = json::array(), finish = json::array();
   for (size_t i = 0; i < results.size(); ++i) {
     const GenerationResult& g = results[i];
+    // The prompt leads the answer when echoed, and when it is all there is (scoring).
+    const bool echo = call.echo || call.requests[i].max_new_tokens == 0;
     const std::string out = api::GeneratedText(g, call.stop_sequences, tok);
-    text.push_back(call.prompts[i] + out);
+    text.push_back(echo ? call.prompts[i] + out : out);
     json seg = json::array();
-    for (int32_t t : call.requests[i].prompt) seg.push_back(tok.DecodeToken(t));
+    if (echo) {
+      for (int32_t t : call.requests[i].prompt) seg.push_back(tok.DecodeToken(t));
+    }
     for (int32_t t : g.tokens) seg.push_back(tok.DecodeToken(t));
     segments.push_back(std::move(seg));
-    std::vector<float> all = g.prompt_logprobs;  // every token after the first
+    std::vector<float> all;  // with the prompt: every token's after the first
+    if (echo) all = g.prompt_logprobs;
     all.insert(all.end(), g.logprobs.begin(), g.logprobs.end());
     logprobs.push_back(std::move(all));
     layers.push_back(g.depth);
@@ -203,6 +247,7 @@ ApiServer::ApiServer(GenerationService* service, const Tokenizer* tok, const Mod
         for (int d : g.depth) layers += d;
       }
       const double s = timer.Seconds();
+      if (call->no_log) return;
       std::fprintf(stderr,
                    "%s %s from %s: %zu prompts, %zu tokens in %.3f s (%.1f tokens/s), average "
                    "layers %.2f of %d\n",

@@ -45,35 +45,43 @@ struct ApiCall {
   std::vector<GenerationRequest> requests;
   std::vector<std::string> stop_sequences;
   bool logprobs = false;
-  bool echo = false;          // /v1/completions: the answer's text and logprobs start at the prompt
-  int top_logprobs = 0;       // /v1/completions: most likely tokens per position in the answer
-  bool stream = false;        // /v1/completions: answer as server-sent events
+  bool echo = false;     // the answer's text and logprobs start at the prompt (/api: echo_prompts)
+  int top_logprobs = 0;  // /v1/completions: most likely tokens per position in the answer
+  bool stream = false;   // /v1/completions: answer as server-sent events
   bool stream_usage = false;  // ... ending with a usage event (stream_options.include_usage)
   bool chat = false;          // /v1/chat/completions: answer as chat completions
   int n = 1;                  // OpenAI's n: choices (requests) per prompt
+  bool no_log = false;        // /api: no log line for the request
 };
 
-// Parses and checks a request body. Fields (EE-LLM's names; all optional but "prompts"):
-//   prompts            list of 1..max_prompts strings
+// Parses and checks a request body. Fields (EE-LLM's names and defaults; all optional but
+// "prompts"):
+//   prompts            list of 1..max_prompts strings, or one string
 //   tokens_to_generate integer >= 0 (64); 0 scores the prompt only (with logprobs)
-//   temperature        >= 0, 0 = greedy (1.0); top_k >= 0, 0 = all (0); top_p in [0, 1], 0 = off
+//   temperature        >= 0, 0 = greedy (0); top_k >= 0, 0 = all (0); top_p in [0, 1], 0 = off
 //   random_seed        integer >= 0; prompt i samples with random_seed + i
 //   add_BOS            prepend the tokenizer's BOS (false); an empty prompt always starts with it
 //   stop_sequences     list of strings: a prompt stops when its text contains one, and its text
 //                      is cut before it
-//   logprobs           return the log-probability of every token after the first, prompt and
-//                      generated (false)
-//   use_early_exit     (true when early_exit_thres is given, else false)
-//   early_exit_thres   confidence threshold in (0, 1]
+//   echo_prompts       the answer's text, segments and logprobs start at the prompt (false; the
+//                      prompt is always scored with tokens_to_generate 0)
+//   logprobs           return the log-probability of every token (false): with the prompt, of
+//                      each after the first, prompt tokens from the final head
+//   use_early_exit     early exit (false); on only when given and true, as EE-LLM turns it on
+//                      only when the key is present
+//   early_exit_thres   confidence threshold in (0, 1] (ApiDefaults::early_exit_threshold)
 //   exit_layers        layers of the exits allowed to fire (all)
-//   print_max_prob     accepted only as false
+//   no_log             no log line for the request (false)
+//   print_max_prob, top_p_decay, top_p_bound, prevent_newline_after_colon, beam_width,
+//   length_penalty     accepted at their neutral values only (false, 0, 0, false, 1, any)
 // Unknown fields and wrong types are errors.
 absl::StatusOr<ApiCall> ParseApiRequest(const std::string& body, const Tokenizer& tok,
                                         const ApiDefaults& defaults, uint64_t request_number);
 
-// The JSON response: "text" (prompt + generated text, cut before a stop sequence), "segments"
-// (the text of each prompt and generated token), "logprobs" (when asked: each token's after the
-// first, prompt tokens from the final head, generated tokens from the head that produced them),
+// The JSON response: "text" (the generated text, cut before a stop sequence, after the prompt
+// with echo_prompts or tokens_to_generate 0), "segments" (the text of each of those tokens),
+// "logprobs" (when asked: each generated token's from the head that produced it, after those of
+// the prompt's tokens but the first, from the final head, when the prompt is echoed),
 // "layers" (layers each generated token ran), "finish_reason" ("length", "eos" or "stop").
 std::string ApiResponse(const ApiCall& call, const std::vector<GenerationResult>& results,
                         const Tokenizer& tok);

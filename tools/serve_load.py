@@ -88,7 +88,7 @@ def main():
         if a.draft_exit > 0:
             b.update(draft_exit_layer=a.draft_exit, draft_tokens=a.draft_tokens)
         else:
-            b["early_exit_thres"] = a.threshold
+            b.update(use_early_exit=a.threshold < 1.0, early_exit_thres=a.threshold)
     one_request(a.url, bodies[0])  # warm-up
     rows = [run(a.url, bodies, 1), run(a.url, bodies, a.concurrency)]
     mode = (f"self-speculative from the exit at layer {a.draft_exit}, {a.draft_tokens} drafts"

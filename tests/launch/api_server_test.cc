@@ -40,7 +40,7 @@ TEST(ApiRequest, MapsEveryFieldAndDefaults) {
   EXPECT_EQ(call->requests[1].prompt, std::vector<int32_t>{tok.bos_id()});  // empty: BOS
   EXPECT_EQ(a.max_new_tokens, 64);
   EXPECT_EQ(a.eos_id, tok.eos_id());
-  EXPECT_FLOAT_EQ(a.sampling.temperature, 1.0f);
+  EXPECT_FLOAT_EQ(a.sampling.temperature, 0.0f);  // greedy, as EE-LLM's server
   EXPECT_FLOAT_EQ(a.sampling.top_p, 1.0f);
   EXPECT_FLOAT_EQ(a.early_exit.threshold, 1.0f);  // early exit off unless asked
   EXPECT_FALSE(a.speculative.enabled());          // so is speculative decoding
@@ -52,7 +52,9 @@ TEST(ApiRequest, MapsEveryFieldAndDefaults) {
   call = ParseApiRequest(R"({"prompts": ["ab"], "tokens_to_generate": 5, "temperature": 0,
       "top_k": 3, "top_p": 0.5, "random_seed": 42, "add_BOS": true, "logprobs": true,
       "use_early_exit": true, "exit_layers": [3], "stop_sequences": ["\n\n"],
-      "print_max_prob": false})",
+      "print_max_prob": false, "echo_prompts": true, "no_log": true, "top_p_decay": 0,
+      "top_p_bound": 0, "prevent_newline_after_colon": false, "beam_width": 1,
+      "length_penalty": 1.5})",
                          tok, d, 0);
   ASSERT_TRUE(call.ok()) << call.status();
   const GenerationRequest& b = call->requests[0];
@@ -63,14 +65,25 @@ TEST(ApiRequest, MapsEveryFieldAndDefaults) {
   EXPECT_FLOAT_EQ(b.sampling.top_p, 0.5f);
   EXPECT_EQ(b.sampling.seed, 42u);
   EXPECT_FLOAT_EQ(b.early_exit.threshold, 0.6f);  // the server's default threshold
-  EXPECT_TRUE(b.prompt_logprobs);                 // logprobs: the prompt's too
+  EXPECT_TRUE(b.prompt_logprobs);                 // logprobs with echo_prompts: the prompt's too
+  EXPECT_TRUE(call->echo);
+  EXPECT_TRUE(call->no_log);
   EXPECT_EQ(b.early_exit.exit_layers, std::vector<int>{3});
   EXPECT_TRUE(call->logprobs);
   ASSERT_TRUE(b.stop);
   EXPECT_FALSE(b.stop({'x', '\n'}));
   EXPECT_TRUE(b.stop({'x', '\n', '\n', 'y'}));
-  // early_exit_thres alone turns early exit on.
-  call = ParseApiRequest(R"({"prompts": ["ab"], "early_exit_thres": 0.3})", tok, d, 0);
+  // As EE-LLM's server: early exit only with use_early_exit (a threshold alone does not turn it
+  // on); one prompt as a string; logprobs without echo_prompts: no prompt scoring.
+  call =
+      ParseApiRequest(R"({"prompts": "ab", "early_exit_thres": 0.3, "logprobs": true})", tok, d, 0);
+  ASSERT_TRUE(call.ok()) << call.status();
+  EXPECT_EQ(call->prompts, std::vector<std::string>{"ab"});
+  EXPECT_FLOAT_EQ(call->requests[0].early_exit.threshold, 1.0f);
+  EXPECT_FALSE(call->requests[0].prompt_logprobs);
+  EXPECT_FALSE(call->echo);
+  call = ParseApiRequest(R"({"prompts": ["ab"], "early_exit_thres": 0.3, "use_early_exit": true})",
+                         tok, d, 0);
   EXPECT_FLOAT_EQ(call->requests[0].early_exit.threshold, 0.3f);
   call = ParseApiRequest(R"({"prompts": ["ab"], "early_exit_thres": 0.3, "use_early_exit": false})",
                          tok, d, 0);
@@ -93,7 +106,12 @@ TEST(ApiRequest, ErrorsNameTheFieldAndValue) {
       {"not json", "not JSON"},
       {"[1]", "JSON object"},
       {"{}", "\"prompts\" is required"},
-      {R"({"prompts": "ab"})", "\"prompts\" must be a list of strings, got \"ab\""},
+      {R"({"prompts": 5})", "\"prompts\" must be a list of strings, got 5"},
+      {R"({"prompts": ["a"], "beam_width": 2})", "\"beam_width\" must be 1 (beam search"},
+      {R"({"prompts": ["a"], "top_p_decay": 0.5})", "\"top_p_decay\" must be 0"},
+      {R"({"prompts": ["a"], "prevent_newline_after_colon": true})",
+       "\"prevent_newline_after_colon\" must be false"},
+      {R"({"prompts": ["a"], "echo_prompts": 1})", "\"echo_prompts\" must be true or false"},
       {R"({"prompts": []})", "1 to 2 strings, got 0"},
       {R"({"prompts": ["a", "b", "c"]})", "1 to 2 strings, got 3"},
       {R"({"prompts": ["a"], "tokens_to_generate": 0})",
@@ -144,7 +162,7 @@ TEST(ApiRequest, ErrorsNameTheFieldAndValue) {
 TEST(ApiResponse, CutsAtStopSequencesAndReportsPerToken) {
   ByteTokenizer tok;
   auto call = *ParseApiRequest(R"({"prompts": ["Q:"], "stop_sequences": ["\n", "zz"],
-      "logprobs": true})",
+      "logprobs": true, "echo_prompts": true})",
                                tok, ApiDefaults(), 0);
   GenerationResult g;
   g.tokens = {' ', 'a', 'z', 'z', 'b'};
@@ -158,6 +176,12 @@ TEST(ApiResponse, CutsAtStopSequencesAndReportsPerToken) {
   EXPECT_EQ(r["layers"][0], json({1, 4, 4, 2, 4}));
   EXPECT_EQ(r["logprobs"][0].size(), 5u);
   EXPECT_EQ(r["finish_reason"][0], "stop");
+  // Without echo_prompts (EE-LLM's default): the generated part alone.
+  call.echo = false;
+  const json alone = json::parse(ApiResponse(call, {g}, tok));
+  EXPECT_EQ(alone["text"][0], " a");
+  EXPECT_EQ(alone["segments"][0].size(), 5u);
+  EXPECT_EQ(alone["logprobs"][0], json({-0.5, -1.0, -2.0, -3.0, -4.0}));
   call.logprobs = false;
   EXPECT_FALSE(json::parse(ApiResponse(call, {g}, tok)).contains("logprobs"));
 }
@@ -171,12 +195,12 @@ TEST(GenerationService, ConcurrentRequestsShareBatchesAndGetWhatTheyGetAlone) {
   std::vector<std::vector<GenerationRequest>> reqs;
   const char* bodies[] = {
       R"({"prompts": ["In the", "And God"], "tokens_to_generate": 12, "temperature": 0,
-          "early_exit_thres": 0.3})",
+          "use_early_exit": true, "early_exit_thres": 0.3})",
       R"({"prompts": ["x"], "tokens_to_generate": 20, "random_seed": 3, "top_k": 20})",
       R"({"prompts": ["a", "b", "c", "d", "e", "f"], "tokens_to_generate": 6,
-          "early_exit_thres": 0.2, "random_seed": 9})",
+          "use_early_exit": true, "early_exit_thres": 0.2, "random_seed": 9})",
       R"({"prompts": ["Lord"], "tokens_to_generate": 15, "temperature": 0.7,
-          "early_exit_thres": 0.25, "exit_layers": [1, 3]})",
+          "use_early_exit": true, "early_exit_thres": 0.25, "exit_layers": [1, 3]})",
       R"({"prompts": ["long prompt of some length"], "tokens_to_generate": 9, "temperature": 0})",
   };
   for (int i = 0; i < 5; ++i) {
@@ -259,7 +283,7 @@ TEST(ApiServer, AnswersOverHttp) {
   httplib::Client client("127.0.0.1", server.port);
   const std::string body =
       R"({"prompts": ["In the", "Lord"], "tokens_to_generate": 10, "temperature": 0,
-          "early_exit_thres": 0.3, "logprobs": true})";
+          "use_early_exit": true, "early_exit_thres": 0.3, "logprobs": true, "echo_prompts": true})";
   auto res = client.Put("/api", body, "application/json");
   ASSERT_TRUE(res) << httplib::to_string(res.error());
   EXPECT_EQ(res->status, 200) << res->body;

@@ -118,7 +118,8 @@ TEST_F(CliTest, ServeAnswersAndStopsOnSigterm) {
   Server s = StartServer(args, "", "serve");
   ASSERT_GT(s.port, 0) << s.output;
   const std::string reply =
-      Put(s.port, R"({"prompts": ["ab"], "tokens_to_generate": 5, "early_exit_thres": 0.5})");
+      Put(s.port, R"({"prompts": ["ab"], "tokens_to_generate": 5, "use_early_exit": true,
+                       "early_exit_thres": 0.5, "echo_prompts": true})");
   const std::string too_long = Put(s.port, R"({"prompts": ["ab"], "tokens_to_generate": 19})");
   const std::string past_context = Put(s.port, R"({"prompts": ["ab"], "tokens_to_generate": 23})");
   httplib::Client client("127.0.0.1", s.port);
@@ -262,7 +263,7 @@ TEST_F(ParallelCliTest, ServeUnderTensorAndPipelineParallelism) {
   }
   ASSERT_FALSE(stop.empty()) << "probe: " << first;
   const std::string body = R"({"prompts": ["ab", "the", "x"], "tokens_to_generate": 12,
-      "temperature": 0.7, "random_seed": 5, "early_exit_thres": 0.3, "stop_sequences": [")" +
+      "temperature": 0.7, "random_seed": 5, "use_early_exit": true, "early_exit_thres": 0.3, "stop_sequences": [")" +
                            stop + R"("]})";
   const std::string a = Put(one.port, body), b = Put(two.port, body);
   const std::string c = Put(stages.port, body);
