@@ -73,10 +73,15 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
                                    "virtual_stages",
                                    "freeze_backbone",
                                    "skip_layers_past_exits",
-                                   "val_fraction"},
+                                   "val_fraction",
+                                   "exit_duration_mins",
+                                   "exit_signal_handler"},
                                   "train config"));
     RETURN_IF_ERROR(ReadJsonField(tj, "data", "train config", &t.data));
     RETURN_IF_ERROR(ReadJsonField(tj, "val_fraction", "train config", &t.val_fraction));
+    RETURN_IF_ERROR(ReadJsonField(tj, "exit_duration_mins", "train config", &t.exit_duration_mins));
+    RETURN_IF_ERROR(
+        ReadJsonField(tj, "exit_signal_handler", "train config", &t.exit_signal_handler));
     RETURN_IF_ERROR(ReadJsonField(tj, "tokenizer", "train config", &t.tokenizer));
     RETURN_IF_ERROR(ReadJsonField(tj, "backend", "train config", &t.backend));
     RETURN_IF_ERROR(ReadJsonField(tj, "out", "train config", &t.out));
@@ -117,6 +122,10 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
                       {t.log_interval, "log_interval"},
                       {t.eval_batches, "eval_batches"}}) {
     if (v <= 0) return Invalid(absl::StrCat(k, " must be positive, got ", v));
+  }
+  if (!(t.exit_duration_mins >= 0)) {
+    return Invalid(
+        absl::StrCat("exit_duration_mins must be >= 0 (0 = never), got ", t.exit_duration_mins));
   }
   if (!(t.val_fraction > 0 && t.val_fraction <= 0.5)) {
     return Invalid(absl::StrCat("val_fraction must be in (0, 0.5], got ", t.val_fraction));
@@ -161,6 +170,8 @@ absl::StatusOr<RunConfig> LoadRunConfig(const std::string& path) {
 std::string TrainConfigToJson(const TrainConfig& t) {
   json j = {{"data", t.data},
             {"val_fraction", t.val_fraction},
+            {"exit_duration_mins", t.exit_duration_mins},
+            {"exit_signal_handler", t.exit_signal_handler},
             {"tokenizer", t.tokenizer},
             {"backend", t.backend},
             {"out", t.out},

@@ -34,8 +34,14 @@ struct TrainConfig {
   int log_interval = 10;
   int eval_interval = 200;  // 0 = only at the end
   int eval_batches = 8;
-  int save_interval = 0;       // 0 = only at the end
-  int keep_checkpoints = 3;    // step directories kept in `out` (0 = all)
+  int save_interval = 0;     // 0 = only at the end
+  int keep_checkpoints = 3;  // step directories kept in `out` (0 = all)
+  // Stopping early with a checkpoint (Megatron's --exit-duration-in-mins and
+  // --exit-signal-handler): after the first step that ends past this many minutes of training
+  // (0 = never), or after a SIGTERM reached any rank, every rank saves and the run ends; resume
+  // with --resume.
+  float exit_duration_mins = 0;
+  bool exit_signal_handler = false;
   int tp = 1, pp = 1, dp = 1;  // parallel layout (world size = tp * pp * dp)
   bool zero1 = false;          // shard optimizer state over data-parallel ranks
   // Data-parallel gradient all-reduce in buckets of this many elements, each started as soon

@@ -1,6 +1,7 @@
 #include "launch/trainer.h"
 
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <filesystem>
 
@@ -14,9 +15,8 @@
 #include "launch/checkpoint_layout.h"
 #include "launch/progress.h"
 #include "launch/timeline_gather.h"
-#include "models/data_blend.h"
+#include "launch/training_data.h"
 #include "models/exit_loss_weights.h"
-#include "models/megatron_data.h"
 #include "models/pipeline_executor.h"
 #include "models/token_dataset.h"
 #include "models/tokenizer.h"
@@ -27,13 +27,15 @@
 namespace eellm {
 namespace {
 
-// Sums `values` over the group (fp32 on the wire, through one device buffer).
-void SumOverGroup(Communicator* comm, Backend* be, std::vector<double>& values) {
+// Sums (or takes the maxima of) `values` over the group (fp32 on the wire, through one device
+// buffer).
+void SumOverGroup(Communicator* comm, Backend* be, std::vector<double>& values,
+                  ReduceOp op = ReduceOp::kSum) {
   if (comm->size() == 1) return;
   std::vector<float> host(values.begin(), values.end());
   Buffer buf(be, host.size() * sizeof(float));
   be->CopyFromHost(buf.data(), host.data(), host.size() * sizeof(float));
-  comm->AllReduce(buf.f32(), host.size(), ReduceOp::kSum);
+  comm->AllReduce(buf.f32(), host.size(), op);
   be->CopyToHost(host.data(), buf.data(), host.size() * sizeof(float));
   for (size_t i = 0; i < values.size(); ++i) values[i] = host[i];
 }
@@ -112,42 +114,20 @@ std::string TrainStateJson(const RunConfig& rc, int step) {
       weights);
 }
 
-// The training and validation streams of one data prefix: `eellm data`'s token files
-// (<prefix>.train.bin, .val.bin), or a Megatron dataset (<prefix>.bin, .idx) split at
-// `val_fraction`.
-absl::StatusOr<std::pair<TokenDataset, TokenDataset>> LoadTrainingData(const std::string& prefix,
-                                                                       float val_fraction,
-                                                                       bool verbose) {
-  const bool megatron = IsMegatronPrefix(prefix);
-  for (const char* ext : {".bin", ".idx"}) {  // one of a Megatron pair alone: name the other
-    if (!megatron && std::filesystem::exists(prefix + ext) &&
-        !std::filesystem::exists(prefix + ".train.bin")) {
-      return absl::NotFoundError(absl::StrCat("Megatron dataset ", prefix, ": ", prefix, ext,
-                                              " exists but ", prefix,
-                                              ext[1] == 'b' ? ".idx" : ".bin", " does not"));
-    }
+// Set by SIGTERM when the run asked for it (train.exit_signal_handler).
+volatile std::sig_atomic_t g_sigterm = 0;
+void OnSigterm(int) { g_sigterm = 1; }
+// Takes SIGTERM for the run's lifetime (when asked), then gives it back to the default action.
+struct SigtermGuard {
+  explicit SigtermGuard(bool take) : taken(take) {
+    g_sigterm = 0;
+    if (taken) std::signal(SIGTERM, OnSigterm);
   }
-  if (!megatron) {
-    ASSIGN_OR_RETURN(TokenDataset train, TokenDataset::Load(prefix + ".train.bin"));
-    ASSIGN_OR_RETURN(TokenDataset val, TokenDataset::Load(prefix + ".val.bin"));
-    return std::make_pair(std::move(train), std::move(val));
+  ~SigtermGuard() {
+    if (taken) std::signal(SIGTERM, SIG_DFL);
   }
-  ASSIGN_OR_RETURN(const MegatronData md, LoadMegatronData(prefix));
-  auto split = SplitMegatronData(md, val_fraction);
-  if (!split.ok()) {
-    return absl::Status(split.status().code(),
-                        absl::StrCat("Megatron dataset ", prefix, ": ", split.status().message()));
-  }
-  if (verbose) {
-    std::printf(
-        "data: Megatron dataset %s: %lld documents, %lld tokens; the last %lld tokens "
-        "(val_fraction %g) validate\n",
-        prefix.c_str(), static_cast<long long>(md.document_starts.size()),
-        static_cast<long long>(md.tokens.size()), static_cast<long long>(split->second.size()),
-        val_fraction);
-  }
-  return std::move(*split);
-}
+  bool taken;
+};
 
 // `final_computed`: false when EE-Tuning stops at its deepest exit (the final head does not run).
 std::string FormatLosses(const ModelConfig& c, double final_loss, const std::vector<double>& exits,
@@ -256,6 +236,8 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   }
   const bool rank0 = ctx->rank == 0;
   const bool verbose = opts.verbose && rank0;
+  // From now on a SIGTERM stops the run after a step (exit_signal_handler).
+  const SigtermGuard sigterm_guard(tc.exit_signal_handler);
   std::unique_ptr<Backend> own_backend;
   Backend* backend = opts.backend;
   if (backend == nullptr) {
@@ -268,52 +250,9 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
         absl::StrCat("model vocab_size ", mc.vocab_size, " is smaller than the ", tokenizer->name(),
                      " tokenizer's vocabulary ", tokenizer->vocab_size()));
   }
-  // One prefix or a weighted blend of them (models/data_blend.h), each `eellm data`'s token files
-  // or a Megatron dataset split here.
-  ASSIGN_OR_RETURN(const std::vector<BlendPart> blend, ParseDataBlend(tc.data));
-  std::vector<TokenDataset> train_parts, val_parts;
-  std::vector<double> weights;
-  bool megatron = false;
-  for (const BlendPart& part : blend) {
-    ASSIGN_OR_RETURN(auto split, LoadTrainingData(part.prefix, tc.val_fraction, verbose));
-    megatron |= IsMegatronPrefix(part.prefix);
-    if (absl::Status s = split.first.Validate(tc.seq_len); !s.ok()) {
-      return absl::Status(s.code(), absl::StrCat("training data ", part.prefix, ": ", s.message()));
-    }
-    for (const TokenDataset* d : {&split.first, &split.second}) {
-      // (uint16 ids are all below a vocabulary of 65,536: no pass over the data needed)
-      if (d->width() == 2 && mc.vocab_size >= 65536) continue;
-      if (const int64_t t = d->MaxToken(); t >= mc.vocab_size) {
-        return absl::InvalidArgumentError(absl::StrCat("token id ", t, " in ", part.prefix,
-                                                       " is outside the model vocab_size ",
-                                                       mc.vocab_size));
-      }
-    }
-    train_parts.push_back(std::move(split.first));
-    val_parts.push_back(std::move(split.second));
-    weights.push_back(part.weight);
-  }
-  const BlendedDataset train(train_parts, weights);
-  const TokenDataset val = BlendedDataset::BlendValidation(
-      val_parts, weights, int64_t{tc.eval_batches} * tc.batch_size, tc.seq_len);
-  if (verbose && blend.size() > 1) {
-    std::string parts;
-    for (size_t i = 0; i < blend.size(); ++i) {
-      absl::StrAppendFormat(&parts, "%s%.3f x %s (%lld tokens)", i ? ", " : "", blend[i].weight,
-                            blend[i].prefix, static_cast<long long>(train_parts[i].size()));
-    }
-    std::printf("data: a blend of %zu: %s\n", blend.size(), parts.c_str());
-  }
-  RETURN_IF_ERROR(val.Validate(tc.seq_len));
-  if (val.NumSequentialBatches(tc.batch_size, tc.seq_len) < 1) {
-    // Evaluate() would average over zero batches and report a loss of 0.
-    return absl::InvalidArgumentError(absl::StrCat(
-        "validation data ", tc.data, megatron || blend.size() > 1 ? "" : ".val.bin", " has ",
-        val.size(), " tokens, too few for one evaluation batch of ", tc.batch_size, " x ",
-        tc.seq_len, " (needs at least ", int64_t{tc.batch_size} * tc.seq_len + 1, "); raise ",
-        megatron ? "the train config's val_fraction" : "--val_fraction in `eellm data`",
-        " or lower batch_size or seq_len"));
-  }
+  ASSIGN_OR_RETURN(const TrainingData data, LoadTrainingData(tc, mc.vocab_size, verbose));
+  const BlendedDataset& train = data.train;
+  const TokenDataset& val = data.val;
 
   // This rank's model chunks: chunk k holds virtual stage k * pp + stage of pp * v (one chunk,
   // the pipeline stage itself, without interleaving).
@@ -632,6 +571,11 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   std::vector<double> acc(1 + mc.exits.size(), 0.0);
   int acc_n = 0;
   Progress progress(tc.steps - start);
+  // Stopping early: the ranks agree after each step (one all-reduce of a flag) whether any ran
+  // past train.exit_duration_mins or got a SIGTERM.
+  const bool may_stop = tc.exit_duration_mins > 0 || tc.exit_signal_handler;
+  int end_step = tc.steps;
+  std::string stop_reason;
   for (int step = start; step < tc.steps; ++step) {
     train.RandomRows(tc.seed, step, int64_t{ctx->coord.dp} * rows, rows, tc.seq_len, in.data(),
                      tg.data());
@@ -729,20 +673,36 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     if (tc.save_interval > 0 && (step + 1) % tc.save_interval == 0 && !last) {
       RETURN_IF_ERROR(save(step + 1));
     }
+    if (may_stop && !last) {
+      const bool late = tc.exit_duration_mins > 0 && total.Seconds() > 60.0 * tc.exit_duration_mins;
+      std::vector<double> flags = {late ? 1.0 : 0.0, g_sigterm ? 1.0 : 0.0};
+      SumOverGroup(ctx->world.get(), backend, flags, ReduceOp::kMax);
+      if (flags[0] > 0 || flags[1] > 0) {
+        end_step = step + 1;
+        stop_reason = flags[1] > 0
+                          ? "a SIGTERM"
+                          : absl::StrFormat("exit_duration_mins %g", tc.exit_duration_mins);
+        break;
+      }
+    }
   }
   sum.seconds = total.Seconds();
-  sum.steps_done = tc.steps - start;
+  sum.steps_done = end_step - start;
   sum.tokens_per_second = sum.seconds > 0 ? total_tokens / sum.seconds : 0;
   sum.last_eval =
       Evaluate(exec, mc, backend, val, tc.eval_batches, tc.batch_size, rows, tc.seq_len, *ctx);
   if (verbose) {
     std::printf(
-        "eval step %d | val %s\n", tc.steps,
+        "eval step %d | val %s\n", end_step,
         FormatLosses(mc, sum.last_eval.final_loss, sum.last_eval.exit_losses, cut == 0).c_str());
     std::printf("trained %d steps in %.1f s: %.0f tokens/s\n", sum.steps_done, sum.seconds,
                 sum.tokens_per_second);
   }
-  RETURN_IF_ERROR(save(tc.steps));
+  RETURN_IF_ERROR(save(end_step));
+  if (verbose && end_step < tc.steps) {
+    std::printf("stopped at step %d of %d after %s; continue with --resume=%s\n", end_step,
+                tc.steps, stop_reason.c_str(), tc.out.c_str());
+  }
   if (opts.final_params && rank0) {
     // The whole model, as a single rank would hold it, read back from what was saved.
     ASSIGN_OR_RETURN(auto whole, Model::Create(mc, backend, StageSpec{0, 1}, TpSpec{}));

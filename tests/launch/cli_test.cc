@@ -304,6 +304,55 @@ TEST_F(CliTest, ResumeContinuesFromTheCheckpointStep) {
   EXPECT_NE(r.output.find("(step 4)"), std::string::npos) << Describe(args, r);
 }
 
+// exit_duration_mins (Megatron's --exit-duration-in-mins): the run stops after the first step
+// that ends past the limit, saves that step, says how to go on, and --resume goes on from it.
+TEST_F(CliTest, ExitDurationStopsWithACheckpointToResume) {
+  ASSERT_TRUE(PrepareTinyData(0.1));
+  const std::string config =
+      WriteConfig(kTinyModel, 100000, ", \"exit_duration_mins\": 0.0002, \"log_interval\": 1000");
+  CmdResult r = RunEellm("train --config=" + Quote(config));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(r.output, m,
+                                std::regex("stopped at step (\\d+) of 100000 after "
+                                           "exit_duration_mins 0.0002; continue "
+                                           "with --resume=")))
+      << r.output;
+  const int stopped = std::stoi(m[1]);
+  EXPECT_LT(stopped, 100000);
+  ASSERT_TRUE(fs::exists(Path(absl::StrFormat("run/step_%08d", stopped)))) << r.output;
+  const std::string resume = "train --config=" + Quote(config) + " --resume=" + Quote(Path("run")) +
+                             " --steps=" + std::to_string(stopped + 2);
+  CmdResult c = RunEellm(resume);
+  ASSERT_EQ(c.exit_code, 0) << c.output;
+  EXPECT_NE(c.output.find("trained 2 steps"), std::string::npos) << c.output;
+}
+
+// exit_signal_handler (Megatron's --exit-signal-handler): a SIGTERM (Slurm's warning before its
+// time limit) ends the run after the step in progress, with a checkpoint and exit status 0.
+TEST_F(CliTest, SigtermStopsWithACheckpoint) {
+  ASSERT_TRUE(PrepareTinyData(0.1));
+  const std::string config =
+      WriteConfig(kTinyModel, 1000000, ", \"exit_signal_handler\": true, \"log_interval\": 100000");
+  const std::string cmd = "(" + Quote(testing::kEellm) + " train --config=" + Quote(config) +
+                          " > " + Quote(Path("term.out")) +
+                          " 2>&1 & pid=$!; sleep 2; kill -TERM $pid; wait $pid; echo $? > " +
+                          Quote(Path("term.rc")) + ")";
+  ASSERT_EQ(std::system(cmd.c_str()), 0);
+  std::ifstream rc_file(Path("term.rc")), out_file(Path("term.out"));
+  int rc = -1;
+  rc_file >> rc;
+  const std::string out((std::istreambuf_iterator<char>(out_file)),
+                        std::istreambuf_iterator<char>());
+  EXPECT_EQ(rc, 0) << out;
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(out, m,
+                                std::regex("stopped at step (\\d+) of 1000000 after a "
+                                           "SIGTERM")))
+      << out;
+  EXPECT_TRUE(fs::exists(Path(absl::StrFormat("run/step_%08d", std::stoi(m[1]))))) << out;
+}
+
 TEST_F(CliTest, ResumeAtOrPastTheLastStepFails) {
   // Resuming a step-3 checkpoint with steps 2 used to "train -1 steps" and overwrite it as
   // step 2.
