@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/core/status.h"
+#include "engine/optim/schedules.h"
 #include "models/json_fields.h"
 #include "nlohmann/json.hpp"
 
@@ -75,10 +76,18 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
                                    "skip_layers_past_exits",
                                    "val_fraction",
                                    "exit_duration_mins",
+                                   "adam_eps",
+                                   "lr_decay_style",
+                                   "lr_decay_steps",
+                                   "init_method_std",
                                    "exit_signal_handler"},
                                   "train config"));
     RETURN_IF_ERROR(ReadJsonField(tj, "data", "train config", &t.data));
     RETURN_IF_ERROR(ReadJsonField(tj, "val_fraction", "train config", &t.val_fraction));
+    RETURN_IF_ERROR(ReadJsonField(tj, "adam_eps", "train config", &t.adam_eps));
+    RETURN_IF_ERROR(ReadJsonField(tj, "lr_decay_style", "train config", &t.lr_decay_style));
+    RETURN_IF_ERROR(ReadJsonField(tj, "lr_decay_steps", "train config", &t.lr_decay_steps));
+    RETURN_IF_ERROR(ReadJsonField(tj, "init_method_std", "train config", &t.init_method_std));
     RETURN_IF_ERROR(ReadJsonField(tj, "exit_duration_mins", "train config", &t.exit_duration_mins));
     RETURN_IF_ERROR(
         ReadJsonField(tj, "exit_signal_handler", "train config", &t.exit_signal_handler));
@@ -122,6 +131,14 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
                       {t.log_interval, "log_interval"},
                       {t.eval_batches, "eval_batches"}}) {
     if (v <= 0) return Invalid(absl::StrCat(k, " must be positive, got ", v));
+  }
+  RETURN_IF_ERROR(ParseLrDecay(t.lr_decay_style).status());
+  if (t.lr_decay_steps < 0) {
+    return Invalid(absl::StrCat("lr_decay_steps must be >= 0 (0 = steps), got ", t.lr_decay_steps));
+  }
+  if (!(t.adam_eps > 0) || !(t.init_method_std > 0)) {
+    return Invalid(absl::StrCat("adam_eps and init_method_std must be positive, got ", t.adam_eps,
+                                ", ", t.init_method_std));
   }
   if (!(t.exit_duration_mins >= 0)) {
     return Invalid(
@@ -171,6 +188,10 @@ std::string TrainConfigToJson(const TrainConfig& t) {
   json j = {{"data", t.data},
             {"val_fraction", t.val_fraction},
             {"exit_duration_mins", t.exit_duration_mins},
+            {"adam_eps", t.adam_eps},
+            {"lr_decay_style", t.lr_decay_style},
+            {"lr_decay_steps", t.lr_decay_steps},
+            {"init_method_std", t.init_method_std},
             {"exit_signal_handler", t.exit_signal_handler},
             {"tokenizer", t.tokenizer},
             {"backend", t.backend},

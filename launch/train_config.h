@@ -29,6 +29,12 @@ struct TrainConfig {
   float weight_decay = 0.1f;
   float beta1 = 0.9f;
   float beta2 = 0.95f;
+  float adam_eps = 1e-8f;
+  // Megatron's --lr-decay-style (cosine, linear, constant, inverse-square-root) and
+  // --lr-decay-iters (0: steps): the decay after the warm-up reaches min_lr at that step.
+  std::string lr_decay_style = "cosine";
+  int lr_decay_steps = 0;
+  float init_method_std = 0.02f;  // N(0, std) initial weights of a fresh run
   float grad_clip = 1.0f;
   int seed = 1234;
   int log_interval = 10;

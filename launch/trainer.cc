@@ -100,6 +100,17 @@ void PrintTimeline(const Timeline& measured, const Schedule& schedule) {
 // What resuming at `step` needs besides the tensors, as JSON for the checkpoint's attributes.
 // Everything here is a function of the step (the data sampler draws batch `step` from the
 // seed; the LR and exit-loss weights follow their schedules; there is no dropout), so resuming
+// The run's learning-rate schedule (train_config.cc has checked the style).
+LrSchedule LrScheduleOf(const TrainConfig& tc) {
+  LrSchedule s;
+  s.max_lr = tc.lr;
+  s.min_lr = tc.min_lr;
+  s.warmup = tc.warmup_steps;
+  s.decay_steps = tc.lr_decay_steps > 0 ? tc.lr_decay_steps : tc.steps;
+  s.decay = *ParseLrDecay(tc.lr_decay_style);
+  return s;
+}
+
 // only needs the step, and the rest documents the state for people and tools.
 std::string TrainStateJson(const RunConfig& rc, int step) {
   const TrainConfig& tc = rc.train;
@@ -110,8 +121,7 @@ std::string TrainStateJson(const RunConfig& rc, int step) {
   return absl::StrFormat(
       "{\"step\": %d, \"data\": {\"sampler\": \"random_rows\", \"seed\": %d, "
       "\"next_batch\": %d}, \"lr\": %.9g, \"exit_loss_weights\": [%s]}",
-      step, tc.seed, step, WarmupCosineLr(step, tc.warmup_steps, tc.steps, tc.lr, tc.min_lr),
-      weights);
+      step, tc.seed, step, LearningRate(step, LrScheduleOf(tc)), weights);
 }
 
 // Set by SIGTERM when the run asked for it (train.exit_signal_handler).
@@ -273,7 +283,7 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
         Model::Create(mc, backend, StageSpec{k * pp + ctx->coord.pp, pp * nv, cut},
                       TpSpec{ctx->coord.tp, tc.tp, ctx->tp.get()},
                       tc.freeze_backbone ? ModelGradients::kExits : ModelGradients::kAll));
-    chunk->InitRandom(tc.seed);
+    chunk->InitRandom(tc.seed, tc.init_method_std);
     // Tensors every tensor-parallel rank holds whole count once in the gradient norm.
     if (ctx->coord.tp != 0) {
       for (ParamInfo& p : chunk->params().mutable_params()) {
@@ -341,6 +351,8 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   ac.beta2 = tc.beta2;
   ac.weight_decay = tc.weight_decay;
   ac.grad_clip = tc.grad_clip;
+  ac.eps = tc.adam_eps;
+  const LrSchedule schedule = LrScheduleOf(tc);
   std::vector<std::unique_ptr<DistributedOptimizer>> dopts;
   for (Model* chunk : chunks) {
     dopts.push_back(std::make_unique<DistributedOptimizer>(
@@ -618,8 +630,7 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
       return absl::InternalError(
           absl::StrCat("loss is not finite at step ", step + 1, "; lower the learning rate"));
     }
-    const float lr =
-        static_cast<float>(WarmupCosineLr(step, tc.warmup_steps, tc.steps, tc.lr, tc.min_lr));
+    const float lr = static_cast<float>(LearningRate(step, schedule));
     double gnorm = 0;
     if (nv == 1) {
       gnorm = dopt.Step(lr);

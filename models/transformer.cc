@@ -130,22 +130,21 @@ bool EndsWith(const std::string& s, const char* suffix) {
 // biases 0, other weights normal with std 0.02 (residual-branch outputs resid_std), from one
 // sequential stream seeded by the tensor's name and the seed, so that every layout and thread
 // count starts from the same weights.
-std::vector<float> WholeInitialValues(const ParamInfo& p, int64_t n, uint64_t seed,
+std::vector<float> WholeInitialValues(const ParamInfo& p, int64_t n, uint64_t seed, float std0,
                                       float resid_std) {
   if (EndsWith(p.name, "norm.weight")) return std::vector<float>(n, 1.0f);
   std::vector<float> whole(n, 0.0f);
   if (EndsWith(p.name, ".bias")) return whole;
-  const float std = (EndsWith(p.name, "attn.wo.weight") || EndsWith(p.name, "mlp.fc2.weight"))
-                        ? resid_std
-                        : 0.02f;
+  const float std =
+      (EndsWith(p.name, "attn.wo.weight") || EndsWith(p.name, "mlp.fc2.weight")) ? resid_std : std0;
   Rng rng(seed ^ NameHash(p.name));
   for (auto& v : whole) v = static_cast<float>(rng.Normal()) * std;
   return whole;
 }
 }  // namespace
 
-void Model::InitRandom(uint64_t seed) {
-  const float resid_std = 0.02f / std::sqrt(2.0f * config_.num_layers);
+void Model::InitRandom(uint64_t seed, float std) {
+  const float resid_std = std / std::sqrt(2.0f * config_.num_layers);
   const std::vector<ParamInfo>& params = params_.params();
   const int count = static_cast<int>(params.size());
   auto whole_numel = [&](const ParamInfo& p) {
@@ -168,7 +167,8 @@ void Model::InitRandom(uint64_t seed) {
     wholes.assign(last - first, {});
 #pragma omp parallel for schedule(dynamic, 1) if (total >= (int64_t{1} << 22))
     for (int i = first; i < last; ++i) {
-      wholes[i - first] = WholeInitialValues(params[i], whole_numel(params[i]), seed, resid_std);
+      wholes[i - first] =
+          WholeInitialValues(params[i], whole_numel(params[i]), seed, std, resid_std);
     }
     for (int i = first; i < last; ++i) {
       const ParamInfo& p = params[i];

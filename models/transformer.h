@@ -101,10 +101,11 @@ class Model {
   // This rank's vocabulary rows (all of them without tensor parallelism).
   VocabShard vocab_shard() const { return ShardOfVocab(config_.vocab_size, tp_.rank, tp_.size); }
 
-  // GPT-2 initialisation: N(0, 0.02) weights, residual output projections scaled by
-  // 1/sqrt(2 * num_layers), zero biases, unit norm gains. Each tensor's values depend only on
-  // `seed` and its global name, so every pipeline layout starts from the same weights.
-  void InitRandom(uint64_t seed);
+  // GPT-2 (and Megatron) initialisation: N(0, std) weights (--init-method-std, 0.02), residual
+  // output projections scaled by 1/sqrt(2 * num_layers), zero biases, unit norm gains. Each
+  // tensor's values depend only on `seed` and its global name, so every pipeline layout starts
+  // from the same weights.
+  void InitRandom(uint64_t seed, float std = 0.02f);
 
   std::unique_ptr<Workspace> MakeWorkspace(int b, int t);
 

@@ -65,6 +65,32 @@ TEST_F(CliTest, BadCommunicatorIsNamed) {
                          ", \"communicator\": \"gloo\"");
 }
 
+TEST_F(CliTest, BadLrDecayStyleIsNamed) {
+  ExpectTrainConfigError(kTinyModel, {"lr_decay_style \"exponential\"", "inverse-square-root"},
+                         ", \"lr_decay_style\": \"exponential\"");
+}
+
+// Megatron's schedule and optimizer settings reach the run: a constant LR after the warm-up
+// (lr 1e-3 in every step's line from the second on).
+TEST_F(CliTest, LrDecayStyleAndAdamEpsReachTheRun) {
+  ASSERT_TRUE(PrepareTinyData(0.1));
+  const std::string args =
+      "train --config=" +
+      Quote(WriteConfig(kTinyModel, 5,
+                        ", \"lr_decay_style\": \"constant\", \"adam_eps\": 1e-5, "
+                        "\"init_method_std\": 0.01"));
+  CmdResult r = RunEellm(args);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  for (int step = 2; step <= 5; ++step) {
+    EXPECT_NE(r.output.find(absl::StrFormat("step %5d/5 |", step)), std::string::npos) << r.output;
+  }
+  size_t lines = 0;
+  for (size_t at = 0; (at = r.output.find("| lr 1.00e-03 |", at)) != std::string::npos; ++at) {
+    ++lines;
+  }
+  EXPECT_EQ(lines, 4u) << r.output;  // steps 2-5; step 1 is the warm-up's 5e-4
+}
+
 TEST_F(CliTest, BadBackendIsNamed) {
   ExpectTrainConfigError(kTinyModel, {"\"cuda-fp8\""}, ", \"backend\": \"cuda-fp8\"");
 }
