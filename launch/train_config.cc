@@ -80,6 +80,7 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
                                    "lr_decay_style",
                                    "lr_decay_steps",
                                    "init_method_std",
+                                   "metrics",
                                    "exit_signal_handler"},
                                   "train config"));
     RETURN_IF_ERROR(ReadJsonField(tj, "data", "train config", &t.data));
@@ -88,6 +89,7 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
     RETURN_IF_ERROR(ReadJsonField(tj, "lr_decay_style", "train config", &t.lr_decay_style));
     RETURN_IF_ERROR(ReadJsonField(tj, "lr_decay_steps", "train config", &t.lr_decay_steps));
     RETURN_IF_ERROR(ReadJsonField(tj, "init_method_std", "train config", &t.init_method_std));
+    RETURN_IF_ERROR(ReadJsonField(tj, "metrics", "train config", &t.metrics));
     RETURN_IF_ERROR(ReadJsonField(tj, "exit_duration_mins", "train config", &t.exit_duration_mins));
     RETURN_IF_ERROR(
         ReadJsonField(tj, "exit_signal_handler", "train config", &t.exit_signal_handler));
@@ -192,6 +194,7 @@ std::string TrainConfigToJson(const TrainConfig& t) {
             {"lr_decay_style", t.lr_decay_style},
             {"lr_decay_steps", t.lr_decay_steps},
             {"init_method_std", t.init_method_std},
+            {"metrics", t.metrics},
             {"exit_signal_handler", t.exit_signal_handler},
             {"tokenizer", t.tokenizer},
             {"backend", t.backend},

@@ -35,6 +35,7 @@ struct TrainConfig {
   std::string lr_decay_style = "cosine";
   int lr_decay_steps = 0;
   float init_method_std = 0.02f;  // N(0, std) initial weights of a fresh run
+  bool metrics = true;            // append progress to <out>/metrics.jsonl (launch/metrics_log.h)
   float grad_clip = 1.0f;
   int seed = 1234;
   int log_interval = 10;

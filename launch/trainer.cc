@@ -13,6 +13,7 @@
 #include "engine/optim/adamw.h"
 #include "engine/optim/schedules.h"
 #include "launch/checkpoint_layout.h"
+#include "launch/metrics_log.h"
 #include "launch/progress.h"
 #include "launch/timeline_gather.h"
 #include "launch/training_data.h"
@@ -570,8 +571,13 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
       }
     }
   }
+  MetricsLog metrics;  // rank 0's <out>/metrics.jsonl
+  if (rank0 && tc.metrics) {
+    ASSIGN_OR_RETURN(metrics, MetricsLog::Open(tc.out + "/metrics.jsonl"));
+  }
   sum.first_eval =
       Evaluate(exec, mc, backend, val, tc.eval_batches, tc.batch_size, rows, tc.seq_len, *ctx);
+  metrics.Eval(start, mc, sum.first_eval.final_loss, cut == 0, sum.first_eval.exit_losses);
   if (verbose) {
     std::printf(
         "eval step %d | val %s\n", start,
@@ -659,6 +665,9 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
       std::vector<double> avg(acc.size());
       for (size_t i = 0; i < acc.size(); ++i) avg[i] = acc[i] / acc_n;
       sum.last_train_losses = avg;
+      const bool final_computed = !tc.freeze_backbone || exec.tune_computes_final_loss();
+      metrics.Train(step + 1, mc, avg[0], final_computed,
+                    std::vector<double>(avg.begin() + 1, avg.end()), lr, gnorm, tps);
       if (verbose) {
         std::vector<double> ex(avg.begin() + 1, avg.end());
         std::printf(
@@ -676,6 +685,7 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     if (tc.eval_interval > 0 && (step + 1) % tc.eval_interval == 0 && !last) {
       EvalResult e =
           Evaluate(exec, mc, backend, val, tc.eval_batches, tc.batch_size, rows, tc.seq_len, *ctx);
+      metrics.Eval(step + 1, mc, e.final_loss, cut == 0, e.exit_losses);
       if (verbose) {
         std::printf("eval step %d | val %s\n", step + 1,
                     FormatLosses(mc, e.final_loss, e.exit_losses, cut == 0).c_str());
@@ -702,6 +712,7 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   sum.tokens_per_second = sum.seconds > 0 ? total_tokens / sum.seconds : 0;
   sum.last_eval =
       Evaluate(exec, mc, backend, val, tc.eval_batches, tc.batch_size, rows, tc.seq_len, *ctx);
+  metrics.Eval(end_step, mc, sum.last_eval.final_loss, cut == 0, sum.last_eval.exit_losses);
   if (verbose) {
     std::printf(
         "eval step %d | val %s\n", end_step,

@@ -379,6 +379,37 @@ TEST_F(CliTest, SigtermStopsWithACheckpoint) {
   EXPECT_TRUE(fs::exists(Path(absl::StrFormat("run/step_%08d", std::stoi(m[1]))))) << out;
 }
 
+// <out>/metrics.jsonl: a JSON line per logged step (the losses printed, lr, grad norm, speed)
+// and per validation, appended by a resumed run.
+TEST_F(CliTest, MetricsFileHoldsEveryLoggedStepAndValidation) {
+  const std::string ckpt = TrainTinyModel(4);
+  ASSERT_FALSE(ckpt.empty());
+  CmdResult r = RunEellm("train --config=" + Quote(Path("config.json")) +
+                         " --steps=6 --resume=" + Quote(Path("run")));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  std::ifstream in(Path("run/metrics.jsonl"));
+  std::vector<nlohmann::json> lines;
+  for (std::string line; std::getline(in, line);) lines.push_back(nlohmann::json::parse(line));
+  // The first run: validation at 0, steps 1-4, validation at 4; the resumed one: 4, 5, 6, 6.
+  const std::vector<std::pair<int, bool>> want = {{0, false}, {1, true},  {2, true},  {3, true},
+                                                  {4, true},  {4, false}, {4, false}, {5, true},
+                                                  {6, true},  {6, false}};
+  ASSERT_EQ(lines.size(), want.size());
+  for (size_t i = 0; i < want.size(); ++i) {
+    EXPECT_EQ(lines[i]["step"], want[i].first) << i;
+    const nlohmann::json& losses = lines[i][want[i].second ? "loss" : "val_loss"];
+    EXPECT_TRUE(losses.contains("final") && losses.contains("exit@1")) << lines[i];
+    if (want[i].second) {
+      EXPECT_GT(lines[i]["lr"].get<double>(), 0) << lines[i];
+      EXPECT_GT(lines[i]["grad_norm"].get<double>(), 0) << lines[i];
+    }
+  }
+  // The console's step 6 line shows the same final loss.
+  const std::string printed =
+      absl::StrFormat("step     6/6 | final %.4f", lines[8]["loss"]["final"].get<double>());
+  EXPECT_NE(r.output.find(printed), std::string::npos) << printed << "\n" << r.output;
+}
+
 TEST_F(CliTest, ResumeAtOrPastTheLastStepFails) {
   // Resuming a step-3 checkpoint with steps 2 used to "train -1 steps" and overwrite it as
   // step 2.
