@@ -73,16 +73,6 @@ absl::Status BlendedDataset::Validate(int seq) const {
   return absl::OkStatus();
 }
 
-namespace {
-// As TokenDataset's: a bijective mix of (seed, step) into the generator's seed.
-uint64_t Mix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-}  // namespace
-
 void BlendedDataset::RandomRows(uint64_t seed, int64_t step, int64_t first_row, int rows, int seq,
                                 int32_t* inputs, int32_t* targets) const {
   if (parts_.size() == 1) {
@@ -91,7 +81,7 @@ void BlendedDataset::RandomRows(uint64_t seed, int64_t step, int64_t first_row, 
   }
   EE_CHECK(rows > 0 && first_row >= 0, "rows ", rows, ", first_row ", first_row);
   // A generator of its own (the seed mixed once more): not the one-part rows' stream.
-  Rng rng(Mix64(Mix64(Mix64(seed) ^ static_cast<uint64_t>(step))));
+  Rng rng(SplitMix64(SplitMix64(SplitMix64(seed) ^ static_cast<uint64_t>(step))));
   for (int64_t r = 0; r < 2 * first_row; ++r) rng.Next();
   for (int r = 0; r < rows; ++r) {
     const double u = static_cast<double>(rng.Next() >> 11) * 0x1.0p-53;  // [0, 1)

@@ -11,19 +11,6 @@
 #include "models/token_file.h"
 
 namespace eellm {
-namespace {
-
-// splitmix64 finaliser: a bijective mix, so distinct (seed, step) pairs give distinct streams
-// with overwhelming probability.
-uint64_t Mix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-
-}  // namespace
-
 TokenDataset::TokenDataset(std::vector<int32_t> tokens) {
   auto owned = std::make_shared<const std::vector<int32_t>>(std::move(tokens));
   data_ = reinterpret_cast<const uint8_t*>(owned->data());
@@ -97,7 +84,8 @@ void TokenDataset::RandomRows(uint64_t seed, int64_t step, int64_t first_row, in
                               int32_t* inputs, int32_t* targets) const {
   EE_CHECK(seq > 0 && size() > seq, "dataset of ", size(), " tokens, seq ", seq);
   EE_CHECK(rows > 0 && first_row >= 0, "rows ", rows, ", first_row ", first_row);
-  Rng rng(Mix64(Mix64(seed) ^ static_cast<uint64_t>(step)));
+  // A bijective mix: distinct (seed, step) pairs give distinct streams.
+  Rng rng(SplitMix64(SplitMix64(seed) ^ static_cast<uint64_t>(step)));
   // Each row takes exactly one draw, so skipping to first_row keeps rows aligned.
   for (int64_t r = 0; r < first_row; ++r) rng.Next();
   const uint64_t num_offsets = static_cast<uint64_t>(size() - seq);

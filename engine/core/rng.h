@@ -7,6 +7,15 @@
 
 namespace eellm {
 
+// splitmix64's finaliser: a bijective mix of x (distinct inputs give distinct outputs), for
+// deriving seeds from (seed, step) pairs.
+inline uint64_t SplitMix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
 class Rng {
  public:
   explicit Rng(uint64_t seed = 0) { Seed(seed); }

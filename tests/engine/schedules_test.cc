@@ -20,8 +20,8 @@ LrSchedule Make(LrDecay d) {
 }
 
 TEST(LearningRate, WarmsUpLinearlyInEveryStyle) {
-  for (LrDecay d : {LrDecay::kCosine, LrDecay::kLinear, LrDecay::kConstant,
-                    LrDecay::kInverseSquareRoot}) {
+  for (LrDecay d :
+       {LrDecay::kCosine, LrDecay::kLinear, LrDecay::kConstant, LrDecay::kInverseSquareRoot}) {
     const LrSchedule s = Make(d);
     EXPECT_DOUBLE_EQ(LearningRate(0, s), 3e-4);  // max_lr (step + 1) / warmup
     EXPECT_DOUBLE_EQ(LearningRate(4, s), 1.5e-3);

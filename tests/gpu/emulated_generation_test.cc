@@ -4,6 +4,7 @@
 // covers the device paths of inference as well as training.
 #include <algorithm>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -36,6 +37,29 @@ bool ExpectSameGeneration(Model* want_model, Model* got_model, const std::vector
   int early = 0;
   for (int e : want->exit_index) early += e >= 0;
   return early > 0 && early < static_cast<int>(want->exit_index.size());
+}
+
+// Generates `reqs` as one batch on `got` and expects, for every sequence, the tokens and exits
+// of `want`'s batch (when given) and of the sequence generated alone on `alone` (when given).
+// Returns how many tokens exited early.
+int ExpectBatch(Generator& got, Generator* want, Generator* alone,
+                const std::vector<GenerationRequest>& reqs, const std::string& what) {
+  const auto g = *got.GenerateBatch(reqs);
+  const auto w = want != nullptr ? *want->GenerateBatch(reqs) : std::vector<GenerationResult>{};
+  int early = 0;
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    if (want != nullptr) {
+      EXPECT_EQ(g[i].tokens, w[i].tokens) << what << " sequence " << i;
+      EXPECT_EQ(g[i].exit_index, w[i].exit_index) << what << " sequence " << i;
+    }
+    if (alone != nullptr) {
+      auto one = *alone->GenerateBatch({reqs[i]});
+      EXPECT_EQ(g[i].tokens, one[0].tokens) << what << " sequence " << i << " alone";
+      EXPECT_EQ(g[i].exit_index, one[0].exit_index) << what << " sequence " << i << " alone";
+    }
+    for (int e : g[i].exit_index) early += e >= 0;
+  }
+  return early;
 }
 
 TEST_P(EmulatedGeneration, MatchesCpuTokenForToken) {
@@ -147,19 +171,9 @@ TEST_P(EmulatedGeneration, BatchesMatchCpuAndSequencesAlone) {
   for (Model* m : {mc.get(), me.get(), mw.get()}) testing::FillParams(*m, 61, 0.8f);
   const auto reqs = testing::MixedRequests(c);
   Generator gc(mc.get(), 32, 4), ge(me.get(), 32, 4), gw(mw.get(), 32, 4), alone(mw.get(), 32);
-  auto want = *gc.GenerateBatch(reqs);
-  auto got = *ge.GenerateBatch(reqs);
-  auto w = *gw.GenerateBatch(reqs);
-  int early = 0;
-  for (size_t i = 0; i < reqs.size(); ++i) {
-    EXPECT_EQ(got[i].tokens, want[i].tokens) << "sequence " << i;
-    EXPECT_EQ(got[i].exit_index, want[i].exit_index) << "sequence " << i;
-    auto one = *alone.GenerateBatch({reqs[i]});
-    EXPECT_EQ(w[i].tokens, one[0].tokens) << "bf16w sequence " << i;
-    EXPECT_EQ(w[i].exit_index, one[0].exit_index) << "bf16w sequence " << i;
-    for (int e : w[i].exit_index) early += e >= 0;
-  }
-  EXPECT_GT(early, 5) << "too few early exits to test the batched exit paths";
+  ExpectBatch(ge, &gc, nullptr, reqs, "fp32");
+  EXPECT_GT(ExpectBatch(gw, nullptr, &alone, reqs, "bf16w"), 5)
+      << "too few early exits to test the batched exit paths";
 }
 
 // The same batches at head_dim 32, where every pass of the batch runs its sequences' attention
@@ -179,18 +193,8 @@ TEST_P(EmulatedGeneration, FusedBatchesMatchRoundingReferenceAndSequencesAlone) 
   for (Model* m : {mr.get(), mw.get()}) testing::FillParams(*m, 61, 0.8f);
   const auto reqs = testing::MixedRequests(c);
   Generator gr(mr.get(), 32, 4), gw(mw.get(), 32, 4), alone(mw.get(), 32);
-  auto want = *gr.GenerateBatch(reqs);
-  auto got = *gw.GenerateBatch(reqs);
-  int early = 0;
-  for (size_t i = 0; i < reqs.size(); ++i) {
-    EXPECT_EQ(got[i].tokens, want[i].tokens) << "sequence " << i;
-    EXPECT_EQ(got[i].exit_index, want[i].exit_index) << "sequence " << i;
-    auto one = *alone.GenerateBatch({reqs[i]});
-    EXPECT_EQ(got[i].tokens, one[0].tokens) << "alone, sequence " << i;
-    EXPECT_EQ(got[i].exit_index, one[0].exit_index) << "alone, sequence " << i;
-    for (int e : got[i].exit_index) early += e >= 0;
-  }
-  EXPECT_GT(early, 5) << "too few early exits to test the batched exit paths";
+  EXPECT_GT(ExpectBatch(gw, &gr, &alone, reqs, "fused"), 5)
+      << "too few early exits to test the batched exit paths";
 }
 
 // KvBytesPerToken is what a KV cache token costs on the device: a generator with 1,024 more
