@@ -123,10 +123,7 @@ absl::StatusOr<ApiCall> ParseApiRequest(const std::string& body_text, const Toke
     if (s.empty()) return absl::InvalidArgumentError("\"stop_sequences\" may not hold \"\"");
   }
   RETURN_IF_ERROR(api::ReadLayers(body, "exit_layers", &exit_layers));
-  if (tokens == 0 && !call.logprobs) {
-    return absl::InvalidArgumentError(
-        "\"tokens_to_generate\": 0 scores the prompts only, and needs \"logprobs\": true");
-  }
+  if (tokens == 0) call.logprobs = true;  // scoring the prompts only, as EE-LLM's server
   api::GenerationOptions o;
   RETURN_IF_ERROR(api::ReadSpeculative(body, &o.speculative));
   o.prompt_logprobs = call.logprobs && (call.echo || tokens == 0);

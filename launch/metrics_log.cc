@@ -3,6 +3,7 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 
 #include "absl/strings/str_cat.h"
 #include "models/exit_loss_weights.h"
@@ -23,11 +24,22 @@ nlohmann::json Losses(const ModelConfig& c, double final_loss, bool final_comput
 
 }  // namespace
 
-absl::StatusOr<MetricsLog> MetricsLog::Open(const std::string& path) {
+absl::StatusOr<MetricsLog> MetricsLog::Open(const std::string& path, int first_step) {
   std::error_code ec;
   const std::filesystem::path parent = std::filesystem::path(path).parent_path();
   if (!parent.empty()) std::filesystem::create_directories(parent, ec);
-  std::FILE* f = std::fopen(path.c_str(), "a");
+  std::string kept;  // the lines of earlier steps
+  if (std::ifstream in(path); in) {
+    for (std::string line; std::getline(in, line);) {
+      const nlohmann::json j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+      // A step's training line stays with the run that trained it; its validation the
+      // resumed run repeats.
+      const int step = j.is_object() ? j.value("step", first_step + 1) : first_step + 1;
+      if (step < first_step || (step == first_step && j.contains("loss"))) kept += line + "\n";
+    }
+  }
+  std::FILE* f = std::fopen(path.c_str(), "w");
+  if (f != nullptr) std::fputs(kept.c_str(), f);
   if (f == nullptr) {
     return absl::PermissionDeniedError(
         absl::StrCat("cannot open the metrics file ", path, ": ", std::strerror(errno)));

@@ -1,4 +1,4 @@
-// A run's progress as JSON lines (<out>/metrics.jsonl, appended across resumes), for plots and
+// A run's progress as JSON lines (<out>/metrics.jsonl, continued across resumes), for plots and
 // tools instead of parsing the console: one line per logged training step and per validation.
 //   {"step": 20, "loss": {"final": 2.31, "exit@2": 2.9}, "lr": 0.003, "grad_norm": 0.8,
 //    "tokens_per_s": 8800}
@@ -19,8 +19,9 @@ namespace eellm {
 class MetricsLog {
  public:
   MetricsLog() = default;  // logs nothing
-  // Appends to `path`, creating its directory.
-  static absl::StatusOr<MetricsLog> Open(const std::string& path);
+  // Continues `path` (creating its directory) after its lines of steps before `first_step`: a
+  // run starting at step 0 starts it afresh, a resumed one drops what followed its checkpoint.
+  static absl::StatusOr<MetricsLog> Open(const std::string& path, int first_step);
 
   void Train(int step, const ModelConfig& c, double final_loss, bool final_computed,
              const std::vector<double>& exit_losses, double lr, double grad_norm,

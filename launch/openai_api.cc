@@ -519,6 +519,11 @@ absl::StatusOr<std::string> TokenizeAnswer(const std::string& body_text, const T
   ASSIGN_OR_RETURN(const json body,
                    api::ParseJsonBody(body_text, {"model", "prompt", "messages",
                                                   "add_special_tokens", "add_generation_prompt"}));
+  bool special = false, generation_prompt = true;
+  RETURN_IF_ERROR(
+      Read(body, "add_special_tokens", "true or false", &special, [](bool) { return true; }));
+  RETURN_IF_ERROR(Read(body, "add_generation_prompt", "true (the chat formats always add it)",
+                       &generation_prompt, [](bool v) { return v; }));
   std::string text;
   if (body.contains("messages") == body.contains("prompt")) {
     return absl::InvalidArgumentError("give either \"prompt\" (a string) or \"messages\"");
@@ -531,7 +536,8 @@ absl::StatusOr<std::string> TokenizeAnswer(const std::string& body_text, const T
     ASSIGN_OR_RETURN(const ChatFormat format, ResolveChatFormat(defaults.chat_template, tok));
     ASSIGN_OR_RETURN(text, RenderChat(format, messages));
   }
-  const std::vector<int32_t> ids = tok.Encode(text);
+  std::vector<int32_t> ids = tok.Encode(text);
+  if (special) ids.insert(ids.begin(), tok.bos_id());  // BOS, as vLLM adds it
   const json r = {{"count", ids.size()}, {"max_model_len", defaults.context}, {"tokens", ids}};
   return r.dump();
 }

@@ -138,6 +138,11 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
   if (t.lr_decay_steps < 0) {
     return Invalid(absl::StrCat("lr_decay_steps must be >= 0 (0 = steps), got ", t.lr_decay_steps));
   }
+  if (t.lr_decay_steps > 0 && t.lr_decay_steps <= t.warmup_steps &&
+      (t.lr_decay_style == "cosine" || t.lr_decay_style == "linear")) {
+    return Invalid(absl::StrCat("lr_decay_steps ", t.lr_decay_steps, " must be above warmup_steps ",
+                                t.warmup_steps));
+  }
   if (!(t.adam_eps > 0) || !(t.init_method_std > 0)) {
     return Invalid(absl::StrCat("adam_eps and init_method_std must be positive, got ", t.adam_eps,
                                 ", ", t.init_method_std));

@@ -98,9 +98,6 @@ void PrintTimeline(const Timeline& measured, const Schedule& schedule) {
   }
 }
 
-// What resuming at `step` needs besides the tensors, as JSON for the checkpoint's attributes.
-// Everything here is a function of the step (the data sampler draws batch `step` from the
-// seed; the LR and exit-loss weights follow their schedules; there is no dropout), so resuming
 // The run's learning-rate schedule (train_config.cc has checked the style).
 LrSchedule LrScheduleOf(const TrainConfig& tc) {
   LrSchedule s;
@@ -112,6 +109,9 @@ LrSchedule LrScheduleOf(const TrainConfig& tc) {
   return s;
 }
 
+// What resuming at `step` needs besides the tensors, as JSON for the checkpoint's attributes.
+// Everything here is a function of the step (the data sampler draws batch `step` from the
+// seed; the LR and exit-loss weights follow their schedules; there is no dropout), so resuming
 // only needs the step, and the rest documents the state for people and tools.
 std::string TrainStateJson(const RunConfig& rc, int step) {
   const TrainConfig& tc = rc.train;
@@ -132,12 +132,13 @@ void OnSigterm(int) { g_sigterm = 1; }
 struct SigtermGuard {
   explicit SigtermGuard(bool take) : taken(take) {
     g_sigterm = 0;
-    if (taken) std::signal(SIGTERM, OnSigterm);
+    if (taken) previous = std::signal(SIGTERM, OnSigterm);
   }
   ~SigtermGuard() {
-    if (taken) std::signal(SIGTERM, SIG_DFL);
+    if (taken) std::signal(SIGTERM, previous == SIG_ERR ? SIG_DFL : previous);
   }
   bool taken;
+  void (*previous)(int) = SIG_DFL;
 };
 
 // `final_computed`: false when EE-Tuning stops at its deepest exit (the final head does not run).
@@ -571,9 +572,15 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
       }
     }
   }
-  MetricsLog metrics;  // rank 0's <out>/metrics.jsonl
-  if (rank0 && tc.metrics) {
-    ASSIGN_OR_RETURN(metrics, MetricsLog::Open(tc.out + "/metrics.jsonl"));
+  MetricsLog metrics;         // rank 0's <out>/metrics.jsonl
+  if (rank0 && tc.metrics) {  // a file that cannot be written costs the metrics, not the run
+    auto opened = MetricsLog::Open(tc.out + "/metrics.jsonl", start);
+    if (opened.ok()) {
+      metrics = std::move(*opened);
+    } else {
+      std::fprintf(stderr, "warning: %s; no metrics are written\n",
+                   std::string(opened.status().message()).c_str());
+    }
   }
   sum.first_eval =
       Evaluate(exec, mc, backend, val, tc.eval_batches, tc.batch_size, rows, tc.seq_len, *ctx);
@@ -659,7 +666,21 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     for (size_t i = 0; i < losses.size(); ++i) acc[i] += losses[i];
     ++acc_n;
     if (step == start) sum.first_train_losses = losses;
-    const bool last = step + 1 == tc.steps;
+    // Stopping early (exit_duration_mins, a SIGTERM): the ranks agree, and the step is then the
+    // run's last (logged, not saved or evaluated twice).
+    bool stop = false;
+    if (may_stop && step + 1 < tc.steps) {
+      const bool late = tc.exit_duration_mins > 0 && total.Seconds() > 60.0 * tc.exit_duration_mins;
+      std::vector<double> flags = {late ? 1.0 : 0.0, g_sigterm ? 1.0 : 0.0};
+      SumOverGroup(ctx->world.get(), backend, flags, ReduceOp::kMax);
+      stop = flags[0] > 0 || flags[1] > 0;
+      if (stop) {
+        stop_reason = flags[1] > 0
+                          ? "a SIGTERM"
+                          : absl::StrFormat("exit_duration_mins %g", tc.exit_duration_mins);
+      }
+    }
+    const bool last = step + 1 == tc.steps || stop;
     if ((step + 1) % tc.log_interval == 0 || last) {
       const double tps = interval_tokens / interval.Seconds();
       std::vector<double> avg(acc.size());
@@ -694,17 +715,9 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     if (tc.save_interval > 0 && (step + 1) % tc.save_interval == 0 && !last) {
       RETURN_IF_ERROR(save(step + 1));
     }
-    if (may_stop && !last) {
-      const bool late = tc.exit_duration_mins > 0 && total.Seconds() > 60.0 * tc.exit_duration_mins;
-      std::vector<double> flags = {late ? 1.0 : 0.0, g_sigterm ? 1.0 : 0.0};
-      SumOverGroup(ctx->world.get(), backend, flags, ReduceOp::kMax);
-      if (flags[0] > 0 || flags[1] > 0) {
-        end_step = step + 1;
-        stop_reason = flags[1] > 0
-                          ? "a SIGTERM"
-                          : absl::StrFormat("exit_duration_mins %g", tc.exit_duration_mins);
-        break;
-      }
+    if (stop) {
+      end_step = step + 1;
+      break;
     }
   }
   sum.seconds = total.Seconds();

@@ -82,6 +82,11 @@ TEST(ApiRequest, MapsEveryFieldAndDefaults) {
   EXPECT_FLOAT_EQ(call->requests[0].early_exit.threshold, 1.0f);
   EXPECT_FALSE(call->requests[0].prompt_logprobs);
   EXPECT_FALSE(call->echo);
+  // tokens_to_generate 0 scores the prompt: logprobs on, as EE-LLM's server turns them on.
+  call = ParseApiRequest(R"({"prompts": ["ab"], "tokens_to_generate": 0})", tok, d, 0);
+  ASSERT_TRUE(call.ok()) << call.status();
+  EXPECT_TRUE(call->logprobs);
+  EXPECT_TRUE(call->requests[0].prompt_logprobs);
   call = ParseApiRequest(R"({"prompts": ["ab"], "early_exit_thres": 0.3, "use_early_exit": true})",
                          tok, d, 0);
   EXPECT_FLOAT_EQ(call->requests[0].early_exit.threshold, 0.3f);
@@ -114,8 +119,6 @@ TEST(ApiRequest, ErrorsNameTheFieldAndValue) {
       {R"({"prompts": ["a"], "echo_prompts": 1})", "\"echo_prompts\" must be true or false"},
       {R"({"prompts": []})", "1 to 2 strings, got 0"},
       {R"({"prompts": ["a", "b", "c"]})", "1 to 2 strings, got 3"},
-      {R"({"prompts": ["a"], "tokens_to_generate": 0})",
-       "\"tokens_to_generate\": 0 scores the prompts only, and needs \"logprobs\": true"},
       {R"({"prompts": ["a"], "tokens_to_generate": -1})",
        "\"tokens_to_generate\" must be an integer >= 0, got -1"},
       {R"({"prompts": ["a"], "tokens_to_generate": 2.5})", "got 2.5"},

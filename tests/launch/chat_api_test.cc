@@ -254,6 +254,14 @@ TEST(ChatServer, AnswersTheRenderedConversation) {
   ASSERT_TRUE(res);
   EXPECT_EQ(json::parse(res->body)["tokens"], json(served.tok.Encode("user: In the\nassistant:")))
       << res->body;
+  res = client.Post("/tokenize", R"({"prompt": "ab", "add_special_tokens": true})",
+                    "application/json");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(json::parse(res->body)["tokens"], json({served.tok.bos_id(), 97, 98})) << res->body;
+  res = client.Post("/tokenize", R"({"messages": [], "add_generation_prompt": false})",
+                    "application/json");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 400) << res->body;
   res = client.Post("/detokenize", R"({"tokens": [73, 110]})", "application/json");
   ASSERT_TRUE(res);
   EXPECT_EQ(json::parse(res->body), json({{"prompt", "In"}})) << res->body;
