@@ -309,6 +309,14 @@ absl::Status RequireNeutralChat(const json& body) {
   return neutral("response_format", json{{"type", "text"}}, "{\"type\": \"text\"}");
 }
 
+// The prompt of body["messages"] in defaults.chat_template's format (resolved into *format).
+absl::StatusOr<std::string> ChatPrompt(const json& body, const Tokenizer& tok,
+                                       const ApiDefaults& defaults, ChatFormat* format) {
+  ASSIGN_OR_RETURN(const std::vector<ChatMessage> messages, ReadMessages(body));
+  ASSIGN_OR_RETURN(*format, ResolveChatFormat(defaults.chat_template, tok));
+  return RenderChat(*format, messages);
+}
+
 }  // namespace
 
 absl::StatusOr<ApiCall> ParseChatRequest(const std::string& body_text, const Tokenizer& tok,
@@ -316,20 +324,16 @@ absl::StatusOr<ApiCall> ParseChatRequest(const std::string& body_text, const Tok
   ASSIGN_OR_RETURN(const json body, api::ParseJsonBody(body_text, KnownChatFields()));
   RETURN_IF_ERROR(RequireNeutral(body));
   RETURN_IF_ERROR(RequireNeutralChat(body));
-  ASSIGN_OR_RETURN(const std::vector<ChatMessage> messages, ReadMessages(body));
-  ASSIGN_OR_RETURN(const ChatFormat format, ResolveChatFormat(defaults.chat_template, tok));
-  ASSIGN_OR_RETURN(std::string prompt, RenderChat(format, messages));
+  ChatFormat format;
+  ASSIGN_OR_RETURN(std::string prompt, ChatPrompt(body, tok, defaults, &format));
   ApiCall call;
   call.chat = true;
   call.prompts = {std::move(prompt)};
   api::GenerationOptions o;
-  // Unless asked: 256 tokens, or what the context leaves after the prompt when that is less.
   o.max_new_tokens = 256;
-  if (defaults.context > 0) {
-    const int left = defaults.context - static_cast<int>(tok.Encode(call.prompts[0]).size());
-    if (left >= 1) o.max_new_tokens = std::min(o.max_new_tokens, left);
-  }
+  bool asked = false;
   for (const char* field : {"max_tokens", "max_completion_tokens"}) {
+    asked |= body.contains(field) && !body[field].is_null();
     RETURN_IF_ERROR(
         Read(body, field, "an integer >= 1", &o.max_new_tokens, [](int v) { return v >= 1; }));
   }
@@ -342,6 +346,11 @@ absl::StatusOr<ApiCall> ParseChatRequest(const std::string& body_text, const Tok
   // The reply ends at the format's end-of-turn token as at EOS.
   const std::vector<int32_t> ends = EndOfTurnIds(format, tok);
   for (GenerationRequest& r : call.requests) {
+    // Unless asked: 256 tokens, or what the context leaves after the prompt when that is less.
+    const int left = defaults.context - static_cast<int>(r.prompt.size());
+    if (!asked && defaults.context > 0 && left >= 1) {
+      r.max_new_tokens = std::min(r.max_new_tokens, left);
+    }
     if (ends.empty()) continue;
     r.stop = [ends, text_stop = std::move(r.stop)](const std::vector<int32_t>& generated) {
       if (!generated.empty() &&
@@ -532,9 +541,8 @@ absl::StatusOr<std::string> TokenizeAnswer(const std::string& body_text, const T
     if (!body["prompt"].is_string()) return Bad("prompt", "a string", body["prompt"]);
     text = body["prompt"].get<std::string>();
   } else {
-    ASSIGN_OR_RETURN(const std::vector<ChatMessage> messages, ReadMessages(body));
-    ASSIGN_OR_RETURN(const ChatFormat format, ResolveChatFormat(defaults.chat_template, tok));
-    ASSIGN_OR_RETURN(text, RenderChat(format, messages));
+    ChatFormat format;
+    ASSIGN_OR_RETURN(text, ChatPrompt(body, tok, defaults, &format));
   }
   std::vector<int32_t> ids = tok.Encode(text);
   if (special) ids.insert(ids.begin(), tok.bos_id());  // BOS, as vLLM adds it

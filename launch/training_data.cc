@@ -20,12 +20,13 @@ namespace {
 absl::StatusOr<std::pair<TokenDataset, TokenDataset>> LoadPrefix(const std::string& prefix,
                                                                  float val_fraction, bool verbose) {
   const bool megatron = IsMegatronPrefix(prefix);
-  for (const char* ext : {".bin", ".idx"}) {  // one of a Megatron pair alone: name the other
-    if (!megatron && std::filesystem::exists(prefix + ext) &&
-        !std::filesystem::exists(prefix + ".train.bin")) {
-      return absl::NotFoundError(absl::StrCat("Megatron dataset ", prefix, ": ", prefix, ext,
-                                              " exists but ", prefix,
-                                              ext[1] == 'b' ? ".idx" : ".bin", " does not"));
+  if (!megatron && !std::filesystem::exists(prefix + ".train.bin")) {
+    // One of a Megatron pair alone: name the other.
+    for (const auto& [have, lack] : {std::pair{".bin", ".idx"}, std::pair{".idx", ".bin"}}) {
+      if (std::filesystem::exists(prefix + have)) {
+        return absl::NotFoundError(absl::StrCat("Megatron dataset ", prefix, ": ", prefix, have,
+                                                " exists but ", prefix, lack, " does not"));
+      }
     }
   }
   if (!megatron) {

@@ -62,17 +62,6 @@ int64_t BlendedDataset::size() const {
   return n;
 }
 
-absl::Status BlendedDataset::Validate(int seq) const {
-  for (size_t i = 0; i < parts_.size(); ++i) {
-    absl::Status s = parts_[i].Validate(seq);
-    if (!s.ok() && parts_.size() > 1) {
-      return absl::Status(s.code(), absl::StrCat("blend part ", i + 1, ": ", s.message()));
-    }
-    if (!s.ok()) return s;
-  }
-  return absl::OkStatus();
-}
-
 void BlendedDataset::RandomRows(uint64_t seed, int64_t step, int64_t first_row, int rows, int seq,
                                 int32_t* inputs, int32_t* targets) const {
   if (parts_.size() == 1) {
@@ -90,12 +79,8 @@ void BlendedDataset::RandomRows(uint64_t seed, int64_t step, int64_t first_row, 
     const TokenDataset& d = parts_[std::min(part, parts_.size() - 1)];
     EE_CHECK(d.size() > seq, "blend part of ", d.size(), " tokens, seq ", seq);
     const int64_t offset = static_cast<int64_t>(rng.Below(static_cast<uint64_t>(d.size() - seq)));
-    int32_t* in = inputs + static_cast<int64_t>(r) * seq;
-    int32_t* tg = targets + static_cast<int64_t>(r) * seq;
-    for (int i = 0; i < seq; ++i) {
-      in[i] = d.at(offset + i);
-      tg[i] = d.at(offset + i + 1);
-    }
+    d.CopyWindow(offset, seq, inputs + static_cast<int64_t>(r) * seq,
+                 targets + static_cast<int64_t>(r) * seq);
   }
 }
 

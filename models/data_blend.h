@@ -29,9 +29,6 @@ class BlendedDataset {
   BlendedDataset(std::vector<TokenDataset> parts, std::vector<double> weights);
 
   int64_t size() const;  // tokens of every part
-  int parts() const { return static_cast<int>(parts_.size()); }
-  // Every part fits windows of seq + 1 tokens; errors name the part.
-  absl::Status Validate(int seq) const;
 
   // As TokenDataset::RandomRows, a pure function of (seed, step): with one part, exactly that
   // part's rows; with several, row r takes two draws of the step's generator (r-th pair), the

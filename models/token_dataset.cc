@@ -68,7 +68,7 @@ absl::Status TokenDataset::Validate(int seq) const {
   return absl::OkStatus();
 }
 
-void TokenDataset::FillRow(int64_t offset, int seq, int32_t* inputs, int32_t* targets) const {
+void TokenDataset::CopyWindow(int64_t offset, int seq, int32_t* inputs, int32_t* targets) const {
   for (int i = 0; i < seq; ++i) {
     inputs[i] = at(offset + i);
     targets[i] = at(offset + i + 1);
@@ -91,8 +91,8 @@ void TokenDataset::RandomRows(uint64_t seed, int64_t step, int64_t first_row, in
   const uint64_t num_offsets = static_cast<uint64_t>(size() - seq);
   for (int r = 0; r < rows; ++r) {
     const int64_t offset = static_cast<int64_t>(rng.Below(num_offsets));
-    FillRow(offset, seq, inputs + static_cast<int64_t>(r) * seq,
-            targets + static_cast<int64_t>(r) * seq);
+    CopyWindow(offset, seq, inputs + static_cast<int64_t>(r) * seq,
+               targets + static_cast<int64_t>(r) * seq);
   }
 }
 
@@ -109,8 +109,8 @@ void TokenDataset::SequentialBatch(int64_t index, int batch, int seq, int32_t* i
            " of ", NumSequentialBatches(batch, seq));
   for (int r = 0; r < batch; ++r) {
     const int64_t window = index * batch + r;
-    FillRow(window * seq, seq, inputs + static_cast<int64_t>(r) * seq,
-            targets + static_cast<int64_t>(r) * seq);
+    CopyWindow(window * seq, seq, inputs + static_cast<int64_t>(r) * seq,
+               targets + static_cast<int64_t>(r) * seq);
   }
 }
 

@@ -52,6 +52,9 @@ class TokenDataset {
   void RandomRows(uint64_t seed, int64_t step, int64_t first_row, int rows, int seq,
                   int32_t* inputs, int32_t* targets) const;
 
+  // Copies the seq + 1 tokens at `offset` into one row of inputs and targets (shifted by one).
+  void CopyWindow(int64_t offset, int seq, int32_t* inputs, int32_t* targets) const;
+
   // Sequential batches: window w has inputs tokens[w*seq, (w+1)*seq) and targets shifted by one;
   // batch i holds windows i*batch .. i*batch + batch - 1. Windows never overlap and leftover
   // windows that do not fill a batch are dropped. Zero when size() <= seq.
@@ -60,9 +63,6 @@ class TokenDataset {
   void SequentialBatch(int64_t index, int batch, int seq, int32_t* inputs, int32_t* targets) const;
 
  private:
-  // Copies the seq + 1 tokens at `offset` into one row of inputs/targets.
-  void FillRow(int64_t offset, int seq, int32_t* inputs, int32_t* targets) const;
-
   std::shared_ptr<const void> owner_;  // keeps data_ alive
   const uint8_t* data_ = nullptr;
   int width_ = 4;
