@@ -8,6 +8,7 @@ PACKAGES=(
   libopenblas-openmp-dev     # CPU GEMMs (cblas_sgemm), sharing our OpenMP thread pool
   libopenmpi-dev openmpi-bin # MPI launcher and communicator
   libhdf5-dev                # checkpoints
+  libzip-dev                 # reading torch.save files (Megatron-LM / EE-LLM checkpoints)
   libabsl-dev                # Status/StatusOr, flags, strings
   nlohmann-json3-dev         # JSON configs
   libcpp-httplib-dev         # HTTP server (serving)
