@@ -14,16 +14,16 @@ namespace eellm {
 const PyValue* PyValue::Get(absl::string_view key) const {
   if (kind != Kind::kDict) return nullptr;
   for (const auto& [k, v] : dict) {
-    if (k && k->kind == Kind::kStr && k->str == key) return v.get();
+    if (k && k->kind == Kind::kStr && k->str == key) return v;
   }
   return nullptr;
 }
 
 const PyValue* PyValue::Attr(absl::string_view name) const {
   if (kind != Kind::kObject || !state) return nullptr;
-  const PyValue* s = state.get();
+  const PyValue* s = state;
   // (dict, slots) as objects with __slots__ pickle it: the attributes are in the first.
-  if (s->kind == Kind::kTuple && !s->items.empty()) s = s->items[0].get();
+  if (s->kind == Kind::kTuple && !s->items.empty()) s = s->items[0];
   return s ? s->Get(name) : nullptr;
 }
 
@@ -65,39 +65,10 @@ namespace {
 
 using Kind = PyValue::Kind;
 
-PyPtr Make(Kind k) {
-  auto v = std::make_shared<PyValue>();
-  v->kind = k;
-  return v;
-}
-PyPtr MakeInt(int64_t i) {
-  PyPtr v = Make(Kind::kInt);
-  v->i = i;
-  return v;
-}
-PyPtr MakeStr(Kind k, std::string s) {
-  PyPtr v = Make(k);
-  v->str = std::move(s);
-  return v;
-}
-// A global "module.name"; protocols 0-2 spell Python 3's builtins module "__builtin__".
-PyPtr MakeGlobal(absl::string_view module, absl::string_view name) {
-  if (module == "__builtin__") module = "builtins";
-  return MakeStr(Kind::kGlobal, absl::StrCat(module, ".", name));
-}
-
-// Little-endian two's complement of n bytes (LONG1/LONG4).
-PyPtr MakeLong(const unsigned char* p, size_t n) {
-  if (n > 8) return MakeStr(Kind::kBigInt, std::string(reinterpret_cast<const char*>(p), n));
-  uint64_t u = 0;
-  for (size_t k = 0; k < n; ++k) u |= static_cast<uint64_t>(p[k]) << (8 * k);
-  if (n > 0 && n < 8 && (p[n - 1] & 0x80)) u |= ~uint64_t{0} << (8 * n);  // sign-extend
-  return MakeInt(static_cast<int64_t>(u));
-}
-
 class Machine {
  public:
-  Machine(absl::string_view data, absl::string_view name) : d_(data), name_(name) {}
+  Machine(absl::string_view data, absl::string_view name, Pickle* out)
+      : d_(data), name_(name), out_(out) {}
 
   absl::StatusOr<PyPtr> Run() {
     while (true) {
@@ -113,6 +84,36 @@ class Machine {
   }
 
  private:
+  PyPtr Make(Kind k) {
+    PyPtr v = &out_->nodes.emplace_back();
+    v->kind = k;
+    return v;
+  }
+  PyPtr MakeInt(int64_t i) {
+    PyPtr v = Make(Kind::kInt);
+    v->i = i;
+    return v;
+  }
+  PyPtr MakeStr(Kind k, std::string s) {
+    PyPtr v = Make(k);
+    v->str = std::move(s);
+    return v;
+  }
+  // A global "module.name"; protocols 0-2 spell Python 3's builtins module "__builtin__".
+  PyPtr MakeGlobal(absl::string_view module, absl::string_view name) {
+    if (module == "__builtin__") module = "builtins";
+    return MakeStr(Kind::kGlobal, absl::StrCat(module, ".", name));
+  }
+
+  // Little-endian two's complement of n bytes (LONG1/LONG4).
+  PyPtr MakeLong(const unsigned char* p, size_t n) {
+    if (n > 8) return MakeStr(Kind::kBigInt, std::string(reinterpret_cast<const char*>(p), n));
+    uint64_t u = 0;
+    for (size_t k = 0; k < n; ++k) u |= static_cast<uint64_t>(p[k]) << (8 * k);
+    if (n > 0 && n < 8 && (p[n - 1] & 0x80)) u |= ~uint64_t{0} << (8 * n);  // sign-extend
+    return MakeInt(static_cast<int64_t>(u));
+  }
+
   absl::Status Fail(absl::string_view what) const {
     return absl::InvalidArgumentError(
         absl::StrFormat("pickle %s: %s (opcode 0x%02x at byte %d)", name_, what, op_, op_pos_));
@@ -141,7 +142,7 @@ class Machine {
     if (stack_.empty() || (!marks_.empty() && stack_.size() <= marks_.back())) {
       return Fail("stack underflow");
     }
-    PyPtr v = std::move(stack_.back());
+    PyPtr v = stack_.back();
     stack_.pop_back();
     return v;
   }
@@ -164,7 +165,7 @@ class Machine {
   void Push(PyPtr v) { stack_.push_back(std::move(v)); }
 
   // A call of `callable` with the tuple `args` (REDUCE, NEWOBJ, OBJ, INST).
-  PyPtr Call(const PyPtr& callable, std::vector<PyPtr> args) {
+  PyPtr Call(PyPtr callable, std::vector<PyPtr> args) {
     if (callable->kind == Kind::kGlobal) {
       if (callable->str == "collections.OrderedDict" && args.empty()) return Make(Kind::kDict);
       // Protocol 2 pickles bytes as _codecs.encode(text, "latin1").
@@ -212,7 +213,7 @@ class Machine {
     Push(it->second);
     return absl::OkStatus();
   }
-  absl::Status SetItems(const PyPtr& target, std::vector<PyPtr> kv) {
+  absl::Status SetItems(PyPtr target, std::vector<PyPtr> kv) {
     if (kv.size() % 2 != 0) return Fail("SETITEMS with an odd number of items");
     if (target->kind != Kind::kDict && target->kind != Kind::kObject) {
       return Fail(absl::StrCat("SETITEM on ", target->Describe()));
@@ -220,7 +221,7 @@ class Machine {
     for (size_t k = 0; k < kv.size(); k += 2) target->dict.emplace_back(kv[k], kv[k + 1]);
     return absl::OkStatus();
   }
-  absl::Status Append(const PyPtr& target, std::vector<PyPtr> values, Kind want) {
+  absl::Status Append(PyPtr target, std::vector<PyPtr> values, Kind want) {
     if (target->kind != want && target->kind != Kind::kObject) {
       return Fail(absl::StrCat("cannot add items to ", target->Describe()));
     }
@@ -232,6 +233,7 @@ class Machine {
 
   absl::string_view d_;
   absl::string_view name_;
+  Pickle* out_;
   size_t pos_ = 0, op_pos_ = 0;
   unsigned char op_ = 0;
   std::vector<PyPtr> stack_;
@@ -533,8 +535,10 @@ absl::Status Machine::Step() {
 
 }  // namespace
 
-absl::StatusOr<PyPtr> ReadPickle(absl::string_view data, absl::string_view name) {
-  return Machine(data, name).Run();
+absl::StatusOr<std::unique_ptr<Pickle>> ReadPickle(absl::string_view data, absl::string_view name) {
+  auto out = std::make_unique<Pickle>();
+  ASSIGN_OR_RETURN(out->root, Machine(data, name, out.get()).Run());
+  return out;
 }
 
 }  // namespace eellm

@@ -7,9 +7,12 @@
 //
 // Values are shared: the memo (PUT/GET) hands out the same node again, as Python shares the
 // object, and lists and dicts are filled after they are memoized, so the tree may have cycles.
+// So nodes are owned by the Pickle that read them (freed together, cycles or not; no recursion
+// however deep the nesting) and link to each other by plain pointers.
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <string>
 #include <utility>
@@ -21,7 +24,7 @@
 namespace eellm {
 
 struct PyValue;
-using PyPtr = std::shared_ptr<PyValue>;
+using PyPtr = PyValue*;  // owned by the Pickle that read it
 
 struct PyValue {
   enum class Kind {
@@ -59,9 +62,16 @@ struct PyValue {
   std::string Describe() const;
 };
 
+// The values read from one pickle; `root` is the value its STOP returned.
+struct Pickle {
+  std::deque<PyValue> nodes;  // a deque: pointers to its elements stay valid as it grows
+  PyValue* root = nullptr;
+};
+
 // Runs the pickle in `data` to its STOP and returns the value left on the stack. Errors
 // (truncated data, an unknown or unsupported opcode, a stack underflow, a bad memo key) are
 // InvalidArgument naming `name`, the opcode and its offset.
-absl::StatusOr<PyPtr> ReadPickle(absl::string_view data, absl::string_view name);
+absl::StatusOr<std::unique_ptr<Pickle>> ReadPickle(absl::string_view data,
+                                                   absl::string_view name);
 
 }  // namespace eellm

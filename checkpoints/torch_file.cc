@@ -118,7 +118,7 @@ absl::StatusOr<std::unique_ptr<TorchFile>> TorchFile::Open(const std::string& pa
   }
   const std::string what = absl::StrCat(path, ":", t->archive_, "data.pkl");
   ASSIGN_OR_RETURN(std::string pickle, ReadEntry(z, static_cast<zip_uint64_t>(pkl), what));
-  ASSIGN_OR_RETURN(t->root_, ReadPickle(pickle, what));
+  ASSIGN_OR_RETURN(t->pickle_, ReadPickle(pickle, what));
   return t;
 }
 
@@ -127,7 +127,7 @@ bool TorchFile::IsTensor(const PyValue& v, TorchTensorRef* ref) {
   // _rebuild_parameter(data, requires_grad, backward_hooks): the tensor is its first argument.
   if (call->is(Kind::kObject) && call->str == "torch._utils._rebuild_parameter" &&
       !call->items.empty()) {
-    call = call->items[0].get();
+    call = call->items[0];
   }
   if (!call->is(Kind::kObject) || call->str != "torch._utils._rebuild_tensor_v2" ||
       call->items.size() < 4) {

@@ -41,7 +41,7 @@ class TorchFile {
   // naming the file when it is not a torch.save zip or its pickle is malformed.
   static absl::StatusOr<std::unique_ptr<TorchFile>> Open(const std::string& path);
 
-  const PyValue& root() const { return *root_; }
+  const PyValue& root() const { return *pickle_->root; }
   const std::string& path() const { return path_; }
 
   // Whether `v` is a tensor of this file (a tensor rebuild call); if so and `ref` is not null,
@@ -59,7 +59,7 @@ class TorchFile {
   std::string path_;
   std::string archive_;  // entry name prefix, "archive/"
   void* zip_ = nullptr;  // zip_t*
-  PyPtr root_;
+  std::unique_ptr<Pickle> pickle_;
 };
 
 }  // namespace eellm

@@ -1,6 +1,7 @@
 // `eellm convert <mode>`: checkpoint conversions.
 //   hf-to-eellm        Hugging Face model directory (config.json + safetensors) -> eellm
 //   eellm-to-hf        eellm checkpoint -> Hugging Face directory (safetensors + config.json)
+//   megatron-to-eellm  Megatron-LM / EE-LLM checkpoint (torch.save files) -> eellm
 //   add-exits          adds exit heads to a checkpoint (EE-Tuning step 1)
 //   set-exit-position  moves an exit between post-layer L and pre-layer L+1
 //   reshard            writes a checkpoint for another (tp, pp) layout, optimizer state included
@@ -22,11 +23,13 @@
 #include "launch/commands.h"
 #include "launch/exit_surgery.h"
 #include "launch/hf_convert.h"
+#include "launch/megatron_convert.h"
 #include "launch/model_loader.h"
 #include "launch/shared_flags.h"
 
 ABSL_FLAG(std::string, mode, "",
-          "hf-to-eellm, eellm-to-hf, add-exits, set-exit-position or reshard (may also be given "
+          "hf-to-eellm, eellm-to-hf, megatron-to-eellm, add-exits, set-exit-position or reshard "
+          "(may also be given "
           "as the first argument: `eellm convert reshard --input ...`)");
 ABSL_FLAG(std::string, dtype, "fp32", "eellm-to-hf: safetensors dtype (fp32, bf16 or fp16)");
 ABSL_FLAG(int64_t, max_shard_mb, 0,
@@ -75,6 +78,19 @@ absl::StatusOr<std::unique_ptr<Model>> ModelFrom(const ModelConfig& c, const Hos
   return model;
 }
 
+// Copies the tokenizer.json `path` into the output directory and names it in `meta`.
+absl::Status KeepTokenizer(const fs::path& path, CheckpointMeta* meta) {
+  const fs::path out = absl::GetFlag(FLAGS_output);
+  std::error_code ec;
+  fs::create_directories(out, ec);
+  fs::copy_file(path, out / "tokenizer.json", fs::copy_options::overwrite_existing, ec);
+  if (ec) {
+    return absl::InternalError(absl::StrCat("cannot copy ", path.string(), ": ", ec.message()));
+  }
+  meta->attrs["tokenizer"] = fs::absolute(out / "tokenizer.json").string();
+  return absl::OkStatus();
+}
+
 absl::Status HfToEellmMode(Backend* be) {
   const std::string in = absl::GetFlag(FLAGS_input);
   std::error_code ec;
@@ -98,14 +114,38 @@ absl::Status HfToEellmMode(Backend* be) {
   meta.attrs["source"] = absl::StrCat("huggingface:", fs::absolute(dir).string());
   meta.attrs["tokenizer"] = "byte";
   if (fs::exists(dir / "tokenizer.json")) {  // kept beside the checkpoint, named in it
-    const fs::path out = absl::GetFlag(FLAGS_output);
-    std::error_code ec;
-    fs::create_directories(out, ec);
-    fs::copy_file(dir / "tokenizer.json", out / "tokenizer.json",
-                  fs::copy_options::overwrite_existing, ec);
-    if (ec) return absl::InternalError(absl::StrCat("cannot copy tokenizer.json: ", ec.message()));
-    meta.attrs["tokenizer"] = fs::absolute(out / "tokenizer.json").string();
+    RETURN_IF_ERROR(KeepTokenizer(dir / "tokenizer.json", &meta));
   }
+  return WriteEellm(*model, meta);
+}
+
+absl::Status MegatronToEellmMode(Backend* be) {
+  const std::string tok = absl::GetFlag(FLAGS_tokenizer);
+  if (tok != "byte" && !(absl::EndsWith(tok, ".json") && fs::exists(tok))) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--tokenizer must be byte or an existing tokenizer.json, got '", tok, "'"));
+  }
+  ASSIGN_OR_RETURN(MegatronModel mm, ReadMegatronCheckpoint(absl::GetFlag(FLAGS_input), true));
+  for (const std::string& w : mm.warnings) std::printf("warning: %s\n", w.c_str());
+  ASSIGN_OR_RETURN(auto model, ModelFrom(mm.config, mm.tensors, be));
+  mm.tensors.clear();
+  CheckpointMeta meta;
+  meta.config_json = mm.config.ToJson();
+  meta.attrs["source"] =
+      absl::StrCat("megatron:", fs::absolute(absl::GetFlag(FLAGS_input)).string(), " iteration ",
+                   mm.iteration, " (tp ", mm.tp, " x pp ", mm.pp, ")");
+  meta.attrs["tokenizer"] = "byte";
+  if (tok != "byte") {
+    RETURN_IF_ERROR(KeepTokenizer(tok, &meta));
+  } else if (!mm.tokenizer.empty()) {
+    std::printf(
+        "note: Megatron trained with %s; pass its Hugging Face tokenizer.json as --tokenizer "
+        "(the checkpoint names the byte tokenizer until then)\n",
+        mm.tokenizer.c_str());
+  }
+  std::printf("Megatron iteration %lld, tp %d x pp %d, %d layers, %zu exits\n",
+              static_cast<long long>(mm.iteration), mm.tp, mm.pp, mm.config.num_layers,
+              mm.config.exits.size());
   return WriteEellm(*model, meta);
 }
 
@@ -212,6 +252,8 @@ int RunConvertCommand() {
     s = HfToEellmMode(backend->get());
   } else if (mode == "eellm-to-hf") {
     s = EellmToHfMode(backend->get());
+  } else if (mode == "megatron-to-eellm") {
+    s = MegatronToEellmMode(backend->get());
   } else if (mode == "add-exits") {
     s = AddExitsMode(backend->get());
   } else if (mode == "set-exit-position") {
@@ -220,8 +262,8 @@ int RunConvertCommand() {
     s = ReshardMode(backend->get());
   } else {
     std::fprintf(stderr,
-                 "error: unknown convert mode '%s' (hf-to-eellm, eellm-to-hf, add-exits, "
-                 "set-exit-position, reshard)\n",
+                 "error: unknown convert mode '%s' (hf-to-eellm, eellm-to-hf, "
+                 "megatron-to-eellm, add-exits, set-exit-position, reshard)\n",
                  mode.c_str());
     return 2;
   }

@@ -9,9 +9,6 @@
 
 ABSL_FLAG(double, val_fraction, 0.01,
           "fraction of the tokens (the end of the text) kept for validation");
-ABSL_FLAG(std::string, tokenizer, "byte",
-          "tokenizer: byte, or the path of a Hugging Face tokenizer.json (byte-level or "
-          "SentencePiece-style BPE)");
 
 namespace eellm {
 

@@ -29,7 +29,7 @@ struct Command {
 const Command kCommands[] = {
     {"data",
      "cmd_data.cc",
-     {"input", "output"},
+     {"input", "output", "tokenizer"},
      "turn a text file into train/validation token files",
      RunDataCommand},
     {"train",
@@ -51,8 +51,9 @@ const Command kCommands[] = {
      RunServeCommand},
     {"convert",
      "cmd_convert.cc",
-     {"input", "output", "tp", "pp", "seed", "exit"},
-     "convert checkpoints: Hugging Face <-> eellm, add exits, move exits, reshard",
+     {"input", "output", "tp", "pp", "seed", "exit", "tokenizer"},
+     "convert checkpoints: Hugging Face <-> eellm, Megatron-LM/EE-LLM -> eellm, add exits, move "
+     "exits, reshard",
      RunConvertCommand},
     {"logits",
      "cmd_logits.cc",

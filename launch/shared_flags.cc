@@ -42,3 +42,6 @@ ABSL_FLAG(double, draft_confidence, 0.0,
           "self-speculative decoding: a draft whose exit confidence (max probability) is below "
           "this ends the round early, so unlikely drafts are not extended (0 = always draft "
           "--draft_tokens)");
+ABSL_FLAG(std::string, tokenizer, "byte",
+          "tokenizer: byte, or the path of a Hugging Face tokenizer.json (byte-level or "
+          "SentencePiece-style BPE); convert megatron-to-eellm copies it beside the checkpoint");

@@ -20,3 +20,4 @@ ABSL_DECLARE_FLAG(double, temperature);
 ABSL_DECLARE_FLAG(int, max_model_len);
 ABSL_DECLARE_FLAG(int, draft_tokens);
 ABSL_DECLARE_FLAG(double, draft_confidence);
+ABSL_DECLARE_FLAG(std::string, tokenizer);

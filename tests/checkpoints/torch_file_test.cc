@@ -36,7 +36,7 @@ std::string BasicFixture(int protocol) {
 const PyValue& At(const PyValue& v, const std::string& key) {
   const PyValue* x = v.Get(key);
   EXPECT_NE(x, nullptr) << "no key " << key;
-  static const PyValue kNone;
+  static const PyValue kNone{};
   return x ? *x : kNone;
 }
 
@@ -171,10 +171,10 @@ TEST(Pickle, ReportsMalformedStreamsByOpcodeAndOffset) {
   // Text protocol 0: a list of an int, a bool and a string.
   auto v = ReadPickle("(lp0\nI7\naI01\naS'ab'\np1\na.", "t");
   ASSERT_TRUE(v.ok()) << v.status();
-  ASSERT_EQ((*v)->items.size(), 3u);
-  EXPECT_EQ((*v)->items[0]->i, 7);
-  EXPECT_TRUE((*v)->items[1]->b);
-  EXPECT_EQ((*v)->items[2]->str, "ab");
+  ASSERT_EQ((*v)->root->items.size(), 3u);
+  EXPECT_EQ((*v)->root->items[0]->i, 7);
+  EXPECT_TRUE((*v)->root->items[1]->b);
+  EXPECT_EQ((*v)->root->items[2]->str, "ab");
 }
 
 }  // namespace

@@ -8,12 +8,17 @@ modules named torch and torch._utils stand in for PyTorch, so CPython's own pick
 opcodes; the zip holds <archive>/data.pkl, <archive>/data/<key>, <archive>/version and
 <archive>/byteorder, stored uncompressed, as torch does.
 
-Usage as a script: torch_save.py basic OUT.pt  (the file tests/checkpoints/torch_file_test.cc
-reads; its values are spelled out there).
+Usage as a script:
+  torch_save.py basic OUT.pt [PROTOCOL]   the file tests/checkpoints/torch_file_test.cc reads
+  torch_save.py megatron TENSORS.safetensors SPEC.json OUTDIR
+                                          a Megatron-LM / EE-LLM checkpoint of eellm tensors
+                                          (tests/launch/megatron_convert_test.cc)
 """
 import argparse
 import collections
 import io
+import json
+import os
 import pickle
 import struct
 import sys
@@ -165,7 +170,168 @@ def basic():
     }
 
 
+def read_safetensors(path):
+    """{name: (shape, [float])} of an F32 safetensors file."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        data = f.read()
+    out = {}
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        assert t["dtype"] == "F32", t
+        a, b = t["data_offsets"]
+        out[name] = (list(t["shape"]), list(struct.unpack("<%df" % ((b - a) // 4), data[a:b])))
+    return out
+
+
+def rows(t, begin, count):
+    shape, v = t
+    w = len(v) // shape[0] if shape[0] else 0
+    return [count] + shape[1:], v[begin * w:(begin + count) * w]
+
+
+def cat_rows(parts):
+    return [sum(p[0][0] for p in parts)] + parts[0][0][1:], [x for p in parts for x in p[1]]
+
+
+def columns(t, begin, count):
+    (r, c), v = t
+    return [r, count], [v[i * c + j] for i in range(r) for j in range(begin, begin + count)]
+
+
+def megatron(tensors_path, spec_path, out):
+    """Writes the eellm tensors of `tensors_path` (whole model) as a Megatron-LM / EE-LLM
+    checkpoint in `out`, laid out as EE-LLM's checkpointing.py and model code lay it out: spec
+    {"args": {...}, "iteration": N, "dtype": "Float" | "BFloat16", "old_names": bool}."""
+    e = read_safetensors(tensors_path)
+    spec = json.load(open(spec_path))
+    a = spec["args"]
+    tp, pp = a["tensor_model_parallel_size"], a["pipeline_model_parallel_size"]
+    L, n, d = a["num_layers"], a["num_attention_heads"], a["kv_channels"]
+    G = a["num_query_groups"] if a.get("group_query_attention") else n
+    per, f, V = n // G, a["ffn_hidden_size"], a["padded_vocab_size"]
+    swiglu, exits = a.get("swiglu", False), a.get("exit_layer_nums", [])
+    kind = "block" if a.get("use_exit_block") else "mlp" if a.get("use_exit_mlp") else None
+    norm_name = "layernorm" if spec.get("old_names") else "norm"
+    # eellm exit index k of each exit layer (exits sorted by layer).
+    k_of = {l: k for k, l in enumerate(sorted(exits))}
+    dtype = spec.get("dtype", "Float")
+    it = spec["iteration"]
+    it_dir = os.path.join(out, "iter_%07d" % it)
+
+    def T(t):
+        return Tensor(Storage(dtype, t[1]), tuple(t[0]))
+
+    def N(t, wb):
+        """A norm's tensor; LayerNorm1P stores the gains less one."""
+        if wb == "weight" and a.get("apply_layernorm_1p") and a["normalization"] == "LayerNorm":
+            t = (t[0], [x - 1.0 for x in t[1]])
+        return T(t)
+
+    def block(src, dst, r, with_mlp=True, trunk=False):
+        """A transformer layer's tensors eellm `src` -> Megatron `dst` for tensor rank r."""
+        has = lambda x: src + x in e
+        for wb in ("weight", "bias"):
+            if has("attn_norm." + wb):
+                dst["input_%s.%s" % (norm_name, wb)] = N(e[src + "attn_norm." + wb], wb)
+            if has("mlp_norm." + wb):
+                dst["post_attention_%s.%s" % (norm_name, wb)] = N(e[src + "mlp_norm." + wb], wb)
+            if has("attn.wq." + wb):
+                q, k, v = (e[src + "attn.w%s.%s" % (x, wb)] for x in "qkv")
+                groups = []
+                for g in range(r * G // tp, (r + 1) * G // tp):
+                    groups += [rows(q, g * per * d, per * d), rows(k, g * d, d), rows(v, g * d, d)]
+                dst["self_attention.query_key_value." + wb] = T(cat_rows(groups))
+        dst["self_attention.dense.weight"] = T(columns(e[src + "attn.wo.weight"],
+                                                       r * n * d // tp, n * d // tp))
+        if has("attn.wo.bias"):
+            dst["self_attention.dense.bias"] = T(e[src + "attn.wo.bias"])
+        if with_mlp:
+            mlp(src + "mlp.", dst, "mlp.trunk." if trunk else "mlp.", r)
+
+    def mlp(src, dst, to, r):
+        for wb in ("weight", "bias"):
+            if src + "fc1." + wb not in e:
+                continue
+            shard = rows(e[src + "fc1." + wb], r * f // tp, f // tp)
+            if swiglu:
+                shard = cat_rows([shard, rows(e[src + "up." + wb], r * f // tp, f // tp)])
+            dst[to + "dense_h_to_4h." + wb] = T(shard)
+        dst[to + "dense_4h_to_h.weight"] = T(columns(e[src + "fc2.weight"], r * f // tp, f // tp))
+        if src + "fc2.bias" in e:
+            dst[to + "dense_4h_to_h.bias"] = T(e[src + "fc2.bias"])
+
+    per_stage = L // pp
+    for s in range(pp):
+        for r in range(tp):
+            lm = {}
+            if s == 0:
+                emb = {"word_embeddings": {"weight": T(rows(e["embedding.word.weight"],
+                                                            r * V // tp, V // tp))}}
+                if "embedding.position.weight" in e:
+                    emb["position_embeddings"] = {"weight": T(e["embedding.position.weight"])}
+                lm["embedding"] = emb
+            enc = collections.OrderedDict()
+            stage_exits = [l for l in exits if s * per_stage < l <= (s + 1) * per_stage]
+            for i in range(per_stage):
+                g = s * per_stage + i
+                layer = collections.OrderedDict()
+                has_exit = (g + 1) in exits
+                block("layers.%d." % g, layer, r, trunk=has_exit and kind == "mlp")
+                if has_exit:
+                    x = "exits.%d." % k_of[g + 1]
+                    for wb in ("weight", "bias"):
+                        if x + "norm." + wb in e:
+                            layer["exit_%s.%s" % (norm_name, wb)] = N(e[x + "norm." + wb], wb)
+                    if kind == "mlp":
+                        mlp(x + "mlp.", layer, "mlp.branch.", r)
+                    if kind == "block":
+                        sub = collections.OrderedDict()
+                        block(x + "block.", sub, r)
+                        for name, t in sub.items():
+                            layer["exit_block." + name] = t
+                for name, t in layer.items():
+                    enc["layers.%d.%s" % (i, name)] = t
+            if s == pp - 1:
+                for wb in ("weight", "bias"):
+                    if "final_norm." + wb in e:
+                        enc["final_%s.%s" % (norm_name, wb)] = N(e["final_norm." + wb], wb)
+            enc._metadata = collections.OrderedDict()
+            lm["transformer" if spec.get("old_names") else "encoder"] = enc
+            if s == pp - 1 and "output.weight" in e:
+                lm["output_layer"] = {"weight": T(rows(e["output.weight"], r * V // tp, V // tp))}
+            if stage_exits and a.get("untie_exit_output_weights"):
+                lm["exit_output_layer"] = collections.OrderedDict(
+                    ("%d.weight" % i, T(rows(e["exits.%d.head.weight" % k_of[l]],
+                                             r * V // tp, V // tp)))
+                    for i, l in enumerate(stage_exits))
+            model = {"language_model": lm}
+            if s > 0 and not a.get("untie_embeddings_and_output_weights") and (
+                    s == pp - 1 or stage_exits):
+                model["word_embeddings_for_head"] = {
+                    "weight": T(rows(e["embedding.word.weight"], r * V // tp, V // tp))}
+            state = {
+                "args": argparse.Namespace(**a, params_dtype=_torch.bfloat16),
+                "checkpoint_version": 3.0,
+                "iteration": it,
+                "model": model,
+                "optimizer": {"state": {0: {"exp_avg": tensor("Float", [0.0, 1.0])}}},
+                "rng_state": [{"random_rng_state": (3, tuple(range(5)), None),
+                               "np_rng_state": ("MT19937", b"\x01\x02", 624, 0, 0.0)}],
+            }
+            name = "mp_rank_%02d_%03d" % (r, s) if pp > 1 else "mp_rank_%02d" % r
+            os.makedirs(os.path.join(it_dir, name), exist_ok=True)
+            save(state, os.path.join(it_dir, name, "model_optim_rng.pt"), "model_optim_rng")
+    with open(os.path.join(out, "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write(str(it))
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "megatron":
+        megatron(sys.argv[2], sys.argv[3], sys.argv[4])
+        sys.exit(0)
     if len(sys.argv) >= 3 and sys.argv[1] == "basic":
         protocol = int(sys.argv[3]) if len(sys.argv) > 3 else 2
         save(basic(), sys.argv[2], archive="model_optim_rng", protocol=protocol)
