@@ -128,10 +128,29 @@ HostTensor ConcatColumns(const std::vector<HostTensor>& parts) {
 // One stage's tensors: Megatron name (normalized) -> one tensor per tensor-parallel rank.
 using RankTensors = std::map<std::string, std::vector<HostTensor>>;
 
-// Old spellings Megatron's loaders still accept.
+// Megatron-core's GPTModel names (local or Transformer Engine layers, whose linear_qkv and
+// linear_fc1 carry the preceding norm as layer_norm_weight/bias) and the old spellings Megatron's
+// loaders still accept -> the legacy names the mapping below reads.
 std::string NormalizeName(std::string n) {
-  n = absl::StrReplaceAll(n, {{"layernorm", "norm"}, {".attention.", ".self_attention."}});
-  return n;
+  static const std::pair<const char*, const char*> kCorePrefixes[] = {
+      {"decoder.", "language_model.encoder."},
+      {"embedding.", "language_model.embedding."},
+      {"output_layer.", "language_model.output_layer."}};
+  static const std::pair<const char*, const char*> kCoreParts[] = {
+      {"self_attention.linear_qkv.layer_norm_", "input_layernorm."},
+      {"mlp.linear_fc1.layer_norm_", "post_attention_layernorm."},
+      {"pre_mlp_layernorm.", "post_attention_layernorm."},
+      {"self_attention.linear_qkv.", "self_attention.query_key_value."},
+      {"self_attention.linear_proj.", "self_attention.dense."},
+      {"mlp.linear_fc1.", "mlp.dense_h_to_4h."},
+      {"mlp.linear_fc2.", "mlp.dense_4h_to_h."}};
+  for (const auto& [from, to] : kCorePrefixes) {
+    if (!absl::StartsWith(n, from)) continue;
+    n = absl::StrCat(to, n.substr(std::string(from).size()));
+    for (const auto& [part, legacy] : kCoreParts) n = absl::StrReplaceAll(n, {{part, legacy}});
+    break;
+  }
+  return absl::StrReplaceAll(n, {{"layernorm", "norm"}, {".attention.", ".self_attention."}});
 }
 
 absl::Status CollectTensors(const TorchFile& f, const PyValue& dict, const std::string& prefix,
@@ -147,7 +166,9 @@ absl::Status CollectTensors(const TorchFile& f, const PyValue& dict, const std::
       RETURN_IF_ERROR(CollectTensors(f, *v, name, out, rank, ranks));
       continue;
     }
-    if (!TorchFile::IsTensor(*v)) continue;  // _extra_state and other non-tensors
+    // Transformer Engine's _extra_state (fp8 metadata, sometimes a byte tensor) and other
+    // non-tensors.
+    if (absl::EndsWith(name, "_extra_state") || !TorchFile::IsTensor(*v)) continue;
     ASSIGN_OR_RETURN(HostTensor t, f.ReadTensor(*v, name));
     auto& slot = (*out)[NormalizeName(name)];
     slot.resize(ranks);
@@ -161,6 +182,17 @@ absl::Status CollectTensors(const TorchFile& f, const PyValue& dict, const std::
 std::string RankDir(int tp_rank, int pp_rank, int pp) {
   return pp > 1 ? absl::StrFormat("mp_rank_%02d_%03d", tp_rank, pp_rank)
                 : absl::StrFormat("mp_rank_%02d", tp_rank);
+}
+
+// Megatron-core's torch_dist format (PyTorch distributed checkpointing) is not read.
+absl::Status RefuseDistributed(const fs::path& dir) {
+  std::error_code ec;
+  if (!fs::exists(dir / ".metadata", ec)) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat(dir.string(),
+                   " is in Megatron's distributed format (torch_dist: .metadata and *.distcp "
+                   "files); re-save it in the torch format (Megatron's --ckpt-convert-format "
+                   "torch) and convert that"));
 }
 
 // The iteration directory (or the single file) `path` names, and its iteration.
@@ -193,6 +225,7 @@ absl::StatusOr<std::pair<fs::path, int64_t>> FindIteration(const std::string& pa
       return std::make_pair(fs::path(path), it);
     }
   }
+  RETURN_IF_ERROR(RefuseDistributed(path));
   return absl::NotFoundError(
       absl::StrCat(path,
                    " is not a Megatron checkpoint: no latest_checkpointed_iteration.txt, no "
@@ -353,6 +386,9 @@ struct Mapper {
       RETURN_IF_ERROR(Put("embedding.position.weight", parts[0]));
       return true;
     }
+    if (name == "language_model.output_layer.weight" && c.tie_embeddings) {
+      return true;  // Megatron-core's last stage keeps a copy of the tied embeddings
+    }
     if (name == "language_model.output_layer.weight") {
       RETURN_IF_ERROR(Put("output.weight", ConcatRows(parts)));
       return true;
@@ -462,8 +498,15 @@ absl::StatusOr<ModelConfig> ModelConfigFromMegatronArgs(const PyValue& args,
     return BadArg("apply_residual_connection_post_layernorm",
                   args.Attr("apply_residual_connection_post_layernorm"), "not supported by eellm");
   }
-  if (ArgBool(args, "qk_layernorm")) {
-    return BadArg("qk_layernorm", args.Attr("qk_layernorm"), "not supported by eellm");
+  for (const char* unsupported :
+       {"qk_layernorm", "rotary_interleaved", "use_rope_scaling", "moe_grouped_gemm"}) {
+    if (ArgBool(args, unsupported)) {
+      return BadArg(unsupported, args.Attr(unsupported), "not supported by eellm");
+    }
+  }
+  if (ArgIntOr(args, "num_experts", 0) > 0) {
+    return BadArg("num_experts", args.Attr("num_experts"),
+                  "mixture-of-experts models are not supported by eellm");
   }
   j["vocab_size"] = vocab;
   j["hidden_size"] = hidden;
@@ -509,6 +552,7 @@ absl::StatusOr<MegatronModel> ReadMegatronCheckpoint(const std::string& path, bo
   ASSIGN_OR_RETURN(auto found, FindIteration(path));
   const auto& [dir, iteration] = found;
   const bool single = std::filesystem::is_regular_file(dir);
+  if (!single) RETURN_IF_ERROR(RefuseDistributed(dir));
   auto file_of = [&](int t, int p, int pp) {
     return single ? dir : dir / RankDir(t, p, pp) / "model_optim_rng.pt";
   };

@@ -201,10 +201,39 @@ def columns(t, begin, count):
     return [r, count], [v[i * c + j] for i in range(r) for j in range(begin, begin + count)]
 
 
+def to_mcore(lm, tied_copy):
+    """A legacy stage's tensors under Megatron-core's GPTModel names, with Transformer Engine's
+    layers (norms fused into linear_qkv and linear_fc1, _extra_state entries)."""
+    flat = collections.OrderedDict()
+    for name in ("word_embeddings", "position_embeddings"):
+        if name in lm.get("embedding", {}):
+            flat["embedding.%s.weight" % name] = lm["embedding"][name]["weight"]
+    for k, t in lm["encoder"].items():
+        for legacy, core in (("input_norm.", "self_attention.linear_qkv.layer_norm_"),
+                             ("post_attention_norm.", "mlp.linear_fc1.layer_norm_"),
+                             ("self_attention.query_key_value.", "self_attention.linear_qkv."),
+                             ("self_attention.dense.", "self_attention.linear_proj."),
+                             ("mlp.dense_h_to_4h.", "mlp.linear_fc1."),
+                             ("mlp.dense_4h_to_h.", "mlp.linear_fc2."),
+                             ("final_norm.", "final_layernorm.")):
+            k = k.replace(legacy, core)
+        flat["decoder." + k] = t
+        if k.endswith("linear_qkv.weight"):
+            flat["decoder." + k.replace(".weight", "._extra_state")] = None
+        if k.endswith("linear_fc1.weight"):
+            flat["decoder." + k.replace(".weight", "._extra_state")] = tensor("Byte", [1, 2, 3])
+    if "output_layer" in lm:
+        flat["output_layer.weight"] = lm["output_layer"]["weight"]
+    elif tied_copy is not None:
+        flat["output_layer.weight"] = tied_copy["weight"]
+    return flat
+
+
 def megatron(tensors_path, spec_path, out):
     """Writes the eellm tensors of `tensors_path` (whole model) as a Megatron-LM / EE-LLM
     checkpoint in `out`, laid out as EE-LLM's checkpointing.py and model code lay it out: spec
-    {"args": {...}, "iteration": N, "dtype": "Float" | "BFloat16", "old_names": bool}."""
+    {"args": {...}, "iteration": N, "dtype": "Float" | "BFloat16", "old_names": bool,
+    "mcore": bool (Megatron-core names)}."""
     e = read_safetensors(tensors_path)
     spec = json.load(open(spec_path))
     a = spec["args"]
@@ -308,10 +337,13 @@ def megatron(tensors_path, spec_path, out):
                                              r * V // tp, V // tp)))
                     for i, l in enumerate(stage_exits))
             model = {"language_model": lm}
-            if s > 0 and not a.get("untie_embeddings_and_output_weights") and (
-                    s == pp - 1 or stage_exits):
+            tied_copy = s > 0 and not a.get("untie_embeddings_and_output_weights") and (
+                s == pp - 1 or stage_exits)
+            if tied_copy:
                 model["word_embeddings_for_head"] = {
                     "weight": T(rows(e["embedding.word.weight"], r * V // tp, V // tp))}
+            if spec.get("mcore"):
+                model = to_mcore(lm, model.get("word_embeddings_for_head"))
             state = {
                 "args": argparse.Namespace(**a, params_dtype=_torch.bfloat16),
                 "checkpoint_version": 3.0,

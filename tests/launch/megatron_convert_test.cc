@@ -38,6 +38,7 @@ struct Case {
   int tp, pp;
   std::string dtype = "Float";
   bool old_names = false;
+  bool mcore = false;  // Megatron-core names (Transformer Engine layers)
 };
 
 // The Megatron arguments of eellm config `c` plus `extra`.
@@ -112,7 +113,8 @@ class MegatronConvertTest : public ::testing::TestWithParam<Case> {
     nlohmann::json spec = {{"args", MegatronArgs(c, k)},
                            {"iteration", 1200},
                            {"dtype", k.dtype},
-                           {"old_names", k.old_names}};
+                           {"old_names", k.old_names},
+                           {"mcore", k.mcore}};
     std::ofstream(dir_ + "/spec.json") << spec.dump();
     const std::string cmd =
         absl::StrCat("python3 ", EELLM_SOURCE_DIR, "/tests/checkpoints/torch_save.py megatron ", st,
@@ -201,7 +203,13 @@ INSTANTIATE_TEST_SUITE_P(
                  "position": "pre"}, {"layer": 4, "kind": "linear", "position": "pre"}]})",
              {{"exit_layer_nums", {2, 4}}, {"pre_exit", true}, {"untie_exit_output_weights", true}},
              2,
-             1}),
+             1},
+        // Megatron-core names: GQA over tp 2 x pp 2; GPT with tied embeddings over pp 2 (the
+        // last stage's output_layer is a copy of them).
+        Case{"CoreLlamaGqaTp2Pp2", std::string(kLlama) + "}", nlohmann::json::object(), 2, 2,
+             "Float", false, true},
+        Case{"CoreGptTiedPp2", std::string(kGpt) + "}", nlohmann::json::object(), 1, 2, "Float",
+             false, true}),
     [](const ::testing::TestParamInfo<Case>& i) { return i.param.name; });
 
 class MegatronRefusals : public MegatronConvertTest {};
@@ -238,6 +246,11 @@ TEST_P(MegatronRefusals, CliConvertsAndBadInputsAreNamed) {
   s = ReadMegatronCheckpoint(mg + "/iter_0001200/mp_rank_00_000/model_optim_rng.pt", false)
           .status();
   EXPECT_NE(s.message().find("is one file of a tp 2 x pp 2 checkpoint"), std::string::npos) << s;
+  // Megatron-core's distributed format.
+  std::ofstream(mg + "/latest_checkpointed_iteration.txt") << "1200";
+  std::ofstream(mg + "/iter_0001200/.metadata") << "x";
+  s = ReadMegatronCheckpoint(mg, false).status();
+  EXPECT_NE(s.message().find("distributed format (torch_dist"), std::string::npos) << s;
 }
 
 INSTANTIATE_TEST_SUITE_P(Cli, MegatronRefusals,
