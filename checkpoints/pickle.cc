@@ -318,10 +318,16 @@ absl::Status Machine::Step() {
         return absl::OkStatus();
       }
       int64_t i = 0;
-      if (!absl::SimpleAtoi(absl::StripSuffix(line, "L"), &i)) {
+      const absl::string_view digits = absl::StripSuffix(line, "L");
+      if (absl::SimpleAtoi(digits, &i)) {
+        Push(MakeInt(i));
+      } else if (!digits.empty() && digits.size() > (digits[0] == '-' ? 1u : 0u) &&
+                 digits.find_first_not_of("0123456789", digits[0] == '-' ? 1 : 0) ==
+                     absl::string_view::npos) {
+        Push(MakeStr(Kind::kBigInt, std::string(digits)));  // wider than 64 bits (as text)
+      } else {
         return Fail(absl::StrCat("bad integer '", line, "'"));
       }
-      Push(MakeInt(i));
       return absl::OkStatus();
     }
     case 'G': {  // BINFLOAT: big-endian double

@@ -30,7 +30,8 @@ struct PyValue {
   enum class Kind {
     kNone,
     kBool,
-    kInt,  // int64 range; wider Python ints are kBigInt (their bytes in `str`)
+    kInt,  // int64 range; wider Python ints are kBigInt (`str`: their bytes, or text in
+           // protocol 0)
     kBigInt,
     kFloat,
     kStr,
