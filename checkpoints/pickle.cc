@@ -65,6 +65,79 @@ namespace {
 
 using Kind = PyValue::Kind;
 
+void AppendUtf8(uint32_t cp, std::string* out) {
+  if (cp < 0x80) {
+    *out += static_cast<char>(cp);
+  } else if (cp < 0x800) {
+    *out += static_cast<char>(0xC0 | (cp >> 6));
+    *out += static_cast<char>(0x80 | (cp & 0x3F));
+  } else if (cp < 0x10000) {
+    *out += static_cast<char>(0xE0 | (cp >> 12));
+    *out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+    *out += static_cast<char>(0x80 | (cp & 0x3F));
+  } else {
+    *out += static_cast<char>(0xF0 | ((cp >> 18) & 0x07));
+    *out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
+    *out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+    *out += static_cast<char>(0x80 | (cp & 0x3F));
+  }
+}
+
+// `n` hex digits at text[i + 2...] (after a backslash and u, U or x) as a code point, or -1.
+int64_t HexAt(absl::string_view text, size_t i, int n) {
+  if (i + 2 + n > text.size()) return -1;
+  int64_t cp = 0;
+  for (int k = 0; k < n; ++k) {
+    const char c = text[i + 2 + k];
+    const int v = c >= '0' && c <= '9'   ? c - '0'
+                  : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                  : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                         : -1;
+    if (v < 0) return -1;
+    cp = cp * 16 + v;
+  }
+  return cp <= 0x10FFFF ? cp : -1;
+}
+
+// Protocol 0's UNICODE argument (raw-unicode-escape: latin-1 bytes, and backslash-u escapes of
+// 4 hex digits or backslash-U of 8) as UTF-8.
+std::string DecodeRawUnicodeEscape(absl::string_view text) {
+  std::string out;
+  for (size_t i = 0; i < text.size(); ++i) {
+    if (text[i] == '\\' && i + 1 < text.size() && (text[i + 1] == 'u' || text[i + 1] == 'U')) {
+      const int n = text[i + 1] == 'u' ? 4 : 8;
+      if (const int64_t cp = HexAt(text, i, n); cp >= 0) {
+        AppendUtf8(static_cast<uint32_t>(cp), &out);
+        i += 1 + n;
+        continue;
+      }
+    }
+    AppendUtf8(static_cast<unsigned char>(text[i]), &out);
+  }
+  return out;
+}
+
+// Protocol 0's STRING argument (a quoted Python 2 string literal) as UTF-8 of its latin-1 bytes.
+std::string DecodeStringLiteral(absl::string_view text) {
+  if (text.size() >= 2 && (text[0] == '\'' || text[0] == '"') && text.back() == text[0]) {
+    text = text.substr(1, text.size() - 2);
+  }
+  std::string out;
+  for (size_t i = 0; i < text.size(); ++i) {
+    unsigned char c = static_cast<unsigned char>(text[i]);
+    if (c == '\\' && i + 1 < text.size()) {
+      const char e = text[++i];
+      c = e == 'n' ? '\n' : e == 'r' ? '\r' : e == 't' ? '\t' : static_cast<unsigned char>(e);
+      if (const int64_t v = e == 'x' ? HexAt(text, i - 1, 2) : -1; v >= 0) {
+        c = static_cast<unsigned char>(v);
+        i += 2;
+      }
+    }
+    AppendUtf8(c, &out);
+  }
+  return out;
+}
+
 class Machine {
  public:
   Machine(absl::string_view data, absl::string_view name, Pickle* out)
@@ -172,6 +245,12 @@ class Machine {
       if (callable->str == "_codecs.encode" && args.size() == 2 && args[0]->kind == Kind::kStr) {
         return MakeStr(Kind::kBytes, Latin1(args[0]->str));
       }
+      // Protocols 0 and 1 build plain objects as copyreg._reconstructor(cls, base, state).
+      if ((callable->str == "copy_reg._reconstructor" ||
+           callable->str == "copyreg._reconstructor") &&
+          !args.empty() && args[0]->kind == Kind::kGlobal) {
+        return MakeStr(Kind::kObject, args[0]->str);
+      }
       // Protocol 2 pickles sets as set([items]).
       if ((callable->str == "builtins.set" || callable->str == "builtins.frozenset") &&
           args.size() == 1 && args[0]->kind == Kind::kList) {
@@ -218,6 +297,7 @@ class Machine {
     if (target->kind != Kind::kDict && target->kind != Kind::kObject) {
       return Fail(absl::StrCat("SETITEM on ", target->Describe()));
     }
+    RETURN_IF_ERROR(Spend(kv.size()));
     for (size_t k = 0; k < kv.size(); k += 2) target->dict.emplace_back(kv[k], kv[k + 1]);
     return absl::OkStatus();
   }
@@ -225,11 +305,27 @@ class Machine {
     if (target->kind != want && target->kind != Kind::kObject) {
       return Fail(absl::StrCat("cannot add items to ", target->Describe()));
     }
+    RETURN_IF_ERROR(Spend(values.size()));
     for (auto& v : values) target->items.push_back(std::move(v));
     return absl::OkStatus();
   }
 
   absl::Status Step();
+
+  // Counts `n` more links between values against a budget proportional to the data, so that a
+  // small pickle cannot build a huge tree (calls copy their argument tuples, and a memoized
+  // tuple can be passed again and again).
+  absl::Status Spend(size_t n) {
+    if (n > budget_) return Fail("the pickle builds far more values than its size holds");
+    budget_ -= n;
+    return absl::OkStatus();
+  }
+  // A call's arguments, and the list a set() call copies.
+  absl::Status Spend(const PyValue& args) {
+    size_t n = args.items.size();
+    if (!args.items.empty() && args.items[0]->kind == Kind::kList) n += args.items[0]->items.size();
+    return Spend(n);
+  }
 
   absl::string_view d_;
   absl::string_view name_;
@@ -239,6 +335,7 @@ class Machine {
   std::vector<PyPtr> stack_;
   std::vector<size_t> marks_;
   std::unordered_map<int64_t, PyPtr> memo_;
+  size_t budget_ = 16 * d_.size() + (1 << 16);
 };
 
 absl::Status Machine::Step() {
@@ -370,8 +467,8 @@ absl::Status Machine::Step() {
     case 'S':    // STRING (quoted text)
     case 'V': {  // UNICODE (raw-unicode-escape text)
       if (!Line(&line)) return Fail("truncated argument");
-      if (op_ == 'S' && line.size() >= 2) line = line.substr(1, line.size() - 2);
-      Push(MakeStr(Kind::kStr, line));
+      Push(MakeStr(Kind::kStr,
+                   op_ == 'S' ? DecodeStringLiteral(line) : DecodeRawUnicodeEscape(line)));
       return absl::OkStatus();
     }
     case ')':
@@ -460,6 +557,7 @@ absl::Status Machine::Step() {
       ASSIGN_OR_RETURN(PyPtr args, Pop());
       ASSIGN_OR_RETURN(PyPtr callable, Pop());
       if (args->kind != Kind::kTuple) return Fail("call arguments are not a tuple");
+      RETURN_IF_ERROR(Spend(*args));
       Push(Call(callable, args->items));
       return absl::OkStatus();
     }
@@ -468,6 +566,7 @@ absl::Status Machine::Step() {
       ASSIGN_OR_RETURN(PyPtr args, Pop());
       ASSIGN_OR_RETURN(PyPtr cls, Pop());
       if (args->kind != Kind::kTuple) return Fail("call arguments are not a tuple");
+      RETURN_IF_ERROR(Spend(*args));
       Push(Call(cls, args->items));
       return absl::OkStatus();
     }

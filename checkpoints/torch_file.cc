@@ -4,6 +4,7 @@
 
 #include <cstdio>
 #include <cstring>
+#include <limits>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -23,8 +24,16 @@ zip_t* Zip(void* z) { return static_cast<zip_t*>(z); }
 absl::StatusOr<std::string> ReadEntry(zip_t* z, zip_uint64_t index, const std::string& what) {
   zip_stat_t st;
   zip_stat_init(&st);
-  if (zip_stat_index(z, index, 0, &st) != 0 || !(st.valid & ZIP_STAT_SIZE)) {
-    return absl::DataLossError(absl::StrCat("cannot stat ", what));
+  if (zip_stat_index(z, index, 0, &st) != 0 || !(st.valid & ZIP_STAT_SIZE) ||
+      !(st.valid & ZIP_STAT_COMP_SIZE)) {
+    return absl::DataLossError(absl::StrCat("cannot stat ", what, ": ", zip_strerror(z)));
+  }
+  // A size the archive cannot hold (a corrupt or hostile header) is refused before allocating:
+  // torch.save stores entries uncompressed; deflate expands at most about 1032-fold.
+  const zip_uint64_t limit = st.comp_method == ZIP_CM_STORE ? st.comp_size : st.comp_size * 1032;
+  if (st.size > limit) {
+    return absl::DataLossError(
+        absl::StrCat(what, ": entry claims ", st.size, " bytes from ", st.comp_size, " stored"));
   }
   zip_file_t* f = zip_fopen_index(z, index, 0);
   if (f == nullptr) {
@@ -37,9 +46,11 @@ absl::StatusOr<std::string> ReadEntry(zip_t* z, zip_uint64_t index, const std::s
     if (n <= 0) break;
     done += static_cast<zip_uint64_t>(n);
   }
+  const std::string error = done == st.size ? "" : zip_file_strerror(f);
   zip_fclose(f);
   if (done != st.size) {
-    return absl::DataLossError(absl::StrCat(what, ": read ", done, " of ", st.size, " bytes"));
+    return absl::DataLossError(
+        absl::StrCat(what, ": read ", done, " of ", st.size, " bytes: ", error));
   }
   return out;
 }
@@ -72,7 +83,7 @@ absl::StatusOr<std::unique_ptr<TorchFile>> TorchFile::Open(const std::string& pa
   int err = 0;
   zip_t* z = zip_open(path.c_str(), ZIP_RDONLY, &err);
   if (z == nullptr) {
-    if (err == ZIP_ER_NOENT || err == ZIP_ER_OPEN || err == ZIP_ER_READ) {
+    if (err == ZIP_ER_NOENT || err == ZIP_ER_OPEN) {
       return absl::NotFoundError(absl::StrCat("cannot open ", path));
     }
     if (err == ZIP_ER_NOZIP) {
@@ -118,6 +129,15 @@ absl::StatusOr<std::unique_ptr<TorchFile>> TorchFile::Open(const std::string& pa
   }
   const std::string what = absl::StrCat(path, ":", t->archive_, "data.pkl");
   ASSIGN_OR_RETURN(std::string pickle, ReadEntry(z, static_cast<zip_uint64_t>(pkl), what));
+  // Storages are raw little-endian elements unless <archive>/byteorder says otherwise.
+  const std::string order_name = t->archive_ + "byteorder";
+  if (const zip_int64_t order = zip_name_locate(z, order_name.c_str(), 0); order >= 0) {
+    ASSIGN_OR_RETURN(std::string o, ReadEntry(z, static_cast<zip_uint64_t>(order), order_name));
+    if (o != "little") {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, " was saved ", o.substr(0, 16), "-endian; eellm reads little-endian"));
+    }
+  }
   ASSIGN_OR_RETURN(t->pickle_, ReadPickle(pickle, what));
   return t;
 }
@@ -157,19 +177,25 @@ bool TorchFile::IsTensor(const PyValue& v, TorchTensorRef* ref) {
   return true;
 }
 
-absl::StatusOr<std::string> TorchFile::ReadStorage(const std::string& key, int64_t bytes) const {
+absl::StatusOr<const std::string*> TorchFile::ReadStorage(const std::string& key, uint64_t bytes,
+                                                          const std::string& what) const {
   const std::string name = absl::StrCat(archive_, "data/", key);
-  const zip_int64_t index = zip_name_locate(Zip(zip_), name.c_str(), 0);
-  if (index < 0) {
-    return absl::DataLossError(absl::StrCat(path_, ": storage entry ", name, " is missing"));
+  if (cached_key_ != key || cached_ == nullptr) {  // tensors often share one storage in a row
+    const zip_int64_t index = zip_name_locate(Zip(zip_), name.c_str(), 0);
+    if (index < 0) {
+      return absl::DataLossError(
+          absl::StrCat(path_, ": ", what, ": storage entry ", name, " is missing"));
+    }
+    ASSIGN_OR_RETURN(std::string data, ReadEntry(Zip(zip_), static_cast<zip_uint64_t>(index),
+                                                 absl::StrCat(path_, ":", name)));
+    cached_ = std::make_unique<std::string>(std::move(data));
+    cached_key_ = key;
   }
-  ASSIGN_OR_RETURN(std::string data, ReadEntry(Zip(zip_), static_cast<zip_uint64_t>(index),
-                                               absl::StrCat(path_, ":", name)));
-  if (static_cast<int64_t>(data.size()) < bytes) {
-    return absl::DataLossError(absl::StrCat(path_, ": storage ", name, " holds ", data.size(),
-                                            " bytes, its tensor needs ", bytes));
+  if (cached_->size() < bytes) {
+    return absl::DataLossError(absl::StrCat(path_, ": ", what, ": storage ", name, " holds ",
+                                            cached_->size(), " bytes, the tensor reaches ", bytes));
   }
-  return data;
+  return cached_.get();
 }
 
 absl::StatusOr<HostTensor> TorchFile::ReadTensor(const PyValue& v, const std::string& what) const {
@@ -183,25 +209,40 @@ absl::StatusOr<HostTensor> TorchFile::ReadTensor(const PyValue& v, const std::st
     return absl::InvalidArgumentError(absl::StrCat(path_, ": ", what, " is a ", r.storage_type,
                                                    " tensor; expected a floating-point one"));
   }
+  // Elements and the last element's index, refusing what overflows or leaves the storage (the
+  // storage's own numel, and below, its entry's real size).
   HostTensor out;
   int64_t n = 1, last = r.offset;
+  bool overflow = r.offset < 0 || r.storage_numel < 0;
   for (size_t d = 0; d < r.sizes.size(); ++d) {
     if (r.sizes[d] < 0 || r.strides[d] < 0) {
       return absl::InvalidArgumentError(
           absl::StrCat(path_, ": ", what, " has a negative size or stride"));
     }
-    n *= r.sizes[d];
-    last += (r.sizes[d] - 1) * r.strides[d];
+    int64_t span = 0;
+    overflow = overflow || __builtin_mul_overflow(n, r.sizes[d], &n) ||
+               (r.sizes[d] > 0 &&
+                (__builtin_mul_overflow(r.sizes[d] - 1, r.strides[d], &span) ||
+                 __builtin_add_overflow(last, span, &last)));
     out.shape.push_back(r.sizes[d]);
   }
-  if (n > 0 && (r.offset < 0 || last >= r.storage_numel)) {
+  if (n > 0 && (overflow || last >= r.storage_numel ||
+                last >= std::numeric_limits<int64_t>::max() / 8)) {
     return absl::InvalidArgumentError(
         absl::StrCat(path_, ": ", what, " [", absl::StrJoin(r.sizes, ", "), "] at offset ",
                      r.offset, " reaches past its storage of ", r.storage_numel, " elements"));
   }
-  out.data.resize(static_cast<size_t>(n));
+  if (n > (int64_t{1} << 34)) {  // 64 GiB of fp32; stride-0 views could claim anything
+    return absl::InvalidArgumentError(
+        absl::StrCat(path_, ": ", what, " has ", n, " elements, more than eellm reads at once"));
+  }
   if (n == 0) return out;
-  ASSIGN_OR_RETURN(std::string bytes, ReadStorage(r.storage_key, r.storage_numel * es));
+  // The storage's entry must hold every element the view reaches.
+  ASSIGN_OR_RETURN(const std::string* storage,
+                   ReadStorage(r.storage_key, static_cast<uint64_t>(last + 1) * es, what));
+  const std::string& bytes = *storage;
+  const bool half = r.storage_type == "HalfStorage";
+  out.data.resize(static_cast<size_t>(n));
   auto load = [&](int64_t e) -> float {
     const char* p = bytes.data() + e * es;
     if (es == 4) {
@@ -216,7 +257,7 @@ absl::StatusOr<HostTensor> TorchFile::ReadTensor(const PyValue& v, const std::st
     }
     uint16_t h;
     std::memcpy(&h, p, 2);
-    return r.storage_type == "HalfStorage" ? F16BitsToFloat(h) : Bf16ToFloat(bf16{h});
+    return half ? F16BitsToFloat(h) : Bf16ToFloat(bf16{h});
   };
   // Row-major walk over the sizes, storage index by the strides.
   const size_t rank = r.sizes.size();

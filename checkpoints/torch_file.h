@@ -53,13 +53,17 @@ class TorchFile {
 
  private:
   TorchFile() = default;
-  // The bytes of storage `key` (expected to be `bytes` long).
-  absl::StatusOr<std::string> ReadStorage(const std::string& key, int64_t bytes) const;
+  // The bytes of storage `key`, which must hold at least `bytes` (errors name `what`). Valid
+  // until the next call; the last storage read is kept.
+  absl::StatusOr<const std::string*> ReadStorage(const std::string& key, uint64_t bytes,
+                                                 const std::string& what) const;
 
   std::string path_;
   std::string archive_;  // entry name prefix, "archive/"
   void* zip_ = nullptr;  // zip_t*
   std::unique_ptr<Pickle> pickle_;
+  mutable std::string cached_key_;  // the storage ReadStorage read last
+  mutable std::unique_ptr<std::string> cached_;
 };
 
 }  // namespace eellm

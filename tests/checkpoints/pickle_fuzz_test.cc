@@ -122,6 +122,21 @@ TEST(PickleFuzzTest, MutatedPicklesNeverCrash) {
   EXPECT_GT(read, 0);
 }
 
+TEST(PickleFuzzTest, CallsOfAMemoizedTupleCannotBuildAHugeTree) {
+  // A 1,000-item tuple memoized as 0, a global as 1, then 6,000 times: BINGET 1, BINGET 0,
+  // REDUCE, POP. Each call would copy the tuple: 6 M links from 40 KB.
+  using std::string_literals::operator""s;  // the opcodes hold NUL bytes
+  std::string data = "\x80\x02("s;
+  for (int i = 0; i < 1000; ++i) data += "K\x01"s;
+  data += "tq\x00"s + "cm\nn\nq\x01"s;
+  for (int i = 0; i < 6000; ++i) data += "h\x01h\x00R0"s;
+  data += "N."s;
+  auto p = ReadPickle(data, "calls");
+  ASSERT_FALSE(p.ok());
+  EXPECT_NE(p.status().message().find("far more values than its size holds"), std::string::npos)
+      << p.status();
+}
+
 TEST(PickleFuzzTest, DeepNestingAndCyclesAreReadAndFreed) {
   // 200,000 lists, each appended to the one below it: [[[...]]].
   const int depth = 200000;

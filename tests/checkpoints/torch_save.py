@@ -157,6 +157,18 @@ def basic():
     state["i64"] = tensor("Long", [1, 2, 3], (3,))
     state["empty"] = tensor("Float", [], (0, 4))
     state._metadata = collections.OrderedDict([("", {"version": 1})])
+    # Views no reader may follow: huge sizes, a negative offset, a stride past the storage, a
+    # storage claiming more elements than its entry holds, a stride-0 view of 2^40 elements.
+    liar = Storage("Float", [1.0, 2.0])
+    liar.numel = 10**12
+    hostile = {
+        "huge": Tensor(shared, (2**40, 2**40)),
+        "negative_offset": Tensor(shared, (2,), offset=-1),
+        "stride": Tensor(shared, (2, 2), stride=(100, 1)),
+        "overflow": Tensor(shared, (2, 2), stride=(2**62, 1)),
+        "liar": Tensor(liar, (1000,)),
+        "broadcast": Tensor(shared, (2**40,), stride=(0,)),
+    }
     args = argparse.Namespace(num_layers=4, hidden_size=64, swiglu=True, norm="RMSNorm",
                               exit_layer_nums=[2, 3], params_dtype=_torch.bfloat16,
                               lr=1.5e-4, nothing=None)
@@ -164,9 +176,10 @@ def basic():
         "args": args,
         "iteration": 1000,
         "model": {"language_model": state},
+        "hostile": hostile,
         "misc": {"big": 2**70, "neg": -300, "bytes": b"\x00\xff\x10", "tuple": (1, "two", 3.5),
                  "set": {7}, "nested": [[1, 2], [3]], "shared": [shared, shared],
-                 "unicode": "h\u00e9\u4e16", "false": False},
+                 "unicode": "h\u00e9\u4e16 a\\b\n\U0001F600", "false": False},
     }
 
 
