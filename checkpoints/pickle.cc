@@ -561,8 +561,8 @@ absl::Status Machine::Step() {
       Push(Call(callable, args->items));
       return absl::OkStatus();
     }
-    case 0x92: {  // NEWOBJ_EX: cls, args, kwargs (the keywords are dropped)
-      ASSIGN_OR_RETURN(PyPtr kwargs, Pop());
+    case 0x92: {                        // NEWOBJ_EX: cls, args, kwargs
+      RETURN_IF_ERROR(Pop().status());  // the keywords, dropped
       ASSIGN_OR_RETURN(PyPtr args, Pop());
       ASSIGN_OR_RETURN(PyPtr cls, Pop());
       if (args->kind != Kind::kTuple) return Fail("call arguments are not a tuple");

@@ -51,7 +51,7 @@ struct PyValue {
   std::string str;
   std::vector<PyPtr> items;                   // list, tuple, set; object arguments
   std::vector<std::pair<PyPtr, PyPtr>> dict;  // dict items, in insertion order
-  PyPtr state;                                // BUILD's state (objects; dicts' attributes)
+  PyPtr state = nullptr;                      // BUILD's state (objects; dicts' attributes)
 
   bool is(Kind k) const { return kind == k; }
   // The value of a dict under a string key, or nullptr (also when this is not a dict).
@@ -72,7 +72,6 @@ struct Pickle {
 // Runs the pickle in `data` to its STOP and returns the value left on the stack. Errors
 // (truncated data, an unknown or unsupported opcode, a stack underflow, a bad memo key) are
 // InvalidArgument naming `name`, the opcode and its offset.
-absl::StatusOr<std::unique_ptr<Pickle>> ReadPickle(absl::string_view data,
-                                                   absl::string_view name);
+absl::StatusOr<std::unique_ptr<Pickle>> ReadPickle(absl::string_view data, absl::string_view name);
 
 }  // namespace eellm

@@ -221,13 +221,12 @@ absl::StatusOr<HostTensor> TorchFile::ReadTensor(const PyValue& v, const std::st
     }
     int64_t span = 0;
     overflow = overflow || __builtin_mul_overflow(n, r.sizes[d], &n) ||
-               (r.sizes[d] > 0 &&
-                (__builtin_mul_overflow(r.sizes[d] - 1, r.strides[d], &span) ||
-                 __builtin_add_overflow(last, span, &last)));
+               (r.sizes[d] > 0 && (__builtin_mul_overflow(r.sizes[d] - 1, r.strides[d], &span) ||
+                                   __builtin_add_overflow(last, span, &last)));
     out.shape.push_back(r.sizes[d]);
   }
-  if (n > 0 && (overflow || last >= r.storage_numel ||
-                last >= std::numeric_limits<int64_t>::max() / 8)) {
+  if (n > 0 &&
+      (overflow || last >= r.storage_numel || last >= std::numeric_limits<int64_t>::max() / 8)) {
     return absl::InvalidArgumentError(
         absl::StrCat(path_, ": ", what, " [", absl::StrJoin(r.sizes, ", "), "] at offset ",
                      r.offset, " reaches past its storage of ", r.storage_numel, " elements"));

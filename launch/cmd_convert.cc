@@ -120,12 +120,20 @@ absl::Status HfToEellmMode(Backend* be) {
 }
 
 absl::Status MegatronToEellmMode(Backend* be) {
-  const std::string tok = absl::GetFlag(FLAGS_tokenizer);
-  if (tok != "byte" && !(absl::EndsWith(tok, ".json") && fs::exists(tok))) {
+  const std::string tok = absl::GetFlag(FLAGS_tokenizer);  // "" when not given
+  if (!tok.empty() && tok != "byte" && !(absl::EndsWith(tok, ".json") && fs::exists(tok))) {
     return absl::InvalidArgumentError(
         absl::StrCat("--tokenizer must be byte or an existing tokenizer.json, got '", tok, "'"));
   }
   ASSIGN_OR_RETURN(MegatronModel mm, ReadMegatronCheckpoint(absl::GetFlag(FLAGS_input), true));
+  // Megatron's tokenizers are not read: a model named with the byte tokenizer but trained on
+  // another would generate garbage, so the choice must be made explicitly.
+  if (!mm.tokenizer.empty() && tok.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the Megatron run used ", mm.tokenizer,
+        "; pass its Hugging Face tokenizer.json as --tokenizer (or --tokenizer=byte to convert "
+        "the weights anyway)"));
+  }
   for (const std::string& w : mm.warnings) std::printf("warning: %s\n", w.c_str());
   ASSIGN_OR_RETURN(auto model, ModelFrom(mm.config, mm.tensors, be));
   mm.tensors.clear();
@@ -135,14 +143,7 @@ absl::Status MegatronToEellmMode(Backend* be) {
       absl::StrCat("megatron:", fs::absolute(absl::GetFlag(FLAGS_input)).string(), " iteration ",
                    mm.iteration, " (tp ", mm.tp, " x pp ", mm.pp, ")");
   meta.attrs["tokenizer"] = "byte";
-  if (tok != "byte") {
-    RETURN_IF_ERROR(KeepTokenizer(tok, &meta));
-  } else if (!mm.tokenizer.empty()) {
-    std::printf(
-        "note: Megatron trained with %s; pass its Hugging Face tokenizer.json as --tokenizer "
-        "(the checkpoint names the byte tokenizer until then)\n",
-        mm.tokenizer.c_str());
-  }
+  if (!tok.empty() && tok != "byte") RETURN_IF_ERROR(KeepTokenizer(tok, &meta));
   std::printf("Megatron iteration %lld, tp %d x pp %d, %d layers, %zu exits\n",
               static_cast<long long>(mm.iteration), mm.tp, mm.pp, mm.config.num_layers,
               mm.config.exits.size());

@@ -19,7 +19,8 @@ int RunDataCommand() {
   }
   const std::string output =
       absl::GetFlag(FLAGS_output).empty() ? "data/corpus" : absl::GetFlag(FLAGS_output);
-  auto tok = MakeTokenizer(absl::GetFlag(FLAGS_tokenizer));
+  const std::string spec = absl::GetFlag(FLAGS_tokenizer);
+  auto tok = MakeTokenizer(spec.empty() ? "byte" : spec);
   if (!tok.ok()) {
     std::fprintf(stderr, "error: %s\n", std::string(tok.status().message()).c_str());
     return 1;

@@ -109,7 +109,12 @@ HostTensor ConcatRows(const std::vector<HostTensor>& parts) {
 }
 
 // [rows, c_r] parts -> [rows, sum c_r].
-HostTensor ConcatColumns(const std::vector<HostTensor>& parts) {
+absl::StatusOr<HostTensor> ConcatColumns(const std::vector<HostTensor>& parts) {
+  for (const HostTensor& p : parts) {
+    if (p.shape.size() != 2 || p.shape[0] != parts[0].shape[0]) {
+      return absl::InvalidArgumentError("expected matrices of equal rows on every rank");
+    }
+  }
   HostTensor out;
   const int64_t rows = parts[0].shape[0];
   int64_t cols = 0;
@@ -154,7 +159,11 @@ std::string NormalizeName(std::string n) {
 }
 
 absl::Status CollectTensors(const TorchFile& f, const PyValue& dict, const std::string& prefix,
-                            RankTensors* out, size_t rank, size_t ranks) {
+                            RankTensors* out, size_t rank, size_t ranks, int depth = 0) {
+  if (depth > 16) {  // a model state is a few levels deep; a pickle may nest (or cycle) forever
+    return absl::InvalidArgumentError(
+        absl::StrCat(f.path(), ": ", prefix.substr(0, 200), " nests too deep"));
+  }
   if (!dict.is(Kind::kDict)) {
     return absl::InvalidArgumentError(
         absl::StrCat(f.path(), ": ", prefix, " is ", dict.Describe(), ", expected a dict"));
@@ -163,12 +172,20 @@ absl::Status CollectTensors(const TorchFile& f, const PyValue& dict, const std::
     if (!k->is(Kind::kStr)) continue;
     const std::string name = prefix.empty() ? k->str : absl::StrCat(prefix, ".", k->str);
     if (v->is(Kind::kDict)) {
-      RETURN_IF_ERROR(CollectTensors(f, *v, name, out, rank, ranks));
+      RETURN_IF_ERROR(CollectTensors(f, *v, name, out, rank, ranks, depth + 1));
       continue;
     }
     // Transformer Engine's _extra_state (fp8 metadata, sometimes a byte tensor) and other
     // non-tensors.
-    if (absl::EndsWith(name, "_extra_state") || !TorchFile::IsTensor(*v)) continue;
+    if (absl::EndsWith(name, "_extra_state")) continue;
+    if (!TorchFile::IsTensor(*v)) {
+      // A tensor in an encoding this reader does not know must not vanish silently.
+      if (v->is(Kind::kObject) && absl::StartsWith(v->str, "torch.")) {
+        return absl::InvalidArgumentError(absl::StrCat(f.path(), ": ", name, " is a ", v->str,
+                                                       "(...) call, not a tensor eellm can read"));
+      }
+      continue;
+    }
     ASSIGN_OR_RETURN(HostTensor t, f.ReadTensor(*v, name));
     auto& slot = (*out)[NormalizeName(name)];
     slot.resize(ranks);
@@ -234,29 +251,38 @@ absl::StatusOr<std::pair<fs::path, int64_t>> FindIteration(const std::string& pa
 
 // ---- the mapping ----
 
-struct Mapper {
-  const ModelConfig& c;
-  int tp;
-  std::vector<int> exit_layers;  // args order (exit_output_layer indices follow it per stage)
-  bool layernorm_1p;
-  HostTensorMap* out;
+class Mapper {
+ public:
+  Mapper(const ModelConfig& c, int tp, std::vector<int> exit_layers, bool layernorm_1p,
+         HostTensorMap* out)
+      : c_(c),
+        tp_(tp),
+        exit_layers_(std::move(exit_layers)),
+        layernorm_1p_(layernorm_1p),
+        out_(out) {}
 
+  // Every tensor of one pipeline stage (its layers from `first_layer`, 0-based); errors name
+  // `where`.
+  absl::Status Stage(const RankTensors& stage_tensors, int first_layer, int stage_layers,
+                     const std::string& where);
+
+ private:
   absl::Status Put(const std::string& name, HostTensor t) {
-    if (out->count(name)) return absl::InvalidArgumentError(absl::StrCat(name, " appears twice"));
-    (*out)[name] = std::move(t);
+    if (out_->count(name)) return absl::InvalidArgumentError(absl::StrCat(name, " appears twice"));
+    (*out_)[name] = std::move(t);
     return absl::OkStatus();
   }
   // The eellm exit index of the exit at 1-based layer `layer`.
   int ExitIndex(int layer) const {
-    for (size_t k = 0; k < c.exits.size(); ++k) {
-      if (c.exits[k].layer == layer) return static_cast<int>(k);
+    for (size_t k = 0; k < c_.exits.size(); ++k) {
+      if (c_.exits[k].layer == layer) return static_cast<int>(k);
     }
     return -1;
   }
   // A norm's weight or bias (replicated; rank 0's), LayerNorm1P's gains shifted back.
   HostTensor Norm(const std::vector<HostTensor>& parts, bool weight) const {
     HostTensor t = parts[0];
-    if (weight && layernorm_1p && !c.use_rmsnorm()) {
+    if (weight && layernorm_1p_ && !c_.use_rmsnorm()) {
       for (float& x : t.data) x += 1.0f;
     }
     return t;
@@ -281,7 +307,8 @@ struct Mapper {
       return true;
     }
     if (sub == "self_attention.dense.weight") {
-      RETURN_IF_ERROR(Put(to + "attn.wo.weight", ConcatColumns(parts)));
+      ASSIGN_OR_RETURN(HostTensor wo, ConcatColumns(parts));
+      RETURN_IF_ERROR(Put(to + "attn.wo.weight", std::move(wo)));
       return true;
     }
     if (sub == "self_attention.dense.bias") {
@@ -302,12 +329,18 @@ struct Mapper {
     const bool weight = absl::EndsWith(sub, ".weight");
     const std::string wb = weight ? "weight" : "bias";
     if (sub == "dense_h_to_4h." + wb) {
-      if (!c.use_swiglu()) {
+      if (!c_.use_swiglu()) {
         RETURN_IF_ERROR(Put(to + "fc1." + wb, ConcatRows(parts)));
         return true;
       }
       std::vector<HostTensor> gate, up;
       for (const HostTensor& p : parts) {  // [gate_r; up_r] per rank
+        if (Rows(p) % 2 != 0) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("has ", Rows(p),
+                           " rows per rank; SwiGLU's gate and up need an even "
+                           "number"));
+        }
         const int64_t half = Rows(p) / 2;
         gate.push_back(SliceRows(p, 0, half));
         up.push_back(SliceRows(p, half, half));
@@ -317,7 +350,8 @@ struct Mapper {
       return true;
     }
     if (sub == "dense_4h_to_h.weight") {
-      RETURN_IF_ERROR(Put(to + "fc2.weight", ConcatColumns(parts)));
+      ASSIGN_OR_RETURN(HostTensor fc2, ConcatColumns(parts));
+      RETURN_IF_ERROR(Put(to + "fc2.weight", std::move(fc2)));
       return true;
     }
     if (sub == "dense_4h_to_h.bias") {
@@ -330,7 +364,8 @@ struct Mapper {
   // Group-major [q heads of the group..., k, v] rows per KV group, groups split over ranks.
   absl::Status Qkv(const std::vector<HostTensor>& parts, const std::string& to,
                    const std::string& wb) {
-    const int d = c.head_dim(), groups = c.num_kv_heads / tp, per = c.num_heads / c.num_kv_heads;
+    const int d = c_.head_dim(), groups = c_.num_kv_heads / tp_,
+              per = c_.num_heads / c_.num_kv_heads;
     std::vector<HostTensor> q, k, v;
     for (const HostTensor& p : parts) {
       if (Rows(p) != static_cast<int64_t>(groups) * (per + 2) * d) {
@@ -351,33 +386,8 @@ struct Mapper {
     return Put(to + "attn.wv." + wb, ConcatRows(v));
   }
 
-  // Every tensor of pipeline stage `stage` (layers from `first_layer`, 0-based).
-  absl::Status Stage(const RankTensors& stage_tensors, int first_layer, int stage_layers,
-                     const std::string& where) {
-    // Exits of this stage, in args order: exit_output_layer.{i} is the i-th.
-    std::vector<int> stage_exits;
-    for (int l : exit_layers) {
-      if (l > first_layer && l <= first_layer + stage_layers) stage_exits.push_back(l);
-    }
-    for (const auto& [name, parts] : stage_tensors) {
-      for (size_t r = 0; r < parts.size(); ++r) {
-        if (parts[r].shape.empty() && parts[r].data.empty()) {
-          return absl::InvalidArgumentError(absl::StrCat(where, ": tensor-parallel rank ", r,
-                                                         " lacks ", name, " (rank 0 has it)"));
-        }
-      }
-      ASSIGN_OR_RETURN(bool done, One(name, parts, first_layer, stage_exits));
-      if (!done) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(where, ": tensor ", name, " has no eellm counterpart"));
-      }
-    }
-    return absl::OkStatus();
-  }
-
   absl::StatusOr<bool> One(const std::string& name, const std::vector<HostTensor>& parts,
                            int first_layer, const std::vector<int>& stage_exits) {
-    const std::string lm = "language_model.";
     if (name == "language_model.embedding.word_embeddings.weight") {
       RETURN_IF_ERROR(Put("embedding.word.weight", ConcatRows(parts)));
       return true;
@@ -386,7 +396,7 @@ struct Mapper {
       RETURN_IF_ERROR(Put("embedding.position.weight", parts[0]));
       return true;
     }
-    if (name == "language_model.output_layer.weight" && c.tie_embeddings) {
+    if (name == "language_model.output_layer.weight" && c_.tie_embeddings) {
       return true;  // Megatron-core's last stage keeps a copy of the tied embeddings
     }
     if (name == "language_model.output_layer.weight") {
@@ -433,14 +443,59 @@ struct Mapper {
         RETURN_IF_ERROR(Put(exit + (weight ? "norm.weight" : "norm.bias"), Norm(parts, weight)));
         return true;
       }
-      if (absl::StartsWith(sub, "exit_block."))
+      if (absl::StartsWith(sub, "exit_block.")) {
         return Block(sub.substr(11), parts, exit + "block.");
-      if (absl::StartsWith(sub, "mlp.branch.")) return Mlp(sub.substr(11), parts, exit + "mlp.");
+      }
+      if (absl::StartsWith(sub, "mlp.branch.")) {
+        // EE-LLM computes the branch for pre exits too but their exit reads the layer's input
+        // (exit_block, exit_norm only): the branch is unused there.
+        if (c_.exits[k].kind != ExitKind::kMlp) return true;
+        return Mlp(sub.substr(11), parts, exit + "mlp.");
+      }
       return false;
     }
     return false;
   }
+
+  const ModelConfig& c_;
+  int tp_;
+  std::vector<int> exit_layers_;  // args order (exit_output_layer indices follow it per stage)
+  bool layernorm_1p_;
+  HostTensorMap* out_;
 };
+
+absl::Status Mapper::Stage(const RankTensors& stage_tensors, int first_layer, int stage_layers,
+                           const std::string& where) {
+  // Exits of this stage, in args order: exit_output_layer.{i} is the i-th.
+  std::vector<int> stage_exits;
+  for (int l : exit_layers_) {
+    if (l > first_layer && l <= first_layer + stage_layers) stage_exits.push_back(l);
+  }
+  for (const auto& [name, parts] : stage_tensors) {
+    // Shards of one tensor have one shape on every rank (Megatron splits evenly), of rank 1 or 2.
+    for (size_t r = 0; r < parts.size(); ++r) {
+      if (parts[r].shape.empty() && parts[r].data.empty()) {
+        return absl::InvalidArgumentError(absl::StrCat(where, ": tensor-parallel rank ", r,
+                                                       " lacks ", name, " (another rank has it)"));
+      }
+      if (parts[r].shape.empty() || parts[r].shape.size() > 2 || parts[r].shape != parts[0].shape) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            where, ": ", name, " is [", absl::StrJoin(parts[r].shape, ", "), "] on rank ", r,
+            " and [", absl::StrJoin(parts[0].shape, ", "), "] on rank 0"));
+      }
+    }
+    auto done = One(name, parts, first_layer, stage_exits);
+    if (!done.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, ": ", name, ": ", done.status().message()));
+    }
+    if (!*done) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, ": tensor ", name, " has no eellm counterpart"));
+    }
+  }
+  return absl::OkStatus();
+}
 
 }  // namespace
 
@@ -521,7 +576,8 @@ absl::StatusOr<ModelConfig> ModelConfigFromMegatronArgs(const PyValue& args,
   ASSIGN_OR_RETURN(std::vector<int> exit_layers, ExitLayers(args));
   const bool exit_norm = ArgBool(args, "use_exit_norm"), exit_mlp = ArgBool(args, "use_exit_mlp"),
              exit_block = ArgBool(args, "use_exit_block");
-  if ((exit_mlp || exit_block) && !exit_norm && !exit_layers.empty()) {
+  if (((exit_mlp && !ArgBool(args, "pre_exit")) || exit_block) && !exit_norm &&
+      !exit_layers.empty()) {
     return BadArg(exit_mlp ? "use_exit_mlp" : "use_exit_block",
                   args.Attr(exit_mlp ? "use_exit_mlp" : "use_exit_block"),
                   "eellm's mlp and block exits end in a norm; this checkpoint's exits have no "
@@ -530,15 +586,25 @@ absl::StatusOr<ModelConfig> ModelConfigFromMegatronArgs(const PyValue& args,
   if (exit_mlp && exit_block) {
     return BadArg("use_exit_mlp", args.Attr("use_exit_mlp"), "not together with use_exit_block");
   }
-  const char* kind = exit_block ? "block" : exit_mlp ? "mlp" : exit_norm ? "norm" : "linear";
+  // A pre exit reads the layer's input: EE-LLM applies only exit_block and exit_norm there.
+  const bool pre = ArgBool(args, "pre_exit");
+  const char* kind = exit_block         ? "block"
+                     : exit_mlp && !pre ? "mlp"
+                     : exit_norm        ? "norm"
+                                        : "linear";
   j["exits"] = nlohmann::json::array();
   for (size_t i = 0; i < exit_layers.size(); ++i) {
-    j["exits"].push_back({{"layer", exit_layers[i]},
-                          {"kind", kind},
-                          {"position", ArgBool(args, "pre_exit") ? "pre" : "post"},
-                          {"tied", !ArgBool(args, "untie_exit_output_weights")},
-                          {"temperature", ArgListAt(args, "exit_layer_temperature", i, 1.0)},
-                          {"loss_weight", ArgListAt(args, "exit_layer_weight", i, 1.0)}});
+    const double weight = ArgListAt(args, "exit_layer_weight", i, 1.0);
+    j["exits"].push_back(
+        {{"layer", exit_layers[i]},
+         {"loss_weight_init", ArgListAt(args, "exit_layer_weight_init", i, weight)},
+         {"loss_weight_warmup_iters", ArgIntOr(args, "exit_layer_weight_warmup_iters", 0)},
+         {"loss_weight_warmup", ArgStr(args, "exit_layer_weight_warmup_style", "linear")},
+         {"kind", kind},
+         {"position", pre ? "pre" : "post"},
+         {"tied", !ArgBool(args, "untie_exit_output_weights")},
+         {"temperature", ArgListAt(args, "exit_layer_temperature", i, 1.0)},
+         {"loss_weight", weight}});
   }
   auto c = ParseModelConfig(j.dump());
   if (!c.ok()) {
@@ -587,7 +653,7 @@ absl::StatusOr<MegatronModel> ReadMegatronCheckpoint(const std::string& path, bo
                      " checkpoint; pass the checkpoint (or iteration) directory"));
   }
   ASSIGN_OR_RETURN(std::vector<int> exit_layers, ExitLayers(*args));
-  Mapper mapper{m.config, m.tp, exit_layers, ArgBool(*args, "apply_layernorm_1p"), &m.tensors};
+  Mapper mapper(m.config, m.tp, exit_layers, ArgBool(*args, "apply_layernorm_1p"), &m.tensors);
   const int stage_layers = m.config.num_layers / m.pp;
   for (int p = 0; p < m.pp; ++p) {
     RankTensors stage;

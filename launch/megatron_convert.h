@@ -23,9 +23,12 @@
 // Exits (EE-LLM): exit_layer_nums (1-based), pre_exit (position pre), use_exit_norm,
 // use_exit_mlp (the layer's MLP splits into mlp.trunk and an exit branch mlp.branch, which
 // shares the layer's post-attention norm), use_exit_block (a whole layer, exit_block),
-// untie_exit_output_weights (else the exit shares the word embeddings), exit_layer_temperature
-// and exit_layer_weight. eellm kinds: linear (nothing), norm (exit_norm), mlp (branch +
-// exit_norm), block (exit_block + exit_norm); an MLP or block without exit_norm is refused.
+// untie_exit_output_weights (else the exit shares the word embeddings), exit_layer_temperature,
+// exit_layer_weight (with _init, _warmup_iters, _warmup_style). eellm kinds: linear (nothing),
+// norm (exit_norm), mlp (branch + exit_norm), block (exit_block + exit_norm); an MLP or block
+// without exit_norm is refused. A pre exit reads the layer's input through exit_block and
+// exit_norm only (EE-LLM computes the MLP branch there but does not use it): use_exit_mlp with
+// pre_exit gives norm (or linear) exits.
 //
 // Tensors per tensor-parallel rank are merged: query_key_value rows are group-major ([q heads of
 // the group..., k, v] per KV group, groups split over ranks); dense_h_to_4h with SwiGLU is

@@ -42,6 +42,7 @@ ABSL_FLAG(double, draft_confidence, 0.0,
           "self-speculative decoding: a draft whose exit confidence (max probability) is below "
           "this ends the round early, so unlikely drafts are not extended (0 = always draft "
           "--draft_tokens)");
-ABSL_FLAG(std::string, tokenizer, "byte",
+ABSL_FLAG(std::string, tokenizer, "",
           "tokenizer: byte, or the path of a Hugging Face tokenizer.json (byte-level or "
-          "SentencePiece-style BPE); convert megatron-to-eellm copies it beside the checkpoint");
+          "SentencePiece-style BPE); data: default byte; convert megatron-to-eellm copies it "
+          "beside the checkpoint (required when the Megatron run names a tokenizer)");

@@ -327,8 +327,9 @@ def megatron(tensors_path, spec_path, out):
                     for wb in ("weight", "bias"):
                         if x + "norm." + wb in e:
                             layer["exit_%s.%s" % (norm_name, wb)] = N(e[x + "norm." + wb], wb)
-                    if kind == "mlp":
-                        mlp(x + "mlp.", layer, "mlp.branch.", r)
+                    if kind == "mlp":  # a pre exit does not use it: a copy of the layer's MLP
+                        src = x + "mlp." if x + "mlp.fc1.weight" in e else "layers.%d.mlp." % g
+                        mlp(src, layer, "mlp.branch.", r)
                     if kind == "block":
                         sub = collections.OrderedDict()
                         block(x + "block.", sub, r)

@@ -204,6 +204,16 @@ INSTANTIATE_TEST_SUITE_P(
              {{"exit_layer_nums", {2, 4}}, {"pre_exit", true}, {"untie_exit_output_weights", true}},
              2,
              1},
+        // use_exit_mlp with pre_exit: EE-LLM's pre exit skips the MLP branch, a norm exit.
+        Case{"LlamaPreMlpExitReadsAsNorm",
+             std::string(kLlama) + R"(, "exits": [{"layer": 2, "position": "pre"}]})",
+             {{"exit_layer_nums", {2}},
+              {"pre_exit", true},
+              {"use_exit_mlp", true},
+              {"use_exit_norm", true},
+              {"untie_exit_output_weights", true}},
+             1,
+             1},
         // Megatron-core names: GQA over tp 2 x pp 2; GPT with tied embeddings over pp 2 (the
         // last stage's output_layer is a copy of them).
         Case{"CoreLlamaGqaTp2Pp2", std::string(kLlama) + "}", nlohmann::json::object(), 2, 2,
@@ -211,6 +221,62 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"CoreGptTiedPp2", std::string(kGpt) + "}", nlohmann::json::object(), 1, 2, "Float",
              false, true}),
     [](const ::testing::TestParamInfo<Case>& i) { return i.param.name; });
+
+// The writer's layout against EE-LLM's as its code states it, element by element, so that the
+// reader and writer cannot share a mistake: tensor rank 1 of stage 0 of a GQA model (4 heads of
+// 8 in 2 KV groups, FFN 48, vocabulary 96, tp 2) holds KV group 1 as [q heads 2, 3; k 1; v 1],
+// SwiGLU as [gate rows 24..47; up rows 24..47], attention output columns 16..31 and vocabulary
+// rows 48..95.
+class MegatronLayoutFacts : public MegatronConvertTest {};
+
+TEST_P(MegatronLayoutFacts, RankOneHoldsTheShardsEeLlmGivesIt) {
+  auto c = ParseModelConfig(GetParam().config);
+  ASSERT_TRUE(c.ok()) << c.status();
+  const HostTensorMap e = WriteCheckpoint(*c, GetParam());
+  auto f = TorchFile::Open(dir_ + "/megatron/iter_0001200/mp_rank_01_000/model_optim_rng.pt");
+  ASSERT_TRUE(f.ok()) << f.status();
+  const PyValue& lm = *(*f)->root().Get("model")->Get("language_model");
+  auto read = [&](const PyValue* v, const std::string& what) {
+    EXPECT_NE(v, nullptr) << what;
+    auto t = (*f)->ReadTensor(v ? *v : PyValue{}, what);
+    EXPECT_TRUE(t.ok()) << t.status();
+    return t.ok() ? *t : HostTensor{};
+  };
+  // Row r of a [rows, cols] tensor.
+  auto row = [](const HostTensor& t, int64_t r) {
+    const int64_t w = t.shape[1];
+    return std::vector<float>(t.data.begin() + r * w, t.data.begin() + (r + 1) * w);
+  };
+  const PyValue& enc = *lm.Get("encoder");
+  const HostTensor qkv =
+      read(enc.Get("layers.0.self_attention.query_key_value.weight"), "query_key_value");
+  ASSERT_EQ(qkv.shape, (Shape{32, 32}));  // one group: 2 q heads + k + v, 8 rows each
+  for (int i = 0; i < 8; ++i) {
+    EXPECT_EQ(row(qkv, i), row(e.at("layers.0.attn.wq.weight"), 16 + i)) << i;      // q head 2
+    EXPECT_EQ(row(qkv, 8 + i), row(e.at("layers.0.attn.wq.weight"), 24 + i)) << i;  // q head 3
+    EXPECT_EQ(row(qkv, 16 + i), row(e.at("layers.0.attn.wk.weight"), 8 + i)) << i;
+    EXPECT_EQ(row(qkv, 24 + i), row(e.at("layers.0.attn.wv.weight"), 8 + i)) << i;
+  }
+  const HostTensor h4h = read(enc.Get("layers.0.mlp.dense_h_to_4h.weight"), "dense_h_to_4h");
+  ASSERT_EQ(h4h.shape, (Shape{48, 32}));
+  for (int i = 0; i < 24; ++i) {
+    EXPECT_EQ(row(h4h, i), row(e.at("layers.0.mlp.fc1.weight"), 24 + i)) << i;  // gate (SiLU)
+    EXPECT_EQ(row(h4h, 24 + i), row(e.at("layers.0.mlp.up.weight"), 24 + i)) << i;
+  }
+  const HostTensor dense = read(enc.Get("layers.0.self_attention.dense.weight"), "dense");
+  ASSERT_EQ(dense.shape, (Shape{32, 16}));
+  const HostTensor& wo = e.at("layers.0.attn.wo.weight");
+  for (int r = 0; r < 32; ++r) EXPECT_EQ(dense.data[r * 16], wo.data[r * 32 + 16]) << r;
+  const HostTensor word =
+      read(lm.Get("embedding")->Get("word_embeddings")->Get("weight"), "word_embeddings");
+  ASSERT_EQ(word.shape, (Shape{48, 32}));
+  EXPECT_EQ(row(word, 0), row(e.at("embedding.word.weight"), 48));
+}
+
+INSTANTIATE_TEST_SUITE_P(Gqa, MegatronLayoutFacts,
+                         ::testing::Values(Case{"LlamaGqaTp2Pp2", std::string(kLlama) + "}",
+                                                nlohmann::json::object(), 2, 2}),
+                         [](const ::testing::TestParamInfo<Case>& i) { return i.param.name; });
 
 class MegatronRefusals : public MegatronConvertTest {};
 
@@ -221,13 +287,18 @@ TEST_P(MegatronRefusals, CliConvertsAndBadInputsAreNamed) {
   const HostTensorMap want = WriteCheckpoint(*c, k);
   const std::string mg = dir_ + "/megatron";
 
-  // The CLI writes an eellm checkpoint (split for tp 2) holding the same tensors.
+  // The CLI asks for the tokenizer the Megatron run names, then writes an eellm checkpoint
+  // (split for tp 2) holding the same tensors.
   const std::string args = absl::StrCat("convert megatron-to-eellm --input=", testing::Quote(mg),
                                         " --output=", testing::Quote(dir_ + "/out"), " --tp=2");
   testing::CmdResult r = testing::RunEellm(args);
-  ASSERT_EQ(r.exit_code, 0) << testing::Describe(args, r);
-  EXPECT_NE(r.output.find("pass its Hugging Face tokenizer.json as --tokenizer"), std::string::npos)
+  ASSERT_EQ(r.exit_code, 1) << testing::Describe(args, r);
+  EXPECT_NE(r.output.find("used GPT2BPETokenizer vocab_file=gpt2-vocab.json; pass its Hugging "
+                          "Face tokenizer.json as --tokenizer"),
+            std::string::npos)
       << r.output;
+  r = testing::RunEellm(args + " --tokenizer=byte");
+  ASSERT_EQ(r.exit_code, 0) << testing::Describe(args, r);
   auto loaded = LoadModelFromCheckpoint(dir_ + "/out", be_.get());
   ASSERT_TRUE(loaded.ok()) << loaded.status();
   EXPECT_EQ(ParamsToHost(loaded->model->params()).size(), want.size());
@@ -271,8 +342,8 @@ TEST(MegatronArgs, UnsupportedArchitecturesAreNamed) {
     const std::string file = absl::StrCat(::testing::TempDir(), "/megatron_args_", getpid(), ".pt");
     EXPECT_EQ(std::system((py + file).c_str()), 0);
     auto f = TorchFile::Open(file);
-    EXPECT_TRUE(f.ok()) << f.status();
     std::vector<std::string> warnings;
+    if (!f.ok()) return std::make_pair(f.status(), warnings);
     auto c = ModelConfigFromMegatronArgs(*(*f)->root().Get("args"), &warnings);
     fs::remove(file);
     return std::make_pair(c.status(), warnings);
