@@ -26,6 +26,7 @@
 #include "launch/megatron_convert.h"
 #include "launch/model_loader.h"
 #include "launch/shared_flags.h"
+#include "models/tokenizer.h"
 
 ABSL_FLAG(std::string, mode, "",
           "hf-to-eellm, eellm-to-hf, megatron-to-eellm, add-exits, set-exit-position or reshard "
@@ -78,15 +79,16 @@ absl::StatusOr<std::unique_ptr<Model>> ModelFrom(const ModelConfig& c, const Hos
   return model;
 }
 
-// Copies the tokenizer.json `path` into the output directory and names it in `meta`.
-absl::Status KeepTokenizer(const fs::path& path, CheckpointMeta* meta) {
+// Writes `json_text` as tokenizer.json in the output directory and names it in `meta`.
+absl::Status KeepTokenizer(const std::string& json_text, CheckpointMeta* meta) {
   const fs::path out = absl::GetFlag(FLAGS_output);
   std::error_code ec;
   fs::create_directories(out, ec);
-  fs::copy_file(path, out / "tokenizer.json", fs::copy_options::overwrite_existing, ec);
-  if (ec) {
-    return absl::InternalError(absl::StrCat("cannot copy ", path.string(), ": ", ec.message()));
-  }
+  std::ofstream f(out / "tokenizer.json", std::ios::binary);
+  f << json_text;
+  f.close();
+  if (!f)
+    return absl::InternalError(absl::StrCat("cannot write ", (out / "tokenizer.json").string()));
   meta->attrs["tokenizer"] = fs::absolute(out / "tokenizer.json").string();
   return absl::OkStatus();
 }
@@ -114,18 +116,27 @@ absl::Status HfToEellmMode(Backend* be) {
   meta.attrs["source"] = absl::StrCat("huggingface:", fs::absolute(dir).string());
   meta.attrs["tokenizer"] = "byte";
   if (fs::exists(dir / "tokenizer.json")) {  // kept beside the checkpoint, named in it
-    RETURN_IF_ERROR(KeepTokenizer(dir / "tokenizer.json", &meta));
+    ASSIGN_OR_RETURN(std::string tokenizer, ReadText((dir / "tokenizer.json").string()));
+    RETURN_IF_ERROR(KeepTokenizer(tokenizer, &meta));
   }
   return WriteEellm(*model, meta);
 }
 
 absl::Status MegatronToEellmMode(Backend* be) {
   const std::string tok = absl::GetFlag(FLAGS_tokenizer);  // "" when not given
-  if (!tok.empty() && tok != "byte" && !(absl::EndsWith(tok, ".json") && fs::exists(tok))) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--tokenizer must be byte or an existing tokenizer.json, got '", tok, "'"));
+  std::unique_ptr<Tokenizer> tokenizer;
+  if (!tok.empty() && tok != "byte") {  // byte: convert the weights whatever their vocabulary
+    auto t = MakeTokenizer(tok);
+    if (!t.ok())
+      return absl::InvalidArgumentError(absl::StrCat("--tokenizer: ", t.status().message()));
+    tokenizer = std::move(*t);
   }
   ASSIGN_OR_RETURN(MegatronModel mm, ReadMegatronCheckpoint(absl::GetFlag(FLAGS_input), true));
+  if (tokenizer != nullptr && tokenizer->vocab_size() > mm.config.vocab_size) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--tokenizer ", tok, " has ", tokenizer->vocab_size(), " tokens, more than the model's ",
+        mm.config.vocab_size, " (padded_vocab_size)"));
+  }
   // Megatron's tokenizers are not read: a model named with the byte tokenizer but trained on
   // another would generate garbage, so the choice must be made explicitly.
   if (!mm.tokenizer.empty() && tok.empty()) {
@@ -143,7 +154,10 @@ absl::Status MegatronToEellmMode(Backend* be) {
       absl::StrCat("megatron:", fs::absolute(absl::GetFlag(FLAGS_input)).string(), " iteration ",
                    mm.iteration, " (tp ", mm.tp, " x pp ", mm.pp, ")");
   meta.attrs["tokenizer"] = "byte";
-  if (!tok.empty() && tok != "byte") RETURN_IF_ERROR(KeepTokenizer(tok, &meta));
+  if (!tok.empty() && tok != "byte") {  // a tokenizer.json, or one built from GPT-2's files
+    ASSIGN_OR_RETURN(std::string json, TokenizerJson(tok));
+    RETURN_IF_ERROR(KeepTokenizer(json, &meta));
+  }
   std::printf("Megatron iteration %lld, tp %d x pp %d, %d layers, %zu exits\n",
               static_cast<long long>(mm.iteration), mm.tp, mm.pp, mm.config.num_layers,
               mm.config.exits.size());

@@ -1,5 +1,7 @@
-// `eellm data`: text file -> <output>.train.bin and <output>.val.bin token files.
+// `eellm data`: text file (or JSON lines) -> <output>.train.bin and <output>.val.bin token files.
 #include <cstdio>
+#include <string>
+#include <vector>
 
 #include "absl/flags/flag.h"
 #include "launch/commands.h"
@@ -9,12 +11,16 @@
 
 ABSL_FLAG(double, val_fraction, 0.01,
           "fraction of the tokens (the end of the text) kept for validation");
+ABSL_FLAG(std::vector<std::string>, json_keys, {"text"},
+          "for an --input ending in .jsonl (one JSON object per line, as Megatron's "
+          "preprocess_data.py reads): the keys whose strings are documents, each followed by "
+          "the end-of-text token");
 
 namespace eellm {
 
 int RunDataCommand() {
   if (absl::GetFlag(FLAGS_input).empty()) {
-    std::fprintf(stderr, "error: --input is required (a text file)\n");
+    std::fprintf(stderr, "error: --input is required (a text file, or JSON lines ending .jsonl)\n");
     return 2;
   }
   const std::string output =
@@ -26,7 +32,7 @@ int RunDataCommand() {
     return 1;
   }
   auto r = PrepareTokenData(absl::GetFlag(FLAGS_input), **tok, output,
-                            absl::GetFlag(FLAGS_val_fraction));
+                            absl::GetFlag(FLAGS_val_fraction), absl::GetFlag(FLAGS_json_keys));
   if (!r.ok()) {
     std::fprintf(stderr, "error: %s\n", std::string(r.status().message()).c_str());
     return 1;

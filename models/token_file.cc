@@ -1,4 +1,5 @@
-// Token-file reading/writing and PrepareTokenData() (text -> train/val token files).
+// Token-file reading/writing and PrepareTokenData() (text or JSON lines -> train/val token
+// files).
 #include "models/token_file.h"
 
 #include <algorithm>
@@ -10,9 +11,11 @@
 #include <memory>
 #include <system_error>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "engine/core/status.h"
+#include "nlohmann/json.hpp"
 
 namespace eellm {
 namespace {
@@ -58,10 +61,45 @@ uint32_t GetU32(const unsigned char* in) {
          (static_cast<uint32_t>(in[2]) << 16) | (static_cast<uint32_t>(in[3]) << 24);
 }
 
-// True when a split placed just after token `id` starts a new line.
+// True when a split placed just after token `id` starts a new line (or a new document, after
+// the end-of-text id that JSONL documents end with).
 bool EndsLine(const Tokenizer& tok, int32_t id) {
+  if (id == tok.eos_id()) return true;
   std::string text = tok.DecodeToken(id);
   return !text.empty() && text.back() == '\n';
+}
+
+// JSON lines: each non-empty line an object; the string under each of `keys`, in order, is a
+// document, encoded and followed by the end-of-text id (Megatron's preprocess_data.py with
+// --append-eod).
+absl::StatusOr<std::vector<int32_t>> EncodeJsonLines(const std::string& text, const Tokenizer& tok,
+                                                     const std::vector<std::string>& keys,
+                                                     const std::string& path) {
+  std::vector<int32_t> tokens;
+  size_t start = 0;
+  for (int64_t line_no = 1; start < text.size(); ++line_no) {
+    size_t end = text.find('\n', start);
+    if (end == std::string::npos) end = text.size();
+    const absl::string_view line(text.data() + start, end - start);
+    start = end + 1;
+    if (line.find_first_not_of(" \t\r") == absl::string_view::npos) continue;
+    const nlohmann::json doc = nlohmann::json::parse(line, nullptr, false);
+    if (doc.is_discarded() || !doc.is_object()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, " line ", line_no, " is not a JSON object"));
+    }
+    for (const std::string& key : keys) {
+      auto v = doc.find(key);
+      if (v == doc.end() || !v->is_string()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(path, " line ", line_no, " has no string \"", key, "\" (--json_keys)"));
+      }
+      const std::vector<int32_t> ids = tok.Encode(v->get<std::string>());
+      tokens.insert(tokens.end(), ids.begin(), ids.end());
+      tokens.push_back(tok.eos_id());
+    }
+  }
+  return tokens;
 }
 
 }  // namespace
@@ -182,8 +220,8 @@ absl::StatusOr<std::vector<int32_t>> ReadTokenFile(const std::string& path) {
 }
 
 absl::StatusOr<DataPrepResult> PrepareTokenData(const std::string& text_path, const Tokenizer& tok,
-                                                const std::string& out_prefix,
-                                                double val_fraction) {
+                                                const std::string& out_prefix, double val_fraction,
+                                                const std::vector<std::string>& json_keys) {
   if (!(val_fraction > 0.0 && val_fraction <= 0.5)) {
     return absl::InvalidArgumentError(
         absl::StrCat("val_fraction must be in (0, 0.5], got ", val_fraction));
@@ -192,7 +230,12 @@ absl::StatusOr<DataPrepResult> PrepareTokenData(const std::string& text_path, co
   if (text.empty()) {
     return absl::InvalidArgumentError(absl::StrCat("text file ", text_path, " is empty"));
   }
-  const std::vector<int32_t> tokens = tok.Encode(text);
+  std::vector<int32_t> tokens;
+  if (absl::EndsWith(text_path, ".jsonl")) {
+    ASSIGN_OR_RETURN(tokens, EncodeJsonLines(text, tok, json_keys, text_path));
+  } else {
+    tokens = tok.Encode(text);
+  }
   text.clear();
   text.shrink_to_fit();
 

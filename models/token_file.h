@@ -37,11 +37,16 @@ struct DataPrepResult {
 };
 
 // Tokenizes the text file `text_path` with `tok` and writes `out_prefix + ".train.bin"` and
-// `out_prefix + ".val.bin"`. The validation split is the last `val_fraction` (in (0, 0.5]) of
-// the tokens; the cut is moved to the nearest line start (a token whose predecessor decodes to
-// text ending in '\n') within a small window around the exact point, else made exactly there.
+// `out_prefix + ".val.bin"`. A path ending in ".jsonl" is read as JSON lines (Megatron's
+// preprocess_data.py input): each line an object whose `json_keys` strings are documents, each
+// encoded and followed by the end-of-text id; errors name the line. The validation split is the
+// last `val_fraction` (in (0, 0.5]) of the tokens; the cut is moved to the nearest line or
+// document start (a token whose predecessor decodes to text ending in '\n', or is the
+// end-of-text id) within a small window around the exact point, else made exactly there.
 // Concatenating train and val gives the full encoding. Both splits get at least 2 tokens.
 absl::StatusOr<DataPrepResult> PrepareTokenData(const std::string& text_path, const Tokenizer& tok,
-                                                const std::string& out_prefix, double val_fraction);
+                                                const std::string& out_prefix, double val_fraction,
+                                                const std::vector<std::string>& json_keys = {
+                                                    "text"});
 
 }  // namespace eellm

@@ -1,13 +1,18 @@
 // Tokenizer base class, the ByteTokenizer and the MakeTokenizer() factory (which also loads
-// tokenizer.json files through BpeTokenizer).
+// tokenizer.json files, and GPT-2's vocab.json + merges.txt, through BpeTokenizer).
 #include "models/tokenizer.h"
 
+#include <fstream>
+#include <iterator>
 #include <utility>
 
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "models/bpe_tokenizer.h"
+#include "models/gpt2_bpe_files.h"
+#include "nlohmann/json.hpp"
 
 namespace eellm {
 
@@ -36,15 +41,34 @@ std::string ByteTokenizer::DecodeToken(int32_t id) const {
   return "";
 }
 
+absl::StatusOr<std::string> TokenizerJson(absl::string_view spec) {
+  const std::vector<std::string> files = absl::StrSplit(spec, ',');
+  if (files.size() == 2) return Gpt2FilesToTokenizerJson(files[0], files[1]);
+  if (files.size() != 1 || !absl::EndsWith(spec, ".json")) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown tokenizer \"", spec,
+                     "\": expected \"byte\", the path of a tokenizer.json, or GPT-2's vocab.json "
+                     "(with merges.txt beside it, or as VOCAB.json,MERGES.txt)"));
+  }
+  std::ifstream f(files[0], std::ios::binary);
+  if (!f) return absl::NotFoundError(absl::StrCat("cannot open tokenizer file ", files[0]));
+  std::string text(std::istreambuf_iterator<char>(f), {});
+  // A tokenizer.json has a "model"; GPT-2's vocab.json is a flat {token: id} object.
+  const nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
+  if (j.is_object() && !j.contains("model") && !j.empty() && j.begin()->is_number_integer()) {
+    return Gpt2FilesToTokenizerJson(files[0], Gpt2MergesBeside(files[0]));
+  }
+  return text;
+}
+
 absl::StatusOr<std::unique_ptr<Tokenizer>> MakeTokenizer(absl::string_view spec) {
   if (spec == "byte") return std::make_unique<ByteTokenizer>();
-  if (absl::EndsWith(spec, ".json")) {
-    absl::StatusOr<std::unique_ptr<BpeTokenizer>> bpe = BpeTokenizer::Load(std::string(spec));
-    if (!bpe.ok()) return bpe.status();
-    return std::unique_ptr<Tokenizer>(std::move(*bpe));
-  }
-  return absl::InvalidArgumentError(absl::StrCat(
-      "unknown tokenizer \"", spec, "\": expected \"byte\" or the path of a tokenizer.json"));
+  absl::StatusOr<std::string> json = TokenizerJson(spec);
+  if (!json.ok()) return json.status();
+  absl::StatusOr<std::unique_ptr<BpeTokenizer>> bpe =
+      BpeTokenizer::FromJson(*json, std::string(spec));
+  if (!bpe.ok()) return bpe.status();
+  return std::unique_ptr<Tokenizer>(std::move(*bpe));
 }
 
 }  // namespace eellm

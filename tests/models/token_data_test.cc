@@ -13,6 +13,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
 #include "gtest/gtest.h"
 #include "models/token_dataset.h"
 #include "models/token_file.h"
@@ -206,6 +207,52 @@ TEST_F(TokenDataTest, PrepareTokenDataSplitsAtLineBoundary) {
   const double frac = static_cast<double>(val->size()) / static_cast<double>(joined.size());
   EXPECT_NEAR(frac, 0.1, 0.01);
   EXPECT_EQ(train->back(), '\n');  // validation starts at the beginning of a line
+}
+
+// JSON lines: each document's text, then the end-of-text id; the split falls after one; bad
+// lines are named.
+TEST_F(TokenDataTest, PrepareTokenDataReadsJsonLinesAsDocuments) {
+  std::string jsonl, flat;
+  std::vector<int32_t> want;
+  ByteTokenizer tok;
+  for (int i = 0; i < 60; ++i) {
+    const std::string doc =
+        absl::StrCat("document ", i, " has no newline, \"quotes\" and \xC3\xA9");
+    absl::StrAppend(&jsonl, "{\"id\": ", i, ", \"text\": \"",
+                    absl::StrReplaceAll(doc, {{"\"", "\\\""}}), "\"}\n", i == 30 ? "\n" : "");
+    for (int32_t t : tok.Encode(doc)) want.push_back(t);
+    want.push_back(ByteTokenizer::kEosId);
+  }
+  const std::string path = Path("docs.jsonl");
+  WriteBytes(path, jsonl);
+  const std::string prefix = Path("out/docs");
+  absl::StatusOr<DataPrepResult> result = PrepareTokenData(path, tok, prefix, 0.1);
+  ASSERT_TRUE(result.ok()) << result.status();
+  absl::StatusOr<std::vector<int32_t>> train = ReadTokenFile(prefix + ".train.bin");
+  absl::StatusOr<std::vector<int32_t>> val = ReadTokenFile(prefix + ".val.bin");
+  ASSERT_TRUE(train.ok() && val.ok());
+  std::vector<int32_t> joined = *train;
+  joined.insert(joined.end(), val->begin(), val->end());
+  EXPECT_EQ(joined, want);
+  EXPECT_EQ(train->back(), ByteTokenizer::kEosId);  // validation starts with a document
+
+  WriteBytes(path, "{\"text\": \"a\"}\n[1, 2]\n");
+  ExpectErrorNaming(PrepareTokenData(path, tok, prefix, 0.1).status(),
+                    absl::StatusCode::kInvalidArgument, path + " line 2 is not a JSON object");
+  WriteBytes(path, "{\"text\": \"a\"}\n{\"body\": \"b\"}\n");
+  ExpectErrorNaming(PrepareTokenData(path, tok, prefix, 0.1).status(),
+                    absl::StatusCode::kInvalidArgument, "line 2 has no string \"text\"");
+  // Other keys, each a document.
+  WriteBytes(path,
+             "{\"title\": \"t1\", \"body\": \"b1\"}\n{\"title\": \"t2\", \"body\": \"b2\"}\n");
+  ASSERT_TRUE(PrepareTokenData(path, tok, prefix, 0.25, {"title", "body"}).ok());
+  train = ReadTokenFile(prefix + ".train.bin");
+  val = ReadTokenFile(prefix + ".val.bin");
+  ASSERT_TRUE(train.ok() && val.ok());
+  joined = *train;
+  joined.insert(joined.end(), val->begin(), val->end());
+  EXPECT_EQ(joined,
+            (std::vector<int32_t>{'t', '1', 256, 'b', '1', 256, 't', '2', 256, 'b', '2', 256}));
 }
 
 TEST_F(TokenDataTest, PrepareTokenDataWithoutNewlinesCutsExactly) {
