@@ -552,22 +552,15 @@ absl::Status Machine::Step() {
       Push(MakeGlobal(module->str, name->str));
       return absl::OkStatus();
     }
-    case 'R':     // REDUCE
-    case 0x81: {  // NEWOBJ
+    case 'R':     // REDUCE: callable, args
+    case 0x81:    // NEWOBJ: cls, args
+    case 0x92: {  // NEWOBJ_EX: cls, args, kwargs (the keywords are dropped)
+      if (op_ == 0x92) RETURN_IF_ERROR(Pop().status());
       ASSIGN_OR_RETURN(PyPtr args, Pop());
       ASSIGN_OR_RETURN(PyPtr callable, Pop());
       if (args->kind != Kind::kTuple) return Fail("call arguments are not a tuple");
       RETURN_IF_ERROR(Spend(*args));
       Push(Call(callable, args->items));
-      return absl::OkStatus();
-    }
-    case 0x92: {                        // NEWOBJ_EX: cls, args, kwargs
-      RETURN_IF_ERROR(Pop().status());  // the keywords, dropped
-      ASSIGN_OR_RETURN(PyPtr args, Pop());
-      ASSIGN_OR_RETURN(PyPtr cls, Pop());
-      if (args->kind != Kind::kTuple) return Fail("call arguments are not a tuple");
-      RETURN_IF_ERROR(Spend(*args));
-      Push(Call(cls, args->items));
       return absl::OkStatus();
     }
     case 'o': {  // OBJ: MARK cls args...

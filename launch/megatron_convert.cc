@@ -576,8 +576,9 @@ absl::StatusOr<ModelConfig> ModelConfigFromMegatronArgs(const PyValue& args,
   ASSIGN_OR_RETURN(std::vector<int> exit_layers, ExitLayers(args));
   const bool exit_norm = ArgBool(args, "use_exit_norm"), exit_mlp = ArgBool(args, "use_exit_mlp"),
              exit_block = ArgBool(args, "use_exit_block");
-  if (((exit_mlp && !ArgBool(args, "pre_exit")) || exit_block) && !exit_norm &&
-      !exit_layers.empty()) {
+  // A pre exit reads the layer's input: EE-LLM applies only exit_block and exit_norm there.
+  const bool pre = ArgBool(args, "pre_exit");
+  if (((exit_mlp && !pre) || exit_block) && !exit_norm && !exit_layers.empty()) {
     return BadArg(exit_mlp ? "use_exit_mlp" : "use_exit_block",
                   args.Attr(exit_mlp ? "use_exit_mlp" : "use_exit_block"),
                   "eellm's mlp and block exits end in a norm; this checkpoint's exits have no "
@@ -586,8 +587,6 @@ absl::StatusOr<ModelConfig> ModelConfigFromMegatronArgs(const PyValue& args,
   if (exit_mlp && exit_block) {
     return BadArg("use_exit_mlp", args.Attr("use_exit_mlp"), "not together with use_exit_block");
   }
-  // A pre exit reads the layer's input: EE-LLM applies only exit_block and exit_norm there.
-  const bool pre = ArgBool(args, "pre_exit");
   const char* kind = exit_block         ? "block"
                      : exit_mlp && !pre ? "mlp"
                      : exit_norm        ? "norm"
