@@ -43,7 +43,7 @@ struct ExitConfig {
   ExitKind kind = ExitKind::kNorm;
   ExitPosition position = ExitPosition::kPost;
   bool tied = false;         // output projection shared with the word embedding
-  float temperature = 1.0f;  // divides the exit's logits when measuring confidence (inference)
+  float temperature = 1.0f;  // divides the exit's logits: in its training loss and its confidence
   float loss_weight = 1.0f;
   float loss_weight_init = 1.0f;
   int loss_weight_warmup_iters = 0;

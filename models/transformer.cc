@@ -255,6 +255,7 @@ std::unique_ptr<Workspace> Model::MakeWorkspace(int b, int t) {
   ws->host_losses.resize(n);
   ws->host_max_prob.resize(n);
   ws->host_weights.resize(n);
+  ws->host_scaled_weights.resize(n);
   return ws;
 }
 
@@ -355,6 +356,15 @@ std::pair<double, double> Model::HeadLoss(Workspace& ws, ConstOperand hidden, in
                         v);
     }
   };
+  // An exit's loss is that of its logits divided by its temperature (as EE-LLM trains them):
+  // the logits are scaled after the projection, and the gradient w.r.t. the unscaled logits is
+  // the scaled logits' gradient over the temperature, which the per-row weights carry.
+  const float inv_temperature =
+      exit_index >= 0 ? 1.0f / config_.exits[exit_index].temperature : 1.0f;
+  auto project = [&](int r0, int rows) {
+    Project(logits, hidden.At(r0 * h), exit_index, rows);
+    if (inv_temperature != 1.0f) be_->Scale(logits, inv_temperature, static_cast<size_t>(rows) * v);
+  };
   double count = 0;
   for (float m : ws.host_mask) count += m;
   if (count == 0) return {0.0, 0.0};
@@ -363,7 +373,7 @@ std::pair<double, double> Model::HeadLoss(Workspace& ws, ConstOperand hidden, in
     // The weights need every row's confidence first.
     for (int r0 = 0; r0 < n; r0 += chunk) {
       const int rows = std::min(chunk, n - r0);
-      Project(logits, hidden.At(r0 * h), exit_index, rows);
+      project(r0, rows);
       cross_entropy(r0, rows, ws.max_prob, Operand());
     }
     projected = chunk >= n;
@@ -373,11 +383,16 @@ std::pair<double, double> Model::HeadLoss(Workspace& ws, ConstOperand hidden, in
     ws.host_weights[r] = static_cast<float>(ws.host_mask[r] / count * weight *
                                             (confidence_weighted ? ws.host_max_prob[r] : 1.0f));
   }
-  be_->CopyFromHost(ws.weights, ws.host_weights.data(), n * sizeof(float));
+  const float* gradient_weights = ws.host_weights.data();
+  if (inv_temperature != 1.0f) {
+    for (int r = 0; r < n; ++r) ws.host_scaled_weights[r] = ws.host_weights[r] * inv_temperature;
+    gradient_weights = ws.host_scaled_weights.data();
+  }
+  be_->CopyFromHost(ws.weights, gradient_weights, n * sizeof(float));
   const int w = OutputWeight(exit_index);
   for (int r0 = 0; r0 < n; r0 += chunk) {
     const int rows = std::min(chunk, n - r0);
-    if (!projected) Project(logits, hidden.At(r0 * h), exit_index, rows);
+    if (!projected) project(r0, rows);
     cross_entropy(r0, rows, nullptr, backward ? dlogits_chunk : Operand());
     if (backward) {
       // A frozen head (EE-Tuning: tied to the word embedding) needs no weight gradient.

@@ -52,6 +52,7 @@ struct Workspace {
   std::vector<float*> exit_grad;
   bool exits_done = false;
   std::vector<float> host_mask, host_losses, host_max_prob, host_weights;
+  std::vector<float> host_scaled_weights;               // host_weights / an exit's temperature
   std::unique_ptr<VocabParallelCrossEntropy> vocab_ce;  // tensor parallelism only
 };
 

@@ -260,6 +260,7 @@ TEST_F(ModelParity, GptTrainingStepWithExits) {
   c.confidence_weighted_exit_loss = true;  // uses the max probabilities of CrossEntropy
   c.exits = {Exit(1, ExitKind::kLinear, ExitPosition::kPost, true),
              Exit(2, ExitKind::kMlp, ExitPosition::kPost, false)};
+  c.exits[1].temperature = 1.5f;  // its logits are divided (Scale) before the cross-entropy
   ExpectStepParity(c, 12);
 }
 

@@ -80,6 +80,7 @@ TEST_P(ModelGradTest, FiniteDifferences) {
   y.kind = ExitKind::kNorm;
   y.position = position;
   y.tied = !tied;
+  y.temperature = 0.6f;  // its loss is that of logits / 0.6
   c.exits.push_back(y);
   std::sort(c.exits.begin(), c.exits.end(),
             [](const ExitConfig& a, const ExitConfig& b) { return a.depth() < b.depth(); });
@@ -375,6 +376,64 @@ TEST(ModelLoss, ConfidenceWeightedExitLoss) {
   EXPECT_NEAR(term_a, 0.5 * ra.exit_losses[0], 1e-5);
   EXPECT_GT(term_b, 0.0);
   EXPECT_LT(term_b, term_a);
+}
+
+// An exit's temperature T divides its logits in its loss (as EE-LLM trains them): a model with
+// T = 2.5 has the loss and gradients of one with T = 1 whose untied exit head is the first's
+// divided by 2.5, except the head's own gradient, which is that model's divided by 2.5 (chain
+// rule through W / T). Checked with and without confidence weighting (its max probability is
+// that of the divided logits too).
+TEST(ModelLoss, ExitTemperatureDividesTheLogits) {
+  for (bool confidence : {false, true}) {
+    ModelConfig c = TinyConfig(ModelStyle::kLlama);
+    c.confidence_weighted_exit_loss = confidence;
+    ExitConfig x;
+    x.layer = 1;
+    x.temperature = 2.5f;
+    c.exits = {x};
+    ModelConfig scaled = c;
+    scaled.exits[0].temperature = 1.0f;
+    auto be = Cpu();
+    auto a = *Model::Create(c, be.get());
+    auto b = *Model::Create(scaled, be.get());
+    testing::FillParams(*a, 13);
+    testing::CopyParamsByName(*a, *b);
+    const int head = b->params().Find("exits.0.head.weight");
+    ASSERT_GE(head, 0);
+    for (size_t k = 0; k < b->params().params()[head].numel; ++k)
+      b->params().param(head)[k] /= 2.5f;
+    auto wa = a->MakeWorkspace(2, 6);
+    auto wb = b->MakeWorkspace(2, 6);
+    auto ids = testing::RandomTokens(12, c.vocab_size, 14);
+    auto tg = testing::RandomTokens(12, c.vocab_size, 15);
+    std::vector<float> w = {0.4f};
+    a->params().ZeroGrads();
+    b->params().ZeroGrads();
+    LossReport ra = a->ForwardBackward(*wa, ids.data(), tg.data(), nullptr, w, true);
+    LossReport rb = b->ForwardBackward(*wb, ids.data(), tg.data(), nullptr, w, true);
+    EXPECT_NEAR(ra.exit_losses[0], rb.exit_losses[0], 1e-5) << confidence;
+    EXPECT_NEAR(ra.objective, rb.objective, 1e-5) << confidence;
+    // A temperature changes the loss: divided logits are flatter (losses near log(vocab)).
+    auto plain = *Model::Create(scaled, be.get());
+    testing::CopyParamsByName(*a, *plain);
+    auto wp = plain->MakeWorkspace(2, 6);
+    LossReport rp = plain->ForwardBackward(*wp, ids.data(), tg.data(), nullptr, w, false);
+    EXPECT_GT(std::fabs(rp.exit_losses[0] - ra.exit_losses[0]), 1e-3) << confidence;
+    for (int p = 0; p < static_cast<int>(a->params().params().size()); ++p) {
+      const std::string& name = a->params().params()[p].name;
+      const int q = b->params().Find(name);
+      ASSERT_GE(q, 0) << name;
+      const float factor = q == head ? 1.0f / 2.5f : 1.0f;
+      double max_err = 0, max_abs = 0;
+      for (size_t k = 0; k < a->params().params()[p].numel; ++k) {
+        const double ga = a->params().grad(p)[k], gb = b->params().grad(q)[k] * factor;
+        max_err = std::max(max_err, std::fabs(ga - gb));
+        max_abs = std::max(max_abs, std::fabs(ga));
+      }
+      EXPECT_LE(max_err, 1e-5 + 1e-4 * max_abs) << name << " confidence " << confidence;
+      EXPECT_GT(max_abs, 0.0) << name;
+    }
+  }
 }
 
 }  // namespace
