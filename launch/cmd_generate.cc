@@ -127,6 +127,7 @@ int RunGenerateCommand() {
                                static_cast<int64_t>(prompt.size()) + std::max(max_new, 0));
   if (!context.ok()) return Fail(context.status());
   Generator gen(&model, *context);
+  gen.set_token_limit(group.token_limit);
   std::unique_ptr<PipelineGenerator> pipeline;
   if (group.pp > 1) {
     pipeline = std::make_unique<PipelineGenerator>(&gen, group.messages.get(), group.pp, group.tp);

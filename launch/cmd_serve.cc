@@ -134,6 +134,7 @@ int RunServeCommand() {
     return Fail(s);
   }
   Generator generator(&model, *context, max_batch, static_cast<int>(pool));
+  generator.set_token_limit(group.token_limit);
   if (absl::GetFlag(FLAGS_kv_reserve)) generator.ReserveKvPerRequest();
   if (absl::GetFlag(FLAGS_prefix_caching)) generator.EnablePrefixCaching();
   generator.SetPrefillChunk(prefill_chunk);

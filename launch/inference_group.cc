@@ -67,6 +67,8 @@ absl::Status LoadInferenceModel(InferenceGroup* g, const std::string& checkpoint
   const auto& attrs = g->loaded.meta.attrs;
   ASSIGN_OR_RETURN(g->tokenizer,
                    MakeTokenizer(attrs.count("tokenizer") ? attrs.at("tokenizer") : "byte"));
+  const int vocab = g->loaded.model->config().vocab_size;
+  g->token_limit = attrs.count("tokenizer") ? std::min(vocab, g->tokenizer->vocab_size()) : vocab;
   return absl::OkStatus();
 }
 

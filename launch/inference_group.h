@@ -27,6 +27,9 @@ struct InferenceGroup {
   std::unique_ptr<Communicator> messages;     // every rank, host memory (multi only)
   LoadedModel loaded;
   std::unique_ptr<Tokenizer> tokenizer;
+  // Ids generation may produce (Generator::set_token_limit): the named tokenizer's, where the
+  // model's vocabulary is padded past it; else the model's vocabulary.
+  int token_limit = 0;
 
   // Reports an error so that no rank hangs (FailCommand); returns the exit code.
   int Fail(const absl::Status& s) const;

@@ -57,6 +57,7 @@ Generator::Generator(Model* model, int capacity, int max_sequences, int kv_token
       be_(model->backend()),
       capacity_(capacity),
       row_budget_(RowBudget(capacity, max_sequences)),
+      token_limit_(model->config().vocab_size),
       head_rows_(HeadRows(max_sequences)),
       first_(model->first_layer()),
       end_(model->end_layer()),
@@ -444,13 +445,29 @@ Generator::Packed Generator::Pack(std::vector<Piece>& pieces) {
   return {packed_, packed_pos_, -1};
 }
 
+void Generator::set_token_limit(int tokens) {
+  EE_CHECK(tokens > 0 && tokens <= model_->config().vocab_size, "token limit ", tokens,
+           " outside [1, ", model_->config().vocab_size, "]");
+  token_limit_ = tokens;
+}
+
 const std::vector<float>& Generator::ProjectToHost(ConstOperand rows, int exit_index, int k) {
   const size_t vocab = model_->config().vocab_size;
   model_->Project(logits_, rows, exit_index, k);
   host_logits_.resize(k * vocab);
+  // Padded ids (set_token_limit) get no probability.
+  auto mask_padding = [&] {
+    if (static_cast<size_t>(token_limit_) == vocab) return;
+    for (int j = 0; j < k; ++j) {
+      std::fill(host_logits_.begin() + static_cast<size_t>(j) * vocab + token_limit_,
+                host_logits_.begin() + static_cast<size_t>(j + 1) * vocab,
+                -std::numeric_limits<float>::infinity());
+    }
+  };
   const TpSpec& tp = model_->tp();
   if (tp.size == 1) {
     be_->CopyToHost(host_logits_.data(), logits_, k * vocab * sizeof(float));
+    mask_padding();
     return host_logits_;
   }
   // Each rank projected its vocabulary shard, [k, vocab / tp]; gather them ([tp, k, vocab / tp])
@@ -468,6 +485,7 @@ const std::vector<float>& Generator::ProjectToHost(ConstOperand rows, int exit_i
                   host_logits_.data() + static_cast<size_t>(j) * vocab + shard.start);
     }
   }
+  mask_padding();
   return host_logits_;
 }
 

@@ -213,6 +213,12 @@ class Generator : public SequenceBatcher {
   static int64_t PlannedBytes(Model& model, int capacity, int max_sequences, int kv_tokens);
   int capacity() const override { return capacity_; }
   Model* model() const { return model_; }
+  // Token ids at or past `tokens` (the tokenizer's size, where the model's vocabulary is padded
+  // past it, as Megatron pads to a multiple of 128 x tp) are never produced: their logits read
+  // as -inf (no probability, in sampling, confidence and log-probabilities), and prompts holding
+  // them are refused. Default: the model's vocabulary.
+  void set_token_limit(int tokens);
+  int token_limit() const { return token_limit_; }
   int kv_tokens() const override { return kv_pages_ * kKvPageTokens; }
   int kv_tokens_in_use() const override;
   bool CanAdmit(const GenerationRequest& request) const override;
@@ -453,7 +459,8 @@ class Generator : public SequenceBatcher {
   Model* model_;
   Backend* be_;
   int capacity_, row_budget_;
-  int head_rows_;  // rows one final-head projection takes: a row per sequence + a round's check
+  int token_limit_;  // ids >= this are never produced (set_token_limit)
+  int head_rows_;    // rows one final-head projection takes: a row per sequence + a round's check
   bool kv_by_request_ = false;  // kv_tokens > 0: pages taken per request
   bool kv_on_demand_ = true;    // ... as sequences grow (else all at admission)
   int64_t admissions_ = 0, preemptions_ = 0, prefix_cached_tokens_ = 0;

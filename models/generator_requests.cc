@@ -159,9 +159,9 @@ absl::Status Generator::Validate(const GenerationRequest& r) const {
                      ") = ", need, " exceeds the KV cache's ", kv_tokens(), " tokens"));
   }
   for (int32_t t : r.prompt) {
-    if (t < 0 || t >= c.vocab_size)
+    if (t < 0 || t >= token_limit_)
       return absl::InvalidArgumentError(
-          absl::StrCat("prompt token ", t, " is outside the vocabulary [0, ", c.vocab_size, ")"));
+          absl::StrCat("prompt token ", t, " is outside the vocabulary [0, ", token_limit_, ")"));
   }
   const SamplingParams& sp = r.sampling;
   if (!(sp.temperature >= 0 && std::isfinite(sp.temperature))) {

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 
 namespace eellm {
@@ -29,6 +30,8 @@ TopTokens TopLogProbabilities(const float* logits, int vocab, int k) {
   std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int32_t a, int32_t b) {
     return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
   });
+  // Tokens without probability (logit -inf: ids past the tokenizer) are not listed.
+  while (k > 0 && logits[idx[k - 1]] == -std::numeric_limits<float>::infinity()) --k;
   float mx = logits[0];
   for (int i = 1; i < vocab; ++i) mx = std::max(mx, logits[i]);
   double sum = 0;
@@ -79,11 +82,13 @@ int32_t SampleToken(std::vector<float>& logits, const SamplingParams& p, Rng& rn
   }
   const Candidates c = SamplingCandidates(logits.data(), v, p);
   double u = rng.Uniform() * c.sum;
+  size_t last = 0;  // the last candidate with a probability (where rounding leaves u > 0)
   for (size_t i = 0; i < c.ids.size(); ++i) {
+    if (c.weights[i] > 0) last = i;
     u -= c.weights[i];
-    if (u <= 0) return c.ids[i];
+    if (u <= 0 && c.weights[i] > 0) return c.ids[i];
   }
-  return c.ids.back();
+  return c.ids[last];
 }
 
 }  // namespace eellm

@@ -36,7 +36,8 @@ float MaxProbability(const float* logits, int vocab, float temperature);
 // log softmax(logits)[token].
 float LogProbability(const float* logits, int vocab, int32_t token);
 
-// The k most likely tokens with their log softmax(logits), most likely first (ties: lower id).
+// The k most likely tokens with their log softmax(logits), most likely first (ties: lower id);
+// tokens of logit -inf are left out.
 using TopTokens = std::vector<std::pair<int32_t, float>>;
 TopTokens TopLogProbabilities(const float* logits, int vocab, int k);
 

@@ -649,5 +649,74 @@ TEST(Generator, StopsAtEos) {
   EXPECT_EQ(r.tokens.back(), eos);
 }
 
+// A vocabulary padded past the tokenizer (set_token_limit): the padded ids are never sampled,
+// never chosen greedily, never listed among the top log-probabilities, and refused in prompts;
+// without the limit the same requests do produce them (the check can fail).
+TEST_P(GeneratorTest, TokenLimitKeepsPaddedIdsOut) {
+  ModelConfig c = ConfigWithExits(GetParam());  // vocabulary 16
+  const int limit = 11;
+  auto be = Cpu();
+  auto m = *Model::Create(c, be.get());
+  testing::FillParams(*m, 71, 0.5f);
+  std::vector<GenerationRequest> reqs(3);
+  for (int i = 0; i < 3; ++i) {
+    reqs[i].prompt = testing::RandomTokens(4, limit, 72 + i);
+    reqs[i].max_new_tokens = 25;
+    reqs[i].sampling.temperature = i == 2 ? 0.0f : 1.0f;  // the last greedy
+    reqs[i].sampling.seed = 73 + i;
+    reqs[i].early_exit.threshold = i == 2 ? 1.0f : 0.3f;  // the greedy one: the final head
+    reqs[i].top_logprobs = i == 1 ? 14 : 5;               // 14: more than the ids below the limit
+  }
+  auto padded = [&](const std::vector<GenerationResult>& rs) {
+    int n = 0;
+    for (const auto& r : rs) {
+      for (int32_t t : r.tokens) n += t >= limit;
+      for (const auto& top : r.top) {
+        for (const auto& [id, lp] : top) n += id >= limit;
+      }
+    }
+    return n;
+  };
+  Generator open(m.get(), 32, 3);
+  auto without = *open.GenerateBatch(reqs);
+  EXPECT_GT(padded(without), 0);
+  Generator limited(m.get(), 32, 3);
+  limited.set_token_limit(limit);
+  auto with = *limited.GenerateBatch(reqs);
+  EXPECT_EQ(padded(with), 0);
+  int exited = 0;
+  for (int i = 0; i < 3; ++i) {
+    const GenerationResult& r = with[i];
+    ASSERT_EQ(r.tokens.size(), 25u);
+    for (size_t k = 0; k < r.tokens.size(); ++k) {
+      EXPECT_TRUE(std::isfinite(r.logprobs[k]));
+      EXPECT_EQ(r.top[k].size(), i == 1 ? 11u : 5u);
+      exited += r.exit_index[k] >= 0;
+    }
+  }
+  EXPECT_GT(exited, 0);
+  // Greedy with the limit picks the most likely id below it: the final head's argmax over
+  // [0, limit) of a full pass at each position where it produced the token.
+  const FullPass full = [&] {
+    std::vector<int32_t> ids = reqs[2].prompt;
+    ids.insert(ids.end(), with[2].tokens.begin(), with[2].tokens.end());
+    return RunFull(*m, ids);
+  }();
+  int checked = 0;
+  for (size_t k = 0; k < with[2].tokens.size(); ++k) {
+    ASSERT_EQ(with[2].exit_index[k], -1);
+    const std::vector<float>& row = full.final_logits[reqs[2].prompt.size() - 1 + k];
+    EXPECT_EQ(with[2].tokens[k], std::max_element(row.begin(), row.begin() + limit) - row.begin());
+    ++checked;
+  }
+  EXPECT_GT(checked, 0);
+  GenerationRequest bad = reqs[0];
+  bad.prompt[1] = limit;
+  EXPECT_NE(limited.Validate(bad).message().find("outside the vocabulary [0, 11)"),
+            std::string::npos)
+      << limited.Validate(bad);
+  EXPECT_TRUE(open.Validate(bad).ok());
+}
+
 }  // namespace
 }  // namespace eellm
