@@ -81,7 +81,8 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
                                    "lr_decay_steps",
                                    "init_method_std",
                                    "metrics",
-                                   "exit_signal_handler"},
+                                   "exit_signal_handler",
+                                   "eod_mask_loss"},
                                   "train config"));
     RETURN_IF_ERROR(ReadJsonField(tj, "data", "train config", &t.data));
     RETURN_IF_ERROR(ReadJsonField(tj, "val_fraction", "train config", &t.val_fraction));
@@ -126,6 +127,7 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
     RETURN_IF_ERROR(ReadJsonField(tj, "freeze_backbone", "train config", &t.freeze_backbone));
     RETURN_IF_ERROR(
         ReadJsonField(tj, "skip_layers_past_exits", "train config", &t.skip_layers_past_exits));
+    RETURN_IF_ERROR(ReadJsonField(tj, "eod_mask_loss", "train config", &t.eod_mask_loss));
   }
   for (auto [v, k] : {std::pair{t.batch_size, "batch_size"},
                       {t.seq_len, "seq_len"},
@@ -231,7 +233,8 @@ std::string TrainConfigToJson(const TrainConfig& t) {
             {"grad_bucket_size", t.grad_bucket_size},
             {"overlap_grad_reduce", t.overlap_grad_reduce},
             {"freeze_backbone", t.freeze_backbone},
-            {"skip_layers_past_exits", t.skip_layers_past_exits}};
+            {"skip_layers_past_exits", t.skip_layers_past_exits},
+            {"eod_mask_loss", t.eod_mask_loss}};
   return j.dump(2);
 }
 

@@ -75,6 +75,10 @@ struct TrainConfig {
   // exit and the final head from it (then from the run's own last save), so checkpoints stay
   // whole. Validation then reports the exits alone.
   bool skip_layers_past_exits = false;
+  // Megatron's --eod-mask-loss: no loss (final head and exits) at positions whose input token is
+  // the tokenizer's end-of-text, so the first token of a document is not predicted from the end
+  // of the one before it. Validation masks them too.
+  bool eod_mask_loss = false;
 };
 
 struct RunConfig {

@@ -447,6 +447,7 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   PipelineExecutor exec(chunks, ctx, micro, tc.seq_len, MicrobatchesPerStep(tc),
                         tc.exit_placement == "bubbles");
   exec.set_frozen_backbone(tc.freeze_backbone);
+  if (tc.eod_mask_loss) exec.set_eod_loss_mask(tokenizer->eos_id());
   // KV heads replicated over tensor-parallel ranks (tp > num_kv_heads): each rank's K/V
   // projection gradient covers only its own query heads, so the ranks sharing a KV head sum
   // theirs, as each layer finishes its last backward (before any data-parallel reduction).

@@ -184,6 +184,11 @@ LossReport PipelineExecutor::Run(const Schedule& s, const absl::Status& rendezvo
   const int rows = micro_batch_ * seq_;
   const size_t bytes = static_cast<size_t>(rows) * c.hidden_size * sizeof(float);
   const float loss_scale = 1.0f / microbatches_;
+  if (eod_id_ >= 0) {
+    // Every stage holds the ids, so each makes the mask of its heads itself.
+    loss_mask_.resize(static_cast<size_t>(microbatches_) * rows);
+    for (size_t i = 0; i < loss_mask_.size(); ++i) loss_mask_[i] = ids[i] == eod_id_ ? 0.0f : 1.0f;
+  }
   const int next = (stage + 1) % stages, prev = (stage + stages - 1) % stages;
   // Tags name the sender's (microbatch, chunk) and the direction.
   auto fwd_tag = [&](int m, int sender_chunk) { return m * v + sender_chunk; };
@@ -277,6 +282,8 @@ LossReport PipelineExecutor::Run(const Schedule& s, const absl::Status& rendezvo
     const double start = since();
     const int32_t* mb_ids = ids + static_cast<size_t>(m) * rows;
     const int32_t* mb_targets = targets + static_cast<size_t>(m) * rows;
+    const float* mb_mask =
+        eod_id_ >= 0 ? loss_mask_.data() + static_cast<size_t>(m) * rows : nullptr;
     switch (a.type) {
       case ActionType::kRecvForward:
         recv(slot, prev, fwd_tag(m, stage == 0 ? ch - 1 : ch));
@@ -285,7 +292,7 @@ LossReport PipelineExecutor::Run(const Schedule& s, const absl::Status& rendezvo
         model->StageForward(ws, mb_ids, slot.grad_in.f32());
         if (mode == Mode::kEvaluate) {
           // Validation: the heads of this chunk right away (no backward pass follows).
-          accumulate(model->StageBackward(ws, mb_targets, nullptr, exit_weights, false, nullptr,
+          accumulate(model->StageBackward(ws, mb_targets, mb_mask, exit_weights, false, nullptr,
                                           loss_scale));
         }
         break;
@@ -300,7 +307,7 @@ LossReport PipelineExecutor::Run(const Schedule& s, const absl::Status& rendezvo
           model->set_layer_grads_done(
               [this, ch](size_t lo, size_t hi) { grads_ready_(ch, lo, hi); });
         }
-        accumulate(model->StageBackward(ws, mb_targets, nullptr, exit_weights, true,
+        accumulate(model->StageBackward(ws, mb_targets, mb_mask, exit_weights, true,
                                         virt == last_virtual ? nullptr : slot.grad_in.f32(),
                                         loss_scale));
         model->set_layer_grads_done(nullptr);
@@ -310,8 +317,8 @@ LossReport PipelineExecutor::Run(const Schedule& s, const absl::Status& rendezvo
         break;
       case ActionType::kExitHeads:
         accumulate(mode == Mode::kTuneExits
-                       ? model->StageTuneExits(ws, mb_targets, nullptr, exit_weights, loss_scale)
-                       : model->StageExitHeads(ws, mb_targets, nullptr, exit_weights, loss_scale));
+                       ? model->StageTuneExits(ws, mb_targets, mb_mask, exit_weights, loss_scale)
+                       : model->StageExitHeads(ws, mb_targets, mb_mask, exit_weights, loss_scale));
         break;
     }
     if (wait_after_receive) wait_after_run.push_back(&slot);

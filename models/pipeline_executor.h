@@ -58,6 +58,9 @@ class PipelineExecutor {
   // `stop_at_deepest_exit`: no layer past the deepest exit runs (stages after the last one
   // holding an exit do nothing), and the final head's loss is not computed (reported as 0).
   void set_frozen_backbone(bool frozen, bool stop_at_deepest_exit = true);
+  // Megatron's --eod-mask-loss: the heads' losses leave out the positions whose input id is
+  // `eod_id` (-1: none left out), in training and in Evaluate.
+  void set_eod_loss_mask(int eod_id) { eod_id_ = eod_id; }
   // Whether a frozen-backbone step computes the final head's loss.
   bool tune_computes_final_loss() const {
     return tune_depth_ == chunks_[0]->config().num_layers &&
@@ -105,6 +108,8 @@ class PipelineExecutor {
   absl::Status tune_rendezvous_;
   bool frozen_backbone_ = false;
   int tune_depth_ = 0;  // EE-Tuning: the layers a step runs (the deepest exit's depth, or all)
+  int eod_id_ = -1;     // set_eod_loss_mask
+  std::vector<float> loss_mask_;          // [microbatches * rows] of a step, with eod_id_
   std::vector<std::vector<Slot>> slots_;  // [chunk] -> workspaces for records in flight
   std::vector<BusyInterval> intervals_;
   std::function<void(int, size_t, size_t)> grads_ready_;

@@ -367,7 +367,11 @@ std::pair<double, double> Model::HeadLoss(Workspace& ws, ConstOperand hidden, in
   };
   double count = 0;
   for (float m : ws.host_mask) count += m;
-  if (count == 0) return {0.0, 0.0};
+  if (count == 0) {
+    // Every position masked: no loss, and no gradient from this head.
+    if (backward) be_->Fill(ws.dhidden, static_cast<size_t>(n) * h, 0.0f);
+    return {0.0, 0.0};
+  }
   bool projected = false;  // logits already holds the (single) chunk's logits
   if (confidence_weighted) {
     // The weights need every row's confidence first.

@@ -332,6 +332,39 @@ TEST_F(CliTest, ResumeContinuesFromTheCheckpointStep) {
   EXPECT_NE(r.output.find("(step 4)"), std::string::npos) << Describe(args, r);
 }
 
+// eod_mask_loss (and --eod-mask-loss) reach the run: on JSON-lines documents of a few words
+// (end-of-text after each), the first step's losses change when the positions after each
+// end-of-text are left out, as from the config file's "eod_mask_loss".
+TEST_F(CliTest, EodMaskLossReachesTheRun) {
+  std::string docs;
+  for (int i = 0; i < 300; ++i) docs += absl::StrFormat("{\"text\": \"doc %d of the set\"}\n", i);
+  WriteFile(Path("docs.jsonl"), docs);
+  const std::string data = "data --input=" + Quote(Path("docs.jsonl")) +
+                           " --output=" + Quote(Path("data/tiny")) + " --val-fraction=0.1";
+  CmdResult d = RunEellm(data);
+  ASSERT_EQ(d.exit_code, 0) << Describe(data, d);
+  auto first_step = [](const std::string& out) {  // its losses, LR and gradient norm
+    const size_t at = out.find("step     1/1 |"), end = out.find("tok/s", at);
+    if (at == std::string::npos || end == std::string::npos) return std::string();
+    const std::string line = out.substr(at, end - at);
+    return line.substr(0, line.rfind('|'));
+  };
+  const std::string base = "train --config=" + Quote(WriteConfig(kTinyModel, 1));
+  CmdResult plain = RunEellm(base + " --out=" + Quote(Path("plain")));
+  CmdResult masked = RunEellm(base + " --eod-mask-loss --out=" + Quote(Path("masked")));
+  ASSERT_EQ(plain.exit_code, 0) << plain.output;
+  ASSERT_EQ(masked.exit_code, 0) << masked.output;
+  ASSERT_NE(first_step(plain.output), "") << plain.output;
+  ASSERT_NE(first_step(masked.output), "") << masked.output;
+  EXPECT_NE(first_step(plain.output), first_step(masked.output));
+  const std::string from_file =
+      "train --config=" + Quote(WriteConfig(kTinyModel, 1, ", \"eod_mask_loss\": true")) +
+      " --out=" + Quote(Path("from_file"));
+  CmdResult f = RunEellm(from_file);
+  ASSERT_EQ(f.exit_code, 0) << f.output;
+  EXPECT_EQ(first_step(f.output), first_step(masked.output));
+}
+
 // exit_duration_mins (Megatron's --exit-duration-in-mins): the run stops after the first step
 // that ends past the limit, saves that step, says how to go on, and --resume goes on from it.
 TEST_F(CliTest, ExitDurationStopsWithACheckpointToResume) {

@@ -312,5 +312,81 @@ TEST(Executor, ModelCutAtTheDeepestExitTunesAsTheWholeModel) {
 INSTANTIATE_TEST_SUITE_P(Chunks, InterleavedExecutor,
                          ::testing::Combine(::testing::Values(2, 4), ::testing::Bool()));
 
+// Megatron's --eod-mask-loss (set_eod_loss_mask): through two model chunks, with exit work in
+// the bubbles, a step's losses and gradients are those of the whole model given the mask
+// "input id != eod" explicitly, microbatch by microbatch; one microbatch is all end-of-text
+// (nothing to learn from it: no loss, no gradient). Without the mask they differ.
+TEST(Executor, EodLossMaskMatchesAnExplicitMask) {
+  const ModelConfig c = ConfigWithExits();
+  auto be = Cpu();
+  auto ctx = ParallelContext::Single();
+  StepInputs in = Inputs(c, 4, 21);
+  const int eod = 5, rows = StepInputs::kMicro * StepInputs::kSeq;
+  for (int k : {1, 4, 6, 11, 20}) in.ids[k] = eod;
+  for (int k = 2 * rows; k < 3 * rows; ++k) in.ids[k] = eod;  // microbatch 2: end-of-text alone
+  const std::vector<float> w = {0.5f, 0.3f};
+
+  std::vector<Model*> one;
+  auto whole = MakeChunks(c, be.get(), 1, 9, &one);
+  ASSERT_EQ(one.size(), 1u);
+  auto ws = one[0]->MakeWorkspace(StepInputs::kMicro, StepInputs::kSeq);
+  LossReport want;
+  double want_eval_final = 0;
+  want.exit_losses.assign(c.exits.size(), 0.0);
+  for (int m = 0; m < in.microbatches; ++m) {
+    std::vector<float> mask(rows);
+    for (int k = 0; k < rows; ++k) mask[k] = in.ids[m * rows + k] == eod ? 0.0f : 1.0f;
+    const LossReport r =
+        one[0]->ForwardBackward(*ws, in.ids.data() + m * rows, in.targets.data() + m * rows,
+                                mask.data(), w, true, 1.0f / in.microbatches);
+    want.final_loss += r.final_loss / in.microbatches;
+    for (size_t i = 0; i < c.exits.size(); ++i) {
+      want.exit_losses[i] += r.exit_losses[i] / in.microbatches;
+    }
+    want.tokens += r.tokens;
+    want_eval_final += one[0]
+                           ->ForwardBackward(*ws, in.ids.data() + m * rows,
+                                             in.targets.data() + m * rows, mask.data(), w, false)
+                           .final_loss /
+                       in.microbatches;
+  }
+  EXPECT_EQ(want.tokens, 4 * rows - rows - 5);
+
+  for (bool masked : {true, false}) {
+    std::vector<Model*> parts;
+    auto models = MakeChunks(c, be.get(), 2, 9, &parts);
+    ASSERT_EQ(parts.size(), 2u);
+    PipelineExecutor exec = in.Executor(parts, ctx.get(), /*place=*/true);
+    if (masked) exec.set_eod_loss_mask(eod);
+    const LossReport got = exec.TrainStep(in.ids.data(), in.targets.data(), w);
+    const bool same = std::fabs(got.final_loss - want.final_loss) <= 1e-5 * want.final_loss;
+    EXPECT_EQ(same, masked) << got.final_loss << " vs " << want.final_loss;
+    if (!masked) continue;
+    for (size_t i = 0; i < c.exits.size(); ++i) {
+      EXPECT_NEAR(got.exit_losses[i], want.exit_losses[i], 1e-5 * want.exit_losses[i]);
+    }
+    // Gradients by tensor name; the word embedding's copies in the two chunks summed.
+    const ParamStore& wp = one[0]->params();
+    for (int i = 0; i < static_cast<int>(wp.params().size()); ++i) {
+      const ParamInfo& p = wp.params()[i];
+      std::vector<double> sum(p.numel, 0.0);
+      for (Model* m : parts) {
+        const int j = m->params().Find(p.name);
+        if (j < 0) continue;
+        for (size_t e = 0; e < p.numel; ++e) sum[e] += m->params().grad(j)[e];
+      }
+      double max_diff = 0, max_abs = 0;
+      for (size_t e = 0; e < p.numel; ++e) {
+        max_diff = std::max(max_diff, std::fabs(sum[e] - wp.grad(i)[e]));
+        max_abs = std::max(max_abs, std::fabs(static_cast<double>(wp.grad(i)[e])));
+      }
+      EXPECT_GT(max_abs, 0.0) << p.name;
+      EXPECT_LE(max_diff, 1e-5 * max_abs + 1e-7) << p.name;
+    }
+    const LossReport eval = exec.Evaluate(in.ids.data(), in.targets.data());
+    EXPECT_NEAR(eval.final_loss, want_eval_final, 1e-5 * want_eval_final);
+  }
+}
+
 }  // namespace
 }  // namespace eellm
