@@ -61,6 +61,53 @@ void AddReducedResidual(const LayerContext& ctx, float* out, const float* x, siz
   ctx.be->Add(out, out, x, n);
 }
 
+// The GEMM input of a branch: the norm's output, gathered over the group under sequence
+// parallelism (the norm ran on this rank's `rows` rows).
+ConstOperand BranchInput(const LayerContext& ctx, ConstOperand norm_out, int rows) {
+  if (!ctx.seq_parallel()) return norm_out;
+  return GatherRows(ctx.be, ctx.tp.comm, *ctx.sp, norm_out, rows, ctx.cfg->hidden_size);
+}
+
+// The gradient at a branch's output over all n rows (gathered from this rank's `rows` under
+// sequence parallelism).
+const float* BranchOutputGrad(const LayerContext& ctx, const float* dout, int rows) {
+  if (!ctx.seq_parallel()) return dout;
+  return GatherGradRows(ctx.tp.comm, *ctx.sp, dout, rows, ctx.cfg->hidden_size);
+}
+
+// out = x + the branch's row-parallel output projection of `in` [n, k] by w [c, k] (+ bias):
+// partial sums over tp all-reduced, or under sequence parallelism reduce-scattered to this
+// rank's `rows` rows.
+void RowParallelResidual(const LayerContext& ctx, float* out, const float* x, ConstOperand in,
+                         int w, int bias, int n, int k, int rows) {
+  const int c = ctx.cfg->hidden_size;
+  Backend* be = ctx.be;
+  if (ctx.seq_parallel()) {
+    be->Linear(ctx.sp->full, in, ctx.P(w), RowParallelBias(ctx, bias), n, k, c, false);
+    ReduceScatterRows(ctx.tp.comm, ctx.sp->full, out, rows, c);
+    be->Add(out, out, x, static_cast<size_t>(rows) * c);
+  } else if (ctx.tp.size > 1) {
+    be->Linear(out, in, ctx.P(w), RowParallelBias(ctx, bias), n, k, c, false);
+    AddReducedResidual(ctx, out, x, static_cast<size_t>(n) * c);
+  } else {
+    be->LinearResidual(out, x, in, ctx.P(w), ctx.P(bias), n, k, c);
+  }
+}
+
+// dx = dres + the norm's backward of the branch input's gradient `dnorm` [n, c] (partial over
+// tp: all-reduced, or reduce-scattered to this rank's `rows` under sequence parallelism).
+void BranchInputBackward(const LayerContext& ctx, const NormParams& p, const NormActs& a, float* dx,
+                         const float* dres, float* dnorm, const float* x, int n, int rows) {
+  const int c = ctx.cfg->hidden_size;
+  if (ctx.seq_parallel()) {
+    ReduceScatterRows(ctx.tp.comm, dnorm, ctx.sp->local, rows, c);
+    NormBackward(ctx, p, a, dx, dres, ctx.sp->local, x, rows);
+    return;
+  }
+  TpAllReduce(ctx.tp.comm, dnorm, static_cast<size_t>(n) * c);
+  NormBackward(ctx, p, a, dx, dres, dnorm, x, n);
+}
+
 // qk_norm's backward over `rows` heads: dx (fp32) from dout (in the operand dtype, widened into
 // `widened` when bf16, since the norm's backward reads fp32) through the RMSNorm of x with gain
 // `gain`, whose gradient accumulates.
@@ -116,20 +163,21 @@ NormActs MakeNormActs(Arena& a, int n, int c) {
   return r;
 }
 
-MlpActs MakeMlpActs(Arena& a, const ModelConfig& c, int n) {
+MlpActs MakeMlpActs(Arena& a, const ModelConfig& c, int n, int local) {
   MlpActs r;
   const size_t nf = static_cast<size_t>(n) * c.ffn_hidden_size;
-  r.norm = MakeNormActs(a, n, c.hidden_size);
+  r.norm = MakeNormActs(a, local < 0 ? n : local, c.hidden_size);
   r.h1 = a.Operands(nf);
   if (c.use_swiglu()) r.h3 = a.Operands(nf);
   r.act = a.Operands(nf);
   return r;
 }
 
-BlockActs MakeBlockActs(Arena& a, const ModelConfig& c, int n, bool training) {
+BlockActs MakeBlockActs(Arena& a, const ModelConfig& c, int n, bool training, int local) {
   BlockActs r;
   const int d = c.head_dim();
-  r.attn.norm = MakeNormActs(a, n, c.hidden_size);
+  if (local < 0) local = n;
+  r.attn.norm = MakeNormActs(a, local, c.hidden_size);
   r.attn.q = a.Operands(static_cast<size_t>(n) * c.num_heads * d);
   r.attn.k = a.Operands(static_cast<size_t>(n) * c.num_kv_heads * d);
   r.attn.v = a.Operands(static_cast<size_t>(n) * c.num_kv_heads * d);
@@ -141,9 +189,9 @@ BlockActs MakeBlockActs(Arena& a, const ModelConfig& c, int n, bool training) {
     r.attn.q_rstd = a.Floats(static_cast<size_t>(n) * c.num_heads);
     r.attn.k_rstd = a.Floats(static_cast<size_t>(n) * c.num_kv_heads);
   }
-  r.h_attn = a.Floats(static_cast<size_t>(n) * c.hidden_size);
-  r.mlp = MakeMlpActs(a, c, n);
-  r.out = a.Floats(static_cast<size_t>(n) * c.hidden_size);
+  r.h_attn = a.Floats(static_cast<size_t>(local) * c.hidden_size);
+  r.mlp = MakeMlpActs(a, c, n, local);
+  r.out = a.Floats(static_cast<size_t>(local) * c.hidden_size);
   return r;
 }
 
@@ -199,20 +247,17 @@ void MlpForward(const LayerContext& ctx, const MlpParams& p, MlpActs& a, float* 
   const ModelConfig& c = *ctx.cfg;
   const int h = c.hidden_size, f = c.ffn_hidden_size;
   Backend* be = ctx.be;
-  NormForward(ctx, p.norm, a.norm, x, n);
+  const int rows = ctx.LocalRows(n);
+  NormForward(ctx, p.norm, a.norm, x, rows);
+  const ConstOperand in = BranchInput(ctx, a.norm.out, rows);
   if (c.use_swiglu()) {
-    be->Linear(a.h1, a.norm.out, ctx.P(p.w1), ctx.P(p.b1), n, h, f, false);
-    be->Linear(a.h3, a.norm.out, ctx.P(p.w3), nullptr, n, h, f, false);
+    be->Linear(a.h1, in, ctx.P(p.w1), ctx.P(p.b1), n, h, f, false);
+    be->Linear(a.h3, in, ctx.P(p.w3), nullptr, n, h, f, false);
     be->SwiGluForward(a.act, a.h1, a.h3, static_cast<size_t>(n) * f);
   } else {
-    be->LinearGelu(a.act, a.h1, a.norm.out, ctx.P(p.w1), ctx.P(p.b1), n, h, f);
+    be->LinearGelu(a.act, a.h1, in, ctx.P(p.w1), ctx.P(p.b1), n, h, f);
   }
-  if (ctx.tp.size > 1) {  // row-parallel fc2: partial sums over tp
-    be->Linear(out, a.act, ctx.P(p.w2), RowParallelBias(ctx, p.b2), n, f, h, false);
-    AddReducedResidual(ctx, out, x, static_cast<size_t>(n) * h);
-    return;
-  }
-  be->LinearResidual(out, x, a.act, ctx.P(p.w2), ctx.P(p.b2), n, f, h);
+  RowParallelResidual(ctx, out, x, a.act, p.w2, p.b2, n, f, rows);  // fc2
 }
 
 void MlpBranchBackward(const LayerContext& ctx, const MlpParams& p, const MlpActs& a, float* dx,
@@ -221,25 +266,25 @@ void MlpBranchBackward(const LayerContext& ctx, const MlpParams& p, const MlpAct
   const ModelConfig& c = *ctx.cfg;
   const int h = c.hidden_size, f = c.ffn_hidden_size;
   const size_t nf = static_cast<size_t>(n) * f;
+  const int rows = ctx.LocalRows(n);
   Backend* be = ctx.be;
+  const float* dout_all = BranchOutputGrad(ctx, dout, rows);
+  const ConstOperand in = BranchInput(ctx, a.norm.out, rows);  // gathered again
   if (c.use_swiglu()) {
     // dact = dout @ w2; dw2 += dout^T act.
-    be->LinearBackward(s.dact, ctx.G(p.w2), ctx.G(p.b2), dout, a.act, ctx.P(p.w2), n, f, h, false);
-    be->SwiGluBackward(s.dh1, s.dh3, s.dact, a.h1, a.h3, nf);
-    be->LinearBackward(s.dnorm, ctx.G(p.w1), ctx.G(p.b1), s.dh1, a.norm.out, ctx.P(p.w1), n, h, f,
+    be->LinearBackward(s.dact, ctx.G(p.w2), ctx.G(p.b2), dout_all, a.act, ctx.P(p.w2), n, f, h,
                        false);
-    be->LinearBackward(s.dnorm, ctx.G(p.w3), nullptr, s.dh3, a.norm.out, ctx.P(p.w3), n, h, f,
-                       true);
+    be->SwiGluBackward(s.dh1, s.dh3, s.dact, a.h1, a.h3, nf);
+    be->LinearBackward(s.dnorm, ctx.G(p.w1), ctx.G(p.b1), s.dh1, in, ctx.P(p.w1), n, h, f, false);
+    be->LinearBackward(s.dnorm, ctx.G(p.w3), nullptr, s.dh3, in, ctx.P(p.w3), n, h, f, true);
   } else {
     // dh1 = gelu'(h1) * (dout @ w2); dw2 += dout^T act.
-    be->LinearBackwardGelu(s.dh1, ctx.G(p.w2), ctx.G(p.b2), dout, a.act, a.h1, ctx.P(p.w2), n, f,
-                           h);
-    be->LinearBackward(s.dnorm, ctx.G(p.w1), ctx.G(p.b1), s.dh1, a.norm.out, ctx.P(p.w1), n, h, f,
-                       false);
+    be->LinearBackwardGelu(s.dh1, ctx.G(p.w2), ctx.G(p.b2), dout_all, a.act, a.h1, ctx.P(p.w2), n,
+                           f, h);
+    be->LinearBackward(s.dnorm, ctx.G(p.w1), ctx.G(p.b1), s.dh1, in, ctx.P(p.w1), n, h, f, false);
   }
   // Column-parallel input: each rank's dnorm covers its FFN columns only.
-  TpAllReduce(ctx.tp.comm, s.dnorm, static_cast<size_t>(n) * h);
-  NormBackward(ctx, p.norm, a.norm, dx, dres, s.dnorm, x, n);
+  BranchInputBackward(ctx, p.norm, a.norm, dx, dres, s.dnorm, x, n, rows);
 }
 
 void BlockForward(const LayerContext& ctx, const BlockParams& p, BlockActs& a, const float* x,
@@ -249,13 +294,16 @@ void BlockForward(const LayerContext& ctx, const BlockParams& p, BlockActs& a, c
   const int n = b * t;
   Backend* be = ctx.be;
   AttnActs& at = a.attn;
-  NormForward(ctx, p.attn.norm, at.norm, x, n);
+  EE_CHECK(!ctx.seq_parallel() || cache == nullptr, "sequence parallelism is for training");
+  const int rows = ctx.LocalRows(n);
+  NormForward(ctx, p.attn.norm, at.norm, x, rows);
+  const ConstOperand in = BranchInput(ctx, at.norm.out, rows);
   // qk_norm: q and k projected in fp32, then each head normalized into the operands.
   const Operand q_out = c.qk_norm ? Operand(at.q_raw) : at.q;
   const Operand k_out = c.qk_norm ? Operand(at.k_raw) : at.k;
-  be->Linear(q_out, at.norm.out, ctx.P(p.attn.wq), ctx.P(p.attn.bq), n, h, hq * d, false);
-  be->Linear(k_out, at.norm.out, ctx.P(p.attn.wk), ctx.P(p.attn.bk), n, h, hkv * d, false);
-  be->Linear(at.v, at.norm.out, ctx.P(p.attn.wv), ctx.P(p.attn.bv), n, h, hkv * d, false);
+  be->Linear(q_out, in, ctx.P(p.attn.wq), ctx.P(p.attn.bq), n, h, hq * d, false);
+  be->Linear(k_out, in, ctx.P(p.attn.wk), ctx.P(p.attn.bk), n, h, hkv * d, false);
+  be->Linear(at.v, in, ctx.P(p.attn.wv), ctx.P(p.attn.bv), n, h, hkv * d, false);
   if (c.qk_norm) {
     be->RmsNormForward(at.q, at.q_rstd, at.q_raw, ctx.P(p.attn.q_norm), n * hq, d, c.norm_eps);
     be->RmsNormForward(at.k, at.k_rstd, at.k_raw, ctx.P(p.attn.k_norm), n * hkv, d, c.norm_eps);
@@ -288,13 +336,7 @@ void BlockForward(const LayerContext& ctx, const BlockParams& p, BlockActs& a, c
              " != ", DTypeName(at.k.dtype));
     be->PagedAttentionPass(at.att, at.q, at.k, at.v, first->k, first->v, segments, hq, hkv, d);
   }
-  if (ctx.tp.size > 1) {  // row-parallel output projection: partial sums over tp
-    be->Linear(a.h_attn, at.att, ctx.P(p.attn.wo), RowParallelBias(ctx, p.attn.bo), n, hq * d, h,
-               false);
-    AddReducedResidual(ctx, a.h_attn, x, static_cast<size_t>(n) * h);
-  } else {
-    be->LinearResidual(a.h_attn, x, at.att, ctx.P(p.attn.wo), ctx.P(p.attn.bo), n, hq * d, h);
-  }
+  RowParallelResidual(ctx, a.h_attn, x, at.att, p.attn.wo, p.attn.bo, n, hq * d, rows);
   MlpForward(ctx, p.mlp, a.mlp, a.out, a.h_attn, n);
 }
 
@@ -303,8 +345,8 @@ void BlockBackward(const LayerContext& ctx, const BlockParams& p, const BlockAct
                    const int32_t* pos, int b, int t, const GradScratch& s) {
   const ModelConfig& c = *ctx.cfg;
   const int h = c.hidden_size, d = c.head_dim(), hq = c.num_heads, hkv = c.num_kv_heads;
-  const int n = b * t;
-  const size_t nh = static_cast<size_t>(n) * h;
+  const int n = b * t, rows = ctx.LocalRows(n);
+  const size_t nh = static_cast<size_t>(rows) * h;
   Backend* be = ctx.be;
   // Gradient at h_attn: residual (+ exit reading h_attn) + MLP branch, the residual part passed
   // through the norm's backward (no copy).
@@ -316,8 +358,8 @@ void BlockBackward(const LayerContext& ctx, const BlockParams& p, const BlockAct
   MlpBranchBackward(ctx, p.mlp, a.mlp, s.dh, dres, dout, a.h_attn, n, s);
   // Gradient at x: residual + attention branch (dx written by the norm's backward at the end).
   const AttnActs& at = a.attn;
-  be->LinearBackward(s.datt, ctx.G(p.attn.wo), ctx.G(p.attn.bo), s.dh, at.att, ctx.P(p.attn.wo), n,
-                     hq * d, h, false);
+  be->LinearBackward(s.datt, ctx.G(p.attn.wo), ctx.G(p.attn.bo), BranchOutputGrad(ctx, s.dh, rows),
+                     at.att, ctx.P(p.attn.wo), n, hq * d, h, false);
   be->AttentionBackward(s.dq, s.dk, s.dv, s.datt, at.att, at.lse, at.q, at.k, at.v, b, t, hq, hkv,
                         d);
   if (c.use_rope()) {  // with bf16 operands dq, dk round again after the rotation
@@ -331,14 +373,15 @@ void BlockBackward(const LayerContext& ctx, const BlockParams& p, const BlockAct
     dq = s.dq_raw;
     dk = s.dk_raw;
   }
-  be->LinearBackward(s.dnorm, ctx.G(p.attn.wq), ctx.G(p.attn.bq), dq, at.norm.out, ctx.P(p.attn.wq),
-                     n, h, hq * d, false);
-  be->LinearBackward(s.dnorm, ctx.G(p.attn.wk), ctx.G(p.attn.bk), dk, at.norm.out, ctx.P(p.attn.wk),
-                     n, h, hkv * d, true);
-  be->LinearBackward(s.dnorm, ctx.G(p.attn.wv), ctx.G(p.attn.bv), s.dv, at.norm.out,
-                     ctx.P(p.attn.wv), n, h, hkv * d, true);
-  TpAllReduce(ctx.tp.comm, s.dnorm, static_cast<size_t>(n) * h);  // heads are split over tp
-  NormBackward(ctx, p.attn.norm, at.norm, dx, s.dh, s.dnorm, x, n);
+  const ConstOperand in = BranchInput(ctx, at.norm.out, rows);  // gathered again
+  be->LinearBackward(s.dnorm, ctx.G(p.attn.wq), ctx.G(p.attn.bq), dq, in, ctx.P(p.attn.wq), n, h,
+                     hq * d, false);
+  be->LinearBackward(s.dnorm, ctx.G(p.attn.wk), ctx.G(p.attn.bk), dk, in, ctx.P(p.attn.wk), n, h,
+                     hkv * d, true);
+  be->LinearBackward(s.dnorm, ctx.G(p.attn.wv), ctx.G(p.attn.bv), s.dv, in, ctx.P(p.attn.wv), n, h,
+                     hkv * d, true);
+  // Heads are split over tp: each rank's dnorm covers its own.
+  BranchInputBackward(ctx, p.attn.norm, at.norm, dx, s.dh, s.dnorm, x, n, rows);
 }
 
 }  // namespace eellm

@@ -11,6 +11,7 @@
 #include "engine/backend.h"
 #include "engine/tensor/param_store.h"
 #include "models/model_config.h"
+#include "models/sequence_parallel.h"
 #include "parallel/comm/communicator.h"
 
 namespace eellm {
@@ -90,10 +91,12 @@ struct GradScratch {
   float *dq_raw = nullptr, *dk_raw = nullptr, *dq_f32 = nullptr, *dk_f32 = nullptr;
 };
 
+// `local`: the rows of the residual stream and the norms (n / tp under sequence parallelism;
+// -1: n); the branches' activations take n.
 NormActs MakeNormActs(Arena& a, int n, int c);
-MlpActs MakeMlpActs(Arena& a, const ModelConfig& c, int n);
+MlpActs MakeMlpActs(Arena& a, const ModelConfig& c, int n, int local = -1);
 // The attention log-sum-exps the backward needs are allocated only when `training`.
-BlockActs MakeBlockActs(Arena& a, const ModelConfig& c, int n, bool training);
+BlockActs MakeBlockActs(Arena& a, const ModelConfig& c, int n, bool training, int local = -1);
 GradScratch MakeGradScratch(Arena& a, const ModelConfig& c, int n);
 
 // One sequence's KV cache of one layer: k, v are the layer's pools [rows, hkv, d] (in the
@@ -121,6 +124,9 @@ struct TpSpec {
   int rank = 0;
   int size = 1;
   Communicator* comm = nullptr;
+  // Training only (models/sequence_parallel.h): the residual stream holds this rank's block of
+  // n / size rows; layer functions keep taking the whole batch's n rows.
+  bool sequence_parallel = false;
 };
 
 struct LayerContext {
@@ -128,6 +134,10 @@ struct LayerContext {
   const ModelConfig* cfg;  // the local config (LocalConfig) under tensor parallelism
   ParamStore* ps;
   TpSpec tp;
+  const SpScratch* sp = nullptr;  // with tp.sequence_parallel
+  bool seq_parallel() const { return tp.sequence_parallel && tp.size > 1; }
+  // Rows of the residual stream (and of the norms) this rank holds of a batch of n.
+  int LocalRows(int n) const { return seq_parallel() ? n / tp.size : n; }
   const float* P(int i) const { return i < 0 ? nullptr : ps->param(i); }
   float* G(int i) const { return i < 0 ? nullptr : ps->grad(i); }
 };

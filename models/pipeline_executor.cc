@@ -136,7 +136,10 @@ PipelineExecutor::PipelineExecutor(std::vector<Model*> chunks, ParallelContext* 
       forward_rendezvous_(CheckRendezvous(forward_schedule_)) {
   const int v = static_cast<int>(chunks_.size());
   const std::vector<int> peak = PeakPerChunk(schedule_.per_stage[ctx->coord.pp], v);
-  const size_t nc = static_cast<size_t>(micro_batch) * seq * chunks_[0]->config().hidden_size;
+  // Stage messages carry the residual stream's rows this rank holds (all, or its block of them
+  // under sequence parallelism).
+  const size_t nc = static_cast<size_t>(chunks_[0]->ResidualRows(micro_batch * seq)) *
+                    chunks_[0]->config().hidden_size;
   slots_.resize(v);
   for (int c = 0; c < v; ++c) {
     for (int i = 0; i < std::max(1, peak[c]); ++i) {
@@ -182,7 +185,8 @@ LossReport PipelineExecutor::Run(const Schedule& s, const absl::Status& rendezvo
   const int v = static_cast<int>(chunks_.size());
   const int last_virtual = stages * v - 1;
   const int rows = micro_batch_ * seq_;
-  const size_t bytes = static_cast<size_t>(rows) * c.hidden_size * sizeof(float);
+  const size_t bytes =
+      static_cast<size_t>(chunks_[0]->ResidualRows(rows)) * c.hidden_size * sizeof(float);
   const float loss_scale = 1.0f / microbatches_;
   if (eod_id_ >= 0) {
     // Every stage holds the ids, so each makes the mask of its heads itself.

@@ -111,6 +111,16 @@ void Model::DeclareParams() {
     if (x.kind != ExitKind::kLinear) p.norm = AddNormParams(params_, l, prefix + "norm");
     if (!x.tied) p.head = vocab_rows(prefix + "head.weight");
   }
+  if (ctx().seq_parallel()) {
+    // Norms see this rank's rows only: their gains' and biases' gradients are partial sums.
+    for (ParamInfo& p : params_.mutable_params()) {
+      const auto ends = [&](const std::string& s) {
+        return p.name.size() >= s.size() &&
+               p.name.compare(p.name.size() - s.size(), s.size(), s) == 0;
+      };
+      if (p.split_dim < 0 && (ends("norm.weight") || ends("norm.bias"))) p.sum_grad_over_tp = true;
+    }
+  }
 }
 
 namespace {
@@ -199,12 +209,13 @@ int Model::OutputWeight(int exit_index) const {
 ExitActs Model::MakeExitActs(Arena& a, int i, int n, bool training) {
   ExitActs r;
   const ExitConfig& x = config_.exits[i];
+  const int rows = ResidualRows(n);
   if (x.kind == ExitKind::kMlp) {
-    r.mlp = MakeMlpActs(a, local_, n);
-    r.mlp_out = a.Floats(static_cast<size_t>(n) * config_.hidden_size);
+    r.mlp = MakeMlpActs(a, local_, n, rows);
+    r.mlp_out = a.Floats(static_cast<size_t>(rows) * config_.hidden_size);
   }
-  if (x.kind == ExitKind::kBlock) r.block = MakeBlockActs(a, local_, n, training);
-  if (x.kind != ExitKind::kLinear) r.norm = MakeNormActs(a, n, config_.hidden_size);
+  if (x.kind == ExitKind::kBlock) r.block = MakeBlockActs(a, local_, n, training, rows);
+  if (x.kind != ExitKind::kLinear) r.norm = MakeNormActs(a, rows, config_.hidden_size);
   return r;
 }
 
@@ -212,8 +223,10 @@ std::unique_ptr<Workspace> Model::MakeWorkspace(int b, int t) {
   EE_CHECK(t <= config_.max_seq_len, "sequence length ", t, " exceeds max_seq_len ",
            config_.max_seq_len);
   auto ws = std::make_unique<Workspace>(be_);
-  const int n = b * t, c = config_.hidden_size;
-  const size_t nc = static_cast<size_t>(n) * c;
+  const int n = b * t, c = config_.hidden_size, rows = ResidualRows(n);
+  EE_CHECK(rows * tp_.size == n || rows == n, "sequence parallelism splits ", n,
+           " rows (micro_batch_size x seq_len) unevenly over tp ", tp_.size);
+  const size_t nc = static_cast<size_t>(rows) * c;  // the residual stream's elements here
   Arena& a = ws->arena;
   ws->b = b;
   ws->t = t;
@@ -226,9 +239,21 @@ std::unique_ptr<Workspace> Model::MakeWorkspace(int b, int t) {
   ws->weights = a.Floats(n);
   ws->x0 = a.Floats(nc);
   for (int l = first_layer_; l < end_layer_; ++l) {
-    ws->layers.push_back(MakeBlockActs(a, local_, n, /*training=*/true));
+    ws->layers.push_back(MakeBlockActs(a, local_, n, /*training=*/true, rows));
   }
-  if (has_final_head()) ws->final_norm = MakeNormActs(a, n, c);
+  if (has_final_head()) ws->final_norm = MakeNormActs(a, rows, c);
+  if (ctx().seq_parallel()) {
+    const size_t whole = static_cast<size_t>(n) * c;
+    const DType op = be_->operand_dtype();
+    if (sp_gathered_.bytes() < whole * DTypeSize(op)) {
+      sp_gathered_ = Buffer(be_, whole * DTypeSize(op));
+      sp_full_ = Buffer(be_, whole * sizeof(float));
+      sp_local_ = Buffer(be_, nc * sizeof(float));
+      if (op != DType::kF32) sp_gathered_f32_ = Buffer(be_, whole * sizeof(float));
+    }
+    sp_ = SpScratch{Operand(sp_gathered_.data(), op), sp_gathered_f32_.f32(), sp_full_.f32(),
+                    sp_local_.f32()};
+  }
   for (size_t i = 0; i < config_.exits.size(); ++i) {
     ws->exits.push_back(ExitIsLocal(i) ? MakeExitActs(a, i, n, /*training=*/true) : ExitActs{});
     ws->exit_grad.push_back(ExitIsLocal(i) ? a.Floats(nc) : nullptr);
@@ -261,51 +286,67 @@ std::unique_ptr<Workspace> Model::MakeWorkspace(int b, int t) {
 
 void Model::Embed(float* out, const int32_t* ids, const int32_t* pos, int n) {
   const int c = config_.hidden_size;
-  if (tp_.size > 1) {
+  // Sequence parallelism: each rank's vocabulary rows into the whole-row scratch (positions on
+  // rank 0's), reduce-scattered to this rank's rows.
+  const bool sp = ctx().seq_parallel();
+  float* whole = sp ? sp_.full : out;
+  if (sp) {
+    const VocabShard shard = vocab_shard();
+    be_->EmbeddingForwardRange(whole, ids, params_.param(word_emb_), n, c, shard.start, shard.rows);
+  } else if (tp_.size > 1) {
     VocabParallelEmbedding(be_, tp_.comm, out, ids, params_.param(word_emb_), n, c, vocab_shard());
   } else {
     be_->EmbeddingForward(out, ids, params_.param(word_emb_), n, c);
   }
-  if (pos_emb_ >= 0) {
+  if (pos_emb_ >= 0 && (!sp || tp_.rank == 0)) {
     // Rows of the position table are added one token at a time (n is small or the table
     // lookup is cheap next to the layers).
     std::vector<int32_t> hp(n);
     be_->CopyToHost(hp.data(), pos, n * sizeof(int32_t));
     for (int r = 0; r < n; ++r) {
       EE_CHECK(hp[r] >= 0 && hp[r] < config_.max_seq_len, "position ", hp[r], " out of range");
-      be_->Axpy(out + static_cast<size_t>(r) * c, 1.0f,
+      be_->Axpy(whole + static_cast<size_t>(r) * c, 1.0f,
                 params_.param(pos_emb_) + static_cast<size_t>(hp[r]) * c, c);
     }
   }
+  if (sp) ReduceScatterRows(tp_.comm, whole, out, ResidualRows(n), c);
 }
 
 ConstOperand Model::ExitHidden(int i, ExitActs& a, const float* in, const int32_t* pos, int b,
                                int t, const std::vector<KvSegment>* cache) {
   const ExitConfig& x = config_.exits[i];
   const ExitHeadParams& p = exits_[i];
-  const int n = b * t;
+  const int n = b * t, rows = ResidualRows(n);
   LayerContext cx = ctx();
+  // Under sequence parallelism the head reads every row: this rank's are gathered with the
+  // others'.
+  auto whole = [&](ConstOperand local) {
+    return cx.seq_parallel() ? GatherRows(be_, tp_.comm, sp_, local, rows, config_.hidden_size)
+                             : local;
+  };
   switch (x.kind) {
     case ExitKind::kLinear:
-      return in;
+      return whole(in);
     case ExitKind::kNorm:
-      NormForward(cx, p.norm, a.norm, in, n);
-      return a.norm.out;
+      NormForward(cx, p.norm, a.norm, in, rows);
+      return whole(a.norm.out);
     case ExitKind::kMlp:
       MlpForward(cx, p.mlp, a.mlp, a.mlp_out, in, n);
-      NormForward(cx, p.norm, a.norm, a.mlp_out, n);
-      return a.norm.out;
+      NormForward(cx, p.norm, a.norm, a.mlp_out, rows);
+      return whole(a.norm.out);
     case ExitKind::kBlock:
       BlockForward(cx, p.block, a.block, in, pos, b, t, cache);
-      NormForward(cx, p.norm, a.norm, a.block.out, n);
-      return a.norm.out;
+      NormForward(cx, p.norm, a.norm, a.block.out, rows);
+      return whole(a.norm.out);
   }
   return nullptr;
 }
 
 ConstOperand Model::FinalHidden(NormActs& a, const float* x, int n) {
-  NormForward(ctx(), final_norm_, a, x, n);
-  return a.out;
+  const int rows = ResidualRows(n);
+  NormForward(ctx(), final_norm_, a, x, rows);
+  if (!ctx().seq_parallel()) return a.out;
+  return GatherRows(be_, tp_.comm, sp_, a.out, rows, config_.hidden_size);
 }
 
 void Model::Project(float* logits, ConstOperand hidden, int exit_index, int n) {
@@ -365,11 +406,15 @@ std::pair<double, double> Model::HeadLoss(Workspace& ws, ConstOperand hidden, in
     Project(logits, hidden.At(r0 * h), exit_index, rows);
     if (inv_temperature != 1.0f) be_->Scale(logits, inv_temperature, static_cast<size_t>(rows) * v);
   };
+  // The hidden state's gradient over every row (vocabulary-partial under tp): ws.dhidden, or
+  // under sequence parallelism the whole-row scratch, reduce-scattered into ws.dhidden.
+  const bool sp = ctx().seq_parallel();
+  float* dhidden = sp ? sp_.full : ws.dhidden;
   double count = 0;
   for (float m : ws.host_mask) count += m;
   if (count == 0) {
     // Every position masked: no loss, and no gradient from this head.
-    if (backward) be_->Fill(ws.dhidden, static_cast<size_t>(n) * h, 0.0f);
+    if (backward) be_->Fill(ws.dhidden, static_cast<size_t>(ResidualRows(n)) * h, 0.0f);
     return {0.0, 0.0};
   }
   bool projected = false;  // logits already holds the (single) chunk's logits
@@ -401,7 +446,7 @@ std::pair<double, double> Model::HeadLoss(Workspace& ws, ConstOperand hidden, in
     if (backward) {
       // A frozen head (EE-Tuning: tied to the word embedding) needs no weight gradient.
       float* dw = params_.params()[w].trainable ? params_.grad(w) : nullptr;
-      be_->LinearBackward(ws.dhidden + r0 * h, dw, nullptr, dlogits_chunk, hidden.At(r0 * h),
+      be_->LinearBackward(dhidden + r0 * h, dw, nullptr, dlogits_chunk, hidden.At(r0 * h),
                           params_.param(w), rows, config_.hidden_size, v, false);
     }
   }
@@ -413,7 +458,11 @@ std::pair<double, double> Model::HeadLoss(Workspace& ws, ConstOperand hidden, in
   }
   if (backward) {
     // The hidden state feeds every rank's vocabulary columns: sum their gradients.
-    TpAllReduce(tp_.comm, ws.dhidden, static_cast<size_t>(n) * config_.hidden_size);
+    if (sp) {
+      ReduceScatterRows(tp_.comm, dhidden, ws.dhidden, ResidualRows(n), config_.hidden_size);
+    } else {
+      TpAllReduce(tp_.comm, ws.dhidden, static_cast<size_t>(n) * config_.hidden_size);
+    }
   }
   return {mean / count, term};
 }
@@ -423,19 +472,19 @@ void Model::ExitBackward(int i, ExitActs& a, float* din, const float* dhidden, c
                          const int32_t* pos, int b, int t, const GradScratch& s) {
   const ExitConfig& x = config_.exits[i];
   const ExitHeadParams& p = exits_[i];
-  const int n = b * t;
-  const size_t nc = static_cast<size_t>(n) * config_.hidden_size;
+  const int n = b * t, rows = ResidualRows(n);
+  const size_t nc = static_cast<size_t>(rows) * config_.hidden_size;
   LayerContext cx = ctx();
   switch (x.kind) {
     case ExitKind::kLinear:
       be_->Axpy(din, 1.0f, dhidden, nc);
       return;
     case ExitKind::kNorm:
-      NormBackward(cx, p.norm, a.norm, din, din, dhidden, in, n);
+      NormBackward(cx, p.norm, a.norm, din, din, dhidden, in, rows);
       return;
     case ExitKind::kMlp: {
       float* dm = s.dh;  // free here: the MLP branch backward does not use dh
-      NormBackward(cx, p.norm, a.norm, dm, nullptr, dhidden, a.mlp_out, n);
+      NormBackward(cx, p.norm, a.norm, dm, nullptr, dhidden, a.mlp_out, rows);
       be_->Axpy(din, 1.0f, dm, nc);
       MlpBranchBackward(cx, p.mlp, a.mlp, din, din, dm, in, n, s);
       return;
@@ -451,8 +500,8 @@ const float* Model::HiddenAt(const Workspace& ws, int depth) const {
 
 void Model::ExitsAtDepth(Workspace& ws, int depth, absl::Span<const float> w, bool backward,
                          float loss_scale, LossReport& r, bool store) {
-  const int b = ws.b, t = ws.t, n = b * t;
-  const size_t nc = static_cast<size_t>(n) * config_.hidden_size;
+  const int b = ws.b, t = ws.t, n = b * t, rows = ResidualRows(n);
+  const size_t nc = static_cast<size_t>(rows) * config_.hidden_size;
   for (size_t i = 0; i < config_.exits.size(); ++i) {
     const ExitConfig& x = config_.exits[i];
     if (x.depth() != depth || !ExitIsLocal(i)) continue;
@@ -472,7 +521,7 @@ void Model::ExitsAtDepth(Workspace& ws, int depth, absl::Span<const float> w, bo
       // dexit = d(block out); dhidden is free after the norm backward and takes d(in).
       const ExitHeadParams& p = exits_[i];
       NormBackward(ctx(), p.norm, ws.exits[i].norm, ws.dexit, nullptr, ws.dhidden,
-                   ws.exits[i].block.out, n);
+                   ws.exits[i].block.out, rows);
       BlockBackward(ctx(), p.block, ws.exits[i].block, ws.dhidden, ws.dexit, nullptr, in, ws.pos, b,
                     t, ws.gs);
       be_->Axpy(din, 1.0f, ws.dhidden, nc);
@@ -488,7 +537,8 @@ void Model::StageForward(Workspace& ws, const int32_t* ids, const float* input) 
     be_->CopyFromHost(ws.ids, ids, n * sizeof(int32_t));
     Embed(ws.x0, ws.ids, ws.pos, n);
   } else {
-    be_->Copy(ws.x0, input, static_cast<size_t>(n) * config_.hidden_size * sizeof(float));
+    be_->Copy(ws.x0, input,
+              static_cast<size_t>(ResidualRows(n)) * config_.hidden_size * sizeof(float));
   }
   const float* x = ws.x0;
   for (int l = first_layer_; l < ForwardEnd(); ++l) {
@@ -525,8 +575,8 @@ LossReport Model::StageBackward(Workspace& ws, const int32_t* targets, const flo
   EE_CHECK(exit_weights.size() == c.exits.size(), "need one weight per exit");
   EE_CHECK(ForwardEnd() == end_layer_, "StageBackward after a forward that stopped at layer ",
            ForwardEnd());
-  const int b = ws.b, t = ws.t, n = b * t;
-  const size_t nc = static_cast<size_t>(n) * c.hidden_size;
+  const int b = ws.b, t = ws.t, n = b * t, rows = ResidualRows(n);
+  const size_t nc = static_cast<size_t>(rows) * c.hidden_size;
   LossReport r;
   SetTargets(ws, targets, mask, r);
   const bool stored = ws.exits_done && backward;
@@ -539,7 +589,7 @@ LossReport Model::StageBackward(Workspace& ws, const int32_t* targets, const flo
     r.final_loss = final_mean;
     r.objective = final_term;
     if (backward) {
-      NormBackward(ctx(), final_norm_, ws.final_norm, ws.dx, nullptr, ws.dhidden, x, n);
+      NormBackward(ctx(), final_norm_, ws.final_norm, ws.dx, nullptr, ws.dhidden, x, rows);
     }
   } else if (backward) {
     EE_CHECK(d_output != nullptr, "a backward through a model cut after layer ", depth_,
@@ -577,10 +627,12 @@ LossReport Model::StageBackward(Workspace& ws, const int32_t* targets, const flo
   }
   if (backward && is_first_stage()) {
     const VocabShard shard = vocab_shard();
-    be_->EmbeddingBackwardRange(params_.grad(word_emb_), ws.ids, ws.dx, n, c.hidden_size,
-                                shard.start, shard.rows);
+    const float* dx =
+        ctx().seq_parallel() ? GatherGradRows(tp_.comm, sp_, ws.dx, rows, c.hidden_size) : ws.dx;
+    be_->EmbeddingBackwardRange(params_.grad(word_emb_), ws.ids, dx, n, c.hidden_size, shard.start,
+                                shard.rows);
     if (pos_emb_ >= 0) {
-      be_->EmbeddingBackward(params_.grad(pos_emb_), ws.pos, ws.dx, n, c.hidden_size);
+      be_->EmbeddingBackward(params_.grad(pos_emb_), ws.pos, dx, n, c.hidden_size);
     }
   }
   return r;
@@ -621,7 +673,7 @@ LossReport Model::StageTuneExits(Workspace& ws, const int32_t* targets, const fl
 }
 
 const float* Model::AddStoredExitGrads(Workspace& ws, int depth, absl::Span<const float> w) {
-  const size_t nc = static_cast<size_t>(ws.b) * ws.t * config_.hidden_size;
+  const size_t nc = static_cast<size_t>(ResidualRows(ws.b * ws.t)) * config_.hidden_size;
   const float* extra = nullptr;
   for (size_t i = 0; i < config_.exits.size(); ++i) {
     const ExitConfig& x = config_.exits[i];

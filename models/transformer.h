@@ -96,7 +96,10 @@ class Model {
   const ModelConfig& config() const { return config_; }
   ParamStore& params() { return params_; }
   Backend* backend() const { return be_; }
-  LayerContext ctx() { return LayerContext{be_, &local_, &params_, tp_}; }
+  LayerContext ctx() { return LayerContext{be_, &local_, &params_, tp_, &sp_}; }
+  // Rows of the residual stream this rank holds of a batch of n (n / tp under sequence
+  // parallelism): the rows of StageOutput, StageInputGrad and the stage's input.
+  int ResidualRows(int n) const { return tp_.sequence_parallel && tp_.size > 1 ? n / tp_.size : n; }
   const ModelConfig& local_config() const { return local_; }  // this tensor-parallel rank's
   const TpSpec& tp() const { return tp_; }
   // This rank's vocabulary rows (all of them without tensor parallelism).
@@ -239,6 +242,10 @@ class Model {
   // operands; bf16 in head_dlogits_ with bf16 operands). Shared by all workspaces (HeadLoss
   // runs one at a time), sized at MakeWorkspace, and only on stages that hold a head.
   Buffer head_logits_, head_dlogits_;
+  // Sequence parallelism's whole-row scratch (models/sequence_parallel.h), sized at
+  // MakeWorkspace, shared like the heads' scratch.
+  SpScratch sp_;
+  Buffer sp_gathered_, sp_gathered_f32_, sp_full_, sp_local_;
   std::vector<ExitHeadParams> exits_;
 };
 
