@@ -51,6 +51,9 @@ ABSL_FLAG(int, virtual_stages, 0,
 ABSL_FLAG(bool, zero1, false, "shard the optimizer state over data-parallel ranks (ZeRO-1)");
 ABSL_FLAG(bool, freeze_backbone, false,
           "EE-Tuning: train only the exits' own parameters, the backbone frozen (forward only)");
+ABSL_FLAG(bool, sequence_parallel, false,
+          "with --tp > 1: each tensor-parallel rank holds 1/tp of the rows between the branches "
+          "(Megatron's --sequence-parallel)");
 ABSL_FLAG(bool, eod_mask_loss, false,
           "no loss at positions whose input token is the end-of-text (Megatron's --eod-mask-loss)");
 ABSL_FLAG(bool, skip_layers_past_exits, false,
@@ -117,6 +120,7 @@ int RunTrainCommand() {
   if (absl::GetFlag(FLAGS_freeze_backbone)) t.freeze_backbone = true;
   if (absl::GetFlag(FLAGS_skip_layers_past_exits)) t.skip_layers_past_exits = true;
   if (absl::GetFlag(FLAGS_eod_mask_loss)) t.eod_mask_loss = true;
+  if (absl::GetFlag(FLAGS_sequence_parallel)) t.sequence_parallel = true;
   if (absl::GetFlag(FLAGS_virtual_stages) > 0) {
     t.virtual_stages = absl::GetFlag(FLAGS_virtual_stages);
   }

@@ -82,7 +82,8 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
                                    "init_method_std",
                                    "metrics",
                                    "exit_signal_handler",
-                                   "eod_mask_loss"},
+                                   "eod_mask_loss",
+                                   "sequence_parallel"},
                                   "train config"));
     RETURN_IF_ERROR(ReadJsonField(tj, "data", "train config", &t.data));
     RETURN_IF_ERROR(ReadJsonField(tj, "val_fraction", "train config", &t.val_fraction));
@@ -128,6 +129,7 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
     RETURN_IF_ERROR(
         ReadJsonField(tj, "skip_layers_past_exits", "train config", &t.skip_layers_past_exits));
     RETURN_IF_ERROR(ReadJsonField(tj, "eod_mask_loss", "train config", &t.eod_mask_loss));
+    RETURN_IF_ERROR(ReadJsonField(tj, "sequence_parallel", "train config", &t.sequence_parallel));
   }
   for (auto [v, k] : {std::pair{t.batch_size, "batch_size"},
                       {t.seq_len, "seq_len"},
@@ -234,7 +236,8 @@ std::string TrainConfigToJson(const TrainConfig& t) {
             {"overlap_grad_reduce", t.overlap_grad_reduce},
             {"freeze_backbone", t.freeze_backbone},
             {"skip_layers_past_exits", t.skip_layers_past_exits},
-            {"eod_mask_loss", t.eod_mask_loss}};
+            {"eod_mask_loss", t.eod_mask_loss},
+            {"sequence_parallel", t.sequence_parallel}};
   return j.dump(2);
 }
 

@@ -51,6 +51,9 @@ struct TrainConfig {
   bool exit_signal_handler = false;
   int tp = 1, pp = 1, dp = 1;  // parallel layout (world size = tp * pp * dp)
   bool zero1 = false;          // shard optimizer state over data-parallel ranks
+  // Megatron's --sequence-parallel (with tp > 1): between the tensor-parallel branches each rank
+  // holds 1/tp of the rows (norms, residual stream, exits' inputs); models/sequence_parallel.h.
+  bool sequence_parallel = false;
   // Data-parallel gradient all-reduce in buckets of this many elements, each started as soon
   // as the last backward has finished its layers (overlap_grad_reduce) or after the backward.
   int grad_bucket_size = 1 << 20;

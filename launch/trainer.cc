@@ -224,6 +224,14 @@ absl::Status ValidateLayout(const RunConfig& rc) {
                  micro, ") to be a multiple of pp ", t.pp);
     }
   }
+  if (t.sequence_parallel && t.tp > 1) {
+    const int micro = t.micro_batch_size > 0 ? t.micro_batch_size : rows;
+    if (micro * t.seq_len % t.tp != 0) {
+      return bad("sequence_parallel splits each microbatch's micro_batch_size ", micro,
+                 " x seq_len ", t.seq_len, " = ", micro * t.seq_len, " rows over tp ", t.tp,
+                 ": not divisible");
+    }
+  }
   if (t.exit_placement != "bubbles" && t.exit_placement != "backward") {
     return bad("exit_placement \"", t.exit_placement, "\" is not bubbles or backward");
   }
@@ -283,7 +291,7 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     ASSIGN_OR_RETURN(
         auto chunk,
         Model::Create(mc, backend, StageSpec{k * pp + ctx->coord.pp, pp * nv, cut},
-                      TpSpec{ctx->coord.tp, tc.tp, ctx->tp.get()},
+                      TpSpec{ctx->coord.tp, tc.tp, ctx->tp.get(), tc.sequence_parallel},
                       tc.freeze_backbone ? ModelGradients::kExits : ModelGradients::kAll));
     chunk->InitRandom(tc.seed, tc.init_method_std);
     // Tensors every tensor-parallel rank holds whole count once in the gradient norm.
@@ -610,12 +618,13 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     LossReport r = exec.TrainStep(in.data(), tg.data(), w);
     if (kv_group || tp_partial) {
       // Block exits' K/V projections replicated over tensor-parallel ranks (and their q and k
-      // norms): summed here (the backbone's are summed as their layers finish). They sit above
-      // every layer in the arena, so no data-parallel bucket holding them has started yet.
+      // norms; under sequence parallelism every norm, the final one too): summed here (the
+      // layers' are summed as their layers finish). They sit above every layer in the arena, so
+      // no data-parallel bucket holding them has started yet.
       for (Model* chunk : chunks) {
         ParamStore& ps = chunk->params();
         for (const ParamInfo& p : ps.params()) {
-          if (Model::IsExitTensor(p.name)) sum_over_tp(ps, p);
+          if (p.name.rfind("layers.", 0) != 0) sum_over_tp(ps, p);
         }
       }
     }

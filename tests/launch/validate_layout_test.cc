@@ -69,5 +69,22 @@ TEST(ValidateLayout, SkippingLayersPastExits) {
   EXPECT_NE(std::string(s.message()).find("no exit after a layer"), std::string::npos) << s;
 }
 
+// Sequence parallelism splits each microbatch's rows over tp: they must divide.
+TEST(ValidateLayout, SequenceParallelRows) {
+  RunConfig rc = Layout(4, 1, 1, 3, 0);  // one microbatch of 3 sequences
+  rc.train.tp = 2;
+  rc.train.seq_len = 33;
+  rc.train.sequence_parallel = true;
+  absl::Status s = ValidateLayout(rc);
+  EXPECT_NE(std::string(s.message()).find("micro_batch_size 3 x seq_len 33 = 99 rows over tp 2"),
+            std::string::npos)
+      << s;
+  rc.train.seq_len = 32;
+  EXPECT_TRUE(ValidateLayout(rc).ok()) << ValidateLayout(rc);
+  rc.train.seq_len = 33;
+  rc.train.sequence_parallel = false;
+  EXPECT_TRUE(ValidateLayout(rc).ok()) << ValidateLayout(rc);
+}
+
 }  // namespace
 }  // namespace eellm

@@ -6,6 +6,7 @@
 // statistics) before they are all-reduced. The same with sequence parallelism (each rank holds
 // its block of the rows between the branches; the norms' gradients are the ranks' sums).
 #include <cmath>
+#include <cstdio>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -52,6 +53,7 @@ TEST_P(TpModel, ShardsMatchTheWholeModel) {
     GTEST_SKIP() << "the test model does not split over " << tp << " ranks";
   }
   auto be = std::move(*MakeBackend("cpu"));
+  size_t workspace_bytes[2] = {0, 0};  // without, with sequence parallelism
   for (bool sp : {false, true}) {
     SCOPED_TRACE(sp ? "sequence parallel" : "tensor parallel");
     auto whole = *Model::Create(c, be.get());
@@ -67,6 +69,7 @@ TEST_P(TpModel, ShardsMatchTheWholeModel) {
     std::vector<float> w = {0.5f, 0.3f, 0.2f};
     auto ws_whole = whole->MakeWorkspace(b, t);
     auto ws_part = part->MakeWorkspace(b, t);
+    workspace_bytes[sp] = ws_part->arena.bytes();
     whole->params().ZeroGrads();
     part->params().ZeroGrads();
     LossReport rw = whole->ForwardBackward(*ws_whole, ids.data(), tg.data(), nullptr, w, true);
@@ -106,6 +109,14 @@ TEST_P(TpModel, ShardsMatchTheWholeModel) {
       EXPECT_LE(max_diff, 2e-5 * max_full + 1e-9) << p.name << " (split " << p.split_dim << ")";
       EXPECT_GT(max_full, 0.0) << p.name;
     }
+  }
+  // The residual stream, the norms and the exits' inputs take 1/tp of their rows.
+  if (tp > 1) {
+    EXPECT_LT(workspace_bytes[1], workspace_bytes[0]);
+  }
+  if (rank == 0) {
+    std::printf("tp %d: a workspace holds %zu bytes, %zu with sequence parallelism\n", tp,
+                workspace_bytes[0], workspace_bytes[1]);
   }
 }
 

@@ -204,6 +204,7 @@ struct Layout {
   int micro_batch;         // 0 = one microbatch per step
   bool fused = false;      // exit work fused into the backward instead of placed in the bubbles
   int virtual_stages = 1;  // model chunks per pipeline rank (interleaved 1F1B when > 1)
+  bool sequence_parallel = false;
 };
 
 // Trains `rc` under every layout of `layouts` that fits the world size `n` (checkpoints in
@@ -225,10 +226,12 @@ void ExpectLayoutsMatch(const RunConfig& rc, const RunResult& ref,
     par.train.micro_batch_size = l.micro_batch;
     par.train.exit_placement = l.fused ? "backward" : "bubbles";
     par.train.virtual_stages = l.virtual_stages;
+    par.train.sequence_parallel = l.sequence_parallel;
     const std::string name = "tp" + std::to_string(l.tp) + " pp" + std::to_string(l.pp) + " dp" +
                              std::to_string(l.dp) + (l.zero1 ? " zero1" : "") + " micro" +
                              std::to_string(l.micro_batch) + (l.fused ? " fused" : "") +
-                             (l.virtual_stages > 1 ? " v" + std::to_string(l.virtual_stages) : "");
+                             (l.virtual_stages > 1 ? " v" + std::to_string(l.virtual_stages) : "") +
+                             (l.sequence_parallel ? " sp" : "");
     auto ctx = MakeContext(par.train);
     ASSERT_NE(ctx, nullptr);
     RunResult got = Train(par, ctx.get(), shared_out + std::to_string(tested), "", init_from);
@@ -312,6 +315,10 @@ TEST_P(TrainLayouts, EveryLayoutMatchesSingleRank) {
       {2, 2, 1, false, 1},
       {2, 2, 2, false, 1},
       {2, 2, 2, true, 1},
+      // Sequence parallelism (each tensor-parallel rank holds half the rows between branches).
+      {2, 1, 1, false, 0, false, 1, true},
+      {2, 2, 1, false, 1, true, 1, true},
+      {2, 2, 2, true, 1, false, 1, true},
       // Interleaved 1F1B (8 layers: 2 chunks per rank). pp 1 passes activations locally and
       // holds the word embedding in both chunks (first stage, tied final head).
       {1, 1, 1, false, 1, false, 2},
@@ -358,11 +365,17 @@ TEST_P(TrainLayouts, FrozenBackboneTrainsOnlyTheExitsUnderEveryLayout) {
     }
     EXPECT_GE(exit_tensors, 8);  // exit 0's norm; exit 1's norm, MLP, head; exit 2's block...
   }
-  const std::vector<Layout> layouts = {
-      {1, 1, 1, false, 1}, {1, 2, 1, false, 1},           {1, 1, 2, false, 0},
-      {2, 1, 1, false, 1}, {1, 2, 1, false, 1, false, 2}, {1, 2, 2, true, 1},
-      {2, 2, 1, false, 1}, {1, 4, 1, false, 1},           {2, 2, 2, true, 1},
-      {1, 4, 2, false, 1}};
+  const std::vector<Layout> layouts = {{1, 1, 1, false, 1},
+                                       {1, 2, 1, false, 1},
+                                       {1, 1, 2, false, 0},
+                                       {2, 1, 1, false, 1},
+                                       {1, 2, 1, false, 1, false, 2},
+                                       {1, 2, 2, true, 1},
+                                       {2, 2, 1, false, 1},
+                                       {1, 4, 1, false, 1},
+                                       {2, 2, 2, true, 1},
+                                       {1, 4, 2, false, 1},
+                                       {2, 2, 1, false, 1, false, 1, true}};
   ExpectLayoutsMatchInSharedDirs(*world, rc, ref, layouts, "frozen", GetParam() + " frozen");
   std::error_code ec;
   std::filesystem::remove_all(std::filesystem::path(data).parent_path(), ec);
