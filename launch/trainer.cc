@@ -231,6 +231,11 @@ absl::Status ValidateLayout(const RunConfig& rc) {
                  " x seq_len ", t.seq_len, " = ", micro * t.seq_len, " rows over tp ", t.tp,
                  ": not divisible");
     }
+    if (static_cast<int64_t>(micro) * t.seq_len / t.tp * m.hidden_size % 2 != 0) {
+      return bad("sequence_parallel: each rank's ", micro * t.seq_len / t.tp,
+                 " rows x hidden_size ", m.hidden_size,
+                 " must be even (bf16 blocks are gathered in pairs)");
+    }
   }
   if (t.exit_placement != "bubbles" && t.exit_placement != "backward") {
     return bad("exit_placement \"", t.exit_placement, "\" is not bubbles or backward");
@@ -475,6 +480,8 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   }
   tp_partial = tp_partial && tc.tp > 1;
   auto sum_over_tp = [&](ParamStore& ps, const ParamInfo& p) {
+    // Frozen tensors (EE-Tuning) have no gradient to sum.
+    if (!p.trainable || p.offset < ps.grad_lo()) return;
     if (kv_group && p.tp_replicas > 1) {
       kv_group->AllReduce(ps.grad_at(p.offset), p.numel, ReduceOp::kSum);
     }

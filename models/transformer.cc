@@ -34,6 +34,10 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config, 
         " and vocab_size ", config.vocab_size, " must all be divisible by tp ", tp.size,
         ", and KV heads ", config.num_kv_heads, " must divide or be divisible by it"));
   }
+  if (tp.sequence_parallel && tp.size > 1 && grads == ModelGradients::kNone) {
+    return absl::InvalidArgumentError(
+        "sequence parallelism is for training: inference runs plain tensor parallelism");
+  }
   std::unique_ptr<Model> m(new Model(config, be));
   m->tp_ = tp;
   if (tp.size > 1) m->local_ = LocalConfig(config, tp.size);

@@ -375,7 +375,8 @@ TEST_P(TrainLayouts, FrozenBackboneTrainsOnlyTheExitsUnderEveryLayout) {
                                        {1, 4, 1, false, 1},
                                        {2, 2, 2, true, 1},
                                        {1, 4, 2, false, 1},
-                                       {2, 2, 1, false, 1, false, 1, true}};
+                                       {2, 2, 1, false, 1, false, 1, true},
+                                       {2, 1, 1, false, 1, false, 1, true}};
   ExpectLayoutsMatchInSharedDirs(*world, rc, ref, layouts, "frozen", GetParam() + " frozen");
   std::error_code ec;
   std::filesystem::remove_all(std::filesystem::path(data).parent_path(), ec);
