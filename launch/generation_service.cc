@@ -249,10 +249,21 @@ void GenerationService::Run() {
         continue;
       }
       // In arrival order, while the next one finds a slot and KV room (a request waits for the
-      // sequences before it rather than being overtaken).
+      // sequences before it rather than being overtaken). With prefix caching, a prompt admitted
+      // again in the same round (the copies of a request's "n", or the same prompt twice) waits
+      // for the next pass: the first copy's pass registers its pages, which the others then
+      // hold instead of prefilling them again.
+      std::vector<const std::vector<int32_t>*> admitted;  // this round's prompts
       while (!queue_.empty() && gen_->CanAdmit((*queue_.front()->requests)[queue_.front()->next])) {
         Job* job = queue_.front();
         const GenerationRequest& r = (*job->requests)[job->next];
+        if (gen_->prefix_caching() &&
+            r.prompt.size() > static_cast<size_t>(Generator::kKvPageTokens) &&
+            std::any_of(admitted.begin(), admitted.end(),
+                        [&](const std::vector<int32_t>* p) { return *p == r.prompt; })) {
+          break;
+        }
+        admitted.push_back(&r.prompt);
         auto slot = gen_->Admit(r);
         EE_CHECK(slot.ok(), "admitting a validated request failed: ", slot.status().message());
         owner[*slot] = {job, job->next};

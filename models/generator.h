@@ -144,6 +144,9 @@ class SequenceBatcher {
   virtual int64_t preemptions() const { return 0; }
   // Tokens whose K/V prefills took from the prefix cache instead of computing them.
   virtual int64_t prefix_cached_tokens() const { return 0; }
+  // Whether prompts' whole pages, once a pass has computed them, serve later prefills of the
+  // same tokens (Generator::EnablePrefixCaching).
+  virtual bool prefix_caching() const { return false; }
   // The KV cache's size in tokens, and the tokens running sequences hold.
   virtual int kv_tokens() const = 0;
   virtual int kv_tokens_in_use() const = 0;
@@ -190,7 +193,7 @@ class Generator : public SequenceBatcher {
   // following passes; its last chunk decides the first token as a whole prefill would.
   void SetPrefillChunk(int tokens);
   int prefill_chunk() const { return prefill_chunk_; }
-  bool prefix_caching() const { return prefix_caching_; }
+  bool prefix_caching() const override { return prefix_caching_; }
   int64_t prefix_cached_tokens() const override { return prefix_cached_tokens_; }
   int kv_cached_pages() const { return page_pool_.cached(); }  // registered, held by none
   static constexpr int kKvPageTokens = KvPagePool::kPageTokens;

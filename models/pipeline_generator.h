@@ -80,6 +80,7 @@ class PipelineGenerator : public SequenceBatcher {
   // Stage 0's passes.
   int64_t passes() const override { return gen_->passes(); }
   int64_t prefix_cached_tokens() const override { return gen_->prefix_cached_tokens(); }
+  bool prefix_caching() const override { return gen_->prefix_caching(); }
   int kv_tokens() const override { return gen_->kv_tokens(); }
   int kv_tokens_in_use() const override { return gen_->kv_tokens_in_use(); }
   int largest_pass() const override { return gen_->largest_pass(); }

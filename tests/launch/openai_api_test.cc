@@ -459,6 +459,29 @@ TEST(CompletionServer, AnswersOverHttp) {
   EXPECT_EQ(json::parse(res->body)["data"][0]["id"], "tiny") << res->body;
 }
 
+// "n" copies of a prompt: the first copy's pass computes its whole pages, which the other holds
+// (2 pages of its 45 tokens: /health counts them) instead of prefilling them again; with greedy
+// decoding both completions are the same.
+TEST(CompletionServer, CopiesOfAPromptShareItsPrefill) {
+  testing::ServedModel served(2, 64, /*kv_tokens=*/256);
+  testing::LocalServer server(served);
+  ASSERT_NE(server.port, 0);
+  httplib::Client client("127.0.0.1", server.port);
+  const std::string body = R"({"prompt": "In the beginning God created the heaven and the.",
+      "max_tokens": 6, "temperature": 0, "n": 2})";
+  auto res = client.Post("/v1/completions", body, "application/json");
+  ASSERT_TRUE(res);
+  ASSERT_EQ(res->status, 200) << res->body;
+  const json r = json::parse(res->body);
+  ASSERT_EQ(r["choices"].size(), 2u) << res->body;
+  EXPECT_EQ(r["choices"][0]["text"], r["choices"][1]["text"]);
+  // (usage counts the prompt once, as its first copy computed it)
+  EXPECT_EQ(r["usage"]["prompt_tokens_details"]["cached_tokens"], 0) << res->body;
+  res = client.Get("/health");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(json::parse(res->body)["served"]["prefix_cached_tokens"], 32) << res->body;
+}
+
 // A prompt sent again holds the K/V pages its first time computed: usage reports its whole pages
 // (2 of 16 tokens of its 45) as cached_tokens, /metrics and /health count them, and the answer is
 // the same.
