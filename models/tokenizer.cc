@@ -12,6 +12,7 @@
 #include "absl/strings/str_split.h"
 #include "models/bpe_tokenizer.h"
 #include "models/gpt2_bpe_files.h"
+#include "models/sentencepiece_model.h"
 #include "nlohmann/json.hpp"
 
 namespace eellm {
@@ -44,11 +45,15 @@ std::string ByteTokenizer::DecodeToken(int32_t id) const {
 absl::StatusOr<std::string> TokenizerJson(absl::string_view spec) {
   const std::vector<std::string> files = absl::StrSplit(spec, ',');
   if (files.size() == 2) return Gpt2FilesToTokenizerJson(files[0], files[1]);
+  if (files.size() == 1 && absl::EndsWith(spec, ".model")) {
+    return SentencePieceFileToTokenizerJson(files[0]);
+  }
   if (files.size() != 1 || !absl::EndsWith(spec, ".json")) {
     return absl::InvalidArgumentError(
         absl::StrCat("unknown tokenizer \"", spec,
-                     "\": expected \"byte\", the path of a tokenizer.json, or GPT-2's vocab.json "
-                     "(with merges.txt beside it, or as VOCAB.json,MERGES.txt)"));
+                     "\": expected \"byte\", the path of a tokenizer.json, a SentencePiece "
+                     "tokenizer.model, or GPT-2's vocab.json (with merges.txt beside it, or as "
+                     "VOCAB.json,MERGES.txt)"));
   }
   std::ifstream f(files[0], std::ios::binary);
   if (!f) return absl::NotFoundError(absl::StrCat("cannot open tokenizer file ", files[0]));

@@ -1,8 +1,8 @@
 // Tokenizers: the abstract Tokenizer interface used by data preparation and generation, the
 // built-in ByteTokenizer (raw UTF-8 bytes plus two special ids), and MakeTokenizer(), which
 // turns a command-line spec into a tokenizer: "byte", the path of a Hugging Face tokenizer.json
-// (BpeTokenizer in models/bpe_tokenizer.h: byte-level or SentencePiece-style BPE), or GPT-2's
-// vocab.json and merges.txt.
+// (BpeTokenizer in models/bpe_tokenizer.h: byte-level or SentencePiece-style BPE), GPT-2's
+// vocab.json and merges.txt, or a SentencePiece BPE tokenizer.model.
 #pragma once
 
 #include <cstdint>
@@ -59,8 +59,9 @@ class ByteTokenizer : public Tokenizer {
 // Builds a tokenizer from a spec: "byte" gives a ByteTokenizer; a path ending in ".json" a
 // BpeTokenizer loaded from it, a Hugging Face tokenizer.json or GPT-2's vocab.json with its
 // merges.txt beside it (models/gpt2_bpe_files.h); "VOCAB.json,MERGES.txt" names GPT-2's two
-// files (Megatron-LM's --vocab-file and --merge-file). Any other value is an InvalidArgument
-// error naming it.
+// files (Megatron-LM's --vocab-file and --merge-file); a path ending in ".model" a SentencePiece
+// BPE model (Megatron-LM's --tokenizer-model; models/sentencepiece_model.h). Any other value is
+// an InvalidArgument error naming it.
 absl::StatusOr<std::unique_ptr<Tokenizer>> MakeTokenizer(absl::string_view spec);
 
 // The tokenizer.json text a BPE spec of MakeTokenizer stands for (the file itself, or the one
