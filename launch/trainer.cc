@@ -299,6 +299,7 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
                       TpSpec{ctx->coord.tp, tc.tp, ctx->tp.get(), tc.sequence_parallel},
                       tc.freeze_backbone ? ModelGradients::kExits : ModelGradients::kAll));
     chunk->InitRandom(tc.seed, tc.init_method_std);
+    if (!models.empty()) chunk->ShareSpScratch(*models[0]);  // the chunks run one at a time
     // Tensors every tensor-parallel rank holds whole count once in the gradient norm.
     if (ctx->coord.tp != 0) {
       for (ParamInfo& p : chunk->params().mutable_params()) {

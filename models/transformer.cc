@@ -249,14 +249,15 @@ std::unique_ptr<Workspace> Model::MakeWorkspace(int b, int t) {
   if (ctx().seq_parallel()) {
     const size_t whole = static_cast<size_t>(n) * c;
     const DType op = be_->operand_dtype();
-    if (sp_gathered_.bytes() < whole * DTypeSize(op)) {
-      sp_gathered_ = Buffer(be_, whole * DTypeSize(op));
-      sp_full_ = Buffer(be_, whole * sizeof(float));
-      sp_local_ = Buffer(be_, nc * sizeof(float));
-      if (op != DType::kF32) sp_gathered_f32_ = Buffer(be_, whole * sizeof(float));
+    SpBuffers& s = *sp_;
+    if (s.gathered.bytes() < whole * DTypeSize(op)) {
+      s.gathered = Buffer(be_, whole * DTypeSize(op));
+      s.full = Buffer(be_, whole * sizeof(float));
+      s.local = Buffer(be_, nc * sizeof(float));
+      if (op != DType::kF32) s.gathered_f32 = Buffer(be_, whole * sizeof(float));
     }
-    sp_ = SpScratch{Operand(sp_gathered_.data(), op), sp_gathered_f32_.f32(), sp_full_.f32(),
-                    sp_local_.f32()};
+    s.scratch = SpScratch{Operand(s.gathered.data(), op), s.gathered_f32.f32(), s.full.f32(),
+                          s.local.f32()};
   }
   for (size_t i = 0; i < config_.exits.size(); ++i) {
     ws->exits.push_back(ExitIsLocal(i) ? MakeExitActs(a, i, n, /*training=*/true) : ExitActs{});
@@ -293,7 +294,7 @@ void Model::Embed(float* out, const int32_t* ids, const int32_t* pos, int n) {
   // Sequence parallelism: each rank's vocabulary rows into the whole-row scratch (positions on
   // rank 0's), reduce-scattered to this rank's rows.
   const bool sp = ctx().seq_parallel();
-  float* whole = sp ? sp_.full : out;
+  float* whole = sp ? sp_->scratch.full : out;
   if (sp) {
     const VocabShard shard = vocab_shard();
     be_->EmbeddingForwardRange(whole, ids, params_.param(word_emb_), n, c, shard.start, shard.rows);
@@ -325,8 +326,9 @@ ConstOperand Model::ExitHidden(int i, ExitActs& a, const float* in, const int32_
   // Under sequence parallelism the head reads every row: this rank's are gathered with the
   // others'.
   auto whole = [&](ConstOperand local) {
-    return cx.seq_parallel() ? GatherRows(be_, tp_.comm, sp_, local, rows, config_.hidden_size)
-                             : local;
+    return cx.seq_parallel()
+               ? GatherRows(be_, tp_.comm, sp_->scratch, local, rows, config_.hidden_size)
+               : local;
   };
   switch (x.kind) {
     case ExitKind::kLinear:
@@ -350,7 +352,7 @@ ConstOperand Model::FinalHidden(NormActs& a, const float* x, int n) {
   const int rows = ResidualRows(n);
   NormForward(ctx(), final_norm_, a, x, rows);
   if (!ctx().seq_parallel()) return a.out;
-  return GatherRows(be_, tp_.comm, sp_, a.out, rows, config_.hidden_size);
+  return GatherRows(be_, tp_.comm, sp_->scratch, a.out, rows, config_.hidden_size);
 }
 
 void Model::Project(float* logits, ConstOperand hidden, int exit_index, int n) {
@@ -413,7 +415,7 @@ std::pair<double, double> Model::HeadLoss(Workspace& ws, ConstOperand hidden, in
   // The hidden state's gradient over every row (vocabulary-partial under tp): ws.dhidden, or
   // under sequence parallelism the whole-row scratch, reduce-scattered into ws.dhidden.
   const bool sp = ctx().seq_parallel();
-  float* dhidden = sp ? sp_.full : ws.dhidden;
+  float* dhidden = sp ? sp_->scratch.full : ws.dhidden;
   double count = 0;
   for (float m : ws.host_mask) count += m;
   if (count == 0) {
@@ -631,8 +633,9 @@ LossReport Model::StageBackward(Workspace& ws, const int32_t* targets, const flo
   }
   if (backward && is_first_stage()) {
     const VocabShard shard = vocab_shard();
-    const float* dx =
-        ctx().seq_parallel() ? GatherGradRows(tp_.comm, sp_, ws.dx, rows, c.hidden_size) : ws.dx;
+    const float* dx = ctx().seq_parallel()
+                          ? GatherGradRows(tp_.comm, sp_->scratch, ws.dx, rows, c.hidden_size)
+                          : ws.dx;
     be_->EmbeddingBackwardRange(params_.grad(word_emb_), ws.ids, dx, n, c.hidden_size, shard.start,
                                 shard.rows);
     if (pos_emb_ >= 0) {

@@ -96,9 +96,12 @@ class Model {
   const ModelConfig& config() const { return config_; }
   ParamStore& params() { return params_; }
   Backend* backend() const { return be_; }
-  LayerContext ctx() { return LayerContext{be_, &local_, &params_, tp_, &sp_}; }
+  LayerContext ctx() { return LayerContext{be_, &local_, &params_, tp_, &sp_->scratch}; }
   // Rows of the residual stream this rank holds of a batch of n (n / tp under sequence
   // parallelism): the rows of StageOutput, StageInputGrad and the stage's input.
+  // Sequence parallelism: use `other`'s whole-row scratch (model chunks of one rank, which run
+  // one at a time) instead of one of this model's own. Before making workspaces.
+  void ShareSpScratch(const Model& other) { sp_ = other.sp_; }
   int ResidualRows(int n) const { return tp_.sequence_parallel && tp_.size > 1 ? n / tp_.size : n; }
   const ModelConfig& local_config() const { return local_; }  // this tensor-parallel rank's
   const TpSpec& tp() const { return tp_; }
@@ -243,9 +246,12 @@ class Model {
   // runs one at a time), sized at MakeWorkspace, and only on stages that hold a head.
   Buffer head_logits_, head_dlogits_;
   // Sequence parallelism's whole-row scratch (models/sequence_parallel.h), sized at
-  // MakeWorkspace, shared like the heads' scratch.
-  SpScratch sp_;
-  Buffer sp_gathered_, sp_gathered_f32_, sp_full_, sp_local_;
+  // MakeWorkspace, shared like the heads' scratch (and with other chunks: ShareSpScratch).
+  struct SpBuffers {
+    Buffer gathered, gathered_f32, full, local;
+    SpScratch scratch;  // their pointers
+  };
+  std::shared_ptr<SpBuffers> sp_ = std::make_shared<SpBuffers>();
   std::vector<ExitHeadParams> exits_;
 };
 

@@ -319,6 +319,7 @@ TEST_P(TrainLayouts, EveryLayoutMatchesSingleRank) {
       {2, 1, 1, false, 0, false, 1, true},
       {2, 2, 1, false, 1, true, 1, true},
       {2, 2, 2, true, 1, false, 1, true},
+      {2, 1, 1, false, 1, false, 2, true},  // interleaved: the two chunks share the scratch
       // Interleaved 1F1B (8 layers: 2 chunks per rank). pp 1 passes activations locally and
       // holds the word embedding in both chunks (first stage, tied final head).
       {1, 1, 1, false, 1, false, 2},
