@@ -123,15 +123,22 @@ absl::Status HfToEellmMode(Backend* be) {
 }
 
 absl::Status MegatronToEellmMode(Backend* be) {
-  const std::string tok = absl::GetFlag(FLAGS_tokenizer);  // "" when not given
+  std::string tok = absl::GetFlag(FLAGS_tokenizer);  // "" when not given
   std::unique_ptr<Tokenizer> tokenizer;
-  if (!tok.empty() && tok != "byte") {  // byte: convert the weights whatever their vocabulary
+  auto make = [&](const std::string& what) -> absl::Status {
     auto t = MakeTokenizer(tok);
-    if (!t.ok())
-      return absl::InvalidArgumentError(absl::StrCat("--tokenizer: ", t.status().message()));
+    if (!t.ok()) return absl::InvalidArgumentError(absl::StrCat(what, t.status().message()));
     tokenizer = std::move(*t);
-  }
+    return absl::OkStatus();
+  };
+  // byte: convert the weights whatever their vocabulary
+  if (!tok.empty() && tok != "byte") RETURN_IF_ERROR(make("--tokenizer: "));
   ASSIGN_OR_RETURN(MegatronModel mm, ReadMegatronCheckpoint(absl::GetFlag(FLAGS_input), true));
+  if (tok.empty() && !mm.tokenizer_spec.empty()) {  // the run's own files, found on this machine
+    tok = mm.tokenizer_spec;
+    RETURN_IF_ERROR(make(absl::StrCat("the run's tokenizer (", mm.tokenizer, "): ")));
+    std::printf("tokenizer: the run's %s\n", tok.c_str());
+  }
   if (tokenizer != nullptr && tokenizer->vocab_size() > mm.config.vocab_size) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--tokenizer ", tok, " has ", tokenizer->vocab_size(), " tokens, more than the model's ",
@@ -142,8 +149,9 @@ absl::Status MegatronToEellmMode(Backend* be) {
   if (!mm.tokenizer.empty() && tok.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "the Megatron run used ", mm.tokenizer,
-        "; pass its Hugging Face tokenizer.json as --tokenizer (or --tokenizer=byte to convert "
-        "the weights anyway)"));
+        ", whose files are not on this machine; pass them as --tokenizer (a Hugging Face "
+        "tokenizer.json, a SentencePiece tokenizer.model, or VOCAB.json,MERGES.txt; or "
+        "--tokenizer=byte to convert the weights anyway)"));
   }
   for (const std::string& w : mm.warnings) std::printf("warning: %s\n", w.c_str());
   ASSIGN_OR_RETURN(auto model, ModelFrom(mm.config, mm.tensors, be));

@@ -640,6 +640,21 @@ absl::StatusOr<MegatronModel> ReadMegatronCheckpoint(const std::string& path, bo
     const std::string v = ArgStr(*args, file, "");
     if (!v.empty()) absl::StrAppend(&m.tokenizer, " ", file, "=", v);
   }
+  {
+    std::error_code ec;
+    auto is_file = [&](const std::string& p) { return !p.empty() && fs::is_regular_file(p, ec); };
+    const std::string vocab = ArgStr(*args, "vocab_file", "");
+    const std::string merges = ArgStr(*args, "merge_file", "");
+    const std::string model = ArgStr(*args, "tokenizer_model", "");
+    if (is_file(vocab) && is_file(merges) && absl::EndsWith(vocab, ".json")) {
+      m.tokenizer_spec = absl::StrCat(vocab, ",", merges);
+    } else if (is_file(model) &&
+               (absl::EndsWith(model, ".model") || absl::EndsWith(model, ".json"))) {
+      m.tokenizer_spec = model;
+    } else if (!model.empty() && is_file((fs::path(model) / "tokenizer.json").string())) {
+      m.tokenizer_spec = (fs::path(model) / "tokenizer.json").string();
+    }
+  }
   if (m.tp < 1 || m.pp < 1 || m.config.num_layers % m.pp != 0 ||
       (m.config.num_kv_heads % m.tp != 0)) {
     return absl::InvalidArgumentError(

@@ -53,8 +53,12 @@ struct MegatronModel {
   ModelConfig config;
   HostTensorMap tensors;  // eellm names, whole (tp 1, pp 1)
   int64_t iteration = 0;
-  int tp = 1, pp = 1;                 // the checkpoint's layout
-  std::string tokenizer;              // what Megatron used: tokenizer_type and its files
+  int tp = 1, pp = 1;     // the checkpoint's layout
+  std::string tokenizer;  // what Megatron used: tokenizer_type and its files
+  // Those files as a --tokenizer spec (models/tokenizer.h) when they are on this machine: GPT-2's
+  // vocab_file and merge_file, a tokenizer_model ending in .model or .json, or a directory
+  // holding a tokenizer.json; else empty.
+  std::string tokenizer_spec;
   std::vector<std::string> warnings;  // approximations the caller should print
 };
 

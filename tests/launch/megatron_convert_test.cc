@@ -293,8 +293,8 @@ TEST_P(MegatronRefusals, CliConvertsAndBadInputsAreNamed) {
                                         " --output=", testing::Quote(dir_ + "/out"), " --tp=2");
   testing::CmdResult r = testing::RunEellm(args);
   ASSERT_EQ(r.exit_code, 1) << testing::Describe(args, r);
-  EXPECT_NE(r.output.find("used GPT2BPETokenizer vocab_file=gpt2-vocab.json; pass its Hugging "
-                          "Face tokenizer.json as --tokenizer"),
+  EXPECT_NE(r.output.find("used GPT2BPETokenizer vocab_file=gpt2-vocab.json, whose files are not "
+                          "on this machine; pass them as --tokenizer"),
             std::string::npos)
       << r.output;
   r = testing::RunEellm(args + " --tokenizer=byte");
@@ -304,6 +304,41 @@ TEST_P(MegatronRefusals, CliConvertsAndBadInputsAreNamed) {
   EXPECT_EQ(ParamsToHost(loaded->model->params()).size(), want.size());
   for (const auto& [name, t] : ParamsToHost(loaded->model->params())) {
     EXPECT_EQ(t.data, want.at(name).data) << name;
+  }
+
+  // A run whose tokenizer is on this machine (tokenizer_model: a directory holding a
+  // tokenizer.json) converts with it without --tokenizer, and keeps it beside the checkpoint.
+  {
+    fs::create_directories(dir_ + "/hf");
+    nlohmann::json vocab = {{"<unk>", 0}, {"<s>", 1}, {"</s>", 2}, {"\xE2\x96\x81", 3},
+                            {"a", 4},     {"b", 5},   {"ab", 6}};
+    const nlohmann::json tj = {
+        {"added_tokens",
+         {{{"id", 0}, {"content", "<unk>"}, {"special", true}},
+          {{"id", 1}, {"content", "<s>"}, {"special", true}},
+          {{"id", 2}, {"content", "</s>"}, {"special", true}}}},
+        {"normalizer",
+         {{"type", "Sequence"},
+          {"normalizers",
+           {{{"type", "Prepend"}, {"prepend", "\xE2\x96\x81"}},
+            {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", "\xE2\x96\x81"}}}}}},
+        {"model",
+         {{"type", "BPE"}, {"unk_token", "<unk>"}, {"vocab", vocab}, {"merges", {"a b"}}}}};
+    std::ofstream(dir_ + "/hf/tokenizer.json") << tj.dump();
+    Case own = k;
+    own.args.update({{"tokenizer_type", "Llama2Tokenizer"}, {"tokenizer_model", dir_ + "/hf"}});
+    WriteCheckpoint(*c, own);
+    const std::string out2 = dir_ + "/out_own";
+    const std::string convert =
+        absl::StrCat("convert megatron-to-eellm --input=", testing::Quote(mg),
+                     " --output=", testing::Quote(out2));
+    testing::CmdResult o = testing::RunEellm(convert);
+    ASSERT_EQ(o.exit_code, 0) << testing::Describe(convert, o);
+    EXPECT_NE(o.output.find("tokenizer: the run's " + dir_ + "/hf/tokenizer.json"),
+              std::string::npos)
+        << o.output;
+    EXPECT_TRUE(fs::exists(out2 + "/tokenizer.json"));
+    WriteCheckpoint(*c, k);  // back to the run without its files
   }
 
   // A tracker naming an iteration that is not there; a stage file missing.
