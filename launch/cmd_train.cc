@@ -44,6 +44,9 @@ ABSL_FLAG(bool, quiet, false, "print only errors");
 ABSL_FLAG(int, dp, 0, "data-parallel size (0 = train.dp, or world / (tp * pp) under a launcher)");
 ABSL_FLAG(bool, timeline, false,
           "print the pipeline timeline of the last step (measured and cost model)");
+ABSL_FLAG(std::string, sampling, "",
+          "override train.sampling: epochs (each window once per epoch, as Megatron) or random "
+          "(random offsets, with replacement)");
 ABSL_FLAG(std::string, exit_placement, "",
           "override train.exit_placement: bubbles (exit work in pipeline bubbles) or backward");
 ABSL_FLAG(int, virtual_stages, 0,
@@ -127,6 +130,7 @@ int RunTrainCommand() {
   if (!absl::GetFlag(FLAGS_exit_placement).empty()) {
     t.exit_placement = absl::GetFlag(FLAGS_exit_placement);
   }
+  if (!absl::GetFlag(FLAGS_sampling).empty()) t.sampling = absl::GetFlag(FLAGS_sampling);
 
   // Each rank of a node takes GPU local_rank (modulo the GPUs present).
   const bool cuda_without_device =

@@ -70,6 +70,7 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
                                    "overlap_grad_reduce",
                                    "micro_batch_size",
                                    "exit_placement",
+                                   "sampling",
                                    "communicator",
                                    "virtual_stages",
                                    "freeze_backbone",
@@ -101,6 +102,7 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
     RETURN_IF_ERROR(ReadJsonField(tj, "batch_size", "train config", &t.batch_size));
     RETURN_IF_ERROR(ReadJsonField(tj, "micro_batch_size", "train config", &t.micro_batch_size));
     RETURN_IF_ERROR(ReadJsonField(tj, "exit_placement", "train config", &t.exit_placement));
+    RETURN_IF_ERROR(ReadJsonField(tj, "sampling", "train config", &t.sampling));
     RETURN_IF_ERROR(ReadJsonField(tj, "communicator", "train config", &t.communicator));
     RETURN_IF_ERROR(ReadJsonField(tj, "seq_len", "train config", &t.seq_len));
     RETURN_IF_ERROR(ReadJsonField(tj, "steps", "train config", &t.steps));
@@ -171,6 +173,9 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
     return Invalid(
         absl::StrCat("exit_placement \"", t.exit_placement, "\" is not bubbles or backward"));
   }
+  if (t.sampling != "epochs" && t.sampling != "random") {
+    return Invalid(absl::StrCat("sampling \"", t.sampling, "\" is not epochs or random"));
+  }
   if (t.seq_len > rc.model.max_seq_len) {
     return Invalid(absl::StrCat("seq_len ", t.seq_len, " exceeds the model's max_seq_len ",
                                 rc.model.max_seq_len));
@@ -211,6 +216,7 @@ std::string TrainConfigToJson(const TrainConfig& t) {
             {"batch_size", t.batch_size},
             {"micro_batch_size", t.micro_batch_size},
             {"exit_placement", t.exit_placement},
+            {"sampling", t.sampling},
             {"communicator", t.communicator},
             {"virtual_stages", t.virtual_stages},
             {"seq_len", t.seq_len},

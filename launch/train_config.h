@@ -20,6 +20,10 @@ struct TrainConfig {
   std::string backend = "cpu";
   std::string out = "runs/default";  // checkpoint directory (<out>/latest, <out>/step_*/)
   int batch_size = 8;                // global batch (sequences per optimizer step)
+  // How training batches draw their sequences: "epochs" (as Megatron: every window of seq_len + 1
+  // tokens once per epoch, in a fresh order each epoch; models/epoch_sampler.h) or "random"
+  // (windows at uniformly random offsets, with replacement: eellm's sampler before epochs).
+  std::string sampling = "epochs";
   int micro_batch_size = 0;  // sequences per microbatch; 0 = batch_size / dp (one microbatch)
   int seq_len = 128;
   int steps = 1000;

@@ -17,6 +17,7 @@
 #include "launch/progress.h"
 #include "launch/timeline_gather.h"
 #include "launch/training_data.h"
+#include "models/epoch_sampler.h"
 #include "models/exit_loss_weights.h"
 #include "models/pipeline_executor.h"
 #include "models/token_dataset.h"
@@ -113,16 +114,21 @@ LrSchedule LrScheduleOf(const TrainConfig& tc) {
 // Everything here is a function of the step (the data sampler draws batch `step` from the
 // seed; the LR and exit-loss weights follow their schedules; there is no dropout), so resuming
 // only needs the step, and the rest documents the state for people and tools.
-std::string TrainStateJson(const RunConfig& rc, int step) {
+// `samples`: the training samples consumed before `step` (the epoch sampler's next sample).
+std::string TrainStateJson(const RunConfig& rc, int step, int64_t samples) {
   const TrainConfig& tc = rc.train;
   std::string weights;
   for (float w : ExitLossWeights(rc.model, step)) {
     absl::StrAppend(&weights, weights.empty() ? "" : ", ", absl::StrFormat("%.9g", w));
   }
-  return absl::StrFormat(
-      "{\"step\": %d, \"data\": {\"sampler\": \"random_rows\", \"seed\": %d, "
-      "\"next_batch\": %d}, \"lr\": %.9g, \"exit_loss_weights\": [%s]}",
-      step, tc.seed, step, LearningRate(step, LrScheduleOf(tc)), weights);
+  const std::string data =
+      tc.sampling == "epochs"
+          ? absl::StrFormat("{\"sampler\": \"epochs\", \"seed\": %d, \"consumed_samples\": %d}",
+                            tc.seed, samples)
+          : absl::StrFormat("{\"sampler\": \"random_rows\", \"seed\": %d, \"next_batch\": %d}",
+                            tc.seed, step);
+  return absl::StrFormat("{\"step\": %d, \"data\": %s, \"lr\": %.9g, \"exit_loss_weights\": [%s]}",
+                         step, data, LearningRate(step, LrScheduleOf(tc)), weights);
 }
 
 // Set by SIGTERM when the run asked for it (train.exit_signal_handler).
@@ -239,6 +245,9 @@ absl::Status ValidateLayout(const RunConfig& rc) {
   }
   if (t.exit_placement != "bubbles" && t.exit_placement != "backward") {
     return bad("exit_placement \"", t.exit_placement, "\" is not bubbles or backward");
+  }
+  if (t.sampling != "epochs" && t.sampling != "random") {
+    return bad("sampling \"", t.sampling, "\" is not epochs or random");
   }
   return absl::OkStatus();
 }
@@ -404,6 +413,7 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
                                    ckpt_m[k], ckpt_v[k]));
   }
   int start = 0;
+  int64_t start_samples = 0;  // training samples consumed before step `start` (epoch sampler)
   if (!opts.resume.empty()) {
     ASSIGN_OR_RETURN(CheckpointMeta meta, ReadCheckpointMeta(opts.resume));
     if (auto it = meta.attrs.find("train_config"); it != meta.attrs.end() && verbose) {
@@ -419,12 +429,21 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
                            "optimizer's (up to 1.1x with beta2 0.95, 6.5x with 0.999; "
                            "--init-from restarts the optimizer instead)");
       }
+      // (Checkpoints from before train.sampling drew random windows.)
+      if (saved.is_object() && saved.value("sampling", "random") != tc.sampling) {
+        std::fprintf(stderr,
+                     "note: %s drew its batches with sampling \"%s\"; this run continues with "
+                     "\"%s\"\n",
+                     opts.resume.c_str(), saved.value("sampling", "random").c_str(),
+                     tc.sampling.c_str());
+      }
     }
     if (meta.config_json != rc.model_json) {
       return absl::InvalidArgumentError(absl::StrCat(
           "checkpoint ", opts.resume, " was trained with a different model config than this run"));
     }
     start = static_cast<int>(meta.step);
+    start_samples = ConsumedSamples(meta.attrs, start, tc.batch_size);
     if (start >= tc.steps) {
       return absl::InvalidArgumentError(
           absl::StrCat("checkpoint ", opts.resume, " is already at step ", start, " of ", tc.steps,
@@ -522,7 +541,8 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     meta.step = step;
     meta.attrs["train_config"] = TrainConfigToJson(tc);
     meta.attrs["tokenizer"] = tc.tokenizer;
-    meta.attrs["train_state"] = TrainStateJson(rc, step);
+    meta.attrs["train_state"] =
+        TrainStateJson(rc, step, start_samples + int64_t{step - start} * tc.batch_size);
     const bool writes = ctx->coord.dp == 0;
     ShardedSaveOptions so{tc.keep_checkpoints, opts.fail_save_after, backend};
     if (cut > 0 && writes) {  // the writing ranks share the layers past the cut
@@ -599,6 +619,7 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
                    std::string(opened.status().message()).c_str());
     }
   }
+  if (verbose) std::printf("%s\n", SamplingSummary(train, tc, start, start_samples).c_str());
   sum.first_eval =
       Evaluate(exec, mc, backend, val, tc.eval_batches, tc.batch_size, rows, tc.seq_len, *ctx);
   metrics.Eval(start, mc, sum.first_eval.final_loss, cut == 0, sum.first_eval.exit_losses);
@@ -619,8 +640,8 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   int end_step = tc.steps;
   std::string stop_reason;
   for (int step = start; step < tc.steps; ++step) {
-    train.RandomRows(tc.seed, step, int64_t{ctx->coord.dp} * rows, rows, tc.seq_len, in.data(),
-                     tg.data());
+    TrainingRows(train, tc, step, start_samples + int64_t{step - start} * tc.batch_size,
+                 int64_t{ctx->coord.dp} * rows, rows, in.data(), tg.data());
     for (Model* chunk : chunks) chunk->params().ZeroGrads();
     std::vector<float> w = ExitLossWeights(mc, step);
     LossReport r = exec.TrainStep(in.data(), tg.data(), w);

@@ -9,7 +9,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "engine/core/status.h"
+#include "models/epoch_sampler.h"
 #include "models/megatron_data.h"
+#include "nlohmann/json.hpp"
 
 namespace eellm {
 namespace {
@@ -98,7 +100,56 @@ absl::StatusOr<TrainingData> LoadTrainingData(const TrainConfig& tc, int vocab_s
         megatron ? "the train config's val_fraction" : "--val_fraction in `eellm data`",
         " or lower batch_size or seq_len"));
   }
-  return TrainingData{BlendedDataset(std::move(train_parts), weights), std::move(val)};
+  auto train = BlendedDataset::Create(std::move(train_parts), weights);
+  if (!train.ok()) {
+    return absl::Status(train.status().code(),
+                        absl::StrCat("train data \"", tc.data, "\": ", train.status().message()));
+  }
+  return TrainingData{*std::move(train), std::move(val)};
+}
+
+void TrainingRows(const BlendedDataset& train, const TrainConfig& tc, int step,
+                  int64_t step_samples, int64_t first_row, int rows, int32_t* inputs,
+                  int32_t* targets) {
+  if (tc.sampling == "epochs") {
+    train.EpochRows(tc.seed, step_samples + first_row, rows, tc.seq_len, inputs, targets);
+  } else {
+    train.RandomRows(tc.seed, step, first_row, rows, tc.seq_len, inputs, targets);
+  }
+}
+
+int64_t ConsumedSamples(const std::map<std::string, std::string>& checkpoint_attrs, int step,
+                        int batch_size) {
+  int64_t samples = int64_t{step} * batch_size;
+  if (auto it = checkpoint_attrs.find("train_state"); it != checkpoint_attrs.end()) {
+    const nlohmann::json st = nlohmann::json::parse(it->second, nullptr, false);
+    if (st.is_object() && st.contains("data") && st["data"].is_object() &&
+        st["data"].value("sampler", "") == "epochs") {
+      samples = st["data"].value("consumed_samples", samples);
+    }
+  }
+  return samples;
+}
+
+std::string SamplingSummary(const BlendedDataset& train, const TrainConfig& tc, int start,
+                            int64_t start_samples) {
+  if (tc.sampling != "epochs") {
+    return absl::StrFormat("sampling: windows of %d tokens at random offsets (with replacement)",
+                           tc.seq_len + 1);
+  }
+  const int64_t end_samples = start_samples + int64_t{tc.steps - start} * tc.batch_size;
+  std::string parts;
+  for (int d = 0; d < train.num_parts(); ++d) {
+    absl::StrAppendFormat(&parts, "%s%s%lld windows, epochs %.3f to %.3f", d ? "; " : "",
+                          train.num_parts() > 1 ? absl::StrCat("part ", d + 1, ": ") : "",
+                          static_cast<long long>(WindowsOf(train.part(d).size(), tc.seq_len)),
+                          train.EpochsOf(d, start_samples, tc.seq_len),
+                          train.EpochsOf(d, end_samples, tc.seq_len));
+  }
+  return absl::StrFormat(
+      "sampling: epochs of windows of %d tokens (each once per epoch), samples %lld to %lld: %s",
+      tc.seq_len + 1, static_cast<long long>(start_samples), static_cast<long long>(end_samples),
+      parts);
 }
 
 }  // namespace eellm

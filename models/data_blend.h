@@ -1,7 +1,9 @@
 // Training data blended from several token streams by weight, as Megatron-LM blends datasets
 // (--data-path 0.3 /data/a 0.7 /data/b): train.data may be one prefix or "weight prefix" pairs.
-// Each row of a training batch draws its stream by weight, then its window in that stream; the
-// validation stream takes from each part's validation split a share by weight.
+// Training samples come in epochs (models/epoch_sampler.h: each stream's windows once per epoch,
+// the streams interleaved by weight), or drawn at random (each row its stream by weight, then a
+// window at a random offset in it); the validation stream takes from each part's validation
+// split a share by weight.
 #pragma once
 
 #include <cstdint>
@@ -9,6 +11,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "models/epoch_sampler.h"
 #include "models/token_dataset.h"
 
 namespace eellm {
@@ -25,8 +28,13 @@ absl::StatusOr<std::vector<BlendPart>> ParseDataBlend(const std::string& spec);
 
 class BlendedDataset {
  public:
-  // `parts` and `weights` (positive, normalized here) of the same length, at least one.
-  BlendedDataset(std::vector<TokenDataset> parts, std::vector<double> weights);
+  // `parts` and `weights` (positive, normalized here) of the same length, at least one. Fails
+  // when a weight is too small for the epoch sampler's blend pattern (BlendSchedule).
+  static absl::StatusOr<BlendedDataset> Create(std::vector<TokenDataset> parts,
+                                               std::vector<double> weights);
+
+  int num_parts() const { return static_cast<int>(parts_.size()); }
+  const TokenDataset& part(int d) const { return parts_[d]; }
 
   int64_t size() const;  // tokens of every part
 
@@ -36,6 +44,14 @@ class BlendedDataset {
   void RandomRows(uint64_t seed, int64_t step, int64_t first_row, int rows, int seq,
                   int32_t* inputs, int32_t* targets) const;
 
+  // Global samples [first_sample, first_sample + rows) of the epoch sampler
+  // (models/epoch_sampler.h), a pure function of (seed, sample index): sample i of a blend is
+  // sample k of part d (BlendSchedule), which is window EpochWindow(seed, d, windows of d, k).
+  void EpochRows(uint64_t seed, int64_t first_sample, int rows, int seq, int32_t* inputs,
+                 int32_t* targets) const;
+  // Epochs of part d that global samples [0, samples) take (fractional).
+  double EpochsOf(int d, int64_t samples, int seq) const;
+
   // A validation stream of `windows` windows of `seq` tokens (and the last one's target): the
   // windows shared among the parts by weight (largest remainders), each part's first whole
   // windows of its stream in `vals` (fewer when it has fewer), one part after the other. One
@@ -44,8 +60,11 @@ class BlendedDataset {
                                       const std::vector<double>& weights, int64_t windows, int seq);
 
  private:
+  BlendedDataset(std::vector<TokenDataset> parts, std::vector<double> weights,
+                 BlendSchedule schedule);
   std::vector<TokenDataset> parts_;
   std::vector<double> cumulative_;  // cumulative weights, the last one 1
+  BlendSchedule schedule_;
 };
 
 }  // namespace eellm

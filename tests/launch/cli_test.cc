@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "absl/strings/str_format.h"
+#include "checkpoints/sharded_checkpoint.h"
 #include "gtest/gtest.h"
 #include "hdf5.h"
 #include "httplib.h"
@@ -330,6 +331,48 @@ TEST_F(CliTest, ResumeContinuesFromTheCheckpointStep) {
   ASSERT_EQ(r.exit_code, 0) << Describe(args, r);
   EXPECT_NE(r.output.find("trained 2 steps"), std::string::npos) << Describe(args, r);
   EXPECT_NE(r.output.find("(step 4)"), std::string::npos) << Describe(args, r);
+}
+
+// Epoch sampling (the default) goes on from the samples a checkpoint consumed, also when the
+// resumed run's batch is larger (its train_state records them); --sampling=random draws random
+// windows; a bad value is named.
+TEST_F(CliTest, EpochSamplingGoesOnFromTheConsumedSamples) {
+  ASSERT_TRUE(PrepareTinyData(0.1));
+  const std::string first = "train --config=" + Quote(WriteConfig(kTinyModel, 2));  // batch 4
+  CmdResult a = RunEellm(first);
+  ASSERT_EQ(a.exit_code, 0) << Describe(first, a);
+  EXPECT_NE(a.output.find("each once per epoch), samples 0 to 8:"), std::string::npos) << a.output;
+  std::string config = WriteConfig(kTinyModel, 4), text;
+  {
+    std::ifstream f(config);
+    text.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+  }
+  const std::string batch4 = "\"batch_size\": 4";
+  const size_t at = text.find(batch4);
+  ASSERT_NE(at, std::string::npos) << text;
+  text.replace(at, batch4.size(), "\"batch_size\": 8");
+  WriteFile(config, text);
+  const std::string resume = "train --config=" + Quote(config) + " --resume=" + Quote(Path("run"));
+  CmdResult b = RunEellm(resume);
+  ASSERT_EQ(b.exit_code, 0) << Describe(resume, b);
+  EXPECT_NE(b.output.find("samples 8 to 24:"), std::string::npos) << b.output;
+  auto meta = ReadCheckpointMeta(Path("run"));
+  ASSERT_TRUE(meta.ok()) << meta.status();
+  const auto state = nlohmann::json::parse(meta->attrs["train_state"]);
+  EXPECT_EQ(state["data"]["sampler"], "epochs") << state.dump();
+  EXPECT_EQ(state["data"]["consumed_samples"], 24) << state.dump();
+
+  const std::string random = "train --config=" + Quote(WriteConfig(kTinyModel, 1)) +
+                             " --sampling=random --out=" + Quote(Path("random"));
+  CmdResult c = RunEellm(random);
+  ASSERT_EQ(c.exit_code, 0) << Describe(random, c);
+  EXPECT_NE(c.output.find("at random offsets (with replacement)"), std::string::npos) << c.output;
+  const std::string bad = "train --config=" + Quote(WriteConfig(kTinyModel, 1)) +
+                          " --sampling=shuffle --out=" + Quote(Path("bad"));
+  CmdResult d = RunEellm(bad);
+  EXPECT_NE(d.exit_code, 0) << Describe(bad, d);
+  EXPECT_NE(d.output.find("sampling \"shuffle\" is not epochs or random"), std::string::npos)
+      << d.output;
 }
 
 // eod_mask_loss (and --eod-mask-loss) reach the run: on JSON-lines documents of a few words

@@ -46,7 +46,7 @@ TEST(DataBlendTest, ParsesPrefixesAndWeightedPairs) {
 
 TEST(DataBlendTest, OnePartIsThatPartsRows) {
   const TokenDataset d = Iota(500, 0);
-  const BlendedDataset blend({d}, {1.0});
+  const BlendedDataset blend = *BlendedDataset::Create({d}, {1.0});
   std::vector<int32_t> a(6 * 16), at(6 * 16), b(6 * 16), bt(6 * 16);
   d.RandomRows(7, 3, 2, 6, 16, a.data(), at.data());
   blend.RandomRows(7, 3, 2, 6, 16, b.data(), bt.data());
@@ -55,7 +55,8 @@ TEST(DataBlendTest, OnePartIsThatPartsRows) {
 }
 
 TEST(DataBlendTest, RowsAreWindowsOfOnePartDrawnByWeight) {
-  const BlendedDataset blend({Iota(1000, 0), Iota(3000, 100000)}, {1.0, 3.0});
+  const BlendedDataset blend =
+      *BlendedDataset::Create({Iota(1000, 0), Iota(3000, 100000)}, {1.0, 3.0});
   EXPECT_EQ(blend.size(), 4000);
   const int seq = 8, rows = 64;
   int from_first = 0, total = 0;
