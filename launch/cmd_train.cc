@@ -44,6 +44,9 @@ ABSL_FLAG(bool, quiet, false, "print only errors");
 ABSL_FLAG(int, dp, 0, "data-parallel size (0 = train.dp, or world / (tp * pp) under a launcher)");
 ABSL_FLAG(bool, timeline, false,
           "print the pipeline timeline of the last step (measured and cost model)");
+ABSL_FLAG(std::string, tensorboard_dir, "",
+          "override train.tensorboard_dir: also write the logged values as TensorBoard scalars "
+          "in an event file there");
 ABSL_FLAG(std::string, sampling, "",
           "override train.sampling: epochs (each window once per epoch, as Megatron) or random "
           "(random offsets, with replacement)");
@@ -131,6 +134,9 @@ int RunTrainCommand() {
     t.exit_placement = absl::GetFlag(FLAGS_exit_placement);
   }
   if (!absl::GetFlag(FLAGS_sampling).empty()) t.sampling = absl::GetFlag(FLAGS_sampling);
+  if (!absl::GetFlag(FLAGS_tensorboard_dir).empty()) {
+    t.tensorboard_dir = absl::GetFlag(FLAGS_tensorboard_dir);
+  }
 
   // Each rank of a node takes GPU local_rank (modulo the GPUs present).
   const bool cuda_without_device =

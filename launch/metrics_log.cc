@@ -22,6 +22,18 @@ nlohmann::json Losses(const ModelConfig& c, double final_loss, bool final_comput
   return j;
 }
 
+// TensorBoard scalars: `prefix`/<head> for each loss of `losses`, then `more`.
+std::vector<std::pair<std::string, float>> Scalars(
+    const std::string& prefix, const nlohmann::json& losses,
+    std::vector<std::pair<std::string, float>> more = {}) {
+  std::vector<std::pair<std::string, float>> s;
+  for (auto it = losses.begin(); it != losses.end(); ++it) {
+    s.push_back({prefix + "/" + it.key(), it.value().get<float>()});
+  }
+  s.insert(s.end(), more.begin(), more.end());
+  return s;
+}
+
 }  // namespace
 
 absl::StatusOr<MetricsLog> MetricsLog::Open(const std::string& path, int first_step) {
@@ -49,12 +61,41 @@ absl::StatusOr<MetricsLog> MetricsLog::Open(const std::string& path, int first_s
   return log;
 }
 
+MetricsLog OpenRunMetrics(const std::string& path, const std::string& tensorboard_dir,
+                          int first_step, bool verbose) {
+  MetricsLog log;
+  if (!path.empty()) {
+    auto opened = MetricsLog::Open(path, first_step);
+    if (opened.ok()) log = std::move(*opened);
+    if (!opened.ok()) {
+      std::fprintf(stderr, "warning: %s; no metrics are written there\n",
+                   std::string(opened.status().message()).c_str());
+    }
+  }
+  if (!tensorboard_dir.empty()) {
+    auto events = TensorBoardEvents::Open(tensorboard_dir);
+    if (!events.ok()) {
+      std::fprintf(stderr, "warning: %s; no TensorBoard events are written\n",
+                   std::string(events.status().message()).c_str());
+    } else {
+      if (verbose) std::printf("tensorboard: %s\n", events->path().c_str());
+      log.set_tensorboard(*std::move(events));
+    }
+  }
+  return log;
+}
+
 void MetricsLog::Train(int step, const ModelConfig& c, double final_loss, bool final_computed,
                        const std::vector<double>& exit_losses, double lr, double grad_norm,
                        double tokens_per_s) {
+  const nlohmann::json losses = Losses(c, final_loss, final_computed, exit_losses);
+  tensorboard_.Write(step, Scalars("loss", losses,
+                                   {{"lr", static_cast<float>(lr)},
+                                    {"grad_norm", static_cast<float>(grad_norm)},
+                                    {"tokens_per_s", static_cast<float>(tokens_per_s)}}));
   if (!file_) return;
   const nlohmann::json j = {{"step", step},
-                            {"loss", Losses(c, final_loss, final_computed, exit_losses)},
+                            {"loss", losses},
                             {"lr", lr},
                             {"grad_norm", grad_norm},
                             {"tokens_per_s", tokens_per_s}};
@@ -64,9 +105,10 @@ void MetricsLog::Train(int step, const ModelConfig& c, double final_loss, bool f
 
 void MetricsLog::Eval(int step, const ModelConfig& c, double final_loss, bool final_computed,
                       const std::vector<double>& exit_losses) {
+  const nlohmann::json losses = Losses(c, final_loss, final_computed, exit_losses);
+  tensorboard_.Write(step, Scalars("val_loss", losses));
   if (!file_) return;
-  const nlohmann::json j = {{"step", step},
-                            {"val_loss", Losses(c, final_loss, final_computed, exit_losses)}};
+  const nlohmann::json j = {{"step", step}, {"val_loss", losses}};
   std::fprintf(file_.get(), "%s\n", j.dump().c_str());
   std::fflush(file_.get());
 }

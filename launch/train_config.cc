@@ -71,6 +71,7 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
                                    "micro_batch_size",
                                    "exit_placement",
                                    "sampling",
+                                   "tensorboard_dir",
                                    "communicator",
                                    "virtual_stages",
                                    "freeze_backbone",
@@ -103,6 +104,7 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
     RETURN_IF_ERROR(ReadJsonField(tj, "micro_batch_size", "train config", &t.micro_batch_size));
     RETURN_IF_ERROR(ReadJsonField(tj, "exit_placement", "train config", &t.exit_placement));
     RETURN_IF_ERROR(ReadJsonField(tj, "sampling", "train config", &t.sampling));
+    RETURN_IF_ERROR(ReadJsonField(tj, "tensorboard_dir", "train config", &t.tensorboard_dir));
     RETURN_IF_ERROR(ReadJsonField(tj, "communicator", "train config", &t.communicator));
     RETURN_IF_ERROR(ReadJsonField(tj, "seq_len", "train config", &t.seq_len));
     RETURN_IF_ERROR(ReadJsonField(tj, "steps", "train config", &t.steps));
@@ -217,6 +219,7 @@ std::string TrainConfigToJson(const TrainConfig& t) {
             {"micro_batch_size", t.micro_batch_size},
             {"exit_placement", t.exit_placement},
             {"sampling", t.sampling},
+            {"tensorboard_dir", t.tensorboard_dir},
             {"communicator", t.communicator},
             {"virtual_stages", t.virtual_stages},
             {"seq_len", t.seq_len},

@@ -40,6 +40,9 @@ struct TrainConfig {
   int lr_decay_steps = 0;
   float init_method_std = 0.02f;  // N(0, std) initial weights of a fresh run
   bool metrics = true;            // append progress to <out>/metrics.jsonl (launch/metrics_log.h)
+  // Megatron's --tensorboard-dir: the same values as TensorBoard scalars in an event file there
+  // ("" = none; launch/tensorboard_events.h).
+  std::string tensorboard_dir;
   float grad_clip = 1.0f;
   int seed = 1234;
   int log_interval = 10;

@@ -609,15 +609,10 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
       }
     }
   }
-  MetricsLog metrics;         // rank 0's <out>/metrics.jsonl
-  if (rank0 && tc.metrics) {  // a file that cannot be written costs the metrics, not the run
-    auto opened = MetricsLog::Open(tc.out + "/metrics.jsonl", start);
-    if (opened.ok()) {
-      metrics = std::move(*opened);
-    } else {
-      std::fprintf(stderr, "warning: %s; no metrics are written\n",
-                   std::string(opened.status().message()).c_str());
-    }
+  MetricsLog metrics;  // rank 0's <out>/metrics.jsonl and TensorBoard events
+  if (rank0) {
+    metrics = OpenRunMetrics(tc.metrics ? tc.out + "/metrics.jsonl" : "", tc.tensorboard_dir, start,
+                             verbose);
   }
   if (verbose) std::printf("%s\n", SamplingSummary(train, tc, start, start_samples).c_str());
   sum.first_eval =

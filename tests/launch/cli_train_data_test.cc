@@ -1,0 +1,179 @@
+// End-to-end tests of what a training run draws and logs, through the `eellm` binary (as
+// cli_test.cc): epoch sampling across a resume, Megatron's --eod-mask-loss, metrics.jsonl and
+// TensorBoard events.
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_format.h"
+#include "checkpoints/sharded_checkpoint.h"
+#include "gtest/gtest.h"
+#include "launch/tensorboard_events.h"
+#include "nlohmann/json.hpp"
+#include "tests/launch/cli_fixture.h"
+
+namespace eellm {
+namespace {
+
+using cli::CliTest;
+using cli::kTinyModel;
+using cli::WriteFile;
+using testing::CmdResult;
+using testing::Describe;
+using testing::Quote;
+using testing::RunEellm;
+namespace fs = std::filesystem;
+
+// Epoch sampling (the default) goes on from the samples a checkpoint consumed, also when the
+// resumed run's batch is larger (its train_state records them); --sampling=random draws random
+// windows; a bad value is named.
+TEST_F(CliTest, EpochSamplingGoesOnFromTheConsumedSamples) {
+  ASSERT_TRUE(PrepareTinyData(0.1));
+  const std::string first = "train --config=" + Quote(WriteConfig(kTinyModel, 2));  // batch 4
+  CmdResult a = RunEellm(first);
+  ASSERT_EQ(a.exit_code, 0) << Describe(first, a);
+  EXPECT_NE(a.output.find("each once per epoch), samples 0 to 8:"), std::string::npos) << a.output;
+  std::string config = WriteConfig(kTinyModel, 4), text;
+  {
+    std::ifstream f(config);
+    text.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+  }
+  const std::string batch4 = "\"batch_size\": 4";
+  const size_t at = text.find(batch4);
+  ASSERT_NE(at, std::string::npos) << text;
+  text.replace(at, batch4.size(), "\"batch_size\": 8");
+  WriteFile(config, text);
+  const std::string resume = "train --config=" + Quote(config) + " --resume=" + Quote(Path("run"));
+  CmdResult b = RunEellm(resume);
+  ASSERT_EQ(b.exit_code, 0) << Describe(resume, b);
+  EXPECT_NE(b.output.find("samples 8 to 24:"), std::string::npos) << b.output;
+  auto meta = ReadCheckpointMeta(Path("run"));
+  ASSERT_TRUE(meta.ok()) << meta.status();
+  const auto state = nlohmann::json::parse(meta->attrs["train_state"]);
+  EXPECT_EQ(state["data"]["sampler"], "epochs") << state.dump();
+  EXPECT_EQ(state["data"]["consumed_samples"], 24) << state.dump();
+
+  const std::string random = "train --config=" + Quote(WriteConfig(kTinyModel, 1)) +
+                             " --sampling=random --out=" + Quote(Path("random"));
+  CmdResult c = RunEellm(random);
+  ASSERT_EQ(c.exit_code, 0) << Describe(random, c);
+  EXPECT_NE(c.output.find("at random offsets (with replacement)"), std::string::npos) << c.output;
+  const std::string bad = "train --config=" + Quote(WriteConfig(kTinyModel, 1)) +
+                          " --sampling=shuffle --out=" + Quote(Path("bad"));
+  CmdResult d = RunEellm(bad);
+  EXPECT_NE(d.exit_code, 0) << Describe(bad, d);
+  EXPECT_NE(d.output.find("sampling \"shuffle\" is not epochs or random"), std::string::npos)
+      << d.output;
+}
+
+// eod_mask_loss (and --eod-mask-loss) reach the run: on JSON-lines documents of a few words
+// (end-of-text after each), the first step's losses change when the positions after each
+// end-of-text are left out, as from the config file's "eod_mask_loss".
+TEST_F(CliTest, EodMaskLossReachesTheRun) {
+  std::string docs;
+  for (int i = 0; i < 300; ++i) docs += absl::StrFormat("{\"text\": \"doc %d of the set\"}\n", i);
+  WriteFile(Path("docs.jsonl"), docs);
+  const std::string data = "data --input=" + Quote(Path("docs.jsonl")) +
+                           " --output=" + Quote(Path("data/tiny")) + " --val-fraction=0.1";
+  CmdResult d = RunEellm(data);
+  ASSERT_EQ(d.exit_code, 0) << Describe(data, d);
+  auto first_step = [](const std::string& out) {  // its losses, LR and gradient norm
+    const size_t at = out.find("step     1/1 |"), end = out.find("tok/s", at);
+    if (at == std::string::npos || end == std::string::npos) return std::string();
+    const std::string line = out.substr(at, end - at);
+    return line.substr(0, line.rfind('|'));
+  };
+  const std::string base = "train --config=" + Quote(WriteConfig(kTinyModel, 1));
+  CmdResult plain = RunEellm(base + " --out=" + Quote(Path("plain")));
+  CmdResult masked = RunEellm(base + " --eod-mask-loss --out=" + Quote(Path("masked")));
+  ASSERT_EQ(plain.exit_code, 0) << plain.output;
+  ASSERT_EQ(masked.exit_code, 0) << masked.output;
+  ASSERT_NE(first_step(plain.output), "") << plain.output;
+  ASSERT_NE(first_step(masked.output), "") << masked.output;
+  EXPECT_NE(first_step(plain.output), first_step(masked.output));
+  const std::string from_file =
+      "train --config=" + Quote(WriteConfig(kTinyModel, 1, ", \"eod_mask_loss\": true")) +
+      " --out=" + Quote(Path("from_file"));
+  CmdResult f = RunEellm(from_file);
+  ASSERT_EQ(f.exit_code, 0) << f.output;
+  EXPECT_EQ(first_step(f.output), first_step(masked.output));
+}
+
+// <out>/metrics.jsonl: a JSON line per logged step (the losses printed, lr, grad norm, speed)
+// and per validation, appended by a resumed run.
+TEST_F(CliTest, MetricsFileHoldsEveryLoggedStepAndValidation) {
+  const std::string ckpt = TrainTinyModel(4);
+  ASSERT_FALSE(ckpt.empty());
+  CmdResult r = RunEellm("train --config=" + Quote(Path("config.json")) +
+                         " --steps=6 --resume=" + Quote(Path("run")));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  std::ifstream in(Path("run/metrics.jsonl"));
+  std::vector<nlohmann::json> lines;
+  for (std::string line; std::getline(in, line);) lines.push_back(nlohmann::json::parse(line));
+  // The first run: validation at 0, steps 1-4 (its validation at 4 dropped); the resumed one:
+  // validation at 4, steps 5 and 6, validation at 6.
+  const std::vector<std::pair<int, bool>> want = {{0, false}, {1, true}, {2, true},
+                                                  {3, true},  {4, true}, {4, false},
+                                                  {5, true},  {6, true}, {6, false}};
+  ASSERT_EQ(lines.size(), want.size());
+  for (size_t i = 0; i < want.size(); ++i) {
+    EXPECT_EQ(lines[i]["step"], want[i].first) << i;
+    const nlohmann::json& losses = lines[i][want[i].second ? "loss" : "val_loss"];
+    EXPECT_TRUE(losses.contains("final") && losses.contains("exit@1")) << lines[i];
+    if (want[i].second) {
+      EXPECT_GT(lines[i]["lr"].get<double>(), 0) << lines[i];
+      EXPECT_GT(lines[i]["grad_norm"].get<double>(), 0) << lines[i];
+    }
+  }
+  // The console's step 6 line shows the same final loss.
+  const std::string printed =
+      absl::StrFormat("step     6/6 | final %.4f", lines[7]["loss"]["final"].get<double>());
+  EXPECT_NE(r.output.find(printed), std::string::npos) << printed << "\n" << r.output;
+}
+
+// --tensorboard-dir (Megatron's): an event file there holds what metrics.jsonl holds, as
+// TensorBoard scalars at the same steps.
+TEST_F(CliTest, TensorBoardEventsHoldTheLoggedValues) {
+  ASSERT_TRUE(PrepareTinyData(0.1));
+  const std::string args = "train --config=" + Quote(WriteConfig(kTinyModel, 3)) +
+                           " --tensorboard-dir=" + Quote(Path("tb"));
+  CmdResult r = RunEellm(args);
+  ASSERT_EQ(r.exit_code, 0) << Describe(args, r);
+  std::vector<std::string> files;
+  for (const auto& e : fs::directory_iterator(Path("tb"))) files.push_back(e.path().string());
+  ASSERT_EQ(files.size(), 1u);
+  EXPECT_NE(r.output.find("tensorboard: " + files[0]), std::string::npos) << r.output;
+  auto scalars = ReadTensorBoardScalars(files[0]);
+  ASSERT_TRUE(scalars.ok()) << scalars.status();
+  std::ifstream in(Path("run/metrics.jsonl"));
+  int compared = 0;
+  for (std::string line; std::getline(in, line);) {
+    const nlohmann::json j = nlohmann::json::parse(line);
+    const int step = j["step"];
+    std::vector<std::pair<std::string, double>> want;
+    const char* kind = j.contains("loss") ? "loss" : "val_loss";
+    for (auto it = j[kind].begin(); it != j[kind].end(); ++it) {
+      want.push_back({std::string(kind) + "/" + it.key(), it.value().get<double>()});
+    }
+    if (j.contains("loss")) {
+      for (const char* k : {"lr", "grad_norm", "tokens_per_s"}) want.push_back({k, j[k]});
+    }
+    for (const auto& [tag, value] : want) {
+      const auto found = std::find_if(scalars->begin(), scalars->end(), [&](const auto& s) {
+        return s.step == step && s.tag == tag;
+      });
+      ASSERT_NE(found, scalars->end()) << tag << " at step " << step;
+      EXPECT_EQ(found->value, static_cast<float>(value)) << tag << " at step " << step;
+      ++compared;
+    }
+  }
+  // val at 0 and 3 (final, exit@1), steps 1-3 (two losses, lr, grad_norm, tokens_per_s).
+  EXPECT_EQ(compared, 2 * 2 + 3 * 5);
+  EXPECT_EQ(static_cast<int>(scalars->size()), compared);
+}
+
+}  // namespace
+}  // namespace eellm
