@@ -73,7 +73,7 @@ MetricsLog OpenRunMetrics(const std::string& path, const std::string& tensorboar
     }
   }
   if (!tensorboard_dir.empty()) {
-    auto events = TensorBoardEvents::Open(tensorboard_dir);
+    auto events = TensorBoardEvents::Open(tensorboard_dir, first_step);
     if (!events.ok()) {
       std::fprintf(stderr, "warning: %s; no TensorBoard events are written\n",
                    std::string(events.status().message()).c_str());

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <array>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -149,19 +150,25 @@ uint32_t Crc32c(const void* data, size_t n) {
   return c ^ 0xffffffffu;
 }
 
-absl::StatusOr<TensorBoardEvents> TensorBoardEvents::Open(const std::string& dir) {
+absl::StatusOr<TensorBoardEvents> TensorBoardEvents::Open(const std::string& dir,
+                                                          int64_t first_step) {
+  static std::atomic<int> opened{0};
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
   char host[256] = "localhost";
   gethostname(host, sizeof(host) - 1);
   const auto now = std::chrono::system_clock::now().time_since_epoch();
   TensorBoardEvents e;
-  e.path_ = (std::filesystem::path(dir) /
-             absl::StrCat("events.out.tfevents.",
-                          std::chrono::duration_cast<std::chrono::seconds>(now).count(), ".", host,
-                          ".", getpid(), ".0"))
-                .string();
-  std::FILE* f = std::fopen(e.path_.c_str(), "wb");
+  std::FILE* f = nullptr;
+  for (int attempt = 0; attempt < 100 && f == nullptr; ++attempt) {
+    e.path_ = (std::filesystem::path(dir) /
+               absl::StrCat("events.out.tfevents.",
+                            std::chrono::duration_cast<std::chrono::seconds>(now).count(), ".",
+                            host, ".", getpid(), ".", opened++))
+                  .string();
+    f = std::fopen(e.path_.c_str(), "wbx");  // never an existing file
+    if (f == nullptr && errno != EEXIST) break;
+  }
   if (f == nullptr) {
     return absl::PermissionDeniedError(absl::StrCat("cannot write the TensorBoard event file ",
                                                     e.path_, ": ", std::strerror(errno)));
@@ -173,6 +180,17 @@ absl::StatusOr<TensorBoardEvents> TensorBoardEvents::Open(const std::string& dir
   Fixed(event, &wall, 8);
   Bytes(event, 3, "brain.Event:2");
   e.Record(event);
+  if (first_step > 0) {
+    // The validation at first_step repeats the crashed run's (same weights, same value); its
+    // training point at first_step stays.
+    std::string start;
+    Varint(start, (1 << 3) | 1);
+    Fixed(start, &wall, 8);
+    Varint(start, 2 << 3);
+    Varint(start, static_cast<uint64_t>(first_step + 1));
+    Bytes(start, 6, std::string("\x08\x01", 2));  // SessionLog { status: START }
+    e.Record(start);
+  }
   std::fflush(f);
   return e;
 }

@@ -24,10 +24,12 @@ uint32_t Crc32c(const void* data, size_t n);
 class TensorBoardEvents {
  public:
   TensorBoardEvents() = default;  // writes nothing
-  // A new event file in `dir` (created): events.out.tfevents.<seconds>.<host>.<pid>, starting
-  // with the file-version event. A resumed run writes a new file; TensorBoard drops the older
-  // file's points past the step a run restarts from.
-  static absl::StatusOr<TensorBoardEvents> Open(const std::string& dir);
+  // A new event file in `dir` (created): events.out.tfevents.<seconds>.<host>.<pid>.<k> (k
+  // counts the files this process opened; an existing file is never overwritten), starting with
+  // the file-version event. A run resumed at `first_step` > 0 then writes a session-start event
+  // (SessionLog START, field 6) at first_step + 1, on which TensorBoard drops the points of
+  // earlier files from that step on: what the run that crashed logged past its checkpoint.
+  static absl::StatusOr<TensorBoardEvents> Open(const std::string& dir, int64_t first_step = 0);
 
   // One event at `step` holding these scalars (tag, value); flushed.
   void Write(int64_t step, const std::vector<std::pair<std::string, float>>& scalars);

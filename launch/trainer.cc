@@ -110,25 +110,21 @@ LrSchedule LrScheduleOf(const TrainConfig& tc) {
   return s;
 }
 
-// What resuming at `step` needs besides the tensors, as JSON for the checkpoint's attributes.
-// Everything here is a function of the step (the data sampler draws batch `step` from the
-// seed; the LR and exit-loss weights follow their schedules; there is no dropout), so resuming
-// only needs the step, and the rest documents the state for people and tools.
-// `samples`: the training samples consumed before `step` (the epoch sampler's next sample).
+// What resuming at `step` needs besides the tensors, as JSON for the checkpoint's attributes:
+// the training samples consumed before `step` (where the epoch sampler goes on; random windows
+// are drawn per step from the seed). The LR and exit-loss weights follow their schedules (and
+// there is no dropout); they are here for people and tools.
 std::string TrainStateJson(const RunConfig& rc, int step, int64_t samples) {
   const TrainConfig& tc = rc.train;
   std::string weights;
   for (float w : ExitLossWeights(rc.model, step)) {
     absl::StrAppend(&weights, weights.empty() ? "" : ", ", absl::StrFormat("%.9g", w));
   }
-  const std::string data =
-      tc.sampling == "epochs"
-          ? absl::StrFormat("{\"sampler\": \"epochs\", \"seed\": %d, \"consumed_samples\": %d}",
-                            tc.seed, samples)
-          : absl::StrFormat("{\"sampler\": \"random_rows\", \"seed\": %d, \"next_batch\": %d}",
-                            tc.seed, step);
-  return absl::StrFormat("{\"step\": %d, \"data\": %s, \"lr\": %.9g, \"exit_loss_weights\": [%s]}",
-                         step, data, LearningRate(step, LrScheduleOf(tc)), weights);
+  return absl::StrFormat(
+      "{\"step\": %d, \"data\": {\"sampler\": \"%s\", \"seed\": %d, \"consumed_samples\": %d}, "
+      "\"lr\": %.9g, \"exit_loss_weights\": [%s]}",
+      step, tc.sampling == "epochs" ? "epochs" : "random_rows", tc.seed, samples,
+      LearningRate(step, LrScheduleOf(tc)), weights);
 }
 
 // Set by SIGTERM when the run asked for it (train.exit_signal_handler).
@@ -428,6 +424,12 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
                            "step count goes on, so its first updates are larger than a fresh "
                            "optimizer's (up to 1.1x with beta2 0.95, 6.5x with 0.999; "
                            "--init-from restarts the optimizer instead)");
+      }
+      if (saved.is_object() && saved.value("seed", tc.seed) != tc.seed) {
+        std::fprintf(stderr,
+                     "note: %s was trained with seed %d; this run's seed %d draws another data "
+                     "order from here on\n",
+                     opts.resume.c_str(), saved.value("seed", tc.seed), tc.seed);
       }
       // (Checkpoints from before train.sampling drew random windows.)
       if (saved.is_object() && saved.value("sampling", "random") != tc.sampling) {

@@ -100,7 +100,7 @@ absl::StatusOr<TrainingData> LoadTrainingData(const TrainConfig& tc, int vocab_s
         megatron ? "the train config's val_fraction" : "--val_fraction in `eellm data`",
         " or lower batch_size or seq_len"));
   }
-  auto train = BlendedDataset::Create(std::move(train_parts), weights);
+  auto train = BlendedDataset::Create(std::move(train_parts), weights, tc.sampling == "epochs");
   if (!train.ok()) {
     return absl::Status(train.status().code(),
                         absl::StrCat("train data \"", tc.data, "\": ", train.status().message()));
@@ -123,9 +123,9 @@ int64_t ConsumedSamples(const std::map<std::string, std::string>& checkpoint_att
   int64_t samples = int64_t{step} * batch_size;
   if (auto it = checkpoint_attrs.find("train_state"); it != checkpoint_attrs.end()) {
     const nlohmann::json st = nlohmann::json::parse(it->second, nullptr, false);
-    if (st.is_object() && st.contains("data") && st["data"].is_object() &&
-        st["data"].value("sampler", "") == "epochs") {
-      samples = st["data"].value("consumed_samples", samples);
+    if (st.is_object() && st.contains("data") && st["data"].is_object()) {
+      const nlohmann::json& n = st["data"].value("consumed_samples", nlohmann::json());
+      if (n.is_number_integer() && n.get<int64_t>() >= 0) samples = n.get<int64_t>();
     }
   }
   return samples;

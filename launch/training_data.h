@@ -31,9 +31,9 @@ void TrainingRows(const BlendedDataset& train, const TrainConfig& tc, int step,
                   int64_t step_samples, int64_t first_row, int rows, int32_t* inputs,
                   int32_t* targets);
 
-// The training samples a checkpoint at `step` had consumed, from its train_state attribute (the
-// epoch sampler's consumed_samples, which a change of batch_size on resume keeps right), or
-// `step * batch_size` when it has none.
+// The training samples a checkpoint at `step` had consumed, from its train_state attribute
+// (consumed_samples, which a change of batch_size on resume keeps right), or `step *
+// batch_size` when it has none (checkpoints from before epoch sampling).
 int64_t ConsumedSamples(const std::map<std::string, std::string>& checkpoint_attrs, int step,
                         int batch_size);
 

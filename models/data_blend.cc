@@ -43,15 +43,18 @@ absl::StatusOr<std::vector<BlendPart>> ParseDataBlend(const std::string& spec) {
 }
 
 absl::StatusOr<BlendedDataset> BlendedDataset::Create(std::vector<TokenDataset> parts,
-                                                      std::vector<double> weights) {
+                                                      std::vector<double> weights, bool epochs) {
   EE_CHECK(!parts.empty() && weights.size() == parts.size(), "a blend of ", parts.size(),
            " parts and ", weights.size(), " weights");
-  ASSIGN_OR_RETURN(BlendSchedule schedule, BlendSchedule::Create(weights));
+  std::optional<BlendSchedule> schedule;
+  if (epochs && parts.size() > 1) {
+    ASSIGN_OR_RETURN(schedule, BlendSchedule::Create(weights));
+  }
   return BlendedDataset(std::move(parts), std::move(weights), std::move(schedule));
 }
 
 BlendedDataset::BlendedDataset(std::vector<TokenDataset> parts, std::vector<double> weights,
-                               BlendSchedule schedule)
+                               std::optional<BlendSchedule> schedule)
     : parts_(std::move(parts)), schedule_(std::move(schedule)) {
   double sum = 0;
   for (double w : weights) sum += w;
@@ -90,11 +93,13 @@ void BlendedDataset::RandomRows(uint64_t seed, int64_t step, int64_t first_row, 
 
 void BlendedDataset::EpochRows(uint64_t seed, int64_t first_sample, int rows, int seq,
                                int32_t* inputs, int32_t* targets) const {
+  EE_CHECK(parts_.size() == 1 || schedule_.has_value(),
+           "EpochRows of a blend created without epochs");
   EE_CHECK(rows > 0 && first_sample >= 0 && seq > 0, "rows ", rows, ", first sample ", first_sample,
            ", seq ", seq);
   for (int r = 0; r < rows; ++r) {
     const int64_t i = first_sample + r;
-    const auto [d, k] = parts_.size() == 1 ? std::pair<int, int64_t>{0, i} : schedule_(i);
+    const auto [d, k] = parts_.size() == 1 ? std::pair<int, int64_t>{0, i} : (*schedule_)(i);
     const int64_t windows = WindowsOf(parts_[d].size(), seq);
     EE_CHECK(windows > 0, "blend part of ", parts_[d].size(), " tokens, seq ", seq);
     parts_[d].CopyWindow(EpochWindow(seed, d, windows, k) * seq, seq,
@@ -104,7 +109,8 @@ void BlendedDataset::EpochRows(uint64_t seed, int64_t first_sample, int rows, in
 }
 
 double BlendedDataset::EpochsOf(int d, int64_t samples, int seq) const {
-  const int64_t k = parts_.size() == 1 ? samples : schedule_.CountBefore(d, samples);
+  EE_CHECK(parts_.size() == 1 || schedule_.has_value(), "EpochsOf a blend created without epochs");
+  const int64_t k = parts_.size() == 1 ? samples : schedule_->CountBefore(d, samples);
   return static_cast<double>(k) / static_cast<double>(WindowsOf(parts_[d].size(), seq));
 }
 

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -28,10 +29,11 @@ absl::StatusOr<std::vector<BlendPart>> ParseDataBlend(const std::string& spec);
 
 class BlendedDataset {
  public:
-  // `parts` and `weights` (positive, normalized here) of the same length, at least one. Fails
-  // when a weight is too small for the epoch sampler's blend pattern (BlendSchedule).
+  // `parts` and `weights` (positive, normalized here) of the same length, at least one.
+  // `epochs`: EpochRows will be used; fails when a weight is too small for the epoch sampler's
+  // blend pattern (BlendSchedule).
   static absl::StatusOr<BlendedDataset> Create(std::vector<TokenDataset> parts,
-                                               std::vector<double> weights);
+                                               std::vector<double> weights, bool epochs = true);
 
   int num_parts() const { return static_cast<int>(parts_.size()); }
   const TokenDataset& part(int d) const { return parts_[d]; }
@@ -61,10 +63,10 @@ class BlendedDataset {
 
  private:
   BlendedDataset(std::vector<TokenDataset> parts, std::vector<double> weights,
-                 BlendSchedule schedule);
+                 std::optional<BlendSchedule> schedule);
   std::vector<TokenDataset> parts_;
-  std::vector<double> cumulative_;  // cumulative weights, the last one 1
-  BlendSchedule schedule_;
+  std::vector<double> cumulative_;         // cumulative weights, the last one 1
+  std::optional<BlendSchedule> schedule_;  // for EpochRows of several parts
 };
 
 }  // namespace eellm

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <string>
 #include <utility>
 #include <vector>
@@ -12,11 +13,29 @@
 #include "checkpoints/sharded_checkpoint.h"
 #include "gtest/gtest.h"
 #include "launch/tensorboard_events.h"
+#include "launch/training_data.h"
 #include "nlohmann/json.hpp"
 #include "tests/launch/cli_fixture.h"
 
 namespace eellm {
 namespace {
+
+// What a checkpoint's train_state says was consumed; without it (or with a bad value), steps
+// times the batch.
+TEST(ConsumedSamplesTest, ReadsTheCheckpointsTrainState) {
+  auto state = [](const std::string& data) {
+    return std::map<std::string, std::string>{
+        {"train_state", "{\"step\": 4, \"data\": " + data + "}"}};
+  };
+  EXPECT_EQ(ConsumedSamples(state("{\"sampler\": \"epochs\", \"consumed_samples\": 24}"), 4, 8),
+            24);
+  EXPECT_EQ(
+      ConsumedSamples(state("{\"sampler\": \"random_rows\", \"consumed_samples\": 20}"), 4, 8), 20);
+  EXPECT_EQ(ConsumedSamples(state("{\"sampler\": \"random_rows\", \"next_batch\": 4}"), 4, 8), 32);
+  EXPECT_EQ(ConsumedSamples(state("{\"consumed_samples\": \"x\"}"), 4, 8), 32);
+  EXPECT_EQ(ConsumedSamples(state("{\"consumed_samples\": -3}"), 4, 8), 32);
+  EXPECT_EQ(ConsumedSamples({}, 4, 8), 32);
+}
 
 using cli::CliTest;
 using cli::kTinyModel;

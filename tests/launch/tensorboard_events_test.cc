@@ -79,6 +79,33 @@ TEST_F(TensorBoardFileTest, EventsHoldTheScalarsInTheSchemasLayout) {
   EXPECT_EQ((*scalars)[2].value, -0.125f);
 }
 
+// A resumed run's file starts the session after its checkpoint's step (TensorBoard then drops
+// the points a crashed run logged from there on); files opened in one second stay apart.
+TEST_F(TensorBoardFileTest, AResumedRunStartsASessionAfterItsStep) {
+  auto first = TensorBoardEvents::Open(dir_.string());
+  auto resumed = TensorBoardEvents::Open(dir_.string(), 40);
+  ASSERT_TRUE(first.ok() && resumed.ok());
+  EXPECT_NE(first->path(), resumed->path());
+  first->Write(3, {{"lr", 1.0f}});
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir_), fs::directory_iterator()), 2);
+  const std::string plain = Bytes(first->path()), bytes = Bytes(resumed->path());
+  // The second record of the resumed file: wall_time, step 41, session_log (field 6) START.
+  uint64_t n = 0;
+  std::memcpy(&n, bytes.data(), 8);
+  const size_t second = 12 + n + 4;
+  std::memcpy(&n, bytes.data() + second, 8);
+  const std::string want("\x10\x29\x32\x02\x08\x01", 6);
+  ASSERT_EQ(n, 9 + want.size());
+  EXPECT_EQ(bytes.substr(second + 12 + 9, want.size()), want);
+  EXPECT_EQ(bytes.size(), second + 12 + n + 4);
+  // The fresh run's file has no session event: its version record, then the scalars.
+  std::memcpy(&n, plain.data(), 8);
+  EXPECT_EQ(plain.find(std::string("\x32\x02\x08\x01", 4)), std::string::npos);
+  auto scalars = ReadTensorBoardScalars(resumed->path());
+  ASSERT_TRUE(scalars.ok()) << scalars.status();
+  EXPECT_TRUE(scalars->empty());
+}
+
 TEST_F(TensorBoardFileTest, DamagedFilesAreRefusedNamingTheRecord) {
   auto events = TensorBoardEvents::Open(dir_.string());
   ASSERT_TRUE(events.ok()) << events.status();

@@ -114,6 +114,9 @@ TEST(BlendScheduleTest, EachPartGetsItsShareWithItsSamplesInOrder) {
   auto tiny = BlendSchedule::Create({1.0, 1e-6});
   ASSERT_FALSE(tiny.ok());
   EXPECT_NE(tiny.status().message().find("part 2's weight"), std::string::npos) << tiny.status();
+  // Random windows need no pattern: such a blend is fine for them.
+  EXPECT_TRUE(BlendedDataset::Create({Iota(100, 0), Iota(100, 0)}, {1.0, 1e-6}, false).ok());
+  EXPECT_FALSE(BlendedDataset::Create({Iota(100, 0), Iota(100, 0)}, {1.0, 1e-6}, true).ok());
 }
 
 TEST(EpochSamplerTest, ABlendWalksEachPartsEpochs) {
