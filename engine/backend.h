@@ -124,6 +124,15 @@ class Backend {
   virtual void SwiGluBackward(Operand dgate, Operand dup, ConstOperand dout, ConstOperand gate,
                               ConstOperand up, size_t n) = 0;
 
+  // ---- hidden dropout (training; engine/core/dropout.h) -------------------------------------
+  // out[i, j] = (x ? x[i, j] : 0) + branch[i, j] * keep(i, j) / (1 - p) over n rows of c, where
+  // keep(i, j) = DropoutKeep(key, (row0 + i) * c + j, DropoutThreshold(p)). out may alias branch.
+  virtual void DropoutAdd(float* out, const float* x, const float* branch, int n, int c, float p,
+                          uint64_t key, int64_t row0) = 0;
+  // dbranch[i, j] = dout[i, j] * keep(i, j) / (1 - p), the same mask (dbranch may alias dout).
+  virtual void DropoutBackward(float* dbranch, const float* dout, int n, int c, float p,
+                               uint64_t key, int64_t row0) = 0;
+
   // ---- rotary position embedding ------------------------------------------------------------
   // In place on x[n, heads, head_dim]; token t sits at position pos[t]. Rotates the pairs
   // (i, i + head_dim/2) by angle pos * RopeInvFreq(rope, i, head_dim) (engine/core/rope.h;

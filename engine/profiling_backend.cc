@@ -224,6 +224,18 @@ void ProfilingBackend::SwiGluBackward(Operand dgate, Operand dup, ConstOperand d
   inner_->SwiGluBackward(dgate, dup, dout, gate, up, n);
 }
 
+void ProfilingBackend::DropoutAdd(float* out, const float* x, const float* branch, int n, int c,
+                                  float p, uint64_t key, int64_t row0) {
+  Timed timed(this, "DropoutAdd", 0, F32((x ? 3.0 : 2.0) * n * c));
+  inner_->DropoutAdd(out, x, branch, n, c, p, key, row0);
+}
+
+void ProfilingBackend::DropoutBackward(float* dbranch, const float* dout, int n, int c, float p,
+                                       uint64_t key, int64_t row0) {
+  Timed timed(this, "DropoutBackward", 0, F32(2.0 * n * c));
+  inner_->DropoutBackward(dbranch, dout, n, c, p, key, row0);
+}
+
 void ProfilingBackend::RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim,
                                    const RopeParams& rope) {
   Timed timed(this, "RopeForward", 0, B(x, 2.0 * n * heads * head_dim));

@@ -78,6 +78,10 @@ class ProfilingBackend final : public Backend {
   void SwiGluForward(Operand out, ConstOperand gate, ConstOperand up, size_t n) override;
   void SwiGluBackward(Operand dgate, Operand dup, ConstOperand dout, ConstOperand gate,
                       ConstOperand up, size_t n) override;
+  void DropoutAdd(float* out, const float* x, const float* branch, int n, int c, float p,
+                  uint64_t key, int64_t row0) override;
+  void DropoutBackward(float* dbranch, const float* dout, int n, int c, float p, uint64_t key,
+                       int64_t row0) override;
   void RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim,
                    const RopeParams& rope) override;
   void RopeBackward(Operand dx, const int32_t* pos, int n, int heads, int head_dim,

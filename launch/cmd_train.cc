@@ -47,6 +47,9 @@ ABSL_FLAG(bool, timeline, false,
 ABSL_FLAG(std::string, tensorboard_dir, "",
           "override train.tensorboard_dir: also write the logged values as TensorBoard scalars "
           "in an event file there");
+ABSL_FLAG(double, hidden_dropout, -1,
+          "override train.hidden_dropout: drop attention and MLP outputs and the embedding with "
+          "this probability in training (Megatron's --hidden-dropout)");
 ABSL_FLAG(std::string, sampling, "",
           "override train.sampling: epochs (each window once per epoch, as Megatron) or random "
           "(random offsets, with replacement)");
@@ -134,6 +137,9 @@ int RunTrainCommand() {
     t.exit_placement = absl::GetFlag(FLAGS_exit_placement);
   }
   if (!absl::GetFlag(FLAGS_sampling).empty()) t.sampling = absl::GetFlag(FLAGS_sampling);
+  if (absl::GetFlag(FLAGS_hidden_dropout) >= 0) {
+    t.hidden_dropout = static_cast<float>(absl::GetFlag(FLAGS_hidden_dropout));
+  }
   if (!absl::GetFlag(FLAGS_tensorboard_dir).empty()) {
     t.tensorboard_dir = absl::GetFlag(FLAGS_tensorboard_dir);
   }

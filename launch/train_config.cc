@@ -71,6 +71,7 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
                                    "micro_batch_size",
                                    "exit_placement",
                                    "sampling",
+                                   "hidden_dropout",
                                    "tensorboard_dir",
                                    "communicator",
                                    "virtual_stages",
@@ -104,6 +105,7 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
     RETURN_IF_ERROR(ReadJsonField(tj, "micro_batch_size", "train config", &t.micro_batch_size));
     RETURN_IF_ERROR(ReadJsonField(tj, "exit_placement", "train config", &t.exit_placement));
     RETURN_IF_ERROR(ReadJsonField(tj, "sampling", "train config", &t.sampling));
+    RETURN_IF_ERROR(ReadJsonField(tj, "hidden_dropout", "train config", &t.hidden_dropout));
     RETURN_IF_ERROR(ReadJsonField(tj, "tensorboard_dir", "train config", &t.tensorboard_dir));
     RETURN_IF_ERROR(ReadJsonField(tj, "communicator", "train config", &t.communicator));
     RETURN_IF_ERROR(ReadJsonField(tj, "seq_len", "train config", &t.seq_len));
@@ -175,6 +177,9 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
     return Invalid(
         absl::StrCat("exit_placement \"", t.exit_placement, "\" is not bubbles or backward"));
   }
+  if (!(t.hidden_dropout >= 0 && t.hidden_dropout < 1)) {
+    return Invalid(absl::StrCat("hidden_dropout must be in [0, 1), got ", t.hidden_dropout));
+  }
   if (t.sampling != "epochs" && t.sampling != "random") {
     return Invalid(absl::StrCat("sampling \"", t.sampling, "\" is not epochs or random"));
   }
@@ -219,6 +224,7 @@ std::string TrainConfigToJson(const TrainConfig& t) {
             {"micro_batch_size", t.micro_batch_size},
             {"exit_placement", t.exit_placement},
             {"sampling", t.sampling},
+            {"hidden_dropout", t.hidden_dropout},
             {"tensorboard_dir", t.tensorboard_dir},
             {"communicator", t.communicator},
             {"virtual_stages", t.virtual_stages},

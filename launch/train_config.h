@@ -24,6 +24,10 @@ struct TrainConfig {
   // tokens once per epoch, in a fresh order each epoch; models/epoch_sampler.h) or "random"
   // (windows at uniformly random offsets, with replacement: eellm's sampler before epochs).
   std::string sampling = "epochs";
+  // Megatron's --hidden-dropout (its default is 0.1, which EE-LLM's recipes keep): training
+  // passes drop each attention and MLP output (layers and exits) and the embedding with this
+  // probability; 0 = none. (--attention-dropout is not implemented.)
+  float hidden_dropout = 0.0f;
   int micro_batch_size = 0;  // sequences per microbatch; 0 = batch_size / dp (one microbatch)
   int seq_len = 128;
   int steps = 1000;

@@ -242,6 +242,9 @@ absl::Status ValidateLayout(const RunConfig& rc) {
   if (t.exit_placement != "bubbles" && t.exit_placement != "backward") {
     return bad("exit_placement \"", t.exit_placement, "\" is not bubbles or backward");
   }
+  if (!(t.hidden_dropout >= 0 && t.hidden_dropout < 1)) {
+    return bad("hidden_dropout must be in [0, 1), got ", t.hidden_dropout);
+  }
   if (t.sampling != "epochs" && t.sampling != "random") {
     return bad("sampling \"", t.sampling, "\" is not epochs or random");
   }
@@ -305,6 +308,7 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
                       tc.freeze_backbone ? ModelGradients::kExits : ModelGradients::kAll));
     chunk->InitRandom(tc.seed, tc.init_method_std);
     if (!models.empty()) chunk->ShareSpScratch(*models[0]);  // the chunks run one at a time
+    chunk->set_hidden_dropout(tc.hidden_dropout, static_cast<uint64_t>(tc.seed));
     // Tensors every tensor-parallel rank holds whole count once in the gradient norm.
     if (ctx->coord.tp != 0) {
       for (ParamInfo& p : chunk->params().mutable_params()) {
@@ -637,8 +641,10 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   int end_step = tc.steps;
   std::string stop_reason;
   for (int step = start; step < tc.steps; ++step) {
-    TrainingRows(train, tc, step, start_samples + int64_t{step - start} * tc.batch_size,
-                 int64_t{ctx->coord.dp} * rows, rows, in.data(), tg.data());
+    const int64_t step_samples = start_samples + int64_t{step - start} * tc.batch_size;
+    TrainingRows(train, tc, step, step_samples, int64_t{ctx->coord.dp} * rows, rows, in.data(),
+                 tg.data());
+    exec.set_first_sample(step_samples + int64_t{ctx->coord.dp} * rows);
     for (Model* chunk : chunks) chunk->params().ZeroGrads();
     std::vector<float> w = ExitLossWeights(mc, step);
     LossReport r = exec.TrainStep(in.data(), tg.data(), w);

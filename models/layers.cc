@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "engine/core/dropout.h"
 #include "engine/core/status.h"
 #include "parallel/tensor_parallel.h"
 
@@ -68,21 +69,45 @@ ConstOperand BranchInput(const LayerContext& ctx, ConstOperand norm_out, int row
   return GatherRows(ctx.be, ctx.tp.comm, *ctx.sp, norm_out, rows, ctx.cfg->hidden_size);
 }
 
+// Hidden dropout of branch `site` (0: attention, 1: MLP) of this context's layer: its key, and
+// the global number of the first row this rank drops (its own rows under sequence parallelism).
+uint64_t SiteKey(const LayerContext& ctx, int site) {
+  return DropoutMix(ctx.drop.key ^ static_cast<uint64_t>(0x5e00 + site));
+}
+int64_t DropRow0(const LayerContext& ctx, int rows) {
+  return ctx.drop.row0 + (ctx.seq_parallel() ? int64_t{ctx.tp.rank} * rows : 0);
+}
+
 // The gradient at a branch's output over all n rows (gathered from this rank's `rows` under
-// sequence parallelism).
-const float* BranchOutputGrad(const LayerContext& ctx, const float* dout, int rows) {
+// sequence parallelism), through branch `site`'s dropout mask (into s.ddrop).
+const float* BranchOutputGrad(const LayerContext& ctx, const float* dout, int rows, int site,
+                              const GradScratch& s) {
+  if (ctx.dropout()) {
+    ctx.be->DropoutBackward(s.ddrop, dout, rows, ctx.cfg->hidden_size, ctx.drop.p,
+                            SiteKey(ctx, site), DropRow0(ctx, rows));
+    dout = s.ddrop;
+  }
   if (!ctx.seq_parallel()) return dout;
   return GatherGradRows(ctx.tp.comm, *ctx.sp, dout, rows, ctx.cfg->hidden_size);
 }
 
 // out = x + the branch's row-parallel output projection of `in` [n, k] by w [c, k] (+ bias):
 // partial sums over tp all-reduced, or under sequence parallelism reduce-scattered to this
-// rank's `rows` rows.
+// rank's `rows` rows. With dropout, the branch `site`'s output is dropped before the add.
 void RowParallelResidual(const LayerContext& ctx, float* out, const float* x, ConstOperand in,
-                         int w, int bias, int n, int k, int rows) {
+                         int w, int bias, int n, int k, int rows, int site) {
   const int c = ctx.cfg->hidden_size;
   Backend* be = ctx.be;
-  if (ctx.seq_parallel()) {
+  if (ctx.dropout()) {  // the branch output alone in `out`, then dropped and added to x
+    if (ctx.seq_parallel()) {
+      be->Linear(ctx.sp->full, in, ctx.P(w), RowParallelBias(ctx, bias), n, k, c, false);
+      ReduceScatterRows(ctx.tp.comm, ctx.sp->full, out, rows, c);
+    } else {
+      be->Linear(out, in, ctx.P(w), RowParallelBias(ctx, bias), n, k, c, false);
+      if (ctx.tp.size > 1) TpAllReduce(ctx.tp.comm, out, static_cast<size_t>(n) * c);
+    }
+    be->DropoutAdd(out, x, out, rows, c, ctx.drop.p, SiteKey(ctx, site), DropRow0(ctx, rows));
+  } else if (ctx.seq_parallel()) {
     be->Linear(ctx.sp->full, in, ctx.P(w), RowParallelBias(ctx, bias), n, k, c, false);
     ReduceScatterRows(ctx.tp.comm, ctx.sp->full, out, rows, c);
     be->Add(out, out, x, static_cast<size_t>(rows) * c);
@@ -195,7 +220,7 @@ BlockActs MakeBlockActs(Arena& a, const ModelConfig& c, int n, bool training, in
   return r;
 }
 
-GradScratch MakeGradScratch(Arena& a, const ModelConfig& c, int n) {
+GradScratch MakeGradScratch(Arena& a, const ModelConfig& c, int n, bool dropout) {
   GradScratch s;
   const size_t nc = static_cast<size_t>(n) * c.hidden_size;
   const size_t nq = static_cast<size_t>(n) * c.num_heads * c.head_dim();
@@ -203,6 +228,7 @@ GradScratch MakeGradScratch(Arena& a, const ModelConfig& c, int n) {
   const size_t nf = static_cast<size_t>(n) * c.ffn_hidden_size;
   s.dnorm = a.Floats(nc);
   s.dh = a.Floats(nc);
+  if (dropout) s.ddrop = a.Floats(nc);
   if (c.qk_norm) {
     s.dq_raw = a.Floats(nq);
     s.dk_raw = a.Floats(nkv);
@@ -257,7 +283,7 @@ void MlpForward(const LayerContext& ctx, const MlpParams& p, MlpActs& a, float* 
   } else {
     be->LinearGelu(a.act, a.h1, in, ctx.P(p.w1), ctx.P(p.b1), n, h, f);
   }
-  RowParallelResidual(ctx, out, x, a.act, p.w2, p.b2, n, f, rows);  // fc2
+  RowParallelResidual(ctx, out, x, a.act, p.w2, p.b2, n, f, rows, 1);  // fc2
 }
 
 void MlpBranchBackward(const LayerContext& ctx, const MlpParams& p, const MlpActs& a, float* dx,
@@ -268,7 +294,7 @@ void MlpBranchBackward(const LayerContext& ctx, const MlpParams& p, const MlpAct
   const size_t nf = static_cast<size_t>(n) * f;
   const int rows = ctx.LocalRows(n);
   Backend* be = ctx.be;
-  const float* dout_all = BranchOutputGrad(ctx, dout, rows);
+  const float* dout_all = BranchOutputGrad(ctx, dout, rows, 1, s);
   const ConstOperand in = BranchInput(ctx, a.norm.out, rows);  // gathered again
   if (c.use_swiglu()) {
     // dact = dout @ w2; dw2 += dout^T act.
@@ -336,7 +362,7 @@ void BlockForward(const LayerContext& ctx, const BlockParams& p, BlockActs& a, c
              " != ", DTypeName(at.k.dtype));
     be->PagedAttentionPass(at.att, at.q, at.k, at.v, first->k, first->v, segments, hq, hkv, d);
   }
-  RowParallelResidual(ctx, a.h_attn, x, at.att, p.attn.wo, p.attn.bo, n, hq * d, rows);
+  RowParallelResidual(ctx, a.h_attn, x, at.att, p.attn.wo, p.attn.bo, n, hq * d, rows, 0);
   MlpForward(ctx, p.mlp, a.mlp, a.out, a.h_attn, n);
 }
 
@@ -358,8 +384,9 @@ void BlockBackward(const LayerContext& ctx, const BlockParams& p, const BlockAct
   MlpBranchBackward(ctx, p.mlp, a.mlp, s.dh, dres, dout, a.h_attn, n, s);
   // Gradient at x: residual + attention branch (dx written by the norm's backward at the end).
   const AttnActs& at = a.attn;
-  be->LinearBackward(s.datt, ctx.G(p.attn.wo), ctx.G(p.attn.bo), BranchOutputGrad(ctx, s.dh, rows),
-                     at.att, ctx.P(p.attn.wo), n, hq * d, h, false);
+  be->LinearBackward(s.datt, ctx.G(p.attn.wo), ctx.G(p.attn.bo),
+                     BranchOutputGrad(ctx, s.dh, rows, 0, s), at.att, ctx.P(p.attn.wo), n, hq * d,
+                     h, false);
   be->AttentionBackward(s.dq, s.dk, s.dv, s.datt, at.att, at.lse, at.q, at.k, at.v, b, t, hq, hkv,
                         d);
   if (c.use_rope()) {  // with bf16 operands dq, dk round again after the rotation

@@ -89,6 +89,7 @@ struct GradScratch {
   Operand dq, dk, dv, datt, dact, dh1, dh3;
   // qk_norm: the gradients at the projections' outputs, and dq, dk widened to fp32.
   float *dq_raw = nullptr, *dk_raw = nullptr, *dq_f32 = nullptr, *dk_f32 = nullptr;
+  float* ddrop = nullptr;  // hidden dropout: a branch output's gradient through the mask
 };
 
 // `local`: the rows of the residual stream and the norms (n / tp under sequence parallelism;
@@ -97,7 +98,8 @@ NormActs MakeNormActs(Arena& a, int n, int c);
 MlpActs MakeMlpActs(Arena& a, const ModelConfig& c, int n, int local = -1);
 // The attention log-sum-exps the backward needs are allocated only when `training`.
 BlockActs MakeBlockActs(Arena& a, const ModelConfig& c, int n, bool training, int local = -1);
-GradScratch MakeGradScratch(Arena& a, const ModelConfig& c, int n);
+// `dropout`: with hidden dropout's scratch.
+GradScratch MakeGradScratch(Arena& a, const ModelConfig& c, int n, bool dropout = false);
 
 // One sequence's KV cache of one layer: k, v are the layer's pools [rows, hkv, d] (in the
 // operand dtype), shared by the sequences, and `pages` maps the sequence's positions to their
@@ -129,12 +131,24 @@ struct TpSpec {
   bool sequence_parallel = false;
 };
 
+// Hidden dropout of a training pass (Megatron's --hidden-dropout; engine/core/dropout.h): each
+// branch output (bias included) is dropped before its residual add, with the key of the layer or
+// exit (`key`) and the rows numbered from `row0` (the first row's global number: its sample's
+// index times the sequence length plus its position). p = 0: none (evaluation, inference).
+struct DropoutSpec {
+  float p = 0;
+  uint64_t key = 0;
+  int64_t row0 = 0;
+};
+
 struct LayerContext {
   Backend* be;
   const ModelConfig* cfg;  // the local config (LocalConfig) under tensor parallelism
   ParamStore* ps;
   TpSpec tp;
   const SpScratch* sp = nullptr;  // with tp.sequence_parallel
+  DropoutSpec drop = {};
+  bool dropout() const { return drop.p > 0; }
   bool seq_parallel() const { return tp.sequence_parallel && tp.size > 1; }
   // Rows of the residual stream (and of the norms) this rank holds of a batch of n.
   int LocalRows(int n) const { return seq_parallel() ? n / tp.size : n; }

@@ -283,6 +283,9 @@ LossReport PipelineExecutor::Run(const Schedule& s, const absl::Status& rendezvo
     }
     Slot& slot = pool[found->second];
     Workspace& ws = *slot.ws;
+    // Hidden dropout's row numbers: the microbatch's first sample's, in training passes only.
+    ws.dropout_row0 =
+        mode == Mode::kEvaluate ? -1 : (first_sample_ + int64_t{m} * micro_batch_) * seq_;
     const double start = since();
     const int32_t* mb_ids = ids + static_cast<size_t>(m) * rows;
     const int32_t* mb_targets = targets + static_cast<size_t>(m) * rows;

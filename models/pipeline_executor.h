@@ -61,6 +61,10 @@ class PipelineExecutor {
   // Megatron's --eod-mask-loss: the heads' losses leave out the positions whose input id is
   // `eod_id` (-1: none left out), in training and in Evaluate.
   void set_eod_loss_mask(int eod_id) { eod_id_ = eod_id; }
+  // The global index of the first sample (row of micro_batch rows) of the next TrainStep on this
+  // rank: hidden dropout numbers rows by it (Model::set_hidden_dropout), so that every layout
+  // drops the same elements of a sample.
+  void set_first_sample(int64_t first) { first_sample_ = first; }
   // Whether a frozen-backbone step computes the final head's loss.
   bool tune_computes_final_loss() const {
     return tune_depth_ == chunks_[0]->config().num_layers &&
@@ -109,6 +113,7 @@ class PipelineExecutor {
   bool frozen_backbone_ = false;
   int tune_depth_ = 0;  // EE-Tuning: the layers a step runs (the deepest exit's depth, or all)
   int eod_id_ = -1;     // set_eod_loss_mask
+  int64_t first_sample_ = 0;
   std::vector<float> loss_mask_;          // [microbatches * rows] of a step, with eod_id_
   std::vector<std::vector<Slot>> slots_;  // [chunk] -> workspaces for records in flight
   std::vector<BusyInterval> intervals_;

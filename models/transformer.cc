@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "engine/core/dropout.h"
 #include "engine/core/rng.h"
 #include "engine/core/status.h"
 
@@ -274,7 +275,7 @@ std::unique_ptr<Workspace> Model::MakeWorkspace(int b, int t) {
   }
   ws->losses = a.Floats(n);
   ws->max_prob = a.Floats(n);
-  ws->gs = MakeGradScratch(a, local_, n);
+  ws->gs = MakeGradScratch(a, local_, n, hidden_dropout_ > 0);
   if (tp_.size > 1) ws->vocab_ce = std::make_unique<VocabParallelCrossEntropy>(be_, tp_.comm, n);
   ws->dx = a.Floats(nc);
   ws->dx_prev = a.Floats(nc);
@@ -289,7 +290,15 @@ std::unique_ptr<Workspace> Model::MakeWorkspace(int b, int t) {
   return ws;
 }
 
-void Model::Embed(float* out, const int32_t* ids, const int32_t* pos, int n) {
+LayerContext Model::DropCtx(int64_t dropout_row0, uint64_t site) {
+  LayerContext cx = ctx();
+  if (hidden_dropout_ > 0 && dropout_row0 >= 0) {
+    cx.drop = {hidden_dropout_, DropoutMix(dropout_seed_ ^ DropoutMix(site)), dropout_row0};
+  }
+  return cx;
+}
+
+void Model::Embed(float* out, const int32_t* ids, const int32_t* pos, int n, int64_t dropout_row0) {
   const int c = config_.hidden_size;
   // Sequence parallelism: each rank's vocabulary rows into the whole-row scratch (positions on
   // rank 0's), reduce-scattered to this rank's rows.
@@ -315,14 +324,20 @@ void Model::Embed(float* out, const int32_t* ids, const int32_t* pos, int n) {
     }
   }
   if (sp) ReduceScatterRows(tp_.comm, whole, out, ResidualRows(n), c);
+  const LayerContext cx = DropCtx(dropout_row0, kEmbeddingSite);
+  if (cx.dropout()) {
+    const int rows = ResidualRows(n);
+    be_->DropoutAdd(out, nullptr, out, rows, c, cx.drop.p, cx.drop.key,
+                    cx.drop.row0 + (sp ? int64_t{tp_.rank} * rows : 0));
+  }
 }
 
 ConstOperand Model::ExitHidden(int i, ExitActs& a, const float* in, const int32_t* pos, int b,
-                               int t, const std::vector<KvSegment>* cache) {
+                               int t, const std::vector<KvSegment>* cache, int64_t dropout_row0) {
   const ExitConfig& x = config_.exits[i];
   const ExitHeadParams& p = exits_[i];
   const int n = b * t, rows = ResidualRows(n);
-  LayerContext cx = ctx();
+  LayerContext cx = DropCtx(dropout_row0, ExitSite(i));
   // Under sequence parallelism the head reads every row: this rank's are gathered with the
   // others'.
   auto whole = [&](ConstOperand local) {
@@ -475,12 +490,13 @@ std::pair<double, double> Model::HeadLoss(Workspace& ws, ConstOperand hidden, in
 
 // din += d/d(in) of exit i's hidden given dhidden (= ws.dhidden).
 void Model::ExitBackward(int i, ExitActs& a, float* din, const float* dhidden, const float* in,
-                         const int32_t* pos, int b, int t, const GradScratch& s) {
+                         const int32_t* pos, int b, int t, const GradScratch& s,
+                         int64_t dropout_row0) {
   const ExitConfig& x = config_.exits[i];
   const ExitHeadParams& p = exits_[i];
   const int n = b * t, rows = ResidualRows(n);
   const size_t nc = static_cast<size_t>(rows) * config_.hidden_size;
-  LayerContext cx = ctx();
+  LayerContext cx = DropCtx(dropout_row0, ExitSite(i));
   switch (x.kind) {
     case ExitKind::kLinear:
       be_->Axpy(din, 1.0f, dhidden, nc);
@@ -514,7 +530,8 @@ void Model::ExitsAtDepth(Workspace& ws, int depth, absl::Span<const float> w, bo
     const bool reads_h_attn = x.kind == ExitKind::kMlp && x.position == ExitPosition::kPost;
     const float* in =
         reads_h_attn ? ws.layers[x.layer - 1 - first_layer_].h_attn : HiddenAt(ws, depth);
-    const ConstOperand hidden = ExitHidden(i, ws.exits[i], in, ws.pos, b, t, nullptr);
+    const ConstOperand hidden =
+        ExitHidden(i, ws.exits[i], in, ws.pos, b, t, nullptr, ws.dropout_row0);
     const bool bw = backward && w[i] > 0;
     auto [mean, term] =
         HeadLoss(ws, hidden, i, w[i] * loss_scale, config_.confidence_weighted_exit_loss, bw);
@@ -528,11 +545,11 @@ void Model::ExitsAtDepth(Workspace& ws, int depth, absl::Span<const float> w, bo
       const ExitHeadParams& p = exits_[i];
       NormBackward(ctx(), p.norm, ws.exits[i].norm, ws.dexit, nullptr, ws.dhidden,
                    ws.exits[i].block.out, rows);
-      BlockBackward(ctx(), p.block, ws.exits[i].block, ws.dhidden, ws.dexit, nullptr, in, ws.pos, b,
-                    t, ws.gs);
+      BlockBackward(DropCtx(ws.dropout_row0, ExitSite(i)), p.block, ws.exits[i].block, ws.dhidden,
+                    ws.dexit, nullptr, in, ws.pos, b, t, ws.gs);
       be_->Axpy(din, 1.0f, ws.dhidden, nc);
     } else {
-      ExitBackward(i, ws.exits[i], din, ws.dhidden, in, ws.pos, b, t, ws.gs);
+      ExitBackward(i, ws.exits[i], din, ws.dhidden, in, ws.pos, b, t, ws.gs, ws.dropout_row0);
     }
   }
 }
@@ -541,7 +558,7 @@ void Model::StageForward(Workspace& ws, const int32_t* ids, const float* input) 
   const int b = ws.b, t = ws.t, n = b * t;
   if (is_first_stage()) {
     be_->CopyFromHost(ws.ids, ids, n * sizeof(int32_t));
-    Embed(ws.x0, ws.ids, ws.pos, n);
+    Embed(ws.x0, ws.ids, ws.pos, n, ws.dropout_row0);
   } else {
     be_->Copy(ws.x0, input,
               static_cast<size_t>(ResidualRows(n)) * config_.hidden_size * sizeof(float));
@@ -549,7 +566,8 @@ void Model::StageForward(Workspace& ws, const int32_t* ids, const float* input) 
   const float* x = ws.x0;
   for (int l = first_layer_; l < ForwardEnd(); ++l) {
     BlockActs& acts = ws.layers[l - first_layer_];
-    BlockForward(ctx(), layers_[l - first_layer_], acts, x, ws.pos, b, t, nullptr);
+    BlockForward(DropCtx(ws.dropout_row0, LayerSite(l)), layers_[l - first_layer_], acts, x, ws.pos,
+                 b, t, nullptr);
     x = acts.out;
   }
 }
@@ -618,8 +636,9 @@ LossReport Model::StageBackward(Workspace& ws, const int32_t* targets, const flo
         extra = ws.d_h_extra;
       }
     }
-    BlockBackward(ctx(), layers_[l - 1 - first_layer_], ws.layers[l - 1 - first_layer_], ws.dx_prev,
-                  ws.dx, extra, HiddenAt(ws, l - 1), ws.pos, b, t, ws.gs);
+    BlockBackward(DropCtx(ws.dropout_row0, LayerSite(l - 1)), layers_[l - 1 - first_layer_],
+                  ws.layers[l - 1 - first_layer_], ws.dx_prev, ws.dx, extra, HiddenAt(ws, l - 1),
+                  ws.pos, b, t, ws.gs);
     std::swap(ws.dx, ws.dx_prev);
     if (layer_grads_done_) {
       const auto& [lo, hi] = layer_ranges_[l - 1 - first_layer_];
@@ -633,6 +652,10 @@ LossReport Model::StageBackward(Workspace& ws, const int32_t* targets, const flo
   }
   if (backward && is_first_stage()) {
     const VocabShard shard = vocab_shard();
+    if (const LayerContext cx = DropCtx(ws.dropout_row0, kEmbeddingSite); cx.dropout()) {
+      be_->DropoutBackward(ws.dx, ws.dx, rows, c.hidden_size, cx.drop.p, cx.drop.key,
+                           cx.drop.row0 + (cx.seq_parallel() ? int64_t{tp_.rank} * rows : 0));
+    }
     const float* dx = ctx().seq_parallel()
                           ? GatherGradRows(tp_.comm, sp_->scratch, ws.dx, rows, c.hidden_size)
                           : ws.dx;

@@ -51,6 +51,9 @@ struct Workspace {
   // loss w.r.t. the hidden state it reads [n, c], added when the backward reaches it.
   std::vector<float*> exit_grad;
   bool exits_done = false;
+  // Hidden dropout (Model::set_hidden_dropout): the global number of the pass's first row (its
+  // sample's index times t; the executor sets it for training passes). -1: no dropout.
+  int64_t dropout_row0 = -1;
   std::vector<float> host_mask, host_losses, host_max_prob, host_weights;
   std::vector<float> host_scaled_weights;               // host_weights / an exit's temperature
   std::unique_ptr<VocabParallelCrossEntropy> vocab_ce;  // tensor parallelism only
@@ -115,6 +118,17 @@ class Model {
   void InitRandom(uint64_t seed, float std = 0.02f);
 
   std::unique_ptr<Workspace> MakeWorkspace(int b, int t);
+
+  // Megatron's --hidden-dropout: in passes whose workspace has a dropout_row0 (training), every
+  // branch output (attention and MLP, of layers and exits) is dropped with probability p before
+  // its residual add, and the embedding output too; masks follow from (`seed`, layer or exit,
+  // global row, column) alone (engine/core/dropout.h), so every layout drops the same elements.
+  // Before making workspaces.
+  void set_hidden_dropout(float p, uint64_t seed) {
+    hidden_dropout_ = p;
+    dropout_seed_ = seed;
+  }
+  float hidden_dropout() const { return hidden_dropout_; }
 
   // One pass over a batch on a single-stage model: ids, targets [b*t] and optional loss mask
   // (host arrays). Always computes every loss; when `backward` is true, accumulates gradients
@@ -189,11 +203,12 @@ class Model {
   const BlockParams& layer(int l) const { return layers_[l - first_layer_]; }
   const ExitHeadParams& exit_head(int i) const { return exits_[i]; }
   // out[n, c] = word embedding (+ learned positions).
-  void Embed(float* out, const int32_t* ids, const int32_t* pos, int n);
+  // With `dropout_row0` >= 0 (training), hidden dropout of the output (set_hidden_dropout).
+  void Embed(float* out, const int32_t* ids, const int32_t* pos, int n, int64_t dropout_row0 = -1);
   // Final hidden of an exit head over n rows (training: cache null; inference: the block exit's
   // own KV segments, see BlockForward).
   ConstOperand ExitHidden(int i, ExitActs& a, const float* in, const int32_t* pos, int b, int t,
-                          const std::vector<KvSegment>* cache);
+                          const std::vector<KvSegment>* cache, int64_t dropout_row0 = -1);
   // Final hidden after the final norm.
   ConstOperand FinalHidden(NormActs& a, const float* x, int n);
   // logits[n, vocab] = hidden @ W^T with W the output weight of exit i (or final when i < 0).
@@ -218,7 +233,13 @@ class Model {
   // Hidden state at `depth` (layers computed) held by this stage.
   const float* HiddenAt(const Workspace& ws, int depth) const;
   void ExitBackward(int i, ExitActs& a, float* din, const float* dhidden, const float* in,
-                    const int32_t* pos, int b, int t, const GradScratch& s);
+                    const int32_t* pos, int b, int t, const GradScratch& s, int64_t dropout_row0);
+  // ctx() with the hidden dropout of `site` (DropoutSite) for a pass from row `dropout_row0`
+  // (none when negative or without dropout).
+  LayerContext DropCtx(int64_t dropout_row0, uint64_t site);
+  static uint64_t LayerSite(int layer) { return static_cast<uint64_t>(layer); }
+  static uint64_t ExitSite(int exit) { return (uint64_t{1} << 32) + static_cast<uint64_t>(exit); }
+  static constexpr uint64_t kEmbeddingSite = uint64_t{1} << 33;
   // Runs the local exits reading `depth`; their input gradients go into ws.dx / d_h_extra, or
   // into ws.exit_grad when `store` is set.
   void ExitsAtDepth(Workspace& ws, int depth, absl::Span<const float> w, bool backward,
@@ -239,6 +260,8 @@ class Model {
   std::vector<std::pair<size_t, size_t>> layer_ranges_;  // arena [lo, hi) of each local layer
   std::function<void(size_t, size_t)> layer_grads_done_;
   int logits_chunk_rows_ = 0;
+  float hidden_dropout_ = 0;
+  uint64_t dropout_seed_ = 0;
   int forward_end_ = -1;
   // The heads' scratch, one chunk of rows: logits [rows, vocab] (fp32) and their gradients,
   // which the heads' backward GEMMs read (in the logits' own buffer, overwritten, with fp32

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstddef>
 
+#include "engine/core/dropout.h"
 #include "engine/cpu/cpu_backend.h"
 #include "engine/cpu/cpu_exp.h"
 
@@ -85,6 +86,25 @@ void CpuBackend::SwiGluBackward(Operand dgate_op, Operand dup_op, ConstOperand d
       dup[i] = dy * gi * s;
     }
   }
+}
+
+void CpuBackend::DropoutAdd(float* out, const float* x, const float* branch, int n, int c, float p,
+                            uint64_t key, int64_t row0) {
+  const uint32_t threshold = DropoutThreshold(p);
+  const float scale = 1.0f / (1.0f - p);
+  const uint64_t base = static_cast<uint64_t>(row0) * static_cast<uint64_t>(c);
+  const ptrdiff_t total = static_cast<ptrdiff_t>(n) * c;
+#pragma omp parallel for schedule(static) if (static_cast <size_t>(total) >= kParallelMin)
+  for (ptrdiff_t i = 0; i < total; ++i) {
+    const float kept =
+        DropoutKeep(key, base + static_cast<uint64_t>(i), threshold) ? branch[i] * scale : 0.0f;
+    out[i] = (x != nullptr ? x[i] : 0.0f) + kept;
+  }
+}
+
+void CpuBackend::DropoutBackward(float* dbranch, const float* dout, int n, int c, float p,
+                                 uint64_t key, int64_t row0) {
+  DropoutAdd(dbranch, nullptr, dout, n, c, p, key, row0);
 }
 
 }  // namespace eellm

@@ -72,6 +72,10 @@ class CpuBackend final : public Backend {
   void SwiGluForward(Operand out, ConstOperand gate, ConstOperand up, size_t n) override;
   void SwiGluBackward(Operand dgate, Operand dup, ConstOperand dout, ConstOperand gate,
                       ConstOperand up, size_t n) override;
+  void DropoutAdd(float* out, const float* x, const float* branch, int n, int c, float p,
+                  uint64_t key, int64_t row0) override;
+  void DropoutBackward(float* dbranch, const float* dout, int n, int c, float p, uint64_t key,
+                       int64_t row0) override;
 
   // ---- rotary position embedding (cpu_rope.cc) ----------------------------------------------
   // x/dx: [n, heads, head_dim], pos: [n].

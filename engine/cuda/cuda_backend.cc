@@ -520,6 +520,16 @@ void CudaBackend::SwiGluBackward(Operand dgate, Operand dup, ConstOperand dout, 
   CUDA_CHECK(cuda::SwiGluBackward(ToElems(dgate), ToElems(dup), ToElems(dout), ToElems(gate),
                                   ToElems(up), n, stream_));
 }
+void CudaBackend::DropoutAdd(float* out, const float* x, const float* branch, int n, int c, float p,
+                             uint64_t key, int64_t row0) {
+  MarkWritten(out, static_cast<size_t>(n) * c * sizeof(float));
+  CUDA_CHECK(cuda::DropoutAdd(out, x, branch, n, c, p, key, row0, stream_));
+}
+void CudaBackend::DropoutBackward(float* dbranch, const float* dout, int n, int c, float p,
+                                  uint64_t key, int64_t row0) {
+  MarkWritten(dbranch, static_cast<size_t>(n) * c * sizeof(float));
+  CUDA_CHECK(cuda::DropoutAdd(dbranch, nullptr, dout, n, c, p, key, row0, stream_));
+}
 void CudaBackend::RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim,
                               const RopeParams& rope) {
   EE_CHECK(head_dim % 2 == 0, "RoPE needs an even head_dim, got ", head_dim);

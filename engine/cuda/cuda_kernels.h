@@ -62,6 +62,9 @@ cudaError_t GeluBackward(Elems dx, Elems dout, Elems x, size_t n, cudaStream_t s
 cudaError_t BiasGeluForward(Elems act, Elems pre, const float* acc, const float* bias, int n,
                             int cols, cudaStream_t s);
 cudaError_t SwiGluForward(Elems out, Elems gate, Elems up, size_t n, cudaStream_t s);
+// out = (x ? x : 0) + dropout(branch) over n rows of c (engine/backend.h's DropoutAdd).
+cudaError_t DropoutAdd(float* out, const float* x, const float* branch, int n, int c, float p,
+                       uint64_t key, int64_t row0, cudaStream_t s);
 cudaError_t SwiGluBackward(Elems dgate, Elems dup, Elems dout, Elems gate, Elems up, size_t n,
                            cudaStream_t s);
 cudaError_t Rope(Elems x, const int32_t* pos, int n, int heads, int head_dim,

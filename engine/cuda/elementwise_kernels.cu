@@ -5,6 +5,7 @@
 // in order, and the G groups' partials are added in a fixed pairwise tree.
 #include <cmath>
 
+#include "engine/core/dropout.h"
 #include "engine/cuda/block_reduce.cuh"
 #include "engine/cuda/cuda_kernels.h"
 #include "engine/cuda/element_io.cuh"
@@ -223,6 +224,14 @@ __global__ void GeluBackwardKernel(Elems dx, Elems dout, Elems x, size_t n) {
   }
 }
 __device__ float Sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+// Hidden dropout (engine/core/dropout.h): element i of rows from row0 on is (row0 * c + i).
+__global__ void DropoutAddKernel(float* out, const float* x, const float* branch, size_t n,
+                                 uint64_t base, uint32_t threshold, float scale, uint64_t key) {
+  GRID_STRIDE(i, n) {
+    const float kept = DropoutKeep(key, base + i, threshold) ? branch[i] * scale : 0.0f;
+    out[i] = (x != nullptr ? x[i] : 0.0f) + kept;
+  }
+}
 __global__ void SwiGluForwardKernel(Elems out, Elems gate, Elems up, size_t n) {
   GRID_STRIDE(i, n) {
     const float gi = LoadAt(gate, i);
@@ -382,6 +391,16 @@ cudaError_t BiasGeluForward(Elems act, Elems pre, const float* acc, const float*
 }
 cudaError_t GeluBackward(Elems dx, Elems dout, Elems x, size_t n, cudaStream_t s) {
   if (n) LaunchKernel(GeluBackwardKernel, dim3(Blocks(n)), dim3(kThreads), 0, s, dx, dout, x, n);
+  return cudaGetLastError();
+}
+cudaError_t DropoutAdd(float* out, const float* x, const float* branch, int n, int c, float p,
+                       uint64_t key, int64_t row0, cudaStream_t s) {
+  const size_t total = static_cast<size_t>(n) * c;
+  const uint64_t base = static_cast<uint64_t>(row0) * static_cast<uint64_t>(c);
+  if (total) {
+    LaunchKernel(DropoutAddKernel, dim3(Blocks(total)), dim3(kThreads), 0, s, out, x, branch,
+                 total, base, DropoutThreshold(p), 1.0f / (1.0f - p), key);
+  }
   return cudaGetLastError();
 }
 cudaError_t SwiGluForward(Elems out, Elems gate, Elems up, size_t n, cudaStream_t s) {

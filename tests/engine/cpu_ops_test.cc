@@ -55,6 +55,38 @@ TEST_F(CpuOpsTest, ElementwiseAndSumSquares) {
   for (float x : y) ASSERT_EQ(x, -3.5f);
 }
 
+// Hidden dropout: about p of the elements dropped (independently of the row and column), the
+// rest scaled by 1 / (1 - p); the mask is a function of (key, global element number) alone, so
+// rows taken from row0 + 3 on are rows 3.. of a pass from row0; the backward uses the same mask.
+TEST_F(CpuOpsTest, DropoutDropsAFractionPWithAFixedMask) {
+  const int n = 300, c = 347;
+  const size_t nc = static_cast<size_t>(n) * c;
+  const auto x = RandVec(rng_, nc), branch = RandVec(rng_, nc);
+  for (float p : {0.1f, 0.5f}) {
+    std::vector<float> out(nc), grad(nc), shifted(static_cast<size_t>(n - 3) * c);
+    be_.DropoutAdd(out.data(), x.data(), branch.data(), n, c, p, 77, 1000);
+    be_.DropoutBackward(grad.data(), branch.data(), n, c, p, 77, 1000);
+    size_t dropped = 0, dropped_col0 = 0;
+    const float scale = 1.0f / (1.0f - p);
+    for (size_t i = 0; i < nc; ++i) {
+      const bool kept = out[i] != x[i];
+      dropped += !kept;
+      dropped_col0 += !kept && i % c == 0;
+      ASSERT_EQ(out[i], kept ? x[i] + branch[i] * scale : x[i]) << i;
+      ASSERT_EQ(grad[i], kept ? branch[i] * scale : 0.0f) << i;  // the same mask
+    }
+    // Binomial: 4 standard deviations.
+    const double sd = std::sqrt(nc * p * (1 - p)), sd_col = std::sqrt(n * p * (1 - p));
+    EXPECT_NEAR(static_cast<double>(dropped), nc * p, 4 * sd) << p;
+    EXPECT_NEAR(static_cast<double>(dropped_col0), n * p, 4 * sd_col) << p;
+    be_.DropoutBackward(shifted.data(), branch.data() + 3 * c, n - 3, c, p, 77, 1003);
+    for (size_t i = 0; i < shifted.size(); ++i) ASSERT_EQ(shifted[i], grad[i + 3 * c]) << i;
+    std::vector<float> other(nc);
+    be_.DropoutBackward(other.data(), branch.data(), n, c, p, 78, 1000);  // another key
+    EXPECT_NE(other, grad);
+  }
+}
+
 TEST_F(CpuOpsTest, EmbeddingForward) {
   const int vocab = 5, c = 3;
   auto table = RandVec(rng_, vocab * c);

@@ -435,6 +435,36 @@ TEST_F(BackendParity, GeluAndSwiGlu) {
   }
 }
 
+// Hidden dropout: the same mask on every backend (engine/core/dropout.h), with and without a
+// residual, in place, and at row offsets past 2^32 elements.
+TEST_F(BackendParity, DropoutAddAndBackward) {
+  struct Case {
+    int n, c;
+    float p;
+    int64_t row0;
+  };
+  for (const Case& k : {Case{1, 8, 0.1f, 0}, Case{7, 33, 0.5f, 12345},
+                        Case{64, 96, 0.1f, int64_t{3} << 30}, Case{5, 200, 0.9f, 7}}) {
+    SCOPED_TRACE(::testing::Message() << "n=" << k.n << " c=" << k.c << " p=" << k.p);
+    const size_t nc = static_cast<size_t>(k.n) * k.c;
+    const auto x = RandVec(rng_, nc), branch = RandVec(rng_, nc), dout = RandVec(rng_, nc);
+    ExpectParity(
+        [&](Backend* be, DeviceMem& m) -> Outputs {
+          float *out = m.Nan(nc), *alone = m.Nan(nc), *db = m.Nan(nc), *pb = m.Put(branch);
+          float* dy = m.Put(dout);
+          be->DropoutAdd(out, m.Put(x), pb, k.n, k.c, k.p, 0xabcdef, k.row0);
+          be->DropoutAdd(alone, nullptr, pb, k.n, k.c, k.p, 0xabcdef, k.row0);
+          be->DropoutBackward(db, dy, k.n, k.c, k.p, 0xabcdef, k.row0);
+          be->DropoutBackward(dy, dy, k.n, k.c, k.p, 0xabcdef, k.row0);  // in place
+          return {{"out", m.Get(out, nc)},
+                  {"alone", m.Get(alone, nc)},
+                  {"dbranch", m.Get(db, nc)},
+                  {"in place", m.Get(dy, nc)}};
+        },
+        kElementwise);
+  }
+}
+
 TEST_F(BackendParity, Rope) {
   struct Case {
     int n, heads, head_dim, first_pos;

@@ -15,12 +15,16 @@ using testing::TinyConfig;
 // Checks d(objective)/d(param) along a random direction for every parameter tensor.
 // Tolerance: |fd - analytic| <= 2e-3 + 3e-2 |analytic| with eps 1e-2 in fp32 (the central
 // difference's rounding noise is ~1e-4 at losses ~2.5; truncation error is O(eps^2)).
-void CheckModelGradients(const ModelConfig& c, uint64_t seed) {
+// `dropout` > 0: with hidden dropout (its masks are fixed by their coordinates, so the objective
+// stays a smooth function of the parameters).
+void CheckModelGradients(const ModelConfig& c, uint64_t seed, float dropout = 0) {
   auto be = Cpu();
   auto model = *Model::Create(c, be.get());
   testing::FillParams(*model, seed);
   const int b = 2, t = 5, n = b * t;
+  if (dropout > 0) model->set_hidden_dropout(dropout, seed + 4);
   auto ws = model->MakeWorkspace(b, t);
+  ws->dropout_row0 = dropout > 0 ? 35 : -1;
   auto ids = testing::RandomTokens(n, c.vocab_size, seed + 1);
   auto tg = testing::RandomTokens(n, c.vocab_size, seed + 2);
   std::vector<float> mask(n, 1.0f);
@@ -94,6 +98,36 @@ INSTANTIATE_TEST_SUITE_P(AllExitKinds, ModelGradTest,
                                             ::testing::Values(ExitPosition::kPost,
                                                               ExitPosition::kPre),
                                             ::testing::Bool()));
+
+// Hidden dropout (every branch output of layers and exits, and the embedding) is
+// differentiated through its masks; a workspace without dropout_row0 (evaluation) drops nothing.
+TEST(ModelGrad, HiddenDropoutThroughLayersExitsAndEmbedding) {
+  for (ModelStyle style : {ModelStyle::kGpt, ModelStyle::kLlama}) {
+    const ModelConfig c = testing::ConfigWithExits(style);
+    CheckModelGradients(c, 21, 0.3f);
+    auto be = Cpu();
+    auto plain = *Model::Create(c, be.get());
+    auto dropped = *Model::Create(c, be.get());
+    testing::FillParams(*plain, 5);
+    testing::FillParams(*dropped, 5);
+    dropped->set_hidden_dropout(0.3f, 9);
+    auto wp = plain->MakeWorkspace(2, 5);
+    auto wd = dropped->MakeWorkspace(2, 5);
+    const auto ids = testing::RandomTokens(10, c.vocab_size, 1);
+    const auto tg = testing::RandomTokens(10, c.vocab_size, 2);
+    const std::vector<float> w(c.exits.size(), 0.5f);
+    const LossReport p = plain->ForwardBackward(*wp, ids.data(), tg.data(), nullptr, w, false);
+    const LossReport e = dropped->ForwardBackward(*wd, ids.data(), tg.data(), nullptr, w, false);
+    EXPECT_EQ(p.objective, e.objective);  // dropout_row0 -1: evaluation
+    wd->dropout_row0 = 0;
+    const LossReport d0 = dropped->ForwardBackward(*wd, ids.data(), tg.data(), nullptr, w, false);
+    EXPECT_NE(p.final_loss, d0.final_loss);
+    for (size_t i = 0; i < c.exits.size(); ++i) EXPECT_NE(p.exit_losses[i], d0.exit_losses[i]);
+    wd->dropout_row0 = 10;  // other rows: other masks
+    const LossReport d1 = dropped->ForwardBackward(*wd, ids.data(), tg.data(), nullptr, w, false);
+    EXPECT_NE(d0.final_loss, d1.final_loss);
+  }
+}
 
 TEST(ModelGrad, NoExitsBothStyles) {
   CheckModelGradients(TinyConfig(ModelStyle::kGpt), 7);

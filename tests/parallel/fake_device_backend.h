@@ -73,6 +73,12 @@ class FakeDeviceBackend final : public Backend {
   void SwiGluBackward(Operand, Operand, ConstOperand, ConstOperand, ConstOperand, size_t) override {
     std::abort();
   }
+  void DropoutAdd(float*, const float*, const float*, int, int, float, uint64_t, int64_t) override {
+    std::abort();
+  }
+  void DropoutBackward(float*, const float*, int, int, float, uint64_t, int64_t) override {
+    std::abort();
+  }
   void RopeForward(Operand, const int32_t*, int, int, int, const RopeParams&) override {
     std::abort();
   }
