@@ -112,8 +112,8 @@ LrSchedule LrScheduleOf(const TrainConfig& tc) {
 
 // What resuming at `step` needs besides the tensors, as JSON for the checkpoint's attributes:
 // the training samples consumed before `step` (where the epoch sampler goes on; random windows
-// are drawn per step from the seed). The LR and exit-loss weights follow their schedules (and
-// there is no dropout); they are here for people and tools.
+// are drawn per step from the seed; hidden dropout's masks follow from the samples). The LR and
+// exit-loss weights follow their schedules; they are here for people and tools.
 std::string TrainStateJson(const RunConfig& rc, int step, int64_t samples) {
   const TrainConfig& tc = rc.train;
   std::string weights;

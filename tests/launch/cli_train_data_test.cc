@@ -121,6 +121,36 @@ TEST_F(CliTest, EodMaskLossReachesTheRun) {
   EXPECT_EQ(first_step(f.output), first_step(masked.output));
 }
 
+// hidden_dropout (and --hidden-dropout) reach the run: the first step's losses change, the
+// config file's key gives what the flag gives, and a probability outside [0, 1) is named.
+TEST_F(CliTest, HiddenDropoutReachesTheRun) {
+  ASSERT_TRUE(PrepareTinyData(0.1));
+  auto first_step = [](const std::string& out) {  // its losses, LR and gradient norm
+    const size_t at = out.find("step     1/1 |"), end = out.find("tok/s", at);
+    if (at == std::string::npos || end == std::string::npos) return std::string();
+    const std::string line = out.substr(at, end - at);
+    return line.substr(0, line.rfind('|'));
+  };
+  const std::string base = "train --config=" + Quote(WriteConfig(kTinyModel, 1));
+  CmdResult plain = RunEellm(base + " --out=" + Quote(Path("plain")));
+  CmdResult dropped = RunEellm(base + " --hidden-dropout=0.2 --out=" + Quote(Path("dropped")));
+  ASSERT_EQ(plain.exit_code, 0) << plain.output;
+  ASSERT_EQ(dropped.exit_code, 0) << dropped.output;
+  ASSERT_NE(first_step(plain.output), "") << plain.output;
+  EXPECT_NE(first_step(plain.output), first_step(dropped.output));
+  const std::string from_file =
+      "train --config=" + Quote(WriteConfig(kTinyModel, 1, ", \"hidden_dropout\": 0.2")) +
+      " --out=" + Quote(Path("from_file"));
+  CmdResult f = RunEellm(from_file);
+  ASSERT_EQ(f.exit_code, 0) << f.output;
+  EXPECT_EQ(first_step(f.output), first_step(dropped.output));
+  const std::string bad = base + " --hidden-dropout=1 --out=" + Quote(Path("bad"));
+  CmdResult b = RunEellm(bad);
+  EXPECT_NE(b.exit_code, 0) << Describe(bad, b);
+  EXPECT_NE(b.output.find("hidden_dropout must be in [0, 1), got 1"), std::string::npos)
+      << b.output;
+}
+
 // <out>/metrics.jsonl: a JSON line per logged step (the losses printed, lr, grad norm, speed)
 // and per validation, appended by a resumed run.
 TEST_F(CliTest, MetricsFileHoldsEveryLoggedStepAndValidation) {

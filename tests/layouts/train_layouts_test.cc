@@ -335,6 +335,36 @@ TEST_P(TrainLayouts, EveryLayoutMatchesSingleRank) {
   std::filesystem::remove_all(std::filesystem::path(data).parent_path(), ec);
 }
 
+// Hidden dropout numbers rows by their samples, so every layout drops the same elements as the
+// single-rank run: data-parallel ranks and microbatches (other row numbers), pipeline stages and
+// interleaved chunks (other layer keys), tensor and sequence parallelism (replicated rows, and
+// rows split over the group).
+TEST_P(TrainLayouts, HiddenDropoutMatchesSingleRankUnderEveryLayout) {
+  auto world = MpiCommunicator::World(nullptr);
+  const std::string data = DataPrefix(world->rank());
+  RunConfig rc = TinyRun(GetParam(), data);
+  const RunResult plain = Train(rc, nullptr, data + "_plain");
+  rc.train.hidden_dropout = 0.2f;
+  const RunResult ref = Train(rc, nullptr, data + "_ref");
+  ASSERT_EQ(ref.losses.size(), 3u);
+  EXPECT_NE(ref.losses[0][0], plain.losses[0][0]);  // it drops
+  EXPECT_GT(ref.losses[0][0], ref.losses[2][0]);    // and trains
+  const std::vector<Layout> layouts = {
+      {1, 1, 1, false, 1},                  // microbatches
+      {1, 1, 2, false, 0},                  // data parallel
+      {1, 2, 1, false, 1},                  // pipeline
+      {2, 1, 1, false, 0},                  // tensor parallel
+      {2, 1, 1, false, 0, false, 1, true},  // sequence parallel
+      {1, 2, 1, false, 1, false, 2},        // interleaved
+      {2, 2, 1, false, 1, false, 1, true},
+      {1, 2, 2, true, 1},
+      {2, 2, 2, true, 1, false, 1, true},
+  };
+  ExpectLayoutsMatchInSharedDirs(*world, rc, ref, layouts, "dropout", GetParam());
+  std::error_code ec;
+  std::filesystem::remove_all(std::filesystem::path(data).parent_path(), ec);
+}
+
 // EE-Tuning (freeze_backbone): the single-rank run changes every exit tensor of its own and
 // leaves every other tensor bit for bit as initialised (the first exit's head is tied to the
 // word embedding and stays frozen too); the parallel layouts, interleaved included, match it.
