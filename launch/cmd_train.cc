@@ -137,7 +137,7 @@ int RunTrainCommand() {
     t.exit_placement = absl::GetFlag(FLAGS_exit_placement);
   }
   if (!absl::GetFlag(FLAGS_sampling).empty()) t.sampling = absl::GetFlag(FLAGS_sampling);
-  if (absl::GetFlag(FLAGS_hidden_dropout) >= 0) {
+  if (absl::GetFlag(FLAGS_hidden_dropout) != -1) {  // -1: not given; others are checked
     t.hidden_dropout = static_cast<float>(absl::GetFlag(FLAGS_hidden_dropout));
   }
   if (!absl::GetFlag(FLAGS_tensorboard_dir).empty()) {

@@ -510,6 +510,17 @@ absl::StatusOr<ModelConfig> ModelConfigFromMegatronArgs(const PyValue& args,
   const int64_t kv_channels = ArgIntOr(args, "kv_channels", heads > 0 ? hidden / heads : 0);
   const int64_t kv_heads =
       ArgBool(args, "group_query_attention") ? ArgIntOr(args, "num_query_groups", heads) : heads;
+  // Training settings that are not the model's: said, so that a run going on from the
+  // conversion can train as the Megatron run did.
+  if (const double p = ArgFloatOr(args, "hidden_dropout", 0); p > 0) {
+    warnings->push_back(absl::StrCat(
+        "the run trained with hidden_dropout ", p, "; pass --hidden-dropout=", p,
+        " (or \"hidden_dropout\" in the train config) to eellm train to go on as it did",
+        ArgFloatOr(args, "attention_dropout", 0) > 0
+            ? absl::StrCat(" (its attention_dropout ", ArgFloatOr(args, "attention_dropout", 0),
+                           " eellm does not implement)")
+            : ""));
+  }
   const std::string norm = ArgStr(args, "normalization", "LayerNorm");
   std::string pos = ArgStr(args, "position_embedding_type", "learned_absolute");
   if (ArgBool(args, "use_rotary_position_embeddings")) pos = "rope";

@@ -82,6 +82,7 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
                                    "adam_eps",
                                    "lr_decay_style",
                                    "lr_decay_steps",
+                                   "lr_warmup_fraction",
                                    "init_method_std",
                                    "metrics",
                                    "exit_signal_handler",
@@ -93,6 +94,10 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
     RETURN_IF_ERROR(ReadJsonField(tj, "adam_eps", "train config", &t.adam_eps));
     RETURN_IF_ERROR(ReadJsonField(tj, "lr_decay_style", "train config", &t.lr_decay_style));
     RETURN_IF_ERROR(ReadJsonField(tj, "lr_decay_steps", "train config", &t.lr_decay_steps));
+    RETURN_IF_ERROR(ReadJsonField(tj, "lr_warmup_fraction", "train config", &t.lr_warmup_fraction));
+    if (t.lr_warmup_fraction != 0 && tj.contains("warmup_steps")) {
+      return Invalid("give warmup_steps or lr_warmup_fraction, not both");
+    }
     RETURN_IF_ERROR(ReadJsonField(tj, "init_method_std", "train config", &t.init_method_std));
     RETURN_IF_ERROR(ReadJsonField(tj, "metrics", "train config", &t.metrics));
     RETURN_IF_ERROR(ReadJsonField(tj, "exit_duration_mins", "train config", &t.exit_duration_mins));
@@ -145,6 +150,10 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
     if (v <= 0) return Invalid(absl::StrCat(k, " must be positive, got ", v));
   }
   RETURN_IF_ERROR(ParseLrDecay(t.lr_decay_style).status());
+  if (!(t.lr_warmup_fraction >= 0 && t.lr_warmup_fraction < 1)) {
+    return Invalid(
+        absl::StrCat("lr_warmup_fraction must be in [0, 1), got ", t.lr_warmup_fraction));
+  }
   if (t.lr_decay_steps < 0) {
     return Invalid(absl::StrCat("lr_decay_steps must be >= 0 (0 = steps), got ", t.lr_decay_steps));
   }
@@ -214,6 +223,7 @@ std::string TrainConfigToJson(const TrainConfig& t) {
             {"adam_eps", t.adam_eps},
             {"lr_decay_style", t.lr_decay_style},
             {"lr_decay_steps", t.lr_decay_steps},
+            {"lr_warmup_fraction", t.lr_warmup_fraction},
             {"init_method_std", t.init_method_std},
             {"metrics", t.metrics},
             {"exit_signal_handler", t.exit_signal_handler},

@@ -42,6 +42,9 @@ struct TrainConfig {
   // --lr-decay-iters (0: steps): the decay after the warm-up reaches min_lr at that step.
   std::string lr_decay_style = "cosine";
   int lr_decay_steps = 0;
+  // Megatron's --lr-warmup-fraction (EE-LLM's tuning scripts use .01): the warm-up takes this
+  // fraction of the decay's steps (lr_decay_steps, or steps) instead of warmup_steps; 0 = off.
+  float lr_warmup_fraction = 0.0f;
   float init_method_std = 0.02f;  // N(0, std) initial weights of a fresh run
   bool metrics = true;            // append progress to <out>/metrics.jsonl (launch/metrics_log.h)
   // Megatron's --tensorboard-dir: the same values as TensorBoard scalars in an event file there

@@ -104,8 +104,10 @@ LrSchedule LrScheduleOf(const TrainConfig& tc) {
   LrSchedule s;
   s.max_lr = tc.lr;
   s.min_lr = tc.min_lr;
-  s.warmup = tc.warmup_steps;
   s.decay_steps = tc.lr_decay_steps > 0 ? tc.lr_decay_steps : tc.steps;
+  s.warmup = tc.lr_warmup_fraction > 0
+                 ? static_cast<int>(std::lround(tc.lr_warmup_fraction * s.decay_steps))
+                 : tc.warmup_steps;
   s.decay = *ParseLrDecay(tc.lr_decay_style);
   return s;
 }

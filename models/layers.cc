@@ -83,6 +83,7 @@ int64_t DropRow0(const LayerContext& ctx, int rows) {
 const float* BranchOutputGrad(const LayerContext& ctx, const float* dout, int rows, int site,
                               const GradScratch& s) {
   if (ctx.dropout()) {
+    EE_CHECK(s.ddrop != nullptr, "hidden dropout set after the workspace was made");
     ctx.be->DropoutBackward(s.ddrop, dout, rows, ctx.cfg->hidden_size, ctx.drop.p,
                             SiteKey(ctx, site), DropRow0(ctx, rows));
     dout = s.ddrop;

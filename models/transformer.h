@@ -12,6 +12,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "engine/backend.h"
+#include "engine/core/status.h"
 #include "engine/tensor/param_store.h"
 #include "models/layers.h"
 #include "models/model_config.h"
@@ -125,6 +126,7 @@ class Model {
   // global row, column) alone (engine/core/dropout.h), so every layout drops the same elements.
   // Before making workspaces.
   void set_hidden_dropout(float p, uint64_t seed) {
+    EE_CHECK(p >= 0 && p < 1, "hidden dropout ", p, " outside [0, 1)");
     hidden_dropout_ = p;
     dropout_seed_ = seed;
   }
@@ -179,7 +181,8 @@ class Model {
   void set_layer_grads_done(std::function<void(size_t lo, size_t hi)> fn) {
     layer_grads_done_ = std::move(fn);
   }
-  // Gradient w.r.t. the stage's input, to send to the previous stage (after StageBackward).
+  // Gradient w.r.t. the stage's input, to send to the previous stage (after StageBackward). (On
+  // the first stage, with hidden dropout, the gradient at the embedding lookup instead.)
   const float* StageInputGrad(const Workspace& ws) const { return ws.dx; }
   bool is_first_stage() const { return first_layer_ == 0; }
   // This stage's layers: [first_layer(), end_layer()) (0-based).

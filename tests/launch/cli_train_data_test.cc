@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <map>
 #include <string>
 #include <utility>
@@ -149,6 +150,52 @@ TEST_F(CliTest, HiddenDropoutReachesTheRun) {
   EXPECT_NE(b.exit_code, 0) << Describe(bad, b);
   EXPECT_NE(b.output.find("hidden_dropout must be in [0, 1), got 1"), std::string::npos)
       << b.output;
+}
+
+// lr_warmup_fraction (Megatron's --lr-warmup-fraction) warms up over that fraction of the
+// decay's steps: 0.4 of 5 steps trains as warmup_steps 2; both at once, and fractions outside
+// [0, 1), are refused.
+TEST_F(CliTest, LrWarmupFractionSetsTheWarmup) {
+  ASSERT_TRUE(PrepareTinyData(0.1));
+  auto lines = [](const std::string& out) {  // the step lines up to their speed
+    std::string all;
+    for (size_t at = out.find("step "); at != std::string::npos; at = out.find("step ", at + 1)) {
+      const size_t end = out.find("tok/s", at);
+      if (end == std::string::npos) break;
+      all += out.substr(at, out.rfind('|', end) - at) + "\n";
+    }
+    return all;
+  };
+  const std::string steps2 = "train --config=" + Quote(WriteConfig(kTinyModel, 5));
+  CmdResult a = RunEellm(steps2 + " --out=" + Quote(Path("a")));
+  ASSERT_EQ(a.exit_code, 0) << a.output;
+  std::string text;
+  {
+    std::ifstream f(Path("config.json"));
+    text.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+  }
+  const std::string warmup = "\"warmup_steps\": 2";
+  const size_t at = text.find(warmup);
+  ASSERT_NE(at, std::string::npos) << text;
+  WriteFile(Path("both.json"),
+            std::string(text).replace(at, warmup.size(), warmup + ", \"lr_warmup_fraction\": 0.4"));
+  text.replace(at, warmup.size(), "\"lr_warmup_fraction\": 0.4");
+  WriteFile(Path("fraction.json"), text);
+  CmdResult b =
+      RunEellm("train --config=" + Quote(Path("fraction.json")) + " --out=" + Quote(Path("b")));
+  ASSERT_EQ(b.exit_code, 0) << b.output;
+  ASSERT_NE(lines(a.output), "");
+  EXPECT_EQ(lines(a.output), lines(b.output));
+  CmdResult c = RunEellm("train --config=" + Quote(Path("both.json")));
+  EXPECT_NE(c.exit_code, 0);
+  EXPECT_NE(c.output.find("give warmup_steps or lr_warmup_fraction, not both"), std::string::npos)
+      << c.output;
+  text.replace(text.find("0.4"), 3, "1.5");
+  WriteFile(Path("whole.json"), text);
+  CmdResult d = RunEellm("train --config=" + Quote(Path("whole.json")));
+  EXPECT_NE(d.exit_code, 0);
+  EXPECT_NE(d.output.find("lr_warmup_fraction must be in [0, 1), got 1.5"), std::string::npos)
+      << d.output;
 }
 
 // <out>/metrics.jsonl: a JSON line per logged step (the losses printed, lr, grad norm, speed)

@@ -405,6 +405,15 @@ TEST(MegatronArgs, UnsupportedArchitecturesAreNamed) {
   ASSERT_EQ(warn.size(), 1u);
   EXPECT_NE(warn[0].find("exact (erf) GELU"), std::string::npos);
   EXPECT_TRUE(run(absl::StrCat(gpt, "True")).second.empty());
+  // Megatron's default dropouts (EE-LLM's scripts keep them) are said, to be passed on.
+  auto [dropped, notes] = run("hidden_dropout=0.1, attention_dropout=0.1");
+  EXPECT_TRUE(dropped.ok()) << dropped;
+  ASSERT_EQ(notes.size(), 1u);
+  EXPECT_NE(notes[0].find("hidden_dropout 0.1; pass --hidden-dropout=0.1"), std::string::npos)
+      << notes[0];
+  EXPECT_NE(notes[0].find("attention_dropout 0.1 eellm does not implement"), std::string::npos)
+      << notes[0];
+  EXPECT_TRUE(run("hidden_dropout=0.0, attention_dropout=0.0").second.empty());
 }
 
 }  // namespace
