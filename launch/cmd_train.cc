@@ -69,6 +69,10 @@ ABSL_FLAG(bool, skip_layers_past_exits, false,
           "EE-Tuning (with --freeze-backbone and --init-from or --resume): build and load no layer "
           "past the deepest exit, nor the final head; the pipeline stages split the layers up to "
           "it, and saves copy the rest from the checkpoint the run started from");
+ABSL_FLAG(int32_t, tune_cache_mb, -1,
+          "EE-Tuning (with --freeze-backbone): MiB of host memory per rank for the backbone's "
+          "hidden states of every training window, read back after the first epoch instead of "
+          "recomputed (0 = off; default: the config's train.tune_cache_mb)");
 
 namespace eellm {
 namespace {
@@ -128,6 +132,8 @@ int RunTrainCommand() {
   if (absl::GetFlag(FLAGS_zero1)) t.zero1 = true;
   if (absl::GetFlag(FLAGS_freeze_backbone)) t.freeze_backbone = true;
   if (absl::GetFlag(FLAGS_skip_layers_past_exits)) t.skip_layers_past_exits = true;
+  if (absl::GetFlag(FLAGS_tune_cache_mb) != -1)
+    t.tune_cache_mb = absl::GetFlag(FLAGS_tune_cache_mb);
   if (absl::GetFlag(FLAGS_eod_mask_loss)) t.eod_mask_loss = true;
   if (absl::GetFlag(FLAGS_sequence_parallel)) t.sequence_parallel = true;
   if (absl::GetFlag(FLAGS_virtual_stages) > 0) {

@@ -77,6 +77,7 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
                                    "virtual_stages",
                                    "freeze_backbone",
                                    "skip_layers_past_exits",
+                                   "tune_cache_mb",
                                    "val_fraction",
                                    "exit_duration_mins",
                                    "adam_eps",
@@ -139,6 +140,7 @@ absl::StatusOr<RunConfig> ParseRunConfig(const std::string& json_text) {
     RETURN_IF_ERROR(ReadJsonField(tj, "freeze_backbone", "train config", &t.freeze_backbone));
     RETURN_IF_ERROR(
         ReadJsonField(tj, "skip_layers_past_exits", "train config", &t.skip_layers_past_exits));
+    RETURN_IF_ERROR(ReadJsonField(tj, "tune_cache_mb", "train config", &t.tune_cache_mb));
     RETURN_IF_ERROR(ReadJsonField(tj, "eod_mask_loss", "train config", &t.eod_mask_loss));
     RETURN_IF_ERROR(ReadJsonField(tj, "sequence_parallel", "train config", &t.sequence_parallel));
   }
@@ -261,6 +263,7 @@ std::string TrainConfigToJson(const TrainConfig& t) {
             {"overlap_grad_reduce", t.overlap_grad_reduce},
             {"freeze_backbone", t.freeze_backbone},
             {"skip_layers_past_exits", t.skip_layers_past_exits},
+            {"tune_cache_mb", t.tune_cache_mb},
             {"eod_mask_loss", t.eod_mask_loss},
             {"sequence_parallel", t.sequence_parallel}};
   return j.dump(2);

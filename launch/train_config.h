@@ -92,6 +92,11 @@ struct TrainConfig {
   // exit and the final head from it (then from the run's own last save), so checkpoints stay
   // whole. Validation then reports the exits alone.
   bool skip_layers_past_exits = false;
+  // EE-Tuning's hidden-state cache (with freeze_backbone and epoch sampling): up to this many MiB
+  // of host memory per rank keep what the frozen backbone gives the exits for every training
+  // window, so that the steps after the first epoch skip the backbone. Used when every window
+  // fits (the run says what that takes) and the run passes one epoch; 0 = off.
+  int tune_cache_mb = 0;
   // Megatron's --eod-mask-loss: no loss (final head and exits) at positions whose input token is
   // the tokenizer's end-of-text, so the first token of a document is not predicted from the end
   // of the one before it. Validation masks them too.

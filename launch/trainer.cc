@@ -17,6 +17,7 @@
 #include "launch/progress.h"
 #include "launch/timeline_gather.h"
 #include "launch/training_data.h"
+#include "launch/tuning_setup.h"
 #include "models/epoch_sampler.h"
 #include "models/exit_loss_weights.h"
 #include "models/pipeline_executor.h"
@@ -247,6 +248,7 @@ absl::Status ValidateLayout(const RunConfig& rc) {
   if (!(t.hidden_dropout >= 0 && t.hidden_dropout < 1)) {
     return bad("hidden_dropout must be in [0, 1), got ", t.hidden_dropout);
   }
+  RETURN_IF_ERROR(ValidateTuneCache(t));
   if (t.sampling != "epochs" && t.sampling != "random") {
     return bad("sampling \"", t.sampling, "\" is not epochs or random");
   }
@@ -586,35 +588,7 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     std::printf("layout: %d ranks = tp %d x pp %d x dp %d%s\n", ctx->grid.world(), tc.tp, tc.pp,
                 tc.dp, dopt.zero1() ? ", ZeRO-1 optimizer sharding" : "");
     if (tc.freeze_backbone) {
-      std::printf(
-          "frozen backbone (EE-Tuning): training the exits' %.3f M parameters%s, "
-          "forward only through the rest; gradients and moments for %.3f M of this rank's "
-          "%.3f M arena elements",
-          trainable / 1e6, tc.tp > 1 ? " (tensor-parallel rank 0's shards)" : "",
-          sum.gradient_elements / 1e6, padded / 1e6);
-      const int depth = Model::DeepestExitDepth(mc);
-      if (cut > 0) {
-        std::printf(
-            ", up to layer %d of %d (the deepest exit): layers %d-%d and the final head are "
-            "neither built nor loaded (saves copy them from %s), validation reports the exits",
-            depth, mc.num_layers, depth + 1, mc.num_layers, rest_source.c_str());
-      } else if (depth < mc.num_layers) {
-        std::printf(
-            ", up to layer %d of %d (the deepest exit): the final head's training loss "
-            "is not computed, validation runs every layer (--skip-layers-past-exits: "
-            "neither build nor load the rest)",
-            depth, mc.num_layers);
-      }
-      std::printf("\n");
-      // Stages after the last one holding an exit have no work in a tuning step.
-      const int last = Model::LastStageWithExit(mc, tc.pp, cut);
-      if (tc.virtual_stages <= 1 && last + 1 < tc.pp) {
-        const std::string which = last + 2 == tc.pp
-                                      ? absl::StrCat("stage ", last + 1, " holds")
-                                      : absl::StrCat("stages ", last + 1, "-", tc.pp - 1, " hold");
-        std::printf("note: pipeline %s no exit: idle in tuning steps (used in validation)\n",
-                    which.c_str());
-      }
+      PrintFrozenBackbone(mc, tc, trainable, sum.gradient_elements, padded, cut, rest_source);
     }
   }
   MetricsLog metrics;  // rank 0's <out>/metrics.jsonl and TensorBoard events
@@ -623,6 +597,10 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
                              verbose);
   }
   if (verbose) std::printf("%s\n", SamplingSummary(train, tc, start, start_samples).c_str());
+  const std::string cache_note =
+      SetUpTuneCache(exec, train, tc, start, start_samples, *ctx, backend);
+  if (verbose && !cache_note.empty()) std::printf("%s\n", cache_note.c_str());
+  std::vector<int64_t> windows(exec.tune_cache() ? rows : 0);
   sum.first_eval =
       Evaluate(exec, mc, backend, val, tc.eval_batches, tc.batch_size, rows, tc.seq_len, *ctx);
   metrics.Eval(start, mc, sum.first_eval.final_loss, cut == 0, sum.first_eval.exit_losses);
@@ -647,6 +625,11 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     TrainingRows(train, tc, step, step_samples, int64_t{ctx->coord.dp} * rows, rows, in.data(),
                  tg.data());
     exec.set_first_sample(step_samples + int64_t{ctx->coord.dp} * rows);
+    if (!windows.empty()) {
+      train.EpochWindowIds(tc.seed, step_samples + int64_t{ctx->coord.dp} * rows, rows, tc.seq_len,
+                           windows.data());
+      exec.set_step_windows(windows);
+    }
     for (Model* chunk : chunks) chunk->params().ZeroGrads();
     std::vector<float> w = ExitLossWeights(mc, step);
     LossReport r = exec.TrainStep(in.data(), tg.data(), w);
@@ -766,6 +749,7 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   }
   sum.seconds = total.Seconds();
   sum.steps_done = end_step - start;
+  sum.tune_cached_steps = exec.cached_steps();
   sum.tokens_per_second = sum.seconds > 0 ? total_tokens / sum.seconds : 0;
   sum.last_eval =
       Evaluate(exec, mc, backend, val, tc.eval_batches, tc.batch_size, rows, tc.seq_len, *ctx);
@@ -774,8 +758,12 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
     std::printf(
         "eval step %d | val %s\n", end_step,
         FormatLosses(mc, sum.last_eval.final_loss, sum.last_eval.exit_losses, cut == 0).c_str());
-    std::printf("trained %d steps in %.1f s: %.0f tokens/s\n", sum.steps_done, sum.seconds,
-                sum.tokens_per_second);
+    const std::string cached = exec.tune_cache()
+                                   ? absl::StrFormat(", %lld of them from the tune cache",
+                                                     static_cast<long long>(sum.tune_cached_steps))
+                                   : "";
+    std::printf("trained %d steps%s in %.1f s: %.0f tokens/s\n", sum.steps_done, cached.c_str(),
+                sum.seconds, sum.tokens_per_second);
   }
   RETURN_IF_ERROR(save(end_step));
   if (verbose && end_step < tc.steps) {

@@ -29,8 +29,9 @@ struct TrainSummary {
   // Elements of this rank's gradient arenas, which the optimizer's two moments mirror: every
   // parameter's, or with a frozen backbone the trainable tail's.
   int64_t gradient_elements = 0;
-  std::string checkpoint;  // step directory written last
-  int early_buckets = 0;   // data-parallel buckets started during the last step's backward
+  std::string checkpoint;         // step directory written last
+  int early_buckets = 0;          // data-parallel buckets started during the last step's backward
+  int64_t tune_cached_steps = 0;  // steps run from the tune cache (train.tune_cache_mb)
 };
 
 struct TrainOptions {

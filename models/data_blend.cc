@@ -108,6 +108,26 @@ void BlendedDataset::EpochRows(uint64_t seed, int64_t first_sample, int rows, in
   }
 }
 
+void BlendedDataset::EpochWindowIds(uint64_t seed, int64_t first_sample, int rows, int seq,
+                                    int64_t* windows) const {
+  EE_CHECK(parts_.size() == 1 || schedule_.has_value(),
+           "EpochWindowIds of a blend created without epochs");
+  std::vector<int64_t> first(parts_.size() + 1, 0);  // each part's first window number
+  for (size_t d = 0; d < parts_.size(); ++d)
+    first[d + 1] = first[d] + WindowsOf(parts_[d].size(), seq);
+  for (int r = 0; r < rows; ++r) {
+    const int64_t i = first_sample + r;
+    const auto [d, k] = parts_.size() == 1 ? std::pair<int, int64_t>{0, i} : (*schedule_)(i);
+    windows[r] = first[d] + EpochWindow(seed, d, first[d + 1] - first[d], k);
+  }
+}
+
+int64_t BlendedDataset::Windows(int seq) const {
+  int64_t n = 0;
+  for (const TokenDataset& p : parts_) n += WindowsOf(p.size(), seq);
+  return n;
+}
+
 double BlendedDataset::EpochsOf(int d, int64_t samples, int seq) const {
   EE_CHECK(parts_.size() == 1 || schedule_.has_value(), "EpochsOf a blend created without epochs");
   const int64_t k = parts_.size() == 1 ? samples : schedule_->CountBefore(d, samples);

@@ -51,6 +51,11 @@ class BlendedDataset {
   // sample k of part d (BlendSchedule), which is window EpochWindow(seed, d, windows of d, k).
   void EpochRows(uint64_t seed, int64_t first_sample, int rows, int seq, int32_t* inputs,
                  int32_t* targets) const;
+  // Which window EpochRows reads for each of those samples, numbered over the whole blend (part
+  // d's windows after the earlier parts'): in [0, Windows(seq)); equal numbers, equal rows.
+  void EpochWindowIds(uint64_t seed, int64_t first_sample, int rows, int seq,
+                      int64_t* windows) const;
+  int64_t Windows(int seq) const;  // the parts' windows of seq + 1 tokens, summed
   // Epochs of part d that global samples [0, samples) take (fractional).
   double EpochsOf(int d, int64_t samples, int seq) const;
 

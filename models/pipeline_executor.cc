@@ -162,6 +162,56 @@ void PipelineExecutor::set_frozen_backbone(bool frozen, bool stop_at_deepest_exi
   if (frozen) {
     tune_schedule_ = TuneExitsSchedule(forward_schedule_, last_virtual);
     tune_rendezvous_ = CheckRendezvous(tune_schedule_);
+    cached_schedule_ = tune_schedule_;
+    cached_schedule_.name += " from the tune cache";
+    for (auto& actions : cached_schedule_.per_stage) {
+      actions.erase(
+          std::remove_if(actions.begin(), actions.end(),
+                         [](const Action& a) { return a.type != ActionType::kExitHeads; }),
+          actions.end());
+    }
+  }
+}
+
+std::vector<size_t> PipelineExecutor::TuneFloatsPerWindow() {
+  EE_CHECK(frozen_backbone_, "the tune cache needs a frozen backbone");
+  std::vector<size_t> floats;
+  for (size_t ch = 0; ch < chunks_.size(); ++ch) {
+    chunks_[ch]->set_forward_end(tune_depth_);
+    floats.push_back(chunks_[ch]->TuneInputs(*slots_[ch][0].ws).size() * seq_ *
+                     chunks_[ch]->config().hidden_size);
+    chunks_[ch]->set_forward_end(-1);
+  }
+  return floats;
+}
+
+size_t PipelineExecutor::TuneCacheBytesPerWindow() {
+  size_t floats = 0;
+  for (size_t f : TuneFloatsPerWindow()) floats += f;
+  return floats * sizeof(float);
+}
+
+void PipelineExecutor::set_tune_cache(int64_t windows) {
+  tune_cache_.reset();
+  if (windows > 0) tune_cache_ = std::make_unique<TuneInputCache>(windows, TuneFloatsPerWindow());
+}
+
+void PipelineExecutor::CopyTuneInputs(Workspace& ws, int m, int ch, bool store) {
+  Model* model = chunks_[ch];
+  const std::vector<float*> in = model->TuneInputs(ws);
+  const size_t per = static_cast<size_t>(seq_) * model->config().hidden_size;  // one row's
+  for (int j = 0; j < micro_batch_ && !in.empty(); ++j) {
+    const size_t row = static_cast<size_t>(m) * micro_batch_ + j;
+    if (store && !admitted_[row]) continue;
+    float* rows = tune_cache_->Rows(ch, step_windows_[row]);
+    for (size_t k = 0; k < in.size(); ++k) {
+      float* dev = in[k] + j * per;
+      if (store) {
+        model->backend()->CopyToHost(rows + k * per, dev, per * sizeof(float));
+      } else {
+        model->backend()->CopyFromHost(dev, rows + k * per, per * sizeof(float));
+      }
+    }
   }
 }
 
@@ -297,6 +347,7 @@ LossReport PipelineExecutor::Run(const Schedule& s, const absl::Status& rendezvo
         break;
       case ActionType::kForward:
         model->StageForward(ws, mb_ids, slot.grad_in.f32());
+        if (mode == Mode::kTuneExits && tune_cache_) CopyTuneInputs(ws, m, ch, /*store=*/true);
         if (mode == Mode::kEvaluate) {
           // Validation: the heads of this chunk right away (no backward pass follows).
           accumulate(model->StageBackward(ws, mb_targets, mb_mask, exit_weights, false, nullptr,
@@ -323,7 +374,8 @@ LossReport PipelineExecutor::Run(const Schedule& s, const absl::Status& rendezvo
         send(slot, model->StageInputGrad(ws), prev, bwd_tag(m, ch));
         break;
       case ActionType::kExitHeads:
-        accumulate(mode == Mode::kTuneExits
+        if (mode == Mode::kTuneCached) CopyTuneInputs(ws, m, ch, /*store=*/false);
+        accumulate(mode == Mode::kTuneExits || mode == Mode::kTuneCached
                        ? model->StageTuneExits(ws, mb_targets, mb_mask, exit_weights, loss_scale)
                        : model->StageExitHeads(ws, mb_targets, mb_mask, exit_weights, loss_scale));
         break;
@@ -358,8 +410,22 @@ LossReport PipelineExecutor::TrainStep(const int32_t* ids, const int32_t* target
   if (frozen_backbone_) {
     // No layer runs past the deepest exit (its stage computes no final head then).
     for (Model* m : chunks_) m->set_forward_end(tune_depth_);
+    bool cached = false;
+    if (tune_cache_) {
+      const size_t rows = static_cast<size_t>(microbatches_) * micro_batch_;
+      EE_CHECK(step_windows_.size() == rows, "the tune cache needs the step's ", rows,
+               " windows, got ", step_windows_.size());
+      cached = std::all_of(step_windows_.begin(), step_windows_.end(),
+                           [this](int64_t w) { return tune_cache_->Holds(w); });
+      admitted_.assign(rows, false);
+      for (size_t r = 0; r < rows && !cached; ++r)
+        admitted_[r] = tune_cache_->Admit(step_windows_[r]);
+    }
     LossReport r =
-        Run(tune_schedule_, tune_rendezvous_, ids, targets, exit_weights, Mode::kTuneExits);
+        cached
+            ? Run(cached_schedule_, absl::OkStatus(), ids, targets, exit_weights, Mode::kTuneCached)
+            : Run(tune_schedule_, tune_rendezvous_, ids, targets, exit_weights, Mode::kTuneExits);
+    cached_steps_ += cached;
     for (Model* m : chunks_) m->set_forward_end(-1);
     return r;
   }

@@ -21,11 +21,13 @@
 
 #include <functional>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/types/span.h"
 #include "models/transformer.h"
+#include "models/tune_input_cache.h"
 #include "parallel/parallel_context.h"
 #include "parallel/pipeline/schedule.h"
 #include "parallel/pipeline/simulator.h"
@@ -58,6 +60,22 @@ class PipelineExecutor {
   // `stop_at_deepest_exit`: no layer past the deepest exit runs (stages after the last one
   // holding an exit do nothing), and the final head's loss is not computed (reported as 0).
   void set_frozen_backbone(bool frozen, bool stop_at_deepest_exit = true);
+  // EE-Tuning's hidden-state cache (models/tune_input_cache.h), after set_frozen_backbone: room
+  // for `windows` training windows (0: none). A step whose windows (set_step_windows) are all
+  // held skips the backbone: each of its exit-work actions first writes the rows the cache
+  // holds (Model::TuneInputs) instead of a forward having made them, and no pipeline message
+  // is sent; the other steps admit their new windows while there is room and store their rows
+  // after each forward. The rows read back are those the forward made, so a cached step computes
+  // exactly what the full one does. Without hidden dropout or sequence parallelism.
+  void set_tune_cache(int64_t windows);
+  // Host bytes the cache keeps per window on this rank (over its chunks), and the cache.
+  size_t TuneCacheBytesPerWindow();
+  const TuneInputCache* tune_cache() const { return tune_cache_.get(); }
+  // The training window of each row of the next TrainStep ([microbatches * micro_batch], this
+  // rank's rows in order); needed with the cache.
+  void set_step_windows(std::vector<int64_t> windows) { step_windows_ = std::move(windows); }
+  // TrainSteps run from the cache so far.
+  int64_t cached_steps() const { return cached_steps_; }
   // Megatron's --eod-mask-loss: the heads' losses leave out the positions whose input id is
   // `eod_id` (-1: none left out), in training and in Evaluate.
   void set_eod_loss_mask(int eod_id) { eod_id_ = eod_id; }
@@ -88,7 +106,11 @@ class PipelineExecutor {
   int peak_in_flight() const { return peak_in_flight_; }
 
  private:
-  enum class Mode { kTrain, kEvaluate, kTuneExits };
+  enum class Mode { kTrain, kEvaluate, kTuneExits, kTuneCached };
+  // The cache's rows of the windows of microbatch m for chunk ch: stored from (store) or
+  // written into the workspace's TuneInputs.
+  void CopyTuneInputs(Workspace& ws, int m, int ch, bool store);
+  std::vector<size_t> TuneFloatsPerWindow();  // per chunk: what its TuneInputs hold per window
   LossReport Run(const Schedule& s, const absl::Status& rendezvous, const int32_t* ids,
                  const int32_t* targets, absl::Span<const float> exit_weights, Mode mode);
 
@@ -110,6 +132,11 @@ class PipelineExecutor {
   Schedule tune_schedule_;  // EE-Tuning: the forwards, each with its exits after its send
                             // (built by set_frozen_backbone)
   absl::Status tune_rendezvous_;
+  Schedule cached_schedule_;  // the tune schedule's exit work alone (steps from the cache)
+  std::unique_ptr<TuneInputCache> tune_cache_;
+  std::vector<int64_t> step_windows_;
+  std::vector<bool> admitted_;  // per row of the step: its window admitted by this step
+  int64_t cached_steps_ = 0;
   bool frozen_backbone_ = false;
   int tune_depth_ = 0;  // EE-Tuning: the layers a step runs (the deepest exit's depth, or all)
   int eod_id_ = -1;     // set_eod_loss_mask

@@ -702,6 +702,26 @@ LossReport Model::StageTuneExits(Workspace& ws, const int32_t* targets, const fl
   return r;
 }
 
+std::vector<float*> Model::TuneInputs(Workspace& ws) {
+  EE_CHECK(!ctx().seq_parallel(), "TuneInputs under sequence parallelism");
+  auto hidden = [&](int depth) {
+    return depth == first_layer_ ? ws.x0 : ws.layers[depth - 1 - first_layer_].out;
+  };
+  std::vector<float*> in;
+  auto add = [&in](float* p) {
+    if (std::find(in.begin(), in.end(), p) == in.end()) in.push_back(p);
+  };
+  for (size_t i = 0; i < config_.exits.size(); ++i) {
+    const ExitConfig& x = config_.exits[i];
+    if (!ExitIsLocal(i) || x.depth() < first_layer_ || x.depth() > end_layer_) continue;
+    add(x.kind == ExitKind::kMlp && x.position == ExitPosition::kPost
+            ? ws.layers[x.layer - 1 - first_layer_].h_attn
+            : hidden(x.depth()));
+  }
+  if (has_final_head() && ForwardEnd() == end_layer_) add(hidden(end_layer_));
+  return in;
+}
+
 const float* Model::AddStoredExitGrads(Workspace& ws, int depth, absl::Span<const float> w) {
   const size_t nc = static_cast<size_t>(ResidualRows(ws.b * ws.t)) * config_.hidden_size;
   const float* extra = nullptr;

@@ -174,6 +174,12 @@ class Model {
   // counts the exits' weighted losses alone.
   LossReport StageTuneExits(Workspace& ws, const int32_t* targets, const float* mask,
                             absl::Span<const float> exit_weights, float loss_scale);
+  // What StageTuneExits reads of StageForward's work: the rows [b * t, hidden] of each distinct
+  // hidden state the stage's exits take (a layer's output or input, or the attention residual of
+  // a post MLP exit's layer), then the stage's output when it computes the final head's loss
+  // (after set_forward_end). Writing these rows stands in for the forward (the hidden-state
+  // cache of EE-Tuning, models/tune_input_cache.h). Without sequence parallelism.
+  std::vector<float*> TuneInputs(Workspace& ws);
   // Called by StageBackward after each of this stage's layers has added its gradients, with the
   // arena range [lo, hi) (elements) of that layer's parameters; null = no calls. A pipeline
   // executor sets it for the last backward pass of a step, when those gradients are final, so

@@ -1,0 +1,116 @@
+#include "launch/tuning_setup.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "engine/tensor/tensor.h"
+#include "models/transformer.h"
+
+namespace eellm {
+
+void PrintFrozenBackbone(const ModelConfig& mc, const TrainConfig& tc, double trainable,
+                         int64_t gradient_elements, double padded, int cut,
+                         const std::string& rest_source) {
+  std::printf(
+      "frozen backbone (EE-Tuning): training the exits' %.3f M parameters%s, "
+      "forward only through the rest; gradients and moments for %.3f M of this rank's "
+      "%.3f M arena elements",
+      trainable / 1e6, tc.tp > 1 ? " (tensor-parallel rank 0's shards)" : "",
+      gradient_elements / 1e6, padded / 1e6);
+  const int depth = Model::DeepestExitDepth(mc);
+  if (cut > 0) {
+    std::printf(
+        ", up to layer %d of %d (the deepest exit): layers %d-%d and the final head are "
+        "neither built nor loaded (saves copy them from %s), validation reports the exits",
+        depth, mc.num_layers, depth + 1, mc.num_layers, rest_source.c_str());
+  } else if (depth < mc.num_layers) {
+    std::printf(
+        ", up to layer %d of %d (the deepest exit): the final head's training loss "
+        "is not computed, validation runs every layer (--skip-layers-past-exits: "
+        "neither build nor load the rest)",
+        depth, mc.num_layers);
+  }
+  std::printf("\n");
+  // Stages after the last one holding an exit have no work in a tuning step.
+  const int last = Model::LastStageWithExit(mc, tc.pp, cut);
+  if (tc.virtual_stages <= 1 && last + 1 < tc.pp) {
+    const std::string which = last + 2 == tc.pp
+                                  ? absl::StrCat("stage ", last + 1, " holds")
+                                  : absl::StrCat("stages ", last + 1, "-", tc.pp - 1, " hold");
+    std::printf("note: pipeline %s no exit: idle in tuning steps (used in validation)\n",
+                which.c_str());
+  }
+}
+
+absl::Status ValidateTuneCache(const TrainConfig& t) {
+  auto bad = [](auto... parts) { return absl::InvalidArgumentError(absl::StrCat(parts...)); };
+  if (t.tune_cache_mb < 0)
+    return bad("tune_cache_mb must be >= 0 (0 = off), got ", t.tune_cache_mb);
+  if (t.tune_cache_mb == 0) return absl::OkStatus();
+  if (!t.freeze_backbone) {
+    return bad("tune_cache_mb ", t.tune_cache_mb,
+               " caches a frozen backbone's hidden states: it needs freeze_backbone");
+  }
+  if (t.sampling != "epochs") {
+    return bad("tune_cache_mb needs sampling \"epochs\" (windows that come back), got \"",
+               t.sampling, "\"");
+  }
+  if (t.hidden_dropout != 0) {
+    return bad("tune_cache_mb: with hidden_dropout ", t.hidden_dropout,
+               " the backbone's hidden states differ at every pass; set one of them to 0");
+  }
+  if (t.sequence_parallel && t.tp > 1) {
+    return bad("tune_cache_mb is not available with sequence_parallel");
+  }
+  return absl::OkStatus();
+}
+
+std::string SetUpTuneCache(PipelineExecutor& exec, const BlendedDataset& train,
+                           const TrainConfig& tc, int start, int64_t start_samples,
+                           ParallelContext& ctx, Backend* be) {
+  if (tc.tune_cache_mb <= 0) return "";
+  const int64_t windows = train.Windows(tc.seq_len);
+  // The most any rank keeps per window (stages hold different exits).
+  std::vector<float> most = {static_cast<float>(exec.TuneCacheBytesPerWindow())};
+  if (ctx.world->size() > 1) {
+    Buffer buf(be, sizeof(float));
+    be->CopyFromHost(buf.data(), most.data(), sizeof(float));
+    ctx.world->AllReduce(buf.f32(), 1, ReduceOp::kMax);
+    be->CopyToHost(most.data(), buf.data(), sizeof(float));
+  }
+  const double per_window = most[0], need = per_window * static_cast<double>(windows);
+  const double budget = tc.tune_cache_mb * 1048576.0;
+  const std::string sizes = absl::StrFormat(
+      "%lld training windows x %.2f MiB = %.1f MiB on the rank keeping most, of tune_cache_mb %d",
+      static_cast<long long>(windows), per_window / 1048576.0, need / 1048576.0, tc.tune_cache_mb);
+  if (need > budget) {
+    return absl::StrCat("tune cache: off: ", sizes,
+                        " (raise it to cache, or shorten seq_len / the data)");
+  }
+  if (tc.dp > 1) {
+    // Each data-parallel rank reads its own share of every epoch's windows, a different one
+    // each epoch, so a rank rarely holds all of a step's windows (under 1% of steps with 64
+    // rows per rank even after 5 epochs at dp 2).
+    return absl::StrCat("tune cache: off: with dp ", tc.dp,
+                        " each rank reads another share of the windows every epoch, so its "
+                        "steps' windows would rarely all come back (EE-Tuning layouts with dp 1 "
+                        "use it)");
+  }
+  const int64_t end_samples = start_samples + int64_t{tc.steps - start} * tc.batch_size;
+  for (int d = 0; d < train.num_parts(); ++d) {
+    if (train.EpochsOf(d, end_samples, tc.seq_len) - train.EpochsOf(d, start_samples, tc.seq_len) <=
+        1.0) {
+      return absl::StrCat("tune cache: off: the run's steps do not pass one epoch",
+                          train.num_parts() > 1 ? absl::StrCat(" of data part ", d + 1) : "",
+                          ", so no step's windows would all come back (", sizes, ")");
+    }
+  }
+  exec.set_tune_cache(windows);
+  return absl::StrCat("tune cache: ", sizes,
+                      "; once the run has seen every window, its steps skip the backbone");
+}
+
+}  // namespace eellm
