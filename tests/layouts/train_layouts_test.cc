@@ -123,19 +123,21 @@ struct RunResult {
   std::vector<double> grad_norms;
   std::vector<float> params;
   int early_buckets = 0;
-  int64_t num_params = 0;  // this rank's (built) parameters
+  int64_t cached_steps = 0;  // steps run from the tune cache
+  int64_t num_params = 0;    // this rank's (built) parameters
   int64_t gradient_elements = 0;
   std::string checkpoint;  // the last step directory saved
 };
 
-std::string DataPrefix(int world_rank) {
+// `lines` lines of text (~50 bytes each).
+std::string DataPrefix(int world_rank, int lines = 400) {
   // Each rank writes the same deterministic text into its own directory.
   const std::string dir =
       "/tmp/eellm_layouts_" + std::to_string(getpid()) + "_" + std::to_string(world_rank);
   const std::string text_path = dir + "/text.txt";
   std::filesystem::create_directories(dir);
   std::ofstream f(text_path);
-  for (int i = 0; i < 400; ++i) {
+  for (int i = 0; i < lines; ++i) {
     f << "In the beginning " << i * 7919 % 1000 << " the heaven and the earth, verse " << i
       << ".\n";
   }
@@ -193,6 +195,7 @@ RunResult Train(RunConfig rc, ParallelContext* ctx, const std::string& out,
   EXPECT_TRUE(s.ok()) << s.status();
   if (s.ok()) {
     r.early_buckets = s->early_buckets;
+    r.cached_steps = s->tune_cached_steps;
     r.num_params = s->num_params;
     r.gradient_elements = s->gradient_elements;
     r.checkpoint = s->checkpoint;
@@ -238,6 +241,7 @@ void ExpectLayoutsMatch(const RunConfig& rc, const RunResult& ref,
     ASSERT_NE(ctx, nullptr);
     RunResult got = Train(par, ctx.get(), shared_out + std::to_string(tested), "", init_from);
     ASSERT_EQ(got.losses.size(), ref.losses.size()) << name;
+    if (par.train.tune_cache_mb > 0) EXPECT_GT(got.cached_steps, 0) << name;
     // Frozen-backbone runs train the exits alone: Adam's rarely-seen-token rows (see the top
     // comment) weigh more among fewer tensors, so they get the tensor-parallel bounds (measured:
     // parameters within 1.1e-4 for GPT without tensor parallelism).
@@ -411,6 +415,29 @@ TEST_P(TrainLayouts, FrozenBackboneTrainsOnlyTheExitsUnderEveryLayout) {
                                        {2, 2, 1, false, 1, false, 1, true},
                                        {2, 1, 1, false, 1, false, 1, true}};
   ExpectLayoutsMatchInSharedDirs(*world, rc, ref, layouts, "frozen", GetParam() + " frozen");
+  std::error_code ec;
+  std::filesystem::remove_all(std::filesystem::path(data).parent_path(), ec);
+}
+
+// EE-Tuning's hidden-state cache (tune_cache_mb) under the layouts with dp 1 (it is off with
+// more): on data whose windows come back every few steps, the steps after the first epoch run
+// from each stage's cache (no backbone, no pipeline message), and every layout with it matches
+// the single-rank run without it.
+TEST_P(TrainLayouts, TuneCacheMatchesTheFullStepsUnderPipelineLayouts) {
+  if (GetParam() != "gpt") GTEST_SKIP() << "the GPT style covers it";
+  auto world = MpiCommunicator::World(nullptr);
+  const std::string data = DataPrefix(world->rank(), 16);
+  RunConfig rc = TinyRun(GetParam(), data);
+  rc.train.freeze_backbone = true;
+  rc.train.steps = 16;
+  const RunResult ref = Train(rc, nullptr, data + "_tune_ref");
+  ASSERT_EQ(ref.losses.size(), 16u);
+  EXPECT_EQ(ref.cached_steps, 0);
+  rc.train.tune_cache_mb = 16;
+  const std::vector<Layout> layouts = {
+      {1, 1, 1, false, 1}, {1, 2, 1, false, 1}, {2, 1, 1, false, 1}, {1, 2, 1, false, 1, false, 2},
+      {2, 2, 1, false, 1}, {1, 4, 1, false, 1}, {2, 4, 1, false, 1}, {1, 8, 1, false, 1}};
+  ExpectLayoutsMatchInSharedDirs(*world, rc, ref, layouts, "tune_cache", "gpt tune cache");
   std::error_code ec;
   std::filesystem::remove_all(std::filesystem::path(data).parent_path(), ec);
 }
