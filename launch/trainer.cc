@@ -759,7 +759,7 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
         "eval step %d | val %s\n", end_step,
         FormatLosses(mc, sum.last_eval.final_loss, sum.last_eval.exit_losses, cut == 0).c_str());
     const std::string cached = exec.tune_cache()
-                                   ? absl::StrFormat(", %lld of them from the tune cache",
+                                   ? absl::StrFormat(" (%lld from the tune cache)",
                                                      static_cast<long long>(sum.tune_cached_steps))
                                    : "";
     std::printf("trained %d steps%s in %.1f s: %.0f tokens/s\n", sum.steps_done, cached.c_str(),

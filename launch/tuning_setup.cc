@@ -83,9 +83,13 @@ std::string SetUpTuneCache(PipelineExecutor& exec, const BlendedDataset& train,
   }
   const double per_window = most[0], need = per_window * static_cast<double>(windows);
   const double budget = tc.tune_cache_mb * 1048576.0;
+  auto size = [](double bytes) {
+    return bytes < 1048576.0 ? absl::StrFormat("%.1f KiB", bytes / 1024.0)
+                             : absl::StrFormat("%.1f MiB", bytes / 1048576.0);
+  };
   const std::string sizes = absl::StrFormat(
-      "%lld training windows x %.2f MiB = %.1f MiB on the rank keeping most, of tune_cache_mb %d",
-      static_cast<long long>(windows), per_window / 1048576.0, need / 1048576.0, tc.tune_cache_mb);
+      "%lld training windows x %s = %s on the rank keeping most, of tune_cache_mb %d",
+      static_cast<long long>(windows), size(per_window), size(need), tc.tune_cache_mb);
   if (need > budget) {
     return absl::StrCat("tune cache: off: ", sizes,
                         " (raise it to cache, or shorten seq_len / the data)");

@@ -16,7 +16,8 @@ bool TuneInputCache::Admit(int64_t window) {
   const int64_t slot = size();
   slot_.emplace(window, slot);
   for (size_t c = 0; c < floats_.size(); ++c) {
-    rows_[c].push_back(floats_[c] > 0 ? std::make_unique<float[]>(floats_[c]) : nullptr);
+    // Uninitialised: the forward's rows are stored before any are read.
+    rows_[c].emplace_back(floats_[c] > 0 ? new float[floats_[c]] : nullptr);
   }
   return true;
 }

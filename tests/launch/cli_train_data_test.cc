@@ -2,6 +2,8 @@
 // cli_test.cc): epoch sampling across a resume, Megatron's --eod-mask-loss, metrics.jsonl and
 // TensorBoard events.
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -196,6 +198,34 @@ TEST_F(CliTest, LrWarmupFractionSetsTheWarmup) {
   EXPECT_NE(d.exit_code, 0);
   EXPECT_NE(d.output.find("lr_warmup_fraction must be in [0, 1), got 1.5"), std::string::npos)
       << d.output;
+}
+
+// EE-Tuning's hidden-state cache from the command line: the run says what it keeps, and its
+// steps after the first epoch run from it; settings that rule it out are named.
+TEST_F(CliTest, TuneCacheServesTheStepsAfterTheFirstEpoch) {
+  ASSERT_TRUE(PrepareTinyData(0.1));
+  const std::string config = Quote(WriteConfig(kTinyModel, 100, ", \"freeze_backbone\": true"));
+  CmdResult a = RunEellm("train --config=" + config + " --tune-cache-mb=4");
+  ASSERT_EQ(a.exit_code, 0) << a.output;
+  EXPECT_NE(a.output.find("194 training windows x 4.0 KiB = 776.0 KiB"), std::string::npos)
+      << a.output;
+  const size_t at = a.output.find("trained 100 steps (");
+  ASSERT_NE(at, std::string::npos) << a.output;
+  const int served = std::atoi(a.output.c_str() + at + std::strlen("trained 100 steps ("));
+  EXPECT_GT(served, 40) << a.output;  // 194 windows, 4 a step: from step 49 on
+  EXPECT_NE(a.output.find(" from the tune cache)", at), std::string::npos) << a.output;
+  CmdResult b = RunEellm("train --config=" + config + " --tune-cache-mb=4 --steps=5");
+  ASSERT_EQ(b.exit_code, 0) << b.output;
+  EXPECT_NE(b.output.find("tune cache: off: the run's steps do not pass one epoch"),
+            std::string::npos)
+      << b.output;
+  CmdResult c =
+      RunEellm("train --config=" + Quote(WriteConfig(kTinyModel, 5)) + " --tune-cache-mb=4");
+  EXPECT_NE(c.exit_code, 0);
+  EXPECT_NE(c.output.find("tune_cache_mb 4 caches a frozen backbone's hidden states: it needs "
+                          "freeze_backbone"),
+            std::string::npos)
+      << c.output;
 }
 
 // <out>/metrics.jsonl: a JSON line per logged step (the losses printed, lr, grad norm, speed)
