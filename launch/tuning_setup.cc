@@ -6,8 +6,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "engine/cpu/cpu_backend.h"
 #include "engine/tensor/tensor.h"
+#include "launch/context_length.h"
 #include "models/transformer.h"
+#include "parallel/topology.h"
 
 namespace eellm {
 
@@ -65,6 +68,15 @@ absl::Status ValidateTuneCache(const TrainConfig& t) {
   if (t.sequence_parallel && t.tp > 1) {
     return bad("tune_cache_mb is not available with sequence_parallel");
   }
+  if (t.dp > 1) {
+    // Each data-parallel rank reads another share of the windows every epoch, so a rank would
+    // rarely hold all of a step's windows (under 1% of steps with 64 rows per rank even after 5
+    // epochs at dp 2).
+    return bad("tune_cache_mb needs dp 1 (got dp ", t.dp,
+               "): each data-parallel rank reads another share of the windows every epoch, so "
+               "its steps' windows would rarely all have come before; EE-Tuning layouts use tp "
+               "x pp");
+  }
   return absl::OkStatus();
 }
 
@@ -73,16 +85,23 @@ std::string SetUpTuneCache(PipelineExecutor& exec, const BlendedDataset& train,
                            ParallelContext& ctx, Backend* be) {
   if (tc.tune_cache_mb <= 0) return "";
   const int64_t windows = train.Windows(tc.seq_len);
-  // The most any rank keeps per window (stages hold different exits).
-  std::vector<float> most = {static_cast<float>(exec.TuneCacheBytesPerWindow())};
+  // This rank's need against the host memory left to each process on its machine.
+  const size_t per_rank = exec.TuneCacheBytesPerWindow();
+  const double mine = static_cast<double>(per_rank) * windows;
+  const auto launch = DetectLaunch();
+  const int64_t available = AvailablePerProcess(CpuBackend().AvailableMemoryBytes(), true,
+                                                launch.ok() ? launch->local_size : 1);
+  // Over every rank (stages hold different exits), so that all decide alike: the most any
+  // keeps per window, and whether it would not fit some rank's share of host memory.
+  std::vector<float> most = {static_cast<float>(per_rank),
+                             available >= 0 && mine > 0.9 * available ? 1.0f : 0.0f};
   if (ctx.world->size() > 1) {
-    Buffer buf(be, sizeof(float));
-    be->CopyFromHost(buf.data(), most.data(), sizeof(float));
-    ctx.world->AllReduce(buf.f32(), 1, ReduceOp::kMax);
-    be->CopyToHost(most.data(), buf.data(), sizeof(float));
+    Buffer buf(be, most.size() * sizeof(float));
+    be->CopyFromHost(buf.data(), most.data(), most.size() * sizeof(float));
+    ctx.world->AllReduce(buf.f32(), most.size(), ReduceOp::kMax);
+    be->CopyToHost(most.data(), buf.data(), most.size() * sizeof(float));
   }
   const double per_window = most[0], need = per_window * static_cast<double>(windows);
-  const double budget = tc.tune_cache_mb * 1048576.0;
   auto size = [](double bytes) {
     return bytes < 1048576.0 ? absl::StrFormat("%.1f KiB", bytes / 1024.0)
                              : absl::StrFormat("%.1f MiB", bytes / 1048576.0);
@@ -90,31 +109,37 @@ std::string SetUpTuneCache(PipelineExecutor& exec, const BlendedDataset& train,
   const std::string sizes = absl::StrFormat(
       "%lld training windows x %s = %s on the rank keeping most, of tune_cache_mb %d",
       static_cast<long long>(windows), size(per_window), size(need), tc.tune_cache_mb);
-  if (need > budget) {
+  if (need > tc.tune_cache_mb * 1048576.0) {
     return absl::StrCat("tune cache: off: ", sizes,
                         " (raise it to cache, or shorten seq_len / the data)");
   }
-  if (tc.dp > 1) {
-    // Each data-parallel rank reads its own share of every epoch's windows, a different one
-    // each epoch, so a rank rarely holds all of a step's windows (under 1% of steps with 64
-    // rows per rank even after 5 epochs at dp 2).
-    return absl::StrCat("tune cache: off: with dp ", tc.dp,
-                        " each rank reads another share of the windows every epoch, so its "
-                        "steps' windows would rarely all come back (EE-Tuning layouts with dp 1 "
-                        "use it)");
+  if (most[1] > 0) {
+    return absl::StrCat("tune cache: off: ", sizes,
+                        ", more than 90% of the host memory free to a rank on some machine");
   }
-  const int64_t end_samples = start_samples + int64_t{tc.steps - start} * tc.batch_size;
-  for (int d = 0; d < train.num_parts(); ++d) {
-    if (train.EpochsOf(d, end_samples, tc.seq_len) - train.EpochsOf(d, start_samples, tc.seq_len) <=
-        1.0) {
-      return absl::StrCat("tune cache: off: the run's steps do not pass one epoch",
-                          train.num_parts() > 1 ? absl::StrCat(" of data part ", d + 1) : "",
-                          ", so no step's windows would all come back (", sizes, ")");
-    }
+  // The steps it would serve: those whose windows were all read by an earlier step of this run
+  // (every epoch is a fresh order, so a run that starts mid-epoch waits for the one after).
+  std::vector<bool> seen(windows, false);
+  std::vector<int64_t> ids(tc.batch_size);
+  int64_t served = 0;
+  for (int step = start; step < tc.steps; ++step) {
+    train.EpochWindowIds(tc.seed, start_samples + int64_t{step - start} * tc.batch_size,
+                         tc.batch_size, tc.seq_len, ids.data());
+    served += std::all_of(ids.begin(), ids.end(), [&](int64_t w) { return seen[w]; });
+    for (int64_t w : ids) seen[w] = true;
+  }
+  const int steps = tc.steps - start;
+  if (served * 10 < steps) {
+    // Storing costs the first epoch some speed (12% on the demo model on 2 CPU cores).
+    return absl::StrFormat(
+        "tune cache: off: only %lld of the run's %d steps would run from it (a step's windows "
+        "must all have come before; every epoch is a fresh order) (%s)",
+        static_cast<long long>(served), steps, sizes);
   }
   exec.set_tune_cache(windows);
-  return absl::StrCat("tune cache: ", sizes,
-                      "; once the run has seen every window, its steps skip the backbone");
+  return absl::StrFormat(
+      "tune cache: %s; %lld of the run's %d steps will run from it, without the backbone", sizes,
+      static_cast<long long>(served), steps);
 }
 
 }  // namespace eellm

@@ -1,8 +1,6 @@
 // The EE-Tuning side of a training run (train.freeze_backbone): what it reports about the frozen
 // backbone, and its hidden-state cache (train.tune_cache_mb, models/tune_input_cache.h): the
-// checks, and whether this run uses it. The cache is used when the budget holds every training
-// window on every rank and every part of the data comes back (the run's steps take more than one
-// epoch of each), so that the steps after the first epoch all run from it.
+// checks, and whether this run uses it.
 #pragma once
 
 #include <cstdint>
@@ -24,14 +22,15 @@ void PrintFrozenBackbone(const ModelConfig& mc, const TrainConfig& tc, double tr
                          int64_t gradient_elements, double padded, int cut,
                          const std::string& rest_source);
 
-// Errors name the setting that rules the cache out (it needs freeze_backbone, epoch sampling, no
-// hidden dropout, no sequence parallelism).
+// Errors name the setting that rules the cache out (it needs freeze_backbone, epoch sampling,
+// dp 1, no hidden dropout, no sequence parallelism).
 absl::Status ValidateTuneCache(const TrainConfig& t);
 
-// Sets `exec`'s cache (after set_frozen_backbone) when train.tune_cache_mb > 0 and the budget
-// holds every window of `train` on every rank (agreed over ctx.world through `be`), and steps
-// [start, tc.steps) from training sample `start_samples` pass one epoch of every part. Returns
-// what it did, for the log ("" when tune_cache_mb is 0).
+// Sets `exec`'s cache (after set_frozen_backbone) when train.tune_cache_mb > 0, the budget holds
+// every window of `train` on every rank and fits the host memory free to each rank (agreed over
+// ctx.world through `be`), and at least a tenth of steps [start, tc.steps) from training sample
+// `start_samples` would run from it (their windows all read by earlier steps of the run).
+// Returns what it did, for the log ("" when tune_cache_mb is 0).
 std::string SetUpTuneCache(PipelineExecutor& exec, const BlendedDataset& train,
                            const TrainConfig& tc, int start, int64_t start_samples,
                            ParallelContext& ctx, Backend* be);

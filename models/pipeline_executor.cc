@@ -426,6 +426,7 @@ LossReport PipelineExecutor::TrainStep(const int32_t* ids, const int32_t* target
             ? Run(cached_schedule_, absl::OkStatus(), ids, targets, exit_weights, Mode::kTuneCached)
             : Run(tune_schedule_, tune_rendezvous_, ids, targets, exit_weights, Mode::kTuneExits);
     cached_steps_ += cached;
+    last_step_cached_ = cached;
     for (Model* m : chunks_) m->set_forward_end(-1);
     return r;
   }

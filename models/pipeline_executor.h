@@ -98,7 +98,10 @@ class PipelineExecutor {
 
   const Schedule& schedule() const { return schedule_; }
   // What TrainStep runs: schedule(), or with a frozen backbone the forwards and exit work.
-  const Schedule& step_schedule() const { return frozen_backbone_ ? tune_schedule_ : schedule_; }
+  // (The exit work alone when the last step ran from the tune cache.)
+  const Schedule& step_schedule() const {
+    return !frozen_backbone_ ? schedule_ : last_step_cached_ ? cached_schedule_ : tune_schedule_;
+  }
   // This stage's compute intervals of the last TrainStep (seconds since the step began).
   const std::vector<BusyInterval>& last_step_intervals() const { return intervals_; }
   // Most (microbatch, chunk) records this rank held at once in any run so far (never more than
@@ -137,6 +140,7 @@ class PipelineExecutor {
   std::vector<int64_t> step_windows_;
   std::vector<bool> admitted_;  // per row of the step: its window admitted by this step
   int64_t cached_steps_ = 0;
+  bool last_step_cached_ = false;
   bool frozen_backbone_ = false;
   int tune_depth_ = 0;  // EE-Tuning: the layers a step runs (the deepest exit's depth, or all)
   int eod_id_ = -1;     // set_eod_loss_mask

@@ -213,10 +213,15 @@ TEST_F(CliTest, TuneCacheServesTheStepsAfterTheFirstEpoch) {
   ASSERT_NE(at, std::string::npos) << a.output;
   const int served = std::atoi(a.output.c_str() + at + std::strlen("trained 100 steps ("));
   EXPECT_GT(served, 40) << a.output;  // 194 windows, 4 a step: from step 49 on
+  // As announced at the start.
+  EXPECT_NE(a.output.find("; " + std::to_string(served) +
+                          " of the run's 100 steps will run from it, without the backbone"),
+            std::string::npos)
+      << a.output;
   EXPECT_NE(a.output.find(" from the tune cache)", at), std::string::npos) << a.output;
   CmdResult b = RunEellm("train --config=" + config + " --tune-cache-mb=4 --steps=5");
   ASSERT_EQ(b.exit_code, 0) << b.output;
-  EXPECT_NE(b.output.find("tune cache: off: the run's steps do not pass one epoch"),
+  EXPECT_NE(b.output.find("tune cache: off: only 0 of the run's 5 steps would run from it"),
             std::string::npos)
       << b.output;
   CmdResult c =

@@ -68,7 +68,8 @@ class TuneCacheRun : public ::testing::Test {
         "vocab_size": 258, "hidden_size": 32, "num_layers": 6, "num_heads": 4,
         "num_kv_heads": )" + (style == "gpt" ? "4" : "2") +
                              R"(, "max_seq_len": 32,
-        "exits": [{"layer": 1, "kind": "norm", "tied": true, "loss_weight": 0.5},
+        "exits": [{"layer": 1, "kind": "linear", "position": "pre", "loss_weight": 0.2},
+                  {"layer": 1, "kind": "norm", "tied": true, "loss_weight": 0.5},
                   {"layer": 2, "kind": "mlp", "loss_weight": 0.3},
                   {"layer": 4, "kind": "mlp", "position": "pre", "loss_weight": 0.3},
                   {"layer": )" +
@@ -90,10 +91,11 @@ class TuneCacheRun : public ::testing::Test {
     std::vector<float> params;
     int64_t cached_steps = -1;
   };
-  Result Train(RunConfig rc, const std::string& out) {
+  Result Train(RunConfig rc, const std::string& out, const std::string& resume = "") {
     Result r;
     rc.train.out = (dir_ / out).string();
     TrainOptions opts;
+    opts.resume = resume;
     opts.verbose = false;
     opts.step_losses = &r.losses;
     opts.step_grad_norms = &r.grad_norms;
@@ -104,8 +106,9 @@ class TuneCacheRun : public ::testing::Test {
     return r;
   }
 
-  // Steps whose windows were all read by earlier steps: the ones the cache serves.
-  int64_t StepsAfterTheirWindows(const RunConfig& rc) {
+  // Steps [start, rc.train.steps) whose windows were all read by earlier steps from `start`:
+  // the ones the cache serves (none when under a tenth, as the run then leaves it off).
+  int64_t StepsAfterTheirWindows(const RunConfig& rc, int start = 0) {
     auto data = LoadTrainingData(rc.train, rc.model.vocab_size, false);
     EXPECT_TRUE(data.ok()) << data.status();
     if (!data.ok()) return -1;
@@ -113,14 +116,14 @@ class TuneCacheRun : public ::testing::Test {
     int64_t served = 0;
     const int b = rc.train.batch_size;
     std::vector<int64_t> w(b);
-    for (int step = 0; step < rc.train.steps; ++step) {
+    for (int step = start; step < rc.train.steps; ++step) {
       data->train.EpochWindowIds(rc.train.seed, int64_t{step} * b, b, rc.train.seq_len, w.data());
       bool all = true;
       for (int64_t x : w) all = all && seen.count(x) != 0;
       served += all;
       seen.insert(w.begin(), w.end());
     }
-    return served;
+    return served * 10 >= rc.train.steps - start ? served : 0;
   }
 
   fs::path dir_;
@@ -169,6 +172,31 @@ TEST_F(TuneCacheRun, StepsAfterTheFirstEpochComputeWhatTheBackboneWould) {
   }
 }
 
+// A run stopped at step 12 and resumed to 24 refills the cache from the resumed step on and
+// computes what the uninterrupted run without the cache does, bit for bit.
+TEST_F(TuneCacheRun, AResumedRunRefillsItAndGoesOnAsTheWholeRun) {
+  RunConfig rc = Config("llama", 4, 24, 0);
+  rc.train.micro_batch_size = 1;
+  rc.train.lr_decay_steps = 24;  // the first half's schedule is the whole run's
+  const Result whole = Train(rc, "whole");
+  RunConfig first = rc;
+  first.train.tune_cache_mb = 16;
+  first.train.steps = 12;
+  const Result a = Train(first, "run");
+  RunConfig rest = rc;
+  rest.train.tune_cache_mb = 16;
+  const Result b = Train(rest, "run", (dir_ / "run" / "step_00000012").string());
+  EXPECT_EQ(a.cached_steps, StepsAfterTheirWindows(first));
+  EXPECT_EQ(b.cached_steps, StepsAfterTheirWindows(rest, 12));
+  EXPECT_GT(b.cached_steps, 0);
+  ASSERT_EQ(a.losses.size() + b.losses.size(), whole.losses.size());
+  for (size_t s = 0; s < whole.losses.size(); ++s) {
+    const bool later = s >= a.losses.size();
+    EXPECT_EQ(later ? b.losses[s - a.losses.size()] : a.losses[s], whole.losses[s]) << "step " << s;
+  }
+  EXPECT_TRUE(b.params == whole.params);
+}
+
 TEST_F(TuneCacheRun, IsOffWhenNoWindowComesBack) {
   RunConfig rc = Config("gpt", 4, 1, 16);
   auto data = LoadTrainingData(rc.train, rc.model.vocab_size, false);
@@ -187,6 +215,7 @@ TEST(ValidateTuneCache, NamesWhatRulesItOut) {
   rc.model.vocab_size = 256;
   rc.model.ffn_hidden_size = 64;
   rc.train.tune_cache_mb = 64;
+  rc.train.dp = 1;
   auto message = [&] { return std::string(ValidateLayout(rc).message()); };
   EXPECT_NE(message().find("tune_cache_mb 64 caches a frozen backbone's hidden states: it needs "
                            "freeze_backbone"),
@@ -200,6 +229,9 @@ TEST(ValidateTuneCache, NamesWhatRulesItOut) {
   rc.train.hidden_dropout = 0.1f;
   EXPECT_NE(message().find("with hidden_dropout 0.1"), std::string::npos) << message();
   rc.train.hidden_dropout = 0;
+  rc.train.dp = 2;
+  EXPECT_NE(message().find("tune_cache_mb needs dp 1 (got dp 2)"), std::string::npos) << message();
+  rc.train.dp = 1;
   rc.train.tune_cache_mb = -1;
   EXPECT_NE(message().find("tune_cache_mb must be >= 0 (0 = off), got -1"), std::string::npos)
       << message();

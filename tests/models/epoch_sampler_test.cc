@@ -139,5 +139,28 @@ TEST(EpochSamplerTest, ABlendWalksEachPartsEpochs) {
   EXPECT_NEAR(data.EpochsOf(1, rows, seq), 1.0, 1e-9);
 }
 
+// EpochWindowIds names the window EpochRows reads, numbered over the blend: part 0's 10 windows
+// are 0-9 and part 1's 30 are 10-39 (window w of a part starts at its token w * seq).
+TEST(EpochSamplerTest, WindowIdsNameTheWindowsRead) {
+  const int seq = 4;
+  const BlendedDataset data = *BlendedDataset::Create({Iota(41, 0), Iota(121, 100000)}, {1.0, 1.0});
+  EXPECT_EQ(data.Windows(seq), 40);
+  const int rows = 80, first = 7;
+  std::vector<int32_t> in(rows * seq), tg(rows * seq);
+  std::vector<int64_t> ids(rows);
+  data.EpochRows(3, first, rows, seq, in.data(), tg.data());
+  data.EpochWindowIds(3, first, rows, seq, ids.data());
+  for (int r = 0; r < rows; ++r) {
+    const int32_t start = in[r * seq];
+    const int64_t want = start >= 100000 ? 10 + (start - 100000) / seq : start / seq;
+    EXPECT_EQ(ids[r], want) << "row " << r;
+  }
+  // One part: its own windows.
+  const BlendedDataset one = *BlendedDataset::Create({Iota(41, 0)}, {1.0});
+  one.EpochRows(5, 3, 12, seq, in.data(), tg.data());
+  one.EpochWindowIds(5, 3, 12, seq, ids.data());
+  for (int r = 0; r < 12; ++r) EXPECT_EQ(ids[r], in[r * seq] / seq) << "row " << r;
+}
+
 }  // namespace
 }  // namespace eellm

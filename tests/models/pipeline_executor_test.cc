@@ -388,5 +388,65 @@ TEST(Executor, EodLossMaskMatchesAnExplicitMask) {
   }
 }
 
+// EE-Tuning's hidden-state cache: the first step stores what the exits and the final head read;
+// a second step with the same windows runs no forward (only exit work) and computes exactly the
+// first one's losses and gradients; a third with the same windows but other ids still does,
+// since the rows come from the cache, not from the ids. Whole model and two chunks.
+TEST(Executor, TuneCacheStepRunsNoForwardAndReadsTheStoredRows) {
+  const ModelConfig c = ConfigWithExits();
+  auto be = Cpu();
+  auto ctx = ParallelContext::Single();
+  const StepInputs in = Inputs(c, 2, 5);
+  const StepInputs other = Inputs(c, 2, 7);
+  const std::vector<float> w = {0.5f, 0.3f};
+  for (int chunks : {1, 2}) {
+    SCOPED_TRACE(::testing::Message() << chunks << " chunk(s)");
+    std::vector<Model*> parts;
+    auto models = MakeChunks(c, be.get(), chunks, 11, &parts);
+    ASSERT_EQ(parts.size(), static_cast<size_t>(chunks));
+    PipelineExecutor exec = in.Executor(parts, ctx.get(), true);
+    exec.set_frozen_backbone(true, /*stop_at_deepest_exit=*/false);  // the final head's loss too
+    ASSERT_TRUE(exec.tune_computes_final_loss());
+    exec.set_tune_cache(8);
+    exec.set_step_windows({10, 11});
+    auto grads = [&] {
+      std::vector<float> g;
+      for (Model* m : parts) {
+        const ParamStore& ps = m->params();
+        g.insert(g.end(), ps.grads_data(), ps.grads_data() + ps.grad_size());
+      }
+      return g;
+    };
+    auto forwards = [&] {
+      int n = 0;
+      for (const BusyInterval& i : exec.last_step_intervals())
+        n += i.action.type == ActionType::kForward;
+      return n;
+    };
+    const LossReport first = exec.TrainStep(in.ids.data(), in.targets.data(), w);
+    EXPECT_EQ(exec.cached_steps(), 0);
+    EXPECT_EQ(forwards(), in.microbatches * chunks);
+    EXPECT_GT(first.final_loss, 0.0);
+    const std::vector<float> first_grads = grads();
+    for (const StepInputs* ids : {&in, &other}) {
+      for (Model* m : parts) m->params().ZeroGrads();
+      const LossReport again = exec.TrainStep(ids->ids.data(), in.targets.data(), w);
+      EXPECT_EQ(forwards(), 0);
+      EXPECT_NE(exec.step_schedule().name.find("from the tune cache"), std::string::npos);
+      EXPECT_EQ(again.final_loss, first.final_loss);
+      EXPECT_EQ(again.exit_losses, first.exit_losses);
+      EXPECT_EQ(again.objective, first.objective);
+      EXPECT_TRUE(grads() == first_grads);
+    }
+    EXPECT_EQ(exec.cached_steps(), 2);
+    // A new window: the step runs the backbone again, on the other ids.
+    exec.set_step_windows({10, 12});
+    for (Model* m : parts) m->params().ZeroGrads();
+    const LossReport fresh = exec.TrainStep(other.ids.data(), in.targets.data(), w);
+    EXPECT_EQ(forwards(), in.microbatches * chunks);
+    EXPECT_NE(fresh.final_loss, first.final_loss);
+  }
+}
+
 }  // namespace
 }  // namespace eellm
