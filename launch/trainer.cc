@@ -25,23 +25,11 @@
 #include "models/tokenizer.h"
 #include "models/transformer.h"
 #include "nlohmann/json.hpp"
+#include "parallel/comm/host_values.h"
 #include "parallel/distributed_optimizer.h"
 
 namespace eellm {
 namespace {
-
-// Sums (or takes the maxima of) `values` over the group (fp32 on the wire, through one device
-// buffer).
-void SumOverGroup(Communicator* comm, Backend* be, std::vector<double>& values,
-                  ReduceOp op = ReduceOp::kSum) {
-  if (comm->size() == 1) return;
-  std::vector<float> host(values.begin(), values.end());
-  Buffer buf(be, host.size() * sizeof(float));
-  be->CopyFromHost(buf.data(), host.data(), host.size() * sizeof(float));
-  comm->AllReduce(buf.f32(), host.size(), op);
-  be->CopyToHost(host.data(), buf.data(), host.size() * sizeof(float));
-  for (size_t i = 0; i < values.size(); ++i) values[i] = host[i];
-}
 
 // Validation over the first `max_batches` global batches of `global_batch` rows; each
 // data-parallel rank evaluates its rows (through the pipeline), and the means of every head are
@@ -622,12 +610,11 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   std::string stop_reason;
   for (int step = start; step < tc.steps; ++step) {
     const int64_t step_samples = start_samples + int64_t{step - start} * tc.batch_size;
-    TrainingRows(train, tc, step, step_samples, int64_t{ctx->coord.dp} * rows, rows, in.data(),
-                 tg.data());
-    exec.set_first_sample(step_samples + int64_t{ctx->coord.dp} * rows);
+    const int64_t first_row = int64_t{ctx->coord.dp} * rows;  // of the global batch
+    TrainingRows(train, tc, step, step_samples, first_row, rows, in.data(), tg.data());
+    exec.set_first_sample(step_samples + first_row);
     if (!windows.empty()) {
-      train.EpochWindowIds(tc.seed, step_samples + int64_t{ctx->coord.dp} * rows, rows, tc.seq_len,
-                           windows.data());
+      train.EpochWindowIds(tc.seed, step_samples + first_row, rows, tc.seq_len, windows.data());
       exec.set_step_windows(windows);
     }
     for (Model* chunk : chunks) chunk->params().ZeroGrads();

@@ -7,9 +7,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "engine/cpu/cpu_backend.h"
-#include "engine/tensor/tensor.h"
 #include "launch/context_length.h"
 #include "models/transformer.h"
+#include "parallel/comm/host_values.h"
 #include "parallel/topology.h"
 
 namespace eellm {
@@ -93,14 +93,9 @@ std::string SetUpTuneCache(PipelineExecutor& exec, const BlendedDataset& train,
                                                 launch.ok() ? launch->local_size : 1);
   // Over every rank (stages hold different exits), so that all decide alike: the most any
   // keeps per window, and whether it would not fit some rank's share of host memory.
-  std::vector<float> most = {static_cast<float>(per_rank),
-                             available >= 0 && mine > 0.9 * available ? 1.0f : 0.0f};
-  if (ctx.world->size() > 1) {
-    Buffer buf(be, most.size() * sizeof(float));
-    be->CopyFromHost(buf.data(), most.data(), most.size() * sizeof(float));
-    ctx.world->AllReduce(buf.f32(), most.size(), ReduceOp::kMax);
-    be->CopyToHost(most.data(), buf.data(), most.size() * sizeof(float));
-  }
+  std::vector<double> most = {static_cast<double>(per_rank),
+                              available >= 0 && mine > 0.9 * available ? 1.0 : 0.0};
+  SumOverGroup(ctx.world.get(), be, most, ReduceOp::kMax);
   const double per_window = most[0], need = per_window * static_cast<double>(windows);
   auto size = [](double bytes) {
     return bytes < 1048576.0 ? absl::StrFormat("%.1f KiB", bytes / 1024.0)

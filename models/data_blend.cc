@@ -91,6 +91,13 @@ void BlendedDataset::RandomRows(uint64_t seed, int64_t step, int64_t first_row, 
   }
 }
 
+std::pair<int, int64_t> BlendedDataset::EpochPartWindow(uint64_t seed, int64_t i, int seq) const {
+  const auto [d, k] = parts_.size() == 1 ? std::pair<int, int64_t>{0, i} : (*schedule_)(i);
+  const int64_t windows = WindowsOf(parts_[d].size(), seq);
+  EE_CHECK(windows > 0, "blend part of ", parts_[d].size(), " tokens, seq ", seq);
+  return {d, EpochWindow(seed, d, windows, k)};
+}
+
 void BlendedDataset::EpochRows(uint64_t seed, int64_t first_sample, int rows, int seq,
                                int32_t* inputs, int32_t* targets) const {
   EE_CHECK(parts_.size() == 1 || schedule_.has_value(),
@@ -98,12 +105,8 @@ void BlendedDataset::EpochRows(uint64_t seed, int64_t first_sample, int rows, in
   EE_CHECK(rows > 0 && first_sample >= 0 && seq > 0, "rows ", rows, ", first sample ", first_sample,
            ", seq ", seq);
   for (int r = 0; r < rows; ++r) {
-    const int64_t i = first_sample + r;
-    const auto [d, k] = parts_.size() == 1 ? std::pair<int, int64_t>{0, i} : (*schedule_)(i);
-    const int64_t windows = WindowsOf(parts_[d].size(), seq);
-    EE_CHECK(windows > 0, "blend part of ", parts_[d].size(), " tokens, seq ", seq);
-    parts_[d].CopyWindow(EpochWindow(seed, d, windows, k) * seq, seq,
-                         inputs + static_cast<int64_t>(r) * seq,
+    const auto [d, w] = EpochPartWindow(seed, first_sample + r, seq);
+    parts_[d].CopyWindow(w * seq, seq, inputs + static_cast<int64_t>(r) * seq,
                          targets + static_cast<int64_t>(r) * seq);
   }
 }
@@ -112,13 +115,13 @@ void BlendedDataset::EpochWindowIds(uint64_t seed, int64_t first_sample, int row
                                     int64_t* windows) const {
   EE_CHECK(parts_.size() == 1 || schedule_.has_value(),
            "EpochWindowIds of a blend created without epochs");
-  std::vector<int64_t> first(parts_.size() + 1, 0);  // each part's first window number
-  for (size_t d = 0; d < parts_.size(); ++d)
-    first[d + 1] = first[d] + WindowsOf(parts_[d].size(), seq);
+  std::vector<int64_t> first(parts_.size(), 0);  // each part's first window number
+  for (size_t d = 1; d < parts_.size(); ++d) {
+    first[d] = first[d - 1] + WindowsOf(parts_[d - 1].size(), seq);
+  }
   for (int r = 0; r < rows; ++r) {
-    const int64_t i = first_sample + r;
-    const auto [d, k] = parts_.size() == 1 ? std::pair<int, int64_t>{0, i} : (*schedule_)(i);
-    windows[r] = first[d] + EpochWindow(seed, d, first[d + 1] - first[d], k);
+    const auto [d, w] = EpochPartWindow(seed, first_sample + r, seq);
+    windows[r] = first[d] + w;
   }
 }
 

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -69,6 +70,8 @@ class BlendedDataset {
  private:
   BlendedDataset(std::vector<TokenDataset> parts, std::vector<double> weights,
                  std::optional<BlendSchedule> schedule);
+  // The part global sample i of the epoch sampler reads, and its window there.
+  std::pair<int, int64_t> EpochPartWindow(uint64_t seed, int64_t i, int seq) const;
   std::vector<TokenDataset> parts_;
   std::vector<double> cumulative_;         // cumulative weights, the last one 1
   std::optional<BlendSchedule> schedule_;  // for EpochRows of several parts

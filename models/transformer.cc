@@ -516,8 +516,15 @@ void Model::ExitBackward(int i, ExitActs& a, float* din, const float* dhidden, c
   }
 }
 
-const float* Model::HiddenAt(const Workspace& ws, int depth) const {
+float* Model::HiddenAt(const Workspace& ws, int depth) const {
   return depth == first_layer_ ? ws.x0 : ws.layers[depth - 1 - first_layer_].out;
+}
+
+float* Model::ExitInput(const Workspace& ws, size_t i) const {
+  const ExitConfig& x = config_.exits[i];
+  return x.kind == ExitKind::kMlp && x.position == ExitPosition::kPost
+             ? ws.layers[x.layer - 1 - first_layer_].h_attn
+             : HiddenAt(ws, x.depth());
 }
 
 void Model::ExitsAtDepth(Workspace& ws, int depth, absl::Span<const float> w, bool backward,
@@ -528,8 +535,7 @@ void Model::ExitsAtDepth(Workspace& ws, int depth, absl::Span<const float> w, bo
     const ExitConfig& x = config_.exits[i];
     if (x.depth() != depth || !ExitIsLocal(i)) continue;
     const bool reads_h_attn = x.kind == ExitKind::kMlp && x.position == ExitPosition::kPost;
-    const float* in =
-        reads_h_attn ? ws.layers[x.layer - 1 - first_layer_].h_attn : HiddenAt(ws, depth);
+    const float* in = ExitInput(ws, i);
     const ConstOperand hidden =
         ExitHidden(i, ws.exits[i], in, ws.pos, b, t, nullptr, ws.dropout_row0);
     const bool bw = backward && w[i] > 0;
@@ -704,21 +710,15 @@ LossReport Model::StageTuneExits(Workspace& ws, const int32_t* targets, const fl
 
 std::vector<float*> Model::TuneInputs(Workspace& ws) {
   EE_CHECK(!ctx().seq_parallel(), "TuneInputs under sequence parallelism");
-  auto hidden = [&](int depth) {
-    return depth == first_layer_ ? ws.x0 : ws.layers[depth - 1 - first_layer_].out;
-  };
   std::vector<float*> in;
   auto add = [&in](float* p) {
     if (std::find(in.begin(), in.end(), p) == in.end()) in.push_back(p);
   };
   for (size_t i = 0; i < config_.exits.size(); ++i) {
-    const ExitConfig& x = config_.exits[i];
-    if (!ExitIsLocal(i) || x.depth() < first_layer_ || x.depth() > end_layer_) continue;
-    add(x.kind == ExitKind::kMlp && x.position == ExitPosition::kPost
-            ? ws.layers[x.layer - 1 - first_layer_].h_attn
-            : hidden(x.depth()));
+    const int depth = config_.exits[i].depth();
+    if (ExitIsLocal(i) && depth >= first_layer_ && depth <= end_layer_) add(ExitInput(ws, i));
   }
-  if (has_final_head() && ForwardEnd() == end_layer_) add(hidden(end_layer_));
+  if (has_final_head() && ForwardEnd() == end_layer_) add(HiddenAt(ws, end_layer_));
   return in;
 }
 

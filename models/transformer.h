@@ -240,7 +240,11 @@ class Model {
   std::pair<double, double> HeadLoss(Workspace& ws, ConstOperand hidden, int exit_index,
                                      float weight, bool confidence_weighted, bool backward);
   // Hidden state at `depth` (layers computed) held by this stage.
-  const float* HiddenAt(const Workspace& ws, int depth) const;
+  // The workspace rows of the hidden state at `depth` (the stage's input at its first layer).
+  float* HiddenAt(const Workspace& ws, int depth) const;
+  // The rows exit i reads: the hidden state at its depth, or for a post MLP exit its layer's
+  // attention residual.
+  float* ExitInput(const Workspace& ws, size_t i) const;
   void ExitBackward(int i, ExitActs& a, float* din, const float* dhidden, const float* in,
                     const int32_t* pos, int b, int t, const GradScratch& s, int64_t dropout_row0);
   // ctx() with the hidden dropout of `site` (DropoutSite) for a pass from row `dropout_row0`
