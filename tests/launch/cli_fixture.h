@@ -224,17 +224,35 @@ inline int TokensGenerated(const std::string& output, const std::string& label) 
   return std::stoi(m[1]);
 }
 
-// The mpirun prefix of a command (2-core machines: oversubscribed, yielding; killed after 60 s).
-inline std::string Mpirun(int np) {
-  return "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yield_when_idle=1 "
-         "OMP_NUM_THREADS=1 timeout 60 mpirun --oversubscribe -np " +
-         std::to_string(np) + " ";
-}
-
 // Under mpirun: ExpectLayoutError checks that a bad layout stops every rank with one clear
 // message and a non-zero exit, within seconds.
 class ParallelCliTest : public CliTest {
  protected:
+  void TearDown() override {
+    if (!session_dir_.empty()) {
+      std::error_code ec;
+      fs::remove_all(session_dir_, ec);
+    }
+    CliTest::TearDown();
+  }
+
+  // The mpirun prefix of a command (2-core machines: oversubscribed, yielding; killed after
+  // 60 s). Each test's jobs keep Open MPI's session files in a directory of their own: under
+  // a shared /tmp/ompi.<host>.<uid>, a job ending removes that directory while a job of a test
+  // running beside it creates its own in it (mkdir fails, the job never starts). The path is
+  // short: Open MPI's sockets live in it.
+  std::string Mpirun(int np) {
+    if (session_dir_.empty()) {
+      char tmpl[] = "/tmp/eellm_ompi_XXXXXX";
+      if (mkdtemp(tmpl) == nullptr) ADD_FAILURE() << "mkdtemp failed for /tmp/eellm_ompi_XXXXXX";
+      session_dir_ = tmpl;
+    }
+    return "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 "
+           "OMPI_MCA_mpi_yield_when_idle=1 OMPI_MCA_orte_tmpdir_base=" +
+           session_dir_ + " OMP_NUM_THREADS=1 timeout 60 mpirun --oversubscribe -np " +
+           std::to_string(np) + " ";
+  }
+
   // Trains the tiny model for 4 steps under mpirun with tp 2 into run/; false on failure.
   bool TrainTinyModelTp2() {
     if (!PrepareTinyData(0.2)) return false;
@@ -262,6 +280,9 @@ class ParallelCliTest : public CliTest {
                                                      << Describe(args, r);
     }
   }
+
+ private:
+  std::string session_dir_;  // Open MPI's session files (made by the first Mpirun call)
 };
 
 }  // namespace eellm::cli

@@ -37,7 +37,6 @@ namespace {
 
 using cli::CliTest;
 using cli::kTinyModel;
-using cli::Mpirun;
 using cli::ParallelCliTest;
 using cli::TokensGenerated;
 using cli::WriteFile;

@@ -13,7 +13,6 @@ namespace {
 
 using cli::CliTest;
 using cli::kTinyModel;
-using cli::Mpirun;
 using cli::ParallelCliTest;
 using testing::CmdResult;
 using testing::Describe;
