@@ -9,11 +9,16 @@ set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 bash ../shared/gpu/prepare.sh
 cd .gpu/debs
-if ! ls libopenblas0-openmp_*.deb >/dev/null 2>&1; then
-  apt-get download libopenblas-openmp-dev libopenblas0-openmp libgfortran5 >/dev/null 2>&1 ||
-    { apt-get update -qq && apt-get download libopenblas-openmp-dev libopenblas0-openmp libgfortran5; }
+# libzip reads torch.save files (checkpoints/); cpp-httplib's header wants OpenSSL's (the
+# library beside them so that libssl.so's link resolves inside /opt/gpu-deps).
+PKGS="libopenblas-openmp-dev libopenblas0-openmp libgfortran5 libzip-dev libzip4 libssl-dev libssl3"
+if ! ls libzip4_*.deb libopenblas0-openmp_*.deb libssl-dev_*.deb >/dev/null 2>&1; then
+  apt-get download $PKGS >/dev/null 2>&1 || { apt-get update -qq && apt-get download $PKGS; }
 fi
 cd ../..
+# Debian keeps OpenSSL's configuration headers under the multiarch include directory.
+grep -q "CPATH=" .gpu/env.sh ||
+  echo 'export CPATH=/opt/gpu-deps/usr/include/x86_64-linux-gnu${CPATH:+:$CPATH}' >> .gpu/env.sh
 # The demo's corpus for gpu_check.sh's end-to-end run (the GPU machine has no bible-kjv).
 if [ ! -f .gpu/kjv.txt ]; then
   if [ -f data/kjv.txt ]; then
