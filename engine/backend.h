@@ -66,6 +66,9 @@ class Backend {
   // dtable[ids[t], :] += dout[t, :].
   virtual void EmbeddingBackward(float* dtable, const int32_t* ids, const float* dout, int n,
                                  int c) = 0;
+  // out[t, :] += table[ids[t], :] (GPT's learned positions added to the token embeddings; the
+  // caller checks the ids).
+  virtual void EmbeddingAdd(float* out, const int32_t* ids, const float* table, int n, int c) = 0;
 
   // ---- linear -------------------------------------------------------------------------------
   // out[n, o] = in[n, i] @ w[o, i]^T + bias[o]; bias may be null. Written, or added to out when

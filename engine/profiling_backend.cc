@@ -107,6 +107,12 @@ void ProfilingBackend::EmbeddingForward(float* out, const int32_t* ids, const fl
   inner_->EmbeddingForward(out, ids, table, n, c);
 }
 
+void ProfilingBackend::EmbeddingAdd(float* out, const int32_t* ids, const float* table, int n,
+                                    int c) {
+  Timed timed(this, "EmbeddingAdd", 0, F32(3.0 * n * c + n));
+  inner_->EmbeddingAdd(out, ids, table, n, c);
+}
+
 void ProfilingBackend::EmbeddingBackward(float* dtable, const int32_t* ids, const float* dout,
                                          int n, int c) {
   Timed timed(this, "EmbeddingBackward", 0, F32(3.0 * n * c + n));

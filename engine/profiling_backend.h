@@ -51,6 +51,7 @@ class ProfilingBackend final : public Backend {
   void ToFloat(float* out, ConstOperand in, size_t n) override;
   double SumSquares(const float* x, size_t n) override;
   void EmbeddingForward(float* out, const int32_t* ids, const float* table, int n, int c) override;
+  void EmbeddingAdd(float* out, const int32_t* ids, const float* table, int n, int c) override;
   void EmbeddingBackward(float* dtable, const int32_t* ids, const float* dout, int n,
                          int c) override;
   void Linear(Operand out, ConstOperand in, const float* w, const float* bias, int n, int in_dim,

@@ -44,6 +44,7 @@ class CpuBackend final : public Backend {
   // ---- embedding (cpu_memory.cc) ------------------------------------------------------------
   // ids: [n], table/dtable: [vocab, c], out/dout: [n, c].
   void EmbeddingForward(float* out, const int32_t* ids, const float* table, int n, int c) override;
+  void EmbeddingAdd(float* out, const int32_t* ids, const float* table, int n, int c) override;
   void EmbeddingBackward(float* dtable, const int32_t* ids, const float* dout, int n,
                          int c) override;
 

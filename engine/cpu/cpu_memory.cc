@@ -99,6 +99,16 @@ void CpuBackend::EmbeddingForward(float* out, const int32_t* ids, const float* t
   EmbeddingForwardRange(out, ids, table, n, c, 0, std::numeric_limits<int>::max());
 }
 
+void CpuBackend::EmbeddingAdd(float* out, const int32_t* ids, const float* table, int n, int c) {
+  const bool parallel = static_cast<size_t>(n) * c >= kParallelMin;
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int t = 0; t < n; ++t) {
+    float* dst = out + static_cast<size_t>(t) * c;
+    const float* src = table + static_cast<size_t>(ids[t]) * c;
+    for (int j = 0; j < c; ++j) dst[j] += src[j];
+  }
+}
+
 void CpuBackend::EmbeddingBackward(float* dtable, const int32_t* ids, const float* dout, int n,
                                    int c) {
   EmbeddingBackwardRange(dtable, ids, dout, n, c, 0, std::numeric_limits<int>::max());

@@ -339,6 +339,9 @@ void CudaBackend::EmbeddingForward(float* out, const int32_t* ids, const float* 
                                    int c) {
   EmbeddingForwardRange(out, ids, table, n, c, 0, std::numeric_limits<int>::max());
 }
+void CudaBackend::EmbeddingAdd(float* out, const int32_t* ids, const float* table, int n, int c) {
+  CUDA_CHECK(cuda::EmbeddingAdd(out, ids, table, n, c, stream_));
+}
 void CudaBackend::EmbeddingBackward(float* dtable, const int32_t* ids, const float* dout, int n,
                                     int c) {
   EmbeddingBackwardRange(dtable, ids, dout, n, c, 0, std::numeric_limits<int>::max());

@@ -72,6 +72,7 @@ class CudaBackend final : public Backend {
   double SumSquares(const float* x, size_t n) override;
 
   void EmbeddingForward(float* out, const int32_t* ids, const float* table, int n, int c) override;
+  void EmbeddingAdd(float* out, const int32_t* ids, const float* table, int n, int c) override;
   void EmbeddingBackward(float* dtable, const int32_t* ids, const float* dout, int n,
                          int c) override;
 

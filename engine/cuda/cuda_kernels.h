@@ -39,6 +39,9 @@ cudaError_t EmbeddingForwardRange(float* out, const int32_t* ids, const float* t
                                   int start, int rows, cudaStream_t s);
 cudaError_t EmbeddingBackwardRange(float* dtable, const int32_t* ids, const float* dout, int n,
                                    int c, int start, int rows, cudaStream_t s);
+// out[t, :] += table[ids[t], :].
+cudaError_t EmbeddingAdd(float* out, const int32_t* ids, const float* table, int n, int c,
+                         cudaStream_t s);
 // out[r, j] = in[r, j] + bias[j], the bias rounded to bf16 for a bf16 out (out may alias in).
 cudaError_t AddBias(Elems out, Elems in, const float* bias, int n, int cols, cudaStream_t s);
 // Column sums over many rows and few columns split the rows into slices (block_reduce.cuh) whose

@@ -86,6 +86,14 @@ __global__ void EmbeddingForwardKernel(float* out, const int32_t* ids, const flo
   }
 }
 
+__global__ void EmbeddingAddKernel(float* out, const int32_t* ids, const float* table, int n,
+                                   int c) {
+  GRID_STRIDE(i, size_t{static_cast<size_t>(n)} * c) {
+    const size_t t = i / c, j = i % c;
+    out[i] += table[static_cast<size_t>(ids[t]) * c + j];
+  }
+}
+
 // Embedding backward: block (t, tile) owns columns tile * blockDim.x + threadIdx.x of token t's
 // table row, but acts only when t is the first token with its id (the group's leader): it then
 // adds the dout rows of every token with that id, in token order, to its columns. Each dout row
@@ -328,6 +336,14 @@ cudaError_t EmbeddingForwardRange(float* out, const int32_t* ids, const float* t
                  n, c, start, rows);
   return cudaGetLastError();
 }
+cudaError_t EmbeddingAdd(float* out, const int32_t* ids, const float* table, int n, int c,
+                         cudaStream_t s) {
+  const size_t total = static_cast<size_t>(n) * c;
+  if (total)
+    LaunchKernel(EmbeddingAddKernel, dim3(Blocks(total)), dim3(kThreads), 0, s, out, ids, table, n,
+                 c);
+  return cudaGetLastError();
+}
 cudaError_t EmbeddingBackwardRange(float* dtable, const int32_t* ids, const float* dout, int n,
                                    int c, int start, int rows, cudaStream_t s) {
   if (n > 0 && c > 0) {
@@ -398,8 +414,8 @@ cudaError_t DropoutAdd(float* out, const float* x, const float* branch, int n, i
   const size_t total = static_cast<size_t>(n) * c;
   const uint64_t base = static_cast<uint64_t>(row0) * static_cast<uint64_t>(c);
   if (total) {
-    LaunchKernel(DropoutAddKernel, dim3(Blocks(total)), dim3(kThreads), 0, s, out, x, branch,
-                 total, base, DropoutThreshold(p), 1.0f / (1.0f - p), key);
+    LaunchKernel(DropoutAddKernel, dim3(Blocks(total)), dim3(kThreads), 0, s, out, x, branch, total,
+                 base, DropoutThreshold(p), 1.0f / (1.0f - p), key);
   }
   return cudaGetLastError();
 }

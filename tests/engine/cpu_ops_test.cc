@@ -97,6 +97,16 @@ TEST_F(CpuOpsTest, EmbeddingForward) {
     for (int j = 0; j < c; ++j) EXPECT_EQ(out[t * c + j], table[ids[t] * c + j]);
 }
 
+TEST_F(CpuOpsTest, EmbeddingAddAddsTheRowOfEachId) {
+  const int rows = 5, c = 3;
+  const auto table = RandVec(rng_, rows * c), base = RandVec(rng_, 4 * c);
+  const std::vector<int32_t> ids = {4, 0, 4, 2};
+  std::vector<float> out = base;
+  be_.EmbeddingAdd(out.data(), ids.data(), table.data(), 4, c);
+  for (int t = 0; t < 4; ++t)
+    for (int j = 0; j < c; ++j) EXPECT_EQ(out[t * c + j], base[t * c + j] + table[ids[t] * c + j]);
+}
+
 TEST_F(CpuOpsTest, LinearMatchesReference) {
   const int n = 7, in = 33, out = 19;
   auto x = RandVec(rng_, n * in), w = RandVec(rng_, out * in), bias = RandVec(rng_, out);

@@ -162,6 +162,13 @@ TEST_F(BackendParity, Embedding) {
             kExact);
         ExpectParity(
             [&](Backend* be, DeviceMem& m) -> Outputs {
+              float* out = m.Put(dout);  // added to
+              be->EmbeddingAdd(out, m.Put(ids), m.Put(table), n, c);
+              return {{"out +=", m.Get(out, static_cast<size_t>(n) * c)}};
+            },
+            kExact);
+        ExpectParity(
+            [&](Backend* be, DeviceMem& m) -> Outputs {
               float* dtable = m.Put(dtable0);
               be->EmbeddingBackward(dtable, m.Put(ids), m.Put(dout), n, c);
               return {{"dtable", m.Get(dtable, dtable0.size())}};

@@ -58,6 +58,9 @@ class Bf16ReferenceBackend final : public Backend {
                          int c) override {
     cpu_->EmbeddingBackward(dtable, ids, dout, n, c);
   }
+  void EmbeddingAdd(float* out, const int32_t* ids, const float* table, int n, int c) override {
+    cpu_->EmbeddingAdd(out, ids, table, n, c);
+  }
   void LayerNormBackward(float* dx, const float* dres, float* dg, float* db, const float* dout,
                          const float* x, const float* g, const float* mean, const float* rstd,
                          int n, int c) override {

@@ -25,7 +25,8 @@ struct Tol {
   double rtol, atol;
 };
 // Copies, gathers, maxima and single correctly rounded IEEE operations (Fill, Add, Scale,
-// EmbeddingForward(Range), RowMax, memory): there is no rounding freedom, so bit-exact.
+// EmbeddingForward(Range), EmbeddingAdd, RowMax, memory): there is no rounding freedom, so
+// bit-exact.
 constexpr Tol kExact{0, 0};
 // Elementwise math (Axpy, GELU, SwiGLU, AdamW): a few roundings per element, FMA contraction on
 // the device, exp/tanh/sqrt within 2 ulp: at most ~10 ulp = 6e-7. 1e-5 leaves 16x headroom and

@@ -45,6 +45,7 @@ class FakeDeviceBackend final : public Backend {
   double SumSquares(const float*, size_t) override { std::abort(); }
   void EmbeddingForward(float*, const int32_t*, const float*, int, int) override { std::abort(); }
   void EmbeddingBackward(float*, const int32_t*, const float*, int, int) override { std::abort(); }
+  void EmbeddingAdd(float*, const int32_t*, const float*, int, int) override { std::abort(); }
   void Linear(Operand, ConstOperand, const float*, const float*, int, int, int, bool) override {
     std::abort();
   }
