@@ -222,28 +222,51 @@ TEST_F(BackendParity, AttentionBackward) {
   for (const AttnCase& a : kAttnCases) {
     if (!a.training()) continue;  // the backward exists for the training form only
     const int t = a.tq;
-    // With one key, dq and dk are exactly zero (dS = P (dP - rowsum(P dP)) = dP - dP): the CPU
-    // and fp32 backends return 0, a bf16 fused kernel its rounding noise (dP from bf16
-    // operands against D = dO . O in fp32), which a magnitude-relative tolerance cannot judge.
-    if (t == 1 && testing::ParityBackendHasBf16Gemms()) continue;
     SCOPED_TRACE(::testing::Message() << "b=" << a.b << " hq=" << a.hq << " hkv=" << a.hkv
                                       << " d=" << a.d << " t=" << t);
     const size_t nq = static_cast<size_t>(a.b) * t * a.hq * a.d;
     const size_t nkv = static_cast<size_t>(a.b) * t * a.hkv * a.d;
-    const auto q = RandVec(rng_, nq, 1.5), k = RandVec(rng_, nkv), v = RandVec(rng_, nkv);
-    const auto dout = RandVec(rng_, nq);
+    // The one-key case draws from its own generator: the others keep the inputs they were
+    // checked on (on an H200 too; the bf16 backends' dq and dk pass them with ~1.5x headroom
+    // and other draws came within 1.12x of the bound).
+    Rng one_key_rng(7);
+    Rng& rng = t == 1 ? one_key_rng : rng_;
+    const auto q = RandVec(rng, nq, 1.5), k = RandVec(rng, nkv), v = RandVec(rng, nkv);
+    const auto dout = RandVec(rng, nq);
     // Both backends get the CPU's forward outputs and log-sum-exps.
     std::vector<float> out(nq), lse(static_cast<size_t>(a.b) * a.hq * t);
     ref_.AttentionForward(out.data(), lse.data(), q.data(), k.data(), v.data(), a.b, t, t, t, a.hq,
                           a.hkv, a.d, 0);
-    ExpectParity(
-        [&](Backend* be, DeviceMem& m) -> Outputs {
-          float *dq = m.Nan(nq), *dk = m.Nan(nkv), *dv = m.Nan(nkv);
-          be->AttentionBackward(dq, dk, dv, m.Put(dout), m.Put(out), m.Put(lse), m.Put(q), m.Put(k),
-                                m.Put(v), a.b, t, a.hq, a.hkv, a.d);
-          return {{"dq", m.Get(dq, nq)}, {"dk", m.Get(dk, nkv)}, {"dv", m.Get(dv, nkv)}};
-        },
-        kGemm);
+    const OpRun run = [&](Backend* be, DeviceMem& m) -> Outputs {
+      float *dq = m.Nan(nq), *dk = m.Nan(nkv), *dv = m.Nan(nkv);
+      be->AttentionBackward(dq, dk, dv, m.Put(dout), m.Put(out), m.Put(lse), m.Put(q), m.Put(k),
+                            m.Put(v), a.b, t, a.hq, a.hkv, a.d);
+      return {{"dq", m.Get(dq, nq)}, {"dk", m.Get(dk, nkv)}, {"dv", m.Get(dv, nkv)}};
+    };
+    if (t > 1) {
+      ExpectParity(run, kGemm);
+      continue;
+    }
+    // With one key, dq and dk are zero in exact arithmetic (dS = P (dP - rowsum(P dP)) = dP -
+    // dP) and rounding noise elsewhere: D = dO . O and dP = dO . v are the same dot product
+    // summed in other orders (an H200 in fp32: 1.2e-7 of dv's magnitude; with bf16 GEMMs dP
+    // comes from bf16 operands: 1.7e-2 under the emulation, through q's scale 1.5 and two query
+    // heads per key head). A tolerance relative to their own magnitude cannot judge noise around
+    // 0, so they must stay within a bound of dv's magnitude (a real gradient is of its order),
+    // and dv must match.
+    const double bound = testing::ParityBackendHasBf16Gemms() ? 5e-2 : 1e-5;
+    DeviceMem m(dev_);
+    const Outputs got = run(dev_, m);
+    double dv_scale = 0;
+    for (float x : got[2].second) dv_scale = std::max(dv_scale, std::fabs(static_cast<double>(x)));
+    ASSERT_GT(dv_scale, 0.0);
+    for (int i = 0; i < 2; ++i) {
+      double worst = 0;
+      for (float x : got[i].second) worst = std::max(worst, std::fabs(static_cast<double>(x)));
+      EXPECT_LE(worst, bound * dv_scale)
+          << got[i].first << " with one key, dv's scale " << dv_scale;
+    }
+    ExpectParity([&](Backend* be, DeviceMem& mem) -> Outputs { return {run(be, mem)[2]}; }, kGemm);
   }
 }
 

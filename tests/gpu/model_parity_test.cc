@@ -47,19 +47,39 @@ namespace {
 // or extra rounding inside the fused kernels (an unrounded sum of P in the forward failed at
 // 4.5x; dS from a rounded P at 1.8x), which the fp32 reference's 1e-1 could not see (it
 // needed 0.6 for the GPT step at head_dim 32).
+// On a real GPU (the first run, an H200) the step of cuda-bf16w came within 2e-3 of the rounding
+// reference only where attention ran per head and the MLP was SwiGLU (Llama, head_dim 8); with the
+// fused attention (head_dim 32) gradients and moments were up to 19x (v: 24x) of that bound off,
+// the GELU MLP 2-3x: the device sums in other orders than the CPU, tips some bf16 roundings the
+// other way (OperandParity: 3 of 12,800 dq elements of the fused attention), and this tiny
+// random model amplifies each such flip (bf16 against fp32 needed 0.6 of the scale, above). There
+// the step is held to the bf16 bound, 1e-1 (the worst, 19 x 2e-3 = 3.8e-2, within it 2.6x), and
+// each op to the rounding reference in OperandParity; the emulation, which sums in the CPU's
+// order, keeps 2e-3.
 const bool kBf16 = testing::ParityBackendHasBf16Gemms();
 const bool kBf16Operands = testing::ParityBackendHasBf16Operands();
-const double kRtol = kBf16Operands ? 2e-3 : kBf16 ? 1e-1 : 1e-4;
-const double kAtol = kBf16Operands ? 2e-3 : kBf16 ? 1e-1 : 1e-4;
+const bool kEmulated = testing::ParityBackendName().rfind("emulated-", 0) == 0;
+const bool kSameOrderReference = kBf16Operands && kEmulated;
+const double kRtol = kSameOrderReference ? 2e-3 : kBf16 ? 1e-1 : 1e-4;
+const double kAtol = kSameOrderReference ? 2e-3 : kBf16 ? 1e-1 : 1e-4;
 // A parameter whose CPU gradient stays below kZeroGrad times the largest gradient of the model
 // has a gradient that is zero in exact arithmetic and rounding noise in fp32: the key bias of
 // GPT attention (every row of the softmax gradient sums to 0, so sum_j dk_j = 0). Its noise
 // differs between summation orders by 100% and is only required to stay that small (with bf16
 // GEMMs, as small as kAtol: there dP comes from bf16 operands while the fused attention's
 // D = dO . O is fp32, so rows of dS sum to bf16 noise; measured 4.6e-3 of the largest gradient
-// against the fp32 CPU). Against the rounding reference (cuda-bf16w) that noise is the same on
-// both sides, and the key bias is compared like every other gradient.
+// against the fp32 CPU). Against the rounding reference (cuda-bf16w) under the emulation that
+// noise is the same on both sides, and the key bias is compared like every other gradient. On a
+// real GPU the reference's noise is not the device's (an H200: 5.5e-4 against 7.1e-4, of
+// opposite signs): there the key bias (named, as its size is no guide: other tensors are as
+// small) is held to the zero rule whatever the reference's value.
 constexpr double kZeroGrad = 1e-5;
+const bool kKeyBiasByName = kBf16Operands && !kEmulated;
+bool IsKeyBias(const std::string& name) {
+  const std::string suffix = "attn.wk.bias";
+  return name.size() >= suffix.size() &&
+         name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
 const double kZeroGradBound = kBf16 ? kAtol : kZeroGrad;
 
 // AdamW with eps = 1e-8 makes the first update lr * g / (|g| + 1e-8) ~ lr * sign(g), a
@@ -201,7 +221,8 @@ class ModelParity : public testing::DeviceParityTest {
     for (const ParamInfo& p : ps.params()) {
       SCOPED_TRACE(p.name);
       const size_t o = p.offset, numel = p.numel;
-      if (MaxAbs(&want.grads[o], numel) < kZeroGrad * gmax) {
+      if (MaxAbs(&want.grads[o], numel) < kZeroGrad * gmax ||
+          (kKeyBiasByName && IsKeyBias(p.name))) {
         EXPECT_LT(MaxAbs(&got.grads[o], numel), kZeroGradBound * gmax)
             << "gradient, zero on the CPU";
       } else {

@@ -265,8 +265,11 @@ TEST_F(OperandParity, LinearGeluRoundsOnceLikeTheReference) {
     // act from the fp32 product, not from pre's bf16 value (nor anything else rounded to it).
     EXPECT_GE(KeysWithSeveralValues(pre, act), 10) << "act rounded once, " << where;
     // Backward: fc2's GEMMs through the GELU, from the device's own act and one pre value for
-    // all (gelu'(pre) a constant: dpre then depends on dout @ w alone).
-    const std::vector<float> pre_one(nf, 0.75f);
+    // all (gelu'(pre) a constant: dpre then depends on dout @ w alone). gelu'(-0.5) = 0.1325,
+    // far from 1: at 0.75 (0.99923, 1 in bf16) an H200's cuBLASLt epilogue left no key with
+    // several values, which a product rounded before the epilogue and a derivative evaluated in
+    // bf16 would both explain; at -0.5 only the first does.
+    const std::vector<float> pre_one(nf, -0.5f);
     const Operand dpre_r = r.PutBf16(nan), dpre_d = d.PutBf16(nan);
     float *dw_r = r.Put(dw0), *dw_d = d.Put(dw0), *db_r = r.Put(db0), *db_d = d.Put(db0);
     ref.LinearBackwardGelu(dpre_r, dw_r, db_r, r.Put(dout), r.PutBf16(act), r.PutBf16(pre_one),
@@ -414,6 +417,55 @@ TEST_F(OperandParity, AttentionWritesAndReadsBf16Output) {
   }
 }
 
+// Values stored in bf16 that follow the same roundings on both sides: within `tol` but for at
+// most `max_share` of the elements, which may sit one bf16 step apart (adjacent bf16 bit patterns
+// of one sign): fp32 noise tips a rounding the other way. At the bottom of a binade a step is
+// 2^-7 of the value, past a relative tolerance of 2^-8 (an H200's fused attention: 3 of 12,800
+// dq elements, -0.015625 against -0.0157470703125). A missing or extra rounding moves many
+// elements, or by more.
+::testing::AssertionResult SameRoundingsButRareFlips(const std::vector<float>& got,
+                                                     const std::vector<float>& want, Tol tol,
+                                                     double max_share = 1e-3) {
+  if (got.size() != want.size()) return ::testing::AssertionFailure() << "sizes differ";
+  double scale = 0;
+  for (float b : want) scale = std::max(scale, std::fabs(static_cast<double>(b)));
+  std::vector<float> got_rest = got;
+  size_t flips = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const uint16_t a = FloatToBf16(got[i]).bits, b = FloatToBf16(want[i]).bits;
+    const bool same_sign = (a & 0x8000) == (b & 0x8000);
+    const bool adjacent = same_sign && (a == b + 1 || b == a + 1);
+    const bool stored =
+        Bf16ToFloat(FloatToBf16(got[i])) == got[i] && Bf16ToFloat(FloatToBf16(want[i])) == want[i];
+    const double err = std::fabs(static_cast<double>(got[i]) - want[i]);
+    if (adjacent && stored && err > tol.atol * scale + tol.rtol * std::fabs(want[i])) {
+      ++flips;
+      got_rest[i] = want[i];  // judged as a flip
+    }
+  }
+  if (flips > max_share * static_cast<double>(got.size())) {
+    return ::testing::AssertionFailure()
+           << flips << " of " << got.size() << " elements one bf16 step apart (at most "
+           << max_share << " of them may be)";
+  }
+  return Close(got_rest, want, tol);
+}
+
+TEST(SameRoundingsButRareFlipsTest, AllowsRareOneStepFlipsOnly) {
+  const Tol tol{4e-3, 1e-5};
+  std::vector<float> want(1000);
+  for (size_t i = 0; i < want.size(); ++i) want[i] = -0.0157470703125f;  // bf16 0xbc81
+  std::vector<float> got = want;
+  got[3] = -0.015625f;  // 0xbc80: one step, 2^-7 of the value
+  EXPECT_FALSE(Close(got, want, tol));
+  EXPECT_TRUE(SameRoundingsButRareFlips(got, want, tol));
+  got[4] = -0.015625f;  // two flips in 1000: more than 1e-3 of them
+  EXPECT_FALSE(SameRoundingsButRareFlips(got, want, tol));
+  got[4] = want[4];
+  got[5] = -0.0155029296875f;  // 0xbc7e: two steps
+  EXPECT_FALSE(SameRoundingsButRareFlips(got, want, tol));
+}
+
 // The fused attention over many key tiles, with scores rising along the keys (every tile raises
 // the row's reference maximum, so O and l are rescaled), against the rounding reference
 // (Bf16ReferenceBackend, which follows the fused kernels' tiles and roundings): forward and
@@ -442,9 +494,10 @@ TEST_F(OperandParity, FusedAttentionMatchesRoundingReferenceOverTiles) {
   const Operand q_d = d.PutBf16(q), k_d = d.PutBf16(k), v_d = d.PutBf16(v);
   ref.AttentionForward(out_r, lse_r, q_r, k_r, v_r, b, t, t, t, hq, hkv, dh, 0);
   dev_->AttentionForward(out_d, lse_d, q_d, k_d, v_d, b, t, t, t, hq, hkv, dh, 0);
-  // fp32 noise, and the rare bf16 rounding it tips (one 2^-8 step of one element).
+  // fp32 noise (and the rare bf16 rounding it tips: SameRoundingsButRareFlips).
   const Tol kSameRounding{4e-3, 1e-5};
-  EXPECT_TRUE(Close(d.Get(out_d, nq), r.Get(out_r, nq), kSameRounding)) << "out";
+  EXPECT_TRUE(SameRoundingsButRareFlips(d.Get(out_d, nq), r.Get(out_r, nq), kSameRounding))
+      << "out";
   EXPECT_TRUE(Close(d.Get(lse_d, nl), r.Get(lse_r, nl), testing::kGemmFp32)) << "lse";
   const Operand dq_r = r.PutBf16(nan_q), dk_r = r.PutBf16(nan_kv), dv_r = r.PutBf16(nan_kv);
   const Operand dq_d = d.PutBf16(nan_q), dk_d = d.PutBf16(nan_kv), dv_d = d.PutBf16(nan_kv);
@@ -452,9 +505,9 @@ TEST_F(OperandParity, FusedAttentionMatchesRoundingReferenceOverTiles) {
                         hkv, dh);
   dev_->AttentionBackward(dq_d, dk_d, dv_d, d.PutBf16(dout), out_d, lse_d, q_d, k_d, v_d, b, t, hq,
                           hkv, dh);
-  EXPECT_TRUE(Close(d.Get(dq_d, nq), r.Get(dq_r, nq), kSameRounding)) << "dq";
-  EXPECT_TRUE(Close(d.Get(dk_d, nkv), r.Get(dk_r, nkv), kSameRounding)) << "dk";
-  EXPECT_TRUE(Close(d.Get(dv_d, nkv), r.Get(dv_r, nkv), kSameRounding)) << "dv";
+  EXPECT_TRUE(SameRoundingsButRareFlips(d.Get(dq_d, nq), r.Get(dq_r, nq), kSameRounding)) << "dq";
+  EXPECT_TRUE(SameRoundingsButRareFlips(d.Get(dk_d, nkv), r.Get(dk_r, nkv), kSameRounding)) << "dk";
+  EXPECT_TRUE(SameRoundingsButRareFlips(d.Get(dv_d, nkv), r.Get(dv_r, nkv), kSameRounding)) << "dv";
   EXPECT_TRUE(d.GuardsIntact());
 }
 
