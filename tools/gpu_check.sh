@@ -24,7 +24,8 @@
 #            cuda-bf16w (bf16 GEMM tolerances; fused flash attention; bf16 operands), and NCCL at
 #            world size 1
 #   bench    eellm bench train on Llama 1.3B and GPT-2 124M (with exits) beside PyTorch in mixed
-#            precision (cuda-bf16w)
+#            precision (cuda-bf16w), and PyTorch's SDPA alone at the 1.3B's attention shape
+#            (tools/bench_attention_torch.py)
 #   profile  Nsight Compute (ncu, clocks left alone) on the first launch of each fused attention
 #            kernel of the 1.3B (forward, dK/dV, dQ): speed of light, occupancy, warp stalls,
 #            pipes and memory (the first GPU run measured them at 92-120 TFLOP/s, a tenth of the
@@ -135,6 +136,10 @@ if want bench; then
   run bench_llama 90 400 "$B/eellm" bench train --model=configs/bench/llama_1p3b.json \
     --backend=cuda-bf16w --batch=32 --micro-batch=4 --seq=2048 --steps=3 --warmup=1 \
     --torch-reference=tools/bench_torch.py
+  # What PyTorch's SDPA (FlashAttention-class) reaches at the 1.3B's attention shape, beside the
+  # AttentionForward/Backward lines of bench_llama's per-op table (micro-batch 4 there).
+  run bench_attention 20 60 python3 tools/bench_attention_torch.py \
+    --model=configs/bench/llama_1p3b.json --batch=4 --seq=2048
   run bench_gpt2 60 300 "$B/eellm" bench train --model=configs/bench/gpt2_124m.json \
     --backend=cuda-bf16w --batch=8 --seq=1024 --steps=5 --warmup=2 \
     --torch-reference=tools/bench_torch.py
