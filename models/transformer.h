@@ -239,7 +239,6 @@ class Model {
   // ws.dhidden and accumulates dW. Returns {mean loss, weighted objective term}.
   std::pair<double, double> HeadLoss(Workspace& ws, ConstOperand hidden, int exit_index,
                                      float weight, bool confidence_weighted, bool backward);
-  // Hidden state at `depth` (layers computed) held by this stage.
   // The workspace rows of the hidden state at `depth` (the stage's input at its first layer).
   float* HiddenAt(const Workspace& ws, int depth) const;
   // The rows exit i reads: the hidden state at its depth, or for a post MLP exit its layer's

@@ -5,8 +5,9 @@ lines of `eellm bench train`'s per-op table (same shapes, same FLOP convention).
 
 FLOPs as eellm's profiler counts them (engine/profiling_backend.cc): forward 4 * d * b * hq *
 t (t + 1) / 2 (the causal half of QK^T and PV), backward 2.5 times that. Inputs are random bf16
-[b, hq, t, d] queries and [b, hkv, t, d] keys and values (GQA: repeated to hq heads for backends
-without enable_gqa); each time is the median of --reps CUDA-event timings after --warmup runs.
+[b, hq, t, d] queries and [b, hkv, t, d] keys and values, through bench_torch.py's own attention
+(the model reference's, GQA included) and config reading; each time is the median of --reps
+CUDA-event timings after --warmup runs.
 
 usage: bench_attention_torch.py --model configs/bench/llama_1p3b.json [--batch 4] [--seq 2048]
 """
@@ -15,7 +16,8 @@ import json
 import statistics
 
 import torch
-import torch.nn.functional as F
+
+from bench_torch import attention, load_config
 
 
 def timed(fn, warmup, reps):
@@ -42,11 +44,8 @@ def main():
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention_torch.py: needs a CUDA GPU")
-    with open(a.model) as f:
-        j = json.load(f)
-    c = j.get("model", j)
-    hq = c["num_heads"]
-    hkv = c.get("num_kv_heads") or hq
+    c = load_config(a.model)
+    hq, hkv = c["num_heads"], c["num_kv_heads"]
     d = c.get("head_dim") or c["hidden_size"] // hq
     t = a.seq or c["max_seq_len"]
     b = a.batch
@@ -61,11 +60,7 @@ def main():
     dout = rand(b, hq, t, d)
 
     def forward():
-        kk, vv = k, v
-        if hkv != hq:  # GQA by repetition (what a kernel without native GQA reads)
-            kk = k.repeat_interleave(hq // hkv, dim=1)
-            vv = v.repeat_interleave(hq // hkv, dim=1)
-        return F.scaled_dot_product_attention(q, kk, vv, is_causal=True)
+        return attention(q, k, v, hq // hkv)
 
     def forward_only():
         with torch.no_grad():

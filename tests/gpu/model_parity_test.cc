@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "engine/backend.h"
 #include "engine/optim/adamw.h"
 #include "gtest/gtest.h"
@@ -75,11 +76,7 @@ const double kAtol = kSameOrderReference ? 2e-3 : kBf16 ? 1e-1 : 1e-4;
 // small) is held to the zero rule whatever the reference's value.
 constexpr double kZeroGrad = 1e-5;
 const bool kKeyBiasByName = kBf16Operands && !kEmulated;
-bool IsKeyBias(const std::string& name) {
-  const std::string suffix = "attn.wk.bias";
-  return name.size() >= suffix.size() &&
-         name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
+bool IsKeyBias(const std::string& name) { return absl::EndsWith(name, "attn.wk.bias"); }
 const double kZeroGradBound = kBf16 ? kAtol : kZeroGrad;
 
 // AdamW with eps = 1e-8 makes the first update lr * g / (|g| + 1e-8) ~ lr * sign(g), a
