@@ -89,8 +89,9 @@ class Backend {
                           const float* bias, int n, int in_dim, int out_dim);
   // LinearBackward of a projection whose input is act = gelu(pre), through the GELU:
   // dpre[n, i] = gelu'(pre) * (dout @ w) (written); dw[o, i] += dout^T @ act; dbias[o] +=
-  // sum_n dout (if non-null). By default a LinearBackward into dpre and a GeluBackward in place;
-  // a backend may apply gelu' in the GEMM's epilogue (dout @ w then rounds once).
+  // sum_n dout (if non-null). A LinearBackward into dpre and a GeluBackward in place (dout @ w
+  // rounded to dpre's dtype before gelu' multiplies it); a backend may apply gelu' in the GEMM's
+  // epilogue with the same roundings.
   virtual void LinearBackwardGelu(Operand dpre, float* dw, float* dbias, ConstOperand dout,
                                   ConstOperand act, ConstOperand pre, const float* w, int n,
                                   int in_dim, int out_dim);

@@ -457,8 +457,10 @@ void CudaBackend::LinearGelu(Operand act, Operand pre, ConstOperand in, const fl
   CUDA_CHECK(cuda::BiasGeluForward(ToElems(act), ToElems(pre), acc, bias, n, out_dim, stream_));
 }
 
-// With bf16 dpre and pre, gelu' multiplies the fp32 product dout @ w before dpre's one rounding:
-// in cuBLASLt's epilogue, or from an fp32 scratch product by GeluBackward.
+// With bf16 dpre and pre: dpre = bf16(bf16(dout @ w) * gelu'(pre)), the product rounded to bf16
+// before gelu' multiplies it, as cuBLASLt's DGELU epilogue does with a bf16 output (measured on
+// an H200: tests/gpu/operand_parity_test.cc) and as PyTorch's bf16 autocast does; where cuBLASLt
+// has no algorithm, the same roundings from a bf16 product and GeluBackward in place.
 void CudaBackend::LinearBackwardGelu(Operand dpre, float* dw, float* dbias, ConstOperand dout,
                                      ConstOperand act, ConstOperand pre, const float* w, int n,
                                      int in_dim, int out_dim) {
@@ -469,7 +471,6 @@ void CudaBackend::LinearBackwardGelu(Operand dpre, float* dw, float* dbias, Cons
   // dout as the GEMMs read it: bf16, converted once (as LinearBackward converts it).
   const ConstOperand dout16(AsBf16(dout, static_cast<size_t>(n) * out_dim, 4), DType::kBF16);
   LinearBackward(Operand(), dw, dbias, dout16, act, w, n, in_dim, out_dim, false);
-  const size_t count = static_cast<size_t>(n) * in_dim;
   if (lt_ != nullptr && in_dim % 8 == 0) {
     // dpre[n, i] = (dout[n, o] @ w[o, i]) * gelu'(pre), as LinearBackward's din GEMM.
     cuda::LtGemm::Problem p =
@@ -481,11 +482,8 @@ void CudaBackend::LinearBackwardGelu(Operand dpre, float* dw, float* dbias, Cons
     p.aux_ld = in_dim;
     if (lt_->Run(p)) return;
   }
-  auto* acc = static_cast<float*>(Scratch(count * sizeof(float), 5));
-  Gemm(false, false, n, in_dim, out_dim, 1.0f, dout16, out_dim, w, in_dim, 0.0f, Operand(acc),
-       in_dim);
-  CUDA_CHECK(
-      cuda::GeluBackward(ToElems(dpre), ToElems(ConstOperand(acc)), ToElems(pre), count, stream_));
+  LinearBackward(dpre, nullptr, nullptr, dout16, act, w, n, in_dim, out_dim, false);
+  GeluBackward(dpre, dpre, pre, static_cast<size_t>(n) * in_dim);
 }
 
 // ---- norms, activations, RoPE -------------------------------------------------------------------

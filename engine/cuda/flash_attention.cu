@@ -227,6 +227,8 @@ __global__ void __launch_bounds__(kFwdThreads)
   float o[D / 8][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // reference maxima, sums of exp(s - m)
   const int qpos0 = q_offset + q0 + warp * 16 + g;           // absolute position of row g
+  const int warp_first_key = q_offset + q0 + warp * 16;      // keys up to it need no mask
+  const float scale_log2 = scale * kLog2e;
 
   for (int k0 = 0, buf = 0; k0 < n_keys; k0 += kTile, buf ^= 1) {
     load_kv(k0 + kTile, buf ^ 1);  // the other buffer, free since the last iteration's barrier
@@ -245,26 +247,32 @@ __global__ void __launch_bounds__(kFwdThreads)
           MmaBf16(s[2 * n2 + 1], qf[kk], b[2], b[3]);
         }
       }
-      for (int half = 0; half < 2; ++half) {
-        const int qpos = qpos0 + 8 * half;
-        float tile_max = -INFINITY;
+      // Masks only where the tile reaches past the warp's first query or past tk (warp-uniform):
+      // the causal diagonal and the end of the keys.
+      if (k0 + kTile - 1 > warp_first_key || k0 + kTile > tk) {
         for (int n = 0; n < kN; ++n) {
-          for (int e = 0; e < 2; ++e) {
-            const int key = k0 + n * 8 + 2 * t4 + e;
-            float& x = s[n][2 * half + e];
-            x = key <= qpos && key < tk ? x * scale : -INFINITY;
-            tile_max = fmaxf(tile_max, x);
+          for (int i = 0; i < 4; ++i) {
+            const int key = k0 + n * 8 + 2 * t4 + i % 2;
+            if (key > qpos0 + 8 * (i / 2) || key >= tk) s[n][i] = -INFINITY;
           }
         }
+      }
+      uint32_t p[kN / 2]
+                [4];  // P_w as A operands: 8-key block n, row half in p[n / 2][n % 2 * 2 + half]
+      for (int half = 0; half < 2; ++half) {
+        float tile_max = -INFINITY;  // of the raw scores (scale > 0 keeps the order)
+        for (int n = 0; n < kN; ++n)
+          tile_max = fmaxf(tile_max, fmaxf(s[n][2 * half], s[n][2 * half + 1]));
         // The row's 64 keys lie in the lanes of one quad.
         tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
         tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+        tile_max *= scale;
         // Raise the reference when the tile's maximum passes it by more than the slack (always at
         // the row's first valid key); O and l, taken against the old reference, shrink by alpha.
         // Before the first valid key O and l are zero, so only later raises rescale O.
         if (tile_max > m[half] + kRescaleSlack) {
           if (m[half] != -INFINITY) {
-            const float alpha = __expf(m[half] - tile_max);
+            const float alpha = FastExp2((m[half] - tile_max) * kLog2e);
             l[half] *= alpha;
             for (int n = 0; n < D / 8; ++n) {
               o[n][2 * half] *= alpha;
@@ -273,21 +281,21 @@ __global__ void __launch_bounds__(kFwdThreads)
           }
           m[half] = tile_max;
         }
+        // P = 2^(s scale log2 e - m log2 e): one FFMA and one ex2 per score, masked scores -inf
+        // (0); rounded to bf16 in pairs as the product with V reads them, l summing those values.
+        const float neg_m2 = m[half] == -INFINITY ? 0.0f : -m[half] * kLog2e;
         float sum = 0.0f;
         for (int n = 0; n < kN; ++n) {
-          for (int e = 0; e < 2; ++e) {
-            float& x = s[n][2 * half + e];
-            const float p = x == -INFINITY ? 0.0f : __expf(x - m[half]);
-            x = __bfloat162float(__float2bfloat16(p));  // as the product with V will read it
-            sum += x;
-          }
+          const uint32_t pk = PackBf16x2(FastExp2(fmaf(s[n][2 * half], scale_log2, neg_m2)),
+                                         FastExp2(fmaf(s[n][2 * half + 1], scale_log2, neg_m2)));
+          p[n / 2][n % 2 * 2 + half] = pk;
+          sum += Bf16x2Lo(pk);
+          sum += Bf16x2Hi(pk);
         }
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
         l[half] += sum;
       }
-      uint32_t p[kN / 2][4];
-      for (int kb2 = 0; kb2 < kN / 2; ++kb2) AccumulatorsAsA(p[kb2], s[2 * kb2], s[2 * kb2 + 1]);
       AccumulatePY<D, kN / 2>(o, p, vs, 0, lane);  // O_w += P_w V
     }
     __syncthreads();  // every warp is done with this buffer before it is loaded again
@@ -349,14 +357,14 @@ struct BwdSmem {
 // The backward kernels take the 64-column tiles in two steps of this many columns (registers).
 constexpr int kBwdCols = 32;
 
-// Loads lse and D of queries [q0, q0 + 64) (zeros past t) into stats[0, 64) and [64, 128), with
-// the block's Threads threads.
+// Loads lse (times log2 e, as the kernels' 2^x takes it) and D of queries [q0, q0 + 64) (zeros
+// past t) into stats[0, 64) and [64, 128), with the block's Threads threads.
 template <int Threads>
 __device__ __forceinline__ void LoadStats(float* stats, const float* lse, const float* dsum, int q0,
                                           int t) {
   for (int i = threadIdx.x; i < kTile; i += Threads) {
     const bool in = q0 + i < t;
-    stats[i] = in ? lse[q0 + i] : 0.0f;
+    stats[i] = in ? lse[q0 + i] * kLog2e : 0.0f;
     stats[kTile + i] = in ? dsum[q0 + i] : 0.0f;
   }
 }
@@ -404,6 +412,7 @@ __global__ void __launch_bounds__(kKvThreads)
   float dk_acc[D / 8][4] = {}, dv_acc[D / 8][4] = {};
   const int key0 = k0 + warp * 16 + g;  // this lane's keys: key0 and key0 + 8
   const int warp_key = k0 + warp * 16;  // the warp's first key
+  const float scale_log2 = scale * kLog2e;
   for (int step = 0, buf = 0; step < steps; ++step, buf ^= 1) {
     load_step(step + 1, buf ^ 1);  // the other buffers, free since the last step's barrier
     CpAsyncCommit();
@@ -418,13 +427,16 @@ __global__ void __launch_bounds__(kKvThreads)
       float pt[kN][4] = {}, dst[kN][4] = {};
       ProductXYt<D, kBwdCols>(pt, ks, warp * 16, qs, c0, lane);    // S^T_w
       ProductXYt<D, kBwdCols>(dst, vs, warp * 16, dos, c0, lane);  // dP^T_w
+      // Masks only where a query precedes one of the warp's keys or rows run past t
+      // (warp-uniform): the causal diagonal and the ends.
+      const bool masked = q0 + c0 < warp_key + 15 || q0 + c0 + kBwdCols > t || warp_key + 16 > t;
       for (int n = 0; n < kN; ++n) {
         for (int half = 0; half < 2; ++half) {
           for (int e = 0; e < 2; ++e) {
             const int col = c0 + n * 8 + 2 * t4 + e, query = q0 + col, key = key0 + 8 * half;
-            const bool valid = key <= query && query < t && key < t;
             float& p = pt[n][2 * half + e];
-            p = valid ? __expf(p * scale - stats[col]) : 0.0f;
+            p = FastExp2(fmaf(p, scale_log2, -stats[col]));  // exp(s scale - lse)
+            if (masked && !(key <= query && query < t && key < t)) p = 0.0f;
             float& ds = dst[n][2 * half + e];
             ds = p * (ds - stats[kTile + col]);
           }
@@ -480,7 +492,10 @@ __global__ void __launch_bounds__(kThreads)
   CpAsyncCommit();
 
   float dq_acc[D / 8][4] = {};
-  const int row0 = warp * 16 + g;  // this lane's rows in the tile: row0 and row0 + 8
+  const int row0 = warp * 16 + g;     // this lane's rows in the tile: row0 and row0 + 8
+  const int warp_q = q0 + warp * 16;  // the warp's first query
+  const float scale_log2 = scale * kLog2e;
+  float row_lse[2], row_d[2];  // lse log2 e and D of the lane's rows, read after the first wait
   for (int k0 = 0, buf = 0; k0 < n_keys; k0 += kTile, buf ^= 1) {
     load_kv(k0 + kTile, buf ^ 1);  // the other buffers, free since the last tile's barrier
     CpAsyncCommit();
@@ -488,19 +503,29 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     const __nv_bfloat16* ks = SmemTile<D>(smem, L::kC, buf);
     const __nv_bfloat16* vs = SmemTile<D>(smem, L::kD, buf);
+    if (k0 == 0) {
+      for (int half = 0; half < 2; ++half) {
+        row_lse[half] = stats[row0 + 8 * half];
+        row_d[half] = stats[kTile + row0 + 8 * half];
+      }
+    }
     for (int c0 = 0; c0 < kTile; c0 += kBwdCols) {
       float s[kN][4] = {}, ds[kN][4] = {};
       ProductXYt<D, kBwdCols>(s, qs, warp * 16, ks, c0, lane);    // S_w
       ProductXYt<D, kBwdCols>(ds, dos, warp * 16, vs, c0, lane);  // dP_w
+      // Masks only where a key follows one of the warp's queries or rows run past t
+      // (warp-uniform): the causal diagonal and the ends.
+      const bool masked =
+          k0 + c0 + kBwdCols - 1 > warp_q || k0 + c0 + kBwdCols > t || warp_q + 16 > t;
       for (int n = 0; n < kN; ++n) {
         for (int half = 0; half < 2; ++half) {
-          const int r = row0 + 8 * half, query = q0 + r;
+          const int query = q0 + row0 + 8 * half;
           for (int e = 0; e < 2; ++e) {
             const int key = k0 + c0 + n * 8 + 2 * t4 + e;
-            const bool valid = key <= query && query < t && key < t;
-            const float p = valid ? __expf(s[n][2 * half + e] * scale - stats[r]) : 0.0f;
+            float p = FastExp2(fmaf(s[n][2 * half + e], scale_log2, -row_lse[half]));
+            if (masked && !(key <= query && query < t && key < t)) p = 0.0f;
             float& x = ds[n][2 * half + e];
-            x = p * (x - stats[kTile + r]);
+            x = p * (x - row_d[half]);
           }
         }
       }

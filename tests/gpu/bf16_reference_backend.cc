@@ -28,6 +28,12 @@ void Store(Operand dst, const std::vector<float>& src) {
   for (size_t i = 0; i < src.size(); ++i) bits[i] = FloatToBf16(src[i]).bits;
 }
 
+// exp(s scale - m) as the fused kernels form it: 2^(s (scale log2 e) - m log2 e), one fused
+// multiply-add in fp32 (exp2 then differs from the device's ex2.approx by its 2 ulp at most).
+constexpr float kLog2e = 1.4426950408889634f;
+float FusedExp(float s, float scale, float m) {
+  return std::exp2(std::fma(s, scale * kLog2e, -(m * kLog2e)));
+}
 }  // namespace
 
 std::vector<float> OperandValues(ConstOperand x, size_t n, bool round) {
@@ -106,16 +112,6 @@ void Bf16ReferenceBackend::LinearGelu(Operand act, Operand pre, ConstOperand in,
   std::vector<float> g(count);
   cpu_->GeluForward(g.data(), y.data(), count);
   Store(act, g);
-}
-
-void Bf16ReferenceBackend::LinearBackwardGelu(Operand dpre, float* dw, float* dbias,
-                                              ConstOperand dout, ConstOperand act, ConstOperand pre,
-                                              const float* w, int n, int in_dim, int out_dim) {
-  if (n <= 0) return;
-  const size_t count = static_cast<size_t>(n) * (in_dim > 0 ? in_dim : 0);
-  std::vector<float> dact(count);  // fp32: the product before gelu' and the one rounding
-  LinearBackward(Operand(dact.data()), dw, dbias, dout, act, w, n, in_dim, out_dim, false);
-  GeluBackward(dpre, ConstOperand(dact.data()), pre, count);
 }
 
 void Bf16ReferenceBackend::LayerNormForward(Operand out, float* mean, float* rstd, const float* x,
@@ -199,7 +195,7 @@ void Bf16ReferenceBackend::AttentionForward(Operand out, float* lse, ConstOperan
   const size_t nkv = static_cast<size_t>(b) * tk_cap * hkv * d;
   const std::vector<float> qv = OperandValues(q, nq), kv = OperandValues(k, nkv),
                            vv = OperandValues(v, nkv);
-  std::vector<float> o(nq), p(tk), acc(d);
+  std::vector<float> o(nq), p(tk), dots(tk), acc(d);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   for (int bi = 0; bi < b; ++bi) {
     for (int h = 0; h < hq; ++h) {
@@ -212,6 +208,7 @@ void Bf16ReferenceBackend::AttentionForward(Operand out, float* lse, ConstOperan
           const float* kj = &kv[((static_cast<size_t>(bi) * tk_cap + j) * hkv + kvh) * d];
           float dot = 0.0f;
           for (int e = 0; e < d; ++e) dot += qi[e] * kj[e];
+          dots[j] = dot;
           p[j] = dot * scale;
           m_row = std::max(m_row, p[j]);
         }
@@ -227,13 +224,13 @@ void Bf16ReferenceBackend::AttentionForward(Operand out, float* lse, ConstOperan
             const int j1 = std::min(keys, j0 + kFusedTile);
             const float tile_max = *std::max_element(p.begin() + j0, p.begin() + j1);
             if (tile_max > m + kFusedSlack) {
-              const float alpha = m == -INFINITY ? 1.0f : std::exp(m - tile_max);
+              const float alpha = m == -INFINITY ? 1.0f : std::exp2((m - tile_max) * kLog2e);
               l *= alpha;
               for (float& a : acc) a *= alpha;
               m = tile_max;
             }
             for (int j = j0; j < j1; ++j) {
-              const float pj = RoundToBf16(std::exp(p[j] - m));
+              const float pj = RoundToBf16(FusedExp(dots[j], scale, m));
               const float* vj = &vv[((static_cast<size_t>(bi) * tk_cap + j) * hkv + kvh) * d];
               l += pj;
               for (int e = 0; e < d; ++e) acc[e] += pj * vj[e];
@@ -310,7 +307,7 @@ void Bf16ReferenceBackend::AttentionBackward(Operand dq, Operand dk, Operand dv,
             s += qi[e] * kj[e];
             gv_dot += gi[e] * vj[e];
           }
-          p[j] = std::exp(s * scale - row_lse);
+          p[j] = fused ? FusedExp(s, scale, row_lse) : std::exp(s * scale - row_lse);
           dp[j] = gv_dot;
           if (!fused) dsum += static_cast<double>(p[j]) * dp[j];
         }

@@ -97,12 +97,10 @@ class Bf16ReferenceBackend final : public Backend {
   void LinearBackward(Operand din, float* dw, float* dbias, ConstOperand dout, ConstOperand in,
                       const float* w, int n, int in_dim, int out_dim, bool accumulate_din) override;
   // The GELU on the fp32 product (the device's epilogue, or its kernel from an fp32 product):
-  // pre and act (forward), dpre (backward) rounded once each.
+  // pre and act rounded once each. (LinearBackwardGelu is Backend's: dout @ w rounded to dpre's
+  // dtype, then gelu', as the device's DGELU epilogue does.)
   void LinearGelu(Operand act, Operand pre, ConstOperand in, const float* w, const float* bias,
                   int n, int in_dim, int out_dim) override;
-  void LinearBackwardGelu(Operand dpre, float* dw, float* dbias, ConstOperand dout,
-                          ConstOperand act, ConstOperand pre, const float* w, int n, int in_dim,
-                          int out_dim) override;
   void LayerNormForward(Operand out, float* mean, float* rstd, const float* x, const float* g,
                         const float* b, int n, int c, float eps) override;
   void RmsNormForward(Operand out, float* rstd, const float* x, const float* g, int n, int c,

@@ -4,7 +4,8 @@
 // rounded once, and the epilogues lt_gemm.cc uses: BIAS (a vector of D's type over D's rows,
 // added before the rounding), BGRADB (D's column sums of op(B) over k, fp32, written),
 // GELU_AUX(_BIAS) (D = gelu(x) and the aux matrix = x, x the product plus the bias, each rounded
-// once to D's type) and DGELU (D = product * gelu'(aux)), with the GELU's tanh form of
+// once to D's type) and DGELU (D = product * gelu'(aux), the product rounded to D's type
+// first, as an H200's cuBLASLt does with a bf16 D), with the GELU's tanh form of
 // engine/cuda's kernels (cuBLASLt does not document its form; the GPU parity tests compare it
 // against the CPU's). Only what lt_gemm.cc sets is modelled; the attribute sizes are checked as
 // cuBLASLt checks them.
@@ -287,7 +288,10 @@ inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t desc
         store(desc->aux, aux_at, v);
         v = eellm_emu::LtGeluOf(v);
       }
-      if (epi_dgelu) v *= eellm_emu::LtGeluGrad(load(desc->aux, aux_at));
+      if (epi_dgelu) {  // the product in D's type first (bf16: rounded, as on an H200)
+        if (bf16_d) v = __bfloat162float(__float2bfloat16(v));
+        v *= eellm_emu::LtGeluGrad(load(desc->aux, aux_at));
+      }
       store(d, static_cast<size_t>(col) * ld->ld + i, v);
     }
   if (epi_bgrad) {  // sum over k of op(B)'s column j, for each of D's n columns

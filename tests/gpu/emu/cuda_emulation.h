@@ -249,6 +249,11 @@ inline unsigned __float_as_uint(float f) {
   std::memcpy(&u, &f, sizeof(u));
   return u;
 }
+inline float __uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
 
 namespace eellm_emu {
 
