@@ -144,6 +144,11 @@ void* CudaBackend::Scratch(size_t bytes, int slot) {
   return s.ptr;
 }
 
+float* CudaBackend::RopeTable(int n, int head_dim) {
+  return static_cast<float*>(
+      Scratch(2 * sizeof(float) * n * static_cast<size_t>(head_dim / 2), 12));
+}
+
 double* CudaBackend::ColumnSumScratch(int n, int cols, int sums) {
   return static_cast<double*>(Scratch(cuda::ColumnSumScratchBytes(n, cols, sums), 10));
 }
@@ -534,12 +539,14 @@ void CudaBackend::DropoutBackward(float* dbranch, const float* dout, int n, int 
 void CudaBackend::RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim,
                               const RopeParams& rope) {
   EE_CHECK(head_dim % 2 == 0, "RoPE needs an even head_dim, got ", head_dim);
-  CUDA_CHECK(cuda::Rope(ToElems(x), pos, n, heads, head_dim, rope, 1.0, stream_));
+  CUDA_CHECK(
+      cuda::Rope(ToElems(x), pos, n, heads, head_dim, rope, 1.0, RopeTable(n, head_dim), stream_));
 }
 void CudaBackend::RopeBackward(Operand dx, const int32_t* pos, int n, int heads, int head_dim,
                                const RopeParams& rope) {
   EE_CHECK(head_dim % 2 == 0, "RoPE needs an even head_dim, got ", head_dim);
-  CUDA_CHECK(cuda::Rope(ToElems(dx), pos, n, heads, head_dim, rope, -1.0, stream_));
+  CUDA_CHECK(cuda::Rope(ToElems(dx), pos, n, heads, head_dim, rope, -1.0, RopeTable(n, head_dim),
+                        stream_));
 }
 
 // ---- attention ----------------------------------------------------------------------------------

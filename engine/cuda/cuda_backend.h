@@ -177,6 +177,8 @@ class CudaBackend final : public Backend {
   bool UseFlash(int d, std::initializer_list<const void*> tensors) const;
   // Device scratch of at least `bytes` in slot `slot` (grows on demand, outside steady state).
   void* Scratch(size_t bytes, int slot);
+  // RoPE's table of each token's cos and sin (2 n (head_dim / 2) floats, scratch slot 12).
+  float* RopeTable(int n, int head_dim);
   // Slot 10: the partial sums of a column sum (bias or norm gain gradients) over n rows of `cols`
   // columns, for `sums` sums; null where the rows are not split.
   double* ColumnSumScratch(int n, int cols, int sums);
@@ -194,8 +196,8 @@ class CudaBackend final : public Backend {
   // dout of LinearBackward, 5 fp32 attention output, or dq|dk|dv, before their conversion to
   // bf16 (unfused path), 7 a bias as bf16 or a bias gradient (GEMM epilogues), 8-9 a paged
   // cache's keys and values gathered in order (unfused path), 10 column sums' partials, 11 a
-  // paged attention pass's descriptors.
-  Slot scratch_[12];
+  // paged attention pass's descriptors, 12 RoPE's cos and sin table.
+  Slot scratch_[13];
   // What slot 11 holds: the last pass descriptors uploaded (bytes), and where.
   std::vector<unsigned char> pass_descriptors_;
   const void* pass_descriptors_at_ = nullptr;

@@ -10,6 +10,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <type_traits>
 
 #include "engine/cuda/cuda_kernels.h"
@@ -33,6 +34,57 @@ __device__ __forceinline__ void StoreAt(Elems e, size_t i, float v) {
   } else {
     static_cast<float*>(e.data)[i] = v;
   }
+}
+
+// Eight consecutive elements from i0 (a multiple of 8), `count` of them (<= 8) valid: with
+// `vec` (every tensor of the launch 16-byte aligned, Aligned16) and all 8 valid, one 16-byte
+// load or store for bf16, two for fp32; otherwise one access per element. Elementwise kernels
+// take 8 elements per thread so: 2-byte accesses one thread each reach a fraction of the
+// memory bandwidth.
+__device__ __forceinline__ void Load8(Elems e, size_t i0, int count, bool vec, float (&v)[8]) {
+  if (vec && count == 8) {
+    if (e.bf16) {
+      const uint4 raw =
+          *reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(e.data) + i0);
+      const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+      for (int k = 0; k < 4; ++k) {
+        v[2 * k] = __uint_as_float(w[k] << 16);
+        v[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+      }
+    } else {
+      const float4* p = reinterpret_cast<const float4*>(static_cast<const float*>(e.data) + i0);
+      const float4 a = p[0], b = p[1];
+      v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z,
+      v[7] = b.w;
+    }
+    return;
+  }
+  for (int k = 0; k < 8; ++k) v[k] = k < count ? LoadAt(e, i0 + k) : 0.0f;
+}
+__device__ __forceinline__ void Store8(Elems e, size_t i0, int count, bool vec,
+                                       const float (&v)[8]) {
+  if (vec && count == 8) {
+    if (e.bf16) {
+      uint32_t w[4];
+      for (int k = 0; k < 4; ++k) {
+        w[k] = static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16(v[2 * k]))) |
+               static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16(v[2 * k + 1]))) << 16;
+      }
+      *reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(e.data) + i0) =
+          make_uint4(w[0], w[1], w[2], w[3]);
+    } else {
+      float4* p = reinterpret_cast<float4*>(static_cast<float*>(e.data) + i0);
+      p[0] = make_float4(v[0], v[1], v[2], v[3]);
+      p[1] = make_float4(v[4], v[5], v[6], v[7]);
+    }
+    return;
+  }
+  for (int k = 0; k < count; ++k) StoreAt(e, i0 + k, v[k]);
+}
+// Whether every pointer is 16-byte aligned (Load8 / Store8's `vec`); null ones count as aligned.
+template <typename... Ptrs>
+bool Aligned16(const Ptrs*... p) {
+  return ((reinterpret_cast<uintptr_t>(p) % 16 == 0) && ...);
 }
 
 // fn(e.data as a float* or an __nv_bfloat16*); ElementOf<decltype(ptr)> names the element type

@@ -26,6 +26,16 @@ unsigned Blocks(size_t n) {
   for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < (n); \
        i += size_t{gridDim.x} * blockDim.x)
 
+// Groups of 8 elements (element_io.cuh's Load8 / Store8): i0 = 8 * the thread's group index;
+// GroupCount(n, i0) of them exist (the last group may be short).
+#define GRID_STRIDE_GROUPS(i0, n)                                                 \
+  for (size_t i0 = 8 * (blockIdx.x * size_t{blockDim.x} + threadIdx.x); i0 < (n); \
+       i0 += 8 * size_t{gridDim.x} * blockDim.x)
+__device__ __forceinline__ int GroupCount(size_t n, size_t i0) {
+  return n - i0 < 8 ? static_cast<int>(n - i0) : 8;
+}
+unsigned GroupBlocks(size_t n) { return Blocks((n + 7) / 8); }
+
 __global__ void FillKernel(float* x, size_t n, float v) { GRID_STRIDE(i, n) x[i] = v; }
 // x[i] uniform in [-scale, scale) from a hash of (seed, i) (benchmark data: not all equal).
 __global__ void FillUniformKernel(float* x, size_t n, uint32_t seed, float scale) {
@@ -55,8 +65,12 @@ __global__ void AxpyKernel(float* y, float alpha, const float* x, size_t n) {
   GRID_STRIDE(i, n) y[i] += alpha * x[i];
 }
 __global__ void ScaleKernel(float* x, float alpha, size_t n) { GRID_STRIDE(i, n) x[i] *= alpha; }
-__global__ void ToFloatKernel(float* out, Elems in, size_t n) {
-  GRID_STRIDE(i, n) out[i] = LoadAt(in, i);
+__global__ void ToFloatKernel(Elems out, Elems in, size_t n, bool vec) {
+  GRID_STRIDE_GROUPS(i0, n) {
+    float v[8];
+    Load8(in, i0, GroupCount(n, i0), vec, v);
+    Store8(out, i0, GroupCount(n, i0), vec, v);
+  }
 }
 
 // One CUDA block per kReduceBlock elements: partial[blockIdx.x] = sum of squares (double).
@@ -204,8 +218,13 @@ __device__ __forceinline__ float Gelu(float x) {
   return 0.5f * x * (1.0f + tanhf(u));
 }
 
-__global__ void GeluForwardKernel(Elems out, Elems x, size_t n) {
-  GRID_STRIDE(i, n) StoreAt(out, i, Gelu(LoadAt(x, i)));
+__global__ void GeluForwardKernel(Elems out, Elems x, size_t n, bool vec) {
+  GRID_STRIDE_GROUPS(i0, n) {
+    float v[8];
+    Load8(x, i0, GroupCount(n, i0), vec, v);
+    for (float& e : v) e = Gelu(e);
+    Store8(out, i0, GroupCount(n, i0), vec, v);
+  }
 }
 // pre = acc + bias (the bias in pre's dtype, as AddBias; bias may be null) and act = gelu of
 // it before pre's rounding: what cuBLASLt's GELU_AUX_BIAS epilogue writes.
@@ -221,14 +240,21 @@ __global__ void BiasGeluForwardKernel(Elems act, Elems pre, const float* acc, co
     StoreAt(act, i, Gelu(xi));
   }
 }
-__global__ void GeluBackwardKernel(Elems dx, Elems dout, Elems x, size_t n) {
-  GRID_STRIDE(i, n) {
-    const float xi = LoadAt(x, i);
-    const float u = kGeluScale * (xi + kGeluCubic * xi * xi * xi);
-    const float th = tanhf(u);
-    const float du = kGeluScale * (1.0f + 3.0f * kGeluCubic * xi * xi);
-    const float grad = 0.5f * (1.0f + th) + 0.5f * xi * (1.0f - th * th) * du;
-    StoreAt(dx, i, grad * LoadAt(dout, i));  // dx may alias dout: same index
+__global__ void GeluBackwardKernel(Elems dx, Elems dout, Elems x, size_t n, bool vec) {
+  GRID_STRIDE_GROUPS(i0, n) {
+    const int count = GroupCount(n, i0);
+    float xv[8], d[8];
+    Load8(x, i0, count, vec, xv);
+    Load8(dout, i0, count, vec, d);
+    for (int k = 0; k < 8; ++k) {
+      const float xi = xv[k];
+      const float u = kGeluScale * (xi + kGeluCubic * xi * xi * xi);
+      const float th = tanhf(u);
+      const float du = kGeluScale * (1.0f + 3.0f * kGeluCubic * xi * xi);
+      const float grad = 0.5f * (1.0f + th) + 0.5f * xi * (1.0f - th * th) * du;
+      d[k] *= grad;
+    }
+    Store8(dx, i0, count, vec, d);  // dx may alias dout: the same elements, read first
   }
 }
 __device__ float Sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
@@ -240,38 +266,77 @@ __global__ void DropoutAddKernel(float* out, const float* x, const float* branch
     out[i] = (x != nullptr ? x[i] : 0.0f) + kept;
   }
 }
-__global__ void SwiGluForwardKernel(Elems out, Elems gate, Elems up, size_t n) {
-  GRID_STRIDE(i, n) {
-    const float gi = LoadAt(gate, i);
-    StoreAt(out, i, gi * Sigmoid(gi) * LoadAt(up, i));
+__global__ void SwiGluForwardKernel(Elems out, Elems gate, Elems up, size_t n, bool vec) {
+  GRID_STRIDE_GROUPS(i0, n) {
+    const int count = GroupCount(n, i0);
+    float g[8], u[8];
+    Load8(gate, i0, count, vec, g);
+    Load8(up, i0, count, vec, u);
+    for (int k = 0; k < 8; ++k) u[k] *= g[k] * Sigmoid(g[k]);
+    Store8(out, i0, count, vec, u);
   }
 }
+// dgate and dup may alias gate and up (or dout): every input of a group is read before its
+// outputs are written.
 __global__ void SwiGluBackwardKernel(Elems dgate, Elems dup, Elems dout, Elems gate, Elems up,
-                                     size_t n) {
-  GRID_STRIDE(i, n) {
-    const float gi = LoadAt(gate, i), ui = LoadAt(up, i), dy = LoadAt(dout, i);
-    const float s = Sigmoid(gi);
-    const float dsilu = s * (1.0f + gi * (1.0f - s));
-    StoreAt(dgate, i, dy * ui * dsilu);
-    StoreAt(dup, i, dy * gi * s);
+                                     size_t n, bool vec) {
+  GRID_STRIDE_GROUPS(i0, n) {
+    const int count = GroupCount(n, i0);
+    float g[8], u[8], dy[8];
+    Load8(gate, i0, count, vec, g);
+    Load8(up, i0, count, vec, u);
+    Load8(dout, i0, count, vec, dy);
+    for (int k = 0; k < 8; ++k) {
+      const float s = Sigmoid(g[k]);
+      const float dsilu = s * (1.0f + g[k] * (1.0f - s));
+      const float dg = dy[k] * u[k] * dsilu;
+      u[k] = dy[k] * g[k] * s;  // dup
+      g[k] = dg;
+    }
+    Store8(dgate, i0, count, vec, g);
+    Store8(dup, i0, count, vec, u);
   }
 }
 
-// One thread per (token, pair index i < head_dim / 2), all heads.
-__global__ void RopeKernel(Elems x, const int32_t* pos, int n, int heads, int head_dim,
-                           RopeParams rope, double sign) {
+// RoPE in two passes: the rotation's cos and sin per (token, pair index i < head_dim / 2),
+// computed once in double as the CPU backend does (table[2 (t half + i)] = cos, + 1 = sin), then
+// applied to every head with 8 pairs per thread (Load8 / Store8: x[i0 ..] and x[half + i0 ..]).
+__global__ void RopeTableKernel(float* table, const int32_t* pos, int n, int head_dim,
+                                RopeParams rope, double sign) {
   const int half = head_dim / 2;
   GRID_STRIDE(k, static_cast<size_t>(n) * half) {
     const int t = static_cast<int>(k / half), i = static_cast<int>(k % half);
     const double angle = sign * static_cast<double>(pos[t]) * RopeInvFreq(rope, i, head_dim);
-    const float c = static_cast<float>(cos(angle));
-    const float s = static_cast<float>(sin(angle));
-    for (int h = 0; h < heads; ++h) {
-      const size_t at = (static_cast<size_t>(t) * heads + h) * head_dim + i;
-      const float a = LoadAt(x, at), b = LoadAt(x, at + half);
-      StoreAt(x, at, a * c - b * s);
-      StoreAt(x, at + half, b * c + a * s);
+    table[2 * k] = static_cast<float>(cos(angle));
+    table[2 * k + 1] = static_cast<float>(sin(angle));
+  }
+}
+__global__ void RopeApplyKernel(Elems x, const float* table, int n, int heads, int head_dim,
+                                bool vec) {
+  const int half = head_dim / 2, groups = (half + 7) / 8;  // groups of 8 pairs per (t, head)
+  GRID_STRIDE(k, static_cast<size_t>(n) * heads * groups) {
+    const size_t row = k / groups;  // t * heads + h
+    const int i0 = static_cast<int>(k % groups) * 8, count = min(8, half - i0);
+    const size_t t = row / heads, at = row * head_dim + i0;
+    float a[8], b[8], cs[16];
+    Load8(x, at, count, vec, a);
+    Load8(x, at + half, count, vec, b);
+    const float* tab = table + 2 * (t * half + i0);
+    if (vec && count == 8) {
+      for (int q = 0; q < 4; ++q) {
+        const float4 c4 = reinterpret_cast<const float4*>(tab)[q];
+        cs[4 * q] = c4.x, cs[4 * q + 1] = c4.y, cs[4 * q + 2] = c4.z, cs[4 * q + 3] = c4.w;
+      }
+    } else {
+      for (int e = 0; e < 2 * count; ++e) cs[e] = tab[e];
     }
+    for (int e = 0; e < count; ++e) {
+      const float c = cs[2 * e], sn = cs[2 * e + 1], ae = a[e], be = b[e];
+      a[e] = ae * c - be * sn;
+      b[e] = be * c + ae * sn;
+    }
+    Store8(x, at, count, vec, a);
+    Store8(x, at + half, count, vec, b);
   }
 }
 
@@ -313,7 +378,10 @@ cudaError_t Axpy(float* y, float alpha, const float* x, size_t n, cudaStream_t s
   return cudaGetLastError();
 }
 cudaError_t ToFloat(float* out, Elems in, size_t n, cudaStream_t s) {
-  if (n) LaunchKernel(ToFloatKernel, dim3(Blocks(n)), dim3(kThreads), 0, s, out, in, n);
+  if (n) {
+    LaunchKernel(ToFloatKernel, dim3(GroupBlocks(n)), dim3(kThreads), 0, s, Elems{out, false}, in,
+                 n, Aligned16(out, in.data));
+  }
   return cudaGetLastError();
 }
 cudaError_t Scale(float* x, float alpha, size_t n, cudaStream_t s) {
@@ -394,7 +462,10 @@ cudaError_t ColumnSumAdd(float* dst, Elems x, int n, int cols, double* scratch, 
   return cudaGetLastError();
 }
 cudaError_t GeluForward(Elems out, Elems x, size_t n, cudaStream_t s) {
-  if (n) LaunchKernel(GeluForwardKernel, dim3(Blocks(n)), dim3(kThreads), 0, s, out, x, n);
+  if (n) {
+    LaunchKernel(GeluForwardKernel, dim3(GroupBlocks(n)), dim3(kThreads), 0, s, out, x, n,
+                 Aligned16(out.data, x.data));
+  }
   return cudaGetLastError();
 }
 cudaError_t BiasGeluForward(Elems act, Elems pre, const float* acc, const float* bias, int n,
@@ -406,7 +477,10 @@ cudaError_t BiasGeluForward(Elems act, Elems pre, const float* acc, const float*
   return cudaGetLastError();
 }
 cudaError_t GeluBackward(Elems dx, Elems dout, Elems x, size_t n, cudaStream_t s) {
-  if (n) LaunchKernel(GeluBackwardKernel, dim3(Blocks(n)), dim3(kThreads), 0, s, dx, dout, x, n);
+  if (n) {
+    LaunchKernel(GeluBackwardKernel, dim3(GroupBlocks(n)), dim3(kThreads), 0, s, dx, dout, x, n,
+                 Aligned16(dx.data, dout.data, x.data));
+  }
   return cudaGetLastError();
 }
 cudaError_t DropoutAdd(float* out, const float* x, const float* branch, int n, int c, float p,
@@ -420,22 +494,30 @@ cudaError_t DropoutAdd(float* out, const float* x, const float* branch, int n, i
   return cudaGetLastError();
 }
 cudaError_t SwiGluForward(Elems out, Elems gate, Elems up, size_t n, cudaStream_t s) {
-  if (n) LaunchKernel(SwiGluForwardKernel, dim3(Blocks(n)), dim3(kThreads), 0, s, out, gate, up, n);
+  if (n) {
+    LaunchKernel(SwiGluForwardKernel, dim3(GroupBlocks(n)), dim3(kThreads), 0, s, out, gate, up, n,
+                 Aligned16(out.data, gate.data, up.data));
+  }
   return cudaGetLastError();
 }
 cudaError_t SwiGluBackward(Elems dgate, Elems dup, Elems dout, Elems gate, Elems up, size_t n,
                            cudaStream_t s) {
-  if (n)
-    LaunchKernel(SwiGluBackwardKernel, dim3(Blocks(n)), dim3(kThreads), 0, s, dgate, dup, dout,
-                 gate, up, n);
+  if (n) {
+    LaunchKernel(SwiGluBackwardKernel, dim3(GroupBlocks(n)), dim3(kThreads), 0, s, dgate, dup, dout,
+                 gate, up, n, Aligned16(dgate.data, dup.data, dout.data, gate.data, up.data));
+  }
   return cudaGetLastError();
 }
 cudaError_t Rope(Elems x, const int32_t* pos, int n, int heads, int head_dim,
-                 const RopeParams& rope, double sign, cudaStream_t s) {
-  const size_t total = static_cast<size_t>(n) * (head_dim / 2);
-  if (total)
-    LaunchKernel(RopeKernel, dim3(Blocks(total)), dim3(kThreads), 0, s, x, pos, n, heads, head_dim,
-                 rope, sign);
+                 const RopeParams& rope, double sign, float* table, cudaStream_t s) {
+  const int half = head_dim / 2;
+  const size_t pairs = static_cast<size_t>(n) * half;
+  if (pairs == 0 || heads <= 0) return cudaGetLastError();
+  LaunchKernel(RopeTableKernel, dim3(Blocks(pairs)), dim3(kThreads), 0, s, table, pos, n, head_dim,
+               rope, sign);
+  const size_t groups = static_cast<size_t>(n) * heads * ((half + 7) / 8);
+  LaunchKernel(RopeApplyKernel, dim3(Blocks(groups)), dim3(kThreads), 0, s, x, table, n, heads,
+               head_dim, Aligned16(x.data, table) && half % 8 == 0);
   return cudaGetLastError();
 }
 cudaError_t AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1,
