@@ -1,37 +1,40 @@
 // Block-wide reductions for the CUDA kernels: every thread passes its value and gets the
-// block's result. `scratch` holds blockDim.x values in shared memory; blockDim.x must be a power
-// of two. The tree order is fixed, so results are deterministic. Also warp and block votes, and
-// the column sums over rows (gradients of gains and biases): blocks of kColTile columns x G row
+// block's result. `scratch` holds kBlockReduceScratch values in shared memory; blockDim.x must be
+// a multiple of 32. The order is fixed, so results are deterministic. Also warp and block votes,
+// and the column sums over rows (gradients of gains and biases): blocks of kColTile columns x G row
 // groups.
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 
 namespace eellm::cuda {
 
+// Shared memory that BlockSum and BlockMax need: one value per warp of the block.
+constexpr int kBlockReduceScratch = 32;
+
+// The sum over the block (blockDim.x a multiple of 32, at most 1024): each warp adds its lanes
+// in a fixed butterfly (every lane gets the same bits: a + b = b + a), then every thread adds
+// the warps' sums in warp order. Two barriers; the second frees scratch for the next call, and
+// both order the block's reads before the writes that follow.
 inline __device__ double BlockSum(double v, double* scratch) {
-  scratch[threadIdx.x] = v;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
   __syncthreads();
-  for (int w = blockDim.x / 2; w > 0; w >>= 1) {
-    if (threadIdx.x < w) scratch[threadIdx.x] += scratch[threadIdx.x + w];
-    __syncthreads();
-  }
-  const double total = scratch[0];
-  __syncthreads();  // scratch is reused by the next call
+  double total = 0.0;
+  for (unsigned w = 0; w < blockDim.x / 32; ++w) total += scratch[w];
+  __syncthreads();
   return total;
 }
 
 inline __device__ float BlockMax(float v, float* scratch) {
-  scratch[threadIdx.x] = v;
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
   __syncthreads();
-  for (int w = blockDim.x / 2; w > 0; w >>= 1) {
-    if (threadIdx.x < w)
-      scratch[threadIdx.x] = fmaxf(scratch[threadIdx.x], scratch[threadIdx.x + w]);
-    __syncthreads();
-  }
-  const float m = scratch[0];
+  float m = -INFINITY;
+  for (unsigned w = 0; w < blockDim.x / 32; ++w) m = fmaxf(m, scratch[w]);
   __syncthreads();
   return m;
 }

@@ -20,7 +20,7 @@ constexpr int kThreads = 256;
 template <typename OutT>
 __global__ void LayerNormForwardKernel(OutT* out, float* mean, float* rstd, const float* x,
                                        const float* g, const float* b, int c, float eps) {
-  __shared__ double scratch[kThreads];
+  __shared__ double scratch[kBlockReduceScratch];
   const size_t r = blockIdx.x;
   const float* xr = x + r * c;
   OutT* yr = out + r * c;
@@ -48,7 +48,7 @@ __global__ void LayerNormForwardKernel(OutT* out, float* mean, float* rstd, cons
 __global__ void LayerNormBackwardRowsKernel(float* dx, const float* dres, const float* dout,
                                             const float* x, const float* g, const float* mean,
                                             const float* rstd, int c) {
-  __shared__ double scratch[kThreads];
+  __shared__ double scratch[kBlockReduceScratch];
   const size_t r = blockIdx.x;
   const float* xr = x + r * c;
   const float* dyr = dout + r * c;
@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(kColMaxThreads, 2)
 template <typename OutT>
 __global__ void RmsNormForwardKernel(OutT* out, float* rstd, const float* x, const float* g, int c,
                                      float eps) {
-  __shared__ double scratch[kThreads];
+  __shared__ double scratch[kBlockReduceScratch];
   const size_t r = blockIdx.x;
   const float* xr = x + r * c;
   OutT* yr = out + r * c;
@@ -117,7 +117,7 @@ __global__ void RmsNormForwardKernel(OutT* out, float* rstd, const float* x, con
 __global__ void RmsNormBackwardRowsKernel(float* dx, const float* dres, const float* dout,
                                           const float* x, const float* g, const float* rstd,
                                           int c) {
-  __shared__ double scratch[kThreads];
+  __shared__ double scratch[kBlockReduceScratch];
   const size_t r = blockIdx.x;
   const float* xr = x + r * c;
   const float* dyr = dout + r * c;

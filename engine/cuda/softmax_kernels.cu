@@ -15,8 +15,8 @@ namespace {
 constexpr int kThreads = 256;
 
 __global__ void CausalSoftmaxKernel(float* s, float* lse, int tk, int q_offset) {
-  __shared__ double dscratch[kThreads];
-  __shared__ float fscratch[kThreads];
+  __shared__ double dscratch[kBlockReduceScratch];
+  __shared__ float fscratch[kBlockReduceScratch];
   const int i = blockIdx.x;
   float* row = s + static_cast<size_t>(i) * tk;
   const int n_keys = q_offset + i + 1;
@@ -43,7 +43,7 @@ __global__ void ProbsFromLseKernel(float* s, const float* lse, int t) {
 }
 
 __global__ void SoftmaxBackwardKernel(float* ds, const float* p, int t) {
-  __shared__ double scratch[kThreads];
+  __shared__ double scratch[kBlockReduceScratch];
   const int i = blockIdx.x;
   float* row = ds + static_cast<size_t>(i) * t;
   const float* prow = p + static_cast<size_t>(i) * t;
@@ -63,12 +63,16 @@ constexpr int kStagedVocabMax = 54 * 1024;
 // kStaged: the row is first copied to dynamic shared memory (cp.async, 16 bytes per copy; v % 4
 // == 0, 16-byte aligned rows), and the passes read it there. Same threads, same order: the
 // results are the same bits either way.
+// 1024 threads a row: a staged row of 32k logits (128 KiB) leaves room for one block on an SM,
+// whose threads are then all the SM has to keep its loads and exps in flight.
+constexpr int kCrossEntropyThreads = 1024;
+
 template <bool kStaged>
-__global__ void CrossEntropyKernel(float* losses, float* max_prob, Elems dlogits,
-                                   const float* logits, const int32_t* targets,
-                                   const float* weights, int v) {
-  __shared__ double dscratch[kThreads];
-  __shared__ float fscratch[kThreads];
+__global__ void __launch_bounds__(kCrossEntropyThreads)
+    CrossEntropyKernel(float* losses, float* max_prob, Elems dlogits, const float* logits,
+                       const int32_t* targets, const float* weights, int v) {
+  __shared__ double dscratch[kBlockReduceScratch];
+  __shared__ float fscratch[kBlockReduceScratch];
   const size_t r = blockIdx.x;
   const float* lr = logits + r * v;
   if constexpr (kStaged) {
@@ -104,7 +108,7 @@ __global__ void CrossEntropyKernel(float* losses, float* max_prob, Elems dlogits
 }
 
 __global__ void RowMaxKernel(float* row_max, const float* logits, int v) {
-  __shared__ float scratch[kThreads];
+  __shared__ float scratch[kBlockReduceScratch];
   const float* lr = logits + static_cast<size_t>(blockIdx.x) * v;
   float mx = -INFINITY;
   for (int j = threadIdx.x; j < v; j += blockDim.x) mx = fmaxf(mx, lr[j]);
@@ -115,7 +119,7 @@ __global__ void RowMaxKernel(float* row_max, const float* logits, int v) {
 __global__ void SumExpAndTargetKernel(float* sum_exp, float* target_logit, const float* logits,
                                       const float* row_max, const int32_t* targets, int v,
                                       int start) {
-  __shared__ double scratch[kThreads];
+  __shared__ double scratch[kBlockReduceScratch];
   const size_t r = blockIdx.x;
   const float* lr = logits + r * v;
   double sum = 0.0;
@@ -169,11 +173,11 @@ cudaError_t CrossEntropy(float* losses, float* max_prob, Elems dlogits, const fl
       const cudaError_t e = cudaFuncSetAttribute(
           CrossEntropyKernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
       if (e != cudaSuccess) return e;
-      LaunchKernel(CrossEntropyKernel<true>, dim3(n), dim3(kThreads), bytes, s, losses, max_prob,
-                   dlogits, logits, targets, weights, v);
+      LaunchKernel(CrossEntropyKernel<true>, dim3(n), dim3(kCrossEntropyThreads), bytes, s, losses,
+                   max_prob, dlogits, logits, targets, weights, v);
     } else {
-      LaunchKernel(CrossEntropyKernel<false>, dim3(n), dim3(kThreads), 0, s, losses, max_prob,
-                   dlogits, logits, targets, weights, v);
+      LaunchKernel(CrossEntropyKernel<false>, dim3(n), dim3(kCrossEntropyThreads), 0, s, losses,
+                   max_prob, dlogits, logits, targets, weights, v);
     }
   }
   return cudaGetLastError();
