@@ -99,24 +99,56 @@ __global__ void __launch_bounds__(kColMaxThreads, 2)
   }
 }
 
+// Four consecutive floats at p (16-byte aligned), and stores of four values as OutT.
+__device__ __forceinline__ float4 Load4(const float* p) {
+  return *reinterpret_cast<const float4*>(p);
+}
+__device__ __forceinline__ void Store4(float* p, float a, float b, float c, float d) {
+  *reinterpret_cast<float4*>(p) = make_float4(a, b, c, d);
+}
+__device__ __forceinline__ void Store4(__nv_bfloat16* p, float a, float b, float c, float d) {
+  auto bits = [](float v) {
+    return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16(v)));
+  };
+  *reinterpret_cast<uint2*>(p) = make_uint2(bits(a) | bits(b) << 16, bits(c) | bits(d) << 16);
+}
+
+// RMSNorm rows. With `vec` (c % 4 == 0, every row pointer 16-byte aligned) each thread takes 4
+// consecutive columns at a time (16-byte loads); the sums then add the same terms in another
+// order (double: the same float results but in rare ties).
 template <typename OutT>
 __global__ void RmsNormForwardKernel(OutT* out, float* rstd, const float* x, const float* g, int c,
-                                     float eps) {
+                                     float eps, bool vec) {
   __shared__ double scratch[kBlockReduceScratch];
   const size_t r = blockIdx.x;
   const float* xr = x + r * c;
   OutT* yr = out + r * c;
   double ss = 0.0;
-  for (int j = threadIdx.x; j < c; j += blockDim.x) ss += static_cast<double>(xr[j]) * xr[j];
+  if (vec) {
+    for (int j = 4 * threadIdx.x; j < c; j += 4 * blockDim.x) {
+      const float4 v = Load4(xr + j);
+      ss += static_cast<double>(v.x) * v.x + static_cast<double>(v.y) * v.y +
+            static_cast<double>(v.z) * v.z + static_cast<double>(v.w) * v.w;
+    }
+  } else {
+    for (int j = threadIdx.x; j < c; j += blockDim.x) ss += static_cast<double>(xr[j]) * xr[j];
+  }
   const float rs =
       static_cast<float>(1.0 / sqrt(BlockSum(ss, scratch) / c + static_cast<double>(eps)));
-  for (int j = threadIdx.x; j < c; j += blockDim.x) StoreFloat(yr + j, (xr[j] * rs) * g[j]);
+  if (vec) {
+    for (int j = 4 * threadIdx.x; j < c; j += 4 * blockDim.x) {
+      const float4 v = Load4(xr + j), w = Load4(g + j);
+      Store4(yr + j, (v.x * rs) * w.x, (v.y * rs) * w.y, (v.z * rs) * w.z, (v.w * rs) * w.w);
+    }
+  } else {
+    for (int j = threadIdx.x; j < c; j += blockDim.x) StoreFloat(yr + j, (xr[j] * rs) * g[j]);
+  }
   if (threadIdx.x == 0) rstd[r] = rs;
 }
 
 __global__ void RmsNormBackwardRowsKernel(float* dx, const float* dres, const float* dout,
-                                          const float* x, const float* g, const float* rstd,
-                                          int c) {
+                                          const float* x, const float* g, const float* rstd, int c,
+                                          bool vec) {
   __shared__ double scratch[kBlockReduceScratch];
   const size_t r = blockIdx.x;
   const float* xr = x + r * c;
@@ -125,10 +157,31 @@ __global__ void RmsNormBackwardRowsKernel(float* dx, const float* dres, const fl
   const float* dresr = dres != nullptr ? dres + r * c : nullptr;
   const float rs = rstd[r];
   double sum_dn_n = 0.0;
-  for (int j = threadIdx.x; j < c; j += blockDim.x) {
-    sum_dn_n += static_cast<double>(dyr[j] * g[j]) * (xr[j] * rs);
+  if (vec) {
+    for (int j = 4 * threadIdx.x; j < c; j += 4 * blockDim.x) {
+      const float4 dy = Load4(dyr + j), w = Load4(g + j), v = Load4(xr + j);
+      sum_dn_n += static_cast<double>(dy.x * w.x) * (v.x * rs) +
+                  static_cast<double>(dy.y * w.y) * (v.y * rs) +
+                  static_cast<double>(dy.z * w.z) * (v.z * rs) +
+                  static_cast<double>(dy.w * w.w) * (v.w * rs);
+    }
+  } else {
+    for (int j = threadIdx.x; j < c; j += blockDim.x) {
+      sum_dn_n += static_cast<double>(dyr[j] * g[j]) * (xr[j] * rs);
+    }
   }
   const float mean_dn_n = static_cast<float>(BlockSum(sum_dn_n, scratch) / c);
+  if (vec) {
+    for (int j = 4 * threadIdx.x; j < c; j += 4 * blockDim.x) {
+      const float4 dy = Load4(dyr + j), w = Load4(g + j), v = Load4(xr + j);
+      const float4 res = dresr != nullptr ? Load4(dresr + j) : make_float4(0.f, 0.f, 0.f, 0.f);
+      Store4(dxr + j, res.x + rs * (dy.x * w.x - (v.x * rs) * mean_dn_n),
+             res.y + rs * (dy.y * w.y - (v.y * rs) * mean_dn_n),
+             res.z + rs * (dy.z * w.z - (v.z * rs) * mean_dn_n),
+             res.w + rs * (dy.w * w.w - (v.w * rs) * mean_dn_n));
+    }
+    return;
+  }
   for (int j = threadIdx.x; j < c; j += blockDim.x) {
     const float nrm = xr[j] * rs;
     dxr[j] = (dresr != nullptr ? dresr[j] : 0.0f) + rs * (dyr[j] * g[j] - nrm * mean_dn_n);
@@ -172,8 +225,9 @@ cudaError_t RmsNormForward(Elems out, float* rstd, const float* x, const float* 
                            float eps, cudaStream_t s) {
   if (n <= 0 || c <= 0) return cudaGetLastError();
   return WithElementType(out, [&](auto* o) {
+    const bool vec = c % 4 == 0 && Aligned16(o, x, g);
     return LaunchKernel(RmsNormForwardKernel<ElementOf<decltype(o)>>, dim3(n), dim3(kThreads), 0, s,
-                        o, rstd, x, g, c, eps);
+                        o, rstd, x, g, c, eps, vec);
   });
 }
 
@@ -181,8 +235,9 @@ cudaError_t RmsNormBackward(float* dx, const float* dres, float* dg, const float
                             const float* x, const float* g, const float* rstd, int n, int c,
                             double* scratch, cudaStream_t s) {
   if (n <= 0 || c <= 0) return cudaGetLastError();
+  const bool vec = c % 4 == 0 && Aligned16(dx, dres, dout, x, g);
   LaunchKernel(RmsNormBackwardRowsKernel, dim3(n), dim3(kThreads), 0, s, dx, dres, dout, x, g, rstd,
-               c);
+               c, vec);
   LaunchNormParamGrad(dg, nullptr, scratch, dout, x, nullptr, rstd, n, c, s);
   return cudaGetLastError();
 }
