@@ -23,13 +23,14 @@
 #            (gpu.WarpMma.*), the backend parity suite against the CPU on cuda, cuda-bf16 and
 #            cuda-bf16w (bf16 GEMM tolerances; fused flash attention; bf16 operands), and NCCL at
 #            world size 1
+#   profile  Nsight Compute (ncu, clocks left alone) on the first launch of each fused attention
+#            kernel of the 1.3B (forward, dK/dV, dQ): speed of light, occupancy, warp stalls,
+#            pipes and memory (the first GPU runs measured them at 92-122 TFLOP/s, a third of
+#            PyTorch's SDPA on the same GPU: the largest gap of the step); before bench, whose
+#            PyTorch compiles take minutes (the second run's budget ended before this step)
 #   bench    eellm bench train on Llama 1.3B and GPT-2 124M (with exits) beside PyTorch in mixed
 #            precision (cuda-bf16w), and PyTorch's SDPA alone at the 1.3B's attention shape
 #            (tools/bench_attention_torch.py)
-#   profile  Nsight Compute (ncu, clocks left alone) on the first launch of each fused attention
-#            kernel of the 1.3B (forward, dK/dV, dQ): speed of light, occupancy, warp stalls,
-#            pipes and memory (the first GPU run measured them at 92-120 TFLOP/s, a tenth of the
-#            GEMM ceiling: the largest gap of the step)
 #   sanitize compute-sanitizer memcheck, racecheck and synccheck on the attention parity tests of
 #            cuda-bf16w (the fused kernels with fp32 and with bf16 inputs, over several key tiles:
 #            out-of-bounds accesses and shared-memory races, e.g. a cp.async into a buffer that
@@ -53,7 +54,7 @@ for a in "$@"; do
     *) echo "gpu_check.sh: unknown step or flag '$a' (see --help)" >&2; exit 2 ;;
   esac
 done
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(build gpu bench profile hf demo sanitize compare)
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(build gpu profile bench hf demo sanitize compare)
 want() { [[ " ${STEPS[*]} " == *" $1 "* ]]; }
 
 OUT=${OUT:-/tmp/eellm_gpu_out}
@@ -125,6 +126,19 @@ if want gpu && [ -f "$LOGS/gpu.log" ]; then
   grep -E "tests passed|tests failed out of|\(Failed\)|\(Timeout\)|Not Run|No tests were found" \
     "$LOGS/gpu.log" | head -40 | sed 's/^/    gpu: /' | tee -a "$SUMMARY"
 fi
+NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+if want profile && [ ! -x "$NCU" ]; then
+  skip profile "no ncu"
+elif want profile; then
+  # One sequence of 2048 tokens, one step: each kernel's first launch is layer 0's.
+  run profile 40 150 bash -c 'for k in FlashForwardKernel FlashBackwardKvKernel FlashBackwardQKernel; do
+      "$1" --clock-control none --kernel-name "regex:$k" --launch-count 1 \
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section SchedulerStats \
+        "$2/eellm" bench train --model=configs/bench/llama_1p3b.json --backend=cuda-bf16w \
+        --batch=1 --seq=2048 --steps=1 --warmup=0 --compare-without-exits=false || exit; done' \
+    _ "$NCU" "$B"
+fi
 if want bench; then
   # cuda-bf16w (bf16 operands, fp32 master weights) is the mixed-precision path: the headline
   # runs beside PyTorch (compare: cuda-bf16, fp32 activations and FAST_16BF GEMMs, shows what
@@ -143,19 +157,6 @@ if want bench; then
   run bench_gpt2 60 300 "$B/eellm" bench train --model=configs/bench/gpt2_124m.json \
     --backend=cuda-bf16w --batch=8 --seq=1024 --steps=5 --warmup=2 \
     --torch-reference=tools/bench_torch.py
-fi
-NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
-if want profile && [ ! -x "$NCU" ]; then
-  skip profile "no ncu"
-elif want profile; then
-  # One sequence of 2048 tokens, one step: each kernel's first launch is layer 0's.
-  run profile 40 150 bash -c 'for k in FlashForwardKernel FlashBackwardKvKernel FlashBackwardQKernel; do
-      "$1" --clock-control none --kernel-name "regex:$k" --launch-count 1 \
-        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-        --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section SchedulerStats \
-        "$2/eellm" bench train --model=configs/bench/llama_1p3b.json --backend=cuda-bf16w \
-        --batch=1 --seq=2048 --steps=1 --warmup=0 --compare-without-exits=false || exit; done' \
-    _ "$NCU" "$B"
 fi
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 if want sanitize && [ ! -x "$SAN" ]; then

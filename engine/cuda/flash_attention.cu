@@ -6,9 +6,10 @@
 // each lane knows its rows and columns, and the probabilities become the next product's A
 // operand without leaving registers. Head dimensions 32, 64 and 128.
 //
-// Forward: one block per (128 queries, head, sequence); 8 warps of 16 query rows each, Q in
-// registers for the whole key loop; keys in tiles of 64. A warp's output rows stay in
-// accumulators across the key tiles; the online softmax raises a row's reference maximum only
+// Forward: one block per (128 queries, head, sequence); 4 warps of 32 query rows each (two
+// groups of 16 sharing every K and V fragment), Q in shared memory; keys in tiles of 32 (the
+// registers: 64-key tiles spilled 168 bytes a thread at head dimension 128, 32-key tiles 16). A
+// warp's output rows stay in accumulators across the key tiles; the online softmax raises a row's reference maximum only
 // when a tile passes it by more than kRescaleSlack, and only then rescales that row of O.
 // Backward (deterministic, no atomics): one kernel for dK and dV per (128 keys, KV head,
 // sequence; 8 warps of 16 keys) that loops over the heads of its group and the query tiles in a
@@ -39,8 +40,13 @@ namespace {
 constexpr int kTile = 64;  // keys per tile (and queries per tile in the backward)
 constexpr int kWarps = 4;  // of the dQ kernel: 16 query rows each
 constexpr int kThreads = kWarps * 32;
-constexpr int kFwdWarps = 8;  // of the forward kernel: 16 query rows each
-constexpr int kFwdRows = kFwdWarps * 16, kFwdThreads = kFwdWarps * 32;
+// The forward kernel: 4 warps of kFwdGroups x 16 query rows each. Two 16-row groups a warp use
+// each K and V fragment loaded from shared memory twice (half the loads a product needs) and give
+// the warp two independent softmaxes to interleave; 128 threads of at most 255 registers leave
+// room for two blocks an SM, whose barriers do not hold each other.
+constexpr int kFwdWarps = 4, kFwdGroups = 2;
+constexpr int kFwdKeys = 32;  // keys per tile of the forward
+constexpr int kFwdRows = kFwdWarps * kFwdGroups * 16, kFwdThreads = kFwdWarps * 32;
 constexpr int kKvWarps = 8;  // of the dK/dV kernel: 16 keys each
 constexpr int kKvRows = kKvWarps * 16, kKvThreads = kKvWarps * 32;
 // bf16 row padding: rows stay 16-byte aligned for ldmatrix, and the 8 rows one 8x8 load reads
@@ -50,10 +56,10 @@ constexpr int kSkew = 8;
 __host__ __device__ constexpr size_t Align128(size_t x) { return (x + 127) / 128 * 128; }
 
 // The bf16 tile (rows of D + kSkew) at byte offset `at` of shared memory; buffer `buf` of a
-// double-buffered pair of 64-row tiles.
-template <int D>
+// double-buffered pair of Rows-row tiles.
+template <int D, int Rows = kTile>
 __device__ __forceinline__ __nv_bfloat16* SmemTile(unsigned char* smem, size_t at, int buf = 0) {
-  return reinterpret_cast<__nv_bfloat16*>(smem + at) + buf * kTile * (D + kSkew);
+  return reinterpret_cast<__nv_bfloat16*>(smem + at) + buf * Rows * (D + kSkew);
 }
 
 // Copies rows [row0, row0 + Rows) of a strided fp32 or bf16 matrix (row r at src + r * stride,
@@ -155,11 +161,11 @@ constexpr float kRescaleSlack = 8.0f;
 
 template <int D>
 struct FwdSmem {
-  static constexpr size_t kTileBytes = sizeof(__nv_bfloat16) * kTile * (D + kSkew);
-  static constexpr size_t kQ = 0;                                             // kFwdRows rows
-  static constexpr size_t kK = Align128(kQ + kTileBytes * kFwdRows / kTile);  // K[0], K[1]
-  static constexpr size_t kV = Align128(kK + 2 * kTileBytes);
-  static constexpr size_t kBytes = Align128(kV + 2 * kTileBytes);
+  static constexpr size_t kRowBytes = sizeof(__nv_bfloat16) * (D + kSkew);
+  static constexpr size_t kQ = 0;                                    // kFwdRows rows
+  static constexpr size_t kK = Align128(kQ + kRowBytes * kFwdRows);  // K[0], K[1]: kFwdKeys rows
+  static constexpr size_t kV = Align128(kK + 2 * kRowBytes * kFwdKeys);
+  static constexpr size_t kBytes = Align128(kV + 2 * kRowBytes * kFwdKeys);
 };
 
 // q, out: [b, tq, hq, D]; k, v: [b, tk_cap, hkv, D], or with `pages` (b = 1) the pools of a
@@ -167,19 +173,21 @@ struct FwdSmem {
 // and OutT: float or __nv_bfloat16. One block per (kFwdRows queries, head, sequence). With
 // `segments` (an inference pass over several sequences' paged caches, no lse) sequence z is
 // segments[z]: its rows of q and out, its positions and its page table replace tq, q_offset, tk
-// and pages, and blocks past its query tiles return at once. Lane
-// (g, t4) = (lane / 4, lane % 4) holds rows g and g + 8 of its warp's 16 (`half` 0 and 1) and,
-// of each 8-key block, keys 2 t4 and 2 t4 + 1. A warp skips the key tiles past its last query
-// (all masked: they would add exact zeros) and, whole, rows past tq (decoding: tq = 1).
+// and pages, and blocks past its query tiles return at once. Warp w owns rows w R .. w R + R - 1
+// (R = 16 kFwdGroups), in groups rg of 16; lane (g, t4) = (lane / 4, lane % 4) holds rows g and
+// g + 8 of each group (`half` 0 and 1) and, of each 8-key block, keys 2 t4 and 2 t4 + 1. Q stays
+// in shared memory (its fragments are loaded per 16 dimensions). A warp skips the key tiles past
+// its last query (all masked: they would add exact zeros) and, whole, rows past tq (decoding:
+// tq = 1).
 template <int D, typename InT, typename OutT>
-__global__ void __launch_bounds__(kFwdThreads)
+__global__ void __launch_bounds__(kFwdThreads, 2)
     FlashForwardKernel(OutT* out, float* lse, const InT* q, const InT* k, const InT* v, int tq,
                        int tk, int tk_cap, int hq, int hkv, int q_offset, float scale,
                        const int32_t* pages, int page_shift, const PagedSegment* segments) {
   EE_DYNAMIC_SHARED(smem);
   using L = FwdSmem<D>;
   __nv_bfloat16* qs = SmemTile<D>(smem, L::kQ);
-  constexpr int kLd = D + kSkew, kN = kTile / 8;
+  constexpr int kLd = D + kSkew, kN = kFwdKeys / 8, kG = kFwdGroups, kWarpRows = 16 * kG;
 
   int bi = blockIdx.z, tiles = gridDim.x;
   size_t row0 = static_cast<size_t>(bi) * tq;  // the sequence's first row of q and out
@@ -205,112 +213,151 @@ __global__ void __launch_bounds__(kFwdThreads)
 
   const int last_q = min(q0 + kFwdRows, tq) - 1;
   const int n_keys = min(tk, q_offset + last_q + 1);
-  const bool warp_rows = q0 + warp * 16 < tq;                // any of the warp's rows exist
-  const int warp_last_key = q_offset + q0 + warp * 16 + 15;  // the last key its rows see
+  const int warp_row = warp * kWarpRows;                     // the warp's first row in the tile
+  const bool warp_rows = q0 + warp_row < tq;                 // any of the warp's rows exist
+  const int warp_first_key = q_offset + q0 + warp_row;       // keys up to it need no mask
+  const int warp_last_key = warp_first_key + kWarpRows - 1;  // the last key its rows see
   // K/V tiles in two buffers: tile i + 1 loads while tile i is used.
   auto load_kv = [&](int k0, int buf) {
     if (k0 >= n_keys) return;
-    LoadTile<D, InT, kTile, kFwdThreads>(SmemTile<D>(smem, L::kK, buf), kb, kv_stride, k0, tk,
-                                         pages, page_shift);
-    LoadTile<D, InT, kTile, kFwdThreads>(SmemTile<D>(smem, L::kV, buf), vb, kv_stride, k0, tk,
-                                         pages, page_shift);
+    LoadTile<D, InT, kFwdKeys, kFwdThreads>(SmemTile<D, kFwdKeys>(smem, L::kK, buf), kb, kv_stride,
+                                            k0, tk, pages, page_shift);
+    LoadTile<D, InT, kFwdKeys, kFwdThreads>(SmemTile<D, kFwdKeys>(smem, L::kV, buf), vb, kv_stride,
+                                            k0, tk, pages, page_shift);
   };
   LoadTile<D, InT, kFwdRows, kFwdThreads>(qs, qb, q_stride, q0, tq);
   CpAsyncCommit();
   load_kv(0, 0);
   CpAsyncCommit();
-  CpAsyncWait<1>();  // Q
-  __syncthreads();
-  uint32_t qf[D / 16][4];  // the warp's 16 query rows as A operands
-  for (int kk = 0; kk < D / 16; ++kk)
-    LdMatrixX4(qf[kk], FragRowsA(qs, kLd, warp * 16, kk * 16, lane));
-  float o[D / 8][4] = {};
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // reference maxima, sums of exp(s - m)
-  const int qpos0 = q_offset + q0 + warp * 16 + g;           // absolute position of row g
-  const int warp_first_key = q_offset + q0 + warp * 16;      // keys up to it need no mask
+  float o[kG][D / 8][4] = {};
+  // Per row (group, half): reference maxima of the scaled scores, sums of exp(s - m).
+  float m[kG][2], l[kG][2] = {};
+#pragma unroll
+  for (int rg = 0; rg < kG; ++rg) m[rg][0] = m[rg][1] = -INFINITY;
   const float scale_log2 = scale * kLog2e;
 
-  for (int k0 = 0, buf = 0; k0 < n_keys; k0 += kTile, buf ^= 1) {
-    load_kv(k0 + kTile, buf ^ 1);  // the other buffer, free since the last iteration's barrier
+  for (int k0 = 0, buf = 0; k0 < n_keys; k0 += kFwdKeys, buf ^= 1) {
+    load_kv(k0 + kFwdKeys, buf ^ 1);  // the other buffer, free since the last iteration's barrier
     CpAsyncCommit();
-    CpAsyncWait<1>();  // this tile
+    CpAsyncWait<1>();  // this tile (and Q, committed before it)
     __syncthreads();
-    const __nv_bfloat16* ks = SmemTile<D>(smem, L::kK, buf);
-    const __nv_bfloat16* vs = SmemTile<D>(smem, L::kV, buf);
+    const __nv_bfloat16* ks = SmemTile<D, kFwdKeys>(smem, L::kK, buf);
+    const __nv_bfloat16* vs = SmemTile<D, kFwdKeys>(smem, L::kV, buf);
     if (warp_rows && k0 <= warp_last_key) {  // (warp-uniform)
-      float s[kN][4] = {};                   // S_w = Q_w K^T, then P
+      // S = Q_w K^T for every group, each K fragment loaded once.
+      float s[kG][kN][4] = {};
+#pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t a[kG][4];
+#pragma unroll
+        for (int rg = 0; rg < kG; ++rg)
+          LdMatrixX4(a[rg], FragRowsA(qs, kLd, warp_row + 16 * rg, kk * 16, lane));
+#pragma unroll
         for (int n2 = 0; n2 < kN / 2; ++n2) {
           uint32_t b[4];
           LdMatrixX4(b, FragRowsBt(ks, kLd, n2 * 16, kk * 16, lane));
-          MmaBf16(s[2 * n2], qf[kk], b[0], b[1]);
-          MmaBf16(s[2 * n2 + 1], qf[kk], b[2], b[3]);
-        }
-      }
-      // Masks only where the tile reaches past the warp's first query or past tk (warp-uniform):
-      // the causal diagonal and the end of the keys.
-      if (k0 + kTile - 1 > warp_first_key || k0 + kTile > tk) {
-        for (int n = 0; n < kN; ++n) {
-          for (int i = 0; i < 4; ++i) {
-            const int key = k0 + n * 8 + 2 * t4 + i % 2;
-            if (key > qpos0 + 8 * (i / 2) || key >= tk) s[n][i] = -INFINITY;
+#pragma unroll
+          for (int rg = 0; rg < kG; ++rg) {
+            MmaBf16(s[rg][2 * n2], a[rg], b[0], b[1]);
+            MmaBf16(s[rg][2 * n2 + 1], a[rg], b[2], b[3]);
           }
         }
       }
-      uint32_t p[kN / 2]
-                [4];  // P_w as A operands: 8-key block n, row half in p[n / 2][n % 2 * 2 + half]
-      for (int half = 0; half < 2; ++half) {
-        float tile_max = -INFINITY;  // of the raw scores (scale > 0 keeps the order)
-        for (int n = 0; n < kN; ++n)
-          tile_max = fmaxf(tile_max, fmaxf(s[n][2 * half], s[n][2 * half + 1]));
-        // The row's 64 keys lie in the lanes of one quad.
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-        tile_max *= scale;
-        // Raise the reference when the tile's maximum passes it by more than the slack (always at
-        // the row's first valid key); O and l, taken against the old reference, shrink by alpha.
-        // Before the first valid key O and l are zero, so only later raises rescale O.
-        if (tile_max > m[half] + kRescaleSlack) {
-          if (m[half] != -INFINITY) {
-            const float alpha = FastExp2((m[half] - tile_max) * kLog2e);
-            l[half] *= alpha;
-            for (int n = 0; n < D / 8; ++n) {
-              o[n][2 * half] *= alpha;
-              o[n][2 * half + 1] *= alpha;
+      // P_w as A operands: group rg, 8-key block n, row half in p[rg][n / 2][n % 2 * 2 + half].
+      uint32_t p[kG][kN / 2][4];
+#pragma unroll
+      for (int rg = 0; rg < kG; ++rg) {
+        // Masks only where the tile reaches past the group's first query or past tk
+        // (warp-uniform): the causal diagonal and the end of the keys.
+        const int group_first_key = warp_first_key + 16 * rg;
+        if (k0 + kFwdKeys - 1 > group_first_key || k0 + kFwdKeys > tk) {
+#pragma unroll
+          for (int n = 0; n < kN; ++n) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const int key = k0 + n * 8 + 2 * t4 + i % 2;
+              if (key > group_first_key + g + 8 * (i / 2) || key >= tk) s[rg][n][i] = -INFINITY;
             }
           }
-          m[half] = tile_max;
         }
-        // P = 2^(s scale log2 e - m log2 e): one FFMA and one ex2 per score, masked scores -inf
-        // (0); rounded to bf16 in pairs as the product with V reads them, l summing those values.
-        const float neg_m2 = m[half] == -INFINITY ? 0.0f : -m[half] * kLog2e;
-        float sum = 0.0f;
-        for (int n = 0; n < kN; ++n) {
-          const uint32_t pk = PackBf16x2(FastExp2(fmaf(s[n][2 * half], scale_log2, neg_m2)),
-                                         FastExp2(fmaf(s[n][2 * half + 1], scale_log2, neg_m2)));
-          p[n / 2][n % 2 * 2 + half] = pk;
-          sum += Bf16x2Lo(pk);
-          sum += Bf16x2Hi(pk);
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          float tile_max = -INFINITY;  // of the raw scores (scale > 0 keeps the order)
+#pragma unroll
+          for (int n = 0; n < kN; ++n)
+            tile_max = fmaxf(tile_max, fmaxf(s[rg][n][2 * half], s[rg][n][2 * half + 1]));
+          // The row's keys of the tile lie in the lanes of one quad.
+          tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+          tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+          tile_max *= scale;
+          // Raise the reference when the tile's maximum passes it by more than the slack (always
+          // at the row's first valid key); O and l, taken against the old reference, shrink by
+          // alpha. Before the first valid key O and l are zero, so only later raises rescale O.
+          float& mr = m[rg][half];
+          if (tile_max > mr + kRescaleSlack) {
+            if (mr != -INFINITY) {
+              const float alpha = FastExp2((mr - tile_max) * kLog2e);
+              l[rg][half] *= alpha;
+#pragma unroll
+              for (int n = 0; n < D / 8; ++n) {
+                o[rg][n][2 * half] *= alpha;
+                o[rg][n][2 * half + 1] *= alpha;
+              }
+            }
+            mr = tile_max;
+          }
+          // P = 2^(s scale log2 e - m log2 e): one FFMA and one ex2 per score, masked scores
+          // -inf (0); rounded to bf16 in pairs as the product with V reads them, l summing those
+          // values.
+          const float neg_m2 = mr == -INFINITY ? 0.0f : -mr * kLog2e;
+          float sum = 0.0f;
+#pragma unroll
+          for (int n = 0; n < kN; ++n) {
+            const uint32_t pk =
+                PackBf16x2(FastExp2(fmaf(s[rg][n][2 * half], scale_log2, neg_m2)),
+                           FastExp2(fmaf(s[rg][n][2 * half + 1], scale_log2, neg_m2)));
+            p[rg][n / 2][n % 2 * 2 + half] = pk;
+            sum += Bf16x2Lo(pk);
+            sum += Bf16x2Hi(pk);
+          }
+          sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+          sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+          l[rg][half] += sum;
         }
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        l[half] += sum;
       }
-      AccumulatePY<D, kN / 2>(o, p, vs, 0, lane);  // O_w += P_w V
+      // O_w += P_w V: each V fragment serves every group.
+#pragma unroll
+      for (int kb2 = 0; kb2 < kN / 2; ++kb2) {
+#pragma unroll
+        for (int n2 = 0; n2 < D / 16; ++n2) {
+          uint32_t b[4];
+          LdMatrixX4Trans(b, FragRowsA(vs, kLd, kb2 * 16, n2 * 16, lane));
+#pragma unroll
+          for (int rg = 0; rg < kG; ++rg) {
+            MmaBf16(o[rg][2 * n2], p[rg][kb2], b[0], b[1]);
+            MmaBf16(o[rg][2 * n2 + 1], p[rg][kb2], b[2], b[3]);
+          }
+        }
+      }
     }
     __syncthreads();  // every warp is done with this buffer before it is loaded again
   }
-  for (int half = 0; half < 2; ++half) {
-    const int row = q0 + warp * 16 + g + 8 * half;
-    if (row >= tq) continue;  // (also every row of a warp that skipped the loop)
-    const float inv = l[half] > 0.0f ? 1.0f / l[half] : 0.0f;
-    OutT* orow = out + (row0 + row) * q_stride + static_cast<size_t>(h) * D + 2 * t4;
-    for (int n = 0; n < D / 8; ++n) {
-      StoreFloat(orow + n * 8, o[n][2 * half] * inv);
-      StoreFloat(orow + n * 8 + 1, o[n][2 * half + 1] * inv);
-    }
-    if (lse != nullptr && t4 == 0) {
-      lse[(static_cast<size_t>(bi) * hq + h) * tq + row] = m[half] + logf(l[half]);
+#pragma unroll
+  for (int rg = 0; rg < kG; ++rg) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = q0 + warp_row + 16 * rg + g + 8 * half;
+      if (row >= tq) continue;  // (also every row of a warp that skipped the loop)
+      const float inv = l[rg][half] > 0.0f ? 1.0f / l[rg][half] : 0.0f;
+      OutT* orow = out + (row0 + row) * q_stride + static_cast<size_t>(h) * D + 2 * t4;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        StoreFloat(orow + n * 8, o[rg][n][2 * half] * inv);
+        StoreFloat(orow + n * 8 + 1, o[rg][n][2 * half + 1] * inv);
+      }
+      if (lse != nullptr && t4 == 0) {
+        lse[(static_cast<size_t>(bi) * hq + h) * tq + row] = m[rg][half] + logf(l[rg][half]);
+      }
     }
   }
 }

@@ -14,8 +14,8 @@ namespace {
 float RoundToBf16(float x) { return Bf16ToFloat(FloatToBf16(x)); }
 
 // The fused forward's key tile and the slack before its reference maximum rises
-// (engine/cuda/flash_attention.cu: kTile, kRescaleSlack).
-constexpr int kFusedTile = 64;
+// (engine/cuda/flash_attention.cu: kFwdKeys, kRescaleSlack).
+constexpr int kFusedTile = 32;
 constexpr float kFusedSlack = 8.0f;
 
 // Writes src into dst in dst's dtype (bf16: rounded once).
