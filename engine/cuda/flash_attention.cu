@@ -9,11 +9,11 @@
 // Forward: one block per (128 queries, head, sequence); 4 warps of 32 query rows each (two
 // groups of 16 sharing every K and V fragment), Q in shared memory; keys in tiles of 32 (the
 // registers: 64-key tiles spilled 168 bytes a thread at head dimension 128, 32-key tiles 16). A
-// warp's output rows stay in accumulators across the key tiles; the online softmax raises a row's reference maximum only
-// when a tile passes it by more than kRescaleSlack, and only then rescales that row of O.
-// Backward (deterministic, no atomics): one kernel for dK and dV per (128 keys, KV head,
-// sequence; 8 warps of 16 keys) that loops over the heads of its group and the query tiles in a
-// fixed order, and one kernel for dQ per (64 queries, head, sequence). Each recomputes P from the
+// warp's output rows stay in accumulators across the key tiles; the online softmax raises a row's
+// reference maximum only when a tile passes it by more than kRescaleSlack, and only then rescales
+// that row of O. Backward (deterministic, no atomics): one kernel for dK and dV per (128 keys, KV
+// head, sequence; 8 warps of 16 keys) that loops over the heads of its group and the query tiles in
+// a fixed order, and one kernel for dQ per (64 queries, head, sequence). Each recomputes P from the
 // saved log-sum-exps; D_i = dO_i . O_i comes from a small kernel before them. Every operand is fp32
 // or bf16 (engine/tensor/operand.h): q, k, v and dq, dk, dv of one type (InT), O and dO of one type
 // (OutT).
