@@ -85,6 +85,15 @@ void Backend::LinearBackwardGelu(Operand dpre, float* dw, float* dbias, ConstOpe
   GeluBackward(dpre, dpre, pre, static_cast<size_t>(n) * in_dim);
 }
 
+void Backend::AdamWRuns(float* p, const float* g, float* m, float* v,
+                        const std::vector<AdamWRun>& runs, float lr, float beta1, float beta2,
+                        float eps, float weight_decay, int step) {
+  for (const AdamWRun& r : runs) {
+    AdamW(p + r.offset, g + r.offset, m + r.offset, v + r.offset, r.count, lr, beta1, beta2, eps,
+          r.decay ? weight_decay : 0.0f, step);
+  }
+}
+
 void OperandToHost(Backend* be, float* host, ConstOperand src, size_t n) {
   if (!src.is_bf16()) {
     be->CopyToHost(host, src.data, n * sizeof(float));

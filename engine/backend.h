@@ -228,6 +228,20 @@ class Backend {
   // `step` (1-based).
   virtual void AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1,
                      float beta2, float eps, float weight_decay, int step) = 0;
+  // AdamW on several runs of one arena at once (a multi-tensor update: one launch on a GPU where a
+  // model has a run per tensor between its norms and biases): run r covers elements
+  // [offset, offset + count) of p, g, m and v, with weight_decay where `decay`, else 0. The same
+  // arithmetic as AdamW per run, which is what it does by default.
+  struct AdamWRun {
+    size_t offset = 0, count = 0;
+    bool decay = false;
+    bool operator==(const AdamWRun& o) const {
+      return offset == o.offset && count == o.count && decay == o.decay;
+    }
+  };
+  virtual void AdamWRuns(float* p, const float* g, float* m, float* v,
+                         const std::vector<AdamWRun>& runs, float lr, float beta1, float beta2,
+                         float eps, float weight_decay, int step);
 };
 
 // Host fp32 copies of operands (bf16 ones converted): for tests and host-side reads.

@@ -351,4 +351,13 @@ void ProfilingBackend::AdamW(float* p, const float* g, float* m, float* v, size_
   Timed timed(this, "AdamW", 0, F32(7.0 * n));
   inner_->AdamW(p, g, m, v, n, lr, beta1, beta2, eps, weight_decay, step);
 }
+
+void ProfilingBackend::AdamWRuns(float* p, const float* g, float* m, float* v,
+                                 const std::vector<AdamWRun>& runs, float lr, float beta1,
+                                 float beta2, float eps, float weight_decay, int step) {
+  double n = 0;
+  for (const AdamWRun& r : runs) n += static_cast<double>(r.count);
+  Timed timed(this, "AdamW", 0, F32(7.0 * n));
+  inner_->AdamWRuns(p, g, m, v, runs, lr, beta1, beta2, eps, weight_decay, step);
+}
 }  // namespace eellm

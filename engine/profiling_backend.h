@@ -114,6 +114,9 @@ class ProfilingBackend final : public Backend {
                              int n, int v, int start) override;
   void AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1,
              float beta2, float eps, float weight_decay, int step) override;
+  void AdamWRuns(float* p, const float* g, float* m, float* v, const std::vector<AdamWRun>& runs,
+                 float lr, float beta1, float beta2, float eps, float weight_decay,
+                 int step) override;
   void RegisterWeights(const float* p, size_t n) override { inner_->RegisterWeights(p, n); }
   void UnregisterWeights(const float* p) override { inner_->UnregisterWeights(p); }
   void WeightsChanged(const float* p) override { inner_->WeightsChanged(p); }

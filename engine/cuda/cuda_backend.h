@@ -145,6 +145,10 @@ class CudaBackend final : public Backend {
 
   void AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1,
              float beta2, float eps, float weight_decay, int step) override;
+  // One launch for every run (the runs' table uploaded to scratch slot 13 when it changes).
+  void AdamWRuns(float* p, const float* g, float* m, float* v, const std::vector<AdamWRun>& runs,
+                 float lr, float beta1, float beta2, float eps, float weight_decay,
+                 int step) override;
 
   void RegisterWeights(const float* p, size_t n) override;
   void UnregisterWeights(const float* p) override;
@@ -196,8 +200,10 @@ class CudaBackend final : public Backend {
   // dout of LinearBackward, 5 fp32 attention output, or dq|dk|dv, before their conversion to
   // bf16 (unfused path), 7 a bias as bf16 or a bias gradient (GEMM epilogues), 8-9 a paged
   // cache's keys and values gathered in order (unfused path), 10 column sums' partials, 11 a
-  // paged attention pass's descriptors, 12 RoPE's cos and sin table.
-  Slot scratch_[13];
+  // paged attention pass's descriptors, 12 RoPE's cos and sin table, 13 AdamWRuns' table.
+  Slot scratch_[14];
+  // What slot 13 holds: the runs last uploaded.
+  std::vector<AdamWRun> adamw_runs_;
   // What slot 11 holds: the last pass descriptors uploaded (bytes), and where.
   std::vector<unsigned char> pass_descriptors_;
   const void* pass_descriptors_at_ = nullptr;

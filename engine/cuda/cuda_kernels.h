@@ -77,6 +77,15 @@ cudaError_t Rope(Elems x, const int32_t* pos, int n, int heads, int head_dim,
 cudaError_t AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1,
                   float beta2, float eps, float weight_decay, float inv_bc1, float inv_bc2,
                   cudaStream_t s);
+// AdamW over several runs of one arena in one launch: run r starts at element `first` of the
+// runs' concatenation and at `offset` of p, g, m, v; weight_decay applies where `decay`.
+struct AdamWRunEntry {
+  size_t first, offset;
+  bool decay;
+};
+cudaError_t AdamWRuns(float* p, const float* g, float* m, float* v, const AdamWRunEntry* runs,
+                      int count, size_t total, float lr, float beta1, float beta2, float eps,
+                      float weight_decay, float inv_bc1, float inv_bc2, cudaStream_t s);
 
 // norm_kernels.cu (the backwards' scratch: ColumnSumScratchBytes(n, c, 2 or 1 for RMSNorm))
 cudaError_t LayerNormForward(Elems out, float* mean, float* rstd, const float* x, const float* g,

@@ -340,18 +340,44 @@ __global__ void RopeApplyKernel(Elems x, const float* table, int n, int heads, i
   }
 }
 
+__device__ __forceinline__ void AdamWElement(float* p, const float* g, float* m, float* v, size_t i,
+                                             float lr, float beta1, float beta2, float eps,
+                                             float weight_decay, float inv_bc1, float inv_bc2) {
+  const float gi = g[i];
+  const float mi = beta1 * m[i] + (1.0f - beta1) * gi;
+  const float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
+  m[i] = mi;
+  v[i] = vi;
+  const float m_hat = mi * inv_bc1;
+  const float v_hat = vi * inv_bc2;
+  p[i] -= lr * (m_hat / (sqrtf(v_hat) + eps) + weight_decay * p[i]);
+}
 __global__ void AdamWKernel(float* p, const float* g, float* m, float* v, size_t n, float lr,
                             float beta1, float beta2, float eps, float weight_decay, float inv_bc1,
                             float inv_bc2) {
   GRID_STRIDE(i, n) {
-    const float gi = g[i];
-    const float mi = beta1 * m[i] + (1.0f - beta1) * gi;
-    const float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
-    m[i] = mi;
-    v[i] = vi;
-    const float m_hat = mi * inv_bc1;
-    const float v_hat = vi * inv_bc2;
-    p[i] -= lr * (m_hat / (sqrtf(v_hat) + eps) + weight_decay * p[i]);
+    AdamWElement(p, g, m, v, i, lr, beta1, beta2, eps, weight_decay, inv_bc1, inv_bc2);
+  }
+}
+// Element i of the runs' concatenation: its run by binary search over the runs' first elements
+// (a table of a few hundred entries, in L1), then the element of that run.
+__global__ void AdamWRunsKernel(float* p, const float* g, float* m, float* v,
+                                const AdamWRunEntry* runs, int count, size_t total, float lr,
+                                float beta1, float beta2, float eps, float weight_decay,
+                                float inv_bc1, float inv_bc2) {
+  GRID_STRIDE(i, total) {
+    int lo = 0, hi = count - 1;  // the last run whose first element is at or before i
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (runs[mid].first <= i) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    const AdamWRunEntry r = runs[lo];
+    AdamWElement(p, g, m, v, r.offset + (i - r.first), lr, beta1, beta2, eps,
+                 r.decay ? weight_decay : 0.0f, inv_bc1, inv_bc2);
   }
 }
 
@@ -518,6 +544,15 @@ cudaError_t Rope(Elems x, const int32_t* pos, int n, int heads, int head_dim,
   const size_t groups = static_cast<size_t>(n) * heads * ((half + 7) / 8);
   LaunchKernel(RopeApplyKernel, dim3(Blocks(groups)), dim3(kThreads), 0, s, x, table, n, heads,
                head_dim, Aligned16(x.data, table) && half % 8 == 0);
+  return cudaGetLastError();
+}
+cudaError_t AdamWRuns(float* p, const float* g, float* m, float* v, const AdamWRunEntry* runs,
+                      int count, size_t total, float lr, float beta1, float beta2, float eps,
+                      float weight_decay, float inv_bc1, float inv_bc2, cudaStream_t s) {
+  if (total > 0 && count > 0) {
+    LaunchKernel(AdamWRunsKernel, dim3(Blocks(total)), dim3(kThreads), 0, s, p, g, m, v, runs,
+                 count, total, lr, beta1, beta2, eps, weight_decay, inv_bc1, inv_bc2);
+  }
   return cudaGetLastError();
 }
 cudaError_t AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1,

@@ -16,8 +16,42 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// Columns j .. j + U - 1 of a row, U = 4 (16-byte accesses: c % 4 == 0 and 16-byte aligned
+// rows, Aligned16) or 1. The row kernels below take U columns a thread at a time; their double
+// sums then add the same terms in another order (the same float results but in rare ties).
+template <int U>
+__device__ __forceinline__ void LoadCols(const float* p, float (&v)[U]) {
+  if constexpr (U == 4) {
+    const float4 q = *reinterpret_cast<const float4*>(p);
+    v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+  } else {
+    v[0] = *p;
+  }
+}
+template <int U>
+__device__ __forceinline__ void StoreCols(float* p, const float (&v)[U]) {
+  if constexpr (U == 4) {
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+  } else {
+    *p = v[0];
+  }
+}
+template <int U>
+__device__ __forceinline__ void StoreCols(__nv_bfloat16* p, const float (&v)[U]) {
+  if constexpr (U == 4) {
+    auto bits = [](float x) {
+      return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16(x)));
+    };
+    *reinterpret_cast<uint2*>(p) =
+        make_uint2(bits(v[0]) | bits(v[1]) << 16, bits(v[2]) | bits(v[3]) << 16);
+  } else {
+    *p = __float2bfloat16(v[0]);
+  }
+}
+#define FOR_ROW_COLS(j, c) for (int j = U * threadIdx.x; j < (c); j += U * blockDim.x)
+
 // The forward outputs are GEMM operands: OutT float or __nv_bfloat16.
-template <typename OutT>
+template <int U, typename OutT>
 __global__ void LayerNormForwardKernel(OutT* out, float* mean, float* rstd, const float* x,
                                        const float* g, const float* b, int c, float eps) {
   __shared__ double scratch[kBlockReduceScratch];
@@ -25,18 +59,27 @@ __global__ void LayerNormForwardKernel(OutT* out, float* mean, float* rstd, cons
   const float* xr = x + r * c;
   OutT* yr = out + r * c;
   double s = 0.0;
-  for (int j = threadIdx.x; j < c; j += blockDim.x) s += xr[j];
+  FOR_ROW_COLS(j, c) {
+    float v[U];
+    LoadCols<U>(xr + j, v);
+    for (int u = 0; u < U; ++u) s += v[u];
+  }
   const double mu = BlockSum(s, scratch) / c;
   double ss = 0.0;
-  for (int j = threadIdx.x; j < c; j += blockDim.x) {
-    const double d = xr[j] - mu;
-    ss += d * d;
+  FOR_ROW_COLS(j, c) {
+    float v[U];
+    LoadCols<U>(xr + j, v);
+    for (int u = 0; u < U; ++u) ss += (v[u] - mu) * (v[u] - mu);
   }
   const double rs = 1.0 / sqrt(BlockSum(ss, scratch) / c + static_cast<double>(eps));
   const float muf = static_cast<float>(mu), rsf = static_cast<float>(rs);
-  for (int j = threadIdx.x; j < c; j += blockDim.x) {
-    const float nrm = (xr[j] - muf) * rsf;
-    StoreFloat(yr + j, nrm * g[j] + (b != nullptr ? b[j] : 0.0f));
+  FOR_ROW_COLS(j, c) {
+    float v[U], w[U], bb[U] = {};
+    LoadCols<U>(xr + j, v);
+    LoadCols<U>(g + j, w);
+    if (b != nullptr) LoadCols<U>(b + j, bb);
+    for (int u = 0; u < U; ++u) v[u] = ((v[u] - muf) * rsf) * w[u] + bb[u];
+    StoreCols<U>(yr + j, v);
   }
   if (threadIdx.x == 0) {
     mean[r] = muf;
@@ -44,7 +87,8 @@ __global__ void LayerNormForwardKernel(OutT* out, float* mean, float* rstd, cons
   }
 }
 
-// dx = dres + d/dx (dres may alias dx or be null).
+// dx = dres + d/dx (dres may alias dx or be null: each element is read before it is written).
+template <int U>
 __global__ void LayerNormBackwardRowsKernel(float* dx, const float* dres, const float* dout,
                                             const float* x, const float* g, const float* mean,
                                             const float* rstd, int c) {
@@ -56,18 +100,30 @@ __global__ void LayerNormBackwardRowsKernel(float* dx, const float* dres, const 
   const float* dresr = dres != nullptr ? dres + r * c : nullptr;
   const float mu = mean[r], rs = rstd[r];
   double sum_dn = 0.0, sum_dn_n = 0.0;
-  for (int j = threadIdx.x; j < c; j += blockDim.x) {
-    const float nrm = (xr[j] - mu) * rs;
-    const float dn = dyr[j] * g[j];
-    sum_dn += dn;
-    sum_dn_n += static_cast<double>(dn) * nrm;
+  FOR_ROW_COLS(j, c) {
+    float v[U], dy[U], w[U];
+    LoadCols<U>(xr + j, v);
+    LoadCols<U>(dyr + j, dy);
+    LoadCols<U>(g + j, w);
+    for (int u = 0; u < U; ++u) {
+      const float dn = dy[u] * w[u];
+      sum_dn += dn;
+      sum_dn_n += static_cast<double>(dn) * ((v[u] - mu) * rs);
+    }
   }
   const float mean_dn = static_cast<float>(BlockSum(sum_dn, scratch) / c);
   const float mean_dn_n = static_cast<float>(BlockSum(sum_dn_n, scratch) / c);
-  for (int j = threadIdx.x; j < c; j += blockDim.x) {
-    const float nrm = (xr[j] - mu) * rs;
-    const float dn = dyr[j] * g[j];
-    dxr[j] = (dresr != nullptr ? dresr[j] : 0.0f) + rs * (dn - mean_dn - nrm * mean_dn_n);
+  FOR_ROW_COLS(j, c) {
+    float v[U], dy[U], w[U], res[U] = {};
+    LoadCols<U>(xr + j, v);
+    LoadCols<U>(dyr + j, dy);
+    LoadCols<U>(g + j, w);
+    if (dresr != nullptr) LoadCols<U>(dresr + j, res);
+    for (int u = 0; u < U; ++u) {
+      const float nrm = (v[u] - mu) * rs;
+      res[u] += rs * (dy[u] * w[u] - mean_dn - nrm * mean_dn_n);
+    }
+    StoreCols<U>(dxr + j, res);
   }
 }
 
@@ -99,56 +155,36 @@ __global__ void __launch_bounds__(kColMaxThreads, 2)
   }
 }
 
-// Four consecutive floats at p (16-byte aligned), and stores of four values as OutT.
-__device__ __forceinline__ float4 Load4(const float* p) {
-  return *reinterpret_cast<const float4*>(p);
-}
-__device__ __forceinline__ void Store4(float* p, float a, float b, float c, float d) {
-  *reinterpret_cast<float4*>(p) = make_float4(a, b, c, d);
-}
-__device__ __forceinline__ void Store4(__nv_bfloat16* p, float a, float b, float c, float d) {
-  auto bits = [](float v) {
-    return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16(v)));
-  };
-  *reinterpret_cast<uint2*>(p) = make_uint2(bits(a) | bits(b) << 16, bits(c) | bits(d) << 16);
-}
-
-// RMSNorm rows. With `vec` (c % 4 == 0, every row pointer 16-byte aligned) each thread takes 4
-// consecutive columns at a time (16-byte loads); the sums then add the same terms in another
-// order (double: the same float results but in rare ties).
-template <typename OutT>
+template <int U, typename OutT>
 __global__ void RmsNormForwardKernel(OutT* out, float* rstd, const float* x, const float* g, int c,
-                                     float eps, bool vec) {
+                                     float eps) {
   __shared__ double scratch[kBlockReduceScratch];
   const size_t r = blockIdx.x;
   const float* xr = x + r * c;
   OutT* yr = out + r * c;
   double ss = 0.0;
-  if (vec) {
-    for (int j = 4 * threadIdx.x; j < c; j += 4 * blockDim.x) {
-      const float4 v = Load4(xr + j);
-      ss += static_cast<double>(v.x) * v.x + static_cast<double>(v.y) * v.y +
-            static_cast<double>(v.z) * v.z + static_cast<double>(v.w) * v.w;
-    }
-  } else {
-    for (int j = threadIdx.x; j < c; j += blockDim.x) ss += static_cast<double>(xr[j]) * xr[j];
+  FOR_ROW_COLS(j, c) {
+    float v[U];
+    LoadCols<U>(xr + j, v);
+    for (int u = 0; u < U; ++u) ss += static_cast<double>(v[u]) * v[u];
   }
   const float rs =
       static_cast<float>(1.0 / sqrt(BlockSum(ss, scratch) / c + static_cast<double>(eps)));
-  if (vec) {
-    for (int j = 4 * threadIdx.x; j < c; j += 4 * blockDim.x) {
-      const float4 v = Load4(xr + j), w = Load4(g + j);
-      Store4(yr + j, (v.x * rs) * w.x, (v.y * rs) * w.y, (v.z * rs) * w.z, (v.w * rs) * w.w);
-    }
-  } else {
-    for (int j = threadIdx.x; j < c; j += blockDim.x) StoreFloat(yr + j, (xr[j] * rs) * g[j]);
+  FOR_ROW_COLS(j, c) {
+    float v[U], w[U];
+    LoadCols<U>(xr + j, v);
+    LoadCols<U>(g + j, w);
+    for (int u = 0; u < U; ++u) v[u] = (v[u] * rs) * w[u];
+    StoreCols<U>(yr + j, v);
   }
   if (threadIdx.x == 0) rstd[r] = rs;
 }
 
+// dx = dres + d/dx (dres may alias dx or be null: each element is read before it is written).
+template <int U>
 __global__ void RmsNormBackwardRowsKernel(float* dx, const float* dres, const float* dout,
-                                          const float* x, const float* g, const float* rstd, int c,
-                                          bool vec) {
+                                          const float* x, const float* g, const float* rstd,
+                                          int c) {
   __shared__ double scratch[kBlockReduceScratch];
   const size_t r = blockIdx.x;
   const float* xr = x + r * c;
@@ -157,34 +193,22 @@ __global__ void RmsNormBackwardRowsKernel(float* dx, const float* dres, const fl
   const float* dresr = dres != nullptr ? dres + r * c : nullptr;
   const float rs = rstd[r];
   double sum_dn_n = 0.0;
-  if (vec) {
-    for (int j = 4 * threadIdx.x; j < c; j += 4 * blockDim.x) {
-      const float4 dy = Load4(dyr + j), w = Load4(g + j), v = Load4(xr + j);
-      sum_dn_n += static_cast<double>(dy.x * w.x) * (v.x * rs) +
-                  static_cast<double>(dy.y * w.y) * (v.y * rs) +
-                  static_cast<double>(dy.z * w.z) * (v.z * rs) +
-                  static_cast<double>(dy.w * w.w) * (v.w * rs);
-    }
-  } else {
-    for (int j = threadIdx.x; j < c; j += blockDim.x) {
-      sum_dn_n += static_cast<double>(dyr[j] * g[j]) * (xr[j] * rs);
-    }
+  FOR_ROW_COLS(j, c) {
+    float v[U], dy[U], w[U];
+    LoadCols<U>(xr + j, v);
+    LoadCols<U>(dyr + j, dy);
+    LoadCols<U>(g + j, w);
+    for (int u = 0; u < U; ++u) sum_dn_n += static_cast<double>(dy[u] * w[u]) * (v[u] * rs);
   }
   const float mean_dn_n = static_cast<float>(BlockSum(sum_dn_n, scratch) / c);
-  if (vec) {
-    for (int j = 4 * threadIdx.x; j < c; j += 4 * blockDim.x) {
-      const float4 dy = Load4(dyr + j), w = Load4(g + j), v = Load4(xr + j);
-      const float4 res = dresr != nullptr ? Load4(dresr + j) : make_float4(0.f, 0.f, 0.f, 0.f);
-      Store4(dxr + j, res.x + rs * (dy.x * w.x - (v.x * rs) * mean_dn_n),
-             res.y + rs * (dy.y * w.y - (v.y * rs) * mean_dn_n),
-             res.z + rs * (dy.z * w.z - (v.z * rs) * mean_dn_n),
-             res.w + rs * (dy.w * w.w - (v.w * rs) * mean_dn_n));
-    }
-    return;
-  }
-  for (int j = threadIdx.x; j < c; j += blockDim.x) {
-    const float nrm = xr[j] * rs;
-    dxr[j] = (dresr != nullptr ? dresr[j] : 0.0f) + rs * (dyr[j] * g[j] - nrm * mean_dn_n);
+  FOR_ROW_COLS(j, c) {
+    float v[U], dy[U], w[U], res[U] = {};
+    LoadCols<U>(xr + j, v);
+    LoadCols<U>(dyr + j, dy);
+    LoadCols<U>(g + j, w);
+    if (dresr != nullptr) LoadCols<U>(dresr + j, res);
+    for (int u = 0; u < U; ++u) res[u] += rs * (dy[u] * w[u] - (v[u] * rs) * mean_dn_n);
+    StoreCols<U>(dxr + j, res);
   }
 }
 
@@ -202,12 +226,20 @@ void LaunchNormParamGrad(float* dg, float* db, double* scratch, const float* dou
 
 }  // namespace
 
+// Whether the row kernels may take 4 columns a thread (LoadCols<4>): c % 4 == 0, aligned rows.
+template <typename... Ptrs>
+bool FourColumns(int c, const Ptrs*... p) {
+  return c % 4 == 0 && Aligned16(p...);
+}
+
 cudaError_t LayerNormForward(Elems out, float* mean, float* rstd, const float* x, const float* g,
                              const float* b, int n, int c, float eps, cudaStream_t s) {
   if (n <= 0 || c <= 0) return cudaGetLastError();
   return WithElementType(out, [&](auto* o) {
-    return LaunchKernel(LayerNormForwardKernel<ElementOf<decltype(o)>>, dim3(n), dim3(kThreads), 0,
-                        s, o, mean, rstd, x, g, b, c, eps);
+    using OutT = ElementOf<decltype(o)>;
+    auto* kernel = FourColumns(c, o, x, g, b) ? LayerNormForwardKernel<4, OutT>
+                                              : LayerNormForwardKernel<1, OutT>;
+    return LaunchKernel(kernel, dim3(n), dim3(kThreads), 0, s, o, mean, rstd, x, g, b, c, eps);
   });
 }
 
@@ -215,8 +247,9 @@ cudaError_t LayerNormBackward(float* dx, const float* dres, float* dg, float* db
                               const float* x, const float* g, const float* mean, const float* rstd,
                               int n, int c, double* scratch, cudaStream_t s) {
   if (n <= 0 || c <= 0) return cudaGetLastError();
-  LaunchKernel(LayerNormBackwardRowsKernel, dim3(n), dim3(kThreads), 0, s, dx, dres, dout, x, g,
-               mean, rstd, c);
+  auto* kernel = FourColumns(c, dx, dres, dout, x, g) ? LayerNormBackwardRowsKernel<4>
+                                                      : LayerNormBackwardRowsKernel<1>;
+  LaunchKernel(kernel, dim3(n), dim3(kThreads), 0, s, dx, dres, dout, x, g, mean, rstd, c);
   LaunchNormParamGrad(dg, db, scratch, dout, x, mean, rstd, n, c, s);
   return cudaGetLastError();
 }
@@ -225,9 +258,10 @@ cudaError_t RmsNormForward(Elems out, float* rstd, const float* x, const float* 
                            float eps, cudaStream_t s) {
   if (n <= 0 || c <= 0) return cudaGetLastError();
   return WithElementType(out, [&](auto* o) {
-    const bool vec = c % 4 == 0 && Aligned16(o, x, g);
-    return LaunchKernel(RmsNormForwardKernel<ElementOf<decltype(o)>>, dim3(n), dim3(kThreads), 0, s,
-                        o, rstd, x, g, c, eps, vec);
+    using OutT = ElementOf<decltype(o)>;
+    auto* kernel =
+        FourColumns(c, o, x, g) ? RmsNormForwardKernel<4, OutT> : RmsNormForwardKernel<1, OutT>;
+    return LaunchKernel(kernel, dim3(n), dim3(kThreads), 0, s, o, rstd, x, g, c, eps);
   });
 }
 
@@ -235,9 +269,9 @@ cudaError_t RmsNormBackward(float* dx, const float* dres, float* dg, const float
                             const float* x, const float* g, const float* rstd, int n, int c,
                             double* scratch, cudaStream_t s) {
   if (n <= 0 || c <= 0) return cudaGetLastError();
-  const bool vec = c % 4 == 0 && Aligned16(dx, dres, dout, x, g);
-  LaunchKernel(RmsNormBackwardRowsKernel, dim3(n), dim3(kThreads), 0, s, dx, dres, dout, x, g, rstd,
-               c, vec);
+  auto* kernel = FourColumns(c, dx, dres, dout, x, g) ? RmsNormBackwardRowsKernel<4>
+                                                      : RmsNormBackwardRowsKernel<1>;
+  LaunchKernel(kernel, dim3(n), dim3(kThreads), 0, s, dx, dres, dout, x, g, rstd, c);
   LaunchNormParamGrad(dg, nullptr, scratch, dout, x, nullptr, rstd, n, c, s);
   return cudaGetLastError();
 }

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "engine/core/status.h"
 
@@ -68,13 +69,15 @@ void AdamW::Update(float lr, float grad_scale) {
                  be->Scale(params_->grad_at(first), grad_scale, count);
                });
   }
+  // Every run in one call (one launch on a GPU), offsets from lo_.
+  std::vector<Backend::AdamWRun> runs;
   ForEachRun([](const ParamInfo& p) { return p.weight_decay; },
              [&](size_t first, size_t count, bool decay) {
-               be->AdamW(params_->params_data() + first, params_->grad_at(first),
-                         m_.f32() + (first - lo_), v_.f32() + (first - lo_), count, lr,
-                         config_.beta1, config_.beta2, config_.eps,
-                         decay ? config_.weight_decay : 0.0f, step_);
+               runs.push_back({first - lo_, count, decay});
              });
+  if (runs.empty()) return;
+  be->AdamWRuns(params_->params_data() + lo_, params_->grad_at(lo_), m_.f32(), v_.f32(), runs, lr,
+                config_.beta1, config_.beta2, config_.eps, config_.weight_decay, step_);
 }
 
 double AdamW::Step(float lr) {

@@ -628,5 +628,33 @@ TEST_F(BackendParity, AdamW) {
   }
 }
 
+// AdamW over several runs of one arena in one call (one launch on CUDA), with and without weight
+// decay, gaps between runs left as they are; called again with the same runs (CUDA keeps their
+// table) and with other runs (uploaded anew): as AdamW run by run (the CPU's default).
+TEST_F(BackendParity, AdamWRuns) {
+  const size_t n = 5000;
+  using Run = Backend::AdamWRun;
+  const std::vector<Run> runs = {
+      {0, 1000, true}, {1000, 7, false}, {1100, 2500, true}, {3700, 1, false}, {3800, 1200, false}};
+  const std::vector<Run> other = {{5, 3000, false}, {3005, 1995, true}};
+  const auto p0 = RandVec(rng_, n), g = RandVec(rng_, n, 0.1);
+  const auto m0 = RandVec(rng_, n, 0.05), v0 = UniformVec(rng_, n, 1e-4, 1e-2);
+  ExpectParity(
+      [&](Backend* be, DeviceMem& m) -> Outputs {
+        float *p = m.Put(p0), *pg = m.Put(g), *pm = m.Put(m0), *pv = m.Put(v0);
+        be->AdamWRuns(p, pg, pm, pv, runs, 0.1f, 0.9f, 0.95f, 1e-8f, 0.1f, 3);
+        const std::vector<float> p1 = m.Get(p, n);
+        be->AdamWRuns(p, pg, pm, pv, runs, 0.1f, 0.9f, 0.95f, 1e-8f, 0.1f, 4);
+        const std::vector<float> p2 = m.Get(p, n);
+        be->AdamWRuns(p, pg, pm, pv, other, 0.05f, 0.9f, 0.95f, 1e-8f, 0.2f, 5);
+        return {{"p after one call", p1},
+                {"p after the same runs again", p2},
+                {"p after other runs", m.Get(p, n)},
+                {"m", m.Get(pm, n)},
+                {"v", m.Get(pv, n)}};
+      },
+      kElementwise);
+}
+
 }  // namespace
 }  // namespace eellm::parity
