@@ -1,5 +1,6 @@
-// `eellm bench train` (launch/bench_train.h), `eellm bench generate` (launch/bench_generate.h)
-// and `eellm bench checkpoint`: checkpoint save and
+// `eellm bench train` (launch/bench_train.h), `eellm bench generate` (launch/bench_generate.h),
+// `eellm bench attention` (launch/bench_attention.h) and `eellm bench checkpoint`: checkpoint
+// save and
 // load throughput against the disk's raw
 // sequential write speed (dd with fdatasync, run in the same command on the same directory).
 // Reports MB/s of tensor bytes (parameters plus AdamW moments) for a single-file save, a
@@ -17,6 +18,7 @@
 #include "absl/strings/str_split.h"
 #include "engine/core/rng.h"
 #include "engine/core/timer.h"
+#include "launch/bench_attention.h"
 #include "launch/bench_generate.h"
 #include "launch/bench_train.h"
 #include "launch/checkpoint_layout.h"
@@ -30,10 +32,12 @@
 
 ABSL_FLAG(std::string, what, "",
           "benchmark to run: train, generate or checkpoint (or the first argument)");
-ABSL_FLAG(int, batch, 8, "train: sequences per step; generate: sequences generated together");
-ABSL_FLAG(int, seq, 256, "train: tokens per sequence");
+ABSL_FLAG(int, batch, 8,
+          "train: sequences per step; generate: sequences generated together; attention: "
+          "sequences");
+ABSL_FLAG(int, seq, 256, "train, attention: tokens per sequence");
 ABSL_FLAG(int, micro_batch, 0, "train: sequences per microbatch (0 = batch)");
-ABSL_FLAG(int, warmup, 2, "train: untimed steps first");
+ABSL_FLAG(int, warmup, 2, "train, attention: untimed steps (runs) first");
 ABSL_FLAG(bool, compare_without_exits, true,
           "train: also time the model without its exits (their share of time vs of FLOPs)");
 ABSL_FLAG(std::string, torch_reference, "",
@@ -194,6 +198,29 @@ int BenchTrain() {
   return s.ok() ? 0 : fail(s);
 }
 
+int BenchAttention() {
+  auto fail = [](const absl::Status& s) {
+    std::fprintf(stderr, "error: %s\n", std::string(s.message()).c_str());
+    return 1;
+  };
+  if (absl::GetFlag(FLAGS_model).empty()) {
+    std::fprintf(stderr, "error: --model is required (e.g. configs/bench/llama_1p3b.json)\n");
+    return 2;
+  }
+  auto mc = ReadModel(absl::GetFlag(FLAGS_model));
+  if (!mc.ok()) return fail(mc.status());
+  auto be = MakeBackend(absl::GetFlag(FLAGS_backend));
+  if (!be.ok()) return fail(be.status());
+  AttentionBenchOptions o;
+  o.batch = absl::GetFlag(FLAGS_batch);
+  o.seq = absl::GetFlag(FLAGS_seq);
+  o.steps = absl::GetFlag(FLAGS_steps) > 0 ? absl::GetFlag(FLAGS_steps) : 10;
+  o.warmup = absl::GetFlag(FLAGS_warmup);
+  o.seed = absl::GetFlag(FLAGS_seed);
+  auto r = RunAttentionBenchmark(*mc, be->get(), o);
+  return r.ok() ? 0 : fail(r.status());
+}
+
 int BenchGenerate() {
   auto fail = [](const absl::Status& s) {
     std::fprintf(stderr, "error: %s\n", std::string(s.message()).c_str());
@@ -279,7 +306,8 @@ int RunBenchCommand() {
   if (absl::GetFlag(FLAGS_what) == "checkpoint") return BenchCheckpoint();
   if (absl::GetFlag(FLAGS_what) == "train") return BenchTrain();
   if (absl::GetFlag(FLAGS_what) == "generate") return BenchGenerate();
-  std::fprintf(stderr, "error: unknown benchmark '%s' (train, generate or checkpoint)\n",
+  if (absl::GetFlag(FLAGS_what) == "attention") return BenchAttention();
+  std::fprintf(stderr, "error: unknown benchmark '%s' (train, generate, attention or checkpoint)\n",
                absl::GetFlag(FLAGS_what).c_str());
   return 2;
 }

@@ -65,7 +65,8 @@ const Command kCommands[] = {
      {"checkpoint", "backend", "seed", "steps", "temperature", "draft_tokens", "draft_confidence",
       "max_model_len", "tp", "pp"},
      "benchmarks: train (step speed, MFU), generate (batched vs one at a time, speculative vs "
-     "full; under mpirun a pipeline vs one process), checkpoint",
+     "full; under mpirun a pipeline vs one process), attention (the attention kernels alone), "
+     "checkpoint",
      RunBenchCommand},
 };
 

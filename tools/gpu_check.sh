@@ -28,7 +28,8 @@
 #            pipes and memory (the first GPU runs measured them at 92-122 TFLOP/s, a third of
 #            PyTorch's SDPA on the same GPU: the largest gap of the step); before bench, whose
 #            PyTorch compiles take minutes (the second run's budget ended before this step)
-#   bench    eellm bench train on Llama 1.3B and GPT-2 124M (with exits) beside PyTorch in mixed
+#   bench    eellm bench attention (the fused attention kernels alone at the 1.3B's shape), eellm
+#            bench train on Llama 1.3B and GPT-2 124M (with exits) beside PyTorch in mixed
 #            precision (cuda-bf16w), and PyTorch's SDPA alone at the 1.3B's attention shape
 #            (tools/bench_attention_torch.py)
 #   sanitize compute-sanitizer memcheck, racecheck and synccheck on the attention parity tests of
@@ -140,6 +141,9 @@ elif want profile; then
     _ "$NCU" "$B"
 fi
 if want bench; then
+  # The attention kernels alone at the 1.3B's shape (seconds): beside PyTorch's SDPA below.
+  run bench_attention_eellm 20 60 "$B/eellm" bench attention --model=configs/bench/llama_1p3b.json \
+    --backend=cuda-bf16w --batch=4 --seq=2048
   # cuda-bf16w (bf16 operands, fp32 master weights) is the mixed-precision path: the headline
   # runs beside PyTorch (compare: cuda-bf16, fp32 activations and FAST_16BF GEMMs, shows what
   # bf16 storage buys). The 1.3B headline accumulates gradients over 8 micro-batches of 4 x 2048

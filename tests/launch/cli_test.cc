@@ -576,6 +576,38 @@ TEST_F(CliTest, BenchRunsTheTorchReferenceWithAndWithoutExits) {
       << Describe(args, failed);
 }
 
+// `eellm bench attention`: the attention ops alone at the model's shape, forward and backward,
+// each printed as milliseconds and TFLOP/s whose product is the profiler's FLOP count (forward
+// 4 d b hq t (t + 1) / 2, backward 2.5 times that); bad sizes are refused, naming them.
+TEST_F(CliTest, BenchAttentionTimesForwardAndBackward) {
+  const std::string args = "bench attention --model=" + Quote(WriteConfig(kTinyModel)) +
+                           " --backend=cpu --batch=3 --seq=20 --steps=2 --warmup=0";
+  CmdResult r = RunEellm(args);
+  ASSERT_EQ(r.exit_code, 0) << Describe(args, r);
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(
+      r.output, m,
+      std::regex(R"(batch 3, heads (\d+)/(\d+), 20 tokens, head dimension (\d+), backend cpu)")))
+      << Describe(args, r);
+  const double hq = std::stod(m[1]), d = std::stod(m[3]);
+  const double forward_flops = 4.0 * d * 3 * hq * 20 * 21 / 2;
+  for (const auto& [name, flops] : {std::pair<std::string, double>{"forward", forward_flops},
+                                    {"backward", 2.5 * forward_flops}}) {
+    ASSERT_TRUE(std::regex_search(
+        r.output, m, std::regex("\n  " + name + R"( +([0-9.e+-]+) ms +([0-9.e+-]+) TFLOP/s)")))
+        << name << "\n"
+        << Describe(args, r);
+    const double ms = std::stod(m[1]), tflops = std::stod(m[2]);
+    EXPECT_GT(ms, 0) << name;
+    EXPECT_NEAR(ms * 1e-3 * tflops * 1e12, flops, 2e-3 * flops) << name;
+  }
+  const std::string bad = "bench attention --model=" + Quote(WriteConfig(kTinyModel)) +
+                          " --backend=cpu --batch=0 --seq=20";
+  CmdResult refused = RunEellm(bad);
+  EXPECT_NE(refused.exit_code, 0) << Describe(bad, refused);
+  EXPECT_NE(refused.output.find("got 0, 20"), std::string::npos) << Describe(bad, refused);
+}
+
 TEST_F(CliTest, DashedFlagNamesWork) {
   const std::string ckpt = TrainTinyModel(2);
   ASSERT_FALSE(ckpt.empty());

@@ -1,0 +1,95 @@
+#include "launch/bench_attention.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "engine/core/rng.h"
+#include "engine/core/timer.h"
+
+namespace eellm {
+namespace {
+
+// A backend buffer of n elements of `dtype`, filled from host values (or left as is).
+struct DeviceOperand {
+  DeviceOperand(Backend* be, DType dtype, size_t n, const std::vector<float>* values = nullptr)
+      : be(be), op(be->Alloc(std::max<size_t>(1, n) * DTypeSize(dtype)), dtype) {
+    if (values != nullptr) OperandFromHost(be, op, values->data(), n);
+  }
+  ~DeviceOperand() { be->Free(op.data); }
+  DeviceOperand(const DeviceOperand&) = delete;
+  DeviceOperand& operator=(const DeviceOperand&) = delete;
+  Backend* be;
+  Operand op;
+};
+
+// The median of `steps` synchronised runs of fn, after `warmup` untimed ones.
+template <typename Fn>
+double MedianSeconds(Backend* be, int warmup, int steps, Fn fn) {
+  for (int i = 0; i < warmup; ++i) fn();
+  std::vector<double> times;
+  for (int i = 0; i < steps; ++i) {
+    be->Synchronize();
+    Timer timer;
+    fn();
+    be->Synchronize();
+    times.push_back(timer.Seconds());
+  }
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+}  // namespace
+
+absl::StatusOr<AttentionBenchResult> RunAttentionBenchmark(const ModelConfig& mc, Backend* be,
+                                                           const AttentionBenchOptions& o) {
+  const int b = o.batch, t = o.seq > 0 ? o.seq : mc.max_seq_len;
+  const int hq = mc.num_heads, hkv = mc.num_kv_heads, d = mc.head_dim();
+  if (b < 1 || t < 1 || o.steps < 1 || o.warmup < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "need --batch, --seq (or the model's max_seq_len)",
+        " and --steps >= 1 and --warmup >= 0, got ", b, ", ", t, ", ", o.steps, ", ", o.warmup));
+  }
+  if (hq < 1 || hkv < 1 || hq % hkv != 0 || d < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("the model's heads ", hq, "/", hkv,
+                                                   " and head dimension ", d, " cannot attend"));
+  }
+  const size_t nq = static_cast<size_t>(b) * t * hq * d, nkv = static_cast<size_t>(b) * t * hkv * d;
+  const DType dt = be->operand_dtype();
+  Rng rng(o.seed);
+  auto random = [&](size_t n) {
+    std::vector<float> v(n);
+    for (float& x : v) x = static_cast<float>(rng.Normal());
+    return v;
+  };
+  const std::vector<float> qv = random(nq), kv = random(nkv), vv = random(nkv), gv = random(nq);
+  DeviceOperand q(be, dt, nq, &qv), k(be, dt, nkv, &kv), v(be, dt, nkv, &vv), dout(be, dt, nq, &gv);
+  DeviceOperand out(be, dt, nq), dq(be, dt, nq), dk(be, dt, nkv), dv(be, dt, nkv);
+  DeviceOperand lse(be, DType::kF32, static_cast<size_t>(b) * hq * t);
+  float* lse_p = static_cast<float*>(lse.op.data);
+
+  AttentionBenchResult r;
+  const double pairs = 0.5 * t * (t + 1.0);
+  r.forward_flops = 4.0 * d * b * hq * pairs;
+  r.backward_flops = 2.5 * r.forward_flops;
+  std::printf(
+      "attention: %s, batch %d, heads %d/%d, %d tokens, head dimension %d, backend %s (%s "
+      "operands); median of %d runs\n",
+      mc.style == ModelStyle::kGpt ? "gpt" : "llama", b, hq, hkv, t, d, be->name().c_str(),
+      dt == DType::kBF16 ? "bf16" : "fp32", o.steps);
+  r.forward_seconds = MedianSeconds(be, o.warmup, o.steps, [&] {
+    be->AttentionForward(out.op, lse_p, q.op, k.op, v.op, b, t, t, t, hq, hkv, d, 0);
+  });
+  r.backward_seconds = MedianSeconds(be, o.warmup, o.steps, [&] {
+    be->AttentionBackward(dq.op, dk.op, dv.op, dout.op, out.op, lse_p, q.op, k.op, v.op, b, t, hq,
+                          hkv, d);
+  });
+  std::printf("  forward   %10.4g ms  %10.4g TFLOP/s\n", r.forward_seconds * 1e3,
+              r.forward_flops / r.forward_seconds / 1e12);
+  std::printf("  backward  %10.4g ms  %10.4g TFLOP/s\n", r.backward_seconds * 1e3,
+              r.backward_flops / r.backward_seconds / 1e12);
+  return r;
+}
+
+}  // namespace eellm
