@@ -24,7 +24,8 @@
 #            cuda-bf16w (bf16 GEMM tolerances; fused flash attention; bf16 operands), and NCCL at
 #            world size 1
 #   profile  Nsight Compute (ncu, clocks left alone) on the first launch of each fused attention
-#            kernel of the 1.3B (forward, dK/dV, dQ): speed of light, occupancy, warp stalls,
+#            kernel (forward, dK/dV, dQ) at the 1.3B's shape (eellm bench attention, batch 4 x
+#            2048 tokens): speed of light, occupancy, warp stalls,
 #            pipes and memory (the first GPU runs measured them at 92-122 TFLOP/s, a third of
 #            PyTorch's SDPA on the same GPU: the largest gap of the step); before bench, whose
 #            PyTorch compiles take minutes (the second run's budget ended before this step)
@@ -131,13 +132,13 @@ NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
 if want profile && [ ! -x "$NCU" ]; then
   skip profile "no ncu"
 elif want profile; then
-  # One sequence of 2048 tokens, one step: each kernel's first launch is layer 0's.
+  # The 1.3B's attention shape (4 x 2048 tokens) in `bench attention`: no model to build.
   run profile 40 150 bash -c 'for k in FlashForwardKernel FlashBackwardKvKernel FlashBackwardQKernel; do
       "$1" --clock-control none --kernel-name "regex:$k" --launch-count 1 \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section SchedulerStats \
-        "$2/eellm" bench train --model=configs/bench/llama_1p3b.json --backend=cuda-bf16w \
-        --batch=1 --seq=2048 --steps=1 --warmup=0 --compare-without-exits=false || exit; done' \
+        "$2/eellm" bench attention --model=configs/bench/llama_1p3b.json --backend=cuda-bf16w \
+        --batch=4 --seq=2048 --steps=1 --warmup=0 || exit; done' \
     _ "$NCU" "$B"
 fi
 if want bench; then
