@@ -11,6 +11,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "engine/core/adamw_update.h"
 #include "engine/core/status.h"
 #include "engine/cuda/cuda_check.h"
 #include "engine/cuda/cuda_kernels.h"
@@ -766,10 +767,9 @@ void CudaBackend::CrossEntropyGradRange(Operand dlogits, const float* logits, co
 void CudaBackend::AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr,
                         float beta1, float beta2, float eps, float weight_decay, int step) {
   MarkWritten(p, n * sizeof(float));
-  const double bc1 = 1.0 - std::pow(static_cast<double>(beta1), step);
-  const double bc2 = 1.0 - std::pow(static_cast<double>(beta2), step);
   CUDA_CHECK(cuda::AdamW(p, g, m, v, n, lr, beta1, beta2, eps, weight_decay,
-                         static_cast<float>(1.0 / bc1), static_cast<float>(1.0 / bc2), stream_));
+                         AdamWInverseBiasCorrection(beta1, step),
+                         AdamWInverseBiasCorrection(beta2, step), stream_));
 }
 
 void CudaBackend::AdamWRuns(float* p, const float* g, float* m, float* v,
@@ -779,25 +779,21 @@ void CudaBackend::AdamWRuns(float* p, const float* g, float* m, float* v,
   auto* table =
       static_cast<cuda::AdamWRunEntry*>(Scratch(runs.size() * sizeof(cuda::AdamWRunEntry), 13));
   size_t total = 0;
-  if (!(runs == adamw_runs_)) {
-    std::vector<cuda::AdamWRunEntry> host(runs.size());
-    for (size_t r = 0; r < runs.size(); ++r) {
-      host[r] = {total, runs[r].offset, runs[r].decay};
-      total += runs[r].count;
-    }
-    CUDA_CHECK(cudaMemcpyAsync(table, host.data(), host.size() * sizeof(host[0]),
-                               cudaMemcpyHostToDevice, stream_));
-    CUDA_CHECK(cudaStreamSynchronize(stream_));  // host is pageable and about to go
-    adamw_runs_ = runs;
-  } else {
-    for (const AdamWRun& r : runs) total += r.count;
+  std::vector<cuda::AdamWRunEntry> entries(runs.size());
+  for (size_t r = 0; r < runs.size(); ++r) {
+    entries[r] = {total, runs[r].offset, runs[r].decay};
+    total += runs[r].count;
+    MarkWritten(p + runs[r].offset, runs[r].count * sizeof(float));
   }
-  for (const AdamWRun& r : runs) MarkWritten(p + r.offset, r.count * sizeof(float));
-  const double bc1 = 1.0 - std::pow(static_cast<double>(beta1), step);
-  const double bc2 = 1.0 - std::pow(static_cast<double>(beta2), step);
+  if (!(runs == adamw_runs_)) {
+    CUDA_CHECK(cudaMemcpyAsync(table, entries.data(), entries.size() * sizeof(entries[0]),
+                               cudaMemcpyHostToDevice, stream_));
+    CUDA_CHECK(cudaStreamSynchronize(stream_));  // entries are pageable and about to go
+    adamw_runs_ = runs;
+  }
   CUDA_CHECK(cuda::AdamWRuns(p, g, m, v, table, static_cast<int>(runs.size()), total, lr, beta1,
-                             beta2, eps, weight_decay, static_cast<float>(1.0 / bc1),
-                             static_cast<float>(1.0 / bc2), stream_));
+                             beta2, eps, weight_decay, AdamWInverseBiasCorrection(beta1, step),
+                             AdamWInverseBiasCorrection(beta2, step), stream_));
 }
 
 }  // namespace eellm

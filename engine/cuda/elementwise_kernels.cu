@@ -5,6 +5,7 @@
 // in order, and the G groups' partials are added in a fixed pairwise tree.
 #include <cmath>
 
+#include "engine/core/adamw_update.h"
 #include "engine/core/dropout.h"
 #include "engine/cuda/block_reduce.cuh"
 #include "engine/cuda/cuda_kernels.h"
@@ -340,23 +341,11 @@ __global__ void RopeApplyKernel(Elems x, const float* table, int n, int heads, i
   }
 }
 
-__device__ __forceinline__ void AdamWElement(float* p, const float* g, float* m, float* v, size_t i,
-                                             float lr, float beta1, float beta2, float eps,
-                                             float weight_decay, float inv_bc1, float inv_bc2) {
-  const float gi = g[i];
-  const float mi = beta1 * m[i] + (1.0f - beta1) * gi;
-  const float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
-  m[i] = mi;
-  v[i] = vi;
-  const float m_hat = mi * inv_bc1;
-  const float v_hat = vi * inv_bc2;
-  p[i] -= lr * (m_hat / (sqrtf(v_hat) + eps) + weight_decay * p[i]);
-}
 __global__ void AdamWKernel(float* p, const float* g, float* m, float* v, size_t n, float lr,
                             float beta1, float beta2, float eps, float weight_decay, float inv_bc1,
                             float inv_bc2) {
   GRID_STRIDE(i, n) {
-    AdamWElement(p, g, m, v, i, lr, beta1, beta2, eps, weight_decay, inv_bc1, inv_bc2);
+    AdamWUpdate(p, g, m, v, i, lr, beta1, beta2, eps, weight_decay, inv_bc1, inv_bc2);
   }
 }
 // Element i of the runs' concatenation: its run by binary search over the runs' first elements
@@ -376,8 +365,8 @@ __global__ void AdamWRunsKernel(float* p, const float* g, float* m, float* v,
       }
     }
     const AdamWRunEntry r = runs[lo];
-    AdamWElement(p, g, m, v, r.offset + (i - r.first), lr, beta1, beta2, eps,
-                 r.decay ? weight_decay : 0.0f, inv_bc1, inv_bc2);
+    AdamWUpdate(p, g, m, v, r.offset + (i - r.first), lr, beta1, beta2, eps,
+                r.decay ? weight_decay : 0.0f, inv_bc1, inv_bc2);
   }
 }
 
