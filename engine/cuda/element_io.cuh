@@ -36,6 +36,23 @@ __device__ __forceinline__ void StoreAt(Elems e, size_t i, float v) {
   }
 }
 
+// Two floats rounded to bf16 (nearest even) in one register, `lo` in the low half: one
+// cvt.rn.bf16x2.f32 on the device.
+__device__ __forceinline__ uint32_t PackBf16x2(float lo, float hi) {
+#ifdef EELLM_CUDA_EMULATION
+  return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16(lo))) |
+         (static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16(hi))) << 16);
+#else
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+#endif
+}
+// The values of a PackBf16x2 register as floats (exact: a bf16 is a float's upper half).
+__device__ __forceinline__ float Bf16x2Lo(uint32_t packed) { return __uint_as_float(packed << 16); }
+__device__ __forceinline__ float Bf16x2Hi(uint32_t packed) {
+  return __uint_as_float(packed & 0xffff0000u);
+}
+
 // Eight consecutive elements from i0 (a multiple of 8), `count` of them (<= 8) valid: with
 // `vec` (every tensor of the launch 16-byte aligned, Aligned16) and all 8 valid, one 16-byte
 // load or store for bf16, two for fp32; otherwise one access per element. Elementwise kernels
@@ -48,8 +65,8 @@ __device__ __forceinline__ void Load8(Elems e, size_t i0, int count, bool vec, f
           *reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(e.data) + i0);
       const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
       for (int k = 0; k < 4; ++k) {
-        v[2 * k] = __uint_as_float(w[k] << 16);
-        v[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+        v[2 * k] = Bf16x2Lo(w[k]);
+        v[2 * k + 1] = Bf16x2Hi(w[k]);
       }
     } else {
       const float4* p = reinterpret_cast<const float4*>(static_cast<const float*>(e.data) + i0);
@@ -66,10 +83,7 @@ __device__ __forceinline__ void Store8(Elems e, size_t i0, int count, bool vec,
   if (vec && count == 8) {
     if (e.bf16) {
       uint32_t w[4];
-      for (int k = 0; k < 4; ++k) {
-        w[k] = static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16(v[2 * k]))) |
-               static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16(v[2 * k + 1]))) << 16;
-      }
+      for (int k = 0; k < 4; ++k) w[k] = PackBf16x2(v[2 * k], v[2 * k + 1]);
       *reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(e.data) + i0) =
           make_uint4(w[0], w[1], w[2], w[3]);
     } else {

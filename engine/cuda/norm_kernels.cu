@@ -39,11 +39,7 @@ __device__ __forceinline__ void StoreCols(float* p, const float (&v)[U]) {
 template <int U>
 __device__ __forceinline__ void StoreCols(__nv_bfloat16* p, const float (&v)[U]) {
   if constexpr (U == 4) {
-    auto bits = [](float x) {
-      return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16(x)));
-    };
-    *reinterpret_cast<uint2*>(p) =
-        make_uint2(bits(v[0]) | bits(v[1]) << 16, bits(v[2]) | bits(v[3]) << 16);
+    *reinterpret_cast<uint2*>(p) = make_uint2(PackBf16x2(v[0], v[1]), PackBf16x2(v[2], v[3]));
   } else {
     *p = __float2bfloat16(v[0]);
   }

@@ -19,6 +19,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "engine/cuda/element_io.cuh"
+
 #ifdef EELLM_CUDA_EMULATION
 #include "tests/gpu/emu/warp_mma.h"
 #else
@@ -56,23 +58,6 @@ __device__ __forceinline__ void MmaBf16(float (&d)[4], const uint32_t (&a)[4], u
 #endif  // EELLM_CUDA_EMULATION
 
 namespace eellm::cuda {
-
-// Two floats rounded to bf16 (nearest even) in one register, `lo` in the low half: one
-// cvt.rn.bf16x2.f32 on the device.
-__device__ __forceinline__ uint32_t PackBf16x2(float lo, float hi) {
-#ifdef EELLM_CUDA_EMULATION
-  return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16(lo))) |
-         (static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16(hi))) << 16);
-#else
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-#endif
-}
-// The values of a PackBf16x2 register as floats (exact: a bf16 is a float's upper half).
-__device__ __forceinline__ float Bf16x2Lo(uint32_t packed) { return __uint_as_float(packed << 16); }
-__device__ __forceinline__ float Bf16x2Hi(uint32_t packed) {
-  return __uint_as_float(packed & 0xffff0000u);
-}
 
 // 2^x in one instruction (ex2.approx.ftz: 2 ulp; 2^-inf = 0), for the softmax, whose scores
 // are pre-multiplied by log2(e).
