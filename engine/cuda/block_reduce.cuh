@@ -15,6 +15,14 @@ namespace eellm::cuda {
 // Shared memory that BlockSum and BlockMax need: one value per warp of the block.
 constexpr int kBlockReduceScratch = 32;
 
+// Threads of a block that reduces one row: whole warps enough for `items` (the row's elements,
+// or its groups of columns that one thread takes at a time), at most max_threads, so that short
+// rows (a tiny model's hidden size or vocabulary) launch no idle warps.
+inline unsigned RowThreads(int64_t items, int max_threads) {
+  const int64_t threads = (items + 31) / 32 * 32;
+  return static_cast<unsigned>(threads < 32 ? 32 : (threads > max_threads ? max_threads : threads));
+}
+
 // The sum over the block (blockDim.x a multiple of 32, at most 1024): each warp adds its lanes
 // in a fixed butterfly (every lane gets the same bits: a + b = b + a), then every thread adds
 // the warps' sums in warp order. Two barriers; the second frees scratch for the next call, and

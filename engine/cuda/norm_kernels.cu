@@ -227,15 +227,18 @@ template <typename... Ptrs>
 bool FourColumns(int c, const Ptrs*... p) {
   return c % 4 == 0 && Aligned16(p...);
 }
+// The row kernels' threads for rows of c columns, 4 or 1 a thread.
+unsigned Threads(int c, bool four) { return RowThreads(four ? c / 4 : c, kThreads); }
 
 cudaError_t LayerNormForward(Elems out, float* mean, float* rstd, const float* x, const float* g,
                              const float* b, int n, int c, float eps, cudaStream_t s) {
   if (n <= 0 || c <= 0) return cudaGetLastError();
   return WithElementType(out, [&](auto* o) {
     using OutT = ElementOf<decltype(o)>;
-    auto* kernel = FourColumns(c, o, x, g, b) ? LayerNormForwardKernel<4, OutT>
-                                              : LayerNormForwardKernel<1, OutT>;
-    return LaunchKernel(kernel, dim3(n), dim3(kThreads), 0, s, o, mean, rstd, x, g, b, c, eps);
+    const bool four = FourColumns(c, o, x, g, b);
+    auto* kernel = four ? LayerNormForwardKernel<4, OutT> : LayerNormForwardKernel<1, OutT>;
+    return LaunchKernel(kernel, dim3(n), dim3(Threads(c, four)), 0, s, o, mean, rstd, x, g, b, c,
+                        eps);
   });
 }
 
@@ -243,9 +246,9 @@ cudaError_t LayerNormBackward(float* dx, const float* dres, float* dg, float* db
                               const float* x, const float* g, const float* mean, const float* rstd,
                               int n, int c, double* scratch, cudaStream_t s) {
   if (n <= 0 || c <= 0) return cudaGetLastError();
-  auto* kernel = FourColumns(c, dx, dres, dout, x, g) ? LayerNormBackwardRowsKernel<4>
-                                                      : LayerNormBackwardRowsKernel<1>;
-  LaunchKernel(kernel, dim3(n), dim3(kThreads), 0, s, dx, dres, dout, x, g, mean, rstd, c);
+  const bool four = FourColumns(c, dx, dres, dout, x, g);
+  auto* kernel = four ? LayerNormBackwardRowsKernel<4> : LayerNormBackwardRowsKernel<1>;
+  LaunchKernel(kernel, dim3(n), dim3(Threads(c, four)), 0, s, dx, dres, dout, x, g, mean, rstd, c);
   LaunchNormParamGrad(dg, db, scratch, dout, x, mean, rstd, n, c, s);
   return cudaGetLastError();
 }
@@ -255,9 +258,9 @@ cudaError_t RmsNormForward(Elems out, float* rstd, const float* x, const float* 
   if (n <= 0 || c <= 0) return cudaGetLastError();
   return WithElementType(out, [&](auto* o) {
     using OutT = ElementOf<decltype(o)>;
-    auto* kernel =
-        FourColumns(c, o, x, g) ? RmsNormForwardKernel<4, OutT> : RmsNormForwardKernel<1, OutT>;
-    return LaunchKernel(kernel, dim3(n), dim3(kThreads), 0, s, o, rstd, x, g, c, eps);
+    const bool four = FourColumns(c, o, x, g);
+    auto* kernel = four ? RmsNormForwardKernel<4, OutT> : RmsNormForwardKernel<1, OutT>;
+    return LaunchKernel(kernel, dim3(n), dim3(Threads(c, four)), 0, s, o, rstd, x, g, c, eps);
   });
 }
 
@@ -265,9 +268,9 @@ cudaError_t RmsNormBackward(float* dx, const float* dres, float* dg, const float
                             const float* x, const float* g, const float* rstd, int n, int c,
                             double* scratch, cudaStream_t s) {
   if (n <= 0 || c <= 0) return cudaGetLastError();
-  auto* kernel = FourColumns(c, dx, dres, dout, x, g) ? RmsNormBackwardRowsKernel<4>
-                                                      : RmsNormBackwardRowsKernel<1>;
-  LaunchKernel(kernel, dim3(n), dim3(kThreads), 0, s, dx, dres, dout, x, g, rstd, c);
+  const bool four = FourColumns(c, dx, dres, dout, x, g);
+  auto* kernel = four ? RmsNormBackwardRowsKernel<4> : RmsNormBackwardRowsKernel<1>;
+  LaunchKernel(kernel, dim3(n), dim3(Threads(c, four)), 0, s, dx, dres, dout, x, g, rstd, c);
   LaunchNormParamGrad(dg, nullptr, scratch, dout, x, nullptr, rstd, n, c, s);
   return cudaGetLastError();
 }

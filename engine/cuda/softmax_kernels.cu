@@ -63,8 +63,9 @@ constexpr int kStagedVocabMax = 54 * 1024;
 // kStaged: the row is first copied to dynamic shared memory (cp.async, 16 bytes per copy; v % 4
 // == 0, 16-byte aligned rows), and the passes read it there. Same threads, same order: the
 // results are the same bits either way.
-// 1024 threads a row: a staged row of 32k logits (128 KiB) leaves room for one block on an SM,
-// whose threads are then all the SM has to keep its loads and exps in flight.
+// 1024 threads a row (fewer for a vocabulary under 4096: at least 4 logits a thread): a staged
+// row of 32k logits (128 KiB) leaves room for one block on an SM, whose threads are then all the
+// SM has to keep its loads and exps in flight.
 constexpr int kCrossEntropyThreads = 1024;
 
 template <bool kStaged>
@@ -151,15 +152,18 @@ __global__ void CrossEntropyGradRangeKernel(Elems dlogits, const float* logits,
 
 cudaError_t CausalSoftmaxRows(float* s, float* lse, int tq, int tk, int q_offset, cudaStream_t st) {
   if (tq > 0 && tk > 0)
-    LaunchKernel(CausalSoftmaxKernel, dim3(tq), dim3(kThreads), 0, st, s, lse, tk, q_offset);
+    LaunchKernel(CausalSoftmaxKernel, dim3(tq), dim3(RowThreads(tk, kThreads)), 0, st, s, lse, tk,
+                 q_offset);
   return cudaGetLastError();
 }
 cudaError_t ProbsFromLse(float* s, const float* lse, int t, cudaStream_t st) {
-  if (t > 0) LaunchKernel(ProbsFromLseKernel, dim3(t), dim3(kThreads), 0, st, s, lse, t);
+  if (t > 0)
+    LaunchKernel(ProbsFromLseKernel, dim3(t), dim3(RowThreads(t, kThreads)), 0, st, s, lse, t);
   return cudaGetLastError();
 }
 cudaError_t SoftmaxBackwardRows(float* ds, const float* p, int t, cudaStream_t st) {
-  if (t > 0) LaunchKernel(SoftmaxBackwardKernel, dim3(t), dim3(kThreads), 0, st, ds, p, t);
+  if (t > 0)
+    LaunchKernel(SoftmaxBackwardKernel, dim3(t), dim3(RowThreads(t, kThreads)), 0, st, ds, p, t);
   return cudaGetLastError();
 }
 cudaError_t CrossEntropy(float* losses, float* max_prob, Elems dlogits, const float* logits,
@@ -168,30 +172,32 @@ cudaError_t CrossEntropy(float* losses, float* max_prob, Elems dlogits, const fl
   if (n > 0 && v > 0) {
     const bool staged =
         v % 4 == 0 && v <= kStagedVocabMax && reinterpret_cast<uintptr_t>(logits) % 16 == 0;
+    const unsigned threads = RowThreads((v + 3) / 4, kCrossEntropyThreads);  // 4+ logits a thread
     if (staged) {
       const size_t bytes = sizeof(float) * v;
       const cudaError_t e = cudaFuncSetAttribute(
           CrossEntropyKernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
       if (e != cudaSuccess) return e;
-      LaunchKernel(CrossEntropyKernel<true>, dim3(n), dim3(kCrossEntropyThreads), bytes, s, losses,
-                   max_prob, dlogits, logits, targets, weights, v);
+      LaunchKernel(CrossEntropyKernel<true>, dim3(n), dim3(threads), bytes, s, losses, max_prob,
+                   dlogits, logits, targets, weights, v);
     } else {
-      LaunchKernel(CrossEntropyKernel<false>, dim3(n), dim3(kCrossEntropyThreads), 0, s, losses,
-                   max_prob, dlogits, logits, targets, weights, v);
+      LaunchKernel(CrossEntropyKernel<false>, dim3(n), dim3(threads), 0, s, losses, max_prob,
+                   dlogits, logits, targets, weights, v);
     }
   }
   return cudaGetLastError();
 }
 cudaError_t RowMax(float* row_max, const float* logits, int n, int v, cudaStream_t s) {
-  if (n > 0 && v > 0) LaunchKernel(RowMaxKernel, dim3(n), dim3(kThreads), 0, s, row_max, logits, v);
+  if (n > 0 && v > 0)
+    LaunchKernel(RowMaxKernel, dim3(n), dim3(RowThreads(v, kThreads)), 0, s, row_max, logits, v);
   return cudaGetLastError();
 }
 cudaError_t SumExpAndTarget(float* sum_exp, float* target_logit, const float* logits,
                             const float* row_max, const int32_t* targets, int n, int v, int start,
                             cudaStream_t s) {
   if (n > 0 && v > 0) {
-    LaunchKernel(SumExpAndTargetKernel, dim3(n), dim3(kThreads), 0, s, sum_exp, target_logit,
-                 logits, row_max, targets, v, start);
+    LaunchKernel(SumExpAndTargetKernel, dim3(n), dim3(RowThreads(v, kThreads)), 0, s, sum_exp,
+                 target_logit, logits, row_max, targets, v, start);
   }
   return cudaGetLastError();
 }
@@ -199,8 +205,8 @@ cudaError_t CrossEntropyGradRange(Elems dlogits, const float* logits, const floa
                                   const float* sum_exp, const int32_t* targets,
                                   const float* weights, int n, int v, int start, cudaStream_t s) {
   if (n > 0 && v > 0) {
-    LaunchKernel(CrossEntropyGradRangeKernel, dim3(n), dim3(kThreads), 0, s, dlogits, logits,
-                 row_max, sum_exp, targets, weights, v, start);
+    LaunchKernel(CrossEntropyGradRangeKernel, dim3(n), dim3(RowThreads(v, kThreads)), 0, s, dlogits,
+                 logits, row_max, sum_exp, targets, weights, v, start);
   }
   return cudaGetLastError();
 }

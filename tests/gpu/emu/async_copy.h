@@ -15,7 +15,10 @@
 #include "cuda_emulation.h"
 
 namespace eellm_emu {
-inline ThreadCopies& MyCopies() { return Sched().async_copies[LinearThread()]; }
+inline ThreadCopies& MyCopies() {
+  Sched().async_used = true;
+  return Sched().async_copies[LinearThread()];
+}
 }  // namespace eellm_emu
 
 namespace eellm::cuda {

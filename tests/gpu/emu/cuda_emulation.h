@@ -304,7 +304,8 @@ struct Scheduler {
   // (its phase), so one barrier per exchange suffices.
   std::vector<unsigned char> exchange[2];
   std::vector<unsigned char> exchange_phase;
-  std::vector<ThreadCopies> async_copies;  // per thread, cleared when a block starts
+  std::vector<ThreadCopies> async_copies;  // per thread, emptied when a block starts
+  bool async_used = false;                 // whether a thread of the block started a copy
 };
 
 inline Scheduler& Sched() {
@@ -393,6 +394,7 @@ inline cudaError_t Run(dim3 grid, dim3 block, size_t shared_bytes, std::function
   const size_t warp_threads = static_cast<size_t>(threads + 31) / 32 * 32;
   for (auto& slots : s.exchange) slots.assign(warp_threads * kExchangeBytes, 0);
   s.exchange_phase.assign(threads, 0);
+  if (s.async_copies.size() < static_cast<size_t>(threads)) s.async_copies.resize(threads);
   s.shared.assign(shared_bytes + 128, 0xFF);
   s.shared_size = shared_bytes;
   s.shared_base = reinterpret_cast<unsigned char*>(
@@ -405,7 +407,10 @@ inline cudaError_t Run(dim3 grid, dim3 block, size_t shared_bytes, std::function
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         g_block_idx = dim3(bx, by, bz);
         std::fill(s.shared.begin(), s.shared.end(), 0xFF);
-        s.async_copies.assign(threads, ThreadCopies{});
+        if (s.async_used) {  // (emptied, not rebuilt: a deque allocates when constructed)
+          for (ThreadCopies& t : s.async_copies) t.open.clear(), t.committed.clear();
+          s.async_used = false;
+        }
         if (!barriers) {
           for (int i = 0; i < threads; ++i) {
             g_thread_idx = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
@@ -440,23 +445,37 @@ inline cudaError_t Run(dim3 grid, dim3 block, size_t shared_bytes, std::function
 
 inline unsigned char* DynamicShared() { return Sched().shared_base; }
 
-// A warp-collective exchange (the emulation of the instructions that read other lanes'
-// registers: shuffles, and ldmatrix and MMA in warp_mma.h): every lane of the warp publishes
-// `mine`; on return all[l] is lane l's value. One barrier: a lane's next exchange writes the other
-// set of slots, which no lane still reads.
+// Publishes `mine` in the calling lane's slot and waits until every lane of the warp has
+// published; returns the warp's slots (lane l's value at l * kExchangeBytes). One barrier: a
+// lane's next exchange writes the other set of slots, which no lane still reads.
 template <typename T>
-void WarpExchange(const T& mine, T (&all)[32]) {
+const unsigned char* PublishToWarp(const T& mine) {
   static_assert(sizeof(T) <= kExchangeBytes, "exchange of a large type");
   Scheduler& s = Sched();
   const int me = LinearThread();
   std::vector<unsigned char>& slots = s.exchange[s.exchange_phase[me]];
   std::memcpy(&slots[static_cast<size_t>(me) * kExchangeBytes], &mine, sizeof(T));
   Yield(Barrier::kShuffle);  // every lane has written
-  const int base = me & ~31;
-  for (int l = 0; l < 32; ++l) {
-    std::memcpy(&all[l], &slots[static_cast<size_t>(base + l) * kExchangeBytes], sizeof(T));
-  }
   s.exchange_phase[me] ^= 1;
+  return &slots[static_cast<size_t>(me & ~31) * kExchangeBytes];
+}
+
+// A warp-collective exchange (the emulation of the instructions that read other lanes'
+// registers: ldmatrix and MMA in warp_mma.h): every lane of the warp publishes `mine`; on return
+// all[l] is lane l's value.
+template <typename T>
+void WarpExchange(const T& mine, T (&all)[32]) {
+  const unsigned char* slots = PublishToWarp(mine);
+  for (int l = 0; l < 32; ++l) std::memcpy(&all[l], slots + l * kExchangeBytes, sizeof(T));
+}
+
+// A shuffle: every lane of the warp publishes `mine` and gets lane `src`'s value.
+template <typename T>
+T WarpRead(const T& mine, int src) {
+  const unsigned char* slots = PublishToWarp(mine);
+  T v;
+  std::memcpy(&v, slots + src * kExchangeBytes, sizeof(T));
+  return v;
 }
 
 // Whether [p, p + bytes) lies in the running block's dynamic shared memory.
@@ -478,9 +497,7 @@ inline void __syncwarp(unsigned = 0xffffffffu) { eellm_emu::Yield(eellm_emu::Bar
 
 template <typename T>
 T __shfl_xor_sync(unsigned, T value, int lane_mask, int = 32) {
-  T all[32];
-  eellm_emu::WarpExchange(value, all);
-  return all[(eellm_emu::LinearThread() & 31) ^ lane_mask];
+  return eellm_emu::WarpRead(value, (eellm_emu::LinearThread() & 31) ^ lane_mask);
 }
 
 template <typename... Params>
