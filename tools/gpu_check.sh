@@ -12,7 +12,8 @@
 # calls on a warm machine) is then reused. The exit code is 1 when a step failed or was skipped.
 #
 # What comes back ($OUT keeps at most 8 files): summary.log (GPU, each step's start, exit code,
-# time and last lines, the gpu step's test counts and failures, cuBLASLt refusals), the logs
+# time and last lines, the gpu step's test counts and failures, cuBLASLt refusals, cuDNN
+# attention's plans and refusals), the logs
 # that matter most as they are (gpu.log, bench_llama.log, bench_gpt2.log; their last 8 MiB),
 # logs.tar.gz with every step's log, rewritten after each step, and running.log, the log of a
 # step that a cut-off call interrupted.
@@ -24,12 +25,14 @@
 #            cuda-bf16w (bf16 GEMM tolerances; fused flash attention; bf16 operands), and NCCL at
 #            world size 1
 #   profile  Nsight Compute (ncu, clocks left alone) on the first launch of each fused attention
-#            kernel (forward, dK/dV, dQ) at the 1.3B's shape (eellm bench attention, batch 4 x
+#            kernel of ours (forward, dK/dV, dQ; EELLM_CUDNN_ATTENTION=0, so that cuDNN's do not
+#            take their place) at the 1.3B's shape (eellm bench attention, batch 4 x
 #            2048 tokens): speed of light, occupancy, warp stalls,
 #            pipes and memory (the first GPU runs measured them at 92-122 TFLOP/s, a third of
 #            PyTorch's SDPA on the same GPU: the largest gap of the step); before bench, whose
 #            PyTorch compiles take minutes (the second run's budget ended before this step)
-#   bench    eellm bench attention (the fused attention kernels alone at the 1.3B's shape), eellm
+#   bench    eellm bench attention (attention alone at the 1.3B's shape: cuDNN's fused attention,
+#            then ours with EELLM_CUDNN_ATTENTION=0), eellm
 #            bench train on Llama 1.3B and GPT-2 124M (with exits) beside PyTorch in mixed
 #            precision (cuda-bf16w), and PyTorch's SDPA alone at the 1.3B's attention shape
 #            (tools/bench_attention_torch.py)
@@ -134,7 +137,7 @@ if want profile && [ ! -x "$NCU" ]; then
 elif want profile; then
   # The 1.3B's attention shape (4 x 2048 tokens) in `bench attention`: no model to build.
   run profile 40 150 bash -c 'for k in FlashForwardKernel FlashBackwardKvKernel FlashBackwardQKernel; do
-      "$1" --clock-control none --kernel-name "regex:$k" --launch-count 1 \
+      EELLM_CUDNN_ATTENTION=0 "$1" --clock-control none --kernel-name "regex:$k" --launch-count 1 \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section SchedulerStats \
         "$2/eellm" bench attention --model=configs/bench/llama_1p3b.json --backend=cuda-bf16w \
@@ -142,9 +145,12 @@ elif want profile; then
     _ "$NCU" "$B"
 fi
 if want bench; then
-  # The attention kernels alone at the 1.3B's shape (seconds): beside PyTorch's SDPA below.
+  # Attention alone at the 1.3B's shape (seconds): cuDNN's, then our fused kernels; beside
+  # PyTorch's SDPA below.
   run bench_attention_eellm 20 60 "$B/eellm" bench attention --model=configs/bench/llama_1p3b.json \
     --backend=cuda-bf16w --batch=4 --seq=2048
+  run bench_attention_ours 20 60 env EELLM_CUDNN_ATTENTION=0 "$B/eellm" bench attention \
+    --model=configs/bench/llama_1p3b.json --backend=cuda-bf16w --batch=4 --seq=2048
   # cuda-bf16w (bf16 operands, fp32 master weights) is the mixed-precision path: the headline
   # runs beside PyTorch (compare: cuda-bf16, fp32 activations and FAST_16BF GEMMs, shows what
   # bf16 storage buys). The 1.3B headline accumulates gradients over 8 micro-batches of 4 x 2048
@@ -199,6 +205,8 @@ fi
 {
   echo "cuBLASLt refusals (count, message):"
   grep -h "eellm: cuBLASLt" "$LOGS"/*.log 2>/dev/null | sort | uniq -c
+  echo "cuDNN attention (count, plan or refusal per shape):"
+  grep -h "cuDNN attention" "$LOGS"/*.log 2>/dev/null | sort | uniq -c | head -20
   echo "done in $SECONDS s$( ((FAILED)) && echo ', some steps failed or were skipped')"
 } | tee -a "$SUMMARY"
 pack

@@ -18,10 +18,10 @@
 #include "engine/cuda/make_cuda_backend.h"
 
 namespace eellm {
-namespace {
-// An operand as the kernels' launchers take it.
-cuda::Elems ToElems(ConstOperand x) { return {const_cast<void*>(x.data), x.is_bf16()}; }
 
+using cuda::ToElems;
+
+namespace {
 // The cuBLASLt problem of row-major C[M, N] = alpha op(A) op(B) + beta C on bf16 A and B:
 // column-major C^T = op(B)^T op(A)^T, the operands swapped (see CudaBackend::Gemm).
 cuda::LtGemm::Problem RowMajorLtProblem(bool trans_a, bool trans_b, int m, int n, int k,
@@ -88,7 +88,10 @@ CudaBackend::CudaBackend(int device, GemmPrecision precision)
   // fp32: plain fp32 GEMMs (no TF32), checked element by element against the CPU.
   CUBLAS_CHECK(cublasSetMathMode(
       cublas_, precision_ == GemmPrecision::kFp32 ? CUBLAS_PEDANTIC_MATH : CUBLAS_DEFAULT_MATH));
-  if (precision_ == GemmPrecision::kBf16Weights) lt_ = std::make_unique<cuda::LtGemm>(stream_);
+  if (precision_ == GemmPrecision::kBf16Weights) {
+    lt_ = std::make_unique<cuda::LtGemm>(stream_);
+    cudnn_attention_ = cuda::CudnnAttention::Create(stream_);
+  }
 }
 
 CudaBackend::~CudaBackend() {
@@ -96,6 +99,7 @@ CudaBackend::~CudaBackend() {
   for (Slot& s : scratch_) cudaFree(s.ptr);
   for (WeightCopy& w : weights_) cudaFree(w.bf16);
   lt_.reset();
+  cudnn_attention_.reset();
   if (cublas_ != nullptr) cublasDestroy(cublas_);
 }
 
@@ -548,183 +552,6 @@ void CudaBackend::RopeBackward(Operand dx, const int32_t* pos, int n, int heads,
   EE_CHECK(head_dim % 2 == 0, "RoPE needs an even head_dim, got ", head_dim);
   CUDA_CHECK(cuda::Rope(ToElems(dx), pos, n, heads, head_dim, rope, -1.0, RopeTable(n, head_dim),
                         stream_));
-}
-
-// ---- attention ----------------------------------------------------------------------------------
-
-bool CudaBackend::UseFlash(int d, std::initializer_list<const void*> tensors) const {
-  if (precision_ == GemmPrecision::kFp32 || !cuda::FlashAttentionSupports(d)) return false;
-  for (const void* p : tensors) {
-    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
-  }
-  return true;
-}
-
-void CudaBackend::AttentionForward(Operand out_op, float* lse, ConstOperand q, ConstOperand k,
-                                   ConstOperand v, int b, int tq, int tk, int tk_cap, int hq,
-                                   int hkv, int d, int q_offset) {
-  CheckAttentionSizes(tq, tk, tk_cap, hq, hkv, q_offset);
-  EE_CHECK(q.dtype == k.dtype && q.dtype == v.dtype, "attention q, k, v of different dtypes");
-  if (UseFlash(d, {out_op.data, q.data, k.data, v.data})) {
-    CUDA_CHECK(cuda::FlashAttentionForward(ToElems(out_op), lse, ToElems(q), ToElems(k), ToElems(v),
-                                           b, tq, tk, tk_cap, hq, hkv, d, q_offset, stream_));
-    return;
-  }
-  // Per head through GEMMs, into fp32 (a scratch copy converted at the end for a bf16 output).
-  const size_t out_count = static_cast<size_t>(b) * tq * hq * d;
-  float* out =
-      out_op.is_bf16() ? static_cast<float*>(Scratch(out_count * sizeof(float), 5)) : out_op.f32();
-  const int group = hq / hkv;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  // Sized for the cache's capacity, so that decoding does not regrow it token by token.
-  float* s = static_cast<float*>(Scratch(static_cast<size_t>(tq) * tk_cap * sizeof(float), 0));
-  for (int bi = 0; bi < b; ++bi) {
-    for (int h = 0; h < hq; ++h) {
-      const int kvh = h / group;
-      const ConstOperand qh = q.At((static_cast<size_t>(bi) * tq * hq + h) * d);  // stride hq*d
-      const ConstOperand kh = k.At((static_cast<size_t>(bi) * tk_cap * hkv + kvh) * d);
-      const ConstOperand vh = v.At((static_cast<size_t>(bi) * tk_cap * hkv + kvh) * d);
-      float* oh = out + (static_cast<size_t>(bi) * tq * hq + h) * d;
-      float* lse_h = lse ? lse + (static_cast<size_t>(bi) * hq + h) * tq : nullptr;
-      Gemm(false, true, tq, tk, d, scale, qh, hq * d, kh, hkv * d, 0.0f, s, tk);
-      CUDA_CHECK(cuda::CausalSoftmaxRows(s, lse_h, tq, tk, q_offset, stream_));
-      Gemm(false, false, tq, d, tk, 1.0f, s, tk, vh, hkv * d, 0.0f, oh, hq * d);
-    }
-  }
-  if (out_op.is_bf16()) CUDA_CHECK(cuda::ToBf16(out_op.bf16_bits(), out, out_count, stream_));
-}
-
-void CudaBackend::PagedAttentionForward(Operand out, ConstOperand q, ConstOperand k, ConstOperand v,
-                                        const KvPageTable& pages, int tq, int hq, int hkv, int d,
-                                        int q_offset) {
-  const int tk = q_offset + tq;
-  CheckAttentionSizes(tq, tk, tk, hq, hkv, q_offset);
-  EE_CHECK(q.dtype == k.dtype && q.dtype == v.dtype, "attention q, k, v of different dtypes");
-  if (UseFlash(d, {out.data, q.data, k.data, v.data})) {
-    CUDA_CHECK(cuda::FlashAttentionForwardPaged(ToElems(out), ToElems(q), ToElems(k), ToElems(v),
-                                                pages.device, pages.page_tokens, tq, hq, hkv, d,
-                                                q_offset, stream_));
-    return;
-  }
-  // Sized in steps of 1024 keys, so that decoding does not regrow the buffers token by token.
-  const int cap = (tk + 1023) / 1024 * 1024;
-  const size_t row_bytes = static_cast<size_t>(hkv) * d * DTypeSize(k.dtype);
-  GatheredPagedAttention(this, out, q, k, v, pages, tq, hq, hkv, d, q_offset,
-                         Scratch(cap * row_bytes, 8), Scratch(cap * row_bytes, 9), cap);
-}
-
-void CudaBackend::PagedAttentionPass(Operand out, ConstOperand q, ConstOperand k, ConstOperand v,
-                                     Operand k_pool, Operand v_pool,
-                                     const std::vector<PagedRows>& segments, int hq, int hkv,
-                                     int d) {
-  EE_CHECK(q.dtype == k.dtype && q.dtype == v.dtype && k_pool.dtype == k.dtype &&
-               v_pool.dtype == k.dtype,
-           "paged attention pass: q, k, v and the pools of different dtypes");
-  const size_t row_bytes = static_cast<size_t>(hkv) * d * DTypeSize(k.dtype);
-  if (segments.empty() || segments.size() > 65535 ||  // (the grid's z limit)
-      !UseFlash(d, {out.data, q.data, k.data, v.data, k_pool.data, v_pool.data}) ||
-      row_bytes % 16 != 0) {
-    Backend::PagedAttentionPass(out, q, k, v, k_pool, v_pool, segments, hq, hkv, d);
-    return;
-  }
-  const int page_tokens = segments[0].pages->page_tokens;
-  // The descriptors: the segments, then each row's pool row (-1 for rows of no segment).
-  std::vector<cuda::PagedSegment> segs;
-  std::vector<int32_t> pool_rows;
-  int max_rows = 0;
-  for (const PagedRows& sg : segments) {
-    CheckAttentionSizes(sg.rows, sg.q_offset + sg.rows, sg.q_offset + sg.rows, hq, hkv,
-                        sg.q_offset);
-    EE_CHECK(sg.pages->page_tokens == page_tokens, "a pass's page tables of ", page_tokens, " and ",
-             sg.pages->page_tokens, " tokens a page");
-    EE_CHECK(sg.q_offset + sg.rows <= sg.pages->tokens(),
-             "KV cache overflow: ", sg.q_offset + sg.rows, " > ", sg.pages->tokens());
-    segs.push_back({sg.pages->device, sg.row, sg.rows, sg.q_offset, 0});
-    max_rows = std::max(max_rows, sg.rows);
-    if (pool_rows.size() < static_cast<size_t>(sg.row + sg.rows))
-      pool_rows.resize(sg.row + sg.rows, -1);
-    for (int j = 0; j < sg.rows; ++j) {
-      pool_rows[sg.row + j] = static_cast<int32_t>(sg.pages->Row(sg.q_offset + j));
-    }
-  }
-  const size_t seg_bytes = segs.size() * sizeof(cuda::PagedSegment);
-  std::vector<unsigned char> desc(seg_bytes + pool_rows.size() * sizeof(int32_t));
-  std::memcpy(desc.data(), segs.data(), seg_bytes);
-  std::memcpy(desc.data() + seg_bytes, pool_rows.data(), pool_rows.size() * sizeof(int32_t));
-  void* dev = Scratch(desc.size(), 11);
-  if (dev != pass_descriptors_at_ || desc != pass_descriptors_) {
-    // Stream-ordered (the kernels of earlier passes read the old descriptors first); from
-    // pageable memory the call returns once the bytes are staged.
-    CUDA_CHECK(cudaMemcpyAsync(dev, desc.data(), desc.size(), cudaMemcpyHostToDevice, stream_));
-    pass_descriptors_ = std::move(desc);
-    pass_descriptors_at_ = dev;
-  }
-  auto* dev_segs = static_cast<const cuda::PagedSegment*>(dev);
-  auto* dev_rows = reinterpret_cast<const int32_t*>(static_cast<unsigned char*>(dev) + seg_bytes);
-  CUDA_CHECK(cuda::CopyRowsToPools(k_pool.data, v_pool.data, k.data, v.data, dev_rows,
-                                   static_cast<int>(pool_rows.size()), row_bytes, stream_));
-  CUDA_CHECK(cuda::FlashAttentionForwardSegments(
-      ToElems(out), ToElems(q), ToElems(k_pool), ToElems(v_pool), dev_segs,
-      static_cast<int>(segs.size()), max_rows, page_tokens, hq, hkv, d, stream_));
-}
-
-void CudaBackend::AttentionBackward(Operand dq_op, Operand dk_op, Operand dv_op, ConstOperand dout,
-                                    ConstOperand out, const float* lse, ConstOperand q,
-                                    ConstOperand k, ConstOperand v, int b, int t, int hq, int hkv,
-                                    int d) {
-  CheckAttentionSizes(t, t, t, hq, hkv, 0);
-  // As on the CPU: P = exp(scale Q K^T - lse) recomputed; dV = P^T dO; dP = dO V^T;
-  // dS = P * (dP - rowsum(P * dP)); dQ = scale dS K; dK = scale dS^T Q, dK and dV summed over
-  // the heads sharing a KV head, in head order. (rowsum(P * dP) equals dO . O, which the CPU
-  // uses; the fused kernels use it.)
-  EE_CHECK(q.dtype == k.dtype && q.dtype == v.dtype, "attention q, k, v of different dtypes");
-  EE_CHECK(dq_op.dtype == q.dtype && dk_op.dtype == q.dtype && dv_op.dtype == q.dtype,
-           "attention gradients dq, dk, dv must have q's dtype ", DTypeName(q.dtype));
-  EE_CHECK(dout.dtype == out.dtype, "attention dout must have out's dtype ", DTypeName(out.dtype));
-  if (UseFlash(d,
-               {dq_op.data, dk_op.data, dv_op.data, dout.data, out.data, q.data, k.data, v.data})) {
-    float* dsum = static_cast<float*>(Scratch(static_cast<size_t>(b) * hq * t * sizeof(float), 0));
-    CUDA_CHECK(cuda::FlashAttentionBackward(ToElems(dq_op), ToElems(dk_op), ToElems(dv_op),
-                                            ToElems(dout), ToElems(out), lse, dsum, ToElems(q),
-                                            ToElems(k), ToElems(v), b, t, hq, hkv, d, stream_));
-    return;
-  }
-  // The unfused path recomputes everything from Q, K, V and the lse; it does not read `out`. It
-  // accumulates in fp32 (bf16 gradients go through scratch, converted at the end).
-  const size_t nq = static_cast<size_t>(b) * t * hq * d, nkv = static_cast<size_t>(b) * t * hkv * d;
-  const bool bf16 = dq_op.is_bf16();
-  float* grads = bf16 ? static_cast<float*>(Scratch((nq + 2 * nkv) * sizeof(float), 5)) : nullptr;
-  float* dq = bf16 ? grads : dq_op.f32();
-  float* dk = bf16 ? grads + nq : dk_op.f32();
-  float* dv = bf16 ? grads + nq + nkv : dv_op.f32();
-  const int group = hq / hkv;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  float* p = static_cast<float*>(Scratch(static_cast<size_t>(t) * t * sizeof(float), 0));
-  float* ds = static_cast<float*>(Scratch(static_cast<size_t>(t) * t * sizeof(float), 1));
-  for (int bi = 0; bi < b; ++bi) {
-    for (int kvh = 0; kvh < hkv; ++kvh) {
-      const size_t kv_off = (static_cast<size_t>(bi) * t * hkv + kvh) * d;
-      const size_t pitch = static_cast<size_t>(hkv) * d * sizeof(float);
-      CUDA_CHECK(cudaMemset2DAsync(dk + kv_off, pitch, 0, d * sizeof(float), t, stream_));
-      CUDA_CHECK(cudaMemset2DAsync(dv + kv_off, pitch, 0, d * sizeof(float), t, stream_));
-      for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
-        const size_t q_off = (static_cast<size_t>(bi) * t * hq + h) * d;
-        const ConstOperand doh = dout.At(q_off);
-        Gemm(false, true, t, t, d, scale, q.At(q_off), hq * d, k.At(kv_off), hkv * d, 0.0f, p, t);
-        CUDA_CHECK(cuda::ProbsFromLse(p, lse + (static_cast<size_t>(bi) * hq + h) * t, t, stream_));
-        Gemm(true, false, t, d, t, 1.0f, p, t, doh, hq * d, 1.0f, dv + kv_off, hkv * d);
-        Gemm(false, true, t, t, d, 1.0f, doh, hq * d, v.At(kv_off), hkv * d, 0.0f, ds, t);
-        CUDA_CHECK(cuda::SoftmaxBackwardRows(ds, p, t, stream_));
-        Gemm(false, false, t, d, t, scale, ds, t, k.At(kv_off), hkv * d, 0.0f, dq + q_off, hq * d);
-        Gemm(true, false, t, d, t, scale, ds, t, q.At(q_off), hq * d, 1.0f, dk + kv_off, hkv * d);
-      }
-    }
-  }
-  if (bf16) {
-    CUDA_CHECK(cuda::ToBf16(dq_op.bf16_bits(), dq, nq, stream_));
-    CUDA_CHECK(cuda::ToBf16(dk_op.bf16_bits(), dk, nkv, stream_));
-    CUDA_CHECK(cuda::ToBf16(dv_op.bf16_bits(), dv, nkv, stream_));
-  }
 }
 
 // ---- cross-entropy, optimizer -------------------------------------------------------------------

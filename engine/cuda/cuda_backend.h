@@ -7,7 +7,10 @@
 // operands and attention runs fused (flash_attention.cu: FlashAttention-2 style, bf16 tensor
 // cores, deterministic backward); fp32 storage stays everywhere. Mixed precision
 // ("cuda-bf16w") stores operands in bf16 and runs the GEMMs with a bias, a bias gradient or a
-// separate residual input through cuBLASLt (lt_gemm.h), in the GEMM epilogues.
+// separate residual input through cuBLASLt (lt_gemm.h), in the GEMM epilogues; there the
+// training path's attention goes first to cuDNN's fused flash attention (cudnn_attention.h:
+// builds with cuDNN, head dims 64-128), else to the fused kernels. The attention methods live in
+// cuda_backend_attention.cc.
 //
 // Host code here is compiled by the host compiler; kernels live in the *.cu files behind
 // cuda_kernels.h. Only engine/cuda includes CUDA headers.
@@ -24,9 +27,16 @@
 #include <vector>
 
 #include "engine/backend.h"
+#include "engine/cuda/cuda_kernels.h"
+#include "engine/cuda/cudnn_attention.h"
 #include "engine/cuda/lt_gemm.h"
 
 namespace eellm {
+
+namespace cuda {
+// An operand as the kernels' launchers take it.
+inline Elems ToElems(ConstOperand x) { return {const_cast<void*>(x.data), x.is_bf16()}; }
+}  // namespace cuda
 
 class CudaBackend final : public Backend {
  public:
@@ -179,6 +189,10 @@ class CudaBackend final : public Backend {
   // Whether attention with head_dim d on these tensors runs the fused kernels
   // (flash_attention.cu): in bf16 mode, for the head dimensions they support, 16-byte aligned.
   bool UseFlash(int d, std::initializer_list<const void*> tensors) const;
+  // Whether attention of `shape` goes to cuDNN first (cudnn_attention_): the operands `bf16`
+  // (one of each dtype group: q's, out's or the gradients') in bf16, `tensors` 16-byte aligned.
+  bool UseCudnn(const cuda::AttentionShape& shape, std::initializer_list<ConstOperand> bf16,
+                std::initializer_list<const void*> tensors) const;
   // Device scratch of at least `bytes` in slot `slot` (grows on demand, outside steady state).
   void* Scratch(size_t bytes, int slot);
   // RoPE's table of each token's cos and sin (2 n (head_dim / 2) floats, scratch slot 12).
@@ -192,6 +206,8 @@ class CudaBackend final : public Backend {
   cudaStream_t stream_ = nullptr;  // the legacy default stream
   cublasHandle_t cublas_ = nullptr;
   std::unique_ptr<cuda::LtGemm> lt_;  // kBf16Weights: the bf16 GEMMs, with epilogues
+  // kBf16Weights with cuDNN: the training path's attention (null: the fused kernels run it).
+  std::unique_ptr<cuda::CudnnAttention> cudnn_attention_;
   struct Slot {
     void* ptr = nullptr;
     size_t bytes = 0;

@@ -4,6 +4,7 @@
 // bf16 on the host first), and the results must agree within the bf16 tolerances. Outputs start
 // as NaN, so every element must be written; no write may pass a buffer's end.
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <map>
 #include <memory>
@@ -386,8 +387,10 @@ TEST_F(OperandParity, CrossEntropyWritesBf16LogitGradients) {
 
 // Attention reads q, k, v and writes O as bf16; its backward reads them and a bf16 dO (D = dO . O)
 // and writes bf16 dq, dk, dv; head_dim 32 runs the fused kernels, 24 the per-head GEMM path.
+// Head dims 32 and 24 run on the fused kernels (or per head); 64 and 128 on cuDNN's fused
+// attention where the build has it (cudnn_attention.h; stderr says which).
 TEST_F(OperandParity, AttentionWritesAndReadsBf16Output) {
-  for (int dh : {32, 24}) {
+  for (int dh : {32, 24, 64, 128}) {
     SCOPED_TRACE(::testing::Message() << "head_dim " << dh);
     const int b = 2, t = 70, hq = 4, hkv = 2;
     const size_t nq = static_cast<size_t>(b) * t * hq * dh,
@@ -416,6 +419,39 @@ TEST_F(OperandParity, AttentionWritesAndReadsBf16Output) {
     EXPECT_TRUE(Close(d.Get(dq_d, nq), c.Get(dq_c, nq), kGemmBf16)) << "dq";
     EXPECT_TRUE(Close(d.Get(dk_d, nkv), c.Get(dk_c, nkv), kGemmBf16)) << "dk";
     EXPECT_TRUE(Close(d.Get(dv_d, nkv), c.Get(dv_c, nkv), kGemmBf16)) << "dv";
+    EXPECT_TRUE(d.GuardsIntact());
+  }
+}
+
+// The backward gives the same bits twice (no atomics in either path: the fused kernels' separate
+// dQ pass, cuDNN's graph whose dQ is written by its matmul).
+TEST_F(OperandParity, AttentionBackwardIsDeterministic) {
+  for (int dh : {32, 128}) {
+    SCOPED_TRACE(::testing::Message() << "head_dim " << dh);
+    const int b = 2, t = 200, hq = 4, hkv = 2;
+    const size_t nq = static_cast<size_t>(b) * t * hq * dh,
+                 nkv = static_cast<size_t>(b) * t * hkv * dh;
+    DeviceMem d(dev_);
+    const Operand q = d.PutBf16(RandVec(rng_, nq)), k = d.PutBf16(RandVec(rng_, nkv)),
+                  v = d.PutBf16(RandVec(rng_, nkv)), dout = d.PutBf16(RandVec(rng_, nq));
+    const Operand out = d.PutBf16(std::vector<float>(nq, kNaN));
+    float* lse = d.Put(std::vector<float>(static_cast<size_t>(b) * hq * t, kNaN));
+    dev_->AttentionForward(out, lse, q, k, v, b, t, t, t, hq, hkv, dh, 0);
+    std::vector<std::vector<float>> runs;
+    for (int run = 0; run < 2; ++run) {
+      const Operand dq = d.PutBf16(std::vector<float>(nq, kNaN)),
+                    dk = d.PutBf16(std::vector<float>(nkv, kNaN)),
+                    dv = d.PutBf16(std::vector<float>(nkv, kNaN));
+      dev_->AttentionBackward(dq, dk, dv, dout, out, lse, q, k, v, b, t, hq, hkv, dh);
+      std::vector<float> all = d.Get(dq, nq);
+      for (const Operand& g : {dk, dv}) {
+        const std::vector<float> part = d.Get(g, nkv);
+        all.insert(all.end(), part.begin(), part.end());
+      }
+      for (float x : all) ASSERT_FALSE(std::isnan(x)) << "a gradient element was not written";
+      runs.push_back(std::move(all));
+    }
+    EXPECT_EQ(0, std::memcmp(runs[0].data(), runs[1].data(), runs[0].size() * sizeof(float)));
     EXPECT_TRUE(d.GuardsIntact());
   }
 }

@@ -1,0 +1,334 @@
+// cuDNN's fused flash attention for the training path (cudnn_attention.h): the forward and
+// backward graphs, a plan per shape, and one workspace.
+#include "engine/cuda/cudnn_attention.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <utility>
+
+#if EELLM_HAVE_CUDNN
+#include <cudnn.h>
+
+#include <cmath>
+#include <limits>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_format.h"
+#include "engine/core/logging.h"
+#include "engine/core/status.h"
+#include "engine/cuda/cuda_check.h"
+#include "engine/cuda/cudnn_graph.h"
+#endif
+
+namespace eellm::cuda {
+
+bool CudnnAttention::Offered(const AttentionShape& s) {
+  return s.d % 8 == 0 && s.d >= 64 && s.d <= 128 && s.hkv > 0 && s.hq % s.hkv == 0 && s.t >= 2 &&
+         s.b > 0;
+}
+
+#if EELLM_HAVE_CUDNN
+namespace {
+
+using cudnn::Graph;
+using Kind = Graph::Kind;
+
+// The tensors the variant packs name.
+enum Uid : int64_t {
+  kQ = 1,
+  kK,
+  kV,
+  kO,
+  kStats,
+  kScale,
+  kMaskFill,
+  kDout,
+  kDq,
+  kDk,
+  kDv,
+  kOne,
+  kSoftmaxSum
+};
+
+// The layouts, as 4-d [b, heads, t, d] views of the [b, t, heads, d] rows.
+std::vector<int64_t> Rows(int b, int h, int t, int d) { return {b, h, t, d}; }
+std::vector<int64_t> RowStrides(int h, int t, int d) {
+  return {static_cast<int64_t>(t) * h * d, d, static_cast<int64_t>(h) * d, 1};
+}
+// k (or v) transposed, [b, h, d, t], by strides alone.
+std::vector<int64_t> Transposed(int b, int h, int t, int d) { return {b, h, d, t}; }
+std::vector<int64_t> TransposedStrides(int h, int t, int d) {
+  return {static_cast<int64_t>(t) * h * d, d, 1, static_cast<int64_t>(h) * d};
+}
+const std::vector<int64_t> kScalar = {1, 1, 1, 1};
+
+// The scores scale q k^T (minus the stats where `minus_stats`: the backward's exponent), with
+// the causally masked entries replaced by the by-value kMaskFill; returns their uid.
+int64_t MaskedScores(Graph& g, const AttentionShape& s, bool minus_stats) {
+  const std::vector<int64_t> scores = {s.b, s.hq, s.t, s.t};
+  const int64_t qk = g.Virtual(scores);
+  g.Matmul(qk, kQ, kK);
+  int64_t x = g.Virtual(scores);
+  g.Pointwise(CUDNN_POINTWISE_MUL, x, qk, kScale);
+  if (minus_stats) {
+    const int64_t y = g.Virtual(scores);
+    g.Pointwise(CUDNN_POINTWISE_SUB, y, x, kStats);
+    x = y;
+  }
+  const int64_t row = g.Virtual(scores, CUDNN_DATA_INT32),
+                col = g.Virtual(scores, CUDNN_DATA_INT32);
+  g.Pointwise(CUDNN_POINTWISE_GEN_INDEX, row, x, 0, 0, 2);
+  g.Pointwise(CUDNN_POINTWISE_GEN_INDEX, col, x, 0, 0, 3);
+  const int64_t keep = g.Virtual(scores, CUDNN_DATA_BOOLEAN);
+  g.Pointwise(CUDNN_POINTWISE_CMP_GE, keep, row, col, 0, -1, CUDNN_DATA_BOOLEAN);
+  const int64_t masked = g.Virtual(scores);
+  g.Pointwise(CUDNN_POINTWISE_BINARY_SELECT, masked, x, kMaskFill, keep);
+  return masked;
+}
+
+// The tensors both graphs read: q, k^T, the scale and the mask's fill value.
+void Inputs(Graph& g, const AttentionShape& s) {
+  g.Tensor(Rows(s.b, s.hq, s.t, s.d), RowStrides(s.hq, s.t, s.d), CUDNN_DATA_BFLOAT16, Kind::kIo,
+           kQ);
+  g.Tensor(Transposed(s.b, s.hkv, s.t, s.d), TransposedStrides(s.hkv, s.t, s.d),
+           CUDNN_DATA_BFLOAT16, Kind::kIo, kK);
+  g.Tensor(kScalar, kScalar, CUDNN_DATA_FLOAT, Kind::kByValue, kScale);
+  g.Tensor(kScalar, kScalar, CUDNN_DATA_FLOAT, Kind::kByValue, kMaskFill);
+}
+
+std::vector<int64_t> StatsDims(const AttentionShape& s) { return {s.b, s.hq, s.t, 1}; }
+
+// Forward: P = softmax(masked scores), O = P V (P in bf16), stats = max + log(sum exp).
+void ForwardGraph(Graph& g, const AttentionShape& s) {
+  Inputs(g, s);
+  g.Tensor(Rows(s.b, s.hkv, s.t, s.d), RowStrides(s.hkv, s.t, s.d), CUDNN_DATA_BFLOAT16, Kind::kIo,
+           kV);
+  g.Tensor(Rows(s.b, s.hq, s.t, s.d), RowStrides(s.hq, s.t, s.d), CUDNN_DATA_BFLOAT16, Kind::kIo,
+           kO);
+  g.Tensor(StatsDims(s), Graph::Packed(StatsDims(s)), CUDNN_DATA_FLOAT, Kind::kIo, kStats);
+  const std::vector<int64_t> scores = {s.b, s.hq, s.t, s.t};
+  const int64_t masked = MaskedScores(g, s, false);
+  const int64_t mx = g.Virtual(StatsDims(s)), shifted = g.Virtual(scores), e = g.Virtual(scores);
+  g.Reduction(CUDNN_REDUCE_TENSOR_MAX, mx, masked);
+  g.Pointwise(CUDNN_POINTWISE_SUB, shifted, masked, mx);
+  g.Pointwise(CUDNN_POINTWISE_EXP, e, shifted);
+  const int64_t sum = g.Virtual(StatsDims(s)), log_sum = g.Virtual(StatsDims(s));
+  g.Reduction(CUDNN_REDUCE_TENSOR_ADD, sum, e);
+  g.Pointwise(CUDNN_POINTWISE_LOG, log_sum, sum);
+  g.Pointwise(CUDNN_POINTWISE_ADD, kStats, mx, log_sum);
+  const int64_t p = g.Virtual(scores, CUDNN_DATA_BFLOAT16);
+  g.Pointwise(CUDNN_POINTWISE_DIV, p, e, sum);
+  g.Matmul(kO, p, kV);
+}
+
+// dst = a b, or with GQA a b per query head (bf16) summed over each KV head's group.
+void MatmulIntoKvHeads(Graph& g, const AttentionShape& s, int64_t dst, int64_t a, int64_t b) {
+  if (s.hq == s.hkv) {
+    g.Matmul(dst, a, b);
+    return;
+  }
+  const int64_t full = g.Virtual(Rows(s.b, s.hq, s.t, s.d), CUDNN_DATA_BFLOAT16);
+  g.Matmul(full, a, b);
+  g.Reduction(CUDNN_REDUCE_TENSOR_ADD, dst, full);
+}
+
+// Backward: P from the stats; dV = P^T dO; dS = scale P (dO V^T - rowsum(dO * O));
+// dK = dS^T Q; dQ = dS K (written by its matmul: no fp32 accumulator, deterministic).
+void BackwardGraph(Graph& g, const AttentionShape& s) {
+  Inputs(g, s);
+  g.Tensor(Transposed(s.b, s.hkv, s.t, s.d), TransposedStrides(s.hkv, s.t, s.d),
+           CUDNN_DATA_BFLOAT16, Kind::kIo, kV);  // v^T
+  const auto q_rows = Rows(s.b, s.hq, s.t, s.d), q_strides = RowStrides(s.hq, s.t, s.d);
+  const auto kv_rows = Rows(s.b, s.hkv, s.t, s.d), kv_strides = RowStrides(s.hkv, s.t, s.d);
+  g.Tensor(q_rows, q_strides, CUDNN_DATA_BFLOAT16, Kind::kIo, kO);
+  g.Tensor(q_rows, q_strides, CUDNN_DATA_BFLOAT16, Kind::kIo, kDout);
+  g.Tensor(q_rows, q_strides, CUDNN_DATA_BFLOAT16, Kind::kIo, kDq);
+  g.Tensor(kv_rows, kv_strides, CUDNN_DATA_BFLOAT16, Kind::kIo, kDk);
+  g.Tensor(kv_rows, kv_strides, CUDNN_DATA_BFLOAT16, Kind::kIo, kDv);
+  g.Tensor(StatsDims(s), Graph::Packed(StatsDims(s)), CUDNN_DATA_FLOAT, Kind::kIo, kStats);
+  g.Tensor(StatsDims(s), Graph::Packed(StatsDims(s)), CUDNN_DATA_FLOAT, Kind::kIo, kSoftmaxSum);
+  g.Tensor(kScalar, kScalar, CUDNN_DATA_FLOAT, Kind::kByValue, kOne);
+  // rowsum(dO * O), into the workspace's first bytes.
+  const int64_t dout_out = g.Virtual(q_rows), row_sum = g.Virtual(StatsDims(s));
+  g.Pointwise(CUDNN_POINTWISE_MUL, dout_out, kDout, kO);
+  g.Reduction(CUDNN_REDUCE_TENSOR_ADD, row_sum, dout_out);
+  g.Pointwise(CUDNN_POINTWISE_MUL, kSoftmaxSum, row_sum, kOne);
+  // P = exp(masked scores - stats); its transpose in bf16 for dV.
+  const std::vector<int64_t> scores = {s.b, s.hq, s.t, s.t};
+  const std::vector<int64_t> transposed_scores = {static_cast<int64_t>(s.hq) * s.t * s.t,
+                                                  static_cast<int64_t>(s.t) * s.t, 1, s.t};
+  const int64_t p = g.Virtual(scores);
+  g.Pointwise(CUDNN_POINTWISE_EXP, p, MaskedScores(g, s, true));
+  const int64_t p_t = g.Tensor(scores, transposed_scores, CUDNN_DATA_BFLOAT16, Kind::kVirtual);
+  g.Reshape(p_t, p);
+  MatmulIntoKvHeads(g, s, kDv, p_t, kDout);
+  // dS = scale P (dP - rowsum), dP = dO V^T.
+  const int64_t dp = g.Virtual(scores), centred = g.Virtual(scores), pdp = g.Virtual(scores),
+                ds = g.Virtual(scores);
+  g.Matmul(dp, kDout, kV);
+  g.Pointwise(CUDNN_POINTWISE_SUB, centred, dp, kSoftmaxSum);
+  g.Pointwise(CUDNN_POINTWISE_MUL, pdp, centred, p);
+  g.Pointwise(CUDNN_POINTWISE_MUL, ds, pdp, kScale);
+  const int64_t ds_t = g.Tensor(scores, transposed_scores, CUDNN_DATA_BFLOAT16, Kind::kVirtual);
+  g.Reshape(ds_t, ds);
+  MatmulIntoKvHeads(g, s, kDk, ds_t, kQ);
+  const int64_t k = g.Tensor(kv_rows, kv_strides, CUDNN_DATA_FLOAT, Kind::kVirtual);
+  g.Reshape(k, kK);
+  g.Matmul(kDq, ds, k);
+}
+
+constexpr size_t kAlign = 256;
+size_t Aligned(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
+
+}  // namespace
+
+struct CudnnAttention::Impl {
+  cudaStream_t stream = nullptr;
+  cudnnHandle_t handle = nullptr;
+  bool broken = false;  // the handle could not be made: every call returns false
+  struct Entry {
+    bool ok = false;
+    cudnn::Plan plan;
+  };
+  std::map<std::pair<AttentionShape, bool>, Entry> plans;  // (shape, backward)
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
+
+  ~Impl() {
+    if (workspace != nullptr) cudaFree(workspace);
+    if (handle != nullptr) cudnnDestroy(handle);
+  }
+
+  // The plan of (s, backward), built at the first call; null where cuDNN has none.
+  const cudnn::Plan* PlanFor(const AttentionShape& s, bool backward) {
+    if (broken) return nullptr;
+    if (handle == nullptr) {
+      cudnnStatus_t st = cudnnCreate(&handle);
+      if (st == CUDNN_STATUS_SUCCESS) st = cudnnSetStream(handle, stream);
+      if (st != CUDNN_STATUS_SUCCESS) {
+        LogInfo("cuDNN attention: no handle (%s); attention runs on the fused kernels",
+                cudnnGetErrorString(st));
+        broken = true;
+        return nullptr;
+      }
+    }
+    auto [it, inserted] = plans.try_emplace({s, backward});
+    Entry& e = it->second;
+    if (!inserted) return e.ok ? &e.plan : nullptr;
+    Graph g(handle);
+    if (backward) {
+      BackwardGraph(g, s);
+    } else {
+      ForwardGraph(g, s);
+    }
+    absl::StatusOr<cudnn::Plan> plan = g.Build();
+    const std::string what =
+        absl::StrFormat("cuDNN attention %s (b %d, t %d, heads %d/%d, d %d)",
+                        backward ? "backward" : "forward", s.b, s.t, s.hq, s.hkv, s.d);
+    if (!plan.ok()) {
+      LogInfo("%s: not available (%s); the fused kernels run it", what,
+              std::string(plan.status().message()));
+      return nullptr;
+    }
+    e.plan = std::move(*plan);
+    e.ok = true;
+    const size_t need = Extra(s, backward) + static_cast<size_t>(e.plan.workspace);
+    if (need > workspace_bytes) {
+      if (workspace != nullptr) CUDA_CHECK(cudaFree(workspace));  // (synchronises)
+      workspace = nullptr;
+      CUDA_CHECK(cudaMalloc(&workspace, need));
+      workspace_bytes = need;
+    }
+    LogInfo("%s: %s, workspace %.1f MiB", what, e.plan.engine, need / 1048576.0);
+    return &e.plan;
+  }
+
+  // The workspace bytes before the plan's own: the backward's rowsum(dO * O).
+  static size_t Extra(const AttentionShape& s, bool backward) {
+    return backward ? Aligned(sizeof(float) * s.b * s.hq * s.t) : 0;
+  }
+
+  void Run(const cudnn::Plan& plan, const AttentionShape& s, bool backward,
+           std::vector<int64_t> uids, std::vector<void*> pointers) {
+    unsigned char* ws = static_cast<unsigned char*>(workspace);
+    if (backward) {
+      uids.push_back(kSoftmaxSum);
+      pointers.push_back(ws);
+    }
+    const absl::Status st = cudnn::Execute(handle, plan, uids, pointers,
+                                           plan.workspace > 0 ? ws + Extra(s, backward) : nullptr);
+    EE_CHECK(st.ok(), st.ToString());
+  }
+};
+
+CudnnAttention::CudnnAttention(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+CudnnAttention::~CudnnAttention() = default;
+
+absl::Status CudnnAttention::CheckGraph(const AttentionShape& s, bool backward) {
+  Graph g(nullptr);
+  if (backward) {
+    BackwardGraph(g, s);
+  } else {
+    ForwardGraph(g, s);
+  }
+  return g.status();
+}
+
+std::unique_ptr<CudnnAttention> CudnnAttention::Create(cudaStream_t stream) {
+  const char* env = std::getenv("EELLM_CUDNN_ATTENTION");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return nullptr;
+  auto impl = std::make_unique<Impl>();
+  impl->stream = stream;
+  return std::unique_ptr<CudnnAttention>(new CudnnAttention(std::move(impl)));
+}
+
+bool CudnnAttention::Forward(void* out, float* lse, const void* q, const void* k, const void* v,
+                             const AttentionShape& s) {
+  const cudnn::Plan* plan = Offered(s) ? impl_->PlanFor(s, false) : nullptr;
+  if (plan == nullptr) return false;
+  float scale = 1.0f / std::sqrt(static_cast<float>(s.d));
+  float fill = -std::numeric_limits<float>::infinity();
+  impl_->Run(
+      *plan, s, false, {kQ, kK, kV, kO, kStats, kScale, kMaskFill},
+      {const_cast<void*>(q), const_cast<void*>(k), const_cast<void*>(v), out, lse, &scale, &fill});
+  return true;
+}
+
+bool CudnnAttention::Backward(void* dq, void* dk, void* dv, const void* dout, const void* out,
+                              const float* lse, const void* q, const void* k, const void* v,
+                              const AttentionShape& s) {
+  const cudnn::Plan* plan = Offered(s) ? impl_->PlanFor(s, true) : nullptr;
+  if (plan == nullptr) return false;
+  float scale = 1.0f / std::sqrt(static_cast<float>(s.d));
+  float fill = std::numeric_limits<float>::lowest();
+  float one = 1.0f;
+  impl_->Run(
+      *plan, s, true, {kQ, kK, kV, kO, kStats, kScale, kMaskFill, kDout, kDq, kDk, kDv, kOne},
+      {const_cast<void*>(q), const_cast<void*>(k), const_cast<void*>(v), const_cast<void*>(out),
+       const_cast<float*>(lse), &scale, &fill, const_cast<void*>(dout), dq, dk, dv, &one});
+  return true;
+}
+
+#else  // no cuDNN in this build
+
+struct CudnnAttention::Impl {};
+CudnnAttention::CudnnAttention(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+CudnnAttention::~CudnnAttention() = default;
+std::unique_ptr<CudnnAttention> CudnnAttention::Create(cudaStream_t) { return nullptr; }
+absl::Status CudnnAttention::CheckGraph(const AttentionShape&, bool) {
+  return absl::UnimplementedError("this build has no cuDNN");
+}
+bool CudnnAttention::Forward(void*, float*, const void*, const void*, const void*,
+                             const AttentionShape&) {
+  return false;
+}
+bool CudnnAttention::Backward(void*, void*, void*, const void*, const void*, const float*,
+                              const void*, const void*, const void*, const AttentionShape&) {
+  return false;
+}
+
+#endif
+
+}  // namespace eellm::cuda

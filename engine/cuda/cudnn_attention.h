@@ -1,0 +1,64 @@
+// Causal self-attention of the training path on cuDNN's fused flash attention, reached through
+// cuDNN's backend graph API (cudnn_graph.h; the graphs of the cuDNN frontend's SDPA, built here):
+// forward with the rows' log-sum-exps, and a backward whose dQ is written by its matmul (no
+// atomic accumulator: deterministic), in the layouts of Backend::AttentionForward and
+// AttentionBackward (q [b, t, hq, d], k and v [b, t, hkv, d] with GQA, lse [b, hq, t]), all
+// bf16 but the fp32 lse. Each shape's plan is built at its first call and kept (a training step
+// repeats one shape); a shape cuDNN has no plan for is remembered, said once on stderr, and the
+// call returns false, so the caller runs its own kernels (flash_attention.cu), as with LtGemm.
+// Builds without cuDNN (and the CPU emulation of CUDA) get Create() == null.
+// EELLM_CUDNN_ATTENTION=0 turns it off (to compare with the fused kernels in one command).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <memory>
+#include <tuple>
+
+#include "absl/status/status.h"
+
+namespace eellm::cuda {
+
+// One attention call's sizes: b sequences of t tokens, hq query heads, hkv KV heads, head dim d.
+struct AttentionShape {
+  int b = 0, t = 0, hq = 0, hkv = 0, d = 0;
+  bool operator<(const AttentionShape& o) const {
+    return std::tie(b, t, hq, hkv, d) < std::tie(o.b, o.t, o.hq, o.hkv, o.d);
+  }
+};
+
+class CudnnAttention {
+ public:
+  // Null where this build has no cuDNN or EELLM_CUDNN_ATTENTION=0. (The cuDNN handle is made at
+  // the first call, on `stream`.)
+  static std::unique_ptr<CudnnAttention> Create(cudaStream_t stream);
+  ~CudnnAttention();
+  CudnnAttention(const CudnnAttention&) = delete;
+  CudnnAttention& operator=(const CudnnAttention&) = delete;
+
+  // The shapes offered to cuDNN: d a multiple of 8 in [64, 128], hq a multiple of hkv, t >= 2
+  // (smaller heads stay on the fused kernels, which the CPU emulation checks).
+  static bool Offered(const AttentionShape& s);
+
+  // Builds the forward (backward: true) graph of s without a device, down to its finalized
+  // tensor and operation descriptors, which cuDNN checks there (dims, strides, types, what each
+  // operation accepts); OK, or the first refusal; Unimplemented in builds without cuDNN. Engines
+  // and plans need the GPU.
+  static absl::Status CheckGraph(const AttentionShape& s, bool backward);
+
+  // out = softmax(q k^T / sqrt(d), causal) v and lse; true when run, false (nothing run) when
+  // cuDNN has no plan for the shape. Pointers 16-byte aligned.
+  bool Forward(void* out, float* lse, const void* q, const void* k, const void* v,
+               const AttentionShape& s);
+  // dq, dk, dv from dout and the forward's out and lse (dk, dv summed over each KV head's query
+  // heads); true when run, as Forward.
+  bool Backward(void* dq, void* dk, void* dv, const void* dout, const void* out, const float* lse,
+                const void* q, const void* k, const void* v, const AttentionShape& s);
+
+ private:
+  struct Impl;
+  explicit CudnnAttention(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace eellm::cuda

@@ -1,0 +1,279 @@
+// The cuDNN backend-API graph builder of cudnn_graph.h.
+#include "engine/cuda/cudnn_graph.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+
+namespace eellm::cuda::cudnn {
+
+Descriptor::Descriptor(cudnnBackendDescriptorType_t type) {
+  created_ = cudnnBackendCreateDescriptor(type, &d_);
+  if (created_ != CUDNN_STATUS_SUCCESS) d_ = nullptr;
+}
+
+Descriptor::~Descriptor() {
+  if (d_ != nullptr) cudnnBackendDestroyDescriptor(d_);
+}
+
+Descriptor& Descriptor::operator=(Descriptor&& o) noexcept {
+  if (this != &o) {
+    if (d_ != nullptr) cudnnBackendDestroyDescriptor(d_);
+    d_ = o.d_;
+    created_ = o.created_;
+    o.d_ = nullptr;
+  }
+  return *this;
+}
+
+bool Graph::Check(cudnnStatus_t s, const char* what) {
+  if (s == CUDNN_STATUS_SUCCESS) return true;
+  if (status_.ok()) {
+    status_ = absl::InternalError(absl::StrCat("cuDNN ", what, ": ", cudnnGetErrorString(s)));
+  }
+  return false;
+}
+
+Descriptor Graph::Make(cudnnBackendDescriptorType_t type, const char* what) {
+  Descriptor d(type);
+  Check(d.created(), what);
+  return d;
+}
+
+void Graph::Set(const Descriptor& d, cudnnBackendAttributeName_t name,
+                cudnnBackendAttributeType_t type, int64_t count, const void* values,
+                const char* what) {
+  if (!status_.ok() || d.get() == nullptr) return;
+  Check(cudnnBackendSetAttribute(d.get(), name, type, count, values), what);
+}
+
+void Graph::Finalize(const Descriptor& d, const char* what) {
+  if (!status_.ok() || d.get() == nullptr) return;
+  Check(cudnnBackendFinalize(d.get()), what);
+}
+
+std::vector<int64_t> Graph::Packed(const std::vector<int64_t>& dims) {
+  std::vector<int64_t> s(dims.size(), 1);
+  for (int i = static_cast<int>(dims.size()) - 2; i >= 0; --i) s[i] = s[i + 1] * dims[i + 1];
+  return s;
+}
+
+int64_t Graph::Tensor(const std::vector<int64_t>& dims, const std::vector<int64_t>& strides,
+                      cudnnDataType_t type, Kind kind, int64_t uid) {
+  if (kind == Kind::kVirtual) uid = next_virtual_uid_++;
+  if (uid <= 0 && status_.ok()) status_ = absl::InternalError("cuDNN graph: a tensor without uid");
+  Descriptor t = Make(CUDNN_BACKEND_TENSOR_DESCRIPTOR, "tensor descriptor");
+  const int64_t alignment = 16;
+  const bool is_virtual = kind == Kind::kVirtual, by_value = kind == Kind::kByValue;
+  Set(t, CUDNN_ATTR_TENSOR_DATA_TYPE, CUDNN_TYPE_DATA_TYPE, 1, &type, "tensor data type");
+  Set(t, CUDNN_ATTR_TENSOR_DIMENSIONS, CUDNN_TYPE_INT64, static_cast<int64_t>(dims.size()),
+      dims.data(), "tensor dimensions");
+  Set(t, CUDNN_ATTR_TENSOR_STRIDES, CUDNN_TYPE_INT64, static_cast<int64_t>(strides.size()),
+      strides.data(), "tensor strides");
+  Set(t, CUDNN_ATTR_TENSOR_UNIQUE_ID, CUDNN_TYPE_INT64, 1, &uid, "tensor uid");
+  Set(t, CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT, CUDNN_TYPE_INT64, 1, &alignment, "tensor alignment");
+  Set(t, CUDNN_ATTR_TENSOR_IS_VIRTUAL, CUDNN_TYPE_BOOLEAN, 1, &is_virtual, "tensor virtual");
+  if (by_value) {
+    Set(t, CUDNN_ATTR_TENSOR_IS_BY_VALUE, CUDNN_TYPE_BOOLEAN, 1, &by_value, "tensor by value");
+  }
+  Finalize(t, "tensor finalize");
+  uids_.push_back(uid);
+  tensors_.push_back(std::move(t));
+  return uid;
+}
+
+int64_t Graph::Virtual(const std::vector<int64_t>& dims, cudnnDataType_t type) {
+  return Tensor(dims, Packed(dims), type, Kind::kVirtual);
+}
+
+const Descriptor& Graph::TensorDesc(int64_t uid) {
+  for (size_t i = 0; i < uids_.size(); ++i) {
+    if (uids_[i] == uid) return tensors_[i];
+  }
+  if (status_.ok()) status_ = absl::InternalError(absl::StrCat("cuDNN graph: no tensor ", uid));
+  static const Descriptor kNone;
+  return kNone;
+}
+
+void Graph::Pointwise(cudnnPointwiseMode_t mode, int64_t y, int64_t x, int64_t b, int64_t t,
+                      int64_t axis, cudnnDataType_t math) {
+  Descriptor pw = Make(CUDNN_BACKEND_POINTWISE_DESCRIPTOR, "pointwise descriptor");
+  Set(pw, CUDNN_ATTR_POINTWISE_MODE, CUDNN_TYPE_POINTWISE_MODE, 1, &mode, "pointwise mode");
+  Set(pw, CUDNN_ATTR_POINTWISE_MATH_PREC, CUDNN_TYPE_DATA_TYPE, 1, &math, "pointwise precision");
+  if (axis >= 0) Set(pw, CUDNN_ATTR_POINTWISE_AXIS, CUDNN_TYPE_INT64, 1, &axis, "pointwise axis");
+  Finalize(pw, "pointwise finalize");
+  Descriptor op = Make(CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR, "pointwise operation");
+  cudnnBackendDescriptor_t p = pw.get(), dx = TensorDesc(x).get(), dy = TensorDesc(y).get();
+  Set(op, CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &p,
+      "pointwise op descriptor");
+  Set(op, CUDNN_ATTR_OPERATION_POINTWISE_XDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &dx,
+      "pointwise x");
+  if (b != 0) {
+    cudnnBackendDescriptor_t db = TensorDesc(b).get();
+    Set(op, CUDNN_ATTR_OPERATION_POINTWISE_BDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &db,
+        "pointwise b");
+  }
+  if (t != 0) {
+    cudnnBackendDescriptor_t dt = TensorDesc(t).get();
+    Set(op, CUDNN_ATTR_OPERATION_POINTWISE_TDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &dt,
+        "pointwise t");
+  }
+  Set(op, CUDNN_ATTR_OPERATION_POINTWISE_YDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &dy,
+      "pointwise y");
+  const float one = 1.0f;
+  Set(op, CUDNN_ATTR_OPERATION_POINTWISE_ALPHA1, CUDNN_TYPE_FLOAT, 1, &one, "pointwise alpha1");
+  Set(op, CUDNN_ATTR_OPERATION_POINTWISE_ALPHA2, CUDNN_TYPE_FLOAT, 1, &one, "pointwise alpha2");
+  Finalize(op, "pointwise operation finalize");
+  op_params_.push_back(std::move(pw));
+  ops_.push_back(std::move(op));
+}
+
+void Graph::Matmul(int64_t c, int64_t a, int64_t b) {
+  Descriptor mm = Make(CUDNN_BACKEND_MATMUL_DESCRIPTOR, "matmul descriptor");
+  const cudnnDataType_t comp = CUDNN_DATA_FLOAT;
+  const double padding = 0.0;
+  Set(mm, CUDNN_ATTR_MATMUL_COMP_TYPE, CUDNN_TYPE_DATA_TYPE, 1, &comp, "matmul compute type");
+  Set(mm, CUDNN_ATTR_MATMUL_PADDING_VALUE, CUDNN_TYPE_DOUBLE, 1, &padding, "matmul padding");
+  Finalize(mm, "matmul finalize");
+  Descriptor op = Make(CUDNN_BACKEND_OPERATION_MATMUL_DESCRIPTOR, "matmul operation");
+  cudnnBackendDescriptor_t m = mm.get(), da = TensorDesc(a).get(), db = TensorDesc(b).get(),
+                           dc = TensorDesc(c).get();
+  Set(op, CUDNN_ATTR_OPERATION_MATMUL_ADESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &da, "matmul a");
+  Set(op, CUDNN_ATTR_OPERATION_MATMUL_BDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &db, "matmul b");
+  Set(op, CUDNN_ATTR_OPERATION_MATMUL_CDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &dc, "matmul c");
+  Set(op, CUDNN_ATTR_OPERATION_MATMUL_DESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &m, "matmul desc");
+  Finalize(op, "matmul operation finalize");
+  op_params_.push_back(std::move(mm));
+  ops_.push_back(std::move(op));
+}
+
+void Graph::Reduction(cudnnReduceTensorOp_t reduce, int64_t y, int64_t x) {
+  Descriptor rd = Make(CUDNN_BACKEND_REDUCTION_DESCRIPTOR, "reduction descriptor");
+  const cudnnDataType_t comp = CUDNN_DATA_FLOAT;
+  Set(rd, CUDNN_ATTR_REDUCTION_OPERATOR, CUDNN_TYPE_REDUCTION_OPERATOR_TYPE, 1, &reduce,
+      "reduction operator");
+  const bool deterministic = false;  // (as the frontend sends it; the fused kernel decides)
+  Set(rd, CUDNN_ATTR_REDUCTION_COMP_TYPE, CUDNN_TYPE_DATA_TYPE, 1, &comp, "reduction type");
+  Set(rd, CUDNN_ATTR_REDUCTION_IS_DETERMINISTIC, CUDNN_TYPE_BOOLEAN, 1, &deterministic,
+      "reduction deterministic");
+  Finalize(rd, "reduction finalize");
+  Descriptor op = Make(CUDNN_BACKEND_OPERATION_REDUCTION_DESCRIPTOR, "reduction operation");
+  cudnnBackendDescriptor_t r = rd.get(), dx = TensorDesc(x).get(), dy = TensorDesc(y).get();
+  Set(op, CUDNN_ATTR_OPERATION_REDUCTION_XDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &dx,
+      "reduction x");
+  Set(op, CUDNN_ATTR_OPERATION_REDUCTION_YDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &dy,
+      "reduction y");
+  Set(op, CUDNN_ATTR_OPERATION_REDUCTION_DESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &r,
+      "reduction desc");
+  Finalize(op, "reduction operation finalize");
+  op_params_.push_back(std::move(rd));
+  ops_.push_back(std::move(op));
+}
+
+void Graph::Reshape(int64_t y, int64_t x) {
+  Descriptor op = Make(CUDNN_BACKEND_OPERATION_RESHAPE_DESCRIPTOR, "reshape operation");
+  cudnnBackendDescriptor_t dx = TensorDesc(x).get(), dy = TensorDesc(y).get();
+  Set(op, CUDNN_ATTR_OPERATION_RESHAPE_XDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &dx, "reshape x");
+  Set(op, CUDNN_ATTR_OPERATION_RESHAPE_YDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &dy, "reshape y");
+  Finalize(op, "reshape operation finalize");
+  ops_.push_back(std::move(op));
+}
+
+absl::StatusOr<Plan> Graph::Build() {
+  if (!status_.ok()) return status_;
+  Descriptor graph = Make(CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR, "operation graph");
+  std::vector<cudnnBackendDescriptor_t> ops;
+  for (const Descriptor& op : ops_) ops.push_back(op.get());
+  Set(graph, CUDNN_ATTR_OPERATIONGRAPH_HANDLE, CUDNN_TYPE_HANDLE, 1, &handle_, "graph handle");
+  Set(graph, CUDNN_ATTR_OPERATIONGRAPH_OPS, CUDNN_TYPE_BACKEND_DESCRIPTOR,
+      static_cast<int64_t>(ops.size()), ops.data(), "graph operations");
+  Finalize(graph, "operation graph finalize");
+  Descriptor heur = Make(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR, "heuristics");
+  cudnnBackendDescriptor_t g = graph.get();
+  const cudnnBackendHeurMode_t mode = CUDNN_HEUR_MODE_A;
+  Set(heur, CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &g,
+      "heuristics graph");
+  Set(heur, CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, 1, &mode, "heuristics mode");
+  Finalize(heur, "heuristics finalize");
+  if (!status_.ok()) return status_;
+  // The configurations: their number, then that many descriptors for the heuristic to fill.
+  int64_t count = 0;
+  if (!Check(cudnnBackendGetAttribute(heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS,
+                                      CUDNN_TYPE_BACKEND_DESCRIPTOR, 0, &count, nullptr),
+             "heuristics result count")) {
+    return status_;
+  }
+  std::vector<Descriptor> configs;
+  std::vector<cudnnBackendDescriptor_t> raw;
+  for (int64_t i = 0; i < count; ++i) {
+    configs.emplace_back(CUDNN_BACKEND_ENGINECFG_DESCRIPTOR);
+    if (!Check(configs.back().created(), "engine config")) return status_;
+    raw.push_back(configs.back().get());
+  }
+  int64_t filled = 0;
+  if (count > 0 &&
+      !Check(cudnnBackendGetAttribute(heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS,
+                                      CUDNN_TYPE_BACKEND_DESCRIPTOR, count, &filled, raw.data()),
+             "heuristics results")) {
+    return status_;
+  }
+  count = std::min(count, filled);
+  std::string tried;
+  for (int64_t i = 0; i < count; ++i) {
+    Plan p;
+    p.plan = Descriptor(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR);
+    if (p.plan.get() == nullptr) continue;
+    cudnnBackendDescriptor_t cfg = raw[i];
+    if (cudnnBackendSetAttribute(p.plan.get(), CUDNN_ATTR_EXECUTION_PLAN_HANDLE, CUDNN_TYPE_HANDLE,
+                                 1, &handle_) != CUDNN_STATUS_SUCCESS ||
+        cudnnBackendSetAttribute(p.plan.get(), CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG,
+                                 CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &cfg) != CUDNN_STATUS_SUCCESS) {
+      continue;
+    }
+    const cudnnStatus_t fin = cudnnBackendFinalize(p.plan.get());
+    if (fin != CUDNN_STATUS_SUCCESS) {
+      absl::StrAppend(&tried, tried.empty() ? "" : "; ", "config ", i, ": ",
+                      cudnnGetErrorString(fin));
+      continue;
+    }
+    int64_t ws_count = 0;
+    if (cudnnBackendGetAttribute(p.plan.get(), CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE,
+                                 CUDNN_TYPE_INT64, 1, &ws_count,
+                                 &p.workspace) != CUDNN_STATUS_SUCCESS) {
+      continue;
+    }
+    p.engine = absl::StrCat("heuristic choice ", i, " of ", count);
+    return p;
+  }
+  return absl::NotFoundError(absl::StrCat("cuDNN has no engine for the graph (", count,
+                                          " configurations from the heuristic",
+                                          tried.empty() ? "" : ": " + tried, ")"));
+}
+
+absl::Status Execute(cudnnHandle_t handle, const Plan& plan, const std::vector<int64_t>& uids,
+                     const std::vector<void*>& pointers, void* workspace) {
+  Descriptor pack(CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR);
+  cudnnStatus_t s = pack.created();
+  const auto n = static_cast<int64_t>(uids.size());
+  if (s == CUDNN_STATUS_SUCCESS) {
+    s = cudnnBackendSetAttribute(pack.get(), CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, CUDNN_TYPE_INT64,
+                                 n, uids.data());
+  }
+  if (s == CUDNN_STATUS_SUCCESS) {
+    s = cudnnBackendSetAttribute(pack.get(), CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS,
+                                 CUDNN_TYPE_VOID_PTR, n, pointers.data());
+  }
+  if (s == CUDNN_STATUS_SUCCESS) {
+    s = cudnnBackendSetAttribute(pack.get(), CUDNN_ATTR_VARIANT_PACK_WORKSPACE, CUDNN_TYPE_VOID_PTR,
+                                 1, &workspace);
+  }
+  if (s == CUDNN_STATUS_SUCCESS) s = cudnnBackendFinalize(pack.get());
+  if (s == CUDNN_STATUS_SUCCESS) s = cudnnBackendExecute(handle, plan.plan.get(), pack.get());
+  if (s != CUDNN_STATUS_SUCCESS) {
+    return absl::InternalError(absl::StrCat("cuDNN execute: ", cudnnGetErrorString(s)));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace eellm::cuda::cudnn
