@@ -17,7 +17,6 @@
 
 #include "absl/strings/str_format.h"
 #include "engine/core/logging.h"
-#include "engine/core/status.h"
 #include "engine/cuda/cuda_check.h"
 #include "engine/cuda/cudnn_graph.h"
 #endif
@@ -250,8 +249,12 @@ struct CudnnAttention::Impl {
     return backward ? Aligned(sizeof(float) * s.b * s.hq * s.t) : 0;
   }
 
-  void Run(const cudnn::Plan& plan, const AttentionShape& s, bool backward,
-           std::vector<int64_t> uids, std::vector<void*> pointers) {
+  // Runs the plan of (s, backward); false (the shape given up, said once) when cuDNN refuses to
+  // execute it: the caller's kernels then write every output.
+  bool Run(const AttentionShape& s, bool backward, std::vector<int64_t> uids,
+           std::vector<void*> pointers) {
+    Entry& e = plans.at({s, backward});
+    const cudnn::Plan& plan = e.plan;
     unsigned char* ws = static_cast<unsigned char*>(workspace);
     if (backward) {
       uids.push_back(kSoftmaxSum);
@@ -259,7 +262,13 @@ struct CudnnAttention::Impl {
     }
     const absl::Status st = cudnn::Execute(handle, plan, uids, pointers,
                                            plan.workspace > 0 ? ws + Extra(s, backward) : nullptr);
-    EE_CHECK(st.ok(), st.ToString());
+    if (!st.ok()) {
+      LogError("cuDNN attention %s (b %d, t %d, heads %d/%d, d %d): %s; the fused kernels run it",
+               backward ? "backward" : "forward", s.b, s.t, s.hq, s.hkv, s.d,
+               std::string(st.message()));
+      e.ok = false;
+    }
+    return st.ok();
   }
 };
 
@@ -286,29 +295,25 @@ std::unique_ptr<CudnnAttention> CudnnAttention::Create(cudaStream_t stream) {
 
 bool CudnnAttention::Forward(void* out, float* lse, const void* q, const void* k, const void* v,
                              const AttentionShape& s) {
-  const cudnn::Plan* plan = Offered(s) ? impl_->PlanFor(s, false) : nullptr;
-  if (plan == nullptr) return false;
+  if (!Offered(s) || impl_->PlanFor(s, false) == nullptr) return false;
   float scale = 1.0f / std::sqrt(static_cast<float>(s.d));
   float fill = -std::numeric_limits<float>::infinity();
-  impl_->Run(
-      *plan, s, false, {kQ, kK, kV, kO, kStats, kScale, kMaskFill},
+  return impl_->Run(
+      s, false, {kQ, kK, kV, kO, kStats, kScale, kMaskFill},
       {const_cast<void*>(q), const_cast<void*>(k), const_cast<void*>(v), out, lse, &scale, &fill});
-  return true;
 }
 
 bool CudnnAttention::Backward(void* dq, void* dk, void* dv, const void* dout, const void* out,
                               const float* lse, const void* q, const void* k, const void* v,
                               const AttentionShape& s) {
-  const cudnn::Plan* plan = Offered(s) ? impl_->PlanFor(s, true) : nullptr;
-  if (plan == nullptr) return false;
+  if (!Offered(s) || impl_->PlanFor(s, true) == nullptr) return false;
   float scale = 1.0f / std::sqrt(static_cast<float>(s.d));
   float fill = std::numeric_limits<float>::lowest();
   float one = 1.0f;
-  impl_->Run(
-      *plan, s, true, {kQ, kK, kV, kO, kStats, kScale, kMaskFill, kDout, kDq, kDk, kDv, kOne},
+  return impl_->Run(
+      s, true, {kQ, kK, kV, kO, kStats, kScale, kMaskFill, kDout, kDq, kDk, kDv, kOne},
       {const_cast<void*>(q), const_cast<void*>(k), const_cast<void*>(v), const_cast<void*>(out),
        const_cast<float*>(lse), &scale, &fill, const_cast<void*>(dout), dq, dk, dv, &one});
-  return true;
 }
 
 #else  // no cuDNN in this build
