@@ -46,55 +46,69 @@ __device__ __forceinline__ void StoreCols(__nv_bfloat16* p, const float (&v)[U])
 }
 #define FOR_ROW_COLS(j, c) for (int j = U * threadIdx.x; j < (c); j += U * blockDim.x)
 
-// The forward outputs are GEMM operands: OutT float or __nv_bfloat16.
-template <int U, typename OutT>
-__global__ void LayerNormForwardKernel(OutT* out, float* mean, float* rstd, const float* x,
-                                       const float* g, const float* b, int c, float eps) {
+// One row a block, U columns a thread. kCentred: LayerNorm (the row's mean subtracted, a bias
+// added when b is non-null, mean written); else RMSNorm (mean and b unused). Row statistics in
+// double. The forward outputs are GEMM operands: OutT float or __nv_bfloat16.
+template <bool kCentred, int U, typename OutT>
+__global__ void NormForwardKernel(OutT* out, float* mean, float* rstd, const float* x,
+                                  const float* g, const float* b, int c, float eps) {
   __shared__ double scratch[kBlockReduceScratch];
   const size_t r = blockIdx.x;
   const float* xr = x + r * c;
   OutT* yr = out + r * c;
-  double s = 0.0;
-  FOR_ROW_COLS(j, c) {
-    float v[U];
-    LoadCols<U>(xr + j, v);
-    for (int u = 0; u < U; ++u) s += v[u];
+  double mu = 0.0;
+  if constexpr (kCentred) {
+    double s = 0.0;
+    FOR_ROW_COLS(j, c) {
+      float v[U];
+      LoadCols<U>(xr + j, v);
+      for (int u = 0; u < U; ++u) s += v[u];
+    }
+    mu = BlockSum(s, scratch) / c;
   }
-  const double mu = BlockSum(s, scratch) / c;
   double ss = 0.0;
   FOR_ROW_COLS(j, c) {
     float v[U];
     LoadCols<U>(xr + j, v);
-    for (int u = 0; u < U; ++u) ss += (v[u] - mu) * (v[u] - mu);
+    for (int u = 0; u < U; ++u) ss += (v[u] - mu) * (v[u] - mu);  // (mu = 0: v[u]^2 exactly)
   }
-  const double rs = 1.0 / sqrt(BlockSum(ss, scratch) / c + static_cast<double>(eps));
-  const float muf = static_cast<float>(mu), rsf = static_cast<float>(rs);
+  const float rs =
+      static_cast<float>(1.0 / sqrt(BlockSum(ss, scratch) / c + static_cast<double>(eps)));
+  const float muf = static_cast<float>(mu);
   FOR_ROW_COLS(j, c) {
-    float v[U], w[U], bb[U] = {};
+    float v[U], w[U];
     LoadCols<U>(xr + j, v);
     LoadCols<U>(g + j, w);
-    if (b != nullptr) LoadCols<U>(b + j, bb);
-    for (int u = 0; u < U; ++u) v[u] = ((v[u] - muf) * rsf) * w[u] + bb[u];
+    if constexpr (kCentred) {
+      float bb[U] = {};
+      if (b != nullptr) LoadCols<U>(b + j, bb);
+      for (int u = 0; u < U; ++u) v[u] = ((v[u] - muf) * rs) * w[u] + bb[u];
+    } else {
+      for (int u = 0; u < U; ++u) v[u] = (v[u] * rs) * w[u];
+    }
     StoreCols<U>(yr + j, v);
   }
   if (threadIdx.x == 0) {
-    mean[r] = muf;
-    rstd[r] = rsf;
+    if constexpr (kCentred) mean[r] = muf;
+    rstd[r] = rs;
   }
 }
 
-// dx = dres + d/dx (dres may alias dx or be null: each element is read before it is written).
-template <int U>
-__global__ void LayerNormBackwardRowsKernel(float* dx, const float* dres, const float* dout,
-                                            const float* x, const float* g, const float* mean,
-                                            const float* rstd, int c) {
+// dx = dres + d/dx (dres may alias dx or be null: each element is read before it is written);
+// kCentred as in NormForwardKernel (mean null for RMSNorm).
+template <bool kCentred, int U>
+__global__ void NormBackwardRowsKernel(float* dx, const float* dres, const float* dout,
+                                       const float* x, const float* g, const float* mean,
+                                       const float* rstd, int c) {
   __shared__ double scratch[kBlockReduceScratch];
   const size_t r = blockIdx.x;
   const float* xr = x + r * c;
   const float* dyr = dout + r * c;
   float* dxr = dx + r * c;
   const float* dresr = dres != nullptr ? dres + r * c : nullptr;
-  const float mu = mean[r], rs = rstd[r];
+  const float rs = rstd[r];
+  float mu = 0.0f;
+  if constexpr (kCentred) mu = mean[r];
   double sum_dn = 0.0, sum_dn_n = 0.0;
   FOR_ROW_COLS(j, c) {
     float v[U], dy[U], w[U];
@@ -103,11 +117,12 @@ __global__ void LayerNormBackwardRowsKernel(float* dx, const float* dres, const 
     LoadCols<U>(g + j, w);
     for (int u = 0; u < U; ++u) {
       const float dn = dy[u] * w[u];
-      sum_dn += dn;
+      if constexpr (kCentred) sum_dn += dn;
       sum_dn_n += static_cast<double>(dn) * ((v[u] - mu) * rs);
     }
   }
-  const float mean_dn = static_cast<float>(BlockSum(sum_dn, scratch) / c);
+  float mean_dn = 0.0f;
+  if constexpr (kCentred) mean_dn = static_cast<float>(BlockSum(sum_dn, scratch) / c);
   const float mean_dn_n = static_cast<float>(BlockSum(sum_dn_n, scratch) / c);
   FOR_ROW_COLS(j, c) {
     float v[U], dy[U], w[U], res[U] = {};
@@ -117,7 +132,11 @@ __global__ void LayerNormBackwardRowsKernel(float* dx, const float* dres, const 
     if (dresr != nullptr) LoadCols<U>(dresr + j, res);
     for (int u = 0; u < U; ++u) {
       const float nrm = (v[u] - mu) * rs;
-      res[u] += rs * (dy[u] * w[u] - mean_dn - nrm * mean_dn_n);
+      if constexpr (kCentred) {
+        res[u] += rs * (dy[u] * w[u] - mean_dn - nrm * mean_dn_n);
+      } else {
+        res[u] += rs * (dy[u] * w[u] - nrm * mean_dn_n);
+      }
     }
     StoreCols<U>(dxr + j, res);
   }
@@ -151,63 +170,6 @@ __global__ void __launch_bounds__(kColMaxThreads, 2)
   }
 }
 
-template <int U, typename OutT>
-__global__ void RmsNormForwardKernel(OutT* out, float* rstd, const float* x, const float* g, int c,
-                                     float eps) {
-  __shared__ double scratch[kBlockReduceScratch];
-  const size_t r = blockIdx.x;
-  const float* xr = x + r * c;
-  OutT* yr = out + r * c;
-  double ss = 0.0;
-  FOR_ROW_COLS(j, c) {
-    float v[U];
-    LoadCols<U>(xr + j, v);
-    for (int u = 0; u < U; ++u) ss += static_cast<double>(v[u]) * v[u];
-  }
-  const float rs =
-      static_cast<float>(1.0 / sqrt(BlockSum(ss, scratch) / c + static_cast<double>(eps)));
-  FOR_ROW_COLS(j, c) {
-    float v[U], w[U];
-    LoadCols<U>(xr + j, v);
-    LoadCols<U>(g + j, w);
-    for (int u = 0; u < U; ++u) v[u] = (v[u] * rs) * w[u];
-    StoreCols<U>(yr + j, v);
-  }
-  if (threadIdx.x == 0) rstd[r] = rs;
-}
-
-// dx = dres + d/dx (dres may alias dx or be null: each element is read before it is written).
-template <int U>
-__global__ void RmsNormBackwardRowsKernel(float* dx, const float* dres, const float* dout,
-                                          const float* x, const float* g, const float* rstd,
-                                          int c) {
-  __shared__ double scratch[kBlockReduceScratch];
-  const size_t r = blockIdx.x;
-  const float* xr = x + r * c;
-  const float* dyr = dout + r * c;
-  float* dxr = dx + r * c;
-  const float* dresr = dres != nullptr ? dres + r * c : nullptr;
-  const float rs = rstd[r];
-  double sum_dn_n = 0.0;
-  FOR_ROW_COLS(j, c) {
-    float v[U], dy[U], w[U];
-    LoadCols<U>(xr + j, v);
-    LoadCols<U>(dyr + j, dy);
-    LoadCols<U>(g + j, w);
-    for (int u = 0; u < U; ++u) sum_dn_n += static_cast<double>(dy[u] * w[u]) * (v[u] * rs);
-  }
-  const float mean_dn_n = static_cast<float>(BlockSum(sum_dn_n, scratch) / c);
-  FOR_ROW_COLS(j, c) {
-    float v[U], dy[U], w[U], res[U] = {};
-    LoadCols<U>(xr + j, v);
-    LoadCols<U>(dyr + j, dy);
-    LoadCols<U>(g + j, w);
-    if (dresr != nullptr) LoadCols<U>(dresr + j, res);
-    for (int u = 0; u < U; ++u) res[u] += rs * (dy[u] * w[u] - (v[u] * rs) * mean_dn_n);
-    StoreCols<U>(dxr + j, res);
-  }
-}
-
 // The gain (and bias) gradients' column sums, sliced over rows where they are few columns.
 void LaunchNormParamGrad(float* dg, float* db, double* scratch, const float* dout, const float* x,
                          const float* mean, const float* rstd, int n, int c, cudaStream_t s) {
@@ -236,7 +198,7 @@ cudaError_t LayerNormForward(Elems out, float* mean, float* rstd, const float* x
   return WithElementType(out, [&](auto* o) {
     using OutT = ElementOf<decltype(o)>;
     const bool four = FourColumns(c, o, x, g, b);
-    auto* kernel = four ? LayerNormForwardKernel<4, OutT> : LayerNormForwardKernel<1, OutT>;
+    auto* kernel = four ? NormForwardKernel<true, 4, OutT> : NormForwardKernel<true, 1, OutT>;
     return LaunchKernel(kernel, dim3(n), dim3(Threads(c, four)), 0, s, o, mean, rstd, x, g, b, c,
                         eps);
   });
@@ -247,7 +209,7 @@ cudaError_t LayerNormBackward(float* dx, const float* dres, float* dg, float* db
                               int n, int c, double* scratch, cudaStream_t s) {
   if (n <= 0 || c <= 0) return cudaGetLastError();
   const bool four = FourColumns(c, dx, dres, dout, x, g);
-  auto* kernel = four ? LayerNormBackwardRowsKernel<4> : LayerNormBackwardRowsKernel<1>;
+  auto* kernel = four ? NormBackwardRowsKernel<true, 4> : NormBackwardRowsKernel<true, 1>;
   LaunchKernel(kernel, dim3(n), dim3(Threads(c, four)), 0, s, dx, dres, dout, x, g, mean, rstd, c);
   LaunchNormParamGrad(dg, db, scratch, dout, x, mean, rstd, n, c, s);
   return cudaGetLastError();
@@ -259,8 +221,9 @@ cudaError_t RmsNormForward(Elems out, float* rstd, const float* x, const float* 
   return WithElementType(out, [&](auto* o) {
     using OutT = ElementOf<decltype(o)>;
     const bool four = FourColumns(c, o, x, g);
-    auto* kernel = four ? RmsNormForwardKernel<4, OutT> : RmsNormForwardKernel<1, OutT>;
-    return LaunchKernel(kernel, dim3(n), dim3(Threads(c, four)), 0, s, o, rstd, x, g, c, eps);
+    auto* kernel = four ? NormForwardKernel<false, 4, OutT> : NormForwardKernel<false, 1, OutT>;
+    return LaunchKernel(kernel, dim3(n), dim3(Threads(c, four)), 0, s, o, nullptr, rstd, x, g,
+                        nullptr, c, eps);
   });
 }
 
@@ -269,8 +232,9 @@ cudaError_t RmsNormBackward(float* dx, const float* dres, float* dg, const float
                             double* scratch, cudaStream_t s) {
   if (n <= 0 || c <= 0) return cudaGetLastError();
   const bool four = FourColumns(c, dx, dres, dout, x, g);
-  auto* kernel = four ? RmsNormBackwardRowsKernel<4> : RmsNormBackwardRowsKernel<1>;
-  LaunchKernel(kernel, dim3(n), dim3(Threads(c, four)), 0, s, dx, dres, dout, x, g, rstd, c);
+  auto* kernel = four ? NormBackwardRowsKernel<false, 4> : NormBackwardRowsKernel<false, 1>;
+  LaunchKernel(kernel, dim3(n), dim3(Threads(c, four)), 0, s, dx, dres, dout, x, g, nullptr, rstd,
+               c);
   LaunchNormParamGrad(dg, nullptr, scratch, dout, x, nullptr, rstd, n, c, s);
   return cudaGetLastError();
 }
