@@ -17,7 +17,6 @@
 
 #include "absl/strings/str_format.h"
 #include "engine/core/logging.h"
-#include "engine/cuda/cuda_check.h"
 #include "engine/cuda/cudnn_graph.h"
 #endif
 
@@ -196,6 +195,7 @@ struct CudnnAttention::Impl {
   size_t workspace_bytes = 0;
 
   ~Impl() {
+    plans.clear();  // (before the handle they were built with)
     if (workspace != nullptr) cudaFree(workspace);
     if (handle != nullptr) cudnnDestroy(handle);
   }
@@ -231,15 +231,21 @@ struct CudnnAttention::Impl {
               std::string(plan.status().message()));
       return nullptr;
     }
-    e.plan = std::move(*plan);
-    e.ok = true;
-    const size_t need = Extra(s, backward) + static_cast<size_t>(e.plan.workspace);
-    if (need > workspace_bytes) {
-      if (workspace != nullptr) CUDA_CHECK(cudaFree(workspace));  // (synchronises)
-      workspace = nullptr;
-      CUDA_CHECK(cudaMalloc(&workspace, need));
+    const size_t need = Extra(s, backward) + static_cast<size_t>(plan->workspace);
+    if (need > workspace_bytes) {  // (the old one stays for the other plans until this fits)
+      void* grown = nullptr;
+      if (cudaMalloc(&grown, need) != cudaSuccess) {
+        cudaGetLastError();  // (clears the allocation error)
+        LogInfo("%s: its workspace of %.1f MiB does not fit; the fused kernels run it", what,
+                need / 1048576.0);
+        return nullptr;
+      }
+      if (workspace != nullptr) cudaFree(workspace);  // (synchronises)
+      workspace = grown;
       workspace_bytes = need;
     }
+    e.plan = std::move(*plan);
+    e.ok = true;
     LogInfo("%s: %s, workspace %.1f MiB", what, e.plan.engine, need / 1048576.0);
     return &e.plan;
   }

@@ -180,6 +180,23 @@ void Graph::Reshape(int64_t y, int64_t x) {
   ops_.push_back(std::move(op));
 }
 
+namespace {
+// The global index of the engine an engine configuration runs (-1 where cuDNN does not say).
+int64_t EngineIndex(cudnnBackendDescriptor_t config) {
+  Descriptor engine(CUDNN_BACKEND_ENGINE_DESCRIPTOR);
+  cudnnBackendDescriptor_t e = engine.get();
+  int64_t n = 0, index = -1;
+  if (e == nullptr ||
+      cudnnBackendGetAttribute(config, CUDNN_ATTR_ENGINECFG_ENGINE, CUDNN_TYPE_BACKEND_DESCRIPTOR,
+                               1, &n, &e) != CUDNN_STATUS_SUCCESS ||
+      cudnnBackendGetAttribute(e, CUDNN_ATTR_ENGINE_GLOBAL_INDEX, CUDNN_TYPE_INT64, 1, &n,
+                               &index) != CUDNN_STATUS_SUCCESS) {
+    return -1;
+  }
+  return index;
+}
+}  // namespace
+
 absl::StatusOr<Plan> Graph::Build() {
   if (!status_.ok()) return status_;
   Descriptor graph = Make(CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR, "operation graph");
@@ -223,6 +240,7 @@ absl::StatusOr<Plan> Graph::Build() {
   for (int64_t i = 0; i < count; ++i) {
     Plan p;
     p.plan = Descriptor(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR);
+    p.config = std::move(configs[i]);
     if (p.plan.get() == nullptr) continue;
     cudnnBackendDescriptor_t cfg = raw[i];
     if (cudnnBackendSetAttribute(p.plan.get(), CUDNN_ATTR_EXECUTION_PLAN_HANDLE, CUDNN_TYPE_HANDLE,
@@ -243,7 +261,9 @@ absl::StatusOr<Plan> Graph::Build() {
                                  &p.workspace) != CUDNN_STATUS_SUCCESS) {
       continue;
     }
-    p.engine = absl::StrCat("heuristic choice ", i, " of ", count);
+    p.engine = absl::StrCat("engine ", EngineIndex(cfg), ", the heuristic's choice ", i + 1, " of ",
+                            count);
+    p.graph = std::move(graph);
     return p;
   }
   return absl::NotFoundError(absl::StrCat("cuDNN has no engine for the graph (", count,

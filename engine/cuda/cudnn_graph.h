@@ -23,7 +23,7 @@ class Descriptor {
   Descriptor() = default;
   explicit Descriptor(cudnnBackendDescriptorType_t type);
   ~Descriptor();
-  Descriptor(Descriptor&& o) noexcept : d_(o.d_) { o.d_ = nullptr; }
+  Descriptor(Descriptor&& o) noexcept : d_(o.d_), created_(o.created_) { o.d_ = nullptr; }
   Descriptor& operator=(Descriptor&& o) noexcept;
   Descriptor(const Descriptor&) = delete;
   Descriptor& operator=(const Descriptor&) = delete;
@@ -36,11 +36,12 @@ class Descriptor {
   cudnnStatus_t created_ = CUDNN_STATUS_SUCCESS;
 };
 
-// A finalized execution plan and the workspace bytes it needs.
+// A finalized execution plan and the workspace bytes it needs, with the operation graph and the
+// engine configuration it was built from (kept alive with it, as the cuDNN frontend keeps them).
 struct Plan {
-  Descriptor plan;
+  Descriptor graph, config, plan;
   int64_t workspace = 0;
-  std::string engine;  // the engine's global index, for messages
+  std::string engine;  // which engine (its global index) and the heuristic's rank, for messages
 };
 
 class Graph {
