@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <sstream>
 #include <string>
 
@@ -167,19 +168,40 @@ absl::StatusOr<ModelConfig> ReadModel(const std::string& path) {
   return *c;
 }
 
-int BenchTrain() {
-  auto fail = [](const absl::Status& s) {
-    std::fprintf(stderr, "error: %s\n", std::string(s.message()).c_str());
-    return 1;
-  };
+// Prints the error and returns the command's exit code 1.
+int Fail(const absl::Status& s) {
+  std::fprintf(stderr, "error: %s\n", std::string(s.message()).c_str());
+  return 1;
+}
+
+// What `bench train` and `bench attention` start from: --model's config and --backend.
+struct ModelAndBackend {
+  ModelConfig model;
+  std::unique_ptr<Backend> backend;
+};
+// The model and backend, or the exit code after saying what is wrong (2: no --model; `example`
+// names a config to suggest).
+absl::StatusOr<ModelAndBackend> ModelAndBackendFromFlags(const char* example, int* exit_code) {
+  *exit_code = 1;
   if (absl::GetFlag(FLAGS_model).empty()) {
-    std::fprintf(stderr, "error: --model is required (e.g. configs/kjv_demo.json)\n");
-    return 2;
+    *exit_code = 2;
+    return absl::InvalidArgumentError(absl::StrCat("--model is required (e.g. ", example, ")"));
   }
   auto mc = ReadModel(absl::GetFlag(FLAGS_model));
-  if (!mc.ok()) return fail(mc.status());
+  if (!mc.ok()) return mc.status();
   auto be = MakeBackend(absl::GetFlag(FLAGS_backend));
-  if (!be.ok()) return fail(be.status());
+  if (!be.ok()) return be.status();
+  return ModelAndBackend{*std::move(mc), *std::move(be)};
+}
+
+int BenchTrain() {
+  int code = 0;
+  auto mb = ModelAndBackendFromFlags("configs/kjv_demo.json", &code);
+  if (!mb.ok()) {
+    Fail(mb.status());
+    return code;
+  }
+  const ModelConfig* mc = &mb->model;
   TrainBenchOptions o;
   o.batch = absl::GetFlag(FLAGS_batch);
   o.seq = absl::GetFlag(FLAGS_seq);
@@ -191,41 +213,31 @@ int BenchTrain() {
   o.torch_reference = absl::GetFlag(FLAGS_torch_reference);
   o.python = absl::GetFlag(FLAGS_python);
   if (o.seq > mc->max_seq_len) {
-    return fail(absl::InvalidArgumentError(
+    return Fail(absl::InvalidArgumentError(
         absl::StrCat("--seq ", o.seq, " exceeds the model's max_seq_len ", mc->max_seq_len)));
   }
-  absl::Status s = RunTrainBenchmark(*mc, be->get(), o);
-  return s.ok() ? 0 : fail(s);
+  absl::Status s = RunTrainBenchmark(*mc, mb->backend.get(), o);
+  return s.ok() ? 0 : Fail(s);
 }
 
 int BenchAttention() {
-  auto fail = [](const absl::Status& s) {
-    std::fprintf(stderr, "error: %s\n", std::string(s.message()).c_str());
-    return 1;
-  };
-  if (absl::GetFlag(FLAGS_model).empty()) {
-    std::fprintf(stderr, "error: --model is required (e.g. configs/bench/llama_1p3b.json)\n");
-    return 2;
+  int code = 0;
+  auto mb = ModelAndBackendFromFlags("configs/bench/llama_1p3b.json", &code);
+  if (!mb.ok()) {
+    Fail(mb.status());
+    return code;
   }
-  auto mc = ReadModel(absl::GetFlag(FLAGS_model));
-  if (!mc.ok()) return fail(mc.status());
-  auto be = MakeBackend(absl::GetFlag(FLAGS_backend));
-  if (!be.ok()) return fail(be.status());
   AttentionBenchOptions o;
   o.batch = absl::GetFlag(FLAGS_batch);
   o.seq = absl::GetFlag(FLAGS_seq);
   o.steps = absl::GetFlag(FLAGS_steps) > 0 ? absl::GetFlag(FLAGS_steps) : 10;
   o.warmup = absl::GetFlag(FLAGS_warmup);
   o.seed = absl::GetFlag(FLAGS_seed);
-  auto r = RunAttentionBenchmark(*mc, be->get(), o);
-  return r.ok() ? 0 : fail(r.status());
+  auto r = RunAttentionBenchmark(mb->model, mb->backend.get(), o);
+  return r.ok() ? 0 : Fail(r.status());
 }
 
 int BenchGenerate() {
-  auto fail = [](const absl::Status& s) {
-    std::fprintf(stderr, "error: %s\n", std::string(s.message()).c_str());
-    return 1;
-  };
   GenerateBenchOptions o;
   o.batch = absl::GetFlag(FLAGS_batch);
   o.new_tokens = absl::GetFlag(FLAGS_new_tokens);
@@ -236,7 +248,7 @@ int BenchGenerate() {
   for (absl::string_view part : absl::StrSplit(absl::GetFlag(FLAGS_thresholds), ',')) {
     double th;
     if (!absl::SimpleAtod(part, &th) || !(th > 0 && th <= 1)) {
-      return fail(absl::InvalidArgumentError(
+      return Fail(absl::InvalidArgumentError(
           absl::StrCat("--thresholds: \"", part, "\" is not a threshold in (0, 1]")));
     }
     o.thresholds.push_back(static_cast<float>(th));
@@ -245,7 +257,7 @@ int BenchGenerate() {
        absl::StrSplit(absl::GetFlag(FLAGS_draft_exits), ',', absl::SkipEmpty())) {
     int layer;
     if (!absl::SimpleAtoi(part, &layer) || layer < 1) {
-      return fail(absl::InvalidArgumentError(
+      return Fail(absl::InvalidArgumentError(
           absl::StrCat("--draft_exits: \"", part, "\" is not a layer number")));
     }
     o.draft_exits.push_back(layer);
@@ -253,12 +265,12 @@ int BenchGenerate() {
   o.draft_tokens = absl::GetFlag(FLAGS_draft_tokens);
   o.draft_confidence = static_cast<float>(absl::GetFlag(FLAGS_draft_confidence));
   if (o.batch < 1 || o.new_tokens < 1 || !(o.temperature >= 0)) {
-    return fail(absl::InvalidArgumentError(
+    return Fail(absl::InvalidArgumentError(
         absl::StrCat("need --batch >= 1, --new_tokens >= 1 and --temperature >= 0, got ", o.batch,
                      ", ", o.new_tokens, ", ", o.temperature)));
   }
   if (absl::GetFlag(FLAGS_checkpoint).empty()) {
-    return fail(absl::InvalidArgumentError("--checkpoint is required (e.g. runs/kjv_demo)"));
+    return Fail(absl::InvalidArgumentError("--checkpoint is required (e.g. runs/kjv_demo)"));
   }
   // Under mpirun: a pipeline (of tensor-parallel groups) against one process; rank 0 prints.
   InferenceGroup group;
@@ -274,7 +286,7 @@ int BenchGenerate() {
   }
   if (!group.multi) {
     absl::Status s = RunGenerateBenchmark(group.loaded.model.get(), *group.tokenizer, o);
-    return s.ok() ? 0 : fail(s);
+    return s.ok() ? 0 : Fail(s);
   }
   if (!o.draft_exits.empty()) {
     return group.Fail(absl::InvalidArgumentError(
