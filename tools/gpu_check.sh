@@ -147,8 +147,10 @@ fi
 if want bench; then
   # Attention alone at the 1.3B's shape (seconds): cuDNN's, then our fused kernels; beside
   # PyTorch's SDPA below.
-  run bench_attention_eellm 20 60 "$B/eellm" bench attention --model=configs/bench/llama_1p3b.json \
-    --backend=cuda-bf16w --batch=4 --seq=2048
+  # (cuDNN's own log at warning level: why a graph is refused, where it is.)
+  run bench_attention_eellm 20 60 env CUDNN_LOGLEVEL_DBG=2 CUDNN_LOGDEST_DBG=stderr \
+    "$B/eellm" bench attention --model=configs/bench/llama_1p3b.json --backend=cuda-bf16w \
+    --batch=4 --seq=2048
   run bench_attention_ours 20 60 env EELLM_CUDNN_ATTENTION=0 "$B/eellm" bench attention \
     --model=configs/bench/llama_1p3b.json --backend=cuda-bf16w --batch=4 --seq=2048
   # cuda-bf16w (bf16 operands, fp32 master weights) is the mixed-precision path: the headline
