@@ -32,7 +32,8 @@
 #            PyTorch's SDPA on the same GPU: the largest gap of the step); before bench, whose
 #            PyTorch compiles take minutes (the second run's budget ended before this step)
 #   bench    eellm bench attention (attention alone at the 1.3B's shape: cuDNN's fused attention,
-#            then ours with EELLM_CUDNN_ATTENTION=0), eellm
+#            ours with EELLM_CUDNN_ATTENTION=0, and cuDNN allowed its non-deterministic backward
+#            with =any), eellm
 #            bench train on Llama 1.3B and GPT-2 124M (with exits) beside PyTorch in mixed
 #            precision (cuda-bf16w), and PyTorch's SDPA alone at the 1.3B's attention shape
 #            (tools/bench_attention_torch.py)
@@ -152,6 +153,10 @@ if want bench; then
     "$B/eellm" bench attention --model=configs/bench/llama_1p3b.json --backend=cuda-bf16w \
     --batch=4 --seq=2048
   run bench_attention_ours 20 60 env EELLM_CUDNN_ATTENTION=0 "$B/eellm" bench attention \
+    --model=configs/bench/llama_1p3b.json --backend=cuda-bf16w --batch=4 --seq=2048
+  # With the non-deterministic backward allowed where the deterministic one has no plan (the
+  # same plans as the first run where it has one).
+  run bench_attention_any 20 60 env EELLM_CUDNN_ATTENTION=any "$B/eellm" bench attention \
     --model=configs/bench/llama_1p3b.json --backend=cuda-bf16w --batch=4 --seq=2048
   # cuda-bf16w (bf16 operands, fp32 master weights) is the mixed-precision path: the headline
   # runs beside PyTorch (compare: cuda-bf16, fp32 activations and FAST_16BF GEMMs, shows what

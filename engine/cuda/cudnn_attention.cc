@@ -47,7 +47,8 @@ enum Uid : int64_t {
   kDk,
   kDv,
   kOne,
-  kSoftmaxSum
+  kSoftmaxSum,
+  kDqAccumulator
 };
 
 // The layouts, as 4-d [b, heads, t, d] views of the [b, t, heads, d] rows.
@@ -133,8 +134,9 @@ void MatmulIntoKvHeads(Graph& g, const AttentionShape& s, int64_t dst, int64_t a
 }
 
 // Backward: P from the stats; dV = P^T dO; dS = scale P (dO V^T - rowsum(dO * O));
-// dK = dS^T Q; dQ = dS K (written by its matmul: no fp32 accumulator, deterministic).
-void BackwardGraph(Graph& g, const AttentionShape& s) {
+// dK = dS^T Q; dQ = dS K, written by its matmul (deterministic) or, `accumulating`, summed in an
+// fp32 accumulator in the workspace (atomics) and then converted.
+void BackwardGraph(Graph& g, const AttentionShape& s, bool accumulating) {
   Inputs(g, s);
   g.Tensor(Transposed(s.b, s.hkv, s.t, s.d), TransposedStrides(s.hkv, s.t, s.d),
            CUDNN_DATA_BFLOAT16, Kind::kIo, kV);  // v^T
@@ -174,7 +176,27 @@ void BackwardGraph(Graph& g, const AttentionShape& s) {
   MatmulIntoKvHeads(g, s, kDk, ds_t, kQ);
   const int64_t k = g.Tensor(kv_rows, kv_strides, CUDNN_DATA_FLOAT, Kind::kVirtual);
   g.Reshape(k, kK);
-  g.Matmul(kDq, ds, k);
+  if (!accumulating) {
+    g.Matmul(kDq, ds, k);
+    return;
+  }
+  g.Tensor(q_rows, Graph::Packed(q_rows), CUDNN_DATA_FLOAT, Kind::kIo, kDqAccumulator);
+  g.Matmul(kDqAccumulator, ds, k);
+  g.Pointwise(CUDNN_POINTWISE_IDENTITY, kDq, kDqAccumulator);
+}
+
+using Pass = CudnnAttention::Pass;
+void BuildGraph(Graph& g, const AttentionShape& s, Pass pass) {
+  if (pass == Pass::kForward) {
+    ForwardGraph(g, s);
+  } else {
+    BackwardGraph(g, s, pass == Pass::kBackwardAccumulatingDq);
+  }
+}
+const char* PassName(Pass pass) {
+  return pass == Pass::kForward    ? "forward"
+         : pass == Pass::kBackward ? "backward"
+                                   : "backward (fp32 dQ accumulator, not deterministic)";
 }
 
 constexpr size_t kAlign = 256;
@@ -185,9 +207,11 @@ size_t Aligned(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 struct CudnnAttention::Impl {
   cudaStream_t stream = nullptr;
   cudnnHandle_t handle = nullptr;
-  bool broken = false;  // the handle could not be made: every call returns false
+  bool broken = false;              // the handle could not be made: every call returns false
+  bool allow_accumulating = false;  // EELLM_CUDNN_ATTENTION=any
   struct Entry {
     bool ok = false;
+    Pass pass = Pass::kForward;  // the graph the plan runs
     cudnn::Plan plan;
   };
   std::map<std::pair<AttentionShape, bool>, Entry> plans;  // (shape, backward)
@@ -201,7 +225,7 @@ struct CudnnAttention::Impl {
   }
 
   // The plan of (s, backward), built at the first call; null where cuDNN has none.
-  const cudnn::Plan* PlanFor(const AttentionShape& s, bool backward) {
+  const Entry* PlanFor(const AttentionShape& s, bool backward) {
     if (broken) return nullptr;
     if (handle == nullptr) {
       cudnnStatus_t st = cudnnCreate(&handle);
@@ -215,23 +239,17 @@ struct CudnnAttention::Impl {
     }
     auto [it, inserted] = plans.try_emplace({s, backward});
     Entry& e = it->second;
-    if (!inserted) return e.ok ? &e.plan : nullptr;
-    Graph g(handle);
-    if (backward) {
-      BackwardGraph(g, s);
-    } else {
-      ForwardGraph(g, s);
+    if (!inserted) return e.ok ? &e : nullptr;
+    e.pass = backward ? Pass::kBackward : Pass::kForward;
+    absl::StatusOr<cudnn::Plan> plan = Build(s, e.pass);
+    if (!plan.ok() && backward && allow_accumulating) {
+      e.pass = Pass::kBackwardAccumulatingDq;
+      plan = Build(s, e.pass);
     }
-    absl::StatusOr<cudnn::Plan> plan = g.Build();
-    const std::string what =
-        absl::StrFormat("cuDNN attention %s (b %d, t %d, heads %d/%d, d %d)",
-                        backward ? "backward" : "forward", s.b, s.t, s.hq, s.hkv, s.d);
-    if (!plan.ok()) {
-      LogInfo("%s: not available (%s); the fused kernels run it", what,
-              std::string(plan.status().message()));
-      return nullptr;
-    }
-    const size_t need = Extra(s, backward) + static_cast<size_t>(plan->workspace);
+    if (!plan.ok()) return nullptr;
+    const std::string what = absl::StrFormat("cuDNN attention %s (b %d, t %d, heads %d/%d, d %d)",
+                                             PassName(e.pass), s.b, s.t, s.hq, s.hkv, s.d);
+    const size_t need = Extra(s, e.pass) + static_cast<size_t>(plan->workspace);
     if (need > workspace_bytes) {  // (the old one stays for the other plans until this fits)
       void* grown = nullptr;
       if (cudaMalloc(&grown, need) != cudaSuccess) {
@@ -247,12 +265,32 @@ struct CudnnAttention::Impl {
     e.plan = std::move(*plan);
     e.ok = true;
     LogInfo("%s: %s, workspace %.1f MiB", what, e.plan.engine, need / 1048576.0);
-    return &e.plan;
+    return &e;
   }
 
-  // The workspace bytes before the plan's own: the backward's rowsum(dO * O).
-  static size_t Extra(const AttentionShape& s, bool backward) {
-    return backward ? Aligned(sizeof(float) * s.b * s.hq * s.t) : 0;
+  // The plan of `pass` for s, or the refusal (said once on stderr).
+  absl::StatusOr<cudnn::Plan> Build(const AttentionShape& s, Pass pass) {
+    Graph g(handle);
+    BuildGraph(g, s, pass);
+    absl::StatusOr<cudnn::Plan> plan = g.Build();
+    if (!plan.ok()) {
+      LogInfo("cuDNN attention %s (b %d, t %d, heads %d/%d, d %d): not available (%s)%s",
+              PassName(pass), s.b, s.t, s.hq, s.hkv, s.d, std::string(plan.status().message()),
+              pass == Pass::kBackward && allow_accumulating ? "" : "; the fused kernels run it");
+    }
+    return plan;
+  }
+
+  // The workspace bytes before the plan's own: the backward's rowsum(dO * O), then the fp32 dQ
+  // accumulator where the pass has one.
+  static size_t SoftmaxSumBytes(const AttentionShape& s) {
+    return Aligned(sizeof(float) * s.b * s.hq * s.t);
+  }
+  static size_t Extra(const AttentionShape& s, Pass pass) {
+    if (pass == Pass::kForward) return 0;
+    const size_t accumulator =
+        pass == Pass::kBackwardAccumulatingDq ? Aligned(sizeof(float) * s.b * s.hq * s.t * s.d) : 0;
+    return SoftmaxSumBytes(s) + accumulator;
   }
 
   // Runs the plan of (s, backward); false (the shape given up, said once) when cuDNN refuses to
@@ -266,12 +304,15 @@ struct CudnnAttention::Impl {
       uids.push_back(kSoftmaxSum);
       pointers.push_back(ws);
     }
+    if (e.pass == Pass::kBackwardAccumulatingDq) {
+      uids.push_back(kDqAccumulator);
+      pointers.push_back(ws + SoftmaxSumBytes(s));
+    }
     const absl::Status st = cudnn::Execute(handle, plan, uids, pointers,
-                                           plan.workspace > 0 ? ws + Extra(s, backward) : nullptr);
+                                           plan.workspace > 0 ? ws + Extra(s, e.pass) : nullptr);
     if (!st.ok()) {
       LogError("cuDNN attention %s (b %d, t %d, heads %d/%d, d %d): %s; the fused kernels run it",
-               backward ? "backward" : "forward", s.b, s.t, s.hq, s.hkv, s.d,
-               std::string(st.message()));
+               PassName(e.pass), s.b, s.t, s.hq, s.hkv, s.d, std::string(st.message()));
       e.ok = false;
     }
     return st.ok();
@@ -281,13 +322,9 @@ struct CudnnAttention::Impl {
 CudnnAttention::CudnnAttention(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 CudnnAttention::~CudnnAttention() = default;
 
-absl::Status CudnnAttention::CheckGraph(const AttentionShape& s, bool backward) {
+absl::Status CudnnAttention::CheckGraph(const AttentionShape& s, Pass pass) {
   Graph g(nullptr);
-  if (backward) {
-    BackwardGraph(g, s);
-  } else {
-    ForwardGraph(g, s);
-  }
+  BuildGraph(g, s, pass);
   return g.status();
 }
 
@@ -296,6 +333,7 @@ std::unique_ptr<CudnnAttention> CudnnAttention::Create(cudaStream_t stream) {
   if (env != nullptr && std::strcmp(env, "0") == 0) return nullptr;
   auto impl = std::make_unique<Impl>();
   impl->stream = stream;
+  impl->allow_accumulating = env != nullptr && std::strcmp(env, "any") == 0;
   return std::unique_ptr<CudnnAttention>(new CudnnAttention(std::move(impl)));
 }
 
@@ -328,7 +366,7 @@ struct CudnnAttention::Impl {};
 CudnnAttention::CudnnAttention(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 CudnnAttention::~CudnnAttention() = default;
 std::unique_ptr<CudnnAttention> CudnnAttention::Create(cudaStream_t) { return nullptr; }
-absl::Status CudnnAttention::CheckGraph(const AttentionShape&, bool) {
+absl::Status CudnnAttention::CheckGraph(const AttentionShape&, Pass) {
   return absl::UnimplementedError("this build has no cuDNN");
 }
 bool CudnnAttention::Forward(void*, float*, const void*, const void*, const void*,

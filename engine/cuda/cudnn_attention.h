@@ -7,7 +7,10 @@
 // repeats one shape); a shape cuDNN has no plan for is remembered, said once on stderr, and the
 // call returns false, so the caller runs its own kernels (flash_attention.cu), as with LtGemm.
 // Builds without cuDNN (and the CPU emulation of CUDA) get Create() == null.
-// EELLM_CUDNN_ATTENTION=0 turns it off (to compare with the fused kernels in one command).
+// EELLM_CUDNN_ATTENTION=0 turns it off (to compare with the fused kernels in one command);
+// EELLM_CUDNN_ATTENTION=any also allows, where cuDNN has no plan for the deterministic backward,
+// the cuDNN frontend's default one (dQ summed in an fp32 accumulator by atomics: not
+// deterministic).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -29,6 +32,10 @@ struct AttentionShape {
 
 class CudnnAttention {
  public:
+  // The graphs: forward, the deterministic backward (dQ written by its matmul) and the backward
+  // with an fp32 dQ accumulator (atomics).
+  enum class Pass { kForward, kBackward, kBackwardAccumulatingDq };
+
   // Null where this build has no cuDNN or EELLM_CUDNN_ATTENTION=0. (The cuDNN handle is made at
   // the first call, on `stream`.)
   static std::unique_ptr<CudnnAttention> Create(cudaStream_t stream);
@@ -40,11 +47,11 @@ class CudnnAttention {
   // (smaller heads stay on the fused kernels, which the CPU emulation checks).
   static bool Offered(const AttentionShape& s);
 
-  // Builds the forward (backward: true) graph of s without a device, down to its finalized
+  // Builds the graph of `pass` for s without a device, down to its finalized
   // tensor and operation descriptors, which cuDNN checks there (dims, strides, types, what each
   // operation accepts); OK, or the first refusal; Unimplemented in builds without cuDNN. Engines
   // and plans need the GPU.
-  static absl::Status CheckGraph(const AttentionShape& s, bool backward);
+  static absl::Status CheckGraph(const AttentionShape& s, Pass pass);
 
   // out = softmax(q k^T / sqrt(d), causal) v and lse; true when run, false (nothing run) when
   // cuDNN has no plan for the shape. Pointers 16-byte aligned.

@@ -1,8 +1,9 @@
 // cuDNN's attention graphs (engine/cuda/cudnn_attention.h) built without a GPU: every tensor and
-// operation descriptor must finalize, for the shapes the training path offers cuDNN (GQA and
-// not, head dims 64 and 128, the 1.3B's shape). cuDNN checks each operation's operands there
-// (matmul dims, broadcasts, types), so a wrong layout or operand fails here, before a GPU run.
-// Engines and plans need the device: the GPU parity tests run the graphs.
+// operation descriptor of each pass (forward, both backwards) must finalize, for the shapes the
+// training path offers cuDNN (GQA and not, head dims 64 and 128, the 1.3B's shape). cuDNN checks
+// each operation's operands there (matmul dims, broadcasts, types), so a wrong layout or operand
+// fails here, before a GPU run. Engines and plans need the device: the GPU parity tests run the
+// graphs.
 #include <gtest/gtest.h>
 
 #include "engine/cuda/cudnn_attention.h"
@@ -12,14 +13,17 @@ namespace {
 
 class CudnnAttentionGraph : public ::testing::TestWithParam<AttentionShape> {};
 
-TEST_P(CudnnAttentionGraph, ForwardAndBackwardDescriptorsFinalize) {
+TEST_P(CudnnAttentionGraph, EveryPassDescriptorsFinalize) {
   const AttentionShape s = GetParam();
   ASSERT_TRUE(CudnnAttention::Offered(s));
-  const absl::Status fwd = CudnnAttention::CheckGraph(s, false);
+  using Pass = CudnnAttention::Pass;
+  const absl::Status fwd = CudnnAttention::CheckGraph(s, Pass::kForward);
   if (absl::IsUnimplemented(fwd)) GTEST_SKIP() << fwd.message();
   EXPECT_TRUE(fwd.ok()) << fwd;
-  const absl::Status bwd = CudnnAttention::CheckGraph(s, true);
-  EXPECT_TRUE(bwd.ok()) << bwd;
+  for (Pass pass : {Pass::kBackward, Pass::kBackwardAccumulatingDq}) {
+    const absl::Status bwd = CudnnAttention::CheckGraph(s, pass);
+    EXPECT_TRUE(bwd.ok()) << bwd;
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, CudnnAttentionGraph,
