@@ -142,6 +142,13 @@ void PrintStepBudget(const TrainBenchResult& r, double ceiling, double bandwidth
 absl::StatusOr<TrainBenchResult> BenchTrainStep(const ModelConfig& mc, Backend* backend,
                                                 const TrainBenchOptions& o) {
   ProfilingBackend prof(backend);
+  // (The CPU's free memory is the machine's, which other processes move: device backends only.)
+  const int64_t free_before =
+      backend->device() == Device::kCpu ? -1 : backend->AvailableMemoryBytes();
+  int64_t free_lowest = free_before;
+  auto note_free = [&] {
+    if (free_before >= 0) free_lowest = std::min(free_lowest, backend->AvailableMemoryBytes());
+  };
   ASSIGN_OR_RETURN(auto model, Model::Create(mc, &prof));
   model->InitRandom(o.seed);
   auto ctx = ParallelContext::Single();
@@ -169,9 +176,11 @@ absl::StatusOr<TrainBenchResult> BenchTrainStep(const ModelConfig& mc, Backend* 
   };
   for (int i = 0; i < o.warmup; ++i) step();
   prof.Synchronize();
+  note_free();
   Timer t;
   for (int i = 0; i < o.steps; ++i) step();
   prof.Synchronize();
+  note_free();
   TrainBenchResult r;
   r.step_seconds = t.Seconds() / o.steps;
   r.tokens_per_second = static_cast<double>(n) / r.step_seconds;
@@ -192,6 +201,8 @@ absl::StatusOr<TrainBenchResult> BenchTrainStep(const ModelConfig& mc, Backend* 
               return a.seconds > b.seconds;
             });
   r.peak_bytes = prof.peak_bytes();
+  note_free();
+  if (free_before >= 0) r.device_bytes = free_before - free_lowest;
   return r;
 }
 
@@ -289,6 +300,12 @@ absl::Status RunTrainBenchmark(const ModelConfig& mc, Backend* backend,
   }
   std::printf("memory: %.1f MB allocated through the backend at peak; process max RSS %.1f MB\n",
               r.peak_bytes / 1e6, ru.ru_maxrss / 1e3);
+  if (r.device_bytes >= 0) {
+    std::printf(
+        "device memory taken: %.1f MB (free before the model minus the lowest after a step: "
+        "scratch and library workspaces included)\n",
+        r.device_bytes / 1e6);
+  }
   std::printf("memory bandwidth of this backend (device-to-device copy, measured now): %.0f GB/s\n",
               bandwidth / 1e9);
   // Per op: its time, its matrix products' rate (GEMMs; attention counts the causal half: 4 d

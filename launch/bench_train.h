@@ -29,6 +29,10 @@ struct TrainBenchResult {
   double profiled_step_seconds = 0;
   int64_t params = 0;
   size_t peak_bytes = 0;
+  // Device memory the benchmark took: free memory before the model was built minus the lowest
+  // after a step (scratch and library workspaces included, e.g. cuDNN's); -1 where the backend
+  // cannot say (CPU).
+  int64_t device_bytes = -1;
   struct Op {
     std::string name;
     double seconds;

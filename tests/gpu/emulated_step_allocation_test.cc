@@ -1,10 +1,12 @@
 // The CUDA backend allocates no device memory inside a training step once the first step has
 // run (its internal scratch included, which the ProfilingBackend-based step_allocation_test
 // cannot see): cudaMalloc calls counted under the CPU emulation of CUDA, in fp32, bf16 and bf16
-// with weight copies (head_dim 32, so attention runs the fused kernels and their scratch).
+// with weight copies (head_dim 32, so attention runs the fused kernels and their scratch). And
+// bench train's count of the device memory a step took.
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "launch/bench_train.h"
 #include "models/exit_loss_weights.h"
 #include "models/pipeline_executor.h"
 #include "parallel/distributed_optimizer.h"
@@ -54,6 +56,26 @@ TEST(EmulatedCudaStep, NoDeviceAllocationAfterTheFirstStep) {
       EXPECT_LT(losses.back(), losses.front());  // and it trains
     }
   }
+}
+
+// bench train's device figure (free memory before minus the lowest after a step) covers what the
+// benchmark took beyond its backend allocations: the bf16 weight copies and the backend's scratch.
+TEST(EmulatedCudaStep, BenchCountsTheDeviceMemoryItTook) {
+  auto be = MakeEmulatedCudaBackend(0, true, true);
+  ASSERT_TRUE(be.ok()) << be.status();
+  ModelConfig c = testing::TinyConfig(ModelStyle::kLlama, 2);
+  c.hidden_size = 64;
+  c.ffn_hidden_size = 96;
+  c.vocab_size = 40;
+  TrainBenchOptions o;
+  o.batch = 2;
+  o.seq = 16;
+  o.steps = 1;
+  o.warmup = 1;
+  auto r = BenchTrainStep(c, be->get(), o);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_GT(r->peak_bytes, 0u);
+  EXPECT_GT(r->device_bytes, static_cast<int64_t>(r->peak_bytes));
 }
 
 }  // namespace
