@@ -29,8 +29,8 @@
 #            take their place) at the 1.3B's shape (eellm bench attention, batch 4 x
 #            2048 tokens): speed of light, occupancy, warp stalls,
 #            pipes and memory (the first GPU runs measured them at 92-122 TFLOP/s, a third of
-#            PyTorch's SDPA on the same GPU: the largest gap of the step); before bench, whose
-#            PyTorch compiles take minutes (the second run's budget ended before this step)
+#            PyTorch's SDPA on the same GPU: the largest gap of the step); after bench now that
+#            cuDNN's attention takes the training path where it has a plan
 #   bench    eellm bench attention (attention alone at the 1.3B's shape: cuDNN's fused attention,
 #            ours with EELLM_CUDNN_ATTENTION=0, and cuDNN allowed its non-deterministic backward
 #            with =any), eellm
@@ -60,7 +60,7 @@ for a in "$@"; do
     *) echo "gpu_check.sh: unknown step or flag '$a' (see --help)" >&2; exit 2 ;;
   esac
 done
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(build gpu profile bench hf demo sanitize compare)
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(build gpu bench profile hf demo sanitize compare)
 want() { [[ " ${STEPS[*]} " == *" $1 "* ]]; }
 
 OUT=${OUT:-/tmp/eellm_gpu_out}
@@ -132,19 +132,6 @@ if want gpu && [ -f "$LOGS/gpu.log" ]; then
   grep -E "tests passed|tests failed out of|\(Failed\)|\(Timeout\)|Not Run|No tests were found" \
     "$LOGS/gpu.log" | head -40 | sed 's/^/    gpu: /' | tee -a "$SUMMARY"
 fi
-NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
-if want profile && [ ! -x "$NCU" ]; then
-  skip profile "no ncu"
-elif want profile; then
-  # The 1.3B's attention shape (4 x 2048 tokens) in `bench attention`: no model to build.
-  run profile 40 150 bash -c 'for k in FlashForwardKernel FlashBackwardKvKernel FlashBackwardQKernel; do
-      EELLM_CUDNN_ATTENTION=0 "$1" --clock-control none --kernel-name "regex:$k" --launch-count 1 \
-        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-        --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section SchedulerStats \
-        "$2/eellm" bench attention --model=configs/bench/llama_1p3b.json --backend=cuda-bf16w \
-        --batch=4 --seq=2048 --steps=1 --warmup=0 || exit; done' \
-    _ "$NCU" "$B"
-fi
 if want bench; then
   # Attention alone at the 1.3B's shape (seconds): cuDNN's, then our fused kernels; beside
   # PyTorch's SDPA below.
@@ -176,6 +163,32 @@ if want bench; then
     --backend=cuda-bf16w --batch=8 --seq=1024 --steps=5 --warmup=2 \
     --torch-reference=tools/bench_torch.py
 fi
+NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+if want profile && [ ! -x "$NCU" ]; then
+  skip profile "no ncu"
+elif want profile; then
+  # The 1.3B's attention shape (4 x 2048 tokens) in `bench attention`: no model to build.
+  run profile 40 150 bash -c 'for k in FlashForwardKernel FlashBackwardKvKernel FlashBackwardQKernel; do
+      EELLM_CUDNN_ATTENTION=0 "$1" --clock-control none --kernel-name "regex:$k" --launch-count 1 \
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section SchedulerStats \
+        "$2/eellm" bench attention --model=configs/bench/llama_1p3b.json --backend=cuda-bf16w \
+        --batch=4 --seq=2048 --steps=1 --warmup=0 || exit; done' \
+    _ "$NCU" "$B"
+fi
+want hf && run hf 60 200 python3 tools/hf_check.py --eellm "$B/eellm" --backends cpu,cuda
+if want demo && [ ! -f .gpu/kjv.txt ]; then
+  skip demo "no .gpu/kjv.txt (run tools/gpu_prepare.sh)"
+elif want demo; then
+  run demo 90 300 bash -c "'$B/eellm' data --input .gpu/kjv.txt --output /tmp/eellm_kjv \
+      --val-fraction 0.02 &&
+    '$B/eellm' train --config configs/kjv_demo.json --backend=cuda-bf16w --data=/tmp/eellm_kjv \
+      --out=/tmp/eellm_kjv_run &&
+    '$B/eellm' generate --checkpoint /tmp/eellm_kjv_run --backend=cuda-bf16w --compare &&
+    '$B/eellm' bench generate --checkpoint /tmp/eellm_kjv_run --backend=cuda-bf16w --batch=1 \
+      --draft-exits=2,4 &&
+    '$B/eellm' bench generate --checkpoint /tmp/eellm_kjv_run --backend=cuda-bf16w --batch=32"
+fi
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 if want sanitize && [ ! -x "$SAN" ]; then
   skip sanitize "no compute-sanitizer"
@@ -193,19 +206,6 @@ if want compare; then
     --backend=cuda-bf16 --batch=4 --seq=2048 --steps=3 --warmup=1 --compare-without-exits=false
   run bench_llama_fp32 40 150 "$B/eellm" bench train --model=configs/bench/llama_1p3b.json \
     --backend=cuda --batch=4 --seq=2048 --steps=2 --warmup=1 --compare-without-exits=false
-fi
-want hf && run hf 60 200 python3 tools/hf_check.py --eellm "$B/eellm" --backends cpu,cuda
-if want demo && [ ! -f .gpu/kjv.txt ]; then
-  skip demo "no .gpu/kjv.txt (run tools/gpu_prepare.sh)"
-elif want demo; then
-  run demo 90 300 bash -c "'$B/eellm' data --input .gpu/kjv.txt --output /tmp/eellm_kjv \
-      --val-fraction 0.02 &&
-    '$B/eellm' train --config configs/kjv_demo.json --backend=cuda-bf16w --data=/tmp/eellm_kjv \
-      --out=/tmp/eellm_kjv_run &&
-    '$B/eellm' generate --checkpoint /tmp/eellm_kjv_run --backend=cuda-bf16w --compare &&
-    '$B/eellm' bench generate --checkpoint /tmp/eellm_kjv_run --backend=cuda-bf16w --batch=1 \
-      --draft-exits=2,4 &&
-    '$B/eellm' bench generate --checkpoint /tmp/eellm_kjv_run --backend=cuda-bf16w --batch=32"
 fi
 # GEMMs cuBLASLt refused (the backend then runs cublasGemmEx with the same roundings): their
 # shapes, from every step's log, for the next session to look at.
