@@ -195,45 +195,50 @@ int64_t EngineIndex(cudnnBackendDescriptor_t config) {
   }
   return index;
 }
-}  // namespace
 
-absl::StatusOr<Plan> Graph::Build() {
-  if (!status_.ok()) return status_;
-  Descriptor graph = Make(CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR, "operation graph");
-  std::vector<cudnnBackendDescriptor_t> ops;
-  for (const Descriptor& op : ops_) ops.push_back(op.get());
-  Set(graph, CUDNN_ATTR_OPERATIONGRAPH_HANDLE, CUDNN_TYPE_HANDLE, 1, &handle_, "graph handle");
-  Set(graph, CUDNN_ATTR_OPERATIONGRAPH_OPS, CUDNN_TYPE_BACKEND_DESCRIPTOR,
-      static_cast<int64_t>(ops.size()), ops.data(), "graph operations");
-  Finalize(graph, "operation graph finalize");
-  Descriptor heur = Make(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR, "heuristics");
-  cudnnBackendDescriptor_t g = graph.get();
-  const cudnnBackendHeurMode_t mode = CUDNN_HEUR_MODE_A;
-  Set(heur, CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &g,
-      "heuristics graph");
-  Set(heur, CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, 1, &mode, "heuristics mode");
-  Finalize(heur, "heuristics finalize");
-  if (!status_.ok()) return status_;
+const char* ModeName(cudnnBackendHeurMode_t mode) {
+  return mode == CUDNN_HEUR_MODE_A ? "heuristic A" : "fallback heuristic";
+}
+
+// The first engine configuration of the heuristic `mode` for `graph` whose plan finalizes; or why
+// none did.
+absl::StatusOr<Plan> FirstPlan(cudnnHandle_t handle, cudnnBackendDescriptor_t graph,
+                               cudnnBackendHeurMode_t mode) {
+  auto fail = [&](const char* what, cudnnStatus_t s) {
+    return absl::NotFoundError(
+        absl::StrCat(ModeName(mode), ": ", what, ": ", cudnnGetErrorString(s)));
+  };
+  Descriptor heur(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR);
+  cudnnStatus_t s = heur.created();
+  if (s == CUDNN_STATUS_SUCCESS) {
+    s = cudnnBackendSetAttribute(heur.get(), CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH,
+                                 CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &graph);
+  }
+  if (s == CUDNN_STATUS_SUCCESS) {
+    s = cudnnBackendSetAttribute(heur.get(), CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, 1,
+                                 &mode);
+  }
+  if (s == CUDNN_STATUS_SUCCESS) s = cudnnBackendFinalize(heur.get());
+  if (s != CUDNN_STATUS_SUCCESS) return fail("heuristics", s);
   // The configurations: their number, then that many descriptors for the heuristic to fill.
   int64_t count = 0;
-  if (!Check(cudnnBackendGetAttribute(heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS,
-                                      CUDNN_TYPE_BACKEND_DESCRIPTOR, 0, &count, nullptr),
-             "heuristics result count")) {
-    return status_;
-  }
+  s = cudnnBackendGetAttribute(heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS,
+                               CUDNN_TYPE_BACKEND_DESCRIPTOR, 0, &count, nullptr);
+  if (s != CUDNN_STATUS_SUCCESS) return fail("heuristics result count", s);
   std::vector<Descriptor> configs;
   std::vector<cudnnBackendDescriptor_t> raw;
   for (int64_t i = 0; i < count; ++i) {
     configs.emplace_back(CUDNN_BACKEND_ENGINECFG_DESCRIPTOR);
-    if (!Check(configs.back().created(), "engine config")) return status_;
+    if (configs.back().created() != CUDNN_STATUS_SUCCESS) {
+      return fail("engine config", configs.back().created());
+    }
     raw.push_back(configs.back().get());
   }
   int64_t filled = 0;
-  if (count > 0 &&
-      !Check(cudnnBackendGetAttribute(heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS,
-                                      CUDNN_TYPE_BACKEND_DESCRIPTOR, count, &filled, raw.data()),
-             "heuristics results")) {
-    return status_;
+  if (count > 0) {
+    s = cudnnBackendGetAttribute(heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS,
+                                 CUDNN_TYPE_BACKEND_DESCRIPTOR, count, &filled, raw.data());
+    if (s != CUDNN_STATUS_SUCCESS) return fail("heuristics results", s);
   }
   count = std::min(count, filled);
   std::string tried;
@@ -244,7 +249,7 @@ absl::StatusOr<Plan> Graph::Build() {
     if (p.plan.get() == nullptr) continue;
     cudnnBackendDescriptor_t cfg = raw[i];
     if (cudnnBackendSetAttribute(p.plan.get(), CUDNN_ATTR_EXECUTION_PLAN_HANDLE, CUDNN_TYPE_HANDLE,
-                                 1, &handle_) != CUDNN_STATUS_SUCCESS ||
+                                 1, &handle) != CUDNN_STATUS_SUCCESS ||
         cudnnBackendSetAttribute(p.plan.get(), CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG,
                                  CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &cfg) != CUDNN_STATUS_SUCCESS) {
       continue;
@@ -261,14 +266,37 @@ absl::StatusOr<Plan> Graph::Build() {
                                  &p.workspace) != CUDNN_STATUS_SUCCESS) {
       continue;
     }
-    p.engine = absl::StrCat("engine ", EngineIndex(cfg), ", the heuristic's choice ", i + 1, " of ",
-                            count);
-    p.graph = std::move(graph);
+    p.engine = absl::StrCat("engine ", EngineIndex(cfg), ", the ", ModeName(mode), "'s choice ",
+                            i + 1, " of ", count);
     return p;
   }
-  return absl::NotFoundError(absl::StrCat("cuDNN has no engine for the graph (", count,
-                                          " configurations from the heuristic",
-                                          tried.empty() ? "" : ": " + tried, ")"));
+  return absl::NotFoundError(absl::StrCat(ModeName(mode), ": ", count, " configurations",
+                                          tried.empty() ? "" : " (" + tried + ")",
+                                          ", no plan finalized"));
+}
+}  // namespace
+
+absl::StatusOr<Plan> Graph::Build() {
+  if (!status_.ok()) return status_;
+  Descriptor graph = Make(CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR, "operation graph");
+  std::vector<cudnnBackendDescriptor_t> ops;
+  for (const Descriptor& op : ops_) ops.push_back(op.get());
+  Set(graph, CUDNN_ATTR_OPERATIONGRAPH_HANDLE, CUDNN_TYPE_HANDLE, 1, &handle_, "graph handle");
+  Set(graph, CUDNN_ATTR_OPERATIONGRAPH_OPS, CUDNN_TYPE_BACKEND_DESCRIPTOR,
+      static_cast<int64_t>(ops.size()), ops.data(), "graph operations");
+  Finalize(graph, "operation graph finalize");
+  if (!status_.ok()) return status_;
+  // Heuristic A's choices (the frontend's default), else the fallback heuristic's.
+  std::string why;
+  for (cudnnBackendHeurMode_t mode : {CUDNN_HEUR_MODE_A, CUDNN_HEUR_MODE_FALLBACK}) {
+    absl::StatusOr<Plan> p = FirstPlan(handle_, graph.get(), mode);
+    if (p.ok()) {
+      p->graph = std::move(graph);
+      return p;
+    }
+    absl::StrAppend(&why, why.empty() ? "" : "; ", p.status().message());
+  }
+  return absl::NotFoundError(absl::StrCat("cuDNN has no engine for the graph (", why, ")"));
 }
 
 absl::Status Execute(cudnnHandle_t handle, const Plan& plan, const std::vector<int64_t>& uids,

@@ -73,8 +73,9 @@ class Graph {
   // descriptors are checked and finalized without a device).
   const absl::Status& status() const { return status_; }
 
-  // The operation graph, the heuristic's (mode A) engine configurations in order, the first
-  // whose plan finalizes; or the first error recorded while building.
+  // The operation graph, then heuristic A's engine configurations in order (the fallback
+  // heuristic's where none of A's finalizes): the first whose plan finalizes; or the first error
+  // recorded while building, or why no plan finalized.
   absl::StatusOr<Plan> Build();
 
   // A dims vector's packed strides (last dimension fastest).
