@@ -7,13 +7,7 @@
 #include <cmath>
 #include <cstddef>
 
-#if !defined(EE_HOST_DEVICE)
-#if defined(__CUDACC__)
-#define EE_HOST_DEVICE __host__ __device__
-#else
-#define EE_HOST_DEVICE
-#endif
-#endif
+#include "engine/core/host_device.h"
 
 namespace eellm {
 

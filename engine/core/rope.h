@@ -16,11 +16,7 @@
 
 #include <cmath>
 
-#if defined(__CUDACC__)
-#define EE_HOST_DEVICE __host__ __device__
-#else
-#define EE_HOST_DEVICE
-#endif
+#include "engine/core/host_device.h"
 
 namespace eellm {
 
