@@ -96,6 +96,16 @@ const Descriptor& Graph::TensorDesc(int64_t uid) {
   return kNone;
 }
 
+void Graph::SetDescriptor(const Descriptor& d, cudnnBackendAttributeName_t name,
+                          cudnnBackendDescriptor_t value, const char* what) {
+  Set(d, name, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &value, what);
+}
+
+void Graph::SetTensor(const Descriptor& op, cudnnBackendAttributeName_t name, int64_t uid,
+                      const char* what) {
+  SetDescriptor(op, name, TensorDesc(uid).get(), what);
+}
+
 void Graph::Pointwise(cudnnPointwiseMode_t mode, int64_t y, int64_t x, int64_t b, int64_t t,
                       int64_t axis, cudnnDataType_t math) {
   Descriptor pw = Make(CUDNN_BACKEND_POINTWISE_DESCRIPTOR, "pointwise descriptor");
@@ -104,23 +114,12 @@ void Graph::Pointwise(cudnnPointwiseMode_t mode, int64_t y, int64_t x, int64_t b
   if (axis >= 0) Set(pw, CUDNN_ATTR_POINTWISE_AXIS, CUDNN_TYPE_INT64, 1, &axis, "pointwise axis");
   Finalize(pw, "pointwise finalize");
   Descriptor op = Make(CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR, "pointwise operation");
-  cudnnBackendDescriptor_t p = pw.get(), dx = TensorDesc(x).get(), dy = TensorDesc(y).get();
-  Set(op, CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &p,
-      "pointwise op descriptor");
-  Set(op, CUDNN_ATTR_OPERATION_POINTWISE_XDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &dx,
-      "pointwise x");
-  if (b != 0) {
-    cudnnBackendDescriptor_t db = TensorDesc(b).get();
-    Set(op, CUDNN_ATTR_OPERATION_POINTWISE_BDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &db,
-        "pointwise b");
-  }
-  if (t != 0) {
-    cudnnBackendDescriptor_t dt = TensorDesc(t).get();
-    Set(op, CUDNN_ATTR_OPERATION_POINTWISE_TDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &dt,
-        "pointwise t");
-  }
-  Set(op, CUDNN_ATTR_OPERATION_POINTWISE_YDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &dy,
-      "pointwise y");
+  SetDescriptor(op, CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, pw.get(),
+                "pointwise op descriptor");
+  SetTensor(op, CUDNN_ATTR_OPERATION_POINTWISE_XDESC, x, "pointwise x");
+  if (b != 0) SetTensor(op, CUDNN_ATTR_OPERATION_POINTWISE_BDESC, b, "pointwise b");
+  if (t != 0) SetTensor(op, CUDNN_ATTR_OPERATION_POINTWISE_TDESC, t, "pointwise t");
+  SetTensor(op, CUDNN_ATTR_OPERATION_POINTWISE_YDESC, y, "pointwise y");
   const float one = 1.0f;
   Set(op, CUDNN_ATTR_OPERATION_POINTWISE_ALPHA1, CUDNN_TYPE_FLOAT, 1, &one, "pointwise alpha1");
   Set(op, CUDNN_ATTR_OPERATION_POINTWISE_ALPHA2, CUDNN_TYPE_FLOAT, 1, &one, "pointwise alpha2");
@@ -137,12 +136,10 @@ void Graph::Matmul(int64_t c, int64_t a, int64_t b) {
   Set(mm, CUDNN_ATTR_MATMUL_PADDING_VALUE, CUDNN_TYPE_DOUBLE, 1, &padding, "matmul padding");
   Finalize(mm, "matmul finalize");
   Descriptor op = Make(CUDNN_BACKEND_OPERATION_MATMUL_DESCRIPTOR, "matmul operation");
-  cudnnBackendDescriptor_t m = mm.get(), da = TensorDesc(a).get(), db = TensorDesc(b).get(),
-                           dc = TensorDesc(c).get();
-  Set(op, CUDNN_ATTR_OPERATION_MATMUL_ADESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &da, "matmul a");
-  Set(op, CUDNN_ATTR_OPERATION_MATMUL_BDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &db, "matmul b");
-  Set(op, CUDNN_ATTR_OPERATION_MATMUL_CDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &dc, "matmul c");
-  Set(op, CUDNN_ATTR_OPERATION_MATMUL_DESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &m, "matmul desc");
+  SetTensor(op, CUDNN_ATTR_OPERATION_MATMUL_ADESC, a, "matmul a");
+  SetTensor(op, CUDNN_ATTR_OPERATION_MATMUL_BDESC, b, "matmul b");
+  SetTensor(op, CUDNN_ATTR_OPERATION_MATMUL_CDESC, c, "matmul c");
+  SetDescriptor(op, CUDNN_ATTR_OPERATION_MATMUL_DESC, mm.get(), "matmul desc");
   Finalize(op, "matmul operation finalize");
   op_params_.push_back(std::move(mm));
   ops_.push_back(std::move(op));
@@ -159,13 +156,9 @@ void Graph::Reduction(cudnnReduceTensorOp_t reduce, int64_t y, int64_t x) {
       "reduction deterministic");
   Finalize(rd, "reduction finalize");
   Descriptor op = Make(CUDNN_BACKEND_OPERATION_REDUCTION_DESCRIPTOR, "reduction operation");
-  cudnnBackendDescriptor_t r = rd.get(), dx = TensorDesc(x).get(), dy = TensorDesc(y).get();
-  Set(op, CUDNN_ATTR_OPERATION_REDUCTION_XDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &dx,
-      "reduction x");
-  Set(op, CUDNN_ATTR_OPERATION_REDUCTION_YDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &dy,
-      "reduction y");
-  Set(op, CUDNN_ATTR_OPERATION_REDUCTION_DESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &r,
-      "reduction desc");
+  SetTensor(op, CUDNN_ATTR_OPERATION_REDUCTION_XDESC, x, "reduction x");
+  SetTensor(op, CUDNN_ATTR_OPERATION_REDUCTION_YDESC, y, "reduction y");
+  SetDescriptor(op, CUDNN_ATTR_OPERATION_REDUCTION_DESC, rd.get(), "reduction desc");
   Finalize(op, "reduction operation finalize");
   op_params_.push_back(std::move(rd));
   ops_.push_back(std::move(op));
@@ -173,9 +166,8 @@ void Graph::Reduction(cudnnReduceTensorOp_t reduce, int64_t y, int64_t x) {
 
 void Graph::Reshape(int64_t y, int64_t x) {
   Descriptor op = Make(CUDNN_BACKEND_OPERATION_RESHAPE_DESCRIPTOR, "reshape operation");
-  cudnnBackendDescriptor_t dx = TensorDesc(x).get(), dy = TensorDesc(y).get();
-  Set(op, CUDNN_ATTR_OPERATION_RESHAPE_XDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &dx, "reshape x");
-  Set(op, CUDNN_ATTR_OPERATION_RESHAPE_YDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &dy, "reshape y");
+  SetTensor(op, CUDNN_ATTR_OPERATION_RESHAPE_XDESC, x, "reshape x");
+  SetTensor(op, CUDNN_ATTR_OPERATION_RESHAPE_YDESC, y, "reshape y");
   Finalize(op, "reshape operation finalize");
   ops_.push_back(std::move(op));
 }

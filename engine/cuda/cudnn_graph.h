@@ -88,6 +88,11 @@ class Graph {
   void Set(const Descriptor& d, cudnnBackendAttributeName_t name, cudnnBackendAttributeType_t type,
            int64_t count, const void* values, const char* what);
   void Finalize(const Descriptor& d, const char* what);
+  // An attribute whose value is one descriptor; one whose value is the tensor `uid`.
+  void SetDescriptor(const Descriptor& d, cudnnBackendAttributeName_t name,
+                     cudnnBackendDescriptor_t value, const char* what);
+  void SetTensor(const Descriptor& op, cudnnBackendAttributeName_t name, int64_t uid,
+                 const char* what);
   const Descriptor& TensorDesc(int64_t uid);
 
   cudnnHandle_t handle_;
