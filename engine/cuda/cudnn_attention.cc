@@ -198,6 +198,11 @@ const char* PassName(Pass pass) {
          : pass == Pass::kBackward ? "backward"
                                    : "backward (fp32 dQ accumulator, not deterministic)";
 }
+// What the log lines name: "cuDNN attention <pass> (<shape>)".
+std::string Describe(const AttentionShape& s, Pass pass) {
+  return absl::StrFormat("cuDNN attention %s (b %d, t %d, heads %d/%d, d %d)", PassName(pass), s.b,
+                         s.t, s.hq, s.hkv, s.d);
+}
 
 constexpr size_t kAlign = 256;
 size_t Aligned(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
@@ -247,8 +252,7 @@ struct CudnnAttention::Impl {
       plan = Build(s, e.pass);
     }
     if (!plan.ok()) return nullptr;
-    const std::string what = absl::StrFormat("cuDNN attention %s (b %d, t %d, heads %d/%d, d %d)",
-                                             PassName(e.pass), s.b, s.t, s.hq, s.hkv, s.d);
+    const std::string what = Describe(s, e.pass);
     const size_t need = Extra(s, e.pass) + static_cast<size_t>(plan->workspace);
     if (need > workspace_bytes) {  // (the old one stays for the other plans until this fits)
       void* grown = nullptr;
@@ -274,8 +278,7 @@ struct CudnnAttention::Impl {
     BuildGraph(g, s, pass);
     absl::StatusOr<cudnn::Plan> plan = g.Build();
     if (!plan.ok()) {
-      LogInfo("cuDNN attention %s (b %d, t %d, heads %d/%d, d %d): not available (%s)%s",
-              PassName(pass), s.b, s.t, s.hq, s.hkv, s.d, std::string(plan.status().message()),
+      LogInfo("%s: not available (%s)%s", Describe(s, pass), std::string(plan.status().message()),
               pass == Pass::kBackward && allow_accumulating ? "" : "; the fused kernels run it");
     }
     return plan;
@@ -311,8 +314,7 @@ struct CudnnAttention::Impl {
     const absl::Status st = cudnn::Execute(handle, plan, uids, pointers,
                                            plan.workspace > 0 ? ws + Extra(s, e.pass) : nullptr);
     if (!st.ok()) {
-      LogError("cuDNN attention %s (b %d, t %d, heads %d/%d, d %d): %s; the fused kernels run it",
-               PassName(e.pass), s.b, s.t, s.hq, s.hkv, s.d, std::string(st.message()));
+      LogError("%s: %s; the fused kernels run it", Describe(s, e.pass), std::string(st.message()));
       e.ok = false;
     }
     return st.ok();
