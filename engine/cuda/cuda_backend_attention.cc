@@ -15,12 +15,19 @@ namespace eellm {
 
 using cuda::ToElems;
 
-bool CudaBackend::UseFlash(int d, std::initializer_list<const void*> tensors) const {
-  if (precision_ == GemmPrecision::kFp32 || !cuda::FlashAttentionSupports(d)) return false;
+namespace {
+// Whether every pointer is 16-byte aligned (what both fused paths load and store in).
+bool Aligned16(std::initializer_list<const void*> tensors) {
   for (const void* p : tensors) {
     if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
   }
   return true;
+}
+}  // namespace
+
+bool CudaBackend::UseFlash(int d, std::initializer_list<const void*> tensors) const {
+  return precision_ != GemmPrecision::kFp32 && cuda::FlashAttentionSupports(d) &&
+         Aligned16(tensors);
 }
 
 bool CudaBackend::UseCudnn(const cuda::AttentionShape& shape,
@@ -30,10 +37,7 @@ bool CudaBackend::UseCudnn(const cuda::AttentionShape& shape,
   for (const ConstOperand& x : bf16) {
     if (!x.is_bf16()) return false;
   }
-  for (const void* p : tensors) {
-    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
-  }
-  return true;
+  return Aligned16(tensors);
 }
 
 void CudaBackend::AttentionForward(Operand out_op, float* lse, ConstOperand q, ConstOperand k,
