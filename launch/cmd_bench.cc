@@ -179,29 +179,26 @@ struct ModelAndBackend {
   ModelConfig model;
   std::unique_ptr<Backend> backend;
 };
-// The model and backend, or the exit code after saying what is wrong (2: no --model; `example`
-// names a config to suggest).
-absl::StatusOr<ModelAndBackend> ModelAndBackendFromFlags(const char* example, int* exit_code) {
-  *exit_code = 1;
+// Fills `out` from the flags and returns 0, or says what is wrong and returns the command's exit
+// code (2: no --model, `example` naming a config to suggest; 1: a bad file or backend).
+int ModelAndBackendFromFlags(const char* example, ModelAndBackend* out) {
   if (absl::GetFlag(FLAGS_model).empty()) {
-    *exit_code = 2;
-    return absl::InvalidArgumentError(absl::StrCat("--model is required (e.g. ", example, ")"));
+    Fail(absl::InvalidArgumentError(absl::StrCat("--model is required (e.g. ", example, ")")));
+    return 2;
   }
   auto mc = ReadModel(absl::GetFlag(FLAGS_model));
-  if (!mc.ok()) return mc.status();
+  if (!mc.ok()) return Fail(mc.status());
   auto be = MakeBackend(absl::GetFlag(FLAGS_backend));
-  if (!be.ok()) return be.status();
-  return ModelAndBackend{*std::move(mc), *std::move(be)};
+  if (!be.ok()) return Fail(be.status());
+  out->model = *std::move(mc);
+  out->backend = *std::move(be);
+  return 0;
 }
 
 int BenchTrain() {
-  int code = 0;
-  auto mb = ModelAndBackendFromFlags("configs/kjv_demo.json", &code);
-  if (!mb.ok()) {
-    Fail(mb.status());
-    return code;
-  }
-  const ModelConfig* mc = &mb->model;
+  ModelAndBackend mb;
+  if (int code = ModelAndBackendFromFlags("configs/kjv_demo.json", &mb)) return code;
+  const ModelConfig* mc = &mb.model;
   TrainBenchOptions o;
   o.batch = absl::GetFlag(FLAGS_batch);
   o.seq = absl::GetFlag(FLAGS_seq);
@@ -216,24 +213,20 @@ int BenchTrain() {
     return Fail(absl::InvalidArgumentError(
         absl::StrCat("--seq ", o.seq, " exceeds the model's max_seq_len ", mc->max_seq_len)));
   }
-  absl::Status s = RunTrainBenchmark(*mc, mb->backend.get(), o);
+  absl::Status s = RunTrainBenchmark(*mc, mb.backend.get(), o);
   return s.ok() ? 0 : Fail(s);
 }
 
 int BenchAttention() {
-  int code = 0;
-  auto mb = ModelAndBackendFromFlags("configs/bench/llama_1p3b.json", &code);
-  if (!mb.ok()) {
-    Fail(mb.status());
-    return code;
-  }
+  ModelAndBackend mb;
+  if (int code = ModelAndBackendFromFlags("configs/bench/llama_1p3b.json", &mb)) return code;
   AttentionBenchOptions o;
   o.batch = absl::GetFlag(FLAGS_batch);
   o.seq = absl::GetFlag(FLAGS_seq);
   o.steps = absl::GetFlag(FLAGS_steps) > 0 ? absl::GetFlag(FLAGS_steps) : 10;
   o.warmup = absl::GetFlag(FLAGS_warmup);
   o.seed = absl::GetFlag(FLAGS_seed);
-  auto r = RunAttentionBenchmark(mb->model, mb->backend.get(), o);
+  auto r = RunAttentionBenchmark(mb.model, mb.backend.get(), o);
   return r.ok() ? 0 : Fail(r.status());
 }
 
