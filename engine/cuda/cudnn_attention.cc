@@ -330,6 +330,19 @@ absl::Status CudnnAttention::CheckGraph(const AttentionShape& s, Pass pass) {
   return g.status();
 }
 
+absl::StatusOr<CudnnAttention::PlanInfo> CudnnAttention::PlanFor(const AttentionShape& s, Pass pass,
+                                                                 const std::string& device_json) {
+  absl::StatusOr<cudnn::Descriptor> device = cudnn::DeviceProperties(device_json);
+  if (!device.ok()) return device.status();
+  Graph g(nullptr, device->get());
+  BuildGraph(g, s, pass);
+  absl::StatusOr<cudnn::Plan> plan = g.Build();
+  if (!plan.ok()) return plan.status();
+  const int64_t workspace =
+      plan->workspace < 0 ? -1 : static_cast<int64_t>(Impl::Extra(s, pass)) + plan->workspace;
+  return PlanInfo{plan->engine, workspace};
+}
+
 std::unique_ptr<CudnnAttention> CudnnAttention::Create(cudaStream_t stream) {
   const char* env = std::getenv("EELLM_CUDNN_ATTENTION");
   if (env != nullptr && std::strcmp(env, "0") == 0) return nullptr;
@@ -369,6 +382,10 @@ CudnnAttention::CudnnAttention(std::unique_ptr<Impl> impl) : impl_(std::move(imp
 CudnnAttention::~CudnnAttention() = default;
 std::unique_ptr<CudnnAttention> CudnnAttention::Create(cudaStream_t) { return nullptr; }
 absl::Status CudnnAttention::CheckGraph(const AttentionShape&, Pass) {
+  return absl::UnimplementedError("this build has no cuDNN");
+}
+absl::StatusOr<CudnnAttention::PlanInfo> CudnnAttention::PlanFor(const AttentionShape&, Pass,
+                                                                 const std::string&) {
   return absl::UnimplementedError("this build has no cuDNN");
 }
 bool CudnnAttention::Forward(void*, float*, const void*, const void*, const void*,

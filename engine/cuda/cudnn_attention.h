@@ -16,9 +16,11 @@
 #include <cuda_runtime.h>
 
 #include <memory>
+#include <string>
 #include <tuple>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 
 namespace eellm::cuda {
 
@@ -47,11 +49,23 @@ class CudnnAttention {
   // (smaller heads stay on the fused kernels, which the CPU emulation checks).
   static bool Offered(const AttentionShape& s);
 
-  // Builds the graph of `pass` for s without a device, down to its finalized
-  // tensor and operation descriptors, which cuDNN checks there (dims, strides, types, what each
-  // operation accepts); OK, or the first refusal; Unimplemented in builds without cuDNN. Engines
-  // and plans need the GPU.
+  // Builds the graph of `pass` for s without a device, down to its finalized tensor and
+  // operation descriptors, which cuDNN checks there (dims, strides, types, what each operation
+  // accepts); OK, or the first refusal; Unimplemented in builds without cuDNN. (PlanFor goes on
+  // to engines and plans.)
   static absl::Status CheckGraph(const AttentionShape& s, Pass pass);
+
+  // The plan cuDNN builds for `pass` at s on the GPU that `device_json` describes (a cuDNN
+  // device-property JSON, cudnn_graph.h's DeviceProperties), without that GPU: the engine
+  // chosen and the workspace it needs with ours; or why there is none (Unimplemented in builds
+  // without cuDNN). Where the CUDA driver is the toolkit's stub, cuDNN compiles the plan but
+  // cannot load it, and the workspace is not known (-1).
+  struct PlanInfo {
+    std::string engine;
+    int64_t workspace_bytes = -1;
+  };
+  static absl::StatusOr<PlanInfo> PlanFor(const AttentionShape& s, Pass pass,
+                                          const std::string& device_json);
 
   // out = softmax(q k^T / sqrt(d), causal) v and lse; true when run, false (nothing run) when
   // cuDNN has no plan for the shape. Pointers 16-byte aligned.

@@ -27,6 +27,22 @@ Descriptor& Descriptor::operator=(Descriptor&& o) noexcept {
   return *this;
 }
 
+absl::StatusOr<Descriptor> DeviceProperties(const std::string& json) {
+  Descriptor d(CUDNN_BACKEND_DEVICEPROP_DESCRIPTOR);
+  cudnnStatus_t s = d.created();
+  if (s == CUDNN_STATUS_SUCCESS) {
+    s = cudnnBackendSetAttribute(d.get(), CUDNN_ATTR_DEVICEPROP_JSON_REPRESENTATION,
+                                 CUDNN_TYPE_CHAR, static_cast<int64_t>(json.size()), json.data());
+  }
+  if (s == CUDNN_STATUS_SUCCESS) s = cudnnBackendFinalize(d.get());
+  if (s != CUDNN_STATUS_SUCCESS) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cuDNN device properties: ", cudnnGetErrorString(s),
+                     " (CUDNN_LOGLEVEL_DBG=2 CUDNN_LOGDEST_DBG=stderr names the field)"));
+  }
+  return d;
+}
+
 bool Graph::Check(cudnnStatus_t s, const char* what) {
   if (s == CUDNN_STATUS_SUCCESS) return true;
   if (status_.ok()) {
@@ -194,8 +210,9 @@ const char* ModeName(cudnnBackendHeurMode_t mode) {
 
 // The first engine configuration of the heuristic `mode` for `graph` whose plan finalizes; or why
 // none did.
-absl::StatusOr<Plan> FirstPlan(cudnnHandle_t handle, cudnnBackendDescriptor_t graph,
-                               cudnnBackendHeurMode_t mode) {
+// (For the handle's GPU, or for the device-property descriptor `device` where handle is null.)
+absl::StatusOr<Plan> FirstPlan(cudnnHandle_t handle, cudnnBackendDescriptor_t device,
+                               cudnnBackendDescriptor_t graph, cudnnBackendHeurMode_t mode) {
   auto fail = [&](const char* what, cudnnStatus_t s) {
     return absl::NotFoundError(
         absl::StrCat(ModeName(mode), ": ", what, ": ", cudnnGetErrorString(s)));
@@ -209,6 +226,10 @@ absl::StatusOr<Plan> FirstPlan(cudnnHandle_t handle, cudnnBackendDescriptor_t gr
   if (s == CUDNN_STATUS_SUCCESS) {
     s = cudnnBackendSetAttribute(heur.get(), CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, 1,
                                  &mode);
+  }
+  if (s == CUDNN_STATUS_SUCCESS && handle == nullptr) {
+    s = cudnnBackendSetAttribute(heur.get(), CUDNN_ATTR_ENGINEHEUR_DEVICEPROP,
+                                 CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &device);
   }
   if (s == CUDNN_STATUS_SUCCESS) s = cudnnBackendFinalize(heur.get());
   if (s != CUDNN_STATUS_SUCCESS) return fail("heuristics", s);
@@ -240,15 +261,29 @@ absl::StatusOr<Plan> FirstPlan(cudnnHandle_t handle, cudnnBackendDescriptor_t gr
     p.config = std::move(configs[i]);
     if (p.plan.get() == nullptr) continue;
     cudnnBackendDescriptor_t cfg = raw[i];
-    if (cudnnBackendSetAttribute(p.plan.get(), CUDNN_ATTR_EXECUTION_PLAN_HANDLE, CUDNN_TYPE_HANDLE,
-                                 1, &handle) != CUDNN_STATUS_SUCCESS ||
+    const cudnnStatus_t target =
+        handle != nullptr
+            ? cudnnBackendSetAttribute(p.plan.get(), CUDNN_ATTR_EXECUTION_PLAN_HANDLE,
+                                       CUDNN_TYPE_HANDLE, 1, &handle)
+            : cudnnBackendSetAttribute(p.plan.get(), CUDNN_ATTR_EXECUTION_PLAN_DEVICEPROP,
+                                       CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &device);
+    if (target != CUDNN_STATUS_SUCCESS ||
         cudnnBackendSetAttribute(p.plan.get(), CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG,
                                  CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &cfg) != CUDNN_STATUS_SUCCESS) {
       continue;
     }
     const cudnnStatus_t fin = cudnnBackendFinalize(p.plan.get());
+    const std::string chosen = absl::StrCat("engine ", EngineIndex(cfg), ", the ", ModeName(mode),
+                                            "'s choice ", i + 1, " of ", count);
+    if (fin == CUDNN_STATUS_EXECUTION_FAILED_CUDA_DRIVER && handle == nullptr) {
+      // Built for device properties where the CUDA driver is only the toolkit's stub: the plan
+      // compiled and its kernels could not be loaded, which is as far as it goes without a GPU.
+      p.workspace = -1;
+      p.engine = chosen + ", compiled (its kernels load only with a CUDA driver)";
+      return p;
+    }
     if (fin != CUDNN_STATUS_SUCCESS) {
-      absl::StrAppend(&tried, tried.empty() ? "" : "; ", "config ", i, ": ",
+      absl::StrAppend(&tried, tried.empty() ? "" : "; ", "engine ", EngineIndex(cfg), ": ",
                       cudnnGetErrorString(fin));
       continue;
     }
@@ -258,8 +293,7 @@ absl::StatusOr<Plan> FirstPlan(cudnnHandle_t handle, cudnnBackendDescriptor_t gr
                                  &p.workspace) != CUDNN_STATUS_SUCCESS) {
       continue;
     }
-    p.engine = absl::StrCat("engine ", EngineIndex(cfg), ", the ", ModeName(mode), "'s choice ",
-                            i + 1, " of ", count);
+    p.engine = chosen;
     return p;
   }
   return absl::NotFoundError(absl::StrCat(ModeName(mode), ": ", count, " configurations",
@@ -270,10 +304,15 @@ absl::StatusOr<Plan> FirstPlan(cudnnHandle_t handle, cudnnBackendDescriptor_t gr
 
 absl::StatusOr<Plan> Graph::Build() {
   if (!status_.ok()) return status_;
+  if (handle_ == nullptr && device_ == nullptr) {
+    return absl::FailedPreconditionError("cuDNN graph: no handle and no device properties");
+  }
   Descriptor graph = Make(CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR, "operation graph");
   std::vector<cudnnBackendDescriptor_t> ops;
   for (const Descriptor& op : ops_) ops.push_back(op.get());
-  Set(graph, CUDNN_ATTR_OPERATIONGRAPH_HANDLE, CUDNN_TYPE_HANDLE, 1, &handle_, "graph handle");
+  if (handle_ != nullptr) {  // (deprecated in cuDNN 9: a graph for a device property has none)
+    Set(graph, CUDNN_ATTR_OPERATIONGRAPH_HANDLE, CUDNN_TYPE_HANDLE, 1, &handle_, "graph handle");
+  }
   Set(graph, CUDNN_ATTR_OPERATIONGRAPH_OPS, CUDNN_TYPE_BACKEND_DESCRIPTOR,
       static_cast<int64_t>(ops.size()), ops.data(), "graph operations");
   Finalize(graph, "operation graph finalize");
@@ -281,7 +320,7 @@ absl::StatusOr<Plan> Graph::Build() {
   // Heuristic A's choices (the frontend's default), else the fallback heuristic's.
   std::string why;
   for (cudnnBackendHeurMode_t mode : {CUDNN_HEUR_MODE_A, CUDNN_HEUR_MODE_FALLBACK}) {
-    absl::StatusOr<Plan> p = FirstPlan(handle_, graph.get(), mode);
+    absl::StatusOr<Plan> p = FirstPlan(handle_, device_, graph.get(), mode);
     if (p.ok()) {
       p->graph = std::move(graph);
       return p;

@@ -38,16 +38,28 @@ class Descriptor {
 
 // A finalized execution plan and the workspace bytes it needs, with the operation graph and the
 // engine configuration it was built from (kept alive with it, as the cuDNN frontend keeps them).
+// (A plan for device properties, Graph's second constructor, where no CUDA driver is but the
+// toolkit's stub, stops after compiling: workspace -1, `plan` not finalized, not to be run.)
 struct Plan {
   Descriptor graph, config, plan;
   int64_t workspace = 0;
   std::string engine;  // which engine (its global index) and the heuristic's rank, for messages
 };
 
+// A device-property descriptor from its JSON text (the GPU's limits: compute capability as
+// deviceVer, SM count, shared memory, ...; e.g. tests/cudnn/h200_sxm.json): a graph built for it
+// gets cuDNN's heuristics and plans without that GPU (cuDNN >= 9.8), which checks a graph
+// where no GPU is.
+absl::StatusOr<Descriptor> DeviceProperties(const std::string& json);
+
 class Graph {
  public:
   enum class Kind { kIo, kVirtual, kByValue };  // caller memory, intermediate, host scalar
-  explicit Graph(cudnnHandle_t handle) : handle_(handle) {}
+  // A graph for the handle's GPU (plans that run), or, with a null handle and a finalized
+  // device-property descriptor `device` (kept by the caller while the graph lives), for that
+  // GPU without it (plans that finalize, for checks; not run).
+  explicit Graph(cudnnHandle_t handle, cudnnBackendDescriptor_t device = nullptr)
+      : handle_(handle), device_(device) {}
 
   // A tensor of `dims` with `strides` (elements); kIo and kByValue tensors need a caller-chosen
   // uid (> 0, unique in the graph: the variant pack names them by it), virtual ones get one
@@ -96,6 +108,7 @@ class Graph {
   const Descriptor& TensorDesc(int64_t uid);
 
   cudnnHandle_t handle_;
+  cudnnBackendDescriptor_t device_;
   absl::Status status_;
   std::vector<int64_t> uids_;  // tensors_[i] has uid uids_[i]
   std::vector<Descriptor> tensors_;

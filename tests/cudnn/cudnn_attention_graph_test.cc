@@ -1,11 +1,20 @@
-// cuDNN's attention graphs (engine/cuda/cudnn_attention.h) built without a GPU: every tensor and
-// operation descriptor of each pass (forward, both backwards) must finalize, for the shapes the
-// training path offers cuDNN (GQA and not, head dims 64 and 128, the 1.3B's shape). cuDNN checks
-// each operation's operands there (matmul dims, broadcasts, types), so a wrong layout or operand
-// fails here, before a GPU run. Engines and plans need the device: the GPU parity tests run the
-// graphs.
+// cuDNN's attention graphs (engine/cuda/cudnn_attention.h) checked without a GPU, for the shapes
+// the training path offers cuDNN (GQA and not, head dims 64 and 128, the 1.3B's shape):
+// - every tensor and operation descriptor of each pass (forward, both backwards) finalizes:
+//   cuDNN checks each operation's operands there (matmul dims, broadcasts, types);
+// - cuDNN's heuristics for an H200, from its device properties, offer each pass an engine whose
+//   support checks accept the graph, and its plan compiles: a graph the fused attention engines
+//   do not recognise fails here (the descriptors alone accept it).
+// The GPU parity tests run the graphs and check their values.
+#include <dlfcn.h>
 #include <gtest/gtest.h>
 
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+#include "absl/strings/str_format.h"
 #include "engine/cuda/cudnn_attention.h"
 
 namespace eellm::cuda {
@@ -23,6 +32,49 @@ TEST_P(CudnnAttentionGraph, EveryPassDescriptorsFinalize) {
   for (Pass pass : {Pass::kBackward, Pass::kBackwardAccumulatingDq}) {
     const absl::Status bwd = CudnnAttention::CheckGraph(s, pass);
     EXPECT_TRUE(bwd.ok()) << bwd;
+  }
+}
+
+// The H200 of the GPU machine (tests/cudnn/h200_sxm.json: its limits as cuDNN's device
+// properties take them).
+std::string H200() {
+  std::ifstream f(std::string(EELLM_SOURCE_DIR) + "/tests/cudnn/h200_sxm.json");
+  std::stringstream text;
+  text << f.rdbuf();
+  return text.str();
+}
+
+// cuDNN compiles its attention kernels at plan time and loads them through the CUDA driver,
+// which it opens as libcuda.so.1. Where there is no driver (CI), the toolkit's stub stands in,
+// loaded here first so that cuDNN's dlopen finds it: plans then compile and fail only to load.
+// False where there is neither.
+bool CudaDriverOrStub() {
+  if (dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL) != nullptr) return true;
+#ifdef EELLM_CUDA_STUB_DRIVER
+  return dlopen(EELLM_CUDA_STUB_DRIVER, RTLD_NOW | RTLD_GLOBAL) != nullptr;
+#else
+  return false;
+#endif
+}
+
+// cuDNN's heuristics for an H200, without it (cuDNN >= 9.8 takes device properties): for each
+// pass of each shape, an engine passes cuDNN's support checks for the graph and its plan compiles
+// (and, with a CUDA driver, finalizes). This is where a graph cuDNN's fused attention engines do
+// not take shows, e.g. a mask or softmax written in a form the engines do not recognise.
+TEST_P(CudnnAttentionGraph, EveryPassHasAPlanOnAnH200) {
+  const AttentionShape s = GetParam();
+  using Pass = CudnnAttention::Pass;
+  const std::string device = H200();
+  ASSERT_FALSE(device.empty());
+  if (!CudaDriverOrStub()) GTEST_SKIP() << "no CUDA driver and no stub libcuda";
+  for (Pass pass : {Pass::kForward, Pass::kBackward, Pass::kBackwardAccumulatingDq}) {
+    const absl::StatusOr<CudnnAttention::PlanInfo> plan = CudnnAttention::PlanFor(s, pass, device);
+    if (absl::IsUnimplemented(plan.status())) GTEST_SKIP() << plan.status().message();
+    ASSERT_TRUE(plan.ok()) << "pass " << static_cast<int>(pass) << ": " << plan.status();
+    std::printf("pass %d: %s, workspace %s\n", static_cast<int>(pass), plan->engine.c_str(),
+                plan->workspace_bytes < 0
+                    ? "not known"
+                    : absl::StrFormat("%.1f MiB", plan->workspace_bytes / 1048576.0).c_str());
   }
 }
 
