@@ -189,19 +189,35 @@ void Graph::Reshape(int64_t y, int64_t x) {
 }
 
 namespace {
-// The global index of the engine an engine configuration runs (-1 where cuDNN does not say).
-int64_t EngineIndex(cudnnBackendDescriptor_t config) {
+// What an engine configuration's engine says of itself: its global index (-1 where cuDNN does not
+// say) and whether its numerical notes call it nondeterministic.
+struct EngineFacts {
+  int64_t index = -1;
+  bool nondeterministic = false;
+};
+EngineFacts Facts(cudnnBackendDescriptor_t config) {
+  EngineFacts f;
   Descriptor engine(CUDNN_BACKEND_ENGINE_DESCRIPTOR);
   cudnnBackendDescriptor_t e = engine.get();
-  int64_t n = 0, index = -1;
+  int64_t n = 0;
   if (e == nullptr ||
       cudnnBackendGetAttribute(config, CUDNN_ATTR_ENGINECFG_ENGINE, CUDNN_TYPE_BACKEND_DESCRIPTOR,
-                               1, &n, &e) != CUDNN_STATUS_SUCCESS ||
-      cudnnBackendGetAttribute(e, CUDNN_ATTR_ENGINE_GLOBAL_INDEX, CUDNN_TYPE_INT64, 1, &n,
-                               &index) != CUDNN_STATUS_SUCCESS) {
-    return -1;
+                               1, &n, &e) != CUDNN_STATUS_SUCCESS) {
+    return f;
   }
-  return index;
+  if (cudnnBackendGetAttribute(e, CUDNN_ATTR_ENGINE_GLOBAL_INDEX, CUDNN_TYPE_INT64, 1, &n,
+                               &f.index) != CUDNN_STATUS_SUCCESS) {
+    f.index = -1;
+  }
+  cudnnBackendNumericalNote_t notes[CUDNN_NUMERICAL_NOTE_TYPE_COUNT];
+  if (cudnnBackendGetAttribute(e, CUDNN_ATTR_ENGINE_NUMERICAL_NOTE, CUDNN_TYPE_NUMERICAL_NOTE,
+                               CUDNN_NUMERICAL_NOTE_TYPE_COUNT, &n,
+                               notes) == CUDNN_STATUS_SUCCESS) {
+    for (int64_t i = 0; i < n; ++i) {
+      if (notes[i] == CUDNN_NUMERICAL_NOTE_NONDETERMINISTIC) f.nondeterministic = true;
+    }
+  }
+  return f;
 }
 
 const char* ModeName(cudnnBackendHeurMode_t mode) {
@@ -273,8 +289,10 @@ absl::StatusOr<Plan> FirstPlan(cudnnHandle_t handle, cudnnBackendDescriptor_t de
       continue;
     }
     const cudnnStatus_t fin = cudnnBackendFinalize(p.plan.get());
-    const std::string chosen = absl::StrCat("engine ", EngineIndex(cfg), ", the ", ModeName(mode),
-                                            "'s choice ", i + 1, " of ", count);
+    const EngineFacts facts = Facts(cfg);
+    const std::string chosen =
+        absl::StrCat("engine ", facts.index, facts.nondeterministic ? " (nondeterministic)" : "",
+                     ", the ", ModeName(mode), "'s choice ", i + 1, " of ", count);
     if (fin == CUDNN_STATUS_EXECUTION_FAILED_CUDA_DRIVER && handle == nullptr) {
       // Built for device properties where the CUDA driver is only the toolkit's stub: the plan
       // compiled and its kernels could not be loaded, which is as far as it goes without a GPU.
@@ -283,7 +301,7 @@ absl::StatusOr<Plan> FirstPlan(cudnnHandle_t handle, cudnnBackendDescriptor_t de
       return p;
     }
     if (fin != CUDNN_STATUS_SUCCESS) {
-      absl::StrAppend(&tried, tried.empty() ? "" : "; ", "engine ", EngineIndex(cfg), ": ",
+      absl::StrAppend(&tried, tried.empty() ? "" : "; ", "engine ", facts.index, ": ",
                       cudnnGetErrorString(fin));
       continue;
     }
