@@ -20,7 +20,9 @@
 #
 # Steps:
 #   build    configure + build (Release, sm_90a): eellm and the gpu-labelled test programs
-#   gpu      ctest -L gpu: the warp MMA register layouts the attention kernels assume
+#   gpu      cudnn_graph_tests (cuDNN's attention plans with this GPU's driver; its device
+#            properties against the H200 fixture), then
+#            ctest -L gpu: the warp MMA register layouts the attention kernels assume
 #            (gpu.WarpMma.*), the backend parity suite against the CPU on cuda, cuda-bf16 and
 #            cuda-bf16w (bf16 GEMM tolerances; fused flash attention; bf16 operands), and NCCL at
 #            world size 1
@@ -115,7 +117,7 @@ if want build || ! built; then
   # gpu_tests exists only where CMake found NCCL: build it when it is a target, else say so
   run build 60 400 bash -c 'cmake -S . -B "$1" -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DCMAKE_CUDA_ARCHITECTURES="90a-real;90-virtual" -DEELLM_FUZZ_SANITIZED=OFF || exit
-    t="eellm backend_parity_tests warp_mma_gpu_tests"
+    t="eellm backend_parity_tests warp_mma_gpu_tests cudnn_graph_tests"
     if ninja -C "$1" -t targets all | grep -q "^gpu_tests:"; then t="$t gpu_tests"
     else echo "gpu_check.sh: no gpu_tests target (NCCL not found): NCCL test not built"; fi
     cmake --build "$1" -j16 --target $t' _ "$B" ||
@@ -124,13 +126,18 @@ fi
 # EELLM_REQUIRE_GPU=1: a gpu test that cannot reach the GPU fails instead of skipping; kernel
 # faults are reported at the op that caused them (CUDA_LAUNCH_BLOCKING). The layouts first; the
 # rest 8 at a time (one process per test, each with its own CUDA context: ~95 of them).
+# cuDNN's attention plans first (cudnn_graph_tests, label unit, ~10 s): with the driver they
+# finalize and say their workspace; this GPU's device properties are printed and checked against
+# the H200 fixture the CPU-only runs use.
 want gpu && run gpu 30 300 bash -c "cd '$B' && export EELLM_REQUIRE_GPU=1 CUDA_LAUNCH_BLOCKING=1 &&
-  { ctest -L gpu -R WarpMma --no-tests=error --output-on-failure --timeout 120; a=\$?;
-    ctest -L gpu -E WarpMma -j8 --no-tests=error --output-on-failure --timeout 300; exit \$((a | \$?)); }"
+  { ./tests/cudnn_graph_tests; c=\$?;
+    ctest -L gpu -R WarpMma --no-tests=error --output-on-failure --timeout 120; a=\$?;
+    ctest -L gpu -E WarpMma -j8 --no-tests=error --output-on-failure --timeout 300;
+    exit \$((a | c | \$?)); }"
 # The gpu step's counts and failed tests (its last lines show only the second ctest's end).
 if want gpu && [ -f "$LOGS/gpu.log" ]; then
-  grep -E "tests passed|tests failed out of|\(Failed\)|\(Timeout\)|Not Run|No tests were found" \
-    "$LOGS/gpu.log" | head -40 | sed 's/^/    gpu: /' | tee -a "$SUMMARY"
+  grep -E "tests passed|tests failed out of|\(Failed\)|\(Timeout\)|Not Run|No tests were found|^pass [0-9]:|device properties:|FAILED  \] (Shapes|Cudnn)" \
+    "$LOGS/gpu.log" | head -60 | cut -c1-700 | sed 's/^/    gpu: /' | tee -a "$SUMMARY"
 fi
 if want bench; then
   # Attention alone at the 1.3B's shape (seconds): cuDNN's, then our fused kernels; beside

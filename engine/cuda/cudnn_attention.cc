@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "engine/core/logging.h"
 #include "engine/cuda/cudnn_graph.h"
@@ -343,6 +344,17 @@ absl::StatusOr<CudnnAttention::PlanInfo> CudnnAttention::PlanFor(const Attention
   return PlanInfo{plan->engine, workspace};
 }
 
+absl::StatusOr<std::string> CudnnAttention::DeviceJson() {
+  cudnnHandle_t handle = nullptr;
+  const cudnnStatus_t s = cudnnCreate(&handle);
+  if (s != CUDNN_STATUS_SUCCESS) {
+    return absl::UnavailableError(absl::StrCat("no cuDNN handle: ", cudnnGetErrorString(s)));
+  }
+  absl::StatusOr<std::string> json = cudnn::DevicePropertiesJson(handle);
+  cudnnDestroy(handle);
+  return json;
+}
+
 std::unique_ptr<CudnnAttention> CudnnAttention::Create(cudaStream_t stream) {
   const char* env = std::getenv("EELLM_CUDNN_ATTENTION");
   if (env != nullptr && std::strcmp(env, "0") == 0) return nullptr;
@@ -386,6 +398,9 @@ absl::Status CudnnAttention::CheckGraph(const AttentionShape&, Pass) {
 }
 absl::StatusOr<CudnnAttention::PlanInfo> CudnnAttention::PlanFor(const AttentionShape&, Pass,
                                                                  const std::string&) {
+  return absl::UnimplementedError("this build has no cuDNN");
+}
+absl::StatusOr<std::string> CudnnAttention::DeviceJson() {
   return absl::UnimplementedError("this build has no cuDNN");
 }
 bool CudnnAttention::Forward(void*, float*, const void*, const void*, const void*,

@@ -67,6 +67,10 @@ class CudnnAttention {
   static absl::StatusOr<PlanInfo> PlanFor(const AttentionShape& s, Pass pass,
                                           const std::string& device_json);
 
+  // This machine's first GPU's device properties as cuDNN's JSON (what PlanFor takes); an
+  // error where there is no GPU, Unimplemented in builds without cuDNN.
+  static absl::StatusOr<std::string> DeviceJson();
+
   // out = softmax(q k^T / sqrt(d), causal) v and lse; true when run, false (nothing run) when
   // cuDNN has no plan for the shape. Pointers 16-byte aligned.
   bool Forward(void* out, float* lse, const void* q, const void* k, const void* v,

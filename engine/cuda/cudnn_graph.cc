@@ -43,6 +43,29 @@ absl::StatusOr<Descriptor> DeviceProperties(const std::string& json) {
   return d;
 }
 
+absl::StatusOr<std::string> DevicePropertiesJson(cudnnHandle_t handle) {
+  Descriptor d(CUDNN_BACKEND_DEVICEPROP_DESCRIPTOR);
+  cudnnStatus_t s = d.created();
+  if (s == CUDNN_STATUS_SUCCESS) {
+    s = cudnnBackendSetAttribute(d.get(), CUDNN_ATTR_DEVICEPROP_HANDLE, CUDNN_TYPE_HANDLE, 1,
+                                 &handle);
+  }
+  if (s == CUDNN_STATUS_SUCCESS) s = cudnnBackendFinalize(d.get());
+  int64_t n = 0;
+  std::string json(1 << 16, '\0');
+  if (s == CUDNN_STATUS_SUCCESS) {
+    s = cudnnBackendGetAttribute(d.get(), CUDNN_ATTR_DEVICEPROP_JSON_REPRESENTATION,
+                                 CUDNN_TYPE_CHAR, static_cast<int64_t>(json.size()), &n,
+                                 json.data());
+  }
+  if (s != CUDNN_STATUS_SUCCESS) {
+    return absl::InternalError(absl::StrCat("cuDNN device properties: ", cudnnGetErrorString(s)));
+  }
+  json.resize(std::min<size_t>(json.size(), static_cast<size_t>(n)));
+  while (!json.empty() && json.back() == '\0') json.pop_back();
+  return json;
+}
+
 bool Graph::Check(cudnnStatus_t s, const char* what) {
   if (s == CUDNN_STATUS_SUCCESS) return true;
   if (status_.ok()) {

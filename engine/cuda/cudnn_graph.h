@@ -51,6 +51,8 @@ struct Plan {
 // gets cuDNN's heuristics and plans without that GPU (cuDNN >= 9.8), which checks a graph
 // where no GPU is.
 absl::StatusOr<Descriptor> DeviceProperties(const std::string& json);
+// The JSON text of the handle's GPU's device properties (what DeviceProperties takes).
+absl::StatusOr<std::string> DevicePropertiesJson(cudnnHandle_t handle);
 
 class Graph {
  public:

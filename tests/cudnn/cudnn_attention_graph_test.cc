@@ -16,6 +16,7 @@
 
 #include "absl/strings/str_format.h"
 #include "engine/cuda/cudnn_attention.h"
+#include "nlohmann/json.hpp"
 
 namespace eellm::cuda {
 namespace {
@@ -75,6 +76,24 @@ TEST_P(CudnnAttentionGraph, EveryPassHasAPlanOnAnH200) {
                 plan->workspace_bytes < 0
                     ? "not known"
                     : absl::StrFormat("%.1f MiB", plan->workspace_bytes / 1048576.0).c_str());
+  }
+}
+
+// On a GPU: prints its device properties as cuDNN reads them, and, on an H200, checks that the
+// fixture above agrees with them where cuDNN's engines look (compute capability, SMs, shared
+// memory, registers). Skips without a GPU.
+TEST(CudnnDeviceProperties, TheH200FixtureMatchesThisGpu) {
+  const absl::StatusOr<std::string> json = CudnnAttention::DeviceJson();
+  if (!json.ok()) GTEST_SKIP() << json.status();
+  std::printf("this GPU's cuDNN device properties: %s\n", json->c_str());
+  const nlohmann::json here = nlohmann::json::parse(*json), fixture = nlohmann::json::parse(H200());
+  if (here.value("deviceName", "").find("H200") == std::string::npos) {
+    GTEST_SKIP() << "not an H200: " << here.value("deviceName", "");
+  }
+  for (const char* key :
+       {"deviceVer", "multiProcessorCount", "maxSharedMemoryPerBlockOptin",
+        "reservedSharedMemoryPerBlock", "maxRegistersPerSM", "maxThreadsPerSM", "l2CacheSize"}) {
+    EXPECT_EQ(here.at(key), fixture.at(key)) << key;
   }
 }
 
