@@ -309,8 +309,12 @@ struct CudnnAttention::Impl {
       pointers.push_back(ws);
     }
     if (e.pass == Pass::kBackwardAccumulatingDq) {
+      // Zeroed here: cuDNN (>= 9.6) zeroes the accumulator the frontend reserves for it, but
+      // this one is ours, and an uncleared one would add every call's dQ to the last's.
+      unsigned char* accumulator = ws + SoftmaxSumBytes(s);
+      cudaMemsetAsync(accumulator, 0, Extra(s, e.pass) - SoftmaxSumBytes(s), stream);
       uids.push_back(kDqAccumulator);
-      pointers.push_back(ws + SoftmaxSumBytes(s));
+      pointers.push_back(accumulator);
     }
     const absl::Status st = cudnn::Execute(handle, plan, uids, pointers,
                                            plan.workspace > 0 ? ws + Extra(s, e.pass) : nullptr);
