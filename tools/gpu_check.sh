@@ -107,9 +107,26 @@ run() {  # run <step> <seconds needed to be worth starting> <most seconds it may
   return $rc
 }
 
+# cuDNN's fused attention engines on Hopper are compiled at plan time: cuDNN opens NVRTC
+# (libnvrtc.so.<its CUDA major>, then libnvrtc.so) through the loader path. Where cuDNN comes from
+# Python's nvidia package, its NVRTC is beside it (cuda_nvrtc/lib); the toolkit's comes last.
+NV=$(python3 -c 'import nvidia; print(list(nvidia.__path__)[0])' 2>/dev/null)
+for d in ${NV:+"$NV/cuda_nvrtc/lib"}; do
+  [ -d "$d" ] && export LD_LIBRARY_PATH=$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+done
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+  [ -d "$d" ] && export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d
+done
+
 {
   echo "gpu_check.sh $(git rev-parse --short HEAD 2>/dev/null) steps: ${STEPS[*]}, budget ${BUDGET} s"
   timeout -k 5 20 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv 2>&1
+  # which NVRTC cuDNN will find (its runtime-compiled attention engines need one)
+  for so in libnvrtc.so.12 libnvrtc.so.13; do
+    python3 -c "import ctypes, sys; ctypes.CDLL(sys.argv[1])" "$so" 2>/dev/null &&
+      echo "NVRTC: $so loads" || echo "NVRTC: no $so"
+  done
+  ls "${CUDNN_ROOT:-/nonexistent}"/lib 2>/dev/null | grep -m3 "cudnn_engines\|libcudnn.so" | sed 's/^/cuDNN: /'
 } | tee "$SUMMARY"
 
 built() { for f in eellm tests/backend_parity_tests tests/warp_mma_gpu_tests; do [ -x "$B/$f" ] || return 1; done; }

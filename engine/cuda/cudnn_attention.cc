@@ -279,8 +279,13 @@ struct CudnnAttention::Impl {
     BuildGraph(g, s, pass);
     absl::StatusOr<cudnn::Plan> plan = g.Build();
     if (!plan.ok()) {
-      LogInfo("%s: not available (%s)%s", Describe(s, pass), std::string(plan.status().message()),
-              pass == Pass::kBackward && allow_accumulating ? "" : "; the fused kernels run it");
+      // (cuDNN leaves out of the heuristics' results the engines it cannot run, e.g. for want of
+      // NVRTC, which its attention engines compile with: its log says why.)
+      LogInfo(
+          "%s: not available (%s)%s; cuDNN's reasons: CUDNN_LOGLEVEL_DBG=2 "
+          "CUDNN_LOGDEST_DBG=stderr (its attention engines need libnvrtc on the loader path)",
+          Describe(s, pass), std::string(plan.status().message()),
+          pass == Pass::kBackward && allow_accumulating ? "" : "; the fused kernels run it");
     }
     return plan;
   }
