@@ -101,7 +101,8 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudnnAttentionGraph,
                          ::testing::Values(AttentionShape{2, 64, 4, 4, 64},
                                            AttentionShape{2, 96, 8, 2, 128},
                                            AttentionShape{1, 256, 4, 1, 64},
-                                           AttentionShape{8, 2048, 16, 16, 128}));
+                                           AttentionShape{8, 2048, 16, 16, 128},   // the 1.3B
+                                           AttentionShape{8, 1024, 12, 12, 64}));  // GPT-2
 
 TEST(CudnnAttentionOffer, SmallOrOddHeadsStayOnTheFusedKernels) {
   EXPECT_FALSE(CudnnAttention::Offered({2, 64, 4, 4, 32}));      // d 32: the fused kernels
