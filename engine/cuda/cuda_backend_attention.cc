@@ -113,10 +113,11 @@ void CudaBackend::PagedAttentionPass(Operand out, ConstOperand q, ConstOperand k
     return;
   }
   const int page_tokens = segments[0].pages->page_tokens;
-  // The descriptors: the segments, then each row's pool row (-1 for rows of no segment).
-  std::vector<cuda::PagedSegment> segs;
+  // The descriptors: the segments (those of more rows than the decoding kernel takes first, the
+  // decoding ones after them), then each row's pool row (-1 for rows of no segment).
+  std::vector<cuda::PagedSegment> segs, decoding;
   std::vector<int32_t> pool_rows;
-  int max_rows = 0;
+  int max_rows = 0, max_keys = 0;
   for (const PagedRows& sg : segments) {
     CheckAttentionSizes(sg.rows, sg.q_offset + sg.rows, sg.q_offset + sg.rows, hq, hkv,
                         sg.q_offset);
@@ -124,14 +125,22 @@ void CudaBackend::PagedAttentionPass(Operand out, ConstOperand q, ConstOperand k
              sg.pages->page_tokens, " tokens a page");
     EE_CHECK(sg.q_offset + sg.rows <= sg.pages->tokens(),
              "KV cache overflow: ", sg.q_offset + sg.rows, " > ", sg.pages->tokens());
-    segs.push_back({sg.pages->device, sg.row, sg.rows, sg.q_offset, 0});
-    max_rows = std::max(max_rows, sg.rows);
+    const cuda::PagedSegment desc{sg.pages->device, sg.row, sg.rows, sg.q_offset, 0};
+    if (static_cast<int64_t>(sg.rows) * (hq / hkv) <= cuda::PagedDecodeRows()) {
+      decoding.push_back(desc);
+      max_keys = std::max(max_keys, sg.q_offset + sg.rows);
+    } else {
+      segs.push_back(desc);
+      max_rows = std::max(max_rows, sg.rows);
+    }
     if (pool_rows.size() < static_cast<size_t>(sg.row + sg.rows))
       pool_rows.resize(sg.row + sg.rows, -1);
     for (int j = 0; j < sg.rows; ++j) {
       pool_rows[sg.row + j] = static_cast<int32_t>(sg.pages->Row(sg.q_offset + j));
     }
   }
+  const int prefill = static_cast<int>(segs.size()), decode = static_cast<int>(decoding.size());
+  segs.insert(segs.end(), decoding.begin(), decoding.end());
   const size_t seg_bytes = segs.size() * sizeof(cuda::PagedSegment);
   std::vector<unsigned char> desc(seg_bytes + pool_rows.size() * sizeof(int32_t));
   std::memcpy(desc.data(), segs.data(), seg_bytes);
@@ -148,9 +157,20 @@ void CudaBackend::PagedAttentionPass(Operand out, ConstOperand q, ConstOperand k
   auto* dev_rows = reinterpret_cast<const int32_t*>(static_cast<unsigned char*>(dev) + seg_bytes);
   CUDA_CHECK(cuda::CopyRowsToPools(k_pool.data, v_pool.data, k.data, v.data, dev_rows,
                                    static_cast<int>(pool_rows.size()), row_bytes, stream_));
-  CUDA_CHECK(cuda::FlashAttentionForwardSegments(
-      ToElems(out), ToElems(q), ToElems(k_pool), ToElems(v_pool), dev_segs,
-      static_cast<int>(segs.size()), max_rows, page_tokens, hq, hkv, d, stream_));
+  if (prefill > 0) {
+    CUDA_CHECK(cuda::FlashAttentionForwardSegments(ToElems(out), ToElems(q), ToElems(k_pool),
+                                                   ToElems(v_pool), dev_segs, prefill, max_rows,
+                                                   page_tokens, hq, hkv, d, stream_));
+  }
+  if (decode > 0) {
+    const cuda::DecodeSplits plan = cuda::PlanDecodeSplits(decode, hkv, max_keys, d);
+    float* partial = plan.partial_bytes > 0
+                         ? static_cast<float*>(Scratch(plan.partial_bytes, kDecodeScratch))
+                         : nullptr;
+    CUDA_CHECK(cuda::PagedDecodeAttention(ToElems(out), ToElems(q), ToElems(k_pool),
+                                          ToElems(v_pool), dev_segs + prefill, decode, page_tokens,
+                                          hq, hkv, d, plan, partial, stream_));
+  }
 }
 
 void CudaBackend::AttentionBackward(Operand dq_op, Operand dk_op, Operand dv_op, ConstOperand dout,

@@ -191,6 +191,62 @@ TEST_F(BackendParity, PagedAttentionPass) {
   }
 }
 
+// Decoding passes (CUDA: the grouped decoding kernel, paged_decode.cu, takes segments whose rows
+// times the query heads of a KV head fit 16 rows): one token at position 0, a long cache whose
+// keys the kernel splits over blocks (701 keys: 3 splits of 256), a speculative check of 4 rows
+// across a 16-key warp slice and the first split's end (positions 254-257: its first two rows
+// have no key in the second split), a segment of exactly 16 rows (2 tokens of 8 heads a KV head)
+// and one just past it (3 tokens: the prefill kernel), in one pass; MQA 8/1, GQA 4/2 and MHA, head
+// dims 64, 128 and 32.
+TEST_F(BackendParity, PagedAttentionDecodeSplits) {
+  const int page = 16, pool_pages = 72;
+  struct Seq {
+    std::vector<int32_t> table;
+    int q_offset, rows;
+  };
+  std::vector<Seq> seqs = {{{}, 0, 1}, {{}, 700, 1}, {{}, 254, 4}, {{}, 33, 2}, {{}, 90, 3}};
+  int next_page = 0;
+  for (Seq& sq : seqs) {  // each its own pages, in reverse order
+    const int pages = (sq.q_offset + sq.rows + page - 1) / page;
+    for (int i = 0; i < pages; ++i) sq.table.insert(sq.table.begin(), next_page++);
+  }
+  ASSERT_LE(next_page, pool_pages);
+  struct Case {
+    int hq, hkv, d;
+  };
+  for (const Case& a : {Case{8, 1, 64}, Case{4, 2, 128}, Case{2, 2, 32}}) {
+    SCOPED_TRACE(::testing::Message() << "hq=" << a.hq << " hkv=" << a.hkv << " d=" << a.d);
+    const size_t row = static_cast<size_t>(a.hkv) * a.d, qrow = static_cast<size_t>(a.hq) * a.d;
+    const size_t pool = static_cast<size_t>(pool_pages) * page * row;
+    int n = 0;
+    for (const Seq& sq : seqs) n += sq.rows;
+    // The cache's earlier keys and values; pages past the sequences' are NaN.
+    auto pool_k = RandVec(rng_, pool), pool_v = RandVec(rng_, pool);
+    for (size_t i = static_cast<size_t>(next_page) * page * row; i < pool; ++i) {
+      pool_k[i] = pool_v[i] = kNaN;
+    }
+    const auto q = RandVec(rng_, n * qrow, 1.5), k = RandVec(rng_, n * row),
+               v = RandVec(rng_, n * row);
+    ExpectParity(
+        [&](Backend* be, DeviceMem& m) -> Outputs {
+          std::vector<KvPageTable> tables(seqs.size());
+          std::vector<PagedRows> segments;
+          int at = 0;
+          for (size_t i = 0; i < seqs.size(); ++i) {
+            tables[i] = {seqs[i].table.data(), m.Put(seqs[i].table), page,
+                         static_cast<int>(seqs[i].table.size())};
+            segments.push_back({&tables[i], at, seqs[i].rows, seqs[i].q_offset});
+            at += seqs[i].rows;
+          }
+          float *kp = m.Put(pool_k), *vp = m.Put(pool_v), *out = m.Nan(n * qrow);
+          be->PagedAttentionPass(out, m.Put(q), m.Put(k), m.Put(v), kp, vp, segments, a.hq, a.hkv,
+                                 a.d);
+          return {{"out", m.Get(out, n * qrow)}};
+        },
+        kGemm);
+  }
+}
+
 // Scores that rise along the keys by ~0.3 per key (over 50 across a 200-key row): every key tile
 // passes the running maximum by far more than a fused kernel's rescaling slack, so its output
 // rows are rescaled at every tile; the outputs and log-sum-exps must still match.
