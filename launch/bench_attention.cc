@@ -7,6 +7,8 @@
 #include "absl/strings/str_cat.h"
 #include "engine/core/rng.h"
 #include "engine/core/timer.h"
+#include "engine/kv_pages.h"
+#include "launch/bench_limits.h"
 
 namespace eellm {
 namespace {
@@ -38,6 +40,47 @@ double MedianSeconds(Backend* be, int warmup, int steps, Fn fn) {
   }
   std::sort(times.begin(), times.end());
   return times[times.size() / 2];
+}
+
+// A decoding step of b sequences with t cached tokens each: their pages (16 tokens) spread over
+// one pool in a shuffled order, as a serving pool's are; the step's new keys and values go to
+// position t. Fills r's decode fields and prints its line.
+template <typename Random>
+void TimeDecoding(Backend* be, const AttentionBenchOptions& o, int b, int t, int hq, int hkv, int d,
+                  Random& random, AttentionBenchResult* r) {
+  const int page = 16, per_seq = t / page + 1, pages = b * per_seq;
+  const DType dt = be->operand_dtype();
+  const size_t row = static_cast<size_t>(hkv) * d, pool = static_cast<size_t>(pages) * page * row;
+  std::vector<int32_t> order(pages);
+  for (int i = 0; i < pages; ++i) order[i] = i;
+  Rng shuffle(o.seed + 1);
+  for (int i = pages - 1; i > 0; --i) std::swap(order[i], order[shuffle.Below(i + 1)]);
+  DeviceOperand tables(be, DType::kF32, pages);  // (int32 page indices: 4 bytes each as well)
+  be->CopyFromHost(tables.op.data, order.data(), order.size() * sizeof(int32_t));
+  std::vector<KvPageTable> page_tables(b);
+  std::vector<PagedRows> segments(b);
+  for (int i = 0; i < b; ++i) {
+    page_tables[i] = {order.data() + i * per_seq,
+                      static_cast<const int32_t*>(tables.op.data) + i * per_seq, page, per_seq};
+    segments[i] = {&page_tables[i], i, 1, t};
+  }
+  const std::vector<float> pk = random(pool), pv = random(pool);
+  const std::vector<float> qv = random(static_cast<size_t>(b) * hq * d), kv = random(b * row),
+                           vv = random(b * row);
+  DeviceOperand k_pool(be, dt, pool, &pk), v_pool(be, dt, pool, &pv);
+  DeviceOperand q(be, dt, qv.size(), &qv), k(be, dt, kv.size(), &kv), v(be, dt, vv.size(), &vv);
+  DeviceOperand out(be, dt, qv.size());
+  r->decode_seconds = MedianSeconds(be, o.warmup, o.steps, [&] {
+    be->PagedAttentionPass(out.op, q.op, k.op, v.op, k_pool.op, v_pool.op, segments, hq, hkv, d);
+  });
+  r->decode_bytes = 2.0 * b * (t + 1.0) * row * DTypeSize(dt);
+  r->copy_bandwidth = CopyBandwidth(be);
+  const double rate = r->decode_bytes / r->decode_seconds;
+  std::printf(
+      "  decode    %10.4g ms  %10.4g GB/s of the cache read (%.0f%% of the copy bandwidth, "
+      "%.4g GB/s): %d sequences of %d cached tokens, one new each\n",
+      r->decode_seconds * 1e3, rate / 1e9, 100.0 * rate / r->copy_bandwidth,
+      r->copy_bandwidth / 1e9, b, t);
 }
 
 }  // namespace
@@ -89,6 +132,7 @@ absl::StatusOr<AttentionBenchResult> RunAttentionBenchmark(const ModelConfig& mc
               r.forward_flops / r.forward_seconds / 1e12);
   std::printf("  backward  %10.4g ms  %10.4g TFLOP/s\n", r.backward_seconds * 1e3,
               r.backward_flops / r.backward_seconds / 1e12);
+  TimeDecoding(be, o, b, t, hq, hkv, d, random, &r);
   return r;
 }
 

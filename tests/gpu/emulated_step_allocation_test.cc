@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "launch/bench_attention.h"
 #include "launch/bench_train.h"
 #include "models/exit_loss_weights.h"
 #include "models/pipeline_executor.h"
@@ -76,6 +77,27 @@ TEST(EmulatedCudaStep, BenchCountsTheDeviceMemoryItTook) {
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_GT(r->peak_bytes, 0u);
   EXPECT_GT(r->device_bytes, static_cast<int64_t>(r->peak_bytes));
+}
+
+// bench attention on the CUDA code path: the decoding step (page tables in device memory, the
+// grouped decoding kernel) reads every cached K and V row once, its bytes counted as such.
+TEST(EmulatedCudaStep, BenchAttentionTimesADecodingStep) {
+  auto be = MakeEmulatedCudaBackend(0, true, true);
+  ASSERT_TRUE(be.ok()) << be.status();
+  ModelConfig c = testing::TinyConfig(ModelStyle::kLlama, 1);
+  c.hidden_size = 128;
+  c.num_heads = 4;
+  c.num_kv_heads = 2;  // head dimension 32
+  AttentionBenchOptions o;
+  o.batch = 3;
+  o.seq = 40;
+  o.steps = 1;
+  o.warmup = 0;
+  auto r = RunAttentionBenchmark(c, be->get(), o);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_GT(r->decode_seconds, 0);
+  EXPECT_EQ(r->decode_bytes, 2.0 * 3 * 41 * 2 * 32 * 2);  // K and V, 41 rows, bf16
+  EXPECT_GT(r->copy_bandwidth, 0);
 }
 
 }  // namespace

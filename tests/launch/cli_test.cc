@@ -578,7 +578,8 @@ TEST_F(CliTest, BenchRunsTheTorchReferenceWithAndWithoutExits) {
 
 // `eellm bench attention`: the attention ops alone at the model's shape, forward and backward,
 // each printed as milliseconds and TFLOP/s whose product is the profiler's FLOP count (forward
-// 4 d b hq t (t + 1) / 2, backward 2.5 times that); bad sizes are refused, naming them.
+// 4 d b hq t (t + 1) / 2, backward 2.5 times that), and a decoding step as milliseconds and GB/s
+// whose product is the cache it reads; bad sizes are refused, naming them.
 TEST_F(CliTest, BenchAttentionTimesForwardAndBackward) {
   const std::string args = "bench attention --model=" + Quote(WriteConfig(kTinyModel)) +
                            " --backend=cpu --batch=3 --seq=20 --steps=2 --warmup=0";
@@ -589,7 +590,7 @@ TEST_F(CliTest, BenchAttentionTimesForwardAndBackward) {
       r.output, m,
       std::regex(R"(batch 3, heads (\d+)/(\d+), 20 tokens, head dimension (\d+), backend cpu)")))
       << Describe(args, r);
-  const double hq = std::stod(m[1]), d = std::stod(m[3]);
+  const double hq = std::stod(m[1]), hkv = std::stod(m[2]), d = std::stod(m[3]);
   const double forward_flops = 4.0 * d * 3 * hq * 20 * 21 / 2;
   for (const auto& [name, flops] : {std::pair<std::string, double>{"forward", forward_flops},
                                     {"backward", 2.5 * forward_flops}}) {
@@ -601,6 +602,15 @@ TEST_F(CliTest, BenchAttentionTimesForwardAndBackward) {
     EXPECT_GT(ms, 0) << name;
     EXPECT_NEAR(ms * 1e-3 * tflops * 1e12, flops, 2e-3 * flops) << name;
   }
+  // The decoding step: 3 sequences of 20 cached tokens and one new, K and V of 21 rows each read
+  // once (fp32 on the CPU).
+  ASSERT_TRUE(std::regex_search(
+      r.output, m,
+      std::regex(R"(\n  decode +([0-9.e+-]+) ms +([0-9.e+-]+) GB/s of the cache read .*: 3 )"
+                 R"(sequences of 20 cached tokens)")))
+      << Describe(args, r);
+  const double decode_bytes = 2.0 * 3 * 21 * hkv * d * sizeof(float);
+  EXPECT_NEAR(std::stod(m[1]) * 1e-3 * std::stod(m[2]) * 1e9, decode_bytes, 2e-3 * decode_bytes);
   const std::string bad = "bench attention --model=" + Quote(WriteConfig(kTinyModel)) +
                           " --backend=cpu --batch=0 --seq=20";
   CmdResult refused = RunEellm(bad);
