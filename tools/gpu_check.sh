@@ -38,7 +38,8 @@
 #            with =any), eellm
 #            bench train on Llama 1.3B and GPT-2 124M (with exits) beside PyTorch in mixed
 #            precision (cuda-bf16w), and PyTorch's SDPA alone at the 1.3B's attention shape
-#            (tools/bench_attention_torch.py)
+#            (tools/bench_attention_torch.py); each `bench attention` also times a decoding step
+#            (paged caches), and one runs at Llama-3-8B's GQA heads (configs/bench/llama3_8b.json)
 #   sanitize compute-sanitizer memcheck, racecheck and synccheck on the attention parity tests of
 #            cuda-bf16w (the fused kernels with fp32 and with bf16 inputs, over several key tiles:
 #            out-of-bounds accesses and shared-memory races, e.g. a cp.async into a buffer that
@@ -186,6 +187,11 @@ if want bench; then
   run bench_gpt2 60 300 "$B/eellm" bench train --model=configs/bench/gpt2_124m.json \
     --backend=cuda-bf16w --batch=8 --seq=1024 --steps=5 --warmup=2 \
     --torch-reference=tools/bench_torch.py
+  # Decoding with GQA at Llama-3-8B's heads (32 query heads on 8 KV heads of 128): the grouped
+  # decoding kernel's GB/s of the cache read against the copy bandwidth (its last line); the
+  # 1.3B's runs above show MHA (16/16).
+  run bench_decode_gqa 20 60 "$B/eellm" bench attention --model=configs/bench/llama3_8b.json \
+    --backend=cuda-bf16w --batch=8 --seq=2048 --steps=5
 fi
 NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
 if want profile && [ ! -x "$NCU" ]; then
