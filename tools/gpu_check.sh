@@ -40,7 +40,8 @@
 #            precision (cuda-bf16w), and PyTorch's SDPA alone at the 1.3B's attention shape
 #            (tools/bench_attention_torch.py); each `bench attention` also times a decoding step
 #            (paged caches), and one runs at Llama-3-8B's GQA heads (configs/bench/llama3_8b.json)
-#   sanitize compute-sanitizer memcheck, racecheck and synccheck on the attention parity tests of
+#   sanitize compute-sanitizer memcheck, racecheck and synccheck (cuDNN off) on the attention and
+#            paged-attention (prefill and decoding kernels) parity tests of
 #            cuda-bf16w (the fused kernels with fp32 and with bf16 inputs, over several key tiles:
 #            out-of-bounds accesses and shared-memory races, e.g. a cp.async into a buffer that
 #            another warp still reads, which the CPU emulation cannot see)
@@ -224,9 +225,11 @@ if want sanitize && [ ! -x "$SAN" ]; then
   skip sanitize "no compute-sanitizer"
 elif want sanitize; then
   for tool in memcheck racecheck synccheck; do
-    run "sanitize_$tool" 30 150 env EELLM_PARITY_BACKEND=cuda-bf16w EELLM_REQUIRE_GPU=1 "$SAN" --tool "$tool" \
-      --error-exitcode 3 "$B/tests/backend_parity_tests" \
-      --gtest_filter='BackendParity.Attention*:OperandParity.Attention*:OperandParity.Fused*'
+    # (our kernels: cuDNN's attention off; the paged passes run the decoding kernel too)
+    run "sanitize_$tool" 30 150 env EELLM_PARITY_BACKEND=cuda-bf16w EELLM_REQUIRE_GPU=1 \
+      EELLM_CUDNN_ATTENTION=0 "$SAN" --tool "$tool" --error-exitcode 3 \
+      "$B/tests/backend_parity_tests" \
+      --gtest_filter='BackendParity.Attention*:BackendParity.PagedAttention*:OperandParity.Attention*:OperandParity.Fused*'
   done
 fi
 if want compare; then
