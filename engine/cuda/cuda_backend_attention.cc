@@ -125,6 +125,7 @@ void CudaBackend::PagedAttentionPass(Operand out, ConstOperand q, ConstOperand k
              sg.pages->page_tokens, " tokens a page");
     EE_CHECK(sg.q_offset + sg.rows <= sg.pages->tokens(),
              "KV cache overflow: ", sg.q_offset + sg.rows, " > ", sg.pages->tokens());
+    if (sg.rows == 0) continue;  // (no rows to write, none to attend)
     const cuda::PagedSegment desc{sg.pages->device, sg.row, sg.rows, sg.q_offset, 0};
     if (static_cast<int64_t>(sg.rows) * (hq / hkv) <= cuda::PagedDecodeRows()) {
       decoding.push_back(desc);

@@ -280,14 +280,12 @@ cudaError_t Decode(OutT* out, const InT* q, const InT* k, const InT* v,
 int PagedDecodeRows() { return kDecRows; }
 
 DecodeSplits PlanDecodeSplits(int count, int hkv, int max_keys, int d) {
-  static const int sms = [] {
-    int device = 0, n = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-      n = 0;
-    }
-    return n > 0 ? n : 132;
-  }();
+  int device = 0, sms = 0;  // (the current device's: a host query, no synchronisation)
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      sms <= 0) {
+    sms = 132;
+  }
   DecodeSplits plan;
   const int blocks = std::max(1, count * hkv), tiles = (max_keys + kDecKeys - 1) / kDecKeys;
   // Two blocks an SM at least, each split at least kMinSplitKeys keys.
@@ -296,7 +294,7 @@ DecodeSplits PlanDecodeSplits(int count, int hkv, int max_keys, int d) {
   const int splits = std::clamp(wanted, 1, most);
   const int tiles_per_split = (tiles + splits - 1) / splits;
   plan.split_keys = std::max(1, tiles_per_split) * kDecKeys;
-  plan.splits = (max_keys + plan.split_keys - 1) / plan.split_keys;
+  plan.splits = std::max(1, (max_keys + plan.split_keys - 1) / plan.split_keys);
   if (plan.splits > 1) {
     plan.partial_bytes = sizeof(float) * static_cast<size_t>(count) * hkv * plan.splits * kDecRows *
                          static_cast<size_t>(d + 2);

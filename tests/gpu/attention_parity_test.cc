@@ -192,12 +192,13 @@ TEST_F(BackendParity, PagedAttentionPass) {
 }
 
 // Decoding passes (CUDA: the grouped decoding kernel, paged_decode.cu, takes segments whose rows
-// times the query heads of a KV head fit 16 rows): one token at position 0, a long cache whose
-// keys the kernel splits over blocks (701 keys: 3 splits of 256), a speculative check of 4 rows
-// across a 16-key warp slice and the first split's end (positions 254-257: its first two rows
-// have no key in the second split), a segment of exactly 16 rows (2 tokens of 8 heads a KV head)
-// and one just past it (3 tokens: the prefill kernel), in one pass; MQA 8/1, GQA 4/2 and MHA, head
-// dims 64, 128 and 32.
+// times the query heads of a KV head fit 16 rows; the others go to the prefill kernel in the same
+// pass): one token at position 0, a long cache whose keys the kernel splits over blocks (701
+// keys: 3 splits of 256), a 4-row speculative check across a 16-key warp slice and the first
+// split's end (positions 254-257: its first two rows have no key in the second split), 2 tokens
+// and 3 tokens. MQA 8/1 (d 64): the 2 tokens are exactly 16 rows, the 3 tokens and the check go
+// to the prefill kernel; GQA 6/2 (d 64: groups of 3, rows that do not fill 16); GQA 4/2 (d 128)
+// and MHA (d 32): every segment on the decoding kernel.
 TEST_F(BackendParity, PagedAttentionDecodeSplits) {
   const int page = 16, pool_pages = 72;
   struct Seq {
@@ -214,7 +215,7 @@ TEST_F(BackendParity, PagedAttentionDecodeSplits) {
   struct Case {
     int hq, hkv, d;
   };
-  for (const Case& a : {Case{8, 1, 64}, Case{4, 2, 128}, Case{2, 2, 32}}) {
+  for (const Case& a : {Case{8, 1, 64}, Case{6, 2, 64}, Case{4, 2, 128}, Case{2, 2, 32}}) {
     SCOPED_TRACE(::testing::Message() << "hq=" << a.hq << " hkv=" << a.hkv << " d=" << a.d);
     const size_t row = static_cast<size_t>(a.hkv) * a.d, qrow = static_cast<size_t>(a.hq) * a.d;
     const size_t pool = static_cast<size_t>(pool_pages) * page * row;
