@@ -27,7 +27,7 @@
 #            cuda-bf16w (bf16 GEMM tolerances; fused flash attention; bf16 operands), and NCCL at
 #            world size 1
 #   profile  Nsight Compute (ncu, clocks left alone) on the first launch of each fused attention
-#            kernel of ours (forward, dK/dV, dQ; EELLM_CUDNN_ATTENTION=0, so that cuDNN's do not
+#            kernel of ours (forward, dK/dV, dQ, decoding; EELLM_CUDNN_ATTENTION=0, so that cuDNN's do not
 #            take their place) at the 1.3B's shape (eellm bench attention, batch 4 x
 #            2048 tokens): speed of light, occupancy, warp stalls,
 #            pipes and memory (the first GPU runs measured them at 92-122 TFLOP/s, a third of
@@ -199,7 +199,7 @@ if want profile && [ ! -x "$NCU" ]; then
   skip profile "no ncu"
 elif want profile; then
   # The 1.3B's attention shape (4 x 2048 tokens) in `bench attention`: no model to build.
-  run profile 40 150 bash -c 'for k in FlashForwardKernel FlashBackwardKvKernel FlashBackwardQKernel; do
+  run profile 40 180 bash -c 'for k in FlashForwardKernel FlashBackwardKvKernel FlashBackwardQKernel PagedDecodeKernel; do
       EELLM_CUDNN_ATTENTION=0 "$1" --clock-control none --kernel-name "regex:$k" --launch-count 1 \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section SchedulerStats \
