@@ -117,7 +117,7 @@ void CudaBackend::PagedAttentionPass(Operand out, ConstOperand q, ConstOperand k
   // decoding ones after them), then each row's pool row (-1 for rows of no segment).
   std::vector<cuda::PagedSegment> segs, decoding;
   std::vector<int32_t> pool_rows;
-  int max_rows = 0, max_keys = 0;
+  int max_rows = 0, max_keys = 0, max_pairs = 0;
   for (const PagedRows& sg : segments) {
     CheckAttentionSizes(sg.rows, sg.q_offset + sg.rows, sg.q_offset + sg.rows, hq, hkv,
                         sg.q_offset);
@@ -127,9 +127,11 @@ void CudaBackend::PagedAttentionPass(Operand out, ConstOperand q, ConstOperand k
              "KV cache overflow: ", sg.q_offset + sg.rows, " > ", sg.pages->tokens());
     if (sg.rows == 0) continue;  // (no rows to write, none to attend)
     const cuda::PagedSegment desc{sg.pages->device, sg.row, sg.rows, sg.q_offset, 0};
-    if (static_cast<int64_t>(sg.rows) * (hq / hkv) <= cuda::PagedDecodeRows()) {
+    const int64_t pairs = static_cast<int64_t>(sg.rows) * (hq / hkv);
+    if (pairs <= cuda::PagedDecodeRows()) {
       decoding.push_back(desc);
       max_keys = std::max(max_keys, sg.q_offset + sg.rows);
+      max_pairs = std::max(max_pairs, static_cast<int>(pairs));
     } else {
       segs.push_back(desc);
       max_rows = std::max(max_rows, sg.rows);
@@ -164,7 +166,7 @@ void CudaBackend::PagedAttentionPass(Operand out, ConstOperand q, ConstOperand k
                                                    page_tokens, hq, hkv, d, stream_));
   }
   if (decode > 0) {
-    const cuda::DecodeSplits plan = cuda::PlanDecodeSplits(decode, hkv, max_keys, d);
+    const cuda::DecodeSplits plan = cuda::PlanDecodeSplits(decode, hkv, max_pairs, max_keys, d);
     float* partial = plan.partial_bytes > 0
                          ? static_cast<float*>(Scratch(plan.partial_bytes, kDecodeScratch))
                          : nullptr;

@@ -151,17 +151,18 @@ cudaError_t FlashAttentionForwardSegments(Elems out, Elems q, Elems k, Elems v,
                                           int page_tokens, int hq, int hkv, int d, cudaStream_t s);
 
 // paged_decode.cu: the segments of a pass whose rows times the query heads of a KV head
-// (hq / hkv) are at most PagedDecodeRows() (decoding steps), grouped by KV head: each K and V
-// tile is read once for the group's query heads, and long caches are split over blocks
-// (PlanDecodeSplits: as many splits as fill the SMs twice, at least 256 keys each; partial_bytes
-// of workspace where there is more than one). Same operands and layouts as
-// FlashAttentionForwardSegments; max_keys: the most keys of a segment (q_offset + rows).
+// (hq / hkv: the segment's pairs) are at most PagedDecodeRows() (decoding steps, short checks),
+// grouped by KV head: each K and V tile is read once per 16 pairs of a KV head, and long caches
+// are split over blocks (PlanDecodeSplits, from the most pairs and keys of a segment: as many
+// splits as fill the SMs twice, at least 256 keys each; partial_bytes of workspace where there
+// is more than one). Same operands and layouts as FlashAttentionForwardSegments.
 int PagedDecodeRows();
 struct DecodeSplits {
   int splits = 1, split_keys = 0;
+  int row_blocks = 1;  // blocks of 16 pairs per (segment, KV head)
   size_t partial_bytes = 0;
 };
-DecodeSplits PlanDecodeSplits(int count, int hkv, int max_keys, int d);
+DecodeSplits PlanDecodeSplits(int count, int hkv, int max_pairs, int max_keys, int d);
 cudaError_t PagedDecodeAttention(Elems out, Elems q, Elems k, Elems v, const PagedSegment* segments,
                                  int count, int page_tokens, int hq, int hkv, int d,
                                  const DecodeSplits& plan, float* partial, cudaStream_t s);

@@ -1,17 +1,17 @@
 // Decoding attention over paged KV caches, grouped by KV head and split over the keys
 // (FlashDecoding style), for the segments of an inference pass (CudaBackend::PagedAttentionPass)
-// whose query rows times the query heads of a KV head fit one 16-row MMA block: a decoding step
-// (one row) of a model with up to 16 query heads a KV head, or a few rows (a speculative check)
-// with fewer. The prefill kernel (flash_attention.cu) gives such a segment a block of 128 rows
-// per query head, one of them used, and reads each KV head's cache once per query head of its
-// group; here the 16 rows are the segment's (token i, head j of the group) pairs, row
-// i * group + j, so each K and V tile is read once for the whole group.
+// whose query rows times the query heads of a KV head are at most 64 (4 blocks of 16 MMA rows):
+// decoding steps (one row) and short speculative checks. The prefill kernel
+// (flash_attention.cu) gives such a segment a block of 128 rows per query head, a few of them
+// used, and reads each KV head's cache once per query head of its group; here a block's 16 rows
+// are 16 of the segment's (token i, head j of the group) pairs, pair i * group + j, so each K and
+// V tile is read once per 16 pairs of a KV head.
 //
-// One block per (key split, KV head, segment) of 4 warps; each 64-key tile (loaded by the block,
-// double-buffered, through the page table) gives each warp 16 keys, over which it keeps its own
-// online softmax of the 16 rows (m16n8k16 MMAs, P rounded to bf16 for the product with V and
-// summed rounded, as in the prefill kernel). At the end the four warps' rows are merged in
-// shared memory. When the segments and KV heads alone would leave SMs idle (a few long
+// One block per (key split, KV head and 16 of its pairs, segment) of 4 warps; each 64-key tile
+// (loaded by the block, double-buffered, through the page table) gives each warp 16 keys, over
+// which it keeps its own online softmax of the 16 rows (m16n8k16 MMAs, P rounded to bf16 for the
+// product with V and summed rounded, as in the prefill kernel). At the end the four warps' rows are
+// merged in shared memory. When the segments and KV heads alone would leave SMs idle (a few long
 // sequences), the keys are split over blocks: each split writes its rows unnormalised with their
 // (max, sum) to a workspace, and a second kernel merges the splits.
 #include <cuda_bf16.h>
@@ -34,6 +34,7 @@ constexpr int kDecWarps = 4, kDecThreads = 32 * kDecWarps;
 constexpr int kDecWarpKeys = 16;                    // keys a warp takes of each tile
 constexpr int kDecKeys = kDecWarps * kDecWarpKeys;  // keys per tile
 constexpr int kDecRows = 16;                        // MMA rows: (token, head of the group) pairs
+constexpr int kMaxRowBlocks = 4;                    // blocks of 16 pairs a segment may take
 constexpr int kMinSplitKeys = 4 * kDecKeys;         // keys a split takes at least
 
 template <int D>
@@ -74,7 +75,7 @@ __device__ float MergeRow(const float* states, int stride, int n, int r, int c,
   return sum > 0.0f ? acc / sum : 0.0f;
 }
 
-// Output row of MMA row r of a segment: token r / group, query head kvh * group + r % group.
+// Output row of pair r of a segment: token r / group, query head kvh * group + r % group.
 __device__ __forceinline__ size_t OutRow(const PagedSegment& sg, int r, int group, int kvh, int hq,
                                          int d) {
   return (static_cast<size_t>(sg.row) + r / group) * hq * d +
@@ -82,9 +83,10 @@ __device__ __forceinline__ size_t OutRow(const PagedSegment& sg, int r, int grou
 }
 
 // q, out: [rows of the pass, hq, D]; k, v: the pools of the paged caches ([pool rows, hkv, D]);
-// segments[blockIdx.z] the block's segment, blockIdx.y its KV head, blockIdx.x its split: keys
+// segments[blockIdx.z] the block's segment; blockIdx.y its KV head (y / row_blocks) and pairs
+// (16 (y % row_blocks) on; gridDim.y = hkv row_blocks); blockIdx.x its split: keys
 // [x split_keys, (x + 1) split_keys). partial null (one split): writes out; else the split's
-// state to partial[((z hkv + y) splits + x) kState].
+// state to partial[((z gridDim.y + y) splits + x) kState].
 template <int D, typename InT, typename OutT>
 __global__ void __launch_bounds__(kDecThreads)
     PagedDecodeKernel(OutT* out, float* partial, const InT* q, const InT* k, const InT* v,
@@ -94,8 +96,10 @@ __global__ void __launch_bounds__(kDecThreads)
   using L = DecSmem<D>;
   constexpr int kLd = D + kSkew;
   const PagedSegment sg = segments[blockIdx.z];
-  const int kvh = blockIdx.y, group = hq / hkv;
-  const int rows = sg.rows * group;  // at most kDecRows (the caller's choice of segments)
+  const int group = hq / hkv, row_blocks = gridDim.y / hkv;
+  const int kvh = blockIdx.y / row_blocks, row0 = (blockIdx.y % row_blocks) * kDecRows;
+  const int rows = min(kDecRows, sg.rows * group - row0);  // this block's pairs: row0 + r
+  if (rows <= 0) return;  // (block-uniform, before any barrier; nothing reads its state)
   const int k_begin = blockIdx.x * split_keys;
   const int k_end = min(sg.q_offset + sg.rows, k_begin + split_keys);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
@@ -106,7 +110,7 @@ __global__ void __launch_bounds__(kDecThreads)
   __nv_bfloat16* qs = SmemTile<D, kDecRows>(smem, L::kQ);
   for (int e = threadIdx.x; e < kDecRows * D; e += kDecThreads) {
     const int r = e / D, c = e % D;
-    const float x = r < rows ? LoadAsFloat(q + OutRow(sg, r, group, kvh, hq, D) + c) : 0.0f;
+    const float x = r < rows ? LoadAsFloat(q + OutRow(sg, row0 + r, group, kvh, hq, D) + c) : 0.0f;
     qs[r * kLd + c] = __float2bfloat16(x);
   }
   auto load_kv = [&](int k0, int buf) {
@@ -133,15 +137,15 @@ __global__ void __launch_bounds__(kDecThreads)
       const __nv_bfloat16* vs = SmemTile<D, kDecKeys>(smem, L::kV, buf);
       float s[kDecWarpKeys / 8][4] = {};
       ProductXYt<D, kDecWarpKeys>(s, qs, 0, ks, warp * kDecWarpKeys, lane);
-      // Keys past the split, and past a row's own position (row r is at q_offset + r / group);
-      // only where the warp's keys reach past the first row's.
-      if (w0 + kDecWarpKeys - 1 > sg.q_offset || w0 + kDecWarpKeys > k_end) {
+      // Keys past the split, and past a row's own position (pair row0 + r is at q_offset +
+      // (row0 + r) / group); only where the warp's keys reach past the block's first row's.
+      if (w0 + kDecWarpKeys - 1 > sg.q_offset + row0 / group || w0 + kDecWarpKeys > k_end) {
 #pragma unroll
         for (int n = 0; n < kDecWarpKeys / 8; ++n) {
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             const int key = w0 + n * 8 + 2 * t4 + i % 2, r = g + 8 * (i / 2);
-            if (key >= k_end || key > sg.q_offset + r / group) s[n][i] = -INFINITY;
+            if (key >= k_end || key > sg.q_offset + (row0 + r) / group) s[n][i] = -INFINITY;
           }
         }
       }
@@ -205,13 +209,13 @@ __global__ void __launch_bounds__(kDecThreads)
   float* split_state =
       partial == nullptr
           ? nullptr
-          : partial +
-                ((static_cast<size_t>(blockIdx.z) * gridDim.y + kvh) * gridDim.x + blockIdx.x) *
-                    L::kState;
+          : partial + ((static_cast<size_t>(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x +
+                       blockIdx.x) *
+                          L::kState;
   for (int e = threadIdx.x; e < rows * D; e += kDecThreads) {
     const int r = e / D, c = e % D;
     if (split_state == nullptr) {
-      StoreFloat(out + OutRow(sg, r, group, kvh, hq, D) + c,
+      StoreFloat(out + OutRow(sg, row0 + r, group, kvh, hq, D) + c,
                  MergeRow<D>(states, L::kState, kDecWarps, r, c));
     } else {
       float mx, sum;
@@ -224,19 +228,22 @@ __global__ void __launch_bounds__(kDecThreads)
   }
 }
 
-// The splits' states of (KV head blockIdx.x, segment blockIdx.y) merged into out.
+// The splits' states of (KV head and pairs blockIdx.x, as the decoding kernel's y; segment
+// blockIdx.y) merged into out.
 template <int D, typename OutT>
 __global__ void __launch_bounds__(kDecThreads)
     MergeDecodeSplitsKernel(OutT* out, const float* partial, const PagedSegment* segments, int hq,
                             int hkv, int splits) {
   constexpr int kState = DecSmem<D>::kState;
   const PagedSegment sg = segments[blockIdx.y];
-  const int kvh = blockIdx.x, group = hq / hkv, rows = sg.rows * group;
-  const float* states = partial + (static_cast<size_t>(blockIdx.y) * hkv + kvh) * splits *
-                                      static_cast<size_t>(kState);
-  for (int e = threadIdx.x; e < rows * D; e += kDecThreads) {
+  const int group = hq / hkv, row_blocks = gridDim.x / hkv;
+  const int kvh = blockIdx.x / row_blocks, row0 = (blockIdx.x % row_blocks) * kDecRows;
+  const int rows = min(kDecRows, sg.rows * group - row0);
+  const float* states = partial + (static_cast<size_t>(blockIdx.y) * gridDim.x + blockIdx.x) *
+                                      splits * static_cast<size_t>(kState);
+  for (int e = threadIdx.x; e < rows * D; e += kDecThreads) {  // (none where rows <= 0)
     const int r = e / D, c = e % D;
-    StoreFloat(out + OutRow(sg, r, group, kvh, hq, D) + c,
+    StoreFloat(out + OutRow(sg, row0 + r, group, kvh, hq, D) + c,
                MergeRow<D>(states, kState, splits, r, c));
   }
 }
@@ -250,11 +257,12 @@ cudaError_t LaunchDecode(OutT* out, const InT* q, const InT* k, const InT* v,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
   if (e != cudaSuccess) return e;
   const bool split = plan.splits > 1;
-  e = LaunchKernel(PagedDecodeKernel<D, InT, OutT>, dim3(plan.splits, hkv, count),
-                   dim3(kDecThreads), kBytes, s, out, split ? partial : nullptr, q, k, v, segments,
-                   hq, hkv, page_shift, 1.0f / sqrtf(D), plan.split_keys);
+  const int y = hkv * plan.row_blocks;
+  e = LaunchKernel(PagedDecodeKernel<D, InT, OutT>, dim3(plan.splits, y, count), dim3(kDecThreads),
+                   kBytes, s, out, split ? partial : nullptr, q, k, v, segments, hq, hkv,
+                   page_shift, 1.0f / sqrtf(D), plan.split_keys);
   if (e != cudaSuccess || !split) return e;
-  return LaunchKernel(MergeDecodeSplitsKernel<D, OutT>, dim3(hkv, count), dim3(kDecThreads), 0, s,
+  return LaunchKernel(MergeDecodeSplitsKernel<D, OutT>, dim3(y, count), dim3(kDecThreads), 0, s,
                       out, static_cast<const float*>(partial), segments, hq, hkv, plan.splits);
 }
 
@@ -277,9 +285,9 @@ cudaError_t Decode(OutT* out, const InT* q, const InT* k, const InT* v,
 
 }  // namespace
 
-int PagedDecodeRows() { return kDecRows; }
+int PagedDecodeRows() { return kDecRows * kMaxRowBlocks; }
 
-DecodeSplits PlanDecodeSplits(int count, int hkv, int max_keys, int d) {
+DecodeSplits PlanDecodeSplits(int count, int hkv, int max_pairs, int max_keys, int d) {
   int device = 0, sms = 0;  // (the current device's: a host query, no synchronisation)
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
@@ -287,7 +295,9 @@ DecodeSplits PlanDecodeSplits(int count, int hkv, int max_keys, int d) {
     sms = 132;
   }
   DecodeSplits plan;
-  const int blocks = std::max(1, count * hkv), tiles = (max_keys + kDecKeys - 1) / kDecKeys;
+  plan.row_blocks = std::clamp((max_pairs + kDecRows - 1) / kDecRows, 1, kMaxRowBlocks);
+  const int blocks = std::max(1, count * hkv * plan.row_blocks);
+  const int tiles = (max_keys + kDecKeys - 1) / kDecKeys;
   // Two blocks an SM at least, each split at least kMinSplitKeys keys.
   const int wanted = (2 * sms + blocks - 1) / blocks;
   const int most = std::max(1, (max_keys + kMinSplitKeys - 1) / kMinSplitKeys);
@@ -296,8 +306,8 @@ DecodeSplits PlanDecodeSplits(int count, int hkv, int max_keys, int d) {
   plan.split_keys = std::max(1, tiles_per_split) * kDecKeys;
   plan.splits = std::max(1, (max_keys + plan.split_keys - 1) / plan.split_keys);
   if (plan.splits > 1) {
-    plan.partial_bytes = sizeof(float) * static_cast<size_t>(count) * hkv * plan.splits * kDecRows *
-                         static_cast<size_t>(d + 2);
+    plan.partial_bytes = sizeof(float) * static_cast<size_t>(count) * hkv * plan.row_blocks *
+                         plan.splits * kDecRows * static_cast<size_t>(d + 2);
   }
   return plan;
 }
@@ -308,7 +318,8 @@ cudaError_t PagedDecodeAttention(Elems out, Elems q, Elems k, Elems v, const Pag
   int shift = 0;
   while ((1 << shift) < page_tokens) ++shift;
   if (q.bf16 != k.bf16 || q.bf16 != v.bf16 || page_tokens <= 0 || (1 << shift) != page_tokens ||
-      (plan.splits > 1 && partial == nullptr)) {
+      (plan.splits > 1 && partial == nullptr) || plan.row_blocks < 1 ||
+      plan.row_blocks > kMaxRowBlocks) {
     return cudaErrorInvalidValue;
   }
   if (count == 0) return cudaSuccess;

@@ -192,20 +192,22 @@ TEST_F(BackendParity, PagedAttentionPass) {
 }
 
 // Decoding passes (CUDA: the grouped decoding kernel, paged_decode.cu, takes segments whose rows
-// times the query heads of a KV head fit 16 rows; the others go to the prefill kernel in the same
-// pass): one token at position 0, a long cache whose keys the kernel splits over blocks (701
-// keys: 3 splits of 256), a 4-row speculative check across a 16-key warp slice and the first
-// split's end (positions 254-257: its first two rows have no key in the second split), 2 tokens
-// and 3 tokens. MQA 8/1 (d 64): the 2 tokens are exactly 16 rows, the 3 tokens and the check go
-// to the prefill kernel; GQA 6/2 (d 64: groups of 3, rows that do not fill 16); GQA 4/2 (d 128)
-// and MHA (d 32): every segment on the decoding kernel.
+// times the query heads of a KV head, their (token, head) pairs, are at most 64, in blocks of 16
+// pairs; the others go to the prefill kernel in the same pass): one token at position 0, a long
+// cache whose keys the kernel splits over blocks (701 keys: 3 splits of 256), a 4-row
+// speculative check across a 16-key warp slice and the first split's end (positions 254-257: its
+// first two rows have no key in the second split), 2, 3 and 9 tokens. MQA 8/1 (d 64): the 2
+// tokens are exactly one block of 16 pairs, the 3 tokens and the check take 2 blocks, the 9
+// tokens (72 pairs) the prefill kernel; GQA 6/2 (d 64: groups of 3, blocks they do not fill);
+// GQA 4/2 (d 128) and MHA (d 32).
 TEST_F(BackendParity, PagedAttentionDecodeSplits) {
-  const int page = 16, pool_pages = 72;
+  const int page = 16, pool_pages = 88;
   struct Seq {
     std::vector<int32_t> table;
     int q_offset, rows;
   };
-  std::vector<Seq> seqs = {{{}, 0, 1}, {{}, 700, 1}, {{}, 254, 4}, {{}, 33, 2}, {{}, 90, 3}};
+  std::vector<Seq> seqs = {{{}, 0, 1},  {{}, 700, 1}, {{}, 254, 4},
+                           {{}, 33, 2}, {{}, 90, 3},  {{}, 120, 9}};
   int next_page = 0;
   for (Seq& sq : seqs) {  // each its own pages, in reverse order
     const int pages = (sq.q_offset + sq.rows + page - 1) / page;
