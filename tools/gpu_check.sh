@@ -156,7 +156,7 @@ want gpu && run gpu 30 300 bash -c "cd '$B' && export EELLM_REQUIRE_GPU=1 CUDA_L
 # The gpu step's counts and failed tests (its last lines show only the second ctest's end).
 if want gpu && [ -f "$LOGS/gpu.log" ]; then
   grep -E "tests passed|tests failed out of|\(Failed\)|\(Timeout\)|Not Run|No tests were found|^pass [0-9]:|device properties:|FAILED  \] (Shapes|Cudnn)" \
-    "$LOGS/gpu.log" | head -60 | cut -c1-700 | sed 's/^/    gpu: /' | tee -a "$SUMMARY"
+    "$LOGS/gpu.log" | head -80 | cut -c1-700 | sed 's/^/    gpu: /' | tee -a "$SUMMARY"
 fi
 if want bench; then
   # Attention alone at the 1.3B's shape (seconds): cuDNN's, then our fused kernels; beside
