@@ -26,6 +26,15 @@ constexpr int kSkew = 8;
 
 __host__ __device__ constexpr size_t Align128(size_t x) { return (x + 127) / 128 * 128; }
 
+// log2 of a paged cache's tokens a page (a power of two), what LoadTile's page_shift takes; -1
+// otherwise.
+inline int PageShift(int page_tokens) {
+  if (page_tokens <= 0 || (page_tokens & (page_tokens - 1)) != 0) return -1;
+  int shift = 0;
+  while ((1 << shift) < page_tokens) ++shift;
+  return shift;
+}
+
 // The bf16 tile (rows of D + kSkew) at byte offset `at` of shared memory; buffer `buf` of a
 // double-buffered pair of Rows-row tiles.
 template <int D, int Rows = kTile>

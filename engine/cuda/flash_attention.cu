@@ -575,16 +575,6 @@ cudaError_t FlashAttentionForward(Elems out, float* lse, Elems q, Elems k, Elems
   });
 }
 
-namespace {
-// log2 of a power of two; -1 otherwise.
-int PageShift(int page_tokens) {
-  if (page_tokens <= 0 || (page_tokens & (page_tokens - 1)) != 0) return -1;
-  int shift = 0;
-  while ((1 << shift) < page_tokens) ++shift;
-  return shift;
-}
-}  // namespace
-
 cudaError_t FlashAttentionForwardSegments(Elems out, Elems q, Elems k, Elems v,
                                           const PagedSegment* segments, int count, int max_rows,
                                           int page_tokens, int hq, int hkv, int d, cudaStream_t s) {

@@ -315,9 +315,8 @@ DecodeSplits PlanDecodeSplits(int count, int hkv, int max_pairs, int max_keys, i
 cudaError_t PagedDecodeAttention(Elems out, Elems q, Elems k, Elems v, const PagedSegment* segments,
                                  int count, int page_tokens, int hq, int hkv, int d,
                                  const DecodeSplits& plan, float* partial, cudaStream_t s) {
-  int shift = 0;
-  while ((1 << shift) < page_tokens) ++shift;
-  if (q.bf16 != k.bf16 || q.bf16 != v.bf16 || page_tokens <= 0 || (1 << shift) != page_tokens ||
+  const int shift = PageShift(page_tokens);
+  if (q.bf16 != k.bf16 || q.bf16 != v.bf16 || shift < 0 ||
       (plan.splits > 1 && partial == nullptr) || plan.row_blocks < 1 ||
       plan.row_blocks > kMaxRowBlocks) {
     return cudaErrorInvalidValue;
