@@ -83,6 +83,7 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(int device, bool bf16_g
 CudaBackend::CudaBackend(int device, GemmPrecision precision)
     : device_(device), precision_(precision) {
   CUDA_CHECK(cudaSetDevice(device_));
+  CUDA_CHECK(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device_));
   CUBLAS_CHECK(cublasCreate(&cublas_));
   CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
   // fp32: plain fp32 GEMMs (no TF32), checked element by element against the CPU.

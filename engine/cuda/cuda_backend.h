@@ -202,6 +202,7 @@ class CudaBackend final : public Backend {
   double* ColumnSumScratch(int n, int cols, int sums);
 
   int device_ = 0;
+  int sm_count_ = 0;  // the device's SMs (the decoding kernel's split plan)
   GemmPrecision precision_ = GemmPrecision::kFp32;
   cudaStream_t stream_ = nullptr;  // the legacy default stream
   cublasHandle_t cublas_ = nullptr;

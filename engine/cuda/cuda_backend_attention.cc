@@ -166,7 +166,8 @@ void CudaBackend::PagedAttentionPass(Operand out, ConstOperand q, ConstOperand k
                                                    page_tokens, hq, hkv, d, stream_));
   }
   if (decode > 0) {
-    const cuda::DecodeSplits plan = cuda::PlanDecodeSplits(decode, hkv, max_pairs, max_keys, d);
+    const cuda::DecodeSplits plan =
+        cuda::PlanDecodeSplits(sm_count_, decode, hkv, max_pairs, max_keys, d);
     float* partial = plan.partial_bytes > 0
                          ? static_cast<float*>(Scratch(plan.partial_bytes, kDecodeScratch))
                          : nullptr;

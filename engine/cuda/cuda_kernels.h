@@ -153,16 +153,17 @@ cudaError_t FlashAttentionForwardSegments(Elems out, Elems q, Elems k, Elems v,
 // paged_decode.cu: the segments of a pass whose rows times the query heads of a KV head
 // (hq / hkv: the segment's pairs) are at most PagedDecodeRows() (decoding steps, short checks),
 // grouped by KV head: each K and V tile is read once per 16 pairs of a KV head, and long caches
-// are split over blocks (PlanDecodeSplits, from the most pairs and keys of a segment: as many
-// splits as fill the SMs twice, at least 256 keys each; partial_bytes of workspace where there
-// is more than one). Same operands and layouts as FlashAttentionForwardSegments.
+// are split over blocks (PlanDecodeSplits, from the device's SM count and the most pairs and
+// keys of a segment: as many splits as fill the SMs twice, at least 256 keys each; partial_bytes
+// of workspace where there is more than one). Same operands and layouts as
+// FlashAttentionForwardSegments.
 int PagedDecodeRows();
 struct DecodeSplits {
   int splits = 1, split_keys = 0;
   int row_blocks = 1;  // blocks of 16 pairs per (segment, KV head)
   size_t partial_bytes = 0;
 };
-DecodeSplits PlanDecodeSplits(int count, int hkv, int max_pairs, int max_keys, int d);
+DecodeSplits PlanDecodeSplits(int sms, int count, int hkv, int max_pairs, int max_keys, int d);
 cudaError_t PagedDecodeAttention(Elems out, Elems q, Elems k, Elems v, const PagedSegment* segments,
                                  int count, int page_tokens, int hq, int hkv, int d,
                                  const DecodeSplits& plan, float* partial, cudaStream_t s);

@@ -287,13 +287,8 @@ cudaError_t Decode(OutT* out, const InT* q, const InT* k, const InT* v,
 
 int PagedDecodeRows() { return kDecRows * kMaxRowBlocks; }
 
-DecodeSplits PlanDecodeSplits(int count, int hkv, int max_pairs, int max_keys, int d) {
-  int device = 0, sms = 0;  // (the current device's: a host query, no synchronisation)
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      sms <= 0) {
-    sms = 132;
-  }
+DecodeSplits PlanDecodeSplits(int sms, int count, int hkv, int max_pairs, int max_keys, int d) {
+  sms = std::max(1, sms);
   DecodeSplits plan;
   plan.row_blocks = std::clamp((max_pairs + kDecRows - 1) / kDecRows, 1, kMaxRowBlocks);
   const int blocks = std::max(1, count * hkv * plan.row_blocks);

@@ -130,8 +130,8 @@ inline cudaError_t cudaGetDevice(int* device) {
   *device = 0;
   return cudaSuccess;
 }
-// The device's SM count, as an H100's or H200's (kernels that size grids by it split the same
-// work the same way here).
+// The device's SM count, as an H100's or H200's (the backend sizes the decoding kernel's splits
+// by it: the same work splits the same way here).
 enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int device) {
   if (device != 0 || attribute != cudaDevAttrMultiProcessorCount) return cudaErrorInvalidValue;
