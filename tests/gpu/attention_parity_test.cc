@@ -106,6 +106,27 @@ TEST_F(BackendParity, PagedAttentionForward) {
   }
 }
 
+// A sequence of a paged pass: its page table, first position and rows.
+struct PagedSeq {
+  std::vector<int32_t> table;
+  int q_offset, rows;
+};
+
+// The pass's segments for `seqs`, in order, rows after rows; their page tables (in `tables`,
+// one per sequence, which the segments point to) put in device memory.
+std::vector<PagedRows> PassSegments(const std::vector<PagedSeq>& seqs, int page, DeviceMem& m,
+                                    KvPageTable* tables) {
+  std::vector<PagedRows> segments;
+  int at = 0;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    tables[i] = {seqs[i].table.data(), m.Put(seqs[i].table), page,
+                 static_cast<int>(seqs[i].table.size())};
+    segments.push_back({&tables[i], at, seqs[i].rows, seqs[i].q_offset});
+    at += seqs[i].rows;
+  }
+  return segments;
+}
+
 // A pass over 4 sequences' paged caches in one pool (a decoding step, a prompt, a short chunk
 // and a prompt of 2 query tiles of the fused kernel): the new keys and values land in each
 // sequence's pages and each sequence's queries attend its own cache. Then the next layer (other
@@ -114,10 +135,7 @@ TEST_F(BackendParity, PagedAttentionForward) {
 // further).
 TEST_F(BackendParity, PagedAttentionPass) {
   const int page = 16, pool_pages = 24;
-  struct Seq {
-    std::vector<int32_t> table;
-    int q_offset, rows;
-  };
+  using Seq = PagedSeq;
   const std::vector<Seq> seqs = {{{9, 3, 4, 14}, 40, 1},
                                  {{0, 7, 11, 1, 12}, 0, 70},
                                  {{20, 17}, 17, 3},
@@ -160,16 +178,8 @@ TEST_F(BackendParity, PagedAttentionPass) {
         [&](Backend* be, DeviceMem& m) -> Outputs {
           std::vector<KvPageTable> tables(2 * seqs.size());  // seqs', then next's
           auto segments = [&](const std::vector<Seq>& ss, int first_table) {
-            std::vector<PagedRows> r;
-            int at = 0;
-            for (size_t i = 0; i < ss.size(); ++i) {
-              KvPageTable& t = tables[first_table + i];
-              t = {ss[i].table.data(), m.Put(ss[i].table), page,
-                   static_cast<int>(ss[i].table.size())};
-              r.push_back({&t, at, ss[i].rows, ss[i].q_offset});
-              at += ss[i].rows;
-            }
-            EXPECT_EQ(at, n);
+            std::vector<PagedRows> r = PassSegments(ss, page, m, &tables[first_table]);
+            EXPECT_EQ(r.back().row + r.back().rows, n);
             return r;
           };
           const std::vector<PagedRows> first = segments(seqs, 0);
@@ -202,10 +212,7 @@ TEST_F(BackendParity, PagedAttentionPass) {
 // GQA 4/2 (d 128) and MHA (d 32).
 TEST_F(BackendParity, PagedAttentionDecodeSplits) {
   const int page = 16, pool_pages = 88;
-  struct Seq {
-    std::vector<int32_t> table;
-    int q_offset, rows;
-  };
+  using Seq = PagedSeq;
   std::vector<Seq> seqs = {{{}, 0, 1},  {{}, 700, 1}, {{}, 254, 4},
                            {{}, 33, 2}, {{}, 90, 3},  {{}, 120, 9}};
   int next_page = 0;
@@ -233,14 +240,7 @@ TEST_F(BackendParity, PagedAttentionDecodeSplits) {
     ExpectParity(
         [&](Backend* be, DeviceMem& m) -> Outputs {
           std::vector<KvPageTable> tables(seqs.size());
-          std::vector<PagedRows> segments;
-          int at = 0;
-          for (size_t i = 0; i < seqs.size(); ++i) {
-            tables[i] = {seqs[i].table.data(), m.Put(seqs[i].table), page,
-                         static_cast<int>(seqs[i].table.size())};
-            segments.push_back({&tables[i], at, seqs[i].rows, seqs[i].q_offset});
-            at += seqs[i].rows;
-          }
+          const std::vector<PagedRows> segments = PassSegments(seqs, page, m, tables.data());
           float *kp = m.Put(pool_k), *vp = m.Put(pool_v), *out = m.Nan(n * qrow);
           be->PagedAttentionPass(out, m.Put(q), m.Put(k), m.Put(v), kp, vp, segments, a.hq, a.hkv,
                                  a.d);
