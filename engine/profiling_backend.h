@@ -28,8 +28,14 @@ class ProfilingBackend final : public Backend {
     double bytes = 0;  // the minimum memory traffic
   };
   void set_timing(bool on) { timing_ = on; }
-  void ResetStats() { stats_.clear(); }
+  void ResetStats() {
+    stats_.clear();
+    gemm_shapes_.clear();
+  }
   const std::map<std::string, OpStats>& stats() const { return stats_; }
+  // The GEMM ops again, keyed by op and shape ("Linear 8192 x 2048 <- 2048, bf16 out"): which
+  // products of a step run below the GEMM ceiling.
+  const std::map<std::string, OpStats>& gemm_shapes() const { return gemm_shapes_; }
   size_t allocated_bytes() const { return allocated_; }
   size_t peak_bytes() const { return peak_; }
   int64_t alloc_calls() const { return alloc_calls_; }
@@ -125,16 +131,23 @@ class ProfilingBackend final : public Backend {
   // Times one op when timing is on: synchronises before and after.
   class Timed {
    public:
-    Timed(ProfilingBackend* b, const char* op, double flops = 0, double bytes = 0);
+    // `shape`: a GEMM op's shape, its key in gemm_shapes() ("" for other ops).
+    Timed(ProfilingBackend* b, const char* op, double flops = 0, double bytes = 0,
+          std::string shape = "");
     ~Timed();
 
    private:
     ProfilingBackend* b_;
     const char* op_;
     double flops_, bytes_;
+    std::string shape_;
     std::chrono::steady_clock::time_point start_;
   };
 
+  // A GEMM op's key in gemm_shapes(): op, rows x out <- in, the dtypes and what else it does;
+  // built only while timing.
+  std::string GemmShape(const char* op, int n, int in_dim, int out_dim,
+                        const std::string& what) const;
   // The least traffic of a Linear: in, the weights, `out_bytes` of output, the bias.
   double LinearBytes(ConstOperand in, bool bias, int n, int in_dim, int out_dim,
                      double out_bytes) const;
@@ -142,6 +155,7 @@ class ProfilingBackend final : public Backend {
   Backend* inner_;
   bool timing_ = false;
   std::map<std::string, OpStats> stats_;
+  std::map<std::string, OpStats> gemm_shapes_;
   std::unordered_map<void*, size_t> live_;
   size_t allocated_ = 0, peak_ = 0;
   int64_t alloc_calls_ = 0;

@@ -96,6 +96,25 @@ void PrintStepBudget(const TrainBenchResult& r, double ceiling, double bandwidth
   }
 }
 
+// The GEMM ops of the profiled step by shape, slowest first, against the GEMM ceiling: which
+// products hold the GEMMs' time above it (a shape of few rows or columns, an fp32 output, an
+// accumulation into the output, an epilogue).
+void PrintGemmShapes(const TrainBenchResult& r, double ceiling) {
+  if (r.gemm_shapes.empty()) return;
+  double total = 0, at_ceiling = 0;
+  for (const auto& g : r.gemm_shapes) total += g.seconds, at_ceiling += g.flops / ceiling;
+  std::printf(
+      "GEMMs by shape (rows x out <- in; the backward's rows x out are dout's): %.1f ms, %.1f ms "
+      "at the GEMM ceiling:\n",
+      total * 1e3, at_ceiling * 1e3);
+  for (const auto& g : r.gemm_shapes) {
+    const double rate = g.seconds > 0 ? g.flops / g.seconds : 0;
+    std::printf("  %-64s %9.2f ms %5lld calls %7.3g TFLOP/s (%3.0f%%)  above it %7.2f ms\n",
+                g.name.c_str(), g.seconds * 1e3, static_cast<long long>(g.calls), rate / 1e12,
+                100 * rate / ceiling, (g.seconds - g.flops / ceiling) * 1e3);
+  }
+}
+
 }  // namespace
 
 absl::StatusOr<TrainBenchResult> BenchTrainStep(const ModelConfig& mc, Backend* backend,
@@ -155,10 +174,14 @@ absl::StatusOr<TrainBenchResult> BenchTrainStep(const ModelConfig& mc, Backend* 
   prof.set_timing(false);
   for (const auto& [op, s] : prof.stats())
     r.ops.push_back({op, s.seconds, s.calls, s.flops, s.bytes});
-  std::sort(r.ops.begin(), r.ops.end(),
-            [](const TrainBenchResult::Op& a, const TrainBenchResult::Op& b) {
-              return a.seconds > b.seconds;
-            });
+  for (const auto& [shape, s] : prof.gemm_shapes())
+    r.gemm_shapes.push_back({shape, s.seconds, s.calls, s.flops, s.bytes});
+  for (auto* ops : {&r.ops, &r.gemm_shapes}) {
+    std::sort(ops->begin(), ops->end(),
+              [](const TrainBenchResult::Op& a, const TrainBenchResult::Op& b) {
+                return a.seconds > b.seconds;
+              });
+  }
   r.peak_bytes = prof.peak_bytes();
   note_free();
   if (free_before >= 0) r.device_bytes = free_before - free_lowest;
@@ -290,6 +313,7 @@ absl::Status RunTrainBenchmark(const ModelConfig& mc, Backend* backend,
                 100 * op.seconds / total, static_cast<long long>(op.calls), rates.c_str());
   }
   PrintStepBudget(r, ceiling, bandwidth);
+  PrintGemmShapes(r, ceiling);
   double bare_tokens_per_second = 0;  // measured when compared without exits
   if (o.compare_without_exits && !mc.exits.empty()) {
     ModelConfig bare = mc;

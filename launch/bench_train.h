@@ -40,7 +40,9 @@ struct TrainBenchResult {
     double flops;  // of its matrix products (ProfilingBackend::OpStats)
     double bytes;  // its least memory traffic
   };
-  std::vector<Op> ops;  // slowest first
+  std::vector<Op> ops;          // slowest first
+  std::vector<Op> gemm_shapes;  // the GEMM ops by shape (ProfilingBackend::gemm_shapes), slowest
+                                // first
 };
 
 absl::StatusOr<TrainBenchResult> BenchTrainStep(const ModelConfig& mc, Backend* backend,

@@ -40,6 +40,18 @@ TEST_F(ProfilingWork, LinearCountsProductsAndTraffic) {
   // dout; w and din; in and dw (read and written).
   EXPECT_EQ(Stats("LinearBackward").bytes,
             4.0 * (n * out + out * in + n * in + n * in + 2 * out * in));
+  // The same calls by shape, each its own key, summing to the op's totals.
+  const auto &shapes = prof_.gemm_shapes();
+  ASSERT_EQ(shapes.size(), 3u);
+  EXPECT_EQ(shapes.at("Linear 4 x 5 <- 3, f32 out, bias").calls, 1);
+  EXPECT_EQ(shapes.at("Linear 4 x 5 <- 3, f32 out, added to out").flops, 2.0 * n * in * out);
+  EXPECT_EQ(shapes.at("LinearBackward 4 x 5 <- 3, f32 dX and dW").bytes,
+            Stats("LinearBackward").bytes);
+  // Untimed calls are not counted, by op or by shape.
+  prof_.set_timing(false);
+  prof_.Linear(y, x, w, b, n, in, out, /*accumulate=*/false);
+  EXPECT_EQ(shapes.at("Linear 4 x 5 <- 3, f32 out, bias").calls, 1);
+  EXPECT_EQ(Stats("Linear").calls, 2);
 }
 
 TEST_F(ProfilingWork, AttentionCountsTheCausalPairs) {

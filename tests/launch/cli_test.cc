@@ -559,6 +559,12 @@ TEST_F(CliTest, BenchRunsTheTorchReferenceWithAndWithoutExits) {
   ASSERT_EQ(r.exit_code, 0) << Describe(args, r);
   EXPECT_NE(r.output.find("reference called with: --model"), std::string::npos)
       << Describe(args, r);
+  // The GEMMs of the profiled step by shape, with their rate.
+  std::smatch g;
+  EXPECT_TRUE(std::regex_search(
+      r.output, g,
+      std::regex(R"(\n  LinearBackward 32 x \d+ <- \d+, f32 dX.* TFLOP/s \( *\d+%\))")))
+      << Describe(args, r);
   EXPECT_NE(r.output.find("--batch 2 --micro-batch 2 --seq 16 --steps 1 --warmup 0 --device cpu"),
             std::string::npos)
       << Describe(args, r);
