@@ -86,11 +86,16 @@ CudaBackend::CudaBackend(int device, GemmPrecision precision)
   CUDA_CHECK(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device_));
   CUBLAS_CHECK(cublasCreate(&cublas_));
   CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
+  // The workspace PyTorch gives cuBLAS on Hopper (32 MiB; split-K and stream-K kernels need one),
+  // allocated here rather than from cuBLAS's own pool. Set after the stream: cublasSetStream
+  // resets it. Shared with cuBLASLt's GEMMs, which run on the same stream.
+  CUDA_CHECK(cudaMalloc(&gemm_workspace_, cuda::LtGemm::kWorkspaceBytes));
+  CUBLAS_CHECK(cublasSetWorkspace(cublas_, gemm_workspace_, cuda::LtGemm::kWorkspaceBytes));
   // fp32: plain fp32 GEMMs (no TF32), checked element by element against the CPU.
   CUBLAS_CHECK(cublasSetMathMode(
       cublas_, precision_ == GemmPrecision::kFp32 ? CUBLAS_PEDANTIC_MATH : CUBLAS_DEFAULT_MATH));
   if (precision_ == GemmPrecision::kBf16Weights) {
-    lt_ = std::make_unique<cuda::LtGemm>(stream_);
+    lt_ = std::make_unique<cuda::LtGemm>(stream_, gemm_workspace_);
     cudnn_attention_ = cuda::CudnnAttention::Create(stream_);
   }
 }
@@ -102,6 +107,7 @@ CudaBackend::~CudaBackend() {
   lt_.reset();
   cudnn_attention_.reset();
   if (cublas_ != nullptr) cublasDestroy(cublas_);
+  cudaFree(gemm_workspace_);
 }
 
 void* CudaBackend::Alloc(size_t bytes) {

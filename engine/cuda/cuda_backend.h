@@ -206,6 +206,7 @@ class CudaBackend final : public Backend {
   GemmPrecision precision_ = GemmPrecision::kFp32;
   cudaStream_t stream_ = nullptr;  // the legacy default stream
   cublasHandle_t cublas_ = nullptr;
+  void* gemm_workspace_ = nullptr;    // cuBLAS's and cuBLASLt's (LtGemm::kWorkspaceBytes)
   std::unique_ptr<cuda::LtGemm> lt_;  // kBf16Weights: the bf16 GEMMs, with epilogues
   // kBf16Weights with cuDNN: the training path's attention (null: the fused kernels run it).
   std::unique_ptr<cuda::CudnnAttention> cudnn_attention_;

@@ -10,9 +10,6 @@
 namespace eellm::cuda {
 namespace {
 
-// cuBLAS's recommended workspace on Hopper (32 MiB): enough for its split-K and stream-K
-// kernels.
-constexpr size_t kWorkspaceBytes = size_t{32} << 20;
 // Plans kept at most; beyond it the cache starts again (a training step uses a few dozen).
 constexpr size_t kMaxPlans = 4096;
 
@@ -51,9 +48,8 @@ const void* VectorOf(const LtGemm::Problem& p) { return p.bias != nullptr ? p.bi
 
 }  // namespace
 
-LtGemm::LtGemm(cudaStream_t stream) : stream_(stream) {
+LtGemm::LtGemm(cudaStream_t stream, void* workspace) : stream_(stream), workspace_(workspace) {
   CUBLAS_CHECK(cublasLtCreate(&handle_));
-  CUDA_CHECK(cudaMalloc(&workspace_, kWorkspaceBytes));
 }
 
 void LtGemm::Clear() {
@@ -68,7 +64,6 @@ void LtGemm::Clear() {
 
 LtGemm::~LtGemm() {
   Clear();
-  cudaFree(workspace_);
   if (handle_ != nullptr) cublasLtDestroy(handle_);
 }
 

@@ -47,7 +47,13 @@ class LtGemm {
     int aux_ld = 0;
   };
 
-  explicit LtGemm(cudaStream_t stream);
+  // cuBLAS's recommended workspace on Hopper (32 MiB): enough for its split-K and stream-K
+  // kernels.
+  static constexpr size_t kWorkspaceBytes = size_t{32} << 20;
+
+  // `workspace`: kWorkspaceBytes of device memory the GEMMs use in `stream`'s order (the backend
+  // shares it with its cuBLAS handle on the same stream); not owned.
+  LtGemm(cudaStream_t stream, void* workspace);
   ~LtGemm();
   LtGemm(const LtGemm&) = delete;
   LtGemm& operator=(const LtGemm&) = delete;
@@ -72,7 +78,7 @@ class LtGemm {
 
   cudaStream_t stream_;
   cublasLtHandle_t handle_ = nullptr;
-  void* workspace_ = nullptr;  // kWorkspaceBytes (lt_gemm.cc)
+  void* workspace_ = nullptr;  // kWorkspaceBytes, not owned
   std::map<Key, Plan> plans_;
 };
 

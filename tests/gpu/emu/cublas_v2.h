@@ -12,6 +12,7 @@
 
 struct cublasContext {
   cudaStream_t stream = nullptr;
+  void* workspace = nullptr;  // a user workspace (null: cuBLAS's own pool)
 };
 using cublasHandle_t = cublasContext*;
 enum cublasStatus_t {
@@ -35,9 +36,19 @@ inline cublasStatus_t cublasDestroy(cublasHandle_t h) {
 }
 inline cublasStatus_t cublasSetStream(cublasHandle_t h, cudaStream_t s) {
   h->stream = s;
+  h->workspace = nullptr;  // as cuBLAS does: a new stream goes back to the default pool
   return CUBLAS_STATUS_SUCCESS;
 }
 inline cublasStatus_t cublasSetMathMode(cublasHandle_t, cublasMath_t) {
+  return CUBLAS_STATUS_SUCCESS;
+}
+// The workspace must be device memory of the size given.
+inline cublasStatus_t cublasSetWorkspace(cublasHandle_t h, void* workspace, size_t bytes) {
+  if (bytes > 0 && !eellm_emu::IsDevice(workspace, bytes)) {
+    eellm_emu::Misuse("cublasSetWorkspace: the workspace is not device memory of that size");
+    return CUBLAS_STATUS_INVALID_VALUE;
+  }
+  h->workspace = workspace;
   return CUBLAS_STATUS_SUCCESS;
 }
 
