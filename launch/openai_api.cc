@@ -383,13 +383,10 @@ size_t Characters(const std::string& s) {
 std::vector<size_t> TextOffsets(const Tokenizer& tok, const std::vector<int32_t>& ids) {
   const size_t n = ids.size();
   std::vector<size_t> offsets(n);
-  std::vector<std::string> pieces(n);
+  const std::vector<std::string> pieces = tok.DecodeShares(ids);
   std::string joined;
-  for (size_t k = 0; k < n; ++k) {
-    pieces[k] = tok.Decode(absl::MakeConstSpan(&ids[k], 1));
-    joined += pieces[k];
-  }
-  if (joined != tok.Decode(ids)) {  // decoding joins tokens otherwise (e.g. SentencePiece)
+  for (const std::string& p : pieces) joined += p;
+  if (pieces.size() != n || joined != tok.Decode(ids)) {  // a tokenizer without shares
     for (size_t k = 0; k < n; ++k) {
       offsets[k] = Characters(Utf8Safe(tok.Decode(absl::MakeConstSpan(ids).first(k))));
     }

@@ -33,8 +33,8 @@ std::string CompletionResponse(const ApiCall& call, const std::vector<Generation
 
 // Where each token's text starts in the text of `ids` decoded together, in characters (code
 // points, invalid UTF-8 counted as U+FFFD): the "text_offset" of logprobs. Linear in the ids when
-// decoding them together joins their own texts (byte-level tokenizers); otherwise each prefix is
-// decoded (quadratic).
+// the tokenizer's shares (Tokenizer::DecodeShares) join into their decoded text (byte-level and
+// SentencePiece-style tokenizers); otherwise each prefix is decoded (quadratic).
 std::vector<size_t> TextOffsets(const Tokenizer& tok, const std::vector<int32_t>& ids);
 
 // Parses a /v1/chat/completions body: "messages" (system, user and assistant turns, content as a

@@ -561,6 +561,21 @@ std::string BpeTokenizer::Decode(absl::Span<const int32_t> ids) const {
   return out;
 }
 
+std::vector<std::string> BpeTokenizer::DecodeShares(absl::Span<const int32_t> ids) const {
+  std::vector<std::string> shares(ids.size());
+  bool started = false;  // whether a share before had text
+  for (size_t k = 0; k < ids.size(); ++k) {
+    const int32_t id = ids[k];
+    if (id < 0 || id >= vocab_size_ || special_[id]) continue;
+    shares[k] = text_[id];
+    if (!started && !shares[k].empty()) {
+      started = true;
+      if (strip_leading_space_ && shares[k][0] == ' ') shares[k].erase(0, 1);
+    }
+  }
+  return shares;
+}
+
 std::string BpeTokenizer::DecodeToken(int32_t id) const {
   return id >= 0 && id < vocab_size_ ? text_[id] : "";
 }

@@ -69,6 +69,9 @@ class BpeTokenizer : public Tokenizer {
   std::vector<int32_t> Encode(absl::string_view text) const override;
   std::string Decode(absl::Span<const int32_t> ids) const override;
   std::string DecodeToken(int32_t id) const override;
+  // Special ids share nothing; SentencePiece-style, the first share with text loses the leading
+  // space Decode() drops.
+  std::vector<std::string> DecodeShares(absl::Span<const int32_t> ids) const override;
   int vocab_size() const override { return vocab_size_; }
   int eos_id() const override { return eos_id_; }
   int bos_id() const override { return bos_id_; }

@@ -35,6 +35,13 @@ std::string ByteTokenizer::Decode(absl::Span<const int32_t> ids) const {
   return text;
 }
 
+std::vector<std::string> Tokenizer::DecodeShares(absl::Span<const int32_t> ids) const {
+  std::vector<std::string> shares;
+  shares.reserve(ids.size());
+  for (const int32_t& id : ids) shares.push_back(Decode(absl::MakeConstSpan(&id, 1)));
+  return shares;
+}
+
 std::string ByteTokenizer::DecodeToken(int32_t id) const {
   if (id >= 0 && id < 256) return std::string(1, static_cast<char>(static_cast<unsigned char>(id)));
   if (id == kEosId) return "<|endoftext|>";

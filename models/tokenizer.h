@@ -31,6 +31,11 @@ class Tokenizer {
   // may be a partial UTF-8 sequence. Special ids give their printable name (e.g.
   // "<|endoftext|>"); ids outside [0, vocab_size()) give "".
   virtual std::string DecodeToken(int32_t id) const = 0;
+  // Each id's share of Decode(ids): texts whose concatenation is Decode(ids) where the
+  // tokenizer's decoding is a concatenation of per-token texts (possibly with an edit at the
+  // start, such as a dropped leading space); linear in the ids. The default gives each id's
+  // Decode() alone, which is its share for tokenizers that only concatenate.
+  virtual std::vector<std::string> DecodeShares(absl::Span<const int32_t> ids) const;
 
   virtual int vocab_size() const = 0;
   virtual int eos_id() const = 0;

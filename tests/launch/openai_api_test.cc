@@ -189,6 +189,49 @@ TEST(CompletionResponse, EchoScoresThePrompt) {
   EXPECT_EQ(r["usage"]["prompt_tokens"], 2);
 }
 
+// Checks TextOffsets(tok, ids) against each prefix decoded alone, its characters counted after
+// invalid UTF-8 is replaced.
+void ExpectPrefixCharacters(const Tokenizer& tok, const std::vector<int32_t>& ids,
+                            const std::string& what) {
+  const std::vector<size_t> got = TextOffsets(tok, ids);
+  ASSERT_EQ(got.size(), ids.size());
+  for (size_t k = 0; k < ids.size(); ++k) {
+    const std::string prefix = tok.Decode(absl::MakeConstSpan(ids).first(k));
+    const std::string safe =
+        json::parse(json(prefix).dump(-1, ' ', false, json::error_handler_t::replace))
+            .get<std::string>();
+    size_t chars = 0;
+    for (unsigned char ch : safe) chars += (ch & 0xC0) != 0x80;
+    ASSERT_EQ(got[k], chars) << what << " token " << k;
+  }
+}
+
+// A tokenizer that counts the ids it decodes (Decode and DecodeShares), around another.
+class CountingTokenizer : public Tokenizer {
+ public:
+  explicit CountingTokenizer(const Tokenizer* inner) : inner_(inner) {}
+  std::vector<int32_t> Encode(absl::string_view text) const override {
+    return inner_->Encode(text);
+  }
+  std::string Decode(absl::Span<const int32_t> ids) const override {
+    decoded_ += ids.size();
+    return inner_->Decode(ids);
+  }
+  std::vector<std::string> DecodeShares(absl::Span<const int32_t> ids) const override {
+    decoded_ += ids.size();
+    return inner_->DecodeShares(ids);
+  }
+  std::string DecodeToken(int32_t id) const override { return inner_->DecodeToken(id); }
+  int vocab_size() const override { return inner_->vocab_size(); }
+  int eos_id() const override { return inner_->eos_id(); }
+  int bos_id() const override { return inner_->bos_id(); }
+  std::string name() const override { return inner_->name(); }
+  mutable size_t decoded_ = 0;
+
+ private:
+  const Tokenizer* inner_;
+};
+
 // Text offsets in linear time (byte tokens: decoding joins their texts) equal each prefix's
 // characters after invalid UTF-8 is replaced, for text mixing ASCII, 2-4 byte characters, bytes
 // that are not UTF-8 alone, characters cut short, and special ids (no text).
@@ -208,18 +251,63 @@ TEST(CompletionResponse, TextOffsetsCountEachPrefixsCharacters) {
         ids.push_back(ch);
       }
     }
-    const std::vector<size_t> got = TextOffsets(tok, ids);
-    ASSERT_EQ(got.size(), ids.size());
-    for (size_t k = 0; k < ids.size(); ++k) {
-      const std::string prefix = tok.Decode(absl::MakeConstSpan(ids).first(k));
-      const std::string safe =
-          json::parse(json(prefix).dump(-1, ' ', false, json::error_handler_t::replace))
-              .get<std::string>();
-      size_t chars = 0;
-      for (unsigned char ch : safe) chars += (ch & 0xC0) != 0x80;
-      ASSERT_EQ(got[k], chars) << "trial " << trial << " token " << k;
-    }
+    ExpectPrefixCharacters(tok, ids, "trial " + std::to_string(trial));
   }
+}
+
+// SentencePiece-style decoding drops the text's leading space, so one token decoded alone is not
+// its share of the text; the offsets still come from each token's share in linear time and equal
+// each prefix's characters: sequences that start with special ids, with a lone "▁" (its space is
+// the one dropped, the next token's kept), with words, and byte-fallback bytes that join into
+// 2-4 byte characters, or stay cut short.
+TEST(CompletionResponse, TextOffsetsOfSentencePieceTokensInLinearTime) {
+  auto sp = BpeTokenizer::FromJson(testing::SentencePieceJson().dump(), "sp");
+  ASSERT_TRUE(sp.ok()) << sp.status();
+  const Tokenizer& tok = **sp;
+  auto bytes = [](std::initializer_list<int> b) {
+    std::vector<int32_t> ids;
+    for (int x : b) ids.push_back(3 + x);  // <0xXX>
+    return ids;
+  };
+  const std::vector<std::vector<int32_t>> parts = {{1},
+                                                   {2},
+                                                   {259},
+                                                   {271},
+                                                   {272},
+                                                   {260, 261},
+                                                   {268, 263},
+                                                   {266},
+                                                   bytes({0xC3, 0xA9}),
+                                                   bytes({0xE2, 0x82, 0xAC}),
+                                                   bytes({0xF0, 0x9F, 0x98, 0x80}),
+                                                   bytes({0x80}),
+                                                   bytes({0xE2, 0x82}),
+                                                   bytes({0x20})};
+  Rng rng(11);
+  for (int trial = 0; trial < 30; ++trial) {
+    std::vector<int32_t> ids;
+    if (trial % 3 == 0) ids.push_back(1);    // <s> first
+    if (trial % 5 == 1) ids.push_back(259);  // a lone "▁" first
+    while (ids.size() < 40) {
+      const auto& part = parts[static_cast<size_t>(rng.Uniform() * parts.size())];
+      ids.insert(ids.end(), part.begin(), part.end());
+    }
+    // The shares join into the text.
+    std::string joined;
+    for (const std::string& s : tok.DecodeShares(ids)) joined += s;
+    ASSERT_EQ(joined, tok.Decode(ids)) << "trial " << trial;
+    ExpectPrefixCharacters(tok, ids, "trial " + std::to_string(trial));
+  }
+  // Linear: 4,000 tokens decode 8,000 ids (their shares, then the text), where decoding each
+  // prefix would decode 8 million.
+  std::vector<int32_t> ids;
+  for (int k = 0; k < 2000; ++k) ids.insert(ids.end(), {271, 272});
+  CountingTokenizer counting(&tok);
+  const std::vector<size_t> offsets = TextOffsets(counting, ids);
+  EXPECT_EQ(counting.decoded_, 2 * ids.size());
+  EXPECT_EQ(offsets[1], 5u);                                    // "hello| w"
+  EXPECT_EQ(offsets[2], 7u);                                    // "hello w| hello"
+  EXPECT_EQ(offsets.back(), 7 + (ids.size() / 2 - 2) * 8 + 6);  // the last "▁w"
 }
 
 // A SentencePiece tokenizer joins the echoed prompt and the generated text as one decoding does
