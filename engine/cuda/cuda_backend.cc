@@ -165,6 +165,10 @@ double* CudaBackend::ColumnSumScratch(int n, int cols, int sums) {
   return static_cast<double*>(Scratch(cuda::ColumnSumScratchBytes(n, cols, sums), 10));
 }
 
+double* CudaBackend::NormScratch(int n, int c, int sums) {
+  return static_cast<double*>(Scratch(cuda::NormBackwardScratchBytes(n, c, sums), 10));
+}
+
 void CudaBackend::Gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, ConstOperand a,
                        int lda, ConstOperand b, int ldb, float beta, Operand c, int ldc,
                        const float* bias, float* a_row_sums, const float* c_in) {
@@ -513,7 +517,7 @@ void CudaBackend::LayerNormBackward(float* dx, const float* dres, float* dg, flo
                                     const float* dout, const float* x, const float* g,
                                     const float* mean, const float* rstd, int n, int c) {
   CUDA_CHECK(cuda::LayerNormBackward(dx, dres, dg, db, dout, x, g, mean, rstd, n, c,
-                                     ColumnSumScratch(n, c, 2), stream_));
+                                     NormScratch(n, c, 2), stream_));
 }
 void CudaBackend::RmsNormForward(Operand out, float* rstd, const float* x, const float* g, int n,
                                  int c, float eps) {
@@ -521,8 +525,8 @@ void CudaBackend::RmsNormForward(Operand out, float* rstd, const float* x, const
 }
 void CudaBackend::RmsNormBackward(float* dx, const float* dres, float* dg, const float* dout,
                                   const float* x, const float* g, const float* rstd, int n, int c) {
-  CUDA_CHECK(cuda::RmsNormBackward(dx, dres, dg, dout, x, g, rstd, n, c, ColumnSumScratch(n, c, 1),
-                                   stream_));
+  CUDA_CHECK(
+      cuda::RmsNormBackward(dx, dres, dg, dout, x, g, rstd, n, c, NormScratch(n, c, 1), stream_));
 }
 void CudaBackend::GeluForward(Operand out, ConstOperand x, size_t n) {
   CUDA_CHECK(cuda::GeluForward(ToElems(out), ToElems(x), n, stream_));

@@ -200,6 +200,8 @@ class CudaBackend final : public Backend {
   // Slot 10: the partial sums of a column sum (bias or norm gain gradients) over n rows of `cols`
   // columns, for `sums` sums; null where the rows are not split.
   double* ColumnSumScratch(int n, int cols, int sums);
+  // Slot 10 for a norm backward's gain (and bias) gradient sums over n rows of c columns.
+  double* NormScratch(int n, int c, int sums);
 
   int device_ = 0;
   int sm_count_ = 0;  // the device's SMs (the decoding kernel's split plan)

@@ -87,7 +87,9 @@ cudaError_t AdamWRuns(float* p, const float* g, float* m, float* v, const AdamWR
                       int count, size_t total, float lr, float beta1, float beta2, float eps,
                       float weight_decay, float inv_bc1, float inv_bc2, cudaStream_t s);
 
-// norm_kernels.cu (the backwards' scratch: ColumnSumScratchBytes(n, c, 2 or 1 for RMSNorm))
+// norm_kernels.cu (the backwards' scratch: NormBackwardScratchBytes(n, c, 2 or 1 for RMSNorm)
+// bytes, for the sums of the gain and bias gradients)
+size_t NormBackwardScratchBytes(int n, int c, int sums);
 cudaError_t LayerNormForward(Elems out, float* mean, float* rstd, const float* x, const float* g,
                              const float* b, int n, int c, float eps, cudaStream_t s);
 cudaError_t LayerNormBackward(float* dx, const float* dres, float* dg, float* db, const float* dout,

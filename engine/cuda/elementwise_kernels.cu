@@ -202,12 +202,20 @@ __global__ void CopyRowsToPoolsKernel(uint4* k_pool, uint4* v_pool, const uint4*
   }
 }
 
-__global__ void AddColumnPartialsKernel(float* dst, const double* partials, int slices, int cols) {
-  const int j = blockIdx.x * blockDim.x + threadIdx.x;
-  if (j >= cols) return;
-  double total = 0.0;
-  for (int s = 0; s < slices; ++s) total += partials[static_cast<size_t>(s) * cols + j];
-  dst[j] += static_cast<float>(total);
+// dst[j] += the sum of partials[s][j] over s: blocks of kColTile columns x G groups of slices
+// (ColumnRowGroups), group y adding slices y, y + G, ... in order, the groups by a fixed tree.
+__global__ void __launch_bounds__(kColMaxThreads)
+    AddColumnPartialsKernel(float* dst, const double* partials, int slices, int cols) {
+  __shared__ double part[kMaxRowGroups][kColTile];
+  const int j = blockIdx.x * kColTile + threadIdx.x;
+  double acc = 0.0;
+  if (j < cols) {
+    for (int s = threadIdx.y; s < slices; s += blockDim.y) {
+      acc += partials[static_cast<size_t>(s) * cols + j];
+    }
+  }
+  const double total = ColumnGroupSum(acc, part);
+  if (threadIdx.y == 0 && j < cols) dst[j] += static_cast<float>(total);
 }
 
 constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2 / pi)
@@ -463,8 +471,8 @@ size_t ColumnSumScratchBytes(int n, int cols, int sums) {
 cudaError_t AddColumnPartials(float* dst, const double* partials, int slices, int cols,
                               cudaStream_t s) {
   if (cols > 0) {
-    LaunchKernel(AddColumnPartialsKernel, dim3((cols + kThreads - 1) / kThreads), dim3(kThreads), 0,
-                 s, dst, partials, slices, cols);
+    LaunchKernel(AddColumnPartialsKernel, dim3((cols + kColTile - 1) / kColTile),
+                 dim3(kColTile, ColumnRowGroups(slices)), 0, s, dst, partials, slices, cols);
   }
   return cudaGetLastError();
 }

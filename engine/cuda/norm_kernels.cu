@@ -1,9 +1,14 @@
-// CUDA kernels of LayerNorm and RMSNorm, forward and backward: one block per row, row
-// statistics accumulated in double (as the CPU backend does). Gain and bias gradients are column
-// sums over rows (block_reduce.cuh): a block of kColTile columns x G row groups for each slice
-// of rows, where row group y sums the slice's rows y, y + G, ... in order (double), the groups'
-// partials are added in a fixed pairwise tree and the slices' in order; no atomics, so results
-// are deterministic (same bits every run).
+// CUDA kernels of LayerNorm and RMSNorm, forward and backward, row statistics accumulated in
+// double (as the CPU backend does). The forward takes one row a block. The backward, for rows of
+// up to 1,024 column groups (4 columns each where aligned: hidden sizes up to 4,096), is one
+// pass: a block takes a run of rows, one at a time with the next row's loads in flight, writes
+// dx and keeps each of its columns' gain (and bias) gradient terms in registers, summed over its
+// rows in order; the blocks' sums are then added in a fixed tree (AddColumnPartials). Wider rows
+// take one row a block and a second pass over dout and x for the column sums (block_reduce.cuh:
+// a block of kColTile columns x G row groups for each slice of rows, row group y summing the
+// slice's rows y, y + G, ... in order). No atomics: results are deterministic (same bits every
+// run).
+#include <algorithm>
 #include <cmath>
 
 #include "engine/cuda/block_reduce.cuh"
@@ -142,6 +147,71 @@ __global__ void NormBackwardRowsKernel(float* dx, const float* dres, const float
   }
 }
 
+// The one-pass backward: block b takes rows [b rows, (b + 1) rows) of n, thread t columns
+// U t .. U t + U - 1 (blockDim.x U >= c), and writes dx as NormBackwardRowsKernel does, and its
+// columns' sums over its rows of dout * norm (double, rows in order) to dg_part[b] and of dout
+// to db_part[b] (null: not wanted), [gridDim.x, c] each.
+template <bool kCentred, int U>
+__global__ void __launch_bounds__(1024)
+    NormBackwardKernel(float* dx, double* dg_part, double* db_part, const float* dres,
+                       const float* dout, const float* x, const float* g, const float* mean,
+                       const float* rstd, int n, int rows, int c) {
+  __shared__ double scratch[kBlockReduceScratch];
+  const int begin = blockIdx.x * rows, end = min(n, begin + rows);
+  const int j = U * threadIdx.x;
+  const bool mine = j < c;
+  float w[U] = {}, v[U] = {}, dy[U] = {};
+  double acc_g[U] = {}, acc_b[U] = {};
+  if (mine) LoadCols<U>(g + j, w);
+  if (mine && begin < end) {
+    LoadCols<U>(x + static_cast<size_t>(begin) * c + j, v);
+    LoadCols<U>(dout + static_cast<size_t>(begin) * c + j, dy);
+  }
+  for (int r = begin; r < end; ++r) {
+    const size_t at = static_cast<size_t>(r) * c + j;
+    const float rs = rstd[r];
+    float mu = 0.0f;
+    if constexpr (kCentred) mu = mean[r];
+    float nrm[U];
+    double sum_dn = 0.0, sum_dn_n = 0.0;
+    for (int u = 0; u < U; ++u) {
+      nrm[u] = (v[u] - mu) * rs;
+      const float dn = dy[u] * w[u];
+      if constexpr (kCentred) sum_dn += dn;
+      sum_dn_n += static_cast<double>(dn) * nrm[u];
+      acc_g[u] += dy[u] * nrm[u];
+      if constexpr (kCentred) acc_b[u] += dy[u];
+    }
+    float next_v[U] = {}, next_dy[U] = {};  // the next row's, loading while the block reduces
+    if (mine && r + 1 < end) {
+      LoadCols<U>(x + at + c, next_v);
+      LoadCols<U>(dout + at + c, next_dy);
+    }
+    float mean_dn = 0.0f;
+    if constexpr (kCentred) mean_dn = static_cast<float>(BlockSum(sum_dn, scratch) / c);
+    const float mean_dn_n = static_cast<float>(BlockSum(sum_dn_n, scratch) / c);
+    if (mine) {
+      float res[U] = {};
+      if (dres != nullptr) LoadCols<U>(dres + at, res);
+      for (int u = 0; u < U; ++u) {
+        if constexpr (kCentred) {
+          res[u] += rs * (dy[u] * w[u] - mean_dn - nrm[u] * mean_dn_n);
+        } else {
+          res[u] += rs * (dy[u] * w[u] - nrm[u] * mean_dn_n);
+        }
+      }
+      StoreCols<U>(dx + at, res);
+    }
+    for (int u = 0; u < U; ++u) v[u] = next_v[u], dy[u] = next_dy[u];
+  }
+  if (!mine) return;
+  const size_t out = static_cast<size_t>(blockIdx.x) * c + j;
+  for (int u = 0; u < U; ++u) {
+    dg_part[out + u] = acc_g[u];
+    if (db_part != nullptr) db_part[out + u] = acc_b[u];
+  }
+}
+
 // dg[j] += sum_r dout * norm; db[j] += sum_r dout (db may be null). mean null: RMSNorm. Rows in
 // the fixed order of block_reduce.cuh's column sums; sliced, the partials of dg, then of db.
 __global__ void __launch_bounds__(kColMaxThreads, 2)
@@ -192,6 +262,50 @@ bool FourColumns(int c, const Ptrs*... p) {
 // The row kernels' threads for rows of c columns, 4 or 1 a thread.
 unsigned Threads(int c, bool four) { return RowThreads(four ? c / 4 : c, kThreads); }
 
+namespace {
+
+// Blocks of the one-pass backward: up to kBackwardBlocks runs of rows (about 2 blocks an SM on an
+// H100/H200; the run length depends on n alone, so the sums' order does too).
+constexpr int kBackwardBlocks = 256;
+// Whether rows of c columns take the one-pass backward (4 columns a thread where `four`).
+bool OnePass(int c, bool four) { return (four ? c / 4 : c) <= 1024; }
+int BackwardRows(int n) { return (n + kBackwardBlocks - 1) / kBackwardBlocks; }
+
+// Both backwards: one pass and the partials' sum, or the row kernel and the column sums.
+template <bool kCentred>
+cudaError_t NormBackward(float* dx, const float* dres, float* dg, float* db, const float* dout,
+                         const float* x, const float* g, const float* mean, const float* rstd,
+                         int n, int c, double* scratch, cudaStream_t s) {
+  if (n <= 0 || c <= 0) return cudaGetLastError();
+  const bool four = FourColumns(c, dx, dres, dout, x, g);
+  if (!OnePass(c, four)) {
+    auto* kernel = four ? NormBackwardRowsKernel<kCentred, 4> : NormBackwardRowsKernel<kCentred, 1>;
+    LaunchKernel(kernel, dim3(n), dim3(Threads(c, four)), 0, s, dx, dres, dout, x, g, mean, rstd,
+                 c);
+    LaunchNormParamGrad(dg, db, scratch, dout, x, mean, rstd, n, c, s);
+    return cudaGetLastError();
+  }
+  const int rows = BackwardRows(n), blocks = (n + rows - 1) / rows;
+  double* db_part = db != nullptr ? scratch + static_cast<size_t>(blocks) * c : nullptr;
+  auto* kernel = four ? NormBackwardKernel<kCentred, 4> : NormBackwardKernel<kCentred, 1>;
+  LaunchKernel(kernel, dim3(blocks), dim3(RowThreads(four ? c / 4 : c, 1024)), 0, s, dx, scratch,
+               db_part, dres, dout, x, g, mean, rstd, n, rows, c);
+  AddColumnPartials(dg, scratch, blocks, c, s);
+  if (db != nullptr) AddColumnPartials(db, db_part, blocks, c, s);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+size_t NormBackwardScratchBytes(int n, int c, int sums) {
+  if (n <= 0 || c <= 0) return 0;
+  // Either path may run (the pointers' alignment decides between 4 columns a thread and 1).
+  const size_t sliced = ColumnSumScratchBytes(n, c, sums);
+  if (!OnePass(c, c % 4 == 0)) return sliced;
+  const int rows = BackwardRows(n), blocks = (n + rows - 1) / rows;
+  return std::max(static_cast<size_t>(blocks) * c * sums * sizeof(double), sliced);
+}
+
 cudaError_t LayerNormForward(Elems out, float* mean, float* rstd, const float* x, const float* g,
                              const float* b, int n, int c, float eps, cudaStream_t s) {
   if (n <= 0 || c <= 0) return cudaGetLastError();
@@ -207,12 +321,7 @@ cudaError_t LayerNormForward(Elems out, float* mean, float* rstd, const float* x
 cudaError_t LayerNormBackward(float* dx, const float* dres, float* dg, float* db, const float* dout,
                               const float* x, const float* g, const float* mean, const float* rstd,
                               int n, int c, double* scratch, cudaStream_t s) {
-  if (n <= 0 || c <= 0) return cudaGetLastError();
-  const bool four = FourColumns(c, dx, dres, dout, x, g);
-  auto* kernel = four ? NormBackwardRowsKernel<true, 4> : NormBackwardRowsKernel<true, 1>;
-  LaunchKernel(kernel, dim3(n), dim3(Threads(c, four)), 0, s, dx, dres, dout, x, g, mean, rstd, c);
-  LaunchNormParamGrad(dg, db, scratch, dout, x, mean, rstd, n, c, s);
-  return cudaGetLastError();
+  return NormBackward<true>(dx, dres, dg, db, dout, x, g, mean, rstd, n, c, scratch, s);
 }
 
 cudaError_t RmsNormForward(Elems out, float* rstd, const float* x, const float* g, int n, int c,
@@ -230,13 +339,7 @@ cudaError_t RmsNormForward(Elems out, float* rstd, const float* x, const float* 
 cudaError_t RmsNormBackward(float* dx, const float* dres, float* dg, const float* dout,
                             const float* x, const float* g, const float* rstd, int n, int c,
                             double* scratch, cudaStream_t s) {
-  if (n <= 0 || c <= 0) return cudaGetLastError();
-  const bool four = FourColumns(c, dx, dres, dout, x, g);
-  auto* kernel = four ? NormBackwardRowsKernel<false, 4> : NormBackwardRowsKernel<false, 1>;
-  LaunchKernel(kernel, dim3(n), dim3(Threads(c, four)), 0, s, dx, dres, dout, x, g, nullptr, rstd,
-               c);
-  LaunchNormParamGrad(dg, nullptr, scratch, dout, x, nullptr, rstd, n, c, s);
-  return cudaGetLastError();
+  return NormBackward<false>(dx, dres, dg, nullptr, dout, x, g, nullptr, rstd, n, c, scratch, s);
 }
 
 }  // namespace eellm::cuda
