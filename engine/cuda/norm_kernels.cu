@@ -99,6 +99,50 @@ __global__ void NormForwardKernel(OutT* out, float* mean, float* rstd, const flo
   }
 }
 
+// NormForwardKernel for rows of at most blockDim.x U columns: each thread reads its U columns of
+// x once, into registers, for the statistics and the output (the row is read once, not two or
+// three times).
+template <bool kCentred, int U, typename OutT>
+__global__ void __launch_bounds__(1024)
+    NormForwardRowKernel(OutT* out, float* mean, float* rstd, const float* x, const float* g,
+                         const float* b, int c, float eps) {
+  __shared__ double scratch[kBlockReduceScratch];
+  const size_t r = blockIdx.x;
+  const int j = U * threadIdx.x;
+  const bool mine = j < c;
+  float v[U] = {};
+  if (mine) LoadCols<U>(x + r * c + j, v);
+  double mu = 0.0;
+  if constexpr (kCentred) {
+    double s = 0.0;
+    for (int u = 0; u < U; ++u) s += v[u];
+    mu = BlockSum(s, scratch) / c;
+  }
+  double ss = 0.0;
+  if (mine) {
+    for (int u = 0; u < U; ++u) ss += (v[u] - mu) * (v[u] - mu);  // (mu = 0: v[u]^2 exactly)
+  }
+  const float rs =
+      static_cast<float>(1.0 / sqrt(BlockSum(ss, scratch) / c + static_cast<double>(eps)));
+  const float muf = static_cast<float>(mu);
+  if (mine) {
+    float w[U];
+    LoadCols<U>(g + j, w);
+    if constexpr (kCentred) {
+      float bb[U] = {};
+      if (b != nullptr) LoadCols<U>(b + j, bb);
+      for (int u = 0; u < U; ++u) v[u] = ((v[u] - muf) * rs) * w[u] + bb[u];
+    } else {
+      for (int u = 0; u < U; ++u) v[u] = (v[u] * rs) * w[u];
+    }
+    StoreCols<U>(out + r * c + j, v);
+  }
+  if (threadIdx.x == 0) {
+    if constexpr (kCentred) mean[r] = muf;
+    rstd[r] = rs;
+  }
+}
+
 // dx = dres + d/dx (dres may alias dx or be null: each element is read before it is written);
 // kCentred as in NormForwardKernel (mean null for RMSNorm).
 template <bool kCentred, int U>
@@ -264,6 +308,24 @@ unsigned Threads(int c, bool four) { return RowThreads(four ? c / 4 : c, kThread
 
 namespace {
 
+// A forward: a row a block, read once where a thread takes a row's U columns (the common widths,
+// as OnePass below), else the row kernel's loops.
+template <bool kCentred, typename OutT>
+cudaError_t LaunchNormForward(bool four, OutT* out, float* mean, float* rstd, const float* x,
+                              const float* g, const float* b, int n, int c, float eps,
+                              cudaStream_t s) {
+  const int groups = four ? c / 4 : c;
+  if (groups <= 1024) {
+    auto* kernel =
+        four ? NormForwardRowKernel<kCentred, 4, OutT> : NormForwardRowKernel<kCentred, 1, OutT>;
+    return LaunchKernel(kernel, dim3(n), dim3(RowThreads(groups, 1024)), 0, s, out, mean, rstd, x,
+                        g, b, c, eps);
+  }
+  auto* kernel = four ? NormForwardKernel<kCentred, 4, OutT> : NormForwardKernel<kCentred, 1, OutT>;
+  return LaunchKernel(kernel, dim3(n), dim3(Threads(c, four)), 0, s, out, mean, rstd, x, g, b, c,
+                      eps);
+}
+
 // Blocks of the one-pass backward: up to kBackwardBlocks runs of rows (about 2 blocks an SM on an
 // H100/H200; the run length depends on n alone, so the sums' order does too).
 constexpr int kBackwardBlocks = 256;
@@ -312,9 +374,7 @@ cudaError_t LayerNormForward(Elems out, float* mean, float* rstd, const float* x
   return WithElementType(out, [&](auto* o) {
     using OutT = ElementOf<decltype(o)>;
     const bool four = FourColumns(c, o, x, g, b);
-    auto* kernel = four ? NormForwardKernel<true, 4, OutT> : NormForwardKernel<true, 1, OutT>;
-    return LaunchKernel(kernel, dim3(n), dim3(Threads(c, four)), 0, s, o, mean, rstd, x, g, b, c,
-                        eps);
+    return LaunchNormForward<true, OutT>(four, o, mean, rstd, x, g, b, n, c, eps, s);
   });
 }
 
@@ -330,9 +390,7 @@ cudaError_t RmsNormForward(Elems out, float* rstd, const float* x, const float* 
   return WithElementType(out, [&](auto* o) {
     using OutT = ElementOf<decltype(o)>;
     const bool four = FourColumns(c, o, x, g);
-    auto* kernel = four ? NormForwardKernel<false, 4, OutT> : NormForwardKernel<false, 1, OutT>;
-    return LaunchKernel(kernel, dim3(n), dim3(Threads(c, four)), 0, s, o, nullptr, rstd, x, g,
-                        nullptr, c, eps);
+    return LaunchNormForward<false, OutT>(four, o, nullptr, rstd, x, g, nullptr, n, c, eps, s);
   });
 }
 
