@@ -1,7 +1,8 @@
 // CUDA kernels of LayerNorm and RMSNorm, forward and backward, row statistics accumulated in
 // double (as the CPU backend does). The forward takes one row a block. The backward, for rows of
-// up to 1,024 column groups (4 columns each where aligned: hidden sizes up to 4,096), is one
-// pass: a block takes a run of rows, one at a time with the next row's loads in flight, writes
+// up to 1,024 column groups for RMSNorm, 512 for LayerNorm (4 columns each where aligned: hidden
+// sizes up to 4,096 and 2,048), is one pass: a block takes a run of rows, one at a time with the
+// next row's loads in flight, writes
 // dx and keeps each of its columns' gain (and bias) gradient terms in registers, summed over its
 // rows in order; the blocks' sums are then added in a fixed tree (AddColumnPartials). Wider rows
 // take one row a block and a second pass over dout and x for the column sums (block_reduce.cuh:
@@ -191,12 +192,16 @@ __global__ void NormBackwardRowsKernel(float* dx, const float* dres, const float
   }
 }
 
+// The one-pass backward's most threads a block: LayerNorm's kernel keeps a second sum per column
+// in registers, and within 64 registers a thread (1,024 threads) it would spill.
+constexpr int OnePassThreads(bool centred) { return centred ? 512 : 1024; }
+
 // The one-pass backward: block b takes rows [b rows, (b + 1) rows) of n, thread t columns
 // U t .. U t + U - 1 (blockDim.x U >= c), and writes dx as NormBackwardRowsKernel does, and its
 // columns' sums over its rows of dout * norm (double, rows in order) to dg_part[b] and of dout
 // to db_part[b] (null: not wanted), [gridDim.x, c] each.
 template <bool kCentred, int U>
-__global__ void __launch_bounds__(1024)
+__global__ void __launch_bounds__(OnePassThreads(kCentred))
     NormBackwardKernel(float* dx, double* dg_part, double* db_part, const float* dres,
                        const float* dout, const float* x, const float* g, const float* mean,
                        const float* rstd, int n, int rows, int c) {
@@ -204,12 +209,14 @@ __global__ void __launch_bounds__(1024)
   const int begin = blockIdx.x * rows, end = min(n, begin + rows);
   const int j = U * threadIdx.x;
   const bool mine = j < c;
-  float w[U] = {}, v[U] = {}, dy[U] = {};
+  float w[U] = {}, v[U] = {}, dy[U] = {}, res[U] = {};
   double acc_g[U] = {}, acc_b[U] = {};
   if (mine) LoadCols<U>(g + j, w);
   if (mine && begin < end) {
-    LoadCols<U>(x + static_cast<size_t>(begin) * c + j, v);
-    LoadCols<U>(dout + static_cast<size_t>(begin) * c + j, dy);
+    const size_t at = static_cast<size_t>(begin) * c + j;
+    LoadCols<U>(x + at, v);
+    LoadCols<U>(dout + at, dy);
+    if (dres != nullptr) LoadCols<U>(dres + at, res);
   }
   for (int r = begin; r < end; ++r) {
     const size_t at = static_cast<size_t>(r) * c + j;
@@ -226,17 +233,18 @@ __global__ void __launch_bounds__(1024)
       acc_g[u] += dy[u] * nrm[u];
       if constexpr (kCentred) acc_b[u] += dy[u];
     }
-    float next_v[U] = {}, next_dy[U] = {};  // the next row's, loading while the block reduces
+    // The next row's, loading while the block reduces (dres read before dx, which it may alias,
+    // is written: the next row's dres is not this row's dx).
+    float next_v[U] = {}, next_dy[U] = {}, next_res[U] = {};
     if (mine && r + 1 < end) {
       LoadCols<U>(x + at + c, next_v);
       LoadCols<U>(dout + at + c, next_dy);
+      if (dres != nullptr) LoadCols<U>(dres + at + c, next_res);
     }
     float mean_dn = 0.0f;
     if constexpr (kCentred) mean_dn = static_cast<float>(BlockSum(sum_dn, scratch) / c);
     const float mean_dn_n = static_cast<float>(BlockSum(sum_dn_n, scratch) / c);
     if (mine) {
-      float res[U] = {};
-      if (dres != nullptr) LoadCols<U>(dres + at, res);
       for (int u = 0; u < U; ++u) {
         if constexpr (kCentred) {
           res[u] += rs * (dy[u] * w[u] - mean_dn - nrm[u] * mean_dn_n);
@@ -246,7 +254,7 @@ __global__ void __launch_bounds__(1024)
       }
       StoreCols<U>(dx + at, res);
     }
-    for (int u = 0; u < U; ++u) v[u] = next_v[u], dy[u] = next_dy[u];
+    for (int u = 0; u < U; ++u) v[u] = next_v[u], dy[u] = next_dy[u], res[u] = next_res[u];
   }
   if (!mine) return;
   const size_t out = static_cast<size_t>(blockIdx.x) * c + j;
@@ -308,8 +316,8 @@ unsigned Threads(int c, bool four) { return RowThreads(four ? c / 4 : c, kThread
 
 namespace {
 
-// A forward: a row a block, read once where a thread takes a row's U columns (the common widths,
-// as OnePass below), else the row kernel's loops.
+// A forward: a row a block, read once where a thread takes a row's U columns (up to 1,024 groups
+// of U), else the row kernel's loops.
 template <bool kCentred, typename OutT>
 cudaError_t LaunchNormForward(bool four, OutT* out, float* mean, float* rstd, const float* x,
                               const float* g, const float* b, int n, int c, float eps,
@@ -330,7 +338,9 @@ cudaError_t LaunchNormForward(bool four, OutT* out, float* mean, float* rstd, co
 // H100/H200; the run length depends on n alone, so the sums' order does too).
 constexpr int kBackwardBlocks = 256;
 // Whether rows of c columns take the one-pass backward (4 columns a thread where `four`).
-bool OnePass(int c, bool four) { return (four ? c / 4 : c) <= 1024; }
+bool OnePass(bool centred, int c, bool four) {
+  return (four ? c / 4 : c) <= OnePassThreads(centred);
+}
 int BackwardRows(int n) { return (n + kBackwardBlocks - 1) / kBackwardBlocks; }
 
 // Both backwards: one pass and the partials' sum, or the row kernel and the column sums.
@@ -340,7 +350,7 @@ cudaError_t NormBackward(float* dx, const float* dres, float* dg, float* db, con
                          int n, int c, double* scratch, cudaStream_t s) {
   if (n <= 0 || c <= 0) return cudaGetLastError();
   const bool four = FourColumns(c, dx, dres, dout, x, g);
-  if (!OnePass(c, four)) {
+  if (!OnePass(kCentred, c, four)) {
     auto* kernel = four ? NormBackwardRowsKernel<kCentred, 4> : NormBackwardRowsKernel<kCentred, 1>;
     LaunchKernel(kernel, dim3(n), dim3(Threads(c, four)), 0, s, dx, dres, dout, x, g, mean, rstd,
                  c);
@@ -350,8 +360,8 @@ cudaError_t NormBackward(float* dx, const float* dres, float* dg, float* db, con
   const int rows = BackwardRows(n), blocks = (n + rows - 1) / rows;
   double* db_part = db != nullptr ? scratch + static_cast<size_t>(blocks) * c : nullptr;
   auto* kernel = four ? NormBackwardKernel<kCentred, 4> : NormBackwardKernel<kCentred, 1>;
-  LaunchKernel(kernel, dim3(blocks), dim3(RowThreads(four ? c / 4 : c, 1024)), 0, s, dx, scratch,
-               db_part, dres, dout, x, g, mean, rstd, n, rows, c);
+  LaunchKernel(kernel, dim3(blocks), dim3(RowThreads(four ? c / 4 : c, OnePassThreads(kCentred))),
+               0, s, dx, scratch, db_part, dres, dout, x, g, mean, rstd, n, rows, c);
   AddColumnPartials(dg, scratch, blocks, c, s);
   if (db != nullptr) AddColumnPartials(db, db_part, blocks, c, s);
   return cudaGetLastError();
@@ -363,7 +373,7 @@ size_t NormBackwardScratchBytes(int n, int c, int sums) {
   if (n <= 0 || c <= 0) return 0;
   // Either path may run (the pointers' alignment decides between 4 columns a thread and 1).
   const size_t sliced = ColumnSumScratchBytes(n, c, sums);
-  if (!OnePass(c, c % 4 == 0)) return sliced;
+  if (!OnePass(/*centred=*/false, c, c % 4 == 0)) return sliced;  // (LayerNorm's: a subset)
   const int rows = BackwardRows(n), blocks = (n + rows - 1) / rows;
   return std::max(static_cast<size_t>(blocks) * c * sums * sizeof(double), sliced);
 }
