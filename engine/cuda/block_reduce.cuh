@@ -37,6 +37,26 @@ inline __device__ double BlockSum(double v, double* scratch) {
   return total;
 }
 
+// Two sums over the block at once (a and b), as BlockSum adds each: the same bits, one barrier
+// pair. `scratch` holds 2 kBlockReduceScratch values.
+inline __device__ void BlockSum2(double& a, double& b, double* scratch) {
+  for (int o = 16; o > 0; o >>= 1) {
+    a += __shfl_xor_sync(0xffffffffu, a, o);
+    b += __shfl_xor_sync(0xffffffffu, b, o);
+  }
+  if (threadIdx.x % 32 == 0) {
+    scratch[threadIdx.x / 32] = a;
+    scratch[kBlockReduceScratch + threadIdx.x / 32] = b;
+  }
+  __syncthreads();
+  a = b = 0.0;
+  for (unsigned w = 0; w < blockDim.x / 32; ++w) {
+    a += scratch[w];
+    b += scratch[kBlockReduceScratch + w];
+  }
+  __syncthreads();
+}
+
 inline __device__ float BlockMax(float v, float* scratch) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
@@ -70,8 +90,8 @@ inline __device__ bool BlockAny(bool v, unsigned* votes) {
 // a time. Block (x, s) takes the s-th slice of rows (ColumnSliceRows each); its thread (x, y)
 // sums the slice's rows y, y + G, ... of its column in order, then ColumnGroupSum adds the G
 // partials. With one slice the block adds its sums to the output; with several it writes them,
-// [slices, cols] in double, and AddColumnPartials (cuda_kernels.h) adds them to the output in slice
-// order.
+// [slices, cols] in double, and AddColumnPartials (cuda_kernels.h) adds them to the output by the
+// same scheme (groups of slices in order, the groups by a fixed tree).
 constexpr int kColTile = 16;
 constexpr int kMaxRowGroups = 64;
 constexpr int kColMaxThreads = kColTile * kMaxRowGroups;  // 1024

@@ -1,14 +1,13 @@
 // CUDA kernels of LayerNorm and RMSNorm, forward and backward, row statistics accumulated in
 // double (as the CPU backend does). The forward takes one row a block. The backward, for rows of
-// up to 1,024 column groups for RMSNorm, 512 for LayerNorm (4 columns each where aligned: hidden
-// sizes up to 4,096 and 2,048), is one pass: a block takes a run of rows, one at a time with the
-// next row's loads in flight, writes
-// dx and keeps each of its columns' gain (and bias) gradient terms in registers, summed over its
-// rows in order; the blocks' sums are then added in a fixed tree (AddColumnPartials). Wider rows
-// take one row a block and a second pass over dout and x for the column sums (block_reduce.cuh:
-// a block of kColTile columns x G row groups for each slice of rows, row group y summing the
-// slice's rows y, y + G, ... in order). No atomics: results are deterministic (same bits every
-// run).
+// 128 to 1,024 column groups for RMSNorm, 128 to 512 for LayerNorm (4 columns each where
+// aligned: hidden sizes 512 to 4,096 and 2,048), is one pass: a block takes a run of rows, one at
+// a time with the next row's loads in flight, writes dx and keeps each of its columns' gain (and
+// bias) gradient terms in registers, summed over its rows in order; the blocks' sums are then
+// added in a fixed tree (AddColumnPartials). Other rows take one row a block and a second pass
+// over dout and x for the column sums (block_reduce.cuh: a block of kColTile columns x G row
+// groups for each slice of rows, row group y summing the slice's rows y, y + G, ... in order).
+// No atomics: results are deterministic (same bits every run).
 #include <algorithm>
 #include <cmath>
 
@@ -193,8 +192,15 @@ __global__ void NormBackwardRowsKernel(float* dx, const float* dres, const float
 }
 
 // The one-pass backward's most threads a block: LayerNorm's kernel keeps a second sum per column
-// in registers, and within 64 registers a thread (1,024 threads) it would spill.
+// in registers, and within 64 registers a thread (1,024 threads) it would spill. (At 75 registers
+// a block of more than 409 threads leaves room for one block an SM: LayerNorm rows of 1,640 to
+// 2,048 columns run 16 warps an SM; 2 blocks of 512 would spill 44 bytes a thread.)
 constexpr int OnePassThreads(bool centred) { return centred ? 512 : 1024; }
+// The fewest column groups a row takes the one-pass backward with: a narrower row (a q/k norm's
+// 128 columns are 32 groups of 4) would give its block one warp walking n / 256 rows with one
+// row's loads in flight; the row kernel and the sliced column sums (block_reduce.cuh) keep many
+// more in flight there.
+constexpr int kOnePassMinGroups = 128;
 
 // The one-pass backward: block b takes rows [b rows, (b + 1) rows) of n, thread t columns
 // U t .. U t + U - 1 (blockDim.x U >= c), and writes dx as NormBackwardRowsKernel does, and its
@@ -205,7 +211,7 @@ __global__ void __launch_bounds__(OnePassThreads(kCentred))
     NormBackwardKernel(float* dx, double* dg_part, double* db_part, const float* dres,
                        const float* dout, const float* x, const float* g, const float* mean,
                        const float* rstd, int n, int rows, int c) {
-  __shared__ double scratch[kBlockReduceScratch];
+  __shared__ double scratch[2 * kBlockReduceScratch];
   const int begin = blockIdx.x * rows, end = min(n, begin + rows);
   const int j = U * threadIdx.x;
   const bool mine = j < c;
@@ -241,9 +247,13 @@ __global__ void __launch_bounds__(OnePassThreads(kCentred))
       LoadCols<U>(dout + at + c, next_dy);
       if (dres != nullptr) LoadCols<U>(dres + at + c, next_res);
     }
-    float mean_dn = 0.0f;
-    if constexpr (kCentred) mean_dn = static_cast<float>(BlockSum(sum_dn, scratch) / c);
-    const float mean_dn_n = static_cast<float>(BlockSum(sum_dn_n, scratch) / c);
+    if constexpr (kCentred) {
+      BlockSum2(sum_dn, sum_dn_n, scratch);
+    } else {
+      sum_dn_n = BlockSum(sum_dn_n, scratch);
+    }
+    const float mean_dn = static_cast<float>(sum_dn / c);  // (0 for RMSNorm)
+    const float mean_dn_n = static_cast<float>(sum_dn_n / c);
     if (mine) {
       for (int u = 0; u < U; ++u) {
         if constexpr (kCentred) {
@@ -339,7 +349,8 @@ cudaError_t LaunchNormForward(bool four, OutT* out, float* mean, float* rstd, co
 constexpr int kBackwardBlocks = 256;
 // Whether rows of c columns take the one-pass backward (4 columns a thread where `four`).
 bool OnePass(bool centred, int c, bool four) {
-  return (four ? c / 4 : c) <= OnePassThreads(centred);
+  const int groups = four ? c / 4 : c;
+  return groups >= kOnePassMinGroups && groups <= OnePassThreads(centred);
 }
 int BackwardRows(int n) { return (n + kBackwardBlocks - 1) / kBackwardBlocks; }
 
@@ -373,7 +384,8 @@ size_t NormBackwardScratchBytes(int n, int c, int sums) {
   if (n <= 0 || c <= 0) return 0;
   // Either path may run (the pointers' alignment decides between 4 columns a thread and 1).
   const size_t sliced = ColumnSumScratchBytes(n, c, sums);
-  if (!OnePass(/*centred=*/false, c, c % 4 == 0)) return sliced;  // (LayerNorm's: a subset)
+  // (LayerNorm's one pass: a subset of RMSNorm's; 1 column a thread: c groups.)
+  if (!OnePass(/*centred=*/false, c, c % 4 == 0) && !OnePass(false, c, false)) return sliced;
   const int rows = BackwardRows(n), blocks = (n + rows - 1) / rows;
   return std::max(static_cast<size_t>(blocks) * c * sums * sizeof(double), sliced);
 }

@@ -339,14 +339,15 @@ TEST_F(BackendParity, LinearBackward) {
 
 TEST_F(BackendParity, LayerNormAndRmsNorm) {
   const float eps = 1e-5f;
-  // CUDA's backward: rows of up to 1,024 column groups for RMSNorm, 512 for LayerNorm (4 columns
-  // each where c % 4 == 0) in one pass, each block a run of rows (601 rows: 201 runs of 3, the
-  // last of 1) whose column sums are added in a tree; wider rows (1,030 columns, 1 a thread; 2,052
-  // in 513 groups of 4 for LayerNorm) a row a block, then the column sums, whose 601 rows split
-  // into 2 slices, the second one shorter (block_reduce.cuh).
+  // CUDA's backward: rows of 128 to 1,024 column groups for RMSNorm, 128 to 512 for LayerNorm
+  // (4 columns each where c % 4 == 0: 516 and 2,052 columns; 1 a thread: 257) in one pass, each
+  // block a run of rows (601 rows: 201 runs of 3, the last of 1) whose column sums are added in
+  // a tree; other rows (8, 33, 256 and 1,030 columns; 2,052 for LayerNorm; 4,100) a row a block,
+  // then the column sums, whose 601 rows split into 2 slices, the second one shorter
+  // (block_reduce.cuh). 4,100 columns also take the forward's looping row kernel.
   for (int n : {1, 7, 64, 150, 601}) {
-    for (int c : {8, 33, 256, 1030, 2052}) {
-      if (c > 1000 && n != 7 && n != 601) continue;
+    for (int c : {8, 33, 256, 257, 516, 1030, 2052, 4100}) {
+      if ((c > 1000 && n != 7 && n != 601) || (c == 4100 && n != 7)) continue;
       SCOPED_TRACE(::testing::Message() << "n=" << n << " c=" << c);
       const size_t nc = static_cast<size_t>(n) * c;
       auto x = RandVec(rng_, nc, 2.0);
