@@ -48,7 +48,9 @@ cudaError_t AddBias(Elems out, Elems in, const float* bias, int n, int cols, cud
 // sums wait in `scratch` (double) for AddColumnPartials: ColumnSumScratchBytes(n, cols, sums)
 // bytes for `sums` column sums over n rows (0: not split, scratch may be null).
 size_t ColumnSumScratchBytes(int n, int cols, int sums);
-cudaError_t AddColumnPartials(float* dst, const double* partials, int slices, int cols,
+// dst[j] += the sum over slices of partials[slice][j] (in a fixed order); with dst2 (or null) a
+// second sum in the same launch, its partials following the first's ([2][slices][cols]).
+cudaError_t AddColumnPartials(float* dst, float* dst2, const double* partials, int slices, int cols,
                               cudaStream_t s);
 // Row r of k and v (rows of `row_bytes`, a multiple of 16, 16-byte aligned like the pools) into
 // row pool_rows[r] of k_pool and v_pool, for r < n (pool_rows in device memory; -1: skipped).

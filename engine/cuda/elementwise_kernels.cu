@@ -204,9 +204,14 @@ __global__ void CopyRowsToPoolsKernel(uint4* k_pool, uint4* v_pool, const uint4*
 
 // dst[j] += the sum of partials[s][j] over s: blocks of kColTile columns x G groups of slices
 // (ColumnRowGroups), group y adding slices y, y + G, ... in order, the groups by a fixed tree.
+// blockIdx.y 1: the second sum (dst2, its partials after the first's).
 __global__ void __launch_bounds__(kColMaxThreads)
-    AddColumnPartialsKernel(float* dst, const double* partials, int slices, int cols) {
+    AddColumnPartialsKernel(float* dst, float* dst2, const double* partials, int slices, int cols) {
   __shared__ double part[kMaxRowGroups][kColTile];
+  if (blockIdx.y == 1) {
+    dst = dst2;
+    partials += static_cast<size_t>(slices) * cols;
+  }
   const int j = blockIdx.x * kColTile + threadIdx.x;
   double acc = 0.0;
   if (j < cols) {
@@ -468,11 +473,12 @@ size_t ColumnSumScratchBytes(int n, int cols, int sums) {
   const int slices = ColumnSlices(n, cols);
   return slices > 1 ? static_cast<size_t>(slices) * cols * sums * sizeof(double) : 0;
 }
-cudaError_t AddColumnPartials(float* dst, const double* partials, int slices, int cols,
+cudaError_t AddColumnPartials(float* dst, float* dst2, const double* partials, int slices, int cols,
                               cudaStream_t s) {
   if (cols > 0) {
-    LaunchKernel(AddColumnPartialsKernel, dim3((cols + kColTile - 1) / kColTile),
-                 dim3(kColTile, ColumnRowGroups(slices)), 0, s, dst, partials, slices, cols);
+    LaunchKernel(AddColumnPartialsKernel,
+                 dim3((cols + kColTile - 1) / kColTile, dst2 != nullptr ? 2 : 1),
+                 dim3(kColTile, ColumnRowGroups(slices)), 0, s, dst, dst2, partials, slices, cols);
   }
   return cudaGetLastError();
 }
@@ -481,7 +487,7 @@ cudaError_t ColumnSumAdd(float* dst, Elems x, int n, int cols, double* scratch, 
   const int slices = ColumnSlices(n, cols), rows = ColumnSliceRows(n, slices);
   LaunchKernel(ColumnSumAddKernel, dim3((cols + kColTile - 1) / kColTile, slices),
                dim3(kColTile, ColumnRowGroups(rows)), 0, s, dst, scratch, x, n, rows, cols);
-  if (slices > 1) AddColumnPartials(dst, scratch, slices, cols, s);
+  if (slices > 1) AddColumnPartials(dst, nullptr, scratch, slices, cols, s);
   return cudaGetLastError();
 }
 cudaError_t GeluForward(Elems out, Elems x, size_t n, cudaStream_t s) {

@@ -310,8 +310,7 @@ void LaunchNormParamGrad(float* dg, float* db, double* scratch, const float* dou
                dim3(kColTile, ColumnRowGroups(rows)), 0, s, dg, db, scratch, dout, x, mean, rstd, n,
                rows, c);
   if (slices == 1) return;
-  AddColumnPartials(dg, scratch, slices, c, s);
-  if (db != nullptr) AddColumnPartials(db, scratch + static_cast<size_t>(slices) * c, slices, c, s);
+  AddColumnPartials(dg, db, scratch, slices, c, s);
 }
 
 }  // namespace
@@ -373,8 +372,7 @@ cudaError_t NormBackward(float* dx, const float* dres, float* dg, float* db, con
   auto* kernel = four ? NormBackwardKernel<kCentred, 4> : NormBackwardKernel<kCentred, 1>;
   LaunchKernel(kernel, dim3(blocks), dim3(RowThreads(four ? c / 4 : c, OnePassThreads(kCentred))),
                0, s, dx, scratch, db_part, dres, dout, x, g, mean, rstd, n, rows, c);
-  AddColumnPartials(dg, scratch, blocks, c, s);
-  if (db != nullptr) AddColumnPartials(db, db_part, blocks, c, s);
+  AddColumnPartials(dg, db, scratch, blocks, c, s);  // (db's partials: db_part)
   return cudaGetLastError();
 }
 
