@@ -5,7 +5,8 @@
 //                              reads nothing (src must still be a valid address);
 //   CpAsyncCommit()            closes the group of copies this thread started since the last one;
 //   CpAsyncWait<N>()           returns when at most N of this thread's groups are still in
-//                              flight. Other threads see the data after a __syncthreads.
+//                              flight. Other threads see the data after a __syncthreads;
+//   CpAsyncWaitFor<G>(k)       the same for a group index k known at run time (below).
 // The CPU emulation of tests/gpu/emu (EELLM_CUDA_EMULATION) provides the same functions and lands
 // the copies as late as the device may: at the wait that covers them.
 #pragma once
@@ -38,3 +39,20 @@ __device__ __forceinline__ void CpAsyncWait() {
 }  // namespace eellm::cuda
 
 #endif  // EELLM_CUDA_EMULATION
+
+namespace eellm::cuda {
+
+// CpAsyncWait<kGroups - 1 - k>() for a k known only at run time (0 <= k < kGroups): with the last
+// kGroups groups committed in order, returns when this thread's copies of groups 0 .. k landed.
+template <int kGroups>
+__device__ __forceinline__ void CpAsyncWaitFor(int k) {
+  if constexpr (kGroups <= 1) {
+    CpAsyncWait<0>();
+  } else if (k == 0) {
+    CpAsyncWait<kGroups - 1>();
+  } else {
+    CpAsyncWaitFor<kGroups - 1>(k - 1);
+  }
+}
+
+}  // namespace eellm::cuda

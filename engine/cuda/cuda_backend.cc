@@ -583,7 +583,7 @@ void CudaBackend::CrossEntropy(float* losses, float* max_prob, Operand dlogits, 
                                const int32_t* targets, const float* weights, int n, int v) {
   CheckLogitGradientPlacement(dlogits, logits, static_cast<size_t>(n) * v);
   CUDA_CHECK(cuda::CrossEntropy(losses, max_prob, ToElems(dlogits), logits, targets, weights, n, v,
-                                stream_));
+                                sm_count_, stream_));
 }
 void CudaBackend::RowMax(float* row_max, const float* logits, int n, int v) {
   CUDA_CHECK(cuda::RowMax(row_max, logits, n, v, stream_));

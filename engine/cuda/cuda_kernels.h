@@ -113,8 +113,10 @@ cudaError_t ProbsFromLse(float* s, const float* lse, int t, cudaStream_t st);
 // In place on ds[t, t] holding dP: row i becomes P * (dP - rowsum(P * dP)) over j <= i, zeros
 // after (the softmax backward of the causal attention).
 cudaError_t SoftmaxBackwardRows(float* ds, const float* p, int t, cudaStream_t st);
+// Softmax cross-entropy of n rows of v logits (see Backend::CrossEntropy); `sms`: the device's
+// SMs (how many blocks the staged kernel keeps resident).
 cudaError_t CrossEntropy(float* losses, float* max_prob, Elems dlogits, const float* logits,
-                         const int32_t* targets, const float* weights, int n, int v,
+                         const int32_t* targets, const float* weights, int n, int v, int sms,
                          cudaStream_t s);
 cudaError_t RowMax(float* row_max, const float* logits, int n, int v, cudaStream_t s);
 cudaError_t SumExpAndTarget(float* sum_exp, float* target_logit, const float* logits,

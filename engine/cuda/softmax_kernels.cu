@@ -1,6 +1,9 @@
 // CUDA kernels of the row-wise softmax family: the causal attention softmax and its backward,
 // softmax cross-entropy (loss, max probability, weighted gradient; the gradient may overwrite
-// the logits) and the vocabulary-parallel pieces. One block per row; sums in double.
+// the logits) and the vocabulary-parallel pieces. One block per row (staged cross-entropy: a
+// block takes rows in turn, the next row's copies overlapping this row's passes); sums in
+// double.
+#include <algorithm>
 #include <cmath>
 
 #include "engine/cuda/async_copy.cuh"
@@ -55,42 +58,42 @@ __global__ void SoftmaxBackwardKernel(float* ds, const float* p, int t) {
   }
 }
 
-// Rows of at most this many logits (216 KiB, v a multiple of 4) are staged in shared memory by
-// cross-entropy: the max, sum and gradient passes then read the row once from DRAM instead of
-// three times (a chunk of [rows, 32000] fp32 logits is far larger than L2, so each pass missed it).
+// Rows of at most this many logits (216 KiB, v a multiple of 4, 16-byte aligned rows) are staged
+// in shared memory by cross-entropy: the max, sum and gradient passes then read the row once from
+// DRAM instead of three times (a chunk of [rows, 32000] fp32 logits is far larger than L2, so
+// each pass missed it).
 constexpr int kStagedVocabMax = 54 * 1024;
 
-// kStaged: the row is first copied to dynamic shared memory (cp.async, 16 bytes per copy; v % 4
-// == 0, 16-byte aligned rows), and the passes read it there. Same threads, same order: the
-// results are the same bits either way.
 // 1024 threads a row (fewer for a vocabulary under 4096: at least 4 logits a thread): a staged
 // row of 32k logits (128 KiB) leaves room for one block on an SM, whose threads are then all the
 // SM has to keep its loads and exps in flight.
 constexpr int kCrossEntropyThreads = 1024;
 
-template <bool kStaged>
-__global__ void __launch_bounds__(kCrossEntropyThreads)
-    CrossEntropyKernel(float* losses, float* max_prob, Elems dlogits, const float* logits,
-                       const int32_t* targets, const float* weights, int v) {
-  __shared__ double dscratch[kBlockReduceScratch];
-  __shared__ float fscratch[kBlockReduceScratch];
-  const size_t r = blockIdx.x;
-  const float* lr = logits + r * v;
-  if constexpr (kStaged) {
-    EE_DYNAMIC_SHARED(smem);
-    float* row = reinterpret_cast<float*>(smem);
-    for (int j = 4 * threadIdx.x; j < v; j += 4 * blockDim.x) CpAsync16(row + j, lr + j, true);
-    CpAsyncCommit();
-    CpAsyncWait<0>();
-    __syncthreads();
-    lr = row;
+// The row's loss (log-sum-exp minus the target's logit), max probability and weighted gradient
+// from lr (global or staged): max, sum of exps (double, thread j summing j, j + blockDim.x, ...
+// in order, then BlockSum) and, per element, exp(x - max) w / sum, minus w at the target.
+// kChunks > 0: the staged row arrives in kChunks cp.async groups (StagedCrossEntropyKernel), the
+// max pass waits for each in turn, and once the gradient pass is done with a chunk, `refill(k)`
+// starts the next row's copies into it.
+template <int kChunks, typename Refill>
+__device__ __forceinline__ void CrossEntropyRow(size_t r, const float* lr, float* losses,
+                                                float* max_prob, Elems dlogits,
+                                                const int32_t* targets, const float* weights, int v,
+                                                double* dscratch, float* fscratch, Refill refill) {
+  const int chunk = kChunks > 0 ? (v / 4 + kChunks - 1) / kChunks * 4 : v;  // logits a chunk
+  float mx = -INFINITY;
+  for (int k = 0; k < (kChunks > 0 ? kChunks : 1); ++k) {
+    if constexpr (kChunks > 0) {
+      CpAsyncWaitFor<kChunks>(k);  // this thread's copies of chunks 0 .. k
+      __syncthreads();             // everyone's
+    }
+    const int end = min(v, (k + 1) * chunk);
+    for (int j = k * chunk + threadIdx.x; j < end; j += blockDim.x) mx = fmaxf(mx, lr[j]);
   }
+  mx = BlockMax(mx, fscratch);
   const int target = targets[r];
   const bool valid = target >= 0 && target < v;
   const float target_logit = valid ? lr[target] : NAN;  // read before dlogits may overwrite
-  float mx = -INFINITY;
-  for (int j = threadIdx.x; j < v; j += blockDim.x) mx = fmaxf(mx, lr[j]);
-  mx = BlockMax(mx, fscratch);
   double sum = 0.0;
   for (int j = threadIdx.x; j < v; j += blockDim.x) sum += expf(lr[j] - mx);
   sum = BlockSum(sum, dscratch);  // also orders every read of the row before the writes below
@@ -98,13 +101,67 @@ __global__ void __launch_bounds__(kCrossEntropyThreads)
     losses[r] = static_cast<float>(log(sum) - (static_cast<double>(target_logit) - mx));
     if (max_prob != nullptr) max_prob[r] = static_cast<float>(1.0 / sum);
   }
-  if (dlogits.data == nullptr) return;
   // fp32 or bf16 (rounded once); each element is read (lr[j]) before the same thread writes it.
   const float w = weights != nullptr ? weights[r] : 1.0f;
   const float scale = static_cast<float>(w / sum);
-  for (int j = threadIdx.x; j < v; j += blockDim.x) {
-    const float g = expf(lr[j] - mx) * scale;
-    StoreAt(dlogits, r * v + j, j == target ? g - w : g);
+  for (int k = 0; k < (kChunks > 0 ? kChunks : 1); ++k) {
+    const int end = min(v, (k + 1) * chunk);
+    if (dlogits.data != nullptr) {
+      for (int j = k * chunk + threadIdx.x; j < end; j += blockDim.x) {
+        const float g = expf(lr[j] - mx) * scale;
+        StoreAt(dlogits, r * v + j, j == target ? g - w : g);
+      }
+    }
+    if constexpr (kChunks > 0) {
+      __syncthreads();  // every thread done with chunk k
+      refill(k);
+    }
+  }
+}
+
+// One row a block, read from global memory (rows too long to stage, or not 16-byte aligned).
+__global__ void __launch_bounds__(kCrossEntropyThreads)
+    CrossEntropyKernel(float* losses, float* max_prob, Elems dlogits, const float* logits,
+                       const int32_t* targets, const float* weights, int v) {
+  __shared__ double dscratch[kBlockReduceScratch];
+  __shared__ float fscratch[kBlockReduceScratch];
+  const size_t r = blockIdx.x;
+  CrossEntropyRow<0>(r, logits + r * v, losses, max_prob, dlogits, targets, weights, v, dscratch,
+                     fscratch, [](int) {});
+}
+
+// Staged rows, pipelined: each block takes rows blockIdx.x, + gridDim.x, ..., its row staged in
+// dynamic shared memory in kCeChunks cp.async groups; while it computes a row's gradients, chunk
+// by chunk, the next row's copies start into the chunks it is done with, and the next row's max
+// pass takes each chunk as it lands. Same passes, threads and order as CrossEntropyKernel: the
+// same bits.
+constexpr int kCeChunks = 4;
+__global__ void __launch_bounds__(kCrossEntropyThreads)
+    StagedCrossEntropyKernel(float* losses, float* max_prob, Elems dlogits, const float* logits,
+                             const int32_t* targets, const float* weights, int n, int v) {
+  __shared__ double dscratch[kBlockReduceScratch];
+  __shared__ float fscratch[kBlockReduceScratch];
+  EE_DYNAMIC_SHARED(smem);
+  float* row = reinterpret_cast<float*>(smem);
+  const int chunk = (v / 4 + kCeChunks - 1) / kCeChunks * 4;
+  // Chunk k of row r into the stage (a group per chunk, empty or not, for every thread).
+  auto load = [&](size_t r, int k) {
+    const float* src = logits + r * v;
+    const int end = min(v, (k + 1) * chunk);
+    for (int j = k * chunk + 4 * threadIdx.x; j < end; j += 4 * blockDim.x) {
+      CpAsync16(row + j, src + j, true);
+    }
+    CpAsyncCommit();
+  };
+  size_t r = blockIdx.x;
+  if (r >= static_cast<size_t>(n)) return;
+  for (int k = 0; k < kCeChunks; ++k) load(r, k);
+  for (; r < static_cast<size_t>(n); r += gridDim.x) {
+    const size_t next = r + gridDim.x;
+    CrossEntropyRow<kCeChunks>(r, row, losses, max_prob, dlogits, targets, weights, v, dscratch,
+                               fscratch, [&](int k) {
+                                 if (next < static_cast<size_t>(n)) load(next, k);
+                               });
   }
 }
 
@@ -167,7 +224,7 @@ cudaError_t SoftmaxBackwardRows(float* ds, const float* p, int t, cudaStream_t s
   return cudaGetLastError();
 }
 cudaError_t CrossEntropy(float* losses, float* max_prob, Elems dlogits, const float* logits,
-                         const int32_t* targets, const float* weights, int n, int v,
+                         const int32_t* targets, const float* weights, int n, int v, int sms,
                          cudaStream_t s) {
   if (n > 0 && v > 0) {
     const bool staged =
@@ -176,13 +233,19 @@ cudaError_t CrossEntropy(float* losses, float* max_prob, Elems dlogits, const fl
     if (staged) {
       const size_t bytes = sizeof(float) * v;
       const cudaError_t e = cudaFuncSetAttribute(
-          CrossEntropyKernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+          StagedCrossEntropyKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
       if (e != cudaSuccess) return e;
-      LaunchKernel(CrossEntropyKernel<true>, dim3(n), dim3(threads), bytes, s, losses, max_prob,
-                   dlogits, logits, targets, weights, v);
+      // As many blocks as the SMs hold at once (by threads and shared memory: 227 KiB an SM
+      // with each block's 1 KiB reserve); the rows' results do not depend on it.
+      const int by_threads = 2048 / static_cast<int>(threads);
+      const int by_smem = static_cast<int>((227 * 1024) / (bytes + 1024));
+      const int per_sm = std::max(1, std::min(by_threads, by_smem));
+      const int blocks = std::min(n, std::max(1, sms) * per_sm);
+      LaunchKernel(StagedCrossEntropyKernel, dim3(blocks), dim3(threads), bytes, s, losses,
+                   max_prob, dlogits, logits, targets, weights, n, v);
     } else {
-      LaunchKernel(CrossEntropyKernel<false>, dim3(n), dim3(threads), 0, s, losses, max_prob,
-                   dlogits, logits, targets, weights, v);
+      LaunchKernel(CrossEntropyKernel, dim3(n), dim3(threads), 0, s, losses, max_prob, dlogits,
+                   logits, targets, weights, v);
     }
   }
   return cudaGetLastError();
