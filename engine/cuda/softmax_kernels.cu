@@ -74,10 +74,11 @@ constexpr int kCrossEntropyThreads = 1024;
 // in order, then BlockSum) and, per element, exp(x - max) w / sum, minus w at the target.
 // kChunks > 0: the staged row arrives in kChunks cp.async groups (StagedCrossEntropyKernel), the
 // max pass waits for each in turn, and once the gradient pass is done with a chunk, `refill(k)`
-// starts the next row's copies into it.
+// starts the next row's copies into it. exps (the staged row, or null): the sum pass leaves each
+// exp(x - max) there for the gradient pass (the same value; one exp an element, not two).
 template <int kChunks, typename Refill>
-__device__ __forceinline__ void CrossEntropyRow(size_t r, const float* lr, float* losses,
-                                                float* max_prob, Elems dlogits,
+__device__ __forceinline__ void CrossEntropyRow(size_t r, const float* lr, float* exps,
+                                                float* losses, float* max_prob, Elems dlogits,
                                                 const int32_t* targets, const float* weights, int v,
                                                 double* dscratch, float* fscratch, Refill refill) {
   const int chunk = kChunks > 0 ? (v / 4 + kChunks - 1) / kChunks * 4 : v;  // logits a chunk
@@ -95,7 +96,11 @@ __device__ __forceinline__ void CrossEntropyRow(size_t r, const float* lr, float
   const bool valid = target >= 0 && target < v;
   const float target_logit = valid ? lr[target] : NAN;  // read before dlogits may overwrite
   double sum = 0.0;
-  for (int j = threadIdx.x; j < v; j += blockDim.x) sum += expf(lr[j] - mx);
+  for (int j = threadIdx.x; j < v; j += blockDim.x) {
+    const float e = expf(lr[j] - mx);
+    if (exps != nullptr) exps[j] = e;  // (over the staged logit: this thread's own element)
+    sum += e;
+  }
   sum = BlockSum(sum, dscratch);  // also orders every read of the row before the writes below
   if (threadIdx.x == 0) {
     losses[r] = static_cast<float>(log(sum) - (static_cast<double>(target_logit) - mx));
@@ -108,7 +113,7 @@ __device__ __forceinline__ void CrossEntropyRow(size_t r, const float* lr, float
     const int end = min(v, (k + 1) * chunk);
     if (dlogits.data != nullptr) {
       for (int j = k * chunk + threadIdx.x; j < end; j += blockDim.x) {
-        const float g = expf(lr[j] - mx) * scale;
+        const float g = (exps != nullptr ? exps[j] : expf(lr[j] - mx)) * scale;
         StoreAt(dlogits, r * v + j, j == target ? g - w : g);
       }
     }
@@ -126,8 +131,8 @@ __global__ void __launch_bounds__(kCrossEntropyThreads)
   __shared__ double dscratch[kBlockReduceScratch];
   __shared__ float fscratch[kBlockReduceScratch];
   const size_t r = blockIdx.x;
-  CrossEntropyRow<0>(r, logits + r * v, losses, max_prob, dlogits, targets, weights, v, dscratch,
-                     fscratch, [](int) {});
+  CrossEntropyRow<0>(r, logits + r * v, nullptr, losses, max_prob, dlogits, targets, weights, v,
+                     dscratch, fscratch, [](int) {});
 }
 
 // Staged rows, pipelined: each block takes rows blockIdx.x, + gridDim.x, ..., its row staged in
@@ -158,8 +163,8 @@ __global__ void __launch_bounds__(kCrossEntropyThreads)
   for (int k = 0; k < kCeChunks; ++k) load(r, k);
   for (; r < static_cast<size_t>(n); r += gridDim.x) {
     const size_t next = r + gridDim.x;
-    CrossEntropyRow<kCeChunks>(r, row, losses, max_prob, dlogits, targets, weights, v, dscratch,
-                               fscratch, [&](int k) {
+    CrossEntropyRow<kCeChunks>(r, row, row, losses, max_prob, dlogits, targets, weights, v,
+                               dscratch, fscratch, [&](int k) {
                                  if (next < static_cast<size_t>(n)) load(next, k);
                                });
   }
@@ -235,12 +240,12 @@ cudaError_t CrossEntropy(float* losses, float* max_prob, Elems dlogits, const fl
       const cudaError_t e = cudaFuncSetAttribute(
           StagedCrossEntropyKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
       if (e != cudaSuccess) return e;
-      // As many blocks as the SMs hold at once (by threads and shared memory: 227 KiB an SM
-      // with each block's 1 KiB reserve); the rows' results do not depend on it.
-      const int by_threads = 2048 / static_cast<int>(threads);
-      const int by_smem = static_cast<int>((227 * 1024) / (bytes + 1024));
-      const int per_sm = std::max(1, std::min(by_threads, by_smem));
-      const int blocks = std::min(n, std::max(1, sms) * per_sm);
+      // As many blocks as the SMs hold at once (the rows' results do not depend on it).
+      int per_sm = 0;
+      const cudaError_t o = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          &per_sm, StagedCrossEntropyKernel, static_cast<int>(threads), bytes);
+      if (o != cudaSuccess) return o;
+      const int blocks = std::min(n, std::max(1, sms) * std::max(1, per_sm));
       LaunchKernel(StagedCrossEntropyKernel, dim3(blocks), dim3(threads), bytes, s, losses,
                    max_prob, dlogits, logits, targets, weights, n, v);
     } else {

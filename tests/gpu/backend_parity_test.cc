@@ -558,6 +558,21 @@ TEST_F(BackendParity, CrossEntropy) {
       }
     }
   }
+  // More rows than a GPU keeps blocks of the staged kernel (132 SMs x 6 at 256 threads): each
+  // block takes several rows, the next row's copies overlapping this row's passes.
+  const int n = 2000, v = 1000;
+  const auto logits = Logits(rng_, n, v);
+  const auto targets = Ids(n, v);
+  const auto weights = Weights(rng_, n);
+  ExpectParity(
+      [&](Backend* be, DeviceMem& m) -> Outputs {
+        float *losses = m.Nan(n), *max_prob = m.Nan(n), *pl = m.Put(logits);
+        be->CrossEntropy(losses, max_prob, pl, pl, m.Put(targets), m.Put(weights), n, v);
+        return {{"losses", m.Get(losses, n)},
+                {"max_prob", m.Get(max_prob, n)},
+                {"dlogits in place", m.Get(pl, static_cast<size_t>(n) * v)}};
+      },
+      kReduction);
 }
 
 // The vocabulary-parallel pieces on one rank's share of `v` columns starting at `start` of a

@@ -519,6 +519,21 @@ inline cudaError_t cudaFuncSetAttribute(void (*kernel)(Params...), cudaFuncAttri
   return cudaSuccess;
 }
 
+// Blocks of `kernel` an SM holds at once, as the device would count them by threads (2,048 an
+// SM), blocks (32) and shared memory (228 KiB, 1 KiB reserved a block; the kernel's static
+// shared memory is not seen here); registers are not modelled.
+template <typename... Params>
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks,
+                                                                 void (*kernel)(Params...),
+                                                                 int threads,
+                                                                 size_t dynamic_bytes) {
+  (void)kernel;
+  if (blocks == nullptr || threads <= 0 || threads > 1024) return cudaErrorInvalidValue;
+  const size_t by_smem = (228 * 1024) / (dynamic_bytes + 1024);
+  *blocks = static_cast<int>(std::min<size_t>({32, static_cast<size_t>(2048 / threads), by_smem}));
+  return cudaSuccess;
+}
+
 namespace eellm_emu {
 // Whether a kernel argument may be passed: pointers must be null or point into device memory.
 template <typename T>
