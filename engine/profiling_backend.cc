@@ -40,13 +40,6 @@ ProfilingBackend::Timed::~Timed() {
   }
 }
 
-std::string ProfilingBackend::GemmShape(const char* op, int n, int in_dim, int out_dim,
-                                        const std::string& what) const {
-  if (!timing_) return "";
-  return std::string(op) + " " + std::to_string(n) + " x " + std::to_string(out_dim) + " <- " +
-         std::to_string(in_dim) + ", " + what;
-}
-
 Device ProfilingBackend::device() const { return inner_->device(); }
 
 std::string ProfilingBackend::name() const { return "profiled-" + inner_->name(); }
@@ -144,9 +137,10 @@ void ProfilingBackend::Linear(Operand out, ConstOperand in, const float* w, cons
   Timed timed(this, "Linear", 2.0 * n * in_dim * out_dim,
               LinearBytes(in, bias != nullptr, n, in_dim, out_dim,
                           B(out, 1.0 * n * out_dim) * (accumulate ? 2 : 1)),
-              GemmShape("Linear", n, in_dim, out_dim,
-                        std::string(DTypeName(out.dtype)) + " out" + (bias ? ", bias" : "") +
-                            (accumulate ? ", added to out" : "")));
+              GemmShape("Linear", n, in_dim, out_dim, [&] {
+                return std::string(DTypeName(out.dtype)) + " out" + (bias ? ", bias" : "") +
+                       (accumulate ? ", added to out" : "");
+              }));
   inner_->Linear(out, in, w, bias, n, in_dim, out_dim, accumulate);
 }
 
@@ -156,8 +150,9 @@ void ProfilingBackend::LinearResidual(float* out, const float* residual, ConstOp
   // Counted with Linear: the same GEMM, reading the residual where Linear reads out to add to.
   Timed timed(this, "Linear", 2.0 * n * in_dim * out_dim,
               LinearBytes(in, bias != nullptr, n, in_dim, out_dim, F32(2.0 * n * out_dim)),
-              GemmShape("LinearResidual", n, in_dim, out_dim,
-                        std::string("f32 residual in, f32 out") + (bias ? ", bias" : "")));
+              GemmShape("LinearResidual", n, in_dim, out_dim, [&] {
+                return std::string("f32 residual in, f32 out") + (bias ? ", bias" : "");
+              }));
   inner_->LinearResidual(out, residual, in, w, bias, n, in_dim, out_dim);
 }
 
@@ -171,11 +166,11 @@ void ProfilingBackend::LinearBackward(Operand din, float* dw, float* dbias, Cons
       this, "LinearBackward", 2.0 * ni * out_dim * ((gin ? 1 : 0) + (gw ? 1 : 0)),
       B(dout, 1.0 * n * out_dim) + (gin ? ws * wi + B(din, ni) * (accumulate_din ? 2 : 1) : 0.0) +
           (gw ? B(in, ni) + F32(2.0 * wi) : 0.0) + (dbias != nullptr ? F32(2.0 * out_dim) : 0.0),
-      GemmShape("LinearBackward", n, in_dim, out_dim,
-                std::string(gin ? std::string(DTypeName(din.dtype)) +
-                                      (accumulate_din ? " dX added" : " dX")
-                                : "") +
-                    (gin && gw ? " and " : "") + (gw ? "dW" : "") + (dbias ? ", dbias" : "")));
+      GemmShape("LinearBackward", n, in_dim, out_dim, [&] {
+        return (gin ? std::string(DTypeName(din.dtype)) + (accumulate_din ? " dX added" : " dX")
+                    : std::string()) +
+               (gin && gw ? " and " : "") + (gw ? "dW" : "") + (dbias ? ", dbias" : "");
+      }));
   inner_->LinearBackward(din, dw, dbias, dout, in, w, n, in_dim, out_dim, accumulate_din);
 }
 
@@ -186,7 +181,7 @@ void ProfilingBackend::LinearGelu(Operand act, Operand pre, ConstOperand in, con
   Timed timed(this, "LinearGelu", 2.0 * no * in_dim,
               LinearBytes(in, bias != nullptr, n, in_dim, out_dim, B(pre, no) + B(act, no)),
               GemmShape("LinearGelu", n, in_dim, out_dim,
-                        std::string(DTypeName(act.dtype)) + " pre and act"));
+                        [&] { return std::string(DTypeName(act.dtype)) + " pre and act"; }));
   inner_->LinearGelu(act, pre, in, w, bias, n, in_dim, out_dim);
 }
 
@@ -196,12 +191,13 @@ void ProfilingBackend::LinearBackwardGelu(Operand dpre, float* dw, float* dbias,
   // Both GEMMs; pre read for gelu', dpre written, act read by the weight gradient.
   const double ws = DTypeSize(inner_->operand_dtype());
   const double ni = 1.0 * n * in_dim, wi = 1.0 * out_dim * in_dim;
-  Timed timed(
-      this, "LinearBackwardGelu", 4.0 * ni * out_dim,
-      B(dout, 1.0 * n * out_dim) + ws * wi + B(pre, ni) + B(dpre, ni) + B(act, ni) + F32(2.0 * wi) +
-          (dbias != nullptr ? F32(2.0 * out_dim) : 0.0),
-      GemmShape("LinearBackwardGelu", n, in_dim, out_dim,
-                std::string(DTypeName(dpre.dtype)) + " dpre and dW" + (dbias ? ", dbias" : "")));
+  Timed timed(this, "LinearBackwardGelu", 4.0 * ni * out_dim,
+              B(dout, 1.0 * n * out_dim) + ws * wi + B(pre, ni) + B(dpre, ni) + B(act, ni) +
+                  F32(2.0 * wi) + (dbias != nullptr ? F32(2.0 * out_dim) : 0.0),
+              GemmShape("LinearBackwardGelu", n, in_dim, out_dim, [&] {
+                return std::string(DTypeName(dpre.dtype)) + " dpre and dW" +
+                       (dbias ? ", dbias" : "");
+              }));
   inner_->LinearBackwardGelu(dpre, dw, dbias, dout, act, pre, w, n, in_dim, out_dim);
 }
 

@@ -144,10 +144,14 @@ class ProfilingBackend final : public Backend {
     std::chrono::steady_clock::time_point start_;
   };
 
-  // A GEMM op's key in gemm_shapes(): op, rows x out <- in, the dtypes and what else it does;
-  // built only while timing.
-  std::string GemmShape(const char* op, int n, int in_dim, int out_dim,
-                        const std::string& what) const;
+  // A GEMM op's key in gemm_shapes(): op, rows x out <- in, then `what()` (the dtypes and what
+  // else it does); "" without building anything when timing is off (the benchmark's timed steps).
+  template <typename What>
+  std::string GemmShape(const char* op, int n, int in_dim, int out_dim, What what) const {
+    if (!timing_) return "";
+    return std::string(op) + " " + std::to_string(n) + " x " + std::to_string(out_dim) + " <- " +
+           std::to_string(in_dim) + ", " + what();
+  }
   // The least traffic of a Linear: in, the weights, `out_bytes` of output, the bias.
   double LinearBytes(ConstOperand in, bool bias, int n, int in_dim, int out_dim,
                      double out_bytes) const;
