@@ -51,6 +51,37 @@ __device__ __forceinline__ void StoreCols(__nv_bfloat16* p, const float (&v)[U])
 }
 #define FOR_ROW_COLS(j, c) for (int j = U * threadIdx.x; j < (c); j += U * blockDim.x)
 
+// The forward's output of columns j .. j + U - 1 from their x in v: ((v - mu) rs) g + b with a
+// null b as 0 (kCentred, LayerNorm), else (v rs) g (RMSNorm).
+template <bool kCentred, int U>
+__device__ __forceinline__ void NormalizeCols(float (&v)[U], const float* g, const float* b, int j,
+                                              float mu, float rs) {
+  float w[U];
+  LoadCols<U>(g + j, w);
+  if constexpr (kCentred) {
+    float bb[U] = {};
+    if (b != nullptr) LoadCols<U>(b + j, bb);
+    for (int u = 0; u < U; ++u) v[u] = ((v[u] - mu) * rs) * w[u] + bb[u];
+  } else {
+    for (int u = 0; u < U; ++u) v[u] = (v[u] * rs) * w[u];
+  }
+}
+
+// The backward adds d/dx to res: rs (dy g - mean(dy g) - nrm mean(dy g nrm)), the first mean
+// LayerNorm's alone (kCentred).
+template <bool kCentred, int U>
+__device__ __forceinline__ void AddNormInputGrad(float (&res)[U], const float (&dy)[U],
+                                                 const float (&w)[U], const float (&nrm)[U],
+                                                 float rs, float mean_dn, float mean_dn_n) {
+  for (int u = 0; u < U; ++u) {
+    if constexpr (kCentred) {
+      res[u] += rs * (dy[u] * w[u] - mean_dn - nrm[u] * mean_dn_n);
+    } else {
+      res[u] += rs * (dy[u] * w[u] - nrm[u] * mean_dn_n);
+    }
+  }
+}
+
 // One row a block, U columns a thread. kCentred: LayerNorm (the row's mean subtracted, a bias
 // added when b is non-null, mean written); else RMSNorm (mean and b unused). Row statistics in
 // double. The forward outputs are GEMM operands: OutT float or __nv_bfloat16.
@@ -81,16 +112,9 @@ __global__ void NormForwardKernel(OutT* out, float* mean, float* rstd, const flo
       static_cast<float>(1.0 / sqrt(BlockSum(ss, scratch) / c + static_cast<double>(eps)));
   const float muf = static_cast<float>(mu);
   FOR_ROW_COLS(j, c) {
-    float v[U], w[U];
+    float v[U];
     LoadCols<U>(xr + j, v);
-    LoadCols<U>(g + j, w);
-    if constexpr (kCentred) {
-      float bb[U] = {};
-      if (b != nullptr) LoadCols<U>(b + j, bb);
-      for (int u = 0; u < U; ++u) v[u] = ((v[u] - muf) * rs) * w[u] + bb[u];
-    } else {
-      for (int u = 0; u < U; ++u) v[u] = (v[u] * rs) * w[u];
-    }
+    NormalizeCols<kCentred, U>(v, g, b, j, muf, rs);
     StoreCols<U>(yr + j, v);
   }
   if (threadIdx.x == 0) {
@@ -126,15 +150,7 @@ __global__ void __launch_bounds__(1024)
       static_cast<float>(1.0 / sqrt(BlockSum(ss, scratch) / c + static_cast<double>(eps)));
   const float muf = static_cast<float>(mu);
   if (mine) {
-    float w[U];
-    LoadCols<U>(g + j, w);
-    if constexpr (kCentred) {
-      float bb[U] = {};
-      if (b != nullptr) LoadCols<U>(b + j, bb);
-      for (int u = 0; u < U; ++u) v[u] = ((v[u] - muf) * rs) * w[u] + bb[u];
-    } else {
-      for (int u = 0; u < U; ++u) v[u] = (v[u] * rs) * w[u];
-    }
+    NormalizeCols<kCentred, U>(v, g, b, j, muf, rs);
     StoreCols<U>(out + r * c + j, v);
   }
   if (threadIdx.x == 0) {
@@ -174,25 +190,19 @@ __global__ void NormBackwardRowsKernel(float* dx, const float* dres, const float
   if constexpr (kCentred) mean_dn = static_cast<float>(BlockSum(sum_dn, scratch) / c);
   const float mean_dn_n = static_cast<float>(BlockSum(sum_dn_n, scratch) / c);
   FOR_ROW_COLS(j, c) {
-    float v[U], dy[U], w[U], res[U] = {};
+    float v[U], dy[U], w[U], nrm[U], res[U] = {};
     LoadCols<U>(xr + j, v);
     LoadCols<U>(dyr + j, dy);
     LoadCols<U>(g + j, w);
     if (dresr != nullptr) LoadCols<U>(dresr + j, res);
-    for (int u = 0; u < U; ++u) {
-      const float nrm = (v[u] - mu) * rs;
-      if constexpr (kCentred) {
-        res[u] += rs * (dy[u] * w[u] - mean_dn - nrm * mean_dn_n);
-      } else {
-        res[u] += rs * (dy[u] * w[u] - nrm * mean_dn_n);
-      }
-    }
+    for (int u = 0; u < U; ++u) nrm[u] = (v[u] - mu) * rs;
+    AddNormInputGrad<kCentred, U>(res, dy, w, nrm, rs, mean_dn, mean_dn_n);
     StoreCols<U>(dxr + j, res);
   }
 }
 
 // The one-pass backward's most threads a block: LayerNorm's kernel keeps a second sum per column
-// in registers, and within 64 registers a thread (1,024 threads) it would spill. (At 75 registers
+// in registers, and within 64 registers a thread (1,024 threads) it would spill. (At 76 registers
 // a block of more than 409 threads leaves room for one block an SM: LayerNorm rows of 1,640 to
 // 2,048 columns run 16 warps an SM; 2 blocks of 512 would spill 44 bytes a thread.)
 constexpr int OnePassThreads(bool centred) { return centred ? 512 : 1024; }
@@ -255,13 +265,7 @@ __global__ void __launch_bounds__(OnePassThreads(kCentred))
     const float mean_dn = static_cast<float>(sum_dn / c);  // (0 for RMSNorm)
     const float mean_dn_n = static_cast<float>(sum_dn_n / c);
     if (mine) {
-      for (int u = 0; u < U; ++u) {
-        if constexpr (kCentred) {
-          res[u] += rs * (dy[u] * w[u] - mean_dn - nrm[u] * mean_dn_n);
-        } else {
-          res[u] += rs * (dy[u] * w[u] - nrm[u] * mean_dn_n);
-        }
-      }
+      AddNormInputGrad<kCentred, U>(res, dy, w, nrm, rs, mean_dn, mean_dn_n);
       StoreCols<U>(dx + at, res);
     }
     for (int u = 0; u < U; ++u) v[u] = next_v[u], dy[u] = next_dy[u], res[u] = next_res[u];
