@@ -22,6 +22,11 @@ void CheckAttentionSizes(int tq, int tk, int tk_cap, int hq, int hkv, int q_offs
            " tk=", tk, " tk_cap=", tk_cap, " q_offset=", q_offset);
 }
 
+void CheckSwiGluShape(int rows, int cols, int stride) {
+  EE_CHECK(rows >= 0 && cols >= 0 && stride >= cols, "bad SwiGLU shape: rows=", rows,
+           " cols=", cols, " stride=", stride);
+}
+
 void CopyToPages(Backend* be, void* pool, const KvPageTable& pages, int first, int count,
                  const void* src, size_t row_bytes) {
   for (const PageRun& r : PageRuns(pages, first, count)) {

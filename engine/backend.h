@@ -123,10 +123,14 @@ class Backend {
   // one dtype).
   virtual void GeluForward(Operand out, ConstOperand x, size_t n) = 0;
   virtual void GeluBackward(Operand dx, ConstOperand dout, ConstOperand x, size_t n) = 0;
-  // SwiGLU: out = silu(gate) * up. dgate, dup written.
-  virtual void SwiGluForward(Operand out, ConstOperand gate, ConstOperand up, size_t n) = 0;
+  // SwiGLU over `rows` rows of `cols`: out[r, j] = silu(gate[r, j]) * up[r, j]. gate and up
+  // (and dgate, dup) have their rows `stride` elements apart (stride >= cols; the gate and up
+  // halves of one [rows, 2 cols] GEMM output have stride 2 cols); out and dout are dense
+  // [rows, cols]. out written; dgate, dup written (they may alias gate and up).
+  virtual void SwiGluForward(Operand out, ConstOperand gate, ConstOperand up, int rows, int cols,
+                             int stride) = 0;
   virtual void SwiGluBackward(Operand dgate, Operand dup, ConstOperand dout, ConstOperand gate,
-                              ConstOperand up, size_t n) = 0;
+                              ConstOperand up, int rows, int cols, int stride) = 0;
 
   // ---- hidden dropout (training; engine/core/dropout.h) -------------------------------------
   // out[i, j] = (x ? x[i, j] : 0) + branch[i, j] * keep(i, j) / (1 - p) over n rows of c, where
@@ -265,6 +269,8 @@ void GatheredPagedAttention(Backend* be, Operand out, ConstOperand q, ConstOpera
 // The attention sizes every backend accepts (see AttentionForward); aborts naming them otherwise.
 // The backward's training form is tq = tk = tk_cap = t, q_offset = 0.
 void CheckAttentionSizes(int tq, int tk, int tk_cap, int hq, int hkv, int q_offset);
+// Fails unless rows, cols >= 0 and stride >= cols (SwiGluForward / SwiGluBackward).
+void CheckSwiGluShape(int rows, int cols, int stride);
 
 // "cpu" (always), or "cuda" (fp32) / "cuda-bf16" (bf16 tensor-core GEMMs) / "cuda-bf16w" (the
 // same with bf16 copies of the weights and bf16-converted activations as GEMM operands), optionally

@@ -242,16 +242,20 @@ void ProfilingBackend::GeluBackward(Operand dx, ConstOperand dout, ConstOperand 
   inner_->GeluBackward(dx, dout, x, n);
 }
 
-void ProfilingBackend::SwiGluForward(Operand out, ConstOperand gate, ConstOperand up, size_t n) {
+void ProfilingBackend::SwiGluForward(Operand out, ConstOperand gate, ConstOperand up, int rows,
+                                     int cols, int stride) {
+  const size_t n = static_cast<size_t>(rows) * cols;
   Timed timed(this, "SwiGluForward", 0, B(gate, n) + B(up, n) + B(out, n));
-  inner_->SwiGluForward(out, gate, up, n);
+  inner_->SwiGluForward(out, gate, up, rows, cols, stride);
 }
 
 void ProfilingBackend::SwiGluBackward(Operand dgate, Operand dup, ConstOperand dout,
-                                      ConstOperand gate, ConstOperand up, size_t n) {
+                                      ConstOperand gate, ConstOperand up, int rows, int cols,
+                                      int stride) {
+  const size_t n = static_cast<size_t>(rows) * cols;
   Timed timed(this, "SwiGluBackward", 0,
               B(dout, n) + B(gate, n) + B(up, n) + B(dgate, n) + B(dup, n));
-  inner_->SwiGluBackward(dgate, dup, dout, gate, up, n);
+  inner_->SwiGluBackward(dgate, dup, dout, gate, up, rows, cols, stride);
 }
 
 void ProfilingBackend::DropoutAdd(float* out, const float* x, const float* branch, int n, int c,

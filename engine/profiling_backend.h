@@ -82,9 +82,10 @@ class ProfilingBackend final : public Backend {
                        const float* g, const float* rstd, int n, int c) override;
   void GeluForward(Operand out, ConstOperand x, size_t n) override;
   void GeluBackward(Operand dx, ConstOperand dout, ConstOperand x, size_t n) override;
-  void SwiGluForward(Operand out, ConstOperand gate, ConstOperand up, size_t n) override;
+  void SwiGluForward(Operand out, ConstOperand gate, ConstOperand up, int rows, int cols,
+                     int stride) override;
   void SwiGluBackward(Operand dgate, Operand dup, ConstOperand dout, ConstOperand gate,
-                      ConstOperand up, size_t n) override;
+                      ConstOperand up, int rows, int cols, int stride) override;
   void DropoutAdd(float* out, const float* x, const float* branch, int n, int c, float p,
                   uint64_t key, int64_t row0) override;
   void DropoutBackward(float* dbranch, const float* dout, int n, int c, float p, uint64_t key,

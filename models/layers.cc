@@ -145,6 +145,39 @@ void HeadNormBackward(const LayerContext& ctx, int gain, const float* x, const f
   ctx.be->RmsNormBackward(dx, nullptr, ctx.G(gain), dout32, x, ctx.P(gain), rstd, rows, d);
 }
 
+// Whether the tensors `ids` lie one after another in the parameter arena, and in the gradient
+// arena or all without gradients: then one GEMM over their concatenated rows does the work of
+// one GEMM per tensor.
+bool Consecutive(const LayerContext& ctx, std::initializer_list<int> ids) {
+  const std::vector<ParamInfo>& info = ctx.ps->params();
+  const int* prev = nullptr;
+  for (const int& i : ids) {
+    if (i < 0) return false;
+    if (prev != nullptr) {
+      const size_t end = info[*prev].offset + info[*prev].numel;
+      if (info[i].offset != end) return false;
+      if ((ctx.G(*prev) == nullptr) != (ctx.G(i) == nullptr)) return false;
+    }
+    prev = &i;
+  }
+  return true;
+}
+
+// SwiGLU's gate and up projections (h1 and dh1, 2 n f elements). One GEMM of 2f outputs when
+// their weights are consecutive (fc1 then up, no bias: Llama configs whose f c is a multiple of
+// 16, the arena's alignment): rows [gate | up], stride 2f. Otherwise two GEMMs into the
+// buffer's halves, [n, f] each (stride f).
+struct GateUp {
+  Operand gate, up;
+  int stride;
+  bool fused;
+};
+GateUp GateUpLayout(const LayerContext& ctx, const MlpParams& p, Operand buf, int n) {
+  const int f = ctx.cfg->ffn_hidden_size;
+  if (p.b1 < 0 && Consecutive(ctx, {p.w1, p.w3})) return {buf, buf.At(f), 2 * f, true};
+  return {buf, buf.At(static_cast<size_t>(n) * f), f, false};
+}
+
 }  // namespace
 
 MlpParams AddMlpParams(ParamStore& ps, const ModelConfig& c, const std::string& prefix) {
@@ -193,8 +226,7 @@ MlpActs MakeMlpActs(Arena& a, const ModelConfig& c, int n, int local) {
   MlpActs r;
   const size_t nf = static_cast<size_t>(n) * c.ffn_hidden_size;
   r.norm = MakeNormActs(a, local < 0 ? n : local, c.hidden_size);
-  r.h1 = a.Operands(nf);
-  if (c.use_swiglu()) r.h3 = a.Operands(nf);
+  r.h1 = a.Operands(c.use_swiglu() ? 2 * nf : nf);
   r.act = a.Operands(nf);
   return r;
 }
@@ -240,11 +272,9 @@ GradScratch MakeGradScratch(Arena& a, const ModelConfig& c, int n, bool dropout)
   s.dk = a.Operands(nkv);
   s.dv = a.Operands(nkv);
   s.datt = a.Operands(nq);
-  s.dh1 = a.Operands(nf);
-  if (c.use_swiglu()) {  // a GELU MLP's backward goes from dout to dh1 in one op
-    s.dact = a.Operands(nf);
-    s.dh3 = a.Operands(nf);
-  }
+  // A GELU MLP's backward goes from dout to dh1 in one op.
+  if (c.use_swiglu()) s.dact = a.Operands(nf);
+  s.dh1 = a.Operands(c.use_swiglu() ? 2 * nf : nf);
   return s;
 }
 
@@ -278,9 +308,14 @@ void MlpForward(const LayerContext& ctx, const MlpParams& p, MlpActs& a, float* 
   NormForward(ctx, p.norm, a.norm, x, rows);
   const ConstOperand in = BranchInput(ctx, a.norm.out, rows);
   if (c.use_swiglu()) {
-    be->Linear(a.h1, in, ctx.P(p.w1), ctx.P(p.b1), n, h, f, false);
-    be->Linear(a.h3, in, ctx.P(p.w3), nullptr, n, h, f, false);
-    be->SwiGluForward(a.act, a.h1, a.h3, static_cast<size_t>(n) * f);
+    const GateUp gu = GateUpLayout(ctx, p, a.h1, n);
+    if (gu.fused) {
+      be->Linear(gu.gate, in, ctx.P(p.w1), nullptr, n, h, 2 * f, false);
+    } else {
+      be->Linear(gu.gate, in, ctx.P(p.w1), ctx.P(p.b1), n, h, f, false);
+      be->Linear(gu.up, in, ctx.P(p.w3), nullptr, n, h, f, false);
+    }
+    be->SwiGluForward(a.act, gu.gate, gu.up, n, f, gu.stride);
   } else {
     be->LinearGelu(a.act, a.h1, in, ctx.P(p.w1), ctx.P(p.b1), n, h, f);
   }
@@ -292,7 +327,6 @@ void MlpBranchBackward(const LayerContext& ctx, const MlpParams& p, const MlpAct
                        const GradScratch& s) {
   const ModelConfig& c = *ctx.cfg;
   const int h = c.hidden_size, f = c.ffn_hidden_size;
-  const size_t nf = static_cast<size_t>(n) * f;
   const int rows = ctx.LocalRows(n);
   Backend* be = ctx.be;
   const float* dout_all = BranchOutputGrad(ctx, dout, rows, 1, s);
@@ -301,9 +335,16 @@ void MlpBranchBackward(const LayerContext& ctx, const MlpParams& p, const MlpAct
     // dact = dout @ w2; dw2 += dout^T act.
     be->LinearBackward(s.dact, ctx.G(p.w2), ctx.G(p.b2), dout_all, a.act, ctx.P(p.w2), n, f, h,
                        false);
-    be->SwiGluBackward(s.dh1, s.dh3, s.dact, a.h1, a.h3, nf);
-    be->LinearBackward(s.dnorm, ctx.G(p.w1), ctx.G(p.b1), s.dh1, in, ctx.P(p.w1), n, h, f, false);
-    be->LinearBackward(s.dnorm, ctx.G(p.w3), nullptr, s.dh3, in, ctx.P(p.w3), n, h, f, true);
+    const GateUp gu = GateUpLayout(ctx, p, a.h1, n), dgu = GateUpLayout(ctx, p, s.dh1, n);
+    be->SwiGluBackward(dgu.gate, dgu.up, s.dact, gu.gate, gu.up, n, f, gu.stride);
+    if (gu.fused) {  // dnorm written once, from all 2f columns
+      be->LinearBackward(s.dnorm, ctx.G(p.w1), nullptr, dgu.gate, in, ctx.P(p.w1), n, h, 2 * f,
+                         false);
+    } else {
+      be->LinearBackward(s.dnorm, ctx.G(p.w1), ctx.G(p.b1), dgu.gate, in, ctx.P(p.w1), n, h, f,
+                         false);
+      be->LinearBackward(s.dnorm, ctx.G(p.w3), nullptr, dgu.up, in, ctx.P(p.w3), n, h, f, true);
+    }
   } else {
     // dh1 = gelu'(h1) * (dout @ w2); dw2 += dout^T act.
     be->LinearBackwardGelu(s.dh1, ctx.G(p.w2), ctx.G(p.b2), dout_all, a.act, a.h1, ctx.P(p.w2), n,

@@ -70,8 +70,9 @@ struct AttnActs {
 };
 struct MlpActs {
   NormActs norm;
-  Operand h1;   // [n, f] fc1 / gate pre-activation
-  Operand h3;   // [n, f] up (SwiGLU)
+  // GELU: [n, f], fc1's pre-activation. SwiGLU: [2 n f], the gate and up projections: the
+  // halves of [n, 2f] rows when one GEMM computes both, or two [n, f] blocks (layers.cc, GateUp).
+  Operand h1;
   Operand act;  // [n, f]
 };
 struct BlockActs {
@@ -83,10 +84,11 @@ struct BlockActs {
 
 // Gradient scratch shared by all layers' backward passes (sized for n rows). dnorm (summed over
 // several GEMMs) and dh (the residual stream's) are fp32; the others are operands: written by one
-// backward op and read by the next GEMM or attention backward (dact and dh3: SwiGLU only).
+// backward op and read by the next GEMM or attention backward (dact: SwiGLU only; dh1 has h1's
+// size and layout).
 struct GradScratch {
   float *dnorm, *dh;
-  Operand dq, dk, dv, datt, dact, dh1, dh3;
+  Operand dq, dk, dv, datt, dact, dh1;
   // qk_norm: the gradients at the projections' outputs, and dq, dk widened to fp32.
   float *dq_raw = nullptr, *dk_raw = nullptr, *dq_f32 = nullptr, *dk_f32 = nullptr;
   float* ddrop = nullptr;  // hidden dropout: a branch output's gradient through the mask

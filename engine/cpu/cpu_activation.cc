@@ -54,36 +54,47 @@ void CpuBackend::GeluBackward(Operand dx_op, ConstOperand dout_op, ConstOperand 
   }
 }
 
-void CpuBackend::SwiGluForward(Operand out_op, ConstOperand gate_op, ConstOperand up_op, size_t n) {
+void CpuBackend::SwiGluForward(Operand out_op, ConstOperand gate_op, ConstOperand up_op, int rows,
+                               int cols, int stride) {
+  CheckSwiGluShape(rows, cols, stride);
   float* out = out_op.f32();
   const float *gate = gate_op.f32(), *up = up_op.f32();
-  const ptrdiff_t chunks = static_cast<ptrdiff_t>((n + kChunk - 1) / kChunk);
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
-  for (ptrdiff_t c = 0; c < chunks; ++c) {
-    const size_t i0 = static_cast<size_t>(c) * kChunk, len = std::min(kChunk, n - i0);
+  const ptrdiff_t per_row = (cols + kChunk - 1) / kChunk, tasks = per_row * rows;
+#pragma omp parallel for schedule(static) if (static_cast <size_t>(rows) * cols >= kParallelMin)
+  for (ptrdiff_t task = 0; task < tasks; ++task) {
+    const size_t r = task / per_row, j0 = (task % per_row) * kChunk;
+    const size_t len = std::min(kChunk, static_cast<size_t>(cols) - j0);
+    const float* g = gate + r * stride + j0;
+    const float* u = up + r * stride + j0;
+    float* o = out + r * cols + j0;
     float s[kChunk];
-    Sigmoids(s, gate + i0, len);
-    for (size_t j = 0; j < len; ++j) out[i0 + j] = gate[i0 + j] * s[j] * up[i0 + j];
+    Sigmoids(s, g, len);
+    for (size_t j = 0; j < len; ++j) o[j] = g[j] * s[j] * u[j];
   }
 }
 
 void CpuBackend::SwiGluBackward(Operand dgate_op, Operand dup_op, ConstOperand dout_op,
-                                ConstOperand gate_op, ConstOperand up_op, size_t n) {
+                                ConstOperand gate_op, ConstOperand up_op, int rows, int cols,
+                                int stride) {
+  CheckSwiGluShape(rows, cols, stride);
   float *dgate = dgate_op.f32(), *dup = dup_op.f32();
   const float *dout = dout_op.f32(), *gate = gate_op.f32(), *up = up_op.f32();
   // silu'(g) = s (1 + g (1 - s)), s = sigmoid(g).
-  const ptrdiff_t chunks = static_cast<ptrdiff_t>((n + kChunk - 1) / kChunk);
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
-  for (ptrdiff_t c = 0; c < chunks; ++c) {
-    const size_t i0 = static_cast<size_t>(c) * kChunk, len = std::min(kChunk, n - i0);
+  const ptrdiff_t per_row = (cols + kChunk - 1) / kChunk, tasks = per_row * rows;
+#pragma omp parallel for schedule(static) if (static_cast <size_t>(rows) * cols >= kParallelMin)
+  for (ptrdiff_t task = 0; task < tasks; ++task) {
+    const size_t r = task / per_row, j0 = (task % per_row) * kChunk;
+    const size_t len = std::min(kChunk, static_cast<size_t>(cols) - j0);
+    const size_t at = r * stride + j0;  // gate, up, dgate, dup
+    const float* dy = dout + r * cols + j0;
     float sig[kChunk];
-    Sigmoids(sig, gate + i0, len);
+    Sigmoids(sig, gate + at, len);
     for (size_t j = 0; j < len; ++j) {
-      const size_t i = i0 + j;
-      const float gi = gate[i], ui = up[i], dy = dout[i], s = sig[j];
+      const size_t i = at + j;
+      const float gi = gate[i], ui = up[i], s = sig[j];
       const float dsilu = s * (1.0f + gi * (1.0f - s));
-      dgate[i] = dy * ui * dsilu;  // may alias an input: read before write, same index
-      dup[i] = dy * gi * s;
+      dgate[i] = dy[j] * ui * dsilu;  // may alias an input: read before write, same index
+      dup[i] = dy[j] * gi * s;
     }
   }
 }

@@ -534,13 +534,17 @@ void CudaBackend::GeluForward(Operand out, ConstOperand x, size_t n) {
 void CudaBackend::GeluBackward(Operand dx, ConstOperand dout, ConstOperand x, size_t n) {
   CUDA_CHECK(cuda::GeluBackward(ToElems(dx), ToElems(dout), ToElems(x), n, stream_));
 }
-void CudaBackend::SwiGluForward(Operand out, ConstOperand gate, ConstOperand up, size_t n) {
-  CUDA_CHECK(cuda::SwiGluForward(ToElems(out), ToElems(gate), ToElems(up), n, stream_));
+void CudaBackend::SwiGluForward(Operand out, ConstOperand gate, ConstOperand up, int rows, int cols,
+                                int stride) {
+  CheckSwiGluShape(rows, cols, stride);
+  CUDA_CHECK(
+      cuda::SwiGluForward(ToElems(out), ToElems(gate), ToElems(up), rows, cols, stride, stream_));
 }
 void CudaBackend::SwiGluBackward(Operand dgate, Operand dup, ConstOperand dout, ConstOperand gate,
-                                 ConstOperand up, size_t n) {
+                                 ConstOperand up, int rows, int cols, int stride) {
+  CheckSwiGluShape(rows, cols, stride);
   CUDA_CHECK(cuda::SwiGluBackward(ToElems(dgate), ToElems(dup), ToElems(dout), ToElems(gate),
-                                  ToElems(up), n, stream_));
+                                  ToElems(up), rows, cols, stride, stream_));
 }
 void CudaBackend::DropoutAdd(float* out, const float* x, const float* branch, int n, int c, float p,
                              uint64_t key, int64_t row0) {

@@ -66,12 +66,14 @@ cudaError_t GeluBackward(Elems dx, Elems dout, Elems x, size_t n, cudaStream_t s
 // act = gelu(acc + bias), each rounded once to its dtype (cuBLASLt's GELU_AUX_BIAS epilogue).
 cudaError_t BiasGeluForward(Elems act, Elems pre, const float* acc, const float* bias, int n,
                             int cols, cudaStream_t s);
-cudaError_t SwiGluForward(Elems out, Elems gate, Elems up, size_t n, cudaStream_t s);
+// SwiGLU over rows of `cols`: gate, up (dgate, dup) rows `stride` apart, out and dout dense.
+cudaError_t SwiGluForward(Elems out, Elems gate, Elems up, int rows, int cols, int stride,
+                          cudaStream_t s);
 // out = (x ? x : 0) + dropout(branch) over n rows of c (engine/backend.h's DropoutAdd).
 cudaError_t DropoutAdd(float* out, const float* x, const float* branch, int n, int c, float p,
                        uint64_t key, int64_t row0, cudaStream_t s);
-cudaError_t SwiGluBackward(Elems dgate, Elems dup, Elems dout, Elems gate, Elems up, size_t n,
-                           cudaStream_t s);
+cudaError_t SwiGluBackward(Elems dgate, Elems dup, Elems dout, Elems gate, Elems up, int rows,
+                           int cols, int stride, cudaStream_t s);
 // x [n, heads, head_dim] rotated in place (sign -1: the inverse); table: device scratch of
 // 2 n (head_dim / 2) floats (each token's cos and sin, computed first).
 cudaError_t Rope(Elems x, const int32_t* pos, int n, int heads, int head_dim,

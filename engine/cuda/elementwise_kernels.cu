@@ -280,26 +280,42 @@ __global__ void DropoutAddKernel(float* out, const float* x, const float* branch
     out[i] = (x != nullptr ? x[i] : 0.0f) + kept;
   }
 }
-__global__ void SwiGluForwardKernel(Elems out, Elems gate, Elems up, size_t n, bool vec) {
-  GRID_STRIDE_GROUPS(i0, n) {
-    const int count = GroupCount(n, i0);
+// SwiGLU's rows of `cols` in groups of 8 (a group never crosses a row): group gi is row
+// gi / per_row, columns from 8 (gi % per_row); `dense` is its offset in out and dout, `strided`
+// in gate, up, dgate and dup, `count` its valid elements.
+struct SwiGluGroup {
+  size_t dense, strided;
+  int count;
+};
+__device__ __forceinline__ SwiGluGroup SwiGluGroupAt(size_t gi, unsigned per_row, int cols,
+                                                     int stride) {
+  const size_t r = gi / per_row;
+  const int c0 = static_cast<int>(gi - r * per_row) * 8;
+  return {r * cols + c0, r * stride + c0, cols - c0 < 8 ? cols - c0 : 8};
+}
+__global__ void SwiGluForwardKernel(Elems out, Elems gate, Elems up, int rows, int cols, int stride,
+                                    bool vec) {
+  const unsigned per_row = (cols + 7) / 8;
+  GRID_STRIDE(gi, size_t{per_row} * rows) {
+    const SwiGluGroup at = SwiGluGroupAt(gi, per_row, cols, stride);
     float g[8], u[8];
-    Load8(gate, i0, count, vec, g);
-    Load8(up, i0, count, vec, u);
+    Load8(gate, at.strided, at.count, vec, g);
+    Load8(up, at.strided, at.count, vec, u);
     for (int k = 0; k < 8; ++k) u[k] *= g[k] * Sigmoid(g[k]);
-    Store8(out, i0, count, vec, u);
+    Store8(out, at.dense, at.count, vec, u);
   }
 }
-// dgate and dup may alias gate and up (or dout): every input of a group is read before its
-// outputs are written.
+// dgate and dup may alias gate and up: every input of a group is read before its outputs are
+// written.
 __global__ void SwiGluBackwardKernel(Elems dgate, Elems dup, Elems dout, Elems gate, Elems up,
-                                     size_t n, bool vec) {
-  GRID_STRIDE_GROUPS(i0, n) {
-    const int count = GroupCount(n, i0);
+                                     int rows, int cols, int stride, bool vec) {
+  const unsigned per_row = (cols + 7) / 8;
+  GRID_STRIDE(gi, size_t{per_row} * rows) {
+    const SwiGluGroup at = SwiGluGroupAt(gi, per_row, cols, stride);
     float g[8], u[8], dy[8];
-    Load8(gate, i0, count, vec, g);
-    Load8(up, i0, count, vec, u);
-    Load8(dout, i0, count, vec, dy);
+    Load8(gate, at.strided, at.count, vec, g);
+    Load8(up, at.strided, at.count, vec, u);
+    Load8(dout, at.dense, at.count, vec, dy);
     for (int k = 0; k < 8; ++k) {
       const float s = Sigmoid(g[k]);
       const float dsilu = s * (1.0f + g[k] * (1.0f - s));
@@ -307,8 +323,8 @@ __global__ void SwiGluBackwardKernel(Elems dgate, Elems dup, Elems dout, Elems g
       u[k] = dy[k] * g[k] * s;  // dup
       g[k] = dg;
     }
-    Store8(dgate, i0, count, vec, g);
-    Store8(dup, i0, count, vec, u);
+    Store8(dgate, at.strided, at.count, vec, g);
+    Store8(dup, at.strided, at.count, vec, u);
   }
 }
 
@@ -522,18 +538,25 @@ cudaError_t DropoutAdd(float* out, const float* x, const float* branch, int n, i
   }
   return cudaGetLastError();
 }
-cudaError_t SwiGluForward(Elems out, Elems gate, Elems up, size_t n, cudaStream_t s) {
-  if (n) {
-    LaunchKernel(SwiGluForwardKernel, dim3(GroupBlocks(n)), dim3(kThreads), 0, s, out, gate, up, n,
-                 Aligned16(out.data, gate.data, up.data));
+cudaError_t SwiGluForward(Elems out, Elems gate, Elems up, int rows, int cols, int stride,
+                          cudaStream_t s) {
+  const size_t groups = static_cast<size_t>(rows) * ((cols + 7) / 8);
+  if (groups) {
+    // 16-byte accesses need every row's groups aligned: cols and stride multiples of 8.
+    const bool vec = cols % 8 == 0 && stride % 8 == 0 && Aligned16(out.data, gate.data, up.data);
+    LaunchKernel(SwiGluForwardKernel, dim3(Blocks(groups)), dim3(kThreads), 0, s, out, gate, up,
+                 rows, cols, stride, vec);
   }
   return cudaGetLastError();
 }
-cudaError_t SwiGluBackward(Elems dgate, Elems dup, Elems dout, Elems gate, Elems up, size_t n,
-                           cudaStream_t s) {
-  if (n) {
-    LaunchKernel(SwiGluBackwardKernel, dim3(GroupBlocks(n)), dim3(kThreads), 0, s, dgate, dup, dout,
-                 gate, up, n, Aligned16(dgate.data, dup.data, dout.data, gate.data, up.data));
+cudaError_t SwiGluBackward(Elems dgate, Elems dup, Elems dout, Elems gate, Elems up, int rows,
+                           int cols, int stride, cudaStream_t s) {
+  const size_t groups = static_cast<size_t>(rows) * ((cols + 7) / 8);
+  if (groups) {
+    const bool vec = cols % 8 == 0 && stride % 8 == 0 &&
+                     Aligned16(dgate.data, dup.data, dout.data, gate.data, up.data);
+    LaunchKernel(SwiGluBackwardKernel, dim3(Blocks(groups)), dim3(kThreads), 0, s, dgate, dup, dout,
+                 gate, up, rows, cols, stride, vec);
   }
   return cudaGetLastError();
 }

@@ -103,8 +103,8 @@ TEST_F(CpuAccumulateTest, WrittenOutputsOverwrite) {
   be_.GeluBackward(inplace.data(), inplace.data(), x.data(), n);
   EXPECT_EQ(inplace, a);
   std::vector<float> g1(n, 0.0f), u1(n, 0.0f), g2(n, -5.0f), u2(n, 5.0f);
-  be_.SwiGluBackward(g1.data(), u1.data(), dy.data(), x.data(), up.data(), n);
-  be_.SwiGluBackward(g2.data(), u2.data(), dy.data(), x.data(), up.data(), n);
+  be_.SwiGluBackward(g1.data(), u1.data(), dy.data(), x.data(), up.data(), 2, n / 2, n / 2);
+  be_.SwiGluBackward(g2.data(), u2.data(), dy.data(), x.data(), up.data(), 2, n / 2, n / 2);
   EXPECT_EQ(g1, g2);
   EXPECT_EQ(u1, u2);
 

@@ -82,15 +82,15 @@ TEST_F(CpuGradTest, Gelu) {
 }
 
 TEST_F(CpuGradTest, SwiGlu) {
-  const size_t n = 40;
+  const int n = 40;
   auto gate = RandVec(rng_, n, 2.0), up = RandVec(rng_, n), r = RandVec(rng_, n);
   std::vector<float> y(n);
   auto loss = [&] {
-    be_.SwiGluForward(y.data(), gate.data(), up.data(), n);
+    be_.SwiGluForward(y.data(), gate.data(), up.data(), 1, n, n);
     return Dot(y, r);
   };
   std::vector<float> dgate(n, 3.0f), dup(n, 3.0f);
-  be_.SwiGluBackward(dgate.data(), dup.data(), r.data(), gate.data(), up.data(), n);
+  be_.SwiGluBackward(dgate.data(), dup.data(), r.data(), gate.data(), up.data(), 1, n, n);
   ExpectGradMatches("SwiGlu dgate", &gate, dgate, loss, 1e-3f);
   ExpectGradMatches("SwiGlu dup", &up, dup, loss, 1e-3f);
 }

@@ -176,7 +176,7 @@ TEST_F(CpuOpsTest, GeluAndSwiGluMatchFormulas) {
   auto x = RandVec(rng_, n, 3.0), up = RandVec(rng_, n);
   std::vector<float> y(n), s(n);
   be_.GeluForward(y.data(), x.data(), n);
-  be_.SwiGluForward(s.data(), x.data(), up.data(), n);
+  be_.SwiGluForward(s.data(), x.data(), up.data(), 4, n / 4, n / 4);
   for (size_t i = 0; i < n; ++i) {
     const double xi = x[i];
     const double gelu =

@@ -81,7 +81,7 @@ TEST_F(ProfilingWork, AttentionCountsTheCausalPairs) {
 TEST_F(ProfilingWork, ElementwiseOpsCountTheirOperandsOnce) {
   const size_t n = 64;
   float *g = Zeros(n), *u = Zeros(n), *dy = Zeros(n), *dg = Zeros(n), *du = Zeros(n);
-  prof_.SwiGluBackward(dg, du, dy, g, u, n);
+  prof_.SwiGluBackward(dg, du, dy, g, u, 8, n / 8, n / 8);
   EXPECT_EQ(Stats("SwiGluBackward").flops, 0);
   EXPECT_EQ(Stats("SwiGluBackward").bytes, 4.0 * 5 * n);
   float *p = Zeros(n), *m = Zeros(n), *v = Zeros(n);

@@ -438,12 +438,71 @@ TEST_F(BackendParity, GeluAndSwiGlu) {
         [&](Backend* be, DeviceMem& m) -> Outputs {
           float *out = m.Nan(n), *dgate = m.Nan(n), *dup = m.Nan(n), *gate = m.Put(x);
           float* pup = m.Put(up);
-          be->SwiGluForward(out, gate, pup, n);
-          be->SwiGluBackward(dgate, dup, m.Put(dout), gate, pup, n);
+          const int cols = static_cast<int>(n);
+          be->SwiGluForward(out, gate, pup, 1, cols, cols);
+          be->SwiGluBackward(dgate, dup, m.Put(dout), gate, pup, 1, cols, cols);
           return {
               {"SwiGlu out", m.Get(out, n)}, {"dgate", m.Get(dgate, n)}, {"dup", m.Get(dup, n)}};
         },
         kElementwise);
+  }
+}
+
+// SwiGLU on the halves of one [rows, 2 cols] GEMM output (and its gradient), as the MLP runs it,
+// rows `stride` >= 2 cols apart: with columns that are a multiple of 8 (16-byte accesses) and
+// not, and padding after each row (a sentinel, 7) that neither pass may write.
+TEST_F(BackendParity, SwiGluOnStridedHalves) {
+  struct Case {
+    int rows, cols, pad;
+  };
+  for (const Case& k : {Case{1, 1, 0}, Case{3, 5, 3}, Case{7, 24, 0}, Case{5, 40, 8},
+                        Case{300, 1000, 0}, Case{9, 1003, 2}}) {
+    SCOPED_TRACE(::testing::Message()
+                 << "rows=" << k.rows << " cols=" << k.cols << " pad=" << k.pad);
+    const int stride = 2 * k.cols + k.pad;
+    const size_t n = static_cast<size_t>(k.rows) * k.cols, total = size_t{1} * k.rows * stride;
+    std::vector<float> gu = RandVec(rng_, total, 3.0), grads(total, 0.0f);
+    for (int r = 0; r < k.rows; ++r) {
+      for (int j = 2 * k.cols; j < stride; ++j) gu[size_t{1} * r * stride + j] = 7.0f;
+      for (int j = 0; j < 2 * k.cols; ++j) grads[size_t{1} * r * stride + j] = NAN;
+      for (int j = 2 * k.cols; j < stride; ++j) grads[size_t{1} * r * stride + j] = 7.0f;
+    }
+    const auto dout = RandVec(rng_, n);
+    ExpectParity(
+        [&](Backend* be, DeviceMem& m) -> Outputs {
+          float *out = m.Nan(n), *pgu = m.Put(gu), *pd = m.Put(grads), *dy = m.Put(dout);
+          be->SwiGluForward(out, pgu, pgu + k.cols, k.rows, k.cols, stride);
+          be->SwiGluBackward(pd, pd + k.cols, dy, pgu, pgu + k.cols, k.rows, k.cols, stride);
+          Outputs r = {{"SwiGlu out", m.Get(out, n)}, {"dgate, dup", m.Get(pd, total)}};
+          // In place, as the fused gradient may be: dgate, dup over gate, up.
+          be->SwiGluBackward(pgu, pgu + k.cols, dy, pgu, pgu + k.cols, k.rows, k.cols, stride);
+          r.push_back({"in place", m.Get(pgu, total)});
+          return r;
+        },
+        kElementwise);
+    // The CPU oracle itself: the strided rows give the dense form's values, and the padding stays.
+    std::vector<float> gate(n), up(n), out(n), dgate(n), dup(n), strided_out(n);
+    for (int r = 0; r < k.rows; ++r) {
+      for (int j = 0; j < k.cols; ++j) {
+        gate[size_t{1} * r * k.cols + j] = gu[size_t{1} * r * stride + j];
+        up[size_t{1} * r * k.cols + j] = gu[size_t{1} * r * stride + k.cols + j];
+      }
+    }
+    const int all = static_cast<int>(n);
+    ref_.SwiGluForward(out.data(), gate.data(), up.data(), 1, all, all);
+    ref_.SwiGluBackward(dgate.data(), dup.data(), dout.data(), gate.data(), up.data(), 1, all, all);
+    ref_.SwiGluForward(strided_out.data(), gu.data(), gu.data() + k.cols, k.rows, k.cols, stride);
+    EXPECT_EQ(strided_out, out);
+    ref_.SwiGluBackward(grads.data(), grads.data() + k.cols, dout.data(), gu.data(),
+                        gu.data() + k.cols, k.rows, k.cols, stride);
+    for (int r = 0; r < k.rows; ++r) {
+      for (int j = 0; j < stride; ++j) {
+        const float got = grads[size_t{1} * r * stride + j];
+        const size_t at = size_t{1} * r * k.cols + j % k.cols;
+        const float want = j < k.cols ? dgate[at] : j < 2 * k.cols ? dup[at] : 7.0f;
+        ASSERT_EQ(got, want) << "row " << r << " column " << j;
+      }
+    }
   }
 }
 

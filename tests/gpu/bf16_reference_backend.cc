@@ -28,6 +28,17 @@ void Store(Operand dst, const std::vector<float>& src) {
   for (size_t i = 0; i < src.size(); ++i) bits[i] = FloatToBf16(src[i]).bits;
 }
 
+// Rows of `cols` elements `stride` apart, gathered into a dense [rows, cols] array.
+std::vector<float> RowValues(ConstOperand x, int rows, int cols, int stride);
+// Writes src ([rows, cols]) into rows `stride` apart of dst, leaving the elements between them.
+void StoreRows(Operand dst, const std::vector<float>& src, int rows, int cols, int stride) {
+  for (int r = 0; r < rows; ++r) {
+    const size_t at = static_cast<size_t>(r) * cols;
+    Store(dst.At(static_cast<size_t>(r) * stride),
+          std::vector<float>(src.begin() + at, src.begin() + at + cols));
+  }
+}
+
 // exp(s scale - m) as the fused kernels form it: 2^(s (scale log2 e) - m log2 e), one fused
 // multiply-add in fp32 (exp2 then differs from the device's ex2.approx by its 2 ulp at most).
 constexpr float kLog2e = 1.4426950408889634f;
@@ -50,6 +61,18 @@ std::vector<float> OperandValues(ConstOperand x, size_t n, bool round) {
   }
   return r;
 }
+
+namespace {
+std::vector<float> RowValues(ConstOperand x, int rows, int cols, int stride) {
+  std::vector<float> r;
+  r.reserve(static_cast<size_t>(rows) * cols);
+  for (int i = 0; i < rows; ++i) {
+    const std::vector<float> row = OperandValues(x.At(static_cast<size_t>(i) * stride), cols);
+    r.insert(r.end(), row.begin(), row.end());
+  }
+  return r;
+}
+}  // namespace
 
 Bf16ReferenceBackend::Bf16ReferenceBackend(std::unique_ptr<Backend> cpu,
                                            std::function<bool(int)> fused_attention)
@@ -143,22 +166,28 @@ void Bf16ReferenceBackend::GeluBackward(Operand dx, ConstOperand dout, ConstOper
   Store(dx, d);
 }
 
-void Bf16ReferenceBackend::SwiGluForward(Operand out, ConstOperand gate, ConstOperand up,
-                                         size_t n) {
-  const std::vector<float> a = OperandValues(gate, n), u = OperandValues(up, n);
+void Bf16ReferenceBackend::SwiGluForward(Operand out, ConstOperand gate, ConstOperand up, int rows,
+                                         int cols, int stride) {
+  CheckSwiGluShape(rows, cols, stride);
+  const size_t n = static_cast<size_t>(rows) * cols;
+  const std::vector<float> a = RowValues(gate, rows, cols, stride),
+                           u = RowValues(up, rows, cols, stride);
   std::vector<float> y(n);
-  cpu_->SwiGluForward(y.data(), a.data(), u.data(), n);
+  cpu_->SwiGluForward(y.data(), a.data(), u.data(), rows, cols, cols);
   Store(out, y);
 }
 
 void Bf16ReferenceBackend::SwiGluBackward(Operand dgate, Operand dup, ConstOperand dout,
-                                          ConstOperand gate, ConstOperand up, size_t n) {
-  const std::vector<float> g = OperandValues(dout, n), a = OperandValues(gate, n),
-                           u = OperandValues(up, n);
+                                          ConstOperand gate, ConstOperand up, int rows, int cols,
+                                          int stride) {
+  CheckSwiGluShape(rows, cols, stride);
+  const size_t n = static_cast<size_t>(rows) * cols;
+  const std::vector<float> g = OperandValues(dout, n), a = RowValues(gate, rows, cols, stride),
+                           u = RowValues(up, rows, cols, stride);
   std::vector<float> da(n), du(n);
-  cpu_->SwiGluBackward(da.data(), du.data(), g.data(), a.data(), u.data(), n);
-  Store(dgate, da);
-  Store(dup, du);
+  cpu_->SwiGluBackward(da.data(), du.data(), g.data(), a.data(), u.data(), rows, cols, cols);
+  StoreRows(dgate, da, rows, cols, stride);
+  StoreRows(dup, du, rows, cols, stride);
 }
 
 void Bf16ReferenceBackend::ToFloat(float* out, ConstOperand in, size_t n) {

@@ -107,9 +107,10 @@ class Bf16ReferenceBackend final : public Backend {
                       float eps) override;
   void GeluForward(Operand out, ConstOperand x, size_t n) override;
   void GeluBackward(Operand dx, ConstOperand dout, ConstOperand x, size_t n) override;
-  void SwiGluForward(Operand out, ConstOperand gate, ConstOperand up, size_t n) override;
+  void SwiGluForward(Operand out, ConstOperand gate, ConstOperand up, int rows, int cols,
+                     int stride) override;
   void SwiGluBackward(Operand dgate, Operand dup, ConstOperand dout, ConstOperand gate,
-                      ConstOperand up, size_t n) override;
+                      ConstOperand up, int rows, int cols, int stride) override;
   void DropoutAdd(float* out, const float* x, const float* branch, int n, int c, float p,
                   uint64_t key, int64_t row0) override {
     cpu_->DropoutAdd(out, x, branch, n, c, p, key, row0);

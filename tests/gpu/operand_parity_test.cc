@@ -169,8 +169,8 @@ TEST_F(OperandParity, NormsAndActivationsWriteBf16) {
   {
     float* out_c = c.Put(nan);
     Operand out_d = d.PutBf16(nan);
-    cpu_.SwiGluForward(out_c, c.Put(x), c.Put(up), nc);
-    dev_->SwiGluForward(out_d, d.Put(x), d.Put(up), nc);
+    cpu_.SwiGluForward(out_c, c.Put(x), c.Put(up), n, ch, ch);
+    dev_->SwiGluForward(out_d, d.Put(x), d.Put(up), n, ch, ch);
     EXPECT_TRUE(Close(d.Get(out_d, nc), c.Get(out_c, nc), kBf16Store)) << "SwiGLU out";
   }
   EXPECT_TRUE(d.GuardsIntact());
@@ -326,13 +326,13 @@ TEST_F(OperandParity, ActivationsAndRopeBackwardOnBf16) {
   {
     float* out_c = c.Put(nan);
     Operand out_d = d.PutBf16(nan);
-    cpu_.SwiGluForward(out_c, c.Put(x), c.Put(up), nc);
-    dev_->SwiGluForward(out_d, x_d, up_d, nc);
+    cpu_.SwiGluForward(out_c, c.Put(x), c.Put(up), n, ch, ch);
+    dev_->SwiGluForward(out_d, x_d, up_d, n, ch, ch);
     EXPECT_TRUE(Close(d.Get(out_d, nc), c.Get(out_c, nc), kBf16Store)) << "SwiGLU out";
     float *dg_c = c.Put(nan), *du_c = c.Put(nan);
     Operand dg_d = d.PutBf16(nan), du_d = d.PutBf16(nan);
-    cpu_.SwiGluBackward(dg_c, du_c, c.Put(dy), c.Put(x), c.Put(up), nc);
-    dev_->SwiGluBackward(dg_d, du_d, dy_d, x_d, up_d, nc);
+    cpu_.SwiGluBackward(dg_c, du_c, c.Put(dy), c.Put(x), c.Put(up), n, ch, ch);
+    dev_->SwiGluBackward(dg_d, du_d, dy_d, x_d, up_d, n, ch, ch);
     EXPECT_TRUE(Close(d.Get(dg_d, nc), c.Get(dg_c, nc), kBf16Store)) << "SwiGLU dgate";
     EXPECT_TRUE(Close(d.Get(du_d, nc), c.Get(du_c, nc), kBf16Store)) << "SwiGLU dup";
   }

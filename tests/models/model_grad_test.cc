@@ -1,8 +1,11 @@
 // Finite-difference gradient checks of the whole model (final head + exits of every kind, pre
 // and post, tied and untied, GPT and Llama styles), and the zero-exit-weight equivalence.
 #include <cmath>
+#include <map>
+#include <string>
 #include <tuple>
 
+#include "engine/profiling_backend.h"
 #include "models/exit_loss_weights.h"
 #include "tests/models/model_test_util.h"
 
@@ -132,6 +135,48 @@ TEST(ModelGrad, HiddenDropoutThroughLayersExitsAndEmbedding) {
 TEST(ModelGrad, NoExitsBothStyles) {
   CheckModelGradients(TinyConfig(ModelStyle::kGpt), 7);
   CheckModelGradients(TinyConfig(ModelStyle::kLlama), 8);
+}
+
+// Calls per GEMM shape (ProfilingBackend's keys) of one training step of b = 2 sequences of 5.
+std::map<std::string, int64_t> GemmCallsOfAStep(const ModelConfig& c) {
+  auto cpu = Cpu();
+  ProfilingBackend prof(cpu.get());
+  auto model = *Model::Create(c, &prof);
+  testing::FillParams(*model, 3);
+  auto ws = model->MakeWorkspace(2, 5);
+  auto ids = testing::RandomTokens(10, c.vocab_size, 4);
+  auto tg = testing::RandomTokens(10, c.vocab_size, 5);
+  std::vector<float> mask(10, 1.0f);
+  prof.set_timing(true);
+  model->ForwardBackward(*ws, ids.data(), tg.data(), mask.data(), {}, true);
+  std::map<std::string, int64_t> calls;
+  for (const auto& [key, stats] : prof.gemm_shapes()) calls[key] = stats.calls;
+  return calls;
+}
+int64_t CallsStartingWith(const std::map<std::string, int64_t>& calls, const std::string& prefix) {
+  int64_t n = 0;
+  for (const auto& [key, count] : calls) n += key.rfind(prefix, 0) == 0 ? count : 0;
+  return n;
+}
+
+// SwiGLU's gate and up projections run as one GEMM of [10, 2f] outputs where their weights lie
+// one after another in the parameter arena (f * hidden a multiple of 16, the arena's alignment),
+// and as two GEMMs of [10, f] otherwise; the gradients are right both ways.
+TEST(ModelGrad, GateAndUpInOneGemmWhereTheirWeightsAreConsecutive) {
+  const ModelConfig one = TinyConfig(ModelStyle::kLlama);  // f 12, hidden 8: 96 elements
+  std::map<std::string, int64_t> calls = GemmCallsOfAStep(one);
+  EXPECT_EQ(CallsStartingWith(calls, "Linear 10 x 24 <- 8,"), one.num_layers);
+  EXPECT_EQ(CallsStartingWith(calls, "LinearBackward 10 x 24 <- 8,"), one.num_layers);
+  EXPECT_EQ(CallsStartingWith(calls, "Linear 10 x 12 <- 8,"), 0);
+  CheckModelGradients(one, 11);
+
+  ModelConfig two = one;
+  two.ffn_hidden_size = 13;  // 104 elements: the up projection's weight starts 8 floats later
+  calls = GemmCallsOfAStep(two);
+  EXPECT_EQ(CallsStartingWith(calls, "Linear 10 x 26 <- 8,"), 0);
+  EXPECT_EQ(CallsStartingWith(calls, "Linear 10 x 13 <- 8,"), 2 * two.num_layers);
+  EXPECT_EQ(CallsStartingWith(calls, "LinearBackward 10 x 13 <- 8,"), 2 * two.num_layers);
+  CheckModelGradients(two, 12);
 }
 
 // A tiny Llama with a block exit after layer 1, for checking attention variants in the backbone

@@ -70,8 +70,9 @@ class FakeDeviceBackend final : public Backend {
   }
   void GeluForward(Operand, ConstOperand, size_t) override { std::abort(); }
   void GeluBackward(Operand, ConstOperand, ConstOperand, size_t) override { std::abort(); }
-  void SwiGluForward(Operand, ConstOperand, ConstOperand, size_t) override { std::abort(); }
-  void SwiGluBackward(Operand, Operand, ConstOperand, ConstOperand, ConstOperand, size_t) override {
+  void SwiGluForward(Operand, ConstOperand, ConstOperand, int, int, int) override { std::abort(); }
+  void SwiGluBackward(Operand, Operand, ConstOperand, ConstOperand, ConstOperand, int, int,
+                      int) override {
     std::abort();
   }
   void DropoutAdd(float*, const float*, const float*, int, int, float, uint64_t, int64_t) override {
