@@ -22,6 +22,12 @@ void CheckAttentionSizes(int tq, int tk, int tk_cap, int hq, int hkv, int q_offs
            " tk=", tk, " tk_cap=", tk_cap, " q_offset=", q_offset);
 }
 
+void CheckRopeShape(int heads, int head_dim, int stride) {
+  EE_CHECK(head_dim % 2 == 0, "RoPE needs an even head_dim, got ", head_dim);
+  EE_CHECK(heads >= 0 && stride >= heads * head_dim, "bad RoPE rows: ", heads, " heads of ",
+           head_dim, " in rows of stride ", stride);
+}
+
 void CheckSwiGluShape(int rows, int cols, int stride) {
   EE_CHECK(rows >= 0 && cols >= 0 && stride >= cols, "bad SwiGLU shape: rows=", rows,
            " cols=", cols, " stride=", stride);

@@ -142,14 +142,17 @@ class Backend {
                                uint64_t key, int64_t row0) = 0;
 
   // ---- rotary position embedding ------------------------------------------------------------
-  // In place on x[n, heads, head_dim]; token t sits at position pos[t]. Rotates the pairs
-  // (i, i + head_dim/2) by angle pos * RopeInvFreq(rope, i, head_dim) (engine/core/rope.h;
-  // unscaled: theta^(-2i/head_dim)), the Llama / Hugging Face "rotate_half" convention.
+  // In place on x: n rows (tokens) `stride` elements apart (heads * head_dim when dense), each
+  // starting with `heads` heads of head_dim (the rest of a row is left as it is: the q and k
+  // parts of a [n, (hq + 2 hkv) d] row rotate in one call, v not). Token t sits at position
+  // pos[t]. Rotates the pairs (i, i + head_dim/2) by angle pos * RopeInvFreq(rope, i, head_dim)
+  // (engine/core/rope.h; unscaled: theta^(-2i/head_dim)), the Llama / Hugging Face "rotate_half"
+  // convention.
   virtual void RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim,
-                           const RopeParams& rope) = 0;
+                           int stride, const RopeParams& rope) = 0;
   // In place on the gradient: applies the inverse rotation.
   virtual void RopeBackward(Operand dx, const int32_t* pos, int n, int heads, int head_dim,
-                            const RopeParams& rope) = 0;
+                            int stride, const RopeParams& rope) = 0;
 
   // ---- causal self-attention with grouped-query heads ---------------------------------------
   // q: [b, tq, hq, d]; k, v: [b, tk_cap, hkv, d] of which the first tk positions are valid.
@@ -269,6 +272,8 @@ void GatheredPagedAttention(Backend* be, Operand out, ConstOperand q, ConstOpera
 // The attention sizes every backend accepts (see AttentionForward); aborts naming them otherwise.
 // The backward's training form is tq = tk = tk_cap = t, q_offset = 0.
 void CheckAttentionSizes(int tq, int tk, int tk_cap, int hq, int hkv, int q_offset);
+// Fails unless head_dim is even and stride >= heads * head_dim (RopeForward / RopeBackward).
+void CheckRopeShape(int heads, int head_dim, int stride);
 // Fails unless rows, cols >= 0 and stride >= cols (SwiGluForward / SwiGluBackward).
 void CheckSwiGluShape(int rows, int cols, int stride);
 

@@ -271,15 +271,15 @@ void ProfilingBackend::DropoutBackward(float* dbranch, const float* dout, int n,
 }
 
 void ProfilingBackend::RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim,
-                                   const RopeParams& rope) {
+                                   int stride, const RopeParams& rope) {
   Timed timed(this, "RopeForward", 0, B(x, 2.0 * n * heads * head_dim));
-  inner_->RopeForward(x, pos, n, heads, head_dim, rope);
+  inner_->RopeForward(x, pos, n, heads, head_dim, stride, rope);
 }
 
 void ProfilingBackend::RopeBackward(Operand dx, const int32_t* pos, int n, int heads, int head_dim,
-                                    const RopeParams& rope) {
+                                    int stride, const RopeParams& rope) {
   Timed timed(this, "RopeBackward", 0, B(dx, 2.0 * n * heads * head_dim));
-  inner_->RopeBackward(dx, pos, n, heads, head_dim, rope);
+  inner_->RopeBackward(dx, pos, n, heads, head_dim, stride, rope);
 }
 
 void ProfilingBackend::AttentionForward(Operand out, float* lse, ConstOperand q, ConstOperand k,

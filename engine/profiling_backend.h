@@ -90,9 +90,9 @@ class ProfilingBackend final : public Backend {
                   uint64_t key, int64_t row0) override;
   void DropoutBackward(float* dbranch, const float* dout, int n, int c, float p, uint64_t key,
                        int64_t row0) override;
-  void RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim,
+  void RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim, int stride,
                    const RopeParams& rope) override;
-  void RopeBackward(Operand dx, const int32_t* pos, int n, int heads, int head_dim,
+  void RopeBackward(Operand dx, const int32_t* pos, int n, int heads, int head_dim, int stride,
                     const RopeParams& rope) override;
   void AttentionForward(Operand out, float* lse, ConstOperand q, ConstOperand k, ConstOperand v,
                         int b, int tq, int tk, int tk_cap, int hq, int hkv, int d,

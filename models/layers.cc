@@ -377,8 +377,8 @@ void BlockForward(const LayerContext& ctx, const BlockParams& p, BlockActs& a, c
     be->RmsNormForward(at.k, at.k_rstd, at.k_raw, ctx.P(p.attn.k_norm), n * hkv, d, c.norm_eps);
   }
   if (c.use_rope()) {
-    be->RopeForward(at.q, pos, n, hq, d, c.rope());
-    be->RopeForward(at.k, pos, n, hkv, d, c.rope());
+    be->RopeForward(at.q, pos, n, hq, d, hq * d, c.rope());
+    be->RopeForward(at.k, pos, n, hkv, d, hkv * d, c.rope());
   }
   if (cache == nullptr) {
     be->AttentionForward(at.att, at.lse, at.q, at.k, at.v, b, t, t, t, hq, hkv, d, 0);
@@ -432,8 +432,8 @@ void BlockBackward(const LayerContext& ctx, const BlockParams& p, const BlockAct
   be->AttentionBackward(s.dq, s.dk, s.dv, s.datt, at.att, at.lse, at.q, at.k, at.v, b, t, hq, hkv,
                         d);
   if (c.use_rope()) {  // with bf16 operands dq, dk round again after the rotation
-    be->RopeBackward(s.dq, pos, n, hq, d, c.rope());
-    be->RopeBackward(s.dk, pos, n, hkv, d, c.rope());
+    be->RopeBackward(s.dq, pos, n, hq, d, hq * d, c.rope());
+    be->RopeBackward(s.dk, pos, n, hkv, d, hkv * d, c.rope());
   }
   ConstOperand dq = s.dq, dk = s.dk;  // at the projections' outputs
   if (c.qk_norm) {

@@ -81,9 +81,9 @@ class CpuBackend final : public Backend {
 
   // ---- rotary position embedding (cpu_rope.cc) ----------------------------------------------
   // x/dx: [n, heads, head_dim], pos: [n].
-  void RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim,
+  void RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim, int stride,
                    const RopeParams& rope) override;
-  void RopeBackward(Operand dx, const int32_t* pos, int n, int heads, int head_dim,
+  void RopeBackward(Operand dx, const int32_t* pos, int n, int heads, int head_dim, int stride,
                     const RopeParams& rope) override;
 
   // ---- attention (cpu_attention.cc) ---------------------------------------------------------

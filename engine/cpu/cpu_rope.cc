@@ -11,12 +11,13 @@
 namespace eellm {
 namespace {
 
-// Rotates every head of x[n, heads, head_dim] by sign * angle (sign -1: inverse rotation).
-void Rotate(float* x, const int32_t* pos, int n, int heads, int head_dim, const RopeParams& rope,
-            double sign) {
-  EE_CHECK(head_dim % 2 == 0, "RoPE needs an even head_dim, got ", head_dim);
+// Rotates the `heads` heads at the start of each of x's n rows (`stride` apart) by sign * angle
+// (sign -1: inverse rotation).
+void Rotate(float* x, const int32_t* pos, int n, int heads, int head_dim, int stride,
+            const RopeParams& rope, double sign) {
+  CheckRopeShape(heads, head_dim, stride);
   const int half = head_dim / 2;
-  const size_t row = static_cast<size_t>(heads) * head_dim;
+  const size_t row = stride;
   std::vector<double> inv_freq(half);  // the same for every token
   for (int i = 0; i < half; ++i) {
     inv_freq[i] = RopeInvFreq(rope, i, head_dim);
@@ -43,14 +44,14 @@ void Rotate(float* x, const int32_t* pos, int n, int heads, int head_dim, const 
 }  // namespace
 
 void CpuBackend::RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim,
-                             const RopeParams& rope) {
-  Rotate(x.f32(), pos, n, heads, head_dim, rope, 1.0);
+                             int stride, const RopeParams& rope) {
+  Rotate(x.f32(), pos, n, heads, head_dim, stride, rope, 1.0);
 }
 
 void CpuBackend::RopeBackward(Operand dx, const int32_t* pos, int n, int heads, int head_dim,
-                              const RopeParams& rope) {
+                              int stride, const RopeParams& rope) {
   // The forward is y = R x with R orthogonal, so dx = R^T dy: rotate by the negated angle.
-  Rotate(dx.f32(), pos, n, heads, head_dim, rope, -1.0);
+  Rotate(dx.f32(), pos, n, heads, head_dim, stride, rope, -1.0);
 }
 
 }  // namespace eellm

@@ -557,16 +557,16 @@ void CudaBackend::DropoutBackward(float* dbranch, const float* dout, int n, int 
   CUDA_CHECK(cuda::DropoutAdd(dbranch, nullptr, dout, n, c, p, key, row0, stream_));
 }
 void CudaBackend::RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim,
-                              const RopeParams& rope) {
-  EE_CHECK(head_dim % 2 == 0, "RoPE needs an even head_dim, got ", head_dim);
-  CUDA_CHECK(
-      cuda::Rope(ToElems(x), pos, n, heads, head_dim, rope, 1.0, RopeTable(n, head_dim), stream_));
+                              int stride, const RopeParams& rope) {
+  CheckRopeShape(heads, head_dim, stride);
+  CUDA_CHECK(cuda::Rope(ToElems(x), pos, n, heads, head_dim, stride, rope, 1.0,
+                        RopeTable(n, head_dim), stream_));
 }
 void CudaBackend::RopeBackward(Operand dx, const int32_t* pos, int n, int heads, int head_dim,
-                               const RopeParams& rope) {
-  EE_CHECK(head_dim % 2 == 0, "RoPE needs an even head_dim, got ", head_dim);
-  CUDA_CHECK(cuda::Rope(ToElems(dx), pos, n, heads, head_dim, rope, -1.0, RopeTable(n, head_dim),
-                        stream_));
+                               int stride, const RopeParams& rope) {
+  CheckRopeShape(heads, head_dim, stride);
+  CUDA_CHECK(cuda::Rope(ToElems(dx), pos, n, heads, head_dim, stride, rope, -1.0,
+                        RopeTable(n, head_dim), stream_));
 }
 
 // ---- cross-entropy, optimizer -------------------------------------------------------------------

@@ -119,9 +119,9 @@ class CudaBackend final : public Backend {
   void DropoutBackward(float* dbranch, const float* dout, int n, int c, float p, uint64_t key,
                        int64_t row0) override;
 
-  void RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim,
+  void RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim, int stride,
                    const RopeParams& rope) override;
-  void RopeBackward(Operand dx, const int32_t* pos, int n, int heads, int head_dim,
+  void RopeBackward(Operand dx, const int32_t* pos, int n, int heads, int head_dim, int stride,
                     const RopeParams& rope) override;
 
   void AttentionForward(Operand out, float* lse, ConstOperand q, ConstOperand k, ConstOperand v,

@@ -74,9 +74,10 @@ cudaError_t DropoutAdd(float* out, const float* x, const float* branch, int n, i
                        uint64_t key, int64_t row0, cudaStream_t s);
 cudaError_t SwiGluBackward(Elems dgate, Elems dup, Elems dout, Elems gate, Elems up, int rows,
                            int cols, int stride, cudaStream_t s);
-// x [n, heads, head_dim] rotated in place (sign -1: the inverse); table: device scratch of
-// 2 n (head_dim / 2) floats (each token's cos and sin, computed first).
-cudaError_t Rope(Elems x, const int32_t* pos, int n, int heads, int head_dim,
+// The first `heads` heads of head_dim of each of x's n rows (`stride` apart) rotated in place
+// (sign -1: the inverse); table: device scratch of 2 n (head_dim / 2) floats (each token's cos
+// and sin, computed first).
+cudaError_t Rope(Elems x, const int32_t* pos, int n, int heads, int head_dim, int stride,
                  const RopeParams& rope, double sign, float* table, cudaStream_t s);
 cudaError_t AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1,
                   float beta2, float eps, float weight_decay, float inv_bc1, float inv_bc2,

@@ -342,12 +342,13 @@ __global__ void RopeTableKernel(float* table, const int32_t* pos, int n, int hea
   }
 }
 __global__ void RopeApplyKernel(Elems x, const float* table, int n, int heads, int head_dim,
-                                bool vec) {
+                                int stride, bool vec) {
   const int half = head_dim / 2, groups = (half + 7) / 8;  // groups of 8 pairs per (t, head)
   GRID_STRIDE(k, static_cast<size_t>(n) * heads * groups) {
     const size_t row = k / groups;  // t * heads + h
     const int i0 = static_cast<int>(k % groups) * 8, count = min(8, half - i0);
-    const size_t t = row / heads, at = row * head_dim + i0;
+    const size_t t = row / heads, h = row - t * heads;
+    const size_t at = t * stride + h * head_dim + i0;
     float a[8], b[8], cs[16];
     Load8(x, at, count, vec, a);
     Load8(x, at + half, count, vec, b);
@@ -560,7 +561,7 @@ cudaError_t SwiGluBackward(Elems dgate, Elems dup, Elems dout, Elems gate, Elems
   }
   return cudaGetLastError();
 }
-cudaError_t Rope(Elems x, const int32_t* pos, int n, int heads, int head_dim,
+cudaError_t Rope(Elems x, const int32_t* pos, int n, int heads, int head_dim, int stride,
                  const RopeParams& rope, double sign, float* table, cudaStream_t s) {
   const int half = head_dim / 2;
   const size_t pairs = static_cast<size_t>(n) * half;
@@ -569,7 +570,7 @@ cudaError_t Rope(Elems x, const int32_t* pos, int n, int heads, int head_dim,
                rope, sign);
   const size_t groups = static_cast<size_t>(n) * heads * ((half + 7) / 8);
   LaunchKernel(RopeApplyKernel, dim3(Blocks(groups)), dim3(kThreads), 0, s, x, table, n, heads,
-               head_dim, Aligned16(x.data, table) && half % 8 == 0);
+               head_dim, stride, Aligned16(x.data, table) && half % 8 == 0 && stride % 8 == 0);
   return cudaGetLastError();
 }
 cudaError_t AdamWRuns(float* p, const float* g, float* m, float* v, const AdamWRunEntry* runs,

@@ -102,11 +102,11 @@ TEST_F(CpuGradTest, Rope) {
   std::vector<float> y;
   auto loss = [&] {
     y = x;
-    be_.RopeForward(y.data(), pos.data(), n, heads, hd, RopeParams{10000.0f});
+    be_.RopeForward(y.data(), pos.data(), n, heads, hd, heads * hd, RopeParams{10000.0f});
     return Dot(y, r);
   };
   std::vector<float> dx = r;
-  be_.RopeBackward(dx.data(), pos.data(), n, heads, hd, RopeParams{10000.0f});
+  be_.RopeBackward(dx.data(), pos.data(), n, heads, hd, heads * hd, RopeParams{10000.0f});
   ExpectGradMatches("Rope dx", &x, dx, loss);
 }
 

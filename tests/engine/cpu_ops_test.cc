@@ -210,7 +210,7 @@ TEST_F(CpuOpsTest, RopeMatchesRotateHalfReference) {
     if (scaled) rope.scaling = {RopeScalingKind::kLlama3, 4.0f, 1.0f, 2.0f, 64};
     auto x = RandVec(rng_, n * heads * hd);
     std::vector<float> y = x;
-    be_.RopeForward(y.data(), pos.data(), n, heads, hd, rope);
+    be_.RopeForward(y.data(), pos.data(), n, heads, hd, heads * hd, rope);
     for (int t = 0; t < n; ++t)
       for (int h = 0; h < heads; ++h)
         for (int i = 0; i < hd / 2; ++i) {
@@ -238,7 +238,7 @@ TEST_F(CpuOpsTest, RopeMatchesRotateHalfReference) {
           }
         }
     // The backward (inverse rotation) undoes the forward.
-    be_.RopeBackward(y.data(), pos.data(), n, heads, hd, rope);
+    be_.RopeBackward(y.data(), pos.data(), n, heads, hd, heads * hd, rope);
     EXPECT_LT(MaxAbsDiff(y, x), 1e-5);
   }
 }

@@ -555,17 +555,33 @@ TEST_F(BackendParity, Rope) {
     for (int t = 0; t < k.n; ++t) {
       pos[t] = k.first_pos >= 0 ? k.first_pos + t : static_cast<int32_t>(rng_.Below(1040));
     }
-    const size_t size = static_cast<size_t>(k.n) * k.heads * k.head_dim;
-    const auto x = RandVec(rng_, size), dy = RandVec(rng_, size);
-    ExpectParity(
-        [&](Backend* be, DeviceMem& m) -> Outputs {
-          float *px = m.Put(x), *pd = m.Put(dy);
-          const int32_t* pp = m.Put(pos);
-          be->RopeForward(px, pp, k.n, k.heads, k.head_dim, k.rope);
-          be->RopeBackward(pd, pp, k.n, k.heads, k.head_dim, k.rope);
-          return {{"Rope x", m.Get(px, size)}, {"dx", m.Get(pd, size)}};
-        },
-        kRope);
+    // Dense rows, and rows with more after the heads (the v part of a fused q, k, v row: twice
+    // the heads; 3 elements: no 16-byte accesses), which neither pass may change.
+    const int cols = k.heads * k.head_dim;
+    for (int stride : {cols, cols + 2 * k.head_dim, cols + 3}) {
+      SCOPED_TRACE(::testing::Message() << "stride=" << stride);
+      const size_t size = static_cast<size_t>(k.n) * stride;
+      const auto x = RandVec(rng_, size), dy = RandVec(rng_, size);
+      ExpectParity(
+          [&](Backend* be, DeviceMem& m) -> Outputs {
+            float *px = m.Put(x), *pd = m.Put(dy);
+            const int32_t* pp = m.Put(pos);
+            be->RopeForward(px, pp, k.n, k.heads, k.head_dim, stride, k.rope);
+            be->RopeBackward(pd, pp, k.n, k.heads, k.head_dim, stride, k.rope);
+            return {{"Rope x", m.Get(px, size)}, {"dx", m.Get(pd, size)}};
+          },
+          kRope);
+      // The oracle: each row as its own dense call, the rest of the row untouched.
+      std::vector<float> got = x;
+      ref_.RopeForward(got.data(), pos.data(), k.n, k.heads, k.head_dim, stride, k.rope);
+      for (int t = 0; t < k.n; ++t) {
+        std::vector<float> row(x.begin() + size_t{1} * t * stride,
+                               x.begin() + size_t{1} * (t + 1) * stride);
+        ref_.RopeForward(row.data(), pos.data() + t, 1, k.heads, k.head_dim, cols, k.rope);
+        ASSERT_TRUE(std::equal(row.begin(), row.end(), got.begin() + size_t{1} * t * stride))
+            << "row " << t;
+      }
+    }
   }
 }
 

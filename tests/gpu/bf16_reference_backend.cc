@@ -196,17 +196,21 @@ void Bf16ReferenceBackend::ToFloat(float* out, ConstOperand in, size_t n) {
 }
 
 void Bf16ReferenceBackend::RopeForward(Operand x, const int32_t* pos, int n, int heads,
-                                       int head_dim, const RopeParams& rope) {
-  std::vector<float> xv = OperandValues(x, static_cast<size_t>(n) * heads * head_dim);
-  cpu_->RopeForward(xv.data(), pos, n, heads, head_dim, rope);
-  Store(x, xv);
+                                       int head_dim, int stride, const RopeParams& rope) {
+  CheckRopeShape(heads, head_dim, stride);
+  const int cols = heads * head_dim;
+  std::vector<float> xv = RowValues(x, n, cols, stride);
+  cpu_->RopeForward(xv.data(), pos, n, heads, head_dim, cols, rope);
+  StoreRows(x, xv, n, cols, stride);
 }
 
 void Bf16ReferenceBackend::RopeBackward(Operand dx, const int32_t* pos, int n, int heads,
-                                        int head_dim, const RopeParams& rope) {
-  std::vector<float> g = OperandValues(dx, static_cast<size_t>(n) * heads * head_dim);
-  cpu_->RopeBackward(g.data(), pos, n, heads, head_dim, rope);
-  Store(dx, g);
+                                        int head_dim, int stride, const RopeParams& rope) {
+  CheckRopeShape(heads, head_dim, stride);
+  const int cols = heads * head_dim;
+  std::vector<float> g = RowValues(dx, n, cols, stride);
+  cpu_->RopeBackward(g.data(), pos, n, heads, head_dim, cols, rope);
+  StoreRows(dx, g, n, cols, stride);
 }
 
 // Attention on the stored bf16 values, with the device's roundings inside: the probabilities

@@ -119,9 +119,9 @@ class Bf16ReferenceBackend final : public Backend {
                        int64_t row0) override {
     cpu_->DropoutBackward(dbranch, dout, n, c, p, key, row0);
   }
-  void RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim,
+  void RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim, int stride,
                    const RopeParams& rope) override;
-  void RopeBackward(Operand dx, const int32_t* pos, int n, int heads, int head_dim,
+  void RopeBackward(Operand dx, const int32_t* pos, int n, int heads, int head_dim, int stride,
                     const RopeParams& rope) override;
   void AttentionForward(Operand out, float* lse, ConstOperand q, ConstOperand k, ConstOperand v,
                         int b, int tq, int tk, int tk_cap, int hq, int hkv, int d,

@@ -117,8 +117,8 @@ TEST_F(OperandParity, LinearAndRopeWriteBf16) {
   const auto y = RoundedToBf16(d.Get(y_d, n * out));
   float* r_c = c.Put(y);
   Operand r_d = d.PutBf16(y);
-  cpu_.RopeForward(r_c, c.Put(pos), n, heads, hd, RopeParams{10000.0f});
-  dev_->RopeForward(r_d, d.Put(pos), n, heads, hd, RopeParams{10000.0f});
+  cpu_.RopeForward(r_c, c.Put(pos), n, heads, hd, heads * hd, RopeParams{10000.0f});
+  dev_->RopeForward(r_d, d.Put(pos), n, heads, hd, heads * hd, RopeParams{10000.0f});
   EXPECT_TRUE(Close(d.Get(r_d, n * out), c.Get(r_c, n * out), Tol{4e-3, 1e-4})) << "RoPE";
   EXPECT_TRUE(d.GuardsIntact());
 }
@@ -339,8 +339,8 @@ TEST_F(OperandParity, ActivationsAndRopeBackwardOnBf16) {
   {
     float* r_c = c.Put(dy);
     Operand r_d = d.PutBf16(dy);
-    cpu_.RopeBackward(r_c, c.Put(pos), n, heads, hd, RopeParams{10000.0f});
-    dev_->RopeBackward(r_d, d.Put(pos), n, heads, hd, RopeParams{10000.0f});
+    cpu_.RopeBackward(r_c, c.Put(pos), n, heads, hd, heads * hd, RopeParams{10000.0f});
+    dev_->RopeBackward(r_d, d.Put(pos), n, heads, hd, heads * hd, RopeParams{10000.0f});
     EXPECT_TRUE(Close(d.Get(r_d, nc), c.Get(r_c, nc), Tol{4e-3, 1e-4})) << "RoPE backward";
   }
   EXPECT_TRUE(d.GuardsIntact());

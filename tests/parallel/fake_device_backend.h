@@ -81,10 +81,10 @@ class FakeDeviceBackend final : public Backend {
   void DropoutBackward(float*, const float*, int, int, float, uint64_t, int64_t) override {
     std::abort();
   }
-  void RopeForward(Operand, const int32_t*, int, int, int, const RopeParams&) override {
+  void RopeForward(Operand, const int32_t*, int, int, int, int, const RopeParams&) override {
     std::abort();
   }
-  void RopeBackward(Operand, const int32_t*, int, int, int, const RopeParams&) override {
+  void RopeBackward(Operand, const int32_t*, int, int, int, int, const RopeParams&) override {
     std::abort();
   }
   void AttentionForward(Operand, float*, ConstOperand, ConstOperand, ConstOperand, int, int, int,
