@@ -22,6 +22,11 @@ void CheckAttentionSizes(int tq, int tk, int tk_cap, int hq, int hkv, int q_offs
            " tk=", tk, " tk_cap=", tk_cap, " q_offset=", q_offset);
 }
 
+void CheckAttentionGradStrides(int hq, int hkv, int d, int dq_stride, int dkv_stride) {
+  EE_CHECK(dq_stride >= hq * d && dkv_stride >= hkv * d, "attention gradient rows of stride ",
+           dq_stride, " and ", dkv_stride, " cannot hold ", hq, " and ", hkv, " heads of ", d);
+}
+
 void CheckRopeShape(int heads, int head_dim, int stride) {
   EE_CHECK(head_dim % 2 == 0, "RoPE needs an even head_dim, got ", head_dim);
   EE_CHECK(heads >= 0 && stride >= heads * head_dim, "bad RoPE rows: ", heads, " heads of ",

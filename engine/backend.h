@@ -181,10 +181,14 @@ class Backend {
                                   Operand k_pool, Operand v_pool,
                                   const std::vector<PagedRows>& segments, int hq, int hkv, int d);
   // Training-path backward (q_offset 0, tq = tk = tk_cap = t) from the forward's out and lse;
-  // recomputes the probabilities. dq, dk, dv written. dout has out's dtype; dq, dk, dv have q's.
+  // recomputes the probabilities. dq, dk, dv written: rows (tokens) of hq or hkv heads,
+  // dq_stride and dkv_stride elements apart (hq d and hkv d when dense; the q, k and v parts of
+  // one [b t, (hq + 2 hkv) d] buffer have (hq + 2 hkv) d; what lies between rows is left as it
+  // is). dout has out's dtype; dq, dk, dv have q's.
   virtual void AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout,
                                  ConstOperand out, const float* lse, ConstOperand q, ConstOperand k,
-                                 ConstOperand v, int b, int t, int hq, int hkv, int d) = 0;
+                                 ConstOperand v, int b, int t, int hq, int hkv, int d,
+                                 int dq_stride, int dkv_stride) = 0;
 
   // ---- softmax cross-entropy ----------------------------------------------------------------
   // For each row r of logits[n, v]: losses[r] = -log softmax(logits[r])[targets[r]] (written,
@@ -272,6 +276,8 @@ void GatheredPagedAttention(Backend* be, Operand out, ConstOperand q, ConstOpera
 // The attention sizes every backend accepts (see AttentionForward); aborts naming them otherwise.
 // The backward's training form is tq = tk = tk_cap = t, q_offset = 0.
 void CheckAttentionSizes(int tq, int tk, int tk_cap, int hq, int hkv, int q_offset);
+// Fails unless the attention gradients' row strides hold their heads (AttentionBackward).
+void CheckAttentionGradStrides(int hq, int hkv, int d, int dq_stride, int dkv_stride);
 // Fails unless head_dim is even and stride >= heads * head_dim (RopeForward / RopeBackward).
 void CheckRopeShape(int heads, int head_dim, int stride);
 // Fails unless rows, cols >= 0 and stride >= cols (SwiGluForward / SwiGluBackward).

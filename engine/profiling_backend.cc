@@ -323,7 +323,7 @@ void ProfilingBackend::PagedAttentionPass(Operand out, ConstOperand q, ConstOper
 void ProfilingBackend::AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout,
                                          ConstOperand out, const float* lse, ConstOperand q,
                                          ConstOperand k, ConstOperand v, int b, int t, int hq,
-                                         int hkv, int d) {
+                                         int hkv, int d, int dq_stride, int dkv_stride) {
   // 2.5 times the forward's FLOPs (the FlashAttention convention: dV, dP, dQ, dK and the
   // recomputed S).
   const double flops = 2.5 * 4.0 * d * b * hq * CausalPairs(t, 0);
@@ -331,7 +331,8 @@ void ProfilingBackend::AttentionBackward(Operand dq, Operand dk, Operand dv, Con
   Timed timed(this, "AttentionBackward", flops,
               B(q, nq) + B(k, nkv) + B(v, nkv) + B(out, nq) + B(dout, nq) + B(dq, nq) + B(dk, nkv) +
                   B(dv, nkv) + F32(1.0 * b * hq * t));
-  inner_->AttentionBackward(dq, dk, dv, dout, out, lse, q, k, v, b, t, hq, hkv, d);
+  inner_->AttentionBackward(dq, dk, dv, dout, out, lse, q, k, v, b, t, hq, hkv, d, dq_stride,
+                            dkv_stride);
 }
 
 void ProfilingBackend::CrossEntropy(float* losses, float* max_prob, Operand dlogits,

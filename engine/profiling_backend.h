@@ -105,7 +105,7 @@ class ProfilingBackend final : public Backend {
                           int hq, int hkv, int d) override;
   void AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout, ConstOperand out,
                          const float* lse, ConstOperand q, ConstOperand k, ConstOperand v, int b,
-                         int t, int hq, int hkv, int d) override;
+                         int t, int hq, int hkv, int d, int dq_stride, int dkv_stride) override;
   void CrossEntropy(float* losses, float* max_prob, Operand dlogits, const float* logits,
                     const int32_t* targets, const float* weights, int n, int v) override;
   void EmbeddingForwardRange(float* out, const int32_t* ids, const float* table, int n, int c,

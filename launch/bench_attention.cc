@@ -126,7 +126,7 @@ absl::StatusOr<AttentionBenchResult> RunAttentionBenchmark(const ModelConfig& mc
   });
   r.backward_seconds = MedianSeconds(be, o.warmup, o.steps, [&] {
     be->AttentionBackward(dq.op, dk.op, dv.op, dout.op, out.op, lse_p, q.op, k.op, v.op, b, t, hq,
-                          hkv, d);
+                          hkv, d, hq * d, hkv * d);
   });
   std::printf("  forward   %10.4g ms  %10.4g TFLOP/s\n", r.forward_seconds * 1e3,
               r.forward_flops / r.forward_seconds / 1e12);

@@ -1,6 +1,7 @@
 #include "models/layers.h"
 
 #include <cmath>
+#include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "engine/core/dropout.h"
@@ -163,6 +164,28 @@ bool Consecutive(const LayerContext& ctx, std::initializer_list<int> ids) {
   return true;
 }
 
+// The attention projections' gradients dq, dk, dv: the q, k and v parts of rows of
+// (hq + 2 hkv) d (GradScratch's dq holds n of them) when the three projections' weights, and
+// their biases if any, lie one after another in the arena and no q and k norms come between:
+// RoPE's backward then rotates dq and dk in one call, and one GEMM takes all three to the norm's
+// input gradient (written once, not read and rewritten by two more GEMMs). Otherwise GradScratch's
+// dense dq, dk, dv.
+struct QkvGrads {
+  Operand dq, dk, dv;
+  int q_stride, kv_stride;
+  bool fused;
+};
+QkvGrads QkvGradLayout(const LayerContext& ctx, const AttnParams& p, const GradScratch& s) {
+  const ModelConfig& c = *ctx.cfg;
+  const int d = c.head_dim(), q = c.num_heads * d, kv = c.num_kv_heads * d;
+  const bool biases = p.bq >= 0 || p.bk >= 0 || p.bv >= 0;
+  if (!c.qk_norm && Consecutive(ctx, {p.wq, p.wk, p.wv}) &&
+      (!biases || Consecutive(ctx, {p.bq, p.bk, p.bv}))) {
+    return {s.dq, s.dq.At(q), s.dq.At(q + kv), q + 2 * kv, q + 2 * kv, true};
+  }
+  return {s.dq, s.dk, s.dv, q, kv, false};
+}
+
 // SwiGLU's gate and up projections (h1 and dh1, 2 n f elements). One GEMM of 2f outputs when
 // their weights are consecutive (fc1 then up, no bias: Llama configs whose f c is a multiple of
 // 16, the arena's alignment): rows [gate | up], stride 2f. Otherwise two GEMMs into the
@@ -195,10 +218,19 @@ BlockParams AddBlockParams(ParamStore& ps, const ModelConfig& c, const std::stri
   BlockParams p;
   const int d = c.head_dim(), q = c.num_heads * d, kv = c.num_kv_heads * d;
   p.attn.norm = AddNormParams(ps, c, prefix + "attn_norm");
-  const bool qkv_bias = c.use_qkv_bias();
-  AddLinear(ps, c, prefix + "attn.wq", q, c.hidden_size, &p.attn.wq, &p.attn.bq, 0, qkv_bias);
-  AddLinear(ps, c, prefix + "attn.wk", kv, c.hidden_size, &p.attn.wk, &p.attn.bk, 0, qkv_bias);
-  AddLinear(ps, c, prefix + "attn.wv", kv, c.hidden_size, &p.attn.wv, &p.attn.bv, 0, qkv_bias);
+  // The three weights, then the three biases: each group one after another in the arena, so one
+  // GEMM can take their gradients (QkvGradLayout).
+  AddLinear(ps, c, prefix + "attn.wq", q, c.hidden_size, &p.attn.wq, nullptr, 0, false);
+  AddLinear(ps, c, prefix + "attn.wk", kv, c.hidden_size, &p.attn.wk, nullptr, 0, false);
+  AddLinear(ps, c, prefix + "attn.wv", kv, c.hidden_size, &p.attn.wv, nullptr, 0, false);
+  if (c.use_qkv_bias()) {
+    for (auto [name, rows, b] :
+         {std::tuple{"attn.wq", q, &p.attn.bq}, std::tuple{"attn.wk", kv, &p.attn.bk},
+          std::tuple{"attn.wv", kv, &p.attn.bv}}) {
+      *b = ps.Add(prefix + name + ".bias", {rows}, false);
+      if (c.tp_size > 1) ps.mutable_params()[*b].split_dim = 0;
+    }
+  }
   if (c.kv_replicas > 1) {  // llama only (with qkv_bias, K and V biases replicated alike)
     for (int i : {p.attn.wk, p.attn.wv, p.attn.bk, p.attn.bv}) {
       if (i >= 0) ps.mutable_params()[i].tp_replicas = c.kv_replicas;
@@ -268,9 +300,9 @@ GradScratch MakeGradScratch(Arena& a, const ModelConfig& c, int n, bool dropout)
     s.dq_f32 = a.Floats(nq);
     s.dk_f32 = a.Floats(nkv);
   }
-  s.dq = a.Operands(nq);
-  s.dk = a.Operands(nkv);
-  s.dv = a.Operands(nkv);
+  s.dq = a.Operands(nq + 2 * nkv);  // dk and dv follow (QkvGradLayout)
+  s.dk = s.dq.At(nq);
+  s.dv = s.dq.At(nq + nkv);
   s.datt = a.Operands(nq);
   // A GELU MLP's backward goes from dout to dh1 in one op.
   if (c.use_swiglu()) s.dact = a.Operands(nf);
@@ -429,11 +461,16 @@ void BlockBackward(const LayerContext& ctx, const BlockParams& p, const BlockAct
   be->LinearBackward(s.datt, ctx.G(p.attn.wo), ctx.G(p.attn.bo),
                      BranchOutputGrad(ctx, s.dh, rows, 0, s), at.att, ctx.P(p.attn.wo), n, hq * d,
                      h, false);
-  be->AttentionBackward(s.dq, s.dk, s.dv, s.datt, at.att, at.lse, at.q, at.k, at.v, b, t, hq, hkv,
-                        d);
+  const QkvGrads g = QkvGradLayout(ctx, p.attn, s);
+  be->AttentionBackward(g.dq, g.dk, g.dv, s.datt, at.att, at.lse, at.q, at.k, at.v, b, t, hq, hkv,
+                        d, g.q_stride, g.kv_stride);
   if (c.use_rope()) {  // with bf16 operands dq, dk round again after the rotation
-    be->RopeBackward(s.dq, pos, n, hq, d, hq * d, c.rope());
-    be->RopeBackward(s.dk, pos, n, hkv, d, hkv * d, c.rope());
+    if (g.fused) {     // the heads of dq and dk, side by side in each row
+      be->RopeBackward(g.dq, pos, n, hq + hkv, d, g.q_stride, c.rope());
+    } else {
+      be->RopeBackward(g.dq, pos, n, hq, d, g.q_stride, c.rope());
+      be->RopeBackward(g.dk, pos, n, hkv, d, g.kv_stride, c.rope());
+    }
   }
   ConstOperand dq = s.dq, dk = s.dk;  // at the projections' outputs
   if (c.qk_norm) {
@@ -443,12 +480,17 @@ void BlockBackward(const LayerContext& ctx, const BlockParams& p, const BlockAct
     dk = s.dk_raw;
   }
   const ConstOperand in = BranchInput(ctx, at.norm.out, rows);  // gathered again
-  be->LinearBackward(s.dnorm, ctx.G(p.attn.wq), ctx.G(p.attn.bq), dq, in, ctx.P(p.attn.wq), n, h,
-                     hq * d, false);
-  be->LinearBackward(s.dnorm, ctx.G(p.attn.wk), ctx.G(p.attn.bk), dk, in, ctx.P(p.attn.wk), n, h,
-                     hkv * d, true);
-  be->LinearBackward(s.dnorm, ctx.G(p.attn.wv), ctx.G(p.attn.bv), s.dv, in, ctx.P(p.attn.wv), n, h,
-                     hkv * d, true);
+  if (g.fused) {  // dnorm written once, from all (hq + 2 hkv) d columns
+    be->LinearBackward(s.dnorm, ctx.G(p.attn.wq), ctx.G(p.attn.bq), g.dq, in, ctx.P(p.attn.wq), n,
+                       h, g.q_stride, false);
+  } else {
+    be->LinearBackward(s.dnorm, ctx.G(p.attn.wq), ctx.G(p.attn.bq), dq, in, ctx.P(p.attn.wq), n, h,
+                       hq * d, false);
+    be->LinearBackward(s.dnorm, ctx.G(p.attn.wk), ctx.G(p.attn.bk), dk, in, ctx.P(p.attn.wk), n, h,
+                       hkv * d, true);
+    be->LinearBackward(s.dnorm, ctx.G(p.attn.wv), ctx.G(p.attn.bv), s.dv, in, ctx.P(p.attn.wv), n,
+                       h, hkv * d, true);
+  }
   // Heads are split over tp: each rank's dnorm covers its own.
   BranchInputBackward(ctx, p.attn.norm, at.norm, dx, s.dh, s.dnorm, x, n, rows);
 }

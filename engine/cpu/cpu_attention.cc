@@ -140,12 +140,13 @@ void CpuBackend::PagedAttentionForward(Operand out_op, ConstOperand q_op, ConstO
 void CpuBackend::AttentionBackward(Operand dq_op, Operand dk_op, Operand dv_op,
                                    ConstOperand dout_op, ConstOperand out_op, const float* lse,
                                    ConstOperand q_op, ConstOperand k_op, ConstOperand v_op, int b,
-                                   int t, int hq, int hkv, int d) {
+                                   int t, int hq, int hkv, int d, int dq_stride, int dkv_stride) {
   float *dq = dq_op.f32(), *dk = dk_op.f32(), *dv = dv_op.f32();
   const float* dout = dout_op.f32();
   const float* out = out_op.f32();
   const float *q = q_op.f32(), *k = k_op.f32(), *v = v_op.f32();
   CheckAttentionSizes(t, t, t, hq, hkv, 0);
+  CheckAttentionGradStrides(hq, hkv, d, dq_stride, dkv_stride);
   // The probabilities are recomputed: P = exp(scale Q K^T - lse). Then dV = P^T dO;
   // dP = dO V^T; dS = P * (dP - rowsum(P * dP)) (rowsum(P * dP) equals dO_i . O_i, which fused
   // kernels use; `out` is in the contract for them);
@@ -159,13 +160,14 @@ void CpuBackend::AttentionBackward(Operand dq_op, Operand dk_op, Operand dv_op,
   for (int task = 0; task < tasks; ++task) {
     const int bi = task / hkv, kvh = task % hkv;
     const size_t kv_off = (static_cast<size_t>(bi) * t * hkv + kvh) * d;
+    const size_t dkv_off = static_cast<size_t>(bi) * t * dkv_stride + static_cast<size_t>(kvh) * d;
     const float* kh = k + kv_off;
     const float* vh = v + kv_off;
-    float* dkh = dk + kv_off;
-    float* dvh = dv + kv_off;
+    float* dkh = dk + dkv_off;
+    float* dvh = dv + dkv_off;
     for (int j = 0; j < t; ++j) {
-      std::memset(dkh + static_cast<size_t>(j) * hkv * d, 0, sizeof(float) * d);
-      std::memset(dvh + static_cast<size_t>(j) * hkv * d, 0, sizeof(float) * d);
+      std::memset(dkh + static_cast<size_t>(j) * dkv_stride, 0, sizeof(float) * d);
+      std::memset(dvh + static_cast<size_t>(j) * dkv_stride, 0, sizeof(float) * d);
     }
     const size_t block = static_cast<size_t>(std::min(t, kQueryBlock)) * t;
     float* p = Scratch(block, 0);
@@ -177,12 +179,14 @@ void CpuBackend::AttentionBackward(Operand dq_op, Operand dk_op, Operand dv_op,
       for (int i0 = 0; i0 < t; i0 += kQueryBlock) {
         const int rows = std::min(kQueryBlock, t - i0), keys = i0 + rows;
         const size_t at = q_off + static_cast<size_t>(i0) * hq * d;
+        const size_t dq_at =
+            (static_cast<size_t>(bi) * t + i0) * dq_stride + static_cast<size_t>(h) * d;
         const float *qb = q + at, *dob = dout + at;
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, d, scale, qb, hq * d, kh,
                     hkv * d, 0.0f, p, keys);
         ProbsFromLse(p, lse_h + i0, rows, keys, i0);
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, keys, d, rows, 1.0f, p, keys, dob,
-                    hq * d, 1.0f, dvh, hkv * d);
+                    hq * d, 1.0f, dvh, dkv_stride);
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, d, 1.0f, dob, hq * d, vh,
                     hkv * d, 0.0f, ds, keys);
         for (int i = 0; i < rows; ++i) {
@@ -195,9 +199,9 @@ void CpuBackend::AttentionBackward(Operand dq_op, Operand dk_op, Operand dv_op,
           for (int j = last + 1; j < keys; ++j) row[j] = 0.0f;
         }
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, d, keys, scale, ds, keys, kh,
-                    hkv * d, 0.0f, dq + at, hq * d);
+                    hkv * d, 0.0f, dq + dq_at, dq_stride);
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, keys, d, rows, scale, ds, keys, qb,
-                    hq * d, 1.0f, dkh, hkv * d);
+                    hq * d, 1.0f, dkh, dkv_stride);
       }
     }
   }

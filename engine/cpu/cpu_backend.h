@@ -98,7 +98,7 @@ class CpuBackend final : public Backend {
   // dq/dout/out: [b, t, hq, d]; dk/dv: [b, t, hkv, d]; lse: [b, hq, t].
   void AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout, ConstOperand out,
                          const float* lse, ConstOperand q, ConstOperand k, ConstOperand v, int b,
-                         int t, int hq, int hkv, int d) override;
+                         int t, int hq, int hkv, int d, int dq_stride, int dkv_stride) override;
 
   // ---- softmax cross-entropy (cpu_cross_entropy.cc) -----------------------------------------
   // logits/dlogits: [n, v]; losses, max_prob, targets, weights: [n].

@@ -138,7 +138,7 @@ class CudaBackend final : public Backend {
                           int hq, int hkv, int d) override;
   void AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout, ConstOperand out,
                          const float* lse, ConstOperand q, ConstOperand k, ConstOperand v, int b,
-                         int t, int hq, int hkv, int d) override;
+                         int t, int hq, int hkv, int d, int dq_stride, int dkv_stride) override;
 
   void CrossEntropy(float* losses, float* max_prob, Operand dlogits, const float* logits,
                     const int32_t* targets, const float* weights, int n, int v) override;

@@ -180,8 +180,9 @@ void CudaBackend::PagedAttentionPass(Operand out, ConstOperand q, ConstOperand k
 void CudaBackend::AttentionBackward(Operand dq_op, Operand dk_op, Operand dv_op, ConstOperand dout,
                                     ConstOperand out, const float* lse, ConstOperand q,
                                     ConstOperand k, ConstOperand v, int b, int t, int hq, int hkv,
-                                    int d) {
+                                    int d, int dq_stride, int dkv_stride) {
   CheckAttentionSizes(t, t, t, hq, hkv, 0);
+  CheckAttentionGradStrides(hq, hkv, d, dq_stride, dkv_stride);
   // As on the CPU: P = exp(scale Q K^T - lse) recomputed; dV = P^T dO; dP = dO V^T;
   // dS = P * (dP - rowsum(P * dP)); dQ = scale dS K; dK = scale dS^T Q, dK and dV summed over
   // the heads sharing a KV head, in head order. (rowsum(P * dP) equals dO . O, which the CPU
@@ -190,29 +191,33 @@ void CudaBackend::AttentionBackward(Operand dq_op, Operand dk_op, Operand dv_op,
   EE_CHECK(dq_op.dtype == q.dtype && dk_op.dtype == q.dtype && dv_op.dtype == q.dtype,
            "attention gradients dq, dk, dv must have q's dtype ", DTypeName(q.dtype));
   EE_CHECK(dout.dtype == out.dtype, "attention dout must have out's dtype ", DTypeName(out.dtype));
+  const cuda::AttentionShape shape{b, t, hq, hkv, d, dq_stride, dkv_stride};
   if (UseCudnn(
-          {b, t, hq, hkv, d}, {dq_op, dout, q},
+          shape, {dq_op, dout, q},
           {dq_op.data, dk_op.data, dv_op.data, dout.data, out.data, lse, q.data, k.data, v.data}) &&
       cudnn_attention_->Backward(dq_op.data, dk_op.data, dv_op.data, dout.data, out.data, lse,
-                                 q.data, k.data, v.data, {b, t, hq, hkv, d})) {
+                                 q.data, k.data, v.data, shape)) {
     return;
   }
   if (UseFlash(d,
                {dq_op.data, dk_op.data, dv_op.data, dout.data, out.data, q.data, k.data, v.data})) {
     float* dsum = static_cast<float*>(Scratch(static_cast<size_t>(b) * hq * t * sizeof(float), 0));
-    CUDA_CHECK(cuda::FlashAttentionBackward(ToElems(dq_op), ToElems(dk_op), ToElems(dv_op),
-                                            ToElems(dout), ToElems(out), lse, dsum, ToElems(q),
-                                            ToElems(k), ToElems(v), b, t, hq, hkv, d, stream_));
+    CUDA_CHECK(cuda::FlashAttentionBackward(
+        ToElems(dq_op), ToElems(dk_op), ToElems(dv_op), ToElems(dout), ToElems(out), lse, dsum,
+        ToElems(q), ToElems(k), ToElems(v), b, t, hq, hkv, d, dq_stride, dkv_stride, stream_));
     return;
   }
   // The unfused path recomputes everything from Q, K, V and the lse; it does not read `out`. It
-  // accumulates in fp32 (bf16 gradients go through scratch, converted at the end).
-  const size_t nq = static_cast<size_t>(b) * t * hq * d, nkv = static_cast<size_t>(b) * t * hkv * d;
+  // accumulates in fp32: bf16 gradients go through dense scratch, converted into their rows at
+  // the end; fp32 ones are written in place at their strides.
+  const int rows = b * t;
+  const size_t nq = static_cast<size_t>(rows) * hq * d, nkv = static_cast<size_t>(rows) * hkv * d;
   const bool bf16 = dq_op.is_bf16();
   float* grads = bf16 ? static_cast<float*>(Scratch((nq + 2 * nkv) * sizeof(float), 5)) : nullptr;
   float* dq = bf16 ? grads : dq_op.f32();
   float* dk = bf16 ? grads + nq : dk_op.f32();
   float* dv = bf16 ? grads + nq + nkv : dv_op.f32();
+  const int ldq = bf16 ? hq * d : dq_stride, ldkv = bf16 ? hkv * d : dkv_stride;
   const int group = hq / hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   float* p = static_cast<float*>(Scratch(static_cast<size_t>(t) * t * sizeof(float), 0));
@@ -220,26 +225,28 @@ void CudaBackend::AttentionBackward(Operand dq_op, Operand dk_op, Operand dv_op,
   for (int bi = 0; bi < b; ++bi) {
     for (int kvh = 0; kvh < hkv; ++kvh) {
       const size_t kv_off = (static_cast<size_t>(bi) * t * hkv + kvh) * d;
-      const size_t pitch = static_cast<size_t>(hkv) * d * sizeof(float);
-      CUDA_CHECK(cudaMemset2DAsync(dk + kv_off, pitch, 0, d * sizeof(float), t, stream_));
-      CUDA_CHECK(cudaMemset2DAsync(dv + kv_off, pitch, 0, d * sizeof(float), t, stream_));
+      const size_t dkv_off = static_cast<size_t>(bi) * t * ldkv + static_cast<size_t>(kvh) * d;
+      const size_t pitch = static_cast<size_t>(ldkv) * sizeof(float);
+      CUDA_CHECK(cudaMemset2DAsync(dk + dkv_off, pitch, 0, d * sizeof(float), t, stream_));
+      CUDA_CHECK(cudaMemset2DAsync(dv + dkv_off, pitch, 0, d * sizeof(float), t, stream_));
       for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
         const size_t q_off = (static_cast<size_t>(bi) * t * hq + h) * d;
+        const size_t dq_off = static_cast<size_t>(bi) * t * ldq + static_cast<size_t>(h) * d;
         const ConstOperand doh = dout.At(q_off);
         Gemm(false, true, t, t, d, scale, q.At(q_off), hq * d, k.At(kv_off), hkv * d, 0.0f, p, t);
         CUDA_CHECK(cuda::ProbsFromLse(p, lse + (static_cast<size_t>(bi) * hq + h) * t, t, stream_));
-        Gemm(true, false, t, d, t, 1.0f, p, t, doh, hq * d, 1.0f, dv + kv_off, hkv * d);
+        Gemm(true, false, t, d, t, 1.0f, p, t, doh, hq * d, 1.0f, dv + dkv_off, ldkv);
         Gemm(false, true, t, t, d, 1.0f, doh, hq * d, v.At(kv_off), hkv * d, 0.0f, ds, t);
         CUDA_CHECK(cuda::SoftmaxBackwardRows(ds, p, t, stream_));
-        Gemm(false, false, t, d, t, scale, ds, t, k.At(kv_off), hkv * d, 0.0f, dq + q_off, hq * d);
-        Gemm(true, false, t, d, t, scale, ds, t, q.At(q_off), hq * d, 1.0f, dk + kv_off, hkv * d);
+        Gemm(false, false, t, d, t, scale, ds, t, k.At(kv_off), hkv * d, 0.0f, dq + dq_off, ldq);
+        Gemm(true, false, t, d, t, scale, ds, t, q.At(q_off), hq * d, 1.0f, dk + dkv_off, ldkv);
       }
     }
   }
   if (bf16) {
-    CUDA_CHECK(cuda::ToBf16(dq_op.bf16_bits(), dq, nq, stream_));
-    CUDA_CHECK(cuda::ToBf16(dk_op.bf16_bits(), dk, nkv, stream_));
-    CUDA_CHECK(cuda::ToBf16(dv_op.bf16_bits(), dv, nkv, stream_));
+    CUDA_CHECK(cuda::ToBf16Rows(dq_op.bf16_bits(), dq_stride, dq, rows, hq * d, stream_));
+    CUDA_CHECK(cuda::ToBf16Rows(dk_op.bf16_bits(), dkv_stride, dk, rows, hkv * d, stream_));
+    CUDA_CHECK(cuda::ToBf16Rows(dv_op.bf16_bits(), dkv_stride, dv, rows, hkv * d, stream_));
   }
 }
 

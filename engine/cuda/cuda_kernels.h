@@ -27,6 +27,9 @@ cudaError_t Add(float* y, const float* a, const float* b, size_t n, cudaStream_t
 cudaError_t FillUniform(float* x, size_t n, uint32_t seed, float scale, cudaStream_t s);
 // out[i] = the bf16 bits of x[i] (round to nearest even).
 cudaError_t ToBf16(uint16_t* out, const float* x, size_t n, cudaStream_t s);
+// x [rows, cols] as bf16 into rows of out `out_stride` elements apart.
+cudaError_t ToBf16Rows(uint16_t* out, size_t out_stride, const float* x, int rows, int cols,
+                       cudaStream_t s);
 cudaError_t Axpy(float* y, float alpha, const float* x, size_t n, cudaStream_t s);
 cudaError_t Scale(float* x, float alpha, size_t n, cudaStream_t s);
 cudaError_t ToFloat(float* out, Elems in, size_t n, cudaStream_t s);
@@ -177,8 +180,10 @@ cudaError_t PagedDecodeAttention(Elems out, Elems q, Elems k, Elems v, const Pag
                                  int count, int page_tokens, int hq, int hkv, int d,
                                  const DecodeSplits& plan, float* partial, cudaStream_t s);
 
+// dq, dk, dv rows dq_stride and dkv_stride elements apart (Backend::AttentionBackward).
 cudaError_t FlashAttentionBackward(Elems dq, Elems dk, Elems dv, Elems dout, Elems out,
                                    const float* lse, float* dsum, Elems q, Elems k, Elems v, int b,
-                                   int t, int hq, int hkv, int d, cudaStream_t s);
+                                   int t, int hq, int hkv, int d, int dq_stride, int dkv_stride,
+                                   cudaStream_t s);
 
 }  // namespace eellm::cuda

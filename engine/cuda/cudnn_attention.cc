@@ -52,10 +52,12 @@ enum Uid : int64_t {
   kDqAccumulator
 };
 
-// The layouts, as 4-d [b, heads, t, d] views of the [b, t, heads, d] rows.
+// The layouts, as 4-d [b, heads, t, d] views of the [b, t, heads, d] rows (`row` elements
+// between tokens; dense: h d).
 std::vector<int64_t> Rows(int b, int h, int t, int d) { return {b, h, t, d}; }
-std::vector<int64_t> RowStrides(int h, int t, int d) {
-  return {static_cast<int64_t>(t) * h * d, d, static_cast<int64_t>(h) * d, 1};
+std::vector<int64_t> RowStrides(int h, int t, int d, int64_t row = 0) {
+  if (row == 0) row = static_cast<int64_t>(h) * d;
+  return {static_cast<int64_t>(t) * row, d, row, 1};
 }
 // k (or v) transposed, [b, h, d, t], by strides alone.
 std::vector<int64_t> Transposed(int b, int h, int t, int d) { return {b, h, d, t}; }
@@ -145,9 +147,11 @@ void BackwardGraph(Graph& g, const AttentionShape& s, bool accumulating) {
   const auto kv_rows = Rows(s.b, s.hkv, s.t, s.d), kv_strides = RowStrides(s.hkv, s.t, s.d);
   g.Tensor(q_rows, q_strides, CUDNN_DATA_BFLOAT16, Kind::kIo, kO);
   g.Tensor(q_rows, q_strides, CUDNN_DATA_BFLOAT16, Kind::kIo, kDout);
-  g.Tensor(q_rows, q_strides, CUDNN_DATA_BFLOAT16, Kind::kIo, kDq);
-  g.Tensor(kv_rows, kv_strides, CUDNN_DATA_BFLOAT16, Kind::kIo, kDk);
-  g.Tensor(kv_rows, kv_strides, CUDNN_DATA_BFLOAT16, Kind::kIo, kDv);
+  // The gradients at their row strides (the parts of one fused q, k, v buffer, or dense).
+  g.Tensor(q_rows, RowStrides(s.hq, s.t, s.d, s.dq_row()), CUDNN_DATA_BFLOAT16, Kind::kIo, kDq);
+  const auto dkv_strides = RowStrides(s.hkv, s.t, s.d, s.dkv_row());
+  g.Tensor(kv_rows, dkv_strides, CUDNN_DATA_BFLOAT16, Kind::kIo, kDk);
+  g.Tensor(kv_rows, dkv_strides, CUDNN_DATA_BFLOAT16, Kind::kIo, kDv);
   g.Tensor(StatsDims(s), Graph::Packed(StatsDims(s)), CUDNN_DATA_FLOAT, Kind::kIo, kStats);
   g.Tensor(StatsDims(s), Graph::Packed(StatsDims(s)), CUDNN_DATA_FLOAT, Kind::kIo, kSoftmaxSum);
   g.Tensor(kScalar, kScalar, CUDNN_DATA_FLOAT, Kind::kByValue, kOne);
@@ -201,8 +205,10 @@ const char* PassName(Pass pass) {
 }
 // What the log lines name: "cuDNN attention <pass> (<shape>)".
 std::string Describe(const AttentionShape& s, Pass pass) {
-  return absl::StrFormat("cuDNN attention %s (b %d, t %d, heads %d/%d, d %d)", PassName(pass), s.b,
-                         s.t, s.hq, s.hkv, s.d);
+  const bool strided = s.dq_row() != s.hq * s.d || s.dkv_row() != s.hkv * s.d;
+  return absl::StrFormat(
+      "cuDNN attention %s (b %d, t %d, heads %d/%d, d %d%s)", PassName(pass), s.b, s.t, s.hq, s.hkv,
+      s.d, strided ? absl::StrFormat(", gradient rows %d/%d", s.dq_row(), s.dkv_row()) : "");
 }
 
 constexpr size_t kAlign = 256;

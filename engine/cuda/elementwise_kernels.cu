@@ -51,12 +51,21 @@ __global__ void FillUniformKernel(float* x, size_t n, uint32_t seed, float scale
   }
 }
 // bf16 bits of x (round to nearest even; NaN stays NaN).
+__device__ __forceinline__ uint16_t Bf16Bits(float x) {
+  const uint32_t u = __float_as_uint(x);
+  return (u & 0x7fffffffu) > 0x7f800000u
+             ? static_cast<uint16_t>((u >> 16) | 0x40)
+             : static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
 __global__ void ToBf16Kernel(uint16_t* out, const float* x, size_t n) {
+  GRID_STRIDE(i, n) out[i] = Bf16Bits(x[i]);
+}
+// x [rows, cols] into rows of out `out_stride` elements apart.
+__global__ void ToBf16RowsKernel(uint16_t* out, size_t out_stride, const float* x, int cols,
+                                 size_t n) {
   GRID_STRIDE(i, n) {
-    const uint32_t u = __float_as_uint(x[i]);
-    out[i] = (u & 0x7fffffffu) > 0x7f800000u
-                 ? static_cast<uint16_t>((u >> 16) | 0x40)
-                 : static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    const size_t r = i / cols;
+    out[r * out_stride + (i - r * cols)] = Bf16Bits(x[i]);
   }
 }
 __global__ void AddKernel(float* y, const float* a, const float* b, size_t n) {
@@ -412,6 +421,15 @@ cudaError_t FillUniform(float* x, size_t n, uint32_t seed, float scale, cudaStre
 }
 cudaError_t ToBf16(uint16_t* out, const float* x, size_t n, cudaStream_t s) {
   if (n) LaunchKernel(ToBf16Kernel, dim3(Blocks(n)), dim3(kThreads), 0, s, out, x, n);
+  return cudaGetLastError();
+}
+cudaError_t ToBf16Rows(uint16_t* out, size_t out_stride, const float* x, int rows, int cols,
+                       cudaStream_t s) {
+  const size_t n = static_cast<size_t>(rows) * cols;
+  if (n) {
+    LaunchKernel(ToBf16RowsKernel, dim3(Blocks(n)), dim3(kThreads), 0, s, out, out_stride, x, cols,
+                 n);
+  }
   return cudaGetLastError();
 }
 cudaError_t Add(float* y, const float* a, const float* b, size_t n, cudaStream_t s) {

@@ -323,7 +323,7 @@ template <int D, typename InT, typename OutT>
 __global__ void __launch_bounds__(kKvThreads)
     FlashBackwardKvKernel(InT* dk, InT* dv, const OutT* dout, const float* lse, const float* dsum,
                           const InT* q, const InT* k, const InT* v, int t, int hq, int hkv,
-                          float scale) {
+                          float scale, int dkv_stride) {
   EE_DYNAMIC_SHARED(smem);
   using L = BwdSmem<D, kKvRows>;
   const __nv_bfloat16* ks = SmemTile<D>(smem, L::kA, 0);
@@ -396,8 +396,9 @@ __global__ void __launch_bounds__(kKvThreads)
     }
     __syncthreads();  // every warp is done with these buffers before they are loaded again
   }
-  StoreWarpRows<D>(dv + kv_base, kv_stride, warp_key, t, dv_acc, 1.0f, lane);
-  StoreWarpRows<D>(dk + kv_base, kv_stride, warp_key, t, dk_acc, scale, lane);
+  const size_t dkv_base = static_cast<size_t>(bi) * t * dkv_stride + static_cast<size_t>(kvh) * D;
+  StoreWarpRows<D>(dv + dkv_base, dkv_stride, warp_key, t, dv_acc, 1.0f, lane);
+  StoreWarpRows<D>(dk + dkv_base, dkv_stride, warp_key, t, dk_acc, scale, lane);
 }
 
 // dQ for queries [q0, q0 + 64) of head h in sequence bi: warp w owns 16 of them. For each key
@@ -407,7 +408,7 @@ template <int D, typename InT, typename OutT>
 __global__ void __launch_bounds__(kThreads)
     FlashBackwardQKernel(InT* dq, const OutT* dout, const float* lse, const float* dsum,
                          const InT* q, const InT* k, const InT* v, int t, int hq, int hkv,
-                         float scale) {
+                         float scale, int dq_stride) {
   EE_DYNAMIC_SHARED(smem);
   using L = BwdSmem<D>;
   const __nv_bfloat16* qs = SmemTile<D>(smem, L::kA, 0);
@@ -479,7 +480,8 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();  // every warp is done with these buffers before they are loaded again
   }
-  StoreWarpRows<D>(dq + q_base, q_stride, q0 + warp * 16, t, dq_acc, scale, lane);
+  const size_t dq_base = static_cast<size_t>(bi) * t * dq_stride + static_cast<size_t>(h) * D;
+  StoreWarpRows<D>(dq + dq_base, dq_stride, q0 + warp * 16, t, dq_acc, scale, lane);
 }
 
 template <int D, typename InT, typename OutT>
@@ -499,7 +501,8 @@ cudaError_t LaunchForward(OutT* out, float* lse, const InT* q, const InT* k, con
 template <int D, typename InT, typename OutT>
 cudaError_t LaunchBackward(InT* dq, InT* dk, InT* dv, const OutT* dout, const OutT* out,
                            const float* lse, float* dsum, const InT* q, const InT* k, const InT* v,
-                           int b, int t, int hq, int hkv, cudaStream_t s) {
+                           int b, int t, int hq, int hkv, int dq_stride, int dkv_stride,
+                           cudaStream_t s) {
   constexpr size_t kKvBytes = BwdSmem<D, kKvRows>::kBytes, kQBytes = BwdSmem<D>::kBytes;
   const float scale = 1.0f / sqrtf(D);
   const int rows = b * hq * t;
@@ -514,10 +517,11 @@ cudaError_t LaunchBackward(InT* dq, InT* dk, InT* dv, const OutT* dout, const Ou
   if (e != cudaSuccess) return e;
   e = LaunchKernel(FlashBackwardKvKernel<D, InT, OutT>, dim3((t + kKvRows - 1) / kKvRows, hkv, b),
                    dim3(kKvThreads), kKvBytes, s, dk, dv, dout, lse, dsum, q, k, v, t, hq, hkv,
-                   scale);
+                   scale, dkv_stride);
   if (e != cudaSuccess) return e;
   return LaunchKernel(FlashBackwardQKernel<D, InT, OutT>, dim3((t + kTile - 1) / kTile, hq, b),
-                      dim3(kThreads), kQBytes, s, dq, dout, lse, dsum, q, k, v, t, hq, hkv, scale);
+                      dim3(kThreads), kQBytes, s, dq, dout, lse, dsum, q, k, v, t, hq, hkv, scale,
+                      dq_stride);
 }
 
 template <typename InT, typename OutT>
@@ -544,15 +548,18 @@ cudaError_t Forward(OutT* out, float* lse, const InT* q, const InT* k, const InT
 template <typename InT, typename OutT>
 cudaError_t Backward(InT* dq, InT* dk, InT* dv, const OutT* dout, const OutT* out, const float* lse,
                      float* dsum, const InT* q, const InT* k, const InT* v, int b, int t, int hq,
-                     int hkv, int d, cudaStream_t s) {
+                     int hkv, int d, int dq_stride, int dkv_stride, cudaStream_t s) {
   if (b == 0 || t == 0) return cudaSuccess;
   switch (d) {
     case 32:
-      return LaunchBackward<32>(dq, dk, dv, dout, out, lse, dsum, q, k, v, b, t, hq, hkv, s);
+      return LaunchBackward<32>(dq, dk, dv, dout, out, lse, dsum, q, k, v, b, t, hq, hkv, dq_stride,
+                                dkv_stride, s);
     case 64:
-      return LaunchBackward<64>(dq, dk, dv, dout, out, lse, dsum, q, k, v, b, t, hq, hkv, s);
+      return LaunchBackward<64>(dq, dk, dv, dout, out, lse, dsum, q, k, v, b, t, hq, hkv, dq_stride,
+                                dkv_stride, s);
     case 128:
-      return LaunchBackward<128>(dq, dk, dv, dout, out, lse, dsum, q, k, v, b, t, hq, hkv, s);
+      return LaunchBackward<128>(dq, dk, dv, dout, out, lse, dsum, q, k, v, b, t, hq, hkv,
+                                 dq_stride, dkv_stride, s);
     default:
       return cudaErrorInvalidValue;
   }
@@ -607,7 +614,8 @@ cudaError_t FlashAttentionForwardPaged(Elems out, Elems q, Elems k, Elems v, con
 
 cudaError_t FlashAttentionBackward(Elems dq, Elems dk, Elems dv, Elems dout, Elems out,
                                    const float* lse, float* dsum, Elems q, Elems k, Elems v, int b,
-                                   int t, int hq, int hkv, int d, cudaStream_t s) {
+                                   int t, int hq, int hkv, int d, int dq_stride, int dkv_stride,
+                                   cudaStream_t s) {
   for (const Elems& e : {k, v, dq, dk, dv}) {
     if (e.bf16 != q.bf16) return cudaErrorInvalidValue;
   }
@@ -619,7 +627,7 @@ cudaError_t FlashAttentionBackward(Elems dq, Elems dk, Elems dv, Elems dout, Ele
       return Backward(static_cast<InT*>(dq.data), static_cast<InT*>(dk.data),
                       static_cast<InT*>(dv.data), static_cast<const OutT*>(dout.data), o, lse, dsum,
                       qp, static_cast<InT*>(k.data), static_cast<InT*>(v.data), b, t, hq, hkv, d,
-                      s);
+                      dq_stride, dkv_stride, s);
     });
   });
 }

@@ -1,5 +1,6 @@
 // cuDNN's attention graphs (engine/cuda/cudnn_attention.h) checked without a GPU, for the shapes
-// the training path offers cuDNN (GQA and not, head dims 64 and 128, the 1.3B's shape):
+// the training path offers cuDNN (GQA and not, head dims 64 and 128, the 1.3B's shape, and the
+// backward's gradients in one fused q, k, v buffer):
 // - every tensor and operation descriptor of each pass (forward, both backwards) finalizes:
 //   cuDNN checks each operation's operands there (matmul dims, broadcasts, types);
 // - cuDNN's heuristics for an H200, from its device properties, offer each pass an engine whose
@@ -100,8 +101,12 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudnnAttentionGraph,
                          ::testing::Values(AttentionShape{2, 64, 4, 4, 64},
                                            AttentionShape{2, 96, 8, 2, 128},
                                            AttentionShape{1, 256, 4, 1, 64},
-                                           AttentionShape{8, 2048, 16, 16, 128},   // the 1.3B
-                                           AttentionShape{8, 1024, 12, 12, 64}));  // GPT-2
+                                           AttentionShape{8, 2048, 16, 16, 128},  // the 1.3B
+                                           AttentionShape{8, 1024, 12, 12, 64},   // GPT-2
+                                           // The backward's gradients as the parts of one fused
+                                           // q, k, v buffer: rows of (hq + 2 hkv) d.
+                                           AttentionShape{2, 96, 8, 2, 128, 1536, 1536},
+                                           AttentionShape{4, 2048, 16, 16, 128, 6144, 6144}));
 
 TEST(CudnnAttentionOffer, SmallOrOddHeadsStayOnTheFusedKernels) {
   EXPECT_FALSE(CudnnAttention::Offered({2, 64, 4, 4, 32}));      // d 32: the fused kernels

@@ -118,9 +118,9 @@ TEST_F(CpuAccumulateTest, WrittenOutputsOverwrite) {
   std::vector<float> dq1(q.size(), 0.0f), dk1(k.size(), 0.0f), dv1(v.size(), 0.0f);
   std::vector<float> dq2(q.size(), 3.0f), dk2(k.size(), 3.0f), dv2(v.size(), 3.0f);
   be_.AttentionBackward(dq1.data(), dk1.data(), dv1.data(), dout.data(), out.data(), lse.data(),
-                        q.data(), k.data(), v.data(), bb, t, hq, hkv, d);
+                        q.data(), k.data(), v.data(), bb, t, hq, hkv, d, hq * d, hkv * d);
   be_.AttentionBackward(dq2.data(), dk2.data(), dv2.data(), dout.data(), out.data(), lse.data(),
-                        q.data(), k.data(), v.data(), bb, t, hq, hkv, d);
+                        q.data(), k.data(), v.data(), bb, t, hq, hkv, d, hq * d, hkv * d);
   EXPECT_EQ(dq1, dq2);
   EXPECT_EQ(dk1, dk2);
   EXPECT_EQ(dv1, dv2);
@@ -175,7 +175,7 @@ TEST_F(CpuAccumulateTest, ReductionsAreDeterministic) {
     std::vector<float> grads(q.size() + 2 * k.size());
     be_.AttentionBackward(grads.data(), grads.data() + q.size(), grads.data() + q.size() + k.size(),
                           dout.data(), out.data(), lse.data(), q.data(), k.data(), v.data(), b, t,
-                          hq, hkv, d);
+                          hq, hkv, d, hq * d, hkv * d);
     grads.insert(grads.end(), out.begin(), out.end());
     return grads;
   });

@@ -137,7 +137,7 @@ TEST_F(CpuAttentionTest, BackwardOverSeveralQueryBlocksMatchesReference) {
                        0);
   std::vector<float> dq(q.size(), 7.0f), dk(k.size(), 7.0f), dv(v.size(), 7.0f);  // written
   be_.AttentionBackward(dq.data(), dk.data(), dv.data(), dout.data(), out.data(), lse.data(),
-                        q.data(), k.data(), v.data(), b, t, hq, hkv, d);
+                        q.data(), k.data(), v.data(), b, t, hq, hkv, d, hq * d, hkv * d);
   std::vector<double> ref_dq, ref_dk, ref_dv;
   RefAttentionBackward(q, k, v, dout, b, t, hq, hkv, d, &ref_dq, &ref_dk, &ref_dv);
   EXPECT_LT(MaxAbsDiff(dq, ref_dq), 1e-5);

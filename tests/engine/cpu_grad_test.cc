@@ -149,7 +149,7 @@ TEST_P(CpuAttentionGradTest, QKV) {
   loss();
   std::vector<float> dq(q.size(), 9.0f), dk(k.size(), 9.0f), dv(v.size(), 9.0f);
   be_.AttentionBackward(dq.data(), dk.data(), dv.data(), r.data(), out.data(), lse.data(), q.data(),
-                        k.data(), v.data(), b, t, hq, hkv, d);
+                        k.data(), v.data(), b, t, hq, hkv, d, hq * d, hkv * d);
   ExpectGradMatches("Attention dq", &q, dq, loss);
   ExpectGradMatches("Attention dk", &k, dk, loss);
   ExpectGradMatches("Attention dv", &v, dv, loss);

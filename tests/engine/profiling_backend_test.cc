@@ -65,7 +65,7 @@ TEST_F(ProfilingWork, AttentionCountsTheCausalPairs) {
     EXPECT_EQ(Stats("AttentionForward").bytes,
               4.0 * (2 * b * t * hq * d + 2 * b * t * hkv * d + b * hq * t));
     float *dq = Zeros(b * t * hq * d), *dk = Zeros(b * t * hkv * d), *dv = Zeros(b * t * hkv * d);
-    prof_.AttentionBackward(dq, dk, dv, o, o, lse, q, k, v, b, t, hq, hkv, d);
+    prof_.AttentionBackward(dq, dk, dv, o, o, lse, q, k, v, b, t, hq, hkv, d, hq * d, hkv * d);
     EXPECT_EQ(Stats("AttentionBackward").flops, 2.5 * 4.0 * d * b * hq * 15);
   }
   {  // Decoding one token after 6 cached ones: 7 keys per head.

@@ -277,6 +277,58 @@ TEST_F(BackendParity, AttentionForwardRisingScores) {
   }
 }
 
+// The backward's gradients into one buffer of rows [dq | dk | dv | 8 more], as the attention
+// branch's fused q, k, v projection reads them (models/layers.cc): every path (cuDNN's graphs at
+// head dims 64 and 128, the fused kernels, the unfused GEMMs in fp32 and bf16) writes each part
+// at the rows' stride and leaves the 8 (a sentinel, 7) as they are; the CPU's strided rows are
+// its dense gradients.
+TEST_F(BackendParity, AttentionBackwardIntoFusedRows) {
+  for (const AttnCase& a : kAttnCases) {
+    if (!a.training() || a.tq == 1) continue;
+    const int t = a.tq, rows = a.b * t, q_cols = a.hq * a.d, kv_cols = a.hkv * a.d;
+    const int stride = q_cols + 2 * kv_cols + 8;
+    SCOPED_TRACE(::testing::Message() << "b=" << a.b << " hq=" << a.hq << " hkv=" << a.hkv
+                                      << " d=" << a.d << " t=" << t);
+    const size_t nq = static_cast<size_t>(rows) * q_cols, nkv = static_cast<size_t>(rows) * kv_cols;
+    const size_t total = static_cast<size_t>(rows) * stride;
+    const auto q = RandVec(rng_, nq, 1.5), k = RandVec(rng_, nkv), v = RandVec(rng_, nkv);
+    const auto dout = RandVec(rng_, nq);
+    std::vector<float> out(nq), lse(static_cast<size_t>(a.b) * a.hq * t);
+    ref_.AttentionForward(out.data(), lse.data(), q.data(), k.data(), v.data(), a.b, t, t, t, a.hq,
+                          a.hkv, a.d, 0);
+    std::vector<float> poisoned(total, kNaN);
+    for (int r = 0; r < rows; ++r) {
+      for (int j = stride - 8; j < stride; ++j) poisoned[static_cast<size_t>(r) * stride + j] = 7;
+    }
+    ExpectParity(
+        [&](Backend* be, DeviceMem& m) -> Outputs {
+          float* g = m.Put(poisoned);
+          be->AttentionBackward(g, g + q_cols, g + q_cols + kv_cols, m.Put(dout), m.Put(out),
+                                m.Put(lse), m.Put(q), m.Put(k), m.Put(v), a.b, t, a.hq, a.hkv, a.d,
+                                stride, stride);
+          return {{"dq | dk | dv rows", m.Get(g, total)}};
+        },
+        kGemm);
+    std::vector<float> dq(nq), dk(nkv), dv(nkv), fused = poisoned;
+    ref_.AttentionBackward(dq.data(), dk.data(), dv.data(), dout.data(), out.data(), lse.data(),
+                           q.data(), k.data(), v.data(), a.b, t, a.hq, a.hkv, a.d, q_cols, kv_cols);
+    ref_.AttentionBackward(fused.data(), fused.data() + q_cols, fused.data() + q_cols + kv_cols,
+                           dout.data(), out.data(), lse.data(), q.data(), k.data(), v.data(), a.b,
+                           t, a.hq, a.hkv, a.d, stride, stride);
+    for (int r = 0; r < rows; ++r) {
+      const float* row = fused.data() + static_cast<size_t>(r) * stride;
+      const auto at = [r](int cols) { return static_cast<size_t>(r) * cols; };
+      ASSERT_TRUE(std::equal(row, row + q_cols, dq.begin() + at(q_cols))) << "dq row " << r;
+      ASSERT_TRUE(std::equal(row + q_cols, row + q_cols + kv_cols, dk.begin() + at(kv_cols)))
+          << "dk row " << r;
+      ASSERT_TRUE(
+          std::equal(row + q_cols + kv_cols, row + q_cols + 2 * kv_cols, dv.begin() + at(kv_cols)))
+          << "dv row " << r;
+      for (int j = stride - 8; j < stride; ++j) ASSERT_EQ(row[j], 7.0f) << "row " << r;
+    }
+  }
+}
+
 TEST_F(BackendParity, AttentionBackward) {
   for (const AttnCase& a : kAttnCases) {
     if (!a.training()) continue;  // the backward exists for the training form only
@@ -299,7 +351,7 @@ TEST_F(BackendParity, AttentionBackward) {
     const OpRun run = [&](Backend* be, DeviceMem& m) -> Outputs {
       float *dq = m.Nan(nq), *dk = m.Nan(nkv), *dv = m.Nan(nkv);
       be->AttentionBackward(dq, dk, dv, m.Put(dout), m.Put(out), m.Put(lse), m.Put(q), m.Put(k),
-                            m.Put(v), a.b, t, a.hq, a.hkv, a.d);
+                            m.Put(v), a.b, t, a.hq, a.hkv, a.d, a.hq * a.d, a.hkv * a.d);
       return {{"dq", m.Get(dq, nq)}, {"dk", m.Get(dk, nkv)}, {"dv", m.Get(dv, nkv)}};
     };
     if (t > 1) {

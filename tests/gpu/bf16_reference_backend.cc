@@ -307,8 +307,9 @@ void Bf16ReferenceBackend::PagedAttentionForward(Operand out, ConstOperand q, Co
 void Bf16ReferenceBackend::AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout,
                                              ConstOperand out, const float* lse, ConstOperand q,
                                              ConstOperand k, ConstOperand v, int b, int t, int hq,
-                                             int hkv, int d) {
+                                             int hkv, int d, int dq_stride, int dkv_stride) {
   CheckAttentionSizes(t, t, t, hq, hkv, 0);
+  CheckAttentionGradStrides(hq, hkv, d, dq_stride, dkv_stride);
   const bool fused = fused_attention_(d);
   const size_t nq = static_cast<size_t>(b) * t * hq * d, nkv = static_cast<size_t>(b) * t * hkv * d;
   const std::vector<float> g = OperandValues(dout, nq), o = OperandValues(out, nq),
@@ -366,9 +367,9 @@ void Bf16ReferenceBackend::AttentionBackward(Operand dq, Operand dk, Operand dv,
   }
   for (float& x : gq) x *= scale;
   for (float& x : gk) x *= scale;
-  Store(dq, gq);
-  Store(dk, gk);
-  Store(dv, gv);
+  StoreRows(dq, gq, b * t, hq * d, dq_stride);
+  StoreRows(dk, gk, b * t, hkv * d, dkv_stride);
+  StoreRows(dv, gv, b * t, hkv * d, dkv_stride);
 }
 
 void Bf16ReferenceBackend::CrossEntropy(float* losses, float* max_prob, Operand dlogits,

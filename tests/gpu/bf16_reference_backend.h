@@ -132,7 +132,7 @@ class Bf16ReferenceBackend final : public Backend {
                              int q_offset) override;
   void AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout, ConstOperand out,
                          const float* lse, ConstOperand q, ConstOperand k, ConstOperand v, int b,
-                         int t, int hq, int hkv, int d) override;
+                         int t, int hq, int hkv, int d, int dq_stride, int dkv_stride) override;
   void CrossEntropy(float* losses, float* max_prob, Operand dlogits, const float* logits,
                     const int32_t* targets, const float* weights, int n, int v) override;
   void CrossEntropyGradRange(Operand dlogits, const float* logits, const float* row_max,

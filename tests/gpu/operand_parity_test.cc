@@ -413,9 +413,9 @@ TEST_F(OperandParity, AttentionWritesAndReadsBf16Output) {
     float *dq_c = c.Put(nan_q), *dk_c = c.Put(nan_kv), *dv_c = c.Put(nan_kv);
     const Operand dq_d = d.PutBf16(nan_q), dk_d = d.PutBf16(nan_kv), dv_d = d.PutBf16(nan_kv);
     cpu_.AttentionBackward(dq_c, dk_c, dv_c, c.Put(dout), out_c, lse_c, q_c, k_c, v_c, b, t, hq,
-                           hkv, dh);
+                           hkv, dh, hq * dh, hkv * dh);
     dev_->AttentionBackward(dq_d, dk_d, dv_d, d.PutBf16(dout), out_d, lse_d, q_d, k_d, v_d, b, t,
-                            hq, hkv, dh);
+                            hq, hkv, dh, hq * dh, hkv * dh);
     EXPECT_TRUE(Close(d.Get(dq_d, nq), c.Get(dq_c, nq), kGemmBf16)) << "dq";
     EXPECT_TRUE(Close(d.Get(dk_d, nkv), c.Get(dk_c, nkv), kGemmBf16)) << "dk";
     EXPECT_TRUE(Close(d.Get(dv_d, nkv), c.Get(dv_c, nkv), kGemmBf16)) << "dv";
@@ -442,7 +442,8 @@ TEST_F(OperandParity, AttentionBackwardIsDeterministic) {
       const Operand dq = d.PutBf16(std::vector<float>(nq, kNaN)),
                     dk = d.PutBf16(std::vector<float>(nkv, kNaN)),
                     dv = d.PutBf16(std::vector<float>(nkv, kNaN));
-      dev_->AttentionBackward(dq, dk, dv, dout, out, lse, q, k, v, b, t, hq, hkv, dh);
+      dev_->AttentionBackward(dq, dk, dv, dout, out, lse, q, k, v, b, t, hq, hkv, dh, hq * dh,
+                              hkv * dh);
       std::vector<float> all = d.Get(dq, nq);
       for (const Operand& g : {dk, dv}) {
         const std::vector<float> part = d.Get(g, nkv);
@@ -541,9 +542,9 @@ TEST_F(OperandParity, FusedAttentionMatchesRoundingReferenceOverTiles) {
   const Operand dq_r = r.PutBf16(nan_q), dk_r = r.PutBf16(nan_kv), dv_r = r.PutBf16(nan_kv);
   const Operand dq_d = d.PutBf16(nan_q), dk_d = d.PutBf16(nan_kv), dv_d = d.PutBf16(nan_kv);
   ref.AttentionBackward(dq_r, dk_r, dv_r, r.PutBf16(dout), out_r, lse_r, q_r, k_r, v_r, b, t, hq,
-                        hkv, dh);
+                        hkv, dh, hq * dh, hkv * dh);
   dev_->AttentionBackward(dq_d, dk_d, dv_d, d.PutBf16(dout), out_d, lse_d, q_d, k_d, v_d, b, t, hq,
-                          hkv, dh);
+                          hkv, dh, hq * dh, hkv * dh);
   EXPECT_TRUE(SameRoundingsButRareFlips(d.Get(dq_d, nq), r.Get(dq_r, nq), kSameRounding)) << "dq";
   EXPECT_TRUE(SameRoundingsButRareFlips(d.Get(dk_d, nkv), r.Get(dk_r, nkv), kSameRounding)) << "dk";
   EXPECT_TRUE(SameRoundingsButRareFlips(d.Get(dv_d, nkv), r.Get(dv_r, nkv), kSameRounding)) << "dv";

@@ -96,7 +96,7 @@ class FakeDeviceBackend final : public Backend {
     std::abort();
   }
   void AttentionBackward(Operand, Operand, Operand, ConstOperand, ConstOperand, const float*,
-                         ConstOperand, ConstOperand, ConstOperand, int, int, int, int,
+                         ConstOperand, ConstOperand, ConstOperand, int, int, int, int, int, int,
                          int) override {
     std::abort();
   }
