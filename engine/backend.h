@@ -126,7 +126,7 @@ class Backend {
   // SwiGLU over `rows` rows of `cols`: out[r, j] = silu(gate[r, j]) * up[r, j]. gate and up
   // (and dgate, dup) have their rows `stride` elements apart (stride >= cols; the gate and up
   // halves of one [rows, 2 cols] GEMM output have stride 2 cols); out and dout are dense
-  // [rows, cols]. out written; dgate, dup written (they may alias gate and up).
+  // [rows, cols]. out written; dgate, dup written (they may alias gate and up, not dout).
   virtual void SwiGluForward(Operand out, ConstOperand gate, ConstOperand up, int rows, int cols,
                              int stride) = 0;
   virtual void SwiGluBackward(Operand dgate, Operand dup, ConstOperand dout, ConstOperand gate,

@@ -80,7 +80,7 @@ class CpuBackend final : public Backend {
                        int64_t row0) override;
 
   // ---- rotary position embedding (cpu_rope.cc) ----------------------------------------------
-  // x/dx: [n, heads, head_dim], pos: [n].
+  // x/dx: n rows `stride` apart, each starting with [heads, head_dim]; pos: [n].
   void RopeForward(Operand x, const int32_t* pos, int n, int heads, int head_dim, int stride,
                    const RopeParams& rope) override;
   void RopeBackward(Operand dx, const int32_t* pos, int n, int heads, int head_dim, int stride,
@@ -95,7 +95,8 @@ class CpuBackend final : public Backend {
   void PagedAttentionForward(Operand out, ConstOperand q, ConstOperand k, ConstOperand v,
                              const KvPageTable& pages, int tq, int hq, int hkv, int d,
                              int q_offset) override;
-  // dq/dout/out: [b, t, hq, d]; dk/dv: [b, t, hkv, d]; lse: [b, hq, t].
+  // dout/out: [b, t, hq, d]; lse: [b, hq, t]; dq: rows of [hq, d], dk/dv: rows of [hkv, d],
+  // dq_stride and dkv_stride elements apart.
   void AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout, ConstOperand out,
                          const float* lse, ConstOperand q, ConstOperand k, ConstOperand v, int b,
                          int t, int hq, int hkv, int d, int dq_stride, int dkv_stride) override;

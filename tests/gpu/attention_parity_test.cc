@@ -278,10 +278,10 @@ TEST_F(BackendParity, AttentionForwardRisingScores) {
 }
 
 // The backward's gradients into one buffer of rows [dq | dk | dv | 8 more], as the attention
-// branch's fused q, k, v projection reads them (models/layers.cc): every path (cuDNN's graphs at
-// head dims 64 and 128, the fused kernels, the unfused GEMMs in fp32 and bf16) writes each part
-// at the rows' stride and leaves the 8 (a sentinel, 7) as they are; the CPU's strided rows are
-// its dense gradients.
+// branch's fused q, k, v projection reads them (models/layers.cc), in fp32 (the fused kernels of
+// the bf16-GEMM backends and the unfused GEMMs; OperandParity.AttentionWritesAndReadsBf16Output
+// covers bf16 gradients, cuDNN's graphs and the bf16 conversion into rows): each part at the rows'
+// stride, the 8 (a sentinel, 7) as they were; the CPU's strided rows are its dense gradients.
 TEST_F(BackendParity, AttentionBackwardIntoFusedRows) {
   for (const AttnCase& a : kAttnCases) {
     if (!a.training() || a.tq == 1) continue;

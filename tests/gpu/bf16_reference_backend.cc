@@ -28,8 +28,6 @@ void Store(Operand dst, const std::vector<float>& src) {
   for (size_t i = 0; i < src.size(); ++i) bits[i] = FloatToBf16(src[i]).bits;
 }
 
-// Rows of `cols` elements `stride` apart, gathered into a dense [rows, cols] array.
-std::vector<float> RowValues(ConstOperand x, int rows, int cols, int stride);
 // Writes src ([rows, cols]) into rows `stride` apart of dst, leaving the elements between them.
 void StoreRows(Operand dst, const std::vector<float>& src, int rows, int cols, int stride) {
   for (int r = 0; r < rows; ++r) {
@@ -63,6 +61,7 @@ std::vector<float> OperandValues(ConstOperand x, size_t n, bool round) {
 }
 
 namespace {
+// Rows of `cols` elements `stride` apart, gathered into a dense [rows, cols] array.
 std::vector<float> RowValues(ConstOperand x, int rows, int cols, int stride) {
   std::vector<float> r;
   r.reserve(static_cast<size_t>(rows) * cols);

@@ -343,6 +343,43 @@ TEST_F(OperandParity, ActivationsAndRopeBackwardOnBf16) {
     dev_->RopeBackward(r_d, d.Put(pos), n, heads, hd, heads * hd, RopeParams{10000.0f});
     EXPECT_TRUE(Close(d.Get(r_d, nc), c.Get(r_c, nc), Tol{4e-3, 1e-4})) << "RoPE backward";
   }
+  {  // The fused layouts' strided rows in bf16 (16-byte accesses): SwiGLU on the gate and up
+     // halves of [n, 2 ch] rows, in place as the MLP's backward runs it, and RoPE's backward on
+     // the first `heads` heads of rows of 3 heads' width (q and k parts, then v's).
+    std::vector<float> gu(2 * nc);
+    for (int r = 0; r < n; ++r) {
+      for (int j = 0; j < ch; ++j) {
+        gu[2 * static_cast<size_t>(r) * ch + j] = x[static_cast<size_t>(r) * ch + j];
+        gu[(2 * static_cast<size_t>(r) + 1) * ch + j] = up[static_cast<size_t>(r) * ch + j];
+      }
+    }
+    float *out_c = c.Put(nan), *dg_c = c.Put(nan), *du_c = c.Put(nan);
+    cpu_.SwiGluForward(out_c, c.Put(x), c.Put(up), n, ch, ch);
+    cpu_.SwiGluBackward(dg_c, du_c, c.Put(dy), c.Put(x), c.Put(up), n, ch, ch);
+    const Operand gu_d = d.PutBf16(gu), out_d = d.PutBf16(nan);
+    dev_->SwiGluForward(out_d, gu_d, gu_d.At(ch), n, ch, 2 * ch);
+    dev_->SwiGluBackward(gu_d, gu_d.At(ch), dy_d, gu_d, gu_d.At(ch), n, ch, 2 * ch);
+    EXPECT_TRUE(Close(d.Get(out_d, nc), c.Get(out_c, nc), kBf16Store)) << "strided SwiGLU out";
+    const std::vector<float> grads = d.Get(gu_d, 2 * nc), dg = c.Get(dg_c, nc),
+                             du = c.Get(du_c, nc);
+    std::vector<float> got_dg, got_du;
+    for (int r = 0; r < n; ++r) {
+      const auto row = grads.begin() + 2 * static_cast<ptrdiff_t>(r) * ch;
+      got_dg.insert(got_dg.end(), row, row + ch);
+      got_du.insert(got_du.end(), row + ch, row + 2 * ch);
+    }
+    EXPECT_TRUE(Close(got_dg, dg, kBf16Store)) << "strided SwiGLU dgate in place";
+    EXPECT_TRUE(Close(got_du, du, kBf16Store)) << "strided SwiGLU dup in place";
+    const int stride = 3 * ch, qk = 2 * ch / hd;  // rows [q (ch) | k (ch) | v (ch)]
+    std::vector<float> rows(static_cast<size_t>(n) * stride);
+    for (size_t i = 0; i < rows.size(); ++i) rows[i] = dy[i % nc];
+    float* r_c = c.Put(rows);
+    const Operand r_d = d.PutBf16(rows);
+    cpu_.RopeBackward(r_c, c.Put(pos), n, qk, hd, stride, RopeParams{10000.0f});
+    dev_->RopeBackward(r_d, d.Put(pos), n, qk, hd, stride, RopeParams{10000.0f});
+    EXPECT_TRUE(Close(d.Get(r_d, rows.size()), c.Get(r_c, rows.size()), Tol{4e-3, 1e-4}))
+        << "strided RoPE backward";
+  }
   EXPECT_TRUE(d.GuardsIntact());
 }
 
@@ -414,11 +451,38 @@ TEST_F(OperandParity, AttentionWritesAndReadsBf16Output) {
     const Operand dq_d = d.PutBf16(nan_q), dk_d = d.PutBf16(nan_kv), dv_d = d.PutBf16(nan_kv);
     cpu_.AttentionBackward(dq_c, dk_c, dv_c, c.Put(dout), out_c, lse_c, q_c, k_c, v_c, b, t, hq,
                            hkv, dh, hq * dh, hkv * dh);
-    dev_->AttentionBackward(dq_d, dk_d, dv_d, d.PutBf16(dout), out_d, lse_d, q_d, k_d, v_d, b, t,
-                            hq, hkv, dh, hq * dh, hkv * dh);
-    EXPECT_TRUE(Close(d.Get(dq_d, nq), c.Get(dq_c, nq), kGemmBf16)) << "dq";
-    EXPECT_TRUE(Close(d.Get(dk_d, nkv), c.Get(dk_c, nkv), kGemmBf16)) << "dk";
-    EXPECT_TRUE(Close(d.Get(dv_d, nkv), c.Get(dv_c, nkv), kGemmBf16)) << "dv";
+    const Operand dout_d = d.PutBf16(dout);
+    dev_->AttentionBackward(dq_d, dk_d, dv_d, dout_d, out_d, lse_d, q_d, k_d, v_d, b, t, hq, hkv,
+                            dh, hq * dh, hkv * dh);
+    const std::vector<float> want_dq = c.Get(dq_c, nq), want_dk = c.Get(dk_c, nkv),
+                             want_dv = c.Get(dv_c, nkv);
+    EXPECT_TRUE(Close(d.Get(dq_d, nq), want_dq, kGemmBf16)) << "dq";
+    EXPECT_TRUE(Close(d.Get(dk_d, nkv), want_dk, kGemmBf16)) << "dk";
+    EXPECT_TRUE(Close(d.Get(dv_d, nkv), want_dv, kGemmBf16)) << "dv";
+    // The same gradients as the parts of one buffer of rows [dq | dk | dv | 8 more] (the
+    // attention branch's fused layout, models/layers.cc), through the same paths (cuDNN's graph
+    // with strided gradients on a GPU with cuDNN; head dim 24: the bf16 conversion into rows):
+    // each part at the rows' stride, the 8 (a sentinel, 7) untouched.
+    const int rows = b * t, qc = hq * dh, kc = hkv * dh, stride = qc + 2 * kc + 8;
+    std::vector<float> init(static_cast<size_t>(rows) * stride, kNaN);
+    for (int r = 0; r < rows; ++r) {
+      for (int j = stride - 8; j < stride; ++j) init[static_cast<size_t>(r) * stride + j] = 7;
+    }
+    const Operand g = d.PutBf16(init);
+    dev_->AttentionBackward(g, g.At(qc), g.At(qc + kc), dout_d, out_d, lse_d, q_d, k_d, v_d, b, t,
+                            hq, hkv, dh, stride, stride);
+    const std::vector<float> got = d.Get(g, init.size());
+    std::vector<float> got_dq, got_dk, got_dv;
+    for (int r = 0; r < rows; ++r) {
+      const auto row = got.begin() + static_cast<ptrdiff_t>(r) * stride;
+      got_dq.insert(got_dq.end(), row, row + qc);
+      got_dk.insert(got_dk.end(), row + qc, row + qc + kc);
+      got_dv.insert(got_dv.end(), row + qc + kc, row + qc + 2 * kc);
+      for (int j = stride - 8; j < stride; ++j) ASSERT_EQ(row[j], 7.0f) << "row " << r;
+    }
+    EXPECT_TRUE(Close(got_dq, want_dq, kGemmBf16)) << "dq in fused rows";
+    EXPECT_TRUE(Close(got_dk, want_dk, kGemmBf16)) << "dk in fused rows";
+    EXPECT_TRUE(Close(got_dv, want_dv, kGemmBf16)) << "dv in fused rows";
     EXPECT_TRUE(d.GuardsIntact());
   }
 }
