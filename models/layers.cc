@@ -1,6 +1,8 @@
 #include "models/layers.h"
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 
 #include "absl/strings/str_cat.h"
@@ -146,6 +148,15 @@ void HeadNormBackward(const LayerContext& ctx, int gain, const float* x, const f
   ctx.be->RmsNormBackward(dx, nullptr, ctx.G(gain), dout32, x, ctx.P(gain), rstd, rows, d);
 }
 
+// EELLM_FUSED_PROJECTIONS=0 keeps every projection its own GEMM (to time both in one command).
+bool FusedProjections() {
+  static const bool on = [] {
+    const char* env = std::getenv("EELLM_FUSED_PROJECTIONS");
+    return env == nullptr || std::string(env) != "0";
+  }();
+  return on;
+}
+
 // Whether the tensors `ids` lie one after another in the parameter arena, and in the gradient
 // arena or all without gradients: then one GEMM over their concatenated rows does the work of
 // one GEMM per tensor.
@@ -179,7 +190,7 @@ QkvGrads QkvGradLayout(const LayerContext& ctx, const AttnParams& p, const GradS
   const ModelConfig& c = *ctx.cfg;
   const int d = c.head_dim(), q = c.num_heads * d, kv = c.num_kv_heads * d;
   const bool biases = p.bq >= 0 || p.bk >= 0 || p.bv >= 0;
-  if (!c.qk_norm && Consecutive(ctx, {p.wq, p.wk, p.wv}) &&
+  if (FusedProjections() && !c.qk_norm && Consecutive(ctx, {p.wq, p.wk, p.wv}) &&
       (!biases || Consecutive(ctx, {p.bq, p.bk, p.bv}))) {
     return {s.dq, s.dq.At(q), s.dq.At(q + kv), q + 2 * kv, q + 2 * kv, true};
   }
@@ -197,7 +208,8 @@ struct GateUp {
 };
 GateUp GateUpLayout(const LayerContext& ctx, const MlpParams& p, Operand buf, int n) {
   const int f = ctx.cfg->ffn_hidden_size;
-  if (p.b1 < 0 && Consecutive(ctx, {p.w1, p.w3})) return {buf, buf.At(f), 2 * f, true};
+  if (FusedProjections() && p.b1 < 0 && Consecutive(ctx, {p.w1, p.w3}))
+    return {buf, buf.At(f), 2 * f, true};
   return {buf, buf.At(static_cast<size_t>(n) * f), f, false};
 }
 
