@@ -45,8 +45,8 @@
 #            cuda-bf16w (the fused kernels with fp32 and with bf16 inputs, over several key tiles:
 #            out-of-bounds accesses and shared-memory races, e.g. a cp.async into a buffer that
 #            another warp still reads, which the CPU emulation cannot see)
-#   compare  the 1.3B at one micro-batch per step, with fp32 activations (cuda-bf16) and in plain
-#            fp32 (cuda)
+#   compare  the 1.3B at one micro-batch per step, also with every projection its own GEMM
+#            (EELLM_FUSED_PROJECTIONS=0), with fp32 activations (cuda-bf16) and in plain fp32 (cuda)
 #   hf       tools/hf_check.py: eellm's converter and logits against transformers, CPU and CUDA
 #   demo     the quickstart on the GPU (cuda-bf16w): data, training the demo model (final and exit
 #            validation losses to compare with the CPU's), generation with and without early exit,
@@ -237,6 +237,10 @@ fi
 if want compare; then
   run bench_llama_b4 40 150 "$B/eellm" bench train --model=configs/bench/llama_1p3b.json \
     --backend=cuda-bf16w --batch=4 --seq=2048 --steps=3 --warmup=1 --compare-without-exits=false
+  # The same with every projection its own GEMM (q, k, v's gradients; SwiGLU's gate and up).
+  run bench_llama_b4_separate 40 150 env EELLM_FUSED_PROJECTIONS=0 "$B/eellm" bench train \
+    --model=configs/bench/llama_1p3b.json --backend=cuda-bf16w --batch=4 --seq=2048 --steps=3 \
+    --warmup=1 --compare-without-exits=false
   run bench_llama_bf16 40 150 "$B/eellm" bench train --model=configs/bench/llama_1p3b.json \
     --backend=cuda-bf16 --batch=4 --seq=2048 --steps=3 --warmup=1 --compare-without-exits=false
   run bench_llama_fp32 40 150 "$B/eellm" bench train --model=configs/bench/llama_1p3b.json \
