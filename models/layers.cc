@@ -3,7 +3,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <string>
-#include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "engine/core/dropout.h"
@@ -44,14 +43,16 @@ NormParams AddNormParams(ParamStore& ps, const ModelConfig& c, const std::string
 namespace {
 // `split`: 0 = column-parallel (output rows split over tp; bias split too), 1 = row-parallel
 // (input columns split; bias whole). Only recorded when the config is a tensor-parallel one.
+int AddBias(ParamStore& ps, const ModelConfig& c, const std::string& name, int out, int split) {
+  const int b = ps.Add(name + ".bias", {out}, false);
+  if (c.tp_size > 1 && split == 0) ps.mutable_params()[b].split_dim = 0;
+  return b;
+}
 void AddLinear(ParamStore& ps, const ModelConfig& c, const std::string& name, int out, int in,
                int* w, int* b, int split, bool bias) {
   *w = ps.Add(name + ".weight", {out, in}, true);
   if (c.tp_size > 1) ps.mutable_params()[*w].split_dim = split;
-  if (bias && b) {
-    *b = ps.Add(name + ".bias", {out}, false);
-    if (c.tp_size > 1 && split == 0) ps.mutable_params()[*b].split_dim = 0;
-  }
+  if (bias && b) *b = AddBias(ps, c, name, out, split);
 }
 
 // Row-parallel bias: added by tensor-parallel rank 0 only, before the all-reduce.
@@ -162,15 +163,14 @@ bool FusedProjections() {
 // one GEMM per tensor.
 bool Consecutive(const LayerContext& ctx, std::initializer_list<int> ids) {
   const std::vector<ParamInfo>& info = ctx.ps->params();
-  const int* prev = nullptr;
-  for (const int& i : ids) {
+  int prev = -1;
+  for (int i : ids) {
     if (i < 0) return false;
-    if (prev != nullptr) {
-      const size_t end = info[*prev].offset + info[*prev].numel;
-      if (info[i].offset != end) return false;
-      if ((ctx.G(*prev) == nullptr) != (ctx.G(i) == nullptr)) return false;
+    if (prev >= 0 && (info[i].offset != info[prev].offset + info[prev].numel ||
+                      (ctx.G(prev) == nullptr) != (ctx.G(i) == nullptr))) {
+      return false;
     }
-    prev = &i;
+    prev = i;
   }
   return true;
 }
@@ -236,12 +236,9 @@ BlockParams AddBlockParams(ParamStore& ps, const ModelConfig& c, const std::stri
   AddLinear(ps, c, prefix + "attn.wk", kv, c.hidden_size, &p.attn.wk, nullptr, 0, false);
   AddLinear(ps, c, prefix + "attn.wv", kv, c.hidden_size, &p.attn.wv, nullptr, 0, false);
   if (c.use_qkv_bias()) {
-    for (auto [name, rows, b] :
-         {std::tuple{"attn.wq", q, &p.attn.bq}, std::tuple{"attn.wk", kv, &p.attn.bk},
-          std::tuple{"attn.wv", kv, &p.attn.bv}}) {
-      *b = ps.Add(prefix + name + ".bias", {rows}, false);
-      if (c.tp_size > 1) ps.mutable_params()[*b].split_dim = 0;
-    }
+    p.attn.bq = AddBias(ps, c, prefix + "attn.wq", q, 0);
+    p.attn.bk = AddBias(ps, c, prefix + "attn.wk", kv, 0);
+    p.attn.bv = AddBias(ps, c, prefix + "attn.wv", kv, 0);
   }
   if (c.kv_replicas > 1) {  // llama only (with qkv_bias, K and V biases replicated alike)
     for (int i : {p.attn.wk, p.attn.wv, p.attn.bk, p.attn.bv}) {

@@ -192,13 +192,9 @@ void CudaBackend::AttentionBackward(Operand dq_op, Operand dk_op, Operand dv_op,
            "attention gradients dq, dk, dv must have q's dtype ", DTypeName(q.dtype));
   EE_CHECK(dout.dtype == out.dtype, "attention dout must have out's dtype ", DTypeName(out.dtype));
   // Dense strides as 0 (AttentionShape's dense), so one graph has one key in the plan cache.
-  const cuda::AttentionShape shape{b,
-                                   t,
-                                   hq,
-                                   hkv,
-                                   d,
-                                   dq_stride == hq * d ? 0 : dq_stride,
-                                   dkv_stride == hkv * d ? 0 : dkv_stride};
+  cuda::AttentionShape shape{b, t, hq, hkv, d};
+  if (dq_stride != hq * d) shape.dq_stride = dq_stride;
+  if (dkv_stride != hkv * d) shape.dkv_stride = dkv_stride;
   if (UseCudnn(
           shape, {dq_op, dout, q},
           {dq_op.data, dk_op.data, dv_op.data, dout.data, out.data, lse, q.data, k.data, v.data}) &&

@@ -71,6 +71,21 @@ std::vector<float> RowValues(ConstOperand x, int rows, int cols, int stride) {
   }
   return r;
 }
+
+// RoPE (`inverse`: its backward) by the CPU on the heads of x's rows, gathered dense and stored
+// back in x's dtype.
+void RopeRows(Backend* cpu, Operand x, const int32_t* pos, int n, int heads, int head_dim,
+              int stride, const RopeParams& rope, bool inverse) {
+  CheckRopeShape(heads, head_dim, stride);
+  const int cols = heads * head_dim;
+  std::vector<float> v = RowValues(x, n, cols, stride);
+  if (inverse) {
+    cpu->RopeBackward(v.data(), pos, n, heads, head_dim, cols, rope);
+  } else {
+    cpu->RopeForward(v.data(), pos, n, heads, head_dim, cols, rope);
+  }
+  StoreRows(x, v, n, cols, stride);
+}
 }  // namespace
 
 Bf16ReferenceBackend::Bf16ReferenceBackend(std::unique_ptr<Backend> cpu,
@@ -196,20 +211,12 @@ void Bf16ReferenceBackend::ToFloat(float* out, ConstOperand in, size_t n) {
 
 void Bf16ReferenceBackend::RopeForward(Operand x, const int32_t* pos, int n, int heads,
                                        int head_dim, int stride, const RopeParams& rope) {
-  CheckRopeShape(heads, head_dim, stride);
-  const int cols = heads * head_dim;
-  std::vector<float> xv = RowValues(x, n, cols, stride);
-  cpu_->RopeForward(xv.data(), pos, n, heads, head_dim, cols, rope);
-  StoreRows(x, xv, n, cols, stride);
+  RopeRows(cpu_.get(), x, pos, n, heads, head_dim, stride, rope, false);
 }
 
 void Bf16ReferenceBackend::RopeBackward(Operand dx, const int32_t* pos, int n, int heads,
                                         int head_dim, int stride, const RopeParams& rope) {
-  CheckRopeShape(heads, head_dim, stride);
-  const int cols = heads * head_dim;
-  std::vector<float> g = RowValues(dx, n, cols, stride);
-  cpu_->RopeBackward(g.data(), pos, n, heads, head_dim, cols, rope);
-  StoreRows(dx, g, n, cols, stride);
+  RopeRows(cpu_.get(), dx, pos, n, heads, head_dim, stride, rope, true);
 }
 
 // Attention on the stored bf16 values, with the device's roundings inside: the probabilities
