@@ -22,9 +22,9 @@ void CheckAttentionSizes(int tq, int tk, int tk_cap, int hq, int hkv, int q_offs
            " tk=", tk, " tk_cap=", tk_cap, " q_offset=", q_offset);
 }
 
-void CheckAttentionGradStrides(int hq, int hkv, int d, int dq_stride, int dkv_stride) {
-  EE_CHECK(dq_stride >= hq * d && dkv_stride >= hkv * d, "attention gradient rows of stride ",
-           dq_stride, " and ", dkv_stride, " cannot hold ", hq, " and ", hkv, " heads of ", d);
+void CheckAttentionStrides(int hq, int hkv, int d, int q_stride, int kv_stride) {
+  EE_CHECK(q_stride >= hq * d && kv_stride >= hkv * d, "attention rows of stride ", q_stride,
+           " (q) and ", kv_stride, " (k, v) cannot hold ", hq, " and ", hkv, " heads of ", d);
 }
 
 void CheckRopeShape(int heads, int head_dim, int stride) {
@@ -64,7 +64,7 @@ void GatheredPagedAttention(Backend* be, Operand out, ConstOperand q, ConstOpera
   CopyFromPages(be, k_buf, k.data, pages, 0, tk, row_bytes);
   CopyFromPages(be, v_buf, v.data, pages, 0, tk, row_bytes);
   be->AttentionForward(out, nullptr, q, ConstOperand(k_buf, k.dtype), ConstOperand(v_buf, v.dtype),
-                       1, tq, tk, buf_tokens, hq, hkv, d, q_offset);
+                       1, tq, tk, buf_tokens, hq, hkv, d, q_offset, hq * d, hkv * d);
 }
 
 void Backend::PagedAttentionPass(Operand out, ConstOperand q, ConstOperand k, ConstOperand v,

@@ -156,14 +156,17 @@ class Backend {
 
   // ---- causal self-attention with grouped-query heads ---------------------------------------
   // q: [b, tq, hq, d]; k, v: [b, tk_cap, hkv, d] of which the first tk positions are valid.
-  // Query i sits at absolute position q_offset + i and attends keys 0 .. q_offset + i
-  // (training: q_offset = 0, tq = tk = tk_cap; KV-cache decode: q_offset = tokens cached
-  // before, tk = q_offset + tq). Query head h uses KV head h / (hq / hkv). Scale 1/sqrt(d).
-  // out: [b, tq, hq, d] written. lse: [b, hq, tq], when non-null, written with each query
-  // row's log-sum-exp of its scaled scores (what the backward needs; nothing [t, t] is kept).
+  // Their rows (tokens) lie q_stride and kv_stride elements apart (hq d and hkv d when dense;
+  // the q, k and v parts of one [b t, (hq + 2 hkv) d] buffer have (hq + 2 hkv) d; what lies
+  // between is not read). Query i sits at absolute position q_offset + i and attends keys
+  // 0 .. q_offset + i (training: q_offset = 0, tq = tk = tk_cap; KV-cache decode: q_offset =
+  // tokens cached before, tk = q_offset + tq). Query head h uses KV head h / (hq / hkv). Scale
+  // 1/sqrt(d). out: [b, tq, hq, d] written (dense). lse: [b, hq, tq], when non-null, written with
+  // each query row's log-sum-exp of its scaled scores (what the backward needs; nothing [t, t]
+  // is kept).
   virtual void AttentionForward(Operand out, float* lse, ConstOperand q, ConstOperand k,
                                 ConstOperand v, int b, int tq, int tk, int tk_cap, int hq, int hkv,
-                                int d, int q_offset) = 0;
+                                int d, int q_offset, int q_stride, int kv_stride) = 0;
   // Inference attention of one sequence over its paged KV cache (engine/kv_pages.h): q, out
   // [tq, hq, d] at positions q_offset .. q_offset + tq - 1, attending keys 0 .. q_offset + i,
   // which lie in the pools k, v ([rows, hkv, d]) at the rows `pages` maps them to. Otherwise as
@@ -181,14 +184,13 @@ class Backend {
                                   Operand k_pool, Operand v_pool,
                                   const std::vector<PagedRows>& segments, int hq, int hkv, int d);
   // Training-path backward (q_offset 0, tq = tk = tk_cap = t) from the forward's out and lse;
-  // recomputes the probabilities. dq, dk, dv written: rows (tokens) of hq or hkv heads,
-  // dq_stride and dkv_stride elements apart (hq d and hkv d when dense; the q, k and v parts of
-  // one [b t, (hq + 2 hkv) d] buffer have (hq + 2 hkv) d; what lies between rows is left as it
-  // is). dout has out's dtype; dq, dk, dv have q's.
+  // recomputes the probabilities. dq, dk, dv written in q, k and v's layout: rows of hq or hkv
+  // heads, q_stride and kv_stride elements apart, as the forward read q, k, v (what lies between
+  // rows is left as it is). dout and out dense; dout has out's dtype; dq, dk, dv have q's.
   virtual void AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout,
                                  ConstOperand out, const float* lse, ConstOperand q, ConstOperand k,
-                                 ConstOperand v, int b, int t, int hq, int hkv, int d,
-                                 int dq_stride, int dkv_stride) = 0;
+                                 ConstOperand v, int b, int t, int hq, int hkv, int d, int q_stride,
+                                 int kv_stride) = 0;
 
   // ---- softmax cross-entropy ----------------------------------------------------------------
   // For each row r of logits[n, v]: losses[r] = -log softmax(logits[r])[targets[r]] (written,
@@ -276,8 +278,8 @@ void GatheredPagedAttention(Backend* be, Operand out, ConstOperand q, ConstOpera
 // The attention sizes every backend accepts (see AttentionForward); aborts naming them otherwise.
 // The backward's training form is tq = tk = tk_cap = t, q_offset = 0.
 void CheckAttentionSizes(int tq, int tk, int tk_cap, int hq, int hkv, int q_offset);
-// Fails unless the attention gradients' row strides hold their heads (AttentionBackward).
-void CheckAttentionGradStrides(int hq, int hkv, int d, int dq_stride, int dkv_stride);
+// Fails unless q's and k, v's row strides hold their heads (AttentionForward / Backward).
+void CheckAttentionStrides(int hq, int hkv, int d, int q_stride, int kv_stride);
 // Fails unless head_dim is even and stride >= heads * head_dim (RopeForward / RopeBackward).
 void CheckRopeShape(int heads, int head_dim, int stride);
 // Fails unless rows, cols >= 0 and stride >= cols (SwiGluForward / SwiGluBackward).

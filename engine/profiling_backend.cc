@@ -284,14 +284,15 @@ void ProfilingBackend::RopeBackward(Operand dx, const int32_t* pos, int n, int h
 
 void ProfilingBackend::AttentionForward(Operand out, float* lse, ConstOperand q, ConstOperand k,
                                         ConstOperand v, int b, int tq, int tk, int tk_cap, int hq,
-                                        int hkv, int d, int q_offset) {
+                                        int hkv, int d, int q_offset, int q_stride, int kv_stride) {
   // 4 d FLOPs per (query, visible key) pair and head (S = Q K^T and P V).
   const double flops = 4.0 * d * b * hq * CausalPairs(tq, q_offset);
   const double nq = 1.0 * b * tq * hq * d, nkv = 1.0 * b * tk * hkv * d;
   Timed timed(this, "AttentionForward", flops,
               B(q, nq) + B(k, nkv) + B(v, nkv) + B(out, nq) +
                   (lse != nullptr ? F32(1.0 * b * hq * tq) : 0.0));
-  inner_->AttentionForward(out, lse, q, k, v, b, tq, tk, tk_cap, hq, hkv, d, q_offset);
+  inner_->AttentionForward(out, lse, q, k, v, b, tq, tk, tk_cap, hq, hkv, d, q_offset, q_stride,
+                           kv_stride);
 }
 
 void ProfilingBackend::PagedAttentionForward(Operand out, ConstOperand q, ConstOperand k,
@@ -323,7 +324,7 @@ void ProfilingBackend::PagedAttentionPass(Operand out, ConstOperand q, ConstOper
 void ProfilingBackend::AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout,
                                          ConstOperand out, const float* lse, ConstOperand q,
                                          ConstOperand k, ConstOperand v, int b, int t, int hq,
-                                         int hkv, int d, int dq_stride, int dkv_stride) {
+                                         int hkv, int d, int q_stride, int kv_stride) {
   // 2.5 times the forward's FLOPs (the FlashAttention convention: dV, dP, dQ, dK and the
   // recomputed S).
   const double flops = 2.5 * 4.0 * d * b * hq * CausalPairs(t, 0);
@@ -331,8 +332,8 @@ void ProfilingBackend::AttentionBackward(Operand dq, Operand dk, Operand dv, Con
   Timed timed(this, "AttentionBackward", flops,
               B(q, nq) + B(k, nkv) + B(v, nkv) + B(out, nq) + B(dout, nq) + B(dq, nq) + B(dk, nkv) +
                   B(dv, nkv) + F32(1.0 * b * hq * t));
-  inner_->AttentionBackward(dq, dk, dv, dout, out, lse, q, k, v, b, t, hq, hkv, d, dq_stride,
-                            dkv_stride);
+  inner_->AttentionBackward(dq, dk, dv, dout, out, lse, q, k, v, b, t, hq, hkv, d, q_stride,
+                            kv_stride);
 }
 
 void ProfilingBackend::CrossEntropy(float* losses, float* max_prob, Operand dlogits,

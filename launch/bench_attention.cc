@@ -106,9 +106,14 @@ absl::StatusOr<AttentionBenchResult> RunAttentionBenchmark(const ModelConfig& mc
     for (float& x : v) x = static_cast<float>(rng.Normal());
     return v;
   };
-  const std::vector<float> qv = random(nq), kv = random(nkv), vv = random(nkv), gv = random(nq);
-  DeviceOperand q(be, dt, nq, &qv), k(be, dt, nkv, &kv), v(be, dt, nkv, &vv), dout(be, dt, nq, &gv);
-  DeviceOperand out(be, dt, nq), dq(be, dt, nq), dk(be, dt, nkv), dv(be, dt, nkv);
+  // q, k, v and their gradients as the parts of [b t, (hq + 2 hkv) d] rows, as the training
+  // path lays them out where one GEMM projects all three (models/layers.cc, QkvLayout).
+  const int stride = (hq + 2 * hkv) * d;
+  const std::vector<float> xv = random(nq + 2 * nkv), gv = random(nq);
+  DeviceOperand qkv(be, dt, nq + 2 * nkv, &xv), dout(be, dt, nq, &gv);
+  DeviceOperand out(be, dt, nq), dqkv(be, dt, nq + 2 * nkv);
+  const Operand q = qkv.op, k = qkv.op.At(hq * d), v = qkv.op.At((hq + hkv) * d);
+  const Operand dq = dqkv.op, dk = dqkv.op.At(hq * d), dv = dqkv.op.At((hq + hkv) * d);
   DeviceOperand lse(be, DType::kF32, static_cast<size_t>(b) * hq * t);
   float* lse_p = static_cast<float*>(lse.op.data);
 
@@ -118,15 +123,15 @@ absl::StatusOr<AttentionBenchResult> RunAttentionBenchmark(const ModelConfig& mc
   r.backward_flops = 2.5 * r.forward_flops;
   std::printf(
       "attention: %s, batch %d, heads %d/%d, %d tokens, head dimension %d, backend %s (%s "
-      "operands); median of %d runs\n",
+      "operands; q, k, v in rows of %d, as training lays them out); median of %d runs\n",
       mc.style == ModelStyle::kGpt ? "gpt" : "llama", b, hq, hkv, t, d, be->name().c_str(),
-      dt == DType::kBF16 ? "bf16" : "fp32", o.steps);
+      dt == DType::kBF16 ? "bf16" : "fp32", stride, o.steps);
   r.forward_seconds = MedianSeconds(be, o.warmup, o.steps, [&] {
-    be->AttentionForward(out.op, lse_p, q.op, k.op, v.op, b, t, t, t, hq, hkv, d, 0);
+    be->AttentionForward(out.op, lse_p, q, k, v, b, t, t, t, hq, hkv, d, 0, stride, stride);
   });
   r.backward_seconds = MedianSeconds(be, o.warmup, o.steps, [&] {
-    be->AttentionBackward(dq.op, dk.op, dv.op, dout.op, out.op, lse_p, q.op, k.op, v.op, b, t, hq,
-                          hkv, d, hq * d, hkv * d);
+    be->AttentionBackward(dq, dk, dv, dout.op, out.op, lse_p, q, k, v, b, t, hq, hkv, d, stride,
+                          stride);
   });
   std::printf("  forward   %10.4g ms  %10.4g TFLOP/s\n", r.forward_seconds * 1e3,
               r.forward_flops / r.forward_seconds / 1e12);

@@ -175,26 +175,29 @@ bool Consecutive(const LayerContext& ctx, std::initializer_list<int> ids) {
   return true;
 }
 
-// The attention projections' gradients dq, dk, dv: the q, k and v parts of rows of
-// (hq + 2 hkv) d (GradScratch's dq holds n of them) when the three projections' weights, and
-// their biases if any, lie one after another in the arena and no q and k norms come between:
-// RoPE's backward then rotates dq and dk in one call, and one GEMM takes all three to the norm's
-// input gradient (written once, not read and rewritten by two more GEMMs). Otherwise GradScratch's
-// dense dq, dk, dv.
-struct QkvGrads {
-  Operand dq, dk, dv;
-  int q_stride, kv_stride;
-  bool fused;
-};
-QkvGrads QkvGradLayout(const LayerContext& ctx, const AttnParams& p, const GradScratch& s) {
-  const ModelConfig& c = *ctx.cfg;
-  const int d = c.head_dim(), q = c.num_heads * d, kv = c.num_kv_heads * d;
+// Whether one GEMM projects q, k and v (and one GEMM takes their gradients back): their weights,
+// and their biases if any, lie one after another in the arena and no q and k norms come between.
+// Then q, k, v are the parts of [n, (hq + 2 hkv) d] rows, RoPE rotates q and k in one call, and
+// in the backward dq, dk, dv are the same parts of GradScratch's rows, RoPE's backward rotates dq
+// and dk in one call, and one GEMM takes all three to the norm's input gradient (written once,
+// not read and rewritten by two more GEMMs).
+bool QkvFused(const LayerContext& ctx, const AttnParams& p) {
   const bool biases = p.bq >= 0 || p.bk >= 0 || p.bv >= 0;
-  if (FusedProjections() && !c.qk_norm && Consecutive(ctx, {p.wq, p.wk, p.wv}) &&
-      (!biases || Consecutive(ctx, {p.bq, p.bk, p.bv}))) {
-    return {s.dq, s.dq.At(q), s.dq.At(q + kv), q + 2 * kv, q + 2 * kv, true};
-  }
-  return {s.dq, s.dk, s.dv, q, kv, false};
+  return FusedProjections() && !ctx.cfg->qk_norm && Consecutive(ctx, {p.wq, p.wk, p.wv}) &&
+         (!biases || Consecutive(ctx, {p.bq, p.bk, p.bv}));
+}
+
+// q, k, v (or dq, dk, dv) in `buf` (n (hq + 2 hkv) d elements): the parts of [n, (hq + 2 hkv) d]
+// rows when `fused`, else three dense blocks.
+struct Qkv {
+  Operand q, k, v;
+  int q_stride, kv_stride;
+};
+Qkv QkvLayout(const ModelConfig& c, Operand buf, int n, bool fused) {
+  const int d = c.head_dim(), q = c.num_heads * d, kv = c.num_kv_heads * d;
+  if (fused) return {buf, buf.At(q), buf.At(q + kv), q + 2 * kv, q + 2 * kv};
+  const size_t nq = static_cast<size_t>(n) * q, nkv = static_cast<size_t>(n) * kv;
+  return {buf, buf.At(nq), buf.At(nq + nkv), q, kv};
 }
 
 // SwiGLU's gate and up projections (h1 and dh1, 2 n f elements). One GEMM of 2f outputs when
@@ -231,7 +234,7 @@ BlockParams AddBlockParams(ParamStore& ps, const ModelConfig& c, const std::stri
   const int d = c.head_dim(), q = c.num_heads * d, kv = c.num_kv_heads * d;
   p.attn.norm = AddNormParams(ps, c, prefix + "attn_norm");
   // The three weights, then the three biases: each group one after another in the arena, so one
-  // GEMM can take their gradients (QkvGradLayout).
+  // GEMM can project q, k and v and take their gradients (QkvFused).
   AddLinear(ps, c, prefix + "attn.wq", q, c.hidden_size, &p.attn.wq, nullptr, 0, false);
   AddLinear(ps, c, prefix + "attn.wk", kv, c.hidden_size, &p.attn.wk, nullptr, 0, false);
   AddLinear(ps, c, prefix + "attn.wv", kv, c.hidden_size, &p.attn.wv, nullptr, 0, false);
@@ -277,9 +280,13 @@ BlockActs MakeBlockActs(Arena& a, const ModelConfig& c, int n, bool training, in
   const int d = c.head_dim();
   if (local < 0) local = n;
   r.attn.norm = MakeNormActs(a, local, c.hidden_size);
-  r.attn.q = a.Operands(static_cast<size_t>(n) * c.num_heads * d);
-  r.attn.k = a.Operands(static_cast<size_t>(n) * c.num_kv_heads * d);
-  r.attn.v = a.Operands(static_cast<size_t>(n) * c.num_kv_heads * d);
+  r.attn.qkv = a.Operands(static_cast<size_t>(n) * (c.num_heads + 2 * c.num_kv_heads) * d);
+  const Qkv x = QkvLayout(c, r.attn.qkv, n, false);
+  r.attn.q = x.q;
+  r.attn.k = x.k;
+  r.attn.v = x.v;
+  r.attn.q_stride = x.q_stride;
+  r.attn.kv_stride = x.kv_stride;
   if (training) r.attn.lse = a.Floats(static_cast<size_t>(n) * c.num_heads);
   r.attn.att = a.Operands(static_cast<size_t>(n) * c.num_heads * d);
   if (c.qk_norm) {
@@ -309,7 +316,7 @@ GradScratch MakeGradScratch(Arena& a, const ModelConfig& c, int n, bool dropout)
     s.dq_f32 = a.Floats(nq);
     s.dk_f32 = a.Floats(nkv);
   }
-  s.dq = a.Operands(nq + 2 * nkv);  // dk and dv follow (QkvGradLayout)
+  s.dq = a.Operands(nq + 2 * nkv);  // dk and dv follow, or dq's rows hold them (QkvLayout)
   s.dk = s.dq.At(nq);
   s.dv = s.dq.At(nq + nkv);
   s.datt = a.Operands(nq);
@@ -407,22 +414,40 @@ void BlockForward(const LayerContext& ctx, const BlockParams& p, BlockActs& a, c
   const int rows = ctx.LocalRows(n);
   NormForward(ctx, p.attn.norm, at.norm, x, rows);
   const ConstOperand in = BranchInput(ctx, at.norm.out, rows);
-  // qk_norm: q and k projected in fp32, then each head normalized into the operands.
-  const Operand q_out = c.qk_norm ? Operand(at.q_raw) : at.q;
-  const Operand k_out = c.qk_norm ? Operand(at.k_raw) : at.k;
-  be->Linear(q_out, in, ctx.P(p.attn.wq), ctx.P(p.attn.bq), n, h, hq * d, false);
-  be->Linear(k_out, in, ctx.P(p.attn.wk), ctx.P(p.attn.bk), n, h, hkv * d, false);
-  be->Linear(at.v, in, ctx.P(p.attn.wv), ctx.P(p.attn.bv), n, h, hkv * d, false);
+  // One GEMM for q, k, v on the training path (QkvFused); inference passes keep three, since the
+  // paged attention and the KV cache copies take dense rows.
+  at.fused = cache == nullptr && QkvFused(ctx, p.attn);
+  const Qkv qkv = QkvLayout(c, at.qkv, n, at.fused);
+  at.q = qkv.q;
+  at.k = qkv.k;
+  at.v = qkv.v;
+  at.q_stride = qkv.q_stride;
+  at.kv_stride = qkv.kv_stride;
+  if (at.fused) {
+    be->Linear(at.q, in, ctx.P(p.attn.wq), ctx.P(p.attn.bq), n, h, at.q_stride, false);
+  } else {
+    // qk_norm: q and k projected in fp32, then each head normalized into the operands.
+    const Operand q_out = c.qk_norm ? Operand(at.q_raw) : at.q;
+    const Operand k_out = c.qk_norm ? Operand(at.k_raw) : at.k;
+    be->Linear(q_out, in, ctx.P(p.attn.wq), ctx.P(p.attn.bq), n, h, hq * d, false);
+    be->Linear(k_out, in, ctx.P(p.attn.wk), ctx.P(p.attn.bk), n, h, hkv * d, false);
+    be->Linear(at.v, in, ctx.P(p.attn.wv), ctx.P(p.attn.bv), n, h, hkv * d, false);
+  }
   if (c.qk_norm) {
     be->RmsNormForward(at.q, at.q_rstd, at.q_raw, ctx.P(p.attn.q_norm), n * hq, d, c.norm_eps);
     be->RmsNormForward(at.k, at.k_rstd, at.k_raw, ctx.P(p.attn.k_norm), n * hkv, d, c.norm_eps);
   }
   if (c.use_rope()) {
-    be->RopeForward(at.q, pos, n, hq, d, hq * d, c.rope());
-    be->RopeForward(at.k, pos, n, hkv, d, hkv * d, c.rope());
+    if (at.fused) {  // the heads of q and k, side by side in each row
+      be->RopeForward(at.q, pos, n, hq + hkv, d, at.q_stride, c.rope());
+    } else {
+      be->RopeForward(at.q, pos, n, hq, d, at.q_stride, c.rope());
+      be->RopeForward(at.k, pos, n, hkv, d, at.kv_stride, c.rope());
+    }
   }
   if (cache == nullptr) {
-    be->AttentionForward(at.att, at.lse, at.q, at.k, at.v, b, t, t, t, hq, hkv, d, 0);
+    be->AttentionForward(at.att, at.lse, at.q, at.k, at.v, b, t, t, t, hq, hkv, d, 0, at.q_stride,
+                         at.kv_stride);
   } else {
     EE_CHECK(b == 1, "inference passes run b = 1, got ", b);
     EE_CHECK(!cache->empty(), "an inference pass without KV segments");
@@ -470,15 +495,16 @@ void BlockBackward(const LayerContext& ctx, const BlockParams& p, const BlockAct
   be->LinearBackward(s.datt, ctx.G(p.attn.wo), ctx.G(p.attn.bo),
                      BranchOutputGrad(ctx, s.dh, rows, 0, s), at.att, ctx.P(p.attn.wo), n, hq * d,
                      h, false);
-  const QkvGrads g = QkvGradLayout(ctx, p.attn, s);
-  be->AttentionBackward(g.dq, g.dk, g.dv, s.datt, at.att, at.lse, at.q, at.k, at.v, b, t, hq, hkv,
-                        d, g.q_stride, g.kv_stride);
+  // dq, dk, dv in the layout the forward chose for q, k, v.
+  const Qkv g = QkvLayout(c, s.dq, n, at.fused);
+  be->AttentionBackward(g.q, g.k, g.v, s.datt, at.att, at.lse, at.q, at.k, at.v, b, t, hq, hkv, d,
+                        at.q_stride, at.kv_stride);
   if (c.use_rope()) {  // with bf16 operands dq, dk round again after the rotation
-    if (g.fused) {     // the heads of dq and dk, side by side in each row
-      be->RopeBackward(g.dq, pos, n, hq + hkv, d, g.q_stride, c.rope());
+    if (at.fused) {    // the heads of dq and dk, side by side in each row
+      be->RopeBackward(g.q, pos, n, hq + hkv, d, g.q_stride, c.rope());
     } else {
-      be->RopeBackward(g.dq, pos, n, hq, d, g.q_stride, c.rope());
-      be->RopeBackward(g.dk, pos, n, hkv, d, g.kv_stride, c.rope());
+      be->RopeBackward(g.q, pos, n, hq, d, g.q_stride, c.rope());
+      be->RopeBackward(g.k, pos, n, hkv, d, g.kv_stride, c.rope());
     }
   }
   ConstOperand dq = s.dq, dk = s.dk;  // at the projections' outputs
@@ -489,9 +515,9 @@ void BlockBackward(const LayerContext& ctx, const BlockParams& p, const BlockAct
     dk = s.dk_raw;
   }
   const ConstOperand in = BranchInput(ctx, at.norm.out, rows);  // gathered again
-  if (g.fused) {  // dnorm written once, from all (hq + 2 hkv) d columns
-    be->LinearBackward(s.dnorm, ctx.G(p.attn.wq), ctx.G(p.attn.bq), g.dq, in, ctx.P(p.attn.wq), n,
-                       h, g.q_stride, false);
+  if (at.fused) {  // dnorm written once, from all (hq + 2 hkv) d columns
+    be->LinearBackward(s.dnorm, ctx.G(p.attn.wq), ctx.G(p.attn.bq), g.q, in, ctx.P(p.attn.wq), n, h,
+                       g.q_stride, false);
   } else {
     be->LinearBackward(s.dnorm, ctx.G(p.attn.wq), ctx.G(p.attn.bq), dq, in, ctx.P(p.attn.wq), n, h,
                        hq * d, false);

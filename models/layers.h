@@ -62,7 +62,13 @@ struct NormActs {
 };
 struct AttnActs {
   NormActs norm;
-  Operand q, k, v;       // [n, hq*d], [n, hkv*d] (after RoPE)
+  // q, k, v (after RoPE): rows of hq d, hkv d and hkv d elements, q_stride and kv_stride apart,
+  // in `qkv` ([n (hq + 2 hkv) d]): the parts of [n, (hq + 2 hkv) d] rows (`fused`) when one GEMM
+  // projected them (training-path forwards, layers.cc's QkvLayout), else three dense blocks.
+  // Set by each forward; the backward writes dq, dk, dv in the same layout.
+  Operand qkv, q, k, v;
+  int q_stride = 0, kv_stride = 0;
+  bool fused = false;
   float* lse = nullptr;  // [b, hq, t] (training only)
   // qk_norm: q and k as projected (fp32), and each head's 1/rms.
   float *q_raw = nullptr, *k_raw = nullptr, *q_rstd = nullptr, *k_rstd = nullptr;

@@ -66,10 +66,11 @@ void ProbsFromLse(float* s, const float* lse, int rows, int keys, int row0) {
 
 void CpuBackend::AttentionForward(Operand out_op, float* lse, ConstOperand q_op, ConstOperand k_op,
                                   ConstOperand v_op, int b, int tq, int tk, int tk_cap, int hq,
-                                  int hkv, int d, int q_offset) {
+                                  int hkv, int d, int q_offset, int q_stride, int kv_stride) {
   float* out = out_op.f32();
   const float *q = q_op.f32(), *k = k_op.f32(), *v = v_op.f32();
   CheckAttentionSizes(tq, tk, tk_cap, hq, hkv, q_offset);
+  CheckAttentionStrides(hq, hkv, d, q_stride, kv_stride);
   const int group = hq / hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   const int tasks = b * hq;
@@ -77,21 +78,22 @@ void CpuBackend::AttentionForward(Operand out_op, float* lse, ConstOperand q_op,
 #pragma omp parallel for schedule(dynamic, 1) if (parallel)
   for (int task = 0; task < tasks; ++task) {
     const int bi = task / hq, h = task % hq, kvh = h / group;
-    const float* qh = q + (static_cast<size_t>(bi) * tq * hq + h) * d;  // rows stride hq*d
-    const float* kh = k + (static_cast<size_t>(bi) * tk_cap * hkv + kvh) * d;
-    const float* vh = v + (static_cast<size_t>(bi) * tk_cap * hkv + kvh) * d;
-    float* oh = out + (static_cast<size_t>(bi) * tq * hq + h) * d;
+    const float* qh = q + static_cast<size_t>(bi) * tq * q_stride + static_cast<size_t>(h) * d;
+    const size_t kv_at =
+        static_cast<size_t>(bi) * tk_cap * kv_stride + static_cast<size_t>(kvh) * d;
+    const float* kh = k + kv_at;
+    const float* vh = v + kv_at;
+    float* oh = out + (static_cast<size_t>(bi) * tq * hq + h) * d;  // rows stride hq*d
     float* s = Scratch(static_cast<size_t>(std::min(tq, kQueryBlock)) * tk, 0);
     for (int i0 = 0; i0 < tq; i0 += kQueryBlock) {
       const int rows = std::min(kQueryBlock, tq - i0);
       const int keys = std::min(tk, q_offset + i0 + rows);  // what the block's last row sees
-      const size_t at = static_cast<size_t>(i0) * hq * d;
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, d, scale, qh + at, hq * d,
-                  kh, hkv * d, 0.0f, s, keys);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, d, scale,
+                  qh + static_cast<size_t>(i0) * q_stride, q_stride, kh, kv_stride, 0.0f, s, keys);
       CausalSoftmaxRows(s, lse ? lse + static_cast<size_t>(task) * tq + i0 : nullptr, rows, keys,
                         q_offset + i0);
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, d, keys, 1.0f, s, keys, vh,
-                  hkv * d, 0.0f, oh + at, hq * d);
+                  kv_stride, 0.0f, oh + static_cast<size_t>(i0) * hq * d, hq * d);
     }
   }
 }
@@ -140,13 +142,13 @@ void CpuBackend::PagedAttentionForward(Operand out_op, ConstOperand q_op, ConstO
 void CpuBackend::AttentionBackward(Operand dq_op, Operand dk_op, Operand dv_op,
                                    ConstOperand dout_op, ConstOperand out_op, const float* lse,
                                    ConstOperand q_op, ConstOperand k_op, ConstOperand v_op, int b,
-                                   int t, int hq, int hkv, int d, int dq_stride, int dkv_stride) {
+                                   int t, int hq, int hkv, int d, int q_stride, int kv_stride) {
   float *dq = dq_op.f32(), *dk = dk_op.f32(), *dv = dv_op.f32();
   const float* dout = dout_op.f32();
   const float* out = out_op.f32();
   const float *q = q_op.f32(), *k = k_op.f32(), *v = v_op.f32();
   CheckAttentionSizes(t, t, t, hq, hkv, 0);
-  CheckAttentionGradStrides(hq, hkv, d, dq_stride, dkv_stride);
+  CheckAttentionStrides(hq, hkv, d, q_stride, kv_stride);
   // The probabilities are recomputed: P = exp(scale Q K^T - lse). Then dV = P^T dO;
   // dP = dO V^T; dS = P * (dP - rowsum(P * dP)) (rowsum(P * dP) equals dO_i . O_i, which fused
   // kernels use; `out` is in the contract for them);
@@ -159,36 +161,35 @@ void CpuBackend::AttentionBackward(Operand dq_op, Operand dk_op, Operand dv_op,
 #pragma omp parallel for schedule(dynamic, 1) if (parallel)
   for (int task = 0; task < tasks; ++task) {
     const int bi = task / hkv, kvh = task % hkv;
-    const size_t kv_off = (static_cast<size_t>(bi) * t * hkv + kvh) * d;
-    const size_t dkv_off = static_cast<size_t>(bi) * t * dkv_stride + static_cast<size_t>(kvh) * d;
+    // k, v, dk and dv share the layout (rows kv_stride apart), as q and dq do.
+    const size_t kv_off = static_cast<size_t>(bi) * t * kv_stride + static_cast<size_t>(kvh) * d;
     const float* kh = k + kv_off;
     const float* vh = v + kv_off;
-    float* dkh = dk + dkv_off;
-    float* dvh = dv + dkv_off;
+    float* dkh = dk + kv_off;
+    float* dvh = dv + kv_off;
     for (int j = 0; j < t; ++j) {
-      std::memset(dkh + static_cast<size_t>(j) * dkv_stride, 0, sizeof(float) * d);
-      std::memset(dvh + static_cast<size_t>(j) * dkv_stride, 0, sizeof(float) * d);
+      std::memset(dkh + static_cast<size_t>(j) * kv_stride, 0, sizeof(float) * d);
+      std::memset(dvh + static_cast<size_t>(j) * kv_stride, 0, sizeof(float) * d);
     }
     const size_t block = static_cast<size_t>(std::min(t, kQueryBlock)) * t;
     float* p = Scratch(block, 0);
     float* ds = Scratch(block, 1);
     // Heads in order, query blocks in order: dK and dV add up in a fixed order.
     for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
-      const size_t q_off = (static_cast<size_t>(bi) * t * hq + h) * d;
       const float* lse_h = lse + (static_cast<size_t>(bi) * hq + h) * t;
       for (int i0 = 0; i0 < t; i0 += kQueryBlock) {
         const int rows = std::min(kQueryBlock, t - i0), keys = i0 + rows;
-        const size_t at = q_off + static_cast<size_t>(i0) * hq * d;
-        const size_t dq_at =
-            (static_cast<size_t>(bi) * t + i0) * dq_stride + static_cast<size_t>(h) * d;
-        const float *qb = q + at, *dob = dout + at;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, d, scale, qb, hq * d, kh,
-                    hkv * d, 0.0f, p, keys);
+        const size_t q_at =  // q and dq
+            (static_cast<size_t>(bi) * t + i0) * q_stride + static_cast<size_t>(h) * d;
+        const size_t o_at = ((static_cast<size_t>(bi) * t + i0) * hq + h) * d;  // dout
+        const float *qb = q + q_at, *dob = dout + o_at;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, d, scale, qb, q_stride, kh,
+                    kv_stride, 0.0f, p, keys);
         ProbsFromLse(p, lse_h + i0, rows, keys, i0);
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, keys, d, rows, 1.0f, p, keys, dob,
-                    hq * d, 1.0f, dvh, dkv_stride);
+                    hq * d, 1.0f, dvh, kv_stride);
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, d, 1.0f, dob, hq * d, vh,
-                    hkv * d, 0.0f, ds, keys);
+                    kv_stride, 0.0f, ds, keys);
         for (int i = 0; i < rows; ++i) {
           float* row = ds + static_cast<size_t>(i) * keys;
           const float* prow = p + static_cast<size_t>(i) * keys;
@@ -199,9 +200,9 @@ void CpuBackend::AttentionBackward(Operand dq_op, Operand dk_op, Operand dv_op,
           for (int j = last + 1; j < keys; ++j) row[j] = 0.0f;
         }
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, d, keys, scale, ds, keys, kh,
-                    hkv * d, 0.0f, dq + dq_at, dq_stride);
+                    kv_stride, 0.0f, dq + q_at, q_stride);
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, keys, d, rows, scale, ds, keys, qb,
-                    hq * d, 1.0f, dkh, dkv_stride);
+                    q_stride, 1.0f, dkh, kv_stride);
       }
     }
   }

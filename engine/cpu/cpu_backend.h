@@ -89,17 +89,17 @@ class CpuBackend final : public Backend {
   // ---- attention (cpu_attention.cc) ---------------------------------------------------------
   // q/out: [b, tq, hq, d]; k/v: [b, tk_cap, hkv, d]; lse: [b, hq, tq].
   void AttentionForward(Operand out, float* lse, ConstOperand q, ConstOperand k, ConstOperand v,
-                        int b, int tq, int tk, int tk_cap, int hq, int hkv, int d,
-                        int q_offset) override;
+                        int b, int tq, int tk, int tk_cap, int hq, int hkv, int d, int q_offset,
+                        int q_stride, int kv_stride) override;
   // q/out: [tq, hq, d]; k/v: pools [rows, hkv, d] (engine/kv_pages.h).
   void PagedAttentionForward(Operand out, ConstOperand q, ConstOperand k, ConstOperand v,
                              const KvPageTable& pages, int tq, int hq, int hkv, int d,
                              int q_offset) override;
-  // dout/out: [b, t, hq, d]; lse: [b, hq, t]; dq: rows of [hq, d], dk/dv: rows of [hkv, d],
-  // dq_stride and dkv_stride elements apart.
+  // dout/out: [b, t, hq, d]; lse: [b, hq, t]; q, dq: rows of [hq, d], k, v, dk, dv: rows of
+  // [hkv, d], q_stride and kv_stride elements apart.
   void AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout, ConstOperand out,
                          const float* lse, ConstOperand q, ConstOperand k, ConstOperand v, int b,
-                         int t, int hq, int hkv, int d, int dq_stride, int dkv_stride) override;
+                         int t, int hq, int hkv, int d, int q_stride, int kv_stride) override;
 
   // ---- softmax cross-entropy (cpu_cross_entropy.cc) -----------------------------------------
   // logits/dlogits: [n, v]; losses, max_prob, targets, weights: [n].

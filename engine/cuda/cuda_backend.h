@@ -125,8 +125,8 @@ class CudaBackend final : public Backend {
                     const RopeParams& rope) override;
 
   void AttentionForward(Operand out, float* lse, ConstOperand q, ConstOperand k, ConstOperand v,
-                        int b, int tq, int tk, int tk_cap, int hq, int hkv, int d,
-                        int q_offset) override;
+                        int b, int tq, int tk, int tk_cap, int hq, int hkv, int d, int q_offset,
+                        int q_stride, int kv_stride) override;
   // The fused kernel reads the keys through the page table; the per-head path gathers them.
   void PagedAttentionForward(Operand out, ConstOperand q, ConstOperand k, ConstOperand v,
                              const KvPageTable& pages, int tq, int hq, int hkv, int d,
@@ -138,7 +138,7 @@ class CudaBackend final : public Backend {
                           int hq, int hkv, int d) override;
   void AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout, ConstOperand out,
                          const float* lse, ConstOperand q, ConstOperand k, ConstOperand v, int b,
-                         int t, int hq, int hkv, int d, int dq_stride, int dkv_stride) override;
+                         int t, int hq, int hkv, int d, int q_stride, int kv_stride) override;
 
   void CrossEntropy(float* losses, float* max_prob, Operand dlogits, const float* logits,
                     const int32_t* targets, const float* weights, int n, int v) override;
@@ -188,10 +188,13 @@ class CudaBackend final : public Backend {
   // Marks the bf16 copies overlapping [dst, dst + bytes) stale.
   void MarkWritten(const void* dst, size_t bytes);
   // Whether attention with head_dim d on these tensors runs the fused kernels
-  // (flash_attention.cu): in bf16 mode, for the head dimensions they support, 16-byte aligned.
-  bool UseFlash(int d, std::initializer_list<const void*> tensors) const;
+  // (flash_attention.cu): in bf16 mode, for the head dimensions they support, `tensors` and the
+  // strides of their rows (`row_bytes`, beside the dense ones) 16-byte aligned.
+  bool UseFlash(int d, std::initializer_list<const void*> tensors,
+                std::initializer_list<size_t> row_bytes) const;
   // Whether attention of `shape` goes to cuDNN first (cudnn_attention_): the operands `bf16`
-  // (one of each dtype group: q's, out's or the gradients') in bf16, `tensors` 16-byte aligned.
+  // (one of each dtype group: q's, out's or the gradients') in bf16, `tensors` and q's and k,
+  // v's row strides 16-byte aligned.
   bool UseCudnn(const cuda::AttentionShape& shape, std::initializer_list<ConstOperand> bf16,
                 std::initializer_list<const void*> tensors) const;
   // Device scratch of at least `bytes` in slot `slot` (grows on demand, outside steady state).

@@ -23,11 +23,29 @@ bool Aligned16(std::initializer_list<const void*> tensors) {
   }
   return true;
 }
+
+// Whether every row stride (in bytes) is a multiple of 16.
+bool RowsAligned16(std::initializer_list<size_t> row_bytes) {
+  for (size_t bytes : row_bytes) {
+    if (bytes % 16 != 0) return false;
+  }
+  return true;
+}
+
+// The shape cuDNN's plans are keyed by: dense strides as 0 (AttentionShape's dense), so that one
+// graph has one key.
+cuda::AttentionShape CudnnShape(int b, int t, int hq, int hkv, int d, int q_stride, int kv_stride) {
+  cuda::AttentionShape shape{b, t, hq, hkv, d};
+  if (q_stride != hq * d) shape.q_stride = q_stride;
+  if (kv_stride != hkv * d) shape.kv_stride = kv_stride;
+  return shape;
+}
 }  // namespace
 
-bool CudaBackend::UseFlash(int d, std::initializer_list<const void*> tensors) const {
+bool CudaBackend::UseFlash(int d, std::initializer_list<const void*> tensors,
+                           std::initializer_list<size_t> row_bytes) const {
   return precision_ != GemmPrecision::kFp32 && cuda::FlashAttentionSupports(d) &&
-         Aligned16(tensors);
+         Aligned16(tensors) && RowsAligned16(row_bytes);
 }
 
 bool CudaBackend::UseCudnn(const cuda::AttentionShape& shape,
@@ -37,22 +55,27 @@ bool CudaBackend::UseCudnn(const cuda::AttentionShape& shape,
   for (const ConstOperand& x : bf16) {
     if (!x.is_bf16()) return false;
   }
-  return Aligned16(tensors);
+  return Aligned16(tensors) &&
+         RowsAligned16({shape.q_row() * sizeof(uint16_t), shape.kv_row() * sizeof(uint16_t)});
 }
 
 void CudaBackend::AttentionForward(Operand out_op, float* lse, ConstOperand q, ConstOperand k,
                                    ConstOperand v, int b, int tq, int tk, int tk_cap, int hq,
-                                   int hkv, int d, int q_offset) {
+                                   int hkv, int d, int q_offset, int q_stride, int kv_stride) {
   CheckAttentionSizes(tq, tk, tk_cap, hq, hkv, q_offset);
+  CheckAttentionStrides(hq, hkv, d, q_stride, kv_stride);
   EE_CHECK(q.dtype == k.dtype && q.dtype == v.dtype, "attention q, k, v of different dtypes");
+  const cuda::AttentionShape shape = CudnnShape(b, tq, hq, hkv, d, q_stride, kv_stride);
   if (lse != nullptr && q_offset == 0 && tq == tk && tk == tk_cap &&
-      UseCudnn({b, tq, hq, hkv, d}, {out_op, q}, {out_op.data, lse, q.data, k.data, v.data}) &&
-      cudnn_attention_->Forward(out_op.data, lse, q.data, k.data, v.data, {b, tq, hq, hkv, d})) {
+      UseCudnn(shape, {out_op, q}, {out_op.data, lse, q.data, k.data, v.data}) &&
+      cudnn_attention_->Forward(out_op.data, lse, q.data, k.data, v.data, shape)) {
     return;
   }
-  if (UseFlash(d, {out_op.data, q.data, k.data, v.data})) {
+  const size_t elem = DTypeSize(q.dtype);
+  if (UseFlash(d, {out_op.data, q.data, k.data, v.data}, {q_stride * elem, kv_stride * elem})) {
     CUDA_CHECK(cuda::FlashAttentionForward(ToElems(out_op), lse, ToElems(q), ToElems(k), ToElems(v),
-                                           b, tq, tk, tk_cap, hq, hkv, d, q_offset, stream_));
+                                           b, tq, tk, tk_cap, hq, hkv, d, q_offset, q_stride,
+                                           kv_stride, stream_));
     return;
   }
   // Per head through GEMMs, into fp32 (a scratch copy converted at the end for a bf16 output).
@@ -66,14 +89,16 @@ void CudaBackend::AttentionForward(Operand out_op, float* lse, ConstOperand q, C
   for (int bi = 0; bi < b; ++bi) {
     for (int h = 0; h < hq; ++h) {
       const int kvh = h / group;
-      const ConstOperand qh = q.At((static_cast<size_t>(bi) * tq * hq + h) * d);  // stride hq*d
-      const ConstOperand kh = k.At((static_cast<size_t>(bi) * tk_cap * hkv + kvh) * d);
-      const ConstOperand vh = v.At((static_cast<size_t>(bi) * tk_cap * hkv + kvh) * d);
-      float* oh = out + (static_cast<size_t>(bi) * tq * hq + h) * d;
+      const ConstOperand qh =
+          q.At(static_cast<size_t>(bi) * tq * q_stride + static_cast<size_t>(h) * d);
+      const size_t kv_at =
+          static_cast<size_t>(bi) * tk_cap * kv_stride + static_cast<size_t>(kvh) * d;
+      const ConstOperand kh = k.At(kv_at), vh = v.At(kv_at);
+      float* oh = out + (static_cast<size_t>(bi) * tq * hq + h) * d;  // rows stride hq*d
       float* lse_h = lse ? lse + (static_cast<size_t>(bi) * hq + h) * tq : nullptr;
-      Gemm(false, true, tq, tk, d, scale, qh, hq * d, kh, hkv * d, 0.0f, s, tk);
+      Gemm(false, true, tq, tk, d, scale, qh, q_stride, kh, kv_stride, 0.0f, s, tk);
       CUDA_CHECK(cuda::CausalSoftmaxRows(s, lse_h, tq, tk, q_offset, stream_));
-      Gemm(false, false, tq, d, tk, 1.0f, s, tk, vh, hkv * d, 0.0f, oh, hq * d);
+      Gemm(false, false, tq, d, tk, 1.0f, s, tk, vh, kv_stride, 0.0f, oh, hq * d);
     }
   }
   if (out_op.is_bf16()) CUDA_CHECK(cuda::ToBf16(out_op.bf16_bits(), out, out_count, stream_));
@@ -85,7 +110,7 @@ void CudaBackend::PagedAttentionForward(Operand out, ConstOperand q, ConstOperan
   const int tk = q_offset + tq;
   CheckAttentionSizes(tq, tk, tk, hq, hkv, q_offset);
   EE_CHECK(q.dtype == k.dtype && q.dtype == v.dtype, "attention q, k, v of different dtypes");
-  if (UseFlash(d, {out.data, q.data, k.data, v.data})) {
+  if (UseFlash(d, {out.data, q.data, k.data, v.data}, {})) {
     CUDA_CHECK(cuda::FlashAttentionForwardPaged(ToElems(out), ToElems(q), ToElems(k), ToElems(v),
                                                 pages.device, pages.page_tokens, tq, hq, hkv, d,
                                                 q_offset, stream_));
@@ -107,7 +132,7 @@ void CudaBackend::PagedAttentionPass(Operand out, ConstOperand q, ConstOperand k
            "paged attention pass: q, k, v and the pools of different dtypes");
   const size_t row_bytes = static_cast<size_t>(hkv) * d * DTypeSize(k.dtype);
   if (segments.empty() || segments.size() > 65535 ||  // (the grid's z limit)
-      !UseFlash(d, {out.data, q.data, k.data, v.data, k_pool.data, v_pool.data}) ||
+      !UseFlash(d, {out.data, q.data, k.data, v.data, k_pool.data, v_pool.data}, {}) ||
       row_bytes % 16 != 0) {
     Backend::PagedAttentionPass(out, q, k, v, k_pool, v_pool, segments, hq, hkv, d);
     return;
@@ -180,9 +205,9 @@ void CudaBackend::PagedAttentionPass(Operand out, ConstOperand q, ConstOperand k
 void CudaBackend::AttentionBackward(Operand dq_op, Operand dk_op, Operand dv_op, ConstOperand dout,
                                     ConstOperand out, const float* lse, ConstOperand q,
                                     ConstOperand k, ConstOperand v, int b, int t, int hq, int hkv,
-                                    int d, int dq_stride, int dkv_stride) {
+                                    int d, int q_stride, int kv_stride) {
   CheckAttentionSizes(t, t, t, hq, hkv, 0);
-  CheckAttentionGradStrides(hq, hkv, d, dq_stride, dkv_stride);
+  CheckAttentionStrides(hq, hkv, d, q_stride, kv_stride);
   // As on the CPU: P = exp(scale Q K^T - lse) recomputed; dV = P^T dO; dP = dO V^T;
   // dS = P * (dP - rowsum(P * dP)); dQ = scale dS K; dK = scale dS^T Q, dK and dV summed over
   // the heads sharing a KV head, in head order. (rowsum(P * dP) equals dO . O, which the CPU
@@ -191,10 +216,7 @@ void CudaBackend::AttentionBackward(Operand dq_op, Operand dk_op, Operand dv_op,
   EE_CHECK(dq_op.dtype == q.dtype && dk_op.dtype == q.dtype && dv_op.dtype == q.dtype,
            "attention gradients dq, dk, dv must have q's dtype ", DTypeName(q.dtype));
   EE_CHECK(dout.dtype == out.dtype, "attention dout must have out's dtype ", DTypeName(out.dtype));
-  // Dense strides as 0 (AttentionShape's dense), so one graph has one key in the plan cache.
-  cuda::AttentionShape shape{b, t, hq, hkv, d};
-  if (dq_stride != hq * d) shape.dq_stride = dq_stride;
-  if (dkv_stride != hkv * d) shape.dkv_stride = dkv_stride;
+  const cuda::AttentionShape shape = CudnnShape(b, t, hq, hkv, d, q_stride, kv_stride);
   if (UseCudnn(
           shape, {dq_op, dout, q},
           {dq_op.data, dk_op.data, dv_op.data, dout.data, out.data, lse, q.data, k.data, v.data}) &&
@@ -202,12 +224,13 @@ void CudaBackend::AttentionBackward(Operand dq_op, Operand dk_op, Operand dv_op,
                                  q.data, k.data, v.data, shape)) {
     return;
   }
-  if (UseFlash(d,
-               {dq_op.data, dk_op.data, dv_op.data, dout.data, out.data, q.data, k.data, v.data})) {
+  const size_t elem = DTypeSize(q.dtype);
+  if (UseFlash(d, {dq_op.data, dk_op.data, dv_op.data, dout.data, out.data, q.data, k.data, v.data},
+               {q_stride * elem, kv_stride * elem})) {
     float* dsum = static_cast<float*>(Scratch(static_cast<size_t>(b) * hq * t * sizeof(float), 0));
     CUDA_CHECK(cuda::FlashAttentionBackward(
         ToElems(dq_op), ToElems(dk_op), ToElems(dv_op), ToElems(dout), ToElems(out), lse, dsum,
-        ToElems(q), ToElems(k), ToElems(v), b, t, hq, hkv, d, dq_stride, dkv_stride, stream_));
+        ToElems(q), ToElems(k), ToElems(v), b, t, hq, hkv, d, q_stride, kv_stride, stream_));
     return;
   }
   // The unfused path recomputes everything from Q, K, V and the lse; it does not read `out`. It
@@ -220,36 +243,38 @@ void CudaBackend::AttentionBackward(Operand dq_op, Operand dk_op, Operand dv_op,
   float* dq = bf16 ? grads : dq_op.f32();
   float* dk = bf16 ? grads + nq : dk_op.f32();
   float* dv = bf16 ? grads + nq + nkv : dv_op.f32();
-  const int ldq = bf16 ? hq * d : dq_stride, ldkv = bf16 ? hkv * d : dkv_stride;
+  const int ldq = bf16 ? hq * d : q_stride, ldkv = bf16 ? hkv * d : kv_stride;
   const int group = hq / hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   float* p = static_cast<float*>(Scratch(static_cast<size_t>(t) * t * sizeof(float), 0));
   float* ds = static_cast<float*>(Scratch(static_cast<size_t>(t) * t * sizeof(float), 1));
   for (int bi = 0; bi < b; ++bi) {
     for (int kvh = 0; kvh < hkv; ++kvh) {
-      const size_t kv_off = (static_cast<size_t>(bi) * t * hkv + kvh) * d;
+      const size_t kv_off = static_cast<size_t>(bi) * t * kv_stride + static_cast<size_t>(kvh) * d;
       const size_t dkv_off = static_cast<size_t>(bi) * t * ldkv + static_cast<size_t>(kvh) * d;
       const size_t pitch = static_cast<size_t>(ldkv) * sizeof(float);
       CUDA_CHECK(cudaMemset2DAsync(dk + dkv_off, pitch, 0, d * sizeof(float), t, stream_));
       CUDA_CHECK(cudaMemset2DAsync(dv + dkv_off, pitch, 0, d * sizeof(float), t, stream_));
+      const ConstOperand kh = k.At(kv_off), vh = v.At(kv_off);
       for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
-        const size_t q_off = (static_cast<size_t>(bi) * t * hq + h) * d;
+        const ConstOperand qh =
+            q.At(static_cast<size_t>(bi) * t * q_stride + static_cast<size_t>(h) * d);
+        const ConstOperand doh = dout.At((static_cast<size_t>(bi) * t * hq + h) * d);
         const size_t dq_off = static_cast<size_t>(bi) * t * ldq + static_cast<size_t>(h) * d;
-        const ConstOperand doh = dout.At(q_off);
-        Gemm(false, true, t, t, d, scale, q.At(q_off), hq * d, k.At(kv_off), hkv * d, 0.0f, p, t);
+        Gemm(false, true, t, t, d, scale, qh, q_stride, kh, kv_stride, 0.0f, p, t);
         CUDA_CHECK(cuda::ProbsFromLse(p, lse + (static_cast<size_t>(bi) * hq + h) * t, t, stream_));
         Gemm(true, false, t, d, t, 1.0f, p, t, doh, hq * d, 1.0f, dv + dkv_off, ldkv);
-        Gemm(false, true, t, t, d, 1.0f, doh, hq * d, v.At(kv_off), hkv * d, 0.0f, ds, t);
+        Gemm(false, true, t, t, d, 1.0f, doh, hq * d, vh, kv_stride, 0.0f, ds, t);
         CUDA_CHECK(cuda::SoftmaxBackwardRows(ds, p, t, stream_));
-        Gemm(false, false, t, d, t, scale, ds, t, k.At(kv_off), hkv * d, 0.0f, dq + dq_off, ldq);
-        Gemm(true, false, t, d, t, scale, ds, t, q.At(q_off), hq * d, 1.0f, dk + dkv_off, ldkv);
+        Gemm(false, false, t, d, t, scale, ds, t, kh, kv_stride, 0.0f, dq + dq_off, ldq);
+        Gemm(true, false, t, d, t, scale, ds, t, qh, q_stride, 1.0f, dk + dkv_off, ldkv);
       }
     }
   }
   if (bf16) {
-    CUDA_CHECK(cuda::ToBf16Rows(dq_op.bf16_bits(), dq_stride, dq, rows, hq * d, stream_));
-    CUDA_CHECK(cuda::ToBf16Rows(dk_op.bf16_bits(), dkv_stride, dk, rows, hkv * d, stream_));
-    CUDA_CHECK(cuda::ToBf16Rows(dv_op.bf16_bits(), dkv_stride, dv, rows, hkv * d, stream_));
+    CUDA_CHECK(cuda::ToBf16Rows(dq_op.bf16_bits(), q_stride, dq, rows, hq * d, stream_));
+    CUDA_CHECK(cuda::ToBf16Rows(dk_op.bf16_bits(), kv_stride, dk, rows, hkv * d, stream_));
+    CUDA_CHECK(cuda::ToBf16Rows(dv_op.bf16_bits(), kv_stride, dv, rows, hkv * d, stream_));
   }
 }
 

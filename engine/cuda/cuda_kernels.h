@@ -136,12 +136,14 @@ cudaError_t CrossEntropyGradRange(Elems dlogits, const float* logits, const floa
 // accumulation; q, k, v, out and the gradients fp32 or bf16 (q, k, v, dq, dk, dv of one dtype,
 // out and dout of one dtype), lse fp32),
 // for head dimensions FlashAttentionSupports accepts. q, k, v, out, dout and the gradients must be
-// 16-byte aligned. The backward writes dq, dk, dv (of q's dtype) from dout (of out's dtype) and
-// uses dsum[b * hq * t] as scratch.
+// 16-byte aligned, and so must q's and k, v's rows, q_ld and kv_ld elements apart
+// (Backend::AttentionForward's q_stride and kv_stride; out and dout dense). The backward writes
+// dq, dk, dv (of q's dtype, in q, k, v's layout) from dout (of out's dtype) and uses
+// dsum[b * hq * t] as scratch.
 bool FlashAttentionSupports(int d);
 cudaError_t FlashAttentionForward(Elems out, float* lse, Elems q, Elems k, Elems v, int b, int tq,
                                   int tk, int tk_cap, int hq, int hkv, int d, int q_offset,
-                                  cudaStream_t s);
+                                  int q_ld, int kv_ld, cudaStream_t s);
 // The forward of one sequence (b = 1, no lse) whose keys lie in pages of k, v (key j at row
 // pages[j / page_tokens] * page_tokens + j % page_tokens; engine/kv_pages.h); `pages` in device
 // memory, page_tokens a power of two; tk = q_offset + tq.
@@ -180,10 +182,10 @@ cudaError_t PagedDecodeAttention(Elems out, Elems q, Elems k, Elems v, const Pag
                                  int count, int page_tokens, int hq, int hkv, int d,
                                  const DecodeSplits& plan, float* partial, cudaStream_t s);
 
-// dq, dk, dv rows dq_stride and dkv_stride elements apart (Backend::AttentionBackward).
+// q and dq rows q_ld elements apart, k, v, dk and dv rows kv_ld (Backend::AttentionBackward).
 cudaError_t FlashAttentionBackward(Elems dq, Elems dk, Elems dv, Elems dout, Elems out,
                                    const float* lse, float* dsum, Elems q, Elems k, Elems v, int b,
-                                   int t, int hq, int hkv, int d, int dq_stride, int dkv_stride,
+                                   int t, int hq, int hkv, int d, int q_ld, int kv_ld,
                                    cudaStream_t s);
 
 }  // namespace eellm::cuda

@@ -59,10 +59,10 @@ std::vector<int64_t> RowStrides(int h, int t, int d, int64_t row = 0) {
   if (row == 0) row = static_cast<int64_t>(h) * d;
   return {static_cast<int64_t>(t) * row, d, row, 1};
 }
-// k (or v) transposed, [b, h, d, t], by strides alone.
+// k (or v) transposed, [b, h, d, t], by strides alone (rows `row` elements apart).
 std::vector<int64_t> Transposed(int b, int h, int t, int d) { return {b, h, d, t}; }
-std::vector<int64_t> TransposedStrides(int h, int t, int d) {
-  return {static_cast<int64_t>(t) * h * d, d, 1, static_cast<int64_t>(h) * d};
+std::vector<int64_t> TransposedStrides(int t, int d, int64_t row) {
+  return {static_cast<int64_t>(t) * row, d, 1, row};
 }
 const std::vector<int64_t> kScalar = {1, 1, 1, 1};
 
@@ -90,11 +90,12 @@ int64_t MaskedScores(Graph& g, const AttentionShape& s, bool minus_stats) {
   return masked;
 }
 
-// The tensors both graphs read: q, k^T, the scale and the mask's fill value.
+// The tensors both graphs read: q, k^T (at their row strides: the parts of one fused q, k, v
+// buffer, or dense), the scale and the mask's fill value.
 void Inputs(Graph& g, const AttentionShape& s) {
-  g.Tensor(Rows(s.b, s.hq, s.t, s.d), RowStrides(s.hq, s.t, s.d), CUDNN_DATA_BFLOAT16, Kind::kIo,
-           kQ);
-  g.Tensor(Transposed(s.b, s.hkv, s.t, s.d), TransposedStrides(s.hkv, s.t, s.d),
+  g.Tensor(Rows(s.b, s.hq, s.t, s.d), RowStrides(s.hq, s.t, s.d, s.q_row()), CUDNN_DATA_BFLOAT16,
+           Kind::kIo, kQ);
+  g.Tensor(Transposed(s.b, s.hkv, s.t, s.d), TransposedStrides(s.t, s.d, s.kv_row()),
            CUDNN_DATA_BFLOAT16, Kind::kIo, kK);
   g.Tensor(kScalar, kScalar, CUDNN_DATA_FLOAT, Kind::kByValue, kScale);
   g.Tensor(kScalar, kScalar, CUDNN_DATA_FLOAT, Kind::kByValue, kMaskFill);
@@ -105,8 +106,8 @@ std::vector<int64_t> StatsDims(const AttentionShape& s) { return {s.b, s.hq, s.t
 // Forward: P = softmax(masked scores), O = P V (P in bf16), stats = max + log(sum exp).
 void ForwardGraph(Graph& g, const AttentionShape& s) {
   Inputs(g, s);
-  g.Tensor(Rows(s.b, s.hkv, s.t, s.d), RowStrides(s.hkv, s.t, s.d), CUDNN_DATA_BFLOAT16, Kind::kIo,
-           kV);
+  g.Tensor(Rows(s.b, s.hkv, s.t, s.d), RowStrides(s.hkv, s.t, s.d, s.kv_row()), CUDNN_DATA_BFLOAT16,
+           Kind::kIo, kV);
   g.Tensor(Rows(s.b, s.hq, s.t, s.d), RowStrides(s.hq, s.t, s.d), CUDNN_DATA_BFLOAT16, Kind::kIo,
            kO);
   g.Tensor(StatsDims(s), Graph::Packed(StatsDims(s)), CUDNN_DATA_FLOAT, Kind::kIo, kStats);
@@ -141,15 +142,15 @@ void MatmulIntoKvHeads(Graph& g, const AttentionShape& s, int64_t dst, int64_t a
 // fp32 accumulator in the workspace (atomics) and then converted.
 void BackwardGraph(Graph& g, const AttentionShape& s, bool accumulating) {
   Inputs(g, s);
-  g.Tensor(Transposed(s.b, s.hkv, s.t, s.d), TransposedStrides(s.hkv, s.t, s.d),
+  g.Tensor(Transposed(s.b, s.hkv, s.t, s.d), TransposedStrides(s.t, s.d, s.kv_row()),
            CUDNN_DATA_BFLOAT16, Kind::kIo, kV);  // v^T
   const auto q_rows = Rows(s.b, s.hq, s.t, s.d), q_strides = RowStrides(s.hq, s.t, s.d);
   const auto kv_rows = Rows(s.b, s.hkv, s.t, s.d), kv_strides = RowStrides(s.hkv, s.t, s.d);
   g.Tensor(q_rows, q_strides, CUDNN_DATA_BFLOAT16, Kind::kIo, kO);
   g.Tensor(q_rows, q_strides, CUDNN_DATA_BFLOAT16, Kind::kIo, kDout);
-  // The gradients at their row strides (the parts of one fused q, k, v buffer, or dense).
-  g.Tensor(q_rows, RowStrides(s.hq, s.t, s.d, s.dq_row()), CUDNN_DATA_BFLOAT16, Kind::kIo, kDq);
-  const auto dkv_strides = RowStrides(s.hkv, s.t, s.d, s.dkv_row());
+  // The gradients in q, k and v's layout.
+  g.Tensor(q_rows, RowStrides(s.hq, s.t, s.d, s.q_row()), CUDNN_DATA_BFLOAT16, Kind::kIo, kDq);
+  const auto dkv_strides = RowStrides(s.hkv, s.t, s.d, s.kv_row());
   g.Tensor(kv_rows, dkv_strides, CUDNN_DATA_BFLOAT16, Kind::kIo, kDk);
   g.Tensor(kv_rows, dkv_strides, CUDNN_DATA_BFLOAT16, Kind::kIo, kDv);
   g.Tensor(StatsDims(s), Graph::Packed(StatsDims(s)), CUDNN_DATA_FLOAT, Kind::kIo, kStats);
@@ -205,10 +206,10 @@ const char* PassName(Pass pass) {
 }
 // What the log lines name: "cuDNN attention <pass> (<shape>)".
 std::string Describe(const AttentionShape& s, Pass pass) {
-  const bool strided = s.dq_row() != s.hq * s.d || s.dkv_row() != s.hkv * s.d;
-  return absl::StrFormat(
-      "cuDNN attention %s (b %d, t %d, heads %d/%d, d %d%s)", PassName(pass), s.b, s.t, s.hq, s.hkv,
-      s.d, strided ? absl::StrFormat(", gradient rows %d/%d", s.dq_row(), s.dkv_row()) : "");
+  const bool strided = s.q_row() != s.hq * s.d || s.kv_row() != s.hkv * s.d;
+  return absl::StrFormat("cuDNN attention %s (b %d, t %d, heads %d/%d, d %d%s)", PassName(pass),
+                         s.b, s.t, s.hq, s.hkv, s.d,
+                         strided ? absl::StrFormat(", rows %d/%d", s.q_row(), s.kv_row()) : "");
 }
 
 constexpr size_t kAlign = 256;

@@ -25,15 +25,16 @@
 namespace eellm::cuda {
 
 // One attention call's sizes: b sequences of t tokens, hq query heads, hkv KV heads, head dim d;
-// in the backward, the row strides of dq and of dk, dv (0: dense, hq d and hkv d).
+// the row strides of q (and dq) and of k, v (and dk, dv): 0 for dense, hq d and hkv d (out, dout
+// are dense).
 struct AttentionShape {
   int b = 0, t = 0, hq = 0, hkv = 0, d = 0;
-  int dq_stride = 0, dkv_stride = 0;
-  int dq_row() const { return dq_stride > 0 ? dq_stride : hq * d; }
-  int dkv_row() const { return dkv_stride > 0 ? dkv_stride : hkv * d; }
+  int q_stride = 0, kv_stride = 0;
+  int q_row() const { return q_stride > 0 ? q_stride : hq * d; }
+  int kv_row() const { return kv_stride > 0 ? kv_stride : hkv * d; }
   bool operator<(const AttentionShape& o) const {
-    return std::tie(b, t, hq, hkv, d, dq_stride, dkv_stride) <
-           std::tie(o.b, o.t, o.hq, o.hkv, o.d, o.dq_stride, o.dkv_stride);
+    return std::tie(b, t, hq, hkv, d, q_stride, kv_stride) <
+           std::tie(o.b, o.t, o.hq, o.hkv, o.d, o.q_stride, o.kv_stride);
   }
 };
 

@@ -66,7 +66,9 @@ struct FwdSmem {
 };
 
 // q, out: [b, tq, hq, D]; k, v: [b, tk_cap, hkv, D], or with `pages` (b = 1) the pools of a
-// paged KV cache, read through the page table (LoadTile); lse: [b, hq, tq] or null. InT (q, k, v)
+// paged KV cache, read through the page table (LoadTile); lse: [b, hq, tq] or null. Rows of q
+// lie q_ld elements apart, of k and v kv_ld (the parts of one [n, (hq + 2 hkv) D] buffer, or
+// dense); out is dense. InT (q, k, v)
 // and OutT: float or __nv_bfloat16. One block per (kFwdRows queries, head, sequence). With
 // `segments` (an inference pass over several sequences' paged caches, no lse) sequence z is
 // segments[z]: its rows of q and out, its positions and its page table replace tq, q_offset, tk
@@ -79,8 +81,9 @@ struct FwdSmem {
 template <int D, typename InT, typename OutT>
 __global__ void __launch_bounds__(kFwdThreads, 2)
     FlashForwardKernel(OutT* out, float* lse, const InT* q, const InT* k, const InT* v, int tq,
-                       int tk, int tk_cap, int hq, int hkv, int q_offset, float scale,
-                       const int32_t* pages, int page_shift, const PagedSegment* segments) {
+                       int tk, int tk_cap, int hq, int hkv, int q_offset, float scale, int q_ld,
+                       int kv_ld, const int32_t* pages, int page_shift,
+                       const PagedSegment* segments) {
   EE_DYNAMIC_SHARED(smem);
   using L = FwdSmem<D>;
   __nv_bfloat16* qs = SmemTile<D>(smem, L::kQ);
@@ -103,7 +106,7 @@ __global__ void __launch_bounds__(kFwdThreads, 2)
   const int q0 = (tiles - 1 - blockIdx.x) * kFwdRows, h = blockIdx.y;
   const int kvh = h / (hq / hkv);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
-  const size_t q_stride = static_cast<size_t>(hq) * D, kv_stride = static_cast<size_t>(hkv) * D;
+  const size_t q_stride = q_ld, kv_stride = kv_ld, o_stride = static_cast<size_t>(hq) * D;
   const InT* qb = q + row0 * q_stride + static_cast<size_t>(h) * D;
   const InT* kb = k + static_cast<size_t>(bi) * tk_cap * kv_stride + static_cast<size_t>(kvh) * D;
   const InT* vb = v + static_cast<size_t>(bi) * tk_cap * kv_stride + static_cast<size_t>(kvh) * D;
@@ -246,7 +249,7 @@ __global__ void __launch_bounds__(kFwdThreads, 2)
       const int row = q0 + warp_row + 16 * rg + g + 8 * half;
       if (row >= tq) continue;  // (also every row of a warp that skipped the loop)
       const float inv = l[rg][half] > 0.0f ? 1.0f / l[rg][half] : 0.0f;
-      OutT* orow = out + (row0 + row) * q_stride + static_cast<size_t>(h) * D + 2 * t4;
+      OutT* orow = out + (row0 + row) * o_stride + static_cast<size_t>(h) * D + 2 * t4;
 #pragma unroll
       for (int n = 0; n < D / 8; ++n) {
         StoreFloat(orow + n * 8, o[rg][n][2 * half] * inv);
@@ -313,7 +316,8 @@ __device__ __forceinline__ void LoadStats(float* stats, const float* lse, const 
   }
 }
 
-// dK, dV for keys [k0, k0 + kKvRows) of KV head kvh in sequence bi: warp w owns keys k0 + 16w ..
+// dK, dV for keys [k0, k0 + kKvRows) of KV head kvh in sequence bi (rows of q and dq q_ld apart,
+// of k, v, dk and dv kv_ld; out and dout dense): warp w owns keys k0 + 16w ..
 // k0 + 16w + 15. For each head of the group, then each query tile at or after the keys:
 //   S^T = K Q^T; P^T = exp(scale S^T - lse) (key <= query); dV += P^T dO; dP^T = V dO^T;
 //   dS^T = P^T (dP^T - D); dK += scale dS^T Q.
@@ -323,7 +327,7 @@ template <int D, typename InT, typename OutT>
 __global__ void __launch_bounds__(kKvThreads)
     FlashBackwardKvKernel(InT* dk, InT* dv, const OutT* dout, const float* lse, const float* dsum,
                           const InT* q, const InT* k, const InT* v, int t, int hq, int hkv,
-                          float scale, int dkv_stride) {
+                          float scale, int q_ld, int kv_ld) {
   EE_DYNAMIC_SHARED(smem);
   using L = BwdSmem<D, kKvRows>;
   const __nv_bfloat16* ks = SmemTile<D>(smem, L::kA, 0);
@@ -333,7 +337,7 @@ __global__ void __launch_bounds__(kKvThreads)
   const int k0 = blockIdx.x * kKvRows, kvh = blockIdx.y, bi = blockIdx.z;
   const int group = hq / hkv;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
-  const size_t q_stride = static_cast<size_t>(hq) * D, kv_stride = static_cast<size_t>(hkv) * D;
+  const size_t q_stride = q_ld, kv_stride = kv_ld, o_stride = static_cast<size_t>(hq) * D;
   const size_t kv_base = static_cast<size_t>(bi) * t * kv_stride + static_cast<size_t>(kvh) * D;
   // Steps: (head of the group, query tile at or after the keys; earlier queries do not see
   // them), heads outer.
@@ -342,8 +346,9 @@ __global__ void __launch_bounds__(kKvThreads)
     if (step >= steps) return;
     const int h = kvh * group + step / q_tiles, q0 = k0 + (step % q_tiles) * kTile;
     const size_t q_base = static_cast<size_t>(bi) * t * q_stride + static_cast<size_t>(h) * D;
+    const size_t o_base = static_cast<size_t>(bi) * t * o_stride + static_cast<size_t>(h) * D;
     LoadTile<D, InT, kTile, kKvThreads>(SmemTile<D>(smem, L::kC, buf), q + q_base, q_stride, q0, t);
-    LoadTile<D, OutT, kTile, kKvThreads>(SmemTile<D>(smem, L::kD, buf), dout + q_base, q_stride, q0,
+    LoadTile<D, OutT, kTile, kKvThreads>(SmemTile<D>(smem, L::kD, buf), dout + o_base, o_stride, q0,
                                          t);
     const size_t row = (static_cast<size_t>(bi) * hq + h) * t;
     LoadStats<kKvThreads>(L::Stats(smem, buf), lse + row, dsum + row, q0, t);
@@ -396,19 +401,19 @@ __global__ void __launch_bounds__(kKvThreads)
     }
     __syncthreads();  // every warp is done with these buffers before they are loaded again
   }
-  const size_t dkv_base = static_cast<size_t>(bi) * t * dkv_stride + static_cast<size_t>(kvh) * D;
-  StoreWarpRows<D>(dv + dkv_base, dkv_stride, warp_key, t, dv_acc, 1.0f, lane);
-  StoreWarpRows<D>(dk + dkv_base, dkv_stride, warp_key, t, dk_acc, scale, lane);
+  StoreWarpRows<D>(dv + kv_base, kv_stride, warp_key, t, dv_acc, 1.0f, lane);
+  StoreWarpRows<D>(dk + kv_base, kv_stride, warp_key, t, dk_acc, scale, lane);
 }
 
-// dQ for queries [q0, q0 + 64) of head h in sequence bi: warp w owns 16 of them. For each key
+// dQ for queries [q0, q0 + 64) of head h in sequence bi (layouts as the dK, dV kernel's): warp w
+// owns 16 of them. For each key
 // tile up to the queries: S = Q K^T; P = exp(scale S - lse); dP = dO V^T; dS = P (dP - D);
 // dQ += scale dS K.
 template <int D, typename InT, typename OutT>
 __global__ void __launch_bounds__(kThreads)
     FlashBackwardQKernel(InT* dq, const OutT* dout, const float* lse, const float* dsum,
                          const InT* q, const InT* k, const InT* v, int t, int hq, int hkv,
-                         float scale, int dq_stride) {
+                         float scale, int q_ld, int kv_ld) {
   EE_DYNAMIC_SHARED(smem);
   using L = BwdSmem<D>;
   const __nv_bfloat16* qs = SmemTile<D>(smem, L::kA, 0);
@@ -420,8 +425,9 @@ __global__ void __launch_bounds__(kThreads)
   const int q0 = (gridDim.x - 1 - blockIdx.x) * kTile, h = blockIdx.y, bi = blockIdx.z;
   const int kvh = h / (hq / hkv);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
-  const size_t q_stride = static_cast<size_t>(hq) * D, kv_stride = static_cast<size_t>(hkv) * D;
+  const size_t q_stride = q_ld, kv_stride = kv_ld, o_stride = static_cast<size_t>(hq) * D;
   const size_t q_base = static_cast<size_t>(bi) * t * q_stride + static_cast<size_t>(h) * D;
+  const size_t o_base = static_cast<size_t>(bi) * t * o_stride + static_cast<size_t>(h) * D;
   const size_t kv_base = static_cast<size_t>(bi) * t * kv_stride + static_cast<size_t>(kvh) * D;
   const int n_keys = min(t, q0 + kTile);
   auto load_kv = [&](int k0, int buf) {
@@ -430,7 +436,7 @@ __global__ void __launch_bounds__(kThreads)
     LoadTile<D>(SmemTile<D>(smem, L::kD, buf), v + kv_base, kv_stride, k0, t);
   };
   LoadTile<D>(SmemTile<D>(smem, L::kA, 0), q + q_base, q_stride, q0, t);
-  LoadTile<D>(SmemTile<D>(smem, L::kB, 0), dout + q_base, q_stride, q0, t);
+  LoadTile<D>(SmemTile<D>(smem, L::kB, 0), dout + o_base, o_stride, q0, t);
   const size_t row = (static_cast<size_t>(bi) * hq + h) * t;
   LoadStats<kThreads>(L::Stats(smem, 0), lse + row, dsum + row, q0, t);
   load_kv(0, 0);
@@ -480,29 +486,28 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();  // every warp is done with these buffers before they are loaded again
   }
-  const size_t dq_base = static_cast<size_t>(bi) * t * dq_stride + static_cast<size_t>(h) * D;
-  StoreWarpRows<D>(dq + dq_base, dq_stride, q0 + warp * 16, t, dq_acc, scale, lane);
+  StoreWarpRows<D>(dq + q_base, q_stride, q0 + warp * 16, t, dq_acc, scale, lane);
 }
 
 template <int D, typename InT, typename OutT>
 cudaError_t LaunchForward(OutT* out, float* lse, const InT* q, const InT* k, const InT* v, int b,
-                          int tq, int tk, int tk_cap, int hq, int hkv, int q_offset, cudaStream_t s,
-                          const int32_t* pages, int page_shift, const PagedSegment* segments) {
+                          int tq, int tk, int tk_cap, int hq, int hkv, int q_offset, int q_ld,
+                          int kv_ld, cudaStream_t s, const int32_t* pages, int page_shift,
+                          const PagedSegment* segments) {
   constexpr size_t kBytes = FwdSmem<D>::kBytes;
   cudaError_t e = cudaFuncSetAttribute(FlashForwardKernel<D, InT, OutT>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
   if (e != cudaSuccess) return e;
   const dim3 grid((tq + kFwdRows - 1) / kFwdRows, hq, b);
   return LaunchKernel(FlashForwardKernel<D, InT, OutT>, grid, dim3(kFwdThreads), kBytes, s, out,
-                      lse, q, k, v, tq, tk, tk_cap, hq, hkv, q_offset, 1.0f / sqrtf(D), pages,
-                      page_shift, segments);
+                      lse, q, k, v, tq, tk, tk_cap, hq, hkv, q_offset, 1.0f / sqrtf(D), q_ld, kv_ld,
+                      pages, page_shift, segments);
 }
 
 template <int D, typename InT, typename OutT>
 cudaError_t LaunchBackward(InT* dq, InT* dk, InT* dv, const OutT* dout, const OutT* out,
                            const float* lse, float* dsum, const InT* q, const InT* k, const InT* v,
-                           int b, int t, int hq, int hkv, int dq_stride, int dkv_stride,
-                           cudaStream_t s) {
+                           int b, int t, int hq, int hkv, int q_ld, int kv_ld, cudaStream_t s) {
   constexpr size_t kKvBytes = BwdSmem<D, kKvRows>::kBytes, kQBytes = BwdSmem<D>::kBytes;
   const float scale = 1.0f / sqrtf(D);
   const int rows = b * hq * t;
@@ -517,29 +522,29 @@ cudaError_t LaunchBackward(InT* dq, InT* dk, InT* dv, const OutT* dout, const Ou
   if (e != cudaSuccess) return e;
   e = LaunchKernel(FlashBackwardKvKernel<D, InT, OutT>, dim3((t + kKvRows - 1) / kKvRows, hkv, b),
                    dim3(kKvThreads), kKvBytes, s, dk, dv, dout, lse, dsum, q, k, v, t, hq, hkv,
-                   scale, dkv_stride);
+                   scale, q_ld, kv_ld);
   if (e != cudaSuccess) return e;
   return LaunchKernel(FlashBackwardQKernel<D, InT, OutT>, dim3((t + kTile - 1) / kTile, hq, b),
                       dim3(kThreads), kQBytes, s, dq, dout, lse, dsum, q, k, v, t, hq, hkv, scale,
-                      dq_stride);
+                      q_ld, kv_ld);
 }
 
 template <typename InT, typename OutT>
 cudaError_t Forward(OutT* out, float* lse, const InT* q, const InT* k, const InT* v, int b, int tq,
-                    int tk, int tk_cap, int hq, int hkv, int d, int q_offset, cudaStream_t s,
-                    const int32_t* pages = nullptr, int page_shift = 0,
+                    int tk, int tk_cap, int hq, int hkv, int d, int q_offset, int q_ld, int kv_ld,
+                    cudaStream_t s, const int32_t* pages = nullptr, int page_shift = 0,
                     const PagedSegment* segments = nullptr) {
   if (b == 0 || tq == 0) return cudaSuccess;
   switch (d) {
     case 32:
-      return LaunchForward<32>(out, lse, q, k, v, b, tq, tk, tk_cap, hq, hkv, q_offset, s, pages,
-                               page_shift, segments);
+      return LaunchForward<32>(out, lse, q, k, v, b, tq, tk, tk_cap, hq, hkv, q_offset, q_ld, kv_ld,
+                               s, pages, page_shift, segments);
     case 64:
-      return LaunchForward<64>(out, lse, q, k, v, b, tq, tk, tk_cap, hq, hkv, q_offset, s, pages,
-                               page_shift, segments);
+      return LaunchForward<64>(out, lse, q, k, v, b, tq, tk, tk_cap, hq, hkv, q_offset, q_ld, kv_ld,
+                               s, pages, page_shift, segments);
     case 128:
-      return LaunchForward<128>(out, lse, q, k, v, b, tq, tk, tk_cap, hq, hkv, q_offset, s, pages,
-                                page_shift, segments);
+      return LaunchForward<128>(out, lse, q, k, v, b, tq, tk, tk_cap, hq, hkv, q_offset, q_ld,
+                                kv_ld, s, pages, page_shift, segments);
     default:
       return cudaErrorInvalidValue;
   }
@@ -548,18 +553,18 @@ cudaError_t Forward(OutT* out, float* lse, const InT* q, const InT* k, const InT
 template <typename InT, typename OutT>
 cudaError_t Backward(InT* dq, InT* dk, InT* dv, const OutT* dout, const OutT* out, const float* lse,
                      float* dsum, const InT* q, const InT* k, const InT* v, int b, int t, int hq,
-                     int hkv, int d, int dq_stride, int dkv_stride, cudaStream_t s) {
+                     int hkv, int d, int q_ld, int kv_ld, cudaStream_t s) {
   if (b == 0 || t == 0) return cudaSuccess;
   switch (d) {
     case 32:
-      return LaunchBackward<32>(dq, dk, dv, dout, out, lse, dsum, q, k, v, b, t, hq, hkv, dq_stride,
-                                dkv_stride, s);
+      return LaunchBackward<32>(dq, dk, dv, dout, out, lse, dsum, q, k, v, b, t, hq, hkv, q_ld,
+                                kv_ld, s);
     case 64:
-      return LaunchBackward<64>(dq, dk, dv, dout, out, lse, dsum, q, k, v, b, t, hq, hkv, dq_stride,
-                                dkv_stride, s);
+      return LaunchBackward<64>(dq, dk, dv, dout, out, lse, dsum, q, k, v, b, t, hq, hkv, q_ld,
+                                kv_ld, s);
     case 128:
-      return LaunchBackward<128>(dq, dk, dv, dout, out, lse, dsum, q, k, v, b, t, hq, hkv,
-                                 dq_stride, dkv_stride, s);
+      return LaunchBackward<128>(dq, dk, dv, dout, out, lse, dsum, q, k, v, b, t, hq, hkv, q_ld,
+                                 kv_ld, s);
     default:
       return cudaErrorInvalidValue;
   }
@@ -571,13 +576,13 @@ bool FlashAttentionSupports(int d) { return d == 32 || d == 64 || d == 128; }
 
 cudaError_t FlashAttentionForward(Elems out, float* lse, Elems q, Elems k, Elems v, int b, int tq,
                                   int tk, int tk_cap, int hq, int hkv, int d, int q_offset,
-                                  cudaStream_t s) {
+                                  int q_ld, int kv_ld, cudaStream_t s) {
   if (q.bf16 != k.bf16 || q.bf16 != v.bf16) return cudaErrorInvalidValue;
   return WithElementType(out, [&](auto* o) {
     return WithElementType(q, [&](auto* qp) {
       using InT = ElementOf<decltype(qp)>;
       return Forward(o, lse, qp, static_cast<InT*>(k.data), static_cast<InT*>(v.data), b, tq, tk,
-                     tk_cap, hq, hkv, d, q_offset, s);
+                     tk_cap, hq, hkv, d, q_offset, q_ld, kv_ld, s);
     });
   });
 }
@@ -592,7 +597,7 @@ cudaError_t FlashAttentionForwardSegments(Elems out, Elems q, Elems k, Elems v,
       using InT = ElementOf<decltype(qp)>;
       // b = count and tq = max_rows size the grid; each block reads its segment's sizes.
       return Forward(o, nullptr, qp, static_cast<InT*>(k.data), static_cast<InT*>(v.data), count,
-                     max_rows, 0, 0, hq, hkv, d, 0, s, nullptr, shift, segments);
+                     max_rows, 0, 0, hq, hkv, d, 0, hq * d, hkv * d, s, nullptr, shift, segments);
     });
   });
 }
@@ -607,14 +612,14 @@ cudaError_t FlashAttentionForwardPaged(Elems out, Elems q, Elems k, Elems v, con
     return WithElementType(q, [&](auto* qp) {
       using InT = ElementOf<decltype(qp)>;
       return Forward(o, nullptr, qp, static_cast<InT*>(k.data), static_cast<InT*>(v.data), 1, tq,
-                     tk, tk, hq, hkv, d, q_offset, s, pages, shift);
+                     tk, tk, hq, hkv, d, q_offset, hq * d, hkv * d, s, pages, shift);
     });
   });
 }
 
 cudaError_t FlashAttentionBackward(Elems dq, Elems dk, Elems dv, Elems dout, Elems out,
                                    const float* lse, float* dsum, Elems q, Elems k, Elems v, int b,
-                                   int t, int hq, int hkv, int d, int dq_stride, int dkv_stride,
+                                   int t, int hq, int hkv, int d, int q_ld, int kv_ld,
                                    cudaStream_t s) {
   for (const Elems& e : {k, v, dq, dk, dv}) {
     if (e.bf16 != q.bf16) return cudaErrorInvalidValue;
@@ -627,7 +632,7 @@ cudaError_t FlashAttentionBackward(Elems dq, Elems dk, Elems dv, Elems dout, Ele
       return Backward(static_cast<InT*>(dq.data), static_cast<InT*>(dk.data),
                       static_cast<InT*>(dv.data), static_cast<const OutT*>(dout.data), o, lse, dsum,
                       qp, static_cast<InT*>(k.data), static_cast<InT*>(v.data), b, t, hq, hkv, d,
-                      dq_stride, dkv_stride, s);
+                      q_ld, kv_ld, s);
     });
   });
 }

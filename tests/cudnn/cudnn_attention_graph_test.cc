@@ -103,8 +103,8 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudnnAttentionGraph,
                                            AttentionShape{1, 256, 4, 1, 64},
                                            AttentionShape{8, 2048, 16, 16, 128},  // the 1.3B
                                            AttentionShape{8, 1024, 12, 12, 64},   // GPT-2
-                                           // The backward's gradients as the parts of one fused
-                                           // q, k, v buffer: rows of (hq + 2 hkv) d.
+                                           // q, k, v (and their gradients) as the parts of one
+                                           // fused buffer: rows of (hq + 2 hkv) d.
                                            AttentionShape{2, 96, 8, 2, 128, 1536, 1536},
                                            AttentionShape{4, 2048, 16, 16, 128, 6144, 6144}));
 

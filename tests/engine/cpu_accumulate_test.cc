@@ -114,7 +114,7 @@ TEST_F(CpuAccumulateTest, WrittenOutputsOverwrite) {
   auto v = RandVec(rng_, bb * t * hkv * d), dout = RandVec(rng_, q.size());
   std::vector<float> out(q.size()), lse(bb * hq * t);
   be_.AttentionForward(out.data(), lse.data(), q.data(), k.data(), v.data(), bb, t, t, t, hq, hkv,
-                       d, 0);
+                       d, 0, hq * d, hkv * d);
   std::vector<float> dq1(q.size(), 0.0f), dk1(k.size(), 0.0f), dv1(v.size(), 0.0f);
   std::vector<float> dq2(q.size(), 3.0f), dk2(k.size(), 3.0f), dv2(v.size(), 3.0f);
   be_.AttentionBackward(dq1.data(), dk1.data(), dv1.data(), dout.data(), out.data(), lse.data(),
@@ -171,7 +171,7 @@ TEST_F(CpuAccumulateTest, ReductionsAreDeterministic) {
   ExpectThreadCountInvariant("Attention", [&] {
     std::vector<float> out(q.size()), lse(b * hq * t);
     be_.AttentionForward(out.data(), lse.data(), q.data(), k.data(), v.data(), b, t, t, t, hq, hkv,
-                         d, 0);
+                         d, 0, hq * d, hkv * d);
     std::vector<float> grads(q.size() + 2 * k.size());
     be_.AttentionBackward(grads.data(), grads.data() + q.size(), grads.data() + q.size() + k.size(),
                           dout.data(), out.data(), lse.data(), q.data(), k.data(), v.data(), b, t,

@@ -96,7 +96,7 @@ TEST_F(CpuAttentionTest, TrainingPathMatchesReference) {
   auto v = RandVec(rng_, b * t * hkv * d);
   std::vector<float> out(q.size()), lse(b * hq * t, 42.0f);
   be_.AttentionForward(out.data(), lse.data(), q.data(), k.data(), v.data(), b, t, t, t, hq, hkv, d,
-                       0);
+                       0, hq * d, hkv * d);
   std::vector<double> ref_out, ref_lse;
   RefAttention(q, k, v, b, t, t, t, hq, hkv, d, 0, &ref_out, &ref_lse);
   EXPECT_LT(MaxAbsDiff(out, ref_out), 1e-5);
@@ -120,7 +120,7 @@ TEST_F(CpuAttentionTest, SeveralQueryBlocksMatchReference) {
     auto v = RandVec(rng_, b * c.tk_cap * hkv * d);
     std::vector<float> out(q.size()), lse(b * hq * c.tq);
     be_.AttentionForward(out.data(), lse.data(), q.data(), k.data(), v.data(), b, c.tq, tk,
-                         c.tk_cap, hq, hkv, d, c.q_offset);
+                         c.tk_cap, hq, hkv, d, c.q_offset, hq * d, hkv * d);
     std::vector<double> ref_out, ref_lse;
     RefAttention(q, k, v, b, c.tq, tk, c.tk_cap, hq, hkv, d, c.q_offset, &ref_out, &ref_lse);
     EXPECT_LT(MaxAbsDiff(out, ref_out), 1e-5);
@@ -134,7 +134,7 @@ TEST_F(CpuAttentionTest, BackwardOverSeveralQueryBlocksMatchesReference) {
   auto v = RandVec(rng_, b * t * hkv * d), dout = RandVec(rng_, b * t * hq * d);
   std::vector<float> out(q.size()), lse(b * hq * t);
   be_.AttentionForward(out.data(), lse.data(), q.data(), k.data(), v.data(), b, t, t, t, hq, hkv, d,
-                       0);
+                       0, hq * d, hkv * d);
   std::vector<float> dq(q.size(), 7.0f), dk(k.size(), 7.0f), dv(v.size(), 7.0f);  // written
   be_.AttentionBackward(dq.data(), dk.data(), dv.data(), dout.data(), out.data(), lse.data(),
                         q.data(), k.data(), v.data(), b, t, hq, hkv, d, hq * d, hkv * d);
@@ -159,7 +159,7 @@ TEST_F(CpuAttentionTest, OffsetAndCapacityMatchReference) {
       }
   std::vector<float> out(q.size()), lse(b * hq * tq);
   be_.AttentionForward(out.data(), lse.data(), q.data(), k.data(), v.data(), b, tq, tk, tk_cap, hq,
-                       hkv, d, q_offset);
+                       hkv, d, q_offset, hq * d, hkv * d);
   std::vector<double> ref_out, ref_lse;
   RefAttention(q, k, v, b, tq, tk, tk_cap, hq, hkv, d, q_offset, &ref_out, &ref_lse);
   EXPECT_LT(MaxAbsDiff(out, ref_out), 1e-5);
@@ -217,9 +217,9 @@ TEST_F(CpuAttentionTest, GqaEqualsMhaWithRepeatedKvHeads) {
       }
   std::vector<float> out_gqa(q.size()), out_mha(q.size());
   be_.AttentionForward(out_gqa.data(), nullptr, q.data(), k.data(), v.data(), b, t, t, t, hq, hkv,
-                       d, 0);
+                       d, 0, hq * d, hkv * d);
   be_.AttentionForward(out_mha.data(), nullptr, q.data(), k_rep.data(), v_rep.data(), b, t, t, t,
-                       hq, hq, d, 0);
+                       hq, hq, d, 0, hq * d, hq * d);
   EXPECT_EQ(MaxAbsDiff(out_gqa, out_mha), 0.0);
 }
 
@@ -229,7 +229,7 @@ TEST_F(CpuAttentionTest, KvDecodeReproducesTrainingPath) {
   auto v = RandVec(rng_, b * t * hkv * d);
   std::vector<float> full(q.size()), lse(b * hq * t);
   be_.AttentionForward(full.data(), lse.data(), q.data(), k.data(), v.data(), b, t, t, t, hq, hkv,
-                       d, 0);
+                       d, 0, hq * d, hkv * d);
 
   // KV cache [b, cap, hkv, d]: a prefill of 4 tokens, then one token at a time.
   std::vector<float> kc(b * cap * hkv * d, 0.0f), vc(b * cap * hkv * d, 0.0f);
@@ -263,14 +263,14 @@ TEST_F(CpuAttentionTest, KvDecodeReproducesTrainingPath) {
   auto q0 = queries(0, prefill);
   std::vector<float> out0(q0.size());
   be_.AttentionForward(out0.data(), nullptr, q0.data(), kc.data(), vc.data(), b, prefill, prefill,
-                       cap, hq, hkv, d, 0);
+                       cap, hq, hkv, d, 0, hq * d, hkv * d);
   expect_rows(out0, 0, prefill);
   for (int pos = prefill; pos < t; ++pos) {
     append(pos, 1);
     auto q1 = queries(pos, 1);
     std::vector<float> out1(q1.size()), lse1(b * hq);
     be_.AttentionForward(out1.data(), lse1.data(), q1.data(), kc.data(), vc.data(), b, 1, pos + 1,
-                         cap, hq, hkv, d, pos);
+                         cap, hq, hkv, d, pos, hq * d, hkv * d);
     expect_rows(out1, pos, 1);
     for (int r = 0; r < b * hq; ++r) EXPECT_NEAR(lse1[r], lse[r * t + pos], 1e-6) << "row " << r;
   }

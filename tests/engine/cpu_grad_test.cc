@@ -143,7 +143,7 @@ TEST_P(CpuAttentionGradTest, QKV) {
   std::vector<float> out(b * t * hq * d), lse(b * hq * t);
   auto loss = [&] {
     be_.AttentionForward(out.data(), lse.data(), q.data(), k.data(), v.data(), b, t, t, t, hq, hkv,
-                         d, 0);
+                         d, 0, hq * d, hkv * d);
     return Dot(out, r);
   };
   loss();

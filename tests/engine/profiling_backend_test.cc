@@ -60,7 +60,7 @@ TEST_F(ProfilingWork, AttentionCountsTheCausalPairs) {
     const int t = 5;
     float *q = Zeros(b * t * hq * d), *k = Zeros(b * t * hkv * d), *v = Zeros(b * t * hkv * d);
     float *o = Zeros(b * t * hq * d), *lse = Zeros(b * hq * t);
-    prof_.AttentionForward(o, lse, q, k, v, b, t, t, t, hq, hkv, d, 0);
+    prof_.AttentionForward(o, lse, q, k, v, b, t, t, t, hq, hkv, d, 0, hq * d, hkv * d);
     EXPECT_EQ(Stats("AttentionForward").flops, 4.0 * d * b * hq * 15);
     EXPECT_EQ(Stats("AttentionForward").bytes,
               4.0 * (2 * b * t * hq * d + 2 * b * t * hkv * d + b * hq * t));
@@ -73,7 +73,7 @@ TEST_F(ProfilingWork, AttentionCountsTheCausalPairs) {
     float *q = Zeros(hq * d), *k = Zeros(cap * hkv * d), *v = Zeros(cap * hkv * d);
     float *o = Zeros(hq * d);
     prof_.ResetStats();
-    prof_.AttentionForward(o, nullptr, q, k, v, 1, 1, 7, cap, hq, hkv, d, 6);
+    prof_.AttentionForward(o, nullptr, q, k, v, 1, 1, 7, cap, hq, hkv, d, 6, hq * d, hkv * d);
     EXPECT_EQ(Stats("AttentionForward").flops, 4.0 * d * hq * 7);
   }
 }

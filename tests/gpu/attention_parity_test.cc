@@ -61,7 +61,7 @@ TEST_F(BackendParity, AttentionForward) {
           [&](Backend* be, DeviceMem& m) -> Outputs {
             float *out = m.Nan(nq), *lse = with_lse ? m.Nan(nl) : nullptr;
             be->AttentionForward(out, lse, m.Put(q), m.Put(k), m.Put(v), a.b, a.tq, a.tk(),
-                                 a.tk_cap, a.hq, a.hkv, a.d, a.q_offset);
+                                 a.tk_cap, a.hq, a.hkv, a.d, a.q_offset, a.hq * a.d, a.hkv * a.d);
             Outputs o = {{"out", m.Get(out, nq)}};
             if (lse) o.emplace_back("lse", m.Get(lse, nl));
             return o;
@@ -270,19 +270,22 @@ TEST_F(BackendParity, AttentionForwardRisingScores) {
     ExpectParity(
         [&](Backend* be, DeviceMem& m) -> Outputs {
           float *out = m.Nan(nq), *lse = m.Nan(nl);
-          be->AttentionForward(out, lse, m.Put(q), m.Put(k), m.Put(v), b, t, t, t, hq, hkv, d, 0);
+          be->AttentionForward(out, lse, m.Put(q), m.Put(k), m.Put(v), b, t, t, t, hq, hkv, d, 0,
+                               hq * d, hkv * d);
           return {{"out", m.Get(out, nq)}, {"lse", m.Get(lse, nl)}};
         },
         kGemm);
   }
 }
 
-// The backward's gradients into one buffer of rows [dq | dk | dv | 8 more], as the attention
-// branch's fused q, k, v projection reads them (models/layers.cc), in fp32 (the fused kernels of
-// the bf16-GEMM backends and the unfused GEMMs; OperandParity.AttentionWritesAndReadsBf16Output
-// covers bf16 gradients, cuDNN's graphs and the bf16 conversion into rows): each part at the rows'
-// stride, the 8 (a sentinel, 7) as they were; the CPU's strided rows are its dense gradients.
-TEST_F(BackendParity, AttentionBackwardIntoFusedRows) {
+// q, k, v as the parts of one buffer of rows [q | k | v | 8 more], as the attention branch's
+// fused q, k, v projection writes them (models/layers.cc), and the backward's gradients into such
+// rows, in fp32 (the fused kernels of the bf16-GEMM backends and the unfused GEMMs;
+// OperandParity.AttentionWritesAndReadsBf16Output covers bf16 rows, cuDNN's graphs and the bf16
+// conversion into rows): the forward reads each part at the rows' stride and never the 8 (NaN
+// there would reach the outputs), the backward writes each gradient at the stride and leaves the
+// 8 (a sentinel, 7) as they were; on the CPU, strided rows give its dense results.
+TEST_F(BackendParity, AttentionOnFusedRows) {
   for (const AttnCase& a : kAttnCases) {
     if (!a.training() || a.tq == 1) continue;
     const int t = a.tq, rows = a.b * t, q_cols = a.hq * a.d, kv_cols = a.hkv * a.d;
@@ -290,31 +293,52 @@ TEST_F(BackendParity, AttentionBackwardIntoFusedRows) {
     SCOPED_TRACE(::testing::Message() << "b=" << a.b << " hq=" << a.hq << " hkv=" << a.hkv
                                       << " d=" << a.d << " t=" << t);
     const size_t nq = static_cast<size_t>(rows) * q_cols, nkv = static_cast<size_t>(rows) * kv_cols;
-    const size_t total = static_cast<size_t>(rows) * stride;
+    const size_t total = static_cast<size_t>(rows) * stride,
+                 nl = static_cast<size_t>(a.b) * a.hq * t;
     const auto q = RandVec(rng_, nq, 1.5), k = RandVec(rng_, nkv), v = RandVec(rng_, nkv);
     const auto dout = RandVec(rng_, nq);
-    std::vector<float> out(nq), lse(static_cast<size_t>(a.b) * a.hq * t);
-    ref_.AttentionForward(out.data(), lse.data(), q.data(), k.data(), v.data(), a.b, t, t, t, a.hq,
-                          a.hkv, a.d, 0);
-    std::vector<float> poisoned(total, kNaN);
+    // The fused rows of the inputs (NaN past v), and of the gradients (NaN, and 7 past dv).
+    std::vector<float> qkv(total, kNaN), poisoned(total, kNaN);
     for (int r = 0; r < rows; ++r) {
-      for (int j = stride - 8; j < stride; ++j) poisoned[static_cast<size_t>(r) * stride + j] = 7;
+      float* row = qkv.data() + static_cast<size_t>(r) * stride;
+      std::copy_n(q.begin() + static_cast<size_t>(r) * q_cols, q_cols, row);
+      std::copy_n(k.begin() + static_cast<size_t>(r) * kv_cols, kv_cols, row + q_cols);
+      std::copy_n(v.begin() + static_cast<size_t>(r) * kv_cols, kv_cols, row + q_cols + kv_cols);
+      std::fill_n(poisoned.begin() + static_cast<size_t>(r) * stride + stride - 8, 8, 7.0f);
     }
+    std::vector<float> out(nq), lse(nl);
+    ref_.AttentionForward(out.data(), lse.data(), q.data(), k.data(), v.data(), a.b, t, t, t, a.hq,
+                          a.hkv, a.d, 0, q_cols, kv_cols);
     ExpectParity(
         [&](Backend* be, DeviceMem& m) -> Outputs {
-          float* g = m.Put(poisoned);
+          float *o = m.Nan(nq), *l = m.Nan(nl), *x = m.Put(qkv);
+          be->AttentionForward(o, l, x, x + q_cols, x + q_cols + kv_cols, a.b, t, t, t, a.hq, a.hkv,
+                               a.d, 0, stride, stride);
+          return {{"out", m.Get(o, nq)}, {"lse", m.Get(l, nl)}};
+        },
+        kGemm);
+    ExpectParity(
+        [&](Backend* be, DeviceMem& m) -> Outputs {
+          float *g = m.Put(poisoned), *x = m.Put(qkv);
           be->AttentionBackward(g, g + q_cols, g + q_cols + kv_cols, m.Put(dout), m.Put(out),
-                                m.Put(lse), m.Put(q), m.Put(k), m.Put(v), a.b, t, a.hq, a.hkv, a.d,
-                                stride, stride);
+                                m.Put(lse), x, x + q_cols, x + q_cols + kv_cols, a.b, t, a.hq,
+                                a.hkv, a.d, stride, stride);
           return {{"dq | dk | dv rows", m.Get(g, total)}};
         },
         kGemm);
+    // The CPU: strided rows read and written as its dense layout.
+    std::vector<float> out_rows(nq), lse_rows(nl);
+    const float* x = qkv.data();
+    ref_.AttentionForward(out_rows.data(), lse_rows.data(), x, x + q_cols, x + q_cols + kv_cols,
+                          a.b, t, t, t, a.hq, a.hkv, a.d, 0, stride, stride);
+    ASSERT_EQ(out_rows, out);
+    ASSERT_EQ(lse_rows, lse);
     std::vector<float> dq(nq), dk(nkv), dv(nkv), fused = poisoned;
     ref_.AttentionBackward(dq.data(), dk.data(), dv.data(), dout.data(), out.data(), lse.data(),
                            q.data(), k.data(), v.data(), a.b, t, a.hq, a.hkv, a.d, q_cols, kv_cols);
     ref_.AttentionBackward(fused.data(), fused.data() + q_cols, fused.data() + q_cols + kv_cols,
-                           dout.data(), out.data(), lse.data(), q.data(), k.data(), v.data(), a.b,
-                           t, a.hq, a.hkv, a.d, stride, stride);
+                           dout.data(), out.data(), lse.data(), x, x + q_cols, x + q_cols + kv_cols,
+                           a.b, t, a.hq, a.hkv, a.d, stride, stride);
     for (int r = 0; r < rows; ++r) {
       const float* row = fused.data() + static_cast<size_t>(r) * stride;
       const auto at = [r](int cols) { return static_cast<size_t>(r) * cols; };
@@ -347,7 +371,7 @@ TEST_F(BackendParity, AttentionBackward) {
     // Both backends get the CPU's forward outputs and log-sum-exps.
     std::vector<float> out(nq), lse(static_cast<size_t>(a.b) * a.hq * t);
     ref_.AttentionForward(out.data(), lse.data(), q.data(), k.data(), v.data(), a.b, t, t, t, a.hq,
-                          a.hkv, a.d, 0);
+                          a.hkv, a.d, 0, a.hq * a.d, a.hkv * a.d);
     const OpRun run = [&](Backend* be, DeviceMem& m) -> Outputs {
       float *dq = m.Nan(nq), *dk = m.Nan(nkv), *dv = m.Nan(nkv);
       be->AttentionBackward(dq, dk, dv, m.Put(dout), m.Put(out), m.Put(lse), m.Put(q), m.Put(k),

@@ -227,13 +227,16 @@ void Bf16ReferenceBackend::RopeBackward(Operand dx, const int32_t* pos, int n, i
 // kernels take D_i = dO_i . O_i, the per-head path sum_j P_ij dP_ij.
 void Bf16ReferenceBackend::AttentionForward(Operand out, float* lse, ConstOperand q, ConstOperand k,
                                             ConstOperand v, int b, int tq, int tk, int tk_cap,
-                                            int hq, int hkv, int d, int q_offset) {
+                                            int hq, int hkv, int d, int q_offset, int q_stride,
+                                            int kv_stride) {
   CheckAttentionSizes(tq, tk, tk_cap, hq, hkv, q_offset);
+  CheckAttentionStrides(hq, hkv, d, q_stride, kv_stride);
   const bool fused = fused_attention_(d);
   const size_t nq = static_cast<size_t>(b) * tq * hq * d;
-  const size_t nkv = static_cast<size_t>(b) * tk_cap * hkv * d;
-  const std::vector<float> qv = OperandValues(q, nq), kv = OperandValues(k, nkv),
-                           vv = OperandValues(v, nkv);
+  // q, k, v gathered dense.
+  const std::vector<float> qv = RowValues(q, b * tq, hq * d, q_stride),
+                           kv = RowValues(k, b * tk_cap, hkv * d, kv_stride),
+                           vv = RowValues(v, b * tk_cap, hkv * d, kv_stride);
   std::vector<float> o(nq), p(tk), dots(tk), acc(d);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   for (int bi = 0; bi < b; ++bi) {
@@ -313,14 +316,15 @@ void Bf16ReferenceBackend::PagedAttentionForward(Operand out, ConstOperand q, Co
 void Bf16ReferenceBackend::AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout,
                                              ConstOperand out, const float* lse, ConstOperand q,
                                              ConstOperand k, ConstOperand v, int b, int t, int hq,
-                                             int hkv, int d, int dq_stride, int dkv_stride) {
+                                             int hkv, int d, int q_stride, int kv_stride) {
   CheckAttentionSizes(t, t, t, hq, hkv, 0);
-  CheckAttentionGradStrides(hq, hkv, d, dq_stride, dkv_stride);
+  CheckAttentionStrides(hq, hkv, d, q_stride, kv_stride);
   const bool fused = fused_attention_(d);
   const size_t nq = static_cast<size_t>(b) * t * hq * d, nkv = static_cast<size_t>(b) * t * hkv * d;
   const std::vector<float> g = OperandValues(dout, nq), o = OperandValues(out, nq),
-                           qv = OperandValues(q, nq), kv = OperandValues(k, nkv),
-                           vv = OperandValues(v, nkv);
+                           qv = RowValues(q, b * t, hq * d, q_stride),
+                           kv = RowValues(k, b * t, hkv * d, kv_stride),
+                           vv = RowValues(v, b * t, hkv * d, kv_stride);
   std::vector<float> gq(nq), gk(nkv), gv(nkv), p(t), dp(t);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   auto qrow = [&](int bi, int i, int h) {
@@ -373,9 +377,9 @@ void Bf16ReferenceBackend::AttentionBackward(Operand dq, Operand dk, Operand dv,
   }
   for (float& x : gq) x *= scale;
   for (float& x : gk) x *= scale;
-  StoreRows(dq, gq, b * t, hq * d, dq_stride);
-  StoreRows(dk, gk, b * t, hkv * d, dkv_stride);
-  StoreRows(dv, gv, b * t, hkv * d, dkv_stride);
+  StoreRows(dq, gq, b * t, hq * d, q_stride);
+  StoreRows(dk, gk, b * t, hkv * d, kv_stride);
+  StoreRows(dv, gv, b * t, hkv * d, kv_stride);
 }
 
 void Bf16ReferenceBackend::CrossEntropy(float* losses, float* max_prob, Operand dlogits,

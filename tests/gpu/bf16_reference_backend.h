@@ -124,15 +124,15 @@ class Bf16ReferenceBackend final : public Backend {
   void RopeBackward(Operand dx, const int32_t* pos, int n, int heads, int head_dim, int stride,
                     const RopeParams& rope) override;
   void AttentionForward(Operand out, float* lse, ConstOperand q, ConstOperand k, ConstOperand v,
-                        int b, int tq, int tk, int tk_cap, int hq, int hkv, int d,
-                        int q_offset) override;
+                        int b, int tq, int tk, int tk_cap, int hq, int hkv, int d, int q_offset,
+                        int q_stride, int kv_stride) override;
   // The keys gathered in position order, then AttentionForward.
   void PagedAttentionForward(Operand out, ConstOperand q, ConstOperand k, ConstOperand v,
                              const KvPageTable& pages, int tq, int hq, int hkv, int d,
                              int q_offset) override;
   void AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout, ConstOperand out,
                          const float* lse, ConstOperand q, ConstOperand k, ConstOperand v, int b,
-                         int t, int hq, int hkv, int d, int dq_stride, int dkv_stride) override;
+                         int t, int hq, int hkv, int d, int q_stride, int kv_stride) override;
   void CrossEntropy(float* losses, float* max_prob, Operand dlogits, const float* logits,
                     const int32_t* targets, const float* weights, int n, int v) override;
   void CrossEntropyGradRange(Operand dlogits, const float* logits, const float* row_max,

@@ -442,8 +442,10 @@ TEST_F(OperandParity, AttentionWritesAndReadsBf16Output) {
     float* lse_d = d.Put(std::vector<float>(nl, kNaN));
     float *q_c = c.Put(q), *k_c = c.Put(k), *v_c = c.Put(v);
     const Operand q_d = d.PutBf16(q), k_d = d.PutBf16(k), v_d = d.PutBf16(v);
-    cpu_.AttentionForward(out_c, lse_c, q_c, k_c, v_c, b, t, t, t, hq, hkv, dh, 0);
-    dev_->AttentionForward(out_d, lse_d, q_d, k_d, v_d, b, t, t, t, hq, hkv, dh, 0);
+    cpu_.AttentionForward(out_c, lse_c, q_c, k_c, v_c, b, t, t, t, hq, hkv, dh, 0, hq * dh,
+                          hkv * dh);
+    dev_->AttentionForward(out_d, lse_d, q_d, k_d, v_d, b, t, t, t, hq, hkv, dh, 0, hq * dh,
+                           hkv * dh);
     EXPECT_TRUE(Close(d.Get(out_d, nq), c.Get(out_c, nq), kGemmBf16)) << "out";
     EXPECT_TRUE(Close(d.Get(lse_d, nl), c.Get(lse_c, nl), kGemmBf16)) << "lse";
     const std::vector<float> nan_q(nq, kNaN), nan_kv(nkv, kNaN);
@@ -459,18 +461,29 @@ TEST_F(OperandParity, AttentionWritesAndReadsBf16Output) {
     EXPECT_TRUE(Close(d.Get(dq_d, nq), want_dq, kGemmBf16)) << "dq";
     EXPECT_TRUE(Close(d.Get(dk_d, nkv), want_dk, kGemmBf16)) << "dk";
     EXPECT_TRUE(Close(d.Get(dv_d, nkv), want_dv, kGemmBf16)) << "dv";
-    // The same gradients as the parts of one buffer of rows [dq | dk | dv | 8 more] (the
-    // attention branch's fused layout, models/layers.cc), through the same paths (cuDNN's graph
-    // with strided gradients on a GPU with cuDNN; head dim 24: the bf16 conversion into rows):
-    // each part at the rows' stride, the 8 (a sentinel, 7) untouched.
+    // The same attention on q, k, v as the parts of one buffer of rows [q | k | v | 8 more]
+    // (NaN: never read), with the gradients into such rows [dq | dk | dv | 8 more] (the 8 a
+    // sentinel, 7, left untouched): the attention branch's fused layout (models/layers.cc),
+    // through the same paths (cuDNN's graphs with strided tensors on a GPU with cuDNN; head dim
+    // 24: the bf16 conversion into rows).
     const int rows = b * t, qc = hq * dh, kc = hkv * dh, stride = qc + 2 * kc + 8;
-    std::vector<float> init(static_cast<size_t>(rows) * stride, kNaN);
+    std::vector<float> qkv(static_cast<size_t>(rows) * stride, kNaN), init = qkv;
     for (int r = 0; r < rows; ++r) {
-      for (int j = stride - 8; j < stride; ++j) init[static_cast<size_t>(r) * stride + j] = 7;
+      float* row = qkv.data() + static_cast<size_t>(r) * stride;
+      std::copy_n(q.begin() + static_cast<size_t>(r) * qc, qc, row);
+      std::copy_n(k.begin() + static_cast<size_t>(r) * kc, kc, row + qc);
+      std::copy_n(v.begin() + static_cast<size_t>(r) * kc, kc, row + qc + kc);
+      std::fill_n(init.begin() + static_cast<size_t>(r) * stride + stride - 8, 8, 7.0f);
     }
-    const Operand g = d.PutBf16(init);
-    dev_->AttentionBackward(g, g.At(qc), g.At(qc + kc), dout_d, out_d, lse_d, q_d, k_d, v_d, b, t,
-                            hq, hkv, dh, stride, stride);
+    const Operand x = d.PutBf16(qkv), g = d.PutBf16(init);
+    const Operand out_rows = d.PutBf16(std::vector<float>(nq, kNaN));
+    float* lse_rows = d.Put(std::vector<float>(nl, kNaN));
+    dev_->AttentionForward(out_rows, lse_rows, x, x.At(qc), x.At(qc + kc), b, t, t, t, hq, hkv, dh,
+                           0, stride, stride);
+    EXPECT_TRUE(Close(d.Get(out_rows, nq), c.Get(out_c, nq), kGemmBf16)) << "out from fused rows";
+    EXPECT_TRUE(Close(d.Get(lse_rows, nl), c.Get(lse_c, nl), kGemmBf16)) << "lse from fused rows";
+    dev_->AttentionBackward(g, g.At(qc), g.At(qc + kc), dout_d, out_d, lse_d, x, x.At(qc),
+                            x.At(qc + kc), b, t, hq, hkv, dh, stride, stride);
     const std::vector<float> got = d.Get(g, init.size());
     std::vector<float> got_dq, got_dk, got_dv;
     for (int r = 0; r < rows; ++r) {
@@ -500,7 +513,7 @@ TEST_F(OperandParity, AttentionBackwardIsDeterministic) {
                   v = d.PutBf16(RandVec(rng_, nkv)), dout = d.PutBf16(RandVec(rng_, nq));
     const Operand out = d.PutBf16(std::vector<float>(nq, kNaN));
     float* lse = d.Put(std::vector<float>(static_cast<size_t>(b) * hq * t, kNaN));
-    dev_->AttentionForward(out, lse, q, k, v, b, t, t, t, hq, hkv, dh, 0);
+    dev_->AttentionForward(out, lse, q, k, v, b, t, t, t, hq, hkv, dh, 0, hq * dh, hkv * dh);
     std::vector<std::vector<float>> runs;
     for (int run = 0; run < 2; ++run) {
       const Operand dq = d.PutBf16(std::vector<float>(nq, kNaN)),
@@ -596,8 +609,9 @@ TEST_F(OperandParity, FusedAttentionMatchesRoundingReferenceOverTiles) {
   float *lse_r = r.Put(std::vector<float>(nl, kNaN)), *lse_d = d.Put(std::vector<float>(nl, kNaN));
   const Operand q_r = r.PutBf16(q), k_r = r.PutBf16(k), v_r = r.PutBf16(v);
   const Operand q_d = d.PutBf16(q), k_d = d.PutBf16(k), v_d = d.PutBf16(v);
-  ref.AttentionForward(out_r, lse_r, q_r, k_r, v_r, b, t, t, t, hq, hkv, dh, 0);
-  dev_->AttentionForward(out_d, lse_d, q_d, k_d, v_d, b, t, t, t, hq, hkv, dh, 0);
+  ref.AttentionForward(out_r, lse_r, q_r, k_r, v_r, b, t, t, t, hq, hkv, dh, 0, hq * dh, hkv * dh);
+  dev_->AttentionForward(out_d, lse_d, q_d, k_d, v_d, b, t, t, t, hq, hkv, dh, 0, hq * dh,
+                         hkv * dh);
   // fp32 noise (and the rare bf16 rounding it tips: SameRoundingsButRareFlips).
   const Tol kSameRounding{4e-3, 1e-5};
   EXPECT_TRUE(SameRoundingsButRareFlips(d.Get(out_d, nq), r.Get(out_r, nq), kSameRounding))

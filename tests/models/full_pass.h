@@ -40,9 +40,16 @@ inline FullPass RunFull(Model& m, const std::vector<int32_t>& ids) {
     acts.push_back(MakeBlockActs(a, c, t, /*training=*/true));
     BlockForward(m.ctx(), m.layer(l), acts[l], depth_hidden[l], pos, 1, t, nullptr);
     depth_hidden[l + 1] = acts[l].out;
-    const int kvn = t * c.num_kv_heads * c.head_dim();
-    f.k.emplace_back(acts[l].attn.k.f32(), acts[l].attn.k.f32() + kvn);
-    f.v.emplace_back(acts[l].attn.v.f32(), acts[l].attn.v.f32() + kvn);
+    // K and V gathered dense from their rows (the parts of fused q, k, v rows, or dense).
+    const int kv_cols = c.num_kv_heads * c.head_dim(), stride = acts[l].attn.kv_stride;
+    f.k.emplace_back();
+    f.v.emplace_back();
+    for (int p = 0; p < t; ++p) {
+      const float* k = acts[l].attn.k.f32() + static_cast<size_t>(p) * stride;
+      const float* v = acts[l].attn.v.f32() + static_cast<size_t>(p) * stride;
+      f.k.back().insert(f.k.back().end(), k, k + kv_cols);
+      f.v.back().insert(f.v.back().end(), v, v + kv_cols);
+    }
   }
   float* logits = a.Floats(t * v);
   auto rows = [&](std::vector<std::vector<float>>& out) {

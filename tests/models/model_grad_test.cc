@@ -188,23 +188,29 @@ TEST(ModelGrad, GateAndUpInOneGemmWhereTheirWeightsAreConsecutive) {
   CheckModelGradients(two, 12);
 }
 
-// The attention projections' gradients (dq, dk, dv) go to the norm's input through one GEMM of
-// (hq + 2 hkv) d columns where the three weights, and biases if any, lie one after another in
-// the arena and no q and k norms come between; through three GEMMs otherwise.
-TEST(ModelGrad, QkvGradientsInOneGemmWhereTheirWeightsAreConsecutive) {
+// q, k and v are projected by one GEMM of (hq + 2 hkv) d columns, and their gradients (dq, dk,
+// dv) go to the norm's input through one such GEMM, where the three weights, and biases if any,
+// lie one after another in the arena and no q and k norms come between; three GEMMs each way
+// otherwise.
+TEST(ModelGrad, QkvInOneGemmWhereTheirWeightsAreConsecutive) {
   const ModelConfig llama = TinyConfig(ModelStyle::kLlama);  // q 8, k and v 4 columns of 8
   std::map<std::string, int64_t> calls = GemmCallsOfAStep(llama);
   const int fused = FusionAllowed() ? llama.num_layers : 0;
+  EXPECT_EQ(CallsStartingWith(calls, "Linear 10 x 16 <- 8,"), fused);
   EXPECT_EQ(CallsStartingWith(calls, "LinearBackward 10 x 16 <- 8,"), fused);
+  EXPECT_EQ(CallsStartingWith(calls, "Linear 10 x 4 <- 8,"), 2 * (llama.num_layers - fused));
   EXPECT_EQ(CallsStartingWith(calls, "LinearBackward 10 x 4 <- 8,"),
             2 * (llama.num_layers - fused));
 
   ModelConfig gpt = TinyConfig(ModelStyle::kGpt);  // biases of 8 floats: 16-float aligned apart
   calls = GemmCallsOfAStep(gpt);
+  EXPECT_EQ(CallsStartingWith(calls, "Linear 10 x 24 <- 8,"), 0);
   EXPECT_EQ(CallsStartingWith(calls, "LinearBackward 10 x 24 <- 8,"), 0);
   gpt.hidden_size = 16;  // biases of 16: one after another
   gpt.ffn_hidden_size = 24;
   calls = GemmCallsOfAStep(gpt);
+  EXPECT_EQ(CallsStartingWith(calls, "Linear 10 x 48 <- 16,"),
+            FusionAllowed() ? gpt.num_layers : 0);
   EXPECT_EQ(CallsStartingWith(calls, "LinearBackward 10 x 48 <- 16,"),
             FusionAllowed() ? gpt.num_layers : 0);
   CheckModelGradients(gpt, 13);
@@ -212,7 +218,9 @@ TEST(ModelGrad, QkvGradientsInOneGemmWhereTheirWeightsAreConsecutive) {
   ModelConfig qk_norm = llama;
   qk_norm.qk_norm = true;
   calls = GemmCallsOfAStep(qk_norm);
+  EXPECT_EQ(CallsStartingWith(calls, "Linear 10 x 16 <- 8,"), 0);
   EXPECT_EQ(CallsStartingWith(calls, "LinearBackward 10 x 16 <- 8,"), 0);
+  EXPECT_EQ(CallsStartingWith(calls, "Linear 10 x 4 <- 8,"), 2 * llama.num_layers);
   EXPECT_EQ(CallsStartingWith(calls, "LinearBackward 10 x 4 <- 8,"), 2 * llama.num_layers);
 }
 

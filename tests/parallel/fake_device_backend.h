@@ -88,7 +88,7 @@ class FakeDeviceBackend final : public Backend {
     std::abort();
   }
   void AttentionForward(Operand, float*, ConstOperand, ConstOperand, ConstOperand, int, int, int,
-                        int, int, int, int, int) override {
+                        int, int, int, int, int, int, int) override {
     std::abort();
   }
   void PagedAttentionForward(Operand, ConstOperand, ConstOperand, ConstOperand, const KvPageTable&,
