@@ -39,11 +39,18 @@ void CheckSwiGluShape(int rows, int cols, int stride) {
 }
 
 void CopyToPages(Backend* be, void* pool, const KvPageTable& pages, int first, int count,
-                 const void* src, size_t row_bytes) {
+                 const void* src, size_t row_bytes, size_t src_stride) {
   for (const PageRun& r : PageRuns(pages, first, count)) {
-    be->Copy(static_cast<char*>(pool) + r.row * row_bytes,
-             static_cast<const char*>(src) + static_cast<size_t>(r.pos - first) * row_bytes,
-             r.count * row_bytes);
+    const char* from =
+        static_cast<const char*>(src) + static_cast<size_t>(r.pos - first) * src_stride;
+    char* to = static_cast<char*>(pool) + r.row * row_bytes;
+    if (src_stride == row_bytes) {
+      be->Copy(to, from, r.count * row_bytes);
+      continue;
+    }
+    for (int j = 0; j < r.count; ++j) {
+      be->Copy(to + j * row_bytes, from + j * src_stride, row_bytes);
+    }
   }
 }
 
@@ -57,28 +64,32 @@ void CopyFromPages(Backend* be, void* dst, const void* pool, const KvPageTable& 
 
 void GatheredPagedAttention(Backend* be, Operand out, ConstOperand q, ConstOperand k,
                             ConstOperand v, const KvPageTable& pages, int tq, int hq, int hkv,
-                            int d, int q_offset, void* k_buf, void* v_buf, int buf_tokens) {
+                            int d, int q_offset, int q_stride, void* k_buf, void* v_buf,
+                            int buf_tokens) {
   const int tk = q_offset + tq;
   EE_CHECK(tk <= buf_tokens, "gathering ", tk, " keys into room for ", buf_tokens);
   const size_t row_bytes = static_cast<size_t>(hkv) * d * DTypeSize(k.dtype);
   CopyFromPages(be, k_buf, k.data, pages, 0, tk, row_bytes);
   CopyFromPages(be, v_buf, v.data, pages, 0, tk, row_bytes);
   be->AttentionForward(out, nullptr, q, ConstOperand(k_buf, k.dtype), ConstOperand(v_buf, v.dtype),
-                       1, tq, tk, buf_tokens, hq, hkv, d, q_offset, hq * d, hkv * d);
+                       1, tq, tk, buf_tokens, hq, hkv, d, q_offset, q_stride, hkv * d);
 }
 
 void Backend::PagedAttentionPass(Operand out, ConstOperand q, ConstOperand k, ConstOperand v,
                                  Operand k_pool, Operand v_pool,
-                                 const std::vector<PagedRows>& segments, int hq, int hkv, int d) {
-  const size_t row = static_cast<size_t>(hkv) * d, qrow = static_cast<size_t>(hq) * d;
-  const size_t row_bytes = row * DTypeSize(k.dtype);
+                                 const std::vector<PagedRows>& segments, int hq, int hkv, int d,
+                                 int q_stride, int kv_stride) {
+  CheckAttentionStrides(hq, hkv, d, q_stride, kv_stride);
+  const size_t elem = DTypeSize(k.dtype), row_bytes = static_cast<size_t>(hkv) * d * elem;
   for (const PagedRows& sg : segments) {
-    CopyToPages(this, k_pool.data, *sg.pages, sg.q_offset, sg.rows, k.At(sg.row * row).data,
-                row_bytes);
-    CopyToPages(this, v_pool.data, *sg.pages, sg.q_offset, sg.rows, v.At(sg.row * row).data,
-                row_bytes);
-    PagedAttentionForward(out.At(sg.row * qrow), q.At(sg.row * qrow), k_pool, v_pool, *sg.pages,
-                          sg.rows, hq, hkv, d, sg.q_offset);
+    const size_t kv_at = static_cast<size_t>(sg.row) * kv_stride;
+    CopyToPages(this, k_pool.data, *sg.pages, sg.q_offset, sg.rows, k.At(kv_at).data, row_bytes,
+                kv_stride * elem);
+    CopyToPages(this, v_pool.data, *sg.pages, sg.q_offset, sg.rows, v.At(kv_at).data, row_bytes,
+                kv_stride * elem);
+    PagedAttentionForward(out.At(static_cast<size_t>(sg.row) * hq * d),
+                          q.At(static_cast<size_t>(sg.row) * q_stride), k_pool, v_pool, *sg.pages,
+                          sg.rows, hq, hkv, d, sg.q_offset, q_stride);
   }
 }
 

@@ -169,20 +169,24 @@ class Backend {
                                 int d, int q_offset, int q_stride, int kv_stride) = 0;
   // Inference attention of one sequence over its paged KV cache (engine/kv_pages.h): q, out
   // [tq, hq, d] at positions q_offset .. q_offset + tq - 1, attending keys 0 .. q_offset + i,
-  // which lie in the pools k, v ([rows, hkv, d]) at the rows `pages` maps them to. Otherwise as
+  // which lie in the pools k, v ([rows, hkv, d], dense) at the rows `pages` maps them to. q's
+  // rows lie q_stride elements apart (hq d when dense), out's are dense. Otherwise as
   // AttentionForward (no lse).
   virtual void PagedAttentionForward(Operand out, ConstOperand q, ConstOperand k, ConstOperand v,
                                      const KvPageTable& pages, int tq, int hq, int hkv, int d,
-                                     int q_offset) = 0;
+                                     int q_offset, int q_stride) = 0;
   // One inference pass's attention over several sequences' paged caches: each segment's rows
-  // of k and v ([n, hkv, d], n the rows of all segments) are written into the pools k_pool,
-  // v_pool at their positions, then each segment's rows of q attend its cache as in
-  // PagedAttentionForward, into its rows of out ([n, hq, d]). The default runs a copy per run of
-  // pages and PagedAttentionForward per segment; a device backend may do all segments at once, so
-  // the segments' new rows must go to pool rows no other segment of the pass reads or writes.
+  // of k and v ([n, hkv, d], n the rows of all segments; kv_stride elements apart) are written
+  // into the pools k_pool, v_pool at their positions, then each segment's rows of q ([n, hq, d],
+  // q_stride apart) attend its cache as in PagedAttentionForward, into its rows of out ([n, hq,
+  // d], dense). The strides as in AttentionForward (the parts of one [n, (hq + 2 hkv) d] buffer,
+  // or dense). The default runs a copy per run of pages (per row with strided k, v) and
+  // PagedAttentionForward per segment; a device backend may do all segments at once, so the
+  // segments' new rows must go to pool rows no other segment of the pass reads or writes.
   virtual void PagedAttentionPass(Operand out, ConstOperand q, ConstOperand k, ConstOperand v,
                                   Operand k_pool, Operand v_pool,
-                                  const std::vector<PagedRows>& segments, int hq, int hkv, int d);
+                                  const std::vector<PagedRows>& segments, int hq, int hkv, int d,
+                                  int q_stride, int kv_stride);
   // Training-path backward (q_offset 0, tq = tk = tk_cap = t) from the forward's out and lse;
   // recomputes the probabilities. dq, dk, dv written in q, k and v's layout: rows of hq or hkv
   // heads, q_stride and kv_stride elements apart, as the forward read q, k, v (what lies between
@@ -263,9 +267,10 @@ void OperandFromHost(Backend* be, Operand dst, const float* host, size_t n);
 
 // Rows of `row_bytes` between a paged pool and contiguous memory (both on the backend), one Copy
 // per run of adjacent pool rows: positions [first, first + count) of `pages` from `src` rows
-// into the pool, or out of it into `dst`.
+// into the pool, or out of it into `dst`. CopyToPages' source rows lie src_stride bytes apart
+// (row_bytes: contiguous; otherwise one Copy per row).
 void CopyToPages(Backend* be, void* pool, const KvPageTable& pages, int first, int count,
-                 const void* src, size_t row_bytes);
+                 const void* src, size_t row_bytes, size_t src_stride);
 void CopyFromPages(Backend* be, void* dst, const void* pool, const KvPageTable& pages, int first,
                    int count, size_t row_bytes);
 // PagedAttentionForward by gathering the keys and values in position order into k_buf, v_buf
@@ -273,7 +278,8 @@ void CopyFromPages(Backend* be, void* dst, const void* pool, const KvPageTable& 
 // without a kernel that reads through the page table.
 void GatheredPagedAttention(Backend* be, Operand out, ConstOperand q, ConstOperand k,
                             ConstOperand v, const KvPageTable& pages, int tq, int hq, int hkv,
-                            int d, int q_offset, void* k_buf, void* v_buf, int buf_tokens);
+                            int d, int q_offset, int q_stride, void* k_buf, void* v_buf,
+                            int buf_tokens);
 
 // The attention sizes every backend accepts (see AttentionForward); aborts naming them otherwise.
 // The backward's training form is tq = tk = tk_cap = t, q_offset = 0.

@@ -297,17 +297,17 @@ void ProfilingBackend::AttentionForward(Operand out, float* lse, ConstOperand q,
 
 void ProfilingBackend::PagedAttentionForward(Operand out, ConstOperand q, ConstOperand k,
                                              ConstOperand v, const KvPageTable& pages, int tq,
-                                             int hq, int hkv, int d, int q_offset) {
+                                             int hq, int hkv, int d, int q_offset, int q_stride) {
   const double flops = 4.0 * d * hq * CausalPairs(tq, q_offset);
   const double nq = 1.0 * tq * hq * d, nkv = 1.0 * (q_offset + tq) * hkv * d;
   Timed timed(this, "AttentionForward", flops, B(q, nq) + B(k, nkv) + B(v, nkv) + B(out, nq));
-  inner_->PagedAttentionForward(out, q, k, v, pages, tq, hq, hkv, d, q_offset);
+  inner_->PagedAttentionForward(out, q, k, v, pages, tq, hq, hkv, d, q_offset, q_stride);
 }
 
 void ProfilingBackend::PagedAttentionPass(Operand out, ConstOperand q, ConstOperand k,
                                           ConstOperand v, Operand k_pool, Operand v_pool,
                                           const std::vector<PagedRows>& segments, int hq, int hkv,
-                                          int d) {
+                                          int d, int q_stride, int kv_stride) {
   // As PagedAttentionForward per segment, and the new keys and values read and written once.
   double flops = 0.0, bytes = 0.0;
   for (const PagedRows& sg : segments) {
@@ -318,7 +318,8 @@ void ProfilingBackend::PagedAttentionPass(Operand out, ConstOperand q, ConstOper
         B(q, nq) + B(out, nq) + B(k_pool, nkv) + B(v_pool, nkv) + 2 * (B(k, n_new) + B(v, n_new));
   }
   Timed timed(this, "AttentionForward", flops, bytes);
-  inner_->PagedAttentionPass(out, q, k, v, k_pool, v_pool, segments, hq, hkv, d);
+  inner_->PagedAttentionPass(out, q, k, v, k_pool, v_pool, segments, hq, hkv, d, q_stride,
+                             kv_stride);
 }
 
 void ProfilingBackend::AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout,

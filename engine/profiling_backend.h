@@ -98,11 +98,11 @@ class ProfilingBackend final : public Backend {
                         int b, int tq, int tk, int tk_cap, int hq, int hkv, int d, int q_offset,
                         int q_stride, int kv_stride) override;
   void PagedAttentionForward(Operand out, ConstOperand q, ConstOperand k, ConstOperand v,
-                             const KvPageTable& pages, int tq, int hq, int hkv, int d,
-                             int q_offset) override;
+                             const KvPageTable& pages, int tq, int hq, int hkv, int d, int q_offset,
+                             int q_stride) override;
   void PagedAttentionPass(Operand out, ConstOperand q, ConstOperand k, ConstOperand v,
                           Operand k_pool, Operand v_pool, const std::vector<PagedRows>& segments,
-                          int hq, int hkv, int d) override;
+                          int hq, int hkv, int d, int q_stride, int kv_stride) override;
   void AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout, ConstOperand out,
                          const float* lse, ConstOperand q, ConstOperand k, ConstOperand v, int b,
                          int t, int hq, int hkv, int d, int q_stride, int kv_stride) override;

@@ -71,7 +71,8 @@ void TimeDecoding(Backend* be, const AttentionBenchOptions& o, int b, int t, int
   DeviceOperand q(be, dt, qv.size(), &qv), k(be, dt, kv.size(), &kv), v(be, dt, vv.size(), &vv);
   DeviceOperand out(be, dt, qv.size());
   r->decode_seconds = MedianSeconds(be, o.warmup, o.steps, [&] {
-    be->PagedAttentionPass(out.op, q.op, k.op, v.op, k_pool.op, v_pool.op, segments, hq, hkv, d);
+    be->PagedAttentionPass(out.op, q.op, k.op, v.op, k_pool.op, v_pool.op, segments, hq, hkv, d,
+                           hq * d, hkv * d);
   });
   r->decode_bytes = 2.0 * b * (t + 1.0) * row * DTypeSize(dt);
   r->copy_bandwidth = CopyBandwidth(be);

@@ -649,7 +649,7 @@ void Generator::ForwardGroup(Item* items, int n) {
       q.pending_start = it.end;
     } else {
       CopyToPages(be_, pool_frontier_, q.table, it.start, it.end - it.start,
-                  work_ + it.work_row * ch, ch * sizeof(float));
+                  work_ + it.work_row * ch, ch * sizeof(float), ch * sizeof(float));
     }
   }
 }

@@ -414,9 +414,7 @@ void BlockForward(const LayerContext& ctx, const BlockParams& p, BlockActs& a, c
   const int rows = ctx.LocalRows(n);
   NormForward(ctx, p.attn.norm, at.norm, x, rows);
   const ConstOperand in = BranchInput(ctx, at.norm.out, rows);
-  // One GEMM for q, k, v on the training path (QkvFused); inference passes keep three, since the
-  // paged attention and the KV cache copies take dense rows.
-  at.fused = cache == nullptr && QkvFused(ctx, p.attn);
+  at.fused = QkvFused(ctx, p.attn);
   const Qkv qkv = QkvLayout(c, at.qkv, n, at.fused);
   at.q = qkv.q;
   at.k = qkv.k;
@@ -468,7 +466,8 @@ void BlockForward(const LayerContext& ctx, const BlockParams& p, BlockActs& a, c
     EE_CHECK(covered == n, "KV segments cover ", covered, " of ", n, " rows");
     EE_CHECK(first->k.dtype == at.k.dtype, "KV cache dtype ", DTypeName(first->k.dtype),
              " != ", DTypeName(at.k.dtype));
-    be->PagedAttentionPass(at.att, at.q, at.k, at.v, first->k, first->v, segments, hq, hkv, d);
+    be->PagedAttentionPass(at.att, at.q, at.k, at.v, first->k, first->v, segments, hq, hkv, d,
+                           at.q_stride, at.kv_stride);
   }
   RowParallelResidual(ctx, a.h_attn, x, at.att, p.attn.wo, p.attn.bo, n, hq * d, rows, 0);
   MlpForward(ctx, p.mlp, a.mlp, a.out, a.h_attn, n);

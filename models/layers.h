@@ -64,7 +64,7 @@ struct AttnActs {
   NormActs norm;
   // q, k, v (after RoPE): rows of hq d, hkv d and hkv d elements, q_stride and kv_stride apart,
   // in `qkv` ([n (hq + 2 hkv) d]): the parts of [n, (hq + 2 hkv) d] rows (`fused`) when one GEMM
-  // projected them (training-path forwards, layers.cc's QkvLayout), else three dense blocks.
+  // projected them (layers.cc, QkvFused and QkvLayout), else three dense blocks.
   // Set by each forward; the backward writes dq, dk, dv in the same layout.
   Operand qkv, q, k, v;
   int q_stride = 0, kv_stride = 0;

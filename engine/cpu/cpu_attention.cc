@@ -100,11 +100,12 @@ void CpuBackend::AttentionForward(Operand out_op, float* lse, ConstOperand q_op,
 
 void CpuBackend::PagedAttentionForward(Operand out_op, ConstOperand q_op, ConstOperand k_op,
                                        ConstOperand v_op, const KvPageTable& pages, int tq, int hq,
-                                       int hkv, int d, int q_offset) {
+                                       int hkv, int d, int q_offset, int q_stride) {
   float* out = out_op.f32();
   const float *q = q_op.f32(), *k = k_op.f32(), *v = v_op.f32();
   const int tk = q_offset + tq;
   CheckAttentionSizes(tq, tk, tk, hq, hkv, q_offset);
+  CheckAttentionStrides(hq, hkv, d, q_stride, hkv * d);
   // The keys as runs of adjacent pool rows: each product runs per run (most sequences' pages
   // are handed out in order, so a run is usually many pages long).
   const std::vector<PageRun> runs = PageRuns(pages, 0, tk);
@@ -115,8 +116,8 @@ void CpuBackend::PagedAttentionForward(Operand out_op, ConstOperand q_op, ConstO
 #pragma omp parallel for schedule(dynamic, 1) if (parallel)
   for (int h = 0; h < hq; ++h) {
     const size_t kv_head = static_cast<size_t>(h / group) * d;
-    const float* qh = q + static_cast<size_t>(h) * d;  // rows stride hq*d
-    float* oh = out + static_cast<size_t>(h) * d;
+    const float* qh = q + static_cast<size_t>(h) * d;  // rows stride q_stride
+    float* oh = out + static_cast<size_t>(h) * d;      // rows stride hq*d
     float* s = Scratch(static_cast<size_t>(std::min(tq, kQueryBlock)) * tk, 0);
     for (int i0 = 0; i0 < tq; i0 += kQueryBlock) {
       const int rows = std::min(kQueryBlock, tq - i0);
@@ -125,8 +126,8 @@ void CpuBackend::PagedAttentionForward(Operand out_op, ConstOperand q_op, ConstO
       for (const PageRun& r : runs) {
         if (r.pos >= keys) break;
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, std::min(r.count, keys - r.pos),
-                    d, scale, qh + at, hq * d, k + r.row * ldk + kv_head, hkv * d, 0.0f, s + r.pos,
-                    keys);
+                    d, scale, qh + static_cast<size_t>(i0) * q_stride, q_stride,
+                    k + r.row * ldk + kv_head, hkv * d, 0.0f, s + r.pos, keys);
       }
       CausalSoftmaxRows(s, nullptr, rows, keys, q_offset + i0);
       for (const PageRun& r : runs) {

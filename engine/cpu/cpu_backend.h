@@ -93,8 +93,8 @@ class CpuBackend final : public Backend {
                         int q_stride, int kv_stride) override;
   // q/out: [tq, hq, d]; k/v: pools [rows, hkv, d] (engine/kv_pages.h).
   void PagedAttentionForward(Operand out, ConstOperand q, ConstOperand k, ConstOperand v,
-                             const KvPageTable& pages, int tq, int hq, int hkv, int d,
-                             int q_offset) override;
+                             const KvPageTable& pages, int tq, int hq, int hkv, int d, int q_offset,
+                             int q_stride) override;
   // dout/out: [b, t, hq, d]; lse: [b, hq, t]; q, dq: rows of [hq, d], k, v, dk, dv: rows of
   // [hkv, d], q_stride and kv_stride elements apart.
   void AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout, ConstOperand out,

@@ -129,13 +129,13 @@ class CudaBackend final : public Backend {
                         int q_stride, int kv_stride) override;
   // The fused kernel reads the keys through the page table; the per-head path gathers them.
   void PagedAttentionForward(Operand out, ConstOperand q, ConstOperand k, ConstOperand v,
-                             const KvPageTable& pages, int tq, int hq, int hkv, int d,
-                             int q_offset) override;
+                             const KvPageTable& pages, int tq, int hq, int hkv, int d, int q_offset,
+                             int q_stride) override;
   // With the fused kernels: the new keys and values in one launch and every segment's attention
   // in another, their descriptors uploaded once while they stay the same (a pass's layers).
   void PagedAttentionPass(Operand out, ConstOperand q, ConstOperand k, ConstOperand v,
                           Operand k_pool, Operand v_pool, const std::vector<PagedRows>& segments,
-                          int hq, int hkv, int d) override;
+                          int hq, int hkv, int d, int q_stride, int kv_stride) override;
   void AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout, ConstOperand out,
                          const float* lse, ConstOperand q, ConstOperand k, ConstOperand v, int b,
                          int t, int hq, int hkv, int d, int q_stride, int kv_stride) override;

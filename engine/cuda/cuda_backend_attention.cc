@@ -106,35 +106,38 @@ void CudaBackend::AttentionForward(Operand out_op, float* lse, ConstOperand q, C
 
 void CudaBackend::PagedAttentionForward(Operand out, ConstOperand q, ConstOperand k, ConstOperand v,
                                         const KvPageTable& pages, int tq, int hq, int hkv, int d,
-                                        int q_offset) {
+                                        int q_offset, int q_stride) {
   const int tk = q_offset + tq;
   CheckAttentionSizes(tq, tk, tk, hq, hkv, q_offset);
+  CheckAttentionStrides(hq, hkv, d, q_stride, hkv * d);
   EE_CHECK(q.dtype == k.dtype && q.dtype == v.dtype, "attention q, k, v of different dtypes");
-  if (UseFlash(d, {out.data, q.data, k.data, v.data}, {})) {
+  if (UseFlash(d, {out.data, q.data, k.data, v.data}, {q_stride * DTypeSize(q.dtype)})) {
     CUDA_CHECK(cuda::FlashAttentionForwardPaged(ToElems(out), ToElems(q), ToElems(k), ToElems(v),
                                                 pages.device, pages.page_tokens, tq, hq, hkv, d,
-                                                q_offset, stream_));
+                                                q_offset, q_stride, stream_));
     return;
   }
   // Sized in steps of 1024 keys, so that decoding does not regrow the buffers token by token.
   const int cap = (tk + 1023) / 1024 * 1024;
   const size_t row_bytes = static_cast<size_t>(hkv) * d * DTypeSize(k.dtype);
-  GatheredPagedAttention(this, out, q, k, v, pages, tq, hq, hkv, d, q_offset,
+  GatheredPagedAttention(this, out, q, k, v, pages, tq, hq, hkv, d, q_offset, q_stride,
                          Scratch(cap * row_bytes, 8), Scratch(cap * row_bytes, 9), cap);
 }
 
 void CudaBackend::PagedAttentionPass(Operand out, ConstOperand q, ConstOperand k, ConstOperand v,
                                      Operand k_pool, Operand v_pool,
-                                     const std::vector<PagedRows>& segments, int hq, int hkv,
-                                     int d) {
+                                     const std::vector<PagedRows>& segments, int hq, int hkv, int d,
+                                     int q_stride, int kv_stride) {
   EE_CHECK(q.dtype == k.dtype && q.dtype == v.dtype && k_pool.dtype == k.dtype &&
                v_pool.dtype == k.dtype,
            "paged attention pass: q, k, v and the pools of different dtypes");
-  const size_t row_bytes = static_cast<size_t>(hkv) * d * DTypeSize(k.dtype);
+  CheckAttentionStrides(hq, hkv, d, q_stride, kv_stride);
+  const size_t elem = DTypeSize(k.dtype), row_bytes = static_cast<size_t>(hkv) * d * elem;
   if (segments.empty() || segments.size() > 65535 ||  // (the grid's z limit)
-      !UseFlash(d, {out.data, q.data, k.data, v.data, k_pool.data, v_pool.data}, {}) ||
-      row_bytes % 16 != 0) {
-    Backend::PagedAttentionPass(out, q, k, v, k_pool, v_pool, segments, hq, hkv, d);
+      !UseFlash(d, {out.data, q.data, k.data, v.data, k_pool.data, v_pool.data},
+                {row_bytes, q_stride * elem, kv_stride * elem})) {
+    Backend::PagedAttentionPass(out, q, k, v, k_pool, v_pool, segments, hq, hkv, d, q_stride,
+                                kv_stride);
     return;
   }
   const int page_tokens = segments[0].pages->page_tokens;
@@ -184,11 +187,12 @@ void CudaBackend::PagedAttentionPass(Operand out, ConstOperand q, ConstOperand k
   auto* dev_segs = static_cast<const cuda::PagedSegment*>(dev);
   auto* dev_rows = reinterpret_cast<const int32_t*>(static_cast<unsigned char*>(dev) + seg_bytes);
   CUDA_CHECK(cuda::CopyRowsToPools(k_pool.data, v_pool.data, k.data, v.data, dev_rows,
-                                   static_cast<int>(pool_rows.size()), row_bytes, stream_));
+                                   static_cast<int>(pool_rows.size()), row_bytes, kv_stride * elem,
+                                   stream_));
   if (prefill > 0) {
     CUDA_CHECK(cuda::FlashAttentionForwardSegments(ToElems(out), ToElems(q), ToElems(k_pool),
                                                    ToElems(v_pool), dev_segs, prefill, max_rows,
-                                                   page_tokens, hq, hkv, d, stream_));
+                                                   page_tokens, hq, hkv, d, q_stride, stream_));
   }
   if (decode > 0) {
     const cuda::DecodeSplits plan =
@@ -198,7 +202,7 @@ void CudaBackend::PagedAttentionPass(Operand out, ConstOperand q, ConstOperand k
                          : nullptr;
     CUDA_CHECK(cuda::PagedDecodeAttention(ToElems(out), ToElems(q), ToElems(k_pool),
                                           ToElems(v_pool), dev_segs + prefill, decode, page_tokens,
-                                          hq, hkv, d, plan, partial, stream_));
+                                          hq, hkv, d, q_stride, plan, partial, stream_));
   }
 }
 

@@ -55,10 +55,12 @@ size_t ColumnSumScratchBytes(int n, int cols, int sums);
 // second sum in the same launch, its partials following the first's ([2][slices][cols]).
 cudaError_t AddColumnPartials(float* dst, float* dst2, const double* partials, int slices, int cols,
                               cudaStream_t s);
-// Row r of k and v (rows of `row_bytes`, a multiple of 16, 16-byte aligned like the pools) into
-// row pool_rows[r] of k_pool and v_pool, for r < n (pool_rows in device memory; -1: skipped).
+// Row r of k and v (rows of `row_bytes`, src_stride bytes apart, both multiples of 16, 16-byte
+// aligned like the pools) into row pool_rows[r] of k_pool and v_pool, for r < n (pool_rows in
+// device memory; -1: skipped).
 cudaError_t CopyRowsToPools(void* k_pool, void* v_pool, const void* k, const void* v,
-                            const int32_t* pool_rows, int n, size_t row_bytes, cudaStream_t s);
+                            const int32_t* pool_rows, int n, size_t row_bytes, size_t src_stride,
+                            cudaStream_t s);
 // dst[j] += sum over rows of x[r, j].
 cudaError_t ColumnSumAdd(float* dst, Elems x, int n, int cols, double* scratch, cudaStream_t s);
 // The inputs and outputs of GELU and SwiGLU, forward and backward, and the forward outputs of the
@@ -146,10 +148,10 @@ cudaError_t FlashAttentionForward(Elems out, float* lse, Elems q, Elems k, Elems
                                   int q_ld, int kv_ld, cudaStream_t s);
 // The forward of one sequence (b = 1, no lse) whose keys lie in pages of k, v (key j at row
 // pages[j / page_tokens] * page_tokens + j % page_tokens; engine/kv_pages.h); `pages` in device
-// memory, page_tokens a power of two; tk = q_offset + tq.
+// memory, page_tokens a power of two; tk = q_offset + tq; q's rows q_ld elements apart.
 cudaError_t FlashAttentionForwardPaged(Elems out, Elems q, Elems k, Elems v, const int32_t* pages,
                                        int page_tokens, int tq, int hq, int hkv, int d,
-                                       int q_offset, cudaStream_t s);
+                                       int q_offset, int q_ld, cudaStream_t s);
 // One sequence of an inference pass over several sequences' paged caches (device memory).
 struct PagedSegment {
   const int32_t* pages = nullptr;  // its page table (device)
@@ -162,7 +164,8 @@ struct PagedSegment {
 // keys in the same pools k, v; max_rows: the most rows of a segment.
 cudaError_t FlashAttentionForwardSegments(Elems out, Elems q, Elems k, Elems v,
                                           const PagedSegment* segments, int count, int max_rows,
-                                          int page_tokens, int hq, int hkv, int d, cudaStream_t s);
+                                          int page_tokens, int hq, int hkv, int d, int q_ld,
+                                          cudaStream_t s);
 
 // paged_decode.cu: the segments of a pass whose rows times the query heads of a KV head
 // (hq / hkv: the segment's pairs) are at most PagedDecodeRows() (decoding steps, short checks),
@@ -179,7 +182,7 @@ struct DecodeSplits {
 };
 DecodeSplits PlanDecodeSplits(int sms, int count, int hkv, int max_pairs, int max_keys, int d);
 cudaError_t PagedDecodeAttention(Elems out, Elems q, Elems k, Elems v, const PagedSegment* segments,
-                                 int count, int page_tokens, int hq, int hkv, int d,
+                                 int count, int page_tokens, int hq, int hkv, int d, int q_ld,
                                  const DecodeSplits& plan, float* partial, cudaStream_t s);
 
 // q and dq rows q_ld elements apart, k, v, dk and dv rows kv_ld (Backend::AttentionBackward).

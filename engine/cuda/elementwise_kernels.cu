@@ -200,14 +200,16 @@ __global__ void __launch_bounds__(kColMaxThreads, 2)
 }
 
 __global__ void CopyRowsToPoolsKernel(uint4* k_pool, uint4* v_pool, const uint4* k, const uint4* v,
-                                      const int32_t* pool_rows, size_t n_words, int row_words) {
+                                      const int32_t* pool_rows, size_t n_words, int row_words,
+                                      int src_words) {
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n_words;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    const int32_t to = pool_rows[i / row_words];
+    const size_t row = i / row_words, word = i % row_words;
+    const int32_t to = pool_rows[row];
     if (to < 0) continue;
-    const size_t at = static_cast<size_t>(to) * row_words + i % row_words;
-    k_pool[at] = k[i];
-    v_pool[at] = v[i];
+    const size_t at = static_cast<size_t>(to) * row_words + word, from = row * src_words + word;
+    k_pool[at] = k[from];
+    v_pool[at] = v[from];
   }
 }
 
@@ -493,14 +495,17 @@ cudaError_t AddBias(Elems out, Elems in, const float* bias, int n, int cols, cud
   return cudaGetLastError();
 }
 cudaError_t CopyRowsToPools(void* k_pool, void* v_pool, const void* k, const void* v,
-                            const int32_t* pool_rows, int n, size_t row_bytes, cudaStream_t s) {
-  if (row_bytes % sizeof(uint4) != 0) return cudaErrorInvalidValue;
+                            const int32_t* pool_rows, int n, size_t row_bytes, size_t src_stride,
+                            cudaStream_t s) {
+  if (row_bytes % sizeof(uint4) != 0 || src_stride % sizeof(uint4) != 0 || src_stride < row_bytes)
+    return cudaErrorInvalidValue;
   const size_t words = n * row_bytes / sizeof(uint4);
   if (words) {
     LaunchKernel(CopyRowsToPoolsKernel, dim3(Blocks(words)), dim3(kThreads), 0, s,
                  static_cast<uint4*>(k_pool), static_cast<uint4*>(v_pool),
                  static_cast<const uint4*>(k), static_cast<const uint4*>(v), pool_rows, words,
-                 static_cast<int>(row_bytes / sizeof(uint4)));
+                 static_cast<int>(row_bytes / sizeof(uint4)),
+                 static_cast<int>(src_stride / sizeof(uint4)));
   }
   return cudaGetLastError();
 }

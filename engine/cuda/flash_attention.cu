@@ -589,7 +589,8 @@ cudaError_t FlashAttentionForward(Elems out, float* lse, Elems q, Elems k, Elems
 
 cudaError_t FlashAttentionForwardSegments(Elems out, Elems q, Elems k, Elems v,
                                           const PagedSegment* segments, int count, int max_rows,
-                                          int page_tokens, int hq, int hkv, int d, cudaStream_t s) {
+                                          int page_tokens, int hq, int hkv, int d, int q_ld,
+                                          cudaStream_t s) {
   const int shift = PageShift(page_tokens);
   if (q.bf16 != k.bf16 || q.bf16 != v.bf16 || shift < 0) return cudaErrorInvalidValue;
   return WithElementType(out, [&](auto* o) {
@@ -597,14 +598,14 @@ cudaError_t FlashAttentionForwardSegments(Elems out, Elems q, Elems k, Elems v,
       using InT = ElementOf<decltype(qp)>;
       // b = count and tq = max_rows size the grid; each block reads its segment's sizes.
       return Forward(o, nullptr, qp, static_cast<InT*>(k.data), static_cast<InT*>(v.data), count,
-                     max_rows, 0, 0, hq, hkv, d, 0, hq * d, hkv * d, s, nullptr, shift, segments);
+                     max_rows, 0, 0, hq, hkv, d, 0, q_ld, hkv * d, s, nullptr, shift, segments);
     });
   });
 }
 
 cudaError_t FlashAttentionForwardPaged(Elems out, Elems q, Elems k, Elems v, const int32_t* pages,
                                        int page_tokens, int tq, int hq, int hkv, int d,
-                                       int q_offset, cudaStream_t s) {
+                                       int q_offset, int q_ld, cudaStream_t s) {
   const int shift = PageShift(page_tokens);
   if (q.bf16 != k.bf16 || q.bf16 != v.bf16 || shift < 0) return cudaErrorInvalidValue;
   const int tk = q_offset + tq;
@@ -612,7 +613,7 @@ cudaError_t FlashAttentionForwardPaged(Elems out, Elems q, Elems k, Elems v, con
     return WithElementType(q, [&](auto* qp) {
       using InT = ElementOf<decltype(qp)>;
       return Forward(o, nullptr, qp, static_cast<InT*>(k.data), static_cast<InT*>(v.data), 1, tq,
-                     tk, tk, hq, hkv, d, q_offset, hq * d, hkv * d, s, pages, shift);
+                     tk, tk, hq, hkv, d, q_offset, q_ld, hkv * d, s, pages, shift);
     });
   });
 }

@@ -75,23 +75,24 @@ __device__ float MergeRow(const float* states, int stride, int n, int r, int c,
   return sum > 0.0f ? acc / sum : 0.0f;
 }
 
-// Output row of pair r of a segment: token r / group, query head kvh * group + r % group.
-__device__ __forceinline__ size_t OutRow(const PagedSegment& sg, int r, int group, int kvh, int hq,
-                                         int d) {
-  return (static_cast<size_t>(sg.row) + r / group) * hq * d +
+// Where pair r of a segment lies in q or out (rows `row` elements apart): token r / group, query
+// head kvh * group + r % group.
+__device__ __forceinline__ size_t PairAt(const PagedSegment& sg, int r, int group, int kvh,
+                                         size_t row, int d) {
+  return (static_cast<size_t>(sg.row) + r / group) * row +
          static_cast<size_t>(kvh * group + r % group) * d;
 }
 
-// q, out: [rows of the pass, hq, D]; k, v: the pools of the paged caches ([pool rows, hkv, D]);
-// segments[blockIdx.z] the block's segment; blockIdx.y its KV head (y / row_blocks) and pairs
-// (16 (y % row_blocks) on; gridDim.y = hkv row_blocks); blockIdx.x its split: keys
-// [x split_keys, (x + 1) split_keys). partial null (one split): writes out; else the split's
-// state to partial[((z gridDim.y + y) splits + x) kState].
+// q, out: [rows of the pass, hq, D] (q's rows q_ld elements apart, out's dense); k, v: the pools of
+// the paged caches ([pool rows, hkv, D]); segments[blockIdx.z] the block's segment; blockIdx.y its
+// KV head (y / row_blocks) and pairs (16 (y % row_blocks) on; gridDim.y = hkv row_blocks);
+// blockIdx.x its split: keys [x split_keys, (x + 1) split_keys). partial null (one split): writes
+// out; else the split's state to partial[((z gridDim.y + y) splits + x) kState].
 template <int D, typename InT, typename OutT>
 __global__ void __launch_bounds__(kDecThreads)
     PagedDecodeKernel(OutT* out, float* partial, const InT* q, const InT* k, const InT* v,
                       const PagedSegment* segments, int hq, int hkv, int page_shift, float scale,
-                      int split_keys) {
+                      int split_keys, int q_ld) {
   EE_DYNAMIC_SHARED(smem);
   using L = DecSmem<D>;
   constexpr int kLd = D + kSkew;
@@ -110,7 +111,8 @@ __global__ void __launch_bounds__(kDecThreads)
   __nv_bfloat16* qs = SmemTile<D, kDecRows>(smem, L::kQ);
   for (int e = threadIdx.x; e < kDecRows * D; e += kDecThreads) {
     const int r = e / D, c = e % D;
-    const float x = r < rows ? LoadAsFloat(q + OutRow(sg, row0 + r, group, kvh, hq, D) + c) : 0.0f;
+    const float x =
+        r < rows ? LoadAsFloat(q + PairAt(sg, row0 + r, group, kvh, q_ld, D) + c) : 0.0f;
     qs[r * kLd + c] = __float2bfloat16(x);
   }
   auto load_kv = [&](int k0, int buf) {
@@ -215,7 +217,7 @@ __global__ void __launch_bounds__(kDecThreads)
   for (int e = threadIdx.x; e < rows * D; e += kDecThreads) {
     const int r = e / D, c = e % D;
     if (split_state == nullptr) {
-      StoreFloat(out + OutRow(sg, row0 + r, group, kvh, hq, D) + c,
+      StoreFloat(out + PairAt(sg, row0 + r, group, kvh, static_cast<size_t>(hq) * D, D) + c,
                  MergeRow<D>(states, L::kState, kDecWarps, r, c));
     } else {
       float mx, sum;
@@ -243,7 +245,7 @@ __global__ void __launch_bounds__(kDecThreads)
                                       splits * static_cast<size_t>(kState);
   for (int e = threadIdx.x; e < rows * D; e += kDecThreads) {  // (none where rows <= 0)
     const int r = e / D, c = e % D;
-    StoreFloat(out + OutRow(sg, row0 + r, group, kvh, hq, D) + c,
+    StoreFloat(out + PairAt(sg, row0 + r, group, kvh, static_cast<size_t>(hq) * D, D) + c,
                MergeRow<D>(states, kState, splits, r, c));
   }
 }
@@ -251,7 +253,7 @@ __global__ void __launch_bounds__(kDecThreads)
 template <int D, typename InT, typename OutT>
 cudaError_t LaunchDecode(OutT* out, const InT* q, const InT* k, const InT* v,
                          const PagedSegment* segments, int count, int hq, int hkv, int page_shift,
-                         const DecodeSplits& plan, float* partial, cudaStream_t s) {
+                         int q_ld, const DecodeSplits& plan, float* partial, cudaStream_t s) {
   constexpr size_t kBytes = DecSmem<D>::kBytes;
   cudaError_t e = cudaFuncSetAttribute(PagedDecodeKernel<D, InT, OutT>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
@@ -260,7 +262,7 @@ cudaError_t LaunchDecode(OutT* out, const InT* q, const InT* k, const InT* v,
   const int y = hkv * plan.row_blocks;
   e = LaunchKernel(PagedDecodeKernel<D, InT, OutT>, dim3(plan.splits, y, count), dim3(kDecThreads),
                    kBytes, s, out, split ? partial : nullptr, q, k, v, segments, hq, hkv,
-                   page_shift, 1.0f / sqrtf(D), plan.split_keys);
+                   page_shift, 1.0f / sqrtf(D), plan.split_keys, q_ld);
   if (e != cudaSuccess || !split) return e;
   return LaunchKernel(MergeDecodeSplitsKernel<D, OutT>, dim3(y, count), dim3(kDecThreads), 0, s,
                       out, static_cast<const float*>(partial), segments, hq, hkv, plan.splits);
@@ -269,15 +271,17 @@ cudaError_t LaunchDecode(OutT* out, const InT* q, const InT* k, const InT* v,
 template <typename InT, typename OutT>
 cudaError_t Decode(OutT* out, const InT* q, const InT* k, const InT* v,
                    const PagedSegment* segments, int count, int hq, int hkv, int d, int page_shift,
-                   const DecodeSplits& plan, float* partial, cudaStream_t s) {
+                   int q_ld, const DecodeSplits& plan, float* partial, cudaStream_t s) {
   switch (d) {
     case 32:
-      return LaunchDecode<32>(out, q, k, v, segments, count, hq, hkv, page_shift, plan, partial, s);
+      return LaunchDecode<32>(out, q, k, v, segments, count, hq, hkv, page_shift, q_ld, plan,
+                              partial, s);
     case 64:
-      return LaunchDecode<64>(out, q, k, v, segments, count, hq, hkv, page_shift, plan, partial, s);
+      return LaunchDecode<64>(out, q, k, v, segments, count, hq, hkv, page_shift, q_ld, plan,
+                              partial, s);
     case 128:
-      return LaunchDecode<128>(out, q, k, v, segments, count, hq, hkv, page_shift, plan, partial,
-                               s);
+      return LaunchDecode<128>(out, q, k, v, segments, count, hq, hkv, page_shift, q_ld, plan,
+                               partial, s);
     default:
       return cudaErrorInvalidValue;
   }
@@ -308,7 +312,7 @@ DecodeSplits PlanDecodeSplits(int sms, int count, int hkv, int max_pairs, int ma
 }
 
 cudaError_t PagedDecodeAttention(Elems out, Elems q, Elems k, Elems v, const PagedSegment* segments,
-                                 int count, int page_tokens, int hq, int hkv, int d,
+                                 int count, int page_tokens, int hq, int hkv, int d, int q_ld,
                                  const DecodeSplits& plan, float* partial, cudaStream_t s) {
   const int shift = PageShift(page_tokens);
   if (q.bf16 != k.bf16 || q.bf16 != v.bf16 || shift < 0 ||
@@ -321,7 +325,7 @@ cudaError_t PagedDecodeAttention(Elems out, Elems q, Elems k, Elems v, const Pag
     return WithElementType(q, [&](auto* qp) {
       using InT = ElementOf<decltype(qp)>;
       return Decode(o, qp, static_cast<InT*>(k.data), static_cast<InT*>(v.data), segments, count,
-                    hq, hkv, d, shift, plan, partial, s);
+                    hq, hkv, d, shift, q_ld, plan, partial, s);
     });
   });
 }

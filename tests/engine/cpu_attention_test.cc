@@ -197,7 +197,7 @@ TEST_F(CpuAttentionTest, PagedKeysMatchReference) {
     auto q = RandVec(rng_, c.tq * hq * d);
     std::vector<float> out(q.size(), NAN);
     be_.PagedAttentionForward(out.data(), q.data(), k_pool.data(), v_pool.data(), pages, c.tq, hq,
-                              hkv, d, c.q_offset);
+                              hkv, d, c.q_offset, hq * d);
     std::vector<double> ref_out, ref_lse;
     RefAttention(q, k, v, 1, c.tq, tk, tk, hq, hkv, d, c.q_offset, &ref_out, &ref_lse);
     EXPECT_LT(MaxAbsDiff(out, ref_out), 1e-5) << "tq " << c.tq << " q_offset " << c.q_offset;

@@ -94,13 +94,22 @@ TEST_F(BackendParity, PagedAttentionForward) {
     for (size_t i = 0; i < k.size(); ++i) {
       if (!used[i / (page * row)]) k[i] = v[i] = kNaN;
     }
+    // q also in rows of 3 hq d + 8 (q, then NaN: the q part of fused q, k, v rows and more).
+    const int q_stride = 3 * a.hq * a.d + 8;
+    std::vector<float> q_rows(static_cast<size_t>(a.tq) * q_stride, kNaN);
+    for (int r = 0; r < a.tq; ++r) {
+      std::copy_n(q.begin() + static_cast<size_t>(r) * a.hq * a.d, a.hq * a.d,
+                  q_rows.begin() + static_cast<size_t>(r) * q_stride);
+    }
     ExpectParity(
         [&](Backend* be, DeviceMem& m) -> Outputs {
-          float* out = m.Nan(nq);
+          float *out = m.Nan(nq), *out2 = m.Nan(nq);
           const KvPageTable pages{table.data(), m.Put(table), page, static_cast<int>(table.size())};
           be->PagedAttentionForward(out, m.Put(q), m.Put(k), m.Put(v), pages, a.tq, a.hq, a.hkv,
-                                    a.d, a.q_offset);
-          return {{"out", m.Get(out, nq)}};
+                                    a.d, a.q_offset, a.hq * a.d);
+          be->PagedAttentionForward(out2, m.Put(q_rows), m.Put(k), m.Put(v), pages, a.tq, a.hq,
+                                    a.hkv, a.d, a.q_offset, q_stride);
+          return {{"out", m.Get(out, nq)}, {"out from strided q", m.Get(out2, nq)}};
         },
         kGemm);
   }
@@ -186,11 +195,11 @@ TEST_F(BackendParity, PagedAttentionPass) {
           float *ka = m.Put(pool_a), *va = m.Put(pool_b), *kb = m.Put(pool_b), *vb = m.Put(pool_a);
           float *out1 = m.Nan(n * qrow), *out2 = m.Nan(n * qrow), *out3 = m.Nan(n_next * qrow);
           be->PagedAttentionPass(out1, m.Put(q), m.Put(k), m.Put(v), ka, va, first, a.hq, a.hkv,
-                                 a.d);
+                                 a.d, a.hq * a.d, a.hkv * a.d);
           be->PagedAttentionPass(out2, m.Put(q2), m.Put(k2), m.Put(v2), kb, vb, first, a.hq, a.hkv,
-                                 a.d);
+                                 a.d, a.hq * a.d, a.hkv * a.d);
           be->PagedAttentionPass(out3, m.Put(q3), m.Put(k3), m.Put(v3), ka, va, segments(next, 4),
-                                 a.hq, a.hkv, a.d);
+                                 a.hq, a.hkv, a.d, a.hq * a.d, a.hkv * a.d);
           Outputs o = {{"out", m.Get(out1, n * qrow)},
                        {"next layer's out", m.Get(out2, n * qrow)},
                        {"next step's out", m.Get(out3, n_next * qrow)}};
@@ -237,16 +246,31 @@ TEST_F(BackendParity, PagedAttentionDecodeSplits) {
     }
     const auto q = RandVec(rng_, n * qrow, 1.5), k = RandVec(rng_, n * row),
                v = RandVec(rng_, n * row);
-    ExpectParity(
-        [&](Backend* be, DeviceMem& m) -> Outputs {
-          std::vector<KvPageTable> tables(seqs.size());
-          const std::vector<PagedRows> segments = PassSegments(seqs, page, m, tables.data());
-          float *kp = m.Put(pool_k), *vp = m.Put(pool_v), *out = m.Nan(n * qrow);
-          be->PagedAttentionPass(out, m.Put(q), m.Put(k), m.Put(v), kp, vp, segments, a.hq, a.hkv,
-                                 a.d);
-          return {{"out", m.Get(out, n * qrow)}};
-        },
-        kGemm);
+    // The same q, k, v as the parts of rows [q | k | v | 8 NaN] (an inference pass whose q, k, v
+    // one GEMM projected, models/layers.cc).
+    const int stride = static_cast<int>(qrow + 2 * row) + 8;
+    std::vector<float> qkv(static_cast<size_t>(n) * stride, kNaN);
+    for (int r = 0; r < n; ++r) {
+      float* to = qkv.data() + static_cast<size_t>(r) * stride;
+      std::copy_n(q.begin() + r * qrow, qrow, to);
+      std::copy_n(k.begin() + r * row, row, to + qrow);
+      std::copy_n(v.begin() + r * row, row, to + qrow + row);
+    }
+    const OpRun run = [&](Backend* be, DeviceMem& m) -> Outputs {
+      std::vector<KvPageTable> tables(seqs.size());
+      const std::vector<PagedRows> segments = PassSegments(seqs, page, m, tables.data());
+      float *kp = m.Put(pool_k), *vp = m.Put(pool_v), *out = m.Nan(n * qrow);
+      be->PagedAttentionPass(out, m.Put(q), m.Put(k), m.Put(v), kp, vp, segments, a.hq, a.hkv, a.d,
+                             a.hq * a.d, a.hkv * a.d);
+      float *kp2 = m.Put(pool_k), *vp2 = m.Put(pool_v), *out2 = m.Nan(n * qrow), *x = m.Put(qkv);
+      be->PagedAttentionPass(out2, x, x + qrow, x + qrow + row, kp2, vp2, segments, a.hq, a.hkv,
+                             a.d, stride, stride);
+      return {{"out", m.Get(out, n * qrow)}, {"out from fused rows", m.Get(out2, n * qrow)}};
+    };
+    ExpectParity(run, kGemm);
+    DeviceMem m(&ref_);  // the CPU: fused rows give its dense results
+    const Outputs cpu = run(&ref_, m);
+    EXPECT_EQ(cpu[0].second, cpu[1].second);
   }
 }
 

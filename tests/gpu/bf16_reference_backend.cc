@@ -305,12 +305,13 @@ void Bf16ReferenceBackend::AttentionForward(Operand out, float* lse, ConstOperan
 
 void Bf16ReferenceBackend::PagedAttentionForward(Operand out, ConstOperand q, ConstOperand k,
                                                  ConstOperand v, const KvPageTable& pages, int tq,
-                                                 int hq, int hkv, int d, int q_offset) {
+                                                 int hq, int hkv, int d, int q_offset,
+                                                 int q_stride) {
   const int tk = q_offset + tq;
   const size_t row_bytes = static_cast<size_t>(hkv) * d * DTypeSize(k.dtype);
   std::vector<char> kc(tk * row_bytes), vc(tk * row_bytes);
-  GatheredPagedAttention(this, out, q, k, v, pages, tq, hq, hkv, d, q_offset, kc.data(), vc.data(),
-                         tk);
+  GatheredPagedAttention(this, out, q, k, v, pages, tq, hq, hkv, d, q_offset, q_stride, kc.data(),
+                         vc.data(), tk);
 }
 
 void Bf16ReferenceBackend::AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout,

@@ -128,8 +128,8 @@ class Bf16ReferenceBackend final : public Backend {
                         int q_stride, int kv_stride) override;
   // The keys gathered in position order, then AttentionForward.
   void PagedAttentionForward(Operand out, ConstOperand q, ConstOperand k, ConstOperand v,
-                             const KvPageTable& pages, int tq, int hq, int hkv, int d,
-                             int q_offset) override;
+                             const KvPageTable& pages, int tq, int hq, int hkv, int d, int q_offset,
+                             int q_stride) override;
   void AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout, ConstOperand out,
                          const float* lse, ConstOperand q, ConstOperand k, ConstOperand v, int b,
                          int t, int hq, int hkv, int d, int q_stride, int kv_stride) override;

@@ -92,7 +92,7 @@ class FakeDeviceBackend final : public Backend {
     std::abort();
   }
   void PagedAttentionForward(Operand, ConstOperand, ConstOperand, ConstOperand, const KvPageTable&,
-                             int, int, int, int, int) override {
+                             int, int, int, int, int, int) override {
     std::abort();
   }
   void AttentionBackward(Operand, Operand, Operand, ConstOperand, ConstOperand, const float*,
