@@ -46,11 +46,17 @@ void CopyToPages(Backend* be, void* pool, const KvPageTable& pages, int first, i
     char* to = static_cast<char*>(pool) + r.row * row_bytes;
     if (src_stride == row_bytes) {
       be->Copy(to, from, r.count * row_bytes);
-      continue;
+    } else {
+      be->CopyRows(to, row_bytes, from, src_stride, row_bytes, r.count);
     }
-    for (int j = 0; j < r.count; ++j) {
-      be->Copy(to + j * row_bytes, from + j * src_stride, row_bytes);
-    }
+  }
+}
+
+void Backend::CopyRows(void* dst, size_t dst_pitch, const void* src, size_t src_pitch,
+                       size_t row_bytes, int rows) {
+  for (int r = 0; r < rows; ++r) {
+    Copy(static_cast<char*>(dst) + r * dst_pitch, static_cast<const char*>(src) + r * src_pitch,
+         row_bytes);
   }
 }
 

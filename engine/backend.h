@@ -45,6 +45,10 @@ class Backend {
   virtual void CopyToHost(void* host_dst, const void* src, size_t bytes) = 0;
   virtual void CopyFromHost(void* dst, const void* host_src, size_t bytes) = 0;
   virtual void Copy(void* dst, const void* src, size_t bytes) = 0;
+  // `rows` rows of row_bytes from src (src_pitch bytes apart) to dst (dst_pitch apart), both on
+  // the backend; the default runs a Copy per row.
+  virtual void CopyRows(void* dst, size_t dst_pitch, const void* src, size_t src_pitch,
+                        size_t row_bytes, int rows);
   virtual void Synchronize() = 0;
 
   // ---- elementwise and reductions -----------------------------------------------------------
@@ -180,7 +184,7 @@ class Backend {
   // into the pools k_pool, v_pool at their positions, then each segment's rows of q ([n, hq, d],
   // q_stride apart) attend its cache as in PagedAttentionForward, into its rows of out ([n, hq,
   // d], dense). The strides as in AttentionForward (the parts of one [n, (hq + 2 hkv) d] buffer,
-  // or dense). The default runs a copy per run of pages (per row with strided k, v) and
+  // or dense). The default runs a copy per run of pages (CopyRows with strided k, v) and
   // PagedAttentionForward per segment; a device backend may do all segments at once, so the
   // segments' new rows must go to pool rows no other segment of the pass reads or writes.
   virtual void PagedAttentionPass(Operand out, ConstOperand q, ConstOperand k, ConstOperand v,
@@ -268,7 +272,7 @@ void OperandFromHost(Backend* be, Operand dst, const float* host, size_t n);
 // Rows of `row_bytes` between a paged pool and contiguous memory (both on the backend), one Copy
 // per run of adjacent pool rows: positions [first, first + count) of `pages` from `src` rows
 // into the pool, or out of it into `dst`. CopyToPages' source rows lie src_stride bytes apart
-// (row_bytes: contiguous; otherwise one Copy per row).
+// (row_bytes: contiguous; otherwise a CopyRows per run).
 void CopyToPages(Backend* be, void* pool, const KvPageTable& pages, int first, int count,
                  const void* src, size_t row_bytes, size_t src_stride);
 void CopyFromPages(Backend* be, void* dst, const void* pool, const KvPageTable& pages, int first,

@@ -75,6 +75,12 @@ void ProfilingBackend::Copy(void* dst, const void* src, size_t bytes) {
   inner_->Copy(dst, src, bytes);
 }
 
+void ProfilingBackend::CopyRows(void* dst, size_t dst_pitch, const void* src, size_t src_pitch,
+                                size_t row_bytes, int rows) {
+  Timed timed(this, "Copy", 0, 2.0 * row_bytes * std::max(rows, 0));
+  inner_->CopyRows(dst, dst_pitch, src, src_pitch, row_bytes, rows);
+}
+
 void ProfilingBackend::Synchronize() { inner_->Synchronize(); }
 
 void ProfilingBackend::Fill(float* x, size_t n, float value) {

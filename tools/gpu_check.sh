@@ -237,7 +237,8 @@ fi
 if want compare; then
   run bench_llama_b4 40 150 "$B/eellm" bench train --model=configs/bench/llama_1p3b.json \
     --backend=cuda-bf16w --batch=4 --seq=2048 --steps=3 --warmup=1 --compare-without-exits=false
-  # The same with every projection its own GEMM (q, k, v's gradients; SwiGLU's gate and up).
+  # The same with every projection its own GEMM (q, k and v, and their gradients; SwiGLU's gate
+  # and up, forward and backward).
   run bench_llama_b4_separate 40 150 env EELLM_FUSED_PROJECTIONS=0 "$B/eellm" bench train \
     --model=configs/bench/llama_1p3b.json --backend=cuda-bf16w --batch=4 --seq=2048 --steps=3 \
     --warmup=1 --compare-without-exits=false

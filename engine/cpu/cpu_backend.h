@@ -91,7 +91,7 @@ class CpuBackend final : public Backend {
   void AttentionForward(Operand out, float* lse, ConstOperand q, ConstOperand k, ConstOperand v,
                         int b, int tq, int tk, int tk_cap, int hq, int hkv, int d, int q_offset,
                         int q_stride, int kv_stride) override;
-  // q/out: [tq, hq, d]; k/v: pools [rows, hkv, d] (engine/kv_pages.h).
+  // q/out: [tq, hq, d] (q's rows q_stride apart); k/v: pools [rows, hkv, d] (engine/kv_pages.h).
   void PagedAttentionForward(Operand out, ConstOperand q, ConstOperand k, ConstOperand v,
                              const KvPageTable& pages, int tq, int hq, int hkv, int d, int q_offset,
                              int q_stride) override;

@@ -142,6 +142,14 @@ void CudaBackend::Copy(void* dst, const void* src, size_t bytes) {
   }
 }
 
+void CudaBackend::CopyRows(void* dst, size_t dst_pitch, const void* src, size_t src_pitch,
+                           size_t row_bytes, int rows) {
+  if (rows <= 0 || row_bytes == 0) return;
+  MarkWritten(dst, dst_pitch * (rows - 1) + row_bytes);
+  CUDA_CHECK(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, row_bytes, rows,
+                               cudaMemcpyDeviceToDevice, stream_));
+}
+
 void CudaBackend::Synchronize() { CUDA_CHECK(cudaDeviceSynchronize()); }
 
 void* CudaBackend::Scratch(size_t bytes, int slot) {

@@ -72,6 +72,8 @@ class CudaBackend final : public Backend {
   void CopyToHost(void* host_dst, const void* src, size_t bytes) override;
   void CopyFromHost(void* dst, const void* host_src, size_t bytes) override;
   void Copy(void* dst, const void* src, size_t bytes) override;
+  void CopyRows(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t row_bytes,
+                int rows) override;
   void Synchronize() override;
 
   void Fill(float* x, size_t n, float value) override;

@@ -145,14 +145,14 @@ void BackwardGraph(Graph& g, const AttentionShape& s, bool accumulating) {
   g.Tensor(Transposed(s.b, s.hkv, s.t, s.d), TransposedStrides(s.t, s.d, s.kv_row()),
            CUDNN_DATA_BFLOAT16, Kind::kIo, kV);  // v^T
   const auto q_rows = Rows(s.b, s.hq, s.t, s.d), q_strides = RowStrides(s.hq, s.t, s.d);
-  const auto kv_rows = Rows(s.b, s.hkv, s.t, s.d), kv_strides = RowStrides(s.hkv, s.t, s.d);
+  const auto kv_rows = Rows(s.b, s.hkv, s.t, s.d);
   g.Tensor(q_rows, q_strides, CUDNN_DATA_BFLOAT16, Kind::kIo, kO);
   g.Tensor(q_rows, q_strides, CUDNN_DATA_BFLOAT16, Kind::kIo, kDout);
   // The gradients in q, k and v's layout.
   g.Tensor(q_rows, RowStrides(s.hq, s.t, s.d, s.q_row()), CUDNN_DATA_BFLOAT16, Kind::kIo, kDq);
-  const auto dkv_strides = RowStrides(s.hkv, s.t, s.d, s.kv_row());
-  g.Tensor(kv_rows, dkv_strides, CUDNN_DATA_BFLOAT16, Kind::kIo, kDk);
-  g.Tensor(kv_rows, dkv_strides, CUDNN_DATA_BFLOAT16, Kind::kIo, kDv);
+  const auto kv_strides = RowStrides(s.hkv, s.t, s.d, s.kv_row());
+  g.Tensor(kv_rows, kv_strides, CUDNN_DATA_BFLOAT16, Kind::kIo, kDk);
+  g.Tensor(kv_rows, kv_strides, CUDNN_DATA_BFLOAT16, Kind::kIo, kDv);
   g.Tensor(StatsDims(s), Graph::Packed(StatsDims(s)), CUDNN_DATA_FLOAT, Kind::kIo, kStats);
   g.Tensor(StatsDims(s), Graph::Packed(StatsDims(s)), CUDNN_DATA_FLOAT, Kind::kIo, kSoftmaxSum);
   g.Tensor(kScalar, kScalar, CUDNN_DATA_FLOAT, Kind::kByValue, kOne);
@@ -180,6 +180,7 @@ void BackwardGraph(Graph& g, const AttentionShape& s, bool accumulating) {
   const int64_t ds_t = g.Tensor(scores, transposed_scores, CUDNN_DATA_BFLOAT16, Kind::kVirtual);
   g.Reshape(ds_t, ds);
   MatmulIntoKvHeads(g, s, kDk, ds_t, kQ);
+  // K's rows as they lie (the transpose of kK's view, at the rows' stride).
   const int64_t k = g.Tensor(kv_rows, kv_strides, CUDNN_DATA_FLOAT, Kind::kVirtual);
   g.Reshape(k, kK);
   if (!accumulating) {

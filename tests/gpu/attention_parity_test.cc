@@ -101,17 +101,19 @@ TEST_F(BackendParity, PagedAttentionForward) {
       std::copy_n(q.begin() + static_cast<size_t>(r) * a.hq * a.d, a.hq * a.d,
                   q_rows.begin() + static_cast<size_t>(r) * q_stride);
     }
-    ExpectParity(
-        [&](Backend* be, DeviceMem& m) -> Outputs {
-          float *out = m.Nan(nq), *out2 = m.Nan(nq);
-          const KvPageTable pages{table.data(), m.Put(table), page, static_cast<int>(table.size())};
-          be->PagedAttentionForward(out, m.Put(q), m.Put(k), m.Put(v), pages, a.tq, a.hq, a.hkv,
-                                    a.d, a.q_offset, a.hq * a.d);
-          be->PagedAttentionForward(out2, m.Put(q_rows), m.Put(k), m.Put(v), pages, a.tq, a.hq,
-                                    a.hkv, a.d, a.q_offset, q_stride);
-          return {{"out", m.Get(out, nq)}, {"out from strided q", m.Get(out2, nq)}};
-        },
-        kGemm);
+    const OpRun run = [&](Backend* be, DeviceMem& m) -> Outputs {
+      float *out = m.Nan(nq), *out2 = m.Nan(nq);
+      const KvPageTable pages{table.data(), m.Put(table), page, static_cast<int>(table.size())};
+      be->PagedAttentionForward(out, m.Put(q), m.Put(k), m.Put(v), pages, a.tq, a.hq, a.hkv, a.d,
+                                a.q_offset, a.hq * a.d);
+      be->PagedAttentionForward(out2, m.Put(q_rows), m.Put(k), m.Put(v), pages, a.tq, a.hq, a.hkv,
+                                a.d, a.q_offset, q_stride);
+      return {{"out", m.Get(out, nq)}, {"out from strided q", m.Get(out2, nq)}};
+    };
+    ExpectParity(run, kGemm);
+    DeviceMem m(&ref_);  // the CPU: strided q gives its dense results
+    const Outputs cpu = run(&ref_, m);
+    EXPECT_EQ(cpu[0].second, cpu[1].second);
   }
 }
 
@@ -183,6 +185,14 @@ TEST_F(BackendParity, PagedAttentionPass) {
                k2 = RandVec(rng_, n * row), v2 = RandVec(rng_, n * row),
                q3 = RandVec(rng_, n_next * qrow, 1.5), k3 = RandVec(rng_, n_next * row),
                v3 = RandVec(rng_, n_next * row);
+    const int stride = static_cast<int>(qrow + 2 * row) + 8;
+    std::vector<float> qkv(static_cast<size_t>(n) * stride, kNaN);
+    for (int r = 0; r < n; ++r) {
+      float* to = qkv.data() + static_cast<size_t>(r) * stride;
+      std::copy_n(q.begin() + r * qrow, qrow, to);
+      std::copy_n(k.begin() + r * row, row, to + qrow);
+      std::copy_n(v.begin() + r * row, row, to + qrow + row);
+    }
     ExpectParity(
         [&](Backend* be, DeviceMem& m) -> Outputs {
           std::vector<KvPageTable> tables(2 * seqs.size());  // seqs', then next's
@@ -194,8 +204,11 @@ TEST_F(BackendParity, PagedAttentionPass) {
           const std::vector<PagedRows> first = segments(seqs, 0);
           float *ka = m.Put(pool_a), *va = m.Put(pool_b), *kb = m.Put(pool_b), *vb = m.Put(pool_a);
           float *out1 = m.Nan(n * qrow), *out2 = m.Nan(n * qrow), *out3 = m.Nan(n_next * qrow);
-          be->PagedAttentionPass(out1, m.Put(q), m.Put(k), m.Put(v), ka, va, first, a.hq, a.hkv,
-                                 a.d, a.hq * a.d, a.hkv * a.d);
+          // The first pass on q, k, v as the parts of rows [q | k | v | 8 NaN] (one GEMM
+          // projected them, models/layers.cc).
+          float* x = m.Put(qkv);
+          be->PagedAttentionPass(out1, x, x + qrow, x + qrow + row, ka, va, first, a.hq, a.hkv, a.d,
+                                 stride, stride);
           be->PagedAttentionPass(out2, m.Put(q2), m.Put(k2), m.Put(v2), kb, vb, first, a.hq, a.hkv,
                                  a.d, a.hq * a.d, a.hkv * a.d);
           be->PagedAttentionPass(out3, m.Put(q3), m.Put(k3), m.Put(v3), ka, va, segments(next, 4),
@@ -302,77 +315,83 @@ TEST_F(BackendParity, AttentionForwardRisingScores) {
   }
 }
 
-// q, k, v as the parts of one buffer of rows [q | k | v | 8 more], as the attention branch's
+// q, k, v as the parts of one buffer of rows [q | k | v | 8 (or 1) more], as the attention branch's
 // fused q, k, v projection writes them (models/layers.cc), and the backward's gradients into such
 // rows, in fp32 (the fused kernels of the bf16-GEMM backends and the unfused GEMMs;
 // OperandParity.AttentionWritesAndReadsBf16Output covers bf16 rows, cuDNN's graphs and the bf16
-// conversion into rows): the forward reads each part at the rows' stride and never the 8 (NaN
+// conversion into rows): the forward reads each part at the rows' stride and never the rest (NaN
 // there would reach the outputs), the backward writes each gradient at the stride and leaves the
-// 8 (a sentinel, 7) as they were; on the CPU, strided rows give its dense results.
+// rest (a sentinel, 7) as it was; on the CPU, strided rows give its dense results.
 TEST_F(BackendParity, AttentionOnFusedRows) {
   for (const AttnCase& a : kAttnCases) {
     if (!a.training() || a.tq == 1) continue;
-    const int t = a.tq, rows = a.b * t, q_cols = a.hq * a.d, kv_cols = a.hkv * a.d;
-    const int stride = q_cols + 2 * kv_cols + 8;
-    SCOPED_TRACE(::testing::Message() << "b=" << a.b << " hq=" << a.hq << " hkv=" << a.hkv
-                                      << " d=" << a.d << " t=" << t);
-    const size_t nq = static_cast<size_t>(rows) * q_cols, nkv = static_cast<size_t>(rows) * kv_cols;
-    const size_t total = static_cast<size_t>(rows) * stride,
-                 nl = static_cast<size_t>(a.b) * a.hq * t;
-    const auto q = RandVec(rng_, nq, 1.5), k = RandVec(rng_, nkv), v = RandVec(rng_, nkv);
-    const auto dout = RandVec(rng_, nq);
-    // The fused rows of the inputs (NaN past v), and of the gradients (NaN, and 7 past dv).
-    std::vector<float> qkv(total, kNaN), poisoned(total, kNaN);
-    for (int r = 0; r < rows; ++r) {
-      float* row = qkv.data() + static_cast<size_t>(r) * stride;
-      std::copy_n(q.begin() + static_cast<size_t>(r) * q_cols, q_cols, row);
-      std::copy_n(k.begin() + static_cast<size_t>(r) * kv_cols, kv_cols, row + q_cols);
-      std::copy_n(v.begin() + static_cast<size_t>(r) * kv_cols, kv_cols, row + q_cols + kv_cols);
-      std::fill_n(poisoned.begin() + static_cast<size_t>(r) * stride + stride - 8, 8, 7.0f);
-    }
-    std::vector<float> out(nq), lse(nl);
-    ref_.AttentionForward(out.data(), lse.data(), q.data(), k.data(), v.data(), a.b, t, t, t, a.hq,
-                          a.hkv, a.d, 0, q_cols, kv_cols);
-    ExpectParity(
-        [&](Backend* be, DeviceMem& m) -> Outputs {
-          float *o = m.Nan(nq), *l = m.Nan(nl), *x = m.Put(qkv);
-          be->AttentionForward(o, l, x, x + q_cols, x + q_cols + kv_cols, a.b, t, t, t, a.hq, a.hkv,
-                               a.d, 0, stride, stride);
-          return {{"out", m.Get(o, nq)}, {"lse", m.Get(l, nl)}};
-        },
-        kGemm);
-    ExpectParity(
-        [&](Backend* be, DeviceMem& m) -> Outputs {
-          float *g = m.Put(poisoned), *x = m.Put(qkv);
-          be->AttentionBackward(g, g + q_cols, g + q_cols + kv_cols, m.Put(dout), m.Put(out),
-                                m.Put(lse), x, x + q_cols, x + q_cols + kv_cols, a.b, t, a.hq,
-                                a.hkv, a.d, stride, stride);
-          return {{"dq | dk | dv rows", m.Get(g, total)}};
-        },
-        kGemm);
-    // The CPU: strided rows read and written as its dense layout.
-    std::vector<float> out_rows(nq), lse_rows(nl);
-    const float* x = qkv.data();
-    ref_.AttentionForward(out_rows.data(), lse_rows.data(), x, x + q_cols, x + q_cols + kv_cols,
-                          a.b, t, t, t, a.hq, a.hkv, a.d, 0, stride, stride);
-    ASSERT_EQ(out_rows, out);
-    ASSERT_EQ(lse_rows, lse);
-    std::vector<float> dq(nq), dk(nkv), dv(nkv), fused = poisoned;
-    ref_.AttentionBackward(dq.data(), dk.data(), dv.data(), dout.data(), out.data(), lse.data(),
-                           q.data(), k.data(), v.data(), a.b, t, a.hq, a.hkv, a.d, q_cols, kv_cols);
-    ref_.AttentionBackward(fused.data(), fused.data() + q_cols, fused.data() + q_cols + kv_cols,
-                           dout.data(), out.data(), lse.data(), x, x + q_cols, x + q_cols + kv_cols,
-                           a.b, t, a.hq, a.hkv, a.d, stride, stride);
-    for (int r = 0; r < rows; ++r) {
-      const float* row = fused.data() + static_cast<size_t>(r) * stride;
-      const auto at = [r](int cols) { return static_cast<size_t>(r) * cols; };
-      ASSERT_TRUE(std::equal(row, row + q_cols, dq.begin() + at(q_cols))) << "dq row " << r;
-      ASSERT_TRUE(std::equal(row + q_cols, row + q_cols + kv_cols, dk.begin() + at(kv_cols)))
-          << "dk row " << r;
-      ASSERT_TRUE(
-          std::equal(row + q_cols + kv_cols, row + q_cols + 2 * kv_cols, dv.begin() + at(kv_cols)))
-          << "dv row " << r;
-      for (int j = stride - 8; j < stride; ++j) ASSERT_EQ(row[j], 7.0f) << "row " << r;
+    // 8 more: rows 16-byte aligned, as the model's; 1 more: not (the fused kernels and cuDNN
+    // decline them: the unfused path runs).
+    for (const int pad : {8, 1}) {
+      const int t = a.tq, rows = a.b * t, q_cols = a.hq * a.d, kv_cols = a.hkv * a.d;
+      const int stride = q_cols + 2 * kv_cols + pad;
+      SCOPED_TRACE(::testing::Message() << "b=" << a.b << " hq=" << a.hq << " hkv=" << a.hkv
+                                        << " d=" << a.d << " t=" << t << " pad=" << pad);
+      const size_t nq = static_cast<size_t>(rows) * q_cols,
+                   nkv = static_cast<size_t>(rows) * kv_cols;
+      const size_t total = static_cast<size_t>(rows) * stride,
+                   nl = static_cast<size_t>(a.b) * a.hq * t;
+      const auto q = RandVec(rng_, nq, 1.5), k = RandVec(rng_, nkv), v = RandVec(rng_, nkv);
+      const auto dout = RandVec(rng_, nq);
+      // The fused rows of the inputs (NaN past v), and of the gradients (NaN, and 7 past dv).
+      std::vector<float> qkv(total, kNaN), poisoned(total, kNaN);
+      for (int r = 0; r < rows; ++r) {
+        float* row = qkv.data() + static_cast<size_t>(r) * stride;
+        std::copy_n(q.begin() + static_cast<size_t>(r) * q_cols, q_cols, row);
+        std::copy_n(k.begin() + static_cast<size_t>(r) * kv_cols, kv_cols, row + q_cols);
+        std::copy_n(v.begin() + static_cast<size_t>(r) * kv_cols, kv_cols, row + q_cols + kv_cols);
+        std::fill_n(poisoned.begin() + static_cast<size_t>(r) * stride + stride - pad, pad, 7.0f);
+      }
+      std::vector<float> out(nq), lse(nl);
+      ref_.AttentionForward(out.data(), lse.data(), q.data(), k.data(), v.data(), a.b, t, t, t,
+                            a.hq, a.hkv, a.d, 0, q_cols, kv_cols);
+      ExpectParity(
+          [&](Backend* be, DeviceMem& m) -> Outputs {
+            float *o = m.Nan(nq), *l = m.Nan(nl), *x = m.Put(qkv);
+            be->AttentionForward(o, l, x, x + q_cols, x + q_cols + kv_cols, a.b, t, t, t, a.hq,
+                                 a.hkv, a.d, 0, stride, stride);
+            return {{"out", m.Get(o, nq)}, {"lse", m.Get(l, nl)}};
+          },
+          kGemm);
+      ExpectParity(
+          [&](Backend* be, DeviceMem& m) -> Outputs {
+            float *g = m.Put(poisoned), *x = m.Put(qkv);
+            be->AttentionBackward(g, g + q_cols, g + q_cols + kv_cols, m.Put(dout), m.Put(out),
+                                  m.Put(lse), x, x + q_cols, x + q_cols + kv_cols, a.b, t, a.hq,
+                                  a.hkv, a.d, stride, stride);
+            return {{"dq | dk | dv rows", m.Get(g, total)}};
+          },
+          kGemm);
+      // The CPU: strided rows read and written as its dense layout.
+      std::vector<float> out_rows(nq), lse_rows(nl);
+      const float* x = qkv.data();
+      ref_.AttentionForward(out_rows.data(), lse_rows.data(), x, x + q_cols, x + q_cols + kv_cols,
+                            a.b, t, t, t, a.hq, a.hkv, a.d, 0, stride, stride);
+      ASSERT_EQ(out_rows, out);
+      ASSERT_EQ(lse_rows, lse);
+      std::vector<float> dq(nq), dk(nkv), dv(nkv), fused = poisoned;
+      ref_.AttentionBackward(dq.data(), dk.data(), dv.data(), dout.data(), out.data(), lse.data(),
+                             q.data(), k.data(), v.data(), a.b, t, a.hq, a.hkv, a.d, q_cols,
+                             kv_cols);
+      ref_.AttentionBackward(fused.data(), fused.data() + q_cols, fused.data() + q_cols + kv_cols,
+                             dout.data(), out.data(), lse.data(), x, x + q_cols,
+                             x + q_cols + kv_cols, a.b, t, a.hq, a.hkv, a.d, stride, stride);
+      for (int r = 0; r < rows; ++r) {
+        const float* row = fused.data() + static_cast<size_t>(r) * stride;
+        const auto at = [r](int cols) { return static_cast<size_t>(r) * cols; };
+        ASSERT_TRUE(std::equal(row, row + q_cols, dq.begin() + at(q_cols))) << "dq row " << r;
+        ASSERT_TRUE(std::equal(row + q_cols, row + q_cols + kv_cols, dk.begin() + at(kv_cols)))
+            << "dk row " << r;
+        ASSERT_TRUE(std::equal(row + q_cols + kv_cols, row + q_cols + 2 * kv_cols,
+                               dv.begin() + at(kv_cols)))
+            << "dv row " << r;
+        for (int j = stride - pad; j < stride; ++j) ASSERT_EQ(row[j], 7.0f) << "row " << r;
+      }
     }
   }
 }

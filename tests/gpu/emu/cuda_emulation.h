@@ -221,6 +221,22 @@ inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cud
                                    cudaStream_t) {
   return cudaMemcpy(dst, src, bytes, kind);
 }
+inline cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch,
+                                     size_t width, size_t height, cudaMemcpyKind kind,
+                                     cudaStream_t) {
+  if (kind != cudaMemcpyDeviceToDevice || width > dpitch || width > spitch) {
+    return eellm_emu::Misuse("cudaMemcpy2DAsync: only device to device, width within the pitches");
+  }
+  if (height > 0 && (!eellm_emu::IsDevice(dst, dpitch * (height - 1) + width) ||
+                     !eellm_emu::IsDevice(src, spitch * (height - 1) + width))) {
+    return eellm_emu::Misuse("cudaMemcpy2DAsync on memory that is not device memory");
+  }
+  for (size_t r = 0; r < height; ++r) {
+    std::memmove(static_cast<char*>(dst) + r * dpitch, static_cast<const char*>(src) + r * spitch,
+                 width);
+  }
+  return cudaSuccess;
+}
 inline cudaError_t cudaMemset(void* p, int value, size_t bytes) {
   if (!eellm_emu::IsDevice(p, bytes)) {
     return eellm_emu::Misuse("cudaMemset on memory that is not device memory");
