@@ -65,14 +65,15 @@ void TimeDecoding(Backend* be, const AttentionBenchOptions& o, int b, int t, int
     segments[i] = {&page_tables[i], i, 1, t};
   }
   const std::vector<float> pk = random(pool), pv = random(pool);
-  const std::vector<float> qv = random(static_cast<size_t>(b) * hq * d), kv = random(b * row),
-                           vv = random(b * row);
+  // The step's q, k, v as the parts of [b, (hq + 2 hkv) d] rows, as one GEMM projects them.
+  const int stride = (hq + 2 * hkv) * d;
+  const std::vector<float> xv = random(static_cast<size_t>(b) * stride);
   DeviceOperand k_pool(be, dt, pool, &pk), v_pool(be, dt, pool, &pv);
-  DeviceOperand q(be, dt, qv.size(), &qv), k(be, dt, kv.size(), &kv), v(be, dt, vv.size(), &vv);
-  DeviceOperand out(be, dt, qv.size());
+  DeviceOperand qkv(be, dt, xv.size(), &xv), out(be, dt, static_cast<size_t>(b) * hq * d);
+  const Operand q = qkv.op, k = qkv.op.At(hq * d), v = qkv.op.At((hq + hkv) * d);
   r->decode_seconds = MedianSeconds(be, o.warmup, o.steps, [&] {
-    be->PagedAttentionPass(out.op, q.op, k.op, v.op, k_pool.op, v_pool.op, segments, hq, hkv, d,
-                           hq * d, hkv * d);
+    be->PagedAttentionPass(out.op, q, k, v, k_pool.op, v_pool.op, segments, hq, hkv, d, stride,
+                           stride);
   });
   r->decode_bytes = 2.0 * b * (t + 1.0) * row * DTypeSize(dt);
   r->copy_bandwidth = CopyBandwidth(be);
@@ -124,7 +125,7 @@ absl::StatusOr<AttentionBenchResult> RunAttentionBenchmark(const ModelConfig& mc
   r.backward_flops = 2.5 * r.forward_flops;
   std::printf(
       "attention: %s, batch %d, heads %d/%d, %d tokens, head dimension %d, backend %s (%s "
-      "operands; q, k, v in rows of %d, as training lays them out); median of %d runs\n",
+      "operands; q, k, v in rows of %d, as one GEMM projects them); median of %d runs\n",
       mc.style == ModelStyle::kGpt ? "gpt" : "llama", b, hq, hkv, t, d, be->name().c_str(),
       dt == DType::kBF16 ? "bf16" : "fp32", stride, o.steps);
   r.forward_seconds = MedianSeconds(be, o.warmup, o.steps, [&] {
