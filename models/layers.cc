@@ -200,6 +200,17 @@ Qkv QkvLayout(const ModelConfig& c, Operand buf, int n, bool fused) {
   return {buf, buf.At(nq), buf.At(nq + nkv), q, kv};
 }
 
+// Points the acts' q, k, v into their buffer in the layout `fused` chooses.
+void LayOutQkv(AttnActs& at, const ModelConfig& c, int n, bool fused) {
+  const Qkv x = QkvLayout(c, at.qkv, n, fused);
+  at.fused = fused;
+  at.q = x.q;
+  at.k = x.k;
+  at.v = x.v;
+  at.q_stride = x.q_stride;
+  at.kv_stride = x.kv_stride;
+}
+
 // SwiGLU's gate and up projections (h1 and dh1, 2 n f elements). One GEMM of 2f outputs when
 // their weights are consecutive (fc1 then up, no bias: Llama configs whose f c is a multiple of
 // 16, the arena's alignment): rows [gate | up], stride 2f. Otherwise two GEMMs into the
@@ -281,12 +292,7 @@ BlockActs MakeBlockActs(Arena& a, const ModelConfig& c, int n, bool training, in
   if (local < 0) local = n;
   r.attn.norm = MakeNormActs(a, local, c.hidden_size);
   r.attn.qkv = a.Operands(static_cast<size_t>(n) * (c.num_heads + 2 * c.num_kv_heads) * d);
-  const Qkv x = QkvLayout(c, r.attn.qkv, n, false);
-  r.attn.q = x.q;
-  r.attn.k = x.k;
-  r.attn.v = x.v;
-  r.attn.q_stride = x.q_stride;
-  r.attn.kv_stride = x.kv_stride;
+  LayOutQkv(r.attn, c, n, false);
   if (training) r.attn.lse = a.Floats(static_cast<size_t>(n) * c.num_heads);
   r.attn.att = a.Operands(static_cast<size_t>(n) * c.num_heads * d);
   if (c.qk_norm) {
@@ -414,13 +420,7 @@ void BlockForward(const LayerContext& ctx, const BlockParams& p, BlockActs& a, c
   const int rows = ctx.LocalRows(n);
   NormForward(ctx, p.attn.norm, at.norm, x, rows);
   const ConstOperand in = BranchInput(ctx, at.norm.out, rows);
-  at.fused = QkvFused(ctx, p.attn);
-  const Qkv qkv = QkvLayout(c, at.qkv, n, at.fused);
-  at.q = qkv.q;
-  at.k = qkv.k;
-  at.v = qkv.v;
-  at.q_stride = qkv.q_stride;
-  at.kv_stride = qkv.kv_stride;
+  LayOutQkv(at, c, n, QkvFused(ctx, p.attn));
   if (at.fused) {
     be->Linear(at.q, in, ctx.P(p.attn.wq), ctx.P(p.attn.bq), n, h, at.q_stride, false);
   } else {
