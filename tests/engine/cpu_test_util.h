@@ -1,4 +1,5 @@
-// Helpers shared by the CPU backend tests: random vectors from eellm::Rng, a CpuBackend
+// Helpers shared by the CPU backend tests: random vectors from eellm::Rng, blocks laid side by
+// side in rows (InRows), a CpuBackend
 // fixture, max-abs-difference checks and the central-difference gradient checker.
 #pragma once
 
@@ -6,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -27,6 +29,23 @@ inline std::vector<float> UniformVec(Rng& rng, size_t n, double lo, double hi) {
   std::vector<float> v(n);
   for (float& x : v) x = static_cast<float>(lo + (hi - lo) * rng.Uniform());
   return v;
+}
+
+// The dense blocks `parts` (each [rows, its size / rows]) side by side in rows of `stride`
+// elements, the rest of each row `fill`: e.g. q, k, v as the parts of rows [q | k | v | pad].
+inline std::vector<float> InRows(std::initializer_list<const std::vector<float>*> parts, int rows,
+                                 int stride, float fill) {
+  std::vector<float> out(static_cast<size_t>(rows) * stride, fill);
+  size_t at = 0;  // the part's first column
+  for (const std::vector<float>* part : parts) {
+    const size_t cols = part->size() / rows;
+    EXPECT_LE(at + cols, static_cast<size_t>(stride));
+    for (int r = 0; r < rows; ++r) {
+      std::copy_n(part->begin() + r * cols, cols, out.begin() + r * stride + at);
+    }
+    at += cols;
+  }
+  return out;
 }
 
 inline double MaxAbs(const std::vector<float>& a) {

@@ -96,11 +96,7 @@ TEST_F(BackendParity, PagedAttentionForward) {
     }
     // q also in rows of 3 hq d + 8 (q, then NaN: the q part of fused q, k, v rows and more).
     const int q_stride = 3 * a.hq * a.d + 8;
-    std::vector<float> q_rows(static_cast<size_t>(a.tq) * q_stride, kNaN);
-    for (int r = 0; r < a.tq; ++r) {
-      std::copy_n(q.begin() + static_cast<size_t>(r) * a.hq * a.d, a.hq * a.d,
-                  q_rows.begin() + static_cast<size_t>(r) * q_stride);
-    }
+    const std::vector<float> q_rows = InRows({&q}, a.tq, q_stride, kNaN);
     const OpRun run = [&](Backend* be, DeviceMem& m) -> Outputs {
       float *out = m.Nan(nq), *out2 = m.Nan(nq);
       const KvPageTable pages{table.data(), m.Put(table), page, static_cast<int>(table.size())};
@@ -186,13 +182,7 @@ TEST_F(BackendParity, PagedAttentionPass) {
                q3 = RandVec(rng_, n_next * qrow, 1.5), k3 = RandVec(rng_, n_next * row),
                v3 = RandVec(rng_, n_next * row);
     const int stride = static_cast<int>(qrow + 2 * row) + 8;
-    std::vector<float> qkv(static_cast<size_t>(n) * stride, kNaN);
-    for (int r = 0; r < n; ++r) {
-      float* to = qkv.data() + static_cast<size_t>(r) * stride;
-      std::copy_n(q.begin() + r * qrow, qrow, to);
-      std::copy_n(k.begin() + r * row, row, to + qrow);
-      std::copy_n(v.begin() + r * row, row, to + qrow + row);
-    }
+    const std::vector<float> qkv = InRows({&q, &k, &v}, n, stride, kNaN);
     ExpectParity(
         [&](Backend* be, DeviceMem& m) -> Outputs {
           std::vector<KvPageTable> tables(2 * seqs.size());  // seqs', then next's
@@ -262,13 +252,7 @@ TEST_F(BackendParity, PagedAttentionDecodeSplits) {
     // The same q, k, v as the parts of rows [q | k | v | 8 NaN] (an inference pass whose q, k, v
     // one GEMM projected, models/layers.cc).
     const int stride = static_cast<int>(qrow + 2 * row) + 8;
-    std::vector<float> qkv(static_cast<size_t>(n) * stride, kNaN);
-    for (int r = 0; r < n; ++r) {
-      float* to = qkv.data() + static_cast<size_t>(r) * stride;
-      std::copy_n(q.begin() + r * qrow, qrow, to);
-      std::copy_n(k.begin() + r * row, row, to + qrow);
-      std::copy_n(v.begin() + r * row, row, to + qrow + row);
-    }
+    const std::vector<float> qkv = InRows({&q, &k, &v}, n, stride, kNaN);
     const OpRun run = [&](Backend* be, DeviceMem& m) -> Outputs {
       std::vector<KvPageTable> tables(seqs.size());
       const std::vector<PagedRows> segments = PassSegments(seqs, page, m, tables.data());
@@ -339,12 +323,9 @@ TEST_F(BackendParity, AttentionOnFusedRows) {
       const auto q = RandVec(rng_, nq, 1.5), k = RandVec(rng_, nkv), v = RandVec(rng_, nkv);
       const auto dout = RandVec(rng_, nq);
       // The fused rows of the inputs (NaN past v), and of the gradients (NaN, and 7 past dv).
-      std::vector<float> qkv(total, kNaN), poisoned(total, kNaN);
+      const std::vector<float> qkv = InRows({&q, &k, &v}, rows, stride, kNaN);
+      std::vector<float> poisoned(total, kNaN);
       for (int r = 0; r < rows; ++r) {
-        float* row = qkv.data() + static_cast<size_t>(r) * stride;
-        std::copy_n(q.begin() + static_cast<size_t>(r) * q_cols, q_cols, row);
-        std::copy_n(k.begin() + static_cast<size_t>(r) * kv_cols, kv_cols, row + q_cols);
-        std::copy_n(v.begin() + static_cast<size_t>(r) * kv_cols, kv_cols, row + q_cols + kv_cols);
         std::fill_n(poisoned.begin() + static_cast<size_t>(r) * stride + stride - pad, pad, 7.0f);
       }
       std::vector<float> out(nq), lse(nl);

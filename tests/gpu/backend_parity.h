@@ -22,6 +22,7 @@
 
 namespace eellm::parity {
 
+using cpu_test::InRows;
 using cpu_test::RandVec;
 using cpu_test::UniformVec;
 

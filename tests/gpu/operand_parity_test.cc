@@ -27,6 +27,7 @@
 namespace eellm {
 namespace {
 
+using cpu_test::InRows;
 using cpu_test::RandVec;
 using testing::Close;
 using testing::DeviceMem;
@@ -467,12 +468,9 @@ TEST_F(OperandParity, AttentionWritesAndReadsBf16Output) {
     // through the same paths (cuDNN's graphs with strided tensors on a GPU with cuDNN; head dim
     // 24: the bf16 conversion into rows).
     const int rows = b * t, qc = hq * dh, kc = hkv * dh, stride = qc + 2 * kc + 8;
-    std::vector<float> qkv(static_cast<size_t>(rows) * stride, kNaN), init = qkv;
+    const std::vector<float> qkv = InRows({&q, &k, &v}, rows, stride, kNaN);
+    std::vector<float> init(qkv.size(), kNaN);
     for (int r = 0; r < rows; ++r) {
-      float* row = qkv.data() + static_cast<size_t>(r) * stride;
-      std::copy_n(q.begin() + static_cast<size_t>(r) * qc, qc, row);
-      std::copy_n(k.begin() + static_cast<size_t>(r) * kc, kc, row + qc);
-      std::copy_n(v.begin() + static_cast<size_t>(r) * kc, kc, row + qc + kc);
       std::fill_n(init.begin() + static_cast<size_t>(r) * stride + stride - 8, 8, 7.0f);
     }
     const Operand x = d.PutBf16(qkv), g = d.PutBf16(init);
