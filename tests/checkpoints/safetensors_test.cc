@@ -4,7 +4,6 @@
 // (EELLM_FUZZ_ITERATIONS and EELLM_FUZZ_SEED in the environment override its defaults).
 #include "checkpoints/safetensors.h"
 
-#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -24,6 +23,7 @@
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/fuzz_env.h"
+#include "tests/scratch_dir.h"
 
 namespace eellm {
 namespace {
@@ -48,8 +48,7 @@ float FromBits(uint32_t u) {
 // A fresh, empty path under the test temp dir, of this process (the same tests also run in the
 // sanitized binary, in parallel).
 std::string TempPath(const std::string& name) {
-  const std::string path =
-      ::testing::TempDir() + "/safetensors_test_" + std::to_string(getpid()) + "_" + name;
+  const std::string path = eellm::testing::ScratchPath(name);
   fs::remove_all(path);
   return path;
 }

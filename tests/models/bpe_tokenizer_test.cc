@@ -4,8 +4,6 @@
 // round trips on UTF-8 text, load errors, MakeTokenizer() and a fuzz loop over broken files.
 #include "models/bpe_tokenizer.h"
 
-#include <unistd.h>
-
 #include <fstream>
 #include <random>
 #include <string>
@@ -17,6 +15,7 @@
 #include "models/tokenizer.h"
 #include "nlohmann/json.hpp"
 #include "tests/models/tokenizer_json_fixtures.h"
+#include "tests/scratch_dir.h"
 
 namespace eellm {
 namespace {
@@ -37,9 +36,8 @@ std::string MapBytes(const std::string& s) {
 // A file of this process and test (ctest runs tests in parallel processes, and the same name in
 // two tests would race).
 std::string WriteTemp(const std::string& name, const std::string& content) {
-  const std::string path = ::testing::TempDir() + "/bpe_" + std::to_string(getpid()) + "_" +
-                           ::testing::UnitTest::GetInstance()->current_test_info()->name() + "_" +
-                           name;
+  const std::string path = eellm::testing::ScratchPath(
+      std::string(::testing::UnitTest::GetInstance()->current_test_info()->name()) + "_" + name);
   std::ofstream(path, std::ios::binary) << content;
   return path;
 }
