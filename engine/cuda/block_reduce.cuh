@@ -67,24 +67,6 @@ inline __device__ float BlockMax(float v, float* scratch) {
   return m;
 }
 
-// OR of v over the 32 lanes of the calling warp (every lane of the warp must call it).
-inline __device__ unsigned WarpOr(unsigned v) {
-  for (int o = 16; o > 0; o >>= 1) v |= __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// Whether v holds on any thread of a one-dimensional block of whole warps (every thread must
-// call it; `votes`: shared memory of blockDim.x / 32 entries, free again after the block's next
-// barrier following this call).
-inline __device__ bool BlockAny(bool v, unsigned* votes) {
-  const unsigned any = WarpOr(v ? 1u : 0u);
-  if (threadIdx.x % 32 == 0) votes[threadIdx.x / 32] = any;
-  __syncthreads();
-  unsigned all = 0;
-  for (unsigned w = 0; w < blockDim.x / 32; ++w) all |= votes[w];
-  return all != 0;
-}
-
 // Column sums: blockDim = (kColTile, ColumnRowGroups(rows of a slice)), gridDim = (one block per
 // kColTile columns, ColumnSlices); a warp reads 16 consecutive columns (64 bytes) of two rows at
 // a time. Block (x, s) takes the s-th slice of rows (ColumnSliceRows each); its thread (x, y)

@@ -381,7 +381,10 @@ void CudaBackend::EmbeddingForwardRange(float* out, const int32_t* ids, const fl
 }
 void CudaBackend::EmbeddingBackwardRange(float* dtable, const int32_t* ids, const float* dout,
                                          int n, int c, int start, int rows) {
-  CUDA_CHECK(cuda::EmbeddingBackwardRange(dtable, ids, dout, n, c, start, rows, stream_));
+  if (n <= 0 || c <= 0 || rows <= 0) return;
+  const size_t bytes = cuda::EmbeddingBackwardScratchBytes(n, rows);
+  CUDA_CHECK(cuda::EmbeddingBackwardRange(dtable, ids, dout, n, c, start, rows,
+                                          Scratch(bytes, kEmbeddingScratch), bytes, stream_));
 }
 
 // ---- linear -------------------------------------------------------------------------------------

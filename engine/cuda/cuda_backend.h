@@ -227,8 +227,9 @@ class CudaBackend final : public Backend {
   // bf16 (unfused path), 7 a bias as bf16 or a bias gradient (GEMM epilogues), 8-9 a paged
   // cache's keys and values gathered in order (unfused path), 10 column sums' partials, 11 a
   // paged attention pass's descriptors, 12 RoPE's cos and sin table, 13 AdamWRuns' table.
-  static constexpr int kDecodeScratch = 14;  // the decoding kernel's split states
-  Slot scratch_[15];
+  static constexpr int kDecodeScratch = 14;     // the decoding kernel's split states
+  static constexpr int kEmbeddingScratch = 15;  // the embedding gradient's sorted tokens
+  Slot scratch_[16];
   // What slot 13 holds: the runs last uploaded.
   std::vector<AdamWRun> adamw_runs_;
   // What slot 11 holds: the last pass descriptors uploaded (bytes), and where.

@@ -1,8 +1,7 @@
-// CUDA kernels of the elementwise, reduction, embedding, bias, activation, RoPE and AdamW ops.
-// Reductions are deterministic: fixed blocks summed in a fixed order (no atomics). The embedding
-// gradient adds the tokens of each row in token order, in fp32, as the CPU backend does (the same
-// bits); bias gradients are column sums in double: row group y of a block sums rows y, y + G, ...
-// in order, and the G groups' partials are added in a fixed pairwise tree.
+// CUDA kernels of the elementwise, reduction, embedding (its gradient: embedding_backward.cu),
+// bias, activation, RoPE and AdamW ops. Reductions are deterministic: fixed blocks summed in a
+// fixed order (no atomics); bias gradients are column sums in double: row group y of a block sums
+// rows y, y + G, ... in order, and the G groups' partials are added in a fixed pairwise tree.
 #include <cmath>
 
 #include "engine/core/adamw_update.h"
@@ -116,61 +115,6 @@ __global__ void EmbeddingAddKernel(float* out, const int32_t* ids, const float* 
     const size_t t = i / c, j = i % c;
     out[i] += table[static_cast<size_t>(ids[t]) * c + j];
   }
-}
-
-// Embedding backward: block (t, tile) owns columns tile * blockDim.x + threadIdx.x of token t's
-// table row, but acts only when t is the first token with its id (the group's leader): it then
-// adds the dout rows of every token with that id, in token order, to its columns. Each dout row
-// is read by one group, each table row written by one block per tile (no atomics). blockDim.x is
-// a multiple of 32, at most kEmbThreads (c rounded up to whole warps).
-constexpr int kEmbThreads = 1024;
-constexpr int kEmbMaxWarps = kEmbThreads / 32;
-
-__global__ void __launch_bounds__(kEmbThreads, 2)
-    EmbeddingBackwardKernel(float* dtable, const int32_t* ids, const float* dout, int n, int c,
-                            int start, int rows) {
-  __shared__ unsigned earlier[kEmbMaxWarps];     // per warp: a token before t has t's id
-  __shared__ unsigned matches[2][kEmbMaxWarps];  // per warp: bit l: token base + 32 w + l matches
-  const int t = blockIdx.x, threads = blockDim.x, warps = threads / 32;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int j = blockIdx.y * threads + threadIdx.x;
-  const int32_t id = ids[t];
-  const int64_t row = static_cast<int64_t>(id) - start;
-  const bool in_range = row >= 0 && row < rows;
-  // Leader test: no token before t has the same id. Every thread reaches every barrier and
-  // shuffle below; the branches that contain them depend only on values all threads share.
-  bool found = false;  // no early exit: the loads are independent
-  if (in_range) {
-    for (int u = threadIdx.x; u < t; u += threads) found |= ids[u] == id;
-  }
-  const bool earlier_token = BlockAny(found, earlier);  // every thread: it holds a barrier
-  const bool leader = in_range && !earlier_token;
-  if (!leader) return;  // the same for every thread of the block
-  const size_t at = static_cast<size_t>(row) * c + j;
-  float acc = j < c ? dtable[at] : 0.0f;
-  // Tokens t .. n-1 in chunks of blockDim.x: each thread tests one, the warps pack the results
-  // into bit masks (double-buffered, so one barrier per chunk), and every thread then adds the
-  // matching tokens' dout in token order. Loads are batched by 4 for memory parallelism; a
-  // token that does not match adds -0.0f, which leaves every value unchanged (even -0.0f).
-  for (int base = t, p = 0; base < n; base += threads, p ^= 1) {
-    const int u = base + threadIdx.x;
-    const unsigned hit = WarpOr(u < n && ids[u] == id ? 1u << lane : 0u);
-    if (lane == 0) matches[p][warp] = hit;
-    __syncthreads();
-    if (j >= c) continue;
-    for (int w = 0; w < warps; ++w) {
-      const unsigned bits = matches[p][w];
-      for (int q = 0; q < 32 && (bits >> q) != 0; q += 4) {
-        const unsigned nibble = (bits >> q) & 0xfu;
-        if (nibble == 0) continue;
-        const size_t first = static_cast<size_t>(base) + 32 * w + q;
-        float v[4];
-        for (int b = 0; b < 4; ++b) v[b] = (nibble >> b) & 1u ? dout[(first + b) * c + j] : -0.0f;
-        for (int b = 0; b < 4; ++b) acc += v[b];
-      }
-    }
-  }
-  if (j < c) dtable[at] = acc;
 }
 
 // The operands of the kernels below (activations, their gradients) are fp32 or bf16 Elems.
@@ -475,17 +419,6 @@ cudaError_t EmbeddingAdd(float* out, const int32_t* ids, const float* table, int
   if (total)
     LaunchKernel(EmbeddingAddKernel, dim3(Blocks(total)), dim3(kThreads), 0, s, out, ids, table, n,
                  c);
-  return cudaGetLastError();
-}
-cudaError_t EmbeddingBackwardRange(float* dtable, const int32_t* ids, const float* dout, int n,
-                                   int c, int start, int rows, cudaStream_t s) {
-  if (n > 0 && c > 0) {
-    // One block per (token, up to kEmbThreads columns): grid.y <= 65535 for c up to 67 million.
-    const int threads = c < kEmbThreads ? (c + 31) / 32 * 32 : kEmbThreads;
-    const unsigned tiles = static_cast<unsigned>((c + threads - 1) / threads);
-    LaunchKernel(EmbeddingBackwardKernel, dim3(n, tiles), dim3(threads), 0, s, dtable, ids, dout, n,
-                 c, start, rows);
-  }
   return cudaGetLastError();
 }
 cudaError_t AddBias(Elems out, Elems in, const float* bias, int n, int cols, cudaStream_t s) {

@@ -1,0 +1,113 @@
+// The embedding gradient on CUDA: dtable[ids[t] - start] += dout[t] for the tokens whose id lies
+// in [start, start + rows), each table row's tokens added in token order, in fp32, as the CPU
+// backend adds them (the same bits, and deterministic: no atomics). Three steps:
+//   1. keys[t] = the token's table row (rows where out of range), order[t] = t;
+//   2. CUB's radix sort of (key, t) pairs over the keys' bits: stable, so each row's tokens stay
+//      in token order, and the tokens of one row become one run;
+//   3. block (i, tile) with i the first position of a run adds the run's dout rows to its
+//      columns of the table row; the other blocks return at once.
+// Reads dout once and writes each touched table row once: O(n c), where a search for the tokens
+// of each row would be O(n^2).
+#include <cstdint>
+#include <cub/device/device_radix_sort.cuh>
+
+#include "engine/cuda/cuda_kernels.h"
+#include "engine/cuda/kernel_launch.h"
+
+namespace eellm::cuda {
+namespace {
+
+constexpr int kKeyThreads = 256;
+constexpr int kRunThreads = 256;  // columns a block adds (c rounded up to whole warps, at most)
+
+__global__ void EmbeddingKeysKernel(unsigned* keys, int* order, const int32_t* ids, int n,
+                                    int start, int rows) {
+  const int t = blockIdx.x * kKeyThreads + threadIdx.x;
+  if (t >= n) return;
+  const int64_t row = static_cast<int64_t>(ids[t]) - start;
+  keys[t] = row >= 0 && row < rows ? static_cast<unsigned>(row) : static_cast<unsigned>(rows);
+  order[t] = t;
+}
+
+// keys sorted, order[i] the token at sorted position i.
+__global__ void __launch_bounds__(kRunThreads)
+    EmbeddingRunsKernel(float* dtable, const unsigned* keys, const int* order, const float* dout,
+                        int n, int c, int rows) {
+  const int i = blockIdx.x;
+  const unsigned key = keys[i];
+  if (key >= static_cast<unsigned>(rows) || (i > 0 && keys[i - 1] == key)) return;
+  const int j = blockIdx.y * blockDim.x + threadIdx.x;
+  if (j >= c) return;
+  float* dst = dtable + static_cast<size_t>(key) * c + j;
+  float acc = *dst;
+  int u = i;
+  // Four tokens' loads in flight at a time (the keys are sorted: keys[u + 3] == key means
+  // u .. u + 3 all do), added in order.
+  for (; u + 3 < n && keys[u + 3] == key; u += 4) {
+    float v[4];
+    for (int b = 0; b < 4; ++b) v[b] = dout[static_cast<size_t>(order[u + b]) * c + j];
+    for (int b = 0; b < 4; ++b) acc += v[b];
+  }
+  for (; u < n && keys[u] == key; ++u) acc += dout[static_cast<size_t>(order[u]) * c + j];
+  *dst = acc;
+}
+
+// Bits that hold the keys 0 .. rows.
+int KeyBits(int rows) {
+  int bits = 1;
+  while (bits < 32 && (uint64_t{1} << bits) <= static_cast<uint64_t>(rows)) ++bits;
+  return bits;
+}
+
+size_t Aligned(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+// The scratch: keys and order, sorted and not, then CUB's temporary storage.
+struct SortScratch {
+  size_t array_bytes = 0;  // of each of the four arrays
+  size_t cub_bytes = 0;
+  size_t total() const { return 4 * array_bytes + cub_bytes; }
+};
+
+cudaError_t PlanScratch(int n, int rows, SortScratch* plan) {
+  plan->array_bytes = Aligned(sizeof(unsigned) * static_cast<size_t>(n));
+  return cub::DeviceRadixSort::SortPairs(
+      nullptr, plan->cub_bytes, static_cast<const unsigned*>(nullptr),
+      static_cast<unsigned*>(nullptr), static_cast<const int*>(nullptr), static_cast<int*>(nullptr),
+      n, 0, KeyBits(rows));
+}
+
+}  // namespace
+
+size_t EmbeddingBackwardScratchBytes(int n, int rows) {
+  SortScratch plan;
+  if (n <= 0 || PlanScratch(n, rows, &plan) != cudaSuccess) return 0;
+  return plan.total();
+}
+
+cudaError_t EmbeddingBackwardRange(float* dtable, const int32_t* ids, const float* dout, int n,
+                                   int c, int start, int rows, void* scratch, size_t scratch_bytes,
+                                   cudaStream_t s) {
+  if (n <= 0 || c <= 0 || rows <= 0) return cudaGetLastError();
+  SortScratch plan;
+  cudaError_t err = PlanScratch(n, rows, &plan);
+  if (err != cudaSuccess) return err;
+  if (scratch == nullptr || scratch_bytes < plan.total()) return cudaErrorInvalidValue;
+  unsigned char* base = static_cast<unsigned char*>(scratch);
+  unsigned* keys = reinterpret_cast<unsigned*>(base);
+  unsigned* sorted_keys = reinterpret_cast<unsigned*>(base + plan.array_bytes);
+  int* order = reinterpret_cast<int*>(base + 2 * plan.array_bytes);
+  int* sorted_order = reinterpret_cast<int*>(base + 3 * plan.array_bytes);
+  LaunchKernel(EmbeddingKeysKernel, dim3((n + kKeyThreads - 1) / kKeyThreads), dim3(kKeyThreads), 0,
+               s, keys, order, ids, n, start, rows);
+  err = cub::DeviceRadixSort::SortPairs(base + 4 * plan.array_bytes, plan.cub_bytes, keys,
+                                        sorted_keys, order, sorted_order, n, 0, KeyBits(rows), s);
+  if (err != cudaSuccess) return err;
+  // grid.y = the column tiles: at most 65535, so c up to 16 million.
+  const int threads = c < kRunThreads ? (c + 31) / 32 * 32 : kRunThreads;
+  const unsigned tiles = static_cast<unsigned>((c + threads - 1) / threads);
+  LaunchKernel(EmbeddingRunsKernel, dim3(n, tiles), dim3(threads), 0, s, dtable, sorted_keys,
+               sorted_order, dout, n, c, rows);
+  return cudaGetLastError();
+}
+
+}  // namespace eellm::cuda
