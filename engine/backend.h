@@ -57,7 +57,8 @@ class Backend {
   virtual void Add(float* y, const float* a, const float* b, size_t n) = 0;
   // y += alpha * x.
   virtual void Axpy(float* y, float alpha, const float* x, size_t n) = 0;
-  virtual void Scale(float* x, float alpha, size_t n) = 0;
+  // x *= alpha (a bf16 x is rounded once, after the product).
+  virtual void Scale(Operand x, float alpha, size_t n) = 0;
   // out[i] = in[i] as fp32 (a bf16 operand widened; an fp32 one copied).
   virtual void ToFloat(float* out, ConstOperand in, size_t n) = 0;
   // Sum of squares, accumulated in double.
@@ -205,8 +206,10 @@ class Backend {
   // unweighted; rows with weight 0 still get their loss). If max_prob is non-null it gets the
   // max softmax probability of the row. If dlogits.data is non-null it is written with
   // weights[r] * (softmax(logits[r]) - onehot(targets[r])); an fp32 dlogits may alias logits
-  // (dlogits is an operand: the head's backward GEMMs read it).
-  virtual void CrossEntropy(float* losses, float* max_prob, Operand dlogits, const float* logits,
+  // (dlogits is an operand: the head's backward GEMMs read it). logits are fp32, or bf16 where
+  // the backend's operands are (the training heads' logits, as the GEMM rounds them); dlogits may
+  // alias logits of its dtype.
+  virtual void CrossEntropy(float* losses, float* max_prob, Operand dlogits, ConstOperand logits,
                             const int32_t* targets, const float* weights, int n, int v) = 0;
 
   // ---- vocabulary-parallel pieces (tensor parallelism splits the vocabulary) -----------------
@@ -218,16 +221,17 @@ class Backend {
   virtual void EmbeddingBackwardRange(float* dtable, const int32_t* ids, const float* dout, int n,
                                       int c, int start, int rows) = 0;
   // row_max[r] = max_j logits[r, j] over this rank's v columns (written).
-  virtual void RowMax(float* row_max, const float* logits, int n, int v) = 0;
+  virtual void RowMax(float* row_max, ConstOperand logits, int n, int v) = 0;
   // With the global row maxima m: sum_exp[r] = sum_j exp(logits[r, j] - m[r]) over this rank's
   // columns; target_logit[r] = logits[r, targets[r] - start] when the target is in this rank's
   // range [start, start + v), else 0 (both written; summed over ranks by the caller).
-  virtual void SumExpAndTarget(float* sum_exp, float* target_logit, const float* logits,
+  virtual void SumExpAndTarget(float* sum_exp, float* target_logit, ConstOperand logits,
                                const float* row_max, const int32_t* targets, int n, int v,
                                int start) = 0;
   // With the global m and sum_exp: dlogits[r, j] = weights[r] * (exp(logits[r, j] - m[r]) /
-  // sum_exp[r] - [start + j == targets[r]]) (written; an fp32 dlogits may alias logits).
-  virtual void CrossEntropyGradRange(Operand dlogits, const float* logits, const float* row_max,
+  // sum_exp[r] - [start + j == targets[r]]) (written; dlogits may alias logits of its dtype).
+  // logits fp32 or bf16, as in CrossEntropy.
+  virtual void CrossEntropyGradRange(Operand dlogits, ConstOperand logits, const float* row_max,
                                      const float* sum_exp, const int32_t* targets,
                                      const float* weights, int n, int v, int start) = 0;
 

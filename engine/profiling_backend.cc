@@ -98,8 +98,8 @@ void ProfilingBackend::Axpy(float* y, float alpha, const float* x, size_t n) {
   inner_->Axpy(y, alpha, x, n);
 }
 
-void ProfilingBackend::Scale(float* x, float alpha, size_t n) {
-  Timed timed(this, "Scale", 0, F32(2.0 * n));
+void ProfilingBackend::Scale(Operand x, float alpha, size_t n) {
+  Timed timed(this, "Scale", 0, B(x, 2.0 * n));
   inner_->Scale(x, alpha, n);
 }
 
@@ -344,10 +344,10 @@ void ProfilingBackend::AttentionBackward(Operand dq, Operand dk, Operand dv, Con
 }
 
 void ProfilingBackend::CrossEntropy(float* losses, float* max_prob, Operand dlogits,
-                                    const float* logits, const int32_t* targets,
+                                    ConstOperand logits, const int32_t* targets,
                                     const float* weights, int n, int v) {
   Timed timed(this, "CrossEntropy", 0,
-              F32(1.0 * n * v) + (dlogits.data != nullptr ? B(dlogits, 1.0 * n * v) : 0.0));
+              B(logits, 1.0 * n * v) + (dlogits.data != nullptr ? B(dlogits, 1.0 * n * v) : 0.0));
   inner_->CrossEntropy(losses, max_prob, dlogits, logits, targets, weights, n, v);
 }
 
@@ -363,23 +363,23 @@ void ProfilingBackend::EmbeddingBackwardRange(float* dtable, const int32_t* ids,
   inner_->EmbeddingBackwardRange(dtable, ids, dout, n, c, start, rows);
 }
 
-void ProfilingBackend::RowMax(float* row_max, const float* logits, int n, int v) {
-  Timed timed(this, "RowMax", 0, F32(1.0 * n * v));
+void ProfilingBackend::RowMax(float* row_max, ConstOperand logits, int n, int v) {
+  Timed timed(this, "RowMax", 0, B(logits, 1.0 * n * v));
   inner_->RowMax(row_max, logits, n, v);
 }
 
-void ProfilingBackend::SumExpAndTarget(float* sum_exp, float* target_logit, const float* logits,
+void ProfilingBackend::SumExpAndTarget(float* sum_exp, float* target_logit, ConstOperand logits,
                                        const float* row_max, const int32_t* targets, int n, int v,
                                        int start) {
-  Timed timed(this, "SumExpAndTarget", 0, F32(1.0 * n * v));
+  Timed timed(this, "SumExpAndTarget", 0, B(logits, 1.0 * n * v));
   inner_->SumExpAndTarget(sum_exp, target_logit, logits, row_max, targets, n, v, start);
 }
 
-void ProfilingBackend::CrossEntropyGradRange(Operand dlogits, const float* logits,
+void ProfilingBackend::CrossEntropyGradRange(Operand dlogits, ConstOperand logits,
                                              const float* row_max, const float* sum_exp,
                                              const int32_t* targets, const float* weights, int n,
                                              int v, int start) {
-  Timed timed(this, "CrossEntropyGradRange", 0, F32(1.0 * n * v) + B(dlogits, 1.0 * n * v));
+  Timed timed(this, "CrossEntropyGradRange", 0, B(logits, 1.0 * n * v) + B(dlogits, 1.0 * n * v));
   inner_->CrossEntropyGradRange(dlogits, logits, row_max, sum_exp, targets, weights, n, v, start);
 }
 

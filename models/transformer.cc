@@ -267,11 +267,8 @@ std::unique_ptr<Workspace> Model::MakeWorkspace(int b, int t) {
   bool has_head = has_final_head();
   for (size_t i = 0; i < config_.exits.size(); ++i) has_head = has_head || ExitIsLocal(i);
   const size_t logits = static_cast<size_t>(LogitsChunkRows(n)) * local_.vocab_size;
-  if (has_head && head_logits_.bytes() < logits * sizeof(float)) {
-    head_logits_ = Buffer(be_, logits * sizeof(float));
-    if (be_->operand_dtype() != DType::kF32) {
-      head_dlogits_ = Buffer(be_, logits * DTypeSize(be_->operand_dtype()));
-    }
+  if (has_head && head_logits_.bytes() < logits * DTypeSize(be_->operand_dtype())) {
+    head_logits_ = Buffer(be_, logits * DTypeSize(be_->operand_dtype()));
   }
   ws->losses = a.Floats(n);
   ws->max_prob = a.Floats(n);
@@ -369,19 +366,19 @@ ConstOperand Model::FinalHidden(NormActs& a, const float* x, int n) {
   return GatherRows(be_, tp_.comm, sp_->scratch, a.out, rows, config_.hidden_size);
 }
 
-void Model::Project(float* logits, ConstOperand hidden, int exit_index, int n) {
+void Model::Project(Operand logits, ConstOperand hidden, int exit_index, int n) {
   be_->Linear(logits, hidden, params_.param(OutputWeight(exit_index)), nullptr, n,
               config_.hidden_size, local_.vocab_size, false);
 }
 
 int Model::LogitsChunkRows(int n) const {
-  // Unless set otherwise: at most 2^24 fp32 logits (64 MiB) at a time on the CPU, 2^28 (1 GiB)
-  // on a GPU. Each chunk's backward adds to the head's weight gradient [vocab, c] through a GEMM
-  // of depth `rows` that reads and writes all of it (8 bytes per element), beside the head's
-  // 6 rows vocab c FLOPs per chunk: that traffic costs (4/3) (FLOP/s / bytes/s) / rows of the
-  // head's GEMM time. On an H100 (~700 TFLOP/s achieved, 3.35 TB/s) that is 53% at 524 rows
-  // (2^24 logits of a 32k vocabulary) and 3% at 8,192 (2^28); on a CPU (~10 FLOP per byte) it
-  // is negligible either way.
+  // Unless set otherwise: at most 2^24 fp32 logits (64 MiB) at a time on the CPU, 2^28 (1 GiB in
+  // fp32, 512 MiB in bf16) on a GPU. Each chunk's backward adds to the head's weight gradient
+  // [vocab, c] through a GEMM of depth `rows` that reads and writes all of it (8 bytes per
+  // element), beside the head's 6 rows vocab c FLOPs per chunk: that traffic costs (4/3) (FLOP/s /
+  // bytes/s) / rows of the head's GEMM time. On an H100 (~700 TFLOP/s achieved, 3.35 TB/s) that is
+  // 53% at 524 rows (2^24 logits of a 32k vocabulary) and 3% at 8,192 (2^28); on a CPU (~10 FLOP
+  // per byte) it is negligible either way.
   const int64_t budget = int64_t{1} << (be_->device() == Device::kCuda ? 28 : 24);
   const int rows =
       logits_chunk_rows_ > 0
@@ -396,15 +393,15 @@ std::pair<double, double> Model::HeadLoss(Workspace& ws, ConstOperand hidden, in
   const int n = ws.b * ws.t, v = local_.vocab_size;
   const size_t h = config_.hidden_size;
   // The logits of `chunk` rows at a time (head_logits_ holds one chunk), so the whole
-  // [n, vocab] matrix never exists: project, cross-entropy (its gradient in place, or into the
-  // bf16 head_dlogits_), then the projection's backward for those rows.
+  // [n, vocab] matrix never exists: project, cross-entropy (its gradient in place), then the
+  // projection's backward for those rows. The logits are an operand: bf16 with bf16 operands,
+  // as the GEMM rounds them (half the bytes written, read by the cross-entropy and, as their
+  // gradients, by the backward's GEMMs), as PyTorch's autocast and Megatron-LM keep them.
   const int chunk = LogitsChunkRows(n);
-  float* logits = head_logits_.f32();
-  EE_CHECK(head_logits_.bytes() >= static_cast<size_t>(chunk) * v * sizeof(float),
+  const Operand logits(head_logits_.data(), be_->operand_dtype());
+  EE_CHECK(head_logits_.bytes() >= static_cast<size_t>(chunk) * v * DTypeSize(logits.dtype),
            "the head scratch holds fewer than ", chunk, " rows of logits");
-  const Operand dlogits_chunk = be_->operand_dtype() == DType::kF32
-                                    ? Operand(logits)
-                                    : Operand(head_dlogits_.data(), be_->operand_dtype());
+  const Operand dlogits_chunk = logits;
   // Cross-entropy of rows [r0, r0 + rows) over this rank's vocabulary columns (combined over tp
   // without gathering).
   auto cross_entropy = [&](int r0, int rows, float* max_prob, Operand dlogits) {

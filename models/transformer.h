@@ -221,7 +221,7 @@ class Model {
   // Final hidden after the final norm.
   ConstOperand FinalHidden(NormActs& a, const float* x, int n);
   // logits[n, vocab] = hidden @ W^T with W the output weight of exit i (or final when i < 0).
-  void Project(float* logits, ConstOperand hidden, int exit_index, int n);
+  void Project(Operand logits, ConstOperand hidden, int exit_index, int n);
   // Rows whose logits the heads compute at a time (the head scratch holds that many rows):
   // `rows` > 0 sets it (tests), 0 = automatic (at most 2^24 logits, 64 MiB in fp32, on the CPU;
   // 2^28 on a GPU). Set it before making workspaces.
@@ -275,11 +275,11 @@ class Model {
   float hidden_dropout_ = 0;
   uint64_t dropout_seed_ = 0;
   int forward_end_ = -1;
-  // The heads' scratch, one chunk of rows: logits [rows, vocab] (fp32) and their gradients,
-  // which the heads' backward GEMMs read (in the logits' own buffer, overwritten, with fp32
-  // operands; bf16 in head_dlogits_ with bf16 operands). Shared by all workspaces (HeadLoss
-  // runs one at a time), sized at MakeWorkspace, and only on stages that hold a head.
-  Buffer head_logits_, head_dlogits_;
+  // The heads' scratch, one chunk of rows: logits [rows, vocab] in the backend's operand dtype,
+  // overwritten by their gradients, which the heads' backward GEMMs read. Shared by all
+  // workspaces (HeadLoss runs one at a time), sized at MakeWorkspace, and only on stages that
+  // hold a head.
+  Buffer head_logits_;
   // Sequence parallelism's whole-row scratch (models/sequence_parallel.h), sized at
   // MakeWorkspace, shared like the heads' scratch (and with other chunks: ShareSpScratch).
   struct SpBuffers {

@@ -31,7 +31,7 @@ VocabParallelCrossEntropy::VocabParallelCrossEntropy(Backend* be, Communicator* 
       target_(be, max_rows * sizeof(float)) {}
 
 void VocabParallelCrossEntropy::Run(float* losses, float* max_prob, Operand dlogits,
-                                    const float* logits, const int32_t* targets,
+                                    ConstOperand logits, const int32_t* targets,
                                     const float* weights, int n, VocabShard shard) {
   EE_CHECK(static_cast<size_t>(n) * sizeof(float) <= row_max_.bytes(), "too many rows: ", n);
   const int v = shard.rows;

@@ -31,7 +31,7 @@ void VocabParallelEmbedding(Backend* be, Communicator* tp, float* out, const int
 class VocabParallelCrossEntropy {
  public:
   VocabParallelCrossEntropy(Backend* be, Communicator* tp, int max_rows);
-  void Run(float* losses, float* max_prob, Operand dlogits, const float* logits,
+  void Run(float* losses, float* max_prob, Operand dlogits, ConstOperand logits,
            const int32_t* targets, const float* weights, int n, VocabShard shard);
 
  private:

@@ -1,6 +1,6 @@
 // CpuBackend softmax cross-entropy: per-row loss, max probability and weighted dlogits, with
 // max-subtraction for stability. dlogits may alias logits: row statistics are computed before
-// the row is overwritten.
+// the row is overwritten. Logits are fp32, as every operand of this backend.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -12,9 +12,10 @@
 namespace eellm {
 
 void CpuBackend::CrossEntropy(float* losses, float* max_prob, Operand dlogits_op,
-                              const float* logits, const int32_t* targets, const float* weights,
+                              ConstOperand logits_op, const int32_t* targets, const float* weights,
                               int n, int v) {
   float* dlogits = dlogits_op.f32();
+  const float* logits = logits_op.f32();
   const bool parallel = static_cast<int64_t>(n) * v >= (int64_t{1} << 14);
 #pragma omp parallel for schedule(static) if (parallel)
   for (int r = 0; r < n; ++r) {
@@ -45,7 +46,8 @@ void CpuBackend::CrossEntropy(float* losses, float* max_prob, Operand dlogits_op
   }
 }
 
-void CpuBackend::RowMax(float* row_max, const float* logits, int n, int v) {
+void CpuBackend::RowMax(float* row_max, ConstOperand logits_op, int n, int v) {
+  const float* logits = logits_op.f32();
   const bool parallel = static_cast<int64_t>(n) * v >= (int64_t{1} << 14);
 #pragma omp parallel for schedule(static) if (parallel)
   for (int r = 0; r < n; ++r) {
@@ -56,9 +58,10 @@ void CpuBackend::RowMax(float* row_max, const float* logits, int n, int v) {
   }
 }
 
-void CpuBackend::SumExpAndTarget(float* sum_exp, float* target_logit, const float* logits,
+void CpuBackend::SumExpAndTarget(float* sum_exp, float* target_logit, ConstOperand logits_op,
                                  const float* row_max, const int32_t* targets, int n, int v,
                                  int start) {
+  const float* logits = logits_op.f32();
   const bool parallel = static_cast<int64_t>(n) * v >= (int64_t{1} << 14);
 #pragma omp parallel for schedule(static) if (parallel)
   for (int r = 0; r < n; ++r) {
@@ -69,11 +72,12 @@ void CpuBackend::SumExpAndTarget(float* sum_exp, float* target_logit, const floa
   }
 }
 
-void CpuBackend::CrossEntropyGradRange(Operand dlogits_op, const float* logits,
+void CpuBackend::CrossEntropyGradRange(Operand dlogits_op, ConstOperand logits_op,
                                        const float* row_max, const float* sum_exp,
                                        const int32_t* targets, const float* weights, int n, int v,
                                        int start) {
   float* dlogits = dlogits_op.f32();
+  const float* logits = logits_op.f32();
   const bool parallel = static_cast<int64_t>(n) * v >= (int64_t{1} << 14);
 #pragma omp parallel for schedule(static) if (parallel)
   for (int r = 0; r < n; ++r) {

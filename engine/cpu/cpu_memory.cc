@@ -61,7 +61,8 @@ void CpuBackend::Axpy(float* y, float alpha, const float* x, size_t n) {
   for (ptrdiff_t i = 0; i < nn; ++i) y[i] += alpha * x[i];
 }
 
-void CpuBackend::Scale(float* x, float alpha, size_t n) {
+void CpuBackend::Scale(Operand x_op, float alpha, size_t n) {
+  float* x = x_op.f32();  // this backend's operands are fp32
   const ptrdiff_t nn = static_cast<ptrdiff_t>(n);
 #pragma omp parallel for simd if (n >= kParallelMin)
   for (ptrdiff_t i = 0; i < nn; ++i) x[i] *= alpha;

@@ -346,9 +346,9 @@ void CudaBackend::ToFloat(float* out, ConstOperand in, size_t n) {
   MarkWritten(out, n * sizeof(float));
   CUDA_CHECK(cuda::ToFloat(out, ToElems(in), n, stream_));
 }
-void CudaBackend::Scale(float* x, float alpha, size_t n) {
-  MarkWritten(x, n * sizeof(float));
-  CUDA_CHECK(cuda::Scale(x, alpha, n, stream_));
+void CudaBackend::Scale(Operand x, float alpha, size_t n) {
+  MarkWritten(x.data, n * DTypeSize(x.dtype));
+  CUDA_CHECK(cuda::Scale(ToElems(x), alpha, n, stream_));
 }
 
 double CudaBackend::SumSquares(const float* x, size_t n) {
@@ -584,37 +584,40 @@ void CudaBackend::RopeBackward(Operand dx, const int32_t* pos, int n, int heads,
 
 namespace {
 // Logit gradients may overwrite the logits only element for element (same dtype, same address):
-// a bf16 gradient overlapping fp32 logits would be written while other threads read them.
-void CheckLogitGradientPlacement(ConstOperand dlogits, const float* logits, size_t count) {
-  if (dlogits.data == nullptr || !dlogits.is_bf16()) return;
+// a gradient of another dtype overlapping the logits would be written while other threads read
+// them.
+void CheckLogitGradientPlacement(ConstOperand dlogits, ConstOperand logits, size_t count) {
+  if (dlogits.data == nullptr) return;
   const auto* d = static_cast<const char*>(dlogits.data);
-  const auto* l = reinterpret_cast<const char*>(logits);
-  EE_CHECK(d + count * sizeof(uint16_t) <= l || l + count * sizeof(float) <= d,
-           "bf16 logit gradients overlap the fp32 logits");
+  const auto* l = static_cast<const char*>(logits.data);
+  if (d == l && dlogits.dtype == logits.dtype) return;
+  EE_CHECK(d + count * DTypeSize(dlogits.dtype) <= l || l + count * DTypeSize(logits.dtype) <= d,
+           "logit gradients (", DTypeName(dlogits.dtype), ") overlap the logits (",
+           DTypeName(logits.dtype), ") other than element for element");
 }
 }  // namespace
 
-void CudaBackend::CrossEntropy(float* losses, float* max_prob, Operand dlogits, const float* logits,
+void CudaBackend::CrossEntropy(float* losses, float* max_prob, Operand dlogits, ConstOperand logits,
                                const int32_t* targets, const float* weights, int n, int v) {
   CheckLogitGradientPlacement(dlogits, logits, static_cast<size_t>(n) * v);
-  CUDA_CHECK(cuda::CrossEntropy(losses, max_prob, ToElems(dlogits), logits, targets, weights, n, v,
-                                sm_count_, stream_));
+  CUDA_CHECK(cuda::CrossEntropy(losses, max_prob, ToElems(dlogits), ToElems(logits), targets,
+                                weights, n, v, sm_count_, stream_));
 }
-void CudaBackend::RowMax(float* row_max, const float* logits, int n, int v) {
-  CUDA_CHECK(cuda::RowMax(row_max, logits, n, v, stream_));
+void CudaBackend::RowMax(float* row_max, ConstOperand logits, int n, int v) {
+  CUDA_CHECK(cuda::RowMax(row_max, ToElems(logits), n, v, stream_));
 }
-void CudaBackend::SumExpAndTarget(float* sum_exp, float* target_logit, const float* logits,
+void CudaBackend::SumExpAndTarget(float* sum_exp, float* target_logit, ConstOperand logits,
                                   const float* row_max, const int32_t* targets, int n, int v,
                                   int start) {
-  CUDA_CHECK(
-      cuda::SumExpAndTarget(sum_exp, target_logit, logits, row_max, targets, n, v, start, stream_));
+  CUDA_CHECK(cuda::SumExpAndTarget(sum_exp, target_logit, ToElems(logits), row_max, targets, n, v,
+                                   start, stream_));
 }
-void CudaBackend::CrossEntropyGradRange(Operand dlogits, const float* logits, const float* row_max,
+void CudaBackend::CrossEntropyGradRange(Operand dlogits, ConstOperand logits, const float* row_max,
                                         const float* sum_exp, const int32_t* targets,
                                         const float* weights, int n, int v, int start) {
   CheckLogitGradientPlacement(dlogits, logits, static_cast<size_t>(n) * v);
-  CUDA_CHECK(cuda::CrossEntropyGradRange(ToElems(dlogits), logits, row_max, sum_exp, targets,
-                                         weights, n, v, start, stream_));
+  CUDA_CHECK(cuda::CrossEntropyGradRange(ToElems(dlogits), ToElems(logits), row_max, sum_exp,
+                                         targets, weights, n, v, start, stream_));
 }
 
 void CudaBackend::AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr,

@@ -79,7 +79,7 @@ class CudaBackend final : public Backend {
   void Fill(float* x, size_t n, float value) override;
   void Add(float* y, const float* a, const float* b, size_t n) override;
   void Axpy(float* y, float alpha, const float* x, size_t n) override;
-  void Scale(float* x, float alpha, size_t n) override;
+  void Scale(Operand x, float alpha, size_t n) override;
   void ToFloat(float* out, ConstOperand in, size_t n) override;
   double SumSquares(const float* x, size_t n) override;
 
@@ -142,17 +142,17 @@ class CudaBackend final : public Backend {
                          const float* lse, ConstOperand q, ConstOperand k, ConstOperand v, int b,
                          int t, int hq, int hkv, int d, int q_stride, int kv_stride) override;
 
-  void CrossEntropy(float* losses, float* max_prob, Operand dlogits, const float* logits,
+  void CrossEntropy(float* losses, float* max_prob, Operand dlogits, ConstOperand logits,
                     const int32_t* targets, const float* weights, int n, int v) override;
   void EmbeddingForwardRange(float* out, const int32_t* ids, const float* table, int n, int c,
                              int start, int rows) override;
   void EmbeddingBackwardRange(float* dtable, const int32_t* ids, const float* dout, int n, int c,
                               int start, int rows) override;
-  void RowMax(float* row_max, const float* logits, int n, int v) override;
-  void SumExpAndTarget(float* sum_exp, float* target_logit, const float* logits,
+  void RowMax(float* row_max, ConstOperand logits, int n, int v) override;
+  void SumExpAndTarget(float* sum_exp, float* target_logit, ConstOperand logits,
                        const float* row_max, const int32_t* targets, int n, int v,
                        int start) override;
-  void CrossEntropyGradRange(Operand dlogits, const float* logits, const float* row_max,
+  void CrossEntropyGradRange(Operand dlogits, ConstOperand logits, const float* row_max,
                              const float* sum_exp, const int32_t* targets, const float* weights,
                              int n, int v, int start) override;
 

@@ -31,7 +31,8 @@ cudaError_t ToBf16(uint16_t* out, const float* x, size_t n, cudaStream_t s);
 cudaError_t ToBf16Rows(uint16_t* out, size_t out_stride, const float* x, int rows, int cols,
                        cudaStream_t s);
 cudaError_t Axpy(float* y, float alpha, const float* x, size_t n, cudaStream_t s);
-cudaError_t Scale(float* x, float alpha, size_t n, cudaStream_t s);
+// x *= alpha (bf16: rounded once).
+cudaError_t Scale(Elems x, float alpha, size_t n, cudaStream_t s);
 cudaError_t ToFloat(float* out, Elems in, size_t n, cudaStream_t s);
 // partial[blocks] (double) of sum x^2 over fixed 16384-element blocks; returns the block count
 // through *blocks (the caller adds the partials on the host in order: deterministic).
@@ -128,14 +129,13 @@ cudaError_t ProbsFromLse(float* s, const float* lse, int t, cudaStream_t st);
 cudaError_t SoftmaxBackwardRows(float* ds, const float* p, int t, cudaStream_t st);
 // Softmax cross-entropy of n rows of v logits (see Backend::CrossEntropy); `sms`: the device's
 // SMs (how many blocks the staged kernel keeps resident).
-cudaError_t CrossEntropy(float* losses, float* max_prob, Elems dlogits, const float* logits,
+cudaError_t CrossEntropy(float* losses, float* max_prob, Elems dlogits, Elems logits,
                          const int32_t* targets, const float* weights, int n, int v, int sms,
                          cudaStream_t s);
-cudaError_t RowMax(float* row_max, const float* logits, int n, int v, cudaStream_t s);
-cudaError_t SumExpAndTarget(float* sum_exp, float* target_logit, const float* logits,
-                            const float* row_max, const int32_t* targets, int n, int v, int start,
-                            cudaStream_t s);
-cudaError_t CrossEntropyGradRange(Elems dlogits, const float* logits, const float* row_max,
+cudaError_t RowMax(float* row_max, Elems logits, int n, int v, cudaStream_t s);
+cudaError_t SumExpAndTarget(float* sum_exp, float* target_logit, Elems logits, const float* row_max,
+                            const int32_t* targets, int n, int v, int start, cudaStream_t s);
+cudaError_t CrossEntropyGradRange(Elems dlogits, Elems logits, const float* row_max,
                                   const float* sum_exp, const int32_t* targets,
                                   const float* weights, int n, int v, int start, cudaStream_t s);
 

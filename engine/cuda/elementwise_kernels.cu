@@ -73,7 +73,9 @@ __global__ void AddKernel(float* y, const float* a, const float* b, size_t n) {
 __global__ void AxpyKernel(float* y, float alpha, const float* x, size_t n) {
   GRID_STRIDE(i, n) y[i] += alpha * x[i];
 }
-__global__ void ScaleKernel(float* x, float alpha, size_t n) { GRID_STRIDE(i, n) x[i] *= alpha; }
+__global__ void ScaleKernel(Elems x, float alpha, size_t n) {
+  GRID_STRIDE(i, n) StoreAt(x, i, LoadAt(x, i) * alpha);
+}
 __global__ void ToFloatKernel(Elems out, Elems in, size_t n, bool vec) {
   GRID_STRIDE_GROUPS(i0, n) {
     float v[8];
@@ -393,7 +395,7 @@ cudaError_t ToFloat(float* out, Elems in, size_t n, cudaStream_t s) {
   }
   return cudaGetLastError();
 }
-cudaError_t Scale(float* x, float alpha, size_t n, cudaStream_t s) {
+cudaError_t Scale(Elems x, float alpha, size_t n, cudaStream_t s) {
   if (n) LaunchKernel(ScaleKernel, dim3(Blocks(n)), dim3(kThreads), 0, s, x, alpha, n);
   return cudaGetLastError();
 }

@@ -1,10 +1,11 @@
 // CUDA kernels of the row-wise softmax family: the causal attention softmax and its backward,
-// softmax cross-entropy (loss, max probability, weighted gradient; the gradient may overwrite
-// the logits) and the vocabulary-parallel pieces. One block per row (staged cross-entropy: a
-// block takes rows in turn, the next row's copies overlapping this row's passes); sums in
-// double.
+// softmax cross-entropy (loss, max probability, weighted gradient; fp32 or bf16 logits, and the
+// gradient may overwrite the logits) and the vocabulary-parallel pieces. One block per row (staged
+// cross-entropy: a block takes rows in turn, the next row's copies overlapping this row's passes);
+// sums in double.
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "engine/cuda/async_copy.cuh"
 #include "engine/cuda/block_reduce.cuh"
@@ -58,30 +59,39 @@ __global__ void SoftmaxBackwardKernel(float* ds, const float* p, int t) {
   }
 }
 
-// Rows of at most this many logits (216 KiB, v a multiple of 4, 16-byte aligned rows) are staged
-// in shared memory by cross-entropy: the max, sum and gradient passes then read the row once from
-// DRAM instead of three times (a chunk of [rows, 32000] fp32 logits is far larger than L2, so
-// each pass missed it).
-constexpr int kStagedVocabMax = 54 * 1024;
+// Rows of at most this many bytes (216 KiB: 55,296 fp32 logits or 110,592 bf16 ones; rows of
+// whole 16-byte pieces, 16-byte aligned) are staged in shared memory by cross-entropy: the max,
+// sum and gradient passes then read the row once from DRAM instead of three times (a chunk of
+// [rows, 32000] logits is far larger than L2, so each pass missed it).
+constexpr size_t kStagedRowBytesMax = 216 * 1024;
 
 // 1024 threads a row (fewer for a vocabulary under 4096: at least 4 logits a thread): a staged
-// row of 32k logits (128 KiB) leaves room for one block on an SM, whose threads are then all the
-// SM has to keep its loads and exps in flight.
+// row of 32k fp32 logits (128 KiB) leaves room for one block on an SM, whose threads are then all
+// the SM has to keep its loads and exps in flight.
 constexpr int kCrossEntropyThreads = 1024;
 
+// Logits a staged chunk holds: whole 16-byte pieces of T, about v / chunks of them.
+template <typename T>
+__device__ __forceinline__ int StagedChunk(int v, int chunks) {
+  constexpr int kPer = 16 / sizeof(T);
+  return (v / kPer + chunks - 1) / chunks * kPer;
+}
+
 // The row's loss (log-sum-exp minus the target's logit), max probability and weighted gradient
-// from lr (global or staged): max, sum of exps (double, thread j summing j, j + blockDim.x, ...
-// in order, then BlockSum) and, per element, exp(x - max) w / sum, minus w at the target.
-// kChunks > 0: the staged row arrives in kChunks cp.async groups (StagedCrossEntropyKernel), the
-// max pass waits for each in turn, and once the gradient pass is done with a chunk, `refill(k)`
-// starts the next row's copies into it. exps (the staged row, or null): the sum pass leaves each
-// exp(x - max) there for the gradient pass (the same value; one exp an element, not two).
-template <int kChunks, typename Refill>
-__device__ __forceinline__ void CrossEntropyRow(size_t r, const float* lr, float* exps,
-                                                float* losses, float* max_prob, Elems dlogits,
+// from lr (global or staged; fp32 or bf16 logits T): max, sum of exps (double, thread j summing
+// j, j + blockDim.x, ... in order, then BlockSum) and, per element, exp(x - max) w / sum, minus
+// w at the target. kChunks > 0: the staged row arrives in kChunks cp.async groups
+// (StagedCrossEntropyKernel), the max pass waits for each in turn, and once the gradient pass is
+// done with a chunk, `refill(k)` starts the next row's copies into it. exps (a staged fp32 row,
+// or null): the sum pass leaves each exp(x - max) there for the gradient pass (the same value;
+// one exp an element, not two); a bf16 row has no room for them, and its gradient pass computes
+// each exp again (the same bits).
+template <int kChunks, typename T, typename Refill>
+__device__ __forceinline__ void CrossEntropyRow(size_t r, const T* lr, float* exps, float* losses,
+                                                float* max_prob, Elems dlogits,
                                                 const int32_t* targets, const float* weights, int v,
                                                 double* dscratch, float* fscratch, Refill refill) {
-  const int chunk = kChunks > 0 ? (v / 4 + kChunks - 1) / kChunks * 4 : v;  // logits a chunk
+  const int chunk = kChunks > 0 ? StagedChunk<T>(v, kChunks) : v;  // logits a chunk
   float mx = -INFINITY;
   for (int k = 0; k < (kChunks > 0 ? kChunks : 1); ++k) {
     if constexpr (kChunks > 0) {
@@ -89,15 +99,17 @@ __device__ __forceinline__ void CrossEntropyRow(size_t r, const float* lr, float
       __syncthreads();             // everyone's
     }
     const int end = min(v, (k + 1) * chunk);
-    for (int j = k * chunk + threadIdx.x; j < end; j += blockDim.x) mx = fmaxf(mx, lr[j]);
+    for (int j = k * chunk + threadIdx.x; j < end; j += blockDim.x) {
+      mx = fmaxf(mx, LoadAsFloat(lr + j));
+    }
   }
   mx = BlockMax(mx, fscratch);
   const int target = targets[r];
   const bool valid = target >= 0 && target < v;
-  const float target_logit = valid ? lr[target] : NAN;  // read before dlogits may overwrite
+  const float target_logit = valid ? LoadAsFloat(lr + target) : NAN;  // before dlogits' writes
   double sum = 0.0;
   for (int j = threadIdx.x; j < v; j += blockDim.x) {
-    const float e = expf(lr[j] - mx);
+    const float e = expf(LoadAsFloat(lr + j) - mx);
     if (exps != nullptr) exps[j] = e;  // (over the staged logit: this thread's own element)
     sum += e;
   }
@@ -113,7 +125,7 @@ __device__ __forceinline__ void CrossEntropyRow(size_t r, const float* lr, float
     const int end = min(v, (k + 1) * chunk);
     if (dlogits.data != nullptr) {
       for (int j = k * chunk + threadIdx.x; j < end; j += blockDim.x) {
-        const float g = (exps != nullptr ? exps[j] : expf(lr[j] - mx)) * scale;
+        const float g = (exps != nullptr ? exps[j] : expf(LoadAsFloat(lr + j) - mx)) * scale;
         StoreAt(dlogits, r * v + j, j == target ? g - w : g);
       }
     }
@@ -125,14 +137,15 @@ __device__ __forceinline__ void CrossEntropyRow(size_t r, const float* lr, float
 }
 
 // One row a block, read from global memory (rows too long to stage, or not 16-byte aligned).
+template <typename T>
 __global__ void __launch_bounds__(kCrossEntropyThreads)
-    CrossEntropyKernel(float* losses, float* max_prob, Elems dlogits, const float* logits,
+    CrossEntropyKernel(float* losses, float* max_prob, Elems dlogits, const T* logits,
                        const int32_t* targets, const float* weights, int v) {
   __shared__ double dscratch[kBlockReduceScratch];
   __shared__ float fscratch[kBlockReduceScratch];
   const size_t r = blockIdx.x;
-  CrossEntropyRow<0>(r, logits + r * v, nullptr, losses, max_prob, dlogits, targets, weights, v,
-                     dscratch, fscratch, [](int) {});
+  CrossEntropyRow<0>(r, logits + r * v, static_cast<float*>(nullptr), losses, max_prob, dlogits,
+                     targets, weights, v, dscratch, fscratch, [](int) {});
 }
 
 // Staged rows, pipelined: each block takes rows blockIdx.x, + gridDim.x, ..., its row staged in
@@ -141,19 +154,22 @@ __global__ void __launch_bounds__(kCrossEntropyThreads)
 // pass takes each chunk as it lands. Same passes, threads and order as CrossEntropyKernel: the
 // same bits.
 constexpr int kCeChunks = 4;
+template <typename T>
 __global__ void __launch_bounds__(kCrossEntropyThreads)
-    StagedCrossEntropyKernel(float* losses, float* max_prob, Elems dlogits, const float* logits,
+    StagedCrossEntropyKernel(float* losses, float* max_prob, Elems dlogits, const T* logits,
                              const int32_t* targets, const float* weights, int n, int v) {
+  constexpr int kPer = 16 / sizeof(T);  // logits a 16-byte copy moves
   __shared__ double dscratch[kBlockReduceScratch];
   __shared__ float fscratch[kBlockReduceScratch];
   EE_DYNAMIC_SHARED(smem);
-  float* row = reinterpret_cast<float*>(smem);
-  const int chunk = (v / 4 + kCeChunks - 1) / kCeChunks * 4;
+  T* row = reinterpret_cast<T*>(smem);
+  float* exps = std::is_same_v<T, float> ? reinterpret_cast<float*>(smem) : nullptr;
+  const int chunk = StagedChunk<T>(v, kCeChunks);
   // Chunk k of row r into the stage (a group per chunk, empty or not, for every thread).
   auto load = [&](size_t r, int k) {
-    const float* src = logits + r * v;
+    const T* src = logits + r * v;
     const int end = min(v, (k + 1) * chunk);
-    for (int j = k * chunk + 4 * threadIdx.x; j < end; j += 4 * blockDim.x) {
+    for (int j = k * chunk + kPer * threadIdx.x; j < end; j += kPer * blockDim.x) {
       CpAsync16(row + j, src + j, true);
     }
     CpAsyncCommit();
@@ -163,50 +179,77 @@ __global__ void __launch_bounds__(kCrossEntropyThreads)
   for (int k = 0; k < kCeChunks; ++k) load(r, k);
   for (; r < static_cast<size_t>(n); r += gridDim.x) {
     const size_t next = r + gridDim.x;
-    CrossEntropyRow<kCeChunks>(r, row, row, losses, max_prob, dlogits, targets, weights, v,
+    CrossEntropyRow<kCeChunks>(r, row, exps, losses, max_prob, dlogits, targets, weights, v,
                                dscratch, fscratch, [&](int k) {
                                  if (next < static_cast<size_t>(n)) load(next, k);
                                });
   }
 }
 
-__global__ void RowMaxKernel(float* row_max, const float* logits, int v) {
+// Staged (if the rows fit and are whole aligned 16-byte pieces) or not, for logits of type T.
+template <typename T>
+cudaError_t LaunchCrossEntropy(float* losses, float* max_prob, Elems dlogits, const T* logits,
+                               const int32_t* targets, const float* weights, int n, int v, int sms,
+                               cudaStream_t s) {
+  constexpr int kPer = 16 / sizeof(T);
+  const size_t bytes = sizeof(T) * static_cast<size_t>(v);
+  const bool staged =
+      v % kPer == 0 && bytes <= kStagedRowBytesMax && reinterpret_cast<uintptr_t>(logits) % 16 == 0;
+  const unsigned threads = RowThreads((v + 3) / 4, kCrossEntropyThreads);  // 4+ logits a thread
+  if (!staged) {
+    LaunchKernel(CrossEntropyKernel<T>, dim3(n), dim3(threads), 0, s, losses, max_prob, dlogits,
+                 logits, targets, weights, v);
+    return cudaGetLastError();
+  }
+  const cudaError_t e = cudaFuncSetAttribute(StagedCrossEntropyKernel<T>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (e != cudaSuccess) return e;
+  // As many blocks as the SMs hold at once (the rows' results do not depend on it).
+  int per_sm = 0;
+  const cudaError_t o = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &per_sm, StagedCrossEntropyKernel<T>, static_cast<int>(threads), bytes);
+  if (o != cudaSuccess) return o;
+  const int blocks = std::min(n, std::max(1, sms) * std::max(1, per_sm));
+  LaunchKernel(StagedCrossEntropyKernel<T>, dim3(blocks), dim3(threads), bytes, s, losses, max_prob,
+               dlogits, logits, targets, weights, n, v);
+  return cudaGetLastError();
+}
+
+__global__ void RowMaxKernel(float* row_max, Elems logits, int v) {
   __shared__ float scratch[kBlockReduceScratch];
-  const float* lr = logits + static_cast<size_t>(blockIdx.x) * v;
+  const size_t r0 = static_cast<size_t>(blockIdx.x) * v;
   float mx = -INFINITY;
-  for (int j = threadIdx.x; j < v; j += blockDim.x) mx = fmaxf(mx, lr[j]);
+  for (int j = threadIdx.x; j < v; j += blockDim.x) mx = fmaxf(mx, LoadAt(logits, r0 + j));
   mx = BlockMax(mx, scratch);
   if (threadIdx.x == 0) row_max[blockIdx.x] = mx;
 }
 
-__global__ void SumExpAndTargetKernel(float* sum_exp, float* target_logit, const float* logits,
+__global__ void SumExpAndTargetKernel(float* sum_exp, float* target_logit, Elems logits,
                                       const float* row_max, const int32_t* targets, int v,
                                       int start) {
   __shared__ double scratch[kBlockReduceScratch];
-  const size_t r = blockIdx.x;
-  const float* lr = logits + r * v;
+  const size_t r = blockIdx.x, r0 = r * v;
   double sum = 0.0;
-  for (int j = threadIdx.x; j < v; j += blockDim.x) sum += expf(lr[j] - row_max[r]);
+  for (int j = threadIdx.x; j < v; j += blockDim.x)
+    sum += expf(LoadAt(logits, r0 + j) - row_max[r]);
   sum = BlockSum(sum, scratch);
   if (threadIdx.x == 0) {
     sum_exp[r] = static_cast<float>(sum);
     const int64_t j = static_cast<int64_t>(targets[r]) - start;
-    target_logit[r] = j >= 0 && j < v ? lr[j] : 0.0f;
+    target_logit[r] = j >= 0 && j < v ? LoadAt(logits, r0 + j) : 0.0f;
   }
 }
 
-__global__ void CrossEntropyGradRangeKernel(Elems dlogits, const float* logits,
-                                            const float* row_max, const float* sum_exp,
-                                            const int32_t* targets, const float* weights, int v,
-                                            int start) {
-  const size_t r = blockIdx.x;
-  const float* lr = logits + r * v;
+__global__ void CrossEntropyGradRangeKernel(Elems dlogits, Elems logits, const float* row_max,
+                                            const float* sum_exp, const int32_t* targets,
+                                            const float* weights, int v, int start) {
+  const size_t r = blockIdx.x, r0 = r * v;
   const float w = weights != nullptr ? weights[r] : 1.0f;
   const float scale = w / sum_exp[r];
   const int64_t target = static_cast<int64_t>(targets[r]) - start;
   for (int j = threadIdx.x; j < v; j += blockDim.x) {
-    const float g = expf(lr[j] - row_max[r]) * scale;
-    StoreAt(dlogits, r * v + j, j == target ? g - w : g);
+    const float g = expf(LoadAt(logits, r0 + j) - row_max[r]) * scale;  // read, then written
+    StoreAt(dlogits, r0 + j, j == target ? g - w : g);
   }
 }
 
@@ -228,48 +271,28 @@ cudaError_t SoftmaxBackwardRows(float* ds, const float* p, int t, cudaStream_t s
     LaunchKernel(SoftmaxBackwardKernel, dim3(t), dim3(RowThreads(t, kThreads)), 0, st, ds, p, t);
   return cudaGetLastError();
 }
-cudaError_t CrossEntropy(float* losses, float* max_prob, Elems dlogits, const float* logits,
+cudaError_t CrossEntropy(float* losses, float* max_prob, Elems dlogits, Elems logits,
                          const int32_t* targets, const float* weights, int n, int v, int sms,
                          cudaStream_t s) {
-  if (n > 0 && v > 0) {
-    const bool staged =
-        v % 4 == 0 && v <= kStagedVocabMax && reinterpret_cast<uintptr_t>(logits) % 16 == 0;
-    const unsigned threads = RowThreads((v + 3) / 4, kCrossEntropyThreads);  // 4+ logits a thread
-    if (staged) {
-      const size_t bytes = sizeof(float) * v;
-      const cudaError_t e = cudaFuncSetAttribute(
-          StagedCrossEntropyKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-      if (e != cudaSuccess) return e;
-      // As many blocks as the SMs hold at once (the rows' results do not depend on it).
-      int per_sm = 0;
-      const cudaError_t o = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-          &per_sm, StagedCrossEntropyKernel, static_cast<int>(threads), bytes);
-      if (o != cudaSuccess) return o;
-      const int blocks = std::min(n, std::max(1, sms) * std::max(1, per_sm));
-      LaunchKernel(StagedCrossEntropyKernel, dim3(blocks), dim3(threads), bytes, s, losses,
-                   max_prob, dlogits, logits, targets, weights, n, v);
-    } else {
-      LaunchKernel(CrossEntropyKernel, dim3(n), dim3(threads), 0, s, losses, max_prob, dlogits,
-                   logits, targets, weights, v);
-    }
-  }
-  return cudaGetLastError();
+  if (n <= 0 || v <= 0) return cudaGetLastError();
+  return WithElementType(logits, [&](auto* typed) {
+    return LaunchCrossEntropy(losses, max_prob, dlogits, typed, targets, weights, n, v, sms, s);
+  });
 }
-cudaError_t RowMax(float* row_max, const float* logits, int n, int v, cudaStream_t s) {
+cudaError_t RowMax(float* row_max, Elems logits, int n, int v, cudaStream_t s) {
   if (n > 0 && v > 0)
     LaunchKernel(RowMaxKernel, dim3(n), dim3(RowThreads(v, kThreads)), 0, s, row_max, logits, v);
   return cudaGetLastError();
 }
-cudaError_t SumExpAndTarget(float* sum_exp, float* target_logit, const float* logits,
-                            const float* row_max, const int32_t* targets, int n, int v, int start,
-                            cudaStream_t s) {
+cudaError_t SumExpAndTarget(float* sum_exp, float* target_logit, Elems logits, const float* row_max,
+                            const int32_t* targets, int n, int v, int start, cudaStream_t s) {
   if (n > 0 && v > 0) {
     LaunchKernel(SumExpAndTargetKernel, dim3(n), dim3(RowThreads(v, kThreads)), 0, s, sum_exp,
                  target_logit, logits, row_max, targets, v, start);
   }
   return cudaGetLastError();
 }
-cudaError_t CrossEntropyGradRange(Elems dlogits, const float* logits, const float* row_max,
+cudaError_t CrossEntropyGradRange(Elems dlogits, Elems logits, const float* row_max,
                                   const float* sum_exp, const int32_t* targets,
                                   const float* weights, int n, int v, int start, cudaStream_t s) {
   if (n > 0 && v > 0) {

@@ -383,25 +383,48 @@ void Bf16ReferenceBackend::AttentionBackward(Operand dq, Operand dk, Operand dv,
   StoreRows(dv, gv, b * t, hkv * d, kv_stride);
 }
 
+// Logits fp32 or bf16 (the CPU's arithmetic on their values, as the device's kernels widen
+// them); the gradient apart (it may alias the logits), then stored in dlogits' dtype.
 void Bf16ReferenceBackend::CrossEntropy(float* losses, float* max_prob, Operand dlogits,
-                                        const float* logits, const int32_t* targets,
+                                        ConstOperand logits, const int32_t* targets,
                                         const float* weights, int n, int v) {
+  const std::vector<float> l = OperandValues(logits, static_cast<size_t>(n) * v);
   if (dlogits.data == nullptr) {
-    cpu_->CrossEntropy(losses, max_prob, Operand(), logits, targets, weights, n, v);
+    cpu_->CrossEntropy(losses, max_prob, Operand(), l.data(), targets, weights, n, v);
     return;
   }
-  std::vector<float> g(static_cast<size_t>(n) * v);  // apart: an fp32 dlogits may alias logits
-  cpu_->CrossEntropy(losses, max_prob, g.data(), logits, targets, weights, n, v);
+  std::vector<float> g(l.size());
+  cpu_->CrossEntropy(losses, max_prob, g.data(), l.data(), targets, weights, n, v);
   Store(dlogits, g);
 }
 
-void Bf16ReferenceBackend::CrossEntropyGradRange(Operand dlogits, const float* logits,
+void Bf16ReferenceBackend::CrossEntropyGradRange(Operand dlogits, ConstOperand logits,
                                                  const float* row_max, const float* sum_exp,
                                                  const int32_t* targets, const float* weights,
                                                  int n, int v, int start) {
-  std::vector<float> g(static_cast<size_t>(n) * v);
-  cpu_->CrossEntropyGradRange(g.data(), logits, row_max, sum_exp, targets, weights, n, v, start);
+  const std::vector<float> l = OperandValues(logits, static_cast<size_t>(n) * v);
+  std::vector<float> g(l.size());
+  cpu_->CrossEntropyGradRange(g.data(), l.data(), row_max, sum_exp, targets, weights, n, v, start);
   Store(dlogits, g);
+}
+
+void Bf16ReferenceBackend::RowMax(float* row_max, ConstOperand logits, int n, int v) {
+  const std::vector<float> l = OperandValues(logits, static_cast<size_t>(n) * v);
+  cpu_->RowMax(row_max, l.data(), n, v);
+}
+
+void Bf16ReferenceBackend::SumExpAndTarget(float* sum_exp, float* target_logit, ConstOperand logits,
+                                           const float* row_max, const int32_t* targets, int n,
+                                           int v, int start) {
+  const std::vector<float> l = OperandValues(logits, static_cast<size_t>(n) * v);
+  cpu_->SumExpAndTarget(sum_exp, target_logit, l.data(), row_max, targets, n, v, start);
+}
+
+// x *= alpha in fp32, rounded once to a bf16 x.
+void Bf16ReferenceBackend::Scale(Operand x, float alpha, size_t n) {
+  std::vector<float> values = OperandValues(x, n);
+  cpu_->Scale(values.data(), alpha, n);
+  Store(x, values);
 }
 
 }  // namespace eellm::testing

@@ -48,7 +48,7 @@ class Bf16ReferenceBackend final : public Backend {
   void Axpy(float* y, float alpha, const float* x, size_t n) override {
     cpu_->Axpy(y, alpha, x, n);
   }
-  void Scale(float* x, float alpha, size_t n) override { cpu_->Scale(x, alpha, n); }
+  void Scale(Operand x, float alpha, size_t n) override;
   void ToFloat(float* out, ConstOperand in, size_t n) override;
   double SumSquares(const float* x, size_t n) override { return cpu_->SumSquares(x, n); }
   void EmbeddingForward(float* out, const int32_t* ids, const float* table, int n, int c) override {
@@ -78,14 +78,10 @@ class Bf16ReferenceBackend final : public Backend {
                               int start, int rows) override {
     cpu_->EmbeddingBackwardRange(dtable, ids, dout, n, c, start, rows);
   }
-  void RowMax(float* row_max, const float* logits, int n, int v) override {
-    cpu_->RowMax(row_max, logits, n, v);
-  }
-  void SumExpAndTarget(float* sum_exp, float* target_logit, const float* logits,
+  void RowMax(float* row_max, ConstOperand logits, int n, int v) override;
+  void SumExpAndTarget(float* sum_exp, float* target_logit, ConstOperand logits,
                        const float* row_max, const int32_t* targets, int n, int v,
-                       int start) override {
-    cpu_->SumExpAndTarget(sum_exp, target_logit, logits, row_max, targets, n, v, start);
-  }
+                       int start) override;
   void AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1,
              float beta2, float eps, float weight_decay, int step) override {
     cpu_->AdamW(p, g, m, v, n, lr, beta1, beta2, eps, weight_decay, step);
@@ -133,9 +129,9 @@ class Bf16ReferenceBackend final : public Backend {
   void AttentionBackward(Operand dq, Operand dk, Operand dv, ConstOperand dout, ConstOperand out,
                          const float* lse, ConstOperand q, ConstOperand k, ConstOperand v, int b,
                          int t, int hq, int hkv, int d, int q_stride, int kv_stride) override;
-  void CrossEntropy(float* losses, float* max_prob, Operand dlogits, const float* logits,
+  void CrossEntropy(float* losses, float* max_prob, Operand dlogits, ConstOperand logits,
                     const int32_t* targets, const float* weights, int n, int v) override;
-  void CrossEntropyGradRange(Operand dlogits, const float* logits, const float* row_max,
+  void CrossEntropyGradRange(Operand dlogits, ConstOperand logits, const float* row_max,
                              const float* sum_exp, const int32_t* targets, const float* weights,
                              int n, int v, int start) override;
 

@@ -2,7 +2,9 @@
 // few blocks so that each takes several rows: the next row's copies start into the chunks the
 // gradient pass is done with, and the max pass takes each chunk as it lands (copies land at the
 // wait that covers them, the latest the device allows). Every row's results must be the bits of
-// the same row run alone in its block, and the CPU's within the reduction tolerance.
+// the same row run alone in its block, and the CPU's within the reduction tolerance. Logits (and
+// their gradients, in place or not) in fp32 and in bf16, as the training heads keep them with
+// bf16 operands.
 #include "tests/gpu/emu/emulated_names.h"
 // clang-format off
 #include "engine/cuda/cuda_kernels.h"
@@ -14,6 +16,7 @@
 #include <cstring>
 #include <vector>
 
+#include "engine/core/dtype.h"
 #include "engine/core/rng.h"
 #include "engine/cpu/cpu_backend.h"
 #include "gtest/gtest.h"
@@ -25,17 +28,26 @@ struct CeResult {
   std::vector<float> losses, max_prob, dlogits;
 };
 
-// n rows of v logits, through as many blocks as 1 and 2 SMs hold (the emulation's occupancy:
-// 2,048 threads an SM, at most 32 blocks), against 132 SMs' (a block a row) and the CPU.
-void CheckPipelinedRows(int n, int v) {
+// n rows of v logits (fp32, or bf16 with bf16 gradients), through as many blocks as 1 and 2 SMs
+// hold (the emulation's occupancy: 2,048 threads an SM, at most 32 blocks), against 132 SMs' (a
+// block a row) and the CPU.
+void CheckPipelinedRows(int n, int v, bool half) {
+  SCOPED_TRACE(::testing::Message() << n << " rows of " << v << (half ? " bf16" : " fp32"));
   auto made = MakeEmulatedCudaBackend(0, false);
   ASSERT_TRUE(made.ok()) << made.status();
   Backend& be = **made;
-  const size_t nv = static_cast<size_t>(n) * v;
+  const size_t nv = static_cast<size_t>(n) * v, elem = half ? 2 : 4;
   Rng rng(5);
   std::vector<float> logits(nv), weights(n);
   std::vector<int32_t> targets(n);
   for (float& x : logits) x = 3.0f * (2.0f * static_cast<float>(rng.Uniform()) - 1.0f);
+  std::vector<uint16_t> logits16(nv);
+  if (half) {  // the values the device holds
+    for (size_t i = 0; i < nv; ++i) {
+      logits16[i] = FloatToBf16(logits[i]).bits;
+      logits[i] = Bf16ToFloat(bf16{logits16[i]});
+    }
+  }
   for (int r = 0; r < n; ++r) {
     targets[r] = static_cast<int32_t>(rng.Below(v));
     weights[r] = 0.5f + static_cast<float>(rng.Uniform());
@@ -43,6 +55,7 @@ void CheckPipelinedRows(int n, int v) {
   targets[3] = v - 1;                                     // the last column of the last chunk
   targets[n - 1] = 0;                                     // the first column of a chunk ...
   targets[n - 2] = std::min(v - 1, (v / 4 + 3) / 4 * 4);  // ... and of the second chunk
+  targets[n - 3] = std::min(v - 1, (v / 8 + 3) / 4 * 8);  // (of bf16 rows)
   auto put = [&](const void* host, size_t bytes) {
     void* d = be.Alloc(bytes);
     be.CopyFromHost(d, host, bytes);
@@ -51,22 +64,30 @@ void CheckPipelinedRows(int n, int v) {
   auto* d_targets = static_cast<int32_t*>(put(targets.data(), n * sizeof(int32_t)));
   auto* d_weights = static_cast<float*>(put(weights.data(), n * sizeof(float)));
   // sms: how many SMs the launch assumes; aliased: the gradient overwrites the logits; unstaged:
-  // the logits 4 bytes past a 16-byte boundary, which the staged kernel cannot copy (the kernel
-  // of a row a block, read from global memory, takes them).
+  // the logits one element past a 16-byte boundary, which the staged kernel cannot copy (the
+  // kernel of a row a block, read from global memory, takes them).
   auto run = [&](int sms, bool aliased, bool unstaged = false) {
-    auto* base = static_cast<float*>(be.Alloc((nv + 1) * sizeof(float)));
-    float* d_logits = base + (unstaged ? 1 : 0);
-    be.CopyFromHost(d_logits, logits.data(), nv * sizeof(float));
+    auto* base = static_cast<char*>(be.Alloc((nv + 1) * elem));
+    char* d_logits = base + (unstaged ? elem : 0);
+    be.CopyFromHost(d_logits, half ? static_cast<const void*>(logits16.data()) : logits.data(),
+                    nv * elem);
     auto* d_losses = static_cast<float*>(be.Alloc(n * sizeof(float)));
     auto* d_max = static_cast<float*>(be.Alloc(n * sizeof(float)));
-    float* d_dl = aliased ? d_logits : static_cast<float*>(be.Alloc(nv * sizeof(float)));
-    EXPECT_EQ(cuda::CrossEntropy(d_losses, d_max, cuda::Elems{d_dl, false}, d_logits, d_targets,
-                                 d_weights, n, v, sms, nullptr),
-              cudaSuccess);
+    char* d_dl = aliased ? d_logits : static_cast<char*>(be.Alloc(nv * elem));
+    EXPECT_EQ(
+        cuda::CrossEntropy(d_losses, d_max, cuda::Elems{d_dl, half}, cuda::Elems{d_logits, half},
+                           d_targets, d_weights, n, v, sms, nullptr),
+        cudaSuccess);
     CeResult r{std::vector<float>(n), std::vector<float>(n), std::vector<float>(nv)};
     be.CopyToHost(r.losses.data(), d_losses, n * sizeof(float));
     be.CopyToHost(r.max_prob.data(), d_max, n * sizeof(float));
-    be.CopyToHost(r.dlogits.data(), d_dl, nv * sizeof(float));
+    if (half) {
+      std::vector<uint16_t> g(nv);
+      be.CopyToHost(g.data(), d_dl, nv * elem);
+      for (size_t i = 0; i < nv; ++i) r.dlogits[i] = Bf16ToFloat(bf16{g[i]});
+    } else {
+      be.CopyToHost(r.dlogits.data(), d_dl, nv * elem);
+    }
     for (void* p :
          {static_cast<void*>(base), static_cast<void*>(d_losses), static_cast<void*>(d_max)}) {
       be.Free(p);
@@ -92,7 +113,8 @@ void CheckPipelinedRows(int n, int v) {
     EXPECT_TRUE(same_bits(r.max_prob, alone.max_prob));
     EXPECT_TRUE(same_bits(r.dlogits, alone.dlogits));
   }
-  // And the CPU's values.
+  // And the CPU's values (from the same logit values; a bf16 gradient rounded once more).
+  const double rel = half ? 1.0 / 256 : 1e-5;
   CpuBackend cpu;
   std::vector<float> losses(n), max_prob(n), dlogits(nv);
   cpu.CrossEntropy(losses.data(), max_prob.data(), dlogits.data(), logits.data(), targets.data(),
@@ -102,7 +124,7 @@ void CheckPipelinedRows(int n, int v) {
     EXPECT_NEAR(alone.max_prob[row], max_prob[row], 1e-6) << row;
   }
   for (size_t i = 0; i < nv; ++i) {
-    ASSERT_NEAR(alone.dlogits[i], dlogits[i], 1e-5 * std::fabs(dlogits[i]) + 1e-7) << i;
+    ASSERT_NEAR(alone.dlogits[i], dlogits[i], rel * std::fabs(dlogits[i]) + 1e-7) << i;
   }
   be.Free(d_targets);
   be.Free(d_weights);
@@ -111,10 +133,15 @@ void CheckPipelinedRows(int n, int v) {
 TEST(EmulatedCrossEntropy, RowsPipelinedThroughFewBlocksMatchRowsAlone) {
   // 250 copies of 16 bytes a row, 256 threads (8 blocks an SM), 4 chunks of 252, 252, 252 and
   // 244 logits: 37 rows through 8 and 16 blocks.
-  CheckPipelinedRows(37, 1000);
-  // 2 copies a row, 32 threads (32 blocks an SM): chunks of 4, 4, 0 and 0 logits (empty groups
-  // and passes), 150 rows through 32 and 64 blocks.
-  CheckPipelinedRows(150, 8);
+  // In bf16: 125 copies a row, chunks of 256, 256, 256 and 232 logits.
+  for (bool half : {false, true}) {
+    CheckPipelinedRows(37, 1000, half);
+    // 2 copies a row (1 in bf16), 32 threads (32 blocks an SM): chunks of 4, 4, 0 and 0 logits
+    // (8, 0, 0 and 0 in bf16: empty groups and passes), 150 rows through 32 and 64 blocks.
+    CheckPipelinedRows(150, 8, half);
+    // Rows of 1,004: staged in fp32, not in bf16 (not whole 16-byte pieces).
+    CheckPipelinedRows(9, 1004, half);
+  }
 }
 
 }  // namespace

@@ -423,6 +423,68 @@ TEST_F(OperandParity, CrossEntropyWritesBf16LogitGradients) {
   EXPECT_TRUE(d.GuardsIntact());
 }
 
+// The training heads' logits are bf16 operands too (the GEMM rounds them once), read by the
+// cross-entropy, its vocabulary-parallel pieces and an exit's temperature scaling, with the
+// gradient written over them in place or elsewhere: the CPU's results on the same values.
+TEST_F(OperandParity, CrossEntropyReadsBf16Logits) {
+  for (int v : {300, 1000, 1004}) {  // 1004: rows not of whole 16-byte pieces (not staged)
+    SCOPED_TRACE(::testing::Message() << "v " << v);
+    const int n = 9, start = v / 2;
+    const size_t nv = static_cast<size_t>(n) * v;
+    const auto logits = RoundedToBf16(RandVec(rng_, nv, 4.0));
+    std::vector<int32_t> targets(n), in_range(n);
+    for (int r = 0; r < n; ++r) {
+      targets[r] = (r * 97) % (2 * v);  // some outside [start, start + v)
+      in_range[r] = targets[r] % v;
+    }
+    in_range[0] = v - 1;
+    std::vector<float> weights(n);
+    for (int r = 0; r < n; ++r) weights[r] = 0.1f * (r + 1);
+    DeviceMem c(&cpu_), d(dev_);
+    const std::vector<float> nan(nv, kNaN), nan_rows(n, kNaN);
+    for (bool in_place : {false, true}) {
+      SCOPED_TRACE(in_place ? "in place" : "apart");
+      float *loss_c = c.Put(nan_rows), *max_c = c.Put(nan_rows), *dl_c = c.Put(nan);
+      float *loss_d = d.Put(nan_rows), *max_d = d.Put(nan_rows);
+      const Operand l_d = d.PutBf16(logits);
+      const Operand dl_d = in_place ? l_d : d.PutBf16(nan);
+      cpu_.CrossEntropy(loss_c, max_c, dl_c, c.Put(logits), c.Put(in_range), c.Put(weights), n, v);
+      dev_->CrossEntropy(loss_d, max_d, dl_d, l_d, d.Put(in_range), d.Put(weights), n, v);
+      EXPECT_TRUE(Close(d.Get(loss_d, n), c.Get(loss_c, n), testing::kReduction)) << "losses";
+      EXPECT_TRUE(Close(d.Get(max_d, n), c.Get(max_c, n), testing::kReduction)) << "max prob";
+      EXPECT_TRUE(Close(d.Get(dl_d, nv), c.Get(dl_c, nv), kBf16Store)) << "dlogits";
+    }
+    {  // The vocabulary-parallel pieces on this rank's share [start, start + v).
+      std::vector<float> row_max(n), sum_exp(n), target_logit(n);
+      float *m_c = c.Put(nan_rows), *m_d = d.Put(nan_rows);
+      const Operand l_d = d.PutBf16(logits);
+      cpu_.RowMax(m_c, c.Put(logits), n, v);
+      dev_->RowMax(m_d, l_d, n, v);
+      EXPECT_TRUE(Close(d.Get(m_d, n), c.Get(m_c, n), testing::kExact)) << "row max";
+      float *s_c = c.Put(nan_rows), *t_c = c.Put(nan_rows);
+      float *s_d = d.Put(nan_rows), *t_d = d.Put(nan_rows);
+      cpu_.SumExpAndTarget(s_c, t_c, c.Put(logits), m_c, c.Put(targets), n, v, start);
+      dev_->SumExpAndTarget(s_d, t_d, l_d, m_d, d.Put(targets), n, v, start);
+      EXPECT_TRUE(Close(d.Get(s_d, n), c.Get(s_c, n), testing::kReduction)) << "sum exp";
+      EXPECT_TRUE(Close(d.Get(t_d, n), c.Get(t_c, n), testing::kExact)) << "target logit";
+      float* dl_c = c.Put(nan);
+      cpu_.CrossEntropyGradRange(dl_c, c.Put(logits), m_c, s_c, c.Put(targets), c.Put(weights), n,
+                                 v, start);
+      dev_->CrossEntropyGradRange(l_d, l_d, m_d, s_d, d.Put(targets), d.Put(weights), n, v, start);
+      EXPECT_TRUE(Close(d.Get(l_d, nv), c.Get(dl_c, nv), kBf16Store)) << "dlogits range, in place";
+    }
+    {  // An exit's temperature: x / T, rounded once.
+      float* x_c = c.Put(logits);
+      const Operand x_d = d.PutBf16(logits);
+      cpu_.Scale(x_c, 1.0f / 1.7f, nv);
+      dev_->Scale(x_d, 1.0f / 1.7f, nv);
+      EXPECT_TRUE(Close(d.Get(x_d, nv), RoundedToBf16(c.Get(x_c, nv)), testing::kExact))
+          << "scaled";
+    }
+    EXPECT_TRUE(d.GuardsIntact());
+  }
+}
+
 // Attention reads q, k, v and writes O as bf16; its backward reads them and a bf16 dO (D = dO . O)
 // and writes bf16 dq, dk, dv; head_dim 32 runs the fused kernels, 24 the per-head GEMM path.
 // Head dims 32 and 24 run on the fused kernels (or per head); 64 and 128 on cuDNN's fused

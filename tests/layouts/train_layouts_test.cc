@@ -30,17 +30,20 @@
 // parameters within 1e-6 but 99.3-99.9% within 1e-3, the others up to 2 lr; 96.5% within 1e-3
 // since the model has a block exit, spread evenly over the backbone's tensors) check that every
 // layout computes the same training, not its rounding: losses within 5e-3 and gradient norms
-// within 5e-2 relative, 95% of the parameters within 1e-3 (a tenth of lr; 85% for llama-mqa,
-// below) and all within 5 lr
-// (Adam moves an element by up to about lr per step, 3 steps, so two runs differ by up to twice
-// that where rounding flips the sign of a near-zero gradient: measured 3.3 lr on the one-KV-head
-// model's q, k, v biases). The fraction within 1e-3 is the fraction of gradient elements above
-// bf16's rounding noise (Adam's first step moves every element by lr, whatever its size), so it
-// depends on the model and on the CPU's BLAS kernels: on an AMD EPYC, gpt 99.7%, llama 99.998%
-// and the one-KV-head llama-mqa 92.1% before it had q and k norms (5-10% of every tensor
-// outside the bound, none far off; its fp32 runs match within the fp32 bounds below); 96.5-97.9%
-// on the machines before.
-// Exact resume stays bit-exact.
+// within 5e-2 relative (llama-mqa's 2e-1 at the third step: the heads' logits are bf16 too, as
+// the GEMM rounds them, and its gradient norm grows 2.3 -> 4.8 -> 17 over the three steps, which
+// amplifies their rounding flips: measured 1.3e-6, 4e-3 and 1.03e-1 at its three steps under
+// tensor parallelism, 3e-2 at the third with fp32 logits; gpt and llama within 3e-4 at every
+// step; the bound leaves room for other CPUs' BLAS kernels, whose roundings differ), 95% of the
+// parameters within 1e-3 (a tenth of lr; 85% for llama-mqa, below) and all within 5 lr (Adam moves
+// an element by up to about lr per step, 3 steps, so two runs differ by up to twice that where
+// rounding flips the sign of a near-zero gradient: measured 3.3 lr on the one-KV-head model's q, k,
+// v biases). The fraction within 1e-3 is the fraction of gradient elements above bf16's rounding
+// noise (Adam's first step moves every element by lr, whatever its size), so it depends on the
+// model and on the CPU's BLAS kernels: on an AMD EPYC, gpt 99.7%, llama 99.998% and the one-KV-head
+// llama-mqa 92.1% before it had q and k norms (5-10% of every tensor outside the bound, none far
+// off; its fp32 runs match within the fp32 bounds below); 96.5-97.9% on the machines before. Exact
+// resume stays bit-exact.
 #include <unistd.h>
 
 #include <cmath>
@@ -83,10 +86,11 @@ Backend* LayoutBackend() {
 // them within close_bound).
 struct LayoutTolerance {
   double loss, grad_norm, param_max, close_bound, close_fraction;
+  double third_step_grad_norm_factor = 1;  // grad_norm's factor from the third step on
 };
 LayoutTolerance Tolerance(bool tp, bool qk_norm) {
   if (LayoutBackend()->operand_dtype() == DType::kBF16) {
-    return {5e-3, 5e-2, 5e-2, 1e-3, qk_norm ? 0.85 : 0.95};
+    return {5e-3, 5e-2, 5e-2, 1e-3, qk_norm ? 0.85 : 0.95, qk_norm ? 4.0 : 1.0};
   }
   // Tensor parallelism also splits every GEMM's accumulation (partial sums all-reduced), so its
   // rounding differs in every layer, not only in the final sums.
@@ -256,7 +260,8 @@ void ExpectLayoutsMatch(const RunConfig& rc, const RunResult& ref,
         EXPECT_NEAR(got.losses[s][h], ref.losses[s][h], tol.loss * ref.losses[s][h])
             << name << " step " << s << " head " << h;
       }
-      EXPECT_NEAR(got.grad_norms[s], ref.grad_norms[s], tol.grad_norm * ref.grad_norms[s] + 1e-7)
+      const double grad_norm_tol = tol.grad_norm * (s >= 2 ? tol.third_step_grad_norm_factor : 1);
+      EXPECT_NEAR(got.grad_norms[s], ref.grad_norms[s], grad_norm_tol * ref.grad_norms[s] + 1e-7)
           << name << " step " << s;
     }
     if (ctx->rank != 0) continue;  // rank 0 holds the (gathered) final parameters

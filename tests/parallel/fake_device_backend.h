@@ -40,7 +40,7 @@ class FakeDeviceBackend final : public Backend {
   void Fill(float*, size_t, float) override { std::abort(); }
   void Add(float*, const float*, const float*, size_t) override { std::abort(); }
   void Axpy(float*, float, const float*, size_t) override { std::abort(); }
-  void Scale(float*, float, size_t) override { std::abort(); }
+  void Scale(Operand, float, size_t) override { std::abort(); }
   void ToFloat(float*, ConstOperand, size_t) override { std::abort(); }
   double SumSquares(const float*, size_t) override { std::abort(); }
   void EmbeddingForward(float*, const int32_t*, const float*, int, int) override { std::abort(); }
@@ -100,7 +100,7 @@ class FakeDeviceBackend final : public Backend {
                          int) override {
     std::abort();
   }
-  void CrossEntropy(float*, float*, Operand, const float*, const int32_t*, const float*, int,
+  void CrossEntropy(float*, float*, Operand, ConstOperand, const int32_t*, const float*, int,
                     int) override {
     std::abort();
   }
@@ -110,12 +110,12 @@ class FakeDeviceBackend final : public Backend {
   void EmbeddingBackwardRange(float*, const int32_t*, const float*, int, int, int, int) override {
     std::abort();
   }
-  void RowMax(float*, const float*, int, int) override { std::abort(); }
-  void SumExpAndTarget(float*, float*, const float*, const float*, const int32_t*, int, int,
+  void RowMax(float*, ConstOperand, int, int) override { std::abort(); }
+  void SumExpAndTarget(float*, float*, ConstOperand, const float*, const int32_t*, int, int,
                        int) override {
     std::abort();
   }
-  void CrossEntropyGradRange(Operand, const float*, const float*, const float*, const int32_t*,
+  void CrossEntropyGradRange(Operand, ConstOperand, const float*, const float*, const int32_t*,
                              const float*, int, int, int) override {
     std::abort();
   }

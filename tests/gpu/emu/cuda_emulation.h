@@ -33,6 +33,7 @@
 #include <map>
 #include <memory>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "tests/gpu/emu/fiber_switch.h"
@@ -551,11 +552,21 @@ inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks,
 }
 
 namespace eellm_emu {
-// Whether a kernel argument may be passed: pointers must be null or point into device memory.
+// Whether T is a struct whose `data` member is a pointer (the kernels' Elems: fp32 or bf16 data).
+template <typename T, typename = void>
+struct HasDataPointer : std::false_type {};
+template <typename T>
+struct HasDataPointer<T, std::void_t<decltype(std::declval<const T&>().data)>>
+    : std::is_pointer<decltype(std::declval<const T&>().data)> {};
+
+// Whether a kernel argument may be passed: pointers, and the data pointers of Elems-like
+// structs, must be null or point into device memory.
 template <typename T>
 bool DeviceArgument(const T& arg) {
   if constexpr (std::is_pointer_v<T>) {
     return arg == nullptr || IsDevice(arg, 1);
+  } else if constexpr (std::is_class_v<T> && HasDataPointer<T>::value) {
+    return arg.data == nullptr || IsDevice(arg.data, 1);
   } else {
     return true;
   }
