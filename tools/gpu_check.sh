@@ -226,12 +226,13 @@ if want sanitize && [ ! -x "$SAN" ]; then
 elif want sanitize; then
   for tool in memcheck racecheck synccheck; do
     # (our kernels: cuDNN's attention off; the paged passes run the decoding kernel too; the
-    # staged cross-entropy's next-row copies and the norms' one-pass backward: racecheck sees
-    # what the emulation cannot, a copy into a chunk other threads still read)
+    # staged cross-entropy's next-row copies (fp32 and bf16 rows) and the norms' one-pass
+    # backward: racecheck sees what the emulation cannot, a copy into a chunk other threads still
+    # read; the embedding gradient's CUB sort and run kernel)
     run "sanitize_$tool" 30 150 env EELLM_PARITY_BACKEND=cuda-bf16w EELLM_REQUIRE_GPU=1 \
       EELLM_CUDNN_ATTENTION=0 "$SAN" --tool "$tool" --error-exitcode 3 \
       "$B/tests/backend_parity_tests" \
-      --gtest_filter='BackendParity.Attention*:BackendParity.PagedAttention*:OperandParity.Attention*:OperandParity.Fused*:BackendParity.CrossEntropy:BackendParity.LayerNormAndRmsNorm'
+      --gtest_filter='BackendParity.Attention*:BackendParity.PagedAttention*:OperandParity.Attention*:OperandParity.Fused*:BackendParity.CrossEntropy:OperandParity.CrossEntropy*:BackendParity.Embedding*:BackendParity.LayerNormAndRmsNorm'
   done
 fi
 if want compare; then
