@@ -243,6 +243,11 @@ if want compare; then
   run bench_llama_b4_separate 40 150 env EELLM_FUSED_PROJECTIONS=0 "$B/eellm" bench train \
     --model=configs/bench/llama_1p3b.json --backend=cuda-bf16w --batch=4 --seq=2048 --steps=3 \
     --warmup=1 --compare-without-exits=false
+  # And with every large GEMM shape's cuBLASLt algorithm chosen by timing (in the warmup step;
+  # stderr lists each shape's candidates against the heuristic's first).
+  run bench_llama_b4_tuned 40 150 env EELLM_GEMM_TUNE=1 "$B/eellm" bench train \
+    --model=configs/bench/llama_1p3b.json --backend=cuda-bf16w --batch=4 --seq=2048 --steps=3 \
+    --warmup=1 --compare-without-exits=false
   run bench_llama_bf16 40 150 "$B/eellm" bench train --model=configs/bench/llama_1p3b.json \
     --backend=cuda-bf16 --batch=4 --seq=2048 --steps=3 --warmup=1 --compare-without-exits=false
   run bench_llama_fp32 40 150 "$B/eellm" bench train --model=configs/bench/llama_1p3b.json \

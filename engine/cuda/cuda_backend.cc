@@ -4,9 +4,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <initializer_list>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -95,7 +97,12 @@ CudaBackend::CudaBackend(int device, GemmPrecision precision)
   CUBLAS_CHECK(cublasSetMathMode(
       cublas_, precision_ == GemmPrecision::kFp32 ? CUBLAS_PEDANTIC_MATH : CUBLAS_DEFAULT_MATH));
   if (precision_ == GemmPrecision::kBf16Weights) {
-    lt_ = std::make_unique<cuda::LtGemm>(stream_, gemm_workspace_);
+    // EELLM_GEMM_TUNE=1: each large GEMM shape's first run times cuBLASLt's candidate algorithms
+    // and keeps the fastest (lt_gemm.h), and large GEMMs without epilogues go through cuBLASLt
+    // too, so that all of them are tuned.
+    const char* tune = std::getenv("EELLM_GEMM_TUNE");
+    tune_gemms_ = tune != nullptr && std::string(tune) == "1";
+    lt_ = std::make_unique<cuda::LtGemm>(stream_, gemm_workspace_, tune_gemms_);
     cudnn_attention_ = cuda::CudnnAttention::Create(stream_);
   }
 }
@@ -238,7 +245,10 @@ void CudaBackend::Gemm(bool trans_a, bool trans_b, int m, int n, int k, float al
   const ConstOperand a_used(a16, DType::kBF16);
   // cuBLASLt for what cublasGemmEx cannot do (epilogues, C != D); cublasGemmEx otherwise, so that
   // GEMMs whose sizes vary call by call (attention's per-head path in decoding) build no plans.
-  const bool lt_wanted = bias != nullptr || a_row_sums != nullptr || c_in != nullptr;
+  // When tuning, large GEMMs too (at least 2^30 multiply-adds: a training step's, not the varying
+  // sizes of decoding, each of which would be tuned).
+  const bool lt_wanted = bias != nullptr || a_row_sums != nullptr || c_in != nullptr ||
+                         (tune_gemms_ && static_cast<double>(m) * n * k >= 1073741824.0);
   if (lt_ != nullptr && lt_wanted && (a_row_sums == nullptr || !c.is_bf16())) {
     // cuBLASLt, column-major with the operands swapped as above: the bias runs over D's rows
     // (our columns), the row sums of op(A) are the column sums of op(B') over k (BGRADB). A bias

@@ -216,6 +216,7 @@ class CudaBackend final : public Backend {
   cublasHandle_t cublas_ = nullptr;
   void* gemm_workspace_ = nullptr;    // cuBLAS's and cuBLASLt's (LtGemm::kWorkspaceBytes)
   std::unique_ptr<cuda::LtGemm> lt_;  // kBf16Weights: the bf16 GEMMs, with epilogues
+  bool tune_gemms_ = false;           // EELLM_GEMM_TUNE=1 (see the constructor)
   // kBf16Weights with cuDNN: the training path's attention (null: the fused kernels run it).
   std::unique_ptr<cuda::CudnnAttention> cudnn_attention_;
   struct Slot {

@@ -48,7 +48,8 @@ const void* VectorOf(const LtGemm::Problem& p) { return p.bias != nullptr ? p.bi
 
 }  // namespace
 
-LtGemm::LtGemm(cudaStream_t stream, void* workspace) : stream_(stream), workspace_(workspace) {
+LtGemm::LtGemm(cudaStream_t stream, void* workspace, bool tune)
+    : stream_(stream), workspace_(workspace), tune_(tune) {
   CUBLAS_CHECK(cublasLtCreate(&handle_));
 }
 
@@ -116,15 +117,21 @@ LtGemm::Plan& LtGemm::PlanFor(const Problem& p, const Key& key) {
     CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
         pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &schemes, sizeof(schemes)));
   }
-  cublasLtMatmulHeuristicResult_t result = {};
+  cublasLtMatmulHeuristicResult_t results[kTuneCandidates] = {};
   int returned = 0;
-  const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(
-      handle_, plan.desc, plan.a, plan.b, plan.d, plan.d, pref, 1, &result, &returned);
+  const cublasStatus_t status =
+      cublasLtMatmulAlgoGetHeuristic(handle_, plan.desc, plan.a, plan.b, plan.d, plan.d, pref,
+                                     tune_ ? kTuneCandidates : 1, results, &returned);
   cublasLtMatmulPreferenceDestroy(pref);
-  plan.ok =
-      status == CUBLAS_STATUS_SUCCESS && returned > 0 && result.state == CUBLAS_STATUS_SUCCESS;
+  if (status == CUBLAS_STATUS_SUCCESS) {
+    for (int i = 0; i < returned; ++i) {
+      if (results[i].state == CUBLAS_STATUS_SUCCESS) plan.candidates.push_back(results[i].algo);
+    }
+  }
+  plan.ok = !plan.candidates.empty();
   if (plan.ok) {
-    plan.algo = result.algo;
+    plan.algo = plan.candidates[0];
+    if (plan.candidates.size() == 1) plan.candidates.clear();  // nothing to choose
   } else {
     std::fprintf(stderr,
                  "eellm: cuBLASLt has no algorithm for a %dx%dx%d GEMM (op %d/%d, epilogue %u, "
@@ -167,6 +174,7 @@ bool LtGemm::Run(const Problem& p) {
                    Alignment(p.aux)};
   Plan& plan = PlanFor(p, key);
   if (!plan.ok) return false;
+  if (!plan.candidates.empty()) Tune(plan, p);
   SetPointers(plan.desc, p, VectorOf(p));
   const void* c = p.c != nullptr ? p.c : p.d;
   const cublasStatus_t status =
@@ -185,6 +193,55 @@ bool LtGemm::Run(const Problem& p) {
            static_cast<int>(status));
   plan.ran = true;
   return true;
+}
+
+void LtGemm::Tune(Plan& plan, const Problem& p) {
+  // D (column-major m x n, leading dimension ldd) in scratch; C is the caller's (its D where the
+  // problem accumulates into D), only read. A GELU's input matrix and a bias gradient are
+  // written with the values the real run writes again.
+  const size_t d_bytes = static_cast<size_t>(p.ldd) * (p.n - 1) * (p.d_bf16 ? 2 : 4) +
+                         static_cast<size_t>(p.m) * (p.d_bf16 ? 2 : 4);
+  void* scratch = nullptr;
+  CUDA_CHECK(cudaMallocAsync(&scratch, d_bytes, stream_));
+  Problem q = p;
+  q.c = p.c != nullptr ? p.c : p.d;
+  q.d = scratch;
+  SetPointers(plan.desc, q, VectorOf(q));
+  cudaEvent_t start = nullptr, stop = nullptr;
+  CUDA_CHECK(cudaEventCreate(&start));
+  CUDA_CHECK(cudaEventCreate(&stop));
+  constexpr int kRuns = 3;  // timed, after one untimed
+  auto launch = [&](const cublasLtMatmulAlgo_t& algo) {
+    return cublasLtMatmul(handle_, plan.desc, &q.alpha, q.a, plan.a, q.b, plan.b, &q.beta, q.c,
+                          plan.d, q.d, plan.d, &algo, workspace_, kWorkspaceBytes, stream_);
+  };
+  float best_ms = -1, first_ms = -1;
+  int best = -1;
+  for (size_t i = 0; i < plan.candidates.size(); ++i) {
+    if (launch(plan.candidates[i]) != CUBLAS_STATUS_SUCCESS) continue;  // refused: not a choice
+    CUDA_CHECK(cudaEventRecord(start, stream_));
+    bool ok = true;
+    for (int r = 0; r < kRuns && ok; ++r) ok = launch(plan.candidates[i]) == CUBLAS_STATUS_SUCCESS;
+    CUDA_CHECK(cudaEventRecord(stop, stream_));
+    CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    if (!ok) continue;
+    if (i == 0) first_ms = ms / kRuns;
+    if (best < 0 || ms / kRuns < best_ms) {
+      best = static_cast<int>(i);
+      best_ms = ms / kRuns;
+    }
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  CUDA_CHECK(cudaFreeAsync(scratch, stream_));
+  if (best >= 0) plan.algo = plan.candidates[best];
+  std::fprintf(stderr,
+               "eellm: cuBLASLt tuning of a %dx%dx%d GEMM (epilogue %u): %zu algorithms, kept #%d "
+               "at %.4f ms (the heuristic's first: %.4f ms)\n",
+               p.m, p.n, p.k, EpilogueOf(p), plan.candidates.size(), best, best_ms, first_ms);
+  plan.candidates.clear();
 }
 
 }  // namespace eellm::cuda

@@ -8,7 +8,10 @@
 // plans allow only that reduction scheme for a bf16 D). Each distinct problem's descriptors and the
 // algorithm the heuristic picks are built once and cached (a training step repeats a few dozen
 // shapes); a problem cuBLASLt has no algorithm for is remembered as such and Run returns false, so
-// that the caller can take its cublasGemmEx path.
+// that the caller can take its cublasGemmEx path. With `tune` (EELLM_GEMM_TUNE=1 on the backend),
+// a problem's first run times up to kTuneCandidates of the heuristic's algorithms on it and keeps
+// the fastest (PyTorch's TunableOp does the same for its GEMMs): the choice rests on timings, so
+// runs may differ in their last bits where another algorithm wins.
 #pragma once
 
 #include <cublasLt.h>
@@ -18,6 +21,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
+#include <vector>
 
 namespace eellm::cuda {
 
@@ -51,9 +55,12 @@ class LtGemm {
   // kernels.
   static constexpr size_t kWorkspaceBytes = size_t{32} << 20;
 
+  // Algorithms timed per problem when tuning.
+  static constexpr int kTuneCandidates = 8;
+
   // `workspace`: kWorkspaceBytes of device memory the GEMMs use in `stream`'s order (the backend
-  // shares it with its cuBLAS handle on the same stream); not owned.
-  LtGemm(cudaStream_t stream, void* workspace);
+  // shares it with its cuBLAS handle on the same stream); not owned. `tune`: see above.
+  LtGemm(cudaStream_t stream, void* workspace, bool tune = false);
   ~LtGemm();
   LtGemm(const LtGemm&) = delete;
   LtGemm& operator=(const LtGemm&) = delete;
@@ -72,13 +79,18 @@ class LtGemm {
     cublasLtMatmulDesc_t desc = nullptr;
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
     cublasLtMatmulAlgo_t algo = {};
+    std::vector<cublasLtMatmulAlgo_t> candidates;  // tuning: the heuristic's, best first
   };
   Plan& PlanFor(const Problem& p, const Key& key);
+  // Times plan.candidates on p, with D in scratch (the caller's D, and a C it accumulates into,
+  // are left as they are), keeps the fastest in plan.algo and clears the candidates.
+  void Tune(Plan& plan, const Problem& p);
   void Clear();  // destroys every plan
 
   cudaStream_t stream_;
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;  // kWorkspaceBytes, not owned
+  bool tune_ = false;
   std::map<Key, Plan> plans_;
 };
 
