@@ -322,9 +322,7 @@ GradScratch MakeGradScratch(Arena& a, const ModelConfig& c, int n, bool dropout)
     s.dq_f32 = a.Floats(nq);
     s.dk_f32 = a.Floats(nkv);
   }
-  s.dq = a.Operands(nq + 2 * nkv);  // dk and dv follow, or dq's rows hold them (QkvLayout)
-  s.dk = s.dq.At(nq);
-  s.dv = s.dq.At(nq + nkv);
+  s.dqkv = a.Operands(nq + 2 * nkv);
   s.datt = a.Operands(nq);
   // A GELU MLP's backward goes from dout to dh1 in one op.
   if (c.use_swiglu()) s.dact = a.Operands(nf);
@@ -495,7 +493,7 @@ void BlockBackward(const LayerContext& ctx, const BlockParams& p, const BlockAct
                      BranchOutputGrad(ctx, s.dh, rows, 0, s), at.att, ctx.P(p.attn.wo), n, hq * d,
                      h, false);
   // dq, dk, dv in the layout the forward chose for q, k, v.
-  const Qkv g = QkvLayout(c, s.dq, n, at.fused);
+  const Qkv g = QkvLayout(c, s.dqkv, n, at.fused);
   be->AttentionBackward(g.q, g.k, g.v, s.datt, at.att, at.lse, at.q, at.k, at.v, b, t, hq, hkv, d,
                         at.q_stride, at.kv_stride);
   if (c.use_rope()) {  // with bf16 operands dq, dk round again after the rotation
@@ -506,10 +504,10 @@ void BlockBackward(const LayerContext& ctx, const BlockParams& p, const BlockAct
       be->RopeBackward(g.k, pos, n, hkv, d, g.kv_stride, c.rope());
     }
   }
-  ConstOperand dq = s.dq, dk = s.dk;  // at the projections' outputs
+  ConstOperand dq = g.q, dk = g.k;  // at the projections' outputs
   if (c.qk_norm) {
-    HeadNormBackward(ctx, p.attn.q_norm, at.q_raw, at.q_rstd, s.dq, s.dq_f32, s.dq_raw, n * hq);
-    HeadNormBackward(ctx, p.attn.k_norm, at.k_raw, at.k_rstd, s.dk, s.dk_f32, s.dk_raw, n * hkv);
+    HeadNormBackward(ctx, p.attn.q_norm, at.q_raw, at.q_rstd, g.q, s.dq_f32, s.dq_raw, n * hq);
+    HeadNormBackward(ctx, p.attn.k_norm, at.k_raw, at.k_rstd, g.k, s.dk_f32, s.dk_raw, n * hkv);
     dq = s.dq_raw;
     dk = s.dk_raw;
   }
@@ -522,8 +520,8 @@ void BlockBackward(const LayerContext& ctx, const BlockParams& p, const BlockAct
                        hq * d, false);
     be->LinearBackward(s.dnorm, ctx.G(p.attn.wk), ctx.G(p.attn.bk), dk, in, ctx.P(p.attn.wk), n, h,
                        hkv * d, true);
-    be->LinearBackward(s.dnorm, ctx.G(p.attn.wv), ctx.G(p.attn.bv), s.dv, in, ctx.P(p.attn.wv), n,
-                       h, hkv * d, true);
+    be->LinearBackward(s.dnorm, ctx.G(p.attn.wv), ctx.G(p.attn.bv), g.v, in, ctx.P(p.attn.wv), n, h,
+                       hkv * d, true);
   }
   // Heads are split over tp: each rank's dnorm covers its own.
   BranchInputBackward(ctx, p.attn.norm, at.norm, dx, s.dh, s.dnorm, x, n, rows);

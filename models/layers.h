@@ -94,7 +94,8 @@ struct BlockActs {
 // size and layout).
 struct GradScratch {
   float *dnorm, *dh;
-  Operand dq, dk, dv, datt, dact, dh1;
+  Operand dqkv;  // dq, dk, dv: laid out as the forward laid out q, k, v (layers.cc, QkvLayout)
+  Operand datt, dact, dh1;
   // qk_norm: the gradients at the projections' outputs, and dq, dk widened to fp32.
   float *dq_raw = nullptr, *dk_raw = nullptr, *dq_f32 = nullptr, *dk_f32 = nullptr;
   float* ddrop = nullptr;  // hidden dropout: a branch output's gradient through the mask

@@ -401,7 +401,6 @@ std::pair<double, double> Model::HeadLoss(Workspace& ws, ConstOperand hidden, in
   const Operand logits(head_logits_.data(), be_->operand_dtype());
   EE_CHECK(head_logits_.bytes() >= static_cast<size_t>(chunk) * v * DTypeSize(logits.dtype),
            "the head scratch holds fewer than ", chunk, " rows of logits");
-  const Operand dlogits_chunk = logits;
   // Cross-entropy of rows [r0, r0 + rows) over this rank's vocabulary columns (combined over tp
   // without gathering).
   auto cross_entropy = [&](int r0, int rows, float* max_prob, Operand dlogits) {
@@ -459,11 +458,11 @@ std::pair<double, double> Model::HeadLoss(Workspace& ws, ConstOperand hidden, in
   for (int r0 = 0; r0 < n; r0 += chunk) {
     const int rows = std::min(chunk, n - r0);
     if (!projected) project(r0, rows);
-    cross_entropy(r0, rows, nullptr, backward ? dlogits_chunk : Operand());
+    cross_entropy(r0, rows, nullptr, backward ? logits : Operand());  // gradient in place
     if (backward) {
       // A frozen head (EE-Tuning: tied to the word embedding) needs no weight gradient.
       float* dw = params_.params()[w].trainable ? params_.grad(w) : nullptr;
-      be_->LinearBackward(dhidden + r0 * h, dw, nullptr, dlogits_chunk, hidden.At(r0 * h),
+      be_->LinearBackward(dhidden + r0 * h, dw, nullptr, logits, hidden.At(r0 * h),
                           params_.param(w), rows, config_.hidden_size, v, false);
     }
   }

@@ -42,8 +42,8 @@ size_t SumSquaresMaxBlocks(size_t n);
 cudaError_t EmbeddingForwardRange(float* out, const int32_t* ids, const float* table, int n, int c,
                                   int start, int rows, cudaStream_t s);
 // dtable[ids[t] - start] += dout[t] for the ids in [start, start + rows), each row's tokens in
-// token order (embedding_backward.cu); `scratch` holds EmbeddingBackwardScratchBytes(n, rows)
-// bytes of device memory (0: the size could not be planned).
+// token order (embedding_backward.cu); `scratch`: scratch_bytes of device memory, at least
+// EmbeddingBackwardScratchBytes(n, rows) (0: the size could not be planned).
 size_t EmbeddingBackwardScratchBytes(int n, int rows);
 cudaError_t EmbeddingBackwardRange(float* dtable, const int32_t* ids, const float* dout, int n,
                                    int c, int start, int rows, void* scratch, size_t scratch_bytes,

@@ -59,48 +59,41 @@ int KeyBits(int rows) {
   return bits;
 }
 
-size_t Aligned(size_t bytes) { return (bytes + 255) / 256 * 256; }
-
-// The scratch: keys and order, sorted and not, then CUB's temporary storage.
-struct SortScratch {
-  size_t array_bytes = 0;  // of each of the four arrays
-  size_t cub_bytes = 0;
-  size_t total() const { return 4 * array_bytes + cub_bytes; }
-};
-
-cudaError_t PlanScratch(int n, int rows, SortScratch* plan) {
-  plan->array_bytes = Aligned(sizeof(unsigned) * static_cast<size_t>(n));
-  return cub::DeviceRadixSort::SortPairs(
-      nullptr, plan->cub_bytes, static_cast<const unsigned*>(nullptr),
-      static_cast<unsigned*>(nullptr), static_cast<const int*>(nullptr), static_cast<int*>(nullptr),
-      n, 0, KeyBits(rows));
-}
+// The scratch: keys and order, sorted and not (four arrays of ArrayBytes(n), 256-byte aligned),
+// then CUB's temporary storage.
+size_t ArrayBytes(int n) { return (sizeof(unsigned) * static_cast<size_t>(n) + 255) / 256 * 256; }
 
 }  // namespace
 
 size_t EmbeddingBackwardScratchBytes(int n, int rows) {
-  SortScratch plan;
-  if (n <= 0 || PlanScratch(n, rows, &plan) != cudaSuccess) return 0;
-  return plan.total();
+  size_t cub_bytes = 0;
+  if (n <= 0 || cub::DeviceRadixSort::SortPairs(
+                    nullptr, cub_bytes, static_cast<const unsigned*>(nullptr),
+                    static_cast<unsigned*>(nullptr), static_cast<const int*>(nullptr),
+                    static_cast<int*>(nullptr), n, 0, KeyBits(rows)) != cudaSuccess) {
+    return 0;
+  }
+  return 4 * ArrayBytes(n) + cub_bytes;
 }
 
 cudaError_t EmbeddingBackwardRange(float* dtable, const int32_t* ids, const float* dout, int n,
                                    int c, int start, int rows, void* scratch, size_t scratch_bytes,
                                    cudaStream_t s) {
   if (n <= 0 || c <= 0 || rows <= 0) return cudaGetLastError();
-  SortScratch plan;
-  cudaError_t err = PlanScratch(n, rows, &plan);
-  if (err != cudaSuccess) return err;
-  if (scratch == nullptr || scratch_bytes < plan.total()) return cudaErrorInvalidValue;
+  // CUB's storage: what the arrays leave of the scratch (which CUB checks against its needs).
+  const size_t array_bytes = ArrayBytes(n);
+  if (scratch == nullptr || scratch_bytes <= 4 * array_bytes) return cudaErrorInvalidValue;
+  size_t cub_bytes = scratch_bytes - 4 * array_bytes;
   unsigned char* base = static_cast<unsigned char*>(scratch);
   unsigned* keys = reinterpret_cast<unsigned*>(base);
-  unsigned* sorted_keys = reinterpret_cast<unsigned*>(base + plan.array_bytes);
-  int* order = reinterpret_cast<int*>(base + 2 * plan.array_bytes);
-  int* sorted_order = reinterpret_cast<int*>(base + 3 * plan.array_bytes);
+  unsigned* sorted_keys = reinterpret_cast<unsigned*>(base + array_bytes);
+  int* order = reinterpret_cast<int*>(base + 2 * array_bytes);
+  int* sorted_order = reinterpret_cast<int*>(base + 3 * array_bytes);
   LaunchKernel(EmbeddingKeysKernel, dim3((n + kKeyThreads - 1) / kKeyThreads), dim3(kKeyThreads), 0,
                s, keys, order, ids, n, start, rows);
-  err = cub::DeviceRadixSort::SortPairs(base + 4 * plan.array_bytes, plan.cub_bytes, keys,
-                                        sorted_keys, order, sorted_order, n, 0, KeyBits(rows), s);
+  const cudaError_t err =
+      cub::DeviceRadixSort::SortPairs(base + 4 * array_bytes, cub_bytes, keys, sorted_keys, order,
+                                      sorted_order, n, 0, KeyBits(rows), s);
   if (err != cudaSuccess) return err;
   // grid.y = the column tiles: at most 65535, so c up to 16 million.
   const int threads = c < kRunThreads ? (c + 31) / 32 * 32 : kRunThreads;

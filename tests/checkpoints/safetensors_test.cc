@@ -4,7 +4,6 @@
 // (EELLM_FUZZ_ITERATIONS and EELLM_FUZZ_SEED in the environment override its defaults).
 #include "checkpoints/safetensors.h"
 
-
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>

@@ -12,16 +12,11 @@
 #include "engine/core/dtype.h"
 #include "engine/core/rng.h"
 #include "gtest/gtest.h"
+#include "tests/engine/cpu_test_util.h"
 #include "tests/gpu/emu/emulated_cuda_backend.h"
 
 namespace eellm {
 namespace {
-
-std::vector<float> Random(Rng& rng, size_t n) {
-  std::vector<float> v(n);
-  for (float& x : v) x = static_cast<float>(rng.Uniform()) - 0.5f;
-  return v;
-}
 
 // The outputs of the GEMMs above on a fresh emulated cuda-bf16w backend.
 std::vector<std::vector<float>> RunGemms(bool tune) {
@@ -37,13 +32,13 @@ std::vector<std::vector<float>> RunGemms(bool tune) {
   Backend& be = **made;
   const int n = 512, in = 1024, out = 2048;  // 2^30 multiply-adds: tuned, when asked
   Rng rng(11);
-  const auto x = Random(rng, static_cast<size_t>(n) * in);
-  const auto w = Random(rng, static_cast<size_t>(out) * in);
-  const auto bias = Random(rng, out);
-  const auto resid = Random(rng, static_cast<size_t>(n) * out);
-  const auto dout = Random(rng, static_cast<size_t>(n) * out);
-  const auto dw0 = Random(rng, w.size());
-  const auto db0 = Random(rng, bias.size());
+  const auto x = cpu_test::UniformVec(rng, static_cast<size_t>(n) * in, -0.5, 0.5);
+  const auto w = cpu_test::UniformVec(rng, static_cast<size_t>(out) * in, -0.5, 0.5);
+  const auto bias = cpu_test::UniformVec(rng, out, -0.5, 0.5);
+  const auto resid = cpu_test::UniformVec(rng, static_cast<size_t>(n) * out, -0.5, 0.5);
+  const auto dout = cpu_test::UniformVec(rng, static_cast<size_t>(n) * out, -0.5, 0.5);
+  const auto dw0 = cpu_test::UniformVec(rng, w.size(), -0.5, 0.5);
+  const auto db0 = cpu_test::UniformVec(rng, bias.size(), -0.5, 0.5);
   std::vector<void*> owned;
   auto put = [&](const std::vector<float>& host) {
     auto* d = static_cast<float*>(be.Alloc(host.size() * sizeof(float)));
