@@ -103,10 +103,12 @@ __device__ __forceinline__ void CrossEntropyRow(size_t r, const T* lr, float* ex
       mx = fmaxf(mx, LoadAsFloat(lr + j));
     }
   }
-  mx = BlockMax(mx, fscratch);
+  // The target's logit, read while the whole row is there (every chunk has landed) and before
+  // BlockMax's barriers: past them, the sum pass of another warp may overwrite it with its exp.
   const int target = targets[r];
   const bool valid = target >= 0 && target < v;
-  const float target_logit = valid ? LoadAsFloat(lr + target) : NAN;  // before dlogits' writes
+  const float target_logit = valid ? LoadAsFloat(lr + target) : NAN;
+  mx = BlockMax(mx, fscratch);
   double sum = 0.0;
   for (int j = threadIdx.x; j < v; j += blockDim.x) {
     const float e = expf(LoadAsFloat(lr + j) - mx);

@@ -9,8 +9,11 @@
 // A launch runs the blocks one after another; the threads of a block are fibers
 // (fiber_switch.h) on the calling thread, switched only at barriers: __syncthreads, and the
 // warp-level ones: __syncwarp, and each shuffle, ldmatrix or MMA (warp_mma.h).
-// Threads run in index order, each to its next barrier; a warp passes a warp-level barrier when all
-// its live lanes wait there, the block passes __syncthreads when all its live threads do. So warps
+// Threads run each to its next barrier, in index order in half of the blocks and in reverse
+// index order in the other half (alternating by block and by launch), so that a missing barrier
+// between one thread's write and another's read shows up in one of the two orders whichever
+// thread writes; a warp passes a warp-level barrier when all its live lanes wait there, the block
+// passes __syncthreads when all its live threads do. So warps
 // may take different paths between block barriers (a warp may skip work the others do), as on the
 // device. The lanes of a warp must wait at the same kind of barrier, else the emulation aborts (a
 // divergent barrier is undefined behaviour on the device). Dynamic shared memory starts as 0xFF
@@ -331,6 +334,7 @@ struct Scheduler {
   std::vector<unsigned char> exchange_phase;
   std::vector<ThreadCopies> async_copies;  // per thread, emptied when a block starts
   bool async_used = false;                 // whether a thread of the block started a copy
+  unsigned long launches = 0;              // launches so far (which order a block's threads run)
 };
 
 inline Scheduler& Sched() {
@@ -427,6 +431,7 @@ inline cudaError_t Run(dim3 grid, dim3 block, size_t shared_bytes, std::function
   g_block_dim = block;
   g_grid_dim = grid;
   bool barriers = true;
+  const unsigned long launch = s.launches++;
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
@@ -452,8 +457,12 @@ inline cudaError_t Run(dim3 grid, dim3 block, size_t shared_bytes, std::function
           f.sp = PrepareFiberStack(f.stack.get(), kFiberStack, FiberEntry);
         }
         s.in_fiber = true;
+        const unsigned long block_index =
+            bx + grid.x * (by + static_cast<unsigned long>(grid.y) * bz);
+        const bool reverse = ((launch + block_index) & 1) != 0;
         for (bool first = true;; first = false) {
-          for (int i = 0; i < threads; ++i) {  // every thread that may run, to its next barrier
+          for (int k = 0; k < threads; ++k) {  // every thread that may run, to its next barrier
+            const int i = reverse ? threads - 1 - k : k;
             Fiber& f = s.fibers[i];
             if (f.done || f.waiting != Barrier::kNone) continue;
             s.current = i;
