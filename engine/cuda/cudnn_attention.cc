@@ -2,6 +2,7 @@
 // backward graphs, a plan per shape, and one workspace.
 #include "engine/cuda/cudnn_attention.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <utility>
@@ -231,6 +232,7 @@ struct CudnnAttention::Impl {
   std::map<std::pair<AttentionShape, bool>, Entry> plans;  // (shape, backward)
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
+  size_t workspace_cap = 0;  // the most the workspace may take (set with the handle)
 
   ~Impl() {
     plans.clear();  // (before the handle they were built with)
@@ -250,19 +252,46 @@ struct CudnnAttention::Impl {
         broken = true;
         return nullptr;
       }
+      size_t free_bytes = 0, total_bytes = 0;
+      if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) cudaGetLastError();
+      // A workspace that grows as t^2 (the deterministic backward's) could otherwise take the
+      // memory the step's own buffers need later.
+      workspace_cap = std::max<size_t>(size_t{256} << 20, total_bytes / 16);
+      LogInfo("cuDNN attention: cuDNN %zu, workspace at most %.0f MiB", cudnnGetVersion(),
+              workspace_cap / 1048576.0);
     }
     auto [it, inserted] = plans.try_emplace({s, backward});
     Entry& e = it->second;
     if (!inserted) return e.ok ? &e : nullptr;
     e.pass = backward ? Pass::kBackward : Pass::kForward;
+    if (backward && cudnnGetVersion() <= 91500 && s.t % 128 != 0) {
+      // cuDNN up to 9.15 needs a padding mask in the backward where the keys are not whole
+      // tiles of 128 (cudnn-frontend adds one as a workaround); these graphs have none.
+      LogInfo("%s: not offered with cuDNN %zu where t %% 128 != 0; the fused kernels run it",
+              Describe(s, e.pass), cudnnGetVersion());
+      return nullptr;
+    }
     absl::StatusOr<cudnn::Plan> plan = Build(s, e.pass);
-    if (!plan.ok() && backward && allow_accumulating) {
+    if (backward && allow_accumulating && (!plan.ok() || Need(s, e.pass, *plan) > workspace_cap)) {
+      if (plan.ok()) {
+        LogInfo("%s: its workspace of %.1f MiB is over the cap", Describe(s, e.pass),
+                Need(s, e.pass, *plan) / 1048576.0);
+      }
       e.pass = Pass::kBackwardAccumulatingDq;
       plan = Build(s, e.pass);
     }
     if (!plan.ok()) return nullptr;
     const std::string what = Describe(s, e.pass);
-    const size_t need = Extra(s, e.pass) + static_cast<size_t>(plan->workspace);
+    const size_t need = Need(s, e.pass, *plan);
+    if (need > workspace_cap) {
+      LogInfo(
+          "%s: its workspace of %.1f MiB is over the %.1f MiB cuDNN attention may take (1/16 of "
+          "the GPU's memory)%s; the fused kernels run it",
+          what, need / 1048576.0, workspace_cap / 1048576.0,
+          e.pass == Pass::kBackward ? " (EELLM_CUDNN_ATTENTION=any allows the accumulating one)"
+                                    : "");
+      return nullptr;
+    }
     if (need > workspace_bytes) {  // (the old one stays for the other plans until this fits)
       void* grown = nullptr;
       if (cudaMalloc(&grown, need) != cudaSuccess) {
@@ -309,6 +338,10 @@ struct CudnnAttention::Impl {
         pass == Pass::kBackwardAccumulatingDq ? Aligned(sizeof(float) * s.b * s.hq * s.t * s.d) : 0;
     return SoftmaxSumBytes(s) + accumulator;
   }
+  // The workspace bytes a pass's plan runs with.
+  static size_t Need(const AttentionShape& s, Pass pass, const cudnn::Plan& plan) {
+    return Extra(s, pass) + static_cast<size_t>(std::max<int64_t>(plan.workspace, 0));
+  }
 
   // Runs the plan of (s, backward); false (the shape given up, said once) when cuDNN refuses to
   // execute it: the caller's kernels then write every output.
@@ -332,6 +365,7 @@ struct CudnnAttention::Impl {
     const absl::Status st = cudnn::Execute(handle, plan, uids, pointers,
                                            plan.workspace > 0 ? ws + Extra(s, e.pass) : nullptr);
     if (!st.ok()) {
+      cudaGetLastError();  // (a launch error cuDNN left would fail the fused kernels' launch)
       LogError("%s: %s; the fused kernels run it", Describe(s, e.pass), std::string(st.message()));
       e.ok = false;
     }

@@ -495,8 +495,8 @@ cudaError_t LaunchForward(OutT* out, float* lse, const InT* q, const InT* k, con
                           int kv_ld, cudaStream_t s, const int32_t* pages, int page_shift,
                           const PagedSegment* segments) {
   constexpr size_t kBytes = FwdSmem<D>::kBytes;
-  cudaError_t e = cudaFuncSetAttribute(FlashForwardKernel<D, InT, OutT>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
+  static const cudaError_t e = cudaFuncSetAttribute(
+      FlashForwardKernel<D, InT, OutT>, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
   if (e != cudaSuccess) return e;
   const dim3 grid((tq + kFwdRows - 1) / kFwdRows, hq, b);
   return LaunchKernel(FlashForwardKernel<D, InT, OutT>, grid, dim3(kFwdThreads), kBytes, s, out,
@@ -514,12 +514,12 @@ cudaError_t LaunchBackward(InT* dq, InT* dk, InT* dv, const OutT* dout, const Ou
   cudaError_t e = LaunchKernel(RowDotKernel<OutT>, dim3((rows + 7) / 8), dim3(256), 0, s, dsum,
                                dout, out, t, hq, D, rows);
   if (e != cudaSuccess) return e;
-  e = cudaFuncSetAttribute(FlashBackwardKvKernel<D, InT, OutT>,
-                           cudaFuncAttributeMaxDynamicSharedMemorySize, kKvBytes);
-  if (e != cudaSuccess) return e;
-  e = cudaFuncSetAttribute(FlashBackwardQKernel<D, InT, OutT>,
-                           cudaFuncAttributeMaxDynamicSharedMemorySize, kQBytes);
-  if (e != cudaSuccess) return e;
+  static const cudaError_t allowed_kv = cudaFuncSetAttribute(
+      FlashBackwardKvKernel<D, InT, OutT>, cudaFuncAttributeMaxDynamicSharedMemorySize, kKvBytes);
+  if (allowed_kv != cudaSuccess) return allowed_kv;
+  static const cudaError_t allowed_q = cudaFuncSetAttribute(
+      FlashBackwardQKernel<D, InT, OutT>, cudaFuncAttributeMaxDynamicSharedMemorySize, kQBytes);
+  if (allowed_q != cudaSuccess) return allowed_q;
   e = LaunchKernel(FlashBackwardKvKernel<D, InT, OutT>, dim3((t + kKvRows - 1) / kKvRows, hkv, b),
                    dim3(kKvThreads), kKvBytes, s, dk, dv, dout, lse, dsum, q, k, v, t, hq, hkv,
                    scale, q_ld, kv_ld);

@@ -255,12 +255,13 @@ cudaError_t LaunchDecode(OutT* out, const InT* q, const InT* k, const InT* v,
                          const PagedSegment* segments, int count, int hq, int hkv, int page_shift,
                          int q_ld, const DecodeSplits& plan, float* partial, cudaStream_t s) {
   constexpr size_t kBytes = DecSmem<D>::kBytes;
-  cudaError_t e = cudaFuncSetAttribute(PagedDecodeKernel<D, InT, OutT>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
-  if (e != cudaSuccess) return e;
+  static const cudaError_t allowed = cudaFuncSetAttribute(
+      PagedDecodeKernel<D, InT, OutT>, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
+  if (allowed != cudaSuccess) return allowed;
   const bool split = plan.splits > 1;
   const int y = hkv * plan.row_blocks;
-  e = LaunchKernel(PagedDecodeKernel<D, InT, OutT>, dim3(plan.splits, y, count), dim3(kDecThreads),
+  const cudaError_t e =
+      LaunchKernel(PagedDecodeKernel<D, InT, OutT>, dim3(plan.splits, y, count), dim3(kDecThreads),
                    kBytes, s, out, split ? partial : nullptr, q, k, v, segments, hq, hkv,
                    page_shift, 1.0f / sqrtf(D), plan.split_keys, q_ld);
   if (e != cudaSuccess || !split) return e;

@@ -203,8 +203,10 @@ cudaError_t LaunchCrossEntropy(float* losses, float* max_prob, Elems dlogits, co
                  logits, targets, weights, v);
     return cudaGetLastError();
   }
-  const cudaError_t e = cudaFuncSetAttribute(StagedCrossEntropyKernel<T>,
-                                             cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  // The largest stage, allowed once (a limit set per call could be lowered by another thread's
+  // call between this one's setting and launch).
+  static const cudaError_t e = cudaFuncSetAttribute(
+      StagedCrossEntropyKernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, kStagedRowBytesMax);
   if (e != cudaSuccess) return e;
   // As many blocks as the SMs hold at once (the rows' results do not depend on it).
   int per_sm = 0;
