@@ -316,9 +316,12 @@ __global__ void RopeApplyKernel(Elems x, const float* table, int n, int heads, i
         cs[4 * q] = c4.x, cs[4 * q + 1] = c4.y, cs[4 * q + 2] = c4.z, cs[4 * q + 3] = c4.w;
       }
     } else {
-      for (int e = 0; e < 2 * count; ++e) cs[e] = tab[e];
+#pragma unroll
+      for (int e = 0; e < 16; ++e) cs[e] = e < 2 * count ? tab[e] : 0.0f;
     }
-    for (int e = 0; e < count; ++e) {
+    // All 8 pairs (past count: zeros, not stored), so that the arrays stay in registers.
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
       const float c = cs[2 * e], sn = cs[2 * e + 1], ae = a[e], be = b[e];
       a[e] = ae * c - be * sn;
       b[e] = be * c + ae * sn;

@@ -1,6 +1,7 @@
 // The CPU emulation of CUDA (tests/gpu/emu) reports what would fault or fail on a GPU: host
 // memory where the CUDA backend needs device memory (kernel arguments, cuBLAS operands, the
-// device side of a copy), launches over the shared-memory limit, misaligned cp.async and ldmatrix.
+// device side of a copy), launches over the shared-memory limit, misaligned cp.async, ldmatrix
+// and vector accesses, and (by running a block's threads in either order) missing barriers.
 // The backend's results under it are checked by the parity suite
 // (EELLM_PARITY_BACKEND=emulated-cuda[-bf16]).
 #include <cuda_bf16.h>
@@ -117,6 +118,43 @@ __global__ void LanesDivergeKernel(int* out) {
   out[threadIdx.x] = v;
 }
 
+// Each thread of a block of 64 notes when it first ran (a counter per block, read and written
+// without a barrier: the emulation runs a thread to its barrier before the next starts).
+__global__ void RunOrderKernel(int* order, int* counter) {
+  order[blockIdx.x * 64 + counter[blockIdx.x]++] = static_cast<int>(threadIdx.x);
+  __syncthreads();
+}
+
+// The threads of a block run in index order or in reverse, alternating from block to block (and
+// launch to launch), so that a missing barrier shows up whichever of two threads writes.
+TEST(CudaEmulationBarriers, BlocksRunTheirThreadsInBothOrders) {
+  int *order = nullptr, *counter = nullptr;
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&order), 4 * 64 * sizeof(int)), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&counter), 4 * sizeof(int)), cudaSuccess);
+  ASSERT_EQ(cudaMemset(counter, 0, 4 * sizeof(int)), cudaSuccess);
+  ASSERT_EQ(LaunchKernel(RunOrderKernel, dim3(4), dim3(64), 0, nullptr, order, counter),
+            cudaSuccess);
+  std::vector<int> got(4 * 64);
+  ASSERT_EQ(cudaMemcpy(got.data(), order, got.size() * sizeof(int), cudaMemcpyDeviceToHost),
+            cudaSuccess);
+  int forward = 0, reverse = 0;
+  for (int b = 0; b < 4; ++b) {
+    bool up = true, down = true;
+    for (int i = 0; i < 64; ++i) {
+      up = up && got[b * 64 + i] == i;
+      down = down && got[b * 64 + i] == 63 - i;
+    }
+    EXPECT_TRUE(up || down) << "block " << b;
+    forward += up;
+    reverse += down;
+    if (b > 0) EXPECT_NE(got[b * 64], got[(b - 1) * 64]) << "blocks " << b - 1 << ", " << b;
+  }
+  EXPECT_EQ(forward, 2);
+  EXPECT_EQ(reverse, 2);
+  EXPECT_EQ(cudaFree(order), cudaSuccess);
+  EXPECT_EQ(cudaFree(counter), cudaSuccess);
+}
+
 // Warps pass warp-level barriers on their own, as on the device: a warp may skip work (and the
 // barriers in it) that another does between two __syncthreads. Lanes of one warp at different
 // barriers abort.
@@ -163,6 +201,12 @@ __global__ void MisalignedLdMatrixKernel() {
   cuda::LdMatrixX4(r, reinterpret_cast<const __nv_bfloat16*>(smem + 8));
 }
 
+// A 16-byte load from an address that is a multiple of 8 only (a fault on the device).
+__global__ void MisalignedVectorLoadKernel(float* out, const float* in) {
+  const float4 v = *reinterpret_cast<const float4*>(in + 2);
+  out[threadIdx.x] = v.x;
+}
+
 // cp.async lands at the wait that covers it, the latest the device allows: a read before the wait
 // sees the old bytes (0xFF, NaN, in fresh shared memory). cp.async and ldmatrix check alignment.
 TEST(CudaEmulationLimits, AsyncCopiesLandAtTheWaitAndCheckAlignment) {
@@ -184,6 +228,8 @@ TEST(CudaEmulationLimits, AsyncCopiesLandAtTheWaitAndCheckAlignment) {
                "cp.async");
   EXPECT_DEATH(LaunchKernel(MisalignedLdMatrixKernel, dim3(1), dim3(32), 64, nullptr),
                "ldmatrix row address");
+  EXPECT_DEATH(LaunchKernel(MisalignedVectorLoadKernel, dim3(1), dim3(32), 0, nullptr, out, in),
+               "misaligned address");
   EXPECT_EQ(cudaFree(out), cudaSuccess);
   EXPECT_EQ(cudaFree(in), cudaSuccess);
 }
