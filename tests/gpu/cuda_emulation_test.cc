@@ -155,9 +155,17 @@ TEST(CudaEmulationBarriers, BlocksRunTheirThreadsInBothOrders) {
   EXPECT_EQ(cudaFree(counter), cudaSuccess);
 }
 
+// Lane 31 exits (in a block of 64); the others shuffle with a full mask (undefined on the
+// device, as it is in a block of 48, whose second warp has 16 lanes).
+__global__ void LaneExitsBeforeShuffleKernel(int* out) {
+  if (threadIdx.x == 31 && blockDim.x == 64) return;
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, static_cast<int>(threadIdx.x), 1);
+  __syncthreads();
+}
+
 // Warps pass warp-level barriers on their own, as on the device: a warp may skip work (and the
 // barriers in it) that another does between two __syncthreads. Lanes of one warp at different
-// barriers abort.
+// barriers abort, and so does a shuffle in a warp that lacks lanes (exited, or a partial warp).
 TEST(CudaEmulationBarriers, WarpsMaySkipWarpLevelBarriersLanesMayNot) {
   int* out = nullptr;
   ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&out), 64 * sizeof(int)), cudaSuccess);
@@ -171,6 +179,10 @@ TEST(CudaEmulationBarriers, WarpsMaySkipWarpLevelBarriersLanesMayNot) {
   }
   EXPECT_DEATH(LaunchKernel(LanesDivergeKernel, dim3(1), dim3(32), 0, nullptr, out),
                "lanes of a warp reached different barriers");
+  EXPECT_DEATH(LaunchKernel(LaneExitsBeforeShuffleKernel, dim3(1), dim3(64), 0, nullptr, out),
+               "some of its lanes have exited");
+  EXPECT_DEATH(LaunchKernel(LaneExitsBeforeShuffleKernel, dim3(1), dim3(48), 0, nullptr, out),
+               "the block ends inside it");
   EXPECT_EQ(cudaFree(out), cudaSuccess);
 }
 

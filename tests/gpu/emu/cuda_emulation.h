@@ -16,7 +16,8 @@
 // passes __syncthreads when all its live threads do. So warps
 // may take different paths between block barriers (a warp may skip work the others do), as on the
 // device. The lanes of a warp must wait at the same kind of barrier, else the emulation aborts (a
-// divergent barrier is undefined behaviour on the device). Dynamic shared memory starts as 0xFF
+// divergent barrier is undefined behaviour on the device), and a warp-level one needs all 32
+// lanes of the warp (the kernels' shuffles take full masks). Dynamic shared memory starts as 0xFF
 // bytes (NaN as fp32 and bf16), so reading what no thread wrote shows up in the results.
 //
 // Device pointers are host pointers here. Include this through the shim headers of this
@@ -372,17 +373,21 @@ inline int LinearThread() {
 // Called when no thread of the block can run: releases the warps whose live lanes all wait at a
 // warp-level barrier (a shuffle, __syncwarp, a warp-collective load or MMA), else (every live
 // thread then waits at __syncthreads) all of them. Returns false when every thread has finished;
-// aborts when the lanes of a warp wait at different barriers.
+// aborts when the lanes of a warp wait at different barriers, or at a warp-level one while some
+// of its 32 lanes have exited or do not exist.
 inline bool ReleaseBarriers(int threads) {
   Scheduler& s = Sched();
   bool alive = false, released = false;
   for (int w0 = 0; w0 < threads; w0 += 32) {
     const int w1 = std::min(threads, w0 + 32);
     Barrier kind = Barrier::kNone;  // where the warp's live lanes wait
-    bool mixed = false;
+    bool mixed = false, exited = false;
     for (int i = w0; i < w1; ++i) {
       const Fiber& f = s.fibers[i];
-      if (f.done) continue;
+      if (f.done) {
+        exited = true;
+        continue;
+      }
       alive = true;
       if (kind == Barrier::kNone) {
         kind = f.waiting;
@@ -392,6 +397,15 @@ inline bool ReleaseBarriers(int threads) {
     }
     if (mixed) {
       std::fprintf(stderr, "CUDA emulation: the lanes of a warp reached different barriers\n");
+      std::abort();
+    }
+    // The warp-level operations here name all 32 lanes (full masks, .aligned instructions): a
+    // lane that has exited or lies past the block's end makes them undefined on the device.
+    if ((kind == Barrier::kShuffle || kind == Barrier::kWarp) && (exited || w1 - w0 < 32)) {
+      std::fprintf(stderr,
+                   "CUDA emulation: a warp-level operation (shuffle, __syncwarp, ldmatrix, MMA) "
+                   "in warp %d while %s\n",
+                   w0 / 32, exited ? "some of its lanes have exited" : "the block ends inside it");
       std::abort();
     }
     if (kind != Barrier::kNone && kind != Barrier::kBlock) {
