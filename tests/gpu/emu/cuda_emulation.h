@@ -4,21 +4,22 @@
 // exists. It is for tests only and says nothing about speed or register limits. Like the device,
 // it refuses launches with more than 48 KiB of dynamic shared memory unless
 // cudaFuncSetAttribute raised that kernel's limit (to at most 227 KiB), and misaligned ldmatrix
-// and cp.async addresses (warp_mma.h, async_copy.h).
+// and cp.async addresses (warp_mma.h, async_copy.h); tests/CMakeLists.txt adds UBSan's alignment
+// check, which aborts at a misaligned vector load or store.
 //
-// A launch runs the blocks one after another; the threads of a block are fibers
-// (fiber_switch.h) on the calling thread, switched only at barriers: __syncthreads, and the
-// warp-level ones: __syncwarp, and each shuffle, ldmatrix or MMA (warp_mma.h).
-// Threads run each to its next barrier, in index order in half of the blocks and in reverse
-// index order in the other half (alternating by block and by launch), so that a missing barrier
-// between one thread's write and another's read shows up in one of the two orders whichever
-// thread writes; a warp passes a warp-level barrier when all its live lanes wait there, the block
-// passes __syncthreads when all its live threads do. So warps
-// may take different paths between block barriers (a warp may skip work the others do), as on the
+// A launch runs the blocks one after another (in index order in even launches, block 0 and then
+// the others in reverse in odd ones); the threads of a block are fibers (fiber_switch.h) on the
+// calling thread, switched only at barriers: __syncthreads, and the warp-level ones: __syncwarp,
+// and each shuffle, ldmatrix or MMA (warp_mma.h). Threads run each to its next barrier, in index
+// order in half of the blocks and in reverse index order in the other half (alternating by block
+// and by launch), so that a missing barrier between one thread's write and another's read shows up
+// in one of the two orders whichever thread writes. A warp passes a warp-level barrier when all its
+// live lanes wait there, the block passes __syncthreads when all its live threads do. So warps may
+// take different paths between block barriers (a warp may skip work the others do), as on the
 // device. The lanes of a warp must wait at the same kind of barrier, else the emulation aborts (a
-// divergent barrier is undefined behaviour on the device), and a warp-level one needs all 32
-// lanes of the warp (the kernels' shuffles take full masks). Dynamic shared memory starts as 0xFF
-// bytes (NaN as fp32 and bf16), so reading what no thread wrote shows up in the results.
+// divergent barrier is undefined behaviour on the device), and a warp-level one needs all 32 lanes
+// of the warp (the kernels' shuffles take full masks). Dynamic shared memory starts as 0xFF bytes
+// (NaN as fp32 and bf16), so reading what no thread wrote shows up in the results.
 //
 // Device pointers are host pointers here. Include this through the shim headers of this
 // folder (cuda_runtime.h, cuda_bf16.h), with EELLM_CUDA_EMULATION defined.
@@ -446,48 +447,51 @@ inline cudaError_t Run(dim3 grid, dim3 block, size_t shared_bytes, std::function
   g_grid_dim = grid;
   bool barriers = true;
   const unsigned long launch = s.launches++;
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        g_block_idx = dim3(bx, by, bz);
-        std::fill(s.shared.begin(), s.shared.end(), 0xFF);
-        if (s.async_used) {  // (emptied, not rebuilt: a deque allocates when constructed)
-          for (ThreadCopies& t : s.async_copies) t.open.clear(), t.committed.clear();
-          s.async_used = false;
-        }
-        if (!barriers) {
-          for (int i = 0; i < threads; ++i) {
-            g_thread_idx = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
-            s.body();
-          }
-          continue;
-        }
-        for (int i = 0; i < threads; ++i) {
-          Fiber& f = s.fibers[i];
-          if (!f.stack) f.stack.reset(new char[kFiberStack]);
-          f.tid = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
-          f.done = false;
-          f.waiting = Barrier::kNone;
-          f.sp = PrepareFiberStack(f.stack.get(), kFiberStack, FiberEntry);
-        }
-        s.in_fiber = true;
-        const unsigned long block_index =
-            bx + grid.x * (by + static_cast<unsigned long>(grid.y) * bz);
-        const bool reverse = ((launch + block_index) & 1) != 0;
-        for (bool first = true;; first = false) {
-          for (int k = 0; k < threads; ++k) {  // every thread that may run, to its next barrier
-            const int i = reverse ? threads - 1 - k : k;
-            Fiber& f = s.fibers[i];
-            if (f.done || f.waiting != Barrier::kNone) continue;
-            s.current = i;
-            g_thread_idx = f.tid;
-            eellm_emu_switch(&s.main_sp, f.sp);
-            if (f.done && first && i == 0 && bx + by + bz == 0) barriers = false;
-          }
-          if (!ReleaseBarriers(threads)) break;  // every thread has finished
-        }
-        s.in_fiber = false;
+  // Blocks in index order in even launches; in odd ones block 0 and then the others in reverse (a
+  // block that reads what another block of the same launch writes has no order to rely on). Block
+  // 0 runs first: whether its thread 0 reaches a barrier says whether the kernel has any.
+  const unsigned long blocks = static_cast<unsigned long>(grid.x) * grid.y * grid.z;
+  for (unsigned long run = 0; run < blocks; ++run) {
+    const unsigned long block_index = launch % 2 == 0 || run == 0 ? run : blocks - run;
+    const unsigned bx = block_index % grid.x, by = (block_index / grid.x) % grid.y,
+                   bz = block_index / (static_cast<unsigned long>(grid.x) * grid.y);
+    g_block_idx = dim3(bx, by, bz);
+    std::fill(s.shared.begin(), s.shared.end(), 0xFF);
+    if (s.async_used) {  // (emptied, not rebuilt: a deque allocates when constructed)
+      for (ThreadCopies& t : s.async_copies) t.open.clear(), t.committed.clear();
+      s.async_used = false;
+    }
+    if (!barriers) {
+      for (int i = 0; i < threads; ++i) {
+        g_thread_idx = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
+        s.body();
       }
+      continue;
+    }
+    for (int i = 0; i < threads; ++i) {
+      Fiber& f = s.fibers[i];
+      if (!f.stack) f.stack.reset(new char[kFiberStack]);
+      f.tid = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
+      f.done = false;
+      f.waiting = Barrier::kNone;
+      f.sp = PrepareFiberStack(f.stack.get(), kFiberStack, FiberEntry);
+    }
+    s.in_fiber = true;
+    const bool reverse = ((launch + block_index) & 1) != 0;
+    for (bool first = true;; first = false) {
+      for (int k = 0; k < threads; ++k) {  // every thread that may run, to its next barrier
+        const int i = reverse ? threads - 1 - k : k;
+        Fiber& f = s.fibers[i];
+        if (f.done || f.waiting != Barrier::kNone) continue;
+        s.current = i;
+        g_thread_idx = f.tid;
+        eellm_emu_switch(&s.main_sp, f.sp);
+        if (f.done && first && i == 0 && run == 0) barriers = false;
+      }
+      if (!ReleaseBarriers(threads)) break;  // every thread has finished
+    }
+    s.in_fiber = false;
+  }
   return cudaSuccess;
 }
 
