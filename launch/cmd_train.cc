@@ -119,6 +119,7 @@ int RunTrainCommand() {
   auto rc = LoadRunConfig(absl::GetFlag(FLAGS_config));
   if (!rc.ok()) return FailCommand(rc.status(), multi, launch->rank);
   TrainConfig& t = rc->train;
+  if (FlagOnCommandLine("backend")) t.backend = absl::GetFlag(FLAGS_backend);
   if (absl::GetFlag(FLAGS_steps) > 0) t.steps = absl::GetFlag(FLAGS_steps);
   if (!absl::GetFlag(FLAGS_out).empty()) t.out = absl::GetFlag(FLAGS_out);
   if (!absl::GetFlag(FLAGS_data).empty()) t.data = absl::GetFlag(FLAGS_data);

@@ -4,10 +4,12 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "absl/flags/commandlineflag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/reflection.h"
 #include "absl/flags/usage.h"
@@ -34,7 +36,7 @@ const Command kCommands[] = {
      RunDataCommand},
     {"train",
      "cmd_train.cc",
-     {"tp", "pp"},
+     {"backend", "steps", "tp", "pp"},
      "train an early-exit model from a JSON run config",
      RunTrainCommand},
     {"generate",
@@ -93,6 +95,32 @@ void PrintCommandUsage(const Command& cmd) {
   for (const auto& [name, help] : rows) std::printf("  --%-18s %s\n", name.c_str(), help.c_str());
 }
 
+std::set<std::string>& GivenFlags() {
+  static std::set<std::string> given;
+  return given;
+}
+
+// The flag an argument names ("--name=value", "--name", "--noname" for a bool; null when it names
+// none, which absl's parser then reports).
+const absl::CommandLineFlag* NamedFlag(const std::string& arg) {
+  if (arg.size() < 3 || arg.compare(0, 2, "--") != 0) return nullptr;
+  const std::string name = arg.substr(2, arg.find('=') - 2);
+  const absl::CommandLineFlag* f = absl::FindCommandLineFlag(name);
+  if (f == nullptr && absl::StartsWith(name, "no")) f = absl::FindCommandLineFlag(name.substr(2));
+  return f;
+}
+
+// Whether a flag is the command's: defined in its source or a shared flag it uses (absl's own
+// flags, e.g. --flagfile, count as everyone's).
+bool CommandHasFlag(const Command& cmd, const absl::CommandLineFlag& flag) {
+  const std::string file = flag.Filename();
+  const bool ours =
+      absl::StrContains(file, "launch/cmd_") || absl::EndsWith(file, "shared_flags.cc");
+  if (!ours || absl::EndsWith(file, cmd.source)) return true;
+  return std::find_if(cmd.shared.begin(), cmd.shared.end(),
+                      [&](const char* s) { return flag.Name() == s; }) != cmd.shared.end();
+}
+
 // "--max-new-tokens=5" -> "--max_new_tokens=5".
 std::string NormalizeFlag(const char* arg) {
   std::string s = arg;
@@ -106,6 +134,8 @@ std::string NormalizeFlag(const char* arg) {
 }
 
 }  // namespace
+
+bool FlagOnCommandLine(absl::string_view name) { return GivenFlags().count(std::string(name)) > 0; }
 
 int FailCommand(const absl::Status& s, bool under_launcher, int rank) {
   if (under_launcher) {
@@ -146,6 +176,17 @@ int RunCli(int argc, char** argv) {
       return 0;
     }
     args.push_back(a);
+  }
+  for (size_t i = 1; i < args.size(); ++i) {
+    const absl::CommandLineFlag* flag = NamedFlag(args[i]);
+    if (flag == nullptr) continue;
+    if (!CommandHasFlag(*cmd, *flag)) {
+      std::fprintf(stderr,
+                   "error: --%s is not a flag of `eellm %s` (`eellm %s --help` lists them)\n",
+                   std::string(flag->Name()).c_str(), cmd->name, cmd->name);
+      return 2;
+    }
+    GivenFlags().insert(std::string(flag->Name()));
   }
   std::vector<char*> cargv;
   for (auto& a : args) cargv.push_back(a.data());

@@ -23,7 +23,8 @@ ABSL_FLAG(std::string, checkpoint, "",
           "checkpoint file (required)");
 ABSL_FLAG(std::string, backend, "cpu",
           "compute backend: cpu, cuda (fp32), cuda-bf16 (bf16 tensor-core GEMMs, fused attention) "
-          "or cuda-bf16w (also bf16 weight copies), optionally with :<device>");
+          "or cuda-bf16w (also bf16 weight copies), optionally with :<device> (train: overrides "
+          "the config's train.backend)");
 ABSL_FLAG(int, exit, -1,
           "exit index, 0-based in depth order (logits: -1 = the final head; convert "
           "set-exit-position: the exit to move)");

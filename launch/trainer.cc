@@ -318,19 +318,23 @@ absl::StatusOr<TrainSummary> RunTraining(const RunConfig& rc, const TrainOptions
   for (int k = 0; k < nv; ++k) {
     if (chunks[k]->word_embedding() >= 0) emb_chunks.push_back(k);
   }
+  // The ranks holding a copy, split from this rank's pipeline group (collective over it): on the
+  // pipeline group's communicator, so NCCL where the pipeline runs on NCCL (the gradient is a
+  // vocabulary-sized device buffer, summed every step).
   std::unique_ptr<Communicator> embedding_group;
   {
-    std::vector<int> group;
-    for (int r : ctx->grid.PpGroup(ctx->rank)) {
+    const std::vector<int> stages = ctx->grid.PpGroup(ctx->rank);  // pipeline-group rank order
+    std::vector<int> group;                                        // ranks in the pipeline group
+    for (size_t i = 0; i < stages.size(); ++i) {
       bool holds = false;
       for (int k = 0; k < nv; ++k) {
         holds |= Model::StageHasWordEmbedding(
-            mc, StageSpec{k * pp + ctx->grid.CoordOf(r).pp, pp * nv, cut});
+            mc, StageSpec{k * pp + ctx->grid.CoordOf(stages[i]).pp, pp * nv, cut});
       }
-      if (holds && !emb_chunks.empty()) group.push_back(r);
+      if (holds && !emb_chunks.empty()) group.push_back(static_cast<int>(i));
     }
-    if (group.empty()) group = {ctx->rank};
-    embedding_group = ctx->world->Subgroup(group);
+    if (group.empty()) group = {ctx->pp->rank()};
+    embedding_group = ctx->pp->Subgroup(group);
     for (int k : emb_chunks) {
       if (ctx->coord.pp != 0 || k != 0) {
         chunks[k]->params().mutable_params()[chunks[k]->word_embedding()].count_in_norm = false;

@@ -65,7 +65,8 @@ for a in "$@"; do
   esac
 done
 [ ${#STEPS[@]} -eq 0 ] && STEPS=(build gpu bench profile hf demo sanitize compare)
-want() { [[ " ${STEPS[*]} " == *" $1 "* ]]; }
+STEP=build  # the step whose parts run now (what a second call names to run a skipped part)
+want() { [[ " ${STEPS[*]} " == *" $1 "* ]] && STEP=$1; }
 
 OUT=${OUT:-/tmp/eellm_gpu_out}
 LOGS=$(mktemp -d /tmp/eellm_gpu_logs.XXXX)
@@ -84,7 +85,12 @@ pack() {  # every log into $OUT/logs.tar.gz (whole or not at all), the main ones
   done
   return 0
 }
-skip() { echo "$1: skipped, $2" | tee -a "$SUMMARY"; FAILED=1; }
+skip() {  # skip <part> <why>
+  local of=""
+  [ "$1" != "$STEP" ] && of=" (part of step $STEP)"
+  echo "$1$of: skipped, $2" | tee -a "$SUMMARY"
+  FAILED=1
+}
 run() {  # run <step> <seconds needed to be worth starting> <most seconds it may take> <command...>
   local step=$1 need=$2 cap=$3
   shift 3
@@ -111,9 +117,10 @@ run() {  # run <step> <seconds needed to be worth starting> <most seconds it may
 
 # cuDNN's fused attention engines on Hopper are compiled at plan time: cuDNN opens NVRTC
 # (libnvrtc.so.<its CUDA major>, then libnvrtc.so) through the loader path. Where cuDNN comes from
-# Python's nvidia package, its NVRTC is beside it (cuda_nvrtc/lib); the toolkit's comes last.
+# Python's nvidia package, its NVRTC is beside it (cuda_nvrtc/lib in CUDA 12's wheels, cu13/lib in
+# CUDA 13's); the toolkit's comes last.
 NV=$(python3 -c 'import nvidia; print(list(nvidia.__path__)[0])' 2>/dev/null)
-for d in ${NV:+"$NV/cuda_nvrtc/lib"}; do
+for d in ${NV:+"$NV/cuda_nvrtc/lib" "$NV/cu13/lib"}; do
   [ -d "$d" ] && export LD_LIBRARY_PATH=$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 done
 for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
@@ -140,7 +147,7 @@ if want build || ! built; then
     if ninja -C "$1" -t targets all | grep -q "^gpu_tests:"; then t="$t gpu_tests"
     else echo "gpu_check.sh: no gpu_tests target (NCCL not found): NCCL test not built"; fi
     cmake --build "$1" -j16 --target $t' _ "$B" ||
-    { for s in "${STEPS[@]}"; do [ "$s" = build ] || skip "$s" "the build failed"; done; pack; exit 1; }
+    { for s in "${STEPS[@]}"; do [ "$s" = build ] || STEP=$s skip "$s" "the build failed"; done; pack; exit 1; }
 fi
 # EELLM_REQUIRE_GPU=1: a gpu test that cannot reach the GPU fails instead of skipping; kernel
 # faults are reported at the op that caused them (CUDA_LAUNCH_BLOCKING). The layouts first; the

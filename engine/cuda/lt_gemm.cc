@@ -182,6 +182,7 @@ bool LtGemm::Run(const Problem& p) {
                      p.d, plan.d, &plan.algo, workspace_, kWorkspaceBytes, stream_);
   if (status != CUBLAS_STATUS_SUCCESS && !plan.ran) {
     // Refused at its first launch (nothing ran): as if the heuristic had found nothing.
+    cudaGetLastError();  // (a failed launch's error, which the next kernel would report)
     std::fprintf(stderr,
                  "eellm: cuBLASLt refused its algorithm for a %dx%dx%d GEMM (epilogue %u, status "
                  "%d): cublasGemmEx and separate bias/GELU kernels instead\n",
@@ -218,7 +219,10 @@ void LtGemm::Tune(Plan& plan, const Problem& p) {
   float best_ms = -1, first_ms = -1;
   int best = -1;
   for (size_t i = 0; i < plan.candidates.size(); ++i) {
-    if (launch(plan.candidates[i]) != CUBLAS_STATUS_SUCCESS) continue;  // refused: not a choice
+    if (launch(plan.candidates[i]) != CUBLAS_STATUS_SUCCESS) {  // refused: not a choice
+      cudaGetLastError();  // (a failed launch's error, which the next kernel would report)
+      continue;
+    }
     CUDA_CHECK(cudaEventRecord(start, stream_));
     bool ok = true;
     for (int r = 0; r < kRuns && ok; ++r) ok = launch(plan.candidates[i]) == CUBLAS_STATUS_SUCCESS;

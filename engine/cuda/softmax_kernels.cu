@@ -188,6 +188,33 @@ __global__ void __launch_bounds__(kCrossEntropyThreads)
   }
 }
 
+// The largest row the staged kernel takes on this GPU: kStagedRowBytesMax, or less where the
+// GPU's shared memory a block may opt into is smaller (163 KiB on an A100, 99 on Ada; 1 KiB left
+// for the kernel's static shared memory); 0 where the limit cannot be raised. The kernel's limit
+// is raised to it once (a limit set per call could be lowered by another thread's call between
+// this one's setting and launch).
+template <typename T>
+size_t StageBytesMax() {
+  static const size_t max_bytes = [] {
+    int device = 0, optin = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
+            cudaSuccess ||
+        optin <= 1024) {
+      cudaGetLastError();
+      return size_t{0};
+    }
+    const size_t bytes = std::min(kStagedRowBytesMax, static_cast<size_t>(optin) - 1024);
+    if (cudaFuncSetAttribute(StagedCrossEntropyKernel<T>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess) {
+      cudaGetLastError();
+      return size_t{0};
+    }
+    return bytes;
+  }();
+  return max_bytes;
+}
+
 // Staged (if the rows fit and are whole aligned 16-byte pieces) or not, for logits of type T.
 template <typename T>
 cudaError_t LaunchCrossEntropy(float* losses, float* max_prob, Elems dlogits, const T* logits,
@@ -196,18 +223,13 @@ cudaError_t LaunchCrossEntropy(float* losses, float* max_prob, Elems dlogits, co
   constexpr int kPer = 16 / sizeof(T);
   const size_t bytes = sizeof(T) * static_cast<size_t>(v);
   const bool staged =
-      v % kPer == 0 && bytes <= kStagedRowBytesMax && reinterpret_cast<uintptr_t>(logits) % 16 == 0;
+      v % kPer == 0 && bytes <= StageBytesMax<T>() && reinterpret_cast<uintptr_t>(logits) % 16 == 0;
   const unsigned threads = RowThreads((v + 3) / 4, kCrossEntropyThreads);  // 4+ logits a thread
   if (!staged) {
     LaunchKernel(CrossEntropyKernel<T>, dim3(n), dim3(threads), 0, s, losses, max_prob, dlogits,
                  logits, targets, weights, v);
     return cudaGetLastError();
   }
-  // The largest stage, allowed once (a limit set per call could be lowered by another thread's
-  // call between this one's setting and launch).
-  static const cudaError_t e = cudaFuncSetAttribute(
-      StagedCrossEntropyKernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, kStagedRowBytesMax);
-  if (e != cudaSuccess) return e;
   // As many blocks as the SMs hold at once (the rows' results do not depend on it).
   int per_sm = 0;
   const cudaError_t o = cudaOccupancyMaxActiveBlocksPerMultiprocessor(

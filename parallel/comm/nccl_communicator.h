@@ -55,8 +55,9 @@ class NcclCommunicator : public Communicator {
 
 // Replaces the tensor-, data- and pipeline-parallel groups of `ctx` (made over MPI by
 // ParallelContext::Create) by NCCL communicators of the same ranks: activations every layer,
-// gradients every step, ZeRO-1 gathers and pipeline messages. The embedding group and the world
-// stay on MPI. `host_world`: an MPI world communicator on host memory (NCCL's id travels
+// gradients every step, ZeRO-1 gathers and pipeline messages (and the trainer's group of the
+// stages that hold the word embedding, split from the pipeline group). The world and
+// ParallelContext's embedding group stay on MPI. `host_world`: an MPI world communicator on host memory (NCCL's id travels
 // through it). Collective over the world.
 void UseNcclForModelParallel(ParallelContext* ctx, Communicator* host_world);
 

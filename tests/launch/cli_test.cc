@@ -96,6 +96,26 @@ TEST_F(CliTest, BadBackendIsNamed) {
   ExpectTrainConfigError(kTinyModel, {"\"cuda-fp8\""}, ", \"backend\": \"cuda-fp8\"");
 }
 
+// --backend overrides the config's train.backend (a bad name is named, so the flag reached the
+// run), and another command's flag is named instead of ignored.
+TEST_F(CliTest, TrainTakesBackendAndRefusesOtherCommandsFlags) {
+  const std::string config = Quote(WriteConfig(kTinyModel, 1));
+  std::string args = "train --config=" + config + " --backend=cuda-fp8";
+  CmdResult r = RunEellm(args);
+  EXPECT_NE(r.exit_code, 0) << Describe(args, r);
+  EXPECT_NE(r.output.find("\"cuda-fp8\""), std::string::npos) << Describe(args, r);
+  args = "train --config=" + config + " --batch=3";
+  r = RunEellm(args);
+  EXPECT_EQ(r.exit_code, 2) << Describe(args, r);
+  EXPECT_NE(r.output.find("--batch is not a flag of `eellm train`"), std::string::npos)
+      << Describe(args, r);
+  args = "data --seed=3";
+  r = RunEellm(args);
+  EXPECT_EQ(r.exit_code, 2) << Describe(args, r);
+  EXPECT_NE(r.output.find("--seed is not a flag of `eellm data`"), std::string::npos)
+      << Describe(args, r);
+}
+
 TEST_F(CliTest, UnknownTopLevelKeyIsNamed) {
   const std::string path = Path("config.json");
   WriteFile(path, std::string("{\"model\": ") + kTinyModel + ", \"trian\": {}}");

@@ -136,13 +136,23 @@ inline cudaError_t cudaGetDevice(int* device) {
   *device = 0;
   return cudaSuccess;
 }
-// The device's SM count, as an H100's or H200's (the backend sizes the decoding kernel's splits
-// by it: the same work splits the same way here).
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+// The device's SM count and shared memory a block may opt into, as an H100's or H200's (the
+// backend sizes the decoding kernel's splits by the SMs: the same work splits the same way here).
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97
+};
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int device) {
-  if (device != 0 || attribute != cudaDevAttrMultiProcessorCount) return cudaErrorInvalidValue;
-  *value = 132;
-  return cudaSuccess;
+  if (device != 0) return cudaErrorInvalidValue;
+  switch (attribute) {
+    case cudaDevAttrMultiProcessorCount:
+      *value = 132;
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
+      *value = 227 * 1024;
+      return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
 }
 inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
 // Events: host time stamps (work is synchronous here).
