@@ -111,6 +111,7 @@ CudaBackend::~CudaBackend() {
   cudaDeviceSynchronize();
   for (Slot& s : scratch_) cudaFree(s.ptr);
   for (WeightCopy& w : weights_) cudaFree(w.bf16);
+  for (AdamWTable& t : adamw_tables_) cudaFree(t.device);
   lt_.reset();
   cudnn_attention_.reset();
   if (cublas_ != nullptr) cublasDestroy(cublas_);
@@ -642,21 +643,26 @@ void CudaBackend::AdamWRuns(float* p, const float* g, float* m, float* v,
                             const std::vector<AdamWRun>& runs, float lr, float beta1, float beta2,
                             float eps, float weight_decay, int step) {
   if (runs.empty()) return;
-  auto* table =
-      static_cast<cuda::AdamWRunEntry*>(Scratch(runs.size() * sizeof(cuda::AdamWRunEntry), 13));
   size_t total = 0;
-  std::vector<cuda::AdamWRunEntry> entries(runs.size());
-  for (size_t r = 0; r < runs.size(); ++r) {
-    entries[r] = {total, runs[r].offset, runs[r].decay};
-    total += runs[r].count;
-    MarkWritten(p + runs[r].offset, runs[r].count * sizeof(float));
+  for (const AdamWRun& r : runs) {
+    total += r.count;
+    MarkWritten(p + r.offset, r.count * sizeof(float));
   }
-  if (!(runs == adamw_runs_)) {
-    CUDA_CHECK(cudaMemcpyAsync(table, entries.data(), entries.size() * sizeof(entries[0]),
+  auto known = std::find_if(adamw_tables_.begin(), adamw_tables_.end(),
+                            [&](const AdamWTable& t) { return t.runs == runs; });
+  if (known == adamw_tables_.end()) {  // this run list's first step: its table, kept
+    std::vector<cuda::AdamWRunEntry> entries(runs.size());
+    for (size_t r = 0, first = 0; r < runs.size(); first += runs[r].count, ++r) {
+      entries[r] = {first, runs[r].offset, runs[r].decay};
+    }
+    AdamWTable t{runs, Alloc(entries.size() * sizeof(entries[0]))};
+    // (A pageable source is staged before cudaMemcpyAsync returns: entries may go.)
+    CUDA_CHECK(cudaMemcpyAsync(t.device, entries.data(), entries.size() * sizeof(entries[0]),
                                cudaMemcpyHostToDevice, stream_));
-    CUDA_CHECK(cudaStreamSynchronize(stream_));  // entries are pageable and about to go
-    adamw_runs_ = runs;
+    adamw_tables_.push_back(std::move(t));
+    known = adamw_tables_.end() - 1;
   }
+  const auto* table = static_cast<const cuda::AdamWRunEntry*>(known->device);
   CUDA_CHECK(cuda::AdamWRuns(p, g, m, v, table, static_cast<int>(runs.size()), total, lr, beta1,
                              beta2, eps, weight_decay, AdamWInverseBiasCorrection(beta1, step),
                              AdamWInverseBiasCorrection(beta2, step), stream_));

@@ -158,7 +158,7 @@ class CudaBackend final : public Backend {
 
   void AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1,
              float beta2, float eps, float weight_decay, int step) override;
-  // One launch for every run (the runs' table uploaded to scratch slot 13 when it changes).
+  // One launch for every run (the runs' table uploaded once per distinct run list).
   void AdamWRuns(float* p, const float* g, float* m, float* v, const std::vector<AdamWRun>& runs,
                  float lr, float beta1, float beta2, float eps, float weight_decay,
                  int step) override;
@@ -227,12 +227,17 @@ class CudaBackend final : public Backend {
   // dout of LinearBackward, 5 fp32 attention output, or dq|dk|dv, before their conversion to
   // bf16 (unfused path), 7 a bias as bf16 or a bias gradient (GEMM epilogues), 8-9 a paged
   // cache's keys and values gathered in order (unfused path), 10 column sums' partials, 11 a
-  // paged attention pass's descriptors, 12 RoPE's cos and sin table, 13 AdamWRuns' table.
+  // paged attention pass's descriptors, 12 RoPE's cos and sin table, 13 unused.
   static constexpr int kDecodeScratch = 14;     // the decoding kernel's split states
   static constexpr int kEmbeddingScratch = 15;  // the embedding gradient's sorted tokens
   Slot scratch_[16];
-  // What slot 13 holds: the runs last uploaded.
-  std::vector<AdamWRun> adamw_runs_;
+  // AdamWRuns' tables on the device, one per distinct run list (an optimizer's: one per virtual
+  // pipeline chunk), each uploaded at its first step and kept.
+  struct AdamWTable {
+    std::vector<AdamWRun> runs;
+    void* device = nullptr;
+  };
+  std::vector<AdamWTable> adamw_tables_;
   // What slot 11 holds: the last pass descriptors uploaded (bytes), and where.
   std::vector<unsigned char> pass_descriptors_;
   const void* pass_descriptors_at_ = nullptr;
