@@ -1,8 +1,11 @@
 // Communicator: the collective and point-to-point operations the parallel engine needs, on
 // device buffers of fp32 (or raw bytes for broadcast/send of control data). Implementations:
 // MPI (host buffers; device buffers are staged through host memory) and, with CUDA, NCCL.
-// Operations are blocking unless named I*, which return a Request to Wait() on. A communication
-// failure is fatal: it prints the error and aborts every rank (MPI_Abort), so no rank hangs.
+// Operations are blocking unless named I*, which return a Request to Wait() on: on return the
+// results are ready for the backend (NCCL's collectives make the backend's stream wait for them on
+// the device, without a host wait: read them on the host through the backend's copies). A
+// communication failure is fatal: it prints the error and aborts every rank (MPI_Abort), so no rank
+// hangs.
 #pragma once
 
 #include <cstddef>

@@ -74,7 +74,8 @@ struct NcclCommunicator::State {
   ncclComm_t comm = nullptr;
   cudaStream_t stream = nullptr;
   cudaEvent_t compute_done = nullptr;  // recorded on the backends' stream before each operation
-  float* barrier_word = nullptr;       // one zeroed float that Barrier all-reduces
+  cudaEvent_t op_done = nullptr;  // recorded on this stream after a collective the backends wait on
+  float* barrier_word = nullptr;  // one zeroed float that Barrier all-reduces
   std::vector<std::shared_ptr<HeldOp>> held;  // operations not yet queued, in posting order
 };
 
@@ -104,6 +105,7 @@ std::unique_ptr<NcclCommunicator::State> NewState() {
   CheckCuda(cudaStreamCreateWithFlags(&state->stream, cudaStreamNonBlocking), "cudaStreamCreate");
   CheckCuda(cudaEventCreateWithFlags(&state->compute_done, cudaEventDisableTiming),
             "cudaEventCreate");
+  CheckCuda(cudaEventCreateWithFlags(&state->op_done, cudaEventDisableTiming), "cudaEventCreate");
   CheckCuda(cudaMalloc(reinterpret_cast<void**>(&state->barrier_word), sizeof(float)),
             "cudaMalloc");
   CheckCuda(cudaMemset(state->barrier_word, 0, sizeof(float)), "cudaMemset");
@@ -123,13 +125,14 @@ NcclCommunicator::~NcclCommunicator() {
   if (state_->comm != nullptr) ncclCommDestroy(state_->comm);
   if (state_->stream != nullptr) cudaStreamDestroy(state_->stream);
   if (state_->compute_done != nullptr) cudaEventDestroy(state_->compute_done);
+  if (state_->op_done != nullptr) cudaEventDestroy(state_->op_done);
   if (state_->barrier_word != nullptr) cudaFree(state_->barrier_word);
 }
 
 // The backends compute on the legacy default stream, with which this communicator's
 // non-blocking stream does not synchronise implicitly: without this wait an operation could read
-// a buffer before the kernel that writes it has run. (Results are handed back through host
-// waits: blocking operations synchronise the stream, the others return a Request to Wait on.)
+// a buffer before the kernel that writes it has run. (Results are handed back on the device by
+// blocking collectives, ComputeAfter; the others return a Request to Wait on.)
 void NcclCommunicator::AfterCompute() {
   CheckCuda(cudaEventRecord(state_->compute_done, nullptr), "cudaEventRecord");
   CheckCuda(cudaStreamWaitEvent(state_->stream, state_->compute_done, 0), "cudaStreamWaitEvent");
@@ -151,12 +154,24 @@ void NcclCommunicator::Sync() {
   CheckCuda(cudaStreamSynchronize(state_->stream), "cudaStreamSynchronize");
 }
 
+// The other direction: the backends' stream waits (on the device, the host does not) for the
+// operation just queued, so the kernels that read its results, and the copies that bring them to
+// the host (on that stream), come after it. The host goes on queueing work meanwhile.
+void NcclCommunicator::ComputeAfter() {
+  CheckCuda(cudaEventRecord(state_->op_done, state_->stream), "cudaEventRecord");
+  CheckCuda(cudaStreamWaitEvent(nullptr, state_->op_done, 0), "cudaStreamWaitEvent");
+}
+
 std::unique_ptr<Request> NcclCommunicator::Pending() {
   return std::make_unique<EventRequest>(state_->stream);
 }
 
 void NcclCommunicator::AllReduce(float* data, size_t n, ReduceOp op) {
-  IAllReduce(data, n, op)->Wait();
+  PostHeld();
+  AfterCompute();
+  CheckNccl(ncclAllReduce(data, data, n, ncclFloat32, ToNccl(op), state_->comm, state_->stream),
+            "ncclAllReduce");
+  ComputeAfter();
 }
 
 std::unique_ptr<Request> NcclCommunicator::IAllReduce(float* data, size_t n, ReduceOp op) {
@@ -172,7 +187,7 @@ void NcclCommunicator::AllGather(const float* send, float* recv, size_t n) {
   AfterCompute();
   CheckNccl(ncclAllGather(send, recv, n, ncclFloat32, state_->comm, state_->stream),
             "ncclAllGather");
-  Sync();
+  ComputeAfter();
 }
 
 void NcclCommunicator::ReduceScatter(const float* send, float* recv, size_t n, ReduceOp op) {
@@ -180,7 +195,7 @@ void NcclCommunicator::ReduceScatter(const float* send, float* recv, size_t n, R
   AfterCompute();
   CheckNccl(ncclReduceScatter(send, recv, n, ncclFloat32, ToNccl(op), state_->comm, state_->stream),
             "ncclReduceScatter");
-  Sync();
+  ComputeAfter();
 }
 
 void NcclCommunicator::Broadcast(void* data, size_t bytes, int root) {
@@ -188,7 +203,7 @@ void NcclCommunicator::Broadcast(void* data, size_t bytes, int root) {
   AfterCompute();
   CheckNccl(ncclBroadcast(data, data, bytes, ncclUint8, root, state_->comm, state_->stream),
             "ncclBroadcast");
-  Sync();
+  ComputeAfter();
 }
 
 // NCCL matches point-to-point messages in order per peer; tags are not needed (the schedules

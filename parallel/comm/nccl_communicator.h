@@ -48,6 +48,7 @@ class NcclCommunicator : public Communicator {
   friend class HeldRequest;
   void Sync();
   void AfterCompute();  // orders the next operation after the work queued on the compute stream
+  void ComputeAfter();  // orders the compute stream's next work after the operation just queued
 
   std::unique_ptr<State> state_;
   int rank_, size_;
@@ -57,8 +58,8 @@ class NcclCommunicator : public Communicator {
 // ParallelContext::Create) by NCCL communicators of the same ranks: activations every layer,
 // gradients every step, ZeRO-1 gathers and pipeline messages (and the trainer's group of the
 // stages that hold the word embedding, split from the pipeline group). The world and
-// ParallelContext's embedding group stay on MPI. `host_world`: an MPI world communicator on host memory (NCCL's id travels
-// through it). Collective over the world.
+// ParallelContext's embedding group stay on MPI. `host_world`: an MPI world communicator on host
+// memory (NCCL's id travels through it). Collective over the world.
 void UseNcclForModelParallel(ParallelContext* ctx, Communicator* host_world);
 
 }  // namespace eellm
