@@ -118,6 +118,12 @@ void Backend::LinearBackwardGelu(Operand dpre, float* dw, float* dbias, ConstOpe
   GeluBackward(dpre, dpre, pre, static_cast<size_t>(n) * in_dim);
 }
 
+double Backend::SumSquaresRanges(const float* x, const std::vector<Range>& ranges) {
+  double total = 0.0;
+  for (const Range& r : ranges) total += SumSquares(x + r.offset, r.count);
+  return total;
+}
+
 void Backend::AdamWRuns(float* p, const float* g, float* m, float* v,
                         const std::vector<AdamWRun>& runs, float lr, float beta1, float beta2,
                         float eps, float weight_decay, int step) {

@@ -63,6 +63,15 @@ class Backend {
   virtual void ToFloat(float* out, ConstOperand in, size_t n) = 0;
   // Sum of squares, accumulated in double.
   virtual double SumSquares(const float* x, size_t n) = 0;
+  // Elements [x + offset, x + offset + count) of one array (an arena's tensors).
+  struct Range {
+    size_t offset = 0, count = 0;
+    bool operator==(const Range& o) const { return offset == o.offset && count == o.count; }
+  };
+  // The ranges' sums of squares added in order (the gradient norm over an arena's counted
+  // tensors). By default a SumSquares per range; a backend may reduce them all in one pass with
+  // the same result (a GPU: one launch and one read-back instead of one per range).
+  virtual double SumSquaresRanges(const float* x, const std::vector<Range>& ranges);
 
   // ---- embedding ----------------------------------------------------------------------------
   // out[t, :] = table[ids[t], :]   (written); ids: [n], table: [vocab, c].

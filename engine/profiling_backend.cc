@@ -113,6 +113,13 @@ double ProfilingBackend::SumSquares(const float* x, size_t n) {
   return inner_->SumSquares(x, n);
 }
 
+double ProfilingBackend::SumSquaresRanges(const float* x, const std::vector<Range>& ranges) {
+  size_t n = 0;
+  for (const Range& r : ranges) n += r.count;
+  Timed timed(this, "SumSquares", 0, F32(n));
+  return inner_->SumSquaresRanges(x, ranges);
+}
+
 void ProfilingBackend::EmbeddingForward(float* out, const int32_t* ids, const float* table, int n,
                                         int c) {
   Timed timed(this, "EmbeddingForward", 0, F32(2.0 * n * c + n));

@@ -58,6 +58,7 @@ class ProfilingBackend final : public Backend {
   void Scale(Operand x, float alpha, size_t n) override;
   void ToFloat(float* out, ConstOperand in, size_t n) override;
   double SumSquares(const float* x, size_t n) override;
+  double SumSquaresRanges(const float* x, const std::vector<Range>& ranges) override;
   void EmbeddingForward(float* out, const int32_t* ids, const float* table, int n, int c) override;
   void EmbeddingAdd(float* out, const int32_t* ids, const float* table, int n, int c) override;
   void EmbeddingBackward(float* dtable, const int32_t* ids, const float* dout, int n,

@@ -65,6 +65,9 @@ Generator::Generator(Model* model, int capacity, int max_sequences, int kv_token
   EE_CHECK(capacity > 0 && max_sequences > 0 && kv_tokens >= 0, "bad generator size: capacity ",
            capacity, ", max_sequences ", max_sequences, ", kv_tokens ", kv_tokens);
   const ModelConfig& c = model->config();
+  // Learned positions have rows for max_seq_len positions only (Embed does not check them).
+  EE_CHECK(!c.learned_positions() || capacity <= c.max_seq_len, "a context of ", capacity,
+           " tokens exceeds the model's max_seq_len ", c.max_seq_len, " (learned positions)");
   const ModelConfig& local = *model->ctx().cfg;  // this tensor-parallel rank's heads
   const size_t ch = c.hidden_size;
   kv_by_request_ = kv_tokens > 0;

@@ -211,7 +211,8 @@ class Model {
   // ---- pieces shared with inference --------------------------------------------------------
   const BlockParams& layer(int l) const { return layers_[l - first_layer_]; }
   const ExitHeadParams& exit_head(int i) const { return exits_[i]; }
-  // out[n, c] = word embedding (+ learned positions).
+  // out[n, c] = word embedding (+ learned positions: `pos` in [0, max_seq_len), the caller's
+  // guarantee, unchecked on the device).
   // With `dropout_row0` >= 0 (training), hidden dropout of the output (set_hidden_dropout).
   void Embed(float* out, const int32_t* ids, const int32_t* pos, int n, int64_t dropout_row0 = -1);
   // Final hidden of an exit head over n rows (training: cache null; inference: the block exit's

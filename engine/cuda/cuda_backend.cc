@@ -111,7 +111,6 @@ CudaBackend::~CudaBackend() {
   cudaDeviceSynchronize();
   for (Slot& s : scratch_) cudaFree(s.ptr);
   for (WeightCopy& w : weights_) cudaFree(w.bf16);
-  for (AdamWTable& t : adamw_tables_) cudaFree(t.device);
   lt_.reset();
   cudnn_attention_.reset();
   if (cublas_ != nullptr) cublasDestroy(cublas_);
@@ -296,11 +295,9 @@ const uint16_t* CudaBackend::AsBf16(ConstOperand x, size_t count, int slot) {
 
 void CudaBackend::RegisterWeights(const float* p, size_t n) {
   if (precision_ != GemmPrecision::kBf16Weights || p == nullptr || n == 0) return;
-  WeightCopy w;
-  w.base = p;
-  w.n = n;
+  WeightCopy w{p, n, nullptr, cuda::StaleRanges(n, kStaleGap)};
   CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&w.bf16), n * sizeof(uint16_t)));
-  weights_.push_back(w);
+  weights_.push_back(std::move(w));
 }
 
 void CudaBackend::UnregisterWeights(const float* p) {
@@ -315,7 +312,7 @@ void CudaBackend::UnregisterWeights(const float* p) {
 
 void CudaBackend::WeightsChanged(const float* p) {
   for (WeightCopy& w : weights_) {
-    if (p >= w.base && p < w.base + w.n) w.stale = true;
+    if (p >= w.base && p < w.base + w.n) w.stale.MarkAll();
   }
 }
 
@@ -323,17 +320,20 @@ void CudaBackend::MarkWritten(const void* dst, size_t bytes) {
   const auto* lo = static_cast<const char*>(dst);
   for (WeightCopy& w : weights_) {
     const auto* base = reinterpret_cast<const char*>(w.base);
-    if (lo < base + w.n * sizeof(float) && base < lo + bytes) w.stale = true;
+    if (lo >= base + w.n * sizeof(float) || base >= lo + bytes) continue;
+    const size_t begin = lo > base ? static_cast<size_t>(lo - base) / sizeof(float) : 0;
+    const size_t end = (static_cast<size_t>(lo + bytes - base) + sizeof(float) - 1) / sizeof(float);
+    w.stale.Mark(begin, end);
   }
 }
 
 const uint16_t* CudaBackend::Bf16Weights(const float* p) {
   for (WeightCopy& w : weights_) {
     if (p < w.base || p >= w.base + w.n) continue;
-    if (w.stale) {
-      CUDA_CHECK(cuda::ToBf16(w.bf16, w.base, w.n, stream_));
-      w.stale = false;
+    for (const cuda::StaleRanges::Range& r : w.stale.ranges()) {
+      CUDA_CHECK(cuda::ToBf16(w.bf16 + r.begin, w.base + r.begin, r.end - r.begin, stream_));
     }
+    w.stale.Clear();
     return w.bf16 + (p - w.base);
   }
   return nullptr;
@@ -364,14 +364,49 @@ void CudaBackend::Scale(Operand x, float alpha, size_t n) {
 
 double CudaBackend::SumSquares(const float* x, size_t n) {
   if (n == 0) return 0.0;
-  const size_t max_blocks = cuda::SumSquaresMaxBlocks(n);
-  auto* partial = static_cast<double*>(Scratch(max_blocks * sizeof(double), 2));
-  int blocks = 0;
-  CUDA_CHECK(cuda::SumSquaresPartials(partial, &blocks, x, n, stream_));
-  host_partials_.resize(static_cast<size_t>(blocks));
-  CopyToHost(host_partials_.data(), partial, host_partials_.size() * sizeof(double));
+  const size_t blocks = cuda::SumSquaresBlocks(n);
+  auto* partial = static_cast<double*>(Scratch(blocks * sizeof(double), 2));
+  CUDA_CHECK(cuda::SumSquaresPartials(partial, x, n, stream_));
+  host_partials_.resize(blocks);
+  CopyToHost(host_partials_.data(), partial, blocks * sizeof(double));
   double total = 0.0;
   for (double s : host_partials_) total += s;  // in block order: deterministic
+  return total;
+}
+
+// Every range's blocks in one launch and one read-back (the gradient norm: one range per run of
+// counted tensors, ~100 on a tensor-parallel rank other than 0, each a blocking read-back
+// before); the partials added per range in block order, then the ranges in order, the sums
+// SumSquares per range gives.
+double CudaBackend::SumSquaresRanges(const float* x, const std::vector<Range>& ranges) {
+  size_t blocks = 0;
+  for (const Range& r : ranges) blocks += cuda::SumSquaresBlocks(r.count);
+  if (blocks == 0) return 0.0;
+  EE_CHECK(blocks <= static_cast<size_t>(std::numeric_limits<int>::max()), blocks,
+           " sum-of-squares blocks");
+  const cuda::SquaresBlock* table = squares_tables_.Get(
+      ranges,
+      [](const std::vector<Range>& rs) {
+        std::vector<cuda::SquaresBlock> entries;
+        for (const Range& r : rs) {
+          for (size_t b = r.offset; b < r.offset + r.count; b += cuda::kSquaresBlock) {
+            entries.push_back({b, std::min(b + cuda::kSquaresBlock, r.offset + r.count)});
+          }
+        }
+        return entries;
+      },
+      stream_);
+  auto* partial = static_cast<double*>(Scratch(blocks * sizeof(double), 2));
+  CUDA_CHECK(cuda::SumSquaresTable(partial, x, table, static_cast<int>(blocks), stream_));
+  host_partials_.resize(blocks);
+  CopyToHost(host_partials_.data(), partial, blocks * sizeof(double));
+  double total = 0.0;
+  const double* next = host_partials_.data();
+  for (const Range& r : ranges) {
+    double range_total = 0.0;
+    for (size_t b = cuda::SumSquaresBlocks(r.count); b > 0; --b) range_total += *next++;
+    total += range_total;
+  }
   return total;
 }
 
@@ -648,21 +683,16 @@ void CudaBackend::AdamWRuns(float* p, const float* g, float* m, float* v,
     total += r.count;
     MarkWritten(p + r.offset, r.count * sizeof(float));
   }
-  auto known = std::find_if(adamw_tables_.begin(), adamw_tables_.end(),
-                            [&](const AdamWTable& t) { return t.runs == runs; });
-  if (known == adamw_tables_.end()) {  // this run list's first step: its table, kept
-    std::vector<cuda::AdamWRunEntry> entries(runs.size());
-    for (size_t r = 0, first = 0; r < runs.size(); first += runs[r].count, ++r) {
-      entries[r] = {first, runs[r].offset, runs[r].decay};
-    }
-    AdamWTable t{runs, Alloc(entries.size() * sizeof(entries[0]))};
-    // (A pageable source is staged before cudaMemcpyAsync returns: entries may go.)
-    CUDA_CHECK(cudaMemcpyAsync(t.device, entries.data(), entries.size() * sizeof(entries[0]),
-                               cudaMemcpyHostToDevice, stream_));
-    adamw_tables_.push_back(std::move(t));
-    known = adamw_tables_.end() - 1;
-  }
-  const auto* table = static_cast<const cuda::AdamWRunEntry*>(known->device);
+  const cuda::AdamWRunEntry* table = adamw_tables_.Get(
+      runs,
+      [](const std::vector<AdamWRun>& rs) {
+        std::vector<cuda::AdamWRunEntry> entries(rs.size());
+        for (size_t r = 0, first = 0; r < rs.size(); first += rs[r].count, ++r) {
+          entries[r] = {first, rs[r].offset, rs[r].decay};
+        }
+        return entries;
+      },
+      stream_);
   CUDA_CHECK(cuda::AdamWRuns(p, g, m, v, table, static_cast<int>(runs.size()), total, lr, beta1,
                              beta2, eps, weight_decay, AdamWInverseBiasCorrection(beta1, step),
                              AdamWInverseBiasCorrection(beta2, step), stream_));

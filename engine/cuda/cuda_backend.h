@@ -29,7 +29,9 @@
 #include "engine/backend.h"
 #include "engine/cuda/cuda_kernels.h"
 #include "engine/cuda/cudnn_attention.h"
+#include "engine/cuda/device_tables.h"
 #include "engine/cuda/lt_gemm.h"
+#include "engine/cuda/stale_ranges.h"
 
 namespace eellm {
 
@@ -82,6 +84,7 @@ class CudaBackend final : public Backend {
   void Scale(Operand x, float alpha, size_t n) override;
   void ToFloat(float* out, ConstOperand in, size_t n) override;
   double SumSquares(const float* x, size_t n) override;
+  double SumSquaresRanges(const float* x, const std::vector<Range>& ranges) override;
 
   void EmbeddingForward(float* out, const int32_t* ids, const float* table, int n, int c) override;
   void EmbeddingAdd(float* out, const int32_t* ids, const float* table, int n, int c) override;
@@ -231,13 +234,9 @@ class CudaBackend final : public Backend {
   static constexpr int kDecodeScratch = 14;     // the decoding kernel's split states
   static constexpr int kEmbeddingScratch = 15;  // the embedding gradient's sorted tokens
   Slot scratch_[16];
-  // AdamWRuns' tables on the device, one per distinct run list (an optimizer's: one per virtual
-  // pipeline chunk), each uploaded at its first step and kept.
-  struct AdamWTable {
-    std::vector<AdamWRun> runs;
-    void* device = nullptr;
-  };
-  std::vector<AdamWTable> adamw_tables_;
+  // AdamWRuns' and SumSquaresRanges' tables on the device, per distinct run list.
+  cuda::DeviceTables<AdamWRun, cuda::AdamWRunEntry> adamw_tables_;
+  cuda::DeviceTables<Range, cuda::SquaresBlock> squares_tables_;
   // What slot 11 holds: the last pass descriptors uploaded (bytes), and where.
   std::vector<unsigned char> pass_descriptors_;
   const void* pass_descriptors_at_ = nullptr;
@@ -245,8 +244,11 @@ class CudaBackend final : public Backend {
     const float* base = nullptr;
     size_t n = 0;
     uint16_t* bf16 = nullptr;
-    bool stale = true;
+    cuda::StaleRanges stale;  // elements bf16 no longer matches
   };
+  // Stale ranges of a weight copy closer than this (elements) are converted as one: the gap
+  // costs about as much to convert (6 MB moved, ~2 us on an H100) as a launch more.
+  static constexpr size_t kStaleGap = size_t{1} << 20;
   std::vector<WeightCopy> weights_;
   std::vector<double> host_partials_;
 };

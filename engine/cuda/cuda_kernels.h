@@ -34,11 +34,17 @@ cudaError_t Axpy(float* y, float alpha, const float* x, size_t n, cudaStream_t s
 // x *= alpha (bf16: rounded once).
 cudaError_t Scale(Elems x, float alpha, size_t n, cudaStream_t s);
 cudaError_t ToFloat(float* out, Elems in, size_t n, cudaStream_t s);
-// partial[blocks] (double) of sum x^2 over fixed 16384-element blocks; returns the block count
-// through *blocks (the caller adds the partials on the host in order: deterministic).
-cudaError_t SumSquaresPartials(double* partial, int* blocks, const float* x, size_t n,
-                               cudaStream_t s);
-size_t SumSquaresMaxBlocks(size_t n);
+// Sums of squares in double over blocks of at most kSquaresBlock elements, one partial each
+// (the caller adds the partials on the host in order: deterministic). SumSquaresPartials: x's
+// consecutive blocks, SumSquaresBlocks(n) of them; SumSquaresTable: blocks[0, count) of a table.
+constexpr size_t kSquaresBlock = size_t{1} << 14;
+inline size_t SumSquaresBlocks(size_t n) { return (n + kSquaresBlock - 1) / kSquaresBlock; }
+struct SquaresBlock {
+  size_t begin, end;  // elements of x
+};
+cudaError_t SumSquaresPartials(double* partial, const float* x, size_t n, cudaStream_t s);
+cudaError_t SumSquaresTable(double* partial, const float* x, const SquaresBlock* blocks, int count,
+                            cudaStream_t s);
 cudaError_t EmbeddingForwardRange(float* out, const int32_t* ids, const float* table, int n, int c,
                                   int start, int rows, cudaStream_t s);
 // dtable[ids[t] - start] += dout[t] for the ids in [start, start + rows), each row's tokens in

@@ -15,7 +15,6 @@ namespace eellm::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr size_t kReduceBlock = size_t{1} << 14;  // elements per SumSquares partial
 
 unsigned Blocks(size_t n) {
   const size_t b = (n + kThreads - 1) / kThreads;
@@ -84,11 +83,17 @@ __global__ void ToFloatKernel(Elems out, Elems in, size_t n, bool vec) {
   }
 }
 
-// One CUDA block per kReduceBlock elements: partial[blockIdx.x] = sum of squares (double).
-__global__ void SumSquaresKernel(double* partial, const float* x, size_t n) {
+// One CUDA block per reduction block: partial[blockIdx.x] = sum of squares (double) of
+// blocks[blockIdx.x], or without a table of elements [blockIdx.x, blockIdx.x + 1) kSquaresBlock.
+__global__ void SumSquaresKernel(double* partial, const float* x, size_t n,
+                                 const SquaresBlock* blocks) {
   __shared__ double acc[kThreads];
-  const size_t begin = blockIdx.x * kReduceBlock;
-  const size_t end = begin + kReduceBlock < n ? begin + kReduceBlock : n;
+  size_t begin = blockIdx.x * kSquaresBlock;
+  size_t end = begin + kSquaresBlock < n ? begin + kSquaresBlock : n;
+  if (blocks != nullptr) {
+    begin = blocks[blockIdx.x].begin;
+    end = blocks[blockIdx.x].end;
+  }
   double s = 0.0;
   for (size_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
     s += static_cast<double>(x[i]) * x[i];
@@ -402,12 +407,20 @@ cudaError_t Scale(Elems x, float alpha, size_t n, cudaStream_t s) {
   if (n) LaunchKernel(ScaleKernel, dim3(Blocks(n)), dim3(kThreads), 0, s, x, alpha, n);
   return cudaGetLastError();
 }
-size_t SumSquaresMaxBlocks(size_t n) { return (n + kReduceBlock - 1) / kReduceBlock; }
-cudaError_t SumSquaresPartials(double* partial, int* blocks, const float* x, size_t n,
-                               cudaStream_t s) {
-  *blocks = static_cast<int>(SumSquaresMaxBlocks(n));
-  if (*blocks > 0)
-    LaunchKernel(SumSquaresKernel, dim3(*blocks), dim3(kThreads), 0, s, partial, x, n);
+cudaError_t SumSquaresPartials(double* partial, const float* x, size_t n, cudaStream_t s) {
+  const size_t blocks = SumSquaresBlocks(n);
+  if (blocks > 0) {
+    LaunchKernel(SumSquaresKernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, s,
+                 partial, x, n, static_cast<const SquaresBlock*>(nullptr));
+  }
+  return cudaGetLastError();
+}
+cudaError_t SumSquaresTable(double* partial, const float* x, const SquaresBlock* blocks, int count,
+                            cudaStream_t s) {
+  if (count > 0) {
+    LaunchKernel(SumSquaresKernel, dim3(static_cast<unsigned>(count)), dim3(kThreads), 0, s,
+                 partial, x, size_t{0}, blocks);
+  }
   return cudaGetLastError();
 }
 cudaError_t EmbeddingForwardRange(float* out, const int32_t* ids, const float* table, int n, int c,

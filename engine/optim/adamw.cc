@@ -45,12 +45,12 @@ void AdamW::ForEachRun(Key key, Fn fn) const {
 }
 
 double AdamW::LocalSquaredNorm() const {
-  double sum = 0;
+  std::vector<Backend::Range> counted;  // offsets in the gradient arena (from grad_lo())
   ForEachRun([](const ParamInfo& p) { return p.count_in_norm; },
-             [&](size_t first, size_t count, bool counted) {
-               if (counted) sum += params_->backend()->SumSquares(params_->grad_at(first), count);
+             [&](size_t first, size_t count, bool in_norm) {
+               if (in_norm) counted.push_back({first - params_->grad_lo(), count});
              });
-  return sum;
+  return params_->backend()->SumSquaresRanges(params_->grads_data(), counted);
 }
 
 float AdamW::ClipScale(double global_norm) const {

@@ -140,6 +140,41 @@ TEST_F(BackendParity, SumSquares) {
   }
 }
 
+// The gradient norm's form: several ranges of one arena (empty ones, ranges of one element, of
+// several reduction blocks, in any order) in one call. Equal to the ranges' SumSquares added in
+// order, bit for bit, and again when the same ranges come back (a kept table) after others.
+TEST_F(BackendParity, SumSquaresRanges) {
+  const size_t n = 100003;
+  const auto x = RandVec(rng_, n, 2.0);
+  DeviceMem mr(&ref_), md(dev_);
+  const float* xr = mr.Put(x);
+  const float* xd = md.Put(x);
+  using Ranges = std::vector<Backend::Range>;
+  const Ranges lists[] = {{{0, n}},
+                          {{5, 0}, {7, 1}, {100, 40000}, {40100, 16384}, {99000, 1003}},
+                          {{99000, 1003}, {0, 3}, {16384, 16385}},
+                          {{3, 0}},
+                          {}};
+  for (int pass = 0; pass < 2; ++pass) {
+    for (const Ranges& ranges : lists) {
+      SCOPED_TRACE(::testing::Message() << "pass " << pass << ", " << ranges.size() << " ranges");
+      double per_range = 0.0;
+      for (const Backend::Range& r : ranges) per_range += dev_->SumSquares(xd + r.offset, r.count);
+      const double want = ref_.SumSquaresRanges(xr, ranges);
+      const double got = dev_->SumSquaresRanges(xd, ranges);
+      EXPECT_EQ(got, per_range);
+      EXPECT_NEAR(got, want, 1e-6 * want);
+      size_t count = 0;
+      for (const Backend::Range& r : ranges) count += r.count;
+      if (count > 0) {
+        EXPECT_GT(want, 0.0);
+      } else {
+        EXPECT_EQ(got, 0.0);
+      }
+    }
+  }
+}
+
 TEST_F(BackendParity, Embedding) {
   for (int vocab : {11, 1000}) {
     for (int n : {1, 7, 64}) {

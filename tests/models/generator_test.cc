@@ -51,6 +51,20 @@ TEST_P(GeneratorTest, KvCacheDecodingMatchesFullForward) {
   ExpectDecodingMatchesFullPass(*m, testing::RandomTokens(20, c.vocab_size, 12));
 }
 
+// Learned positions have max_seq_len rows: a longer context is refused when the generator is made
+// (Embed reads the positions on the device unchecked). RoPE has no such table.
+TEST_P(GeneratorTest, ContextBeyondLearnedPositionsIsRefused) {
+  ModelConfig c = ConfigWithExits(GetParam());
+  auto be = Cpu();
+  auto m = *Model::Create(c, be.get());
+  if (c.learned_positions()) {
+    EXPECT_DEATH(Generator(m.get(), c.max_seq_len + 1), "exceeds the model's max_seq_len");
+  } else {
+    Generator g(m.get(), c.max_seq_len + 1);
+    EXPECT_EQ(g.Step({1, 2}, EarlyExitParams{}).logits.size(), static_cast<size_t>(c.vocab_size));
+  }
+}
+
 // With threshold 1.0 generation reproduces, token for token, the same backbone without exits.
 TEST_P(GeneratorTest, ThresholdOneEqualsModelWithoutExits) {
   ModelConfig c = ConfigWithExits(GetParam());
