@@ -248,13 +248,16 @@ class Backend {
   // [p, p + n) holds fp32 parameters (master weights) until UnregisterWeights(p): a backend may
   // keep a lower-precision copy of them for its GEMMs. It sees writes made through its own ops;
   // writes it cannot see (a communicator filling device memory directly) are announced with
-  // WeightsChanged(p). Defaults: nothing kept.
+  // WeightsChanged(first, n), the n parameters from `first` on. Defaults: nothing kept.
   virtual void RegisterWeights(const float* p, size_t n) {
     (void)p;
     (void)n;
   }
   virtual void UnregisterWeights(const float* p) { (void)p; }
-  virtual void WeightsChanged(const float* p) { (void)p; }
+  virtual void WeightsChanged(const float* first, size_t n) {
+    (void)first;
+    (void)n;
+  }
 
   // ---- optimizer ----------------------------------------------------------------------------
   // AdamW on one fp32 tensor: m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;

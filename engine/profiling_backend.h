@@ -129,7 +129,7 @@ class ProfilingBackend final : public Backend {
                  int step) override;
   void RegisterWeights(const float* p, size_t n) override { inner_->RegisterWeights(p, n); }
   void UnregisterWeights(const float* p) override { inner_->UnregisterWeights(p); }
-  void WeightsChanged(const float* p) override { inner_->WeightsChanged(p); }
+  void WeightsChanged(const float* first, size_t n) override { inner_->WeightsChanged(first, n); }
 
  private:
   // Times one op when timing is on: synchronises before and after.

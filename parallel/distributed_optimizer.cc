@@ -143,7 +143,9 @@ void DistributedOptimizer::Apply(float lr, double global_norm) {
     Backend* be = params_->backend();
     be->Copy(scratch_.f32(), params_->params_data() + adamw_->lo(), shard_ * sizeof(float));
     ctx_->dp->AllGather(scratch_.f32(), params_->params_data() + params_->grad_lo(), shard_);
-    be->WeightsChanged(params_->params_data());  // the communicator wrote past the backend
+    // The communicator wrote past the backend: the arena's part with gradients (EE-Tuning's
+    // trainable tail; all of it in full training).
+    be->WeightsChanged(params_->params_data() + params_->grad_lo(), params_->grad_size());
   }
 }
 

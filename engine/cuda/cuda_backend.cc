@@ -310,10 +310,8 @@ void CudaBackend::UnregisterWeights(const float* p) {
   }
 }
 
-void CudaBackend::WeightsChanged(const float* p) {
-  for (WeightCopy& w : weights_) {
-    if (p >= w.base && p < w.base + w.n) w.stale.MarkAll();
-  }
+void CudaBackend::WeightsChanged(const float* first, size_t n) {
+  MarkWritten(first, n * sizeof(float));
 }
 
 void CudaBackend::MarkWritten(const void* dst, size_t bytes) {

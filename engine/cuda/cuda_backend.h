@@ -168,7 +168,7 @@ class CudaBackend final : public Backend {
 
   void RegisterWeights(const float* p, size_t n) override;
   void UnregisterWeights(const float* p) override;
-  void WeightsChanged(const float* p) override;
+  void WeightsChanged(const float* first, size_t n) override;
 
  private:
   // Row-major C[M, N] = alpha op(A) op(B) + beta C with leading dimensions in elements.

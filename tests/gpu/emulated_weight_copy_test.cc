@@ -1,7 +1,7 @@
 // cuda-bf16w's bf16 copies of the registered weights: which fp32 ranges a refresh converts
 // (StaleRanges), checked through Linear under the CPU emulation of CUDA. A refresh converts the
 // ranges the backend's own ops wrote (and the gaps between close ones), not the whole arena, and
-// WeightsChanged converts it all.
+// WeightsChanged converts the range it names.
 #include <vector>
 
 #include "engine/cuda/stale_ranges.h"
@@ -82,8 +82,10 @@ TEST(EmulatedWeightCopy, RefreshesWhatTheBackendWroteNotTheWholeArena) {
   EXPECT_EQ(RowSum(be, in, out, arena + far), 8.0f);  // 2 - lr * sign(g): 1 each
   EXPECT_EQ(RowSum(be, in, out, arena), 8.0f);
 
-  // WeightsChanged: the whole copy.
-  be->WeightsChanged(arena);
+  // WeightsChanged: the range announced (a communicator's write).
+  be->WeightsChanged(arena + 8, n - 8);
+  EXPECT_EQ(RowSum(be, in, out, arena), 8.0f);
+  be->WeightsChanged(arena, n);
   EXPECT_EQ(RowSum(be, in, out, arena), 24.0f);
 
   be->UnregisterWeights(arena);
