@@ -42,6 +42,9 @@ class Backend {
   // memory; CUDA: the device's free memory); -1 when unknown.
   virtual int64_t AvailableMemoryBytes() const { return -1; }
   virtual void Free(void* p) = 0;
+  // Host copies. CopyToHost returns with the bytes in host_dst (after every op before it).
+  // CopyFromHost may return before the device holds the bytes (ops after it see them), but
+  // host_src may change or go as soon as it returns.
   virtual void CopyToHost(void* host_dst, const void* src, size_t bytes) = 0;
   virtual void CopyFromHost(void* dst, const void* host_src, size_t bytes) = 0;
   virtual void Copy(void* dst, const void* src, size_t bytes) = 0;

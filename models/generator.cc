@@ -65,9 +65,6 @@ Generator::Generator(Model* model, int capacity, int max_sequences, int kv_token
   EE_CHECK(capacity > 0 && max_sequences > 0 && kv_tokens >= 0, "bad generator size: capacity ",
            capacity, ", max_sequences ", max_sequences, ", kv_tokens ", kv_tokens);
   const ModelConfig& c = model->config();
-  // Learned positions have rows for max_seq_len positions only (Embed does not check them).
-  EE_CHECK(!c.learned_positions() || capacity <= c.max_seq_len, "a context of ", capacity,
-           " tokens exceeds the model's max_seq_len ", c.max_seq_len, " (learned positions)");
   const ModelConfig& local = *model->ctx().cfg;  // this tensor-parallel rank's heads
   const size_t ch = c.hidden_size;
   kv_by_request_ = kv_tokens > 0;
@@ -571,6 +568,12 @@ void Generator::ForwardGroup(Item* items, int n) {
       if (it.new_hidden != nullptr) {
         be_->CopyFromHost(dst, it.new_hidden, it.n_new * ch * sizeof(float));
       } else {
+        // Learned positions have rows for max_seq_len positions only (Embed reads them on the
+        // device unchecked).
+        const ModelConfig& c = model_->config();
+        EE_CHECK(!c.learned_positions() || old_len + it.n_new <= c.max_seq_len, "position ",
+                 old_len + it.n_new - 1, " is past the model's max_seq_len ", c.max_seq_len,
+                 " (learned positions)");
         model_->Embed(dst, it.new_ids, pos_ + old_len, it.n_new);
       }
       pieces.push_back({&it, old_len, it.n_new});

@@ -139,7 +139,9 @@ void CudaBackend::CopyToHost(void* host_dst, const void* src, size_t bytes) {
 
 void CudaBackend::CopyFromHost(void* dst, const void* host_src, size_t bytes) {
   MarkWritten(dst, bytes);
-  if (bytes) CUDA_CHECK(cudaMemcpy(dst, host_src, bytes, cudaMemcpyHostToDevice));
+  if (bytes == 0 || staging_.CopyToDevice(dst, host_src, bytes, stream_)) return;
+  // Large copies (parameters, checkpoints) directly: this waits for the stream first.
+  CUDA_CHECK(cudaMemcpy(dst, host_src, bytes, cudaMemcpyHostToDevice));
 }
 
 void CudaBackend::Copy(void* dst, const void* src, size_t bytes) {

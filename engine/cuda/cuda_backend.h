@@ -30,6 +30,7 @@
 #include "engine/cuda/cuda_kernels.h"
 #include "engine/cuda/cudnn_attention.h"
 #include "engine/cuda/device_tables.h"
+#include "engine/cuda/host_staging.h"
 #include "engine/cuda/lt_gemm.h"
 #include "engine/cuda/stale_ranges.h"
 
@@ -251,6 +252,7 @@ class CudaBackend final : public Backend {
   static constexpr size_t kStaleGap = size_t{1} << 20;
   std::vector<WeightCopy> weights_;
   std::vector<double> host_partials_;
+  cuda::HostStaging staging_;  // CopyFromHost's pinned ring (no host stall per small upload)
 };
 
 }  // namespace eellm

@@ -51,17 +51,20 @@ TEST_P(GeneratorTest, KvCacheDecodingMatchesFullForward) {
   ExpectDecodingMatchesFullPass(*m, testing::RandomTokens(20, c.vocab_size, 12));
 }
 
-// Learned positions have max_seq_len rows: a longer context is refused when the generator is made
+// Learned positions have max_seq_len rows: a token past them is refused before it is embedded
 // (Embed reads the positions on the device unchecked). RoPE has no such table.
-TEST_P(GeneratorTest, ContextBeyondLearnedPositionsIsRefused) {
+TEST_P(GeneratorTest, TokensBeyondLearnedPositionsAreRefused) {
   ModelConfig c = ConfigWithExits(GetParam());
   auto be = Cpu();
   auto m = *Model::Create(c, be.get());
+  testing::FillParams(*m, 41);
+  Generator g(m.get(), c.max_seq_len + 4);
+  const std::vector<int32_t> prompt = testing::RandomTokens(c.max_seq_len, c.vocab_size, 42);
+  EXPECT_EQ(g.Step(prompt, EarlyExitParams{}).logits.size(), static_cast<size_t>(c.vocab_size));
   if (c.learned_positions()) {
-    EXPECT_DEATH(Generator(m.get(), c.max_seq_len + 1), "exceeds the model's max_seq_len");
+    EXPECT_DEATH(g.Step({1}, EarlyExitParams{}), "past the model's max_seq_len");
   } else {
-    Generator g(m.get(), c.max_seq_len + 1);
-    EXPECT_EQ(g.Step({1, 2}, EarlyExitParams{}).logits.size(), static_cast<size_t>(c.vocab_size));
+    EXPECT_EQ(g.Step({1}, EarlyExitParams{}).logits.size(), static_cast<size_t>(c.vocab_size));
   }
 }
 

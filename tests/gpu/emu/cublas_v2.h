@@ -53,8 +53,10 @@ inline cublasStatus_t cublasSetWorkspace(cublasHandle_t h, void* workspace, size
 }
 
 namespace eellm_emu {
-// Whether A, B and C are device memory (reported when not, as cuBLAS would fault).
+// Whether A, B and C are device memory (reported when not, as cuBLAS would fault). Every GEMM
+// calls it first: the deferred copies complete before it reads.
 inline bool DeviceOperands(const void* a, const void* b, const void* c) {
+  CompleteCopies();
   if (IsDevice(a, 1) && IsDevice(b, 1) && IsDevice(c, 1)) return true;
   Misuse("a cuBLAS operand is not device memory");
   return false;

@@ -154,11 +154,74 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, 
   }
   return cudaErrorInvalidValue;
 }
-inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+// Pinned host memory (cudaHostAlloc) is recorded too: an asynchronous copy from it to the device
+// is deferred until the next operation that could observe it (a launch, a library call on device
+// memory, another copy or memset, a synchronisation, a cudaFree), the latest the device may read
+// its source, so a host that writes the source again before the copy is known to have completed
+// (its event waited for) corrupts the copy, as it would on a GPU.
+namespace eellm_emu {
+inline std::map<uintptr_t, size_t>& PinnedAllocations() {
+  static std::map<uintptr_t, size_t> m;
+  return m;
+}
+inline bool IsPinned(const void* p, size_t bytes) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  auto& m = PinnedAllocations();
+  auto it = m.upper_bound(a);
+  if (it == m.begin()) return false;
+  --it;
+  return a + bytes <= it->first + it->second;
+}
+struct DeferredCopy {
+  void* dst;
+  const void* src;
+  size_t bytes;
+};
+struct Deferred {
+  std::deque<DeferredCopy> copies;  // in issue order
+  uint64_t issued = 0;              // copies deferred so far; the first of `copies` is number
+                                    // issued - copies.size()
+};
+inline Deferred& DeferredCopies() {
+  static Deferred d;
+  return d;
+}
+// Completes the deferred copies issued before the first `issued` (all by default), in order.
+inline void CompleteCopies(uint64_t issued = ~uint64_t{0}) {
+  Deferred& d = DeferredCopies();
+  while (!d.copies.empty() && d.issued - d.copies.size() < issued) {
+    const DeferredCopy& c = d.copies.front();
+    std::memmove(c.dst, c.src, c.bytes);
+    d.copies.pop_front();
+  }
+}
+}  // namespace eellm_emu
+constexpr unsigned cudaHostAllocDefault = 0;
+inline cudaError_t cudaHostAlloc(void** p, size_t bytes, unsigned) {
+  const size_t rounded = (std::max<size_t>(bytes, 1) + 255) / 256 * 256;
+  *p = std::aligned_alloc(256, rounded);
+  if (*p == nullptr) return cudaErrorMemoryAllocation;
+  eellm_emu::PinnedAllocations()[reinterpret_cast<uintptr_t>(*p)] = bytes;
+  return cudaSuccess;
+}
+inline cudaError_t cudaFreeHost(void* p) {
+  eellm_emu::CompleteCopies();
+  if (p == nullptr) return cudaSuccess;
+  if (eellm_emu::PinnedAllocations().erase(reinterpret_cast<uintptr_t>(p)) == 0) {
+    return eellm_emu::Misuse("cudaFreeHost of a pointer cudaHostAlloc did not return");
+  }
+  std::free(p);
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceSynchronize() {
+  eellm_emu::CompleteCopies();
+  return cudaSuccess;
+}
 // Events: host time stamps (work is synchronous here).
 using cudaEvent_t = struct CUevent_st*;
 struct CUevent_st {
   std::chrono::steady_clock::time_point at;
+  uint64_t copies = 0;  // deferred copies issued before the record (waiting completes them)
 };
 inline cudaError_t cudaEventCreate(cudaEvent_t* e) {
   *e = new CUevent_st;
@@ -170,9 +233,14 @@ inline cudaError_t cudaEventDestroy(cudaEvent_t e) {
 }
 inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t = nullptr) {
   e->at = std::chrono::steady_clock::now();
+  e->copies = eellm_emu::DeferredCopies().issued;
   return cudaSuccess;
 }
-inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+// Completes what came before the event's record only: a copy deferred after it stays pending.
+inline cudaError_t cudaEventSynchronize(cudaEvent_t e) {
+  eellm_emu::CompleteCopies(e->copies);
+  return cudaSuccess;
+}
 constexpr unsigned cudaEventDisableTiming = 2;
 inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) { return cudaEventCreate(e); }
 // Streams: every operation completes before it returns, so a stream is only a name.
@@ -183,7 +251,10 @@ inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) {
   return cudaSuccess;
 }
 inline cudaError_t cudaStreamDestroy(cudaStream_t) { return cudaSuccess; }
-inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+inline cudaError_t cudaStreamSynchronize(cudaStream_t) {
+  eellm_emu::CompleteCopies();
+  return cudaSuccess;
+}
 inline cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned) { return cudaSuccess; }
 inline cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t);
 inline cudaError_t cudaFreeAsync(void* p, cudaStream_t);
@@ -211,6 +282,7 @@ inline cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
   return cudaSuccess;
 }
 inline cudaError_t cudaFree(void* p) {
+  eellm_emu::CompleteCopies();
   if (p == nullptr) return cudaSuccess;
   if (eellm_emu::Allocations().erase(reinterpret_cast<uintptr_t>(p)) == 0) {
     return eellm_emu::Misuse("cudaFree of a pointer cudaMalloc did not return");
@@ -225,6 +297,7 @@ inline cudaError_t cudaFreeAsync(void* p, cudaStream_t) { return cudaFree(p); }
 inline cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
   using eellm_emu::IsDevice;
   using eellm_emu::IsHost;
+  eellm_emu::CompleteCopies();
   const bool ok = kind == cudaMemcpyHostToDevice     ? IsDevice(dst, bytes) && IsHost(src, bytes)
                   : kind == cudaMemcpyDeviceToHost   ? IsHost(dst, bytes) && IsDevice(src, bytes)
                   : kind == cudaMemcpyDeviceToDevice ? IsDevice(dst, bytes) && IsDevice(src, bytes)
@@ -235,11 +308,20 @@ inline cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemc
 }
 inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind,
                                    cudaStream_t) {
+  if (kind == cudaMemcpyHostToDevice && eellm_emu::IsPinned(src, bytes)) {
+    if (!eellm_emu::IsDevice(dst, bytes)) {
+      return eellm_emu::Misuse("cudaMemcpyAsync between memory of the wrong kinds");
+    }
+    eellm_emu::DeferredCopies().copies.push_back({dst, src, bytes});
+    ++eellm_emu::DeferredCopies().issued;
+    return cudaSuccess;
+  }
   return cudaMemcpy(dst, src, bytes, kind);
 }
 inline cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch,
                                      size_t width, size_t height, cudaMemcpyKind kind,
                                      cudaStream_t) {
+  eellm_emu::CompleteCopies();
   if (kind != cudaMemcpyDeviceToDevice || width > dpitch || width > spitch) {
     return eellm_emu::Misuse("cudaMemcpy2DAsync: only device to device, width within the pitches");
   }
@@ -254,6 +336,7 @@ inline cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, 
   return cudaSuccess;
 }
 inline cudaError_t cudaMemset(void* p, int value, size_t bytes) {
+  eellm_emu::CompleteCopies();
   if (!eellm_emu::IsDevice(p, bytes)) {
     return eellm_emu::Misuse("cudaMemset on memory that is not device memory");
   }
@@ -265,6 +348,7 @@ inline cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_
 }
 inline cudaError_t cudaMemset2DAsync(void* p, size_t pitch, int value, size_t width, size_t height,
                                      cudaStream_t) {
+  eellm_emu::CompleteCopies();
   if (height > 0 && !eellm_emu::IsDevice(p, pitch * (height - 1) + width)) {
     return eellm_emu::Misuse("cudaMemset2DAsync on memory that is not device memory");
   }
@@ -614,6 +698,7 @@ bool DeviceArgument(const T& arg) {
 template <typename... Params, typename... Args>
 inline cudaError_t LaunchKernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared,
                                 cudaStream_t, Args... args) {
+  eellm_emu::CompleteCopies();
   if (!(eellm_emu::DeviceArgument(args) && ...)) {
     eellm_emu::g_last_error = eellm_emu::Misuse("a kernel argument points to host memory");
     return eellm_emu::g_last_error;

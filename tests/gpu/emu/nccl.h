@@ -42,7 +42,9 @@ inline size_t Bytes(ncclDataType_t t) { return t == ncclFloat32 ? 4 : 1; }
 inline ncclResult_t Check(int mpi_result) {
   return mpi_result == MPI_SUCCESS ? ncclSuccess : ncclSystemError;
 }
+// (Every collective calls it first: the deferred copies complete before it reads.)
 inline bool DeviceBuffer(const void* p, size_t count, ncclDataType_t t) {
+  CompleteCopies();
   if (count == 0 || IsDevice(p, count * Bytes(t))) return true;
   Misuse("an NCCL buffer is not device memory");
   return false;
