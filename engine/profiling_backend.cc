@@ -63,10 +63,13 @@ void ProfilingBackend::Free(void* p) {
 }
 
 void ProfilingBackend::CopyToHost(void* host_dst, const void* src, size_t bytes) {
+  ++host_waits_;
+  Timed timed(this, "CopyToHost", 0, bytes);
   inner_->CopyToHost(host_dst, src, bytes);
 }
 
 void ProfilingBackend::CopyFromHost(void* dst, const void* host_src, size_t bytes) {
+  Timed timed(this, "CopyFromHost", 0, bytes);
   inner_->CopyFromHost(dst, host_src, bytes);
 }
 
@@ -81,7 +84,10 @@ void ProfilingBackend::CopyRows(void* dst, size_t dst_pitch, const void* src, si
   inner_->CopyRows(dst, dst_pitch, src, src_pitch, row_bytes, rows);
 }
 
-void ProfilingBackend::Synchronize() { inner_->Synchronize(); }
+void ProfilingBackend::Synchronize() {
+  ++host_waits_;
+  inner_->Synchronize();
+}
 
 void ProfilingBackend::Fill(float* x, size_t n, float value) {
   Timed timed(this, "Fill", 0, F32(n));
@@ -109,11 +115,13 @@ void ProfilingBackend::ToFloat(float* out, ConstOperand in, size_t n) {
 }
 
 double ProfilingBackend::SumSquares(const float* x, size_t n) {
+  ++host_waits_;
   Timed timed(this, "SumSquares", 0, F32(n));
   return inner_->SumSquares(x, n);
 }
 
 double ProfilingBackend::SumSquaresRanges(const float* x, const std::vector<Range>& ranges) {
+  ++host_waits_;
   size_t n = 0;
   for (const Range& r : ranges) n += r.count;
   Timed timed(this, "SumSquares", 0, F32(n));

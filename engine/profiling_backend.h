@@ -39,6 +39,10 @@ class ProfilingBackend final : public Backend {
   size_t allocated_bytes() const { return allocated_; }
   size_t peak_bytes() const { return peak_; }
   int64_t alloc_calls() const { return alloc_calls_; }
+  // Calls that make the host wait for the device, counted whether timing is on or not: reads
+  // (CopyToHost, and the sums of squares, which return a value), Synchronize. (A GPU backend's
+  // CopyFromHost does not wait for small copies: engine/cuda/host_staging.h.)
+  int64_t host_waits() const { return host_waits_; }
 
   Device device() const override;
   std::string name() const override;
@@ -167,6 +171,7 @@ class ProfilingBackend final : public Backend {
   std::unordered_map<void*, size_t> live_;
   size_t allocated_ = 0, peak_ = 0;
   int64_t alloc_calls_ = 0;
+  int64_t host_waits_ = 0;
 };
 
 }  // namespace eellm

@@ -155,11 +155,14 @@ absl::StatusOr<TrainBenchResult> BenchTrainStep(const ModelConfig& mc, Backend* 
   for (int i = 0; i < o.warmup; ++i) step();
   prof.Synchronize();
   note_free();
+  const int64_t waits_before = prof.host_waits();
   Timer t;
   for (int i = 0; i < o.steps; ++i) step();
+  const int64_t waits = prof.host_waits() - waits_before;
   prof.Synchronize();
   note_free();
   TrainBenchResult r;
+  r.host_waits_per_step = static_cast<double>(waits) / o.steps;
   r.step_seconds = t.Seconds() / o.steps;
   r.tokens_per_second = static_cast<double>(n) / r.step_seconds;
   r.flops_per_token = FlopsPerToken(*model, o.seq);
@@ -282,6 +285,10 @@ absl::Status RunTrainBenchmark(const ModelConfig& mc, Backend* backend,
   }
   std::printf("memory: %.1f MB allocated through the backend at peak; process max RSS %.1f MB\n",
               r.peak_bytes / 1e6, ru.ru_maxrss / 1e3);
+  std::printf(
+      "host waits per step: %.1f (read-backs and synchronisations, each of which empties the "
+      "device's queue)\n",
+      r.host_waits_per_step);
   if (r.device_bytes >= 0) {
     std::printf(
         "device memory taken: %.1f MB (free before the model minus the lowest after a step: "

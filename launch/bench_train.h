@@ -29,6 +29,8 @@ struct TrainBenchResult {
   double profiled_step_seconds = 0;
   int64_t params = 0;
   size_t peak_bytes = 0;
+  // Calls per step that made the host wait for the device (ProfilingBackend::host_waits).
+  double host_waits_per_step = 0;
   // Device memory the benchmark took: free memory before the model was built minus the lowest
   // after a step (scratch and library workspaces included, e.g. cuDNN's); -1 where the backend
   // cannot say (CPU).
