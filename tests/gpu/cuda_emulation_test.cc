@@ -221,6 +221,45 @@ __global__ void MisalignedVectorLoadKernel(float* out, const float* in) {
 
 // cp.async lands at the wait that covers it, the latest the device allows: a read before the wait
 // sees the old bytes (0xFF, NaN, in fresh shared memory). cp.async and ldmatrix check alignment.
+// An upload from pinned memory on the backends' (legacy) stream lands for another stream's
+// operation (an NCCL collective: eellm_emu::CompleteCopiesFor is what they call first) only once
+// that stream has waited for an event recorded after it, as NcclCommunicator::AfterCompute
+// does; a stream created without cudaStreamNonBlocking is ordered after it anyway.
+TEST(CudaEmulationStreams, AnotherStreamSeesAnUploadOnlyAfterWaitingForIt) {
+  float* dev = nullptr;
+  float* pinned = nullptr;
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&dev), 4 * sizeof(float)), cudaSuccess);
+  ASSERT_EQ(
+      cudaHostAlloc(reinterpret_cast<void**>(&pinned), 4 * sizeof(float), cudaHostAllocDefault),
+      cudaSuccess);
+  cudaStream_t nccl = nullptr, blocking = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&nccl, cudaStreamNonBlocking), cudaSuccess);
+  ASSERT_EQ(cudaStreamCreateWithFlags(&blocking, 0), cudaSuccess);
+  cudaEvent_t uploaded = nullptr;
+  ASSERT_EQ(cudaEventCreate(&uploaded), cudaSuccess);
+  for (int round = 0; round < 2; ++round) {
+    ASSERT_EQ(cudaMemset(dev, 0, 4 * sizeof(float)), cudaSuccess);
+    for (int i = 0; i < 4; ++i) pinned[i] = static_cast<float>(i + 1 + 10 * round);
+    ASSERT_EQ(cudaMemcpyAsync(dev, pinned, 4 * sizeof(float), cudaMemcpyHostToDevice, nullptr),
+              cudaSuccess);
+    if (round == 0) {
+      eellm_emu::CompleteCopiesFor(nccl);  // no wait: the copy has not landed for it
+      EXPECT_EQ(dev[0], 0.0f);
+      ASSERT_EQ(cudaEventRecord(uploaded, nullptr), cudaSuccess);
+      ASSERT_EQ(cudaStreamWaitEvent(nccl, uploaded, 0), cudaSuccess);
+      eellm_emu::CompleteCopiesFor(nccl);
+    } else {
+      eellm_emu::CompleteCopiesFor(blocking);
+    }
+    for (int i = 0; i < 4; ++i) EXPECT_EQ(dev[i], static_cast<float>(i + 1 + 10 * round));
+  }
+  cudaEventDestroy(uploaded);
+  cudaStreamDestroy(nccl);
+  cudaStreamDestroy(blocking);
+  cudaFreeHost(pinned);
+  cudaFree(dev);
+}
+
 TEST(CudaEmulationLimits, AsyncCopiesLandAtTheWaitAndCheckAlignment) {
   float *out = nullptr, *in = nullptr;
   ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&out), 64 * sizeof(float)), cudaSuccess);

@@ -231,11 +231,7 @@ inline cudaError_t cudaEventDestroy(cudaEvent_t e) {
   delete e;
   return cudaSuccess;
 }
-inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t = nullptr) {
-  e->at = std::chrono::steady_clock::now();
-  e->copies = eellm_emu::DeferredCopies().issued;
-  return cudaSuccess;
-}
+inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = nullptr);
 // Completes what came before the event's record only: a copy deferred after it stays pending.
 inline cudaError_t cudaEventSynchronize(cudaEvent_t e) {
   eellm_emu::CompleteCopies(e->copies);
@@ -245,17 +241,49 @@ constexpr unsigned cudaEventDisableTiming = 2;
 inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) { return cudaEventCreate(e); }
 // Streams: every operation completes before it returns, so a stream is only a name.
 constexpr unsigned cudaStreamNonBlocking = 1;
-inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) {
-  static char name;
-  *s = reinterpret_cast<cudaStream_t>(&name);
+// Except for the deferred copies from pinned memory, which are issued on the legacy default
+// stream (nullptr, the backends' stream): another stream's operations (NCCL's) see only those
+// its waits for events ordered it after, `waited`, the copies issued before the last event it
+// waited for; a stream created without cudaStreamNonBlocking sees all (it synchronises with the
+// legacy stream). So an NCCL operation that reads an upload without AfterCompute reads stale
+// data, as it may on a GPU.
+struct CUstream_st {
+  bool non_blocking = false;
+  uint64_t waited = 0;
+};
+namespace eellm_emu {
+// Completes the deferred copies that an operation on `s` is ordered after.
+inline void CompleteCopiesFor(cudaStream_t s) {
+  if (s == nullptr || !s->non_blocking) {
+    CompleteCopies();
+  } else {
+    CompleteCopies(s->waited);
+  }
+}
+}  // namespace eellm_emu
+inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned flags) {
+  *s = new CUstream_st{(flags & cudaStreamNonBlocking) != 0, 0};
   return cudaSuccess;
 }
-inline cudaError_t cudaStreamDestroy(cudaStream_t) { return cudaSuccess; }
-inline cudaError_t cudaStreamSynchronize(cudaStream_t) {
-  eellm_emu::CompleteCopies();
+inline cudaError_t cudaStreamDestroy(cudaStream_t s) {
+  delete s;
   return cudaSuccess;
 }
-inline cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned) { return cudaSuccess; }
+inline cudaError_t cudaStreamSynchronize(cudaStream_t s) {
+  eellm_emu::CompleteCopiesFor(s);
+  return cudaSuccess;
+}
+inline cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned) {
+  if (s != nullptr) s->waited = std::max(s->waited, e->copies);
+  return cudaSuccess;
+}
+// An event on the legacy stream follows every copy issued so far; on another stream, those the
+// stream has waited for.
+inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
+  e->at = std::chrono::steady_clock::now();
+  e->copies = s == nullptr || !s->non_blocking ? eellm_emu::DeferredCopies().issued : s->waited;
+  return cudaSuccess;
+}
 inline cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t);
 inline cudaError_t cudaFreeAsync(void* p, cudaStream_t);
 inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b) {

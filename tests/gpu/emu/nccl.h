@@ -42,9 +42,10 @@ inline size_t Bytes(ncclDataType_t t) { return t == ncclFloat32 ? 4 : 1; }
 inline ncclResult_t Check(int mpi_result) {
   return mpi_result == MPI_SUCCESS ? ncclSuccess : ncclSystemError;
 }
-// (Every collective calls it first: the deferred copies complete before it reads.)
-inline bool DeviceBuffer(const void* p, size_t count, ncclDataType_t t) {
-  CompleteCopies();
+// (Every operation calls it first, with its stream: the deferred copies that stream is ordered
+// after complete before it reads; see CompleteCopiesFor.)
+inline bool DeviceBuffer(const void* p, size_t count, ncclDataType_t t, cudaStream_t s) {
+  CompleteCopiesFor(s);
   if (count == 0 || IsDevice(p, count * Bytes(t))) return true;
   Misuse("an NCCL buffer is not device memory");
   return false;
@@ -85,8 +86,8 @@ inline ncclResult_t ncclCommDestroy(ncclComm_t comm) {
   return ncclSuccess;
 }
 inline ncclResult_t ncclAllReduce(const void* send, void* recv, size_t count, ncclDataType_t t,
-                                  ncclRedOp_t op, ncclComm_t comm, cudaStream_t) {
-  if (!eellm_emu::DeviceBuffer(send, count, t) || !eellm_emu::DeviceBuffer(recv, count, t)) {
+                                  ncclRedOp_t op, ncclComm_t comm, cudaStream_t s) {
+  if (!eellm_emu::DeviceBuffer(send, count, t, s) || !eellm_emu::DeviceBuffer(recv, count, t, s)) {
     return ncclInvalidArgument;
   }
   return eellm_emu::Check(MPI_Allreduce(send == recv ? MPI_IN_PLACE : send, recv,
@@ -94,28 +95,30 @@ inline ncclResult_t ncclAllReduce(const void* send, void* recv, size_t count, nc
                                         eellm_emu::Mpi(op), comm->mpi));
 }
 inline ncclResult_t ncclAllGather(const void* send, void* recv, size_t count, ncclDataType_t t,
-                                  ncclComm_t comm, cudaStream_t) {
+                                  ncclComm_t comm, cudaStream_t s) {
   int size = 0;
   MPI_Comm_size(comm->mpi, &size);
-  if (!eellm_emu::DeviceBuffer(send, count, t) || !eellm_emu::DeviceBuffer(recv, count * size, t)) {
+  if (!eellm_emu::DeviceBuffer(send, count, t, s) ||
+      !eellm_emu::DeviceBuffer(recv, count * size, t, s)) {
     return ncclInvalidArgument;
   }
   return eellm_emu::Check(MPI_Allgather(send, static_cast<int>(count), eellm_emu::Mpi(t), recv,
                                         static_cast<int>(count), eellm_emu::Mpi(t), comm->mpi));
 }
 inline ncclResult_t ncclReduceScatter(const void* send, void* recv, size_t count, ncclDataType_t t,
-                                      ncclRedOp_t op, ncclComm_t comm, cudaStream_t) {
+                                      ncclRedOp_t op, ncclComm_t comm, cudaStream_t s) {
   int size = 0;
   MPI_Comm_size(comm->mpi, &size);
-  if (!eellm_emu::DeviceBuffer(send, count * size, t) || !eellm_emu::DeviceBuffer(recv, count, t)) {
+  if (!eellm_emu::DeviceBuffer(send, count * size, t, s) ||
+      !eellm_emu::DeviceBuffer(recv, count, t, s)) {
     return ncclInvalidArgument;
   }
   return eellm_emu::Check(MPI_Reduce_scatter_block(
       send, recv, static_cast<int>(count), eellm_emu::Mpi(t), eellm_emu::Mpi(op), comm->mpi));
 }
 inline ncclResult_t ncclBroadcast(const void* send, void* recv, size_t count, ncclDataType_t t,
-                                  int root, ncclComm_t comm, cudaStream_t) {
-  if (!eellm_emu::DeviceBuffer(recv, count, t)) return ncclInvalidArgument;
+                                  int root, ncclComm_t comm, cudaStream_t s) {
+  if (!eellm_emu::DeviceBuffer(recv, count, t, s)) return ncclInvalidArgument;
   int rank = 0;
   MPI_Comm_rank(comm->mpi, &rank);
   if (rank == root && send != recv) std::memmove(recv, send, count * eellm_emu::Bytes(t));
@@ -158,8 +161,8 @@ inline ncclResult_t ncclGroupEnd() {
       MPI_Waitall(static_cast<int>(reqs.size()), reqs.data(), MPI_STATUSES_IGNORE));
 }
 inline ncclResult_t ncclSend(const void* data, size_t count, ncclDataType_t t, int peer,
-                             ncclComm_t comm, cudaStream_t) {
-  if (!eellm_emu::DeviceBuffer(data, count, t)) return ncclInvalidArgument;
+                             ncclComm_t comm, cudaStream_t s) {
+  if (!eellm_emu::DeviceBuffer(data, count, t, s)) return ncclInvalidArgument;
   if (eellm_emu::g_group_depth > 0) {
     eellm_emu::g_group.push_back({true, const_cast<void*>(data), static_cast<int>(count),
                                   eellm_emu::Mpi(t), peer, comm->mpi});
@@ -169,8 +172,8 @@ inline ncclResult_t ncclSend(const void* data, size_t count, ncclDataType_t t, i
       MPI_Ssend(data, static_cast<int>(count), eellm_emu::Mpi(t), peer, 0, comm->mpi));
 }
 inline ncclResult_t ncclRecv(void* data, size_t count, ncclDataType_t t, int peer, ncclComm_t comm,
-                             cudaStream_t) {
-  if (!eellm_emu::DeviceBuffer(data, count, t)) return ncclInvalidArgument;
+                             cudaStream_t s) {
+  if (!eellm_emu::DeviceBuffer(data, count, t, s)) return ncclInvalidArgument;
   if (eellm_emu::g_group_depth > 0) {
     eellm_emu::g_group.push_back(
         {false, data, static_cast<int>(count), eellm_emu::Mpi(t), peer, comm->mpi});
