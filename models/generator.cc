@@ -570,9 +570,9 @@ void Generator::ForwardGroup(Item* items, int n) {
       } else {
         // Learned positions have rows for max_seq_len positions only (Embed reads them on the
         // device unchecked).
-        const ModelConfig& c = model_->config();
-        EE_CHECK(!c.learned_positions() || old_len + it.n_new <= c.max_seq_len, "position ",
-                 old_len + it.n_new - 1, " is past the model's max_seq_len ", c.max_seq_len,
+        const ModelConfig& mc = model_->config();
+        EE_CHECK(!mc.learned_positions() || old_len + it.n_new <= mc.max_seq_len, "position ",
+                 old_len + it.n_new - 1, " is past the model's max_seq_len ", mc.max_seq_len,
                  " (learned positions)");
         model_->Embed(dst, it.new_ids, pos_ + old_len, it.n_new);
       }

@@ -1,7 +1,8 @@
 // DeviceTables: small tables a kernel reads (AdamWRuns' runs, the gradient norm's blocks), built
 // on the host from a key (a run list) and uploaded to the device at the key's first use, then
 // kept: the optimizer's calls of every step, which pass the same run lists, upload nothing and
-// never synchronise. One table per distinct key (a few: one per virtual pipeline chunk).
+// never synchronise. One table per distinct key (a few: one per virtual pipeline chunk); keys
+// that change from call to call would allocate every time, so more than kMaxTables is an error.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -16,6 +17,8 @@ namespace eellm::cuda {
 template <typename Key, typename Entry>
 class DeviceTables {
  public:
+  static constexpr size_t kMaxTables = 256;
+
   DeviceTables() = default;
   DeviceTables(const DeviceTables&) = delete;
   DeviceTables& operator=(const DeviceTables&) = delete;
@@ -29,6 +32,8 @@ class DeviceTables {
     auto known =
         std::find_if(tables_.begin(), tables_.end(), [&](const Table& t) { return t.key == key; });
     if (known != tables_.end()) return known->device;
+    EE_CHECK(tables_.size() < kMaxTables, "more than ", kMaxTables,
+             " distinct run lists: a caller's runs change from call to call");
     const std::vector<Entry> entries = build(key);
     Table t{key, nullptr};
     CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&t.device),

@@ -409,6 +409,7 @@ cudaError_t Scale(Elems x, float alpha, size_t n, cudaStream_t s) {
 }
 cudaError_t SumSquaresPartials(double* partial, const float* x, size_t n, cudaStream_t s) {
   const size_t blocks = SumSquaresBlocks(n);
+  if (blocks > 0xffffffffu) return cudaErrorInvalidValue;
   if (blocks > 0) {
     LaunchKernel(SumSquaresKernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, s,
                  partial, x, n, static_cast<const SquaresBlock*>(nullptr));

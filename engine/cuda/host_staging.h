@@ -4,7 +4,7 @@
 // every kernel queued before it. Here the host's bytes go into a ring of pinned memory and an
 // asynchronous copy on the stream takes them from there; a region of the ring is written again
 // only after the copy that read it has completed (an event per copy, waited for when the ring
-// comes round to it, long done by then in a training step).
+// comes round to it, long done by then in a training step). Not thread-safe, as the backend.
 #pragma once
 
 #include <cuda_runtime.h>
