@@ -133,7 +133,8 @@ PipelineExecutor::PipelineExecutor(std::vector<Model*> chunks, ParallelContext* 
       schedule_rendezvous_(CheckRendezvous(schedule_)),
       forward_schedule_(ForwardSchedule(schedule_, ctx->grid.pp(), microbatches,
                                         static_cast<int>(chunks_.size()))),
-      forward_rendezvous_(CheckRendezvous(forward_schedule_)) {
+      forward_rendezvous_(CheckRendezvous(forward_schedule_)),
+      loss_log_(chunks_[0]->backend()) {
   const int v = static_cast<int>(chunks_.size());
   const std::vector<int> peak = PeakPerChunk(schedule_.per_stage[ctx->coord.pp], v);
   // Stage messages carry the residual stream's rows this rank holds (all, or its block of them
@@ -238,6 +239,9 @@ LossReport PipelineExecutor::Run(const Schedule& s, const absl::Status& rendezvo
   const size_t bytes =
       static_cast<size_t>(chunks_[0]->ResidualRows(rows)) * c.hidden_size * sizeof(float);
   const float loss_scale = 1.0f / microbatches_;
+  // The heads' losses stay on the device until the step ends: one read-back a step, not one a
+  // head and micro-batch.
+  for (Model* m : chunks_) m->set_loss_log(&loss_log_);
   if (eod_id_ >= 0) {
     // Every stage holds the ids, so each makes the mask of its heads itself.
     loss_mask_.resize(static_cast<size_t>(microbatches_) * rows);
@@ -281,6 +285,7 @@ LossReport PipelineExecutor::Run(const Schedule& s, const absl::Status& rendezvo
   LossReport total;
   total.exit_losses.assign(c.exits.size(), 0.0);
   auto accumulate = [&](const LossReport& r) {
+    loss_log_.EndReport();  // (r's losses and objective: 0 until the log adds them at the end)
     total.final_loss += r.final_loss / microbatches_;
     for (size_t i = 0; i < c.exits.size(); ++i)
       total.exit_losses[i] += r.exit_losses[i] / microbatches_;
@@ -401,6 +406,8 @@ LossReport PipelineExecutor::Run(const Schedule& s, const absl::Status& rendezvo
     for (Slot& slot : pool) WaitSlot(slot);
   }
   EE_CHECK(local.empty(), local.size(), " local pipeline messages were never received");
+  for (Model* m : chunks_) m->set_loss_log(nullptr);
+  loss_log_.TakeInto(&total, microbatches_);
   return total;
 }
 

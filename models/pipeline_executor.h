@@ -148,6 +148,7 @@ class PipelineExecutor {
   std::vector<float> loss_mask_;          // [microbatches * rows] of a step, with eod_id_
   std::vector<std::vector<Slot>> slots_;  // [chunk] -> workspaces for records in flight
   std::vector<BusyInterval> intervals_;
+  LossLog loss_log_;  // the heads' losses of a pass, read back at its end
   std::function<void(int, size_t, size_t)> grads_ready_;
   int peak_in_flight_ = 0;
 };

@@ -463,11 +463,13 @@ std::pair<double, double> Model::HeadLoss(Workspace& ws, ConstOperand hidden, in
                           params_.param(w), rows, config_.hidden_size, v, false);
     }
   }
-  be_->CopyToHost(ws.host_losses.data(), ws.losses, n * sizeof(float));
-  double mean = 0, term = 0;
-  for (int r = 0; r < n; ++r) {
-    mean += ws.host_mask[r] * ws.host_losses[r];
-    term += ws.host_weights[r] * ws.host_losses[r];
+  HeadLossSums sums;  // zero when deferred: the step's LossLog adds them at its end
+  if (loss_log_ != nullptr) {
+    loss_log_->Add(exit_index, ws.losses, n, ws.host_mask.data(), count, ws.host_weights.data());
+  } else {
+    be_->CopyToHost(ws.host_losses.data(), ws.losses, n * sizeof(float));
+    sums =
+        SumHeadLoss(ws.host_losses.data(), ws.host_mask.data(), count, ws.host_weights.data(), n);
   }
   if (backward) {
     // The hidden state feeds every rank's vocabulary columns: sum their gradients.
@@ -477,7 +479,7 @@ std::pair<double, double> Model::HeadLoss(Workspace& ws, ConstOperand hidden, in
       TpAllReduce(tp_.comm, ws.dhidden, static_cast<size_t>(n) * config_.hidden_size);
     }
   }
-  return {mean / count, term};
+  return {sums.mean, sums.term};
 }
 
 // din += d/d(in) of exit i's hidden given dhidden (= ws.dhidden).
@@ -695,7 +697,8 @@ LossReport Model::StageTuneExits(Workspace& ws, const int32_t* targets, const fl
   ws.exits_done = false;
   if (has_final_head() && ForwardEnd() == end_layer_) {
     const ConstOperand hidden = FinalHidden(ws.final_norm, StageOutput(ws), ws.b * ws.t);
-    r.final_loss = HeadLoss(ws, hidden, -1, loss_scale, false, /*backward=*/false).first;
+    // Reported, not trained: weight 0, so its objective term is 0 (also where a LossLog adds it).
+    r.final_loss = HeadLoss(ws, hidden, -1, 0.0f, false, /*backward=*/false).first;
   }
   return r;
 }

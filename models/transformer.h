@@ -15,6 +15,7 @@
 #include "engine/core/status.h"
 #include "engine/tensor/param_store.h"
 #include "models/layers.h"
+#include "models/loss_log.h"
 #include "models/model_config.h"
 #include "parallel/tensor_parallel.h"
 
@@ -58,13 +59,6 @@ struct Workspace {
   std::vector<float> host_mask, host_losses, host_max_prob, host_weights;
   std::vector<float> host_scaled_weights;               // host_weights / an exit's temperature
   std::unique_ptr<VocabParallelCrossEntropy> vocab_ce;  // tensor parallelism only
-};
-
-struct LossReport {
-  double final_loss = 0;            // mean cross-entropy of the final head
-  std::vector<double> exit_losses;  // mean cross-entropy per exit (config order)
-  double objective = 0;             // final + sum_i w_i * exit term_i (what is minimised)
-  int64_t tokens = 0;               // tokens with non-zero mask
 };
 
 // Which part of the model a rank holds: pipeline stage `stage` of `stages` owns layers
@@ -227,6 +221,10 @@ class Model {
   // `rows` > 0 sets it (tests), 0 = automatic (at most 2^24 logits, 64 MiB in fp32, on the CPU;
   // 2^28 on a GPU). Set it before making workspaces.
   void set_logits_chunk_rows(int rows) { logits_chunk_rows_ = rows; }
+  // Deferred losses (the pipeline executor's passes): while `log` is set, the heads queue their
+  // per-row losses in it (models/loss_log.h) instead of reading them back, and the reports of
+  // the passes hold 0 for their mean losses and objective terms until the log adds them.
+  void set_loss_log(LossLog* log) { loss_log_ = log; }
   int LogitsChunkRows(int n) const;
   int OutputWeight(int exit_index) const;
   ExitActs MakeExitActs(Arena& a, int exit_index, int n, bool training);
@@ -273,6 +271,7 @@ class Model {
   std::vector<std::pair<size_t, size_t>> layer_ranges_;  // arena [lo, hi) of each local layer
   std::function<void(size_t, size_t)> layer_grads_done_;
   int logits_chunk_rows_ = 0;
+  LossLog* loss_log_ = nullptr;
   float hidden_dropout_ = 0;
   uint64_t dropout_seed_ = 0;
   int forward_end_ = -1;
