@@ -74,6 +74,45 @@ StepInputs Inputs(const ModelConfig& c, int microbatches, uint64_t seed) {
           RandomTokens(n, c.vocab_size, seed + 1)};
 }
 
+// The heads' losses are read back once, at the step's end (models/loss_log.h): the step's
+// report is, bit for bit, what the executor's accumulation of each micro-batch's own report (a
+// ForwardBackward that reads its losses back at once) gives: mean losses over the micro-batches,
+// objective the sum of the reports' objectives.
+TEST(Executor, DeferredLossesEqualThePerMicrobatchReports) {
+  const ModelConfig c = ConfigWithExits();
+  auto be = Cpu();
+  auto ctx = ParallelContext::Single();
+  const int microbatches = 3, n = StepInputs::kMicro * StepInputs::kSeq;
+  const StepInputs in = Inputs(c, microbatches, 21);
+  const std::vector<float> w = {0.5f, 0.3f};
+  std::vector<Model*> parts, alone_parts;
+  auto models = MakeChunks(c, be.get(), 1, 11, &parts);
+  auto alone = MakeChunks(c, be.get(), 1, 11, &alone_parts);
+  PipelineExecutor exec = in.Executor(parts, ctx.get(), /*place=*/false);
+  const LossReport got = exec.TrainStep(in.ids.data(), in.targets.data(), w);
+  auto ws = alone_parts[0]->MakeWorkspace(StepInputs::kMicro, StepInputs::kSeq);
+  const std::vector<float> mask(n, 1.0f);
+  LossReport want;
+  want.exit_losses.assign(c.exits.size(), 0.0);
+  for (int m = 0; m < microbatches; ++m) {
+    const LossReport r =
+        alone_parts[0]->ForwardBackward(*ws, in.ids.data() + m * n, in.targets.data() + m * n,
+                                        mask.data(), w, true, 1.0f / microbatches);
+    EXPECT_GT(r.final_loss, 0.0);
+    want.final_loss += r.final_loss / microbatches;
+    for (size_t i = 0; i < c.exits.size(); ++i)
+      want.exit_losses[i] += r.exit_losses[i] / microbatches;
+    want.objective += r.objective;
+  }
+  EXPECT_EQ(got.final_loss, want.final_loss);
+  EXPECT_EQ(got.exit_losses, want.exit_losses);
+  EXPECT_EQ(got.objective, want.objective);
+  // Read back once more, the next step's report is whole again (the log was emptied).
+  const LossReport again = exec.Evaluate(in.ids.data(), in.targets.data());
+  EXPECT_GT(again.final_loss, 0.0);
+  EXPECT_GT(again.exit_losses[1], 0.0);
+}
+
 class InterleavedExecutor : public ::testing::TestWithParam<std::tuple<int, bool>> {};
 
 TEST_P(InterleavedExecutor, MatchesWholeModelAndStaysWithinMaxInFlight) {
