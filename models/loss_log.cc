@@ -12,10 +12,16 @@ HeadLossSums SumHeadLoss(const float* losses, const float* mask, double count, c
   HeadLossSums s;
   for (int r = 0; r < n; ++r) {
     s.mean += mask[r] * losses[r];
-    s.term += weights[r] * losses[r];
+    if (weights != nullptr) s.term += weights[r] * losses[r];
   }
   s.mean /= count;
   return s;
+}
+
+void LossLog::Reserve(size_t rows) {
+  if (rows * sizeof(float) <= log_.bytes()) return;
+  EE_CHECK(used_ == 0, "LossLog::Reserve with ", used_, " rows queued");
+  log_ = Buffer(be_, rows * sizeof(float));
 }
 
 void LossLog::Add(int exit_index, const float* losses, int n, const float* mask, double count,
@@ -27,8 +33,9 @@ void LossLog::Add(int exit_index, const float* losses, int n, const float* mask,
     log_ = std::move(grown);
   }
   be_->Copy(log_.f32() + used_, losses, static_cast<size_t>(n) * sizeof(float));
-  passes_.push_back({exit_index, used_, n, count, std::vector<float>(mask, mask + n),
-                     std::vector<float>(weights, weights + n)});
+  passes_.push_back(
+      {exit_index, used_, n, count, std::vector<float>(mask, mask + n),
+       weights != nullptr ? std::vector<float>(weights, weights + n) : std::vector<float>()});
   used_ += static_cast<size_t>(n);
 }
 
@@ -42,8 +49,8 @@ void LossLog::TakeInto(LossReport* total, int microbatches) {
   be_->CopyToHost(host_.data(), log_.data(), used_ * sizeof(float));
   double objective = 0;  // of the report being summed
   for (const Pass& p : passes_) {
-    const HeadLossSums s =
-        SumHeadLoss(host_.data() + p.offset, p.mask.data(), p.count, p.weights.data(), p.n);
+    const HeadLossSums s = SumHeadLoss(host_.data() + p.offset, p.mask.data(), p.count,
+                                       p.weights.empty() ? nullptr : p.weights.data(), p.n);
     if (p.exit_index < 0) {
       total->final_loss += s.mean / microbatches;
     } else {

@@ -22,7 +22,8 @@ struct LossReport {
 };
 
 // A head pass's mean loss (sum of mask * loss over `count`) and objective term (sum of weight *
-// loss) from its per-row losses on the host.
+// loss; 0 without weights: a head that is reported, not trained) from its per-row losses on the
+// host.
 struct HeadLossSums {
   double mean = 0, term = 0;
 };
@@ -33,8 +34,12 @@ class LossLog {
  public:
   explicit LossLog(Backend* be) : be_(be) {}
 
+  // Room for `rows` queued rows (the executor's: every head of every micro-batch of a pass), so
+  // that Add allocates nothing inside a step.
+  void Reserve(size_t rows);
   // Queues rows [0, n) of `losses` (device) from head `exit_index` (-1: the final head) with the
-  // host's per-row mask, its sum `count` and the objective's per-row weights (copied).
+  // host's per-row mask, its sum `count` and the objective's per-row weights (copied; null: no
+  // term).
   void Add(int exit_index, const float* losses, int n, const float* mask, double count,
            const float* weights);
   // Closes the passes queued since the last call as one report's (a Model::Stage* call's): their
@@ -56,7 +61,7 @@ class LossLog {
     bool ends_report = false;
   };
   Backend* be_;
-  Buffer log_;  // grows in a run's first step only (the heads' rows a step are fixed)
+  Buffer log_;  // Reserve's size (grown by Add only past it)
   size_t used_ = 0;
   std::vector<Pass> passes_;
   std::vector<float> host_;

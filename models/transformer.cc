@@ -464,12 +464,13 @@ std::pair<double, double> Model::HeadLoss(Workspace& ws, ConstOperand hidden, in
     }
   }
   HeadLossSums sums;  // zero when deferred: the step's LossLog adds them at its end
+  // A head of weight 0 (reported, not trained) adds no term, not even 0 * an infinite loss.
+  const float* term_weights = weight != 0.0f ? ws.host_weights.data() : nullptr;
   if (loss_log_ != nullptr) {
-    loss_log_->Add(exit_index, ws.losses, n, ws.host_mask.data(), count, ws.host_weights.data());
+    loss_log_->Add(exit_index, ws.losses, n, ws.host_mask.data(), count, term_weights);
   } else {
     be_->CopyToHost(ws.host_losses.data(), ws.losses, n * sizeof(float));
-    sums =
-        SumHeadLoss(ws.host_losses.data(), ws.host_mask.data(), count, ws.host_weights.data(), n);
+    sums = SumHeadLoss(ws.host_losses.data(), ws.host_mask.data(), count, term_weights, n);
   }
   if (backward) {
     // The hidden state feeds every rank's vocabulary columns: sum their gradients.
@@ -697,7 +698,7 @@ LossReport Model::StageTuneExits(Workspace& ws, const int32_t* targets, const fl
   ws.exits_done = false;
   if (has_final_head() && ForwardEnd() == end_layer_) {
     const ConstOperand hidden = FinalHidden(ws.final_norm, StageOutput(ws), ws.b * ws.t);
-    // Reported, not trained: weight 0, so its objective term is 0 (also where a LossLog adds it).
+    // Reported, not trained: weight 0, so no objective term (also where a LossLog adds it).
     r.final_loss = HeadLoss(ws, hidden, -1, 0.0f, false, /*backward=*/false).first;
   }
   return r;
