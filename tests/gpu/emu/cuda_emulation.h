@@ -81,15 +81,16 @@ inline std::map<uintptr_t, size_t>& Allocations() {
   static std::map<uintptr_t, size_t> m;
   return m;
 }
-// Whether [p, p + bytes) lies inside one cudaMalloc'd range.
-inline bool IsDevice(const void* p, size_t bytes) {
+// Whether [p, p + bytes) lies inside one of the recorded `ranges` (start -> bytes).
+inline bool InOneRange(const std::map<uintptr_t, size_t>& ranges, const void* p, size_t bytes) {
   const auto a = reinterpret_cast<uintptr_t>(p);
-  auto& m = Allocations();
-  auto it = m.upper_bound(a);
-  if (it == m.begin()) return false;
+  auto it = ranges.upper_bound(a);
+  if (it == ranges.begin()) return false;
   --it;
   return a + bytes <= it->first + it->second;
 }
+// Whether [p, p + bytes) lies inside one cudaMalloc'd range.
+inline bool IsDevice(const void* p, size_t bytes) { return InOneRange(Allocations(), p, bytes); }
 inline bool IsHost(const void* p, size_t bytes) {
   const auto a = reinterpret_cast<uintptr_t>(p);
   auto& m = Allocations();
@@ -101,6 +102,21 @@ inline bool IsHost(const void* p, size_t bytes) {
 inline cudaError_t Misuse(const char* what) {
   std::fprintf(stderr, "CUDA emulation: %s\n", what);
   return cudaErrorInvalidValue;
+}
+// cudaMalloc's and cudaHostAlloc's allocation (256-byte aligned host memory), recorded in
+// `ranges`, and their frees (`misuse` reported for a pointer not recorded there).
+inline cudaError_t AllocRecorded(std::map<uintptr_t, size_t>& ranges, void** p, size_t bytes) {
+  const size_t rounded = (std::max<size_t>(bytes, 1) + 255) / 256 * 256;
+  *p = std::aligned_alloc(256, rounded);
+  if (*p == nullptr) return cudaErrorMemoryAllocation;
+  ranges[reinterpret_cast<uintptr_t>(*p)] = bytes;
+  return cudaSuccess;
+}
+inline cudaError_t FreeRecorded(std::map<uintptr_t, size_t>& ranges, void* p, const char* misuse) {
+  if (p == nullptr) return cudaSuccess;
+  if (ranges.erase(reinterpret_cast<uintptr_t>(p)) == 0) return Misuse(misuse);
+  std::free(p);
+  return cudaSuccess;
 }
 }  // namespace eellm_emu
 
@@ -165,12 +181,7 @@ inline std::map<uintptr_t, size_t>& PinnedAllocations() {
   return m;
 }
 inline bool IsPinned(const void* p, size_t bytes) {
-  const auto a = reinterpret_cast<uintptr_t>(p);
-  auto& m = PinnedAllocations();
-  auto it = m.upper_bound(a);
-  if (it == m.begin()) return false;
-  --it;
-  return a + bytes <= it->first + it->second;
+  return InOneRange(PinnedAllocations(), p, bytes);
 }
 struct DeferredCopy {
   void* dst;
@@ -198,20 +209,12 @@ inline void CompleteCopies(uint64_t issued = ~uint64_t{0}) {
 }  // namespace eellm_emu
 constexpr unsigned cudaHostAllocDefault = 0;
 inline cudaError_t cudaHostAlloc(void** p, size_t bytes, unsigned) {
-  const size_t rounded = (std::max<size_t>(bytes, 1) + 255) / 256 * 256;
-  *p = std::aligned_alloc(256, rounded);
-  if (*p == nullptr) return cudaErrorMemoryAllocation;
-  eellm_emu::PinnedAllocations()[reinterpret_cast<uintptr_t>(*p)] = bytes;
-  return cudaSuccess;
+  return eellm_emu::AllocRecorded(eellm_emu::PinnedAllocations(), p, bytes);
 }
 inline cudaError_t cudaFreeHost(void* p) {
   eellm_emu::CompleteCopies();
-  if (p == nullptr) return cudaSuccess;
-  if (eellm_emu::PinnedAllocations().erase(reinterpret_cast<uintptr_t>(p)) == 0) {
-    return eellm_emu::Misuse("cudaFreeHost of a pointer cudaHostAlloc did not return");
-  }
-  std::free(p);
-  return cudaSuccess;
+  return eellm_emu::FreeRecorded(eellm_emu::PinnedAllocations(), p,
+                                 "cudaFreeHost of a pointer cudaHostAlloc did not return");
 }
 inline cudaError_t cudaDeviceSynchronize() {
   eellm_emu::CompleteCopies();
@@ -295,11 +298,7 @@ inline int64_t g_malloc_calls = 0;  // cudaMalloc calls so far (tests: no alloca
 }  // namespace eellm_emu
 inline cudaError_t cudaMalloc(void** p, size_t bytes) {
   ++eellm_emu::g_malloc_calls;
-  const size_t rounded = (std::max<size_t>(bytes, 1) + 255) / 256 * 256;
-  *p = std::aligned_alloc(256, rounded);
-  if (*p == nullptr) return cudaErrorMemoryAllocation;
-  eellm_emu::Allocations()[reinterpret_cast<uintptr_t>(*p)] = bytes;
-  return cudaSuccess;
+  return eellm_emu::AllocRecorded(eellm_emu::Allocations(), p, bytes);
 }
 // An 80 GiB device (an H100's): free is what the recorded ranges leave of it.
 inline cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
@@ -311,12 +310,8 @@ inline cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
 }
 inline cudaError_t cudaFree(void* p) {
   eellm_emu::CompleteCopies();
-  if (p == nullptr) return cudaSuccess;
-  if (eellm_emu::Allocations().erase(reinterpret_cast<uintptr_t>(p)) == 0) {
-    return eellm_emu::Misuse("cudaFree of a pointer cudaMalloc did not return");
-  }
-  std::free(p);
-  return cudaSuccess;
+  return eellm_emu::FreeRecorded(eellm_emu::Allocations(), p,
+                                 "cudaFree of a pointer cudaMalloc did not return");
 }
 inline cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t) {
   return cudaMalloc(p, bytes);
