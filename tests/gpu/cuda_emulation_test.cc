@@ -4,6 +4,7 @@
 // and vector accesses, and (by running a block's threads in either order) missing barriers.
 // The backend's results under it are checked by the parity suite
 // (EELLM_PARITY_BACKEND=emulated-cuda[-bf16]).
+#include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -65,6 +66,15 @@ TEST_F(CudaEmulation, CopiesCheckWhichSideIsTheDevice) {
   EXPECT_DEATH(be_->Copy(dev_, host_.data(), 64 * sizeof(float)), "wrong kinds");
   // A copy running past the end of an allocation is not device memory either.
   EXPECT_DEATH(be_->Copy(dev_, dev2_, 65 * sizeof(float)), "wrong kinds");
+}
+
+// A launch and a wait for it: the kernel runs then (the device runs behind the host, so a fault in
+// a kernel shows up at the next operation that waits for it).
+template <typename... Params, typename... Args>
+void LaunchAndWait(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared,
+                   cudaStream_t stream, Args... args) {
+  LaunchKernel(kernel, grid, block, shared, stream, args...);
+  cudaDeviceSynchronize();
 }
 
 __global__ void TouchSharedKernel(float* out) {
@@ -177,11 +187,11 @@ TEST(CudaEmulationBarriers, WarpsMaySkipWarpLevelBarriersLanesMayNot) {
     const int other = (t + 32) % 64;  // warp 0's values are (t ^ 1) + (t ^ 2)
     EXPECT_EQ(got[t], other < 32 ? (other ^ 1) + (other ^ 2) : other) << "thread " << t;
   }
-  EXPECT_DEATH(LaunchKernel(LanesDivergeKernel, dim3(1), dim3(32), 0, nullptr, out),
+  EXPECT_DEATH(LaunchAndWait(LanesDivergeKernel, dim3(1), dim3(32), 0, nullptr, out),
                "lanes of a warp reached different barriers");
-  EXPECT_DEATH(LaunchKernel(LaneExitsBeforeShuffleKernel, dim3(1), dim3(64), 0, nullptr, out),
+  EXPECT_DEATH(LaunchAndWait(LaneExitsBeforeShuffleKernel, dim3(1), dim3(64), 0, nullptr, out),
                "some of its lanes have exited");
-  EXPECT_DEATH(LaunchKernel(LaneExitsBeforeShuffleKernel, dim3(1), dim3(48), 0, nullptr, out),
+  EXPECT_DEATH(LaunchAndWait(LaneExitsBeforeShuffleKernel, dim3(1), dim3(48), 0, nullptr, out),
                "the block ends inside it");
   EXPECT_EQ(cudaFree(out), cudaSuccess);
 }
@@ -222,7 +232,7 @@ __global__ void MisalignedVectorLoadKernel(float* out, const float* in) {
 // cp.async lands at the wait that covers it, the latest the device allows: a read before the wait
 // sees the old bytes (0xFF, NaN, in fresh shared memory). cp.async and ldmatrix check alignment.
 // An upload from pinned memory on the backends' (legacy) stream lands for another stream's
-// operation (an NCCL collective: eellm_emu::CompleteCopiesFor is what they call first) only once
+// operation (an NCCL collective: eellm_emu::CompleteWorkFor is what they call first) only once
 // that stream has waited for an event recorded after it, as NcclCommunicator::AfterCompute
 // does; a stream created without cudaStreamNonBlocking is ordered after it anyway.
 TEST(CudaEmulationStreams, AnotherStreamSeesAnUploadOnlyAfterWaitingForIt) {
@@ -243,13 +253,13 @@ TEST(CudaEmulationStreams, AnotherStreamSeesAnUploadOnlyAfterWaitingForIt) {
     ASSERT_EQ(cudaMemcpyAsync(dev, pinned, 4 * sizeof(float), cudaMemcpyHostToDevice, nullptr),
               cudaSuccess);
     if (round == 0) {
-      eellm_emu::CompleteCopiesFor(nccl);  // no wait: the copy has not landed for it
+      eellm_emu::CompleteWorkFor(nccl);  // no wait: the copy has not landed for it
       EXPECT_EQ(dev[0], 0.0f);
       ASSERT_EQ(cudaEventRecord(uploaded, nullptr), cudaSuccess);
       ASSERT_EQ(cudaStreamWaitEvent(nccl, uploaded, 0), cudaSuccess);
-      eellm_emu::CompleteCopiesFor(nccl);
+      eellm_emu::CompleteWorkFor(nccl);
     } else {
-      eellm_emu::CompleteCopiesFor(blocking);
+      eellm_emu::CompleteWorkFor(blocking);
     }
     for (int i = 0; i < 4; ++i) EXPECT_EQ(dev[i], static_cast<float>(i + 1 + 10 * round));
   }
@@ -258,6 +268,53 @@ TEST(CudaEmulationStreams, AnotherStreamSeesAnUploadOnlyAfterWaitingForIt) {
   cudaStreamDestroy(blocking);
   cudaFreeHost(pinned);
   cudaFree(dev);
+}
+
+__global__ void AddOneKernel(float* x) { x[threadIdx.x] += 1.0f; }
+
+// The same for a kernel's and a GEMM's output: they run when a later operation of the legacy
+// stream, a synchronisation or a wait for an event recorded after them completes them, so an NCCL
+// collective that reads them without AfterCompute reads what was there before.
+TEST(CudaEmulationStreams, AnotherStreamSeesAKernelOrGemmOutputOnlyAfterWaitingForIt) {
+  float *x = nullptr, *y = nullptr;
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&x), 4 * sizeof(float)), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&y), 4 * sizeof(float)), cudaSuccess);
+  ASSERT_EQ(cudaMemset(x, 0, 4 * sizeof(float)), cudaSuccess);
+  cudaStream_t nccl = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&nccl, cudaStreamNonBlocking), cudaSuccess);
+  cudaEvent_t done = nullptr;
+  ASSERT_EQ(cudaEventCreate(&done), cudaSuccess);
+  cublasHandle_t blas = nullptr;
+  ASSERT_EQ(cublasCreate(&blas), CUBLAS_STATUS_SUCCESS);
+
+  ASSERT_EQ(LaunchKernel(AddOneKernel, dim3(1), dim3(4), 0, nullptr, x), cudaSuccess);
+  eellm_emu::CompleteWorkFor(nccl);  // no wait: the kernel has not run for it
+  EXPECT_EQ(x[0], 0.0f);
+  ASSERT_EQ(cudaEventRecord(done, nullptr), cudaSuccess);
+  // A kernel after the record: a wait for the event does not cover it.
+  ASSERT_EQ(LaunchKernel(AddOneKernel, dim3(1), dim3(4), 0, nullptr, x), cudaSuccess);
+  ASSERT_EQ(cudaStreamWaitEvent(nccl, done, 0), cudaSuccess);
+  eellm_emu::CompleteWorkFor(nccl);
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(x[i], 1.0f) << i;
+  ASSERT_EQ(cudaStreamSynchronize(nullptr), cudaSuccess);
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(x[i], 2.0f) << i;
+
+  // y (2 x 2) = 3 * x (2 x 2) * x.
+  const float three = 3.0f, zero = 0.0f;
+  ASSERT_EQ(cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_N, 2, 2, 2, &three, x, 2, x, 2, &zero, y, 2),
+            CUBLAS_STATUS_SUCCESS);
+  ASSERT_EQ(cudaEventRecord(done, nullptr), cudaSuccess);
+  eellm_emu::CompleteWorkFor(nccl);  // its last wait came before the GEMM
+  EXPECT_NE(y[0], 24.0f);
+  ASSERT_EQ(cudaStreamWaitEvent(nccl, done, 0), cudaSuccess);
+  eellm_emu::CompleteWorkFor(nccl);
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(y[i], 24.0f) << i;
+
+  cublasDestroy(blas);
+  cudaEventDestroy(done);
+  cudaStreamDestroy(nccl);
+  cudaFree(y);
+  cudaFree(x);
 }
 
 TEST(CudaEmulationLimits, AsyncCopiesLandAtTheWaitAndCheckAlignment) {
@@ -275,11 +332,11 @@ TEST(CudaEmulationLimits, AsyncCopiesLandAtTheWaitAndCheckAlignment) {
     EXPECT_TRUE(std::isnan(got[t])) << "thread " << t << " read the copy before its wait";
     EXPECT_EQ(got[32 + t], values[t]) << "thread " << t;
   }
-  EXPECT_DEATH(LaunchKernel(MisalignedAsyncCopyKernel, dim3(1), dim3(32), 64, nullptr, in),
+  EXPECT_DEATH(LaunchAndWait(MisalignedAsyncCopyKernel, dim3(1), dim3(32), 64, nullptr, in),
                "cp.async");
-  EXPECT_DEATH(LaunchKernel(MisalignedLdMatrixKernel, dim3(1), dim3(32), 64, nullptr),
+  EXPECT_DEATH(LaunchAndWait(MisalignedLdMatrixKernel, dim3(1), dim3(32), 64, nullptr),
                "ldmatrix row address");
-  EXPECT_DEATH(LaunchKernel(MisalignedVectorLoadKernel, dim3(1), dim3(32), 0, nullptr, out, in),
+  EXPECT_DEATH(LaunchAndWait(MisalignedVectorLoadKernel, dim3(1), dim3(32), 0, nullptr, out, in),
                "misaligned address");
   EXPECT_EQ(cudaFree(out), cudaSuccess);
   EXPECT_EQ(cudaFree(in), cudaSuccess);

@@ -240,7 +240,7 @@ inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t desc
                                      cublasLtMatrixLayout_t lb, const void* beta, const void* c,
                                      cublasLtMatrixLayout_t lc, void* d, cublasLtMatrixLayout_t ld,
                                      const cublasLtMatmulAlgo_t* algo, void*, size_t,
-                                     cudaStream_t) {
+                                     cudaStream_t stream) {
   if (algo == nullptr || !eellm_emu::LtProblemValid(desc, la, lb, lc, ld)) {
     return CUBLAS_STATUS_INVALID_VALUE;
   }
@@ -258,56 +258,61 @@ inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t desc
       ((epi_gelu || epi_dgelu) && !eellm_emu::IsDevice(desc->aux, 1))) {
     return CUBLAS_STATUS_INVALID_VALUE;
   }
-  const std::vector<float> ra = eellm_emu::LtValues(a, *la), rb = eellm_emu::LtValues(b, *lb);
-  std::vector<float> acc = eellm_emu::LtValues(c, *lc);  // C, then D before its rounding
   const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
-  if (be == 0.0f) std::fill(acc.begin(), acc.end(), 0.0f);  // C is not read (NaN stays out)
-  if (k > 0) {
-    cblas_sgemm(CblasColMajor, eellm_emu::Trans(static_cast<cublasOperation_t>(desc->trans_a)),
-                eellm_emu::Trans(static_cast<cublasOperation_t>(desc->trans_b)), m, n, k, al,
-                ra.data(), static_cast<int>(la->ld), rb.data(), static_cast<int>(lb->ld), be,
-                acc.data(), static_cast<int>(ld->ld));
-  } else {
-    for (float& v : acc) v *= be;
-  }
-  const bool bf16_d = ld->type == CUDA_R_16BF;
-  // Stores v at element `at` of a matrix of D's type (rounded once); reads one back exactly.
-  auto store = [&](void* base, size_t at, float v) {
-    if (bf16_d) {
-      static_cast<__nv_bfloat16*>(base)[at] = __float2bfloat16(v);
+  // The descriptors are read now, as cuBLASLt does; the product runs when its work completes.
+  eellm_emu::Issue(stream, [=, dc = *desc, lac = *la, lbc = *lb, lcc = *lc, ldc = *ld] {
+    const cublasLtMatmulDescOpaque_t* desc = &dc;
+    const cublasLtMatrixLayoutOpaque_t *la = &lac, *lb = &lbc, *lc = &lcc, *ld = &ldc;
+    const std::vector<float> ra = eellm_emu::LtValues(a, *la), rb = eellm_emu::LtValues(b, *lb);
+    std::vector<float> acc = eellm_emu::LtValues(c, *lc);     // C, then D before its rounding
+    if (be == 0.0f) std::fill(acc.begin(), acc.end(), 0.0f);  // C is not read (NaN stays out)
+    if (k > 0) {
+      cblas_sgemm(CblasColMajor, eellm_emu::Trans(static_cast<cublasOperation_t>(desc->trans_a)),
+                  eellm_emu::Trans(static_cast<cublasOperation_t>(desc->trans_b)), m, n, k, al,
+                  ra.data(), static_cast<int>(la->ld), rb.data(), static_cast<int>(lb->ld), be,
+                  acc.data(), static_cast<int>(ld->ld));
     } else {
-      static_cast<float*>(base)[at] = v;
+      for (float& v : acc) v *= be;
     }
-  };
-  auto load = [&](const void* base, size_t at) {
-    return bf16_d ? __bfloat162float(static_cast<const __nv_bfloat16*>(base)[at])
-                  : static_cast<const float*>(base)[at];
-  };
-  for (int col = 0; col < n; ++col)
-    for (int i = 0; i < m; ++i) {
-      float v = acc[static_cast<size_t>(col) * ld->ld + i];
-      if (epi_bias) v += load(desc->bias, i);
-      const size_t aux_at = static_cast<size_t>(col) * desc->aux_ld + i;
-      if (epi_gelu) {
-        store(desc->aux, aux_at, v);
-        v = eellm_emu::LtGeluOf(v);
+    const bool bf16_d = ld->type == CUDA_R_16BF;
+    // Stores v at element `at` of a matrix of D's type (rounded once); reads one back exactly.
+    auto store = [&](void* base, size_t at, float v) {
+      if (bf16_d) {
+        static_cast<__nv_bfloat16*>(base)[at] = __float2bfloat16(v);
+      } else {
+        static_cast<float*>(base)[at] = v;
       }
-      if (epi_dgelu) {  // the product in D's type first (bf16: rounded, as on an H200)
-        if (bf16_d) v = __bfloat162float(__float2bfloat16(v));
-        v *= eellm_emu::LtGeluGrad(load(desc->aux, aux_at));
+    };
+    auto load = [&](const void* base, size_t at) {
+      return bf16_d ? __bfloat162float(static_cast<const __nv_bfloat16*>(base)[at])
+                    : static_cast<const float*>(base)[at];
+    };
+    for (int col = 0; col < n; ++col)
+      for (int i = 0; i < m; ++i) {
+        float v = acc[static_cast<size_t>(col) * ld->ld + i];
+        if (epi_bias) v += load(desc->bias, i);
+        const size_t aux_at = static_cast<size_t>(col) * desc->aux_ld + i;
+        if (epi_gelu) {
+          store(desc->aux, aux_at, v);
+          v = eellm_emu::LtGeluOf(v);
+        }
+        if (epi_dgelu) {  // the product in D's type first (bf16: rounded, as on an H200)
+          if (bf16_d) v = __bfloat162float(__float2bfloat16(v));
+          v *= eellm_emu::LtGeluGrad(load(desc->aux, aux_at));
+        }
+        store(d, static_cast<size_t>(col) * ld->ld + i, v);
       }
-      store(d, static_cast<size_t>(col) * ld->ld + i, v);
+    if (epi_bgrad) {  // sum over k of op(B)'s column j, for each of D's n columns
+      auto* grad = static_cast<float*>(const_cast<void*>(desc->bias));
+      for (int j = 0; j < n; ++j) {
+        double s = 0.0;
+        for (int kk = 0; kk < k; ++kk) {
+          s += desc->trans_b == CUBLAS_OP_N ? rb[static_cast<size_t>(j) * lb->ld + kk]
+                                            : rb[static_cast<size_t>(kk) * lb->ld + j];
+        }
+        grad[j] = static_cast<float>(s);
+      }
     }
-  if (epi_bgrad) {  // sum over k of op(B)'s column j, for each of D's n columns
-    auto* grad = static_cast<float*>(const_cast<void*>(desc->bias));
-    for (int j = 0; j < n; ++j) {
-      double s = 0.0;
-      for (int kk = 0; kk < k; ++kk) {
-        s += desc->trans_b == CUBLAS_OP_N ? rb[static_cast<size_t>(j) * lb->ld + kk]
-                                          : rb[static_cast<size_t>(kk) * lb->ld + j];
-      }
-      grad[j] = static_cast<float>(s);
-    }
-  }
+  });
   return CUBLAS_STATUS_SUCCESS;
 }

@@ -54,9 +54,8 @@ inline cublasStatus_t cublasSetWorkspace(cublasHandle_t h, void* workspace, size
 
 namespace eellm_emu {
 // Whether A, B and C are device memory (reported when not, as cuBLAS would fault). Every GEMM
-// calls it first: the deferred copies complete before it reads.
+// checks it, then issues its product on its stream (Issue: deferred on the legacy stream).
 inline bool DeviceOperands(const void* a, const void* b, const void* c) {
-  CompleteCopies();
   if (IsDevice(a, 1) && IsDevice(b, 1) && IsDevice(c, 1)) return true;
   Misuse("a cuBLAS operand is not device memory");
   return false;
@@ -66,28 +65,26 @@ inline CBLAS_TRANSPOSE Trans(cublasOperation_t op) {
 }
 }  // namespace eellm_emu
 
-inline cublasStatus_t cublasSgemm(cublasHandle_t, cublasOperation_t ta, cublasOperation_t tb, int m,
-                                  int n, int k, const float* alpha, const float* a, int lda,
+inline cublasStatus_t cublasSgemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb,
+                                  int m, int n, int k, const float* alpha, const float* a, int lda,
                                   const float* b, int ldb, const float* beta, float* c, int ldc) {
   if (m <= 0 || n <= 0) return CUBLAS_STATUS_SUCCESS;
   if (!eellm_emu::DeviceOperands(a, b, c)) return CUBLAS_STATUS_INVALID_VALUE;
-  cblas_sgemm(CblasColMajor, eellm_emu::Trans(ta), eellm_emu::Trans(tb), m, n, k, *alpha, a, lda, b,
-              ldb, *beta, c, ldc);
+  eellm_emu::Issue(h->stream, [=, al = *alpha, be = *beta] {
+    cblas_sgemm(CblasColMajor, eellm_emu::Trans(ta), eellm_emu::Trans(tb), m, n, k, al, a, lda, b,
+                ldb, be, c, ldc);
+  });
   return CUBLAS_STATUS_SUCCESS;
 }
 
-inline cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb,
-                                   int m, int n, int k, const void* alpha, const void* a,
-                                   cudaDataType atype, int lda, const void* b, cudaDataType btype,
-                                   int ldb, const void* beta, void* c, cudaDataType ctype, int ldc,
-                                   cublasComputeType_t compute, cublasGemmAlgo_t) {
-  (void)h;
-  if (m <= 0 || n <= 0) return CUBLAS_STATUS_SUCCESS;
-  if (!eellm_emu::DeviceOperands(a, b, c)) return CUBLAS_STATUS_INVALID_VALUE;
-  if (atype != btype) return CUBLAS_STATUS_INVALID_VALUE;  // as cuBLAS: no mixed operand types
+namespace eellm_emu {
+// cublasGemmEx's product, when it runs: C = al * op(A) op(B) + be * C, with the operands rounded to
+// bf16 when `round` (or stored so).
+inline void GemmEx(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float al,
+                   const void* a, cudaDataType atype, int lda, const void* b, cudaDataType btype,
+                   int ldb, float be, void* c, cudaDataType ctype, int ldc, bool round) {
   // The operands as fp32 values (stored shapes: A m x k, or k x m transposed; B k x n or n x k),
   // rounded to bf16 where the data or the compute type says so.
-  const bool round = compute == CUBLAS_COMPUTE_32F_FAST_16BF;
   auto operand = [&](const void* x, cudaDataType type, int rows, int cols, int ld) {
     std::vector<float> r(static_cast<size_t>(ld) * cols);
     for (int col = 0; col < cols; ++col)
@@ -102,11 +99,10 @@ inline cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cubla
   };
   const auto ra = operand(a, atype, ta == CUBLAS_OP_N ? m : k, ta == CUBLAS_OP_N ? k : m, lda);
   const auto rb = operand(b, btype, tb == CUBLAS_OP_N ? k : n, tb == CUBLAS_OP_N ? n : k, ldb);
-  const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
   if (ctype == CUDA_R_32F) {
-    cblas_sgemm(CblasColMajor, eellm_emu::Trans(ta), eellm_emu::Trans(tb), m, n, k, al, ra.data(),
-                lda, rb.data(), ldb, be, static_cast<float*>(c), ldc);
-    return CUBLAS_STATUS_SUCCESS;
+    cblas_sgemm(CblasColMajor, Trans(ta), Trans(tb), m, n, k, al, ra.data(), lda, rb.data(), ldb,
+                be, static_cast<float*>(c), ldc);
+    return;
   }
   // bf16 output: compute in fp32, round once.
   auto* cb = static_cast<__nv_bfloat16*>(c);
@@ -116,12 +112,28 @@ inline cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cubla
       rc[static_cast<size_t>(col) * ldc + i] =
           __bfloat162float(cb[static_cast<size_t>(col) * ldc + i]);
     }
-  cblas_sgemm(CblasColMajor, eellm_emu::Trans(ta), eellm_emu::Trans(tb), m, n, k, al, ra.data(),
-              lda, rb.data(), ldb, be, rc.data(), ldc);
+  cblas_sgemm(CblasColMajor, Trans(ta), Trans(tb), m, n, k, al, ra.data(), lda, rb.data(), ldb, be,
+              rc.data(), ldc);
   for (int col = 0; col < n; ++col)
     for (int i = 0; i < m; ++i) {
       cb[static_cast<size_t>(col) * ldc + i] =
           __float2bfloat16(rc[static_cast<size_t>(col) * ldc + i]);
     }
+}
+}  // namespace eellm_emu
+
+inline cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb,
+                                   int m, int n, int k, const void* alpha, const void* a,
+                                   cudaDataType atype, int lda, const void* b, cudaDataType btype,
+                                   int ldb, const void* beta, void* c, cudaDataType ctype, int ldc,
+                                   cublasComputeType_t compute, cublasGemmAlgo_t) {
+  if (m <= 0 || n <= 0) return CUBLAS_STATUS_SUCCESS;
+  if (!eellm_emu::DeviceOperands(a, b, c)) return CUBLAS_STATUS_INVALID_VALUE;
+  if (atype != btype) return CUBLAS_STATUS_INVALID_VALUE;  // as cuBLAS: no mixed operand types
+  const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
+  eellm_emu::Issue(h->stream, [=] {
+    eellm_emu::GemmEx(ta, tb, m, n, k, al, a, atype, lda, b, btype, ldb, be, c, ctype, ldc,
+                      compute == CUBLAS_COMPUTE_32F_FAST_16BF);
+  });
   return CUBLAS_STATUS_SUCCESS;
 }

@@ -171,10 +171,17 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, 
   return cudaErrorInvalidValue;
 }
 // Pinned host memory (cudaHostAlloc) is recorded too: an asynchronous copy from it to the device
-// is deferred until the next operation that could observe it (a launch, a library call on device
-// memory, another copy or memset, a synchronisation, a cudaFree), the latest the device may read
-// its source, so a host that writes the source again before the copy is known to have completed
-// (its event waited for) corrupts the copy, as it would on a GPU.
+// may read its source late, so a host that writes the source again before the copy is known to
+// have completed (its event waited for) corrupts the copy, as it would on a GPU.
+//
+// The device runs behind the host: the work of the legacy default stream (nullptr, the backends'
+// stream) is deferred. A kernel launch or GEMM completes the work issued before it and is itself
+// deferred; a copy from pinned memory is deferred behind what is pending. Deferred work completes
+// at the next operation that could observe it: a launch or library call on the legacy stream, a
+// copy or memset, a synchronisation, cudaFree, or waiting for an event recorded after it. An
+// operation on another stream (NCCL's) completes only the work that stream waited for (see
+// CUstream_st), so it reads a kernel's, a GEMM's or an upload's output only after an event wait
+// ordered it after them, as on a GPU.
 namespace eellm_emu {
 inline std::map<uintptr_t, size_t>& PinnedAllocations() {
   static std::map<uintptr_t, size_t> m;
@@ -183,28 +190,27 @@ inline std::map<uintptr_t, size_t>& PinnedAllocations() {
 inline bool IsPinned(const void* p, size_t bytes) {
   return InOneRange(PinnedAllocations(), p, bytes);
 }
-struct DeferredCopy {
-  void* dst;
-  const void* src;
-  size_t bytes;
-};
 struct Deferred {
-  std::deque<DeferredCopy> copies;  // in issue order
-  uint64_t issued = 0;              // copies deferred so far; the first of `copies` is number
-                                    // issued - copies.size()
+  std::deque<std::function<void()>> work;  // in issue order
+  uint64_t issued = 0;  // operations deferred so far; the first of `work` is number
+                        // issued - work.size()
 };
-inline Deferred& DeferredCopies() {
+inline Deferred& DeferredWork() {
   static Deferred d;
   return d;
 }
-// Completes the deferred copies issued before the first `issued` (all by default), in order.
-inline void CompleteCopies(uint64_t issued = ~uint64_t{0}) {
-  Deferred& d = DeferredCopies();
-  while (!d.copies.empty() && d.issued - d.copies.size() < issued) {
-    const DeferredCopy& c = d.copies.front();
-    std::memmove(c.dst, c.src, c.bytes);
-    d.copies.pop_front();
+// Completes the deferred work issued before the first `issued` (all by default), in order.
+inline void CompleteWork(uint64_t issued = ~uint64_t{0}) {
+  Deferred& d = DeferredWork();
+  while (!d.work.empty() && d.issued - d.work.size() < issued) {
+    std::function<void()> op = std::move(d.work.front());
+    d.work.pop_front();
+    op();
   }
+}
+inline void Defer(std::function<void()> op) {
+  DeferredWork().work.push_back(std::move(op));
+  ++DeferredWork().issued;
 }
 }  // namespace eellm_emu
 constexpr unsigned cudaHostAllocDefault = 0;
@@ -212,19 +218,19 @@ inline cudaError_t cudaHostAlloc(void** p, size_t bytes, unsigned) {
   return eellm_emu::AllocRecorded(eellm_emu::PinnedAllocations(), p, bytes);
 }
 inline cudaError_t cudaFreeHost(void* p) {
-  eellm_emu::CompleteCopies();
+  eellm_emu::CompleteWork();
   return eellm_emu::FreeRecorded(eellm_emu::PinnedAllocations(), p,
                                  "cudaFreeHost of a pointer cudaHostAlloc did not return");
 }
 inline cudaError_t cudaDeviceSynchronize() {
-  eellm_emu::CompleteCopies();
+  eellm_emu::CompleteWork();
   return cudaSuccess;
 }
 // Events: host time stamps (work is synchronous here).
 using cudaEvent_t = struct CUevent_st*;
 struct CUevent_st {
   std::chrono::steady_clock::time_point at;
-  uint64_t copies = 0;  // deferred copies issued before the record (waiting completes them)
+  uint64_t issued = 0;  // deferred work issued before the record (waiting completes it)
 };
 inline cudaError_t cudaEventCreate(cudaEvent_t* e) {
   *e = new CUevent_st;
@@ -235,32 +241,43 @@ inline cudaError_t cudaEventDestroy(cudaEvent_t e) {
   return cudaSuccess;
 }
 inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = nullptr);
-// Completes what came before the event's record only: a copy deferred after it stays pending.
+// Completes what came before the event's record only: work deferred after it stays pending.
 inline cudaError_t cudaEventSynchronize(cudaEvent_t e) {
-  eellm_emu::CompleteCopies(e->copies);
+  eellm_emu::CompleteWork(e->issued);
   return cudaSuccess;
 }
 constexpr unsigned cudaEventDisableTiming = 2;
 inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) { return cudaEventCreate(e); }
-// Streams: every operation completes before it returns, so a stream is only a name.
+// Streams. Another stream than the legacy one sees, of the legacy stream's deferred work, only
+// what its waits for events ordered it after: `waited`, the work issued before the last event it
+// waited for. A stream created without cudaStreamNonBlocking sees all (it synchronises with the
+// legacy stream). So an NCCL operation that reads a kernel's output or an upload without
+// AfterCompute reads stale data, as it may on a GPU.
 constexpr unsigned cudaStreamNonBlocking = 1;
-// Except for the deferred copies from pinned memory, which are issued on the legacy default
-// stream (nullptr, the backends' stream): another stream's operations (NCCL's) see only those
-// its waits for events ordered it after, `waited`, the copies issued before the last event it
-// waited for; a stream created without cudaStreamNonBlocking sees all (it synchronises with the
-// legacy stream). So an NCCL operation that reads an upload without AfterCompute reads stale
-// data, as it may on a GPU.
 struct CUstream_st {
   bool non_blocking = false;
   uint64_t waited = 0;
 };
 namespace eellm_emu {
-// Completes the deferred copies that an operation on `s` is ordered after.
-inline void CompleteCopiesFor(cudaStream_t s) {
-  if (s == nullptr || !s->non_blocking) {
-    CompleteCopies();
+inline bool Legacy(cudaStream_t s) { return s == nullptr || !s->non_blocking; }
+// Completes the deferred work that an operation on `s` is ordered after.
+inline void CompleteWorkFor(cudaStream_t s) {
+  if (Legacy(s)) {
+    CompleteWork();
   } else {
-    CompleteCopies(s->waited);
+    CompleteWork(s->waited);
+  }
+}
+// Issues device work `op` (a kernel, a GEMM) on `s`: on the legacy stream what came before
+// completes and `op` is deferred; on another stream it runs now, after what that stream waited
+// for.
+inline void Issue(cudaStream_t s, std::function<void()> op) {
+  if (Legacy(s)) {
+    CompleteWork();
+    Defer(std::move(op));
+  } else {
+    CompleteWork(s->waited);
+    op();
   }
 }
 }  // namespace eellm_emu
@@ -273,18 +290,18 @@ inline cudaError_t cudaStreamDestroy(cudaStream_t s) {
   return cudaSuccess;
 }
 inline cudaError_t cudaStreamSynchronize(cudaStream_t s) {
-  eellm_emu::CompleteCopiesFor(s);
+  eellm_emu::CompleteWorkFor(s);
   return cudaSuccess;
 }
 inline cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned) {
-  if (s != nullptr) s->waited = std::max(s->waited, e->copies);
+  if (s != nullptr) s->waited = std::max(s->waited, e->issued);
   return cudaSuccess;
 }
-// An event on the legacy stream follows every copy issued so far; on another stream, those the
-// stream has waited for.
+// An event on the legacy stream follows all work issued so far; on another stream, what the stream
+// has waited for.
 inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
   e->at = std::chrono::steady_clock::now();
-  e->copies = s == nullptr || !s->non_blocking ? eellm_emu::DeferredCopies().issued : s->waited;
+  e->issued = eellm_emu::Legacy(s) ? eellm_emu::DeferredWork().issued : s->waited;
   return cudaSuccess;
 }
 inline cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t);
@@ -309,7 +326,7 @@ inline cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
   return cudaSuccess;
 }
 inline cudaError_t cudaFree(void* p) {
-  eellm_emu::CompleteCopies();
+  eellm_emu::CompleteWork();
   return eellm_emu::FreeRecorded(eellm_emu::Allocations(), p,
                                  "cudaFree of a pointer cudaMalloc did not return");
 }
@@ -320,7 +337,7 @@ inline cudaError_t cudaFreeAsync(void* p, cudaStream_t) { return cudaFree(p); }
 inline cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
   using eellm_emu::IsDevice;
   using eellm_emu::IsHost;
-  eellm_emu::CompleteCopies();
+  eellm_emu::CompleteWork();
   const bool ok = kind == cudaMemcpyHostToDevice     ? IsDevice(dst, bytes) && IsHost(src, bytes)
                   : kind == cudaMemcpyDeviceToHost   ? IsHost(dst, bytes) && IsDevice(src, bytes)
                   : kind == cudaMemcpyDeviceToDevice ? IsDevice(dst, bytes) && IsDevice(src, bytes)
@@ -335,8 +352,7 @@ inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cud
     if (!eellm_emu::IsDevice(dst, bytes)) {
       return eellm_emu::Misuse("cudaMemcpyAsync between memory of the wrong kinds");
     }
-    eellm_emu::DeferredCopies().copies.push_back({dst, src, bytes});
-    ++eellm_emu::DeferredCopies().issued;
+    eellm_emu::Defer([=] { std::memmove(dst, src, bytes); });
     return cudaSuccess;
   }
   return cudaMemcpy(dst, src, bytes, kind);
@@ -344,7 +360,7 @@ inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cud
 inline cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch,
                                      size_t width, size_t height, cudaMemcpyKind kind,
                                      cudaStream_t) {
-  eellm_emu::CompleteCopies();
+  eellm_emu::CompleteWork();
   if (kind != cudaMemcpyDeviceToDevice || width > dpitch || width > spitch) {
     return eellm_emu::Misuse("cudaMemcpy2DAsync: only device to device, width within the pitches");
   }
@@ -359,7 +375,7 @@ inline cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, 
   return cudaSuccess;
 }
 inline cudaError_t cudaMemset(void* p, int value, size_t bytes) {
-  eellm_emu::CompleteCopies();
+  eellm_emu::CompleteWork();
   if (!eellm_emu::IsDevice(p, bytes)) {
     return eellm_emu::Misuse("cudaMemset on memory that is not device memory");
   }
@@ -371,7 +387,7 @@ inline cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_
 }
 inline cudaError_t cudaMemset2DAsync(void* p, size_t pitch, int value, size_t width, size_t height,
                                      cudaStream_t) {
-  eellm_emu::CompleteCopies();
+  eellm_emu::CompleteWork();
   if (height > 0 && !eellm_emu::IsDevice(p, pitch * (height - 1) + width)) {
     return eellm_emu::Misuse("cudaMemset2DAsync on memory that is not device memory");
   }
@@ -539,14 +555,9 @@ inline bool ReleaseBarriers(int threads) {
 // Runs body() for every thread of every block of the grid. When thread 0 of the first block
 // finishes without reaching a barrier, the kernel has none (barriers must be reached by all
 // threads), and every other thread runs as a plain call, without fibers.
-inline cudaError_t Run(dim3 grid, dim3 block, size_t shared_bytes, std::function<void()> body) {
+// (LaunchKernel checked the launch configuration and the dynamic shared memory.)
+inline void Run(dim3 grid, dim3 block, size_t shared_bytes, std::function<void()> body) {
   const int threads = static_cast<int>(block.x * block.y * block.z);
-  // (The dynamic shared memory was checked against the kernel's limit by LaunchKernel.)
-  if (threads <= 0 || threads > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
-      grid.y > 65535 || grid.z > 65535) {
-    g_last_error = cudaErrorInvalidValue;
-    return cudaErrorInvalidValue;
-  }
   Scheduler& s = Sched();
   s.body = std::move(body);
   // Grow only: shrinking would free fiber stacks that the next larger launch allocates again.
@@ -609,7 +620,6 @@ inline cudaError_t Run(dim3 grid, dim3 block, size_t shared_bytes, std::function
     }
     s.in_fiber = false;
   }
-  return cudaSuccess;
 }
 
 inline unsigned char* DynamicShared() { return Sched().shared_base; }
@@ -720,8 +730,7 @@ bool DeviceArgument(const T& arg) {
 // The launch of engine/cuda/kernel_launch.h, emulated.
 template <typename... Params, typename... Args>
 inline cudaError_t LaunchKernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared,
-                                cudaStream_t, Args... args) {
-  eellm_emu::CompleteCopies();
+                                cudaStream_t stream, Args... args) {
   if (!(eellm_emu::DeviceArgument(args) && ...)) {
     eellm_emu::g_last_error = eellm_emu::Misuse("a kernel argument points to host memory");
     return eellm_emu::g_last_error;
@@ -732,6 +741,14 @@ inline cudaError_t LaunchKernel(void (*kernel)(Params...), dim3 grid, dim3 block
         "cudaFuncSetAttribute)");
     return eellm_emu::g_last_error;
   }
-  return eellm_emu::Run(grid, block, shared, [=] { kernel(args...); });
+  const unsigned threads = block.x * block.y * block.z;
+  if (threads == 0 || threads > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
+      grid.y > 65535 || grid.z > 65535) {
+    eellm_emu::g_last_error = cudaErrorInvalidValue;
+    return eellm_emu::g_last_error;
+  }
+  // (The arguments are copied now, as a launch does; the kernel runs when its work completes.)
+  eellm_emu::Issue(stream, [=] { eellm_emu::Run(grid, block, shared, [=] { kernel(args...); }); });
+  return cudaSuccess;
 }
 #define EE_DYNAMIC_SHARED(name) unsigned char* name = ::eellm_emu::DynamicShared()

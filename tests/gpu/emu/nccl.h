@@ -42,10 +42,10 @@ inline size_t Bytes(ncclDataType_t t) { return t == ncclFloat32 ? 4 : 1; }
 inline ncclResult_t Check(int mpi_result) {
   return mpi_result == MPI_SUCCESS ? ncclSuccess : ncclSystemError;
 }
-// (Every operation calls it first, with its stream: the deferred copies that stream is ordered
-// after complete before it reads; see CompleteCopiesFor.)
+// (Every operation calls it first, with its stream: the deferred work that stream is ordered
+// after completes before it reads; see CompleteWorkFor.)
 inline bool DeviceBuffer(const void* p, size_t count, ncclDataType_t t, cudaStream_t s) {
-  CompleteCopiesFor(s);
+  CompleteWorkFor(s);
   if (count == 0 || IsDevice(p, count * Bytes(t))) return true;
   Misuse("an NCCL buffer is not device memory");
   return false;

@@ -24,7 +24,7 @@ struct DeviceRadixSort {
                                int end_bit = sizeof(KeyT) * 8, cudaStream_t stream = 0) {
     static_assert(std::is_unsigned_v<KeyT>, "the emulation sorts unsigned keys");
     (void)stream;
-    eellm_emu::CompleteCopies();
+    eellm_emu::CompleteWork();
     using eellm_emu::IsDevice;
     using eellm_emu::Misuse;
     const size_t n = static_cast<size_t>(num_items);
