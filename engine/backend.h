@@ -240,6 +240,11 @@ class Backend {
   virtual void SumExpAndTarget(float* sum_exp, float* target_logit, ConstOperand logits,
                                const float* row_max, const int32_t* targets, int n, int v,
                                int start) = 0;
+  // With the global m, sum_exp and target logit: losses[r] = log(sum_exp[r]) + m[r] -
+  // target_logit[r] (in double, rounded once) and, when max_prob is not null, max_prob[r] =
+  // 1 / sum_exp[r], the largest probability (both written).
+  virtual void CrossEntropyFromStats(float* losses, float* max_prob, const float* row_max,
+                                     const float* sum_exp, const float* target_logit, int n) = 0;
   // With the global m and sum_exp: dlogits[r, j] = weights[r] * (exp(logits[r, j] - m[r]) /
   // sum_exp[r] - [start + j == targets[r]]) (written; dlogits may alias logits of its dtype).
   // logits fp32 or bf16, as in CrossEntropy.

@@ -1,8 +1,5 @@
 #include "parallel/tensor_parallel.h"
 
-#include <cmath>
-#include <vector>
-
 #include "engine/core/status.h"
 
 namespace eellm {
@@ -41,19 +38,9 @@ void VocabParallelCrossEntropy::Run(float* losses, float* max_prob, Operand dlog
                        shard.start);
   TpAllReduce(tp_, sum_exp_.f32(), n);
   TpAllReduce(tp_, target_.f32(), n);
-  // loss = log(sum exp(l - m)) + m - l[target]; the max probability is exp(0) / sum = 1 / sum.
-  std::vector<float> m(n), s(n), t(n), out(n);
-  be_->CopyToHost(m.data(), row_max_.data(), n * sizeof(float));
-  be_->CopyToHost(s.data(), sum_exp_.data(), n * sizeof(float));
-  be_->CopyToHost(t.data(), target_.data(), n * sizeof(float));
-  for (int r = 0; r < n; ++r) {
-    out[r] = static_cast<float>(std::log(static_cast<double>(s[r])) + m[r] - t[r]);
-  }
-  be_->CopyFromHost(losses, out.data(), n * sizeof(float));
-  if (max_prob != nullptr) {
-    for (int r = 0; r < n; ++r) out[r] = 1.0f / s[r];
-    be_->CopyFromHost(max_prob, out.data(), n * sizeof(float));
-  }
+  // loss = log(sum exp(l - m)) + m - l[target]; the max probability is exp(0) / sum = 1 / sum
+  // (on the device: no wait for the host).
+  be_->CrossEntropyFromStats(losses, max_prob, row_max_.f32(), sum_exp_.f32(), target_.f32(), n);
   if (dlogits.data != nullptr) {
     be_->CrossEntropyGradRange(dlogits, logits, row_max_.f32(), sum_exp_.f32(), targets, weights, n,
                                v, shard.start);

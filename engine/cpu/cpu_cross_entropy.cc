@@ -72,6 +72,15 @@ void CpuBackend::SumExpAndTarget(float* sum_exp, float* target_logit, ConstOpera
   }
 }
 
+void CpuBackend::CrossEntropyFromStats(float* losses, float* max_prob, const float* row_max,
+                                       const float* sum_exp, const float* target_logit, int n) {
+  for (int r = 0; r < n; ++r) {
+    losses[r] = static_cast<float>(std::log(static_cast<double>(sum_exp[r])) + row_max[r] -
+                                   target_logit[r]);
+    if (max_prob != nullptr) max_prob[r] = 1.0f / sum_exp[r];
+  }
+}
+
 void CpuBackend::CrossEntropyGradRange(Operand dlogits_op, ConstOperand logits_op,
                                        const float* row_max, const float* sum_exp,
                                        const int32_t* targets, const float* weights, int n, int v,

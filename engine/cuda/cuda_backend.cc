@@ -658,6 +658,11 @@ void CudaBackend::SumExpAndTarget(float* sum_exp, float* target_logit, ConstOper
   CUDA_CHECK(cuda::SumExpAndTarget(sum_exp, target_logit, ToElems(logits), row_max, targets, n, v,
                                    start, stream_));
 }
+void CudaBackend::CrossEntropyFromStats(float* losses, float* max_prob, const float* row_max,
+                                        const float* sum_exp, const float* target_logit, int n) {
+  CUDA_CHECK(
+      cuda::CrossEntropyFromStats(losses, max_prob, row_max, sum_exp, target_logit, n, stream_));
+}
 void CudaBackend::CrossEntropyGradRange(Operand dlogits, ConstOperand logits, const float* row_max,
                                         const float* sum_exp, const int32_t* targets,
                                         const float* weights, int n, int v, int start) {

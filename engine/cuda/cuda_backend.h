@@ -156,6 +156,8 @@ class CudaBackend final : public Backend {
   void SumExpAndTarget(float* sum_exp, float* target_logit, ConstOperand logits,
                        const float* row_max, const int32_t* targets, int n, int v,
                        int start) override;
+  void CrossEntropyFromStats(float* losses, float* max_prob, const float* row_max,
+                             const float* sum_exp, const float* target_logit, int n) override;
   void CrossEntropyGradRange(Operand dlogits, ConstOperand logits, const float* row_max,
                              const float* sum_exp, const int32_t* targets, const float* weights,
                              int n, int v, int start) override;

@@ -141,6 +141,9 @@ cudaError_t CrossEntropy(float* losses, float* max_prob, Elems dlogits, Elems lo
 cudaError_t RowMax(float* row_max, Elems logits, int n, int v, cudaStream_t s);
 cudaError_t SumExpAndTarget(float* sum_exp, float* target_logit, Elems logits, const float* row_max,
                             const int32_t* targets, int n, int v, int start, cudaStream_t s);
+cudaError_t CrossEntropyFromStats(float* losses, float* max_prob, const float* row_max,
+                                  const float* sum_exp, const float* target_logit, int n,
+                                  cudaStream_t s);
 cudaError_t CrossEntropyGradRange(Elems dlogits, Elems logits, const float* row_max,
                                   const float* sum_exp, const int32_t* targets,
                                   const float* weights, int n, int v, int start, cudaStream_t s);

@@ -266,6 +266,17 @@ __global__ void SumExpAndTargetKernel(float* sum_exp, float* target_logit, Elems
   }
 }
 
+// One thread a row: the loss from the row's global statistics (see Backend::CrossEntropyFromStats).
+__global__ void CrossEntropyFromStatsKernel(float* losses, float* max_prob, const float* row_max,
+                                            const float* sum_exp, const float* target_logit,
+                                            int n) {
+  const int r = blockIdx.x * blockDim.x + threadIdx.x;
+  if (r >= n) return;
+  const float s = sum_exp[r];
+  losses[r] = static_cast<float>(log(static_cast<double>(s)) + row_max[r] - target_logit[r]);
+  if (max_prob != nullptr) max_prob[r] = 1.0f / s;
+}
+
 __global__ void CrossEntropyGradRangeKernel(Elems dlogits, Elems logits, const float* row_max,
                                             const float* sum_exp, const int32_t* targets,
                                             const float* weights, int v, int start) {
@@ -315,6 +326,15 @@ cudaError_t SumExpAndTarget(float* sum_exp, float* target_logit, Elems logits, c
   if (n > 0 && v > 0) {
     LaunchKernel(SumExpAndTargetKernel, dim3(n), dim3(RowThreads(v, kThreads)), 0, s, sum_exp,
                  target_logit, logits, row_max, targets, v, start);
+  }
+  return cudaGetLastError();
+}
+cudaError_t CrossEntropyFromStats(float* losses, float* max_prob, const float* row_max,
+                                  const float* sum_exp, const float* target_logit, int n,
+                                  cudaStream_t s) {
+  if (n > 0) {
+    LaunchKernel(CrossEntropyFromStatsKernel, dim3((n + kThreads - 1) / kThreads), dim3(kThreads),
+                 0, s, losses, max_prob, row_max, sum_exp, target_logit, n);
   }
   return cudaGetLastError();
 }

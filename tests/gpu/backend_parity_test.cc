@@ -720,6 +720,20 @@ TEST_F(BackendParity, VocabParallelCrossEntropyPieces) {
         ref_.SumExpAndTarget(sum_exp.data(), target_logit.data(), logits.data(), row_max.data(),
                              targets.data(), n, v, start);
         for (float& s : sum_exp) s *= 1.3f;
+        for (bool with_max_prob : {false, true}) {
+          SCOPED_TRACE(::testing::Message() << "max_prob=" << with_max_prob);
+          ExpectParity(
+              [&](Backend* be, DeviceMem& m) -> Outputs {
+                float* losses = m.Nan(n);
+                float* max_prob = with_max_prob ? m.Nan(n) : nullptr;
+                be->CrossEntropyFromStats(losses, max_prob, m.Put(row_max), m.Put(sum_exp),
+                                          m.Put(target_logit), n);
+                Outputs out = {{"losses", m.Get(losses, n)}};
+                if (with_max_prob) out.push_back({"max_prob", m.Get(max_prob, n)});
+                return out;
+              },
+              kReduction);
+        }
         for (bool alias : {false, true}) {
           for (bool with_weights : {false, true}) {
             SCOPED_TRACE(::testing::Message() << "alias=" << alias << " weights=" << with_weights);

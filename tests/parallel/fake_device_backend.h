@@ -115,6 +115,10 @@ class FakeDeviceBackend final : public Backend {
                        int) override {
     std::abort();
   }
+  void CrossEntropyFromStats(float*, float*, const float*, const float*, const float*,
+                             int) override {
+    std::abort();
+  }
   void CrossEntropyGradRange(Operand, ConstOperand, const float*, const float*, const int32_t*,
                              const float*, int, int, int) override {
     std::abort();
