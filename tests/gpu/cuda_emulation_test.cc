@@ -317,6 +317,51 @@ TEST(CudaEmulationStreams, AnotherStreamSeesAKernelOrGemmOutputOnlyAfterWaitingF
   cudaFree(x);
 }
 
+__global__ void CopyKernel(float* out, const float* in) { out[threadIdx.x] = in[threadIdx.x]; }
+
+// The other direction: the result of an operation on another stream (an NCCL collective, whose
+// shim lands its results with DeferLanding) is there for the compute stream only once that stream
+// waited for an event recorded after the operation (NcclCommunicator::ComputeAfter), or the host
+// waited for such an event; the stream's own next operation sees it.
+TEST(CudaEmulationStreams, TheComputeStreamSeesAnotherStreamsResultOnlyAfterWaitingForIt) {
+  float *x = nullptr, *y = nullptr;
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&x), 4 * sizeof(float)), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&y), 4 * sizeof(float)), cudaSuccess);
+  ASSERT_EQ(cudaMemset(x, 0, 4 * sizeof(float)), cudaSuccess);
+  cudaStream_t nccl = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&nccl, cudaStreamNonBlocking), cudaSuccess);
+  cudaEvent_t done = nullptr;
+  ASSERT_EQ(cudaEventCreate(&done), cudaSuccess);
+  auto result = [&](float value) {  // an operation on `nccl` that writes x
+    eellm_emu::DeferLanding(nccl, [x, value] {
+      for (int i = 0; i < 4; ++i) x[i] = value;
+    });
+  };
+
+  result(5.0f);
+  ASSERT_EQ(LaunchKernel(CopyKernel, dim3(1), dim3(4), 0, nullptr, y, x), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(nullptr), cudaSuccess);
+  EXPECT_EQ(y[0], 0.0f);  // no wait: the kernel read x before the result landed
+  ASSERT_EQ(cudaEventRecord(done, nccl), cudaSuccess);
+  ASSERT_EQ(cudaStreamWaitEvent(nullptr, done, 0), cudaSuccess);
+  ASSERT_EQ(LaunchKernel(CopyKernel, dim3(1), dim3(4), 0, nullptr, y, x), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(nullptr), cudaSuccess);
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(y[i], 5.0f) << i;
+
+  result(7.0f);  // the host waits for it
+  ASSERT_EQ(cudaEventRecord(done, nccl), cudaSuccess);
+  result(8.0f);  // after the record: not covered by the wait
+  ASSERT_EQ(cudaEventSynchronize(done), cudaSuccess);
+  EXPECT_EQ(x[0], 7.0f);
+  eellm_emu::CompleteWorkFor(nccl);  // the stream's next operation
+  EXPECT_EQ(x[0], 8.0f);
+
+  cudaEventDestroy(done);
+  cudaStreamDestroy(nccl);
+  cudaFree(y);
+  cudaFree(x);
+}
+
 TEST(CudaEmulationLimits, AsyncCopiesLandAtTheWaitAndCheckAlignment) {
   float *out = nullptr, *in = nullptr;
   ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&out), 64 * sizeof(float)), cudaSuccess);

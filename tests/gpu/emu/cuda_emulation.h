@@ -37,6 +37,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <set>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -217,20 +218,114 @@ constexpr unsigned cudaHostAllocDefault = 0;
 inline cudaError_t cudaHostAlloc(void** p, size_t bytes, unsigned) {
   return eellm_emu::AllocRecorded(eellm_emu::PinnedAllocations(), p, bytes);
 }
+namespace eellm_emu {
+inline void CompleteAll();  // (below, with the streams)
+}  // namespace eellm_emu
 inline cudaError_t cudaFreeHost(void* p) {
-  eellm_emu::CompleteWork();
+  eellm_emu::CompleteAll();
   return eellm_emu::FreeRecorded(eellm_emu::PinnedAllocations(), p,
                                  "cudaFreeHost of a pointer cudaHostAlloc did not return");
 }
+// Streams. Another stream than the legacy one sees, of the legacy stream's deferred work, only
+// what its waits for events ordered it after: `waited`, the work issued before the last event it
+// waited for. A stream created without cudaStreamNonBlocking sees all (it synchronises with the
+// legacy stream). So an NCCL operation that reads a kernel's output or an upload without
+// AfterCompute reads stale data, as it may on a GPU.
+//
+// The other direction: an operation on a non-blocking stream (an NCCL collective) computes when
+// it is issued, but its results land in their destination only as late as the device allows
+// (`landings`, in order): when that stream is synchronised, when the host waits for an event
+// recorded on it after them, at the stream's next operation, or, once the legacy stream waited
+// for such an event, in order in the legacy stream's work. So a kernel that reads an NCCL result
+// without ComputeAfter reads stale data too.
+constexpr unsigned cudaStreamNonBlocking = 1;
+struct CUstream_st {
+  bool non_blocking = false;
+  uint64_t waited = 0;
+  std::deque<std::function<void()>> landings;  // results still to land, in issue order
+  uint64_t landings_issued = 0;  // the first of `landings` is number landings_issued - size
+};
+namespace eellm_emu {
+inline bool Legacy(cudaStream_t s) { return s == nullptr || !s->non_blocking; }
+inline std::set<cudaStream_t>& NonBlockingStreams() {  // those alive
+  static std::set<cudaStream_t> streams;
+  return streams;
+}
+// Lands the results of the operations on non-blocking stream `s` issued before the first `upto`
+// (all by default); nothing if `s` was destroyed (which landed all).
+inline void Land(cudaStream_t s, uint64_t upto = ~uint64_t{0}) {
+  if (NonBlockingStreams().count(s) == 0) return;
+  while (!s->landings.empty() && s->landings_issued - s->landings.size() < upto) {
+    std::function<void()> land = std::move(s->landings.front());
+    s->landings.pop_front();
+    land();
+  }
+}
+// The legacy stream's work, then every stream's results (a device-wide synchronisation).
+inline void CompleteAll() {
+  CompleteWork();
+  for (cudaStream_t s : NonBlockingStreams()) Land(s);
+}
+// The result of an operation on `s`, to land late (see above); on the legacy stream, in order
+// in its work.
+inline void DeferLanding(cudaStream_t s, std::function<void()> land) {
+  if (Legacy(s)) {
+    Defer(std::move(land));
+    return;
+  }
+  s->landings.push_back(std::move(land));
+  ++s->landings_issued;
+}
+// Completes the work that an operation on `s` is ordered after: on a non-blocking stream, the
+// legacy work it waited for and its own earlier operations' results.
+inline void CompleteWorkFor(cudaStream_t s) {
+  if (Legacy(s)) {
+    CompleteWork();
+  } else {
+    CompleteWork(s->waited);
+    Land(s);
+  }
+}
+// Issues device work `op` (a kernel, a GEMM) on `s`: on the legacy stream what came before
+// completes and `op` is deferred; on another stream it runs now, after what that stream is
+// ordered after.
+inline void Issue(cudaStream_t s, std::function<void()> op) {
+  if (Legacy(s)) {
+    CompleteWork();
+    Defer(std::move(op));
+  } else {
+    CompleteWorkFor(s);
+    op();
+  }
+}
+}  // namespace eellm_emu
 inline cudaError_t cudaDeviceSynchronize() {
-  eellm_emu::CompleteWork();
+  eellm_emu::CompleteAll();
   return cudaSuccess;
 }
-// Events: host time stamps (work is synchronous here).
+inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned flags) {
+  *s = new CUstream_st;
+  (*s)->non_blocking = (flags & cudaStreamNonBlocking) != 0;
+  if ((*s)->non_blocking) eellm_emu::NonBlockingStreams().insert(*s);
+  return cudaSuccess;
+}
+inline cudaError_t cudaStreamDestroy(cudaStream_t s) {
+  eellm_emu::Land(s);  // (its work completes, as on the device)
+  eellm_emu::NonBlockingStreams().erase(s);
+  delete s;
+  return cudaSuccess;
+}
+inline cudaError_t cudaStreamSynchronize(cudaStream_t s) {
+  eellm_emu::CompleteWorkFor(s);
+  return cudaSuccess;
+}
+// Events: host time stamps, and what the stream they were recorded on had issued then.
 using cudaEvent_t = struct CUevent_st*;
 struct CUevent_st {
   std::chrono::steady_clock::time_point at;
-  uint64_t issued = 0;  // deferred work issued before the record (waiting completes it)
+  uint64_t issued = 0;            // legacy work issued before the record (waiting completes it)
+  cudaStream_t stream = nullptr;  // recorded on this non-blocking stream (null: legacy)
+  uint64_t landings = 0;          // its results issued before the record
 };
 inline cudaError_t cudaEventCreate(cudaEvent_t* e) {
   *e = new CUevent_st;
@@ -240,68 +335,39 @@ inline cudaError_t cudaEventDestroy(cudaEvent_t e) {
   delete e;
   return cudaSuccess;
 }
-inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = nullptr);
-// Completes what came before the event's record only: work deferred after it stays pending.
-inline cudaError_t cudaEventSynchronize(cudaEvent_t e) {
-  eellm_emu::CompleteWork(e->issued);
-  return cudaSuccess;
-}
 constexpr unsigned cudaEventDisableTiming = 2;
 inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) { return cudaEventCreate(e); }
-// Streams. Another stream than the legacy one sees, of the legacy stream's deferred work, only
-// what its waits for events ordered it after: `waited`, the work issued before the last event it
-// waited for. A stream created without cudaStreamNonBlocking sees all (it synchronises with the
-// legacy stream). So an NCCL operation that reads a kernel's output or an upload without
-// AfterCompute reads stale data, as it may on a GPU.
-constexpr unsigned cudaStreamNonBlocking = 1;
-struct CUstream_st {
-  bool non_blocking = false;
-  uint64_t waited = 0;
-};
-namespace eellm_emu {
-inline bool Legacy(cudaStream_t s) { return s == nullptr || !s->non_blocking; }
-// Completes the deferred work that an operation on `s` is ordered after.
-inline void CompleteWorkFor(cudaStream_t s) {
-  if (Legacy(s)) {
-    CompleteWork();
-  } else {
-    CompleteWork(s->waited);
-  }
-}
-// Issues device work `op` (a kernel, a GEMM) on `s`: on the legacy stream what came before
-// completes and `op` is deferred; on another stream it runs now, after what that stream waited
-// for.
-inline void Issue(cudaStream_t s, std::function<void()> op) {
-  if (Legacy(s)) {
-    CompleteWork();
-    Defer(std::move(op));
-  } else {
-    CompleteWork(s->waited);
-    op();
-  }
-}
-}  // namespace eellm_emu
-inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned flags) {
-  *s = new CUstream_st{(flags & cudaStreamNonBlocking) != 0, 0};
+// An event on the legacy stream follows all work issued so far; on another stream, what the stream
+// has waited for and its own operations so far.
+inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = nullptr) {
+  e->at = std::chrono::steady_clock::now();
+  const bool legacy = eellm_emu::Legacy(s);
+  e->issued = legacy ? eellm_emu::DeferredWork().issued : s->waited;
+  e->stream = legacy ? nullptr : s;
+  e->landings = legacy ? 0 : s->landings_issued;
   return cudaSuccess;
 }
-inline cudaError_t cudaStreamDestroy(cudaStream_t s) {
-  delete s;
-  return cudaSuccess;
-}
-inline cudaError_t cudaStreamSynchronize(cudaStream_t s) {
-  eellm_emu::CompleteWorkFor(s);
+// Completes what came before the event's record only: work issued after it stays pending. (For an
+// event on another stream, the legacy stream's pending work runs first: it may have run before
+// the results landed, so a read of them that was not ordered after the event sees stale data.)
+inline cudaError_t cudaEventSynchronize(cudaEvent_t e) {
+  eellm_emu::CompleteWork(e->issued);
+  if (e->stream != nullptr) {
+    eellm_emu::CompleteWork();
+    eellm_emu::Land(e->stream, e->landings);
+  }
   return cudaSuccess;
 }
 inline cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned) {
-  if (s != nullptr) s->waited = std::max(s->waited, e->issued);
-  return cudaSuccess;
-}
-// An event on the legacy stream follows all work issued so far; on another stream, what the stream
-// has waited for.
-inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
-  e->at = std::chrono::steady_clock::now();
-  e->issued = eellm_emu::Legacy(s) ? eellm_emu::DeferredWork().issued : s->waited;
+  if (!eellm_emu::Legacy(s)) s->waited = std::max(s->waited, e->issued);
+  if (e->stream == nullptr || e->stream == s) return cudaSuccess;
+  const cudaStream_t from = e->stream;
+  const uint64_t upto = e->landings;
+  if (eellm_emu::Legacy(s)) {
+    eellm_emu::Defer([from, upto] { eellm_emu::Land(from, upto); });
+  } else {
+    eellm_emu::Land(from, upto);  // (at once: no later than s's next operation)
+  }
   return cudaSuccess;
 }
 inline cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t);
@@ -326,7 +392,7 @@ inline cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
   return cudaSuccess;
 }
 inline cudaError_t cudaFree(void* p) {
-  eellm_emu::CompleteWork();
+  eellm_emu::CompleteAll();
   return eellm_emu::FreeRecorded(eellm_emu::Allocations(), p,
                                  "cudaFree of a pointer cudaMalloc did not return");
 }
