@@ -6,7 +6,8 @@
 // bf16 but the fp32 lse. Each shape's plan is built at its first call and kept (a training step
 // repeats one shape); a shape cuDNN has no plan for is remembered, said once on stderr, and the
 // call returns false, so the caller runs its own kernels (flash_attention.cu), as with LtGemm.
-// Builds without cuDNN (and the CPU emulation of CUDA) get Create() == null.
+// Builds without cuDNN get Create() == null; the CPU emulation of CUDA runs the graphs on an
+// interpreter (tests/gpu/emu/emulated_cudnn_graph.cc).
 // EELLM_CUDNN_ATTENTION=0 turns it off (to compare with the fused kernels in one command);
 // EELLM_CUDNN_ATTENTION=any also allows, where cuDNN has no plan for the deterministic backward,
 // the cuDNN frontend's default one (dQ summed in an fp32 accumulator by atomics: not

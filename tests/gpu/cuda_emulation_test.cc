@@ -362,6 +362,30 @@ TEST(CudaEmulationStreams, TheComputeStreamSeesAnotherStreamsResultOnlyAfterWait
   cudaFree(x);
 }
 
+// Events and queued landings name a stream by an id no later stream reuses (a new stream may get
+// a destroyed one's address): waiting for an event of a destroyed stream lands nothing of a later
+// stream's.
+TEST(CudaEmulationStreams, AnEventOfADestroyedStreamLandsNothingOfALaterOne) {
+  float* x = nullptr;
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&x), sizeof(float)), cudaSuccess);
+  ASSERT_EQ(cudaMemset(x, 0, sizeof(float)), cudaSuccess);
+  cudaStream_t first = nullptr, second = nullptr;
+  cudaEvent_t done = nullptr;
+  ASSERT_EQ(cudaEventCreate(&done), cudaSuccess);
+  ASSERT_EQ(cudaStreamCreateWithFlags(&first, cudaStreamNonBlocking), cudaSuccess);
+  ASSERT_EQ(cudaEventRecord(done, first), cudaSuccess);
+  ASSERT_EQ(cudaStreamDestroy(first), cudaSuccess);
+  ASSERT_EQ(cudaStreamCreateWithFlags(&second, cudaStreamNonBlocking), cudaSuccess);
+  eellm_emu::DeferLanding(second, [x] { *x = 42.0f; });
+  ASSERT_EQ(cudaEventSynchronize(done), cudaSuccess);
+  EXPECT_EQ(*x, 0.0f);
+  ASSERT_EQ(cudaStreamSynchronize(second), cudaSuccess);
+  EXPECT_EQ(*x, 42.0f);
+  cudaStreamDestroy(second);
+  cudaEventDestroy(done);
+  cudaFree(x);
+}
+
 TEST(CudaEmulationLimits, AsyncCopiesLandAtTheWaitAndCheckAlignment) {
   float *out = nullptr, *in = nullptr;
   ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&out), 64 * sizeof(float)), cudaSuccess);

@@ -1,8 +1,9 @@
 // The CUDA backend allocates no device memory inside a training step once the first step has
 // run (its internal scratch included, which the ProfilingBackend-based step_allocation_test
 // cannot see): cudaMalloc calls counted under the CPU emulation of CUDA, in fp32, bf16 and bf16
-// with weight copies (head_dim 32, so attention runs the fused kernels and their scratch). And
-// bench train's count of the device memory a step took.
+// with weight copies (head_dim 32, so attention runs the fused kernels and their scratch); and
+// the host waits for the device only twice a step (the emulation's count of blocking calls made
+// with device work pending). And bench train's count of the device memory a step took.
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -52,8 +53,13 @@ TEST(EmulatedCudaStep, NoDeviceAllocationAfterTheFirstStep) {
       };
       step();
       const int64_t after_first = EmulatedCudaMallocCalls();
+      const int64_t waits_before = EmulatedHostWaits();
       for (int i = 0; i < 3; ++i) step();
       EXPECT_EQ(EmulatedCudaMallocCalls(), after_first) << "steps 2-4 called cudaMalloc";
+      // The host waits twice a step, for the losses and for the gradient norm (as the
+      // ProfilingBackend counts on the CPU, StepHostWaits): no synchronising upload, no other
+      // read-back, no cudaFree.
+      EXPECT_EQ(EmulatedHostWaits() - waits_before, 3 * 2) << "host waits in steps 2-4";
       EXPECT_LT(losses.back(), losses.front());  // and it trains
     }
   }

@@ -37,7 +37,6 @@
 #include <functional>
 #include <map>
 #include <memory>
-#include <set>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -240,6 +239,7 @@ inline cudaError_t cudaFreeHost(void* p) {
 // without ComputeAfter reads stale data too.
 constexpr unsigned cudaStreamNonBlocking = 1;
 struct CUstream_st {
+  uint64_t id = 0;  // non-blocking streams: 1, 2, ... in creation order, never reused
   bool non_blocking = false;
   uint64_t waited = 0;
   std::deque<std::function<void()>> landings;  // results still to land, in issue order
@@ -247,24 +247,50 @@ struct CUstream_st {
 };
 namespace eellm_emu {
 inline bool Legacy(cudaStream_t s) { return s == nullptr || !s->non_blocking; }
-inline std::set<cudaStream_t>& NonBlockingStreams() {  // those alive
-  static std::set<cudaStream_t> streams;
+// The non-blocking streams alive, by id (events and queued landings name a stream by its id, which
+// a later stream does not reuse, unlike its address).
+inline std::map<uint64_t, cudaStream_t>& NonBlockingStreams() {
+  static std::map<uint64_t, cudaStream_t> streams;
   return streams;
 }
-// Lands the results of the operations on non-blocking stream `s` issued before the first `upto`
-// (all by default); nothing if `s` was destroyed (which landed all).
-inline void Land(cudaStream_t s, uint64_t upto = ~uint64_t{0}) {
-  if (NonBlockingStreams().count(s) == 0) return;
+inline cudaStream_t StreamOf(uint64_t id) {
+  auto it = NonBlockingStreams().find(id);
+  return it == NonBlockingStreams().end() ? nullptr : it->second;
+}
+// Lands the results of the operations on non-blocking stream `id` issued before the first `upto`
+// (all by default); nothing if the stream was destroyed (which landed all).
+inline void Land(uint64_t id, uint64_t upto = ~uint64_t{0}) {
+  const cudaStream_t s = StreamOf(id);
+  if (s == nullptr) return;
   while (!s->landings.empty() && s->landings_issued - s->landings.size() < upto) {
     std::function<void()> land = std::move(s->landings.front());
     s->landings.pop_front();
     land();
   }
 }
-// The legacy stream's work, then every stream's results (a device-wide synchronisation).
+// Host waits: the calls that block the host until device work completes (synchronisations, copies
+// to the host, synchronous copies from pageable memory, cudaFree), counted when they find such
+// work pending, where a GPU would stall the host (tests count them in a training step).
+inline int64_t g_host_waits = 0;
+inline bool LegacyPending(uint64_t upto = ~uint64_t{0}) {
+  const Deferred& d = DeferredWork();
+  return !d.work.empty() && d.issued - d.work.size() < upto;
+}
+inline bool LandingsPending(uint64_t id, uint64_t upto = ~uint64_t{0}) {
+  const cudaStream_t s = StreamOf(id);
+  return s != nullptr && !s->landings.empty() && s->landings_issued - s->landings.size() < upto;
+}
+inline void CountHostWait(bool pending) {
+  if (pending) ++g_host_waits;
+}
+// The legacy stream's work, then every stream's results (a device-wide synchronisation, which
+// the host waits for).
 inline void CompleteAll() {
+  bool pending = LegacyPending();
+  for (const auto& [id, s] : NonBlockingStreams()) pending = pending || LandingsPending(id);
+  CountHostWait(pending);
   CompleteWork();
-  for (cudaStream_t s : NonBlockingStreams()) Land(s);
+  for (const auto& [id, s] : NonBlockingStreams()) Land(id);  // (in creation order)
 }
 // The result of an operation on `s`, to land late (see above); on the legacy stream, in order
 // in its work.
@@ -283,20 +309,14 @@ inline void CompleteWorkFor(cudaStream_t s) {
     CompleteWork();
   } else {
     CompleteWork(s->waited);
-    Land(s);
+    Land(s->id);
   }
 }
-// Issues device work `op` (a kernel, a GEMM) on `s`: on the legacy stream what came before
-// completes and `op` is deferred; on another stream it runs now, after what that stream is
-// ordered after.
+// Issues device work `op` (a kernel, a GEMM) on `s`: what came before on s completes and `op` is
+// deferred (on another stream than the legacy one, it runs when its results land).
 inline void Issue(cudaStream_t s, std::function<void()> op) {
-  if (Legacy(s)) {
-    CompleteWork();
-    Defer(std::move(op));
-  } else {
-    CompleteWorkFor(s);
-    op();
-  }
+  CompleteWorkFor(s);
+  DeferLanding(s, std::move(op));
 }
 }  // namespace eellm_emu
 inline cudaError_t cudaDeviceSynchronize() {
@@ -304,18 +324,28 @@ inline cudaError_t cudaDeviceSynchronize() {
   return cudaSuccess;
 }
 inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned flags) {
+  static uint64_t created = 0;
   *s = new CUstream_st;
   (*s)->non_blocking = (flags & cudaStreamNonBlocking) != 0;
-  if ((*s)->non_blocking) eellm_emu::NonBlockingStreams().insert(*s);
+  if ((*s)->non_blocking) {
+    (*s)->id = ++created;
+    eellm_emu::NonBlockingStreams()[(*s)->id] = *s;
+  }
   return cudaSuccess;
 }
 inline cudaError_t cudaStreamDestroy(cudaStream_t s) {
-  eellm_emu::Land(s);  // (its work completes, as on the device)
-  eellm_emu::NonBlockingStreams().erase(s);
+  if (s != nullptr && s->non_blocking) {
+    eellm_emu::Land(s->id);  // (its work completes, as on the device)
+    eellm_emu::NonBlockingStreams().erase(s->id);
+  }
   delete s;
   return cudaSuccess;
 }
 inline cudaError_t cudaStreamSynchronize(cudaStream_t s) {
+  using eellm_emu::Legacy;
+  eellm_emu::CountHostWait(Legacy(s) ? eellm_emu::LegacyPending()
+                                     : eellm_emu::LegacyPending(s->waited) ||
+                                           eellm_emu::LandingsPending(s->id));
   eellm_emu::CompleteWorkFor(s);
   return cudaSuccess;
 }
@@ -323,9 +353,9 @@ inline cudaError_t cudaStreamSynchronize(cudaStream_t s) {
 using cudaEvent_t = struct CUevent_st*;
 struct CUevent_st {
   std::chrono::steady_clock::time_point at;
-  uint64_t issued = 0;            // legacy work issued before the record (waiting completes it)
-  cudaStream_t stream = nullptr;  // recorded on this non-blocking stream (null: legacy)
-  uint64_t landings = 0;          // its results issued before the record
+  uint64_t issued = 0;    // legacy work issued before the record (waiting completes it)
+  uint64_t stream = 0;    // the id of the non-blocking stream it was recorded on (0: legacy)
+  uint64_t landings = 0;  // its results issued before the record
 };
 inline cudaError_t cudaEventCreate(cudaEvent_t* e) {
   *e = new CUevent_st;
@@ -343,7 +373,7 @@ inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = nullptr) {
   e->at = std::chrono::steady_clock::now();
   const bool legacy = eellm_emu::Legacy(s);
   e->issued = legacy ? eellm_emu::DeferredWork().issued : s->waited;
-  e->stream = legacy ? nullptr : s;
+  e->stream = legacy ? 0 : s->id;
   e->landings = legacy ? 0 : s->landings_issued;
   return cudaSuccess;
 }
@@ -351,8 +381,10 @@ inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = nullptr) {
 // event on another stream, the legacy stream's pending work runs first: it may have run before
 // the results landed, so a read of them that was not ordered after the event sees stale data.)
 inline cudaError_t cudaEventSynchronize(cudaEvent_t e) {
+  eellm_emu::CountHostWait(eellm_emu::LegacyPending(e->issued) ||
+                           (e->stream != 0 && eellm_emu::LandingsPending(e->stream, e->landings)));
   eellm_emu::CompleteWork(e->issued);
-  if (e->stream != nullptr) {
+  if (e->stream != 0) {
     eellm_emu::CompleteWork();
     eellm_emu::Land(e->stream, e->landings);
   }
@@ -360,8 +392,8 @@ inline cudaError_t cudaEventSynchronize(cudaEvent_t e) {
 }
 inline cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned) {
   if (!eellm_emu::Legacy(s)) s->waited = std::max(s->waited, e->issued);
-  if (e->stream == nullptr || e->stream == s) return cudaSuccess;
-  const cudaStream_t from = e->stream;
+  if (e->stream == 0 || (!eellm_emu::Legacy(s) && e->stream == s->id)) return cudaSuccess;
+  const uint64_t from = e->stream;
   const uint64_t upto = e->landings;
   if (eellm_emu::Legacy(s)) {
     eellm_emu::Defer([from, upto] { eellm_emu::Land(from, upto); });
@@ -400,33 +432,47 @@ inline cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t) {
   return cudaMalloc(p, bytes);
 }
 inline cudaError_t cudaFreeAsync(void* p, cudaStream_t) { return cudaFree(p); }
-inline cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
-  using eellm_emu::IsDevice;
-  using eellm_emu::IsHost;
-  eellm_emu::CompleteWork();
+namespace eellm_emu {
+// A copy on stream s, made now in its order (after the work s is ordered after). (On a
+// non-blocking stream copies and memsets write at once: a read of their result not ordered after
+// them is not caught, as it is for NCCL's results; none is issued there.)
+inline cudaError_t CopyNow(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind,
+                           cudaStream_t s = nullptr) {
+  CompleteWorkFor(s);
   const bool ok = kind == cudaMemcpyHostToDevice     ? IsDevice(dst, bytes) && IsHost(src, bytes)
                   : kind == cudaMemcpyDeviceToHost   ? IsHost(dst, bytes) && IsDevice(src, bytes)
                   : kind == cudaMemcpyDeviceToDevice ? IsDevice(dst, bytes) && IsDevice(src, bytes)
                                                      : IsHost(dst, bytes) && IsHost(src, bytes);
-  if (!ok) return eellm_emu::Misuse("cudaMemcpy between memory of the wrong kinds");
+  if (!ok) return Misuse("cudaMemcpy between memory of the wrong kinds");
   std::memmove(dst, src, bytes);
   return cudaSuccess;
 }
+}  // namespace eellm_emu
+// Synchronous for the host, except device to device; from pageable memory the device's earlier
+// work completes first.
+inline cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
+  eellm_emu::CountHostWait((kind == cudaMemcpyHostToDevice || kind == cudaMemcpyDeviceToHost) &&
+                           eellm_emu::LegacyPending());
+  return eellm_emu::CopyNow(dst, src, bytes, kind);
+}
 inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind,
-                                   cudaStream_t) {
+                                   cudaStream_t stream) {
   if (kind == cudaMemcpyHostToDevice && eellm_emu::IsPinned(src, bytes)) {
     if (!eellm_emu::IsDevice(dst, bytes)) {
       return eellm_emu::Misuse("cudaMemcpyAsync between memory of the wrong kinds");
     }
-    eellm_emu::Defer([=] { std::memmove(dst, src, bytes); });
+    eellm_emu::DeferLanding(stream, [=] { std::memmove(dst, src, bytes); });
     return cudaSuccess;
   }
-  return cudaMemcpy(dst, src, bytes, kind);
+  // (From pageable memory the bytes are staged at once, without waiting for the device; a copy to
+  // the host waits.)
+  eellm_emu::CountHostWait(kind == cudaMemcpyDeviceToHost && eellm_emu::LegacyPending());
+  return eellm_emu::CopyNow(dst, src, bytes, kind, stream);
 }
 inline cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch,
                                      size_t width, size_t height, cudaMemcpyKind kind,
-                                     cudaStream_t) {
-  eellm_emu::CompleteWork();
+                                     cudaStream_t stream) {
+  eellm_emu::CompleteWorkFor(stream);
   if (kind != cudaMemcpyDeviceToDevice || width > dpitch || width > spitch) {
     return eellm_emu::Misuse("cudaMemcpy2DAsync: only device to device, width within the pitches");
   }
@@ -440,20 +486,24 @@ inline cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, 
   }
   return cudaSuccess;
 }
-inline cudaError_t cudaMemset(void* p, int value, size_t bytes) {
-  eellm_emu::CompleteWork();
-  if (!eellm_emu::IsDevice(p, bytes)) {
-    return eellm_emu::Misuse("cudaMemset on memory that is not device memory");
-  }
+namespace eellm_emu {
+inline cudaError_t MemsetNow(void* p, int value, size_t bytes) {
+  if (!IsDevice(p, bytes)) return Misuse("cudaMemset on memory that is not device memory");
   std::memset(p, value, bytes);
   return cudaSuccess;
 }
-inline cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t) {
-  return cudaMemset(p, value, bytes);
+}  // namespace eellm_emu
+inline cudaError_t cudaMemset(void* p, int value, size_t bytes) {
+  eellm_emu::CompleteWork();
+  return eellm_emu::MemsetNow(p, value, bytes);
+}
+inline cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t stream) {
+  eellm_emu::CompleteWorkFor(stream);
+  return eellm_emu::MemsetNow(p, value, bytes);
 }
 inline cudaError_t cudaMemset2DAsync(void* p, size_t pitch, int value, size_t width, size_t height,
-                                     cudaStream_t) {
-  eellm_emu::CompleteWork();
+                                     cudaStream_t stream) {
+  eellm_emu::CompleteWorkFor(stream);
   if (height > 0 && !eellm_emu::IsDevice(p, pitch * (height - 1) + width)) {
     return eellm_emu::Misuse("cudaMemset2DAsync on memory that is not device memory");
   }

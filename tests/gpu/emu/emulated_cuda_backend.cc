@@ -9,6 +9,7 @@
 
 namespace eellm {
 int64_t EmulatedCudaMallocCalls() { return eellm_emu::g_malloc_calls; }
+int64_t EmulatedHostWaits() { return eellm_emu::g_host_waits; }
 
 absl::StatusOr<std::unique_ptr<Backend>> MakeBackendOrEmulated(absl::string_view name) {
   if (!absl::StartsWith(name, "emulated-cuda")) return MakeBackend(name);

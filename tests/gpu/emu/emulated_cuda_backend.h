@@ -23,6 +23,10 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeBackendOrEmulated(absl::string_view
 // cudaMalloc calls made so far in this process under the emulation (the backend's buffers and
 // its internal scratch alike).
 int64_t EmulatedCudaMallocCalls();
+// Host waits so far under the emulation: calls that block the host (synchronisations, copies to
+// the host, synchronous uploads from pageable memory, cudaFree) made while device work they wait
+// for was pending, where a GPU would stall the host.
+int64_t EmulatedHostWaits();
 // As MeasureCudaGemms (the timings mean nothing here; the results are checked).
 absl::StatusOr<std::vector<GemmTiming>> MeasureEmulatedCudaGemms(
     const std::vector<GemmShape>& shapes, int reps);

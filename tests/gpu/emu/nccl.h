@@ -77,7 +77,10 @@ inline Read Reading(const char* op, const void* p, size_t bytes) {
   return {op, p, ShadowOf(p, bytes)};
 }
 inline void CheckUnchanged(const Read& r) {
-  if (r.p == nullptr || std::memcmp(r.p, r.before->data(), r.before->size()) == 0) return;
+  if (r.p == nullptr || r.before->empty() ||
+      std::memcmp(r.p, r.before->data(), r.before->size()) == 0) {
+    return;
+  }
   std::fprintf(stderr,
                "CUDA emulation: what %s reads was written while it was in flight (a write not "
                "ordered after it: it may read the new bytes on a GPU)\n",
@@ -88,7 +91,7 @@ inline void CheckUnchanged(const Read& r) {
 inline void LandLater(cudaStream_t s, const Read& read, void* dst, Shadow result) {
   DeferLanding(s, [read, dst, result] {
     CheckUnchanged(read);
-    if (dst != nullptr) std::memmove(dst, result->data(), result->size());
+    if (dst != nullptr && !result->empty()) std::memmove(dst, result->data(), result->size());
   });
 }
 }  // namespace eellm_emu
@@ -227,7 +230,10 @@ inline ncclResult_t ncclGroupEnd() {
         op.received = eellm_emu::ShadowOf(op.data, bytes);
         r = MPI_Irecv(op.received->data(), op.count, op.type, op.peer, 0, op.comm, &reqs.back());
       }
-      if (r != MPI_SUCCESS) return ncclSystemError;
+      if (r != MPI_SUCCESS) {
+        eellm_emu::g_group.clear();
+        return ncclSystemError;
+      }
     }
   }
   const ncclResult_t e = eellm_emu::Check(
