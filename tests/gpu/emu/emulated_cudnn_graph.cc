@@ -33,6 +33,7 @@
 #include "absl/strings/str_cat.h"
 #include "tests/gpu/emu/cuda_emulation.h"
 
+namespace eellm_emu {
 struct TensorRecord {
   std::vector<int64_t> dims, strides;
   cudnnDataType_t type = CUDNN_DATA_FLOAT;
@@ -45,13 +46,19 @@ struct OpRecord {
   int mode = 0;  // cudnnPointwiseMode_t or cudnnReduceTensorOp_t
   int64_t y = 0, x = 0, b = 0, t = 0, axis = -1;
 };
+}  // namespace eellm_emu
+
 // A descriptor: a tensor, an operation, or (a plan's graph) all of a graph's.
 struct cudnnBackendDescriptor_st {
-  std::vector<TensorRecord> tensors;
-  std::vector<OpRecord> ops;
+  std::vector<eellm_emu::TensorRecord> tensors;
+  std::vector<eellm_emu::OpRecord> ops;
 };
 
 namespace eellm::cuda::cudnn {
+
+using eellm_emu::OpKind;
+using eellm_emu::OpRecord;
+using eellm_emu::TensorRecord;
 
 Descriptor::Descriptor(cudnnBackendDescriptorType_t) : d_(new cudnnBackendDescriptor_st) {}
 Descriptor::~Descriptor() { delete d_; }
