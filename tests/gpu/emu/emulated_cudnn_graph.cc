@@ -156,6 +156,12 @@ namespace {
 
 using Kind = Graph::Kind;
 
+// A graph the interpreter would compute but cuDNN may not as it does: aborts, naming it.
+[[noreturn]] void Refuse(const char* what) {
+  std::fprintf(stderr, "emulated cuDNN: %s\n", what);
+  std::abort();
+}
+
 float RoundTo(cudnnDataType_t type, double v) {
   if (type == CUDNN_DATA_BFLOAT16) return __bfloat162float(__float2bfloat16(static_cast<float>(v)));
   return static_cast<float>(v);
@@ -244,10 +250,15 @@ class Interpreter {
     }
     return v;
   }
-  View Input(int64_t u) {
+  // u as an input of an operation whose output is `out`: each dimension of u's extent or 1.
+  View Input(int64_t u, const std::vector<int64_t>& out) {
     View v = Storage(u);
     for (int d = 0; d < 4; ++d) {
-      if (v.t->dims[d] == 1) v.strides[d] = 0;
+      if (v.t->dims[d] == 1) {
+        v.strides[d] = 0;
+      } else if (v.t->dims[d] != out[d]) {
+        Refuse("a pointwise input's extent is neither the output's nor 1");
+      }
     }
     return v;
   }
@@ -263,9 +274,10 @@ class Interpreter {
   void Pointwise(const OpRecord& op) {
     const View y = Storage(op.y);
     const bool gen = op.mode == CUDNN_POINTWISE_GEN_INDEX;
-    const View x = gen ? View{} : Input(op.x);
-    const View b = op.b != 0 ? Input(op.b) : View{};
-    const View t = op.t != 0 ? Input(op.t) : View{};
+    const std::vector<int64_t>& out = y.t->dims;
+    const View x = gen ? View{} : Input(op.x, out);
+    const View b = op.b != 0 ? Input(op.b, out) : View{};
+    const View t = op.t != 0 ? Input(op.t, out) : View{};
     Each(y.t->dims, [&](const Index& i) {
       const double xv = gen ? 0.0 : x.Get(i);
       double v = 0;
@@ -308,6 +320,14 @@ class Interpreter {
     });
   }
 
+  // Whether an operand of batch extents `dims` serves output extents `out`: each equal, 1, or
+  // dividing the output's (a KV head serving its group of query heads).
+  static bool Serves(const std::vector<int64_t>& dims, const std::vector<int64_t>& out) {
+    for (int d = 0; d < 2; ++d) {
+      if (dims[d] > out[d] || out[d] % dims[d] != 0) return false;
+    }
+    return true;
+  }
   // The index of an operand of extents `dims` that output index i reads in the batch dimensions.
   static Index Batch(const std::vector<int64_t>& dims, const std::vector<int64_t>& out,
                      const Index& i) {
@@ -317,12 +337,12 @@ class Interpreter {
   }
 
   void Matmul(const OpRecord& op) {
-    const View c = Storage(op.y), a = Input(op.x), b = Input(op.b);
+    const View c = Storage(op.y), a = Storage(op.x), b = Storage(op.b);
     const std::vector<int64_t>&cd = c.t->dims, &ad = a.t->dims, &bd = b.t->dims;
     const int64_t k = ad[3];
-    if (bd[2] != k || ad[2] != cd[2] || bd[3] != cd[3]) {
-      std::fprintf(stderr, "emulated cuDNN: matmul of mismatched shapes\n");
-      std::abort();
+    if (bd[2] != k || ad[2] != cd[2] || bd[3] != cd[3]) Refuse("a matmul of mismatched shapes");
+    if (!Serves(ad, cd) || !Serves(bd, cd)) {
+      Refuse("a matmul operand's batch extents do not divide the output's");
     }
     Each(cd, [&](const Index& i) {
       Index ia = Batch(ad, cd, i), ib = Batch(bd, cd, i);
@@ -338,8 +358,13 @@ class Interpreter {
   }
 
   void Reduction(const OpRecord& op) {
-    const View y = Storage(op.y), x = Input(op.x);
+    const View y = Storage(op.y), x = Storage(op.x);
     const std::vector<int64_t>&yd = y.t->dims, &xd = x.t->dims;
+    for (int d = 0; d < 4; ++d) {
+      if (yd[d] != 1 && (yd[d] > xd[d] || xd[d] % yd[d] != 0)) {
+        Refuse("a reduction's output extent is neither 1 nor a divisor of its input's");
+      }
+    }
     const bool max = op.mode == CUDNN_REDUCE_TENSOR_MAX;
     std::vector<double> acc(Count(*y.t), max ? -std::numeric_limits<double>::infinity() : 0.0);
     Each(xd, [&](const Index& i) {
@@ -359,6 +384,10 @@ class Interpreter {
     const View x = Storage(op.x);
     View y = Storage(op.y);
     const TensorRecord& yt = *y.t;
+    if (Count(yt) != Count(*x.t)) Refuse("a reshape to another number of elements");
+    if (x.t->kind == Kind::kVirtual && x.t->strides != Graph::Packed(x.t->dims)) {
+      Refuse("a reshape of a virtual tensor that is not packed");
+    }
     Each(yt.dims, [&](const Index& i) {
       const int64_t at =
           i[0] * yt.strides[0] + i[1] * yt.strides[1] + i[2] * yt.strides[2] + i[3] * yt.strides[3];
