@@ -11,6 +11,7 @@
 
 #include "cuda_runtime.h"
 
+// (The enumerators' values are the shim's own, not cuDNN's.)
 enum cudnnStatus_t {
   CUDNN_STATUS_SUCCESS = 0,
   CUDNN_STATUS_BAD_PARAM = 2000,
@@ -36,7 +37,7 @@ enum cudnnPointwiseMode_t {
   CUDNN_POINTWISE_GEN_INDEX = 501
 };
 enum cudnnReduceTensorOp_t { CUDNN_REDUCE_TENSOR_ADD = 0, CUDNN_REDUCE_TENSOR_MAX = 2 };
-// (The values are the shim's own, not cuDNN's.) Named by cudnn_graph.h's private members only.
+// Named by cudnn_graph.h's private members only.
 enum cudnnBackendDescriptorType_t { CUDNN_BACKEND_EMULATED_DESCRIPTOR = 0 };
 enum cudnnBackendAttributeName_t { CUDNN_ATTR_EMULATED = 0 };
 enum cudnnBackendAttributeType_t { CUDNN_TYPE_EMULATED = 0 };
