@@ -92,12 +92,6 @@ void Graph::Finalize(const Descriptor& d, const char* what) {
   Check(cudnnBackendFinalize(d.get()), what);
 }
 
-std::vector<int64_t> Graph::Packed(const std::vector<int64_t>& dims) {
-  std::vector<int64_t> s(dims.size(), 1);
-  for (int i = static_cast<int>(dims.size()) - 2; i >= 0; --i) s[i] = s[i + 1] * dims[i + 1];
-  return s;
-}
-
 int64_t Graph::Tensor(const std::vector<int64_t>& dims, const std::vector<int64_t>& strides,
                       cudnnDataType_t type, Kind kind, int64_t uid) {
   if (kind == Kind::kVirtual) uid = next_virtual_uid_++;

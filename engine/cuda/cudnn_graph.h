@@ -93,7 +93,11 @@ class Graph {
   absl::StatusOr<Plan> Build();
 
   // A dims vector's packed strides (last dimension fastest).
-  static std::vector<int64_t> Packed(const std::vector<int64_t>& dims);
+  static std::vector<int64_t> Packed(const std::vector<int64_t>& dims) {
+    std::vector<int64_t> s(dims.size(), 1);
+    for (int i = static_cast<int>(dims.size()) - 2; i >= 0; --i) s[i] = s[i + 1] * dims[i + 1];
+    return s;
+  }
 
  private:
   // Records the first failure of `what`.

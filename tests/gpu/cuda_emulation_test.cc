@@ -229,45 +229,57 @@ __global__ void MisalignedVectorLoadKernel(float* out, const float* in) {
   out[threadIdx.x] = v.x;
 }
 
-// cp.async lands at the wait that covers it, the latest the device allows: a read before the wait
-// sees the old bytes (0xFF, NaN, in fresh shared memory). cp.async and ldmatrix check alignment.
+// Two device buffers of 4 floats, x_ zeroed, a non-blocking stream as NCCL's is, and an event.
+class CudaEmulationStreams : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&x_), 4 * sizeof(float)), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&y_), 4 * sizeof(float)), cudaSuccess);
+    ASSERT_EQ(cudaMemset(x_, 0, 4 * sizeof(float)), cudaSuccess);
+    ASSERT_EQ(cudaStreamCreateWithFlags(&nccl_, cudaStreamNonBlocking), cudaSuccess);
+    ASSERT_EQ(cudaEventCreate(&done_), cudaSuccess);
+  }
+  void TearDown() override {
+    cudaEventDestroy(done_);
+    cudaStreamDestroy(nccl_);
+    cudaFree(y_);
+    cudaFree(x_);
+  }
+  float* x_ = nullptr;
+  float* y_ = nullptr;
+  cudaStream_t nccl_ = nullptr;
+  cudaEvent_t done_ = nullptr;
+};
+
 // An upload from pinned memory on the backends' (legacy) stream lands for another stream's
 // operation (an NCCL collective: eellm_emu::CompleteWorkFor is what they call first) only once
 // that stream has waited for an event recorded after it, as NcclCommunicator::AfterCompute
 // does; a stream created without cudaStreamNonBlocking is ordered after it anyway.
-TEST(CudaEmulationStreams, AnotherStreamSeesAnUploadOnlyAfterWaitingForIt) {
-  float* dev = nullptr;
+TEST_F(CudaEmulationStreams, AnotherStreamSeesAnUploadOnlyAfterWaitingForIt) {
   float* pinned = nullptr;
-  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&dev), 4 * sizeof(float)), cudaSuccess);
   ASSERT_EQ(
       cudaHostAlloc(reinterpret_cast<void**>(&pinned), 4 * sizeof(float), cudaHostAllocDefault),
       cudaSuccess);
-  cudaStream_t nccl = nullptr, blocking = nullptr;
-  ASSERT_EQ(cudaStreamCreateWithFlags(&nccl, cudaStreamNonBlocking), cudaSuccess);
+  cudaStream_t blocking = nullptr;
   ASSERT_EQ(cudaStreamCreateWithFlags(&blocking, 0), cudaSuccess);
-  cudaEvent_t uploaded = nullptr;
-  ASSERT_EQ(cudaEventCreate(&uploaded), cudaSuccess);
   for (int round = 0; round < 2; ++round) {
-    ASSERT_EQ(cudaMemset(dev, 0, 4 * sizeof(float)), cudaSuccess);
+    ASSERT_EQ(cudaMemset(x_, 0, 4 * sizeof(float)), cudaSuccess);
     for (int i = 0; i < 4; ++i) pinned[i] = static_cast<float>(i + 1 + 10 * round);
-    ASSERT_EQ(cudaMemcpyAsync(dev, pinned, 4 * sizeof(float), cudaMemcpyHostToDevice, nullptr),
+    ASSERT_EQ(cudaMemcpyAsync(x_, pinned, 4 * sizeof(float), cudaMemcpyHostToDevice, nullptr),
               cudaSuccess);
     if (round == 0) {
-      eellm_emu::CompleteWorkFor(nccl);  // no wait: the copy has not landed for it
-      EXPECT_EQ(dev[0], 0.0f);
-      ASSERT_EQ(cudaEventRecord(uploaded, nullptr), cudaSuccess);
-      ASSERT_EQ(cudaStreamWaitEvent(nccl, uploaded, 0), cudaSuccess);
-      eellm_emu::CompleteWorkFor(nccl);
+      eellm_emu::CompleteWorkFor(nccl_);  // no wait: the copy has not landed for it
+      EXPECT_EQ(x_[0], 0.0f);
+      ASSERT_EQ(cudaEventRecord(done_, nullptr), cudaSuccess);
+      ASSERT_EQ(cudaStreamWaitEvent(nccl_, done_, 0), cudaSuccess);
+      eellm_emu::CompleteWorkFor(nccl_);
     } else {
       eellm_emu::CompleteWorkFor(blocking);
     }
-    for (int i = 0; i < 4; ++i) EXPECT_EQ(dev[i], static_cast<float>(i + 1 + 10 * round));
+    for (int i = 0; i < 4; ++i) EXPECT_EQ(x_[i], static_cast<float>(i + 1 + 10 * round));
   }
-  cudaEventDestroy(uploaded);
-  cudaStreamDestroy(nccl);
   cudaStreamDestroy(blocking);
   cudaFreeHost(pinned);
-  cudaFree(dev);
 }
 
 __global__ void AddOneKernel(float* x) { x[threadIdx.x] += 1.0f; }
@@ -275,46 +287,35 @@ __global__ void AddOneKernel(float* x) { x[threadIdx.x] += 1.0f; }
 // The same for a kernel's and a GEMM's output: they run when a later operation of the legacy
 // stream, a synchronisation or a wait for an event recorded after them completes them, so an NCCL
 // collective that reads them without AfterCompute reads what was there before.
-TEST(CudaEmulationStreams, AnotherStreamSeesAKernelOrGemmOutputOnlyAfterWaitingForIt) {
-  float *x = nullptr, *y = nullptr;
-  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&x), 4 * sizeof(float)), cudaSuccess);
-  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&y), 4 * sizeof(float)), cudaSuccess);
-  ASSERT_EQ(cudaMemset(x, 0, 4 * sizeof(float)), cudaSuccess);
-  cudaStream_t nccl = nullptr;
-  ASSERT_EQ(cudaStreamCreateWithFlags(&nccl, cudaStreamNonBlocking), cudaSuccess);
-  cudaEvent_t done = nullptr;
-  ASSERT_EQ(cudaEventCreate(&done), cudaSuccess);
+TEST_F(CudaEmulationStreams, AnotherStreamSeesAKernelOrGemmOutputOnlyAfterWaitingForIt) {
   cublasHandle_t blas = nullptr;
   ASSERT_EQ(cublasCreate(&blas), CUBLAS_STATUS_SUCCESS);
 
-  ASSERT_EQ(LaunchKernel(AddOneKernel, dim3(1), dim3(4), 0, nullptr, x), cudaSuccess);
-  eellm_emu::CompleteWorkFor(nccl);  // no wait: the kernel has not run for it
-  EXPECT_EQ(x[0], 0.0f);
-  ASSERT_EQ(cudaEventRecord(done, nullptr), cudaSuccess);
+  ASSERT_EQ(LaunchKernel(AddOneKernel, dim3(1), dim3(4), 0, nullptr, x_), cudaSuccess);
+  eellm_emu::CompleteWorkFor(nccl_);  // no wait: the kernel has not run for it
+  EXPECT_EQ(x_[0], 0.0f);
+  ASSERT_EQ(cudaEventRecord(done_, nullptr), cudaSuccess);
   // A kernel after the record: a wait for the event does not cover it.
-  ASSERT_EQ(LaunchKernel(AddOneKernel, dim3(1), dim3(4), 0, nullptr, x), cudaSuccess);
-  ASSERT_EQ(cudaStreamWaitEvent(nccl, done, 0), cudaSuccess);
-  eellm_emu::CompleteWorkFor(nccl);
-  for (int i = 0; i < 4; ++i) EXPECT_EQ(x[i], 1.0f) << i;
+  ASSERT_EQ(LaunchKernel(AddOneKernel, dim3(1), dim3(4), 0, nullptr, x_), cudaSuccess);
+  ASSERT_EQ(cudaStreamWaitEvent(nccl_, done_, 0), cudaSuccess);
+  eellm_emu::CompleteWorkFor(nccl_);
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(x_[i], 1.0f) << i;
   ASSERT_EQ(cudaStreamSynchronize(nullptr), cudaSuccess);
-  for (int i = 0; i < 4; ++i) EXPECT_EQ(x[i], 2.0f) << i;
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(x_[i], 2.0f) << i;
 
-  // y (2 x 2) = 3 * x (2 x 2) * x.
+  // y_ (2 x 2) = 3 * x_ (2 x 2) * x_.
   const float three = 3.0f, zero = 0.0f;
-  ASSERT_EQ(cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_N, 2, 2, 2, &three, x, 2, x, 2, &zero, y, 2),
-            CUBLAS_STATUS_SUCCESS);
-  ASSERT_EQ(cudaEventRecord(done, nullptr), cudaSuccess);
-  eellm_emu::CompleteWorkFor(nccl);  // its last wait came before the GEMM
-  EXPECT_NE(y[0], 24.0f);
-  ASSERT_EQ(cudaStreamWaitEvent(nccl, done, 0), cudaSuccess);
-  eellm_emu::CompleteWorkFor(nccl);
-  for (int i = 0; i < 4; ++i) EXPECT_EQ(y[i], 24.0f) << i;
+  ASSERT_EQ(
+      cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_N, 2, 2, 2, &three, x_, 2, x_, 2, &zero, y_, 2),
+      CUBLAS_STATUS_SUCCESS);
+  ASSERT_EQ(cudaEventRecord(done_, nullptr), cudaSuccess);
+  eellm_emu::CompleteWorkFor(nccl_);  // its last wait came before the GEMM
+  EXPECT_NE(y_[0], 24.0f);
+  ASSERT_EQ(cudaStreamWaitEvent(nccl_, done_, 0), cudaSuccess);
+  eellm_emu::CompleteWorkFor(nccl_);
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(y_[i], 24.0f) << i;
 
   cublasDestroy(blas);
-  cudaEventDestroy(done);
-  cudaStreamDestroy(nccl);
-  cudaFree(y);
-  cudaFree(x);
 }
 
 __global__ void CopyKernel(float* out, const float* in) { out[threadIdx.x] = in[threadIdx.x]; }
@@ -323,69 +324,51 @@ __global__ void CopyKernel(float* out, const float* in) { out[threadIdx.x] = in[
 // shim lands its results with DeferLanding) is there for the compute stream only once that stream
 // waited for an event recorded after the operation (NcclCommunicator::ComputeAfter), or the host
 // waited for such an event; the stream's own next operation sees it.
-TEST(CudaEmulationStreams, TheComputeStreamSeesAnotherStreamsResultOnlyAfterWaitingForIt) {
-  float *x = nullptr, *y = nullptr;
-  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&x), 4 * sizeof(float)), cudaSuccess);
-  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&y), 4 * sizeof(float)), cudaSuccess);
-  ASSERT_EQ(cudaMemset(x, 0, 4 * sizeof(float)), cudaSuccess);
-  cudaStream_t nccl = nullptr;
-  ASSERT_EQ(cudaStreamCreateWithFlags(&nccl, cudaStreamNonBlocking), cudaSuccess);
-  cudaEvent_t done = nullptr;
-  ASSERT_EQ(cudaEventCreate(&done), cudaSuccess);
-  auto result = [&](float value) {  // an operation on `nccl` that writes x
-    eellm_emu::DeferLanding(nccl, [x, value] {
+TEST_F(CudaEmulationStreams, TheComputeStreamSeesAnotherStreamsResultOnlyAfterWaitingForIt) {
+  auto result = [&](float value) {  // an operation on `nccl_` that writes x_
+    eellm_emu::DeferLanding(nccl_, [x = x_, value] {
       for (int i = 0; i < 4; ++i) x[i] = value;
     });
   };
 
   result(5.0f);
-  ASSERT_EQ(LaunchKernel(CopyKernel, dim3(1), dim3(4), 0, nullptr, y, x), cudaSuccess);
+  ASSERT_EQ(LaunchKernel(CopyKernel, dim3(1), dim3(4), 0, nullptr, y_, x_), cudaSuccess);
   ASSERT_EQ(cudaStreamSynchronize(nullptr), cudaSuccess);
-  EXPECT_EQ(y[0], 0.0f);  // no wait: the kernel read x before the result landed
-  ASSERT_EQ(cudaEventRecord(done, nccl), cudaSuccess);
-  ASSERT_EQ(cudaStreamWaitEvent(nullptr, done, 0), cudaSuccess);
-  ASSERT_EQ(LaunchKernel(CopyKernel, dim3(1), dim3(4), 0, nullptr, y, x), cudaSuccess);
+  EXPECT_EQ(y_[0], 0.0f);  // no wait: the kernel read x_ before the result landed
+  ASSERT_EQ(cudaEventRecord(done_, nccl_), cudaSuccess);
+  ASSERT_EQ(cudaStreamWaitEvent(nullptr, done_, 0), cudaSuccess);
+  ASSERT_EQ(LaunchKernel(CopyKernel, dim3(1), dim3(4), 0, nullptr, y_, x_), cudaSuccess);
   ASSERT_EQ(cudaStreamSynchronize(nullptr), cudaSuccess);
-  for (int i = 0; i < 4; ++i) EXPECT_EQ(y[i], 5.0f) << i;
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(y_[i], 5.0f) << i;
 
   result(7.0f);  // the host waits for it
-  ASSERT_EQ(cudaEventRecord(done, nccl), cudaSuccess);
+  ASSERT_EQ(cudaEventRecord(done_, nccl_), cudaSuccess);
   result(8.0f);  // after the record: not covered by the wait
-  ASSERT_EQ(cudaEventSynchronize(done), cudaSuccess);
-  EXPECT_EQ(x[0], 7.0f);
-  eellm_emu::CompleteWorkFor(nccl);  // the stream's next operation
-  EXPECT_EQ(x[0], 8.0f);
-
-  cudaEventDestroy(done);
-  cudaStreamDestroy(nccl);
-  cudaFree(y);
-  cudaFree(x);
+  ASSERT_EQ(cudaEventSynchronize(done_), cudaSuccess);
+  EXPECT_EQ(x_[0], 7.0f);
+  eellm_emu::CompleteWorkFor(nccl_);  // the stream's next operation
+  EXPECT_EQ(x_[0], 8.0f);
 }
 
 // Events and queued landings name a stream by an id no later stream reuses (a new stream may get
 // a destroyed one's address): waiting for an event of a destroyed stream lands nothing of a later
 // stream's.
-TEST(CudaEmulationStreams, AnEventOfADestroyedStreamLandsNothingOfALaterOne) {
-  float* x = nullptr;
-  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&x), sizeof(float)), cudaSuccess);
-  ASSERT_EQ(cudaMemset(x, 0, sizeof(float)), cudaSuccess);
+TEST_F(CudaEmulationStreams, AnEventOfADestroyedStreamLandsNothingOfALaterOne) {
   cudaStream_t first = nullptr, second = nullptr;
-  cudaEvent_t done = nullptr;
-  ASSERT_EQ(cudaEventCreate(&done), cudaSuccess);
   ASSERT_EQ(cudaStreamCreateWithFlags(&first, cudaStreamNonBlocking), cudaSuccess);
-  ASSERT_EQ(cudaEventRecord(done, first), cudaSuccess);
+  ASSERT_EQ(cudaEventRecord(done_, first), cudaSuccess);
   ASSERT_EQ(cudaStreamDestroy(first), cudaSuccess);
   ASSERT_EQ(cudaStreamCreateWithFlags(&second, cudaStreamNonBlocking), cudaSuccess);
-  eellm_emu::DeferLanding(second, [x] { *x = 42.0f; });
-  ASSERT_EQ(cudaEventSynchronize(done), cudaSuccess);
-  EXPECT_EQ(*x, 0.0f);
+  eellm_emu::DeferLanding(second, [x = x_] { *x = 42.0f; });
+  ASSERT_EQ(cudaEventSynchronize(done_), cudaSuccess);
+  EXPECT_EQ(*x_, 0.0f);
   ASSERT_EQ(cudaStreamSynchronize(second), cudaSuccess);
-  EXPECT_EQ(*x, 42.0f);
+  EXPECT_EQ(*x_, 42.0f);
   cudaStreamDestroy(second);
-  cudaEventDestroy(done);
-  cudaFree(x);
 }
 
+// cp.async lands at the wait that covers it, the latest the device allows: a read before the wait
+// sees the old bytes (0xFF, NaN, in fresh shared memory). cp.async and ldmatrix check alignment.
 TEST(CudaEmulationLimits, AsyncCopiesLandAtTheWaitAndCheckAlignment) {
   float *out = nullptr, *in = nullptr;
   ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&out), 64 * sizeof(float)), cudaSuccess);

@@ -22,6 +22,7 @@
 
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <limits>
@@ -72,17 +73,9 @@ Descriptor& Descriptor::operator=(Descriptor&& o) noexcept {
   return *this;
 }
 
-std::vector<int64_t> Graph::Packed(const std::vector<int64_t>& dims) {
-  std::vector<int64_t> strides(dims.size(), 1);
-  for (int i = static_cast<int>(dims.size()) - 2; i >= 0; --i) {
-    strides[i] = strides[i + 1] * dims[i + 1];
-  }
-  return strides;
-}
-
 int64_t Graph::Tensor(const std::vector<int64_t>& dims, const std::vector<int64_t>& strides,
                       cudnnDataType_t type, Kind kind, int64_t uid) {
-  if (uid == 0) uid = next_virtual_uid_++;
+  if (kind == Kind::kVirtual) uid = next_virtual_uid_++;
   if (!status_.ok()) return uid;
   if (dims.size() != 4 || strides.size() != 4) {
     status_ = absl::InvalidArgumentError(absl::StrCat("tensor ", uid, ": not 4-d"));
@@ -103,14 +96,11 @@ int64_t Graph::Virtual(const std::vector<int64_t>& dims, cudnnDataType_t type) {
 
 namespace {
 // Records an operation whose tensors the graph must already have.
-void Record(Graph& g, std::vector<Descriptor>& ops, const std::vector<int64_t>& uids,
-            absl::Status& status, OpRecord op) {
-  (void)g;
+void Record(std::vector<Descriptor>& ops, const std::vector<int64_t>& uids, absl::Status& status,
+            OpRecord op) {
   for (int64_t u : {op.y, op.x, op.b, op.t}) {
     if (u == 0) continue;
-    bool known = false;
-    for (int64_t v : uids) known = known || v == u;
-    if (!known && status.ok()) {
+    if (std::find(uids.begin(), uids.end(), u) == uids.end() && status.ok()) {
       status = absl::InvalidArgumentError(absl::StrCat("operation on unknown tensor ", u));
     }
   }
@@ -122,16 +112,16 @@ void Record(Graph& g, std::vector<Descriptor>& ops, const std::vector<int64_t>& 
 
 void Graph::Pointwise(cudnnPointwiseMode_t mode, int64_t y, int64_t x, int64_t b, int64_t t,
                       int64_t axis, cudnnDataType_t) {
-  Record(*this, ops_, uids_, status_, {OpKind::kPointwise, mode, y, x, b, t, axis});
+  Record(ops_, uids_, status_, {OpKind::kPointwise, mode, y, x, b, t, axis});
 }
 void Graph::Matmul(int64_t c, int64_t a, int64_t b) {
-  Record(*this, ops_, uids_, status_, {OpKind::kMatmul, 0, c, a, b, 0, -1});
+  Record(ops_, uids_, status_, {OpKind::kMatmul, 0, c, a, b, 0, -1});
 }
 void Graph::Reduction(cudnnReduceTensorOp_t op, int64_t y, int64_t x) {
-  Record(*this, ops_, uids_, status_, {OpKind::kReduction, op, y, x, 0, 0, -1});
+  Record(ops_, uids_, status_, {OpKind::kReduction, op, y, x, 0, 0, -1});
 }
 void Graph::Reshape(int64_t y, int64_t x) {
-  Record(*this, ops_, uids_, status_, {OpKind::kReshape, 0, y, x, 0, 0, -1});
+  Record(ops_, uids_, status_, {OpKind::kReshape, 0, y, x, 0, 0, -1});
 }
 
 absl::StatusOr<Plan> Graph::Build() {
