@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "engine/core/status.h"
+#include "tests/gpu/cudnn_graph_reference.h"
 
 namespace eellm::testing {
 namespace {
@@ -89,8 +90,11 @@ void RopeRows(Backend* cpu, Operand x, const int32_t* pos, int n, int heads, int
 }  // namespace
 
 Bf16ReferenceBackend::Bf16ReferenceBackend(std::unique_ptr<Backend> cpu,
-                                           std::function<bool(int)> fused_attention)
-    : cpu_(std::move(cpu)), fused_attention_(std::move(fused_attention)) {
+                                           std::function<bool(int)> fused_attention,
+                                           std::function<bool(int)> cudnn_graphs)
+    : cpu_(std::move(cpu)),
+      fused_attention_(std::move(fused_attention)),
+      cudnn_graphs_(std::move(cudnn_graphs)) {
   EE_CHECK(cpu_->device() == Device::kCpu, "Bf16ReferenceBackend wraps a CPU backend");
 }
 
@@ -224,7 +228,8 @@ void Bf16ReferenceBackend::RopeBackward(Operand dx, const int32_t* pos, int n, i
 // double on the per-head path, as its kernels do). The fused kernels (flash_attention.cu) take
 // exp(s - row max), multiply it by V and normalise after the product by the rounded values' sum;
 // the per-head path normalises first. In the backward both recompute P = exp(s - lse); the fused
-// kernels take D_i = dO_i . O_i, the per-head path sum_j P_ij dP_ij.
+// kernels take D_i = dO_i . O_i, the per-head path sum_j P_ij dP_ij. Where cuDNN's graphs run
+// (cudnn_graphs_), the training path rounds as they do (cudnn_graph_reference.h).
 void Bf16ReferenceBackend::AttentionForward(Operand out, float* lse, ConstOperand q, ConstOperand k,
                                             ConstOperand v, int b, int tq, int tk, int tk_cap,
                                             int hq, int hkv, int d, int q_offset, int q_stride,
@@ -238,6 +243,13 @@ void Bf16ReferenceBackend::AttentionForward(Operand out, float* lse, ConstOperan
                            kv = RowValues(k, b * tk_cap, hkv * d, kv_stride),
                            vv = RowValues(v, b * tk_cap, hkv * d, kv_stride);
   std::vector<float> o(nq), p(tk), dots(tk), acc(d);
+  // (As CudaBackend::AttentionForward offers cuDNN only the training path's calls.)
+  if (cudnn_graphs_ && cudnn_graphs_(d) && lse != nullptr && q_offset == 0 && tq == tk &&
+      tk == tk_cap) {
+    CudnnGraphAttentionForward(o.data(), lse, qv.data(), kv.data(), vv.data(), b, tq, hq, hkv, d);
+    Store(out, o);
+    return;
+  }
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   for (int bi = 0; bi < b; ++bi) {
     for (int h = 0; h < hq; ++h) {
@@ -327,6 +339,14 @@ void Bf16ReferenceBackend::AttentionBackward(Operand dq, Operand dk, Operand dv,
                            kv = RowValues(k, b * t, hkv * d, kv_stride),
                            vv = RowValues(v, b * t, hkv * d, kv_stride);
   std::vector<float> gq(nq), gk(nkv), gv(nkv), p(t), dp(t);
+  if (cudnn_graphs_ && cudnn_graphs_(d)) {
+    CudnnGraphAttentionBackward(gq.data(), gk.data(), gv.data(), g.data(), o.data(), lse, qv.data(),
+                                kv.data(), vv.data(), b, t, hq, hkv, d);
+    StoreRows(dq, gq, b * t, hq * d, q_stride);
+    StoreRows(dk, gk, b * t, hkv * d, kv_stride);
+    StoreRows(dv, gv, b * t, hkv * d, kv_stride);
+    return;
+  }
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   auto qrow = [&](int bi, int i, int h) {
     return ((static_cast<size_t>(bi) * t + i) * hq + h) * d;

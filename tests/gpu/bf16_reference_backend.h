@@ -5,10 +5,10 @@
 // device rounds it. GEMM inputs are rounded to bf16 (a weight, an fp32 gradient) as the
 // device's tensor-core GEMMs read them; a bias is added before the output's rounding (in the
 // output's dtype, as cuBLASLt's epilogue does) and its gradient sums dout as the GEMMs read it.
-// Inside attention, the probabilities and dS are rounded as the device's fused kernels or its
-// per-head path round them (see AttentionForward). What is left: summation orders, and the rare
-// bf16 rounding that their fp32 noise tips the other way, instead of the compounded rounding of
-// every operand that separates the device from the fp32 CPU run.
+// Inside attention, the probabilities and dS are rounded as the device's fused kernels, its
+// per-head path or cuDNN's graphs round them (see AttentionForward). What is left: summation
+// orders, and the rare bf16 rounding that their fp32 noise tips the other way, instead of the
+// compounded rounding of every operand that separates the device from the fp32 CPU run.
 #pragma once
 
 #include <cstddef>
@@ -26,9 +26,12 @@ class Bf16ReferenceBackend final : public Backend {
  public:
   // Wraps a CPU backend (host memory: operands are read and written directly). Attention rounds
   // as the device's fused kernels do for head dimensions where fused_attention(head_dim) is true,
-  // as its per-head GEMM path does otherwise. (The device also needs 16-byte aligned tensors for
-  // the fused kernels; the models' layouts always give them.)
-  Bf16ReferenceBackend(std::unique_ptr<Backend> cpu, std::function<bool(int)> fused_attention);
+  // as its per-head GEMM path does otherwise; for head dimensions where cudnn_graphs(head_dim) is
+  // true, the training path's attention (the forward with lse over a whole causal square, and its
+  // backward) rounds as cuDNN's graphs do (cudnn_graph_reference.h). (The device also needs
+  // 16-byte aligned tensors for either; the models' layouts always give them.)
+  Bf16ReferenceBackend(std::unique_ptr<Backend> cpu, std::function<bool(int)> fused_attention,
+                       std::function<bool(int)> cudnn_graphs = nullptr);
 
   Device device() const override { return cpu_->device(); }
   std::string name() const override { return "cpu-bf16w-reference"; }
@@ -142,6 +145,7 @@ class Bf16ReferenceBackend final : public Backend {
  private:
   std::unique_ptr<Backend> cpu_;
   std::function<bool(int)> fused_attention_;
+  std::function<bool(int)> cudnn_graphs_;
 };
 
 // The values of x[0, n) as fp32 (exact for bf16), or rounded to bf16 values when `round`.

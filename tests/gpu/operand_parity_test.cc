@@ -689,5 +689,63 @@ TEST_F(OperandParity, FusedAttentionMatchesRoundingReferenceOverTiles) {
   EXPECT_TRUE(d.GuardsIntact());
 }
 
+// cuDNN's attention graphs (under the emulation, on its interpreter) against the reference that
+// writes out their arithmetic (cudnn_graph_reference.h): GQA and not, head dims 64 and 128, dense
+// and in fused q, k, v rows. They agree to fp32 noise; a graph that drops a rounding, a scale or
+// the mask, or sums another group, does not. (On a GPU cuDNN's kernels round as they choose:
+// AttentionWritesAndReadsBf16Output holds them to the bf16 bound there.)
+TEST_F(OperandParity, CudnnGraphsMatchTheirRoundingReference) {
+  if (!testing::ParityBackendRunsEmulatedCudnnGraphs(64)) {
+    GTEST_SKIP() << "runs where cuDNN's graphs run on the emulation's interpreter "
+                    "(emulated-cuda-bf16w)";
+  }
+  const Tol kSameRounding{4e-3, 1e-5};
+  testing::Bf16ReferenceBackend ref(
+      std::make_unique<CpuBackend>(), [](int) { return false; }, [](int) { return true; });
+  for (int dh : {64, 128}) {
+    for (int hkv : {1, 3}) {
+      SCOPED_TRACE(::testing::Message() << "head_dim " << dh << ", kv heads " << hkv);
+      const int b = 2, t = 37, hq = 3, rows = b * t, qc = hq * dh, kc = hkv * dh;
+      const size_t nq = static_cast<size_t>(rows) * qc, nkv = static_cast<size_t>(rows) * kc;
+      const size_t nl = static_cast<size_t>(b) * hq * t;
+      const auto q = RoundedToBf16(RandVec(rng_, nq)), k = RoundedToBf16(RandVec(rng_, nkv)),
+                 v = RoundedToBf16(RandVec(rng_, nkv)), dout = RoundedToBf16(RandVec(rng_, nq));
+      // The reference on dense tensors; the device on rows [q | k | v] (the model's layout).
+      DeviceMem r(&ref), d(dev_);
+      const std::vector<float> nan_q(nq, kNaN), nan_kv(nkv, kNaN);
+      const Operand q_r = r.PutBf16(q), k_r = r.PutBf16(k), v_r = r.PutBf16(v);
+      const Operand out_r = r.PutBf16(nan_q), out_d = d.PutBf16(nan_q);
+      float* lse_r = r.Put(std::vector<float>(nl, kNaN));
+      float* lse_d = d.Put(std::vector<float>(nl, kNaN));
+      const int stride = qc + 2 * kc;
+      const Operand x = d.PutBf16(InRows({&q, &k, &v}, rows, stride, kNaN));
+      ref.AttentionForward(out_r, lse_r, q_r, k_r, v_r, b, t, t, t, hq, hkv, dh, 0, qc, kc);
+      dev_->AttentionForward(out_d, lse_d, x, x.At(qc), x.At(qc + kc), b, t, t, t, hq, hkv, dh, 0,
+                             stride, stride);
+      EXPECT_TRUE(SameRoundingsButRareFlips(d.Get(out_d, nq), r.Get(out_r, nq), kSameRounding))
+          << "out";
+      EXPECT_TRUE(Close(d.Get(lse_d, nl), r.Get(lse_r, nl), testing::kGemmFp32)) << "lse";
+      const Operand dq_r = r.PutBf16(nan_q), dk_r = r.PutBf16(nan_kv), dv_r = r.PutBf16(nan_kv);
+      const Operand g = d.PutBf16(std::vector<float>(static_cast<size_t>(rows) * stride, kNaN));
+      ref.AttentionBackward(dq_r, dk_r, dv_r, r.PutBf16(dout), out_r, lse_r, q_r, k_r, v_r, b, t,
+                            hq, hkv, dh, qc, kc);
+      dev_->AttentionBackward(g, g.At(qc), g.At(qc + kc), d.PutBf16(dout), out_d, lse_d, x,
+                              x.At(qc), x.At(qc + kc), b, t, hq, hkv, dh, stride, stride);
+      const std::vector<float> got = d.Get(g, static_cast<size_t>(rows) * stride);
+      std::vector<float> got_dq, got_dk, got_dv;
+      for (int row = 0; row < rows; ++row) {
+        const auto at = got.begin() + static_cast<ptrdiff_t>(row) * stride;
+        got_dq.insert(got_dq.end(), at, at + qc);
+        got_dk.insert(got_dk.end(), at + qc, at + qc + kc);
+        got_dv.insert(got_dv.end(), at + qc + kc, at + stride);
+      }
+      EXPECT_TRUE(SameRoundingsButRareFlips(got_dq, r.Get(dq_r, nq), kSameRounding)) << "dq";
+      EXPECT_TRUE(SameRoundingsButRareFlips(got_dk, r.Get(dk_r, nkv), kSameRounding)) << "dk";
+      EXPECT_TRUE(SameRoundingsButRareFlips(got_dv, r.Get(dv_r, nkv), kSameRounding)) << "dv";
+      EXPECT_TRUE(d.GuardsIntact());
+    }
+  }
+}
+
 }  // namespace
 }  // namespace eellm

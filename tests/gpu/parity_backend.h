@@ -33,6 +33,17 @@ inline bool ParityBackendHasBf16Operands() {
   return name.size() >= 5 && name.compare(name.size() - 5, 5, "bf16w") == 0;
 }
 
+// Whether the backend under test runs cuDNN's attention graphs on the CPU emulation's interpreter
+// (tests/gpu/emu/emulated_cudnn_graph.cc), whose arithmetic cudnn_graph_reference.h writes out:
+// "emulated-cuda-bf16w" (bf16 operands, which the graphs take) unless EELLM_CUDNN_ATTENTION=0,
+// at the head dims CudnnAttention::Offered gives them (multiples of 8 in [64, 128]).
+inline bool ParityBackendRunsEmulatedCudnnGraphs(int head_dim) {
+  const char* env = std::getenv("EELLM_CUDNN_ATTENTION");
+  return ParityBackendName() == "emulated-cuda-bf16w" &&
+         !(env != nullptr && std::strcmp(env, "0") == 0) && head_dim % 8 == 0 && head_dim >= 64 &&
+         head_dim <= 128;
+}
+
 // The backend under test, made once per process and never destroyed (a CUDA backend must not
 // be torn down during static destruction). Null when it cannot be made, with *why set: the tests
 // then skip where the backend is unavailable (no GPU, a build without CUDA) and fail where the
