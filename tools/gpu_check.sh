@@ -34,8 +34,8 @@
 #            PyTorch's SDPA on the same GPU: the largest gap of the step); after bench now that
 #            cuDNN's attention takes the training path where it has a plan
 #   bench    eellm bench attention (attention alone at the 1.3B's shape: cuDNN's fused attention,
-#            ours with EELLM_CUDNN_ATTENTION=0, and cuDNN allowed its non-deterministic backward
-#            with =any), eellm
+#            ours with EELLM_CUDNN_ATTENTION=0, and cuDNN's non-deterministic backward with
+#            =accumulating), eellm
 #            bench train on Llama 1.3B and GPT-2 124M (with exits) beside PyTorch in mixed
 #            precision (cuda-bf16w), and PyTorch's SDPA alone at the 1.3B's attention shape
 #            (tools/bench_attention_torch.py); each `bench attention` also times a decoding step
@@ -174,9 +174,10 @@ if want bench; then
     --batch=4 --seq=2048
   run bench_attention_ours 20 60 env EELLM_CUDNN_ATTENTION=0 "$B/eellm" bench attention \
     --model=configs/bench/llama_1p3b.json --backend=cuda-bf16w --batch=4 --seq=2048
-  # With the non-deterministic backward allowed where the deterministic one has no plan (the
-  # same plans as the first run where it has one).
-  run bench_attention_any 20 60 env EELLM_CUDNN_ATTENTION=any "$B/eellm" bench attention \
+  # cuDNN's non-deterministic backward (dQ summed by atomics in an fp32 accumulator) wherever it
+  # has a plan: what the deterministic one costs.
+  run bench_attention_accumulating 20 60 env EELLM_CUDNN_ATTENTION=accumulating \
+    "$B/eellm" bench attention \
     --model=configs/bench/llama_1p3b.json --backend=cuda-bf16w --batch=4 --seq=2048
   # cuda-bf16w (bf16 operands, fp32 master weights) is the mixed-precision path: the headline
   # runs beside PyTorch (compare: cuda-bf16, fp32 activations and FAST_16BF GEMMs, shows what

@@ -222,8 +222,9 @@ size_t Aligned(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 struct CudnnAttention::Impl {
   cudaStream_t stream = nullptr;
   cudnnHandle_t handle = nullptr;
-  bool broken = false;              // the handle could not be made: every call returns false
-  bool allow_accumulating = false;  // EELLM_CUDNN_ATTENTION=any
+  bool broken = false;               // the handle could not be made: every call returns false
+  bool allow_accumulating = false;   // EELLM_CUDNN_ATTENTION=any (or accumulating)
+  bool prefer_accumulating = false;  // EELLM_CUDNN_ATTENTION=accumulating
   struct Entry {
     bool ok = false;
     Pass pass = Pass::kForward;  // the graph the plan runs
@@ -263,7 +264,9 @@ struct CudnnAttention::Impl {
     auto [it, inserted] = plans.try_emplace({s, backward});
     Entry& e = it->second;
     if (!inserted) return e.ok ? &e : nullptr;
-    e.pass = backward ? Pass::kBackward : Pass::kForward;
+    e.pass = !backward             ? Pass::kForward
+             : prefer_accumulating ? Pass::kBackwardAccumulatingDq
+                                   : Pass::kBackward;
     if (backward && cudnnGetVersion() <= 91500 && s.t % 128 != 0) {
       // cuDNN up to 9.15 needs a padding mask in the backward where the keys are not whole
       // tiles of 128 (cudnn-frontend adds one as a workaround); these graphs have none.
@@ -272,12 +275,16 @@ struct CudnnAttention::Impl {
       return nullptr;
     }
     absl::StatusOr<cudnn::Plan> plan = Build(s, e.pass);
-    if (backward && allow_accumulating && (!plan.ok() || Need(s, e.pass, *plan) > workspace_cap)) {
+    if (e.pass == Pass::kBackward && allow_accumulating &&
+        (!plan.ok() || Need(s, e.pass, *plan) > workspace_cap)) {
       if (plan.ok()) {
         LogInfo("%s: its workspace of %.1f MiB is over the cap", Describe(s, e.pass),
                 Need(s, e.pass, *plan) / 1048576.0);
       }
       e.pass = Pass::kBackwardAccumulatingDq;
+      plan = Build(s, e.pass);
+    } else if (e.pass == Pass::kBackwardAccumulatingDq && !plan.ok()) {
+      e.pass = Pass::kBackward;  // (=accumulating, where cuDNN has no plan for that one)
       plan = Build(s, e.pass);
     }
     if (!plan.ok()) return nullptr;
@@ -411,7 +418,9 @@ std::unique_ptr<CudnnAttention> CudnnAttention::Create(cudaStream_t stream) {
   if (env != nullptr && std::strcmp(env, "0") == 0) return nullptr;
   auto impl = std::make_unique<Impl>();
   impl->stream = stream;
-  impl->allow_accumulating = env != nullptr && std::strcmp(env, "any") == 0;
+  impl->prefer_accumulating = env != nullptr && std::strcmp(env, "accumulating") == 0;
+  impl->allow_accumulating =
+      impl->prefer_accumulating || (env != nullptr && std::strcmp(env, "any") == 0);
   return std::unique_ptr<CudnnAttention>(new CudnnAttention(std::move(impl)));
 }
 

@@ -11,7 +11,8 @@
 // EELLM_CUDNN_ATTENTION=0 turns it off (to compare with the fused kernels in one command);
 // EELLM_CUDNN_ATTENTION=any also allows, where cuDNN has no plan for the deterministic backward,
 // the cuDNN frontend's default one (dQ summed in an fp32 accumulator by atomics: not
-// deterministic).
+// deterministic); EELLM_CUDNN_ATTENTION=accumulating runs that one wherever it has a plan (to
+// time the two in one command; the deterministic one where it has none).
 #pragma once
 
 #include <cuda_runtime.h>
