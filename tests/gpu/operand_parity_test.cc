@@ -33,16 +33,13 @@ using cpu_test::RandVec;
 using testing::Close;
 using testing::DeviceMem;
 using testing::kGemmBf16;
+using testing::RoundedToBf16;
+using testing::SameRoundingsButRareFlips;
 using testing::Tol;
 
 // A bf16 store rounds to 8 significant bits: 2^-9 relative, plus fp32 differences before it.
 constexpr Tol kBf16Store{4e-3, 1e-6};
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
-
-std::vector<float> RoundedToBf16(std::vector<float> x) {
-  for (float& v : x) v = Bf16ToFloat(FloatToBf16(v));
-  return x;
-}
 
 class OperandParity : public testing::DeviceParityTest {
  protected:
@@ -595,40 +592,6 @@ TEST_F(OperandParity, AttentionBackwardIsDeterministic) {
   }
 }
 
-// Values stored in bf16 that follow the same roundings on both sides: within `tol` but for at
-// most `max_share` of the elements, which may sit one bf16 step apart (adjacent bf16 bit patterns
-// of one sign): fp32 noise tips a rounding the other way. At the bottom of a binade a step is
-// 2^-7 of the value, past a relative tolerance of 2^-8 (an H200's fused attention: 3 of 12,800
-// dq elements, -0.015625 against -0.0157470703125). A missing or extra rounding moves many
-// elements, or by more.
-::testing::AssertionResult SameRoundingsButRareFlips(const std::vector<float>& got,
-                                                     const std::vector<float>& want, Tol tol,
-                                                     double max_share = 1e-3) {
-  if (got.size() != want.size()) return ::testing::AssertionFailure() << "sizes differ";
-  double scale = 0;
-  for (float b : want) scale = std::max(scale, std::fabs(static_cast<double>(b)));
-  std::vector<float> got_rest = got;
-  size_t flips = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    const uint16_t a = FloatToBf16(got[i]).bits, b = FloatToBf16(want[i]).bits;
-    const bool same_sign = (a & 0x8000) == (b & 0x8000);
-    const bool adjacent = same_sign && (a == b + 1 || b == a + 1);
-    const bool stored =
-        Bf16ToFloat(FloatToBf16(got[i])) == got[i] && Bf16ToFloat(FloatToBf16(want[i])) == want[i];
-    const double err = std::fabs(static_cast<double>(got[i]) - want[i]);
-    if (adjacent && stored && err > tol.atol * scale + tol.rtol * std::fabs(want[i])) {
-      ++flips;
-      got_rest[i] = want[i];  // judged as a flip
-    }
-  }
-  if (flips > max_share * static_cast<double>(got.size())) {
-    return ::testing::AssertionFailure()
-           << flips << " of " << got.size() << " elements one bf16 step apart (at most "
-           << max_share << " of them may be)";
-  }
-  return Close(got_rest, want, tol);
-}
-
 TEST(SameRoundingsButRareFlipsTest, AllowsRareOneStepFlipsOnly) {
   const Tol tol{4e-3, 1e-5};
   std::vector<float> want(1000);
@@ -688,100 +651,6 @@ TEST_F(OperandParity, FusedAttentionMatchesRoundingReferenceOverTiles) {
   EXPECT_TRUE(SameRoundingsButRareFlips(d.Get(dk_d, nkv), r.Get(dk_r, nkv), kSameRounding)) << "dk";
   EXPECT_TRUE(SameRoundingsButRareFlips(d.Get(dv_d, nkv), r.Get(dv_r, nkv), kSameRounding)) << "dv";
   EXPECT_TRUE(d.GuardsIntact());
-}
-
-// cuDNN's attention graphs on `dev` against the reference that writes out their arithmetic
-// (cudnn_graph_reference.h): GQA and not, head dims 64 and 128, in fused q, k, v rows; the
-// backward `backward_calls` times, each with another dO (a state one call leaves behind, such as
-// an accumulator, would show in the next).
-void ExpectCudnnGraphsMatchTheirReference(Backend* dev, int backward_calls, Rng& rng) {
-  const Tol kSameRounding{4e-3, 1e-5};
-  testing::Bf16ReferenceBackend ref(
-      std::make_unique<CpuBackend>(), [](int) { return false; }, [](int) { return true; });
-  for (int dh : {64, 128}) {
-    for (int hkv : {1, 3}) {
-      SCOPED_TRACE(::testing::Message() << "head_dim " << dh << ", kv heads " << hkv);
-      const int b = 2, t = 37, hq = 3, rows = b * t, qc = hq * dh, kc = hkv * dh;
-      const size_t nq = static_cast<size_t>(rows) * qc, nkv = static_cast<size_t>(rows) * kc;
-      const size_t nl = static_cast<size_t>(b) * hq * t;
-      const auto q = RoundedToBf16(RandVec(rng, nq)), k = RoundedToBf16(RandVec(rng, nkv)),
-                 v = RoundedToBf16(RandVec(rng, nkv));
-      // The reference on dense tensors; the device on rows [q | k | v] (the model's layout).
-      DeviceMem r(&ref), d(dev);
-      const std::vector<float> nan_q(nq, kNaN), nan_kv(nkv, kNaN);
-      const Operand q_r = r.PutBf16(q), k_r = r.PutBf16(k), v_r = r.PutBf16(v);
-      const Operand out_r = r.PutBf16(nan_q), out_d = d.PutBf16(nan_q);
-      float* lse_r = r.Put(std::vector<float>(nl, kNaN));
-      float* lse_d = d.Put(std::vector<float>(nl, kNaN));
-      const int stride = qc + 2 * kc;
-      const Operand x = d.PutBf16(InRows({&q, &k, &v}, rows, stride, kNaN));
-      ref.AttentionForward(out_r, lse_r, q_r, k_r, v_r, b, t, t, t, hq, hkv, dh, 0, qc, kc);
-      dev->AttentionForward(out_d, lse_d, x, x.At(qc), x.At(qc + kc), b, t, t, t, hq, hkv, dh, 0,
-                            stride, stride);
-      EXPECT_TRUE(SameRoundingsButRareFlips(d.Get(out_d, nq), r.Get(out_r, nq), kSameRounding))
-          << "out";
-      EXPECT_TRUE(Close(d.Get(lse_d, nl), r.Get(lse_r, nl), testing::kGemmFp32)) << "lse";
-      for (int call = 0; call < backward_calls; ++call) {
-        SCOPED_TRACE(::testing::Message() << "backward call " << call);
-        const auto dout = RoundedToBf16(RandVec(rng, nq));
-        const Operand dq_r = r.PutBf16(nan_q), dk_r = r.PutBf16(nan_kv), dv_r = r.PutBf16(nan_kv);
-        const Operand g = d.PutBf16(std::vector<float>(static_cast<size_t>(rows) * stride, kNaN));
-        ref.AttentionBackward(dq_r, dk_r, dv_r, r.PutBf16(dout), out_r, lse_r, q_r, k_r, v_r, b, t,
-                              hq, hkv, dh, qc, kc);
-        dev->AttentionBackward(g, g.At(qc), g.At(qc + kc), d.PutBf16(dout), out_d, lse_d, x,
-                               x.At(qc), x.At(qc + kc), b, t, hq, hkv, dh, stride, stride);
-        const std::vector<float> got = d.Get(g, static_cast<size_t>(rows) * stride);
-        std::vector<float> got_dq, got_dk, got_dv;
-        for (int row = 0; row < rows; ++row) {
-          const auto at = got.begin() + static_cast<ptrdiff_t>(row) * stride;
-          got_dq.insert(got_dq.end(), at, at + qc);
-          got_dk.insert(got_dk.end(), at + qc, at + qc + kc);
-          got_dv.insert(got_dv.end(), at + qc + kc, at + stride);
-        }
-        EXPECT_TRUE(SameRoundingsButRareFlips(got_dq, r.Get(dq_r, nq), kSameRounding)) << "dq";
-        EXPECT_TRUE(SameRoundingsButRareFlips(got_dk, r.Get(dk_r, nkv), kSameRounding)) << "dk";
-        EXPECT_TRUE(SameRoundingsButRareFlips(got_dv, r.Get(dv_r, nkv), kSameRounding)) << "dv";
-      }
-      EXPECT_TRUE(d.GuardsIntact());
-    }
-  }
-}
-
-// Both backward graphs of cuDNN's attention, under the emulation on its interpreter, agree with
-// the reference to fp32 noise; a graph that drops a rounding, a scale or the mask, or sums
-// another group, does not. (On a GPU cuDNN's kernels round as they choose:
-// AttentionWritesAndReadsBf16Output holds them to the bf16 bound there.)
-class CudnnGraphs : public OperandParity {
- protected:
-  void SetUp() override {
-    OperandParity::SetUp();
-    if (IsSkipped() || HasFailure()) return;
-    if (!testing::ParityBackendRunsEmulatedCudnnGraphs(64)) {
-      GTEST_SKIP() << "runs where cuDNN's graphs run on the emulation's interpreter "
-                      "(emulated-cuda-bf16w)";
-    }
-  }
-};
-
-// The deterministic backward (dQ written by its matmul), which the training path runs.
-TEST_F(CudnnGraphs, MatchTheirRoundingReference) {
-  ExpectCudnnGraphsMatchTheirReference(dev_, 2, rng_);
-}
-
-// EELLM_CUDNN_ATTENTION=accumulating: the backward whose dQ cuDNN sums by atomics into an fp32
-// accumulator in our workspace, which each call must zero first (the interpreter adds into it as
-// the atomics do), on a backend of its own made under that setting.
-TEST_F(CudnnGraphs, AccumulatingBackwardMatchesTheReferenceCallAfterCall) {
-  setenv("EELLM_CUDNN_ATTENTION", "accumulating", 1);
-  auto accumulating = MakeBackendOrEmulated("emulated-cuda-bf16w");
-  unsetenv("EELLM_CUDNN_ATTENTION");  // (SetUp skipped where it was set)
-  ASSERT_TRUE(accumulating.ok()) << accumulating.status();
-  ::testing::internal::CaptureStderr();
-  ExpectCudnnGraphsMatchTheirReference(accumulating->get(), 3, rng_);
-  const std::string log = ::testing::internal::GetCapturedStderr();
-  EXPECT_NE(log.find("backward (fp32 dQ accumulator"), std::string::npos) << log;
-  EXPECT_EQ(log.find("backward (b"), std::string::npos) << "the deterministic backward ran\n"
-                                                        << log;
 }
 
 }  // namespace
