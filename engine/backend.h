@@ -218,11 +218,14 @@ class Backend {
   // unweighted; rows with weight 0 still get their loss). If max_prob is non-null it gets the
   // max softmax probability of the row. If dlogits.data is non-null it is written with
   // weights[r] * (softmax(logits[r]) - onehot(targets[r])); an fp32 dlogits may alias logits
-  // (dlogits is an operand: the head's backward GEMMs read it). logits are fp32, or bf16 where
-  // the backend's operands are (the training heads' logits, as the GEMM rounds them); dlogits may
-  // alias logits of its dtype.
+  // (dlogits is an operand: the head's backward GEMMs read it). With `by_confidence` the row's
+  // weight is weights[r] * p (fp32 product), p = the row's max probability as max_prob gets it,
+  // a constant of the gradient (confidence-weighted exit losses: one pass, no read-back). logits
+  // are fp32, or bf16 where the backend's operands are (the training heads' logits, as the GEMM
+  // rounds them); dlogits may alias logits of its dtype.
   virtual void CrossEntropy(float* losses, float* max_prob, Operand dlogits, ConstOperand logits,
-                            const int32_t* targets, const float* weights, int n, int v) = 0;
+                            const int32_t* targets, const float* weights, bool by_confidence, int n,
+                            int v) = 0;
 
   // ---- vocabulary-parallel pieces (tensor parallelism splits the vocabulary) -----------------
   // A rank holds vocabulary rows [start, start + rows) of a table or columns of logits.
@@ -247,10 +250,12 @@ class Backend {
                                      const float* sum_exp, const float* target_logit, int n) = 0;
   // With the global m and sum_exp: dlogits[r, j] = weights[r] * (exp(logits[r, j] - m[r]) /
   // sum_exp[r] - [start + j == targets[r]]) (written; dlogits may alias logits of its dtype).
-  // logits fp32 or bf16, as in CrossEntropy.
+  // With `by_confidence` the row's weight is weights[r] * (1 / sum_exp[r]) (both fp32: the max
+  // probability CrossEntropyFromStats gives). logits fp32 or bf16, as in CrossEntropy.
   virtual void CrossEntropyGradRange(Operand dlogits, ConstOperand logits, const float* row_max,
                                      const float* sum_exp, const int32_t* targets,
-                                     const float* weights, int n, int v, int start) = 0;
+                                     const float* weights, bool by_confidence, int n, int v,
+                                     int start) = 0;
 
   // ---- parameters ---------------------------------------------------------------------------
   // [p, p + n) holds fp32 parameters (master weights) until UnregisterWeights(p): a backend may

@@ -360,10 +360,10 @@ void ProfilingBackend::AttentionBackward(Operand dq, Operand dk, Operand dv, Con
 
 void ProfilingBackend::CrossEntropy(float* losses, float* max_prob, Operand dlogits,
                                     ConstOperand logits, const int32_t* targets,
-                                    const float* weights, int n, int v) {
+                                    const float* weights, bool by_confidence, int n, int v) {
   Timed timed(this, "CrossEntropy", 0,
               B(logits, 1.0 * n * v) + (dlogits.data != nullptr ? B(dlogits, 1.0 * n * v) : 0.0));
-  inner_->CrossEntropy(losses, max_prob, dlogits, logits, targets, weights, n, v);
+  inner_->CrossEntropy(losses, max_prob, dlogits, logits, targets, weights, by_confidence, n, v);
 }
 
 void ProfilingBackend::EmbeddingForwardRange(float* out, const int32_t* ids, const float* table,
@@ -400,10 +400,11 @@ void ProfilingBackend::CrossEntropyFromStats(float* losses, float* max_prob, con
 
 void ProfilingBackend::CrossEntropyGradRange(Operand dlogits, ConstOperand logits,
                                              const float* row_max, const float* sum_exp,
-                                             const int32_t* targets, const float* weights, int n,
-                                             int v, int start) {
+                                             const int32_t* targets, const float* weights,
+                                             bool by_confidence, int n, int v, int start) {
   Timed timed(this, "CrossEntropyGradRange", 0, B(logits, 1.0 * n * v) + B(dlogits, 1.0 * n * v));
-  inner_->CrossEntropyGradRange(dlogits, logits, row_max, sum_exp, targets, weights, n, v, start);
+  inner_->CrossEntropyGradRange(dlogits, logits, row_max, sum_exp, targets, weights, by_confidence,
+                                n, v, start);
 }
 
 void ProfilingBackend::AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr,

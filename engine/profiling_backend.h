@@ -114,7 +114,8 @@ class ProfilingBackend final : public Backend {
                          const float* lse, ConstOperand q, ConstOperand k, ConstOperand v, int b,
                          int t, int hq, int hkv, int d, int q_stride, int kv_stride) override;
   void CrossEntropy(float* losses, float* max_prob, Operand dlogits, ConstOperand logits,
-                    const int32_t* targets, const float* weights, int n, int v) override;
+                    const int32_t* targets, const float* weights, bool by_confidence, int n,
+                    int v) override;
   void EmbeddingForwardRange(float* out, const int32_t* ids, const float* table, int n, int c,
                              int start, int rows) override;
   void EmbeddingBackwardRange(float* dtable, const int32_t* ids, const float* dout, int n, int c,
@@ -127,7 +128,7 @@ class ProfilingBackend final : public Backend {
                              const float* sum_exp, const float* target_logit, int n) override;
   void CrossEntropyGradRange(Operand dlogits, ConstOperand logits, const float* row_max,
                              const float* sum_exp, const int32_t* targets, const float* weights,
-                             int n, int v, int start) override;
+                             bool by_confidence, int n, int v, int start) override;
   void AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1,
              float beta2, float eps, float weight_decay, int step) override;
   void AdamWRuns(float* p, const float* g, float* m, float* v, const std::vector<AdamWRun>& runs,

@@ -8,11 +8,14 @@
 namespace eellm {
 
 HeadLossSums SumHeadLoss(const float* losses, const float* mask, double count, const float* weights,
-                         int n) {
+                         const float* confidences, int n) {
   HeadLossSums s;
   for (int r = 0; r < n; ++r) {
     s.mean += mask[r] * losses[r];
-    if (weights != nullptr) s.term += weights[r] * losses[r];
+    if (weights != nullptr) {
+      const float w = confidences != nullptr ? weights[r] * confidences[r] : weights[r];
+      s.term += w * losses[r];
+    }
   }
   s.mean /= count;
   return s;
@@ -25,18 +28,22 @@ void LossLog::Reserve(size_t rows) {
 }
 
 void LossLog::Add(int exit_index, const float* losses, int n, const float* mask, double count,
-                  const float* weights) {
-  const size_t need = (used_ + static_cast<size_t>(n)) * sizeof(float);
+                  const float* weights, const float* confidences) {
+  const size_t rows = static_cast<size_t>(n) * (confidences != nullptr ? 2 : 1);
+  const size_t need = (used_ + rows) * sizeof(float);
   if (need > log_.bytes()) {
     Buffer grown(be_, std::max(need, 2 * log_.bytes()));
     if (used_ > 0) be_->Copy(grown.data(), log_.data(), used_ * sizeof(float));
     log_ = std::move(grown);
   }
   be_->Copy(log_.f32() + used_, losses, static_cast<size_t>(n) * sizeof(float));
+  if (confidences != nullptr) {
+    be_->Copy(log_.f32() + used_ + n, confidences, static_cast<size_t>(n) * sizeof(float));
+  }
   passes_.push_back(
-      {exit_index, used_, n, count, std::vector<float>(mask, mask + n),
+      {exit_index, used_, n, confidences != nullptr, count, std::vector<float>(mask, mask + n),
        weights != nullptr ? std::vector<float>(weights, weights + n) : std::vector<float>()});
-  used_ += static_cast<size_t>(n);
+  used_ += rows;
 }
 
 void LossLog::EndReport() {
@@ -49,8 +56,10 @@ void LossLog::TakeInto(LossReport* total, int microbatches) {
   be_->CopyToHost(host_.data(), log_.data(), used_ * sizeof(float));
   double objective = 0;  // of the report being summed
   for (const Pass& p : passes_) {
-    const HeadLossSums s = SumHeadLoss(host_.data() + p.offset, p.mask.data(), p.count,
-                                       p.weights.empty() ? nullptr : p.weights.data(), p.n);
+    const HeadLossSums s =
+        SumHeadLoss(host_.data() + p.offset, p.mask.data(), p.count,
+                    p.weights.empty() ? nullptr : p.weights.data(),
+                    p.confidences ? host_.data() + p.offset + p.n : nullptr, p.n);
     if (p.exit_index < 0) {
       total->final_loss += s.mean / microbatches;
     } else {

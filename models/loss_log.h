@@ -23,12 +23,14 @@ struct LossReport {
 
 // A head pass's mean loss (sum of mask * loss over `count`) and objective term (sum of weight *
 // loss; 0 without weights: a head that is reported, not trained) from its per-row losses on the
-// host.
+// host; with `confidences` (confidence-weighted exit losses: each row's max probability) a row's
+// weight is weights[r] * confidences[r], the fp32 product its gradient was weighted by
+// (Backend::CrossEntropy's by_confidence).
 struct HeadLossSums {
   double mean = 0, term = 0;
 };
 HeadLossSums SumHeadLoss(const float* losses, const float* mask, double count, const float* weights,
-                         int n);
+                         const float* confidences, int n);
 
 class LossLog {
  public:
@@ -39,9 +41,10 @@ class LossLog {
   void Reserve(size_t rows);
   // Queues rows [0, n) of `losses` (device) from head `exit_index` (-1: the final head) with the
   // host's per-row mask, its sum `count` and the objective's per-row weights (copied; null: no
-  // term).
+  // term), and the rows' confidences (device, copied and read back with the losses; null: none;
+  // see SumHeadLoss).
   void Add(int exit_index, const float* losses, int n, const float* mask, double count,
-           const float* weights);
+           const float* weights, const float* confidences);
   // Closes the passes queued since the last call as one report's (a Model::Stage* call's): their
   // objective terms are summed first and then added to the total, as LossReports are.
   void EndReport();
@@ -56,6 +59,7 @@ class LossLog {
     int exit_index;
     size_t offset;  // in the device log
     int n;
+    bool confidences;  // n more floats after the losses
     double count;
     std::vector<float> mask, weights;
     bool ends_report = false;

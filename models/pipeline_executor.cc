@@ -240,8 +240,9 @@ LossReport PipelineExecutor::Run(const Schedule& s, const absl::Status& rendezvo
       static_cast<size_t>(chunks_[0]->ResidualRows(rows)) * c.hidden_size * sizeof(float);
   const float loss_scale = 1.0f / microbatches_;
   // The heads' losses stay on the device until the step ends: one read-back a step, not one a
-  // head and micro-batch.
-  loss_log_.Reserve(static_cast<size_t>(microbatches_) * (c.exits.size() + 1) * rows);
+  // head and micro-batch (an exit's confidences too, where they weight its loss).
+  const size_t per_exit = c.confidence_weighted_exit_loss ? 2 : 1;
+  loss_log_.Reserve(static_cast<size_t>(microbatches_) * (c.exits.size() * per_exit + 1) * rows);
   for (Model* m : chunks_) m->set_loss_log(&loss_log_);
   if (eod_id_ >= 0) {
     // Every stage holds the ids, so each makes the mask of its heads itself.

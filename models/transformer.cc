@@ -400,14 +400,17 @@ std::pair<double, double> Model::HeadLoss(Workspace& ws, ConstOperand hidden, in
            "the head scratch holds fewer than ", chunk, " rows of logits");
   // Cross-entropy of rows [r0, r0 + rows) over this rank's vocabulary columns (combined over tp
   // without gathering).
-  auto cross_entropy = [&](int r0, int rows, float* max_prob, Operand dlogits) {
+  // Confidence weighting (an exit's loss per row times its detached max probability) is applied
+  // inside the cross-entropy: one pass, the confidences stay on the device.
+  float* max_prob = confidence_weighted ? ws.max_prob : nullptr;
+  auto cross_entropy = [&](int r0, int rows, Operand dlogits) {
     float* mp = max_prob != nullptr ? max_prob + r0 : nullptr;
     if (ws.vocab_ce) {
-      ws.vocab_ce->Run(ws.losses + r0, mp, dlogits, logits, ws.targets + r0, ws.weights + r0, rows,
-                       vocab_shard());
+      ws.vocab_ce->Run(ws.losses + r0, mp, dlogits, logits, ws.targets + r0, ws.weights + r0,
+                       confidence_weighted, rows, vocab_shard());
     } else {
-      be_->CrossEntropy(ws.losses + r0, mp, dlogits, logits, ws.targets + r0, ws.weights + r0, rows,
-                        v);
+      be_->CrossEntropy(ws.losses + r0, mp, dlogits, logits, ws.targets + r0, ws.weights + r0,
+                        confidence_weighted, rows, v);
     }
   };
   // An exit's loss is that of its logits divided by its temperature (as EE-LLM trains them):
@@ -430,20 +433,8 @@ std::pair<double, double> Model::HeadLoss(Workspace& ws, ConstOperand hidden, in
     if (backward) be_->Fill(ws.dhidden, static_cast<size_t>(ResidualRows(n)) * h, 0.0f);
     return {0.0, 0.0};
   }
-  bool projected = false;  // logits already holds the (single) chunk's logits
-  if (confidence_weighted) {
-    // The weights need every row's confidence first.
-    for (int r0 = 0; r0 < n; r0 += chunk) {
-      const int rows = std::min(chunk, n - r0);
-      project(r0, rows);
-      cross_entropy(r0, rows, ws.max_prob, Operand());
-    }
-    projected = chunk >= n;
-    be_->CopyToHost(ws.host_max_prob.data(), ws.max_prob, n * sizeof(float));
-  }
   for (int r = 0; r < n; ++r) {
-    ws.host_weights[r] = static_cast<float>(ws.host_mask[r] / count * weight *
-                                            (confidence_weighted ? ws.host_max_prob[r] : 1.0f));
+    ws.host_weights[r] = static_cast<float>(ws.host_mask[r] / count * weight);
   }
   const float* gradient_weights = ws.host_weights.data();
   if (inv_temperature != 1.0f) {
@@ -454,8 +445,8 @@ std::pair<double, double> Model::HeadLoss(Workspace& ws, ConstOperand hidden, in
   const int w = OutputWeight(exit_index);
   for (int r0 = 0; r0 < n; r0 += chunk) {
     const int rows = std::min(chunk, n - r0);
-    if (!projected) project(r0, rows);
-    cross_entropy(r0, rows, nullptr, backward ? logits : Operand());  // gradient in place
+    project(r0, rows);
+    cross_entropy(r0, rows, backward ? logits : Operand());  // gradient in place
     if (backward) {
       // A frozen head (EE-Tuning: tied to the word embedding) needs no weight gradient.
       float* dw = params_.params()[w].trainable ? params_.grad(w) : nullptr;
@@ -467,10 +458,14 @@ std::pair<double, double> Model::HeadLoss(Workspace& ws, ConstOperand hidden, in
   // A head of weight 0 (reported, not trained) adds no term, not even 0 * an infinite loss.
   const float* term_weights = weight != 0.0f ? ws.host_weights.data() : nullptr;
   if (loss_log_ != nullptr) {
-    loss_log_->Add(exit_index, ws.losses, n, ws.host_mask.data(), count, term_weights);
+    loss_log_->Add(exit_index, ws.losses, n, ws.host_mask.data(), count, term_weights, max_prob);
   } else {
     be_->CopyToHost(ws.host_losses.data(), ws.losses, n * sizeof(float));
-    sums = SumHeadLoss(ws.host_losses.data(), ws.host_mask.data(), count, term_weights, n);
+    if (max_prob != nullptr) {
+      be_->CopyToHost(ws.host_max_prob.data(), max_prob, n * sizeof(float));
+    }
+    sums = SumHeadLoss(ws.host_losses.data(), ws.host_mask.data(), count, term_weights,
+                       max_prob != nullptr ? ws.host_max_prob.data() : nullptr, n);
   }
   if (backward) {
     // The hidden state feeds every rank's vocabulary columns: sum their gradients.

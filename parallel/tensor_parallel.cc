@@ -29,7 +29,8 @@ VocabParallelCrossEntropy::VocabParallelCrossEntropy(Backend* be, Communicator* 
 
 void VocabParallelCrossEntropy::Run(float* losses, float* max_prob, Operand dlogits,
                                     ConstOperand logits, const int32_t* targets,
-                                    const float* weights, int n, VocabShard shard) {
+                                    const float* weights, bool by_confidence, int n,
+                                    VocabShard shard) {
   EE_CHECK(static_cast<size_t>(n) * sizeof(float) <= row_max_.bytes(), "too many rows: ", n);
   const int v = shard.rows;
   be_->RowMax(row_max_.f32(), logits, n, v);
@@ -42,8 +43,8 @@ void VocabParallelCrossEntropy::Run(float* losses, float* max_prob, Operand dlog
   // (on the device: no wait for the host).
   be_->CrossEntropyFromStats(losses, max_prob, row_max_.f32(), sum_exp_.f32(), target_.f32(), n);
   if (dlogits.data != nullptr) {
-    be_->CrossEntropyGradRange(dlogits, logits, row_max_.f32(), sum_exp_.f32(), targets, weights, n,
-                               v, shard.start);
+    be_->CrossEntropyGradRange(dlogits, logits, row_max_.f32(), sum_exp_.f32(), targets, weights,
+                               by_confidence, n, v, shard.start);
   }
 }
 

@@ -32,7 +32,8 @@ class VocabParallelCrossEntropy {
  public:
   VocabParallelCrossEntropy(Backend* be, Communicator* tp, int max_rows);
   void Run(float* losses, float* max_prob, Operand dlogits, ConstOperand logits,
-           const int32_t* targets, const float* weights, int n, VocabShard shard);
+           const int32_t* targets, const float* weights, bool by_confidence, int n,
+           VocabShard shard);
 
  private:
   Backend* be_;

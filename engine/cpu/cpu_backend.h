@@ -104,7 +104,8 @@ class CpuBackend final : public Backend {
   // ---- softmax cross-entropy (cpu_cross_entropy.cc) -----------------------------------------
   // logits/dlogits: [n, v]; losses, max_prob, targets, weights: [n].
   void CrossEntropy(float* losses, float* max_prob, Operand dlogits, ConstOperand logits,
-                    const int32_t* targets, const float* weights, int n, int v) override;
+                    const int32_t* targets, const float* weights, bool by_confidence, int n,
+                    int v) override;
   void EmbeddingForwardRange(float* out, const int32_t* ids, const float* table, int n, int c,
                              int start, int rows) override;
   void EmbeddingBackwardRange(float* dtable, const int32_t* ids, const float* dout, int n, int c,
@@ -117,7 +118,7 @@ class CpuBackend final : public Backend {
                              const float* sum_exp, const float* target_logit, int n) override;
   void CrossEntropyGradRange(Operand dlogits, ConstOperand logits, const float* row_max,
                              const float* sum_exp, const int32_t* targets, const float* weights,
-                             int n, int v, int start) override;
+                             bool by_confidence, int n, int v, int start) override;
 
   // ---- optimizer (cpu_adamw.cc) -------------------------------------------------------------
   void AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1,

@@ -13,7 +13,7 @@ namespace eellm {
 
 void CpuBackend::CrossEntropy(float* losses, float* max_prob, Operand dlogits_op,
                               ConstOperand logits_op, const int32_t* targets, const float* weights,
-                              int n, int v) {
+                              bool by_confidence, int n, int v) {
   float* dlogits = dlogits_op.f32();
   const float* logits = logits_op.f32();
   const bool parallel = static_cast<int64_t>(n) * v >= (int64_t{1} << 14);
@@ -36,9 +36,10 @@ void CpuBackend::CrossEntropy(float* losses, float* max_prob, Operand dlogits_op
     }
     // -log p[target] = log(sum exp(l - mx)) - (l[target] - mx).
     losses[r] = static_cast<float>(std::log(sum) - (static_cast<double>(target_logit) - mx));
-    if (max_prob != nullptr) max_prob[r] = static_cast<float>(1.0 / sum);
+    const float p = static_cast<float>(1.0 / sum);
+    if (max_prob != nullptr) max_prob[r] = p;
     if (dr != nullptr) {
-      const float w = weights != nullptr ? weights[r] : 1.0f;
+      const float w = (weights != nullptr ? weights[r] : 1.0f) * (by_confidence ? p : 1.0f);
       const float scale = static_cast<float>(w / sum);
       for (int j = 0; j < v; ++j) dr[j] *= scale;
       dr[target] -= w;
@@ -83,8 +84,8 @@ void CpuBackend::CrossEntropyFromStats(float* losses, float* max_prob, const flo
 
 void CpuBackend::CrossEntropyGradRange(Operand dlogits_op, ConstOperand logits_op,
                                        const float* row_max, const float* sum_exp,
-                                       const int32_t* targets, const float* weights, int n, int v,
-                                       int start) {
+                                       const int32_t* targets, const float* weights,
+                                       bool by_confidence, int n, int v, int start) {
   float* dlogits = dlogits_op.f32();
   const float* logits = logits_op.f32();
   const bool parallel = static_cast<int64_t>(n) * v >= (int64_t{1} << 14);
@@ -92,7 +93,8 @@ void CpuBackend::CrossEntropyGradRange(Operand dlogits_op, ConstOperand logits_o
   for (int r = 0; r < n; ++r) {
     const float* lr = logits + static_cast<size_t>(r) * v;
     float* dr = dlogits + static_cast<size_t>(r) * v;
-    const float w = weights != nullptr ? weights[r] : 1.0f;
+    const float w =
+        (weights != nullptr ? weights[r] : 1.0f) * (by_confidence ? 1.0f / sum_exp[r] : 1.0f);
     const float scale = w / sum_exp[r];
     cpu::Exp(dr, lr, v, 1.0f, row_max[r]);
     for (int j = 0; j < v; ++j) dr[j] *= scale;

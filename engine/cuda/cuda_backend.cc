@@ -644,10 +644,11 @@ void CheckLogitGradientPlacement(ConstOperand dlogits, ConstOperand logits, size
 }  // namespace
 
 void CudaBackend::CrossEntropy(float* losses, float* max_prob, Operand dlogits, ConstOperand logits,
-                               const int32_t* targets, const float* weights, int n, int v) {
+                               const int32_t* targets, const float* weights, bool by_confidence,
+                               int n, int v) {
   CheckLogitGradientPlacement(dlogits, logits, static_cast<size_t>(n) * v);
   CUDA_CHECK(cuda::CrossEntropy(losses, max_prob, ToElems(dlogits), ToElems(logits), targets,
-                                weights, n, v, sm_count_, stream_));
+                                weights, by_confidence, n, v, sm_count_, stream_));
 }
 void CudaBackend::RowMax(float* row_max, ConstOperand logits, int n, int v) {
   CUDA_CHECK(cuda::RowMax(row_max, ToElems(logits), n, v, stream_));
@@ -665,10 +666,11 @@ void CudaBackend::CrossEntropyFromStats(float* losses, float* max_prob, const fl
 }
 void CudaBackend::CrossEntropyGradRange(Operand dlogits, ConstOperand logits, const float* row_max,
                                         const float* sum_exp, const int32_t* targets,
-                                        const float* weights, int n, int v, int start) {
+                                        const float* weights, bool by_confidence, int n, int v,
+                                        int start) {
   CheckLogitGradientPlacement(dlogits, logits, static_cast<size_t>(n) * v);
   CUDA_CHECK(cuda::CrossEntropyGradRange(ToElems(dlogits), ToElems(logits), row_max, sum_exp,
-                                         targets, weights, n, v, start, stream_));
+                                         targets, weights, by_confidence, n, v, start, stream_));
 }
 
 void CudaBackend::AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr,

@@ -136,8 +136,8 @@ cudaError_t SoftmaxBackwardRows(float* ds, const float* p, int t, cudaStream_t s
 // Softmax cross-entropy of n rows of v logits (see Backend::CrossEntropy); `sms`: the device's
 // SMs (how many blocks the staged kernel keeps resident).
 cudaError_t CrossEntropy(float* losses, float* max_prob, Elems dlogits, Elems logits,
-                         const int32_t* targets, const float* weights, int n, int v, int sms,
-                         cudaStream_t s);
+                         const int32_t* targets, const float* weights, bool by_confidence, int n,
+                         int v, int sms, cudaStream_t s);
 cudaError_t RowMax(float* row_max, Elems logits, int n, int v, cudaStream_t s);
 cudaError_t SumExpAndTarget(float* sum_exp, float* target_logit, Elems logits, const float* row_max,
                             const int32_t* targets, int n, int v, int start, cudaStream_t s);
@@ -146,7 +146,8 @@ cudaError_t CrossEntropyFromStats(float* losses, float* max_prob, const float* r
                                   cudaStream_t s);
 cudaError_t CrossEntropyGradRange(Elems dlogits, Elems logits, const float* row_max,
                                   const float* sum_exp, const int32_t* targets,
-                                  const float* weights, int n, int v, int start, cudaStream_t s);
+                                  const float* weights, bool by_confidence, int n, int v, int start,
+                                  cudaStream_t s);
 
 // flash_attention.cu: fused causal GQA attention on tensor cores (bf16 operands, fp32
 // accumulation; q, k, v, out and the gradients fp32 or bf16 (q, k, v, dq, dk, dv of one dtype,

@@ -89,8 +89,9 @@ __device__ __forceinline__ int StagedChunk(int v, int chunks) {
 template <int kChunks, typename T, typename Refill>
 __device__ __forceinline__ void CrossEntropyRow(size_t r, const T* lr, float* exps, float* losses,
                                                 float* max_prob, Elems dlogits,
-                                                const int32_t* targets, const float* weights, int v,
-                                                double* dscratch, float* fscratch, Refill refill) {
+                                                const int32_t* targets, const float* weights,
+                                                bool by_confidence, int v, double* dscratch,
+                                                float* fscratch, Refill refill) {
   const int chunk = kChunks > 0 ? StagedChunk<T>(v, kChunks) : v;  // logits a chunk
   float mx = -INFINITY;
   for (int k = 0; k < (kChunks > 0 ? kChunks : 1); ++k) {
@@ -116,12 +117,13 @@ __device__ __forceinline__ void CrossEntropyRow(size_t r, const T* lr, float* ex
     sum += e;
   }
   sum = BlockSum(sum, dscratch);  // also orders every read of the row before the writes below
+  const float p = static_cast<float>(1.0 / sum);  // the max probability
   if (threadIdx.x == 0) {
     losses[r] = static_cast<float>(log(sum) - (static_cast<double>(target_logit) - mx));
-    if (max_prob != nullptr) max_prob[r] = static_cast<float>(1.0 / sum);
+    if (max_prob != nullptr) max_prob[r] = p;
   }
   // fp32 or bf16 (rounded once); each element is read (lr[j]) before the same thread writes it.
-  const float w = weights != nullptr ? weights[r] : 1.0f;
+  const float w = (weights != nullptr ? weights[r] : 1.0f) * (by_confidence ? p : 1.0f);
   const float scale = static_cast<float>(w / sum);
   for (int k = 0; k < (kChunks > 0 ? kChunks : 1); ++k) {
     const int end = min(v, (k + 1) * chunk);
@@ -142,12 +144,12 @@ __device__ __forceinline__ void CrossEntropyRow(size_t r, const T* lr, float* ex
 template <typename T>
 __global__ void __launch_bounds__(kCrossEntropyThreads)
     CrossEntropyKernel(float* losses, float* max_prob, Elems dlogits, const T* logits,
-                       const int32_t* targets, const float* weights, int v) {
+                       const int32_t* targets, const float* weights, bool by_confidence, int v) {
   __shared__ double dscratch[kBlockReduceScratch];
   __shared__ float fscratch[kBlockReduceScratch];
   const size_t r = blockIdx.x;
   CrossEntropyRow<0>(r, logits + r * v, static_cast<float*>(nullptr), losses, max_prob, dlogits,
-                     targets, weights, v, dscratch, fscratch, [](int) {});
+                     targets, weights, by_confidence, v, dscratch, fscratch, [](int) {});
 }
 
 // Staged rows, pipelined: each block takes rows blockIdx.x, + gridDim.x, ..., its row staged in
@@ -159,7 +161,8 @@ constexpr int kCeChunks = 4;
 template <typename T>
 __global__ void __launch_bounds__(kCrossEntropyThreads)
     StagedCrossEntropyKernel(float* losses, float* max_prob, Elems dlogits, const T* logits,
-                             const int32_t* targets, const float* weights, int n, int v) {
+                             const int32_t* targets, const float* weights, bool by_confidence,
+                             int n, int v) {
   constexpr int kPer = 16 / sizeof(T);  // logits a 16-byte copy moves
   __shared__ double dscratch[kBlockReduceScratch];
   __shared__ float fscratch[kBlockReduceScratch];
@@ -181,8 +184,8 @@ __global__ void __launch_bounds__(kCrossEntropyThreads)
   for (int k = 0; k < kCeChunks; ++k) load(r, k);
   for (; r < static_cast<size_t>(n); r += gridDim.x) {
     const size_t next = r + gridDim.x;
-    CrossEntropyRow<kCeChunks>(r, row, exps, losses, max_prob, dlogits, targets, weights, v,
-                               dscratch, fscratch, [&](int k) {
+    CrossEntropyRow<kCeChunks>(r, row, exps, losses, max_prob, dlogits, targets, weights,
+                               by_confidence, v, dscratch, fscratch, [&](int k) {
                                  if (next < static_cast<size_t>(n)) load(next, k);
                                });
   }
@@ -218,8 +221,8 @@ size_t StageBytesMax() {
 // Staged (if the rows fit and are whole aligned 16-byte pieces) or not, for logits of type T.
 template <typename T>
 cudaError_t LaunchCrossEntropy(float* losses, float* max_prob, Elems dlogits, const T* logits,
-                               const int32_t* targets, const float* weights, int n, int v, int sms,
-                               cudaStream_t s) {
+                               const int32_t* targets, const float* weights, bool by_confidence,
+                               int n, int v, int sms, cudaStream_t s) {
   constexpr int kPer = 16 / sizeof(T);
   const size_t bytes = sizeof(T) * static_cast<size_t>(v);
   const bool staged =
@@ -227,7 +230,7 @@ cudaError_t LaunchCrossEntropy(float* losses, float* max_prob, Elems dlogits, co
   const unsigned threads = RowThreads((v + 3) / 4, kCrossEntropyThreads);  // 4+ logits a thread
   if (!staged) {
     LaunchKernel(CrossEntropyKernel<T>, dim3(n), dim3(threads), 0, s, losses, max_prob, dlogits,
-                 logits, targets, weights, v);
+                 logits, targets, weights, by_confidence, v);
     return cudaGetLastError();
   }
   // As many blocks as the SMs hold at once (the rows' results do not depend on it).
@@ -237,7 +240,7 @@ cudaError_t LaunchCrossEntropy(float* losses, float* max_prob, Elems dlogits, co
   if (o != cudaSuccess) return o;
   const int blocks = std::min(n, std::max(1, sms) * std::max(1, per_sm));
   LaunchKernel(StagedCrossEntropyKernel<T>, dim3(blocks), dim3(threads), bytes, s, losses, max_prob,
-               dlogits, logits, targets, weights, n, v);
+               dlogits, logits, targets, weights, by_confidence, n, v);
   return cudaGetLastError();
 }
 
@@ -279,9 +282,11 @@ __global__ void CrossEntropyFromStatsKernel(float* losses, float* max_prob, cons
 
 __global__ void CrossEntropyGradRangeKernel(Elems dlogits, Elems logits, const float* row_max,
                                             const float* sum_exp, const int32_t* targets,
-                                            const float* weights, int v, int start) {
+                                            const float* weights, bool by_confidence, int v,
+                                            int start) {
   const size_t r = blockIdx.x, r0 = r * v;
-  const float w = weights != nullptr ? weights[r] : 1.0f;
+  const float w =
+      (weights != nullptr ? weights[r] : 1.0f) * (by_confidence ? 1.0f / sum_exp[r] : 1.0f);
   const float scale = w / sum_exp[r];
   const int64_t target = static_cast<int64_t>(targets[r]) - start;
   for (int j = threadIdx.x; j < v; j += blockDim.x) {
@@ -309,11 +314,12 @@ cudaError_t SoftmaxBackwardRows(float* ds, const float* p, int t, cudaStream_t s
   return cudaGetLastError();
 }
 cudaError_t CrossEntropy(float* losses, float* max_prob, Elems dlogits, Elems logits,
-                         const int32_t* targets, const float* weights, int n, int v, int sms,
-                         cudaStream_t s) {
+                         const int32_t* targets, const float* weights, bool by_confidence, int n,
+                         int v, int sms, cudaStream_t s) {
   if (n <= 0 || v <= 0) return cudaGetLastError();
   return WithElementType(logits, [&](auto* typed) {
-    return LaunchCrossEntropy(losses, max_prob, dlogits, typed, targets, weights, n, v, sms, s);
+    return LaunchCrossEntropy(losses, max_prob, dlogits, typed, targets, weights, by_confidence, n,
+                              v, sms, s);
   });
 }
 cudaError_t RowMax(float* row_max, Elems logits, int n, int v, cudaStream_t s) {
@@ -340,10 +346,11 @@ cudaError_t CrossEntropyFromStats(float* losses, float* max_prob, const float* r
 }
 cudaError_t CrossEntropyGradRange(Elems dlogits, Elems logits, const float* row_max,
                                   const float* sum_exp, const int32_t* targets,
-                                  const float* weights, int n, int v, int start, cudaStream_t s) {
+                                  const float* weights, bool by_confidence, int n, int v, int start,
+                                  cudaStream_t s) {
   if (n > 0 && v > 0) {
     LaunchKernel(CrossEntropyGradRangeKernel, dim3(n), dim3(RowThreads(v, kThreads)), 0, s, dlogits,
-                 logits, row_max, sum_exp, targets, weights, v, start);
+                 logits, row_max, sum_exp, targets, weights, by_confidence, v, start);
   }
   return cudaGetLastError();
 }

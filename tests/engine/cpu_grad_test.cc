@@ -171,12 +171,12 @@ TEST_F(CpuGradTest, CrossEntropyWeighted) {
   // L = sum_r weights[r] * losses[r]; its gradient is the documented dlogits.
   auto loss = [&] {
     be_.CrossEntropy(losses.data(), nullptr, nullptr, logits.data(), targets.data(), weights.data(),
-                     n, v);
+                     false, n, v);
     return Dot(losses, weights);
   };
   std::vector<float> dlogits(n * v, 5.0f);
   be_.CrossEntropy(losses.data(), nullptr, dlogits.data(), logits.data(), targets.data(),
-                   weights.data(), n, v);
+                   weights.data(), false, n, v);
   ExpectGradMatches("CrossEntropy dlogits", &logits, dlogits, loss, 1e-3f);
   for (int j = 0; j < v; ++j) EXPECT_EQ(dlogits[1 * v + j], 0.0f) << "zero-weight row";
   EXPECT_GT(losses[1], 0.0f) << "zero-weight rows still get their loss";
@@ -185,7 +185,7 @@ TEST_F(CpuGradTest, CrossEntropyWeighted) {
   loss();
   std::vector<float> inplace = logits, losses2(n);
   be_.CrossEntropy(losses2.data(), nullptr, inplace.data(), inplace.data(), targets.data(),
-                   weights.data(), n, v);
+                   weights.data(), false, n, v);
   EXPECT_EQ(MaxAbsDiff(inplace, dlogits), 0.0);
   EXPECT_EQ(MaxAbsDiff(losses2, losses), 0.0);
 }

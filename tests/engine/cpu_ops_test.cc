@@ -302,7 +302,7 @@ TEST_F(CpuOpsTest, CrossEntropyLossAndMaxProb) {
   const std::vector<int32_t> targets = {3, 10, 0};
   std::vector<float> losses(n), max_prob(n);
   be_.CrossEntropy(losses.data(), max_prob.data(), nullptr, logits.data(), targets.data(), nullptr,
-                   n, v);
+                   false, n, v);
   for (int r = 0; r < n; ++r) {
     double mx = -1e300;
     for (int j = 0; j < v; ++j) mx = std::max(mx, static_cast<double>(logits[r * v + j]));
@@ -313,6 +313,41 @@ TEST_F(CpuOpsTest, CrossEntropyLossAndMaxProb) {
     EXPECT_NEAR(losses[r], loss, 1e-5 * (1.0 + loss));
     EXPECT_NEAR(max_prob[r], 1.0 / sum, 1e-6);
   }
+}
+
+// by_confidence weights each row's gradient by weights[r] times the row's max probability (the
+// fp32 product), in the fused op and in the vocabulary-range gradient alike: the same bits as
+// the plain op given those products as weights.
+TEST_F(CpuOpsTest, CrossEntropyByConfidenceWeightsRowsByTheirMaxProbability) {
+  const int n = 5, v = 13;
+  const auto logits = RandVec(rng_, n * v, 2.0);
+  const std::vector<int32_t> targets = {3, 12, 0, 7, 7};
+  const std::vector<float> weights = {0.5f, 0.0f, 1.5f, 2.0f, 0.25f};
+  std::vector<float> losses(n), max_prob(n), got(n * v), want(n * v);
+  be_.CrossEntropy(losses.data(), max_prob.data(), got.data(), logits.data(), targets.data(),
+                   weights.data(), true, n, v);
+  std::vector<float> products(n);
+  for (int r = 0; r < n; ++r) {
+    EXPECT_GT(max_prob[r], 1.0f / v) << r;  // (not uniform rows: the weights differ)
+    products[r] = weights[r] * max_prob[r];
+  }
+  std::vector<float> plain_losses(n);
+  be_.CrossEntropy(plain_losses.data(), nullptr, want.data(), logits.data(), targets.data(),
+                   products.data(), false, n, v);
+  EXPECT_EQ(losses, plain_losses);  // the losses themselves are unweighted
+  EXPECT_EQ(got, want);
+  // The range form with the row statistics (max probability 1 / sum_exp).
+  std::vector<float> row_max(n), sum_exp(n), target_logit(n);
+  be_.RowMax(row_max.data(), logits.data(), n, v);
+  be_.SumExpAndTarget(sum_exp.data(), target_logit.data(), logits.data(), row_max.data(),
+                      targets.data(), n, v, 0);
+  for (int r = 0; r < n; ++r) products[r] = weights[r] * (1.0f / sum_exp[r]);
+  be_.CrossEntropyGradRange(got.data(), logits.data(), row_max.data(), sum_exp.data(),
+                            targets.data(), weights.data(), true, n, v, 0);
+  be_.CrossEntropyGradRange(want.data(), logits.data(), row_max.data(), sum_exp.data(),
+                            targets.data(), products.data(), false, n, v, 0);
+  EXPECT_EQ(got, want);
+  for (int j = 0; j < v; ++j) EXPECT_EQ(got[v + j], 0.0f) << "row 1 has weight 0";
 }
 
 TEST_F(CpuOpsTest, AdamWOneStepMatchesFormula) {

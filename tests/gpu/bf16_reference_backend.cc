@@ -407,24 +407,26 @@ void Bf16ReferenceBackend::AttentionBackward(Operand dq, Operand dk, Operand dv,
 // them); the gradient apart (it may alias the logits), then stored in dlogits' dtype.
 void Bf16ReferenceBackend::CrossEntropy(float* losses, float* max_prob, Operand dlogits,
                                         ConstOperand logits, const int32_t* targets,
-                                        const float* weights, int n, int v) {
+                                        const float* weights, bool by_confidence, int n, int v) {
   const std::vector<float> l = OperandValues(logits, static_cast<size_t>(n) * v);
   if (dlogits.data == nullptr) {
-    cpu_->CrossEntropy(losses, max_prob, Operand(), l.data(), targets, weights, n, v);
+    cpu_->CrossEntropy(losses, max_prob, Operand(), l.data(), targets, weights, by_confidence, n,
+                       v);
     return;
   }
   std::vector<float> g(l.size());
-  cpu_->CrossEntropy(losses, max_prob, g.data(), l.data(), targets, weights, n, v);
+  cpu_->CrossEntropy(losses, max_prob, g.data(), l.data(), targets, weights, by_confidence, n, v);
   Store(dlogits, g);
 }
 
 void Bf16ReferenceBackend::CrossEntropyGradRange(Operand dlogits, ConstOperand logits,
                                                  const float* row_max, const float* sum_exp,
                                                  const int32_t* targets, const float* weights,
-                                                 int n, int v, int start) {
+                                                 bool by_confidence, int n, int v, int start) {
   const std::vector<float> l = OperandValues(logits, static_cast<size_t>(n) * v);
   std::vector<float> g(l.size());
-  cpu_->CrossEntropyGradRange(g.data(), l.data(), row_max, sum_exp, targets, weights, n, v, start);
+  cpu_->CrossEntropyGradRange(g.data(), l.data(), row_max, sum_exp, targets, weights, by_confidence,
+                              n, v, start);
   Store(dlogits, g);
 }
 

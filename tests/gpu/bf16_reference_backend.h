@@ -133,14 +133,15 @@ class Bf16ReferenceBackend final : public Backend {
                          const float* lse, ConstOperand q, ConstOperand k, ConstOperand v, int b,
                          int t, int hq, int hkv, int d, int q_stride, int kv_stride) override;
   void CrossEntropy(float* losses, float* max_prob, Operand dlogits, ConstOperand logits,
-                    const int32_t* targets, const float* weights, int n, int v) override;
+                    const int32_t* targets, const float* weights, bool by_confidence, int n,
+                    int v) override;
   void CrossEntropyFromStats(float* losses, float* max_prob, const float* row_max,
                              const float* sum_exp, const float* target_logit, int n) override {
     cpu_->CrossEntropyFromStats(losses, max_prob, row_max, sum_exp, target_logit, n);
   }
   void CrossEntropyGradRange(Operand dlogits, ConstOperand logits, const float* row_max,
                              const float* sum_exp, const int32_t* targets, const float* weights,
-                             int n, int v, int start) override;
+                             bool by_confidence, int n, int v, int start) override;
 
  private:
   std::unique_ptr<Backend> cpu_;

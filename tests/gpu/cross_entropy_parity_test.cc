@@ -1,7 +1,7 @@
 // Backend parity of the softmax cross-entropy (backend_parity.h): the fused CrossEntropy with and
-// without max probabilities and gradients, and the vocabulary-parallel pieces (row maxima, sums
-// and target logits, the losses from them, the gradient of a vocabulary range), on the backend
-// under test against the CPU.
+// without max probabilities, gradients and weights (by confidence or not), and the
+// vocabulary-parallel pieces (row maxima, sums and target logits, the losses from them, the
+// gradient of a vocabulary range), on the backend under test against the CPU.
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -34,21 +34,22 @@ TEST_F(BackendParity, CrossEntropy) {
       const auto weights = Weights(rng_, n);
       const size_t nv = static_cast<size_t>(n) * v;
       for (bool with_max_prob : {false, true}) {
-        for (int dl = 0; dl < 3; ++dl) {  // dlogits: none, separate, aliasing logits
-          for (bool with_weights : {false, true}) {
+        for (int dl = 0; dl < 3; ++dl) {    // dlogits: none, separate, aliasing logits
+          for (int wt = 0; wt < 4; ++wt) {  // weights: none, given; each by confidence or not
+            const bool with_weights = wt % 2 == 1, by_confidence = wt >= 2;
             SCOPED_TRACE(::testing::Message()
                          << "n=" << n << " v=" << v << " max_prob=" << with_max_prob << " dlogits="
                          << (dl == 0   ? "null"
                              : dl == 1 ? "separate"
                                        : "aliased")
-                         << " weights=" << with_weights);
+                         << " weights=" << with_weights << " by_confidence=" << by_confidence);
             ExpectParity(
                 [&](Backend* be, DeviceMem& m) -> Outputs {
                   float *losses = m.Nan(n), *max_prob = with_max_prob ? m.Nan(n) : nullptr;
                   float* pl = m.Put(logits);
                   float* dlogits = dl == 0 ? nullptr : dl == 1 ? m.Nan(nv) : pl;
                   be->CrossEntropy(losses, max_prob, dlogits, pl, m.Put(targets),
-                                   with_weights ? m.Put(weights) : nullptr, n, v);
+                                   with_weights ? m.Put(weights) : nullptr, by_confidence, n, v);
                   Outputs o = {{"losses", m.Get(losses, n)}};
                   if (max_prob) o.emplace_back("max_prob", m.Get(max_prob, n));
                   if (dlogits) o.emplace_back("dlogits", m.Get(dlogits, nv));
@@ -61,7 +62,8 @@ TEST_F(BackendParity, CrossEntropy) {
     }
   }
   // More rows than a GPU keeps blocks of the staged kernel (132 SMs x 6 at 256 threads): each
-  // block takes several rows, the next row's copies overlapping this row's passes.
+  // block takes several rows, the next row's copies overlapping this row's passes (weighted by
+  // confidence too).
   const int n = 2000, v = 1000;
   const auto logits = Logits(rng_, n, v);
   const auto targets = Ids(n, v);
@@ -69,7 +71,7 @@ TEST_F(BackendParity, CrossEntropy) {
   ExpectParity(
       [&](Backend* be, DeviceMem& m) -> Outputs {
         float *losses = m.Nan(n), *max_prob = m.Nan(n), *pl = m.Put(logits);
-        be->CrossEntropy(losses, max_prob, pl, pl, m.Put(targets), m.Put(weights), n, v);
+        be->CrossEntropy(losses, max_prob, pl, pl, m.Put(targets), m.Put(weights), true, n, v);
         return {{"losses", m.Get(losses, n)},
                 {"max_prob", m.Get(max_prob, n)},
                 {"dlogits in place", m.Get(pl, static_cast<size_t>(n) * v)}};
@@ -126,14 +128,17 @@ TEST_F(BackendParity, VocabParallelCrossEntropyPieces) {
               kReduction);
         }
         for (bool alias : {false, true}) {
-          for (bool with_weights : {false, true}) {
-            SCOPED_TRACE(::testing::Message() << "alias=" << alias << " weights=" << with_weights);
+          for (int wt = 0; wt < 4; ++wt) {
+            const bool with_weights = wt % 2 == 1, by_confidence = wt >= 2;
+            SCOPED_TRACE(::testing::Message() << "alias=" << alias << " weights=" << with_weights
+                                              << " by_confidence=" << by_confidence);
             ExpectParity(
                 [&](Backend* be, DeviceMem& m) -> Outputs {
                   float* pl = m.Put(logits);
                   float* dl = alias ? pl : m.Nan(nv);
                   be->CrossEntropyGradRange(dl, pl, m.Put(row_max), m.Put(sum_exp), m.Put(targets),
-                                            with_weights ? m.Put(weights) : nullptr, n, v, start);
+                                            with_weights ? m.Put(weights) : nullptr, by_confidence,
+                                            n, v, start);
                   return {{"dlogits", m.Get(dl, nv)}};
                 },
                 kReduction);

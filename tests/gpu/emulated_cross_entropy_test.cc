@@ -76,7 +76,7 @@ void CheckPipelinedRows(int n, int v, bool half) {
     char* d_dl = aliased ? d_logits : static_cast<char*>(be.Alloc(nv * elem));
     EXPECT_EQ(
         cuda::CrossEntropy(d_losses, d_max, cuda::Elems{d_dl, half}, cuda::Elems{d_logits, half},
-                           d_targets, d_weights, n, v, sms, nullptr),
+                           d_targets, d_weights, false, n, v, sms, nullptr),
         cudaSuccess);
     CeResult r{std::vector<float>(n), std::vector<float>(n), std::vector<float>(nv)};
     be.CopyToHost(r.losses.data(), d_losses, n * sizeof(float));
@@ -118,7 +118,7 @@ void CheckPipelinedRows(int n, int v, bool half) {
   CpuBackend cpu;
   std::vector<float> losses(n), max_prob(n), dlogits(nv);
   cpu.CrossEntropy(losses.data(), max_prob.data(), dlogits.data(), logits.data(), targets.data(),
-                   weights.data(), n, v);
+                   weights.data(), false, n, v);
   for (int row = 0; row < n; ++row) {
     EXPECT_NEAR(alone.losses[row], losses[row], 1e-5 * std::fabs(losses[row]) + 1e-6) << row;
     EXPECT_NEAR(alone.max_prob[row], max_prob[row], 1e-6) << row;

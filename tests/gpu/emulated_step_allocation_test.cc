@@ -35,6 +35,8 @@ TEST(EmulatedCudaStep, NoDeviceAllocationAfterTheFirstStep) {
       c.exits[0].layer = 1;
       c.exits[1].layer = 3;
       c.exits[1].kind = ExitKind::kMlp;
+      // GPT's exit losses weighted by confidence: inside the cross-entropy, no read-back.
+      c.confidence_weighted_exit_loss = style == ModelStyle::kGpt;
       auto model = Model::Create(c, be->get());
       ASSERT_TRUE(model.ok()) << model.status();
       (*model)->InitRandom(3);

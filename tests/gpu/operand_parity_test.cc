@@ -399,8 +399,10 @@ TEST_F(OperandParity, CrossEntropyWritesBf16LogitGradients) {
     for (int32_t& t : in_range) t %= v;
     float *loss_c = c.Put(nan_rows), *dl_c = c.Put(nan), *loss_d = d.Put(nan_rows);
     Operand dl_d = d.PutBf16(nan);
-    cpu_.CrossEntropy(loss_c, nullptr, dl_c, c.Put(logits), c.Put(in_range), c.Put(weights), n, v);
-    dev_->CrossEntropy(loss_d, nullptr, dl_d, d.Put(logits), d.Put(in_range), d.Put(weights), n, v);
+    cpu_.CrossEntropy(loss_c, nullptr, dl_c, c.Put(logits), c.Put(in_range), c.Put(weights), false,
+                      n, v);
+    dev_->CrossEntropy(loss_d, nullptr, dl_d, d.Put(logits), d.Put(in_range), d.Put(weights), false,
+                       n, v);
     EXPECT_TRUE(Close(d.Get(loss_d, n), c.Get(loss_c, n), testing::kReduction)) << "losses";
     EXPECT_TRUE(Close(d.Get(dl_d, nv), c.Get(dl_c, nv), kBf16Store)) << "dlogits";
   }
@@ -413,9 +415,9 @@ TEST_F(OperandParity, CrossEntropyWritesBf16LogitGradients) {
     float* dl_c = c.Put(nan);
     Operand dl_d = d.PutBf16(nan);
     cpu_.CrossEntropyGradRange(dl_c, c.Put(logits), c.Put(row_max), c.Put(sum_exp), c.Put(targets),
-                               c.Put(weights), n, v, start);
+                               c.Put(weights), false, n, v, start);
     dev_->CrossEntropyGradRange(dl_d, d.Put(logits), d.Put(row_max), d.Put(sum_exp), d.Put(targets),
-                                d.Put(weights), n, v, start);
+                                d.Put(weights), false, n, v, start);
     EXPECT_TRUE(Close(d.Get(dl_d, nv), c.Get(dl_c, nv), kBf16Store)) << "dlogits range";
   }
   EXPECT_TRUE(d.GuardsIntact());
@@ -446,8 +448,9 @@ TEST_F(OperandParity, CrossEntropyReadsBf16Logits) {
       float *loss_d = d.Put(nan_rows), *max_d = d.Put(nan_rows);
       const Operand l_d = d.PutBf16(logits);
       const Operand dl_d = in_place ? l_d : d.PutBf16(nan);
-      cpu_.CrossEntropy(loss_c, max_c, dl_c, c.Put(logits), c.Put(in_range), c.Put(weights), n, v);
-      dev_->CrossEntropy(loss_d, max_d, dl_d, l_d, d.Put(in_range), d.Put(weights), n, v);
+      cpu_.CrossEntropy(loss_c, max_c, dl_c, c.Put(logits), c.Put(in_range), c.Put(weights), false,
+                        n, v);
+      dev_->CrossEntropy(loss_d, max_d, dl_d, l_d, d.Put(in_range), d.Put(weights), false, n, v);
       EXPECT_TRUE(Close(d.Get(loss_d, n), c.Get(loss_c, n), testing::kReduction)) << "losses";
       EXPECT_TRUE(Close(d.Get(max_d, n), c.Get(max_c, n), testing::kReduction)) << "max prob";
       EXPECT_TRUE(Close(d.Get(dl_d, nv), c.Get(dl_c, nv), kBf16Store)) << "dlogits";
@@ -466,9 +469,10 @@ TEST_F(OperandParity, CrossEntropyReadsBf16Logits) {
       EXPECT_TRUE(Close(d.Get(s_d, n), c.Get(s_c, n), testing::kReduction)) << "sum exp";
       EXPECT_TRUE(Close(d.Get(t_d, n), c.Get(t_c, n), testing::kExact)) << "target logit";
       float* dl_c = c.Put(nan);
-      cpu_.CrossEntropyGradRange(dl_c, c.Put(logits), m_c, s_c, c.Put(targets), c.Put(weights), n,
-                                 v, start);
-      dev_->CrossEntropyGradRange(l_d, l_d, m_d, s_d, d.Put(targets), d.Put(weights), n, v, start);
+      cpu_.CrossEntropyGradRange(dl_c, c.Put(logits), m_c, s_c, c.Put(targets), c.Put(weights),
+                                 false, n, v, start);
+      dev_->CrossEntropyGradRange(l_d, l_d, m_d, s_d, d.Put(targets), d.Put(weights), false, n, v,
+                                  start);
       EXPECT_TRUE(Close(d.Get(l_d, nv), c.Get(dl_c, nv), kBf16Store)) << "dlogits range, in place";
     }
     {  // An exit's temperature: x / T, rounded once.

@@ -502,6 +502,53 @@ TEST(ModelLoss, ConfidenceWeightedExitLoss) {
   EXPECT_LT(term_b, term_a);
 }
 
+// Its gradient treats the max probability as a constant: with one unmasked position, whose
+// confidence p the report gives (term / (w * loss)), it is the gradient of the unweighted model
+// whose exit weight is w p.
+TEST(ModelLoss, ConfidenceWeightedGradientIsThatOfTheDetachedWeight) {
+  ModelConfig c = TinyConfig(ModelStyle::kLlama);
+  ExitConfig x;
+  x.layer = 1;
+  c.exits = {x};
+  ModelConfig cw = c;
+  cw.confidence_weighted_exit_loss = true;
+  auto be = Cpu();
+  auto a = *Model::Create(c, be.get());
+  auto b = *Model::Create(cw, be.get());
+  testing::FillParams(*a, 21);
+  testing::CopyParamsByName(*a, *b);
+  const int t = 8;
+  auto wa = a->MakeWorkspace(1, t);
+  auto wb = b->MakeWorkspace(1, t);
+  auto ids = testing::RandomTokens(t, c.vocab_size, 22);
+  auto tg = testing::RandomTokens(t, c.vocab_size, 23);
+  std::vector<float> mask(t, 0.0f);
+  mask[5] = 1.0f;
+  const float w = 0.75f;
+  b->params().ZeroGrads();
+  const LossReport rb = b->ForwardBackward(*wb, ids.data(), tg.data(), mask.data(), {w}, true);
+  const double p = (rb.objective - rb.final_loss) / (w * rb.exit_losses[0]);
+  ASSERT_GT(p, 1.0 / c.vocab_size);
+  ASSERT_LT(p, 1.0);
+  a->params().ZeroGrads();
+  const LossReport ra = a->ForwardBackward(*wa, ids.data(), tg.data(), mask.data(),
+                                           {static_cast<float>(w * p)}, true);
+  EXPECT_NEAR(ra.objective, rb.objective, 1e-6 * std::fabs(rb.objective));
+  int exit_grads = 0;
+  for (const ParamInfo& info : a->params().params()) {
+    const int j = b->params().Find(info.name);
+    ASSERT_GE(j, 0) << info.name;
+    const float *ga = a->params().grad(a->params().Find(info.name)), *gb = b->params().grad(j);
+    double scale = 0;
+    for (size_t k = 0; k < info.numel; ++k) scale = std::max(scale, std::fabs(double{ga[k]}));
+    for (size_t k = 0; k < info.numel; ++k) {
+      ASSERT_NEAR(gb[k], ga[k], 1e-5 * scale + 1e-9) << info.name << "[" << k << "]";
+    }
+    if (info.name.rfind("exits.", 0) == 0 && scale > 0) ++exit_grads;
+  }
+  EXPECT_GT(exit_grads, 0);  // the exit's own parameters have gradients to compare
+}
+
 // An exit's temperature T divides its logits in its loss (as EE-LLM trains them): a model with
 // T = 2.5 has the loss and gradients of one with T = 1 whose untied exit head is the first's
 // divided by 2.5, except the head's own gradient, which is that model's divided by 2.5 (chain

@@ -100,7 +100,7 @@ class FakeDeviceBackend final : public Backend {
                          int) override {
     std::abort();
   }
-  void CrossEntropy(float*, float*, Operand, ConstOperand, const int32_t*, const float*, int,
+  void CrossEntropy(float*, float*, Operand, ConstOperand, const int32_t*, const float*, bool, int,
                     int) override {
     std::abort();
   }
@@ -120,7 +120,7 @@ class FakeDeviceBackend final : public Backend {
     std::abort();
   }
   void CrossEntropyGradRange(Operand, ConstOperand, const float*, const float*, const int32_t*,
-                             const float*, int, int, int) override {
+                             const float*, bool, int, int, int) override {
     std::abort();
   }
   void AdamW(float*, const float*, float*, float*, size_t, float, float, float, float, float,
