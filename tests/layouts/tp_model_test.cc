@@ -3,7 +3,8 @@
 // every kind gives the single-rank losses, and each rank's gradient shards equal the matching
 // slices of the single-rank gradients. Tolerance: 2e-5 relative to the tensor's largest
 // gradient; tensor parallelism only reorders fp32 sums (partial GEMM outputs, vocabulary
-// statistics) before they are all-reduced. The same with sequence parallelism (each rank holds
+// statistics) before they are all-reduced (GPT's exits confidence-weighted). The same with
+// sequence parallelism (each rank holds
 // its block of the rows between the branches; the norms' gradients are the ranks' sums).
 #include <cmath>
 #include <cstdio>
@@ -40,6 +41,9 @@ ModelConfig TpConfig(ModelStyle style, bool qkv_bias) {
   d.kind = ExitKind::kBlock;
   d.position = ExitPosition::kPre;
   c.exits = {a, b, d};
+  // GPT's exit losses weighted by confidence: each rank weights its vocabulary columns'
+  // gradients by the max probability of the combined row statistics.
+  c.confidence_weighted_exit_loss = style == ModelStyle::kGpt;
   return c;
 }
 
