@@ -23,9 +23,9 @@ struct LossReport {
 
 // A head pass's mean loss (sum of mask * loss over `count`) and objective term (sum of weight *
 // loss; 0 without weights: a head that is reported, not trained) from its per-row losses on the
-// host; with `confidences` (confidence-weighted exit losses: each row's max probability) a row's
-// weight is weights[r] * confidences[r], the fp32 product its gradient was weighted by
-// (Backend::CrossEntropy's by_confidence).
+// host; with `confidences` (confidence-weighted exit losses: each row's max probability, a
+// constant of the gradient) a row's weight is weights[r] * confidences[r] (fp32), as
+// Backend::CrossEntropy's by_confidence weights its gradient (there times 1 / temperature too).
 struct HeadLossSums {
   double mean = 0, term = 0;
 };

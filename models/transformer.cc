@@ -458,14 +458,14 @@ std::pair<double, double> Model::HeadLoss(Workspace& ws, ConstOperand hidden, in
   // A head of weight 0 (reported, not trained) adds no term, not even 0 * an infinite loss.
   const float* term_weights = weight != 0.0f ? ws.host_weights.data() : nullptr;
   if (loss_log_ != nullptr) {
-    loss_log_->Add(exit_index, ws.losses, n, ws.host_mask.data(), count, term_weights, max_prob);
+    loss_log_->Add(exit_index, ws.losses, n, ws.host_mask.data(), count, term_weights,
+                   term_weights != nullptr ? max_prob : nullptr);
   } else {
     be_->CopyToHost(ws.host_losses.data(), ws.losses, n * sizeof(float));
-    if (max_prob != nullptr) {
-      be_->CopyToHost(ws.host_max_prob.data(), max_prob, n * sizeof(float));
-    }
+    const bool confidences = term_weights != nullptr && max_prob != nullptr;
+    if (confidences) be_->CopyToHost(ws.host_max_prob.data(), max_prob, n * sizeof(float));
     sums = SumHeadLoss(ws.host_losses.data(), ws.host_mask.data(), count, term_weights,
-                       max_prob != nullptr ? ws.host_max_prob.data() : nullptr, n);
+                       confidences ? ws.host_max_prob.data() : nullptr, n);
   }
   if (backward) {
     // The hidden state feeds every rank's vocabulary columns: sum their gradients.

@@ -51,7 +51,8 @@
 #   demo     the quickstart on the GPU (cuda-bf16w): data, training the demo model (final and exit
 #            validation losses to compare with the CPU's), generation with and without early exit,
 #            and `bench generate` (batched against one at a time) at batch 1 (with self-speculative
-#            decoding from each exit against the full model) and 32
+#            decoding from each exit against the full model) and 32; then a head-dim-64 variant
+#            (configs/kjv_head_dim64.json) trained with cuDNN's attention and with ours
 set -uo pipefail
 BUDGET=540
 STEPS=()
@@ -227,6 +228,22 @@ elif want demo; then
     '$B/eellm' bench generate --checkpoint /tmp/eellm_kjv_run --backend=cuda-bf16w --batch=1 \
       --draft-exits=2,4 &&
     '$B/eellm' bench generate --checkpoint /tmp/eellm_kjv_run --backend=cuda-bf16w --batch=32"
+  # cuDNN's attention inside training (head dim 64, which cuDNN is offered; the demo's 32 is not)
+  # and our fused kernels (EELLM_CUDNN_ATTENTION=0) on the demo's data: compare the final and
+  # exit validation losses after 400 steps in the two logs' last lines (the runs round
+  # differently, so they drift apart a little; a wrong gradient would not train as well). The
+  # CPU emulation holds one step of it to the interpreter's roundings; this is cuDNN's own
+  # kernels over a whole run.
+  if [ -f /tmp/eellm_kjv.train.bin ]; then
+    run train_d64_cudnn 20 90 env -u EELLM_CUDNN_ATTENTION "$B/eellm" train \
+      --config configs/kjv_head_dim64.json --backend=cuda-bf16w --data=/tmp/eellm_kjv \
+      --out=/tmp/eellm_d64_cudnn
+    run train_d64_ours 20 90 env EELLM_CUDNN_ATTENTION=0 "$B/eellm" train \
+      --config configs/kjv_head_dim64.json --backend=cuda-bf16w --data=/tmp/eellm_kjv \
+      --out=/tmp/eellm_d64_ours
+  else
+    skip train_d64 "no /tmp/eellm_kjv data (the demo did not make it)"
+  fi
 fi
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 if want sanitize && [ ! -x "$SAN" ]; then

@@ -274,7 +274,8 @@ struct CudnnAttention::Impl {
               Describe(s, e.pass), cudnnGetVersion());
       return nullptr;
     }
-    absl::StatusOr<cudnn::Plan> plan = Build(s, e.pass);
+    // With =any or =accumulating the other backward is tried where the first has no plan.
+    absl::StatusOr<cudnn::Plan> plan = Build(s, e.pass, backward && allow_accumulating);
     if (e.pass == Pass::kBackward && allow_accumulating &&
         (!plan.ok() || Need(s, e.pass, *plan) > workspace_cap)) {
       if (plan.ok()) {
@@ -282,10 +283,10 @@ struct CudnnAttention::Impl {
                 Need(s, e.pass, *plan) / 1048576.0);
       }
       e.pass = Pass::kBackwardAccumulatingDq;
-      plan = Build(s, e.pass);
+      plan = Build(s, e.pass, false);
     } else if (e.pass == Pass::kBackwardAccumulatingDq && !plan.ok()) {
       e.pass = Pass::kBackward;  // (=accumulating, where cuDNN has no plan for that one)
-      plan = Build(s, e.pass);
+      plan = Build(s, e.pass, false);
     }
     if (!plan.ok()) return nullptr;
     const std::string what = Describe(s, e.pass);
@@ -295,8 +296,9 @@ struct CudnnAttention::Impl {
           "%s: its workspace of %.1f MiB is over the %.1f MiB cuDNN attention may take (1/16 of "
           "the GPU's memory)%s; the fused kernels run it",
           what, need / 1048576.0, workspace_cap / 1048576.0,
-          e.pass == Pass::kBackward ? " (EELLM_CUDNN_ATTENTION=any allows the accumulating one)"
-                                    : "");
+          e.pass == Pass::kBackward && !allow_accumulating
+              ? " (EELLM_CUDNN_ATTENTION=any allows the accumulating one)"
+              : "");
       return nullptr;
     }
     if (need > workspace_bytes) {  // (the old one stays for the other plans until this fits)
@@ -317,8 +319,9 @@ struct CudnnAttention::Impl {
     return &e;
   }
 
-  // The plan of `pass` for s, or the refusal (said once on stderr).
-  absl::StatusOr<cudnn::Plan> Build(const AttentionShape& s, Pass pass) {
+  // The plan of `pass` for s, or the refusal (said once on stderr; `other_follows`: the other
+  // backward is tried next).
+  absl::StatusOr<cudnn::Plan> Build(const AttentionShape& s, Pass pass, bool other_follows) {
     Graph g(handle);
     BuildGraph(g, s, pass);
     absl::StatusOr<cudnn::Plan> plan = g.Build();
@@ -329,7 +332,7 @@ struct CudnnAttention::Impl {
           "%s: not available (%s)%s; cuDNN's reasons: CUDNN_LOGLEVEL_DBG=2 "
           "CUDNN_LOGDEST_DBG=stderr (its attention engines need libnvrtc on the loader path)",
           Describe(s, pass), std::string(plan.status().message()),
-          pass == Pass::kBackward && allow_accumulating ? "" : "; the fused kernels run it");
+          other_follows ? "; the other backward is tried" : "; the fused kernels run it");
     }
     return plan;
   }

@@ -245,7 +245,7 @@ void Bf16ReferenceBackend::AttentionForward(Operand out, float* lse, ConstOperan
   std::vector<float> o(nq), p(tk), dots(tk), acc(d);
   // (As CudaBackend::AttentionForward offers cuDNN only the training path's calls.)
   if (cudnn_graphs_ && cudnn_graphs_(d) && lse != nullptr && q_offset == 0 && tq == tk &&
-      tk == tk_cap) {
+      tk == tk_cap && tq >= 2) {
     CudnnGraphAttentionForward(o.data(), lse, qv.data(), kv.data(), vv.data(), b, tq, hq, hkv, d);
     Store(out, o);
     return;
@@ -339,7 +339,7 @@ void Bf16ReferenceBackend::AttentionBackward(Operand dq, Operand dk, Operand dv,
                            kv = RowValues(k, b * t, hkv * d, kv_stride),
                            vv = RowValues(v, b * t, hkv * d, kv_stride);
   std::vector<float> gq(nq), gk(nkv), gv(nkv), p(t), dp(t);
-  if (cudnn_graphs_ && cudnn_graphs_(d)) {
+  if (cudnn_graphs_ && cudnn_graphs_(d) && t >= 2) {
     CudnnGraphAttentionBackward(gq.data(), gk.data(), gv.data(), g.data(), o.data(), lse, qv.data(),
                                 kv.data(), vv.data(), b, t, hq, hkv, d);
     StoreRows(dq, gq, b * t, hq * d, q_stride);

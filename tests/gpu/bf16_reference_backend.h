@@ -27,8 +27,9 @@ class Bf16ReferenceBackend final : public Backend {
   // Wraps a CPU backend (host memory: operands are read and written directly). Attention rounds
   // as the device's fused kernels do for head dimensions where fused_attention(head_dim) is true,
   // as its per-head GEMM path does otherwise; for head dimensions where cudnn_graphs(head_dim) is
-  // true, the training path's attention (the forward with lse over a whole causal square, and its
-  // backward) rounds as cuDNN's graphs do (cudnn_graph_reference.h). (The device also needs
+  // true, the training path's attention (the forward with lse over a whole causal square of t >= 2
+  // tokens, and its backward: what CudaBackend offers cuDNN) rounds as cuDNN's graphs do
+  // (cudnn_graph_reference.h). (The device also needs
   // 16-byte aligned tensors for either; the models' layouts always give them.)
   Bf16ReferenceBackend(std::unique_ptr<Backend> cpu, std::function<bool(int)> fused_attention,
                        std::function<bool(int)> cudnn_graphs = nullptr);

@@ -105,18 +105,49 @@ class CudnnGraphs : public testing::DeviceParityTest {
   Rng rng_{7};
 };
 
-// The deterministic backward (dQ written by its matmul), which the training path runs.
+// The deterministic backward (dQ written by its matmul), which the training path runs (its
+// shapes are this test's own: their plans are made here, and stderr names them).
 TEST_F(CudnnGraphs, MatchTheirRoundingReference) {
+  ::testing::internal::CaptureStderr();
   ExpectCudnnGraphsMatchTheirReference(dev_, 2, rng_);
+  const std::string log = ::testing::internal::GetCapturedStderr();
+  EXPECT_NE(log.find("cuDNN attention backward (b 2, t 37"), std::string::npos) << log;
+  EXPECT_EQ(log.find("fp32 dQ accumulator"), std::string::npos) << log;
 }
+
+// Sets an environment variable for its lifetime, then restores what was there.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    const char* old = std::getenv(name);
+    if (old != nullptr) old_ = old;
+    had_ = old != nullptr;
+    setenv(name, value, 1);
+  }
+  ~ScopedEnv() {
+    if (had_) {
+      setenv(name_.c_str(), old_.c_str(), 1);
+    } else {
+      unsetenv(name_.c_str());
+    }
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  std::string name_, old_;
+  bool had_ = false;
+};
 
 // EELLM_CUDNN_ATTENTION=accumulating: the backward whose dQ cuDNN sums by atomics into an fp32
 // accumulator in our workspace, which each call must zero first (the interpreter adds into it as
 // the atomics do), on a backend of its own made under that setting.
 TEST_F(CudnnGraphs, AccumulatingBackwardMatchesTheReferenceCallAfterCall) {
-  setenv("EELLM_CUDNN_ATTENTION", "accumulating", 1);
-  auto accumulating = MakeBackendOrEmulated("emulated-cuda-bf16w");
-  unsetenv("EELLM_CUDNN_ATTENTION");  // (SetUp skipped where it was set)
+  absl::StatusOr<std::unique_ptr<Backend>> accumulating;
+  {
+    ScopedEnv env("EELLM_CUDNN_ATTENTION", "accumulating");  // read as the backend is made
+    accumulating = MakeBackendOrEmulated("emulated-cuda-bf16w");
+  }
   ASSERT_TRUE(accumulating.ok()) << accumulating.status();
   ::testing::internal::CaptureStderr();
   ExpectCudnnGraphsMatchTheirReference(accumulating->get(), 3, rng_);

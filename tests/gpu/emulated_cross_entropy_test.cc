@@ -66,6 +66,7 @@ void CheckPipelinedRows(int n, int v, bool half) {
   // sms: how many SMs the launch assumes; aliased: the gradient overwrites the logits; unstaged:
   // the logits one element past a 16-byte boundary, which the staged kernel cannot copy (the
   // kernel of a row a block, read from global memory, takes them).
+  bool by_confidence = false;  // the rows' gradients weighted by their max probability too
   auto run = [&](int sms, bool aliased, bool unstaged = false) {
     auto* base = static_cast<char*>(be.Alloc((nv + 1) * elem));
     char* d_logits = base + (unstaged ? elem : 0);
@@ -76,7 +77,7 @@ void CheckPipelinedRows(int n, int v, bool half) {
     char* d_dl = aliased ? d_logits : static_cast<char*>(be.Alloc(nv * elem));
     EXPECT_EQ(
         cuda::CrossEntropy(d_losses, d_max, cuda::Elems{d_dl, half}, cuda::Elems{d_logits, half},
-                           d_targets, d_weights, false, n, v, sms, nullptr),
+                           d_targets, d_weights, by_confidence, n, v, sms, nullptr),
         cudaSuccess);
     CeResult r{std::vector<float>(n), std::vector<float>(n), std::vector<float>(nv)};
     be.CopyToHost(r.losses.data(), d_losses, n * sizeof(float));
@@ -95,36 +96,40 @@ void CheckPipelinedRows(int n, int v, bool half) {
     if (!aliased) be.Free(d_dl);
     return r;
   };
-  const CeResult alone = run(132, false);  // a block a row
   auto same_bits = [](const std::vector<float>& a, const std::vector<float>& b) {
     return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
   };
-  {  // Staged or read from global memory: the same passes, the same bits.
-    const CeResult unstaged = run(132, false, /*unstaged=*/true);
-    EXPECT_TRUE(same_bits(unstaged.losses, alone.losses));
-    EXPECT_TRUE(same_bits(unstaged.max_prob, alone.max_prob));
-    EXPECT_TRUE(same_bits(unstaged.dlogits, alone.dlogits));
-  }
-  for (const auto& [sms, aliased] :
-       {std::pair{1, false}, std::pair{2, false}, std::pair{1, true}}) {
-    SCOPED_TRACE(::testing::Message() << "sms " << sms << (aliased ? ", in place" : ""));
-    const CeResult r = run(sms, aliased);  // several rows a block
-    EXPECT_TRUE(same_bits(r.losses, alone.losses));
-    EXPECT_TRUE(same_bits(r.max_prob, alone.max_prob));
-    EXPECT_TRUE(same_bits(r.dlogits, alone.dlogits));
-  }
-  // And the CPU's values (from the same logit values; a bf16 gradient rounded once more).
-  const double rel = half ? 1.0 / 256 : 1e-5;
-  CpuBackend cpu;
-  std::vector<float> losses(n), max_prob(n), dlogits(nv);
-  cpu.CrossEntropy(losses.data(), max_prob.data(), dlogits.data(), logits.data(), targets.data(),
-                   weights.data(), false, n, v);
-  for (int row = 0; row < n; ++row) {
-    EXPECT_NEAR(alone.losses[row], losses[row], 1e-5 * std::fabs(losses[row]) + 1e-6) << row;
-    EXPECT_NEAR(alone.max_prob[row], max_prob[row], 1e-6) << row;
-  }
-  for (size_t i = 0; i < nv; ++i) {
-    ASSERT_NEAR(alone.dlogits[i], dlogits[i], rel * std::fabs(dlogits[i]) + 1e-7) << i;
+  for (bool confidence : {false, true}) {
+    by_confidence = confidence;
+    SCOPED_TRACE(confidence ? "weighted by confidence" : "weights alone");
+    const CeResult alone = run(132, false);  // a block a row
+    {  // Staged or read from global memory: the same passes, the same bits.
+      const CeResult unstaged = run(132, false, /*unstaged=*/true);
+      EXPECT_TRUE(same_bits(unstaged.losses, alone.losses));
+      EXPECT_TRUE(same_bits(unstaged.max_prob, alone.max_prob));
+      EXPECT_TRUE(same_bits(unstaged.dlogits, alone.dlogits));
+    }
+    for (const auto& [sms, aliased] :
+         {std::pair{1, false}, std::pair{2, false}, std::pair{1, true}}) {
+      SCOPED_TRACE(::testing::Message() << "sms " << sms << (aliased ? ", in place" : ""));
+      const CeResult r = run(sms, aliased);  // several rows a block
+      EXPECT_TRUE(same_bits(r.losses, alone.losses));
+      EXPECT_TRUE(same_bits(r.max_prob, alone.max_prob));
+      EXPECT_TRUE(same_bits(r.dlogits, alone.dlogits));
+    }
+    // And the CPU's values (from the same logit values; a bf16 gradient rounded once more).
+    const double rel = half ? 1.0 / 256 : 1e-5;
+    CpuBackend cpu;
+    std::vector<float> losses(n), max_prob(n), dlogits(nv);
+    cpu.CrossEntropy(losses.data(), max_prob.data(), dlogits.data(), logits.data(), targets.data(),
+                     weights.data(), by_confidence, n, v);
+    for (int row = 0; row < n; ++row) {
+      EXPECT_NEAR(alone.losses[row], losses[row], 1e-5 * std::fabs(losses[row]) + 1e-6) << row;
+      EXPECT_NEAR(alone.max_prob[row], max_prob[row], 1e-6) << row;
+    }
+    for (size_t i = 0; i < nv; ++i) {
+      ASSERT_NEAR(alone.dlogits[i], dlogits[i], rel * std::fabs(dlogits[i]) + 1e-7) << i;
+    }
   }
   be.Free(d_targets);
   be.Free(d_weights);

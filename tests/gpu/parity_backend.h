@@ -33,15 +33,19 @@ inline bool ParityBackendHasBf16Operands() {
   return name.size() >= 5 && name.compare(name.size() - 5, 5, "bf16w") == 0;
 }
 
+// Whether EELLM_CUDNN_ATTENTION=0 turned cuDNN's attention off (the fused kernels run it).
+inline bool CudnnAttentionOff() {
+  const char* env = std::getenv("EELLM_CUDNN_ATTENTION");
+  return env != nullptr && std::strcmp(env, "0") == 0;
+}
+
 // Whether the backend under test runs cuDNN's attention graphs on the CPU emulation's interpreter
 // (tests/gpu/emu/emulated_cudnn_graph.cc), whose arithmetic cudnn_graph_reference.h writes out:
 // "emulated-cuda-bf16w" (bf16 operands, which the graphs take) unless EELLM_CUDNN_ATTENTION=0,
 // at the head dims CudnnAttention::Offered gives them (multiples of 8 in [64, 128]).
 inline bool ParityBackendRunsEmulatedCudnnGraphs(int head_dim) {
-  const char* env = std::getenv("EELLM_CUDNN_ATTENTION");
-  return ParityBackendName() == "emulated-cuda-bf16w" &&
-         !(env != nullptr && std::strcmp(env, "0") == 0) && head_dim % 8 == 0 && head_dim >= 64 &&
-         head_dim <= 128;
+  return ParityBackendName() == "emulated-cuda-bf16w" && !CudnnAttentionOff() &&
+         head_dim % 8 == 0 && head_dim >= 64 && head_dim <= 128;
 }
 
 // The backend under test, made once per process and never destroyed (a CUDA backend must not
