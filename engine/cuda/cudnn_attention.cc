@@ -188,7 +188,7 @@ void BackwardGraph(Graph& g, const AttentionShape& s, bool accumulating) {
     g.Matmul(kDq, ds, k);
     return;
   }
-  g.Tensor(q_rows, Graph::Packed(q_rows), CUDNN_DATA_FLOAT, Kind::kIo, kDqAccumulator);
+  g.Tensor(q_rows, Graph::Packed(q_rows), CUDNN_DATA_FLOAT, Kind::kAccumulator, kDqAccumulator);
   g.Matmul(kDqAccumulator, ds, k);
   g.Pointwise(CUDNN_POINTWISE_IDENTITY, kDq, kDqAccumulator);
 }

@@ -56,14 +56,17 @@ absl::StatusOr<std::string> DevicePropertiesJson(cudnnHandle_t handle);
 
 class Graph {
  public:
-  enum class Kind { kIo, kVirtual, kByValue };  // caller memory, intermediate, host scalar
+  // Caller memory, intermediate, host scalar; kAccumulator: caller memory a fused kernel adds its
+  // products into (by atomics: cuDNN's dQ accumulator), which the caller zeroes first (to cuDNN
+  // a kIo tensor; the CPU emulation's interpreter adds into it).
+  enum class Kind { kIo, kVirtual, kByValue, kAccumulator };
   // A graph for the handle's GPU (plans that run), or, with a null handle and a finalized
   // device-property descriptor `device` (kept by the caller while the graph lives), for that
   // GPU without it (plans that finalize, for checks; not run).
   explicit Graph(cudnnHandle_t handle, cudnnBackendDescriptor_t device = nullptr)
       : handle_(handle), device_(device) {}
 
-  // A tensor of `dims` with `strides` (elements); kIo and kByValue tensors need a caller-chosen
+  // A tensor of `dims` with `strides` (elements); all but virtual tensors need a caller-chosen
   // uid (> 0, unique in the graph: the variant pack names them by it), virtual ones get one
   // above 1000. Returns the uid.
   int64_t Tensor(const std::vector<int64_t>& dims, const std::vector<int64_t>& strides,

@@ -8,9 +8,9 @@
 //   BINARY_SELECT is y = t ? x : b;
 // - a matmul multiplies the last two dimensions (fp32 accumulation, here in double), batched
 //   over the first two, where an operand of smaller extent serves a group of the output's
-//   (GQA: query head h reads KV head h * hkv / hq); into a caller's fp32 tensor that the graph
-//   reads again (the backward's dQ accumulator) it adds to what the memory holds, as cuDNN's
-//   atomics do (the caller zeroes it);
+//   (GQA: query head h reads KV head h * hkv / hq); into an accumulator (Kind::kAccumulator:
+//   the backward's dQ accumulator) it adds to what the memory holds, as cuDNN's atomics do (the
+//   caller zeroes it);
 // - a reduction sums (or takes the maximum) over the dimensions where y has extent 1 and over
 //   groups where y's extent divides x's (the query heads of a KV head);
 // - a reshape reads x's storage (a virtual tensor's packed values, an I/O tensor's memory)
@@ -30,7 +30,6 @@
 #include <limits>
 #include <map>
 #include <memory>
-#include <set>
 #include <utility>
 #include <vector>
 
@@ -170,7 +169,6 @@ class Interpreter {
       tensors_[t.uid] = t;
       if (t.kind == Kind::kVirtual) values_[t.uid].assign(Count(t), 0.0f);
     }
-    for (const OpRecord& op : g.ops) read_.insert({op.x, op.b, op.t});
   }
 
   void Run(const std::vector<OpRecord>& ops) {
@@ -338,8 +336,7 @@ class Interpreter {
     if (!Serves(ad, cd) || !Serves(bd, cd)) {
       Refuse("a matmul operand's batch extents do not divide the output's");
     }
-    const bool accumulator =
-        c.memory != nullptr && c.t->type == CUDNN_DATA_FLOAT && read_.count(op.y) > 0;
+    const bool accumulator = c.t->kind == Kind::kAccumulator;
     Each(cd, [&](const Index& i) {
       Index ia = Batch(ad, cd, i), ib = Batch(bd, cd, i);
       ia[3] = 0;
@@ -395,7 +392,6 @@ class Interpreter {
   std::map<int64_t, std::vector<float>> values_;
   std::map<int64_t, void*> io_;
   std::map<int64_t, float> scalars_;
-  std::set<int64_t> read_;  // the tensors some operation reads
 };
 
 }  // namespace
