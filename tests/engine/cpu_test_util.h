@@ -48,6 +48,24 @@ inline std::vector<float> InRows(std::initializer_list<const std::vector<float>*
   return out;
 }
 
+// InRows' inverse: the leading columns of `rows` rows of `stride` elements, split into dense
+// blocks of the given widths (e.g. dq, dk, dv out of rows [dq | dk | dv | pad]).
+inline std::vector<std::vector<float>> OutOfRows(const std::vector<float>& in, int rows, int stride,
+                                                 std::initializer_list<int> widths) {
+  std::vector<std::vector<float>> parts;
+  size_t at = 0;  // the part's first column
+  for (const int cols : widths) {
+    EXPECT_LE(at + cols, static_cast<size_t>(stride));
+    std::vector<float>& part = parts.emplace_back(static_cast<size_t>(rows) * cols);
+    for (int r = 0; r < rows; ++r) {
+      std::copy_n(in.begin() + static_cast<size_t>(r) * stride + at, cols,
+                  part.begin() + static_cast<size_t>(r) * cols);
+    }
+    at += cols;
+  }
+  return parts;
+}
+
 inline double MaxAbs(const std::vector<float>& a) {
   double m = 0.0;
   for (float x : a) m = std::max(m, std::fabs(static_cast<double>(x)));

@@ -24,6 +24,7 @@ namespace eellm {
 namespace {
 
 using cpu_test::InRows;
+using cpu_test::OutOfRows;
 using cpu_test::RandVec;
 using testing::Close;
 using testing::DeviceMem;
@@ -73,17 +74,11 @@ void ExpectCudnnGraphsMatchTheirReference(Backend* dev, int backward_calls, Rng&
                               hq, hkv, dh, qc, kc);
         dev->AttentionBackward(g, g.At(qc), g.At(qc + kc), d.PutBf16(dout), out_d, lse_d, x,
                                x.At(qc), x.At(qc + kc), b, t, hq, hkv, dh, stride, stride);
-        const std::vector<float> got = d.Get(g, static_cast<size_t>(rows) * stride);
-        std::vector<float> got_dq, got_dk, got_dv;
-        for (int row = 0; row < rows; ++row) {
-          const auto at = got.begin() + static_cast<ptrdiff_t>(row) * stride;
-          got_dq.insert(got_dq.end(), at, at + qc);
-          got_dk.insert(got_dk.end(), at + qc, at + qc + kc);
-          got_dv.insert(got_dv.end(), at + qc + kc, at + stride);
-        }
-        EXPECT_TRUE(SameRoundingsButRareFlips(got_dq, r.Get(dq_r, nq), kSameRounding)) << "dq";
-        EXPECT_TRUE(SameRoundingsButRareFlips(got_dk, r.Get(dk_r, nkv), kSameRounding)) << "dk";
-        EXPECT_TRUE(SameRoundingsButRareFlips(got_dv, r.Get(dv_r, nkv), kSameRounding)) << "dv";
+        const auto got =  // dq, dk, dv
+            OutOfRows(d.Get(g, static_cast<size_t>(rows) * stride), rows, stride, {qc, kc, kc});
+        EXPECT_TRUE(SameRoundingsButRareFlips(got[0], r.Get(dq_r, nq), kSameRounding)) << "dq";
+        EXPECT_TRUE(SameRoundingsButRareFlips(got[1], r.Get(dk_r, nkv), kSameRounding)) << "dk";
+        EXPECT_TRUE(SameRoundingsButRareFlips(got[2], r.Get(dv_r, nkv), kSameRounding)) << "dv";
       }
       EXPECT_TRUE(d.GuardsIntact());
     }

@@ -29,6 +29,7 @@ namespace eellm {
 namespace {
 
 using cpu_test::InRows;
+using cpu_test::OutOfRows;
 using cpu_test::RandVec;
 using testing::Close;
 using testing::DeviceMem;
@@ -361,14 +362,9 @@ TEST_F(OperandParity, ActivationsAndRopeBackwardOnBf16) {
     EXPECT_TRUE(Close(d.Get(out_d, nc), c.Get(out_c, nc), kBf16Store)) << "strided SwiGLU out";
     const std::vector<float> grads = d.Get(gu_d, 2 * nc), dg = c.Get(dg_c, nc),
                              du = c.Get(du_c, nc);
-    std::vector<float> got_dg, got_du;
-    for (int r = 0; r < n; ++r) {
-      const auto row = grads.begin() + 2 * static_cast<ptrdiff_t>(r) * ch;
-      got_dg.insert(got_dg.end(), row, row + ch);
-      got_du.insert(got_du.end(), row + ch, row + 2 * ch);
-    }
-    EXPECT_TRUE(Close(got_dg, dg, kBf16Store)) << "strided SwiGLU dgate in place";
-    EXPECT_TRUE(Close(got_du, du, kBf16Store)) << "strided SwiGLU dup in place";
+    const auto got = OutOfRows(grads, n, 2 * ch, {ch, ch});  // dgate, dup
+    EXPECT_TRUE(Close(got[0], dg, kBf16Store)) << "strided SwiGLU dgate in place";
+    EXPECT_TRUE(Close(got[1], du, kBf16Store)) << "strided SwiGLU dup in place";
     const int stride = 3 * ch, qk = 2 * ch / hd;  // rows [q (ch) | k (ch) | v (ch)]
     std::vector<float> rows(static_cast<size_t>(n) * stride);
     for (size_t i = 0; i < rows.size(); ++i) rows[i] = dy[i % nc];
@@ -547,17 +543,13 @@ TEST_F(OperandParity, AttentionWritesAndReadsBf16Output) {
     dev_->AttentionBackward(g, g.At(qc), g.At(qc + kc), dout_d, out_d, lse_d, x, x.At(qc),
                             x.At(qc + kc), b, t, hq, hkv, dh, stride, stride);
     const std::vector<float> got = d.Get(g, init.size());
-    std::vector<float> got_dq, got_dk, got_dv;
-    for (int r = 0; r < rows; ++r) {
-      const auto row = got.begin() + static_cast<ptrdiff_t>(r) * stride;
-      got_dq.insert(got_dq.end(), row, row + qc);
-      got_dk.insert(got_dk.end(), row + qc, row + qc + kc);
-      got_dv.insert(got_dv.end(), row + qc + kc, row + qc + 2 * kc);
-      for (int j = stride - 8; j < stride; ++j) ASSERT_EQ(row[j], 7.0f) << "row " << r;
+    const auto parts = OutOfRows(got, rows, stride, {qc, kc, kc, 8});  // dq, dk, dv, sentinel
+    for (size_t i = 0; i < parts[3].size(); ++i) {
+      ASSERT_EQ(parts[3][i], 7.0f) << "row " << i / 8;
     }
-    EXPECT_TRUE(Close(got_dq, want_dq, kGemmBf16)) << "dq in fused rows";
-    EXPECT_TRUE(Close(got_dk, want_dk, kGemmBf16)) << "dk in fused rows";
-    EXPECT_TRUE(Close(got_dv, want_dv, kGemmBf16)) << "dv in fused rows";
+    EXPECT_TRUE(Close(parts[0], want_dq, kGemmBf16)) << "dq in fused rows";
+    EXPECT_TRUE(Close(parts[1], want_dk, kGemmBf16)) << "dk in fused rows";
+    EXPECT_TRUE(Close(parts[2], want_dv, kGemmBf16)) << "dv in fused rows";
     EXPECT_TRUE(d.GuardsIntact());
   }
 }

@@ -473,20 +473,33 @@ TEST(ExitLossWeights, LinearAndCosineWarmup) {
   }
 }
 
-// Confidence weighting scales each token's exit loss by that exit's detached max probability:
-// the objective term equals w * mean(max_prob * CE), which is below w * mean(CE).
-TEST(ModelLoss, ConfidenceWeightedExitLoss) {
-  ModelConfig c = TinyConfig(ModelStyle::kGpt);
+// A tiny model with one exit, after layer 1 (a), and the same model with the same parameters
+// whose exit loss is weighted by confidence (b).
+struct ConfidencePair {
+  std::unique_ptr<Backend> be;  // (outlives the models)
+  std::unique_ptr<Model> a, b;
+};
+ConfidencePair MakeConfidencePair(ModelStyle style, uint64_t seed) {
+  ModelConfig c = TinyConfig(style);
   ExitConfig x;
   x.layer = 1;
   c.exits = {x};
   ModelConfig cw = c;
   cw.confidence_weighted_exit_loss = true;
-  auto be = Cpu();
-  auto a = *Model::Create(c, be.get());
-  auto b = *Model::Create(cw, be.get());
-  testing::FillParams(*a, 3);
-  testing::CopyParamsByName(*a, *b);
+  ConfidencePair p;
+  p.be = Cpu();
+  p.a = *Model::Create(c, p.be.get());
+  p.b = *Model::Create(cw, p.be.get());
+  testing::FillParams(*p.a, seed);
+  testing::CopyParamsByName(*p.a, *p.b);
+  return p;
+}
+
+// Confidence weighting scales each token's exit loss by that exit's detached max probability:
+// the objective term equals w * mean(max_prob * CE), which is below w * mean(CE).
+TEST(ModelLoss, ConfidenceWeightedExitLoss) {
+  auto [be, a, b] = MakeConfidencePair(ModelStyle::kGpt, 3);
+  const ModelConfig& c = a->config();
   auto wa = a->MakeWorkspace(1, 8);
   auto wb = b->MakeWorkspace(1, 8);
   auto ids = testing::RandomTokens(8, c.vocab_size, 4);
@@ -506,17 +519,8 @@ TEST(ModelLoss, ConfidenceWeightedExitLoss) {
 // confidence p the report gives (term / (w * loss)), it is the gradient of the unweighted model
 // whose exit weight is w p.
 TEST(ModelLoss, ConfidenceWeightedGradientIsThatOfTheDetachedWeight) {
-  ModelConfig c = TinyConfig(ModelStyle::kLlama);
-  ExitConfig x;
-  x.layer = 1;
-  c.exits = {x};
-  ModelConfig cw = c;
-  cw.confidence_weighted_exit_loss = true;
-  auto be = Cpu();
-  auto a = *Model::Create(c, be.get());
-  auto b = *Model::Create(cw, be.get());
-  testing::FillParams(*a, 21);
-  testing::CopyParamsByName(*a, *b);
+  auto [be, a, b] = MakeConfidencePair(ModelStyle::kLlama, 21);
+  const ModelConfig& c = a->config();
   const int t = 8;
   auto wa = a->MakeWorkspace(1, t);
   auto wb = b->MakeWorkspace(1, t);
