@@ -19,6 +19,7 @@
 #include "tests/gpu/device_mem.h"
 #include "tests/gpu/parity_backend.h"
 #include "tests/gpu/parity_tolerances.h"
+#include "tests/scoped_env.h"
 
 namespace eellm {
 namespace {
@@ -110,37 +111,13 @@ TEST_F(CudnnGraphs, MatchTheirRoundingReference) {
   EXPECT_EQ(log.find("fp32 dQ accumulator"), std::string::npos) << log;
 }
 
-// Sets an environment variable for its lifetime, then restores what was there.
-class ScopedEnv {
- public:
-  ScopedEnv(const char* name, const char* value) : name_(name) {
-    const char* old = std::getenv(name);
-    if (old != nullptr) old_ = old;
-    had_ = old != nullptr;
-    setenv(name, value, 1);
-  }
-  ~ScopedEnv() {
-    if (had_) {
-      setenv(name_.c_str(), old_.c_str(), 1);
-    } else {
-      unsetenv(name_.c_str());
-    }
-  }
-  ScopedEnv(const ScopedEnv&) = delete;
-  ScopedEnv& operator=(const ScopedEnv&) = delete;
-
- private:
-  std::string name_, old_;
-  bool had_ = false;
-};
-
 // EELLM_CUDNN_ATTENTION=accumulating: the backward whose dQ cuDNN sums by atomics into an fp32
 // accumulator in our workspace, which each call must zero first (the interpreter adds into it as
 // the atomics do), on a backend of its own made under that setting.
 TEST_F(CudnnGraphs, AccumulatingBackwardMatchesTheReferenceCallAfterCall) {
   absl::StatusOr<std::unique_ptr<Backend>> accumulating;
   {
-    ScopedEnv env("EELLM_CUDNN_ATTENTION", "accumulating");  // read as the backend is made
+    testing::ScopedEnv env("EELLM_CUDNN_ATTENTION", "accumulating");  // read as the backend is made
     accumulating = MakeBackendOrEmulated("emulated-cuda-bf16w");
   }
   ASSERT_TRUE(accumulating.ok()) << accumulating.status();

@@ -5,7 +5,6 @@
 // LinearResidual (C apart from D), and a LinearBackward whose weight gradient accumulates into D
 // and whose bias gradient comes from the epilogue (timing runs into D would add the product
 // again).
-#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -14,19 +13,17 @@
 #include "gtest/gtest.h"
 #include "tests/engine/cpu_test_util.h"
 #include "tests/gpu/emu/emulated_cuda_backend.h"
+#include "tests/scoped_env.h"
 
 namespace eellm {
 namespace {
 
 // The outputs of the GEMMs above on a fresh emulated cuda-bf16w backend.
 std::vector<std::vector<float>> RunGemms(bool tune) {
-  if (tune) {
-    setenv("EELLM_GEMM_TUNE", "1", 1);
-  } else {
-    unsetenv("EELLM_GEMM_TUNE");
-  }
-  auto made = MakeEmulatedCudaBackend(0, true, true);
-  unsetenv("EELLM_GEMM_TUNE");
+  auto made = [&] {
+    testing::ScopedEnv env("EELLM_GEMM_TUNE", tune ? "1" : nullptr);  // read as it is made
+    return MakeEmulatedCudaBackend(0, true, true);
+  }();
   EXPECT_TRUE(made.ok()) << made.status();
   if (!made.ok()) return {};
   Backend& be = **made;

@@ -5,10 +5,12 @@
 #include <gtest/gtest.h>
 
 #include <cstdlib>
-#include <map>
+#include <memory>
 #include <set>
 #include <string>
 #include <vector>
+
+#include "tests/scoped_env.h"
 
 namespace eellm {
 namespace {
@@ -138,26 +140,21 @@ TEST(RankGridTest, MegatronExample) {
   EXPECT_EQ(h.DpGroup(3), std::vector<int>{3});
 }
 
-// DetectLaunch, with the launcher variables of this process saved, cleared and restored.
+// DetectLaunch, with the launcher variables of this process removed for each test and restored
+// after it.
 class DetectLaunchTest : public ::testing::Test {
  protected:
-  static constexpr const char* kVars[] = {
-      "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
-      "SLURM_PROCID",         "SLURM_NTASKS",         "SLURM_LOCALID"};
-
   void SetUp() override {
-    for (const char* v : kVars) {
-      if (const char* value = std::getenv(v)) saved_[v] = value;
-      unsetenv(v);
+    for (const char* v :
+         {"OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+          "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"}) {
+      cleared_.push_back(std::make_unique<testing::ScopedEnv>(v, nullptr));
     }
   }
-  void TearDown() override {
-    for (const char* v : kVars) unsetenv(v);
-    for (const auto& [k, v] : saved_) setenv(k.c_str(), v.c_str(), 1);
-  }
+  // (A launcher variable: the scope above restores it.)
   static void Set(const char* name, const char* value) { setenv(name, value, 1); }
 
-  std::map<std::string, std::string> saved_;
+  std::vector<std::unique_ptr<testing::ScopedEnv>> cleared_;
 };
 
 TEST_F(DetectLaunchTest, NoLauncherIsASingleProcess) {
