@@ -4,7 +4,6 @@
 // deterministic backward and the accumulating one. (On a GPU cuDNN's kernels round as they
 // choose: OperandParity.AttentionWritesAndReadsBf16Output holds them to the bf16 bound there.)
 #include <cstddef>
-#include <cstdlib>
 #include <limits>
 #include <memory>
 #include <string>
@@ -115,11 +114,10 @@ TEST_F(CudnnGraphs, MatchTheirRoundingReference) {
 // accumulator in our workspace, which each call must zero first (the interpreter adds into it as
 // the atomics do), on a backend of its own made under that setting.
 TEST_F(CudnnGraphs, AccumulatingBackwardMatchesTheReferenceCallAfterCall) {
-  absl::StatusOr<std::unique_ptr<Backend>> accumulating;
-  {
-    testing::ScopedEnv env("EELLM_CUDNN_ATTENTION", "accumulating");  // read as the backend is made
-    accumulating = MakeBackendOrEmulated("emulated-cuda-bf16w");
-  }
+  auto accumulating = [] {
+    testing::ScopedEnv env("EELLM_CUDNN_ATTENTION", "accumulating");  // read as it is made
+    return MakeBackendOrEmulated("emulated-cuda-bf16w");
+  }();
   ASSERT_TRUE(accumulating.ok()) << accumulating.status();
   ::testing::internal::CaptureStderr();
   ExpectCudnnGraphsMatchTheirReference(accumulating->get(), 3, rng_);
