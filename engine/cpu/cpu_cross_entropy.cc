@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "engine/core/cross_entropy_weight.h"
 #include "engine/core/status.h"
 #include "engine/cpu/cpu_backend.h"
 #include "engine/cpu/cpu_exp.h"
@@ -39,7 +40,7 @@ void CpuBackend::CrossEntropy(float* losses, float* max_prob, Operand dlogits_op
     const float p = static_cast<float>(1.0 / sum);
     if (max_prob != nullptr) max_prob[r] = p;
     if (dr != nullptr) {
-      const float w = (weights != nullptr ? weights[r] : 1.0f) * (by_confidence ? p : 1.0f);
+      const float w = CrossEntropyRowWeight(weights, r, by_confidence, p);
       const float scale = static_cast<float>(w / sum);
       for (int j = 0; j < v; ++j) dr[j] *= scale;
       dr[target] -= w;
@@ -93,8 +94,7 @@ void CpuBackend::CrossEntropyGradRange(Operand dlogits_op, ConstOperand logits_o
   for (int r = 0; r < n; ++r) {
     const float* lr = logits + static_cast<size_t>(r) * v;
     float* dr = dlogits + static_cast<size_t>(r) * v;
-    const float w =
-        (weights != nullptr ? weights[r] : 1.0f) * (by_confidence ? 1.0f / sum_exp[r] : 1.0f);
+    const float w = CrossEntropyRowWeight(weights, r, by_confidence, 1.0f / sum_exp[r]);
     const float scale = w / sum_exp[r];
     cpu::Exp(dr, lr, v, 1.0f, row_max[r]);
     for (int j = 0; j < v; ++j) dr[j] *= scale;

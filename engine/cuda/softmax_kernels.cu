@@ -7,6 +7,7 @@
 #include <cmath>
 #include <type_traits>
 
+#include "engine/core/cross_entropy_weight.h"
 #include "engine/cuda/async_copy.cuh"
 #include "engine/cuda/block_reduce.cuh"
 #include "engine/cuda/cuda_kernels.h"
@@ -123,7 +124,7 @@ __device__ __forceinline__ void CrossEntropyRow(size_t r, const T* lr, float* ex
     if (max_prob != nullptr) max_prob[r] = p;
   }
   // fp32 or bf16 (rounded once); each element is read (lr[j]) before the same thread writes it.
-  const float w = (weights != nullptr ? weights[r] : 1.0f) * (by_confidence ? p : 1.0f);
+  const float w = CrossEntropyRowWeight(weights, r, by_confidence, p);
   const float scale = static_cast<float>(w / sum);
   for (int k = 0; k < (kChunks > 0 ? kChunks : 1); ++k) {
     const int end = min(v, (k + 1) * chunk);
@@ -285,8 +286,7 @@ __global__ void CrossEntropyGradRangeKernel(Elems dlogits, Elems logits, const f
                                             const float* weights, bool by_confidence, int v,
                                             int start) {
   const size_t r = blockIdx.x, r0 = r * v;
-  const float w =
-      (weights != nullptr ? weights[r] : 1.0f) * (by_confidence ? 1.0f / sum_exp[r] : 1.0f);
+  const float w = CrossEntropyRowWeight(weights, r, by_confidence, 1.0f / sum_exp[r]);
   const float scale = w / sum_exp[r];
   const int64_t target = static_cast<int64_t>(targets[r]) - start;
   for (int j = threadIdx.x; j < v; j += blockDim.x) {
